@@ -1,0 +1,32 @@
+# The README's commands. Each target sets up .venv first, so every one works on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is the CPU build that lies on this machine's disk; pinning it here keeps pip from
+# pulling a multi-GB CUDA build. pyproject.toml itself only asks for torch>=2.4.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast lint bench clean
+
+$(BIN)/compressdrop: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH) -e '.[dev]'
+	@touch $@
+
+setup: $(BIN)/compressdrop
+
+demo: setup
+	$(BIN)/compressdrop demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check compressdrop tests examples benchmarks cli.py
+	$(BIN)/ruff format --check compressdrop tests examples benchmarks cli.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

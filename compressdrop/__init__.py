@@ -1,0 +1,53 @@
+"""compressdrop: make neural networks smaller and faster with Bayesian dropout.
+
+Lifecycle::
+
+    attach(model, gate="lognormal")           # gates on every prunable unit group
+    loss = nll + beta * kl(model) / n_train   # train as usual
+    slim = prune(model)                       # a plain, smaller nn.Module, exact to rounding
+    export_onnx(slim, x, "slim.onnx")         # verified in onnxruntime
+
+``import compressdrop`` stays light: onnx, onnxruntime, matplotlib and click load on first use.
+"""
+
+from importlib import import_module
+from typing import Any
+
+from ._version import __version__
+from .attach import GatingWarning, attach, detach, gates, is_gated, kl
+from .gates import GATES, ConcreteGate, Gate, HardConcreteGate, LogNormalGate, VariationalGate
+
+__all__ = [
+    "GATES",
+    "ConcreteGate",
+    "Gate",
+    "GatingWarning",
+    "HardConcreteGate",
+    "LogNormalGate",
+    "VariationalGate",
+    "__version__",
+    "attach",
+    "detach",
+    "export_onnx",
+    "gates",
+    "is_gated",
+    "kl",
+    "mask_",
+    "prune",
+    "size",
+]
+
+# name -> module that defines it, imported on first attribute access
+_LAZY = {
+    "prune": "compressdrop.pruning",
+    "mask_": "compressdrop.pruning",
+    "PruneReport": "compressdrop.pruning",
+    "export_onnx": "compressdrop.export",
+    "size": "compressdrop.evaluation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'compressdrop' has no attribute {name!r}")

@@ -1,0 +1,200 @@
+"""Attach gates to any model, and take them off again.
+
+Lifecycle: ``attach`` → train (loss = NLL + β·kl(model)/N) → ``compressdrop.prune`` → export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..gates import Gate, gate_class
+from .groups import UnitGroup, find_groups
+
+__all__ = ["Gated", "attach", "detach", "example_input_for", "gates", "groups_of", "kl", "is_gated"]
+
+_STATE = "_compressdrop"  # attribute on the root model holding the attach record
+KL_COSTS = ("uniform", "params", "flops")
+
+
+class Gated(nn.Module):
+    """Wraps a layer so that its output passes through a gate: ``gate(module(x), dim=unit_dim)``."""
+
+    def __init__(self, module: nn.Module, gate: Gate, unit_dim: int) -> None:
+        super().__init__()
+        self.module = module
+        self.gate = gate
+        self.unit_dim = unit_dim
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.gate(self.module(*args, **kwargs), dim=self.unit_dim)
+
+    def extra_repr(self) -> str:
+        return f"unit_dim={self.unit_dim}"
+
+
+def _clear_gate_samples(module: nn.Module, _args: Any) -> None:
+    """Forward pre-hook on the root: shared gates draw a fresh θ once per forward pass."""
+    for m in module.modules():
+        if isinstance(m, Gate) and m.shared:
+            m.clear_sample()
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """A random input batch for ``model``: from ``model.arch['input_shape']`` (compressdrop's
+    reference nets) or, failing that, a first layer that is a Linear."""
+    arch = getattr(model, "arch", None)
+    shape = None
+    if isinstance(arch, Mapping) and "input_shape" in arch:
+        shape = tuple(arch["input_shape"])
+    elif getattr(model, "input_shape", None) is not None:
+        shape = tuple(model.input_shape)
+    else:
+        first = next((m for m in model.modules() if not list(m.children())), None)
+        if isinstance(first, nn.Linear):
+            shape = (first.in_features,)
+    if shape is None:
+        raise ValueError(
+            "cannot infer the model's input shape: pass example_inputs=<a batch of inputs> "
+            "(or give the model an `arch = {'input_shape': [...]}` attribute)"
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    return torch.randn(batch, *shape, device=device)
+
+
+def attach(
+    model: nn.Module,
+    gate: str = "lognormal",
+    granularity: str = "auto",
+    include: Sequence[str | type] | None = None,
+    exclude: Sequence[str | type] | None = None,
+    *,
+    example_inputs: torch.Tensor | tuple | None = None,
+    gate_kwargs: Mapping[str, Any] | None = None,
+    kl_cost: str = "uniform",
+) -> nn.Module:
+    """Put gates into ``model`` in place and return it.
+
+    Every coupled group of units (a layer's output channels or neurons, together with whatever must
+    be removed with them) gets one gate, placed where removing a unit is exact: after the BatchNorm
+    that follows a conv, and on every layer writing into a residual stream. Groups that cannot be
+    gated exactly are left alone with a :class:`~compressdrop.attach.groups.GatingWarning`; the
+    model's output layer is never gated.
+
+    Args:
+        model: any ``nn.Module``; traced once on ``example_inputs``.
+        gate: family name: ``"lognormal"``, ``"variational"``, ``"concrete"`` or ``"hardconcrete"``.
+        granularity: ``"auto"``, ``"channel"`` (conv layers only) or ``"neuron"`` (linear only).
+        include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``).
+        example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
+        gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``).
+        kl_cost: ``"uniform"`` (each unit's KL weighs 1), ``"params"`` or ``"flops"``: weigh each
+            unit's KL by the parameters or multiply-adds it controls, normalized to mean 1 over the
+            model (a cost-aware prior).
+
+    Returns:
+        ``model``, with its gated layers wrapped in :class:`Gated`.
+
+    Example:
+        >>> net = compressdrop.models.build_model("lenet300", input_shape=(1, 8, 8))
+        >>> compressdrop.attach(net, gate="lognormal")  # doctest: +SKIP
+        >>> loss = F.cross_entropy(net(x), y) + compressdrop.kl(net) / n_train  # doctest: +SKIP
+    """
+    if is_gated(model):
+        raise ValueError("model already has gates attached; detach() it first")
+    if kl_cost not in KL_COSTS:
+        raise ValueError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
+    cls = gate_class(gate)
+    if example_inputs is None:
+        example_inputs = example_input_for(model)
+    groups = find_groups(model, example_inputs, granularity, include, exclude)
+    if not groups:
+        raise ValueError("no gateable layer found in the model (see the warnings for why)")
+    param = next(model.parameters())
+    costs = _normalized_costs(groups, kl_cost)
+    for grp, cost in zip(groups, costs):
+        g = cls(grp.num_units, **dict(gate_kwargs or {})).to(device=param.device, dtype=param.dtype)
+        g.unit_cost.copy_(cost)
+        g.shared = len(grp.sites) > 1
+        for site in grp.sites:
+            _set_submodule(model, site.name, Gated(model.get_submodule(site.name), g, site.unit_dim))
+    handle = model.register_forward_pre_hook(_clear_gate_samples)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    setattr(model, _STATE, {
+        "gate": gate,
+        "granularity": granularity,
+        "groups": groups,
+        "hook": handle.id,
+        "input_shape": [tuple(t.shape[1:]) for t in inputs],
+        "kl_cost": kl_cost,
+        "gate_kwargs": dict(gate_kwargs or {}),
+    })
+    return model
+
+
+def _normalized_costs(groups: list[UnitGroup], kl_cost: str) -> list[torch.Tensor]:
+    if kl_cost == "uniform":
+        return [torch.ones(g.num_units) for g in groups]
+    raw = [g.params_per_unit if kl_cost == "params" else g.macs_per_unit for g in groups]
+    mean = torch.cat(raw).mean().clamp(min=1e-12)
+    return [r / mean for r in raw]
+
+
+def is_gated(model: nn.Module) -> bool:
+    """True if ``model`` has gates attached (by :func:`attach`, or loaded into a gated skeleton)."""
+    return any(isinstance(m, Gated) for m in model.modules())
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove every gate: each wrapped layer goes back in its place, the model is as before attach.
+
+    The gates' learned state is dropped; call :func:`compressdrop.prune` first to keep its effect.
+    """
+    for name, m in list(model.named_modules()):
+        if isinstance(m, Gated):
+            _set_submodule(model, name, m.module)
+    hooks = model._forward_pre_hooks
+    for key in [k for k, fn in hooks.items() if fn is _clear_gate_samples]:
+        del hooks[key]
+    if hasattr(model, _STATE):
+        delattr(model, _STATE)
+    return model
+
+
+def gates(model: nn.Module) -> Iterator[tuple[str, Gate]]:
+    """Yield ``(name, gate)`` once per gate; the name is that of its first gated layer."""
+    seen: set[int] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, Gated) and id(m.gate) not in seen:
+            seen.add(id(m.gate))
+            yield name, m.gate
+
+
+def sites(model: nn.Module) -> Iterator[tuple[str, Gated]]:
+    """Yield ``(name, wrapper)`` for every gated layer (a shared gate appears once per site)."""
+    for name, m in model.named_modules():
+        if isinstance(m, Gated):
+            yield name, m
+
+
+def groups_of(model: nn.Module) -> list[UnitGroup]:
+    """The unit groups recorded at attach time (empty for a model rebuilt from a checkpoint)."""
+    return list(getattr(model, _STATE, {}).get("groups", []))
+
+
+def kl(model: nn.Module) -> torch.Tensor:
+    """Σ over the model's gates of their (cost-weighted) KL; counts a shared gate once."""
+    terms = [g.kl() for _, g in gates(model)]
+    if not terms:
+        raise ValueError("model has no gates; call compressdrop.attach(model) first")
+    return torch.stack(terms).sum()

@@ -1,0 +1,253 @@
+"""Finding where gates go: coupled unit groups from Torch-Pruning's dependency graph.
+
+A *group* is a set of units that must be removed together (a conv's output channels, the BatchNorm
+after it, the input channels of every consumer, and, through residual additions, every other layer
+that writes into the same stream). Each group gets one gate, applied at one or more *sites*: the
+outputs of the group's producers (a conv or linear layer, or the BatchNorm that directly follows
+it). A pruned unit then reaches every consumer as an exact zero, which is what makes removal exact,
+provided every operation between a site and a consumer maps 0 to 0. That is checked here: groups
+whose channels pass through an operation that does not (a sigmoid, a norm over channels, a
+BatchNorm after the residual addition) or that reach the model's output are left ungated, with a
+warning that names the layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["Site", "UnitGroup", "find_groups", "GatingWarning"]
+
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PER_CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
+# and keep units separate. Anything else on the path from a site to a consumer blocks gating.
+_ZERO_PRESERVING = {
+    "Relu", "Gelu", "Silu", "Tanh", "Hardtanh", "LeakyRelu", "Elu", "Mish", "Hardswish",
+    "Clamp", "ClampMin", "ClampMax", "Threshold",
+    "Add", "Sub", "Mul", "Div", "Neg",
+    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
+    "AvgPool1D", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D",
+    "AdaptiveAvgPool3D", "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
+    "Mean", "Sum", "View", "Reshape", "UnsafeView", "Flatten", "T", "Transpose", "Cat", "Split",
+    "SplitWithSizes", "Slice", "Clone", "Expand", "Squeeze", "Unsqueeze", "NativeDropout",
+    "Dropout", "ConstantPadNd", "UpsampleNearest2D", "UpsampleBilinear2D", "Alias", "Permute",
+}
+
+
+class GatingWarning(UserWarning):
+    """A layer that attach could not gate (it stays as it was)."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a gate multiplies: the output of module ``name`` along ``unit_dim``."""
+
+    name: str
+    unit_dim: int
+
+
+@dataclass
+class UnitGroup:
+    """Units that must be removed together, and where their gate goes."""
+
+    name: str
+    num_units: int
+    kind: str  # "channel" or "neuron"
+    producers: list[str]
+    sites: list[Site]
+    params_per_unit: torch.Tensor = field(repr=False)
+    macs_per_unit: torch.Tensor = field(repr=False)
+
+
+def _op_name(node) -> str:
+    name = type(node.module).__name__
+    grad_fn = getattr(node.module, "_grad_fn", None)  # TP stores the grad_fn's name or the object
+    if grad_fn is not None:
+        name = grad_fn if isinstance(grad_fn, str) else type(grad_fn).__name__
+    return name.rstrip("0123456789").removesuffix("Backward")
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == m.in_channels and m.groups > 1
+
+
+def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:
+    if not patterns:
+        return False
+    for p in patterns:
+        if isinstance(p, type) and isinstance(module, p):
+            return True
+        if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
+            return True
+    return False
+
+
+def _unit_costs(group, num_units: int, names: dict, out_rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parameters and multiply-adds that each unit of a TP group controls (uniform within a group)."""
+    params = macs = 0.0
+    for dep, idxs in group:
+        m = dep.target.module
+        if not isinstance(m, nn.Module) or m not in names:
+            continue
+        share = len(idxs) / num_units  # > 1 where flatten maps one channel to many features
+        out_pruning = dep.handler.__name__ == "prune_out_channels"
+        rows = out_rows.get(m, 1)
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            w = m.weight
+            if out_pruning:  # one filter (and its bias)
+                p = w[0].numel() + (1 if m.bias is not None else 0)
+            else:  # one input column of every filter
+                p = w[:, 0].numel()
+            mac = (p - (1 if out_pruning and m.bias is not None else 0)) * rows
+            params += share * p
+            macs += share * mac
+        elif isinstance(m, _PER_CHANNEL_NORMS) and out_pruning and m.affine:
+            params += share * 2
+    return torch.full((num_units,), params), torch.full((num_units,), macs)
+
+
+def find_groups(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    granularity: str = "auto",
+    include: Sequence[str | type] | None = None,
+    exclude: Sequence[str | type] | None = None,
+    warn: bool = True,
+) -> list[UnitGroup]:
+    """Trace ``model`` on ``example_inputs`` and return the gateable unit groups.
+
+    Args:
+        model: a plain model (no gates attached).
+        example_inputs: one input batch, or a tuple of positional inputs.
+        granularity: ``"auto"`` (channels of convs and neurons of linear layers), ``"channel"``
+            (conv layers only) or ``"neuron"`` (linear layers only).
+        include: module-name glob patterns or module types; a group is gated only if one of its
+            producers matches (``None``: every group).
+        exclude: patterns or types; a group with a matching producer is not gated.
+        warn: emit a :class:`GatingWarning` for each group that cannot be gated.
+    """
+    import torch_pruning as tp
+
+    if granularity not in ("auto", "channel", "neuron"):
+        raise ValueError(f"granularity must be 'auto', 'channel' or 'neuron', got {granularity!r}")
+    names = {m: n for n, m in model.named_modules()}
+    out_rows: dict[nn.Module, int] = {}
+
+    def record(m, _inp, out):
+        if isinstance(out, torch.Tensor):
+            if isinstance(m, nn.Linear):
+                out_rows[m] = int(out[0].numel() // out.shape[-1]) if out.dim() > 2 else 1
+            else:
+                out_rows[m] = int(out[0, 0].numel())
+
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _PRODUCERS)]
+    try:
+        with torch.enable_grad():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+
+    groups: list[UnitGroup] = []
+    seen: set[nn.Module] = set()
+    for g in dg.get_all_groups(root_module_types=_PRODUCERS):
+        out_deps = [d for d, _ in g if d.handler.__name__ == "prune_out_channels" and d.target.module in names]
+        producers = [d.target.module for d in out_deps if isinstance(d.target.module, _PRODUCERS)]
+        if not producers or any(p in seen for p in producers):
+            continue
+        seen.update(producers)
+        kind = "neuron" if all(isinstance(p, nn.Linear) for p in producers) else "channel"
+        pnames = [names[p] for p in producers]
+        label = pnames[0]
+        if granularity != "auto" and kind != granularity:
+            continue
+        if include and not any(_matches(names[p], p, include) for p in producers):
+            continue
+        if exclude and any(_matches(names[p], p, exclude) for p in producers):
+            continue
+        num_units = dg.get_out_channels(producers[0])
+        problem, sites = _plan_sites(dg, g, producers, names)
+        if problem is None and any(
+            isinstance(p, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < p.groups and not _is_depthwise(p)
+            for p in producers
+        ):
+            problem = "grouped convolution (groups > 1, not depthwise) is not supported yet"
+        if problem is not None:
+            if warn and problem != "output":
+                warnings.warn(f"compressdrop: layer {label!r} left ungated: {problem}", GatingWarning, stacklevel=3)
+            continue
+        params, macs = _unit_costs(g, num_units, names, out_rows)
+        groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs))
+    return groups
+
+
+def _plan_sites(dg, group, producers: Iterable[nn.Module], names: dict) -> tuple[str | None, list[Site]]:
+    """Choose the sites of a group, or say why the group cannot be gated exactly."""
+    members = {d.target.module for d, _ in group}
+    sites: list[Site] = []
+    for p in producers:
+        node = dg.module2node[p]
+        site_node = node
+        outs = node.outputs
+        if len(outs) == 1 and isinstance(outs[0].module, _PER_CHANNEL_NORMS) and outs[0].module in members:
+            if not outs[0].module.affine:
+                return f"BatchNorm {names[outs[0].module]!r} after it has affine=False", []
+            site_node = outs[0]
+        verdict = _walk(site_node, members)
+        if verdict == "output":
+            return "output", []
+        if verdict not in ("consumed", "covered"):
+            return verdict, []
+        if verdict == "consumed":
+            m = site_node.module
+            dim = -1 if isinstance(m, nn.Linear) else 1
+            sites.append(Site(names[m], dim))
+    if not sites:
+        return "no consumer of its units found", []
+    return None, sites
+
+
+def _walk(start, members) -> str:
+    """Follow a site's output to its consumers.
+
+    Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
+    units only flow into a depthwise conv of the same group, whose own site is gated), "output" (the
+    units reach the model's output), or a sentence naming the operation that blocks exactness.
+    """
+    stack, visited, consumed = list(start.outputs), set(), False
+    if not start.outputs:
+        return "output"
+    while stack:
+        n = stack.pop()
+        if id(n) in visited:
+            continue
+        visited.add(id(n))
+        m = n.module
+        if isinstance(m, _PRODUCERS):
+            if _is_depthwise(m) and m in members:
+                continue
+            consumed = True
+            continue
+        if isinstance(m, nn.PReLU):
+            stack.extend(n.outputs)
+            continue
+        if isinstance(m, nn.Module) and type(m).__module__.startswith("torch.nn"):
+            # a real layer between the site and a consumer (a norm after the residual add, ...)
+            return f"its units pass through {type(m).__name__}, which does not map 0 to 0 per unit"
+        op = _op_name(n).lstrip("_")
+        if op.startswith("OutputOp") or not n.outputs:
+            return "output"
+        structural = op.startswith(("Reshape", "Concat", "Split", "Slice", "Expand", "Unbind"))
+        if op not in _ZERO_PRESERVING and not structural:
+            return f"its units pass through {op}, which does not map 0 to 0"
+        stack.extend(n.outputs)
+    return "consumed" if consumed else "covered"

@@ -1,0 +1,29 @@
+"""Gates: per-unit multiplicative noise layers with a KL term and a signal-to-noise ratio.
+
+Families (``GATES`` maps their names to classes):
+
+* ``"lognormal"`` — :class:`LogNormalGate`, Structured Bayesian Pruning (Neklyudov et al. 2017);
+* ``"variational"`` — :class:`VariationalGate`, Gaussian noise with a log-uniform prior
+  (Kingma et al. 2015; Molchanov et al. 2017; Louizos et al. 2017);
+* ``"concrete"`` — :class:`ConcreteGate`, concrete dropout (Gal et al. 2017);
+* ``"hardconcrete"`` — :class:`HardConcreteGate`, L0 gates (Louizos et al. 2018).
+"""
+
+from .base import Gate
+from .concrete import ConcreteGate, HardConcreteGate
+from .lognormal import LogNormalGate
+from .variational import VariationalGate
+
+__all__ = ["GATES", "ConcreteGate", "Gate", "HardConcreteGate", "LogNormalGate", "VariationalGate", "gate_class"]
+
+GATES: dict[str, type[Gate]] = {
+    cls.family: cls for cls in (LogNormalGate, VariationalGate, ConcreteGate, HardConcreteGate)
+}
+
+
+def gate_class(name: str) -> type[Gate]:
+    """The gate class of a family name; ValueError listing the families for an unknown one."""
+    try:
+        return GATES[name]
+    except KeyError:
+        raise ValueError(f"unknown gate family {name!r}; choose one of {sorted(GATES)}") from None

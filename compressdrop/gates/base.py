@@ -1,0 +1,116 @@
+"""The gate protocol: a per-unit multiplicative noise layer with a KL term and an SNR."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, kl_divergence
+
+__all__ = ["Gate"]
+
+
+class Gate(nn.Module):
+    """Multiplies each unit (neuron or channel) of its input by a learned random factor θ.
+
+    Contract every family fulfils:
+
+    * ``forward(x, dim=1)``: in training, multiplies ``x`` by one sample of θ per example and unit
+      (the local reparameterization of unit noise), broadcast over every other dimension; in eval,
+      multiplies by E[θ], and by 0 for units marked pruned. ``dim`` is the unit dimension of ``x``.
+    * ``posterior()`` / ``prior()``: ``torch.distributions`` objects over θ with batch shape
+      ``(num_units,)``, built in float64 for the per-unit closed forms.
+    * ``kl()``: Σ_units cost_u · KL(q(θ_u) ‖ p(θ_u)), a differentiable scalar (``unit_cost`` is 1 by
+      default; a cost-aware prior sets it to the parameters or FLOPs the unit controls).
+    * ``expected()``: E[θ] per unit; ``snr()``: E[θ] / std[θ] per unit.
+    * ``mask(threshold)``: boolean keep-mask ``snr() >= threshold`` (``None``: the family default).
+
+    Subclasses state their fixed facts as class attributes (``family``, ``default_threshold``) and
+    implement ``posterior`` and ``prior`` (or override ``kl_per_unit`` when the regularizer is not a
+    KL, as for L0).
+
+    When one gate serves several sites of a coupled group (a residual stream, say), every site in a
+    forward pass must see the same θ: the first site samples and the others reuse the sample until
+    :func:`clear_samples` runs (attach registers it as a forward pre-hook on the root model).
+    """
+
+    family: ClassVar[str] = ""
+    default_threshold: ClassVar[float] = 1.0
+
+    def __init__(self, num_units: int) -> None:
+        super().__init__()
+        if num_units < 1:
+            raise ValueError(f"num_units must be ≥ 1, got {num_units}")
+        self.num_units = int(num_units)
+        self.register_buffer("unit_cost", torch.ones(num_units))
+        self.register_buffer("pruned", torch.zeros(num_units, dtype=torch.bool))
+        self.shared = False
+        self._sample: torch.Tensor | None = None
+
+    # --- what each family provides -------------------------------------------------------------
+    def posterior(self) -> Distribution:
+        raise NotImplementedError
+
+    def prior(self) -> Distribution:
+        raise NotImplementedError
+
+    # --- derived quantities ---------------------------------------------------------------------
+    def _out(self, value: torch.Tensor) -> torch.Tensor:
+        """Cast a float64 per-unit result back to the parameters' dtype."""
+        dtype = next(self.parameters()).dtype
+        return value.to(dtype if dtype != torch.float64 else torch.float64)
+
+    def kl_per_unit(self) -> torch.Tensor:
+        return self._out(kl_divergence(self.posterior(), self.prior()))
+
+    def kl(self) -> torch.Tensor:
+        return (self.unit_cost * self.kl_per_unit()).sum()
+
+    def expected(self) -> torch.Tensor:
+        return self._out(self.posterior().mean)
+
+    def snr(self) -> torch.Tensor:
+        q = self.posterior()
+        return self._out(q.mean.abs() / q.variance.sqrt())
+
+    def mask(self, threshold: float | None = None) -> torch.Tensor:
+        thr = self.default_threshold if threshold is None else float(threshold)
+        with torch.no_grad():
+            return self.snr() >= thr
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """θ of shape ``(batch, num_units)``, reparameterized."""
+        return self.posterior().rsample((batch,))
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        dim = dim % x.dim()
+        if x.shape[dim] != self.num_units:
+            raise ValueError(
+                f"{type(self).__name__} has {self.num_units} units but the input has "
+                f"{x.shape[dim]} along dim {dim} (shape {tuple(x.shape)})"
+            )
+        keep = (~self.pruned).to(x.dtype)
+        if self.training:
+            theta = self._training_sample(x.shape[0]).to(x.dtype) * keep  # (B, U)
+            shape = [x.shape[0]] + [1] * (x.dim() - 1)
+            shape[dim] = self.num_units
+        else:
+            theta = self.expected().to(x.dtype) * keep  # (U,)
+            shape = [1] * x.dim()
+            shape[dim] = self.num_units
+        return x * theta.reshape(shape)
+
+    def _training_sample(self, batch: int) -> torch.Tensor:
+        if not self.shared:
+            return self.sample(batch)
+        if self._sample is None or self._sample.shape[0] != batch:
+            self._sample = self.sample(batch)
+        return self._sample
+
+    def clear_sample(self) -> None:
+        self._sample = None
+
+    def extra_repr(self) -> str:
+        return f"units={self.num_units}"

@@ -1,0 +1,56 @@
+"""Gaussian multiplicative noise with a log-uniform prior: (group) variational dropout."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Normal
+
+from .base import Gate
+from .distributions import LOG_ALPHA_RANGE, LogUniformImproper
+
+__all__ = ["VariationalGate"]
+
+
+class VariationalGate(Gate):
+    """θ ~ N(μ, σ²) per unit, prior p(θ) ∝ 1/|θ|; α = σ²/μ², SNR = 1/√α.
+
+    −KL ≈ k1·sigmoid(k2 + k3·log α) − ½·log1p(1/α) − k1 (k1 = 0.63576, k2 = 1.87320,
+    k3 = 1.48695), log α clipped to [−8, 8]. μ and log σ² are independent parameters (the additive
+    reparameterization), so the gradient noise does not grow with α. Prunes where log α ≥ 3,
+    i.e. SNR < e^{−1.5}.
+
+    Args:
+        num_units: neurons or channels gated.
+        init_log_sigma2: initial log σ² (−9, the group-noise value of the authors' code);
+            μ starts at N(1, 0.01²).
+
+    References: Kingma, Salimans & Welling, "Variational Dropout and the Local Reparameterization
+    Trick", NeurIPS 2015; Molchanov, Ashukha & Vetrov, "Variational Dropout Sparsifies Deep Neural
+    Networks", ICML 2017; Louizos, Ullrich & Welling, "Bayesian Compression for Deep Learning",
+    NeurIPS 2017 (group form).
+    """
+
+    family = "variational"
+    default_threshold = math.exp(-1.5)
+
+    def __init__(self, num_units: int, init_log_sigma2: float = -9.0) -> None:
+        super().__init__(num_units)
+        self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(num_units))
+        self.log_sigma2 = nn.Parameter(torch.full((num_units,), float(init_log_sigma2)))
+
+    def posterior(self) -> Normal:
+        mu = self.mu.double()
+        # Keep σ within the range where log α is clipped, so sampling never explodes.
+        log_mu2 = torch.log(mu * mu + 1e-16)
+        log_sigma2 = torch.minimum(self.log_sigma2.double(), log_mu2 + LOG_ALPHA_RANGE[1])
+        return Normal(mu, torch.exp(0.5 * log_sigma2))
+
+    def prior(self) -> LogUniformImproper:
+        return LogUniformImproper()
+
+    def log_alpha(self) -> torch.Tensor:
+        q = self.posterior()
+        return self._out(2 * torch.log(q.scale) - 2 * torch.log(q.loc.abs()))

@@ -1,0 +1,226 @@
+"""From trained gates to a genuinely smaller model.
+
+``mask_`` zeroes the units whose SNR is below the threshold (the reference behaviour);
+``prune`` returns a plain ``nn.Module`` with those units physically removed and every kept unit's
+E[θ] folded into the weights, checked against the masked model before it is returned.
+
+Note: the slim model has new ``Parameter`` objects; an optimizer built on the gated model must be
+rebuilt for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attach import Gated, detach, example_input_for, gates, is_gated, sites
+from ..attach.attach import _STATE
+
+__all__ = ["LayerReport", "PruneReport", "PruningWarning", "SurgeryError", "mask_", "prune", "replay"]
+
+
+class PruningWarning(UserWarning):
+    """Pruning did something other than asked (e.g. kept one unit of a layer the threshold emptied)."""
+
+
+class SurgeryError(RuntimeError):
+    """The slim model does not reproduce the masked model; the input model is left untouched."""
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """Units of one gated group before and after pruning."""
+
+    name: str
+    before: int
+    after: int
+    threshold: float
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``prune`` did: per-group units, the threshold, and a replayable pruning history."""
+
+    family: str
+    threshold: float | None
+    layers: list[LayerReport]
+    history: list = field(repr=False)  # Torch-Pruning pruning history: [name, is_out, idxs]
+    max_rel_error: float | None
+
+    @property
+    def units_before(self) -> int:
+        return sum(layer.before for layer in self.layers)
+
+    @property
+    def units_after(self) -> int:
+        return sum(layer.after for layer in self.layers)
+
+    def architecture(self) -> str:
+        """Units per gated group, e.g. ``"20-50-500 → 5-17-120"``."""
+        before = "-".join(str(layer.before) for layer in self.layers)
+        after = "-".join(str(layer.after) for layer in self.layers)
+        return f"{before} → {after}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["history"] = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.history]
+        return d
+
+
+def _keep_masks(model: nn.Module, threshold: float | None) -> dict[int, tuple[str, torch.Tensor, float]]:
+    out = {}
+    for name, g in gates(model):
+        thr = g.default_threshold if threshold is None else float(threshold)
+        keep = g.mask(thr)
+        if not keep.any():
+            best = int(torch.argmax(g.snr().detach()))
+            keep = torch.zeros_like(keep)
+            keep[best] = True
+            warnings.warn(
+                f"compressdrop: threshold {thr:g} prunes every unit of {name!r}; keeping its "
+                f"highest-SNR unit ({best}) so the model stays connected",
+                PruningWarning,
+                stacklevel=3,
+            )
+        out[id(g)] = (name, keep, thr)
+    return out
+
+
+def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
+    """Mark the units with SNR below ``threshold`` as pruned, in place.
+
+    The gated model's eval forward then multiplies them by 0: the reference that the slim model of
+    :func:`prune` must reproduce. ``None`` uses each gate family's default threshold. At least one
+    unit per group is kept (with a :class:`PruningWarning`).
+    """
+    if not is_gated(model):
+        raise ValueError("model has no gates; attach() them and train before pruning")
+    masks = _keep_masks(model, threshold)
+    for _, g in gates(model):
+        g.pruned.copy_(~masks[id(g)][1])
+    return model
+
+
+def unmask_(model: nn.Module) -> nn.Module:
+    """Undo :func:`mask_`."""
+    for _, g in gates(model):
+        g.pruned.zero_()
+    return model
+
+
+@torch.no_grad()
+def _fold_(site: Gated) -> None:
+    """Scale the wrapped layer's output units by E[θ]·keep, so that it no longer needs the gate."""
+    g, m = site.gate, site.module
+    scale = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(m.weight.dtype)
+    shape = [-1] + [1] * (m.weight.dim() - 1)
+    m.weight.mul_(scale.reshape(shape))
+    if getattr(m, "bias", None) is not None:
+        m.bias.mul_(scale)
+
+
+def _dependency_graph(model: nn.Module, example: tuple):
+    import torch_pruning as tp
+
+    was = model.training
+    with torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    model.train(was)
+    return dg
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def prune(
+    model: nn.Module,
+    threshold: float | None = None,
+    *,
+    example_inputs: torch.Tensor | tuple | None = None,
+    rtol: float = 1e-4,
+) -> nn.Module:
+    """Return a new, smaller, gate-free model; ``model`` itself is left untouched.
+
+    Every unit whose gate SNR is below ``threshold`` (``None``: each family's default) is removed
+    with everything coupled to it (Torch-Pruning's dependency graph: residual streams, concats,
+    depthwise convs, flatten into Linear); kept units have E[θ] folded into their layer's weights.
+    The slim model is checked against the masked gated model on random inputs before it is
+    returned; a mismatch above ``rtol`` raises :class:`SurgeryError`.
+
+    The returned module carries ``prune_report``: a :class:`PruneReport` with units before and after
+    per group and the pruning history that :func:`replay` uses to rebuild the structure.
+
+    Args:
+        model: a gated model (see :func:`compressdrop.attach`).
+        threshold: SNR threshold; units with SNR < threshold are removed.
+        example_inputs: an input batch for tracing; inferred like in ``attach``.
+        rtol: tolerance of the built-in parity check.
+    """
+    if not is_gated(model):
+        raise ValueError("model has no gates; attach() them and train before pruning")
+    work = copy.deepcopy(model).eval()
+    masks = _keep_masks(work, threshold)
+    for _, g in gates(work):
+        g.pruned.copy_(~masks[id(g)][1])
+    if example_inputs is None:
+        shapes = getattr(work, _STATE, {}).get("input_shape")
+        example_inputs = (
+            tuple(torch.randn(4, *s, device=next(work.parameters()).device) for s in shapes)
+            if shapes
+            else example_input_for(work, batch=4)
+        )
+    example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    family = next(iter(gates(work)))[1].family
+    with torch.no_grad():
+        reference = work(*example)
+
+    # the first site of each gate is the handle of its group in the dependency graph
+    first_site: dict[int, nn.Module] = {}
+    for _, site in sites(work):
+        _fold_(site)
+        first_site.setdefault(id(site.gate), site.module)
+    pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
+    layers = [LayerReport(name, int(keep.numel()), int(keep.sum()), thr) for name, keep, thr in masks.values()]
+    detach(work)
+
+    dg = _dependency_graph(work, example)
+    for gid, module in first_site.items():
+        if not pruned[gid]:
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, idxs=pruned[gid])
+        if not dg.check_pruning_group(group):
+            raise SurgeryError(f"Torch-Pruning refused the group of {masks[gid][0]!r}")
+        group.prune()
+    work.eval()
+    with torch.no_grad():
+        out = work(*example)
+    if out.shape != reference.shape:
+        raise SurgeryError(f"slim model output shape {tuple(out.shape)} != {tuple(reference.shape)}")
+    err = _rel_error(out, reference)
+    if not err <= rtol:
+        raise SurgeryError(
+            f"slim model differs from the masked model by relative error {err:.3g} > {rtol:g}; "
+            "please report this model structure"
+        )
+    work.prune_report = PruneReport(family, threshold, layers, dg.pruning_history(), err)
+    return work
+
+
+def replay(model: nn.Module, history: list, example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
+    """Rebuild a slim structure: apply a :class:`PruneReport`'s ``history`` to a fresh dense model.
+
+    Loading the slim model's ``state_dict`` into the result restores it without pickled code.
+    """
+    if example_inputs is None:
+        example_inputs = example_input_for(model)
+    example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    dg = _dependency_graph(model, example)
+    dg.load_pruning_history(history)
+    return model
