@@ -10,6 +10,8 @@ from torch.distributions import Distribution, kl_divergence
 
 __all__ = ["Gate"]
 
+MIN_VARIANCE = 1e-24
+
 
 class Gate(nn.Module):
     """Multiplies each unit (neuron or channel) of its input by a learned random factor θ.
@@ -72,7 +74,8 @@ class Gate(nn.Module):
 
     def snr(self) -> torch.Tensor:
         q = self.posterior()
-        return self._out(q.mean.abs() / q.variance.sqrt())
+        # a variance below 1e-24 (noise that has all but vanished) caps the SNR at |E θ|·1e12
+        return self._out(q.mean.abs() / q.variance.clamp(min=MIN_VARIANCE).sqrt())
 
     def mask(self, threshold: float | None = None) -> torch.Tensor:
         thr = self.default_threshold if threshold is None else float(threshold)

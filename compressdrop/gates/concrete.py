@@ -6,7 +6,8 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Distribution, RelaxedBernoulli
+import pyro.distributions as pdist
+from torch.distributions import Bernoulli, RelaxedBernoulli
 
 from .base import Gate
 from .distributions import HardConcrete
@@ -14,7 +15,7 @@ from .distributions import HardConcrete
 __all__ = ["ConcreteGate", "HardConcreteGate", "InvertedBernoulli"]
 
 
-class InvertedBernoulli(Distribution):
+class InvertedBernoulli(pdist.TorchDistribution):
     """θ = b / q with b ~ Bernoulli(q): inverted dropout's factor. E θ = 1, Var θ = (1 − q)/q.
 
     ``rsample`` draws the concrete relaxation b̃ ~ RelaxedBernoulli(temperature, q) (Maddison et al.

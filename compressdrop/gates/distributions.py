@@ -1,7 +1,9 @@
 """Posterior and prior distributions of the gates, with their closed-form KL registered.
 
-Every distribution here is a :class:`torch.distributions.Distribution`, so ``kl_divergence``,
-``rsample`` and ``log_prob`` work as usual, and Pyro's ``TraceMeanField_ELBO`` can use them.
+Every distribution here is a Pyro ``TorchDistribution`` (a ``torch.distributions.Distribution``),
+so ``kl_divergence``, ``rsample`` and ``log_prob`` work as usual, the closed-form KLs registered with
+``register_kl`` serve both libraries, and ``pyro.sample`` sites with Pyro's ``TraceMeanField_ELBO``
+use the gates' posteriors and priors directly.
 
 Numerics: the normal CDF differences of the truncated normal are computed in log space
 (``log Φ(b) − log Φ(a)`` with the upper-tail reflection), so they neither underflow nor lose
@@ -14,15 +16,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyro.distributions as pdist
 import torch
-from torch.distributions import (
-    Distribution,
-    ExpTransform,
-    TransformedDistribution,
-    Uniform,
-    constraints,
-    register_kl,
-)
+from torch.distributions import ExpTransform, Uniform, constraints, register_kl
 from torch.distributions.utils import broadcast_all
 
 __all__ = [
@@ -64,7 +60,7 @@ def _log_normal_pdf(x: torch.Tensor) -> torch.Tensor:
     return -0.5 * x * x - _LOG_SQRT_2PI
 
 
-class TruncatedNormal(Distribution):
+class TruncatedNormal(pdist.TorchDistribution):
     """Normal(loc, scale) truncated to [low, high].
 
     With α = (low − loc)/scale, β = (high − loc)/scale and Z = Φ(β) − Φ(α):
@@ -125,7 +121,7 @@ class TruncatedNormal(Distribution):
         return torch.minimum(torch.maximum(x, self.low), self.high)
 
 
-class TruncatedLogNormal(TransformedDistribution):
+class TruncatedLogNormal(pdist.TransformedDistribution):
     """θ = exp(X) with X ~ TruncatedNormal(loc, scale, low, high): the SBP posterior.
 
     With N = Φ(σ−α) − Φ(σ−β) and D = Φ(2σ−α) − Φ(2σ−β):
@@ -174,7 +170,7 @@ class TruncatedLogNormal(TransformedDistribution):
         return self.base_dist.entropy() + self.base_dist.mean
 
 
-class LogUniform(TransformedDistribution):
+class LogUniform(pdist.TransformedDistribution):
     """θ with log θ ~ Uniform(low, high): the SBP prior (low = −20, high = 0 in the paper)."""
 
     arg_constraints: dict = {}
@@ -192,7 +188,7 @@ def _kl_truncated_lognormal_loguniform(q: TruncatedLogNormal, p: LogUniform) -> 
     return torch.log(tn.high - tn.low) - tn.entropy()
 
 
-class LogUniformImproper(Distribution):
+class LogUniformImproper(pdist.TorchDistribution):
     """The scale-invariant log-uniform prior p(θ) ∝ 1/|θ| (Kingma et al. 2015).
 
     It is improper, so its KL to a Gaussian is defined up to a constant. ``log_prob`` fixes that
@@ -203,8 +199,11 @@ class LogUniformImproper(Distribution):
     arg_constraints: dict = {}
     support = constraints.real
 
-    def __init__(self, validate_args=None):
-        super().__init__(torch.Size(), validate_args=False)
+    def __init__(self, batch_shape: torch.Size | tuple = (), validate_args=None):
+        super().__init__(torch.Size(batch_shape), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return LogUniformImproper(batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return -torch.log(value.abs()) - _HALF_LOG_2PI_E + _E_LOG_ABS_NORMAL
@@ -218,12 +217,14 @@ LOG_ALPHA_RANGE = (-8.0, 8.0)
 @register_kl(torch.distributions.Normal, LogUniformImproper)
 def _kl_normal_loguniform(q: torch.distributions.Normal, p: LogUniformImproper) -> torch.Tensor:
     # −KL ≈ k1·σ(k2 + k3·log α) − ½·log1p(1/α) − k1, log α clipped to [−8, 8] as in the authors' code.
-    log_alpha = (2 * torch.log(q.scale) - 2 * torch.log(q.loc.abs())).clamp(*LOG_ALPHA_RANGE)
+    # log μ² with a floor, so that μ = 0 gives a finite (zero) gradient instead of ∞·0
+    log_mu2 = torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny)
+    log_alpha = (2 * torch.log(q.scale) - log_mu2).clamp(*LOG_ALPHA_RANGE)
     neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - _K1
     return -neg_kl
 
 
-class HardConcrete(Distribution):
+class HardConcrete(pdist.TorchDistribution):
     """The hard-concrete gate of L0 regularization (Louizos, Welling & Kingma, ICLR 2018).
 
     s = sigmoid((logit u + log α)/β), z = clamp(s·(ζ − γ) + γ, 0, 1), u ~ U(0, 1).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Gate
+from .base import MIN_VARIANCE, Gate
 from .distributions import LogUniform, TruncatedLogNormal
 
 __all__ = ["LogNormalGate"]
@@ -52,9 +52,8 @@ class LogNormalGate(Gate):
         return TruncatedLogNormal(mu, sigma, self.low, self.high)
 
     def prior(self) -> LogUniform:
-        dev = self.mu.device
-        return LogUniform(torch.tensor(self.low, dtype=torch.float64, device=dev),
-                          torch.tensor(self.high, dtype=torch.float64, device=dev))
+        kw = {"dtype": torch.float64, "device": self.mu.device}
+        return LogUniform(torch.full((self.num_units,), self.low, **kw), torch.full((self.num_units,), self.high, **kw))
 
     def snr(self) -> torch.Tensor:
-        return self._out(self.posterior().relative_variance().rsqrt())
+        return self._out(self.posterior().relative_variance().clamp(min=MIN_VARIANCE).rsqrt())

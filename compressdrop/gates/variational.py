@@ -6,7 +6,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Normal
+import pyro.distributions as pdist
 
 from .base import Gate
 from .distributions import LOG_ALPHA_RANGE, LogUniformImproper
@@ -41,16 +41,16 @@ class VariationalGate(Gate):
         self.mu = nn.Parameter(1.0 + 0.01 * torch.randn(num_units))
         self.log_sigma2 = nn.Parameter(torch.full((num_units,), float(init_log_sigma2)))
 
-    def posterior(self) -> Normal:
+    def posterior(self) -> pdist.Normal:
         mu = self.mu.double()
         # Keep σ within the range where log α is clipped, so sampling never explodes.
-        log_mu2 = torch.log(mu * mu + 1e-16)
+        log_mu2 = torch.log(mu * mu + torch.finfo(mu.dtype).tiny)
         log_sigma2 = torch.minimum(self.log_sigma2.double(), log_mu2 + LOG_ALPHA_RANGE[1])
-        return Normal(mu, torch.exp(0.5 * log_sigma2))
+        return pdist.Normal(mu, torch.exp(0.5 * log_sigma2))
 
     def prior(self) -> LogUniformImproper:
-        return LogUniformImproper()
+        return LogUniformImproper((self.num_units,))
 
     def log_alpha(self) -> torch.Tensor:
         q = self.posterior()
-        return self._out(2 * torch.log(q.scale) - 2 * torch.log(q.loc.abs()))
+        return self._out(2 * torch.log(q.scale) - torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny))
