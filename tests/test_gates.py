@@ -202,16 +202,24 @@ def test_concrete_kl_is_bernoulli_kl_and_relaxation_is_close():
         b = Bernoulli(probs=q).sample((N_MC,))
         lr = Bernoulli(probs=q).log_prob(b) - Bernoulli(probs=torch.full_like(q, 0.2)).log_prob(b)
         _assert_within(lr.mean(0), lr.std(0) / math.sqrt(N_MC), g.kl_per_unit().double(), what="KL")
-        # the relaxed sample (used in training) has the inverted mean up to the temperature's bias
+        # the relaxed sample (used in training) has the Bernoulli's mean up to the temperature's bias
         relaxed = g.posterior().rsample((N_MC,))
-        assert ((relaxed.mean(0) - 1).abs() < 0.05).all()
+        assert ((relaxed.mean(0) - q).abs() < 0.05).all()
+
+
+def test_concrete_inverted_convention_keeps_expectation_one():
+    g = randomize_(ConcreteGate(UNITS, inverted=True))
+    torch.testing.assert_close(g.expected(), torch.ones(UNITS))
+    plain = randomize_(ConcreteGate(UNITS))
+    torch.testing.assert_close(g.snr(), plain.snr())  # the SNR does not depend on the convention
 
 
 def test_hardconcrete_penalty_is_probability_of_nonzero():
     g = randomize_(HardConcreteGate(UNITS))
     with torch.no_grad():
         nz = (g.posterior().rsample((N_MC,)) > 0).double()
-        _assert_within(nz.mean(0), nz.std(0) / math.sqrt(N_MC) + 1e-4, g.kl_per_unit().double(), what="P(z≠0)")
+        penalty = g.kl_per_unit().double() / g.penalty
+        _assert_within(nz.mean(0), nz.std(0) / math.sqrt(N_MC) + 1e-4, penalty, what="P(z≠0)")
 
 
 def test_hardconcrete_default_threshold_is_paper_cutoff():
@@ -264,5 +272,5 @@ def test_snr_matches_known_values():
         g.mu.fill_(2.0)
         g.log_sigma2.fill_(math.log(0.25))
     assert g.snr().item() == pytest.approx(4.0, rel=1e-6)
-    c = ConcreteGate(1, init_drop=0.2)
+    c = ConcreteGate(1, init_drop=0.2, inverted=True)
     assert c.snr().item() == pytest.approx(math.sqrt(0.8 / 0.2), rel=1e-6)
