@@ -14,7 +14,7 @@ from importlib import import_module
 from typing import Any
 
 from ._version import __version__
-from .attach import GatingWarning, attach, detach, gates, is_gated, kl
+from .gating import GatingWarning, attach, detach, gates, is_gated, kl
 from .gates import GATES, ConcreteGate, Gate, HardConcreteGate, LogNormalGate, VariationalGate
 
 __all__ = [

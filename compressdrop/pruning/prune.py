@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attach import Gated, detach, example_input_for, gates, is_gated, sites
-from ..attach.attach import _STATE
+from ..gating import Gated, detach, example_input_for, gates, is_gated, sites
+from ..gating.gated import _STATE
 
 __all__ = ["LayerReport", "PruneReport", "PruningWarning", "SurgeryError", "mask_", "prune", "replay"]
 

@@ -28,7 +28,7 @@ class KLSchedule:
         for name in ("beta", "warmup", "delay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"KLSchedule.{name} must be a number ≥ 0, got {value!r}")
+                raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
 
     def __call__(self, t: float) -> float:
         if t < self.delay:

@@ -14,7 +14,7 @@ from torch import nn
 from ..gates import Gate, gate_class
 from .groups import UnitGroup, find_groups
 
-__all__ = ["Gated", "attach", "detach", "example_input_for", "gates", "groups_of", "kl", "is_gated"]
+__all__ = ["Gated", "attach", "attach_config", "detach", "example_input_for", "gates", "groups_of", "kl", "is_gated"]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
 KL_COSTS = ("uniform", "params", "flops")
@@ -88,7 +88,7 @@ def attach(
     Every coupled group of units (a layer's output channels or neurons, together with whatever must
     be removed with them) gets one gate, placed where removing a unit is exact: after the BatchNorm
     that follows a conv, and on every layer writing into a residual stream. Groups that cannot be
-    gated exactly are left alone with a :class:`~compressdrop.attach.groups.GatingWarning`; the
+    gated exactly are left alone with a :class:`~compressdrop.gating.groups.GatingWarning`; the
     model's output layer is never gated.
 
     Args:
@@ -138,8 +138,23 @@ def attach(
         "input_shape": [tuple(t.shape[1:]) for t in inputs],
         "kl_cost": kl_cost,
         "gate_kwargs": dict(gate_kwargs or {}),
+        "include": _pattern_names(include),
+        "exclude": _pattern_names(exclude),
     })
     return model
+
+
+def _pattern_names(patterns: Sequence[str | type] | None) -> list[str]:
+    return [p if isinstance(p, str) else p.__name__ for p in (patterns or ())]
+
+
+def attach_config(model: nn.Module) -> dict[str, Any]:
+    """The arguments ``attach`` was called with, as plain data (to re-attach on a fresh model)."""
+    state = getattr(model, _STATE, None)
+    if state is None:
+        raise ValueError("model has no attach record (was it gated with compressdrop.attach?)")
+    keys = ("gate", "granularity", "include", "exclude", "gate_kwargs", "kl_cost")
+    return {k: state[k] for k in keys}
 
 
 def _normalized_costs(groups: list[UnitGroup], kl_cost: str) -> list[torch.Tensor]:

@@ -1,9 +1,0 @@
-"""Attach gates to any PyTorch model (and detach them)."""
-
-from .attach import Gated, attach, detach, example_input_for, gates, groups_of, is_gated, kl, sites
-from .groups import GatingWarning, Site, UnitGroup, find_groups
-
-__all__ = [
-    "GatingWarning", "Gated", "Site", "UnitGroup", "attach", "detach", "example_input_for",
-    "find_groups", "gates", "groups_of", "is_gated", "kl", "sites",
-]
