@@ -1,0 +1,307 @@
+"""Run a recipe end to end: pretrain → sparsify → prune → finetune → export, with checkpoints.
+
+Every epoch ends with an atomic checkpoint (``checkpoint.pt`` in the output folder); ``resume=True``
+continues from it and gives the same result as an uninterrupted run with the same seed (on the same
+device and library versions). A NaN or infinite loss stops the run with :class:`TrainingDiverged`,
+leaving the last good checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._io import atomic_write
+from ..checkpoint import build_arch, save_model
+from ..evaluation.metrics import Metrics, evaluate
+from ..gating import attach, gates, kl
+from ..recipes import Recipe, StageConfig
+from .sparsifier import param_groups
+
+__all__ = ["RunResult", "TrainingDiverged", "resolve_device", "run_recipe", "seed_everything"]
+
+STAGES = ("pretrain", "sparsify", "finetune")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    """Where a run left its files, and what it measured (also written to ``report.json``)."""
+
+    out_dir: Path
+    gated_path: Path | None
+    slim_path: Path | None
+    onnx_path: Path | None
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.lr, cfg.gate_lr, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    return torch.optim.Adam(groups)
+
+
+def _units(model: nn.Module, threshold: float | None) -> tuple[int, int]:
+    kept = total = 0
+    for _, g in gates(model):
+        kept += int(g.mask(threshold).sum())
+        total += g.num_units
+    return kept, total
+
+
+class _Run:
+    """State of one run; one method per lifecycle step."""
+
+    def __init__(self, recipe: Recipe, dataset, out_dir: Path, device: torch.device, progress: Callable | None):
+        self.recipe, self.data, self.out, self.device = recipe, dataset, out_dir, device
+        self.progress = progress or (lambda event: None)
+        self.train, self.val = dataset.split_validation(recipe.data.val_fraction, seed=recipe.seed) \
+            if recipe.data.val_fraction > 0 else (dataset, dataset)
+        self.history: list[dict[str, Any]] = []
+        self.dense_metrics: dict[str, Any] | None = None
+        self.prune_info: dict[str, Any] | None = None
+        self.ckpt = out_dir / "checkpoint.pt"
+
+    # -- model structure per stage ------------------------------------------------------------------
+    def arch(self) -> dict[str, Any]:
+        m = self.recipe.model
+        record: dict[str, Any] = {"input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
+                                  "kwargs": dict(m.kwargs)}
+        record["factory" if ":" in m.arch else "name"] = m.arch
+        return record
+
+    def example(self, batch: int = 2) -> torch.Tensor:
+        return self.train.x_train[:batch].to(self.device)
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        g = self.recipe.gates
+        return attach(model, g.family, g.granularity, list(g.include) or None, list(g.exclude) or None,
+                      example_inputs=self.example(), gate_kwargs=g.kwargs, kl_cost=g.kl_cost)
+
+    def model_for(self, stage: str, prune_history: list | None = None) -> nn.Module:
+        model = build_arch(self.arch()).to(self.device)
+        if stage == "sparsify":
+            self.attach(model)
+        elif stage == "finetune":
+            from ..pruning import replay
+
+            replay(model, prune_history, example_inputs=self.example())
+        return model
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self, stage: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        payload = {
+            "format": "compressdrop-run", "stage": stage, "epoch": epoch,
+            "recipe": self.recipe.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "history": self.history, "dense_metrics": self.dense_metrics, "prune_info": self.prune_info,
+        }
+        with atomic_write(self.ckpt) as tmp:
+            torch.save(payload, tmp)
+
+    def load(self) -> dict[str, Any]:
+        payload = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        if payload.get("format") != "compressdrop-run":
+            raise ValueError(f"{self.ckpt}: not a compressdrop run checkpoint")
+        if payload["recipe"] != self.recipe.to_dict():
+            raise ValueError(f"{self.ckpt}: was written by a different recipe; resume with the same one")
+        return payload
+
+    # -- training -----------------------------------------------------------------------------------
+    def fit(self, stage: str, model: nn.Module, opt: torch.optim.Optimizer, start_epoch: int) -> None:
+        cfg: StageConfig = getattr(self.recipe.stages, stage)
+        x, y = self.train.x_train.to(self.device), self.train.y_train.to(self.device)
+        n, bs = len(x), self.recipe.data.batch_size
+        steps = math.ceil(n / bs)
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            model.train()
+            # the order depends only on (seed, stage, epoch): resuming reproduces it
+            gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch)
+            perm = torch.randperm(n, generator=gen).to(self.device)
+            tot_loss = tot_kl = 0.0
+            for i in range(steps):
+                idx = perm[i * bs : (i + 1) * bs]
+                nll = F.cross_entropy(model(x[idx]), y[idx])
+                loss = nll
+                if stage == "sparsify":
+                    kl_term = kl(model) / n
+                    loss = nll + self.recipe.kl(epoch + i / steps) * kl_term
+                    tot_kl += float(kl_term)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {float(loss)} at stage {stage}, epoch {epoch + 1}, step {i + 1}; "
+                        f"the last good checkpoint is {self.ckpt} (lower the learning rate?)"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot_loss += float(loss)
+            val = evaluate(model, self.val.x_test, self.val.y_test)
+            row = {"stage": stage, "epoch": epoch + 1, "epochs": cfg.epochs, "loss": tot_loss / steps,
+                   "kl": tot_kl / steps, "val_accuracy": val.accuracy, "val_nll": val.nll,
+                   "seconds": time.perf_counter() - t0}
+            if stage == "sparsify":
+                row["units_kept"], row["units_total"] = _units(model, self.recipe.prune.threshold)
+            self.history.append(row)
+            self.save(stage, epoch + 1, model, opt)
+            self.progress({"event": "epoch", **row})
+
+    def test(self, model: nn.Module) -> Metrics:
+        return evaluate(model, self.data.x_test, self.data.y_test)
+
+
+def run_recipe(
+    recipe: Recipe,
+    dataset,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    resume: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> RunResult:
+    """Run ``recipe`` on ``dataset`` and leave in ``out_dir``: ``gated.pt`` (the trained gated
+    model), ``slim.pt`` (pruned and fine-tuned), ``slim.onnx`` and ``report.json``.
+
+    The test split is used once, at the end; epochs and thresholds come from the recipe and the
+    validation split carved from the training set.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    run = _Run(recipe, dataset, out, dev, progress)
+    t_start = time.perf_counter()
+
+    state = None
+    if resume:
+        if not run.ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {run.ckpt}")
+        state = run.load()
+        run.history, run.dense_metrics, run.prune_info = state["history"], state["dense_metrics"], state["prune_info"]
+    else:
+        seed_everything(recipe.seed)
+    start_stage = STAGES.index(state["stage"]) if state else 0
+
+    model: nn.Module | None = None
+    gated_path = slim_path = onnx_path = None
+    for s_idx in range(start_stage, len(STAGES)):
+        stage = STAGES[s_idx]
+        cfg: StageConfig = getattr(recipe.stages, stage)
+        history = run.prune_info["history"] if (stage == "finetune" and run.prune_info) else None
+        if state is not None and state["stage"] == stage:
+            model = run.model_for(stage, history)
+            model.load_state_dict(state["model"])
+            opt = _optimizer(model, cfg)
+            opt.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            start_epoch = state["epoch"]
+            state = None
+        else:
+            if stage == "sparsify" and model is not None:
+                run.attach(model)  # gates on the pretrained weights
+            elif stage == "finetune":
+                model = _prune_stage(run, model)
+            elif model is None:
+                model = run.model_for(stage)
+            opt = _optimizer(model, cfg)
+            start_epoch = 0
+        run.progress({"event": "stage", "stage": stage, "epochs": cfg.epochs})
+        run.fit(stage, model, opt, start_epoch)
+        if stage == "pretrain" and run.dense_metrics is None:
+            m = run.test(model)
+            run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
+        if stage == "sparsify":
+            gated_path = save_model(model, out / "gated.pt", recipe=recipe.to_dict(),
+                                    meta={"val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy})
+    assert model is not None
+    model.eval()
+    slim_path = save_model(model, out / "slim.pt", recipe=recipe.to_dict())
+    report = _report(run, model, time.perf_counter() - t_start)
+    if recipe.export.onnx:
+        from ..export import export_onnx
+
+        onnx_path = out / "slim.onnx"
+        meta = {"threshold": str(report["threshold"]), "units_kept": report["architecture_after"],
+                "recipe": recipe.name}
+        exp = export_onnx(model.cpu(), run.example(4).cpu(), onnx_path, metadata=meta, opset=recipe.export.opset)
+        report["onnx_bytes"] = exp.bytes
+    with atomic_write(out / "report.json") as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=2))
+    run.ckpt.unlink(missing_ok=True)  # the run is complete: its resume point is no longer needed
+    gated_path = gated_path or (out / "gated.pt" if (out / "gated.pt").exists() else None)
+    return RunResult(out, gated_path, slim_path, onnx_path, report)
+
+
+def _prune_stage(run: _Run, model: nn.Module) -> nn.Module:
+    from ..pruning import prune
+
+    slim = prune(model, run.recipe.prune.threshold, example_inputs=run.example(4))
+    rep = slim.prune_report
+    run.prune_info = {"history": rep.to_dict()["history"], "report": rep.to_dict()}
+    m = evaluate(slim, run.val.x_test, run.val.y_test)
+    run.progress({"event": "pruned", "architecture": rep.architecture(), "val_accuracy": m.accuracy})
+    return slim
+
+
+def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
+    from ..evaluation.size import count_flops, count_params
+    from ..pruning import PruneReport
+
+    rep: PruneReport | Any = getattr(slim, "prune_report", None)
+    dense = build_arch(run.arch()).to(run.device)
+    x = run.example(1)
+    test = run.test(slim)
+    d_params, s_params = count_params(dense), count_params(slim)
+    d_flops, s_flops = count_flops(dense, x), count_flops(slim, x)
+    layers = run.prune_info["report"]["layers"] if run.prune_info else []
+    return {
+        "recipe": run.recipe.name,
+        "dataset": run.data.name,
+        "device": str(run.device),
+        "seed": run.recipe.seed,
+        "epochs": {s: getattr(run.recipe.stages, s).epochs for s in STAGES},
+        "threshold": run.recipe.prune.threshold if rep is None or rep.threshold is None else rep.threshold,
+        "family": run.recipe.gates.family,
+        "dense": {**(run.dense_metrics or {}), "params": d_params, "flops": d_flops},
+        "slim": {"test_accuracy": test.accuracy, "test_nll": test.nll, "params": s_params, "flops": s_flops},
+        "params_reduction": d_params / max(s_params, 1),
+        "flops_reduction": d_flops / max(s_flops, 1),
+        "architecture_before": "-".join(str(layer["before"]) for layer in layers),
+        "architecture_after": "-".join(str(layer["after"]) for layer in layers),
+        "layers": layers,
+        "history": run.history,
+        "wall_seconds": seconds,
+    }
