@@ -175,7 +175,9 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
+def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
+    """Validate ``data`` into ``cls``; keys it leaves out keep their values in ``base`` (the
+    enclosing default), so a recipe may say only what differs from the defaults."""
     where = path or "recipe"
     if data is None:
         data = {}
@@ -186,7 +188,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(map(str, data)) - names)
     if unknown:
         raise RecipeError(f"{_join(path, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
+    if base is None:
+        base = cls()
+    kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
+    kwargs.update({k: _coerce(hints[k], v, _join(path, k), getattr(base, k)) for k, v in data.items()})
     try:
         return cls(**kwargs)
     except ValueError as e:  # RecipeError from nested checks, ValueError from shared classes
@@ -195,16 +200,16 @@ def _build(cls: type, data: Any, path: str) -> Any:
         raise RecipeError(msg if msg.startswith(path) or not path else f"{path}.{msg}") from None
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
+def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
+        return _coerce(inner[0], value, path, base)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
+        return _build(tp, value, path, base if dataclasses.is_dataclass(base) else None)
     if tp is bool:
         _check(isinstance(value, bool), path, f"expected true/false, got {value!r}")
         return value

@@ -1,0 +1,70 @@
+"""Recipes: every shipped recipe validates and round-trips; bad input names the key path."""
+
+import pytest
+import yaml
+
+from compressdrop.recipes import Recipe, RecipeError, dump_recipe, list_recipes, load_recipe
+
+
+def test_recipes_ship_for_every_family_and_net():
+    names = set(list_recipes())
+    for net in ("lenet300", "lenet5"):
+        for family in ("lognormal", "variational", "concrete", "hardconcrete"):
+            assert f"{net}-{family}" in names
+    assert {"vgg-lognormal", "resnet-lognormal"} <= names
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_shipped_recipe_round_trips(name, tmp_path):
+    r = load_recipe(name)
+    assert r.name == name
+    assert Recipe.from_dict(yaml.safe_load(dump_recipe(r))) == r
+    p = tmp_path / "r.yaml"
+    p.write_text(dump_recipe(r))
+    assert load_recipe(p) == r
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"stages": {"sparsify": {"lr": "fast"}}}, "stages.sparsify.lr: expected a number"),
+        ({"stages": {"sparsify": {"epochs": 0}}}, "stages.sparsify.epochs"),
+        ({"stages": {"finetune": {"lr": -1}}}, "stages.finetune.lr: must be > 0"),
+        ({"gates": {"family": "gaussianish"}}, "gates.family: unknown family"),
+        ({"gates": {"granularity": "weight"}}, "gates.granularity"),
+        ({"gates": {"include": "conv*"}}, "gates.include: expected a list"),
+        ({"kl": {"beta": -1}}, "kl.beta: must be a number"),
+        ({"kl": {"warmpu": 3}}, "kl.warmpu: unknown key"),
+        ({"colour": "blue"}, "colour: unknown key"),
+        ({"data": {"batch_size": 0}}, "data.batch_size: must be ≥ 1"),
+        ({"data": {"val_fraction": 1.5}}, "data.val_fraction"),
+        ({"prune": {"threshold": -0.5}}, "prune.threshold"),
+        ({"export": {"onnx": "yes"}}, "export.onnx: expected true/false"),
+        ({"seed": 1.5}, "seed: expected an integer"),
+        ({"stages": {"pretrain": {"optimizer": "lbfgs"}}}, "stages.pretrain.optimizer"),
+    ],
+)
+def test_bad_values_name_the_file_and_key_path(tmp_path, patch, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(patch))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    assert str(p) in str(err.value)
+    assert message in str(err.value)
+
+
+def test_malformed_yaml_reports_its_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: x\nstages:\n  sparsify: {epochs: 3\n  finetune: 2\n")
+    with pytest.raises(RecipeError, match=r"broken.yaml: invalid YAML at line \d+, column \d+"):
+        load_recipe(p)
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(RecipeError, match="lenet300-lognormal"):
+        load_recipe("no-such-recipe")
+
+
+def test_scientific_notation_without_dot_is_a_number():
+    r = Recipe.from_dict({"stages": {"sparsify": {"lr": "1e-3"}}})
+    assert r.stages.sparsify.lr == pytest.approx(1e-3)
