@@ -192,18 +192,34 @@ def run_recipe(
     device: str = "auto",
     resume: bool = False,
     progress: Callable[[dict], None] | None = None,
+    model: nn.Module | None = None,
 ) -> RunResult:
     """Run ``recipe`` on ``dataset`` and leave in ``out_dir``: ``gated.pt`` (the trained gated
     model), ``slim.pt`` (pruned and fine-tuned), ``slim.onnx`` and ``report.json``.
 
     The test split is used once, at the end; epochs and thresholds come from the recipe and the
     validation split carved from the training set.
+
+    ``model``: start from these (trained, dense) weights instead of the recipe's architecture; the
+    pretrain stage is skipped. Its ``arch`` record replaces the recipe's model.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
+    if model is not None:
+        from ..checkpoint import describe_arch
+
+        arch = describe_arch(model)
+        name = arch.get("factory") or arch.get("name")
+        recipe = recipe.replace(
+            model=type(recipe.model)(arch=name, kwargs=dict(arch.get("kwargs") or {})),
+            stages=type(recipe.stages)(pretrain=type(recipe.stages.pretrain)(epochs=0),
+                                       sparsify=recipe.stages.sparsify, finetune=recipe.stages.finetune),
+        )
     run = _Run(recipe, dataset, out, dev, progress)
     t_start = time.perf_counter()
+    initial = model.to(dev) if model is not None else None
+    model = None
 
     state = None
     if resume:
@@ -234,6 +250,8 @@ def run_recipe(
                 run.attach(model)  # gates on the pretrained weights
             elif stage == "finetune":
                 model = _prune_stage(run, model)
+            elif model is None and initial is not None:
+                model = run.attach(initial) if stage == "sparsify" else initial
             elif model is None:
                 model = run.model_for(stage)
             opt = _optimizer(model, cfg)

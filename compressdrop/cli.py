@@ -1,0 +1,382 @@
+"""The ``compressdrop`` command line: train, prune, export, eval and recipes.
+
+Exit codes: 0 success, 1 failure (bad input, diverged training, a failed check), 2 usage error.
+Every reporting command takes ``--json`` for a machine-readable result on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["main"]
+
+
+class _Failure(click.ClickException):
+    exit_code = 1
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.message}", err=True)
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .pruning import SurgeryError
+    from .recipes import RecipeError
+    from .training.runner import TrainingDiverged
+
+    return (CheckpointError, RecipeError, TrainingDiverged, SurgeryError, ValueError, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError, RuntimeError, OSError)
+
+
+def _guard(fn: Callable) -> Callable:
+    """Turn the library's errors into a one-line message and exit code 1 (no stack trace)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except _errors() as e:
+            raise _Failure(str(e)) from e
+
+    return wrapper
+
+
+def _emit(as_json: bool, data: dict[str, Any], text: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        text()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise _Failure(f"cannot write {path}: directory {parent} does not exist")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise _Failure(f"cannot write {path}: directory {parent} is not writable")
+
+
+def _data(spec: str):
+    from .data import load_dataset
+
+    return load_dataset(spec)
+
+
+def _load(path: str, arch: str | None, trust_pickle: bool):
+    from .checkpoint import load_model
+
+    return load_model(path, arch=arch, trust_pickle=trust_pickle)
+
+
+def _check_shape(model, dataset) -> None:
+    arch = getattr(model, "arch", None) or {}
+    shape = arch.get("input_shape")
+    if shape is not None and tuple(shape) != tuple(dataset.input_shape):
+        raise _Failure(
+            f"data {dataset.name!r} has inputs of shape {tuple(dataset.input_shape)} but the model "
+            f"expects {tuple(shape)}"
+        )
+
+
+SEED = click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's).")
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                      show_default=True, help="Where to train and evaluate.")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+ARCH = click.option("--arch", default=None, metavar="PKG.MODULE:FACTORY",
+                    help="Architecture factory, for a file that holds a bare state_dict.")
+TRUST = click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading a whole pickled module (runs code from the file: trusted files only).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="compressdrop")
+def main() -> None:
+    """Make neural networks smaller and faster with Bayesian dropout.
+
+    \b
+    Example (trains LeNet-300-100 on scikit-learn's digits, prunes, exports ONNX):
+      compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
+      compressdrop eval runs/demo/slim.onnx --data digits
+    """
+
+
+def _progress_printer(console, as_json: bool) -> Callable[[dict], None]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                        disable=as_json or not console.is_terminal)
+    tasks: dict[str, Any] = {}
+
+    def on_event(ev: dict) -> None:
+        if ev["event"] == "stage":
+            if not progress.live.is_started:
+                progress.start()
+            if ev["epochs"]:
+                tasks[ev["stage"]] = progress.add_task(ev["stage"], total=ev["epochs"], info="")
+        elif ev["event"] == "epoch":
+            info = f"loss {ev['loss']:.4f} val acc {ev['val_accuracy']:.4f}"
+            if "units_kept" in ev:
+                info += f" kl {ev['kl']:.4f} units {ev['units_kept']}/{ev['units_total']}"
+            task = tasks.get(ev["stage"])
+            if task is not None:
+                progress.update(task, completed=ev["epoch"], info=info)
+            if not console.is_terminal and not as_json:
+                console.print(f"{ev['stage']} {ev['epoch']}/{ev['epochs']}: {info}")
+        elif ev["event"] == "pruned" and not as_json:
+            console.print(f"pruned: {ev['architecture']} (val acc {ev['val_accuracy']:.4f})")
+        elif ev["event"] == "done" and progress.live.is_started:
+            progress.stop()
+
+    return on_event
+
+
+def _summary(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"{report['recipe']} on {report['dataset']} ({report['device']})")
+    for col in ("model", "test acc", "test NLL", "params", "FLOPs", "units"):
+        t.add_column(col, justify="right")
+    d, s = report["dense"], report["slim"]
+    acc = f"{d['test_accuracy']:.4f}" if "test_accuracy" in d else "—"
+    nll = f"{d['test_nll']:.4f}" if "test_nll" in d else "—"
+    t.add_row("dense", acc, nll, f"{d['params']:,}", f"{d['flops']:,}", report["architecture_before"])
+    t.add_row("slim", f"{s['test_accuracy']:.4f}", f"{s['test_nll']:.4f}", f"{s['params']:,}",
+              f"{s['flops']:,}", report["architecture_after"])
+    from rich.console import Console
+
+    console = Console()
+    console.print(t)
+    console.print(f"params ×{report['params_reduction']:.2f} fewer, FLOPs ×{report['flops_reduction']:.2f} "
+                  f"fewer; wall time {report['wall_seconds']:.1f} s")
+
+
+@main.command()
+@click.option("--recipe", "-r", default=None, help="Recipe name (see `compressdrop recipes list`) or YAML file.")
+@click.option("--data", "-d", default=None, help="digits | fashion-mnist[:DIR] | FILE.npz (default: the recipe's).")
+@click.option("--out", "-o", "out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
+              help="Output folder: gated.pt, slim.pt, slim.onnx, report.json.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
+@DEVICE
+@SEED
+@JSON
+@_guard
+def train(recipe, data, out, resume, device, seed, as_json) -> None:
+    """Run a recipe end to end: train, sparsify, prune, fine-tune, export.
+
+    \b
+    Example:
+      compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
+    """
+    from .recipes import DEFAULT_RECIPE, load_recipe
+    from .training.runner import run_recipe
+
+    r = load_recipe(recipe or DEFAULT_RECIPE)
+    if seed is not None:
+        r = r.replace(seed=seed)
+    if data is not None:
+        r = r.replace(data=type(r.data)(name=data, batch_size=r.data.batch_size, val_fraction=r.data.val_fraction))
+    ds = _data(r.data.name)
+    console = _console()
+    on_event = _progress_printer(console, as_json)
+    try:
+        result = run_recipe(r, ds, out, device=device, resume=resume, progress=on_event)
+    finally:
+        on_event({"event": "done"})
+    files = {"gated": result.gated_path, "slim": result.slim_path, "onnx": result.onnx_path,
+             "report": result.out_dir / "report.json"}
+    _emit(as_json, {**result.report, "files": {k: str(v) if v else None for k, v in files.items()}},
+          lambda: (_summary(result.report), click.echo(f"files in {result.out_dir}/")))
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Slim model file to write.")
+@click.option("--threshold", "-t", type=float, default=None, help="SNR threshold (default: recipe / family default).")
+@click.option("--recipe", "-r", default=None, help="Recipe for a plain model (sparsify, prune, fine-tune).")
+@click.option("--data", "-d", default=None, help="Data for sparsifying a plain model.")
+@ARCH
+@TRUST
+@DEVICE
+@SEED
+@JSON
+@_guard
+def prune(model_path, output, threshold, recipe, data, arch, trust_pickle, device, seed, as_json) -> None:
+    """Prune a model: directly if it has trained gates, else sparsify it on data first.
+
+    \b
+    Examples:
+      compressdrop prune runs/demo/gated.pt -o slim.pt --threshold 1.0
+      compressdrop prune dense.pt --recipe lenet300-lognormal --data digits -o slim.pt
+    """
+    import tempfile
+
+    from .checkpoint import save_model
+    from .gating import is_gated
+    from .pruning import prune as prune_model
+
+    out = Path(output)
+    _check_writable(out)
+    model = _load(model_path, arch, trust_pickle)
+    if is_gated(model):
+        slim = prune_model(model, threshold)
+        save_model(slim, out, recipe=(getattr(model, "compressdrop_meta", {}) or {}).get("recipe"))
+    else:
+        from .recipes import DEFAULT_RECIPE, load_recipe
+        from .training.runner import run_recipe
+
+        if data is None:
+            raise _Failure(f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first")
+        r = load_recipe(recipe or DEFAULT_RECIPE)
+        if seed is not None:
+            r = r.replace(seed=seed)
+        if threshold is not None:
+            r = r.replace(prune=type(r.prune)(threshold=threshold))
+        ds = _data(data)
+        _check_shape(model, ds)
+        console = _console()
+        with tempfile.TemporaryDirectory(dir=out.resolve().parent) as tmp:
+            on_event = _progress_printer(console, as_json)
+            try:
+                result = run_recipe(r.replace(export=type(r.export)(onnx=False)), ds, tmp,
+                                    device=device, progress=on_event, model=model)
+            finally:
+                on_event({"event": "done"})
+            Path(result.slim_path).replace(out)
+        from .checkpoint import load_model
+
+        slim = load_model(out)
+    rep = slim.prune_report
+    data_out = {"output": str(out), "architecture": rep.architecture(), "threshold": rep.threshold,
+                "layers": [vars(layer) for layer in rep.layers], "max_rel_error": rep.max_rel_error}
+
+    def text() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"pruned {model_path} → {out}")
+        for col in ("layer", "units before", "units after", "threshold"):
+            t.add_column(col, justify="right")
+        for layer in rep.layers:
+            t.add_row(layer.name, str(layer.before), str(layer.after), f"{layer.threshold:g}")
+        Console().print(t)
+
+    _emit(as_json, data_out, text)
+
+
+@main.command()
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@ARCH
+@TRUST
+@JSON
+@_guard
+def export(model_path, output, opset, arch, trust_pickle, as_json) -> None:
+    """Export a model to ONNX, checked in onnxruntime against PyTorch.
+
+    \b
+    Example:
+      compressdrop export runs/demo/slim.pt -o slim.onnx
+    """
+    from .export import export_onnx
+    from .gating import example_input_for
+
+    out = Path(output)
+    _check_writable(out)
+    model = _load(model_path, arch, trust_pickle)
+    meta = {"source": Path(model_path).name}
+    rep = getattr(model, "prune_report", None)
+    if rep is not None:
+        meta.update(threshold=str(rep.threshold), units_kept=rep.architecture())
+    report = export_onnx(model, example_input_for(model, batch=2), out, metadata=meta, opset=opset)
+    data = {"output": str(out), "bytes": report.bytes, "provider": report.provider,
+            "max_rel_error": report.max_rel_error, "opset": report.opset}
+    _emit(as_json, data, lambda: click.echo(
+        f"wrote {out} ({report.bytes:,} bytes); onnxruntime ({report.provider}) matches PyTorch, "
+        f"max relative error {max(report.max_rel_error.values()):.2e}"))
+
+
+@main.command(name="eval")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("--data", "-d", default="digits", show_default=True, help="digits | fashion-mnist[:DIR] | FILE.npz")
+@ARCH
+@TRUST
+@DEVICE
+@JSON
+@_guard
+def eval_cmd(model_path, data, arch, trust_pickle, device, as_json) -> None:
+    """Evaluate a model (.pt or .onnx) on a data set's test split: accuracy, NLL, size.
+
+    \b
+    Example:
+      compressdrop eval runs/demo/slim.onnx --data digits
+    """
+    ds = _data(data)
+    if str(model_path).endswith(".onnx"):
+        from .evaluation.onnx_eval import evaluate_onnx
+
+        res = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+    else:
+        from .evaluation.metrics import evaluate
+        from .evaluation.size import count_flops, count_params
+        from .gating import example_input_for
+        from .training.runner import resolve_device
+
+        model = _load(model_path, arch, trust_pickle)
+        _check_shape(model, ds)
+        dev = resolve_device(device)
+        model.to(dev)
+        m = evaluate(model, ds.x_test, ds.y_test)
+        x = example_input_for(model, batch=1)
+        res = {"model": str(model_path), "data": ds.name, "n": m.n, "accuracy": m.accuracy, "nll": m.nll,
+               "params": count_params(model), "flops": count_flops(model, x), "device": str(dev)}
+    _emit(as_json, res, lambda: click.echo(
+        "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items())))
+
+
+@main.group()
+def recipes() -> None:
+    """List and show the shipped recipes."""
+
+
+@recipes.command(name="list")
+@JSON
+@_guard
+def recipes_list(as_json) -> None:
+    """List the shipped recipes with their descriptions."""
+    from .recipes import list_recipes, load_recipe
+
+    items = {n: load_recipe(n).description for n in list_recipes()}
+    _emit(as_json, items, lambda: [click.echo(f"{n:24s} {d}") for n, d in items.items()])
+
+
+@recipes.command(name="show")
+@click.argument("name")
+@_guard
+def recipes_show(name) -> None:
+    """Print a recipe as YAML (a shipped name or a file)."""
+    from .recipes import dump_recipe, load_recipe
+
+    click.echo(dump_recipe(load_recipe(name)), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

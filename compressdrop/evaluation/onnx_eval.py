@@ -1,0 +1,63 @@
+"""Accuracy and NLL of an ONNX classifier, run in onnxruntime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["evaluate_onnx", "ort_session"]
+
+
+def ort_session(path: str | Path, device: str = "auto", threads: int | None = None):
+    """An onnxruntime session on CUDA when asked for (or ``auto`` and a GPU is there), else CPU.
+
+    Returns ``(session, provider)`` where ``provider`` is the one actually in use.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    providers = ["CPUExecutionProvider"]
+    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    elif device == "cuda":
+        raise ValueError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    return session, session.get_providers()[0]
+
+
+def evaluate_onnx(path: str | Path, x: torch.Tensor, y: torch.Tensor, device: str = "auto",
+                  batch_size: int = 512) -> dict[str, Any]:
+    """Accuracy and NLL of the ONNX model at ``path`` on ``(x, y)``, plus its size on disk."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        session, provider = ort_session(path, device)
+    except Exception as e:  # onnxruntime raises its own exception types for corrupt files
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"{path}: onnxruntime cannot load it: {e}") from None
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([
+        session.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
+        for i in range(0, len(x), batch_size)
+    ])
+    t = torch.from_numpy(logits)
+    nll = float(torch.nn.functional.cross_entropy(t, y, reduction="mean"))
+    acc = float((t.argmax(1) == y).float().mean())
+    return {"model": str(path), "n": len(x), "accuracy": acc, "nll": nll, "onnx_bytes": _onnx_bytes(path),
+            "provider": provider}
+
+
+def _onnx_bytes(path: Path) -> int:
+    """Bytes on disk, counting an external-data file next to the model if the exporter wrote one."""
+    total = os.path.getsize(path)
+    data = path.with_name(path.name + ".data")
+    return total + (os.path.getsize(data) if data.exists() else 0)

@@ -1,0 +1,158 @@
+"""ONNX export of (slim) models, verified in onnxruntime before the file appears."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from .._version import __version__
+
+__all__ = ["ExportError", "ExportMismatchError", "ExportReport", "export_onnx", "load_onnx_metadata"]
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported to standard ONNX."""
+
+
+class ExportMismatchError(ExportError):
+    """onnxruntime's output differs from PyTorch's beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was written and how well onnxruntime reproduced PyTorch (per checked batch size)."""
+
+    path: Path
+    bytes: int
+    provider: str
+    max_rel_error: dict[int, float]
+    opset: int
+    metadata: dict[str, str]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's chatter (torchvision notices, progress lines); errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+
+
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    opset: int | None = None,
+    check_batch_sizes: Sequence[int] = (1, 7, 64),
+    rtol: float = 1e-4,
+    providers: str = "auto",
+) -> ExportReport:
+    """Export ``model`` to ONNX at ``path``, with a dynamic batch dimension, and verify it.
+
+    Steps, all on a temporary file beside ``path``: the dynamo exporter (weights embedded, batch
+    dimension dynamic), ``onnx.checker``, a check that only standard ONNX operators appear, the
+    metadata (``compressdrop_version`` plus ``metadata``), then onnxruntime against PyTorch on fresh
+    random inputs at every batch size in ``check_batch_sizes``. Only when all of it passes does the
+    file move to ``path``; on any failure ``path`` is left as it was.
+
+    Args:
+        model: exported in eval mode (its training flag is restored afterwards), on the CPU.
+        example_input: one input batch; its shape without the batch dimension is the input shape.
+        path: where to write the ``.onnx`` file.
+        metadata: extra ``metadata_props`` (string to string).
+        opset: ONNX opset (``None``: the exporter's default).
+        check_batch_sizes: batch sizes run in onnxruntime.
+        rtol: largest accepted max|ort − torch| / max|torch|.
+        providers: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+
+    Raises:
+        ExportError: the exporter failed or produced non-standard operators.
+        ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``.
+    """
+    import onnx
+
+    from ..evaluation.onnx_eval import ort_session
+
+    path = Path(path)
+    meta = {"compressdrop_version": __version__, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    was_training = model.training
+    device = next(model.parameters()).device
+    model_cpu = model.eval().cpu()
+    x = example_input.detach().cpu()
+    try:
+        with atomic_write(path) as tmp:
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            try:
+                with _quiet_exporter():
+                    program = torch.onnx.export(
+                        model_cpu, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset,
+                        external_data=False, verbose=False,
+                    )
+                    program.save(str(tmp), external_data=False)
+            except Exception as e:  # the exporter raises many types; report them as one
+                raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+            proto = onnx.load(str(tmp))
+            try:
+                onnx.checker.check_model(proto, full_check=True)
+            except onnx.checker.ValidationError as e:
+                raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+            odd = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS})
+            if odd:
+                raise ExportError(f"the exported model uses non-standard operators: {', '.join(odd)}")
+            for k, v in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = k, v
+            onnx.save(proto, str(tmp))
+            op = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), -1)
+
+            session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
+            name = session.get_inputs()[0].name
+            errors: dict[int, float] = {}
+            for b in check_batch_sizes:
+                xb = torch.randn(b, *x.shape[1:], dtype=x.dtype)
+                with torch.no_grad():
+                    ref = model_cpu(xb).numpy()
+                got = session.run(None, {name: xb.numpy()})[0]
+                errors[b] = _rel_error(got, ref)
+                if got.shape != ref.shape or not errors[b] <= rtol:
+                    raise ExportMismatchError(
+                        f"onnxruntime ({provider}) differs from PyTorch at batch size {b}: relative error "
+                        f"{errors[b]:.3g} > {rtol:g} (shapes {got.shape} vs {ref.shape})"
+                    )
+    finally:
+        model.to(device).train(was_training)
+    return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
+
+
+def load_onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}

@@ -1,0 +1,153 @@
+"""Reference nets of the literature, each buildable for 8×8 (digits) and 28×28 (Fashion-MNIST).
+
+Every model built here carries ``model.arch``: plain data (name, input shape, classes, keyword
+arguments) from which :func:`build_model` rebuilds the same structure; checkpoints store it so
+that loading never needs pickled code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "BasicBlock", "build_model", "example_input", "lenet300_100", "lenet5_caffe",
+           "resnet_small", "vgg_like"]
+
+Shape = Sequence[int]
+
+
+def _flat_size(features: nn.Module, input_shape: Shape) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *input_shape)).numel())
+
+
+def _tag(model: nn.Module, name: str, input_shape: Shape, num_classes: int, **kwargs: Any) -> nn.Module:
+    model.arch = {"name": name, "input_shape": [int(s) for s in input_shape], "num_classes": int(num_classes),
+                  "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    return model
+
+
+def lenet300_100(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    """LeNet-300-100: flatten → 300 → 100 → classes, ReLU (LeCun et al. 1998)."""
+    d = int(torch.tensor(input_shape).prod())
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(d, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes)
+    )
+    return _tag(model, "lenet300", input_shape, num_classes)
+
+
+class LeNet5Caffe(nn.Module):
+    """Caffe's LeNet-5: conv 20 (5×5) → pool → conv 50 (5×5) → pool → fc 500 → classes.
+
+    At 28×28 it is the 20-50-800-500 net of the pruning literature (431,080 parameters); inputs
+    smaller than 20×20 get padding 2 so that the two 5×5 convolutions still fit.
+    """
+
+    def __init__(self, input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> None:
+        super().__init__()
+        pad = 2 if min(input_shape[1:]) < 20 else 0
+        self.features = nn.Sequential(
+            nn.Conv2d(input_shape[0], 20, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(_flat_size(self.features, input_shape), 500), nn.ReLU(),
+            nn.Linear(500, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def lenet5_caffe(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
+    return _tag(LeNet5Caffe(input_shape, num_classes), "lenet5", input_shape, num_classes)
+
+
+def vgg_like(input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)) -> nn.Module:
+    """VGG-like: stages of two conv-BN-ReLU blocks with max-pooling between them, then
+    Linear-BN-ReLU-Linear (the shape of the VGG-like CIFAR nets in Bayesian pruning papers)."""
+    layers: list[nn.Module] = []
+    c = input_shape[0]
+    size = min(input_shape[1:])
+    for i, w in enumerate(widths):
+        for _ in range(2):
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+        if i < len(widths) - 1 and size >= 4:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    model = nn.Sequential(
+        nn.Sequential(*layers),
+        nn.Sequential(nn.Linear(c, 2 * c), nn.BatchNorm1d(2 * c), nn.ReLU(), nn.Linear(2 * c, num_classes)),
+    )
+    return _tag(model, "vgg", input_shape, num_classes, widths=tuple(widths))
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a shortcut (1×1 conv-BN when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNetSmall(nn.Module):
+    """A small ResNet: stem conv-BN-ReLU, stages of BasicBlocks, global average pool, Linear."""
+
+    def __init__(self, input_shape: Shape = (1, 28, 28), num_classes: int = 10,
+                 widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 1, 1)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages, c = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                stages.append(BasicBlock(c, w, stride=2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def resnet_small(input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (16, 32, 64),
+                 blocks: Sequence[int] = (1, 1, 1)) -> nn.Module:
+    model = ResNetSmall(input_shape, num_classes, widths, blocks)
+    return _tag(model, "resnet", input_shape, num_classes, widths=tuple(widths), blocks=tuple(blocks))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet300": lenet300_100,
+    "lenet5": lenet5_caffe,
+    "vgg": vgg_like,
+    "resnet": resnet_small,
+}
+
+
+def build_model(name: str, input_shape: Shape = (1, 28, 28), num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """Build a reference net by name (``lenet300``, ``lenet5``, ``vgg``, ``resnet``)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name](tuple(input_shape), num_classes, **kwargs)
+
+
+def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """A random input batch of the model's input shape (from ``model.arch``)."""
+    return torch.randn(batch, *model.arch["input_shape"])
