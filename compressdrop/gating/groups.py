@@ -176,6 +176,12 @@ def find_groups(
             continue
         num_units = dg.get_out_channels(producers[0])
         problem, sites = _plan_sites(dg, g, producers, names)
+        concat_unmapped = any(type(d.target.module).__name__ == "_ConcatOp" and d.target.module.offsets is None
+                              for d, _ in g)
+        if problem is None and (concat_unmapped or any(dg.get_out_channels(p) != num_units for p in producers)):
+            # Torch-Pruning could not map indices through a concatenation and coupled layers of
+            # different widths; pruning such a group would cut the wrong channels.
+            problem = "its channels pass through a concatenation that Torch-Pruning cannot index"
         if problem is None and any(
             isinstance(p, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < p.groups and not _is_depthwise(p)
             for p in producers

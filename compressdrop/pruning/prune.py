@@ -199,8 +199,11 @@ def prune(
             raise SurgeryError(f"Torch-Pruning refused the group of {masks[gid][0]!r}")
         group.prune()
     work.eval()
-    with torch.no_grad():
-        out = work(*example)
+    try:
+        with torch.no_grad():
+            out = work(*example)
+    except RuntimeError as e:
+        raise SurgeryError(f"the slim model does not run ({e}); please report this model structure") from e
     if out.shape != reference.shape:
         raise SurgeryError(f"slim model output shape {tuple(out.shape)} != {tuple(reference.shape)}")
     err = _rel_error(out, reference)

@@ -1,0 +1,207 @@
+"""Invariant 1, exact surgery: the slim model equals the gated model's eval output with pruned units
+zeroed, to float32 rounding, on every architecture of the zoo and on random architectures."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import compressdrop as cd
+from compressdrop.gates import GATES
+from compressdrop.pruning import PruningWarning, mask_, replay, unmask_
+
+from .zoo import ZOO, input_for, randomize_
+
+TOL = 1e-5
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def random_gates_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Spread every gate's SNR over several orders of magnitude (units differ)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, gate in cd.gates(model):
+            for p in gate.parameters():
+                u = torch.rand(p.shape, generator=g)
+                name = [n for n, q in gate.named_parameters() if q is p][0]
+                lo, hi = {"mu": (-4.0, 0.5), "log_sigma": (-3.0, 1.0), "log_sigma2": (-6.0, 2.0),
+                          "keep_logit": (-4.0, 4.0), "log_alpha": (-5.0, 5.0)}[name]
+                p.copy_(lo + (hi - lo) * u)
+    return model
+
+
+def gated(name: str, family: str = "lognormal", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = randomize_(ZOO[name](), seed)
+    cd.attach(model, gate=family)
+    return random_gates_(model, seed).eval()
+
+
+def quantiles(model: nn.Module, qs=(0.2, 0.5, 0.8)) -> list[float]:
+    snr = torch.cat([g.snr().detach() for _, g in cd.gates(model)])
+    return [float(snr.quantile(q)) for q in qs]
+
+
+@pytest.mark.filterwarnings("ignore::compressdrop.pruning.PruningWarning")
+@pytest.mark.parametrize("name", list(ZOO))
+def test_slim_equals_masked_model_on_the_zoo(name):
+    model = gated(name)
+    x = input_for(model, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for thr in quantiles(model):
+        slim = cd.prune(model, thr)
+        assert not cd.is_gated(slim)
+        assert slim.prune_report.units_after < slim.prune_report.units_before
+        with torch.no_grad():
+            ref = mask_(model, thr)(x)
+            out = slim.eval()(x)
+        unmask_(model)
+        assert rel_error(out, ref) <= TOL, (name, thr)
+        assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+    # the input model is untouched
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", list(GATES))
+def test_every_family_folds_its_expectation_exactly(family):
+    model = gated("vgg", family)
+    x = input_for(model, 8)
+    thr = quantiles(model, (0.4,))[0]
+    slim = cd.prune(model, thr)
+    with torch.no_grad():
+        assert rel_error(slim(x), mask_(model, thr)(x)) <= TOL
+
+
+def test_resnet_residual_stream_is_pruned():
+    model = gated("resnet")
+    names = [n for n, g in cd.gates(model) if g.shared]
+    assert "stem.1" in names  # the stream feeding the first blocks has one shared gate
+    thr = quantiles(model, (0.6,))[0]
+    slim = cd.prune(model, thr)
+    stem_out = slim.stem[0].out_channels
+    assert stem_out < 8
+    assert slim.layers[0].conv2.out_channels == stem_out  # the block writes into the same stream
+    assert slim.layers[1].conv1.in_channels == stem_out
+
+
+def test_depthwise_groups_stay_aligned():
+    model = gated("depthwise")
+    slim = cd.prune(model, quantiles(model, (0.5,))[0])
+    for m in slim.modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1:
+            assert m.groups == m.in_channels == m.out_channels
+
+
+def test_threshold_that_prunes_nothing_keeps_every_unit():
+    model = gated("lenet5")
+    slim = cd.prune(model, 0.0)
+    rep = slim.prune_report
+    assert rep.units_after == rep.units_before
+    x = input_for(model, 4)
+    with torch.no_grad():
+        assert rel_error(slim(x), model(x)) <= TOL
+
+
+def test_threshold_that_prunes_a_whole_layer_keeps_one_unit_and_says_so():
+    model = gated("lenet300")
+    with pytest.warns(PruningWarning, match="keeping its highest-SNR unit"):
+        slim = cd.prune(model, 1e9)
+    assert [layer.after for layer in slim.prune_report.layers] == [1, 1]
+    x = input_for(model, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        with torch.no_grad():
+            assert rel_error(slim(x), mask_(model, 1e9)(x)) <= TOL
+
+
+def test_model_without_gates_is_a_clear_error():
+    with pytest.raises(ValueError, match="no gates"):
+        cd.prune(ZOO["lenet300"]())
+    with pytest.raises(ValueError, match="no gates"):
+        cd.mask_(ZOO["lenet300"]())
+
+
+def test_replay_rebuilds_the_slim_structure_from_its_history():
+    model = gated("resnet")
+    slim = cd.prune(model, quantiles(model, (0.5,))[0])
+    fresh = replay(ZOO["resnet"](), slim.prune_report.history)
+    fresh.load_state_dict(slim.state_dict())  # strict: same structure
+    x = input_for(model, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), slim(x))
+
+
+# --- property test over random architectures ------------------------------------------------------
+
+class RandomNet(nn.Module):
+    def __init__(self, widths, use_bn, residual, concat, dense):
+        super().__init__()
+        self.arch = {"input_shape": [2, 8, 8]}
+        c, layers = 2, []
+        for w in widths:
+            layers.append(nn.ModuleDict({"conv": nn.Conv2d(c, w, 3, padding=1),
+                                         "bn": nn.BatchNorm2d(w) if use_bn else nn.Identity()}))
+            c = w
+        self.layers = nn.ModuleList(layers)
+        self.residual, self.concat = residual, concat
+        self.res = nn.Conv2d(c, c, 3, padding=1) if residual else None
+        self.side = nn.Conv2d(2, 3, 1) if concat else None
+        c_out = c + (3 if concat else 0)
+        self.fc = nn.Linear(c_out * 16, dense) if dense else None
+        self.head = nn.Linear(dense if dense else c_out * 16, 5)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        inp = x
+        for layer in self.layers:
+            x = torch.relu(layer["bn"](layer["conv"](x)))
+        if self.res is not None:
+            x = torch.relu(self.res(x) + x)
+        if self.side is not None:
+            x = torch.cat([x, torch.relu(self.side(inp))], 1)
+        x = torch.flatten(self.pool(x), 1)
+        if self.fc is not None:
+            x = torch.relu(self.fc(x))
+        return self.head(x)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    widths=st.lists(st.integers(2, 7), min_size=1, max_size=3),
+    use_bn=st.booleans(),
+    residual=st.booleans(),
+    concat=st.booleans(),
+    dense=st.sampled_from([0, 9]),
+    family=st.sampled_from(list(GATES)),
+    q=st.floats(0.05, 0.95),
+    seed=st.integers(0, 10_000),
+)
+def test_property_random_architectures_prune_exactly(widths, use_bn, residual, concat, dense, family, q, seed):
+    torch.manual_seed(seed)
+    model = randomize_(RandomNet(widths, use_bn, residual, concat, dense), seed)
+    with warnings.catch_warnings():
+        # a concat of an un-normalized conv can defeat Torch-Pruning's index mapping: attach
+        # leaves such groups ungated with a warning (checked in test_gating)
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        try:
+            cd.attach(model, gate=family)
+        except ValueError as e:
+            assume("no gateable layer" not in str(e))
+            raise
+    random_gates_(model, seed).eval()
+    thr = quantiles(model, (q,))[0]
+    x = torch.randn(6, 2, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        slim = cd.prune(model, thr)
+        with torch.no_grad():
+            ref = mask_(model, thr)(x)
+    with torch.no_grad():
+        assert rel_error(slim(x), ref) <= TOL

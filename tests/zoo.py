@@ -1,0 +1,130 @@
+"""A zoo of small architectures for the surgery and export invariants (not a test module)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compressdrop.models import build_model
+
+
+def _tag(model: nn.Module, input_shape) -> nn.Module:
+    model.arch = {"factory": f"tests.zoo:{type(model).__name__}", "input_shape": list(input_shape),
+                  "num_classes": 10, "kwargs": {}}
+    return model
+
+
+class ConcatNet(nn.Module):
+    """Inception-like: two conv branches concatenated along channels, then conv-BN."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c = input_shape[0]
+        self.b1 = nn.Sequential(nn.Conv2d(c, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(c, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU())
+        self.b3 = nn.Conv2d(c, 4, 3, padding=1)
+        self.mix = nn.Conv2d(15, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.fc = nn.Linear(12, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        x = torch.cat([self.b1(x), self.b2(x), torch.relu(self.b3(x))], dim=1)
+        x = torch.relu(self.bn(self.mix(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class DepthwiseNet(nn.Module):
+    """MobileNet-like: conv-BN-ReLU, then (depthwise 3×3-BN-ReLU, pointwise 1×1-BN-ReLU) × 2."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c = input_shape[0]
+
+        def block(c_in, c_out, stride):
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(),
+                nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+            )
+
+        self.stem = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(block(8, 12, 2), block(12, 16, 1))
+        self.fc = nn.Linear(16, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
+
+
+class Conv1dNet(nn.Module):
+    """Conv1d-BN-ReLU × 2, pooling, flatten into Linear; input (C, L)."""
+
+    def __init__(self, input_shape=(3, 16), num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(input_shape[0], 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
+            nn.Conv1d(8, 10, 3, padding=1), nn.BatchNorm1d(10), nn.ReLU(),
+        )
+        self.fc1 = nn.Linear(10 * (input_shape[1] // 2), 20)
+        self.fc2 = nn.Linear(20, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.features(x).flatten(1))))
+
+
+class FunctionalNet(nn.Module):
+    """Written with functional ops: torch.relu, torch.cat, x + y, torch.flatten, F.max_pool2d."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c = input_shape[0]
+        self.a = nn.Conv2d(c, 6, 3, padding=1)
+        self.b = nn.Conv2d(c, 6, 3, padding=1)
+        self.c = nn.Conv2d(12, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc1 = nn.Linear(8 * (input_shape[1] // 2) * (input_shape[2] // 2), 24)
+        self.fc2 = nn.Linear(24, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        z = torch.relu(self.c(y))
+        z = torch.relu(self.d(z) + z)
+        z = torch.flatten(F.max_pool2d(z, 2), 1)
+        return self.fc2(torch.relu(self.fc1(z)))
+
+
+def _ref(name, shape, **kw):
+    return lambda: build_model(name, shape, 10, **kw)
+
+
+ZOO = {
+    "lenet300": _ref("lenet300", (1, 8, 8)),
+    "lenet5": _ref("lenet5", (1, 8, 8)),
+    "vgg": _ref("vgg", (1, 8, 8), widths=(8, 12, 16)),
+    "resnet": _ref("resnet", (1, 8, 8), widths=(8, 12, 16), blocks=(2, 1, 1)),
+    "resnet28": _ref("resnet", (1, 28, 28), widths=(6, 8, 10)),
+    "concat": lambda: ConcatNet(),
+    "depthwise": lambda: DepthwiseNet(),
+    "conv1d": lambda: Conv1dNet(),
+    "functional": lambda: FunctionalNet(),
+}
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm non-trivial statistics and affine parameters, so that exactness is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g))
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+def input_for(model: nn.Module, batch: int) -> torch.Tensor:
+    return torch.randn(batch, *model.arch["input_shape"])
