@@ -1,0 +1,163 @@
+"""attach / detach on every reference net and on models written with functional ops."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import compressdrop as cd
+from compressdrop.gating import Gated, find_groups, groups_of
+from compressdrop.training import KLSchedule, Sparsifier
+
+from .zoo import ZOO, input_for, randomize_
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_attach_detach_round_trips(name):
+    model = randomize_(ZOO[name]()).eval()
+    x = input_for(model, 4)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        before = model(x)
+    cd.attach(model)
+    assert cd.is_gated(model)
+    assert any(isinstance(m, Gated) for m in model.modules())
+    cd.detach(model)
+    assert not cd.is_gated(model)
+    assert str(model) == str(reference)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert not model._forward_pre_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "functional"])
+def test_gated_state_dict_saves_and_loads(name):
+    torch.manual_seed(0)
+    model = cd.attach(randomize_(ZOO[name]()), gate="variational")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    torch.manual_seed(1)
+    other = cd.attach(ZOO[name](), gate="variational")
+    other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    x = input_for(model, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(other.eval()(x), model.eval()(x))
+
+
+def test_output_layer_is_never_gated_and_every_hidden_layer_is():
+    model = cd.attach(ZOO["lenet300"]())
+    names = [n for n, _ in cd.gates(model)]
+    assert names == ["1", "3"]  # the two hidden Linear layers, not the classifier
+
+
+def test_gate_sits_after_the_batchnorm_that_follows_a_conv():
+    model = cd.attach(ZOO["vgg"]())
+    for _, site in cd.gating.sites(model):
+        assert isinstance(site.module, nn.BatchNorm2d | nn.BatchNorm1d)
+
+
+def test_residual_stream_shares_one_gate_and_draws_one_sample_per_forward():
+    model = cd.attach(ZOO["resnet"]()).train()
+    shared = [g for _, g in cd.gates(model) if g.shared]
+    assert shared
+    sites = [s for _, s in cd.gating.sites(model) if s.gate is shared[0]]
+    assert len(sites) >= 2
+    draws = []
+    hooks = [s.gate.register_forward_hook(lambda m, i, o: draws.append(m._sample.clone())) for s in sites]
+    model(input_for(model, 3))
+    for h in hooks:
+        h.remove()
+    assert all(torch.equal(d, draws[0]) for d in draws)
+    model(input_for(model, 3))
+    assert not torch.equal(shared[0]._sample, draws[0])  # a new forward, a new θ
+
+
+def test_functional_model_gets_gates_on_every_hidden_unit_group():
+    model = cd.attach(ZOO["functional"]())
+    names = {n for n, _ in cd.gates(model)}
+    assert {"a", "b", "c", "fc1"} <= names  # concat branches, the residual conv pair, the hidden fc
+
+
+def test_unsupported_pattern_is_left_ungated_with_a_warning_naming_the_layer():
+    class SigmoidNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.fc1 = nn.Linear(4 * 36, 16)
+            self.fc2 = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(torch.sigmoid(self.conv(x)).flatten(1))))
+
+    model = SigmoidNet()
+    with pytest.warns(cd.GatingWarning, match=r"'conv' left ungated: .*Sigmoid"):
+        cd.attach(model, example_inputs=torch.randn(1, 1, 8, 8))
+    assert [n for n, _ in cd.gates(model)] == ["fc1"]
+
+
+def test_layernorm_after_a_linear_blocks_gating():
+    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.warns(cd.GatingWarning, match="'0' left ungated"):
+        cd.attach(model)
+    assert [n for n, _ in cd.gates(model)] == ["3"]
+
+
+def test_include_exclude_and_granularity():
+    lenet5 = ZOO["lenet5"]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="channel"))] == ["features.0", "features.3"]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="neuron"))] == ["classifier.1"]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), include=["features.*"]))] == ["features.0", "features.3"]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), exclude=[nn.Linear]))] == ["features.0", "features.3"]
+    with pytest.raises(ValueError, match="granularity"):
+        cd.attach(lenet5(), granularity="weight")
+    with pytest.raises(ValueError, match="unknown gate family"):
+        cd.attach(lenet5(), gate="gaussianish")
+
+
+def test_attach_twice_and_missing_input_shape_are_clear_errors():
+    model = cd.attach(ZOO["lenet300"]())
+    with pytest.raises(ValueError, match="already has gates"):
+        cd.attach(model)
+    with pytest.raises(ValueError, match="example_inputs"):
+        cd.attach(nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Conv2d(3, 2, 3)))
+
+
+def test_kl_counts_a_shared_gate_once_and_needs_gates():
+    model = cd.attach(ZOO["resnet"]())
+    assert torch.isclose(cd.kl(model), sum(g.kl() for _, g in cd.gates(model)))
+    with pytest.raises(ValueError, match="no gates"):
+        cd.kl(ZOO["resnet"]())
+
+
+def test_cost_aware_kl_weights_follow_the_units_cost():
+    model = ZOO["lenet5"]()
+    groups = find_groups(model, input_for(model, 1))
+    by_name = {g.name: g for g in groups}
+    # conv1 (20 units): each filter has 25 weights + bias and feeds 50·25 weights of conv2
+    assert by_name["features.0"].params_per_unit[0] == 26 + 50 * 25
+    cd.attach(model, kl_cost="flops")
+    costs = torch.cat([g.unit_cost for _, g in cd.gates(model)])
+    assert torch.isclose(costs.mean(), torch.tensor(1.0))
+    per_gate = {n: float(g.unit_cost[0]) for n, g in cd.gates(model)}
+    assert per_gate["features.3"] > per_gate["classifier.1"]
+    assert len(groups_of(model)) == 3
+
+
+def test_sparsifier_penalty_follows_schedule_and_scales_by_dataset_size():
+    model = ZOO["lenet300"]()
+    sp = Sparsifier(model, n_train=1000, schedule=KLSchedule(beta=2.0, warmup=4, delay=1))
+    assert float(sp.penalty(0.5)) == 0.0
+    torch.testing.assert_close(sp.penalty(3.0), 2.0 * 0.5 * cd.kl(model) / 1000)
+    torch.testing.assert_close(sp.penalty(10.0), 2.0 * cd.kl(model) / 1000)
+    groups = sp.param_groups(lr=1e-3, gate_lr=1e-2, weight_decay=1e-4)
+    assert groups[1]["lr"] == 1e-2 and groups[1]["weight_decay"] == 0.0
+    n_gate = sum(p.numel() for _, g in cd.gates(model) for p in g.parameters())
+    assert sum(p.numel() for p in groups[1]["params"]) == n_gate
+    kept, total = sp.units()
+    assert total == 400 and kept == 400
+    slim = sp.finish()
+    assert not cd.is_gated(slim)
