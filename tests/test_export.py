@@ -1,0 +1,112 @@
+"""Invariant 2, faithful export: onnxruntime matches PyTorch at several batch sizes, standard ops
+only, and no file appears unless every check passed."""
+
+import os
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import compressdrop as cd
+from compressdrop.export import ExportError, ExportMismatchError, export_onnx, load_onnx_metadata
+from compressdrop.pruning import PruningWarning
+
+from .test_surgery import gated, quantiles
+from .zoo import ZOO, input_for
+
+BATCHES = (1, 7, 64)
+
+
+def _slim(name):
+    model = gated(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)
+        return cd.prune(model, quantiles(model, (0.5,))[0])
+
+
+@pytest.mark.parametrize("variant", ["dense", "slim"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_onnxruntime_matches_pytorch_for_the_zoo(name, variant, tmp_path):
+    model = ZOO[name]().eval() if variant == "dense" else _slim(name)
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(model, input_for(model, 2), path, metadata={"variant": variant}, check_batch_sizes=BATCHES)
+    assert set(report.max_rel_error) == set(BATCHES)
+    assert max(report.max_rel_error.values()) <= 1e-4
+    proto = onnx.load(str(path))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert report.bytes == os.path.getsize(path)
+
+
+def test_metadata_and_dynamic_batch(tmp_path):
+    import onnxruntime as ort
+
+    model = _slim("lenet5")
+    path = tmp_path / "m.onnx"
+    export_onnx(model, input_for(model, 2), path, metadata={"threshold": "1.5"})
+    meta = load_onnx_metadata(path)
+    assert meta["compressdrop_version"] == cd.__version__ and meta["threshold"] == "1.5"
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = input_for(model, 3)  # a batch size the export never checked
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name != "m.onnx"]  # no temp or external-data files
+
+
+class Unexportable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if float(x.sum()) > 0:  # data-dependent Python control flow
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_export_failure_leaves_no_file_and_keeps_an_existing_one(tmp_path):
+    path = tmp_path / "m.onnx"
+    with pytest.raises(ExportError):
+        export_onnx(Unexportable(), torch.ones(2, 4), path)
+    assert not path.exists()
+    path.write_bytes(b"previous")
+    with pytest.raises(ExportError):
+        export_onnx(Unexportable(), torch.ones(2, 4), path)
+    assert path.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
+    model = ZOO["lenet300"]().eval()
+    path = tmp_path / "m.onnx"
+    import compressdrop.export.onnx as exp
+
+    monkeypatch.setattr(exp, "_rel_error", lambda a, b: 0.5)
+    with pytest.raises(ExportMismatchError, match="batch size 1"):
+        export_onnx(model, input_for(model, 2), path)
+    assert not path.exists()
+
+
+def test_unwritable_directory_is_a_clear_error(tmp_path):
+    model = ZOO["lenet300"]().eval()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        export_onnx(model, input_for(model, 2), tmp_path / "missing" / "m.onnx")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(PermissionError, match="not writable"):
+            export_onnx(model, input_for(model, 2), ro / "m.onnx")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_model_training_flag_and_device_are_restored(tmp_path):
+    model = ZOO["lenet300"]().train()
+    export_onnx(model, input_for(model, 2), tmp_path / "m.onnx")
+    assert model.training
