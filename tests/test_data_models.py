@@ -1,0 +1,126 @@
+"""Data loaders and reference nets."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from compressdrop.data import FASHION_MNIST_DIR, Dataset, load_dataset, load_digits, load_fashion_mnist, load_npz
+from compressdrop.models import MODELS, build_model
+
+
+def test_digits_is_embedded_split_and_scaled():
+    d = load_digits()
+    assert len(d.x_train) + len(d.x_test) == 1797
+    assert d.input_shape == (1, 8, 8) and d.num_classes == 10
+    assert 0.0 <= float(d.x_train.min()) and float(d.x_train.max()) <= 1.0
+    again = load_digits()
+    assert torch.equal(d.y_test, again.y_test)  # seeded
+    counts = torch.bincount(d.y_test, minlength=10)
+    assert int(counts.min()) >= 40  # stratified
+
+
+def test_validation_split_comes_from_train_only_and_is_disjoint():
+    d = load_digits()
+    train, val = d.split_validation(0.2, seed=3)
+    assert torch.equal(train.x_test, d.x_test)  # the test set is untouched
+    assert len(train.x_train) + len(val.x_test) == len(d.x_train)
+    assert len(val.x_test) == pytest.approx(0.2 * len(d.x_train), abs=10)
+    # tag every training example with its index to check that the two parts are disjoint
+    tagged = Dataset("t", torch.arange(len(d.x_train), dtype=torch.float32)[:, None], d.y_train,
+                     d.x_test[:, 0, 0, :1], d.y_test, 10)
+    tr, va = tagged.split_validation(0.2, seed=3)
+    a, b = set(tr.x_train.flatten().tolist()), set(va.x_test.flatten().tolist())
+    assert not a & b and len(a | b) == len(d.x_train)
+
+
+def _write_idx(path, array, gz=True):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def _fake_fmnist(root, n_train=12, n_test=5, gz=True):
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if gz else ""
+    _write_idx(root / f"train-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n_train, 28, 28)), gz)
+    _write_idx(root / f"train-labels-idx1-ubyte{sfx}", rng.integers(0, 10, n_train), gz)
+    _write_idx(root / f"t10k-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n_test, 28, 28)), gz)
+    _write_idx(root / f"t10k-labels-idx1-ubyte{sfx}", rng.integers(0, 10, n_test), gz)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_reads_idx_files(tmp_path, gz):
+    _fake_fmnist(tmp_path, gz=gz)
+    d = load_fashion_mnist(tmp_path)
+    assert d.x_train.shape == (12, 1, 28, 28) and d.x_test.shape == (5, 1, 28, 28)
+    assert float(d.x_train.max()) <= 1.0
+    assert load_dataset(f"fashion-mnist:{tmp_path}").name == "fashion-mnist"
+
+
+def test_fashion_mnist_missing_files_say_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_corrupt_file_names_it(tmp_path):
+    _fake_fmnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="t10k-labels"):
+        load_fashion_mnist(tmp_path)
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
+def test_real_fashion_mnist_sizes():
+    d = load_fashion_mnist()
+    assert len(d.x_train) == 60000 and len(d.x_test) == 10000
+
+
+def test_npz_happy_path_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "data.npz"
+    np.savez(p, x=rng.random((40, 6)).astype(np.float32), y=np.arange(40) % 4)
+    d = load_npz(p)
+    assert d.input_shape == (6,) and d.num_classes == 4 and len(d.x_train) == 32
+    img = tmp_path / "img.npz"
+    np.savez(img, x=rng.random((30, 5, 5)), y=np.arange(30) % 3, x_test=rng.random((6, 5, 5)), y_test=np.arange(6) % 3)
+    assert load_npz(img).input_shape == (1, 5, 5)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=rng.random((10, 3)))
+    with pytest.raises(ValueError, match="missing array"):
+        load_npz(bad)
+    floaty = tmp_path / "floaty.npz"
+    np.savez(floaty, x=rng.random((10, 3)), y=rng.random(10))
+    with pytest.raises(ValueError, match="integer class labels"):
+        load_npz(floaty)
+    with pytest.raises(FileNotFoundError):
+        load_npz(tmp_path / "nope.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_npz(tmp_path / "junk.npz")
+    with pytest.raises(ValueError, match="unknown data"):
+        load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 28, 28)])
+def test_reference_nets_build_for_both_input_sizes(name, shape):
+    m = build_model(name, shape, 10)
+    out = m.eval()(torch.randn(2, *shape))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    again = build_model(**{k: v for k, v in m.arch.items() if k != "kwargs"}, **m.arch["kwargs"])
+    assert str(again) == str(m)
+
+
+def test_published_parameter_counts():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(build_model("lenet300", (1, 28, 28))) == 266_610
+    assert count(build_model("lenet5", (1, 28, 28))) == 431_080
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("alexnet")
