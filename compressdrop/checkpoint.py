@@ -72,7 +72,10 @@ def build_arch(arch: Mapping[str, Any]) -> nn.Module:
         if "num_classes" in arch:
             kwargs.setdefault("num_classes", int(arch["num_classes"]))
         model = fn(**kwargs)
-        model.arch = {**arch, "kwargs": dict(arch.get("kwargs") or {})}
+        # keep what the factory recorded (input shape, classes) unless the record says otherwise
+        own = dict(getattr(model, "arch", None) or {})
+        own.pop("name", None)
+        model.arch = {**own, **arch, "kwargs": dict(arch.get("kwargs") or {})}
         return model
     if "name" not in arch:
         raise CheckpointError(f"arch record {arch!r} names neither a reference net nor a factory")

@@ -51,7 +51,7 @@ def evaluate_onnx(path: str | Path, x: torch.Tensor, y: torch.Tensor, device: st
     ])
     t = torch.from_numpy(logits)
     nll = float(torch.nn.functional.cross_entropy(t, y, reduction="mean"))
-    acc = float((t.argmax(1) == y).float().mean())
+    acc = int((t.argmax(1) == y).sum()) / len(y)
     return {"model": str(path), "n": len(x), "accuracy": acc, "nll": nll, "onnx_bytes": _onnx_bytes(path),
             "provider": provider}
 

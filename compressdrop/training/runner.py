@@ -160,16 +160,16 @@ class _Run:
                 if stage == "sparsify":
                     kl_term = kl(model) / n
                     loss = nll + self.recipe.kl(epoch + i / steps) * kl_term
-                    tot_kl += float(kl_term)
+                    tot_kl += float(kl_term.detach())
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        f"loss is {float(loss)} at stage {stage}, epoch {epoch + 1}, step {i + 1}; "
+                        f"loss is {float(loss.detach())} at stage {stage}, epoch {epoch + 1}, step {i + 1}; "
                         f"the last good checkpoint is {self.ckpt} (lower the learning rate?)"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot_loss += float(loss)
+                tot_loss += float(loss.detach())
             val = evaluate(model, self.val.x_test, self.val.y_test)
             row = {"stage": stage, "epoch": epoch + 1, "epochs": cfg.epochs, "loss": tot_loss / steps,
                    "kl": tot_kl / steps, "val_accuracy": val.accuracy, "val_nll": val.nll,

@@ -1,0 +1,227 @@
+"""The CLI through click's runner and as real subprocesses: happy paths, bad input, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from compressdrop.checkpoint import load_model, save_model
+from compressdrop.cli import main
+from compressdrop.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = [sys.executable, "-m", "compressdrop.cli"]
+
+
+def tiny_recipe(path: Path, *, pretrain=2, sparsify=3, finetune=1, onnx=True, **extra) -> Path:
+    data = {
+        "name": "tiny",
+        "model": {"arch": "lenet300"},
+        "data": {"name": "digits", "batch_size": 128},
+        "gates": {"family": "lognormal"},
+        "kl": {"beta": 1.0, "warmup": 1},
+        "stages": {"pretrain": {"epochs": pretrain}, "sparsify": {"epochs": sparsify, "gate_lr": 0.05},
+                   "finetune": {"epochs": finetune}},
+        "export": {"onnx": onnx},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run(args, expect=0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    result = run(["train", "--recipe", tiny_recipe(d / "tiny.yaml"), "--out", d / "out", "--json"])
+    return d, json.loads(result.stdout)
+
+
+def test_train_leaves_every_file_and_reports(trained):
+    d, report = trained
+    out = d / "out"
+    assert {p.name for p in out.iterdir()} == {"gated.pt", "slim.pt", "slim.onnx", "report.json"}
+    assert report["slim"]["params"] < report["dense"]["params"] or report["architecture_after"]
+    assert json.loads((out / "report.json").read_text())["slim"] == report["slim"]
+    assert set(report["epochs"]) == {"pretrain", "sparsify", "finetune"}
+
+
+def test_prune_gated_checkpoint_directly(trained, tmp_path):
+    d, _ = trained
+    import compressdrop as cd
+
+    gated = load_model(d / "out" / "gated.pt")
+    thr = float(torch.cat([g.snr().detach() for _, g in cd.gates(gated)]).median())
+    res = json.loads(run(["prune", d / "out" / "gated.pt", "-o", tmp_path / "slim.pt", "-t", thr, "--json"]).stdout)
+    slim = load_model(tmp_path / "slim.pt")
+    assert res["architecture"] == slim.prune_report.architecture()
+    assert sum(layer["after"] for layer in res["layers"]) < 400
+
+
+def test_prune_plain_model_sparsifies_on_data_first(tmp_path):
+    dense = build_model("lenet300", (1, 8, 8))
+    save_model(dense, tmp_path / "dense.pt")
+    recipe = tiny_recipe(tmp_path / "r.yaml", onnx=False)
+    run(["prune", tmp_path / "dense.pt", "--recipe", recipe, "--data", "digits", "-o", tmp_path / "slim.pt"])
+    slim = load_model(tmp_path / "slim.pt")
+    assert slim.prune_report.units_before == 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.pt", "r.yaml", "slim.pt"]
+
+
+def test_export_and_eval_agree_between_torch_and_onnx(trained, tmp_path):
+    d, report = trained
+    run(["export", d / "out" / "slim.pt", "-o", tmp_path / "m.onnx"])
+    pt = json.loads(run(["eval", d / "out" / "slim.pt", "--data", "digits", "--json"]).stdout)
+    ox = json.loads(run(["eval", tmp_path / "m.onnx", "--data", "digits", "--json"]).stdout)
+    assert pt["accuracy"] == pytest.approx(ox["accuracy"], abs=1e-9)
+    assert pt["nll"] == pytest.approx(ox["nll"], rel=1e-4)
+    assert pt["accuracy"] == pytest.approx(report["slim"]["test_accuracy"], abs=1e-9)
+
+
+def test_recipes_list_and_show():
+    listed = json.loads(run(["recipes", "list", "--json"]).stdout)
+    assert "lenet300-lognormal" in listed
+    shown = yaml.safe_load(run(["recipes", "show", "lenet5-hardconcrete"]).stdout)
+    assert shown["gates"]["family"] == "hardconcrete"
+
+
+# --- bad input: clear message, exit code 1, no partial output ---------------------------------------
+
+def _no_stray_files(folder: Path, allowed: set[str]):
+    assert {p.name for p in folder.iterdir()} <= allowed
+
+
+def test_missing_file(tmp_path):
+    res = run(["prune", tmp_path / "nope.pt", "-o", tmp_path / "s.pt"], expect=1)
+    assert "no such file" in res.stderr
+    _no_stray_files(tmp_path, set())
+
+
+def test_corrupt_file(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(os.urandom(512))
+    res = run(["export", tmp_path / "bad.pt", "-o", tmp_path / "m.onnx"], expect=1)
+    assert "corrupt" in res.stderr or "not a readable" in res.stderr
+    _no_stray_files(tmp_path, {"bad.pt"})
+
+
+def test_foreign_pickle_needs_trust_pickle(tmp_path):
+    model = build_model("lenet300", (1, 8, 8))
+    torch.save(model, tmp_path / "whole.pt")
+    res = run(["export", tmp_path / "whole.pt", "-o", tmp_path / "m.onnx"], expect=1)
+    assert "--trust-pickle" in res.stderr and "arbitrary code" in res.stderr
+    _no_stray_files(tmp_path, {"whole.pt"})
+    run(["export", tmp_path / "whole.pt", "-o", tmp_path / "m.onnx", "--trust-pickle"])
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_state_dict_needs_arch(tmp_path):
+    torch.save(build_model("lenet300").state_dict(), tmp_path / "sd.pt")
+    res = run(["export", tmp_path / "sd.pt", "-o", tmp_path / "m.onnx"], expect=1)
+    assert "--arch" in res.stderr
+    run(["export", tmp_path / "sd.pt", "-o", tmp_path / "m.onnx", "--arch", "compressdrop.models:lenet300_100"])
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_unknown_recipe_key(tmp_path):
+    recipe = tiny_recipe(tmp_path / "r.yaml", colour="blue")
+    res = run(["train", "--recipe", recipe, "--out", tmp_path / "out"], expect=1)
+    assert "colour: unknown key" in res.stderr and "r.yaml" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_data_shape_for_the_model(tmp_path):
+    save_model(build_model("lenet5", (1, 28, 28)), tmp_path / "m.pt")
+    res = run(["eval", tmp_path / "m.pt", "--data", "digits"], expect=1)
+    assert "(1, 8, 8)" in res.stderr and "(1, 28, 28)" in res.stderr
+
+
+def test_unwritable_output_path(trained, tmp_path):
+    d, _ = trained
+    (tmp_path / "file").write_text("x")
+    res = run(["prune", d / "out" / "gated.pt", "-o", tmp_path / "file" / "slim.pt"], expect=1)
+    assert "cannot write" in res.stderr
+    res = run(["export", d / "out" / "slim.pt", "-o", tmp_path / "no" / "dir" / "m.onnx"], expect=1)
+    assert "does not exist" in res.stderr
+    _no_stray_files(tmp_path, {"file"})
+
+
+def test_usage_error_exits_2():
+    assert CliRunner().invoke(main, ["prune"]).exit_code == 2
+    assert CliRunner().invoke(main, ["train", "--device", "tpu"]).exit_code == 2
+
+
+# --- real subprocesses ----------------------------------------------------------------------------
+
+def test_cli_shim_and_help_show_a_working_example():
+    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "compressdrop train --recipe" in out.stdout
+    for cmd in ("train", "prune", "export", "eval"):
+        sub = subprocess.run(EXE + [cmd, "--help"], capture_output=True, text=True, check=True)
+        assert "Example" in sub.stdout
+
+
+def test_subprocess_exit_code_on_bad_input(tmp_path):
+    out = subprocess.run(EXE + ["eval", str(tmp_path / "nope.pt")], capture_output=True, text=True)
+    assert out.returncode == 1 and "Error:" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=3, sparsify=12, finetune=2, onnx=False)
+    base = EXE + ["train", "--recipe", str(recipe), "--device", "cpu"]
+    subprocess.run(base + ["--out", str(tmp_path / "full")], check=True, capture_output=True)
+
+    proc = subprocess.Popen(base + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=True)
+            if state["stage"] == "sparsify" and state["epoch"] >= 4:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "slim.pt").exists(), "the run finished before it could be killed"
+    subprocess.run(base + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True)
+
+    full, resumed = load_model(tmp_path / "full" / "slim.pt"), load_model(tmp_path / "killed" / "slim.pt")
+    assert full.prune_report.architecture() == resumed.prune_report.architecture()
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    r_full = json.loads((tmp_path / "full" / "report.json").read_text())
+    r_res = json.loads((tmp_path / "killed" / "report.json").read_text())
+    assert r_full["slim"] == r_res["slim"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    import compressdrop.training.runner as runner
+
+    calls = {"n": 0}
+    real = runner.F.cross_entropy
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 30 else loss
+
+    monkeypatch.setattr(runner.F, "cross_entropy", flaky)
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=5, onnx=False)
+    res = run(["train", "--recipe", recipe, "--out", tmp_path / "out"], expect=1)
+    assert "loss is nan" in res.stderr and "checkpoint" in res.stderr
+    assert (tmp_path / "out" / "checkpoint.pt").exists()
+    assert not (tmp_path / "out" / "slim.pt").exists()
