@@ -16,7 +16,7 @@ $(BIN)/compressdrop: pyproject.toml
 setup: $(BIN)/compressdrop
 
 demo: setup
-	$(BIN)/compressdrop demo
+	$(BIN)/compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
