@@ -68,3 +68,37 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
 def test_scientific_notation_without_dot_is_a_number():
     r = Recipe.from_dict({"stages": {"sparsify": {"lr": "1e-3"}}})
     assert r.stages.sparsify.lr == pytest.approx(1e-3)
+
+
+# --- every shipped recipe runs -----------------------------------------------------------------------
+
+def _slice_of(name: str, tmp_path):
+    """A small slice of the recipe's data: the real files when installed, else IDX files of the same
+    format and shape written here (CI machines need not have Debian's dataset-fashion-mnist)."""
+    import os
+
+    from compressdrop.data import FASHION_MNIST_DIR, load_dataset
+
+    if name.startswith("fashion-mnist") and not os.path.isdir(FASHION_MNIST_DIR):
+        from .test_data_models import _fake_fmnist
+
+        _fake_fmnist(tmp_path, n_train=200, n_test=40)
+        name = f"fashion-mnist:{tmp_path}"
+    return load_dataset(name).subset(200, 40)
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_shipped_recipe_runs_one_short_epoch_per_stage(name, tmp_path):
+    from compressdrop.checkpoint import load_model
+    from compressdrop.recipes import StageConfig
+    from compressdrop.training.runner import run_recipe
+
+    r = load_recipe(name)
+    one = {s: StageConfig(**{**vars(getattr(r.stages, s)), "epochs": 1}) for s in ("pretrain", "sparsify", "finetune")}
+    r = r.replace(stages=type(r.stages)(**one), export=type(r.export)(onnx=name == "lenet300-lognormal"))
+    result = run_recipe(r, _slice_of(r.data.name, tmp_path), tmp_path / "out", device="cpu")
+    assert result.slim_path.exists() and result.gated_path.exists()
+    assert (result.onnx_path is not None) == (name == "lenet300-lognormal")
+    slim = load_model(result.slim_path)
+    assert slim.prune_report.family == r.gates.family
+    assert result.report["history"][-1]["stage"] == "finetune"
