@@ -14,8 +14,8 @@ from importlib import import_module
 from typing import Any
 
 from ._version import __version__
-from .gating import GatingWarning, attach, detach, gates, is_gated, kl
 from .gates import GATES, ConcreteGate, Gate, HardConcreteGate, LogNormalGate, VariationalGate
+from .gating import GatingWarning, attach, detach, gates, is_gated, kl
 
 __all__ = [
     "GATES",

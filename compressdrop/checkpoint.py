@@ -30,7 +30,14 @@ from ._version import __version__
 from .gating import attach, is_gated
 from .gating.gated import _STATE, attach_config
 
-__all__ = ["CheckpointError", "build_arch", "describe_arch", "load_checkpoint", "load_model", "save_model"]
+__all__ = [
+    "CheckpointError",
+    "build_arch",
+    "describe_arch",
+    "load_checkpoint",
+    "load_model",
+    "save_model",
+]
 
 FORMAT = "compressdrop-model"
 FORMAT_VERSION = 1
@@ -79,8 +86,12 @@ def build_arch(arch: Mapping[str, Any]) -> nn.Module:
         return model
     if "name" not in arch:
         raise CheckpointError(f"arch record {arch!r} names neither a reference net nor a factory")
-    return build_model(arch["name"], input_shape=tuple(arch["input_shape"]),
-                       num_classes=int(arch["num_classes"]), **kwargs)
+    return build_model(
+        arch["name"],
+        input_shape=tuple(arch["input_shape"]),
+        num_classes=int(arch["num_classes"]),
+        **kwargs,
+    )
 
 
 def save_model(
@@ -132,7 +143,9 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
             "compressdrop checkpoint or a state_dict."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch file (corrupt or truncated?): {e}") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch file (corrupt or truncated?): {e}"
+        ) from None
 
 
 def load_model(
@@ -177,14 +190,24 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) 
 def _from_payload(payload: Mapping[str, Any], path: Any) -> nn.Module:
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})"
+        )
     model = build_arch(payload["arch"])
     kind = payload.get("kind")
     if kind == "gated":
         cfg = payload["attach"]
         example = tuple(torch.randn(2, *s) for s in payload["input_shape"])
-        attach(model, cfg["gate"], cfg["granularity"], cfg["include"] or None, cfg["exclude"] or None,
-               example_inputs=example, gate_kwargs=cfg["gate_kwargs"], kl_cost=cfg["kl_cost"])
+        attach(
+            model,
+            cfg["gate"],
+            cfg["granularity"],
+            cfg["include"] or None,
+            cfg["exclude"] or None,
+            example_inputs=example,
+            gate_kwargs=cfg["gate_kwargs"],
+            kl_cost=cfg["kl_cost"],
+        )
     elif kind == "slim":
         from .pruning import PruneReport, replay
         from .pruning.prune import LayerReport
@@ -192,11 +215,18 @@ def _from_payload(payload: Mapping[str, Any], path: Any) -> nn.Module:
         rep = payload["prune_report"]
         replay(model, rep["history"])
         model.prune_report = PruneReport(
-            rep["family"], rep["threshold"], [LayerReport(**layer) for layer in rep["layers"]],
-            rep["history"], rep["max_rel_error"],
+            rep["family"],
+            rep["threshold"],
+            [LayerReport(**layer) for layer in rep["layers"]],
+            rep["history"],
+            rep["max_rel_error"],
         )
     elif kind != "dense":
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     _load_state(model, payload["state_dict"], path)
-    model.compressdrop_meta = {"recipe": payload.get("recipe"), "meta": payload.get("meta", {}), "kind": kind}
+    model.compressdrop_meta = {
+        "recipe": payload.get("recipe"),
+        "meta": payload.get("meta", {}),
+        "kind": kind,
+    }
     return model

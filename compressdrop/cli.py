@@ -30,8 +30,19 @@ def _errors() -> tuple[type[BaseException], ...]:
     from .recipes import RecipeError
     from .training.runner import TrainingDiverged
 
-    return (CheckpointError, RecipeError, TrainingDiverged, SurgeryError, ValueError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError, RuntimeError, OSError)
+    return (
+        CheckpointError,
+        RecipeError,
+        TrainingDiverged,
+        SurgeryError,
+        ValueError,
+        FileNotFoundError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+        RuntimeError,
+        OSError,
+    )
 
 
 def _guard(fn: Callable) -> Callable:
@@ -96,13 +107,25 @@ def _check_shape(model, dataset) -> None:
 
 
 SEED = click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's).")
-DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
-                      show_default=True, help="Where to train and evaluate.")
+DEVICE = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to train and evaluate.",
+)
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-ARCH = click.option("--arch", default=None, metavar="PKG.MODULE:FACTORY",
-                    help="Architecture factory, for a file that holds a bare state_dict.")
-TRUST = click.option("--trust-pickle", is_flag=True,
-                     help="Allow loading a whole pickled module (runs code from the file: trusted files only).")
+ARCH = click.option(
+    "--arch",
+    default=None,
+    metavar="PKG.MODULE:FACTORY",
+    help="Architecture factory, for a file that holds a bare state_dict.",
+)
+TRUST = click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow loading a whole pickled module (runs code from the file: trusted files only).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,9 +143,15 @@ def main() -> None:
 def _progress_printer(console, as_json: bool) -> Callable[[dict], None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
-                        disable=as_json or not console.is_terminal)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=as_json or not console.is_terminal,
+    )
     tasks: dict[str, Any] = {}
 
     def on_event(ev: dict) -> None:
@@ -157,22 +186,49 @@ def _summary(report: dict[str, Any]) -> None:
     d, s = report["dense"], report["slim"]
     acc = f"{d['test_accuracy']:.4f}" if "test_accuracy" in d else "—"
     nll = f"{d['test_nll']:.4f}" if "test_nll" in d else "—"
-    t.add_row("dense", acc, nll, f"{d['params']:,}", f"{d['flops']:,}", report["architecture_before"])
-    t.add_row("slim", f"{s['test_accuracy']:.4f}", f"{s['test_nll']:.4f}", f"{s['params']:,}",
-              f"{s['flops']:,}", report["architecture_after"])
+    t.add_row(
+        "dense", acc, nll, f"{d['params']:,}", f"{d['flops']:,}", report["architecture_before"]
+    )
+    t.add_row(
+        "slim",
+        f"{s['test_accuracy']:.4f}",
+        f"{s['test_nll']:.4f}",
+        f"{s['params']:,}",
+        f"{s['flops']:,}",
+        report["architecture_after"],
+    )
     from rich.console import Console
 
     console = Console()
     console.print(t)
-    console.print(f"params ×{report['params_reduction']:.2f} fewer, FLOPs ×{report['flops_reduction']:.2f} "
-                  f"fewer; wall time {report['wall_seconds']:.1f} s")
+    console.print(
+        f"params ×{report['params_reduction']:.2f} fewer, FLOPs ×{report['flops_reduction']:.2f} "
+        f"fewer; wall time {report['wall_seconds']:.1f} s"
+    )
 
 
 @main.command()
-@click.option("--recipe", "-r", default=None, help="Recipe name (see `compressdrop recipes list`) or YAML file.")
-@click.option("--data", "-d", default=None, help="digits | fashion-mnist[:DIR] | FILE.npz (default: the recipe's).")
-@click.option("--out", "-o", "out", type=click.Path(file_okay=False), default="runs/latest", show_default=True,
-              help="Output folder: gated.pt, slim.pt, slim.onnx, report.json.")
+@click.option(
+    "--recipe",
+    "-r",
+    default=None,
+    help="Recipe name (see `compressdrop recipes list`) or YAML file.",
+)
+@click.option(
+    "--data",
+    "-d",
+    default=None,
+    help="digits | fashion-mnist[:DIR] | FILE.npz (default: the recipe's).",
+)
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    type=click.Path(file_okay=False),
+    default="runs/latest",
+    show_default=True,
+    help="Output folder: gated.pt, slim.pt, slim.onnx, report.json.",
+)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
 @DEVICE
 @SEED
@@ -192,7 +248,11 @@ def train(recipe, data, out, resume, device, seed, as_json) -> None:
     if seed is not None:
         r = r.replace(seed=seed)
     if data is not None:
-        r = r.replace(data=type(r.data)(name=data, batch_size=r.data.batch_size, val_fraction=r.data.val_fraction))
+        r = r.replace(
+            data=type(r.data)(
+                name=data, batch_size=r.data.batch_size, val_fraction=r.data.val_fraction
+            )
+        )
     ds = _data(r.data.name)
     console = _console()
     on_event = _progress_printer(console, as_json)
@@ -200,17 +260,38 @@ def train(recipe, data, out, resume, device, seed, as_json) -> None:
         result = run_recipe(r, ds, out, device=device, resume=resume, progress=on_event)
     finally:
         on_event({"event": "done"})
-    files = {"gated": result.gated_path, "slim": result.slim_path, "onnx": result.onnx_path,
-             "report": result.out_dir / "report.json"}
-    _emit(as_json, {**result.report, "files": {k: str(v) if v else None for k, v in files.items()}},
-          lambda: (_summary(result.report), click.echo(f"files in {result.out_dir}/")))
+    files = {
+        "gated": result.gated_path,
+        "slim": result.slim_path,
+        "onnx": result.onnx_path,
+        "report": result.out_dir / "report.json",
+    }
+    _emit(
+        as_json,
+        {**result.report, "files": {k: str(v) if v else None for k, v in files.items()}},
+        lambda: (_summary(result.report), click.echo(f"files in {result.out_dir}/")),
+    )
 
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Slim model file to write.")
-@click.option("--threshold", "-t", type=float, default=None, help="SNR threshold (default: recipe / family default).")
-@click.option("--recipe", "-r", default=None, help="Recipe for a plain model (sparsify, prune, fine-tune).")
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Slim model file to write.",
+)
+@click.option(
+    "--threshold",
+    "-t",
+    type=float,
+    default=None,
+    help="SNR threshold (default: recipe / family default).",
+)
+@click.option(
+    "--recipe", "-r", default=None, help="Recipe for a plain model (sparsify, prune, fine-tune)."
+)
 @click.option("--data", "-d", default=None, help="Data for sparsifying a plain model.")
 @ARCH
 @TRUST
@@ -218,7 +299,9 @@ def train(recipe, data, out, resume, device, seed, as_json) -> None:
 @SEED
 @JSON
 @_guard
-def prune(model_path, output, threshold, recipe, data, arch, trust_pickle, device, seed, as_json) -> None:
+def prune(
+    model_path, output, threshold, recipe, data, arch, trust_pickle, device, seed, as_json
+) -> None:
     """Prune a model: directly if it has trained gates, else sparsify it on data first.
 
     \b
@@ -243,7 +326,9 @@ def prune(model_path, output, threshold, recipe, data, arch, trust_pickle, devic
         from .training.runner import run_recipe
 
         if data is None:
-            raise _Failure(f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first")
+            raise _Failure(
+                f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
+            )
         r = load_recipe(recipe or DEFAULT_RECIPE)
         if seed is not None:
             r = r.replace(seed=seed)
@@ -255,8 +340,14 @@ def prune(model_path, output, threshold, recipe, data, arch, trust_pickle, devic
         with tempfile.TemporaryDirectory(dir=out.resolve().parent) as tmp:
             on_event = _progress_printer(console, as_json)
             try:
-                result = run_recipe(r.replace(export=type(r.export)(onnx=False)), ds, tmp,
-                                    device=device, progress=on_event, model=model)
+                result = run_recipe(
+                    r.replace(export=type(r.export)(onnx=False)),
+                    ds,
+                    tmp,
+                    device=device,
+                    progress=on_event,
+                    model=model,
+                )
             finally:
                 on_event({"event": "done"})
             Path(result.slim_path).replace(out)
@@ -264,8 +355,13 @@ def prune(model_path, output, threshold, recipe, data, arch, trust_pickle, devic
 
         slim = load_model(out)
     rep = slim.prune_report
-    data_out = {"output": str(out), "architecture": rep.architecture(), "threshold": rep.threshold,
-                "layers": [vars(layer) for layer in rep.layers], "max_rel_error": rep.max_rel_error}
+    data_out = {
+        "output": str(out),
+        "architecture": rep.architecture(),
+        "threshold": rep.threshold,
+        "layers": [vars(layer) for layer in rep.layers],
+        "max_rel_error": rep.max_rel_error,
+    }
 
     def text() -> None:
         from rich.console import Console
@@ -283,7 +379,9 @@ def prune(model_path, output, threshold, recipe, data, arch, trust_pickle, devic
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option(
+    "--output", "-o", required=True, type=click.Path(dir_okay=False), help="ONNX file to write."
+)
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @ARCH
 @TRUST
@@ -307,16 +405,32 @@ def export(model_path, output, opset, arch, trust_pickle, as_json) -> None:
     if rep is not None:
         meta.update(threshold=str(rep.threshold), units_kept=rep.architecture())
     report = export_onnx(model, example_input_for(model, batch=2), out, metadata=meta, opset=opset)
-    data = {"output": str(out), "bytes": report.bytes, "provider": report.provider,
-            "max_rel_error": report.max_rel_error, "opset": report.opset}
-    _emit(as_json, data, lambda: click.echo(
-        f"wrote {out} ({report.bytes:,} bytes); onnxruntime ({report.provider}) matches PyTorch, "
-        f"max relative error {max(report.max_rel_error.values()):.2e}"))
+    data = {
+        "output": str(out),
+        "bytes": report.bytes,
+        "provider": report.provider,
+        "max_rel_error": report.max_rel_error,
+        "opset": report.opset,
+    }
+    _emit(
+        as_json,
+        data,
+        lambda: click.echo(
+            f"wrote {out} ({report.bytes:,} bytes); onnxruntime ({report.provider}) matches PyTorch, "
+            f"max relative error {max(report.max_rel_error.values()):.2e}"
+        ),
+    )
 
 
 @main.command(name="eval")
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
-@click.option("--data", "-d", default="digits", show_default=True, help="digits | fashion-mnist[:DIR] | FILE.npz")
+@click.option(
+    "--data",
+    "-d",
+    default="digits",
+    show_default=True,
+    help="digits | fashion-mnist[:DIR] | FILE.npz",
+)
 @ARCH
 @TRUST
 @DEVICE
@@ -346,10 +460,25 @@ def eval_cmd(model_path, data, arch, trust_pickle, device, as_json) -> None:
         model.to(dev)
         m = evaluate(model, ds.x_test, ds.y_test)
         x = example_input_for(model, batch=1)
-        res = {"model": str(model_path), "data": ds.name, "n": m.n, "accuracy": m.accuracy, "nll": m.nll,
-               "params": count_params(model), "flops": count_flops(model, x), "device": str(dev)}
-    _emit(as_json, res, lambda: click.echo(
-        "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items())))
+        res = {
+            "model": str(model_path),
+            "data": ds.name,
+            "n": m.n,
+            "accuracy": m.accuracy,
+            "nll": m.nll,
+            "params": count_params(model),
+            "flops": count_flops(model, x),
+            "device": str(dev),
+        }
+    _emit(
+        as_json,
+        res,
+        lambda: click.echo(
+            "  ".join(
+                f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items()
+            )
+        ),
+    )
 
 
 @main.group()

@@ -28,8 +28,11 @@ def tiny_recipe(path: Path, *, pretrain=2, sparsify=3, finetune=1, onnx=True, **
         "data": {"name": "digits", "batch_size": 128},
         "gates": {"family": "lognormal"},
         "kl": {"beta": 1.0, "warmup": 1},
-        "stages": {"pretrain": {"epochs": pretrain}, "sparsify": {"epochs": sparsify, "gate_lr": 0.05},
-                   "finetune": {"epochs": finetune}},
+        "stages": {
+            "pretrain": {"epochs": pretrain},
+            "sparsify": {"epochs": sparsify, "gate_lr": 0.05},
+            "finetune": {"epochs": finetune},
+        },
         "export": {"onnx": onnx},
         **extra,
     }
@@ -65,7 +68,11 @@ def test_prune_gated_checkpoint_directly(trained, tmp_path):
 
     gated = load_model(d / "out" / "gated.pt")
     thr = float(torch.cat([g.snr().detach() for _, g in cd.gates(gated)]).median())
-    res = json.loads(run(["prune", d / "out" / "gated.pt", "-o", tmp_path / "slim.pt", "-t", thr, "--json"]).stdout)
+    res = json.loads(
+        run(
+            ["prune", d / "out" / "gated.pt", "-o", tmp_path / "slim.pt", "-t", thr, "--json"]
+        ).stdout
+    )
     slim = load_model(tmp_path / "slim.pt")
     assert res["architecture"] == slim.prune_report.architecture()
     assert sum(layer["after"] for layer in res["layers"]) < 400
@@ -75,7 +82,18 @@ def test_prune_plain_model_sparsifies_on_data_first(tmp_path):
     dense = build_model("lenet300", (1, 8, 8))
     save_model(dense, tmp_path / "dense.pt")
     recipe = tiny_recipe(tmp_path / "r.yaml", onnx=False)
-    run(["prune", tmp_path / "dense.pt", "--recipe", recipe, "--data", "digits", "-o", tmp_path / "slim.pt"])
+    run(
+        [
+            "prune",
+            tmp_path / "dense.pt",
+            "--recipe",
+            recipe,
+            "--data",
+            "digits",
+            "-o",
+            tmp_path / "slim.pt",
+        ]
+    )
     slim = load_model(tmp_path / "slim.pt")
     assert slim.prune_report.units_before == 400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.pt", "r.yaml", "slim.pt"]
@@ -99,6 +117,7 @@ def test_recipes_list_and_show():
 
 
 # --- bad input: clear message, exit code 1, no partial output ---------------------------------------
+
 
 def _no_stray_files(folder: Path, allowed: set[str]):
     assert {p.name for p in folder.iterdir()} <= allowed
@@ -131,7 +150,16 @@ def test_state_dict_needs_arch(tmp_path):
     torch.save(build_model("lenet300").state_dict(), tmp_path / "sd.pt")
     res = run(["export", tmp_path / "sd.pt", "-o", tmp_path / "m.onnx"], expect=1)
     assert "--arch" in res.stderr
-    run(["export", tmp_path / "sd.pt", "-o", tmp_path / "m.onnx", "--arch", "compressdrop.models:lenet300_100"])
+    run(
+        [
+            "export",
+            tmp_path / "sd.pt",
+            "-o",
+            tmp_path / "m.onnx",
+            "--arch",
+            "compressdrop.models:lenet300_100",
+        ]
+    )
     assert (tmp_path / "m.onnx").exists()
 
 
@@ -165,8 +193,11 @@ def test_usage_error_exits_2():
 
 # --- real subprocesses ----------------------------------------------------------------------------
 
+
 def test_cli_shim_and_help_show_a_working_example():
-    out = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert "compressdrop train --recipe" in out.stdout
     for cmd in ("train", "prune", "export", "eval"):
         sub = subprocess.run(EXE + [cmd, "--help"], capture_output=True, text=True, check=True)
@@ -184,8 +215,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     base = EXE + ["train", "--recipe", str(recipe), "--device", "cpu"]
     subprocess.run(base + ["--out", str(tmp_path / "full")], check=True, capture_output=True)
 
-    proc = subprocess.Popen(base + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        base + ["--out", str(tmp_path / "killed")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -196,10 +230,17 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "killed" / "slim.pt").exists(), "the run finished before it could be killed"
-    subprocess.run(base + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True)
+    assert not (tmp_path / "killed" / "slim.pt").exists(), (
+        "the run finished before it could be killed"
+    )
+    subprocess.run(
+        base + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True
+    )
 
-    full, resumed = load_model(tmp_path / "full" / "slim.pt"), load_model(tmp_path / "killed" / "slim.pt")
+    full, resumed = (
+        load_model(tmp_path / "full" / "slim.pt"),
+        load_model(tmp_path / "killed" / "slim.pt"),
+    )
     assert full.prune_report.architecture() == resumed.prune_report.architecture()
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)

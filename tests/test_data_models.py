@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from compressdrop.data import FASHION_MNIST_DIR, Dataset, load_dataset, load_digits, load_fashion_mnist, load_npz
+from compressdrop.data import (
+    FASHION_MNIST_DIR,
+    Dataset,
+    load_dataset,
+    load_digits,
+    load_fashion_mnist,
+    load_npz,
+)
 from compressdrop.models import MODELS, build_model
 
 
@@ -15,7 +22,7 @@ def test_digits_is_embedded_split_and_scaled():
     d = load_digits()
     assert len(d.x_train) + len(d.x_test) == 1797
     assert d.input_shape == (1, 8, 8) and d.num_classes == 10
-    assert 0.0 <= float(d.x_train.min()) and float(d.x_train.max()) <= 1.0
+    assert float(d.x_train.min()) >= 0.0 and float(d.x_train.max()) <= 1.0
     again = load_digits()
     assert torch.equal(d.y_test, again.y_test)  # seeded
     counts = torch.bincount(d.y_test, minlength=10)
@@ -29,8 +36,14 @@ def test_validation_split_comes_from_train_only_and_is_disjoint():
     assert len(train.x_train) + len(val.x_test) == len(d.x_train)
     assert len(val.x_test) == pytest.approx(0.2 * len(d.x_train), abs=10)
     # tag every training example with its index to check that the two parts are disjoint
-    tagged = Dataset("t", torch.arange(len(d.x_train), dtype=torch.float32)[:, None], d.y_train,
-                     d.x_test[:, 0, 0, :1], d.y_test, 10)
+    tagged = Dataset(
+        "t",
+        torch.arange(len(d.x_train), dtype=torch.float32)[:, None],
+        d.y_train,
+        d.x_test[:, 0, 0, :1],
+        d.y_test,
+        10,
+    )
     tr, va = tagged.split_validation(0.2, seed=3)
     a, b = set(tr.x_train.flatten().tolist()), set(va.x_test.flatten().tolist())
     assert not a & b and len(a | b) == len(d.x_train)
@@ -76,7 +89,9 @@ def test_fashion_mnist_corrupt_file_names_it(tmp_path):
         load_fashion_mnist(tmp_path)
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST_DIR), reason="dataset-fashion-mnist not installed"
+)
 def test_real_fashion_mnist_sizes():
     d = load_fashion_mnist()
     assert len(d.x_train) == 60000 and len(d.x_test) == 10000
@@ -89,7 +104,13 @@ def test_npz_happy_path_and_errors(tmp_path):
     d = load_npz(p)
     assert d.input_shape == (6,) and d.num_classes == 4 and len(d.x_train) == 32
     img = tmp_path / "img.npz"
-    np.savez(img, x=rng.random((30, 5, 5)), y=np.arange(30) % 3, x_test=rng.random((6, 5, 5)), y_test=np.arange(6) % 3)
+    np.savez(
+        img,
+        x=rng.random((30, 5, 5)),
+        y=np.arange(30) % 3,
+        x_test=rng.random((6, 5, 5)),
+        y_test=np.arange(6) % 3,
+    )
     assert load_npz(img).input_shape == (1, 5, 5)
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=rng.random((10, 3)))

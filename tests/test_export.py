@@ -32,7 +32,9 @@ def _slim(name):
 def test_onnxruntime_matches_pytorch_for_the_zoo(name, variant, tmp_path):
     model = ZOO[name]().eval() if variant == "dense" else _slim(name)
     path = tmp_path / f"{name}.onnx"
-    report = export_onnx(model, input_for(model, 2), path, metadata={"variant": variant}, check_batch_sizes=BATCHES)
+    report = export_onnx(
+        model, input_for(model, 2), path, metadata={"variant": variant}, check_batch_sizes=BATCHES
+    )
     assert set(report.max_rel_error) == set(BATCHES)
     assert max(report.max_rel_error.values()) <= 1e-4
     proto = onnx.load(str(path))
@@ -53,7 +55,9 @@ def test_metadata_and_dynamic_batch(tmp_path):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
-    assert not [p for p in tmp_path.iterdir() if p.name != "m.onnx"]  # no temp or external-data files
+    assert not [
+        p for p in tmp_path.iterdir() if p.name != "m.onnx"
+    ]  # no temp or external-data files
 
 
 class Unexportable(nn.Module):

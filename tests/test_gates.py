@@ -1,6 +1,7 @@
 """Contract suite over every gate family (neuron and channel granularity), and the probability
 checks: closed-form KL, E[θ] and SNR against Monte-Carlo estimates."""
 
+import itertools
 import math
 
 import pytest
@@ -85,7 +86,7 @@ def test_masks_shrink_as_threshold_rises(gate_cls):
     snr = g.snr().detach()
     counts = [int(g.mask(t).sum()) for t in torch.linspace(0, float(snr.max()) * 1.1, 25)]
     assert counts[0] == UNITS and counts[-1] == 0
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(counts))
     assert g.mask().dtype == torch.bool
     assert torch.equal(g.mask(), snr >= g.default_threshold)
 
@@ -131,8 +132,14 @@ def test_gradcheck_float64(gate_cls, method):
 
 
 EDGES = {
-    LogNormalGate: {"mu": [-20.0, -19.99, 0.0, 4.99, 5.0, 30.0], "log_sigma": [-20.0, 5.0, -5.0, 5.0, -20.0, 10.0]},
-    VariationalGate: {"mu": [1e-8, -1.0, 1.0, 1e3, 0.0, 1.0], "log_sigma2": [-30.0, 20.0, -9.0, 0.0, 5.0, 40.0]},
+    LogNormalGate: {
+        "mu": [-20.0, -19.99, 0.0, 4.99, 5.0, 30.0],
+        "log_sigma": [-20.0, 5.0, -5.0, 5.0, -20.0, 10.0],
+    },
+    VariationalGate: {
+        "mu": [1e-8, -1.0, 1.0, 1e3, 0.0, 1.0],
+        "log_sigma2": [-30.0, 20.0, -9.0, 0.0, 5.0, 40.0],
+    },
     ConcreteGate: {"keep_logit": [-40.0, -10.0, 0.0, 10.0, 40.0, 3.0]},
     HardConcreteGate: {"log_alpha": [-30.0, -10.0, 0.0, 10.0, 30.0, -2.4]},
 }
@@ -148,7 +155,12 @@ def test_values_and_gradients_finite_at_range_edges(gate_cls, dtype):
     outputs = {"kl": g.kl(), "snr": g.snr(), "expected": g.expected(), "forward": g(x)}
     for key, value in outputs.items():
         assert torch.isfinite(value).all(), key
-    total = outputs["kl"] + outputs["snr"].clamp(max=1e6).sum() + outputs["expected"].sum() + outputs["forward"].sum()
+    total = (
+        outputs["kl"]
+        + outputs["snr"].clamp(max=1e6).sum()
+        + outputs["expected"].sum()
+        + outputs["forward"].sum()
+    )
     total.backward()
     for name, p in g.named_parameters():
         assert torch.isfinite(p.grad).all(), name
@@ -161,7 +173,9 @@ N_MC = 400_000
 
 def _assert_within(estimate, stderr, exact, k=5.0, slack=0.0, what=""):
     bound = k * stderr + slack
-    assert ((estimate - exact).abs() <= bound).all(), f"{what}: MC {estimate} vs closed form {exact}"
+    assert ((estimate - exact).abs() <= bound).all(), (
+        f"{what}: MC {estimate} vs closed form {exact}"
+    )
 
 
 def test_moments_match_monte_carlo(gate_cls):
@@ -192,7 +206,9 @@ def test_variational_kl_matches_monte_carlo_within_approximation_error():
     with torch.no_grad():
         s = q.rsample((N_MC,))
         lr = q.log_prob(s) - p.log_prob(s)
-        _assert_within(lr.mean(0), lr.std(0) / math.sqrt(N_MC), kl_divergence(q, p), slack=0.015, what="KL")
+        _assert_within(
+            lr.mean(0), lr.std(0) / math.sqrt(N_MC), kl_divergence(q, p), slack=0.015, what="KL"
+        )
 
 
 def test_concrete_kl_is_bernoulli_kl_and_relaxation_is_close():
@@ -240,7 +256,10 @@ def test_log_ndtr_diff_is_stable_in_both_tails():
         return mpmath.ncdf(x)
 
     ref = torch.tensor(
-        [float(mpmath.log(phi(h) - phi(lo_))) for lo_, h in [(-40, -39), (-31, -30), (-1, 1), (-mpmath.inf, -5)]],
+        [
+            float(mpmath.log(phi(h) - phi(lo_)))
+            for lo_, h in [(-40, -39), (-31, -30), (-1, 1), (-mpmath.inf, -5)]
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(log_ndtr_diff(lo, hi), ref, rtol=1e-6, atol=0)
@@ -263,7 +282,9 @@ def test_pyro_mean_field_elbo_uses_the_closed_form_kl(cls):
         pyro.sample("theta", g.posterior().to_event(1))
 
     loss = TraceMeanField_ELBO().differentiable_loss(model, guide)
-    torch.testing.assert_close(loss.double(), kl_divergence(g.posterior(), g.prior()).sum().double())
+    torch.testing.assert_close(
+        loss.double(), kl_divergence(g.posterior(), g.prior()).sum().double()
+    )
 
 
 def test_snr_matches_known_values():

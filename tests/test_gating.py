@@ -28,7 +28,10 @@ def test_attach_detach_round_trips(name):
     assert not cd.is_gated(model)
     assert str(model) == str(reference)
     assert model.state_dict().keys() == reference.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), reference.state_dict().values())
+    )
     assert not model._forward_pre_hooks
     with torch.no_grad():
         torch.testing.assert_close(model(x), before)
@@ -67,7 +70,9 @@ def test_residual_stream_shares_one_gate_and_draws_one_sample_per_forward():
     sites = [s for _, s in cd.gating.sites(model) if s.gate is shared[0]]
     assert len(sites) >= 2
     draws = []
-    hooks = [s.gate.register_forward_hook(lambda m, i, o: draws.append(m._sample.clone())) for s in sites]
+    hooks = [
+        s.gate.register_forward_hook(lambda m, i, o: draws.append(m._sample.clone())) for s in sites
+    ]
     model(input_for(model, 3))
     for h in hooks:
         h.remove()
@@ -100,7 +105,9 @@ def test_unsupported_pattern_is_left_ungated_with_a_warning_naming_the_layer():
 
 
 def test_layernorm_after_a_linear_blocks_gating():
-    model = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    model = nn.Sequential(
+        nn.Linear(5, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)
+    )
     with pytest.warns(cd.GatingWarning, match="'0' left ungated"):
         cd.attach(model)
     assert [n for n, _ in cd.gates(model)] == ["3"]
@@ -108,10 +115,19 @@ def test_layernorm_after_a_linear_blocks_gating():
 
 def test_include_exclude_and_granularity():
     lenet5 = ZOO["lenet5"]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="channel"))] == ["features.0", "features.3"]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="channel"))] == [
+        "features.0",
+        "features.3",
+    ]
     assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="neuron"))] == ["classifier.1"]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), include=["features.*"]))] == ["features.0", "features.3"]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), exclude=[nn.Linear]))] == ["features.0", "features.3"]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), include=["features.*"]))] == [
+        "features.0",
+        "features.3",
+    ]
+    assert [n for n, _ in cd.gates(cd.attach(lenet5(), exclude=[nn.Linear]))] == [
+        "features.0",
+        "features.3",
+    ]
     with pytest.raises(ValueError, match="granularity"):
         cd.attach(lenet5(), granularity="weight")
     with pytest.raises(ValueError, match="unknown gate family"):

@@ -23,7 +23,11 @@ def _train(family: str | None, data, seed: int = 0):
     torch.manual_seed(seed)
     model = build_model("lenet300", data.input_shape)
     n = len(data.x_train)
-    sp = Sparsifier(model, n, gate=family, schedule=KLSchedule(beta=1.0, warmup=10)) if family else None
+    sp = (
+        Sparsifier(model, n, gate=family, schedule=KLSchedule(beta=1.0, warmup=10))
+        if family
+        else None
+    )
     groups = sp.param_groups(1e-3, GATE_LR[family]) if sp else model.parameters()
     opt = torch.optim.Adam(groups, lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -62,9 +66,11 @@ def test_family_prunes_a_large_share_and_keeps_accuracy(family, digits, dense_ac
     gated_acc = evaluate(model, digits.x_test, digits.y_test).accuracy
     slim = sp.finish()
     slim_acc = evaluate(slim, digits.x_test, digits.y_test).accuracy
-    print(f"\n{family}: {share:.1%} of hidden units below the default threshold "
-          f"({slim.prune_report.architecture()}); test accuracy dense {dense_accuracy:.4f}, "
-          f"gated {gated_acc:.4f}, pruned {slim_acc:.4f}")
+    print(
+        f"\n{family}: {share:.1%} of hidden units below the default threshold "
+        f"({slim.prune_report.architecture()}); test accuracy dense {dense_accuracy:.4f}, "
+        f"gated {gated_acc:.4f}, pruned {slim_acc:.4f}"
+    )
     assert share >= 0.25, f"{family} pruned only {share:.1%}"
     assert slim_acc >= dense_accuracy - 0.02
     assert not cd.is_gated(slim)

@@ -72,6 +72,7 @@ def test_scientific_notation_without_dot_is_a_number():
 
 # --- every shipped recipe runs -----------------------------------------------------------------------
 
+
 def _slice_of(name: str, tmp_path):
     """A small slice of the recipe's data: the real files when installed, else IDX files of the same
     format and shape written here (CI machines need not have Debian's dataset-fashion-mnist)."""
@@ -94,8 +95,13 @@ def test_shipped_recipe_runs_one_short_epoch_per_stage(name, tmp_path):
     from compressdrop.training.runner import run_recipe
 
     r = load_recipe(name)
-    one = {s: StageConfig(**{**vars(getattr(r.stages, s)), "epochs": 1}) for s in ("pretrain", "sparsify", "finetune")}
-    r = r.replace(stages=type(r.stages)(**one), export=type(r.export)(onnx=name == "lenet300-lognormal"))
+    one = {
+        s: StageConfig(**{**vars(getattr(r.stages, s)), "epochs": 1})
+        for s in ("pretrain", "sparsify", "finetune")
+    }
+    r = r.replace(
+        stages=type(r.stages)(**one), export=type(r.export)(onnx=name == "lenet300-lognormal")
+    )
     result = run_recipe(r, _slice_of(r.data.name, tmp_path), tmp_path / "out", device="cpu")
     assert result.slim_path.exists() and result.gated_path.exists()
     assert (result.onnx_path is not None) == (name == "lenet300-lognormal")

@@ -29,9 +29,14 @@ def random_gates_(model: nn.Module, seed: int = 0) -> nn.Module:
         for _, gate in cd.gates(model):
             for p in gate.parameters():
                 u = torch.rand(p.shape, generator=g)
-                name = [n for n, q in gate.named_parameters() if q is p][0]
-                lo, hi = {"mu": (-4.0, 0.5), "log_sigma": (-3.0, 1.0), "log_sigma2": (-6.0, 2.0),
-                          "keep_logit": (-4.0, 4.0), "log_alpha": (-5.0, 5.0)}[name]
+                name = next(n for n, q in gate.named_parameters() if q is p)
+                lo, hi = {
+                    "mu": (-4.0, 0.5),
+                    "log_sigma": (-3.0, 1.0),
+                    "log_sigma2": (-6.0, 2.0),
+                    "keep_logit": (-4.0, 4.0),
+                    "log_alpha": (-5.0, 5.0),
+                }[name]
                 p.copy_(lo + (hi - lo) * u)
     return model
 
@@ -63,7 +68,9 @@ def test_slim_equals_masked_model_on_the_zoo(name):
             out = slim.eval()(x)
         unmask_(model)
         assert rel_error(out, ref) <= TOL, (name, thr)
-        assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in model.parameters())
+        assert sum(p.numel() for p in slim.parameters()) < sum(
+            p.numel() for p in model.parameters()
+        )
     # the input model is untouched
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -140,14 +147,21 @@ def test_replay_rebuilds_the_slim_structure_from_its_history():
 
 # --- property test over random architectures ------------------------------------------------------
 
+
 class RandomNet(nn.Module):
     def __init__(self, widths, use_bn, residual, concat, dense):
         super().__init__()
         self.arch = {"input_shape": [2, 8, 8]}
         c, layers = 2, []
         for w in widths:
-            layers.append(nn.ModuleDict({"conv": nn.Conv2d(c, w, 3, padding=1),
-                                         "bn": nn.BatchNorm2d(w) if use_bn else nn.Identity()}))
+            layers.append(
+                nn.ModuleDict(
+                    {
+                        "conv": nn.Conv2d(c, w, 3, padding=1),
+                        "bn": nn.BatchNorm2d(w) if use_bn else nn.Identity(),
+                    }
+                )
+            )
             c = w
         self.layers = nn.ModuleList(layers)
         self.residual, self.concat = residual, concat
@@ -183,7 +197,9 @@ class RandomNet(nn.Module):
     q=st.floats(0.05, 0.95),
     seed=st.integers(0, 10_000),
 )
-def test_property_random_architectures_prune_exactly(widths, use_bn, residual, concat, dense, family, q, seed):
+def test_property_random_architectures_prune_exactly(
+    widths, use_bn, residual, concat, dense, family, q, seed
+):
     torch.manual_seed(seed)
     model = randomize_(RandomNet(widths, use_bn, residual, concat, dense), seed)
     with warnings.catch_warnings():

@@ -10,8 +10,12 @@ from compressdrop.models import build_model
 
 
 def _tag(model: nn.Module, input_shape) -> nn.Module:
-    model.arch = {"factory": f"tests.zoo:{type(model).__name__}", "input_shape": list(input_shape),
-                  "num_classes": 10, "kwargs": {}}
+    model.arch = {
+        "factory": f"tests.zoo:{type(model).__name__}",
+        "input_shape": list(input_shape),
+        "num_classes": 10,
+        "kwargs": {},
+    }
     return model
 
 
@@ -44,11 +48,17 @@ class DepthwiseNet(nn.Module):
 
         def block(c_in, c_out, stride):
             return nn.Sequential(
-                nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in), nn.ReLU(),
-                nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
+                nn.BatchNorm2d(c_in),
+                nn.ReLU(),
+                nn.Conv2d(c_in, c_out, 1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
             )
 
-        self.stem = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        )
         self.blocks = nn.Sequential(block(8, 12, 2), block(12, 16, 1))
         self.fc = nn.Linear(16, num_classes)
         _tag(self, input_shape)
@@ -63,8 +73,13 @@ class Conv1dNet(nn.Module):
     def __init__(self, input_shape=(3, 16), num_classes=10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv1d(input_shape[0], 8, 3, padding=1), nn.BatchNorm1d(8), nn.ReLU(), nn.MaxPool1d(2),
-            nn.Conv1d(8, 10, 3, padding=1), nn.BatchNorm1d(10), nn.ReLU(),
+            nn.Conv1d(input_shape[0], 8, 3, padding=1),
+            nn.BatchNorm1d(8),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(8, 10, 3, padding=1),
+            nn.BatchNorm1d(10),
+            nn.ReLU(),
         )
         self.fc1 = nn.Linear(10 * (input_shape[1] // 2), 20)
         self.fc2 = nn.Linear(20, num_classes)

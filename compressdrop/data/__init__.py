@@ -47,8 +47,10 @@ class Dataset:
             if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
                 raise ValueError(f"y_{split} has labels outside [0, {self.num_classes})")
         if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ValueError(f"x_train examples {tuple(self.x_train.shape[1:])} and x_test examples "
-                             f"{tuple(self.x_test.shape[1:])} differ in shape")
+            raise ValueError(
+                f"x_train examples {tuple(self.x_train.shape[1:])} and x_test examples "
+                f"{tuple(self.x_test.shape[1:])} differ in shape"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -71,15 +73,34 @@ class Dataset:
         v = torch.cat(val_idx).sort().values
         keep = torch.ones(len(self.y_train), dtype=torch.bool)
         keep[v] = False
-        train = Dataset(self.name, self.x_train[keep], self.y_train[keep], self.x_test, self.y_test, self.num_classes)
-        val = Dataset(f"{self.name}/val", self.x_train[keep], self.y_train[keep], self.x_train[v], self.y_train[v],
-                      self.num_classes)
+        train = Dataset(
+            self.name,
+            self.x_train[keep],
+            self.y_train[keep],
+            self.x_test,
+            self.y_test,
+            self.num_classes,
+        )
+        val = Dataset(
+            f"{self.name}/val",
+            self.x_train[keep],
+            self.y_train[keep],
+            self.x_train[v],
+            self.y_train[v],
+            self.num_classes,
+        )
         return train, val
 
     def subset(self, n_train: int, n_test: int) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (tiny slices for tests and smoke runs)."""
-        return Dataset(self.name, self.x_train[:n_train], self.y_train[:n_train], self.x_test[:n_test],
-                       self.y_test[:n_test], self.num_classes)
+        return Dataset(
+            self.name,
+            self.x_train[:n_train],
+            self.y_train[:n_train],
+            self.x_test[:n_test],
+            self.y_test[:n_test],
+            self.num_classes,
+        )
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
@@ -96,8 +117,14 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
     d = sk_digits()
     x = (d.images / 16.0).astype(np.float32)[:, None]
     xtr, xte, ytr, yte = _split(x, d.target.astype(np.int64), test_fraction, seed)
-    return Dataset("digits", torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
-                   torch.from_numpy(yte), 10)
+    return Dataset(
+        "digits",
+        torch.from_numpy(xtr),
+        torch.from_numpy(ytr),
+        torch.from_numpy(xte),
+        torch.from_numpy(yte),
+        10,
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -140,9 +167,13 @@ def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
         images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
         labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(f"{root}: {split} images {images.shape} and labels {labels.shape} do not match")
-        parts[split] = (torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1),
-                        torch.from_numpy(labels.astype(np.int64)))
+            raise ValueError(
+                f"{root}: {split} images {images.shape} and labels {labels.shape} do not match"
+            )
+        parts[split] = (
+            torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1),
+            torch.from_numpy(labels.astype(np.int64)),
+        )
     return Dataset("fashion-mnist", *parts["train"], *parts["test"], 10)
 
 
@@ -159,18 +190,26 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     with z:
         missing = [k for k in ("x", "y") if k not in z.files]
         if missing:
-            raise ValueError(f"{path}: missing array(s) {missing}; expected 'x' and 'y' (found {z.files})")
+            raise ValueError(
+                f"{path}: missing array(s) {missing}; expected 'x' and 'y' (found {z.files})"
+            )
         arrays = {k: z[k] for k in z.files}
 
     def prep(x: np.ndarray, y: np.ndarray, which: str):
         if x.ndim not in (2, 3, 4):
-            raise ValueError(f"{path}: {which} x must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}")
+            raise ValueError(
+                f"{path}: {which} x must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}"
+            )
         if x.ndim == 3:
             x = x[:, None]
         if y.ndim != 1 or len(y) != len(x):
-            raise ValueError(f"{path}: {which} y must be a vector of {len(x)} labels, got shape {y.shape}")
+            raise ValueError(
+                f"{path}: {which} y must be a vector of {len(x)} labels, got shape {y.shape}"
+            )
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{path}: {which} y must hold integer class labels, got dtype {y.dtype}")
+            raise ValueError(
+                f"{path}: {which} y must hold integer class labels, got dtype {y.dtype}"
+            )
         return x.astype(np.float32), y.astype(np.int64)
 
     x, y = prep(arrays["x"], arrays["y"], "train")
@@ -182,8 +221,14 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     num_classes = int(max(ytr.max(), yte.max())) + 1
     if min(ytr.min(), yte.min()) < 0:
         raise ValueError(f"{path}: labels must be ≥ 0")
-    return Dataset(path.stem, torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte),
-                   torch.from_numpy(yte), num_classes)
+    return Dataset(
+        path.stem,
+        torch.from_numpy(xtr),
+        torch.from_numpy(ytr),
+        torch.from_numpy(xte),
+        torch.from_numpy(yte),
+        num_classes,
+    )
 
 
 def load_dataset(spec: str) -> Dataset:
@@ -194,10 +239,14 @@ def load_dataset(spec: str) -> Dataset:
         return load_fashion_mnist(spec.partition(":")[2] or None)
     if spec.endswith(".npz"):
         return load_npz(spec)
-    raise ValueError(f"unknown data {spec!r}: use digits, fashion-mnist, fashion-mnist:DIR or FILE.npz")
+    raise ValueError(
+        f"unknown data {spec!r}: use digits, fashion-mnist, fashion-mnist:DIR or FILE.npz"
+    )
 
 
-def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int | None = None):
+def make_loader(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int | None = None
+):
     """A DataLoader over ``(x, y)``; shuffling is reproducible for a given seed."""
     from torch.utils.data import DataLoader, TensorDataset
 

@@ -4,5 +4,14 @@ from .latency import LatencyReport, ort_latency, torch_latency
 from .metrics import Metrics, evaluate
 from .size import SizeReport, count_flops, count_params, size
 
-__all__ = ["LatencyReport", "Metrics", "SizeReport", "count_flops", "count_params", "evaluate", "ort_latency",
-           "size", "torch_latency"]
+__all__ = [
+    "LatencyReport",
+    "Metrics",
+    "SizeReport",
+    "count_flops",
+    "count_params",
+    "evaluate",
+    "ort_latency",
+    "size",
+    "torch_latency",
+]

@@ -27,11 +27,20 @@ class LatencyReport:
 
 def _summary(times: list[float], batch: int, threads: int | None, provider: str) -> LatencyReport:
     ms = sorted(t * 1e3 for t in times)
-    return LatencyReport(statistics.median(ms), ms[min(len(ms) - 1, int(0.9 * len(ms)))], batch, threads, provider)
+    return LatencyReport(
+        statistics.median(ms), ms[min(len(ms) - 1, int(0.9 * len(ms)))], batch, threads, provider
+    )
 
 
-def ort_latency(path: str | Path, batch_size: int, *, threads: int | None = None, provider: str = "auto",
-                warmup: int = 10, repeats: int = 50) -> LatencyReport:
+def ort_latency(
+    path: str | Path,
+    batch_size: int,
+    *,
+    threads: int | None = None,
+    provider: str = "auto",
+    warmup: int = 10,
+    repeats: int = 50,
+) -> LatencyReport:
     """Time ``repeats`` runs of the ONNX model on a random float32 batch (after ``warmup`` runs)."""
     from .onnx_eval import ort_session
 
@@ -50,8 +59,14 @@ def ort_latency(path: str | Path, batch_size: int, *, threads: int | None = None
     return _summary(times, batch_size, threads, used)
 
 
-def torch_latency(model: nn.Module, example_input: torch.Tensor, batch_size: int, *, warmup: int = 10,
-                  repeats: int = 50) -> LatencyReport:
+def torch_latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    batch_size: int,
+    *,
+    warmup: int = 10,
+    repeats: int = 50,
+) -> LatencyReport:
     """Time ``repeats`` eval forwards of ``model`` on a random batch, synchronizing CUDA."""
     device = next(model.parameters()).device
     x = torch.randn(batch_size, *example_input.shape[1:], device=device)

@@ -32,8 +32,9 @@ def ort_session(path: str | Path, device: str = "auto", threads: int | None = No
     return session, session.get_providers()[0]
 
 
-def evaluate_onnx(path: str | Path, x: torch.Tensor, y: torch.Tensor, device: str = "auto",
-                  batch_size: int = 512) -> dict[str, Any]:
+def evaluate_onnx(
+    path: str | Path, x: torch.Tensor, y: torch.Tensor, device: str = "auto", batch_size: int = 512
+) -> dict[str, Any]:
     """Accuracy and NLL of the ONNX model at ``path`` on ``(x, y)``, plus its size on disk."""
     path = Path(path)
     if not path.is_file():
@@ -45,15 +46,23 @@ def evaluate_onnx(path: str | Path, x: torch.Tensor, y: torch.Tensor, device: st
             raise
         raise ValueError(f"{path}: onnxruntime cannot load it: {e}") from None
     name = session.get_inputs()[0].name
-    logits = np.concatenate([
-        session.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
-        for i in range(0, len(x), batch_size)
-    ])
+    logits = np.concatenate(
+        [
+            session.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
+            for i in range(0, len(x), batch_size)
+        ]
+    )
     t = torch.from_numpy(logits)
     nll = float(torch.nn.functional.cross_entropy(t, y, reduction="mean"))
     acc = int((t.argmax(1) == y).sum()) / len(y)
-    return {"model": str(path), "n": len(x), "accuracy": acc, "nll": nll, "onnx_bytes": _onnx_bytes(path),
-            "provider": provider}
+    return {
+        "model": str(path),
+        "n": len(x),
+        "accuracy": acc,
+        "nll": nll,
+        "onnx_bytes": _onnx_bytes(path),
+        "provider": provider,
+    }
 
 
 def _onnx_bytes(path: Path) -> int:

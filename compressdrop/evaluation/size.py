@@ -46,13 +46,18 @@ class SizeReport:
 
     def reduction_from(self, dense: SizeReport) -> dict[str, float]:
         """How many times smaller than ``dense`` this model is, per measure."""
-        out = {"params": dense.params / max(self.params, 1), "flops": dense.flops / max(self.flops, 1)}
+        out = {
+            "params": dense.params / max(self.params, 1),
+            "flops": dense.flops / max(self.flops, 1),
+        }
         if self.onnx_bytes and dense.onnx_bytes:
             out["onnx_bytes"] = dense.onnx_bytes / self.onnx_bytes
         return out
 
 
-def size(model: nn.Module, example_input: torch.Tensor, onnx_path: str | Path | None = None) -> SizeReport:
+def size(
+    model: nn.Module, example_input: torch.Tensor, onnx_path: str | Path | None = None
+) -> SizeReport:
     """Parameters, FLOPs and, when ``onnx_path`` is given, its bytes on disk."""
     nbytes = os.path.getsize(onnx_path) if onnx_path is not None else None
     return SizeReport(count_params(model), count_flops(model, example_input), nbytes)

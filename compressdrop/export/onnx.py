@@ -17,7 +17,13 @@ from torch import nn
 from .._io import atomic_write
 from .._version import __version__
 
-__all__ = ["ExportError", "ExportMismatchError", "ExportReport", "export_onnx", "load_onnx_metadata"]
+__all__ = [
+    "ExportError",
+    "ExportMismatchError",
+    "ExportReport",
+    "export_onnx",
+    "load_onnx_metadata",
+]
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -45,12 +51,18 @@ class ExportReport:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """Silence the exporter's chatter (torchvision notices, progress lines); errors still raise."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    loggers = [
+        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    ]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        with (
+            warnings.catch_warnings(),
+            open(os.devnull, "w") as devnull,
+            contextlib.redirect_stdout(devnull),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -100,7 +112,10 @@ def export_onnx(
     from ..evaluation.onnx_eval import ort_session
 
     path = Path(path)
-    meta = {"compressdrop_version": __version__, **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    meta = {
+        "compressdrop_version": __version__,
+        **{str(k): str(v) for k, v in (metadata or {}).items()},
+    }
     was_training = model.training
     device = next(model.parameters()).device
     model_cpu = model.eval().cpu()
@@ -111,8 +126,13 @@ def export_onnx(
             try:
                 with _quiet_exporter():
                     program = torch.onnx.export(
-                        model_cpu, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=opset,
-                        external_data=False, verbose=False,
+                        model_cpu,
+                        (x,),
+                        dynamo=True,
+                        dynamic_shapes=({0: batch},),
+                        opset_version=opset,
+                        external_data=False,
+                        verbose=False,
                     )
                     program.save(str(tmp), external_data=False)
             except Exception as e:  # the exporter raises many types; report them as one
@@ -122,9 +142,17 @@ def export_onnx(
                 onnx.checker.check_model(proto, full_check=True)
             except onnx.checker.ValidationError as e:
                 raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
-            odd = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in STANDARD_DOMAINS})
+            odd = sorted(
+                {
+                    f"{n.domain}::{n.op_type}"
+                    for n in proto.graph.node
+                    if n.domain not in STANDARD_DOMAINS
+                }
+            )
             if odd:
-                raise ExportError(f"the exported model uses non-standard operators: {', '.join(odd)}")
+                raise ExportError(
+                    f"the exported model uses non-standard operators: {', '.join(odd)}"
+                )
             for k, v in meta.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = k, v

@@ -14,7 +14,15 @@ from .concrete import ConcreteGate, HardConcreteGate
 from .lognormal import LogNormalGate
 from .variational import VariationalGate
 
-__all__ = ["GATES", "ConcreteGate", "Gate", "HardConcreteGate", "LogNormalGate", "VariationalGate", "gate_class"]
+__all__ = [
+    "GATES",
+    "ConcreteGate",
+    "Gate",
+    "HardConcreteGate",
+    "LogNormalGate",
+    "VariationalGate",
+    "gate_class",
+]
 
 GATES: dict[str, type[Gate]] = {
     cls.family: cls for cls in (LogNormalGate, VariationalGate, ConcreteGate, HardConcreteGate)

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pyro.distributions as pdist
 import torch
 from torch import nn
-import pyro.distributions as pdist
 from torch.distributions import Bernoulli, RelaxedBernoulli
 
 from .base import Gate
 from .distributions import HardConcrete
 
-__all__ = ["ConcreteGate", "HardConcreteGate", "BernoulliFactor"]
+__all__ = ["BernoulliFactor", "ConcreteGate", "HardConcreteGate"]
 
 
 class BernoulliFactor(pdist.TorchDistribution):
@@ -26,7 +26,9 @@ class BernoulliFactor(pdist.TorchDistribution):
     arg_constraints: dict = {}
     has_rsample = True
 
-    def __init__(self, keep: torch.Tensor, temperature: float, inverted: bool = True, validate_args=None):
+    def __init__(
+        self, keep: torch.Tensor, temperature: float, inverted: bool = True, validate_args=None
+    ):
         self.keep = keep
         self.temperature = temperature
         self.scale = 1 / keep if inverted else torch.ones_like(keep)
@@ -99,8 +101,14 @@ class ConcreteGate(Gate):
                 raise ValueError(f"{name} must be in (0, 1), got {v}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.prior_keep, self.temperature, self.inverted = float(prior_keep), float(temperature), bool(inverted)
-        self.keep_logit = nn.Parameter(torch.full((num_units,), math.log((1 - init_drop) / init_drop)))
+        self.prior_keep, self.temperature, self.inverted = (
+            float(prior_keep),
+            float(temperature),
+            bool(inverted),
+        )
+        self.keep_logit = nn.Parameter(
+            torch.full((num_units,), math.log((1 - init_drop) / init_drop))
+        )
 
     def keep_prob(self) -> torch.Tensor:
         return torch.sigmoid(self.keep_logit.double())
@@ -115,7 +123,10 @@ class ConcreteGate(Gate):
     def kl_per_unit(self) -> torch.Tensor:
         q, q0 = self.keep_prob(), self.prior_keep
         # KL(Bern(q) ‖ Bern(q0)) written with logsigmoid so it stays finite as q → 0 or 1.
-        lq, l1q = nn.functional.logsigmoid(self.keep_logit.double()), nn.functional.logsigmoid(-self.keep_logit.double())
+        lq, l1q = (
+            nn.functional.logsigmoid(self.keep_logit.double()),
+            nn.functional.logsigmoid(-self.keep_logit.double()),
+        )
         kl = q * (lq - math.log(q0)) + (1 - q) * (l1q - math.log1p(-q0))
         return self._out(kl)
 

@@ -183,7 +183,10 @@ class LogUniform(pdist.TransformedDistribution):
 def _kl_truncated_lognormal_loguniform(q: TruncatedLogNormal, p: LogUniform) -> torch.Tensor:
     # KL is invariant under the shared bijection exp: KL(TN ‖ U) = log(b − a) − H[TN].
     tn, u = q.base_dist, p.base_dist
-    if not (torch.equal(tn.low, u.low.expand_as(tn.low)) and torch.equal(tn.high, u.high.expand_as(tn.high))):
+    if not (
+        torch.equal(tn.low, u.low.expand_as(tn.low))
+        and torch.equal(tn.high, u.high.expand_as(tn.high))
+    ):
         raise ValueError("KL(TruncatedLogNormal ‖ LogUniform) needs the same truncation interval")
     return torch.log(tn.high - tn.low) - tn.entropy()
 
@@ -220,7 +223,11 @@ def _kl_normal_loguniform(q: torch.distributions.Normal, p: LogUniformImproper) 
     # log μ² with a floor, so that μ = 0 gives a finite (zero) gradient instead of ∞·0
     log_mu2 = torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny)
     log_alpha = (2 * torch.log(q.scale) - log_mu2).clamp(*LOG_ALPHA_RANGE)
-    neg_kl = _K1 * torch.sigmoid(_K2 + _K3 * log_alpha) - 0.5 * torch.nn.functional.softplus(-log_alpha) - _K1
+    neg_kl = (
+        _K1 * torch.sigmoid(_K2 + _K3 * log_alpha)
+        - 0.5 * torch.nn.functional.softplus(-log_alpha)
+        - _K1
+    )
     return -neg_kl
 
 
@@ -255,8 +262,12 @@ class HardConcrete(pdist.TorchDistribution):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def _tail_quadrature(self, power: int) -> torch.Tensor:
-        t = torch.as_tensor((self._nodes + 1) / 2, dtype=self.log_alpha.dtype, device=self.log_alpha.device)
-        w = torch.as_tensor(self._weights / 2, dtype=self.log_alpha.dtype, device=self.log_alpha.device)
+        t = torch.as_tensor(
+            (self._nodes + 1) / 2, dtype=self.log_alpha.dtype, device=self.log_alpha.device
+        )
+        w = torch.as_tensor(
+            self._weights / 2, dtype=self.log_alpha.dtype, device=self.log_alpha.device
+        )
         r = (t - self.gamma) / (self.zeta - self.gamma)  # in (0, 1) for t in [0, 1]
         tail = torch.sigmoid(self.log_alpha.unsqueeze(-1) - self.beta * torch.logit(r))  # (..., 64)
         integrand = tail if power == 1 else 2 * t * tail

@@ -53,7 +53,10 @@ class LogNormalGate(Gate):
 
     def prior(self) -> LogUniform:
         kw = {"dtype": torch.float64, "device": self.mu.device}
-        return LogUniform(torch.full((self.num_units,), self.low, **kw), torch.full((self.num_units,), self.high, **kw))
+        return LogUniform(
+            torch.full((self.num_units,), self.low, **kw),
+            torch.full((self.num_units,), self.high, **kw),
+        )
 
     def snr(self) -> torch.Tensor:
         return self._out(self.posterior().relative_variance().clamp(min=MIN_VARIANCE).rsqrt())

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
+import pyro.distributions as pdist
 import torch
 from torch import nn
-import pyro.distributions as pdist
 
 from .base import Gate
 from .distributions import LOG_ALPHA_RANGE, LogUniformImproper
@@ -54,4 +54,6 @@ class VariationalGate(Gate):
 
     def log_alpha(self) -> torch.Tensor:
         q = self.posterior()
-        return self._out(2 * torch.log(q.scale) - torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny))
+        return self._out(
+            2 * torch.log(q.scale) - torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny)
+        )

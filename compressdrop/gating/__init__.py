@@ -1,9 +1,32 @@
 """Attach gates to any PyTorch model (and detach them)."""
 
-from .gated import Gated, attach, attach_config, detach, example_input_for, gates, groups_of, is_gated, kl, sites
+from .gated import (
+    Gated,
+    attach,
+    attach_config,
+    detach,
+    example_input_for,
+    gates,
+    groups_of,
+    is_gated,
+    kl,
+    sites,
+)
 from .groups import GatingWarning, Site, UnitGroup, find_groups
 
 __all__ = [
-    "GatingWarning", "Gated", "Site", "UnitGroup", "attach", "attach_config", "detach", "example_input_for",
-    "find_groups", "gates", "groups_of", "is_gated", "kl", "sites",
+    "Gated",
+    "GatingWarning",
+    "Site",
+    "UnitGroup",
+    "attach",
+    "attach_config",
+    "detach",
+    "example_input_for",
+    "find_groups",
+    "gates",
+    "groups_of",
+    "is_gated",
+    "kl",
+    "sites",
 ]

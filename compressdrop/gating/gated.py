@@ -14,7 +14,17 @@ from torch import nn
 from ..gates import Gate, gate_class
 from .groups import UnitGroup, find_groups
 
-__all__ = ["Gated", "attach", "attach_config", "detach", "example_input_for", "gates", "groups_of", "kl", "is_gated"]
+__all__ = [
+    "Gated",
+    "attach",
+    "attach_config",
+    "detach",
+    "example_input_for",
+    "gates",
+    "groups_of",
+    "is_gated",
+    "kl",
+]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
 KL_COSTS = ("uniform", "params", "flops")
@@ -127,20 +137,26 @@ def attach(
         g.unit_cost.copy_(cost)
         g.shared = len(grp.sites) > 1
         for site in grp.sites:
-            _set_submodule(model, site.name, Gated(model.get_submodule(site.name), g, site.unit_dim))
+            _set_submodule(
+                model, site.name, Gated(model.get_submodule(site.name), g, site.unit_dim)
+            )
     handle = model.register_forward_pre_hook(_clear_gate_samples)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    setattr(model, _STATE, {
-        "gate": gate,
-        "granularity": granularity,
-        "groups": groups,
-        "hook": handle.id,
-        "input_shape": [tuple(t.shape[1:]) for t in inputs],
-        "kl_cost": kl_cost,
-        "gate_kwargs": dict(gate_kwargs or {}),
-        "include": _pattern_names(include),
-        "exclude": _pattern_names(exclude),
-    })
+    setattr(
+        model,
+        _STATE,
+        {
+            "gate": gate,
+            "granularity": granularity,
+            "groups": groups,
+            "hook": handle.id,
+            "input_shape": [tuple(t.shape[1:]) for t in inputs],
+            "kl_cost": kl_cost,
+            "gate_kwargs": dict(gate_kwargs or {}),
+            "include": _pattern_names(include),
+            "exclude": _pattern_names(exclude),
+        },
+    )
     return model
 
 

@@ -21,22 +21,66 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Site", "UnitGroup", "find_groups", "GatingWarning"]
+__all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
 
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PER_CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
 # and keep units separate. Anything else on the path from a site to a consumer blocks gating.
 _ZERO_PRESERVING = {
-    "Relu", "Gelu", "Silu", "Tanh", "Hardtanh", "LeakyRelu", "Elu", "Mish", "Hardswish",
-    "Clamp", "ClampMin", "ClampMax", "Threshold",
-    "Add", "Sub", "Mul", "Div", "Neg",
-    "MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices",
-    "AvgPool1D", "AvgPool2D", "AvgPool3D", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D",
-    "AdaptiveAvgPool3D", "AdaptiveMaxPool1D", "AdaptiveMaxPool2D", "AdaptiveMaxPool3D",
-    "Mean", "Sum", "View", "Reshape", "UnsafeView", "Flatten", "T", "Transpose", "Cat", "Split",
-    "SplitWithSizes", "Slice", "Clone", "Expand", "Squeeze", "Unsqueeze", "NativeDropout",
-    "Dropout", "ConstantPadNd", "UpsampleNearest2D", "UpsampleBilinear2D", "Alias", "Permute",
+    "Relu",
+    "Gelu",
+    "Silu",
+    "Tanh",
+    "Hardtanh",
+    "LeakyRelu",
+    "Elu",
+    "Mish",
+    "Hardswish",
+    "Clamp",
+    "ClampMin",
+    "ClampMax",
+    "Threshold",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "MaxPool1DWithIndices",
+    "MaxPool2DWithIndices",
+    "MaxPool3DWithIndices",
+    "AvgPool1D",
+    "AvgPool2D",
+    "AvgPool3D",
+    "AdaptiveAvgPool1D",
+    "AdaptiveAvgPool2D",
+    "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool1D",
+    "AdaptiveMaxPool2D",
+    "AdaptiveMaxPool3D",
+    "Mean",
+    "Sum",
+    "View",
+    "Reshape",
+    "UnsafeView",
+    "Flatten",
+    "T",
+    "Transpose",
+    "Cat",
+    "Split",
+    "SplitWithSizes",
+    "Slice",
+    "Clone",
+    "Expand",
+    "Squeeze",
+    "Unsqueeze",
+    "NativeDropout",
+    "Dropout",
+    "ConstantPadNd",
+    "UpsampleNearest2D",
+    "UpsampleBilinear2D",
+    "Alias",
+    "Permute",
 }
 
 
@@ -74,7 +118,11 @@ def _op_name(node) -> str:
 
 
 def _is_depthwise(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == m.in_channels and m.groups > 1
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and m.groups == m.in_channels
+        and m.groups > 1
+    )
 
 
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:
@@ -88,7 +136,9 @@ def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None
     return False
 
 
-def _unit_costs(group, num_units: int, names: dict, out_rows: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_costs(
+    group, num_units: int, names: dict, out_rows: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Parameters and multiply-adds that each unit of a TP group controls (uniform within a group)."""
     params = macs = 0.0
     for dep, idxs in group:
@@ -160,7 +210,11 @@ def find_groups(
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
     for g in dg.get_all_groups(root_module_types=_PRODUCERS):
-        out_deps = [d for d, _ in g if d.handler.__name__ == "prune_out_channels" and d.target.module in names]
+        out_deps = [
+            d
+            for d, _ in g
+            if d.handler.__name__ == "prune_out_channels" and d.target.module in names
+        ]
         producers = [d.target.module for d in out_deps if isinstance(d.target.module, _PRODUCERS)]
         if not producers or any(p in seen for p in producers):
             continue
@@ -176,27 +230,39 @@ def find_groups(
             continue
         num_units = dg.get_out_channels(producers[0])
         problem, sites = _plan_sites(dg, g, producers, names)
-        concat_unmapped = any(type(d.target.module).__name__ == "_ConcatOp" and d.target.module.offsets is None
-                              for d, _ in g)
-        if problem is None and (concat_unmapped or any(dg.get_out_channels(p) != num_units for p in producers)):
+        concat_unmapped = any(
+            type(d.target.module).__name__ == "_ConcatOp" and d.target.module.offsets is None
+            for d, _ in g
+        )
+        if problem is None and (
+            concat_unmapped or any(dg.get_out_channels(p) != num_units for p in producers)
+        ):
             # Torch-Pruning could not map indices through a concatenation and coupled layers of
             # different widths; pruning such a group would cut the wrong channels.
             problem = "its channels pass through a concatenation that Torch-Pruning cannot index"
         if problem is None and any(
-            isinstance(p, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < p.groups and not _is_depthwise(p)
+            isinstance(p, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            and p.groups > 1
+            and not _is_depthwise(p)
             for p in producers
         ):
             problem = "grouped convolution (groups > 1, not depthwise) is not supported yet"
         if problem is not None:
             if warn and problem != "output":
-                warnings.warn(f"compressdrop: layer {label!r} left ungated: {problem}", GatingWarning, stacklevel=3)
+                warnings.warn(
+                    f"compressdrop: layer {label!r} left ungated: {problem}",
+                    GatingWarning,
+                    stacklevel=3,
+                )
             continue
         params, macs = _unit_costs(g, num_units, names, out_rows)
         groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs))
     return groups
 
 
-def _plan_sites(dg, group, producers: Iterable[nn.Module], names: dict) -> tuple[str | None, list[Site]]:
+def _plan_sites(
+    dg, group, producers: Iterable[nn.Module], names: dict
+) -> tuple[str | None, list[Site]]:
     """Choose the sites of a group, or say why the group cannot be gated exactly."""
     members = {d.target.module for d, _ in group}
     sites: list[Site] = []
@@ -204,7 +270,11 @@ def _plan_sites(dg, group, producers: Iterable[nn.Module], names: dict) -> tuple
         node = dg.module2node[p]
         site_node = node
         outs = node.outputs
-        if len(outs) == 1 and isinstance(outs[0].module, _PER_CHANNEL_NORMS) and outs[0].module in members:
+        if (
+            len(outs) == 1
+            and isinstance(outs[0].module, _PER_CHANNEL_NORMS)
+            and outs[0].module in members
+        ):
             if not outs[0].module.affine:
                 return f"BatchNorm {names[outs[0].module]!r} after it has affine=False", []
             site_node = outs[0]

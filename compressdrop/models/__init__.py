@@ -13,8 +13,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "BasicBlock", "build_model", "example_input", "lenet300_100", "lenet5_caffe",
-           "resnet_small", "vgg_like"]
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "build_model",
+    "example_input",
+    "lenet5_caffe",
+    "lenet300_100",
+    "resnet_small",
+    "vgg_like",
+]
 
 Shape = Sequence[int]
 
@@ -24,9 +32,15 @@ def _flat_size(features: nn.Module, input_shape: Shape) -> int:
         return int(features(torch.zeros(1, *input_shape)).numel())
 
 
-def _tag(model: nn.Module, name: str, input_shape: Shape, num_classes: int, **kwargs: Any) -> nn.Module:
-    model.arch = {"name": name, "input_shape": [int(s) for s in input_shape], "num_classes": int(num_classes),
-                  "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+def _tag(
+    model: nn.Module, name: str, input_shape: Shape, num_classes: int, **kwargs: Any
+) -> nn.Module:
+    model.arch = {
+        "name": name,
+        "input_shape": [int(s) for s in input_shape],
+        "num_classes": int(num_classes),
+        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+    }
     return model
 
 
@@ -34,7 +48,12 @@ def lenet300_100(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.
     """LeNet-300-100: flatten → 300 → 100 → classes, ReLU (LeCun et al. 1998)."""
     d = int(torch.tensor(input_shape).prod())
     model = nn.Sequential(
-        nn.Flatten(), nn.Linear(d, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, num_classes)
+        nn.Flatten(),
+        nn.Linear(d, 300),
+        nn.ReLU(),
+        nn.Linear(300, 100),
+        nn.ReLU(),
+        nn.Linear(100, num_classes),
     )
     return _tag(model, "lenet300", input_shape, num_classes)
 
@@ -50,11 +69,17 @@ class LeNet5Caffe(nn.Module):
         super().__init__()
         pad = 2 if min(input_shape[1:]) < 20 else 0
         self.features = nn.Sequential(
-            nn.Conv2d(input_shape[0], 20, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(20, 50, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(input_shape[0], 20, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5, padding=pad),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(_flat_size(self.features, input_shape), 500), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(_flat_size(self.features, input_shape), 500),
+            nn.ReLU(),
             nn.Linear(500, num_classes),
         )
 
@@ -66,7 +91,9 @@ def lenet5_caffe(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.
     return _tag(LeNet5Caffe(input_shape, num_classes), "lenet5", input_shape, num_classes)
 
 
-def vgg_like(input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)) -> nn.Module:
+def vgg_like(
+    input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)
+) -> nn.Module:
     """VGG-like: stages of two conv-BN-ReLU blocks with max-pooling between them, then
     Linear-BN-ReLU-Linear (the shape of the VGG-like CIFAR nets in Bayesian pruning papers)."""
     layers: list[nn.Module] = []
@@ -82,7 +109,9 @@ def vgg_like(input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Se
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     model = nn.Sequential(
         nn.Sequential(*layers),
-        nn.Sequential(nn.Linear(c, 2 * c), nn.BatchNorm1d(2 * c), nn.ReLU(), nn.Linear(2 * c, num_classes)),
+        nn.Sequential(
+            nn.Linear(c, 2 * c), nn.BatchNorm1d(2 * c), nn.ReLU(), nn.Linear(2 * c, num_classes)
+        ),
     )
     return _tag(model, "vgg", input_shape, num_classes, widths=tuple(widths))
 
@@ -98,7 +127,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -109,11 +140,19 @@ class BasicBlock(nn.Module):
 class ResNetSmall(nn.Module):
     """A small ResNet: stem conv-BN-ReLU, stages of BasicBlocks, global average pool, Linear."""
 
-    def __init__(self, input_shape: Shape = (1, 28, 28), num_classes: int = 10,
-                 widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 1, 1)) -> None:
+    def __init__(
+        self,
+        input_shape: Shape = (1, 28, 28),
+        num_classes: int = 10,
+        widths: Sequence[int] = (16, 32, 64),
+        blocks: Sequence[int] = (1, 1, 1),
+    ) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(input_shape[0], widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        )
         stages, c = [], widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             for j in range(n):
@@ -127,10 +166,16 @@ class ResNetSmall(nn.Module):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def resnet_small(input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (16, 32, 64),
-                 blocks: Sequence[int] = (1, 1, 1)) -> nn.Module:
+def resnet_small(
+    input_shape: Shape = (1, 28, 28),
+    num_classes: int = 10,
+    widths: Sequence[int] = (16, 32, 64),
+    blocks: Sequence[int] = (1, 1, 1),
+) -> nn.Module:
     model = ResNetSmall(input_shape, num_classes, widths, blocks)
-    return _tag(model, "resnet", input_shape, num_classes, widths=tuple(widths), blocks=tuple(blocks))
+    return _tag(
+        model, "resnet", input_shape, num_classes, widths=tuple(widths), blocks=tuple(blocks)
+    )
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -141,7 +186,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, input_shape: Shape = (1, 28, 28), num_classes: int = 10, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str, input_shape: Shape = (1, 28, 28), num_classes: int = 10, **kwargs: Any
+) -> nn.Module:
     """Build a reference net by name (``lenet300``, ``lenet5``, ``vgg``, ``resnet``)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")

@@ -1,5 +1,23 @@
 """Pruning and structural surgery: from gates and a threshold to a plain, smaller model."""
 
-from .prune import LayerReport, PruneReport, PruningWarning, SurgeryError, mask_, prune, replay, unmask_
+from .prune import (
+    LayerReport,
+    PruneReport,
+    PruningWarning,
+    SurgeryError,
+    mask_,
+    prune,
+    replay,
+    unmask_,
+)
 
-__all__ = ["LayerReport", "PruneReport", "PruningWarning", "SurgeryError", "mask_", "prune", "replay", "unmask_"]
+__all__ = [
+    "LayerReport",
+    "PruneReport",
+    "PruningWarning",
+    "SurgeryError",
+    "mask_",
+    "prune",
+    "replay",
+    "unmask_",
+]

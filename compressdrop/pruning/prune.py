@@ -21,7 +21,15 @@ from torch import nn
 from ..gating import Gated, detach, example_input_for, gates, is_gated, sites
 from ..gating.gated import _STATE
 
-__all__ = ["LayerReport", "PruneReport", "PruningWarning", "SurgeryError", "mask_", "prune", "replay"]
+__all__ = [
+    "LayerReport",
+    "PruneReport",
+    "PruningWarning",
+    "SurgeryError",
+    "mask_",
+    "prune",
+    "replay",
+]
 
 
 class PruningWarning(UserWarning):
@@ -72,7 +80,9 @@ class PruneReport:
         return d
 
 
-def _keep_masks(model: nn.Module, threshold: float | None) -> dict[int, tuple[str, torch.Tensor, float]]:
+def _keep_masks(
+    model: nn.Module, threshold: float | None
+) -> dict[int, tuple[str, torch.Tensor, float]]:
     out = {}
     for name, g in gates(model):
         thr = g.default_threshold if threshold is None else float(threshold)
@@ -186,7 +196,10 @@ def prune(
         _fold_(site)
         first_site.setdefault(id(site.gate), site.module)
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
-    layers = [LayerReport(name, int(keep.numel()), int(keep.sum()), thr) for name, keep, thr in masks.values()]
+    layers = [
+        LayerReport(name, int(keep.numel()), int(keep.sum()), thr)
+        for name, keep, thr in masks.values()
+    ]
     detach(work)
 
     dg = _dependency_graph(work, example)
@@ -203,9 +216,13 @@ def prune(
         with torch.no_grad():
             out = work(*example)
     except RuntimeError as e:
-        raise SurgeryError(f"the slim model does not run ({e}); please report this model structure") from e
+        raise SurgeryError(
+            f"the slim model does not run ({e}); please report this model structure"
+        ) from e
     if out.shape != reference.shape:
-        raise SurgeryError(f"slim model output shape {tuple(out.shape)} != {tuple(reference.shape)}")
+        raise SurgeryError(
+            f"slim model output shape {tuple(out.shape)} != {tuple(reference.shape)}"
+        )
     err = _rel_error(out, reference)
     if not err <= rtol:
         raise SurgeryError(
@@ -216,7 +233,9 @@ def prune(
     return work
 
 
-def replay(model: nn.Module, history: list, example_inputs: torch.Tensor | tuple | None = None) -> nn.Module:
+def replay(
+    model: nn.Module, history: list, example_inputs: torch.Tensor | tuple | None = None
+) -> nn.Module:
     """Rebuild a slim structure: apply a :class:`PruneReport`'s ``history`` to a fresh dense model.
 
     Loading the slim model's ``state_dict`` into the result restores it without pickled code.

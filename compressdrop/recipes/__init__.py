@@ -14,7 +14,18 @@ from .config import (
 from .io import DEFAULT_RECIPE, dump_recipe, list_recipes, load_recipe, recipe_path
 
 __all__ = [
-    "DEFAULT_RECIPE", "DataConfig", "ExportConfig", "GateConfig", "ModelConfig", "PruneConfig",
-    "Recipe", "RecipeError", "StageConfig", "Stages", "dump_recipe", "list_recipes", "load_recipe",
+    "DEFAULT_RECIPE",
+    "DataConfig",
+    "ExportConfig",
+    "GateConfig",
+    "ModelConfig",
+    "PruneConfig",
+    "Recipe",
+    "RecipeError",
+    "StageConfig",
+    "Stages",
+    "dump_recipe",
+    "list_recipes",
+    "load_recipe",
     "recipe_path",
 ]

@@ -8,6 +8,7 @@ those dicts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -59,7 +60,11 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "data.batch_size", f"must be ≥ 1, got {self.batch_size}")
-        _check(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _check(
+            0 <= self.val_fraction < 1,
+            "data.val_fraction",
+            f"must be in [0, 1), got {self.val_fraction}",
+        )
 
 
 @dataclass(frozen=True)
@@ -74,13 +79,24 @@ class GateConfig:
     kl_cost: str = "uniform"
 
     def __post_init__(self) -> None:
-        from ..gating.gated import KL_COSTS
         from ..gates import GATES
+        from ..gating.gated import KL_COSTS
 
-        _check(self.family in GATES, "gates.family", f"unknown family {self.family!r}; one of {sorted(GATES)}")
-        _check(self.granularity in ("auto", "channel", "neuron"), "gates.granularity",
-               f"must be auto, channel or neuron, got {self.granularity!r}")
-        _check(self.kl_cost in KL_COSTS, "gates.kl_cost", f"must be one of {KL_COSTS}, got {self.kl_cost!r}")
+        _check(
+            self.family in GATES,
+            "gates.family",
+            f"unknown family {self.family!r}; one of {sorted(GATES)}",
+        )
+        _check(
+            self.granularity in ("auto", "channel", "neuron"),
+            "gates.granularity",
+            f"must be auto, channel or neuron, got {self.granularity!r}",
+        )
+        _check(
+            self.kl_cost in KL_COSTS,
+            "gates.kl_cost",
+            f"must be one of {KL_COSTS}, got {self.kl_cost!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -95,7 +111,11 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs", f"must be ≥ 0, got {self.epochs}")
-        _check(self.optimizer in ("adam", "sgd"), "optimizer", f"must be adam or sgd, got {self.optimizer!r}")
+        _check(
+            self.optimizer in ("adam", "sgd"),
+            "optimizer",
+            f"must be adam or sgd, got {self.optimizer!r}",
+        )
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.gate_lr > 0, "gate_lr", f"must be > 0, got {self.gate_lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")
@@ -110,7 +130,11 @@ class Stages:
     finetune: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
 
     def __post_init__(self) -> None:
-        _check(self.sparsify.epochs >= 1, "stages.sparsify.epochs", "must be ≥ 1 (the gates need training)")
+        _check(
+            self.sparsify.epochs >= 1,
+            "stages.sparsify.epochs",
+            "must be ≥ 1 (the gates need training)",
+        )
 
 
 @dataclass(frozen=True)
@@ -120,7 +144,11 @@ class PruneConfig:
     threshold: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.threshold is None or self.threshold >= 0, "prune.threshold", f"must be ≥ 0, got {self.threshold}")
+        _check(
+            self.threshold is None or self.threshold >= 0,
+            "prune.threshold",
+            f"must be ≥ 0, got {self.threshold}",
+        )
 
 
 @dataclass(frozen=True)
@@ -187,11 +215,15 @@ def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - names)
     if unknown:
-        raise RecipeError(f"{_join(path, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
+        raise RecipeError(
+            f"{_join(path, unknown[0])}: unknown key (known: {', '.join(sorted(names))})"
+        )
     if base is None:
         base = cls()
     kwargs = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
-    kwargs.update({k: _coerce(hints[k], v, _join(path, k), getattr(base, k)) for k, v in data.items()})
+    kwargs.update(
+        {k: _coerce(hints[k], v, _join(path, k), getattr(base, k)) for k, v in data.items()}
+    )
     try:
         return cls(**kwargs)
     except ValueError as e:  # RecipeError from nested checks, ValueError from shared classes
@@ -214,15 +246,21 @@ def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
         _check(isinstance(value, bool), path, f"expected true/false, got {value!r}")
         return value
     if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), path, f"expected an integer, got {value!r}")
+        _check(
+            isinstance(value, int) and not isinstance(value, bool),
+            path,
+            f"expected an integer, got {value!r}",
+        )
         return value
     if tp is float:
         if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), path, f"expected a number, got {value!r}")
+        _check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            path,
+            f"expected a number, got {value!r}",
+        )
         return float(value)
     if tp is str:
         _check(isinstance(value, str), path, f"expected a string, got {value!r}")

@@ -84,11 +84,21 @@ def _units(model: nn.Module, threshold: float | None) -> tuple[int, int]:
 class _Run:
     """State of one run; one method per lifecycle step."""
 
-    def __init__(self, recipe: Recipe, dataset, out_dir: Path, device: torch.device, progress: Callable | None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        dataset,
+        out_dir: Path,
+        device: torch.device,
+        progress: Callable | None,
+    ):
         self.recipe, self.data, self.out, self.device = recipe, dataset, out_dir, device
         self.progress = progress or (lambda event: None)
-        self.train, self.val = dataset.split_validation(recipe.data.val_fraction, seed=recipe.seed) \
-            if recipe.data.val_fraction > 0 else (dataset, dataset)
+        self.train, self.val = (
+            dataset.split_validation(recipe.data.val_fraction, seed=recipe.seed)
+            if recipe.data.val_fraction > 0
+            else (dataset, dataset)
+        )
         self.history: list[dict[str, Any]] = []
         self.dense_metrics: dict[str, Any] | None = None
         self.prune_info: dict[str, Any] | None = None
@@ -97,8 +107,11 @@ class _Run:
     # -- model structure per stage ------------------------------------------------------------------
     def arch(self) -> dict[str, Any]:
         m = self.recipe.model
-        record: dict[str, Any] = {"input_shape": list(self.data.input_shape), "num_classes": self.data.num_classes,
-                                  "kwargs": dict(m.kwargs)}
+        record: dict[str, Any] = {
+            "input_shape": list(self.data.input_shape),
+            "num_classes": self.data.num_classes,
+            "kwargs": dict(m.kwargs),
+        }
         record["factory" if ":" in m.arch else "name"] = m.arch
         return record
 
@@ -107,8 +120,16 @@ class _Run:
 
     def attach(self, model: nn.Module) -> nn.Module:
         g = self.recipe.gates
-        return attach(model, g.family, g.granularity, list(g.include) or None, list(g.exclude) or None,
-                      example_inputs=self.example(), gate_kwargs=g.kwargs, kl_cost=g.kl_cost)
+        return attach(
+            model,
+            g.family,
+            g.granularity,
+            list(g.include) or None,
+            list(g.exclude) or None,
+            example_inputs=self.example(),
+            gate_kwargs=g.kwargs,
+            kl_cost=g.kl_cost,
+        )
 
     def model_for(self, stage: str, prune_history: list | None = None) -> nn.Module:
         model = build_arch(self.arch()).to(self.device)
@@ -123,11 +144,16 @@ class _Run:
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, stage: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         payload = {
-            "format": "compressdrop-run", "stage": stage, "epoch": epoch,
+            "format": "compressdrop-run",
+            "stage": stage,
+            "epoch": epoch,
             "recipe": self.recipe.to_dict(),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            "history": self.history, "dense_metrics": self.dense_metrics, "prune_info": self.prune_info,
+            "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+            "dense_metrics": self.dense_metrics,
+            "prune_info": self.prune_info,
         }
         with atomic_write(self.ckpt) as tmp:
             torch.save(payload, tmp)
@@ -137,11 +163,15 @@ class _Run:
         if payload.get("format") != "compressdrop-run":
             raise ValueError(f"{self.ckpt}: not a compressdrop run checkpoint")
         if payload["recipe"] != self.recipe.to_dict():
-            raise ValueError(f"{self.ckpt}: was written by a different recipe; resume with the same one")
+            raise ValueError(
+                f"{self.ckpt}: was written by a different recipe; resume with the same one"
+            )
         return payload
 
     # -- training -----------------------------------------------------------------------------------
-    def fit(self, stage: str, model: nn.Module, opt: torch.optim.Optimizer, start_epoch: int) -> None:
+    def fit(
+        self, stage: str, model: nn.Module, opt: torch.optim.Optimizer, start_epoch: int
+    ) -> None:
         cfg: StageConfig = getattr(self.recipe.stages, stage)
         x, y = self.train.x_train.to(self.device), self.train.y_train.to(self.device)
         n, bs = len(x), self.recipe.data.batch_size
@@ -150,7 +180,9 @@ class _Run:
             t0 = time.perf_counter()
             model.train()
             # the order depends only on (seed, stage, epoch): resuming reproduces it
-            gen = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch)
+            gen = torch.Generator().manual_seed(
+                self.recipe.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch
+            )
             perm = torch.randperm(n, generator=gen).to(self.device)
             tot_loss = tot_kl = 0.0
             for i in range(steps):
@@ -171,9 +203,16 @@ class _Run:
                 opt.step()
                 tot_loss += float(loss.detach())
             val = evaluate(model, self.val.x_test, self.val.y_test)
-            row = {"stage": stage, "epoch": epoch + 1, "epochs": cfg.epochs, "loss": tot_loss / steps,
-                   "kl": tot_kl / steps, "val_accuracy": val.accuracy, "val_nll": val.nll,
-                   "seconds": time.perf_counter() - t0}
+            row = {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "epochs": cfg.epochs,
+                "loss": tot_loss / steps,
+                "kl": tot_kl / steps,
+                "val_accuracy": val.accuracy,
+                "val_nll": val.nll,
+                "seconds": time.perf_counter() - t0,
+            }
             if stage == "sparsify":
                 row["units_kept"], row["units_total"] = _units(model, self.recipe.prune.threshold)
             self.history.append(row)
@@ -213,8 +252,11 @@ def run_recipe(
         name = arch.get("factory") or arch.get("name")
         recipe = recipe.replace(
             model=type(recipe.model)(arch=name, kwargs=dict(arch.get("kwargs") or {})),
-            stages=type(recipe.stages)(pretrain=type(recipe.stages.pretrain)(epochs=0),
-                                       sparsify=recipe.stages.sparsify, finetune=recipe.stages.finetune),
+            stages=type(recipe.stages)(
+                pretrain=type(recipe.stages.pretrain)(epochs=0),
+                sparsify=recipe.stages.sparsify,
+                finetune=recipe.stages.finetune,
+            ),
         )
     run = _Run(recipe, dataset, out, dev, progress)
     t_start = time.perf_counter()
@@ -226,7 +268,11 @@ def run_recipe(
         if not run.ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {run.ckpt}")
         state = run.load()
-        run.history, run.dense_metrics, run.prune_info = state["history"], state["dense_metrics"], state["prune_info"]
+        run.history, run.dense_metrics, run.prune_info = (
+            state["history"],
+            state["dense_metrics"],
+            state["prune_info"],
+        )
     else:
         seed_everything(recipe.seed)
     start_stage = STAGES.index(state["stage"]) if state else 0
@@ -262,8 +308,12 @@ def run_recipe(
             m = run.test(model)
             run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
         if stage == "sparsify":
-            gated_path = save_model(model, out / "gated.pt", recipe=recipe.to_dict(),
-                                    meta={"val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy})
+            gated_path = save_model(
+                model,
+                out / "gated.pt",
+                recipe=recipe.to_dict(),
+                meta={"val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy},
+            )
     assert model is not None
     model.eval()
     slim_path = save_model(model, out / "slim.pt", recipe=recipe.to_dict())
@@ -272,9 +322,14 @@ def run_recipe(
         from ..export import export_onnx
 
         onnx_path = out / "slim.onnx"
-        meta = {"threshold": str(report["threshold"]), "units_kept": report["architecture_after"],
-                "recipe": recipe.name}
-        exp = export_onnx(model.cpu(), run.example(4).cpu(), onnx_path, metadata=meta, opset=recipe.export.opset)
+        meta = {
+            "threshold": str(report["threshold"]),
+            "units_kept": report["architecture_after"],
+            "recipe": recipe.name,
+        }
+        exp = export_onnx(
+            model.cpu(), run.example(4).cpu(), onnx_path, metadata=meta, opset=recipe.export.opset
+        )
         report["onnx_bytes"] = exp.bytes
     with atomic_write(out / "report.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
@@ -290,7 +345,9 @@ def _prune_stage(run: _Run, model: nn.Module) -> nn.Module:
     rep = slim.prune_report
     run.prune_info = {"history": rep.to_dict()["history"], "report": rep.to_dict()}
     m = evaluate(slim, run.val.x_test, run.val.y_test)
-    run.progress({"event": "pruned", "architecture": rep.architecture(), "val_accuracy": m.accuracy})
+    run.progress(
+        {"event": "pruned", "architecture": rep.architecture(), "val_accuracy": m.accuracy}
+    )
     return slim
 
 
@@ -311,10 +368,17 @@ def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
         "device": str(run.device),
         "seed": run.recipe.seed,
         "epochs": {s: getattr(run.recipe.stages, s).epochs for s in STAGES},
-        "threshold": run.recipe.prune.threshold if rep is None or rep.threshold is None else rep.threshold,
+        "threshold": run.recipe.prune.threshold
+        if rep is None or rep.threshold is None
+        else rep.threshold,
         "family": run.recipe.gates.family,
         "dense": {**(run.dense_metrics or {}), "params": d_params, "flops": d_flops},
-        "slim": {"test_accuracy": test.accuracy, "test_nll": test.nll, "params": s_params, "flops": s_flops},
+        "slim": {
+            "test_accuracy": test.accuracy,
+            "test_nll": test.nll,
+            "params": s_params,
+            "flops": s_flops,
+        },
         "params_reduction": d_params / max(s_params, 1),
         "flops_reduction": d_flops / max(s_flops, 1),
         "architecture_before": "-".join(str(layer["before"]) for layer in layers),

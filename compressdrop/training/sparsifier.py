@@ -13,7 +13,9 @@ from .schedule import KLSchedule
 __all__ = ["Sparsifier", "param_groups"]
 
 
-def param_groups(model: nn.Module, lr: float, gate_lr: float, weight_decay: float = 0.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, gate_lr: float, weight_decay: float = 0.0
+) -> list[dict]:
     """Optimizer parameter groups: the model's weights (with weight decay) and the gates' own
     parameters (their learning rate, no weight decay — decay would bias the noise posteriors)."""
     gate_ids = {id(p) for _, g in gates(model) for p in g.parameters()}
@@ -68,9 +70,17 @@ class Sparsifier:
         """Attach the recipe's gates and use its KL schedule and threshold."""
         g = recipe.gates
         return cls(
-            model, n_train, gate=g.family, schedule=recipe.kl, threshold=recipe.prune.threshold,
-            example_inputs=example_inputs, granularity=g.granularity, include=list(g.include) or None,
-            exclude=list(g.exclude) or None, gate_kwargs=g.kwargs, kl_cost=g.kl_cost,
+            model,
+            n_train,
+            gate=g.family,
+            schedule=recipe.kl,
+            threshold=recipe.prune.threshold,
+            example_inputs=example_inputs,
+            granularity=g.granularity,
+            include=list(g.include) or None,
+            exclude=list(g.exclude) or None,
+            gate_kwargs=g.kwargs,
+            kl_cost=g.kl_cost,
         )
 
     def param_groups(self, lr: float, gate_lr: float, weight_decay: float = 0.0) -> list[dict]:
