@@ -481,6 +481,127 @@ def eval_cmd(model_path, data, arch, trust_pickle, device, as_json) -> None:
     )
 
 
+@main.command()
+@click.argument("model_path", metavar="CHECKPOINT", type=click.Path(dir_okay=False))
+@click.option(
+    "--data",
+    "-d",
+    default="digits",
+    show_default=True,
+    help="digits | fashion-mnist[:DIR] | FILE.npz",
+)
+@click.option(
+    "--thresholds",
+    "-t",
+    default=None,
+    metavar="T1,T2,...",
+    help="SNR thresholds (default: 10 quantiles of the model's SNRs plus the family default).",
+)
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    type=click.Path(file_okay=False),
+    default="runs/sweep",
+    show_default=True,
+    help="Folder for sweep.csv, sweep.json and sweep.png.",
+)
+@click.option(
+    "--batch", type=int, default=256, show_default=True, help="Batch size of the latency runs."
+)
+@click.option(
+    "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)."
+)
+@DEVICE
+@JSON
+@_guard
+def sweep(model_path, data, thresholds, out, batch, threads, device, as_json) -> None:
+    """Accuracy against size over SNR thresholds, from one trained gated checkpoint.
+
+    Each threshold gives a slim model; its accuracy and NLL (PyTorch on DEVICE), parameters,
+    FLOPs, ONNX bytes and onnxruntime latency at --batch are measured. Writes a table, CSV, JSON
+    and a PNG plot with the Pareto front.
+
+    \b
+    Example:
+      compressdrop sweep runs/demo/gated.pt --data digits --out runs/demo/sweep
+    """
+    from .evaluation.sweep import sweep as run_sweep
+    from .evaluation.sweep import write_sweep
+    from .gating import is_gated
+
+    model = _load(model_path, None, False)
+    if not is_gated(model):
+        raise _Failure(
+            f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
+        )
+    ds = _data(data)
+    _check_shape(model, ds)
+    try:
+        thr = [float(t) for t in thresholds.split(",")] if thresholds else None
+    except ValueError:
+        raise click.BadParameter(f"not a comma-separated list of numbers: {thresholds!r}") from None
+    console = _console()
+    rows = run_sweep(
+        model,
+        ds.x_test,
+        ds.y_test,
+        thr,
+        device=device,
+        latency_batch=batch,
+        threads=threads,
+        progress=None
+        if as_json
+        else lambda r: console.print(
+            f"threshold {r.threshold:.4g}: {r.architecture} acc {r.accuracy:.4f}"
+        ),
+    )
+    paths = write_sweep(rows, out, title=f"{Path(model_path).name} on {ds.name}")
+
+    def text() -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(
+            title=f"sweep of {model_path} on {ds.name} ({rows[0].device}, onnxruntime "
+            f"{rows[0].provider}, batch {batch}, threads {threads or 'default'})"
+        )
+        for col in (
+            "threshold",
+            "units",
+            "test acc",
+            "NLL",
+            "params",
+            "FLOPs",
+            "ONNX bytes",
+            "latency ms",
+            "Pareto",
+        ):
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(
+                f"{r.threshold:.4g}",
+                r.architecture,
+                f"{r.accuracy:.4f}",
+                f"{r.nll:.4f}",
+                f"{r.params:,}",
+                f"{r.flops:,}",
+                f"{r.onnx_bytes:,}",
+                f"{r.latency_ms:.3f}",
+                "*" if r.pareto else "",
+            )
+        Console().print(t)
+        click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+    from dataclasses import asdict
+
+    _emit(
+        as_json,
+        {"rows": [asdict(r) for r in rows], "files": {k: str(v) for k, v in paths.items()}},
+        text,
+    )
+
+
 @main.group()
 def recipes() -> None:
     """List and show the shipped recipes."""

@@ -266,3 +266,51 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     assert "loss is nan" in res.stderr and "checkpoint" in res.stderr
     assert (tmp_path / "out" / "checkpoint.pt").exists()
     assert not (tmp_path / "out" / "slim.pt").exists()
+
+
+def test_sweep_writes_table_csv_json_png_matching_a_separate_eval(trained, tmp_path):
+    import csv
+
+    import compressdrop as cd
+
+    d, _ = trained
+    gated = load_model(d / "out" / "gated.pt")
+    snr = torch.cat([g.snr().detach() for _, g in cd.gates(gated)])
+    thr = [float(snr.quantile(0.3)), float(snr.quantile(0.7))]
+    res = run(
+        [
+            "sweep",
+            d / "out" / "gated.pt",
+            "--data",
+            "digits",
+            "--thresholds",
+            ",".join(map(str, thr)),
+            "--out",
+            tmp_path / "sw",
+            "--json",
+        ]
+    )
+    rows = json.loads(res.stdout)["rows"]
+    assert [r["threshold"] for r in rows] == [0.0, *thr]
+    assert rows[0]["units"] > rows[1]["units"] > rows[2]["units"]
+    assert all(
+        r["latency_ms"] > 0 and r["onnx_bytes"] > 0 and r["provider"] == "CPUExecutionProvider"
+        for r in rows
+    )
+    with open(tmp_path / "sw" / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    png = (tmp_path / "sw" / "sweep.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    # the same slim model, pruned and evaluated separately, gives the same numbers
+    run(["prune", d / "out" / "gated.pt", "-t", thr[1], "-o", tmp_path / "s.pt"])
+    ev = json.loads(run(["eval", tmp_path / "s.pt", "--data", "digits", "--json"]).stdout)
+    assert ev["accuracy"] == pytest.approx(rows[2]["accuracy"], abs=1e-9)
+    assert ev["params"] == rows[2]["params"] and ev["flops"] == rows[2]["flops"]
+    assert ev["nll"] == pytest.approx(rows[2]["nll"], rel=1e-6)
+
+
+def test_sweep_refuses_a_model_without_gates(tmp_path):
+    save_model(build_model("lenet300", (1, 8, 8)), tmp_path / "dense.pt")
+    res = run(["sweep", tmp_path / "dense.pt", "--out", tmp_path / "sw"], expect=1)
+    assert "no trained gates" in res.stderr
+    assert not (tmp_path / "sw").exists()

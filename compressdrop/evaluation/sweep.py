@@ -1,0 +1,210 @@
+"""Accuracy against size over a sweep of pruning thresholds drawn from one trained gated model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from ..gating import gates
+from .metrics import evaluate
+from .size import count_flops, count_params
+
+__all__ = ["SweepRow", "default_thresholds", "pareto_front", "plot_sweep", "sweep", "write_sweep"]
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One slim model of the sweep (``threshold`` 0 keeps every unit: the unpruned reference)."""
+
+    threshold: float
+    source: (
+        str  # which knob produced the point: "threshold" (free) — β points come from separate runs
+    )
+    architecture: str
+    units: int
+    accuracy: float
+    nll: float
+    params: int
+    flops: int
+    onnx_bytes: int
+    latency_ms: float
+    latency_batch: int
+    threads: int
+    provider: str
+    device: str
+    pareto: bool = False
+
+
+def default_thresholds(model: nn.Module, n: int = 10) -> list[float]:
+    """``n`` thresholds spread over the quantiles of the model's SNRs, plus each family's default."""
+    snr = torch.cat([g.snr().detach().flatten() for _, g in gates(model)]).double()
+    qs = torch.linspace(0.05, 0.95, n, dtype=torch.float64)
+    values = {round(float(v), 6) for v in snr.quantile(qs)}
+    values |= {round(float(g.default_threshold), 6) for _, g in gates(model)}
+    return sorted(v for v in values if v > 0)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
+    """For (size, accuracy) points: True where no other point is at most as large and more accurate."""
+    flags = []
+    for i, (s, a) in enumerate(points):
+        dominated = any(
+            (s2 <= s and a2 >= a) and (s2 < s or a2 > a)
+            for j, (s2, a2) in enumerate(points)
+            if j != i
+        )
+        flags.append(not dominated)
+    return flags
+
+
+def sweep(
+    model: nn.Module,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    thresholds: list[float] | None = None,
+    *,
+    device: str = "auto",
+    latency_batch: int = 256,
+    threads: int | None = None,
+    repeats: int = 30,
+    progress: Any = None,
+) -> list[SweepRow]:
+    """Build the slim model at each threshold and measure it.
+
+    Accuracy and NLL run in PyTorch on ``device``; latency runs the exported ONNX file in
+    onnxruntime (CUDA provider on a GPU, CPU otherwise) at ``latency_batch`` with ``threads``
+    intra-op threads. Row 0 is threshold 0: every unit kept, the unpruned reference.
+    """
+    from ..export import export_onnx
+    from ..pruning import PruningWarning, prune
+    from ..training.runner import resolve_device
+    from .latency import ort_latency
+
+    dev = resolve_device(device)
+    thresholds = [0.0, *(thresholds if thresholds is not None else default_thresholds(model))]
+    example = x_test[:2]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, thr in enumerate(thresholds):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PruningWarning)
+                slim = prune(model.cpu(), thr, example_inputs=example)
+            rep = slim.prune_report
+            onnx_path = Path(tmp) / f"slim{i}.onnx"
+            exported = export_onnx(
+                slim,
+                example,
+                onnx_path,
+                check_batch_sizes=(1, 7),
+                providers="cuda" if dev.type == "cuda" else "cpu",
+            )
+            lat = ort_latency(
+                onnx_path,
+                latency_batch,
+                threads=threads,
+                provider="cuda" if dev.type == "cuda" else "cpu",
+                repeats=repeats,
+            )
+            m = evaluate(slim.to(dev), x_test, y_test)
+            rows.append(
+                SweepRow(
+                    threshold=thr,
+                    source="threshold",
+                    architecture=rep.architecture().split(" → ")[1],
+                    units=rep.units_after,
+                    accuracy=m.accuracy,
+                    nll=m.nll,
+                    params=count_params(slim),
+                    flops=count_flops(slim.cpu(), example),
+                    onnx_bytes=exported.bytes,
+                    latency_ms=lat.median_ms,
+                    latency_batch=latency_batch,
+                    threads=threads or 0,
+                    provider=lat.provider,
+                    device=str(dev),
+                )
+            )
+            if progress is not None:
+                progress(rows[-1])
+    flags = pareto_front([(r.flops, r.accuracy) for r in rows])
+    return [SweepRow(**{**asdict(r), "pareto": f}) for r, f in zip(rows, flags)]
+
+
+def write_sweep(rows: list[SweepRow], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` into ``out_dir`` (each atomically)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = [asdict(r) for r in rows]
+    paths = {"csv": out / "sweep.csv", "json": out / "sweep.json", "png": out / "sweep.png"}
+    with atomic_write(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(data[0]))
+        w.writeheader()
+        w.writerows(data)
+    with atomic_write(paths["json"]) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2))
+    plot_sweep(rows, paths["png"], title)
+    return paths
+
+
+def plot_sweep(rows: list[SweepRow], path: str | Path, title: str = "") -> None:
+    """Accuracy against parameters and against FLOPs (log scale), Pareto front joined, the
+    unpruned model (threshold 0) marked as the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    ref = rows[0]
+    for ax, key, label in (
+        (axes[0], "params", "parameters"),
+        (axes[1], "flops", "FLOPs per example"),
+    ):
+        xs = [getattr(r, key) for r in rows]
+        ax.scatter(
+            xs[1:],
+            [100 * r.accuracy for r in rows[1:]],
+            c="tab:blue",
+            label="slim (threshold sweep)",
+        )
+        front = sorted(
+            (getattr(r, key), 100 * r.accuracy)
+            for r, flag in zip(rows, pareto_front([(getattr(r, key), r.accuracy) for r in rows]))
+            if flag
+        )
+        ax.plot(*zip(*front), "-", c="tab:orange", label="Pareto front")
+        ax.scatter(
+            [getattr(ref, key)],
+            [100 * ref.accuracy],
+            marker="*",
+            s=200,
+            c="black",
+            label="unpruned (threshold 0)",
+            zorder=3,
+        )
+        for r in rows[1:]:
+            ax.annotate(
+                f"{r.threshold:.3g}",
+                (getattr(r, key), 100 * r.accuracy),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(label + " (log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "accuracy against size (labels: SNR threshold)")
+    with atomic_write(Path(path)) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
