@@ -59,9 +59,9 @@ class Gate(nn.Module):
 
     # --- derived quantities ---------------------------------------------------------------------
     def _out(self, value: torch.Tensor) -> torch.Tensor:
-        """Cast a float64 per-unit result back to the parameters' dtype."""
-        dtype = next(self.parameters()).dtype
-        return value.to(dtype if dtype != torch.float64 else torch.float64)
+        """Cast a float64 per-unit result back to the parameters' dtype (bf16/fp16 gates included:
+        the closed forms themselves always run in float64)."""
+        return value.to(next(self.parameters()).dtype)
 
     def kl_per_unit(self) -> torch.Tensor:
         return self._out(kl_divergence(self.posterior(), self.prior()))
