@@ -1,7 +1,7 @@
 """Benchmark 4: surgery and export time for a ResNet-18-sized net (about 11 M parameters), CPU.
 
 Run: .venv/bin/python benchmarks/bench_surgery.py
-The gates get random parameters so that about half of every group's units fall below the threshold.
+The gates get random parameters and the threshold is their median SNR: about half the units go.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def main() -> None:
         for _, g in cd.gates(model):
             g.mu.uniform_(-3, 0.5)
             g.log_sigma.uniform_(-3, 0.5)
+    threshold = float(torch.cat([g.snr().detach() for _, g in cd.gates(model)]).median())
     t0 = time.perf_counter()
-    slim = cd.prune(model, 1.0, example_inputs=x)
+    slim = cd.prune(model, threshold, example_inputs=x)
     t_prune = time.perf_counter() - t0
     t0 = time.perf_counter()
     report = cd.export_onnx(slim, x, "/tmp/compressdrop-bench-resnet18.onnx")
