@@ -59,8 +59,13 @@ def l1_prune_to_flops(dense, example, target_flops):
     def pruned(ratio):
         m = copy.deepcopy(dense)
         last = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1]
-        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=ratio, ignored_layers=[last])
+        pruner = tp.pruner.MetaPruner(
+            m,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=ratio,
+            ignored_layers=[last],
+        )
         pruner.step()
         return m
 
@@ -76,7 +81,10 @@ def l1_prune_to_flops(dense, example, target_flops):
 
 def onnx_latency(model, example, path):
     export_onnx(model, example, path, check_batch_sizes=(1, 7))
-    return {b: ort_latency(path, b, threads=2, provider="cpu", repeats=50 if b == 1 else 20).median_ms for b in (1, 256)}
+    return {
+        b: ort_latency(path, b, threads=2, provider="cpu", repeats=50 if b == 1 else 20).median_ms
+        for b in (1, 256)
+    }
 
 
 def main() -> None:
@@ -103,14 +111,32 @@ def main() -> None:
     if dense_path.exists():
         dense = load_model(dense_path)
     else:
-        dense = build_arch({"name": args.net, "input_shape": list(data.input_shape), "num_classes": 10, "kwargs": {}})
+        dense = build_arch(
+            {
+                "name": args.net,
+                "input_shape": list(data.input_shape),
+                "num_classes": 10,
+                "kwargs": {},
+            }
+        )
         finetune(dense, train, args.pretrain, 1e-3)
         save_model(dense, dense_path)
     d_flops, d_params = count_flops(dense, example), count_params(dense)
     lat = onnx_latency(dense, example, runs / "dense.onnx")
-    rows.append({"method": "dense", "epochs": args.pretrain, "val acc": evaluate(dense, val.x_test, val.y_test).accuracy,
-                 "test acc": evaluate(dense, data.x_test, data.y_test).accuracy, "params": d_params,
-                 "FLOPs": d_flops, "FLOPs ×": 1.0, "ms@1": lat[1], "ms@256": lat[256], "speed-up@256": 1.0})
+    rows.append(
+        {
+            "method": "dense",
+            "epochs": args.pretrain,
+            "val acc": evaluate(dense, val.x_test, val.y_test).accuracy,
+            "test acc": evaluate(dense, data.x_test, data.y_test).accuracy,
+            "params": d_params,
+            "FLOPs": d_flops,
+            "FLOPs ×": 1.0,
+            "ms@1": lat[1],
+            "ms@256": lat[256],
+            "speed-up@256": 1.0,
+        }
+    )
     print(rows[-1], flush=True)
 
     for family in args.families.split(","):
@@ -128,12 +154,22 @@ def main() -> None:
         slim = load_model(result.slim_path)
         s_flops = count_flops(slim, example)
         lat = onnx_latency(slim, example, out / "bench.onnx")
-        rows.append({"method": f"{family} (Bayesian)", "epochs": args.pretrain + args.sparsify + args.finetune,
-                     "val acc": evaluate(slim, val.x_test, val.y_test).accuracy,
-                     "test acc": result.report["slim"]["test_accuracy"], "params": count_params(slim),
-                     "FLOPs": s_flops, "FLOPs ×": d_flops / s_flops, "ms@1": lat[1], "ms@256": lat[256],
-                     "speed-up@256": rows[0]["ms@256"] / lat[256],
-                     "units": result.report["architecture_after"], "wall s": t_run})
+        rows.append(
+            {
+                "method": f"{family} (Bayesian)",
+                "epochs": args.pretrain + args.sparsify + args.finetune,
+                "val acc": evaluate(slim, val.x_test, val.y_test).accuracy,
+                "test acc": result.report["slim"]["test_accuracy"],
+                "params": count_params(slim),
+                "FLOPs": s_flops,
+                "FLOPs ×": d_flops / s_flops,
+                "ms@1": lat[1],
+                "ms@256": lat[256],
+                "speed-up@256": rows[0]["ms@256"] / lat[256],
+                "units": result.report["architecture_after"],
+                "wall s": t_run,
+            }
+        )
         print(rows[-1], flush=True)
 
         t0 = time.perf_counter()
@@ -141,21 +177,50 @@ def main() -> None:
         finetune(base, train, args.sparsify + args.finetune, 3e-4)
         b_flops = count_flops(base, example)
         lat = onnx_latency(base, example, out / "l1.onnx")
-        rows.append({"method": f"L1 magnitude (Torch-Pruning), matched to {family}",
-                     "epochs": args.pretrain + args.sparsify + args.finetune,
-                     "val acc": evaluate(base, val.x_test, val.y_test).accuracy,
-                     "test acc": evaluate(base, data.x_test, data.y_test).accuracy, "params": count_params(base),
-                     "FLOPs": b_flops, "FLOPs ×": d_flops / b_flops, "ms@1": lat[1], "ms@256": lat[256],
-                     "speed-up@256": rows[0]["ms@256"] / lat[256], "units": f"ratio {ratio:.3f}",
-                     "wall s": time.perf_counter() - t0})
+        rows.append(
+            {
+                "method": f"L1 magnitude (Torch-Pruning), matched to {family}",
+                "epochs": args.pretrain + args.sparsify + args.finetune,
+                "val acc": evaluate(base, val.x_test, val.y_test).accuracy,
+                "test acc": evaluate(base, data.x_test, data.y_test).accuracy,
+                "params": count_params(base),
+                "FLOPs": b_flops,
+                "FLOPs ×": d_flops / b_flops,
+                "ms@1": lat[1],
+                "ms@256": lat[256],
+                "speed-up@256": rows[0]["ms@256"] / lat[256],
+                "units": f"ratio {ratio:.3f}",
+                "wall s": time.perf_counter() - t0,
+            }
+        )
         print(rows[-1], flush=True)
 
-    cols = ["method", "epochs", "units", "val acc", "test acc", "params", "FLOPs", "FLOPs ×", "ms@1", "ms@256",
-            "speed-up@256", "wall s"]
+    cols = [
+        "method",
+        "epochs",
+        "units",
+        "val acc",
+        "test acc",
+        "params",
+        "FLOPs",
+        "FLOPs ×",
+        "ms@1",
+        "ms@256",
+        "speed-up@256",
+        "wall s",
+    ]
     table = markdown_table(rows, cols)
     print(table)
-    save(f"accuracy_size_{args.net}", {"args": vars(args), "rows": rows, "table": table, "seed": 0,
-                                       "wall_seconds": time.perf_counter() - t_start})
+    save(
+        f"accuracy_size_{args.net}",
+        {
+            "args": vars(args),
+            "rows": rows,
+            "table": table,
+            "seed": 0,
+            "wall_seconds": time.perf_counter() - t_start,
+        },
+    )
     _plot(rows, RESULTS / f"accuracy_size_{args.net}.png", args.net)
 
 
@@ -168,11 +233,21 @@ def _plot(rows, path: Path, net: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     for ax, key in ((axes[0], "params"), (axes[1], "FLOPs")):
         for r in rows:
-            style = ("*", "black", 200) if r["method"] == "dense" else \
-                ("o", "tab:blue", 50) if "Bayesian" in r["method"] else ("s", "tab:red", 50)
+            style = (
+                ("*", "black", 200)
+                if r["method"] == "dense"
+                else ("o", "tab:blue", 50)
+                if "Bayesian" in r["method"]
+                else ("s", "tab:red", 50)
+            )
             ax.scatter(r[key], 100 * r["test acc"], marker=style[0], c=style[1], s=style[2])
-            ax.annotate(r["method"].split(" ")[0], (r[key], 100 * r["test acc"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
+            ax.annotate(
+                r["method"].split(" ")[0],
+                (r[key], 100 * r["test acc"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
         ax.set_xscale("log")
         ax.set_xlabel(f"{key} (log scale)")
         ax.set_ylabel("test accuracy (%)")

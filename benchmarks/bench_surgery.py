@@ -38,9 +38,14 @@ def main() -> None:
     report = cd.export_onnx(slim, x, "/tmp/compressdrop-bench-resnet18.onnx")
     t_export = time.perf_counter() - t0
     row = {
-        "params dense": dense_params, "params slim": count_params(slim), "FLOPs dense": dense_flops,
-        "FLOPs slim": count_flops(slim, x), "attach s": t_attach, "prune s (incl. parity check)": t_prune,
-        "export s (incl. onnxruntime checks)": t_export, "ONNX MB": report.bytes / 1e6,
+        "params dense": dense_params,
+        "params slim": count_params(slim),
+        "FLOPs dense": dense_flops,
+        "FLOPs slim": count_flops(slim, x),
+        "attach s": t_attach,
+        "prune s (incl. parity check)": t_prune,
+        "export s (incl. onnxruntime checks)": t_export,
+        "ONNX MB": report.bytes / 1e6,
         "max rel error": slim.prune_report.max_rel_error,
     }
     table = markdown_table([row], list(row))

@@ -51,8 +51,15 @@ def main() -> None:
         for family in GATES:
             model = cd.attach(build_model(net), gate=family).train()
             gated = step_times(model, x, y, 60000, args.steps, True)
-            rows.append({"net": net, "family": family, "plain ms": plain, "gated ms": gated,
-                         "ratio": gated / plain})
+            rows.append(
+                {
+                    "net": net,
+                    "family": family,
+                    "plain ms": plain,
+                    "gated ms": gated,
+                    "ratio": gated / plain,
+                }
+            )
             print(rows[-1], flush=True)
     table = markdown_table(rows, ["net", "family", "plain ms", "gated ms", "ratio"])
     print(table)

@@ -97,7 +97,8 @@ def export_onnx(
         model: exported in eval mode (its training flag is restored afterwards), on the CPU.
         example_input: one input batch; its shape without the batch dimension is the input shape.
         path: where to write the ``.onnx`` file.
-        metadata: extra ``metadata_props`` (string to string).
+        metadata: extra ``metadata_props`` (string to string). A slim model from ``prune`` also
+            records its threshold, units kept and gate family.
         opset: ONNX opset (``None``: the exporter's default).
         check_batch_sizes: batch sizes run in onnxruntime.
         rtol: largest accepted max|ort − torch| / max|torch|.

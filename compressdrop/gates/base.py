@@ -34,7 +34,7 @@ class Gate(nn.Module):
 
     When one gate serves several sites of a coupled group (a residual stream, say), every site in a
     forward pass must see the same θ: the first site samples and the others reuse the sample until
-    :func:`clear_samples` runs (attach registers it as a forward pre-hook on the root model).
+    ``clear_sample`` runs (attach registers a forward pre-hook on the root model that calls it).
     """
 
     family: ClassVar[str] = ""
