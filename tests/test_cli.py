@@ -186,6 +186,15 @@ def test_unwritable_output_path(trained, tmp_path):
     _no_stray_files(tmp_path, {"file"})
 
 
+def test_onnx_model_with_the_wrong_input_shape(tmp_path):
+    from compressdrop.export import export_onnx
+
+    model = build_model("lenet300", (1, 28, 28))
+    export_onnx(model, torch.randn(2, 1, 28, 28), tmp_path / "m.onnx", check_batch_sizes=(1,))
+    res = run(["eval", tmp_path / "m.onnx", "--data", "digits"], expect=1)
+    assert "(1, 28, 28)" in res.stderr and "(1, 8, 8)" in res.stderr
+
+
 def test_usage_error_exits_2():
     assert CliRunner().invoke(main, ["prune"]).exit_code == 2
     assert CliRunner().invoke(main, ["train", "--device", "tpu"]).exit_code == 2
