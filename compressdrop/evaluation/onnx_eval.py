@@ -45,7 +45,16 @@ def evaluate_onnx(
         if isinstance(e, ValueError):
             raise
         raise ValueError(f"{path}: onnxruntime cannot load it: {e}") from None
-    name = session.get_inputs()[0].name
+    inp = session.get_inputs()[0]
+    name = inp.name
+    expected = tuple(inp.shape[1:])
+    mismatch = len(expected) != x.dim() - 1 or any(
+        isinstance(e, int) and e != a for e, a in zip(expected, x.shape[1:])
+    )
+    if mismatch:
+        raise ValueError(
+            f"{path} expects inputs of shape {expected} but the data has {tuple(x.shape[1:])}"
+        )
     logits = np.concatenate(
         [
             session.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
