@@ -113,10 +113,15 @@ def export_onnx(
     from ..evaluation.onnx_eval import ort_session
 
     path = Path(path)
-    meta = {
-        "compressdrop_version": __version__,
-        **{str(k): str(v) for k, v in (metadata or {}).items()},
-    }
+    meta = {"compressdrop_version": __version__}
+    report = getattr(model, "prune_report", None)
+    if report is not None:  # a slim model records how it was made
+        meta.update(
+            threshold=str(report.threshold),
+            units_kept=report.architecture(),
+            gate_family=report.family,
+        )
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     was_training = model.training
     device = next(model.parameters()).device
     model_cpu = model.eval().cpu()
