@@ -33,6 +33,8 @@ __all__ = [
     "is_gated",
     "kl",
     "mask_",
+    "mc_evaluate",
+    "mc_predict",
     "prune",
     "size",
 ]
@@ -43,6 +45,8 @@ _LAZY = {
     "mask_": "compressdrop.pruning",
     "PruneReport": "compressdrop.pruning",
     "export_onnx": "compressdrop.export",
+    "mc_predict": "compressdrop.uncertainty",
+    "mc_evaluate": "compressdrop.uncertainty",
     "size": "compressdrop.evaluation",
 }
 

@@ -431,19 +431,45 @@ def export(model_path, output, opset, arch, trust_pickle, as_json) -> None:
     show_default=True,
     help="digits | fashion-mnist[:DIR] | FILE.npz",
 )
+@click.option(
+    "--mc",
+    "mc_samples",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Monte-Carlo dropout: average N noisy passes (dropout and gates on, BatchNorm in eval) "
+    "and report NLL, ECE, entropy and mutual information beside the deterministic net.",
+)
+@click.option(
+    "--ood",
+    default=None,
+    metavar="DATA",
+    help="With --mc: an out-of-distribution data set (its test split, resized to the model's "
+    "input) for the AUROC of entropy and mutual information, e.g. digits for a Fashion-MNIST net.",
+)
 @ARCH
 @TRUST
 @DEVICE
 @JSON
 @_guard
-def eval_cmd(model_path, data, arch, trust_pickle, device, as_json) -> None:
+def eval_cmd(model_path, data, mc_samples, ood, arch, trust_pickle, device, as_json) -> None:
     """Evaluate a model (.pt or .onnx) on a data set's test split: accuracy, NLL, size.
 
+    With --mc N (PyTorch checkpoints with dropout or gates): Monte-Carlo uncertainty, and with
+    --ood DATA its out-of-distribution AUROC.
+
     \b
-    Example:
+    Examples:
       compressdrop eval runs/demo/slim.onnx --data digits
+      compressdrop eval runs/fm/gated.pt --data fashion-mnist --mc 30 --ood digits
     """
     ds = _data(data)
+    if ood is not None and mc_samples is None:
+        raise click.UsageError("--ood needs --mc N")
+    if mc_samples is not None and str(model_path).endswith(".onnx"):
+        raise click.UsageError(
+            "--mc needs a PyTorch checkpoint: an ONNX export is the deterministic eval-mode graph"
+        )
     if str(model_path).endswith(".onnx"):
         from .evaluation.onnx_eval import evaluate_onnx
 
@@ -470,13 +496,31 @@ def eval_cmd(model_path, data, arch, trust_pickle, device, as_json) -> None:
             "flops": count_flops(model, x),
             "device": str(dev),
         }
+        if mc_samples is not None:
+            from .uncertainty import mc_evaluate, resize_images
+
+            x_ood = None
+            if ood is not None:
+                x_ood = resize_images(_data(ood).x_test, tuple(ds.input_shape))
+            try:
+                res["mc"] = mc_evaluate(model, ds.x_test, ds.y_test, mc_samples, x_ood)
+            except ValueError as e:
+                raise _Failure(f"{model_path}: {e}") from None
+            if ood is not None:
+                res["mc"]["ood_data"] = ood
+
+    def line(d: dict) -> str:
+        return "  ".join(
+            f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+            for k, v in d.items()
+            if not isinstance(v, dict)
+        )
+
     _emit(
         as_json,
         res,
         lambda: click.echo(
-            "  ".join(
-                f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in res.items()
-            )
+            line(res) + (f"\nMonte-Carlo: {line(res['mc'])}" if "mc" in res else "")
         ),
     )
 

@@ -109,6 +109,30 @@ def test_export_and_eval_agree_between_torch_and_onnx(trained, tmp_path):
     assert pt["accuracy"] == pytest.approx(report["slim"]["test_accuracy"], abs=1e-9)
 
 
+def test_eval_mc_reports_uncertainty_of_a_gated_checkpoint(trained, tmp_path):
+    d, _ = trained
+    res = json.loads(
+        run(["eval", d / "out" / "gated.pt", "--mc", 5, "--ood", "digits", "--json"]).stdout
+    )
+    mc = res["mc"]
+    assert mc["samples"] == 5 and mc["ood_data"] == "digits"
+    for key in ("nll", "ece", "deterministic_nll", "deterministic_ece", "ood_auroc_entropy"):
+        assert isinstance(mc[key], float)
+    text = run(["eval", d / "out" / "gated.pt", "--mc", 3]).output
+    assert "Monte-Carlo:" in text and "mean_mutual_information" in text
+    # a slim model has no noise left; an ONNX graph is deterministic; --ood needs --mc
+    res = run(["eval", d / "out" / "slim.pt", "--mc", 3], expect=1)
+    assert "no dropout layer or gate" in res.output
+    assert (
+        "--mc needs a PyTorch checkpoint"
+        in run(["eval", d / "out" / "slim.onnx", "--mc", 3], expect=2).output
+    )
+    assert (
+        "--ood needs --mc"
+        in run(["eval", d / "out" / "gated.pt", "--ood", "digits"], expect=2).output
+    )
+
+
 def test_recipes_list_and_show():
     listed = json.loads(run(["recipes", "list", "--json"]).stdout)
     assert "lenet300-lognormal" in listed

@@ -1,4 +1,5 @@
-"""The dropout family: Bernoulli, DropConnect, Gaussian, Standout, fast, spatial, Cutout, Max-Drop."""
+"""The dropout family: Bernoulli, DropConnect, Gaussian, Standout, fast, spatial, Cutout, Max-Drop,
+and recurrent dropout (Zaremba, RNNDrop, Semeniuta, Gal) for LSTM and GRU."""
 
 from .layers import (
     BernoulliDropout,
@@ -10,8 +11,12 @@ from .layers import (
     SpatialDropout,
     Standout,
 )
+from .recurrent import GRU, LSTM, SCHEMES
 
 __all__ = [
+    "GRU",
+    "LSTM",
+    "SCHEMES",
     "BernoulliDropout",
     "Cutout",
     "DropConnect",

@@ -130,6 +130,8 @@ def attach(
     groups = find_groups(model, example_inputs, granularity, include, exclude)
     if not groups:
         raise ValueError("no gateable layer found in the model (see the warnings for why)")
+    from .recurrent import GatedLSTM
+
     param = next(model.parameters())
     costs = _normalized_costs(groups, kl_cost)
     for grp, cost in zip(groups, costs):
@@ -137,9 +139,9 @@ def attach(
         g.unit_cost.copy_(cost)
         g.shared = len(grp.sites) > 1
         for site in grp.sites:
-            _set_submodule(
-                model, site.name, Gated(model.get_submodule(site.name), g, site.unit_dim)
-            )
+            layer = model.get_submodule(site.name)
+            wrapper = GatedLSTM if isinstance(layer, nn.LSTM) else Gated
+            _set_submodule(model, site.name, wrapper(layer, g, site.unit_dim))
     handle = model.register_forward_pre_hook(_clear_gate_samples)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     setattr(

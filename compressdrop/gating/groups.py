@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..dropout.recurrent import LSTM, tracing
+
 __all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
 
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, LSTM)
 _PER_CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
 # and keep units separate. Anything else on the path from a site to a consumer blocks gating.
@@ -70,6 +72,7 @@ _ZERO_PRESERVING = {
     "Split",
     "SplitWithSizes",
     "Slice",
+    "Select",
     "Clone",
     "Expand",
     "Squeeze",
@@ -148,7 +151,12 @@ def _unit_costs(
         share = len(idxs) / num_units  # > 1 where flatten maps one channel to many features
         out_pruning = dep.handler.__name__ == "prune_out_channels"
         rows = out_rows.get(m, 1)
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if isinstance(m, LSTM):
+            H, width = m.hidden_size, m.input_size + 2 * m.hidden_size
+            p = (4 * width + (8 if m.bias else 0)) if out_pruning else 4 * H
+            params += share * p
+            macs += share * (4 * width if out_pruning else 4 * H) * rows
+        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             w = m.weight
             if out_pruning:  # one filter (and its bias)
                 p = w[0].numel() + (1 if m.bias is not None else 0)
@@ -184,13 +192,18 @@ def find_groups(
     """
     import torch_pruning as tp
 
+    from .recurrent import customized_pruners, gateable_lstm
+
     if granularity not in ("auto", "channel", "neuron"):
         raise ValueError(f"granularity must be 'auto', 'channel' or 'neuron', got {granularity!r}")
     names = {m: n for n, m in model.named_modules()}
     out_rows: dict[nn.Module, int] = {}
 
     def record(m, _inp, out):
-        if isinstance(out, torch.Tensor):
+        if isinstance(m, LSTM):  # MACs of one unit scale with the sequence length
+            y = out[0]
+            out_rows[m] = int(y.shape[1 if m.batch_first else 0]) if y.dim() == 3 else y.shape[0]
+        elif isinstance(out, torch.Tensor):
             if isinstance(m, nn.Linear):
                 out_rows[m] = int(out[0].numel() // out.shape[-1]) if out.dim() > 2 else 1
             else:
@@ -199,9 +212,25 @@ def find_groups(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _PRODUCERS)]
+    if warn:
+        for name, m in model.named_modules():
+            why = gateable_lstm(m) if isinstance(m, nn.RNNBase) else None
+            if (
+                why is not None
+                and (not include or _matches(name, m, include))
+                and not _matches(name, m, exclude)
+            ):
+                warnings.warn(
+                    f"compressdrop: layer {name!r} left ungated: {why}", GatingWarning, stacklevel=3
+                )
     try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, verbose=False)
+        with torch.enable_grad(), tracing(model):
+            dg = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                verbose=False,
+                customized_pruners=customized_pruners(),
+            )
     finally:
         for h in hooks:
             h.remove()
@@ -218,6 +247,8 @@ def find_groups(
         producers = [d.target.module for d in out_deps if isinstance(d.target.module, _PRODUCERS)]
         if not producers or any(p in seen for p in producers):
             continue
+        if any(isinstance(p, LSTM) and gateable_lstm(p) is not None for p in producers):
+            continue  # warned about above
         seen.update(producers)
         kind = "neuron" if all(isinstance(p, nn.Linear) for p in producers) else "channel"
         pnames = [names[p] for p in producers]
@@ -285,7 +316,7 @@ def _plan_sites(
             return verdict, []
         if verdict == "consumed":
             m = site_node.module
-            dim = -1 if isinstance(m, nn.Linear) else 1
+            dim = -1 if isinstance(m, (nn.Linear, LSTM)) else 1
             sites.append(Site(names[m], dim))
     if not sites:
         return "no consumer of its units found", []

@@ -20,6 +20,7 @@ __all__ = [
     "example_input",
     "lenet5_caffe",
     "lenet300_100",
+    "lstm_rows",
     "resnet_small",
     "vgg_like",
 ]
@@ -62,10 +63,13 @@ class LeNet5Caffe(nn.Module):
     """Caffe's LeNet-5: conv 20 (5×5) → pool → conv 50 (5×5) → pool → fc 500 → classes.
 
     At 28×28 it is the 20-50-800-500 net of the pruning literature (431,080 parameters); inputs
-    smaller than 20×20 get padding 2 so that the two 5×5 convolutions still fit.
+    smaller than 20×20 get padding 2 so that the two 5×5 convolutions still fit. ``dropout`` > 0
+    puts a dropout layer before each fully connected layer (for Monte-Carlo dropout).
     """
 
-    def __init__(self, input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> None:
+    def __init__(
+        self, input_shape: Shape = (1, 28, 28), num_classes: int = 10, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         pad = 2 if min(input_shape[1:]) < 20 else 0
         self.features = nn.Sequential(
@@ -76,10 +80,13 @@ class LeNet5Caffe(nn.Module):
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
+        drop = (lambda: [nn.Dropout(dropout)]) if dropout > 0 else list
         self.classifier = nn.Sequential(
             nn.Flatten(),
+            *drop(),
             nn.Linear(_flat_size(self.features, input_shape), 500),
             nn.ReLU(),
+            *drop(),
             nn.Linear(500, num_classes),
         )
 
@@ -87,8 +94,12 @@ class LeNet5Caffe(nn.Module):
         return self.classifier(self.features(x))
 
 
-def lenet5_caffe(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    return _tag(LeNet5Caffe(input_shape, num_classes), "lenet5", input_shape, num_classes)
+def lenet5_caffe(
+    input_shape: Shape = (1, 28, 28), num_classes: int = 10, dropout: float = 0.0
+) -> nn.Module:
+    extra = {"dropout": dropout} if dropout > 0 else {}
+    model = LeNet5Caffe(input_shape, num_classes, dropout)
+    return _tag(model, "lenet5", input_shape, num_classes, **extra)
 
 
 def vgg_like(
@@ -178,7 +189,59 @@ def resnet_small(
     )
 
 
+class RowLSTM(nn.Module):
+    """Reads an image row by row (H steps of C·W features): LSTM layers, then a Linear on the last
+    step's output. ``stacked=True`` builds one one-layer LSTM module per layer (what gates need:
+    each layer's hidden units get their own gate); ``False`` one multi-layer module."""
+
+    def __init__(
+        self,
+        input_shape: Shape,
+        num_classes: int,
+        hidden: int,
+        layers: int,
+        scheme: str,
+        p: float,
+        stacked: bool,
+    ) -> None:
+        from ..dropout.recurrent import LSTM
+
+        super().__init__()
+        c, _, w = input_shape
+        if stacked:
+            sizes = [c * w] + [hidden] * layers
+            self.rnn = nn.ModuleList(
+                LSTM(a, b, scheme=scheme, p=p) for a, b in zip(sizes[:-1], sizes[1:])
+            )
+        else:
+            self.rnn = nn.ModuleList([LSTM(c * w, hidden, layers, scheme=scheme, p=p)])
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 2, 1, 3).flatten(2)  # (B, H, C·W): one row per step
+        for layer in self.rnn:
+            y, _ = layer(y)
+        return self.head(y[:, -1])
+
+
+def lstm_rows(
+    input_shape: Shape = (1, 28, 28),
+    num_classes: int = 10,
+    hidden: int = 128,
+    layers: int = 2,
+    scheme: str = "none",
+    p: float = 0.0,
+    stacked: bool = True,
+) -> nn.Module:
+    """An LSTM classifier that reads images row by row (28 steps of 28 features on Fashion-MNIST);
+    ``scheme``/``p``: recurrent dropout (see :mod:`compressdrop.dropout.recurrent`)."""
+    model = RowLSTM(input_shape, num_classes, hidden, layers, scheme, p, stacked)
+    kwargs = {"hidden": hidden, "layers": layers, "scheme": scheme, "p": p, "stacked": stacked}
+    return _tag(model, "lstm_rows", input_shape, num_classes, **kwargs)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lstm_rows": lstm_rows,
     "lenet300": lenet300_100,
     "lenet5": lenet5_caffe,
     "vgg": vgg_like,

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dropout.recurrent import tracing
 from ..gating import Gated, detach, example_input_for, gates, is_gated, sites
 from ..gating.gated import _STATE
+from ..gating.recurrent import GatedLSTM, fold_lstm_
 
 __all__ = [
     "LayerReport",
@@ -137,11 +139,12 @@ def _fold_(site: Gated) -> None:
 def _dependency_graph(model: nn.Module, example: tuple):
     import torch_pruning as tp
 
-    was = model.training
-    with torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
-    model.train(was)
-    return dg
+    from ..gating.recurrent import customized_pruners
+
+    with torch.enable_grad(), tracing(model):
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=example, verbose=False, customized_pruners=customized_pruners()
+        )
 
 
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -193,7 +196,10 @@ def prune(
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}
     for _, site in sites(work):
-        _fold_(site)
+        if isinstance(site, GatedLSTM):
+            fold_lstm_(site)
+        else:
+            _fold_(site)
         first_site.setdefault(id(site.gate), site.module)
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
     layers = [

@@ -1,0 +1,363 @@
+"""Recurrent dropout: LSTM and GRU layers with the four published schemes.
+
+``LSTM`` and ``GRU`` are drop-in subclasses of ``nn.LSTM`` / ``nn.GRU`` (same parameters, same
+``state_dict``, same output tuple). With ``scheme="none"`` or ``p=0``, and always in eval mode, they
+run PyTorch's fused kernel, so eval mode exports to ONNX as the standard ``LSTM``/``GRU`` operator.
+While sampling (training, or Monte-Carlo mode) the recurrence is unrolled in Python so that masks
+can enter it. Every scheme uses inverted scaling (a kept value is divided by q = 1 − p), so eval
+mode is the plain network.
+
+Schemes (``m`` a Bernoulli(q) mask / q; "per step" masks are fresh at each time step, "per
+sequence" masks are drawn once per sequence and reused at every step):
+
+* ``"zaremba"``: dropout on the non-recurrent connections only: each layer's input and the last
+  layer's output, per step; the recurrent path h_{t-1} → h_t is never dropped.
+  Zaremba, Sutskever & Vinyals, "Recurrent Neural Network Regularization", arXiv:1409.2329, 2014.
+* ``"moon"`` (RNNDrop, LSTM only): one mask per sequence on the memory cell,
+  c_t = m₀₁ ⊙ (f ⊙ c_{t−1} + i ⊙ g), where m₀₁ is the 0/1 mask; the 1/q rescaling is applied to the
+  cell's output h_t = o ⊙ tanh(c_t) / q rather than to the carried cell (rescaling the carried cell
+  would compound over time steps). A dropped unit forgets its memory for the whole sequence.
+  Moon, Choi, Lee & Song, "RNNDROP: A Novel Dropout for RNNs in ASR", ASRU 2015.
+* ``"semeniuta"``: recurrent dropout without memory loss: per step dropout on the cell update only,
+  c_t = f ⊙ c_{t−1} + i ⊙ (m ⊙ g) (GRU: h_t = (1 − z) ⊙ (m ⊙ n) + z ⊙ h_{t−1}); the carried part
+  f ⊙ c_{t−1} is never touched. Semeniuta, Severyn & Barth, "Recurrent Dropout without Memory Loss",
+  COLING 2016.
+* ``"gal"``: variational RNN dropout: per sequence masks on every layer's input, on the hidden state
+  fed back into the recurrence, and on the last layer's output (one mask for all four gates: the
+  "tied" variant). Gal & Ghahramani, "A Theoretically Grounded Application of Dropout in Recurrent
+  Neural Networks", NeurIPS 2016.
+
+``record_masks=True`` keeps the masks of the last sampling forward pass in ``last_masks`` (name →
+tensor of shape (T, B, features), 0 or 1/q), for inspection and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import _check_p
+
+__all__ = ["GRU", "LSTM", "SCHEMES", "tracing"]
+
+SCHEMES = ("none", "zaremba", "moon", "semeniuta", "gal")
+
+
+class _Masks:
+    """Draws and records the masks of one forward pass."""
+
+    def __init__(self, p: float, batch: int, steps: int, like: torch.Tensor, record: bool) -> None:
+        self.q = 1.0 - p
+        self.batch, self.steps, self.like = batch, steps, like
+        self.record: dict[str, list[torch.Tensor]] | None = {} if record else None
+
+    def draw(self, features: int) -> torch.Tensor:
+        keep = torch.full((self.batch, features), self.q, device=self.like.device)
+        return torch.bernoulli(keep).to(self.like.dtype)
+
+    def note(self, name: str, mask: torch.Tensor) -> torch.Tensor:
+        if self.record is not None:
+            self.record.setdefault(name, []).append(mask.detach())
+        return mask
+
+
+class _RecurrentDropout:
+    """Shared state and checks of the two recurrent layers."""
+
+    kind = ""
+
+    def _setup(self, scheme: str, p: float, record_masks: bool) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+        if scheme == "moon" and self.kind == "GRU":
+            raise ValueError("scheme 'moon' (RNNDrop) drops the LSTM memory cell; a GRU has none")
+        if self.bidirectional or getattr(self, "proj_size", 0):  # type: ignore[attr-defined]
+            raise ValueError("bidirectional and projected recurrent layers are not supported")
+        self.scheme, self.p = scheme, _check_p(p)
+        self.record_masks = bool(record_masks)
+        self.last_masks: dict[str, torch.Tensor] = {}
+        self.mc = False
+
+    @property
+    def sampling(self) -> bool:
+        return (self.training or self.mc) and self.scheme != "none" and self.p > 0  # type: ignore[attr-defined]
+
+    def _weights(self, layer: int) -> tuple[torch.Tensor, ...]:
+        w = [getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")]
+        if self.bias:  # type: ignore[attr-defined]
+            w += [getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")]
+        return tuple(w)
+
+    def _time_major(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise TypeError(f"{self.kind} with dropout does not take PackedSequence input")
+        unbatched = x.dim() == 2
+        if unbatched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:  # type: ignore[attr-defined]
+            x = x.transpose(0, 1)
+        return x, unbatched
+
+    def _finish(self, out: torch.Tensor, unbatched: bool, masks: _Masks) -> torch.Tensor:
+        if masks.record is not None:
+            self.last_masks = {k: torch.stack(v) for k, v in masks.record.items()}
+        if unbatched:
+            return out.squeeze(1)
+        return out.transpose(0, 1) if self.batch_first else out  # type: ignore[attr-defined]
+
+
+class LSTM(_RecurrentDropout, nn.LSTM):
+    """``nn.LSTM`` with a recurrent dropout ``scheme`` (see the module docstring) and rate ``p``.
+
+    ``batch_first`` defaults to True here. Beyond ``nn.LSTM``'s parameters it holds one buffer,
+    ``out_scale`` (ones; shape ``(hidden_size,)``), that multiplies the last layer's output and its
+    final hidden state: pruning folds the gates' E[θ] into it. A ``state_dict`` of a plain
+    ``nn.LSTM`` loads (``out_scale`` stays ones).
+
+    ``unrolled(x, hx, hidden_scale)``: ``hidden_scale`` (used by compressdrop's gates, shape
+    ``(batch, hidden_size)``) multiplies a one-layer LSTM's hidden state, in the recurrence and in
+    the output, by a per-sequence factor.
+    """
+
+    kind = "LSTM"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        scheme: str = "none",
+        p: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = True,
+        record_masks: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, **kwargs
+        )
+        self._setup(scheme, p, record_masks)
+        self.register_buffer("out_scale", torch.ones(hidden_size))
+        self._tracing = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        if prefix + "out_scale" not in state_dict:  # a plain nn.LSTM's state_dict
+            state_dict[prefix + "out_scale"] = torch.ones_like(self.out_scale)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x, hx=None):  # type: ignore[override]
+        if self._tracing:
+            return _trace_outputs(self, x)
+        if not self.sampling:
+            y, (h, c) = super().forward(x, hx)
+            return y * self.out_scale, (_scale_last(h, self.out_scale), c)
+        return self.unrolled(x, hx)
+
+    def unrolled(self, x, hx=None, hidden_scale: torch.Tensor | None = None):
+        """The Python-unrolled recurrence (with the scheme's masks while sampling)."""
+        xs, unbatched = self._time_major(x)
+        steps, batch, _ = xs.shape
+        sample = self.sampling
+        masks = _Masks(self.p, batch, steps, xs, self.record_masks and sample)
+        H, L = self.hidden_size, self.num_layers
+        if hx is None:
+            h0 = xs.new_zeros(L, batch, H)
+            c0 = xs.new_zeros(L, batch, H)
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        seq = list(xs.unbind(0))
+        h_n, c_n = [], []
+        for layer in range(L):
+            w = self._weights(layer)
+            h, c = h0[layer], c0[layer]
+            m_in = m_h = m_c = None
+            if sample and self.scheme == "gal":
+                m_in = masks.draw(seq[0].shape[-1]) / masks.q
+                m_h = masks.draw(H) / masks.q
+            if sample and self.scheme == "moon":
+                m_c = masks.draw(H)
+            out = []
+            for t in range(steps):
+                inp = seq[t]
+                if sample and self.scheme == "zaremba":
+                    inp = inp * masks.note(f"l{layer}.input", masks.draw(inp.shape[-1]) / masks.q)
+                elif m_in is not None:
+                    inp = inp * masks.note(f"l{layer}.input", m_in)
+                rec = h if m_h is None else h * masks.note(f"l{layer}.hidden", m_h)
+                gates = inp @ w[0].T + rec @ w[1].T
+                if self.bias:
+                    gates = gates + w[2] + w[3]
+                i, f, g, o = gates.chunk(4, dim=-1)
+                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+                if sample and self.scheme == "semeniuta":
+                    g = g * masks.note(f"l{layer}.update", masks.draw(H) / masks.q)
+                c = f * c + i * g
+                if m_c is not None:
+                    c = c * masks.note(f"l{layer}.cell", m_c)
+                h = o * c.tanh()
+                if m_c is not None:
+                    h = h / masks.q
+                if hidden_scale is not None:
+                    h = h * hidden_scale
+                out.append(h)
+            h_n.append(h)
+            c_n.append(c)
+            seq = out
+        y = torch.stack(seq)
+        if sample and self.scheme in ("zaremba", "gal"):
+            if self.scheme == "zaremba":
+                m_out = torch.stack([masks.draw(H) for _ in range(steps)]) / masks.q
+            else:
+                m_out = (masks.draw(H) / masks.q).expand(steps, -1, -1)
+            y = y * m_out
+            for m in m_out:
+                masks.note("output", m)
+        y = y * self.out_scale
+        h_n[-1] = h_n[-1] * self.out_scale
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if unbatched:
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return self._finish(y, unbatched, masks), (h_n, c_n)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scheme={self.scheme!r}, p={self.p}"
+
+
+class _Structure(torch.autograd.Function):
+    """One autograd node from a layer's input (and first weight) to all of its outputs, whose
+    values are zeros: what a dependency-graph trace needs to see a recurrent layer as one op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_shape, state_shape):  # type: ignore[override]
+        return x.new_zeros(out_shape), x.new_zeros(state_shape), x.new_zeros(state_shape)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        return None, None, None, None
+
+
+def _trace_outputs(m: LSTM, x: torch.Tensor):
+    if x.dim() == 3:
+        batch, steps = (x.shape[0], x.shape[1]) if m.batch_first else (x.shape[1], x.shape[0])
+        out = (batch, steps, m.hidden_size) if m.batch_first else (steps, batch, m.hidden_size)
+        state = (m.num_layers, batch, m.hidden_size)
+    else:
+        out, state = (x.shape[0], m.hidden_size), (m.num_layers, m.hidden_size)
+    y, h, c = _Structure.apply(x, m.weight_ih_l0, out, state)
+    return y, (h, c)
+
+
+@contextlib.contextmanager
+def tracing(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, and every :class:`LSTM` is one autograd node from its input to its outputs
+    (which are zeros), so that a dependency-graph trace maps the layer to one op. Only the
+    structure of what runs inside is the model's, not the values."""
+    was = [(m, m.training) for m in model.modules()]
+    lstms = [m for m in model.modules() if isinstance(m, LSTM)]
+    model.eval()
+    for m in lstms:
+        m._tracing = True
+    try:
+        yield model
+    finally:
+        for m in lstms:
+            m._tracing = False
+        for m, t in was:
+            m.training = t
+
+
+def _scale_last(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Scale the last layer's slice of a (layers, [batch,] hidden) state."""
+    return torch.cat([h[:-1], h[-1:] * scale])
+
+
+class GRU(_RecurrentDropout, nn.GRU):
+    """``nn.GRU`` with a recurrent dropout ``scheme`` (all but ``"moon"``) and rate ``p``."""
+
+    kind = "GRU"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        scheme: str = "none",
+        p: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = True,
+        record_masks: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, **kwargs
+        )
+        self._setup(scheme, p, record_masks)
+
+    def forward(self, x, hx=None):  # type: ignore[override]
+        if not self.sampling:
+            return super().forward(x, hx)
+        return self.unrolled(x, hx)
+
+    def unrolled(self, x, hx=None):
+        """The Python-unrolled recurrence (with the scheme's masks while sampling)."""
+        xs, unbatched = self._time_major(x)
+        steps, batch, _ = xs.shape
+        sample = self.sampling
+        masks = _Masks(self.p, batch, steps, xs, self.record_masks and sample)
+        H, L = self.hidden_size, self.num_layers
+        h0 = xs.new_zeros(L, batch, H) if hx is None else (hx.unsqueeze(1) if unbatched else hx)
+        seq = list(xs.unbind(0))
+        h_n = []
+        for layer in range(L):
+            w = self._weights(layer)
+            h = h0[layer]
+            m_in = m_h = None
+            if sample and self.scheme == "gal":
+                m_in = masks.draw(seq[0].shape[-1]) / masks.q
+                m_h = masks.draw(H) / masks.q
+            out = []
+            for t in range(steps):
+                inp = seq[t]
+                if sample and self.scheme == "zaremba":
+                    inp = inp * masks.note(f"l{layer}.input", masks.draw(inp.shape[-1]) / masks.q)
+                elif m_in is not None:
+                    inp = inp * masks.note(f"l{layer}.input", m_in)
+                rec = h if m_h is None else h * masks.note(f"l{layer}.hidden", m_h)
+                gi = inp @ w[0].T
+                gh = rec @ w[1].T
+                if self.bias:
+                    gi, gh = gi + w[2], gh + w[3]
+                ir, iz, in_ = gi.chunk(3, dim=-1)
+                hr, hz, hn = gh.chunk(3, dim=-1)
+                r, z = (ir + hr).sigmoid(), (iz + hz).sigmoid()
+                n = (in_ + r * hn).tanh()
+                if sample and self.scheme == "semeniuta":
+                    n = n * masks.note(f"l{layer}.update", masks.draw(H) / masks.q)
+                h = (1 - z) * n + z * h
+                out.append(h)
+            h_n.append(h)
+            seq = out
+        y = torch.stack(seq)
+        if sample and self.scheme in ("zaremba", "gal"):
+            if self.scheme == "zaremba":
+                m_out = torch.stack([masks.draw(H) for _ in range(steps)]) / masks.q
+            else:
+                m_out = (masks.draw(H) / masks.q).expand(steps, -1, -1)
+            y = y * m_out
+            for m in m_out:
+                masks.note("output", m)
+        h_n = torch.stack(h_n)
+        if unbatched:
+            h_n = h_n.squeeze(1)
+        return self._finish(y, unbatched, masks), h_n
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", scheme={self.scheme!r}, p={self.p}"

@@ -1,0 +1,126 @@
+"""Gates on the hidden units of an LSTM, and the surgery that removes them.
+
+A unit of a one-layer :class:`compressdrop.dropout.LSTM` is its hidden state h_j, shared by the
+four gates (rows j of each block of ``weight_ih``/``weight_hh``) and fed back through column j of
+``weight_hh``. The gate multiplies h by θ (one draw per sequence and unit) both where h re-enters
+the recurrence and where it leaves the layer, as in Lobacheva, Chirkova & Vetrov, "Bayesian
+Sparsification of Recurrent Neural Networks" (2017; group noise on hidden units). A unit with
+θ = 0 then influences nothing, so removing it is exact.
+
+In eval mode the gate is folded on the fly: W_hh·diag(E[θ]) and the output times E[θ], which keeps
+PyTorch's fused kernel. Pruning folds it for good (``weight_hh`` columns and the layer's
+``out_scale`` buffer) and :class:`LSTMPruner` cuts the rows and columns; Torch-Pruning's dependency
+graph finds the consumers of the hidden units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..dropout.recurrent import LSTM
+from .gated import Gated
+
+__all__ = ["GatedLSTM", "LSTMPruner", "customized_pruners", "gateable_lstm"]
+
+
+def gateable_lstm(m: nn.Module) -> str | None:
+    """``None`` if ``m``'s hidden units can be gated, else the reason they cannot."""
+    if isinstance(m, nn.LSTM) and not isinstance(m, LSTM):
+        return "a torch.nn.LSTM: use compressdrop.dropout.LSTM (a drop-in subclass) to gate it"
+    if not isinstance(m, LSTM):
+        return f"{type(m).__name__} hidden units are not gated (only LSTM's are, so far)"
+    if m.num_layers != 1:
+        return "a multi-layer LSTM: stack one-layer compressdrop.dropout.LSTM modules to gate it"
+    return None
+
+
+class GatedLSTM(Gated):
+    """A one-layer :class:`compressdrop.dropout.LSTM` whose hidden units pass through a gate."""
+
+    def forward(self, x, hx=None):  # type: ignore[override]
+        m, g = self.module, self.gate
+        dtype = m.weight_hh_l0.dtype
+        keep = (~g.pruned).to(dtype)
+        if self.training:
+            if x.dim() != 3:
+                raise ValueError(f"a gated LSTM takes batched input (3 dims), got {tuple(x.shape)}")
+            theta = g._training_sample(x.shape[0 if m.batch_first else 1]).to(dtype) * keep
+            return m.unrolled(x, hx, hidden_scale=theta)
+        s = g.expected().to(dtype) * keep
+        return functional_call(
+            m,
+            {"weight_hh_l0": m.weight_hh_l0 * s, "out_scale": m.out_scale * s},
+            (x, hx),
+        )
+
+
+@torch.no_grad()
+def fold_lstm_(site: GatedLSTM) -> None:
+    """Fold E[θ]·keep into the LSTM for good (recurrent columns and output scale)."""
+    g, m = site.gate, site.module
+    s = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(m.weight_hh_l0.dtype)
+    m.weight_hh_l0.mul_(s)
+    m.out_scale.mul_(s)
+
+
+def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
+    drop = set(int(i) for i in idxs)
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=True)
+
+
+def _pruner_base():
+    import torch_pruning as tp
+
+    return tp.pruner.function.BasePruningFunc
+
+
+class LSTMPruner(_pruner_base()):  # type: ignore[misc]
+    """Torch-Pruning pruner for a one-layer :class:`compressdrop.dropout.LSTM`.
+
+    Output channels are hidden units: rows j + k·H (k = 0..3, the i, f, g, o blocks) of
+    ``weight_ih``, ``weight_hh`` and both biases, column j of ``weight_hh`` and entry j of
+    ``out_scale``. Input channels are columns of ``weight_ih_l0``. (Torch-Pruning's own LSTM
+    pruner does not cut the recurrent columns nor the bias blocks.)
+    """
+
+    def prune_out_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
+        if layer.num_layers != 1 or layer.bidirectional:
+            raise ValueError("LSTMPruner handles one-layer, unidirectional LSTMs")
+        H = layer.hidden_size
+        keep = _keep(H, idxs)
+        rows = torch.cat([keep + k * H for k in range(4)])
+        layer.weight_ih_l0 = _param(layer.weight_ih_l0[rows])
+        layer.weight_hh_l0 = _param(layer.weight_hh_l0[rows][:, keep])
+        if layer.bias:
+            layer.bias_ih_l0 = _param(layer.bias_ih_l0[rows])
+            layer.bias_hh_l0 = _param(layer.bias_hh_l0[rows])
+        layer.out_scale = layer.out_scale[keep].clone()
+        layer.hidden_size = len(keep)
+        layer._init_flat_weights()
+        return layer
+
+    def prune_in_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
+        keep = _keep(layer.input_size, idxs)
+        layer.weight_ih_l0 = _param(layer.weight_ih_l0[:, keep])
+        layer.input_size = len(keep)
+        layer._init_flat_weights()
+        return layer
+
+    def get_out_channels(self, layer: LSTM) -> int:
+        return layer.hidden_size
+
+    def get_in_channels(self, layer: LSTM) -> int:
+        return layer.input_size
+
+
+def customized_pruners() -> dict:
+    """The pruners compressdrop registers with Torch-Pruning's dependency graph."""
+    return {LSTM: LSTMPruner()}

@@ -1,0 +1,92 @@
+"""The CUDA paths: gated training step, surgery, recipe run, sweep and bf16 autocast on a GPU.
+
+Skipped (cleanly, as a whole module) where torch sees no CUDA device; run on a GPU machine with
+``pytest tests/test_cuda.py``.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import compressdrop
+from compressdrop.cli import main
+from compressdrop.models import build_model
+
+from tests.test_cli import tiny_recipe
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@pytest.mark.parametrize("family", ["lognormal", "variational", "concrete", "hardconcrete"])
+def test_gated_step_and_surgery_on_cuda(family):
+    torch.manual_seed(0)
+    net = build_model("lenet5", input_shape=(1, 28, 28)).cuda()
+    compressdrop.attach(net, gate=family, kl_cost="flops")
+    x, y = torch.randn(16, 1, 28, 28, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
+    loss = F.cross_entropy(net(x), y) + compressdrop.kl(net) / 1000
+    loss.backward()
+    assert all(p.grad is not None for _, g in compressdrop.gates(net) for p in g.parameters())
+    for _, g in compressdrop.gates(net):  # make some units prunable
+        with torch.no_grad():
+            g.pruned[: g.num_units // 3] = True
+    net.eval()
+    slim = compressdrop.prune(net)
+    assert next(slim.parameters()).is_cuda
+    with torch.no_grad():
+        compressdrop.mask_(net)
+        torch.testing.assert_close(slim(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_gate_math_in_float32():
+    net = build_model("lenet300", input_shape=(1, 8, 8)).cuda()
+    compressdrop.attach(net, gate="lognormal")
+    x = torch.randn(32, 1, 8, 8, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = net(x)
+        kl = compressdrop.kl(net)
+        snr = next(iter(compressdrop.gates(net)))[1].snr()
+    assert out.dtype == torch.bfloat16
+    assert kl.dtype == torch.float32 and snr.dtype == torch.float32
+    assert torch.isfinite(kl)
+
+
+def test_cli_train_and_sweep_on_cuda(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(
+        main,
+        [
+            "train",
+            "--recipe",
+            str(tiny_recipe(tmp_path / "t.yaml")),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cuda",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["device"].startswith("cuda")
+    res = runner.invoke(
+        main,
+        [
+            "sweep",
+            str(tmp_path / "o" / "gated.pt"),
+            "--data",
+            "digits",
+            "--device",
+            "cuda",
+            "--out",
+            str(tmp_path / "sw"),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert all(str(r["device"]).startswith("cuda") for r in rows)
