@@ -230,20 +230,36 @@ def _summary(report: dict[str, Any]) -> None:
     help="Output folder: gated.pt, slim.pt, slim.onnx, report.json.",
 )
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoint.pt.")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train with N processes on this machine (DistributedDataParallel; launches torchrun). "
+    "Several machines: run `torchrun ... -m compressdrop train` on each.",
+)
 @DEVICE
 @SEED
 @JSON
 @_guard
-def train(recipe, data, out, resume, device, seed, as_json) -> None:
+def train(recipe, data, out, resume, nproc, device, seed, as_json) -> None:
     """Run a recipe end to end: train, sparsify, prune, fine-tune, export.
 
+    Under torchrun (or with --nproc N) every process trains on its share of each global batch
+    (the recipe's batch_size) and only rank 0 writes files and prints.
+
     \b
-    Example:
+    Examples:
       compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
+      compressdrop train --recipe lenet5-lognormal --nproc 2 --out runs/ddp
     """
     from .recipes import DEFAULT_RECIPE, load_recipe
+    from .training.distributed import from_env, launched_by_torchrun, shutdown
     from .training.runner import run_recipe
 
+    if nproc > 1 and not launched_by_torchrun():
+        _launch_torchrun(nproc)
+        return
     r = load_recipe(recipe or DEFAULT_RECIPE)
     if seed is not None:
         r = r.replace(seed=seed)
@@ -257,9 +273,13 @@ def train(recipe, data, out, resume, device, seed, as_json) -> None:
     console = _console()
     on_event = _progress_printer(console, as_json)
     try:
-        result = run_recipe(r, ds, out, device=device, resume=resume, progress=on_event)
+        dist, device = from_env(device)
+        result = run_recipe(r, ds, out, device=device, resume=resume, progress=on_event, dist=dist)
     finally:
         on_event({"event": "done"})
+        shutdown()
+    if not dist.is_main:
+        return
     files = {
         "gated": result.gated_path,
         "slim": result.slim_path,
@@ -271,6 +291,25 @@ def train(recipe, data, out, resume, device, seed, as_json) -> None:
         {**result.report, "files": {k: str(v) if v else None for k, v in files.items()}},
         lambda: (_summary(result.report), click.echo(f"files in {result.out_dir}/")),
     )
+
+
+def _launch_torchrun(nproc: int) -> None:
+    """Re-run this very command under ``torchrun --standalone --nproc-per-node N``."""
+    import subprocess
+
+    args = list(sys.argv[1:])
+    for i, a in enumerate(args):  # drop --nproc N / --nproc=N
+        if a == "--nproc":
+            del args[i : i + 2]
+            break
+        if a.startswith("--nproc="):
+            del args[i]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", "compressdrop.cli", *args]
+    code = subprocess.call(cmd)
+    if code:
+        raise _Failure(f"torchrun exited with code {code} (see the messages above)")
 
 
 @main.command()

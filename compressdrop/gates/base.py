@@ -11,6 +11,9 @@ from torch.distributions import Distribution, kl_divergence
 __all__ = ["Gate"]
 
 MIN_VARIANCE = 1e-24
+# (rank, world size, global batch) while a distributed run shards a global batch; see
+# compressdrop.training.distributed: every rank draws the global batch's noise, keeps its rows.
+_NOISE_SHARD: tuple[int, int, int] | None = None
 
 
 class Gate(nn.Module):
@@ -107,10 +110,20 @@ class Gate(nn.Module):
 
     def _training_sample(self, batch: int) -> torch.Tensor:
         if not self.shared:
-            return self.sample(batch)
+            return self._draw(batch)
         if self._sample is None or self._sample.shape[0] != batch:
-            self._sample = self.sample(batch)
+            self._sample = self._draw(batch)
         return self._sample
+
+    def _draw(self, batch: int) -> torch.Tensor:
+        if _NOISE_SHARD is None:
+            return self.sample(batch)
+        rank, world, global_batch = _NOISE_SHARD
+        if batch != len(range(rank, global_batch, world)):
+            raise ValueError(
+                f"rank {rank} of {world} got {batch} examples of a global batch of {global_batch}"
+            )
+        return self.sample(global_batch)[rank::world]
 
     def clear_sample(self) -> None:
         self._sample = None

@@ -27,6 +27,7 @@ from ..checkpoint import build_arch, save_model
 from ..evaluation.metrics import Metrics, evaluate
 from ..gating import attach, gates, kl
 from ..recipes import Recipe, StageConfig
+from .distributed import Dist
 from .sparsifier import param_groups
 
 __all__ = ["RunResult", "TrainingDiverged", "resolve_device", "run_recipe", "seed_everything"]
@@ -91,9 +92,11 @@ class _Run:
         out_dir: Path,
         device: torch.device,
         progress: Callable | None,
+        dist: Dist | None = None,
     ):
         self.recipe, self.data, self.out, self.device = recipe, dataset, out_dir, device
-        self.progress = progress or (lambda event: None)
+        self.dist = dist or Dist()
+        self.progress = (progress if self.dist.is_main else None) or (lambda event: None)
         self.train, self.val = (
             dataset.split_validation(recipe.data.val_fraction, seed=recipe.seed)
             if recipe.data.val_fraction > 0
@@ -143,6 +146,8 @@ class _Run:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, stage: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        if not self.dist.is_main:
+            return
         payload = {
             "format": "compressdrop-run",
             "stage": stage,
@@ -176,6 +181,10 @@ class _Run:
         x, y = self.train.x_train.to(self.device), self.train.y_train.to(self.device)
         n, bs = len(x), self.recipe.data.batch_size
         steps = math.ceil(n / bs)
+        dist = self.dist
+        if dist.active and bs < dist.world:
+            raise ValueError(f"batch_size {bs} is smaller than the {dist.world} processes")
+        net = dist.wrap(model)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
@@ -186,8 +195,14 @@ class _Run:
             perm = torch.randperm(n, generator=gen).to(self.device)
             tot_loss = tot_kl = 0.0
             for i in range(steps):
-                idx = perm[i * bs : (i + 1) * bs]
-                nll = F.cross_entropy(model(x[idx]), y[idx])
+                batch = perm[i * bs : (i + 1) * bs]
+                idx = dist.shard(batch)
+                with dist.noise(len(batch)):
+                    out = net(x[idx])
+                if dist.active:  # DDP averages gradients over ranks: W/B · Σ_rank = global mean
+                    nll = F.cross_entropy(out, y[idx], reduction="sum") * (dist.world / len(batch))
+                else:
+                    nll = F.cross_entropy(out, y[idx])
                 loss = nll
                 if stage == "sparsify":
                     kl_term = kl(model) / n
@@ -207,7 +222,7 @@ class _Run:
                 "stage": stage,
                 "epoch": epoch + 1,
                 "epochs": cfg.epochs,
-                "loss": tot_loss / steps,
+                "loss": dist.mean(tot_loss / steps),
                 "kl": tot_kl / steps,
                 "val_accuracy": val.accuracy,
                 "val_nll": val.nll,
@@ -232,6 +247,7 @@ def run_recipe(
     resume: bool = False,
     progress: Callable[[dict], None] | None = None,
     model: nn.Module | None = None,
+    dist: Dist | None = None,
 ) -> RunResult:
     """Run ``recipe`` on ``dataset`` and leave in ``out_dir``: ``gated.pt`` (the trained gated
     model), ``slim.pt`` (pruned and fine-tuned), ``slim.onnx`` and ``report.json``.
@@ -241,9 +257,15 @@ def run_recipe(
 
     ``model``: start from these (trained, dense) weights instead of the recipe's architecture; the
     pretrain stage is skipped. Its ``arch`` record replaces the recipe's model.
+
+    ``dist``: this process's rank in a torch.distributed run (see
+    :mod:`compressdrop.training.distributed`; the CLI sets it up under ``torchrun``). Every rank
+    trains; only rank 0 writes files, and every rank returns the same result.
     """
+    dist = dist or Dist()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     if model is not None:
         from ..checkpoint import describe_arch
@@ -258,7 +280,7 @@ def run_recipe(
                 finetune=recipe.stages.finetune,
             ),
         )
-    run = _Run(recipe, dataset, out, dev, progress)
+    run = _Run(recipe, dataset, out, dev, progress, dist)
     t_start = time.perf_counter()
     initial = model.to(dev) if model is not None else None
     model = None
@@ -308,16 +330,18 @@ def run_recipe(
             m = run.test(model)
             run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
         if stage == "sparsify":
-            gated_path = save_model(
-                model,
-                out / "gated.pt",
-                recipe=recipe.to_dict(),
-                meta={"val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy},
-            )
+            gated_path = out / "gated.pt"
+            if dist.is_main:
+                meta = {"val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy}
+                save_model(model, gated_path, recipe=recipe.to_dict(), meta=meta)
     assert model is not None
     model.eval()
-    slim_path = save_model(model, out / "slim.pt", recipe=recipe.to_dict())
+    slim_path = out / "slim.pt"
     report = _report(run, model, time.perf_counter() - t_start)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 writes the outputs
+        return RunResult(out, gated_path, slim_path, None, report)
+    save_model(model, slim_path, recipe=recipe.to_dict())
     if recipe.export.onnx:
         from ..export import export_onnx
 
@@ -335,6 +359,7 @@ def run_recipe(
         Path(tmp).write_text(json.dumps(report, indent=2))
     run.ckpt.unlink(missing_ok=True)  # the run is complete: its resume point is no longer needed
     gated_path = gated_path or (out / "gated.pt" if (out / "gated.pt").exists() else None)
+    dist.barrier()
     return RunResult(out, gated_path, slim_path, onnx_path, report)
 
 
@@ -366,6 +391,7 @@ def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
         "recipe": run.recipe.name,
         "dataset": run.data.name,
         "device": str(run.device),
+        "world_size": run.dist.world,
         "seed": run.recipe.seed,
         "epochs": {s: getattr(run.recipe.stages, s).epochs for s in STAGES},
         "threshold": run.recipe.prune.threshold

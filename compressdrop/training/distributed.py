@@ -1,0 +1,118 @@
+"""Recipe training under torch.distributed (DDP), launched by ``torchrun``.
+
+Each rank holds the whole data set in memory and takes its share of every *global* batch: the
+global batch is the one a single process would draw (same seeded permutation, ``batch_size``
+examples), and rank r takes its examples r, r + W, r + 2W, ... (W = world size; the strided
+sharding ``DistributedSampler`` uses, applied per global batch so that the ranks' batches add up
+to the single-process batch exactly). Gate noise is drawn for the whole global batch on every rank
+(the ranks' random streams stay identical) and each rank keeps its rows, so a W-process run
+follows the single-process run to float rounding: the per-rank losses are sums scaled by W / B, so
+DDP's gradient average is the global batch mean. The KL term is divided by the global training-set
+size on every rank. Parameters (gates included) start identical (same seed; DDP also broadcasts
+rank 0's) and stay identical (averaged gradients). Only rank 0 writes checkpoints and outputs.
+
+BatchNorm statistics are per rank, as in plain DDP (on GPUs, ``nn.SyncBatchNorm`` would share
+them; not done here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Dist", "from_env", "launched_by_torchrun"]
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run (``world == 1``: no distribution)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def shard(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's examples of a global batch ``idx``."""
+        return idx[self.rank :: self.world] if self.active else idx
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        dev = next(model.parameters()).device
+        return DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None
+        )
+
+    def mean(self, value: float) -> float:
+        """Average a Python number over ranks (for logging)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def noise(self, global_batch: int) -> Iterator[None]:
+        """Gates draw noise for the whole global batch and keep this rank's rows."""
+        if not self.active:
+            yield
+            return
+        from ..gates import base
+
+        saved = base._NOISE_SHARD
+        base._NOISE_SHARD = (self.rank, self.world, int(global_batch))
+        try:
+            yield
+        finally:
+            base._NOISE_SHARD = saved
+
+
+def from_env(device: str = "auto") -> tuple[Dist, str]:
+    """Join the process group that ``torchrun`` set up (if any) and pick this rank's device.
+
+    Returns the :class:`Dist` and the device string to train on: ``cuda:LOCAL_RANK`` on GPUs
+    (NCCL), the CPU otherwise (gloo).
+    """
+    if not launched_by_torchrun():
+        return Dist(), device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if device == "cuda" and not use_cuda:
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local), (f"cuda:{local}" if use_cuda else "cpu")
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
