@@ -1,0 +1,172 @@
+"""A Lightning callback: gates from a recipe, the scheduled KL term in the loss, prune and export
+at the end of ``fit``.
+
+Install with ``pip install 'compressdrop[lightning]'``. Usage::
+
+    from compressdrop.integrations.lightning import CompressDropCallback
+
+    cb = CompressDropCallback("lenet300-lognormal", out_dir="runs/pl")
+    trainer = lightning.Trainer(max_epochs=20, callbacks=[cb])
+    trainer.fit(module, train_loader, val_loader)   # module.model gets the gates
+    cb.slim                                         # the pruned nn.Module (also runs/pl/slim.pt)
+
+What it does, hook by hook:
+
+* ``setup`` (before Lightning builds the optimizers, so gate parameters are in them):
+  :func:`compressdrop.attach` on the LightningModule's network (attribute ``target``, default
+  ``model``) with the recipe's gate family, granularity, include/exclude and KL cost; and wraps
+  ``training_step`` so that the loss it returns gains β(t)·KL/N — β(t) the recipe's KL schedule at
+  fractional epoch t, N the training-set size (``len(train_dataloader.dataset)`` unless given).
+  Because the term is added to the returned loss, gradient accumulation, AMP loss scaling and
+  DDP's gradient averaging treat it like the rest of the loss.
+* ``on_fit_end`` (global rank 0 only): :func:`compressdrop.prune` at the recipe's threshold, then
+  ``slim.pt`` (and ``slim.onnx`` if the recipe exports) in ``out_dir``. Fine-tuning the slim
+  model is a second ``fit`` of your own (the recipes' "finetune" stage).
+
+Under DDP (``strategy="ddp"``) each rank draws its own gate noise for its own examples, which is
+correct but not bit-identical to one process (compressdrop's own runner, ``compressdrop train
+--nproc``, is). Manual optimization (``automatic_optimization = False``) is not supported: add
+``compressdrop.kl(net) / N`` yourself there.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import lightning.pytorch as pl
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "compressdrop.integrations.lightning needs Lightning: pip install 'compressdrop[lightning]'"
+    ) from e
+
+from ..checkpoint import save_model
+from ..gating import attach, detach, example_input_for, is_gated, kl
+from ..recipes import Recipe, load_recipe
+
+__all__ = ["CompressDropCallback"]
+
+
+class CompressDropCallback(pl.Callback):
+    """Attach gates from a recipe, add its scheduled KL term, prune and export at the end of fit.
+
+    Args:
+        recipe: a recipe name, YAML path or :class:`~compressdrop.recipes.Recipe`; its ``gates``,
+            ``kl``, ``prune`` and ``export`` sections are used (stages and data are yours).
+        out_dir: where ``slim.pt`` and ``slim.onnx`` go (``None``: write nothing).
+        target: attribute of the LightningModule holding the network to gate.
+        example_input: an input batch for tracing (default: inferred from the network).
+        num_train: training-set size N in β·KL/N (default: from the train dataloader).
+    """
+
+    def __init__(
+        self,
+        recipe: str | Recipe,
+        out_dir: str | Path | None = None,
+        *,
+        target: str = "model",
+        example_input: torch.Tensor | None = None,
+        num_train: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.target, self.example_input, self.num_train = target, example_input, num_train
+        self.slim: nn.Module | None = None
+        self.last_beta: float = 0.0
+        self._wrapped: Any = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _net(self, pl_module: pl.LightningModule) -> nn.Module:
+        net = getattr(pl_module, self.target, None)
+        if not isinstance(net, nn.Module):
+            raise AttributeError(
+                f"CompressDropCallback: the LightningModule has no network at .{self.target}; "
+                "pass target=<attribute name>"
+            )
+        return net
+
+    def _n(self, trainer: pl.Trainer) -> int:
+        if self.num_train is None:
+            try:
+                self.num_train = len(trainer.train_dataloader.dataset)
+            except (AttributeError, TypeError) as e:
+                raise ValueError(
+                    "CompressDropCallback: cannot tell the training-set size; pass num_train=N"
+                ) from e
+        return self.num_train
+
+    # -- hooks --------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        net = self._net(pl_module)
+        if not is_gated(net):
+            g = self.recipe.gates
+            example = self.example_input
+            if example is None:
+                example = example_input_for(net)
+            attach(
+                net,
+                g.family,
+                g.granularity,
+                list(g.include) or None,
+                list(g.exclude) or None,
+                example_inputs=example.to(next(net.parameters()).device),
+                gate_kwargs=g.kwargs,
+                kl_cost=g.kl_cost,
+            )
+        original = pl_module.training_step
+        schedule = self.recipe.kl
+
+        @functools.wraps(original)
+        def training_step(*args: Any, **kwargs: Any):
+            out = original(*args, **kwargs)
+            batches = max(int(trainer.num_training_batches), 1)
+            batch_idx = kwargs.get("batch_idx", args[1] if len(args) > 1 else 0)
+            self.last_beta = float(schedule(trainer.current_epoch + batch_idx / batches))
+            term = self.last_beta * kl(net) / self._n(trainer)
+            if isinstance(out, dict):
+                return {**out, "loss": out["loss"] + term}
+            return out + term
+
+        pl_module.training_step = training_step  # type: ignore[method-assign]
+        self._wrapped = (pl_module, original)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._wrapped is not None and self._wrapped[0] is pl_module:
+            pl_module.training_step = self._wrapped[1]  # type: ignore[method-assign]
+            self._wrapped = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from ..pruning import prune
+
+        net = self._net(pl_module)
+        example = self.example_input if self.example_input is not None else None
+        self.slim = prune(net.eval(), self.recipe.prune.threshold, example_inputs=example)
+        if self.out_dir is None or not trainer.is_global_zero:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        slim = self.slim.cpu()
+        save_model(slim, self.out_dir / "slim.pt", recipe=self.recipe.to_dict())
+        if self.recipe.export.onnx:
+            from ..export import export_onnx
+
+            rep = slim.prune_report
+            x = example if example is not None else example_input_for(slim, batch=2)
+            export_onnx(
+                slim,
+                x.cpu(),
+                self.out_dir / "slim.onnx",
+                metadata={"threshold": str(rep.threshold), "units_kept": rep.architecture()},
+                opset=self.recipe.export.opset,
+            )
+
+    def detach(self, pl_module: pl.LightningModule) -> nn.Module:
+        """Take the gates off the LightningModule's network (its learned state is dropped)."""
+        return detach(self._net(pl_module))

@@ -1,0 +1,90 @@
+"""The Lightning callback: a short fit on digits gives a slim model and a verified ONNX file."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import compressdrop as cd  # noqa: E402
+from compressdrop.checkpoint import load_model  # noqa: E402
+from compressdrop.data import load_digits  # noqa: E402
+from compressdrop.evaluation.onnx_eval import evaluate_onnx  # noqa: E402
+from compressdrop.integrations.lightning import CompressDropCallback  # noqa: E402
+from compressdrop.models import build_model  # noqa: E402
+from compressdrop.recipes import load_recipe  # noqa: E402
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = build_model("lenet300", input_shape=(1, 8, 8))
+        self.added = []  # loss Lightning optimized minus the bare NLL: the KL term
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.nll = F.cross_entropy(self(x), y)
+        return self.nll
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.added.append(float(outputs["loss"] - self.nll))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_callback_fits_prunes_and_exports(tmp_path):
+    torch.manual_seed(0)
+    data = load_digits()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=64, shuffle=True
+    )
+    recipe = load_recipe("lenet300-lognormal")
+    recipe = recipe.replace(kl=type(recipe.kl)(beta=1.0, warmup=1.0))
+    cb = CompressDropCallback(recipe, out_dir=tmp_path)
+    module = Classifier()
+    trainer = pl.Trainer(
+        max_epochs=30,
+        callbacks=[cb],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader)
+
+    assert cd.is_gated(module.model) and cb.num_train == len(data.x_train)
+    assert cb.last_beta == pytest.approx(1.0)  # the warm-up ended
+    # the scheduled KL term is in the loss Lightning optimized (β·KL/N > 0 after the warm-up)
+    assert all(a > 0 for a in module.added[len(module.added) // 2 :])
+    x = data.x_train[:64]
+    module.eval()
+    gated_acc = float((module(data.x_test).argmax(1) == data.y_test).float().mean())
+
+    slim = cb.slim
+    assert slim is not None and not cd.is_gated(slim)
+    dense = build_model("lenet300", input_shape=(1, 8, 8))
+    assert cd.size(slim, x).params < cd.size(dense, x).params  # units were removed
+    slim_acc = float((slim(data.x_test).argmax(1) == data.y_test).float().mean())
+    assert slim_acc > 0.8 and abs(slim_acc - gated_acc) < 0.05
+    again = load_model(tmp_path / "slim.pt")
+    torch.testing.assert_close(again(x), slim(x))
+    res = evaluate_onnx(tmp_path / "slim.onnx", data.x_test, data.y_test)
+    assert res["accuracy"] == pytest.approx(slim_acc, abs=1e-3)
+    assert module.training_step.__func__ is Classifier.training_step  # unwrapped after fit
+
+
+def test_callback_says_where_the_network_is_missing():
+    cb = CompressDropCallback("lenet300-lognormal", target="net")
+    with pytest.raises(AttributeError, match=r"no network at \.net"):
+        cb.setup(None, Classifier(), "fit")
