@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="recurrent_fashion_mnist", help="result file name")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
@@ -99,7 +100,7 @@ def main() -> None:
     table = markdown_table(
         rows, ["scheme", "p", "best epoch", "val acc", "test acc", "test NLL", "train s"]
     )
-    print(table)
+    print(table, flush=True)
     gated = None
     if args.gated:
         recipe = load_recipe("lstm-lognormal")
@@ -122,7 +123,7 @@ def main() -> None:
         }
         print(gated)
     save(
-        "recurrent_fashion_mnist",
+        args.name,
         {
             "args": vars(args),
             "rows": rows,

@@ -20,6 +20,15 @@ from tests.test_cli import tiny_recipe
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """Exactness checks compare in full float32 (cuDNN convolutions default to TF32)."""
+    from compressdrop.pruning.prune import full_fp32
+
+    with full_fp32():
+        yield
+
+
 @pytest.mark.parametrize("family", ["lognormal", "variational", "concrete", "hardconcrete"])
 def test_gated_step_and_surgery_on_cuda(family):
     torch.manual_seed(0)
@@ -90,3 +99,25 @@ def test_cli_train_and_sweep_on_cuda(tmp_path):
     rows = json.loads(res.stdout)
     rows = rows["rows"] if isinstance(rows, dict) else rows
     assert all(str(r["device"]).startswith("cuda") for r in rows)
+    import onnxruntime as ort
+
+    has_cuda_ep = "CUDAExecutionProvider" in ort.get_available_providers()
+    want = "CUDAExecutionProvider" if has_cuda_ep else "CPUExecutionProvider"
+    assert all(r["provider"] == want for r in rows)
+
+
+def test_gated_lstm_trains_and_prunes_on_cuda():
+    torch.manual_seed(0)
+    net = build_model("lstm_rows", input_shape=(1, 28, 28), hidden=32, scheme="gal", p=0.2).cuda()
+    compressdrop.attach(net, gate="lognormal")
+    x, y = torch.randn(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    (F.cross_entropy(net(x), y) + compressdrop.kl(net) / 100).backward()
+    for _, g in compressdrop.gates(net):
+        with torch.no_grad():
+            g.log_sigma[::4] = 3.0
+    net.eval()
+    slim = compressdrop.prune(net)
+    assert [m.hidden_size for m in slim.rnn] == [24, 24]
+    with torch.no_grad():
+        compressdrop.mask_(net)
+        torch.testing.assert_close(slim(x), net(x), rtol=1e-4, atol=1e-5)

@@ -92,6 +92,9 @@ def sweep(
     dev = resolve_device(device)
     thresholds = [0.0, *(thresholds if thresholds is not None else default_thresholds(model))]
     example = x_test[:2]
+    # onnxruntime's CUDA provider on a GPU when this onnxruntime build has one (onnxruntime-gpu),
+    # else its CPU provider; each row records the provider actually used
+    ort_provider = "auto" if dev.type == "cuda" else "cpu"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, thr in enumerate(thresholds):
@@ -105,13 +108,13 @@ def sweep(
                 example,
                 onnx_path,
                 check_batch_sizes=(1, 7),
-                providers="cuda" if dev.type == "cuda" else "cpu",
+                providers=ort_provider,
             )
             lat = ort_latency(
                 onnx_path,
                 latency_batch,
                 threads=threads,
-                provider="cuda" if dev.type == "cuda" else "cpu",
+                provider=ort_provider,
                 repeats=repeats,
             )
             m = evaluate(slim.to(dev), x_test, y_test)
