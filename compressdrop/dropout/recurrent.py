@@ -70,6 +70,24 @@ class _RecurrentDropout:
 
     kind = ""
 
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        *,
+        scheme: str = "none",
+        p: float = 0.0,
+        bias: bool = True,
+        batch_first: bool = True,
+        record_masks: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(  # type: ignore[call-arg]
+            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, **kwargs
+        )
+        self._setup(scheme, p, record_masks)
+
     def _setup(self, scheme: str, p: float, record_masks: bool) -> None:
         if scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
@@ -91,6 +109,38 @@ class _RecurrentDropout:
         if self.bias:  # type: ignore[attr-defined]
             w += [getattr(self, f"bias_ih_l{layer}"), getattr(self, f"bias_hh_l{layer}")]
         return tuple(w)
+
+    def _sequence_masks(
+        self, masks: _Masks, sample: bool, in_features: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gal's per-sequence masks on a layer's input and on its fed-back hidden state."""
+        if not (sample and self.scheme == "gal"):
+            return None, None
+        H = self.hidden_size  # type: ignore[attr-defined]
+        return masks.draw(in_features) / masks.q, masks.draw(H) / masks.q
+
+    def _input_dropout(
+        self, inp: torch.Tensor, layer: int, masks: _Masks, sample: bool, m_in
+    ) -> torch.Tensor:
+        """A layer's input at one step: Zaremba's fresh mask, or Gal's sequence mask."""
+        if sample and self.scheme == "zaremba":
+            return inp * masks.note(f"l{layer}.input", masks.draw(inp.shape[-1]) / masks.q)
+        if m_in is not None:
+            return inp * masks.note(f"l{layer}.input", m_in)
+        return inp
+
+    def _output_dropout(self, y: torch.Tensor, masks: _Masks) -> torch.Tensor:
+        """The last layer's output (T, B, H): per step (Zaremba) or per sequence (Gal)."""
+        if self.scheme not in ("zaremba", "gal"):
+            return y
+        steps, H = y.shape[0], y.shape[-1]
+        if self.scheme == "zaremba":
+            m_out = torch.stack([masks.draw(H) for _ in range(steps)]) / masks.q
+        else:
+            m_out = (masks.draw(H) / masks.q).expand(steps, -1, -1)
+        for m in m_out:
+            masks.note("output", m)
+        return y * m_out
 
     def _time_major(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         if isinstance(x, nn.utils.rnn.PackedSequence):
@@ -125,23 +175,8 @@ class LSTM(_RecurrentDropout, nn.LSTM):
 
     kind = "LSTM"
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        scheme: str = "none",
-        p: float = 0.0,
-        bias: bool = True,
-        batch_first: bool = True,
-        record_masks: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, **kwargs
-        )
-        self._setup(scheme, p, record_masks)
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any):
+        super().__init__(input_size, hidden_size, num_layers, **kwargs)
         self.register_buffer("out_scale", torch.ones(hidden_size))
         self._tracing = False
 
@@ -177,19 +212,13 @@ class LSTM(_RecurrentDropout, nn.LSTM):
         for layer in range(L):
             w = self._weights(layer)
             h, c = h0[layer], c0[layer]
-            m_in = m_h = m_c = None
-            if sample and self.scheme == "gal":
-                m_in = masks.draw(seq[0].shape[-1]) / masks.q
-                m_h = masks.draw(H) / masks.q
+            m_in, m_h = self._sequence_masks(masks, sample, seq[0].shape[-1])
+            m_c = None
             if sample and self.scheme == "moon":
                 m_c = masks.draw(H)
             out = []
             for t in range(steps):
-                inp = seq[t]
-                if sample and self.scheme == "zaremba":
-                    inp = inp * masks.note(f"l{layer}.input", masks.draw(inp.shape[-1]) / masks.q)
-                elif m_in is not None:
-                    inp = inp * masks.note(f"l{layer}.input", m_in)
+                inp = self._input_dropout(seq[t], layer, masks, sample, m_in)
                 rec = h if m_h is None else h * masks.note(f"l{layer}.hidden", m_h)
                 gates = inp @ w[0].T + rec @ w[1].T
                 if self.bias:
@@ -211,14 +240,8 @@ class LSTM(_RecurrentDropout, nn.LSTM):
             c_n.append(c)
             seq = out
         y = torch.stack(seq)
-        if sample and self.scheme in ("zaremba", "gal"):
-            if self.scheme == "zaremba":
-                m_out = torch.stack([masks.draw(H) for _ in range(steps)]) / masks.q
-            else:
-                m_out = (masks.draw(H) / masks.q).expand(steps, -1, -1)
-            y = y * m_out
-            for m in m_out:
-                masks.note("output", m)
+        if sample:
+            y = self._output_dropout(y, masks)
         y = y * self.out_scale
         h_n[-1] = h_n[-1] * self.out_scale
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
@@ -283,24 +306,6 @@ class GRU(_RecurrentDropout, nn.GRU):
 
     kind = "GRU"
 
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        *,
-        scheme: str = "none",
-        p: float = 0.0,
-        bias: bool = True,
-        batch_first: bool = True,
-        record_masks: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first, **kwargs
-        )
-        self._setup(scheme, p, record_masks)
-
     def forward(self, x, hx=None):  # type: ignore[override]
         if not self.sampling:
             return super().forward(x, hx)
@@ -319,17 +324,10 @@ class GRU(_RecurrentDropout, nn.GRU):
         for layer in range(L):
             w = self._weights(layer)
             h = h0[layer]
-            m_in = m_h = None
-            if sample and self.scheme == "gal":
-                m_in = masks.draw(seq[0].shape[-1]) / masks.q
-                m_h = masks.draw(H) / masks.q
+            m_in, m_h = self._sequence_masks(masks, sample, seq[0].shape[-1])
             out = []
             for t in range(steps):
-                inp = seq[t]
-                if sample and self.scheme == "zaremba":
-                    inp = inp * masks.note(f"l{layer}.input", masks.draw(inp.shape[-1]) / masks.q)
-                elif m_in is not None:
-                    inp = inp * masks.note(f"l{layer}.input", m_in)
+                inp = self._input_dropout(seq[t], layer, masks, sample, m_in)
                 rec = h if m_h is None else h * masks.note(f"l{layer}.hidden", m_h)
                 gi = inp @ w[0].T
                 gh = rec @ w[1].T
@@ -346,14 +344,8 @@ class GRU(_RecurrentDropout, nn.GRU):
             h_n.append(h)
             seq = out
         y = torch.stack(seq)
-        if sample and self.scheme in ("zaremba", "gal"):
-            if self.scheme == "zaremba":
-                m_out = torch.stack([masks.draw(H) for _ in range(steps)]) / masks.q
-            else:
-                m_out = (masks.draw(H) / masks.q).expand(steps, -1, -1)
-            y = y * m_out
-            for m in m_out:
-                masks.note("output", m)
+        if sample:
+            y = self._output_dropout(y, masks)
         h_n = torch.stack(h_n)
         if unbatched:
             h_n = h_n.squeeze(1)
