@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import pickle
-import zipfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -124,28 +124,62 @@ def save_model(
     return path
 
 
+# torch.save writes a zip archive; files from torch < 1.6 (or _use_new_zipfile_serialization=False)
+# start with the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2, LONG1 of 10 bytes).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
 def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
-    """``torch.load`` with the safety rules: weights only unless ``trust_pickle``; clear errors."""
+    """``torch.load`` with the safety rules: weights only unless ``trust_pickle``; clear errors.
+
+    Raises:
+        CheckpointError: the file is missing, is not a PyTorch file, is corrupt or truncated, or
+            holds pickled objects (refused unless ``trust_pickle``).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
         raise CheckpointError(f"{path}: not a file")
+    with path.open("rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch file (corrupt or truncated?): it starts with neither "
+            "a zip header nor the legacy torch.save magic number"
+        )
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with warnings.catch_warnings():
+            # a damaged pickle stream makes torch warn about odd protocol numbers before failing
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if trust_pickle:
-            raise CheckpointError(f"{path}: corrupt or unreadable checkpoint ({e})") from None
+        # The weights-only unpickler says "Unsupported global" when the stream is well formed but
+        # names a class or function; every other failure of it means a damaged stream.
+        if not trust_pickle and "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: the file holds pickled Python objects (for example a whole nn.Module "
+                "saved with torch.save(model)); loading it would run arbitrary code, so it was "
+                "refused. If you trust its source, pass trust_pickle=True (CLI: --trust-pickle); "
+                "better, save a compressdrop checkpoint or a state_dict."
+            ) from None
         raise CheckpointError(
-            f"{path}: the file holds pickled Python objects (for example a whole nn.Module saved "
-            "with torch.save(model)); loading it would run arbitrary code, so it was refused. If you "
-            "trust its source, pass trust_pickle=True (CLI: --trust-pickle); better, save a "
-            "compressdrop checkpoint or a state_dict."
+            f"{path}: corrupt or unreadable checkpoint ({_first_line(e)})"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
+    except Exception as e:
+        # With weights_only=True no code from the file runs, so any other exception comes from a
+        # damaged stream (torch's unpickler raises IndexError, KeyError, UnicodeDecodeError, ...).
+        # With trust_pickle the file's own code may raise anything: the message says which.
         raise CheckpointError(
-            f"{path}: not a readable PyTorch file (corrupt or truncated?): {e}"
+            f"{path}: not a readable PyTorch file (corrupt or truncated?): "
+            f"{type(e).__name__}: {_first_line(e)}"
         ) from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(e).__name__
 
 
 def load_model(

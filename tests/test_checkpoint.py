@@ -52,3 +52,41 @@ def test_foreign_format_version_and_weights_that_do_not_fit(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a compressdrop checkpoint"):
         load_model(tmp_path / "other.pt")
+
+
+_LEGACY_HEAD = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _damaged(kind: str, tmp_path, seed: int) -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    noise = bytes(torch.randint(0, 256, (512,), generator=gen, dtype=torch.uint8).tolist())
+    if kind == "random":
+        return noise
+    if kind == "legacy-header-then-noise":  # reaches torch's pickle-stream parser
+        return _LEGACY_HEAD + noise
+    if kind == "zip-header-then-noise":
+        return b"PK\x03\x04" + noise
+    save_model(gated("lenet300"), tmp_path / "good.pt")
+    good = (tmp_path / "good.pt").read_bytes()
+    return good[: len(good) // 2]  # truncated
+
+
+@pytest.mark.parametrize(
+    "kind", ["random", "legacy-header-then-noise", "zip-header-then-noise", "truncated"]
+)
+@pytest.mark.parametrize("seed", range(8))
+def test_damaged_files_give_a_checkpoint_error_that_says_corrupt(kind, seed, tmp_path):
+    # Torch's unpickler fails on damaged streams with IndexError, KeyError, UnicodeDecodeError or
+    # UnpicklingError depending on the bytes: each must become one clear CheckpointError.
+    (tmp_path / "bad.pt").write_bytes(_damaged(kind, tmp_path, seed))
+    for trust in (False, True):
+        with pytest.raises(CheckpointError, match="corrupt"):
+            load_model(tmp_path / "bad.pt", trust_pickle=trust)
+
+
+def test_pickled_object_is_refused_not_called_corrupt(tmp_path):
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+    with pytest.raises(CheckpointError, match="arbitrary code") as info:
+        load_model(tmp_path / "module.pt")
+    assert "corrupt" not in str(info.value)
+    assert isinstance(load_model(tmp_path / "module.pt", trust_pickle=True), torch.nn.Linear)
