@@ -213,6 +213,27 @@ def test_mc_mode_switches_recurrent_dropout_on():
     assert torch.equal(net(x), net(x)) and not net.training
 
 
+@pytest.mark.parametrize("gate", ["lognormal", "hardconcrete"])
+def test_mc_mode_samples_the_gates_of_a_gated_lstm(gate):
+    # mc_mode leaves the wrapper (Gated) in eval and switches only the gate on: the LSTM must
+    # follow the gate's flag, or Monte-Carlo samples of a gated LSTM would all be E[θ].
+    torch.manual_seed(0)
+    net = build_model("lstm_rows", input_shape=(1, 8, 8), hidden=12)
+    cd.attach(net, gate)
+    with torch.no_grad():
+        for _, g in cd.gates(net):
+            for p in g.parameters():
+                p.normal_(0.0, 1.0)  # a noisy posterior
+    net.eval()
+    x = torch.randn(6, 1, 8, 8)
+    assert torch.equal(net(x), net(x))
+    with mc_mode(net):
+        assert not torch.equal(net(x), net(x))
+    assert torch.equal(net(x), net(x))
+    pred = cd.mc_predict(net, x, samples=8)
+    assert pred.mutual_information.max() > 1e-4
+
+
 def test_mc_evaluate_reports_uncertainty_and_refuses_noise_free_models():
     torch.manual_seed(0)
     net = build_model("lenet5", input_shape=(1, 8, 8), dropout=0.5).eval()

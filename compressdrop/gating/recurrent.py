@@ -4,7 +4,9 @@ A unit of a one-layer :class:`compressdrop.dropout.LSTM` is its hidden state h_j
 four gates (rows j of each block of ``weight_ih``/``weight_hh``) and fed back through column j of
 ``weight_hh``. The gate multiplies h by θ (one draw per sequence and unit) both where h re-enters
 the recurrence and where it leaves the layer, as in Lobacheva, Chirkova & Vetrov, "Bayesian
-Sparsification of Recurrent Neural Networks" (2017; group noise on hidden units). A unit with
+Sparsification of Gated Recurrent Neural Networks" (2018; group noise on hidden units, shared by the
+gates; the weight-level method is their 2017 "Bayesian Sparsification of Recurrent Neural
+Networks"). A unit with
 θ = 0 then influences nothing, so removing it is exact.
 
 In eval mode the gate is folded on the fly: W_hh·diag(E[θ]) and the output times E[θ], which keeps
@@ -45,7 +47,8 @@ class GatedLSTM(Gated):
         m, g = self.module, self.gate
         dtype = m.weight_hh_l0.dtype
         keep = (~g.pruned).to(dtype)
-        if self.training:
+        # the gate's own flag, not the wrapper's: mc_mode samples gates with the model in eval
+        if g.training:
             if x.dim() != 3:
                 raise ValueError(f"a gated LSTM takes batched input (3 dims), got {tuple(x.shape)}")
             theta = g._training_sample(x.shape[0 if m.batch_first else 1]).to(dtype) * keep
