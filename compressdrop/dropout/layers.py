@@ -183,7 +183,8 @@ class SpatialDropout(nn.Dropout2d):
 class Cutout(nn.Module):
     """Cutout: zero one or several square (or rectangular) patches of each image, in training.
 
-    A data augmentation on a batch ``(B, C, H, W)``: each hole's centre is uniform over the image and
+    A data augmentation on a batch ``(B, C, H, W)`` or one image ``(C, H, W)`` (so it also serves as
+    a per-sample transform in a Dataset): each hole's centre is uniform over the image and
     the patch is clipped at the borders (as in the paper). Identity in eval mode.
 
     Args:
@@ -206,6 +207,10 @@ class Cutout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if x.dim() == 3:  # one image (C, H, W), as a per-sample transform
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        if x.dim() != 4:
+            raise ValueError(f"Cutout takes (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
         b, _, h, w = x.shape
         ys = torch.arange(h, device=x.device).view(1, h, 1)
         xs = torch.arange(w, device=x.device).view(1, 1, w)
