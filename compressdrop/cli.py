@@ -238,11 +238,18 @@ def _summary(report: dict[str, Any]) -> None:
     help="Train with N processes on this machine (DistributedDataParallel; launches torchrun). "
     "Several machines: run `torchrun ... -m compressdrop train` on each.",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default=None,
+    help="bf16: forward pass under torch.autocast(bfloat16); gate KL/SNR stay float32 "
+    "(default: the recipe's, fp32).",
+)
 @DEVICE
 @SEED
 @JSON
 @_guard
-def train(recipe, data, out, resume, nproc, device, seed, as_json) -> None:
+def train(recipe, data, out, resume, nproc, precision, device, seed, as_json) -> None:
     """Run a recipe end to end: train, sparsify, prune, fine-tune, export.
 
     Under torchrun (or with --nproc N) every process trains on its share of each global batch
@@ -252,6 +259,7 @@ def train(recipe, data, out, resume, nproc, device, seed, as_json) -> None:
     Examples:
       compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
       compressdrop train --recipe lenet5-lognormal --nproc 2 --out runs/ddp
+      torchrun --nproc-per-node 8 -m compressdrop train --recipe lenet5-lognormal --device cuda
     """
     from .recipes import DEFAULT_RECIPE, load_recipe
     from .training.distributed import from_env, launched_by_torchrun, shutdown
@@ -263,6 +271,8 @@ def train(recipe, data, out, resume, nproc, device, seed, as_json) -> None:
     r = load_recipe(recipe or DEFAULT_RECIPE)
     if seed is not None:
         r = r.replace(seed=seed)
+    if precision is not None:
+        r = r.replace(precision=precision)
     if data is not None:
         r = r.replace(
             data=type(r.data)(

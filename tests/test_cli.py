@@ -1,6 +1,7 @@
 """The CLI through click's runner and as real subprocesses: happy paths, bad input, resume."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+import compressdrop as cd
 from compressdrop.checkpoint import load_model, save_model
 from compressdrop.cli import main
 from compressdrop.models import build_model
+from compressdrop.recipes import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = [sys.executable, "-m", "compressdrop.cli"]
@@ -231,6 +234,11 @@ def test_cli_shim_and_help_show_a_working_example():
         [sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert "compressdrop train --recipe" in out.stdout
+    as_module = [sys.executable, "-m", "compressdrop", "--help"]  # what torchrun -m runs
+    assert (
+        "compressdrop train --recipe"
+        in subprocess.run(as_module, capture_output=True, text=True, check=True).stdout
+    )
     for cmd in ("train", "prune", "export", "eval"):
         sub = subprocess.run(EXE + [cmd, "--help"], capture_output=True, text=True, check=True)
         assert "Example" in sub.stdout
@@ -298,6 +306,23 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     assert "loss is nan" in res.stderr and "checkpoint" in res.stderr
     assert (tmp_path / "out" / "checkpoint.pt").exists()
     assert not (tmp_path / "out" / "slim.pt").exists()
+
+
+def test_bf16_training_keeps_gate_terms_in_float32(tmp_path):
+    recipe = tiny_recipe(tmp_path / "bf16.yaml", pretrain=1, sparsify=2, finetune=1)
+    out = tmp_path / "out"
+    res = run(["train", "--recipe", recipe, "--out", out, "--precision", "bf16", "--json"])
+    report = json.loads(res.stdout)
+    assert report["slim"]["test_accuracy"] > 0.5  # it learned under autocast
+    assert all(math.isfinite(h["loss"]) for h in report["history"])
+    gated = load_model(out / "gated.pt")
+    x = torch.rand(4, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gated(x).dtype == torch.bfloat16  # the layers did run in bf16
+        assert all(g.kl().dtype == torch.float32 for _, g in cd.gates(gated))
+        assert all(g.snr().dtype == torch.float32 for _, g in cd.gates(gated))
+    with pytest.raises(Exception, match="precision"):
+        Recipe.from_dict({"precision": "fp8"})
 
 
 def test_sweep_writes_table_csv_json_png_matching_a_separate_eval(trained, tmp_path):

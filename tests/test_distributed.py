@@ -125,3 +125,47 @@ def test_an_interrupted_run_resumes_under_torchrun(tmp_path):
         ("finetune", 1),
     ]
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def _nan_worker(rank: int, tmp: str) -> None:
+    import datetime
+
+    from compressdrop.training.runner import TrainingDiverged
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp}/store-nan",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    data = load_digits()
+    if rank == 1:  # only this rank's data is broken: its loss is NaN, rank 0's is finite
+        data.x_train[:] = float("nan")
+    outcome = "finished"
+    try:
+        run_recipe(_recipe(Path(tmp)), data, Path(tmp) / "ddp", device="cpu", dist=Dist(rank, 2))
+    except TrainingDiverged as e:
+        outcome = f"TrainingDiverged: {e}"
+    except Exception as e:  # a hang that timed out, or a broken connection
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        dist.destroy_process_group()
+    Path(tmp, f"nan{rank}.txt").write_text(outcome)
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
+    import time
+
+    ctx = mp.spawn(_nan_worker, args=(str(tmp_path),), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung after another rank's loss became NaN")
+    out = [(tmp_path / f"nan{r}.txt").read_text() for r in (0, 1)]
+    assert out[1].startswith("TrainingDiverged: loss is nan"), out[1]
+    assert out[0].startswith("TrainingDiverged: another rank's loss is not finite"), out[0]
+    assert "step 1 (rank 0)" in out[0] and "step 1 (rank 1)" in out[1]

@@ -127,6 +127,24 @@ def test_fast_dropout_matches_the_moments_of_real_dropout():
     assert abs(float(f.var() / r.var()) - 1) < 0.03
 
 
+def test_deterministic_fast_dropout_integrates_the_sigmoid_over_dropout_noise():
+    # σ(output) must approximate E[σ(s)] under real dropout, with no randomness of its own.
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 3)
+    x = torch.randn(1, 40) * 2
+    layer = FastDropout(lin, 0.5, deterministic=True).train()
+    with torch.no_grad():
+        out = layer(x)
+        assert torch.equal(out, layer(x))
+        real = nn.Sequential(nn.Dropout(0.5), lin).train()(x.expand(N, 40))
+        mc = torch.sigmoid(real).mean(0)
+        naive = torch.sigmoid(lin(x))[0]
+    torch.testing.assert_close(torch.sigmoid(out)[0], mc, atol=0.02, rtol=0)
+    # the correction matters: the plain mean is farther from the truth where units saturate
+    assert (torch.sigmoid(out)[0] - mc).abs().max() < (naive - mc).abs().max()
+    torch.testing.assert_close(layer.eval()(x), lin(x))
+
+
 def test_spatial_dropout_drops_whole_maps():
     y = SpatialDropout(0.5).train()(torch.ones(64, 8, 4, 4))
     per_map = y.flatten(2)

@@ -148,26 +148,38 @@ class Standout(_Stochastic):
 class FastDropout(_Stochastic):
     """Fast dropout: the Gaussian approximation of dropout on a Linear layer's inputs.
 
-    With inputs kept with probability q, the pre-activation Σ_j W_ij m_j x_j has mean q·Wx and
-    variance q(1 − q)·W²x²; training draws it from that Gaussian (one draw, no mask sampling),
-    test time uses the mean, scaled to the plain layer (inverted convention: mean Wx + b).
+    With inputs kept with probability q and scaled by 1/q (inverted convention), the pre-activation
+    s = Σ_j W_ij m_j x_j / q + b is approximately Gaussian (central limit), with mean μ = Wx + b and
+    variance v = (1 − q)/q · W²x². Two training modes, as in the paper:
+
+    * ``deterministic=False`` (sampling): one draw s = μ + √v·ε per example, no mask sampling;
+    * ``deterministic=True`` (integrating, for a layer that feeds a sigmoid or softmax loss): no
+      noise at all; the output is μ / √(1 + π v / 8), so that σ(output) ≈ E[σ(s)] (the probit
+      approximation of the logistic-Gaussian integral that Wang & Manning use for the loss).
+
+    Test time uses the mean μ in both modes (the plain layer).
 
     Reference: Wang & Manning, "Fast dropout training", ICML 2013.
     """
 
-    def __init__(self, layer: nn.Linear, p: float = 0.5) -> None:
+    def __init__(self, layer: nn.Linear, p: float = 0.5, *, deterministic: bool = False) -> None:
         super().__init__()
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"FastDropout wraps a Linear layer, got {type(layer).__name__}")
-        self.layer, self.p = layer, _check_p(p)
+        self.layer, self.p, self.deterministic = layer, _check_p(p), bool(deterministic)
+
+    def variance(self, x: torch.Tensor) -> torch.Tensor:
+        """v = (1 − q)/q · W²x², the Gaussian's variance per output unit."""
+        q = 1 - self.p
+        return ((1 - q) / q * F.linear(x * x, self.layer.weight * self.layer.weight)).clamp(min=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = self.layer(x)
         if not self.sampling or self.p == 0:
             return mean
-        q = 1 - self.p
-        var = (1 - q) / q * F.linear(x * x, self.layer.weight * self.layer.weight)  # inverted scale
-        return mean + var.clamp(min=0).sqrt() * torch.randn_like(mean)
+        if self.deterministic:
+            return mean * torch.rsqrt(1 + math.pi / 8 * self.variance(x))
+        return mean + self.variance(x).sqrt() * torch.randn_like(mean)
 
 
 class SpatialDropout(nn.Dropout2d):

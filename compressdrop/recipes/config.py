@@ -159,6 +159,9 @@ class ExportConfig:
     opset: int | None = None
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A whole compression run. See ``recipes/*.yaml`` for examples."""
@@ -173,6 +176,16 @@ class Recipe:
     prune: PruneConfig = field(default_factory=PruneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
+    #: "fp32", or "bf16": the forward pass and loss under torch.autocast(bfloat16) (GPUs with
+    #: bf16, or the CPU); the gates' KL, SNR and E[θ] stay float32 (closed forms run in float64).
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.precision in PRECISIONS,
+            "precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:

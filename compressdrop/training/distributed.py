@@ -11,6 +11,10 @@ DDP's gradient average is the global batch mean. The KL term is divided by the g
 size on every rank. Parameters (gates included) start identical (same seed; DDP also broadcasts
 rank 0's) and stay identical (averaged gradients). Only rank 0 writes checkpoints and outputs.
 
+A non-finite loss on any rank stops every rank with ``TrainingDiverged`` at the same step (the
+ranks agree through one all-reduce of a flag per step). A trailing global batch too small to give
+each rank two examples is merged into the batch before it.
+
 BatchNorm statistics are per rank, as in plain DDP (on GPUs, ``nn.SyncBatchNorm`` would share
 them; not done here).
 """
@@ -72,6 +76,16 @@ class Dist:
             t = t.cuda()
         dist.all_reduce(t)
         return float(t.item()) / self.world
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is true on every rank (one tiny all-reduce)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
 
     def barrier(self) -> None:
         if self.active:

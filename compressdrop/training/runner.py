@@ -9,7 +9,6 @@ leaving the last good checkpoint in place.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -180,11 +179,24 @@ class _Run:
         cfg: StageConfig = getattr(self.recipe.stages, stage)
         x, y = self.train.x_train.to(self.device), self.train.y_train.to(self.device)
         n, bs = len(x), self.recipe.data.batch_size
-        steps = math.ceil(n / bs)
         dist = self.dist
-        if dist.active and bs < dist.world:
-            raise ValueError(f"batch_size {bs} is smaller than the {dist.world} processes")
+        if dist.active and bs < 2 * dist.world:
+            raise ValueError(
+                f"batch_size {bs} gives fewer than 2 examples to each of the {dist.world} processes"
+            )
+        starts = list(range(0, n, bs))
+        if dist.active and len(starts) > 1 and n - starts[-1] < 2 * dist.world:
+            # a tail too small to give every rank 2 examples (BatchNorm needs 2) joins the batch
+            # before it; a single process never merges, so parity with it holds unless this happens
+            starts.pop()
+        steps = len(starts)
+        bounds = [*starts[1:], n]
         net = dist.wrap(model)
+        autocast = torch.autocast(
+            torch.device(self.device).type,
+            dtype=torch.bfloat16,
+            enabled=self.recipe.precision == "bf16",
+        )
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
@@ -194,24 +206,33 @@ class _Run:
             )
             perm = torch.randperm(n, generator=gen).to(self.device)
             tot_loss = tot_kl = 0.0
-            for i in range(steps):
-                batch = perm[i * bs : (i + 1) * bs]
+            for i, (lo, hi) in enumerate(zip(starts, bounds)):
+                batch = perm[lo:hi]
                 idx = dist.shard(batch)
-                with dist.noise(len(batch)):
+                with dist.noise(len(batch)), autocast:
                     out = net(x[idx])
+                out = out.float()  # the loss in float32 under bf16 autocast
                 if dist.active:  # DDP averages gradients over ranks: W/B · Σ_rank = global mean
                     nll = F.cross_entropy(out, y[idx], reduction="sum") * (dist.world / len(batch))
                 else:
                     nll = F.cross_entropy(out, y[idx])
                 loss = nll
                 if stage == "sparsify":
-                    kl_term = kl(model) / n
+                    kl_term = kl(model) / n  # float32: the gates' closed forms run in float64
                     loss = nll + self.recipe.kl(epoch + i / steps) * kl_term
                     tot_kl += float(kl_term.detach())
-                if not torch.isfinite(loss):
+                # every rank must agree, or the healthy ranks would wait in DDP's all-reduce
+                finite = bool(torch.isfinite(loss))
+                if not dist.all_true(finite):
+                    what = (
+                        f"loss is {float(loss.detach())}"
+                        if not finite
+                        else "another rank's loss is not finite"
+                    )
                     raise TrainingDiverged(
-                        f"loss is {float(loss.detach())} at stage {stage}, epoch {epoch + 1}, step {i + 1}; "
-                        f"the last good checkpoint is {self.ckpt} (lower the learning rate?)"
+                        f"{what} at stage {stage}, epoch {epoch + 1}, step {i + 1}"
+                        f"{f' (rank {dist.rank})' if dist.active else ''}; the last good "
+                        f"checkpoint is {self.ckpt} (lower the learning rate?)"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
