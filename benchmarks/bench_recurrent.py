@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--p", type=float, default=0.25)
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--gated", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--beta", type=float, default=None, help="KL weight (default: the recipe's)")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
@@ -105,11 +106,14 @@ def main() -> None:
     if args.gated:
         recipe = load_recipe("lstm-lognormal")
         recipe = recipe.replace(data=type(recipe.data)(**{**vars(recipe.data), "name": args.data}))
+        if args.beta is not None:
+            recipe = recipe.replace(kl=type(recipe.kl)(**{**vars(recipe.kl), "beta": args.beta}))
         t0 = time.perf_counter()
         res = run_recipe(recipe, data, RESULTS / "runs" / "lstm-lognormal", device=args.device)
         r = res.report
         gated = {
             "recipe": "lstm-lognormal",
+            "beta": recipe.kl.beta,
             "epochs": r["epochs"],
             "hidden units before": r["architecture_before"],
             "hidden units after": r["architecture_after"],

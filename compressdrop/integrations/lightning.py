@@ -127,6 +127,8 @@ class CompressDropCallback(pl.Callback):
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any):
             out = original(*args, **kwargs)
+            if out is None:  # Lightning skips the step (manual optimization or a skipped batch)
+                return None
             batches = max(int(trainer.num_training_batches), 1)
             batch_idx = kwargs.get("batch_idx", args[1] if len(args) > 1 else 0)
             self.last_beta = float(schedule(trainer.current_epoch + batch_idx / batches))
