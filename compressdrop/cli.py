@@ -96,6 +96,16 @@ def _load(path: str, arch: str | None, trust_pickle: bool):
     return load_model(path, arch=arch, trust_pickle=trust_pickle)
 
 
+def _dense_reference(path: str, dataset: str) -> dict | None:
+    """The dense model's test metrics that ``train`` recorded in a gated checkpoint, if they were
+    measured on ``dataset``."""
+    from .checkpoint import load_checkpoint
+
+    meta = load_checkpoint(path).get("meta") or {}
+    dense = meta.get("dense")
+    return dense if isinstance(dense, dict) and dense.get("dataset") == dataset else None
+
+
 def _check_shape(model, dataset) -> None:
     arch = getattr(model, "arch", None) or {}
     shape = arch.get("input_shape")
@@ -649,7 +659,8 @@ def sweep(model_path, data, thresholds, out, batch, threads, device, as_json) ->
             f"threshold {r.threshold:.4g}: {r.architecture} acc {r.accuracy:.4f}"
         ),
     )
-    paths = write_sweep(rows, out, title=f"{Path(model_path).name} on {ds.name}")
+    dense = _dense_reference(model_path, ds.name)
+    paths = write_sweep(rows, out, title=f"{Path(model_path).name} on {ds.name}", dense=dense)
 
     def text() -> None:
         from rich.console import Console
@@ -684,13 +695,22 @@ def sweep(model_path, data, thresholds, out, batch, threads, device, as_json) ->
                 "*" if r.pareto else "",
             )
         Console().print(t)
+        if dense is not None:
+            click.echo(
+                f"dense model before gating: test acc {dense['test_accuracy']:.4f}, "
+                f"{dense['params']:,} params, {dense['flops']:,} FLOPs"
+            )
         click.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 
     from dataclasses import asdict
 
     _emit(
         as_json,
-        {"rows": [asdict(r) for r in rows], "files": {k: str(v) for k, v in paths.items()}},
+        {
+            "rows": [asdict(r) for r in rows],
+            "dense": dense,
+            "files": {k: str(v) for k, v in paths.items()},
+        },
         text,
     )
 

@@ -347,8 +347,12 @@ def test_sweep_writes_table_csv_json_png_matching_a_separate_eval(trained, tmp_p
             "--json",
         ]
     )
-    rows = json.loads(res.stdout)["rows"]
+    rows, dense = json.loads(res.stdout)["rows"], json.loads(res.stdout)["dense"]
     assert [r["threshold"] for r in rows] == [0.0, *thr]
+    # the dense reference is the one train measured and reported
+    report = json.loads((d / "out" / "report.json").read_text())["dense"]
+    assert dense["dataset"] == "digits"
+    assert {k: dense[k] for k in report} == report
     assert rows[0]["units"] > rows[1]["units"] > rows[2]["units"]
     assert all(
         r["latency_ms"] > 0 and r["onnx_bytes"] > 0 and r["provider"] == "CPUExecutionProvider"

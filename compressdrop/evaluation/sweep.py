@@ -142,8 +142,17 @@ def sweep(
     return [SweepRow(**{**asdict(r), "pareto": f}) for r, f in zip(rows, flags)]
 
 
-def write_sweep(rows: list[SweepRow], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` into ``out_dir`` (each atomically)."""
+def write_sweep(
+    rows: list[SweepRow],
+    out_dir: str | Path,
+    title: str = "",
+    dense: dict[str, Any] | None = None,
+) -> dict[str, Path]:
+    """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` into ``out_dir`` (each atomically).
+
+    ``dense``: the model before gating (``test_accuracy``, ``params``, ``flops``), drawn in the
+    plot as the reference when given (``compressdrop train`` records it in ``gated.pt``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = [asdict(r) for r in rows]
@@ -154,13 +163,16 @@ def write_sweep(rows: list[SweepRow], out_dir: str | Path, title: str = "") -> d
         w.writerows(data)
     with atomic_write(paths["json"]) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2))
-    plot_sweep(rows, paths["png"], title)
+    plot_sweep(rows, paths["png"], title, dense=dense)
     return paths
 
 
-def plot_sweep(rows: list[SweepRow], path: str | Path, title: str = "") -> None:
-    """Accuracy against parameters and against FLOPs (log scale), Pareto front joined, the
-    unpruned model (threshold 0) marked as the reference."""
+def plot_sweep(
+    rows: list[SweepRow], path: str | Path, title: str = "", dense: dict[str, Any] | None = None
+) -> None:
+    """Accuracy against parameters and against FLOPs (log scale), Pareto front joined and its
+    points labelled with their thresholds, the unpruned gated model (threshold 0) and, if given,
+    the dense model before gating (with a dashed line at its accuracy) as references."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,7 +206,20 @@ def plot_sweep(rows: list[SweepRow], path: str | Path, title: str = "") -> None:
             label="unpruned (threshold 0)",
             zorder=3,
         )
+        if dense is not None:
+            ax.axhline(100 * dense["test_accuracy"], ls="--", lw=1, c="grey")
+            ax.scatter(
+                [dense[key]],
+                [100 * dense["test_accuracy"]],
+                marker="D",
+                s=60,
+                c="grey",
+                label="dense, before gating",
+                zorder=3,
+            )
         for r in rows[1:]:
+            if not r.pareto:
+                continue
             ax.annotate(
                 f"{r.threshold:.3g}",
                 (getattr(r, key), 100 * r.accuracy),
@@ -207,7 +232,7 @@ def plot_sweep(rows: list[SweepRow], path: str | Path, title: str = "") -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(title or "accuracy against size (labels: SNR threshold)")
+    fig.suptitle((title + ": " if title else "") + "accuracy against size (labels: SNR threshold)")
     with atomic_write(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -353,7 +353,17 @@ def run_recipe(
         if stage == "sparsify":
             gated_path = out / "gated.pt"
             if dist.is_main:
-                meta = {"val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy}
+                meta: dict[str, Any] = {
+                    "val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy
+                }
+                if run.dense_metrics is not None:  # the reference `compressdrop sweep` plots
+                    d_params, d_flops = _dense_size(run)
+                    meta["dense"] = {
+                        **run.dense_metrics,
+                        "params": d_params,
+                        "flops": d_flops,
+                        "dataset": run.data.name,
+                    }
                 save_model(model, gated_path, recipe=recipe.to_dict(), meta=meta)
     assert model is not None
     model.eval()
@@ -397,16 +407,22 @@ def _prune_stage(run: _Run, model: nn.Module) -> nn.Module:
     return slim
 
 
+def _dense_size(run: _Run) -> tuple[int, int]:
+    """Parameters and FLOPs per example of the recipe's dense architecture."""
+    from ..evaluation.size import count_flops, count_params
+
+    dense = build_arch(run.arch()).to(run.device)
+    return count_params(dense), count_flops(dense, run.example(1))
+
+
 def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
     from ..evaluation.size import count_flops, count_params
     from ..pruning import PruneReport
 
     rep: PruneReport | Any = getattr(slim, "prune_report", None)
-    dense = build_arch(run.arch()).to(run.device)
-    x = run.example(1)
     test = run.test(slim)
-    d_params, s_params = count_params(dense), count_params(slim)
-    d_flops, s_flops = count_flops(dense, x), count_flops(slim, x)
+    d_params, d_flops = _dense_size(run)
+    s_params, s_flops = count_params(slim), count_flops(slim, run.example(1))
     layers = run.prune_info["report"]["layers"] if run.prune_info else []
     return {
         "recipe": run.recipe.name,
