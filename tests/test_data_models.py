@@ -145,3 +145,23 @@ def test_published_parameter_counts():
     assert count(build_model("lenet5", (1, 28, 28))) == 431_080
     with pytest.raises(ValueError, match="unknown model"):
         build_model("alexnet")
+
+
+def test_flops_are_the_known_closed_forms_for_linear_conv_and_recurrent_nets():
+    from torch import nn
+
+    from compressdrop.evaluation import count_flops
+
+    # LeNet-300-100: 2 FLOPs per multiply-add of each Linear
+    assert count_flops(build_model("lenet300"), torch.rand(1, 1, 28, 28)) == 2 * (
+        784 * 300 + 300 * 100 + 100 * 10
+    )
+    # a 2-layer LSTM over 28 steps: PyTorch's counter has no formula for the fused kernel, so the
+    # recurrent part is counted from the shapes, 2·4·H·(I + H) per step and layer, and only once
+    net = build_model("lstm_rows", input_shape=(1, 28, 28), hidden=32, layers=2, stacked=True)
+    per_step = 2 * 4 * 32 * (28 + 32) + 2 * 4 * 32 * (32 + 32)
+    assert count_flops(net, torch.rand(1, 1, 28, 28)) == 28 * per_step + 2 * 32 * 10
+    gru = nn.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True)  # count_flops: x[:1]
+    assert count_flops(gru, torch.rand(1, 5, 8)) == 2 * 5 * (2 * 3 * 16 * (8 + 16)) + 2 * 5 * (
+        2 * 3 * 16 * (32 + 16)
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SizeReport", "count_flops", "count_params", "size"]
+__all__ = ["SizeReport", "count_flops", "count_params", "rnn_flops", "size"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -21,19 +21,70 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass per example, measured by ``FlopCounterMode`` at batch 1.
 
     As in ``torch.utils.flop_counter``: a multiply-add counts 2 FLOPs, and only matrix products and
-    convolutions are counted (element-wise work is negligible beside them).
+    convolutions are counted (element-wise work is negligible beside them). PyTorch's fused
+    recurrent kernels (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) have no FLOP formula there, so a
+    recurrent module whose forward the counter saw as 0 FLOPs is counted here from its shapes.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
     model.eval()
     x = example_input[:1]
+    extra = [0]
+    counter = FlopCounterMode(display=False)
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.RNNBase):
+            handles.append(m.register_forward_pre_hook(_rnn_pre_hook(counter)))
+            handles.append(m.register_forward_hook(_rnn_post_hook(counter, extra)))
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), counter:
             model(x)
     finally:
+        for h in handles:
+            h.remove()
         model.train(was)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + extra[0]
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def rnn_flops(m: nn.RNNBase, steps: int) -> int:
+    """FLOPs of ``steps`` time steps of one sequence: 2·G·H·(I + H) per step, layer and direction
+    (G gates; the input of layers after the first is H·directions wide)."""
+    gates, h = _GATES[m.mode], m.hidden_size
+    dirs = 2 if m.bidirectional else 1
+    total = 0
+    for layer in range(m.num_layers):
+        i = m.input_size if layer == 0 else h * dirs
+        out = m.proj_size or h  # with proj_size, the recurrent input is the projection
+        per_step = 2 * gates * h * (i + out) + (2 * h * m.proj_size if m.proj_size else 0)
+        total += dirs * steps * per_step
+    return total
+
+
+def _rnn_pre_hook(counter):
+    def hook(m, args):
+        m._cd_flops_before = counter.get_total_flops()
+
+    return hook
+
+
+def _rnn_post_hook(counter, extra):
+    def hook(m, args, output):
+        before = getattr(m, "_cd_flops_before", 0)
+        if counter.get_total_flops() == before:  # the fused kernel: the counter saw nothing
+            x = args[0]
+            if isinstance(x, nn.utils.rnn.PackedSequence):
+                steps = int(x.batch_sizes.numel())
+            else:
+                time_dim = 1 if (m.batch_first and x.dim() == 3) else 0
+                steps = x.shape[time_dim]
+            extra[0] += rnn_flops(m, int(steps))
+        del m._cd_flops_before
+
+    return hook
 
 
 @dataclass(frozen=True)
