@@ -106,6 +106,28 @@ def test_cli_train_and_sweep_on_cuda(tmp_path):
     assert all(r["provider"] == want for r in rows)
 
 
+def test_cli_train_in_bf16_on_cuda(tmp_path):
+    res = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--recipe",
+            str(tiny_recipe(tmp_path / "t.yaml")),
+            "--out",
+            str(tmp_path / "o"),
+            "--device",
+            "cuda",
+            "--precision",
+            "bf16",
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["device"].startswith("cuda") and report["slim"]["test_accuracy"] > 0.5
+
+
 def test_gated_lstm_trains_and_prunes_on_cuda():
     torch.manual_seed(0)
     net = build_model("lstm_rows", input_shape=(1, 28, 28), hidden=32, scheme="gal", p=0.2).cuda()
