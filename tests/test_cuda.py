@@ -62,9 +62,9 @@ def test_bf16_autocast_keeps_gate_math_in_float32():
     assert torch.isfinite(kl)
 
 
-def test_cli_train_and_sweep_on_cuda(tmp_path):
-    runner = CliRunner()
-    res = runner.invoke(
+def _train_on_cuda(tmp_path, *extra: str) -> dict:
+    """``compressdrop train`` of the tiny recipe on the GPU; returns its JSON report."""
+    res = CliRunner().invoke(
         main,
         [
             "train",
@@ -74,12 +74,20 @@ def test_cli_train_and_sweep_on_cuda(tmp_path):
             str(tmp_path / "o"),
             "--device",
             "cuda",
+            *extra,
             "--json",
         ],
         catch_exceptions=False,
     )
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["device"].startswith("cuda")
+    report = json.loads(res.stdout)
+    assert report["device"].startswith("cuda")
+    return report
+
+
+def test_cli_train_and_sweep_on_cuda(tmp_path):
+    _train_on_cuda(tmp_path)
+    runner = CliRunner()
     res = runner.invoke(
         main,
         [
@@ -107,25 +115,8 @@ def test_cli_train_and_sweep_on_cuda(tmp_path):
 
 
 def test_cli_train_in_bf16_on_cuda(tmp_path):
-    res = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--recipe",
-            str(tiny_recipe(tmp_path / "t.yaml")),
-            "--out",
-            str(tmp_path / "o"),
-            "--device",
-            "cuda",
-            "--precision",
-            "bf16",
-            "--json",
-        ],
-        catch_exceptions=False,
-    )
-    assert res.exit_code == 0, res.output
-    report = json.loads(res.stdout)
-    assert report["device"].startswith("cuda") and report["slim"]["test_accuracy"] > 0.5
+    report = _train_on_cuda(tmp_path, "--precision", "bf16")
+    assert report["slim"]["test_accuracy"] > 0.5
 
 
 def test_gated_lstm_trains_and_prunes_on_cuda():
