@@ -14,11 +14,14 @@ from importlib import import_module
 from typing import Any
 
 from ._version import __version__
+from .arch import add_safe_factories
+from .errors import CompressDropError
 from .gates import GATES, ConcreteGate, Gate, HardConcreteGate, LogNormalGate, VariationalGate
 from .gating import GatingWarning, attach, detach, gates, is_gated, kl
 
 __all__ = [
     "GATES",
+    "CompressDropError",
     "ConcreteGate",
     "Gate",
     "GatingWarning",
@@ -26,6 +29,7 @@ __all__ = [
     "LogNormalGate",
     "VariationalGate",
     "__version__",
+    "add_safe_factories",
     "attach",
     "detach",
     "export_onnx",

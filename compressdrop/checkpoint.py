@@ -3,19 +3,20 @@
 A checkpoint is a ``torch.save`` of plain data only (dicts, lists, strings, numbers, tensors), so it
 loads with ``torch.load(weights_only=True)``. It records how to rebuild the structure:
 
-* ``arch``: a built-in reference net (``{"name", "input_shape", "num_classes", "kwargs"}``) or a
-  user factory (``{"factory": "package.module:function", ...}``);
+* ``arch``: an :class:`~compressdrop.arch.ArchRecord`: a built-in reference net or a factory
+  ``"package.module:function"``. A factory the file names runs only with the user's consent (see
+  :mod:`compressdrop.arch`);
 * ``attach``: for a gated model, the arguments of ``attach`` (re-attached on the fresh net);
 * ``prune_history``: for a slim model, Torch-Pruning's pruning history (replayed on the fresh net);
 
 plus the ``state_dict``, the recipe that made it and free-form ``meta``. Other files are accepted
-with care: a bare ``state_dict`` needs ``arch``; a whole pickled module needs ``trust_pickle=True``,
-because unpickling runs arbitrary code.
+with care: a bare ``state_dict`` needs the user to name its architecture; a whole pickled module
+needs ``trust_code=True``, because unpickling runs arbitrary code. The training run's resume file
+(``format: compressdrop-run``) is read through the same loader.
 """
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from torch import nn
 
 from ._io import atomic_write
 from ._version import __version__
+from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
 from .gating import attach, is_gated
 from .gating.gated import _STATE, attach_config
 
@@ -36,15 +38,13 @@ __all__ = [
     "describe_arch",
     "load_checkpoint",
     "load_model",
+    "load_run_state",
     "save_model",
 ]
 
 FORMAT = "compressdrop-model"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be loaded; the message says why and what to do."""
+RUN_FORMAT = "compressdrop-run"
 
 
 def describe_arch(model: nn.Module) -> dict[str, Any]:
@@ -56,42 +56,7 @@ def describe_arch(model: nn.Module) -> dict[str, Any]:
             "code; build it with compressdrop.models.build_model, or set model.arch = "
             "{'factory': 'package.module:function', 'input_shape': [...], 'num_classes': N, 'kwargs': {}}"
         )
-    return dict(arch)
-
-
-def build_arch(arch: Mapping[str, Any]) -> nn.Module:
-    """Build a fresh (dense, untrained) model from an ``arch`` record."""
-    from .models import build_model
-
-    arch = dict(arch)
-    kwargs = dict(arch.get("kwargs") or {})
-    if "factory" in arch:
-        spec = str(arch["factory"])
-        module_name, _, fn_name = spec.partition(":")
-        if not fn_name:
-            raise CheckpointError(f"arch factory {spec!r} must look like 'package.module:function'")
-        try:
-            fn = getattr(importlib.import_module(module_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise CheckpointError(f"cannot import arch factory {spec!r}: {e}") from None
-        if "input_shape" in arch:
-            kwargs.setdefault("input_shape", tuple(arch["input_shape"]))
-        if "num_classes" in arch:
-            kwargs.setdefault("num_classes", int(arch["num_classes"]))
-        model = fn(**kwargs)
-        # keep what the factory recorded (input shape, classes) unless the record says otherwise
-        own = dict(getattr(model, "arch", None) or {})
-        own.pop("name", None)
-        model.arch = {**own, **arch, "kwargs": dict(arch.get("kwargs") or {})}
-        return model
-    if "name" not in arch:
-        raise CheckpointError(f"arch record {arch!r} names neither a reference net nor a factory")
-    return build_model(
-        arch["name"],
-        input_shape=tuple(arch["input_shape"]),
-        num_classes=int(arch["num_classes"]),
-        **kwargs,
-    )
+    return ArchRecord.from_dict(arch, "model.arch").to_dict()
 
 
 def save_model(
@@ -130,12 +95,12 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 
-def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
-    """``torch.load`` with the safety rules: weights only unless ``trust_pickle``; clear errors.
+def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
+    """``torch.load`` with the safety rules: weights only unless ``trust_code``; clear errors.
 
     Raises:
         CheckpointError: the file is missing, is not a PyTorch file, is corrupt or truncated, or
-            holds pickled objects (refused unless ``trust_pickle``).
+            holds pickled objects (refused unless ``trust_code``).
     """
     path = Path(path)
     if not path.exists():
@@ -153,15 +118,16 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
         with warnings.catch_warnings():
             # a damaged pickle stream makes torch warn about odd protocol numbers before failing
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            return torch.load(path, map_location="cpu", weights_only=not trust_code)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler says "Unsupported global" when the stream is well formed but
         # names a class or function; every other failure of it means a damaged stream.
-        if not trust_pickle and "Unsupported global" in str(e):
+        if not trust_code and "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: the file holds pickled Python objects (for example a whole nn.Module "
                 "saved with torch.save(model)); loading it would run arbitrary code, so it was "
-                "refused. If you trust its source, pass trust_pickle=True (CLI: --trust-pickle); "
+                "refused. If you trust its source, pass trust_code=True (CLI: --trust-code, or "
+                "its alias --trust-pickle); "
                 "better, save a compressdrop checkpoint or a state_dict."
             ) from None
         raise CheckpointError(
@@ -170,7 +136,7 @@ def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Any:
     except Exception as e:
         # With weights_only=True no code from the file runs, so any other exception comes from a
         # damaged stream (torch's unpickler raises IndexError, KeyError, UnicodeDecodeError, ...).
-        # With trust_pickle the file's own code may raise anything: the message says which.
+        # With trust_code the file's own code may raise anything: the message says which.
         raise CheckpointError(
             f"{path}: not a readable PyTorch file (corrupt or truncated?): "
             f"{type(e).__name__}: {_first_line(e)}"
@@ -185,33 +151,73 @@ def _first_line(e: BaseException) -> str:
 def load_model(
     path: str | Path,
     *,
-    arch: Mapping[str, Any] | str | None = None,
-    trust_pickle: bool = False,
+    arch: Factory | str | Mapping[str, Any] | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    trust_code: bool = False,
 ) -> nn.Module:
     """Load a model file and return the model (in eval mode, on the CPU).
 
+    No code named by the file runs unless the caller allows it: see :mod:`compressdrop.arch`.
+
     Args:
         path: a compressdrop checkpoint, a ``state_dict`` (needs ``arch``), or, only with
-            ``trust_pickle``, a whole pickled ``nn.Module``.
-        arch: for a bare state_dict: an ``arch`` record, or ``"package.module:function"``.
-        trust_pickle: allow unpickling arbitrary objects (runs code from the file).
+            ``trust_code``, a whole pickled ``nn.Module``.
+        arch: the architecture, named by the caller: a factory (callable or
+            ``"package.module:function"``; for a checkpoint it replaces the factory the file
+            names), or, for a bare state_dict, an ``arch`` record.
+        arch_kwargs: keyword arguments of ``arch`` for a bare state_dict (e.g. ``num_classes``).
+        input_shape: one example's shape, recorded on a model built for a bare state_dict.
+        trust_code: the file is trusted: unpickle whole objects and call any factory it names.
+
+    Raises:
+        CheckpointError: the file is missing, damaged, pickled without ``trust_code``, names a
+            factory nobody allowed, or its weights do not fit.
     """
-    obj = load_checkpoint(path, trust_pickle=trust_pickle)
+    obj = load_checkpoint(path, trust_code=trust_code)
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
-        return _from_payload(obj, path).eval()
+        if isinstance(arch, Mapping):
+            raise CheckpointError(
+                f"{path}: a compressdrop checkpoint records its own architecture; arch= may only "
+                "name a factory to call instead"
+            )
+        return _from_payload(obj, path, factory=arch, trust_code=trust_code).eval()
+    if isinstance(obj, Mapping) and obj.get("format") == RUN_FORMAT:
+        raise CheckpointError(
+            f"{path}: a training run's resume file, not a model; continue it with "
+            "`compressdrop train --resume`, or load gated.pt / slim.pt"
+        )
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise CheckpointError(
                 f"{path}: a bare state_dict holds weights but not the structure; pass the "
-                "architecture (CLI: --arch package.module:factory)"
+                "architecture (CLI: --arch package.module:factory, with --arch-arg NAME=VALUE "
+                "for its arguments)"
             )
-        record = {"factory": arch} if isinstance(arch, str) else dict(arch)
-        model = build_arch(record)
+        if isinstance(arch, Mapping):  # the caller's own record: consent to its factory
+            record, factory = ArchRecord.from_dict(arch, "arch"), arch.get("factory")
+        else:
+            spec = arch if isinstance(arch, str) else None
+            record = ArchRecord(
+                factory=spec or factory_spec(arch),
+                input_shape=tuple(input_shape) if input_shape else None,
+                kwargs=dict(arch_kwargs or {}),
+            )
+            factory = arch
+        model = build_arch(record, factory=factory, where=str(path))
         _load_state(model, obj, path)
         return model.eval()
     raise CheckpointError(f"{path}: not a compressdrop checkpoint, state_dict or nn.Module")
+
+
+def load_run_state(path: str | Path) -> dict[str, Any]:
+    """A training run's resume file (``format: compressdrop-run``), read through the safe loader."""
+    payload = load_checkpoint(path)
+    if not isinstance(payload, Mapping) or payload.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path}: not a compressdrop run checkpoint")
+    return dict(payload)
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) -> None:
@@ -221,13 +227,15 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) 
         raise CheckpointError(f"{path}: weights do not fit the architecture: {e}") from None
 
 
-def _from_payload(payload: Mapping[str, Any], path: Any) -> nn.Module:
+def _from_payload(
+    payload: Mapping[str, Any], path: Any, *, factory: Factory | str | None, trust_code: bool
+) -> nn.Module:
     version = payload.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})"
         )
-    model = build_arch(payload["arch"])
+    model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
     if kind == "gated":
         cfg = payload["attach"]

@@ -25,13 +25,13 @@ class _Failure(click.ClickException):
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
+    from .errors import CompressDropError
     from .pruning import SurgeryError
     from .recipes import RecipeError
     from .training.runner import TrainingDiverged
 
     return (
-        CheckpointError,
+        CompressDropError,
         RecipeError,
         TrainingDiverged,
         SurgeryError,
@@ -90,10 +90,26 @@ def _data(spec: str):
     return load_dataset(spec)
 
 
-def _load(path: str, arch: str | None, trust_pickle: bool):
+def _arch_kwargs(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``--arch-arg NAME=VALUE`` pairs; VALUE is JSON (``10``, ``true``, ``[1, 2]``) or a string."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or not name.isidentifier():
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--arch-arg")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
+def _load(path: str, arch: str | None, trust_code: bool, arch_args: tuple[str, ...] = ()):
     from .checkpoint import load_model
 
-    return load_model(path, arch=arch, trust_pickle=trust_pickle)
+    if arch_args and arch is None:
+        raise click.UsageError("--arch-arg needs --arch")
+    return load_model(path, arch=arch, arch_kwargs=_arch_kwargs(arch_args), trust_code=trust_code)
 
 
 def _dense_reference(path: str, dataset: str) -> dict | None:
@@ -129,12 +145,24 @@ ARCH = click.option(
     "--arch",
     default=None,
     metavar="PKG.MODULE:FACTORY",
-    help="Architecture factory, for a file that holds a bare state_dict.",
+    help="The architecture's factory: needed for a bare state_dict, and your consent to call "
+    "a factory that a checkpoint names (files may not choose code to run).",
+)
+ARCH_ARG = click.option(
+    "--arch-arg",
+    "arch_args",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Keyword argument of the --arch factory, VALUE as JSON or a string (repeatable), "
+    "e.g. --arch-arg num_classes=10.",
 )
 TRUST = click.option(
+    "--trust-code",
     "--trust-pickle",
+    "trust_code",
     is_flag=True,
-    help="Allow loading a whole pickled module (runs code from the file: trusted files only).",
+    help="Trust the model file: unpickle a whole pickled module, call the factory it names "
+    "(runs code from the file: trusted files only).",
 )
 
 
@@ -255,11 +283,25 @@ def _summary(report: dict[str, Any]) -> None:
     help="bf16: forward pass under torch.autocast(bfloat16); gate KL/SNR stay float32 "
     "(default: the recipe's, fp32).",
 )
+@click.option(
+    "--arch",
+    default=None,
+    metavar="PKG.MODULE:FACTORY",
+    help="Your consent to the factory a recipe's model.arch names (or a factory to call "
+    "instead); reference nets need none.",
+)
+@click.option(
+    "--trust-code",
+    is_flag=True,
+    help="Trust the recipe: call whatever factory its model.arch names.",
+)
 @DEVICE
 @SEED
 @JSON
 @_guard
-def train(recipe, data, out, resume, nproc, precision, device, seed, as_json) -> None:
+def train(
+    recipe, data, out, resume, nproc, precision, arch, trust_code, device, seed, as_json
+) -> None:
     """Run a recipe end to end: train, sparsify, prune, fine-tune, export.
 
     Under torchrun (or with --nproc N) every process trains on its share of each global batch
@@ -294,7 +336,17 @@ def train(recipe, data, out, resume, nproc, precision, device, seed, as_json) ->
     on_event = _progress_printer(console, as_json)
     try:
         dist, device = from_env(device)
-        result = run_recipe(r, ds, out, device=device, resume=resume, progress=on_event, dist=dist)
+        result = run_recipe(
+            r,
+            ds,
+            out,
+            device=device,
+            resume=resume,
+            progress=on_event,
+            dist=dist,
+            factory=arch,
+            trust_code=trust_code,
+        )
     finally:
         on_event({"event": "done"})
         shutdown()
@@ -353,13 +405,14 @@ def _launch_torchrun(nproc: int) -> None:
 )
 @click.option("--data", "-d", default=None, help="Data for sparsifying a plain model.")
 @ARCH
+@ARCH_ARG
 @TRUST
 @DEVICE
 @SEED
 @JSON
 @_guard
 def prune(
-    model_path, output, threshold, recipe, data, arch, trust_pickle, device, seed, as_json
+    model_path, output, threshold, recipe, data, arch, arch_args, trust_code, device, seed, as_json
 ) -> None:
     """Prune a model: directly if it has trained gates, else sparsify it on data first.
 
@@ -376,7 +429,7 @@ def prune(
 
     out = Path(output)
     _check_writable(out)
-    model = _load(model_path, arch, trust_pickle)
+    model = _load(model_path, arch, trust_code, arch_args)
     if is_gated(model):
         slim = prune_model(model, threshold)
         save_model(slim, out, recipe=(getattr(model, "compressdrop_meta", {}) or {}).get("recipe"))
@@ -406,13 +459,15 @@ def prune(
                     device=device,
                     progress=on_event,
                     model=model,
+                    factory=arch,
+                    trust_code=trust_code,
                 )
             finally:
                 on_event({"event": "done"})
             Path(result.slim_path).replace(out)
         from .checkpoint import load_model
 
-        slim = load_model(out)
+        slim = load_model(out, arch=arch, trust_code=trust_code)
     rep = slim.prune_report
     data_out = {
         "output": str(out),
@@ -443,10 +498,11 @@ def prune(
 )
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
 @ARCH
+@ARCH_ARG
 @TRUST
 @JSON
 @_guard
-def export(model_path, output, opset, arch, trust_pickle, as_json) -> None:
+def export(model_path, output, opset, arch, arch_args, trust_code, as_json) -> None:
     """Export a model to ONNX, checked in onnxruntime against PyTorch.
 
     \b
@@ -458,7 +514,7 @@ def export(model_path, output, opset, arch, trust_pickle, as_json) -> None:
 
     out = Path(output)
     _check_writable(out)
-    model = _load(model_path, arch, trust_pickle)
+    model = _load(model_path, arch, trust_code, arch_args)
     meta = {"source": Path(model_path).name}
     rep = getattr(model, "prune_report", None)
     if rep is not None:
@@ -507,11 +563,14 @@ def export(model_path, output, opset, arch, trust_pickle, as_json) -> None:
     "input) for the AUROC of entropy and mutual information, e.g. digits for a Fashion-MNIST net.",
 )
 @ARCH
+@ARCH_ARG
 @TRUST
 @DEVICE
 @JSON
 @_guard
-def eval_cmd(model_path, data, mc_samples, ood, arch, trust_pickle, device, as_json) -> None:
+def eval_cmd(
+    model_path, data, mc_samples, ood, arch, arch_args, trust_code, device, as_json
+) -> None:
     """Evaluate a model (.pt or .onnx) on a data set's test split: accuracy, NLL, size.
 
     With --mc N (PyTorch checkpoints with dropout or gates): Monte-Carlo uncertainty, and with
@@ -539,7 +598,7 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, trust_pickle, device, as_j
         from .gating import example_input_for
         from .training.runner import resolve_device
 
-        model = _load(model_path, arch, trust_pickle)
+        model = _load(model_path, arch, trust_code, arch_args)
         _check_shape(model, ds)
         dev = resolve_device(device)
         model.to(dev)
@@ -615,10 +674,14 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, trust_pickle, device, as_j
 @click.option(
     "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)."
 )
+@ARCH
+@TRUST
 @DEVICE
 @JSON
 @_guard
-def sweep(model_path, data, thresholds, out, batch, threads, device, as_json) -> None:
+def sweep(
+    model_path, data, thresholds, out, batch, threads, arch, trust_code, device, as_json
+) -> None:
     """Accuracy against size over SNR thresholds, from one trained gated checkpoint.
 
     Each threshold gives a slim model; its accuracy and NLL (PyTorch on DEVICE), parameters,
@@ -633,7 +696,7 @@ def sweep(model_path, data, thresholds, out, batch, threads, device, as_json) ->
     from .evaluation.sweep import write_sweep
     from .gating import is_gated
 
-    model = _load(model_path, None, False)
+    model = _load(model_path, arch, trust_code)
     if not is_gated(model):
         raise _Failure(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"

@@ -81,7 +81,7 @@ def test_damaged_files_give_a_checkpoint_error_that_says_corrupt(kind, seed, tmp
     (tmp_path / "bad.pt").write_bytes(_damaged(kind, tmp_path, seed))
     for trust in (False, True):
         with pytest.raises(CheckpointError, match="corrupt"):
-            load_model(tmp_path / "bad.pt", trust_pickle=trust)
+            load_model(tmp_path / "bad.pt", trust_code=trust)
 
 
 def test_pickled_object_is_refused_not_called_corrupt(tmp_path):
@@ -89,4 +89,4 @@ def test_pickled_object_is_refused_not_called_corrupt(tmp_path):
     with pytest.raises(CheckpointError, match="arbitrary code") as info:
         load_model(tmp_path / "module.pt")
     assert "corrupt" not in str(info.value)
-    assert isinstance(load_model(tmp_path / "module.pt", trust_pickle=True), torch.nn.Linear)
+    assert isinstance(load_model(tmp_path / "module.pt", trust_code=True), torch.nn.Linear)

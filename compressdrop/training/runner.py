@@ -8,6 +8,7 @@ leaving the last good checkpoint in place.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import time
@@ -22,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_write
-from ..checkpoint import build_arch, save_model
+from ..arch import Factory, build_arch
+from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state, save_model
 from ..evaluation.metrics import Metrics, evaluate
 from ..gating import attach, gates, kl
 from ..recipes import Recipe, StageConfig
@@ -94,6 +96,8 @@ class _Run:
         dist: Dist | None = None,
     ):
         self.recipe, self.data, self.out, self.device = recipe, dataset, out_dir, device
+        # the dense structure every stage starts from (built once, with the user's consent)
+        self.template: nn.Module | None = None
         self.dist = dist or Dist()
         self.progress = (progress if self.dist.is_main else None) or (lambda event: None)
         self.train, self.val = (
@@ -133,8 +137,16 @@ class _Run:
             kl_cost=g.kl_cost,
         )
 
+    def build_template(self, factory: Factory | str | None, trust_code: bool) -> nn.Module:
+        """The recipe's dense net, freshly initialised; later stages copy its structure."""
+        self.template = build_arch(
+            self.arch(), factory=factory, trust_code=trust_code, where=self.recipe.name
+        ).to(self.device)
+        return self.template
+
     def model_for(self, stage: str, prune_history: list | None = None) -> nn.Module:
-        model = build_arch(self.arch()).to(self.device)
+        assert self.template is not None
+        model = copy.deepcopy(self.template)
         if stage == "sparsify":
             self.attach(model)
         elif stage == "finetune":
@@ -148,7 +160,7 @@ class _Run:
         if not self.dist.is_main:
             return
         payload = {
-            "format": "compressdrop-run",
+            "format": RUN_FORMAT,
             "stage": stage,
             "epoch": epoch,
             "recipe": self.recipe.to_dict(),
@@ -163,11 +175,9 @@ class _Run:
             torch.save(payload, tmp)
 
     def load(self) -> dict[str, Any]:
-        payload = torch.load(self.ckpt, map_location="cpu", weights_only=True)
-        if payload.get("format") != "compressdrop-run":
-            raise ValueError(f"{self.ckpt}: not a compressdrop run checkpoint")
-        if payload["recipe"] != self.recipe.to_dict():
-            raise ValueError(
+        payload = load_run_state(self.ckpt)
+        if payload.get("recipe") != self.recipe.to_dict():
+            raise CheckpointError(
                 f"{self.ckpt}: was written by a different recipe; resume with the same one"
             )
         return payload
@@ -269,6 +279,8 @@ def run_recipe(
     progress: Callable[[dict], None] | None = None,
     model: nn.Module | None = None,
     dist: Dist | None = None,
+    factory: Factory | str | None = None,
+    trust_code: bool = False,
 ) -> RunResult:
     """Run ``recipe`` on ``dataset`` and leave in ``out_dir``: ``gated.pt`` (the trained gated
     model), ``slim.pt`` (pruned and fine-tuned), ``slim.onnx`` and ``report.json``.
@@ -277,7 +289,11 @@ def run_recipe(
     validation split carved from the training set.
 
     ``model``: start from these (trained, dense) weights instead of the recipe's architecture; the
-    pretrain stage is skipped. Its ``arch`` record replaces the recipe's model.
+    pretrain stage is skipped. Its ``arch`` record, if it has one, replaces the recipe's model.
+
+    ``factory`` / ``trust_code``: consent to the factory that the recipe's ``model.arch`` names
+    (reference nets need none): the user's own factory to call instead, or trust in the recipe
+    (see :mod:`compressdrop.arch`).
 
     ``dist``: this process's rank in a torch.distributed run (see
     :mod:`compressdrop.training.distributed`; the CLI sets it up under ``torchrun``). Every rank
@@ -289,12 +305,13 @@ def run_recipe(
         out.mkdir(parents=True, exist_ok=True)
     dev = resolve_device(device)
     if model is not None:
-        from ..checkpoint import describe_arch
-
-        arch = describe_arch(model)
-        name = arch.get("factory") or arch.get("name")
+        arch = getattr(model, "arch", None)
+        if isinstance(arch, dict):
+            name = arch.get("factory") or arch.get("name")
+            recipe = recipe.replace(
+                model=type(recipe.model)(arch=name, kwargs=dict(arch.get("kwargs") or {}))
+            )
         recipe = recipe.replace(
-            model=type(recipe.model)(arch=name, kwargs=dict(arch.get("kwargs") or {})),
             stages=type(recipe.stages)(
                 pretrain=type(recipe.stages.pretrain)(epochs=0),
                 sparsify=recipe.stages.sparsify,
@@ -305,6 +322,8 @@ def run_recipe(
     t_start = time.perf_counter()
     initial = model.to(dev) if model is not None else None
     model = None
+    if initial is not None:
+        run.template = copy.deepcopy(initial)
 
     state = None
     if resume:
@@ -318,6 +337,8 @@ def run_recipe(
         )
     else:
         seed_everything(recipe.seed)
+    if run.template is None:  # after seeding: the first stage copies these initial weights
+        run.build_template(factory, trust_code)
     start_stage = STAGES.index(state["stage"]) if state else 0
 
     model: nn.Module | None = None
@@ -411,8 +432,8 @@ def _dense_size(run: _Run) -> tuple[int, int]:
     """Parameters and FLOPs per example of the recipe's dense architecture."""
     from ..evaluation.size import count_flops, count_params
 
-    dense = build_arch(run.arch()).to(run.device)
-    return count_params(dense), count_flops(dense, run.example(1))
+    assert run.template is not None
+    return count_params(run.template), count_flops(run.template, run.example(1))
 
 
 def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:

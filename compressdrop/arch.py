@@ -1,0 +1,271 @@
+"""What a model file says about its structure, and who decides that code runs to build it.
+
+A compressdrop model file records its structure as an :class:`ArchRecord`: plain data naming a
+built-in reference net (``name``) or a factory function (``factory = "package.module:function"``)
+and the factory's keyword arguments. Building a record calls code, so a factory that a *file*
+names is called only when
+
+* it is one of compressdrop's reference nets (:data:`compressdrop.models.MODELS`), or
+* the user named it: passed the callable or its ``"package.module:function"`` (Python: ``arch=``;
+  CLI: ``--arch``), or registered it with :func:`add_safe_factories` (as
+  ``torch.serialization.add_safe_globals`` registers classes for the weights-only unpickler), or
+* the user trusted the whole file (``trust_code=True``; CLI: ``--trust-code``).
+
+Anything else is refused with a :class:`CheckpointError` that names what the file asked to run,
+before its module is imported (importing a module runs its code).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import CompressDropError
+
+__all__ = [
+    "ArchRecord",
+    "CheckpointError",
+    "add_safe_factories",
+    "build_arch",
+    "factory_spec",
+    "safe_factories",
+]
+
+Factory = Callable[..., nn.Module]
+
+_SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+_KEYS = {"name", "factory", "input_shape", "num_classes", "kwargs"}
+_SAFE: dict[str, Factory | None] = {}  # registered: spec -> callable (None: import on use)
+
+
+class CheckpointError(CompressDropError, ValueError):
+    """A model file that cannot be loaded, or that asks to run code nobody allowed."""
+
+
+def factory_spec(fn: Callable[..., Any]) -> str:
+    """``"package.module:function"`` of a module-level callable."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+def add_safe_factories(factories: Iterable[Factory | str]) -> None:
+    """Allow model files to name these factories (callables, or ``"package.module:function"``).
+
+    Registration is consent given in code: afterwards a checkpoint whose ``arch`` record names one
+    of them loads without ``arch=`` or ``trust_code``. A string is imported only when a file asks
+    for it.
+    """
+    for f in factories:
+        if callable(f):
+            _SAFE[factory_spec(f)] = f
+        else:
+            _SAFE[_check_spec(str(f), "add_safe_factories")] = None
+
+
+def safe_factories() -> list[str]:
+    """The factories a file may name without further consent: compressdrop's reference nets and
+    those registered with :func:`add_safe_factories`."""
+    return sorted({*_reference_specs(), *_SAFE})
+
+
+def _reference_specs() -> dict[str, Factory]:
+    from .models import MODELS
+
+    return {factory_spec(fn): fn for fn in MODELS.values()}
+
+
+def _check_spec(spec: str, where: str) -> str:
+    if not _SPEC.match(spec):
+        raise CheckpointError(f"{where}: factory {spec!r} must look like 'package.module:function'")
+    return spec
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` if it is plain data (None, bool, numbers, strings, lists and str-keyed dicts)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise CheckpointError(f"{where}: {type(value).__name__} is not plain data")
+
+
+@dataclass(frozen=True)
+class ArchRecord:
+    """A model's structure as plain data: a reference net by ``name`` or a ``factory``.
+
+    Attributes:
+        name: a key of :data:`compressdrop.models.MODELS` (``lenet5``, ``resnet``, ...).
+        factory: ``"package.module:function"`` returning the ``nn.Module``.
+        input_shape: one example's shape without the batch, e.g. ``(1, 28, 28)``; also passed to a
+            factory that takes an ``input_shape`` parameter.
+        num_classes: passed to a reference net, or to a factory with a ``num_classes`` parameter.
+        kwargs: further keyword arguments of the factory, plain data only.
+    """
+
+    name: str | None = None
+    factory: str | None = None
+    input_shape: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.factory is None):
+            raise CheckpointError(
+                "an arch record names exactly one of a reference net or a factory"
+            )
+        if self.factory is not None:
+            _check_spec(self.factory, "arch record")
+        if self.input_shape is not None:
+            shape = tuple(self.input_shape)
+            if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+                raise CheckpointError(f"arch record: bad input_shape {self.input_shape!r}")
+            object.__setattr__(self, "input_shape", shape)
+        if self.num_classes is not None and not (
+            isinstance(self.num_classes, int) and self.num_classes > 0
+        ):
+            raise CheckpointError(f"arch record: bad num_classes {self.num_classes!r}")
+        object.__setattr__(self, "kwargs", _plain(dict(self.kwargs), "arch record kwargs"))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "arch record") -> ArchRecord:
+        """Validate a record read from a file (unknown keys and non-plain values are errors)."""
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{where}: expected a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - _KEYS)
+        if unknown:
+            raise CheckpointError(f"{where}: unknown key(s) {unknown}")
+        try:
+            return cls(**{k: data[k] for k in _KEYS if k in data and data[k] is not None})
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (``from_dict`` of it gives the same record)."""
+        out: dict[str, Any] = {"name": self.name} if self.name else {"factory": self.factory}
+        if self.input_shape is not None:
+            out["input_shape"] = list(self.input_shape)
+        if self.num_classes is not None:
+            out["num_classes"] = self.num_classes
+        out["kwargs"] = dict(self.kwargs)
+        return out
+
+    @property
+    def label(self) -> str:
+        """The reference net's name or the factory's spec."""
+        return self.name or str(self.factory)
+
+
+def build_arch(
+    record: ArchRecord | Mapping[str, Any],
+    *,
+    factory: Factory | str | None = None,
+    trust_code: bool = False,
+    where: str = "model file",
+) -> nn.Module:
+    """Build a fresh (dense, untrained) model from ``record``, calling only allowed code.
+
+    Args:
+        record: the structure, as an :class:`ArchRecord` or its dict.
+        factory: the user's own choice of factory (a callable, or ``"package.module:function"``):
+            it is called instead of the one the record names. This is consent.
+        trust_code: call whatever factory the record names (the user trusts the file).
+        where: the file's name, for error messages.
+
+    Returns:
+        The model, with ``model.arch`` set to the record's dict.
+
+    Raises:
+        CheckpointError: the record names a factory nobody allowed, or it cannot be imported or
+            called with the record's arguments.
+    """
+    from .models import build_model
+
+    rec = record if isinstance(record, ArchRecord) else ArchRecord.from_dict(record, where)
+    if factory is None and rec.name is not None:
+        try:
+            model = build_model(
+                rec.name,
+                input_shape=rec.input_shape or (1, 28, 28),
+                num_classes=rec.num_classes or 10,
+                **rec.kwargs,
+            )
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"{where}: cannot build reference net {rec.name!r}: {e}"
+            ) from None
+        return model
+    if callable(factory):
+        fn, spec = factory, factory_spec(factory)
+    else:
+        spec = _check_spec(str(factory or rec.factory or rec.name), where)
+        fn = _resolve(
+            spec, user_named=factory is not None, trust_code=trust_code, where=where, rec=rec
+        )
+    model = _call(fn, spec, rec, where)
+    # keep what the factory recorded itself (a reference net's input shape, classes) unless the
+    # record says otherwise; the factory actually called is the one recorded
+    own = getattr(model, "arch", None)
+    own = (
+        {k: v for k, v in own.items() if k in _KEYS - {"name"}} if isinstance(own, Mapping) else {}
+    )
+    mine = rec.to_dict()
+    mine.pop("name", None)
+    model.arch = {**own, **mine, "factory": spec, "kwargs": dict(rec.kwargs)}
+    return model
+
+
+def _resolve(
+    spec: str, *, user_named: bool, trust_code: bool, where: str, rec: ArchRecord
+) -> Factory:
+    refs = _reference_specs()
+    if spec in refs:
+        return refs[spec]
+    registered = _SAFE.get(spec)
+    if registered is not None:
+        return registered
+    if not (user_named or trust_code or spec in _SAFE):
+        args = ", ".join(f"{k}={v!r}" for k, v in rec.kwargs.items())
+        raise CheckpointError(
+            f"{where}: the file asks to build its model by calling {spec}({args}); a file may not "
+            "choose code to run, so it was refused and nothing was imported. If you trust that "
+            f"function, name it yourself: --arch {spec} (Python: arch={spec!r}, or "
+            "compressdrop.add_safe_factories), or trust the file with --trust-code."
+        )
+    module_name, _, fn_name = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in fn_name.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"{where}: cannot import factory {spec!r}: {e}") from None
+    if not callable(obj):
+        raise CheckpointError(f"{where}: {spec!r} is not callable")
+    return obj
+
+
+def _call(fn: Factory, spec: str, rec: ArchRecord, where: str) -> nn.Module:
+    kwargs = dict(rec.kwargs)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        params = {}  # type: ignore[assignment]
+    # only factories that name these parameters get them (torchvision's take num_classes via
+    # **kwargs and no input_shape at all: pass them with kwargs / --arch-arg)
+    if rec.input_shape is not None and "input_shape" in params:
+        kwargs.setdefault("input_shape", rec.input_shape)
+    if rec.num_classes is not None and "num_classes" in params:
+        kwargs.setdefault("num_classes", rec.num_classes)
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        raise CheckpointError(f"{where}: calling {spec}(**{kwargs!r}) failed: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"{where}: {spec} returned {type(model).__name__}, not an nn.Module")
+    return model

@@ -1,0 +1,206 @@
+"""No code named by a file runs without the user's consent: not through pickle, not through a
+factory name, through the Python API and through every command that reads a model or a run."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from compressdrop.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_model, save_model
+from compressdrop.cli import main
+from compressdrop.models import build_model
+
+from .test_cli import tiny_recipe
+
+
+def tiny_net(input_shape=(1, 8, 8), num_classes=10) -> nn.Module:
+    """A factory nobody registered: files that name it need consent."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+    )
+
+
+def _evil_records(marker) -> dict[str, dict]:
+    """``arch`` records that would each create ``marker`` (or run code) if their factory ran."""
+    return {
+        "subprocess:run": {"factory": "subprocess:run", "kwargs": {"args": ["touch", str(marker)]}},
+        "os:system": {"factory": "os:system", "kwargs": {"command": f"touch {marker}"}},
+        "builtins:eval": {
+            "factory": "builtins:eval",
+            "kwargs": {"source": f"open({str(marker)!r}, 'w')"},
+        },
+        "builtins:exec": {
+            "factory": "builtins:exec",
+            "kwargs": {"source": f"open({str(marker)!r}, 'w')"},
+        },
+        # a module-level function of an installed package, harmless-looking
+        "numpy:save": {"factory": "numpy:save", "kwargs": {"file": str(marker), "arr": [1]}},
+    }
+
+
+def _checkpoint(path, arch: dict, kind: str = "dense") -> None:
+    """A well-formed compressdrop checkpoint (plain data) whose arch record is ``arch``."""
+    weights = build_model("lenet300", (1, 8, 8)).state_dict()
+    torch.save(
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arch": {**arch, "input_shape": [1, 8, 8], "num_classes": 10},
+            "kind": kind,
+            "recipe": None,
+            "meta": {},
+            "state_dict": weights,
+        },
+        path,
+    )
+
+
+class _Exploit:
+    """Unpickling this runs ``os.system``: the classic malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickle_exploit(path, marker) -> None:
+    torch.save({"format": FORMAT, "payload": _Exploit(marker)}, path)
+
+
+EVIL = list(_evil_records("m"))
+
+
+@pytest.mark.parametrize("spec", EVIL)
+def test_load_model_refuses_a_factory_the_file_names(spec, tmp_path):
+    marker = tmp_path / "marker.npy"  # numpy.save would add .npy
+    _checkpoint(tmp_path / "evil.pt", _evil_records(marker)[spec])
+    with pytest.raises(CheckpointError, match="refused") as info:
+        load_model(tmp_path / "evil.pt")
+    assert spec in str(info.value) and "--arch" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("spec", ["subprocess:run", "numpy:save"])
+def test_the_refused_payloads_are_live(spec, tmp_path):
+    # the refusal is what stops them: trusted, the same files do run their code
+    marker = tmp_path / "marker.npy"  # numpy.save would add .npy
+    _checkpoint(tmp_path / "evil.pt", _evil_records(marker)[spec])
+    with pytest.raises(CheckpointError, match=r"not an nn\.Module"):
+        load_model(tmp_path / "evil.pt", trust_code=True)
+    assert marker.exists()
+
+
+def test_nothing_is_imported_before_consent(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "side_effect_mod.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\ndef build(**kw):\n    raise SystemExit\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _checkpoint(tmp_path / "evil.pt", {"factory": "side_effect_mod:build"})
+    with pytest.raises(CheckpointError, match="nothing was imported"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists() and "side_effect_mod" not in sys.modules
+
+
+def test_a_pickle_exploit_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "marker.npy"  # numpy.save would add .npy
+    _pickle_exploit(tmp_path / "evil.pt", marker)
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        load_model(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_bad_records_are_refused(tmp_path):
+    for bad, why in [
+        ({"factory": "os.system"}, "must look like"),
+        ({"factory": "os:system; rm"}, "must look like"),
+        ({"name": "lenet300", "factory": "x:y"}, "exactly one"),
+        ({"name": "lenet300", "code": "x"}, "unknown key"),
+    ]:
+        _checkpoint(tmp_path / "bad.pt", bad)
+        with pytest.raises(CheckpointError, match=why):
+            load_model(tmp_path / "bad.pt")
+
+
+def test_consent_given_three_ways_and_reference_nets_need_none(tmp_path):
+    model = tiny_net()
+    model.arch = {"factory": "tests.test_security:tiny_net", "input_shape": [1, 8, 8]}
+    save_model(model, tmp_path / "m.pt")
+    x = torch.randn(3, 1, 8, 8)
+    with pytest.raises(CheckpointError, match=r"tests\.test_security:tiny_net"):
+        load_model(tmp_path / "m.pt")
+    for kwargs in (
+        {"arch": "tests.test_security:tiny_net"},
+        {"arch": tiny_net},
+        {"trust_code": True},
+    ):
+        back = load_model(tmp_path / "m.pt", **kwargs)
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+    # compressdrop's own reference nets, by name or by factory, load without consent
+    _checkpoint(tmp_path / "ref.pt", {"factory": "compressdrop.models:lenet300_100"})
+    assert isinstance(load_model(tmp_path / "ref.pt"), nn.Module)
+
+
+def _cli(args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _commands(path, tmp_path) -> dict[str, list]:
+    return {
+        "prune": ["prune", path, "-o", tmp_path / "slim.pt"],
+        "prune --data": ["prune", path, "-o", tmp_path / "slim.pt", "--data", "digits"],
+        "export": ["export", path, "-o", tmp_path / "m.onnx"],
+        "eval": ["eval", path, "--data", "digits"],
+        "eval --mc": ["eval", path, "--data", "digits", "--mc", "3"],
+        "sweep": ["sweep", path, "--data", "digits", "--out", tmp_path / "sweep"],
+    }
+
+
+@pytest.mark.parametrize("command", list(_commands("f", Path("d"))))
+@pytest.mark.parametrize("spec", [*EVIL, "pickle"])
+def test_every_command_that_reads_a_model_refuses(command, spec, tmp_path):
+    marker = tmp_path / "marker.npy"  # numpy.save would add .npy
+    path = tmp_path / "evil.pt"
+    if spec == "pickle":
+        _pickle_exploit(path, marker)
+    else:
+        _checkpoint(path, _evil_records(marker)[spec])
+    res = _cli(_commands(path, tmp_path)[command])
+    assert res.exit_code == 1, res.output
+    assert ("arbitrary code" if spec == "pickle" else f"calling {spec}(") in res.output
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt"]  # nothing written
+
+
+@pytest.mark.parametrize("spec", ["pickle", "os:system"])
+def test_resume_reads_the_run_file_through_the_safe_loader(spec, tmp_path):
+    marker = tmp_path / "marker.npy"  # numpy.save would add .npy
+    recipe = tiny_recipe(tmp_path / "r.yaml")
+    out = tmp_path / "out"
+    out.mkdir()
+    if spec == "pickle":
+        _pickle_exploit(out / "checkpoint.pt", marker)
+        expect = "arbitrary code"
+    else:  # a model file put where the run file belongs is not a run file
+        _checkpoint(out / "checkpoint.pt", _evil_records(marker)[spec])
+        expect = "not a compressdrop run checkpoint"
+    res = _cli(["train", "--recipe", recipe, "--data", "digits", "--out", out, "--resume"])
+    assert res.exit_code == 1 and expect in res.output, res.output
+    assert not marker.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
+@pytest.mark.parametrize("spec", ["subprocess:run", "os:system"])
+def test_a_recipe_file_may_not_choose_code_either(spec, tmp_path):
+    marker = tmp_path / "marker.npy"  # numpy.save would add .npy
+    record = _evil_records(marker)[spec]
+    recipe = tiny_recipe(tmp_path / "r.yaml", model={"arch": spec, "kwargs": record["kwargs"]})
+    res = _cli(["train", "--recipe", recipe, "--data", "digits", "--out", tmp_path / "out"])
+    assert res.exit_code == 1 and f"calling {spec}(" in res.output, res.output
+    assert not marker.exists()
