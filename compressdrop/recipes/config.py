@@ -13,7 +13,6 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..training.schedule import KLSchedule
@@ -164,7 +163,8 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole compression run. See ``recipes/*.yaml`` for examples."""
+    """A whole compression run. See ``compressdrop recipes list`` for examples (package data
+    ``compressdrop/recipes/shipped/*.yaml``)."""
 
     name: str = "custom"
     description: str = ""
@@ -286,7 +286,3 @@ def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
         _check(isinstance(value, dict), path, f"expected a mapping, got {value!r}")
         return dict(value)
     raise RecipeError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
-
-
-# ------------------------------------------------------------------------------------------------
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
