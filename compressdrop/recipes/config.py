@@ -50,8 +50,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Data set (``digits``, ``fashion-mnist[:dir]`` or a ``.npz`` path), batch size, and the share
-    of the training set held out for validation (model selection never looks at the test set)."""
+    """Data set (``digits``, ``fashion-mnist[:dir]``, a ``.npz`` path or
+    ``images:DIR[,size=HxW][,channels=1|3]``; see :func:`compressdrop.data.load_dataset`), batch
+    size, and the share of the training set held out for validation (model selection never looks
+    at the test set)."""
 
     name: str = "digits"
     batch_size: int = 64
