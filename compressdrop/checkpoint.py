@@ -211,7 +211,11 @@ def load_model(
             )
             factory = arch
         model = build_arch(record, factory=factory, where=str(path))
-        _load_state(model, obj, path)
+        hint = (
+            f" {record.label}(**{dict(record.kwargs)}) (pass its arguments with --arch-arg "
+            "NAME=VALUE, e.g. num_classes=10)"
+        )
+        _load_state(model, obj, path, hint)
         return model.eval()
     raise CheckpointError(f"{path}: not a compressdrop checkpoint, state_dict or nn.Module")
 
@@ -224,11 +228,13 @@ def load_run_state(path: str | Path) -> dict[str, Any]:
     return dict(payload)
 
 
-def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], path: Any) -> None:
+def _load_state(
+    model: nn.Module, state: Mapping[str, torch.Tensor], path: Any, hint: str = ""
+) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the architecture: {e}") from None
+        raise CheckpointError(f"{path}: weights do not fit the architecture{hint}: {e}") from None
 
 
 def _from_payload(

@@ -517,6 +517,7 @@ def prune(
     data_out = {
         "output": str(out),
         "files": {k: str(v) for k, v in files.paths.items()},
+        "report": getattr(slim, "compressdrop_report", None),
         "architecture": rep.architecture(),
         "threshold": rep.threshold,
         "layers": [vars(layer) for layer in rep.layers],
@@ -533,6 +534,9 @@ def prune(
         for layer in rep.layers:
             t.add_row(layer.name, str(layer.before), str(layer.after), f"{layer.threshold:g}")
         Console().print(t)
+        summary = getattr(slim, "compressdrop_report", None)
+        if summary is not None:  # sparsified here: the dense and slim model on the test split
+            _summary(summary)
         for kind, path in files.paths.items():
             err = files.max_rel_error.get(kind)
             check = f" (checked: max relative error {err:.1e})" if err is not None else ""

@@ -25,6 +25,7 @@ import io
 import json
 import math
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -421,7 +422,10 @@ class ProgramModule(fx.GraphModule):
     ``GraphModule.__deepcopy__`` does not."""
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ProgramModule:
-        res = super().__deepcopy__(memo)
+        with warnings.catch_warnings():
+            # torch 2.13's own pytree deprecation, raised inside GraphModule's copy
+            warnings.filterwarnings("ignore", "`isinstance\\(treespec", FutureWarning)
+            res = super().__deepcopy__(memo)
         for key, value in self.__dict__.items():
             if key not in res.__dict__:
                 res.__dict__[key] = copy.deepcopy(value, memo)
