@@ -138,6 +138,12 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         # With weights_only=True no code from the file runs, so any other exception comes from a
         # damaged stream (torch's unpickler raises IndexError, KeyError, UnicodeDecodeError, ...).
         # With trust_code the file's own code may raise anything: the message says which.
+        if trust_code and isinstance(e, ImportError | AttributeError):
+            raise CheckpointError(
+                f"{path}: the pickled objects need their classes' code, which cannot be "
+                f"imported here ({type(e).__name__}: {_first_line(e)}); make the package that "
+                "defines them importable (install it, or set PYTHONPATH)"
+            ) from None
         raise CheckpointError(
             f"{path}: not a readable PyTorch file (corrupt or truncated?): "
             f"{type(e).__name__}: {_first_line(e)}"

@@ -90,3 +90,19 @@ def test_pickled_object_is_refused_not_called_corrupt(tmp_path):
         load_model(tmp_path / "module.pt")
     assert "corrupt" not in str(info.value)
     assert isinstance(load_model(tmp_path / "module.pt", trust_code=True), torch.nn.Linear)
+
+
+def test_a_trusted_pickle_whose_class_is_gone_says_so(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    (tmp_path / "gone_mod.py").write_text("import torch\n\nclass Net(torch.nn.Linear):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gone = importlib.import_module("gone_mod")
+    torch.save(gone.Net(2, 2), tmp_path / "m.pt")
+    monkeypatch.delitem(sys.modules, "gone_mod")
+    (tmp_path / "gone_mod.py").unlink()
+    importlib.invalidate_caches()
+    with pytest.raises(CheckpointError, match="cannot be imported here") as info:
+        load_model(tmp_path / "m.pt", trust_code=True)
+    assert "corrupt" not in str(info.value)
