@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -42,3 +42,15 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
+    """Remove the temporary files that :func:`atomic_write` leaves for ``names`` when its process
+    is killed mid-write (``.NAME.*.tmp``); returns what it removed."""
+    folder = Path(folder)
+    gone = []
+    for name in names:
+        for p in folder.glob(f".{name}.*.tmp"):
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone

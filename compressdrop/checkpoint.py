@@ -268,17 +268,10 @@ def _from_payload(
         )
     elif kind == "slim":
         from .pruning import PruneReport, replay
-        from .pruning.prune import LayerReport
 
         rep = payload["prune_report"]
         replay(model, rep["history"])
-        model.prune_report = PruneReport(
-            rep["family"],
-            rep["threshold"],
-            [LayerReport(**layer) for layer in rep["layers"]],
-            rep["history"],
-            rep["max_rel_error"],
-        )
+        model.prune_report = PruneReport.from_dict(rep)
     elif kind != "dense":
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     _load_state(model, payload["state_dict"], path)

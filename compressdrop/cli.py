@@ -26,24 +26,11 @@ class _Failure(click.ClickException):
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    """What the CLI reports in one line: compressdrop's own errors and the file system's. Anything
+    else is a bug and keeps its traceback."""
     from .errors import CompressDropError
-    from .pruning import SurgeryError
-    from .recipes import RecipeError
-    from .training.runner import TrainingDiverged
 
-    return (
-        CompressDropError,
-        RecipeError,
-        TrainingDiverged,
-        SurgeryError,
-        ValueError,
-        FileNotFoundError,
-        PermissionError,
-        IsADirectoryError,
-        NotADirectoryError,
-        RuntimeError,
-        OSError,
-    )
+    return (CompressDropError, OSError)
 
 
 def _guard(fn: Callable) -> Callable:
@@ -351,11 +338,7 @@ def train(
     if precision is not None:
         r = r.replace(precision=precision)
     if data is not None:
-        r = r.replace(
-            data=type(r.data)(
-                name=data, batch_size=r.data.batch_size, val_fraction=r.data.val_fraction
-            )
-        )
+        r = r.override({"data.name": data})
     ds = _data(r.data.name)
     console = _console()
     on_event = _progress_printer(console, as_json)

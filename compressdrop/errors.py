@@ -6,7 +6,7 @@ and let anything else, a real bug, surface with its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CompressDropError"]
+__all__ = ["CheckpointError", "CompressDropError", "DataError", "InputError"]
 
 
 class CompressDropError(Exception):
@@ -15,3 +15,11 @@ class CompressDropError(Exception):
 
 class CheckpointError(CompressDropError, ValueError):
     """A model file that cannot be loaded, or that asks to run code nobody allowed."""
+
+
+class InputError(CompressDropError, ValueError):
+    """A value the caller gave does not fit: an option, a shape, a model for the operation."""
+
+
+class DataError(InputError):
+    """A data set that cannot be read or does not make a classification task."""

@@ -20,6 +20,7 @@ from torch import nn
 
 from .dropout.layers import _Stochastic
 from .dropout.recurrent import _RecurrentDropout
+from .errors import InputError
 from .gates import Gate
 
 __all__ = [
@@ -88,7 +89,7 @@ def mc_predict(
 ) -> MCPrediction:
     """Average ``samples`` stochastic forward passes of a classifier (logits out) on ``x``."""
     if samples < 2:
-        raise ValueError(f"samples must be ≥ 2, got {samples}")
+        raise InputError(f"samples must be ≥ 2, got {samples}")
     device = next(model.parameters()).device
     means, variances, entropies, mis = [], [], [], []
     with mc_mode(model):
@@ -114,7 +115,7 @@ def resize_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if tuple(x.shape[1:]) == tuple(shape):
         return x
     if x.dim() != 4 or len(shape) != 3:
-        raise ValueError(f"cannot resize inputs of shape {tuple(x.shape[1:])} to {tuple(shape)}")
+        raise InputError(f"cannot resize inputs of shape {tuple(x.shape[1:])} to {tuple(shape)}")
     c, h, w = shape
     y = torch.nn.functional.interpolate(
         x.float(), size=(h, w), mode="bilinear", align_corners=False, antialias=h < x.shape[2]
@@ -125,7 +126,7 @@ def resize_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         elif y.shape[1] == 1:
             y = y.expand(-1, c, -1, -1)
         else:
-            raise ValueError(f"cannot map {y.shape[1]} channels to {c}")
+            raise InputError(f"cannot map {y.shape[1]} channels to {c}")
     return y.contiguous()
 
 
@@ -145,7 +146,7 @@ def mc_evaluate(
     of mutual information at telling ``x_ood`` from ``x`` (higher is better; 0.5 is chance).
     """
     if not has_noise(model):
-        raise ValueError(
+        raise InputError(
             "the model has no dropout layer or gate: Monte-Carlo samples would all be the same"
         )
     device = next(model.parameters()).device

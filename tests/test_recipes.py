@@ -130,3 +130,18 @@ def test_shipped_recipe_runs_one_short_epoch_per_stage(name, tmp_path):
     slim = load_model(result.slim_path)
     assert slim.prune_report.family == r.gates.family
     assert result.report["history"][-1]["stage"] == "finetune"
+
+
+def test_override_replaces_by_key_path_and_keeps_every_other_field():
+    from compressdrop.recipes import RecipeError
+
+    r = load_recipe("lenet300-lognormal")
+    o = r.override({"data.name": "fashion-mnist", "stages.sparsify.epochs": 3, "seed": 7})
+    assert (o.data.name, o.stages.sparsify.epochs, o.seed) == ("fashion-mnist", 3, 7)
+    assert o.data.batch_size == r.data.batch_size  # not reset to the default
+    assert o.stages.sparsify.gate_lr == r.stages.sparsify.gate_lr
+    assert r.data.name == "digits"  # the original is unchanged
+    with pytest.raises(RecipeError, match="data.colour: unknown key"):
+        r.override({"data.colour": "blue"})
+    with pytest.raises(RecipeError, match="batch_size"):
+        r.override({"data.batch_size": 0})  # the nested config validates again

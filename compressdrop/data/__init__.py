@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..errors import DataError
+from .dataset import Dataset, _split
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -23,93 +25,6 @@ __all__ = [
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A classification data set held as tensors: inputs float32 ``(N, *input_shape)``, labels int64.
-
-    ``classes`` names the classes in label order where the source has names (an image folder's
-    class folders), else it is empty.
-    """
-
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    num_classes: int
-    classes: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.classes and len(self.classes) != self.num_classes:
-            raise ValueError(
-                f"classes names {len(self.classes)} classes but num_classes is {self.num_classes}"
-            )
-        for split in ("train", "test"):
-            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
-            if len(x) < 1:
-                raise ValueError(f"x_{split} is empty")
-            if len(x) != len(y):
-                raise ValueError(f"x_{split} has {len(x)} examples but y_{split} has {len(y)}")
-            if y.dtype != torch.int64:
-                raise ValueError(f"y_{split} must be int64 labels, got {y.dtype}")
-            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
-                raise ValueError(f"y_{split} has labels outside [0, {self.num_classes})")
-        if self.x_train.shape[1:] != self.x_test.shape[1:]:
-            raise ValueError(
-                f"x_train examples {tuple(self.x_train.shape[1:])} and x_test examples "
-                f"{tuple(self.x_test.shape[1:])} differ in shape"
-            )
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
-
-    def split_validation(self, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
-        """Carve a stratified validation split out of the training set.
-
-        Returns ``(train, val)``: ``train`` keeps the rest of the training examples (and the real
-        test set); ``val``'s "test" tensors are the validation examples. The test set is never used.
-        """
-        if not 0 < fraction < 1:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-        gen = torch.Generator().manual_seed(seed)
-        val_idx = []
-        for c in range(self.num_classes):
-            idx = (self.y_train == c).nonzero().flatten()
-            idx = idx[torch.randperm(len(idx), generator=gen)]
-            val_idx.append(idx[: round(len(idx) * fraction)])
-        v = torch.cat(val_idx).sort().values
-        if len(v) == 0:
-            raise ValueError(
-                f"{self.name}: a validation fraction of {fraction} of {len(self.y_train)} training "
-                f"examples rounds to none in every class; raise it, add data, or set it to 0 "
-                f"(the recipe's data.val_fraction)"
-            )
-        keep = torch.ones(len(self.y_train), dtype=torch.bool)
-        keep[v] = False
-        train = replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
-        val = replace(
-            train, name=f"{self.name}/val", x_test=self.x_train[v], y_test=self.y_train[v]
-        )
-        return train, val
-
-    def subset(self, n_train: int, n_test: int) -> Dataset:
-        """The first ``n_train`` / ``n_test`` examples (tiny slices for tests and smoke runs)."""
-        return replace(
-            self,
-            x_train=self.x_train[:n_train],
-            y_train=self.y_train[:n_train],
-            x_test=self.x_test[:n_test],
-            y_test=self.y_test[:n_test],
-        )
-
-
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
@@ -136,14 +51,14 @@ def _read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable IDX file ({e})") from None
+        raise DataError(f"{path}: unreadable IDX file ({e})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (bad magic number)")
     ndim = data[3]
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) != header + int(np.prod(dims)):
-        raise ValueError(f"{path}: truncated or padded IDX file (header says {dims})")
+        raise DataError(f"{path}: truncated or padded IDX file (header says {dims})")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -170,7 +85,7 @@ def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
         images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
         labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
+            raise DataError(
                 f"{root}: {split} images {images.shape} and labels {labels.shape} do not match"
             )
         parts[split] = (
@@ -189,28 +104,28 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     try:
         z = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
     with z:
         missing = [k for k in ("x", "y") if k not in z.files]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path}: missing array(s) {missing}; expected 'x' and 'y' (found {z.files})"
             )
         arrays = {k: z[k] for k in z.files}
 
     def prep(x: np.ndarray, y: np.ndarray, which: str):
         if x.ndim not in (2, 3, 4):
-            raise ValueError(
+            raise DataError(
                 f"{path}: {which} x must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}"
             )
         if x.ndim == 3:
             x = x[:, None]
         if y.ndim != 1 or len(y) != len(x):
-            raise ValueError(
+            raise DataError(
                 f"{path}: {which} y must be a vector of {len(x)} labels, got shape {y.shape}"
             )
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(
+            raise DataError(
                 f"{path}: {which} y must hold integer class labels, got dtype {y.dtype}"
             )
         return x.astype(np.float32), y.astype(np.int64)
@@ -223,7 +138,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         xtr, xte, ytr, yte = _split(x, y, test_fraction, seed)
     num_classes = int(max(ytr.max(), yte.max())) + 1
     if min(ytr.min(), yte.min()) < 0:
-        raise ValueError(f"{path}: labels must be ≥ 0")
+        raise DataError(f"{path}: labels must be ≥ 0")
     return Dataset(
         path.stem,
         torch.from_numpy(xtr),
@@ -252,19 +167,19 @@ def _image_spec(spec: str) -> tuple[str, dict]:
         key = key.strip()
         if key not in _IMAGE_OPTIONS or key in options:
             problem = "repeated" if key in options else "unknown"
-            raise ValueError(
+            raise DataError(
                 f"data {spec!r}: {problem} option {key!r} (options: {', '.join(_IMAGE_OPTIONS)})"
             )
         options[key] = value.strip()
     folder = ",".join(parts)
     if not folder:
-        raise ValueError(f"data {spec!r}: no folder; use {_IMAGES_SPEC}")
+        raise DataError(f"data {spec!r}: no folder; use {_IMAGES_SPEC}")
     kwargs: dict = {}
     try:
         if "size" in options:
             dims = [int(d) for d in options["size"].lower().split("x")]
             if len(dims) not in (1, 2):
-                raise ValueError(options["size"])
+                raise DataError(options["size"])
             kwargs["size"] = (dims[0], dims[-1])
         if "channels" in options:
             kwargs["channels"] = int(options["channels"])
@@ -273,7 +188,7 @@ def _image_spec(spec: str) -> tuple[str, dict]:
         if "seed" in options:
             kwargs["seed"] = int(options["seed"])
     except ValueError:
-        raise ValueError(
+        raise DataError(
             f"data {spec!r}: bad option value in {options}; expected size=N or size=HxW "
             f"(integers), channels=1 or 3, test_fraction=0.2, seed=0"
         ) from None
@@ -316,7 +231,7 @@ def load_dataset(spec: str) -> Dataset:
         from .images import load_image_folder
 
         return load_image_folder(spec)
-    raise ValueError(f"unknown data {spec!r}: use {_DATA_SPECS}")
+    raise DataError(f"unknown data {spec!r}: use {_DATA_SPECS}")
 
 
 def make_loader(

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CompressDropError
-from . import Dataset, _split
+from ..errors import DataError
+from .dataset import Dataset, _split
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderError", "load_image_folder"]
 
@@ -46,7 +46,7 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale PNG
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 
 
-class ImageFolderError(CompressDropError, ValueError):
+class ImageFolderError(DataError):
     """An image folder that cannot be loaded; the message names the file or folder and the fix."""
 
 
@@ -55,9 +55,9 @@ def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
         return None
     pair = (size, size) if isinstance(size, int) else tuple(size)
     if len(pair) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in pair):
-        raise ValueError(f"size must be an int or (height, width), got {size!r}")
+        raise DataError(f"size must be an int or (height, width), got {size!r}")
     if min(pair) < 1:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise DataError(f"size must be positive, got {size!r}")
     return pair[0], pair[1]
 
 
@@ -238,9 +238,9 @@ def load_image_folder(
     root = Path(root)
     hw = _size_pair(size)
     if channels is not None and channels not in _CHANNEL_MODES:
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such image folder")
     if not root.is_dir():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = [
     "BernoulliDropout",
     "Cutout",
@@ -28,7 +30,7 @@ __all__ = [
 
 def _check_p(p: float) -> float:
     if not 0 <= p < 1:
-        raise ValueError(f"drop probability p must be in [0, 1), got {p}")
+        raise InputError(f"drop probability p must be in [0, 1), got {p}")
     return float(p)
 
 
@@ -211,7 +213,7 @@ class Cutout(nn.Module):
         super().__init__()
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         if holes < 1 or min(self.size) < 1:
-            raise ValueError(
+            raise InputError(
                 f"Cutout needs holes ≥ 1 and a positive size, got {holes}, {self.size}"
             )
         self.holes = int(holes)
@@ -222,7 +224,7 @@ class Cutout(nn.Module):
         if x.dim() == 3:  # one image (C, H, W), as a per-sample transform
             return self.forward(x.unsqueeze(0)).squeeze(0)
         if x.dim() != 4:
-            raise ValueError(f"Cutout takes (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+            raise InputError(f"Cutout takes (B, C, H, W) or (C, H, W), got {tuple(x.shape)}")
         b, _, h, w = x.shape
         ys = torch.arange(h, device=x.device).view(1, h, 1)
         xs = torch.arange(w, device=x.device).view(1, 1, w)
@@ -256,7 +258,7 @@ class MaxDrop(_Stochastic):
     def __init__(self, p: float = 0.5, mode: str = "feature") -> None:
         super().__init__()
         if mode not in ("feature", "channel"):
-            raise ValueError(f"mode must be 'feature' or 'channel', got {mode!r}")
+            raise InputError(f"mode must be 'feature' or 'channel', got {mode!r}")
         self.p, self.mode = _check_p(p), mode
 
     def _is_max(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .layers import _check_p
 
 __all__ = ["GRU", "LSTM", "SCHEMES", "tracing"]
@@ -90,11 +91,11 @@ class _RecurrentDropout:
 
     def _setup(self, scheme: str, p: float, record_masks: bool) -> None:
         if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+            raise InputError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
         if scheme == "moon" and self.kind == "GRU":
-            raise ValueError("scheme 'moon' (RNNDrop) drops the LSTM memory cell; a GRU has none")
+            raise InputError("scheme 'moon' (RNNDrop) drops the LSTM memory cell; a GRU has none")
         if self.bidirectional or getattr(self, "proj_size", 0):  # type: ignore[attr-defined]
-            raise ValueError("bidirectional and projected recurrent layers are not supported")
+            raise InputError("bidirectional and projected recurrent layers are not supported")
         self.scheme, self.p = scheme, _check_p(p)
         self.record_masks = bool(record_masks)
         self.last_masks: dict[str, torch.Tensor] = {}

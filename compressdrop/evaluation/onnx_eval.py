@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InputError
+
 __all__ = ["evaluate_onnx", "ort_session"]
 
 
@@ -27,7 +29,7 @@ def ort_session(path: str | Path, device: str = "auto", threads: int | None = No
     if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif device == "cuda":
-        raise ValueError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
+        raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     return session, session.get_providers()[0]
 
@@ -44,7 +46,7 @@ def evaluate_onnx(
     except Exception as e:  # onnxruntime raises its own exception types for corrupt files
         if isinstance(e, ValueError):
             raise
-        raise ValueError(f"{path}: onnxruntime cannot load it: {e}") from None
+        raise InputError(f"{path}: onnxruntime cannot load it: {e}") from None
     inp = session.get_inputs()[0]
     name = inp.name
     expected = tuple(inp.shape[1:])
@@ -52,7 +54,7 @@ def evaluate_onnx(
         isinstance(e, int) and e != a for e, a in zip(expected, x.shape[1:])
     )
     if mismatch:
-        raise ValueError(
+        raise InputError(
             f"{path} expects inputs of shape {expected} but the data has {tuple(x.shape[1:])}"
         )
     logits = np.concatenate(

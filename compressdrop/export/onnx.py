@@ -16,6 +16,7 @@ from torch import nn
 
 from .._io import atomic_write
 from .._version import __version__
+from ..errors import CompressDropError
 
 __all__ = [
     "ExportError",
@@ -28,7 +29,7 @@ __all__ = [
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
-class ExportError(RuntimeError):
+class ExportError(CompressDropError, RuntimeError):
     """The model could not be exported to standard ONNX."""
 
 

@@ -9,6 +9,7 @@ Families (``GATES`` maps their names to classes):
 * ``"hardconcrete"`` — :class:`HardConcreteGate`, L0 gates (Louizos et al. 2018).
 """
 
+from ..errors import InputError
 from .base import Gate
 from .concrete import ConcreteGate, HardConcreteGate
 from .lognormal import LogNormalGate
@@ -34,4 +35,4 @@ def gate_class(name: str) -> type[Gate]:
     try:
         return GATES[name]
     except KeyError:
-        raise ValueError(f"unknown gate family {name!r}; choose one of {sorted(GATES)}") from None
+        raise InputError(f"unknown gate family {name!r}; choose one of {sorted(GATES)}") from None

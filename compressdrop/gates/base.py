@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
+from ..errors import InputError
+
 __all__ = ["Gate"]
 
 MIN_VARIANCE = 1e-24
@@ -46,7 +48,7 @@ class Gate(nn.Module):
     def __init__(self, num_units: int) -> None:
         super().__init__()
         if num_units < 1:
-            raise ValueError(f"num_units must be ≥ 1, got {num_units}")
+            raise InputError(f"num_units must be ≥ 1, got {num_units}")
         self.num_units = int(num_units)
         self.register_buffer("unit_cost", torch.ones(num_units))
         self.register_buffer("pruned", torch.zeros(num_units, dtype=torch.bool))
@@ -93,7 +95,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         dim = dim % x.dim()
         if x.shape[dim] != self.num_units:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} has {self.num_units} units but the input has "
                 f"{x.shape[dim]} along dim {dim} (shape {tuple(x.shape)})"
             )
@@ -120,7 +122,7 @@ class Gate(nn.Module):
             return self.sample(batch)
         rank, world, global_batch = _NOISE_SHARD
         if batch != len(range(rank, global_batch, world)):
-            raise ValueError(
+            raise InputError(
                 f"rank {rank} of {world} got {batch} examples of a global batch of {global_batch}"
             )
         return self.sample(global_batch)[rank::world]

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.distributions import Bernoulli, RelaxedBernoulli
 
+from ..errors import InputError
 from .base import Gate
 from .distributions import HardConcrete
 
@@ -98,9 +99,9 @@ class ConcreteGate(Gate):
         super().__init__(num_units)
         for name, v in (("init_drop", init_drop), ("prior_keep", prior_keep)):
             if not 0 < v < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {v}")
+                raise InputError(f"{name} must be in (0, 1), got {v}")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InputError(f"temperature must be > 0, got {temperature}")
         self.prior_keep, self.temperature, self.inverted = (
             float(prior_keep),
             float(temperature),
@@ -159,9 +160,9 @@ class HardConcreteGate(Gate):
     def __init__(self, num_units: int, init_drop: float = 0.5, penalty: float = 10.0) -> None:
         super().__init__(num_units)
         if not 0 < init_drop < 1:
-            raise ValueError(f"init_drop must be in (0, 1), got {init_drop}")
+            raise InputError(f"init_drop must be in (0, 1), got {init_drop}")
         if penalty <= 0:
-            raise ValueError(f"penalty must be > 0, got {penalty}")
+            raise InputError(f"penalty must be > 0, got {penalty}")
         self.penalty = float(penalty)
         init = math.log((1 - init_drop) / init_drop)
         self.log_alpha = nn.Parameter(init + 0.01 * torch.randn(num_units))

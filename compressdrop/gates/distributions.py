@@ -21,6 +21,8 @@ import torch
 from torch.distributions import ExpTransform, Uniform, constraints, register_kl
 from torch.distributions.utils import broadcast_all
 
+from ..errors import InputError
+
 __all__ = [
     "HardConcrete",
     "LogUniform",
@@ -187,7 +189,7 @@ def _kl_truncated_lognormal_loguniform(q: TruncatedLogNormal, p: LogUniform) -> 
         torch.equal(tn.low, u.low.expand_as(tn.low))
         and torch.equal(tn.high, u.high.expand_as(tn.high))
     ):
-        raise ValueError("KL(TruncatedLogNormal ‖ LogUniform) needs the same truncation interval")
+        raise InputError("KL(TruncatedLogNormal ‖ LogUniform) needs the same truncation interval")
     return torch.log(tn.high - tn.low) - tn.entropy()
 
 

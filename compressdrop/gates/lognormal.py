@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .base import MIN_VARIANCE, Gate
 from .distributions import LogUniform, TruncatedLogNormal
 
@@ -41,7 +42,7 @@ class LogNormalGate(Gate):
     ) -> None:
         super().__init__(num_units)
         if not low < high:
-            raise ValueError(f"low must be < high, got low={low}, high={high}")
+            raise InputError(f"low must be < high, got low={low}, high={high}")
         self.low, self.high = float(low), float(high)
         self.mu = nn.Parameter(torch.full((num_units,), float(init_mu)))
         self.log_sigma = nn.Parameter(torch.full((num_units,), float(init_log_sigma)))

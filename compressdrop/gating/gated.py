@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..gates import Gate, gate_class
 from .groups import UnitGroup, find_groups
 
@@ -73,7 +74,7 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
         if isinstance(first, nn.Linear):
             shape = (first.in_features,)
     if shape is None:
-        raise ValueError(
+        raise InputError(
             "cannot infer the model's input shape: pass example_inputs=<a batch of inputs> "
             "(or give the model an `arch = {'input_shape': [...]}` attribute)"
         )
@@ -121,15 +122,15 @@ def attach(
         >>> loss = F.cross_entropy(net(x), y) + compressdrop.kl(net) / n_train  # doctest: +SKIP
     """
     if is_gated(model):
-        raise ValueError("model already has gates attached; detach() it first")
+        raise InputError("model already has gates attached; detach() it first")
     if kl_cost not in KL_COSTS:
-        raise ValueError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
+        raise InputError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
     cls = gate_class(gate)
     if example_inputs is None:
         example_inputs = example_input_for(model)
     groups = find_groups(model, example_inputs, granularity, include, exclude)
     if not groups:
-        raise ValueError("no gateable layer found in the model (see the warnings for why)")
+        raise InputError("no gateable layer found in the model (see the warnings for why)")
     from .recurrent import GatedLSTM
 
     param = next(model.parameters())
@@ -170,7 +171,7 @@ def attach_config(model: nn.Module) -> dict[str, Any]:
     """The arguments ``attach`` was called with, as plain data (to re-attach on a fresh model)."""
     state = getattr(model, _STATE, None)
     if state is None:
-        raise ValueError("model has no attach record (was it gated with compressdrop.attach?)")
+        raise InputError("model has no attach record (was it gated with compressdrop.attach?)")
     keys = ("gate", "granularity", "include", "exclude", "gate_kwargs", "kl_cost")
     return {k: state[k] for k in keys}
 
@@ -229,5 +230,5 @@ def kl(model: nn.Module) -> torch.Tensor:
     """Σ over the model's gates of their (cost-weighted) KL; counts a shared gate once."""
     terms = [g.kl() for _, g in gates(model)]
     if not terms:
-        raise ValueError("model has no gates; call compressdrop.attach(model) first")
+        raise InputError("model has no gates; call compressdrop.attach(model) first")
     return torch.stack(terms).sum()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..dropout.recurrent import LSTM, tracing
+from ..errors import InputError
 
 __all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
 
@@ -195,7 +196,7 @@ def find_groups(
     from .recurrent import customized_pruners, gateable_lstm
 
     if granularity not in ("auto", "channel", "neuron"):
-        raise ValueError(f"granularity must be 'auto', 'channel' or 'neuron', got {granularity!r}")
+        raise InputError(f"granularity must be 'auto', 'channel' or 'neuron', got {granularity!r}")
     names = {m: n for n, m in model.named_modules()}
     out_rows: dict[nn.Module, int] = {}
 

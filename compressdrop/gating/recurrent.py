@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..dropout.recurrent import LSTM
+from ..errors import InputError
 from .gated import Gated
 
 __all__ = ["GatedLSTM", "LSTMPruner", "customized_pruners", "gateable_lstm"]
@@ -50,7 +51,7 @@ class GatedLSTM(Gated):
         # the gate's own flag, not the wrapper's: mc_mode samples gates with the model in eval
         if g.training:
             if x.dim() != 3:
-                raise ValueError(f"a gated LSTM takes batched input (3 dims), got {tuple(x.shape)}")
+                raise InputError(f"a gated LSTM takes batched input (3 dims), got {tuple(x.shape)}")
             theta = g._training_sample(x.shape[0 if m.batch_first else 1]).to(dtype) * keep
             return m.unrolled(x, hx, hidden_scale=theta)
         s = g.expected().to(dtype) * keep
@@ -96,7 +97,7 @@ class LSTMPruner(_pruner_base()):  # type: ignore[misc]
 
     def prune_out_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
         if layer.num_layers != 1 or layer.bidirectional:
-            raise ValueError("LSTMPruner handles one-layer, unidirectional LSTMs")
+            raise InputError("LSTMPruner handles one-layer, unidirectional LSTMs")
         H = layer.hidden_size
         keep = _keep(H, idxs)
         rows = torch.cat([keep + k * H for k in range(4)])

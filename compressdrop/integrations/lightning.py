@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -96,7 +98,7 @@ class CompressDropCallback(pl.Callback):
             try:
                 self.num_train = len(trainer.train_dataloader.dataset)
             except (AttributeError, TypeError) as e:
-                raise ValueError(
+                raise InputError(
                     "CompressDropCallback: cannot tell the training-set size; pass num_train=N"
                 ) from e
         return self.num_train

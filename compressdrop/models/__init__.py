@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = [
     "MODELS",
     "BasicBlock",
@@ -254,7 +256,7 @@ def build_model(
 ) -> nn.Module:
     """Build a reference net by name (``lenet300``, ``lenet5``, ``vgg``, ``resnet``)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+        raise InputError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)
 
 

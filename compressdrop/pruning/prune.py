@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..dropout.recurrent import tracing
+from ..errors import CompressDropError, InputError
 from ..gating import Gated, detach, example_input_for, gates, is_gated, sites
 from ..gating.gated import _STATE
 from ..gating.recurrent import GatedLSTM, fold_lstm_
@@ -40,7 +41,7 @@ class PruningWarning(UserWarning):
     """Pruning did something other than asked (e.g. kept one unit of a layer the threshold emptied)."""
 
 
-class SurgeryError(RuntimeError):
+class SurgeryError(CompressDropError, RuntimeError):
     """The slim model does not reproduce the masked model; the input model is left untouched."""
 
 
@@ -83,6 +84,17 @@ class PruneReport:
         d["history"] = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.history]
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
+        """The report :meth:`to_dict` wrote (as saved in checkpoints)."""
+        return cls(
+            d["family"],
+            d["threshold"],
+            [LayerReport(**layer) for layer in d["layers"]],
+            d["history"],
+            d["max_rel_error"],
+        )
+
 
 def _keep_masks(
     model: nn.Module, threshold: float | None
@@ -113,7 +125,7 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
     unit per group is kept (with a :class:`PruningWarning`).
     """
     if not is_gated(model):
-        raise ValueError("model has no gates; attach() them and train before pruning")
+        raise InputError("model has no gates; attach() them and train before pruning")
     masks = _keep_masks(model, threshold)
     for _, g in gates(model):
         g.pruned.copy_(~masks[id(g)][1])
@@ -191,7 +203,7 @@ def prune(
         rtol: tolerance of the built-in parity check.
     """
     if not is_gated(model):
-        raise ValueError("model has no gates; attach() them and train before pruning")
+        raise InputError("model has no gates; attach() them and train before pruning")
     work = copy.deepcopy(model).eval()
     masks = _keep_masks(work, threshold)
     for _, g in gates(work):

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CompressDropError
 from ..training.schedule import KLSchedule
 
 __all__ = [
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 
-class RecipeError(ValueError):
+class RecipeError(CompressDropError, ValueError):
     """A recipe that does not validate; the message names the file and the key path."""
 
 
@@ -201,7 +202,33 @@ class Recipe:
         return _to_plain(self)
 
     def replace(self, **changes: Any) -> Recipe:
+        """A copy with top-level fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
+
+    def override(self, changes: dict[str, Any]) -> Recipe:
+        """A copy with fields replaced by key path, every other field kept.
+
+        Example:
+            >>> r.override({"data.name": "digits", "stages.pretrain.epochs": 0, "seed": 1})
+
+        Each level is rebuilt with ``dataclasses.replace``, so the nested configs validate again
+        and fields not named keep their values.
+
+        Raises:
+            RecipeError: a key path that names no field.
+        """
+        out: Any = self
+        for path, value in changes.items():
+            out = _replace_path(out, path.split("."), value, path)
+        return out
+
+
+def _replace_path(obj: Any, keys: list[str], value: Any, path: str) -> Any:
+    field_names = {f.name for f in dataclasses.fields(obj)}
+    _check(keys[0] in field_names, path, f"unknown key (known: {', '.join(sorted(field_names))})")
+    if len(keys) > 1:
+        value = _replace_path(getattr(obj, keys[0]), keys[1:], value, path)
+    return dataclasses.replace(obj, **{keys[0]: value})
 
 
 def _to_plain(obj: Any) -> Any:

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = ["Dist", "from_env", "launched_by_torchrun"]
 
 
@@ -119,7 +121,7 @@ def from_env(device: str = "auto") -> tuple[Dist, str]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if device == "cuda" and not use_cuda:
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        raise InputError("device 'cuda' requested but torch.cuda.is_available() is False")
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():

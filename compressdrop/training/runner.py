@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, remove_stale_temps
 from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state, save_model
+from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
 from ..gating import attach, gates, kl
 from ..recipes import Recipe, StageConfig
@@ -34,9 +35,10 @@ from .sparsifier import param_groups
 __all__ = ["RunResult", "TrainingDiverged", "resolve_device", "run_recipe", "seed_everything"]
 
 STAGES = ("pretrain", "sparsify", "finetune")
+OUTPUTS = ("gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(CompressDropError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -56,9 +58,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        raise InputError("device 'cuda' requested but torch.cuda.is_available() is False")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
 
 
@@ -150,9 +152,11 @@ class _Run:
         if stage == "sparsify":
             self.attach(model)
         elif stage == "finetune":
-            from ..pruning import replay
+            from ..pruning import PruneReport, replay
 
             replay(model, prune_history, example_inputs=self.example())
+            if self.prune_info is not None:  # a slim model, also when resumed in fine-tuning
+                model.prune_report = PruneReport.from_dict(self.prune_info["report"])
         return model
 
     # -- checkpoints --------------------------------------------------------------------------------
@@ -191,7 +195,7 @@ class _Run:
         n, bs = len(x), self.recipe.data.batch_size
         dist = self.dist
         if dist.active and bs < 2 * dist.world:
-            raise ValueError(
+            raise InputError(
                 f"batch_size {bs} gives fewer than 2 examples to each of the {dist.world} processes"
             )
         starts = list(range(0, n, bs))
@@ -303,21 +307,17 @@ def run_recipe(
     out = Path(out_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # a run killed mid-write leaves its temporary file beside the last good one
+        remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])
     dev = resolve_device(device)
     if model is not None:
         arch = getattr(model, "arch", None)
         if isinstance(arch, dict):
             name = arch.get("factory") or arch.get("name") or "program"
-            recipe = recipe.replace(
-                model=type(recipe.model)(arch=name, kwargs=dict(arch.get("kwargs") or {}))
+            recipe = recipe.override(
+                {"model.arch": name, "model.kwargs": dict(arch.get("kwargs") or {})}
             )
-        recipe = recipe.replace(
-            stages=type(recipe.stages)(
-                pretrain=type(recipe.stages.pretrain)(epochs=0),
-                sparsify=recipe.stages.sparsify,
-                finetune=recipe.stages.finetune,
-            ),
-        )
+        recipe = recipe.override({"stages.pretrain.epochs": 0})
     run = _Run(recipe, dataset, out, dev, progress, dist)
     t_start = time.perf_counter()
     initial = model.to(dev) if model is not None else None

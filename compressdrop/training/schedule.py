@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import InputError
+
 __all__ = ["KLSchedule"]
 
 
@@ -28,7 +30,7 @@ class KLSchedule:
         for name in ("beta", "warmup", "delay"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name}: must be a number ≥ 0, got {value!r}")
+                raise InputError(f"{name}: must be a number ≥ 0, got {value!r}")
 
     def __call__(self, t: float) -> float:
         if t < self.delay:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..gating import attach, gates, is_gated, kl
 from .schedule import KLSchedule
 
@@ -56,7 +57,7 @@ class Sparsifier:
         **attach_kwargs,
     ) -> None:
         if n_train < 1:
-            raise ValueError(f"n_train must be ≥ 1, got {n_train}")
+            raise InputError(f"n_train must be ≥ 1, got {n_train}")
         self.model = model
         self.n_train = int(n_train)
         self.schedule = schedule or KLSchedule()

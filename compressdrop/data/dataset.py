@@ -1,0 +1,99 @@
+"""The in-memory classification data set every loader returns, and the seeded stratified split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+
+__all__ = ["Dataset"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification data set held as tensors: inputs float32 ``(N, *input_shape)``, labels int64.
+
+    ``classes`` names the classes in label order where the source has names (an image folder's
+    class folders), else it is empty.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.classes and len(self.classes) != self.num_classes:
+            raise DataError(
+                f"classes names {len(self.classes)} classes but num_classes is {self.num_classes}"
+            )
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) < 1:
+                raise DataError(f"x_{split} is empty")
+            if len(x) != len(y):
+                raise DataError(f"x_{split} has {len(x)} examples but y_{split} has {len(y)}")
+            if y.dtype != torch.int64:
+                raise DataError(f"y_{split} must be int64 labels, got {y.dtype}")
+            if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+                raise DataError(f"y_{split} has labels outside [0, {self.num_classes})")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(
+                f"x_train examples {tuple(self.x_train.shape[1:])} and x_test examples "
+                f"{tuple(self.x_test.shape[1:])} differ in shape"
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def split_validation(self, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Carve a stratified validation split out of the training set.
+
+        Returns ``(train, val)``: ``train`` keeps the rest of the training examples (and the real
+        test set); ``val``'s "test" tensors are the validation examples. The test set is never used.
+        """
+        if not 0 < fraction < 1:
+            raise DataError(f"fraction must be in (0, 1), got {fraction}")
+        gen = torch.Generator().manual_seed(seed)
+        val_idx = []
+        for c in range(self.num_classes):
+            idx = (self.y_train == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            val_idx.append(idx[: round(len(idx) * fraction)])
+        v = torch.cat(val_idx).sort().values
+        if len(v) == 0:
+            raise DataError(
+                f"{self.name}: a validation fraction of {fraction} of {len(self.y_train)} training "
+                f"examples rounds to none in every class; raise it, add data, or set it to 0 "
+                f"(the recipe's data.val_fraction)"
+            )
+        keep = torch.ones(len(self.y_train), dtype=torch.bool)
+        keep[v] = False
+        train = replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
+        val = replace(
+            train, name=f"{self.name}/val", x_test=self.x_train[v], y_test=self.y_train[v]
+        )
+        return train, val
+
+    def subset(self, n_train: int, n_test: int) -> Dataset:
+        """The first ``n_train`` / ``n_test`` examples (tiny slices for tests and smoke runs)."""
+        return replace(
+            self,
+            x_train=self.x_train[:n_train],
+            y_train=self.y_train[:n_train],
+            x_test=self.x_test[:n_test],
+            y_test=self.y_test[:n_test],
+        )
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)

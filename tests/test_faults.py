@@ -1,0 +1,147 @@
+"""The faults a user meets: a run killed at any moment (a checkpoint write among them) resumes with
+--resume to the result of an uninterrupted run and leaves no half-written file; a full disk gives
+a clear error and keeps the last good checkpoint."""
+
+import errno
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compressdrop.checkpoint import load_model, load_run_state
+from compressdrop.cli import main
+
+from .test_cli import tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs the CLI with one fault injected: SIGKILL at the N-th call of a point in the run.
+_KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    point, n = sys.argv[1], int(sys.argv[2])
+    calls = [0]
+
+    def due():
+        calls[0] += 1
+        return calls[0] == n
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    import torch
+    import compressdrop.export
+    import compressdrop.pruning
+
+    if point == "step":  # inside an epoch
+        step = torch.optim.Adam.step
+        def patched(self, *a, **k):
+            if due():
+                die()
+            return step(self, *a, **k)
+        torch.optim.Adam.step = patched
+    elif point == "checkpoint-write":  # half of checkpoint.pt's temporary file is on disk
+        save = torch.save
+        def patched(obj, f, *a, **k):
+            if isinstance(obj, dict) and obj.get("format") == "compressdrop-run" and due():
+                with open(f, "wb") as fh:
+                    fh.write(b"PK\\x03\\x04 half a checkpoint")
+                die()
+            return save(obj, f, *a, **k)
+        torch.save = patched
+    elif point == "prune":  # between sparsify and fine-tune
+        prune = compressdrop.pruning.prune
+        def patched(*a, **k):
+            if due():
+                die()
+            return prune(*a, **k)
+        compressdrop.pruning.prune = patched
+    elif point == "export":  # slim.pt written, the ONNX file not yet
+        export = compressdrop.export.export_onnx
+        def patched(*a, **k):
+            if due():
+                die()
+            return export(*a, **k)
+        compressdrop.export.export_onnx = patched
+    from compressdrop.cli import main
+    sys.argv = ["compressdrop", *sys.argv[3:]]
+    main()
+    """
+)
+
+
+def _train(args, kill=None):
+    prefix = [sys.executable, "-c", _KILLER, *(kill or ("none", "0"))]
+    return subprocess.run(
+        [*prefix, "train", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    recipe = tiny_recipe(d / "r.yaml", pretrain=3, sparsify=6, finetune=2, onnx=True)
+    res = _train(["--recipe", recipe, "--device", "cpu", "--out", d / "full"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return recipe, d / "full"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point, n", [("step", 25), ("checkpoint-write", 5), ("prune", 1), ("export", 1)]
+)
+def test_a_run_killed_anywhere_resumes_to_the_same_result(reference, point, n, tmp_path):
+    recipe, full = reference
+    args = ["--recipe", recipe, "--device", "cpu", "--out", tmp_path / "run"]
+    killed = _train(args, kill=(point, str(n)))
+    assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    assert not (tmp_path / "run" / "report.json").exists(), "the run finished before the kill"
+    resumed = _train([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in full.iterdir())
+    a, b = load_model(full / "slim.pt"), load_model(out / "slim.pt")
+    assert a.prune_report.architecture() == b.prune_report.architecture()
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (full, out))
+    assert ra["slim"] == rb["slim"]
+
+
+def test_a_full_disk_gives_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    import compressdrop.training.runner as runner
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=3, sparsify=1, finetune=1, onnx=False)
+    real = runner.torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third epoch's checkpoint: the disk is full
+            with open(f, "wb") as fh:
+                fh.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(runner.torch, "save", save)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        main, ["train", "--recipe", str(recipe), "--device", "cpu", "--out", str(out)]
+    )
+    assert res.exit_code == 1 and "No space left on device" in res.output, res.output
+    assert "Traceback" not in res.output
+    state = load_run_state(out / "checkpoint.pt")  # the last good one, whole
+    assert (state["stage"], state["epoch"]) == ("pretrain", 2)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]  # no partial file
+
+    monkeypatch.setattr(runner.torch, "save", real)  # space freed: the run continues
+    res = CliRunner().invoke(
+        main, ["train", "--recipe", str(recipe), "--device", "cpu", "--out", str(out), "--resume"]
+    )
+    assert res.exit_code == 0, res.output
