@@ -88,12 +88,16 @@ def test_export_failure_leaves_no_file_and_keeps_an_existing_one(tmp_path):
 def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
     model = ZOO["lenet300"]().eval()
     path = tmp_path / "m.onnx"
-    import compressdrop.export.onnx as exp
+    import compressdrop.export._check as check
+    from compressdrop.export.program import export_program
 
-    monkeypatch.setattr(exp, "_rel_error", lambda a, b: 0.5)
-    with pytest.raises(ExportMismatchError, match="batch size 1"):
+    monkeypatch.setattr(check, "_rel_error", lambda a, b: 0.5)
+    with pytest.raises(ExportMismatchError, match="onnxruntime.*batch size 1"):
         export_onnx(model, input_for(model, 2), path)
     assert not path.exists()
+    with pytest.raises(ExportMismatchError, match=r"reloaded \.pt2.*batch size 1"):
+        export_program(model, input_for(model, 2), tmp_path / "m.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_unwritable_directory_is_a_clear_error(tmp_path):

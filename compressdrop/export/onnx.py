@@ -10,13 +10,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .._io import atomic_write
 from .._version import __version__
-from ..errors import CompressDropError
+from ._check import ExportError, ExportMismatchError, compare_at_batches, dynamic_batch, eval_on_cpu
 
 __all__ = [
     "ExportError",
@@ -27,14 +26,6 @@ __all__ = [
 ]
 
 STANDARD_DOMAINS = ("", "ai.onnx")
-
-
-class ExportError(CompressDropError, RuntimeError):
-    """The model could not be exported to standard ONNX."""
-
-
-class ExportMismatchError(ExportError):
-    """onnxruntime's output differs from PyTorch's beyond the tolerance."""
 
 
 @dataclass(frozen=True)
@@ -69,10 +60,6 @@ def _quiet_exporter() -> Iterator[None]:
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
-
-
-def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
 
 
 def export_onnx(
@@ -123,65 +110,52 @@ def export_onnx(
             gate_family=report.family,
         )
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    was_training = model.training
-    device = next(model.parameters()).device
-    model_cpu = model.eval().cpu()
     x = example_input.detach().cpu()
-    try:
-        with atomic_write(path) as tmp:
-            batch = torch.export.Dim("batch", min=1, max=1 << 20)
-            try:
-                with _quiet_exporter():
-                    program = torch.onnx.export(
-                        model_cpu,
-                        (x,),
-                        dynamo=True,
-                        dynamic_shapes=({0: batch},),
-                        opset_version=opset,
-                        external_data=False,
-                        verbose=False,
-                    )
-                    program.save(str(tmp), external_data=False)
-            except Exception as e:  # the exporter raises many types; report them as one
-                raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
-            proto = onnx.load(str(tmp))
-            try:
-                onnx.checker.check_model(proto, full_check=True)
-            except onnx.checker.ValidationError as e:
-                raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
-            odd = sorted(
-                {
-                    f"{n.domain}::{n.op_type}"
-                    for n in proto.graph.node
-                    if n.domain not in STANDARD_DOMAINS
-                }
-            )
-            if odd:
-                raise ExportError(
-                    f"the exported model uses non-standard operators: {', '.join(odd)}"
+    with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:
+        try:
+            with _quiet_exporter():
+                program = torch.onnx.export(
+                    model_cpu,
+                    (x,),
+                    dynamo=True,
+                    dynamic_shapes=({0: dynamic_batch()},),
+                    opset_version=opset,
+                    external_data=False,
+                    verbose=False,
                 )
-            for k, v in meta.items():
-                entry = proto.metadata_props.add()
-                entry.key, entry.value = k, v
-            onnx.save(proto, str(tmp))
-            op = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), -1)
+                program.save(str(tmp), external_data=False)
+        except Exception as e:  # the exporter raises many types; report them as one
+            raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
+        proto = onnx.load(str(tmp))
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"onnx.checker rejected the exported model: {e}") from e
+        odd = sorted(
+            {
+                f"{n.domain}::{n.op_type}"
+                for n in proto.graph.node
+                if n.domain not in STANDARD_DOMAINS
+            }
+        )
+        if odd:
+            raise ExportError(f"the exported model uses non-standard operators: {', '.join(odd)}")
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        onnx.save(proto, str(tmp))
+        op = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), -1)
 
-            session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
-            name = session.get_inputs()[0].name
-            errors: dict[int, float] = {}
-            for b in check_batch_sizes:
-                xb = torch.randn(b, *x.shape[1:], dtype=x.dtype)
-                with torch.no_grad():
-                    ref = model_cpu(xb).numpy()
-                got = session.run(None, {name: xb.numpy()})[0]
-                errors[b] = _rel_error(got, ref)
-                if got.shape != ref.shape or not errors[b] <= rtol:
-                    raise ExportMismatchError(
-                        f"onnxruntime ({provider}) differs from PyTorch at batch size {b}: relative error "
-                        f"{errors[b]:.3g} > {rtol:g} (shapes {got.shape} vs {ref.shape})"
-                    )
-    finally:
-        model.to(device).train(was_training)
+        session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
+        name = session.get_inputs()[0].name
+        errors = compare_at_batches(
+            model_cpu,
+            lambda xb: session.run(None, {name: xb.numpy()})[0],
+            x,
+            check_batch_sizes,
+            rtol,
+            f"onnxruntime ({provider})",
+        )
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
 
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .onnx import ExportError, ExportMismatchError, _quiet_exporter, _rel_error
+from ._check import ExportError, compare_at_batches, dynamic_batch, eval_on_cpu
+from .onnx import _quiet_exporter
 
 __all__ = ["ProgramReport", "export_program"]
 
@@ -47,33 +48,25 @@ def export_program(
         ExportMismatchError: the reloaded program differs from the model.
     """
     path = Path(path)
-    was_training = model.training
-    device = next(model.parameters()).device
-    model_cpu = model.eval().cpu()
     x = example_input.detach().cpu()
-    try:
-        with atomic_write(path) as tmp:
-            batch = torch.export.Dim("batch", min=1, max=1 << 20)
-            try:
-                with _quiet_exporter():
-                    program = torch.export.export(model_cpu, (x,), dynamic_shapes=({0: batch},))
-            except Exception as e:  # the exporter raises many types; report them as one
-                raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
-            with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
-                torch.export.save(program, f)
-            with open(tmp, "rb") as f:
-                loaded = torch.export.load(f).module()
-            errors: dict[int, float] = {}
-            for b in check_batch_sizes:
-                xb = torch.randn(b, *x.shape[1:], dtype=x.dtype)
-                with torch.no_grad():
-                    ref, got = model_cpu(xb), loaded(xb)
-                errors[b] = _rel_error(got.numpy(), ref.numpy())
-                if got.shape != ref.shape or not errors[b] <= rtol:
-                    raise ExportMismatchError(
-                        f"the reloaded .pt2 differs from the model at batch size {b}: relative "
-                        f"error {errors[b]:.3g} > {rtol:g}"
-                    )
-    finally:
-        model.to(device).train(was_training)
+    with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:
+        try:
+            with _quiet_exporter():
+                program = torch.export.export(
+                    model_cpu, (x,), dynamic_shapes=({0: dynamic_batch()},)
+                )
+        except Exception as e:  # the exporter raises many types; report them as one
+            raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
+        with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
+            torch.export.save(program, f)
+        with open(tmp, "rb") as f:
+            loaded = torch.export.load(f).module()
+        errors = compare_at_batches(
+            model_cpu,
+            lambda xb: loaded(xb).detach().numpy(),
+            x,
+            check_batch_sizes,
+            rtol,
+            "the reloaded .pt2",
+        )
     return ProgramReport(path, path.stat().st_size, errors)
