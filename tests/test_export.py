@@ -92,7 +92,7 @@ def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
     from compressdrop.export.program import export_program
 
     monkeypatch.setattr(check, "_rel_error", lambda a, b: 0.5)
-    with pytest.raises(ExportMismatchError, match="onnxruntime.*batch size 1"):
+    with pytest.raises(ExportMismatchError, match=r"onnxruntime.*batch size 1"):
         export_onnx(model, input_for(model, 2), path)
     assert not path.exists()
     with pytest.raises(ExportMismatchError, match=r"reloaded \.pt2.*batch size 1"):

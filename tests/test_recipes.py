@@ -141,7 +141,7 @@ def test_override_replaces_by_key_path_and_keeps_every_other_field():
     assert o.data.batch_size == r.data.batch_size  # not reset to the default
     assert o.stages.sparsify.gate_lr == r.stages.sparsify.gate_lr
     assert r.data.name == "digits"  # the original is unchanged
-    with pytest.raises(RecipeError, match="data.colour: unknown key"):
+    with pytest.raises(RecipeError, match=r"data\.colour: unknown key"):
         r.override({"data.colour": "blue"})
     with pytest.raises(RecipeError, match="batch_size"):
         r.override({"data.batch_size": 0})  # the nested config validates again
