@@ -18,8 +18,9 @@ setup: $(BIN)/compressdrop
 demo: setup
 	$(BIN)/compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
 
-# The suite, then the wheel test (what CI runs).
+# Lint, the suite, then the wheel test (what CI runs).
 test: setup
+	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory wheel-test
 
