@@ -93,6 +93,8 @@ def sparsify_and_prune(
     from .training.runner import run_recipe
 
     adopt(model, dataset)
+    if factory is None:  # the model in hand was built by its factory: the caller ran it already
+        factory = model.arch.get("factory")
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         result = run_recipe(
             recipe.replace(export=replace(recipe.export, onnx=False)),

@@ -134,15 +134,35 @@ def test_a_pt2_program_is_pruned_and_the_slim_pt2_loads_without_compressdrop(tmp
     check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
 
 
+def _saved(fmt: str, model: nn.Module, tmp_path):
+    """``model`` saved the way a user saves it, and loaded back the way compressdrop loads it."""
+    if fmt == "pt2":
+        program = torch.export.export(
+            model, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+        )
+        torch.export.save(program, tmp_path / "model.pt2")
+        return load_model(tmp_path / "model.pt2")
+    if fmt == "pickle":
+        torch.save(model, tmp_path / "model.pt")
+        return load_model(tmp_path / "model.pt", trust_code=True)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    return load_model(
+        tmp_path / "weights.pt", arch="tests.test_formats:user_net", arch_kwargs={"num_classes": 10}
+    )
+
+
 @pytest.mark.slow
-def test_the_python_api_gives_the_same_slim_model_the_file_holds(tmp_path):
-    model = trained_user_net()
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("fmt", ["pt2", "pickle", "state_dict"])
+def test_the_slim_pt2_computes_what_the_slim_model_in_memory_computes(fmt, tmp_path):
     ds = load_digits()
+    model = _saved(fmt, trained_user_net(), tmp_path)
     recipe = load_recipe(strong_recipe(tmp_path / "r.yaml"))
     slim = sparsify_and_prune(model, ds, recipe, device="cpu", work_dir=tmp_path)
+    assert slim.prune_report.units_after < slim.prune_report.units_before
     files = write_slim(slim, tmp_path / "slim.pt2", ds.x_test[:2])
     assert files.max_rel_error["pt2"] <= 1e-5 and files.max_rel_error["onnx"] <= 1e-4
-    xs = [ds.x_test[:1], ds.x_test[:7]]
+    xs = [ds.x_test[:1], ds.x_test[:7], torch.randn(64, 1, 8, 8)]
     got = outputs_in_a_clean_process(tmp_path / "slim.pt2", xs, tmp_path)
     with torch.no_grad():
         for x, y in zip(xs, got):
