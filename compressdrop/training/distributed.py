@@ -127,6 +127,19 @@ def from_env(device: str = "auto") -> tuple[Dist, str]:
     return Dist(rank, world, local), (f"cuda:{local}" if use_cuda else "cpu")
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def shutdown(*, clean: bool = True) -> None:
+    """Leave the process group.
+
+    ``clean``: every rank gets here the same way (the run finished, or every rank stopped at the
+    same agreed step with :class:`~compressdrop.training.runner.TrainingDiverged`), so wait for all
+    of them first: no rank then tears down its gloo/NCCL connections while a peer is still inside a
+    collective with it (a peer whose connection closes mid-collective fails or aborts). Not clean
+    (any other error): a peer may be dead or stuck, so leave without waiting for it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()
