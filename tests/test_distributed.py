@@ -78,7 +78,9 @@ def _spawn(target: str, tmp: Path, *, timeout: float = 300) -> None:
     report = [problem]
     for r, p in enumerate(ctx.processes):
         f = tmp / f"stderr{r}.txt"
-        text = f.read_text(errors="replace")[-3000:] if f.exists() else "(no stderr file)"
+        text = f.read_text(errors="replace") if f.exists() else "(no stderr file)"
+        if len(text) > 4000:  # the cause (a C++ `terminate called ...`) comes first; faulthandler's
+            text = f"{text[:3000]}\n[...]\n{text[-1000:]}"  # module list would push it out
         report.append(f"--- rank {r}: exit code {p.exitcode}; stderr:\n{text}")
     pytest.fail("\n".join(report))
 
