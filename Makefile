@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # pulling a multi-GB CUDA build. pyproject.toml itself only asks for torch>=2.4.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast wheel-test lint bench clean
 
 $(BIN)/compressdrop: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,8 +18,14 @@ setup: $(BIN)/compressdrop
 demo: setup
 	$(BIN)/compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
 
+# The suite, then the wheel test (what CI runs).
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory wheel-test
+
+# The built wheel in a fresh venv, run from outside the source tree: are its files all there?
+wheel-test: setup
+	PY='$(PY)' TORCH='$(TORCH)' bash .ci/wheel_test.sh
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -29,4 +35,4 @@ lint: setup
 	$(BIN)/ruff format --check compressdrop tests examples benchmarks cli.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

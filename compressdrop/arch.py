@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from .errors import CompressDropError
+from .errors import CheckpointError
+from .programs import load_program
 
 __all__ = [
     "ArchRecord",
@@ -40,12 +42,8 @@ __all__ = [
 Factory = Callable[..., nn.Module]
 
 _SPEC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-_KEYS = {"name", "factory", "input_shape", "num_classes", "kwargs"}
+_KEYS = {"name", "factory", "program", "input_shape", "num_classes", "kwargs"}
 _SAFE: dict[str, Factory | None] = {}  # registered: spec -> callable (None: import on use)
-
-
-class CheckpointError(CompressDropError, ValueError):
-    """A model file that cannot be loaded, or that asks to run code nobody allowed."""
 
 
 def factory_spec(fn: Callable[..., Any]) -> str:
@@ -98,11 +96,15 @@ def _plain(value: Any, where: str) -> Any:
 
 @dataclass(frozen=True)
 class ArchRecord:
-    """A model's structure as plain data: a reference net by ``name`` or a ``factory``.
+    """A model's structure as plain data: a reference net by ``name``, a ``factory``, or a
+    ``torch.export`` ``program``.
 
     Attributes:
         name: a key of :data:`compressdrop.models.MODELS` (``lenet5``, ``resnet``, ...).
         factory: ``"package.module:function"`` returning the ``nn.Module``.
+        program: the bytes (a uint8 tensor) of a ``.pt2`` of the dense model, for models with no
+            factory (a ``.pt2`` or a pickled module brought by the user); rebuilt by
+            :func:`compressdrop.programs.load_program`, which runs no code from it.
         input_shape: one example's shape without the batch, e.g. ``(1, 28, 28)``; also passed to a
             factory that takes an ``input_shape`` parameter.
         num_classes: passed to a reference net, or to a factory with a ``num_classes`` parameter.
@@ -111,15 +113,22 @@ class ArchRecord:
 
     name: str | None = None
     factory: str | None = None
+    program: torch.Tensor | None = None
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if (self.name is None) == (self.factory is None):
+        if sum(x is not None for x in (self.name, self.factory, self.program)) != 1:
             raise CheckpointError(
-                "an arch record names exactly one of a reference net or a factory"
+                "an arch record names exactly one of a reference net, a factory or a program"
             )
+        if self.program is not None and not (
+            isinstance(self.program, torch.Tensor)
+            and self.program.dtype == torch.uint8
+            and self.program.dim() == 1
+        ):
+            raise CheckpointError("arch record: program must be the bytes of a .pt2 (uint8)")
         if self.factory is not None:
             _check_spec(self.factory, "arch record")
         if self.input_shape is not None:
@@ -148,7 +157,13 @@ class ArchRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint (``from_dict`` of it gives the same record)."""
-        out: dict[str, Any] = {"name": self.name} if self.name else {"factory": self.factory}
+        out: dict[str, Any] = (
+            {"name": self.name}
+            if self.name
+            else {"factory": self.factory}
+            if self.factory
+            else {"program": self.program}
+        )
         if self.input_shape is not None:
             out["input_shape"] = list(self.input_shape)
         if self.num_classes is not None:
@@ -159,7 +174,7 @@ class ArchRecord:
     @property
     def label(self) -> str:
         """The reference net's name or the factory's spec."""
-        return self.name or str(self.factory)
+        return self.name or self.factory or "program"
 
 
 def build_arch(
@@ -188,6 +203,8 @@ def build_arch(
     from .models import build_model
 
     rec = record if isinstance(record, ArchRecord) else ArchRecord.from_dict(record, where)
+    if factory is None and rec.program is not None:
+        return load_program(rec.program.numpy().tobytes(), where)
     if factory is None and rec.name is not None:
         try:
             model = build_model(

@@ -31,6 +31,7 @@ from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
 from .gating import attach, is_gated
 from .gating.gated import _STATE, attach_config
+from .programs import is_pt2, load_program
 
 __all__ = [
     "CheckpointError",
@@ -161,7 +162,8 @@ def load_model(
     No code named by the file runs unless the caller allows it: see :mod:`compressdrop.arch`.
 
     Args:
-        path: a compressdrop checkpoint, a ``state_dict`` (needs ``arch``), or, only with
+        path: a compressdrop checkpoint, a ``torch.export`` program (``.pt2``; see
+            :mod:`compressdrop.programs`), a ``state_dict`` (needs ``arch``), or, only with
             ``trust_code``, a whole pickled ``nn.Module``.
         arch: the architecture, named by the caller: a factory (callable or
             ``"package.module:function"``; for a checkpoint it replaces the factory the file
@@ -174,6 +176,8 @@ def load_model(
         CheckpointError: the file is missing, damaged, pickled without ``trust_code``, names a
             factory nobody allowed, or its weights do not fit.
     """
+    if is_pt2(path):  # a torch.export program: checked, then loaded without pickle
+        return load_program(path).eval()
     obj = load_checkpoint(path, trust_code=trust_code)
     if isinstance(obj, nn.Module):
         return obj.eval()

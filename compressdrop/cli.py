@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +124,37 @@ def _dense_reference(path: str, dataset: str) -> dict | None:
 
 
 def _check_shape(model, dataset) -> None:
-    arch = getattr(model, "arch", None) or {}
-    shape = arch.get("input_shape")
-    if shape is not None and tuple(shape) != tuple(dataset.input_shape):
+    """The data must fit the model's recorded input shape; a model without one takes the data's."""
+    _give_shape(model, tuple(dataset.input_shape), f"data {dataset.name!r}")
+
+
+def _give_shape(model, shape: tuple[int, ...], what: str) -> None:
+    arch = getattr(model, "arch", None)
+    known = (
+        arch.get("input_shape") if isinstance(arch, dict) else getattr(model, "input_shape", None)
+    )
+    if known is not None and tuple(known) != tuple(shape):
         raise _Failure(
-            f"data {dataset.name!r} has inputs of shape {tuple(dataset.input_shape)} but the model "
-            f"expects {tuple(shape)}"
+            f"{what} has inputs of shape {tuple(shape)} but the model expects {tuple(known)}"
         )
+    if known is None and isinstance(arch, dict):
+        model.arch = {**arch, "input_shape": list(shape)}
+    elif known is None:
+        model.input_shape = tuple(shape)
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(
+            f"{text!r} is not a shape like 3,32,32", param_hint="--input-shape"
+        )
+    return shape
 
 
 SEED = click.option("--seed", type=int, default=None, help="Random seed (default: the recipe's).")
@@ -256,7 +281,7 @@ def _summary(report: dict[str, Any]) -> None:
     "--data",
     "-d",
     default=None,
-    help="digits | fashion-mnist[:DIR] | FILE.npz (default: the recipe's).",
+    help="digits | fashion-mnist[:DIR] | FILE.npz | images:DIR[,size=HxW] (default: the recipe's).",
 )
 @click.option(
     "--out",
@@ -408,7 +433,12 @@ def _launch_torchrun(nproc: int) -> None:
 @click.option(
     "--recipe", "-r", default=None, help="Recipe for a plain model (sparsify, prune, fine-tune)."
 )
-@click.option("--data", "-d", default=None, help="Data for sparsifying a plain model.")
+@click.option(
+    "--data",
+    "-d",
+    default=None,
+    help="Data for sparsifying a plain model: digits | FILE.npz | images:DIR[,size=HxW] | ...",
+)
 @ARCH
 @ARCH_ARG
 @TRUST
@@ -421,61 +451,77 @@ def prune(
 ) -> None:
     """Prune a model: directly if it has trained gates, else sparsify it on data first.
 
+    MODEL is a compressdrop checkpoint, a torch.export program (.pt2), a state_dict (with
+    --arch and --arch-arg) or, with --trust-pickle, a whole pickled module. OUTPUT's suffix picks
+    the format: .pt (compressdrop checkpoint), .pt2 (torch.export program, plus .onnx beside it)
+    or .onnx.
+
     \b
     Examples:
       compressdrop prune runs/demo/gated.pt -o slim.pt --threshold 1.0
-      compressdrop prune dense.pt --recipe lenet300-lognormal --data digits -o slim.pt
+      compressdrop prune model.pt2 --data my.npz -o slim.pt2
+      compressdrop prune model.pt --trust-pickle --data images:photos,size=32 -o slim.pt2
+      compressdrop prune weights.pt --arch torchvision.models:resnet18 \\
+          --arch-arg num_classes=10 --data my.npz -o slim.pt2
     """
-    import tempfile
-
-    from .checkpoint import save_model
-    from .gating import is_gated
+    from .gating import example_input_for, is_gated
     from .pruning import prune as prune_model
+    from .workflows import SLIM_FORMATS, adopt, default_recipe_for, sparsify_and_prune, write_slim
 
     out = Path(output)
+    if out.suffix not in SLIM_FORMATS:
+        raise click.BadParameter(
+            f"{out}: use a .pt, .pt2 or .onnx file name", param_hint="--output"
+        )
     _check_writable(out)
     model = _load(model_path, arch, trust_code, arch_args)
+    recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
     if is_gated(model):
         slim = prune_model(model, threshold)
-        save_model(slim, out, recipe=(getattr(model, "compressdrop_meta", {}) or {}).get("recipe"))
     else:
-        from .recipes import DEFAULT_RECIPE, load_recipe
-        from .training.runner import run_recipe
+        from .recipes import load_recipe
 
         if data is None:
             raise _Failure(
                 f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
             )
-        r = load_recipe(recipe or DEFAULT_RECIPE)
+        ds = _data(data)
+        _check_shape(model, ds)
+        adopt(model, ds)
+        r = load_recipe(recipe) if recipe else default_recipe_for(ds)
         if seed is not None:
             r = r.replace(seed=seed)
         if threshold is not None:
-            r = r.replace(prune=type(r.prune)(threshold=threshold))
-        ds = _data(data)
-        _check_shape(model, ds)
-        console = _console()
-        with tempfile.TemporaryDirectory(dir=out.resolve().parent) as tmp:
-            on_event = _progress_printer(console, as_json)
-            try:
-                result = run_recipe(
-                    r.replace(export=type(r.export)(onnx=False)),
-                    ds,
-                    tmp,
-                    device=device,
-                    progress=on_event,
-                    model=model,
-                    factory=arch,
-                    trust_code=trust_code,
-                )
-            finally:
-                on_event({"event": "done"})
-            Path(result.slim_path).replace(out)
-        from .checkpoint import load_model
-
-        slim = load_model(out, arch=arch, trust_code=trust_code)
+            r = r.replace(prune=replace(r.prune, threshold=threshold))
+        if not recipe and not as_json:
+            st = r.stages
+            click.echo(
+                f"recipe: default for your model ({r.gates.family} gates, KL weight β = "
+                f"{r.kl.beta:g}, sparsify {st.sparsify.epochs} epochs, fine-tune "
+                f"{st.finetune.epochs}, for {len(ds.x_train):,} training examples); "
+                "choose another with --recipe",
+                err=True,
+            )
+        on_event = _progress_printer(_console(), as_json)
+        try:
+            slim = sparsify_and_prune(
+                model,
+                ds,
+                r,
+                device=device,
+                progress=on_event,
+                factory=arch,
+                trust_code=trust_code,
+                work_dir=out.resolve().parent,
+            )
+        finally:
+            on_event({"event": "done"})
+        recipe_dict = r.to_dict()
+    files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=recipe_dict)
     rep = slim.prune_report
     data_out = {
         "output": str(out),
+        "files": {k: str(v) for k, v in files.paths.items()},
         "architecture": rep.architecture(),
         "threshold": rep.threshold,
         "layers": [vars(layer) for layer in rep.layers],
@@ -492,6 +538,10 @@ def prune(
         for layer in rep.layers:
             t.add_row(layer.name, str(layer.before), str(layer.after), f"{layer.threshold:g}")
         Console().print(t)
+        for kind, path in files.paths.items():
+            err = files.max_rel_error.get(kind)
+            check = f" (checked: max relative error {err:.1e})" if err is not None else ""
+            click.echo(f"wrote {path}{check}")
 
     _emit(as_json, data_out, text)
 
@@ -499,32 +549,63 @@ def prune(
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @click.option(
-    "--output", "-o", required=True, type=click.Path(dir_okay=False), help="ONNX file to write."
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="File to write: .onnx or .pt2.",
 )
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option(
+    "--input-shape",
+    default=None,
+    metavar="C,H,W",
+    help="One example's shape, for a model that does not record it (a state_dict, a pickle).",
+)
 @ARCH
 @ARCH_ARG
 @TRUST
 @JSON
 @_guard
-def export(model_path, output, opset, arch, arch_args, trust_code, as_json) -> None:
-    """Export a model to ONNX, checked in onnxruntime against PyTorch.
+def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, as_json) -> None:
+    """Export a model to ONNX (checked in onnxruntime against PyTorch) or, with an OUTPUT ending
+    in .pt2, to a torch.export program (checked by loading it back) that loads with
+    torch.export.load alone.
 
     \b
-    Example:
+    Examples:
       compressdrop export runs/demo/slim.pt -o slim.onnx
+      compressdrop export runs/demo/slim.pt -o slim.pt2
     """
     from .export import export_onnx
+    from .export.program import export_program
     from .gating import example_input_for
 
     out = Path(output)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise click.BadParameter(f"{out}: use a .onnx or .pt2 file name", param_hint="--output")
     _check_writable(out)
+    shape = _shape(input_shape)
     model = _load(model_path, arch, trust_code, arch_args)
+    if shape is not None:
+        _give_shape(model, shape, "--input-shape")
+    x = example_input_for(model, batch=2)
+    if out.suffix == ".pt2":
+        prog = export_program(model, x, out)
+        _emit(
+            as_json,
+            {"output": str(out), "bytes": prog.bytes, "max_rel_error": prog.max_rel_error},
+            lambda: click.echo(
+                f"wrote {out} ({prog.bytes:,} bytes); reloaded, it matches PyTorch, max relative "
+                f"error {max(prog.max_rel_error.values()):.2e}"
+            ),
+        )
+        return
     meta = {"source": Path(model_path).name}
     rep = getattr(model, "prune_report", None)
     if rep is not None:
         meta.update(threshold=str(rep.threshold), units_kept=rep.architecture())
-    report = export_onnx(model, example_input_for(model, batch=2), out, metadata=meta, opset=opset)
+    report = export_onnx(model, x, out, metadata=meta, opset=opset)
     data = {
         "output": str(out),
         "bytes": report.bytes,
@@ -549,7 +630,7 @@ def export(model_path, output, opset, arch, arch_args, trust_code, as_json) -> N
     "-d",
     default="digits",
     show_default=True,
-    help="digits | fashion-mnist[:DIR] | FILE.npz",
+    help="digits | fashion-mnist[:DIR] | FILE.npz | images:DIR[,size=HxW][,channels=1|3]",
 )
 @click.option(
     "--mc",
@@ -655,7 +736,7 @@ def eval_cmd(
     "-d",
     default="digits",
     show_default=True,
-    help="digits | fashion-mnist[:DIR] | FILE.npz",
+    help="digits | fashion-mnist[:DIR] | FILE.npz | images:DIR[,size=HxW][,channels=1|3]",
 )
 @click.option(
     "--thresholds",

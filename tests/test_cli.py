@@ -58,7 +58,13 @@ def trained(tmp_path_factory):
 def test_train_leaves_every_file_and_reports(trained):
     d, report = trained
     out = d / "out"
-    assert {p.name for p in out.iterdir()} == {"gated.pt", "slim.pt", "slim.onnx", "report.json"}
+    assert {p.name for p in out.iterdir()} == {
+        "gated.pt",
+        "slim.pt",
+        "slim.onnx",
+        "slim.pt2",
+        "report.json",
+    }
     assert report["slim"]["params"] < report["dense"]["params"] or report["architecture_after"]
     assert json.loads((out / "report.json").read_text())["slim"] == report["slim"]
     assert set(report["epochs"]) == {"pretrain", "sparsify", "finetune"}

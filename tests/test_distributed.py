@@ -23,7 +23,7 @@ from compressdrop.training.runner import run_recipe
 from tests.test_cli import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = {"gated.pt", "slim.pt", "slim.onnx", "report.json"}
+FILES = {"gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json"}
 
 
 def _recipe(tmp: Path):

@@ -1,9 +1,19 @@
 """Recipes: every shipped recipe validates and round-trips; bad input names the key path."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from compressdrop.recipes import Recipe, RecipeError, dump_recipe, list_recipes, load_recipe
+import compressdrop.recipes
+from compressdrop.recipes import (
+    Recipe,
+    RecipeError,
+    dump_recipe,
+    list_recipes,
+    load_recipe,
+    recipe_path,
+)
 
 
 def test_recipes_ship_for_every_family_and_net():
@@ -63,6 +73,18 @@ def test_malformed_yaml_reports_its_line(tmp_path):
 def test_unknown_recipe_name_lists_the_shipped_ones():
     with pytest.raises(RecipeError, match="lenet300-lognormal"):
         load_recipe("no-such-recipe")
+
+
+def test_shipped_recipes_are_package_data_and_a_users_own_file_is_taken_as_is(tmp_path):
+    shipped = recipe_path("lenet300-lognormal")
+    assert shipped.is_file()
+    assert shipped.parent == Path(compressdrop.recipes.__file__).parent / "shipped"
+    own = tmp_path / "mine.yaml"
+    own.write_text(dump_recipe(load_recipe("lenet300-lognormal").replace(name="mine")))
+    assert recipe_path(own) == own and recipe_path(str(own)) == own
+    assert load_recipe(own).name == "mine"
+    with pytest.raises(RecipeError, match="not a shipped recipe"):  # names only, not paths
+        recipe_path("../shipped/lenet300-lognormal")
 
 
 def test_scientific_notation_without_dot_is_a_number():

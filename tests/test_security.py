@@ -1,6 +1,7 @@
 """No code named by a file runs without the user's consent: not through pickle, not through a
 factory name, through the Python API and through every command that reads a model or a run."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -203,4 +204,116 @@ def test_a_recipe_file_may_not_choose_code_either(spec, tmp_path):
     recipe = tiny_recipe(tmp_path / "r.yaml", model={"arch": spec, "kwargs": record["kwargs"]})
     res = _cli(["train", "--recipe", recipe, "--data", "digits", "--out", tmp_path / "out"])
     assert res.exit_code == 1 and f"calling {spec}(" in res.output, res.output
+    assert not marker.exists()
+
+
+# --- torch.export programs (.pt2): torch.export.load itself runs code from a crafted archive ------
+
+
+def _good_pt2(path) -> None:
+    model = build_model("lenet300", (1, 8, 8)).eval()
+    program = torch.export.export(
+        model, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, path)
+
+
+def _rewrite(src, dst, fn) -> None:
+    """Copy the zip ``src`` to ``dst`` with each member's bytes passed through ``fn(name, data)``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for item in zi.infolist():
+            zo.writestr(item, fn(item.filename, zi.read(item.filename)))
+
+
+def _pickled_exploit_bytes(marker) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"x": _Exploit(marker)}, buf)
+    return buf.getvalue()
+
+
+def _crafted_pt2(kind: str, tmp_path, marker) -> Path:
+    import json
+
+    good, evil = tmp_path / "good.pt2", tmp_path / "evil.pt2"
+    _good_pt2(good)
+    touch = f"__import__('os').system('touch {marker}')"
+
+    def fn(name: str, data: bytes) -> bytes:
+        if kind == "expr" and name.endswith("models/model.json"):
+            return data.replace(b"Symbol('s", f"{touch} or Symbol('s".encode(), 1)
+        if kind == "target" and name.endswith("models/model.json"):
+            return data.replace(b"torch.ops.aten.relu.default", b"torch.hub.load", 1)
+        if kind == "custom-obj" and name.endswith("models/model.json"):
+            doc = json.loads(data)
+            doc["custom_obj_values"] = {"x": {"name": "obj", "class_fqn": "os.system"}}
+            return json.dumps(doc).encode()
+        if kind == "use-pickle" and name.endswith("_weights_config.json"):
+            doc = json.loads(data)
+            first = next(iter(doc["config"].values()))
+            first["use_pickle"] = True
+            return json.dumps(doc).encode()
+        if kind == "use-pickle" and name.endswith("data/weights/weight_0"):
+            return _pickled_exploit_bytes(marker)
+        if kind == "sample-inputs" and "data/sample_inputs/" in name:
+            return _pickled_exploit_bytes(marker)
+        return data
+
+    _rewrite(good, evil, fn)
+    return evil
+
+
+PT2_ATTACKS = ["expr", "target", "custom-obj", "use-pickle", "sample-inputs"]
+
+
+@pytest.mark.parametrize("kind", PT2_ATTACKS)
+def test_a_crafted_pt2_is_refused_before_torch_export_load_sees_it(kind, tmp_path):
+    marker = tmp_path / "marker.npy"
+    evil = _crafted_pt2(kind, tmp_path, marker)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(evil)
+    assert not marker.exists()
+    for command in (
+        ["prune", evil, "--data", "digits", "-o", tmp_path / "slim.pt2"],
+        ["export", evil, "-o", tmp_path / "m.onnx"],
+        ["eval", evil, "--data", "digits"],
+    ):
+        res = _cli(command)
+        assert res.exit_code == 1 and "refused" in res.output, res.output
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt2", "good.pt2"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_plain_torch_export_load_would_have_run_it(tmp_path):
+    # why the check exists: PyTorch parses the shape expressions with sympy.sympify (an eval)
+    marker = tmp_path / "marker.npy"
+    evil = _crafted_pt2("expr", tmp_path, marker)
+    with contextlib.suppress(Exception):
+        torch.export.load(evil)
+    if not marker.exists():
+        pytest.skip("this torch no longer evaluates shape expressions; the check stays anyway")
+    assert marker.exists()
+
+
+def test_guards_code_from_the_file_never_runs(tmp_path):
+    import json
+
+    marker = tmp_path / "marker.npy"
+    good = tmp_path / "good.pt2"
+    _good_pt2(good)
+
+    def fn(name: str, data: bytes) -> bytes:
+        if name.endswith("models/model.json"):
+            doc = json.loads(data)
+            doc["guards_code"] = [f"__import__('os').system('touch {marker}') or True"]
+            return json.dumps(doc).encode()
+        return data
+
+    _rewrite(good, tmp_path / "guarded.pt2", fn)
+    model = load_model(tmp_path / "guarded.pt2")
+    model(torch.randn(3, 1, 8, 8))
     assert not marker.exists()

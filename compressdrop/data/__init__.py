@@ -1,11 +1,12 @@
 """Built-in data: scikit-learn's digits (the embedded default), Fashion-MNIST from its IDX files,
-and a user's ``.npz``. Everything loads into memory as tensors (these data sets are small)."""
+a user's ``.npz``, and a user's folder of images (:mod:`compressdrop.data.images`). Everything
+loads into memory as tensors (these data sets are small)."""
 
 from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,11 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 @dataclass(frozen=True)
 class Dataset:
-    """A classification data set held as tensors: inputs float32 ``(N, *input_shape)``, labels int64."""
+    """A classification data set held as tensors: inputs float32 ``(N, *input_shape)``, labels int64.
+
+    ``classes`` names the classes in label order where the source has names (an image folder's
+    class folders), else it is empty.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -34,8 +39,13 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(
+                f"classes names {len(self.classes)} classes but num_classes is {self.num_classes}"
+            )
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if len(x) < 1:
@@ -71,35 +81,28 @@ class Dataset:
             idx = idx[torch.randperm(len(idx), generator=gen)]
             val_idx.append(idx[: round(len(idx) * fraction)])
         v = torch.cat(val_idx).sort().values
+        if len(v) == 0:
+            raise ValueError(
+                f"{self.name}: a validation fraction of {fraction} of {len(self.y_train)} training "
+                f"examples rounds to none in every class; raise it, add data, or set it to 0 "
+                f"(the recipe's data.val_fraction)"
+            )
         keep = torch.ones(len(self.y_train), dtype=torch.bool)
         keep[v] = False
-        train = Dataset(
-            self.name,
-            self.x_train[keep],
-            self.y_train[keep],
-            self.x_test,
-            self.y_test,
-            self.num_classes,
-        )
-        val = Dataset(
-            f"{self.name}/val",
-            self.x_train[keep],
-            self.y_train[keep],
-            self.x_train[v],
-            self.y_train[v],
-            self.num_classes,
+        train = replace(self, x_train=self.x_train[keep], y_train=self.y_train[keep])
+        val = replace(
+            train, name=f"{self.name}/val", x_test=self.x_train[v], y_test=self.y_train[v]
         )
         return train, val
 
     def subset(self, n_train: int, n_test: int) -> Dataset:
         """The first ``n_train`` / ``n_test`` examples (tiny slices for tests and smoke runs)."""
-        return Dataset(
-            self.name,
-            self.x_train[:n_train],
-            self.y_train[:n_train],
-            self.x_test[:n_test],
-            self.y_test[:n_test],
-            self.num_classes,
+        return replace(
+            self,
+            x_train=self.x_train[:n_train],
+            y_train=self.y_train[:n_train],
+            x_test=self.x_test[:n_test],
+            y_test=self.y_test[:n_test],
         )
 
 
@@ -231,17 +234,89 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     )
 
 
+_IMAGES_SPEC = "images:DIR[,size=N|HxW][,channels=1|3]"
+_DATA_SPECS = f"digits, fashion-mnist[:DIR], FILE.npz or {_IMAGES_SPEC}"
+
+_IMAGE_OPTIONS = ("size", "channels", "test_fraction", "seed")
+
+
+def _image_spec(spec: str) -> tuple[str, dict]:
+    """``images:DIR[,key=value]...`` → ``(DIR, load_image_folder keyword arguments)``.
+
+    Options are the trailing ``key=value`` parts, so a folder name may itself contain commas.
+    """
+    parts = spec.removeprefix("images:").split(",")
+    options: dict = {}
+    while len(parts) > 1 and "=" in parts[-1]:
+        key, _, value = parts.pop().partition("=")
+        key = key.strip()
+        if key not in _IMAGE_OPTIONS or key in options:
+            problem = "repeated" if key in options else "unknown"
+            raise ValueError(
+                f"data {spec!r}: {problem} option {key!r} (options: {', '.join(_IMAGE_OPTIONS)})"
+            )
+        options[key] = value.strip()
+    folder = ",".join(parts)
+    if not folder:
+        raise ValueError(f"data {spec!r}: no folder; use {_IMAGES_SPEC}")
+    kwargs: dict = {}
+    try:
+        if "size" in options:
+            dims = [int(d) for d in options["size"].lower().split("x")]
+            if len(dims) not in (1, 2):
+                raise ValueError(options["size"])
+            kwargs["size"] = (dims[0], dims[-1])
+        if "channels" in options:
+            kwargs["channels"] = int(options["channels"])
+        if "test_fraction" in options:
+            kwargs["test_fraction"] = float(options["test_fraction"])
+        if "seed" in options:
+            kwargs["seed"] = int(options["seed"])
+    except ValueError:
+        raise ValueError(
+            f"data {spec!r}: bad option value in {options}; expected size=N or size=HxW "
+            f"(integers), channels=1 or 3, test_fraction=0.2, seed=0"
+        ) from None
+    return folder, kwargs
+
+
 def load_dataset(spec: str) -> Dataset:
-    """``digits``, ``fashion-mnist`` or ``fashion-mnist:DIR``, or a path ending in ``.npz``."""
+    """The data a spec names (the CLI's ``--data`` and a recipe's ``data.name``).
+
+    Args:
+        spec: one of
+
+            - ``digits``: scikit-learn's 8×8 digits;
+            - ``fashion-mnist`` or ``fashion-mnist:DIR``: the IDX files (in DIR);
+            - ``FILE.npz``: arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``);
+            - ``images:DIR[,size=N|HxW][,channels=1|3][,test_fraction=F][,seed=S]``: a folder
+              with one subfolder of PNG/JPEG images per class (see
+              :func:`compressdrop.data.images.load_image_folder`); ``size`` resizes to N×N or
+              H×W, ``channels`` converts to grayscale (1) or RGB (3). A bare existing folder
+              ``DIR`` is the same as ``images:DIR``.
+
+    Returns:
+        The :class:`Dataset`.
+
+    Example:
+        >>> load_dataset("images:photos,size=32x48,channels=3")  # doctest: +SKIP
+    """
+    if spec.startswith("images:"):
+        from .images import load_image_folder
+
+        folder, kwargs = _image_spec(spec)
+        return load_image_folder(folder, **kwargs)
     if spec == "digits":
         return load_digits()
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         return load_fashion_mnist(spec.partition(":")[2] or None)
     if spec.endswith(".npz"):
         return load_npz(spec)
-    raise ValueError(
-        f"unknown data {spec!r}: use digits, fashion-mnist, fashion-mnist:DIR or FILE.npz"
-    )
+    if Path(spec).is_dir():
+        from .images import load_image_folder
+
+        return load_image_folder(spec)
+    raise ValueError(f"unknown data {spec!r}: use {_DATA_SPECS}")
 
 
 def make_loader(

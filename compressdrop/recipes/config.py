@@ -13,7 +13,6 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..training.schedule import KLSchedule
@@ -51,8 +50,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Data set (``digits``, ``fashion-mnist[:dir]`` or a ``.npz`` path), batch size, and the share
-    of the training set held out for validation (model selection never looks at the test set)."""
+    """Data set (``digits``, ``fashion-mnist[:dir]``, a ``.npz`` path or
+    ``images:DIR[,size=HxW][,channels=1|3]``; see :func:`compressdrop.data.load_dataset`), batch
+    size, and the share of the training set held out for validation (model selection never looks
+    at the test set)."""
 
     name: str = "digits"
     batch_size: int = 64
@@ -164,7 +165,8 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class Recipe:
-    """A whole compression run. See ``recipes/*.yaml`` for examples."""
+    """A whole compression run. See ``compressdrop recipes list`` for examples (package data
+    ``compressdrop/recipes/shipped/*.yaml``)."""
 
     name: str = "custom"
     description: str = ""
@@ -286,7 +288,3 @@ def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
         _check(isinstance(value, dict), path, f"expected a mapping, got {value!r}")
         return dict(value)
     raise RecipeError(f"{path}: unsupported type {tp}")  # pragma: no cover - schema bug
-
-
-# ------------------------------------------------------------------------------------------------
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"

@@ -1,31 +1,62 @@
-"""Reading and writing recipe files, and the recipes that ship in ``recipes/``."""
+"""Reading and writing recipe files, and the recipes shipped inside the package.
+
+The shipped recipes are package data (``compressdrop/recipes/shipped/NAME.yaml``), read through
+:mod:`importlib.resources`, so they are found wherever and however the package is installed
+(a wheel, an editable install, a zip).
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from .config import RECIPES_DIR, Recipe, RecipeError
+from .config import Recipe, RecipeError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 __all__ = ["DEFAULT_RECIPE", "dump_recipe", "list_recipes", "load_recipe", "recipe_path"]
 
 DEFAULT_RECIPE = "lenet300-lognormal"
 
+#: The folder of shipped recipes, as package data (not necessarily a real directory).
+SHIPPED_RECIPES: Traversable = resources.files(__package__).joinpath("shipped")
+
+# Real paths of shipped recipes that had to be extracted (a zipped install) stay valid until exit.
+_extracted = contextlib.ExitStack()
+atexit.register(_extracted.close)
+
 
 def list_recipes() -> list[str]:
-    """Names of the shipped recipes (files ``recipes/NAME.yaml``)."""
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    """Names of the shipped recipes (package data ``compressdrop/recipes/shipped/NAME.yaml``)."""
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in SHIPPED_RECIPES.iterdir()
+        if p.name.endswith(".yaml") and p.is_file()
+    )
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """A recipe file: an existing path, or the name of a shipped recipe."""
+    """A recipe file: an existing path (a user's own YAML), or the name of a shipped recipe.
+
+    Args:
+        name_or_path: a path to a YAML file, or a name from :func:`list_recipes`.
+
+    Returns:
+        A real file path; for a shipped recipe, a path into the installed package (or a temporary
+        copy that lives until the interpreter exits, when the package is not on a file system).
+    """
     p = Path(name_or_path)
     if p.is_file():
         return p
-    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
+    shipped = SHIPPED_RECIPES.joinpath(f"{name_or_path}.yaml")
+    if p.name == str(name_or_path) and shipped.is_file():  # a bare name: no path into the package
+        return _extracted.enter_context(resources.as_file(shipped))
     raise RecipeError(
         f"{name_or_path}: no such recipe file, and not a shipped recipe (shipped: {', '.join(list_recipes())})"
     )

@@ -307,7 +307,7 @@ def run_recipe(
     if model is not None:
         arch = getattr(model, "arch", None)
         if isinstance(arch, dict):
-            name = arch.get("factory") or arch.get("name")
+            name = arch.get("factory") or arch.get("name") or "program"
             recipe = recipe.replace(
                 model=type(recipe.model)(arch=name, kwargs=dict(arch.get("kwargs") or {}))
             )
@@ -407,6 +407,10 @@ def run_recipe(
             model.cpu(), run.example(4).cpu(), onnx_path, metadata=meta, opset=recipe.export.opset
         )
         report["onnx_bytes"] = exp.bytes
+        # the same slim model as a torch.export program: loads with torch.export.load alone
+        from ..export.program import export_program
+
+        report["pt2_bytes"] = export_program(model, run.example(4).cpu(), out / "slim.pt2").bytes
     with atomic_write(out / "report.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
     run.ckpt.unlink(missing_ok=True)  # the run is complete: its resume point is no longer needed

@@ -1,0 +1,79 @@
+"""Write a (slim) model as a ``torch.export`` program (``.pt2``), checked by loading it back.
+
+The file loads with plain ``torch.export.load(path).module()``: no compressdrop, no model code.
+Reading ``.pt2`` files in, safely, is :mod:`compressdrop.programs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from .onnx import ExportError, ExportMismatchError, _quiet_exporter, _rel_error
+
+__all__ = ["ProgramReport", "export_program"]
+
+
+@dataclass(frozen=True)
+class ProgramReport:
+    """What was written and how closely the reloaded program reproduced the model."""
+
+    path: Path
+    bytes: int
+    max_rel_error: dict[int, float]
+
+
+def export_program(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    *,
+    check_batch_sizes: Sequence[int] = (1, 7, 64),
+    rtol: float = 1e-5,
+) -> ProgramReport:
+    """Write ``model`` (eval mode, CPU) as a ``torch.export`` program with a dynamic batch.
+
+    The file is written to a temporary path, loaded back with ``torch.export.load`` and run at
+    every batch size in ``check_batch_sizes``; only when it matches the model to ``rtol``
+    (max|Δ| / max|y|) does it move to ``path``.
+
+    Raises:
+        ExportError: ``torch.export`` failed on the model.
+        ExportMismatchError: the reloaded program differs from the model.
+    """
+    path = Path(path)
+    was_training = model.training
+    device = next(model.parameters()).device
+    model_cpu = model.eval().cpu()
+    x = example_input.detach().cpu()
+    try:
+        with atomic_write(path) as tmp:
+            batch = torch.export.Dim("batch", min=1, max=1 << 20)
+            try:
+                with _quiet_exporter():
+                    program = torch.export.export(model_cpu, (x,), dynamic_shapes=({0: batch},))
+            except Exception as e:  # the exporter raises many types; report them as one
+                raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
+            with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
+                torch.export.save(program, f)
+            with open(tmp, "rb") as f:
+                loaded = torch.export.load(f).module()
+            errors: dict[int, float] = {}
+            for b in check_batch_sizes:
+                xb = torch.randn(b, *x.shape[1:], dtype=x.dtype)
+                with torch.no_grad():
+                    ref, got = model_cpu(xb), loaded(xb)
+                errors[b] = _rel_error(got.numpy(), ref.numpy())
+                if got.shape != ref.shape or not errors[b] <= rtol:
+                    raise ExportMismatchError(
+                        f"the reloaded .pt2 differs from the model at batch size {b}: relative "
+                        f"error {errors[b]:.3g} > {rtol:g}"
+                    )
+    finally:
+        model.to(device).train(was_training)
+    return ProgramReport(path, path.stat().st_size, errors)

@@ -1,0 +1,155 @@
+"""The jobs the CLI runs, as functions the Python API shares: bring a user's model in, sparsify and
+prune it, write the slim model in the format asked for.
+
+The click commands in :mod:`compressdrop.cli` parse options and print; the work is here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import Factory
+from .checkpoint import load_model, save_model
+from .errors import CompressDropError
+from .recipes import Recipe, load_recipe
+
+__all__ = [
+    "SLIM_FORMATS",
+    "SlimFiles",
+    "adopt",
+    "default_recipe_for",
+    "sparsify_and_prune",
+    "write_slim",
+]
+
+SLIM_FORMATS = {
+    ".pt": "compressdrop checkpoint",
+    ".pt2": "torch.export program (+ ONNX beside it)",
+    ".onnx": "ONNX",
+}
+# optimiser steps a default recipe aims for in its sparsify stage, whatever the data size
+_DEFAULT_SPARSIFY_STEPS = 3000
+
+
+def adopt(model: nn.Module, dataset: Any) -> nn.Module:
+    """Make a user's model something compressdrop can gate, save and export, on ``dataset``.
+
+    Its ``arch`` record gets the data's input shape, and a model with no record (a pickled
+    module) gets its dense structure as a ``torch.export`` program, so that its checkpoints
+    rebuild without pickled code.
+    """
+    from .programs import program_record
+
+    shape = list(dataset.input_shape)
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, Mapping):
+        model.arch = program_record(model, dataset.x_train[:2])
+    elif "input_shape" not in arch:
+        model.arch = {**arch, "input_shape": shape}
+    return model
+
+
+def default_recipe_for(dataset: Any, base: str = "lenet300-lognormal") -> Recipe:
+    """Log-normal gates with the sparsify stage sized to about 3,000 optimiser steps (between 2
+    and 60 epochs), a fine-tune a third as long, no pretraining (the user's model is trained)."""
+    r = load_recipe(base)
+    steps_per_epoch = max(1, -(-len(dataset.x_train) // r.data.batch_size))
+    epochs = int(min(60, max(2, round(_DEFAULT_SPARSIFY_STEPS / steps_per_epoch))))
+    st = r.stages
+    return r.replace(
+        name="default",
+        description="default recipe for a user's model: log-normal gates, sparsify then fine-tune",
+        stages=replace(
+            st,
+            pretrain=replace(st.pretrain, epochs=0),
+            sparsify=replace(st.sparsify, epochs=epochs),
+            finetune=replace(st.finetune, epochs=max(1, epochs // 3)),
+        ),
+    )
+
+
+def sparsify_and_prune(
+    model: nn.Module,
+    dataset: Any,
+    recipe: Recipe,
+    *,
+    device: str = "auto",
+    progress: Callable[[dict], None] | None = None,
+    factory: Factory | str | None = None,
+    trust_code: bool = False,
+    work_dir: str | Path | None = None,
+) -> nn.Module:
+    """Train gates on a dense model, prune it, fine-tune it; return the slim model.
+
+    The run's files (checkpoints, gated.pt) go to a temporary folder inside ``work_dir``.
+    """
+    from .training.runner import run_recipe
+
+    adopt(model, dataset)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        result = run_recipe(
+            recipe.replace(export=replace(recipe.export, onnx=False)),
+            dataset,
+            tmp,
+            device=device,
+            progress=progress,
+            model=model,
+            factory=factory,
+            trust_code=trust_code,
+        )
+        assert result.slim_path is not None
+        slim = load_model(result.slim_path, arch=factory, trust_code=trust_code)
+    slim.compressdrop_report = result.report
+    return slim
+
+
+@dataclass(frozen=True)
+class SlimFiles:
+    """What :func:`write_slim` wrote."""
+
+    paths: dict[str, Path]
+    max_rel_error: dict[str, float]
+
+
+def write_slim(
+    slim: nn.Module,
+    out: str | Path,
+    example_input: torch.Tensor,
+    *,
+    recipe: Mapping[str, Any] | None = None,
+) -> SlimFiles:
+    """Write ``slim`` in the format its suffix names (:data:`SLIM_FORMATS`); each file is
+    checked against the model (a ``.pt2`` by reloading it, ONNX in onnxruntime) before it
+    appears.
+
+    Raises:
+        CompressDropError: an unknown suffix.
+    """
+    from .export import export_onnx
+    from .export.program import export_program
+
+    out = Path(out)
+    if out.suffix not in SLIM_FORMATS:
+        raise CompressDropError(
+            f"{out}: unknown output format {out.suffix or '(none)'!r}; use "
+            + ", ".join(f"{k} ({v})" for k, v in SLIM_FORMATS.items())
+        )
+    paths: dict[str, Path] = {}
+    errors: dict[str, float] = {}
+    if out.suffix == ".pt":
+        paths["checkpoint"] = save_model(slim, out, recipe=recipe)
+    if out.suffix == ".pt2":
+        rep = export_program(slim, example_input, out)
+        paths["pt2"], errors["pt2"] = out, max(rep.max_rel_error.values())
+    if out.suffix in (".pt2", ".onnx"):
+        onnx_path = out.with_suffix(".onnx")
+        orep = export_onnx(slim, example_input, onnx_path)
+        paths["onnx"], errors["onnx"] = onnx_path, max(orep.max_rel_error.values())
+    return SlimFiles(paths, errors)

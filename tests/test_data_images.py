@@ -1,0 +1,289 @@
+"""Image folders as a data source: layout, conversion, resizing, splits and the errors users see."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from compressdrop.data import Dataset, load_dataset
+from compressdrop.data.images import ImageFolderError, load_image_folder
+
+CLASSES = ("cat", "dog", "owl")
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _folder(
+    root: Path,
+    classes=CLASSES,
+    per_class: int = 6,
+    shape=(10, 12),
+    mode: str = "L",
+    ext: str = ".png",
+) -> Path:
+    """``root/<class>/<i><ext>``; every pixel of class ``k``'s images has value ``40 * k + i``, so
+    a loaded image tells which class and file it came from."""
+    channels = {"L": (), "RGB": (3,)}[mode]
+    for k, name in enumerate(classes):
+        for i in range(per_class):
+            _save(root / name / f"{i}{ext}", np.full((*shape, *channels), 40 * k + i, np.uint8))
+    return root
+
+
+def _pixels(ds: Dataset) -> tuple[list[int], list[int]]:
+    """The pixel value (``40 * folder + file``) and the label of every training and test image."""
+    x = torch.cat([ds.x_train, ds.x_test])
+    y = torch.cat([ds.y_train, ds.y_test])
+    return (x[:, 0, 0, 0] * 255).round().long().tolist(), y.tolist()
+
+
+def test_loads_shapes_labels_and_class_order(tmp_path):
+    # class folders created out of order: the labels follow the sorted names
+    root = _folder(tmp_path / "pets", classes=("owl", "cat", "dog"))
+    ds = load_image_folder(root)
+    assert ds.name == "pets" and ds.classes == ("cat", "dog", "owl") and ds.num_classes == 3
+    assert ds.input_shape == (1, 10, 12)
+    assert len(ds.x_train) + len(ds.x_test) == 18
+    assert ds.x_train.dtype == torch.float32 and ds.y_train.dtype == torch.int64
+    assert float(ds.x_train.min()) >= 0 and float(ds.x_train.max()) <= 1
+    # folders were written as owl (pixels 0..5), cat (40..45), dog (80..85); labels are sorted
+    values, labels = _pixels(ds)
+    assert {(v // 40, y) for v, y in zip(values, labels, strict=True)} == {(0, 2), (1, 0), (2, 1)}
+    counts = torch.bincount(ds.y_test, minlength=3)
+    assert int(counts.sum()) == 4 and int(counts.min()) >= 1  # ceil(0.2 × 18), stratified
+
+
+def test_values_scale_to_unit_range_and_rgb_keeps_three_channels(tmp_path):
+    _save(tmp_path / "a" / "0.png", np.full((4, 5, 3), (0, 128, 255), np.uint8))
+    _save(tmp_path / "a" / "1.png", np.full((4, 5, 3), 255, np.uint8))
+    _save(tmp_path / "b" / "0.jpg", np.zeros((4, 5, 3), np.uint8))
+    _save(tmp_path / "b" / "1.JPEG", np.zeros((4, 5, 3), np.uint8))
+    ds = load_image_folder(tmp_path, test_fraction=0.5)
+    assert ds.input_shape == (3, 4, 5)
+    x = torch.cat([ds.x_train, ds.x_test])
+    first = x[(x[:, 0].amax((1, 2)) == 0) & (x[:, 2].amin((1, 2)) == 1)]
+    assert first.shape[0] == 1
+    assert first[0, :, 0, 0].tolist() == pytest.approx([0.0, 128 / 255, 1.0])
+
+
+def test_other_files_and_hidden_files_are_skipped(tmp_path):
+    root = _folder(tmp_path / "d", per_class=3)
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "cat" / ".thumb.png").write_bytes(b"resource fork")
+    (root / ".cache").mkdir()
+    ds = load_image_folder(root, test_fraction=0.34)
+    assert len(ds.x_train) + len(ds.x_test) == 9 and ds.classes == CLASSES
+
+
+def test_resizes_to_the_given_size(tmp_path):
+    root = tmp_path / "mixed"
+    for k, name in enumerate(("a", "b")):
+        for i, shape in enumerate([(10, 12), (20, 8), (7, 7)]):
+            _save(root / name / f"{i}.png", np.full(shape, 100 * k, np.uint8))
+    with pytest.raises(ImageFolderError, match=r"differ in size.*10×12.*pass a size"):
+        load_image_folder(root)
+    ds = load_image_folder(root, size=(16, 24), test_fraction=0.34)
+    assert ds.input_shape == (1, 16, 24)
+    # a uniform image stays uniform (antialiased bilinear resizing keeps constants)
+    x = torch.cat([ds.x_train, ds.x_test])
+    assert torch.allclose(x.amax((1, 2, 3)), x.amin((1, 2, 3)), atol=1e-6)
+    assert load_image_folder(root, size=9, test_fraction=0.34).input_shape == (1, 9, 9)
+
+
+def test_channels_converts_mixed_folders(tmp_path):
+    root = _folder(tmp_path / "f", per_class=5, mode="RGB")
+    _save(root / "cat" / "gray.png", np.full((10, 12), 7, np.uint8))
+    with pytest.raises(ImageFolderError, match=r"channel counts: 1 \(e\.g\. .*gray\.png\), 3 "):
+        load_image_folder(root)
+    with pytest.raises(ImageFolderError, match=r"channels=1.*channels=3"):
+        load_image_folder(root)
+    assert load_image_folder(root, channels=1).input_shape == (1, 10, 12)
+    assert load_image_folder(root, channels=3).input_shape == (3, 10, 12)
+
+
+def test_sixteen_bit_grayscale_scales_to_unit_range(tmp_path):
+    for name in ("a", "b"):
+        for i in range(2):
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.fromarray(np.full((3, 4), 65535, np.uint16)).save(tmp_path / name / f"{i}.png")
+    ds = load_image_folder(tmp_path, test_fraction=0.5)
+    assert ds.input_shape == (1, 3, 4) and float(ds.x_train.min()) == pytest.approx(1.0)
+
+
+def test_split_is_seeded_and_stratified(tmp_path):
+    root = _folder(tmp_path / "s", per_class=10)
+    a, b = load_image_folder(root, seed=1), load_image_folder(root, seed=1)
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_test, load_image_folder(root, seed=2).x_test)
+    assert torch.bincount(a.y_test, minlength=3).tolist() == [2, 2, 2]
+    # train and test are disjoint and together hold every image once
+    assert sorted(_pixels(a)[0]) == [40 * k + i for k in range(3) for i in range(10)]
+
+
+def test_train_and_test_folders_are_the_split(tmp_path):
+    _folder(tmp_path / "ds" / "train", per_class=4)
+    _folder(tmp_path / "ds" / "test", per_class=1)
+    ds = load_image_folder(tmp_path / "ds")
+    assert ds.name == "ds" and ds.classes == CLASSES
+    assert ds.y_train.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert ds.y_test.tolist() == [0, 1, 2]
+
+
+def test_train_and_test_folders_must_agree(tmp_path):
+    _folder(tmp_path / "train", per_class=2)
+    _folder(tmp_path / "test", classes=("cat", "dog", "emu"), per_class=1)
+    with pytest.raises(ImageFolderError, match=r"different classes.*\['owl'\].*\['emu'\]"):
+        load_image_folder(tmp_path)
+
+
+def test_train_folder_without_test_folder(tmp_path):
+    _folder(tmp_path / "train", per_class=2)
+    (tmp_path / "val").mkdir()
+    with pytest.raises(ImageFolderError, match=r"train/ folder but no test/"):
+        load_image_folder(tmp_path)
+
+
+def test_missing_root_and_a_file_as_root(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope: no such image folder"):
+        load_image_folder(tmp_path / "nope")
+    (tmp_path / "f.png").write_bytes(b"")
+    with pytest.raises(ImageFolderError, match=r"f\.png: not a folder"):
+        load_image_folder(tmp_path / "f.png")
+
+
+def test_no_class_folders(tmp_path):
+    _save(tmp_path / "a.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ImageFolderError, match=r"no class subfolders \(images lie directly"):
+        load_image_folder(tmp_path)
+
+
+def test_one_class_is_too_few(tmp_path):
+    _folder(tmp_path, classes=("only",), per_class=3)
+    with pytest.raises(ImageFolderError, match=r"only one class subfolder \(only/\).*at least 2"):
+        load_image_folder(tmp_path)
+
+
+def test_empty_class_is_named(tmp_path):
+    root = _folder(tmp_path / "d", per_class=3)
+    (root / "zebra").mkdir()
+    (root / "zebra" / "readme.txt").write_text("soon")
+    with pytest.raises(ImageFolderError, match=r"class 'zebra' has no images"):
+        load_image_folder(root)
+
+
+def test_a_png_that_is_not_an_image_is_named(tmp_path):
+    root = _folder(tmp_path / "d", per_class=5)
+    (root / "dog" / "broken.png").write_bytes(b"definitely not a png")
+    with pytest.raises(ImageFolderError, match=r"broken\.png: not a readable image"):
+        load_image_folder(root)
+
+
+def test_truncated_image_is_named(tmp_path):
+    root = _folder(tmp_path / "d", per_class=5, ext=".jpg", shape=(32, 32))
+    data = (root / "owl" / "0.jpg").read_bytes()
+    (root / "owl" / "0.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageFolderError, match=r"0\.jpg: not a readable image"):
+        load_image_folder(root)
+
+
+def test_a_class_with_one_image_cannot_be_split(tmp_path):
+    root = _folder(tmp_path / "d", per_class=3)
+    _save(root / "emu" / "0.png", np.zeros((10, 12), np.uint8))
+    with pytest.raises(ImageFolderError, match=r"class 'emu' has 1 image; a stratified"):
+        load_image_folder(root)
+
+
+def test_too_few_images_for_the_test_fraction(tmp_path):
+    root = _folder(tmp_path / "d", per_class=2)
+    with pytest.raises(ImageFolderError, match=r"test_fraction=0\.1 of 6 images gives 1 test"):
+        load_image_folder(root, test_fraction=0.1)
+
+
+def test_bad_arguments(tmp_path):
+    root = _folder(tmp_path / "d", per_class=2)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        load_image_folder(root, channels=4)
+    with pytest.raises(ValueError, match="size must be positive"):
+        load_image_folder(root, size=0)
+    with pytest.raises(ValueError, match="test_fraction must be in"):
+        load_image_folder(root, test_fraction=1.0)
+
+
+def test_load_dataset_spec(tmp_path):
+    root = _folder(tmp_path / "my,pets", per_class=5, mode="RGB")
+    assert load_dataset(str(root)).input_shape == (3, 10, 12)  # a bare folder
+    ds = load_dataset(f"images:{root},size=16x20,channels=1")
+    assert ds.input_shape == (1, 16, 20) and ds.name == "my,pets" and ds.classes == CLASSES
+    assert load_dataset(f"images:{root},size=8").input_shape == (3, 8, 8)
+    a = load_dataset(f"images:{root},seed=3,test_fraction=0.5")
+    assert len(a.x_test) == 8 and torch.equal(
+        a.x_test, load_image_folder(root, seed=3, test_fraction=0.5).x_test
+    )
+    with pytest.raises(ValueError, match=r"unknown option 'colour' \(options: size, channels"):
+        load_dataset(f"images:{root},colour=1")
+    with pytest.raises(ValueError, match="bad option value"):
+        load_dataset(f"images:{root},size=8x")
+    with pytest.raises(ValueError, match=r"no folder; use images:DIR"):
+        load_dataset("images:")
+    with pytest.raises(FileNotFoundError, match="no such image folder"):
+        load_dataset(f"images:{tmp_path / 'missing'}")
+
+
+def test_unknown_spec_lists_the_image_form():
+    with pytest.raises(
+        ValueError, match=r"FILE\.npz or images:DIR\[,size=N\|HxW\]\[,channels=1\|3\]"
+    ):
+        load_dataset("no-such-thing")
+
+
+def test_train_from_the_command_line_on_an_image_folder(tmp_path):
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+    from compressdrop.recipes import dump_recipe, load_recipe
+
+    root = _folder(tmp_path / "rgb", per_class=8, shape=(8, 8), mode="RGB")
+    base = load_recipe("lenet300-lognormal")
+    stages = {
+        s: replace(getattr(base.stages, s), epochs=1) for s in ("pretrain", "sparsify", "finetune")
+    }
+    recipe = base.replace(
+        stages=replace(base.stages, **stages), export=replace(base.export, onnx=True)
+    )
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(dump_recipe(recipe))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--recipe",
+            str(recipe_file),
+            "--data",
+            f"images:{root},size=6x7",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "slim.pt").is_file() and (out / "slim.onnx").is_file()
+
+
+def test_command_line_reports_a_bad_folder_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+
+    root = _folder(tmp_path / "d", per_class=5)
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    result = CliRunner().invoke(main, ["train", "--data", f"images:{root}", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "broken.png: not a readable image" in result.output and "Traceback" not in result.output

@@ -1,0 +1,232 @@
+"""Any model a user has goes through `compressdrop prune`: a torch.export program (.pt2), a whole
+pickled module (with --trust-pickle), a state_dict with --arch and --arch-arg. The slim .pt2 loads
+in a process that never imports compressdrop and computes what the slim model computes."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from compressdrop.checkpoint import load_model, save_model
+from compressdrop.data import load_digits
+from compressdrop.recipes import load_recipe
+from compressdrop.workflows import sparsify_and_prune, write_slim
+
+from .test_cli import run, tiny_recipe
+
+
+class UserNet(nn.Module):
+    """A model nobody here wrote: conv-BN blocks, a reshape-flatten, a classifier."""
+
+    def __init__(self, num_classes: int = 1000, width: int = 12):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.fc1 = nn.Linear(2 * width * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.reshape(x.size(0), -1))))
+
+
+def user_net(*, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """A torchvision-style factory: keyword-only, 1000 classes unless told."""
+    return UserNet(num_classes=num_classes, **kwargs)
+
+
+def trained_user_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = UserNet(num_classes=10)
+    ds = load_digits()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(3):
+        for i in range(0, len(ds.x_train), 64):
+            loss = nn.functional.cross_entropy(
+                model(ds.x_train[i : i + 64]), ds.y_train[i : i + 64]
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    program = torch.export.load(sys.argv[1])
+    outputs = [program.module()(x) for x in torch.load(sys.argv[2])]
+    assert not any(m.startswith("compressdrop") for m in sys.modules), "compressdrop imported"
+    torch.save(outputs, sys.argv[3])
+    """
+)
+
+
+def outputs_in_a_clean_process(pt2, inputs, tmp_path) -> list[torch.Tensor]:
+    """The .pt2's outputs, computed by a Python that never imports compressdrop or the tests."""
+    torch.save(inputs, tmp_path / "inputs.pt")
+    subprocess.run(
+        [sys.executable, "-c", _CHILD, str(pt2), str(tmp_path / "inputs.pt"), str(tmp_path / "y")],
+        check=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    return torch.load(tmp_path / "y", weights_only=True)
+
+
+def strong_recipe(path):
+    """A short recipe that removes units in three epochs: noisy gates from the start (log σ = 0)
+    and a large KL weight."""
+    return tiny_recipe(
+        path,
+        pretrain=0,
+        sparsify=3,
+        finetune=1,
+        kl={"beta": 30.0, "warmup": 0},
+        gates={"family": "lognormal", "kwargs": {"init_log_sigma": 0.0}},
+    )
+
+
+def check_slim(slim_pt2, tmp_path, dense_params: int) -> None:
+    slim = load_model(slim_pt2)  # through compressdrop's safe loader
+    assert sum(p.numel() for p in slim.parameters()) < dense_params
+    xs = [torch.randn(b, 1, 8, 8) for b in (1, 5, 64)]
+    got = outputs_in_a_clean_process(slim_pt2, xs, tmp_path)
+    with torch.no_grad():
+        for x, y in zip(xs, got):
+            torch.testing.assert_close(y, slim(x), rtol=1e-5, atol=1e-6)
+    assert (slim_pt2.with_suffix(".onnx")).exists()
+
+
+@pytest.mark.slow
+def test_a_pt2_program_is_pruned_and_the_slim_pt2_loads_without_compressdrop(tmp_path):
+    model = trained_user_net()
+    program = torch.export.export(
+        model, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "model.pt2")  # what a user brings
+    recipe = strong_recipe(tmp_path / "r.yaml")
+    res = run(
+        [
+            "prune",
+            tmp_path / "model.pt2",
+            "--data",
+            "digits",
+            "--recipe",
+            recipe,
+            "-o",
+            tmp_path / "slim.pt2",
+            "--json",
+        ]
+    )
+    report = json.loads(res.stdout)
+    assert set(report["files"]) == {"pt2", "onnx"}
+    before = sum(layer["before"] for layer in report["layers"])
+    assert sum(layer["after"] for layer in report["layers"]) < before
+    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
+
+
+@pytest.mark.slow
+def test_the_python_api_gives_the_same_slim_model_the_file_holds(tmp_path):
+    model = trained_user_net()
+    ds = load_digits()
+    recipe = load_recipe(strong_recipe(tmp_path / "r.yaml"))
+    slim = sparsify_and_prune(model, ds, recipe, device="cpu", work_dir=tmp_path)
+    files = write_slim(slim, tmp_path / "slim.pt2", ds.x_test[:2])
+    assert files.max_rel_error["pt2"] <= 1e-5 and files.max_rel_error["onnx"] <= 1e-4
+    xs = [ds.x_test[:1], ds.x_test[:7]]
+    got = outputs_in_a_clean_process(tmp_path / "slim.pt2", xs, tmp_path)
+    with torch.no_grad():
+        for x, y in zip(xs, got):
+            torch.testing.assert_close(y, slim.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_pickled_module_with_trust_pickle_goes_the_whole_way(tmp_path):
+    model = trained_user_net()
+    torch.save(model, tmp_path / "model.pt")  # torch.save(model): a pickle of our test's class
+    recipe = strong_recipe(tmp_path / "r.yaml")
+    args = ["prune", tmp_path / "model.pt", "--data", "digits", "--recipe", recipe]
+    refused = run([*args, "-o", tmp_path / "slim.pt2"], expect=1)
+    assert "--trust-pickle" in refused.output and not (tmp_path / "slim.pt2").exists()
+    run([*args, "--trust-pickle", "-o", tmp_path / "slim.pt2"])
+    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
+
+
+def test_a_module_without_a_factory_is_saved_with_its_program(tmp_path):
+    # how a pickled module's checkpoints (gated.pt, slim.pt) rebuild without pickle
+    from compressdrop.workflows import adopt
+
+    model = adopt(trained_user_net(), load_digits())
+    assert set(model.arch) == {"program", "input_shape"}
+    save_model(model, tmp_path / "dense.pt")
+    assert (
+        torch.load(tmp_path / "dense.pt", weights_only=True)["arch"]["program"].dtype == torch.uint8
+    )
+    again = load_model(tmp_path / "dense.pt")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_state_dict_with_arch_and_arch_args(tmp_path):
+    model = trained_user_net()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    recipe = strong_recipe(tmp_path / "r.yaml")
+    base = ["prune", tmp_path / "weights.pt", "--data", "digits", "--recipe", recipe]
+    no_args = run([*base, "--arch", "tests.test_formats:user_net", "-o", tmp_path / "s.pt2"], 1)
+    assert "do not fit" in no_args.output  # 1000 classes by default
+    run(
+        [
+            *base,
+            "--arch",
+            "tests.test_formats:user_net",
+            "--arch-arg",
+            "num_classes=10",
+            "-o",
+            tmp_path / "slim.pt2",
+        ]
+    )
+    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
+
+
+@pytest.mark.slow
+def test_prune_without_a_recipe_prints_the_default_it_uses(tmp_path):
+    import numpy as np
+
+    model = UserNet(num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    ds = load_digits().subset(60, 30)  # one optimiser step an epoch: the default is 60 epochs
+    np.savez(
+        tmp_path / "small.npz",
+        x=ds.x_train.numpy(),
+        y=ds.y_train.numpy(),
+        x_test=ds.x_test.numpy(),
+        y_test=ds.y_test.numpy(),
+    )
+    args = [
+        "prune",
+        tmp_path / "weights.pt",
+        "--arch",
+        "tests.test_formats:user_net",
+        "--arch-arg",
+        "num_classes=10",
+        "--data",
+        tmp_path / "small.npz",
+    ]
+    assert ".pt2" in run([*args, "-o", tmp_path / "bad.txt"], expect=2).output
+    res = run([*args, "-o", tmp_path / "slim.pt"])
+    assert "recipe: default for your model (lognormal gates" in res.stderr
+    assert "sparsify 60 epochs, fine-tune 20" in res.stderr
+    assert "sparsify 60/60" in res.stderr  # progress, epoch by epoch
+    assert (tmp_path / "slim.pt").exists()
