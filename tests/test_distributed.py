@@ -26,10 +26,21 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {"gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json"}
 
 
+def _write_recipe(tmp: Path) -> Path:
+    """The parent writes the recipe file once, before the ranks start; they only read it.
+
+    Every rank writing it too (``tiny_recipe`` opens it with ``"w"``) raced: one rank's write
+    truncates the file while the other reads it, ``load_recipe`` of the empty file gives the
+    default recipe (batch 64, 10/20/5 epochs) without complaint, and the two ranks then run
+    different step counts until gloo aborts on mismatched collectives (``8 vs 4``: one rank's
+    float64 epoch-mean against the other's int32 ``all_true``).
+    """
+    return tiny_recipe(tmp / "tiny.yaml", pretrain=1, sparsify=2, finetune=1)
+
+
 def _recipe(tmp: Path):
-    # batch 64 on 1,212 training images: the last global batch (60) splits unevenly across ranks
-    # only if the world size does not divide it; 2 does, 7 would not (the losses are exact anyway)
-    return load_recipe(str(tiny_recipe(tmp / "tiny.yaml", pretrain=1, sparsify=2, finetune=1)))
+    # batch 128 on 1,212 training images: the last global batch (60) splits evenly across 2 ranks
+    return load_recipe(str(tmp / "tiny.yaml"))
 
 
 def _rank_main(rank: int, target: str, tmp: str) -> None:
@@ -113,6 +124,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     torch.set_num_threads(1)
+    _write_recipe(tmp_path)
     single = run_recipe(_recipe(tmp_path), load_digits(), tmp_path / "single", device="cpu")
     _spawn("_worker", tmp_path)
 
@@ -214,8 +226,10 @@ def _nan_worker(rank: int, tmp: str) -> None:
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
+    _write_recipe(tmp_path)
     _spawn("_nan_worker", tmp_path, timeout=120)
     out = [(tmp_path / f"nan{r}.txt").read_text() for r in (0, 1)]
     assert out[1].startswith("TrainingDiverged: loss is nan"), out[1]
     assert out[0].startswith("TrainingDiverged: another rank's loss is not finite"), out[0]
     assert "step 1 (rank 0)" in out[0] and "step 1 (rank 1)" in out[1]
+
