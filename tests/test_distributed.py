@@ -1,5 +1,6 @@
 """Recipe training under torch.distributed: two gloo processes on the CPU against one process."""
 
+import dataclasses
 import faulthandler
 import json
 import os
@@ -233,3 +234,30 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
     assert out[0].startswith("TrainingDiverged: another rank's loss is not finite"), out[0]
     assert "step 1 (rank 0)" in out[0] and "step 1 (rank 1)" in out[1]
 
+
+def _mismatch_worker(rank: int, tmp: str) -> None:
+    from compressdrop.training.distributed import RanksDisagree
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store-mm", rank=rank, world_size=2)
+    recipe = _recipe(Path(tmp))
+    if rank == 1:  # as if this rank had read another file (or the default recipe of an empty one)
+        recipe = recipe.replace(data=dataclasses.replace(recipe.data, batch_size=64))
+    outcome = "finished"
+    try:
+        run_recipe(recipe, load_digits(), Path(tmp) / "ddp", device="cpu", dist=Dist(rank, 2))
+    except RanksDisagree as e:
+        outcome = f"RanksDisagree: {e}"
+    finally:
+        Path(tmp, f"mm{rank}.txt").write_text(outcome)
+        shutdown(clean=True)  # every rank raised at the same check: still in step
+
+
+def test_ranks_with_different_recipes_stop_with_a_clear_error(tmp_path):
+    # not a gloo abort (`Received data size doesn't match expected size`) steps later
+    _write_recipe(tmp_path)
+    _spawn("_mismatch_worker", tmp_path, timeout=120)
+    out = [(tmp_path / f"mm{r}.txt").read_text() for r in (0, 1)]
+    assert out[0].startswith("RanksDisagree: rank 0 has a different recipe than rank(s) 1"), out[0]
+    assert out[1].startswith("RanksDisagree: rank 1 has a different recipe than rank(s) 0"), out[1]
+    assert not (tmp_path / "ddp" / "checkpoint.pt").exists()

@@ -30,7 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["Dist", "from_env", "launched_by_torchrun"]
+from ..errors import CompressDropError
+
+__all__ = ["Dist", "RanksDisagree", "from_env", "launched_by_torchrun"]
+
+
+class RanksDisagree(CompressDropError, ValueError):
+    """The processes of a distributed run were given different work (a different recipe)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -86,6 +92,30 @@ class Dist:
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
+
+    def check_same(self, what: str, value: bytes) -> None:
+        """Raise :class:`RanksDisagree` on every rank unless ``value`` is the same on every rank.
+
+        For what must agree before any training collective: ranks that, say, loaded different
+        recipes would issue different sequences of collectives, and gloo then aborts the process
+        (``Received data size doesn't match expected size``) or NCCL hangs, far from the cause.
+        """
+        if not self.active:
+            return
+        import hashlib
+
+        digest = torch.tensor(list(hashlib.sha256(value).digest()), dtype=torch.uint8)
+        if dist.get_backend() == "nccl":
+            digest = digest.cuda()
+        gathered = [torch.empty_like(digest) for _ in range(self.world)]
+        dist.all_gather(gathered, digest)
+        mine = gathered[self.rank].cpu()
+        differ = [r for r, d in enumerate(gathered) if not torch.equal(d.cpu(), mine)]
+        if differ:
+            raise RanksDisagree(
+                f"rank {self.rank} has a different {what} than rank(s) "
+                f"{', '.join(map(str, differ))}; every process must run the same one"
+            )
 
     def barrier(self) -> None:
         if self.active:
