@@ -327,7 +327,7 @@ def train(
     """
     from .recipes import DEFAULT_RECIPE, load_recipe
     from .training.distributed import from_env, launched_by_torchrun, shutdown
-    from .training.runner import run_recipe
+    from .training.runner import TrainingDiverged, run_recipe
 
     if nproc > 1 and not launched_by_torchrun():
         _launch_torchrun(nproc)
@@ -342,6 +342,7 @@ def train(
     ds = _data(r.data.name)
     console = _console()
     on_event = _progress_printer(console, as_json)
+    clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
     try:
         dist, device = from_env(device)
         result = run_recipe(
@@ -355,9 +356,13 @@ def train(
             factory=arch,
             trust_code=trust_code,
         )
+        clean = True
+    except TrainingDiverged:
+        clean = True
+        raise
     finally:
         on_event({"event": "done"})
-        shutdown()
+        shutdown(clean=clean)
     if not dist.is_main:
         return
     files = {

@@ -1,9 +1,13 @@
 """Recipe training under torch.distributed: two gloo processes on the CPU against one process."""
 
+import dataclasses
+import faulthandler
 import json
 import os
 import subprocess
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -14,7 +18,7 @@ import torch.multiprocessing as mp
 from compressdrop.checkpoint import load_model
 from compressdrop.data import load_digits
 from compressdrop.recipes import load_recipe
-from compressdrop.training.distributed import Dist
+from compressdrop.training.distributed import Dist, shutdown
 from compressdrop.training.runner import run_recipe
 
 from tests.test_cli import tiny_recipe
@@ -23,10 +27,74 @@ ROOT = Path(__file__).resolve().parents[1]
 FILES = {"gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json"}
 
 
+def _write_recipe(tmp: Path) -> Path:
+    """The parent writes the recipe file once, before the ranks start; they only read it.
+
+    Every rank writing it too (``tiny_recipe`` opens it with ``"w"``) raced: one rank's write
+    truncates the file while the other reads it, ``load_recipe`` of the empty file gives the
+    default recipe (batch 64, 10/20/5 epochs) without complaint, and the two ranks then run
+    different step counts until gloo aborts on mismatched collectives (``8 vs 4``: one rank's
+    float64 epoch-mean against the other's int32 ``all_true``).
+    """
+    return tiny_recipe(tmp / "tiny.yaml", pretrain=1, sparsify=2, finetune=1)
+
+
 def _recipe(tmp: Path):
-    # batch 64 on 1,212 training images: the last global batch (60) splits unevenly across ranks
-    # only if the world size does not divide it; 2 does, 7 would not (the losses are exact anyway)
-    return load_recipe(str(tiny_recipe(tmp / "tiny.yaml", pretrain=1, sparsify=2, finetune=1)))
+    # batch 128 on 1,212 training images: the last global batch (60) splits evenly across 2 ranks
+    return load_recipe(str(tmp / "tiny.yaml"))
+
+
+def _rank_main(rank: int, target: str, tmp: str) -> None:
+    """One spawned rank: run ``target(rank, tmp)`` with this rank's stderr in ``stderr{rank}.txt``
+    (faulthandler on: a crash leaves its stack there), then leave with ``os._exit``.
+
+    ``destroy_process_group`` does not stop gloo: its ``gloo_tcp_loop`` and ``pt_gloo_runloop``
+    threads and sockets live on until the process ends, and an ordinary exit then tears them down in
+    the interpreter's and the C++ runtime's finalisation, racing the peer rank's own exit. That race
+    is the library's teardown, not what these tests check, so a rank whose work is done and written
+    ends at once; the parent checks its exit code and shows its stderr when it is not 0.
+    """
+    err = os.open(Path(tmp, f"stderr{rank}.txt"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(err, 2)
+    faulthandler.enable(all_threads=True)
+    code = 0
+    try:
+        globals()[target](rank, tmp)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _spawn(target: str, tmp: Path, *, timeout: float = 300) -> None:
+    """Run ``target`` on two spawned ranks; fail with every rank's exit code and stderr."""
+    ctx = mp.spawn(_rank_main, args=(target, str(tmp)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    problem = None
+    try:
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                problem = f"a rank was still running after {timeout:.0f} s"
+                break
+    except Exception as e:  # mp reports the first rank that failed and stops the others
+        problem = f"{type(e).__name__}: {e}"
+    if problem is None:
+        return
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+    report = [problem]
+    for r, p in enumerate(ctx.processes):
+        f = tmp / f"stderr{r}.txt"
+        text = f.read_text(errors="replace") if f.exists() else "(no stderr file)"
+        if len(text) > 4000:  # the cause (a C++ `terminate called ...`) comes first; faulthandler's
+            text = f"{text[:3000]}\n[...]\n{text[-1000:]}"  # module list would push it out
+        report.append(f"--- rank {r}: exit code {p.exitcode}; stderr:\n{text}")
+    pytest.fail("\n".join(report))
 
 
 def _worker(rank: int, tmp: str) -> None:
@@ -40,14 +108,16 @@ def _worker(rank: int, tmp: str) -> None:
         torch.save = lambda obj, f, *a, **k: (written.append(str(f)), real_save(obj, f, *a, **k))
         os.replace = lambda a, b: (written.append(str(b)), real_replace(a, b))
         assert io  # atomic_write itself goes through os.replace
+    clean = False
     try:
         result = run_recipe(
             _recipe(Path(tmp)), load_digits(), Path(tmp) / "ddp", device="cpu", dist=Dist(rank, 2)
         )
+        clean = True
     finally:
         if rank != 0:
             torch.save, os.replace = real_save, real_replace
-        dist.destroy_process_group()
+        shutdown(clean=clean)  # a barrier first: no rank leaves while the other is mid-collective
     Path(tmp, f"rank{rank}.json").write_text(
         json.dumps({"written": written, "arch": result.report["architecture_after"]})
     )
@@ -55,8 +125,9 @@ def _worker(rank: int, tmp: str) -> None:
 
 def test_two_gloo_processes_match_one_process(tmp_path):
     torch.set_num_threads(1)
+    _write_recipe(tmp_path)
     single = run_recipe(_recipe(tmp_path), load_digits(), tmp_path / "single", device="cpu")
-    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    _spawn("_worker", tmp_path)
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[1]["written"] == []  # only rank 0 wrote files
@@ -143,29 +214,50 @@ def _nan_worker(rank: int, tmp: str) -> None:
     data = load_digits()
     if rank == 1:  # only this rank's data is broken: its loss is NaN, rank 0's is finite
         data.x_train[:] = float("nan")
-    outcome = "finished"
+    outcome, clean = "finished", True
     try:
         run_recipe(_recipe(Path(tmp)), data, Path(tmp) / "ddp", device="cpu", dist=Dist(rank, 2))
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # every rank stops at the same agreed step: still in step
         outcome = f"TrainingDiverged: {e}"
     except Exception as e:  # a hang that timed out, or a broken connection
-        outcome = f"{type(e).__name__}: {e}"
+        outcome, clean = f"{type(e).__name__}: {e}", False
     finally:
-        dist.destroy_process_group()
-    Path(tmp, f"nan{rank}.txt").write_text(outcome)
+        Path(tmp, f"nan{rank}.txt").write_text(outcome)
+        shutdown(clean=clean)
 
 
 def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
-    import time
-
-    ctx = mp.spawn(_nan_worker, args=(str(tmp_path),), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("a rank hung after another rank's loss became NaN")
+    _write_recipe(tmp_path)
+    _spawn("_nan_worker", tmp_path, timeout=120)
     out = [(tmp_path / f"nan{r}.txt").read_text() for r in (0, 1)]
     assert out[1].startswith("TrainingDiverged: loss is nan"), out[1]
     assert out[0].startswith("TrainingDiverged: another rank's loss is not finite"), out[0]
     assert "step 1 (rank 0)" in out[0] and "step 1 (rank 1)" in out[1]
+
+
+def _mismatch_worker(rank: int, tmp: str) -> None:
+    from compressdrop.training.distributed import RanksDisagree
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store-mm", rank=rank, world_size=2)
+    recipe = _recipe(Path(tmp))
+    if rank == 1:  # as if this rank had read another file (or the default recipe of an empty one)
+        recipe = recipe.replace(data=dataclasses.replace(recipe.data, batch_size=64))
+    outcome = "finished"
+    try:
+        run_recipe(recipe, load_digits(), Path(tmp) / "ddp", device="cpu", dist=Dist(rank, 2))
+    except RanksDisagree as e:
+        outcome = f"RanksDisagree: {e}"
+    finally:
+        Path(tmp, f"mm{rank}.txt").write_text(outcome)
+        shutdown(clean=True)  # every rank raised at the same check: still in step
+
+
+def test_ranks_with_different_recipes_stop_with_a_clear_error(tmp_path):
+    # not a gloo abort (`Received data size doesn't match expected size`) steps later
+    _write_recipe(tmp_path)
+    _spawn("_mismatch_worker", tmp_path, timeout=120)
+    out = [(tmp_path / f"mm{r}.txt").read_text() for r in (0, 1)]
+    assert out[0].startswith("RanksDisagree: rank 0 has a different recipe than rank(s) 1"), out[0]
+    assert out[1].startswith("RanksDisagree: rank 1 has a different recipe than rank(s) 0"), out[1]
+    assert not (tmp_path / "ddp" / "checkpoint.pt").exists()

@@ -145,3 +145,11 @@ def test_override_replaces_by_key_path_and_keeps_every_other_field():
         r.override({"data.colour": "blue"})
     with pytest.raises(RecipeError, match="batch_size"):
         r.override({"data.batch_size": 0})  # the nested config validates again
+
+
+def test_an_empty_recipe_file_is_an_error_not_the_default_recipe(tmp_path):
+    from compressdrop.recipes import RecipeError
+
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(RecipeError, match="empty"):
+        load_recipe(tmp_path / "empty.yaml")

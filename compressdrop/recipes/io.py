@@ -76,6 +76,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
         problem = getattr(e, "problem", None) or str(e)
         raise RecipeError(f"{path}: invalid YAML at {where}: {problem}") from None
+    if data is None:  # an empty file would silently be the default recipe
+        raise RecipeError(f"{path}: the recipe file is empty")
     return Recipe.from_dict(data, source=str(path))
 
 

@@ -30,9 +30,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import InputError
+from ..errors import CompressDropError, InputError
 
-__all__ = ["Dist", "from_env", "launched_by_torchrun"]
+__all__ = ["Dist", "RanksDisagree", "from_env", "launched_by_torchrun"]
+
+
+class RanksDisagree(CompressDropError, ValueError):
+    """The processes of a distributed run were given different work (a different recipe)."""
 
 
 def launched_by_torchrun() -> bool:
@@ -89,6 +93,30 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 
+    def check_same(self, what: str, value: bytes) -> None:
+        """Raise :class:`RanksDisagree` on every rank unless ``value`` is the same on every rank.
+
+        For what must agree before any training collective: ranks that, say, loaded different
+        recipes would issue different sequences of collectives, and gloo then aborts the process
+        (``Received data size doesn't match expected size``) or NCCL hangs, far from the cause.
+        """
+        if not self.active:
+            return
+        import hashlib
+
+        digest = torch.tensor(list(hashlib.sha256(value).digest()), dtype=torch.uint8)
+        if dist.get_backend() == "nccl":
+            digest = digest.cuda()
+        gathered = [torch.empty_like(digest) for _ in range(self.world)]
+        dist.all_gather(gathered, digest)
+        mine = gathered[self.rank].cpu()
+        differ = [r for r, d in enumerate(gathered) if not torch.equal(d.cpu(), mine)]
+        if differ:
+            raise RanksDisagree(
+                f"rank {self.rank} has a different {what} than rank(s) "
+                f"{', '.join(map(str, differ))}; every process must run the same one"
+            )
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
@@ -129,6 +157,19 @@ def from_env(device: str = "auto") -> tuple[Dist, str]:
     return Dist(rank, world, local), (f"cuda:{local}" if use_cuda else "cpu")
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+def shutdown(*, clean: bool = True) -> None:
+    """Leave the process group.
+
+    ``clean``: every rank gets here the same way (the run finished, or every rank stopped at the
+    same agreed step with :class:`~compressdrop.training.runner.TrainingDiverged`), so wait for all
+    of them first: no rank then tears down its gloo/NCCL connections while a peer is still inside a
+    collective with it (a peer whose connection closes mid-collective fails or aborts). Not clean
+    (any other error): a peer may be dead or stuck, so leave without waiting for it.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()

@@ -318,6 +318,8 @@ def run_recipe(
                 {"model.arch": name, "model.kwargs": dict(arch.get("kwargs") or {})}
             )
         recipe = recipe.override({"stages.pretrain.epochs": 0})
+    # every rank must run the same recipe (steps, epochs and stages decide the collectives)
+    dist.check_same("recipe", json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode())
     run = _Run(recipe, dataset, out, dev, progress, dist)
     t_start = time.perf_counter()
     initial = model.to(dev) if model is not None else None
