@@ -235,6 +235,7 @@ def test_usage_error_exits_2():
 # --- real subprocesses ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_shim_and_help_show_a_working_example():
     out = subprocess.run(
         [sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -250,6 +251,7 @@ def test_cli_shim_and_help_show_a_working_example():
         assert "Example" in sub.stdout
 
 
+@pytest.mark.slow
 def test_subprocess_exit_code_on_bad_input(tmp_path):
     out = subprocess.run(EXE + ["eval", str(tmp_path / "nope.pt")], capture_output=True, text=True)
     assert out.returncode == 1 and "Error:" in out.stderr and "Traceback" not in out.stderr

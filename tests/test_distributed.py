@@ -23,6 +23,9 @@ from compressdrop.training.runner import run_recipe
 
 from tests.test_cli import tiny_recipe
 
+# several processes each: minutes on two cores (make test-fast leaves them out)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json"}
 
