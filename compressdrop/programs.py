@@ -167,14 +167,15 @@ def _safe_expr(expr: str) -> bool:
     return True
 
 
-def _walk(obj: Any, key: str = "") -> Iterator[tuple[str, Any]]:
+def _walk(obj: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) pair of a JSON document, at any depth."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             yield k, v
-            yield from _walk(v, k)
+            yield from _walk(v)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _walk(v, key)
+            yield from _walk(v)
 
 
 def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
@@ -259,7 +260,7 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     without any model code.
     """
     data, where = _read(src, where)
-    model = program_to_module(load_program_safely(data, where), where)
+    model = program_to_module(load_program_safely(data, where))
     model.arch = {"program": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
     shape = _input_shape(model)
     if shape is not None:
@@ -302,9 +303,6 @@ def _input_shape(gm: nn.Module) -> tuple[int, ...] | None:
     if val is None or not all(isinstance(s, int) for s in val.shape[1:]):
         return None
     return tuple(int(s) for s in val.shape[1:])
-
-
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
 
 
 def _layer(node: fx.Node, params: dict[str, torch.Tensor]) -> tuple[nn.Module, str] | None:
@@ -372,7 +370,7 @@ _CONVS = {
 }
 
 
-def program_to_module(program: torch.export.ExportedProgram, where: str = "program") -> nn.Module:
+def program_to_module(program: torch.export.ExportedProgram) -> nn.Module:
     """An ``fx.GraphModule`` with the program's layers as ``nn`` modules (module docstring).
 
     Its ``state_dict`` keys are the program's parameter names, so the original model's

@@ -38,36 +38,28 @@ _KILLER = textwrap.dedent(
     import compressdrop.export
     import compressdrop.pruning
 
+    def kill_on(owner, name, when=lambda *a, **k: True, before=lambda *a, **k: None):
+        real = getattr(owner, name)
+        def patched(*a, **k):
+            if when(*a, **k) and due():
+                before(*a, **k)
+                die()
+            return real(*a, **k)
+        setattr(owner, name, patched)
+
+    def half_written(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\\x03\\x04 half a checkpoint")
+
     if point == "step":  # inside an epoch
-        step = torch.optim.Adam.step
-        def patched(self, *a, **k):
-            if due():
-                die()
-            return step(self, *a, **k)
-        torch.optim.Adam.step = patched
+        kill_on(torch.optim.Adam, "step")
     elif point == "checkpoint-write":  # half of checkpoint.pt's temporary file is on disk
-        save = torch.save
-        def patched(obj, f, *a, **k):
-            if isinstance(obj, dict) and obj.get("format") == "compressdrop-run" and due():
-                with open(f, "wb") as fh:
-                    fh.write(b"PK\\x03\\x04 half a checkpoint")
-                die()
-            return save(obj, f, *a, **k)
-        torch.save = patched
+        is_run = lambda obj, *a, **k: isinstance(obj, dict) and obj.get("format") == "compressdrop-run"
+        kill_on(torch, "save", when=is_run, before=half_written)
     elif point == "prune":  # between sparsify and fine-tune
-        prune = compressdrop.pruning.prune
-        def patched(*a, **k):
-            if due():
-                die()
-            return prune(*a, **k)
-        compressdrop.pruning.prune = patched
+        kill_on(compressdrop.pruning, "prune")
     elif point == "export":  # slim.pt written, the ONNX file not yet
-        export = compressdrop.export.export_onnx
-        def patched(*a, **k):
-            if due():
-                die()
-            return export(*a, **k)
-        compressdrop.export.export_onnx = patched
+        kill_on(compressdrop.export, "export_onnx")
     from compressdrop.cli import main
     sys.argv = ["compressdrop", *sys.argv[3:]]
     main()
