@@ -27,10 +27,10 @@ def main() -> None:
     cd.attach(model, gate="lognormal", example_inputs=x)
     t_attach = time.perf_counter() - t0
     with torch.no_grad():
-        for _, g in cd.gates(model):
+        for _, g in cd.named_gates(model):
             g.mu.uniform_(-3, 0.5)
             g.log_sigma.uniform_(-3, 0.5)
-    threshold = float(torch.cat([g.snr().detach() for _, g in cd.gates(model)]).median())
+    threshold = float(torch.cat([g.snr().detach() for _, g in cd.named_gates(model)]).median())
     t0 = time.perf_counter()
     slim = cd.prune(model, threshold, example_inputs=x)
     t_prune = time.perf_counter() - t0

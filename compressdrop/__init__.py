@@ -17,7 +17,7 @@ from ._version import __version__
 from .arch import add_safe_factories
 from .errors import CompressDropError
 from .gates import GATES, ConcreteGate, Gate, HardConcreteGate, LogNormalGate, VariationalGate
-from .gating import GatingWarning, attach, detach, gates, is_gated, kl
+from .gating import GatingWarning, attach, detach, is_gated, kl, named_gates
 
 __all__ = [
     "GATES",
@@ -33,12 +33,12 @@ __all__ = [
     "attach",
     "detach",
     "export_onnx",
-    "gates",
     "is_gated",
     "kl",
     "mask_",
     "mc_evaluate",
     "mc_predict",
+    "named_gates",
     "prune",
     "size",
 ]

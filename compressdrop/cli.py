@@ -667,7 +667,7 @@ def eval_cmd(
         res = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
     else:
         from .evaluation.metrics import evaluate
-        from .evaluation.size import count_flops, count_params
+        from .evaluation.model_size import count_flops, count_params
         from .gating import example_input_for
         from .training.runner import resolve_device
 

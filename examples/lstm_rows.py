@@ -24,12 +24,12 @@ from compressdrop.models import build_model
 
 def fit(model, data, epochs, kl_weight=0.0, gate_lr=3e-2):
     # the gates' parameters need a larger step than the weights to move in a few epochs
-    gate_params = {id(p) for _, g in cd.gates(model) for p in g.parameters()}
+    gate_params = {id(p) for _, g in cd.named_gates(model) for p in g.parameters()}
     weights = [p for p in model.parameters() if id(p) not in gate_params]
     groups = [{"params": weights, "lr": 3e-3}]
     if gate_params:
         groups.append(
-            {"params": [p for _, g in cd.gates(model) for p in g.parameters()], "lr": gate_lr}
+            {"params": [p for _, g in cd.named_gates(model) for p in g.parameters()], "lr": gate_lr}
         )
     opt = torch.optim.Adam(groups)
     n = len(data.x_train)

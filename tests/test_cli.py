@@ -75,7 +75,7 @@ def test_prune_gated_checkpoint_directly(trained, tmp_path):
     import compressdrop as cd
 
     gated = load_model(d / "out" / "gated.pt")
-    thr = float(torch.cat([g.snr().detach() for _, g in cd.gates(gated)]).median())
+    thr = float(torch.cat([g.snr().detach() for _, g in cd.named_gates(gated)]).median())
     res = json.loads(
         run(
             ["prune", d / "out" / "gated.pt", "-o", tmp_path / "slim.pt", "-t", thr, "--json"]
@@ -327,8 +327,8 @@ def test_bf16_training_keeps_gate_terms_in_float32(tmp_path):
     x = torch.rand(4, 1, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert gated(x).dtype == torch.bfloat16  # the layers did run in bf16
-        assert all(g.kl().dtype == torch.float32 for _, g in cd.gates(gated))
-        assert all(g.snr().dtype == torch.float32 for _, g in cd.gates(gated))
+        assert all(g.kl().dtype == torch.float32 for _, g in cd.named_gates(gated))
+        assert all(g.snr().dtype == torch.float32 for _, g in cd.named_gates(gated))
     with pytest.raises(Exception, match="precision"):
         Recipe.from_dict({"precision": "fp8"})
 
@@ -340,7 +340,7 @@ def test_sweep_writes_table_csv_json_png_matching_a_separate_eval(trained, tmp_p
 
     d, _ = trained
     gated = load_model(d / "out" / "gated.pt")
-    snr = torch.cat([g.snr().detach() for _, g in cd.gates(gated)])
+    snr = torch.cat([g.snr().detach() for _, g in cd.named_gates(gated)])
     thr = [float(snr.quantile(0.3)), float(snr.quantile(0.7))]
     res = run(
         [

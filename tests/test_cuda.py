@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 @pytest.fixture(autouse=True)
 def no_tf32():
     """Exactness checks compare in full float32 (cuDNN convolutions default to TF32)."""
-    from compressdrop.pruning.prune import full_fp32
+    from compressdrop.pruning.surgery import full_fp32
 
     with full_fp32():
         yield
@@ -37,8 +37,8 @@ def test_gated_step_and_surgery_on_cuda(family):
     x, y = torch.randn(16, 1, 28, 28, device="cuda"), torch.randint(0, 10, (16,), device="cuda")
     loss = F.cross_entropy(net(x), y) + compressdrop.kl(net) / 1000
     loss.backward()
-    assert all(p.grad is not None for _, g in compressdrop.gates(net) for p in g.parameters())
-    for _, g in compressdrop.gates(net):  # make some units prunable
+    assert all(p.grad is not None for _, g in compressdrop.named_gates(net) for p in g.parameters())
+    for _, g in compressdrop.named_gates(net):  # make some units prunable
         with torch.no_grad():
             g.pruned[: g.num_units // 3] = True
     net.eval()
@@ -56,7 +56,7 @@ def test_bf16_autocast_keeps_gate_math_in_float32():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = net(x)
         kl = compressdrop.kl(net)
-        snr = next(iter(compressdrop.gates(net)))[1].snr()
+        snr = next(iter(compressdrop.named_gates(net)))[1].snr()
     assert out.dtype == torch.bfloat16
     assert kl.dtype == torch.float32 and snr.dtype == torch.float32
     assert torch.isfinite(kl)
@@ -125,7 +125,7 @@ def test_gated_lstm_trains_and_prunes_on_cuda():
     compressdrop.attach(net, gate="lognormal")
     x, y = torch.randn(8, 1, 28, 28, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
     (F.cross_entropy(net(x), y) + compressdrop.kl(net) / 100).backward()
-    for _, g in compressdrop.gates(net):
+    for _, g in compressdrop.named_gates(net):
         with torch.no_grad():
             g.log_sigma[::4] = 3.0
     net.eval()

@@ -53,7 +53,7 @@ def test_gated_state_dict_saves_and_loads(name):
 
 def test_output_layer_is_never_gated_and_every_hidden_layer_is():
     model = cd.attach(ZOO["lenet300"]())
-    names = [n for n, _ in cd.gates(model)]
+    names = [n for n, _ in cd.named_gates(model)]
     assert names == ["1", "3"]  # the two hidden Linear layers, not the classifier
 
 
@@ -65,7 +65,7 @@ def test_gate_sits_after_the_batchnorm_that_follows_a_conv():
 
 def test_residual_stream_shares_one_gate_and_draws_one_sample_per_forward():
     model = cd.attach(ZOO["resnet"]()).train()
-    shared = [g for _, g in cd.gates(model) if g.shared]
+    shared = [g for _, g in cd.named_gates(model) if g.shared]
     assert shared
     sites = [s for _, s in cd.gating.sites(model) if s.gate is shared[0]]
     assert len(sites) >= 2
@@ -83,7 +83,7 @@ def test_residual_stream_shares_one_gate_and_draws_one_sample_per_forward():
 
 def test_functional_model_gets_gates_on_every_hidden_unit_group():
     model = cd.attach(ZOO["functional"]())
-    names = {n for n, _ in cd.gates(model)}
+    names = {n for n, _ in cd.named_gates(model)}
     assert {"a", "b", "c", "fc1"} <= names  # concat branches, the residual conv pair, the hidden fc
 
 
@@ -101,7 +101,7 @@ def test_unsupported_pattern_is_left_ungated_with_a_warning_naming_the_layer():
     model = SigmoidNet()
     with pytest.warns(cd.GatingWarning, match=r"'conv' left ungated: .*Sigmoid"):
         cd.attach(model, example_inputs=torch.randn(1, 1, 8, 8))
-    assert [n for n, _ in cd.gates(model)] == ["fc1"]
+    assert [n for n, _ in cd.named_gates(model)] == ["fc1"]
 
 
 def test_layernorm_after_a_linear_blocks_gating():
@@ -110,21 +110,23 @@ def test_layernorm_after_a_linear_blocks_gating():
     )
     with pytest.warns(cd.GatingWarning, match="'0' left ungated"):
         cd.attach(model)
-    assert [n for n, _ in cd.gates(model)] == ["3"]
+    assert [n for n, _ in cd.named_gates(model)] == ["3"]
 
 
 def test_include_exclude_and_granularity():
     lenet5 = ZOO["lenet5"]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="channel"))] == [
+    assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), granularity="channel"))] == [
         "features.0",
         "features.3",
     ]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), granularity="neuron"))] == ["classifier.1"]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), include=["features.*"]))] == [
+    assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), granularity="neuron"))] == [
+        "classifier.1"
+    ]
+    assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), include=["features.*"]))] == [
         "features.0",
         "features.3",
     ]
-    assert [n for n, _ in cd.gates(cd.attach(lenet5(), exclude=[nn.Linear]))] == [
+    assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), exclude=[nn.Linear]))] == [
         "features.0",
         "features.3",
     ]
@@ -144,7 +146,7 @@ def test_attach_twice_and_missing_input_shape_are_clear_errors():
 
 def test_kl_counts_a_shared_gate_once_and_needs_gates():
     model = cd.attach(ZOO["resnet"]())
-    assert torch.isclose(cd.kl(model), sum(g.kl() for _, g in cd.gates(model)))
+    assert torch.isclose(cd.kl(model), sum(g.kl() for _, g in cd.named_gates(model)))
     with pytest.raises(ValueError, match="no gates"):
         cd.kl(ZOO["resnet"]())
 
@@ -156,9 +158,9 @@ def test_cost_aware_kl_weights_follow_the_units_cost():
     # conv1 (20 units): each filter has 25 weights + bias and feeds 50·25 weights of conv2
     assert by_name["features.0"].params_per_unit[0] == 26 + 50 * 25
     cd.attach(model, kl_cost="flops")
-    costs = torch.cat([g.unit_cost for _, g in cd.gates(model)])
+    costs = torch.cat([g.unit_cost for _, g in cd.named_gates(model)])
     assert torch.isclose(costs.mean(), torch.tensor(1.0))
-    per_gate = {n: float(g.unit_cost[0]) for n, g in cd.gates(model)}
+    per_gate = {n: float(g.unit_cost[0]) for n, g in cd.named_gates(model)}
     assert per_gate["features.3"] > per_gate["classifier.1"]
     assert len(groups_of(model)) == 3
 
@@ -171,7 +173,7 @@ def test_sparsifier_penalty_follows_schedule_and_scales_by_dataset_size():
     torch.testing.assert_close(sp.penalty(10.0), 2.0 * cd.kl(model) / 1000)
     groups = sp.param_groups(lr=1e-3, gate_lr=1e-2, weight_decay=1e-4)
     assert groups[1]["lr"] == 1e-2 and groups[1]["weight_decay"] == 0.0
-    n_gate = sum(p.numel() for _, g in cd.gates(model) for p in g.parameters())
+    n_gate = sum(p.numel() for _, g in cd.named_gates(model) for p in g.parameters())
     assert sum(p.numel() for p in groups[1]["params"]) == n_gate
     kept, total = sp.units()
     assert total == 400 and kept == 400

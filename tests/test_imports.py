@@ -91,3 +91,21 @@ def test_the_checker_finds_a_cycle():
 def test_no_import_cycles_in_the_package():
     found = set(cycles(import_graph()))
     assert found <= KNOWN, f"import cycles: {[sorted(c) for c in found - KNOWN]}"
+
+
+def test_no_public_name_shadows_a_submodule():
+    """``compressdrop.gates`` is the gates package, not a function of the same name: every
+    package's attribute named like one of its submodules is that submodule."""
+    import importlib
+    import pkgutil
+
+    shadowed = []
+    for info in pkgutil.walk_packages(compressdrop.__path__, "compressdrop."):
+        if info.name.endswith("integrations.lightning"):
+            continue  # needs the optional Lightning extra
+        parent_name, _, child = info.name.rpartition(".")
+        parent = importlib.import_module(parent_name)
+        module = importlib.import_module(info.name)
+        if getattr(parent, child) is not module:
+            shadowed.append(f"{parent_name}.{child}")
+    assert not shadowed, f"public names shadow submodules: {shadowed}"

@@ -149,12 +149,12 @@ def _gated_lstm(scheme="none"):
 
 def test_gates_sit_on_each_lstm_layer_and_train():
     net = _gated_lstm("gal")
-    names = [n for n, _ in cd.gates(net)]
+    names = [n for n, _ in cd.named_gates(net)]
     assert names == ["rnn.0", "rnn.1"]
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
     loss = nn.functional.cross_entropy(net(x), y) + cd.kl(net) / 100
     loss.backward()
-    for _, g in cd.gates(net):
+    for _, g in cd.named_gates(net):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in g.parameters())
     # per-sequence θ: two training passes differ, eval is deterministic
     assert not torch.equal(net(x), net(x))
@@ -164,11 +164,11 @@ def test_gates_sit_on_each_lstm_layer_and_train():
 
 def test_pruned_lstm_is_exact_smaller_and_exports(tmp_path):
     net = _gated_lstm()
-    for _, g in cd.gates(net):
+    for _, g in cd.named_gates(net):
         with torch.no_grad():
             g.log_sigma[::3] = 3.0  # noisy units: SNR far below the threshold
     net.eval()
-    kept = [int(g.mask().sum()) for _, g in cd.gates(net)]
+    kept = [int(g.mask().sum()) for _, g in cd.named_gates(net)]
     assert kept == [16, 16]
     slim = cd.prune(net)
     assert [m.hidden_size for m in slim.rnn] == [16, 16]
@@ -221,7 +221,7 @@ def test_mc_mode_samples_the_gates_of_a_gated_lstm(gate):
     net = build_model("lstm_rows", input_shape=(1, 8, 8), hidden=12)
     cd.attach(net, gate)
     with torch.no_grad():
-        for _, g in cd.gates(net):
+        for _, g in cd.named_gates(net):
             for p in g.parameters():
                 p.normal_(0.0, 1.0)  # a noisy posterior
     net.eval()

@@ -26,7 +26,7 @@ def random_gates_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Spread every gate's SNR over several orders of magnitude (units differ)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, gate in cd.gates(model):
+        for _, gate in cd.named_gates(model):
             for p in gate.parameters():
                 u = torch.rand(p.shape, generator=g)
                 name = next(n for n, q in gate.named_parameters() if q is p)
@@ -49,7 +49,7 @@ def gated(name: str, family: str = "lognormal", seed: int = 0) -> nn.Module:
 
 
 def quantiles(model: nn.Module, qs=(0.2, 0.5, 0.8)) -> list[float]:
-    snr = torch.cat([g.snr().detach() for _, g in cd.gates(model)])
+    snr = torch.cat([g.snr().detach() for _, g in cd.named_gates(model)])
     return [float(snr.quantile(q)) for q in qs]
 
 
@@ -88,7 +88,7 @@ def test_every_family_folds_its_expectation_exactly(family):
 
 def test_resnet_residual_stream_is_pruned():
     model = gated("resnet")
-    names = [n for n, g in cd.gates(model) if g.shared]
+    names = [n for n, g in cd.named_gates(model) if g.shared]
     assert "stem.1" in names  # the stream feeding the first blocks has one shared gate
     thr = quantiles(model, (0.6,))[0]
     slim = cd.prune(model, thr)

@@ -2,7 +2,7 @@
 
 from .latency import LatencyReport, ort_latency, torch_latency
 from .metrics import Metrics, evaluate
-from .size import SizeReport, count_flops, count_params, size
+from .model_size import SizeReport, count_flops, count_params, size
 
 __all__ = [
     "LatencyReport",

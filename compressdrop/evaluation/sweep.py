@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..gating import gates
+from ..gating import named_gates
 from .metrics import evaluate
-from .size import count_flops, count_params
+from .model_size import count_flops, count_params
 
 __all__ = ["SweepRow", "default_thresholds", "pareto_front", "plot_sweep", "sweep", "write_sweep"]
 
@@ -46,10 +46,10 @@ class SweepRow:
 
 def default_thresholds(model: nn.Module, n: int = 10) -> list[float]:
     """``n`` thresholds spread over the quantiles of the model's SNRs, plus each family's default."""
-    snr = torch.cat([g.snr().detach().flatten() for _, g in gates(model)]).double()
+    snr = torch.cat([g.snr().detach().flatten() for _, g in named_gates(model)]).double()
     qs = torch.linspace(0.05, 0.95, n, dtype=torch.float64)
     values = {round(float(v), 6) for v in snr.quantile(qs)}
-    values |= {round(float(g.default_threshold), 6) for _, g in gates(model)}
+    values |= {round(float(g.default_threshold), 6) for _, g in named_gates(model)}
     return sorted(v for v in values if v > 0)
 
 

@@ -6,10 +6,10 @@ from .gated import (
     attach_config,
     detach,
     example_input_for,
-    gates,
     groups_of,
     is_gated,
     kl,
+    named_gates,
     sites,
 )
 from .groups import GatingWarning, Site, UnitGroup, find_groups
@@ -24,9 +24,9 @@ __all__ = [
     "detach",
     "example_input_for",
     "find_groups",
-    "gates",
     "groups_of",
     "is_gated",
     "kl",
+    "named_gates",
     "sites",
 ]

@@ -21,10 +21,10 @@ __all__ = [
     "attach_config",
     "detach",
     "example_input_for",
-    "gates",
     "groups_of",
     "is_gated",
     "kl",
+    "named_gates",
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
@@ -205,7 +205,7 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
-def gates(model: nn.Module) -> Iterator[tuple[str, Gate]]:
+def named_gates(model: nn.Module) -> Iterator[tuple[str, Gate]]:
     """Yield ``(name, gate)`` once per gate; the name is that of its first gated layer."""
     seen: set[int] = set()
     for name, m in model.named_modules():
@@ -228,7 +228,7 @@ def groups_of(model: nn.Module) -> list[UnitGroup]:
 
 def kl(model: nn.Module) -> torch.Tensor:
     """Σ over the model's gates of their (cost-weighted) KL; counts a shared gate once."""
-    terms = [g.kl() for _, g in gates(model)]
+    terms = [g.kl() for _, g in named_gates(model)]
     if not terms:
         raise InputError("model has no gates; call compressdrop.attach(model) first")
     return torch.stack(terms).sum()

@@ -1,6 +1,6 @@
 """Pruning and structural surgery: from gates and a threshold to a plain, smaller model."""
 
-from .prune import (
+from .surgery import (
     LayerReport,
     PruneReport,
     PruningWarning,

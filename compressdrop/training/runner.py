@@ -27,7 +27,7 @@ from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state, save_model
 from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
-from ..gating import attach, gates, kl
+from ..gating import attach, kl, named_gates
 from ..recipes import Recipe, StageConfig
 from .distributed import Dist
 from .sparsifier import param_groups
@@ -79,7 +79,7 @@ def _optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
 
 def _units(model: nn.Module, threshold: float | None) -> tuple[int, int]:
     kept = total = 0
-    for _, g in gates(model):
+    for _, g in named_gates(model):
         kept += int(g.mask(threshold).sum())
         total += g.num_units
     return kept, total
@@ -436,14 +436,14 @@ def _prune_stage(run: _Run, model: nn.Module) -> nn.Module:
 
 def _dense_size(run: _Run) -> tuple[int, int]:
     """Parameters and FLOPs per example of the recipe's dense architecture."""
-    from ..evaluation.size import count_flops, count_params
+    from ..evaluation.model_size import count_flops, count_params
 
     assert run.template is not None
     return count_params(run.template), count_flops(run.template, run.example(1))
 
 
 def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
-    from ..evaluation.size import count_flops, count_params
+    from ..evaluation.model_size import count_flops, count_params
     from ..pruning import PruneReport
 
     rep: PruneReport | Any = getattr(slim, "prune_report", None)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..gating import attach, gates, is_gated, kl
+from ..gating import attach, is_gated, kl, named_gates
 from .schedule import KLSchedule
 
 __all__ = ["Sparsifier", "param_groups"]
@@ -19,7 +19,7 @@ def param_groups(
 ) -> list[dict]:
     """Optimizer parameter groups: the model's weights (with weight decay) and the gates' own
     parameters (their learning rate, no weight decay — decay would bias the noise posteriors)."""
-    gate_ids = {id(p) for _, g in gates(model) for p in g.parameters()}
+    gate_ids = {id(p) for _, g in named_gates(model) for p in g.parameters()}
     weights = [p for p in model.parameters() if id(p) not in gate_ids and p.requires_grad]
     groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay}]
     gate_params = [p for p in model.parameters() if id(p) in gate_ids]
@@ -98,7 +98,7 @@ class Sparsifier:
         """(units kept at the threshold, units gated) over all gates."""
         thr = self.threshold if threshold is None else threshold
         kept = total = 0
-        for _, g in gates(self.model):
+        for _, g in named_gates(self.model):
             kept += int(g.mask(thr).sum())
             total += g.num_units
         return kept, total
@@ -111,4 +111,4 @@ class Sparsifier:
         return prune(self.model, thr, example_inputs=self.example_inputs)
 
     def iter_gates(self) -> Iterable:
-        return gates(self.model)
+        return named_gates(self.model)

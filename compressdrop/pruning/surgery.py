@@ -22,7 +22,7 @@ from torch import nn
 
 from ..dropout.recurrent import tracing
 from ..errors import CompressDropError, InputError
-from ..gating import Gated, detach, example_input_for, gates, is_gated, sites
+from ..gating import Gated, detach, example_input_for, is_gated, named_gates, sites
 from ..gating.gated import _STATE
 from ..gating.recurrent import GatedLSTM, fold_lstm_
 
@@ -100,7 +100,7 @@ def _keep_masks(
     model: nn.Module, threshold: float | None
 ) -> dict[int, tuple[str, torch.Tensor, float]]:
     out = {}
-    for name, g in gates(model):
+    for name, g in named_gates(model):
         thr = g.default_threshold if threshold is None else float(threshold)
         keep = g.mask(thr)
         if not keep.any():
@@ -127,14 +127,14 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
     if not is_gated(model):
         raise InputError("model has no gates; attach() them and train before pruning")
     masks = _keep_masks(model, threshold)
-    for _, g in gates(model):
+    for _, g in named_gates(model):
         g.pruned.copy_(~masks[id(g)][1])
     return model
 
 
 def unmask_(model: nn.Module) -> nn.Module:
     """Undo :func:`mask_`."""
-    for _, g in gates(model):
+    for _, g in named_gates(model):
         g.pruned.zero_()
     return model
 
@@ -206,7 +206,7 @@ def prune(
         raise InputError("model has no gates; attach() them and train before pruning")
     work = copy.deepcopy(model).eval()
     masks = _keep_masks(work, threshold)
-    for _, g in gates(work):
+    for _, g in named_gates(work):
         g.pruned.copy_(~masks[id(g)][1])
     if example_inputs is None:
         shapes = getattr(work, _STATE, {}).get("input_shape")
@@ -216,7 +216,7 @@ def prune(
             else example_input_for(work, batch=4)
         )
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    family = next(iter(gates(work)))[1].family
+    family = next(iter(named_gates(work)))[1].family
     with torch.no_grad(), full_fp32():
         reference = work(*example)
 
