@@ -669,7 +669,7 @@ def eval_cmd(
         from .evaluation.metrics import evaluate
         from .evaluation.model_size import count_flops, count_params
         from .gating import example_input_for
-        from .training.runner import resolve_device
+        from .runtime import resolve_device
 
         model = _load(model_path, arch, trust_code, arch_args)
         _check_shape(model, ds)

@@ -42,7 +42,7 @@ def ort_latency(
     repeats: int = 50,
 ) -> LatencyReport:
     """Time ``repeats`` runs of the ONNX model on a random float32 batch (after ``warmup`` runs)."""
-    from .onnx_eval import ort_session
+    from ..runtime import ort_session
 
     session, used = ort_session(path, provider, threads)
     inp = session.get_inputs()[0]

@@ -10,28 +10,9 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..runtime import ort_session
 
-__all__ = ["evaluate_onnx", "ort_session"]
-
-
-def ort_session(path: str | Path, device: str = "auto", threads: int | None = None):
-    """An onnxruntime session on CUDA when asked for (or ``auto`` and a GPU is there), else CPU.
-
-    Returns ``(session, provider)`` where ``provider`` is the one actually in use.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    providers = ["CPUExecutionProvider"]
-    if want_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif device == "cuda":
-        raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    return session, session.get_providers()[0]
+__all__ = ["evaluate_onnx"]
 
 
 def evaluate_onnx(

@@ -86,7 +86,7 @@ def sweep(
     """
     from ..export import export_onnx
     from ..pruning import PruningWarning, prune
-    from ..training.runner import resolve_device
+    from ..runtime import resolve_device
     from .latency import ort_latency
 
     dev = resolve_device(device)

@@ -98,7 +98,7 @@ def export_onnx(
     """
     import onnx
 
-    from ..evaluation.onnx_eval import ort_session
+    from ..runtime import ort_session
 
     path = Path(path)
     meta = {"compressdrop_version": __version__}

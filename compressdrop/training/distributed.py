@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import CompressDropError, InputError
+from ..errors import CompressDropError
+from ..runtime import resolve_device
 
 __all__ = ["Dist", "RanksDisagree", "from_env", "launched_by_torchrun"]
 
@@ -147,9 +148,7 @@ def from_env(device: str = "auto") -> tuple[Dist, str]:
         return Dist(), device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if device == "cuda" and not use_cuda:
-        raise InputError("device 'cuda' requested but torch.cuda.is_available() is False")
+    use_cuda = resolve_device(device).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():

@@ -29,10 +29,11 @@ from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
 from ..gating import attach, kl, named_gates
 from ..recipes import Recipe, StageConfig
+from ..runtime import resolve_device
 from .distributed import Dist
 from .sparsifier import param_groups
 
-__all__ = ["RunResult", "TrainingDiverged", "resolve_device", "run_recipe", "seed_everything"]
+__all__ = ["RunResult", "TrainingDiverged", "run_recipe", "seed_everything"]
 
 STAGES = ("pretrain", "sparsify", "finetune")
 OUTPUTS = ("gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json")
@@ -51,17 +52,6 @@ class RunResult:
     slim_path: Path | None
     onnx_path: Path | None
     report: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but torch.cuda.is_available() is False")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise InputError(f"device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> None:
