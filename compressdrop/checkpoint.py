@@ -254,18 +254,8 @@ def _from_payload(
     model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
     if kind == "gated":
-        cfg = payload["attach"]
         example = tuple(torch.randn(2, *s) for s in payload["input_shape"])
-        attach(
-            model,
-            cfg["gate"],
-            cfg["granularity"],
-            cfg["include"] or None,
-            cfg["exclude"] or None,
-            example_inputs=example,
-            gate_kwargs=cfg["gate_kwargs"],
-            kl_cost=cfg["kl_cost"],
-        )
+        attach(model, **payload["attach"], example_inputs=example)
     elif kind == "slim":
         from .pruning import PruneReport, replay
 

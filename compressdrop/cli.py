@@ -588,11 +588,7 @@ def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, 
             ),
         )
         return
-    meta = {"source": Path(model_path).name}
-    rep = getattr(model, "prune_report", None)
-    if rep is not None:
-        meta.update(threshold=str(rep.threshold), units_kept=rep.architecture())
-    report = export_onnx(model, x, out, metadata=meta, opset=opset)
+    report = export_onnx(model, x, out, metadata={"source": Path(model_path).name}, opset=opset)
     data = {
         "output": str(out),
         "bytes": report.bytes,

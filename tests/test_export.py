@@ -50,7 +50,12 @@ def test_metadata_and_dynamic_batch(tmp_path):
     export_onnx(model, input_for(model, 2), path, metadata={"threshold": "1.5"})
     meta = load_onnx_metadata(path)
     assert meta["compressdrop_version"] == cd.__version__ and meta["threshold"] == "1.5"
-    assert meta["units_kept"] == model.prune_report.architecture()
+    rep = model.prune_report
+    assert (meta["architecture_before"], meta["architecture_after"]) == (
+        rep.architecture_before,
+        rep.architecture_after,
+    )
+    assert rep.architecture() == f"{rep.architecture_before} → {rep.architecture_after}"
     assert meta["gate_family"] == "lognormal"
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = input_for(model, 3)  # a batch size the export never checked

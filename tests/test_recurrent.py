@@ -178,7 +178,10 @@ def test_pruned_lstm_is_exact_smaller_and_exports(tmp_path):
         cd.mask_(net)
         torch.testing.assert_close(slim(x), net(x), rtol=1e-5, atol=1e-6)
     rep = export_onnx(slim, x[:2], tmp_path / "slim.onnx")
-    assert rep.metadata["units_kept"] == "24-24 → 16-16"
+    assert (rep.metadata["architecture_before"], rep.metadata["architecture_after"]) == (
+        "24-24",
+        "16-16",
+    )
     save_model(slim, tmp_path / "slim.pt")
     again = load_model(tmp_path / "slim.pt")
     torch.testing.assert_close(again(x), slim(x))

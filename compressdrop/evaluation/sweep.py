@@ -122,7 +122,7 @@ def sweep(
                 SweepRow(
                     threshold=thr,
                     source="threshold",
-                    architecture=rep.architecture().split(" → ")[1],
+                    architecture=rep.architecture_after,
                     units=rep.units_after,
                     accuracy=m.accuracy,
                     nll=m.nll,

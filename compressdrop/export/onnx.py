@@ -86,7 +86,9 @@ def export_onnx(
         example_input: one input batch; its shape without the batch dimension is the input shape.
         path: where to write the ``.onnx`` file.
         metadata: extra ``metadata_props`` (string to string). A slim model from ``prune`` also
-            records its threshold, units kept and gate family.
+            records :meth:`PruneReport.metadata
+            <compressdrop.pruning.PruneReport.metadata>` (threshold, gate family, units before
+            and after).
         opset: ONNX opset (``None``: the exporter's default).
         check_batch_sizes: batch sizes run in onnxruntime.
         rtol: largest accepted max|ort − torch| / max|torch|.
@@ -104,11 +106,7 @@ def export_onnx(
     meta = {"compressdrop_version": __version__}
     report = getattr(model, "prune_report", None)
     if report is not None:  # a slim model records how it was made
-        meta.update(
-            threshold=str(report.threshold),
-            units_kept=report.architecture(),
-            gate_family=report.family,
-        )
+        meta.update(report.metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     x = example_input.detach().cpu()
     with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:

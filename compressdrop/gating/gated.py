@@ -106,7 +106,8 @@ def attach(
         model: any ``nn.Module``; traced once on ``example_inputs``.
         gate: family name: ``"lognormal"``, ``"variational"``, ``"concrete"`` or ``"hardconcrete"``.
         granularity: ``"auto"``, ``"channel"`` (conv layers only) or ``"neuron"`` (linear only).
-        include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``).
+        include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``);
+            ``None`` or empty: no restriction.
         example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
         gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``).
         kl_cost: ``"uniform"`` (each unit's KL weighs 1), ``"params"`` or ``"flops"``: weigh each
@@ -128,7 +129,7 @@ def attach(
     cls = gate_class(gate)
     if example_inputs is None:
         example_inputs = example_input_for(model)
-    groups = find_groups(model, example_inputs, granularity, include, exclude)
+    groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
         raise InputError("no gateable layer found in the model (see the warnings for why)")
     from .recurrent import GatedLSTM

@@ -73,11 +73,29 @@ class PruneReport:
     def units_after(self) -> int:
         return sum(layer.after for layer in self.layers)
 
+    @property
+    def architecture_before(self) -> str:
+        """Units per gated group before pruning, e.g. ``"20-50-500"``."""
+        return "-".join(str(layer.before) for layer in self.layers)
+
+    @property
+    def architecture_after(self) -> str:
+        """Units per gated group after pruning, e.g. ``"5-17-120"``."""
+        return "-".join(str(layer.after) for layer in self.layers)
+
     def architecture(self) -> str:
         """Units per gated group, e.g. ``"20-50-500 → 5-17-120"``."""
-        before = "-".join(str(layer.before) for layer in self.layers)
-        after = "-".join(str(layer.after) for layer in self.layers)
-        return f"{before} → {after}"
+        return f"{self.architecture_before} → {self.architecture_after}"
+
+    def metadata(self) -> dict[str, str]:
+        """How the slim model was made, as the string pairs every exported file records (ONNX
+        ``metadata_props``, ``report.json``): threshold, gate family, units before and after."""
+        return {
+            "threshold": str(self.threshold),
+            "gate_family": self.family,
+            "architecture_before": self.architecture_before,
+            "architecture_after": self.architecture_after,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -80,6 +80,19 @@ class GateConfig:
     kwargs: dict = field(default_factory=dict)
     kl_cost: str = "uniform"
 
+    def attach_kwargs(self) -> dict[str, Any]:
+        """These settings as the keyword arguments of :func:`compressdrop.attach`: the same keys
+        that :func:`compressdrop.gating.attach_config` reads back from a gated model, so a gated
+        checkpoint re-attaches with ``attach(model, **config)`` too."""
+        return {
+            "gate": self.family,
+            "granularity": self.granularity,
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "gate_kwargs": dict(self.kwargs),
+            "kl_cost": self.kl_cost,
+        }
+
     def __post_init__(self) -> None:
         from ..gates import GATES
         from ..gating.gated import KL_COSTS
