@@ -9,11 +9,13 @@ import torch
 from torch import nn
 from torch.distributions import Bernoulli, kl_divergence
 
+from compressdrop.errors import InputError
 from compressdrop.gates import (
     ConcreteGate,
     HardConcreteGate,
     LogNormalGate,
     VariationalGate,
+    noise_shard,
 )
 from compressdrop.gates.distributions import log_ndtr_diff
 
@@ -72,6 +74,53 @@ def test_training_noise_is_per_example_and_unit(gate_cls, granularity):
     theta = y.movedim(dim, 1).reshape(shape[0], UNITS, -1)
     assert torch.allclose(theta, theta[..., :1].expand_as(theta))
     assert not torch.allclose(theta[0], theta[1])
+
+
+def _theta(gate: nn.Module, batch: int) -> torch.Tensor:
+    """One training draw of θ, shape (batch, UNITS), read off a forward pass on ones."""
+    return gate.train()(torch.ones(batch, UNITS), dim=1)
+
+
+def test_noise_shard_draws_this_ranks_rows_of_the_global_batch(gate_cls):
+    g = randomize_(gate_cls(UNITS))
+    torch.manual_seed(1)
+    whole = _theta(g, 6)
+    for rank in range(3):
+        torch.manual_seed(1)
+        with noise_shard(rank, 3, 6):
+            torch.testing.assert_close(_theta(g, 2), whole[rank::3])
+
+
+def test_noise_shard_sets_nests_and_restores_the_shard():
+    g = LogNormalGate(UNITS)
+    _theta(g, 5)  # no shard: any batch size
+    with noise_shard(0, 2, 8):
+        assert _theta(g, 4).shape == (4, UNITS)
+        with pytest.raises(InputError, match="rank 0 of 2 got 5 examples"):
+            _theta(g, 5)
+        with noise_shard(1, 3, 7):  # rows 1 and 4 of 7
+            assert _theta(g, 2).shape == (2, UNITS)
+            with pytest.raises(InputError, match="rank 1 of 3"):
+                _theta(g, 4)
+        assert _theta(g, 4).shape == (4, UNITS)  # the outer shard is back
+    _theta(g, 5)
+
+
+def test_noise_shard_is_restored_when_the_body_raises():
+    g = LogNormalGate(UNITS)
+    with pytest.raises(RuntimeError, match="boom"), noise_shard(0, 2, 8):
+        raise RuntimeError("boom")
+    assert _theta(g, 5).shape == (5, UNITS)
+    with noise_shard(0, 2, 8):
+        with pytest.raises(RuntimeError, match="boom"), noise_shard(1, 2, 6):
+            raise RuntimeError("boom")
+        assert _theta(g, 4).shape == (4, UNITS)
+
+
+@pytest.mark.parametrize("rank, world, global_batch", [(2, 2, 8), (-1, 2, 8), (0, 0, 8), (0, 1, 0)])
+def test_noise_shard_rejects_an_impossible_shard(rank, world, global_batch):
+    with pytest.raises(InputError, match="noise_shard"), noise_shard(rank, world, global_batch):
+        pass
 
 
 def test_kl_is_finite_and_non_negative(gate_cls):

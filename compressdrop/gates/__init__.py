@@ -10,7 +10,7 @@ Families (``GATES`` maps their names to classes):
 """
 
 from ..errors import InputError
-from .base import Gate
+from .base import Gate, noise_shard
 from .concrete import ConcreteGate, HardConcreteGate
 from .lognormal import LogNormalGate
 from .variational import VariationalGate
@@ -23,6 +23,7 @@ __all__ = [
     "LogNormalGate",
     "VariationalGate",
     "gate_class",
+    "noise_shard",
 ]
 
 GATES: dict[str, type[Gate]] = {

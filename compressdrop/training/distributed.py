@@ -128,14 +128,10 @@ class Dist:
         if not self.active:
             yield
             return
-        from ..gates import base
+        from ..gates import noise_shard
 
-        saved = base._NOISE_SHARD
-        base._NOISE_SHARD = (self.rank, self.world, int(global_batch))
-        try:
+        with noise_shard(self.rank, self.world, int(global_batch)):
             yield
-        finally:
-            base._NOISE_SHARD = saved
 
 
 def from_env(device: str = "auto") -> tuple[Dist, str]:
