@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .arch import Factory
-from .checkpoint import load_model, save_model
-from .errors import CompressDropError
+from .checkpoint import load_model
 from .recipes import Recipe, load_recipe
+from .training.finish import SLIM_FORMATS, SlimFiles, write_slim
 
 __all__ = [
     "SLIM_FORMATS",
@@ -29,11 +28,6 @@ __all__ = [
     "write_slim",
 ]
 
-SLIM_FORMATS = {
-    ".pt": "compressdrop checkpoint",
-    ".pt2": "torch.export program (+ ONNX beside it)",
-    ".onnx": "ONNX",
-}
 # optimiser steps a default recipe aims for in its sparsify stage, whatever the data size
 _DEFAULT_SPARSIFY_STEPS = 3000
 
@@ -110,48 +104,3 @@ def sparsify_and_prune(
         slim = load_model(result.slim_path, arch=factory, trust_code=trust_code)
     slim.compressdrop_report = result.report
     return slim
-
-
-@dataclass(frozen=True)
-class SlimFiles:
-    """What :func:`write_slim` wrote."""
-
-    paths: dict[str, Path]
-    max_rel_error: dict[str, float]
-
-
-def write_slim(
-    slim: nn.Module,
-    out: str | Path,
-    example_input: torch.Tensor,
-    *,
-    recipe: Mapping[str, Any] | None = None,
-) -> SlimFiles:
-    """Write ``slim`` in the format its suffix names (:data:`SLIM_FORMATS`); each file is
-    checked against the model (a ``.pt2`` by reloading it, ONNX in onnxruntime) before it
-    appears.
-
-    Raises:
-        CompressDropError: an unknown suffix.
-    """
-    from .export import export_onnx
-    from .export.program import export_program
-
-    out = Path(out)
-    if out.suffix not in SLIM_FORMATS:
-        raise CompressDropError(
-            f"{out}: unknown output format {out.suffix or '(none)'!r}; use "
-            + ", ".join(f"{k} ({v})" for k, v in SLIM_FORMATS.items())
-        )
-    paths: dict[str, Path] = {}
-    errors: dict[str, float] = {}
-    if out.suffix == ".pt":
-        paths["checkpoint"] = save_model(slim, out, recipe=recipe)
-    if out.suffix == ".pt2":
-        rep = export_program(slim, example_input, out)
-        paths["pt2"], errors["pt2"] = out, max(rep.max_rel_error.values())
-    if out.suffix in (".pt2", ".onnx"):
-        onnx_path = out.with_suffix(".onnx")
-        orep = export_onnx(slim, example_input, onnx_path)
-        paths["onnx"], errors["onnx"] = onnx_path, max(orep.max_rel_error.values())
-    return SlimFiles(paths, errors)

@@ -3,7 +3,9 @@
 Every epoch ends with an atomic checkpoint (``checkpoint.pt`` in the output folder); ``resume=True``
 continues from it and gives the same result as an uninterrupted run with the same seed (on the same
 device and library versions). A NaN or infinite loss stops the run with :class:`TrainingDiverged`,
-leaving the last good checkpoint in place.
+leaving the last good checkpoint in place. What each stage does is in
+:mod:`compressdrop.training.stages`; how the slim model is written, in
+:mod:`compressdrop.training.finish`.
 """
 
 from __future__ import annotations
@@ -24,18 +26,18 @@ from torch import nn
 
 from .._io import atomic_write, remove_stale_temps
 from ..arch import Factory, build_arch
-from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state, save_model
+from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
 from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
-from ..gating import attach, kl, named_gates
 from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
+from .finish import prune_summary, write_slim
 from .sparsifier import param_groups
+from .stages import STAGES, Stage
 
 __all__ = ["RunResult", "TrainingDiverged", "run_recipe", "seed_everything"]
 
-STAGES = ("pretrain", "sparsify", "finetune")
 OUTPUTS = ("gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json")
 
 
@@ -55,6 +57,7 @@ class RunResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random generators."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -67,21 +70,13 @@ def _optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
-def _units(model: nn.Module, threshold: float | None) -> tuple[int, int]:
-    kept = total = 0
-    for _, g in named_gates(model):
-        kept += int(g.mask(threshold).sum())
-        total += g.num_units
-    return kept, total
-
-
-class _Run:
-    """State of one run; one method per lifecycle step."""
+class Run:
+    """The state one run shares between its stages: data splits, the dense template, history."""
 
     def __init__(
         self,
         recipe: Recipe,
-        dataset,
+        dataset: Any,
         out_dir: Path,
         device: torch.device,
         progress: Callable | None,
@@ -90,6 +85,7 @@ class _Run:
         self.recipe, self.data, self.out, self.device = recipe, dataset, out_dir, device
         # the dense structure every stage starts from (built once, with the user's consent)
         self.template: nn.Module | None = None
+        self.initial: nn.Module | None = None  # the user's trained weights, used once
         self.dist = dist or Dist()
         self.progress = (progress if self.dist.is_main else None) or (lambda event: None)
         self.train, self.val = (
@@ -102,7 +98,7 @@ class _Run:
         self.prune_info: dict[str, Any] | None = None
         self.ckpt = out_dir / "checkpoint.pt"
 
-    # -- model structure per stage ------------------------------------------------------------------
+    # -- model structure ----------------------------------------------------------------------------
     def arch(self) -> dict[str, Any]:
         m = self.recipe.model
         record: dict[str, Any] = {
@@ -116,19 +112,6 @@ class _Run:
     def example(self, batch: int = 2) -> torch.Tensor:
         return self.train.x_train[:batch].to(self.device)
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        g = self.recipe.gates
-        return attach(
-            model,
-            g.family,
-            g.granularity,
-            list(g.include) or None,
-            list(g.exclude) or None,
-            example_inputs=self.example(),
-            gate_kwargs=g.kwargs,
-            kl_cost=g.kl_cost,
-        )
-
     def build_template(self, factory: Factory | str | None, trust_code: bool) -> nn.Module:
         """The recipe's dense net, freshly initialised; later stages copy its structure."""
         self.template = build_arch(
@@ -136,18 +119,21 @@ class _Run:
         ).to(self.device)
         return self.template
 
-    def model_for(self, stage: str, prune_history: list | None = None) -> nn.Module:
+    def copy_template(self) -> nn.Module:
         assert self.template is not None
-        model = copy.deepcopy(self.template)
-        if stage == "sparsify":
-            self.attach(model)
-        elif stage == "finetune":
-            from ..pruning import PruneReport, replay
+        return copy.deepcopy(self.template)
 
-            replay(model, prune_history, example_inputs=self.example())
-            if self.prune_info is not None:  # a slim model, also when resumed in fine-tuning
-                model.prune_report = PruneReport.from_dict(self.prune_info["report"])
-        return model
+    def fresh(self) -> nn.Module:
+        """The model a first stage starts from: the user's weights once, else the template's."""
+        model, self.initial = self.initial, None
+        return model if model is not None else self.copy_template()
+
+    def dense_size(self) -> tuple[int, int]:
+        """Parameters and FLOPs per example of the recipe's dense architecture."""
+        from ..evaluation.model_size import count_flops, count_params
+
+        assert self.template is not None
+        return count_params(self.template), count_flops(self.template, self.example(1))
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self, stage: str, epoch: int, model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -174,13 +160,16 @@ class _Run:
             raise CheckpointError(
                 f"{self.ckpt}: was written by a different recipe; resume with the same one"
             )
+        self.history = payload["history"]
+        self.dense_metrics = payload["dense_metrics"]
+        self.prune_info = payload["prune_info"]
         return payload
 
     # -- training -----------------------------------------------------------------------------------
     def fit(
-        self, stage: str, model: nn.Module, opt: torch.optim.Optimizer, start_epoch: int
+        self, stage: Stage, model: nn.Module, opt: torch.optim.Optimizer, start_epoch: int
     ) -> None:
-        cfg: StageConfig = getattr(self.recipe.stages, stage)
+        cfg: StageConfig = getattr(self.recipe.stages, stage.name)
         x, y = self.train.x_train.to(self.device), self.train.y_train.to(self.device)
         n, bs = len(x), self.recipe.data.batch_size
         dist = self.dist
@@ -201,15 +190,16 @@ class _Run:
             dtype=torch.bfloat16,
             enabled=self.recipe.precision == "bf16",
         )
+        stage_index = [cls.name for cls in STAGES].index(stage.name)
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             model.train()
             # the order depends only on (seed, stage, epoch): resuming reproduces it
             gen = torch.Generator().manual_seed(
-                self.recipe.seed * 1_000_003 + STAGES.index(stage) * 10_007 + epoch
+                self.recipe.seed * 1_000_003 + stage_index * 10_007 + epoch
             )
             perm = torch.randperm(n, generator=gen).to(self.device)
-            tot_loss = tot_kl = 0.0
+            tot_loss = 0.0
             for i, (lo, hi) in enumerate(zip(starts, bounds)):
                 batch = perm[lo:hi]
                 idx = dist.shard(batch)
@@ -220,44 +210,42 @@ class _Run:
                     nll = F.cross_entropy(out, y[idx], reduction="sum") * (dist.world / len(batch))
                 else:
                     nll = F.cross_entropy(out, y[idx])
-                loss = nll
-                if stage == "sparsify":
-                    kl_term = kl(model) / n  # float32: the gates' closed forms run in float64
-                    loss = nll + self.recipe.kl(epoch + i / steps) * kl_term
-                    tot_kl += float(kl_term.detach())
-                # every rank must agree, or the healthy ranks would wait in DDP's all-reduce
-                finite = bool(torch.isfinite(loss))
-                if not dist.all_true(finite):
-                    what = (
-                        f"loss is {float(loss.detach())}"
-                        if not finite
-                        else "another rank's loss is not finite"
-                    )
-                    raise TrainingDiverged(
-                        f"{what} at stage {stage}, epoch {epoch + 1}, step {i + 1}"
-                        f"{f' (rank {dist.rank})' if dist.active else ''}; the last good "
-                        f"checkpoint is {self.ckpt} (lower the learning rate?)"
-                    )
+                term = stage.loss_term(model, epoch + i / steps)
+                loss = nll if term is None else nll + term
+                self._check_finite(loss, stage.name, epoch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 tot_loss += float(loss.detach())
             val = evaluate(model, self.val.x_test, self.val.y_test)
             row = {
-                "stage": stage,
+                "stage": stage.name,
                 "epoch": epoch + 1,
                 "epochs": cfg.epochs,
                 "loss": dist.mean(tot_loss / steps),
-                "kl": tot_kl / steps,
+                "kl": 0.0,
                 "val_accuracy": val.accuracy,
                 "val_nll": val.nll,
                 "seconds": time.perf_counter() - t0,
+                **stage.epoch_record(model, steps),
             }
-            if stage == "sparsify":
-                row["units_kept"], row["units_total"] = _units(model, self.recipe.prune.threshold)
             self.history.append(row)
-            self.save(stage, epoch + 1, model, opt)
+            self.save(stage.name, epoch + 1, model, opt)
             self.progress({"event": "epoch", **row})
+
+    def _check_finite(self, loss: torch.Tensor, stage: str, epoch: int, step: int) -> None:
+        """Every rank must agree, or the healthy ranks would wait in DDP's all-reduce."""
+        finite = bool(torch.isfinite(loss))
+        if self.dist.all_true(finite):
+            return
+        what = (
+            f"loss is {float(loss.detach())}" if not finite else "another rank's loss is not finite"
+        )
+        raise TrainingDiverged(
+            f"{what} at stage {stage}, epoch {epoch + 1}, step {step + 1}"
+            f"{f' (rank {self.dist.rank})' if self.dist.active else ''}; the last good "
+            f"checkpoint is {self.ckpt} (lower the learning rate?)"
+        )
 
     def test(self, model: nn.Module) -> Metrics:
         return evaluate(model, self.data.x_test, self.data.y_test)
@@ -310,147 +298,84 @@ def run_recipe(
         recipe = recipe.override({"stages.pretrain.epochs": 0})
     # every rank must run the same recipe (steps, epochs and stages decide the collectives)
     dist.check_same("recipe", json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode())
-    run = _Run(recipe, dataset, out, dev, progress, dist)
+    run = Run(recipe, dataset, out, dev, progress, dist)
     t_start = time.perf_counter()
-    initial = model.to(dev) if model is not None else None
-    model = None
-    if initial is not None:
-        run.template = copy.deepcopy(initial)
+    if model is not None:
+        run.initial = model.to(dev)
+        run.template = copy.deepcopy(run.initial)
 
     state = None
     if resume:
         if not run.ckpt.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {run.ckpt}")
         state = run.load()
-        run.history, run.dense_metrics, run.prune_info = (
-            state["history"],
-            state["dense_metrics"],
-            state["prune_info"],
-        )
     else:
         seed_everything(recipe.seed)
     if run.template is None:  # after seeding: the first stage copies these initial weights
         run.build_template(factory, trust_code)
-    start_stage = STAGES.index(state["stage"]) if state else 0
+    stages = [cls(run) for cls in STAGES]
+    names = [st.name for st in stages]
+    start = names.index(state["stage"]) if state else 0
 
-    model: nn.Module | None = None
-    gated_path = slim_path = onnx_path = None
-    for s_idx in range(start_stage, len(STAGES)):
-        stage = STAGES[s_idx]
-        cfg: StageConfig = getattr(recipe.stages, stage)
-        history = run.prune_info["history"] if (stage == "finetune" and run.prune_info) else None
-        if state is not None and state["stage"] == stage:
-            model = run.model_for(stage, history)
-            model.load_state_dict(state["model"])
-            opt = _optimizer(model, cfg)
+    current: nn.Module | None = None
+    for stage in stages[start:]:
+        cfg: StageConfig = getattr(recipe.stages, stage.name)
+        if state is not None:  # resuming inside this stage
+            current = stage.rebuild()
+            current.load_state_dict(state["model"])
+            opt = _optimizer(current, cfg)
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
-            start_epoch = state["epoch"]
-            state = None
+            start_epoch, state = state["epoch"], None
         else:
-            if stage == "sparsify" and model is not None:
-                run.attach(model)  # gates on the pretrained weights
-            elif stage == "finetune":
-                model = _prune_stage(run, model)
-            elif model is None and initial is not None:
-                model = run.attach(initial) if stage == "sparsify" else initial
-            elif model is None:
-                model = run.model_for(stage)
-            opt = _optimizer(model, cfg)
-            start_epoch = 0
-        run.progress({"event": "stage", "stage": stage, "epochs": cfg.epochs})
-        run.fit(stage, model, opt, start_epoch)
-        if stage == "pretrain" and run.dense_metrics is None:
-            m = run.test(model)
-            run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
-        if stage == "sparsify":
-            gated_path = out / "gated.pt"
-            if dist.is_main:
-                meta: dict[str, Any] = {
-                    "val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy
-                }
-                if run.dense_metrics is not None:  # the reference `compressdrop sweep` plots
-                    d_params, d_flops = _dense_size(run)
-                    meta["dense"] = {
-                        **run.dense_metrics,
-                        "params": d_params,
-                        "flops": d_flops,
-                        "dataset": run.data.name,
-                    }
-                save_model(model, gated_path, recipe=recipe.to_dict(), meta=meta)
-    assert model is not None
-    model.eval()
-    slim_path = out / "slim.pt"
-    report = _report(run, model, time.perf_counter() - t_start)
+            current = stage.enter(current)
+            opt, start_epoch = _optimizer(current, cfg), 0
+        run.progress({"event": "stage", "stage": stage.name, "epochs": cfg.epochs})
+        run.fit(stage, current, opt, start_epoch)
+        stage.leave(current)
+    assert current is not None
+    slim = current.eval()
+    report = _report(run, slim, time.perf_counter() - t_start)
+    gated = out / "gated.pt"
+    gated_path = gated if gated.exists() or "sparsify" in names[start:] else None
     if not dist.is_main:
         dist.barrier()  # rank 0 writes the outputs
-        return RunResult(out, gated_path, slim_path, None, report)
-    save_model(model, slim_path, recipe=recipe.to_dict())
-    if recipe.export.onnx:
-        from ..export import export_onnx
-
-        onnx_path = out / "slim.onnx"
-        meta = {
-            "threshold": str(report["threshold"]),
-            "units_kept": report["architecture_after"],
-            "recipe": recipe.name,
-        }
-        exp = export_onnx(
-            model.cpu(), run.example(4).cpu(), onnx_path, metadata=meta, opset=recipe.export.opset
-        )
-        report["onnx_bytes"] = exp.bytes
-        # the same slim model as a torch.export program: loads with torch.export.load alone
-        from ..export.program import export_program
-
-        report["pt2_bytes"] = export_program(model, run.example(4).cpu(), out / "slim.pt2").bytes
+        return RunResult(out, gated_path, out / "slim.pt", None, report)
+    formats = (".pt", ".onnx", ".pt2") if recipe.export.onnx else (".pt",)
+    files = write_slim(
+        slim,
+        out / "slim.pt",
+        run.example(4).cpu(),
+        formats=formats,
+        recipe=recipe.to_dict(),
+        metadata={"recipe": recipe.name},
+        opset=recipe.export.opset,
+    )
+    report.update({f"{kind}_bytes": n for kind, n in files.bytes.items() if kind != "checkpoint"})
     with atomic_write(out / "report.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
     run.ckpt.unlink(missing_ok=True)  # the run is complete: its resume point is no longer needed
-    gated_path = gated_path or (out / "gated.pt" if (out / "gated.pt").exists() else None)
     dist.barrier()
-    return RunResult(out, gated_path, slim_path, onnx_path, report)
+    return RunResult(out, gated_path, files.paths["checkpoint"], files.paths.get("onnx"), report)
 
 
-def _prune_stage(run: _Run, model: nn.Module) -> nn.Module:
-    from ..pruning import prune
-
-    slim = prune(model, run.recipe.prune.threshold, example_inputs=run.example(4))
-    rep = slim.prune_report
-    run.prune_info = {"history": rep.to_dict()["history"], "report": rep.to_dict()}
-    m = evaluate(slim, run.val.x_test, run.val.y_test)
-    run.progress(
-        {"event": "pruned", "architecture": rep.architecture(), "val_accuracy": m.accuracy}
-    )
-    return slim
-
-
-def _dense_size(run: _Run) -> tuple[int, int]:
-    """Parameters and FLOPs per example of the recipe's dense architecture."""
+def _report(run: Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
     from ..evaluation.model_size import count_flops, count_params
 
-    assert run.template is not None
-    return count_params(run.template), count_flops(run.template, run.example(1))
-
-
-def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
-    from ..evaluation.model_size import count_flops, count_params
-    from ..pruning import PruneReport
-
-    rep: PruneReport | Any = getattr(slim, "prune_report", None)
     test = run.test(slim)
-    d_params, d_flops = _dense_size(run)
+    d_params, d_flops = run.dense_size()
     s_params, s_flops = count_params(slim), count_flops(slim, run.example(1))
-    layers = run.prune_info["report"]["layers"] if run.prune_info else []
+    pruned = prune_summary(slim) if hasattr(slim, "prune_report") else None
     return {
         "recipe": run.recipe.name,
         "dataset": run.data.name,
         "device": str(run.device),
         "world_size": run.dist.world,
         "seed": run.recipe.seed,
-        "epochs": {s: getattr(run.recipe.stages, s).epochs for s in STAGES},
+        "epochs": {cls.name: getattr(run.recipe.stages, cls.name).epochs for cls in STAGES},
         "threshold": run.recipe.prune.threshold
-        if rep is None or rep.threshold is None
-        else rep.threshold,
+        if pruned is None or pruned["threshold"] is None
+        else pruned["threshold"],
         "family": run.recipe.gates.family,
         "dense": {**(run.dense_metrics or {}), "params": d_params, "flops": d_flops},
         "slim": {
@@ -461,9 +386,9 @@ def _report(run: _Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
         },
         "params_reduction": d_params / max(s_params, 1),
         "flops_reduction": d_flops / max(s_flops, 1),
-        "architecture_before": "-".join(str(layer["before"]) for layer in layers),
-        "architecture_after": "-".join(str(layer["after"]) for layer in layers),
-        "layers": layers,
+        "architecture_before": pruned["architecture_before"] if pruned else "",
+        "architecture_after": pruned["architecture_after"] if pruned else "",
+        "layers": pruned["layers"] if pruned else [],
         "history": run.history,
         "wall_seconds": seconds,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,7 +12,10 @@ from ..errors import InputError
 from ..gating import attach, is_gated, kl, named_gates
 from .schedule import KLSchedule
 
-__all__ = ["Sparsifier", "param_groups"]
+if TYPE_CHECKING:
+    from ..recipes import Recipe
+
+__all__ = ["Sparsifier", "param_groups", "units_kept"]
 
 
 def param_groups(
@@ -26,6 +30,16 @@ def param_groups(
     if gate_params:
         groups.append({"params": gate_params, "lr": gate_lr, "weight_decay": 0.0})
     return groups
+
+
+def units_kept(model: nn.Module, threshold: float | None = None) -> tuple[int, int]:
+    """Units a gated model keeps at ``threshold`` (``None``: each gate family's default) and the
+    units its gates control, counting a gate shared by several layers once."""
+    kept = total = 0
+    for _, g in named_gates(model):
+        kept += int(g.mask(threshold).sum())
+        total += g.num_units
+    return kept, total
 
 
 class Sparsifier:
@@ -67,41 +81,54 @@ class Sparsifier:
             attach(model, gate, example_inputs=example_inputs, **attach_kwargs)
 
     @classmethod
-    def from_recipe(cls, model: nn.Module, recipe, n_train: int, example_inputs=None) -> Sparsifier:
-        """Attach the recipe's gates and use its KL schedule and threshold."""
-        g = recipe.gates
+    def from_recipe(
+        cls,
+        model: nn.Module,
+        recipe: Recipe,
+        n_train: int,
+        example_inputs: torch.Tensor | tuple | None = None,
+    ) -> Sparsifier:
+        """A Sparsifier with the recipe's gates (attached unless the model has gates already),
+        KL schedule and pruning threshold.
+
+        Args:
+            model: the network to gate.
+            recipe: a :class:`~compressdrop.recipes.Recipe`; its ``gates``, ``kl`` and ``prune``
+                sections are used.
+            n_train: the training-set size N in β·KL/N.
+            example_inputs: an input batch to trace the model with.
+        """
+        kwargs = recipe.gates.attach_kwargs()
         return cls(
             model,
             n_train,
-            gate=g.family,
+            gate=kwargs.pop("gate"),
             schedule=recipe.kl,
             threshold=recipe.prune.threshold,
             example_inputs=example_inputs,
-            granularity=g.granularity,
-            include=list(g.include) or None,
-            exclude=list(g.exclude) or None,
-            gate_kwargs=g.kwargs,
-            kl_cost=g.kl_cost,
+            **kwargs,
         )
 
     def param_groups(self, lr: float, gate_lr: float, weight_decay: float = 0.0) -> list[dict]:
+        """Optimizer parameter groups of the gated model (see :func:`param_groups`)."""
         return param_groups(self.model, lr, gate_lr, weight_decay)
+
+    def kl_per_example(self) -> torch.Tensor:
+        """KL/N: the gates' KL divided by the training-set size (float32; the gates' closed forms
+        run in float64)."""
+        return kl(self.model) / self.n_train
 
     def penalty(self, t: float) -> torch.Tensor:
         """β(t)·KL/N for ``t`` fractional epochs since sparsification began."""
         beta = self.schedule(t)
         if beta == 0:
             return torch.zeros((), device=next(self.model.parameters()).device)
-        return beta * kl(self.model) / self.n_train
+        return beta * self.kl_per_example()
 
     def units(self, threshold: float | None = None) -> tuple[int, int]:
-        """(units kept at the threshold, units gated) over all gates."""
-        thr = self.threshold if threshold is None else threshold
-        kept = total = 0
-        for _, g in named_gates(self.model):
-            kept += int(g.mask(thr).sum())
-            total += g.num_units
-        return kept, total
+        """Units kept at the threshold (default: this Sparsifier's) and units gated, over all
+        gates."""
+        return units_kept(self.model, self.threshold if threshold is None else threshold)
 
     def finish(self, threshold: float | None = None) -> nn.Module:
         """Prune at the threshold and return the slim model (see :func:`compressdrop.prune`)."""
@@ -111,4 +138,5 @@ class Sparsifier:
         return prune(self.model, thr, example_inputs=self.example_inputs)
 
     def iter_gates(self) -> Iterable:
+        """``(name, gate)`` for every gate of the model (see :func:`compressdrop.named_gates`)."""
         return named_gates(self.model)

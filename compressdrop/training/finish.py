@@ -1,0 +1,150 @@
+"""The one way a model is finished: prune its gates, write the slim model in the formats asked for,
+check every file against the model before it appears, and summarise what pruning did.
+
+The recipe runner, the Lightning callback and ``compressdrop prune`` all end here, so their files
+and reports read the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_model
+from ..errors import InputError
+
+__all__ = ["SLIM_FORMATS", "SlimFiles", "finish", "prune_summary", "write_slim"]
+
+SLIM_FORMATS = {
+    ".pt": "compressdrop checkpoint",
+    ".pt2": "torch.export program (+ ONNX beside it)",
+    ".onnx": "ONNX",
+}
+# what a file name's suffix writes when no formats are given
+_BY_SUFFIX = {".pt": (".pt",), ".pt2": (".pt2", ".onnx"), ".onnx": (".onnx",)}
+_KINDS = {".pt": "checkpoint", ".pt2": "pt2", ".onnx": "onnx"}
+
+
+@dataclass(frozen=True)
+class SlimFiles:
+    """What :func:`write_slim` wrote: paths, sizes and the check of each file, by kind
+    (``"checkpoint"``, ``"pt2"``, ``"onnx"``)."""
+
+    paths: dict[str, Path]
+    bytes: dict[str, int]
+    max_rel_error: dict[str, float]
+
+
+def write_slim(
+    slim: nn.Module,
+    out: str | Path,
+    example_input: torch.Tensor,
+    *,
+    formats: Sequence[str] | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    opset: int | None = None,
+) -> SlimFiles:
+    """Write ``slim`` as ``out`` and, with ``formats``, beside it under the same stem.
+
+    A ``.pt2`` is checked by loading it back, an ``.onnx`` in onnxruntime, each against the model
+    and before the file appears; a ``.pt`` is compressdrop's checkpoint (atomic, no pickled code).
+
+    Args:
+        slim: the model to write (a pruned one records its :class:`PruneReport` in every file).
+        out: the file name; its suffix is one of :data:`SLIM_FORMATS`.
+        example_input: an input batch (its shape without the batch dimension is the input shape).
+        formats: suffixes to write under ``out``'s stem (default: ``.pt`` → ``.pt``; ``.pt2`` →
+            ``.pt2`` and ``.onnx``; ``.onnx`` → ``.onnx``).
+        recipe: the recipe as plain data, recorded in the checkpoint.
+        metadata: extra ONNX ``metadata_props``.
+        opset: ONNX opset (``None``: the exporter's).
+
+    Returns:
+        The files written, their sizes and the largest relative error each check measured.
+
+    Raises:
+        InputError: an unknown suffix.
+    """
+    out = Path(out)
+    wanted = tuple(formats) if formats is not None else _BY_SUFFIX.get(out.suffix, ())
+    unknown = [s for s in (out.suffix, *wanted) if s not in SLIM_FORMATS]
+    if unknown:
+        raise InputError(
+            f"{out}: unknown output format {unknown[0] or '(none)'!r}; use "
+            + ", ".join(f"{k} ({v})" for k, v in SLIM_FORMATS.items())
+        )
+    from ..export import export_onnx
+    from ..export.program import export_program
+
+    paths: dict[str, Path] = {}
+    errors: dict[str, float] = {}
+    x = example_input.detach().cpu()
+    for suffix in wanted:
+        path, kind = out.with_suffix(suffix), _KINDS[suffix]
+        if suffix == ".pt":
+            save_model(slim, path, recipe=recipe)
+        elif suffix == ".pt2":
+            errors[kind] = max(export_program(slim, x, path).max_rel_error.values())
+        else:
+            rep = export_onnx(slim, x, path, metadata=metadata, opset=opset)
+            errors[kind] = max(rep.max_rel_error.values())
+        paths[kind] = path
+    return SlimFiles(paths, {k: p.stat().st_size for k, p in paths.items()}, errors)
+
+
+def prune_summary(slim: nn.Module) -> dict[str, Any]:
+    """What pruning did to ``slim``, as plain data: threshold, gate family, units per group
+    before and after (``"20-50-500"`` → ``"5-17-120"``), the layers and the surgery's check.
+
+    Raises:
+        InputError: ``slim`` was not made by :func:`compressdrop.prune`.
+    """
+    rep = getattr(slim, "prune_report", None)
+    if rep is None:
+        raise InputError("the model has no prune report (was it made by compressdrop.prune?)")
+    return {
+        "threshold": rep.threshold,
+        "family": rep.family,
+        "architecture_before": rep.architecture_before,
+        "architecture_after": rep.architecture_after,
+        "layers": [vars(layer) for layer in rep.layers],
+        "max_rel_error": rep.max_rel_error,
+    }
+
+
+def finish(
+    model: nn.Module,
+    out: str | Path | None,
+    *,
+    threshold: float | None = None,
+    example_input: torch.Tensor | None = None,
+    formats: Sequence[str] | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    opset: int | None = None,
+) -> tuple[nn.Module, SlimFiles | None]:
+    """Prune a gated model and write the slim one (see :func:`write_slim`).
+
+    Args:
+        model: a model with trained gates (it is left as it is).
+        out: the slim model's file name (``None``: write nothing).
+        threshold: the SNR threshold (``None``: each gate family's default).
+        example_input: an input batch for tracing and the checks (default: inferred).
+        formats / recipe / opset: as in :func:`write_slim`.
+
+    Returns:
+        The slim model, and what was written (``None`` when ``out`` is ``None``).
+    """
+    from ..gating import example_input_for
+    from ..pruning import prune
+
+    slim = prune(model.eval(), threshold, example_inputs=example_input)
+    if out is None:
+        return slim, None
+    x = example_input if example_input is not None else example_input_for(slim, batch=2)
+    return slim, write_slim(slim, out, x, formats=formats, recipe=recipe, opset=opset)

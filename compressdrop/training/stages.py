@@ -1,0 +1,151 @@
+"""The stages of a recipe run, looked up by name: what model each trains, what it adds to the loss
+and to each epoch's record, and what it leaves behind.
+
+A stage is entered with the model the previous stage ended with (``None`` for the first stage a
+process runs), or rebuilt empty to take a checkpoint's weights when a run resumes inside it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import save_model
+from ..evaluation.metrics import evaluate
+from .sparsifier import Sparsifier
+
+if TYPE_CHECKING:
+    from .runner import Run
+
+__all__ = ["STAGES", "Finetune", "Pretrain", "Sparsify", "Stage"]
+
+
+class Stage:
+    """One stage of a run. Subclasses override what differs; the training loop is the runner's."""
+
+    name = ""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def enter(self, previous: nn.Module | None) -> nn.Module:
+        """The model this stage trains, from the previous stage's (``None``: a fresh one)."""
+        return previous if previous is not None else self.run.fresh()
+
+    def rebuild(self) -> nn.Module:
+        """An untrained model of the structure this stage's checkpoints hold."""
+        return self.run.copy_template()
+
+    def loss_term(self, model: nn.Module, t: float) -> torch.Tensor | None:
+        """What this stage adds to the NLL at ``t`` fractional epochs into it (``None``: nothing)."""
+        return None
+
+    def epoch_record(self, model: nn.Module, steps: int) -> dict[str, Any]:
+        """Fields of the history row (and progress event) of the epoch of ``steps`` steps that
+        just ended, beyond loss and validation metrics."""
+        return {}
+
+    def leave(self, model: nn.Module) -> None:
+        """Called once the stage's last epoch is done."""
+
+
+class Pretrain(Stage):
+    """Train the dense net; its test metrics are the reference the report compares against."""
+
+    name = "pretrain"
+
+    def leave(self, model: nn.Module) -> None:
+        run = self.run
+        if run.dense_metrics is None:
+            m = run.test(model)
+            run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
+
+
+class Sparsify(Stage):
+    """Train gates and weights on NLL + β(t)·KL/N, through the :class:`Sparsifier` users get."""
+
+    name = "sparsify"
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(run)
+        self.sparsifier: Sparsifier | None = None
+        self.kl_total = 0.0
+
+    def _gate(self, model: nn.Module) -> nn.Module:
+        run = self.run
+        self.sparsifier = Sparsifier.from_recipe(
+            model, run.recipe, len(run.train.x_train), example_inputs=run.example()
+        )
+        return model
+
+    def enter(self, previous: nn.Module | None) -> nn.Module:
+        return self._gate(super().enter(previous))
+
+    def rebuild(self) -> nn.Module:
+        return self._gate(self.run.copy_template())
+
+    def loss_term(self, model: nn.Module, t: float) -> torch.Tensor:
+        assert self.sparsifier is not None
+        term = self.sparsifier.kl_per_example()
+        self.kl_total += float(term.detach())
+        return self.run.recipe.kl(t) * term
+
+    def epoch_record(self, model: nn.Module, steps: int) -> dict[str, Any]:
+        """The epoch's mean KL/N and the units kept at the recipe's threshold."""
+        assert self.sparsifier is not None
+        kept, total = self.sparsifier.units()
+        mean_kl, self.kl_total = self.kl_total / steps, 0.0
+        return {"kl": mean_kl, "units_kept": kept, "units_total": total}
+
+    def leave(self, model: nn.Module) -> None:
+        """Write ``gated.pt``: the trained gated model, with the dense reference ``sweep`` plots."""
+        run = self.run
+        if not run.dist.is_main:
+            return
+        meta: dict[str, Any] = {
+            "val_accuracy": evaluate(model, run.val.x_test, run.val.y_test).accuracy
+        }
+        if run.dense_metrics is not None:
+            params, flops = run.dense_size()
+            meta["dense"] = {
+                **run.dense_metrics,
+                "params": params,
+                "flops": flops,
+                "dataset": run.data.name,
+            }
+        save_model(model, run.out / "gated.pt", recipe=run.recipe.to_dict(), meta=meta)
+
+
+class Finetune(Stage):
+    """Prune the gated model at the recipe's threshold, then train the slim one."""
+
+    name = "finetune"
+
+    def enter(self, previous: nn.Module | None) -> nn.Module:
+        from ..pruning import prune
+
+        run = self.run
+        assert previous is not None, "fine-tuning starts from the sparsified model"
+        slim = prune(previous, run.recipe.prune.threshold, example_inputs=run.example(4))
+        rep = slim.prune_report
+        run.prune_info = {"history": rep.to_dict()["history"], "report": rep.to_dict()}
+        m = evaluate(slim, run.val.x_test, run.val.y_test)
+        run.progress(
+            {"event": "pruned", "architecture": rep.architecture(), "val_accuracy": m.accuracy}
+        )
+        return slim
+
+    def rebuild(self) -> nn.Module:
+        from ..pruning import PruneReport, replay
+
+        run = self.run
+        assert run.prune_info is not None, "a fine-tuning checkpoint records its pruning"
+        model = run.copy_template()
+        replay(model, run.prune_info["history"], example_inputs=run.example())
+        model.prune_report = PruneReport.from_dict(run.prune_info["report"])
+        return model
+
+
+STAGES: tuple[type[Stage], ...] = (Pretrain, Sparsify, Finetune)
