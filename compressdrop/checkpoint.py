@@ -30,7 +30,7 @@ from ._io import atomic_write
 from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
 from .gating import attach, is_gated
-from .gating.gated import _STATE, attach_config
+from .gating.gated import attach_config, input_shapes_of
 from .programs import is_pt2, load_program
 
 __all__ = [
@@ -81,7 +81,7 @@ def save_model(
     }
     if payload["kind"] == "gated":
         payload["attach"] = attach_config(model)
-        payload["input_shape"] = [list(s) for s in getattr(model, _STATE)["input_shape"]]
+        payload["input_shape"] = [list(s) for s in input_shapes_of(model)]
     if report is not None:
         payload["prune_report"] = report.to_dict()
     path = Path(path)

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .dropout.layers import _Stochastic
-from .dropout.recurrent import _RecurrentDropout
+from .dropout import RecurrentDropout, StochasticLayer
 from .errors import InputError
 from .gates import Gate
 
@@ -59,7 +58,7 @@ def mc_mode(model: nn.Module) -> Iterator[nn.Module]:
     for m in model.modules():
         if isinstance(m, (nn.modules.dropout._DropoutNd, Gate)):
             m.train()
-        elif isinstance(m, (_Stochastic, _RecurrentDropout)):
+        elif isinstance(m, (StochasticLayer, RecurrentDropout)):
             m.mc = True
             flagged.append(m)
     try:
@@ -76,9 +75,9 @@ def has_noise(model: nn.Module) -> bool:
     for m in model.modules():
         if isinstance(m, Gate) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0):
             return True
-        if isinstance(m, _Stochastic) and getattr(m, "p", 1) != 0:
+        if isinstance(m, StochasticLayer) and getattr(m, "p", 1) != 0:
             return True
-        if isinstance(m, _RecurrentDropout) and m.scheme != "none" and m.p > 0:
+        if isinstance(m, RecurrentDropout) and m.scheme != "none" and m.p > 0:
             return True
     return False
 

@@ -10,8 +10,9 @@ from .layers import (
     MaxDrop,
     SpatialDropout,
     Standout,
+    StochasticLayer,
 )
-from .recurrent import GRU, LSTM, SCHEMES
+from .recurrent import GRU, LSTM, SCHEMES, RecurrentDropout
 
 __all__ = [
     "GRU",
@@ -23,6 +24,8 @@ __all__ = [
     "FastDropout",
     "GaussianDropout",
     "MaxDrop",
+    "RecurrentDropout",
     "SpatialDropout",
     "Standout",
+    "StochasticLayer",
 ]

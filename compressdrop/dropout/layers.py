@@ -25,6 +25,7 @@ __all__ = [
     "MaxDrop",
     "SpatialDropout",
     "Standout",
+    "StochasticLayer",
 ]
 
 
@@ -34,17 +35,23 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
-class _Stochastic(nn.Module):
-    """Base: noise is on in training, and in eval when ``mc`` is set (Monte-Carlo dropout)."""
+class StochasticLayer(nn.Module):
+    """Base of the dropout layers whose noise Monte-Carlo sampling can switch on in eval mode.
+
+    A subclass draws its noise while :attr:`sampling` is true: in training, and in eval when the
+    ``mc`` flag is set (:func:`compressdrop.uncertainty.mc_mode` sets it and clears it again). A
+    subclass with a drop probability keeps it in ``p``; ``p = 0`` means no noise at all.
+    """
 
     mc: bool = False
 
     @property
     def sampling(self) -> bool:
+        """Whether a forward pass draws noise: in training, or with ``mc`` set."""
         return self.training or self.mc
 
 
-class BernoulliDropout(_Stochastic):
+class BernoulliDropout(StochasticLayer):
     """Bernoulli dropout: each activation is kept with probability q = 1 − p.
 
     ``inverted=True`` (as ``nn.Dropout``): training multiplies by m/q, test time is the identity.
@@ -70,7 +77,7 @@ class BernoulliDropout(_Stochastic):
         return f"p={self.p}, inverted={self.inverted}"
 
 
-class GaussianDropout(_Stochastic):
+class GaussianDropout(StochasticLayer):
     """Multiplicative Gaussian noise N(1, p/(1 − p)): the variance of inverted Bernoulli dropout.
 
     Reference: Srivastava et al., JMLR 2014, section 10.
@@ -87,7 +94,7 @@ class GaussianDropout(_Stochastic):
         return x * (1 + std * torch.randn_like(x))
 
 
-class DropConnect(_Stochastic):
+class DropConnect(StochasticLayer):
     """DropConnect: drops weights of a Linear or Conv layer instead of activations.
 
     Training: W ⊙ M / q with M ~ Bernoulli(q) per weight (one mask per forward pass, shared by the
@@ -115,7 +122,7 @@ class DropConnect(_Stochastic):
         return self.layer._conv_forward(x, w, self.layer.bias)
 
 
-class Standout(_Stochastic):
+class Standout(StochasticLayer):
     """Standout (adaptive dropout): a belief network sets each unit's keep probability from the input.
 
     For a wrapped Linear layer h = f(Wx + b), the keep probability is π = sigmoid(α(Wx + b) + β),
@@ -147,7 +154,7 @@ class Standout(_Stochastic):
         return h * torch.bernoulli(keep) if self.sampling else h * keep
 
 
-class FastDropout(_Stochastic):
+class FastDropout(StochasticLayer):
     """Fast dropout: the Gaussian approximation of dropout on a Linear layer's inputs.
 
     With inputs kept with probability q and scaled by 1/q (inverted convention), the pre-activation
@@ -243,7 +250,7 @@ class Cutout(nn.Module):
         return x * keep.unsqueeze(1).to(x.dtype)
 
 
-class MaxDrop(_Stochastic):
+class MaxDrop(StochasticLayer):
     """Max-Drop: drops the maximal activations instead of random ones.
 
     ``mode="feature"``: in each feature map (per example and channel) the activations equal to the

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import InputError
 from .layers import _check_p
 
-__all__ = ["GRU", "LSTM", "SCHEMES", "tracing"]
+__all__ = ["GRU", "LSTM", "SCHEMES", "RecurrentDropout", "tracing"]
 
 SCHEMES = ("none", "zaremba", "moon", "semeniuta", "gal")
 
@@ -66,8 +66,14 @@ class _Masks:
         return mask
 
 
-class _RecurrentDropout:
-    """Shared state and checks of the two recurrent layers."""
+class RecurrentDropout:
+    """Mixin of :class:`LSTM` and :class:`GRU`: the dropout scheme, its rate and their checks.
+
+    It comes before the ``torch.nn`` recurrent class in the bases and takes that class's arguments
+    plus ``scheme``, ``p`` and ``record_masks``. As on a
+    :class:`~compressdrop.dropout.layers.StochasticLayer`, the ``mc`` flag makes eval mode sample
+    (Monte-Carlo dropout); ``scheme="none"`` or ``p = 0`` means no noise at all.
+    """
 
     kind = ""
 
@@ -103,6 +109,8 @@ class _RecurrentDropout:
 
     @property
     def sampling(self) -> bool:
+        """Whether a forward pass draws masks: in training or with ``mc`` set, given a scheme and
+        ``p > 0``."""
         return (self.training or self.mc) and self.scheme != "none" and self.p > 0  # type: ignore[attr-defined]
 
     def _weights(self, layer: int) -> tuple[torch.Tensor, ...]:
@@ -161,7 +169,7 @@ class _RecurrentDropout:
         return out.transpose(0, 1) if self.batch_first else out  # type: ignore[attr-defined]
 
 
-class LSTM(_RecurrentDropout, nn.LSTM):
+class LSTM(RecurrentDropout, nn.LSTM):
     """``nn.LSTM`` with a recurrent dropout ``scheme`` (see the module docstring) and rate ``p``.
 
     ``batch_first`` defaults to True here. Beyond ``nn.LSTM``'s parameters it holds one buffer,
@@ -302,7 +310,7 @@ def _scale_last(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.cat([h[:-1], h[-1:] * scale])
 
 
-class GRU(_RecurrentDropout, nn.GRU):
+class GRU(RecurrentDropout, nn.GRU):
     """``nn.GRU`` with a recurrent dropout ``scheme`` (all but ``"moon"``) and rate ``p``."""
 
     kind = "GRU"

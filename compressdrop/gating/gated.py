@@ -22,6 +22,7 @@ __all__ = [
     "detach",
     "example_input_for",
     "groups_of",
+    "input_shapes_of",
     "is_gated",
     "kl",
     "named_gates",
@@ -225,6 +226,19 @@ def sites(model: nn.Module) -> Iterator[tuple[str, Gated]]:
 def groups_of(model: nn.Module) -> list[UnitGroup]:
     """The unit groups recorded at attach time (empty for a model rebuilt from a checkpoint)."""
     return list(getattr(model, _STATE, {}).get("groups", []))
+
+
+def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:
+    """The per-example shapes of the inputs :func:`attach` traced ``model`` with.
+
+    Args:
+        model: a model gated by :func:`attach`.
+
+    Returns:
+        One shape per positional input, without the batch dimension (``[(1, 28, 28)]`` for an
+        MNIST net); empty for a model with no attach record (as :func:`groups_of`).
+    """
+    return list(getattr(model, _STATE, {}).get("input_shape", []))
 
 
 def kl(model: nn.Module) -> torch.Tensor:

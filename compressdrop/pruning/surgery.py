@@ -22,8 +22,15 @@ from torch import nn
 
 from ..dropout.recurrent import tracing
 from ..errors import CompressDropError, InputError
-from ..gating import Gated, detach, example_input_for, is_gated, named_gates, sites
-from ..gating.gated import _STATE
+from ..gating import (
+    Gated,
+    detach,
+    example_input_for,
+    input_shapes_of,
+    is_gated,
+    named_gates,
+    sites,
+)
 from ..gating.recurrent import GatedLSTM, fold_lstm_
 
 __all__ = [
@@ -227,7 +234,7 @@ def prune(
     for _, g in named_gates(work):
         g.pruned.copy_(~masks[id(g)][1])
     if example_inputs is None:
-        shapes = getattr(work, _STATE, {}).get("input_shape")
+        shapes = input_shapes_of(work)
         example_inputs = (
             tuple(torch.randn(4, *s, device=next(work.parameters()).device) for s in shapes)
             if shapes
