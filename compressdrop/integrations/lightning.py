@@ -47,9 +47,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "compressdrop.integrations.lightning needs Lightning: pip install 'compressdrop[lightning]'"
     ) from e
 
-from ..checkpoint import save_model
-from ..gating import attach, detach, example_input_for, is_gated, kl
+from ..gating import attach, detach, example_input_for, is_gated
 from ..recipes import Recipe, load_recipe
+from ..training.finish import SlimFiles, finish
+from ..training.sparsifier import Sparsifier
 
 __all__ = ["CompressDropCallback"]
 
@@ -80,8 +81,10 @@ class CompressDropCallback(pl.Callback):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.target, self.example_input, self.num_train = target, example_input, num_train
         self.slim: nn.Module | None = None
+        self.files: SlimFiles | None = None
         self.last_beta: float = 0.0
         self._wrapped: Any = None
+        self._sparsifier: Sparsifier | None = None
 
     # -- helpers ------------------------------------------------------------------------------------
     def _net(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -93,36 +96,36 @@ class CompressDropCallback(pl.Callback):
             )
         return net
 
-    def _n(self, trainer: pl.Trainer) -> int:
-        if self.num_train is None:
-            try:
-                self.num_train = len(trainer.train_dataloader.dataset)
-            except (AttributeError, TypeError) as e:
-                raise InputError(
-                    "CompressDropCallback: cannot tell the training-set size; pass num_train=N"
-                ) from e
-        return self.num_train
+    def _sparsifier_for(self, trainer: pl.Trainer, net: nn.Module) -> Sparsifier:
+        """The recipe's β(t)·KL/N on ``net``, once the training-set size N is known."""
+        if self._sparsifier is None:
+            n = self.num_train
+            if n is None:
+                try:
+                    n = len(trainer.train_dataloader.dataset)
+                except (AttributeError, TypeError) as e:
+                    raise InputError(
+                        "CompressDropCallback: cannot tell the training-set size; pass num_train=N"
+                    ) from e
+            self.num_train = n
+            self._sparsifier = Sparsifier.from_recipe(net, self.recipe, n)
+        return self._sparsifier
 
     # -- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         net = self._net(pl_module)
-        if not is_gated(net):
-            g = self.recipe.gates
+        if not is_gated(net):  # before Lightning builds the optimizers: gates must be in them
             example = self.example_input
             if example is None:
                 example = example_input_for(net)
             attach(
                 net,
-                g.family,
-                g.granularity,
-                list(g.include) or None,
-                list(g.exclude) or None,
+                **self.recipe.gates.attach_kwargs(),
                 example_inputs=example.to(next(net.parameters()).device),
-                gate_kwargs=g.kwargs,
-                kl_cost=g.kl_cost,
             )
+        self._sparsifier = None
         original = pl_module.training_step
         schedule = self.recipe.kl
 
@@ -133,8 +136,9 @@ class CompressDropCallback(pl.Callback):
                 return None
             batches = max(int(trainer.num_training_batches), 1)
             batch_idx = kwargs.get("batch_idx", args[1] if len(args) > 1 else 0)
-            self.last_beta = float(schedule(trainer.current_epoch + batch_idx / batches))
-            term = self.last_beta * kl(net) / self._n(trainer)
+            t = trainer.current_epoch + batch_idx / batches
+            self.last_beta = float(schedule(t))
+            term = self._sparsifier_for(trainer, net).penalty(t)
             if isinstance(out, dict):
                 return {**out, "loss": out["loss"] + term}
             return out + term
@@ -148,28 +152,20 @@ class CompressDropCallback(pl.Callback):
             self._wrapped = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from ..pruning import prune
-
         net = self._net(pl_module)
-        example = self.example_input if self.example_input is not None else None
-        self.slim = prune(net.eval(), self.recipe.prune.threshold, example_inputs=example)
-        if self.out_dir is None or not trainer.is_global_zero:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        slim = self.slim.cpu()
-        save_model(slim, self.out_dir / "slim.pt", recipe=self.recipe.to_dict())
-        if self.recipe.export.onnx:
-            from ..export import export_onnx
-
-            rep = slim.prune_report
-            x = example if example is not None else example_input_for(slim, batch=2)
-            export_onnx(
-                slim,
-                x.cpu(),
-                self.out_dir / "slim.onnx",
-                metadata={"threshold": str(rep.threshold), "units_kept": rep.architecture()},
-                opset=self.recipe.export.opset,
-            )
+        write = self.out_dir is not None and trainer.is_global_zero
+        if write:
+            assert self.out_dir is not None
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.slim, self.files = finish(
+            net,
+            self.out_dir / "slim.pt" if write and self.out_dir is not None else None,
+            threshold=self.recipe.prune.threshold,
+            example_input=self.example_input,
+            formats=(".pt", ".onnx") if self.recipe.export.onnx else (".pt",),
+            recipe=self.recipe.to_dict(),
+            opset=self.recipe.export.opset,
+        )
 
     def detach(self, pl_module: pl.LightningModule) -> nn.Module:
         """Take the gates off the LightningModule's network (its learned state is dropped)."""
