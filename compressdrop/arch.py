@@ -234,7 +234,8 @@ def build_arch(
     )
     mine = rec.to_dict()
     mine.pop("name", None)
-    model.arch = {**own, **mine, "factory": spec, "kwargs": dict(rec.kwargs)}
+    # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
+    model.arch = {**own, **mine, "factory": spec, "kwargs": dict(rec.kwargs)}  # type: ignore[assignment]
     return model
 
 

@@ -1,0 +1,92 @@
+"""Programs as model structure: a ``.pt2`` loaded as a module that records itself as its ``arch``,
+and the ``arch`` record of a model that has no factory.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from ..errors import CheckpointError
+from .convert import program_to_module
+from .safety import Source, _read, load_program_safely
+
+__all__ = ["load_program", "program_record"]
+
+
+def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
+    """A ``.pt2`` as a gateable, prunable module that records itself as its ``arch``.
+
+    The module's ``arch`` is ``{"program": <the archive's bytes>, "input_shape": [...]}``, so a
+    compressdrop checkpoint of it (dense, gated or slim) rebuilds the structure from the program,
+    without any model code.
+
+    Args:
+        src: a path, an open binary file or the archive's bytes.
+        where: the name for messages (default: the path).
+
+    Returns:
+        The module (:func:`~compressdrop.programs.program_to_module`), in eval mode, with ``arch``
+        set; ``input_shape`` is there when the program's only input has a static shape.
+
+    Raises:
+        CheckpointError: the archive cannot be read, or
+            :func:`~compressdrop.programs.load_program_safely` refuses or cannot load it.
+    """
+    data, where = _read(src, where)
+    model = program_to_module(load_program_safely(data, where))
+    arch: dict[str, Any] = {"program": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+    # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
+    model.arch = arch  # type: ignore[assignment]
+    shape = _input_shape(model)
+    if shape is not None:
+        arch["input_shape"] = list(shape)
+    return model
+
+
+def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
+    """An ``arch`` record for a model with no factory (a pickled module, say): its dense structure
+    exported as a program, so that its checkpoints rebuild without pickled code.
+
+    Args:
+        model: the model; exported in eval mode, then put back in the mode it was in.
+        example_input: a batch of inputs; the batch dimension is exported as dynamic.
+
+    Returns:
+        ``{"program": <the .pt2 archive's bytes as a uint8 tensor>, "input_shape": [...]}``, the
+        shape being one example's (``example_input.shape[1:]``).
+
+    Raises:
+        CheckpointError: ``torch.export`` cannot capture the model.
+    """
+    was = model.training
+    model.eval()
+    try:
+        batch = torch.export.Dim("batch", min=1, max=1 << 20)
+        program = torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+    except Exception as e:
+        raise CheckpointError(
+            f"torch.export cannot capture {type(model).__name__} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}), so its structure cannot be saved "
+            "without pickled code"
+        ) from None
+    finally:
+        model.train(was)
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return {
+        "program": torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
+        "input_shape": list(example_input.shape[1:]),
+    }
+
+
+def _input_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
+    """One example's static shape from the program's only input, if it has one."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    val = inputs[0].meta.get("val") if len(inputs) == 1 else None
+    if val is None or not all(isinstance(s, int) for s in val.shape[1:]):
+        return None
+    return tuple(int(s) for s in val.shape[1:])
