@@ -17,7 +17,9 @@ graph finds the consumers of the hidden units.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +29,8 @@ from ..dropout.recurrent import LSTM
 from ..errors import InputError
 from .gated import Gated
 
-__all__ = ["GatedLSTM", "LSTMPruner", "customized_pruners", "gateable_lstm"]
+# LSTMPruner is built on first access (module __getattr__), so Torch-Pruning loads only when used
+__all__ = ["GatedLSTM", "LSTMPruner", "customized_pruners", "gateable_lstm"]  # noqa: F822
 
 
 def gateable_lstm(m: nn.Module) -> str | None:
@@ -80,20 +83,8 @@ def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=True)
 
 
-def _pruner_base():
-    import torch_pruning as tp
-
-    return tp.pruner.function.BasePruningFunc
-
-
-class LSTMPruner(_pruner_base()):  # type: ignore[misc]
-    """Torch-Pruning pruner for a one-layer :class:`compressdrop.dropout.LSTM`.
-
-    Output channels are hidden units: rows j + k·H (k = 0..3, the i, f, g, o blocks) of
-    ``weight_ih``, ``weight_hh`` and both biases, column j of ``weight_hh`` and entry j of
-    ``out_scale``. Input channels are columns of ``weight_ih_l0``. (Torch-Pruning's own LSTM
-    pruner does not cut the recurrent columns nor the bias blocks.)
-    """
+class _LSTMSlicing:
+    """The methods of :class:`LSTMPruner`, which adds them to Torch-Pruning's base class."""
 
     def prune_out_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
         if layer.num_layers != 1 or layer.bidirectional:
@@ -125,6 +116,36 @@ class LSTMPruner(_pruner_base()):  # type: ignore[misc]
         return layer.input_size
 
 
-def customized_pruners() -> dict:
-    """The pruners compressdrop registers with Torch-Pruning's dependency graph."""
-    return {LSTM: LSTMPruner()}
+@functools.cache
+def _lstm_pruner() -> type:
+    # Torch-Pruning is imported when the class is first needed, not with compressdrop.pruning
+    import torch_pruning as tp
+
+    class LSTMPruner(_LSTMSlicing, tp.pruner.function.BasePruningFunc):
+        """Torch-Pruning pruner for a one-layer :class:`compressdrop.dropout.LSTM`.
+
+        Output channels are hidden units: rows j + k·H (k = 0..3, the i, f, g, o blocks) of
+        ``weight_ih``, ``weight_hh`` and both biases, column j of ``weight_hh`` and entry j of
+        ``out_scale``. Input channels are columns of ``weight_ih_l0``. (Torch-Pruning's own LSTM
+        pruner does not cut the recurrent columns nor the bias blocks.)
+
+        The class is built on first access to ``compressdrop.gating.recurrent.LSTMPruner``.
+        """
+
+    LSTMPruner.__qualname__ = "LSTMPruner"  # as if defined at module level (repr, pickle)
+    return LSTMPruner
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LSTMPruner":
+        return _lstm_pruner()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def customized_pruners() -> dict[type[nn.Module], Any]:
+    """The pruners compressdrop registers with Torch-Pruning's dependency graph.
+
+    Returns:
+        A fresh :class:`LSTMPruner` for :class:`compressdrop.dropout.LSTM`, keyed by the class.
+    """
+    return {LSTM: _lstm_pruner()()}

@@ -1,0 +1,29 @@
+"""Heavy dependencies load where they are used: importing the pruning package does not import
+Torch-Pruning, which comes in with the first pruner or dependency graph."""
+
+import subprocess
+import sys
+
+
+def _run(code: str) -> None:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_importing_pruning_does_not_import_torch_pruning():
+    _run("import compressdrop.pruning, sys; assert 'torch_pruning' not in sys.modules")
+
+
+def test_the_lstm_pruner_is_built_on_first_access():
+    _run(
+        "import sys\n"
+        "from compressdrop.gating import recurrent\n"
+        "assert 'torch_pruning' not in sys.modules\n"
+        "import torch_pruning as tp\n"
+        "cls = recurrent.LSTMPruner\n"
+        "assert issubclass(cls, tp.pruner.function.BasePruningFunc)\n"
+        "assert cls is recurrent.LSTMPruner and cls.__qualname__ == 'LSTMPruner'\n"
+        "from compressdrop.dropout import LSTM\n"
+        "(pruner,) = recurrent.customized_pruners().values()\n"
+        "assert type(pruner) is cls and pruner.get_out_channels(LSTM(3, 5)) == 5\n"
+    )
