@@ -169,9 +169,9 @@ def _stack(
                 f"resize them all (size=32 or size=(H, W); on the command line "
                 f"images:{root},size=32 or ,size=HxW)"
             )
-    x = torch.stack([t for _, t in out]).contiguous()  # (N, C, H, W)
-    y = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return x, y
+    stacked = torch.stack([t for _, t in out]).contiguous()  # (N, C, H, W)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return stacked, labels
 
 
 def _labelled(classes: dict[str, list[Path]], names: list[str]) -> list[tuple[Path, int]]:

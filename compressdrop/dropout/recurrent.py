@@ -183,6 +183,12 @@ class LSTM(RecurrentDropout, nn.LSTM):
     """
 
     kind = "LSTM"
+    # set by nn.LSTM (parameters of layer 0) and by __init__ (buffer); declared for type checkers
+    weight_ih_l0: torch.Tensor
+    weight_hh_l0: torch.Tensor
+    bias_ih_l0: torch.Tensor
+    bias_hh_l0: torch.Tensor
+    out_scale: torch.Tensor
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, **kwargs: Any):
         super().__init__(input_size, hidden_size, num_layers, **kwargs)
@@ -217,7 +223,7 @@ class LSTM(RecurrentDropout, nn.LSTM):
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
         seq = list(xs.unbind(0))
-        h_n, c_n = [], []
+        h_last, c_last = [], []
         for layer in range(L):
             w = self._weights(layer)
             h, c = h0[layer], c0[layer]
@@ -245,15 +251,15 @@ class LSTM(RecurrentDropout, nn.LSTM):
                 if hidden_scale is not None:
                     h = h * hidden_scale
                 out.append(h)
-            h_n.append(h)
-            c_n.append(c)
+            h_last.append(h)
+            c_last.append(c)
             seq = out
         y = torch.stack(seq)
         if sample:
             y = self._output_dropout(y, masks)
         y = y * self.out_scale
-        h_n[-1] = h_n[-1] * self.out_scale
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        h_last[-1] = h_last[-1] * self.out_scale
+        h_n, c_n = torch.stack(h_last), torch.stack(c_last)
         if unbatched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
         return self._finish(y, unbatched, masks), (h_n, c_n)
@@ -275,7 +281,11 @@ class _Structure(torch.autograd.Function):
         return None, None, None, None
 
 
-def _trace_outputs(m: LSTM, x: torch.Tensor):
+def _trace_outputs(
+    m: LSTM, x: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    out: tuple[int, ...]
+    state: tuple[int, ...]
     if x.dim() == 3:
         batch, steps = (x.shape[0], x.shape[1]) if m.batch_first else (x.shape[1], x.shape[0])
         out = (batch, steps, m.hidden_size) if m.batch_first else (steps, batch, m.hidden_size)
@@ -294,13 +304,13 @@ def tracing(model: nn.Module) -> Iterator[nn.Module]:
     was = [(m, m.training) for m in model.modules()]
     lstms = [m for m in model.modules() if isinstance(m, LSTM)]
     model.eval()
-    for m in lstms:
-        m._tracing = True
+    for lstm in lstms:
+        lstm._tracing = True
     try:
         yield model
     finally:
-        for m in lstms:
-            m._tracing = False
+        for lstm in lstms:
+            lstm._tracing = False
         for m, t in was:
             m.training = t
 
@@ -329,7 +339,7 @@ class GRU(RecurrentDropout, nn.GRU):
         H, L = self.hidden_size, self.num_layers
         h0 = xs.new_zeros(L, batch, H) if hx is None else (hx.unsqueeze(1) if unbatched else hx)
         seq = list(xs.unbind(0))
-        h_n = []
+        h_last = []
         for layer in range(L):
             w = self._weights(layer)
             h = h0[layer]
@@ -350,12 +360,12 @@ class GRU(RecurrentDropout, nn.GRU):
                     n = n * masks.note(f"l{layer}.update", masks.draw(H) / masks.q)
                 h = (1 - z) * n + z * h
                 out.append(h)
-            h_n.append(h)
+            h_last.append(h)
             seq = out
         y = torch.stack(seq)
         if sample:
             y = self._output_dropout(y, masks)
-        h_n = torch.stack(h_n)
+        h_n = torch.stack(h_last)
         if unbatched:
             h_n = h_n.squeeze(1)
         return self._finish(y, unbatched, masks), h_n

@@ -88,6 +88,8 @@ class Gate(nn.Module):
 
     family: ClassVar[str] = ""
     default_threshold: ClassVar[float] = 1.0
+    unit_cost: torch.Tensor  # buffer (num_units,)
+    pruned: torch.Tensor  # bool buffer (num_units,)
 
     def __init__(self, num_units: int) -> None:
         super().__init__()

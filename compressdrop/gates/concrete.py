@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli, RelaxedBernoulli
 
 from ..errors import InputError
 from .base import Gate
-from .distributions import HardConcrete
+from .distributions import HardConcrete, _SampleShape
 
 __all__ = ["BernoulliFactor", "ConcreteGate", "HardConcreteGate"]
 
@@ -47,10 +47,10 @@ class BernoulliFactor(pdist.TorchDistribution):
     def variance(self) -> torch.Tensor:
         return self.keep * (1 - self.keep) * self.scale**2
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         return self.bernoulli.sample(sample_shape) * self.scale
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         temp = torch.as_tensor(self.temperature, dtype=self.keep.dtype, device=self.keep.device)
         relaxed = RelaxedBernoulli(temp, probs=self.keep.clamp(1e-6, 1 - 1e-6))
         return relaxed.rsample(sample_shape) * self.scale

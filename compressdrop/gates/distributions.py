@@ -32,6 +32,8 @@ __all__ = [
     "log_ndtr_diff",
 ]
 
+# a sample_shape as torch.distributions.Distribution.sample/rsample declare it
+_SampleShape = torch.Size | list[int] | tuple[int, ...]
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 # E[log|ε|] for ε ~ N(0, 1): −(γ_Euler + log 2) / 2.
@@ -107,7 +109,7 @@ class TruncatedNormal(pdist.TorchDistribution):
         inside = (value >= self.low) & (value <= self.high)
         return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.icdf(u)
@@ -252,7 +254,7 @@ class HardConcrete(pdist.TorchDistribution):
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         super().__init__(log_alpha.shape, validate_args=validate_args)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
         shape = self._extended_shape(sample_shape)
         eps = 1e-6
         u = torch.rand(shape, dtype=self.log_alpha.dtype, device=self.log_alpha.device)

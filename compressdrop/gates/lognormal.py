@@ -53,10 +53,10 @@ class LogNormalGate(Gate):
         return TruncatedLogNormal(mu, sigma, self.low, self.high)
 
     def prior(self) -> LogUniform:
-        kw = {"dtype": torch.float64, "device": self.mu.device}
+        n, device = self.num_units, self.mu.device
         return LogUniform(
-            torch.full((self.num_units,), self.low, **kw),
-            torch.full((self.num_units,), self.high, **kw),
+            torch.full((n,), self.low, dtype=torch.float64, device=device),
+            torch.full((n,), self.high, dtype=torch.float64, device=device),
         )
 
     def snr(self) -> torch.Tensor:

@@ -65,11 +65,12 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """A random input batch for ``model``: from ``model.arch['input_shape']`` (compressdrop's
     reference nets) or, failing that, a first layer that is a Linear."""
     arch = getattr(model, "arch", None)
+    declared = getattr(model, "input_shape", None)
     shape = None
     if isinstance(arch, Mapping) and "input_shape" in arch:
         shape = tuple(arch["input_shape"])
-    elif getattr(model, "input_shape", None) is not None:
-        shape = tuple(model.input_shape)
+    elif declared is not None:
+        shape = tuple(declared)
     else:
         first = next((m for m in model.modules() if not list(m.children())), None)
         if isinstance(first, nn.Linear):

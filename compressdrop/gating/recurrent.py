@@ -47,6 +47,8 @@ def gateable_lstm(m: nn.Module) -> str | None:
 class GatedLSTM(Gated):
     """A one-layer :class:`compressdrop.dropout.LSTM` whose hidden units pass through a gate."""
 
+    module: LSTM
+
     def forward(self, x, hx=None):  # type: ignore[override]
         m, g = self.module, self.gate
         dtype = m.weight_hh_l0.dtype

@@ -7,7 +7,7 @@ that loading never needs pickled code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,7 +38,8 @@ def _flat_size(features: nn.Module, input_shape: Shape) -> int:
 def _tag(
     model: nn.Module, name: str, input_shape: Shape, num_classes: int, **kwargs: Any
 ) -> nn.Module:
-    model.arch = {
+    # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
+    model.arch = {  # type: ignore[assignment]
         "name": name,
         "input_shape": [int(s) for s in input_shape],
         "num_classes": int(num_classes),
@@ -262,4 +263,7 @@ def build_model(
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """A random input batch of the model's input shape (from ``model.arch``)."""
-    return torch.randn(batch, *model.arch["input_shape"])
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, Mapping):
+        raise AttributeError(f"{type(model).__name__} has no `arch` record (see build_model)")
+    return torch.randn(batch, *arch["input_shape"])

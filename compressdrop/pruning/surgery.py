@@ -168,11 +168,13 @@ def unmask_(model: nn.Module) -> nn.Module:
 def _fold_(site: Gated) -> None:
     """Scale the wrapped layer's output units by E[θ]·keep, so that it no longer needs the gate."""
     g, m = site.gate, site.module
-    scale = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(m.weight.dtype)
-    shape = [-1] + [1] * (m.weight.dim() - 1)
-    m.weight.mul_(scale.reshape(shape))
-    if getattr(m, "bias", None) is not None:
-        m.bias.mul_(scale)
+    # a gated layer is a Linear, a Conv or an affine BatchNorm: output units along weight's dim 0
+    weight, bias = m.get_parameter("weight"), getattr(m, "bias", None)
+    scale = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(weight.dtype)
+    shape = [-1] + [1] * (weight.dim() - 1)
+    weight.mul_(scale.reshape(shape))
+    if bias is not None:
+        bias.mul_(scale)
 
 
 @contextlib.contextmanager
@@ -287,7 +289,10 @@ def prune(
             f"slim model differs from the masked model by relative error {err:.3g} > {rtol:g}; "
             "please report this model structure"
         )
-    work.prune_report = PruneReport(family, threshold, layers, dg.pruning_history(), err)
+    # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
+    work.prune_report = PruneReport(  # type: ignore[assignment]
+        family, threshold, layers, dg.pruning_history(), err
+    )
     return work
 
 
