@@ -93,6 +93,37 @@ def test_no_import_cycles_in_the_package():
     assert found <= KNOWN, f"import cycles: {[sorted(c) for c in found - KNOWN]}"
 
 
+# The package's layers, low to high: a module imports only from its own package or from a lower
+# layer (the root package, which re-exports the public API lazily, stands outside).
+LAYERS = [
+    {"errors", "_version"},
+    {"_io", "runtime"},
+    {"gates", "dropout", "data", "programs"},
+    {"models", "gating", "uncertainty"},
+    {"arch", "pruning", "recipes"},
+    {"checkpoint", "export"},
+    {"evaluation"},
+    {"training"},
+    {"workflows", "integrations"},
+    {"reporting", "cli_options"},
+    {"cli"},
+    {"__main__"},
+]
+
+
+def test_imports_point_down_the_layers():
+    rank = {name: i for i, layer in enumerate(LAYERS) for name in layer}
+    top = {m: m.split(".")[1] for m in import_graph() if m != "compressdrop"}
+    assert set(top.values()) <= set(rank), f"modules in no layer: {set(top.values()) - set(rank)}"
+    upward = sorted(
+        f"{m} imports {t}"
+        for m, targets in import_graph().items()
+        for t in targets
+        if m in top and t in top and top[m] != top[t] and rank[top[t]] >= rank[top[m]]
+    )
+    assert not upward, "imports that do not point down the layers:\n" + "\n".join(upward)
+
+
 def test_no_public_name_shadows_a_submodule():
     """``compressdrop.gates`` is the gates package, not a function of the same name: every
     package's attribute named like one of its submodules is that submodule."""

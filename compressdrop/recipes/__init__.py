@@ -12,12 +12,14 @@ from .config import (
     Stages,
 )
 from .io import DEFAULT_RECIPE, dump_recipe, list_recipes, load_recipe, recipe_path
+from .schedule import KLSchedule
 
 __all__ = [
     "DEFAULT_RECIPE",
     "DataConfig",
     "ExportConfig",
     "GateConfig",
+    "KLSchedule",
     "ModelConfig",
     "PruneConfig",
     "Recipe",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CompressDropError
-from ..training.schedule import KLSchedule
+from .schedule import KLSchedule
 
 __all__ = [
     "DataConfig",

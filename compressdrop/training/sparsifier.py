@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..gating import attach, is_gated, kl, named_gates
-from .schedule import KLSchedule
+from ..recipes.schedule import KLSchedule
 
 if TYPE_CHECKING:
     from ..recipes import Recipe

@@ -7,19 +7,40 @@ process runs), or rebuilt empty to take a checkpoint's weights when a run resume
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from ..checkpoint import save_model
-from ..evaluation.metrics import evaluate
+from ..evaluation.metrics import Metrics, evaluate
+from ..recipes import Recipe
+from .distributed import Dist
 from .sparsifier import Sparsifier
 
-if TYPE_CHECKING:
-    from .runner import Run
+__all__ = ["STAGES", "Finetune", "Pretrain", "RunState", "Sparsify", "Stage"]
 
-__all__ = ["STAGES", "Finetune", "Pretrain", "Sparsify", "Stage"]
+
+class RunState(Protocol):
+    """What a stage reads and records of the run it belongs to (the runner's ``Run``)."""
+
+    recipe: Recipe
+    data: Any
+    train: Any
+    val: Any
+    out: Path
+    dist: Dist
+    progress: Callable[[dict[str, Any]], None]
+    dense_metrics: dict[str, Any] | None
+    prune_info: dict[str, Any] | None
+
+    def example(self, batch: int = 2) -> torch.Tensor: ...
+    def copy_template(self) -> nn.Module: ...
+    def fresh(self) -> nn.Module: ...
+    def dense_size(self) -> tuple[int, int]: ...
+    def test(self, model: nn.Module) -> Metrics: ...
 
 
 class Stage:
@@ -27,7 +48,7 @@ class Stage:
 
     name = ""
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: RunState) -> None:
         self.run = run
 
     def enter(self, previous: nn.Module | None) -> nn.Module:
@@ -68,7 +89,7 @@ class Sparsify(Stage):
 
     name = "sparsify"
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: RunState) -> None:
         super().__init__(run)
         self.sparsifier: Sparsifier | None = None
         self.kl_total = 0.0

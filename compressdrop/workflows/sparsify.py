@@ -1,8 +1,5 @@
-"""The jobs the CLI runs, as functions the Python API shares: bring a user's model in, sparsify and
-prune it, write the slim model in the format asked for.
-
-The click commands in :mod:`compressdrop.cli` parse options and print; the work is here.
-"""
+"""Bring a user's plain model in and sparsify it: give it a record compressdrop can rebuild,
+size a default recipe to its data, train gates on it, prune and fine-tune it."""
 
 from __future__ import annotations
 
@@ -14,19 +11,12 @@ from typing import Any
 
 from torch import nn
 
-from .arch import Factory
-from .checkpoint import load_model
-from .recipes import Recipe, load_recipe
-from .training.finish import SLIM_FORMATS, SlimFiles, write_slim
+from ..arch import Factory
+from ..checkpoint import load_model
+from ..errors import InputError
+from ..recipes import Recipe, load_recipe
 
-__all__ = [
-    "SLIM_FORMATS",
-    "SlimFiles",
-    "adopt",
-    "default_recipe_for",
-    "sparsify_and_prune",
-    "write_slim",
-]
+__all__ = ["adopt", "default_recipe_for", "fit_input_shape", "sparsify_and_prune"]
 
 # optimiser steps a default recipe aims for in its sparsify stage, whatever the data size
 _DEFAULT_SPARSIFY_STEPS = 3000
@@ -39,7 +29,7 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     module) gets its dense structure as a ``torch.export`` program, so that its checkpoints
     rebuild without pickled code.
     """
-    from .programs import program_record
+    from ..programs import program_record
 
     shape = list(dataset.input_shape)
     arch = getattr(model, "arch", None)
@@ -48,6 +38,34 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     elif "input_shape" not in arch:
         model.arch = {**arch, "input_shape": shape}
     return model
+
+
+def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None:
+    """Check that inputs of ``shape`` fit ``model``'s recorded input shape; a model that records
+    none (a pickled module, a bare state_dict) takes ``shape``.
+
+    Args:
+        model: the model.
+        shape: one example's shape, without the batch dimension.
+        what: where the shape comes from, for the error message (``"data 'digits'"``).
+
+    Raises:
+        InputError: the model records another shape.
+    """
+    arch = getattr(model, "arch", None)
+    known = (
+        arch.get("input_shape")
+        if isinstance(arch, Mapping)
+        else getattr(model, "input_shape", None)
+    )
+    if known is not None and tuple(known) != tuple(shape):
+        raise InputError(
+            f"{what} has inputs of shape {tuple(shape)} but the model expects {tuple(known)}"
+        )
+    if known is None and isinstance(arch, Mapping):
+        model.arch = {**arch, "input_shape": list(shape)}
+    elif known is None:
+        model.input_shape = tuple(shape)
 
 
 def default_recipe_for(dataset: Any, base: str = "lenet300-lognormal") -> Recipe:
@@ -84,7 +102,7 @@ def sparsify_and_prune(
 
     The run's files (checkpoints, gated.pt) go to a temporary folder inside ``work_dir``.
     """
-    from .training.runner import run_recipe
+    from ..training.runner import run_recipe
 
     adopt(model, dataset)
     if factory is None:  # the model in hand was built by its factory: the caller ran it already

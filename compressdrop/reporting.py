@@ -1,0 +1,179 @@
+"""How the CLI shows its results: progress lines, tables (rich) and one-line summaries.
+
+Every function takes the plain data a :mod:`compressdrop.workflows` job returned; none computes
+anything. Progress and tables go to stderr and stdout as noted, so ``--json`` output stays clean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "console",
+    "eval_text",
+    "progress_printer",
+    "prune_text",
+    "run_summary",
+    "sweep_text",
+    "written_text",
+]
+
+
+def console(stderr: bool = True) -> Any:
+    """A rich console on stderr (progress) or stdout (tables)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None]:
+    """A progress callback for a run's events: a live bar on a terminal, one line per epoch
+    elsewhere, nothing under ``--json``.
+
+    Args:
+        out: the rich console to draw on.
+        as_json: the command prints JSON on stdout (then only the bar may show, on a terminal).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=out,
+        disable=as_json or not out.is_terminal,
+    )
+    tasks: dict[str, Any] = {}
+
+    def on_event(ev: dict[str, Any]) -> None:
+        kind = ev["event"]
+        if kind == "recipe" and ev["default"] and not as_json:
+            r, st = ev["recipe"], ev["recipe"].stages
+            out.print(
+                f"recipe: default for your model ({r.gates.family} gates, KL weight β = "
+                f"{r.kl.beta:g}, sparsify {st.sparsify.epochs} epochs, fine-tune "
+                f"{st.finetune.epochs}, for {ev['n_train']:,} training examples); "
+                "choose another with --recipe",
+                highlight=False,
+                soft_wrap=True,
+            )
+        elif kind == "stage":
+            if not progress.live.is_started:
+                progress.start()
+            if ev["epochs"]:
+                tasks[ev["stage"]] = progress.add_task(ev["stage"], total=ev["epochs"], info="")
+        elif kind == "epoch":
+            info = f"loss {ev['loss']:.4f} val acc {ev['val_accuracy']:.4f}"
+            if "units_kept" in ev:
+                info += f" kl {ev['kl']:.4f} units {ev['units_kept']}/{ev['units_total']}"
+            task = tasks.get(ev["stage"])
+            if task is not None:
+                progress.update(task, completed=ev["epoch"], info=info)
+            if not out.is_terminal and not as_json:
+                out.print(f"{ev['stage']} {ev['epoch']}/{ev['epochs']}: {info}", highlight=False)
+        elif kind == "pruned" and not as_json:
+            out.print(f"pruned: {ev['architecture']} (val acc {ev['val_accuracy']:.4f})")
+        elif kind == "done" and progress.live.is_started:
+            progress.stop()
+
+    return on_event
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="right")
+    for row in rows:
+        t.add_row(*row)
+    console(stderr=False).print(t)
+
+
+def run_summary(report: dict[str, Any]) -> None:
+    """The dense and the slim model of a run's ``report.json``, side by side, on stdout."""
+    d, s = report["dense"], report["slim"]
+
+    def metric(m: dict[str, Any], key: str) -> str:
+        return f"{m[key]:.4f}" if key in m else "—"
+
+    rows = [
+        [name, metric(m, "test_accuracy"), metric(m, "test_nll")]
+        + [f"{m['params']:,}", f"{m['flops']:,}", report[f"architecture_{when}"]]
+        for name, m, when in (("dense", d, "before"), ("slim", s, "after"))
+    ]
+    _table(
+        f"{report['recipe']} on {report['dataset']} ({report['device']})",
+        ("model", "test acc", "test NLL", "params", "FLOPs", "units"),
+        rows,
+    )
+    print(
+        f"params ×{report['params_reduction']:.2f} fewer, FLOPs ×{report['flops_reduction']:.2f} "
+        f"fewer; wall time {report['wall_seconds']:.1f} s"
+    )
+
+
+def written_text(paths: dict[str, Any], max_rel_error: dict[str, float]) -> str:
+    """``wrote FILE (checked: max relative error E)`` per file."""
+    lines = []
+    for kind, path in paths.items():
+        err = max_rel_error.get(kind)
+        lines.append(
+            f"wrote {path}"
+            + (f" (checked: max relative error {err:.1e})" if err is not None else "")
+        )
+    return "\n".join(lines)
+
+
+def prune_text(result: Any, source: str, out: str) -> None:
+    """What ``compressdrop prune`` did: units per layer, the dense/slim comparison when the model
+    was sparsified here, and the files written."""
+    layers = result.summary["layers"]
+    _table(
+        f"pruned {source} → {out}",
+        ("layer", "units before", "units after", "threshold"),
+        [[x["name"], str(x["before"]), str(x["after"]), f"{x['threshold']:g}"] for x in layers],
+    )
+    if result.run is not None:
+        run_summary(result.run)
+    print(written_text(result.files.paths, result.files.max_rel_error))
+
+
+def sweep_text(res: dict[str, Any], batch: int, threads: int | None) -> None:
+    """The table of a threshold sweep, the dense reference and the files, on stdout."""
+    rows = res["rows"]
+    _table(
+        f"sweep of {res['title']} ({rows[0]['device']}, onnxruntime {rows[0]['provider']}, "
+        f"batch {batch}, threads {threads or 'default'})",
+        ("threshold", "units", "test acc", "NLL", "params", "FLOPs", "ONNX bytes", "latency ms")
+        + ("Pareto",),
+        [
+            [f"{r['threshold']:.4g}", r["architecture"], f"{r['accuracy']:.4f}", f"{r['nll']:.4f}"]
+            + [f"{r['params']:,}", f"{r['flops']:,}", f"{r['onnx_bytes']:,}"]
+            + [f"{r['latency_ms']:.3f}", "*" if r["pareto"] else ""]
+            for r in rows
+        ],
+    )
+    dense = res["dense"]
+    if dense is not None:
+        print(
+            f"dense model before gating: test acc {dense['test_accuracy']:.4f}, "
+            f"{dense['params']:,} params, {dense['flops']:,} FLOPs"
+        )
+    print(f"wrote {', '.join(res['files'].values())}")
+
+
+def eval_text(res: dict[str, Any]) -> str:
+    """An evaluation's metrics on one line, the Monte-Carlo ones on a second."""
+
+    def line(d: dict[str, Any]) -> str:
+        return "  ".join(
+            f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+            for k, v in d.items()
+            if not isinstance(v, dict)
+        )
+
+    return line(res) + (f"\nMonte-Carlo: {line(res['mc'])}" if "mc" in res else "")

@@ -1,0 +1,139 @@
+"""The jobs behind ``compressdrop eval`` and ``compressdrop sweep``: measure a model file on a
+data set's test split, and accuracy against size over a gated checkpoint's SNR thresholds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ..arch import Factory
+from ..checkpoint import load_model
+from ..data import load_dataset
+from ..errors import InputError
+from .jobs import load_fitting
+from .sparsify import fit_input_shape
+
+__all__ = ["evaluate_file", "sweep_file"]
+
+
+def evaluate_file(
+    model_path: str | Path,
+    data: str = "digits",
+    *,
+    mc_samples: int | None = None,
+    ood: str | None = None,
+    arch: Factory | str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Accuracy, NLL and size of a model file (PyTorch or ``.onnx``) on ``data``'s test split.
+
+    Args:
+        mc_samples: Monte-Carlo passes for uncertainty (PyTorch models with dropout or gates).
+        ood: an out-of-distribution data set for the AUROC of the uncertainty measures.
+
+    Returns:
+        The metrics as plain data; ``mc`` holds the Monte-Carlo ones.
+
+    Raises:
+        InputError: ``mc_samples`` with an ONNX file, or a model without stochastic layers.
+    """
+    ds = load_dataset(data)
+    if str(model_path).endswith(".onnx"):
+        if mc_samples is not None:
+            raise InputError("Monte-Carlo needs a PyTorch model: ONNX is the deterministic graph")
+        from ..evaluation.onnx_eval import evaluate_onnx
+
+        return evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+    from ..evaluation.metrics import evaluate
+    from ..evaluation.model_size import count_flops, count_params
+    from ..gating import example_input_for
+    from ..runtime import resolve_device
+
+    shape = tuple(ds.input_shape)
+    model = load_fitting(model_path, shape, f"data {ds.name!r}", arch, arch_kwargs, trust_code)
+    dev = resolve_device(device)
+    model.to(dev)
+    m = evaluate(model, ds.x_test, ds.y_test)
+    res: dict[str, Any] = {
+        "model": str(model_path),
+        "data": ds.name,
+        "n": m.n,
+        "accuracy": m.accuracy,
+        "nll": m.nll,
+        "params": count_params(model),
+        "flops": count_flops(model, example_input_for(model, batch=1)),
+        "device": str(dev),
+    }
+    if mc_samples is not None:
+        from ..uncertainty import mc_evaluate, resize_images
+
+        x_ood = resize_images(load_dataset(ood).x_test, shape) if ood is not None else None
+        try:
+            res["mc"] = mc_evaluate(model, ds.x_test, ds.y_test, mc_samples, x_ood)
+        except ValueError as e:
+            raise InputError(f"{model_path}: {e}") from None
+        if ood is not None:
+            res["mc"]["ood_data"] = ood
+    return res
+
+
+def sweep_file(
+    model_path: str | Path,
+    data: str = "digits",
+    *,
+    thresholds: list[float] | None = None,
+    out: str | Path = "runs/sweep",
+    batch: int = 256,
+    threads: int | None = None,
+    arch: Factory | str | None = None,
+    trust_code: bool = False,
+    device: str = "auto",
+    progress: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Accuracy against size over SNR thresholds of a gated checkpoint (see
+    :func:`compressdrop.evaluation.sweep.sweep`), written as CSV, JSON and a plot into ``out``.
+
+    Returns:
+        ``rows`` (one per threshold, as data), ``dense`` (the model before gating, when the
+        checkpoint records it for this data set), ``files``, ``data`` and ``title``.
+
+    Raises:
+        InputError: the model has no trained gates.
+    """
+    from ..evaluation.sweep import sweep, write_sweep
+    from ..gating import is_gated
+
+    model = load_model(model_path, arch=arch, trust_code=trust_code)
+    if not is_gated(model):
+        raise InputError(
+            f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
+        )
+    ds = load_dataset(data)
+    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
+    rows = sweep(
+        model,
+        ds.x_test,
+        ds.y_test,
+        thresholds,
+        device=device,
+        latency_batch=batch,
+        threads=threads,
+        progress=progress,
+    )
+    meta = (getattr(model, "compressdrop_meta", None) or {}).get("meta") or {}
+    dense = meta.get("dense")
+    if not (isinstance(dense, dict) and dense.get("dataset") == ds.name):
+        dense = None  # measured on other data: no reference
+    title = f"{Path(model_path).name} on {ds.name}"
+    paths = write_sweep(rows, out, title=title, dense=dense)
+    return {
+        "rows": [asdict(r) for r in rows],
+        "dense": dense,
+        "files": {k: str(v) for k, v in paths.items()},
+        "data": ds.name,
+        "title": title,
+    }

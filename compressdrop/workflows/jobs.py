@@ -1,0 +1,282 @@
+"""The jobs behind the CLI's commands that make files: train a recipe, prune a model file,
+export it (evaluating and sweeping are in :mod:`compressdrop.workflows.evaluate`). Each returns plain data; :mod:`compressdrop.cli` parses
+options and shows the result, :mod:`compressdrop.reporting` draws the tables.
+
+Errors a user can fix are :class:`~compressdrop.CompressDropError` subclasses with a message that
+names the file and the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..arch import Factory
+from ..checkpoint import load_model
+from ..data import load_dataset
+from ..errors import InputError
+from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
+from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
+from ..training.runner import RunResult, TrainingDiverged, run_recipe
+from .sparsify import adopt, default_recipe_for, fit_input_shape, sparsify_and_prune
+
+__all__ = [
+    "PruneResult",
+    "check_writable",
+    "export_file",
+    "prune_file",
+    "train",
+]
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _quiet(event: dict[str, Any]) -> None:
+    """The progress callback that shows nothing."""
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail before any work if ``path`` cannot be written: its folder must exist and be
+    writable.
+
+    Raises:
+        InputError: naming the file and the folder.
+    """
+    import os
+
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def train(
+    recipe: str | Recipe | None = None,
+    *,
+    data: str | None = None,
+    out: str | Path = "runs/latest",
+    resume: bool = False,
+    seed: int | None = None,
+    precision: str | None = None,
+    device: str = "auto",
+    factory: Factory | str | None = None,
+    trust_code: bool = False,
+    progress: Progress = _quiet,
+) -> RunResult | None:
+    """Run a recipe end to end (see :func:`~compressdrop.training.runner.run_recipe`), in this
+    process or as one rank of a ``torchrun`` launch.
+
+    Args:
+        recipe: a shipped name, a YAML file or a :class:`Recipe` (``None``: the default recipe).
+        data: a data spec (``digits``, ``FILE.npz``, ``images:DIR``…) replacing the recipe's.
+        out: the output folder.
+        resume: continue from ``out/checkpoint.pt``.
+        seed / precision: replace the recipe's.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        factory / trust_code: consent to the factory the recipe names (see
+            :mod:`compressdrop.arch`).
+        progress: called with each event of the run (stage, epoch, pruned, done).
+
+    Returns:
+        The run's files and report on rank 0 (or a single process); ``None`` on other ranks.
+    """
+    from ..training.distributed import from_env, shutdown
+
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or DEFAULT_RECIPE)
+    if seed is not None:
+        r = r.replace(seed=seed)
+    if precision is not None:
+        r = r.replace(precision=precision)
+    if data is not None:
+        r = r.override({"data.name": data})
+    ds = load_dataset(r.data.name)
+    clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
+    try:
+        dist, dev = from_env(device)
+        result = run_recipe(
+            r,
+            ds,
+            out,
+            device=dev,
+            resume=resume,
+            progress=progress,
+            dist=dist,
+            factory=factory,
+            trust_code=trust_code,
+        )
+        clean = True
+    except TrainingDiverged:
+        clean = True
+        raise
+    finally:
+        progress({"event": "done"})
+        shutdown(clean=clean)
+    return result if dist.is_main else None
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_file` made: the slim model, its files and what pruning did.
+
+    ``run`` is the sparsify-and-fine-tune report (dense against slim on the test split) when the
+    model came without trained gates, else ``None``.
+    """
+
+    slim: nn.Module
+    files: SlimFiles
+    summary: dict[str, Any]
+    run: dict[str, Any] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data (the CLI's ``--json``)."""
+        return {
+            "files": {k: str(v) for k, v in self.files.paths.items()},
+            "max_rel_error_files": self.files.max_rel_error,
+            **self.summary,
+            "architecture": f"{self.summary['architecture_before']} → "
+            f"{self.summary['architecture_after']}",
+            "report": self.run,
+        }
+
+
+def prune_file(
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    threshold: float | None = None,
+    recipe: str | Recipe | None = None,
+    data: str | None = None,
+    arch: Factory | str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
+    device: str = "auto",
+    seed: int | None = None,
+    progress: Progress = _quiet,
+) -> PruneResult:
+    """Prune the model in ``model_path`` and write the slim model to ``out``.
+
+    A model with trained gates is pruned at once; a plain one (a ``.pt2`` program, a state_dict,
+    a pickled module) is first sparsified on ``data`` with ``recipe`` (default: one sized to the
+    data, announced to ``progress`` as a ``recipe`` event), then pruned and fine-tuned.
+
+    Args:
+        model_path: the model file (see :func:`compressdrop.checkpoint.load_model`).
+        out: the slim model's file; its suffix picks the format (:data:`SLIM_FORMATS`).
+        threshold: the SNR threshold (``None``: the recipe's or each gate family's default).
+        recipe / data: how to sparsify a plain model, and on what.
+        arch / arch_kwargs / trust_code: how to rebuild the model, and consent to run code.
+        device / seed: where to train, and the seed (default: the recipe's).
+        progress: called with each event of the sparsify run.
+
+    Raises:
+        InputError: an unknown output format, or a plain model without ``data``.
+    """
+    from ..gating import example_input_for, is_gated
+
+    out = Path(out)
+    if out.suffix not in SLIM_FORMATS:
+        raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name")
+    check_writable(out)
+    model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
+    if is_gated(model):
+        slim, files = finish(model, out, threshold=threshold, recipe=recipe_dict)
+        assert files is not None
+        return PruneResult(slim, files, prune_summary(slim), None)
+    if data is None:
+        raise InputError(
+            f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
+        )
+    ds = load_dataset(data)
+    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
+    adopt(model, ds)
+    if recipe is None:
+        r = default_recipe_for(ds)
+    else:
+        r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if seed is not None:
+        r = r.replace(seed=seed)
+    if threshold is not None:
+        r = r.replace(prune=replace(r.prune, threshold=threshold))
+    progress(
+        {"event": "recipe", "recipe": r, "default": recipe is None, "n_train": len(ds.x_train)}
+    )
+    try:
+        slim = sparsify_and_prune(
+            model,
+            ds,
+            r,
+            device=device,
+            progress=progress,
+            factory=arch,
+            trust_code=trust_code,
+            work_dir=out.resolve().parent,
+        )
+    finally:
+        progress({"event": "done"})
+    files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=r.to_dict())
+    return PruneResult(slim, files, prune_summary(slim), slim.compressdrop_report)
+
+
+def load_fitting(
+    model_path: str | Path,
+    shape: tuple[int, ...] | None,
+    what: str,
+    arch: Factory | str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    trust_code: bool,
+) -> nn.Module:
+    model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    if shape is not None:
+        fit_input_shape(model, shape, what)
+    return model
+
+
+def export_file(
+    model_path: str | Path,
+    out: str | Path,
+    *,
+    opset: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    arch: Factory | str | None = None,
+    arch_kwargs: Mapping[str, Any] | None = None,
+    trust_code: bool = False,
+) -> dict[str, Any]:
+    """Export the model in ``model_path`` to ``out`` (``.onnx``, checked in onnxruntime; or
+    ``.pt2``, checked by loading it back).
+
+    Args:
+        input_shape: one example's shape, for a model that records none.
+        opset / arch / arch_kwargs / trust_code: as in :func:`prune_file` and
+            :func:`~compressdrop.export.export_onnx`.
+
+    Returns:
+        ``output``, ``bytes``, ``max_rel_error`` per checked batch size, and for ONNX the
+        ``provider`` and ``opset``.
+    """
+    from ..export import export_onnx
+    from ..export.program import export_program
+    from ..gating import example_input_for
+
+    out = Path(out)
+    if out.suffix not in (".onnx", ".pt2"):
+        raise InputError(f"{out}: use a .onnx or .pt2 file name")
+    check_writable(out)
+    model = load_fitting(model_path, input_shape, "--input-shape", arch, arch_kwargs, trust_code)
+    x = example_input_for(model, batch=2)
+    if out.suffix == ".pt2":
+        prog = export_program(model, x, out)
+        return {"output": str(out), "bytes": prog.bytes, "max_rel_error": prog.max_rel_error}
+    rep = export_onnx(model, x, out, metadata={"source": Path(model_path).name}, opset=opset)
+    return {
+        "output": str(out),
+        "bytes": rep.bytes,
+        "provider": rep.provider,
+        "max_rel_error": rep.max_rel_error,
+        "opset": rep.opset,
+    }
