@@ -1,1 +1,3 @@
+"""The package version (one place: pyproject reads it from here)."""
+
 __version__ = "0.1.0"

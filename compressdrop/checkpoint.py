@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._attrs import set_record
 from ._io import atomic_write
 from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
@@ -209,9 +210,8 @@ def load_model(
         if isinstance(arch, Mapping):  # the caller's own record: consent to its factory
             record, factory = ArchRecord.from_dict(arch, "arch"), arch.get("factory")
         else:
-            spec = arch if isinstance(arch, str) else None
             record = ArchRecord(
-                factory=spec or factory_spec(arch),
+                factory=arch if isinstance(arch, str) else factory_spec(arch),
                 input_shape=tuple(input_shape) if input_shape else None,
                 kwargs=dict(arch_kwargs or {}),
             )
@@ -261,13 +261,17 @@ def _from_payload(
 
         rep = payload["prune_report"]
         replay(model, rep["history"])
-        model.prune_report = PruneReport.from_dict(rep)
+        set_record(model, "prune_report", PruneReport.from_dict(rep))
     elif kind != "dense":
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     _load_state(model, payload["state_dict"], path)
-    model.compressdrop_meta = {
-        "recipe": payload.get("recipe"),
-        "meta": payload.get("meta", {}),
-        "kind": kind,
-    }
+    set_record(
+        model,
+        "compressdrop_meta",
+        {
+            "recipe": payload.get("recipe"),
+            "meta": payload.get("meta", {}),
+            "kind": kind,
+        },
+    )
     return model

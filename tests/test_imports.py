@@ -97,7 +97,7 @@ def test_no_import_cycles_in_the_package():
 # layer (the root package, which re-exports the public API lazily, stands outside).
 LAYERS = [
     {"errors", "_version"},
-    {"_io", "runtime"},
+    {"_io", "_attrs", "runtime"},
     {"gates", "dropout", "data", "programs"},
     {"models", "gating", "uncertainty"},
     {"arch", "pruning", "recipes"},

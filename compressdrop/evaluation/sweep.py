@@ -8,7 +8,7 @@ import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -85,7 +85,7 @@ def sweep(
     intra-op threads. Row 0 is threshold 0: every unit kept, the unpruned reference.
     """
     from ..export import export_onnx
-    from ..pruning import PruningWarning, prune
+    from ..pruning import PruneReport, PruningWarning, prune
     from ..runtime import resolve_device
     from .latency import ort_latency
 
@@ -101,7 +101,7 @@ def sweep(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PruningWarning)
                 slim = prune(model.cpu(), thr, example_inputs=example)
-            rep = slim.prune_report
+            rep = cast(PruneReport, slim.prune_report)
             onnx_path = Path(tmp) / f"slim{i}.onnx"
             exported = export_onnx(
                 slim,

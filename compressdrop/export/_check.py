@@ -41,6 +41,7 @@ def eval_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def dynamic_batch() -> torch.export.Dim:
+    """The batch dimension every export leaves dynamic."""
     return torch.export.Dim("batch", min=1, max=1 << 20)
 
 

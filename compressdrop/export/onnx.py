@@ -121,6 +121,8 @@ def export_onnx(
                     external_data=False,
                     verbose=False,
                 )
+                if program is None:
+                    raise ExportError("torch.onnx.export returned no program")
                 program.save(str(tmp), external_data=False)
         except Exception as e:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e

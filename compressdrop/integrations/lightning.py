@@ -32,6 +32,7 @@ correct but not bit-identical to one process (compressdrop's own runner, ``compr
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,8 @@ class CompressDropCallback(pl.Callback):
             n = self.num_train
             if n is None:
                 try:
-                    n = len(trainer.train_dataloader.dataset)
-                except (AttributeError, TypeError) as e:
+                    n = len(trainer.train_dataloader.dataset)  # type: ignore[union-attr]
+                except (AttributeError, TypeError) as e:  # no loader yet, or an iterable dataset
                     raise InputError(
                         "CompressDropCallback: cannot tell the training-set size; pass num_train=N"
                     ) from e
@@ -113,6 +114,7 @@ class CompressDropCallback(pl.Callback):
 
     # -- hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Attach the recipe's gates and wrap ``training_step`` to add β(t)·KL/N (fit only)."""
         if stage != "fit":
             return
         net = self._net(pl_module)
@@ -139,7 +141,7 @@ class CompressDropCallback(pl.Callback):
             t = trainer.current_epoch + batch_idx / batches
             self.last_beta = float(schedule(t))
             term = self._sparsifier_for(trainer, net).penalty(t)
-            if isinstance(out, dict):
+            if isinstance(out, Mapping):
                 return {**out, "loss": out["loss"] + term}
             return out + term
 
@@ -147,11 +149,13 @@ class CompressDropCallback(pl.Callback):
         self._wrapped = (pl_module, original)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give the LightningModule its own ``training_step`` back."""
         if self._wrapped is not None and self._wrapped[0] is pl_module:
-            pl_module.training_step = self._wrapped[1]  # type: ignore[method-assign]
+            pl_module.training_step = self._wrapped[1]
             self._wrapped = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Prune at the recipe's threshold; rank 0 writes ``slim.pt`` (and ``slim.onnx``)."""
         net = self._net(pl_module)
         write = self.out_dir is not None and trainer.is_global_zero
         if write:

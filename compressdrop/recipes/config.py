@@ -212,6 +212,7 @@ class Recipe:
             raise RecipeError(f"{source}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain data (what YAML files and checkpoints hold)."""
         return _to_plain(self)
 
     def replace(self, **changes: Any) -> Recipe:
@@ -295,7 +296,7 @@ def _coerce(tp: Any, value: Any, path: str, base: Any = None) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, path, base)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path, base if dataclasses.is_dataclass(base) else None)
     if tp is bool:
         _check(isinstance(value, bool), path, f"expected true/false, got {value!r}")

@@ -41,6 +41,7 @@ class RanksDisagree(CompressDropError, ValueError):
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that ``torchrun`` started (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -54,10 +55,12 @@ class Dist:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the process that writes files and prints."""
         return self.rank == 0
 
     @property
     def active(self) -> bool:
+        """More than one process."""
         return self.world > 1
 
     def shard(self, idx: torch.Tensor) -> torch.Tensor:
@@ -65,6 +68,7 @@ class Dist:
         return idx[self.rank :: self.world] if self.active else idx
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel when distributed, else ``model`` itself."""
         if not self.active:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -119,6 +123,7 @@ class Dist:
             )
 
     def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a single process)."""
         if self.active:
             dist.barrier()
 

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
 
+from .._attrs import set_record
 from ..checkpoint import save_model
 from ..evaluation.metrics import Metrics, evaluate
 from ..recipes import Recipe
 from .distributed import Dist
 from .sparsifier import Sparsifier
+
+if TYPE_CHECKING:
+    from ..pruning import PruneReport
 
 __all__ = ["STAGES", "Finetune", "Pretrain", "RunState", "Sparsify", "Stage"]
 
@@ -36,11 +40,25 @@ class RunState(Protocol):
     dense_metrics: dict[str, Any] | None
     prune_info: dict[str, Any] | None
 
-    def example(self, batch: int = 2) -> torch.Tensor: ...
-    def copy_template(self) -> nn.Module: ...
-    def fresh(self) -> nn.Module: ...
-    def dense_size(self) -> tuple[int, int]: ...
-    def test(self, model: nn.Module) -> Metrics: ...
+    def example(self, batch: int = 2) -> torch.Tensor:
+        """The first ``batch`` training inputs, on the run's device."""
+        ...
+
+    def copy_template(self) -> nn.Module:
+        """A copy of the dense template (its initial weights)."""
+        ...
+
+    def fresh(self) -> nn.Module:
+        """The user's trained weights the first time, else a copy of the template."""
+        ...
+
+    def dense_size(self) -> tuple[int, int]:
+        """Parameters and FLOPs per example of the dense architecture."""
+        ...
+
+    def test(self, model: nn.Module) -> Metrics:
+        """``model``'s metrics on the test split."""
+        ...
 
 
 class Stage:
@@ -78,6 +96,7 @@ class Pretrain(Stage):
     name = "pretrain"
 
     def leave(self, model: nn.Module) -> None:
+        """Record the dense model's test metrics (once: a resumed run keeps the first)."""
         run = self.run
         if run.dense_metrics is None:
             m = run.test(model)
@@ -102,12 +121,15 @@ class Sparsify(Stage):
         return model
 
     def enter(self, previous: nn.Module | None) -> nn.Module:
+        """The previous stage's model (or a fresh one) with the recipe's gates attached."""
         return self._gate(super().enter(previous))
 
     def rebuild(self) -> nn.Module:
+        """The dense template with the recipe's gates attached."""
         return self._gate(self.run.copy_template())
 
     def loss_term(self, model: nn.Module, t: float) -> torch.Tensor:
+        """β(t)·KL/N, its KL/N summed for the epoch's record."""
         assert self.sparsifier is not None
         term = self.sparsifier.kl_per_example()
         self.kl_total += float(term.detach())
@@ -145,12 +167,13 @@ class Finetune(Stage):
     name = "finetune"
 
     def enter(self, previous: nn.Module | None) -> nn.Module:
+        """Prune the sparsified model; its pruning history goes into every later checkpoint."""
         from ..pruning import prune
 
         run = self.run
         assert previous is not None, "fine-tuning starts from the sparsified model"
         slim = prune(previous, run.recipe.prune.threshold, example_inputs=run.example(4))
-        rep = slim.prune_report
+        rep = cast("PruneReport", slim.prune_report)
         run.prune_info = {"history": rep.to_dict()["history"], "report": rep.to_dict()}
         m = evaluate(slim, run.val.x_test, run.val.y_test)
         run.progress(
@@ -159,13 +182,14 @@ class Finetune(Stage):
         return slim
 
     def rebuild(self) -> nn.Module:
+        """The template with the recorded pruning replayed on it: the slim structure."""
         from ..pruning import PruneReport, replay
 
         run = self.run
         assert run.prune_info is not None, "a fine-tuning checkpoint records its pruning"
         model = run.copy_template()
         replay(model, run.prune_info["history"], example_inputs=run.example())
-        model.prune_report = PruneReport.from_dict(run.prune_info["report"])
+        set_record(model, "prune_report", PruneReport.from_dict(run.prune_info["report"]))
         return model
 
 

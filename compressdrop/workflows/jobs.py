@@ -220,7 +220,7 @@ def prune_file(
     finally:
         progress({"event": "done"})
     files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=r.to_dict())
-    return PruneResult(slim, files, prune_summary(slim), slim.compressdrop_report)
+    return PruneResult(slim, files, prune_summary(slim), getattr(slim, "compressdrop_report", None))
 
 
 def load_fitting(

@@ -7,10 +7,11 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
+from .._attrs import set_record
 from ..arch import Factory
 from ..checkpoint import load_model
 from ..errors import InputError
@@ -34,9 +35,9 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     shape = list(dataset.input_shape)
     arch = getattr(model, "arch", None)
     if not isinstance(arch, Mapping):
-        model.arch = program_record(model, dataset.x_train[:2])
+        set_record(model, "arch", program_record(model, dataset.x_train[:2]))
     elif "input_shape" not in arch:
-        model.arch = {**arch, "input_shape": shape}
+        set_record(model, "arch", {**arch, "input_shape": shape})
     return model
 
 
@@ -63,9 +64,9 @@ def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None
             f"{what} has inputs of shape {tuple(shape)} but the model expects {tuple(known)}"
         )
     if known is None and isinstance(arch, Mapping):
-        model.arch = {**arch, "input_shape": list(shape)}
+        set_record(model, "arch", {**arch, "input_shape": list(shape)})
     elif known is None:
-        model.input_shape = tuple(shape)
+        set_record(model, "input_shape", tuple(shape))
 
 
 def default_recipe_for(dataset: Any, base: str = "lenet300-lognormal") -> Recipe:
@@ -106,7 +107,7 @@ def sparsify_and_prune(
 
     adopt(model, dataset)
     if factory is None:  # the model in hand was built by its factory: the caller ran it already
-        factory = model.arch.get("factory")
+        factory = cast(Mapping, model.arch).get("factory")
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         result = run_recipe(
             recipe.replace(export=replace(recipe.export, onnx=False)),
@@ -120,5 +121,5 @@ def sparsify_and_prune(
         )
         assert result.slim_path is not None
         slim = load_model(result.slim_path, arch=factory, trust_code=trust_code)
-    slim.compressdrop_report = result.report
+    set_record(slim, "compressdrop_report", result.report)
     return slim
