@@ -39,8 +39,15 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class MCPrediction:
-    """Predictive mean (N, C), its variance over samples (N, C), predictive entropy (N,) and
-    mutual information (N,), all in nats."""
+    """What :func:`mc_predict` returns: Monte-Carlo estimates per input, entropies in nats.
+
+    Attributes:
+        mean: predictive probabilities, the mean over samples, ``(N, C)``.
+        variance: their variance over samples, ``(N, C)``.
+        entropy: entropy of the predictive mean, ``(N,)``.
+        mutual_information: entropy minus the mean entropy of the samples (epistemic
+            uncertainty), ``(N,)``.
+    """
 
     mean: torch.Tensor
     variance: torch.Tensor
@@ -50,8 +57,17 @@ class MCPrediction:
 
 @contextlib.contextmanager
 def mc_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode with every noise source sampling: nn.Dropout*, compressdrop dropout layers and
-    gates. BatchNorm (and everything else) stays in eval; all flags are restored on exit."""
+    """Eval mode with every noise source sampling, for Monte-Carlo dropout.
+
+    ``nn.Dropout*`` layers and compressdrop's gates go to training mode, compressdrop's dropout
+    layers (:class:`~compressdrop.dropout.StochasticLayer`,
+    :class:`~compressdrop.dropout.RecurrentDropout`) get ``mc`` set; BatchNorm and everything else
+    stays in eval. Every flag is restored on exit.
+
+    Example:
+        >>> with mc_mode(net):  # doctest: +SKIP
+        ...     samples = torch.stack([net(x) for _ in range(30)])
+    """
     saved = [(m, m.training) for m in model.modules()]
     model.eval()
     flagged = []
@@ -71,7 +87,10 @@ def mc_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def has_noise(model: nn.Module) -> bool:
-    """True if ``model`` has a source of noise that Monte-Carlo sampling can switch on."""
+    """Whether ``model`` has a source of noise that Monte-Carlo sampling can switch on.
+
+    A gate, or a dropout layer (torch's or compressdrop's) with a non-zero rate, counts.
+    """
     for m in model.modules():
         if isinstance(m, Gate) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0):
             return True
@@ -86,7 +105,20 @@ def has_noise(model: nn.Module) -> bool:
 def mc_predict(
     model: nn.Module, x: torch.Tensor, samples: int = 30, batch_size: int = 512
 ) -> MCPrediction:
-    """Average ``samples`` stochastic forward passes of a classifier (logits out) on ``x``."""
+    """Average ``samples`` stochastic forward passes of a classifier on ``x``, in :func:`mc_mode`.
+
+    Args:
+        model: a classifier returning logits, with a source of noise (see :func:`has_noise`).
+        x: inputs; moved batch by batch to the model's device.
+        samples: forward passes per input, at least 2.
+        batch_size: inputs per forward pass.
+
+    Returns:
+        An :class:`MCPrediction`, on the CPU.
+
+    Raises:
+        InputError: ``samples`` < 2.
+    """
     if samples < 2:
         raise InputError(f"samples must be ≥ 2, got {samples}")
     device = next(model.parameters()).device
@@ -108,9 +140,17 @@ def mc_predict(
 
 
 def resize_images(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """Bring images (N, C, H, W) to ``shape`` (C', H', W'): bilinear resize (antialiased when
-    shrinking), channels averaged to 1 or repeated from 1. Used for out-of-distribution sets
-    (digits' 8×8 images for a 28×28 model, say)."""
+    """Bring images (N, C, H, W) to one example's ``shape`` (C', H', W').
+
+    Bilinear resize (antialiased when shrinking); channels averaged to 1 or repeated from 1. Used
+    for out-of-distribution sets (digits' 8×8 images for a 28×28 model, say).
+
+    Returns:
+        ``x`` itself if it already has the shape, else a new float tensor.
+
+    Raises:
+        InputError: ``x`` is not a batch of images, or the channels cannot be mapped.
+    """
     if tuple(x.shape[1:]) == tuple(shape):
         return x
     if x.dim() != 4 or len(shape) != 3:
@@ -140,9 +180,21 @@ def mc_evaluate(
 ) -> dict[str, float]:
     """Monte-Carlo dropout against the deterministic net (eval mode, noise at its mean).
 
-    Returns accuracy, NLL and ECE of both; the mean predictive entropy and mutual information;
-    and, given ``x_ood`` (out-of-distribution inputs of the same shape), the AUROC of entropy and
-    of mutual information at telling ``x_ood`` from ``x`` (higher is better; 0.5 is chance).
+    Args:
+        model: a classifier returning logits, with a source of noise.
+        x: test inputs.
+        y: their labels.
+        samples: Monte-Carlo forward passes per input.
+        x_ood: out-of-distribution inputs of the same shape, or ``None``.
+        batch_size: inputs per forward pass.
+
+    Returns:
+        Accuracy, NLL and ECE of both; the mean predictive entropy and mutual information; and,
+        given ``x_ood``, the AUROC of entropy and of mutual information at telling ``x_ood`` from
+        ``x`` (higher is better; 0.5 is chance).
+
+    Raises:
+        InputError: ``model`` has no source of noise.
     """
     if not has_noise(model):
         raise InputError(
@@ -193,8 +245,13 @@ def nll(probs: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
-    """ECE: Σ_bins (n_b/N)·|accuracy_b − confidence_b| over equal-width confidence bins
-    (Guo et al., "On Calibration of Modern Neural Networks", ICML 2017)."""
+    """Expected calibration error Σ_bins (n_b/N)·|accuracy_b − confidence_b|.
+
+    The bins are ``bins`` equal-width intervals of the top-class confidence.
+
+    Reference: Guo, Pleiss, Sun & Weinberger, "On Calibration of Modern Neural Networks",
+    ICML 2017.
+    """
     conf, pred = probs.max(1)
     correct = (pred == y).float()
     edges = torch.linspace(0, 1, bins + 1)
@@ -207,8 +264,14 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
 
 
 def auroc(scores_negative: torch.Tensor, scores_positive: torch.Tensor) -> float:
-    """Area under the ROC curve of telling positives (e.g. out-of-distribution inputs) by a higher
-    score: P(score_pos > score_neg) + ½·P(tie), the Mann–Whitney statistic."""
+    """Area under the ROC curve of telling positives by a higher score.
+
+    P(score_pos > score_neg) + ½·P(tie), the Mann–Whitney statistic, ties given average ranks.
+
+    Args:
+        scores_negative: scores of the negatives (in-distribution inputs, say).
+        scores_positive: scores of the positives (out-of-distribution inputs, say).
+    """
     neg, pos = scores_negative.flatten().double(), scores_positive.flatten().double()
     allv = torch.cat([neg, pos])
     ranks = torch.empty_like(allv)

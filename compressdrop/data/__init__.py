@@ -1,6 +1,9 @@
-"""Built-in data: scikit-learn's digits (the embedded default), Fashion-MNIST from its IDX files,
-a user's ``.npz``, and a user's folder of images (:mod:`compressdrop.data.images`). Everything
-loads into memory as tensors (these data sets are small)."""
+"""Built-in data: digits, Fashion-MNIST, a user's ``.npz`` and a user's folder of images.
+
+scikit-learn's digits are the embedded default, Fashion-MNIST loads from its IDX files, folders of
+images through :mod:`compressdrop.data.images`. Everything loads into memory as tensors (these
+data sets are small).
+"""
 
 from __future__ import annotations
 
@@ -28,8 +31,14 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Dataset:
-    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes), scaled to [0, 1], shape
-    (N, 1, 8, 8), with a stratified, seeded train/test split."""
+    """scikit-learn's bundled 8×8 digits (1,797 images, 10 classes) as a :class:`Dataset`.
+
+    Images are scaled to [0, 1], shape (N, 1, 8, 8), with a stratified, seeded train/test split.
+
+    Args:
+        test_fraction: share of the examples held out for testing.
+        seed: of the split.
+    """
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
@@ -76,8 +85,15 @@ def _find(root: Path, stem: str) -> Path:
 def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
     """Fashion-MNIST (60,000 train / 10,000 test, 28×28, 10 classes) from its IDX files.
 
-    ``root`` defaults to ``$COMPRESSDROP_FASHION_MNIST``, else /usr/share/datasets/fashion-mnist
-    (Debian's ``dataset-fashion-mnist``). Gzipped and plain files both work.
+    Gzipped and plain files both work; images are scaled to [0, 1], shape (N, 1, 28, 28).
+
+    Args:
+        root: the folder of the four IDX files; by default ``$COMPRESSDROP_FASHION_MNIST``, else
+            /usr/share/datasets/fashion-mnist (Debian's ``dataset-fashion-mnist``).
+
+    Raises:
+        FileNotFoundError: a file is missing (the message says how to install them).
+        DataError: a file is not a valid IDX file, or images and labels do not match.
     """
     root = Path(root or os.environ.get("COMPRESSDROP_FASHION_MNIST") or FASHION_MNIST_DIR)
     parts = {}
@@ -96,8 +112,21 @@ def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
 
 
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """A user's ``.npz`` with ``x`` and ``y`` (optionally ``x_test``/``y_test``; else a seeded,
-    stratified split). ``x`` may be (N, D) features, (N, H, W) or (N, C, H, W) images."""
+    """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
+
+    ``x`` may be (N, D) features, (N, H, W) or (N, C, H, W) images; ``y`` integer labels from 0.
+    Without test arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
+
+    Args:
+        path: the ``.npz`` file (read without pickles).
+        test_fraction: share held out for testing when the file has no test arrays.
+        seed: of that split.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: the file is unreadable, or an array is missing or has the wrong shape or
+            dtype.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -237,7 +266,19 @@ def load_dataset(spec: str) -> Dataset:
 def make_loader(
     x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int | None = None
 ):
-    """A DataLoader over ``(x, y)``; shuffling is reproducible for a given seed."""
+    """A DataLoader over the pairs ``(x[i], y[i])``.
+
+    Args:
+        x: inputs, examples along dim 0.
+        y: labels.
+        batch_size: examples per batch.
+        shuffle: reshuffle every epoch.
+        seed: seeds the shuffling, so that the order is reproducible; ``None``: torch's global
+            generator.
+
+    Returns:
+        A ``torch.utils.data.DataLoader`` of ``[x_batch, y_batch]``.
+    """
     from torch.utils.data import DataLoader, TensorDataset
 
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -18,6 +18,10 @@ class Dataset:
 
     ``classes`` names the classes in label order where the source has names (an image folder's
     class folders), else it is empty.
+
+    Raises:
+        DataError: on construction, for an empty split, lengths or example shapes that differ, or
+            labels that are not int64 in ``[0, num_classes)``.
     """
 
     name: str
@@ -51,13 +55,24 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, e.g. ``(1, 28, 28)``."""
         return tuple(self.x_train.shape[1:])
 
     def split_validation(self, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Carve a stratified validation split out of the training set.
 
-        Returns ``(train, val)``: ``train`` keeps the rest of the training examples (and the real
-        test set); ``val``'s "test" tensors are the validation examples. The test set is never used.
+        The test set is never used.
+
+        Args:
+            fraction: share of each class's training examples moved to validation.
+            seed: of the draw.
+
+        Returns:
+            ``(train, val)``: ``train`` keeps the rest of the training examples (and the real test
+            set); ``val``'s "test" tensors are the validation examples.
+
+        Raises:
+            DataError: ``fraction`` is not in (0, 1), or it rounds to no example in every class.
         """
         if not 0 < fraction < 1:
             raise DataError(f"fraction must be in (0, 1), got {fraction}")
@@ -83,7 +98,7 @@ class Dataset:
         return train, val
 
     def subset(self, n_train: int, n_test: int) -> Dataset:
-        """The first ``n_train`` / ``n_test`` examples (tiny slices for tests and smoke runs)."""
+        """The first ``n_train`` training and ``n_test`` test examples (for tests and smoke runs)."""
         return replace(
             self,
             x_train=self.x_train[:n_train],

@@ -68,8 +68,10 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    """Image files anywhere under ``class_dir``, in sorted order; hidden files and folders (names
-    starting with ``.``) and files with other endings are skipped."""
+    """Image files anywhere under ``class_dir``, in sorted order.
+
+    Hidden files and folders (names starting with ``.``) and files with other endings are skipped.
+    """
     return sorted(
         p
         for p in class_dir.rglob("*")
@@ -227,6 +229,7 @@ def load_image_folder(
 
     Raises:
         FileNotFoundError: ``root`` does not exist.
+        DataError: a bad ``size``, ``channels`` or ``test_fraction``.
         ImageFolderError: (a ``ValueError``) the folder or a file in it cannot be used; the message
             names it and says what to change.
 

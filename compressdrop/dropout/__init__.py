@@ -1,5 +1,8 @@
-"""The dropout family: Bernoulli, DropConnect, Gaussian, Standout, fast, spatial, Cutout, Max-Drop,
-and recurrent dropout (Zaremba, RNNDrop, Semeniuta, Gal) for LSTM and GRU."""
+"""The dropout family, and recurrent dropout for LSTM and GRU.
+
+Layers: Bernoulli, DropConnect, Gaussian, Standout, fast, spatial, Cutout and Max-Drop; recurrent
+schemes: Zaremba, RNNDrop, Semeniuta and Gal.
+"""
 
 from .layers import (
     BernoulliDropout,

@@ -1,5 +1,7 @@
-"""The dropout family the Bayesian gates grew from: Bernoulli (classic and inverted), DropConnect,
-Gaussian, Standout, fast dropout, spatial dropout, Cutout and Max-Drop.
+"""The dropout family the Bayesian gates grew from.
+
+Bernoulli (classic and inverted), DropConnect, Gaussian, Standout, fast dropout, spatial dropout,
+Cutout and Max-Drop.
 
 Every layer keeps the expected activation of training at test time (each docstring says how), and
 is deterministic in eval mode unless Monte-Carlo sampling is asked for (see
@@ -58,6 +60,10 @@ class BernoulliDropout(StochasticLayer):
     ``inverted=False`` (Srivastava et al.'s original): training multiplies by m, test time by q.
     Both have the same expected activation, q·x·(1/q) = x versus q·x, at the scale each uses.
 
+    Args:
+        p: drop probability, in [0, 1).
+        inverted: scale in training (True) or at test time (False).
+
     Reference: Srivastava, Hinton, Krizhevsky, Sutskever & Salakhutdinov, "Dropout: A Simple Way to
     Prevent Neural Networks from Overfitting", JMLR 2014.
     """
@@ -67,6 +73,7 @@ class BernoulliDropout(StochasticLayer):
         self.p, self.inverted = _check_p(p), bool(inverted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` times a fresh Bernoulli mask per element while sampling; test-time scaling else."""
         q = 1 - self.p
         if self.sampling:
             mask = torch.bernoulli(torch.full_like(x, q))
@@ -80,6 +87,9 @@ class BernoulliDropout(StochasticLayer):
 class GaussianDropout(StochasticLayer):
     """Multiplicative Gaussian noise N(1, p/(1 − p)): the variance of inverted Bernoulli dropout.
 
+    Args:
+        p: the Bernoulli drop probability whose variance the noise matches, in [0, 1).
+
     Reference: Srivastava et al., JMLR 2014, section 10.
     """
 
@@ -88,6 +98,7 @@ class GaussianDropout(StochasticLayer):
         self.p = _check_p(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` times fresh N(1, p/(1 − p)) noise per element while sampling; ``x`` else."""
         if not self.sampling or self.p == 0:
             return x
         std = math.sqrt(self.p / (1 - self.p))
@@ -99,6 +110,13 @@ class DropConnect(StochasticLayer):
 
     Training: W ⊙ M / q with M ~ Bernoulli(q) per weight (one mask per forward pass, shared by the
     batch), the bias kept; test time: the plain layer, which is the expectation over masks.
+
+    Args:
+        layer: the Linear or Conv layer whose weights are dropped.
+        p: drop probability of each weight, in [0, 1).
+
+    Raises:
+        TypeError: ``layer`` is neither a Linear nor a Conv layer.
 
     Reference: Wan, Zeiler, Zhang, LeCun & Fergus, "Regularization of Neural Networks using
     DropConnect", ICML 2013 (inverted scaling instead of their moment-matched inference).
@@ -113,6 +131,7 @@ class DropConnect(StochasticLayer):
         self.layer, self.p = layer, _check_p(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer on ``x``, with a fresh weight mask while sampling."""
         if not self.sampling or self.p == 0:
             return self.layer(x)
         q = 1 - self.p
@@ -128,6 +147,15 @@ class Standout(StochasticLayer):
     For a wrapped Linear layer h = f(Wx + b), the keep probability is π = sigmoid(α(Wx + b) + β),
     sharing the layer's weights as in the paper; training multiplies h by m ~ Bernoulli(π), test
     time by π (the expectation).
+
+    Args:
+        layer: the Linear layer (W, b).
+        activation: f; ReLU by default.
+        alpha: α, the belief network's scale of the pre-activation.
+        beta: β, its offset.
+
+    Raises:
+        TypeError: ``layer`` is not a Linear.
 
     Reference: Ba & Frey, "Adaptive dropout for training deep neural networks", NeurIPS 2013.
     """
@@ -146,9 +174,11 @@ class Standout(StochasticLayer):
         self.alpha, self.beta = float(alpha), float(beta)
 
     def keep_prob(self, pre: torch.Tensor) -> torch.Tensor:
+        """π = sigmoid(α·pre + β): each unit's keep probability given its pre-activation."""
         return torch.sigmoid(self.alpha * pre + self.beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = f(Wx + b) times m ~ Bernoulli(π) while sampling, times π else."""
         pre = self.layer(x)
         h, keep = self.activation(pre), self.keep_prob(pre.detach())
         return h * torch.bernoulli(keep) if self.sampling else h * keep
@@ -168,6 +198,14 @@ class FastDropout(StochasticLayer):
 
     Test time uses the mean μ in both modes (the plain layer).
 
+    Args:
+        layer: the Linear layer whose inputs are dropped.
+        p: drop probability of each input, in [0, 1).
+        deterministic: integrate the noise out instead of sampling it.
+
+    Raises:
+        TypeError: ``layer`` is not a Linear.
+
     Reference: Wang & Manning, "Fast dropout training", ICML 2013.
     """
 
@@ -178,11 +216,12 @@ class FastDropout(StochasticLayer):
         self.layer, self.p, self.deterministic = layer, _check_p(p), bool(deterministic)
 
     def variance(self, x: torch.Tensor) -> torch.Tensor:
-        """v = (1 − q)/q · W²x², the Gaussian's variance per output unit."""
+        """The Gaussian's variance per output unit, v = (1 − q)/q · W²x² (clamped at 0)."""
         q = 1 - self.p
         return ((1 - q) / q * F.linear(x * x, self.layer.weight * self.layer.weight)).clamp(min=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activation: sampled or integrated while sampling (see above), μ else."""
         mean = self.layer(x)
         if not self.sampling or self.p == 0:
             return mean
@@ -226,6 +265,11 @@ class Cutout(nn.Module):
         self.holes = int(holes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with fresh holes per image in training; ``x`` itself in eval.
+
+        Raises:
+            InputError: ``x`` has neither 3 nor 4 dimensions.
+        """
         if not self.training:
             return x
         if x.dim() == 3:  # one image (C, H, W), as a per-sample transform
@@ -258,6 +302,10 @@ class MaxDrop(StochasticLayer):
     across channels is dropped with probability p. For a (B, F) input both modes drop the
     per-example maximum feature. Test time multiplies the maxima by 1 − p (the expectation).
 
+    Args:
+        p: drop probability of a maximum, in [0, 1).
+        mode: ``"feature"`` or ``"channel"``.
+
     Reference: Park & Kwak, "Analysis on the Dropout Effect in Convolutional Neural Networks",
     ACCV 2016.
     """
@@ -274,6 +322,7 @@ class MaxDrop(StochasticLayer):
         return x == x.flatten(2).amax(dim=2).view(*x.shape[:2], *([1] * (x.dim() - 2)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with maxima dropped at random while sampling, scaled by 1 − p else."""
         is_max = self._is_max(x)
         if self.sampling:
             drop = is_max & (torch.rand_like(x) < self.p)

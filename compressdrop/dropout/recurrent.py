@@ -109,8 +109,7 @@ class RecurrentDropout:
 
     @property
     def sampling(self) -> bool:
-        """Whether a forward pass draws masks: in training or with ``mc`` set, given a scheme and
-        ``p > 0``."""
+        """Whether a forward pass draws masks: training or ``mc`` set, a scheme, and p > 0."""
         return (self.training or self.mc) and self.scheme != "none" and self.p > 0  # type: ignore[attr-defined]
 
     def _weights(self, layer: int) -> tuple[torch.Tensor, ...]:
@@ -180,6 +179,17 @@ class LSTM(RecurrentDropout, nn.LSTM):
     ``unrolled(x, hx, hidden_scale)``: ``hidden_scale`` (used by compressdrop's gates, shape
     ``(batch, hidden_size)``) multiplies a one-layer LSTM's hidden state, in the recurrence and in
     the output, by a per-sequence factor.
+
+    Args:
+        input_size, hidden_size, num_layers: as for ``nn.LSTM``.
+        scheme: one of :data:`SCHEMES`.
+        p: drop probability of the scheme's masks, in [0, 1).
+        record_masks: keep the last sampling pass's masks in ``last_masks``.
+        **kwargs: ``nn.LSTM``'s other options (``bias``, ``batch_first``, ...); bidirectional and
+            projected layers are not supported.
+
+    Raises:
+        InputError: an unknown scheme, a bad ``p``, or a bidirectional or projected layer.
     """
 
     kind = "LSTM"
@@ -195,12 +205,17 @@ class LSTM(RecurrentDropout, nn.LSTM):
         self.register_buffer("out_scale", torch.ones(hidden_size))
         self._tracing = False
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "out_scale" not in state_dict:  # a plain nn.LSTM's state_dict
             state_dict[prefix + "out_scale"] = torch.ones_like(self.out_scale)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x, hx=None):  # type: ignore[override]
+    def forward(self, x, hx=None):
+        """``(output, (h_n, c_n))`` as ``nn.LSTM`` returns them, ``out_scale`` applied.
+
+        While sampling the recurrence is unrolled with the scheme's masks; otherwise PyTorch's
+        fused kernel runs.
+        """
         if self._tracing:
             return _trace_outputs(self, x)
         if not self.sampling:
@@ -209,7 +224,22 @@ class LSTM(RecurrentDropout, nn.LSTM):
         return self.unrolled(x, hx)
 
     def unrolled(self, x, hx=None, hidden_scale: torch.Tensor | None = None):
-        """The Python-unrolled recurrence (with the scheme's masks while sampling)."""
+        """The recurrence unrolled in Python, with the scheme's masks while sampling.
+
+        Args:
+            x: input of shape ``(B, T, F)`` (``batch_first``), ``(T, B, F)`` or unbatched
+                ``(T, F)``.
+            hx: initial ``(h_0, c_0)``, each ``(num_layers, B, H)`` (``(num_layers, H)``
+                unbatched); zeros by default.
+            hidden_scale: a per-sequence factor ``(B, H)`` on a one-layer LSTM's hidden state, in
+                the recurrence and in the output (compressdrop's gates use it).
+
+        Returns:
+            ``(output, (h_n, c_n))`` as :meth:`forward` returns them.
+
+        Raises:
+            TypeError: ``x`` is a ``PackedSequence``.
+        """
         xs, unbatched = self._time_major(x)
         steps, batch, _ = xs.shape
         sample = self.sampling
@@ -269,15 +299,17 @@ class LSTM(RecurrentDropout, nn.LSTM):
 
 
 class _Structure(torch.autograd.Function):
-    """One autograd node from a layer's input (and first weight) to all of its outputs, whose
-    values are zeros: what a dependency-graph trace needs to see a recurrent layer as one op."""
+    """One autograd node from a layer's input (and first weight) to all of its outputs (zeros).
+
+    That is what a dependency-graph trace needs to see a recurrent layer as one op.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, out_shape, state_shape):  # type: ignore[override]
+    def forward(ctx, x, weight, out_shape, state_shape):
         return x.new_zeros(out_shape), x.new_zeros(state_shape), x.new_zeros(state_shape)
 
     @staticmethod
-    def backward(ctx, *grads):  # type: ignore[override]
+    def backward(ctx, *grads):
         return None, None, None, None
 
 
@@ -298,9 +330,12 @@ def _trace_outputs(
 
 @contextlib.contextmanager
 def tracing(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode, and every :class:`LSTM` is one autograd node from its input to its outputs
-    (which are zeros), so that a dependency-graph trace maps the layer to one op. Only the
-    structure of what runs inside is the model's, not the values."""
+    """Make ``model`` traceable by a dependency graph: eval mode, each :class:`LSTM` one op.
+
+    Inside, every :class:`LSTM` is one autograd node from its input (and first weight) to its
+    outputs, which are zeros: only the structure of what runs is the model's, not the values. The
+    training flags are restored on exit.
+    """
     was = [(m, m.training) for m in model.modules()]
     lstms = [m for m in model.modules() if isinstance(m, LSTM)]
     model.eval()
@@ -321,17 +356,41 @@ def _scale_last(h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class GRU(RecurrentDropout, nn.GRU):
-    """``nn.GRU`` with a recurrent dropout ``scheme`` (all but ``"moon"``) and rate ``p``."""
+    """``nn.GRU`` with a recurrent dropout ``scheme`` (all but ``"moon"``) and rate ``p``.
+
+    ``batch_first`` defaults to True here; parameters and ``state_dict`` are those of ``nn.GRU``.
+
+    Args:
+        input_size, hidden_size, num_layers, scheme, p, record_masks, **kwargs: as for
+            :class:`LSTM`.
+
+    Raises:
+        InputError: as for :class:`LSTM`, and for ``scheme="moon"`` (a GRU has no memory cell).
+    """
 
     kind = "GRU"
 
-    def forward(self, x, hx=None):  # type: ignore[override]
+    def forward(self, x, hx=None):
+        """``(output, h_n)`` as ``nn.GRU`` returns them; unrolled with masks while sampling."""
         if not self.sampling:
             return super().forward(x, hx)
         return self.unrolled(x, hx)
 
     def unrolled(self, x, hx=None):
-        """The Python-unrolled recurrence (with the scheme's masks while sampling)."""
+        """The recurrence unrolled in Python, with the scheme's masks while sampling.
+
+        Args:
+            x: input of shape ``(B, T, F)`` (``batch_first``), ``(T, B, F)`` or unbatched
+                ``(T, F)``.
+            hx: initial ``h_0``, ``(num_layers, B, H)`` (``(num_layers, H)`` unbatched); zeros by
+                default.
+
+        Returns:
+            ``(output, h_n)`` as :meth:`forward` returns them.
+
+        Raises:
+            TypeError: ``x`` is a ``PackedSequence``.
+        """
         xs, unbatched = self._time_major(x)
         steps, batch, _ = xs.shape
         sample = self.sampling

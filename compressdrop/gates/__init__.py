@@ -32,7 +32,19 @@ GATES: dict[str, type[Gate]] = {
 
 
 def gate_class(name: str) -> type[Gate]:
-    """The gate class of a family name; ValueError listing the families for an unknown one."""
+    """The gate class of a family name.
+
+    Args:
+        name: a key of :data:`GATES`: ``"lognormal"``, ``"variational"``, ``"concrete"`` or
+            ``"hardconcrete"``.
+
+    Raises:
+        InputError: an unknown name (the message lists the families).
+
+    Example:
+        >>> gate_class("lognormal")
+        <class 'compressdrop.gates.lognormal.LogNormalGate'>
+    """
     try:
         return GATES[name]
     except KeyError:

@@ -46,9 +46,13 @@ def noise_shard(rank: int, world: int, global_batch: int) -> Iterator[None]:
             ``range(world)``.
 
     Example:
+        >>> import torch
+        >>> from compressdrop.gates import LogNormalGate, noise_shard
         >>> gate = LogNormalGate(4)
         >>> with noise_shard(rank=1, world=2, global_batch=6):
         ...     y = gate(torch.ones(3, 4))  # rows 1, 3, 5 of the global batch's noise
+        >>> y.shape
+        torch.Size([3, 4])
     """
     if world < 1 or global_batch < 1 or not 0 <= rank < world:
         raise InputError(
@@ -103,42 +107,81 @@ class Gate(nn.Module):
 
     # --- what each family provides -------------------------------------------------------------
     def posterior(self) -> Distribution:
+        """The learned distribution q(θ) over each unit's factor, batch shape ``(num_units,)``."""
         raise NotImplementedError
 
     def prior(self) -> Distribution:
+        """The prior p(θ) that :meth:`kl` measures q(θ) against, batch shape ``(num_units,)``."""
         raise NotImplementedError
 
     # --- derived quantities ---------------------------------------------------------------------
     def _out(self, value: torch.Tensor) -> torch.Tensor:
-        """Cast a float64 per-unit result back to the parameters' dtype (bf16/fp16 gates included:
-        the closed forms themselves always run in float64)."""
+        """Cast a float64 per-unit result back to the parameters' dtype.
+
+        bf16/fp16 gates included: the closed forms themselves always run in float64.
+        """
         return value.to(next(self.parameters()).dtype)
 
     def kl_per_unit(self) -> torch.Tensor:
+        """KL(q(θ_u) ‖ p(θ_u)) of each unit, shape ``(num_units,)``, differentiable."""
         return self._out(kl_divergence(self.posterior(), self.prior()))
 
     def kl(self) -> torch.Tensor:
+        """The gate's regularizer Σ_u cost_u · KL(q(θ_u) ‖ p(θ_u)), a differentiable scalar."""
         return (self.unit_cost * self.kl_per_unit()).sum()
 
     def expected(self) -> torch.Tensor:
+        """E[θ] per unit, shape ``(num_units,)``: the factor eval mode multiplies by."""
         return self._out(self.posterior().mean)
 
     def snr(self) -> torch.Tensor:
+        """Signal-to-noise ratio |E θ| / std θ per unit, shape ``(num_units,)``.
+
+        A variance below 1e-24 counts as 1e-24, so the SNR of a unit whose noise has all but
+        vanished is capped at |E θ|·1e12 rather than infinite.
+        """
         q = self.posterior()
         # a variance below 1e-24 (noise that has all but vanished) caps the SNR at |E θ|·1e12
         return self._out(q.mean.abs() / q.variance.clamp(min=MIN_VARIANCE).sqrt())
 
     def mask(self, threshold: float | None = None) -> torch.Tensor:
+        """The units to keep: ``snr() >= threshold``.
+
+        Args:
+            threshold: the SNR a unit needs to be kept; ``None``: the family's
+                ``default_threshold``.
+
+        Returns:
+            A boolean tensor of shape ``(num_units,)``, True for a kept unit.
+        """
         thr = self.default_threshold if threshold is None else float(threshold)
         with torch.no_grad():
             return self.snr() >= thr
 
     def sample(self, batch: int) -> torch.Tensor:
-        """θ of shape ``(batch, num_units)``, reparameterized."""
+        """Draw θ for ``batch`` examples, reparameterized (gradients reach the parameters).
+
+        Returns:
+            A tensor of shape ``(batch, num_units)``.
+        """
         return self.posterior().rsample((batch,))
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Multiply each unit of ``x`` by its factor: a sample of θ in training, E[θ] in eval.
+
+        Units marked ``pruned`` are multiplied by 0 in both modes.
+
+        Args:
+            x: a batch, examples along dim 0.
+            dim: the dimension of ``x`` that holds the units (negative counts from the end).
+
+        Returns:
+            ``x`` times θ, broadcast over every dimension but the batch and ``dim``.
+
+        Raises:
+            InputError: ``x`` does not have ``num_units`` entries along ``dim``.
+        """
         dim = dim % x.dim()
         if x.shape[dim] != self.num_units:
             raise InputError(
@@ -175,6 +218,7 @@ class Gate(nn.Module):
         return self.sample(global_batch)[rank::world]
 
     def clear_sample(self) -> None:
+        """Forget the θ that a shared gate's sites reuse, so that the next site draws afresh."""
         self._sample = None
 
     def extra_repr(self) -> str:

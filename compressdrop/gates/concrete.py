@@ -17,8 +17,10 @@ __all__ = ["BernoulliFactor", "ConcreteGate", "HardConcreteGate"]
 
 
 class BernoulliFactor(pdist.TorchDistribution):
-    """θ = b / q with b ~ Bernoulli(q) (``inverted=True``: E θ = 1, Var θ = (1 − q)/q), or θ = b
-    (E θ = q, Var θ = q(1 − q)). The SNR √(q/(1 − q)) is the same for both.
+    """A Bernoulli keep factor: θ = b / q (``inverted=True``) or θ = b, with b ~ Bernoulli(q).
+
+    Inverted: E θ = 1, Var θ = (1 − q)/q; plain: E θ = q, Var θ = q(1 − q). The SNR √(q/(1 − q)) is
+    the same for both.
 
     ``rsample`` draws the concrete relaxation b̃ ~ RelaxedBernoulli(temperature, q) (Maddison et al.
     2017; Jang et al. 2017), differentiable in q; ``sample`` draws the exact Bernoulli.
@@ -37,20 +39,28 @@ class BernoulliFactor(pdist.TorchDistribution):
 
     @property
     def bernoulli(self) -> Bernoulli:
+        """The unscaled keep indicator b ~ Bernoulli(q)."""
         return Bernoulli(probs=self.keep)
 
     @property
     def mean(self) -> torch.Tensor:
+        """E θ: 1 inverted, q otherwise."""
         return self.keep * self.scale
 
     @property
     def variance(self) -> torch.Tensor:
+        """Var θ = q(1 − q) · scale²."""
         return self.keep * (1 - self.keep) * self.scale**2
 
     def sample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
+        """Exact draws of θ (no gradient)."""
         return self.bernoulli.sample(sample_shape) * self.scale
 
     def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
+        """Draws of the relaxed θ, differentiable in q.
+
+        q is clamped to [1e-6, 1 − 1e-6] so that the relaxation's logits stay finite.
+        """
         temp = torch.as_tensor(self.temperature, dtype=self.keep.dtype, device=self.keep.device)
         relaxed = RelaxedBernoulli(temp, probs=self.keep.clamp(1e-6, 1 - 1e-6))
         return relaxed.rsample(sample_shape) * self.scale
@@ -112,16 +122,20 @@ class ConcreteGate(Gate):
         )
 
     def keep_prob(self) -> torch.Tensor:
+        """The learned keep probability q per unit, in float64."""
         return torch.sigmoid(self.keep_logit.double())
 
     def posterior(self) -> BernoulliFactor:
+        """q(θ): the keep factor with the learned q."""
         return BernoulliFactor(self.keep_prob(), self.temperature, self.inverted)
 
     def prior(self) -> BernoulliFactor:
+        """p(θ): the keep factor with q₀ = ``prior_keep``."""
         q0 = torch.full_like(self.keep_prob(), self.prior_keep)
         return BernoulliFactor(q0, self.temperature, self.inverted)
 
     def kl_per_unit(self) -> torch.Tensor:
+        """KL(Bernoulli(q) ‖ Bernoulli(q₀)) per unit, finite as q → 0 or 1."""
         q, q0 = self.keep_prob(), self.prior_keep
         # KL(Bern(q) ‖ Bern(q0)) written with logsigmoid so it stays finite as q → 0 or 1.
         lq, l1q = (
@@ -168,13 +182,16 @@ class HardConcreteGate(Gate):
         self.log_alpha = nn.Parameter(init + 0.01 * torch.randn(num_units))
 
     def posterior(self) -> HardConcrete:
+        """q(z): the hard-concrete distribution with log α clamped to [−10, 10]."""
         la = self.log_alpha.double().clamp(*self.log_alpha_range)
         return HardConcrete(la, self.beta, self.gamma, self.zeta)
 
     def kl_per_unit(self) -> torch.Tensor:
+        """The L0 penalty λ·P(z_u ≠ 0) per unit, in place of a KL."""
         return self._out(self.penalty * self.posterior().prob_nonzero())
 
     def test_gate(self) -> torch.Tensor:
+        """The paper's deterministic test-time gate per unit (:meth:`HardConcrete.test_gate`)."""
         return self._out(self.posterior().test_gate())
 
 

@@ -86,6 +86,7 @@ class TruncatedNormal(pdist.TorchDistribution):
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
     def support(self):
+        """The interval [low, high]."""
         return constraints.interval(self.low, self.high)
 
     def _ratio(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +95,11 @@ class TruncatedNormal(pdist.TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """loc + scale·(φ(α) − φ(β))/Z."""
         return self.loc + self.scale * (self._ratio(self._alpha) - self._ratio(self._beta))
 
     def entropy(self) -> torch.Tensor:
+        """log(√(2πe)·scale·Z) + (αφ(α) − βφ(β)) / (2Z), finite for infinite bounds."""
         a, b = self._alpha, self._beta
         # α·φ(α) → 0 as α → −∞; torch.where keeps ±inf·0 out of the value and the gradient.
         a_term = torch.where(torch.isfinite(a), a, torch.zeros_like(a)) * self._ratio(a)
@@ -104,17 +107,24 @@ class TruncatedNormal(pdist.TorchDistribution):
         return _HALF_LOG_2PI_E + torch.log(self.scale) + self._log_z + 0.5 * (a_term - b_term)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log density; −inf outside [low, high]."""
         z = (value - self.loc) / self.scale
         lp = _log_normal_pdf(z) - torch.log(self.scale) - self._log_z
         inside = (value >= self.low) & (value <= self.high)
         return torch.where(inside, lp, torch.full_like(lp, -math.inf))
 
     def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
+        """Reparameterized draws: the inverse CDF of uniform noise."""
         shape = self._extended_shape(sample_shape)
         u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device)
         return self.icdf(u)
 
     def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        """The quantile at probability ``u``, clamped into [low, high].
+
+        Safe for u in [0, 1]: the probability is clamped off 0 and 1 before Φ⁻¹, so the quantile
+        is finite.
+        """
         # Reflect to the lower tail when the whole interval is above the mean: Φ is exact there.
         upper = self._alpha > 0
         a = torch.where(upper, -self._beta, self._alpha)
@@ -144,6 +154,7 @@ class TruncatedLogNormal(pdist.TransformedDistribution):
 
     @property
     def truncated(self) -> TruncatedNormal:
+        """The distribution of log θ."""
         return self.base_dist
 
     def _log_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,6 +166,7 @@ class TruncatedLogNormal(pdist.TransformedDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """E θ = e^{μ+σ²/2}·N/Z."""
         tn = self.base_dist
         log_n, _, log_z = self._log_terms()
         return torch.exp(tn.loc + 0.5 * tn.scale**2 + log_n - log_z)
@@ -167,15 +179,19 @@ class TruncatedLogNormal(pdist.TransformedDistribution):
 
     @property
     def variance(self) -> torch.Tensor:
+        """Var θ = (E θ)² · :meth:`relative_variance`."""
         return self.mean**2 * self.relative_variance()
 
     def entropy(self) -> torch.Tensor:
-        # H[exp(X)] = H[X] + E[X]
+        """H[θ] = H[X] + E[X] for θ = exp(X)."""
         return self.base_dist.entropy() + self.base_dist.mean
 
 
 class LogUniform(pdist.TransformedDistribution):
-    """θ with log θ ~ Uniform(low, high): the SBP prior (low = −20, high = 0 in the paper)."""
+    """θ with log θ ~ Uniform(low, high): the SBP prior.
+
+    The paper uses low = −20, high = 0, the defaults of :class:`LogNormalGate`.
+    """
 
     arg_constraints: dict = {}
 
@@ -210,9 +226,11 @@ class LogUniformImproper(pdist.TorchDistribution):
         super().__init__(torch.Size(batch_shape), validate_args=False)
 
     def expand(self, batch_shape, _instance=None):
+        """The same prior with batch shape ``batch_shape`` (it has no parameters)."""
         return LogUniformImproper(batch_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """−log|θ| plus the constant that makes the KL vanish as α → ∞."""
         return -torch.log(value.abs()) - _HALF_LOG_2PI_E + _E_LOG_ABS_NORMAL
 
 
@@ -255,6 +273,7 @@ class HardConcrete(pdist.TorchDistribution):
         super().__init__(log_alpha.shape, validate_args=validate_args)
 
     def rsample(self, sample_shape: _SampleShape = torch.Size()) -> torch.Tensor:
+        """Reparameterized draws of z, from u clamped to [1e-6, 1 − 1e-6]."""
         shape = self._extended_shape(sample_shape)
         eps = 1e-6
         u = torch.rand(shape, dtype=self.log_alpha.dtype, device=self.log_alpha.device)
@@ -263,6 +282,7 @@ class HardConcrete(pdist.TorchDistribution):
         return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
 
     def prob_nonzero(self) -> torch.Tensor:
+        """P(z ≠ 0) = sigmoid(log α − β·log(−γ/ζ)): the expected L0 norm per gate."""
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.gamma / self.zeta))
 
     def _tail_quadrature(self, power: int) -> torch.Tensor:
@@ -279,10 +299,12 @@ class HardConcrete(pdist.TorchDistribution):
 
     @property
     def mean(self) -> torch.Tensor:
+        """E[z] by quadrature."""
         return self._tail_quadrature(1)
 
     @property
     def variance(self) -> torch.Tensor:
+        """E[z²] − E[z]² by quadrature, clamped at 0."""
         m = self.mean
         return (self._tail_quadrature(2) - m * m).clamp(min=0)
 

@@ -48,11 +48,13 @@ class LogNormalGate(Gate):
         self.log_sigma = nn.Parameter(torch.full((num_units,), float(init_log_sigma)))
 
     def posterior(self) -> TruncatedLogNormal:
+        """q(θ): log θ ~ N(μ, σ²) truncated to [low, high], μ and log σ clamped to [−20, 5]."""
         mu = self.mu.double().clamp(*self.param_range)
         sigma = self.log_sigma.double().clamp(*self.param_range).exp()
         return TruncatedLogNormal(mu, sigma, self.low, self.high)
 
     def prior(self) -> LogUniform:
+        """p(θ): log θ ~ Uniform(low, high)."""
         n, device = self.num_units, self.mu.device
         return LogUniform(
             torch.full((n,), self.low, dtype=torch.float64, device=device),
@@ -60,4 +62,5 @@ class LogNormalGate(Gate):
         )
 
     def snr(self) -> torch.Tensor:
+        """E θ / std θ per unit, from the relative variance (no cancellation for tiny noise)."""
         return self._out(self.posterior().relative_variance().clamp(min=MIN_VARIANCE).rsqrt())

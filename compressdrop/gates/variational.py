@@ -43,6 +43,7 @@ class VariationalGate(Gate):
         self.log_sigma2 = nn.Parameter(torch.full((num_units,), float(init_log_sigma2)))
 
     def posterior(self) -> pdist.Normal:
+        """q(θ) = N(μ, σ²), σ capped where log α reaches its clip value 8."""
         mu = self.mu.double()
         # Keep σ within the range where log α is clipped, so sampling never explodes.
         log_mu2 = torch.log(mu * mu + torch.finfo(mu.dtype).tiny)
@@ -50,9 +51,11 @@ class VariationalGate(Gate):
         return pdist.Normal(mu, torch.exp(0.5 * log_sigma2))
 
     def prior(self) -> LogUniformImproper:
+        """p(θ) ∝ 1/|θ|, the improper log-uniform prior."""
         return LogUniformImproper((self.num_units,))
 
     def log_alpha(self) -> torch.Tensor:
+        """log α = log σ² − log μ² per unit (the dropout rate's log-odds, in Molchanov's terms)."""
         q = self.posterior()
         return self._out(
             2 * torch.log(q.scale) - torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny)

@@ -26,6 +26,7 @@ __all__ = [
     "is_gated",
     "kl",
     "named_gates",
+    "sites",
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
@@ -33,7 +34,13 @@ KL_COSTS = ("uniform", "params", "flops")
 
 
 class Gated(nn.Module):
-    """Wraps a layer so that its output passes through a gate: ``gate(module(x), dim=unit_dim)``."""
+    """Wraps a layer so that its output passes through a gate: ``gate(module(x), dim=unit_dim)``.
+
+    Args:
+        module: the wrapped layer; it keeps its parameters and its name under ``.module``.
+        gate: the gate; several wrappers share one gate when their units are coupled.
+        unit_dim: the dimension of the layer's output that holds the units.
+    """
 
     def __init__(self, module: nn.Module, gate: Gate, unit_dim: int) -> None:
         super().__init__()
@@ -42,6 +49,7 @@ class Gated(nn.Module):
         self.unit_dim = unit_dim
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
         return self.gate(self.module(*args, **kwargs), dim=self.unit_dim)
 
     def extra_repr(self) -> str:
@@ -62,8 +70,21 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    """A random input batch for ``model``: from ``model.arch['input_shape']`` (compressdrop's
-    reference nets) or, failing that, a first layer that is a Linear."""
+    """A random input batch for ``model``, of the shape the model declares or implies.
+
+    The shape comes from ``model.arch['input_shape']`` (compressdrop's reference nets), else from
+    a ``model.input_shape`` attribute, else from a first layer that is a Linear.
+
+    Args:
+        model: the model to feed.
+        batch: examples in the batch.
+
+    Returns:
+        A standard-normal tensor of shape ``(batch, *input_shape)`` on the model's device.
+
+    Raises:
+        InputError: no input shape can be inferred (pass ``example_inputs`` to the caller).
+    """
     arch = getattr(model, "arch", None)
     declared = getattr(model, "input_shape", None)
     shape = None
@@ -171,7 +192,18 @@ def _pattern_names(patterns: Sequence[str | type] | None) -> list[str]:
 
 
 def attach_config(model: nn.Module) -> dict[str, Any]:
-    """The arguments ``attach`` was called with, as plain data (to re-attach on a fresh model)."""
+    """The arguments :func:`attach` was called with, as plain data.
+
+    ``attach(fresh_model, **attach_config(model))`` puts the same gates on a fresh copy of the
+    model (a checkpoint re-attaches this way).
+
+    Returns:
+        ``gate``, ``granularity``, ``include``, ``exclude`` (names, types by their class name),
+        ``gate_kwargs`` and ``kl_cost``.
+
+    Raises:
+        InputError: ``model`` has no attach record.
+    """
     state = getattr(model, _STATE, None)
     if state is None:
         raise InputError("model has no attach record (was it gated with compressdrop.attach?)")
@@ -188,7 +220,7 @@ def _normalized_costs(groups: list[UnitGroup], kl_cost: str) -> list[torch.Tenso
 
 
 def is_gated(model: nn.Module) -> bool:
-    """True if ``model`` has gates attached (by :func:`attach`, or loaded into a gated skeleton)."""
+    """Whether ``model`` has gates attached (by :func:`attach`, or loaded into a gated skeleton)."""
     return any(isinstance(m, Gated) for m in model.modules())
 
 
@@ -209,7 +241,10 @@ def detach(model: nn.Module) -> nn.Module:
 
 
 def named_gates(model: nn.Module) -> Iterator[tuple[str, Gate]]:
-    """Yield ``(name, gate)`` once per gate; the name is that of its first gated layer."""
+    """Yield ``(name, gate)`` once per gate, a shared gate included.
+
+    The name is that of the gate's first gated layer, in ``named_modules`` order.
+    """
     seen: set[int] = set()
     for name, m in model.named_modules():
         if isinstance(m, Gated) and id(m.gate) not in seen:
@@ -218,7 +253,7 @@ def named_gates(model: nn.Module) -> Iterator[tuple[str, Gate]]:
 
 
 def sites(model: nn.Module) -> Iterator[tuple[str, Gated]]:
-    """Yield ``(name, wrapper)`` for every gated layer (a shared gate appears once per site)."""
+    """Yield ``(name, wrapper)`` for every gated layer; a shared gate appears once per site."""
     for name, m in model.named_modules():
         if isinstance(m, Gated):
             yield name, m
@@ -243,7 +278,19 @@ def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:
 
 
 def kl(model: nn.Module) -> torch.Tensor:
-    """Σ over the model's gates of their (cost-weighted) KL; counts a shared gate once."""
+    """The model's regularizer: Σ over its gates of their cost-weighted KL.
+
+    A shared gate counts once. Divide by the training-set size to add it to a mean NLL.
+
+    Returns:
+        A differentiable scalar.
+
+    Raises:
+        InputError: ``model`` has no gates.
+
+    Example:
+        >>> loss = F.cross_entropy(net(x), y) + compressdrop.kl(net) / n_train  # doctest: +SKIP
+    """
     terms = [g.kl() for _, g in named_gates(model)]
     if not terms:
         raise InputError("model has no gates; call compressdrop.attach(model) first")

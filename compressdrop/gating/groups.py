@@ -89,12 +89,18 @@ _ZERO_PRESERVING = {
 
 
 class GatingWarning(UserWarning):
-    """A layer that attach could not gate (it stays as it was)."""
+    """A layer that attach could not gate (it stays as it was); the message says why."""
 
 
 @dataclass(frozen=True)
 class Site:
-    """Where a gate multiplies: the output of module ``name`` along ``unit_dim``."""
+    """Where a gate multiplies: the output of module ``name`` along ``unit_dim``.
+
+    Attributes:
+        name: the gated module's name in the model (as ``named_modules`` gives it).
+        unit_dim: the dimension of its output that holds the units (1 for channels, −1 for
+            neurons and LSTM hidden units).
+    """
 
     name: str
     unit_dim: int
@@ -102,7 +108,18 @@ class Site:
 
 @dataclass
 class UnitGroup:
-    """Units that must be removed together, and where their gate goes."""
+    """Units that must be removed together, and where their gate goes.
+
+    Attributes:
+        name: the group's label: the name of its first producer.
+        num_units: channels or neurons in the group.
+        kind: ``"neuron"`` when every producer is a Linear, ``"channel"`` otherwise.
+        producers: names of the layers whose outputs are the units (several for a residual
+            stream).
+        sites: where the group's one gate multiplies.
+        params_per_unit: parameters each unit controls, shape ``(num_units,)``.
+        macs_per_unit: multiply-adds per example each unit controls, shape ``(num_units,)``.
+    """
 
     name: str
     num_units: int
@@ -190,6 +207,12 @@ def find_groups(
             producers matches (``None``: every group).
         exclude: patterns or types; a group with a matching producer is not gated.
         warn: emit a :class:`GatingWarning` for each group that cannot be gated.
+
+    Returns:
+        The groups that can be gated exactly, in the dependency graph's order.
+
+    Raises:
+        InputError: an unknown ``granularity``.
     """
     import torch_pruning as tp
 

@@ -29,12 +29,21 @@ from ..dropout.recurrent import LSTM
 from ..errors import InputError
 from .gated import Gated
 
-# LSTMPruner is built on first access (module __getattr__), so Torch-Pruning loads only when used
-__all__ = ["GatedLSTM", "LSTMPruner", "customized_pruners", "gateable_lstm"]  # noqa: F822
+__all__ = [
+    "GatedLSTM",
+    # built on first access (module __getattr__), so that Torch-Pruning loads only when used
+    "LSTMPruner",  # noqa: F822
+    "customized_pruners",
+    "fold_lstm_",
+    "gateable_lstm",
+]
 
 
 def gateable_lstm(m: nn.Module) -> str | None:
-    """``None`` if ``m``'s hidden units can be gated, else the reason they cannot."""
+    """Why the hidden units of recurrent layer ``m`` cannot be gated, or ``None`` if they can.
+
+    Only a one-layer :class:`compressdrop.dropout.LSTM` qualifies; the reason names the fix.
+    """
     if isinstance(m, nn.LSTM) and not isinstance(m, LSTM):
         return "a torch.nn.LSTM: use compressdrop.dropout.LSTM (a drop-in subclass) to gate it"
     if not isinstance(m, LSTM):
@@ -45,11 +54,23 @@ def gateable_lstm(m: nn.Module) -> str | None:
 
 
 class GatedLSTM(Gated):
-    """A one-layer :class:`compressdrop.dropout.LSTM` whose hidden units pass through a gate."""
+    """A one-layer :class:`compressdrop.dropout.LSTM` whose hidden units pass through a gate.
+
+    The gate multiplies the hidden state where it re-enters the recurrence and where it leaves the
+    layer (see the module docstring); ``unit_dim`` is unused.
+    """
 
     module: LSTM
 
-    def forward(self, x, hx=None):  # type: ignore[override]
+    def forward(self, x, hx=None):
+        """The LSTM's ``(output, (h_n, c_n))`` on ``x`` with its hidden units gated.
+
+        Training draws one θ per sequence and unit and unrolls the recurrence; eval folds E[θ]
+        into ``weight_hh`` and ``out_scale`` and keeps PyTorch's fused kernel.
+
+        Raises:
+            InputError: unbatched input (2 dims) in training.
+        """
         m, g = self.module, self.gate
         dtype = m.weight_hh_l0.dtype
         keep = (~g.pruned).to(dtype)
@@ -69,7 +90,11 @@ class GatedLSTM(Gated):
 
 @torch.no_grad()
 def fold_lstm_(site: GatedLSTM) -> None:
-    """Fold E[θ]·keep into the LSTM for good (recurrent columns and output scale)."""
+    """Fold E[θ]·keep into the wrapped LSTM for good, in place.
+
+    The recurrent columns of ``weight_hh_l0`` and the ``out_scale`` buffer absorb the factors, so
+    the LSTM computes without the gate what the gated layer computes in eval mode.
+    """
     g, m = site.gate, site.module
     s = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(m.weight_hh_l0.dtype)
     m.weight_hh_l0.mul_(s)
@@ -89,6 +114,11 @@ class _LSTMSlicing:
     """The methods of :class:`LSTMPruner`, which adds them to Torch-Pruning's base class."""
 
     def prune_out_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
+        """Remove hidden units ``idxs`` of ``layer``, in place; returns ``layer``.
+
+        Raises:
+            InputError: ``layer`` has several layers or is bidirectional.
+        """
         if layer.num_layers != 1 or layer.bidirectional:
             raise InputError("LSTMPruner handles one-layer, unidirectional LSTMs")
         H = layer.hidden_size
@@ -105,6 +135,7 @@ class _LSTMSlicing:
         return layer
 
     def prune_in_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
+        """Remove input features ``idxs`` of ``layer``, in place; returns ``layer``."""
         keep = _keep(layer.input_size, idxs)
         layer.weight_ih_l0 = _param(layer.weight_ih_l0[:, keep])
         layer.input_size = len(keep)
@@ -112,9 +143,11 @@ class _LSTMSlicing:
         return layer
 
     def get_out_channels(self, layer: LSTM) -> int:
+        """The layer's hidden units."""
         return layer.hidden_size
 
     def get_in_channels(self, layer: LSTM) -> int:
+        """The layer's input features."""
         return layer.input_size
 
 

@@ -49,7 +49,12 @@ def _tag(
 
 
 def lenet300_100(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
-    """LeNet-300-100: flatten → 300 → 100 → classes, ReLU (LeCun et al. 1998)."""
+    """LeNet-300-100: flatten → 300 → 100 → classes, ReLU (LeCun et al. 1998).
+
+    Args:
+        input_shape: one example's shape; flattened.
+        num_classes: outputs of the last layer.
+    """
     d = int(torch.tensor(input_shape).prod())
     model = nn.Sequential(
         nn.Flatten(),
@@ -94,12 +99,20 @@ class LeNet5Caffe(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` of images ``(B, C, H, W)``."""
         return self.classifier(self.features(x))
 
 
 def lenet5_caffe(
     input_shape: Shape = (1, 28, 28), num_classes: int = 10, dropout: float = 0.0
 ) -> nn.Module:
+    """Build a :class:`LeNet5Caffe` with its ``arch`` record.
+
+    Args:
+        input_shape: one image's ``(C, H, W)``.
+        num_classes: outputs of the last layer.
+        dropout: rate of the dropout layers before the fully connected ones; 0: none.
+    """
     extra = {"dropout": dropout} if dropout > 0 else {}
     model = LeNet5Caffe(input_shape, num_classes, dropout)
     return _tag(model, "lenet5", input_shape, num_classes, **extra)
@@ -108,8 +121,16 @@ def lenet5_caffe(
 def vgg_like(
     input_shape: Shape = (1, 28, 28), num_classes: int = 10, widths: Sequence[int] = (32, 64, 128)
 ) -> nn.Module:
-    """VGG-like: stages of two conv-BN-ReLU blocks with max-pooling between them, then
-    Linear-BN-ReLU-Linear (the shape of the VGG-like CIFAR nets in Bayesian pruning papers)."""
+    """VGG-like: stages of two conv-BN-ReLU blocks with max-pooling between them, then an MLP head.
+
+    The head is Linear-BN-ReLU-Linear after a global average pool: the shape of the VGG-like CIFAR
+    nets in Bayesian pruning papers. Pooling stops once the feature maps are smaller than 4×4.
+
+    Args:
+        input_shape: one image's ``(C, H, W)``.
+        num_classes: outputs of the last layer.
+        widths: channels of each stage.
+    """
     layers: list[nn.Module] = []
     c = input_shape[0]
     size = min(input_shape[1:])
@@ -131,7 +152,15 @@ def vgg_like(
 
 
 class BasicBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN plus a shortcut (1×1 conv-BN when the shape changes), then ReLU."""
+    """A ResNet basic block: conv-BN-ReLU-conv-BN plus a shortcut, then ReLU.
+
+    The shortcut is the identity, or a 1×1 conv-BN when the stride or the width changes.
+
+    Args:
+        c_in: input channels.
+        c_out: output channels.
+        stride: of the first convolution (2 halves the feature maps).
+    """
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
         super().__init__()
@@ -146,13 +175,18 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
         out = torch.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return torch.relu(out + self.shortcut(x))
 
 
 class ResNetSmall(nn.Module):
-    """A small ResNet: stem conv-BN-ReLU, stages of BasicBlocks, global average pool, Linear."""
+    """A small ResNet: stem conv-BN-ReLU, stages of BasicBlocks, global average pool, Linear.
+
+    Stage i has ``blocks[i]`` blocks of ``widths[i]`` channels; every stage after the first starts
+    with a stride-2 block.
+    """
 
     def __init__(
         self,
@@ -176,6 +210,7 @@ class ResNetSmall(nn.Module):
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` of images ``(B, C, H, W)``."""
         x = self.layers(self.stem(x))
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
@@ -186,6 +221,14 @@ def resnet_small(
     widths: Sequence[int] = (16, 32, 64),
     blocks: Sequence[int] = (1, 1, 1),
 ) -> nn.Module:
+    """Build a :class:`ResNetSmall` with its ``arch`` record.
+
+    Args:
+        input_shape: one image's ``(C, H, W)``.
+        num_classes: outputs of the last layer.
+        widths: channels of each stage.
+        blocks: basic blocks in each stage.
+    """
     model = ResNetSmall(input_shape, num_classes, widths, blocks)
     return _tag(
         model, "resnet", input_shape, num_classes, widths=tuple(widths), blocks=tuple(blocks)
@@ -193,9 +236,12 @@ def resnet_small(
 
 
 class RowLSTM(nn.Module):
-    """Reads an image row by row (H steps of C·W features): LSTM layers, then a Linear on the last
-    step's output. ``stacked=True`` builds one one-layer LSTM module per layer (what gates need:
-    each layer's hidden units get their own gate); ``False`` one multi-layer module."""
+    """Reads an image row by row (H steps of C·W features): LSTM layers, then a Linear.
+
+    The Linear reads the last step's output. ``stacked=True`` builds one one-layer LSTM module per
+    layer (what gates need: each layer's hidden units get their own gate); ``False`` one
+    multi-layer module.
+    """
 
     def __init__(
         self,
@@ -221,6 +267,7 @@ class RowLSTM(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` of images ``(B, C, H, W)``."""
         y = x.permute(0, 2, 1, 3).flatten(2)  # (B, H, C·W): one row per step
         for layer in self.rnn:
             y, _ = layer(y)
@@ -236,8 +283,19 @@ def lstm_rows(
     p: float = 0.0,
     stacked: bool = True,
 ) -> nn.Module:
-    """An LSTM classifier that reads images row by row (28 steps of 28 features on Fashion-MNIST);
-    ``scheme``/``p``: recurrent dropout (see :mod:`compressdrop.dropout.recurrent`)."""
+    """Build a :class:`RowLSTM`: an LSTM classifier that reads images row by row.
+
+    On Fashion-MNIST that is 28 steps of 28 features.
+
+    Args:
+        input_shape: one image's ``(C, H, W)``.
+        num_classes: outputs of the last layer.
+        hidden: hidden units of each LSTM layer.
+        layers: LSTM layers.
+        scheme: recurrent dropout scheme (see :mod:`compressdrop.dropout.recurrent`).
+        p: recurrent dropout rate.
+        stacked: one one-layer LSTM module per layer (gateable) rather than one multi-layer one.
+    """
     model = RowLSTM(input_shape, num_classes, hidden, layers, scheme, p, stacked)
     kwargs = {"hidden": hidden, "layers": layers, "scheme": scheme, "p": p, "stacked": stacked}
     return _tag(model, "lstm_rows", input_shape, num_classes, **kwargs)
@@ -255,14 +313,34 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 def build_model(
     name: str, input_shape: Shape = (1, 28, 28), num_classes: int = 10, **kwargs: Any
 ) -> nn.Module:
-    """Build a reference net by name (``lenet300``, ``lenet5``, ``vgg``, ``resnet``)."""
+    """Build a reference net by name, with the ``arch`` record that checkpoints store.
+
+    Args:
+        name: a key of :data:`MODELS`: ``"lenet300"``, ``"lenet5"``, ``"vgg"``, ``"resnet"`` or
+            ``"lstm_rows"``.
+        input_shape: one example's ``(C, H, W)``.
+        num_classes: outputs of the last layer.
+        **kwargs: the builder's own options (``widths=`` for ``"vgg"``, say).
+
+    Raises:
+        InputError: an unknown name.
+
+    Example:
+        >>> net = build_model("lenet300", input_shape=(1, 8, 8))
+        >>> net.arch["name"], net(example_input(net)).shape
+        ('lenet300', torch.Size([2, 10]))
+    """
     if name not in MODELS:
         raise InputError(f"unknown model {name!r}; known: {sorted(MODELS)}")
     return MODELS[name](tuple(input_shape), num_classes, **kwargs)
 
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    """A random input batch of the model's input shape (from ``model.arch``)."""
+    """A standard-normal batch ``(batch, *input_shape)`` of the shape in ``model.arch``.
+
+    Raises:
+        AttributeError: ``model`` has no ``arch`` record.
+    """
     arch = getattr(model, "arch", None)
     if not isinstance(arch, Mapping):
         raise AttributeError(f"{type(model).__name__} has no `arch` record (see build_model)")

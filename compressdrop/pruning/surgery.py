@@ -41,6 +41,7 @@ __all__ = [
     "mask_",
     "prune",
     "replay",
+    "unmask_",
 ]
 
 
@@ -54,7 +55,14 @@ class SurgeryError(CompressDropError, RuntimeError):
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Units of one gated group before and after pruning."""
+    """Units of one gated group before and after pruning.
+
+    Attributes:
+        name: the group's name (that of its first gated layer).
+        before: units before pruning.
+        after: units kept.
+        threshold: the SNR threshold applied to the group.
+    """
 
     name: str
     before: int
@@ -64,7 +72,16 @@ class LayerReport:
 
 @dataclass(frozen=True)
 class PruneReport:
-    """What ``prune`` did: per-group units, the threshold, and a replayable pruning history."""
+    """What :func:`prune` did: per-group units, the threshold, and a replayable pruning history.
+
+    Attributes:
+        family: the gate family of the pruned model.
+        threshold: the threshold asked for; ``None``: each family's default.
+        layers: one :class:`LayerReport` per gated group.
+        history: Torch-Pruning's pruning history, ``[name, is_out, idxs]`` per step, for
+            :func:`replay`.
+        max_rel_error: the parity check's relative error of the slim model against the masked one.
+    """
 
     family: str
     threshold: float | None
@@ -74,10 +91,12 @@ class PruneReport:
 
     @property
     def units_before(self) -> int:
+        """Gated units before pruning, over every group."""
         return sum(layer.before for layer in self.layers)
 
     @property
     def units_after(self) -> int:
+        """Units kept, over every group."""
         return sum(layer.after for layer in self.layers)
 
     @property
@@ -95,8 +114,10 @@ class PruneReport:
         return f"{self.architecture_before} → {self.architecture_after}"
 
     def metadata(self) -> dict[str, str]:
-        """How the slim model was made, as the string pairs every exported file records (ONNX
-        ``metadata_props``, ``report.json``): threshold, gate family, units before and after."""
+        """How the slim model was made: threshold, gate family, units before and after, as strings.
+
+        Every exported file records them (ONNX ``metadata_props``, ``report.json``).
+        """
         return {
             "threshold": str(self.threshold),
             "gate_family": self.family,
@@ -105,6 +126,7 @@ class PruneReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (JSON- and ``weights_only``-safe), for :meth:`from_dict`."""
         d = asdict(self)
         d["history"] = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.history]
         return d
@@ -146,8 +168,18 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
     """Mark the units with SNR below ``threshold`` as pruned, in place.
 
     The gated model's eval forward then multiplies them by 0: the reference that the slim model of
-    :func:`prune` must reproduce. ``None`` uses each gate family's default threshold. At least one
-    unit per group is kept (with a :class:`PruningWarning`).
+    :func:`prune` must reproduce. At least one unit per group is kept (with a
+    :class:`PruningWarning`).
+
+    Args:
+        model: a gated model.
+        threshold: SNR threshold; ``None``: each gate family's default.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        InputError: ``model`` has no gates.
     """
     if not is_gated(model):
         raise InputError("model has no gates; attach() them and train before pruning")
@@ -158,7 +190,7 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
 
 
 def unmask_(model: nn.Module) -> nn.Module:
-    """Undo :func:`mask_`."""
+    """Undo :func:`mask_`: every unit of every gate counts as kept again; returns ``model``."""
     for _, g in named_gates(model):
         g.pruned.zero_()
     return model
@@ -179,9 +211,11 @@ def _fold_(site: Gated) -> None:
 
 @contextlib.contextmanager
 def full_fp32() -> Iterator[None]:
-    """Switch TF32 off (cuDNN convolutions and CUDA matmuls; cuDNN's default is on, which gives
-    relative errors near 1e-3 on Ampere and Hopper GPUs) so that a parity check measures the
-    surgery, not the arithmetic."""
+    """Switch TF32 off for cuDNN convolutions and CUDA matmuls, and restore the settings on exit.
+
+    cuDNN's default is on, which gives relative errors near 1e-3 on Ampere and Hopper GPUs; off, a
+    parity check measures the surgery, not the arithmetic.
+    """
     cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -226,8 +260,22 @@ def prune(
     Args:
         model: a gated model (see :func:`compressdrop.attach`).
         threshold: SNR threshold; units with SNR < threshold are removed.
-        example_inputs: an input batch for tracing; inferred like in ``attach``.
+        example_inputs: an input batch for tracing; by default random inputs of the shapes
+            ``attach`` recorded, else inferred as in ``attach``.
         rtol: tolerance of the built-in parity check.
+
+    Returns:
+        The slim model, in eval mode, with ``prune_report`` set.
+
+    Raises:
+        InputError: ``model`` has no gates.
+        SurgeryError: Torch-Pruning refused a group, or the slim model does not run or does not
+            match the masked model within ``rtol``.
+
+    Example:
+        >>> slim = compressdrop.prune(net, threshold=1.0)  # doctest: +SKIP
+        >>> slim.prune_report.architecture()  # doctest: +SKIP
+        '300-100 → 41-37'
     """
     if not is_gated(model):
         raise InputError("model has no gates; attach() them and train before pruning")
@@ -302,6 +350,14 @@ def replay(
     """Rebuild a slim structure: apply a :class:`PruneReport`'s ``history`` to a fresh dense model.
 
     Loading the slim model's ``state_dict`` into the result restores it without pickled code.
+
+    Args:
+        model: a fresh dense model of the architecture that was pruned; changed in place.
+        history: ``PruneReport.history``.
+        example_inputs: an input batch for tracing; inferred as in ``attach`` by default.
+
+    Returns:
+        ``model``, with the slim model's structure.
     """
     if example_inputs is None:
         example_inputs = example_input_for(model)
