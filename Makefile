@@ -18,7 +18,7 @@ setup: $(BIN)/compressdrop
 demo: setup
 	$(BIN)/compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
 
-# Lint, the suite, then the wheel test (what CI runs).
+# Lint (ruff, mypy), the suite, then the wheel test (what CI runs).
 test: setup
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -q
@@ -34,6 +34,7 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check compressdrop tests examples benchmarks cli.py
 	$(BIN)/ruff format --check compressdrop tests examples benchmarks cli.py
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
