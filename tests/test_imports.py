@@ -140,3 +140,9 @@ def test_no_public_name_shadows_a_submodule():
         if getattr(parent, child) is not module:
             shadowed.append(f"{parent_name}.{child}")
     assert not shadowed, f"public names shadow submodules: {shadowed}"
+
+
+def test_no_module_is_over_400_lines():
+    """Long modules hide more than one job (the style guide's limit)."""
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"modules over 400 lines: {long}"

@@ -4,6 +4,7 @@ Layers: Bernoulli, DropConnect, Gaussian, Standout, fast, spatial, Cutout and Ma
 schemes: Zaremba, RNNDrop, Semeniuta and Gal.
 """
 
+from .gru import GRU
 from .layers import (
     BernoulliDropout,
     Cutout,
@@ -15,7 +16,7 @@ from .layers import (
     Standout,
     StochasticLayer,
 )
-from .recurrent import GRU, LSTM, SCHEMES, RecurrentDropout
+from .recurrent import LSTM, SCHEMES, RecurrentDropout
 
 __all__ = [
     "GRU",
