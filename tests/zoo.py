@@ -112,6 +112,24 @@ class FunctionalNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(z)))
 
 
+class DeconvNet(nn.Module):
+    """Encoder-decoder-like: conv, a strided ConvTranspose2d-BN-ReLU upsampling, a 1×1 conv."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c, h, w = input_shape
+        self.down = nn.Conv2d(c, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 8, 2, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.mix = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4 * h * w, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        z = torch.relu(self.bn(self.up(torch.relu(self.down(x)))))
+        return self.fc(torch.relu(self.mix(z)).flatten(1))
+
+
 def _ref(name, shape, **kw):
     return lambda: build_model(name, shape, 10, **kw)
 
@@ -126,6 +144,7 @@ ZOO = {
     "depthwise": lambda: DepthwiseNet(),
     "conv1d": lambda: Conv1dNet(),
     "functional": lambda: FunctionalNet(),
+    "deconv": lambda: DeconvNet(),
 }
 
 
@@ -147,4 +166,4 @@ def input_for(model: nn.Module, batch: int) -> torch.Tensor:
 
 
 # Consent given in code: checkpoints of these nets name their classes as factories.
-add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet])
+add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet, DeconvNet])

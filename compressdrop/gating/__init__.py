@@ -14,10 +14,14 @@ from .gated import (
     sites,
 )
 from .groups import GatingWarning, Site, UnitGroup, find_groups
+from .recurrent import GatedLSTM  # registers compressdrop.dropout.LSTM's layer spec
+from .registry import LayerSpec, register_layer, spec_of
 
 __all__ = [
     "Gated",
+    "GatedLSTM",
     "GatingWarning",
+    "LayerSpec",
     "Site",
     "UnitGroup",
     "attach",
@@ -30,5 +34,7 @@ __all__ = [
     "is_gated",
     "kl",
     "named_gates",
+    "register_layer",
     "sites",
+    "spec_of",
 ]

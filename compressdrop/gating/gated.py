@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, gate_class
 from .groups import UnitGroup, find_groups
+from .registry import registered_types, spec_of
 
 __all__ = [
     "Gated",
@@ -54,6 +55,11 @@ class Gated(nn.Module):
 
     def extra_repr(self) -> str:
         return f"unit_dim={self.unit_dim}"
+
+
+def _is_producer(m: nn.Module) -> bool:
+    spec = spec_of(m)
+    return spec is not None and spec.role == "producer"
 
 
 def _clear_gate_samples(module: nn.Module, _args: Any) -> None:
@@ -154,9 +160,7 @@ def attach(
         example_inputs = example_input_for(model)
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
-        raise InputError("no gateable layer found in the model (see the warnings for why)")
-    from .recurrent import GatedLSTM
-
+        raise InputError(_nothing_to_gate(model))
     param = next(model.parameters())
     costs = _normalized_costs(groups, kl_cost)
     for grp, cost in zip(groups, costs):
@@ -165,8 +169,10 @@ def attach(
         g.shared = len(grp.sites) > 1
         for site in grp.sites:
             layer = model.get_submodule(site.name)
-            wrapper = GatedLSTM if isinstance(layer, nn.LSTM) else Gated
-            _set_submodule(model, site.name, wrapper(layer, g, site.unit_dim))
+            spec = spec_of(layer)
+            wrapper = spec.wrapper if spec is not None and spec.wrapper is not None else Gated
+            # the new modules take the layer's train/eval mode (a gate in training mode samples)
+            _set_submodule(model, site.name, wrapper(layer, g, site.unit_dim).train(layer.training))
     handle = model.register_forward_pre_hook(_clear_gate_samples)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     setattr(
@@ -185,6 +191,23 @@ def attach(
         },
     )
     return model
+
+
+def _nothing_to_gate(model: nn.Module) -> str:
+    """Why attach found no group, in words that hold whether or not warnings were shown."""
+    producers = [type(m).__name__ for m in model.modules() if _is_producer(m)]
+    if not producers:
+        known = ", ".join(t.__name__ for t in registered_types("producer"))
+        return (
+            f"no gateable layer found: the model has no layer of a type compressdrop gates "
+            f"({known}; register_layer() adds one)"
+        )
+    return (
+        f"no gateable layer found among its {len(producers)} layers "
+        f"({', '.join(sorted(set(producers)))}): the units of each reach the model's output "
+        "(the output layer is never gated) or pass through an operation that keeps removal from "
+        "being exact (any GatingWarning above names it)"
+    )
 
 
 def _pattern_names(patterns: Sequence[str | type] | None) -> list[str]:

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..dropout.recurrent import LSTM, tracing
+from ..dropout.recurrent import tracing
 from ..errors import InputError
+from .registry import customized_pruners, registered_types, spec_of
 
 __all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
 
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, LSTM)
-_PER_CHANNEL_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
 # and keep units separate. Anything else on the path from a site to a consumer blocks gating.
 _ZERO_PRESERVING = {
@@ -138,6 +137,16 @@ def _op_name(node) -> str:
     return name.rstrip("0123456789").removesuffix("Backward")
 
 
+def _is_producer(m: object) -> bool:
+    spec = spec_of(m) if isinstance(m, nn.Module) else None
+    return spec is not None and spec.role == "producer"
+
+
+def _is_norm(m: object) -> bool:
+    spec = spec_of(m) if isinstance(m, nn.Module) else None
+    return spec is not None and spec.role == "norm"
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return (
         isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
@@ -158,33 +167,20 @@ def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None
 
 
 def _unit_costs(
-    group, num_units: int, names: dict, out_rows: dict
+    group, num_units: int, names: dict, positions: dict
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parameters and multiply-adds that each unit of a TP group controls (uniform within a group)."""
+    """Parameters and multiply-adds that each unit of a TP group controls (uniform within a group),
+    summed over the group's layers from their specs."""
     params = macs = 0.0
     for dep, idxs in group:
         m = dep.target.module
-        if not isinstance(m, nn.Module) or m not in names:
+        spec = spec_of(m) if isinstance(m, nn.Module) and m in names else None
+        if spec is None:
             continue
         share = len(idxs) / num_units  # > 1 where flatten maps one channel to many features
-        out_pruning = dep.handler.__name__ == "prune_out_channels"
-        rows = out_rows.get(m, 1)
-        if isinstance(m, LSTM):
-            H, width = m.hidden_size, m.input_size + 2 * m.hidden_size
-            p = (4 * width + (8 if m.bias else 0)) if out_pruning else 4 * H
-            params += share * p
-            macs += share * (4 * width if out_pruning else 4 * H) * rows
-        elif isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            w = m.weight
-            if out_pruning:  # one filter (and its bias)
-                p = w[0].numel() + (1 if m.bias is not None else 0)
-            else:  # one input column of every filter
-                p = w[:, 0].numel()
-            mac = (p - (1 if out_pruning and m.bias is not None else 0)) * rows
-            params += share * p
-            macs += share * mac
-        elif isinstance(m, _PER_CHANNEL_NORMS) and out_pruning and m.affine:
-            params += share * 2
+        p, mac = spec.unit_costs(m, dep.handler.__name__ == "prune_out_channels")
+        params += share * p
+        macs += share * mac * positions.get(m, 1)
     return torch.full((num_units,), params), torch.full((num_units,), macs)
 
 
@@ -201,8 +197,9 @@ def find_groups(
     Args:
         model: a plain model (no gates attached).
         example_inputs: one input batch, or a tuple of positional inputs.
-        granularity: ``"auto"`` (channels of convs and neurons of linear layers), ``"channel"``
-            (conv layers only) or ``"neuron"`` (linear layers only).
+        granularity: ``"auto"`` (every producer's units), ``"channel"`` (conv channels only) or
+            ``"neuron"`` (Linear and LSTM units only): the ``kind`` of the layers'
+            :class:`~compressdrop.gating.registry.LayerSpec`.
         include: module-name glob patterns or module types; a group is gated only if one of its
             producers matches (``None``: every group).
         exclude: patterns or types; a group with a matching producer is not gated.
@@ -216,37 +213,36 @@ def find_groups(
     """
     import torch_pruning as tp
 
-    from .recurrent import customized_pruners, gateable_lstm
-
     if granularity not in ("auto", "channel", "neuron"):
         raise InputError(f"granularity must be 'auto', 'channel' or 'neuron', got {granularity!r}")
     names = {m: n for n, m in model.named_modules()}
-    out_rows: dict[nn.Module, int] = {}
+    producers_types = registered_types("producer")
+    positions: dict[nn.Module, int] = {}  # output positions per example, the MACs multiplier
 
     def record(m, _inp, out):
-        if isinstance(m, LSTM):  # MACs of one unit scale with the sequence length
-            y = out[0]
-            out_rows[m] = int(y.shape[1 if m.batch_first else 0]) if y.dim() == 3 else y.shape[0]
-        elif isinstance(out, torch.Tensor):
-            if isinstance(m, nn.Linear):
-                out_rows[m] = int(out[0].numel() // out.shape[-1]) if out.dim() > 2 else 1
-            else:
-                out_rows[m] = int(out[0, 0].numel())
+        spec = spec_of(m)
+        if spec is not None:
+            positions[m] = spec.output_positions(m, out)
 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, _PRODUCERS)]
-    if warn:
-        for name, m in model.named_modules():
-            why = gateable_lstm(m) if isinstance(m, nn.RNNBase) else None
-            if (
-                why is not None
-                and (not include or _matches(name, m, include))
-                and not _matches(name, m, exclude)
-            ):
-                warnings.warn(
-                    f"compressdrop: layer {name!r} left ungated: {why}", GatingWarning, stacklevel=3
-                )
+    hooks = [m.register_forward_hook(record) for m in model.modules() if _is_producer(m)]
+    refused = set()  # layers whose spec says they cannot be gated: warned about once, here
+    for name, m in model.named_modules():
+        spec = spec_of(m)
+        why = spec.why_not(m) if spec is not None else None
+        if spec is None or why is None:
+            continue
+        refused.add(m)
+        wanted = (
+            (granularity == "auto" or spec.kind == granularity)
+            and (not include or _matches(name, m, include))
+            and not _matches(name, m, exclude)
+        )
+        if warn and wanted:
+            warnings.warn(
+                f"compressdrop: layer {name!r} left ungated: {why}", GatingWarning, stacklevel=3
+            )
     try:
         with torch.enable_grad(), tracing(model):
             dg = tp.DependencyGraph().build_dependency(
@@ -262,19 +258,20 @@ def find_groups(
 
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
-    for g in dg.get_all_groups(root_module_types=_PRODUCERS):
+    for g in dg.get_all_groups(root_module_types=producers_types):
         out_deps = [
             d
             for d, _ in g
             if d.handler.__name__ == "prune_out_channels" and d.target.module in names
         ]
-        producers = [d.target.module for d in out_deps if isinstance(d.target.module, _PRODUCERS)]
+        producers = [d.target.module for d in out_deps if _is_producer(d.target.module)]
         if not producers or any(p in seen for p in producers):
             continue
-        if any(isinstance(p, LSTM) and gateable_lstm(p) is not None for p in producers):
+        if any(p in refused for p in producers):
             continue  # warned about above
         seen.update(producers)
-        kind = "neuron" if all(isinstance(p, nn.Linear) for p in producers) else "channel"
+        kinds = {spec.kind for p in producers if (spec := spec_of(p)) is not None}
+        kind = "neuron" if kinds == {"neuron"} else "channel"
         pnames = [names[p] for p in producers]
         label = pnames[0]
         if granularity != "auto" and kind != granularity:
@@ -295,13 +292,6 @@ def find_groups(
             # Torch-Pruning could not map indices through a concatenation and coupled layers of
             # different widths; pruning such a group would cut the wrong channels.
             problem = "its channels pass through a concatenation that Torch-Pruning cannot index"
-        if problem is None and any(
-            isinstance(p, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            and p.groups > 1
-            and not _is_depthwise(p)
-            for p in producers
-        ):
-            problem = "grouped convolution (groups > 1, not depthwise) is not supported yet"
         if problem is not None:
             if warn and problem != "output":
                 warnings.warn(
@@ -310,7 +300,7 @@ def find_groups(
                     stacklevel=3,
                 )
             continue
-        params, macs = _unit_costs(g, num_units, names, out_rows)
+        params, macs = _unit_costs(g, num_units, names, positions)
         groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs))
     return groups
 
@@ -325,29 +315,26 @@ def _plan_sites(
         node = dg.module2node[p]
         site_node = node
         outs = node.outputs
-        if (
-            len(outs) == 1
-            and isinstance(outs[0].module, _PER_CHANNEL_NORMS)
-            and outs[0].module in members
-        ):
+        if len(outs) == 1 and _is_norm(outs[0].module) and outs[0].module in members:
             if not outs[0].module.affine:
                 return f"BatchNorm {names[outs[0].module]!r} after it has affine=False", []
             site_node = outs[0]
-        verdict = _walk(site_node, members)
+        verdict = _walk(site_node, members, names)
         if verdict == "output":
             return "output", []
         if verdict not in ("consumed", "covered"):
             return verdict, []
         if verdict == "consumed":
             m = site_node.module
-            dim = -1 if isinstance(m, (nn.Linear, LSTM)) else 1
-            sites.append(Site(names[m], dim))
+            spec = spec_of(m)
+            assert spec is not None  # a producer or a norm
+            sites.append(Site(names[m], spec.unit_dim))
     if not sites:
         return "no consumer of its units found", []
     return None, sites
 
 
-def _walk(start, members) -> str:
+def _walk(start, members, names: dict) -> str:
     """Follow a site's output to its consumers.
 
     Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
@@ -363,9 +350,12 @@ def _walk(start, members) -> str:
             continue
         visited.add(id(n))
         m = n.module
-        if isinstance(m, _PRODUCERS):
+        if _is_producer(m):
             if _is_depthwise(m) and m in members:
                 continue
+            if getattr(m, "groups", 1) > 1 and not _is_depthwise(m):
+                # its input channels split into groups: whole-layer indices would cut the wrong ones
+                return f"its units feed {names.get(m, type(m).__name__)!r}, a grouped convolution"
             consumed = True
             continue
         if isinstance(m, nn.PReLU):

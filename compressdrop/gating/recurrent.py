@@ -28,12 +28,12 @@ from torch.func import functional_call
 from ..dropout.recurrent import LSTM
 from ..errors import InputError
 from .gated import Gated
+from .registry import LayerSpec, register_layer, spec_of
 
 __all__ = [
     "GatedLSTM",
     # built on first access (module __getattr__), so that Torch-Pruning loads only when used
     "LSTMPruner",  # noqa: F822
-    "customized_pruners",
     "fold_lstm_",
     "gateable_lstm",
 ]
@@ -44,11 +44,14 @@ def gateable_lstm(m: nn.Module) -> str | None:
 
     Only a one-layer :class:`compressdrop.dropout.LSTM` qualifies; the reason names the fix.
     """
-    if isinstance(m, nn.LSTM) and not isinstance(m, LSTM):
-        return "a torch.nn.LSTM: use compressdrop.dropout.LSTM (a drop-in subclass) to gate it"
-    if not isinstance(m, LSTM):
+    spec = spec_of(m)
+    if spec is None:
         return f"{type(m).__name__} hidden units are not gated (only LSTM's are, so far)"
-    if m.num_layers != 1:
+    return spec.why_not(m)
+
+
+def _lstm_why_not(m: nn.Module) -> str | None:
+    if getattr(m, "num_layers", 1) != 1:
         return "a multi-layer LSTM: stack one-layer compressdrop.dropout.LSTM modules to gate it"
     return None
 
@@ -89,16 +92,34 @@ class GatedLSTM(Gated):
 
 
 @torch.no_grad()
-def fold_lstm_(site: GatedLSTM) -> None:
-    """Fold E[θ]·keep into the wrapped LSTM for good, in place.
+def fold_lstm_(m: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply the hidden units of LSTM ``m`` by ``scale`` for good, in place.
 
     The recurrent columns of ``weight_hh_l0`` and the ``out_scale`` buffer absorb the factors, so
-    the LSTM computes without the gate what the gated layer computes in eval mode.
+    with ``scale = E[θ]·keep`` the LSTM computes without the gate what the gated layer computes in
+    eval mode.
     """
-    g, m = site.gate, site.module
-    s = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(m.weight_hh_l0.dtype)
+    assert isinstance(m, LSTM)
+    s = scale.to(m.weight_hh_l0.dtype)
     m.weight_hh_l0.mul_(s)
     m.out_scale.mul_(s)
+
+
+def _lstm_costs(m: nn.Module, out: bool) -> tuple[float, float]:
+    """One hidden unit: four rows of both weights and their biases plus a recurrent column
+    (output unit), or a column of ``weight_ih`` (input unit); MACs per time step."""
+    assert isinstance(m, LSTM)
+    H, width = m.hidden_size, m.input_size + 2 * m.hidden_size
+    if out:
+        return float(4 * width + (8 if m.bias else 0)), float(4 * width)
+    return float(4 * H), float(4 * H)
+
+
+def _lstm_steps(m: nn.Module, out: Any) -> int:
+    """Time steps: one unit's MACs recur at each."""
+    assert isinstance(m, LSTM)
+    y = out[0]
+    return int(y.shape[1 if m.batch_first else 0]) if y.dim() == 3 else int(y.shape[0])
 
 
 def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
@@ -177,10 +198,17 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def customized_pruners() -> dict[type[nn.Module], Any]:
-    """The pruners compressdrop registers with Torch-Pruning's dependency graph.
-
-    Returns:
-        A fresh :class:`LSTMPruner` for :class:`compressdrop.dropout.LSTM`, keyed by the class.
-    """
-    return {LSTM: _lstm_pruner()()}
+register_layer(
+    LSTM,
+    LayerSpec(
+        "producer",
+        "neuron",
+        -1,
+        _lstm_costs,
+        fold_lstm_,
+        output_positions=_lstm_steps,
+        why_not=_lstm_why_not,
+        wrapper=GatedLSTM,
+        pruner=lambda: _lstm_pruner()(),
+    ),
+)

@@ -31,7 +31,7 @@ from ..gating import (
     named_gates,
     sites,
 )
-from ..gating.recurrent import GatedLSTM, fold_lstm_
+from ..gating.registry import customized_pruners, spec_of
 
 __all__ = [
     "LayerReport",
@@ -198,15 +198,13 @@ def unmask_(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _fold_(site: Gated) -> None:
-    """Scale the wrapped layer's output units by E[θ]·keep, so that it no longer needs the gate."""
+    """Scale the wrapped layer's output units by E[θ]·keep (its spec's ``fold``), so that it no
+    longer needs the gate."""
     g, m = site.gate, site.module
-    # a gated layer is a Linear, a Conv or an affine BatchNorm: output units along weight's dim 0
-    weight, bias = m.get_parameter("weight"), getattr(m, "bias", None)
-    scale = (g.expected() * (~g.pruned).to(g.expected().dtype)).to(weight.dtype)
-    shape = [-1] + [1] * (weight.dim() - 1)
-    weight.mul_(scale.reshape(shape))
-    if bias is not None:
-        bias.mul_(scale)
+    spec = spec_of(m)
+    if spec is None:
+        raise SurgeryError(f"no layer spec for {type(m).__name__}: register_layer() it")
+    spec.fold(m, g.expected() * (~g.pruned).to(g.expected().dtype))
 
 
 @contextlib.contextmanager
@@ -226,8 +224,6 @@ def full_fp32() -> Iterator[None]:
 
 def _dependency_graph(model: nn.Module, example: tuple):
     import torch_pruning as tp
-
-    from ..gating.recurrent import customized_pruners
 
     with torch.enable_grad(), tracing(model):
         return tp.DependencyGraph().build_dependency(
@@ -298,10 +294,7 @@ def prune(
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}
     for _, site in sites(work):
-        if isinstance(site, GatedLSTM):
-            fold_lstm_(site)
-        else:
-            _fold_(site)
+        _fold_(site)
         first_site.setdefault(id(site.gate), site.module)
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
     layers = [
