@@ -125,3 +125,40 @@ def test_model_training_flag_and_device_are_restored(tmp_path):
     model = ZOO["lenet300"]().train()
     export_onnx(model, input_for(model, 2), tmp_path / "m.onnx")
     assert model.training
+
+
+class _SegLike(nn.Module):
+    """Returns a dict holding a tensor and a list, like torchvision's segmentation models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 3, 1)
+        self.aux = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return {"out": self.head(h), "aux": [self.aux(h)]}
+
+
+def test_dict_and_list_outputs_prune_and_export(tmp_path):
+    from compressdrop.export.program import export_program
+
+    torch.manual_seed(0)
+    model = _SegLike().eval()
+    x = torch.randn(4, 1, 8, 8)
+    cd.attach(model, example_inputs=x[:2])
+    gate = next(iter(cd.named_gates(model)))[1]
+    with torch.no_grad():
+        gate.log_sigma.copy_(torch.linspace(-3, 1, 6))
+    thr = float(gate.snr().detach().median())
+    slim = cd.prune(model, thr, example_inputs=x)
+    kept = int((gate.snr().detach() >= thr).sum())
+    assert slim.a.out_channels == kept < 6 and slim.prune_report.max_rel_error <= 1e-5
+    onnx_rep = export_onnx(slim, x[:2], tmp_path / "seg.onnx")
+    assert max(onnx_rep.max_rel_error.values()) <= 1e-4
+    assert max(export_program(slim, x[:2], tmp_path / "seg.pt2").max_rel_error.values()) <= 1e-5
+    loaded = torch.export.load(tmp_path / "seg.pt2").module()
+    with torch.no_grad():
+        out = loaded(x)
+    assert set(out) == {"out", "aux"} and out["aux"][0].shape == (4, 2, 8, 8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,15 +50,25 @@ def _rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
 
 
+def output_arrays(out: Any) -> list[np.ndarray]:
+    """A model's outputs as arrays, in the order exporters flatten them: a tensor, or the tensors
+    of any nesting of tuples, lists and dicts."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t.detach().cpu().numpy() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
 def compare_at_batches(
     model: nn.Module,
-    run: Callable[[torch.Tensor], np.ndarray],
+    run: Callable[[torch.Tensor], Any],
     example: torch.Tensor,
     batch_sizes: Sequence[int],
     rtol: float,
     what: str,
 ) -> dict[int, float]:
-    """max|run(x) − model(x)| / max|model(x)| on fresh random inputs at each batch size.
+    """max|run(x) − model(x)| / max|model(x)| on fresh random inputs at each batch size, over
+    every output tensor (``run`` returns an array, a tensor or a sequence of them, in the order
+    :func:`output_arrays` flattens the model's output).
 
     Raises:
         ExportMismatchError: naming ``what``, at the first batch size beyond ``rtol``.
@@ -66,12 +77,18 @@ def compare_at_batches(
     for b in batch_sizes:
         xb = torch.randn(b, *example.shape[1:], dtype=example.dtype)
         with torch.no_grad():
-            ref = model(xb).numpy()
-        got = run(xb)
-        errors[b] = _rel_error(got, ref)
-        if got.shape != ref.shape or not errors[b] <= rtol:
+            ref = output_arrays(model(xb))
+        raw = run(xb)
+        got = [np.asarray(a) for a in (raw if isinstance(raw, (list, tuple)) else [raw])]
+        shapes = [a.shape for a in got], [r.shape for r in ref]
+        if shapes[0] != shapes[1]:
+            raise ExportMismatchError(
+                f"{what} gives outputs of shapes {shapes[0]} at batch size {b}, PyTorch {shapes[1]}"
+            )
+        errors[b] = max(_rel_error(g, r) for g, r in zip(got, ref))
+        if not errors[b] <= rtol:
             raise ExportMismatchError(
                 f"{what} differs from PyTorch at batch size {b}: relative error "
-                f"{errors[b]:.3g} > {rtol:g} (shapes {got.shape} vs {ref.shape})"
+                f"{errors[b]:.3g} > {rtol:g}"
             )
     return errors

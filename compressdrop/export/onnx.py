@@ -150,7 +150,7 @@ def export_onnx(
         name = session.get_inputs()[0].name
         errors = compare_at_batches(
             model_cpu,
-            lambda xb: session.run(None, {name: xb.numpy()})[0],
+            lambda xb: session.run(None, {name: xb.numpy()}),
             x,
             check_batch_sizes,
             rtol,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ._check import ExportError, compare_at_batches, dynamic_batch, eval_on_cpu
+from ._check import ExportError, compare_at_batches, dynamic_batch, eval_on_cpu, output_arrays
 from .onnx import _quiet_exporter
 
 __all__ = ["ProgramReport", "export_program"]
@@ -63,7 +63,7 @@ def export_program(
             loaded = torch.export.load(f).module()
         errors = compare_at_batches(
             model_cpu,
-            lambda xb: loaded(xb).detach().numpy(),
+            lambda xb: output_arrays(loaded(xb)),
             x,
             check_batch_sizes,
             rtol,

@@ -235,6 +235,27 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
+def _float_leaves(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors in a model's output: a tensor, or any nesting of tuples, lists
+    and dicts (a segmentation model's ``{"out": ...}``, an encoder's ``(hidden, pooled)``)."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _compare_outputs(out: Any, reference: Any) -> float:
+    """The largest relative error over the outputs' tensors.
+
+    Raises:
+        SurgeryError: the outputs differ in structure or shapes.
+    """
+    got, want = _float_leaves(out), _float_leaves(reference)
+    shapes = [tuple(t.shape) for t in got], [tuple(t.shape) for t in want]
+    if shapes[0] != shapes[1] or not want:
+        raise SurgeryError(f"slim model output shapes {shapes[0]} != {shapes[1]}")
+    return max(_rel_error(a, b) for a, b in zip(got, want))
+
+
 def prune(
     model: nn.Module,
     threshold: float | None = None,
@@ -320,11 +341,7 @@ def prune(
         raise SurgeryError(
             f"the slim model does not run ({e}); please report this model structure"
         ) from e
-    if out.shape != reference.shape:
-        raise SurgeryError(
-            f"slim model output shape {tuple(out.shape)} != {tuple(reference.shape)}"
-        )
-    err = _rel_error(out, reference)
+    err = _compare_outputs(out, reference)
     if not err <= rtol:
         raise SurgeryError(
             f"slim model differs from the masked model by relative error {err:.3g} > {rtol:g}; "
