@@ -31,7 +31,7 @@ from ._io import atomic_write
 from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
 from .gating import attach, is_gated
-from .gating.gated import attach_config, input_shapes_of
+from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
 from .programs import is_pt2, load_program
 
 __all__ = [
@@ -83,6 +83,7 @@ def save_model(
     if payload["kind"] == "gated":
         payload["attach"] = attach_config(model)
         payload["input_shape"] = [list(s) for s in input_shapes_of(model)]
+        payload["inputs"] = input_specs_of(model)
     if report is not None:
         payload["prune_report"] = report.to_dict()
     path = Path(path)
@@ -254,7 +255,8 @@ def _from_payload(
     model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
     if kind == "gated":
-        example = tuple(torch.randn(2, *s) for s in payload["input_shape"])
+        specs = payload.get("inputs") or [{"shape": s} for s in payload["input_shape"]]
+        example = random_inputs(specs, 2)
         attach(model, **payload["attach"], example_inputs=example)
     elif kind == "slim":
         from .pruning import PruneReport, replay

@@ -66,7 +66,8 @@ def compare_at_batches(
     rtol: float,
     what: str,
 ) -> dict[int, float]:
-    """max|run(x) − model(x)| / max|model(x)| on fresh random inputs at each batch size, over
+    """max|run(x) − model(x)| / max|model(x)| on fresh random inputs at each batch size (token ids
+    for an integer ``example``), over
     every output tensor (``run`` returns an array, a tensor or a sequence of them, in the order
     :func:`output_arrays` flattens the model's output).
 
@@ -75,7 +76,11 @@ def compare_at_batches(
     """
     errors: dict[int, float] = {}
     for b in batch_sizes:
-        xb = torch.randn(b, *example.shape[1:], dtype=example.dtype)
+        shape = (b, *example.shape[1:])
+        if example.is_floating_point():
+            xb = torch.randn(shape, dtype=example.dtype)
+        else:  # token ids: within the ids the example holds
+            xb = torch.randint(0, int(example.max()) + 1, shape, dtype=example.dtype)
         with torch.no_grad():
             ref = output_arrays(model(xb))
         raw = run(xb)

@@ -22,16 +22,24 @@ __all__ = [
     "attach_config",
     "detach",
     "example_input_for",
+    "example_inputs_of",
     "groups_of",
     "input_shapes_of",
+    "input_specs",
+    "input_specs_of",
     "is_gated",
     "kl",
     "named_gates",
+    "random_inputs",
     "sites",
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
 KL_COSTS = ("uniform", "params", "flops")
+
+
+def _no_op(module: nn.Module, args: Any) -> None:
+    """The forward pre-hook of every :class:`Gated` (see there)."""
 
 
 class Gated(nn.Module):
@@ -48,6 +56,19 @@ class Gated(nn.Module):
         self.module = module
         self.gate = gate
         self.unit_dim = unit_dim
+        # a hooked submodule turns fused fast paths off (nn.TransformerEncoderLayer's in eval):
+        # they read the wrapped weights directly and would skip the gate
+        self.register_forward_pre_hook(_no_op)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (``weight``, ``in_features``, ...), for code that reads
+        them through the parent module (``nn.TransformerEncoderLayer`` does)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
@@ -184,6 +205,7 @@ def attach(
             "groups": groups,
             "hook": handle.id,
             "input_shape": [tuple(t.shape[1:]) for t in inputs],
+            "inputs": input_specs(inputs),
             "kl_cost": kl_cost,
             "gate_kwargs": dict(gate_kwargs or {}),
             "include": _pattern_names(include),
@@ -298,6 +320,64 @@ def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:
         MNIST net); empty for a model with no attach record (as :func:`groups_of`).
     """
     return list(getattr(model, _STATE, {}).get("input_shape", []))
+
+
+def input_specs(inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """What random inputs like ``inputs`` must be, as plain data: per positional input its shape
+    without the batch dimension, its dtype and, for integer inputs (token ids), the bound
+    ``high`` that ids stay below (the largest seen plus one)."""
+    specs = []
+    for t in inputs:
+        integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        high = int(t.max()) + 1 if integer and t.numel() else None
+        specs.append(
+            {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch."), "high": high}
+        )
+    return specs
+
+
+def random_inputs(
+    specs: Sequence[Mapping[str, Any]], batch: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs that fit :func:`input_specs`: standard normal floats, integers (token ids)
+    uniform below their ``high``.
+
+    Raises:
+        InputError: a spec names an unknown dtype.
+    """
+    out = []
+    for spec in specs:
+        dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(f"unknown input dtype {spec.get('dtype')!r}")
+        shape = (batch, *spec["shape"])
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, dtype=dtype, device=device))
+        elif dtype == torch.bool:
+            out.append(torch.rand(shape, device=device) < 0.5)
+        else:
+            out.append(
+                torch.randint(
+                    0, max(1, int(spec.get("high") or 2)), shape, dtype=dtype, device=device
+                )
+            )
+    return tuple(out)
+
+
+def input_specs_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The :func:`input_specs` of the inputs :func:`attach` traced ``model`` with (empty for a
+    model with no attach record)."""
+    state = getattr(model, _STATE, {})
+    return list(state.get("inputs") or [{"shape": list(s)} for s in state.get("input_shape", [])])
+
+
+def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...] | None:
+    """Random inputs like those :func:`attach` traced ``model`` with (token ids stay within the
+    ids seen), on the model's device; ``None`` for a model with no attach record."""
+    specs = input_specs_of(model)
+    if not specs:
+        return None
+    return random_inputs(specs, batch, next(model.parameters()).device)
 
 
 def kl(model: nn.Module) -> torch.Tensor:

@@ -23,68 +23,10 @@ from torch import nn
 
 from ..dropout.recurrent import tracing
 from ..errors import InputError
+from .paths import _is_producer, _walk
 from .registry import customized_pruners, registered_types, spec_of
 
 __all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
-
-# grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
-# and keep units separate. Anything else on the path from a site to a consumer blocks gating.
-_ZERO_PRESERVING = {
-    "Relu",
-    "Gelu",
-    "Silu",
-    "Tanh",
-    "Hardtanh",
-    "LeakyRelu",
-    "Elu",
-    "Mish",
-    "Hardswish",
-    "Clamp",
-    "ClampMin",
-    "ClampMax",
-    "Threshold",
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Neg",
-    "MaxPool1DWithIndices",
-    "MaxPool2DWithIndices",
-    "MaxPool3DWithIndices",
-    "AvgPool1D",
-    "AvgPool2D",
-    "AvgPool3D",
-    "AdaptiveAvgPool1D",
-    "AdaptiveAvgPool2D",
-    "AdaptiveAvgPool3D",
-    "AdaptiveMaxPool1D",
-    "AdaptiveMaxPool2D",
-    "AdaptiveMaxPool3D",
-    "Mean",
-    "Sum",
-    "View",
-    "Reshape",
-    "UnsafeView",
-    "Flatten",
-    "T",
-    "Transpose",
-    "Cat",
-    "Split",
-    "SplitWithSizes",
-    "Slice",
-    "Select",
-    "Clone",
-    "Expand",
-    "Squeeze",
-    "Unsqueeze",
-    "NativeDropout",
-    "Dropout",
-    "ConstantPadNd",
-    "UpsampleNearest2D",
-    "UpsampleBilinear2D",
-    "Alias",
-    "Permute",
-}
 
 
 class GatingWarning(UserWarning):
@@ -129,30 +71,9 @@ class UnitGroup:
     macs_per_unit: torch.Tensor = field(repr=False)
 
 
-def _op_name(node) -> str:
-    name = type(node.module).__name__
-    grad_fn = getattr(node.module, "_grad_fn", None)  # TP stores the grad_fn's name or the object
-    if grad_fn is not None:
-        name = grad_fn if isinstance(grad_fn, str) else type(grad_fn).__name__
-    return name.rstrip("0123456789").removesuffix("Backward")
-
-
-def _is_producer(m: object) -> bool:
-    spec = spec_of(m) if isinstance(m, nn.Module) else None
-    return spec is not None and spec.role == "producer"
-
-
 def _is_norm(m: object) -> bool:
     spec = spec_of(m) if isinstance(m, nn.Module) else None
     return spec is not None and spec.role == "norm"
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return (
-        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        and m.groups == m.in_channels
-        and m.groups > 1
-    )
 
 
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:
@@ -332,43 +253,3 @@ def _plan_sites(
     if not sites:
         return "no consumer of its units found", []
     return None, sites
-
-
-def _walk(start, members, names: dict) -> str:
-    """Follow a site's output to its consumers.
-
-    Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
-    units only flow into a depthwise conv of the same group, whose own site is gated), "output" (the
-    units reach the model's output), or a sentence naming the operation that blocks exactness.
-    """
-    stack, visited, consumed = list(start.outputs), set(), False
-    if not start.outputs:
-        return "output"
-    while stack:
-        n = stack.pop()
-        if id(n) in visited:
-            continue
-        visited.add(id(n))
-        m = n.module
-        if _is_producer(m):
-            if _is_depthwise(m) and m in members:
-                continue
-            if getattr(m, "groups", 1) > 1 and not _is_depthwise(m):
-                # its input channels split into groups: whole-layer indices would cut the wrong ones
-                return f"its units feed {names.get(m, type(m).__name__)!r}, a grouped convolution"
-            consumed = True
-            continue
-        if isinstance(m, nn.PReLU):
-            stack.extend(n.outputs)
-            continue
-        if isinstance(m, nn.Module) and type(m).__module__.startswith("torch.nn"):
-            # a real layer between the site and a consumer (a norm after the residual add, ...)
-            return f"its units pass through {type(m).__name__}, which does not map 0 to 0 per unit"
-        op = _op_name(n).lstrip("_")
-        if op.startswith("OutputOp") or not n.outputs:
-            return "output"
-        structural = op.startswith(("Reshape", "Concat", "Split", "Slice", "Expand", "Unbind"))
-        if op not in _ZERO_PRESERVING and not structural:
-            return f"its units pass through {op}, which does not map 0 to 0"
-        stack.extend(n.outputs)
-    return "consumed" if consumed else "covered"

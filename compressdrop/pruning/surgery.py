@@ -26,7 +26,7 @@ from ..gating import (
     Gated,
     detach,
     example_input_for,
-    input_shapes_of,
+    example_inputs_of,
     is_gated,
     named_gates,
     sites,
@@ -301,12 +301,7 @@ def prune(
     for _, g in named_gates(work):
         g.pruned.copy_(~masks[id(g)][1])
     if example_inputs is None:
-        shapes = input_shapes_of(work)
-        example_inputs = (
-            tuple(torch.randn(4, *s, device=next(work.parameters()).device) for s in shapes)
-            if shapes
-            else example_input_for(work, batch=4)
-        )
+        example_inputs = example_inputs_of(work, batch=4) or example_input_for(work, batch=4)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     family = next(iter(named_gates(work)))[1].family
     with torch.no_grad(), full_fp32():

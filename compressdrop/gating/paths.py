@@ -1,0 +1,182 @@
+"""Following a gate site's units to their consumers: which operations on the way keep removing a
+unit exact (they map a zero unit to zero and keep units apart), and where the units are consumed.
+
+Used by :func:`compressdrop.gating.find_groups` on Torch-Pruning's dependency graph.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .registry import spec_of
+
+__all__: list[str] = []  # internal to compressdrop.gating
+
+# grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
+# and keep units separate. Anything else on the path from a site to a consumer blocks gating.
+_ZERO_PRESERVING = {
+    "Relu",
+    "Gelu",
+    "Silu",
+    "Tanh",
+    "Hardtanh",
+    "LeakyRelu",
+    "Elu",
+    "Mish",
+    "Hardswish",
+    "Clamp",
+    "ClampMin",
+    "ClampMax",
+    "Threshold",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "MaxPool1DWithIndices",
+    "MaxPool2DWithIndices",
+    "MaxPool3DWithIndices",
+    "AvgPool1D",
+    "AvgPool2D",
+    "AvgPool3D",
+    "AdaptiveAvgPool1D",
+    "AdaptiveAvgPool2D",
+    "AdaptiveAvgPool3D",
+    "AdaptiveMaxPool1D",
+    "AdaptiveMaxPool2D",
+    "AdaptiveMaxPool3D",
+    "Mean",
+    "Sum",
+    "View",
+    "Reshape",
+    "UnsafeView",
+    "Flatten",
+    "T",
+    "Transpose",
+    "Cat",
+    "Split",
+    "SplitWithSizes",
+    "Slice",
+    "Select",
+    "Clone",
+    "Expand",
+    "Squeeze",
+    "Unsqueeze",
+    "NativeDropout",
+    "Dropout",
+    "ConstantPadNd",
+    "UpsampleNearest2D",
+    "UpsampleBilinear2D",
+    "Alias",
+    "Permute",
+}
+
+
+def _op_name(node) -> str:
+    name = type(node.module).__name__
+    grad_fn = getattr(node.module, "_grad_fn", None)  # TP stores the grad_fn's name or the object
+    if grad_fn is not None:
+        name = grad_fn if isinstance(grad_fn, str) else type(grad_fn).__name__
+    return name.rstrip("0123456789").removesuffix("Backward")
+
+
+def _is_producer(m: object) -> bool:
+    spec = spec_of(m) if isinstance(m, nn.Module) else None
+    return spec is not None and spec.role == "producer"
+
+
+# matmuls that a Linear (or a registered producer) on (N, T, F) input runs as an op of its own
+_MATMULS = ("Addmm", "Mm", "Bmm")
+_WEIGHT_VIEWS = ("TBackward0", "TransposeBackward0", "PermuteBackward0")
+
+
+def _matmul_consumer(node) -> nn.Module | None:
+    """The producer whose weight the matmul ``node`` multiplies its input by (``None``: none).
+
+    Torch-Pruning names a Linear's node after the grad_fn of its output. On (N, T, F) input that
+    is the View after an Addmm (View → Addmm → View; without a bias View → Mm → UnsafeView; on a
+    non-contiguous input Mm → UnsafeView → Add), so the matmul that consumes the units is an
+    unnamed node one or two steps before the Linear's own. Only a matmul whose weight operand is
+    that producer's ``weight`` counts, so an unrelated matmul is still refused.
+    """
+    fn = getattr(node, "grad_fn", None)
+    if fn is None:
+        return None
+    leaves = set()
+    for f, _ in fn.next_functions:
+        while f is not None and type(f).__name__ in _WEIGHT_VIEWS:
+            f = f.next_functions[0][0]
+        if getattr(f, "variable", None) is not None:
+            leaves.add(id(f.variable))
+    frontier = list(node.outputs)
+    for _ in range(2):
+        nxt = []
+        for n in frontier:
+            m = n.module
+            if _is_producer(m):
+                if id(getattr(m, "weight", None)) in leaves:
+                    return m
+            elif not type(m).__module__.startswith("torch.nn"):
+                nxt.extend(n.outputs)
+        frontier = nxt
+    return None
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and m.groups == m.in_channels
+        and m.groups > 1
+    )
+
+
+def _walk(start, members, names: dict) -> str:
+    """Follow a site's output to its consumers.
+
+    Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
+    units only flow into a depthwise conv of the same group, whose own site is gated), "output" (the
+    units reach the model's output), or a sentence naming the operation that blocks exactness.
+    """
+    stack, visited, consumed = list(start.outputs), set(), False
+    if not start.outputs:
+        return "output"
+    while stack:
+        n = stack.pop()
+        if id(n) in visited:
+            continue
+        visited.add(id(n))
+        m = n.module
+        if _is_producer(m):
+            if _is_depthwise(m) and m in members:
+                continue
+            if getattr(m, "groups", 1) > 1 and not _is_depthwise(m):
+                # its input channels split into groups: whole-layer indices would cut the wrong ones
+                return f"its units feed {names.get(m, type(m).__name__)!r}, a grouped convolution"
+            consumed = True
+            continue
+        if isinstance(m, nn.PReLU):
+            stack.extend(n.outputs)
+            continue
+        if isinstance(m, nn.Module) and type(m).__module__.startswith("torch.nn"):
+            # a real layer between the site and a consumer (a norm after the residual add, ...)
+            return f"its units pass through {type(m).__name__}, which does not map 0 to 0 per unit"
+        op = _op_name(n).lstrip("_")
+        if op.startswith("OutputOp") or not n.outputs:
+            return "output"
+        if op in _MATMULS and _matmul_consumer(n) is not None:
+            consumed = True  # the input side of a Linear applied to (N, T, F)
+            continue
+        grad_fn = getattr(n, "grad_fn", None)
+        if (
+            op in ("Add", "Sub")
+            and grad_fn is not None
+            and any(f is None for f, _ in grad_fn.next_functions)
+        ):
+            # the other operand is outside the graph (the model's input, a constant): it is not
+            # zero where a unit is pruned, and nothing can slice it
+            return f"its units are summed with a tensor that cannot be pruned (the input?) at {op}"
+        structural = op.startswith(("Reshape", "Concat", "Split", "Slice", "Expand", "Unbind"))
+        if op not in _ZERO_PRESERVING and not structural:
+            return f"its units pass through {op}, which does not map 0 to 0"
+        stack.extend(n.outputs)
+    return "consumed" if consumed else "covered"

@@ -1,0 +1,80 @@
+"""Models that take token ids or several inputs: attach records what the inputs are (shape,
+dtype, the id range), so that prune, a gated checkpoint and both exports make fitting inputs."""
+
+import torch
+from torch import nn
+
+import compressdrop as cd
+from compressdrop import add_safe_factories
+from compressdrop.checkpoint import load_model, save_model
+from compressdrop.export.program import export_program
+
+
+class TokenNet(nn.Module):
+    """Token ids → embedding → mean over tokens → MLP."""
+
+    def __init__(self, vocab: int = 50, tokens: int = 7) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 3)
+        self.arch = {"factory": "tests.test_inputs:TokenNet", "input_shape": [tokens], "kwargs": {}}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).mean(1))))
+
+
+class TwoInputNet(nn.Module):
+    """Two positional inputs, each through its own layer, then summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 12), nn.Linear(3, 12)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.a(x) + self.b(y)))
+
+
+add_safe_factories([TokenNet])
+
+
+def _spread(model: nn.Module) -> float:
+    """Give the one gate SNRs that differ; return their median."""
+    gate = next(iter(cd.named_gates(model)))[1]
+    with torch.no_grad():
+        gate.log_sigma.copy_(torch.linspace(-3, 1, gate.num_units))
+    return float(gate.snr().detach().median())
+
+
+def test_token_ids_attach_prune_reload_and_export(tmp_path):
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    ids = torch.randint(0, 50, (4, 7))
+    cd.attach(model, example_inputs=ids[:2])
+    assert [n for n, _ in cd.named_gates(model)] == ["fc1"]
+    (spec,) = cd.gating.input_specs_of(model)
+    assert spec["dtype"] == "int64" and spec["shape"] == [7] and spec["high"] <= 50
+    thr = _spread(model)
+    slim = cd.prune(model, thr)  # its parity check draws ids, not floats
+    assert slim.fc1.out_features < 32 and slim.prune_report.max_rel_error <= 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(slim(ids), cd.mask_(model, thr)(ids), rtol=1e-5, atol=1e-6)
+    save_model(model, tmp_path / "gated.pt")
+    again = load_model(tmp_path / "gated.pt")  # re-attaches on token ids
+    assert cd.is_gated(again)
+    assert max(cd.export_onnx(slim, ids[:2], tmp_path / "s.onnx").max_rel_error.values()) <= 1e-4
+    assert max(export_program(slim, ids[:2], tmp_path / "s.pt2").max_rel_error.values()) <= 1e-5
+
+
+def test_two_positional_inputs_attach_and_prune():
+    torch.manual_seed(0)
+    model = TwoInputNet().eval()
+    x, y = torch.randn(4, 5), torch.randn(4, 3)
+    cd.attach(model, example_inputs=(x[:2], y[:2]))
+    assert [n for n, _ in cd.named_gates(model)] == ["a"]  # a and b write one stream: one gate
+    thr = _spread(model)
+    slim = cd.prune(model, thr)
+    assert slim.a.out_features == slim.b.out_features < 12
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x, y), cd.mask_(model, thr)(x, y), rtol=1e-5, atol=1e-6)
