@@ -118,12 +118,17 @@ class Sparsifier:
         run in float64)."""
         return kl(self.model) / self.n_train
 
-    def penalty(self, t: float) -> torch.Tensor:
-        """β(t)·KL/N for ``t`` fractional epochs since sparsification began."""
+    def penalty(self, t: float, kl_per_example: torch.Tensor | None = None) -> torch.Tensor:
+        """β(t)·KL/N for ``t`` fractional epochs since sparsification began.
+
+        Args:
+            t: fractional epochs since sparsification began.
+            kl_per_example: KL/N if the caller computed it already (see :meth:`kl_per_example`).
+        """
         beta = self.schedule(t)
-        if beta == 0:
+        if beta == 0 and kl_per_example is None:
             return torch.zeros((), device=next(self.model.parameters()).device)
-        return beta * self.kl_per_example()
+        return beta * (self.kl_per_example() if kl_per_example is None else kl_per_example)
 
     def units(self, threshold: float | None = None) -> tuple[int, int]:
         """Units kept at the threshold (default: this Sparsifier's) and units gated, over all

@@ -131,9 +131,9 @@ class Sparsify(Stage):
     def loss_term(self, model: nn.Module, t: float) -> torch.Tensor:
         """β(t)·KL/N, its KL/N summed for the epoch's record."""
         assert self.sparsifier is not None
-        term = self.sparsifier.kl_per_example()
-        self.kl_total += float(term.detach())
-        return self.run.recipe.kl(t) * term
+        kl_n = self.sparsifier.kl_per_example()
+        self.kl_total += float(kl_n.detach())
+        return self.sparsifier.penalty(t, kl_n)
 
     def epoch_record(self, model: nn.Module, steps: int) -> dict[str, Any]:
         """The epoch's mean KL/N and the units kept at the recipe's threshold."""
