@@ -233,3 +233,15 @@ def test_a_grouped_convolution_is_refused_with_a_warning_naming_it():
     assert slim[5].out_features < 16
     with torch.no_grad():
         torch.testing.assert_close(slim(x), cd.mask_(model, thr)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_squeeze_excitation_channels_are_gated_with_their_stream():
+    """x * sigmoid(fc2(...)): a pruned channel of x is zero whatever its scale, so the block's
+    channels are gated (used to be refused at the Sigmoid) and the excitation layer fc2 is cut
+    with them; the squeeze layer's own units get a gate."""
+    model = randomize_(ZOO["squeeze_excite"]()).eval()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cd.attach(model)
+    assert not [w for w in record if w.category is cd.GatingWarning]
+    assert [n for n, _ in cd.named_gates(model)] == ["b1", "se1.fc1", "b2", "se2.fc1"]

@@ -130,6 +130,40 @@ class DeconvNet(nn.Module):
         return self.fc(torch.relu(self.mix(z)).flatten(1))
 
 
+class _SqueezeExcite(nn.Module):
+    def __init__(self, c: int, squeeze: int, activation: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.act = (
+            nn.Conv2d(c, squeeze, 1),
+            nn.Conv2d(squeeze, c, 1),
+            activation,
+        )
+
+    def forward(self, x):
+        scale = self.act(self.fc2(torch.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        return scale * x
+
+
+class SENet(nn.Module):
+    """EfficientNet/MobileNetV3-like: conv-BN-ReLU blocks with squeeze-excitation (sigmoid, then
+    hard sigmoid) scaling their channels."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c = input_shape[0]
+        self.c1, self.b1 = nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.se1 = _SqueezeExcite(8, 4, nn.Sigmoid())
+        self.c2, self.b2 = nn.Conv2d(8, 10, 3, padding=1), nn.BatchNorm2d(10)
+        self.se2 = _SqueezeExcite(10, 4, nn.Hardsigmoid())
+        self.fc = nn.Linear(10, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        x = self.se1(torch.relu(self.b1(self.c1(x))))
+        x = self.se2(torch.relu(self.b2(self.c2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 def _ref(name, shape, **kw):
     return lambda: build_model(name, shape, 10, **kw)
 
@@ -145,6 +179,7 @@ ZOO = {
     "conv1d": lambda: Conv1dNet(),
     "functional": lambda: FunctionalNet(),
     "deconv": lambda: DeconvNet(),
+    "squeeze_excite": lambda: SENet(),
 }
 
 
@@ -166,4 +201,4 @@ def input_for(model: nn.Module, batch: int) -> torch.Tensor:
 
 
 # Consent given in code: checkpoints of these nets name their classes as factories.
-add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet, DeconvNet])
+add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet, DeconvNet, SENet])

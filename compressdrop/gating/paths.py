@@ -130,11 +130,45 @@ def _is_depthwise(m: nn.Module) -> bool:
     )
 
 
+_SCALE_ACTIVATIONS = (nn.Sigmoid, nn.Hardsigmoid)
+_PASS_THROUGH = ("View", "Reshape", "UnsafeView", "Expand", "Unsqueeze", "Squeeze", "Flatten")
+
+
+def _only_scales(node) -> bool:
+    """Whether a squeeze-excitation activation (sigmoid, hard sigmoid) at ``node`` reaches nothing
+    but products: ``x * sigmoid(...)``, where x holds the same units (Torch-Pruning couples them
+    through the product). A pruned unit of x is zero and stays zero whatever its scale, so the
+    units of the excitation need no gate of their own."""
+    frontier, seen = list(node.outputs), set()
+    if not frontier:
+        return False
+    while frontier:
+        n = frontier.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        op = _op_name(n).lstrip("_")
+        if op == "Mul":
+            continue
+        if isinstance(n.module, nn.Module) or not op.startswith(_PASS_THROUGH) or not n.outputs:
+            return False
+        frontier.extend(n.outputs)
+    return True
+
+
+def _is_scale_activation(n) -> bool:
+    return isinstance(n.module, _SCALE_ACTIVATIONS) or _op_name(n).lstrip("_") in (
+        "Sigmoid",
+        "Hardsigmoid",
+    )
+
+
 def _walk(start, members, names: dict) -> str:
     """Follow a site's output to its consumers.
 
     Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
-    units only flow into a depthwise conv of the same group, whose own site is gated), "output" (the
+    units only flow into a depthwise conv of the same group, whose own site is gated, or only
+    scale that group's units through a squeeze-excitation product), "output" (the
     units reach the model's output), or a sentence naming the operation that blocks exactness.
     """
     stack, visited, consumed = list(start.outputs), set(), False
@@ -157,6 +191,8 @@ def _walk(start, members, names: dict) -> str:
         if isinstance(m, nn.PReLU):
             stack.extend(n.outputs)
             continue
+        if _is_scale_activation(n) and _only_scales(n):
+            continue  # squeeze-excitation: these units only scale units of the same group
         if isinstance(m, nn.Module) and type(m).__module__.startswith("torch.nn"):
             # a real layer between the site and a consumer (a norm after the residual add, ...)
             return f"its units pass through {type(m).__name__}, which does not map 0 to 0 per unit"
