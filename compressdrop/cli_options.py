@@ -66,8 +66,17 @@ def _data(default: str | None, help: str = DATA_HELP) -> Callable:
     return click.option("--data", "-d", default=default, show_default=bool(default), help=help)
 
 
-def _output(help: str) -> Callable:
-    return click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help=help)
+def _output(help: str, suffixes: tuple[str, ...]) -> Callable:
+    """``--output FILE``; a suffix other than ``suffixes`` is a usage error (exit code 2)."""
+
+    def check(ctx: click.Context, param: click.Parameter, path: str) -> str:
+        if not path.endswith(suffixes):
+            raise click.BadParameter(f"{path}: use a {', '.join(suffixes)} file name")
+        return path
+
+    return click.option(
+        "--output", "-o", required=True, type=click.Path(dir_okay=False), callback=check, help=help
+    )
 
 
 def _recipe(help: str) -> Callable:
@@ -156,7 +165,7 @@ TRAIN = (
 )
 PRUNE = (
     MODEL,
-    _output("Slim model file to write."),
+    _output("Slim model file to write: .pt, .pt2 (+ .onnx) or .onnx.", (".pt", ".pt2", ".onnx")),
     click.option(
         "--threshold",
         "-t",
@@ -175,7 +184,7 @@ PRUNE = (
 )
 EXPORT = (
     MODEL,
-    _output("File to write: .onnx or .pt2."),
+    _output("File to write: .onnx or .pt2.", (".onnx", ".pt2")),
     click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)."),
     click.option(
         "--input-shape",
