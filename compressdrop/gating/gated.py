@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, gate_class
 from .groups import UnitGroup, find_groups
-from .registry import registered_types, spec_of
+from .registry import has_role, registered_types, spec_of
 
 __all__ = [
     "Gated",
@@ -76,11 +76,6 @@ class Gated(nn.Module):
 
     def extra_repr(self) -> str:
         return f"unit_dim={self.unit_dim}"
-
-
-def _is_producer(m: nn.Module) -> bool:
-    spec = spec_of(m)
-    return spec is not None and spec.role == "producer"
 
 
 def _clear_gate_samples(module: nn.Module, _args: Any) -> None:
@@ -217,7 +212,7 @@ def attach(
 
 def _nothing_to_gate(model: nn.Module) -> str:
     """Why attach found no group, in words that hold whether or not warnings were shown."""
-    producers = [type(m).__name__ for m in model.modules() if _is_producer(m)]
+    producers = [type(m).__name__ for m in model.modules() if has_role(m, "producer")]
     if not producers:
         known = ", ".join(t.__name__ for t in registered_types("producer"))
         return (

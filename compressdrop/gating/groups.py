@@ -24,7 +24,7 @@ from torch import nn
 from ..dropout.recurrent import tracing
 from ..errors import InputError
 from .paths import _is_producer, _walk
-from .registry import customized_pruners, registered_types, spec_of
+from .registry import customized_pruners, has_role, registered_types, spec_of
 
 __all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
 
@@ -69,11 +69,6 @@ class UnitGroup:
     sites: list[Site]
     params_per_unit: torch.Tensor = field(repr=False)
     macs_per_unit: torch.Tensor = field(repr=False)
-
-
-def _is_norm(m: object) -> bool:
-    spec = spec_of(m) if isinstance(m, nn.Module) else None
-    return spec is not None and spec.role == "norm"
 
 
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:
@@ -236,7 +231,7 @@ def _plan_sites(
         node = dg.module2node[p]
         site_node = node
         outs = node.outputs
-        if len(outs) == 1 and _is_norm(outs[0].module) and outs[0].module in members:
+        if len(outs) == 1 and has_role(outs[0].module, "norm") and outs[0].module in members:
             if not outs[0].module.affine:
                 return f"BatchNorm {names[outs[0].module]!r} after it has affine=False", []
             site_node = outs[0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import spec_of
+from .registry import has_role
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -81,8 +81,7 @@ def _op_name(node) -> str:
 
 
 def _is_producer(m: object) -> bool:
-    spec = spec_of(m) if isinstance(m, nn.Module) else None
-    return spec is not None and spec.role == "producer"
+    return has_role(m, "producer")
 
 
 # matmuls that a Linear (or a registered producer) on (N, T, F) input runs as an op of its own

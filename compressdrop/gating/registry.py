@@ -44,7 +44,14 @@ from torch import nn
 
 from ..errors import InputError
 
-__all__ = ["LayerSpec", "customized_pruners", "register_layer", "registered_types", "spec_of"]
+__all__ = [
+    "LayerSpec",
+    "customized_pruners",
+    "has_role",
+    "register_layer",
+    "registered_types",
+    "spec_of",
+]
 
 
 def _never(m: nn.Module) -> str | None:
@@ -116,6 +123,12 @@ def spec_of(module: nn.Module | type) -> LayerSpec | None:
         if base in _SPECS:
             return _SPECS[base]
     return None
+
+
+def has_role(module: object, role: str) -> bool:
+    """Whether ``module`` is a layer whose registered spec has ``role`` (``"producer"``, ...)."""
+    spec = spec_of(module) if isinstance(module, nn.Module) else None
+    return spec is not None and spec.role == role
 
 
 def registered_types(role: str | None = None) -> tuple[type, ...]:

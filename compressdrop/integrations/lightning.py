@@ -157,13 +157,12 @@ class CompressDropCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Prune at the recipe's threshold; rank 0 writes ``slim.pt`` (and ``slim.onnx``)."""
         net = self._net(pl_module)
-        write = self.out_dir is not None and trainer.is_global_zero
-        if write:
-            assert self.out_dir is not None
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.out_dir if trainer.is_global_zero else None  # rank 0 writes
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
         self.slim, self.files = finish(
             net,
-            self.out_dir / "slim.pt" if write and self.out_dir is not None else None,
+            out / "slim.pt" if out is not None else None,
             threshold=self.recipe.prune.threshold,
             example_input=self.example_input,
             formats=(".pt", ".onnx") if self.recipe.export.onnx else (".pt",),

@@ -111,7 +111,7 @@ class Sparsify(Stage):
     def __init__(self, run: RunState) -> None:
         super().__init__(run)
         self.sparsifier: Sparsifier | None = None
-        self.kl_total = 0.0
+        self.kl_total: torch.Tensor | float = 0.0  # summed on the device: no sync per step
 
     def _gate(self, model: nn.Module) -> nn.Module:
         run = self.run
@@ -132,14 +132,14 @@ class Sparsify(Stage):
         """β(t)·KL/N, its KL/N summed for the epoch's record."""
         assert self.sparsifier is not None
         kl_n = self.sparsifier.kl_per_example()
-        self.kl_total += float(kl_n.detach())
+        self.kl_total = self.kl_total + kl_n.detach().double()
         return self.sparsifier.penalty(t, kl_n)
 
     def epoch_record(self, model: nn.Module, steps: int) -> dict[str, Any]:
         """The epoch's mean KL/N and the units kept at the recipe's threshold."""
         assert self.sparsifier is not None
         kept, total = self.sparsifier.units()
-        mean_kl, self.kl_total = self.kl_total / steps, 0.0
+        mean_kl, self.kl_total = float(self.kl_total) / steps, 0.0
         return {"kl": mean_kl, "units_kept": kept, "units_total": total}
 
     def leave(self, model: nn.Module) -> None:
