@@ -25,6 +25,6 @@ def test_the_lstm_pruner_is_built_on_first_access():
         "assert cls is recurrent.LSTMPruner and cls.__qualname__ == 'LSTMPruner'\n"
         "from compressdrop.dropout import LSTM\n"
         "from compressdrop.gating.registry import customized_pruners\n"
-        "(pruner,) = customized_pruners().values()\n"
+        "pruner = customized_pruners()[LSTM]\n"
         "assert type(pruner) is cls and pruner.get_out_channels(LSTM(3, 5)) == 5\n"
     )

@@ -46,10 +46,10 @@ def _spread(model: nn.Module) -> float:
     return float(gate.snr().detach().median())
 
 
-def _attach(model: nn.Module, x: torch.Tensor) -> list[str]:
+def _attach(model: nn.Module, x: torch.Tensor, **kwargs) -> list[str]:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        cd.attach(model, example_inputs=x[:2])
+        cd.attach(model, example_inputs=x[:2], **kwargs)
     return [str(w.message) for w in record if w.category is cd.GatingWarning]
 
 
@@ -73,7 +73,7 @@ def test_transformer_encoder_layer_keeps_its_gates_and_prunes_exactly(tmp_path):
     torch.manual_seed(0)
     model = EncoderClassifier().eval()
     ids = torch.randint(0, 40, (4, 6))
-    warned = _attach(model, ids)
+    warned = _attach(model, ids, granularity="neuron")  # its heads: tests/test_heads.py
     assert [n for n, _ in cd.named_gates(model)] == ["encoder.layers.0.linear1"]
     assert any("linear2" in w and "LayerNorm" in w for w in warned)  # post-norm: not exact
     layer = model.encoder.layers[0]

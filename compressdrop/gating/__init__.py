@@ -1,7 +1,9 @@
 """Attach gates to any PyTorch model (and detach them)."""
 
+from .attention import MultiheadAttention
 from .gated import (
     Gated,
+    HeadGated,
     attach,
     attach_config,
     detach,
@@ -18,6 +20,7 @@ from .gated import (
     sites,
 )
 from .groups import GatingWarning, Site, UnitGroup, find_groups
+from .heads import HeadSpec, register_attention
 from .recurrent import GatedLSTM  # registers compressdrop.dropout.LSTM's layer spec
 from .registry import LayerSpec, register_layer, spec_of
 
@@ -25,7 +28,10 @@ __all__ = [
     "Gated",
     "GatedLSTM",
     "GatingWarning",
+    "HeadGated",
+    "HeadSpec",
     "LayerSpec",
+    "MultiheadAttention",
     "Site",
     "UnitGroup",
     "attach",
@@ -42,6 +48,7 @@ __all__ = [
     "kl",
     "named_gates",
     "random_inputs",
+    "register_attention",
     "register_layer",
     "sites",
     "spec_of",

@@ -13,11 +13,23 @@ from torch import nn
 
 from ..errors import InputError
 from ..gates import Gate, gate_class
+from .attention import MultiheadAttention, nested_off, to_stock
 from .groups import UnitGroup, find_groups
+from .heads import head_spec_of
+from .inputs import (
+    _STATE,
+    example_input_for,
+    example_inputs_of,
+    input_shapes_of,
+    input_specs,
+    input_specs_of,
+    random_inputs,
+)
 from .registry import has_role, registered_types, spec_of
 
 __all__ = [
     "Gated",
+    "HeadGated",
     "attach",
     "attach_config",
     "detach",
@@ -34,7 +46,6 @@ __all__ = [
     "sites",
 ]
 
-_STATE = "_compressdrop"  # attribute on the root model holding the attach record
 KL_COSTS = ("uniform", "params", "flops")
 
 
@@ -74,8 +85,53 @@ class Gated(nn.Module):
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
         return self.gate(self.module(*args, **kwargs), dim=self.unit_dim)
 
+    @torch.no_grad()
+    def fold_(self) -> None:
+        """Scale the wrapped layer's output units by E[θ]·keep for good (its spec's ``fold``), so
+        that it no longer needs the gate."""
+        spec = spec_of(self.module)
+        if spec is None:
+            raise InputError(f"no layer spec for {type(self.module).__name__}: register_layer() it")
+        g = self.gate
+        spec.fold(self.module, g.expected() * (~g.pruned).to(g.expected().dtype))
+
     def extra_repr(self) -> str:
         return f"unit_dim={self.unit_dim}"
+
+
+class HeadGated(Gated):
+    """Wraps an attention's output projection so that each head's slice of its input passes
+    through the gate: ``module(gate(x split into heads of head_dim features))``.
+
+    Args:
+        module: the output projection.
+        gate: one unit per head.
+        head_dim: features per head.
+        attention: the name of the attention module in the model (surgery removes its heads).
+    """
+
+    def __init__(self, module: nn.Module, gate: Gate, head_dim: int, attention: str) -> None:
+        super().__init__(module, gate, -2)
+        self.head_dim = head_dim
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The projection of ``x`` with each head's features multiplied by its gate."""
+        heads = self.gate(x.unflatten(-1, (-1, self.head_dim)), dim=-2)
+        return self.module(heads.flatten(-2), *args, **kwargs)
+
+    @torch.no_grad()
+    def fold_(self) -> None:
+        """Scale the projection's input columns of each head by its E[θ]·keep for good."""
+        spec = spec_of(self.module)
+        if spec is None or spec.fold_in is None:
+            raise InputError(f"{type(self.module).__name__} cannot fold a gate on its input")
+        g = self.gate
+        scale = g.expected() * (~g.pruned).to(g.expected().dtype)
+        spec.fold_in(self.module, scale.repeat_interleave(self.head_dim))
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, attention={self.attention!r}"
 
 
 def _clear_gate_samples(module: nn.Module, _args: Any) -> None:
@@ -89,43 +145,6 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, attr, new)
-
-
-def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    """A random input batch for ``model``, of the shape the model declares or implies.
-
-    The shape comes from ``model.arch['input_shape']`` (compressdrop's reference nets), else from
-    a ``model.input_shape`` attribute, else from a first layer that is a Linear.
-
-    Args:
-        model: the model to feed.
-        batch: examples in the batch.
-
-    Returns:
-        A standard-normal tensor of shape ``(batch, *input_shape)`` on the model's device.
-
-    Raises:
-        InputError: no input shape can be inferred (pass ``example_inputs`` to the caller).
-    """
-    arch = getattr(model, "arch", None)
-    declared = getattr(model, "input_shape", None)
-    shape = None
-    if isinstance(arch, Mapping) and "input_shape" in arch:
-        shape = tuple(arch["input_shape"])
-    elif declared is not None:
-        shape = tuple(declared)
-    else:
-        first = next((m for m in model.modules() if not list(m.children())), None)
-        if isinstance(first, nn.Linear):
-            shape = (first.in_features,)
-    if shape is None:
-        raise InputError(
-            "cannot infer the model's input shape: pass example_inputs=<a batch of inputs> "
-            "(or give the model an `arch = {'input_shape': [...]}` attribute)"
-        )
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else None
-    return torch.randn(batch, *shape, device=device)
 
 
 def attach(
@@ -150,7 +169,8 @@ def attach(
     Args:
         model: any ``nn.Module``; traced once on ``example_inputs``.
         gate: family name: ``"lognormal"``, ``"variational"``, ``"concrete"`` or ``"hardconcrete"``.
-        granularity: ``"auto"``, ``"channel"`` (conv layers only) or ``"neuron"`` (linear only).
+        granularity: ``"auto"``, ``"channel"`` (conv layers only), ``"neuron"`` (linear only)
+            or ``"head"`` (attention heads only; ``"auto"`` gates them too).
         include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``);
             ``None`` or empty: no restriction.
         example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
@@ -177,6 +197,7 @@ def attach(
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
         raise InputError(_nothing_to_gate(model))
+    nested = _prepare_attentions(model, groups)
     param = next(model.parameters())
     costs = _normalized_costs(groups, kl_cost)
     for grp, cost in zip(groups, costs):
@@ -186,9 +207,14 @@ def attach(
         for site in grp.sites:
             layer = model.get_submodule(site.name)
             spec = spec_of(layer)
-            wrapper = spec.wrapper if spec is not None and spec.wrapper is not None else Gated
+            if site.head_dim:
+                new: nn.Module = HeadGated(layer, g, site.head_dim, site.attention)
+            elif spec is not None and spec.wrapper is not None:
+                new = spec.wrapper(layer, g, site.unit_dim)
+            else:
+                new = Gated(layer, g, site.unit_dim)
             # the new modules take the layer's train/eval mode (a gate in training mode samples)
-            _set_submodule(model, site.name, wrapper(layer, g, site.unit_dim).train(layer.training))
+            _set_submodule(model, site.name, new.train(layer.training))
     handle = model.register_forward_pre_hook(_clear_gate_samples)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     setattr(
@@ -205,9 +231,24 @@ def attach(
             "gate_kwargs": dict(gate_kwargs or {}),
             "include": _pattern_names(include),
             "exclude": _pattern_names(exclude),
+            "nested": nested,
         },
     )
     return model
+
+
+def _prepare_attentions(model: nn.Module, groups: list[UnitGroup]) -> list[str]:
+    r"""Turn each attention whose heads get gates into what its head spec prepares (a stock
+    ``nn.MultiheadAttention`` into compressdrop's subclass); returns the names of the
+    ``nn.TransformerEncoder``\ s whose nested-tensor path that turned off."""
+    for grp in groups:
+        if grp.kind != "head":
+            continue
+        m = model.get_submodule(grp.name)
+        found = head_spec_of(m)
+        if found is not None and found[0].prepare is not None:
+            _set_submodule(model, grp.name, found[0].prepare(m))
+    return nested_off(model)
 
 
 def _nothing_to_gate(model: nn.Module) -> str:
@@ -272,6 +313,13 @@ def detach(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, Gated):
             _set_submodule(model, name, m.module)
+    for name, m in list(model.named_modules()):
+        if to_stock(m) is not m:  # an attention that was made prunable and has all its heads
+            _set_submodule(model, name, to_stock(m))
+    for name in getattr(model, _STATE, {}).get("nested", []):
+        encoder = model.get_submodule(name)
+        if not any(isinstance(a, MultiheadAttention) for a in encoder.modules()):
+            setattr(encoder, "use_nested_tensor", True)  # noqa: B010 (not a tensor: mypy)
     hooks = model._forward_pre_hooks
     for key in [k for k, fn in hooks.items() if fn is _clear_gate_samples]:
         del hooks[key]
@@ -302,77 +350,6 @@ def sites(model: nn.Module) -> Iterator[tuple[str, Gated]]:
 def groups_of(model: nn.Module) -> list[UnitGroup]:
     """The unit groups recorded at attach time (empty for a model rebuilt from a checkpoint)."""
     return list(getattr(model, _STATE, {}).get("groups", []))
-
-
-def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:
-    """The per-example shapes of the inputs :func:`attach` traced ``model`` with.
-
-    Args:
-        model: a model gated by :func:`attach`.
-
-    Returns:
-        One shape per positional input, without the batch dimension (``[(1, 28, 28)]`` for an
-        MNIST net); empty for a model with no attach record (as :func:`groups_of`).
-    """
-    return list(getattr(model, _STATE, {}).get("input_shape", []))
-
-
-def input_specs(inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
-    """What random inputs like ``inputs`` must be, as plain data: per positional input its shape
-    without the batch dimension, its dtype and, for integer inputs (token ids), the bound
-    ``high`` that ids stay below (the largest seen plus one)."""
-    specs = []
-    for t in inputs:
-        integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-        high = int(t.max()) + 1 if integer and t.numel() else None
-        specs.append(
-            {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch."), "high": high}
-        )
-    return specs
-
-
-def random_inputs(
-    specs: Sequence[Mapping[str, Any]], batch: int, device: torch.device | str | None = None
-) -> tuple[torch.Tensor, ...]:
-    """Random inputs that fit :func:`input_specs`: standard normal floats, integers (token ids)
-    uniform below their ``high``.
-
-    Raises:
-        InputError: a spec names an unknown dtype.
-    """
-    out = []
-    for spec in specs:
-        dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
-        if not isinstance(dtype, torch.dtype):
-            raise InputError(f"unknown input dtype {spec.get('dtype')!r}")
-        shape = (batch, *spec["shape"])
-        if dtype.is_floating_point:
-            out.append(torch.randn(shape, dtype=dtype, device=device))
-        elif dtype == torch.bool:
-            out.append(torch.rand(shape, device=device) < 0.5)
-        else:
-            out.append(
-                torch.randint(
-                    0, max(1, int(spec.get("high") or 2)), shape, dtype=dtype, device=device
-                )
-            )
-    return tuple(out)
-
-
-def input_specs_of(model: nn.Module) -> list[dict[str, Any]]:
-    """The :func:`input_specs` of the inputs :func:`attach` traced ``model`` with (empty for a
-    model with no attach record)."""
-    state = getattr(model, _STATE, {})
-    return list(state.get("inputs") or [{"shape": list(s)} for s in state.get("input_shape", [])])
-
-
-def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...] | None:
-    """Random inputs like those :func:`attach` traced ``model`` with (token ids stay within the
-    ids seen), on the model's device; ``None`` for a model with no attach record."""
-    specs = input_specs_of(model)
-    if not specs:
-        return None
-    return random_inputs(specs, batch, next(model.parameters()).device)
 
 
 def kl(model: nn.Module) -> torch.Tensor:

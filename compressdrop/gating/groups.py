@@ -13,73 +13,22 @@ warning that names the layer.
 
 from __future__ import annotations
 
-import fnmatch
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..dropout.recurrent import tracing
 from ..errors import InputError
+from .heads import find_heads, projections_of, record_calls
 from .paths import _is_producer, _walk
 from .registry import customized_pruners, has_role, registered_types, spec_of
+from .units import GatingWarning, Site, UnitGroup, _matches
 
-__all__ = ["GatingWarning", "Site", "UnitGroup", "find_groups"]
+__all__ = ["GRANULARITIES", "GatingWarning", "Site", "UnitGroup", "find_groups"]
 
-
-class GatingWarning(UserWarning):
-    """A layer that attach could not gate (it stays as it was); the message says why."""
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a gate multiplies: the output of module ``name`` along ``unit_dim``.
-
-    Attributes:
-        name: the gated module's name in the model (as ``named_modules`` gives it).
-        unit_dim: the dimension of its output that holds the units (1 for channels, −1 for
-            neurons and LSTM hidden units).
-    """
-
-    name: str
-    unit_dim: int
-
-
-@dataclass
-class UnitGroup:
-    """Units that must be removed together, and where their gate goes.
-
-    Attributes:
-        name: the group's label: the name of its first producer.
-        num_units: channels or neurons in the group.
-        kind: ``"neuron"`` when every producer is a Linear, ``"channel"`` otherwise.
-        producers: names of the layers whose outputs are the units (several for a residual
-            stream).
-        sites: where the group's one gate multiplies.
-        params_per_unit: parameters each unit controls, shape ``(num_units,)``.
-        macs_per_unit: multiply-adds per example each unit controls, shape ``(num_units,)``.
-    """
-
-    name: str
-    num_units: int
-    kind: str  # "channel" or "neuron"
-    producers: list[str]
-    sites: list[Site]
-    params_per_unit: torch.Tensor = field(repr=False)
-    macs_per_unit: torch.Tensor = field(repr=False)
-
-
-def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:
-    if not patterns:
-        return False
-    for p in patterns:
-        if isinstance(p, type) and isinstance(module, p):
-            return True
-        if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
-            return True
-    return False
+GRANULARITIES = ("auto", "channel", "neuron", "head")
 
 
 def _unit_costs(
@@ -113,9 +62,10 @@ def find_groups(
     Args:
         model: a plain model (no gates attached).
         example_inputs: one input batch, or a tuple of positional inputs.
-        granularity: ``"auto"`` (every producer's units), ``"channel"`` (conv channels only) or
-            ``"neuron"`` (Linear and LSTM units only): the ``kind`` of the layers'
-            :class:`~compressdrop.gating.registry.LayerSpec`.
+        granularity: ``"auto"`` (every producer's units and every attention's heads),
+            ``"channel"`` (conv channels only), ``"neuron"`` (Linear and LSTM units only): the
+            ``kind`` of the layers' :class:`~compressdrop.gating.registry.LayerSpec`; or
+            ``"head"`` (attention heads only, see :mod:`compressdrop.gating.heads`).
         include: module-name glob patterns or module types; a group is gated only if one of its
             producers matches (``None``: every group).
         exclude: patterns or types; a group with a matching producer is not gated.
@@ -129,8 +79,8 @@ def find_groups(
     """
     import torch_pruning as tp
 
-    if granularity not in ("auto", "channel", "neuron"):
-        raise InputError(f"granularity must be 'auto', 'channel' or 'neuron', got {granularity!r}")
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     names = {m: n for n, m in model.named_modules()}
     producers_types = registered_types("producer")
     positions: dict[nn.Module, int] = {}  # output positions per example, the MACs multiplier
@@ -143,6 +93,7 @@ def find_groups(
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
     hooks = [m.register_forward_hook(record) for m in model.modules() if _is_producer(m)]
+    calls, unhook_calls = record_calls(model)  # each attention's inputs, to check its heads
     refused = set()  # layers whose spec says they cannot be gated: warned about once, here
     for name, m in model.named_modules():
         spec = spec_of(m)
@@ -170,8 +121,15 @@ def find_groups(
     finally:
         for h in hooks:
             h.remove()
+        unhook_calls()
         model.train(was_training)
 
+    heads: list[UnitGroup] = []
+    if granularity in ("auto", "head"):
+        heads, problems = find_heads(model, calls, include, exclude)
+        for message in problems if warn else ():
+            warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
+    claimed = projections_of(model, heads)  # q/k/v layers: their units are the heads
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
     for g in dg.get_all_groups(root_module_types=producers_types):
@@ -185,6 +143,8 @@ def find_groups(
             continue
         if any(p in refused for p in producers):
             continue  # warned about above
+        if all(names[p] in claimed for p in producers):
+            continue
         seen.update(producers)
         kinds = {spec.kind for p in producers if (spec := spec_of(p)) is not None}
         kind = "neuron" if kinds == {"neuron"} else "channel"
@@ -218,7 +178,7 @@ def find_groups(
             continue
         params, macs = _unit_costs(g, num_units, names, positions)
         groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs))
-    return groups
+    return groups + heads
 
 
 def _plan_sites(

@@ -49,6 +49,7 @@ __all__ = [
     "customized_pruners",
     "has_role",
     "register_layer",
+    "register_pruner",
     "registered_types",
     "spec_of",
 ]
@@ -88,6 +89,9 @@ class LayerSpec:
             (``None``: ``Gated`` itself, the gate on the layer's output).
         pruner: a zero-argument factory of the Torch-Pruning pruner for the type, for types
             Torch-Pruning does not slice itself (``None``: its own).
+        fold_in: ``(module, scale) → None``: multiply the layer's *input* features by ``scale``
+            for good, in place (how a gate on its input folds: an attention's head gates on its
+            output projection). ``None``: the layer cannot host an input gate.
     """
 
     role: Literal["producer", "norm", "refused"]
@@ -99,9 +103,11 @@ class LayerSpec:
     why_not: Callable[[nn.Module], str | None] = _never
     wrapper: type[nn.Module] | None = None
     pruner: Callable[[], Any] | None = None
+    fold_in: Callable[[nn.Module, torch.Tensor], None] | None = None
 
 
 _SPECS: dict[type, LayerSpec] = {}
+_PRUNERS: dict[type, Callable[[], Any]] = {}  # Torch-Pruning pruners of non-layer types
 
 
 def register_layer(types: type | tuple[type, ...], spec: LayerSpec) -> None:
@@ -136,9 +142,19 @@ def registered_types(role: str | None = None) -> tuple[type, ...]:
     return tuple(t for t, s in _SPECS.items() if role is None or s.role == role)
 
 
+def register_pruner(types: type | tuple[type, ...], factory: Callable[[], Any]) -> None:
+    """Give Torch-Pruning a pruner for modules of ``types`` that are not layers with units of
+    their own (an attention with removable heads): it then treats them as one node and does not
+    trace inside them."""
+    for t in types if isinstance(types, tuple) else (types,):
+        _PRUNERS[t] = factory
+
+
 def customized_pruners() -> dict[type, Any]:
     """The Torch-Pruning pruners of the registered types that bring their own, keyed by type."""
-    return {t: s.pruner() for t, s in _SPECS.items() if s.pruner is not None}
+    out = {t: f() for t, f in _PRUNERS.items()}
+    out.update({t: s.pruner() for t, s in _SPECS.items() if s.pruner is not None})
+    return out
 
 
 # -- the built-in types ---------------------------------------------------------------------------
@@ -161,6 +177,13 @@ def _fold_rows(m: nn.Module, scale: torch.Tensor) -> None:
     weight.mul_(s.reshape([-1] + [1] * (weight.dim() - 1)))
     if bias is not None:
         bias.mul_(s)
+
+
+@torch.no_grad()
+def _fold_linear_inputs(m: nn.Module, scale: torch.Tensor) -> None:
+    """Scale a Linear's input features (its weight's columns)."""
+    weight = m.get_parameter("weight")
+    weight.mul_(scale.to(weight.dtype))
 
 
 def _linear_positions(m: nn.Module, out: Any) -> int:
@@ -210,7 +233,13 @@ def _norm_costs(m: nn.Module, out: bool) -> tuple[float, float]:
 register_layer(
     nn.Linear,
     LayerSpec(
-        "producer", "neuron", -1, _weighted_costs, _fold_rows, output_positions=_linear_positions
+        "producer",
+        "neuron",
+        -1,
+        _weighted_costs,
+        _fold_rows,
+        output_positions=_linear_positions,
+        fold_in=_fold_linear_inputs,
     ),
 )
 register_layer(

@@ -23,7 +23,7 @@ from torch import nn
 from ..dropout.recurrent import tracing
 from ..errors import CompressDropError, InputError
 from ..gating import (
-    Gated,
+    HeadGated,
     detach,
     example_input_for,
     example_inputs_of,
@@ -31,7 +31,8 @@ from ..gating import (
     named_gates,
     sites,
 )
-from ..gating.registry import customized_pruners, spec_of
+from ..gating.heads import remove_heads_
+from ..gating.registry import customized_pruners
 
 __all__ = [
     "LayerReport",
@@ -43,6 +44,9 @@ __all__ = [
     "replay",
     "unmask_",
 ]
+
+
+HEADS = "heads"  # the pruning history's mark of an attention's removed heads
 
 
 class PruningWarning(UserWarning):
@@ -78,15 +82,16 @@ class PruneReport:
         family: the gate family of the pruned model.
         threshold: the threshold asked for; ``None``: each family's default.
         layers: one :class:`LayerReport` per gated group.
-        history: Torch-Pruning's pruning history, ``[name, is_out, idxs]`` per step, for
-            :func:`replay`.
+        history: the pruning history, for :func:`replay`: ``[attention, "heads", idxs]`` per
+            attention whose heads were removed, then Torch-Pruning's ``[name, is_out, idxs]``
+            per step.
         max_rel_error: the parity check's relative error of the slim model against the masked one.
     """
 
     family: str
     threshold: float | None
     layers: list[LayerReport]
-    history: list = field(repr=False)  # Torch-Pruning pruning history: [name, is_out, idxs]
+    history: list = field(repr=False)  # [name, "heads" | is_out, idxs] per step
     max_rel_error: float | None
 
     @property
@@ -128,7 +133,9 @@ class PruneReport:
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (JSON- and ``weights_only``-safe), for :meth:`from_dict`."""
         d = asdict(self)
-        d["history"] = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.history]
+        d["history"] = [
+            [n, o if o == HEADS else bool(o), [int(i) for i in idx]] for n, o, idx in self.history
+        ]
         return d
 
     @classmethod
@@ -194,17 +201,6 @@ def unmask_(model: nn.Module) -> nn.Module:
     for _, g in named_gates(model):
         g.pruned.zero_()
     return model
-
-
-@torch.no_grad()
-def _fold_(site: Gated) -> None:
-    """Scale the wrapped layer's output units by E[θ]·keep (its spec's ``fold``), so that it no
-    longer needs the gate."""
-    g, m = site.gate, site.module
-    spec = spec_of(m)
-    if spec is None:
-        raise SurgeryError(f"no layer spec for {type(m).__name__}: register_layer() it")
-    spec.fold(m, g.expected() * (~g.pruned).to(g.expected().dtype))
 
 
 @contextlib.contextmanager
@@ -309,15 +305,23 @@ def prune(
 
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}
-    for _, site in sites(work):
-        _fold_(site)
-        first_site.setdefault(id(site.gate), site.module)
+    heads: dict[str, list[int]] = {}  # attention → its heads to remove
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
+    for _, site in sites(work):
+        site.fold_()
+        if isinstance(site, HeadGated):
+            heads[site.attention] = pruned[id(site.gate)]
+        else:
+            first_site.setdefault(id(site.gate), site.module)
     layers = [
         LayerReport(name, int(keep.numel()), int(keep.sum()), thr)
         for name, keep, thr in masks.values()
     ]
     detach(work)
+    for name, idxs in heads.items():
+        if idxs:
+            remove_heads_(work, name, idxs)
+    head_history = [[name, HEADS, idxs] for name, idxs in heads.items() if idxs]
 
     dg = _dependency_graph(work, example)
     for gid, module in first_site.items():
@@ -344,7 +348,7 @@ def prune(
         )
     # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
     work.prune_report = PruneReport(  # type: ignore[assignment]
-        family, threshold, layers, dg.pruning_history(), err
+        family, threshold, layers, head_history + dg.pruning_history(), err
     )
     return work
 
@@ -367,6 +371,9 @@ def replay(
     if example_inputs is None:
         example_inputs = example_input_for(model)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    steps = [s for s in history if s[1] != HEADS]
+    for name, _, idxs in (s for s in history if s[1] == HEADS):
+        remove_heads_(model, name, idxs)
     dg = _dependency_graph(model, example)
-    dg.load_pruning_history(history)
+    dg.load_pruning_history(steps)
     return model

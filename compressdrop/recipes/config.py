@@ -96,6 +96,7 @@ class GateConfig:
     def __post_init__(self) -> None:
         from ..gates import GATES
         from ..gating.gated import KL_COSTS
+        from ..gating.groups import GRANULARITIES
 
         _check(
             self.family in GATES,
@@ -103,9 +104,9 @@ class GateConfig:
             f"unknown family {self.family!r}; one of {sorted(GATES)}",
         )
         _check(
-            self.granularity in ("auto", "channel", "neuron"),
+            self.granularity in GRANULARITIES,
             "gates.granularity",
-            f"must be auto, channel or neuron, got {self.granularity!r}",
+            f"must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}",
         )
         _check(
             self.kl_cost in KL_COSTS,

@@ -1,0 +1,135 @@
+"""The inputs a model is traced and checked with: inferred shapes, recorded specs, random batches.
+
+:func:`~compressdrop.gating.attach` records the specs of the inputs it traced a model with (shape
+without the batch dimension, dtype, and for token ids the bound they stay below), so that pruning,
+checkpoints and export can draw fresh inputs of the same kind later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+__all__ = [
+    "example_input_for",
+    "example_inputs_of",
+    "input_shapes_of",
+    "input_specs",
+    "input_specs_of",
+    "random_inputs",
+]
+
+_STATE = "_compressdrop"  # attribute on the root model holding the attach record
+
+
+def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """A random input batch for ``model``, of the shape the model declares or implies.
+
+    The shape comes from ``model.arch['input_shape']`` (compressdrop's reference nets), else from
+    a ``model.input_shape`` attribute, else from a first layer that is a Linear.
+
+    Args:
+        model: the model to feed.
+        batch: examples in the batch.
+
+    Returns:
+        A standard-normal tensor of shape ``(batch, *input_shape)`` on the model's device.
+
+    Raises:
+        InputError: no input shape can be inferred (pass ``example_inputs`` to the caller).
+    """
+    arch = getattr(model, "arch", None)
+    declared = getattr(model, "input_shape", None)
+    shape = None
+    if isinstance(arch, Mapping) and "input_shape" in arch:
+        shape = tuple(arch["input_shape"])
+    elif declared is not None:
+        shape = tuple(declared)
+    else:
+        first = next((m for m in model.modules() if not list(m.children())), None)
+        if isinstance(first, nn.Linear):
+            shape = (first.in_features,)
+    if shape is None:
+        raise InputError(
+            "cannot infer the model's input shape: pass example_inputs=<a batch of inputs> "
+            "(or give the model an `arch = {'input_shape': [...]}` attribute)"
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else None
+    return torch.randn(batch, *shape, device=device)
+
+
+def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:
+    """The per-example shapes of the inputs :func:`attach` traced ``model`` with.
+
+    Args:
+        model: a model gated by :func:`attach`.
+
+    Returns:
+        One shape per positional input, without the batch dimension (``[(1, 28, 28)]`` for an
+        MNIST net); empty for a model with no attach record (as :func:`groups_of`).
+    """
+    return list(getattr(model, _STATE, {}).get("input_shape", []))
+
+
+def input_specs(inputs: Sequence[torch.Tensor]) -> list[dict[str, Any]]:
+    """What random inputs like ``inputs`` must be, as plain data: per positional input its shape
+    without the batch dimension, its dtype and, for integer inputs (token ids), the bound
+    ``high`` that ids stay below (the largest seen plus one)."""
+    specs = []
+    for t in inputs:
+        integer = not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+        high = int(t.max()) + 1 if integer and t.numel() else None
+        specs.append(
+            {"shape": list(t.shape[1:]), "dtype": str(t.dtype).removeprefix("torch."), "high": high}
+        )
+    return specs
+
+
+def random_inputs(
+    specs: Sequence[Mapping[str, Any]], batch: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Random inputs that fit :func:`input_specs`: standard normal floats, integers (token ids)
+    uniform below their ``high``.
+
+    Raises:
+        InputError: a spec names an unknown dtype.
+    """
+    out = []
+    for spec in specs:
+        dtype = getattr(torch, str(spec.get("dtype", "float32")), None)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(f"unknown input dtype {spec.get('dtype')!r}")
+        shape = (batch, *spec["shape"])
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, dtype=dtype, device=device))
+        elif dtype == torch.bool:
+            out.append(torch.rand(shape, device=device) < 0.5)
+        else:
+            out.append(
+                torch.randint(
+                    0, max(1, int(spec.get("high") or 2)), shape, dtype=dtype, device=device
+                )
+            )
+    return tuple(out)
+
+
+def input_specs_of(model: nn.Module) -> list[dict[str, Any]]:
+    """The :func:`input_specs` of the inputs :func:`attach` traced ``model`` with (empty for a
+    model with no attach record)."""
+    state = getattr(model, _STATE, {})
+    return list(state.get("inputs") or [{"shape": list(s)} for s in state.get("input_shape", [])])
+
+
+def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, ...] | None:
+    """Random inputs like those :func:`attach` traced ``model`` with (token ids stay within the
+    ids seen), on the model's device; ``None`` for a model with no attach record."""
+    specs = input_specs_of(model)
+    if not specs:
+        return None
+    return random_inputs(specs, batch, next(model.parameters()).device)

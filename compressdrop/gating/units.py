@@ -1,0 +1,72 @@
+"""What attach finds and records: unit groups, the sites of their gates, and its warning."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["GatingWarning", "Site", "UnitGroup"]
+
+
+class GatingWarning(UserWarning):
+    """A layer that attach could not gate (it stays as it was); the message says why."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a gate multiplies: the output of module ``name`` along ``unit_dim``, or, for a head
+    gate, its input split into heads of ``head_dim`` features.
+
+    Attributes:
+        name: the gated module's name in the model (as ``named_modules`` gives it).
+        unit_dim: the dimension of its output that holds the units (1 for channels, −1 for
+            neurons and LSTM hidden units; −2 for heads, of the input split into heads).
+        head_dim: 0 for a gate on the output; > 0: the gate multiplies the module's *input*
+            (an attention's output projection) split into heads of this many features.
+        attention: for a head gate, the name of the attention module whose heads it gates.
+    """
+
+    name: str
+    unit_dim: int
+    head_dim: int = 0
+    attention: str = ""
+
+
+@dataclass
+class UnitGroup:
+    """Units that must be removed together, and where their gate goes.
+
+    Attributes:
+        name: the group's label: the name of its first producer.
+        num_units: channels or neurons in the group.
+        kind: ``"neuron"`` when every producer is a Linear, ``"head"`` for an attention's heads,
+            ``"channel"`` otherwise.
+        producers: names of the layers whose outputs are the units (several for a residual
+            stream).
+        sites: where the group's one gate multiplies.
+        params_per_unit: parameters each unit controls, shape ``(num_units,)``.
+        macs_per_unit: multiply-adds per example each unit controls, shape ``(num_units,)``.
+    """
+
+    name: str
+    num_units: int
+    kind: str  # "channel" or "neuron"
+    producers: list[str]
+    sites: list[Site]
+    params_per_unit: torch.Tensor = field(repr=False)
+    macs_per_unit: torch.Tensor = field(repr=False)
+
+
+def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:
+    if not patterns:
+        return False
+    for p in patterns:
+        if isinstance(p, type) and isinstance(module, p):
+            return True
+        if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
+            return True
+    return False

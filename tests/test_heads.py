@@ -1,0 +1,361 @@
+"""Attention heads as units: nn.MultiheadAttention (both layouts, its encoder's fast and nested
+paths), a ViT-style classifier, user-written attentions over F.scaled_dot_product_attention (found
+by their parts' names, packed or separate projections, or registered), for every gate family:
+a gate per head, heads removed exactly, the modules' own attributes updated, the slim model
+exported, replayed and trained."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compressdrop as cd
+from compressdrop.export.program import export_program
+from compressdrop.gating import HeadGated, HeadSpec, MultiheadAttention, register_attention, sites
+from compressdrop.gating.attention import to_prunable, to_stock
+from compressdrop.pruning import PruningWarning, replay, unmask_
+
+FAMILIES = ["lognormal", "variational", "concrete", "hardconcrete"]
+
+
+class Encoder(nn.Module):
+    """Token ids (0 = padding) → embedding → nn.TransformerEncoder → masked mean → Linear."""
+
+    def __init__(self, batch_first: bool = True, vocab: int = 40, d: int = 16) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=32, batch_first=batch_first)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # batch_first=False: "nested tensor not used"
+            self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pad = ids == 0
+        x = self.emb(ids)
+        x = self.encoder(x if self.batch_first else x.transpose(0, 1), src_key_padding_mask=pad)
+        x = x if self.batch_first else x.transpose(0, 1)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)
+        return self.head((x * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+class ViTBlock(nn.Module):
+    """torchvision's EncoderBlock: pre-norm nn.MultiheadAttention and MLP, both residual."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    """A small vision transformer: conv patches, class token, position embedding, two blocks."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(1, d, 4, stride=4)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.02)
+        self.blocks = nn.Sequential(ViTBlock(d, heads), ViTBlock(d, heads))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.ln(self.blocks(x))[:, 0])
+
+
+class SDPAttention(nn.Module):
+    """A user's causal attention: separate q/k/v/o projections, F.scaled_dot_product_attention."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = (
+            p(x).view(B, L, self.num_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class PackedAttention(nn.Module):
+    """A user's attention with one packed qkv projection (timm's layout)."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class TalkingHeads(SDPAttention):
+    """Mixes the heads' outputs (adds their mean) before the projection: removing a head changes
+    the others, so it is not exact."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = (
+            p(x).view(B, L, self.num_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(q, k, v)
+        y = y + y.mean(1, keepdim=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class Renamed(nn.Module):
+    """A user's attention whose parts have names compressdrop does not guess."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.n = heads
+        self.a, self.b, self.c, self.z = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = (p(x).view(B, L, self.n, -1).transpose(1, 2) for p in (self.a, self.b, self.c))
+        return self.z(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, -1))
+
+
+class TinyLM(nn.Module):
+    """Pre-norm GPT block over token ids with a given attention module."""
+
+    def __init__(self, attention: nn.Module, vocab: int = 40, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(d), attention, nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, d)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.emb(ids)
+        x = x + self.attn(self.ln_1(x))
+        return self.out(x + self.fc2(F.gelu(self.fc1(self.ln_2(x)))))
+
+
+def _ids(batch: int = 4, length: int = 6) -> torch.Tensor:
+    ids = torch.randint(1, 40, (batch, length))
+    ids[0, -2:] = 0  # padding
+    return ids
+
+
+def _attach(model: nn.Module, x: torch.Tensor, gate: str = "lognormal") -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cd.attach(model, gate=gate, example_inputs=x)
+    return [str(w.message) for w in record if w.category is cd.GatingWarning]
+
+
+def _scatter(model: nn.Module) -> float:
+    """Spread every gate's parameters so that SNRs differ; returns a threshold between the
+    lowest two head SNRs of the first head gate (so at least one head goes)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            for p in g.parameters():
+                p.add_(torch.randn_like(p) * 1.5)
+    heads = next(s.gate for _, s in sites(model) if isinstance(s, HeadGated))
+    snr = heads.snr().detach().sort().values
+    return float((snr[0] + snr[1]) / 2)
+
+
+def _prune(model: nn.Module, thr: float) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PruningWarning)  # an MLP gate may empty at thr
+        return cd.prune(model, thr)
+
+
+def _head_gates(model: nn.Module) -> list[str]:
+    return [s.attention for _, s in sites(model) if isinstance(s, HeadGated)]
+
+
+def _check_slim(model, slim, x, tmp_path, fresh, thr):
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), cd.mask_(model, thr)(x), rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in slim.parameters()) < sum(
+        p.numel() for n, p in model.named_parameters() if ".gate." not in n
+    )
+    assert max(cd.export_onnx(slim, x[:2], tmp_path / "m.onnx").max_rel_error.values()) <= 1e-4
+    assert max(export_program(slim, x[:2], tmp_path / "m.pt2").max_rel_error.values()) <= 1e-5
+    rebuilt = replay(fresh, slim.prune_report.history, example_inputs=x)
+    rebuilt.load_state_dict(slim.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), slim(x), rtol=1e-6, atol=1e-7)
+    slim.train()(x).float().sum().backward()  # the slim model trains
+    slim.eval()
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_encoder_heads_are_gated_and_removed_exactly(tmp_path, batch_first):
+    torch.manual_seed(0)
+    model, ids = Encoder(batch_first).eval(), _ids()
+    fresh = copy.deepcopy(model)
+    _attach(model, ids)
+    attns = [f"encoder.layers.{i}.self_attn" for i in (0, 1)]
+    assert _head_gates(model) == attns
+    assert all(isinstance(model.get_submodule(a), MultiheadAttention) for a in attns)
+    assert not model.encoder.use_nested_tensor  # its nested path would bypass the gates
+    thr = _scatter(model)
+    with torch.no_grad():
+        masked = cd.mask_(model, thr)(ids)  # eval, no grad: PyTorch's fast paths would skip gates
+        unmask_(model)
+        assert not torch.allclose(masked, model(ids))  # so the head gates did act
+    slim = _prune(model, thr)
+    a0 = slim.encoder.layers[0].self_attn
+    kept = slim.prune_report.layers[0].after
+    assert a0.num_heads == kept < 4 and a0.embed_dim == 16 and a0.head_dim == 4
+    assert a0.in_proj_weight.shape == (3 * 4 * kept, 16) and a0.out_proj.in_features == 4 * kept
+    assert all(step[1] == "heads" for step in slim.prune_report.history[:1])
+    _check_slim(model, slim, ids, tmp_path, fresh, thr)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_gate_family_prunes_vit_heads(tmp_path, family):
+    torch.manual_seed(0)
+    model, x = ViT().eval(), torch.randn(4, 1, 8, 8)
+    fresh = copy.deepcopy(model)
+    _attach(model, x, family)
+    assert _head_gates(model) == ["blocks.0.self_attention", "blocks.1.self_attention"]
+    thr = _scatter(model)
+    slim = _prune(model, thr)
+    heads = [b.self_attention.num_heads for b in slim.blocks]
+    assert min(heads) < 4
+    assert {r.name: r.after for r in slim.prune_report.layers}[
+        "blocks.0.self_attention.out_proj"
+    ] == heads[0]
+    _check_slim(model, slim, x, tmp_path, fresh, thr)
+
+
+@pytest.mark.parametrize("attention", [SDPAttention, PackedAttention])
+def test_a_user_attention_is_found_by_its_parts_and_pruned(tmp_path, attention):
+    torch.manual_seed(0)
+    model, ids = TinyLM(attention()).eval(), _ids()
+    fresh = copy.deepcopy(model)
+    warned = _attach(model, ids)
+    assert _head_gates(model) == ["attn"]
+    assert not any("proj" in w or "qkv" in w for w in warned)  # the projections are the heads'
+    thr = _scatter(model)
+    slim = _prune(model, thr)
+    attn = slim.attn
+    assert attn.num_heads < 4
+    width = attn.num_heads * 4
+    if attention is SDPAttention:
+        assert attn.q_proj.out_features == attn.k_proj.out_features == width
+    else:
+        assert attn.qkv.out_features == 3 * width
+    assert (
+        attn.get_submodule("o_proj" if attention is SDPAttention else "proj").in_features == width
+    )
+    _check_slim(model, slim, ids, tmp_path, fresh, thr)
+
+
+def test_an_attention_that_mixes_its_heads_keeps_them_with_a_warning():
+    torch.manual_seed(0)
+    model = TinyLM(TalkingHeads()).eval()
+    warned = _attach(model, _ids())
+    assert _head_gates(model) == []
+    assert any("'attn' keeps all its heads" in w and "not the same as zeroing" in w for w in warned)
+
+
+def test_a_registered_attention_is_pruned(tmp_path):
+    torch.manual_seed(0)
+    register_attention(Renamed, HeadSpec(o="z", q="a", k="b", v="c", heads="n"))
+    model, ids = TinyLM(Renamed()).eval(), _ids()
+    fresh = copy.deepcopy(model)
+    _attach(model, ids)
+    assert _head_gates(model) == ["attn"]
+    thr = _scatter(model)
+    slim = _prune(model, thr)
+    assert slim.attn.n < 4 and slim.attn.z.in_features == 4 * slim.attn.n
+    _check_slim(model, slim, ids, tmp_path, fresh, thr)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_detach_gives_back_the_stock_attention():
+    torch.manual_seed(0)
+    model, ids = Encoder().eval(), _ids()
+    with torch.no_grad():
+        before = model(ids)  # through PyTorch's nested-tensor fast path
+    _attach(model, ids)
+    cd.detach(model)
+    attn = model.encoder.layers[0].self_attn
+    assert type(attn) is nn.MultiheadAttention and attn._qkv_same_embed_dim
+    assert model.encoder.use_nested_tensor
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before)
+
+
+def test_granularity_head_gates_heads_only():
+    torch.manual_seed(0)
+    model = ViT().eval()
+    cd.attach(model, granularity="head", example_inputs=torch.randn(2, 1, 8, 8))
+    assert [n for n, _ in cd.named_gates(model)] == [
+        "blocks.0.self_attention.out_proj",
+        "blocks.1.self_attention.out_proj",
+    ]
+
+
+def test_gated_heads_train_and_keep_the_eval_mode():
+    torch.manual_seed(0)
+    model, ids = Encoder().eval(), _ids()
+    _attach(model, ids)
+    assert all(not m.training for m in model.modules())
+    model.train()
+    out = model(ids)
+    cd.kl(model).add(out.sum()).backward()
+    head = next(s.gate for _, s in sites(model) if isinstance(s, HeadGated))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [None, 12])
+def test_the_prunable_attention_computes_what_pytorch_does(batch_first, kdim):
+    torch.manual_seed(0)
+    stock = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+    ours = to_prunable(copy.deepcopy(stock))
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    q, kv = torch.randn(3, 5, 16), torch.randn(3, 5, kdim or 16)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[0, -2:] = True
+    causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+    for kwargs in (
+        {},
+        {"key_padding_mask": pad},
+        {"attn_mask": causal, "key_padding_mask": pad, "need_weights": False},
+        {"attn_mask": causal.float() * -1e4, "average_attn_weights": False},
+        {"attn_mask": causal, "is_causal": True, "need_weights": False},
+    ):
+        want, want_w = stock(q, kv, kv, **kwargs)
+        got, got_w = ours(q, kv, kv, **kwargs)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if want_w is not None:
+            torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    assert type(to_stock(ours)) is nn.MultiheadAttention
