@@ -12,7 +12,7 @@ import compressdrop as cd
 from compressdrop.gating import Gated, find_groups, groups_of
 from compressdrop.training import KLSchedule, Sparsifier
 
-from .zoo import ZOO, input_for, randomize_
+from .zoo import ZOO, attach_zoo, input_for, randomize_
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -22,7 +22,7 @@ def test_attach_detach_round_trips(name):
     reference = copy.deepcopy(model)
     with torch.no_grad():
         before = model(x)
-    cd.attach(model)
+    attach_zoo(model, name)
     assert cd.is_gated(model)
     assert any(isinstance(m, Gated) for m in model.modules())
     cd.detach(model)
@@ -38,14 +38,14 @@ def test_attach_detach_round_trips(name):
         torch.testing.assert_close(model(x), before)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "resnet", "functional"])
+@pytest.mark.parametrize("name", ["lenet5", "resnet", "functional", "vit"])
 def test_gated_state_dict_saves_and_loads(name):
     torch.manual_seed(0)
-    model = cd.attach(randomize_(ZOO[name]()), gate="variational")
+    model = attach_zoo(randomize_(ZOO[name]()), name, gate="variational")
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     torch.manual_seed(1)
-    other = cd.attach(ZOO[name](), gate="variational")
+    other = attach_zoo(ZOO[name](), name, gate="variational")
     other.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
     x = input_for(model, 3)
     with torch.no_grad():

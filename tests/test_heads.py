@@ -20,6 +20,8 @@ from compressdrop.gating import HeadGated, HeadSpec, MultiheadAttention, registe
 from compressdrop.gating.attention import to_prunable, to_stock
 from compressdrop.pruning import PruningWarning, replay, unmask_
 
+from .zoo import ViT
+
 FAMILIES = ["lognormal", "variational", "concrete", "hardconcrete"]
 
 
@@ -43,41 +45,6 @@ class Encoder(nn.Module):
         x = x if self.batch_first else x.transpose(0, 1)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return self.head((x * keep).sum(1) / keep.sum(1).clamp(min=1))
-
-
-class ViTBlock(nn.Module):
-    """torchvision's EncoderBlock: pre-norm nn.MultiheadAttention and MLP, both residual."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d)
-        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ln_1(x)
-        y, _ = self.self_attention(y, y, y, need_weights=False)
-        x = x + y
-        return x + self.mlp(self.ln_2(x))
-
-
-class ViT(nn.Module):
-    """A small vision transformer: conv patches, class token, position embedding, two blocks."""
-
-    def __init__(self, d: int = 16, heads: int = 4) -> None:
-        super().__init__()
-        self.conv_proj = nn.Conv2d(1, d, 4, stride=4)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.02)
-        self.blocks = nn.Sequential(ViTBlock(d, heads), ViTBlock(d, heads))
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
-        return self.head(self.ln(self.blocks(x))[:, 0])
 
 
 class SDPAttention(nn.Module):

@@ -13,7 +13,7 @@ import compressdrop as cd
 from compressdrop.gates import GATES
 from compressdrop.pruning import PruningWarning, mask_, replay, unmask_
 
-from .zoo import ZOO, input_for, randomize_
+from .zoo import ZOO, attach_zoo, input_for, randomize_
 
 TOL = 1e-5
 
@@ -43,8 +43,7 @@ def random_gates_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def gated(name: str, family: str = "lognormal", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = randomize_(ZOO[name](), seed)
-    cd.attach(model, gate=family)
+    model = attach_zoo(randomize_(ZOO[name](), seed), name, gate=family)
     return random_gates_(model, seed).eval()
 
 

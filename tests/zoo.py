@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import compressdrop as cd
 from compressdrop import add_safe_factories
 from compressdrop.models import build_model
 
@@ -164,6 +167,46 @@ class SENet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ViTBlock(nn.Module):
+    """torchvision's EncoderBlock: pre-norm nn.MultiheadAttention and MLP, both residual."""
+
+    def __init__(self, d: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(), nn.Linear(mlp, d))
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViT(nn.Module):
+    """A small vision transformer as torchvision builds one: conv patches, class token, learned
+    position embedding, pre-norm blocks, the class token's final norm into a Linear head."""
+
+    def __init__(
+        self, input_shape=(1, 8, 8), num_classes=10, d=16, heads=4, patch=4, depth=2, mlp=32
+    ):
+        super().__init__()
+        c, h, w = input_shape
+        self.conv_proj = nn.Conv2d(c, d, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, (h // patch) * (w // patch) + 1, d) * 0.02)
+        self.blocks = nn.Sequential(*(ViTBlock(d, heads, mlp) for _ in range(depth)))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.ln(self.blocks(x))[:, 0])
+
+
 def _ref(name, shape, **kw):
     return lambda: build_model(name, shape, 10, **kw)
 
@@ -180,7 +223,24 @@ ZOO = {
     "functional": lambda: FunctionalNet(),
     "deconv": lambda: DeconvNet(),
     "squeeze_excite": lambda: SENet(),
+    "vit": lambda: ViT(),
 }
+
+
+# The GatingWarning each zoo net is expected to give (a part of its message); any other fails.
+EXPECTED_WARNINGS = {"vit": "LayerNorm, which does not map 0 to 0"}  # its residual stream
+
+
+def attach_zoo(model: nn.Module, name: str, **kwargs) -> nn.Module:
+    """``cd.attach(model, **kwargs)``, letting through only the zoo net's expected warning."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cd.attach(model, **kwargs)
+    expected = EXPECTED_WARNINGS.get(name)
+    for w in record:
+        if not (w.category is cd.GatingWarning and expected and expected in str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -201,4 +261,4 @@ def input_for(model: nn.Module, batch: int) -> torch.Tensor:
 
 
 # Consent given in code: checkpoints of these nets name their classes as factories.
-add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet, DeconvNet, SENet])
+add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet, DeconvNet, SENet, ViT])

@@ -175,7 +175,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if query.is_nested:
             raise InputError("compressdrop's MultiheadAttention does not take nested tensors")
         if is_causal and attn_mask is None:
-            raise RuntimeError("Need attn_mask if specifying the is_causal hint")
+            raise InputError("is_causal=True is a hint about attn_mask: pass the causal mask too")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
