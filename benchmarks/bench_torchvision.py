@@ -347,8 +347,8 @@ def parent(args) -> None:
     if os.path.exists(out_path) and args.only:
         with open(out_path) as f:
             results = {r.get("tag", r["model"]): r for r in json.load(f)["results"]}
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)
+    # the children measure the compressdrop of this checkout, whatever the venv installed
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     t_all = time.perf_counter()
     for name in names:
         big = BY_NAME[name][3]

@@ -199,42 +199,6 @@ def test_nothing_to_gate_says_why_without_relying_on_warnings():
         cd.attach(nn.Sequential(nn.Flatten(), nn.ReLU()), example_inputs=torch.randn(2, 4))
 
 
-def test_a_grouped_convolution_is_refused_with_a_warning_naming_it():
-    """Its input channels split into groups, so whole-layer channel indices would cut the wrong
-    ones (onnxruntime's "INDICES element is out of DATA bounds" before): the layers feeding it
-    and the grouped conv itself stay ungated, and what can be gated still prunes exactly."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, groups=2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(8 * 8 * 8, 16),
-        nn.ReLU(),
-        nn.Linear(16, 3),
-    ).eval()
-    x = torch.randn(4, 1, 8, 8)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        cd.attach(model, example_inputs=x[:2])
-    messages = sorted(str(w.message) for w in record if w.category is cd.GatingWarning)
-    assert messages == [
-        "compressdrop: layer '0' left ungated: its units feed '2', a grouped convolution",
-        "compressdrop: layer '2' left ungated: grouped convolution (groups > 1, not depthwise) "
-        "is not supported yet",
-    ]
-    assert [n for n, _ in cd.named_gates(model)] == ["5"]
-    gate = next(iter(cd.named_gates(model)))[1]
-    with torch.no_grad():
-        gate.log_sigma.copy_(torch.linspace(-3, 1, 16))  # log-normal: SNR falls with σ
-    thr = float(gate.snr().detach().median())
-    slim = cd.prune(model, thr, example_inputs=x)
-    assert slim[5].out_features < 16
-    with torch.no_grad():
-        torch.testing.assert_close(slim(x), cd.mask_(model, thr)(x), rtol=1e-5, atol=1e-6)
-
-
 def test_squeeze_excitation_channels_are_gated_with_their_stream():
     """x * sigmoid(fc2(...)): a pruned channel of x is zero whatever its scale, so the block's
     channels are gated (used to be refused at the Sigmoid) and the excitation layer fc2 is cut

@@ -207,6 +207,114 @@ class ViT(nn.Module):
         return self.head(self.ln(self.blocks(x))[:, 0])
 
 
+class _Bottleneck(nn.Module):
+    """1×1 → grouped 3×3 → (squeeze-excitation) → 1×1, each conv with BN, plus the shortcut."""
+
+    def __init__(self, c_in, c_out, width, groups, stride=1, se=False):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.b = nn.Sequential(
+            nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(width)
+        )
+        self.se = _SqueezeExcite(width, 4, nn.Sigmoid()) if se else nn.Identity()
+        self.c = nn.Sequential(nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.proj = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x):
+        y = self.se(torch.relu(self.b(torch.relu(self.a(x)))))
+        return torch.relu(self.proj(x) + self.c(y))
+
+
+class ResNeXtNet(nn.Module):
+    """ResNeXt/RegNetX-like: bottlenecks whose 3×3 convs have groups (4 of 4, then 3 of 8)."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10, se=False):
+        super().__init__()
+        c = input_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(c, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.blocks = nn.Sequential(
+            _Bottleneck(12, 12, 16, 4, se=se), _Bottleneck(12, 20, 24, 3, stride=2, se=se)
+        )
+        self.fc = nn.Linear(20, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class RegNetYNet(ResNeXtNet):
+    """RegNetY-like: the ResNeXt bottlenecks with squeeze-excitation after the grouped conv."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__(input_shape, num_classes, se=True)
+
+
+def channel_shuffle(x, groups):
+    n, c, h, w = x.shape
+    x = x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous()  # (N, C/g, g, H, W)
+    return x.view(n, c, h, w)
+
+
+class _ShuffleBlock(nn.Module):
+    """ShuffleNetV2's unit: split (stride 1) or copy (stride 2) the input, a 1×1 → depthwise 3×3
+    → 1×1 branch, concatenate, shuffle the channels."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        half = c_out // 2
+        inner = c_in if stride > 1 else c_in // 2
+        self.stride = stride
+        self.branch1 = (
+            nn.Sequential(
+                nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False),
+                nn.BatchNorm2d(c_in),
+                nn.Conv2d(c_in, half, 1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(),
+            )
+            if stride > 1
+            else nn.Identity()
+        )
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(inner, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False),
+            nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False),
+            nn.BatchNorm2d(half),
+            nn.ReLU(),
+        )
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNet(nn.Module):
+    """ShuffleNetV2-like: a stride-2 and a stride-1 shuffle unit between a stem and a 1×1 conv."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        c = input_shape[0]
+        self.stem = nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.stage = nn.Sequential(_ShuffleBlock(8, 16, 2), _ShuffleBlock(16, 16, 1))
+        self.head = nn.Sequential(nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24), nn.ReLU())
+        self.fc = nn.Linear(24, num_classes)
+        _tag(self, input_shape)
+
+    def forward(self, x):
+        return self.fc(self.head(self.stage(self.stem(x))).mean((2, 3)))
+
+
 def _ref(name, shape, **kw):
     return lambda: build_model(name, shape, 10, **kw)
 
@@ -224,7 +332,9 @@ ZOO = {
     "deconv": lambda: DeconvNet(),
     "squeeze_excite": lambda: SENet(),
     "vit": lambda: ViT(),
-}
+    "resnext": lambda: ResNeXtNet(),
+    "regnety": lambda: RegNetYNet(),
+}  # ShuffleNet leaves its shuffled channels ungated with a warning: tests/test_grouped.py
 
 
 # The GatingWarning each zoo net is expected to give (a part of its message); any other fails.
@@ -262,3 +372,4 @@ def input_for(model: nn.Module, batch: int) -> torch.Tensor:
 
 # Consent given in code: checkpoints of these nets name their classes as factories.
 add_safe_factories([ConcatNet, DepthwiseNet, Conv1dNet, FunctionalNet, DeconvNet, SENet, ViT])
+add_safe_factories([ResNeXtNet, RegNetYNet, ShuffleNet])

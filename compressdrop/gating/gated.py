@@ -204,6 +204,7 @@ def attach(
         g = cls(grp.num_units, **dict(gate_kwargs or {})).to(device=param.device, dtype=param.dtype)
         g.unit_cost.copy_(cost)
         g.shared = len(grp.sites) > 1
+        g.unit_blocks = grp.blocks  # type: ignore[assignment]  # grouped convs: aligned.py
         for site in grp.sites:
             layer = model.get_submodule(site.name)
             spec = spec_of(layer)

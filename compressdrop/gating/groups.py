@@ -19,11 +19,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..dropout.recurrent import tracing
 from ..errors import InputError
+from .aligned import group_alignment
 from .heads import find_heads, projections_of, record_calls
 from .paths import _is_producer, _walk
-from .registry import customized_pruners, has_role, registered_types, spec_of
+from .registry import has_role, registered_types, spec_of
+from .tpgraph import bounded_groups, build_graph, untrusted_reason
 from .units import GatingWarning, Site, UnitGroup, _matches
 
 __all__ = ["GRANULARITIES", "GatingWarning", "Site", "UnitGroup", "find_groups"]
@@ -77,8 +78,6 @@ def find_groups(
     Raises:
         InputError: an unknown ``granularity``.
     """
-    import torch_pruning as tp
-
     if granularity not in GRANULARITIES:
         raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     names = {m: n for n, m in model.named_modules()}
@@ -111,18 +110,20 @@ def find_groups(
                 f"compressdrop: layer {name!r} left ungated: {why}", GatingWarning, stacklevel=3
             )
     try:
-        with torch.enable_grad(), tracing(model):
-            dg = tp.DependencyGraph().build_dependency(
-                model,
-                example_inputs=inputs,
-                verbose=False,
-                customized_pruners=customized_pruners(),
-            )
+        dg, error = build_graph(model, inputs)
     finally:
         for h in hooks:
             h.remove()
         unhook_calls()
         model.train(was_training)
+    if dg is None:
+        if warn:
+            warnings.warn(
+                f"compressdrop: Torch-Pruning could not trace the model ({error}); nothing gated",
+                GatingWarning,
+                stacklevel=3,
+            )
+        return []
 
     heads: list[UnitGroup] = []
     if granularity in ("auto", "head"):
@@ -132,7 +133,8 @@ def find_groups(
     claimed = projections_of(model, heads)  # q/k/v layers: their units are the heads
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
-    for g in dg.get_all_groups(root_module_types=producers_types):
+    skipped: list[str] = []  # groups over Torch-Pruning's index budget, warned about at the end
+    for g in bounded_groups(dg, producers_types, names, skipped):
         out_deps = [
             d
             for d, _ in g
@@ -168,6 +170,8 @@ def find_groups(
             # Torch-Pruning could not map indices through a concatenation and coupled layers of
             # different widths; pruning such a group would cut the wrong channels.
             problem = "its channels pass through a concatenation that Torch-Pruning cannot index"
+        blocks, misaligned = group_alignment(g, num_units, names)  # grouped convs
+        problem = untrusted_reason(dg, g) or problem or misaligned
         if problem is not None:
             if warn and problem != "output":
                 warnings.warn(
@@ -177,7 +181,9 @@ def find_groups(
                 )
             continue
         params, macs = _unit_costs(g, num_units, names, positions)
-        groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs))
+        groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs, blocks))
+    for why in skipped if warn else ():
+        warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=3)
     return groups + heads
 
 

@@ -124,7 +124,7 @@ def _matmul_consumer(node) -> nn.Module | None:
 def _is_depthwise(m: nn.Module) -> bool:
     return (
         isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-        and m.groups == m.in_channels
+        and m.groups == m.in_channels == m.out_channels
         and m.groups > 1
     )
 
@@ -182,9 +182,7 @@ def _walk(start, members, names: dict) -> str:
         if _is_producer(m):
             if _is_depthwise(m) and m in members:
                 continue
-            if getattr(m, "groups", 1) > 1 and not _is_depthwise(m):
-                # its input channels split into groups: whole-layer indices would cut the wrong ones
-                return f"its units feed {names.get(m, type(m).__name__)!r}, a grouped convolution"
+            # a grouped conv consumes the units too: find_groups aligns them to its groups
             consumed = True
             continue
         if isinstance(m, nn.PReLU):

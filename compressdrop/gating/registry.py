@@ -165,7 +165,9 @@ def _weighted_costs(m: nn.Module, out: bool) -> tuple[float, float]:
     """A Linear's or a Conv's: one filter and its bias (output unit) or one input column."""
     w = m.get_parameter("weight")
     has_bias = getattr(m, "bias", None) is not None
-    params = w[0].numel() + (1 if has_bias else 0) if out else w[:, 0].numel()
+    # an input channel of a conv with g groups reaches only the out/g filters of its group
+    groups = getattr(m, "groups", 1)
+    params = w[0].numel() + (1 if has_bias else 0) if out else w[:, 0].numel() // groups
     return float(params), float(params - (1 if out and has_bias else 0))
 
 
@@ -193,8 +195,11 @@ def _linear_positions(m: nn.Module, out: Any) -> int:
 
 
 def _conv_why_not(m: nn.Module) -> str | None:
-    if isinstance(m, _CONVS) and m.groups > 1 and m.groups != m.in_channels:
-        return "grouped convolution (groups > 1, not depthwise) is not supported yet"
+    # groups > 1 is gated in blocks aligned to the groups (gating/aligned.py), except one output
+    # channel per group with several inputs: Torch-Pruning takes that for depthwise and would cut
+    # inputs with outputs
+    if isinstance(m, _CONVS) and 1 < m.groups == m.out_channels != m.in_channels:
+        return "grouped convolution with one output channel per group is not supported"
     return None
 
 

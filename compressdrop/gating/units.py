@@ -50,6 +50,8 @@ class UnitGroup:
         sites: where the group's one gate multiplies.
         params_per_unit: parameters each unit controls, shape ``(num_units,)``.
         macs_per_unit: multiply-adds per example each unit controls, shape ``(num_units,)``.
+        blocks: equal blocks of consecutive units that must each keep as many units (the groups
+            of the grouped convolutions the units feed or come from; 1: none).
     """
 
     name: str
@@ -59,6 +61,7 @@ class UnitGroup:
     sites: list[Site]
     params_per_unit: torch.Tensor = field(repr=False)
     macs_per_unit: torch.Tensor = field(repr=False)
+    blocks: int = 1
 
 
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dropout.recurrent import tracing
 from ..errors import CompressDropError, InputError
 from ..gating import (
     HeadGated,
@@ -31,8 +30,10 @@ from ..gating import (
     named_gates,
     sites,
 )
+from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
-from ..gating.registry import customized_pruners
+from ..gating.tpgraph import build_graph
+from .grouped import prune_group
 
 __all__ = [
     "LayerReport",
@@ -156,7 +157,8 @@ def _keep_masks(
     out = {}
     for name, g in named_gates(model):
         thr = g.default_threshold if threshold is None else float(threshold)
-        keep = g.mask(thr)
+        # units feeding (or made by) a grouped conv: every group keeps as many (gating/aligned.py)
+        keep = align_keep(g.mask(thr), g.snr(), getattr(g, "unit_blocks", 1))
         if not keep.any():
             best = int(torch.argmax(g.snr().detach()))
             keep = torch.zeros_like(keep)
@@ -176,7 +178,9 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
 
     The gated model's eval forward then multiplies them by 0: the reference that the slim model of
     :func:`prune` must reproduce. At least one unit per group is kept (with a
-    :class:`PruningWarning`).
+    :class:`PruningWarning`). Units that feed or come from a grouped convolution are kept evenly:
+    every conv group keeps as many, the units over the threshold topped up by the group's next
+    best by SNR (keeping a unit is always exact: it only keeps some units under the threshold).
 
     Args:
         model: a gated model.
@@ -219,12 +223,10 @@ def full_fp32() -> Iterator[None]:
 
 
 def _dependency_graph(model: nn.Module, example: tuple):
-    import torch_pruning as tp
-
-    with torch.enable_grad(), tracing(model):
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=example, verbose=False, customized_pruners=customized_pruners()
-        )
+    dg, error = build_graph(model, example)
+    if dg is None:
+        raise SurgeryError(f"Torch-Pruning cannot trace the model: {error}")
+    return dg
 
 
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -263,7 +265,9 @@ def prune(
 
     Every unit whose gate SNR is below ``threshold`` (``None``: each family's default) is removed
     with everything coupled to it (Torch-Pruning's dependency graph: residual streams, concats,
-    depthwise convs, flatten into Linear); kept units have E[θ] folded into their layer's weights.
+    depthwise and grouped convs, flatten into Linear); kept units have E[θ] folded into their
+    layer's weights. A grouped conv keeps as many channels in each of its groups (see
+    :func:`mask_`).
     The slim model is checked against the masked gated model on random inputs before it is
     returned; a mismatch above ``rtol`` raises :class:`SurgeryError`.
 
@@ -292,6 +296,8 @@ def prune(
     """
     if not is_gated(model):
         raise InputError("model has no gates; attach() them and train before pruning")
+    for _, g in named_gates(model):
+        g.clear_sample()  # a shared gate's θ of the last training forward: not copyable
     work = copy.deepcopy(model).eval()
     masks = _keep_masks(work, threshold)
     for _, g in named_gates(work):
@@ -331,7 +337,9 @@ def prune(
         group = dg.get_pruning_group(module, pruner.prune_out_channels, idxs=pruned[gid])
         if not dg.check_pruning_group(group):
             raise SurgeryError(f"Torch-Pruning refused the group of {masks[gid][0]!r}")
-        group.prune()
+        problem = prune_group(group)
+        if problem is not None:
+            raise SurgeryError(f"cannot cut the group of {masks[gid][0]!r}: {problem}")
     work.eval()
     try:
         with torch.no_grad(), full_fp32():
