@@ -28,11 +28,18 @@ def _train(family: str | None, data, seed: int = 0):
         if family
         else None
     )
-    groups = sp.param_groups(1e-3, GATE_LR[family]) if sp else model.parameters()
-    opt = torch.optim.Adam(groups, lr=1e-3)
+    fit(model, sp, data, EPOCHS, 1e-3, GATE_LR.get(family or "", 0.0), seed)
+    return model, sp
+
+
+def fit(model, sp, data, epochs: int, lr: float, gate_lr: float, seed: int = 0) -> None:
+    """Adam on mini-batches of 64, the ELBO's KL term added when ``sp`` (a Sparsifier) is given."""
+    n = len(data.x_train)
+    groups = sp.param_groups(lr, gate_lr) if sp else model.parameters()
+    opt = torch.optim.Adam(groups, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     steps = (n + 63) // 64
-    for epoch in range(EPOCHS):
+    for epoch in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
         for i in range(steps):
@@ -43,7 +50,6 @@ def _train(family: str | None, data, seed: int = 0):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return model, sp
 
 
 @pytest.fixture(scope="module")

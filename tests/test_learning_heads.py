@@ -11,13 +11,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from compressdrop.data import load_digits
 from compressdrop.evaluation import evaluate
 from compressdrop.gating import HeadGated, sites
 from compressdrop.training import KLSchedule, Sparsifier
 
+from .test_learning import fit
 from .zoo import ViT
 
 EPOCHS = 60
@@ -43,20 +43,7 @@ def _train(family: str | None, data, seed: int = 0):
                 example_inputs=data.x_train[:4],
                 kl_cost="params",
             )
-    opt = torch.optim.Adam(sp.param_groups(3e-3, 1e-2) if sp else model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(seed)
-    steps = (n + 63) // 64
-    for epoch in range(EPOCHS):
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        for i in range(steps):
-            idx = perm[i * 64 : (i + 1) * 64]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            if sp:
-                loss = loss + sp.penalty(epoch + i / steps)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, sp, data, EPOCHS, 3e-3, 1e-2, seed)
     return model, sp
 
 
