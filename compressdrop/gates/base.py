@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -16,10 +17,14 @@ from ..errors import InputError
 __all__ = ["Gate", "noise_shard"]
 
 MIN_VARIANCE = 1e-24
+NOISE_MODES = ("example", "batch")
 # (rank, world size, global batch) inside noise_shard, None outside it
 _NOISE_SHARD: ContextVar[tuple[int, int, int] | None] = ContextVar(
     "compressdrop_noise_shard", default=None
 )
+# how many noise_shard contexts are open in any thread: while none is, a gate need not read the
+# ContextVar, which torch.compile cannot trace
+_OPEN_SHARDS = [0]
 
 
 @contextlib.contextmanager
@@ -60,10 +65,40 @@ def noise_shard(rank: int, world: int, global_batch: int) -> Iterator[None]:
             f"world={world}, global_batch={global_batch}"
         )
     token = _NOISE_SHARD.set((int(rank), int(world), int(global_batch)))
+    _OPEN_SHARDS[0] += 1
     try:
         yield
     finally:
+        _OPEN_SHARDS[0] -= 1
         _NOISE_SHARD.reset(token)
+
+
+class _GateMul(torch.autograd.Function):
+    """y = x · θ for x of shape (B, U, ...) and θ of shape (n, U), n ∈ {B, 1}, in eager mode.
+
+    The same values and gradients as broadcasting ``x * θ.reshape(n, U, 1, ...)``, but the
+    gradient of θ is a batched dot product instead of a full-size product followed by a
+    reduction (one pass over the activation fewer, no temporary of its size).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, theta)
+        return x * theta.reshape(theta.shape + (1,) * (x.dim() - 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, theta = ctx.saved_tensors
+        grad_x = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * theta.reshape(theta.shape + (1,) * (x.dim() - 2))
+        if ctx.needs_input_grad[1]:
+            b, u = x.shape[0], x.shape[1]
+            # (B, U, rest) · (B, U, rest) → (B, U)
+            grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), x.reshape(b, u, -1))
+            if theta.shape[0] != b:
+                grad_theta = grad_theta.sum(0, keepdim=True)
+        return grad_x, grad_theta
 
 
 class Gate(nn.Module):
@@ -83,7 +118,21 @@ class Gate(nn.Module):
 
     Subclasses state their fixed facts as class attributes (``family``, ``default_threshold``) and
     implement ``posterior`` and ``prior`` (or override ``kl_per_unit`` when the regularizer is not a
-    KL, as for L0).
+    KL, as for L0). The built-in families also override ``sample``, ``kl_per_unit``, ``expected``
+    and ``snr`` with lean closed forms that share their per-unit terms through :meth:`_memo`.
+
+    Noise (``noise=``): ``"example"`` (the default) draws one θ per example and unit, the local
+    reparameterization; ``"batch"`` draws one θ per unit for the whole mini-batch (as the SBP
+    authors do), broadcast over the examples: B times fewer draws, noisier gradients of the
+    gate parameters.
+
+    Per-unit terms are computed once per training step: a term asked for twice (by the sample in
+    the forward pass and by ``kl()``, say) is reused while the gate's parameters are the same
+    objects at the same version, on the same dtype and device, in the same grad mode; an
+    optimizer step (which updates the parameters in place), ``load_state_dict``, ``.to()`` and a
+    backward pass through the term (which frees its graph) all make the next call recompute. Under
+    ``torch.compile`` nothing is cached (the compiler shares the terms itself), and nothing is
+    cached for parameters swapped in by ``torch.func.functional_call``.
 
     When one gate serves several sites of a coupled group (a residual stream, say), every site in a
     forward pass must see the same θ: the first site samples and the others reuse the sample until
@@ -95,15 +144,88 @@ class Gate(nn.Module):
     unit_cost: torch.Tensor  # buffer (num_units,)
     pruned: torch.Tensor  # bool buffer (num_units,)
 
-    def __init__(self, num_units: int) -> None:
+    def __init__(self, num_units: int, noise: str = "example") -> None:
         super().__init__()
         if num_units < 1:
             raise InputError(f"num_units must be ≥ 1, got {num_units}")
+        if noise not in NOISE_MODES:
+            raise InputError(f"noise must be one of {NOISE_MODES}, got {noise!r}")
         self.num_units = int(num_units)
+        self.noise = noise
         self.register_buffer("unit_cost", torch.ones(num_units))
         self.register_buffer("pruned", torch.zeros(num_units, dtype=torch.bool))
         self.shared = False
         self._sample: torch.Tensor | None = None
+        self._sample_batch = 0
+        self._any_pruned: tuple[tuple[int, int] | None, bool] = (None, True)
+        self._cache: tuple[tuple, dict[str, Any]] | None = None
+
+    # --- per-step cache of per-unit terms ---------------------------------------------------------
+    def _cache_key(self) -> tuple | None:
+        params = list(self._parameters.values())
+        if not all(isinstance(p, nn.Parameter) for p in params):
+            return None  # torch.func.functional_call and friends: plain tensors swapped in
+        return (
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            tuple((p._version, p.dtype, p.device) for p in params if p is not None),
+        )
+
+    def _memo(self, name: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, reused while the parameters are unchanged (see the class docstring)."""
+        if torch.compiler.is_compiling():
+            return compute()
+        key = self._cache_key()
+        if key is None:
+            return compute()
+        params = list(self._parameters.values())
+        if self._cache is not None:
+            old_key, entries = self._cache
+            refs = entries.get("_params", ())
+            if old_key == key and all(r() is p for r, p in zip(refs, params, strict=True)):
+                if name in entries:
+                    return entries[name]
+            else:
+                self._cache = None
+        if self._cache is None:
+            self._cache = (key, {"_params": [weakref.ref(p) for p in params]})
+        value = compute()
+        self._cache[1][name] = value
+        if torch.is_grad_enabled():
+            me = weakref.ref(self)
+
+            def invalidate(grad: torch.Tensor) -> None:
+                # backward through the term frees its graph: the next step computes it afresh
+                gate = me()
+                if gate is not None:
+                    gate._cache = None
+
+            for t in value if isinstance(value, tuple) else (value,):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(invalidate)
+        return value
+
+    def clear_cache(self) -> None:
+        """Forget the cached per-unit terms (they are recomputed on the next use)."""
+        self._cache = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Gate:
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # cached terms carry autograd graphs, which neither pickle nor deepcopy
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        state["_sample"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_cache", None)
+        state.setdefault("noise", "example")
+        state.setdefault("_sample_batch", 0)
+        state.setdefault("_any_pruned", (None, True))
+        super().__setstate__(state)
 
     # --- what each family provides -------------------------------------------------------------
     def posterior(self) -> Distribution:
@@ -120,7 +242,11 @@ class Gate(nn.Module):
 
         bf16/fp16 gates included: the closed forms themselves always run in float64.
         """
-        return value.to(next(self.parameters()).dtype)
+        return value.to(self._dtype())
+
+    def _dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return next(iter(self._parameters.values())).dtype  # type: ignore[union-attr]
 
     def kl_per_unit(self) -> torch.Tensor:
         """KL(q(θ_u) ‖ p(θ_u)) of each unit, shape ``(num_units,)``, differentiable."""
@@ -128,11 +254,11 @@ class Gate(nn.Module):
 
     def kl(self) -> torch.Tensor:
         """The gate's regularizer Σ_u cost_u · KL(q(θ_u) ‖ p(θ_u)), a differentiable scalar."""
-        return (self.unit_cost * self.kl_per_unit()).sum()
+        return torch.dot(self.unit_cost.to(self._dtype()), self.kl_per_unit())
 
     def expected(self) -> torch.Tensor:
         """E[θ] per unit, shape ``(num_units,)``: the factor eval mode multiplies by."""
-        return self._out(self.posterior().mean)
+        return self._out(self._memo("mean", lambda: self.posterior().mean))
 
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio |E θ| / std θ per unit, shape ``(num_units,)``.
@@ -188,33 +314,60 @@ class Gate(nn.Module):
                 f"{type(self).__name__} has {self.num_units} units but the input has "
                 f"{x.shape[dim]} along dim {dim} (shape {tuple(x.shape)})"
             )
-        keep = (~self.pruned).to(x.dtype)
         if self.training:
-            theta = self._training_sample(x.shape[0]).to(x.dtype) * keep  # (B, U)
-            shape = [x.shape[0]] + [1] * (x.dim() - 1)
+            theta = self._keep(self._training_sample(x.shape[0]).to(x.dtype))  # (B, U) or (1, U)
+            if (
+                dim == 1
+                and x.dim() > 2
+                and x.is_contiguous()
+                and not torch.compiler.is_compiling()
+                and torch.is_grad_enabled()
+            ):
+                return _GateMul.apply(x, theta)
+            shape = [theta.shape[0]] + [1] * (x.dim() - 1)
             shape[dim] = self.num_units
         else:
-            theta = self.expected().to(x.dtype) * keep  # (U,)
+            theta = self._keep(self.expected().to(x.dtype))  # (U,)
             shape = [1] * x.dim()
             shape[dim] = self.num_units
         return x * theta.reshape(shape)
 
+    def _keep(self, theta: torch.Tensor) -> torch.Tensor:
+        """``theta`` with the pruned units' factors set to 0.
+
+        In eager mode the multiply is skipped while no unit is pruned (known from the ``pruned``
+        buffer's version, so a CUDA gate syncs once per change of the mask, not per step).
+        """
+        if not torch.compiler.is_compiling():
+            version = (self.pruned._version, self.pruned.data_ptr())
+            if self._any_pruned[0] != version:
+                self._any_pruned = (version, bool(self.pruned.any()))
+            if not self._any_pruned[1]:
+                return theta
+        return theta * (~self.pruned).to(theta.dtype)
+
     def _training_sample(self, batch: int) -> torch.Tensor:
+        """θ for a training batch of ``batch`` examples: ``(batch, U)``, or ``(1, U)`` with
+        ``noise="batch"``; a shared gate's sites reuse one draw per forward pass."""
         if not self.shared:
             return self._draw(batch)
-        if self._sample is None or self._sample.shape[0] != batch:
+        if self._sample is None or self._sample_batch != batch:
             self._sample = self._draw(batch)
+            self._sample_batch = batch
         return self._sample
 
     def _draw(self, batch: int) -> torch.Tensor:
-        shard = _NOISE_SHARD.get()
+        per_batch = self.noise == "batch"
+        shard = _NOISE_SHARD.get() if _OPEN_SHARDS[0] else None
         if shard is None:
-            return self.sample(batch)
+            return self.sample(1 if per_batch else batch)
         rank, world, global_batch = shard
         if batch != len(range(rank, global_batch, world)):
             raise InputError(
                 f"rank {rank} of {world} got {batch} examples of a global batch of {global_batch}"
             )
+        if per_batch:  # the ranks' streams are in step: every rank draws the same θ
+            return self.sample(1)
         return self.sample(global_batch)[rank::world]
 
     def clear_sample(self) -> None:
@@ -222,4 +375,5 @@ class Gate(nn.Module):
         self._sample = None
 
     def extra_repr(self) -> str:
-        return f"units={self.num_units}"
+        noise = "" if self.noise == "example" else f", noise={self.noise!r}"
+        return f"units={self.num_units}{noise}"

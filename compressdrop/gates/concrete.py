@@ -10,8 +10,8 @@ from torch import nn
 from torch.distributions import Bernoulli, RelaxedBernoulli
 
 from ..errors import InputError
-from .base import Gate
-from .distributions import HardConcrete, _SampleShape
+from .base import MIN_VARIANCE, Gate
+from .distributions import HardConcrete, _SampleShape, hard_concrete_stretch
 
 __all__ = ["BernoulliFactor", "ConcreteGate", "HardConcreteGate"]
 
@@ -91,6 +91,13 @@ class ConcreteGate(Gate):
         prior_keep: q₀ of the Bernoulli prior.
         temperature: of the relaxation (0.1 as in the paper).
         inverted: use Gal's inverted scaling θ = z/q.
+        noise: ``"example"`` (one θ per example and unit) or ``"batch"`` (one θ per unit and
+            mini-batch), see :class:`~compressdrop.gates.Gate`.
+
+    Numerics: the training step runs in the parameters' dtype, float32 at least; the relaxed
+    draw z = sigmoid((logit u + logit q)/temperature), logit q clamped to ±logit(1 − 1e-6) and u
+    to [ε, 1 − ε] (ε the dtype's machine epsilon), is bounded and monotone in every step, and the
+    KL is written with logsigmoid, finite for every logit.
 
     Reference: Gal, Hron & Kendall, "Concrete Dropout", NeurIPS 2017.
     """
@@ -105,8 +112,9 @@ class ConcreteGate(Gate):
         prior_keep: float = 0.01,
         temperature: float = 0.1,
         inverted: bool = False,
+        noise: str = "example",
     ) -> None:
-        super().__init__(num_units)
+        super().__init__(num_units, noise=noise)
         for name, v in (("init_drop", init_drop), ("prior_keep", prior_keep)):
             if not 0 < v < 1:
                 raise InputError(f"{name} must be in (0, 1), got {v}")
@@ -134,14 +142,26 @@ class ConcreteGate(Gate):
         q0 = torch.full_like(self.keep_prob(), self.prior_keep)
         return BernoulliFactor(q0, self.temperature, self.inverted)
 
+    def _logit(self) -> torch.Tensor:
+        """logit q in the parameters' dtype, float32 at least."""
+        return self.keep_logit.to(torch.promote_types(self.keep_logit.dtype, torch.float32))
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """Relaxed draws θ for ``batch`` examples, differentiable in q; shape ``(batch, U)``."""
+        logit = self._logit()
+        eps = torch.finfo(logit.dtype).eps
+        bound = math.log((1 - 1e-6) / 1e-6)  # q in [1e-6, 1 − 1e-6], as BernoulliFactor.rsample
+        u = torch.rand(batch, self.num_units, dtype=logit.dtype, device=logit.device)
+        scaled = torch.add(logit.clamp(-bound, bound), torch.logit(u, eps)) / self.temperature
+        z = torch.sigmoid(scaled).clamp(eps, 1 - eps)  # (B, U)
+        return self._out(z / torch.sigmoid(logit) if self.inverted else z)
+
     def kl_per_unit(self) -> torch.Tensor:
         """KL(Bernoulli(q) ‖ Bernoulli(q₀)) per unit, finite as q → 0 or 1."""
-        q, q0 = self.keep_prob(), self.prior_keep
+        logit, q0 = self._logit(), self.prior_keep
         # KL(Bern(q) ‖ Bern(q0)) written with logsigmoid so it stays finite as q → 0 or 1.
-        lq, l1q = (
-            nn.functional.logsigmoid(self.keep_logit.double()),
-            nn.functional.logsigmoid(-self.keep_logit.double()),
-        )
+        lq, l1q = nn.functional.logsigmoid(logit), nn.functional.logsigmoid(-logit)
+        q = lq.exp()
         kl = q * (lq - math.log(q0)) + (1 - q) * (l1q - math.log1p(-q0))
         return self._out(kl)
 
@@ -162,6 +182,12 @@ class HardConcreteGate(Gate):
         penalty: λ, the cost of one expected non-zero unit, in the units of the ELBO's KL (nats).
             The default 10 is of the order of a log-normal gate's KL at initialization (≈ 7 nats),
             so that β = 1 compresses comparably across families.
+        noise: ``"example"`` (one z per example and unit) or ``"batch"`` (one z per unit and
+            mini-batch), see :class:`~compressdrop.gates.Gate`.
+
+    Numerics: draws and the penalty run in the parameters' dtype, float32 at least (every step is
+    bounded: log α is clamped to [−10, 10], u to [1e-6, 1 − 1e-6]); E[z] and std[z] come from the
+    float64 quadrature.
 
     Reference: Louizos, Welling & Kingma, "Learning Sparse Neural Networks through L0
     Regularization", ICLR 2018.
@@ -171,8 +197,14 @@ class HardConcreteGate(Gate):
     beta, gamma, zeta = 2 / 3, -0.1, 1.1
     log_alpha_range = (-10.0, 10.0)
 
-    def __init__(self, num_units: int, init_drop: float = 0.5, penalty: float = 10.0) -> None:
-        super().__init__(num_units)
+    def __init__(
+        self,
+        num_units: int,
+        init_drop: float = 0.5,
+        penalty: float = 10.0,
+        noise: str = "example",
+    ) -> None:
+        super().__init__(num_units, noise=noise)
         if not 0 < init_drop < 1:
             raise InputError(f"init_drop must be in (0, 1), got {init_drop}")
         if penalty <= 0:
@@ -186,9 +218,38 @@ class HardConcreteGate(Gate):
         la = self.log_alpha.double().clamp(*self.log_alpha_range)
         return HardConcrete(la, self.beta, self.gamma, self.zeta)
 
+    def _log_alpha(self) -> torch.Tensor:
+        """log α clamped to [−10, 10], in the parameters' dtype (float32 at least)."""
+        la = self.log_alpha.to(torch.promote_types(self.log_alpha.dtype, torch.float32))
+        return la.clamp(*self.log_alpha_range)
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """Hard-concrete draws z for ``batch`` examples, reparameterized; shape ``(batch, U)``."""
+        la = self._log_alpha()
+        u = torch.rand(batch, self.num_units, dtype=la.dtype, device=la.device)
+        z = hard_concrete_stretch(torch.logit(u, 1e-6), la, self.beta, self.gamma, self.zeta)
+        return self._out(z)
+
     def kl_per_unit(self) -> torch.Tensor:
         """The L0 penalty λ·P(z_u ≠ 0) per unit, in place of a KL."""
-        return self._out(self.penalty * self.posterior().prob_nonzero())
+        shift = self.beta * math.log(-self.gamma / self.zeta)
+        return self._out(self.penalty * torch.sigmoid(self._log_alpha() - shift))
+
+    def expected(self) -> torch.Tensor:
+        """E[z] per unit, by quadrature (:class:`HardConcrete`)."""
+        return self._out(self._quadrature()[0])
+
+    def snr(self) -> torch.Tensor:
+        """E[z] / std[z] per unit, by quadrature, the variance floored at 1e-24."""
+        mean, var = self._quadrature()
+        return self._out(mean.abs() / var.clamp(min=MIN_VARIANCE).sqrt())
+
+    def _quadrature(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
+            q = self.posterior()
+            return q.mean, q.variance
+
+        return self._memo("quadrature", compute)
 
     def test_gate(self) -> torch.Tensor:
         """The paper's deterministic test-time gate per unit (:meth:`HardConcrete.test_gate`)."""

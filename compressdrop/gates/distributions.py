@@ -29,7 +29,14 @@ __all__ = [
     "LogUniformImproper",
     "TruncatedLogNormal",
     "TruncatedNormal",
+    "clamp_probability",
+    "hard_concrete_stretch",
     "log_ndtr_diff",
+    "lognormal_log_terms",
+    "molchanov_kl",
+    "truncnorm_entropy",
+    "truncnorm_icdf_coefs",
+    "truncnorm_terms",
 ]
 
 # a sample_shape as torch.distributions.Distribution.sample/rsample declare it
@@ -64,6 +71,55 @@ def _log_normal_pdf(x: torch.Tensor) -> torch.Tensor:
     return -0.5 * x * x - _LOG_SQRT_2PI
 
 
+def truncnorm_terms(
+    loc: torch.Tensor, scale: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardized bounds α = (low − loc)/scale, β = (high − loc)/scale and log Z = log(Φ(β) − Φ(α)).
+
+    The per-unit terms that the truncated normal's density, entropy, moments and sampler share.
+    """
+    alpha = (low - loc) / scale
+    beta = (high - loc) / scale
+    return alpha, beta, log_ndtr_diff(alpha, beta)
+
+
+def truncnorm_entropy(
+    scale: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, log_z: torch.Tensor
+) -> torch.Tensor:
+    """log(√(2πe)·scale·Z) + (αφ(α) − βφ(β)) / (2Z), finite for infinite bounds."""
+
+    def term(x: torch.Tensor) -> torch.Tensor:
+        # x·φ(x)/Z → 0 as x → ±∞; torch.where keeps ±inf·0 out of the value and the gradient
+        finite = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+        return finite * torch.exp(_log_normal_pdf(x) - log_z)
+
+    return _HALF_LOG_2PI_E + torch.log(scale) + log_z + 0.5 * (term(alpha) - term(beta))
+
+
+def truncnorm_icdf_coefs(
+    scale: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, log_z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-unit coefficients of the inverse CDF: x(u) = loc + signed_scale·Φ⁻¹(offset + u·width).
+
+    When the whole interval lies above the mean (α > 0) the quantile is taken in the reflected
+    lower tail, where Φ keeps full relative precision: offset = Φ(−β) and the sign flips.
+
+    Returns:
+        ``(offset, width, signed_scale)``, each shaped like ``scale``.
+    """
+    upper = alpha > 0
+    offset = torch.special.ndtr(torch.where(upper, -beta, alpha))
+    return offset, torch.exp(log_z), torch.where(upper, -scale, scale)
+
+
+def clamp_probability(p: torch.Tensor) -> torch.Tensor:
+    """``p`` clamped off 0 and 1 so that Φ⁻¹(p) is finite: to [tiny, 1 − 1e-16] in float64,
+    [1e-30, 1 − 1e-7] in float32 (|Φ⁻¹| ≤ 38.5 and ≤ 11.4)."""
+    if p.dtype == torch.float64:
+        return p.clamp(torch.finfo(p.dtype).tiny, 1 - 1e-16)
+    return p.clamp(1e-30, 1 - 1e-7)
+
+
 class TruncatedNormal(pdist.TorchDistribution):
     """Normal(loc, scale) truncated to [low, high].
 
@@ -79,9 +135,9 @@ class TruncatedNormal(pdist.TorchDistribution):
 
     def __init__(self, loc, scale, low, high, validate_args=None):
         self.loc, self.scale, self.low, self.high = broadcast_all(loc, scale, low, high)
-        self._alpha = (self.low - self.loc) / self.scale
-        self._beta = (self.high - self.loc) / self.scale
-        self._log_z = log_ndtr_diff(self._alpha, self._beta)
+        self._alpha, self._beta, self._log_z = truncnorm_terms(
+            self.loc, self.scale, self.low, self.high
+        )
         super().__init__(self.loc.shape, validate_args=validate_args)
 
     @constraints.dependent_property(is_discrete=False, event_dim=0)
@@ -100,11 +156,7 @@ class TruncatedNormal(pdist.TorchDistribution):
 
     def entropy(self) -> torch.Tensor:
         """log(√(2πe)·scale·Z) + (αφ(α) − βφ(β)) / (2Z), finite for infinite bounds."""
-        a, b = self._alpha, self._beta
-        # α·φ(α) → 0 as α → −∞; torch.where keeps ±inf·0 out of the value and the gradient.
-        a_term = torch.where(torch.isfinite(a), a, torch.zeros_like(a)) * self._ratio(a)
-        b_term = torch.where(torch.isfinite(b), b, torch.zeros_like(b)) * self._ratio(b)
-        return _HALF_LOG_2PI_E + torch.log(self.scale) + self._log_z + 0.5 * (a_term - b_term)
+        return truncnorm_entropy(self.scale, self._alpha, self._beta, self._log_z)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         """Log density; −inf outside [low, high]."""
@@ -125,14 +177,22 @@ class TruncatedNormal(pdist.TorchDistribution):
         Safe for u in [0, 1]: the probability is clamped off 0 and 1 before Φ⁻¹, so the quantile
         is finite.
         """
-        # Reflect to the lower tail when the whole interval is above the mean: Φ is exact there.
-        upper = self._alpha > 0
-        a = torch.where(upper, -self._beta, self._alpha)
-        p = torch.special.ndtr(a) + u * torch.exp(self._log_z)
-        eps = torch.finfo(p.dtype).tiny if p.dtype == torch.float64 else 1e-30
-        z = torch.special.ndtri(p.clamp(eps, 1 - 1e-7 if p.dtype == torch.float32 else 1 - 1e-16))
-        x = self.loc + self.scale * torch.where(upper, -z, z)
+        offset, width, signed_scale = truncnorm_icdf_coefs(
+            self.scale, self._alpha, self._beta, self._log_z
+        )
+        z = torch.special.ndtri(clamp_probability(torch.addcmul(offset, u, width)))
+        x = torch.addcmul(self.loc, signed_scale, z)
         return torch.minimum(torch.maximum(x, self.low), self.high)
+
+
+def lognormal_log_terms(
+    scale: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log N and log D of the truncated log-normal's moments (see :class:`TruncatedLogNormal`):
+    N = Φ(σ−α) − Φ(σ−β), D = Φ(2σ−α) − Φ(2σ−β), as log-CDF differences."""
+    return log_ndtr_diff(scale - beta, scale - alpha), log_ndtr_diff(
+        2 * scale - beta, 2 * scale - alpha
+    )
 
 
 class TruncatedLogNormal(pdist.TransformedDistribution):
@@ -159,10 +219,7 @@ class TruncatedLogNormal(pdist.TransformedDistribution):
 
     def _log_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         tn = self.base_dist
-        s, a, b = tn.scale, tn._alpha, tn._beta
-        log_n = log_ndtr_diff(s - b, s - a)
-        log_d = log_ndtr_diff(2 * s - b, 2 * s - a)
-        return log_n, log_d, tn._log_z
+        return (*lognormal_log_terms(tn.scale, tn._alpha, tn._beta), tn._log_z)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -244,13 +301,29 @@ def _kl_normal_loguniform(q: torch.distributions.Normal, p: LogUniformImproper) 
     # −KL ≈ k1·σ(k2 + k3·log α) − ½·log1p(1/α) − k1, log α clipped to [−8, 8] as in the authors' code.
     # log μ² with a floor, so that μ = 0 gives a finite (zero) gradient instead of ∞·0
     log_mu2 = torch.log(q.loc * q.loc + torch.finfo(q.loc.dtype).tiny)
-    log_alpha = (2 * torch.log(q.scale) - log_mu2).clamp(*LOG_ALPHA_RANGE)
+    return molchanov_kl(2 * torch.log(q.scale) - log_mu2)
+
+
+def molchanov_kl(log_alpha: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, α μ²) ‖ p(θ) ∝ 1/|θ|) ≈ k1 − k1·σ(k2 + k3·log α) + ½·log1p(1/α) (Molchanov et al.
+    2017, eq. 14), log α clipped to [−8, 8]; accurate to about 0.01 nats there, float32 or float64.
+    """
+    log_alpha = log_alpha.clamp(*LOG_ALPHA_RANGE)
     neg_kl = (
         _K1 * torch.sigmoid(_K2 + _K3 * log_alpha)
         - 0.5 * torch.nn.functional.softplus(-log_alpha)
         - _K1
     )
     return -neg_kl
+
+
+def hard_concrete_stretch(
+    logit_u: torch.Tensor, log_alpha: torch.Tensor, beta: float, gamma: float, zeta: float
+) -> torch.Tensor:
+    """z = clamp(sigmoid((logit u + log α)/β)·(ζ − γ) + γ, 0, 1): a hard-concrete draw from the
+    logistic noise ``logit_u`` (float32 is exact enough: every step is bounded and monotone)."""
+    s = torch.sigmoid(torch.add(log_alpha / beta, logit_u, alpha=1 / beta))
+    return (s * (zeta - gamma) + gamma).clamp(0.0, 1.0)
 
 
 class HardConcrete(pdist.TorchDistribution):
@@ -277,9 +350,9 @@ class HardConcrete(pdist.TorchDistribution):
         shape = self._extended_shape(sample_shape)
         eps = 1e-6
         u = torch.rand(shape, dtype=self.log_alpha.dtype, device=self.log_alpha.device)
-        u = u.clamp(eps, 1 - eps)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / self.beta)
-        return (s * (self.zeta - self.gamma) + self.gamma).clamp(0.0, 1.0)
+        return hard_concrete_stretch(
+            torch.logit(u, eps), self.log_alpha, self.beta, self.gamma, self.zeta
+        )
 
     def prob_nonzero(self) -> torch.Tensor:
         """P(z ≠ 0) = sigmoid(log α − β·log(−γ/ζ)): the expected L0 norm per gate."""
