@@ -1,7 +1,17 @@
-"""Benchmark 3: time of a gated training step against a plain one, per gate family.
+"""Benchmark 3: a gated training step against a plain one, per gate family, eager and compiled.
 
-Run: .venv/bin/python benchmarks/bench_training_cost.py [--steps 60] [--net lenet5]
-Target (DESIGN.md): a gated step costs at most 1.2× a plain one.
+Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder]
+     [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
+
+A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
+plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
+pairs after warm-up), so a change of load on a shared machine hits both alike; the table gives
+the median of the per-pair ratios gated/plain and its spread (the 10th and 90th percentiles).
+"Compiled" wraps forward + loss (+ KL) in ``torch.compile(fullgraph=True)``; backward runs the
+compiled backward graph, the optimizer step stays eager. Peak memory of one step: on CUDA
+``torch.cuda.max_memory_allocated``, on CPU the parameters and Adam state plus the peak of the
+live bytes that ``torch.profiler`` (``profile_memory=True``, op by op) records over the step
+(activations, gradients, temporaries). Targets (issue 17): ratio ≤ 1.10 (≤ 1.25 on LeNet-300-100), memory ≤ 1.1×.
 """
 
 from __future__ import annotations
@@ -9,9 +19,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import compressdrop as cd
 from compressdrop.gates import GATES
@@ -19,51 +31,158 @@ from compressdrop.models import build_model
 
 from common import markdown_table, save
 
+N_TRAIN = 60_000
 
-def step_times(model, x, y, n_train, steps, gated):
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    times = []
-    for i in range(steps + 10):
-        t0 = time.perf_counter()
+
+class Encoder(nn.Module):
+    """A small transformer encoder classifier: 2 layers, d_model 128, 4 heads, 16 tokens."""
+
+    def __init__(self, d: int = 128, tokens: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(48, d)
+        self.pos = nn.Parameter(torch.zeros(tokens, d))
+        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=4 * d, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x) + self.pos).mean(1))  # x: (B, 16, 48)
+
+
+NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict]] = {
+    "lenet5": (lambda: build_model("lenet5"), (1, 28, 28), {}),
+    "lenet300": (lambda: build_model("lenet300"), (1, 28, 28), {}),
+    # ResNet-18's widths and depth on 3×32×32 images
+    "resnet18": (
+        lambda: build_model(
+            "resnet", input_shape=(3, 32, 32), widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2)
+        ),
+        (3, 32, 32),
+        {},
+    ),
+    "encoder": (Encoder, (16, 48), {"granularity": "neuron"}),  # the MLP neurons are gated
+}
+
+
+def peak_bytes(step: Callable[[], None], resident: list[torch.Tensor], device: torch.device) -> int:
+    """Peak tensor bytes over one call of ``step``: ``resident`` (parameters, Adam state) plus the
+    peak of what the step allocates (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    # each op's own allocations minus its own frees, and the frees between ops ("[memory]"),
+    # in time order: the live bytes after every op
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak + sum(t.numel() * t.element_size() for t in resident)
+
+
+def make_step(net: str, family: str | None, mode: str, batch: int, device: torch.device):
+    factory, shape, attach_kwargs = NETS[net]
+    torch.manual_seed(0)
+    model = factory().to(device)
+    if family is not None:
+        example = torch.randn(2, *shape, device=device)
+        model = cd.attach(model, gate=family, example_inputs=example, **attach_kwargs)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(model(x), y)
-        if gated:
-            loss = loss + cd.kl(model) / n_train
-        opt.zero_grad()
+        return loss + cd.kl(model) / N_TRAIN if family is not None else loss
+
+    fn = torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = fn(x, y)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i >= 10:  # warm-up steps excluded
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+
+    return model, opt, step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(net: str, family: str, mode: str, batch: int, pairs: int, device: torch.device):
+    shape = NETS[net][1]
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    runs = {}
+    for name, fam in (("plain", None), ("gated", family)):
+        model, opt, step = make_step(net, fam, mode, batch, device)
+        for _ in range(3):  # warm-up (and compilation)
+            step(x, y)
+        runs[name] = (model, opt, step)
+    times: dict[str, list[float]] = {"plain": [], "gated": []}
+    for i in range(2 * pairs):
+        name = ("plain", "gated")[i % 2] if (i // 2) % 2 == 0 else ("gated", "plain")[i % 2]
+        sync(device)
+        t0 = time.perf_counter()
+        runs[name][2](x, y)
+        sync(device)
+        times[name].append(time.perf_counter() - t0)
+    ratios = sorted(g / p for g, p in zip(times["gated"], times["plain"], strict=True))
+    mem = {}
+    for name, (model, opt, step) in runs.items():
+        resident = list(model.parameters()) + [
+            t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+        ]
+        mem[name] = peak_bytes(lambda step=step: step(x, y), resident, device)
+    q = statistics.quantiles(ratios, n=10)
+    return {
+        "net": net,
+        "family": family,
+        "mode": mode,
+        "batch": batch,
+        "plain ms": statistics.median(times["plain"]) * 1e3,
+        "gated ms": statistics.median(times["gated"]) * 1e3,
+        "ratio": statistics.median(ratios),
+        "p10": q[0],
+        "p90": q[-1],
+        "plain MB": mem["plain"] / 2**20,
+        "gated MB": mem["gated"] / 2**20,
+        "mem ratio": mem["gated"] / mem["plain"],
+        "pairs": pairs,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--nets", default="lenet300,lenet5")
+    ap.add_argument("--nets", default="lenet5,lenet300,resnet18,encoder")
+    ap.add_argument("--families", default=",".join(GATES))
+    ap.add_argument("--batches", default="64,256")
+    ap.add_argument("--modes", default="eager,compiled")
+    ap.add_argument("--pairs", type=int, default=30)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="training_cost")
     args = ap.parse_args()
-    torch.manual_seed(0)
+    device = torch.device(args.device)
     rows = []
     for net in args.nets.split(","):
-        x = torch.randn(args.batch, 1, 28, 28)
-        y = torch.randint(0, 10, (args.batch,))
-        plain = step_times(build_model(net).train(), x, y, 60000, args.steps, False)
-        for family in GATES:
-            model = cd.attach(build_model(net), gate=family).train()
-            gated = step_times(model, x, y, 60000, args.steps, True)
-            rows.append(
-                {
-                    "net": net,
-                    "family": family,
-                    "plain ms": plain,
-                    "gated ms": gated,
-                    "ratio": gated / plain,
-                }
-            )
-            print(rows[-1], flush=True)
-    table = markdown_table(rows, ["net", "family", "plain ms", "gated ms", "ratio"])
+        for mode in args.modes.split(","):
+            for batch in (int(b) for b in args.batches.split(",")):
+                for family in args.families.split(","):
+                    rows.append(measure(net, family, mode, batch, args.pairs, device))
+                    row = rows[-1]
+                    print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
+                    torch._dynamo.reset()
+    columns = ["net", "family", "mode", "batch", "plain ms", "ratio", "p10", "p90", "mem ratio"]
+    table = markdown_table(rows, columns)
     print(table)
-    save("training_cost", {"args": vars(args), "rows": rows, "table": table})
+    save(args.out, {"args": vars(args), "device": str(device), "rows": rows, "table": table})
 
 
 if __name__ == "__main__":
