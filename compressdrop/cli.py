@@ -73,7 +73,20 @@ def main() -> None:
 @main.command()
 @options(*TRAIN)
 @_guard
-def train(recipe, data, out, resume, nproc, precision, arch, trust_code, device, seed, as_json):
+def train(
+    recipe,
+    data,
+    out,
+    resume,
+    nproc,
+    precision,
+    compile_backend,
+    arch,
+    trust_code,
+    device,
+    seed,
+    as_json,
+):
     """Run a recipe end to end: train, sparsify, prune, fine-tune, export.
 
     Under torchrun (or with --nproc N) every process trains on its share of each global batch
@@ -98,6 +111,7 @@ def train(recipe, data, out, resume, nproc, precision, arch, trust_code, device,
         resume=resume,
         seed=seed,
         precision=precision,
+        compile=compile_backend,
         device=device,
         factory=arch,
         trust_code=trust_code,

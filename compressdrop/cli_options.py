@@ -148,6 +148,16 @@ TRAIN = (
         "(default: the recipe's, fp32).",
     ),
     click.option(
+        "--compile",
+        "compile_backend",
+        is_flag=False,
+        flag_value="inductor",
+        default=None,
+        metavar="[BACKEND]",
+        help="Compile each training stage's forward pass with torch.compile (default backend: "
+        "inductor; the recipe's `compile` key otherwise).",
+    ),
+    click.option(
         "--arch",
         default=None,
         metavar="PKG.MODULE:FACTORY",

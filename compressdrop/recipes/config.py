@@ -196,6 +196,10 @@ class Recipe:
     #: "fp32", or "bf16": the forward pass and loss under torch.autocast(bfloat16) (GPUs with
     #: bf16, or the CPU); the gates' KL, SNR and E[θ] stay float32 (closed forms run in float64).
     precision: str = "fp32"
+    #: None (eager), or a ``torch.compile`` backend ("inductor", its default; "aot_eager" traces
+    #: without generating code): each training stage compiles the forward pass. The gates trace
+    #: without graph breaks; the loss's KL term, evaluation and pruning stay eager.
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -203,6 +207,16 @@ class Recipe:
             "precision",
             f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
+        if self.compile is not None:
+            import torch
+
+            known = torch.compiler.list_backends(exclude_tags=())
+            _check(
+                self.compile in known,
+                "compile",
+                f"must be null or a torch.compile backend ({', '.join(sorted(known))}), "
+                f"got {self.compile!r}",
+            )
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> Recipe:

@@ -184,7 +184,9 @@ class Run:
             starts.pop()
         steps = len(starts)
         bounds = [*starts[1:], n]
-        net = dist.wrap(model)
+        net: Callable[..., torch.Tensor] = dist.wrap(model)
+        if self.recipe.compile is not None:
+            net = torch.compile(net, backend=self.recipe.compile)
         autocast = torch.autocast(
             torch.device(self.device).type,
             dtype=torch.bfloat16,

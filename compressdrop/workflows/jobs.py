@@ -63,6 +63,7 @@ def train(
     resume: bool = False,
     seed: int | None = None,
     precision: str | None = None,
+    compile: str | None = None,
     device: str = "auto",
     factory: Factory | str | None = None,
     trust_code: bool = False,
@@ -76,7 +77,8 @@ def train(
         data: a data spec (``digits``, ``FILE.npz``, ``images:DIR``…) replacing the recipe's.
         out: the output folder.
         resume: continue from ``out/checkpoint.pt``.
-        seed / precision: replace the recipe's.
+        seed / precision / compile: replace the recipe's (``compile``: a ``torch.compile``
+            backend, e.g. ``"inductor"``).
         device: ``auto``, ``cpu`` or ``cuda``.
         factory / trust_code: consent to the factory the recipe names (see
             :mod:`compressdrop.arch`).
@@ -92,6 +94,8 @@ def train(
         r = r.replace(seed=seed)
     if precision is not None:
         r = r.replace(precision=precision)
+    if compile is not None:
+        r = r.replace(compile=compile)
     if data is not None:
         r = r.override({"data.name": data})
     ds = load_dataset(r.data.name)
