@@ -23,14 +23,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compressdrop.data import load_digits  # noqa: E402
-from compressdrop.evaluation import evaluate  # noqa: E402
-from compressdrop.gates import GATES  # noqa: E402
-from compressdrop.models import build_model  # noqa: E402
-from compressdrop.training import KLSchedule, Sparsifier  # noqa: E402
-from tests.test_learning import EPOCHS, FINETUNE_EPOCHS, FINETUNE_LR, GATE_LR, fit  # noqa: E402
+from compressdrop.data import load_digits
+from compressdrop.evaluation import evaluate
+from compressdrop.gates import GATES
+from compressdrop.models import build_model
+from compressdrop.training import KLSchedule, Sparsifier
 
-from common import markdown_table, save  # noqa: E402
+from common import markdown_table, save
+from tests.test_learning import EPOCHS, FINETUNE_EPOCHS, FINETUNE_LR, GATE_LR, fit
 
 
 def run(family: str, noise: str, seed: int, data) -> dict:
