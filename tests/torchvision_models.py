@@ -1,0 +1,163 @@
+"""One model of every torchvision classification family, small, for the torchvision tests.
+
+torchvision is a test dependency (the ``dev`` extra). The release made for the CPU torch that the
+README installs (torchvision 0.28.0 beside torch 2.13.0) is a CUDA build: its compiled ops
+(``torchvision/_C.so``) need ``libtorch_cuda.so`` and do not load, which torchvision tolerates,
+except that its import then registers fake kernels for two ops nobody defined and fails
+(``operator torchvision::nms does not exist``). :func:`import_torchvision` declares those two op
+schemas (no kernel: calling them raises) and imports it again. The model definitions are plain
+Python and need none of the compiled ops (detection's NMS and RoI pooling do).
+
+Each family is built from its own torchvision class, small where the class takes sizes (a few
+layers, narrow widths, 32×32 inputs), at the standard size where it does not (AlexNet, VGG-11-BN,
+Inception, GoogLeNet, SqueezeNet, the MobileNet/MNASNet/ShuffleNet/RegNet variants). Two inits that would
+hide pruning from the output are changed, as the benchmark's "nondegenerate" variant does: the
+ViT head (zeros) is drawn from N(0, 0.02), and ConvNeXt's layer scale starts at 1, not 1e-6.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+_LIB: list[torch.library.Library] = []  # kept alive: dropping a Library removes its definitions
+
+
+def import_torchvision() -> ModuleType:
+    """``import torchvision``, declaring the two op schemas its import needs when ``_C`` fails."""
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as e:
+        if "torchvision::nms does not exist" not in str(e):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")
+    for schema in _SCHEMAS:
+        lib.define(schema)
+    _LIB.append(lib)
+    return importlib.import_module("torchvision")
+
+
+def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:
+    """``{family: (build, input side)}``, one model per torchvision classification family."""
+    tv = import_torchvision()
+    m = tv.models
+    from torchvision.models import convnext, efficientnet, maxvit, resnet, swin_transformer
+    from torchvision.models import vision_transformer as vit
+
+    def vit_small() -> nn.Module:
+        net = vit.VisionTransformer(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=4,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=10,
+        )
+        nn.init.normal_(net.heads.head.weight, std=0.02)  # zeros by default: output 0
+        return net
+
+    def swin_small(v2: bool) -> nn.Module:
+        extra = (
+            {
+                "block": swin_transformer.SwinTransformerBlockV2,
+                "downsample_layer": swin_transformer.PatchMergingV2,
+            }
+            if v2
+            else {}
+        )
+        return swin_transformer.SwinTransformer(
+            patch_size=[4, 4],
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[2, 4],
+            window_size=[2, 2],
+            num_classes=10,
+            **extra,
+        )
+
+    def efficientnet_v2_small() -> nn.Module:
+        fused, mb = efficientnet.FusedMBConvConfig, efficientnet.MBConvConfig
+        setting = [fused(1, 3, 1, 16, 16, 1), fused(4, 3, 2, 16, 24, 1), mb(4, 3, 2, 24, 32, 1)]
+        return efficientnet.EfficientNet(setting, dropout=0.2, last_channel=64, num_classes=10)
+
+    def efficientnet_small() -> nn.Module:
+        setting, last = efficientnet._efficientnet_conf(
+            "efficientnet_b0", width_mult=0.25, depth_mult=0.25
+        )
+        return efficientnet.EfficientNet(setting, dropout=0.2, last_channel=last, num_classes=10)
+
+    bottleneck = resnet.Bottleneck
+    return {
+        "AlexNet": (lambda: m.alexnet(num_classes=10), 64),
+        "VGG": (lambda: m.vgg11_bn(num_classes=10), 32),  # its classifier fixes 512 channels
+        "ResNet": (lambda: resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=10), 32),
+        "ResNeXt": (
+            lambda: resnet.ResNet(
+                bottleneck, [1, 1, 1, 1], groups=8, width_per_group=4, num_classes=10
+            ),
+            32,
+        ),
+        "Wide ResNet": (
+            lambda: resnet.ResNet(bottleneck, [1, 1, 1, 1], width_per_group=128, num_classes=10),
+            32,
+        ),
+        "DenseNet": (
+            lambda: m.DenseNet(
+                growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10
+            ),
+            32,
+        ),
+        "SqueezeNet": (lambda: m.squeezenet1_1(num_classes=10), 64),
+        "Inception": (
+            lambda: m.inception_v3(num_classes=10, aux_logits=False, init_weights=False),
+            80,
+        ),
+        "GoogLeNet": (
+            lambda: m.googlenet(num_classes=10, aux_logits=False, init_weights=False),
+            64,
+        ),
+        "MobileNetV2": (lambda: m.mobilenet_v2(num_classes=10, width_mult=0.35), 32),
+        "MobileNetV3": (lambda: m.mobilenet_v3_small(num_classes=10), 32),
+        "MNASNet": (lambda: m.mnasnet0_5(num_classes=10), 32),
+        "ShuffleNetV2": (lambda: m.shufflenet_v2_x0_5(num_classes=10), 32),
+        "EfficientNet": (efficientnet_small, 32),
+        "EfficientNetV2": (efficientnet_v2_small, 32),
+        "RegNetX": (lambda: m.regnet_x_400mf(num_classes=10), 32),
+        "RegNetY": (lambda: m.regnet_y_400mf(num_classes=10), 32),
+        "ConvNeXt": (
+            lambda: convnext.ConvNeXt(
+                [convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)],
+                layer_scale=1.0,
+                num_classes=10,
+            ),
+            32,
+        ),
+        "ViT": (vit_small, 32),
+        "Swin": (lambda: swin_small(v2=False), 32),
+        "Swin V2": (lambda: swin_small(v2=True), 32),
+        "MaxViT": (
+            lambda: maxvit.MaxVit(
+                input_size=(32, 32),
+                stem_channels=8,
+                partition_size=2,
+                block_channels=[16, 32],
+                block_layers=[1, 1],
+                head_dim=8,
+                stochastic_depth_prob=0.0,
+                num_classes=10,
+            ),
+            32,
+        ),
+    }
