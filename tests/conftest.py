@@ -3,6 +3,12 @@ import torch
 
 from compressdrop.gates import GATES
 
+from tests.torchvision_models import import_torchvision
+
+# torchvision (a test dependency) imports only after its missing ops are declared; do it before
+# anything else imports it (torchmetrics does, under lightning): see tests/torchvision_models.py
+import_torchvision()
+
 
 @pytest.fixture(autouse=True)
 def _seed():

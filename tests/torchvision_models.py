@@ -33,7 +33,11 @@ _LIB: list[torch.library.Library] = []  # kept alive: dropping a Library removes
 
 
 def import_torchvision() -> ModuleType:
-    """``import torchvision``, declaring the two op schemas its import needs when ``_C`` fails."""
+    """``import torchvision``, declaring the two op schemas its import needs when ``_C`` fails.
+
+    tests/conftest.py calls it first, so that a library that imports torchvision itself
+    (torchmetrics, under lightning) finds it imported.
+    """
     try:
         return importlib.import_module("torchvision")
     except RuntimeError as e:
