@@ -1,14 +1,17 @@
 """Transformer MLPs: the hidden units of Linear → GELU → Linear on (batch, tokens, d) inputs are
 gated and removed exactly; the residual stream is left alone; nn.TransformerEncoderLayer keeps
-working with gates on (its fused fast path would skip them) and after surgery."""
+working with gates on (its fused fast path would skip them) and after surgery; a gated MLP
+(SwiGLU) has one gate per unit on its product."""
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
 import compressdrop as cd
 from compressdrop.export.program import export_program
+from compressdrop.gates import GATES
 
 
 class MLPBlock(nn.Module):
@@ -93,3 +96,53 @@ def test_transformer_encoder_layer_keeps_its_gates_and_prunes_exactly(tmp_path):
     slim.eval()
     assert max(cd.export_onnx(slim, ids[:2], tmp_path / "e.onnx").max_rel_error.values()) <= 1e-4
     assert max(export_program(slim, ids[:2], tmp_path / "e.pt2").max_rel_error.values()) <= 1e-5
+
+
+class SwiGLUDecoderBlock(nn.Module):
+    """Token ids → embedding → RMSNorm → gated MLP down(silu(gate(x)) * up(x)) on a residual
+    stream → mean pool → Linear: a LLaMA-style MLP."""
+
+    def __init__(self, vocab: int = 40, d: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.norm = nn.RMSNorm(d)
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        x = self.norm(h)
+        h = h + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("family", list(GATES))
+def test_a_gated_mlp_has_one_gate_on_its_product_and_prunes_exactly(family, tmp_path):
+    torch.manual_seed(0)
+    model = SwiGLUDecoderBlock().eval()
+    ids = torch.randint(0, 40, (4, 6))
+    warned = _attach(model, ids, gate=family)
+    # gate_proj and up_proj share their units; θ goes on the factor that enters the product
+    # linearly, once: silu(gate(x)) * (θ·up(x)), not silu(θ·gate(x)) * θ·up(x)
+    assert [n for n, _ in cd.named_gates(model)] == ["up_proj"]
+    # the residual stream starts at the token embedding, which no gate can zero
+    assert any("'down_proj'" in w and "embedding 'emb'" in w for w in warned)
+    assert not cd.is_gated(model.gate_proj)
+    model.train()
+    loss = model(ids).sum() + cd.kl(model)
+    loss.backward()  # trains through the one site
+    assert model.up_proj.gate.kl().grad_fn is not None
+    model.eval()
+    gate = model.up_proj.gate
+    with torch.no_grad():
+        for p in gate.parameters():  # spread the SNRs: some units fall under the median
+            p.add_(torch.linspace(-2, 2, gate.num_units, dtype=p.dtype))
+    thr = float(gate.snr().detach().median())
+    slim = cd.prune(model, thr)
+    widths = {slim.gate_proj.out_features, slim.up_proj.out_features, slim.down_proj.in_features}
+    assert len(widths) == 1 and widths.pop() < 32
+    with torch.no_grad():
+        torch.testing.assert_close(slim(ids), cd.mask_(model, thr)(ids), rtol=1e-5, atol=1e-6)
+    assert max(cd.export_onnx(slim, ids[:2], tmp_path / "g.onnx").max_rel_error.values()) <= 1e-4

@@ -160,6 +160,14 @@ def find_groups(
             continue
         num_units = dg.get_out_channels(producers[0])
         problem, sites = _plan_sites(dg, g, producers, names)
+        writers = [d.target.module for d in out_deps if isinstance(d.target.module, _EMBEDDINGS)]
+        if problem is None and writers:
+            # a transformer's residual stream: the token embedding writes the same units, and
+            # nothing gates it, so a pruned unit would not be zero
+            problem = (
+                f"its units are summed with embedding {names[writers[0]]!r}, which has no gate "
+                "(a pruned unit would not be zero)"
+            )
         concat_unmapped = any(
             type(d.target.module).__name__ == "_ConcatOp" and d.target.module.offsets is None
             for d, _ in g
@@ -187,12 +195,16 @@ def find_groups(
     return groups + heads
 
 
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
 def _plan_sites(
     dg, group, producers: Iterable[nn.Module], names: dict
 ) -> tuple[str | None, list[Site]]:
     """Choose the sites of a group, or say why the group cannot be gated exactly."""
     members = {d.target.module for d, _ in group}
     sites: list[Site] = []
+    factors: list[dict[int, bool]] = []  # per site: the products its units reach unsummed
     for p in producers:
         node = dg.module2node[p]
         site_node = node
@@ -201,7 +213,8 @@ def _plan_sites(
             if not outs[0].module.affine:
                 return f"BatchNorm {names[outs[0].module]!r} after it has affine=False", []
             site_node = outs[0]
-        verdict = _walk(site_node, members, names)
+        products: dict[int, bool] = {}
+        verdict = _walk(site_node, members, names, products)
         if verdict == "output":
             return "output", []
         if verdict not in ("consumed", "covered"):
@@ -211,6 +224,31 @@ def _plan_sites(
             spec = spec_of(m)
             assert spec is not None  # a producer or a norm
             sites.append(Site(names[m], spec.unit_dim))
+            factors.append(products)
     if not sites:
         return "no consumer of its units found", []
-    return None, sites
+    return None, _one_gate_per_product(sites, factors)
+
+
+def _one_gate_per_product(sites: list[Site], factors: list[dict[int, bool]]) -> list[Site]:
+    """Keep one site among those whose units are multiplied together before any sum.
+
+    Sites that are summed (a residual stream) each need the same θ, so that the sum carries θ
+    once. Sites that are factors of one product (``act(gate(x)) * up(x)``, SwiGLU) need it on one
+    factor only: a zero factor zeroes the unit, and θ on both would apply it twice (θ² on the
+    unit). The site kept is the one that enters the product linearly (``up``: the unit is
+    θ·act(gate)·up), else the first.
+    """
+    keep = list(range(len(sites)))
+    for i in range(len(sites)):
+        if i not in keep:
+            continue
+        partners = [j for j in keep if j != i and factors[i].keys() & factors[j].keys()]
+        if not partners:
+            continue
+        coupled = [i, *partners]
+        products = set(factors[i]).intersection(*(factors[j] for j in partners))
+        linear = [k for k in coupled if any(factors[k][n] for n in products)]
+        chosen = linear[0] if linear else i
+        keep = [k for k in keep if k not in coupled or k == chosen]
+    return [sites[k] for k in keep]

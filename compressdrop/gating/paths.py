@@ -162,19 +162,26 @@ def _is_scale_activation(n) -> bool:
     )
 
 
-def _walk(start, members, names: dict) -> str:
+def _walk(start, members, names: dict, products: dict[int, bool] | None = None) -> str:
     """Follow a site's output to its consumers.
 
     Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
     units only flow into a depthwise conv of the same group, whose own site is gated, or only
     scale that group's units through a squeeze-excitation product), "output" (the
     units reach the model's output), or a sentence naming the operation that blocks exactness.
+
+    ``products``, when given, receives the products (``Mul`` nodes) that the units reach before
+    any sum, by node id: True where nothing but reshapes lies between the site and the product
+    (the units enter it linearly), False where an activation does. Two sites of one group that
+    reach the same product are factors of it (a gated MLP's ``act(gate(x)) * up(x)``): one θ
+    there gates the unit, see :func:`compressdrop.gating.groups.find_groups`.
     """
-    stack, visited, consumed = list(start.outputs), set(), False
+    stack = [(n, True, True) for n in start.outputs]  # (node, before any sum, linear so far)
+    visited, consumed = set(), False
     if not start.outputs:
         return "output"
     while stack:
-        n = stack.pop()
+        n, unsummed, linear = stack.pop()
         if id(n) in visited:
             continue
         visited.add(id(n))
@@ -186,7 +193,7 @@ def _walk(start, members, names: dict) -> str:
             consumed = True
             continue
         if isinstance(m, nn.PReLU):
-            stack.extend(n.outputs)
+            stack.extend((o, unsummed, False) for o in n.outputs)
             continue
         if _is_scale_activation(n) and _only_scales(n):
             continue  # squeeze-excitation: these units only scale units of the same group
@@ -211,5 +218,9 @@ def _walk(start, members, names: dict) -> str:
         structural = op.startswith(("Reshape", "Concat", "Split", "Slice", "Expand", "Unbind"))
         if op not in _ZERO_PRESERVING and not structural:
             return f"its units pass through {op}, which does not map 0 to 0"
-        stack.extend(n.outputs)
+        if op == "Mul" and unsummed and products is not None:
+            products[id(n)] = linear
+        unsummed = unsummed and op not in ("Add", "Sub", "Cat")
+        linear = linear and (structural or op.startswith(_PASS_THROUGH))
+        stack.extend((o, unsummed, linear) for o in n.outputs)
     return "consumed" if consumed else "covered"
