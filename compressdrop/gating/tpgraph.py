@@ -93,6 +93,7 @@ def build_graph(model: nn.Module, inputs: tuple) -> tuple[Any | None, str | None
                 example_inputs=inputs,
                 verbose=False,
                 customized_pruners=customized_pruners(),
+                output_transform=_traced_outputs,
             )
         setattr(dg, _BLOCKED, {})
         return dg, None
@@ -104,6 +105,19 @@ def build_graph(model: nn.Module, inputs: tuple) -> tuple[Any | None, str | None
             setattr(dg, _BLOCKED, _remap_node_by_node(dg))
             return dg, None
     return None, error
+
+
+def _traced_outputs(out: Any) -> list[torch.Tensor]:
+    """The output tensors Torch-Pruning traces back from: the floating-point leaves of any nesting
+    of tuples, lists, dicts and registered containers (a Hugging Face ``ModelOutput``) that carry
+    a graph, so that a decoder's key/value cache or an integer output is passed over."""
+    from torch.utils._pytree import tree_leaves
+
+    return [
+        t
+        for t in tree_leaves(out)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.grad_fn is not None
+    ]
 
 
 def _splits_units(node) -> bool:
@@ -169,11 +183,14 @@ def _group_within(dg, module: nn.Module, budget: int):
         Dependency(fn, fn, source=root, target=root),
         [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)],
     )
-    total, visited, stack = n, set(), [group[0]]
+    total, stack = n, [group[0]]
+    # (node, handler, indices) already in the group: Torch-Pruning's has_pruning_op scans the
+    # whole group for each, quadratic in its size, which never ends on a LLaMA-style decoder
+    # (rotary embeddings slice q and k into halves, and each half revisits the stream)
+    held = {(id(root), fn, tuple(group[0][1]))}
     while stack:
         dep, idxs = stack.pop()
         node, handler = dep.target, dep.handler
-        visited.add(node)
         for new_dep in node.dependencies:
             if not new_dep.is_triggered_by(handler):
                 continue
@@ -190,8 +207,10 @@ def _group_within(dg, module: nn.Module, budget: int):
                     op = type(new_dep.source.module).__name__.strip("_").removesuffix("Op")
                     why = f"Torch-Pruning cannot map its channels through {op} ({_short(e)})"
                     raise _OverBudget(_reached(dg, group), total, why) from e
-            if not new or (new_dep.target in visited and group.has_pruning_op(new_dep, new)):
+            key = (id(new_dep.target), new_dep.handler, tuple(new))
+            if not new or key in held:
                 continue
+            held.add(key)
             total += len(new)
             if total > budget:
                 raise _OverBudget(_reached(dg, group), total)

@@ -1,0 +1,119 @@
+"""Hugging Face transformers (the ``hf`` extra), built from small configs with random weights:
+the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and of BERT are gated
+and pruned exactly, and the pruned decoder generates what the masked one does, with its cache.
+
+Not yet (issue 16): attention heads of these models, GPT-2 (its ``Conv1D`` layers), ONNX export,
+configs that ``from_pretrained`` reloads.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import compressdrop as cd
+from compressdrop.gates import GATES
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 64
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
+    return transformers.BertForSequenceClassification(config)
+
+
+def _attach_and_prune(model, ids, family: str = "lognormal"):
+    """Gate ``model``, spread the SNRs, prune at the median; the slim model and the threshold."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # the residual stream, the heads
+        cd.attach(model, family, example_inputs=ids)
+    gates = list(cd.named_gates(model))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, g in gates:
+            for p in g.parameters():  # every family: move each unit's parameters apart
+                p.add_(torch.empty_like(p).uniform_(-2, 2))
+    thr = float(torch.cat([g.snr().detach() for _, g in gates]).median())
+    return cd.prune(model, thr, example_inputs=ids), thr
+
+
+def _padded_batch():
+    """Two prompts of 5 and 8 tokens, left-padded for generation, with their attention mask."""
+    torch.manual_seed(3)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(GATES))
+def test_llama_mlp_neurons_prune_exactly_and_generate_as_masked(family):
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    slim, thr = _attach_and_prune(model, ids, family)
+    # SwiGLU: one gate per hidden unit, on up_proj; gate_proj and down_proj are cut with it
+    assert [n for n, _ in cd.named_gates(model)] == [
+        f"model.layers.{i}.mlp.up_proj" for i in range(2)
+    ]
+    for layer in slim.model.layers:
+        mlp = layer.mlp
+        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features
+        assert mlp.up_proj.out_features < 48
+    assert slim.prune_report.max_rel_error <= 1e-5
+    cd.mask_(model, thr)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        got = slim(input_ids=ids, attention_mask=mask).logits
+        want = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()  # padded positions attend to nothing: their logits are not compared
+    rel = float((got - want)[keep].abs().max() / want[keep].abs().max())
+    assert rel <= 1e-5
+    kwargs = {"attention_mask": mask, "max_new_tokens": 32, "do_sample": False}
+    kwargs |= {"pad_token_id": 0, "use_cache": True}
+    assert torch.equal(slim.generate(ids, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_bert_mlp_neurons_prune_exactly():
+    torch.manual_seed(0)
+    model = _bert().eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    slim, thr = _attach_and_prune(model, ids)
+    names = [n for n, _ in cd.named_gates(model)]
+    assert [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)] == names[:2]
+    for layer in slim.bert.encoder.layer:
+        assert layer.intermediate.dense.out_features == layer.output.dense.in_features < 48
+    cd.mask_(model, thr)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        got = slim(input_ids=ids, attention_mask=mask).logits
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
