@@ -1,9 +1,10 @@
 """Hugging Face transformers (the ``hf`` extra), built from small configs with random weights:
-the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and of BERT are gated
-and pruned exactly, and the pruned decoder generates what the masked one does, with its cache.
+the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and BERT's heads and
+MLP neurons are gated and pruned exactly, and the pruned decoder generates what the masked one
+does, with its cache.
 
-Not yet (issue 16): attention heads of these models, GPT-2 (its ``Conv1D`` layers), ONNX export,
-configs that ``from_pretrained`` reloads.
+Not yet (issue 16): the LLaMA decoder's heads (grouped-query attention), GPT-2 (its ``Conv1D``
+layers), ONNX export, configs that ``from_pretrained`` reloads.
 """
 
 from __future__ import annotations
@@ -102,15 +103,25 @@ def test_llama_mlp_neurons_prune_exactly_and_generate_as_masked(family):
     assert torch.equal(slim.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 
-def test_bert_mlp_neurons_prune_exactly():
+@pytest.mark.parametrize("family", list(GATES))
+def test_bert_heads_and_mlp_neurons_prune_exactly(family):
     torch.manual_seed(0)
     model = _bert().eval()
     ids = torch.randint(3, VOCAB, (2, 8))
-    slim, thr = _attach_and_prune(model, ids)
-    names = [n for n, _ in cd.named_gates(model)]
-    assert [f"bert.encoder.layer.{i}.intermediate.dense" for i in range(2)] == names[:2]
+    slim, thr = _attach_and_prune(model, ids, family)
+    names = {n for n, _ in cd.named_gates(model)}
+    for i in range(2):  # the heads' gate sits on the input of the attention's output projection
+        assert {f"bert.encoder.layer.{i}.attention.output.dense",
+                f"bert.encoder.layer.{i}.intermediate.dense"} <= names  # fmt: skip
+    heads = []
     for layer in slim.bert.encoder.layer:
         assert layer.intermediate.dense.out_features == layer.output.dense.in_features < 48
+        own = layer.attention.self  # the module's own attributes follow: nothing to patch
+        heads.append(own.num_attention_heads)
+        assert own.all_head_size == own.num_attention_heads * own.attention_head_size
+        assert own.query.out_features == own.value.out_features == own.all_head_size
+        assert layer.attention.output.dense.in_features == own.all_head_size
+    assert sum(heads) < 8
     cd.mask_(model, thr)
     ids, mask = _padded_batch()
     with torch.no_grad():

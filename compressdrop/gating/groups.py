@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import InputError
 from .aligned import group_alignment
 from .heads import find_heads, projections_of, record_calls
+from .known import register_for
 from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of
 from .tpgraph import bounded_groups, build_graph, untrusted_reason
@@ -80,6 +81,7 @@ def find_groups(
     """
     if granularity not in GRANULARITIES:
         raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    register_for(model)  # head specs of the libraries the model comes from (transformers)
     names = {m: n for n, m in model.named_modules()}
     producers_types = registered_types("producer")
     positions: dict[nn.Module, int] = {}  # output positions per example, the MACs multiplier

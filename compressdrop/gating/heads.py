@@ -25,6 +25,7 @@ Example: an attention whose parts have other names::
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,17 @@ def _pruner(layer: nn.Module) -> Any:
     return p
 
 
+def attr_at(m: nn.Module, path: str) -> Any:
+    """``m``'s attribute at a dotted ``path`` (``"self.num_attention_heads"``)."""
+    return functools.reduce(getattr, path.split("."), m)
+
+
+def set_attr_at(m: nn.Module, path: str, value: Any) -> None:
+    """Set ``m``'s attribute at a dotted ``path``."""
+    *owner, last = path.split(".")
+    setattr(functools.reduce(getattr, owner, m), last, value)
+
+
 def _width(m: nn.Module, spec: HeadSpec) -> int:
     """Features of the concatenated heads: the output projection's inputs."""
     o = m.get_submodule(spec.o)
@@ -145,7 +157,7 @@ def _width(m: nn.Module, spec: HeadSpec) -> int:
 
 def head_dim_of(m: nn.Module, spec: HeadSpec) -> int:
     """Features per head."""
-    return _width(m, spec) // int(getattr(m, spec.heads))
+    return _width(m, spec) // int(attr_at(m, spec.heads))
 
 
 def _features(heads: Sequence[int], head_dim: int) -> list[int]:
@@ -156,7 +168,7 @@ def _remove(m: nn.Module, spec: HeadSpec, pruned: Sequence[int]) -> nn.Module:
     """``m`` without heads ``pruned`` (``m`` itself, or what ``spec.prepare`` made of it)."""
     if spec.prepare is not None:
         m = spec.prepare(m)
-    H = int(getattr(m, spec.heads))
+    H = int(attr_at(m, spec.heads))
     keep = torch.tensor([h for h in range(H) if h not in set(pruned)], dtype=torch.long)
     if spec.remove is not None:
         spec.remove(m, keep)
@@ -173,9 +185,9 @@ def _remove(m: nn.Module, spec: HeadSpec, pruned: Sequence[int]) -> nn.Module:
         _pruner(layer).prune_out_channels(layer, [s * width + i for s in range(3) for i in cut])
     o = m.get_submodule(spec.o)
     _pruner(o).prune_in_channels(o, cut)
-    setattr(m, spec.heads, len(keep))
+    set_attr_at(m, spec.heads, len(keep))
     for attr in spec.widths:
-        setattr(m, attr, len(keep) * D)
+        set_attr_at(m, attr, len(keep) * D)
     return m
 
 
@@ -287,7 +299,7 @@ def find_heads(
             continue
         spec = found[0]
         why = spec.why_not(m) if spec.why_not is not None else None
-        H = int(getattr(m, spec.heads))
+        H = int(attr_at(m, spec.heads))
         if why is None and H < 2:
             why = "it has a single head"
         positions = 1
