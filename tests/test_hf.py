@@ -1,10 +1,10 @@
 """Hugging Face transformers (the ``hf`` extra), built from small configs with random weights:
-the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and BERT's heads and
-MLP neurons are gated and pruned exactly, and the pruned decoder generates what the masked one
-does, with its cache.
+the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and of GPT-2 (its
+``Conv1D`` layers), and BERT's heads and MLP neurons, are gated and pruned exactly, and a pruned
+decoder generates what the masked one does, with its cache.
 
-Not yet (issue 16): the LLaMA decoder's heads (grouped-query attention), GPT-2 (its ``Conv1D``
-layers), ONNX export, configs that ``from_pretrained`` reloads.
+Not yet (issue 16): the decoders' heads (LLaMA's grouped-query attention, GPT-2's packed
+``c_attn``), ONNX export, configs that ``from_pretrained`` reloads.
 """
 
 from __future__ import annotations
@@ -36,6 +36,20 @@ def _llama():
         eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(config)
+
+
+def _gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.GPT2LMHeadModel(config)
 
 
 def _bert():
@@ -75,20 +89,32 @@ def _padded_batch():
     return ids, mask
 
 
+def _mlp_widths(slim, name: str) -> list[set[int]]:
+    """Per layer, the widths that must agree after surgery (one set each)."""
+    if name == "llama":
+        return [
+            {m.gate_proj.out_features, m.up_proj.out_features, m.down_proj.in_features}
+            for m in (layer.mlp for layer in slim.model.layers)
+        ]
+    return [  # GPT-2's Conv1D: weight (in, out), nf/nx its widths
+        {m.c_fc.nf, m.c_fc.weight.shape[1], m.c_fc.bias.shape[0], m.c_proj.nx}
+        for m in (block.mlp for block in slim.transformer.h)
+    ]
+
+
 @pytest.mark.parametrize("family", list(GATES))
-def test_llama_mlp_neurons_prune_exactly_and_generate_as_masked(family):
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
     torch.manual_seed(0)
-    model = _llama().eval()
+    model = {"llama": _llama, "gpt2": _gpt2}[name]().eval()
     ids = torch.randint(3, VOCAB, (2, 8))
     slim, thr = _attach_and_prune(model, ids, family)
-    # SwiGLU: one gate per hidden unit, on up_proj; gate_proj and down_proj are cut with it
-    assert [n for n, _ in cd.named_gates(model)] == [
-        f"model.layers.{i}.mlp.up_proj" for i in range(2)
-    ]
-    for layer in slim.model.layers:
-        mlp = layer.mlp
-        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features
-        assert mlp.up_proj.out_features < 48
+    # LLaMA's SwiGLU: one gate per hidden unit, on up_proj; gate_proj and down_proj are cut with
+    # it. GPT-2: on c_fc (a Conv1D), through its tanh GELU
+    site = {"llama": "model.layers.{}.mlp.up_proj", "gpt2": "transformer.h.{}.mlp.c_fc"}[name]
+    assert [n for n, _ in cd.named_gates(model)] == [site.format(i) for i in range(2)]
+    for widths in _mlp_widths(slim, name):
+        assert len(widths) == 1 and widths.pop() < {"llama": 48, "gpt2": 128}[name]
     assert slim.prune_report.max_rel_error <= 1e-5
     cd.mask_(model, thr)
     ids, mask = _padded_batch()

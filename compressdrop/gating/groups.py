@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import InputError
 from .aligned import group_alignment
 from .heads import find_heads, projections_of, record_calls
-from .known import register_for
+from .known import register_for, traced_as_known
 from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of
 from .tpgraph import bounded_groups, build_graph, untrusted_reason
@@ -112,7 +112,8 @@ def find_groups(
                 f"compressdrop: layer {name!r} left ungated: {why}", GatingWarning, stacklevel=3
             )
     try:
-        dg, error = build_graph(model, inputs)
+        with traced_as_known(model):
+            dg, error = build_graph(model, inputs)
     finally:
         for h in hooks:
             h.remove()

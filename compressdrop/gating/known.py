@@ -8,13 +8,36 @@ not use one. Each entry is what a user would otherwise write with
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
 from torch import nn
 
 from .heads import HeadSpec, register_attention
+from .registry import LayerSpec, fold_columns, linear_positions, register_layer
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
 _DONE: set[str] = set()
+# modules traced as one equivalent op: a formula written out in Python (GPT-2's tanh GELU, 0.5 · x
+# · (1 + tanh(...))) adds a constant on the way, which the path check cannot see is multiplied
+# by x again; F.gelu(x, approximate="tanh") is the same function as one op that maps 0 to 0
+_TRACE_AS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {}
+
+
+@contextlib.contextmanager
+def traced_as_known(model: nn.Module) -> Iterator[None]:
+    """While tracing ``model``'s graph, run known activation modules as their one-op equivalents."""
+    swapped = [m for m in model.modules() if type(m) in _TRACE_AS]
+    for m in swapped:
+        m.forward = _TRACE_AS[type(m)]
+    try:
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
 
 
 def register_for(model: nn.Module) -> None:
@@ -25,7 +48,67 @@ def register_for(model: nn.Module) -> None:
         _DONE.add("transformers")
 
 
+def _conv1d_costs(m: nn.Module, out: bool) -> tuple[float, float]:
+    """GPT-2's ``Conv1D`` is a Linear with its weight stored ``(in, out)``: output unit j is
+    column j (and bias j), input unit i is row i."""
+    n_in, n_out = m.get_parameter("weight").shape
+    return (float(n_in + 1), float(n_in)) if out else (float(n_out), float(n_out))
+
+
+def _conv1d_pruner() -> Any:
+    import torch_pruning as tp
+
+    class Conv1DPruner(tp.pruner.function.BasePruningFunc):
+        """Slices a ``Conv1D``'s ``(in, out)`` weight and its bias, and sets ``nf``/``nx``."""
+
+        def prune_out_channels(self, layer: Any, idxs: list[int]) -> Any:
+            keep = _kept(layer.weight.shape[1], idxs)
+            layer.weight = nn.Parameter(layer.weight.data[:, keep].clone())
+            layer.bias = nn.Parameter(layer.bias.data[keep].clone())
+            layer.nf = len(keep)
+            return layer
+
+        def prune_in_channels(self, layer: Any, idxs: list[int]) -> Any:
+            keep = _kept(layer.weight.shape[0], idxs)
+            layer.weight = nn.Parameter(layer.weight.data[keep].clone())
+            layer.nx = len(keep)
+            return layer
+
+        def get_out_channels(self, layer: Any) -> int:
+            return int(layer.weight.shape[1])
+
+        def get_in_channels(self, layer: Any) -> int:
+            return int(layer.weight.shape[0])
+
+    return Conv1DPruner()
+
+
+def _kept(n: int, idxs: list[int]) -> torch.Tensor:
+    cut = set(idxs)
+    return torch.tensor([i for i in range(n) if i not in cut], dtype=torch.long)
+
+
 def _register_transformers() -> None:
+    from transformers.activations import FastGELUActivation, NewGELUActivation
+
+    for act in (NewGELUActivation, FastGELUActivation):
+        _TRACE_AS[act] = lambda x: nn.functional.gelu(x, approximate="tanh")
+
+    # GPT-2's Conv1D: a producer like Linear, weight (in, out)
+    from transformers.pytorch_utils import Conv1D
+
+    register_layer(
+        Conv1D,
+        LayerSpec(
+            "producer",
+            "neuron",
+            -1,
+            _conv1d_costs,
+            fold_columns,
+            output_positions=linear_positions,
+            pruner=_conv1d_pruner,
+        ),
+    )
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
     # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense
     from transformers.models.bert.modeling_bert import BertAttention

@@ -162,6 +162,12 @@ def _is_scale_activation(n) -> bool:
     )
 
 
+def _positive_power(grad_fn) -> bool:
+    """Whether ``grad_fn`` is ``x ** p`` with a constant ``p > 0`` (then 0 ** p = 0)."""
+    exponent = getattr(grad_fn, "_saved_exponent", None)
+    return isinstance(exponent, (int, float)) and not isinstance(exponent, bool) and exponent > 0
+
+
 def _walk(start, members, names: dict, products: dict[int, bool] | None = None) -> str:
     """Follow a site's output to its consumers.
 
@@ -216,7 +222,9 @@ def _walk(start, members, names: dict, products: dict[int, bool] | None = None) 
             # zero where a unit is pruned, and nothing can slice it
             return f"its units are summed with a tensor that cannot be pruned (the input?) at {op}"
         structural = op.startswith(("Reshape", "Concat", "Split", "Slice", "Expand", "Unbind"))
-        if op not in _ZERO_PRESERVING and not structural:
+        if op == "Pow" and _positive_power(grad_fn):
+            pass  # x ** p maps 0 to 0 for p > 0 (the cube in GPT-2's tanh GELU)
+        elif op not in _ZERO_PRESERVING and not structural:
             return f"its units pass through {op}, which does not map 0 to 0"
         if op == "Mul" and unsummed and products is not None:
             products[id(n)] = linear

@@ -47,7 +47,9 @@ from ..errors import InputError
 __all__ = [
     "LayerSpec",
     "customized_pruners",
+    "fold_columns",
     "has_role",
+    "linear_positions",
     "register_layer",
     "register_pruner",
     "registered_types",
@@ -188,7 +190,8 @@ def _fold_linear_inputs(m: nn.Module, scale: torch.Tensor) -> None:
     weight.mul_(scale.to(weight.dtype))
 
 
-def _linear_positions(m: nn.Module, out: Any) -> int:
+def linear_positions(m: nn.Module, out: Any) -> int:
+    """Positions per example of a Linear-like layer's output: T on ``(N, T, F)``, else 1."""
     if isinstance(out, torch.Tensor) and out.dim() > 2:  # a Linear on (N, T, F): T positions
         return int(out[0].numel() // out.shape[-1])
     return 1
@@ -216,7 +219,7 @@ def _deconv_costs(m: nn.Module, out: bool) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def _fold_columns(m: nn.Module, scale: torch.Tensor) -> None:
+def fold_columns(m: nn.Module, scale: torch.Tensor) -> None:
     """Scale output units along the weight's dimension 1 (a transposed conv's) and the bias."""
     weight, bias = m.get_parameter("weight"), getattr(m, "bias", None)
     s = scale.to(weight.dtype)
@@ -243,7 +246,7 @@ register_layer(
         -1,
         _weighted_costs,
         _fold_rows,
-        output_positions=_linear_positions,
+        output_positions=linear_positions,
         fold_in=_fold_linear_inputs,
     ),
 )
@@ -252,7 +255,7 @@ register_layer(
 )
 register_layer(
     _DECONVS,
-    LayerSpec("producer", "channel", 1, _deconv_costs, _fold_columns, why_not=_deconv_why_not),
+    LayerSpec("producer", "channel", 1, _deconv_costs, fold_columns, why_not=_deconv_why_not),
 )
 register_layer(
     (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
