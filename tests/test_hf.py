@@ -22,47 +22,28 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 64
 
 
-def _llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(config)
+# Small configs: 2 layers of width 32, 4 heads (LLaMA: 2 key/value heads), MLPs of 48 (GPT-2: 4 × 32)
+TOKENS = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+    }),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {
+        "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
+    }),
+    "bert": ("BertConfig", "BertForSequenceClassification", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3,
+    }),
+}  # fmt: skip
 
 
-def _gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=64,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.GPT2LMHeadModel(config)
-
-
-def _bert():
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config)
+def _build(name: str):
+    """The model ``name`` of :data:`MODELS`, random weights, in eval mode."""
+    config_cls, model_cls, sizes = MODELS[name]
+    config = getattr(transformers, config_cls)(**TOKENS, **sizes)
+    return getattr(transformers, model_cls)(config).eval()
 
 
 def _attach_and_prune(model, ids, family: str = "lognormal"):
@@ -106,7 +87,7 @@ def _mlp_widths(slim, name: str) -> list[set[int]]:
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
     torch.manual_seed(0)
-    model = {"llama": _llama, "gpt2": _gpt2}[name]().eval()
+    model = _build(name)
     ids = torch.randint(3, VOCAB, (2, 8))
     slim, thr = _attach_and_prune(model, ids, family)
     # LLaMA's SwiGLU: one gate per hidden unit, on up_proj; gate_proj and down_proj are cut with
@@ -132,7 +113,7 @@ def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
 @pytest.mark.parametrize("family", list(GATES))
 def test_bert_heads_and_mlp_neurons_prune_exactly(family):
     torch.manual_seed(0)
-    model = _bert().eval()
+    model = _build("bert")
     ids = torch.randint(3, VOCAB, (2, 8))
     slim, thr = _attach_and_prune(model, ids, family)
     names = {n for n, _ in cd.named_gates(model)}

@@ -1,9 +1,11 @@
-"""Where the heads are in attention modules of libraries compressdrop knows (Hugging Face
-transformers), registered the first time a model built from that library is gated.
+"""What compressdrop knows about the layers of other libraries (Hugging Face transformers),
+registered the first time a model built from that library is gated: GPT-2's ``Conv1D`` as a
+producer (:func:`~compressdrop.gating.register_layer`), BERT's attention heads
+(:func:`~compressdrop.gating.register_attention`), and activations written out as formulas that
+are traced as the one op they equal.
 
 A model's classes say which library it comes from, so nothing is imported for a model that does
-not use one. Each entry is what a user would otherwise write with
-:func:`~compressdrop.gating.register_attention`.
+not use one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from .heads import HeadSpec, register_attention
-from .registry import LayerSpec, fold_columns, linear_positions, register_layer
+from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, register_layer
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -62,14 +64,14 @@ def _conv1d_pruner() -> Any:
         """Slices a ``Conv1D``'s ``(in, out)`` weight and its bias, and sets ``nf``/``nx``."""
 
         def prune_out_channels(self, layer: Any, idxs: list[int]) -> Any:
-            keep = _kept(layer.weight.shape[1], idxs)
+            keep = kept_indices(layer.weight.shape[1], idxs)
             layer.weight = nn.Parameter(layer.weight.data[:, keep].clone())
             layer.bias = nn.Parameter(layer.bias.data[keep].clone())
             layer.nf = len(keep)
             return layer
 
         def prune_in_channels(self, layer: Any, idxs: list[int]) -> Any:
-            keep = _kept(layer.weight.shape[0], idxs)
+            keep = kept_indices(layer.weight.shape[0], idxs)
             layer.weight = nn.Parameter(layer.weight.data[keep].clone())
             layer.nx = len(keep)
             return layer
@@ -81,11 +83,6 @@ def _conv1d_pruner() -> Any:
             return int(layer.weight.shape[0])
 
     return Conv1DPruner()
-
-
-def _kept(n: int, idxs: list[int]) -> torch.Tensor:
-    cut = set(idxs)
-    return torch.tensor([i for i in range(n) if i not in cut], dtype=torch.long)
 
 
 def _register_transformers() -> None:

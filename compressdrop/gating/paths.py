@@ -180,7 +180,7 @@ def _walk(start, members, names: dict, products: dict[int, bool] | None = None) 
     any sum, by node id: True where nothing but reshapes lies between the site and the product
     (the units enter it linearly), False where an activation does. Two sites of one group that
     reach the same product are factors of it (a gated MLP's ``act(gate(x)) * up(x)``): one θ
-    there gates the unit, see :func:`compressdrop.gating.groups.find_groups`.
+    there gates the unit (``_one_gate_per_product`` in :mod:`compressdrop.gating.groups`).
     """
     stack = [(n, True, True) for n in start.outputs]  # (node, before any sum, linear so far)
     visited, consumed = set(), False

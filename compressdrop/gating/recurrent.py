@@ -28,7 +28,7 @@ from torch.func import functional_call
 from ..dropout.recurrent import LSTM
 from ..errors import InputError
 from .gated import Gated
-from .registry import LayerSpec, register_layer, spec_of
+from .registry import LayerSpec, kept_indices, register_layer, spec_of
 
 __all__ = [
     "GatedLSTM",
@@ -122,11 +122,6 @@ def _lstm_steps(m: nn.Module, out: Any) -> int:
     return int(y.shape[1 if m.batch_first else 0]) if y.dim() == 3 else int(y.shape[0])
 
 
-def _keep(n: int, idxs: Sequence[int]) -> torch.Tensor:
-    drop = set(int(i) for i in idxs)
-    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
-
-
 def _param(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().clone(), requires_grad=True)
 
@@ -143,7 +138,7 @@ class _LSTMSlicing:
         if layer.num_layers != 1 or layer.bidirectional:
             raise InputError("LSTMPruner handles one-layer, unidirectional LSTMs")
         H = layer.hidden_size
-        keep = _keep(H, idxs)
+        keep = kept_indices(H, idxs)
         rows = torch.cat([keep + k * H for k in range(4)])
         layer.weight_ih_l0 = _param(layer.weight_ih_l0[rows])
         layer.weight_hh_l0 = _param(layer.weight_hh_l0[rows][:, keep])
@@ -157,7 +152,7 @@ class _LSTMSlicing:
 
     def prune_in_channels(self, layer: LSTM, idxs: Sequence[int]) -> nn.Module:
         """Remove input features ``idxs`` of ``layer``, in place; returns ``layer``."""
-        keep = _keep(layer.input_size, idxs)
+        keep = kept_indices(layer.input_size, idxs)
         layer.weight_ih_l0 = _param(layer.weight_ih_l0[:, keep])
         layer.input_size = len(keep)
         layer._init_flat_weights()

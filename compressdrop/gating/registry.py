@@ -35,7 +35,7 @@ Example: a custom producer, a linear map whose weight is stored transposed::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ __all__ = [
     "customized_pruners",
     "fold_columns",
     "has_role",
+    "kept_indices",
     "linear_positions",
     "register_layer",
     "register_pruner",
@@ -188,6 +189,12 @@ def _fold_linear_inputs(m: nn.Module, scale: torch.Tensor) -> None:
     """Scale a Linear's input features (its weight's columns)."""
     weight = m.get_parameter("weight")
     weight.mul_(scale.to(weight.dtype))
+
+
+def kept_indices(n: int, idxs: Sequence[int]) -> torch.Tensor:
+    """The indices of ``range(n)`` not in ``idxs`` (what a pruner keeps), as a long tensor."""
+    drop = {int(i) for i in idxs}
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
 
 
 def linear_positions(m: nn.Module, out: Any) -> int:
