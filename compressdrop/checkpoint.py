@@ -8,6 +8,8 @@ loads with ``torch.load(weights_only=True)``. It records how to rebuild the stru
   :mod:`compressdrop.arch`);
 * ``attach``: for a gated model, the arguments of ``attach`` (re-attached on the fresh net);
 * ``prune_history``: for a slim model, Torch-Pruning's pruning history (replayed on the fresh net);
+* ``noise``: for a slim model whose kept units keep their learned noise
+  (:func:`compressdrop.uncertainty.keep_noise`), where its gates sit (rebuilt by family name);
 
 plus the ``state_dict``, the recipe that made it and free-form ``meta``. Other files are accepted
 with care: a bare ``state_dict`` needs the user to name its architecture; a whole pickled module
@@ -30,8 +32,10 @@ from ._attrs import set_record
 from ._io import atomic_write
 from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
+from .errors import InputError
 from .gating import attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
+from .gating.noisy import noise_record, put_noise
 from .programs import is_pt2, load_program
 
 __all__ = [
@@ -86,6 +90,9 @@ def save_model(
         payload["inputs"] = input_specs_of(model)
     if report is not None:
         payload["prune_report"] = report.to_dict()
+    noise = noise_record(model)
+    if noise:
+        payload["noise"] = noise
     path = Path(path)
     with atomic_write(path) as tmp:
         torch.save(payload, tmp)
@@ -264,6 +271,13 @@ def _from_payload(
         rep = payload["prune_report"]
         replay(model, rep["history"])
         set_record(model, "prune_report", PruneReport.from_dict(rep))
+        if payload.get("noise"):
+            try:
+                put_noise(model, payload["noise"])
+            except (InputError, KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(
+                    f"{path}: the noise record does not fit the model: {e}"
+                ) from None
     elif kind != "dense":
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     _load_state(model, payload["state_dict"], path)

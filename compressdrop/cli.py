@@ -144,7 +144,18 @@ def _launch_torchrun(nproc: int) -> None:
 @options(*PRUNE)
 @_guard
 def prune(
-    model_path, output, threshold, recipe, data, arch, arch_args, trust_code, device, seed, as_json
+    model_path,
+    output,
+    threshold,
+    recipe,
+    data,
+    mc_samples,
+    arch,
+    arch_args,
+    trust_code,
+    device,
+    seed,
+    as_json,
 ):
     """Prune a model: directly if it has trained gates, else sparsify it on data first.
 
@@ -156,6 +167,7 @@ def prune(
     \b
     Examples:
       compressdrop prune runs/demo/gated.pt -o slim.pt --threshold 1.0
+      compressdrop prune runs/demo/gated.pt -o slim.pt --mc-samples 30
       compressdrop prune model.pt2 --data my.npz -o slim.pt2
       compressdrop prune model.pt --trust-pickle --data images:photos,size=32 -o slim.pt2
       compressdrop prune weights.pt --arch torchvision.models:resnet18 \\
@@ -176,6 +188,7 @@ def prune(
         trust_code=trust_code,
         device=device,
         seed=seed,
+        mc_samples=mc_samples,
         progress=progress_printer(console(), as_json),
     )
     _emit(as_json, {"output": output, **res.to_dict()}, lambda: prune_text(res, model_path, output))
@@ -222,13 +235,15 @@ def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, 
 def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, device, as_json):
     """Evaluate a model (.pt or .onnx) on a data set's test split: accuracy, NLL, size.
 
-    With --mc N (PyTorch checkpoints with dropout or gates): Monte-Carlo uncertainty, and with
-    --ood DATA its out-of-distribution AUROC.
+    With --mc N: Monte-Carlo uncertainty (a checkpoint with dropout or gates, a slim one that
+    kept its noise, or the sampling graph STEM-mc.onnx that prune --mc-samples writes), and
+    with --ood DATA its out-of-distribution AUROC.
 
     \b
     Examples:
       compressdrop eval runs/demo/slim.onnx --data digits
       compressdrop eval runs/fm/gated.pt --data fashion-mnist --mc 30 --ood digits
+      compressdrop eval runs/fm/slim-mc.onnx --data fashion-mnist --mc 30
     """
     from .reporting import eval_text
     from .workflows import evaluate_file
@@ -236,10 +251,6 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, dev
     _need_arch(arch, arch_args)
     if ood is not None and mc_samples is None:
         raise click.UsageError("--ood needs --mc N")
-    if mc_samples is not None and str(model_path).endswith(".onnx"):
-        raise click.UsageError(
-            "--mc needs a PyTorch checkpoint: an ONNX export is the deterministic eval-mode graph"
-        )
     res = evaluate_file(
         model_path,
         data,

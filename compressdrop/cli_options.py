@@ -185,6 +185,14 @@ PRUNE = (
     ),
     _recipe("Recipe for a plain model (sparsify, prune, fine-tune)."),
     _data(None, "Data for sparsifying a plain model: " + DATA_HELP),
+    click.option(
+        "--mc-samples",
+        type=click.IntRange(min=1),
+        default=None,
+        metavar="N",
+        help="Also write STEM-mc.pt (the slim model, its kept units keeping their learned "
+        "noise) and STEM-mc.onnx (draws N Monte-Carlo samples per call); trained gates only.",
+    ),
     ARCH,
     ARCH_ARG,
     TRUST,

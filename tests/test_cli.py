@@ -128,17 +128,43 @@ def test_eval_mc_reports_uncertainty_of_a_gated_checkpoint(trained, tmp_path):
         assert isinstance(mc[key], float)
     text = run(["eval", d / "out" / "gated.pt", "--mc", 3]).output
     assert "Monte-Carlo:" in text and "mean_mutual_information" in text
-    # a slim model has no noise left; an ONNX graph is deterministic; --ood needs --mc
+    # a slim model has no noise left (unless pruned with --mc-samples); a plain ONNX graph is
+    # deterministic; --ood needs --mc
     res = run(["eval", d / "out" / "slim.pt", "--mc", 3], expect=1)
     assert "no dropout layer or gate" in res.output
-    assert (
-        "--mc needs a PyTorch checkpoint"
-        in run(["eval", d / "out" / "slim.onnx", "--mc", 3], expect=2).output
-    )
+    res = run(["eval", d / "out" / "slim.onnx", "--mc", 3], expect=1)
+    assert "deterministic graph" in res.output and "--mc-samples" in res.output
     assert (
         "--ood needs --mc"
         in run(["eval", d / "out" / "gated.pt", "--ood", "digits"], expect=2).output
     )
+
+
+def test_prune_keeps_noise_for_monte_carlo_from_the_slim_model(trained, tmp_path):
+    """prune --mc-samples writes the slim model with its kept units' learned noise (.pt) and a
+    graph that samples (.onnx); eval --mc reads both, and the .pt's deterministic eval is the
+    slim model's."""
+    d, _ = trained
+    out = tmp_path / "slim.pt"
+    res = json.loads(
+        run(["prune", d / "out" / "gated.pt", "-o", out, "--mc-samples", 8, "--json"]).stdout
+    )
+    assert set(res["files"]) == {"checkpoint", "mc_checkpoint", "mc_onnx"}
+    plain = json.loads(run(["eval", out, "--json"]).stdout)
+    noisy = json.loads(run(["eval", tmp_path / "slim-mc.pt", "--mc", 16, "--json"]).stdout)
+    assert noisy["accuracy"] == plain["accuracy"] and noisy["params"] > plain["params"]
+    assert noisy["mc"]["deterministic_accuracy"] == pytest.approx(plain["accuracy"], abs=1e-6)
+    graph = json.loads(
+        run(["eval", tmp_path / "slim-mc.onnx", "--mc", 16, "--ood", "digits", "--json"]).stdout
+    )
+    mc = graph["mc"]
+    assert mc["samples"] == 16 and mc["samples_per_call"] == 8 and mc["ood_data"] == "digits"
+    # the same posterior drawn by PyTorch and by onnxruntime: the same accuracy within noise
+    assert abs(mc["accuracy"] - noisy["mc"]["accuracy"]) < 0.03
+    assert abs(mc["nll"] - noisy["mc"]["nll"]) < 0.15 * noisy["mc"]["nll"] + 0.01
+    # trained gates only
+    res = run(["prune", out, "-o", tmp_path / "again.pt", "--mc-samples", 8], expect=1)
+    assert "--mc-samples needs a model with trained gates" in res.output
 
 
 def test_recipes_list_and_show():

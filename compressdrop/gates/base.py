@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -13,6 +14,7 @@ from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
 from ..errors import InputError
+from ._mul import _GateMul
 
 __all__ = ["Gate", "noise_shard"]
 
@@ -71,34 +73,6 @@ def noise_shard(rank: int, world: int, global_batch: int) -> Iterator[None]:
     finally:
         _OPEN_SHARDS[0] -= 1
         _NOISE_SHARD.reset(token)
-
-
-class _GateMul(torch.autograd.Function):
-    """y = x · θ for x of shape (B, U, ...) and θ of shape (n, U), n ∈ {B, 1}, in eager mode.
-
-    The same values and gradients as broadcasting ``x * θ.reshape(n, U, 1, ...)``, but the
-    gradient of θ is a batched dot product instead of a full-size product followed by a
-    reduction (one pass over the activation fewer, no temporary of its size).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, theta)
-        return x * theta.reshape(theta.shape + (1,) * (x.dim() - 2))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, theta = ctx.saved_tensors
-        grad_x = grad_theta = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad * theta.reshape(theta.shape + (1,) * (x.dim() - 2))
-        if ctx.needs_input_grad[1]:
-            b, u = x.shape[0], x.shape[1]
-            # (B, U, rest) · (B, U, rest) → (B, U)
-            grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), x.reshape(b, u, -1))
-            if theta.shape[0] != b:
-                grad_theta = grad_theta.sum(0, keepdim=True)
-        return grad_x, grad_theta
 
 
 class Gate(nn.Module):
@@ -369,6 +343,41 @@ class Gate(nn.Module):
         if per_batch:  # the ranks' streams are in step: every rank draws the same θ
             return self.sample(1)
         return self.sample(global_batch)[rank::world]
+
+    def select(self, keep: torch.Tensor) -> Gate:
+        """A new gate of the same family over the units where ``keep`` is True.
+
+        Every per-unit parameter and buffer is sliced; the kept units' posteriors are unchanged,
+        so the new gate's ``expected()``, ``snr()`` and draws are those of the kept units here.
+        The new gate is not shared and holds no cached terms.
+
+        Args:
+            keep: a boolean mask of shape ``(num_units,)`` with at least one True.
+
+        Raises:
+            InputError: ``keep`` has the wrong shape or keeps no unit.
+        """
+        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.pruned.device)
+        if keep.shape != (self.num_units,) or not keep.any():
+            raise InputError(
+                f"keep must be a boolean mask of {self.num_units} units with at least one True, "
+                f"got shape {tuple(keep.shape)} with {int(keep.sum())} kept"
+            )
+        self.clear_sample()
+        new = copy.deepcopy(self)
+        for name, t in [*new._parameters.items(), *new._buffers.items()]:
+            if t is not None and t.dim() >= 1 and t.shape[0] == self.num_units:
+                sliced = t.detach()[keep].clone()
+                if name in new._parameters:
+                    new._parameters[name] = nn.Parameter(sliced, requires_grad=t.requires_grad)
+                else:
+                    new._buffers[name] = sliced
+        new.num_units = int(keep.sum())
+        new.shared = False
+        new._any_pruned = (None, True)
+        if hasattr(new, "unit_blocks"):
+            del new.unit_blocks
+        return new
 
     def clear_sample(self) -> None:
         """Forget the θ that a shared gate's sites reuse, so that the next site draws afresh."""

@@ -127,6 +127,7 @@ def finish(
     formats: Sequence[str] | None = None,
     recipe: Mapping[str, Any] | None = None,
     opset: int | None = None,
+    mc_samples: int | None = None,
 ) -> tuple[nn.Module, SlimFiles | None]:
     """Prune a gated model and write the slim one (see :func:`write_slim`).
 
@@ -136,6 +137,11 @@ def finish(
         threshold: the SNR threshold (``None``: each gate family's default).
         example_input: an input batch for tracing and the checks (default: inferred).
         formats / recipe / opset: as in :func:`write_slim`.
+        mc_samples: also write the slim model with its kept units' learned noise
+            (:func:`compressdrop.uncertainty.keep_noise`) as ``STEM-mc.pt`` and an ONNX graph
+            that draws this many Monte-Carlo samples per call as ``STEM-mc.onnx``
+            (:func:`compressdrop.uncertainty.export_mc_onnx`); kinds ``mc_checkpoint`` and
+            ``mc_onnx``.
 
     Returns:
         The slim model, and what was written (``None`` when ``out`` is ``None``).
@@ -147,4 +153,15 @@ def finish(
     if out is None:
         return slim, None
     x = example_input if example_input is not None else example_input_for(slim, batch=2)
-    return slim, write_slim(slim, out, x, formats=formats, recipe=recipe, opset=opset)
+    files = write_slim(slim, out, x, formats=formats, recipe=recipe, opset=opset)
+    if mc_samples is not None:
+        from ..uncertainty import export_mc_onnx, keep_noise
+
+        out = Path(out)
+        noisy = keep_noise(model, slim, threshold)
+        mc_pt, mc_onnx = (out.with_name(f"{out.stem}-mc{s}") for s in (".pt", ".onnx"))
+        save_model(noisy, mc_pt, recipe=recipe)
+        export_mc_onnx(noisy, x, mc_onnx, mc_samples)
+        files.paths.update(mc_checkpoint=mc_pt, mc_onnx=mc_onnx)
+        files.bytes.update(mc_checkpoint=mc_pt.stat().st_size, mc_onnx=mc_onnx.stat().st_size)
+    return slim, files

@@ -32,22 +32,36 @@ def evaluate_file(
     """Accuracy, NLL and size of a model file (PyTorch or ``.onnx``) on ``data``'s test split.
 
     Args:
-        mc_samples: Monte-Carlo passes for uncertainty (PyTorch models with dropout or gates).
+        mc_samples: Monte-Carlo passes for uncertainty (PyTorch models with dropout or gates,
+            or an ONNX graph written by :func:`~compressdrop.uncertainty.export_mc_onnx`).
         ood: an out-of-distribution data set for the AUROC of the uncertainty measures.
 
     Returns:
         The metrics as plain data; ``mc`` holds the Monte-Carlo ones.
 
     Raises:
-        InputError: ``mc_samples`` with an ONNX file, or a model without stochastic layers.
+        InputError: ``mc_samples`` with a deterministic ONNX file, or a model without stochastic
+            layers.
     """
     ds = load_dataset(data)
     if str(model_path).endswith(".onnx"):
-        if mc_samples is not None:
-            raise InputError("Monte-Carlo needs a PyTorch model: ONNX is the deterministic graph")
         from ..evaluation.onnx_eval import evaluate_onnx
 
-        return evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+        if mc_samples is None:
+            return evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+        from ..uncertainty import mc_evaluate_onnx, resize_images
+
+        x_ood = None
+        if ood is not None:
+            x_ood = resize_images(load_dataset(ood).x_test, tuple(ds.input_shape))
+        res = {"model": str(model_path), "data": ds.name, "n": len(ds.y_test)}
+        res["mc"] = mc_evaluate_onnx(
+            model_path, ds.x_test, ds.y_test, mc_samples, x_ood, device=device
+        )
+        res["accuracy"], res["nll"] = res["mc"]["accuracy"], res["mc"]["nll"]
+        if ood is not None:
+            res["mc"]["ood_data"] = ood
+        return res
     from ..evaluation.metrics import evaluate
     from ..evaluation.model_size import count_flops, count_params
     from ..gating import example_input_for

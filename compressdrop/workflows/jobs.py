@@ -160,6 +160,7 @@ def prune_file(
     trust_code: bool = False,
     device: str = "auto",
     seed: int | None = None,
+    mc_samples: int | None = None,
     progress: Progress = _quiet,
 ) -> PruneResult:
     """Prune the model in ``model_path`` and write the slim model to ``out``.
@@ -175,6 +176,9 @@ def prune_file(
         recipe / data: how to sparsify a plain model, and on what.
         arch / arch_kwargs / trust_code: how to rebuild the model, and consent to run code.
         device / seed: where to train, and the seed (default: the recipe's).
+        mc_samples: also write the slim model with its learned noise and a sampling ONNX graph
+            (``STEM-mc.pt``, ``STEM-mc.onnx``; see :func:`~compressdrop.training.finish.finish`);
+            a model with trained gates only.
         progress: called with each event of the sparsify run.
 
     Raises:
@@ -188,8 +192,15 @@ def prune_file(
     check_writable(out)
     model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
+    if mc_samples is not None and (mc_samples < 1 or not is_gated(model)):
+        raise InputError(
+            f"--mc-samples needs a model with trained gates and N ≥ 1 ({model_path}: "
+            f"{'gated' if is_gated(model) else 'no gates'}, N = {mc_samples})"
+        )
     if is_gated(model):
-        slim, files = finish(model, out, threshold=threshold, recipe=recipe_dict)
+        slim, files = finish(
+            model, out, threshold=threshold, recipe=recipe_dict, mc_samples=mc_samples
+        )
         assert files is not None
         return PruneResult(slim, files, prune_summary(slim), None)
     if data is None:

@@ -1,0 +1,107 @@
+"""Monte-Carlo uncertainty from an exported sampling graph (:func:`export_mc_onnx`), in
+onnxruntime: what a deployed slim model answers, without PyTorch in the loop."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..runtime import ort_session
+from .mc import _summary, scores
+from .metrics import auroc, nll
+
+__all__ = ["mc_evaluate_onnx", "onnx_mc_samples"]
+
+
+def onnx_mc_samples(path: str | Path) -> int | None:
+    """The samples per call of an ONNX file written by :func:`export_mc_onnx`, else ``None``."""
+    from ..export import load_onnx_metadata
+
+    value = load_onnx_metadata(path).get("mc_samples")
+    return int(value) if value is not None else None
+
+
+class _Sampler:
+    """Draws ``samples`` Monte-Carlo probabilities per input from an MC graph, whole calls."""
+
+    def __init__(self, path: Path, samples: int, device: str) -> None:
+        per_call = onnx_mc_samples(path)
+        if per_call is None:
+            raise InputError(
+                f"{path} is a deterministic graph; for Monte-Carlo export the noisy slim model "
+                "(compressdrop prune ... --mc-samples N writes STEM-mc.onnx)"
+            )
+        try:
+            self.session, self.provider = ort_session(path, device)
+        except Exception as e:  # onnxruntime raises its own types for corrupt files
+            raise InputError(f"{path}: onnxruntime cannot load it: {e}") from None
+        self.name = self.session.get_inputs()[0].name
+        self.per_call, self.samples = per_call, samples
+        self.calls = -(-samples // per_call)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.numpy().astype(np.float32)
+        draws = [self.session.run(None, {self.name: xb})[0] for _ in range(self.calls)]
+        return torch.from_numpy(np.concatenate(draws)[: self.samples])
+
+
+def mc_evaluate_onnx(
+    path: str | Path,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    samples: int = 30,
+    x_ood: torch.Tensor | None = None,
+    *,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Monte-Carlo metrics of an MC graph on ``(x, y)``, as :func:`mc_evaluate` gives them.
+
+    The graph draws its own samples per call; ``samples`` takes as many calls as needed (whole
+    calls, the first ``samples`` draws kept). Also reports ``seconds_per_batch``: the median
+    wall time of drawing ``samples`` samples for one batch of ``batch_size`` inputs.
+
+    Raises:
+        InputError: the file is not an MC graph (no ``mc_samples`` metadata) or does not load,
+            or ``samples`` < 2.
+    """
+    if samples < 2:
+        raise InputError(f"samples must be ≥ 2, got {samples}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    run = _Sampler(path, samples, device)
+
+    def draw_all(xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat([run(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)], 1)
+
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        run(x[:batch_size])
+        times.append(time.perf_counter() - t)
+    draws = draw_all(x)
+    mean, _, entropy, mi = _summary(draws)
+    out: dict[str, Any] = {"samples": float(samples), **scores(mean, y)}
+    half = nll(draws[: samples // 2].mean(0), y)
+    out.update(
+        nll_half=half,
+        nll_change=(out["nll"] - half) / max(out["nll"], 1e-12),
+        mean_entropy=float(entropy.mean()),
+        mean_mutual_information=float(mi.mean()),
+        samples_per_call=run.per_call,
+        seconds_per_batch=float(np.median(times)),
+        batch_size=batch_size,
+        provider=run.provider,
+    )
+    if x_ood is not None:
+        _, _, ood_entropy, ood_mi = _summary(draw_all(x_ood))
+        out["ood_mean_entropy"] = float(ood_entropy.mean())
+        out["ood_auroc_entropy"] = auroc(entropy, ood_entropy)
+        out["ood_auroc_mutual_information"] = auroc(mi, ood_mi)
+    return out

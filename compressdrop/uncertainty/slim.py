@@ -1,0 +1,233 @@
+"""Monte-Carlo prediction from a slim model: the kept units keep their learned noise.
+
+:func:`keep_noise` turns a pruned model back into a stochastic one, at the slim model's size;
+:class:`MCSampler` draws all of a batch's samples in one forward pass (and in an exported graph).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from ..errors import InputError
+from ..export import ExportError, ExportReport
+from ..gating import is_gated, named_gates, sites
+from ..gating.gated import HeadGated
+from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
+from ..pruning import mask_
+from .mc import has_noise, mc_mode
+
+__all__ = ["MCSampler", "export_mc_onnx", "keep_noise"]
+
+
+def keep_noise(gated: nn.Module, slim: nn.Module, threshold: float | None = None) -> nn.Module:
+    """A copy of ``slim`` whose kept units carry their gates' learned noise again.
+
+    Each layer the gated model gated gets a :class:`~compressdrop.gating.noisy.NoisySite` with
+    the gate restricted to the units the pruning kept. In eval mode the result computes exactly
+    what ``slim`` computes; in :func:`compressdrop.uncertainty.mc_mode` each kept unit is
+    multiplied by θ/E[θ] (E[θ] is folded into the slim weights), so a forward pass draws from the
+    gated model's posterior over the kept units.
+
+    Args:
+        gated: the gated model ``slim`` was pruned from (unchanged).
+        slim: the result of :func:`compressdrop.prune` on ``gated`` (unchanged).
+        threshold: the threshold of that pruning; by default the one its ``prune_report``
+            records.
+
+    Returns:
+        The noisy slim model, in eval mode, with ``slim``'s ``prune_report``.
+
+    Raises:
+        InputError: ``gated`` has no gates, or a gated layer's kept units do not match the slim
+            layer (``slim`` was not pruned from ``gated`` at this threshold).
+    """
+    if not is_gated(gated):
+        raise InputError("keep_noise needs the gated model the slim model was pruned from")
+    if threshold is None:
+        report = getattr(slim, "prune_report", None)
+        threshold = getattr(report, "threshold", None)
+    masked = mask_(copy.deepcopy(gated), threshold)
+    uses: dict[int, int] = {}
+    for _, site in sites(masked):
+        uses[id(site.gate)] = uses.get(id(site.gate), 0) + 1
+    subsets: dict[int, Any] = {}
+    for _, g in named_gates(masked):
+        sub = g.select(~g.pruned).eval()
+        sub.shared = uses[id(g)] > 1
+        subsets[id(g)] = sub
+    out = copy.deepcopy(slim).eval()
+    for name, site in sites(masked):
+        head_dim = site.head_dim if isinstance(site, HeadGated) else None
+        attention = site.attention if isinstance(site, HeadGated) else None
+        if attention is not None:
+            prepare_attention(out, attention)
+        try:
+            layer = out.get_submodule(name)
+        except AttributeError:
+            raise InputError(
+                f"the slim model has no layer {name!r} that the gated model gated"
+            ) from None
+        wrapper = NoisySite(layer, subsets[id(site.gate)], site.unit_dim, head_dim, attention)
+        parent, _, attr = name.rpartition(".")
+        setattr(out.get_submodule(parent) if parent else out, attr, wrapper)
+    share_samples(out)
+    return out
+
+
+class MCSampler(nn.Module):
+    """``samples`` Monte-Carlo passes of a stochastic classifier as one batched forward pass.
+
+    ``forward(x)`` returns the softmax probabilities of every sample, ``(samples, B, C)``. The
+    input is repeated ``samples`` times along the batch, unless ``example`` shows that the model
+    may be repeated later: then the first noisy site in execution order repeats its own output,
+    and the layers before it run once per input (LeNet-5's convolutions under noise on the
+    dense layers only, say). That is used only when the model, run that way with the noise at
+    its mean, gives exactly the input-repeated outputs on ``example``.
+
+    Keep the wrapped model in :func:`~compressdrop.uncertainty.mc_mode` (or its gates in training
+    mode) while sampling, and export this module to get a graph that samples by itself.
+
+    Args:
+        model: a classifier with :class:`~compressdrop.gating.noisy.NoisySite` s (from
+            :func:`keep_noise`), or any model with per-example noise; a copy is kept.
+        samples: passes per input, at least 1.
+        example: an input batch (at least 2 examples) to check the later repeat on, or ``None``.
+    """
+
+    def __init__(self, model: nn.Module, samples: int, example: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if samples < 1:
+            raise InputError(f"samples must be ≥ 1, got {samples}")
+        self.model = copy.deepcopy(model)
+        self.samples = int(samples)
+        self.late_repeat = example is not None and self._repeat_late(example)
+        for _, site in noisy_sites(self.model):
+            site.prepare_export()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities ``(samples, B, C)`` of ``samples`` stochastic passes over ``x``.
+
+        The noise samples whatever the module's own mode (the wrapped model runs in
+        :func:`~compressdrop.uncertainty.mc_mode`), so an exported graph samples too.
+        """
+        if not self.late_repeat:
+            x = x.repeat(self.samples, *([1] * (x.dim() - 1)))
+        with mc_mode(self.model):
+            logits = self.model(x)
+        return torch.softmax(logits.float().unflatten(0, (self.samples, -1)), -1)
+
+    @torch.no_grad()
+    def _repeat_late(self, example: torch.Tensor) -> bool:
+        found = [m for _, m in noisy_sites(self.model)]
+        if not found or len(example) < 2:
+            return False
+        order: list[NoisySite] = []
+        hooks = [
+            m.register_forward_pre_hook(
+                lambda mod, _a: order.append(mod) if mod not in order else None
+            )
+            for m in found
+        ]
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            want = self.model(example.repeat(self.samples, *([1] * (example.dim() - 1))))
+            for h in hooks:
+                h.remove()
+            hooks = []
+            first = order[0]
+            if first.head_dim is not None:
+                return False
+            first.tile = self.samples
+            try:
+                got = self.model(example)
+            except RuntimeError:
+                got = None
+            ok = (
+                isinstance(got, torch.Tensor)
+                and got.shape == want.shape
+                and bool(torch.allclose(got, want, rtol=1e-5, atol=1e-6))
+            )
+            if not ok:
+                first.tile = 1
+            return ok
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, was in modes:
+                m.training = was
+
+
+def export_mc_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: str | Path,
+    samples: int = 30,
+    *,
+    providers: str = "auto",
+) -> ExportReport:
+    """Export a noisy slim model as an ONNX graph that draws ``samples`` Monte-Carlo samples.
+
+    The graph takes a batch ``x`` (dynamic batch size) and returns the softmax probabilities of
+    every sample, ``(samples, batch, classes)``; its random draws are standard ONNX operators
+    (``RandomUniformLike``, ``RandomNormalLike``), so any runtime samples anew on every call. The
+    samples are stacked in one batch (see :class:`MCSampler`). Metadata: ``mc_samples`` and
+    ``mc_output``, besides the slim model's.
+
+    Check: onnxruntime's per-input mean probabilities must agree with PyTorch's within six
+    standard errors (at least 64 samples each) on ``example``; the file appears only if they do.
+
+    Args:
+        model: from :func:`keep_noise` (or any model whose noise draws per example).
+        example: an input batch (at least 2 examples).
+        path: the ``.onnx`` file to write.
+        samples: samples per call, at least 1.
+        providers: onnxruntime providers, as for :func:`~compressdrop.export.export_onnx`.
+
+    Raises:
+        InputError: the model has no noise.
+        ExportError: the exporter failed, or onnxruntime's samples disagree with PyTorch's.
+    """
+    from ..export import export_onnx
+    from ..runtime import ort_session
+
+    if not any(True for _ in noisy_sites(model)) and not has_noise(model):
+        raise InputError("the model has no noise to sample; build it with keep_noise()")
+    sampler = MCSampler(model, samples, example=example).cpu()
+    x = example.detach().cpu()
+    meta = {"mc_samples": str(samples), "mc_output": "probabilities (samples, batch, classes)"}
+    report = getattr(model, "prune_report", None)
+    if report is not None:
+        meta.update(report.metadata())
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        inner = export_onnx(
+            sampler, x, tmp, metadata=meta, check_batch_sizes=(), providers=providers
+        )
+        session, provider = ort_session(tmp, providers)
+        name = session.get_inputs()[0].name
+        runs = -(-64 // samples)
+        got = torch.cat(
+            [torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for _ in range(runs)]
+        )
+        with torch.no_grad():
+            want = torch.cat([sampler(x) for _ in range(runs)])
+        if got.shape != want.shape:
+            raise ExportError(
+                f"onnxruntime gives samples of shape {tuple(got.shape)}, PyTorch {tuple(want.shape)}"
+            )
+        n = len(got)
+        bound = 6 * ((got.var(0) + want.var(0)) / n).sqrt() + 1e-4
+        worst = float(((got.mean(0) - want.mean(0)).abs() / bound).max())
+        if not worst <= 1:
+            raise ExportError(
+                f"onnxruntime's Monte-Carlo mean differs from PyTorch's by {6 * worst:.1f} standard "
+                f"errors ({n} samples each, {provider})"
+            )
+    return ExportReport(path, path.stat().st_size, provider, {}, inner.opset, inner.metadata)
