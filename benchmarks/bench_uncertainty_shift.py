@@ -24,7 +24,6 @@ entropy). 30 Monte-Carlo samples, stacked in one batch per chunk.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
@@ -80,7 +79,9 @@ def epochs(net: nn.Module, x, y, n: int, seed: int, gates: bool = False, start: 
     opt = torch.optim.Adam(groups)
     for e in range(n):
         net.train()
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + start + e))
+        perm = torch.randperm(
+            len(x), generator=torch.Generator().manual_seed(seed * 1000 + start + e)
+        )
         for i in range(0, len(x), 64):
             idx = perm[i : i + 64]
             loss = F.cross_entropy(net(x[idx]), y[idx])
@@ -108,7 +109,11 @@ def run_seed(seed: int, samples: int, n_test: int, n_epochs: int = 10) -> dict[s
     x_test, y_test = data.x_test[pick], data.y_test[pick]
     digits = load_digits()
     x_ood = resize_images(torch.cat([digits.x_train, digits.x_test]), (1, 28, 28))
-    sets = [(name, float(i), shifted(x_test, name, i)) for name, (_, ints) in SHIFTS.items() for i in ints]
+    sets = [
+        (name, float(i), shifted(x_test, name, i))
+        for name, (_, ints) in SHIFTS.items()
+        for i in ints
+    ]
     wall: dict[str, float] = {}
 
     def timed(key: str, fn):
@@ -123,17 +128,21 @@ def run_seed(seed: int, samples: int, n_test: int, n_epochs: int = 10) -> dict[s
     members = []
     for k in range(5):
         seed_everything(seed + 100 * k)
-        members.append(timed(f"train plain {k}", lambda: epochs(mlp(), x, y, n_epochs, seed + 100 * k)))
+        members.append(
+            timed(f"train plain {k}", lambda k=k: epochs(mlp(), x, y, n_epochs, seed + 100 * k))
+        )
     det = members[0]
     temp = fit_temperature(logits_of(det, val.x_test), val.y_test)
     predictors["deterministic"] = lambda xs: deterministic_probs(det, xs)
     predictors["temperature"] = lambda xs: torch.softmax(logits_of(det, xs) / temp, -1)
-    predictors["ensemble5"] = lambda xs: torch.stack([deterministic_probs(m, xs) for m in members]).mean(0)
+    predictors["ensemble5"] = lambda xs: torch.stack(
+        [deterministic_probs(m, xs) for m in members]
+    ).mean(0)
 
     best = None
     for p in (0.1, 0.3):
         seed_everything(seed)
-        net = timed(f"train dropout {p}", lambda: epochs(mlp(p), x, y, n_epochs, seed))
+        net = timed(f"train dropout {p}", lambda p=p: epochs(mlp(p), x, y, n_epochs, seed))
         v = scores(mc_samples(net, val.x_test, samples).mean(0), val.y_test)["nll"]
         if best is None or v < best[0]:
             best = (v, p, net)
@@ -145,7 +154,7 @@ def run_seed(seed: int, samples: int, n_test: int, n_epochs: int = 10) -> dict[s
     for fam in FAMILIES:
         seed_everything(seed)
 
-        def train_gated() -> nn.Module:
+        def train_gated(fam: str = fam) -> nn.Module:
             pre = max(1, round(0.3 * n_epochs))
             net = epochs(mlp(), x, y, pre, seed)
             compressdrop.attach(net, fam, example_inputs=x[:2])
@@ -156,7 +165,9 @@ def run_seed(seed: int, samples: int, n_test: int, n_epochs: int = 10) -> dict[s
         noisy = keep_noise(gated, slim)
         slim_info[fam] = {
             "architecture": slim.prune_report.architecture(),
-            "params_gated": sum(p.numel() for n, p in gated.named_parameters() if ".gate." not in n),
+            "params_gated": sum(
+                p.numel() for n, p in gated.named_parameters() if ".gate." not in n
+            ),
             "params_slim": sum(p.numel() for n, p in slim.named_parameters()),
         }
         predictors[fam] = lambda xs, m=gated: mc_samples(m, xs, samples).mean(0)

@@ -1,10 +1,10 @@
 """Hugging Face transformers (the ``hf`` extra), built from small configs with random weights:
 the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and of GPT-2 (its
-``Conv1D`` layers), and BERT's heads and MLP neurons, are gated and pruned exactly, and a pruned
+``Conv1D`` layers) and heads, and BERT's heads and MLP neurons, are gated and pruned exactly, and a pruned
 decoder generates what the masked one does, with its cache.
 
-Not yet (issue 16): the decoders' heads (LLaMA's grouped-query attention, GPT-2's packed
-``c_attn``), ONNX export, configs that ``from_pretrained`` reloads.
+GPT-2's heads are gated too (its packed ``c_attn`` cut per head). Not yet (issue 16): LLaMA's
+grouped-query heads, ONNX export, configs that ``from_pretrained`` reloads.
 """
 
 from __future__ import annotations
@@ -93,9 +93,22 @@ def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
     # LLaMA's SwiGLU: one gate per hidden unit, on up_proj; gate_proj and down_proj are cut with
     # it. GPT-2: on c_fc (a Conv1D), through its tanh GELU
     site = {"llama": "model.layers.{}.mlp.up_proj", "gpt2": "transformer.h.{}.mlp.c_fc"}[name]
-    assert [n for n, _ in cd.named_gates(model)] == [site.format(i) for i in range(2)]
+    names = [n for n, _ in cd.named_gates(model)]
+    assert [n for n in names if ".mlp." in n] == [site.format(i) for i in range(2)]
     for widths in _mlp_widths(slim, name):
         assert len(widths) == 1 and widths.pop() < {"llama": 48, "gpt2": 128}[name]
+    if name == "gpt2":  # and its heads: one gate per head on c_proj's input, the packed c_attn cut
+        assert [n for n in names if ".attn." in n] == [
+            f"transformer.h.{i}.attn.c_proj" for i in range(2)
+        ]
+        heads = []
+        for block in slim.transformer.h:
+            a = block.attn  # the module's own attributes follow: nothing to patch
+            width = a.num_heads * a.head_dim
+            assert a.split_size == width == a.c_proj.nx == a.c_attn.nf // 3
+            assert a.c_attn.weight.shape == (32, 3 * width) and a.c_proj.weight.shape == (width, 32)
+            heads.append(a.num_heads)
+        assert sum(heads) < 8
     assert slim.prune_report.max_rel_error <= 1e-5
     cd.mask_(model, thr)
     ids, mask = _padded_batch()

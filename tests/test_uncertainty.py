@@ -164,6 +164,19 @@ def test_sampler_repeats_after_the_deterministic_prefix_when_that_is_exact():
         )
 
 
+def test_noise_on_chosen_layers_only():
+    gated = _gated("lenet5", "variational")
+    slim = _prune(gated)
+    last = [n for n, _ in named_gates(gated)][-1]
+    noisy = keep_noise(gated, slim, layers=[last])
+    assert [n for n, _ in noisy_sites(noisy)] == [last]
+    x = input_for(gated, 3)
+    sampler = MCSampler(noisy, 4, example=x)
+    assert sampler.late_repeat  # the convolutions run once per input
+    with pytest.raises(InputError, match="layers must name gates"):
+        keep_noise(gated, slim, layers=["nope"])
+
+
 def test_ndtri_approx_matches_torch_over_the_float64_range():
     p = torch.cat(
         [

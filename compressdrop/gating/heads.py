@@ -208,6 +208,17 @@ def remove_heads_(root: nn.Module, name: str, pruned: Sequence[int]) -> None:
         nested_off(root)
 
 
+def _without_caches(kwargs: dict) -> dict:
+    """An attention call's keywords with any key/value cache (a Hugging Face ``Cache``: it has
+    ``update`` and ``get_seq_length``) replaced by ``None``. Every call appends to a cache, so the
+    check's two calls would see each other's keys; without one, a head's output on the recorded
+    inputs is the same computation."""
+    return {
+        k: None if hasattr(v, "update") and hasattr(v, "get_seq_length") else v
+        for k, v in kwargs.items()
+    }
+
+
 def _leaves(out: Any) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_leaves
 
@@ -329,7 +340,7 @@ def record_calls(model: nn.Module) -> tuple[dict[str, tuple[tuple, dict]], Calla
         def record(_m: nn.Module, args: tuple, kwargs: dict) -> None:
             if name not in calls:
                 detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-                calls[name] = detached, dict(kwargs)
+                calls[name] = detached, _without_caches(kwargs)
 
         return record
 

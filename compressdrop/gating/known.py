@@ -1,7 +1,8 @@
 """What compressdrop knows about the layers of other libraries (Hugging Face transformers),
 registered the first time a model built from that library is gated: GPT-2's ``Conv1D`` as a
-producer (:func:`~compressdrop.gating.register_layer`), BERT's attention heads
-(:func:`~compressdrop.gating.register_attention`), and activations written out as formulas that
+producer (:func:`~compressdrop.gating.register_layer`, with an input fold for a gate on its
+input), BERT's and GPT-2's attention heads (:func:`~compressdrop.gating.register_attention`;
+GPT-2's packed ``c_attn`` is cut per head), and activations written out as formulas that
 are traced as the one op they equal.
 
 A model's classes say which library it comes from, so nothing is imported for a model that does
@@ -57,6 +58,12 @@ def _conv1d_costs(m: nn.Module, out: bool) -> tuple[float, float]:
     return (float(n_in + 1), float(n_in)) if out else (float(n_out), float(n_out))
 
 
+def _fold_conv1d_inputs(m: nn.Module, scale: torch.Tensor) -> None:
+    """Scale a ``Conv1D``'s input features: its weight's rows (weight ``(in, out)``)."""
+    weight = m.get_parameter("weight")
+    weight.mul_(scale.to(weight.dtype).unsqueeze(1))
+
+
 def _conv1d_pruner() -> Any:
     import torch_pruning as tp
 
@@ -104,6 +111,22 @@ def _register_transformers() -> None:
             fold_columns,
             output_positions=linear_positions,
             pruner=_conv1d_pruner,
+            fold_in=_fold_conv1d_inputs,
+        ),
+    )
+    # GPT-2: one packed Conv1D c_attn ([q; k; v] columns), split by split_size in its forward
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    register_attention(
+        GPT2Attention,
+        HeadSpec(
+            o="c_proj",
+            qkv="c_attn",
+            heads="num_heads",
+            widths=("split_size",),
+            why_not=lambda m: "cross-attention (its query is q_attn)"
+            if getattr(m, "is_cross_attention", False)
+            else None,
         ),
     )
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from .mc import has_noise, mc_mode
 __all__ = ["MCSampler", "export_mc_onnx", "keep_noise"]
 
 
-def keep_noise(gated: nn.Module, slim: nn.Module, threshold: float | None = None) -> nn.Module:
+def keep_noise(
+    gated: nn.Module,
+    slim: nn.Module,
+    threshold: float | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+) -> nn.Module:
     """A copy of ``slim`` whose kept units carry their gates' learned noise again.
 
     Each layer the gated model gated gets a :class:`~compressdrop.gating.noisy.NoisySite` with
@@ -39,16 +46,25 @@ def keep_noise(gated: nn.Module, slim: nn.Module, threshold: float | None = None
         slim: the result of :func:`compressdrop.prune` on ``gated`` (unchanged).
         threshold: the threshold of that pruning; by default the one its ``prune_report``
             records.
+        layers: the gates whose noise stays, by the names :func:`~compressdrop.gating.named_gates`
+            gives them (every layer a shared gate serves keeps it); ``None``: all. Fewer, later
+            gates make sampling cheaper (:class:`MCSampler` repeats after the last noise-free
+            layer) at the price of a narrower posterior.
 
     Returns:
         The noisy slim model, in eval mode, with ``slim``'s ``prune_report``.
 
     Raises:
-        InputError: ``gated`` has no gates, or a gated layer's kept units do not match the slim
-            layer (``slim`` was not pruned from ``gated`` at this threshold).
+        InputError: ``gated`` has no gates, ``layers`` names no gate of it, or a gated layer's
+            kept units do not match the slim layer (``slim`` was not pruned from ``gated`` at
+            this threshold).
     """
     if not is_gated(gated):
         raise InputError("keep_noise needs the gated model the slim model was pruned from")
+    names = [n for n, _ in named_gates(gated)]
+    unknown = sorted(set(layers or ()) - set(names))
+    if unknown or (layers is not None and not layers):
+        raise InputError(f"layers must name gates of the model ({names}), got {list(layers or [])}")
     if threshold is None:
         report = getattr(slim, "prune_report", None)
         threshold = getattr(report, "threshold", None)
@@ -57,12 +73,16 @@ def keep_noise(gated: nn.Module, slim: nn.Module, threshold: float | None = None
     for _, site in sites(masked):
         uses[id(site.gate)] = uses.get(id(site.gate), 0) + 1
     subsets: dict[int, Any] = {}
-    for _, g in named_gates(masked):
+    for name, g in named_gates(masked):
+        if layers is not None and name not in layers:
+            continue
         sub = g.select(~g.pruned).eval()
         sub.shared = uses[id(g)] > 1
         subsets[id(g)] = sub
     out = copy.deepcopy(slim).eval()
     for name, site in sites(masked):
+        if id(site.gate) not in subsets:
+            continue
         head_dim = site.head_dim if isinstance(site, HeadGated) else None
         attention = site.attention if isinstance(site, HeadGated) else None
         if attention is not None:
@@ -171,6 +191,7 @@ def export_mc_onnx(
     samples: int = 30,
     *,
     providers: str = "auto",
+    repeat_late: bool = True,
 ) -> ExportReport:
     """Export a noisy slim model as an ONNX graph that draws ``samples`` Monte-Carlo samples.
 
@@ -189,6 +210,8 @@ def export_mc_onnx(
         path: the ``.onnx`` file to write.
         samples: samples per call, at least 1.
         providers: onnxruntime providers, as for :func:`~compressdrop.export.export_onnx`.
+        repeat_late: let the graph run the layers before the first noise once per input where
+            that is exact (:class:`MCSampler`); False repeats the input (for comparison).
 
     Raises:
         InputError: the model has no noise.
@@ -199,7 +222,7 @@ def export_mc_onnx(
 
     if not any(True for _ in noisy_sites(model)) and not has_noise(model):
         raise InputError("the model has no noise to sample; build it with keep_noise()")
-    sampler = MCSampler(model, samples, example=example).cpu()
+    sampler = MCSampler(model, samples, example=example if repeat_late else None).cpu()
     x = example.detach().cpu()
     meta = {"mc_samples": str(samples), "mc_output": "probabilities (samples, batch, classes)"}
     report = getattr(model, "prune_report", None)
