@@ -3,8 +3,9 @@ the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and o
 ``Conv1D`` layers) and heads, and BERT's heads and MLP neurons, are gated and pruned exactly, and a pruned
 decoder generates what the masked one does, with its cache.
 
-GPT-2's heads are gated too (its packed ``c_attn`` cut per head). Not yet (issue 16): LLaMA's
-grouped-query heads, ONNX export, configs that ``from_pretrained`` reloads.
+The decoders' heads are gated too: GPT-2's (its packed ``c_attn`` cut per head) and LLaMA's
+grouped-query heads (every key/value head keeps as many query heads). Not yet (issue 16): ONNX
+export, configs that ``from_pretrained`` reloads.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def _mlp_widths(slim, name: str) -> list[set[int]]:
     ]
 
 
+def _check_gqa(slim, kv_heads: int) -> None:
+    """The slim LLaMA's attentions: widths agree, key/value heads are kept, fewer query heads."""
+    queries = []
+    for layer in slim.model.layers:
+        a = layer.self_attn  # its own record follows (repeat_kv reads num_key_value_groups)
+        q, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+        assert (
+            a.o_proj.in_features
+            == a.q_proj.out_features
+            == a.num_key_value_groups * kv * a.head_dim
+        )
+        assert a.v_proj.out_features == a.k_proj.out_features
+        assert kv == kv_heads or a.num_key_value_groups == 1  # heads of their own go with their q
+        queries.append(q)
+    assert sum(queries) < 8
+
+
 @pytest.mark.parametrize("family", list(GATES))
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
@@ -97,6 +115,11 @@ def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
     assert [n for n in names if ".mlp." in n] == [site.format(i) for i in range(2)]
     for widths in _mlp_widths(slim, name):
         assert len(widths) == 1 and widths.pop() < {"llama": 48, "gpt2": 128}[name]
+    if name == "llama":  # grouped-query heads: every key/value head keeps as many query heads
+        assert [n for n in names if ".self_attn." in n] == [
+            f"model.layers.{i}.self_attn.o_proj" for i in range(2)
+        ]
+        _check_gqa(slim, kv_heads=2)
     if name == "gpt2":  # and its heads: one gate per head on c_proj's input, the packed c_attn cut
         assert [n for n in names if ".attn." in n] == [
             f"transformer.h.{i}.attn.c_proj" for i in range(2)
@@ -120,6 +143,21 @@ def test_decoder_mlp_neurons_prune_exactly_and_generate_as_masked(name, family):
     assert rel <= 1e-5
     kwargs = {"attention_mask": mask, "max_new_tokens": 32, "do_sample": False}
     kwargs |= {"pad_token_id": 0, "use_cache": True}
+    assert torch.equal(slim.generate(ids, **kwargs), model.generate(ids, **kwargs))
+
+
+def test_llama_with_a_key_value_head_per_query_head_loses_them_together():
+    config_cls, model_cls, sizes = MODELS["llama"]
+    config = getattr(transformers, config_cls)(**TOKENS, **{**sizes, "num_key_value_heads": 4})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    slim, thr = _attach_and_prune(model, ids)
+    _check_gqa(slim, kv_heads=4)
+    assert any(layer.self_attn.k_proj.out_features < 32 for layer in slim.model.layers)
+    cd.mask_(model, thr)
+    ids, mask = _padded_batch()
+    kwargs = {"attention_mask": mask, "max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(slim.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import InputError
 from .aligned import group_alignment
-from .heads import find_heads, projections_of, record_calls
+from .head_groups import find_heads, projections_of, record_calls
 from .known import register_for, traced_as_known
 from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import HeadSpec, register_attention
+from .heads import HeadSpec, cut_features, register_attention
 from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, register_layer
 
 __all__: list[str] = []  # internal to compressdrop.gating
@@ -92,6 +92,40 @@ def _conv1d_pruner() -> Any:
     return Conv1DPruner()
 
 
+def _query_heads(m: nn.Module) -> int:
+    return int(m.get_submodule("q_proj").out_features // m.head_dim)
+
+
+def _kv_heads(m: nn.Module) -> int:
+    return int(m.get_submodule("k_proj").out_features // m.head_dim)
+
+
+def _kv_blocks(m: nn.Module) -> int:
+    """One block of query heads per key/value head; none when each has its own (multi-head)."""
+    return _kv_heads(m) if m.num_key_value_groups > 1 else 1
+
+
+def _remove_gqa_heads(m: nn.Module, keep: torch.Tensor) -> None:
+    """Remove a LLaMA-style attention's query heads not in ``keep``: their rows of ``q_proj`` and
+    columns of ``o_proj``; with one query head per key/value head, its key and value rows too;
+    with groups, ``num_key_value_groups`` (read by ``repeat_kv``) becomes the heads each
+    key/value head keeps. The shared config is left alone (it describes the dense model)."""
+    D, H, KV = int(m.head_dim), _query_heads(m), _kv_heads(m)
+    kept = set(keep.tolist())
+    cut = [h * D + i for h in range(H) if h not in kept for i in range(D)]
+    cut_features(m.get_submodule("q_proj"), cut, out=True)
+    cut_features(m.get_submodule("o_proj"), cut, out=False)
+    if m.num_key_value_groups == 1:
+        for path in ("k_proj", "v_proj"):
+            cut_features(m.get_submodule(path), cut, out=True)
+    else:
+        if len(kept) % KV:
+            raise ValueError(
+                f"{len(kept)} query heads do not split evenly over {KV} key/value heads"
+            )
+        m.num_key_value_groups = len(kept) // KV
+
+
 def _register_transformers() -> None:
     from transformers.activations import FastGELUActivation, NewGELUActivation
 
@@ -124,9 +158,25 @@ def _register_transformers() -> None:
             qkv="c_attn",
             heads="num_heads",
             widths=("split_size",),
-            why_not=lambda m: "cross-attention (its query is q_attn)"
-            if getattr(m, "is_cross_attention", False)
-            else None,
+            why_not=lambda m: (
+                "cross-attention (its query is q_attn)"
+                if getattr(m, "is_cross_attention", False)
+                else None
+            ),
+        ),
+    )
+    # LLaMA-style decoders (grouped-query attention): no head count attribute; the query heads
+    # of one key/value head are consecutive, and every key/value head keeps as many
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    register_attention(
+        LlamaAttention,
+        HeadSpec(
+            o="o_proj",
+            q="q_proj",
+            heads=_query_heads,
+            blocks=_kv_blocks,
+            remove=_remove_gqa_heads,
         ),
     )
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
