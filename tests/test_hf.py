@@ -1,11 +1,12 @@
 """Hugging Face transformers (the ``hf`` extra), built from small configs with random weights:
 the MLP neurons of a LLaMA-style decoder (SwiGLU, grouped-query attention) and of GPT-2 (its
-``Conv1D`` layers) and heads, and BERT's heads and MLP neurons, are gated and pruned exactly, and a pruned
-decoder generates what the masked one does, with its cache.
+``Conv1D`` layers) and heads, and BERT's heads and MLP neurons, are gated and pruned exactly,
+and a pruned decoder generates what the masked one does, with its cache.
 
 The decoders' heads are gated too: GPT-2's (its packed ``c_attn`` cut per head) and LLaMA's
-grouped-query heads (every key/value head keeps as many query heads). Not yet (issue 16): ONNX
-export, configs that ``from_pretrained`` reloads.
+grouped-query heads (every key/value head keeps as many query heads), and the slim models export
+to ONNX with dynamic sequence length. Not yet (issue 16): configs that ``from_pretrained``
+reloads.
 """
 
 from __future__ import annotations
@@ -186,3 +187,23 @@ def test_bert_heads_and_mlp_neurons_prune_exactly(family):
         got = slim(input_ids=ids, attention_mask=mask).logits
         want = model(input_ids=ids, attention_mask=mask).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_slim_models_export_to_onnx_at_two_sequence_lengths(name, tmp_path):
+    """Invariant 2: batch and sequence length dynamic; onnxruntime = PyTorch at batches 1 and 3
+    (length 8) and at lengths 5 and 13 (batch 2); the cache is off in the graph, on after."""
+    from compressdrop.export import export_onnx
+
+    torch.manual_seed(0)
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    slim, _ = _attach_and_prune(model, ids)
+    assert slim.num_parameters() < model.num_parameters()
+    cache = getattr(slim.config, "use_cache", None)
+    rep = export_onnx(
+        slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3), check_lengths=(5, 13)
+    )
+    assert set(rep.max_rel_error) == {1, 3, "length 5", "length 13"}
+    assert max(rep.max_rel_error.values()) <= 1e-4
+    assert getattr(slim.config, "use_cache", None) == cache

@@ -35,7 +35,7 @@ class ExportReport:
     path: Path
     bytes: int
     provider: str
-    max_rel_error: dict[int, float]
+    max_rel_error: dict[int | str, float]
     opset: int
     metadata: dict[str, str]
 
@@ -62,6 +62,21 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(lv)
 
 
+@contextlib.contextmanager
+def _no_cache(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face model's ``config.use_cache`` off for the export: the graph maps token ids to
+    logits, without the key/value cache object, which has no ONNX form."""
+    config = getattr(model, "config", None)
+    was = getattr(config, "use_cache", None)
+    if was:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if was:
+            config.use_cache = was  # type: ignore[union-attr]
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -72,6 +87,7 @@ def export_onnx(
     check_batch_sizes: Sequence[int] = (1, 7, 64),
     rtol: float = 1e-4,
     providers: str = "auto",
+    check_lengths: Sequence[int] = (),
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path``, with a dynamic batch dimension, and verify it.
 
@@ -93,6 +109,10 @@ def export_onnx(
         check_batch_sizes: batch sizes run in onnxruntime.
         rtol: largest accepted max|ort − torch| / max|torch|.
         providers: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        check_lengths: for sequence models (token ids ``(batch, length)``): leave dimension 1
+            dynamic too, and check at each of these lengths (batch 2) as well; the report's
+            ``max_rel_error`` keys them as ``"length L"``. A Hugging Face model is exported with
+            ``config.use_cache`` off (restored afterwards): logits without the key/value cache.
 
     Raises:
         ExportError: the exporter failed or produced non-standard operators.
@@ -109,14 +129,21 @@ def export_onnx(
         meta.update(report.metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     x = example_input.detach().cpu()
-    with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:
+    dims: dict[int, torch.export.Dim] = {0: dynamic_batch()}
+    if check_lengths:
+        if x.dim() < 2:
+            raise ExportError(
+                "check_lengths needs inputs with a sequence dimension (batch, length)"
+            )
+        dims[1] = torch.export.Dim("length", min=2, max=1 << 16)
+    with eval_on_cpu(model) as model_cpu, _no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter():
                 program = torch.onnx.export(
                     model_cpu,
                     (x,),
                     dynamo=True,
-                    dynamic_shapes=({0: dynamic_batch()},),
+                    dynamic_shapes=(dims,),
                     opset_version=opset,
                     external_data=False,
                     verbose=False,
@@ -148,14 +175,17 @@ def export_onnx(
 
         session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
         name = session.get_inputs()[0].name
-        errors = compare_at_batches(
-            model_cpu,
-            lambda xb: session.run(None, {name: xb.numpy()}),
-            x,
-            check_batch_sizes,
-            rtol,
-            f"onnxruntime ({provider})",
+        run = lambda xb: session.run(None, {name: xb.numpy()})  # noqa: E731
+        what = f"onnxruntime ({provider})"
+        errors: dict[int | str, float] = dict(
+            compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what)
         )
+        for length in check_lengths:  # an example of that length: its values bound the ids
+            at = x[:1, :1].expand(1, length, *x.shape[2:]).clone()
+            if not x.is_floating_point():
+                at.fill_(int(x.max()))
+            err = compare_at_batches(model_cpu, run, at, (2,), rtol, f"{what}, length {length}")
+            errors[f"length {length}"] = err[2]
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
 
 
