@@ -60,7 +60,9 @@ def _attach_and_prune(model, ids, family: str = "lognormal"):
             for p in g.parameters():  # every family: move each unit's parameters apart
                 p.add_(torch.empty_like(p).uniform_(-2, 2))
     thr = float(torch.cat([g.snr().detach() for _, g in gates]).median())
-    return cd.prune(model, thr, example_inputs=ids), thr
+    with warnings.catch_warnings():  # free shapes: the config cannot describe them (tested below)
+        warnings.simplefilter("ignore", cd.PruningWarning)
+        return cd.prune(model, thr, example_inputs=ids), thr
 
 
 def _padded_batch():
@@ -207,3 +209,84 @@ def test_slim_models_export_to_onnx_at_two_sequence_lengths(name, tmp_path):
     assert set(rep.max_rel_error) == {1, 3, "length 5", "length 13"}
     assert max(rep.max_rel_error.values()) <= 1e-4
     assert getattr(slim.config, "use_cache", None) == cache
+
+
+RELOAD = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from torchvision_models import import_torchvision  # the CUDA torchvision build's op schemas
+import_torchvision()
+import transformers
+folder = sys.argv[1]
+config = transformers.AutoConfig.from_pretrained(folder)
+model = getattr(transformers, config.architectures[0]).from_pretrained(folder).eval()
+ids = torch.load(folder + "/ids.pt")
+with torch.no_grad():
+    torch.save(model(input_ids=ids).logits, folder + "/logits.pt")
+assert not any(m.startswith("compressdrop") for m in sys.modules), "compressdrop was imported"
+"""
+
+
+def _reload_elsewhere(slim, ids, folder) -> torch.Tensor:
+    """``save_pretrained``, then ``from_pretrained`` in a process without compressdrop."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    slim.save_pretrained(folder)
+    torch.save(ids, folder / "ids.pt")
+    tests = str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", RELOAD, str(folder), tests], check=True, timeout=300)
+    return torch.load(folder / "logits.pt")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop(name, tmp_path):
+    """uniform=True: every layer keeps as many heads and neurons; the config follows, and
+    from_pretrained in a fresh process (no compressdrop) gives the slim model's outputs. GPT-2's
+    and BERT's configs derive the head size from the head count, so there the MLP neurons only."""
+    torch.manual_seed(0)
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    # GPT-2's and BERT's heads, and BERT's pooler width, are not config fields
+    attn = {"llama": None, "gpt2": ["GPT2Attention"], "bert": ["BertAttention", "*pooler*"]}[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", exclude=attn, example_inputs=ids)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for gate_name, g in cd.named_gates(model):
+            g.mu.add_(torch.empty_like(g.mu).uniform_(-2, 2))
+            if gate_name.endswith("o_proj"):  # LLaMA: heads 1 and 3 (one per key/value head)
+                g.log_sigma[[1, 3]] = 3.0  # noisy: low SNR
+    thr = float(torch.cat([g.snr().detach() for _, g in cd.named_gates(model)]).median())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
+        slim = cd.prune(model, thr, example_inputs=ids, uniform=True)
+    inner = {"llama": "intermediate_size", "gpt2": "n_inner", "bert": "intermediate_size"}[name]
+    assert getattr(slim.config, inner) < (getattr(model.config, inner) or 4 * 32)  # GPT-2: None
+    if name == "llama":  # heads too: the same number in every layer, per key/value head
+        assert slim.config.num_attention_heads < 4
+        assert slim.config.head_dim == 8 and slim.config.num_key_value_heads == 2
+    with torch.no_grad():
+        want = slim(input_ids=ids).logits
+    got = _reload_elsewhere(slim, ids, tmp_path / "slim")
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_free_shape_warns_that_the_config_cannot_describe_it():
+    torch.manual_seed(0)
+    model = _build("llama")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    with torch.no_grad():  # layer 0 keeps half its MLP, layer 1 all of it
+        gates = dict(cd.named_gates(model))
+        gates["model.layers.0.mlp.up_proj"].log_sigma[:24] = 3.0  # noisy: low SNR
+    with pytest.warns(cd.PruningWarning, match="cannot describe"):
+        slim = cd.prune(model, example_inputs=ids)
+    assert slim.config.intermediate_size == 48  # left describing the dense model
+    widths = [layer.mlp.intermediate_size for layer in slim.model.layers]
+    assert widths == [layer.mlp.up_proj.out_features for layer in slim.model.layers]
+    assert widths[0] < widths[1] == 48  # the modules' own record follows each layer

@@ -194,3 +194,86 @@ def _register_transformers() -> None:
             widths=("self.all_head_size",),
         ),
     )
+
+
+def sync_config(model: nn.Module) -> str | None:
+    """After surgery on a Hugging Face model: set the per-layer attributes its modules keep
+    (LLaMA's ``mlp.intermediate_size``), and, where every layer has the same shape, the config
+    (LLaMA: ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``intermediate_size``; GPT-2: ``n_inner``; BERT: ``intermediate_size``), so that
+    ``save_pretrained`` writes a folder ``from_pretrained`` loads.
+
+    Returns:
+        ``None`` when the config describes the slim model (or the model is not one of these),
+        else why it cannot (per-layer widths differ, or the library derives the head size from
+        the head count): the config is then left describing the dense model.
+    """
+    config = getattr(model, "config", None)
+    if config is None or type(config).__module__.split(".")[0] != "transformers":
+        return None
+    found = _shapes(model)
+    if found is None:
+        return None
+    want, fixed = found  # config field → per-layer values; fields the config cannot change
+    if any(len(set(v)) > 1 for v in want.values()):
+        sizes = ", ".join(f"{k} {v}" for k, v in want.items() if len(set(v)) > 1)
+        return (
+            f"the layers keep different widths ({sizes}), which a {type(config).__name__} "
+            "cannot describe: save_pretrained would write a folder from_pretrained cannot "
+            "load; prune with uniform=True for a standard config, or keep this shape as .pt2, "
+            "ONNX or a compressdrop checkpoint"
+        )
+    for field, (values, now, what) in fixed.items():
+        if set(values) != {now}:
+            return (
+                f"{type(config).__name__} cannot describe {what} of {values[0]} ({field} is "
+                f"{now}): keep this shape as .pt2, ONNX or a compressdrop checkpoint, or leave "
+                "those units ungated (attach's exclude)"
+            )
+    for key, values in want.items():
+        setattr(config, key, values[0])
+    return None
+
+
+def _shapes(
+    model: nn.Module,
+) -> tuple[dict[str, list[int]], dict[str, tuple[list, int, str]]] | None:
+    """Per-layer widths of a known Hugging Face family, by config field; and the fields the
+    config cannot change: their per-layer values, the config's own, and what they are."""
+    kinds = {type(m).__name__: m for m in model.modules()}
+    config: Any = model.config
+    if "LlamaAttention" in kinds:
+        attns = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
+        mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+        for mlp in mlps:
+            mlp.intermediate_size = mlp.up_proj.out_features
+        return {
+            "num_attention_heads": [_query_heads(a) for a in attns],
+            "num_key_value_heads": [_kv_heads(a) for a in attns],
+            "head_dim": [int(a.head_dim) for a in attns],
+            "intermediate_size": [m.intermediate_size for m in mlps],
+        }, {}
+    if "GPT2Attention" in kinds:
+        attns = [m for m in model.modules() if type(m).__name__ == "GPT2Attention"]
+        mlps = [m for m in model.modules() if type(m).__name__ == "GPT2MLP"]
+        heads = [int(a.num_heads) for a in attns]
+        return {"n_inner": [int(m.c_fc.nf) for m in mlps]}, {
+            "n_head": (heads, config.n_head, "heads (it derives their size from n_embd / n_head)")
+        }
+    if "BertSelfAttention" in kinds:
+        selfs = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
+        inter = [m for m in model.modules() if type(m).__name__ == "BertIntermediate"]
+        heads = [int(s.num_attention_heads) for s in selfs]
+        fixed = {
+            "num_attention_heads": (
+                heads,
+                config.num_attention_heads,
+                "heads (it derives their size from hidden_size / num_attention_heads)",
+            )
+        }
+        poolers = [m for m in model.modules() if type(m).__name__ == "BertPooler"]
+        if poolers:
+            widths = [int(p.dense.out_features) for p in poolers]
+            fixed["hidden_size"] = (widths, config.hidden_size, "a pooler width")
+        return {"intermediate_size": [m.dense.out_features for m in inter]}, fixed
+    return None

@@ -14,7 +14,6 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -32,8 +31,11 @@ from ..gating import (
 )
 from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
+from ..gating.known import sync_config
 from ..gating.tpgraph import build_graph
 from .grouped import prune_group
+from .report import HEADS, LayerReport, PruneReport
+from .uniform import uniform_keep
 
 __all__ = [
     "LayerReport",
@@ -47,9 +49,6 @@ __all__ = [
 ]
 
 
-HEADS = "heads"  # the pruning history's mark of an attention's removed heads
-
-
 class PruningWarning(UserWarning):
     """Pruning did something other than asked (e.g. kept one unit of a layer the threshold emptied)."""
 
@@ -58,100 +57,17 @@ class SurgeryError(CompressDropError, RuntimeError):
     """The slim model does not reproduce the masked model; the input model is left untouched."""
 
 
-@dataclass(frozen=True)
-class LayerReport:
-    """Units of one gated group before and after pruning.
-
-    Attributes:
-        name: the group's name (that of its first gated layer).
-        before: units before pruning.
-        after: units kept.
-        threshold: the SNR threshold applied to the group.
-    """
-
-    name: str
-    before: int
-    after: int
-    threshold: float
-
-
-@dataclass(frozen=True)
-class PruneReport:
-    """What :func:`prune` did: per-group units, the threshold, and a replayable pruning history.
-
-    Attributes:
-        family: the gate family of the pruned model.
-        threshold: the threshold asked for; ``None``: each family's default.
-        layers: one :class:`LayerReport` per gated group.
-        history: the pruning history, for :func:`replay`: ``[attention, "heads", idxs]`` per
-            attention whose heads were removed, then Torch-Pruning's ``[name, is_out, idxs]``
-            per step.
-        max_rel_error: the parity check's relative error of the slim model against the masked one.
-    """
-
-    family: str
-    threshold: float | None
-    layers: list[LayerReport]
-    history: list = field(repr=False)  # [name, "heads" | is_out, idxs] per step
-    max_rel_error: float | None
-
-    @property
-    def units_before(self) -> int:
-        """Gated units before pruning, over every group."""
-        return sum(layer.before for layer in self.layers)
-
-    @property
-    def units_after(self) -> int:
-        """Units kept, over every group."""
-        return sum(layer.after for layer in self.layers)
-
-    @property
-    def architecture_before(self) -> str:
-        """Units per gated group before pruning, e.g. ``"20-50-500"``."""
-        return "-".join(str(layer.before) for layer in self.layers)
-
-    @property
-    def architecture_after(self) -> str:
-        """Units per gated group after pruning, e.g. ``"5-17-120"``."""
-        return "-".join(str(layer.after) for layer in self.layers)
-
-    def architecture(self) -> str:
-        """Units per gated group, e.g. ``"20-50-500 → 5-17-120"``."""
-        return f"{self.architecture_before} → {self.architecture_after}"
-
-    def metadata(self) -> dict[str, str]:
-        """How the slim model was made: threshold, gate family, units before and after, as strings.
-
-        Every exported file records them (ONNX ``metadata_props``, ``report.json``).
-        """
-        return {
-            "threshold": str(self.threshold),
-            "gate_family": self.family,
-            "architecture_before": self.architecture_before,
-            "architecture_after": self.architecture_after,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """The report as plain data (JSON- and ``weights_only``-safe), for :meth:`from_dict`."""
-        d = asdict(self)
-        d["history"] = [
-            [n, o if o == HEADS else bool(o), [int(i) for i in idx]] for n, o, idx in self.history
-        ]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
-        """The report :meth:`to_dict` wrote (as saved in checkpoints)."""
-        return cls(
-            d["family"],
-            d["threshold"],
-            [LayerReport(**layer) for layer in d["layers"]],
-            d["history"],
-            d["max_rel_error"],
-        )
-
-
 def _keep_masks(
+    model: nn.Module, threshold: float | None, uniform: bool = False
+) -> dict[int, tuple[str, torch.Tensor, float]]:
+    out = _threshold_masks(model, threshold)
+    if uniform:
+        kept = uniform_keep(list(named_gates(model)), {k: v[1] for k, v in out.items()})
+        out = {k: (name, kept[k], thr) for k, (name, _, thr) in out.items()}
+    return out
+
+
+def _threshold_masks(
     model: nn.Module, threshold: float | None
 ) -> dict[int, tuple[str, torch.Tensor, float]]:
     out = {}
@@ -173,7 +89,7 @@ def _keep_masks(
     return out
 
 
-def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
+def mask_(model: nn.Module, threshold: float | None = None, *, uniform: bool = False) -> nn.Module:
     """Mark the units with SNR below ``threshold`` as pruned, in place.
 
     The gated model's eval forward then multiplies them by 0: the reference that the slim model of
@@ -185,6 +101,7 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
     Args:
         model: a gated model.
         threshold: SNR threshold; ``None``: each gate family's default.
+        uniform: every layer of a stack keeps as many units (:mod:`compressdrop.pruning.uniform`).
 
     Returns:
         ``model``.
@@ -194,7 +111,7 @@ def mask_(model: nn.Module, threshold: float | None = None) -> nn.Module:
     """
     if not is_gated(model):
         raise InputError("model has no gates; attach() them and train before pruning")
-    masks = _keep_masks(model, threshold)
+    masks = _keep_masks(model, threshold, uniform)
     for _, g in named_gates(model):
         g.pruned.copy_(~masks[id(g)][1])
     return model
@@ -260,6 +177,7 @@ def prune(
     *,
     example_inputs: torch.Tensor | tuple | None = None,
     rtol: float = 1e-4,
+    uniform: bool = False,
 ) -> nn.Module:
     """Return a new, smaller, gate-free model; ``model`` itself is left untouched.
 
@@ -280,6 +198,10 @@ def prune(
         example_inputs: an input batch for tracing; by default random inputs of the shapes
             ``attach`` recorded, else inferred as in ``attach``.
         rtol: tolerance of the built-in parity check.
+        uniform: every layer of a stack keeps as many units, so that a library's config can
+            describe the slim model (:mod:`compressdrop.pruning.uniform`); a Hugging Face
+            model's config is then updated to the slim shape (``save_pretrained`` writes a
+            folder that ``from_pretrained`` loads without compressdrop).
 
     Returns:
         The slim model, in eval mode, with ``prune_report`` set.
@@ -299,7 +221,7 @@ def prune(
     for _, g in named_gates(model):
         g.clear_sample()  # a shared gate's θ of the last training forward: not copyable
     work = copy.deepcopy(model).eval()
-    masks = _keep_masks(work, threshold)
+    masks = _keep_masks(work, threshold, uniform)
     for _, g in named_gates(work):
         g.pruned.copy_(~masks[id(g)][1])
     if example_inputs is None:
@@ -354,6 +276,9 @@ def prune(
             f"slim model differs from the masked model by relative error {err:.3g} > {rtol:g}; "
             "please report this model structure"
         )
+    why = sync_config(work)
+    if why is not None:
+        warnings.warn(f"compressdrop: {why}", PruningWarning, stacklevel=2)
     # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
     work.prune_report = PruneReport(  # type: ignore[assignment]
         family, threshold, layers, head_history + dg.pruning_history(), err
