@@ -177,9 +177,8 @@ def export_onnx(
         name = session.get_inputs()[0].name
         run = lambda xb: session.run(None, {name: xb.numpy()})  # noqa: E731
         what = f"onnxruntime ({provider})"
-        errors: dict[int | str, float] = dict(
-            compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what)
-        )
+        checked = compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what)
+        errors: dict[int | str, float] = {b: e for b, e in checked.items()}
         for length in check_lengths:  # an example of that length: its values bound the ids
             at = x[:1, :1].expand(1, length, *x.shape[2:]).clone()
             if not x.is_floating_point():

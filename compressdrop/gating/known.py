@@ -92,20 +92,20 @@ def _conv1d_pruner() -> Any:
     return Conv1DPruner()
 
 
-def _query_heads(m: nn.Module) -> int:
+def _query_heads(m: Any) -> int:
     return int(m.get_submodule("q_proj").out_features // m.head_dim)
 
 
-def _kv_heads(m: nn.Module) -> int:
+def _kv_heads(m: Any) -> int:
     return int(m.get_submodule("k_proj").out_features // m.head_dim)
 
 
-def _kv_blocks(m: nn.Module) -> int:
+def _kv_blocks(m: Any) -> int:
     """One block of query heads per key/value head; none when each has its own (multi-head)."""
     return _kv_heads(m) if m.num_key_value_groups > 1 else 1
 
 
-def _remove_gqa_heads(m: nn.Module, keep: torch.Tensor) -> None:
+def _remove_gqa_heads(m: Any, keep: torch.Tensor) -> None:
     """Remove a LLaMA-style attention's query heads not in ``keep``: their rows of ``q_proj`` and
     columns of ``o_proj``; with one query head per key/value head, its key and value rows too;
     with groups, ``num_key_value_groups`` (read by ``repeat_kv``) becomes the heads each
@@ -240,11 +240,12 @@ def _shapes(
 ) -> tuple[dict[str, list[int]], dict[str, tuple[list, int, str]]] | None:
     """Per-layer widths of a known Hugging Face family, by config field; and the fields the
     config cannot change: their per-layer values, the config's own, and what they are."""
-    kinds = {type(m).__name__: m for m in model.modules()}
+    mods: list[Any] = list(model.modules())
+    kinds = {type(m).__name__ for m in mods}
     config: Any = model.config
     if "LlamaAttention" in kinds:
-        attns = [m for m in model.modules() if type(m).__name__ == "LlamaAttention"]
-        mlps = [m for m in model.modules() if type(m).__name__ == "LlamaMLP"]
+        attns = [m for m in mods if type(m).__name__ == "LlamaAttention"]
+        mlps = [m for m in mods if type(m).__name__ == "LlamaMLP"]
         for mlp in mlps:
             mlp.intermediate_size = mlp.up_proj.out_features
         return {
@@ -254,15 +255,15 @@ def _shapes(
             "intermediate_size": [m.intermediate_size for m in mlps],
         }, {}
     if "GPT2Attention" in kinds:
-        attns = [m for m in model.modules() if type(m).__name__ == "GPT2Attention"]
-        mlps = [m for m in model.modules() if type(m).__name__ == "GPT2MLP"]
+        attns = [m for m in mods if type(m).__name__ == "GPT2Attention"]
+        mlps = [m for m in mods if type(m).__name__ == "GPT2MLP"]
         heads = [int(a.num_heads) for a in attns]
         return {"n_inner": [int(m.c_fc.nf) for m in mlps]}, {
             "n_head": (heads, config.n_head, "heads (it derives their size from n_embd / n_head)")
         }
     if "BertSelfAttention" in kinds:
-        selfs = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
-        inter = [m for m in model.modules() if type(m).__name__ == "BertIntermediate"]
+        selfs = [m for m in mods if type(m).__name__ == "BertSelfAttention"]
+        inter = [m for m in mods if type(m).__name__ == "BertIntermediate"]
         heads = [int(s.num_attention_heads) for s in selfs]
         fixed = {
             "num_attention_heads": (
@@ -271,7 +272,7 @@ def _shapes(
                 "heads (it derives their size from hidden_size / num_attention_heads)",
             )
         }
-        poolers = [m for m in model.modules() if type(m).__name__ == "BertPooler"]
+        poolers = [m for m in mods if type(m).__name__ == "BertPooler"]
         if poolers:
             widths = [int(p.dense.out_features) for p in poolers]
             fixed["hidden_size"] = (widths, config.hidden_size, "a pooler width")

@@ -54,14 +54,17 @@ def evaluate_file(
         x_ood = None
         if ood is not None:
             x_ood = resize_images(load_dataset(ood).x_test, tuple(ds.input_shape))
-        res = {"model": str(model_path), "data": ds.name, "n": len(ds.y_test)}
-        res["mc"] = mc_evaluate_onnx(
-            model_path, ds.x_test, ds.y_test, mc_samples, x_ood, device=device
-        )
-        res["accuracy"], res["nll"] = res["mc"]["accuracy"], res["mc"]["nll"]
+        mc = mc_evaluate_onnx(model_path, ds.x_test, ds.y_test, mc_samples, x_ood, device=device)
         if ood is not None:
-            res["mc"]["ood_data"] = ood
-        return res
+            mc["ood_data"] = ood
+        return {
+            "model": str(model_path),
+            "data": ds.name,
+            "n": len(ds.y_test),
+            "accuracy": mc["accuracy"],
+            "nll": mc["nll"],
+            "mc": mc,
+        }
     from ..evaluation.metrics import evaluate
     from ..evaluation.model_size import count_flops, count_params
     from ..gating import example_input_for
