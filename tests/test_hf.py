@@ -31,6 +31,14 @@ MODELS = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
     }),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+    }),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+    }),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {
         "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
     }),
@@ -290,3 +298,28 @@ def test_free_shape_warns_that_the_config_cannot_describe_it():
     widths = [layer.mlp.intermediate_size for layer in slim.model.layers]
     assert widths == [layer.mlp.up_proj.out_features for layer in slim.model.layers]
     assert widths[0] < widths[1] == 48  # the modules' own record follows each layer
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+def test_other_llama_style_decoders_take_the_same_registration(name, tmp_path):
+    """Qwen2 and Mistral have LLaMA's attention and MLP: heads and neurons prune exactly, the
+    slim decoder generates the masked one's tokens, and a uniform one reloads without us."""
+    torch.manual_seed(0)
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    slim, thr = _attach_and_prune(model, ids)
+    names = [n for n, _ in cd.named_gates(model)]
+    assert {f"model.layers.{i}.self_attn.o_proj" for i in range(2)} <= set(names)
+    assert {f"model.layers.{i}.mlp.up_proj" for i in range(2)} <= set(names)
+    _check_gqa(slim, kv_heads=2)
+    cd.mask_(model, thr)
+    ids, mask = _padded_batch()
+    kwargs = {"attention_mask": mask, "max_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(slim.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)
+        uniform = cd.prune(model, thr, example_inputs=ids, uniform=True)
+    with torch.no_grad():
+        want = uniform(input_ids=ids).logits
+    got = _reload_elsewhere(uniform, ids, tmp_path / "slim")
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5

@@ -92,6 +92,16 @@ def _conv1d_pruner() -> Any:
     return Conv1DPruner()
 
 
+# decoders whose attention is LLaMA's (q/k/v/o projections, head_dim, num_key_value_groups) and
+# whose MLP is SwiGLU with up_proj: family → attention class
+_LLAMA_LIKE = {
+    "llama": "LlamaAttention",
+    "qwen2": "Qwen2Attention",
+    "qwen3": "Qwen3Attention",
+    "mistral": "MistralAttention",
+}
+
+
 def _query_heads(m: Any) -> int:
     return int(m.get_submodule("q_proj").out_features // m.head_dim)
 
@@ -166,19 +176,19 @@ def _register_transformers() -> None:
         ),
     )
     # LLaMA-style decoders (grouped-query attention): no head count attribute; the query heads
-    # of one key/value head are consecutive, and every key/value head keeps as many
-    from transformers.models.llama.modeling_llama import LlamaAttention
+    # of one key/value head are consecutive, and every key/value head keeps as many. Qwen2,
+    # Qwen3 (its q/k norms act per head on head_dim) and Mistral have the same attention.
+    import importlib
 
-    register_attention(
-        LlamaAttention,
-        HeadSpec(
-            o="o_proj",
-            q="q_proj",
-            heads=_query_heads,
-            blocks=_kv_blocks,
-            remove=_remove_gqa_heads,
-        ),
+    gqa = HeadSpec(
+        o="o_proj", q="q_proj", heads=_query_heads, blocks=_kv_blocks, remove=_remove_gqa_heads
     )
+    for family, cls in _LLAMA_LIKE.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:  # an older transformers without this family
+            continue
+        register_attention(getattr(module, cls), gqa)
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
     # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense
     from transformers.models.bert.modeling_bert import BertAttention
@@ -243,9 +253,11 @@ def _shapes(
     mods: list[Any] = list(model.modules())
     kinds = {type(m).__name__ for m in mods}
     config: Any = model.config
-    if "LlamaAttention" in kinds:
-        attns = [m for m in mods if type(m).__name__ == "LlamaAttention"]
-        mlps = [m for m in mods if type(m).__name__ == "LlamaMLP"]
+    llama_like = set(_LLAMA_LIKE.values()) & kinds
+    if llama_like:
+        attns = [m for m in mods if type(m).__name__ in llama_like]
+        mlp_names = {n.replace("Attention", "MLP") for n in llama_like}
+        mlps = [m for m in mods if type(m).__name__ in mlp_names]
         for mlp in mlps:
             mlp.intermediate_size = mlp.up_proj.out_features
         return {
