@@ -129,6 +129,8 @@ def export_onnx(
         meta.update(report.metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     x = example_input.detach().cpu()
+    if len(x) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
+        x = x.repeat(2, *([1] * (x.dim() - 1)))
     dims: dict[int, torch.export.Dim] = {0: dynamic_batch()}
     if check_lengths:
         if x.dim() < 2:
