@@ -53,7 +53,22 @@ def _no_op(module: nn.Module, args: Any) -> None:
     """The forward pre-hook of every :class:`Gated` (see there)."""
 
 
-class Gated(nn.Module):
+class Wrapper(nn.Module):
+    """A module that wraps one layer as ``self.module`` and answers for its attributes."""
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (``weight``, ``in_features``, ...), for code that reads
+        them through the parent module (``nn.TransformerEncoderLayer`` and
+        ``nn.MultiheadAttention`` do)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or name == "module":
+                raise
+            return getattr(super().__getattr__("module"), name)
+
+
+class Gated(Wrapper):
     """Wraps a layer so that its output passes through a gate: ``gate(module(x), dim=unit_dim)``.
 
     Args:
@@ -70,16 +85,6 @@ class Gated(nn.Module):
         # a hooked submodule turns fused fast paths off (nn.TransformerEncoderLayer's in eval):
         # they read the wrapped weights directly and would skip the gate
         self.register_forward_pre_hook(_no_op)
-
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped layer's attributes (``weight``, ``in_features``, ...), for code that reads
-        them through the parent module (``nn.TransformerEncoderLayer`` does)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or name == "module":
-                raise
-            return getattr(super().__getattr__("module"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, LogNormalGate, gate_class
 from ..gates.distributions import truncnorm_icdf_coefs
-from .gated import _no_op
+from .gated import Wrapper, _no_op
 from .heads import head_spec_of
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class NoisySite(nn.Module):
+class NoisySite(Wrapper):
     """Wraps a slim layer so that its kept units carry their learned noise again.
 
     ``gate`` is the gated model's gate restricted to the kept units (:meth:`Gate.select`). In
@@ -72,16 +72,6 @@ class NoisySite(nn.Module):
         self.tile = 1
         # as on a Gated: a hooked submodule turns fused attention paths off
         self.register_forward_pre_hook(_no_op)
-
-    def __getattr__(self, name: str) -> Any:
-        """The wrapped layer's attributes (``weight``, ...), for code that reads them through the
-        parent module (``nn.MultiheadAttention`` reads its output projection's)."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or name == "module":
-                raise
-            return getattr(super().__getattr__("module"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The layer's output (or, for heads, the projection of its noisy input)."""
