@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .heads import HeadSpec, cut_features, register_attention
 from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, register_layer
 
@@ -130,7 +131,7 @@ def _remove_gqa_heads(m: Any, keep: torch.Tensor) -> None:
             cut_features(m.get_submodule(path), cut, out=True)
     else:
         if len(kept) % KV:
-            raise ValueError(
+            raise InputError(
                 f"{len(kept)} query heads do not split evenly over {KV} key/value heads"
             )
         m.num_key_value_groups = len(kept) // KV
