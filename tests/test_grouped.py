@@ -214,6 +214,35 @@ def test_the_total_index_budget_ends_the_enumeration_with_a_warning(monkeypatch)
     assert [n for n, _ in cd.named_gates(model)] == ["4"]
 
 
+def test_skipped_groups_count_against_a_time_budget_not_the_memory_one(monkeypatch):
+    """A skipped group's indices are freed at once: they do not use up the memory budget of the
+    groups kept (a 0.5 B decoder lost five MLPs that way), only a larger budget on time."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),  # each of the 6 channels becomes 64 features: its group is skipped
+        nn.Linear(6 * 8 * 8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).eval()
+    x = torch.randn(2, 1, 8, 8)
+    monkeypatch.setattr(tpgraph, "MAX_GROUP_INDICES", 200)
+    # the groups kept hold 3 + 64 + 24 indices; the skipped one took 12 to enumerate: room for
+    # the kept ones (91), not for those plus the skipped one's (103)
+    monkeypatch.setattr(tpgraph, "MAX_TOTAL_INDICES", 95)
+    with pytest.warns(cd.GatingWarning, match="'2' left ungated: its Torch-Pruning group grows"):
+        cd.attach(model, example_inputs=x)
+    assert [n for n, _ in cd.named_gates(model)] == ["0", "5"]
+    cd.detach(model)
+    monkeypatch.setattr(tpgraph, "MAX_SKIPPED_INDICES", 12)  # the skipped group uses it up
+    with pytest.warns(cd.GatingWarning) as record:
+        cd.attach(model, example_inputs=x)
+    assert any("bounded to limit time" in str(w.message) for w in record)
+    assert [n for n, _ in cd.named_gates(model)] == ["5"]
+
+
 def test_a_torch_pruning_error_while_tracing_is_a_warning_then_a_clear_error(monkeypatch):
     """Nothing can be gated without Torch-Pruning's graph: the warning names Torch-Pruning's
     error, attach raises InputError (not the bare error)."""

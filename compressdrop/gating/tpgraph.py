@@ -33,6 +33,9 @@ __all__: list[str] = []  # internal to compressdrop
 # 450,290 (EfficientNetV2-S); Swin's window partitions reach tens of millions.
 MAX_GROUP_INDICES = 1_000_000
 MAX_TOTAL_INDICES = 20_000_000
+# indices enumerated for groups that were then skipped (freed at once: a bound on time, not
+# memory); a 0.5 B LLaMA-style decoder's 48 key/value projections take about 48,000,000
+MAX_SKIPPED_INDICES = 200_000_000
 _BLOCKED = "_compressdrop_blocked"  # dependency-graph attribute: node → why it is blocked
 
 
@@ -240,14 +243,15 @@ def bounded_groups(
     """Torch-Pruning's ``get_all_groups(root_module_types=root_types)`` within index budgets.
 
     A group that would hold more than :data:`MAX_GROUP_INDICES` indices is skipped (with every
-    layer reached before it stopped); once the groups hold :data:`MAX_TOTAL_INDICES` in all, the
-    remaining layers are skipped. Each skip appends a sentence to ``skipped``.
+    layer reached before it stopped); once the groups kept hold :data:`MAX_TOTAL_INDICES` in all
+    (memory), or the skipped ones took :data:`MAX_SKIPPED_INDICES` to find (time), the remaining
+    layers are skipped. Each skip appends a sentence to ``skipped``.
     """
     from torch_pruning.dependency import index_mapping
 
     index_mapping.update_index_mapping(dg)  # blocked nodes are element-wise by now: no failure
     visited: set[nn.Module] = set()
-    spent = 0
+    spent = wasted = 0
     m: nn.Module
     for m in list(dg.module2node):
         if (
@@ -261,18 +265,22 @@ def bounded_groups(
             continue
         name = names.get(m, type(m).__name__)
         budget = min(MAX_GROUP_INDICES, MAX_TOTAL_INDICES - spent)
-        if budget <= 0:
-            skipped.append(
-                f"layer {name!r} and the layers after it left ungated: Torch-Pruning's groups "
-                f"reached {MAX_TOTAL_INDICES:,} channel indices in all (bounded to limit memory)"
+        if budget <= 0 or wasted >= MAX_SKIPPED_INDICES:
+            why = (
+                f"Torch-Pruning's groups reached {MAX_TOTAL_INDICES:,} channel indices in all "
+                "(bounded to limit memory)"
+                if spent >= MAX_TOTAL_INDICES
+                else f"the groups skipped so far took {MAX_SKIPPED_INDICES:,} channel indices to "
+                "enumerate (bounded to limit time)"
             )
+            skipped.append(f"layer {name!r} and the layers after it left ungated: {why}")
             return
         try:
             group, size = _group_within(dg, m, budget)
         except _OverBudget as over:
             visited.update(over.reached)
             visited.add(m)
-            spent += over.spent
+            wasted += over.spent
             skipped.append(
                 f"layer {name!r} left ungated: "
                 + (
