@@ -269,11 +269,10 @@ def put_noise(model: nn.Module, record: list[Mapping[str, Any]]) -> nn.Module:
             cls = gate_class(str(entry["family"]))
             gate = cls(int(entry["units"]), **dict(entry.get("kwargs") or {}))
             gates[name] = gate
-        parent, _, attr = name.rpartition(".")
         site = NoisySite(
             module, gate, int(entry["unit_dim"]), entry.get("head_dim"), entry.get("attention")
         )
-        setattr(model.get_submodule(parent) if parent else model, attr, site)
+        model.set_submodule(name, site)
     share_samples(model)
     return model
 
@@ -294,8 +293,7 @@ def prepare_attention(model: nn.Module, name: str) -> None:
         raise InputError(f"the noise record names an attention {name!r} the model lacks") from None
     found = head_spec_of(m)
     if found is not None and found[0].prepare is not None:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, found[0].prepare(m))
+        model.set_submodule(name, found[0].prepare(m))
     nested_off(model)
 
 

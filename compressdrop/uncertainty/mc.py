@@ -30,6 +30,7 @@ __all__ = [
     "mc_evaluate",
     "mc_mode",
     "mc_predict",
+    "mc_report",
     "mc_samples",
     "per_example",
     "scores",
@@ -244,11 +245,25 @@ def mc_evaluate(
     if samples < 2:
         raise InputError(f"samples must be ≥ 2, got {samples}")
     det = deterministic_probs(model, x, batch_size)
-    draws = mc_samples(model, x, samples, batch_size)
+    ood = None if x_ood is None else mc_samples(model, x_ood, samples, batch_size)
+    out = mc_report(mc_samples(model, x, samples, batch_size), y, ood)
+    out.update({f"deterministic_{k}": v for k, v in scores(det, y).items()})
+    if x_ood is not None:
+        det_ood = deterministic_probs(model, x_ood, batch_size)
+        out["deterministic_ood_auroc_entropy"] = auroc(_entropy(det), _entropy(det_ood))
+    return out
+
+
+def mc_report(
+    draws: torch.Tensor, y: torch.Tensor, draws_ood: torch.Tensor | None = None
+) -> dict[str, float]:
+    """The Monte-Carlo metrics of sampled probabilities ``(S, N, C)`` (see :func:`mc_evaluate`):
+    ``samples``, :func:`scores` of their mean, the convergence check, the mean entropy and mutual
+    information, and with ``draws_ood`` (samples on out-of-distribution inputs) the AUROCs."""
     mc = MCPrediction(*_summary(draws))
+    samples = len(draws)
     half = nll(draws[: samples // 2].mean(0), y)
     out = {"samples": float(samples), **scores(mc.mean, y)}
-    out.update({f"deterministic_{k}": v for k, v in scores(det, y).items()})
     out.update(
         {
             "nll_half": half,
@@ -257,13 +272,11 @@ def mc_evaluate(
             "mean_mutual_information": float(mc.mutual_information.mean()),
         }
     )
-    if x_ood is not None:
-        ood = mc_predict(model, x_ood, samples=samples, batch_size=batch_size)
+    if draws_ood is not None:
+        ood = MCPrediction(*_summary(draws_ood))
         out["ood_mean_entropy"] = float(ood.entropy.mean())
         out["ood_auroc_entropy"] = auroc(mc.entropy, ood.entropy)
         out["ood_auroc_mutual_information"] = auroc(mc.mutual_information, ood.mutual_information)
-        det_ood = deterministic_probs(model, x_ood, batch_size)
-        out["deterministic_ood_auroc_entropy"] = auroc(_entropy(det), _entropy(det_ood))
     return out
 
 

@@ -12,8 +12,7 @@ import torch
 
 from ..errors import InputError
 from ..runtime import ort_session
-from .mc import _summary, scores
-from .metrics import auroc, nll
+from .mc import mc_report
 
 __all__ = ["mc_evaluate_onnx", "onnx_mc_samples"]
 
@@ -85,23 +84,12 @@ def mc_evaluate_onnx(
         t = time.perf_counter()
         run(x[:batch_size])
         times.append(time.perf_counter() - t)
-    draws = draw_all(x)
-    mean, _, entropy, mi = _summary(draws)
-    out: dict[str, Any] = {"samples": float(samples), **scores(mean, y)}
-    half = nll(draws[: samples // 2].mean(0), y)
+    ood = None if x_ood is None else draw_all(x_ood)
+    out: dict[str, Any] = dict(mc_report(draw_all(x), y, ood))
     out.update(
-        nll_half=half,
-        nll_change=(out["nll"] - half) / max(out["nll"], 1e-12),
-        mean_entropy=float(entropy.mean()),
-        mean_mutual_information=float(mi.mean()),
         samples_per_call=run.per_call,
         seconds_per_batch=float(np.median(times)),
         batch_size=batch_size,
         provider=run.provider,
     )
-    if x_ood is not None:
-        _, _, ood_entropy, ood_mi = _summary(draw_all(x_ood))
-        out["ood_mean_entropy"] = float(ood_entropy.mean())
-        out["ood_auroc_entropy"] = auroc(entropy, ood_entropy)
-        out["ood_auroc_mutual_information"] = auroc(mi, ood_mi)
     return out

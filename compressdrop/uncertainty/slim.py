@@ -93,9 +93,9 @@ def keep_noise(
             raise InputError(
                 f"the slim model has no layer {name!r} that the gated model gated"
             ) from None
-        wrapper = NoisySite(layer, subsets[id(site.gate)], site.unit_dim, head_dim, attention)
-        parent, _, attr = name.rpartition(".")
-        setattr(out.get_submodule(parent) if parent else out, attr, wrapper)
+        out.set_submodule(
+            name, NoisySite(layer, subsets[id(site.gate)], site.unit_dim, head_dim, attention)
+        )
     share_samples(out)
     return out
 
@@ -220,7 +220,7 @@ def export_mc_onnx(
     from ..export import export_onnx
     from ..runtime import ort_session
 
-    if not any(True for _ in noisy_sites(model)) and not has_noise(model):
+    if not has_noise(model):  # a NoisySite holds a gate
         raise InputError("the model has no noise to sample; build it with keep_noise()")
     sampler = MCSampler(model, samples, example=example if repeat_late else None).cpu()
     x = example.detach().cpu()
