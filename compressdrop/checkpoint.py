@@ -36,6 +36,7 @@ from .errors import InputError
 from .gating import attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
 from .gating.noisy import noise_record, put_noise
+from .hf_folder import is_hf_folder, load_hf_folder
 from .programs import is_pt2, load_program
 
 __all__ = [
@@ -178,8 +179,9 @@ def load_model(
 
     Args:
         path: a compressdrop checkpoint, a ``torch.export`` program (``.pt2``; see
-            :mod:`compressdrop.programs`), a ``state_dict`` (needs ``arch``), or, only with
-            ``trust_code``, a whole pickled ``nn.Module``.
+            :mod:`compressdrop.programs`), a Hugging Face causal-LM folder (``config.json`` +
+            safetensors; see :mod:`compressdrop.hf_folder`), a ``state_dict`` (needs ``arch``),
+            or, only with ``trust_code``, a whole pickled ``nn.Module``.
         arch: the architecture, named by the caller: a factory (callable or
             ``"package.module:function"``; for a checkpoint it replaces the factory the file
             names), or, for a bare state_dict, an ``arch`` record.
@@ -193,6 +195,13 @@ def load_model(
     """
     if is_pt2(path):  # a torch.export program: checked, then loaded without pickle
         return load_program(path).eval()
+    if is_hf_folder(path):  # config.json + safetensors: the transformers library's own classes
+        return load_hf_folder(path)
+    if Path(path).is_dir():
+        raise CheckpointError(
+            f"{path}: a folder without config.json; compressdrop reads model files and Hugging "
+            "Face model folders"
+        )
     obj = load_checkpoint(path, trust_code=trust_code)
     if isinstance(obj, nn.Module):
         return obj.eval()

@@ -147,6 +147,7 @@ def prune(
     model_path,
     output,
     threshold,
+    uniform,
     recipe,
     data,
     mc_samples,
@@ -159,10 +160,11 @@ def prune(
 ):
     """Prune a model: directly if it has trained gates, else sparsify it on data first.
 
-    MODEL is a compressdrop checkpoint, a torch.export program (.pt2), a state_dict (with
-    --arch and --arch-arg) or, with --trust-pickle, a whole pickled module. OUTPUT's suffix picks
-    the format: .pt (compressdrop checkpoint), .pt2 (torch.export program, plus .onnx beside it)
-    or .onnx.
+    MODEL is a compressdrop checkpoint, a torch.export program (.pt2), a Hugging Face
+    causal-LM folder (config.json + safetensors), a state_dict (with --arch and --arch-arg) or,
+    with --trust-pickle, a whole pickled module. OUTPUT's suffix picks the format: .pt
+    (compressdrop checkpoint), .pt2 (torch.export program, plus .onnx beside it), .onnx, or none:
+    a Hugging Face folder (checked by reloading it with from_pretrained).
 
     \b
     Examples:
@@ -170,6 +172,8 @@ def prune(
       compressdrop prune runs/demo/gated.pt -o slim.pt --mc-samples 30
       compressdrop prune model.pt2 --data my.npz -o slim.pt2
       compressdrop prune model.pt --trust-pickle --data images:photos,size=32 -o slim.pt2
+      compressdrop prune my-llama/ --data text:corpus/,context=256 --recipe gpt-lognormal \\
+          --uniform -o my-llama-slim
       compressdrop prune weights.pt --arch torchvision.models:resnet18 \\
           --arch-arg num_classes=10 --data my.npz -o slim.pt2
     """
@@ -181,6 +185,7 @@ def prune(
         model_path,
         output,
         threshold=threshold,
+        uniform=uniform,
         recipe=recipe,
         data=data,
         arch=arch,

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 __all__ = ["EVAL", "EXPORT", "PRUNE", "SWEEP", "TRAIN", "options"]
 
-DATA_HELP = "digits | fashion-mnist[:DIR] | FILE.npz | images:DIR[,size=HxW][,channels=1|3]"
+DATA_HELP = (
+    "digits | fashion-mnist[:DIR] | FILE.npz | images:DIR[,size=HxW][,channels=1|3] | "
+    "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
+)
 
 
 def options(*decorators: Callable) -> Callable:
@@ -66,16 +70,25 @@ def _data(default: str | None, help: str = DATA_HELP) -> Callable:
     return click.option("--data", "-d", default=default, show_default=bool(default), help=help)
 
 
-def _output(help: str, suffixes: tuple[str, ...]) -> Callable:
-    """``--output FILE``; a suffix other than ``suffixes`` is a usage error (exit code 2)."""
+def _output(help: str, suffixes: tuple[str, ...], folder: bool = False) -> Callable:
+    """``--output FILE``; a suffix other than ``suffixes`` is a usage error (exit code 2).
+    ``folder``: a name without a suffix is a folder to write (a Hugging Face model folder)."""
 
     def check(ctx: click.Context, param: click.Parameter, path: str) -> str:
+        if folder and not Path(path).suffix:
+            return path.rstrip("/") or path
         if not path.endswith(suffixes):
-            raise click.BadParameter(f"{path}: use a {', '.join(suffixes)} file name")
+            also = " or a folder name without a suffix" if folder else ""
+            raise click.BadParameter(f"{path}: use a {', '.join(suffixes)} file name{also}")
         return path
 
     return click.option(
-        "--output", "-o", required=True, type=click.Path(dir_okay=False), callback=check, help=help
+        "--output",
+        "-o",
+        required=True,
+        type=click.Path(dir_okay=folder),
+        callback=check,
+        help=help,
     )
 
 
@@ -92,7 +105,7 @@ DEVICE = click.option(
     help="Where to train and evaluate.",
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-MODEL = click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+MODEL = click.argument("model_path", metavar="MODEL", type=click.Path())
 ARCH = click.option(
     "--arch",
     default=None,
@@ -175,13 +188,25 @@ TRAIN = (
 )
 PRUNE = (
     MODEL,
-    _output("Slim model file to write: .pt, .pt2 (+ .onnx) or .onnx.", (".pt", ".pt2", ".onnx")),
+    _output(
+        "Slim model to write: .pt, .pt2 (+ .onnx), .onnx, or a folder name without a suffix "
+        "(a Hugging Face model's slim folder, which from_pretrained loads).",
+        (".pt", ".pt2", ".onnx"),
+        folder=True,
+    ),
     click.option(
         "--threshold",
         "-t",
         type=float,
         default=None,
         help="SNR threshold (default: recipe / family default).",
+    ),
+    click.option(
+        "--uniform",
+        is_flag=True,
+        default=None,
+        help="Every layer of a stack keeps as many units: a standard config (Hugging Face "
+        "folders need it wherever the layers would differ).",
     ),
     _recipe("Recipe for a plain model (sparsify, prune, fine-tune)."),
     _data(None, "Data for sparsifying a plain model: " + DATA_HELP),

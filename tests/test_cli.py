@@ -327,14 +327,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     import compressdrop.training.runner as runner
 
     calls = {"n": 0}
-    real = runner.F.cross_entropy
+    real = runner.prediction_loss
 
     def flaky(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > 30 else loss
 
-    monkeypatch.setattr(runner.F, "cross_entropy", flaky)
+    monkeypatch.setattr(runner, "prediction_loss", flaky)
     recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=5, onnx=False)
     res = run(["train", "--recipe", recipe, "--out", tmp_path / "out"], expect=1)
     assert "loss is nan" in res.stderr and "checkpoint" in res.stderr

@@ -237,11 +237,17 @@ assert not any(m.startswith("compressdrop") for m in sys.modules), "compressdrop
 
 def _reload_elsewhere(slim, ids, folder) -> torch.Tensor:
     """``save_pretrained``, then ``from_pretrained`` in a process without compressdrop."""
+    slim.save_pretrained(folder)
+    return logits_elsewhere(folder, ids)
+
+
+def logits_elsewhere(folder, ids) -> torch.Tensor:
+    """The logits of the model in ``folder`` on ``ids``, loaded with ``from_pretrained`` in a
+    process that does not import compressdrop."""
     import subprocess
     import sys
     from pathlib import Path
 
-    slim.save_pretrained(folder)
     torch.save(ids, folder / "ids.pt")
     tests = str(Path(__file__).parent)
     subprocess.run([sys.executable, "-c", RELOAD, str(folder), tests], check=True, timeout=300)

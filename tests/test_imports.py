@@ -95,7 +95,7 @@ LAYERS = [
     {"_io", "_attrs", "runtime"},
     {"gates", "dropout", "data", "programs"},
     {"models", "gating"},
-    {"arch", "pruning", "recipes"},
+    {"arch", "pruning", "recipes", "hf_folder"},
     {"checkpoint", "export"},
     {"evaluation", "uncertainty"},
     {"training"},

@@ -16,14 +16,17 @@ import torch
 
 from ..errors import DataError
 from .dataset import Dataset, _split
+from .text import TextDataset, load_text
 
 __all__ = [
     "FASHION_MNIST_DIR",
     "Dataset",
+    "TextDataset",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",
     "load_npz",
+    "load_text",
     "make_loader",
 ]
 
@@ -179,7 +182,10 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
 
 
 _IMAGES_SPEC = "images:DIR[,size=N|HxW][,channels=1|3]"
-_DATA_SPECS = f"digits, fashion-mnist[:DIR], FILE.npz or {_IMAGES_SPEC}"
+_DATA_SPECS = (
+    f"digits, fashion-mnist[:DIR], FILE.npz, {_IMAGES_SPEC} or "
+    "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
+)
 
 _IMAGE_OPTIONS = ("size", "channels", "test_fraction", "seed")
 
@@ -237,7 +243,10 @@ def load_dataset(spec: str) -> Dataset:
               with one subfolder of PNG/JPEG images per class (see
               :func:`compressdrop.data.images.load_image_folder`); ``size`` resizes to N×N or
               H×W, ``channels`` converts to grayscale (1) or RGB (3). A bare existing folder
-              ``DIR`` is the same as ``images:DIR``.
+              ``DIR`` is the same as ``images:DIR``;
+            - ``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]``:
+              byte-level next-byte windows of a text file or folder, split by file (see
+              :func:`compressdrop.data.text.load_text`).
 
     Returns:
         The :class:`Dataset`.
@@ -245,6 +254,10 @@ def load_dataset(spec: str) -> Dataset:
     Example:
         >>> load_dataset("images:photos,size=32x48,channels=3")  # doctest: +SKIP
     """
+    if spec.startswith("text:"):
+        from .text import text_spec
+
+        return text_spec(spec)
     if spec.startswith("images:"):
         from .images import load_image_folder
 

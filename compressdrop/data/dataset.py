@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     classes: tuple[str, ...] = ()
+    #: ``"classify"``: one label per example; ``"lm"``: a label per position (next-token targets)
+    task: ClassVar[str] = "classify"
 
     def __post_init__(self) -> None:
         if self.classes and len(self.classes) != self.num_classes:

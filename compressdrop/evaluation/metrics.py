@@ -1,30 +1,78 @@
-"""Accuracy and NLL of a classifier on a tensor data set."""
+"""Accuracy and NLL of a classifier, or of a next-token model, on a tensor data set."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Metrics", "evaluate"]
+__all__ = ["Metrics", "evaluate", "logits_of", "prediction_loss"]
 
 
 @dataclass(frozen=True)
 class Metrics:
-    """Classification quality: accuracy in [0, 1] and mean negative log-likelihood (nats)."""
+    """Prediction quality: accuracy in [0, 1] and mean negative log-likelihood (nats).
+
+    For a classifier ``n`` counts examples; for a next-token model (labels ``(N, T)``) it counts
+    the predicted tokens, and accuracy and NLL are per token.
+    """
 
     accuracy: float
     nll: float
     n: int
+
+    @property
+    def bits(self) -> float:
+        """NLL in bits (per token: bits per byte for byte-level text)."""
+        return self.nll / math.log(2)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, a Hugging Face output's ``logits``, a mapping's
+    ``"logits"`` (or its only tensor), or a tuple's first element.
+
+    Raises:
+        TypeError: none of these.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    found = getattr(out, "logits", None)
+    if isinstance(found, torch.Tensor):
+        return found
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
+
+
+def prediction_loss(out: Any, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the output's logits against ``y``, in float32.
+
+    Labels ``(N,)`` against logits ``(N, C)``: classification; labels ``(N, T)`` against logits
+    ``(N, T, V)``: next-token prediction, averaged (or summed) over every token.
+    """
+    logits = logits_of(out).float()
+    if y.dim() > 1:
+        logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    return F.cross_entropy(logits, y, reduction=reduction)
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> Metrics:
     """Accuracy and NLL of ``model`` (put in eval mode, restored after) on ``(x, y)``.
 
-    Inputs are moved to the model's device batch by batch.
+    Inputs are moved to the model's device batch by batch. Labels ``(N, T)`` (next-token
+    targets) are scored per token.
     """
     was = model.training
     model.eval()
@@ -33,10 +81,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     try:
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
-            logits = model(xb)
-            correct += int((logits.argmax(1) == yb).sum())
-            nll += float(F.cross_entropy(logits.float(), yb, reduction="sum"))
+            logits = logits_of(model(xb))
+            correct += int((logits.argmax(-1) == yb).sum())
+            nll += float(prediction_loss(logits, yb, reduction="sum"))
     finally:
         model.train(was)
-    n = len(x)
+    n = y.numel()
     return Metrics(correct / n, nll / n, n)

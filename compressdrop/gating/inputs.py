@@ -38,7 +38,8 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
         batch: examples in the batch.
 
     Returns:
-        A standard-normal tensor of shape ``(batch, *input_shape)`` on the model's device.
+        A standard-normal tensor of shape ``(batch, *input_shape)`` on the model's device; token
+        ids below its size if the model's first layer is an ``nn.Embedding``.
 
     Raises:
         InputError: no input shape can be inferred (pass ``example_inputs`` to the caller).
@@ -61,6 +62,9 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
         )
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
+    first = next((m for m in model.modules() if not list(m.children())), None)
+    if isinstance(first, nn.Embedding):  # a model that starts with an embedding reads token ids
+        return torch.randint(0, first.num_embeddings, (batch, *shape), device=device)
     return torch.randn(batch, *shape, device=device)
 
 

@@ -14,12 +14,15 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .hf import hf_causal_lm
+from .record import tag as _tag
 
 __all__ = [
     "MODELS",
     "BasicBlock",
     "build_model",
     "example_input",
+    "hf_causal_lm",
     "lenet5_caffe",
     "lenet300_100",
     "lstm_rows",
@@ -33,19 +36,6 @@ Shape = Sequence[int]
 def _flat_size(features: nn.Module, input_shape: Shape) -> int:
     with torch.no_grad():
         return int(features(torch.zeros(1, *input_shape)).numel())
-
-
-def _tag(
-    model: nn.Module, name: str, input_shape: Shape, num_classes: int, **kwargs: Any
-) -> nn.Module:
-    # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
-    model.arch = {  # type: ignore[assignment]
-        "name": name,
-        "input_shape": [int(s) for s in input_shape],
-        "num_classes": int(num_classes),
-        "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
-    }
-    return model
 
 
 def lenet300_100(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.Module:
@@ -302,12 +292,17 @@ def lstm_rows(
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "hf-causal-lm": hf_causal_lm,
     "lstm_rows": lstm_rows,
     "lenet300": lenet300_100,
     "lenet5": lenet5_caffe,
     "vgg": vgg_like,
     "resnet": resnet_small,
 }
+
+
+#: reference nets whose inputs are token ids, not float features
+TOKEN_MODELS = frozenset({"hf-causal-lm"})
 
 
 def build_model(
@@ -336,7 +331,8 @@ def build_model(
 
 
 def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    """A standard-normal batch ``(batch, *input_shape)`` of the shape in ``model.arch``.
+    """A standard-normal batch ``(batch, *input_shape)`` of the shape in ``model.arch`` (random
+    token ids below ``num_classes`` for a language model).
 
     Raises:
         AttributeError: ``model`` has no ``arch`` record.
@@ -344,4 +340,6 @@ def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     arch = getattr(model, "arch", None)
     if not isinstance(arch, Mapping):
         raise AttributeError(f"{type(model).__name__} has no `arch` record (see build_model)")
+    if arch.get("name") in TOKEN_MODELS:
+        return torch.randint(0, int(arch["num_classes"]), (batch, *arch["input_shape"]))
     return torch.randn(batch, *arch["input_shape"])

@@ -155,9 +155,11 @@ class Stages:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Pruning threshold on the gates' SNR (``None``: the family's default)."""
+    """Pruning threshold on the gates' SNR (``None``: the family's default); ``uniform``: every
+    layer of a stack keeps as many units (a standard config; see :func:`compressdrop.prune`)."""
 
     threshold: float | None = None
+    uniform: bool = False
 
     def __post_init__(self) -> None:
         _check(

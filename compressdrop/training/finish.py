@@ -17,6 +17,7 @@ from torch import nn
 
 from ..checkpoint import save_model
 from ..errors import InputError
+from ..hf_folder import save_hf_folder
 
 __all__ = ["SLIM_FORMATS", "SlimFiles", "finish", "prune_summary", "write_slim"]
 
@@ -24,10 +25,11 @@ SLIM_FORMATS = {
     ".pt": "compressdrop checkpoint",
     ".pt2": "torch.export program (+ ONNX beside it)",
     ".onnx": "ONNX",
+    "": "a name without a suffix: a Hugging Face folder (transformers models)",
 }
 # what a file name's suffix writes when no formats are given
-_BY_SUFFIX = {".pt": (".pt",), ".pt2": (".pt2", ".onnx"), ".onnx": (".onnx",)}
-_KINDS = {".pt": "checkpoint", ".pt2": "pt2", ".onnx": "onnx"}
+_BY_SUFFIX = {".pt": (".pt",), ".pt2": (".pt2", ".onnx"), ".onnx": (".onnx",), "": ("",)}
+_KINDS = {".pt": "checkpoint", ".pt2": "pt2", ".onnx": "onnx", "": "hf_folder"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,9 @@ def write_slim(
 
     Args:
         slim: the model to write (a pruned one records its :class:`PruneReport` in every file).
-        out: the file name; its suffix is one of :data:`SLIM_FORMATS`.
+        out: the file name; its suffix is one of :data:`SLIM_FORMATS` (none: a Hugging Face
+            folder, checked by reloading it with ``from_pretrained``; see
+            :func:`compressdrop.hf_folder.save_hf_folder`).
         example_input: an input batch (its shape without the batch dimension is the input shape).
         formats: suffixes to write under ``out``'s stem (default: ``.pt`` → ``.pt``; ``.pt2`` →
             ``.pt2`` and ``.onnx``; ``.onnx`` → ``.onnx``).
@@ -76,26 +80,30 @@ def write_slim(
     unknown = [s for s in (out.suffix, *wanted) if s not in SLIM_FORMATS]
     if unknown:
         raise InputError(
-            f"{out}: unknown output format {unknown[0] or '(none)'!r}; use "
-            + ", ".join(f"{k} ({v})" for k, v in SLIM_FORMATS.items())
+            f"{out}: unknown output format {unknown[0]!r}; use "
+            + ", ".join(f"{k} ({v})" if k else v for k, v in SLIM_FORMATS.items())
         )
     from ..export import export_onnx
     from ..export.program import export_program
 
     paths: dict[str, Path] = {}
     errors: dict[str, float] = {}
+    sizes: dict[str, int] = {}
     x = example_input.detach().cpu()
     for suffix in wanted:
         path, kind = out.with_suffix(suffix), _KINDS[suffix]
         if suffix == ".pt":
             save_model(slim, path, recipe=recipe)
+        elif suffix == "":
+            sizes[kind], errors[kind] = save_hf_folder(slim, path, x)
         elif suffix == ".pt2":
             errors[kind] = max(export_program(slim, x, path).max_rel_error.values())
         else:
             rep = export_onnx(slim, x, path, metadata=metadata, opset=opset)
             errors[kind] = max(rep.max_rel_error.values())
         paths[kind] = path
-    return SlimFiles(paths, {k: p.stat().st_size for k, p in paths.items()}, errors)
+    sizes.update({k: p.stat().st_size for k, p in paths.items() if k not in sizes})
+    return SlimFiles(paths, sizes, errors)
 
 
 def prune_summary(slim: nn.Module) -> dict[str, Any]:
@@ -128,6 +136,7 @@ def finish(
     recipe: Mapping[str, Any] | None = None,
     opset: int | None = None,
     mc_samples: int | None = None,
+    uniform: bool = False,
 ) -> tuple[nn.Module, SlimFiles | None]:
     """Prune a gated model and write the slim one (see :func:`write_slim`).
 
@@ -142,6 +151,7 @@ def finish(
             that draws this many Monte-Carlo samples per call as ``STEM-mc.onnx``
             (:func:`compressdrop.uncertainty.export_mc_onnx`); kinds ``mc_checkpoint`` and
             ``mc_onnx``.
+        uniform: every layer of a stack keeps as many units (see :func:`compressdrop.prune`).
 
     Returns:
         The slim model, and what was written (``None`` when ``out`` is ``None``).
@@ -149,7 +159,7 @@ def finish(
     from ..gating import example_input_for
     from ..pruning import prune
 
-    slim = prune(model.eval(), threshold, example_inputs=example_input)
+    slim = prune(model.eval(), threshold, example_inputs=example_input, uniform=uniform)
     if out is None:
         return slim, None
     x = example_input if example_input is not None else example_input_for(slim, batch=2)

@@ -21,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._io import atomic_write, remove_stale_temps
 from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
 from ..errors import CompressDropError, InputError
-from ..evaluation.metrics import Metrics, evaluate
+from ..evaluation.metrics import Metrics, evaluate, prediction_loss
 from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
@@ -207,11 +206,12 @@ class Run:
                 idx = dist.shard(batch)
                 with dist.noise(len(batch)), autocast:
                     out = net(x[idx])
-                out = out.float()  # the loss in float32 under bf16 autocast
+                # the loss in float32 under bf16 autocast; per token for next-token labels
                 if dist.active:  # DDP averages gradients over ranks: W/B · Σ_rank = global mean
-                    nll = F.cross_entropy(out, y[idx], reduction="sum") * (dist.world / len(batch))
+                    scale = dist.world / (len(batch) * y[0].numel())
+                    nll = prediction_loss(out, y[idx], reduction="sum") * scale
                 else:
-                    nll = F.cross_entropy(out, y[idx])
+                    nll = prediction_loss(out, y[idx])
                 term = stage.loss_term(model, epoch + i / steps)
                 loss = nll if term is None else nll + term
                 self._check_finite(loss, stage.name, epoch, i)
@@ -368,6 +368,9 @@ def _report(run: Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
     d_params, d_flops = run.dense_size()
     s_params, s_flops = count_params(slim), count_flops(slim, run.example(1))
     pruned = prune_summary(slim) if hasattr(slim, "prune_report") else None
+    slim_metrics = {"test_accuracy": test.accuracy, "test_nll": test.nll}
+    if getattr(run.data, "task", "classify") == "lm":  # byte tokens: bits per token = per byte
+        slim_metrics["test_bits_per_byte"] = test.bits
     return {
         "recipe": run.recipe.name,
         "dataset": run.data.name,
@@ -381,8 +384,7 @@ def _report(run: Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
         "family": run.recipe.gates.family,
         "dense": {**(run.dense_metrics or {}), "params": d_params, "flops": d_flops},
         "slim": {
-            "test_accuracy": test.accuracy,
-            "test_nll": test.nll,
+            **slim_metrics,
             "params": s_params,
             "flops": s_flops,
         },

@@ -95,7 +95,8 @@ class Sparsifier:
             model: the network to gate.
             recipe: a :class:`~compressdrop.recipes.Recipe`; its ``gates``, ``kl`` and ``prune``
                 sections are used.
-            n_train: the training-set size N in β·KL/N.
+            n_train: N in β·KL/N: the number of labels the NLL averages over per epoch
+                (training examples; for next-token data, training tokens).
             example_inputs: an input batch to trace the model with.
         """
         kwargs = recipe.gates.attach_kwargs()

@@ -101,6 +101,8 @@ class Pretrain(Stage):
         if run.dense_metrics is None:
             m = run.test(model)
             run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
+            if getattr(run.data, "task", "classify") == "lm":
+                run.dense_metrics["test_bits_per_byte"] = m.bits
 
 
 class Sparsify(Stage):
@@ -115,8 +117,10 @@ class Sparsify(Stage):
 
     def _gate(self, model: nn.Module) -> nn.Module:
         run = self.run
+        # the NLL is a mean over labels (a label per token for a language model), so the KL is
+        # divided by the number of labels: both terms are the ELBO per label
         self.sparsifier = Sparsifier.from_recipe(
-            model, run.recipe, len(run.train.x_train), example_inputs=run.example()
+            model, run.recipe, run.train.y_train.numel(), example_inputs=run.example()
         )
         return model
 
@@ -172,7 +176,12 @@ class Finetune(Stage):
 
         run = self.run
         assert previous is not None, "fine-tuning starts from the sparsified model"
-        slim = prune(previous, run.recipe.prune.threshold, example_inputs=run.example(4))
+        slim = prune(
+            previous,
+            run.recipe.prune.threshold,
+            example_inputs=run.example(4),
+            uniform=run.recipe.prune.uniform,
+        )
         rep = cast("PruneReport", slim.prune_report)
         run.prune_info = {"history": rep.to_dict()["history"], "report": rep.to_dict()}
         m = evaluate(slim, run.val.x_test, run.val.y_test)

@@ -153,6 +153,7 @@ def prune_file(
     out: str | Path,
     *,
     threshold: float | None = None,
+    uniform: bool | None = None,
     recipe: str | Recipe | None = None,
     data: str | None = None,
     arch: Factory | str | None = None,
@@ -171,8 +172,10 @@ def prune_file(
 
     Args:
         model_path: the model file (see :func:`compressdrop.checkpoint.load_model`).
-        out: the slim model's file; its suffix picks the format (:data:`SLIM_FORMATS`).
+        out: the slim model's file; its suffix picks the format (:data:`SLIM_FORMATS`; none:
+            a Hugging Face folder).
         threshold: the SNR threshold (``None``: the recipe's or each gate family's default).
+        uniform: every layer of a stack keeps as many units (``None``: the recipe's choice).
         recipe / data: how to sparsify a plain model, and on what.
         arch / arch_kwargs / trust_code: how to rebuild the model, and consent to run code.
         device / seed: where to train, and the seed (default: the recipe's).
@@ -188,7 +191,7 @@ def prune_file(
 
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
-        raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name")
+        raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
     check_writable(out)
     model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
@@ -199,7 +202,12 @@ def prune_file(
         )
     if is_gated(model):
         slim, files = finish(
-            model, out, threshold=threshold, recipe=recipe_dict, mc_samples=mc_samples
+            model,
+            out,
+            threshold=threshold,
+            recipe=recipe_dict,
+            mc_samples=mc_samples,
+            uniform=bool(uniform),
         )
         assert files is not None
         return PruneResult(slim, files, prune_summary(slim), None)
@@ -218,6 +226,8 @@ def prune_file(
         r = r.replace(seed=seed)
     if threshold is not None:
         r = r.replace(prune=replace(r.prune, threshold=threshold))
+    if uniform is not None:
+        r = r.replace(prune=replace(r.prune, uniform=uniform))
     progress(
         {"event": "recipe", "recipe": r, "default": recipe is None, "n_train": len(ds.x_train)}
     )

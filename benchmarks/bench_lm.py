@@ -1,0 +1,226 @@
+"""Issue 16 learning check (and issue 18's language model): a byte-level GPT-2-style decoder on the
+Python standard library's source, gated heads and MLP neurons against the same net without gates.
+
+    python benchmarks/bench_lm.py --seed 0 --betas 8 32     # one seed: dense + one run per β
+    python benchmarks/bench_lm.py --summarize 0 1 2          # table of the seeds' JSON files
+
+Corpus: the ``*.py`` files of /usr/lib/python3.11 (Debian's libpython3.11-minimal/-stdlib) in
+path order up to 2 MB, split by file (hash order) 80/10/10 into train/validation/test; its size
+and SHA-256 are recorded. Tokens are bytes, so NLL in bits per token is bits per byte.
+
+Model: the shipped ``gpt-lognormal`` recipe's decoder with ``--layers``/``--width``/``--heads``.
+Dense: the same net without gates, trained with the gated run's epochs, learning rates and batch
+order, stage by stage. Gated: pretrain,
+sparsify with β·KL/N (N = training tokens, KL weighted by each unit's multiply-adds), prune at
+the family's default SNR threshold, fine-tune. β is chosen per seed on the validation split: the
+run with the fewest FLOPs whose validation bits per byte is within 5 % of the dense net's; test
+bits per byte are read once, for the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from torchvision_models import import_torchvision
+
+import_torchvision()
+
+import torch  # noqa: E402
+
+from compressdrop.data import load_dataset  # noqa: E402
+from compressdrop.evaluation.metrics import evaluate, prediction_loss  # noqa: E402
+from compressdrop.evaluation.model_size import count_flops, count_params  # noqa: E402
+from compressdrop.models import build_model  # noqa: E402
+from compressdrop.recipes import load_recipe  # noqa: E402
+from compressdrop.training.runner import run_recipe, seed_everything  # noqa: E402
+
+from common import machine, markdown_table, save  # noqa: E402
+
+DATA = "text:/usr/lib/python3.11,glob=**/*.py,max_bytes={max_bytes},context={context}"
+LN2 = 0.6931471805599453
+
+
+def _shares(report: dict[str, Any]) -> dict[str, Any]:
+    heads = [r for r in report["layers"] if r["name"].endswith("attn.c_proj")]
+    mlp = [r for r in report["layers"] if r["name"].endswith("mlp.c_fc")]
+    h0, h1 = sum(r["before"] for r in heads), sum(r["after"] for r in heads)
+    n0, n1 = sum(r["before"] for r in mlp), sum(r["after"] for r in mlp)
+    return {
+        "heads": f"{h1}/{h0}",
+        "heads_removed": 1 - h1 / h0 if h0 else 0.0,
+        "neurons": f"{n1}/{n0}",
+        "neurons_removed": 1 - n1 / n0 if n0 else 0.0,
+        "heads_per_layer": [r["after"] for r in heads],
+    }
+
+
+def one_run(recipe, ds, out: Path, label: str) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    res = run_recipe(recipe, ds, out / label)
+    rep = res.report
+    last = rep["history"][-1]
+    row = {
+        "label": label,
+        "val_bpb": last["val_nll"] / LN2,
+        "test_bpb": rep["slim"]["test_bits_per_byte"],
+        "dense_test_bpb": rep["dense"].get("test_bits_per_byte"),
+        "params": rep["slim"]["params"],
+        "flops_per_token": rep["slim"]["flops"] / ds.input_shape[0],
+        "flops_reduction": rep["flops_reduction"],
+        "seconds": time.perf_counter() - t0,
+        "epoch_seconds": [round(h["seconds"], 1) for h in rep["history"]],
+        **(_shares(rep) if rep["layers"] else {}),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def dense_run(recipe, ds) -> dict[str, Any]:
+    """The recipe's net without gates, trained with the gated run's stages' epochs, learning rates
+    and batches (a fresh Adam per stage, as the runner does)."""
+    t0 = time.perf_counter()
+    seed_everything(recipe.seed)
+    model = build_model(recipe.model.arch, ds.input_shape, ds.num_classes, **recipe.model.kwargs)
+    train, val = ds.split_validation()
+    bs, n = recipe.data.batch_size, len(train.x_train)
+    epoch_seconds = []
+    for k, name in enumerate(("pretrain", "sparsify", "finetune")):
+        cfg = getattr(recipe.stages, name)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        for epoch in range(cfg.epochs):
+            t1 = time.perf_counter()
+            model.train()
+            gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + k * 10_007 + epoch)
+            perm = torch.randperm(n, generator=gen)
+            for lo in range(0, n, bs):
+                idx = perm[lo : lo + bs]
+                loss = prediction_loss(model(train.x_train[idx]), train.y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            epoch_seconds.append(round(time.perf_counter() - t1, 1))
+    v = evaluate(model, val.x_test, val.y_test)
+    t = evaluate(model, ds.x_test, ds.y_test)
+    row = {
+        "label": "dense",
+        "val_bpb": v.bits,
+        "test_bpb": t.bits,
+        "params": count_params(model),
+        "flops_per_token": count_flops(model, ds.x_train[:1]) / ds.input_shape[0],
+        "seconds": time.perf_counter() - t0,
+        "epoch_seconds": epoch_seconds,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_seed(args) -> dict[str, Any]:
+    data = DATA.format(max_bytes=args.max_bytes, context=args.context)
+    ds = load_dataset(data)
+    base = load_recipe("gpt-lognormal").override(
+        {
+            "data.name": data,
+            "model.kwargs": {
+                "model_type": "gpt2",
+                "n_layer": args.layers,
+                "n_embd": args.width,
+                "n_head": args.heads,
+            },
+            "gates.family": args.family,
+            "gates.kl_cost": "flops",
+            "stages.pretrain.epochs": args.pretrain,
+            "stages.sparsify.epochs": args.sparsify,
+            "stages.finetune.epochs": args.finetune,
+            "export.onnx": False,
+            "seed": args.seed,
+        }
+    )
+    out = Path(args.out) / f"seed{args.seed}"
+    dense = dense_run(base, ds)
+    runs = [one_run(base.override({"kl.beta": b}), ds, out, f"beta{b:g}") for b in args.betas]
+    for r, b in zip(runs, args.betas):
+        r["beta"] = b
+    ok = [r for r in runs if r["val_bpb"] <= 1.05 * dense["val_bpb"]]
+    chosen = min(ok, key=lambda r: r["flops_per_token"]) if ok else None
+    return {
+        "seed": args.seed,
+        "data": ds.source,
+        "model": base.model.kwargs,
+        "family": args.family,
+        "epochs": {"pretrain": args.pretrain, "sparsify": args.sparsify, "finetune": args.finetune},
+        "dense": dense,
+        "runs": runs,
+        "chosen_beta": chosen["beta"] if chosen else None,
+    }
+
+
+def summarize(seeds: list[int], family: str) -> None:
+    rows = []
+    for s in seeds:
+        d = json.loads(
+            (Path(__file__).parent / "results" / f"lm_{family}_seed{s}.json").read_text()
+        )
+        c = next((r for r in d["runs"] if r["beta"] == d["chosen_beta"]), None)
+        rows.append((d["dense"], c))
+
+    def ms(vals):
+        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
+
+    table = [
+        {
+            "model": "dense",
+            "test bpb": ms([d["test_bpb"] for d, _ in rows]),
+            "FLOPs/token": ms([d["flops_per_token"] / 1e6 for d, _ in rows]) + " M",
+        }
+    ]
+    chosen = [c for _, c in rows if c]
+    if chosen:
+        table.append(
+            {
+                "model": f"{family} (β on validation)",
+                "test bpb": ms([c["test_bpb"] for c in chosen]),
+                "FLOPs/token": ms([c["flops_per_token"] / 1e6 for c in chosen]) + " M",
+                "heads removed": ms([c["heads_removed"] for c in chosen]),
+                "neurons removed": ms([c["neurons_removed"] for c in chosen]),
+            }
+        )
+    cols = ["model", "test bpb", "FLOPs/token", "heads removed", "neurons removed"]
+    print(markdown_table(table, cols))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default="lognormal")
+    p.add_argument("--betas", type=float, nargs="+", default=[8.0, 32.0])
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--width", type=int, default=96)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--max-bytes", type=int, default=2_000_000)
+    p.add_argument("--pretrain", type=int, default=2)
+    p.add_argument("--sparsify", type=int, default=3)
+    p.add_argument("--finetune", type=int, default=1)
+    p.add_argument("--out", default="/tmp/bench_lm")
+    p.add_argument("--summarize", type=int, nargs="*")
+    args = p.parse_args()
+    if args.summarize is not None:
+        summarize(args.summarize, args.family)
+        return
+    t0 = time.perf_counter()
+    result = run_seed(args)
+    result["wall_seconds"] = time.perf_counter() - t0
+    result["command"] = " ".join(sys.argv)
+    result["machine"] = machine()
+    print(save(f"lm_{args.family}_seed{args.seed}", result))
+
+
+if __name__ == "__main__":
+    main()

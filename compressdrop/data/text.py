@@ -1,0 +1,210 @@
+"""Byte-level text for language models: a file or a folder of files, split into train,
+validation and test by file, cut into fixed windows of next-byte prediction.
+
+Tokens are bytes (a vocabulary of 256), so a model's NLL per token in bits *is* its bits per byte,
+the tokenizer-free measure that compares language models across vocabularies. Each file goes
+whole to one split: taken in the order of a hash of their path relative to the root (a fixed,
+content-blind shuffle), each file joins the split furthest below its share of the bytes. A single file is split by position instead (its first, middle and
+last parts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .dataset import Dataset
+
+__all__ = ["TEXT_SPEC", "TextDataset", "load_text"]
+
+TEXT_SPEC = "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
+VOCAB = 256
+
+
+@dataclass(frozen=True)
+class TextDataset(Dataset):
+    """Next-byte windows: ``x`` ``(N, context)`` int64 bytes, ``y`` the same shifted by one.
+
+    The validation split is fixed when the text loads (by file), so :meth:`split_validation`
+    returns it instead of carving one from the training windows. ``source`` describes the files:
+    counts, bytes per split and a SHA-256 of the file list and contents.
+    """
+
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+    source: dict | None = None
+    task: ClassVar[str] = "lm"
+
+    def subset(self, n_train: int, n_test: int) -> TextDataset:
+        """The first ``n_train`` training windows and ``n_test`` test and validation windows."""
+        cut = super().subset(n_train, n_test)
+        assert isinstance(cut, TextDataset)
+        if cut.x_val is None or cut.y_val is None:
+            return cut
+        return replace(cut, x_val=cut.x_val[:n_test], y_val=cut.y_val[:n_test])
+
+    def split_validation(self, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """``(self, validation view)``: the validation files chosen at load time."""
+        if self.x_val is None or self.y_val is None:
+            raise DataError(f"{self.name}: no validation files (load with val_fraction > 0)")
+        return self, replace(self, name=f"{self.name}/val", x_test=self.x_val, y_test=self.y_val)
+
+
+def _by_share(
+    files: list[tuple[str, bytes]], val_fraction: float, test_fraction: float
+) -> dict[str, list[bytes]]:
+    """Files in hash order of their paths, each to the split furthest below its share of the
+    bytes (relatively; ties: test, validation, training)."""
+    total = sum(len(data) for _, data in files)
+    share = {"test": test_fraction, "val": val_fraction}
+    share["train"] = 1 - test_fraction - val_fraction
+    order = sorted(files, key=lambda f: hashlib.sha256(f[0].encode()).digest())
+    parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
+    held = dict.fromkeys(share, 0)
+    for _, data in order:
+        open_ = [k for k in share if share[k] > 0]
+        split = max(open_, key=lambda k: 1 - held[k] / (share[k] * total))
+        parts[split].append(data)
+        held[split] += len(data)
+    return parts
+
+
+def _windows(data: bytes, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = (len(data) - 1) // context
+    if n < 1:
+        return torch.empty(0, context, dtype=torch.int64), torch.empty(
+            0, context, dtype=torch.int64
+        )
+    a = torch.from_numpy(np.frombuffer(data, dtype=np.uint8)[: n * context + 1].astype(np.int64))
+    return a[:-1].view(n, context), a[1:].view(n, context)
+
+
+def load_text(
+    path: str | Path,
+    *,
+    context: int = 128,
+    glob: str = "**/*",
+    max_bytes: int | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+) -> TextDataset:
+    """A text corpus as next-byte windows of ``context`` bytes.
+
+    Args:
+        path: a text file, or a folder whose files matching ``glob`` are read (sorted by path).
+        context: bytes per window (the model's sequence length).
+        glob: which files of a folder (``"**/*.py"``, say); hidden files are skipped.
+        max_bytes: stop adding files (in path order) once this many bytes are read.
+        val_fraction / test_fraction: the share of files (of a single file: of its bytes) held out
+            for validation and for testing.
+
+    Raises:
+        FileNotFoundError: no such path.
+        DataError: no files match, a split gets too little text for one window, or an argument
+            is out of range.
+
+    Example:
+        >>> ds = load_text("/usr/lib/python3.11", glob="**/*.py", max_bytes=2_000_000)  # doctest: +SKIP
+    """
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    if context < 2:
+        raise DataError(f"context must be at least 2 bytes, got {context}")
+    if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise DataError(
+            f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave some text "
+            "for training (each in [0, 1), test > 0)"
+        )
+    parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
+    digest = hashlib.sha256()
+    files = 0
+    if root.is_file():
+        data = root.read_bytes()
+        if max_bytes is not None:
+            data = data[:max_bytes]
+        digest.update(data)
+        files = 1
+        a = round(len(data) * (1 - val_fraction - test_fraction))
+        b = round(len(data) * (1 - test_fraction))
+        parts = {"train": [data[:a]], "val": [data[a:b]], "test": [data[b:]]}
+    else:
+        total = 0
+        found: list[tuple[str, bytes]] = []
+        for f in sorted(p for p in root.glob(glob) if p.is_file()):
+            rel = f.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in Path(rel).parts):
+                continue
+            if max_bytes is not None and total >= max_bytes:
+                break
+            data = f.read_bytes()
+            total += len(data)
+            digest.update(rel.encode() + b"\0" + data)
+            found.append((rel, data))
+        if not found:
+            raise DataError(f"{root}: no files match {glob!r}")
+        files = len(found)
+        parts = _by_share(found, val_fraction, test_fraction)
+    tensors, sizes = {}, {}
+    for split, chunks in parts.items():
+        data = b"".join(chunks)
+        sizes[split] = len(data)
+        tensors[split] = _windows(data, context)
+        if (split != "val" or val_fraction > 0) and len(tensors[split][0]) == 0:
+            raise DataError(
+                f"{root}: the {split} split holds {len(data)} bytes, less than one window of "
+                f"{context + 1}; use more text or a shorter context"
+            )
+    source = {
+        "path": str(root),
+        "glob": glob if root.is_dir() else None,
+        "files": files,
+        "bytes": sizes,
+        "sha256": digest.hexdigest(),
+        "context": context,
+    }
+    val = tensors["val"] if val_fraction > 0 else (None, None)
+    return TextDataset(
+        f"text:{root.name}",
+        *tensors["train"],
+        *tensors["test"],
+        VOCAB,
+        x_val=val[0],
+        y_val=val[1],
+        source=source,
+    )
+
+
+def text_spec(spec: str) -> TextDataset:
+    """``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]``."""
+    body = spec.removeprefix("text:")
+    options: dict[str, str] = {}
+    pieces = body.split(",")
+    while len(pieces) > 1 and "=" in pieces[-1]:
+        key, _, value = pieces.pop().partition("=")
+        options[key.strip()] = value.strip()
+    path = ",".join(pieces)
+    if not path:
+        raise DataError(f"data {spec!r}: no path; use {TEXT_SPEC}")
+    kinds = {"context": int, "max_bytes": int, "glob": str, "val_fraction": float}
+    kinds["test_fraction"] = float
+    unknown = sorted(set(options) - set(kinds))
+    if unknown:
+        raise DataError(f"data {spec!r}: unknown option(s) {unknown} (options: {sorted(kinds)})")
+    try:
+        kwargs = {k: kinds[k](v) for k, v in options.items()}
+    except ValueError:
+        raise DataError(f"data {spec!r}: bad option value in {options}") from None
+    return load_text(path, **kwargs)
+
+
+def bits_per_byte(nll_nats_per_byte: float) -> float:
+    """Nats per byte → bits per byte."""
+    return nll_nats_per_byte / math.log(2)

@@ -1,0 +1,182 @@
+"""Hugging Face model folders (``config.json`` + safetensors weights) in and out.
+
+In: a causal language model's folder loads with the transformers library's own classes only:
+a config that names remote code (``auto_map``) is refused, and so are pickled weights
+(``pytorch_model.bin``), since unpickling runs code. The model gets an ``arch`` record
+(``hf-causal-lm`` with the config's fields), so that compressdrop checkpoints of it (gated, slim)
+rebuild without the folder.
+
+Out: a slim model whose config describes it (see :func:`compressdrop.gating.known.sync_config`;
+``prune(uniform=True)`` makes one) is written with ``save_pretrained`` into a temporary folder,
+loaded back with ``from_pretrained`` and compared with the model, and only then moved into place:
+a folder that ``AutoModelForCausalLM.from_pretrained`` loads with no compressdrop installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._attrs import set_record
+from .errors import CheckpointError, InputError
+
+__all__ = ["is_hf_folder", "load_hf_folder", "save_hf_folder"]
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# fields the arch record carries elsewhere, or that the library fills in itself
+_NOT_KWARGS = {"model_type", "architectures", "transformers_version", "vocab_size", "_name_or_path"}
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder with a ``config.json``."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(
+            "a Hugging Face model folder needs transformers: pip install 'compressdrop[hf]'"
+        ) from None
+    return transformers
+
+
+def load_hf_folder(path: str | Path) -> nn.Module:
+    """The causal language model in a Hugging Face folder, in eval mode, on the CPU.
+
+    Raises:
+        CheckpointError: the config is unreadable, names remote code, is not a causal language
+            model of the transformers library, or the weights are missing or pickled.
+        InputError: transformers is not installed.
+    """
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json: unreadable ({e})") from None
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}/config.json: not a JSON object")
+    if "auto_map" in config:
+        raise CheckpointError(
+            f"{path}: the config names its own code ({config['auto_map']}); compressdrop only "
+            "builds the transformers library's own model classes, so it was refused"
+        )
+    if not any((path / w).is_file() for w in _WEIGHTS):
+        pickled = [p.name for p in path.glob("*.bin")]
+        raise CheckpointError(
+            f"{path}: no safetensors weights ({' or '.join(_WEIGHTS)})"
+            + (
+                f"; {pickled} are pickled and loading them could run code: convert them to "
+                "safetensors where you trust them"
+                if pickled
+                else ""
+            )
+        )
+    tf = _transformers()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    archs = config.get("architectures") or []
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not a causal language model of transformers "
+            f"{tf.__version__} (compressdrop reads causal-LM folders; architectures: {archs})"
+        )
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot load the model: {e}") from None
+    cfg = model.config
+    kwargs = {k: v for k, v in cfg.to_diff_dict().items() if k not in _NOT_KWARGS}
+    kwargs = json.loads(json.dumps(kwargs, default=str))  # plain data only
+    set_record(
+        model,
+        "arch",
+        {
+            "name": "hf-causal-lm",
+            "num_classes": int(cfg.vocab_size),
+            "kwargs": {"model_type": model_type, **kwargs},
+        },
+    )
+    return model.eval()
+
+
+def save_hf_folder(
+    slim: nn.Module, out: str | Path, example_input: torch.Tensor, rtol: float = 1e-4
+) -> tuple[int, float]:
+    """Write ``slim`` as a Hugging Face folder ``out`` (replacing one that is there).
+
+    Returns:
+        The bytes written, and the largest relative error of the reloaded model's logits against
+        ``slim``'s on ``example_input``.
+
+    Raises:
+        InputError: ``slim`` is not a transformers model, or its config cannot describe its shape
+            (nothing is written; the message says what to do).
+        CheckpointError: the reloaded folder does not reproduce the model.
+    """
+    from .gating.known import sync_config
+
+    out = Path(out)
+    config = getattr(slim, "config", None)
+    if config is None or not hasattr(slim, "save_pretrained"):
+        raise InputError(
+            f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
+            ".pt2 or .onnx file name"
+        )
+    reason = sync_config(slim)
+    if reason is not None:
+        raise InputError(f"{out}: cannot write a Hugging Face folder: {reason}")
+    parent = out.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {out}: directory {parent} is missing or not writable")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
+        save(tmp, safe_serialization=True)
+        err = _check_reload(slim, tmp, example_input)
+        if not err <= rtol:
+            raise CheckpointError(
+                f"{out}: the folder reloads with logits {err:.2e} (relative) away from the "
+                f"model's (tolerance {rtol:g}); nothing was written"
+            )
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return size, err
+
+
+@torch.inference_mode()
+def _check_reload(slim: nn.Module, folder: Path, x: torch.Tensor) -> float:
+    tf = _transformers()
+    back = tf.AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
+    ).eval()
+    was = slim.training
+    slim.eval()
+    try:
+        x = x.to(next(slim.parameters()).device)
+        want = slim(x).logits.float()
+        got = back.to(x.device)(x).logits.float()
+    finally:
+        slim.train(was)
+    return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))

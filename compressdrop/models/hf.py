@@ -1,0 +1,72 @@
+"""Hugging Face causal language models built from a config alone (random weights, nothing
+downloaded), as a reference net a recipe can name: ``model.arch: hf-causal-lm``.
+
+The keyword arguments are the config's fields (``model_type`` picks one of the transformers
+library's own model families; no code is ever taken from a file). ``num_classes`` is the
+vocabulary, ``input_shape`` ``(T,)`` the context; the position table is made long enough for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from ..errors import InputError
+from .record import tag as _tag
+
+__all__ = ["hf_causal_lm"]
+
+_POSITIONS = ("n_positions", "max_position_embeddings")
+
+
+def hf_causal_lm(
+    input_shape: Sequence[int] = (128,),
+    num_classes: int = 256,
+    model_type: str = "gpt2",
+    **config: Any,
+) -> nn.Module:
+    """A ``transformers`` ``AutoModelForCausalLM`` of ``model_type`` from its config fields.
+
+    ``use_cache`` defaults to off (training and scoring need no key/value cache; ``generate``
+    turns it on per call).
+
+    Raises:
+        InputError: transformers is not installed, ``model_type`` is not one of its families, or a
+            config field is refused.
+
+    Example:
+        >>> lm = hf_causal_lm((64,), 256, "gpt2", n_layer=2, n_embd=64, n_head=4)  # doctest: +SKIP
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise InputError(
+            "hf-causal-lm needs Hugging Face transformers: pip install 'compressdrop[hf]'"
+        ) from None
+    if not isinstance(model_type, str):
+        raise InputError(f"hf-causal-lm: model_type must be a string, got {model_type!r}")
+    if "auto_map" in config or config.get("trust_remote_code"):
+        raise InputError("hf-causal-lm: a config that names remote code is refused")
+    context = int(input_shape[-1])
+    # GPT-2's special tokens sit at 50256, outside a small vocabulary: none unless configured
+    fields = {
+        "vocab_size": int(num_classes),
+        "use_cache": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        **config,
+    }
+    try:
+        cfg = AutoConfig.for_model(model_type, **fields)
+    except ValueError as e:
+        raise InputError(f"hf-causal-lm: {e}") from None
+    for name in _POSITIONS:
+        if name in type(cfg)().to_dict() and name not in config:
+            setattr(cfg, name, max(context, int(getattr(cfg, name, 0) or 0)))
+    try:
+        model = AutoModelForCausalLM.from_config(cfg)
+    except ValueError as e:
+        raise InputError(f"hf-causal-lm: {e}") from None
+    return _tag(model, "hf-causal-lm", input_shape, num_classes, model_type=model_type, **config)

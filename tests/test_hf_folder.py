@@ -1,0 +1,135 @@
+"""Hugging Face model folders in and out (``compressdrop.hf_folder``): a causal LM's folder
+(config.json + safetensors) loads with the library's own classes only, is sparsified on text and
+pruned to a uniform shape, and the slim folder reloads with ``from_pretrained`` in a process
+without compressdrop, giving the slim model's logits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from compressdrop.checkpoint import load_model
+from compressdrop.errors import CheckpointError, InputError
+
+from .test_hf import logits_elsewhere
+
+transformers = pytest.importorskip("transformers")
+
+RECIPE = """
+name: tiny-lm
+model: {arch: hf-causal-lm}
+data: {name: digits, batch_size: 16, val_fraction: 0.1}
+gates: {family: lognormal, kl_cost: flops}
+kl: {beta: 8.0, warmup: 0}
+stages:
+  pretrain: {epochs: 1}
+  sparsify: {epochs: 3, lr: 0.001, gate_lr: 0.1}
+  finetune: {epochs: 1, lr: 0.0003}
+export: {onnx: false}
+"""
+
+
+def _llama_folder(path):
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _text(path):
+    gen = torch.Generator().manual_seed(0)
+    words = [b"def ", b"return ", b"self", b"(x)", b":\n    ", b" = ", b"import os\n"]
+    path.mkdir()
+    for i in range(24):
+        idx = torch.randint(len(words), (200,), generator=gen).tolist()
+        (path / f"m{i}.py").write_bytes(f"# file {i}\n".encode() + b"".join(words[j] for j in idx))
+    return path
+
+
+def test_a_folder_loads_with_an_arch_record_and_its_own_weights(tmp_path):
+    folder = _llama_folder(tmp_path / "llama")
+    model = load_model(folder)
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.randint(256, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert model.arch["name"] == "hf-causal-lm" and model.arch["num_classes"] == 256
+    assert model.arch["kwargs"]["model_type"] == "llama"
+    json.dumps(model.arch)  # plain data: a checkpoint stores it
+
+
+def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(tmp_path):
+    from compressdrop.workflows import prune_file
+
+    folder = _llama_folder(tmp_path / "llama")
+    corpus = _text(tmp_path / "corpus")
+    (tmp_path / "tiny.yaml").write_text(RECIPE)
+    out = tmp_path / "slim"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the residual stream is left ungated (LayerNorm)
+        res = prune_file(
+            folder,
+            out,
+            recipe=str(tmp_path / "tiny.yaml"),
+            data=f"text:{corpus},context=16",
+            uniform=True,
+        )
+    assert res.files.paths["hf_folder"] == out and res.files.max_rel_error["hf_folder"] <= 1e-4
+    config = json.loads((out / "config.json").read_text())
+    dense = json.loads((folder / "config.json").read_text())
+    assert (config["num_attention_heads"], config["intermediate_size"]) < (4, 48)
+    assert config["num_attention_heads"] * 2 <= dense["num_attention_heads"] * 2  # whole groups
+    assert config["num_attention_heads"] % config["num_key_value_heads"] == 0
+    assert res.summary["architecture_before"] != res.summary["architecture_after"]
+    ids = torch.randint(256, (2, 16))
+    with torch.no_grad():
+        want = res.slim.eval()(ids).logits
+    got = logits_elsewhere(out, ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_folders_that_would_run_code_or_lose_shape_are_refused(tmp_path):
+    folder = _llama_folder(tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"x": "evil.Model"}}))
+    with pytest.raises(CheckpointError, match="names its own code"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_model(folder)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"without config\.json"):
+        load_model(tmp_path / "empty")
+
+
+def test_a_shape_the_config_cannot_describe_writes_no_folder(tmp_path):
+    import compressdrop as cd
+    from compressdrop.hf_folder import save_hf_folder
+
+    config = transformers.GPT2Config(
+        vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=32, use_cache=False
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(256, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cd.attach(model, "lognormal", example_inputs=ids)
+    for _, gate in cd.named_gates(model):  # one head of every layer's attention goes
+        if gate.num_units == 4:
+            with torch.no_grad():
+                gate.log_sigma[0] = 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the config cannot describe 3 heads of 8 in n_embd 32
+        slim = cd.prune(model, example_inputs=ids)
+    with pytest.raises(InputError, match="cannot write a Hugging Face folder"):
+        save_hf_folder(slim, tmp_path / "out", ids)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())

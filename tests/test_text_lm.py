@@ -1,0 +1,161 @@
+"""Byte-level text data and next-token training: the ``text:`` data spec splits a corpus by file
+into next-byte windows, the loss and metrics score every token, and a recipe trains, gates,
+prunes and exports a Hugging Face causal LM (``hf-causal-lm``) on it end to end."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compressdrop.data import load_dataset, load_text
+from compressdrop.errors import DataError
+from compressdrop.evaluation.metrics import evaluate, logits_of, prediction_loss
+
+
+def _corpus(root: Path, files: int = 40, size: int = 600) -> Path:
+    """Files of code-like text, each starting with its own line (found again in the splits)."""
+    gen = torch.Generator().manual_seed(0)
+    words = [b"def ", b"return ", b"self", b"(x)", b":\n    ", b" = ", b"import os\n", b"# note\n"]
+    for i in range(files):
+        idx = torch.randint(len(words), (size // 4,), generator=gen).tolist()
+        sub = root / f"pkg{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        head = f"# module {i} of the test corpus, file pkg{i % 3}/m{i}.py\n".encode()
+        (sub / f"m{i}.py").write_bytes((head + b"".join(words[j] for j in idx))[:size])
+    (root / ".hidden.py").write_bytes(b"never read")
+    return root
+
+
+def test_folder_splits_by_file_into_shifted_windows(tmp_path):
+    root = _corpus(tmp_path / "c")
+    ds = load_text(root, context=16, glob="**/*.py")
+    assert ds.task == "lm" and ds.num_classes == 256 and ds.input_shape == (16,)
+    src = ds.source
+    assert src is not None and src["files"] == 40
+    total = sum(src["bytes"].values())
+    assert total == sum(len(p.read_bytes()) for p in root.glob("pkg*/*.py"))
+    # the shares of bytes, file by file (each file 600 bytes: within one file of the target)
+    assert abs(src["bytes"]["test"] - 0.1 * total) <= 600
+    assert abs(src["bytes"]["val"] - 0.1 * total) <= 600
+    # y is x shifted by one byte, and windows follow each other without overlap
+    assert torch.equal(ds.x_train[:, 1:], ds.y_train[:, :-1])
+    assert torch.equal(ds.y_train[:-1, -1], ds.x_train[1:, 0])
+    # each file goes whole to one split: its text is found in exactly one split's byte stream
+    # (a split may cut its last file short: the windows stop at a multiple of the context)
+    where = {"train": ds.x_train, "val": ds.x_val, "test": ds.x_test}
+    streams = [bytes(v.flatten().to(torch.uint8).tolist()) for v in where.values()]
+    found = [sum(p.read_bytes()[:64] in s for s in streams) for p in root.glob("pkg*/*.py")]
+    assert max(found) == 1 and sum(found) >= len(found) - 3
+    # the same corpus gives the same split and digest
+    again = load_text(root, context=16, glob="**/*.py")
+    assert again.source == src and torch.equal(again.x_test, ds.x_test)
+    train, val = ds.split_validation(0.1, seed=5)
+    assert train is ds and torch.equal(val.x_test, ds.x_val) and val.name.endswith("/val")
+
+
+def test_single_file_splits_by_position_and_spec_options(tmp_path):
+    f = tmp_path / "book.txt"
+    f.write_bytes(bytes(range(256)) * 40)
+    ds = load_dataset(f"text:{f},context=32,val_fraction=0.2,test_fraction=0.1")
+    assert ds.source["bytes"] == {"train": 7168, "val": 2048, "test": 1024}
+    assert ds.x_train[0, :4].tolist() == [0, 1, 2, 3]
+    assert ds.x_test[0, 0].item() == (7168 + 2048) % 256
+    small = load_dataset(f"text:{f},context=8,max_bytes=1000")
+    assert sum(small.source["bytes"].values()) == 1000
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("text:{d}/none", "no such file"),
+        ("text:{d},context=1", "context must be at least 2"),
+        ("text:{d},colour=red", "unknown option"),
+        ("text:{d},context=big", "bad option value"),
+        ("text:{d},glob=*.rst", "no files match"),
+        ("text:{d},context=5000", "less than one window"),
+        ("text:{d},test_fraction=0", "must leave some text"),
+    ],
+)
+def test_bad_text_specs_name_the_problem(tmp_path, spec, message):
+    root = _corpus(tmp_path / "c", files=12)
+    with pytest.raises((DataError, FileNotFoundError), match=message):
+        load_dataset(spec.format(d=root))
+
+
+def test_per_token_loss_and_metrics():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 7, generator=gen)
+    y = torch.randint(7, (3, 5), generator=gen)
+    want = F.cross_entropy(logits.reshape(15, 7), y.reshape(15))
+    assert torch.allclose(prediction_loss(logits, y), want)
+    assert torch.allclose(prediction_loss({"logits": logits}, y, "sum"), want * 15)
+    assert logits_of((logits, "cache")) is logits
+
+    class Out:
+        def __init__(self, t):
+            self.logits = t
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return Out(logits[: len(x)] + self.w)
+
+    m = evaluate(Model(), torch.zeros(3, 5), y)
+    assert m.n == 15 and math.isclose(m.nll, float(want), rel_tol=1e-6)
+    assert math.isclose(m.bits, float(want) / math.log(2), rel_tol=1e-6)
+    assert m.accuracy == int((logits.argmax(-1) == y).sum()) / 15
+    with pytest.raises(TypeError, match="cannot find the logits"):
+        logits_of("text")
+
+
+def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path):
+    pytest.importorskip("transformers")
+    from compressdrop.checkpoint import load_model
+    from compressdrop.recipes import load_recipe
+    from compressdrop.training.runner import run_recipe
+
+    root = _corpus(tmp_path / "c", files=30, size=800)
+    recipe = load_recipe("gpt-lognormal").override(
+        {
+            "data.name": f"text:{root},context=16,glob=**/*.py",
+            "data.batch_size": 16,
+            "model.kwargs": {"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 4},
+            "stages.pretrain.epochs": 2,
+            "stages.sparsify.epochs": 3,
+            "stages.sparsify.gate_lr": 0.1,
+            "stages.finetune.epochs": 1,
+            # pressure on a tiny corpus (1,300 windows) that removes some heads and neurons
+            # (here 2 of 4 heads and half the neurons; β = 20 leaves one head, 3: three)
+            "kl.beta": 8.0,
+            "kl.warmup": 0,
+            "gates.kl_cost": "flops",
+        }
+    )
+    ds = load_dataset(recipe.data.name)
+    with pytest.warns(Warning) as record:
+        result = run_recipe(recipe, ds, tmp_path / "run")
+    said = " ".join(str(w.message) for w in record)
+    assert "LayerNorm" in said  # the residual stream is left ungated, and the user told why
+    assert "GPT2Config cannot describe heads" in said  # a free shape: kept as .pt/.pt2/ONNX
+    rep = result.report
+    assert rep["dense"]["test_bits_per_byte"] == pytest.approx(
+        rep["dense"]["test_nll"] / math.log(2)
+    )
+    assert 0 < rep["slim"]["test_bits_per_byte"] < 8  # below a uniform guess over bytes
+    kinds = {r["name"].rsplit(".", 2)[-2] for r in rep["layers"]}
+    assert kinds == {"attn", "mlp"}  # the heads and the MLP neurons were gated
+    assert rep["slim"]["params"] < rep["dense"]["params"]
+    for name in ("gated.pt", "slim.pt", "slim.onnx", "slim.pt2", "report.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    slim = load_model(tmp_path / "run" / "slim.pt").eval()
+    x = ds.x_test[:2]
+    assert slim.arch["name"] == "hf-causal-lm"
+    assert evaluate(slim, ds.x_test, ds.y_test).nll == pytest.approx(rep["slim"]["test_nll"])
+    assert logits_of(slim(x)).shape == (2, 16, 256)
