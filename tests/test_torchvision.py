@@ -35,11 +35,9 @@ def _params(model: nn.Module) -> int:
 
 
 def _heads(model: nn.Module) -> int:
-    return sum(
-        int(getattr(m, "num_heads", 0))
-        for m in model.modules()
-        if isinstance(getattr(m, "num_heads", None), int)
-    )
+    """Attention heads, by the modules' own counts (``num_heads``; MaxViT's ``n_heads``)."""
+    counts = (getattr(m, a, None) for m in model.modules() for a in ("num_heads", "n_heads"))
+    return sum(c for c in counts if isinstance(c, int))
 
 
 def _check(model: nn.Module, side: int, tmp_path) -> dict:
@@ -98,11 +96,45 @@ def test_family_prunes_exactly_and_exports(family, tmp_path):
     assert r["moved"] > 1e-3, "pruning did not change the output: the parity check proves nothing"
     assert r["params"][1] < r["params"][0]
     assert r["onnx"] <= 1e-4
-    # attention heads are units too; Swin's window attention keeps its heads (its forward hands
-    # proj.weight to a function, so a head gate has no site: a GatingWarning says so), and
-    # MaxViT's attention counts them in `n_heads`, which is not gated (BENCHMARKS §7)
-    if family == "ViT":
+    # attention heads are units too (ViT's; Swin's and MaxViT's through compressdrop.gating.vision)
+    if family in ("ViT", "Swin", "Swin V2", "MaxViT"):
         assert r["heads"][1] < r["heads"][0], "no attention head removed"
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_prunable_swin_attention_is_the_same_function(v2):
+    """The window attention compressdrop gates computes exactly torchvision's: with and without
+    the cyclic shift, with padding (sides not a multiple of the window), in train mode too."""
+    import copy
+
+    from torchvision.models import swin_transformer as st
+
+    from compressdrop.gating.vision import prunable
+
+    cls = st.ShiftedWindowAttentionV2 if v2 else st.ShiftedWindowAttention
+    torch.manual_seed(0)
+    for shift in ([0, 0], [2, 1]):
+        stock = cls(16, [4, 3], shift, 4, attention_dropout=0.0, dropout=0.0)
+        mine = prunable(copy.deepcopy(stock))
+        assert type(mine).__name__ == f"Prunable{cls.__name__}" and isinstance(mine, cls)
+        for h, w in ((8, 9), (10, 7), (3, 2)):
+            x = torch.randn(2, h, w, 16)
+            assert torch.equal(mine(x), stock(x)), (shift, h, w)
+
+
+def test_prunable_maxvit_attention_is_the_same_function():
+    import copy
+
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    from compressdrop.gating.vision import prunable
+
+    torch.manual_seed(0)
+    stock = RelativePositionalMultiHeadAttention(32, 8, 16)
+    mine = prunable(copy.deepcopy(stock))
+    x = torch.randn(2, 5, 16, 32)  # (batch, groups, positions, features)
+    assert isinstance(mine, RelativePositionalMultiHeadAttention)
+    torch.testing.assert_close(mine(x), stock(x), rtol=1e-6, atol=1e-7)
 
 
 def test_segmentation_model_with_dict_output(tmp_path):

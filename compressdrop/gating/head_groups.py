@@ -108,6 +108,8 @@ def _query_positions(m: nn.Module, query: Any) -> int:
     """Query positions per example of an ``nn.MultiheadAttention`` call."""
     if not isinstance(query, torch.Tensor) or query.dim() < 3:
         return 1
+    if query.dim() == 4:  # channels-last windows (Swin): every position of the map
+        return int(query.shape[1] * query.shape[2])
     return int(query.shape[1] if getattr(m, "batch_first", False) else query.shape[0])
 
 

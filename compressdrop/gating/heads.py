@@ -60,6 +60,8 @@ class HeadSpec:
         prepare: ``module → module``: what the module becomes before its heads are gated (a
             stock ``nn.MultiheadAttention`` becomes compressdrop's subclass).
         why_not: ``module → reason``: why its heads cannot be gated (``None``: they can).
+        tables: ``(module, kept_heads) → None``: cut per-head tables after the projections
+            (Swin's relative position bias).
     """
 
     o: str
@@ -73,6 +75,7 @@ class HeadSpec:
     remove: Callable[[nn.Module, torch.Tensor], None] | None = None
     prepare: Callable[[nn.Module], nn.Module] | None = None
     why_not: Callable[[nn.Module], str | None] | None = None
+    tables: Callable[[nn.Module, torch.Tensor], None] | None = None
 
 
 _SPECS: dict[type, HeadSpec] = {}
@@ -208,6 +211,8 @@ def _remove(m: nn.Module, spec: HeadSpec, pruned: Sequence[int]) -> nn.Module:
         set_attr_at(m, spec.heads, len(keep))
     for attr in spec.widths:
         set_attr_at(m, attr, len(keep) * D)
+    if spec.tables is not None:
+        spec.tables(m, keep)
     return m
 
 

@@ -1,4 +1,5 @@
-"""What compressdrop knows about the layers of other libraries (Hugging Face transformers),
+"""What compressdrop knows about the layers of other libraries (Hugging Face transformers;
+torchvision's Swin and MaxViT attention, in :mod:`compressdrop.gating.vision`),
 registered the first time a model built from that library is gated: GPT-2's ``Conv1D`` as a
 producer (:func:`~compressdrop.gating.register_layer`, with an input fold for a gate on its
 input), BERT's and GPT-2's attention heads (:func:`~compressdrop.gating.register_attention`;
@@ -50,6 +51,11 @@ def register_for(model: nn.Module) -> None:
     if "transformers" in libraries and "transformers" not in _DONE:
         _register_transformers()
         _DONE.add("transformers")
+    if "torchvision" in libraries and "torchvision" not in _DONE:
+        from .vision import register_torchvision
+
+        register_torchvision()
+        _DONE.add("torchvision")
 
 
 def _conv1d_costs(m: nn.Module, out: bool) -> tuple[float, float]:
