@@ -220,3 +220,69 @@ def test_property_random_architectures_prune_exactly(
             ref = mask_(model, thr)(x)
     with torch.no_grad():
         assert rel_error(slim(x), ref) <= TOL
+
+
+class _DenseBlock(nn.Module):
+    """DenseNet's pattern: new channels concatenated, then BatchNorm → ReLU → ``reader``."""
+
+    def __init__(self, reader: nn.Module) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grow = nn.Conv2d(8, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(14)
+        self.reader = reader
+        self.head = nn.Linear(reader.out_channels, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.stem(x))
+        y = self.reader(torch.relu(self.norm(torch.cat([s, self.grow(s)], 1))))
+        return self.head(y.mean((2, 3)))
+
+
+def _dense_block(reader: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    net = _DenseBlock(reader)
+    with torch.no_grad():  # statistics that make BN(0) = β − γμ/σ clearly non-zero
+        net.norm.running_mean.uniform_(-1, 1)
+        net.norm.running_var.uniform_(0.5, 2)
+        net.norm.bias.uniform_(-1, 1)
+    return net.eval()
+
+
+def test_a_constant_after_batchnorm_folds_into_a_1x1_readers_bias():
+    """A pruned channel of ``grow`` is zero before the norm and β − γμ/σ after it: the 1×1 conv
+    that reads it gets that constant in its (new) bias, so the slim model matches the masked one,
+    and the pruning history rebuilds the bias."""
+    net = _dense_block(nn.Conv2d(14, 5, 1, bias=False))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.GatingWarning)  # every group is gated, none refused
+        cd.attach(net, "lognormal", example_inputs=x)
+    gates = dict(cd.named_gates(net))
+    assert any(g.num_units == 6 for g in gates.values())  # the concatenated channels of grow
+    torch.manual_seed(1)
+    with torch.no_grad():  # SNRs spread, so that the median prunes about half of every layer
+        for g in gates.values():
+            g.log_sigma.uniform_(-3, 1)
+    thr = float(torch.cat([g.snr().detach() for g in gates.values()]).median())
+    slim = cd.prune(net, thr, example_inputs=x)
+    mask_(net, thr)
+    with torch.no_grad():
+        want, got = net(x), slim(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert slim.reader.bias is not None  # where the constants went
+    history = slim.prune_report.to_dict()["history"]
+    assert ["reader", "bias", []] in history
+    fresh = _dense_block(nn.Conv2d(14, 5, 1, bias=False))
+    replay(fresh, history, example_inputs=x)
+    fresh.load_state_dict(slim.state_dict())
+    torch.testing.assert_close(fresh(x), got)
+
+
+def test_a_constant_into_a_padded_conv_is_refused_with_the_reason():
+    """A 3×3 conv with padding sees the constant inside the map and zeros at its border: no bias
+    is exact, so those channels stay ungated and the warning says why."""
+    net = _dense_block(nn.Conv2d(14, 5, 3, padding=1))
+    with pytest.warns(cd.GatingWarning, match="cannot fold a constant into its bias"):
+        cd.attach(net, "lognormal", example_inputs=torch.randn(2, 3, 8, 8))
+    assert all(g.num_units != 6 for _, g in cd.named_gates(net))

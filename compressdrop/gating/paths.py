@@ -168,6 +168,83 @@ def _positive_power(grad_fn) -> bool:
     return isinstance(exponent, (int, float)) and not isinstance(exponent, bool) and exponent > 0
 
 
+# ops that map a per-channel constant to a per-channel constant, between a BatchNorm that turns a
+# pruned (zero) channel into a constant and the layer that can fold that constant into its bias
+_CONSTANT_KEEPING = (
+    "Relu",
+    "Gelu",
+    "Silu",
+    "Tanh",
+    "Hardtanh",
+    "LeakyRelu",
+    "Elu",
+    "Hardswish",
+    "Clamp",
+    "ClampMin",
+    "ClampMax",
+    "Threshold",
+    "AdaptiveAvgPool",
+    "AdaptiveMaxPool",
+    "Mean",  # an adaptive pool to 1×1 is traced as a mean over the positions
+    "View",
+    "Reshape",
+    "UnsafeView",
+    "Flatten",
+    "NativeDropout",
+    "Dropout",
+    "Clone",
+    "Alias",
+)
+
+
+def folds_constant(m: nn.Module) -> bool:
+    """Whether a constant input channel of ``m`` can be folded into its bias exactly: a Linear,
+    or a convolution with a 1×1 kernel, no padding and no groups (every output position sees the
+    channel's constant once)."""
+    if isinstance(m, nn.Linear):
+        return True
+    return (
+        isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        and m.groups == 1
+        and all(k == 1 for k in m.kernel_size)
+        and not isinstance(m.padding, str)
+        and all(p == 0 for p in m.padding)
+    )
+
+
+def _constant_path(norm_node) -> str | None:
+    """After a BatchNorm, a pruned unit is the constant β − γμ/σ, not zero. ``None`` where every
+    path from the norm reaches a layer that folds it (:func:`folds_constant`) through ops that keep
+    it constant; else why not."""
+    stack, seen = list(norm_node.outputs), set()
+    if not stack:
+        return "its units pass through BatchNorm to the output"
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        m = n.module
+        if _is_producer(m):
+            if folds_constant(m):
+                continue
+            return (
+                f"its units pass through BatchNorm (a pruned unit becomes a constant) into a "
+                f"{type(m).__name__} that cannot fold a constant into its bias"
+            )
+        op = _op_name(n).lstrip("_")
+        if op in _MATMULS and _matmul_consumer(n) is not None:
+            continue
+        if isinstance(m, nn.Module) and type(m).__module__.startswith("torch.nn"):
+            return f"its units pass through BatchNorm, then {type(m).__name__}"
+        if op.startswith("OutputOp") or not n.outputs:
+            return "its units pass through BatchNorm to the output"
+        if not op.startswith(_CONSTANT_KEEPING):
+            return f"its units pass through BatchNorm, then {op}, which does not keep a constant"
+        stack.extend(n.outputs)
+    return None
+
+
 def _walk(start, members, names: dict, products: dict[int, bool] | None = None) -> str:
     """Follow a site's output to its consumers.
 
@@ -203,6 +280,14 @@ def _walk(start, members, names: dict, products: dict[int, bool] | None = None) 
             continue
         if _is_scale_activation(n) and _only_scales(n):
             continue  # squeeze-excitation: these units only scale units of the same group
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m in members:
+            # a norm after a concatenation (DenseNet): the constant it makes of a pruned unit is
+            # folded into the consumers' biases by compressdrop.prune
+            why = _constant_path(n)
+            if why is not None:
+                return why
+            consumed = True
+            continue
         if isinstance(m, nn.Module) and type(m).__module__.startswith("torch.nn"):
             # a real layer between the site and a consumer (a norm after the residual add, ...)
             return f"its units pass through {type(m).__name__}, which does not map 0 to 0 per unit"

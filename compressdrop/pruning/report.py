@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["HEADS", "LayerReport", "PruneReport"]
+__all__ = ["BIAS", "HEADS", "LayerReport", "PruneReport"]
 
 HEADS = "heads"  # the pruning history's mark of an attention's removed heads
+BIAS = "bias"  # ... and of a layer given a bias to fold a pruned unit's constant into
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ class PruneReport:
         """The report as plain data (JSON- and ``weights_only``-safe), for :meth:`from_dict`."""
         d = asdict(self)
         d["history"] = [
-            [n, o if o == HEADS else bool(o), [int(i) for i in idx]] for n, o, idx in self.history
+            [n, o if o in (HEADS, BIAS) else bool(o), [int(i) for i in idx]]
+            for n, o, idx in self.history
         ]
         return d
 

@@ -33,8 +33,9 @@ from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
 from ..gating.known import sync_config
 from ..gating.tpgraph import build_graph
+from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
-from .report import HEADS, LayerReport, PruneReport
+from .report import BIAS, HEADS, LayerReport, PruneReport
 from .uniform import uniform_keep
 
 __all__ = [
@@ -228,7 +229,7 @@ def prune(
         example_inputs = example_inputs_of(work, batch=4) or example_input_for(work, batch=4)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     family = next(iter(named_gates(work)))[1].family
-    with torch.no_grad(), full_fp32():
+    with torch.no_grad(), full_fp32(), ConstantInputs(work) as constants:
         reference = work(*example)
 
     # the first site of each gate is the handle of its group in the dependency graph
@@ -249,9 +250,16 @@ def prune(
     for name, idxs in heads.items():
         if idxs:
             remove_heads_(work, name, idxs)
-    head_history = [[name, HEADS, idxs] for name, idxs in heads.items() if idxs]
+    head_history: list = [[name, HEADS, idxs] for name, idxs in heads.items() if idxs]
 
     dg = _dependency_graph(work, example)
+    for gid, module in first_site.items():  # constants a pruned unit leaves, into biases
+        if pruned[gid]:
+            pruner = dg.get_pruner_of_module(module)
+            group = dg.get_pruning_group(module, pruner.prune_out_channels, idxs=pruned[gid])
+            problem = constants.fold_(group)
+            if problem is not None:
+                raise SurgeryError(f"cannot cut the group of {masks[gid][0]!r}: {problem}")
     for gid, module in first_site.items():
         if not pruned[gid]:
             continue
@@ -280,8 +288,9 @@ def prune(
     if why is not None:
         warnings.warn(f"compressdrop: {why}", PruningWarning, stacklevel=2)
     # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
+    bias_history = [[name, BIAS, []] for name in constants.biased]
     work.prune_report = PruneReport(  # type: ignore[assignment]
-        family, threshold, layers, head_history + dg.pruning_history(), err
+        family, threshold, layers, head_history + bias_history + dg.pruning_history(), err
     )
     return work
 
@@ -304,9 +313,10 @@ def replay(
     if example_inputs is None:
         example_inputs = example_input_for(model)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    steps = [s for s in history if s[1] != HEADS]
+    steps = [s for s in history if s[1] not in (HEADS, BIAS)]
     for name, _, idxs in (s for s in history if s[1] == HEADS):
         remove_heads_(model, name, idxs)
+    add_biases_(model, history)
     dg = _dependency_graph(model, example)
     dg.load_pruning_history(steps)
     return model
