@@ -133,3 +133,40 @@ def test_a_shape_the_config_cannot_describe_writes_no_folder(tmp_path):
     with pytest.raises(InputError, match="cannot write a Hugging Face folder"):
         save_hf_folder(slim, tmp_path / "out", ids)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_prunes_a_gated_checkpoint_into_a_folder(tmp_path):
+    """``compressdrop prune gated.pt --uniform -o FOLDER``: a checkpoint of a gated model loaded
+    from a folder (its arch record rebuilds it) is pruned into a folder that reloads."""
+    from click.testing import CliRunner
+
+    import compressdrop as cd
+    from compressdrop.checkpoint import save_model
+    from compressdrop.cli import main
+
+    model = load_model(_llama_folder(tmp_path / "llama"))
+    ids = torch.randint(256, (2, 12))
+    model.arch["input_shape"] = [12]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the residual stream stays ungated (RMSNorm)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            g.log_sigma.uniform_(-3, 1)
+    save_model(model, tmp_path / "gated.pt")
+    out = tmp_path / "slim"
+    args = ["prune", str(tmp_path / "gated.pt"), "-o", str(out), "--uniform", "--json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # re-attached on load: the same warning
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])
+    assert (
+        report["files"]["hf_folder"] == str(out)
+        and report["max_rel_error_files"]["hf_folder"] <= 1e-4
+    )
+    back = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
+    bad = CliRunner().invoke(main, ["prune", str(tmp_path / "gated.pt"), "-o", "x.txt"])
+    assert bad.exit_code == 2 and "or a folder name" in bad.output
