@@ -12,9 +12,8 @@ from .registry import has_role
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
-# grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
-# and keep units separate. Anything else on the path from a site to a consumer blocks gating.
-_ZERO_PRESERVING = {
+# element-wise activations that map 0 to 0 (and a constant to a constant)
+_ACTIVATIONS = (
     "Relu",
     "Gelu",
     "Silu",
@@ -28,6 +27,11 @@ _ZERO_PRESERVING = {
     "ClampMin",
     "ClampMax",
     "Threshold",
+)
+# grad_fn names (without the trailing version digit) of operations that map a zero unit to zero
+# and keep units separate. Anything else on the path from a site to a consumer blocks gating.
+_ZERO_PRESERVING = {
+    *_ACTIVATIONS,
     "Add",
     "Sub",
     "Mul",
@@ -171,18 +175,7 @@ def _positive_power(grad_fn) -> bool:
 # ops that map a per-channel constant to a per-channel constant, between a BatchNorm that turns a
 # pruned (zero) channel into a constant and the layer that can fold that constant into its bias
 _CONSTANT_KEEPING = (
-    "Relu",
-    "Gelu",
-    "Silu",
-    "Tanh",
-    "Hardtanh",
-    "LeakyRelu",
-    "Elu",
-    "Hardswish",
-    "Clamp",
-    "ClampMin",
-    "ClampMax",
-    "Threshold",
+    *_ACTIVATIONS,
     "AdaptiveAvgPool",
     "AdaptiveMaxPool",
     "Mean",  # an adaptive pool to 1×1 is traced as a mean over the positions
