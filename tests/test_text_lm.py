@@ -159,3 +159,8 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path):
     assert slim.arch["name"] == "hf-causal-lm"
     assert evaluate(slim, ds.x_test, ds.y_test).nll == pytest.approx(rep["slim"]["test_nll"])
     assert logits_of(slim(x)).shape == (2, 16, 256)
+    from compressdrop.workflows import evaluate_file  # what `compressdrop eval` reports
+
+    res = evaluate_file(tmp_path / "run" / "slim.pt", recipe.data.name)
+    assert res["bits_per_byte"] == pytest.approx(rep["slim"]["test_bits_per_byte"])
+    assert res["n"] == ds.y_test.numel()

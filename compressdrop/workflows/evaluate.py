@@ -85,6 +85,8 @@ def evaluate_file(
         "flops": count_flops(model, example_input_for(model, batch=1)),
         "device": str(dev),
     }
+    if getattr(ds, "task", "classify") == "lm":  # byte tokens: bits per token are bits per byte
+        res["bits_per_byte"] = m.bits
     if mc_samples is not None:
         from ..uncertainty import mc_evaluate, resize_images
 
