@@ -205,12 +205,14 @@ def prune(
 def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, as_json):
     """Export a model to ONNX (checked in onnxruntime against PyTorch) or, with an OUTPUT ending
     in .pt2, to a torch.export program (checked by loading it back) that loads with
-    torch.export.load alone.
+    torch.export.load alone; a Hugging Face model, with an OUTPUT without a suffix, to a folder
+    that from_pretrained loads (checked by reloading it).
 
     \b
     Examples:
       compressdrop export runs/demo/slim.pt -o slim.onnx
       compressdrop export runs/demo/slim.pt -o slim.pt2
+      compressdrop export runs/gpt/slim.pt -o gpt-slim
     """
     from .workflows import export_file
 
@@ -228,7 +230,7 @@ def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, 
         "reloaded, it matches"
         if "provider" not in res
         else f"onnxruntime ({res['provider']}) matches"
-    )
+    )  # a folder: reloaded with from_pretrained
     err = max(res["max_rel_error"].values())
     text = f"wrote {output} ({res['bytes']:,} bytes); {check} PyTorch, max relative error {err:.2e}"
     _emit(as_json, res, lambda: click.echo(text))

@@ -227,7 +227,12 @@ PRUNE = (
 )
 EXPORT = (
     MODEL,
-    _output("File to write: .onnx or .pt2.", (".onnx", ".pt2")),
+    _output(
+        "File to write: .onnx or .pt2, or a folder name without a suffix (a Hugging Face "
+        "model's folder, which from_pretrained loads).",
+        (".onnx", ".pt2"),
+        folder=True,
+    ),
     click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)."),
     click.option(
         "--input-shape",

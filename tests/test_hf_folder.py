@@ -170,3 +170,6 @@ def test_cli_prunes_a_gated_checkpoint_into_a_folder(tmp_path):
     assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
     bad = CliRunner().invoke(main, ["prune", str(tmp_path / "gated.pt"), "-o", "x.txt"])
     assert bad.exit_code == 2 and "or a folder name" in bad.output
+    again = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "copy"), "--json"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "copy" / "config.json").read_text() == (out / "config.json").read_text()

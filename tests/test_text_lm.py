@@ -159,8 +159,12 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path):
     assert slim.arch["name"] == "hf-causal-lm"
     assert evaluate(slim, ds.x_test, ds.y_test).nll == pytest.approx(rep["slim"]["test_nll"])
     assert logits_of(slim(x)).shape == (2, 16, 256)
-    from compressdrop.workflows import evaluate_file  # what `compressdrop eval` reports
+    from compressdrop.errors import InputError
+    from compressdrop.workflows import evaluate_file, export_file  # what the CLI runs
 
+    with pytest.raises(InputError, match="cannot write a Hugging Face folder"):  # GPT-2 heads
+        export_file(tmp_path / "run" / "slim.pt", tmp_path / "folder")
+    assert not (tmp_path / "folder").exists()
     res = evaluate_file(tmp_path / "run" / "slim.pt", recipe.data.name)
     assert res["bits_per_byte"] == pytest.approx(rep["slim"]["test_bits_per_byte"])
     assert res["n"] == ds.y_test.numel()

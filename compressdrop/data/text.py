@@ -11,7 +11,6 @@ last parts).
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
@@ -203,8 +202,3 @@ def text_spec(spec: str) -> TextDataset:
     except ValueError:
         raise DataError(f"data {spec!r}: bad option value in {options}") from None
     return load_text(path, **kwargs)
-
-
-def bits_per_byte(nll_nats_per_byte: float) -> float:
-    """Nats per byte → bits per byte."""
-    return nll_nats_per_byte / math.log(2)

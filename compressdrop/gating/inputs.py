@@ -27,11 +27,15 @@ __all__ = [
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
 
 
+TOKENS = 16  # the sequence length of an example for a token model that records no input shape
+
+
 def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """A random input batch for ``model``, of the shape the model declares or implies.
 
     The shape comes from ``model.arch['input_shape']`` (compressdrop's reference nets), else from
-    a ``model.input_shape`` attribute, else from a first layer that is a Linear.
+    a ``model.input_shape`` attribute, else from a first layer that is a Linear (its features) or
+    an ``nn.Embedding`` (:data:`TOKENS` token ids).
 
     Args:
         model: the model to feed.
@@ -46,15 +50,16 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """
     arch = getattr(model, "arch", None)
     declared = getattr(model, "input_shape", None)
+    first = next((m for m in model.modules() if not list(m.children())), None)
     shape = None
     if isinstance(arch, Mapping) and "input_shape" in arch:
         shape = tuple(arch["input_shape"])
     elif declared is not None:
         shape = tuple(declared)
-    else:
-        first = next((m for m in model.modules() if not list(m.children())), None)
-        if isinstance(first, nn.Linear):
-            shape = (first.in_features,)
+    elif isinstance(first, nn.Linear):
+        shape = (first.in_features,)
+    elif isinstance(first, nn.Embedding):
+        shape = (TOKENS,)  # a sequence model (a Hugging Face folder's): any length will do
     if shape is None:
         raise InputError(
             "cannot infer the model's input shape: pass example_inputs=<a batch of inputs> "
@@ -62,7 +67,6 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
         )
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
-    first = next((m for m in model.modules() if not list(m.children())), None)
     if isinstance(first, nn.Embedding):  # a model that starts with an embedding reads token ids
         return torch.randint(0, first.num_embeddings, (batch, *shape), device=device)
     return torch.randn(batch, *shape, device=device)

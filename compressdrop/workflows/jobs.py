@@ -19,6 +19,7 @@ from ..arch import Factory
 from ..checkpoint import load_model
 from ..data import load_dataset
 from ..errors import InputError
+from ..hf_folder import save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
@@ -272,8 +273,9 @@ def export_file(
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_code: bool = False,
 ) -> dict[str, Any]:
-    """Export the model in ``model_path`` to ``out`` (``.onnx``, checked in onnxruntime; or
-    ``.pt2``, checked by loading it back).
+    """Export the model in ``model_path`` to ``out`` (``.onnx``, checked in onnxruntime;
+    ``.pt2``, checked by loading it back; or, a name without a suffix, a Hugging Face folder for a
+    transformers model, checked by reloading it with ``from_pretrained``).
 
     Args:
         input_shape: one example's shape, for a model that records none.
@@ -289,11 +291,14 @@ def export_file(
     from ..gating import example_input_for
 
     out = Path(out)
-    if out.suffix not in (".onnx", ".pt2"):
-        raise InputError(f"{out}: use a .onnx or .pt2 file name")
+    if out.suffix not in (".onnx", ".pt2", ""):
+        raise InputError(f"{out}: use a .onnx or .pt2 file name, or a folder name")
     check_writable(out)
     model = load_fitting(model_path, input_shape, "--input-shape", arch, arch_kwargs, trust_code)
     x = example_input_for(model, batch=2)
+    if out.suffix == "":
+        size, err = save_hf_folder(model, out, x)
+        return {"output": str(out), "bytes": size, "max_rel_error": {"reloaded": err}}
     if out.suffix == ".pt2":
         prog = export_program(model, x, out)
         return {"output": str(out), "bytes": prog.bytes, "max_rel_error": prog.max_rel_error}
