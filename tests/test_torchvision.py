@@ -122,6 +122,37 @@ def test_prunable_swin_attention_is_the_same_function(v2):
             assert torch.equal(mine(x), stock(x)), (shift, h, w)
 
 
+def test_a_slim_swin_pickles_and_loads_in_a_new_process(tmp_path):
+    """``torch.save(slim)`` of a model with prunable attentions: the classes are found by name
+    (``compressdrop.gating.vision``'s module ``__getattr__``) by a process that never made them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    build, side = FAMILIES["Swin"]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, example_inputs=x)
+    slim = cd.prune(model, example_inputs=x)
+    assert type(slim.features[1][0].attn).__name__ == "PrunableShiftedWindowAttention"
+    torch.save(slim, tmp_path / "slim.pickle")
+    torch.save(slim(x).detach(), tmp_path / "want.pt")
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]);"
+        "from torchvision_models import import_torchvision; import_torchvision();"
+        "m = torch.load(sys.argv[1] + '/slim.pickle', weights_only=False).eval();"
+        "w = torch.load(sys.argv[1] + '/want.pt');"
+        "x = torch.load(sys.argv[1] + '/x.pt');"
+        "assert torch.equal(m(x), w)"
+    )
+    torch.save(x, tmp_path / "x.pt")
+    tests = str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), tests], check=True, timeout=300)
+
+
 def test_prunable_maxvit_attention_is_the_same_function():
     import copy
 

@@ -134,14 +134,33 @@ def prunable(m: nn.Module) -> nn.Module:
     whose forward calls its output projection and reads the heads' width from their own count;
     the same outputs. ``m`` itself, changed."""
     base = type(m)
-    if base in _PRUNABLE.values():
-        return m
-    if base not in _PRUNABLE:
-        mixin = _GridAttention if hasattr(m, "merge") else _WindowAttention
-        name = f"Prunable{base.__name__}"
-        _PRUNABLE[base] = type(name, (mixin, base), {"__module__": __name__})
-    m.__class__ = _PRUNABLE[base]
+    if base not in _PRUNABLE.values():
+        m.__class__ = _subclass(base)
     return m
+
+
+def _subclass(base: type) -> type:
+    """The prunable subclass of a torchvision attention class (made once)."""
+    if base not in _PRUNABLE:
+        mixin = (
+            _GridAttention if hasattr(base, "get_relative_positional_bias") else _WindowAttention
+        )
+        name = f"Prunable{base.__name__}"
+        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name})
+        _PRUNABLE[base] = cls
+    return _PRUNABLE[base]
+
+
+def __getattr__(name: str) -> type:
+    """The prunable subclasses by name, so that a pickled slim model (``torch.save(model)``)
+    finds its attentions' classes again in a new process."""
+    from torchvision.models import maxvit, swin_transformer
+
+    for module in (swin_transformer, maxvit):
+        base = getattr(module, name.removeprefix("Prunable"), None)
+        if name.startswith("Prunable") and isinstance(base, type):
+            return _subclass(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _cut_tables(m: nn.Module, keep: torch.Tensor) -> None:
