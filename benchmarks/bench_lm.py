@@ -2,6 +2,7 @@
 Python standard library's source, gated heads and MLP neurons against the same net without gates.
 
     python benchmarks/bench_lm.py --seed 0 --betas 8 32     # one seed: dense + one run per β
+    python benchmarks/bench_lm.py --seed 0 --betas 128 --extra  # more β, the dense run reused
     python benchmarks/bench_lm.py --summarize 0 1 2          # table of the seeds' JSON files
 
 Corpus: the ``*.py`` files of /usr/lib/python3.11 (Debian's libpython3.11-minimal/-stdlib) in
@@ -121,10 +122,9 @@ def dense_run(recipe, ds) -> dict[str, Any]:
     return row
 
 
-def run_seed(args) -> dict[str, Any]:
+def _base(args):
     data = DATA.format(max_bytes=args.max_bytes, context=args.context)
-    ds = load_dataset(data)
-    base = load_recipe("gpt-lognormal").override(
+    return load_dataset(data), load_recipe("gpt-lognormal").override(
         {
             "data.name": data,
             "model.kwargs": {
@@ -142,6 +142,21 @@ def run_seed(args) -> dict[str, Any]:
             "seed": args.seed,
         }
     )
+
+
+def run_extra(args) -> None:
+    """More β for a seed whose dense run is done: one JSON per run (``lm_extra_seedS_betaB``)."""
+    ds, base = _base(args)
+    for b in args.betas:
+        row = one_run(
+            base.override({"kl.beta": b}), ds, Path(args.out) / f"seed{args.seed}", f"beta{b:g}"
+        )
+        row["beta"] = b
+        print(save(f"lm_extra_seed{args.seed}_beta{b:g}", {"command": " ".join(sys.argv), **row}))
+
+
+def run_seed(args) -> dict[str, Any]:
+    ds, base = _base(args)
     out = Path(args.out) / f"seed{args.seed}"
     dense = dense_run(base, ds)
     runs = [one_run(base.override({"kl.beta": b}), ds, out, f"beta{b:g}") for b in args.betas]
@@ -162,37 +177,68 @@ def run_seed(args) -> dict[str, Any]:
 
 
 def summarize(seeds: list[int], family: str) -> None:
-    rows = []
+    """Per seed: the dense net and every β (extra runs included); β chosen on validation among
+    the β that every seed ran, by the rule in the module docstring; then mean ± std."""
+    results = Path(__file__).parent / "results"
+    per_seed = []
     for s in seeds:
-        d = json.loads(
-            (Path(__file__).parent / "results" / f"lm_{family}_seed{s}.json").read_text()
-        )
-        c = next((r for r in d["runs"] if r["beta"] == d["chosen_beta"]), None)
-        rows.append((d["dense"], c))
-
-    def ms(vals):
-        return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0:.3f}"
-
-    table = [
-        {
-            "model": "dense",
-            "test bpb": ms([d["test_bpb"] for d, _ in rows]),
-            "FLOPs/token": ms([d["flops_per_token"] / 1e6 for d, _ in rows]) + " M",
-        }
-    ]
-    chosen = [c for _, c in rows if c]
-    if chosen:
-        table.append(
+        d = json.loads((results / f"lm_{family}_seed{s}.json").read_text())
+        runs = list(d["runs"])
+        for f in sorted(results.glob(f"lm_extra_seed{s}_beta*.json")):
+            runs.append(json.loads(f.read_text()))
+        per_seed.append((s, d["dense"], runs))
+    grid = set.intersection(*({r["beta"] for r in runs} for _, _, runs in per_seed))
+    rows, chosen = [], []
+    for s, dense, runs in per_seed:
+        ok = [r for r in runs if r["beta"] in grid and r["val_bpb"] <= 1.05 * dense["val_bpb"]]
+        pick = min(ok, key=lambda r: r["flops_per_token"]) if ok else None
+        chosen.append((dense, pick))
+        rows.append(
             {
-                "model": f"{family} (β on validation)",
-                "test bpb": ms([c["test_bpb"] for c in chosen]),
-                "FLOPs/token": ms([c["flops_per_token"] / 1e6 for c in chosen]) + " M",
-                "heads removed": ms([c["heads_removed"] for c in chosen]),
-                "neurons removed": ms([c["neurons_removed"] for c in chosen]),
+                "seed": s,
+                "run": "dense",
+                "val bpb": dense["val_bpb"],
+                "test bpb": dense["test_bpb"],
+                "kFLOPs/token": dense["flops_per_token"] / 1e3,
             }
         )
-    cols = ["model", "test bpb", "FLOPs/token", "heads removed", "neurons removed"]
-    print(markdown_table(table, cols))
+        for r in sorted(runs, key=lambda r: r["beta"]):
+            rows.append({
+                "seed": s,
+                "run": f"β = {r['beta']:g}" + (" (chosen)" if r is pick else "")
+                + ("" if r["beta"] in grid else " (this seed only)"),
+                "heads": r["heads"], "neurons": r["neurons"], "val bpb": r["val_bpb"],
+                "test bpb": r["test_bpb"], "kFLOPs/token": r["flops_per_token"] / 1e3,
+                "test vs dense": f"{r['test_bpb'] / dense['test_bpb'] - 1:+.1%}",
+            })  # fmt: skip
+    cols = [
+        "seed",
+        "run",
+        "heads",
+        "neurons",
+        "val bpb",
+        "test bpb",
+        "test vs dense",
+        "kFLOPs/token",
+    ]
+    print(markdown_table(rows, cols))
+
+    def ms(vals: list[float]) -> str:
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.mean(vals):.4g} ± {sd:.2g}"
+
+    picked = [(d, c) for d, c in chosen if c is not None]
+    print(f"\nβ grid (every seed): {sorted(grid)}; chosen: {[c['beta'] for _, c in picked]}")
+    print("dense test bpb", ms([d["test_bpb"] for d, _ in chosen]))
+    if picked:
+        print("chosen test bpb", ms([c["test_bpb"] for _, c in picked]))
+        print("worse than dense", ms([c["test_bpb"] / d["test_bpb"] - 1 for d, c in picked]))
+        print("heads removed", ms([c["heads_removed"] for _, c in picked]))
+        print("neurons removed", ms([c["neurons_removed"] for _, c in picked]))
+        print(
+            "FLOPs/token reduction",
+            ms([d["flops_per_token"] / c["flops_per_token"] for d, c in picked]),
+        )
 
 
 def main() -> None:
@@ -210,9 +256,13 @@ def main() -> None:
     p.add_argument("--finetune", type=int, default=1)
     p.add_argument("--out", default="/tmp/bench_lm")
     p.add_argument("--summarize", type=int, nargs="*")
+    p.add_argument("--extra", action="store_true", help="only gated runs for --betas (no dense)")
     args = p.parse_args()
     if args.summarize is not None:
         summarize(args.summarize, args.family)
+        return
+    if args.extra:
+        run_extra(args)
         return
     t0 = time.perf_counter()
     result = run_seed(args)
