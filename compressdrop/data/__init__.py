@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .dataset import Dataset, _split
-from .text import TextDataset, load_text
+from .dataset import Dataset, _split, spec_options
+from .text import TEXT_SPEC, TextDataset, load_text
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -182,10 +182,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
 
 
 _IMAGES_SPEC = "images:DIR[,size=N|HxW][,channels=1|3]"
-_DATA_SPECS = (
-    f"digits, fashion-mnist[:DIR], FILE.npz, {_IMAGES_SPEC} or "
-    "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
-)
+_DATA_SPECS = f"digits, fashion-mnist[:DIR], FILE.npz, {_IMAGES_SPEC} or {TEXT_SPEC}"
 
 _IMAGE_OPTIONS = ("size", "channels", "test_fraction", "seed")
 
@@ -195,20 +192,7 @@ def _image_spec(spec: str) -> tuple[str, dict]:
 
     Options are the trailing ``key=value`` parts, so a folder name may itself contain commas.
     """
-    parts = spec.removeprefix("images:").split(",")
-    options: dict = {}
-    while len(parts) > 1 and "=" in parts[-1]:
-        key, _, value = parts.pop().partition("=")
-        key = key.strip()
-        if key not in _IMAGE_OPTIONS or key in options:
-            problem = "repeated" if key in options else "unknown"
-            raise DataError(
-                f"data {spec!r}: {problem} option {key!r} (options: {', '.join(_IMAGE_OPTIONS)})"
-            )
-        options[key] = value.strip()
-    folder = ",".join(parts)
-    if not folder:
-        raise DataError(f"data {spec!r}: no folder; use {_IMAGES_SPEC}")
+    folder, options = spec_options(spec, "images:", _IMAGE_OPTIONS, _IMAGES_SPEC, "folder")
     kwargs: dict = {}
     try:
         if "size" in options:

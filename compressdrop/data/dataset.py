@@ -115,3 +115,31 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     from sklearn.model_selection import train_test_split
 
     return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+
+
+def spec_options(
+    spec: str, prefix: str, allowed: tuple[str, ...], usage: str, what: str = "path"
+) -> tuple[str, dict[str, str]]:
+    """``PREFIX:PATH[,key=value]...`` → ``(PATH, {key: value})``; ``usage`` and ``what`` (the
+    path's name) for the message when the path is missing.
+
+    Options are the trailing ``key=value`` parts, so a path may itself contain commas.
+
+    Raises:
+        DataError: an unknown or repeated option, or no path.
+    """
+    parts = spec.removeprefix(prefix).split(",")
+    options: dict[str, str] = {}
+    while len(parts) > 1 and "=" in parts[-1]:
+        key, _, value = parts.pop().partition("=")
+        key = key.strip()
+        if key not in allowed or key in options:
+            problem = "repeated" if key in options else "unknown"
+            raise DataError(
+                f"data {spec!r}: {problem} option {key!r} (options: {', '.join(allowed)})"
+            )
+        options[key] = value.strip()
+    path = ",".join(parts)
+    if not path:
+        raise DataError(f"data {spec!r}: no {what}; use {usage}")
+    return path, options

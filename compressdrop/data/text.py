@@ -4,8 +4,8 @@ validation and test by file, cut into fixed windows of next-byte prediction.
 Tokens are bytes (a vocabulary of 256), so a model's NLL per token in bits *is* its bits per byte,
 the tokenizer-free measure that compares language models across vocabularies. Each file goes
 whole to one split: taken in the order of a hash of their path relative to the root (a fixed,
-content-blind shuffle), each file joins the split furthest below its share of the bytes. A single file is split by position instead (its first, middle and
-last parts).
+content-blind shuffle), each file joins the split furthest below its share of the bytes. A single
+file is split by position instead (its first, middle and last parts).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .dataset import Dataset
+from .dataset import Dataset, spec_options
 
 __all__ = ["TEXT_SPEC", "TextDataset", "load_text"]
 
@@ -183,20 +183,9 @@ def load_text(
 
 def text_spec(spec: str) -> TextDataset:
     """``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]``."""
-    body = spec.removeprefix("text:")
-    options: dict[str, str] = {}
-    pieces = body.split(",")
-    while len(pieces) > 1 and "=" in pieces[-1]:
-        key, _, value = pieces.pop().partition("=")
-        options[key.strip()] = value.strip()
-    path = ",".join(pieces)
-    if not path:
-        raise DataError(f"data {spec!r}: no path; use {TEXT_SPEC}")
     kinds = {"context": int, "max_bytes": int, "glob": str, "val_fraction": float}
     kinds["test_fraction"] = float
-    unknown = sorted(set(options) - set(kinds))
-    if unknown:
-        raise DataError(f"data {spec!r}: unknown option(s) {unknown} (options: {sorted(kinds)})")
+    path, options = spec_options(spec, "text:", tuple(kinds), TEXT_SPEC)
     try:
         kwargs = {k: kinds[k](v) for k, v in options.items()}
     except ValueError:

@@ -31,6 +31,14 @@ class Metrics:
         """NLL in bits (per token: bits per byte for byte-level text)."""
         return self.nll / math.log(2)
 
+    def record(self, prefix: str = "", data: Any = None) -> dict[str, float]:
+        """``{prefix}accuracy`` and ``{prefix}nll``, and ``{prefix}bits_per_byte`` when ``data``
+        is byte-level text (a data set whose ``task`` is ``"lm"``: a token is a byte)."""
+        out = {f"{prefix}accuracy": self.accuracy, f"{prefix}nll": self.nll}
+        if getattr(data, "task", "classify") == "lm":
+            out[f"{prefix}bits_per_byte"] = self.bits
+        return out
+
 
 def logits_of(out: Any) -> torch.Tensor:
     """The logits of a model's output: a tensor, a Hugging Face output's ``logits``, a mapping's

@@ -154,12 +154,13 @@ def _subclass(base: type) -> type:
 def __getattr__(name: str) -> type:
     """The prunable subclasses by name, so that a pickled slim model (``torch.save(model)``)
     finds its attentions' classes again in a new process."""
-    from torchvision.models import maxvit, swin_transformer
+    if name.startswith("Prunable"):
+        from torchvision.models import maxvit, swin_transformer
 
-    for module in (swin_transformer, maxvit):
-        base = getattr(module, name.removeprefix("Prunable"), None)
-        if name.startswith("Prunable") and isinstance(base, type):
-            return _subclass(base)
+        for module in (swin_transformer, maxvit):
+            base = getattr(module, name.removeprefix("Prunable"), None)
+            if isinstance(base, type):
+                return _subclass(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -173,7 +174,8 @@ def _cut_tables(m: nn.Module, keep: torch.Tensor) -> None:
         assert isinstance(mlp, nn.Sequential)
         last = mlp[-1]
         assert isinstance(last, nn.Linear)
-        cut = [h for h in range(last.out_features) if h not in set(keep.tolist())]
+        kept = set(keep.tolist())
+        cut = [h for h in range(last.out_features) if h not in kept]
         cut_features(last, cut, out=True)
     else:
         table = m.get_parameter("relative_position_bias_table")

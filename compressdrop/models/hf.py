@@ -62,8 +62,9 @@ def hf_causal_lm(
         cfg = AutoConfig.for_model(model_type, **fields)
     except ValueError as e:
         raise InputError(f"hf-causal-lm: {e}") from None
+    defaults = type(cfg)().to_dict()
     for name in _POSITIONS:
-        if name in type(cfg)().to_dict() and name not in config:
+        if name in defaults and name not in config:
             setattr(cfg, name, max(context, int(getattr(cfg, name, 0) or 0)))
     try:
         model = AutoModelForCausalLM.from_config(cfg)

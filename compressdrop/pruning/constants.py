@@ -26,7 +26,8 @@ __all__: list[str] = []  # internal to compressdrop.pruning
 class ConstantInputs:
     """Per input channel of every layer that can fold constants: its value, and whether it is
     the same at every position and example of the first call (a context manager: hooks on
-    entry, removed on exit)."""
+    entry, removed on exit). A model without BatchNorm makes no such constants: nothing is
+    recorded there."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -35,7 +36,10 @@ class ConstantInputs:
         self._hooks: list[Any] = []
 
     def __enter__(self) -> ConstantInputs:
-        for m in self.model.modules():
+        modules = list(self.model.modules())
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
+            return self
+        for m in modules:
             if folds_constant(m):
                 self._hooks.append(m.register_forward_pre_hook(self._record))
         return self

@@ -254,7 +254,7 @@ def prune(
 
     dg = _dependency_graph(work, example)
     for gid, module in first_site.items():  # constants a pruned unit leaves, into biases
-        if pruned[gid]:
+        if pruned[gid] and constants.records:
             pruner = dg.get_pruner_of_module(module)
             group = dg.get_pruning_group(module, pruner.prune_out_channels, idxs=pruned[gid])
             problem = constants.fold_(group)

@@ -368,9 +368,6 @@ def _report(run: Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
     d_params, d_flops = run.dense_size()
     s_params, s_flops = count_params(slim), count_flops(slim, run.example(1))
     pruned = prune_summary(slim) if hasattr(slim, "prune_report") else None
-    slim_metrics = {"test_accuracy": test.accuracy, "test_nll": test.nll}
-    if getattr(run.data, "task", "classify") == "lm":  # byte tokens: bits per token = per byte
-        slim_metrics["test_bits_per_byte"] = test.bits
     return {
         "recipe": run.recipe.name,
         "dataset": run.data.name,
@@ -384,7 +381,7 @@ def _report(run: Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
         "family": run.recipe.gates.family,
         "dense": {**(run.dense_metrics or {}), "params": d_params, "flops": d_flops},
         "slim": {
-            **slim_metrics,
+            **test.record("test_", run.data),
             "params": s_params,
             "flops": s_flops,
         },

@@ -100,9 +100,7 @@ class Pretrain(Stage):
         run = self.run
         if run.dense_metrics is None:
             m = run.test(model)
-            run.dense_metrics = {"test_accuracy": m.accuracy, "test_nll": m.nll}
-            if getattr(run.data, "task", "classify") == "lm":
-                run.dense_metrics["test_bits_per_byte"] = m.bits
+            run.dense_metrics = m.record("test_", run.data)
 
 
 class Sparsify(Stage):

@@ -79,14 +79,11 @@ def evaluate_file(
         "model": str(model_path),
         "data": ds.name,
         "n": m.n,
-        "accuracy": m.accuracy,
-        "nll": m.nll,
+        **m.record(data=ds),
         "params": count_params(model),
         "flops": count_flops(model, example_input_for(model, batch=1)),
         "device": str(dev),
     }
-    if getattr(ds, "task", "classify") == "lm":  # byte tokens: bits per token are bits per byte
-        res["bits_per_byte"] = m.bits
     if mc_samples is not None:
         from ..uncertainty import mc_evaluate, resize_images
 
