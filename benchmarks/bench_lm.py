@@ -152,7 +152,12 @@ def run_extra(args) -> None:
             base.override({"kl.beta": b}), ds, Path(args.out) / f"seed{args.seed}", f"beta{b:g}"
         )
         row["beta"] = b
-        print(save(f"lm_extra_seed{args.seed}_beta{b:g}", {"command": " ".join(sys.argv), **row}))
+        print(
+            save(
+                f"lm_extra{_tag(args)}_seed{args.seed}_beta{b:g}",
+                {"command": " ".join(sys.argv), **row},
+            )
+        )
 
 
 def run_seed(args) -> dict[str, Any]:
@@ -176,15 +181,20 @@ def run_seed(args) -> dict[str, Any]:
     }
 
 
-def summarize(seeds: list[int], family: str) -> None:
+def _tag(args) -> str:
+    """The results-name infix of a variant of the net (``--tag``): empty for the shipped one."""
+    return f"_{args.tag}" if args.tag else ""
+
+
+def summarize(seeds: list[int], family: str, tag: str = "") -> None:
     """Per seed: the dense net and every β (extra runs included); β chosen on validation among
     the β that every seed ran, by the rule in the module docstring; then mean ± std."""
     results = Path(__file__).parent / "results"
     per_seed = []
     for s in seeds:
-        d = json.loads((results / f"lm_{family}_seed{s}.json").read_text())
+        d = json.loads((results / f"lm_{family}{tag}_seed{s}.json").read_text())
         runs = list(d["runs"])
-        for f in sorted(results.glob(f"lm_extra_seed{s}_beta*.json")):
+        for f in sorted(results.glob(f"lm_extra{tag}_seed{s}_beta*.json")):
             runs.append(json.loads(f.read_text()))
         per_seed.append((s, d["dense"], runs))
     grid = set.intersection(*({r["beta"] for r in runs} for _, _, runs in per_seed))
@@ -256,10 +266,11 @@ def main() -> None:
     p.add_argument("--finetune", type=int, default=1)
     p.add_argument("--out", default="/tmp/bench_lm")
     p.add_argument("--summarize", type=int, nargs="*")
+    p.add_argument("--tag", default="", help="names a variant's results (e.g. h8 for --heads 8)")
     p.add_argument("--extra", action="store_true", help="only gated runs for --betas (no dense)")
     args = p.parse_args()
     if args.summarize is not None:
-        summarize(args.summarize, args.family)
+        summarize(args.summarize, args.family, _tag(args))
         return
     if args.extra:
         run_extra(args)
@@ -269,7 +280,7 @@ def main() -> None:
     result["wall_seconds"] = time.perf_counter() - t0
     result["command"] = " ".join(sys.argv)
     result["machine"] = machine()
-    print(save(f"lm_{args.family}_seed{args.seed}", result))
+    print(save(f"lm_{args.family}{_tag(args)}_seed{args.seed}", result))
 
 
 if __name__ == "__main__":
