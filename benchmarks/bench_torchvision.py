@@ -348,7 +348,10 @@ def parent(args) -> None:
         with open(out_path) as f:
             results = {r.get("tag", r["model"]): r for r in json.load(f)["results"]}
     # the children measure the compressdrop of this checkout, whatever the venv installed
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # (first on the path; what PYTHONPATH held stays after it: a sitecustomize shim, say)
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (checkout, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path)
     t_all = time.perf_counter()
     for name in names:
         big = BY_NAME[name][3]

@@ -142,6 +142,8 @@ def test_a_grouped_conv_with_one_output_per_group_is_refused_by_name():
 
 
 def test_shufflenet_gates_its_branches_and_leaves_the_shuffle_with_a_warning(tmp_path):
+    """A ShuffleNet written by hand (not torchvision's class, whose shuffled channels are gated:
+    tests/test_shuffle.py): the channels through the shuffle stay ungated, with a warning."""
     model = randomize_(ShuffleNet()).eval()
     with pytest.warns(cd.GatingWarning, match="splits them into several dimensions") as record:
         cd.attach(model)

@@ -334,7 +334,7 @@ ZOO = {
     "vit": lambda: ViT(),
     "resnext": lambda: ResNeXtNet(),
     "regnety": lambda: RegNetYNet(),
-}  # ShuffleNet leaves its shuffled channels ungated with a warning: tests/test_grouped.py
+}  # a hand-written ShuffleNet leaves its shuffled channels ungated with a warning: tests/test_grouped.py
 
 
 # The GatingWarning each zoo net is expected to give (a part of its message); any other fails.

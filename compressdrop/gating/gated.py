@@ -5,6 +5,7 @@ Lifecycle: ``attach`` → train (loss = NLL + β·kl(model)/N) → ``compressdro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, gate_class
 from .attention import MultiheadAttention, nested_off, to_stock
-from .groups import UnitGroup, find_groups
+from .groups import GatingWarning, UnitGroup, find_groups
 from .heads import head_spec_of
 from .inputs import (
     _STATE,
@@ -26,6 +27,7 @@ from .inputs import (
     random_inputs,
 )
 from .registry import has_role, registered_types, spec_of
+from .shuffle import prepare_shufflenets
 
 __all__ = [
     "Gated",
@@ -199,6 +201,8 @@ def attach(
     cls = gate_class(gate)
     if example_inputs is None:
         example_inputs = example_input_for(model)
+    for why in prepare_shufflenets(model):  # their shuffles as index buffers: the same outputs
+        warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
         raise InputError(_nothing_to_gate(model))

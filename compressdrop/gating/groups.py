@@ -25,6 +25,7 @@ from .head_groups import find_heads, projections_of, record_calls
 from .known import register_for, traced_as_known
 from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of
+from .shuffle import stream_groups
 from .tpgraph import bounded_groups, build_graph, untrusted_reason
 from .units import GatingWarning, Site, UnitGroup, _matches
 
@@ -134,6 +135,9 @@ def find_groups(
         for message in problems if warn else ():
             warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
     claimed = projections_of(model, heads)  # q/k/v layers: their units are the heads
+    # ShuffleNetV2's shuffled channels: groups of their own (gating/shuffle.py), not Torch-Pruning's
+    streams = stream_groups(model, names, positions)
+    streamed = {p for s in streams for p in s.producers}
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
     skipped: list[str] = []  # groups over Torch-Pruning's index budget, warned about at the end
@@ -148,7 +152,9 @@ def find_groups(
             continue
         if any(p in refused for p in producers):
             continue  # warned about above
-        if all(names[p] in claimed for p in producers):
+        if all(names[p] in claimed for p in producers) or any(
+            names[p] in streamed for p in producers
+        ):
             continue
         seen.update(producers)
         kinds = {spec.kind for p in producers if (spec := spec_of(p)) is not None}
@@ -195,7 +201,14 @@ def find_groups(
         groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs, blocks))
     for why in skipped if warn else ():
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=3)
-    return groups + heads
+    streams = [
+        s
+        for s in streams
+        if granularity in ("auto", "channel")
+        and (not include or _matches(s.name, model.get_submodule(s.name), include))
+        and not _matches(s.name, model.get_submodule(s.name), exclude)
+    ]
+    return groups + streams + heads
 
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)

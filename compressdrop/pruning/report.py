@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["BIAS", "HEADS", "LayerReport", "PruneReport"]
+__all__ = ["BIAS", "HEADS", "STREAM", "LayerReport", "PruneReport"]
 
 HEADS = "heads"  # the pruning history's mark of an attention's removed heads
 BIAS = "bias"  # ... and of a layer given a bias to fold a pruned unit's constant into
+STREAM = "stream"  # ... and of a ShuffleNetV2 branch's removed channels (gating/shuffle.py)
 
 
 @dataclass(frozen=True)
@@ -37,15 +38,16 @@ class PruneReport:
         threshold: the threshold asked for; ``None``: each family's default.
         layers: one :class:`LayerReport` per gated group.
         history: the pruning history, for :func:`replay`: ``[attention, "heads", idxs]`` per
-            attention whose heads were removed, then Torch-Pruning's ``[name, is_out, idxs]``
-            per step.
+            attention whose heads were removed, ``[norm, "stream", idxs]`` per ShuffleNetV2
+            branch whose channels were, ``[layer, "bias", []]`` per layer given a bias, then
+            Torch-Pruning's ``[name, is_out, idxs]`` per step.
         max_rel_error: the parity check's relative error of the slim model against the masked one.
     """
 
     family: str
     threshold: float | None
     layers: list[LayerReport]
-    history: list = field(repr=False)  # [name, "heads" | is_out, idxs] per step
+    history: list = field(repr=False)  # [name, "heads" | "stream" | "bias" | is_out, idxs]
     max_rel_error: float | None
 
     @property
@@ -88,7 +90,7 @@ class PruneReport:
         """The report as plain data (JSON- and ``weights_only``-safe), for :meth:`from_dict`."""
         d = asdict(self)
         d["history"] = [
-            [n, o if o in (HEADS, BIAS) else bool(o), [int(i) for i in idx]]
+            [n, o if o in (HEADS, BIAS, STREAM) else bool(o), [int(i) for i in idx]]
             for n, o, idx in self.history
         ]
         return d

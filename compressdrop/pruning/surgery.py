@@ -32,10 +32,11 @@ from ..gating import (
 from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
 from ..gating.known import sync_config
+from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
-from .report import BIAS, HEADS, LayerReport, PruneReport
+from .report import BIAS, HEADS, STREAM, LayerReport, PruneReport
 from .uniform import uniform_keep
 
 __all__ = [
@@ -235,11 +236,15 @@ def prune(
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}
     heads: dict[str, list[int]] = {}  # attention → its heads to remove
+    streams: dict[str, list[int]] = {}  # ShuffleNetV2 branch (its last norm) → channels to remove
+    stream_sites = stream_norms(work)
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
-    for _, site in sites(work):
+    for name, site in sites(work):
         site.fold_()
         if isinstance(site, HeadGated):
             heads[site.attention] = pruned[id(site.gate)]
+        elif name in stream_sites:
+            streams[name] = pruned[id(site.gate)]
         else:
             first_site.setdefault(id(site.gate), site.module)
     layers = [
@@ -250,7 +255,11 @@ def prune(
     for name, idxs in heads.items():
         if idxs:
             remove_heads_(work, name, idxs)
+    for name, idxs in streams.items():
+        if idxs:
+            remove_units_(work, name, idxs)
     head_history: list = [[name, HEADS, idxs] for name, idxs in heads.items() if idxs]
+    head_history += [[name, STREAM, idxs] for name, idxs in streams.items() if idxs]
 
     dg = _dependency_graph(work, example)
     for gid, module in first_site.items():  # constants a pruned unit leaves, into biases
@@ -313,9 +322,12 @@ def replay(
     if example_inputs is None:
         example_inputs = example_input_for(model)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    steps = [s for s in history if s[1] not in (HEADS, BIAS)]
+    steps = [s for s in history if s[1] not in (HEADS, BIAS, STREAM)]
     for name, _, idxs in (s for s in history if s[1] == HEADS):
         remove_heads_(model, name, idxs)
+    prepare_shufflenets(model)  # as attach did (index buffers in the state_dict)
+    for name, _, idxs in (s for s in history if s[1] == STREAM):
+        remove_units_(model, name, idxs)
     add_biases_(model, history)
     dg = _dependency_graph(model, example)
     dg.load_pruning_history(steps)
