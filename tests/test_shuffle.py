@@ -16,6 +16,7 @@ import compressdrop as cd
 from compressdrop.gating.shuffle import prepare_shufflenets, remove_units_
 from compressdrop.pruning import replay
 
+from tests.test_surgery import quantiles, random_gates_
 from tests.torchvision_models import import_torchvision
 
 import_torchvision()
@@ -134,13 +135,7 @@ def test_prune_replay_export_and_pickle(tmp_path):
     model = _net()
     x = torch.randn(2, 3, SIDE, SIDE)
     cd.attach(model, example_inputs=x)
-    gates = list(cd.named_gates(model))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for _, g in gates:
-            g.log_sigma.uniform_(-3, 1)
-    thr = float(torch.cat([g.snr().detach() for _, g in gates]).median())
-    slim = cd.prune(model, thr, example_inputs=x)
+    slim = cd.prune(random_gates_(model, seed=1), quantiles(model, (0.5,))[0], example_inputs=x)
     assert slim.prune_report.max_rel_error <= 1e-5
     dense_widths, widths = _stream_widths(_net()), _stream_widths(slim)
     assert all(w < d for w, d in zip(widths, dense_widths)), (widths, dense_widths)
