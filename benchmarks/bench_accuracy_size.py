@@ -1,27 +1,31 @@
 """Benchmark 1 (and 2): accuracy against size on Fashion-MNIST, each gate family against
-Torch-Pruning's L1-magnitude structured pruning, same data and same total epochs.
+Torch-Pruning (L1 magnitude, Taylor, group-norm; uniform or global), same data and same total
+epochs, over several seeds.
 
 Two phases, so that the training can run anywhere (a GPU box, several processes) and the
 measurements that must be comparable (test accuracy once, CPU latency) run in one place:
 
-    # 1. train: the shared dense net, then one job per (family, beta) and per L1 ratio
-    python benchmarks/bench_accuracy_size.py train --net lenet5 --jobs all --device cpu
-    # 2. report: pick beta per family on the validation split, then test + latency, table, plot
-    python benchmarks/bench_accuracy_size.py report --net lenet5
+    # 1. train, per seed: the dense net, then one job per (family, beta) and per peer setting
+    python benchmarks/bench_accuracy_size.py train --net lenet5 --seed 1 \
+        --jobs lognormal-b32,lognormal-b64,l1-r10,taylor-r10,groupnorm-r10,taylor-global-r25
+    # 2. report: per seed, beta per family chosen on the validation split, test accuracy once,
+    #    latency; then mean ± std over the seeds, tables and a plot with error bars
+    python benchmarks/bench_accuracy_size.py report --net lenet5 --seeds 0,1,2
 
-Protocol. Every method starts from the same dense net pretrained for --pretrain epochs (seed 0).
-A Bayesian family trains its gates for --sparsify epochs with the shipped recipe's settings and a
-KL weight beta from --betas, is pruned at its default SNR threshold and fine-tuned for --finetune
-epochs. The magnitude baseline prunes the same dense net with Torch-Pruning's MetaPruner and L1
-importance, uniformly per layer, to dense_FLOPs / r for each r in --l1-ratios (binary search on the
-pruning ratio), then fine-tunes for --sparsify + --finetune epochs: the same total.
+Protocol. For each seed, every method starts from the same dense net pretrained for --pretrain
+epochs with that seed. A Bayesian family trains its gates for --sparsify epochs with the shipped
+recipe's settings and a KL weight beta, is pruned at its default SNR threshold and fine-tuned for
+--finetune epochs. The Torch-Pruning jobs (``tp_baselines.py`` says how each is pruned and
+trained) reach dense_FLOPs / r by binary search on the pruning ratio, in the same total epochs.
+Results go to results/jobs/<net>/seed<S>/ (one JSON per job) and results/runs/ (models).
 
-Selection (report phase): for each family, among its betas whose slim model keeps validation
-accuracy within 1 point of the dense net's, the one with the largest FLOP reduction; if none does,
-the one with the best validation accuracy. Only the selected models (and the L1 curve and the dense
-net) are given a test accuracy in the table; the validation numbers of every job are in the JSON.
-The validation split is 10 % of the training set (seed 0). Latency: onnxruntime CPU provider,
-2 threads, batch 1 and 256, median over repeats, on the machine that runs the report.
+Selection (report phase): for each seed and family, among its betas whose slim model keeps
+validation accuracy within 1 point of that seed's dense net, the one with the largest FLOP
+reduction; if none does, the one with the best validation accuracy. Only the selected models (and
+the Torch-Pruning curves and the dense nets) are given a test accuracy; the validation numbers of
+every job are in the JSON. The validation split is 10 % of the training set (split seed 0 for
+every seed). Latency: onnxruntime CPU provider, 2 threads, batch 1 and 256, median over repeats,
+on the machine that runs the report.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -39,10 +44,10 @@ from compressdrop.checkpoint import build_arch, load_model, save_model
 from compressdrop.data import load_dataset
 from compressdrop.evaluation import count_flops, count_params, evaluate, ort_latency
 from compressdrop.export import export_onnx
-from compressdrop.pruning import PruneReport
 from compressdrop.recipes import StageConfig, load_recipe
 from compressdrop.training.runner import run_recipe, seed_everything
 
+import tp_baselines
 from common import RESULTS, markdown_table, save
 
 FAMILIES = ("lognormal", "variational", "concrete", "hardconcrete")
@@ -65,38 +70,9 @@ def finetune(model, train, epochs, lr, batch=64, seed=0, device="cpu"):
     return model.eval()
 
 
-def l1_prune_to_flops(dense, example, target_flops):
-    """Uniform L1-magnitude pruning (Torch-Pruning) whose FLOPs are closest to ``target_flops``."""
-    import torch_pruning as tp
-
-    def pruned(ratio):
-        m = copy.deepcopy(dense)
-        last = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1]
-        pruner = tp.pruner.MetaPruner(
-            m,
-            example,
-            importance=tp.importance.MagnitudeImportance(p=1),
-            pruning_ratio=ratio,
-            ignored_layers=[last],
-        )
-        pruner.step()
-        # the history lets save_model/load_model rebuild the structure without pickled code
-        m.prune_report = PruneReport("l1-magnitude", None, [], pruner.DG.pruning_history(), 0.0)
-        return m
-
-    lo, hi = 0.0, 0.995
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        if count_flops(pruned(mid), example) > target_flops:
-            lo = mid
-        else:
-            hi = mid
-    return pruned(hi), hi
-
-
-def _dirs(net: str) -> tuple[Path, Path]:
-    runs = RESULTS / "runs" / net
-    jobs = RESULTS / "jobs" / net
+def _dirs(net: str, seed: int) -> tuple[Path, Path]:
+    runs = RESULTS / "runs" / net / f"seed{seed}"
+    jobs = RESULTS / "jobs" / net / f"seed{seed}"
     runs.mkdir(parents=True, exist_ok=True)
     jobs.mkdir(parents=True, exist_ok=True)
     return runs, jobs
@@ -104,7 +80,7 @@ def _dirs(net: str) -> tuple[Path, Path]:
 
 def _job_names(args) -> list[str]:
     names = [f"{f}-b{b:g}" for f in args.families.split(",") for b in _floats(args.betas)]
-    names += [f"l1-r{r:g}" for r in _floats(args.l1_ratios)]
+    names += [f"{m}-r{r:g}" for m in args.tp_methods.split(",") for r in _floats(args.tp_ratios)]
     return names
 
 
@@ -116,39 +92,51 @@ def _dense(args, data, train, runs: Path, device: str):
     path = runs / f"dense-{args.pretrain}ep.pt"
     if path.exists():
         return load_model(path).to(device)
-    seed_everything(0)
+    seed_everything(args.seed)
     dense = build_arch(
         {"name": args.net, "input_shape": list(data.input_shape), "num_classes": 10, "kwargs": {}}
     ).to(device)
     t0 = time.perf_counter()
-    finetune(dense, train, args.pretrain, 1e-3, device=device)
+    finetune(dense, train, args.pretrain, 1e-3, seed=args.seed, device=device)
     save_model(dense.cpu(), path)
     print(f"dense: {args.pretrain} epochs in {time.perf_counter() - t0:.0f} s", flush=True)
     return dense.to(device)
+
+
+def _torch_pruning_job(args, name, dense, train, example, runs: Path) -> tuple[Path, dict]:
+    method, global_, ratio = tp_baselines.parse(name)
+    start, epochs = copy.deepcopy(dense).cpu(), args.sparsify + args.finetune
+    if method == "groupnorm":  # DepGraph: sparse training first, then prune, then fine-tune
+        tp_baselines.sparse_train_(
+            start, train, example.cpu(), args.sparsify, 1e-3, args.seed, global_
+        )
+        epochs = args.finetune
+    base, prune_ratio = tp_baselines.prune_to_flops(
+        start, train, example.cpu(), name, count_flops, seed=args.seed
+    )
+    finetune(base.to(args.device), train, epochs, 3e-4, seed=args.seed, device=args.device)
+    path = runs / f"{name}.pt"
+    save_model(base.cpu(), path)
+    return path, {"method": method, "global": global_, "target_ratio": ratio,
+                  "pruning_ratio": prune_ratio}  # fmt: skip
 
 
 def cmd_train(args) -> None:
     torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
     train, val = data.split_validation(0.1, seed=0)
-    runs, jobs = _dirs(args.net)
+    runs, jobs = _dirs(args.net, args.seed)
     dense = _dense(args, data, train, runs, args.device)
     if args.jobs == "dense":
         return
     names = _job_names(args) if args.jobs == "all" else args.jobs.split(",")
     example = data.x_test[:2].to(args.device)
-    d_flops = count_flops(dense, example)
     for name in names:
         t0 = time.perf_counter()
-        record: dict = {"job": name, "device": args.device, "seed": 0}
-        if name.startswith("l1-r"):
-            ratio = float(name[4:])
-            base, prune_ratio = l1_prune_to_flops(dense, example, d_flops / ratio)
-            finetune(base, train, args.sparsify + args.finetune, 3e-4, device=args.device)
-            path = runs / f"{name}.pt"
-            save_model(base.cpu(), path)
-            record |= {"method": "l1", "target_ratio": ratio, "pruning_ratio": prune_ratio}
-            model = base
+        record: dict = {"job": name, "device": args.device, "seed": args.seed}
+        if tp_baselines.is_job(name):
+            path, info = _torch_pruning_job(args, name, dense, train, example, runs)
+            record |= info
         else:
             family, beta = name.rsplit("-b", 1)
             recipe = load_recipe(f"{args.net}-{family}")
@@ -158,17 +146,19 @@ def cmd_train(args) -> None:
                 finetune=StageConfig(**{**vars(recipe.stages.finetune), "epochs": args.finetune}),
             )
             kl = type(recipe.kl)(**{**vars(recipe.kl), "beta": float(beta)})
-            recipe = recipe.replace(stages=stages, kl=kl, data=type(recipe.data)(name=args.data))
+            recipe = recipe.replace(
+                stages=stages, kl=kl, data=type(recipe.data)(name=args.data), seed=args.seed
+            )
             result = run_recipe(
                 recipe, data, runs / name, device=args.device, model=copy.deepcopy(dense)
             )
             path = Path(result.slim_path)
-            model = load_model(path).to(args.device)
             record |= {
                 "method": family,
                 "beta": float(beta),
                 "units": result.report["architecture_after"],
             }
+        model = load_model(path).to(args.device)
         record |= {
             "path": str(path.relative_to(RESULTS)),
             "val_acc": evaluate(model, val.x_test, val.y_test).accuracy,
@@ -189,20 +179,20 @@ def _latency(model, example, path: Path) -> dict[int, float]:
     }
 
 
-def cmd_report(args) -> None:
-    torch.set_num_threads(2)
-    data = load_dataset(args.data)
-    _, val = data.split_validation(0.1, seed=0)
-    runs, jobs = _dirs(args.net)
+def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[dict]]:
+    """One seed's rows: the dense net, each family's β chosen on validation, every Torch-Pruning
+    job; test accuracy read once per model. Also every job's record (the validation search)."""
+    runs, jobs = _dirs(args.net, seed)
     records = [json.loads(p.read_text()) for p in sorted(jobs.glob("*.json"))]
     if not records:
-        raise SystemExit(f"no job results under {jobs}; run the train phase first")
-    example = data.x_test[:2]
+        raise SystemExit(f"no job results under {jobs}; run the train phase with --seed {seed}")
     dense = load_model(runs / f"dense-{args.pretrain}ep.pt").eval()
     d_flops, d_val = count_flops(dense, example), evaluate(dense, val.x_test, val.y_test).accuracy
     lat = _latency(dense, example, runs / "dense.onnx")
     dense_row = {
+        "key": "dense",
         "method": "dense",
+        "seed": seed,
         "epochs": args.pretrain,
         "val acc": d_val,
         "test acc": evaluate(dense, data.x_test, data.y_test).accuracy,
@@ -213,8 +203,7 @@ def cmd_report(args) -> None:
         "ms@256": lat[256],
         "speed-up@256": 1.0,
     }
-    rows = [dense_row]
-    chosen = []
+    rows, chosen = [dense_row], []
     for family in FAMILIES:
         cands = [r for r in records if r["method"] == family]
         if not cands:
@@ -225,19 +214,25 @@ def cmd_report(args) -> None:
             if ok
             else max(cands, key=lambda r: r["val_acc"])
         )
-        chosen.append(pick)
-    l1 = sorted((r for r in records if r["method"] == "l1"), key=lambda r: r["target_ratio"])
-    for r in chosen + l1:
+        chosen.append({**pick, "key": family})
+    peers = sorted(
+        ({**r, "key": r["job"]} for r in records if r["method"] in tp_baselines.METHODS),
+        key=lambda r: (r["job"].rsplit("-r", 1)[0], r["target_ratio"]),
+    )
+    for r in chosen + peers:
         model = load_model(RESULTS / r["path"]).eval()
         lat = _latency(model, example, runs / f"{r['job']}.onnx")
         label = (
             f"{r['method']} (Bayesian, β={r['beta']:g})"
-            if r["method"] != "l1"
-            else f"L1 magnitude (Torch-Pruning), target {r['target_ratio']:g}× FLOPs"
+            if "beta" in r
+            else f"Torch-Pruning {r['job'].rsplit('-r', 1)[0]}, target {r['target_ratio']:g}×"
         )
         rows.append(
             {
+                "key": r["key"],
                 "method": label,
+                "seed": seed,
+                "beta": r.get("beta"),
                 "epochs": r["epochs"],
                 "units": r.get("units", f"ratio {r.get('pruning_ratio', 0):.3f}"),
                 "val acc": r["val_acc"],
@@ -253,56 +248,109 @@ def cmd_report(args) -> None:
             }
         )
         print(rows[-1], flush=True)
-    cols = ["method", "epochs", "units", "val acc", "test acc", "params", "FLOPs", "FLOPs ×"]
-    cols += ["ms@1", "ms@256", "speed-up@256", "train s", "trained on"]
+    search = [{**r, "seed": seed, "FLOPs ×": d_flops / r["flops"]} for r in records]
+    return rows, search
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    m = statistics.mean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+    """Per method (dense, a family at its per-seed β, a Torch-Pruning job): mean ± std over seeds."""
+    out = []
+    for key in dict.fromkeys(r["key"] for r in rows):
+        rs = [r for r in rows if r["key"] == key]
+        acc, flops = [r["test acc"] for r in rs], [r["FLOPs ×"] for r in rs]
+        out.append(
+            {
+                "method": key,
+                "seeds": len(rs),
+                "β per seed": ", ".join(f"{r['beta']:g}" for r in rs if r.get("beta")),
+                "units per seed": "; ".join(str(r["units"]) for r in rs if r.get("units")),
+                "test acc %": _mean_std(acc, 100),
+                "FLOPs ×": _mean_std(flops, 1, 1),
+                "params": round(statistics.mean(r["params"] for r in rs)),
+                "speed-up@256": _mean_std([r["speed-up@256"] for r in rs], 1, 2),
+                "train s": round(statistics.mean(r.get("train s", 0.0) for r in rs)),
+                "acc": acc,
+                "flops_x": flops,
+            }
+        )
+    return out
+
+
+def cmd_report(args) -> None:
+    torch.set_num_threads(2)
+    data = load_dataset(args.data)
+    _, val = data.split_validation(0.1, seed=0)
+    example = data.x_test[:2]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows, search = [], []
+    for seed in seeds:
+        r, s = _seed_rows(args, seed, data, val, example)
+        rows += r
+        search += s
+    cols = ["seed", "method", "epochs", "units", "val acc", "test acc", "params", "FLOPs"]
+    cols += ["FLOPs ×", "ms@1", "ms@256", "speed-up@256", "train s", "trained on"]
     table = markdown_table(rows, cols)
-    search = markdown_table(
-        sorted(
-            ({**r, "FLOPs ×": d_flops / r["flops"]} for r in records if r["method"] != "l1"),
-            key=lambda r: (r["method"], r["beta"]),
-        ),
-        ["method", "beta", "units", "val_acc", "params", "FLOPs ×", "train_seconds", "device"],
+    agg = _aggregate(rows)
+    summary = markdown_table(
+        agg, ["method", "seeds", "β per seed", "units per seed", "test acc %", "FLOPs ×", "params",
+              "speed-up@256", "train s"]
+    )  # fmt: skip
+    search_table = markdown_table(
+        sorted(search, key=lambda r: (r["seed"], r["method"], r.get("beta", 0), r["job"])),
+        ["seed", "job", "units", "val_acc", "params", "FLOPs ×", "train_seconds", "device"],
     )
-    print(table)
-    print("\nvalidation search:\n" + search)
+    print(table + "\n\nmean ± std over seeds " + str(seeds) + ":\n" + summary)
+    print("\nvalidation search:\n" + search_table)
+    name = f"accuracy_size_{args.net}" + (
+        "" if seeds == [0] else "_seeds" + "".join(map(str, seeds))
+    )
     save(
-        f"accuracy_size_{args.net}",
-        {"args": vars(args), "rows": rows, "jobs": records, "table": table, "search": search},
-    )
-    _plot(rows, RESULTS / f"accuracy_size_{args.net}.png", args.net)
+        name,
+        {"args": vars(args), "seeds": seeds, "rows": rows, "aggregate": agg, "jobs": search,
+         "table": table, "summary": summary, "search": search_table},
+    )  # fmt: skip
+    _plot(agg, RESULTS / f"{name}.png", f"{args.net} on {args.data}", len(seeds))
 
 
-def _plot(rows, path: Path, net: str) -> None:
+def _plot(agg: list[dict], path: Path, title: str, seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for ax, key in ((axes[0], "params"), (axes[1], "FLOPs")):
-        l1 = [r for r in rows if r["method"].startswith("L1")]
-        ax.plot([r[key] for r in l1], [100 * r["test acc"] for r in l1], "s-", c="tab:red")
-        for r in rows:
-            if r["method"] == "dense":
-                ax.scatter(r[key], 100 * r["test acc"], marker="*", c="black", s=200)
-            elif "Bayesian" in r["method"]:
-                ax.scatter(r[key], 100 * r["test acc"], marker="o", c="tab:blue", s=50)
-                ax.annotate(
-                    r["method"].split(" ")[0],
-                    (r[key], 100 * r["test acc"]),
-                    fontsize=7,
-                    textcoords="offset points",
-                    xytext=(3, 3),
-                )
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{key} (log scale)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].scatter([], [], marker="o", c="tab:blue", label="Bayesian gates (β chosen on val)")
-    axes[0].plot([], [], "s-", c="tab:red", label="L1 magnitude (Torch-Pruning) + fine-tune")
-    axes[0].scatter([], [], marker="*", c="black", label="dense")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{net} on Fashion-MNIST: test accuracy against size")
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
+
+    def point(a: dict) -> tuple[float, float, float, float]:
+        f, acc = a["flops_x"], [100 * v for v in a["acc"]]
+        sd = statistics.stdev if seeds > 1 else (lambda v: 0.0)
+        return statistics.mean(f), statistics.mean(acc), sd(f), sd(acc)
+
+    peers: dict[str, list] = {}
+    for a in agg:
+        x, y, xe, ye = point(a)
+        if a["method"] == "dense":
+            ax.errorbar(x, y, yerr=ye, fmt="*", c="black", ms=12, label="dense")
+        elif a["method"] in FAMILIES:
+            ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=f"{a['method']} (gates)")
+        else:
+            peers.setdefault(a["method"].rsplit("-r", 1)[0], []).append((x, y, xe, ye))
+    for method, pts in peers.items():
+        pts.sort()
+        ax.errorbar(*zip(*[(p[0], p[1]) for p in pts]), xerr=[p[2] for p in pts],
+                    yerr=[p[3] for p in pts], fmt="s--", capsize=3, alpha=0.8,
+                    label=f"Torch-Pruning {method} + fine-tune")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs reduction (×, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{title}: mean ± std over {seeds} seed(s)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -313,7 +361,10 @@ def main() -> None:
     ap.add_argument("--net", default="lenet5")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--betas", default="1,4,16")
-    ap.add_argument("--l1-ratios", default="1.5,2.5,4,7,12,20")
+    ap.add_argument("--tp-methods", default="l1", help="of " + ",".join(tp_baselines.METHODS))
+    ap.add_argument("--tp-ratios", default="1.5,2.5,4,7,12,20")
+    ap.add_argument("--seed", type=int, default=0, help="train: the seed of the dense net and jobs")
+    ap.add_argument("--seeds", default="0", help="report: the seeds to read and average")
     ap.add_argument("--jobs", default="all", help="'all', 'dense', or comma-separated job names")
     ap.add_argument("--pretrain", type=int, default=10)
     ap.add_argument("--sparsify", type=int, default=20)
