@@ -108,6 +108,8 @@ def _masked_and_slim(remove: dict[str, list[int]]):
         {"stage2.0.branch1.3": [1, 2], "stage2.0.branch2.6": [3]},  # passed along stage2
         {"stage4.1.branch2.6": [0, 7, 8, 40]},  # read by later blocks and conv5
         {f"stage3.{i}.branch2.6": [i, 20 + i] for i in range(8)},  # every block of a stage
+        # every channel stage2.1 passes on: its passing half is empty (a Gather of no index)
+        {"stage2.0.branch1.3": list(range(12)), "stage2.0.branch2.6": list(range(12))},
     ],
 )
 def test_removing_made_channels_equals_zeroing_them(remove):
