@@ -167,16 +167,21 @@ def test_prune_replay_export_and_pickle(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path), tests], check=True, timeout=300)
 
 
-def test_a_block_of_another_layout_keeps_the_shuffle_with_a_warning():
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (lambda m: m.stage3[2].branch2.__setitem__(2, torch.nn.GELU()), "branch2 is not"),
+        (lambda m: m.stage3.__setitem__(2, torch.nn.Identity()), "the block is not an Inverted"),
+    ],
+)
+def test_a_block_of_another_layout_keeps_the_shuffle_with_a_warning(change, why):
     model = _net()
-    model.stage3[2].branch2[2] = torch.nn.GELU()  # not torchvision's layout any more
+    change(model)  # not torchvision's layout any more
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         cd.attach(model, example_inputs=torch.randn(2, 3, SIDE, SIDE))
     messages = [str(w.message) for w in record if issubclass(w.category, cd.GatingWarning)]
-    assert (
-        "keeps its shuffle (its blocks' channels stay ungated): in block 'stage3.2', branch2 is not"
-        in messages[0]
-    )
-    assert any("left ungated" in m for m in messages[1:])  # the shuffled channels, as before
+    prefix = "keeps its shuffle (its blocks' channels stay ungated): in block 'stage3.2', "
+    assert prefix + why in messages[0]
     assert type(model.stage2[0]).__name__ == "InvertedResidual"
+    assert cd.named_gates(model)  # the rest of the net is gated as before

@@ -93,8 +93,10 @@ def _layers(seq: nn.Module, kinds: Sequence[type]) -> bool:
 _C, _B, _R = nn.Conv2d, nn.BatchNorm2d, nn.ReLU
 
 
-def _why_not(block: Block) -> str | None:
-    """Why ``block`` (an ``InvertedResidual``) does not have torchvision's layout."""
+def _why_not(block: Block, first: bool) -> str | None:
+    """Why ``block`` (the ``first`` of its stage or not) does not have torchvision's layout."""
+    if not hasattr(block, "branch2") or getattr(block, "stride", 0) != (2 if first else 1):
+        return "the block is not an InvertedResidual of stride 2 first in its stage, 1 after"
     if not _layers(block.branch2, (_C, _B, _R, _C, _B, _C, _B, _R)):
         return "branch2 is not 1×1 conv, BN, ReLU, depthwise conv, BN, 1×1 conv, BN, ReLU"
     if block.stride > 1 and not _layers(block.branch1, (_C, _B, _C, _B, _R)):
@@ -134,16 +136,23 @@ def prepare_shufflenets(model: nn.Module) -> list[str]:
     outputs); returns why a network was left as it was, per network that was."""
     problems = []
     for name, net in _networks(model):
-        blocks = [b for stage in _stages(net) for b in stage]
+        blocks = [(b, i == 0) for stage in _stages(net) for i, b in enumerate(stage)]
         names = {b: n for n, b in net.named_modules()}
-        bad = next(((b, w) for b in blocks if not _is_prepared(b) and (w := _why_not(b))), None)
-        if bad is not None:
+        why = next(
+            (f"in block {names[b]!r}, {w}" for b, f in blocks if (w := _why_not(b, f))), None
+        )
+        conv5 = getattr(net, "conv5", None)
+        if why is None and not (
+            isinstance(conv5, nn.Sequential) and isinstance(conv5[0], nn.Conv2d)
+        ):
+            why = "its conv5 is not a Sequential that starts with a Conv2d"
+        if why is not None:
             problems.append(
                 f"ShuffleNetV2 {name or 'model'!r} keeps its shuffle (its blocks' channels stay "
-                f"ungated): in block {names[bad[0]]!r}, {bad[1]}"
+                f"ungated): {why}"
             )
             continue
-        for b in blocks:
+        for b, _ in blocks:
             if _is_prepared(b):
                 continue
             dev = next(b.parameters()).device
