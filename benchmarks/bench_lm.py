@@ -135,6 +135,7 @@ def _base(args):
             },
             "gates.family": args.family,
             "gates.kl_cost": "flops",
+            "gates.kl_scale": {"head": args.head_scale} if args.head_scale != 1 else {},
             "stages.pretrain.epochs": args.pretrain,
             "stages.sparsify.epochs": args.sparsify,
             "stages.finetune.epochs": args.finetune,
@@ -151,7 +152,7 @@ def run_extra(args) -> None:
         row = one_run(
             base.override({"kl.beta": b}), ds, Path(args.out) / f"seed{args.seed}", f"beta{b:g}"
         )
-        row["beta"] = b
+        row["beta"], row["head_scale"] = b, args.head_scale
         print(
             save(
                 f"lm_extra{_tag(args)}_seed{args.seed}_beta{b:g}",
@@ -166,7 +167,7 @@ def run_seed(args) -> dict[str, Any]:
     dense = dense_run(base, ds)
     runs = [one_run(base.override({"kl.beta": b}), ds, out, f"beta{b:g}") for b in args.betas]
     for r, b in zip(runs, args.betas):
-        r["beta"] = b
+        r["beta"], r["head_scale"] = b, args.head_scale
     ok = [r for r in runs if r["val_bpb"] <= 1.05 * dense["val_bpb"]]
     chosen = min(ok, key=lambda r: r["flops_per_token"]) if ok else None
     return {
@@ -186,21 +187,33 @@ def _tag(args) -> str:
     return f"_{args.tag}" if args.tag else ""
 
 
-def summarize(seeds: list[int], family: str, tag: str = "") -> None:
-    """Per seed: the dense net and every β (extra runs included); β chosen on validation among
-    the β that every seed ran, by the rule in the module docstring; then mean ± std."""
+def _config(r: dict) -> tuple[float, float]:
+    """A gated run's setting: (β, the factor on the heads' KL; 1 for runs from before it)."""
+    return r["beta"], r.get("head_scale", 1.0)
+
+
+def _label(r: dict) -> str:
+    b, hs = _config(r)
+    return f"β = {b:g}" + (f", heads' KL ×{hs:g}" if hs != 1 else "")
+
+
+def summarize(seeds: list[int], family: str, tag: str = "", extra_tags: tuple = ()) -> None:
+    """Per seed: the dense net and every setting (extra runs included, and those of
+    ``extra_tags``: ``--head-scale`` runs over the same dense net); the setting chosen on
+    validation among those every seed ran, by the rule in the module docstring; mean ± std."""
     results = Path(__file__).parent / "results"
     per_seed = []
     for s in seeds:
         d = json.loads((results / f"lm_{family}{tag}_seed{s}.json").read_text())
         runs = list(d["runs"])
-        for f in sorted(results.glob(f"lm_extra{tag}_seed{s}_beta*.json")):
-            runs.append(json.loads(f.read_text()))
+        for t in (tag, *(f"_{e}" for e in extra_tags)):
+            for f in sorted(results.glob(f"lm_extra{t}_seed{s}_beta*.json")):
+                runs.append(json.loads(f.read_text()))
         per_seed.append((s, d["dense"], runs))
-    grid = set.intersection(*({r["beta"] for r in runs} for _, _, runs in per_seed))
+    grid = set.intersection(*({_config(r) for r in runs} for _, _, runs in per_seed))
     rows, chosen = [], []
     for s, dense, runs in per_seed:
-        ok = [r for r in runs if r["beta"] in grid and r["val_bpb"] <= 1.05 * dense["val_bpb"]]
+        ok = [r for r in runs if _config(r) in grid and r["val_bpb"] <= 1.05 * dense["val_bpb"]]
         pick = min(ok, key=lambda r: r["flops_per_token"]) if ok else None
         chosen.append((dense, pick))
         rows.append(
@@ -212,11 +225,11 @@ def summarize(seeds: list[int], family: str, tag: str = "") -> None:
                 "kFLOPs/token": dense["flops_per_token"] / 1e3,
             }
         )
-        for r in sorted(runs, key=lambda r: r["beta"]):
+        for r in sorted(runs, key=_config):
             rows.append({
                 "seed": s,
-                "run": f"β = {r['beta']:g}" + (" (chosen)" if r is pick else "")
-                + ("" if r["beta"] in grid else " (this seed only)"),
+                "run": _label(r) + (" (chosen)" if r is pick else "")
+                + ("" if _config(r) in grid else " (this seed only)"),
                 "heads": r["heads"], "neurons": r["neurons"], "val bpb": r["val_bpb"],
                 "test bpb": r["test_bpb"], "kFLOPs/token": r["flops_per_token"] / 1e3,
                 "test vs dense": f"{r['test_bpb'] / dense['test_bpb'] - 1:+.1%}",
@@ -238,7 +251,7 @@ def summarize(seeds: list[int], family: str, tag: str = "") -> None:
         return f"{statistics.mean(vals):.4g} ± {sd:.2g}"
 
     picked = [(d, c) for d, c in chosen if c is not None]
-    print(f"\nβ grid (every seed): {sorted(grid)}; chosen: {[c['beta'] for _, c in picked]}")
+    print(f"\ngrid (every seed): {sorted(grid)}; chosen: {[_label(c) for _, c in picked]}")
     print("dense test bpb", ms([d["test_bpb"] for d, _ in chosen]))
     if picked:
         print("chosen test bpb", ms([c["test_bpb"] for _, c in picked]))
@@ -267,10 +280,12 @@ def main() -> None:
     p.add_argument("--out", default="/tmp/bench_lm")
     p.add_argument("--summarize", type=int, nargs="*")
     p.add_argument("--tag", default="", help="names a variant's results (e.g. h8 for --heads 8)")
+    p.add_argument("--head-scale", type=float, default=1.0, help="factor on the heads' KL")
+    p.add_argument("--extra-tags", nargs="*", default=[], help="summarize: their runs too")
     p.add_argument("--extra", action="store_true", help="only gated runs for --betas (no dense)")
     args = p.parse_args()
     if args.summarize is not None:
-        summarize(args.summarize, args.family, _tag(args))
+        summarize(args.summarize, args.family, _tag(args), tuple(args.extra_tags))
         return
     if args.extra:
         run_extra(args)

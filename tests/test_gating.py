@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import compressdrop as cd
+from compressdrop.errors import InputError
 from compressdrop.gating import Gated, find_groups, groups_of
 from compressdrop.training import KLSchedule, Sparsifier
 
@@ -164,6 +165,31 @@ def test_cost_aware_kl_weights_follow_the_units_cost():
     per_gate = {n: float(g.unit_cost[0]) for n, g in cd.named_gates(model)}
     assert per_gate["features.3"] > per_gate["classifier.1"]
     assert len(groups_of(model)) == 3
+
+
+def test_kl_scale_multiplies_the_kl_of_one_kind_of_unit_and_is_re_attached():
+    from .test_heads import Encoder, _ids  # heads and MLP neurons
+
+    x = _ids()
+
+    def gated(**kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", cd.GatingWarning)  # the LayerNorm stream
+            return cd.attach(Encoder(), kl_cost="flops", example_inputs=x, **kw)
+
+    plain, scaled = gated(), gated(kl_scale={"head": 4.0})
+    heads = {n for n, s in cd.gating.sites(plain) if isinstance(s, cd.gating.HeadGated)}
+    assert heads and len(heads) < len(list(cd.named_gates(plain)))  # neurons too
+    for (name, a), (_, b) in zip(cd.named_gates(plain), cd.named_gates(scaled)):
+        torch.testing.assert_close(b.unit_cost, (4.0 if name in heads else 1.0) * a.unit_cost)
+    config = cd.gating.attach_config(scaled)
+    assert config["kl_scale"] == {"head": 4.0}
+    config.pop("kl_cost")
+    again = gated(**config)
+    for (_, a), (_, b) in zip(cd.named_gates(scaled), cd.named_gates(again)):
+        torch.testing.assert_close(a.unit_cost, b.unit_cost)
+    with pytest.raises(InputError, match="unknown unit kind 'heads'"):
+        gated(kl_scale={"heads": 2.0})
 
 
 def test_sparsifier_penalty_follows_schedule_and_scales_by_dataset_size():

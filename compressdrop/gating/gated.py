@@ -164,6 +164,7 @@ def attach(
     example_inputs: torch.Tensor | tuple | None = None,
     gate_kwargs: Mapping[str, Any] | None = None,
     kl_cost: str = "uniform",
+    kl_scale: Mapping[str, float] | None = None,
 ) -> nn.Module:
     """Put gates into ``model`` in place and return it.
 
@@ -185,6 +186,10 @@ def attach(
         kl_cost: ``"uniform"`` (each unit's KL weighs 1), ``"params"`` or ``"flops"``: weigh each
             unit's KL by the parameters or multiply-adds it controls, normalized to mean 1 over the
             model (a cost-aware prior).
+        kl_scale: a further factor on the KL of each kind of unit, ``{"head": 4.0}`` (kinds:
+            ``"channel"``, ``"neuron"``, ``"head"``; 1 where not given): more pressure on one
+            structure than the others (CoFi and Sheared-LLaMA, too, weigh heads and MLP units
+            apart).
 
     Returns:
         ``model``, with its gated layers wrapped in :class:`Gated`.
@@ -198,6 +203,7 @@ def attach(
         raise InputError("model already has gates attached; detach() it first")
     if kl_cost not in KL_COSTS:
         raise InputError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
+    scale = check_kl_scale(kl_scale)
     cls = gate_class(gate)
     if example_inputs is None:
         example_inputs = example_input_for(model)
@@ -208,7 +214,7 @@ def attach(
         raise InputError(_nothing_to_gate(model))
     nested = _prepare_attentions(model, groups)
     param = next(model.parameters())
-    costs = _normalized_costs(groups, kl_cost)
+    costs = [c * scale.get(g.kind, 1.0) for g, c in zip(groups, _normalized_costs(groups, kl_cost))]
     for grp, cost in zip(groups, costs):
         g = cls(grp.num_units, **dict(gate_kwargs or {})).to(device=param.device, dtype=param.dtype)
         g.unit_cost.copy_(cost)
@@ -238,6 +244,7 @@ def attach(
             "input_shape": [tuple(t.shape[1:]) for t in inputs],
             "inputs": input_specs(inputs),
             "kl_cost": kl_cost,
+            "kl_scale": scale,
             "gate_kwargs": dict(gate_kwargs or {}),
             "include": _pattern_names(include),
             "exclude": _pattern_names(exclude),
@@ -290,7 +297,7 @@ def attach_config(model: nn.Module) -> dict[str, Any]:
 
     Returns:
         ``gate``, ``granularity``, ``include``, ``exclude`` (names, types by their class name),
-        ``gate_kwargs`` and ``kl_cost``.
+        ``gate_kwargs``, ``kl_cost`` and ``kl_scale``.
 
     Raises:
         InputError: ``model`` has no attach record.
@@ -299,7 +306,28 @@ def attach_config(model: nn.Module) -> dict[str, Any]:
     if state is None:
         raise InputError("model has no attach record (was it gated with compressdrop.attach?)")
     keys = ("gate", "granularity", "include", "exclude", "gate_kwargs", "kl_cost")
-    return {k: state[k] for k in keys}
+    return {**{k: state[k] for k in keys}, "kl_scale": dict(state.get("kl_scale", {}))}
+
+
+UNIT_KINDS = ("channel", "neuron", "head")
+
+
+def check_kl_scale(kl_scale: Mapping[str, float] | None) -> dict[str, float]:
+    """``kl_scale`` as a plain dict, checked: known unit kinds, positive finite factors.
+
+    Raises:
+        InputError: an unknown kind or a factor that is not a positive number.
+    """
+    out = {}
+    for kind, factor in dict(kl_scale or {}).items():
+        if kind not in UNIT_KINDS:
+            raise InputError(f"kl_scale: unknown unit kind {kind!r}; one of {UNIT_KINDS}")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+            raise InputError(f"kl_scale[{kind!r}] must be a number, got {factor!r}")
+        if not (0 < float(factor) < float("inf")):
+            raise InputError(f"kl_scale[{kind!r}] must be positive and finite, got {factor}")
+        out[kind] = float(factor)
+    return out
 
 
 def _normalized_costs(groups: list[UnitGroup], kl_cost: str) -> list[torch.Tensor]:

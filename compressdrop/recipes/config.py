@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CompressDropError
+from ..errors import CompressDropError, InputError
 from .schedule import KLSchedule
 
 __all__ = [
@@ -79,6 +79,7 @@ class GateConfig:
     exclude: tuple[str, ...] = ()
     kwargs: dict = field(default_factory=dict)
     kl_cost: str = "uniform"
+    kl_scale: dict = field(default_factory=dict)
 
     def attach_kwargs(self) -> dict[str, Any]:
         """These settings as the keyword arguments of :func:`compressdrop.attach`: the same keys
@@ -91,11 +92,12 @@ class GateConfig:
             "exclude": list(self.exclude),
             "gate_kwargs": dict(self.kwargs),
             "kl_cost": self.kl_cost,
+            "kl_scale": dict(self.kl_scale),
         }
 
     def __post_init__(self) -> None:
         from ..gates import GATES
-        from ..gating.gated import KL_COSTS
+        from ..gating.gated import KL_COSTS, check_kl_scale
         from ..gating.groups import GRANULARITIES
 
         _check(
@@ -113,6 +115,10 @@ class GateConfig:
             "gates.kl_cost",
             f"must be one of {KL_COSTS}, got {self.kl_cost!r}",
         )
+        try:
+            check_kl_scale(self.kl_scale)
+        except InputError as e:
+            _check(False, "gates.kl_scale", str(e).removeprefix("kl_scale: "))
 
 
 @dataclass(frozen=True)
