@@ -4,6 +4,10 @@ Python standard library's source, gated heads and MLP neurons against the same n
     python benchmarks/bench_lm.py --seed 0 --betas 8 32     # one seed: dense + one run per β
     python benchmarks/bench_lm.py --seed 0 --betas 128 --extra  # more β, the dense run reused
     python benchmarks/bench_lm.py --summarize 0 1 2          # table of the seeds' JSON files
+    # the heads' KL × 4 (gates.kl_scale) over the same dense runs, then all settings together,
+    # chosen among the runs that remove a quarter of the heads and a third of the neurons
+    python benchmarks/bench_lm.py --seed 0 --betas 64 --head-scale 4 --tag hs4 --extra
+    python benchmarks/bench_lm.py --summarize 0 1 2 --extra-tags hs4 --shares 0.25 0.33
 
 Corpus: the ``*.py`` files of /usr/lib/python3.11 (Debian's libpython3.11-minimal/-stdlib) in
 path order up to 2 MB, split by file (hash order) 80/10/10 into train/validation/test; its size
@@ -13,9 +17,10 @@ Model: the shipped ``gpt-lognormal`` recipe's decoder with ``--layers``/``--widt
 Dense: the same net without gates, trained with the gated run's epochs, learning rates and batch
 order, stage by stage. Gated: pretrain,
 sparsify with β·KL/N (N = training tokens, KL weighted by each unit's multiply-adds), prune at
-the family's default SNR threshold, fine-tune. β is chosen per seed on the validation split: the
-run with the fewest FLOPs whose validation bits per byte is within 5 % of the dense net's; test
-bits per byte are read once, for the report.
+the family's default SNR threshold, fine-tune. The setting (β, the heads' KL factor) is chosen per
+seed on the validation split: the run with the fewest FLOPs whose validation bits per byte is
+within 5 % of the dense net's (with ``--shares``: among those that also remove at least those
+shares of heads and neurons, if any does); test bits per byte are read once, for the report.
 """
 
 from __future__ import annotations
@@ -197,10 +202,17 @@ def _label(r: dict) -> str:
     return f"β = {b:g}" + (f", heads' KL ×{hs:g}" if hs != 1 else "")
 
 
-def summarize(seeds: list[int], family: str, tag: str = "", extra_tags: tuple = ()) -> None:
+def summarize(
+    seeds: list[int],
+    family: str,
+    tag: str = "",
+    extra_tags: tuple = (),
+    shares: tuple[float, float] = (0.0, 0.0),
+) -> None:
     """Per seed: the dense net and every setting (extra runs included, and those of
     ``extra_tags``: ``--head-scale`` runs over the same dense net); the setting chosen on
-    validation among those every seed ran, by the rule in the module docstring; mean ± std."""
+    validation among those every seed ran, by the rule in the module docstring, among the runs
+    that remove at least ``shares`` = (heads, MLP neurons) if any does; mean ± std."""
     results = Path(__file__).parent / "results"
     per_seed = []
     for s in seeds:
@@ -214,6 +226,10 @@ def summarize(seeds: list[int], family: str, tag: str = "", extra_tags: tuple = 
     rows, chosen = [], []
     for s, dense, runs in per_seed:
         ok = [r for r in runs if _config(r) in grid and r["val_bpb"] <= 1.05 * dense["val_bpb"]]
+        enough = [
+            r for r in ok if r["heads_removed"] >= shares[0] and r["neurons_removed"] >= shares[1]
+        ]
+        ok = enough or ok
         pick = min(ok, key=lambda r: r["flops_per_token"]) if ok else None
         chosen.append((dense, pick))
         rows.append(
@@ -282,10 +298,19 @@ def main() -> None:
     p.add_argument("--tag", default="", help="names a variant's results (e.g. h8 for --heads 8)")
     p.add_argument("--head-scale", type=float, default=1.0, help="factor on the heads' KL")
     p.add_argument("--extra-tags", nargs="*", default=[], help="summarize: their runs too")
+    p.add_argument(
+        "--shares",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        help="summarize: choose among runs removing at least these shares of heads and neurons",
+    )
     p.add_argument("--extra", action="store_true", help="only gated runs for --betas (no dense)")
     args = p.parse_args()
     if args.summarize is not None:
-        summarize(args.summarize, args.family, _tag(args), tuple(args.extra_tags))
+        summarize(
+            args.summarize, args.family, _tag(args), tuple(args.extra_tags), tuple(args.shares)
+        )
         return
     if args.extra:
         run_extra(args)
