@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, gate_class
 from .attention import MultiheadAttention, nested_off, to_stock
+from .costs import KL_COSTS, check_kl_scale, normalized_costs
 from .groups import GatingWarning, UnitGroup, find_groups
 from .heads import head_spec_of
 from .inputs import (
@@ -47,8 +48,6 @@ __all__ = [
     "random_inputs",
     "sites",
 ]
-
-KL_COSTS = ("uniform", "params", "flops")
 
 
 def _no_op(module: nn.Module, args: Any) -> None:
@@ -214,7 +213,7 @@ def attach(
         raise InputError(_nothing_to_gate(model))
     nested = _prepare_attentions(model, groups)
     param = next(model.parameters())
-    costs = [c * scale.get(g.kind, 1.0) for g, c in zip(groups, _normalized_costs(groups, kl_cost))]
+    costs = [c * scale.get(g.kind, 1.0) for g, c in zip(groups, normalized_costs(groups, kl_cost))]
     for grp, cost in zip(groups, costs):
         g = cls(grp.num_units, **dict(gate_kwargs or {})).to(device=param.device, dtype=param.dtype)
         g.unit_cost.copy_(cost)
@@ -307,35 +306,6 @@ def attach_config(model: nn.Module) -> dict[str, Any]:
         raise InputError("model has no attach record (was it gated with compressdrop.attach?)")
     keys = ("gate", "granularity", "include", "exclude", "gate_kwargs", "kl_cost")
     return {**{k: state[k] for k in keys}, "kl_scale": dict(state.get("kl_scale", {}))}
-
-
-UNIT_KINDS = ("channel", "neuron", "head")
-
-
-def check_kl_scale(kl_scale: Mapping[str, float] | None) -> dict[str, float]:
-    """``kl_scale`` as a plain dict, checked: known unit kinds, positive finite factors.
-
-    Raises:
-        InputError: an unknown kind or a factor that is not a positive number.
-    """
-    out = {}
-    for kind, factor in dict(kl_scale or {}).items():
-        if kind not in UNIT_KINDS:
-            raise InputError(f"kl_scale: unknown unit kind {kind!r}; one of {UNIT_KINDS}")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)):
-            raise InputError(f"kl_scale[{kind!r}] must be a number, got {factor!r}")
-        if not (0 < float(factor) < float("inf")):
-            raise InputError(f"kl_scale[{kind!r}] must be positive and finite, got {factor}")
-        out[kind] = float(factor)
-    return out
-
-
-def _normalized_costs(groups: list[UnitGroup], kl_cost: str) -> list[torch.Tensor]:
-    if kl_cost == "uniform":
-        return [torch.ones(g.num_units) for g in groups]
-    raw = [g.params_per_unit if kl_cost == "params" else g.macs_per_unit for g in groups]
-    mean = torch.cat(raw).mean().clamp(min=1e-12)
-    return [r / mean for r in raw]
 
 
 def is_gated(model: nn.Module) -> bool:

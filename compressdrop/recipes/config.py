@@ -97,7 +97,7 @@ class GateConfig:
 
     def __post_init__(self) -> None:
         from ..gates import GATES
-        from ..gating.gated import KL_COSTS, check_kl_scale
+        from ..gating.costs import KL_COSTS, check_kl_scale
         from ..gating.groups import GRANULARITIES
 
         _check(
