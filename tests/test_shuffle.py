@@ -4,10 +4,7 @@ the channel split and shuffle (compressdrop/gating/shuffle.py)."""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from compressdrop.gating.shuffle import prepare_shufflenets, remove_units_
 from compressdrop.pruning import replay
 
 from tests.test_surgery import quantiles, random_gates_
-from tests.torchvision_models import import_torchvision
+from tests.torchvision_models import import_torchvision, loads_in_a_new_process
 
 import_torchvision()
 
@@ -154,24 +151,7 @@ def test_prune_replay_export_and_pickle(tmp_path):
     with torch.no_grad():
         assert torch.allclose(program.module()(x), slim(x), rtol=0, atol=1e-6)
     # a pickled slim net loads where compressdrop's prunable class was never made
-    # (its weights and index buffers bit for bit; its output to float rounding: the conv
-    # kernels another process picks may sum in another order, as in one fresh-clone CI run)
-    torch.save(slim, tmp_path / "slim.pickle")
-    torch.save((x, slim(x).detach(), slim.state_dict()), tmp_path / "io.pt")
-    code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[2]);"
-        "from torchvision_models import import_torchvision; import_torchvision();"
-        "m = torch.load(sys.argv[1] + '/slim.pickle', weights_only=False).eval();"
-        "x, want, state = torch.load(sys.argv[1] + '/io.pt');"
-        "got = m.state_dict();"
-        "assert got.keys() == state.keys();"
-        "assert all(torch.equal(got[k], state[k]) for k in state);"
-        "assert type(m.stage2[1]).__name__ == 'PrunableInvertedResidual';"
-        "err = float((m(x) - want).abs().max() / want.abs().max());"
-        "assert err <= 1e-6, err"
-    )
-    tests = str(Path(__file__).parent)
-    subprocess.run([sys.executable, "-c", code, str(tmp_path), tests], check=True, timeout=300)
+    loads_in_a_new_process(slim, x, "PrunableInvertedResidual", tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from torch import nn
 import compressdrop as cd
 from compressdrop.pruning import PruningWarning, unmask_
 
-from tests.torchvision_models import families
+from tests.torchvision_models import families, loads_in_a_new_process
 
 FAMILIES = families()  # torchvision is in the dev extra: without it this module fails, not skips
 
@@ -125,10 +125,6 @@ def test_prunable_swin_attention_is_the_same_function(v2):
 def test_a_slim_swin_pickles_and_loads_in_a_new_process(tmp_path):
     """``torch.save(slim)`` of a model with prunable attentions: the classes are found by name
     (``compressdrop.gating.vision``'s module ``__getattr__``) by a process that never made them."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     build, side = FAMILIES["Swin"]
     torch.manual_seed(0)
     model = build().eval()
@@ -138,23 +134,7 @@ def test_a_slim_swin_pickles_and_loads_in_a_new_process(tmp_path):
         cd.attach(model, example_inputs=x)
     slim = cd.prune(model, example_inputs=x)
     assert type(slim.features[1][0].attn).__name__ == "PrunableShiftedWindowAttention"
-    # weights bit for bit, output to float rounding (another process's conv kernels may sum in
-    # another order: tests/test_shuffle.py met it once)
-    torch.save(slim, tmp_path / "slim.pickle")
-    torch.save((x, slim(x).detach(), slim.state_dict()), tmp_path / "io.pt")
-    code = (
-        "import sys, torch; sys.path.insert(0, sys.argv[2]);"
-        "from torchvision_models import import_torchvision; import_torchvision();"
-        "m = torch.load(sys.argv[1] + '/slim.pickle', weights_only=False).eval();"
-        "x, w, state = torch.load(sys.argv[1] + '/io.pt');"
-        "got = m.state_dict();"
-        "assert got.keys() == state.keys();"
-        "assert all(torch.equal(got[k], state[k]) for k in state);"
-        "err = float((m(x) - w).abs().max() / w.abs().max());"
-        "assert err <= 1e-6, err"
-    )
-    tests = str(Path(__file__).parent)
-    subprocess.run([sys.executable, "-c", code, str(tmp_path), tests], check=True, timeout=300)
+    loads_in_a_new_process(slim, x, "PrunableShiftedWindowAttention", tmp_path)
 
 
 def test_prunable_maxvit_attention_is_the_same_function():

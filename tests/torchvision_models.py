@@ -165,3 +165,38 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:
             32,
         ),
     }
+
+
+_LOAD_PICKLE = (
+    "import sys, torch; sys.path.insert(0, sys.argv[2]);"
+    "from torchvision_models import import_torchvision; import_torchvision();"
+    "m = torch.load(sys.argv[1] + '/slim.pickle', weights_only=False).eval();"
+    "x, want, state, cls = torch.load(sys.argv[1] + '/io.pt');"
+    "got = m.state_dict();"
+    "assert got.keys() == state.keys();"
+    "assert all(torch.equal(got[k], state[k]) for k in state);"
+    "assert any(type(s).__name__ == cls for s in m.modules()), cls;"
+    "err = float((m(x) - want).abs().max() / want.abs().max());"
+    "assert err <= 1e-6, err"
+)
+
+
+def loads_in_a_new_process(slim: nn.Module, x: torch.Tensor, cls: str, folder) -> None:
+    """``torch.save(slim)`` loads in a new Python process that never made compressdrop's
+    prunable classes: the weights and buffers bit for bit, a module of class ``cls`` present,
+    the output on ``x`` to 1e-6 (another process's conv kernels may sum in another order: one
+    fresh-clone CI run did, so outputs are not compared bit for bit).
+
+    Raises:
+        subprocess.CalledProcessError: the new process failed one of those checks.
+    """
+    import subprocess
+    from pathlib import Path
+
+    torch.save(slim, Path(folder) / "slim.pickle")
+    with torch.no_grad():
+        want = slim(x)
+    torch.save((x, want, slim.state_dict(), cls), Path(folder) / "io.pt")
+    tests = str(Path(__file__).parent)
+    cmd = [sys.executable, "-c", _LOAD_PICKLE, str(folder), tests]
+    subprocess.run(cmd, check=True, timeout=300)
