@@ -161,11 +161,7 @@ def find_groups(
         kind = "neuron" if kinds == {"neuron"} else "channel"
         pnames = [names[p] for p in producers]
         label = pnames[0]
-        if granularity != "auto" and kind != granularity:
-            continue
-        if include and not any(_matches(names[p], p, include) for p in producers):
-            continue
-        if exclude and any(_matches(names[p], p, exclude) for p in producers):
+        if not _selected(kind, producers, names, granularity, include, exclude):
             continue
         num_units = dg.get_out_channels(producers[0])
         problem, sites = _plan_sites(dg, g, producers, names)
@@ -201,14 +197,32 @@ def find_groups(
         groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs, blocks))
     for why in skipped if warn else ():
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=3)
+    by_name = {n: m for m, n in names.items()}
     streams = [
         s
         for s in streams
-        if granularity in ("auto", "channel")
-        and (not include or _matches(s.name, model.get_submodule(s.name), include))
-        and not _matches(s.name, model.get_submodule(s.name), exclude)
+        if _selected(
+            s.kind, [by_name[p] for p in s.producers], names, granularity, include, exclude
+        )
     ]
     return groups + streams + heads
+
+
+def _selected(
+    kind: str,
+    producers: Sequence[nn.Module],
+    names: dict,
+    granularity: str,
+    include: Sequence[str | type] | None,
+    exclude: Sequence[str | type] | None,
+) -> bool:
+    """Whether a group of ``kind`` made by ``producers`` is asked for: its kind matches
+    ``granularity`` and one of its producers ``include``, none ``exclude``."""
+    return (
+        (granularity == "auto" or kind == granularity)
+        and (not include or any(_matches(names[p], p, include) for p in producers))
+        and not (exclude and any(_matches(names[p], p, exclude) for p in producers))
+    )
 
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
