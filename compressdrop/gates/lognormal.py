@@ -8,20 +8,11 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ._lognormal_fast import LogNormalDraw, LogNormalKL, StepTerms, step_terms
 from .base import MIN_VARIANCE, Gate
-from .distributions import (
-    LogUniform,
-    TruncatedLogNormal,
-    clamp_probability,
-    lognormal_log_terms,
-    truncnorm_icdf_coefs,
-    truncnorm_terms,
-)
+from .distributions import LogUniform, TruncatedLogNormal, lognormal_log_terms, truncnorm_terms
 
 __all__ = ["LogNormalGate"]
-
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-_HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
 
 
 class LogNormalGate(Gate):
@@ -87,35 +78,38 @@ class LogNormalGate(Gate):
 
         return self._memo("terms", compute)
 
+    def _step_terms(self) -> StepTerms:
+        """The per-unit terms of the training step (draw and KL), without a graph, once per step."""
+        return self._memo(
+            "step",
+            lambda: step_terms(self.mu, self.log_sigma, self.low, self.high, self.param_range),
+        )
+
     def sample(self, batch: int) -> torch.Tensor:
-        """Draw θ for ``batch`` examples by the inverse CDF, reparameterized; ``(batch, U)``."""
+        """Draw θ for ``batch`` examples by the inverse CDF, reparameterized; ``(batch, U)``.
 
-        def compute() -> tuple[torch.Tensor, ...]:
-            mu, sigma, alpha, beta, log_z = self._terms()
-            return (mu, *truncnorm_icdf_coefs(sigma, alpha, beta, log_z))
-
-        mu, offset, width, signed_scale = self._memo("icdf", compute)
-        u = torch.rand(batch, self.num_units, dtype=torch.float64, device=mu.device)
-        z = torch.special.ndtri(clamp_probability(torch.addcmul(offset, u, width)))
-        log_theta = torch.addcmul(mu, signed_scale, z).clamp(self.low, self.high)  # (B, U)
-        return self._out(log_theta.exp())
+        One autograd node (:class:`~compressdrop.gates._lognormal_fast.LogNormalDraw`) whose
+        backward is the closed-form implicit gradient of the draw.
+        """
+        t = self._step_terms()
+        u = torch.rand(batch, self.num_units, dtype=torch.float64, device=t.mu.device)
+        return LogNormalDraw.apply(
+            self.mu, self.log_sigma, u, t.mu, t.offset, t.width, t.signed_scale, t.lo, t.hi,
+            t.sign, t.mu_grad, t.sigma_grad, self.low, self.high,
+        )  # fmt: skip
 
     def kl_per_unit(self) -> torch.Tensor:
         """KL(q ‖ p) = log(b − a) − H[TN(μ, σ², a, b)] per unit (the KL is invariant under exp).
 
         The entropy is :func:`~compressdrop.gates.distributions.truncnorm_entropy` without its
-        guards for infinite bounds (α and β are finite here) and with log σ read off the
-        parameter: fewer operations per step, the same value to rounding.
+        guards for infinite bounds (α and β are finite here), as one autograd node with its
+        closed-form gradient (:class:`~compressdrop.gates._lognormal_fast.LogNormalKL`).
         """
-        _, _, alpha, beta, log_z = self._terms()
-        log_sigma = self.log_sigma.double().clamp(*self.param_range)
-        shift = -_LOG_SQRT_2PI - log_z  # log φ(x)/Z = shift − x²/2
-
-        def x_ratio(x: torch.Tensor) -> torch.Tensor:  # x·φ(x)/Z, 0 where φ underflows
-            return x * torch.exp(torch.addcmul(shift, x, x, value=-0.5))
-
-        entropy = _HALF_LOG_2PI_E + log_sigma + log_z + 0.5 * (x_ratio(alpha) - x_ratio(beta))
-        return self._out(math.log(self.high - self.low) - entropy)
+        t = self._step_terms()
+        return LogNormalKL.apply(
+            self.mu, self.log_sigma, t.alpha, t.beta, t.sigma, t.log_sigma, t.log_z, t.mu_grad,
+            t.sigma_grad, math.log(self.high - self.low),
+        )  # fmt: skip
 
     def _log_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """log E θ and Var θ / (E θ)² per unit (:class:`TruncatedLogNormal`'s formulas)."""

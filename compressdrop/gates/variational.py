@@ -8,8 +8,9 @@ import pyro.distributions as pdist
 import torch
 from torch import nn
 
+from ._draws import MolchanovKL, NormalDraw
 from .base import Gate
-from .distributions import LOG_ALPHA_RANGE, LogUniformImproper, molchanov_kl
+from .distributions import LOG_ALPHA_RANGE, LogUniformImproper
 
 __all__ = ["VariationalGate"]
 
@@ -58,10 +59,10 @@ class VariationalGate(Gate):
         log_sigma2 = torch.minimum(self.log_sigma2.to(dtype), log_mu2 + LOG_ALPHA_RANGE[1])
         return mu, torch.exp(0.5 * log_sigma2), log_sigma2 - log_mu2
 
-    def _fast(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training step's per-unit terms, in the parameters' dtype (float32 at least)."""
+    def _training_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ and log σ² in the parameters' dtype, float32 at least."""
         dtype = torch.promote_types(self.mu.dtype, torch.float32)
-        return self._memo("fast", lambda: self._moments(dtype))
+        return self.mu.to(dtype), self.log_sigma2.to(dtype)
 
     def posterior(self) -> pdist.Normal:
         """q(θ) = N(μ, σ²), σ capped where log α reaches its clip value 8."""
@@ -70,13 +71,13 @@ class VariationalGate(Gate):
 
     def sample(self, batch: int) -> torch.Tensor:
         """Draw θ = μ + σ·ε for ``batch`` examples, ε ~ N(0, 1); shape ``(batch, U)``."""
-        mu, sigma, _ = self._fast()
+        mu, log_sigma2 = self._training_params()
         eps = torch.randn(batch, self.num_units, dtype=mu.dtype, device=mu.device)
-        return self._out(torch.addcmul(mu, sigma, eps))
+        return self._out(NormalDraw.apply(mu, log_sigma2, eps, LOG_ALPHA_RANGE[1]))
 
     def kl_per_unit(self) -> torch.Tensor:
         """Molchanov's approximation of KL(N(μ, σ²) ‖ p) per unit (the class docstring)."""
-        return self._out(molchanov_kl(self._fast()[2]))
+        return self._out(MolchanovKL.apply(*self._training_params(), LOG_ALPHA_RANGE[1]))
 
     def prior(self) -> LogUniformImproper:
         """p(θ) ∝ 1/|θ|, the improper log-uniform prior."""
