@@ -159,6 +159,37 @@ def measure(net: str, family: str, mode: str, batch: int, pairs: int, device: to
     }
 
 
+def gate_math(families: list[str], units: list[int], batch: int, repeats: int = 200) -> list[dict]:
+    """The gates alone: one draw per gate and the summed KL, forward and backward, per step (ms).
+
+    LeNet-5's gates by default (20, 50, 500 units), parameters spread off their initial values.
+    """
+    rows = []
+    for family in families:
+        torch.manual_seed(0)
+        gates = [GATES[family](u) for u in units]
+        with torch.no_grad():
+            for g in gates:
+                for p in g.parameters():
+                    p.add_(0.5 * torch.randn_like(p))
+
+        def step(gates: list = gates) -> None:
+            total = sum(g.kl() + g._draw(batch).sum() for g in gates)
+            total.backward()  # type: ignore[union-attr]
+            for g in gates:
+                g.clear_cache()
+
+        for _ in range(20):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        ms = (time.perf_counter() - t0) / repeats * 1e3
+        rows.append({"family": family, "units": units, "batch": batch, "gate math ms": ms})
+        print(rows[-1])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nets", default="lenet5,lenet300,resnet18,encoder")
@@ -168,7 +199,13 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="training_cost")
+    ap.add_argument("--gate-math", action="store_true", help="time the gates alone (one thread)")
     args = ap.parse_args()
+    if args.gate_math:
+        torch.set_num_threads(1)
+        rows = gate_math(args.families.split(","), [20, 50, 500], 64)
+        save(args.out, {"args": vars(args), "rows": rows})
+        return
     device = torch.device(args.device)
     rows = []
     for net in args.nets.split(","):

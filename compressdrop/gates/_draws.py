@@ -4,9 +4,10 @@ The draw θ(μ, log σ², ε) is elementwise over (batch, units) with per-unit p
 gradient is a reduction over the batch of the incoming gradient times ∂θ/∂param, which the
 forward pass already holds; the KL is a per-unit function of log α. Written as
 :class:`torch.autograd.Function` s they are two nodes of the graph instead of about twenty, which
-halves the gate's cost per step (measured: 2.3 → 1.2 ms for LeNet-5's three gates, forward and
-backward, one thread). The values are those of the tensor code they replace, bit for bit;
-``tests/test_gates.py`` checks the gradients against finite differences.
+cuts the gates' cost per step by a third (LeNet-5's three gates, forward and backward, one
+thread: 1.6–1.8 → 1.1 ms, ``benchmarks/bench_training_cost.py --gate-math``). The values are
+those of the tensor code they replace, bit for bit; ``tests/test_gate_functions.py`` checks the
+gradients against autograd through that code, ``tests/test_gates.py`` against finite differences.
 
 The same rewrite of the concrete and hard-concrete draws was measured slower (0.94 → 1.03 ms):
 their graphs are five or six cheap nodes, less than a Python-level function costs to call.

@@ -18,7 +18,9 @@ finite because |w| ≤ 37.5 (the clamped probability bounds it). Entropy H = log
     ∂H/∂μ = (A − B)/σ + [(α² − 1)·A − (β² − 1)·B]/(2σ) − T·(A − B)/σ
     ∂H/∂σ = 1/σ + (α·A − β·B)/σ + [β·(1 − β²)·B − α·(1 − α²)·A]/(2σ) − T·(α·A − β·B)/σ
 
-with T = (α·A − β·B)/2. ``tests/test_gates.py`` checks both against finite differences.
+with T = (α·A − β·B)/2. ``tests/test_gate_functions.py`` checks both against autograd through
+the tensor formulas they replace (values bit for bit), ``tests/test_gates.py`` against finite
+differences.
 """
 
 from __future__ import annotations
