@@ -15,6 +15,7 @@ from torch import nn
 import compressdrop as cd
 from compressdrop.errors import InputError
 from compressdrop.gates import ConcreteGate, Gate, LogNormalGate, noise_shard
+from compressdrop.gates._mul import ATTR
 from compressdrop.gates.base import _GateMul
 from compressdrop.models import build_model
 
@@ -177,9 +178,17 @@ def test_batch_noise_through_attach_and_bad_values():
 def test_gate_multiply_gradcheck(rows):
     x = torch.randn(5, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     theta = torch.rand(rows, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_GateMul.apply, (x, theta))
     ref = x * theta.reshape(rows, 3, 1, 1)
-    torch.testing.assert_close(_GateMul.apply(x, theta), ref)
+    for inplace in (False, True):  # in place: the gate keeps x·θ and divides by θ
+
+        def mul(x, theta, inplace=inplace):
+            y = _GateMul.apply(x * 1, theta, inplace)  # x * 1: a layer output, not a leaf
+            kept = y.__dict__[ATTR]
+            kept.version = kept.tensor._version  # as Gate.forward does after an in-place multiply
+            return y
+
+        assert torch.autograd.gradcheck(mul, (x, theta))
+        torch.testing.assert_close(mul(x, theta), ref)
 
 
 def _tiny_gated(family: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -1,10 +1,26 @@
-"""The gate's training multiply as one autograd function (eager mode)."""
+"""The gate's training multiply as one autograd function (eager mode), and the hand-off that lets
+a ReLU right after a gate take over the tensor the gate keeps for its backward pass."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
+
+ATTR = "_compressdrop_gate_input"
+
+
+class _Kept:
+    """What a gate multiply keeps for the gradient of θ: its input x, or (``divide``) a tensor
+    that is x·θ where it matters: its own output when it multiplied in place, or the output of
+    the ReLU that is the only reader of its output (see :func:`relu_takes_over`). ``version``
+    guards against an in-place change before the backward pass."""
+
+    __slots__ = ("divide", "tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, divide: bool = False) -> None:
+        self.tensor, self.version, self.divide = tensor, tensor._version, divide
 
 
 class _GateMul(torch.autograd.Function):
@@ -13,23 +29,100 @@ class _GateMul(torch.autograd.Function):
     The same values and gradients as broadcasting ``x * θ.reshape(n, U, 1, ...)``, but the
     gradient of θ is a batched dot product instead of a full-size product followed by a
     reduction (one pass over the activation fewer, no temporary of its size).
+
+    The gradient of θ needs x. When the only reader of y is a ReLU (a module right after the gated
+    layer in an ``nn.Sequential``, hooked by :func:`hand_over_to_relus`), the gate multiplies in
+    place and keeps that ReLU's output r instead, which the ReLU and the next layer keep anyway:
+    no activation-sized tensor is allocated or kept beyond what the plain net has. Exact: the
+    gradient g reaching y is 0 wherever y ≤ 0 (ReLU's derivative), and y = r elsewhere, so
+    Σ g·x = Σ g·y/θ = Σ g·r/θ for θ ≠ 0; for θ = 0, y = r = 0 and Σ g·x = 0 as well, since g = 0
+    there too. (Before the ReLU has run the gate keeps y itself and divides by θ the same way.)
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, theta)
-        return x * theta.reshape(theta.shape + (1,) * (x.dim() - 2))
+    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor, inplace: bool) -> torch.Tensor:
+        ctx.save_for_backward(theta)
+        factor = theta.reshape(theta.shape + (1,) * (x.dim() - 2))
+        if inplace:
+            ctx.mark_dirty(x)
+            y = x.mul_(factor)
+            kept = _Kept(y.detach(), divide=True)  # an alias: no cycle through the output
+        else:
+            y = x * factor
+            kept = _Kept(x)
+        ctx.kept = kept
+        setattr(y, ATTR, kept)  # read by the ReLU's hook
+        return y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x, theta = ctx.saved_tensors
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (theta,) = ctx.saved_tensors
+        kept: _Kept = ctx.kept
+        t = kept.tensor
+        if t._version != kept.version:
+            raise RuntimeError(
+                "compressdrop: a tensor a gate needs for its gradient was modified by an "
+                "in-place operation after the gate"
+            )
+        shape = theta.shape + (1,) * (t.dim() - 2)
         grad_x = grad_theta = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad * theta.reshape(theta.shape + (1,) * (x.dim() - 2))
+            grad_x = grad * theta.reshape(shape)
         if ctx.needs_input_grad[1]:
-            b, u = x.shape[0], x.shape[1]
+            b, u = t.shape[0], t.shape[1]
             # (B, U, rest) · (B, U, rest) → (B, U)
-            grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), x.reshape(b, u, -1))
+            grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), t.reshape(b, u, -1))
+            if kept.divide:
+                grad_theta = torch.where(theta != 0, grad_theta / theta, 0.0)
             if theta.shape[0] != b:
                 grad_theta = grad_theta.sum(0, keepdim=True)
-        return grad_x, grad_theta
+        return grad_x, grad_theta, None
+
+
+# ReLU and ReLU6: the derivative is 0 wherever the output differs from the input
+RELUS = (nn.ReLU, nn.ReLU6)
+# layers whose backward pass reads their input and weights, not their output
+INPLACE_OK = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def relu_takes_over(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    """Forward hook of a ReLU that reads a gate's output only: the gate keeps the ReLU's output
+    in place of its own input (see :class:`_GateMul`). Does nothing for any other input."""
+    if torch.compiler.is_compiling() or not inputs or not isinstance(inputs[0], torch.Tensor):
+        return  # compiled: the gate multiply is plain tensor code there, nothing to hand over
+    kept = inputs[0].__dict__.pop(ATTR, None)
+    if kept is None or not isinstance(output, torch.Tensor):
+        return
+    # (ReLU6 also clamps at 6: its derivative is 0 there too, so the identity still holds)
+    alias = output.detach()  # the same storage and version counter, no autograd history
+    kept.tensor, kept.version, kept.divide = alias, output._version, True
+
+
+def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
+    """Let each ReLU that reads a gated layer's output only keep what the gate needs.
+
+    A ``wrapper`` (a gated layer, exactly of that type) followed by an ``nn.ReLU`` or
+    ``nn.ReLU6`` in an ``nn.Sequential`` passes its output to that ReLU alone, so its gate can
+    keep the ReLU's output for the backward pass instead of the layer's (:class:`_GateMul`): a
+    gated training step keeps no more activation memory there than a plain one.
+    :func:`remove_relu_hooks` undoes it (``compressdrop.detach`` calls it).
+    """
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq)
+        for gated, after in zip(children, children[1:], strict=False):
+            if type(gated) is not wrapper or type(after) not in RELUS:
+                continue
+            if relu_takes_over not in after._forward_hooks.values():
+                after.register_forward_hook(relu_takes_over)
+            # the layers whose backward pass does not read their output may be multiplied in place
+            vars(gated)["gate_inplace"] = isinstance(getattr(gated, "module", None), INPLACE_OK)
+
+
+def remove_relu_hooks(model: nn.Module) -> None:
+    """Remove the hooks :func:`hand_over_to_relus` registered."""
+    for m in model.modules():
+        for key in [k for k, fn in m._forward_hooks.items() if fn is relu_takes_over]:
+            del m._forward_hooks[key]
+        vars(m).pop("gate_inplace", None)

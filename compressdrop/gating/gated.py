@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..gates import Gate, gate_class
+from ..gates._mul import hand_over_to_relus, remove_relu_hooks
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
 from .groups import GatingWarning, UnitGroup, find_groups
@@ -89,7 +90,10 @@ class Gated(Wrapper):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
-        return self.gate(self.module(*args, **kwargs), dim=self.unit_dim)
+        out = self.module(*args, **kwargs)
+        # in place only where a ReLU alone reads the output and no hook of the layer saw it
+        inplace = self.__dict__.get("gate_inplace", False) and not self.module._forward_hooks
+        return self.gate(out, dim=self.unit_dim, inplace=inplace)
 
     @torch.no_grad()
     def fold_(self) -> None:
@@ -231,6 +235,7 @@ def attach(
             # the new modules take the layer's train/eval mode (a gate in training mode samples)
             _set_submodule(model, site.name, new.train(layer.training))
     handle = model.register_forward_pre_hook(_clear_gate_samples)
+    hand_over_to_relus(model, Gated)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     setattr(
         model,
@@ -331,6 +336,7 @@ def detach(model: nn.Module) -> nn.Module:
     hooks = model._forward_pre_hooks
     for key in [k for k, fn in hooks.items() if fn is _clear_gate_samples]:
         del hooks[key]
+    remove_relu_hooks(model)
     if hasattr(model, _STATE):
         delattr(model, _STATE)
     return model
