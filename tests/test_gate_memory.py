@@ -114,3 +114,20 @@ def test_a_layer_output_that_a_hook_saw_is_not_changed_in_place():
     net(torch.randn(4, 3, 8, 8)).sum().backward()
     out, copy_at_the_time = seen[0]
     torch.testing.assert_close(out, copy_at_the_time, rtol=0, atol=0)
+
+
+def test_torchvision_mobilenet_inplace_relu6_hands_over_with_the_same_gradients():
+    from tests.torchvision_models import import_torchvision
+
+    tv = import_torchvision()
+    x = torch.randn(4, 3, 32, 32)
+    net = cd.attach(tv.models.mobilenet_v2(num_classes=5, width_mult=0.25), example_inputs=x[:2])
+    net.train()
+    hooked = [m for m in net.modules() if relu_takes_over in m._forward_hooks.values()]
+    assert len(hooked) > 10 and all(isinstance(m, nn.ReLU6) and m.inplace for m in hooked)
+    plain = copy.deepcopy(net)
+    remove_relu_hooks(plain)
+    y = torch.randint(0, 5, (4,))
+    a, b = _grads(net, x, y), _grads(plain, x, y)
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
