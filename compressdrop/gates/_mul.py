@@ -70,8 +70,10 @@ class _GateMul(torch.autograd.Function):
             grad_x = grad * theta.reshape(shape)
         if ctx.needs_input_grad[1]:
             b, u = t.shape[0], t.shape[1]
-            # (B, U, rest) · (B, U, rest) → (B, U)
-            grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), t.reshape(b, u, -1))
+            if t.dim() == 2:
+                grad_theta = grad * t
+            else:  # (B, U, rest) · (B, U, rest) → (B, U)
+                grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), t.reshape(b, u, -1))
             if kept.divide:
                 grad_theta = torch.where(theta != 0, grad_theta / theta, 0.0)
             if theta.shape[0] != b:
