@@ -40,6 +40,7 @@ class NormalDraw(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂L/∂μ and ∂L/∂log σ² from the gradient of θ (the class docstring)."""
         eps, d_sigma_mu, d_sigma_ls2 = ctx.saved_tensors
         g_eps = torch.linalg.vecdot(grad, eps, dim=0)
         return grad.sum(0) + d_sigma_mu * g_eps, d_sigma_ls2 * g_eps, None, None
@@ -71,6 +72,7 @@ class MolchanovKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂L/∂μ and ∂L/∂log σ² from the gradient of the KL per unit."""
         slope, d_la_mu = ctx.saved_tensors
         g = grad * slope
         return g * d_la_mu, g, None

@@ -122,6 +122,7 @@ class LogNormalDraw(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂L/∂μ and ∂L/∂log σ (raw parameters) from the gradient of θ (the module docstring)."""
         u, z, theta, inside, lo, hi, sign, mu_grad, sigma_grad = ctx.saved_tensors
         g = (grad * theta).double().mul_(inside)  # ∂L/∂X, X = log θ
         # Σ_b g·(1 − u)·φ(lo)/φ(z) and Σ_b g·u·φ(hi)/φ(z), with φ(c)/φ(z) = e^{z²/2}·e^{−c²/2}:
@@ -165,6 +166,7 @@ class LogNormalKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂L/∂μ and ∂L/∂log σ (raw parameters) from the gradient of the KL per unit."""
         alpha, beta, sigma, a, b, half_t, mu_grad, sigma_grad = ctx.saved_tensors
         d_log_z_mu, d_log_z_sigma = a - b, alpha * a - beta * b  # both ·1/σ
         d_t_mu = 0.5 * ((alpha * alpha - 1) * a - (beta * beta - 1) * b) - half_t * d_log_z_mu
