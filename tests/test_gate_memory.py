@@ -131,3 +131,13 @@ def test_torchvision_mobilenet_inplace_relu6_hands_over_with_the_same_gradients(
     a, b = _grads(net, x, y), _grads(plain, x, y)
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_an_output_no_hooked_relu_reads_holds_nothing_of_the_gate():
+    net = cd.attach(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)),
+        gate="concrete",
+        example_inputs=torch.randn(2, 3, 8, 8),
+    ).train()
+    y = net[0](torch.randn(4, 3, 8, 8))  # kept by a user, say: it must not keep x alive too
+    assert not hasattr(y, ATTR)

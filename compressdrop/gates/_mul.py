@@ -40,7 +40,9 @@ class _GateMul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, theta: torch.Tensor, inplace: bool) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, theta: torch.Tensor, inplace: bool = False, handoff: bool = False
+    ) -> torch.Tensor:
         ctx.save_for_backward(theta)
         factor = theta.reshape(theta.shape + (1,) * (x.dim() - 2))
         if inplace:
@@ -51,7 +53,8 @@ class _GateMul(torch.autograd.Function):
             y = x * factor
             kept = _Kept(x)
         ctx.kept = kept
-        setattr(y, ATTR, kept)  # read by the ReLU's hook
+        if handoff:  # only then: a tensor kept by the user would otherwise hold x alive
+            setattr(y, ATTR, kept)  # read (and removed) by the ReLU's hook
         return y
 
     @staticmethod
@@ -78,7 +81,19 @@ class _GateMul(torch.autograd.Function):
                 grad_theta = torch.where(theta != 0, grad_theta / theta, 0.0)
             if theta.shape[0] != b:
                 grad_theta = grad_theta.sum(0, keepdim=True)
-        return grad_x, grad_theta, None
+        return grad_x, grad_theta, None, None
+
+
+def gate_multiply(
+    x: torch.Tensor, theta: torch.Tensor, inplace: bool, handoff: bool
+) -> torch.Tensor:
+    """:class:`_GateMul` of ``x`` and ``theta``; ``handoff``: a hooked ReLU alone reads the result
+    (see :func:`hand_over_to_relus`), ``inplace``: and ``x`` may be overwritten."""
+    y = _GateMul.apply(x, theta, inplace, handoff)
+    if inplace:  # autograd bumps the version of a tensor changed in place once forward returns
+        kept = y.__dict__[ATTR]
+        kept.version = kept.tensor._version
+    return y
 
 
 # ReLU and ReLU6: the derivative is 0 wherever the output differs from the input
@@ -118,6 +133,7 @@ def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
                 continue
             if relu_takes_over not in after._forward_hooks.values():
                 after.register_forward_hook(relu_takes_over)
+            vars(gated)["relu_after"] = True
             # the layers whose backward pass does not read their output may be multiplied in place
             vars(gated)["gate_inplace"] = isinstance(getattr(gated, "module", None), INPLACE_OK)
 
@@ -127,4 +143,5 @@ def remove_relu_hooks(model: nn.Module) -> None:
     for m in model.modules():
         for key in [k for k, fn in m._forward_hooks.items() if fn is relu_takes_over]:
             del m._forward_hooks[key]
+        vars(m).pop("relu_after", None)
         vars(m).pop("gate_inplace", None)

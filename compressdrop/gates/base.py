@@ -14,8 +14,7 @@ from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
 from ..errors import InputError
-from ._mul import ATTR as MUL_ATTR
-from ._mul import _GateMul
+from ._mul import gate_multiply
 
 __all__ = ["Gate", "noise_shard"]
 
@@ -268,7 +267,9 @@ class Gate(nn.Module):
         return self.posterior().rsample((batch,))
 
     # --- forward ----------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, dim: int = 1, inplace: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, dim: int = 1, relu_after: bool = False, inplace: bool = False
+    ) -> torch.Tensor:
         """Multiply each unit of ``x`` by its factor: a sample of θ in training, E[θ] in eval.
 
         Units marked ``pruned`` are multiplied by 0 in both modes.
@@ -276,10 +277,12 @@ class Gate(nn.Module):
         Args:
             x: a batch, examples along dim 0.
             dim: the dimension of ``x`` that holds the units (negative counts from the end).
-            inplace: in a training step, multiply ``x`` in place (eager mode, a contiguous
-                channel-first batch): for a layer output that nothing else reads and that its
-                layer's backward pass does not need (see
-                :func:`~compressdrop.gates._mul.hand_over_to_relus`).
+            relu_after: an ``nn.ReLU`` hooked by
+                :func:`~compressdrop.gates._mul.hand_over_to_relus` alone reads the result, so
+                the gate may keep that ReLU's output for its backward pass instead of ``x``
+                (a training step in eager mode).
+            inplace: with ``relu_after``, multiply ``x`` in place: for a layer output that
+                nothing else has seen and that its layer's backward pass does not need.
 
         Returns:
             ``x`` times θ, broadcast over every dimension but the batch and ``dim``.
@@ -297,16 +300,12 @@ class Gate(nn.Module):
             theta = self._keep(self._training_sample(x.shape[0]).to(x.dtype))  # (B, U) or (1, U)
             if (
                 dim == 1
-                and (x.dim() > 2 or (inplace and x.dim() == 2))  # (B, U): to save memory only
+                and (x.dim() > 2 or (relu_after and x.dim() == 2))  # (B, U): for memory only
                 and x.is_contiguous()
                 and not torch.compiler.is_compiling()
                 and torch.is_grad_enabled()
             ):
-                y = _GateMul.apply(x, theta, inplace)
-                if inplace:  # autograd bumps the version of a tensor changed in place on return
-                    kept = y.__dict__[MUL_ATTR]
-                    kept.version = kept.tensor._version
-                return y
+                return gate_multiply(x, theta, inplace and relu_after, relu_after)
             shape = [theta.shape[0]] + [1] * (x.dim() - 1)
             shape[dim] = self.num_units
         else:

@@ -92,8 +92,9 @@ class Gated(Wrapper):
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
         out = self.module(*args, **kwargs)
         # in place only where a ReLU alone reads the output and no hook of the layer saw it
+        after = self.__dict__.get("relu_after", False)
         inplace = self.__dict__.get("gate_inplace", False) and not self.module._forward_hooks
-        return self.gate(out, dim=self.unit_dim, inplace=inplace)
+        return self.gate(out, dim=self.unit_dim, relu_after=after, inplace=inplace)
 
     @torch.no_grad()
     def fold_(self) -> None:
