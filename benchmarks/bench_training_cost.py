@@ -190,6 +190,35 @@ def gate_math(families: list[str], units: list[int], batch: int, repeats: int = 
     return rows
 
 
+def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
+    """MB of tensors a step keeps for its backward pass, as autograd's saved-tensor hooks see
+    them (each storage once). Compiled with inductor, this is what the compiled graph saves,
+    which the profiler's op-by-op count cannot see on CPU. Eager gates keep their input or a
+    ReLU's output outside the hooks (see compressdrop/gates/_mul.py); a ReLU's output is also
+    saved by the ReLU itself, so it is counted there."""
+    torch._dynamo.reset()
+    model, _, _ = make_step(net, family, "eager", batch, torch.device("cpu"))
+    x = torch.randn(batch, *NETS[net][1])
+    y = torch.randint(0, 10, (batch,))
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        return loss + cd.kl(model) / N_TRAIN if family is not None else loss
+
+    fn = torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
+    fn(x, y).backward()  # compile first
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fn(x, y)
+    loss.backward()
+    return sum(storages.values()) / 2**20
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nets", default="lenet5,lenet300,resnet18,encoder")
@@ -200,7 +229,24 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="training_cost")
     ap.add_argument("--gate-math", action="store_true", help="time the gates alone (one thread)")
+    ap.add_argument("--saved", action="store_true", help="MB kept for backward, gated/plain")
     args = ap.parse_args()
+    if args.saved:
+        rows = []
+        for net in args.nets.split(","):
+            for mode in args.modes.split(","):
+                for batch in (int(b) for b in args.batches.split(",")):
+                    row = {"net": net, "mode": mode, "batch": batch}
+                    row["plain"] = saved_mb(net, None, mode, batch)
+                    for family in args.families.split(","):
+                        row[family] = saved_mb(net, family, mode, batch) / row["plain"]
+                    rows.append(row)
+                    print(row, flush=True)
+        cols = ["net", "mode", "batch", "plain", *args.families.split(",")]
+        table = markdown_table(rows, cols)
+        print(table)
+        save(args.out, {"args": vars(args), "rows": rows, "table": table})
+        return
     if args.gate_math:
         torch.set_num_threads(1)
         rows = gate_math(args.families.split(","), [20, 50, 500], 64)
