@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 ATTR = "_compressdrop_gate_input"
 
 
@@ -63,9 +65,9 @@ class _GateMul(torch.autograd.Function):
         kept: _Kept = ctx.kept
         t = kept.tensor
         if t._version != kept.version:
-            raise RuntimeError(
+            raise InputError(
                 "compressdrop: a tensor a gate needs for its gradient was modified by an "
-                "in-place operation after the gate"
+                "in-place operation after the gate (change a copy, or detach the gates)"
             )
         shape = theta.shape + (1,) * (t.dim() - 2)
         grad_x = grad_theta = None
