@@ -86,6 +86,16 @@ def peak_bytes(step: Callable[[], None], resident: list[torch.Tensor], device: t
     return peak + sum(t.numel() * t.element_size() for t in resident)
 
 
+def loss_of(model: nn.Module, family: str | None, mode: str) -> Callable:
+    """The step's loss: cross-entropy (+ KL/N when gated), compiled with fullgraph=True or not."""
+
+    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(model(x), y)
+        return loss + cd.kl(model) / N_TRAIN if family is not None else loss
+
+    return torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
+
+
 def make_step(net: str, family: str | None, mode: str, batch: int, device: torch.device):
     factory, shape, attach_kwargs = NETS[net]
     torch.manual_seed(0)
@@ -95,12 +105,7 @@ def make_step(net: str, family: str | None, mode: str, batch: int, device: torch
         model = cd.attach(model, gate=family, example_inputs=example, **attach_kwargs)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(model(x), y)
-        return loss + cd.kl(model) / N_TRAIN if family is not None else loss
-
-    fn = torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
+    fn = loss_of(model, family, mode)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         loss = fn(x, y)
@@ -200,12 +205,7 @@ def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
     model, _, _ = make_step(net, family, "eager", batch, torch.device("cpu"))
     x = torch.randn(batch, *NETS[net][1])
     y = torch.randint(0, 10, (batch,))
-
-    def loss_fn(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(model(x), y)
-        return loss + cd.kl(model) / N_TRAIN if family is not None else loss
-
-    fn = torch.compile(loss_fn, fullgraph=True) if mode == "compiled" else loss_fn
+    fn = loss_of(model, family, mode)
     fn(x, y).backward()  # compile first
     storages: dict[int, int] = {}
 

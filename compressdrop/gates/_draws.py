@@ -19,6 +19,17 @@ from typing import Any
 
 import torch
 
+from .distributions import _K1, _K2, _K3, LOG_ALPHA_RANGE, molchanov_kl
+
+
+def _capped(
+    mu: torch.Tensor, log_sigma2: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """μ² (floored off 0), log μ² and whether the cap log σ² ≤ log μ² + cap is active."""
+    mu2 = mu * mu + torch.finfo(mu.dtype).tiny
+    log_mu2 = torch.log(mu2)
+    return mu2, log_mu2, log_sigma2 > log_mu2 + cap
+
 
 class NormalDraw(torch.autograd.Function):
     """θ = μ + σ·ε with σ = exp(½·min(log σ², log μ² + cap)), for given ε (batch, units).
@@ -31,9 +42,8 @@ class NormalDraw(torch.autograd.Function):
     def forward(
         ctx: Any, mu: torch.Tensor, log_sigma2: torch.Tensor, eps: torch.Tensor, cap: float
     ) -> torch.Tensor:
-        mu2 = mu * mu + torch.finfo(mu.dtype).tiny
-        capped = log_sigma2 > torch.log(mu2) + cap
-        sigma = torch.exp(0.5 * torch.minimum(log_sigma2, torch.log(mu2) + cap))
+        mu2, log_mu2, capped = _capped(mu, log_sigma2, cap)
+        sigma = torch.exp(0.5 * torch.minimum(log_sigma2, log_mu2 + cap))
         ctx.save_for_backward(eps, torch.where(capped, sigma * mu / mu2, 0.0),
                               torch.where(capped, 0.0, 0.5 * sigma))  # fmt: skip
         return torch.addcmul(mu, sigma, eps)
@@ -56,12 +66,9 @@ class MolchanovKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, mu: torch.Tensor, log_sigma2: torch.Tensor, cap: float) -> torch.Tensor:
-        from .distributions import _K1, _K2, _K3, LOG_ALPHA_RANGE, molchanov_kl
-
-        mu2 = mu * mu + torch.finfo(mu.dtype).tiny
-        log_mu2 = torch.log(mu2)
+        mu2, log_mu2, capped = _capped(mu, log_sigma2, cap)
         log_alpha = torch.minimum(log_sigma2, log_mu2 + cap) - log_mu2
-        free = (log_sigma2 <= log_mu2 + cap) & (log_alpha >= LOG_ALPHA_RANGE[0])
+        free = ~capped & (log_alpha >= LOG_ALPHA_RANGE[0])
         free &= log_alpha <= LOG_ALPHA_RANGE[1]
         la = log_alpha.clamp(*LOG_ALPHA_RANGE)
         s = torch.sigmoid(_K2 + _K3 * la)

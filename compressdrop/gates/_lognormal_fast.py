@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .distributions import clamp_probability
+from .distributions import clamp_probability, truncnorm_icdf_coefs, truncnorm_terms
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
@@ -68,13 +68,11 @@ def step_terms(
     ``mu_grad`` and ``sigma_grad`` are the factors that carry a gradient with respect to the
     clamped μ and σ back to the raw parameters (0 where the clamp is active, σ for log σ).
     """
-    from .distributions import log_ndtr_diff
-
     raw_mu, raw_ls = mu_param.double(), log_sigma_param.double()
     mu, log_sigma = raw_mu.clamp(*param_range), raw_ls.clamp(*param_range)
     sigma = log_sigma.exp()
-    alpha, beta = (low - mu) / sigma, (high - mu) / sigma
-    log_z = log_ndtr_diff(alpha, beta)
+    alpha, beta, log_z = truncnorm_terms(mu, sigma, low, high)
+    offset, width, signed_scale = truncnorm_icdf_coefs(sigma, alpha, beta, log_z)
     # the quantile is taken in the reflected lower tail when the interval lies above the mean
     upper = alpha > 0
     lo, hi = torch.where(upper, beta, alpha), torch.where(upper, alpha, beta)
@@ -83,8 +81,7 @@ def step_terms(
     ls_inside = (raw_ls >= param_range[0]) & (raw_ls <= param_range[1])
     return StepTerms(
         mu=mu, sigma=sigma, log_sigma=log_sigma, alpha=alpha, beta=beta, log_z=log_z,
-        offset=torch.special.ndtr(torch.where(upper, -beta, alpha)), width=log_z.exp(),
-        signed_scale=torch.where(upper, -sigma, sigma), lo=lo, hi=hi,
+        offset=offset, width=width, signed_scale=signed_scale, lo=lo, hi=hi,
         sign=torch.where(upper, -ones, ones), mu_grad=inside.double(),
         sigma_grad=sigma * ls_inside.double(),
     )  # fmt: skip
