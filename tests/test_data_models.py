@@ -178,3 +178,26 @@ def test_flops_are_the_known_closed_forms_for_linear_conv_and_recurrent_nets():
     assert count_flops(gru, torch.rand(1, 5, 8)) == 2 * 5 * (2 * 3 * 16 * (8 + 16)) + 2 * 5 * (
         2 * 3 * 16 * (32 + 16)
     )
+
+
+def test_flops_of_attention_count_projections_and_scores_in_eval_mode():
+    from torch import nn
+
+    from compressdrop.evaluation import count_flops
+
+    # eval mode and no_grad put nn.TransformerEncoderLayer on PyTorch's fused inference path,
+    # which the counter cannot see into; the attention scores run in the CPU kernel of
+    # scaled_dot_product_attention, which it has no formula for. Both are counted.
+    d, t, mlp = 32, 9, 64
+    layer = nn.TransformerEncoderLayer(d, 4, mlp, dropout=0.0, batch_first=True)
+    net = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    per_layer = 2 * t * (3 * d * d + d * d + 2 * d * mlp) + 2 * (2 * t * t * d)  # + Q·Kᵀ, A·V
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert count_flops(net, torch.rand(1, t, d)) == 2 * per_layer
+    assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+    class Causal(nn.Module):
+        def forward(self, q):
+            return nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    assert count_flops(Causal(), torch.rand(1, 2, t, 8)) == 2 * (2 * 2 * t * t * 8)

@@ -24,6 +24,10 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     convolutions are counted (element-wise work is negligible beside them). PyTorch's fused
     recurrent kernels (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) have no FLOP formula there, so a
     recurrent module whose forward the counter saw as 0 FLOPs is counted here from its shapes.
+    Attention is counted in full: the fused inference path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` (which the counter does not see into) is switched off while
+    counting, and the CPU kernel of ``scaled_dot_product_attention`` gets the counter's formula
+    for the other attention kernels (Q·Kᵀ and the weighted sum of V, causal or not).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -31,20 +35,34 @@ def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     model.eval()
     x = example_input[:1]
     extra = [0]
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_attention_formulas())
     handles = []
     for m in model.modules():
         if isinstance(m, nn.RNNBase):
             handles.append(m.register_forward_pre_hook(_rnn_pre_hook(counter)))
             handles.append(m.register_forward_hook(_rnn_post_hook(counter, extra)))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), counter:
             model(x)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
         model.train(was)
     return int(counter.get_total_flops()) + extra[0]
+
+
+def _attention_formulas() -> dict:
+    """FLOP formulas the counter lacks: the CPU kernel of ``scaled_dot_product_attention``."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {op: sdpa_cpu} if op is not None else {}
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
