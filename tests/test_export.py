@@ -162,3 +162,14 @@ def test_dict_and_list_outputs_prune_and_export(tmp_path):
     with torch.no_grad():
         out = loaded(x)
     assert set(out) == {"out", "aux"} and out["aux"][0].shape == (4, 2, 8, 8)
+
+
+def test_a_program_stores_its_example_not_the_data_set_it_was_sliced_from(tmp_path):
+    from compressdrop.export.program import export_program
+    from compressdrop.programs import program_record
+
+    model = ZOO["lenet300"]().eval()
+    data = torch.rand(20_000, *input_for(model, 1).shape[1:])  # 5 MB of float32 (8×8 inputs)
+    written = export_program(model, data[:2], tmp_path / "m.pt2")
+    assert written.bytes < 1_000_000  # the net and two examples, not the 20,000
+    assert program_record(model, data[:2])["program"].numel() < 1_000_000

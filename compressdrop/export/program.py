@@ -48,7 +48,9 @@ def export_program(
         ExportMismatchError: the reloaded program differs from the model.
     """
     path = Path(path)
-    x = example_input.detach().cpu()
+    # a copy: a slice of a data set is a view of all of it, which torch.export.save would
+    # store as the program's sample input (a 150 kB LeNet's .pt2 held 169 MB of training images)
+    x = example_input.detach().cpu().clone()
     with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:
         try:
             with _quiet_exporter():

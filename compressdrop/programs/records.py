@@ -62,6 +62,8 @@ def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, A
     Raises:
         CheckpointError: ``torch.export`` cannot capture the model.
     """
+    # the program stores its sample input: a copy, not a view that holds a whole data set
+    example_input = example_input.detach().clone()
     was = model.training
     model.eval()
     try:
