@@ -201,3 +201,21 @@ def test_flops_of_attention_count_projections_and_scores_in_eval_mode():
             return nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
 
     assert count_flops(Causal(), torch.rand(1, 2, t, 8)) == 2 * (2 * 2 * t * t * 8)
+
+
+def test_the_vision_transformer_reference_net():
+    from compressdrop.errors import InputError
+    from compressdrop.evaluation import count_flops
+
+    vit = build_model("vit")  # 16 patches of 7×7, width 64, 4 layers of 4 heads, MLP 128
+    assert vit(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    t, d = 17, 64  # tokens (16 patches and the class token), width
+    layer = 2 * t * (3 * d * d + d * d + 2 * d * 128) + 2 * (2 * t * t * d)
+    assert count_flops(vit, torch.rand(1, 1, 28, 28)) == 2 * 16 * d * 49 + 4 * layer + 2 * d * 10
+    assert sum(p.numel() for p in vit.parameters()) == 139_018
+    a = vit.arch
+    assert build_model(a["name"], a["input_shape"], a["num_classes"], **a["kwargs"]).arch == a
+    with pytest.raises(InputError, match="patch 7 does not tile a 8×8"):
+        build_model("vit", (1, 8, 8))
+    with pytest.raises(InputError, match="not a multiple of 3 heads"):
+        build_model("vit", (1, 8, 8), patch=2, heads=3)

@@ -325,6 +325,7 @@ ZOO = {
     "vgg": _ref("vgg", (1, 8, 8), widths=(8, 12, 16)),
     "resnet": _ref("resnet", (1, 8, 8), widths=(8, 12, 16), blocks=(2, 1, 1)),
     "resnet28": _ref("resnet", (1, 28, 28), widths=(6, 8, 10)),
+    "vit_tiny": _ref("vit", (1, 8, 8), patch=2, dim=16, depth=2, heads=4, mlp=24),
     "concat": lambda: ConcatNet(),
     "depthwise": lambda: DepthwiseNet(),
     "conv1d": lambda: Conv1dNet(),
@@ -338,7 +339,10 @@ ZOO = {
 
 
 # The GatingWarning each zoo net is expected to give (a part of its message); any other fails.
-EXPECTED_WARNINGS = {"vit": "LayerNorm, which does not map 0 to 0"}  # its residual stream
+EXPECTED_WARNINGS = {  # their residual streams
+    "vit": "LayerNorm, which does not map 0 to 0",
+    "vit_tiny": "LayerNorm, which does not map 0 to 0",
+}
 
 
 def attach_zoo(model: nn.Module, name: str, **kwargs) -> nn.Module:

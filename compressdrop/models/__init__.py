@@ -16,10 +16,12 @@ from torch import nn
 from ..errors import InputError
 from .hf import hf_causal_lm
 from .record import tag as _tag
+from .vit import TinyViT, vit_tiny
 
 __all__ = [
     "MODELS",
     "BasicBlock",
+    "TinyViT",
     "build_model",
     "example_input",
     "hf_causal_lm",
@@ -28,6 +30,7 @@ __all__ = [
     "lstm_rows",
     "resnet_small",
     "vgg_like",
+    "vit_tiny",
 ]
 
 Shape = Sequence[int]
@@ -298,6 +301,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lenet5": lenet5_caffe,
     "vgg": vgg_like,
     "resnet": resnet_small,
+    "vit": vit_tiny,
 }
 
 
@@ -311,8 +315,8 @@ def build_model(
     """Build a reference net by name, with the ``arch`` record that checkpoints store.
 
     Args:
-        name: a key of :data:`MODELS`: ``"lenet300"``, ``"lenet5"``, ``"vgg"``, ``"resnet"`` or
-            ``"lstm_rows"``.
+        name: a key of :data:`MODELS`: ``"lenet300"``, ``"lenet5"``, ``"vgg"``, ``"resnet"``,
+            ``"vit"``, ``"lstm_rows"`` or ``"hf-causal-lm"``.
         input_shape: one example's ``(C, H, W)``.
         num_classes: outputs of the last layer.
         **kwargs: the builder's own options (``widths=`` for ``"vgg"``, say).
