@@ -329,3 +329,37 @@ def test_other_llama_style_decoders_take_the_same_registration(name, tmp_path):
         want = uniform(input_ids=ids).logits
     got = _reload_elsewhere(uniform, ids, tmp_path / "slim")
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+LOAD_SLIM = """
+import sys, torch
+sys.path.insert(0, sys.argv[4])
+from torchvision_models import import_torchvision  # the CUDA torchvision build's op schemas
+import_torchvision()
+from compressdrop.checkpoint import load_model
+slim = load_model(sys.argv[1])  # a fresh process: nothing was gated here, nothing registered
+torch.save(slim(torch.load(sys.argv[2])).logits, sys.argv[3])
+"""
+
+
+def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    from compressdrop.checkpoint import save_model
+    from compressdrop.models import build_model
+
+    model = build_model("hf-causal-lm", (16,), VOCAB, model_type="gpt2", n_layer=2, n_embd=32,
+                        n_head=4, n_positions=64).eval()  # fmt: skip
+    ids = torch.randint(0, VOCAB, (2, 16))
+    slim, _ = _attach_and_prune(model, ids)
+    assert [b.attn.num_heads for b in slim.transformer.h] != [4, 4]  # heads were removed
+    save_model(slim, tmp_path / "slim.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    from pathlib import Path
+
+    args = [str(tmp_path / n) for n in ("slim.pt", "ids.pt", "logits.pt")]
+    args.append(str(Path(__file__).parent))
+    subprocess.run([sys.executable, "-c", LOAD_SLIM, *args], check=True, timeout=300)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), slim(ids).logits)

@@ -31,7 +31,7 @@ from ..gating import (
 )
 from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
-from ..gating.known import sync_config
+from ..gating.known import register_for, sync_config
 from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
@@ -322,6 +322,9 @@ def replay(
     if example_inputs is None:
         example_inputs = example_input_for(model)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    # the head specs of the model's libraries, as attach registers them: a process that loads a
+    # slim checkpoint may never have gated a model of that library
+    register_for(model)
     steps = [s for s in history if s[1] not in (HEADS, BIAS, STREAM)]
     for name, _, idxs in (s for s in history if s[1] == HEADS):
         remove_heads_(model, name, idxs)
