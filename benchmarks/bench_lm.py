@@ -26,6 +26,7 @@ shares of heads and neurons, if any does); test bits per byte are read once, for
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -39,9 +40,11 @@ from torchvision_models import import_torchvision
 import_torchvision()
 
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
+from compressdrop.checkpoint import load_model  # noqa: E402
 from compressdrop.data import load_dataset  # noqa: E402
-from compressdrop.evaluation.metrics import evaluate, prediction_loss  # noqa: E402
+from compressdrop.evaluation.metrics import evaluate, logits_of, prediction_loss  # noqa: E402
 from compressdrop.evaluation.model_size import count_flops, count_params  # noqa: E402
 from compressdrop.models import build_model  # noqa: E402
 from compressdrop.recipes import load_recipe  # noqa: E402
@@ -51,6 +54,9 @@ from common import machine, markdown_table, save  # noqa: E402
 
 DATA = "text:/usr/lib/python3.11,glob=**/*.py,max_bytes={max_bytes},context={context}"
 LN2 = 0.6931471805599453
+# the shipped net's FLOPs per token at context 128 counted with the attention scores
+# (count_flops since 2026-12-05); the JSON of earlier runs holds 712,704 without them
+DENSE_FLOPS_WITH_SCORES = 860_160
 
 
 def _shares(report: dict[str, Any]) -> dict[str, Any]:
@@ -88,17 +94,16 @@ def one_run(recipe, ds, out: Path, label: str) -> dict[str, Any]:
     return row
 
 
-def dense_run(recipe, ds) -> dict[str, Any]:
-    """The recipe's net without gates, trained with the gated run's stages' epochs, learning rates
-    and batches (a fresh Adam per stage, as the runner does)."""
-    t0 = time.perf_counter()
-    seed_everything(recipe.seed)
-    model = build_model(recipe.model.arch, ds.input_shape, ds.num_classes, **recipe.model.kwargs)
-    train, val = ds.split_validation()
+STAGES = ("pretrain", "sparsify", "finetune")
+
+
+def fit(model, recipe, train, stages: tuple[str, ...]) -> list[float]:
+    """Train ``model`` plainly through ``stages`` with the gated run's epochs, learning rates and
+    batch order (a fresh Adam per stage, as the runner does); the seconds of each epoch."""
     bs, n = recipe.data.batch_size, len(train.x_train)
     epoch_seconds = []
-    for k, name in enumerate(("pretrain", "sparsify", "finetune")):
-        cfg = getattr(recipe.stages, name)
+    for name in stages:
+        k, cfg = STAGES.index(name), getattr(recipe.stages, name)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         for epoch in range(cfg.epochs):
             t1 = time.perf_counter()
@@ -112,16 +117,128 @@ def dense_run(recipe, ds) -> dict[str, Any]:
                 loss.backward()
                 opt.step()
             epoch_seconds.append(round(time.perf_counter() - t1, 1))
+    return epoch_seconds
+
+
+def _scores(model, ds, val, label: str, t0: float, epoch_seconds: list[float]) -> dict[str, Any]:
     v = evaluate(model, val.x_test, val.y_test)
     t = evaluate(model, ds.x_test, ds.y_test)
-    row = {
-        "label": "dense",
+    return {
+        "label": label,
         "val_bpb": v.bits,
         "test_bpb": t.bits,
         "params": count_params(model),
         "flops_per_token": count_flops(model, ds.x_train[:1]) / ds.input_shape[0],
         "seconds": time.perf_counter() - t0,
         "epoch_seconds": epoch_seconds,
+    }
+
+
+def _dense_model(recipe, ds):
+    seed_everything(recipe.seed)
+    return build_model(recipe.model.arch, ds.input_shape, ds.num_classes, **recipe.model.kwargs)
+
+
+def dense_run(recipe, ds) -> dict[str, Any]:
+    """The recipe's net without gates, trained with the gated run's stages' epochs, learning rates
+    and batches."""
+    t0 = time.perf_counter()
+    model = _dense_model(recipe, ds)
+    train, val = ds.split_validation()
+    row = _scores(model, ds, val, "dense", t0, fit(model, recipe, train, STAGES))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def conv1d_to_linear_(model: nn.Module) -> nn.Module:
+    """GPT-2's ``Conv1D`` layers (weight stored ``(in, out)``) replaced by equal ``nn.Linear`` s.
+
+    Torch-Pruning's importance criteria know torch's layer types only: on ``Conv1D`` they return
+    nothing and nothing is pruned. This is the patch a Torch-Pruning user writes first.
+    """
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child).__name__ == "Conv1D":
+                w = child.weight
+                lin = nn.Linear(w.shape[0], w.shape[1])
+                with torch.no_grad():
+                    lin.weight.copy_(w.t())
+                    lin.bias.copy_(child.bias)
+                setattr(mod, name, lin)
+    return model
+
+
+def _tp_prune(model, ratio: float, method: str, grads) -> nn.Module:
+    """A copy of ``model`` with ``ratio`` of each MLP's neurons removed by Torch-Pruning."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    fcs = [mod for n, mod in m.named_modules() if n.endswith("mlp.c_fc")]
+    if method == "taylor":
+        for (_, p), g in zip(m.named_parameters(), grads):
+            p.grad = None if g is None else g.clone()
+    imp = (
+        tp.importance.TaylorImportance()
+        if method == "taylor"
+        else tp.importance.MagnitudeImportance(p=1)
+    )
+    pruner = tp.pruner.MetaPruner(
+        m,
+        torch.zeros(1, 8, dtype=torch.long),
+        importance=imp,
+        pruning_ratio=ratio,
+        ignored_layers=[
+            x for x in m.modules() if isinstance(x, (nn.Linear, nn.Embedding)) and x not in fcs
+        ],
+        output_transform=lambda out: [logits_of(out)],
+    )
+    pruner.step()
+    m.zero_grad(set_to_none=True)
+    return m
+
+
+def tp_run(args) -> dict[str, Any]:
+    """Torch-Pruning on the same decoder: the dense net pretrained as the gated run is, its MLP
+    neurons pruned (uniformly per layer, ``--tp`` importance; Taylor from the gradients of 8
+    training batches) to ``dense FLOPs / --tp-target``, then trained through the gated run's
+    sparsify and fine-tune epochs with their learning rates and batch order. The heads stay:
+    Torch-Pruning cannot cut heads out of GPT-2's packed ``c_attn``."""
+    ds, base = _base(args)
+    t0 = time.perf_counter()
+    model = _dense_model(base, ds)
+    train, val = ds.split_validation()
+    seconds = fit(model, base, train, ("pretrain",))
+    conv1d_to_linear_(model)
+    example = ds.x_train[:1]
+    target = count_flops(model, example) / args.tp_target
+    model.zero_grad()
+    gen = torch.Generator().manual_seed(args.seed)
+    for idx in torch.randperm(len(train.x_train), generator=gen)[: 8 * 32].split(32):
+        prediction_loss(model(train.x_train[idx]), train.y_train[idx]).backward()
+    grads = [p.grad for p in model.parameters()]
+    lo, hi = 0.0, 0.99
+    for _ in range(12):  # the largest per-layer ratio whose FLOPs are at most the target
+        mid = (lo + hi) / 2
+        lo, hi = (
+            (mid, hi)
+            if count_flops(_tp_prune(model, mid, args.tp, grads), example) > target
+            else (lo, mid)
+        )
+    pruned = _tp_prune(model, hi, args.tp, grads)
+    seconds += fit(pruned, base, train, ("sparsify", "finetune"))
+    row = _scores(
+        pruned, ds, val, f"Torch-Pruning {args.tp}, target {args.tp_target:g}×", t0, seconds
+    )
+    neurons = [m.out_features for n, m in pruned.named_modules() if n.endswith("mlp.c_fc")]
+    total = sum(m.out_features for n, m in model.named_modules() if n.endswith("mlp.c_fc"))
+    row |= {
+        "pruning_ratio": hi,
+        "neurons": f"{sum(neurons)}/{total}",
+        "heads_removed": 0.0,
+        "neurons_removed": 1 - sum(neurons) / total,
+        "method": args.tp,
+        "target": args.tp_target,
+        "target_reached": row["flops_per_token"] * example.shape[-1] <= 1.001 * target,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -278,6 +395,40 @@ def summarize(
             "FLOPs/token reduction",
             ms([d["flops_per_token"] / c["flops_per_token"] for d, c in picked]),
         )
+    _summarize_tp(results, seeds, dict(zip(seeds, (d for d, _ in chosen))), ms)
+
+
+def _summarize_tp(results: Path, seeds: list[int], dense: dict, ms) -> None:
+    """The Torch-Pruning runs (``--tp``) of these seeds, per (method, target): test bpb against
+    the seed's dense net and FLOPs per token, counted with attention scores, as they were run."""
+    by: dict[tuple, list] = {}
+    for s in seeds:
+        for f in sorted(results.glob(f"lm_tp_*_seed{s}.json")):
+            r = json.loads(f.read_text())
+            by.setdefault((r["method"], r["target"]), []).append((s, r))
+    for (method, target), runs in sorted(by.items()):
+        print(f"\nTorch-Pruning {method}, target {target:g}x, seeds {[s for s, _ in runs]}:")
+        for s, r in runs:
+            print(
+                f"  seed {s}: neurons {r['neurons']}, test bpb {r['test_bpb']:.3f} "
+                f"({r['test_bpb'] / dense[s]['test_bpb'] - 1:+.1%}), "
+                f"{r['flops_per_token'] / 1e3:.1f} kFLOPs/token, reached {r['target_reached']}"
+            )
+        print("  worse than dense", ms([r["test_bpb"] / dense[s]["test_bpb"] - 1 for s, r in runs]))
+        print("  FLOPs/token reduction (with scores)",
+              ms([DENSE_FLOPS_WITH_SCORES / r["flops_per_token"] for _, r in runs]))  # fmt: skip
+
+
+def recount(paths: list[str]) -> None:
+    """FLOPs per token of saved slim models with today's ``count_flops`` (attention scores
+    included), for runs whose JSON was written before that fix; saved to lm_flops_recount."""
+    rows = []
+    for path in paths:
+        x = torch.randint(0, 256, (1, 128))  # one window of the benchmark's context
+        f = count_flops(load_model(path), x) / x.shape[1]
+        rows.append({"path": path, "flops_per_token": f, "reduction": DENSE_FLOPS_WITH_SCORES / f})
+        print(json.dumps(rows[-1]), flush=True)
+    print(save("lm_flops_recount", {"command": " ".join(sys.argv), "rows": rows}))
 
 
 def main() -> None:
@@ -306,7 +457,24 @@ def main() -> None:
         help="summarize: choose among runs removing at least these shares of heads and neurons",
     )
     p.add_argument("--extra", action="store_true", help="only gated runs for --betas (no dense)")
+    p.add_argument(
+        "--tp", choices=("taylor", "l1"), help="a Torch-Pruning run instead (MLP neurons)"
+    )
+    p.add_argument("--tp-target", type=float, default=1.5, help="--tp: dense FLOPs / this")
+    p.add_argument("--recount", nargs="*", help="slim.pt files: FLOPs per token counted today")
     args = p.parse_args()
+    if args.recount:
+        recount(args.recount)
+        return
+    if args.tp:
+        row = {
+            "command": " ".join(sys.argv),
+            "machine": machine(),
+            "seed": args.seed,
+            **tp_run(args),
+        }
+        print(save(f"lm_tp_{args.tp}_r{args.tp_target:g}{_tag(args)}_seed{args.seed}", row))
+        return
     if args.summarize is not None:
         summarize(
             args.summarize, args.family, _tag(args), tuple(args.extra_tags), tuple(args.shares)

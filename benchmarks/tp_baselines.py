@@ -22,10 +22,12 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compressdrop.models import TinyViT
 from compressdrop.pruning import PruneReport
 
 METHODS = ("l1", "taylor", "groupnorm")
 GROUPNORM_REG = 1e-4  # Torch-Pruning's default
+MAX_RATIO = 0.95
 
 
 def parse(name: str) -> tuple[str, bool, float]:
@@ -59,6 +61,12 @@ def _pruner(model, example, method: str, ratio: float, global_: bool):
     cls = tp.pruner.MetaPruner
     if method == "groupnorm":
         cls, kwargs = tp.pruner.GroupNormPruner, {"reg": GROUPNORM_REG}
+    if isinstance(model, TinyViT):  # the class token and positions are tensors of the stream
+        attns = [m for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+        kwargs |= {
+            "unwrapped_parameters": [(model.cls, 2), (model.pos, 2)],
+            "num_heads": {a: a.num_heads for a in attns},
+        }
     return cls(
         model,
         example,
@@ -66,7 +74,7 @@ def _pruner(model, example, method: str, ratio: float, global_: bool):
         pruning_ratio=ratio,
         global_pruning=global_,
         ignored_layers=[last],
-        max_pruning_ratio=0.95,  # a global ranking must not empty a layer
+        max_pruning_ratio=MAX_RATIO,  # a global ranking must not empty a layer
         **kwargs,
     )
 
@@ -117,7 +125,7 @@ def prune_to_flops(dense, train, example, name: str, count_flops: Callable, seed
         m.prune_report = PruneReport(name, None, [], pruner.DG.pruning_history(), 0.0)
         return m
 
-    lo, hi = 0.0, 0.995
+    lo, hi = 0.0, MAX_RATIO  # above it Torch-Pruning prunes nothing at all
     for _ in range(14):
         mid = (lo + hi) / 2
         if count_flops(pruned(mid), example) > target:
