@@ -431,6 +431,37 @@ def recount(paths: list[str]) -> None:
     print(save("lm_flops_recount", {"command": " ".join(sys.argv), "rows": rows}))
 
 
+def generation(paths: list[str], new_tokens: int = 112, repeats: int = 7) -> None:
+    """Greedy generation speed (key/value cache on, one thread) of the dense net and of saved slim
+    models: ``new_tokens`` after a 16-byte prompt, batch 1 and 16, the median of ``repeats``
+    timings taken in turns (dense, slim, dense, ...), so that a change of load hits both."""
+    torch.set_num_threads(1)
+    recipe = load_recipe("gpt-lognormal")
+    torch.manual_seed(0)
+    models = {"dense": build_model(recipe.model.arch, (128,), 256, **recipe.model.kwargs).eval()}
+    models |= {path: load_model(path).eval() for path in paths}
+    rows = []
+    for batch in (1, 16):
+        ids = torch.randint(0, 256, (batch, 16))
+        times: dict[str, list[float]] = {k: [] for k in models}
+        for _ in range(repeats + 1):  # the first round warms up
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
+                times[k].append(time.perf_counter() - t0)
+        for k, ts in times.items():
+            med = statistics.median(ts[1:])
+            rows.append({"model": k, "batch": batch, "seconds": med,
+                         "tokens_per_s": batch * new_tokens / med,
+                         "flops_per_token": count_flops(models[k], torch.zeros(1, 128, dtype=torch.long)) / 128})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    print(
+        save("lm_generation", {"command": " ".join(sys.argv), "machine": machine(), "rows": rows})
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
@@ -462,7 +493,11 @@ def main() -> None:
     )
     p.add_argument("--tp-target", type=float, default=1.5, help="--tp: dense FLOPs / this")
     p.add_argument("--recount", nargs="*", help="slim.pt files: FLOPs per token counted today")
+    p.add_argument("--generate", nargs="*", help="slim.pt files: greedy generation speed")
     args = p.parse_args()
+    if args.generate is not None:
+        generation(args.generate)
+        return
     if args.recount:
         recount(args.recount)
         return
