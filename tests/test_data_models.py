@@ -215,7 +215,8 @@ def test_the_vision_transformer_reference_net():
     assert sum(p.numel() for p in vit.parameters()) == 139_018
     a = vit.arch
     assert build_model(a["name"], a["input_shape"], a["num_classes"], **a["kwargs"]).arch == a
-    with pytest.raises(InputError, match="patch 7 does not tile a 8×8"):
-        build_model("vit", (1, 8, 8))
+    assert build_model("vit", (1, 8, 8)).arch["kwargs"]["patch"] == 2  # a 4×4 grid by default
+    with pytest.raises(InputError, match="patch 3 does not tile a 8×8"):
+        build_model("vit", (1, 8, 8), patch=3)
     with pytest.raises(InputError, match="not a multiple of 3 heads"):
         build_model("vit", (1, 8, 8), patch=2, heads=3)
