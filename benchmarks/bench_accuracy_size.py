@@ -210,7 +210,7 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
         raise SystemExit(f"no job results under {jobs}; run the train phase with --seed {seed}")
     dense = load_model(runs / f"dense-{args.pretrain}ep.pt").eval()
     d_flops, d_val = count_flops(dense, example), evaluate(dense, val.x_test, val.y_test).accuracy
-    batches = [int(b) for b in args.latency_batches.split(",")]
+    batches = args.latency_batches
     big = batches[-1]
     lat = _latency(dense, example, runs / "dense.onnx", batches)
     dense_row = {
@@ -317,7 +317,7 @@ def cmd_report(args) -> None:
         r, s = _seed_rows(args, seed, data, val, example)
         rows += r
         search += s
-    batches = args.latency_batches.split(",")
+    batches = args.latency_batches
     cols = ["seed", "method", "epochs", "units", "val acc", "test acc", "params", "FLOPs"]
     cols += ["FLOPs ×", *(f"ms@{b}" for b in batches), "speed-up", "train s", "trained on"]
     table = markdown_table(rows, cols)
@@ -403,8 +403,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--latency-batches",
-        default="1,256",
-        help="report: onnxruntime batch sizes; the speed-up column is at the last",
+        default=[1, 256],
+        type=lambda text: [int(b) for b in text.split(",")],
+        help="report: onnxruntime batch sizes (1,256); the speed-up column is at the last",
     )
     args = ap.parse_args()
     cmd_train(args) if args.phase == "train" else cmd_report(args)

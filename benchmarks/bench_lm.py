@@ -26,7 +26,6 @@ shares of heads and neurons, if any does); test bits per byte are read once, for
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -50,6 +49,7 @@ from compressdrop.models import build_model  # noqa: E402
 from compressdrop.recipes import load_recipe  # noqa: E402
 from compressdrop.training.runner import run_recipe, seed_everything  # noqa: E402
 
+import tp_baselines  # noqa: E402
 from common import machine, markdown_table, save  # noqa: E402
 
 DATA = "text:/usr/lib/python3.11,glob=**/*.py,max_bytes={max_bytes},context={context}"
@@ -168,33 +168,16 @@ def conv1d_to_linear_(model: nn.Module) -> nn.Module:
     return model
 
 
-def _tp_prune(model, ratio: float, method: str, grads) -> nn.Module:
-    """A copy of ``model`` with ``ratio`` of each MLP's neurons removed by Torch-Pruning."""
-    import torch_pruning as tp
-
-    m = copy.deepcopy(model)
+def _mlp_neurons_only(m: nn.Module) -> dict[str, Any]:
+    """Torch-Pruning's arguments for a GPT copy: every layer but the MLPs' ``c_fc`` left alone
+    (the residual stream, the packed attention), the logits read from the output."""
     fcs = [mod for n, mod in m.named_modules() if n.endswith("mlp.c_fc")]
-    if method == "taylor":
-        for (_, p), g in zip(m.named_parameters(), grads):
-            p.grad = None if g is None else g.clone()
-    imp = (
-        tp.importance.TaylorImportance()
-        if method == "taylor"
-        else tp.importance.MagnitudeImportance(p=1)
-    )
-    pruner = tp.pruner.MetaPruner(
-        m,
-        torch.zeros(1, 8, dtype=torch.long),
-        importance=imp,
-        pruning_ratio=ratio,
-        ignored_layers=[
+    return {
+        "ignored_layers": [
             x for x in m.modules() if isinstance(x, (nn.Linear, nn.Embedding)) and x not in fcs
         ],
-        output_transform=lambda out: [logits_of(out)],
-    )
-    pruner.step()
-    m.zero_grad(set_to_none=True)
-    return m
+        "output_transform": lambda out: [logits_of(out)],
+    }
 
 
 def tp_run(args) -> dict[str, Any]:
@@ -211,20 +194,10 @@ def tp_run(args) -> dict[str, Any]:
     conv1d_to_linear_(model)
     example = ds.x_train[:1]
     target = count_flops(model, example) / args.tp_target
-    model.zero_grad()
-    gen = torch.Generator().manual_seed(args.seed)
-    for idx in torch.randperm(len(train.x_train), generator=gen)[: 8 * 32].split(32):
-        prediction_loss(model(train.x_train[idx]), train.y_train[idx]).backward()
-    grads = [p.grad for p in model.parameters()]
-    lo, hi = 0.0, 0.99
-    for _ in range(12):  # the largest per-layer ratio whose FLOPs are at most the target
-        mid = (lo + hi) / 2
-        lo, hi = (
-            (mid, hi)
-            if count_flops(_tp_prune(model, mid, args.tp, grads), example) > target
-            else (lo, mid)
-        )
-    pruned = _tp_prune(model, hi, args.tp, grads)
+    pruned, hi = tp_baselines.prune_to_flops(
+        model, train, example, f"{args.tp}-r{args.tp_target:g}", count_flops, args.seed,
+        configure=_mlp_neurons_only, grad_batch=32, hi=0.99, steps=12,
+    )  # fmt: skip
     seconds += fit(pruned, base, train, ("sparsify", "finetune"))
     row = _scores(
         pruned, ds, val, f"Torch-Pruning {args.tp}, target {args.tp_target:g}×", t0, seconds

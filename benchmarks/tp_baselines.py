@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from compressdrop.evaluation.metrics import prediction_loss
 from compressdrop.models import TinyViT
 from compressdrop.pruning import PruneReport
 
@@ -53,11 +54,11 @@ def _importance(method: str):
     }[method]()
 
 
-def _pruner(model, example, method: str, ratio: float, global_: bool):
+def _pruner(model, example, method: str, ratio: float, global_: bool, extra: dict | None = None):
     import torch_pruning as tp
 
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    kwargs: dict = {}
+    kwargs: dict = {"ignored_layers": [last]}
     cls = tp.pruner.MetaPruner
     if method == "groupnorm":
         cls, kwargs = tp.pruner.GroupNormPruner, {"reg": GROUPNORM_REG}
@@ -73,9 +74,8 @@ def _pruner(model, example, method: str, ratio: float, global_: bool):
         importance=_importance(method),
         pruning_ratio=ratio,
         global_pruning=global_,
-        ignored_layers=[last],
         max_pruning_ratio=MAX_RATIO,  # a global ranking must not empty a layer
-        **kwargs,
+        **kwargs | (extra or {}),
     )
 
 
@@ -87,7 +87,7 @@ def _gradients_(model, train, batches: int = 8, batch: int = 128, seed: int = 0)
     model.train()
     for i in range(0, len(idx), batch):
         j = idx[i : i + batch]
-        F.cross_entropy(model(train.x_train[j]), train.y_train[j]).backward()
+        prediction_loss(model(train.x_train[j]), train.y_train[j]).backward()
     model.eval()
 
 
@@ -109,24 +109,44 @@ def sparse_train_(model, train, example, epochs: int, lr: float, seed: int, glob
     return model.eval()
 
 
-def prune_to_flops(dense, train, example, name: str, count_flops: Callable, seed: int = 0):
+def prune_to_flops(
+    dense,
+    train,
+    example,
+    name: str,
+    count_flops: Callable,
+    seed: int = 0,
+    *,
+    configure: Callable | None = None,
+    grad_batch: int = 128,
+    hi: float = MAX_RATIO,
+    steps: int = 14,
+):
     """``(pruned copy of dense, pruning ratio)``: the largest pruning whose FLOPs are at most the
-    target's; the copy carries a ``prune_report`` whose history rebuilds its structure."""
+    target's, by ``steps`` bisections of [0, ``hi``]; the copy carries a ``prune_report`` whose
+    history rebuilds its structure. ``configure(copy)`` gives more ``MetaPruner`` arguments for a
+    copy (which layers to leave, how to read its output). Taylor importance uses the gradients of
+    8 training batches of ``grad_batch``, computed once."""
     method, global_, target_ratio = parse(name)
     target = count_flops(dense, example) / target_ratio
+    grads = None
+    if method == "taylor":
+        base = copy.deepcopy(dense)
+        _gradients_(base, train, batch=grad_batch, seed=seed)
+        grads = [p.grad for p in base.parameters()]
 
     def pruned(ratio: float):
-        m = copy.deepcopy(dense)
-        if method == "taylor":
-            _gradients_(m, train, seed=seed)
-        pruner = _pruner(m, example, method, ratio, global_)
+        m = copy.deepcopy(dense)  # deepcopy leaves .grad behind: the gradients are set here
+        for p, g in zip(m.parameters(), grads or []):
+            p.grad = None if g is None else g.clone()
+        pruner = _pruner(m, example, method, ratio, global_, configure(m) if configure else None)
         pruner.step()
         m.zero_grad(set_to_none=True)
         m.prune_report = PruneReport(name, None, [], pruner.DG.pruning_history(), 0.0)
         return m
 
-    lo, hi = 0.0, MAX_RATIO  # above it Torch-Pruning prunes nothing at all
-    for _ in range(14):
+    lo = 0.0  # MAX_RATIO: above it Torch-Pruning prunes nothing at all
+    for _ in range(steps):
         mid = (lo + hi) / 2
         if count_flops(pruned(mid), example) > target:
             lo = mid
