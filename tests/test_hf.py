@@ -345,6 +345,7 @@ torch.save(slim(torch.load(sys.argv[2])).logits, sys.argv[3])
 def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
     from compressdrop.checkpoint import save_model
     from compressdrop.models import build_model
@@ -356,8 +357,6 @@ def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path):
     assert [b.attn.num_heads for b in slim.transformer.h] != [4, 4]  # heads were removed
     save_model(slim, tmp_path / "slim.pt")
     torch.save(ids, tmp_path / "ids.pt")
-    from pathlib import Path
-
     args = [str(tmp_path / n) for n in ("slim.pt", "ids.pt", "logits.pt")]
     args.append(str(Path(__file__).parent))
     subprocess.run([sys.executable, "-c", LOAD_SLIM, *args], check=True, timeout=300)
