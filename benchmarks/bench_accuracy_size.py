@@ -163,11 +163,15 @@ def cmd_train(args) -> None:
             recipe = recipe.replace(
                 stages=stages, kl=kl, data=type(recipe.data)(name=args.data), seed=args.seed
             )
+            # a job killed mid-run (its session ended) continues from its last epoch
+            resume = (runs / name / "checkpoint.pt").exists()
             result = run_recipe(
-                recipe, data, runs / name, device=args.device, model=copy.deepcopy(dense)
-            )
+                recipe, data, runs / name, device=args.device, model=copy.deepcopy(dense),
+                resume=resume,
+            )  # fmt: skip
             path = Path(result.slim_path)
             record |= {
+                "resumed": resume,  # then train_seconds counts only the resumed part
                 "method": family,
                 "beta": float(beta),
                 "units": result.report["architecture_after"],
