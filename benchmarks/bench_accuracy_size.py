@@ -17,13 +17,16 @@ epochs with that seed. A Bayesian family trains its gates for --sparsify epochs 
 recipe's settings and a KL weight beta, is pruned at its default SNR threshold and fine-tuned for
 --finetune epochs. The Torch-Pruning jobs (``tp_baselines.py`` says how each is pruned and
 trained) reach dense_FLOPs / r by binary search on the pruning ratio, in the same total epochs.
-Results go to results/jobs/<net>/seed<S>/ (one JSON per job) and results/runs/ (models).
+Results go to results/jobs/<net>/seed<S>/ (one JSON per job) and results/runs/ (models). The
+job ``dense-full`` is the control: the same dense net trained on, without gates or pruning, for the
+gated runs' remaining epochs and learning rates, so that every net in the table has had the same
+total epochs (the dense row itself has only --pretrain).
 
 Selection (report phase): for each seed and family, among its betas whose slim model keeps
-validation accuracy within 1 point of that seed's dense net, the one with the largest FLOP
-reduction; if none does, the one with the best validation accuracy. Only the selected models (and
-the Torch-Pruning curves and the dense nets) are given a test accuracy; the validation numbers of
-every job are in the JSON. The validation split is 10 % of the training set, drawn with the run's
+validation accuracy within 1 point of that seed's dense net (``--select-against dense-full``: of
+the control), the one with the largest FLOP reduction; if none does, the one with the best
+validation accuracy. Only the selected models (and the Torch-Pruning curves and the dense nets)
+are given a test accuracy; the validation numbers of every job are in the JSON. The validation split is 10 % of the training set, drawn with the run's
 seed (the recipe runner splits with the recipe's seed, so the dense net, the gated jobs, the
 Torch-Pruning jobs and the selection all see the same split). Latency: onnxruntime CPU
 provider, 2 threads, at the --latency-batches (1 and 256 by default; the speed-up column is at
@@ -61,6 +64,9 @@ import tp_baselines
 from common import RESULTS, markdown_table, save
 
 FAMILIES = ("lognormal", "variational", "concrete", "hardconcrete")
+# job: the dense net trained on for --sparsify epochs at 1e-3 and --finetune at 3e-4 (the gated
+# runs' schedule) without gates: the reference at the same total epochs as every pruned net
+DENSE_FULL = "dense-full"
 
 
 def finetune(model, train, epochs, lr, batch=64, seed=0, device="cpu"):
@@ -148,7 +154,14 @@ def cmd_train(args) -> None:
     for name in names:
         t0 = time.perf_counter()
         record: dict = {"job": name, "device": args.device, "seed": args.seed}
-        if tp_baselines.is_job(name):
+        if name == DENSE_FULL:  # the control: no gates, no pruning, the same total epochs
+            path = runs / f"{name}.pt"
+            model = finetune(copy.deepcopy(dense), train, args.sparsify, 1e-3, seed=args.seed,
+                             device=args.device)  # fmt: skip
+            finetune(model, train, args.finetune, 3e-4, seed=args.seed + 1, device=args.device)
+            save_model(model.cpu(), path)
+            record |= {"method": DENSE_FULL, "units": "unpruned"}
+        elif tp_baselines.is_job(name):
             path, info = _torch_pruning_job(args, name, dense, train, example, runs)
             record |= info
         else:
@@ -231,11 +244,17 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
         "speed-up": 1.0,
     }
     rows, chosen = [dense_row], []
+    ref_val = d_val  # the validation accuracy a chosen β must keep within 1 point of
+    if args.select_against == DENSE_FULL:
+        full = [r for r in records if r["method"] == DENSE_FULL]
+        if not full:
+            raise SystemExit(f"--select-against {DENSE_FULL}: no such job for seed {seed}")
+        ref_val = full[0]["val_acc"]
     for family in FAMILIES:
         cands = [r for r in records if r["method"] == family]
         if not cands:
             continue
-        ok = [r for r in cands if r["val_acc"] >= d_val - 0.01]
+        ok = [r for r in cands if r["val_acc"] >= ref_val - 0.01]
         pick = (
             max(ok, key=lambda r: d_flops / r["flops"])
             if ok
@@ -246,14 +265,16 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
         ({**r, "key": r["job"]} for r in records if r["method"] in tp_baselines.METHODS),
         key=lambda r: (r["job"].rsplit("-r", 1)[0], r["target_ratio"]),
     )
-    for r in chosen + peers:
+    controls = [{**r, "key": DENSE_FULL} for r in records if r["method"] == DENSE_FULL]
+    for r in controls + chosen + peers:
         model = load_model(RESULTS / r["path"]).eval()
         lat = _latency(model, example, runs / f"{r['job']}.onnx", batches)
-        label = (
-            f"{r['method']} (Bayesian, β={r['beta']:g})"
-            if "beta" in r
-            else f"Torch-Pruning {r['job'].rsplit('-r', 1)[0]}, target {r['target_ratio']:g}×"
-        )
+        if r["method"] == DENSE_FULL:
+            label = f"dense, {r['epochs']} epochs (no pruning)"
+        elif "beta" in r:
+            label = f"{r['method']} (Bayesian, β={r['beta']:g})"
+        else:
+            label = f"Torch-Pruning {r['job'].rsplit('-r', 1)[0]}, target {r['target_ratio']:g}×"
         rows.append(
             {
                 "key": r["key"],
@@ -368,6 +389,8 @@ def _plot(agg: list[dict], path: Path, title: str, seeds: int) -> None:
         x, y, xe, ye = point(a)
         if a["method"] == "dense":
             ax.errorbar(x, y, yerr=ye, fmt="*", c="black", ms=12, label="dense")
+        elif a["method"] == DENSE_FULL:
+            ax.errorbar(x, y, yerr=ye, fmt="P", c="gray", ms=10, label="dense, same total epochs")
         elif a["method"] in FAMILIES:
             ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="o", capsize=3, label=f"{a['method']} (gates)")
         else:
@@ -403,6 +426,12 @@ def main() -> None:
     ap.add_argument("--sparsify", type=int, default=20)
     ap.add_argument("--finetune", type=int, default=5)
     ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument(
+        "--select-against",
+        choices=("dense", DENSE_FULL),
+        default="dense",
+        help="report: whose validation accuracy a chosen β keeps within 1 point of",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
