@@ -1,7 +1,8 @@
 """Benchmark 3: a gated training step against a plain one, per gate family, eager and compiled.
 
-Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder]
+Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder,vit]
      [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
+     [--ablate-bank]
 
 A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
 plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
@@ -11,7 +12,10 @@ the median of the per-pair ratios gated/plain and its spread (the 10th and 90th 
 compiled backward graph, the optimizer step stays eager. Peak memory of one step: on CUDA
 ``torch.cuda.max_memory_allocated``, on CPU the parameters and Adam state plus the peak of the
 live bytes that ``torch.profiler`` (``profile_memory=True``, op by op) records over the step
-(activations, gradients, temporaries). Targets (issue 17): ratio ≤ 1.10 (≤ 1.25 on LeNet-300-100), memory ≤ 1.1×.
+(activations, gradients, temporaries). Targets (issue 17): ratio ≤ 1.10 (≤ 1.25 on
+LeNet-300-100), memory ≤ 1.1×. ``--ablate-bank`` times a third net in the same rotation, the gated
+one with ``compressdrop/gates/bank.py`` off (every gate's terms and KL computed on its own), and
+adds its median ratio to plain as "per-gate ratio".
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.gates import GATES
+from compressdrop.gates import GATES, bank
 from compressdrop.models import build_model
 
 from common import markdown_table, save
@@ -61,6 +65,8 @@ NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], dict]] = {
         {},
     ),
     "encoder": (Encoder, (16, 48), {"granularity": "neuron"}),  # the MLP neurons are gated
+    # the tiny ViT of benchmark 1 (4 layers, width 64, 4 heads): heads and MLP neurons gated
+    "vit": (lambda: build_model("vit", input_shape=(1, 28, 28)), (1, 28, 28), {}),
 }
 
 
@@ -121,25 +127,48 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(net: str, family: str, mode: str, batch: int, pairs: int, device: torch.device):
+def per_gate(step: Callable) -> Callable:
+    """``step`` with the banks of compressdrop/gates/bank.py off: every gate computed alone."""
+
+    def run(x: torch.Tensor, y: torch.Tensor) -> None:
+        with bank.off():
+            step(x, y)
+
+    return run
+
+
+def measure(
+    net: str, family: str, mode: str, batch: int, pairs: int, device: torch.device, ablate=False
+):
+    """Median gated/plain step ratio over ``pairs`` interleaved pairs (with ``ablate``, a third
+    net takes its turn too: the same gated net with the banks off, "per gate")."""
     shape = NETS[net][1]
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     runs = {}
-    for name, fam in (("plain", None), ("gated", family)):
+    kinds = [("plain", None), ("gated", family)] + ([("per gate", family)] if ablate else [])
+    for name, fam in kinds:
         model, opt, step = make_step(net, fam, mode, batch, device)
+        if name == "per gate":
+            step = per_gate(step)
         for _ in range(3):  # warm-up (and compilation)
             step(x, y)
         runs[name] = (model, opt, step)
-    times: dict[str, list[float]] = {"plain": [], "gated": []}
-    for i in range(2 * pairs):
-        name = ("plain", "gated")[i % 2] if (i // 2) % 2 == 0 else ("gated", "plain")[i % 2]
-        sync(device)
-        t0 = time.perf_counter()
-        runs[name][2](x, y)
-        sync(device)
-        times[name].append(time.perf_counter() - t0)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for i in range(pairs):  # ABAB… (ABCCBA… with the ablation): each pair in both orders
+        for name in order if i % 2 == 0 else order[::-1]:
+            sync(device)
+            t0 = time.perf_counter()
+            runs[name][2](x, y)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
     ratios = sorted(g / p for g, p in zip(times["gated"], times["plain"], strict=True))
+    extra = {}
+    if ablate:
+        alone = sorted(g / p for g, p in zip(times["per gate"], times["plain"], strict=True))
+        extra = {"per-gate ratio": statistics.median(alone)}
+        runs.pop("per gate")
     mem = {}
     for name, (model, opt, step) in runs.items():
         resident = list(model.parameters()) + [
@@ -161,6 +190,7 @@ def measure(net: str, family: str, mode: str, batch: int, pairs: int, device: to
         "gated MB": mem["gated"] / 2**20,
         "mem ratio": mem["gated"] / mem["plain"],
         "pairs": pairs,
+        **extra,
     }
 
 
@@ -230,6 +260,11 @@ def main() -> None:
     ap.add_argument("--out", default="training_cost")
     ap.add_argument("--gate-math", action="store_true", help="time the gates alone (one thread)")
     ap.add_argument("--saved", action="store_true", help="MB kept for backward, gated/plain")
+    ap.add_argument(
+        "--ablate-bank",
+        action="store_true",
+        help="also time the gated net with each gate computed alone (gates/bank.py off)",
+    )
     args = ap.parse_args()
     if args.saved:
         rows = []
@@ -258,11 +293,15 @@ def main() -> None:
         for mode in args.modes.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 for family in args.families.split(","):
-                    rows.append(measure(net, family, mode, batch, args.pairs, device))
+                    rows.append(
+                        measure(net, family, mode, batch, args.pairs, device, args.ablate_bank)
+                    )
                     row = rows[-1]
                     print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
                     torch._dynamo.reset()
     columns = ["net", "family", "mode", "batch", "plain ms", "ratio", "p10", "p90", "mem ratio"]
+    if args.ablate_bank:
+        columns.insert(6, "per-gate ratio")
     table = markdown_table(rows, columns)
     print(table)
     save(args.out, {"args": vars(args), "device": str(device), "rows": rows, "table": table})

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import weakref
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -15,64 +13,12 @@ from torch.distributions import Distribution, kl_divergence
 
 from ..errors import InputError
 from ._mul import gate_multiply
+from .shard import _NOISE_SHARD, _OPEN_SHARDS, noise_shard
 
 __all__ = ["Gate", "noise_shard"]
 
 MIN_VARIANCE = 1e-24
 NOISE_MODES = ("example", "batch")
-# (rank, world size, global batch) inside noise_shard, None outside it
-_NOISE_SHARD: ContextVar[tuple[int, int, int] | None] = ContextVar(
-    "compressdrop_noise_shard", default=None
-)
-# how many noise_shard contexts are open in any thread: while none is, a gate need not read the
-# ContextVar, which torch.compile cannot trace
-_OPEN_SHARDS = [0]
-
-
-@contextlib.contextmanager
-def noise_shard(rank: int, world: int, global_batch: int) -> Iterator[None]:
-    """Make every gate draw the noise of this rank's slice of a global batch.
-
-    In a data-parallel run each of ``world`` processes sees examples ``rank, rank + world, ...`` of
-    a global batch of ``global_batch`` examples. Inside this context a gate draws θ for the whole
-    global batch and keeps those rows, so with the ranks' random streams in step the W processes
-    together draw exactly the noise one process would draw for the global batch, and a distributed
-    run follows the single-process run. A forward pass whose batch is not this rank's share raises
-    :class:`~compressdrop.errors.InputError`.
-
-    The setting belongs to the current thread (and asyncio task); contexts nest, and leaving one,
-    by an exception too, restores the setting it replaced.
-
-    Args:
-        rank: this process's index, ``0 <= rank < world``.
-        world: the number of processes sharing the global batch.
-        global_batch: the examples in the global batch.
-
-    Raises:
-        InputError: ``world`` or ``global_batch`` is below 1, or ``rank`` is not in
-            ``range(world)``.
-
-    Example:
-        >>> import torch
-        >>> from compressdrop.gates import LogNormalGate, noise_shard
-        >>> gate = LogNormalGate(4)
-        >>> with noise_shard(rank=1, world=2, global_batch=6):
-        ...     y = gate(torch.ones(3, 4))  # rows 1, 3, 5 of the global batch's noise
-        >>> y.shape
-        torch.Size([3, 4])
-    """
-    if world < 1 or global_batch < 1 or not 0 <= rank < world:
-        raise InputError(
-            f"noise_shard needs 0 <= rank < world and global_batch >= 1, got rank={rank}, "
-            f"world={world}, global_batch={global_batch}"
-        )
-    token = _NOISE_SHARD.set((int(rank), int(world), int(global_batch)))
-    _OPEN_SHARDS[0] += 1
-    try:
-        yield
-    finally:
-        _OPEN_SHARDS[0] -= 1
-        _NOISE_SHARD.reset(token)
 
 
 class Gate(nn.Module):
@@ -106,7 +52,9 @@ class Gate(nn.Module):
     optimizer step (which updates the parameters in place), ``load_state_dict``, ``.to()`` and a
     backward pass through the term (which frees its graph) all make the next call recompute. Under
     ``torch.compile`` nothing is cached (the compiler shares the terms itself), and nothing is
-    cached for parameters swapped in by ``torch.func.functional_call``.
+    cached for parameters swapped in by ``torch.func.functional_call``. In a model from
+    :func:`~compressdrop.attach` the gates of one family go further: their terms, draws and KL are
+    computed as one for all of them (:mod:`compressdrop.gates.bank`).
 
     When one gate serves several sites of a coupled group (a residual stream, say), every site in a
     forward pass must see the same θ: the first site samples and the others reuse the sample until
@@ -133,6 +81,8 @@ class Gate(nn.Module):
         self._sample_batch = 0
         self._any_pruned: tuple[tuple[int, int] | None, bool] = (None, True)
         self._cache: tuple[tuple, dict[str, Any]] | None = None
+        # (the forward pass's draws of this gate's bank, its index there): set by bank.prime
+        self._bank_slot: tuple[Any, int] | None = None
 
     # --- per-step cache of per-unit terms ---------------------------------------------------------
     def _cache_key(self) -> tuple | None:
@@ -185,6 +135,7 @@ class Gate(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Gate:
         self._cache = None
+        self._bank_slot = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -192,10 +143,12 @@ class Gate(nn.Module):
         state = self.__dict__.copy()
         state["_cache"] = None
         state["_sample"] = None
+        state["_bank_slot"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_cache", None)
+        state.setdefault("_bank_slot", None)
         state.setdefault("noise", "example")
         state.setdefault("_sample_batch", 0)
         state.setdefault("_any_pruned", (None, True))
@@ -341,16 +294,24 @@ class Gate(nn.Module):
     def _draw(self, batch: int) -> torch.Tensor:
         per_batch = self.noise == "batch"
         shard = _NOISE_SHARD.get() if _OPEN_SHARDS[0] else None
-        if shard is None:
-            return self.sample(1 if per_batch else batch)
-        rank, world, global_batch = shard
-        if batch != len(range(rank, global_batch, world)):
-            raise InputError(
-                f"rank {rank} of {world} got {batch} examples of a global batch of {global_batch}"
-            )
-        if per_batch:  # the ranks' streams are in step: every rank draws the same θ
-            return self.sample(1)
-        return self.sample(global_batch)[rank::world]
+        rows = 1 if per_batch else batch
+        if shard is not None:
+            rank, world, global_batch = shard
+            if batch != len(range(rank, global_batch, world)):
+                raise InputError(
+                    f"rank {rank} of {world} got {batch} examples of a global batch of "
+                    f"{global_batch}"
+                )
+            # the ranks' streams are in step: each draws for the global batch and keeps its rows
+            # (with noise="batch" every rank draws the same θ)
+            rows = 1 if per_batch else global_batch
+        theta = None
+        slot = self._bank_slot
+        if slot is not None and not torch.compiler.is_compiling():
+            theta = slot[0].take(self, slot[1], rows)  # the bank's draw (gates/bank.py)
+        if theta is None:
+            theta = self.sample(rows)
+        return theta if shard is None or per_batch else theta[shard[0] :: shard[1]]
 
     def select(self, keep: torch.Tensor) -> Gate:
         """A new gate of the same family over the units where ``keep`` is True.

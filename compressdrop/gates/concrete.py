@@ -129,6 +129,8 @@ class ConcreteGate(Gate):
             torch.full((num_units,), math.log((1 - init_drop) / init_drop))
         )
 
+    _bank_params = ("keep_logit",)  # compressdrop.gates.bank: sample and KL as they are
+
     def keep_prob(self) -> torch.Tensor:
         """The learned keep probability q per unit, in float64."""
         return torch.sigmoid(self.keep_logit.double())
@@ -217,6 +219,8 @@ class HardConcreteGate(Gate):
         """q(z): the hard-concrete distribution with log α clamped to [−10, 10]."""
         la = self.log_alpha.double().clamp(*self.log_alpha_range)
         return HardConcrete(la, self.beta, self.gamma, self.zeta)
+
+    _bank_params = ("log_alpha",)  # compressdrop.gates.bank: sample and KL as they are
 
     def _log_alpha(self) -> torch.Tensor:
         """log α clamped to [−10, 10], in the parameters' dtype (float32 at least)."""

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import InputError
 from ._lognormal_fast import LogNormalDraw, LogNormalKL, StepTerms, step_terms
+from .bank import concat, shared
 from .base import MIN_VARIANCE, Gate
 from .distributions import LogUniform, TruncatedLogNormal, lognormal_log_terms, truncnorm_terms
 
@@ -77,6 +78,57 @@ class LogNormalGate(Gate):
             return (mu, sigma, *truncnorm_terms(mu, sigma, self.low, self.high))
 
         return self._memo("terms", compute)
+
+    # --- several gates as one (compressdrop.gates.bank) -----------------------------------------
+    _bank_params = ("mu", "log_sigma")
+
+    @classmethod
+    def _bank_terms(cls, bank: list[LogNormalGate]) -> StepTerms:
+        """The step terms of the bank's units, concatenated, once per step."""
+
+        def compute() -> StepTerms:
+            g = bank[0]
+            with torch.no_grad():
+                mu, log_sigma = (
+                    torch.cat([b.mu for b in bank]),
+                    torch.cat([b.log_sigma for b in bank]),
+                )
+            return step_terms(mu, log_sigma, g.low, g.high, g.param_range)
+
+        return shared(bank, "step", compute)
+
+    @classmethod
+    def _bank_prime(cls, bank: list[LogNormalGate]) -> None:
+        """Hand each gate its slice of the bank's step terms (its draw and KL then reuse them)."""
+        sizes = [g.num_units for g in bank]
+        parts = [term.split(sizes) for term in cls._bank_terms(bank)]
+        for i, g in enumerate(bank):
+
+            def mine(i: int = i) -> StepTerms:
+                return StepTerms(*(p[i] for p in parts))
+
+            g._memo("step", mine)
+
+    @classmethod
+    def _bank_sample(cls, bank: list[LogNormalGate], batch: int) -> torch.Tensor:
+        """:meth:`sample` of the concatenated gates: ``(batch, Σ units)``, one autograd node."""
+        t, g = cls._bank_terms(bank), bank[0]
+        u = torch.rand(batch, t.mu.shape[0], dtype=torch.float64, device=t.mu.device)
+        return LogNormalDraw.apply(
+            *concat(bank), u, t.mu, t.offset, t.width, t.signed_scale, t.lo, t.hi, t.sign,
+            t.mu_grad, t.sigma_grad, g.low, g.high,
+        )  # fmt: skip
+
+    @classmethod
+    def _bank_kl_per_unit(
+        cls, bank: list[LogNormalGate], params: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """:meth:`kl_per_unit` of the concatenated gates, one autograd node for all."""
+        t, g = cls._bank_terms(bank), bank[0]
+        return LogNormalKL.apply(
+            *params, t.alpha, t.beta, t.sigma, t.log_sigma, t.log_z, t.mu_grad, t.sigma_grad,
+            math.log(g.high - g.low),
+        )  # fmt: skip
 
     def _step_terms(self) -> StepTerms:
         """The per-unit terms of the training step (draw and KL), without a graph, once per step."""

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._draws import MolchanovKL, NormalDraw
+from .bank import concat
 from .base import Gate
 from .distributions import LOG_ALPHA_RANGE, LogUniformImproper
 
@@ -78,6 +79,28 @@ class VariationalGate(Gate):
     def kl_per_unit(self) -> torch.Tensor:
         """Molchanov's approximation of KL(N(μ, σ²) ‖ p) per unit (the class docstring)."""
         return self._out(MolchanovKL.apply(*self._training_params(), LOG_ALPHA_RANGE[1]))
+
+    # --- several gates as one (compressdrop.gates.bank) -----------------------------------------
+    _bank_params = ("mu", "log_sigma2")
+
+    @classmethod
+    def _bank_sample(cls, bank: list[VariationalGate], batch: int) -> torch.Tensor:
+        """:meth:`sample` of the concatenated gates: ``(batch, Σ units)``, one autograd node."""
+        mu, log_sigma2 = concat(bank)
+        dtype = torch.promote_types(mu.dtype, torch.float32)
+        eps = torch.randn(batch, mu.shape[0], dtype=dtype, device=mu.device)
+        theta = NormalDraw.apply(mu.to(dtype), log_sigma2.to(dtype), eps, LOG_ALPHA_RANGE[1])
+        return bank[0]._out(theta)
+
+    @classmethod
+    def _bank_kl_per_unit(
+        cls, bank: list[VariationalGate], params: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """:meth:`kl_per_unit` of the concatenated gates, one autograd node for all."""
+        mu, log_sigma2 = params
+        dtype = torch.promote_types(mu.dtype, torch.float32)
+        kl = MolchanovKL.apply(mu.to(dtype), log_sigma2.to(dtype), LOG_ALPHA_RANGE[1])
+        return bank[0]._out(kl)
 
     def prior(self) -> LogUniformImproper:
         """p(θ) ∝ 1/|θ|, the improper log-uniform prior."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..gates import Gate, gate_class
+from ..gates import Gate, bank, gate_class
 from ..gates._mul import hand_over_to_relus, remove_relu_hooks
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
@@ -147,9 +147,12 @@ class HeadGated(Gated):
 
 def _clear_gate_samples(module: nn.Module, _args: Any) -> None:
     """Forward pre-hook on the root: shared gates draw a fresh θ once per forward pass."""
-    for m in module.modules():
-        if isinstance(m, Gate) and m.shared:
-            m.clear_sample()
+    gates = [m for m in module.modules() if isinstance(m, Gate)]
+    for g in gates:
+        if g.shared:
+            g.clear_sample()
+    if module.training:  # each family's per-step terms, once for all of its gates
+        bank.prime(gates)
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -381,7 +384,7 @@ def kl(model: nn.Module) -> torch.Tensor:
     Example:
         >>> loss = F.cross_entropy(net(x), y) + compressdrop.kl(net) / n_train  # doctest: +SKIP
     """
-    terms = [g.kl() for _, g in named_gates(model)]
-    if not terms:
+    gates = [g for _, g in named_gates(model)]
+    if not gates:
         raise InputError("model has no gates; call compressdrop.attach(model) first")
-    return torch.stack(terms).sum()
+    return bank.kl_sum(gates)  # the gates of one family as one computation
