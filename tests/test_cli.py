@@ -1,6 +1,5 @@
 """The CLI through click's runner and as real subprocesses: happy paths, bad input, resume."""
 
-import contextlib
 import json
 import math
 import subprocess
@@ -15,7 +14,6 @@ from click.testing import CliRunner
 import compressdrop as cd
 from compressdrop.checkpoint import load_model, save_model
 from compressdrop.cli import main
-from compressdrop.gates import bank
 from compressdrop.models import build_model
 from compressdrop.recipes import Recipe
 
@@ -304,15 +302,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
 
 def test_compiled_training_follows_the_eager_run(tmp_path):
     """``--compile BACKEND`` compiles each stage's forward; with ``aot_eager`` (the same kernels and
-    random stream as eager, no code generation) the run is the eager run to float rounding, the
-    eager run computing its gates one by one as compiled code does (``bank.off()``: banked gates
-    take the random stream in another order). Inductor draws its random numbers its own way
-    (tests/test_gate_speed.py compiles with it)."""
+    random stream as eager, no code generation) the run is the eager run to float rounding.
+    Inductor draws its random numbers its own way (tests/test_gate_speed.py compiles with it)."""
     recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=1, sparsify=1, finetune=1, onnx=False)
     reports = {}
     for name, extra in (("eager", []), ("compiled", ["--compile", "aot_eager"])):
-        with bank.off() if name == "eager" else contextlib.nullcontext():
-            res = run(["train", "--recipe", recipe, "--out", tmp_path / name, "--json", *extra])
+        res = run(["train", "--recipe", recipe, "--out", tmp_path / name, "--json", *extra])
         reports[name] = json.loads(res.stdout)
     eager, compiled = reports["eager"], reports["compiled"]
     assert [h["loss"] for h in compiled["history"]] == pytest.approx(

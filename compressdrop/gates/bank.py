@@ -7,25 +7,24 @@ calls a step than the plain one). Here the gates of one family that agree on dev
 settings are concatenated: their KL is one computation and one backward pass, and a family whose
 draw shares terms with its KL (log-normal) computes those terms once for all of its gates, before
 the forward pass (``prime``, called by the root's forward pre-hook that :func:`~compressdrop.attach`
-registers), handing each gate its slice. The draws too: the first gate of a bank to sample in a
-forward pass draws θ for every gate of the bank at once (one uniform or normal tensor, one autograd
-node) and each gate takes its columns.
+registers), handing each gate its slice.
 
-Each gate's columns are an independent draw from its own posterior, as before; only the order in
-which the random stream is consumed changes. A gate takes its columns at most once per pass (a
-gate called twice, a layer applied twice, draws afresh the second time), only while its
-parameters are those the bank drew with and only until a backward pass has gone through the
-bank's draw; otherwise it draws on its own.
+The draws stay with each gate, in its own autograd node from its own slice of the random stream.
+One draw for a whole bank was built and measured (the tiny ViT's step ratio 1.28 → 1.17 beyond
+what this module gives) and taken out again: under activation checkpointing
+(``torch.utils.checkpoint``) a segment's recomputation restores the random stream and must draw
+the same θ, which a draw made outside the segment cannot give (the non-reentrant variant raised
+``CheckpointError``, the reentrant one silently took its gradient from another sample).
+``tests/test_gate_bank.py`` checks both variants.
 
 A family opts in by naming, on its own class (a subclass inherits nothing), ``_bank_params``: its
 per-unit parameters, concatenated in this order. Gates are concatenated when they also agree on
 device, dtype and every scalar setting (their public attributes that are numbers, strings or
-tuples). By default the bank's draw and KL are the class's own ``sample`` and ``kl_per_unit``
-called on a stand-in gate holding the concatenated parameters and the first gate's settings, so
-those two must depend on nothing else. A family may instead define (classmethods):
+tuples). By default the bank's KL is the class's own ``kl_per_unit`` called on a stand-in gate
+holding the concatenated parameters and the first gate's settings, so it must depend on nothing
+else. A family may instead define (classmethods):
 
 * ``_bank_kl_per_unit(gates, params)``: the per-unit KL of the concatenation;
-* ``_bank_sample(gates, batch)``: θ of shape ``(batch, Σ units)``, the gates' columns in order;
 * ``_bank_prime(gates)``: seed each gate's per-step terms before the forward pass.
 
 The results equal the per-gate ones (each is an element-wise computation over the units); the
@@ -56,12 +55,8 @@ _SHARED: weakref.WeakKeyDictionary[Gate, tuple[tuple, list, dict[str, Any]]] = (
 
 @contextlib.contextmanager
 def off() -> Iterator[None]:
-    """Compute every gate on its own inside this context, as under ``torch.compile``.
-
-    The same values in distribution; the random stream is consumed gate by gate in the order the
-    gates sample, so a compiled step (``aot_eager``) and an eager one inside ``off()`` draw the
-    same noise from the same seed, which a step with banks does not.
-    """
+    """Compute every gate on its own inside this context, as under ``torch.compile``: the same
+    values (the KL to float rounding), for measuring what the banks save."""
     _OFF[0] += 1
     try:
         yield
@@ -112,7 +107,7 @@ def _stand_in(bank: Sequence[Gate], params: list[torch.Tensor]) -> Gate:
     new.__dict__.update(first.__dict__)
     names = type(first)._bank_params  # type: ignore[attr-defined]
     new.__dict__["_parameters"] = dict(zip(names, params, strict=True))
-    new.__dict__.update(num_units=sum(g.num_units for g in bank), _cache=None, _bank_slot=None)
+    new.__dict__.update(num_units=sum(g.num_units for g in bank), _cache=None)
     return new
 
 
@@ -159,62 +154,12 @@ def kl_sum(gates: list[Gate]) -> torch.Tensor:
     return torch.stack(terms).sum()
 
 
-class _Draws:
-    """One forward pass's draws for a bank: per batch size, one θ for every gate, in columns."""
-
-    __slots__ = ("__weakref__", "bank", "keys", "sizes", "slices", "spent", "taken")
-
-    def __init__(self, bank: list[Gate]) -> None:
-        self.bank = [weakref.ref(g) for g in bank]  # the gates hold this object, not it them
-        self.keys = [g._cache_key() for g in bank]
-        self.sizes = [g.num_units for g in bank]
-        self.slices: dict[int, tuple[torch.Tensor, ...]] = {}
-        self.taken: dict[int, set[int]] = {}
-        self.spent = False
-
-    def take(self, gate: Gate, index: int, batch: int) -> torch.Tensor | None:
-        """Gate ``index``'s columns of the bank's draw for ``batch`` rows, or ``None`` if it must
-        draw on its own (see the module docstring)."""
-        taken = self.taken.setdefault(batch, set())
-        if self.spent or index in taken or gate._cache_key() != self.keys[index]:
-            return None
-        if batch not in self.slices:
-            bank = [g for r in self.bank if (g := r()) is not None]
-            if len(bank) < len(self.bank):
-                return None
-            cls = type(gate)
-            custom = getattr(cls, "_bank_sample", None)
-            theta = (
-                custom(bank, batch) if custom else cls.sample(_stand_in(bank, concat(bank)), batch)
-            )
-            if theta.requires_grad:
-                me = weakref.ref(self)
-
-                def spend(grad: torch.Tensor) -> None:
-                    # the draw's graph is freed by this backward pass: later takes draw afresh
-                    draws = me()
-                    if draws is not None:
-                        draws.spent = True
-
-                theta.register_hook(spend)
-            self.slices[batch] = theta.split(self.sizes, dim=1)
-        taken.add(index)
-        return self.slices[batch][index]
-
-
 def prime(gates: Iterable[Gate]) -> None:
-    """Start a forward pass: each bank computes its per-step terms once for all its gates (where
-    its family shares them) and offers its gates one draw for all (where its family can)."""
+    """Start a forward pass: each bank whose family shares per-step terms between its draw and its
+    KL computes them once for all its gates."""
     if torch.compiler.is_compiling():
         return
-    banks, single = _banks(gates)
-    for g in single:
-        g._bank_slot = None
-    for bank in banks:
-        cls = type(bank[0])
-        seed = getattr(cls, "_bank_prime", None)
+    for bank in _banks(gates)[0]:
+        seed = getattr(type(bank[0]), "_bank_prime", None)
         if seed is not None:
             seed(bank)
-        draws = _Draws(bank)
-        for i, g in enumerate(bank):
-            g._bank_slot = (draws, i)

@@ -53,8 +53,8 @@ class Gate(nn.Module):
     backward pass through the term (which frees its graph) all make the next call recompute. Under
     ``torch.compile`` nothing is cached (the compiler shares the terms itself), and nothing is
     cached for parameters swapped in by ``torch.func.functional_call``. In a model from
-    :func:`~compressdrop.attach` the gates of one family go further: their terms, draws and KL are
-    computed as one for all of them (:mod:`compressdrop.gates.bank`).
+    :func:`~compressdrop.attach` the gates of one family go further: their per-step terms and
+    their KL are computed as one for all of them (:mod:`compressdrop.gates.bank`).
 
     When one gate serves several sites of a coupled group (a residual stream, say), every site in a
     forward pass must see the same θ: the first site samples and the others reuse the sample until
@@ -81,8 +81,6 @@ class Gate(nn.Module):
         self._sample_batch = 0
         self._any_pruned: tuple[tuple[int, int] | None, bool] = (None, True)
         self._cache: tuple[tuple, dict[str, Any]] | None = None
-        # (the forward pass's draws of this gate's bank, its index there): set by bank.prime
-        self._bank_slot: tuple[Any, int] | None = None
 
     # --- per-step cache of per-unit terms ---------------------------------------------------------
     def _cache_key(self) -> tuple | None:
@@ -135,7 +133,6 @@ class Gate(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Gate:
         self._cache = None
-        self._bank_slot = None
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,12 +140,10 @@ class Gate(nn.Module):
         state = self.__dict__.copy()
         state["_cache"] = None
         state["_sample"] = None
-        state["_bank_slot"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_cache", None)
-        state.setdefault("_bank_slot", None)
         state.setdefault("noise", "example")
         state.setdefault("_sample_batch", 0)
         state.setdefault("_any_pruned", (None, True))
@@ -294,24 +289,16 @@ class Gate(nn.Module):
     def _draw(self, batch: int) -> torch.Tensor:
         per_batch = self.noise == "batch"
         shard = _NOISE_SHARD.get() if _OPEN_SHARDS[0] else None
-        rows = 1 if per_batch else batch
-        if shard is not None:
-            rank, world, global_batch = shard
-            if batch != len(range(rank, global_batch, world)):
-                raise InputError(
-                    f"rank {rank} of {world} got {batch} examples of a global batch of "
-                    f"{global_batch}"
-                )
-            # the ranks' streams are in step: each draws for the global batch and keeps its rows
-            # (with noise="batch" every rank draws the same θ)
-            rows = 1 if per_batch else global_batch
-        theta = None
-        slot = self._bank_slot
-        if slot is not None and not torch.compiler.is_compiling():
-            theta = slot[0].take(self, slot[1], rows)  # the bank's draw (gates/bank.py)
-        if theta is None:
-            theta = self.sample(rows)
-        return theta if shard is None or per_batch else theta[shard[0] :: shard[1]]
+        if shard is None:
+            return self.sample(1 if per_batch else batch)
+        rank, world, global_batch = shard
+        if batch != len(range(rank, global_batch, world)):
+            raise InputError(
+                f"rank {rank} of {world} got {batch} examples of a global batch of {global_batch}"
+            )
+        if per_batch:  # the ranks' streams are in step: every rank draws the same θ
+            return self.sample(1)
+        return self.sample(global_batch)[rank::world]
 
     def select(self, keep: torch.Tensor) -> Gate:
         """A new gate of the same family over the units where ``keep`` is True.

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import InputError
 from ._lognormal_fast import LogNormalDraw, LogNormalKL, StepTerms, step_terms
-from .bank import concat, shared
+from .bank import shared
 from .base import MIN_VARIANCE, Gate
 from .distributions import LogUniform, TruncatedLogNormal, lognormal_log_terms, truncnorm_terms
 
@@ -108,16 +108,6 @@ class LogNormalGate(Gate):
                 return StepTerms(*(p[i] for p in parts))
 
             g._memo("step", mine)
-
-    @classmethod
-    def _bank_sample(cls, bank: list[LogNormalGate], batch: int) -> torch.Tensor:
-        """:meth:`sample` of the concatenated gates: ``(batch, Σ units)``, one autograd node."""
-        t, g = cls._bank_terms(bank), bank[0]
-        u = torch.rand(batch, t.mu.shape[0], dtype=torch.float64, device=t.mu.device)
-        return LogNormalDraw.apply(
-            *concat(bank), u, t.mu, t.offset, t.width, t.signed_scale, t.lo, t.hi, t.sign,
-            t.mu_grad, t.sigma_grad, g.low, g.high,
-        )  # fmt: skip
 
     @classmethod
     def _bank_kl_per_unit(

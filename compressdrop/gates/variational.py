@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from ._draws import MolchanovKL, NormalDraw
-from .bank import concat
 from .base import Gate
 from .distributions import LOG_ALPHA_RANGE, LogUniformImproper
 
@@ -82,15 +81,6 @@ class VariationalGate(Gate):
 
     # --- several gates as one (compressdrop.gates.bank) -----------------------------------------
     _bank_params = ("mu", "log_sigma2")
-
-    @classmethod
-    def _bank_sample(cls, bank: list[VariationalGate], batch: int) -> torch.Tensor:
-        """:meth:`sample` of the concatenated gates: ``(batch, Σ units)``, one autograd node."""
-        mu, log_sigma2 = concat(bank)
-        dtype = torch.promote_types(mu.dtype, torch.float32)
-        eps = torch.randn(batch, mu.shape[0], dtype=dtype, device=mu.device)
-        theta = NormalDraw.apply(mu.to(dtype), log_sigma2.to(dtype), eps, LOG_ALPHA_RANGE[1])
-        return bank[0]._out(theta)
 
     @classmethod
     def _bank_kl_per_unit(
