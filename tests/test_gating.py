@@ -115,6 +115,40 @@ def test_layernorm_after_a_linear_blocks_gating():
     assert [n for n, _ in cd.named_gates(model)] == ["3"]
 
 
+class _Centered(nn.Module):
+    """fc1's units, then either centred over the units (a mean over their dimension: removing one
+    changes it) or averaged over the tokens (another dimension: exact)."""
+
+    def __init__(self, over_units: bool) -> None:
+        super().__init__()
+        self.over_units = over_units
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x):  # x: (N, T, 4)
+        h = torch.relu(self.fc1(x))
+        h = h - h.mean(-1, keepdim=True) if self.over_units else h * h.mean(1, keepdim=True)
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
+def test_a_mean_over_the_units_blocks_gating_and_one_over_the_tokens_does_not():
+    x = torch.randn(3, 5, 4)
+    with pytest.warns(cd.GatingWarning, match=r"'fc1' left ungated: its units are averaged"):
+        model = cd.attach(_Centered(over_units=True), example_inputs=x[:2])
+    assert [n for n, _ in cd.named_gates(model)] == ["fc2"]
+
+    model = cd.attach(_Centered(over_units=False), example_inputs=x[:2])
+    assert [n for n, _ in cd.named_gates(model)] == ["fc1", "fc2"]
+    randomize_(model)
+    for _, g in cd.named_gates(model):
+        with torch.no_grad():
+            g.log_sigma[::2] = 3.0  # half the units noisy: pruned at SNR 1
+        g.pruned.copy_(~g.mask())
+    ref = model.eval()(x)  # the masked model: what the slim one must compute
+    slim = cd.prune(model)
+    assert slim.fc1.out_features == 4
+    torch.testing.assert_close(slim(x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_include_exclude_and_granularity():
     lenet5 = ZOO["lenet5"]
     assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), granularity="channel"))] == [

@@ -244,15 +244,15 @@ def _plan_sites(
                 return f"BatchNorm {names[outs[0].module]!r} after it has affine=False", []
             site_node = outs[0]
         products: dict[int, bool] = {}
-        verdict = _walk(site_node, members, names, products)
+        m = site_node.module
+        spec = spec_of(m)
+        assert spec is not None  # a producer or a norm
+        verdict = _walk(site_node, members, names, products, spec.unit_dim)
         if verdict == "output":
             return "output", []
         if verdict not in ("consumed", "covered"):
             return verdict, []
         if verdict == "consumed":
-            m = site_node.module
-            spec = spec_of(m)
-            assert spec is not None  # a producer or a norm
             sites.append(Site(names[m], spec.unit_dim))
             factors.append(products)
     if not sites:

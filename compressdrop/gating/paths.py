@@ -135,6 +135,24 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 _SCALE_ACTIVATIONS = (nn.Sigmoid, nn.Hardsigmoid)
 _PASS_THROUGH = ("View", "Reshape", "UnsafeView", "Expand", "Unsqueeze", "Squeeze", "Flatten")
+# element-wise ops: after them the units are still along the site's unit dimension
+_SAME_LAYOUT = (*_ACTIVATIONS, "Add", "Sub", "Mul", "Div", "Neg", "Pow", "Dropout", "NativeDropout",
+                "Clone", "Alias")  # fmt: skip
+
+
+def _averages_units(grad_fn, unit_dim: int) -> bool:
+    """Whether a mean (its ``grad_fn``) reduces over ``unit_dim`` of its input: then removing a
+    unit changes the divisor, and the slim model would differ from the gated one."""
+    sizes = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if sizes is None:
+        return False
+    dims = getattr(grad_fn, "_saved_dim", None)
+    if dims is None:  # MeanBackward0: the mean of every element
+        return True
+    ndim = len(sizes)
+    # negative dims come back as unsigned 64-bit integers
+    reduced = {(d - 2**64 if d >= 2**63 else d) % ndim for d in dims}
+    return unit_dim % ndim in reduced
 
 
 def _only_scales(node) -> bool:
@@ -238,7 +256,13 @@ def _constant_path(norm_node) -> str | None:
     return None
 
 
-def _walk(start, members, names: dict, products: dict[int, bool] | None = None) -> str:
+def _walk(
+    start,
+    members,
+    names: dict,
+    products: dict[int, bool] | None = None,
+    unit_dim: int | None = None,
+) -> str:
     """Follow a site's output to its consumers.
 
     Returns "consumed" (some layer consumes the units: the site needs the gate), "covered" (the
@@ -251,13 +275,19 @@ def _walk(start, members, names: dict, products: dict[int, bool] | None = None) 
     (the units enter it linearly), False where an activation does. Two sites of one group that
     reach the same product are factors of it (a gated MLP's ``act(gate(x)) * up(x)``): one θ
     there gates the unit (``_one_gate_per_product`` in :mod:`compressdrop.gating.groups`).
+
+    ``unit_dim``: the dimension of the site's output that holds the units. A mean over it, reached
+    through element-wise operations only, blocks gating (the slim model would divide by fewer
+    units); after a reshape or transpose the dimension is not followed, and the check that
+    :func:`~compressdrop.prune` makes of the slim model against the masked one is what remains.
     """
-    stack = [(n, True, True) for n in start.outputs]  # (node, before any sum, linear so far)
+    # (node, before any sum, linear so far, units still along unit_dim)
+    stack = [(n, True, True, unit_dim is not None) for n in start.outputs]
     visited, consumed = set(), False
     if not start.outputs:
         return "output"
     while stack:
-        n, unsummed, linear = stack.pop()
+        n, unsummed, linear, layout = stack.pop()
         if id(n) in visited:
             continue
         visited.add(id(n))
@@ -269,7 +299,7 @@ def _walk(start, members, names: dict, products: dict[int, bool] | None = None) 
             consumed = True
             continue
         if isinstance(m, nn.PReLU):
-            stack.extend((o, unsummed, False) for o in n.outputs)
+            stack.extend((o, unsummed, False, layout) for o in n.outputs)
             continue
         if _is_scale_activation(n) and _only_scales(n):
             continue  # squeeze-excitation: these units only scale units of the same group
@@ -304,9 +334,15 @@ def _walk(start, members, names: dict, products: dict[int, bool] | None = None) 
             pass  # x ** p maps 0 to 0 for p > 0 (the cube in GPT-2's tanh GELU)
         elif op not in _ZERO_PRESERVING and not structural:
             return f"its units pass through {op}, which does not map 0 to 0"
+        if op == "Mean" and layout and _averages_units(grad_fn, unit_dim):  # type: ignore[arg-type]
+            return (
+                "its units are averaged together (a mean over their dimension), so removing one "
+                "would change the mean"
+            )
         if op == "Mul" and unsummed and products is not None:
             products[id(n)] = linear
         unsummed = unsummed and op not in ("Add", "Sub", "Cat")
         linear = linear and (structural or op.startswith(_PASS_THROUGH))
-        stack.extend((o, unsummed, linear) for o in n.outputs)
+        layout = layout and op in _SAME_LAYOUT
+        stack.extend((o, unsummed, linear, layout) for o in n.outputs)
     return "consumed" if consumed else "covered"
