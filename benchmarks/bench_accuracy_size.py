@@ -360,6 +360,8 @@ def cmd_report(args) -> None:
     name = f"accuracy_size_{args.net}" + (
         "" if seeds == [0] else "_seeds" + "".join(map(str, seeds))
     )
+    if args.select_against == DENSE_FULL:
+        name += "_vs_dense_full"
     save(
         name,
         {"args": vars(args), "seeds": seeds, "rows": rows, "aggregate": agg, "jobs": search,
