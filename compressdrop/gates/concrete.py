@@ -129,7 +129,7 @@ class ConcreteGate(Gate):
             torch.full((num_units,), math.log((1 - init_drop) / init_drop))
         )
 
-    _bank_params = ("keep_logit",)  # compressdrop.gates.bank: sample and KL as they are
+    _bank_params = ("keep_logit",)  # compressdrop.gates.bank: the KL as it is
 
     def keep_prob(self) -> torch.Tensor:
         """The learned keep probability q per unit, in float64."""
@@ -220,7 +220,7 @@ class HardConcreteGate(Gate):
         la = self.log_alpha.double().clamp(*self.log_alpha_range)
         return HardConcrete(la, self.beta, self.gamma, self.zeta)
 
-    _bank_params = ("log_alpha",)  # compressdrop.gates.bank: sample and KL as they are
+    _bank_params = ("log_alpha",)  # compressdrop.gates.bank: the KL as it is
 
     def _log_alpha(self) -> torch.Tensor:
         """log α clamped to [−10, 10], in the parameters' dtype (float32 at least)."""

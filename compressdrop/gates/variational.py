@@ -79,18 +79,7 @@ class VariationalGate(Gate):
         """Molchanov's approximation of KL(N(μ, σ²) ‖ p) per unit (the class docstring)."""
         return self._out(MolchanovKL.apply(*self._training_params(), LOG_ALPHA_RANGE[1]))
 
-    # --- several gates as one (compressdrop.gates.bank) -----------------------------------------
-    _bank_params = ("mu", "log_sigma2")
-
-    @classmethod
-    def _bank_kl_per_unit(
-        cls, bank: list[VariationalGate], params: list[torch.Tensor]
-    ) -> torch.Tensor:
-        """:meth:`kl_per_unit` of the concatenated gates, one autograd node for all."""
-        mu, log_sigma2 = params
-        dtype = torch.promote_types(mu.dtype, torch.float32)
-        kl = MolchanovKL.apply(mu.to(dtype), log_sigma2.to(dtype), LOG_ALPHA_RANGE[1])
-        return bank[0]._out(kl)
+    _bank_params = ("mu", "log_sigma2")  # compressdrop.gates.bank: the KL as it is
 
     def prior(self) -> LogUniformImproper:
         """p(θ) ∝ 1/|θ|, the improper log-uniform prior."""
