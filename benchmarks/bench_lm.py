@@ -8,6 +8,10 @@ Python standard library's source, gated heads and MLP neurons against the same n
     # chosen among the runs that remove a quarter of the heads and a third of the neurons
     python benchmarks/bench_lm.py --seed 0 --betas 64 --head-scale 4 --tag hs4 --extra
     python benchmarks/bench_lm.py --summarize 0 1 2 --extra-tags hs4 --shares 0.25 0.33
+    # another gate family over the same dense runs (its runs named lm_extra_<family>_...)
+    python benchmarks/bench_lm.py --seed 0 --family hardconcrete --betas 32 --head-scale 4 \
+        --tag hs4 --extra --out /tmp/bench_lm_hc
+    python benchmarks/bench_lm.py --summarize 0 1 2 --family hardconcrete --extra-tags hs4
 
 Corpus: the ``*.py`` files of /usr/lib/python3.11 (Debian's libpython3.11-minimal/-stdlib) in
 path order up to 2 MB, split by file (hash order) 80/10/10 into train/validation/test; its size
@@ -243,14 +247,14 @@ def _base(args):
 def run_extra(args) -> None:
     """More β for a seed whose dense run is done: one JSON per run (``lm_extra_seedS_betaB``)."""
     ds, base = _base(args)
+    fam = _fam(args.family)
     for b in args.betas:
-        row = one_run(
-            base.override({"kl.beta": b}), ds, Path(args.out) / f"seed{args.seed}", f"beta{b:g}"
-        )
-        row["beta"], row["head_scale"] = b, args.head_scale
+        label = f"{args.family}-beta{b:g}" if fam else f"beta{b:g}"
+        row = one_run(base.override({"kl.beta": b}), ds, Path(args.out) / f"seed{args.seed}", label)
+        row["beta"], row["head_scale"], row["family"] = b, args.head_scale, args.family
         print(
             save(
-                f"lm_extra{_tag(args)}_seed{args.seed}_beta{b:g}",
+                f"lm_extra{fam}{_tag(args)}_seed{args.seed}_beta{b:g}",
                 {"command": " ".join(sys.argv), **row},
             )
         )
@@ -275,6 +279,11 @@ def run_seed(args) -> dict[str, Any]:
         "runs": runs,
         "chosen_beta": chosen["beta"] if chosen else None,
     }
+
+
+def _fam(family: str) -> str:
+    """The results-name infix of a gate family: empty for log-normal (the first one run)."""
+    return "" if family == "lognormal" else f"_{family}"
 
 
 def _tag(args) -> str:
@@ -306,10 +315,14 @@ def summarize(
     results = Path(__file__).parent / "results"
     per_seed = []
     for s in seeds:
-        d = json.loads((results / f"lm_{family}{tag}_seed{s}.json").read_text())
-        runs = list(d["runs"])
+        # the dense net has no gates: a family run with --extra only shares log-normal's
+        own = results / f"lm_{family}{tag}_seed{s}.json"
+        d = json.loads(
+            (own if own.exists() else results / f"lm_lognormal{tag}_seed{s}.json").read_text()
+        )
+        runs = list(d["runs"]) if own.exists() else []
         for t in (tag, *(f"_{e}" for e in extra_tags)):
-            for f in sorted(results.glob(f"lm_extra{t}_seed{s}_beta*.json")):
+            for f in sorted(results.glob(f"lm_extra{_fam(family)}{t}_seed{s}_beta*.json")):
                 runs.append(json.loads(f.read_text()))
         per_seed.append((s, d["dense"], runs))
     grid = set.intersection(*({_config(r) for r in runs} for _, _, runs in per_seed))
