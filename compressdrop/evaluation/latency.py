@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 __all__ = ["LatencyReport", "ort_latency", "torch_latency"]
 
 
@@ -40,15 +42,26 @@ def ort_latency(
     provider: str = "auto",
     warmup: int = 10,
     repeats: int = 50,
+    length: int | None = None,
 ) -> LatencyReport:
-    """Time ``repeats`` runs of the ONNX model on a random float32 batch (after ``warmup`` runs)."""
+    """Time ``repeats`` runs of the ONNX model on a random batch (after ``warmup`` runs).
+
+    Every input of the model is fed: floating-point inputs with standard normal values, integer
+    inputs (token ids, attention masks) with ones (an id every vocabulary of two or more has; a
+    mask that keeps every position), boolean inputs with ``True``.
+
+    Args:
+        length: the size of every dynamic dimension after the batch (a sequence model exported
+            with dynamic lengths); ``None`` where the model has none.
+
+    Raises:
+        InputError: an input has a dynamic dimension beyond the batch and ``length`` is
+            ``None``, or a type this cannot fill (strings, complex numbers).
+    """
     from ..runtime import ort_session
 
     session, used = ort_session(path, provider, threads)
-    inp = session.get_inputs()[0]
-    shape = [batch_size] + [int(d) for d in inp.shape[1:]]
-    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    feed = {inp.name: x}
+    feed = _ort_feed(session.get_inputs(), batch_size, length)
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -59,6 +72,38 @@ def ort_latency(
     return _summary(times, batch_size, threads, used)
 
 
+_ORT_FLOATS = {"tensor(float)": np.float32, "tensor(double)": np.float64,
+               "tensor(float16)": np.float16}  # fmt: skip
+
+
+def _ort_feed(inputs: list, batch_size: int, length: int | None) -> dict[str, np.ndarray]:
+    """One random batch for onnxruntime inputs ``inputs`` (see :func:`ort_latency`)."""
+    rng = np.random.default_rng(0)
+    feed = {}
+    for inp in inputs:
+        shape = [batch_size]
+        for i, d in enumerate(inp.shape[1:], 1):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif length is not None:
+                shape.append(length)
+            else:
+                raise InputError(
+                    f"input {inp.name!r} has a dynamic dimension {i} ({d!r}): pass its size "
+                    "as length=..."
+                )
+        kind = inp.type
+        if kind in _ORT_FLOATS:
+            feed[inp.name] = rng.standard_normal(shape).astype(_ORT_FLOATS[kind])
+        elif kind.startswith(("tensor(int", "tensor(uint")):
+            feed[inp.name] = np.ones(shape, dtype=np.dtype(kind[len("tensor(") : -1]))
+        elif kind == "tensor(bool)":
+            feed[inp.name] = np.ones(shape, dtype=bool)
+        else:
+            raise InputError(f"input {inp.name!r} is a {kind}, which a latency run cannot fill")
+    return feed
+
+
 def torch_latency(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -67,9 +112,18 @@ def torch_latency(
     warmup: int = 10,
     repeats: int = 50,
 ) -> LatencyReport:
-    """Time ``repeats`` eval forwards of ``model`` on a random batch, synchronizing CUDA."""
+    """Time ``repeats`` eval forwards of ``model`` on a random batch like ``example_input``
+    (standard normal floats; integer token ids below the largest in ``example_input`` plus one),
+    synchronizing CUDA."""
     device = next(model.parameters()).device
-    x = torch.randn(batch_size, *example_input.shape[1:], device=device)
+    shape = (batch_size, *example_input.shape[1:])
+    if example_input.is_floating_point():
+        x = torch.randn(shape, dtype=example_input.dtype, device=device)
+    elif example_input.dtype == torch.bool:
+        x = torch.ones(shape, dtype=torch.bool, device=device)
+    else:
+        high = int(example_input.max()) + 1 if example_input.numel() else 1
+        x = torch.randint(0, high, shape, dtype=example_input.dtype, device=device)
     was = model.training
     model.eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
