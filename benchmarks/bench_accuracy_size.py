@@ -30,7 +30,8 @@ are given a test accuracy; the validation numbers of every job are in the JSON. 
 seed (the recipe runner splits with the recipe's seed, so the dense net, the gated jobs, the
 Torch-Pruning jobs and the selection all see the same split). Latency: onnxruntime CPU
 provider, 2 threads, at the --latency-batches (1 and 256 by default; the speed-up column is at
-the last), median over repeats, the least of three sessions, on the machine that runs the report.
+the last), on the machine that runs the report: a seed's models take turns over five rounds, one
+session each a round, and a model's time is the median over the rounds of its sessions' medians.
 
 Nets: lenet5 and lenet300 (their shipped recipe per family), vit (``build_model("vit")``; the
 ``vit-lognormal`` recipe with each family swapped in). On the ViT, Torch-Pruning 1.6.1 prunes
@@ -210,16 +211,28 @@ def _recipe(net: str, family: str):
     return load_recipe(f"{net}-lognormal").override({"gates.family": family})
 
 
-def _latency(model, example, path: Path, batches: list[int]) -> dict[int, float]:
-    export_onnx(model, example, path, check_batch_sizes=(1, 7))
-    # the least of three sessions' medians: a transient load on a shared machine only slows one
-    return {
-        b: min(
-            ort_latency(path, b, threads=2, provider="cpu", repeats=50 if b == 1 else 20).median_ms
-            for _ in range(3)
-        )
-        for b in batches
-    }
+def _train_seconds(record: dict) -> float:
+    """A job's training wall time; for a job resumed after a kill (whose ``train_seconds`` counts
+    only the resumed part) the sum of its run's epoch times (``report.json``'s history)."""
+    if not record.get("resumed"):
+        return record["train_seconds"]
+    report = json.loads((RESULTS / record["path"]).with_name("report.json").read_text())
+    return sum(h["seconds"] for h in report["history"])
+
+
+def _latencies(paths: dict[str, Path], batches: list[int], rounds: int = 5) -> dict[str, dict]:
+    """Per model and batch size, milliseconds a batch: the models take turns, ``rounds`` rounds
+    (the order reversed every other round), one session each a round; a model's time is the median
+    over the rounds of its sessions' medians, so that a change of load hits every model alike."""
+    ms: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in paths}
+    for r in range(rounds):
+        for k in list(paths) if r % 2 == 0 else list(paths)[::-1]:
+            for b in batches:
+                rep = ort_latency(
+                    paths[k], b, threads=2, provider="cpu", repeats=50 if b == 1 else 20
+                )
+                ms[k][b].append(rep.median_ms)
+    return {k: {b: statistics.median(t) for b, t in per.items()} for k, per in ms.items()}
 
 
 def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[dict]]:
@@ -233,7 +246,6 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
     d_flops, d_val = count_flops(dense, example), evaluate(dense, val.x_test, val.y_test).accuracy
     batches = args.latency_batches
     big = batches[-1]
-    lat = _latency(dense, example, runs / "dense.onnx", batches)
     dense_row = {
         "key": "dense",
         "method": "dense",
@@ -244,8 +256,6 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
         "params": count_params(dense),
         "FLOPs": d_flops,
         "FLOPs ×": 1.0,
-        **{f"ms@{b}": lat[b] for b in batches},
-        "speed-up": 1.0,
     }
     rows, chosen = [dense_row], []
     ref_val = d_val  # the validation accuracy a chosen β must keep within 1 point of
@@ -270,9 +280,15 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
         key=lambda r: (r["job"].rsplit("-r", 1)[0], r["target_ratio"]),
     )
     controls = [{**r, "key": DENSE_FULL} for r in records if r["method"] == DENSE_FULL]
-    for r in controls + chosen + peers:
-        model = load_model(RESULTS / r["path"]).eval()
-        lat = _latency(model, example, runs / f"{r['job']}.onnx", batches)
+    picked = controls + chosen + peers
+    models = {"dense": dense} | {r["job"]: load_model(RESULTS / r["path"]).eval() for r in picked}
+    onnx = {k: runs / f"{k}.onnx" for k in models}
+    for k, m in models.items():
+        export_onnx(m, example, onnx[k], check_batch_sizes=(1, 7))
+    lat = _latencies(onnx, batches)
+    dense_row |= {**{f"ms@{b}": lat["dense"][b] for b in batches}, "speed-up": 1.0}
+    for r in picked:
+        model = models[r["job"]]
         if r["method"] == DENSE_FULL:
             label = f"dense, {r['epochs']} epochs (no pruning)"
         elif "beta" in r:
@@ -292,9 +308,9 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
                 "params": r["params"],
                 "FLOPs": r["flops"],
                 "FLOPs ×": d_flops / r["flops"],
-                **{f"ms@{b}": lat[b] for b in batches},
-                "speed-up": dense_row[f"ms@{big}"] / lat[big],
-                "train s": r["train_seconds"],
+                **{f"ms@{b}": lat[r["job"]][b] for b in batches},
+                "speed-up": dense_row[f"ms@{big}"] / lat[r["job"]][big],
+                "train s": _train_seconds(r),
                 "trained on": r["device"],
                 "reached": r.get("target_reached", True),
             }
