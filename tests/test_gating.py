@@ -71,16 +71,20 @@ def test_residual_stream_shares_one_gate_and_draws_one_sample_per_forward():
     assert shared
     sites = [s for _, s in cd.gating.sites(model) if s.gate is shared[0]]
     assert len(sites) >= 2
-    draws = []
-    hooks = [
-        s.gate.register_forward_hook(lambda m, i, o: draws.append(m._sample.clone())) for s in sites
-    ]
+    draws: list[torch.Tensor] = []
+    method = shared[0]._training_sample
+
+    def record(batch: int) -> torch.Tensor:
+        theta = method(batch)
+        draws.append(theta.detach().clone())
+        return theta
+
+    shared[0]._training_sample = record
     model(input_for(model, 3))
-    for h in hooks:
-        h.remove()
-    assert all(torch.equal(d, draws[0]) for d in draws)
+    first = list(draws)
+    assert len(first) == len(sites) and all(torch.equal(d, first[0]) for d in first)
     model(input_for(model, 3))
-    assert not torch.equal(shared[0]._sample, draws[0])  # a new forward, a new θ
+    assert not torch.equal(draws[-1], first[0])  # a new forward, a new θ
 
 
 def test_functional_model_gets_gates_on_every_hidden_unit_group():

@@ -13,6 +13,7 @@ from torch.distributions import Distribution, kl_divergence
 
 from ..errors import InputError
 from ._mul import gate_multiply
+from ._replay import new_seed, replay
 from .shard import _NOISE_SHARD, _OPEN_SHARDS, noise_shard
 
 __all__ = ["Gate", "noise_shard"]
@@ -57,8 +58,11 @@ class Gate(nn.Module):
     their KL are computed as one for all of them (:mod:`compressdrop.gates.bank`).
 
     When one gate serves several sites of a coupled group (a residual stream, say), every site in a
-    forward pass must see the same θ: the first site samples and the others reuse the sample until
-    ``clear_sample`` runs (attach registers a forward pre-hook on the root model that calls it).
+    forward pass must see the same θ: each site draws it from a stream started at the gate's seed
+    for that pass, which ``reseed`` takes (attach registers a forward pre-hook on the root model
+    that calls it), so that activation checkpointing recomputes the same draws
+    (:mod:`compressdrop.gates._replay`). Under ``torch.compile`` the first site's θ is reused until
+    ``clear_sample`` runs.
     """
 
     family: ClassVar[str] = ""
@@ -77,8 +81,9 @@ class Gate(nn.Module):
         self.register_buffer("unit_cost", torch.ones(num_units))
         self.register_buffer("pruned", torch.zeros(num_units, dtype=torch.bool))
         self.shared = False
-        self._sample: torch.Tensor | None = None
+        self._sample: torch.Tensor | None = None  # under torch.compile only
         self._sample_batch = 0
+        self._seed: int | None = None
         self._any_pruned: tuple[tuple[int, int] | None, bool] = (None, True)
         self._cache: tuple[tuple, dict[str, Any]] | None = None
 
@@ -146,6 +151,7 @@ class Gate(nn.Module):
         state.setdefault("_cache", None)
         state.setdefault("noise", "example")
         state.setdefault("_sample_batch", 0)
+        state.setdefault("_seed", None)
         state.setdefault("_any_pruned", (None, True))
         super().__setstate__(state)
 
@@ -281,10 +287,15 @@ class Gate(nn.Module):
         ``noise="batch"``; a shared gate's sites reuse one draw per forward pass."""
         if not self.shared:
             return self._draw(batch)
-        if self._sample is None or self._sample_batch != batch:
-            self._sample = self._draw(batch)
-            self._sample_batch = batch
-        return self._sample
+        if torch.compiler.is_compiling():  # one traced draw, reused by the other sites
+            if self._sample is None or self._sample_batch != batch:
+                self._sample = self._draw(batch)
+                self._sample_batch = batch
+            return self._sample
+        if self._seed is None:  # no pre-hook ran: the first site takes the seed
+            self.reseed()
+        with replay(self._seed, self.pruned.device):  # type: ignore[arg-type]
+            return self._draw(batch)
 
     def _draw(self, batch: int) -> torch.Tensor:
         per_batch = self.noise == "batch"
@@ -336,8 +347,16 @@ class Gate(nn.Module):
         return new
 
     def clear_sample(self) -> None:
-        """Forget the θ that a shared gate's sites reuse, so that the next site draws afresh."""
+        """Forget the θ (the seed) that a shared gate's sites share, so that the next site draws
+        afresh."""
         self._sample = None
+        self._seed = None
+
+    def reseed(self) -> None:
+        """Start a shared gate's forward pass: take the seed every site draws its θ from (one draw
+        of the CPU's global random stream)."""
+        self._sample = None
+        self._seed = new_seed()
 
     def extra_repr(self) -> str:
         noise = "" if self.noise == "example" else f", noise={self.noise!r}"

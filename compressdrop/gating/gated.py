@@ -146,10 +146,16 @@ class HeadGated(Gated):
 
 
 def _clear_gate_samples(module: nn.Module, _args: Any) -> None:
-    """Forward pre-hook on the root: shared gates draw a fresh θ once per forward pass."""
+    """Forward pre-hook on the root: each shared gate a fresh θ for this forward pass (its seed,
+    taken here, outside any checkpointed segment: gates/_replay.py)."""
     gates = [m for m in module.modules() if isinstance(m, Gate)]
+    compiling = torch.compiler.is_compiling()
     for g in gates:
-        if g.shared:
+        if not g.shared:
+            continue
+        if g.training and not compiling:
+            g.reseed()
+        else:
             g.clear_sample()
     if module.training:  # each family's per-step terms, once for all of its gates
         bank.prime(gates)
