@@ -134,3 +134,28 @@ def test_gated_lstm_trains_and_prunes_on_cuda():
     with torch.no_grad():
         compressdrop.mask_(net)
         torch.testing.assert_close(slim(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_shared_gate_replays_its_draws_on_cuda(reentrant):
+    """gates/_replay.py on a CUDA device: one θ at every site, the plain run's gradients under
+    activation checkpointing, and the CUDA random stream left where it was."""
+    from tests.test_shared_gate_draws import _gated
+
+    model = _gated("lognormal").cuda()
+    model.segments = "stem and first block"
+    results = []
+    for mode in (None, reentrant):
+        model.reentrant = mode
+        model.zero_grad()
+        torch.manual_seed(1)
+        x = torch.randn(4, 1, 6, 6, device="cuda", requires_grad=True)
+        before = torch.cuda.get_rng_state()
+        loss = model(x).square().mean() + compressdrop.kl(model) / 100
+        loss.backward()
+        # the only gate is the shared one: its sites drew from their own stream
+        assert torch.equal(torch.cuda.get_rng_state(), before)
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
