@@ -41,6 +41,9 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def _transformers():
+    from ._torchvision import import_torchvision
+
+    import_torchvision()  # transformers imports it when installed: a mismatched build must load
     try:
         import transformers
     except ImportError:

@@ -362,3 +362,21 @@ def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", LOAD_SLIM, *args], check=True, timeout=300)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), slim(ids).logits)
+
+
+def test_a_fresh_process_builds_a_hf_model_whatever_torchvision_build_is_installed():
+    """transformers imports torchvision when installed; a build for another torch (the CUDA
+    torchvision pip puts beside this project's CPU torch) failed that import, and with it every
+    model class ("Could not import module 'GPT2LMHeadModel'"), in the CLI too. The tests' own
+    process imports torchvision first (conftest.py), so this runs in a fresh one."""
+    import subprocess
+    import sys
+
+    code = (
+        "from compressdrop.models import build_model; "
+        "m = build_model('hf-causal-lm', (8,), 32, model_type='gpt2', n_layer=1, n_embd=8, "
+        "n_head=2); print(type(m).__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "GPT2LMHeadModel"

@@ -4,9 +4,9 @@ torchvision is a test dependency (the ``dev`` extra). The release made for the C
 README installs (torchvision 0.28.0 beside torch 2.13.0) is a CUDA build: its compiled ops
 (``torchvision/_C.so``) need ``libtorch_cuda.so`` and do not load, which torchvision tolerates,
 except that its import then registers fake kernels for two ops nobody defined and fails
-(``operator torchvision::nms does not exist``). :func:`import_torchvision` declares those two op
-schemas (no kernel: calling them raises) and imports it again. The model definitions are plain
-Python and need none of the compiled ops (detection's NMS and RoI pooling do).
+(``operator torchvision::nms does not exist``). :func:`import_torchvision` goes through
+compressdrop's shim, which declares those two op schemas (no kernel: calling them raises) and
+imports it again. The model definitions are plain Python and need none of the compiled ops.
 
 Each family is built from its own torchvision class, small where the class takes sizes (a few
 layers, narrow widths, 32×32 inputs), at the standard size where it does not (AlexNet, VGG-11-BN,
@@ -17,39 +17,32 @@ ViT head (zeros) is drawn from N(0, 0.02), and ConvNeXt's layer scale starts at 
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import nn
 
-_SCHEMAS = (
-    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-)
-_LIB: list[torch.library.Library] = []  # kept alive: dropping a Library removes its definitions
-
 
 def import_torchvision() -> ModuleType:
-    """``import torchvision``, declaring the two op schemas its import needs when ``_C`` fails.
-
-    tests/conftest.py calls it first, so that a library that imports torchvision itself
-    (torchmetrics, under lightning) finds it imported.
-    """
-    try:
-        return importlib.import_module("torchvision")
-    except RuntimeError as e:
-        if "torchvision::nms does not exist" not in str(e):
-            raise
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    lib = torch.library.Library("torchvision", "DEF")
-    for schema in _SCHEMAS:
-        lib.define(schema)
-    _LIB.append(lib)
-    return importlib.import_module("torchvision")
+    """``import torchvision``, through compressdrop's shim for a build whose ``_C`` fails
+    (``compressdrop/_torchvision.py``, loaded from its file: the child processes that check that a
+    slim model loads without compressdrop use it too). tests/conftest.py calls it first, so that a
+    library that imports torchvision itself (torchmetrics, under lightning) finds it imported."""
+    path = Path(__file__).resolve().parents[1] / "compressdrop" / "_torchvision.py"
+    spec = importlib.util.spec_from_file_location("_torchvision_shim", path)
+    assert spec is not None and spec.loader is not None
+    shim = sys.modules.get("_torchvision_shim") or importlib.util.module_from_spec(spec)
+    if "_torchvision_shim" not in sys.modules:
+        sys.modules["_torchvision_shim"] = shim
+        spec.loader.exec_module(shim)
+    tv = shim.import_torchvision()
+    if tv is None:
+        raise ModuleNotFoundError("torchvision is a test dependency: pip install -e '.[dev]'")
+    return tv
 
 
 def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:

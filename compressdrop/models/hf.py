@@ -39,6 +39,9 @@ def hf_causal_lm(
     Example:
         >>> lm = hf_causal_lm((64,), 256, "gpt2", n_layer=2, n_embd=64, n_head=4)  # doctest: +SKIP
     """
+    from .._torchvision import import_torchvision
+
+    import_torchvision()  # transformers imports it when installed: a mismatched build must load
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:

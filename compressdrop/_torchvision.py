@@ -1,0 +1,48 @@
+"""``import torchvision`` where its compiled ops do not load, for the libraries that import it.
+
+A torchvision wheel built for another torch (the CUDA build beside a CPU torch, as pip resolves
+``torchvision`` next to ``torch==2.13.0`` on this project's machines) cannot load its compiled ops
+(``torchvision/_C.so``). torchvision tolerates that, except that its import then registers fake
+kernels for two ops nobody defined and fails (``operator torchvision::nms does not exist``).
+Hugging Face transformers imports torchvision when it is installed, so every model class it
+resolves failed with it ("Could not import module 'GPT2LMHeadModel'"). :func:`import_torchvision`
+declares those two op schemas (no kernel: calling them raises) and imports torchvision again;
+its model definitions are plain Python and need none of the compiled ops (detection's NMS and
+RoI pooling do). Where torchvision is missing or imports cleanly, nothing is declared.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from types import ModuleType
+
+import torch
+
+__all__: list[str] = []  # internal: the Hugging Face loaders and the tests call it
+
+_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+_LIB: list[torch.library.Library] = []  # kept alive: dropping a Library removes its definitions
+
+
+def import_torchvision() -> ModuleType | None:
+    """torchvision, imported (the two op schemas declared first if its ``_C`` failed); ``None``
+    where it is not installed."""
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        return None
+    try:
+        return importlib.import_module("torchvision")
+    except RuntimeError as e:
+        if "torchvision::nms does not exist" not in str(e):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")
+    for schema in _SCHEMAS:
+        lib.define(schema)
+    _LIB.append(lib)
+    return importlib.import_module("torchvision")
