@@ -351,6 +351,7 @@ def summarize(
                 + ("" if _config(r) in grid else " (this seed only)"),
                 "heads": r["heads"], "neurons": r["neurons"], "val bpb": r["val_bpb"],
                 "test bpb": r["test_bpb"], "kFLOPs/token": r["flops_per_token"] / 1e3,
+                "FLOPs ×": r["flops_reduction"],
                 "test vs dense": f"{r['test_bpb'] / dense['test_bpb'] - 1:+.1%}",
             })  # fmt: skip
     cols = [
@@ -362,6 +363,7 @@ def summarize(
         "test bpb",
         "test vs dense",
         "kFLOPs/token",
+        "FLOPs ×",
     ]
     print(markdown_table(rows, cols))
 
@@ -377,10 +379,9 @@ def summarize(
         print("worse than dense", ms([c["test_bpb"] / d["test_bpb"] - 1 for d, c in picked]))
         print("heads removed", ms([c["heads_removed"] for _, c in picked]))
         print("neurons removed", ms([c["neurons_removed"] for _, c in picked]))
-        print(
-            "FLOPs/token reduction",
-            ms([d["flops_per_token"] / c["flops_per_token"] for d, c in picked]),
-        )
+        # each run's own reduction (its report's dense and slim counted alike: runs from before
+        # the count_flops fix of 2026-12-05 leave the attention scores out of both)
+        print("FLOPs/token reduction", ms([c["flops_reduction"] for _, c in picked]))
     _summarize_tp(results, seeds, dict(zip(seeds, (d for d, _ in chosen))), ms)
 
 
