@@ -56,13 +56,13 @@ import torch.nn.functional as F
 
 from compressdrop.checkpoint import build_arch, load_model, save_model
 from compressdrop.data import load_dataset
-from compressdrop.evaluation import count_flops, count_params, evaluate, ort_latency
+from compressdrop.evaluation import count_flops, count_params, evaluate
 from compressdrop.export import export_onnx
 from compressdrop.recipes import StageConfig, list_recipes, load_recipe
 from compressdrop.training.runner import run_recipe, seed_everything
 
 import tp_baselines
-from common import RESULTS, markdown_table, save
+from common import RESULTS, markdown_table, ort_in_turns, save
 
 FAMILIES = ("lognormal", "variational", "concrete", "hardconcrete")
 # job: the dense net trained on for --sparsify epochs at 1e-3 and --finetune at 3e-4 (the gated
@@ -221,18 +221,13 @@ def _train_seconds(record: dict) -> float:
 
 
 def _latencies(paths: dict[str, Path], batches: list[int], rounds: int = 5) -> dict[str, dict]:
-    """Per model and batch size, milliseconds a batch: the models take turns, ``rounds`` rounds
-    (the order reversed every other round), one session each a round; a model's time is the median
-    over the rounds of its sessions' medians, so that a change of load hits every model alike."""
-    ms: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in paths}
-    for r in range(rounds):
-        for k in list(paths) if r % 2 == 0 else list(paths)[::-1]:
-            for b in batches:
-                rep = ort_latency(
-                    paths[k], b, threads=2, provider="cpu", repeats=50 if b == 1 else 20
-                )
-                ms[k][b].append(rep.median_ms)
-    return {k: {b: statistics.median(t) for b, t in per.items()} for k, per in ms.items()}
+    """Per model and batch size, milliseconds a batch: the median over ``rounds`` rounds in which
+    the models take turns (``common.ort_in_turns``)."""
+    lat: dict[str, dict[int, float]] = {k: {} for k in paths}
+    for b in batches:
+        for k, t in ort_in_turns(paths, b, rounds, repeats=50 if b == 1 else 20).items():
+            lat[k][b] = statistics.median(t)
+    return lat
 
 
 def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[dict]]:

@@ -245,7 +245,8 @@ def _base(args):
 
 
 def run_extra(args) -> None:
-    """More β for a seed whose dense run is done: one JSON per run (``lm_extra_seedS_betaB``)."""
+    """More β for a seed whose dense run is done: one JSON per run (``lm_extra_seedS_betaB``;
+    another family's ``lm_extra_<family>_seedS_betaB``, with ``--tag`` after the family)."""
     ds, base = _base(args)
     fam = _fam(args.family)
     for b in args.betas:

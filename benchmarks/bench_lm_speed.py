@@ -30,12 +30,12 @@ import_torchvision()  # transformers imports torchvision (see tests/torchvision_
 import torch  # noqa: E402
 
 from compressdrop.checkpoint import load_model  # noqa: E402
-from compressdrop.evaluation import count_flops, ort_latency  # noqa: E402
+from compressdrop.evaluation import count_flops  # noqa: E402
 from compressdrop.export import export_onnx  # noqa: E402
 from compressdrop.models import build_model  # noqa: E402
 from compressdrop.recipes import load_recipe  # noqa: E402
 
-from common import machine, save  # noqa: E402
+from common import machine, ort_in_turns, save  # noqa: E402
 
 CONTEXT = 128
 
@@ -60,13 +60,7 @@ def main() -> None:
             onnx[k] = Path(tmp) / f"m{i}.onnx"
             export_onnx(m, torch.randint(0, 256, (2, CONTEXT)), onnx[k], check_batch_sizes=(1, 7))
         for batch in args.batches:
-            ms: dict[str, list[float]] = {k: [] for k in models}
-            for r in range(args.rounds):
-                for k in list(models) if r % 2 == 0 else list(models)[::-1]:
-                    rep = ort_latency(
-                        onnx[k], batch, threads=2, provider="cpu", warmup=2, repeats=args.repeats
-                    )
-                    ms[k].append(rep.median_ms)
+            ms = ort_in_turns(onnx, batch, args.rounds, args.repeats, warmup=2)
             base = statistics.median(ms["dense"])
             for k, t in ms.items():
                 med = statistics.median(t)

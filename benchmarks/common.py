@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from compressdrop.evaluation import ort_latency
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -43,3 +45,19 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def ort_in_turns(
+    paths: dict[str, Path], batch: int, rounds: int, repeats: int, warmup: int = 10
+) -> dict[str, list[float]]:
+    """Milliseconds a batch of each ONNX model in ``paths``, one value a round: the models take
+    turns (the order reversed every other round), one onnxruntime session each a round (CPU, 2
+    threads, the median of ``repeats`` runs), so that a change of load hits every model alike."""
+    ms: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(rounds):
+        for k in list(paths) if r % 2 == 0 else list(paths)[::-1]:
+            rep = ort_latency(
+                paths[k], batch, threads=2, provider="cpu", warmup=warmup, repeats=repeats
+            )
+            ms[k].append(rep.median_ms)
+    return ms
