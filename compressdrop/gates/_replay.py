@@ -42,7 +42,7 @@ def replay(seed: int, device: torch.device) -> Iterator[None]:
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(seed)
             yield
-    else:
+    else:  # mps, xpu, ...: that device type's own generator (torch.manual_seed would reseed CUDA)
         with torch.random.fork_rng(device_type=device.type):
-            torch.manual_seed(seed)
+            getattr(torch, device.type).manual_seed(seed)
             yield
