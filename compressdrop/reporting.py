@@ -145,13 +145,16 @@ def prune_text(result: Any, source: str, out: str) -> None:
 def sweep_text(res: dict[str, Any], batch: int, threads: int | None) -> None:
     """The table of a threshold sweep, the dense reference and the files, on stdout."""
     rows = res["rows"]
+    text = rows[0].get("bits_per_byte") is not None  # byte-level text: bits per byte, not accuracy
     _table(
         f"sweep of {res['title']} ({rows[0]['device']}, onnxruntime {rows[0]['provider']}, "
         f"batch {batch}, threads {threads or 'default'})",
-        ("threshold", "units", "test acc", "NLL", "params", "FLOPs", "ONNX bytes", "latency ms")
+        ("threshold", "units", "bits/byte" if text else "test acc", "NLL")
+        + ("params", "FLOPs", "ONNX bytes", "latency ms")
         + ("Pareto",),
         [
-            [f"{r['threshold']:.4g}", r["architecture"], f"{r['accuracy']:.4f}", f"{r['nll']:.4f}"]
+            [f"{r['threshold']:.4g}", r["architecture"]]
+            + [f"{r['bits_per_byte' if text else 'accuracy']:.4f}", f"{r['nll']:.4f}"]
             + [f"{r['params']:,}", f"{r['flops']:,}", f"{r['onnx_bytes']:,}"]
             + [f"{r['latency_ms']:.3f}", "*" if r["pareto"] else ""]
             for r in rows
@@ -159,8 +162,13 @@ def sweep_text(res: dict[str, Any], batch: int, threads: int | None) -> None:
     )
     dense = res["dense"]
     if dense is not None:
+        quality = (
+            f"test bits/byte {dense['test_bits_per_byte']:.4f}"
+            if text and "test_bits_per_byte" in dense
+            else f"test acc {dense['test_accuracy']:.4f}"
+        )
         print(
-            f"dense model before gating: test acc {dense['test_accuracy']:.4f}, "
+            f"dense model before gating: {quality}, "
             f"{dense['params']:,} params, {dense['flops']:,} FLOPs"
         )
     print(f"wrote {', '.join(res['files'].values())}")

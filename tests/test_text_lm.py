@@ -115,7 +115,7 @@ def test_per_token_loss_and_metrics():
         logits_of("text")
 
 
-def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path):
+def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path, capsys):
     pytest.importorskip("transformers")
     from compressdrop.checkpoint import load_model
     from compressdrop.recipes import load_recipe
@@ -169,3 +169,38 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path):
     res = evaluate_file(tmp_path / "run" / "slim.pt", recipe.data.name)
     assert res["bits_per_byte"] == pytest.approx(rep["slim"]["test_bits_per_byte"])
     assert res["n"] == ds.y_test.numel()
+    # a threshold sweep of the gated LM speaks in bits per byte: its rows, Pareto front, table
+    # and dense reference (issue 18 noticed it reporting accuracy and nats only)
+    from compressdrop.gating import named_gates
+    from compressdrop.reporting import sweep_text
+    from compressdrop.workflows import sweep_file
+
+    with pytest.warns(Warning, match="LayerNorm"):  # loading re-plans the gates: said again
+        gated = load_model(tmp_path / "run" / "gated.pt")
+    snr = torch.cat([g.snr().detach() for _, g in named_gates(gated)])
+    thr = [float(snr.quantile(q)) for q in (0.3, 0.7)]
+    with pytest.warns(Warning, match="LayerNorm"):  # the same plan as training's, said again
+        res = sweep_file(
+            tmp_path / "run" / "gated.pt",
+            recipe.data.name,
+            thresholds=thr,
+            out=tmp_path / "sw",
+            batch=4,
+            threads=1,
+        )
+    rows = res["rows"]
+    assert len(rows) == 3 and all(
+        r["bits_per_byte"] == pytest.approx(r["nll"] / math.log(2)) for r in rows
+    )
+    front = [r for r in rows if r["pareto"]]
+    assert front and all(  # no row beside the front is as small and has fewer bits per byte
+        not (o["flops"] <= r["flops"] and o["bits_per_byte"] < r["bits_per_byte"])
+        for r in front
+        for o in rows
+    )
+    assert res["dense"]["test_bits_per_byte"] == pytest.approx(rep["dense"]["test_bits_per_byte"])
+    sweep_text(res, 4, 1)
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "test acc" not in printed
+    assert f"test bits/byte {rep['dense']['test_bits_per_byte']:.4f}" in printed
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"

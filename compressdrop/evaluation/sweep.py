@@ -41,7 +41,14 @@ class SweepRow:
     threads: int
     provider: str
     device: str
+    #: the NLL in bits per token for byte-level text (bits per byte); None for a classifier
+    bits_per_byte: float | None = None
     pareto: bool = False
+
+    @property
+    def quality(self) -> float:
+        """What the Pareto front maximizes: accuracy, or minus the bits per byte for text."""
+        return self.accuracy if self.bits_per_byte is None else -self.bits_per_byte
 
 
 def default_thresholds(model: nn.Module, n: int = 10) -> list[float]:
@@ -77,12 +84,14 @@ def sweep(
     threads: int | None = None,
     repeats: int = 30,
     progress: Any = None,
+    text: bool = False,
 ) -> list[SweepRow]:
     """Build the slim model at each threshold and measure it.
 
-    Accuracy and NLL run in PyTorch on ``device``; latency runs the exported ONNX file in
-    onnxruntime (CUDA provider on a GPU, CPU otherwise) at ``latency_batch`` with ``threads``
-    intra-op threads. Row 0 is threshold 0: every unit kept, the unpruned reference.
+    Accuracy and NLL run in PyTorch on ``device``; with ``text`` (byte-level text: a token is a
+    byte) each row also carries the bits per byte, and the Pareto front is drawn on those.
+    Latency runs the exported ONNX file in onnxruntime (CUDA provider on a GPU, CPU otherwise) at
+    ``latency_batch`` with ``threads`` intra-op threads. Row 0 is threshold 0: every unit kept, the unpruned reference.
     """
     from ..export import export_onnx
     from ..pruning import PruneReport, PruningWarning, prune
@@ -126,6 +135,7 @@ def sweep(
                     units=rep.units_after,
                     accuracy=m.accuracy,
                     nll=m.nll,
+                    bits_per_byte=m.bits if text else None,
                     params=count_params(slim),
                     flops=count_flops(slim.cpu(), example),
                     onnx_bytes=exported.bytes,
@@ -138,7 +148,7 @@ def sweep(
             )
             if progress is not None:
                 progress(rows[-1])
-    flags = pareto_front([(r.flops, r.accuracy) for r in rows])
+    flags = pareto_front([(r.flops, r.quality) for r in rows])
     return [SweepRow(**{**asdict(r), "pareto": f}) for r, f in zip(rows, flags)]
 
 
@@ -170,9 +180,10 @@ def write_sweep(
 def plot_sweep(
     rows: list[SweepRow], path: str | Path, title: str = "", dense: dict[str, Any] | None = None
 ) -> None:
-    """Accuracy against parameters and against FLOPs (log scale), Pareto front joined and its
-    points labelled with their thresholds, the unpruned gated model (threshold 0) and, if given,
-    the dense model before gating (with a dashed line at its accuracy) as references."""
+    """Accuracy (bits per byte for text rows) against parameters and against FLOPs (log scale),
+    Pareto front joined and its points labelled with their thresholds, the unpruned gated model
+    (threshold 0) and, if given, the dense model before gating (with a dashed line at its value)
+    as references."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,6 +191,15 @@ def plot_sweep(
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     ref = rows[0]
+    text = ref.bits_per_byte is not None
+
+    def y(r: SweepRow) -> float:
+        return r.bits_per_byte if r.bits_per_byte is not None else 100 * r.accuracy
+
+    what = "test bits per byte (lower is better)" if text else "test accuracy (%)"
+    dense_y = None
+    if dense is not None:
+        dense_y = dense.get("test_bits_per_byte") if text else 100 * dense["test_accuracy"]
     for ax, key, label in (
         (axes[0], "params", "parameters"),
         (axes[1], "flops", "FLOPs per example"),
@@ -187,30 +207,30 @@ def plot_sweep(
         xs = [getattr(r, key) for r in rows]
         ax.scatter(
             xs[1:],
-            [100 * r.accuracy for r in rows[1:]],
+            [y(r) for r in rows[1:]],
             c="tab:blue",
             label="slim (threshold sweep)",
         )
         front = sorted(
-            (getattr(r, key), 100 * r.accuracy)
-            for r, flag in zip(rows, pareto_front([(getattr(r, key), r.accuracy) for r in rows]))
+            (getattr(r, key), y(r))
+            for r, flag in zip(rows, pareto_front([(getattr(r, key), r.quality) for r in rows]))
             if flag
         )
         ax.plot(*zip(*front), "-", c="tab:orange", label="Pareto front")
         ax.scatter(
             [getattr(ref, key)],
-            [100 * ref.accuracy],
+            [y(ref)],
             marker="*",
             s=200,
             c="black",
             label="unpruned (threshold 0)",
             zorder=3,
         )
-        if dense is not None:
-            ax.axhline(100 * dense["test_accuracy"], ls="--", lw=1, c="grey")
+        if dense is not None and dense_y is not None:
+            ax.axhline(dense_y, ls="--", lw=1, c="grey")
             ax.scatter(
                 [dense[key]],
-                [100 * dense["test_accuracy"]],
+                [dense_y],
                 marker="D",
                 s=60,
                 c="grey",
@@ -222,17 +242,20 @@ def plot_sweep(
                 continue
             ax.annotate(
                 f"{r.threshold:.3g}",
-                (getattr(r, key), 100 * r.accuracy),
+                (getattr(r, key), y(r)),
                 fontsize=7,
                 textcoords="offset points",
                 xytext=(3, 3),
             )
         ax.set_xscale("log")
         ax.set_xlabel(label + " (log scale)")
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(what)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle((title + ": " if title else "") + "accuracy against size (labels: SNR threshold)")
+        ax.legend(fontsize=8, loc="upper right" if text else "lower right")
+    quality = "bits per byte" if text else "accuracy"
+    fig.suptitle(
+        (title + ": " if title else "") + f"{quality} against size (labels: SNR threshold)"
+    )
     with atomic_write(Path(path)) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

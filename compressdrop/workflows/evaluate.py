@@ -139,6 +139,7 @@ def sweep_file(
         latency_batch=batch,
         threads=threads,
         progress=progress,
+        text=ds.task == "lm",
     )
     meta = (getattr(model, "compressdrop_meta", None) or {}).get("meta") or {}
     dense = meta.get("dense")
