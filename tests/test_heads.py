@@ -325,4 +325,46 @@ def test_the_prunable_attention_computes_what_pytorch_does(batch_first, kdim):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         if want_w is not None:
             torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+        if kdim is None:  # self-attention: one product for q, k and v
+            torch.testing.assert_close(ours(q, q, q, **kwargs)[0], stock(q, q, q, **kwargs)[0])
     assert type(to_stock(ours)) is nn.MultiheadAttention
+
+
+def _transposes_onnxruntime_runs(path) -> list[list[int]]:
+    """The ``perm`` of every Transpose node left in onnxruntime's optimized graph of ``path``."""
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path.with_suffix(".ort.onnx"))
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    graph = onnx.load(so.optimized_model_filepath).graph
+    return [
+        list(a.ints)
+        for n in graph.node
+        if n.op_type == "Transpose"
+        for a in n.attribute
+        if a.name == "perm"
+    ]
+
+
+def test_exported_attention_leaves_onnxruntime_no_key_transpose(tmp_path):
+    """PyTorch's fused attention exports kᵀ as a Transpose that onnxruntime cannot fold into its
+    MatMul (on CPU it cost as much as the product, BENCHMARKS §1); export_onnx exports stock and
+    slim attention spelled out, and an attention with one head left moves no axis at all."""
+    torch.manual_seed(0)
+    model, ids = Encoder().eval(), _ids()
+    layers = model.encoder.layers
+    cd.export_onnx(model, ids[:2], tmp_path / "dense.onnx")  # compared with PyTorch inside
+    # the user's model is given back as it was: stock attention, its nested-tensor path on
+    assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in layers)
+    assert model.encoder.use_nested_tensor
+    perms = _transposes_onnxruntime_runs(tmp_path / "dense.onnx")
+    swaps_last_two = [p for p in perms if p[-2:] == [len(p) - 1, len(p) - 2]]
+    assert perms and not swaps_last_two  # the heads' split and merge only
+    for layer in layers:  # one head left in each layer
+        layer.self_attn = to_prunable(layer.self_attn)
+        layer.self_attn.remove_heads_(torch.tensor([2]))
+    model.encoder.use_nested_tensor = False
+    cd.export_onnx(model, ids[:2], tmp_path / "one_head.onnx")
+    assert _transposes_onnxruntime_runs(tmp_path / "one_head.onnx") == []

@@ -77,6 +77,43 @@ def _no_cache(model: nn.Module) -> Iterator[None]:
             config.use_cache = was  # type: ignore[union-attr]
 
 
+@contextlib.contextmanager
+def _spelled_out_attention(model: nn.Module) -> Iterator[None]:
+    """Every stock ``nn.MultiheadAttention`` in ``model`` swapped, for the export, for
+    compressdrop's drop-in subclass on the same parameters (put back afterwards).
+
+    PyTorch's fused attention exports through a decomposition of ``scaled_dot_product_attention``
+    that leaves kᵀ as a Transpose node onnxruntime cannot fold into its MatMul; on CPU that node
+    costs about as much as the product (BENCHMARKS §1, ``benchmarks/profile_vit_ort.py``). The
+    subclass spells the attention out when exported, so dense and slim models get the same graph.
+    Modules it cannot stand in for (``add_bias_kv``, ``add_zero_attn``) stay as they are.
+    """
+    from ..gating.attention import to_prunable, why_not_heads
+
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.MultiheadAttention and why_not_heads(child) is None
+    ]
+    nested = [  # the nested-tensor path hands the subclass tensors it does not take
+        m
+        for m in model.modules()
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)
+    ]
+    try:
+        for parent, name, child in swaps:
+            setattr(parent, name, to_prunable(child))
+        for m in nested:
+            m.use_nested_tensor = False
+        yield
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+        for m in nested:
+            m.use_nested_tensor = True
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -138,7 +175,12 @@ def export_onnx(
                 "check_lengths needs inputs with a sequence dimension (batch, length)"
             )
         dims[1] = torch.export.Dim("length", min=2, max=1 << 16)
-    with eval_on_cpu(model) as model_cpu, _no_cache(model_cpu), atomic_write(path) as tmp:
+    with (
+        eval_on_cpu(model) as model_cpu,
+        _no_cache(model_cpu),
+        _spelled_out_attention(model_cpu),
+        atomic_write(path) as tmp,
+    ):
         try:
             with _quiet_exporter():
                 program = torch.onnx.export(

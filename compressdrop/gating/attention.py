@@ -102,6 +102,12 @@ def nested_off(root: nn.Module) -> list[str]:
     return changed
 
 
+def _exporting() -> bool:
+    """Whether ``torch.export`` (and so the ONNX exporter) is tracing (False before torch 2.5)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
+
+
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean mask (True: not allowed, PyTorch's MultiheadAttention convention) as −inf/0."""
     if mask is None or mask.is_floating_point():
@@ -153,6 +159,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, b = self.inner_dim, self.in_proj_bias
+        if self.in_proj_weight is not None and query is key and key is value:
+            # self-attention: one product for q, k and v (one MatMul in the exported graph)
+            q, k, v = F.linear(query, self.in_proj_weight, b).split(n, dim=-1)
+            return q, k, v
         bq, bk, bv = (None, None, None) if b is None else b.split(n)
         if self.in_proj_weight is not None:
             wq, wk, wv = self.in_proj_weight.split(n)
@@ -183,8 +193,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         B, L, S, H, D = query.shape[0], query.shape[1], key.shape[1], self.num_heads, self.head_dim
+        # (B, L, H·D) to (B, H, L, D); one head left needs no transpose (none in the ONNX graph)
         q, k, v = (
-            t.unflatten(-1, (H, D)).transpose(1, 2) for t in self._project(query, key, value)
+            t.unsqueeze(1) if H == 1 else t.unflatten(-1, (H, D)).transpose(1, 2)
+            for t in self._project(query, key, value)
         )
         mask = _additive(attn_mask, q.dtype)
         if mask is not None and mask.dim() == 3:
@@ -200,13 +212,18 @@ class MultiheadAttention(nn.MultiheadAttention):
             mask = pad if mask is None else mask + pad
         p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+        if need_weights or (p == 0.0 and _exporting()):
+            # spelled out when exported: onnxruntime folds kᵀ into its MatMul here, where the
+            # exporter's decomposition of scaled_dot_product_attention leaves a Transpose node
+            # that costs as much as the MatMul on CPU (BENCHMARKS §1, profile_vit_ort.py)
+            scores = (q * (1 / math.sqrt(D))) @ k.transpose(-2, -1)
             weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
             heads = F.dropout(weights, p) @ v
+            weights = weights if need_weights else None
         else:
             heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        out = self.out_proj(heads.transpose(1, 2).flatten(2))  # (B, L, H·D): a head gate's site
+        heads = heads.squeeze(1) if H == 1 else heads.transpose(1, 2).flatten(2)
+        out = self.out_proj(heads)  # (B, L, H·D): a head gate's site
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
