@@ -33,7 +33,7 @@ from ._io import atomic_write
 from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
 from .errors import InputError
-from .gating import attach, is_gated
+from .gating import GatingWarning, attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
 from .gating.noisy import noise_record, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
@@ -273,7 +273,12 @@ def _from_payload(
     if kind == "gated":
         specs = payload.get("inputs") or [{"shape": s} for s in payload["input_shape"]]
         example = random_inputs(specs, 2)
-        attach(model, **payload["attach"], example_inputs=example)
+        with warnings.catch_warnings():
+            # the plan's warnings (layers left ungated, and why) were given when the gates were
+            # first attached; the same plan again says nothing new (a different one would not
+            # fit the saved weights, below)
+            warnings.simplefilter("ignore", GatingWarning)
+            attach(model, **payload["attach"], example_inputs=example)
     elif kind == "slim":
         from .pruning import PruneReport, replay
 
