@@ -277,9 +277,9 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, dev
 def sweep(model_path, data, thresholds, out, batch, threads, arch, trust_code, device, as_json):
     """Accuracy against size over SNR thresholds, from one trained gated checkpoint.
 
-    Each threshold gives a slim model; its accuracy and NLL (PyTorch on DEVICE), parameters,
-    FLOPs, ONNX bytes and onnxruntime latency at --batch are measured. Writes a table, CSV, JSON
-    and a PNG plot with the Pareto front.
+    Each threshold gives a slim model; its accuracy and NLL (PyTorch on DEVICE; on byte-level
+    text, bits per byte), parameters, FLOPs, ONNX bytes and onnxruntime latency at --batch are
+    measured. Writes a table, CSV, JSON and a PNG plot with the Pareto front.
 
     \b
     Example:
