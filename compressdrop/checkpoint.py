@@ -270,15 +270,26 @@ def _from_payload(
         )
     model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
+    hint = ""
     if kind == "gated":
         specs = payload.get("inputs") or [{"shape": s} for s in payload["input_shape"]]
         example = random_inputs(specs, 2)
-        with warnings.catch_warnings():
-            # the plan's warnings (layers left ungated, and why) were given when the gates were
-            # first attached; the same plan again says nothing new (a different one would not
-            # fit the saved weights, below)
-            warnings.simplefilter("ignore", GatingWarning)
-            attach(model, **payload["attach"], example_inputs=example)
+        # the plan's warnings (layers left ungated, and why) were given when the gates were first
+        # attached: kept back here, said again only if the plan fails or does not fit the weights
+        failed: Exception | None = None
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:
+                attach(model, **payload["attach"], example_inputs=example)
+            except Exception as e:  # re-raised below, once its warnings are said
+                failed = e
+        for w in said:
+            if failed is not None or not issubclass(w.category, GatingWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if failed is not None:
+            raise failed
+        plan = [str(w.message) for w in said if issubclass(w.category, GatingWarning)]
+        hint = f" (the gates' plan said: {'; '.join(plan)})" if plan else ""
     elif kind == "slim":
         from .pruning import PruneReport, replay
 
@@ -294,7 +305,7 @@ def _from_payload(
                 ) from None
     elif kind != "dense":
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
-    _load_state(model, payload["state_dict"], path)
+    _load_state(model, payload["state_dict"], path, hint)
     set_record(
         model,
         "compressdrop_meta",

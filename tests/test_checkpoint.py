@@ -54,6 +54,31 @@ def test_foreign_format_version_and_weights_that_do_not_fit(tmp_path):
         load_model(tmp_path / "other.pt")
 
 
+def test_a_gated_checkpoint_loads_quietly_and_its_plan_explains_a_misfit(tmp_path):
+    """The warnings of the gates' plan were given at training: loading says them only where the
+    saved weights do not fit the plan (filterwarnings=error fails this test on any warning)."""
+    import warnings
+
+    from compressdrop.models import build_model
+
+    with pytest.warns(Warning, match="LayerNorm"):  # the residual stream is left ungated
+        model = cd.attach(
+            build_model("vit", input_shape=(1, 28, 28)), example_inputs=torch.randn(2, 1, 28, 28)
+        )
+    save_model(model, tmp_path / "g.pt")
+    again = load_model(tmp_path / "g.pt")  # quiet
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(again.eval()(x), model.eval()(x), rtol=0, atol=0)
+    raw = torch.load(tmp_path / "g.pt", weights_only=True)
+    name = next(k for k in raw["state_dict"] if k.endswith("gate.mu"))
+    raw["state_dict"][name] = raw["state_dict"][name][:1]
+    torch.save(raw, tmp_path / "misfit.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CheckpointError, match=r"do not fit.*the gates' plan said: .*LayerNorm"):
+            load_model(tmp_path / "misfit.pt")
+
+
 _LEGACY_HEAD = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 
 

@@ -355,7 +355,9 @@ def test_exported_attention_leaves_onnxruntime_no_key_transpose(tmp_path):
     torch.manual_seed(0)
     model, ids = Encoder().eval(), _ids()
     layers = model.encoder.layers
-    cd.export_onnx(model, ids[:2], tmp_path / "dense.onnx")  # compared with PyTorch inside
+    with warnings.catch_warnings():  # the check runs the stock encoder: its nested-tensor path
+        warnings.filterwarnings("ignore", "The PyTorch API of nested tensors", UserWarning)
+        cd.export_onnx(model, ids[:2], tmp_path / "dense.onnx")  # compared with PyTorch inside
     # the user's model is given back as it was: stock attention, its nested-tensor path on
     assert all(type(layer.self_attn) is nn.MultiheadAttention for layer in layers)
     assert model.encoder.use_nested_tensor
@@ -368,3 +370,77 @@ def test_exported_attention_leaves_onnxruntime_no_key_transpose(tmp_path):
     model.encoder.use_nested_tensor = False
     cd.export_onnx(model, ids[:2], tmp_path / "one_head.onnx")
     assert _transposes_onnxruntime_runs(tmp_path / "one_head.onnx") == []
+
+
+class _CausalLM(nn.Module):
+    """Two self-attention layers over token ids (0 = padding), causal mask and padding mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(16, 16)
+        self.att = nn.ModuleList(nn.MultiheadAttention(16, 2, batch_first=True) for _ in range(2))
+        self.head = nn.Linear(16, 16)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        causal = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool).triu(1)
+        h = self.emb(t)
+        for a in self.att:
+            h = h + a(h, h, h, attn_mask=causal, key_padding_mask=t == 0, need_weights=False)[0]
+        return self.head(h)
+
+
+def test_a_query_that_sees_no_key_exports_as_zeros_not_nan(tmp_path):
+    """Left padding under a causal mask leaves the first query no key: PyTorch's attention gives
+    it zeros; the attention spelled out for export must too (a NaN there spreads to every
+    position of the next layer)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _CausalLM().eval()
+    t = torch.tensor([[0, 0, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]])
+    want = model(t).detach()  # (under no_grad, PyTorch's fused fast path gives NaN there)
+    assert not want.isnan().any()
+    # as in a slim model (export_onnx's own check runs the model under no_grad, where the stock
+    # module's fast path would give NaN for such rows)
+    model.att = nn.ModuleList(to_prunable(a) for a in model.att)
+    with torch.no_grad():
+        torch.testing.assert_close(model(t), want)
+    ids = torch.randint(1, 16, (4, 6))
+    cd.export_onnx(model, ids, tmp_path / "lm.onnx")
+    sess = ort.InferenceSession(str(tmp_path / "lm.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: t.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-4, atol=1e-5)
+    export_program(model, ids, tmp_path / "lm.pt2")
+    with open(tmp_path / "lm.pt2", "rb") as f:
+        program = torch.export.load(f).module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(t), want, rtol=1e-5, atol=1e-6)
+
+
+class _Functional(nn.Module):
+    """A forward that reads its attention's internals to call the functional form itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.fc = nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, x = self.attn, x.transpose(0, 1)
+        y, _ = F.multi_head_attention_forward(
+            x, x, x, a.embed_dim, a.num_heads, a.in_proj_weight, a.in_proj_bias, a.bias_k,
+            a.bias_v, a.add_zero_attn, a.dropout, a.out_proj.weight, a.out_proj.bias,
+            training=a.training, need_weights=False,
+            use_separate_proj_weight=not a._qkv_same_embed_dim, q_proj_weight=a.q_proj_weight,
+            k_proj_weight=a.k_proj_weight, v_proj_weight=a.v_proj_weight,
+        )  # fmt: skip
+        return self.fc(y.mean(0))
+
+
+def test_a_model_that_reads_its_attention_s_internals_exports_as_it_is(tmp_path):
+    torch.manual_seed(0)
+    model = _Functional().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export logs the first, swapped attempt's failure
+        report = cd.export_onnx(model, torch.randn(4, 5, 8), tmp_path / "m.onnx")
+    assert max(report.max_rel_error.values()) <= 1e-4
+    assert type(model.attn) is nn.MultiheadAttention

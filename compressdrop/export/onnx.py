@@ -9,6 +9,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,7 +79,7 @@ def _no_cache(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _spelled_out_attention(model: nn.Module) -> Iterator[None]:
+def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
     """Every stock ``nn.MultiheadAttention`` in ``model`` swapped, for the export, for
     compressdrop's drop-in subclass on the same parameters (put back afterwards).
 
@@ -86,7 +87,8 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[None]:
     that leaves kᵀ as a Transpose node onnxruntime cannot fold into its MatMul; on CPU that node
     costs about as much as the product (BENCHMARKS §1, ``benchmarks/profile_vit_ort.py``). The
     subclass spells the attention out when exported, so dense and slim models get the same graph.
-    Modules it cannot stand in for (``add_bias_kv``, ``add_zero_attn``) stay as they are.
+    Modules it cannot stand in for (``add_bias_kv``, ``add_zero_attn``) stay as they are. Yields
+    the swaps made (parent, name, stock module).
     """
     from ..gating.attention import to_prunable, why_not_heads
 
@@ -106,12 +108,34 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, to_prunable(child))
         for m in nested:
             m.use_nested_tensor = False
-        yield
+        yield swaps
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
         for m in nested:
             m.use_nested_tensor = True
+
+
+def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | None) -> Any:
+    """``torch.onnx.export`` of ``model`` with its attention spelled out (see
+    :func:`_spelled_out_attention`); as the model is if that export fails where the model has
+    stock attention (a forward that reads the module's internals, e.g. to call
+    ``F.multi_head_attention_forward`` itself, cannot take the subclass)."""
+    kwargs: dict[str, Any] = {
+        "dynamo": True,
+        "dynamic_shapes": (dims,),
+        "opset_version": opset,
+        "external_data": False,
+        "verbose": False,
+    }
+    swapped: list = []
+    try:
+        with _spelled_out_attention(model) as swapped:
+            return torch.onnx.export(model, (x,), **kwargs)
+    except Exception:
+        if not swapped:
+            raise
+    return torch.onnx.export(model, (x,), **kwargs)
 
 
 def export_onnx(
@@ -175,23 +199,10 @@ def export_onnx(
                 "check_lengths needs inputs with a sequence dimension (batch, length)"
             )
         dims[1] = torch.export.Dim("length", min=2, max=1 << 16)
-    with (
-        eval_on_cpu(model) as model_cpu,
-        _no_cache(model_cpu),
-        _spelled_out_attention(model_cpu),
-        atomic_write(path) as tmp,
-    ):
+    with eval_on_cpu(model) as model_cpu, _no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter():
-                program = torch.onnx.export(
-                    model_cpu,
-                    (x,),
-                    dynamo=True,
-                    dynamic_shapes=(dims,),
-                    opset_version=opset,
-                    external_data=False,
-                    verbose=False,
-                )
+                program = _onnx_program(model_cpu, x, dims, opset)
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")
                 program.save(str(tmp), external_data=False)

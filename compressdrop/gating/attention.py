@@ -218,6 +218,10 @@ class MultiheadAttention(nn.MultiheadAttention):
             # that costs as much as the MatMul on CPU (BENCHMARKS §1, profile_vit_ort.py)
             scores = (q * (1 / math.sqrt(D))) @ k.transpose(-2, -1)
             weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            if not need_weights and mask is not None:
+                # as scaled_dot_product_attention: a query that may see no key gets zeros, not
+                # the NaN of a softmax over −inf alone (which would spread to every position)
+                weights = torch.where(weights.isnan(), 0.0, weights)
             heads = F.dropout(weights, p) @ v
             weights = weights if need_weights else None
         else:
