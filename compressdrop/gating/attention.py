@@ -156,10 +156,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         self.num_heads = len(keep)
 
     def _project(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, same: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n, b = self.inner_dim, self.in_proj_bias
-        if self.in_proj_weight is not None and query is key and key is value:
+        if self.in_proj_weight is not None and same:
             # self-attention: one product for q, k and v (one MatMul in the exported graph)
             q, k, v = F.linear(query, self.in_proj_weight, b).split(n, dim=-1)
             return q, k, v
@@ -186,6 +186,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             raise InputError("compressdrop's MultiheadAttention does not take nested tensors")
         if is_causal and attn_mask is None:
             raise InputError("is_causal=True is a hint about attn_mask: pass the causal mask too")
+        same = query is key and key is value  # self-attention (before the layout changes below)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
@@ -196,7 +197,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         # (B, L, H·D) to (B, H, L, D); one head left needs no transpose (none in the ONNX graph)
         q, k, v = (
             t.unsqueeze(1) if H == 1 else t.unflatten(-1, (H, D)).transpose(1, 2)
-            for t in self._project(query, key, value)
+            for t in self._project(query, key, value, same)
         )
         mask = _additive(attn_mask, q.dtype)
         if mask is not None and mask.dim() == 3:
