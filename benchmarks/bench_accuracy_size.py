@@ -220,6 +220,13 @@ def _train_seconds(record: dict) -> float:
     return sum(h["seconds"] for h in report["history"])
 
 
+def pick_beta(cands: list[dict], ref_val: float) -> dict:
+    """The selection rule: among a family's jobs (one per β) whose validation accuracy lies within
+    1 point of ``ref_val``, the one with the fewest FLOPs; if none does, the best on validation."""
+    ok = [r for r in cands if r["val_acc"] >= ref_val - 0.01]
+    return min(ok, key=lambda r: r["flops"]) if ok else max(cands, key=lambda r: r["val_acc"])
+
+
 def _latencies(paths: dict[str, Path], batches: list[int], rounds: int = 5) -> dict[str, dict]:
     """Per model and batch size, milliseconds a batch: the median over ``rounds`` rounds in which
     the models take turns (``common.ort_in_turns``)."""
@@ -261,15 +268,8 @@ def _seed_rows(args, seed: int, data, val, example) -> tuple[list[dict], list[di
         ref_val = full[0]["val_acc"]
     for family in FAMILIES:
         cands = [r for r in records if r["method"] == family]
-        if not cands:
-            continue
-        ok = [r for r in cands if r["val_acc"] >= ref_val - 0.01]
-        pick = (
-            max(ok, key=lambda r: d_flops / r["flops"])
-            if ok
-            else max(cands, key=lambda r: r["val_acc"])
-        )
-        chosen.append({**pick, "key": family})
+        if cands:
+            chosen.append({**pick_beta(cands, ref_val), "key": family})
     peers = sorted(
         ({**r, "key": r["job"]} for r in records if r["method"] in tp_baselines.METHODS),
         key=lambda r: (r["job"].rsplit("-r", 1)[0], r["target_ratio"]),

@@ -25,6 +25,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench_accuracy_size import pick_beta
+
 from compressdrop.checkpoint import load_model
 from compressdrop.data import load_dataset
 from compressdrop.evaluation import count_flops, evaluate
@@ -44,12 +46,7 @@ def seed_row(args, seed: int, data, recorded: dict, reported: dict) -> dict:
     dense = dense.eval()
     d_val = evaluate(dense, val.x_test, val.y_test).accuracy
     d_flops = count_flops(dense, example)
-    ok = [r for r in cands if r["val_acc"] >= d_val - 0.01]
-    pick = (
-        max(ok, key=lambda r: d_flops / r["flops"])
-        if ok
-        else max(cands, key=lambda r: r["val_acc"])
-    )
+    pick = pick_beta(cands, d_val)
     row = {
         "seed": seed,
         "dense val acc": d_val,

@@ -91,7 +91,8 @@ def sweep(
     Accuracy and NLL run in PyTorch on ``device``; with ``text`` (byte-level text: a token is a
     byte) each row also carries the bits per byte, and the Pareto front is drawn on those.
     Latency runs the exported ONNX file in onnxruntime (CUDA provider on a GPU, CPU otherwise) at
-    ``latency_batch`` with ``threads`` intra-op threads. Row 0 is threshold 0: every unit kept, the unpruned reference.
+    ``latency_batch`` with ``threads`` intra-op threads. Row 0 is threshold 0: every unit kept,
+    the unpruned reference.
     """
     from ..export import export_onnx
     from ..pruning import PruneReport, PruningWarning, prune

@@ -90,7 +90,7 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
     Modules it cannot stand in for (``add_bias_kv``, ``add_zero_attn``) stay as they are. Yields
     the swaps made (parent, name, stock module).
     """
-    from ..gating.attention import to_prunable, why_not_heads
+    from ..gating.attention import nested_off, to_prunable, why_not_heads
 
     swaps = [
         (parent, name, child)
@@ -98,22 +98,19 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
         for name, child in parent.named_children()
         if type(child) is nn.MultiheadAttention and why_not_heads(child) is None
     ]
-    nested = [  # the nested-tensor path hands the subclass tensors it does not take
-        m
-        for m in model.modules()
-        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False)
-    ]
+    nested: list[str] = []
     try:
         for parent, name, child in swaps:
             setattr(parent, name, to_prunable(child))
-        for m in nested:
-            m.use_nested_tensor = False
+        nested = nested_off(model)  # that path hands the subclass tensors it does not take
         yield swaps
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
-        for m in nested:
-            m.use_nested_tensor = True
+        for name in nested:
+            encoder = model.get_submodule(name)
+            assert isinstance(encoder, nn.TransformerEncoder)
+            encoder.use_nested_tensor = True
 
 
 def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | None) -> Any:
