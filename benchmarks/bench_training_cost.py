@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder,vit]
      [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
-     [--ablate-bank]
+     [--ablate-bank | --ablate-defer]
 
 A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
 plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
@@ -15,7 +15,9 @@ live bytes that ``torch.profiler`` (``profile_memory=True``, op by op) records o
 (activations, gradients, temporaries). Targets (issue 17): ratio ≤ 1.10 (≤ 1.25 on
 LeNet-300-100), memory ≤ 1.1×. ``--ablate-bank`` times a third net in the same rotation, the gated
 one with ``compressdrop/gates/bank.py`` off (every gate's terms and KL computed on its own), and
-adds its median ratio to plain as "per-gate ratio".
+adds its median ratio to plain as "per-gate ratio". ``--ablate-defer`` does the same with the
+deferral of ``compressdrop/gates/_defer.py`` off (each gated convolution multiplies at its output,
+not after the pool that follows it): "undeferred ratio".
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.gates import GATES, bank
+from compressdrop.gates import GATES, _defer, bank
 from compressdrop.models import build_model
 
 from common import markdown_table, save
@@ -127,30 +129,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def per_gate(step: Callable) -> Callable:
-    """``step`` with the banks of compressdrop/gates/bank.py off: every gate computed alone."""
+ABLATIONS = {  # --ablate-X: the third net's name, and the switch it runs inside
+    "bank": ("per-gate", bank.off),  # every gate computed alone
+    "defer": ("undeferred", _defer.off),  # each gate multiplies at its layer, not after a pool
+}
+
+
+def ablated(step: Callable, switch: Callable) -> Callable:
+    """``step`` run inside ``switch()`` (one of ABLATIONS)."""
 
     def run(x: torch.Tensor, y: torch.Tensor) -> None:
-        with bank.off():
+        with switch():
             step(x, y)
 
     return run
 
 
 def measure(
-    net: str, family: str, mode: str, batch: int, pairs: int, device: torch.device, ablate=False
+    net: str,
+    family: str,
+    mode: str,
+    batch: int,
+    pairs: int,
+    device: torch.device,
+    ablate: str | None = None,
 ):
-    """Median gated/plain step ratio over ``pairs`` interleaved pairs (with ``ablate``, a third
-    net takes its turn too: the same gated net with the banks off, "per gate")."""
+    """Median gated/plain step ratio over ``pairs`` interleaved pairs (with ``ablate``, a key of
+    ABLATIONS, a third net takes its turn too: the same gated net with that part switched off)."""
     shape = NETS[net][1]
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     runs = {}
-    kinds = [("plain", None), ("gated", family)] + ([("per gate", family)] if ablate else [])
+    third = ABLATIONS[ablate][0] if ablate else None
+    kinds = [("plain", None), ("gated", family)] + ([(third, family)] if third else [])
     for name, fam in kinds:
         model, opt, step = make_step(net, fam, mode, batch, device)
-        if name == "per gate":
-            step = per_gate(step)
+        if ablate and name == third:
+            step = ablated(step, ABLATIONS[ablate][1])
         for _ in range(3):  # warm-up (and compilation)
             step(x, y)
         runs[name] = (model, opt, step)
@@ -165,10 +180,10 @@ def measure(
             times[name].append(time.perf_counter() - t0)
     ratios = sorted(g / p for g, p in zip(times["gated"], times["plain"], strict=True))
     extra = {}
-    if ablate:
-        alone = sorted(g / p for g, p in zip(times["per gate"], times["plain"], strict=True))
-        extra = {"per-gate ratio": statistics.median(alone)}
-        runs.pop("per gate")
+    if third:
+        alone = sorted(g / p for g, p in zip(times[third], times["plain"], strict=True))
+        extra = {f"{third} ratio": statistics.median(alone)}
+        runs.pop(third)
     mem = {}
     for name, (model, opt, step) in runs.items():
         resident = list(model.parameters()) + [
@@ -265,6 +280,11 @@ def main() -> None:
         action="store_true",
         help="also time the gated net with each gate computed alone (gates/bank.py off)",
     )
+    ap.add_argument(
+        "--ablate-defer",
+        action="store_true",
+        help="also time the gated net with each gate multiplying at its layer (gates/_defer.py)",
+    )
     args = ap.parse_args()
     if args.saved:
         rows = []
@@ -288,20 +308,21 @@ def main() -> None:
         save(args.out, {"args": vars(args), "rows": rows})
         return
     device = torch.device(args.device)
+    if args.ablate_bank and args.ablate_defer:
+        ap.error("one ablation at a time: --ablate-bank or --ablate-defer")
+    ablate = "bank" if args.ablate_bank else "defer" if args.ablate_defer else None
     rows = []
     for net in args.nets.split(","):
         for mode in args.modes.split(","):
             for batch in (int(b) for b in args.batches.split(",")):
                 for family in args.families.split(","):
-                    rows.append(
-                        measure(net, family, mode, batch, args.pairs, device, args.ablate_bank)
-                    )
+                    rows.append(measure(net, family, mode, batch, args.pairs, device, ablate))
                     row = rows[-1]
                     print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
                     torch._dynamo.reset()
     columns = ["net", "family", "mode", "batch", "plain ms", "ratio", "p10", "p90", "mem ratio"]
-    if args.ablate_bank:
-        columns.insert(6, "per-gate ratio")
+    if ablate:
+        columns.insert(6, f"{ABLATIONS[ablate][0]} ratio")
     table = markdown_table(rows, columns)
     print(table)
     save(args.out, {"args": vars(args), "device": str(device), "rows": rows, "table": table})

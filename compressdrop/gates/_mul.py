@@ -55,8 +55,8 @@ class _GateMul(torch.autograd.Function):
             y = x * factor
             kept = _Kept(x)
         ctx.kept = kept
-        if handoff:  # only then: a tensor kept by the user would otherwise hold x alive
-            setattr(y, ATTR, kept)  # read (and removed) by the ReLU's hook
+        if handoff or inplace:  # only then: a tensor kept by the user would hold x alive
+            setattr(y, ATTR, kept)  # read (and removed) by the ReLU's hook or gate_multiply
         return y
 
     @staticmethod
@@ -90,10 +90,11 @@ def gate_multiply(
     x: torch.Tensor, theta: torch.Tensor, inplace: bool, handoff: bool
 ) -> torch.Tensor:
     """:class:`_GateMul` of ``x`` and ``theta``; ``handoff``: a hooked ReLU alone reads the result
-    (see :func:`hand_over_to_relus`), ``inplace``: and ``x`` may be overwritten."""
+    (see :func:`hand_over_to_relus`); ``inplace``: ``x`` may be overwritten (its producer's
+    backward pass does not read it, and nothing else has seen it)."""
     y = _GateMul.apply(x, theta, inplace, handoff)
     if inplace:  # autograd bumps the version of a tensor changed in place once forward returns
-        kept = y.__dict__[ATTR]
+        kept = y.__dict__[ATTR] if handoff else y.__dict__.pop(ATTR)
         kept.version = kept.tensor._version
     return y
 

@@ -67,6 +67,8 @@ class Gate(nn.Module):
 
     family: ClassVar[str] = ""
     default_threshold: ClassVar[float] = 1.0
+    # every draw of θ is ≥ 0, so that a ReLU and a max-pool after the gate commute with it
+    nonnegative: ClassVar[bool] = False
     unit_cost: torch.Tensor  # buffer (num_units,)
     pruned: torch.Tensor  # bool buffer (num_units,)
 
@@ -244,28 +246,56 @@ class Gate(nn.Module):
         Raises:
             InputError: ``x`` does not have ``num_units`` entries along ``dim``.
         """
+        dim = self.check_units(x, dim)
+        if self.training:
+            theta = self.training_factor(x.shape[0], x.dtype)  # (B, U) or (1, U)
+            return self.multiply(x, theta, dim, relu_after, inplace and relu_after)
+        theta = self._keep(self.expected().to(x.dtype))  # (U,)
+        shape = [1] * x.dim()
+        shape[dim] = self.num_units
+        return x * theta.reshape(shape)
+
+    def check_units(self, x: torch.Tensor, dim: int) -> int:
+        """``dim`` made non-negative, after checking that ``x`` has ``num_units`` entries there.
+
+        Raises:
+            InputError: it has not.
+        """
         dim = dim % x.dim()
         if x.shape[dim] != self.num_units:
             raise InputError(
                 f"{type(self).__name__} has {self.num_units} units but the input has "
                 f"{x.shape[dim]} along dim {dim} (shape {tuple(x.shape)})"
             )
-        if self.training:
-            theta = self._keep(self._training_sample(x.shape[0]).to(x.dtype))  # (B, U) or (1, U)
-            if (
-                dim == 1
-                and (x.dim() > 2 or (relu_after and x.dim() == 2))  # (B, U): for memory only
-                and x.is_contiguous()
-                and not torch.compiler.is_compiling()
-                and torch.is_grad_enabled()
-            ):
-                return gate_multiply(x, theta, inplace and relu_after, relu_after)
-            shape = [theta.shape[0]] + [1] * (x.dim() - 1)
-            shape[dim] = self.num_units
-        else:
-            theta = self._keep(self.expected().to(x.dtype))  # (U,)
-            shape = [1] * x.dim()
-            shape[dim] = self.num_units
+        return dim
+
+    def training_factor(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The θ a training batch of ``batch`` examples is multiplied by, pruned units at 0:
+        ``(batch, U)``, or ``(1, U)`` with ``noise="batch"``."""
+        return self._keep(self._training_sample(batch).to(dtype))
+
+    def multiply(
+        self,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        dim: int = 1,
+        relu_after: bool = False,
+        inplace: bool = False,
+    ) -> torch.Tensor:
+        """``x`` times a :meth:`training_factor` ``theta``, broadcast over every dimension but the
+        batch and ``dim`` (non-negative). ``relu_after``: see :meth:`forward`; ``inplace``: ``x``
+        may be overwritten (nothing else has seen it and its producer's backward pass does not
+        read it)."""
+        if (
+            dim == 1
+            and (x.dim() > 2 or (relu_after and x.dim() == 2))  # (B, U): for memory only
+            and x.is_contiguous()
+            and not torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
+        ):
+            return gate_multiply(x, theta, inplace, relu_after)
+        shape = [theta.shape[0]] + [1] * (x.dim() - 1)
+        shape[dim] = self.num_units
         return x * theta.reshape(shape)
 
     def _keep(self, theta: torch.Tensor) -> torch.Tensor:

@@ -103,6 +103,7 @@ class ConcreteGate(Gate):
     """
 
     family = "concrete"
+    nonnegative = True
     default_threshold = 1.0
 
     def __init__(
@@ -196,6 +197,7 @@ class HardConcreteGate(Gate):
     """
 
     family = "hardconcrete"
+    nonnegative = True
     beta, gamma, zeta = 2 / 3, -0.1, 1.1
     log_alpha_range = (-10.0, 10.0)
 

@@ -42,6 +42,7 @@ class LogNormalGate(Gate):
     """
 
     family = "lognormal"
+    nonnegative = True
     default_threshold = 1.0
     param_range = (-20.0, 5.0)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..gates import Gate, bank, gate_class
-from ..gates._mul import hand_over_to_relus, remove_relu_hooks
+from ..gates._defer import defer, hand_over, remove_hand_overs
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
 from .groups import GatingWarning, UnitGroup, find_groups
@@ -91,6 +91,8 @@ class Gated(Wrapper):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
         out = self.module(*args, **kwargs)
+        if self.__dict__.get("armed", False) and defer(self, out):
+            return out  # the pool after it multiplies (gates/_defer.py)
         # in place only where a ReLU alone reads the output and no hook of the layer saw it
         after = self.__dict__.get("relu_after", False)
         inplace = self.__dict__.get("gate_inplace", False) and not self.module._forward_hooks
@@ -245,7 +247,7 @@ def attach(
             # the new modules take the layer's train/eval mode (a gate in training mode samples)
             _set_submodule(model, site.name, new.train(layer.training))
     handle = model.register_forward_pre_hook(_clear_gate_samples)
-    hand_over_to_relus(model, Gated)
+    hand_over(model, Gated)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     setattr(
         model,
@@ -346,7 +348,7 @@ def detach(model: nn.Module) -> nn.Module:
     hooks = model._forward_pre_hooks
     for key in [k for k, fn in hooks.items() if fn is _clear_gate_samples]:
         del hooks[key]
-    remove_relu_hooks(model)
+    remove_hand_overs(model)
     if hasattr(model, _STATE):
         delattr(model, _STATE)
     return model

@@ -1,0 +1,246 @@
+"""A gated convolution's training multiply deferred past the ReLU and pool after it (eager mode).
+
+For θ ≥ 0, one factor per example and channel, a ReLU and a pool commute with the gate:
+``pool(relu(θ·x)) = θ·pool(relu(x))`` (a ReLU and a leaky ReLU are positively homogeneous; a
+max-pool picks the same element from values scaled alike; an average pool is linear). So where a
+gated convolution is followed, inside an ``nn.Sequential``, by an optional ``nn.ReLU`` and a
+pool, the gate may multiply the pool's output instead of the convolution's: the same function on
+a k-th of the values (a 2×2 pool: a quarter), for the multiply and for both products of its
+backward pass. That is most of what a gate adds to a LeNet-style step (BENCHMARKS.md §3).
+
+The gate stays where it is: its site is still the convolution, and folding E[θ] into the
+convolution's weights (what exact surgery rests on) is the same function too. Only the training
+multiply moves, and only while it provably reaches the pool:
+
+* the ``nn.Sequential``'s forward pre-hook arms each such gated layer for that one call, so a
+  gated layer called any other way (on its own, from a slice of the ``nn.Sequential``) multiplies
+  at once as before;
+* the armed layer returns its convolution's output tagged with θ; the ReLU's hook passes the tag
+  on, and the pool's hook multiplies its output by θ;
+* the ``nn.Sequential``'s forward hook (also run when the forward pass raises) disarms, and
+  raises :class:`~compressdrop.errors.InputError` if a deferred multiply was never applied.
+
+Only gate families whose draws are ≥ 0 (``Gate.nonnegative``: log-normal, concrete, hard concrete;
+not the variational family's Gaussian θ), only in eager training, and only while no hook of the
+user's could see the values between (a forward hook on the gated layer, any hook on the ReLU or
+the pool): then the gate multiplies at the convolution as before. Forward values are the same
+(rounding included, for the max-pool); the gradient of θ is a sum over fewer, pooled terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ._mul import hand_over_to_relus, relu_takes_over, remove_relu_hooks
+from .base import Gate
+
+__all__: list[str] = []  # internal: attach and detach call hand_over and remove_hand_overs
+
+TAG = "_compressdrop_deferred"  # on the tensor between the gated layer and the pool: (layer, θ)
+KEY = "gate_defer"  # on the nn.Sequential: [(gated index, activation index or None, pool index)]
+# positively homogeneous: f(θ·x) = θ·f(x) for θ ≥ 0 (not ReLU6: its cap at 6 is not)
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU)
+POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+_OFF = [0]  # open off() contexts
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Multiply at the gated layer inside this context, as without the deferral: the same
+    function, for measuring what the deferral saves."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
+
+def _eager() -> bool:
+    """Whether hooks run as plain Python on real tensors (not compiled, exported or traced)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    )
+
+
+def _pool_ok(pool: nn.Module) -> bool:
+    return type(pool) in POOLS and not getattr(pool, "return_indices", False)
+
+
+def hand_over(model: nn.Module, wrapper: type[nn.Module]) -> None:
+    """What a gated layer of type ``wrapper`` may hand over to the layers after it in eager
+    training: to a ReLU, the tensor its gate keeps (:func:`~._mul.hand_over_to_relus`); to a
+    pool, its multiply (:func:`hand_over_to_pools`)."""
+    hand_over_to_relus(model, wrapper)
+    hand_over_to_pools(model, wrapper)
+
+
+def remove_hand_overs(model: nn.Module) -> None:
+    """Undo :func:`hand_over` (``compressdrop.detach`` calls it)."""
+    remove_relu_hooks(model)
+    remove_pool_hooks(model)
+
+
+def hand_over_to_pools(model: nn.Module, wrapper: type[nn.Module]) -> None:
+    """Defer the training multiply of each gated convolution followed by a pool (see the module).
+
+    ``wrapper`` is the gated layer's type (exactly): one wrapping an ``nn.Conv*d`` whose units
+    are its channels (``unit_dim`` 1) and whose gate family draws θ ≥ 0, followed in an
+    ``nn.Sequential`` by an optional ``nn.ReLU``/``nn.LeakyReLU`` and an ``nn.*Pool*d`` that does
+    not return indices. :func:`remove_pool_hooks` undoes it (``compressdrop.detach`` calls it).
+    """
+    for seq in model.modules():
+        if type(seq) is not nn.Sequential:
+            continue
+        children = list(seq)
+        found = []
+        for i, g in enumerate(children):
+            if (
+                type(g) is not wrapper
+                or not isinstance(getattr(g, "module", None), nn.modules.conv._ConvNd)
+                or getattr(g, "unit_dim", None) != 1
+                or not getattr(type(g.gate), "nonnegative", False)
+                or sum(c is g for c in children) != 1
+            ):
+                continue
+            act, k = None, i + 1
+            if k < len(children) and type(children[k]) in ACTIVATIONS:
+                act, k = k, k + 1
+            if k >= len(children) or not _pool_ok(children[k]):
+                continue
+            found.append((i, act, k))
+            vars(g)["defer_ok"] = True
+            if act is not None and _pass_on not in children[act]._forward_hooks.values():
+                children[act].register_forward_hook(_pass_on)
+            if _apply not in children[k]._forward_hooks.values():
+                children[k].register_forward_hook(_apply)
+        if found:
+            vars(seq)[KEY] = found
+            if _arm not in seq._forward_pre_hooks.values():
+                seq.register_forward_pre_hook(_arm)
+                seq.register_forward_hook(_settle, always_call=True)
+
+
+def _clean(m: nn.Module, ours: tuple) -> bool:
+    """Whether every forward hook of ``m`` is one of ``ours`` and it has no other hook."""
+    return (
+        all(fn in ours for fn in m._forward_hooks.values())
+        and not m._forward_pre_hooks
+        and not m._backward_hooks
+        and not m._backward_pre_hooks
+    )
+
+
+def _arm(seq: nn.Sequential, args: Any) -> None:
+    """Forward pre-hook of the ``nn.Sequential``: arm its gated layers for this call."""
+    if _OFF[0] or not _eager():
+        return
+    children = list(seq)
+    for i, act, k in vars(seq).get(KEY, ()):
+        if k >= len(children):
+            continue
+        g, pool = children[i], children[k]
+        ok = (
+            vars(g).get("defer_ok", False)
+            and type(g.gate).nonnegative
+            and not g._forward_hooks
+            and not g._backward_hooks
+            and not g._backward_pre_hooks
+            and _pool_ok(pool)
+            and _clean(pool, (_apply,))
+            and (act is None or _clean(children[act], (_pass_on, relu_takes_over)))
+        )
+        if ok:
+            vars(g)["armed"] = True
+            vars(g)["pending"] = False
+
+
+def defer(layer: nn.Module, out: Any) -> bool:
+    """Called by an armed gated layer on its wrapped layer's output ``out``: tag it with θ for
+    the pool's hook instead of multiplying now. False where the gate multiplies at once (eval
+    mode, not a batch of channels)."""
+    vars(layer)["armed"] = False  # for this one call
+    gate: Gate = layer.gate  # type: ignore[assignment]
+    if not gate.training or not isinstance(out, torch.Tensor) or out.dim() < 3:
+        return False
+    gate.check_units(out, 1)
+    out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype))
+    vars(layer)["pending"] = True
+    return True
+
+
+def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> None:
+    """Forward hook of the activation between: move the tag from its input to its output."""
+    if not _eager() or not inputs or not isinstance(inputs[0], torch.Tensor):
+        return
+    tag = inputs[0].__dict__.pop(TAG, None)
+    if tag is not None and isinstance(output, torch.Tensor):
+        output.__dict__[TAG] = tag
+
+
+def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
+    """Forward hook of the pool: multiply its output by the θ its input was tagged with."""
+    if not _eager() or not inputs or not isinstance(inputs[0], torch.Tensor):
+        return None
+    tag = inputs[0].__dict__.pop(TAG, None)
+    if tag is None or not isinstance(output, torch.Tensor):
+        return None
+    layer, theta = tag
+    vars(layer)["pending"] = False
+    # a fresh tensor that the pool's backward pass does not read (it reads its input and indices)
+    fresh = output._base is None and output.data_ptr() != inputs[0].data_ptr()
+    return layer.gate.multiply(output, theta, 1, inplace=fresh)
+
+
+def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
+    """Forward hook of the ``nn.Sequential`` (run even when its forward pass raised): disarm, and
+    raise where a deferred multiply was never applied."""
+    if not _eager():
+        return
+    children = list(seq)
+    missed = []
+    for i, _, _ in vars(seq).get(KEY, ()):
+        if i < len(children):
+            g = children[i]
+            vars(g).pop("armed", None)
+            if vars(g).pop("pending", False):
+                missed.append(i)
+    if missed and output is not None:
+        raise InputError(
+            f"compressdrop: the gate of layer {missed[0]} of this nn.Sequential deferred its "
+            "multiply to the pool after it, which did not run on its output (was the "
+            "nn.Sequential changed after attach? call compressdrop.detach and attach again)"
+        )
+
+
+def remove_pool_hooks(model: nn.Module) -> None:
+    """Remove the hooks :func:`hand_over_to_pools` registered and its marks."""
+    ours = (_arm, _settle, _pass_on, _apply)
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if fn in ours]:
+                del hooks[key]
+                m._forward_hooks_always_called.pop(key, None)
+        for name in (KEY, "defer_ok", "armed", "pending"):
+            vars(m).pop(name, None)

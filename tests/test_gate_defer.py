@@ -1,0 +1,168 @@
+"""A gated convolution followed by a ReLU and a pool in an nn.Sequential multiplies after the pool
+in eager training (compressdrop/gates/_defer.py): the same outputs and gradients as multiplying
+at the convolution, only where θ ≥ 0 and the pool provably runs, loud where it did not, and
+nothing of it left after detach."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compressdrop as cd
+from compressdrop.errors import InputError
+from compressdrop.gates import GATES, _defer
+from compressdrop.gating import gated as gated_mod
+from compressdrop.gating.gated import Gated
+
+NONNEGATIVE = [f for f, cls in GATES.items() if cls.nonnegative]
+
+
+def _net(act: nn.Module | None, pool: nn.Module, dims: int = 2) -> nn.Sequential:
+    conv = nn.Conv2d if dims == 2 else nn.Conv1d
+    acts = [] if act is None else [copy.deepcopy(act)]
+    return nn.Sequential(
+        conv(3, 8, 3), *acts, pool, conv(8, 6, 1), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5)
+    )
+
+
+def _attach(family: str, net: nn.Module, x: torch.Tensor) -> nn.Module:
+    net(x)  # materialize the lazy layer
+    torch.manual_seed(0)
+    net = cd.attach(net, gate=family, example_inputs=x[:2]).train()
+    with torch.no_grad():  # spread the gates, prune one unit: θ = 0 exactly for it
+        for g in {m.gate for m in net.modules() if isinstance(m, Gated)}:
+            for p in g.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            g.pruned[0] = True
+    return net
+
+
+def _step(net: nn.Module, x: torch.Tensor, deferred: bool) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(3)
+    with _defer.off() if not deferred else torch.enable_grad():
+        out = net(x)
+        (out.square().mean() + cd.kl(net) / 50).backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad()
+    return out.detach(), grads
+
+
+def _spy(monkeypatch) -> list[bool]:
+    calls: list[bool] = []
+    real = gated_mod.defer
+
+    def spy(layer, out):
+        calls.append(real(layer, out))
+        return calls[-1]
+
+    monkeypatch.setattr(gated_mod, "defer", spy)
+    return calls
+
+
+POOLS = {
+    "max": (nn.ReLU(), nn.MaxPool2d(2), 2),
+    "max-ceil-padded": (nn.ReLU(), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True), 2),
+    "avg": (nn.ReLU(), nn.AvgPool2d(2), 2),
+    "adaptive-avg": (nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(3), 2),
+    "adaptive-max": (nn.LeakyReLU(0.1), nn.AdaptiveMaxPool2d(2), 2),
+    "no-activation": (None, nn.MaxPool2d(2), 2),
+    "conv1d": (nn.ReLU(), nn.MaxPool1d(2), 1),
+}
+
+
+@pytest.mark.parametrize("family", NONNEGATIVE)
+@pytest.mark.parametrize("case", list(POOLS))
+def test_multiplying_after_the_pool_keeps_outputs_and_gradients(family, case, monkeypatch):
+    act, pool, dims = POOLS[case]
+    net = _net(act, copy.deepcopy(pool), dims)
+    x = torch.randn(16, 3, 8, 8) if dims == 2 else torch.randn(16, 3, 12)
+    net = _attach(family, net, x)
+    assert [i for i, _, _ in vars(net)[_defer.KEY]] == [0]
+    calls = _spy(monkeypatch)
+    out_a, a = _step(net, x, deferred=True)
+    assert calls == [True]  # the first conv defers; the second has no pool after it
+    out_b, b = _step(net, x, deferred=False)
+    assert calls == [True]  # switched off: never armed
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gaussian_theta_is_never_deferred():
+    net = _net(nn.ReLU(), nn.MaxPool2d(2))
+    net = _attach("variational", net, torch.randn(4, 3, 8, 8))
+    assert not GATES["variational"].nonnegative
+    assert _defer.KEY not in vars(net)  # ReLU(θx) ≠ θ·ReLU(x) for θ < 0
+    assert not any(_defer._apply in m._forward_hooks.values() for m in net.modules())
+
+
+def test_a_gated_layer_called_outside_its_sequential_multiplies_at_once(monkeypatch):
+    net = _net(nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(8, 3, 8, 8)
+    net = _attach("hardconcrete", net, x)
+    calls = _spy(monkeypatch)
+    conv = net[0].module
+    for part in (net[0], net[:2]):  # the layer alone, and a slice without the pool
+        out = part(x)
+        ungated = conv(x) if part is net[0] else F.relu(conv(x))
+        assert not torch.equal(out, ungated)
+        assert (out[:, 0] == 0).all()  # the pruned unit is multiplied by 0 right there
+    assert calls == []  # never armed: no pool is sure to run after it
+
+
+def test_a_hook_of_the_users_between_sees_gated_values(monkeypatch):
+    net = _net(nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(8, 3, 8, 8)
+    net = _attach("lognormal", net, x)
+    seen = []
+    net[1].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    calls = _spy(monkeypatch)
+    net(x)
+    assert calls == [] and (seen[0][:, 0] == 0).all()  # multiplied before the ReLU
+
+
+def test_a_deferred_multiply_that_never_ran_raises(monkeypatch):
+    net = _net(nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(8, 3, 8, 8)
+    net = _attach("concrete", net, x)
+    pool = net[2]
+    pool._forward_hooks.clear()  # the pool no longer applies it
+    with pytest.raises(InputError, match="deferred its multiply to the pool"):
+        net(x)
+    assert "armed" not in vars(net[0]) and "pending" not in vars(net[0])
+    pool.register_forward_hook(_defer._apply)
+    calls = _spy(monkeypatch)
+
+    def boom(x):
+        raise RuntimeError("boom")
+
+    net[1].forward = boom  # a forward pass that raises between the gated layer and the pool
+    with pytest.raises(RuntimeError, match="boom"):
+        net(x)
+    assert calls == [True]
+    assert "armed" not in vars(net[0]) and "pending" not in vars(net[0])  # disarmed all the same
+    del net[1].forward
+    out = net[0](x)  # called on its own afterwards: multiplies at once
+    assert (out[:, 0] == 0).all() and calls == [True]
+
+
+def test_eval_no_grad_and_detach():
+    net = _net(nn.ReLU(), nn.MaxPool2d(2))
+    x = torch.randn(8, 3, 8, 8)
+    net = _attach("lognormal", net, x)
+    with torch.no_grad():  # Monte-Carlo draws in training mode: deferred, the same function
+        torch.manual_seed(1)
+        a = net(x)
+        torch.manual_seed(1)
+        with _defer.off():
+            b = net(x)
+    torch.testing.assert_close(a, b)
+    cd.detach(net)
+    ours = (_defer._arm, _defer._settle, _defer._pass_on, _defer._apply)
+    for m in net.modules():
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        assert not any(fn in ours for fn in hooks)
+        assert not {_defer.KEY, "defer_ok"} & set(vars(m))
+    assert net(x).shape == (8, 5)
