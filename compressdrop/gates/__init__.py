@@ -10,6 +10,7 @@ Families (``GATES`` maps their names to classes):
 """
 
 from ..errors import InputError
+from ._mul import hand_overs_off
 from .base import Gate, noise_shard
 from .concrete import ConcreteGate, HardConcreteGate
 from .lognormal import LogNormalGate
@@ -23,6 +24,7 @@ __all__ = [
     "LogNormalGate",
     "VariationalGate",
     "gate_class",
+    "hand_overs_off",
     "noise_shard",
 ]
 

@@ -12,24 +12,30 @@ The gate stays where it is: its site is still the convolution, and folding E[θ]
 convolution's weights (what exact surgery rests on) is the same function too. Only the training
 multiply moves, and only while it provably reaches the pool:
 
-* the ``nn.Sequential``'s forward pre-hook arms each such gated layer for that one call, so a
-  gated layer called any other way (on its own, from a slice of the ``nn.Sequential``) multiplies
-  at once as before;
+* the ``nn.Sequential``'s forward pre-hook arms each such gated layer for that one call (in
+  this thread), after checking again that the layers after it are of the kinds above, so a gated
+  layer called any other way (on its own, from a slice of the ``nn.Sequential``, after a layer
+  was swapped) multiplies at once as before;
 * the armed layer returns its convolution's output tagged with θ; the ReLU's hook passes the tag
-  on, and the pool's hook multiplies its output by θ;
+  on, and the pool's hook multiplies its output by θ (out of place: what comes after the pool
+  may change its output in place);
 * the ``nn.Sequential``'s forward hook (also run when the forward pass raises) disarms, and
   raises :class:`~compressdrop.errors.InputError` if a deferred multiply was never applied.
 
 Only gate families whose draws are ≥ 0 (``Gate.nonnegative``: log-normal, concrete, hard concrete;
-not the variational family's Gaussian θ), only in eager training, and only while no hook of the
-user's could see the values between (a forward hook on the gated layer, any hook on the ReLU or
-the pool): then the gate multiplies at the convolution as before. Forward values are the same
-(rounding included, for the max-pool); the gradient of θ is a sum over fewer, pooled terms.
+not the variational family's Gaussian θ), only a pool of the convolution's dimensionality (a 2-d
+pool after a 1-d convolution would pool across channels), only in eager training with none of the
+three layers compiled on its own, and only while no hook could see the values between (a forward
+hook on the gated layer, any hook on the ReLU or the pool, any global module hook): then the gate
+multiplies at the convolution as before. :func:`~compressdrop.gates._mul.hand_overs_off` turns it
+off. Forward values are the same (rounding included, for the max-pool); the gradient of θ is a
+sum over fewer, pooled terms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +43,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from . import _mul
 from ._mul import hand_over_to_relus, relu_takes_over, remove_relu_hooks
 from .base import Gate
 
@@ -61,6 +68,16 @@ POOLS = (
     nn.AdaptiveAvgPool3d,
 )
 _OFF = [0]  # open off() contexts
+_LOCAL = threading.local()  # per thread: ids of the armed layers, and of those whose θ waits
+
+
+def _state() -> tuple[set[int], set[int]]:
+    """(armed, pending) of this thread: the ids of gated layers."""
+    try:
+        return _LOCAL.armed, _LOCAL.pending
+    except AttributeError:
+        _LOCAL.armed, _LOCAL.pending = set(), set()
+        return _LOCAL.armed, _LOCAL.pending
 
 
 @contextlib.contextmanager
@@ -84,8 +101,21 @@ def _eager() -> bool:
     )
 
 
-def _pool_ok(pool: nn.Module) -> bool:
-    return type(pool) in POOLS and not getattr(pool, "return_indices", False)
+def _pool_ok(pool: nn.Module, dims: int) -> bool:
+    """A pool that keeps the units where they are: of the convolution's ``dims``, no indices."""
+    return (
+        type(pool) in POOLS
+        and type(pool).__name__.endswith(f"{dims}d")
+        and not getattr(pool, "return_indices", False)
+    )
+
+
+def _conv_dims(g: nn.Module) -> int:
+    """The spatial dimensions of the gated layer's convolution (0: not a channel-gated conv)."""
+    conv = getattr(g, "module", None)
+    if not isinstance(conv, nn.modules.conv._ConvNd) or getattr(g, "unit_dim", None) != 1:
+        return 0
+    return len(conv.kernel_size)
 
 
 def hand_over(model: nn.Module, wrapper: type[nn.Module]) -> None:
@@ -118,8 +148,7 @@ def hand_over_to_pools(model: nn.Module, wrapper: type[nn.Module]) -> None:
         for i, g in enumerate(children):
             if (
                 type(g) is not wrapper
-                or not isinstance(getattr(g, "module", None), nn.modules.conv._ConvNd)
-                or getattr(g, "unit_dim", None) != 1
+                or not _conv_dims(g)
                 or not getattr(type(g.gate), "nonnegative", False)
                 or sum(c is g for c in children) != 1
             ):
@@ -127,7 +156,7 @@ def hand_over_to_pools(model: nn.Module, wrapper: type[nn.Module]) -> None:
             act, k = None, i + 1
             if k < len(children) and type(children[k]) in ACTIVATIONS:
                 act, k = k, k + 1
-            if k >= len(children) or not _pool_ok(children[k]):
+            if k >= len(children) or not _pool_ok(children[k], _conv_dims(g)):
                 continue
             found.append((i, act, k))
             vars(g)["defer_ok"] = True
@@ -142,51 +171,76 @@ def hand_over_to_pools(model: nn.Module, wrapper: type[nn.Module]) -> None:
                 seq.register_forward_hook(_settle, always_call=True)
 
 
-def _clean(m: nn.Module, ours: tuple) -> bool:
-    """Whether every forward hook of ``m`` is one of ``ours`` and it has no other hook."""
+def _clean(m: nn.Module, ours: tuple, pre_hooks_ok: bool = False) -> bool:
+    """Whether every forward hook of ``m`` is one of ``ours``, it has no other hook (but forward
+    pre-hooks, which see its input only, where ``pre_hooks_ok``), and it is not compiled on its
+    own (its hooks would run inside the compiled code)."""
     return (
         all(fn in ours for fn in m._forward_hooks.values())
-        and not m._forward_pre_hooks
+        and (pre_hooks_ok or not m._forward_pre_hooks)
         and not m._backward_hooks
         and not m._backward_pre_hooks
+        and getattr(m, "_compiled_call_impl", None) is None
+    )
+
+
+def _no_global_hooks() -> bool:
+    """Whether no module-wide hook (``nn.modules.module.register_module_*_hook``) could see the
+    gated layer's output."""
+    module = nn.modules.module
+    return not (
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
     )
 
 
 def _arm(seq: nn.Sequential, args: Any) -> None:
     """Forward pre-hook of the ``nn.Sequential``: arm its gated layers for this call."""
-    if _OFF[0] or not _eager():
+    if _OFF[0] or _mul._OFF[0] or not _eager() or not _no_global_hooks():
         return
     children = list(seq)
+    armed, pending = _state()
     for i, act, k in vars(seq).get(KEY, ()):
         if k >= len(children):
             continue
         g, pool = children[i], children[k]
         ok = (
             vars(g).get("defer_ok", False)
-            and type(g.gate).nonnegative
-            and not g._forward_hooks
-            and not g._backward_hooks
-            and not g._backward_pre_hooks
-            and _pool_ok(pool)
+            and getattr(type(g.gate), "nonnegative", False)
+            and _clean(g, (), pre_hooks_ok=True)
+            and _pool_ok(pool, _conv_dims(g))
             and _clean(pool, (_apply,))
-            and (act is None or _clean(children[act], (_pass_on, relu_takes_over)))
+            and (
+                act is None
+                or (
+                    type(children[act]) in ACTIVATIONS
+                    and _clean(children[act], (_pass_on, relu_takes_over))
+                )
+            )
         )
         if ok:
-            vars(g)["armed"] = True
-            vars(g)["pending"] = False
+            armed.add(id(g))
+            pending.discard(id(g))
 
 
 def defer(layer: nn.Module, out: Any) -> bool:
-    """Called by an armed gated layer on its wrapped layer's output ``out``: tag it with θ for
-    the pool's hook instead of multiplying now. False where the gate multiplies at once (eval
-    mode, not a batch of channels)."""
-    vars(layer)["armed"] = False  # for this one call
+    """Called by a gated layer that may defer on its wrapped layer's output ``out``: if armed,
+    tag it with θ for the pool's hook instead of multiplying now. False where the gate
+    multiplies at once (not armed, eval mode, not a batch of channels)."""
+    armed, pending = _state()
+    if id(layer) not in armed:
+        return False
+    armed.discard(id(layer))  # for this one call
     gate: Gate = layer.gate  # type: ignore[assignment]
-    if not gate.training or not isinstance(out, torch.Tensor) or out.dim() < 3:
+    if not gate.training or not _eager() or not isinstance(out, torch.Tensor):
+        return False
+    if out.dim() != _conv_dims(layer) + 2:
         return False
     gate.check_units(out, 1)
     out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype))
-    vars(layer)["pending"] = True
+    pending.add(id(layer))
     return True
 
 
@@ -207,10 +261,10 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
     if tag is None or not isinstance(output, torch.Tensor):
         return None
     layer, theta = tag
-    vars(layer)["pending"] = False
-    # a fresh tensor that the pool's backward pass does not read (it reads its input and indices)
-    fresh = output._base is None and output.data_ptr() != inputs[0].data_ptr()
-    return layer.gate.multiply(output, theta, 1, inplace=fresh)
+    _state()[1].discard(id(layer))
+    if output.dim() != inputs[0].dim():
+        raise InputError(f"compressdrop: {type(pool).__name__} changed the rank of a gated output")
+    return layer.gate.multiply(output, theta, 1)
 
 
 def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
@@ -219,12 +273,14 @@ def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
     if not _eager():
         return
     children = list(seq)
+    armed, pending = _state()
     missed = []
     for i, _, _ in vars(seq).get(KEY, ()):
         if i < len(children):
             g = children[i]
-            vars(g).pop("armed", None)
-            if vars(g).pop("pending", False):
+            armed.discard(id(g))
+            if id(g) in pending:
+                pending.discard(id(g))
                 missed.append(i)
     if missed and output is not None:
         raise InputError(
@@ -242,5 +298,5 @@ def remove_pool_hooks(model: nn.Module) -> None:
             for key in [k for k, fn in hooks.items() if fn in ours]:
                 del hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
-        for name in (KEY, "defer_ok", "armed", "pending"):
+        for name in (KEY, "defer_ok"):
             vars(m).pop(name, None)

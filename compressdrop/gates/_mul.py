@@ -3,6 +3,8 @@ a ReLU right after a gate take over the tensor the gate keeps for its backward p
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,6 +13,20 @@ from torch import nn
 from ..errors import InputError
 
 ATTR = "_compressdrop_gate_input"
+_OFF = [0]  # open hand_overs_off() contexts
+
+
+@contextlib.contextmanager
+def hand_overs_off() -> Iterator[None]:
+    """Inside this context every gate multiplies at its own layer and keeps its own input: no
+    ReLU takes over what it keeps (:func:`hand_over_to_relus`), no pool its multiply
+    (``compressdrop/gates/_defer.py``). The same function with more memory and time; what a
+    second derivative through the gates (``create_graph=True``) needs."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
 
 
 class _Kept:
@@ -63,6 +79,12 @@ class _GateMul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (theta,) = ctx.saved_tensors
         kept: _Kept = ctx.kept
+        if kept.divide and torch.is_grad_enabled():
+            raise InputError(
+                "compressdrop: a second derivative (create_graph=True) through a gate whose input "
+                "was handed over to the ReLU after it is not supported: run the forward pass "
+                "inside compressdrop.gates.hand_overs_off()"
+            )
         t = kept.tensor
         if t._version != kept.version:
             raise InputError(

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..gates import Gate, bank, gate_class
+from ..gates import Gate, _mul, bank, gate_class
 from ..gates._defer import defer, hand_over, remove_hand_overs
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
@@ -91,10 +91,10 @@ class Gated(Wrapper):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
         out = self.module(*args, **kwargs)
-        if self.__dict__.get("armed", False) and defer(self, out):
+        if self.__dict__.get("defer_ok", False) and defer(self, out):
             return out  # the pool after it multiplies (gates/_defer.py)
         # in place only where a ReLU alone reads the output and no hook of the layer saw it
-        after = self.__dict__.get("relu_after", False)
+        after = self.__dict__.get("relu_after", False) and not _mul._OFF[0]
         inplace = self.__dict__.get("gate_inplace", False) and not self.module._forward_hooks
         return self.gate(out, dim=self.unit_dim, relu_after=after, inplace=inplace)
 
