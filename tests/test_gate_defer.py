@@ -207,11 +207,15 @@ def test_second_derivatives_are_exact_or_refused(monkeypatch):
 
     torch.testing.assert_close(penalty(True), penalty(False))
     assert penalty(True).abs().sum() > 0
-    # the ReLU hand-off keeps no input to differentiate again: an error that names the way out
+    # the ReLU hand-off, and a pool multiplied in place (a convolution reads it next), keep no
+    # input to differentiate again: an error that names the way out
     relu_net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
-    relu_net = _attach("hardconcrete", relu_net.double(), x.detach())
-    with pytest.raises(InputError, match="hand_overs_off"):  # at the first backward pass
-        torch.autograd.grad(relu_net(x).square().sum(), x, create_graph=True)
+    pool_net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 5, 3), nn.Flatten())
+    for case in (relu_net, pool_net):
+        case = _attach("hardconcrete", case.double(), x.detach())
+        assert sum(isinstance(m, Gated) for m in case.modules()) == 1
+        with pytest.raises(InputError, match="hand_overs_off"):  # at the first backward pass
+            torch.autograd.grad(case(x).square().sum(), x, create_graph=True)
     with cd.gates.hand_overs_off():
         (gx,) = torch.autograd.grad(relu_net(x).square().sum(), x, create_graph=True)
     assert torch.autograd.grad(gx.square().sum(), relu_net[0].gate.log_alpha)[0].isfinite().all()

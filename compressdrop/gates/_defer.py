@@ -17,8 +17,10 @@ multiply moves, and only while it provably reaches the pool:
   layer called any other way (on its own, from a slice of the ``nn.Sequential``, after a layer
   was swapped) multiplies at once as before;
 * the armed layer returns its convolution's output tagged with θ; the ReLU's hook passes the tag
-  on, and the pool's hook multiplies its output by θ (out of place: what comes after the pool
-  may change its output in place);
+  on, and the pool's hook multiplies its output by θ: in place where the next layer of the
+  ``nn.Sequential`` is a convolution, linear or batch-norm layer (gated or not), which reads it
+  and keeps it for its own backward pass anyway, out of place elsewhere (what comes after may
+  change it in place, which the gate's backward pass would refuse);
 * the ``nn.Sequential``'s forward hook (also run when the forward pass raises) disarms, and
   raises :class:`~compressdrop.errors.InputError` if a deferred multiply was never applied.
 
@@ -44,7 +46,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import _mul
-from ._mul import hand_over_to_relus, relu_takes_over, remove_relu_hooks
+from ._mul import INPLACE_OK, hand_over_to_relus, relu_takes_over, remove_relu_hooks
 from .base import Gate
 
 __all__: list[str] = []  # internal: attach and detach call hand_over and remove_hand_overs
@@ -68,16 +70,25 @@ POOLS = (
     nn.AdaptiveAvgPool3d,
 )
 _OFF = [0]  # open off() contexts
-_LOCAL = threading.local()  # per thread: ids of the armed layers, and of those whose θ waits
+_LOCAL = threading.local()  # per thread: the armed layers, and those whose θ waits
 
 
-def _state() -> tuple[set[int], set[int]]:
-    """(armed, pending) of this thread: the ids of gated layers."""
+def _state() -> tuple[dict[int, bool], set[int]]:
+    """(armed, pending) of this thread: ids of gated layers (armed: whether the pool after it
+    may multiply in place)."""
     try:
         return _LOCAL.armed, _LOCAL.pending
     except AttributeError:
-        _LOCAL.armed, _LOCAL.pending = set(), set()
+        _LOCAL.armed, _LOCAL.pending = {}, set()
         return _LOCAL.armed, _LOCAL.pending
+
+
+def _reads_only(m: nn.Module) -> bool:
+    """A layer that reads its input, keeps it for its backward pass and changes nothing in place
+    (a convolution, linear or batch-norm layer, or a gated one): the pool before it may
+    multiply its own output in place."""
+    inner = m.module if getattr(m, "gate", None) is not None and hasattr(m, "module") else m
+    return isinstance(inner, INPLACE_OK)
 
 
 @contextlib.contextmanager
@@ -221,7 +232,7 @@ def _arm(seq: nn.Sequential, args: Any) -> None:
             )
         )
         if ok:
-            armed.add(id(g))
+            armed[id(g)] = k + 1 < len(children) and _reads_only(children[k + 1])
             pending.discard(id(g))
 
 
@@ -232,14 +243,14 @@ def defer(layer: nn.Module, out: Any) -> bool:
     armed, pending = _state()
     if id(layer) not in armed:
         return False
-    armed.discard(id(layer))  # for this one call
+    inplace = armed.pop(id(layer))  # for this one call
     gate: Gate = layer.gate  # type: ignore[assignment]
     if not gate.training or not _eager() or not isinstance(out, torch.Tensor):
         return False
     if out.dim() != _conv_dims(layer) + 2:
         return False
     gate.check_units(out, 1)
-    out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype))
+    out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype), inplace)
     pending.add(id(layer))
     return True
 
@@ -260,11 +271,13 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
     tag = inputs[0].__dict__.pop(TAG, None)
     if tag is None or not isinstance(output, torch.Tensor):
         return None
-    layer, theta = tag
+    layer, theta, inplace = tag
     _state()[1].discard(id(layer))
     if output.dim() != inputs[0].dim():
         raise InputError(f"compressdrop: {type(pool).__name__} changed the rank of a gated output")
-    return layer.gate.multiply(output, theta, 1)
+    # (the pools' backward passes read their input and indices, never their output)
+    inplace = inplace and output._base is None and output.data_ptr() != inputs[0].data_ptr()
+    return layer.gate.multiply(output, theta, 1, inplace=inplace)
 
 
 def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
@@ -278,7 +291,7 @@ def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
     for i, _, _ in vars(seq).get(KEY, ()):
         if i < len(children):
             g = children[i]
-            armed.discard(id(g))
+            armed.pop(id(g), None)
             if id(g) in pending:
                 pending.discard(id(g))
                 missed.append(i)
