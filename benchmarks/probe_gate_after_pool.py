@@ -1,5 +1,6 @@
 """Probe (issue 17): how much of a gated LeNet-5 step is the gates' activation-sized passes, and
-what multiplying after the max-pool instead of at the convolution would save.
+what multiplying after the max-pool instead of at the convolution would save. (Built since:
+``compressdrop/gates/_defer.py``; ``bench_training_cost.py --ablate-defer`` measures the real thing.)
 
     python benchmarks/probe_gate_after_pool.py
 
