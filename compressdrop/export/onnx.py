@@ -128,7 +128,16 @@ def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | No
     swapped: list = []
     try:
         with _spelled_out_attention(model) as swapped:
-            return torch.onnx.export(model, (x,), **kwargs)
+            if not swapped:
+                return torch.onnx.export(model, (x,), **kwargs)
+            # a failure is retried as the model is: torch.export's error log of it would alarm
+            log = logging.getLogger("torch.export")
+            level = log.level
+            log.setLevel(logging.CRITICAL)
+            try:
+                return torch.onnx.export(model, (x,), **kwargs)
+            finally:
+                log.setLevel(level)
     except Exception:
         if not swapped:
             raise
