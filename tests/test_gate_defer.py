@@ -45,7 +45,7 @@ def _step(net: nn.Module, x: torch.Tensor, deferred: bool) -> tuple[torch.Tensor
     with _defer.off() if not deferred else torch.enable_grad():
         out = net(x)
         (out.square().mean() + cd.kl(net) / 50).backward()
-    grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
     net.zero_grad()
     return out.detach(), grads
 
@@ -192,6 +192,26 @@ def test_an_in_place_change_after_the_pool_is_allowed(monkeypatch):
     )
     x = torch.randn(8, 3, 8, 8)
     _same_as_undeferred(_attach("lognormal", net, x), x, monkeypatch, deferred=True)
+
+
+class _NormalizingConv(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.mul_(0.5))  # scales its input in place
+
+
+@pytest.mark.parametrize("case", ["pre-hook", "subclass", "bypass"])
+def test_a_layer_after_the_pool_that_may_change_it_in_place_gets_a_copy(case, monkeypatch):
+    nxt = _NormalizingConv(8, 8, 1) if case == "subclass" else nn.Conv2d(8, 8, 1)
+    act = nn.ReLU(inplace=True)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.MaxPool2d(2), nxt, act, nn.Flatten())
+    net.append(nn.LazyLinear(5))
+    x = torch.randn(8, 3, 8, 8)
+    net = _attach("lognormal", net, x)
+    if case == "pre-hook":
+        net[3].register_forward_pre_hook(lambda m, a: (a[0].clamp_(max=1.0),))
+    if case == "bypass":  # an ablation: the layer's output replaced by its input
+        net[3].register_forward_hook(lambda m, i, o: i[0])
+    _same_as_undeferred(net, x, monkeypatch, deferred=True)
 
 
 def test_second_derivatives_are_exact_or_refused(monkeypatch):

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import _mul
-from ._mul import INPLACE_OK, hand_over_to_relus, relu_takes_over, remove_relu_hooks
+from ._mul import hand_over_to_relus, relu_takes_over, remove_relu_hooks
 from .base import Gate
 
 __all__: list[str] = []  # internal: attach and detach call hand_over and remove_hand_overs
@@ -83,12 +83,34 @@ def _state() -> tuple[dict[int, bool], set[int]]:
         return _LOCAL.armed, _LOCAL.pending
 
 
+# the stock forwards of the layers that read their input and change nothing in place
+_STOCK_FORWARDS = {
+    c.forward
+    for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+    + (nn.BatchNorm3d,)
+}
+
+
+def _stock(m: nn.Module, ours: tuple[str, ...] = ()) -> bool:
+    """``m`` runs its class's stock forward (none set on the instance) and no hook but those
+    named in ``ours`` (compressdrop's own) could change its input in place."""
+    return (
+        "forward" not in vars(m)
+        and not m._forward_hooks
+        and all(getattr(fn, "__name__", "") in ours for fn in m._forward_pre_hooks.values())
+    )
+
+
 def _reads_only(m: nn.Module) -> bool:
     """A layer that reads its input, keeps it for its backward pass and changes nothing in place
-    (a convolution, linear or batch-norm layer, or a gated one): the pool before it may
-    multiply its own output in place."""
-    inner = m.module if getattr(m, "gate", None) is not None and hasattr(m, "module") else m
-    return isinstance(inner, INPLACE_OK)
+    (a stock convolution, linear or batch-norm layer, or compressdrop's gated wrapper of one,
+    without hooks): the pool before it may multiply its own output in place."""
+    if getattr(m, "gate", None) is not None and type(m).__module__ == "compressdrop.gating.gated":
+        if not _stock(m, ("_no_op",)):  # the wrapper's own pre-hook (gating/gated.py)
+            return False
+        inner = m.module
+        return isinstance(inner, nn.Module) and _reads_only(inner)
+    return type(m).forward in _STOCK_FORWARDS and _stock(m)
 
 
 @contextlib.contextmanager

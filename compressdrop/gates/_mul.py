@@ -81,15 +81,16 @@ class _GateMul(torch.autograd.Function):
         kept: _Kept = ctx.kept
         if kept.divide and torch.is_grad_enabled():
             raise InputError(
-                "compressdrop: a second derivative (create_graph=True) through a gate whose input "
-                "was handed over to the ReLU after it is not supported: run the forward pass "
-                "inside compressdrop.gates.hand_overs_off()"
+                "compressdrop: a second derivative (create_graph=True) through a gate that "
+                "handed its input over to the ReLU or pool after it is not supported: run the "
+                "forward pass inside compressdrop.gates.hand_overs_off()"
             )
         t = kept.tensor
         if t._version != kept.version:
             raise InputError(
                 "compressdrop: a tensor a gate needs for its gradient was modified by an "
-                "in-place operation after the gate (change a copy, or detach the gates)"
+                "in-place operation after the gate (change a copy, run the forward pass inside "
+                "compressdrop.gates.hand_overs_off(), or detach the gates)"
             )
         shape = theta.shape + (1,) * (t.dim() - 2)
         grad_x = grad_theta = None
