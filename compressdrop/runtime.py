@@ -1,4 +1,5 @@
-"""Where models run: the torch device to use and an onnxruntime session on the matching provider.
+"""Where models run: the torch device to use, an onnxruntime session on the matching provider,
+and whether the code runs traced (compiled, exported) or as plain Python.
 
 Neutral ground for every layer: training, evaluation and export all ask here, so "CUDA asked for
 but absent" is one error with one message.
@@ -13,7 +14,22 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["ort_session", "resolve_device"]
+__all__ = ["is_exporting", "is_traced", "ort_session", "resolve_device"]
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` (and so the ONNX exporter) is tracing the model (always False
+    before torch 2.5, which cannot tell)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(exporting and exporting())
+
+
+def is_traced() -> bool:
+    """Whether the model runs under a compiler or tracer (``torch.compile``, ``torch.export``,
+    TorchScript or FX tracing) rather than as plain Python on real tensors."""
+    fx = torch.fx._symbolic_trace
+    fx_tracing = getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)
+    return torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing() or fx_tracing()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -18,9 +18,9 @@ multiply moves, and only while it provably reaches the pool:
   was swapped) multiplies at once as before;
 * the armed layer returns its convolution's output tagged with θ; the ReLU's hook passes the tag
   on, and the pool's hook multiplies its output by θ: in place where the next layer of the
-  ``nn.Sequential`` is a convolution, linear or batch-norm layer (gated or not), which reads it
-  and keeps it for its own backward pass anyway, out of place elsewhere (what comes after may
-  change it in place, which the gate's backward pass would refuse);
+  ``nn.Sequential`` is a stock convolution, linear or batch-norm layer (gated or not) without
+  hooks, which reads it and keeps it for its own backward pass anyway; out of place elsewhere
+  (what comes after may change it in place, which the gate's backward pass would refuse);
 * the ``nn.Sequential``'s forward hook (also run when the forward pass raises) disarms, and
   raises :class:`~compressdrop.errors.InputError` if a deferred multiply was never applied.
 
@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..runtime import is_traced
 from . import _mul
-from ._mul import hand_over_to_relus, relu_takes_over, remove_relu_hooks
+from ._mul import hand_over_to_relus, relu_takes_over, remove_relu_hooks, wrapper_pre_hook
 from .base import Gate
 
 __all__: list[str] = []  # internal: attach and detach call hand_over and remove_hand_overs
@@ -85,19 +86,17 @@ def _state() -> tuple[dict[int, bool], set[int]]:
 
 # the stock forwards of the layers that read their input and change nothing in place
 _STOCK_FORWARDS = {
-    c.forward
-    for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
-    + (nn.BatchNorm3d,)
+    c.forward for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 }
 
 
-def _stock(m: nn.Module, ours: tuple[str, ...] = ()) -> bool:
-    """``m`` runs its class's stock forward (none set on the instance) and no hook but those
-    named in ``ours`` (compressdrop's own) could change its input in place."""
+def _stock(m: nn.Module, ours: tuple = ()) -> bool:
+    """``m`` runs its class's forward (none set on the instance), and no hook but the pre-hooks
+    in ``ours`` could change its input in place."""
     return (
         "forward" not in vars(m)
         and not m._forward_hooks
-        and all(getattr(fn, "__name__", "") in ours for fn in m._forward_pre_hooks.values())
+        and all(fn in ours for fn in m._forward_pre_hooks.values())
     )
 
 
@@ -105,11 +104,9 @@ def _reads_only(m: nn.Module) -> bool:
     """A layer that reads its input, keeps it for its backward pass and changes nothing in place
     (a stock convolution, linear or batch-norm layer, or compressdrop's gated wrapper of one,
     without hooks): the pool before it may multiply its own output in place."""
-    if getattr(m, "gate", None) is not None and type(m).__module__ == "compressdrop.gating.gated":
-        if not _stock(m, ("_no_op",)):  # the wrapper's own pre-hook (gating/gated.py)
-            return False
-        inner = m.module
-        return isinstance(inner, nn.Module) and _reads_only(inner)
+    inner = getattr(m, "module", None)
+    if isinstance(getattr(m, "gate", None), Gate) and isinstance(inner, nn.Module):
+        return _stock(m, (wrapper_pre_hook,)) and _reads_only(inner)
     return type(m).forward in _STOCK_FORWARDS and _stock(m)
 
 
@@ -126,12 +123,7 @@ def off() -> Iterator[None]:
 
 def _eager() -> bool:
     """Whether hooks run as plain Python on real tensors (not compiled, exported or traced)."""
-    return not (
-        torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        or torch.jit.is_tracing()
-        or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-    )
+    return not is_traced()
 
 
 def _pool_ok(pool: nn.Module, dims: int) -> bool:

@@ -29,6 +29,13 @@ def hand_overs_off() -> Iterator[None]:
         _OFF[0] -= 1
 
 
+def wrapper_pre_hook(module: nn.Module, args: Any) -> None:
+    """The forward pre-hook of every gated wrapper (``compressdrop.gating.gated.Gated`` and its
+    kin). It does nothing: a hooked submodule turns fused fast paths off
+    (``nn.TransformerEncoderLayer``'s in eval), which read the wrapped weights directly and would
+    skip the gate."""
+
+
 class _Kept:
     """What a gate multiply keeps for the gradient of θ: its input x, or (``divide``) a tensor
     that is x·θ where it matters: its own output when it multiplied in place, or the output of

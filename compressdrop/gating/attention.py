@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..runtime import is_exporting
 
 __all__ = [
     "MultiheadAttention",
@@ -100,12 +101,6 @@ def nested_off(root: nn.Module) -> list[str]:
             m.use_nested_tensor = False
             changed.append(name)
     return changed
-
-
-def _exporting() -> bool:
-    """Whether ``torch.export`` (and so the ONNX exporter) is tracing (False before torch 2.5)."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(is_exporting and is_exporting())
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -213,7 +208,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             mask = pad if mask is None else mask + pad
         p = self.dropout if self.training else 0.0
         weights = None
-        if need_weights or (p == 0.0 and _exporting()):
+        if need_weights or (p == 0.0 and is_exporting()):
             # spelled out when exported: onnxruntime folds kᵀ into its MatMul here, where the
             # exporter's decomposition of scaled_dot_product_attention leaves a Transpose node
             # that costs as much as the MatMul on CPU (BENCHMARKS §1, profile_vit_ort.py)

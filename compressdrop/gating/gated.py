@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, _mul, bank, gate_class
 from ..gates._defer import defer, hand_over, remove_hand_overs
+from ..gates._mul import wrapper_pre_hook
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
 from .groups import GatingWarning, UnitGroup, find_groups
@@ -51,10 +52,6 @@ __all__ = [
 ]
 
 
-def _no_op(module: nn.Module, args: Any) -> None:
-    """The forward pre-hook of every :class:`Gated` (see there)."""
-
-
 class Wrapper(nn.Module):
     """A module that wraps one layer as ``self.module`` and answers for its attributes."""
 
@@ -86,7 +83,7 @@ class Gated(Wrapper):
         self.unit_dim = unit_dim
         # a hooked submodule turns fused fast paths off (nn.TransformerEncoderLayer's in eval):
         # they read the wrapped weights directly and would skip the gate
-        self.register_forward_pre_hook(_no_op)
+        self.register_forward_pre_hook(wrapper_pre_hook)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""

@@ -19,8 +19,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..gates import Gate, LogNormalGate, gate_class
+from ..gates._mul import wrapper_pre_hook
 from ..gates.distributions import truncnorm_icdf_coefs
-from .gated import Wrapper, _no_op
+from ..runtime import is_exporting
+from .gated import Wrapper
 from .heads import head_spec_of
 
 __all__ = [
@@ -71,7 +73,7 @@ class NoisySite(Wrapper):
         self.attention = attention
         self.tile = 1
         # as on a Gated: a hooked submodule turns fused attention paths off
-        self.register_forward_pre_hook(_no_op)
+        self.register_forward_pre_hook(wrapper_pre_hook)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The layer's output (or, for heads, the projection of its noisy input)."""
@@ -96,7 +98,7 @@ class NoisySite(Wrapper):
                 f"along dim {dim}"
             )
         theta = self._draw(x.shape[0])  # (B, U) or (1, U)
-        mean = self._buffers.get("export_mean") if torch.compiler.is_exporting() else None
+        mean = self._buffers.get("export_mean") if is_exporting() else None
         mean = self.gate.expected() if mean is None else mean
         ratio = (theta / mean.to(theta.dtype)).to(x.dtype)
         shape = [ratio.shape[0]] + [1] * (x.dim() - 1)
@@ -104,7 +106,7 @@ class NoisySite(Wrapper):
         return x * ratio.reshape(shape)
 
     def _draw(self, batch: int) -> torch.Tensor:
-        if torch.compiler.is_exporting() and isinstance(self.gate, LogNormalGate):
+        if is_exporting() and isinstance(self.gate, LogNormalGate):
             coefs = self._buffers.get("export_coefs")
             if coefs is None:
                 raise InputError("call prepare_export() on the noisy sites before exporting")
