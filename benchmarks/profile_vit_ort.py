@@ -1,14 +1,17 @@
 """Where a slim ViT's onnxruntime time goes (issue 18's speed target for the vision transformer).
 
     python benchmarks/profile_vit_ort.py --units 4-18-1-12-1-9-1-1 --threads 1 2
+    python benchmarks/profile_vit_ort.py --units 4-8-2-2-1-1-1-1 4-5-3-1-1-1-1-1 --no-profile
 
 Builds §1's tiny ViT dense and slim with the given kept units per layer (heads, MLP neurons,
-layer by layer: here seed 0's variational run), exports both, and measures each in onnxruntime
-at batch 64 with the CPU provider: wall time with the models in turns (median of ``--rounds``
-rounds of ``--repeats`` runs), with the default graph optimizations and with the two fusions
-that this profile finds slow disabled (``SkipLayerNormFusion``, ``BiasGeluFusion``), and the
-kernel time per operator type from onnxruntime's profiler. The slim net's weights are the dense
-net's random ones, cut by surgery: latency does not depend on their values. Results:
+layer by layer: the first is seed 0's variational run), exports them, and measures each in
+onnxruntime at batch 64 with the CPU provider: wall time with the models in turns (median of
+``--rounds`` rounds of ``--repeats`` runs), with the default graph optimizations and with the
+two fusions that this profile finds slow disabled (``SkipLayerNormFusion``, ``BiasGeluFusion``),
+each slim net's FLOPs reduction and its speed-up over it, and (unless ``--no-profile``) the
+kernel time per operator type from onnxruntime's profiler. Several ``--units`` (the
+architectures of §1's table, say) are timed in the same turns. The slim nets' weights are the
+dense net's random ones, cut by surgery: latency does not depend on their values. Results:
 ``benchmarks/results/<--out>.json``.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import statistics
 import tempfile
@@ -28,6 +32,7 @@ import onnxruntime as ort
 import torch
 
 import compressdrop as cd
+from compressdrop.evaluation import count_flops
 from compressdrop.export import export_onnx
 from compressdrop.gating import named_gates
 from compressdrop.models import build_model
@@ -37,15 +42,28 @@ from common import save
 SLOW_FUSIONS = ["SkipLayerNormFusion", "BiasGeluFusion"]
 
 
-def models(units: list[int], out: Path) -> dict[str, Path]:
-    """The dense ViT and the one that keeps ``units`` (per gate, in attach's order), as ONNX."""
+def models(archs: list[list[int]], out: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """The dense ViT and one that keeps each of ``archs`` (units per gate, in attach's order), as
+    ONNX, with each slim net's FLOPs reduction."""
     example = torch.randn(2, 1, 28, 28)
     torch.manual_seed(0)
     dense = build_model("vit", input_shape=(1, 28, 28))
     export_onnx(dense, example, out / "dense.onnx")
+    paths, ratios = {"dense": out / "dense.onnx"}, {}
+    for units in archs:
+        name = "slim" if len(archs) == 1 else "-".join(map(str, units))
+        slim = _slim(dense, units, example)
+        export_onnx(slim, example, out / f"{name}.onnx")
+        paths[name] = out / f"{name}.onnx"
+        ratios[name] = count_flops(dense, example) / count_flops(slim, example)
+    return paths, ratios
+
+
+def _slim(dense: torch.nn.Module, units: list[int], example: torch.Tensor) -> torch.nn.Module:
+    """``dense`` cut by surgery to ``units`` (a copy)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gated = cd.attach(dense, gate="variational", example_inputs=example)
+        gated = cd.attach(copy.deepcopy(dense), gate="variational", example_inputs=example)
         gates = list(named_gates(gated))
         if len(gates) != len(units):
             raise SystemExit(f"--units names {len(units)} layers' units, the ViT has {len(gates)}")
@@ -57,8 +75,7 @@ def models(units: list[int], out: Path) -> dict[str, Path]:
     kept = slim.prune_report.architecture_after
     if kept != "-".join(map(str, units)):
         raise SystemExit(f"surgery kept {kept}, not {units}")
-    export_onnx(slim, example, out / "slim.onnx")
-    return {"dense": out / "dense.onnx", "slim": out / "slim.onnx"}
+    return slim
 
 
 def session(path: Path, threads: int, disabled: list[str], profile: str | None = None):
@@ -108,7 +125,8 @@ def in_turns(paths, x, threads, rounds, repeats) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--units", default="4-18-1-12-1-9-1-1")
+    ap.add_argument("--units", nargs="+", default=["4-18-1-12-1-9-1-1"])
+    ap.add_argument("--no-profile", action="store_true", help="wall times only")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
@@ -118,17 +136,22 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal((args.batch, 1, 28, 28), dtype=np.float32)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = models([int(u) for u in args.units.split("-")], Path(tmp))
+        archs = [[int(u) for u in units.split("-")] for units in args.units]
+        paths, ratios = models(archs, Path(tmp))
         for threads in args.threads:
             ms = in_turns(paths, x, threads, args.rounds, args.repeats)
-            row = {"threads": threads, "ms": ms}
-            for c in ("default", "slow fusions off"):
-                row[f"speed-up, {c}"] = ms[f"dense / {c}"] / ms[f"slim / {c}"]
-            row["ops"] = {
+            row: dict = {"threads": threads, "ms": ms, "flops_reduction": ratios}
+            for name, flops in ratios.items():
+                for c in ("default", "slow fusions off"):
+                    speed = ms[f"dense / {c}"] / ms[f"{name} / {c}"]
+                    tag = "" if name == "slim" else f" {name}"
+                    row[f"speed-up{tag}, {c}"] = speed
+                    row[f"speed-up / FLOPs reduction{tag}, {c}"] = speed / flops
+            row["ops"] = {} if args.no_profile else {
                 f"{m} / {c}": by_op(p, x, threads, d)
                 for m, p in paths.items()
                 for c, d in (("default", []), ("slow fusions off", SLOW_FUSIONS))
-            }
+            }  # fmt: skip
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ops"}, indent=1), flush=True)
             for k, ops in row["ops"].items():

@@ -213,6 +213,16 @@ def test_the_vision_transformer_reference_net():
     layer = 2 * t * (3 * d * d + d * d + 2 * d * 128) + 2 * (2 * t * t * d)
     assert count_flops(vit, torch.rand(1, 1, 28, 28)) == 2 * 16 * d * 49 + 4 * layer + 2 * d * 10
     assert sum(p.numel() for p in vit.parameters()) == 139_018
+    # the final LayerNorm reads the class token alone (the same logits as normalizing every token:
+    # it acts per token), so that its exported graph has no residual Add before it to fuse
+    seen = []
+    vit.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    x = torch.rand(3, 1, 28, 28)
+    out = vit(x)
+    assert seen == [(3, 64)]
+    t = vit.patch(x).flatten(2).transpose(1, 2)
+    t = torch.cat([vit.cls.expand(3, -1, -1), t], dim=1) + vit.pos
+    assert torch.allclose(out, vit.head(vit.norm(vit.encoder(t))[:, 0]), atol=1e-6, rtol=0)
     a = vit.arch
     assert build_model(a["name"], a["input_shape"], a["num_classes"], **a["kwargs"]).arch == a
     assert build_model("vit", (1, 8, 8)).arch["kwargs"]["patch"] == 2  # a 4×4 grid by default

@@ -21,7 +21,7 @@ __all__ = ["TinyViT", "vit_tiny"]
 
 class TinyViT(nn.Module):
     """Patches (a strided conv) → class token + learned positions → pre-norm encoder layers →
-    LayerNorm → a Linear on the class token."""
+    the class token → LayerNorm → Linear."""
 
     def __init__(
         self,
@@ -54,7 +54,10 @@ class TinyViT(nn.Module):
         t = self.patch(x).flatten(2).transpose(1, 2)
         # t.shape[0], not len(t): len() would fix the batch size of an exported program
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.pos
-        return self.head(self.norm(self.encoder(t))[:, 0])
+        # the class token is taken before the final LayerNorm (which acts on each token alone):
+        # the same logits, and onnxruntime fuses no residual Add into a SkipLayerNormalization,
+        # which ran 7× slower per row than a LayerNormalization (BENCHMARKS.md §1, the ViT)
+        return self.head(self.norm(self.encoder(t)[:, 0]))
 
 
 def vit_tiny(
