@@ -293,3 +293,33 @@ def test_compiled_parts_global_hooks_and_threads(monkeypatch):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_hand_overs_off_under_activation_checkpointing_covers_the_backward_pass():
+    """The switch is read when a layer runs, and non-reentrant checkpointing runs the layers
+    again during backward: with backward inside the context the gradients are those of the
+    unsegmented run; outside it the recomputation hands over again, which PyTorch refuses (loud,
+    never a wrong gradient)."""
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+
+    x = torch.randn(6, 3, 8, 8)
+    net = _attach("lognormal", _pool_net(), x)
+
+    def grads(segmented: bool, backward_inside: bool = True) -> dict[str, torch.Tensor]:
+        net.zero_grad()
+        torch.manual_seed(5)
+        with cd.gates.hand_overs_off():
+            out = checkpoint(net, x, use_reentrant=False) if segmented else net(x)
+            loss = out.square().mean()
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    plain, segmented = grads(False), grads(True)
+    assert plain.keys() == segmented.keys() and any("gate" in n for n in plain)
+    for name, g in plain.items():
+        torch.testing.assert_close(segmented[name], g, msg=name)
+    with pytest.raises(CheckpointError):
+        grads(True, backward_inside=False)

@@ -21,7 +21,10 @@ def hand_overs_off() -> Iterator[None]:
     """Inside this context every gate multiplies at its own layer and keeps its own input: no
     ReLU takes over what it keeps (:func:`hand_over_to_relus`), no pool its multiply
     (``compressdrop/gates/_defer.py``). The same function with more memory and time; what a
-    second derivative through the gates (``create_graph=True``) needs."""
+    second derivative through the gates (``create_graph=True``) needs. The switch is read when a
+    layer runs: under activation checkpointing (``torch.utils.checkpoint``) the backward pass
+    runs the forward again, so run ``backward()`` inside the context too (outside it the
+    recomputation hands over again and PyTorch raises ``CheckpointError``)."""
     _OFF[0] += 1
     try:
         yield
