@@ -173,3 +173,23 @@ def test_a_program_stores_its_example_not_the_data_set_it_was_sliced_from(tmp_pa
     written = export_program(model, data[:2], tmp_path / "m.pt2")
     assert written.bytes < 1_000_000  # the net and two examples, not the 20,000
     assert program_record(model, data[:2])["program"].numel() < 1_000_000
+
+
+@pytest.mark.parametrize("family", sorted(cd.GATES))
+def test_a_gated_model_exports_with_the_factors_pytorch_computes(family, tmp_path):
+    """Eval mode multiplies by E[θ] (0 for a pruned unit). Traced, the closed forms were folded
+    to NaN by the ONNX exporter (log-normal, noisy units as training leaves them) or stopped
+    torch.export (the families built on pyro's distributions); PyTorch now computes them."""
+    model = gated("lenet300", family)
+    if family == "lognormal":  # σ up to e³, as a trained run's noisiest units
+        with torch.no_grad():
+            for _, g in cd.named_gates(model):
+                g.log_sigma.copy_(torch.linspace(-1.0, 3.0, g.num_units))
+    cd.mask_(model, quantiles(model, (0.3,))[0])  # some units pruned: multiplied by 0
+    assert any(bool(g.pruned.any()) for _, g in cd.named_gates(model))
+    x = input_for(model, 4)
+    rep = export_onnx(model, x, tmp_path / "g.onnx")  # raises if onnxruntime disagrees
+    assert max(rep.max_rel_error.values()) <= 1e-4
+    assert all("_fixed_factor" not in vars(g) for _, g in cd.named_gates(model))
+    model.train()
+    assert cd.is_gated(model) and model(x).isfinite().all()  # still a gated model

@@ -113,6 +113,25 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
             encoder.use_nested_tensor = True
 
 
+@contextlib.contextmanager
+def _fixed_gate_factors(model: nn.Module) -> Iterator[None]:
+    """While a gated model is exported, each gate multiplies by its eval factor (E[θ], 0 for a
+    pruned unit) computed here by PyTorch, a constant in the graph. Traced, the closed forms
+    failed: the ONNX exporter folded log-normal ones to NaN (its float64 log-CDF), and those of
+    the families built on pyro's distributions stopped torch.export (data-dependent guards)."""
+    from ..gating import named_gates
+
+    gates = [g for _, g in named_gates(model)]
+    try:
+        for g in gates:
+            with torch.no_grad():
+                g.__dict__["_fixed_factor"] = g._keep(g.expected()).detach().clone()
+        yield
+    finally:
+        for g in gates:
+            g.__dict__.pop("_fixed_factor", None)
+
+
 def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | None) -> Any:
     """``torch.onnx.export`` of ``model`` with its attention spelled out (see
     :func:`_spelled_out_attention`); as the model is if that export fails where the model has
@@ -172,7 +191,8 @@ def export_onnx(
             records :meth:`PruneReport.metadata
             <compressdrop.pruning.PruneReport.metadata>` (threshold, gate family, units before
             and after).
-        opset: ONNX opset (``None``: the exporter's default).
+        opset: ONNX opset (``None``: the exporter's default); one the exporter cannot write
+            (torch's dynamo exporter starts at 18 and converts down only so far) is an error.
         check_batch_sizes: batch sizes run in onnxruntime.
         rtol: largest accepted max|ort − torch| / max|torch|.
         providers: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
@@ -182,7 +202,7 @@ def export_onnx(
             ``config.use_cache`` off (restored afterwards): logits without the key/value cache.
 
     Raises:
-        ExportError: the exporter failed or produced non-standard operators.
+        ExportError: the exporter failed, produced non-standard operators or another opset.
         ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``.
     """
     import onnx
@@ -207,7 +227,7 @@ def export_onnx(
         dims[1] = torch.export.Dim("length", min=2, max=1 << 16)
     with eval_on_cpu(model) as model_cpu, _no_cache(model_cpu), atomic_write(path) as tmp:
         try:
-            with _quiet_exporter():
+            with _quiet_exporter(), _fixed_gate_factors(model_cpu):
                 program = _onnx_program(model_cpu, x, dims, opset)
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")
@@ -233,6 +253,11 @@ def export_onnx(
             entry.key, entry.value = k, v
         onnx.save(proto, str(tmp))
         op = next((o.version for o in proto.opset_import if o.domain in STANDARD_DOMAINS), -1)
+        if opset is not None and op != opset:  # the exporter falls back without a word
+            raise ExportError(
+                f"the exporter could not write ONNX opset {opset} (it wrote opset {op}); "
+                f"ask for {op} or leave the opset out"
+            )
 
         session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
         name = session.get_inputs()[0].name

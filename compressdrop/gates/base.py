@@ -250,7 +250,8 @@ class Gate(nn.Module):
         if self.training:
             theta = self.training_factor(x.shape[0], x.dtype)  # (B, U) or (1, U)
             return self.multiply(x, theta, dim, relu_after, inplace and relu_after)
-        theta = self._keep(self.expected().to(x.dtype))  # (U,)
+        theta = self.__dict__.get("_fixed_factor")  # set while exported: export/onnx.py
+        theta = (self._keep(self.expected()) if theta is None else theta).to(x.dtype)  # (U,)
         shape = [1] * x.dim()
         shape[dim] = self.num_units
         return x * theta.reshape(shape)
