@@ -141,6 +141,29 @@ def test_a_grouped_conv_with_one_output_per_group_is_refused_by_name():
     assert [n for n, _ in cd.named_gates(model)] == ["5"]
 
 
+def test_units_that_a_grouped_conv_takes_one_per_group_are_left_ungated_by_name():
+    """A depthwise conv with a channel multiplier (8 → 16, 8 groups): each group must keep its
+    one input channel, so a gate on them could never prune; it used to be attached anyway and
+    kept every unit without a word."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=8),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),
+    ).eval()
+    with pytest.warns(cd.GatingWarning) as record:
+        cd.attach(model, example_inputs=torch.randn(2, 1, 8, 8))
+    assert [str(w.message) for w in record] == [
+        "compressdrop: layer '0' left ungated: its units reach '2', a grouped convolution with "
+        "one of them per group, and every group must keep its channel",
+    ]
+    assert [(n, g.num_units) for n, g in cd.named_gates(model)] == [("3", 16)]
+
+
 def test_shufflenet_gates_its_branches_and_leaves_the_shuffle_with_a_warning(tmp_path):
     """A ShuffleNet written by hand (not torchvision's class, whose shuffled channels are gated:
     tests/test_shuffle.py): the channels through the shuffle stay ungated, with a warning."""

@@ -71,6 +71,13 @@ def group_alignment(tp_group, num_units: int, names: dict) -> tuple[int, str | N
             # are not consecutive blocks of the group's units
             return blocks, f"its units reach the grouped convolution {name!r} reordered"
         blocks = math.lcm(blocks, m.groups)
+        if blocks >= num_units:
+            # one unit a block (a depthwise conv with a channel multiplier, say): every block
+            # must keep its unit, so a gate here could never prune anything
+            return blocks, (
+                f"its units reach {name!r}, a grouped convolution with one of them per group, "
+                "and every group must keep its channel"
+            )
     return blocks, None
 
 
