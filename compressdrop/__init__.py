@@ -37,11 +37,13 @@ __all__ = [
     "is_gated",
     "keep_noise",
     "kl",
+    "load_model",
     "mask_",
     "mc_evaluate",
     "mc_predict",
     "named_gates",
     "prune",
+    "save_model",
     "size",
 ]
 
@@ -56,6 +58,8 @@ _LAZY = {
     "mc_predict": "compressdrop.uncertainty",
     "mc_evaluate": "compressdrop.uncertainty",
     "size": "compressdrop.evaluation",
+    "load_model": "compressdrop.checkpoint",
+    "save_model": "compressdrop.checkpoint",
 }
 
 

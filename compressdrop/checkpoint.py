@@ -120,6 +120,12 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a file")
     with path.open("rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC) and path.suffix == ".onnx":
+        raise CheckpointError(
+            f"{path}: an ONNX model; this needs the PyTorch model it came from (a compressdrop "
+            "checkpoint, a .pt2 program, a state_dict or a Hugging Face folder). "
+            "`compressdrop eval` reads ONNX files"
+        )
     if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
         raise CheckpointError(
             f"{path}: not a readable PyTorch file (corrupt or truncated?): it starts with neither "
@@ -141,8 +147,11 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
                 "its alias --trust-pickle); "
                 "better, save a compressdrop checkpoint or a state_dict."
             ) from None
+        # (torch's message opens with advice to load the file with weights_only=False, which
+        # would run its code: only its last part, the unpickler's own error, is passed on)
+        cause = str(e).rpartition("WeightsUnpickler error:")[2] or str(e)
         raise CheckpointError(
-            f"{path}: corrupt or unreadable checkpoint ({_first_line(e)})"
+            f"{path}: corrupt or unreadable checkpoint ({_first_line(cause)})"
         ) from None
     except Exception as e:
         # With weights_only=True no code from the file runs, so any other exception comes from a

@@ -75,6 +75,10 @@ def _output(help: str, suffixes: tuple[str, ...], folder: bool = False) -> Calla
     ``folder``: a name without a suffix is a folder to write (a Hugging Face model folder)."""
 
     def check(ctx: click.Context, param: click.Parameter, path: str) -> str:
+        if not path.strip():
+            raise click.BadParameter("an empty file name")
+        if Path(path).suffix and Path(path).is_dir():
+            raise click.BadParameter(f"{path} is a folder; name a file to write")
         if folder and not Path(path).suffix:
             return path.rstrip("/") or path
         if not path.endswith(suffixes):
@@ -208,7 +212,10 @@ PRUNE = (
         help="Every layer of a stack keeps as many units: a standard config (Hugging Face "
         "folders need it wherever the layers would differ).",
     ),
-    _recipe("Recipe for a plain model (sparsify, prune, fine-tune)."),
+    _recipe(
+        "Recipe: for a plain model how to sparsify, prune and fine-tune it; for a model with "
+        "trained gates its prune settings (default: those it trained with)."
+    ),
     _data(None, "Data for sparsifying a plain model: " + DATA_HELP),
     click.option(
         "--mc-samples",
@@ -291,10 +298,17 @@ SWEEP = (
         help="Folder for sweep.csv, sweep.json and sweep.png.",
     ),
     click.option(
-        "--batch", type=int, default=256, show_default=True, help="Batch size of the latency runs."
+        "--batch",
+        type=click.IntRange(min=1),
+        default=256,
+        show_default=True,
+        help="Batch size of the latency runs.",
     ),
     click.option(
-        "--threads", type=int, default=None, help="onnxruntime intra-op threads (default: its own)."
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="onnxruntime intra-op threads (default: its own).",
     ),
     ARCH,
     TRUST,

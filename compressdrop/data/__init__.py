@@ -167,7 +167,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         xte, yte = prep(arrays["x_test"], arrays["y_test"], "test")
         xtr, ytr = x, y
     else:
-        xtr, xte, ytr, yte = _split(x, y, test_fraction, seed)
+        xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, where=str(path))
     num_classes = int(max(ytr.max(), yte.max())) + 1
     if min(ytr.min(), yte.min()) < 0:
         raise DataError(f"{path}: labels must be ≥ 0")
@@ -238,6 +238,8 @@ def load_dataset(spec: str) -> Dataset:
     Example:
         >>> load_dataset("images:photos,size=32x48,channels=3")  # doctest: +SKIP
     """
+    if not spec.strip():
+        raise DataError(f"empty data spec: use {_DATA_SPECS}")
     if spec.startswith("text:"):
         from .text import text_spec
 

@@ -111,9 +111,26 @@ class Dataset:
         )
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, where: str = "data"):
+    """A stratified train/test split; its preconditions checked first, so that the error names
+    ``where`` (the file) instead of coming from scikit-learn."""
     from sklearn.model_selection import train_test_split
 
+    labels, counts = np.unique(y, return_counts=True)
+    if len(labels) and counts.min() < 2:
+        c = labels[counts.argmin()]
+        raise DataError(
+            f"{where}: class {c} has 1 example; a stratified train/test split needs at least 2 "
+            f"per class (or give x_test and y_test)"
+        )
+    n, k = len(y), len(labels)
+    n_test = int(np.ceil(test_fraction * n))
+    if n_test < k or n - n_test < k:
+        raise DataError(
+            f"{where}: a test fraction of {test_fraction} of {n} examples gives {n_test} test and "
+            f"{n - n_test} training examples; each split needs at least one example of each of "
+            f"the {k} classes (or give x_test and y_test)"
+        )
     return train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
 
 

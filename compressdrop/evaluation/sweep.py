@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..errors import InputError
 from ..gating import named_gates
 from .metrics import evaluate
 from .model_size import count_flops, count_params
@@ -95,12 +96,15 @@ def sweep(
     the unpruned reference.
     """
     from ..export import export_onnx
-    from ..pruning import PruneReport, PruningWarning, prune
+    from ..pruning import PruneReport, PruningWarning, check_threshold, prune
     from ..runtime import resolve_device
     from .latency import ort_latency
 
+    if latency_batch < 1:
+        raise InputError(f"latency_batch must be ≥ 1, got {latency_batch}")
     dev = resolve_device(device)
-    thresholds = [0.0, *(thresholds if thresholds is not None else default_thresholds(model))]
+    given = thresholds if thresholds is not None else default_thresholds(model)
+    thresholds = [0.0, *(check_threshold(t) for t in given)]  # each checked before any work
     example = x_test[:2]
     # onnxruntime's CUDA provider on a GPU when this onnxruntime build has one (onnxruntime-gpu),
     # else its CPU provider; each row records the provider actually used

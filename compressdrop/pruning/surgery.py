@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "PruneReport",
     "PruningWarning",
     "SurgeryError",
+    "check_threshold",
     "mask_",
     "prune",
     "replay",
@@ -57,6 +59,19 @@ class PruningWarning(UserWarning):
 
 class SurgeryError(CompressDropError, RuntimeError):
     """The slim model does not reproduce the masked model; the input model is left untouched."""
+
+
+def check_threshold(threshold: float) -> float:
+    """``threshold`` as a float if it is an SNR threshold: finite and ≥ 0 (0 keeps every unit).
+
+    Raises:
+        InputError: naming the value otherwise (a negative one would keep every unit, NaN or an
+            infinite one none, without a word).
+    """
+    t = float(threshold)
+    if not (math.isfinite(t) and t >= 0):
+        raise InputError(f"an SNR threshold must be a finite number ≥ 0, got {threshold}")
+    return t
 
 
 def _keep_masks(
@@ -73,8 +88,9 @@ def _threshold_masks(
     model: nn.Module, threshold: float | None
 ) -> dict[int, tuple[str, torch.Tensor, float]]:
     out = {}
+    threshold = None if threshold is None else check_threshold(threshold)
     for name, g in named_gates(model):
-        thr = g.default_threshold if threshold is None else float(threshold)
+        thr = g.default_threshold if threshold is None else threshold
         # units feeding (or made by) a grouped conv: every group keeps as many (gating/aligned.py)
         keep = align_keep(g.mask(thr), g.snr(), getattr(g, "unit_blocks", 1))
         if not keep.any():

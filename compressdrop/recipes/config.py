@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -169,9 +170,9 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.threshold is None or self.threshold >= 0,
+            self.threshold is None or (math.isfinite(self.threshold) and self.threshold >= 0),
             "prune.threshold",
-            f"must be ≥ 0, got {self.threshold}",
+            f"must be a finite number ≥ 0, got {self.threshold}",
         )
 
 

@@ -41,14 +41,18 @@ def _quiet(event: dict[str, Any]) -> None:
 
 
 def check_writable(path: str | Path) -> None:
-    """Fail before any work if ``path`` cannot be written: its folder must exist and be
-    writable.
+    """Fail before any work if ``path`` cannot be written: a non-empty name, not an existing
+    folder when it names a file (it has a suffix), in a folder that exists and is writable.
 
     Raises:
         InputError: naming the file and the folder.
     """
     import os
 
+    if not str(path).strip():
+        raise InputError("cannot write to an empty file name")
+    if Path(path).suffix and Path(path).is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; name a file to write")
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise InputError(f"cannot write {path}: directory {parent} does not exist")
@@ -177,7 +181,10 @@ def prune_file(
             a Hugging Face folder).
         threshold: the SNR threshold (``None``: the recipe's or each gate family's default).
         uniform: every layer of a stack keeps as many units (``None``: the recipe's choice).
-        recipe / data: how to sparsify a plain model, and on what.
+        recipe / data: how to sparsify a plain model, and on what. For a model with trained
+            gates, ``recipe`` gives only the prune settings that the arguments leave open
+            (``None``: the recipe the model trained with, recorded in its checkpoint), and
+            ``data``, ``seed`` and ``device`` are refused: nothing is trained.
         arch / arch_kwargs / trust_code: how to rebuild the model, and consent to run code.
         device / seed: where to train, and the seed (default: the recipe's).
         mc_samples: also write the slim model with its learned noise and a sampling ONNX graph
@@ -186,14 +193,15 @@ def prune_file(
         progress: called with each event of the sparsify run.
 
     Raises:
-        InputError: an unknown output format, or a plain model without ``data``.
+        InputError: an unknown output format, a plain model without ``data``, or a model with
+            trained gates with ``data``, ``seed`` or a ``device``.
     """
     from ..gating import example_input_for, is_gated
 
+    check_writable(out)
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
-    check_writable(out)
     model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
     if mc_samples is not None and (mc_samples < 1 or not is_gated(model)):
@@ -202,13 +210,30 @@ def prune_file(
             f"{'gated' if is_gated(model) else 'no gates'}, N = {mc_samples})"
         )
     if is_gated(model):
+        unused = [f for f, v in (("data", data), ("seed", seed)) if v is not None]
+        unused += ["device"] if device != "auto" else []
+        if unused:
+            raise InputError(
+                f"{model_path} has trained gates: it is pruned as it is, without training, so "
+                f"{', '.join(unused)} would not be used; leave {'it' if len(unused) == 1 else 'them'}"
+                f" out"
+            )
+        # the prune settings: the arguments, else --recipe's, else those the model trained with
+        if recipe is not None:
+            settings = vars((recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).prune)
+        else:
+            settings = dict((recipe_dict or {}).get("prune") or {})
+        if threshold is None:
+            threshold = settings.get("threshold")
+        if uniform is None:
+            uniform = bool(settings.get("uniform", False))
         slim, files = finish(
             model,
             out,
             threshold=threshold,
             recipe=recipe_dict,
             mc_samples=mc_samples,
-            uniform=bool(uniform),
+            uniform=uniform,
         )
         assert files is not None
         return PruneResult(slim, files, prune_summary(slim), None)
@@ -290,10 +315,10 @@ def export_file(
     from ..export.program import export_program
     from ..gating import example_input_for
 
+    check_writable(out)
     out = Path(out)
     if out.suffix not in (".onnx", ".pt2", ""):
         raise InputError(f"{out}: use a .onnx or .pt2 file name, or a folder name")
-    check_writable(out)
     model = load_fitting(model_path, input_shape, "--input-shape", arch, arch_kwargs, trust_code)
     x = example_input_for(model, batch=2)
     if out.suffix == "":

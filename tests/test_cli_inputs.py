@@ -1,0 +1,176 @@
+"""Inputs a user gets wrong, or settings a command must not drop (found by a new-user walk
+through the CLI): each is a clear error that names the problem, or is honoured, and no file is
+left half-written."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import compressdrop as cd
+from compressdrop.checkpoint import load_model, save_model
+from compressdrop.cli import main
+from compressdrop.data import load_dataset
+from compressdrop.errors import DataError, InputError
+from compressdrop.export import ExportError, export_onnx
+from compressdrop.models import build_model
+from compressdrop.recipes import load_recipe
+
+
+def run(args, expect=0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def _recipe(threshold: float) -> dict:
+    r = load_recipe("lenet300-lognormal").to_dict()
+    r["prune"]["threshold"] = threshold
+    return r
+
+
+@pytest.fixture(scope="module")
+def gated_file(tmp_path_factory):
+    """A gated LeNet-300-100 whose units' SNRs are spread, saved with a recipe that prunes at
+    the SNR of its gates' 40 % quantile; that threshold is returned too."""
+    d = tmp_path_factory.mktemp("gated")
+    torch.manual_seed(0)
+    model = build_model("lenet300", (1, 8, 8))
+    cd.attach(model, gate="lognormal", example_inputs=torch.randn(2, 1, 8, 8))
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            g.log_sigma.copy_(torch.linspace(-4.0, 2.0, g.num_units))
+    snr = torch.cat([g.snr().detach() for _, g in cd.named_gates(model)])
+    thr = float(snr.quantile(0.4))
+    save_model(model, d / "gated.pt", recipe=_recipe(thr))
+    return d / "gated.pt", thr
+
+
+def _units(path) -> str:
+    return load_model(path).prune_report.architecture()
+
+
+def test_prune_of_a_gated_model_takes_the_threshold_it_trained_with(gated_file, tmp_path):
+    path, thr = gated_file
+    run(["prune", path, "-o", tmp_path / "a.pt"])
+    run(["prune", path, "-o", tmp_path / "b.pt", "-t", thr])
+    run(["prune", path, "-o", tmp_path / "c.pt", "-t", 1.0])  # the family's default
+    assert _units(tmp_path / "a.pt") == _units(tmp_path / "b.pt") != _units(tmp_path / "c.pt")
+    # --recipe names the prune settings instead; an unknown one is an error
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(_recipe(1.0)))
+    run(["prune", path, "-o", tmp_path / "d.pt", "--recipe", tmp_path / "r.yaml"])
+    assert _units(tmp_path / "d.pt") == _units(tmp_path / "c.pt")
+    res = run(["prune", path, "-o", tmp_path / "e.pt", "--recipe", "nope"], expect=1)
+    assert "nope" in res.stderr and not (tmp_path / "e.pt").exists()
+
+
+def test_prune_of_a_gated_model_refuses_training_options(gated_file, tmp_path):
+    path, _ = gated_file
+    res = run(["prune", path, "-o", tmp_path / "s.pt", "--data", "digits"], expect=1)
+    assert "trained gates" in res.stderr and "data" in res.stderr
+    res = run(["prune", path, "-o", tmp_path / "s.pt", "--seed", 3, "--device", "cpu"], expect=1)
+    assert "seed, device" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_a_threshold_must_be_finite_and_not_negative(gated_file, tmp_path, bad):
+    path, _ = gated_file
+    res = run(["prune", path, "-o", tmp_path / "s.pt", "-t", bad], expect=1)
+    assert "finite number ≥ 0" in res.stderr and not (tmp_path / "s.pt").exists()
+    model = load_model(path)
+    with pytest.raises(InputError, match="finite number ≥ 0"):
+        cd.prune(model, bad)
+    with pytest.raises(InputError, match="finite number ≥ 0"):
+        cd.mask_(model, bad)
+    res = run(["sweep", path, "--data", "digits", "-t", f"1,{bad}", "--out", tmp_path / "sw"], 1)
+    assert "finite number ≥ 0" in res.stderr and not (tmp_path / "sw").exists()
+
+
+def test_sweep_latency_batch_and_threads_must_be_positive(gated_file, tmp_path):
+    path, _ = gated_file
+    for opt in ("--batch", "--threads"):
+        res = run(["sweep", path, "--data", "digits", opt, 0, "--out", tmp_path / "sw"], 2)
+        assert opt in res.output
+    assert not (tmp_path / "sw").exists()
+
+
+def test_an_empty_output_name_or_an_existing_folder_is_a_clear_error(gated_file, tmp_path):
+    path, _ = gated_file
+    for cmd in ("prune", "export"):
+        res = run([cmd, path, "-o", ""], expect=2)
+        assert "empty file name" in res.output
+        (tmp_path / "out.onnx").mkdir(exist_ok=True)
+        res = run([cmd, path, "-o", tmp_path / "out.onnx"], expect=2)
+        assert "is a folder" in res.output
+    assert [p.name for p in tmp_path.iterdir()] == ["out.onnx"]
+    assert list((tmp_path / "out.onnx").iterdir()) == []
+    from compressdrop.workflows import export_file, prune_file
+
+    for fn in (prune_file, export_file):
+        with pytest.raises(InputError, match="empty file name"):
+            fn(path, "")
+        with pytest.raises(InputError, match="is a folder"):
+            fn(path, tmp_path / "out.onnx")
+
+
+def test_an_opset_the_exporter_cannot_write_is_an_error(tmp_path):
+    model = build_model("lenet300", (1, 8, 8))
+    with pytest.raises(ExportError, match="could not write ONNX opset 11"):
+        export_onnx(model, torch.randn(2, 1, 8, 8), tmp_path / "m.onnx", opset=11)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_npz_whose_class_cannot_be_split_names_the_file(tmp_path):
+    x = np.random.default_rng(0).random((21, 1, 4, 4), dtype=np.float32)
+    y = np.array([0] * 10 + [1] * 10 + [2])
+    np.savez(tmp_path / "rare.npz", x=x, y=y)
+    with pytest.raises(DataError, match=r"rare\.npz: class 2 has 1 example"):
+        load_dataset(str(tmp_path / "rare.npz"))
+    # three classes of two: a fifth held out is 2 test examples, fewer than the classes
+    np.savez(tmp_path / "few.npz", x=x[:6], y=np.array([0, 0, 1, 1, 2, 2]))
+    with pytest.raises(DataError, match=r"few\.npz: a test fraction of 0.2 of 6 examples"):
+        load_dataset(str(tmp_path / "few.npz"))
+
+
+def test_an_empty_data_spec_is_named():
+    with pytest.raises(DataError, match="empty data spec"):
+        load_dataset("")
+
+
+def test_load_and_save_model_are_part_of_the_top_level_api(gated_file, tmp_path):
+    path, _ = gated_file
+    model = cd.load_model(path)
+    cd.save_model(model, tmp_path / "again.pt")
+    assert cd.is_gated(cd.load_model(tmp_path / "again.pt"))
+
+
+def test_a_damaged_checkpoint_names_the_damage_not_an_unsafe_way_to_load_it(tmp_path):
+    import zipfile
+
+    from compressdrop.checkpoint import load_checkpoint
+    from compressdrop.errors import CheckpointError
+
+    torch.save({"w": torch.ones(3)}, tmp_path / "ok.pt")
+    with zipfile.ZipFile(tmp_path / "ok.pt") as zin, zipfile.ZipFile(tmp_path / "bad.pt", "w") as z:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):  # an opcode no unpickler knows
+                data = data[:2] + b"\xff" + data[3:]
+            z.writestr(item, data)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "Unsupported operand 255" in str(info.value)
+    assert "weights_only" not in str(info.value)
+
+
+def test_an_onnx_file_given_to_prune_says_what_is_needed(tmp_path):
+    export_onnx(build_model("lenet300", (1, 8, 8)), torch.randn(2, 1, 8, 8), tmp_path / "m.onnx")
+    for cmd in (["prune", tmp_path / "m.onnx", "-o", tmp_path / "s.pt"],
+                ["export", tmp_path / "m.onnx", "-o", tmp_path / "s.pt2"]):  # fmt: skip
+        res = run(cmd, expect=1)
+        assert "an ONNX model" in res.stderr and "PyTorch model it came from" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
