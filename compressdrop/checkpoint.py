@@ -169,7 +169,7 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         ) from None
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException | str) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(e).__name__
 

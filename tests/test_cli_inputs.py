@@ -113,6 +113,9 @@ def test_an_empty_output_name_or_an_existing_folder_is_a_clear_error(gated_file,
     for fn in (prune_file, export_file):
         with pytest.raises(InputError, match="empty file name"):
             fn(path, "")
+        for where in (".", tmp_path / ".."):  # Path("") is "." too
+            with pytest.raises(InputError, match="name a file, or a folder that is not there"):
+                fn(path, where)
         with pytest.raises(InputError, match="is a folder"):
             fn(path, tmp_path / "out.onnx")
 

@@ -12,9 +12,11 @@ from torch import nn
 
 import compressdrop as cd
 from compressdrop.export import ExportError, ExportMismatchError, export_onnx, load_onnx_metadata
+from compressdrop.export.program import export_program
+from compressdrop.models import build_model
 from compressdrop.pruning import PruningWarning
 
-from .test_surgery import gated, quantiles
+from .test_surgery import gated, quantiles, random_gates_
 from .zoo import ZOO, input_for
 
 BATCHES = (1, 7, 64)
@@ -175,21 +177,48 @@ def test_a_program_stores_its_example_not_the_data_set_it_was_sliced_from(tmp_pa
     assert program_record(model, data[:2])["program"].numel() < 1_000_000
 
 
-@pytest.mark.parametrize("family", sorted(cd.GATES))
-def test_a_gated_model_exports_with_the_factors_pytorch_computes(family, tmp_path):
-    """Eval mode multiplies by E[θ] (0 for a pruned unit). Traced, the closed forms were folded
-    to NaN by the ONNX exporter (log-normal, noisy units as training leaves them) or stopped
-    torch.export (the families built on pyro's distributions); PyTorch now computes them."""
-    model = gated("lenet300", family)
-    if family == "lognormal":  # σ up to e³, as a trained run's noisiest units
+def _noisy_gated(net: str, family: str) -> nn.Module:
+    """A gated net with SNRs spread (log-normal: σ up to e³, as a trained run's noisiest units)
+    and some units pruned (multiplied by 0 in eval)."""
+    if net == "lstm":
+        torch.manual_seed(0)
+        model = build_model("lstm_rows", input_shape=(1, 8, 8), hidden=24, layers=2)
+        cd.attach(model, gate=family, example_inputs=torch.randn(2, 1, 8, 8))
+        model = random_gates_(model).eval()
+    else:
+        model = gated("lenet300", family)
+    if family == "lognormal":
         with torch.no_grad():
             for _, g in cd.named_gates(model):
                 g.log_sigma.copy_(torch.linspace(-1.0, 3.0, g.num_units))
-    cd.mask_(model, quantiles(model, (0.3,))[0])  # some units pruned: multiplied by 0
+    cd.mask_(model, quantiles(model, (0.3,))[0])
     assert any(bool(g.pruned.any()) for _, g in cd.named_gates(model))
-    x = input_for(model, 4)
+    return model
+
+
+@pytest.mark.parametrize("net", ["mlp", "lstm"])
+@pytest.mark.parametrize("family", sorted(cd.GATES))
+def test_a_gated_model_exports_with_the_factors_pytorch_computes(family, net, tmp_path):
+    """Eval mode multiplies by E[θ] (0 for a pruned unit). Traced, the closed forms were folded
+    to NaN by the ONNX exporter (log-normal) or stopped torch.export (the families built on
+    pyro's distributions), in ONNX and .pt2 alike; PyTorch now computes them beforehand."""
+    model = _noisy_gated(net, family)
+    x = input_for(model, 4) if net == "mlp" else torch.randn(4, 1, 8, 8)
     rep = export_onnx(model, x, tmp_path / "g.onnx")  # raises if onnxruntime disagrees
     assert max(rep.max_rel_error.values()) <= 1e-4
+    prog = export_program(model, x, tmp_path / "g.pt2")  # raises if the program disagrees
+    assert max(prog.max_rel_error.values()) <= 1e-4
     assert all("_fixed_factor" not in vars(g) for _, g in cd.named_gates(model))
     model.train()
     assert cd.is_gated(model) and model(x).isfinite().all()  # still a gated model
+
+
+@pytest.mark.parametrize("family", sorted(cd.GATES))
+def test_a_freshly_gated_model_exports_as_a_program(family, tmp_path):
+    """Gates as attach leaves them (no unit pruned): torch.export stopped on a data-dependent
+    guard in the closed forms of the families built on pyro's distributions."""
+    torch.manual_seed(0)
+    model = build_model("lenet300", (1, 8, 8))
+    cd.attach(model, gate=family, example_inputs=torch.randn(2, 1, 8, 8))
+    rep = export_program(model.eval(), torch.randn(4, 1, 8, 8), tmp_path / "g.pt2")
+    assert max(rep.max_rel_error.values()) <= 1e-5

@@ -164,6 +164,31 @@ def test_units_that_a_grouped_conv_takes_one_per_group_are_left_ungated_by_name(
     assert [(n, g.num_units) for n, g in cd.named_gates(model)] == [("3", 16)]
 
 
+def test_grouped_convs_that_together_leave_one_unit_per_block_are_named_together():
+    """6 channels into convs of 2 and 3 groups: 6 blocks of one channel between them."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(1, 6, 3, padding=1)
+            self.a = nn.Conv2d(6, 4, 3, padding=1, groups=2)
+            self.b = nn.Conv2d(6, 6, 3, padding=1, groups=3)
+            self.head = nn.Linear(10, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.c(x))
+            return self.head(torch.cat([self.a(h), self.b(h)], 1).mean((2, 3)))
+
+    model = Two().eval()
+    with pytest.warns(cd.GatingWarning) as record:
+        cd.attach(model, example_inputs=torch.randn(2, 1, 8, 8))
+    assert (
+        "layer 'c' left ungated: its units reach the grouped convolutions 'b', 'a', whose groups"
+        in " ".join(str(w.message) for w in record)
+    )
+    assert "c" not in [n for n, _ in cd.named_gates(model)]
+
+
 def test_shufflenet_gates_its_branches_and_leaves_the_shuffle_with_a_warning(tmp_path):
     """A ShuffleNet written by hand (not torchvision's class, whose shuffled channels are gated:
     tests/test_shuffle.py): the channels through the shuffle stay ungated, with a warning."""

@@ -19,6 +19,7 @@ __all__ = [
     "compare_at_batches",
     "dynamic_batch",
     "eval_on_cpu",
+    "fixed_gate_factors",
 ]
 
 
@@ -28,6 +29,26 @@ class ExportError(CompressDropError, RuntimeError):
 
 class ExportMismatchError(ExportError):
     """The exported file's output differs from PyTorch's beyond the tolerance."""
+
+
+@contextlib.contextmanager
+def fixed_gate_factors(model: nn.Module) -> Iterator[None]:
+    """While a gated model is exported, each gate's :meth:`~compressdrop.gates.Gate.eval_factor`
+    (E[θ], 0 for a pruned unit) is computed here by PyTorch and is a constant in the graph.
+    Traced, the closed forms failed: the ONNX exporter folded log-normal ones to NaN (its float64
+    log-CDF), and those of the families built on pyro's distributions stopped torch.export
+    (data-dependent guards)."""
+    from ..gating import named_gates
+
+    gates = [g for _, g in named_gates(model)]
+    try:
+        for g in gates:
+            with torch.no_grad():
+                g.__dict__["_fixed_factor"] = g._keep(g.expected()).detach().clone()
+        yield
+    finally:
+        for g in gates:
+            g.__dict__.pop("_fixed_factor", None)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,14 @@ from torch import nn
 
 from .._io import atomic_write
 from .._version import __version__
-from ._check import ExportError, ExportMismatchError, compare_at_batches, dynamic_batch, eval_on_cpu
+from ._check import (
+    ExportError,
+    ExportMismatchError,
+    compare_at_batches,
+    dynamic_batch,
+    eval_on_cpu,
+    fixed_gate_factors,
+)
 
 __all__ = [
     "ExportError",
@@ -111,25 +118,6 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
             encoder = model.get_submodule(name)
             assert isinstance(encoder, nn.TransformerEncoder)
             encoder.use_nested_tensor = True
-
-
-@contextlib.contextmanager
-def _fixed_gate_factors(model: nn.Module) -> Iterator[None]:
-    """While a gated model is exported, each gate multiplies by its eval factor (E[θ], 0 for a
-    pruned unit) computed here by PyTorch, a constant in the graph. Traced, the closed forms
-    failed: the ONNX exporter folded log-normal ones to NaN (its float64 log-CDF), and those of
-    the families built on pyro's distributions stopped torch.export (data-dependent guards)."""
-    from ..gating import named_gates
-
-    gates = [g for _, g in named_gates(model)]
-    try:
-        for g in gates:
-            with torch.no_grad():
-                g.__dict__["_fixed_factor"] = g._keep(g.expected()).detach().clone()
-        yield
-    finally:
-        for g in gates:
-            g.__dict__.pop("_fixed_factor", None)
 
 
 def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | None) -> Any:
@@ -227,7 +215,7 @@ def export_onnx(
         dims[1] = torch.export.Dim("length", min=2, max=1 << 16)
     with eval_on_cpu(model) as model_cpu, _no_cache(model_cpu), atomic_write(path) as tmp:
         try:
-            with _quiet_exporter(), _fixed_gate_factors(model_cpu):
+            with _quiet_exporter(), fixed_gate_factors(model_cpu):
                 program = _onnx_program(model_cpu, x, dims, opset)
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ._check import ExportError, compare_at_batches, dynamic_batch, eval_on_cpu, output_arrays
+from ._check import (
+    ExportError,
+    compare_at_batches,
+    dynamic_batch,
+    eval_on_cpu,
+    fixed_gate_factors,
+    output_arrays,
+)
 from .onnx import _quiet_exporter
 
 __all__ = ["ProgramReport", "export_program"]
@@ -53,7 +60,7 @@ def export_program(
     x = example_input.detach().cpu().clone()
     with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:
         try:
-            with _quiet_exporter():
+            with _quiet_exporter(), fixed_gate_factors(model_cpu):
                 program = torch.export.export(
                     model_cpu, (x,), dynamic_shapes=({0: dynamic_batch()},)
                 )

@@ -187,8 +187,14 @@ class Gate(nn.Module):
         return torch.dot(self.unit_cost.to(self._dtype()), self.kl_per_unit())
 
     def expected(self) -> torch.Tensor:
-        """E[θ] per unit, shape ``(num_units,)``: the factor eval mode multiplies by."""
+        """E[θ] per unit, shape ``(num_units,)``."""
         return self._out(self._memo("mean", lambda: self.posterior().mean))
+
+    def eval_factor(self) -> torch.Tensor:
+        """What eval mode multiplies each unit by: E[θ], 0 for a pruned unit. While a model is
+        exported it is a constant computed beforehand (``compressdrop.export``'s fixed factors)."""
+        fixed = self.__dict__.get("_fixed_factor")
+        return self._keep(self.expected()) if fixed is None else fixed
 
     def snr(self) -> torch.Tensor:
         """Signal-to-noise ratio |E θ| / std θ per unit, shape ``(num_units,)``.
@@ -250,8 +256,7 @@ class Gate(nn.Module):
         if self.training:
             theta = self.training_factor(x.shape[0], x.dtype)  # (B, U) or (1, U)
             return self.multiply(x, theta, dim, relu_after, inplace and relu_after)
-        theta = self.__dict__.get("_fixed_factor")  # set while exported: export/onnx.py
-        theta = (self._keep(self.expected()) if theta is None else theta).to(x.dtype)  # (U,)
+        theta = self.eval_factor().to(x.dtype)  # (U,)
         shape = [1] * x.dim()
         shape[dim] = self.num_units
         return x * theta.reshape(shape)

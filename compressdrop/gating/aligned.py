@@ -48,7 +48,7 @@ def group_alignment(tp_group, num_units: int, names: dict) -> tuple[int, str | N
         ``(blocks, problem)``: ``blocks`` is 1 where no grouped conv is involved; ``problem`` says
         why the group cannot be aligned (``None``: it can).
     """
-    blocks = 1
+    blocks, convs = 1, []
     for item in tp_group.items:
         m = item.dep.target.module
         if not is_grouped_conv(m):
@@ -71,13 +71,17 @@ def group_alignment(tp_group, num_units: int, names: dict) -> tuple[int, str | N
             # are not consecutive blocks of the group's units
             return blocks, f"its units reach the grouped convolution {name!r} reordered"
         blocks = math.lcm(blocks, m.groups)
+        convs.append(name)
         if blocks >= num_units:
             # one unit a block (a depthwise conv with a channel multiplier, say): every block
             # must keep its unit, so a gate here could never prune anything
-            return blocks, (
-                f"its units reach {name!r}, a grouped convolution with one of them per group, "
-                "and every group must keep its channel"
+            where = (
+                f"{name!r}, a grouped convolution with one of them per group"
+                if m.groups >= num_units
+                else f"the grouped convolutions {', '.join(map(repr, convs))}, whose groups "
+                "together leave one of them per block"
             )
+            return blocks, f"its units reach {where}, and every group must keep its channel"
     return blocks, None
 
 

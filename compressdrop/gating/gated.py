@@ -102,8 +102,7 @@ class Gated(Wrapper):
         spec = spec_of(self.module)
         if spec is None:
             raise InputError(f"no layer spec for {type(self.module).__name__}: register_layer() it")
-        g = self.gate
-        spec.fold(self.module, g.expected() * (~g.pruned).to(g.expected().dtype))
+        spec.fold(self.module, self.gate.eval_factor())
 
     def extra_repr(self) -> str:
         return f"unit_dim={self.unit_dim}"
@@ -136,9 +135,7 @@ class HeadGated(Gated):
         spec = spec_of(self.module)
         if spec is None or spec.fold_in is None:
             raise InputError(f"{type(self.module).__name__} cannot fold a gate on its input")
-        g = self.gate
-        scale = g.expected() * (~g.pruned).to(g.expected().dtype)
-        spec.fold_in(self.module, scale.repeat_interleave(self.head_dim))
+        spec.fold_in(self.module, self.gate.eval_factor().repeat_interleave(self.head_dim))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, attention={self.attention!r}"

@@ -83,7 +83,7 @@ class GatedLSTM(Gated):
                 raise InputError(f"a gated LSTM takes batched input (3 dims), got {tuple(x.shape)}")
             theta = g._training_sample(x.shape[0 if m.batch_first else 1]).to(dtype) * keep
             return m.unrolled(x, hx, hidden_scale=theta)
-        s = g.expected().to(dtype) * keep
+        s = g.eval_factor().to(dtype)
         return functional_call(
             m,
             {"weight_hh_l0": m.weight_hh_l0 * s, "out_scale": m.out_scale * s},

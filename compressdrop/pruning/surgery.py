@@ -66,7 +66,7 @@ def check_threshold(threshold: float) -> float:
 
     Raises:
         InputError: naming the value otherwise (a negative one would keep every unit, NaN or an
-            infinite one none, without a word).
+            infinite one would cut every layer to its best unit).
     """
     t = float(threshold)
     if not (math.isfinite(t) and t >= 0):

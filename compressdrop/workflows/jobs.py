@@ -51,6 +51,8 @@ def check_writable(path: str | Path) -> None:
 
     if not str(path).strip():
         raise InputError("cannot write to an empty file name")
+    if Path(path).name in ("", ".."):  # "." (Path("") too), "/", ".."
+        raise InputError(f"cannot write {path}: name a file, or a folder that is not there yet")
     if Path(path).suffix and Path(path).is_dir():
         raise InputError(f"cannot write {path}: it is a folder; name a file to write")
     parent = Path(path).resolve().parent
@@ -211,7 +213,7 @@ def prune_file(
         )
     if is_gated(model):
         unused = [f for f, v in (("data", data), ("seed", seed)) if v is not None]
-        unused += ["device"] if device != "auto" else []
+        unused += ["device"] if device not in ("auto", None) else []
         if unused:
             raise InputError(
                 f"{model_path} has trained gates: it is pruned as it is, without training, so "
