@@ -177,3 +177,27 @@ def test_an_onnx_file_given_to_prune_says_what_is_needed(tmp_path):
         res = run(cmd, expect=1)
         assert "an ONNX model" in res.stderr and "PyTorch model it came from" in res.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+@pytest.mark.filterwarnings("ignore::compressdrop.GatingWarning")  # the stream stays whole
+def test_prune_of_a_gated_model_takes_the_uniform_rule_it_trained_with(tmp_path):
+    from compressdrop.workflows import prune_file
+
+    torch.manual_seed(0)
+    vit = build_model("vit", (1, 8, 8), patch=2, dim=16, depth=2, heads=4, mlp=24)
+    cd.attach(vit, gate="lognormal", example_inputs=torch.randn(2, 1, 8, 8))
+    with torch.no_grad():  # the two layers' MLPs would keep different numbers of neurons
+        for i, (_, g) in enumerate(cd.named_gates(vit)):
+            g.log_sigma.copy_(torch.linspace(-4.0, 2.0 + 2 * i, g.num_units))
+    r = load_recipe("vit-lognormal").to_dict()
+    r["prune"] = {"threshold": 1.0, "uniform": True}
+    save_model(vit, tmp_path / "gated.pt", recipe=r)
+
+    def widths(path) -> list[int]:
+        slim = load_model(path)
+        return [layer.linear1.out_features for layer in slim.encoder.layers]
+
+    prune_file(tmp_path / "gated.pt", tmp_path / "u.pt")
+    prune_file(tmp_path / "gated.pt", tmp_path / "n.pt", uniform=False)
+    assert len(set(widths(tmp_path / "u.pt"))) == 1
+    assert len(set(widths(tmp_path / "n.pt"))) == 2
