@@ -7,6 +7,7 @@ but absent" is one error with one message.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["is_exporting", "is_traced", "ort_session", "resolve_device"]
+__all__ = ["is_exporting", "is_traced", "logits_of", "ort_session", "resolve_device"]
 
 
 def is_exporting() -> bool:
@@ -83,3 +84,26 @@ def ort_session(
         raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     return session, session.get_providers()[0]
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits of a model's output: a tensor, a Hugging Face output's ``logits``, a mapping's
+    ``"logits"`` (or its only tensor), or a tuple's first element.
+
+    Raises:
+        TypeError: none of these.
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    found = getattr(out, "logits", None)
+    if isinstance(found, torch.Tensor):
+        return found
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"]
+        tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return tensors[0]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")

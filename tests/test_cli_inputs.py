@@ -201,3 +201,28 @@ def test_prune_of_a_gated_model_takes_the_uniform_rule_it_trained_with(tmp_path)
     prune_file(tmp_path / "gated.pt", tmp_path / "n.pt", uniform=False)
     assert len(set(widths(tmp_path / "u.pt"))) == 1
     assert len(set(widths(tmp_path / "n.pt"))) == 2
+
+
+def test_an_onnx_graph_that_draws_samples_is_scored_with_them_without_mc(gated_file, tmp_path):
+    """It ended in a traceback (its (samples, batch, classes) output read as logits)."""
+    from compressdrop.workflows import evaluate_file, prune_file
+
+    path, _ = gated_file
+    prune_file(path, tmp_path / "slim.pt", mc_samples=4)
+    res = evaluate_file(tmp_path / "slim-mc.onnx", "digits")
+    assert res["mc"]["samples"] == 4 and 0 <= res["accuracy"] <= 1
+    assert res["accuracy"] == res["mc"]["accuracy"]
+
+
+def test_one_include_or_exclude_pattern_is_a_pattern_not_its_characters():
+    def gated_names(**kw) -> list[str]:
+        mlp = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+            torch.nn.Linear(8, 2),
+        )  # fmt: skip
+        cd.attach(mlp, example_inputs=torch.randn(2, 4), **kw)
+        return [n for n, _ in cd.named_gates(mlp)]
+
+    assert gated_names(include="0*") == gated_names(include=["0*"]) == ["0"]
+    assert gated_names(exclude="0*") == gated_names(exclude=["0*"]) == ["2"]
+    assert gated_names(include=torch.nn.Linear) == ["0", "2"]

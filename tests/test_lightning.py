@@ -88,3 +88,45 @@ def test_callback_says_where_the_network_is_missing():
     cb = CompressDropCallback("lenet300-lognormal", target="net")
     with pytest.raises(AttributeError, match=r"no network at \.net"):
         cb.setup(None, Classifier(), "fit")
+
+
+class OwnNet(Classifier):
+    """A user's own network: no compressdrop factory names it."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10)
+        )
+
+
+def test_callback_writes_the_slim_model_of_a_users_own_network(tmp_path):
+    """Its end of fit raised "the model has no 'arch' record" and lost the slim model: the dense
+    structure is now recorded as a torch.export program when the gates are attached."""
+    torch.manual_seed(0)
+    data = load_digits()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=128
+    )
+    cb = CompressDropCallback(
+        "lenet300-lognormal", out_dir=tmp_path, example_input=data.x_train[:2]
+    )
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(OwnNet(), loader)
+    assert cb.slim is not None
+    again = load_model(tmp_path / "slim.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(data.x_test[:16]), cb.slim.eval()(data.x_test[:16]))
+
+
+def test_the_integration_imports_in_a_fresh_interpreter():
+    """Lightning's metrics import torchvision, whose build may not match torch (this project's
+    set-up): the import failed outside the test suite, whose conftest loads torchvision first."""
+    import subprocess
+    import sys
+
+    code = "import compressdrop.integrations.lightning"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -169,6 +169,13 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path, capsys):
     res = evaluate_file(tmp_path / "run" / "slim.pt", recipe.data.name)
     assert res["bits_per_byte"] == pytest.approx(rep["slim"]["test_bits_per_byte"])
     assert res["n"] == ds.y_test.numel()
+    # the ONNX file takes token ids as integers, scored per token as in PyTorch (it cast them to
+    # float32 and scored sequences as classes); Monte-Carlo of the gated LM, per token
+    res = evaluate_file(tmp_path / "run" / "slim.onnx", recipe.data.name)
+    assert res["bits_per_byte"] == pytest.approx(rep["slim"]["test_bits_per_byte"], rel=1e-4)
+    assert res["n"] == ds.y_test.numel()
+    mc = evaluate_file(tmp_path / "run" / "gated.pt", recipe.data.name, mc_samples=3)["mc"]
+    assert mc["samples"] == 3 and 0 < mc["nll"] < math.log(256)
     # a threshold sweep of the gated LM speaks in bits per byte: its rows, Pareto front, table
     # and dense reference (issue 18 noticed it reporting accuracy and nats only)
     from compressdrop.gating import named_gates

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..runtime import logits_of
 
 __all__ = ["Metrics", "evaluate", "logits_of", "prediction_loss"]
 
@@ -38,29 +39,6 @@ class Metrics:
         if getattr(data, "task", "classify") == "lm":
             out[f"{prefix}bits_per_byte"] = self.bits
         return out
-
-
-def logits_of(out: Any) -> torch.Tensor:
-    """The logits of a model's output: a tensor, a Hugging Face output's ``logits``, a mapping's
-    ``"logits"`` (or its only tensor), or a tuple's first element.
-
-    Raises:
-        TypeError: none of these.
-    """
-    if isinstance(out, torch.Tensor):
-        return out
-    found = getattr(out, "logits", None)
-    if isinstance(found, torch.Tensor):
-        return found
-    if isinstance(out, Mapping):
-        if isinstance(out.get("logits"), torch.Tensor):
-            return out["logits"]
-        tensors = [v for v in out.values() if isinstance(v, torch.Tensor)]
-        if len(tensors) == 1:
-            return tensors[0]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
 
 
 def prediction_loss(out: Any, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import InputError
 from ..runtime import ort_session
+from .metrics import prediction_loss
 
 __all__ = ["evaluate_onnx"]
 
@@ -38,18 +39,26 @@ def evaluate_onnx(
         raise InputError(
             f"{path} expects inputs of shape {expected} but the data has {tuple(x.shape[1:])}"
         )
+    # the graph's own input type: token ids stay integers
+    dtype = np.int64 if inp.type == "tensor(int64)" else np.float32
     logits = np.concatenate(
         [
-            session.run(None, {name: x[i : i + batch_size].numpy().astype(np.float32)})[0]
+            session.run(None, {name: x[i : i + batch_size].numpy().astype(dtype)})[0]
             for i in range(0, len(x), batch_size)
         ]
     )
     t = torch.from_numpy(logits)
-    nll = float(torch.nn.functional.cross_entropy(t, y, reduction="mean"))
-    acc = int((t.argmax(1) == y).sum()) / len(y)
+    if t.shape[0] != len(y) or t.dim() != y.dim() + 1:
+        raise InputError(
+            f"{path}: its output has shape {tuple(t.shape)}, not logits for the data's "
+            f"{len(y)} examples {tuple(y.shape[1:]) or ''} (an ONNX graph that draws Monte-Carlo "
+            "samples is evaluated with --mc)"
+        )
+    nll = float(prediction_loss(t, y))  # labels (N, T): next-token prediction, per token
+    acc = int((t.argmax(-1) == y).sum()) / y.numel()
     return {
         "model": str(path),
-        "n": len(x),
+        "n": y.numel(),  # examples, or predicted tokens (labels (N, T))
         "accuracy": acc,
         "nll": nll,
         "onnx_bytes": _onnx_bytes(path),

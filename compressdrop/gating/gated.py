@@ -167,8 +167,8 @@ def attach(
     model: nn.Module,
     gate: str = "lognormal",
     granularity: str = "auto",
-    include: Sequence[str | type] | None = None,
-    exclude: Sequence[str | type] | None = None,
+    include: str | type | Sequence[str | type] | None = None,
+    exclude: str | type | Sequence[str | type] | None = None,
     *,
     example_inputs: torch.Tensor | tuple | None = None,
     gate_kwargs: Mapping[str, Any] | None = None,
@@ -188,8 +188,8 @@ def attach(
         gate: family name: ``"lognormal"``, ``"variational"``, ``"concrete"`` or ``"hardconcrete"``.
         granularity: ``"auto"``, ``"channel"`` (conv layers only), ``"neuron"`` (linear only)
             or ``"head"`` (attention heads only; ``"auto"`` gates them too).
-        include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``);
-            ``None`` or empty: no restriction.
+        include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``),
+            one or a sequence of them; ``None`` or empty: no restriction.
         example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
         gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``).
         kl_cost: ``"uniform"`` (each unit's KL weighs 1), ``"params"`` or ``"flops"``: weigh each
@@ -210,6 +210,9 @@ def attach(
     """
     if is_gated(model):
         raise InputError("model already has gates attached; detach() it first")
+    # one pattern alone, not its characters (a string is a sequence too)
+    include = [include] if isinstance(include, str | type) else include
+    exclude = [exclude] if isinstance(exclude, str | type) else exclude
     if kl_cost not in KL_COSTS:
         raise InputError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
     scale = check_kl_scale(kl_scale)

@@ -39,19 +39,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._attrs import set_record
+from .._torchvision import import_torchvision
 from ..errors import InputError
+from ..gating import attach, detach, example_input_for, is_gated
+from ..programs import program_record
+from ..recipes import Recipe, load_recipe
+from ..training.finish import SlimFiles, finish
+from ..training.sparsifier import Sparsifier
 
+import_torchvision()  # Lightning's metrics import torchvision: a mismatched build must load
 try:
     import lightning.pytorch as pl
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "compressdrop.integrations.lightning needs Lightning: pip install 'compressdrop[lightning]'"
     ) from e
-
-from ..gating import attach, detach, example_input_for, is_gated
-from ..recipes import Recipe, load_recipe
-from ..training.finish import SlimFiles, finish
-from ..training.sparsifier import Sparsifier
 
 __all__ = ["CompressDropCallback"]
 
@@ -122,6 +125,10 @@ class CompressDropCallback(pl.Callback):
             example = self.example_input
             if example is None:
                 example = example_input_for(net)
+            if self.out_dir is not None and not isinstance(getattr(net, "arch", None), Mapping):
+                # a user's own network names no factory: its dense structure, as a torch.export
+                # program, is what lets slim.pt rebuild (without pickled code) at the end
+                set_record(net, "arch", program_record(net, example))
             attach(
                 net,
                 **self.recipe.gates.attach_kwargs(),

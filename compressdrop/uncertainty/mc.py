@@ -21,6 +21,7 @@ from torch import nn
 from ..dropout import DropConnect, RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..gates import Gate
+from ..runtime import logits_of
 from .metrics import auroc, brier, expected_calibration_error, nll
 
 __all__ = [
@@ -152,10 +153,11 @@ def mc_samples(
             xb = x[i : i + chunk].to(device)
             if stacked:
                 tiled = xb.repeat(samples, *([1] * (xb.dim() - 1)))
-                logits = model(tiled).float().unflatten(0, (samples, len(xb)))
+                logits = logits_of(model(tiled)).float().unflatten(0, (samples, len(xb)))
             else:
-                logits = torch.stack([model(xb).float() for _ in range(samples)])
-            out.append(torch.softmax(logits, -1).cpu())
+                logits = torch.stack([logits_of(model(xb)).float() for _ in range(samples)])
+            # next-token logits (S, B, T, V): every token is a prediction of its own
+            out.append(torch.softmax(logits.flatten(1, -2), -1).cpu())
     return torch.cat(out, 1)
 
 
@@ -191,7 +193,9 @@ def deterministic_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 409
     try:
         return torch.cat(
             [
-                torch.softmax(model(x[i : i + batch_size].to(device)).float(), -1).cpu()
+                torch.softmax(
+                    logits_of(model(x[i : i + batch_size].to(device))).float().flatten(0, -2), -1
+                ).cpu()
                 for i in range(0, len(x), batch_size)
             ]
         )
@@ -247,7 +251,7 @@ def mc_evaluate(
     det = deterministic_probs(model, x, batch_size)
     ood = None if x_ood is None else mc_samples(model, x_ood, samples, batch_size)
     out = mc_report(mc_samples(model, x, samples, batch_size), y, ood)
-    out.update({f"deterministic_{k}": v for k, v in scores(det, y).items()})
+    out.update({f"deterministic_{k}": v for k, v in scores(det, y.reshape(-1)).items()})
     if x_ood is not None:
         det_ood = deterministic_probs(model, x_ood, batch_size)
         out["deterministic_ood_auroc_entropy"] = auroc(_entropy(det), _entropy(det_ood))
@@ -260,6 +264,7 @@ def mc_report(
     """The Monte-Carlo metrics of sampled probabilities ``(S, N, C)`` (see :func:`mc_evaluate`):
     ``samples``, :func:`scores` of their mean, the convergence check, the mean entropy and mutual
     information, and with ``draws_ood`` (samples on out-of-distribution inputs) the AUROCs."""
+    y = y.reshape(-1)  # next-token labels (N, T): one per token, as the draws
     mc = MCPrediction(*_summary(draws))
     samples = len(draws)
     half = nll(draws[: samples // 2].mean(0), y)

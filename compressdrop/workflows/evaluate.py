@@ -3,6 +3,8 @@ data set's test split, and accuracy against size over a gated checkpoint's SNR t
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -46,10 +48,18 @@ def evaluate_file(
     ds = load_dataset(data)
     if str(model_path).endswith(".onnx"):
         from ..evaluation.onnx_eval import evaluate_onnx
+        from ..uncertainty import mc_evaluate_onnx, onnx_mc_samples, resize_images
 
+        if mc_samples is None and Path(model_path).is_file():
+            # a graph that draws Monte-Carlo samples: scored with the samples of one call (a
+            # file onnx cannot read gets evaluate_onnx's error instead)
+            with contextlib.suppress(Exception):
+                mc_samples = onnx_mc_samples(model_path)
         if mc_samples is None:
-            return evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
-        from ..uncertainty import mc_evaluate_onnx, resize_images
+            scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+            if getattr(ds, "task", "classify") == "lm":  # a token is a byte: per-token bits
+                scored["bits_per_byte"] = scored["nll"] / math.log(2)
+            return scored
 
         x_ood = None
         if ood is not None:
