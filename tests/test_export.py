@@ -226,3 +226,30 @@ def test_a_freshly_gated_model_exports_as_a_program(family, tmp_path):
     cd.attach(model, gate=family, example_inputs=torch.randn(2, 1, 8, 8))
     rep = export_program(model.eval(), torch.randn(4, 1, 8, 8), tmp_path / "g.pt2")
     assert max(rep.max_rel_error.values()) <= 1e-5
+
+
+class _FixedLengthTokens(nn.Module):
+    """Token ids whose length the model fixes (their embeddings flattened into one Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 4), nn.Linear(6 * 4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).flatten(1))
+
+
+def test_token_ids_export_with_a_dynamic_length_or_say_why_not(tmp_path):
+    from compressdrop.export._check import with_lengths
+
+    ids = torch.randint(0, 20, (2, 6))
+    with pytest.warns(UserWarning, match="sequence length fixed at 6"):
+        rep = with_lengths(export_onnx, _FixedLengthTokens().eval(), ids, tmp_path / "m.onnx")
+    assert set(rep.max_rel_error) == {1, 7, 64}
+    (inp,) = onnx.load(str(tmp_path / "m.onnx")).graph.input
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1] == 6
+    token_net = nn.Sequential(nn.Embedding(20, 4), nn.Linear(4, 3)).eval()  # any length
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rep = with_lengths(export_program, token_net, ids, tmp_path / "t.pt2")
+    assert "length 3" in rep.max_rel_error

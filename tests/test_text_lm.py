@@ -5,6 +5,8 @@ prunes and exports a Hugging Face causal LM (``hf-causal-lm``) on it end to end.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +178,23 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path, capsys):
     assert res["n"] == ds.y_test.numel()
     mc = evaluate_file(tmp_path / "run" / "gated.pt", recipe.data.name, mc_samples=3)["mc"]
     assert mc["samples"] == 3 and 0 < mc["nll"] < math.log(256)
+    # the files a run writes take any sequence length (they were fixed at the data's 16), and the
+    # .pt2 loads where transformers is not imported (its ModelOutput is written as a dict)
+    import onnx
+
+    (inp,) = onnx.load(str(tmp_path / "run" / "slim.onnx")).graph.input
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim][1] != 16
+    code = (
+        "import sys, torch\n"
+        f"m = torch.export.load({str(tmp_path / 'run' / 'slim.pt2')!r}).module()\n"
+        "out = m(torch.full((3, 9), 7))\n"
+        "assert type(out) is dict and out['logits'].shape == (3, 9, 256), out\n"
+        "assert 'transformers' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = evaluate_file(tmp_path / "run" / "slim.onnx", f"text:{root},context=8,glob=**/*.py")
+    assert 0 < res["bits_per_byte"] < 8  # another context than the export's
     # a threshold sweep of the gated LM speaks in bits per byte: its rows, Pareto front, table
     # and dense reference (issue 18 noticed it reporting accuracy and nats only)
     from compressdrop.gating import named_gates

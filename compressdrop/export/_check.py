@@ -16,10 +16,14 @@ from ..errors import CompressDropError
 __all__ = [
     "ExportError",
     "ExportMismatchError",
+    "at_length",
     "compare_at_batches",
     "dynamic_batch",
+    "dynamic_length",
     "eval_on_cpu",
     "fixed_gate_factors",
+    "token_lengths",
+    "with_lengths",
 ]
 
 
@@ -65,6 +69,53 @@ def eval_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
 def dynamic_batch() -> torch.export.Dim:
     """The batch dimension every export leaves dynamic."""
     return torch.export.Dim("batch", min=1, max=1 << 20)
+
+
+def token_lengths(x: torch.Tensor) -> tuple[int, ...]:
+    """For token ids (an integer batch ``(B, T)``, ``T`` ≥ 4): a shorter length, ``T // 2``, at
+    which to check an export whose sequence dimension is dynamic; ``()`` for any other input."""
+    if x.is_floating_point() or x.dim() != 2 or x.shape[1] < 4:
+        return ()
+    return (x.shape[1] // 2,)
+
+
+def with_lengths(
+    export: Callable[..., Any], model: nn.Module, x: torch.Tensor, path: Any, **kwargs: Any
+) -> Any:
+    """``export(model, x, path, check_lengths=..., **kwargs)`` with the sequence dimension of
+    token ids left dynamic (:func:`token_lengths`); where that export fails, or the model (or
+    the file) fails at the other length, once more with the example's length fixed, and a warning
+    that says so."""
+    import warnings
+
+    lengths = token_lengths(x)
+    if not lengths:
+        return export(model, x, path, **kwargs)
+    try:
+        return export(model, x, path, check_lengths=lengths, **kwargs)
+    except Exception as e:  # the export, its check, or the model itself at another length
+        cause = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        warnings.warn(
+            f"compressdrop: exported with the sequence length fixed at {x.shape[1]}: a dynamic "
+            f"length failed ({cause})",
+            UserWarning,
+            stacklevel=3,
+        )
+        return export(model, x, path, **kwargs)
+
+
+def at_length(x: torch.Tensor, length: int) -> torch.Tensor:
+    """One example of ``x`` cut or tiled to ``length`` along dimension 1; token ids all set to the
+    largest in ``x`` (its values bound the ids a model takes)."""
+    at = x[:1, :1].expand(1, length, *x.shape[2:]).clone()
+    if not x.is_floating_point():
+        at.fill_(int(x.max()))
+    return at
+
+
+def dynamic_length() -> torch.export.Dim:
+    """The sequence dimension of token ids, where an export leaves it dynamic."""
+    return torch.export.Dim("length", min=2, max=1 << 16)
 
 
 def _rel_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,8 +19,10 @@ from .._version import __version__
 from ._check import (
     ExportError,
     ExportMismatchError,
+    at_length,
     compare_at_batches,
     dynamic_batch,
+    dynamic_length,
     eval_on_cpu,
     fixed_gate_factors,
 )
@@ -71,7 +73,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _no_cache(model: nn.Module) -> Iterator[None]:
+def no_cache(model: nn.Module) -> Iterator[None]:
     """A Hugging Face model's ``config.use_cache`` off for the export: the graph maps token ids to
     logits, without the key/value cache object, which has no ONNX form."""
     config = getattr(model, "config", None)
@@ -212,8 +214,8 @@ def export_onnx(
             raise ExportError(
                 "check_lengths needs inputs with a sequence dimension (batch, length)"
             )
-        dims[1] = torch.export.Dim("length", min=2, max=1 << 16)
-    with eval_on_cpu(model) as model_cpu, _no_cache(model_cpu), atomic_write(path) as tmp:
+        dims[1] = dynamic_length()
+    with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
                 program = _onnx_program(model_cpu, x, dims, opset)
@@ -253,10 +255,8 @@ def export_onnx(
         what = f"onnxruntime ({provider})"
         checked = compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what)
         errors: dict[int | str, float] = {b: e for b, e in checked.items()}
-        for length in check_lengths:  # an example of that length: its values bound the ids
-            at = x[:1, :1].expand(1, length, *x.shape[2:]).clone()
-            if not x.is_floating_point():
-                at.fill_(int(x.max()))
+        for length in check_lengths:
+            at = at_length(x, length)
             err = compare_at_batches(model_cpu, run, at, (2,), rtol, f"{what}, length {length}")
             errors[f"length {length}"] = err[2]
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)

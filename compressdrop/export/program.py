@@ -6,9 +6,10 @@ Reading ``.pt2`` files in, safely, is :mod:`compressdrop.programs`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,13 +17,15 @@ from torch import nn
 from .._io import atomic_write
 from ._check import (
     ExportError,
+    at_length,
     compare_at_batches,
     dynamic_batch,
+    dynamic_length,
     eval_on_cpu,
     fixed_gate_factors,
     output_arrays,
 )
-from .onnx import _quiet_exporter
+from .onnx import _quiet_exporter, no_cache
 
 __all__ = ["ProgramReport", "export_program"]
 
@@ -33,7 +36,7 @@ class ProgramReport:
 
     path: Path
     bytes: int
-    max_rel_error: dict[int, float]
+    max_rel_error: dict[int | str, float]
 
 
 def export_program(
@@ -43,12 +46,19 @@ def export_program(
     *,
     check_batch_sizes: Sequence[int] = (1, 7, 64),
     rtol: float = 1e-5,
+    check_lengths: Sequence[int] = (),
 ) -> ProgramReport:
     """Write ``model`` (eval mode, CPU) as a ``torch.export`` program with a dynamic batch.
 
     The file is written to a temporary path, loaded back with ``torch.export.load`` and run at
-    every batch size in ``check_batch_sizes``; only when it matches the model to ``rtol``
-    (max|Δ| / max|y|) does it move to ``path``.
+    every batch size in ``check_batch_sizes`` (and, with ``check_lengths``, for token ids
+    ``(batch, length)``, with the length dynamic too, at each of those lengths); only when it
+    matches the model to ``rtol`` (max|Δ| / max|y|) does it move to ``path``.
+
+    The program loads with plain ``torch.export.load``: an output that is a mapping of a class of
+    its own (a Hugging Face model's ``ModelOutput``, whose pytree only ``transformers`` can
+    rebuild) is written as a plain ``dict`` of its tensors (``out["logits"]``), and a Hugging Face
+    model is exported with ``config.use_cache`` off, as for ONNX.
 
     Raises:
         ExportError: ``torch.export`` failed on the model.
@@ -58,24 +68,40 @@ def export_program(
     # a copy: a slice of a data set is a view of all of it, which torch.export.save would
     # store as the program's sample input (a 150 kB LeNet's .pt2 held 169 MB of training images)
     x = example_input.detach().cpu().clone()
-    with eval_on_cpu(model) as model_cpu, atomic_write(path) as tmp:
+    dims = {0: dynamic_batch(), **({1: dynamic_length()} if check_lengths else {})}
+    with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
-                program = torch.export.export(
-                    model_cpu, (x,), dynamic_shapes=({0: dynamic_batch()},)
-                )
+                program = torch.export.export(_PlainOutput(model_cpu), (x,), dynamic_shapes=(dims,))
         except Exception as e:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
         with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
             torch.export.save(program, f)
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
-        errors = compare_at_batches(
-            model_cpu,
-            lambda xb: output_arrays(loaded(xb)),
-            x,
-            check_batch_sizes,
-            rtol,
-            "the reloaded .pt2",
+        run = lambda xb: output_arrays(loaded(xb))  # noqa: E731
+        checked = compare_at_batches(
+            model_cpu, run, x, check_batch_sizes, rtol, "the reloaded .pt2"
         )
+        errors: dict[int | str, float] = dict(checked.items())
+        for n in check_lengths:
+            what = f"the reloaded .pt2, length {n}"
+            errors[f"length {n}"] = compare_at_batches(
+                model_cpu, run, at_length(x, n), (2,), rtol, what
+            )[2]
     return ProgramReport(path, path.stat().st_size, errors)
+
+
+class _PlainOutput(nn.Module):
+    """``inner`` with a mapping output of a class of its own turned into a plain ``dict``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """``inner(x)``; a ``ModelOutput`` (or any non-``dict`` mapping) as a ``dict``."""
+        out = self.inner(x)
+        if isinstance(out, Mapping) and type(out) is not dict:
+            return {k: v for k, v in out.items() if v is not None}
+        return out

@@ -84,6 +84,7 @@ def write_slim(
             + ", ".join(f"{k} ({v})" if k else v for k, v in SLIM_FORMATS.items())
         )
     from ..export import export_onnx
+    from ..export._check import with_lengths
     from ..export.program import export_program
 
     paths: dict[str, Path] = {}
@@ -96,10 +97,11 @@ def write_slim(
             save_model(slim, path, recipe=recipe)
         elif suffix == "":
             sizes[kind], errors[kind] = save_hf_folder(slim, path, x)
-        elif suffix == ".pt2":
-            errors[kind] = max(export_program(slim, x, path).max_rel_error.values())
+        elif suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
+            prog = with_lengths(export_program, slim, x, path)
+            errors[kind] = max(prog.max_rel_error.values())
         else:
-            rep = export_onnx(slim, x, path, metadata=metadata, opset=opset)
+            rep = with_lengths(export_onnx, slim, x, path, metadata=metadata, opset=opset)
             errors[kind] = max(rep.max_rel_error.values())
         paths[kind] = path
     sizes.update({k: p.stat().st_size for k, p in paths.items() if k not in sizes})

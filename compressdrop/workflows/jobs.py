@@ -314,6 +314,7 @@ def export_file(
         ``provider`` and ``opset``.
     """
     from ..export import export_onnx
+    from ..export._check import with_lengths
     from ..export.program import export_program
     from ..gating import example_input_for
 
@@ -326,10 +327,11 @@ def export_file(
     if out.suffix == "":
         size, err = save_hf_folder(model, out, x)
         return {"output": str(out), "bytes": size, "max_rel_error": {"reloaded": err}}
-    if out.suffix == ".pt2":
-        prog = export_program(model, x, out)
+    if out.suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
+        prog = with_lengths(export_program, model, x, out)
         return {"output": str(out), "bytes": prog.bytes, "max_rel_error": prog.max_rel_error}
-    rep = export_onnx(model, x, out, metadata={"source": Path(model_path).name}, opset=opset)
+    meta = {"source": Path(model_path).name}
+    rep = with_lengths(export_onnx, model, x, out, metadata=meta, opset=opset)
     return {
         "output": str(out),
         "bytes": rep.bytes,
