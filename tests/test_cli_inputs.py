@@ -226,3 +226,28 @@ def test_one_include_or_exclude_pattern_is_a_pattern_not_its_characters():
     assert gated_names(include="0*") == gated_names(include=["0*"]) == ["0"]
     assert gated_names(exclude="0*") == gated_names(exclude=["0*"]) == ["2"]
     assert gated_names(include=torch.nn.Linear) == ["0", "2"]
+
+
+@pytest.mark.parametrize("case", ["converted after attach", "attached without an example", "bf16"])
+def test_prune_follows_the_models_dtype(case):
+    """Converted after attach, the float32 example attach recorded met float64 weights (a raw
+    RuntimeError); attached in float64 without an example, tracing got a float32 input; a bf16
+    model's parity check held it to float32's tolerance and asked for a bug report."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 3),
+    )  # fmt: skip
+    x = torch.randn(4, 8)
+    if case == "converted after attach":
+        cd.attach(mlp, example_inputs=x).double()
+    elif case == "attached without an example":
+        cd.attach(mlp.double())
+    else:
+        cd.attach(mlp.bfloat16(), example_inputs=x.bfloat16())
+    with torch.no_grad():
+        for _, g in cd.named_gates(mlp):
+            g.log_sigma.copy_(torch.linspace(-4.0, 2.0, g.num_units))
+    slim = cd.prune(mlp, 1.0)
+    assert slim.prune_report.units_after < slim.prune_report.units_before
+    assert next(slim.parameters()).dtype == next(mlp.parameters()).dtype

@@ -69,7 +69,7 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     device = param.device if param is not None else None
     if isinstance(first, nn.Embedding):  # a model that starts with an embedding reads token ids
         return torch.randint(0, first.num_embeddings, (batch, *shape), device=device)
-    return torch.randn(batch, *shape, device=device)
+    return torch.randn(batch, *shape, device=device, dtype=_float_dtype(model))
 
 
 def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:
@@ -140,4 +140,12 @@ def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, .
     specs = input_specs_of(model)
     if not specs:
         return None
-    return random_inputs(specs, batch, next(model.parameters()).device)
+    # the model's float dtype now, which a model converted after attach (.double()) changed
+    dtype = _float_dtype(model)
+    inputs = random_inputs(specs, batch, next(model.parameters()).device)
+    return tuple(t.to(dtype) if t.is_floating_point() and dtype else t for t in inputs)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating-point parameter (``None``: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
