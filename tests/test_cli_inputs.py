@@ -3,6 +3,7 @@ through the CLI): each is a clear error that names the problem, or is honoured, 
 left half-written."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -251,3 +252,56 @@ def test_prune_follows_the_models_dtype(case):
     slim = cd.prune(mlp, 1.0)
     assert slim.prune_report.units_after < slim.prune_report.units_before
     assert next(slim.parameters()).dtype == next(mlp.parameters()).dtype
+
+
+def test_a_sampling_onnx_graph_of_token_ids_takes_them_as_integers(tmp_path):
+    """The Monte-Carlo sampler fed every graph float32 inputs, which a token model refuses."""
+    from compressdrop.uncertainty import export_mc_onnx, keep_noise, mc_evaluate_onnx
+
+    from .test_inputs import TokenNet
+
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    ids = torch.randint(0, 50, (16, 7))
+    cd.attach(model, example_inputs=ids[:2])
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            g.log_sigma.copy_(torch.linspace(-4.0, 1.0, g.num_units))
+    slim = cd.prune(model, 1.0)
+    export_mc_onnx(keep_noise(model, slim, 1.0), ids[:2], tmp_path / "mc.onnx", samples=4)
+    res = mc_evaluate_onnx(tmp_path / "mc.onnx", ids, torch.randint(0, 3, (16,)), samples=4)
+    assert res["samples"] == 4 and 0 <= res["accuracy"] <= 1
+
+
+def test_only_token_ids_try_a_dynamic_length_and_other_failures_say_nothing_of_it(tmp_path):
+    from compressdrop.export._check import with_lengths
+
+    class Pixels(torch.nn.Module):  # bytes of an image, flat: no sequence
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.float() / 255)
+
+    x = torch.randint(0, 256, (2, 64), dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no word of a sequence length
+        with_lengths(export_onnx, Pixels().eval(), x, tmp_path / "p.onnx")
+
+    class Branchy(torch.nn.Module):  # data-dependent control flow: no export at all
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(20, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.emb(ids).mean(1)
+            return h if bool(h.sum() > 0) else -h
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ExportError):
+            with_lengths(
+                export_onnx, Branchy().eval(), torch.randint(0, 20, (2, 8)), tmp_path / "b.onnx"
+            )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.onnx"]

@@ -253,3 +253,6 @@ def test_token_ids_export_with_a_dynamic_length_or_say_why_not(tmp_path):
         warnings.simplefilter("error")
         rep = with_lengths(export_program, token_net, ids, tmp_path / "t.pt2")
     assert "length 3" in rep.max_rel_error
+    # a model whose output is a tensor is exported as it is: its parameters keep their names
+    names = set(torch.export.load(tmp_path / "t.pt2").module().state_dict())
+    assert names == set(token_net.state_dict())

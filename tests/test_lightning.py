@@ -130,3 +130,41 @@ def test_the_integration_imports_in_a_fresh_interpreter():
     code = "import compressdrop.integrations.lightning"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class OwnLM(pl.LightningModule):
+    """A user's own Hugging Face decoder (tiny, random weights), trained on random token ids."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+        self.model = GPT2LMHeadModel(cfg)  # its config keeps use_cache on, as users' do
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        logits = self.model(ids).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+def test_callback_writes_a_program_for_a_network_no_record_can_rebuild(tmp_path):
+    """torch.export cannot record this decoder's dense structure as it is (its output holds the
+    key/value cache), so slim.pt could not be rebuilt: slim.pt2 is written instead."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (32, 16))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=16)
+    cb = CompressDropCallback("gpt-lognormal", out_dir=tmp_path, example_input=ids[:2])
+    trainer = pl.Trainer(max_epochs=1, callbacks=[cb], accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.fit(OwnLM(), loader)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slim.onnx", "slim.pt2"]
+    program = torch.export.load(tmp_path / "slim.pt2").module()
+    with torch.no_grad():
+        want = cb.slim.eval()(ids[:2]).logits
+    torch.testing.assert_close(program(ids[:2])["logits"], want)

@@ -72,9 +72,10 @@ def dynamic_batch() -> torch.export.Dim:
 
 
 def token_lengths(x: torch.Tensor) -> tuple[int, ...]:
-    """For token ids (an integer batch ``(B, T)``, ``T`` ≥ 4): a shorter length, ``T // 2``, at
-    which to check an export whose sequence dimension is dynamic; ``()`` for any other input."""
-    if x.is_floating_point() or x.dim() != 2 or x.shape[1] < 4:
+    """For token ids (an int64 or int32 batch ``(B, T)``, ``T`` ≥ 4): a shorter length,
+    ``T // 2``, at which to check an export whose sequence dimension is dynamic; ``()`` for any
+    other input (floats, bytes of pixels, masks)."""
+    if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2 or x.shape[1] < 4:
         return ()
     return (x.shape[1] // 2,)
 
@@ -94,14 +95,16 @@ def with_lengths(
     try:
         return export(model, x, path, check_lengths=lengths, **kwargs)
     except Exception as e:  # the export, its check, or the model itself at another length
-        cause = (str(e).splitlines() or [type(e).__name__])[0][:300]
-        warnings.warn(
-            f"compressdrop: exported with the sequence length fixed at {x.shape[1]}: a dynamic "
-            f"length failed ({cause})",
-            UserWarning,
-            stacklevel=3,
-        )
-        return export(model, x, path, **kwargs)
+        first = e
+    fixed = export(model, x, path, **kwargs)  # fails as the first try did where that was not it
+    cause = (str(first).splitlines() or [type(first).__name__])[0][:300]
+    warnings.warn(
+        f"compressdrop: exported with dimension 1 of the token ids (the sequence length) fixed "
+        f"at {x.shape[1]}: a dynamic length failed ({cause})",
+        UserWarning,
+        stacklevel=3,
+    )
+    return fixed
 
 
 def at_length(x: torch.Tensor, length: int) -> torch.Tensor:

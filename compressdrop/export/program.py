@@ -72,7 +72,7 @@ def export_program(
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
-                program = torch.export.export(_PlainOutput(model_cpu), (x,), dynamic_shapes=(dims,))
+                program = torch.export.export(_plain(model_cpu, x), (x,), dynamic_shapes=(dims,))
         except Exception as e:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
         with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
@@ -90,6 +90,14 @@ def export_program(
                 model_cpu, run, at_length(x, n), (2,), rtol, what
             )[2]
     return ProgramReport(path, path.stat().st_size, errors)
+
+
+def _plain(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """``model`` itself, or wrapped in :class:`_PlainOutput` where its output is a mapping of a
+    class of its own (so that only such a program's names gain the wrapper's ``inner.``)."""
+    with torch.no_grad():
+        out = model(x)
+    return _PlainOutput(model) if isinstance(out, Mapping) and type(out) is not dict else model
 
 
 class _PlainOutput(nn.Module):

@@ -31,6 +31,7 @@ correct but not bit-identical to one process (compressdrop's own runner, ``compr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,8 +128,10 @@ class CompressDropCallback(pl.Callback):
                 example = example_input_for(net)
             if self.out_dir is not None and not isinstance(getattr(net, "arch", None), Mapping):
                 # a user's own network names no factory: its dense structure, as a torch.export
-                # program, is what lets slim.pt rebuild (without pickled code) at the end
-                set_record(net, "arch", program_record(net, example))
+                # program, is what lets slim.pt rebuild (without pickled code) at the end; where
+                # torch.export cannot capture it, slim.pt2 is written instead (on_fit_end)
+                with contextlib.suppress(Exception):
+                    set_record(net, "arch", program_record(net, example))
             attach(
                 net,
                 **self.recipe.gates.attach_kwargs(),
@@ -162,17 +165,20 @@ class CompressDropCallback(pl.Callback):
             self._wrapped = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prune at the recipe's threshold; rank 0 writes ``slim.pt`` (and ``slim.onnx``)."""
+        """Prune at the recipe's threshold; rank 0 writes ``slim.pt`` (``slim.pt2`` for a network
+        that ``torch.export`` could not record) and ``slim.onnx``."""
         net = self._net(pl_module)
         out = self.out_dir if trainer.is_global_zero else None  # rank 0 writes
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
+        # a network no record can rebuild (see setup) is written as a torch.export program
+        first = ".pt" if isinstance(getattr(net, "arch", None), Mapping) else ".pt2"
         self.slim, self.files = finish(
             net,
             out / "slim.pt" if out is not None else None,
             threshold=self.recipe.prune.threshold,
             example_input=self.example_input,
-            formats=(".pt", ".onnx") if self.recipe.export.onnx else (".pt",),
+            formats=(first, ".onnx") if self.recipe.export.onnx else (first,),
             recipe=self.recipe.to_dict(),
             opset=self.recipe.export.opset,
         )

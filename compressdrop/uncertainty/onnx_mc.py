@@ -39,14 +39,17 @@ class _Sampler:
             self.session, self.provider = ort_session(path, device)
         except Exception as e:  # onnxruntime raises its own types for corrupt files
             raise InputError(f"{path}: onnxruntime cannot load it: {e}") from None
-        self.name = self.session.get_inputs()[0].name
+        inp = self.session.get_inputs()[0]
+        self.name = inp.name
+        self.dtype = np.int64 if inp.type == "tensor(int64)" else np.float32  # token ids stay ids
         self.per_call, self.samples = per_call, samples
         self.calls = -(-samples // per_call)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.numpy().astype(np.float32)
+        xb = x.numpy().astype(self.dtype)
         draws = [self.session.run(None, {self.name: xb})[0] for _ in range(self.calls)]
-        return torch.from_numpy(np.concatenate(draws)[: self.samples])
+        # (S, N, C), or per token (S, N, T, V) → (S, N·T, V), as mc_report reads them
+        return torch.from_numpy(np.concatenate(draws)[: self.samples]).flatten(1, -2)
 
 
 def mc_evaluate_onnx(

@@ -54,7 +54,8 @@ def evaluate_file(
             # a graph that draws Monte-Carlo samples: scored with the samples of one call (a
             # file onnx cannot read gets evaluate_onnx's error instead)
             with contextlib.suppress(Exception):
-                mc_samples = onnx_mc_samples(model_path)
+                per_call = onnx_mc_samples(model_path)
+                mc_samples = None if per_call is None else max(2, per_call)
         if mc_samples is None:
             scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
             if getattr(ds, "task", "classify") == "lm":  # a token is a byte: per-token bits
