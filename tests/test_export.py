@@ -243,7 +243,7 @@ def test_token_ids_export_with_a_dynamic_length_or_say_why_not(tmp_path):
     from compressdrop.export._check import with_lengths
 
     ids = torch.randint(0, 20, (2, 6))
-    with pytest.warns(UserWarning, match="sequence length fixed at 6"):
+    with pytest.warns(UserWarning, match=r"\(the sequence length\) fixed at 6"):
         rep = with_lengths(export_onnx, _FixedLengthTokens().eval(), ids, tmp_path / "m.onnx")
     assert set(rep.max_rel_error) == {1, 7, 64}
     (inp,) = onnx.load(str(tmp_path / "m.onnx")).graph.input
