@@ -15,7 +15,14 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["is_exporting", "is_traced", "logits_of", "ort_session", "resolve_device"]
+__all__ = [
+    "is_exporting",
+    "is_traced",
+    "logits_of",
+    "ort_feed_dtype",
+    "ort_session",
+    "resolve_device",
+]
 
 
 def is_exporting() -> bool:
@@ -107,3 +114,11 @@ def logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
+
+
+def ort_feed_dtype(inp: Any) -> type:
+    """The numpy dtype to feed an onnxruntime session input (``session.get_inputs()[i]``): int64
+    for a graph that takes token ids, float32 otherwise."""
+    import numpy as np
+
+    return np.int64 if inp.type == "tensor(int64)" else np.float32

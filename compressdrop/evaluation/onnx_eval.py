@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..runtime import ort_session
+from ..runtime import ort_feed_dtype, ort_session
 from .metrics import prediction_loss
 
 __all__ = ["evaluate_onnx"]
@@ -39,8 +39,7 @@ def evaluate_onnx(
         raise InputError(
             f"{path} expects inputs of shape {expected} but the data has {tuple(x.shape[1:])}"
         )
-    # the graph's own input type: token ids stay integers
-    dtype = np.int64 if inp.type == "tensor(int64)" else np.float32
+    dtype = ort_feed_dtype(inp)  # token ids stay integers
     logits = np.concatenate(
         [
             session.run(None, {name: x[i : i + batch_size].numpy().astype(dtype)})[0]

@@ -16,11 +16,11 @@ from ..errors import CompressDropError
 __all__ = [
     "ExportError",
     "ExportMismatchError",
-    "at_length",
     "compare_at_batches",
     "dynamic_batch",
-    "dynamic_length",
+    "errors_at_lengths",
     "eval_on_cpu",
+    "export_dims",
     "fixed_gate_factors",
     "token_lengths",
     "with_lengths",
@@ -48,7 +48,7 @@ def fixed_gate_factors(model: nn.Module) -> Iterator[None]:
     try:
         for g in gates:
             with torch.no_grad():
-                g.__dict__["_fixed_factor"] = g._keep(g.expected()).detach().clone()
+                g.__dict__["_fixed_factor"] = g.eval_factor().detach().clone()
         yield
     finally:
         for g in gates:
@@ -107,18 +107,39 @@ def with_lengths(
     return fixed
 
 
-def at_length(x: torch.Tensor, length: int) -> torch.Tensor:
-    """One example of ``x`` cut or tiled to ``length`` along dimension 1; token ids all set to the
-    largest in ``x`` (its values bound the ids a model takes)."""
-    at = x[:1, :1].expand(1, length, *x.shape[2:]).clone()
-    if not x.is_floating_point():
-        at.fill_(int(x.max()))
-    return at
+def export_dims(x: torch.Tensor, check_lengths: Sequence[int]) -> dict[int, torch.export.Dim]:
+    """The dynamic dimensions of an export of inputs like ``x``: the batch, and with
+    ``check_lengths`` dimension 1 (the sequence of token ids) too.
+
+    Raises:
+        ExportError: ``check_lengths`` for inputs without a dimension 1.
+    """
+    if check_lengths and x.dim() < 2:
+        raise ExportError("check_lengths needs inputs with a sequence dimension (batch, length)")
+    length = {1: torch.export.Dim("length", min=2, max=1 << 16)} if check_lengths else {}
+    return {0: dynamic_batch(), **length}
 
 
-def dynamic_length() -> torch.export.Dim:
-    """The sequence dimension of token ids, where an export leaves it dynamic."""
-    return torch.export.Dim("length", min=2, max=1 << 16)
+def errors_at_lengths(
+    model: nn.Module,
+    run: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    lengths: Sequence[int],
+    rtol: float,
+    what: str,
+) -> dict[str, float]:
+    """:func:`compare_at_batches` (batch 2) at each of ``lengths``, keyed ``"length L"``: one
+    example of ``x`` cut or tiled to that length, token ids all set to the largest in ``x`` (its
+    values bound the ids a model takes)."""
+    out = {}
+    for n in lengths:
+        at = x[:1, :1].expand(1, n, *x.shape[2:]).clone()
+        if not x.is_floating_point():
+            at.fill_(int(x.max()))
+        out[f"length {n}"] = compare_at_batches(model, run, at, (2,), rtol, f"{what}, length {n}")[
+            2
+        ]
+    return out
 
 
 def _rel_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -19,11 +19,10 @@ from .._version import __version__
 from ._check import (
     ExportError,
     ExportMismatchError,
-    at_length,
     compare_at_batches,
-    dynamic_batch,
-    dynamic_length,
+    errors_at_lengths,
     eval_on_cpu,
+    export_dims,
     fixed_gate_factors,
 )
 
@@ -208,13 +207,7 @@ def export_onnx(
     x = example_input.detach().cpu()
     if len(x) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
         x = x.repeat(2, *([1] * (x.dim() - 1)))
-    dims: dict[int, torch.export.Dim] = {0: dynamic_batch()}
-    if check_lengths:
-        if x.dim() < 2:
-            raise ExportError(
-                "check_lengths needs inputs with a sequence dimension (batch, length)"
-            )
-        dims[1] = dynamic_length()
+    dims = export_dims(x, check_lengths)
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
@@ -255,10 +248,7 @@ def export_onnx(
         what = f"onnxruntime ({provider})"
         checked = compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what)
         errors: dict[int | str, float] = {b: e for b, e in checked.items()}
-        for length in check_lengths:
-            at = at_length(x, length)
-            err = compare_at_batches(model_cpu, run, at, (2,), rtol, f"{what}, length {length}")
-            errors[f"length {length}"] = err[2]
+        errors.update(errors_at_lengths(model_cpu, run, x, check_lengths, rtol, what))
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
 
 

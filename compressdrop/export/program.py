@@ -17,11 +17,10 @@ from torch import nn
 from .._io import atomic_write
 from ._check import (
     ExportError,
-    at_length,
     compare_at_batches,
-    dynamic_batch,
-    dynamic_length,
+    errors_at_lengths,
     eval_on_cpu,
+    export_dims,
     fixed_gate_factors,
     output_arrays,
 )
@@ -68,7 +67,7 @@ def export_program(
     # a copy: a slice of a data set is a view of all of it, which torch.export.save would
     # store as the program's sample input (a 150 kB LeNet's .pt2 held 169 MB of training images)
     x = example_input.detach().cpu().clone()
-    dims = {0: dynamic_batch(), **({1: dynamic_length()} if check_lengths else {})}
+    dims = export_dims(x, check_lengths)
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
@@ -80,15 +79,11 @@ def export_program(
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
         run = lambda xb: output_arrays(loaded(xb))  # noqa: E731
-        checked = compare_at_batches(
-            model_cpu, run, x, check_batch_sizes, rtol, "the reloaded .pt2"
+        what = "the reloaded .pt2"
+        errors: dict[int | str, float] = dict(
+            compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what).items()
         )
-        errors: dict[int | str, float] = dict(checked.items())
-        for n in check_lengths:
-            what = f"the reloaded .pt2, length {n}"
-            errors[f"length {n}"] = compare_at_batches(
-                model_cpu, run, at_length(x, n), (2,), rtol, what
-            )[2]
+        errors.update(errors_at_lengths(model_cpu, run, x, check_lengths, rtol, what))
     return ProgramReport(path, path.stat().st_size, errors)
 
 

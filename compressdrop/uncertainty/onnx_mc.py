@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..runtime import ort_session
+from ..runtime import ort_feed_dtype, ort_session
 from .mc import mc_report
 
 __all__ = ["mc_evaluate_onnx", "onnx_mc_samples"]
@@ -41,12 +41,12 @@ class _Sampler:
             raise InputError(f"{path}: onnxruntime cannot load it: {e}") from None
         inp = self.session.get_inputs()[0]
         self.name = inp.name
-        self.dtype = np.int64 if inp.type == "tensor(int64)" else np.float32  # token ids stay ids
+        self.dtype = ort_feed_dtype(inp)  # token ids stay integers
         self.per_call, self.samples = per_call, samples
         self.calls = -(-samples // per_call)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xb = x.numpy().astype(self.dtype)
+        xb: np.ndarray = x.numpy().astype(self.dtype)
         draws = [self.session.run(None, {self.name: xb})[0] for _ in range(self.calls)]
         # (S, N, C), or per token (S, N, T, V) → (S, N·T, V), as mc_report reads them
         return torch.from_numpy(np.concatenate(draws)[: self.samples]).flatten(1, -2)
