@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # torch==2.13.0 is the CPU build that lies on this machine's disk; pinning it here keeps pip from
 # pulling a multi-GB CUDA build. pyproject.toml itself only asks for torch>=2.4.
 TORCH ?= torch==2.13.0
+# The suite runs in this many pytest-xdist workers, a test file per worker at a time (0: in one
+# process). Two halve its time on two cores; conftest.py shares the cores out among the workers.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast wheel-test lint bench clean
 
@@ -21,7 +24,7 @@ demo: setup
 # Lint (ruff, mypy), the suite, then the wheel test (what CI runs).
 test: setup
 	$(MAKE) --no-print-directory lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 	$(MAKE) --no-print-directory wheel-test
 
 # The built wheel in a fresh venv, run from outside the source tree: are its files all there?
@@ -29,7 +32,7 @@ wheel-test: setup
 	PY='$(PY)' TORCH='$(TORCH)' bash .ci/wheel_test.sh
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check compressdrop tests examples benchmarks cli.py

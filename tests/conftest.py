@@ -1,4 +1,5 @@
 import contextlib
+import os
 
 import pytest
 import torch
@@ -12,6 +13,14 @@ from tests.torchvision_models import import_torchvision
 # Without torchvision (no dev extra) only tests/test_torchvision.py fails, on its import.
 with contextlib.suppress(ModuleNotFoundError):
     import_torchvision()
+
+# Under pytest-xdist (`make test` runs two workers) each worker gets its share of the cores, and so
+# do the processes a test starts (the CLI runs): two workers each running torch on every core
+# would fight over them and run slower than one.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    _threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(_threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
 
 @pytest.fixture(autouse=True)
