@@ -178,6 +178,16 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path, capsys):
     assert res["n"] == ds.y_test.numel()
     mc = evaluate_file(tmp_path / "run" / "gated.pt", recipe.data.name, mc_samples=3)["mc"]
     assert mc["samples"] == 3 and 0 < mc["nll"] < math.log(256)
+    # a sampling graph of it (GPT-2's dropout layers sampled too: the exporter had written them
+    # as the identity, and the graph failed its check), scored per token like the rest
+    from compressdrop.workflows import prune_file
+
+    with pytest.warns(Warning, match="cannot describe heads"):
+        prune_file(tmp_path / "run" / "gated.pt", tmp_path / "mc.onnx", mc_samples=4)
+    res = evaluate_file(tmp_path / "mc-mc.onnx", recipe.data.name)
+    assert res["mc"]["samples"] == 4 and res["n"] == ds.y_test.numel()
+    assert res["bits_per_byte"] == pytest.approx(res["nll"] / math.log(2))
+    assert res["bits_per_byte"] == pytest.approx(rep["slim"]["test_bits_per_byte"], rel=0.2)
     # the files a run writes take any sequence length (they were fixed at the data's 16), and the
     # .pt2 loads where transformers is not imported (its ModelOutput is written as a dict)
     import onnx

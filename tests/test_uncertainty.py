@@ -231,6 +231,42 @@ def test_sampling_onnx_graph_draws_the_pytorch_posterior(family, tmp_path):
     assert 0 <= res["ece"] <= 1 and math.isfinite(res["nll"]) and res["seconds_per_batch"] > 0
 
 
+def test_an_exported_sampler_draws_the_models_dropout_too(tmp_path):
+    """The exporter wrote a stock dropout as an inference-mode Dropout node, which onnxruntime
+    runs as the identity: a graph of a model with dropout sampled only its gates (a GPT-2's
+    ``resid_pdrop`` made the check refuse the graph; a smaller share of dropout passed it)."""
+    import numpy as np
+
+    from compressdrop.export import export_onnx
+    from compressdrop.runtime import ort_session
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).eval()
+    x = torch.randn(5, 8)
+    sampler = MCSampler(net, 4)
+    with torch.no_grad():
+        want = torch.stack([sampler(x) for _ in range(50)]).var(0).mean().item()
+    export_onnx(sampler, x, tmp_path / "d.onnx", check_batch_sizes=())
+    session, _ = ort_session(tmp_path / "d.onnx", "cpu")
+    name = session.get_inputs()[0].name
+    got = np.stack([session.run(None, {name: x.numpy()})[0] for _ in range(50)]).var(0).mean()
+    assert 0.5 < got / want < 2, (got, want)  # the old graph: about 1e-14
+    # dropout ahead of the first gate is drawn per sample: no shared prefix run once per input
+    gated = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    cd.attach(gated, example_inputs=x[:2])
+    noisy = keep_noise(gated, cd.prune(gated, 0.0), 0.0)
+    assert not MCSampler(noisy, 4, example=x).late_repeat
+    export_mc_onnx(noisy, x, tmp_path / "mc.onnx", samples=8)
+    # the channel kinds zero whole channels
+    from compressdrop.uncertainty.slim import _draw_dropout_masks
+
+    drop = _draw_dropout_masks(nn.Sequential(nn.Dropout2d(0.5)))[0].train()
+    planes = drop(torch.ones(4, 6, 5, 5)).flatten(2)
+    assert {tuple(p.unique().tolist()) for p in planes.flatten(0, 1)} == {(0.0,), (2.0,)}
+    with pytest.raises(InputError, match="AlphaDropout cannot be sampled"):
+        MCSampler(nn.Sequential(nn.Linear(8, 3), nn.AlphaDropout(0.1)), 4)
+
+
 def test_sampling_graph_that_disagrees_is_not_written(tmp_path, monkeypatch):
     gated = _gated("lenet300", "lognormal")
     noisy = keep_noise(gated, _prune(gated))

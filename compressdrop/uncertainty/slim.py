@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from ..dropout import RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..export import ExportError, ExportReport
 from ..gating import is_gated, named_gates, sites
 from ..gating.gated import HeadGated
 from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
 from ..pruning import mask_
+from ..runtime import logits_of
 from .mc import has_noise, mc_mode
 
 __all__ = ["MCSampler", "export_mc_onnx", "keep_noise"]
@@ -100,6 +102,47 @@ def keep_noise(
     return out
 
 
+class _DrawnDropout(nn.modules.dropout._DropoutNd):
+    """``nn.Dropout`` (``spatial`` = 0) or ``nn.Dropout{1,2,3}d`` with its mask drawn by
+    ``rand_like``: exported, it samples (ONNX ``RandomUniformLike``), where the exporter writes a
+    stock dropout as an inference-mode ``Dropout`` node, which onnxruntime runs as the identity."""
+
+    def __init__(self, p: float, spatial: int) -> None:
+        super().__init__(p)
+        self.spatial = spatial
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with elements (channels, for the ``Nd`` kinds) zeroed with probability ``p``,
+        the rest scaled by 1 / (1 − p); ``x`` itself outside training mode."""
+        if not self.training or self.p == 0:
+            return x
+        if self.p >= 1:
+            return x * 0
+        k = min(self.spatial, x.dim() - 1)
+        u = torch.rand_like(x[(Ellipsis,) + (slice(0, 1),) * k] if k else x)
+        return x * (u >= self.p).to(x.dtype) / (1 - self.p)
+
+
+def _draw_dropout_masks(model: nn.Module) -> nn.Module:
+    """``model`` with every stock dropout layer replaced by a :class:`_DrawnDropout`.
+
+    Raises:
+        InputError: an alpha dropout (its draw has no export here).
+    """
+    kinds = {nn.Dropout: 0, nn.Dropout1d: 1, nn.Dropout2d: 2, nn.Dropout3d: 3}
+    for name, m in list(model.named_modules()):
+        if type(m) in kinds:
+            drawn = _DrawnDropout(m.p, kinds[type(m)])
+            if not name:
+                return drawn
+            model.set_submodule(name, drawn)
+        elif isinstance(m, (nn.AlphaDropout, nn.FeatureAlphaDropout)):
+            raise InputError(
+                f"{name or 'the model'}: {type(m).__name__} cannot be sampled in an exported graph"
+            )
+    return model
+
+
 class MCSampler(nn.Module):
     """``samples`` Monte-Carlo passes of a stochastic classifier as one batched forward pass.
 
@@ -125,6 +168,10 @@ class MCSampler(nn.Module):
         if samples < 1:
             raise InputError(f"samples must be ≥ 1, got {samples}")
         self.model = copy.deepcopy(model)
+        config = getattr(self.model, "config", None)
+        if getattr(config, "use_cache", None):  # a Hugging Face LM: logits, no key/value cache
+            config.use_cache = False  # type: ignore[union-attr]
+        self.model = _draw_dropout_masks(self.model)
         self.samples = int(samples)
         self.late_repeat = example is not None and self._repeat_late(example)
         for _, site in noisy_sites(self.model):
@@ -139,15 +186,19 @@ class MCSampler(nn.Module):
         if not self.late_repeat:
             x = x.repeat(self.samples, *([1] * (x.dim() - 1)))
         with mc_mode(self.model):
-            logits = self.model(x)
+            logits = logits_of(self.model(x))
         return torch.softmax(logits.float().unflatten(0, (self.samples, -1)), -1)
 
     @torch.no_grad()
     def _repeat_late(self, example: torch.Tensor) -> bool:
-        found = [m for _, m in noisy_sites(self.model)]
+        found: list[nn.Module] = [m for _, m in noisy_sites(self.model)]
         if not found or len(example) < 2:
             return False
-        order: list[NoisySite] = []
+        # the other noise sources too: one that runs before the first site would be drawn once
+        # per input and shared by its samples
+        other = (nn.modules.dropout._DropoutNd, StochasticLayer, RecurrentDropout)
+        found += [m for m in self.model.modules() if isinstance(m, other)]
+        order: list[nn.Module] = []
         hooks = [
             m.register_forward_pre_hook(
                 lambda mod, _a: order.append(mod) if mod not in order else None
@@ -157,17 +208,17 @@ class MCSampler(nn.Module):
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
-            want = self.model(example.repeat(self.samples, *([1] * (example.dim() - 1))))
+            want = logits_of(self.model(example.repeat(self.samples, *([1] * (example.dim() - 1)))))
             for h in hooks:
                 h.remove()
             hooks = []
             first = order[0]
-            if first.head_dim is not None:
+            if not isinstance(first, NoisySite) or first.head_dim is not None:
                 return False
             first.tile = self.samples
             try:
-                got = self.model(example)
-            except RuntimeError:
+                got = logits_of(self.model(example))
+            except (RuntimeError, TypeError):
                 got = None
             ok = (
                 isinstance(got, torch.Tensor)

@@ -56,9 +56,10 @@ def evaluate_file(
             with contextlib.suppress(Exception):
                 per_call = onnx_mc_samples(model_path)
                 mc_samples = None if per_call is None else max(2, per_call)
+        lm = getattr(ds, "task", "classify") == "lm"  # a token is a byte: per-token bits
         if mc_samples is None:
             scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
-            if getattr(ds, "task", "classify") == "lm":  # a token is a byte: per-token bits
+            if lm:
                 scored["bits_per_byte"] = scored["nll"] / math.log(2)
             return scored
 
@@ -68,14 +69,17 @@ def evaluate_file(
         mc = mc_evaluate_onnx(model_path, ds.x_test, ds.y_test, mc_samples, x_ood, device=device)
         if ood is not None:
             mc["ood_data"] = ood
-        return {
+        out: dict[str, Any] = {
             "model": str(model_path),
             "data": ds.name,
-            "n": len(ds.y_test),
+            "n": ds.y_test.numel(),  # examples, or predicted tokens
             "accuracy": mc["accuracy"],
             "nll": mc["nll"],
             "mc": mc,
         }
+        if lm:
+            out["bits_per_byte"] = mc["nll"] / math.log(2)
+        return out
     from ..evaluation.metrics import evaluate
     from ..evaluation.model_size import count_flops, count_params
     from ..gating import example_input_for
