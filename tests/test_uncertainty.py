@@ -265,6 +265,10 @@ def test_an_exported_sampler_draws_the_models_dropout_too(tmp_path):
     assert {tuple(p.unique().tolist()) for p in planes.flatten(0, 1)} == {(0.0,), (2.0,)}
     with pytest.raises(InputError, match="AlphaDropout cannot be sampled"):
         MCSampler(nn.Sequential(nn.Linear(8, 3), nn.AlphaDropout(0.1)), 4)
+    # a mask shared by the batch would be shared by the stacked samples (and the exporter folds
+    # DropConnect's weight mask into a constant): refused, with the way that works
+    with pytest.raises(InputError, match=r"cannot be stacked.*mc_samples"):
+        MCSampler(nn.Sequential(nn.Flatten(), DropConnect(nn.Linear(16, 10), p=0.5)), 4)
 
 
 def test_sampling_graph_that_disagrees_is_not_written(tmp_path, monkeypatch):

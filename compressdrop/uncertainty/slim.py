@@ -23,7 +23,7 @@ from ..gating.gated import HeadGated
 from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
 from ..pruning import mask_
 from ..runtime import logits_of
-from .mc import has_noise, mc_mode
+from .mc import has_noise, mc_mode, per_example
 
 __all__ = ["MCSampler", "export_mc_onnx", "keep_noise"]
 
@@ -161,12 +161,22 @@ class MCSampler(nn.Module):
             :func:`keep_noise`), or any model with per-example noise; a copy is kept.
         samples: passes per input, at least 1.
         example: an input batch (at least 2 examples) to check the later repeat on, or ``None``.
+
+    Raises:
+        InputError: ``samples`` < 1; a noise source that does not draw per example
+            (:func:`~compressdrop.uncertainty.per_example`) or an alpha dropout.
     """
 
     def __init__(self, model: nn.Module, samples: int, example: torch.Tensor | None = None) -> None:
         super().__init__()
         if samples < 1:
             raise InputError(f"samples must be ≥ 1, got {samples}")
+        if not per_example(model):
+            raise InputError(
+                "the model draws masks shared by a whole batch (DropConnect, recurrent dropout): "
+                "its samples cannot be stacked in one batch; draw them one pass each with "
+                "compressdrop.uncertainty.mc_samples"
+            )
         self.model = copy.deepcopy(model)
         config = getattr(self.model, "config", None)
         if getattr(config, "use_cache", None):  # a Hugging Face LM: logits, no key/value cache
