@@ -34,6 +34,7 @@ __all__ = [
     "attach",
     "detach",
     "export_onnx",
+    "import_torchvision",
     "is_gated",
     "keep_noise",
     "kl",
@@ -60,6 +61,7 @@ _LAZY = {
     "size": "compressdrop.evaluation",
     "load_model": "compressdrop.checkpoint",
     "save_model": "compressdrop.checkpoint",
+    "import_torchvision": "compressdrop._torchvision",
 }
 
 

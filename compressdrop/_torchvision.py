@@ -16,28 +16,37 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
-__all__: list[str] = []  # internal: the Hugging Face loaders and the tests call it
+__all__ = ["import_torchvision"]  # public as compressdrop.import_torchvision
 
 _SCHEMAS = (
     "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 )
+T = TypeVar("T")
 _LIB: list[torch.library.Library] = []  # kept alive: dropping a Library removes its definitions
 
 
 def import_torchvision() -> ModuleType | None:
     """torchvision, imported (the two op schemas declared first if its ``_C`` failed); ``None``
-    where it is not installed."""
+    where it is not installed.
+
+    compressdrop calls it wherever it imports torchvision (a ``--arch torchvision.models:...``
+    factory, a pickled torchvision model, transformers, Lightning); call it in your own script
+    before ``import torchvision`` where that fails with "operator torchvision::nms does not
+    exist". Detection ops (NMS, RoI pooling) still need a torchvision built for your torch.
+    """
     if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
         return None
     try:
         return importlib.import_module("torchvision")
     except RuntimeError as e:
-        if "torchvision::nms does not exist" not in str(e):
+        if _BROKEN not in str(e):
             raise
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]
@@ -46,3 +55,19 @@ def import_torchvision() -> ModuleType | None:
         lib.define(schema)
     _LIB.append(lib)
     return importlib.import_module("torchvision")
+
+
+_BROKEN = "torchvision::nms does not exist"
+
+
+def retry_with_torchvision(load: Callable[[], T]) -> T:
+    """``load()``, run again after :func:`import_torchvision` if it failed on importing a
+    torchvision whose compiled ops do not load (a factory from ``torchvision.models``, a pickled
+    torchvision model)."""
+    try:
+        return load()
+    except RuntimeError as e:
+        if _BROKEN not in str(e):
+            raise
+    import_torchvision()
+    return load()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._torchvision import retry_with_torchvision
 from .errors import CheckpointError
 from .programs import load_program
 
@@ -258,7 +259,7 @@ def _resolve(
         )
     module_name, _, fn_name = spec.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = retry_with_torchvision(lambda: importlib.import_module(module_name))
         for part in fn_name.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ._attrs import set_record
 from ._io import atomic_write
+from ._torchvision import retry_with_torchvision
 from ._version import __version__
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
 from .errors import InputError
@@ -135,7 +136,9 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         with warnings.catch_warnings():
             # a damaged pickle stream makes torch warn about odd protocol numbers before failing
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=not trust_code)
+            return retry_with_torchvision(  # a pickled torchvision model imports torchvision
+                lambda: torch.load(path, map_location="cpu", weights_only=not trust_code)
+            )
     except pickle.UnpicklingError as e:
         # The weights-only unpickler says "Unsupported global" when the stream is well formed but
         # names a class or function; every other failure of it means a damaged stream.
