@@ -20,6 +20,7 @@ needs ``trust_code=True``, because unpickling runs arbitrary code. The training 
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -142,17 +143,19 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         # The weights-only unpickler says "Unsupported global" when the stream is well formed but
         # names a class or function; every other failure of it means a damaged stream.
-        if not trust_code and "Unsupported global" in str(e):
+        named = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        if not trust_code and (named or "unrecognized function" in str(e)):
+            what = f" (it names {named.group(1)})" if named else ""
             raise CheckpointError(
-                f"{path}: the file holds pickled Python objects (for example a whole nn.Module "
-                "saved with torch.save(model)); loading it would run arbitrary code, so it was "
-                "refused. If you trust its source, pass trust_code=True (CLI: --trust-code, or "
-                "its alias --trust-pickle); "
+                f"{path}: the file holds pickled Python objects{what}, for example a whole "
+                "nn.Module saved with torch.save(model); loading it would run arbitrary code, so "
+                "it was refused. If you trust its source, pass trust_code=True (CLI: "
+                "--trust-code, or its alias --trust-pickle); "
                 "better, save a compressdrop checkpoint or a state_dict."
             ) from None
         # (torch's message opens with advice to load the file with weights_only=False, which
         # would run its code: only its last part, the unpickler's own error, is passed on)
-        cause = str(e).rpartition("WeightsUnpickler error:")[2] or str(e)
+        cause = str(e).rpartition("WeightsUnpickler error:")[2] or _without_advice(str(e))
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint ({_first_line(cause)})"
         ) from None
@@ -170,6 +173,17 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             f"{path}: not a readable PyTorch file (corrupt or truncated?): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from None
+
+
+def _without_advice(message: str) -> str:
+    """torch's weights-only message without its paragraphs of advice (to load with
+    ``weights_only=False``, which would run the file's code, and to read the documentation)."""
+    kept = [
+        line
+        for line in message.splitlines()
+        if line.strip() and not line.startswith(("Weights only load failed", "Check the doc"))
+    ]
+    return "\n".join(kept) or "the weights-only unpickler refused it"
 
 
 def _first_line(e: BaseException | str) -> str:

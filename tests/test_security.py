@@ -112,9 +112,14 @@ def test_nothing_is_imported_before_consent(tmp_path, monkeypatch):
 def test_a_pickle_exploit_is_refused_before_it_runs(tmp_path):
     marker = tmp_path / "marker.npy"  # numpy.save would add .npy
     _pickle_exploit(tmp_path / "evil.pt", marker)
-    with pytest.raises(CheckpointError, match="arbitrary code"):
+    with pytest.raises(CheckpointError, match="holds pickled Python objects") as info:
         load_model(tmp_path / "evil.pt")
     assert not marker.exists()
+    # it says what the file names and how to consent; not "corrupt", not torch's advice to load
+    # with weights_only=False (the old message matched "arbitrary code" through that advice)
+    said = str(info.value)
+    assert "system" in said and "--trust-pickle" in said
+    assert "corrupt" not in said and "weights_only" not in said
 
 
 def test_bad_records_are_refused(tmp_path):
