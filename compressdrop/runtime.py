@@ -16,6 +16,7 @@ import torch
 from .errors import InputError
 
 __all__ = [
+    "check_labels",
     "is_exporting",
     "is_traced",
     "logits_of",
@@ -114,6 +115,24 @@ def logits_of(out: Any) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
+
+
+def check_labels(outputs: int, y: torch.Tensor, what: str = "the data") -> None:
+    """Check that a model with ``outputs`` logits (classes, or a vocabulary) can score the labels
+    ``y``: each must be below ``outputs``.
+
+    Raises:
+        InputError: a label at or above ``outputs``, naming both counts.
+    """
+    if y.numel() == 0 or y.is_floating_point():
+        return
+    top = int(y.max())
+    if top >= outputs:
+        raise InputError(
+            f"the model gives {outputs} outputs but {what} has labels up to {top} "
+            f"({top + 1} classes or tokens): use a model with {top + 1} outputs (a factory's "
+            f"num_classes, CLI --arch-arg num_classes={top + 1}), or data that fits it"
+        )
 
 
 def ort_feed_dtype(inp: Any) -> type:

@@ -305,3 +305,29 @@ def test_only_token_ids_try_a_dynamic_length_and_other_failures_say_nothing_of_i
                 export_onnx, Branchy().eval(), torch.randint(0, 20, (2, 8)), tmp_path / "b.onnx"
             )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.onnx"]
+
+
+def test_labels_the_model_has_no_output_for_are_named_before_any_work(gated_file, tmp_path):
+    """A 10-output model against data with 20 classes: eval, eval --mc and the ONNX evaluator
+    failed with torch's "IndexError: Target 13 is out of bounds" traceback, and prune only after
+    its training stages."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(20), 10)
+    np.savez(tmp_path / "twenty.npz", x=rng.random((200, 1, 8, 8), dtype=np.float32), y=y)
+    data = str(tmp_path / "twenty.npz")
+    path, _ = gated_file
+    from compressdrop.workflows import evaluate_file, export_file
+
+    with pytest.raises(InputError, match="gives 10 outputs but the data has labels up to 19"):
+        evaluate_file(path, data)
+    with pytest.raises(InputError, match="gives 10 outputs but the data has labels up to 19"):
+        evaluate_file(path, data, mc_samples=3)
+    export_file(path, tmp_path / "m.onnx")
+    with pytest.raises(InputError, match="gives 10 outputs but the data has labels up to 19"):
+        evaluate_file(tmp_path / "m.onnx", data)
+    plain = build_model("lenet300", (1, 8, 8))
+    save_model(plain, tmp_path / "plain.pt")
+    res = run(["prune", tmp_path / "plain.pt", "--data", data, "-o", tmp_path / "s.pt"], expect=1)
+    assert "gives 10 outputs" in res.output and "num_classes=20" in res.output
+    assert "epoch" not in res.output  # refused before any training
+    assert not (tmp_path / "s.pt").exists()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime import logits_of
+from ..runtime import check_labels, logits_of
 
 __all__ = ["Metrics", "evaluate", "logits_of", "prediction_loss"]
 
@@ -68,6 +68,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
             logits = logits_of(model(xb))
+            if i == 0:
+                check_labels(logits.shape[-1], y)
             correct += int((logits.argmax(-1) == yb).sum())
             nll += float(prediction_loss(logits, yb, reduction="sum"))
     finally:

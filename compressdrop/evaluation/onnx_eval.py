@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..runtime import ort_feed_dtype, ort_session
+from ..runtime import check_labels, ort_feed_dtype, ort_session
 from .metrics import prediction_loss
 
 __all__ = ["evaluate_onnx"]
@@ -53,6 +53,7 @@ def evaluate_onnx(
             f"{len(y)} examples {tuple(y.shape[1:]) or ''} (an ONNX graph that draws Monte-Carlo "
             "samples is evaluated with --mc)"
         )
+    check_labels(t.shape[-1], y)
     nll = float(prediction_loss(t, y))  # labels (N, T): next-token prediction, per token
     acc = int((t.argmax(-1) == y).sum()) / y.numel()
     return {

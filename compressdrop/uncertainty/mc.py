@@ -21,7 +21,7 @@ from torch import nn
 from ..dropout import DropConnect, RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..gates import Gate
-from ..runtime import logits_of
+from ..runtime import check_labels, logits_of
 from .metrics import auroc, brier, expected_calibration_error, nll
 
 __all__ = [
@@ -265,6 +265,9 @@ def mc_report(
     ``samples``, :func:`scores` of their mean, the convergence check, the mean entropy and mutual
     information, and with ``draws_ood`` (samples on out-of-distribution inputs) the AUROCs."""
     y = y.reshape(-1)  # next-token labels (N, T): one per token, as the draws
+    check_labels(draws.shape[-1], y)
+    if draws.shape[1] != len(y):
+        raise InputError(f"{draws.shape[1]} predictions but {len(y)} labels")
     mc = MCPrediction(*_summary(draws))
     samples = len(draws)
     half = nll(draws[: samples // 2].mean(0), y)

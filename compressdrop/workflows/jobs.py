@@ -23,7 +23,13 @@ from ..hf_folder import save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
-from .sparsify import adopt, default_recipe_for, fit_input_shape, sparsify_and_prune
+from .sparsify import (
+    adopt,
+    default_recipe_for,
+    fit_input_shape,
+    fit_outputs,
+    sparsify_and_prune,
+)
 
 __all__ = [
     "PruneResult",
@@ -245,6 +251,7 @@ def prune_file(
         )
     ds = load_dataset(data)
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
+    fit_outputs(model, ds)
     adopt(model, ds)
     if recipe is None:
         r = default_recipe_for(ds)

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from .._attrs import set_record
@@ -16,8 +17,15 @@ from ..arch import Factory
 from ..checkpoint import load_model
 from ..errors import InputError
 from ..recipes import Recipe, load_recipe
+from ..runtime import check_labels, logits_of
 
-__all__ = ["adopt", "default_recipe_for", "fit_input_shape", "sparsify_and_prune"]
+__all__ = [
+    "adopt",
+    "default_recipe_for",
+    "fit_input_shape",
+    "fit_outputs",
+    "sparsify_and_prune",
+]
 
 # optimiser steps a default recipe aims for in its sparsify stage, whatever the data size
 _DEFAULT_SPARSIFY_STEPS = 3000
@@ -39,6 +47,24 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     elif "input_shape" not in arch:
         set_record(model, "arch", {**arch, "input_shape": shape})
     return model
+
+
+@torch.no_grad()
+def fit_outputs(model: nn.Module, dataset: Any) -> None:
+    """Check, on two training examples, that ``model`` gives an output for every class (or token)
+    of ``dataset``'s labels, before any training.
+
+    Raises:
+        InputError: a label at or above the model's number of outputs.
+    """
+    was = model.training
+    model.eval()
+    try:
+        outputs = logits_of(model(dataset.x_train[:2])).shape[-1]
+    finally:
+        model.train(was)
+    for y in (dataset.y_train, dataset.y_test):
+        check_labels(outputs, y, f"data {dataset.name!r}")
 
 
 def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None:
