@@ -96,6 +96,8 @@ def save_model(
     noise = noise_record(model)
     if noise:
         payload["noise"] = noise
+    elif payload["kind"] == "slim" and payload["arch"].get("program") is not None:
+        payload.update(_slim_program(model, payload["arch"]))
     path = Path(path)
     with atomic_write(path) as tmp:
         torch.save(payload, tmp)
@@ -184,6 +186,21 @@ def _without_advice(message: str) -> str:
         if line.strip() and not line.startswith(("Weights only load failed", "Check the doc"))
     ]
     return "\n".join(kept) or "the weights-only unpickler refused it"
+
+
+def _slim_program(model: nn.Module, arch: Mapping[str, Any]) -> dict[str, Any]:
+    """A slim model whose structure is a program (a ``.pt2``, or a pickled module adopted as
+    one) is saved as its own program, not as the dense program and the cuts to replay on it: a
+    block that pruning rewrote (ShuffleNetV2's shuffle, as index buffers) has no form in the
+    dense graph, and the program's constants (Swin's lifted tensors) no key in the model's
+    state_dict. The state saved is the one the rebuilt program holds."""
+    from .gating import example_input_for
+    from .programs import program_record
+
+    record = {**arch, **program_record(model, example_input_for(model, batch=2))}
+    rebuilt = load_program(record["program"].numpy().tobytes(), "the slim model's program")
+    state = {k: v.detach().cpu() for k, v in rebuilt.state_dict().items()}
+    return {"arch": record, "state_dict": state, "slim_program": True}
 
 
 def _first_line(e: BaseException | str) -> str:
@@ -320,7 +337,8 @@ def _from_payload(
         from .pruning import PruneReport, replay
 
         rep = payload["prune_report"]
-        replay(model, rep["history"])
+        if not payload.get("slim_program"):  # else the program is the slim structure itself
+            replay(model, rep["history"])
         set_record(model, "prune_report", PruneReport.from_dict(rep))
         if payload.get("noise"):
             try:

@@ -6,11 +6,13 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
+import compressdrop as cd
 from compressdrop.checkpoint import load_model, save_model
 from compressdrop.data import load_digits
 from compressdrop.recipes import load_recipe
@@ -275,3 +277,34 @@ def test_torchvision_models_load_where_torchvision_itself_does_not_import(tmp_pa
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["SqueezeNet", "SqueezeNet"]
+
+
+@pytest.mark.parametrize("family", ["ShuffleNetV2", "Swin"])
+def test_a_slim_checkpoint_of_a_model_kept_as_a_program_reloads(family, tmp_path):
+    """A pickled module is recorded as its dense program (no factory to rebuild it). Its slim
+    checkpoint was that program plus the cuts to replay, which failed to load for ShuffleNetV2
+    (the pruned shuffle's index buffers have no place in the dense graph) and Swin (the
+    program's lifted constants have no key in the model's state_dict): `prune --trust-pickle`
+    failed at its very end. The slim model is now saved as its own program."""
+    from compressdrop._attrs import set_record
+    from compressdrop.programs import program_record
+
+    from tests.test_surgery import quantiles, random_gates_
+    from tests.torchvision_models import families
+
+    build, side = families()[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, side, side)
+    set_record(model, "arch", program_record(model, x))  # what `prune --trust-pickle` does
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layers left ungated, each named: not the point here
+        cd.attach(model, example_inputs=x)
+        random_gates_(model, seed=1)
+        slim = cd.prune(model, quantiles(model, (0.5,))[0], example_inputs=x)
+    assert slim.prune_report.units_after < slim.prune_report.units_before
+    save_model(slim, tmp_path / "slim.pt")
+    again = load_model(tmp_path / "slim.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), slim.eval()(x), rtol=1e-5, atol=1e-5)
+    assert again.prune_report.architecture() == slim.prune_report.architecture()
