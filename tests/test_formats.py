@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.checkpoint import load_model, save_model
+from compressdrop.checkpoint import CheckpointError, load_model, save_model
 from compressdrop.data import load_digits
 from compressdrop.recipes import load_recipe
 from compressdrop.workflows import sparsify_and_prune, write_slim
@@ -308,3 +308,35 @@ def test_a_slim_checkpoint_of_a_model_kept_as_a_program_reloads(family, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(again(x), slim.eval()(x), rtol=1e-5, atol=1e-5)
     assert again.prune_report.architecture() == slim.prune_report.architecture()
+
+
+def test_a_pt2_exported_with_a_fixed_batch_size_is_refused_only_if_its_graph_needs_it(tmp_path):
+    """`torch.export.export` without dynamic_shapes fixes the batch size. A graph that bakes it
+    into a reshape gave raw shape tracebacks in prune and eval (or, worse, wrong shapes that only
+    a later check caught); one that does not (a flatten) works at any batch size."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+    class Baked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 32, 3), nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.conv(x))
+            return self.fc(h.reshape(h.shape[0], 16, -1).mean(-1))
+
+    x = torch.randn(2, 1, 8, 8)
+    for name, net in (("flat", Flat()), ("baked", Baked())):
+        torch.export.save(torch.export.export(net.eval(), (x,)), tmp_path / f"{name}.pt2")
+    assert load_model(tmp_path / "flat.pt2")(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+    with pytest.raises(CheckpointError, match=r"fixed batch size of 2.*dynamic_shapes"):
+        load_model(tmp_path / "baked.pt2")
+    res = run(["eval", tmp_path / "baked.pt2", "--data", "digits"], expect=1)
+    assert "fixed batch size of 2" in res.output and "Traceback" not in res.output

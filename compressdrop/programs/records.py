@@ -44,7 +44,49 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     shape = _input_shape(model)
     if shape is not None:
         arch["input_shape"] = list(shape)
+    _check_batch_free(model, where)
     return model
+
+
+@torch.no_grad()
+def _check_batch_free(gm: nn.Module, where: str) -> None:
+    """A program exported with a fixed batch size (``torch.export.export`` without
+    ``dynamic_shapes``) must give, at another batch size, an output per example, the same as at
+    its own; one whose graph bakes the size in (a reshape to it) does not, and is refused."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
+    val = inputs[0].meta.get("val") if len(inputs) == 1 else None
+    if val is None or not val.shape or not isinstance(val.shape[0], int):
+        return  # several inputs, or a dynamic batch
+    batch = int(val.shape[0])
+    shape = tuple(int(d) for d in val.shape[1:])
+
+    def draw(n: int) -> torch.Tensor:
+        if val.dtype.is_floating_point:
+            return torch.randn(n, *shape, dtype=val.dtype)
+        return torch.zeros(n, *shape, dtype=val.dtype)
+
+    x = draw(batch + 1)
+    try:
+        want = gm(x[:batch])
+        got = gm(x)
+        ok = _first_tensor(got).shape[:1] == (batch + 1,) and torch.allclose(
+            _first_tensor(got)[:batch], _first_tensor(want), rtol=1e-4, atol=1e-5
+        )
+    except Exception:  # an op that fails at another size: the same verdict
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"{where} was exported with a fixed batch size of {batch} that its graph depends on "
+            "(it gives no output per example at another size); export it again with a dynamic "
+            "batch: torch.export.export(model, (x,), dynamic_shapes=({0: "
+            "torch.export.Dim('batch')},))"
+        )
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    while not isinstance(out, torch.Tensor):
+        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
+    return out
 
 
 def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
