@@ -331,3 +331,12 @@ def test_labels_the_model_has_no_output_for_are_named_before_any_work(gated_file
     assert "gives 10 outputs" in res.output and "num_classes=20" in res.output
     assert "epoch" not in res.output  # refused before any training
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_a_folder_output_for_a_model_that_cannot_have_one_is_refused_before_training(tmp_path):
+    """`prune model.pt --data ... -o out/slimfolder` trained for the whole recipe and only then
+    said that a folder is for Hugging Face models."""
+    save_model(build_model("lenet300", (1, 8, 8)), tmp_path / "plain.pt")
+    res = run(["prune", tmp_path / "plain.pt", "--data", "digits", "-o", tmp_path / "f"], expect=1)
+    assert "a folder is written for Hugging Face transformers models only" in res.output
+    assert "epoch" not in res.output and not (tmp_path / "f").exists()

@@ -211,6 +211,11 @@ def prune_file(
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
     model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    if not out.suffix and not hasattr(model, "save_pretrained"):  # before any training
+        raise InputError(
+            f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
+            ".pt2 or .onnx file name"
+        )
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
     if mc_samples is not None and (mc_samples < 1 or not is_gated(model)):
         raise InputError(
