@@ -245,7 +245,7 @@ def load_model(
             f"{path}: a folder without config.json; compressdrop reads model files and Hugging "
             "Face model folders"
         )
-    obj = load_checkpoint(path, trust_code=trust_code)
+    obj = _unwrapped(load_checkpoint(path, trust_code=trust_code))
     if isinstance(obj, nn.Module):
         return obj.eval()
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
@@ -283,7 +283,37 @@ def load_model(
         )
         _load_state(model, obj, path, hint)
         return model.eval()
-    raise CheckpointError(f"{path}: not a compressdrop checkpoint, state_dict or nn.Module")
+    what = f"a dict of {list(obj)[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+    raise CheckpointError(
+        f"{path}: not a compressdrop checkpoint, state_dict or nn.Module ({what}); save the "
+        f"model's state_dict() alone, or under one of the keys {list(_WRAPPER_KEYS)}"
+    )
+
+
+# where training scripts put the model in the dict they save (with the epoch, optimizer, ...)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def _unwrapped(obj: Any) -> Any:
+    """The model inside a training script's save, ``{"state_dict": ..., "epoch": ...}`` (the
+    first of :data:`_WRAPPER_KEYS` that holds a state_dict or a module), with DDP's ``module.``
+    prefix taken off a state_dict's keys; anything else as it is."""
+    if isinstance(obj, Mapping) and obj.get("format") not in (FORMAT, RUN_FORMAT):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module) or (
+                isinstance(inner, Mapping) and inner and _all_tensors(inner)
+            ):
+                obj = inner
+                break
+    ddp = isinstance(obj, Mapping) and obj and _all_tensors(obj)
+    if ddp and all(isinstance(k, str) and k.startswith("module.") for k in obj):
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _all_tensors(obj: Mapping[Any, Any]) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def load_run_state(path: str | Path) -> dict[str, Any]:

@@ -340,3 +340,29 @@ def test_a_pt2_exported_with_a_fixed_batch_size_is_refused_only_if_its_graph_nee
         load_model(tmp_path / "baked.pt2")
     res = run(["eval", tmp_path / "baked.pt2", "--data", "digits"], expect=1)
     assert "fixed batch size of 2" in res.output and "Traceback" not in res.output
+
+
+def test_a_training_scripts_save_is_read_for_the_state_dict_it_holds(tmp_path):
+    """`torch.save({"state_dict": ..., "epoch": 3, "optimizer": ...})` (and DDP's `module.` keys)
+    was "not a compressdrop checkpoint, state_dict or nn.Module", with no hint."""
+    torch.manual_seed(0)
+    net = user_net(num_classes=10).eval()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ddp = {f"module.{k}": v for k, v in net.state_dict().items()}
+    saves = {
+        "sd": {"state_dict": net.state_dict(), "epoch": 3, "optimizer": opt.state_dict()},
+        "msd": {"model_state_dict": ddp, "epoch": 3},
+    }
+    x = torch.randn(3, 1, 8, 8)
+    for name, obj in saves.items():
+        torch.save(obj, tmp_path / f"{name}.pt")
+        got = load_model(
+            tmp_path / f"{name}.pt",
+            arch="tests.test_formats:user_net",
+            arch_kwargs={"num_classes": 10},
+        )
+        with torch.no_grad():
+            assert torch.equal(got(x), net(x)), name
+    torch.save({"weights_of_mine": net.state_dict(), "epoch": 3}, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"a dict of \['weights_of_mine', 'epoch'\]"):
+        load_model(tmp_path / "odd.pt", arch="tests.test_formats:user_net")
