@@ -15,6 +15,7 @@ from compressdrop.data import (
     load_fashion_mnist,
     load_npz,
 )
+from compressdrop.errors import DataError
 from compressdrop.models import MODELS, TOKEN_MODELS, build_model, example_input
 
 
@@ -230,3 +231,36 @@ def test_the_vision_transformer_reference_net():
         build_model("vit", (1, 8, 8), patch=3)
     with pytest.raises(InputError, match="not a multiple of 3 heads"):
         build_model("vit", (1, 8, 8), patch=2, heads=3)
+
+
+# A new-user walk through `.npz` data: each problem is refused (or fixed and said) at load time,
+# in an error that names the file and the array.
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _refusal(path) -> str:
+    with pytest.raises(DataError) as e:
+        load_npz(path)
+    message = str(e.value)
+    assert str(path) in message and "allow_pickle" not in message
+    assert "never unpickles" in message or "not a readable .npz" in message
+    return message
+
+
+def test_npz_refuses_pickled_and_foreign_files_without_suggesting_unpickling(tmp_path):
+    y = np.arange(10) % 2
+    obj = _npz(tmp_path / "obj.npz", x=np.zeros((10, 3)), y=np.array(list(y), dtype=object))
+    assert "array 'y' holds Python objects (dtype=object)" in _refusal(obj)
+    (tmp_path / "text.npz").write_text("x,y\n1,0\n")
+    assert "not a zip of .npy arrays" in _refusal(tmp_path / "text.npz")
+    import pickle
+
+    (tmp_path / "pickled.npz").write_bytes(pickle.dumps({"x": [1.0], "y": [0]}))
+    assert "never unpickles" in _refusal(tmp_path / "pickled.npz")
+    np.save(tmp_path / "one.npy", np.zeros((10, 3)))
+    (tmp_path / "one.npz").write_bytes((tmp_path / "one.npy").read_bytes())
+    assert "holds one array (an .npy file)" in _refusal(tmp_path / "one.npz")

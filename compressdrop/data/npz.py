@@ -1,8 +1,15 @@
 """A user's ``.npz`` of arrays ``x`` and ``y`` (and optionally ``x_test``, ``y_test``) as a
-:class:`Dataset`."""
+:class:`Dataset`.
+
+Everything a file gets wrong is refused here, at load time, in a :class:`DataError` that names
+the file and the array: a file that is not an ``np.savez`` archive, arrays that would need
+unpickling.
+"""
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,37 +20,91 @@ from .dataset import Dataset, _split
 
 __all__ = ["load_npz"]
 
+_ARRAYS = ("x", "y", "x_test", "y_test")
+# What reading a damaged archive member raises (besides numpy's ValueError).
+_DAMAGED = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
-def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
 
-    ``x`` may be (N, D) features, (N, H, W) or (N, C, H, W) images; ``y`` integer labels from 0.
-    Without test arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
+def _refuse_pickle(path: Path, what: str) -> DataError:
+    # numpy's own message suggests allow_pickle=True, which runs whatever code the file holds
+    return DataError(
+        f"{path}: {what}; compressdrop never unpickles data (that can run code). Save plain "
+        f"numeric arrays: np.savez({path.name!r}, x=x, y=y), with y an integer array "
+        f"(e.g. np.asarray(y, dtype=np.int64))"
+    )
 
-    Args:
-        path: the ``.npz`` file (read without pickles).
-        test_fraction: share held out for testing when the file has no test arrays.
-        seed: of that split.
 
-    Raises:
-        FileNotFoundError: no such file.
-        DataError: the file is unreadable, or an array is missing or has the wrong shape or
-            dtype.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+def _read(path: Path) -> dict[str, np.ndarray]:
+    """The file's arrays by name, read without pickles."""
     try:
         z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
+    except ValueError as e:
+        if "pickle" in str(e):  # not a zip, not an .npy: numpy took it for a pickle
+            raise _refuse_pickle(
+                path, "not a readable .npz file (not a zip of .npy arrays, as np.savez writes)"
+            ) from None
         raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    except (*_DAMAGED, UnicodeError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path}: not a readable .npz file: it holds one array (an .npy file), not the "
+            f"named arrays 'x' and 'y'; write it with np.savez({path.name!r}, x=x, y=y)"
+        )
     with z:
         missing = [k for k in ("x", "y") if k not in z.files]
         if missing:
             raise DataError(
                 f"{path}: missing array(s) {missing}; expected 'x' and 'y' (found {z.files})"
             )
-        arrays = {k: z[k] for k in z.files}
+        arrays = {}
+        for k in _ARRAYS:
+            if k not in z.files:
+                continue
+            try:
+                a = z[k]
+            except ValueError as e:
+                if "pickle" in str(e):
+                    raise _refuse_pickle(
+                        path, f"array {k!r} holds Python objects (dtype=object)"
+                    ) from None
+                raise DataError(f"{path}: array {k!r} is damaged ({e})") from None
+            except _DAMAGED as e:
+                raise DataError(f"{path}: array {k!r} is damaged ({e})") from None
+            if not isinstance(a, np.ndarray):  # a zip member that is not an .npy
+                raise DataError(f"{path}: {k!r} is not an .npy array; write the file with np.savez")
+            arrays[k] = a
+    return arrays
+
+
+def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
+
+    ``x`` may be (N, D) features, (N, H, W) or (N, C, H, W) images. ``y`` holds integer labels from
+    0. Without test arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
+
+    Args:
+        path: the ``.npz`` file (as ``np.savez`` writes it; read without pickles).
+        test_fraction: share held out for testing when the file has no test arrays.
+        seed: of that split.
+
+    Returns:
+        The :class:`Dataset`, named after the file.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: the file is not an ``.npz`` archive, needs unpickling, lacks ``x`` or ``y``;
+            an array has the wrong shape or dtype.
+
+    Example:
+        >>> np.savez("my.npz", x=images_nchw, y=labels)  # doctest: +SKIP
+        >>> load_npz("my.npz").input_shape  # doctest: +SKIP
+        (3, 32, 32)
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    arrays = _read(path)
 
     def prep(x: np.ndarray, y: np.ndarray, which: str):
         if x.ndim not in (2, 3, 4):
