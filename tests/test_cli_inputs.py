@@ -145,6 +145,22 @@ def test_an_empty_data_spec_is_named():
         load_dataset("")
 
 
+def test_train_and_eval_refuse_an_npz_with_nan_inputs_before_any_work(gated_file, tmp_path):
+    # before: training ran into "loss is nan ... lower the learning rate?", eval printed nll nan
+    x = np.random.default_rng(0).random((200, 1, 8, 8), dtype=np.float32)
+    x[3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(200) % 10)
+    out = tmp_path / "run"
+    res = run(
+        ["train", "--recipe", "lenet300-lognormal", "--data", tmp_path / "nan.npz", "--out", out],
+        expect=1,
+    )
+    assert "nan.npz: x has 1 non-finite values (1 NaN, 0 ±Inf)" in res.output
+    assert "loss is nan" not in res.output and not (out / "checkpoint.pt").exists()
+    res = run(["eval", gated_file[0], "--data", tmp_path / "nan.npz"], expect=1)
+    assert "nan.npz: x has 1 non-finite values" in res.output
+
+
 def test_load_and_save_model_are_part_of_the_top_level_api(gated_file, tmp_path):
     path, _ = gated_file
     model = cd.load_model(path)

@@ -264,3 +264,26 @@ def test_npz_refuses_pickled_and_foreign_files_without_suggesting_unpickling(tmp
     np.save(tmp_path / "one.npy", np.zeros((10, 3)))
     (tmp_path / "one.npz").write_bytes((tmp_path / "one.npy").read_bytes())
     assert "holds one array (an .npy file)" in _refusal(tmp_path / "one.npz")
+
+
+@pytest.mark.parametrize("which", ["x", "x_test"])
+def test_npz_refuses_nan_and_inf_inputs_by_array_and_count(tmp_path, which):
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x": rng.random((20, 6)),
+        "y": np.arange(20) % 2,
+        "x_test": rng.random((6, 6)),
+        "y_test": np.arange(6) % 2,
+    }
+    arrays[which][1, 2] = np.nan
+    arrays[which][1, 3] = np.nan
+    arrays[which][4, 0] = -np.inf
+    p = _npz(tmp_path / "holes.npz", **arrays)
+    with pytest.raises(
+        DataError, match=rf"holes\.npz: {which} has 3 non-finite values \(2 NaN, 1 ±Inf\) in 2 "
+    ):
+        load_npz(p)
+    # float64 values past float32's range would become inf in training
+    big = _npz(tmp_path / "big.npz", x=np.full((8, 2), 1e300), y=np.arange(8) % 2)
+    with pytest.raises(DataError, match=r"big\.npz: x has 16 values too large for float32"):
+        load_npz(big)

@@ -3,7 +3,7 @@
 
 Everything a file gets wrong is refused here, at load time, in a :class:`DataError` that names
 the file and the array: a file that is not an ``np.savez`` archive, arrays that would need
-unpickling.
+unpickling, NaN or infinite inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ __all__ = ["load_npz"]
 _ARRAYS = ("x", "y", "x_test", "y_test")
 # What reading a damaged archive member raises (besides numpy's ValueError).
 _DAMAGED = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _rows(bad: np.ndarray) -> int:
+    """How many examples (rows of the leading axis) hold at least one flagged value."""
+    return int(bad.reshape(len(bad), -1).any(axis=1).sum())
 
 
 def _refuse_pickle(path: Path, what: str) -> DataError:
@@ -77,11 +82,57 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _inputs(path: Path, x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` as float32 ``(N, D)`` or ``(N, C, H, W)``."""
+    if x.ndim not in (2, 3, 4):
+        raise DataError(
+            f"{path}: {name} must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}"
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
+        raise DataError(f"{path}: {name} must hold real numbers, got dtype {x.dtype}")
+    if len(x) == 0:
+        raise DataError(f"{path}: {name} has no examples (shape {x.shape})")
+    if x.ndim == 3:
+        x = x[:, None]  # (N, 1, H, W)
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            nan = int(np.isnan(x).sum())
+            raise DataError(
+                f"{path}: {name} has {int(bad.sum())} non-finite values ({nan} NaN, "
+                f"{int(bad.sum()) - nan} ±Inf) in {_rows(bad)} of its {len(x)} examples; "
+                f"replace them, or drop those examples "
+                f"(keep = np.isfinite({name}).reshape(len({name}), -1).all(1))"
+            )
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(x, dtype=np.float32)
+    big = ~np.isfinite(out)
+    if big.any():  # float64 values past float32's range (about 3.4e38)
+        raise DataError(
+            f"{path}: {name} has {int(big.sum())} values too large for float32 in "
+            f"{_rows(big)} of its {len(x)} examples; rescale {name}"
+        )
+    return out
+
+
+def _labels(path: Path, y: np.ndarray, n: int, name: str) -> np.ndarray:
+    """``y`` as an int64 vector of ``n`` labels, none negative."""
+    if y.ndim != 1 or len(y) != n:
+        raise DataError(f"{path}: {name} must be a vector of {n} labels, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: {name} must hold integer class labels, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if len(y) and y.min() < 0:
+        raise DataError(f"{path}: labels must be ≥ 0; {name} has {int(y.min())}")
+    return y
+
+
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
 
-    ``x`` may be (N, D) features, (N, H, W) or (N, C, H, W) images. ``y`` holds integer labels from
-    0. Without test arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
+    ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images, of real numbers (used as
+    float32, all finite). ``y`` holds integer labels from 0. Without test arrays, a seeded,
+    stratified split holds out ``test_fraction`` of the examples.
 
     Args:
         path: the ``.npz`` file (as ``np.savez`` writes it; read without pickles).
@@ -94,7 +145,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     Raises:
         FileNotFoundError: no such file.
         DataError: the file is not an ``.npz`` archive, needs unpickling, lacks ``x`` or ``y``;
-            an array has the wrong shape or dtype.
+            an array has the wrong shape or dtype; ``x`` holds NaN or infinite values.
 
     Example:
         >>> np.savez("my.npz", x=images_nchw, y=labels)  # doctest: +SKIP
@@ -105,33 +156,15 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     arrays = _read(path)
-
-    def prep(x: np.ndarray, y: np.ndarray, which: str):
-        if x.ndim not in (2, 3, 4):
-            raise DataError(
-                f"{path}: {which} x must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}"
-            )
-        if x.ndim == 3:
-            x = x[:, None]
-        if y.ndim != 1 or len(y) != len(x):
-            raise DataError(
-                f"{path}: {which} y must be a vector of {len(x)} labels, got shape {y.shape}"
-            )
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(
-                f"{path}: {which} y must hold integer class labels, got dtype {y.dtype}"
-            )
-        return x.astype(np.float32), y.astype(np.int64)
-
-    x, y = prep(arrays["x"], arrays["y"], "train")
+    x = _inputs(path, arrays["x"], "x")
+    y = _labels(path, arrays["y"], len(x), "y")
     if "x_test" in arrays and "y_test" in arrays:
-        xte, yte = prep(arrays["x_test"], arrays["y_test"], "test")
+        xte = _inputs(path, arrays["x_test"], "x_test")
+        yte = _labels(path, arrays["y_test"], len(xte), "y_test")
         xtr, ytr = x, y
     else:
         xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, where=str(path))
     num_classes = int(max(ytr.max(), yte.max())) + 1
-    if min(ytr.min(), yte.min()) < 0:
-        raise DataError(f"{path}: labels must be ≥ 0")
     return Dataset(
         path.stem,
         torch.from_numpy(xtr),
