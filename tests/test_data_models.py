@@ -287,3 +287,17 @@ def test_npz_refuses_nan_and_inf_inputs_by_array_and_count(tmp_path, which):
     big = _npz(tmp_path / "big.npz", x=np.full((8, 2), 1e300), y=np.arange(8) % 2)
     with pytest.raises(DataError, match=r"big\.npz: x has 16 values too large for float32"):
         load_npz(big)
+
+
+def test_npz_scales_uint8_pixels_to_the_unit_range(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (20, 1, 4, 4), dtype=np.uint8)
+    pixels[0, 0, 0, 0] = 255
+    y = np.arange(20) % 2
+    d = load_npz(_npz(tmp_path / "u8.npz", x=pixels, y=y, x_test=pixels[:4], y_test=y[:4]))
+    assert float(d.x_train.max()) == 1.0 and float(d.x_test.min()) >= 0.0
+    assert torch.allclose(d.x_train, torch.from_numpy(pixels.astype(np.float32) / 255.0))
+    # floats (and wider integers) are taken as they are
+    floats = pixels.astype(np.float32)
+    d = load_npz(_npz(tmp_path / "f32.npz", x=floats, y=y, x_test=floats[:4], y_test=y[:4]))
+    assert torch.equal(d.x_train, torch.from_numpy(floats))

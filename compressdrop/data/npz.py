@@ -4,6 +4,7 @@
 Everything a file gets wrong is refused here, at load time, in a :class:`DataError` that names
 the file and the array: a file that is not an ``np.savez`` archive, arrays that would need
 unpickling, NaN or infinite inputs.
+``uint8`` pixels are scaled to [0, 1], as the built-in image data are.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ def _inputs(path: Path, x: np.ndarray, name: str) -> np.ndarray:
             )
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype == np.uint8:
+        out /= 255.0  # pixels in [0, 1], like digits, Fashion-MNIST and image folders
     big = ~np.isfinite(out)
     if big.any():  # float64 values past float32's range (about 3.4e38)
         raise DataError(
@@ -130,9 +133,10 @@ def _labels(path: Path, y: np.ndarray, n: int, name: str) -> np.ndarray:
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
 
-    ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images, of real numbers (used as
-    float32, all finite). ``y`` holds integer labels from 0. Without test arrays, a seeded,
-    stratified split holds out ``test_fraction`` of the examples.
+    ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images. ``uint8`` inputs are
+    pixels and are scaled by 1/255 to [0, 1], as digits, Fashion-MNIST and image folders are; other
+    dtypes are used as they are (as float32). ``y`` holds integer labels from 0. Without test
+    arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
 
     Args:
         path: the ``.npz`` file (as ``np.savez`` writes it; read without pickles).
@@ -148,7 +152,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
             an array has the wrong shape or dtype; ``x`` holds NaN or infinite values.
 
     Example:
-        >>> np.savez("my.npz", x=images_nchw, y=labels)  # doctest: +SKIP
+        >>> np.savez("my.npz", x=images_uint8_nchw, y=labels)  # doctest: +SKIP
         >>> load_npz("my.npz").input_shape  # doctest: +SKIP
         (3, 32, 32)
     """
