@@ -10,6 +10,7 @@ import torch
 from compressdrop.data import (
     FASHION_MNIST_DIR,
     Dataset,
+    DataWarning,
     load_dataset,
     load_digits,
     load_fashion_mnist,
@@ -301,3 +302,20 @@ def test_npz_scales_uint8_pixels_to_the_unit_range(tmp_path):
     floats = pixels.astype(np.float32)
     d = load_npz(_npz(tmp_path / "f32.npz", x=floats, y=y, x_test=floats[:4], y_test=y[:4]))
     assert torch.equal(d.x_train, torch.from_numpy(floats))
+
+
+def test_npz_transposes_channels_last_images_and_says_so_once(tmp_path):
+    rng = np.random.default_rng(0)
+    x, x_test = rng.random((12, 8, 6, 3)), rng.random((4, 8, 6, 3))  # (N, H, W, C)
+    y, y_test = np.arange(12) % 2, np.arange(4) % 2
+    p = _npz(tmp_path / "nhwc.npz", x=x, y=y, x_test=x_test, y_test=y_test)
+    with pytest.warns(DataWarning, match=r"x and x_test read as channels-last") as seen:
+        d = load_npz(p)
+    assert len(seen) == 1 and "(N, 3, 8, 6)" in str(seen[0].message)
+    assert d.input_shape == (3, 8, 6)
+    assert np.allclose(d.x_train.numpy(), x.transpose(0, 3, 1, 2).astype(np.float32))
+    assert np.allclose(d.x_test.numpy(), x_test.transpose(0, 3, 1, 2).astype(np.float32))
+    # channels first, or a last axis that is not a channel count: as given, without a word
+    for shape in [(12, 3, 8, 6), (12, 3, 8, 3), (12, 8, 6, 5)]:
+        q = _npz(tmp_path / "nchw.npz", x=rng.random(shape), y=y)
+        assert load_npz(q).input_shape == shape[1:]

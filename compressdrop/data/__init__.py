@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .dataset import Dataset, _split, spec_options
+from .dataset import Dataset, DataWarning, _split, spec_options
 from .npz import load_npz
 from .text import TEXT_SPEC, TextDataset, load_text
 
 __all__ = [
     "FASHION_MNIST_DIR",
+    "DataWarning",
     "Dataset",
     "TextDataset",
     "load_dataset",

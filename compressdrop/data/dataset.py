@@ -10,7 +10,12 @@ import torch
 
 from ..errors import DataError
 
-__all__ = ["Dataset"]
+__all__ = ["DataWarning", "Dataset"]
+
+
+class DataWarning(UserWarning):
+    """A loader changed the user's data to read it (e.g. channels-last images transposed); the
+    message says what and how to save the data so that nothing needs changing."""
 
 
 @dataclass(frozen=True)

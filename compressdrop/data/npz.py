@@ -4,11 +4,13 @@
 Everything a file gets wrong is refused here, at load time, in a :class:`DataError` that names
 the file and the array: a file that is not an ``np.savez`` archive, arrays that would need
 unpickling, NaN or infinite inputs.
-``uint8`` pixels are scaled to [0, 1], as the built-in image data are.
+Channels-last images are transposed with a :class:`DataWarning`, and ``uint8`` pixels scaled to
+[0, 1], as the built-in image data are.
 """
 
 from __future__ import annotations
 
+import warnings
 import zipfile
 import zlib
 from pathlib import Path
@@ -17,11 +19,12 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .dataset import Dataset, _split
+from .dataset import Dataset, DataWarning, _split
 
 __all__ = ["load_npz"]
 
 _ARRAYS = ("x", "y", "x_test", "y_test")
+_CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: a last axis of this size marks channels-last images
 # What reading a damaged archive member raises (besides numpy's ValueError).
 _DAMAGED = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
@@ -83,18 +86,22 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _inputs(path: Path, x: np.ndarray, name: str) -> np.ndarray:
-    """``x`` as float32 ``(N, D)`` or ``(N, C, H, W)``."""
+def _inputs(path: Path, x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
+    """``x`` as float32 ``(N, D)`` or ``(N, C, H, W)``, and whether it was channels-last."""
     if x.ndim not in (2, 3, 4):
         raise DataError(
-            f"{path}: {name} must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}"
+            f"{path}: {name} must be (N, D), (N, H, W) or (N, C, H, W) (or (N, H, W, C) with C "
+            f"1, 3 or 4), got shape {x.shape}"
         )
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
         raise DataError(f"{path}: {name} must hold real numbers, got dtype {x.dtype}")
     if len(x) == 0:
         raise DataError(f"{path}: {name} has no examples (shape {x.shape})")
+    channels_last = x.ndim == 4 and x.shape[3] in _CHANNELS and x.shape[1] not in _CHANNELS
     if x.ndim == 3:
         x = x[:, None]  # (N, 1, H, W)
+    elif channels_last:
+        x = x.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
     if np.issubdtype(x.dtype, np.floating):
         bad = ~np.isfinite(x)
         if bad.any():
@@ -115,7 +122,7 @@ def _inputs(path: Path, x: np.ndarray, name: str) -> np.ndarray:
             f"{path}: {name} has {int(big.sum())} values too large for float32 in "
             f"{_rows(big)} of its {len(x)} examples; rescale {name}"
         )
-    return out
+    return out, channels_last
 
 
 def _labels(path: Path, y: np.ndarray, n: int, name: str) -> np.ndarray:
@@ -133,10 +140,12 @@ def _labels(path: Path, y: np.ndarray, n: int, name: str) -> np.ndarray:
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
 
-    ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images. ``uint8`` inputs are
-    pixels and are scaled by 1/255 to [0, 1], as digits, Fashion-MNIST and image folders are; other
-    dtypes are used as they are (as float32). ``y`` holds integer labels from 0. Without test
-    arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
+    ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images; a 4-D ``x`` whose last
+    axis is 1, 3 or 4 while its second is not is taken for channels-last (N, H, W, C) and
+    transposed, with a :class:`DataWarning`. ``uint8`` inputs are pixels and are scaled by 1/255 to
+    [0, 1], as digits, Fashion-MNIST and image folders are; other dtypes are used as they are (as
+    float32). ``y`` holds integer labels from 0. Without test arrays, a seeded, stratified split
+    holds out ``test_fraction`` of the examples.
 
     Args:
         path: the ``.npz`` file (as ``np.savez`` writes it; read without pickles).
@@ -152,7 +161,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
             an array has the wrong shape or dtype; ``x`` holds NaN or infinite values.
 
     Example:
-        >>> np.savez("my.npz", x=images_uint8_nchw, y=labels)  # doctest: +SKIP
+        >>> np.savez("my.npz", x=images_uint8_nhwc, y=labels)  # doctest: +SKIP
         >>> load_npz("my.npz").input_shape  # doctest: +SKIP
         (3, 32, 32)
     """
@@ -160,20 +169,33 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     arrays = _read(path)
-    x = _inputs(path, arrays["x"], "x")
+    x, moved = _inputs(path, arrays["x"], "x")
     y = _labels(path, arrays["y"], len(x), "y")
     if "x_test" in arrays and "y_test" in arrays:
-        xte = _inputs(path, arrays["x_test"], "x_test")
+        xte, moved_test = _inputs(path, arrays["x_test"], "x_test")
         yte = _labels(path, arrays["y_test"], len(xte), "y_test")
         xtr, ytr = x, y
     else:
+        moved_test = False
         xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, where=str(path))
     num_classes = int(max(ytr.max(), yte.max())) + 1
-    return Dataset(
-        path.stem,
-        torch.from_numpy(xtr),
-        torch.from_numpy(ytr),
-        torch.from_numpy(xte),
-        torch.from_numpy(yte),
-        num_classes,
-    )
+    if moved or moved_test:
+        names = " and ".join(n for n, m in (("x", moved), ("x_test", moved_test)) if m)
+        warnings.warn(
+            f"compressdrop: {path}: {names} read as channels-last images (N, H, W, C) and "
+            f"transposed to (N, C, H, W) = (N, {', '.join(map(str, xtr.shape[1:]))}); save "
+            f"them as (N, C, H, W) to be rid of this warning",
+            DataWarning,
+            stacklevel=2,
+        )
+    try:
+        return Dataset(
+            path.stem,
+            torch.from_numpy(xtr),
+            torch.from_numpy(ytr),
+            torch.from_numpy(xte),
+            torch.from_numpy(yte),
+            num_classes,
+        )
+    except DataError as e:  # x and x_test shapes that differ: name the file
+        raise DataError(f"{path}: {e}") from None
