@@ -319,3 +319,29 @@ def test_npz_transposes_channels_last_images_and_says_so_once(tmp_path):
     for shape in [(12, 3, 8, 6), (12, 3, 8, 3), (12, 8, 6, 5)]:
         q = _npz(tmp_path / "nchw.npz", x=rng.random(shape), y=y)
         assert load_npz(q).input_shape == shape[1:]
+
+
+def test_npz_refuses_labels_that_are_not_0_to_k_minus_1(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((40, 6)), np.arange(40) % 4
+    sparse = _npz(tmp_path / "sparse.npz", x=x, y=y * 10 + 3)
+    with pytest.raises(
+        DataError, match=r"sparse\.npz: labels must be 0\.\.K-1 .* 4 distinct labels \(3, 13, 23"
+    ) as e:
+        load_npz(sparse)
+    assert "34 outputs" in str(e.value) and "np.unique(y, return_inverse=True)" in str(e.value)
+    one = _npz(tmp_path / "one.npz", x=x, y=np.zeros(40, dtype=np.int64))
+    with pytest.raises(DataError, match=r"one\.npz: y has only one class \(label 0\)"):
+        load_npz(one)
+    split = {"x": x[:30], "y": y[:30], "x_test": x[30:], "y_test": y[30:]}
+    for given in ("x_test", "y_test"):
+        half = {k: v for k, v in split.items() if k != given}
+        p = _npz(tmp_path / "half.npz", **half)
+        with pytest.raises(DataError, match=rf"half\.npz: has '\w+_test' but no '{given}'"):
+            load_npz(p)
+    unseen = _npz(tmp_path / "unseen.npz", **{**split, "y": y[:30] % 3})
+    with pytest.raises(DataError, match=r"unseen\.npz: y_test has label\(s\) 3 that y never has"):
+        load_npz(unseen)
+    # a class absent from the test split is accepted, as before
+    d = load_npz(_npz(tmp_path / "few.npz", **{**split, "y_test": y[30:] % 3}))
+    assert d.num_classes == 4

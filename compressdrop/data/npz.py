@@ -3,7 +3,7 @@
 
 Everything a file gets wrong is refused here, at load time, in a :class:`DataError` that names
 the file and the array: a file that is not an ``np.savez`` archive, arrays that would need
-unpickling, NaN or infinite inputs.
+unpickling, NaN or infinite inputs, labels that are not ``0..K-1``, one class, half a test split.
 Channels-last images are transposed with a :class:`DataWarning`, and ``uint8`` pixels scaled to
 [0, 1], as the built-in image data are.
 """
@@ -27,6 +27,11 @@ _ARRAYS = ("x", "y", "x_test", "y_test")
 _CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: a last axis of this size marks channels-last images
 # What reading a damaged archive member raises (besides numpy's ValueError).
 _DAMAGED = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _preview(values) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:6])) + (", …" if len(values) > 6 else "")
 
 
 def _rows(bad: np.ndarray) -> int:
@@ -83,6 +88,13 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             if not isinstance(a, np.ndarray):  # a zip member that is not an .npy
                 raise DataError(f"{path}: {k!r} is not an .npy array; write the file with np.savez")
             arrays[k] = a
+    given = [k for k in ("x_test", "y_test") if k in arrays]
+    if len(given) == 1:
+        (other,) = {"x_test", "y_test"} - set(given)
+        raise DataError(
+            f"{path}: has {given[0]!r} but no {other!r}; give both (they are the test split) or "
+            f"neither (then a stratified split of x is held out)"
+        )
     return arrays
 
 
@@ -137,14 +149,44 @@ def _labels(path: Path, y: np.ndarray, n: int, name: str) -> np.ndarray:
     return y
 
 
+def _check_classes(path: Path, y: np.ndarray, y_test: np.ndarray | None) -> int:
+    """The number of classes K, once the training labels are every one of ``0..K-1``."""
+    seen = np.unique(y)
+    labels = seen if y_test is None else np.union1d(seen, y_test)
+    k = int(labels.max()) + 1
+    hint = "renumber them 0..K-1, e.g. classes, y = np.unique(y, return_inverse=True)" + (
+        " and y_test = np.searchsorted(classes, y_test)" if y_test is not None else ""
+    )
+    if len(seen) < 2:
+        raise DataError(
+            f"{path}: y has only one class (label {int(seen[0])}); classification needs at least 2"
+        )
+    extra = np.setdiff1d(labels, seen)
+    if len(extra):
+        raise DataError(
+            f"{path}: y_test has label(s) {_preview(extra)} that y never has; a model cannot "
+            f"learn a class it is not trained on: move some of those examples into x and y, or "
+            f"drop them from the test split"
+        )
+    if len(seen) != k:
+        unseen = np.setdiff1d(np.arange(k), seen)
+        raise DataError(
+            f"{path}: labels must be 0..K-1 with every class in y, but y has {len(seen)} "
+            f"distinct labels ({_preview(seen)}) and lacks {len(unseen)} of 0..{k - 1} "
+            f"({_preview(unseen)}): the model would get {k} outputs; {hint}"
+        )
+    return k
+
+
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """A user's ``.npz`` with arrays ``x`` and ``y``, and optionally ``x_test`` and ``y_test``.
 
     ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images; a 4-D ``x`` whose last
     axis is 1, 3 or 4 while its second is not is taken for channels-last (N, H, W, C) and
-    transposed, with a :class:`DataWarning`. ``uint8`` inputs are pixels and are scaled by 1/255 to
-    [0, 1], as digits, Fashion-MNIST and image folders are; other dtypes are used as they are (as
-    float32). ``y`` holds integer labels from 0. Without test arrays, a seeded, stratified split
+    transposed, with a :class:`DataWarning`. ``uint8`` inputs are pixels and are scaled by 1/255
+    to [0, 1], as digits, Fashion-MNIST and image folders are; other dtypes are used as they are
+    (as float32). ``y`` holds integer labels ``0..K-1``, every class at least once, K ≥ 2;
+    ``y_test`` may lack a class but not add one. Without test arrays, a seeded, stratified split
     holds out ``test_fraction`` of the examples.
 
     Args:
@@ -157,8 +199,9 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
 
     Raises:
         FileNotFoundError: no such file.
-        DataError: the file is not an ``.npz`` archive, needs unpickling, lacks ``x`` or ``y``;
-            an array has the wrong shape or dtype; ``x`` holds NaN or infinite values.
+        DataError: the file is not an ``.npz`` archive, needs unpickling, lacks ``x`` or ``y``,
+            has only one of ``x_test`` and ``y_test``; an array has the wrong shape or dtype;
+            ``x`` holds NaN or infinite values; the labels are not ``0..K-1`` or are one class.
 
     Example:
         >>> np.savez("my.npz", x=images_uint8_nhwc, y=labels)  # doctest: +SKIP
@@ -171,14 +214,15 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     arrays = _read(path)
     x, moved = _inputs(path, arrays["x"], "x")
     y = _labels(path, arrays["y"], len(x), "y")
-    if "x_test" in arrays and "y_test" in arrays:
+    if "x_test" in arrays:
         xte, moved_test = _inputs(path, arrays["x_test"], "x_test")
         yte = _labels(path, arrays["y_test"], len(xte), "y_test")
+        num_classes = _check_classes(path, y, yte)
         xtr, ytr = x, y
     else:
         moved_test = False
+        num_classes = _check_classes(path, y, None)
         xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, where=str(path))
-    num_classes = int(max(ytr.max(), yte.max())) + 1
     if moved or moved_test:
         names = " and ".join(n for n, m in (("x", moved), ("x_test", moved_test)) if m)
         warnings.warn(
