@@ -1,6 +1,7 @@
 """Models that take token ids or several inputs: attach records what the inputs are (shape,
 dtype, the id range), so that prune, a gated checkpoint and both exports make fitting inputs."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,7 +68,7 @@ def test_token_ids_attach_prune_reload_and_export(tmp_path):
     assert max(export_program(slim, ids[:2], tmp_path / "s.pt2").max_rel_error.values()) <= 1e-5
 
 
-def test_two_positional_inputs_attach_and_prune():
+def test_two_positional_inputs_attach_and_prune(tmp_path):
     torch.manual_seed(0)
     model = TwoInputNet().eval()
     x, y = torch.randn(4, 5), torch.randn(4, 3)
@@ -78,3 +79,11 @@ def test_two_positional_inputs_attach_and_prune():
     assert slim.a.out_features == slim.b.out_features < 12
     with torch.no_grad():
         torch.testing.assert_close(slim(x, y), cd.mask_(model, thr)(x, y), rtol=1e-5, atol=1e-6)
+    # the exporters take one input: both say so by name (they raised AttributeError: 'tuple'
+    # object has no attribute 'detach') and write nothing
+    from compressdrop.export import ExportError, export_onnx, export_program
+
+    for export, name in ((export_onnx, "s.onnx"), (export_program, "s.pt2")):
+        with pytest.raises(ExportError, match="one input tensor, got 2 inputs"):
+            export(slim, (x, y), tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

@@ -71,6 +71,24 @@ def dynamic_batch() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=1 << 20)
 
 
+def one_input(example: Any) -> torch.Tensor:
+    """The example batch of an export, which takes a model of one input tensor.
+
+    Raises:
+        ExportError: several inputs (a tuple or list), or something that is not a tensor.
+    """
+    if isinstance(example, torch.Tensor):
+        return example
+    what = (
+        f"{len(example)} inputs" if isinstance(example, (tuple, list)) else type(example).__name__
+    )
+    raise ExportError(
+        f"the exporters take a model of one input tensor, got {what}; a model with several "
+        "inputs is gated and pruned, but to export it, wrap it in a module of one input (for "
+        "example one that splits a concatenated tensor)"
+    )
+
+
 def token_lengths(x: torch.Tensor) -> tuple[int, ...]:
     """For token ids (an int64 or int32 batch ``(B, T)``, ``T`` ≥ 4): a shorter length,
     ``T // 2``, at which to check an export whose sequence dimension is dynamic; ``()`` for any

@@ -24,6 +24,7 @@ from ._check import (
     eval_on_cpu,
     export_dims,
     fixed_gate_factors,
+    one_input,
 )
 
 __all__ = [
@@ -204,7 +205,7 @@ def export_onnx(
     if report is not None:  # a slim model records how it was made
         meta.update(report.metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    x = example_input.detach().cpu()
+    x = one_input(example_input).detach().cpu()
     if len(x) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
         x = x.repeat(2, *([1] * (x.dim() - 1)))
     dims = export_dims(x, check_lengths)

@@ -22,6 +22,7 @@ from ._check import (
     eval_on_cpu,
     export_dims,
     fixed_gate_factors,
+    one_input,
     output_arrays,
 )
 from .onnx import _quiet_exporter, no_cache
@@ -66,7 +67,7 @@ def export_program(
     path = Path(path)
     # a copy: a slice of a data set is a view of all of it, which torch.export.save would
     # store as the program's sample input (a 150 kB LeNet's .pt2 held 169 MB of training images)
-    x = example_input.detach().cpu().clone()
+    x = one_input(example_input).detach().cpu().clone()
     dims = export_dims(x, check_lengths)
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
