@@ -87,3 +87,15 @@ def test_two_positional_inputs_attach_and_prune(tmp_path):
         with pytest.raises(ExportError, match="one input tensor, got 2 inputs"):
             export(slim, (x, y), tmp_path / name)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_named_inputs_are_refused_by_name():
+    """A dict of inputs went on to "AttributeError: 'dict' object has no attribute 'shape'"."""
+    from compressdrop.errors import InputError
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(InputError, match=r"tensor or a tuple of tensors.*got dict"):
+        cd.attach(net, example_inputs={"image": torch.randn(2, 4)})
+    assert not cd.is_gated(net)
+    cd.attach(net, example_inputs=[torch.randn(2, 4)])  # a list is a tuple of positional inputs
+    assert cd.is_gated(net)

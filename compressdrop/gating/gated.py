@@ -22,6 +22,7 @@ from .groups import GatingWarning, UnitGroup, find_groups
 from .heads import head_spec_of
 from .inputs import (
     _STATE,
+    checked_example,
     example_input_for,
     example_inputs_of,
     input_shapes_of,
@@ -217,8 +218,7 @@ def attach(
         raise InputError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
     scale = check_kl_scale(kl_scale)
     cls = gate_class(gate)
-    if example_inputs is None:
-        example_inputs = example_input_for(model)
+    example_inputs = checked_example(model, example_inputs)
     for why in prepare_shufflenets(model):  # their shuffles as index buffers: the same outputs
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)

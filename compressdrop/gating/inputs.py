@@ -16,6 +16,7 @@ from torch import nn
 from ..errors import InputError
 
 __all__ = [
+    "checked_example",
     "example_input_for",
     "example_inputs_of",
     "input_shapes_of",
@@ -25,6 +26,28 @@ __all__ = [
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
+
+
+def checked_example(model: nn.Module, example: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``example`` (a tensor, or a tuple or list of tensors: the model's positional inputs), or,
+    for ``None``, one drawn for ``model`` (:func:`example_input_for`).
+
+    Raises:
+        InputError: anything else (a dict of named inputs, say), naming what it got.
+    """
+    if example is None:
+        return example_input_for(model)
+    if isinstance(example, list):
+        example = tuple(example)
+    if isinstance(example, torch.Tensor) or (
+        isinstance(example, tuple) and example and all(isinstance(t, torch.Tensor) for t in example)
+    ):
+        return example
+    raise InputError(
+        f"example_inputs must be a tensor or a tuple of tensors (the model's positional "
+        f"inputs), got {type(example).__name__}; a model whose forward takes a dict or keyword "
+        "inputs needs a wrapper module that takes them as positional tensors"
+    )
 
 
 TOKENS = 16  # the sequence length of an example for a token model that records no input shape
