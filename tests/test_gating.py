@@ -273,3 +273,18 @@ def test_squeeze_excitation_channels_are_gated_with_their_stream():
         cd.attach(model)
     assert not [w for w in record if w.category is cd.GatingWarning]
     assert [n for n, _ in cd.named_gates(model)] == ["b1", "se1.fc1", "b2", "se2.fc1"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lam": 3}, r"gate_kwargs\['lam'\]: unknown argument \(hardconcrete gates accept init_"),
+        ({"penalty": "ten"}, r"gate_kwargs\['penalty'\]: expected a number, got 'ten'"),
+        ({"init_drop": 1.5}, r"gate_kwargs\['init_drop'\]: init_drop must be in \(0, 1\)"),
+    ],
+)
+def test_gate_kwargs_are_checked_with_the_packages_error(kwargs, message):
+    model = ZOO["lenet300"]()
+    with pytest.raises(InputError, match=message):
+        cd.attach(model, gate="hardconcrete", gate_kwargs=kwargs)
+    assert not cd.is_gated(model)

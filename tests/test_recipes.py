@@ -57,6 +57,26 @@ def test_shipped_recipe_round_trips(name, tmp_path):
         ({"gates": {"kl_scale": {"heads": 2}}}, "gates.kl_scale: unknown unit kind 'heads'"),
         ({"gates": {"kl_scale": {"head": 0}}}, "gates.kl_scale: kl_scale['head'] must be positive"),
         ({"gates": {"kl_scale": {"head": "x"}}}, "gates.kl_scale: kl_scale['head'] must be a num"),
+        # gates.kwargs: the names against the family's constructor, the values by building a gate
+        (
+            {"gates": {"family": "hardconcrete", "kwargs": {"lam": 3}}},
+            "gates.kwargs.lam: unknown argument (hardconcrete gates accept init_drop=0.5, "
+            "penalty=10.0, noise='example')",
+        ),
+        (
+            {"gates": {"family": "hardconcrete", "kwargs": {"penalty": "ten"}}},
+            "gates.kwargs.penalty: expected a number, got 'ten'",
+        ),
+        (
+            {"gates": {"family": "hardconcrete", "kwargs": {"init_drop": 1.5}}},
+            "gates.kwargs.init_drop: init_drop must be in (0, 1), got 1.5",
+        ),
+        ({"gates": {"kwargs": {"init_drop": 0.5}}}, "gates.kwargs.init_drop: unknown argument"),
+        ({"gates": {"kwargs": {"low": -5, "high": -10}}}, "gates.kwargs.low: low must be < high"),
+        (
+            {"gates": {"family": "concrete", "kwargs": {"inverted": "no"}}},
+            "gates.kwargs.inverted: expected true/false",
+        ),
     ],
 )
 def test_bad_values_name_the_file_and_key_path(tmp_path, patch, message):

@@ -14,6 +14,7 @@ from ._mul import hand_overs_off
 from .base import Gate, noise_shard
 from .concrete import ConcreteGate, HardConcreteGate
 from .lognormal import LogNormalGate
+from .options import check_gate_kwargs, gate_kwargs_problem, gate_parameters
 from .variational import VariationalGate
 
 __all__ = [
@@ -23,7 +24,10 @@ __all__ = [
     "HardConcreteGate",
     "LogNormalGate",
     "VariationalGate",
+    "check_gate_kwargs",
     "gate_class",
+    "gate_kwargs_problem",
+    "gate_parameters",
     "hand_overs_off",
     "noise_shard",
 ]

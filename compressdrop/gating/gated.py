@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..gates import Gate, _mul, bank, gate_class
+from ..gates import Gate, _mul, bank, check_gate_kwargs, gate_class
 from ..gates._defer import defer, hand_over, remove_hand_overs
 from ..gates._mul import wrapper_pre_hook
 from .attention import MultiheadAttention, nested_off, to_stock
@@ -192,7 +192,8 @@ def attach(
         include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``),
             one or a sequence of them; ``None`` or empty: no restriction.
         example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
-        gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``).
+        gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``),
+            checked before tracing (:func:`compressdrop.gates.check_gate_kwargs`).
         kl_cost: ``"uniform"`` (each unit's KL weighs 1), ``"params"`` or ``"flops"``: weigh each
             unit's KL by the parameters or multiply-adds it controls, normalized to mean 1 over the
             model (a cost-aware prior).
@@ -218,6 +219,7 @@ def attach(
         raise InputError(f"kl_cost must be one of {KL_COSTS}, got {kl_cost!r}")
     scale = check_kl_scale(kl_scale)
     cls = gate_class(gate)
+    gate_kwargs = check_gate_kwargs(cls, gate_kwargs)  # before tracing: a bad name fails fast
     example_inputs = checked_example(model, example_inputs)
     for why in prepare_shufflenets(model):  # their shuffles as index buffers: the same outputs
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
@@ -228,7 +230,7 @@ def attach(
     param = next(model.parameters())
     costs = [c * scale.get(g.kind, 1.0) for g, c in zip(groups, normalized_costs(groups, kl_cost))]
     for grp, cost in zip(groups, costs):
-        g = cls(grp.num_units, **dict(gate_kwargs or {})).to(device=param.device, dtype=param.dtype)
+        g = cls(grp.num_units, **gate_kwargs).to(device=param.device, dtype=param.dtype)
         g.unit_cost.copy_(cost)
         g.shared = len(grp.sites) > 1
         g.unit_blocks = grp.blocks  # type: ignore[assignment]  # grouped convs: aligned.py
@@ -258,7 +260,7 @@ def attach(
             "inputs": input_specs(inputs),
             "kl_cost": kl_cost,
             "kl_scale": scale,
-            "gate_kwargs": dict(gate_kwargs or {}),
+            "gate_kwargs": dict(gate_kwargs),
             "include": _pattern_names(include),
             "exclude": _pattern_names(exclude),
             "nested": nested,

@@ -72,7 +72,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Which gates, where: the arguments of :func:`compressdrop.attach`."""
+    """Which gates, where: the arguments of :func:`compressdrop.attach`. ``kwargs`` are the gate
+    family's constructor arguments (:func:`compressdrop.gates.gate_parameters`), checked here."""
 
     family: str = "lognormal"
     granularity: str = "auto"
@@ -97,7 +98,7 @@ class GateConfig:
         }
 
     def __post_init__(self) -> None:
-        from ..gates import GATES
+        from ..gates import GATES, gate_kwargs_problem
         from ..gating.costs import KL_COSTS, check_kl_scale
         from ..gating.groups import GRANULARITIES
 
@@ -106,6 +107,12 @@ class GateConfig:
             "gates.family",
             f"unknown family {self.family!r}; one of {sorted(GATES)}",
         )
+        # the names against the family's constructor, the values by building one gate with them:
+        # a bad argument fails here, not after the pretrain stage
+        problem = gate_kwargs_problem(GATES[self.family], self.kwargs)
+        if problem is not None:
+            name, message = problem
+            _check(False, f"gates.kwargs{f'.{name}' if name else ''}", message)
         _check(
             self.granularity in GRANULARITIES,
             "gates.granularity",
