@@ -275,6 +275,35 @@ def test_squeeze_excitation_channels_are_gated_with_their_stream():
     assert [n for n, _ in cd.named_gates(model)] == ["b1", "se1.fc1", "b2", "se2.fc1"]
 
 
+def test_an_include_pattern_or_granularity_that_selects_nothing_is_named():
+    """Found by a new-user walk: each gave the generic 'the units of each reach the model's
+    output' message, which did not say that the pattern matched nothing."""
+    lenet300 = ZOO["lenet300"]  # its layers are named 1, 3 and 5
+    with pytest.raises(
+        InputError,
+        match=r"include pattern 'zzz' matches none of the model's gateable layers "
+        r"\('1' \(Linear\), '3' \(Linear\), '5' \(Linear\)\)",
+    ):
+        cd.attach(lenet300(), include=["zzz"])
+    with pytest.raises(InputError, match="include patterns 'fc1', 'fc2' match none"):
+        cd.attach(lenet300(), include=["fc1", "fc2"])
+    with pytest.raises(InputError, match="granularity 'head' asks for head units"):
+        cd.attach(lenet300(), granularity="head")
+    with pytest.raises(InputError, match="granularity 'channel' asks for channel units"):
+        cd.attach(lenet300(), granularity="channel")
+    with pytest.raises(InputError, match=r"exclude Linear takes every gateable layer that incl"):
+        cd.attach(lenet300(), include=["1"], exclude=[nn.Linear])
+    # one pattern of several that matches nothing: the others gate, the stray one is warned about
+    with pytest.warns(cd.GatingWarning, match="include pattern 'fc1' matches none"):
+        model = cd.attach(lenet300(), include=["1", "fc1"])
+    assert [n for n, _ in cd.named_gates(model)] == ["1"]
+
+
+def test_a_kl_scale_kind_that_no_gated_unit_has_is_warned_about():
+    with pytest.warns(cd.GatingWarning, match=r"kl_scale\['head'\] matches no gated unit"):
+        cd.attach(ZOO["lenet300"](), kl_scale={"head": 4.0, "neuron": 2.0})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -30,7 +30,8 @@ from .inputs import (
     input_specs_of,
     random_inputs,
 )
-from .registry import has_role, registered_types, spec_of
+from .registry import spec_of
+from .selection import nothing_to_gate, pattern_names, unmatched_include, unused_kl_scale
 from .shuffle import prepare_shufflenets
 
 __all__ = [
@@ -190,7 +191,9 @@ def attach(
         granularity: ``"auto"``, ``"channel"`` (conv layers only), ``"neuron"`` (linear only)
             or ``"head"`` (attention heads only; ``"auto"`` gates them too).
         include / exclude: module-name globs (``"features.*"``) or module types (``nn.Linear``),
-            one or a sequence of them; ``None`` or empty: no restriction.
+            one or a sequence of them; ``None`` or empty: no restriction. An ``include`` pattern
+            that matches no gateable layer is named: in the error when nothing is gated, else in
+            a :class:`~compressdrop.gating.groups.GatingWarning`.
         example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
         gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``),
             checked before tracing (:func:`compressdrop.gates.check_gate_kwargs`).
@@ -200,7 +203,7 @@ def attach(
         kl_scale: a further factor on the KL of each kind of unit, ``{"head": 4.0}`` (kinds:
             ``"channel"``, ``"neuron"``, ``"head"``; 1 where not given): more pressure on one
             structure than the others (CoFi and Sheared-LLaMA, too, weigh heads and MLP units
-            apart).
+            apart). A kind that no gated unit has gives a ``GatingWarning``.
 
     Returns:
         ``model``, with its gated layers wrapped in :class:`Gated`.
@@ -225,7 +228,9 @@ def attach(
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
-        raise InputError(_nothing_to_gate(model))
+        raise InputError(nothing_to_gate(model, granularity, include, exclude))
+    for why in filter(None, [unmatched_include(model, include), *unused_kl_scale(groups, scale)]):
+        warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
     nested = _prepare_attentions(model, groups)
     param = next(model.parameters())
     costs = [c * scale.get(g.kind, 1.0) for g, c in zip(groups, normalized_costs(groups, kl_cost))]
@@ -261,8 +266,8 @@ def attach(
             "kl_cost": kl_cost,
             "kl_scale": scale,
             "gate_kwargs": dict(gate_kwargs),
-            "include": _pattern_names(include),
-            "exclude": _pattern_names(exclude),
+            "include": pattern_names(include),
+            "exclude": pattern_names(exclude),
             "nested": nested,
         },
     )
@@ -281,27 +286,6 @@ def _prepare_attentions(model: nn.Module, groups: list[UnitGroup]) -> list[str]:
         if found is not None and found[0].prepare is not None:
             _set_submodule(model, grp.name, found[0].prepare(m))
     return nested_off(model)
-
-
-def _nothing_to_gate(model: nn.Module) -> str:
-    """Why attach found no group, in words that hold whether or not warnings were shown."""
-    producers = [type(m).__name__ for m in model.modules() if has_role(m, "producer")]
-    if not producers:
-        known = ", ".join(t.__name__ for t in registered_types("producer"))
-        return (
-            f"no gateable layer found: the model has no layer of a type compressdrop gates "
-            f"({known}; register_layer() adds one)"
-        )
-    return (
-        f"no gateable layer found among its {len(producers)} layers "
-        f"({', '.join(sorted(set(producers)))}): the units of each reach the model's output "
-        "(the output layer is never gated) or pass through an operation that keeps removal from "
-        "being exact (any GatingWarning above names it)"
-    )
-
-
-def _pattern_names(patterns: Sequence[str | type] | None) -> list[str]:
-    return [p if isinstance(p, str) else p.__name__ for p in (patterns or ())]
 
 
 def attach_config(model: nn.Module) -> dict[str, Any]:
