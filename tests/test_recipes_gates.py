@@ -1,15 +1,20 @@
-"""A recipe's gates section: ``gates.kwargs`` checked when the recipe is loaded (a new-user walk
-found bad ones failing only after the pretrain stage, with a raw TypeError)."""
+"""A recipe's gates section: ``gates.kwargs`` checked when the recipe is loaded, and a gate plan
+that selects nothing refused before any training (a new-user walk found both failing only after
+the pretrain stage, with a raw TypeError or a message that did not name the cause)."""
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import compressdrop as cd
+from compressdrop.errors import InputError
 from compressdrop.gates import GATES
 from compressdrop.recipes import Recipe, load_recipe
+from compressdrop.training.runner import run_recipe
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -41,3 +46,55 @@ def test_the_readme_documents_each_familys_gate_kwargs():
         line = next((s for s in text.splitlines() if s.startswith(f"- `{family}`:")), None)
         assert line is not None, f"README: no line on the {family} family's gates.kwargs"
         assert set(re.findall(r"`(\w+)`", line)[1:]) == set(gate_parameters(cls)), line
+
+
+def _recipe(gates: dict) -> Recipe:
+    return Recipe.from_dict(
+        {
+            "name": "walk",
+            "gates": gates,
+            "stages": {s: {"epochs": 1} for s in ("pretrain", "sparsify", "finetune")},
+            "export": {"onnx": False},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from compressdrop.data import load_dataset
+
+    return load_dataset("digits").subset(200, 40)
+
+
+@pytest.mark.parametrize(
+    ("gates", "message"),
+    [
+        ({"include": ["fc*"]}, r"include pattern 'fc\*' matches none of .* \('1' \(Linear\), '3'"),
+        ({"granularity": "head"}, r"granularity 'head' asks for head units.* neuron units only"),
+        ({"exclude": ["*"]}, r"exclude '\*' takes every gateable layer"),
+    ],
+)
+def test_a_recipe_that_gates_nothing_fails_before_any_training(tmp_path, digits, gates, message):
+    events: list[dict] = []
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=f"recipe 'walk', gates: nothing to gate: {message}"):
+        run_recipe(_recipe(gates), digits, out, device="cpu", progress=events.append)
+    assert events == []  # not one epoch trained
+    assert not (out / "checkpoint.pt").exists() and not out.exists()
+
+
+def test_a_kl_scale_kind_the_model_lacks_is_warned_about_once_before_training(tmp_path, digits):
+    events: list[tuple[dict, int]] = []
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        run_recipe(
+            _recipe({"kl_scale": {"head": 4}}),
+            digits,
+            tmp_path / "out",
+            device="cpu",
+            progress=lambda e: events.append((e, len(said))),
+        )
+    ours = [w for w in said if "kl_scale['head'] matches no gated unit" in str(w.message)]
+    assert len(ours) == 1 and ours[0].category is cd.GatingWarning
+    first_stage, warned_by_then = events[0]
+    assert first_stage["stage"] == "pretrain" and warned_by_then >= 1

@@ -285,10 +285,6 @@ def run_recipe(
     """
     dist = dist or Dist()
     out = Path(out_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        # a run killed mid-write leaves its temporary file beside the last good one
-        remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])
     dev = resolve_device(device)
     if model is not None:
         arch = getattr(model, "arch", None)
@@ -318,6 +314,12 @@ def run_recipe(
     stages = [cls(run) for cls in STAGES]
     names = [st.name for st in stages]
     start = names.index(state["stage"]) if state else 0
+    for stage in stages[start:]:  # before any training: a recipe that gates nothing fails here
+        stage.check()
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        # a run killed mid-write leaves its temporary file beside the last good one
+        remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])
 
     current: nn.Module | None = None
     for stage in stages[start:]:

@@ -7,6 +7,8 @@ process runs), or rebuilt empty to take a checkpoint's weights when a run resume
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -16,7 +18,9 @@ from torch import nn
 
 from .._attrs import set_record
 from ..checkpoint import save_model
+from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
+from ..gating import attach, is_gated
 from ..recipes import Recipe
 from .distributed import Dist
 from .sparsifier import Sparsifier
@@ -69,6 +73,10 @@ class Stage:
     def __init__(self, run: RunState) -> None:
         self.run = run
 
+    def check(self) -> None:
+        """Called for every stage a run will go through, before the first trains: refuse a
+        recipe that would fail only once this stage is reached."""
+
     def enter(self, previous: nn.Module | None) -> nn.Module:
         """The model this stage trains, from the previous stage's (``None``: a fresh one)."""
         return previous if previous is not None else self.run.fresh()
@@ -112,15 +120,47 @@ class Sparsify(Stage):
         super().__init__(run)
         self.sparsifier: Sparsifier | None = None
         self.kl_total: torch.Tensor | float = 0.0  # summed on the device: no sync per step
+        self.said: set[str] = set()  # the warnings check() gave
 
     def _gate(self, model: nn.Module) -> nn.Module:
         run = self.run
         # the NLL is a mean over labels (a label per token for a language model), so the KL is
         # divided by the number of labels: both terms are the ELBO per label
-        self.sparsifier = Sparsifier.from_recipe(
-            model, run.recipe, run.train.y_train.numel(), example_inputs=run.example()
+        sparsifier, failed, said = _recorded(
+            lambda: Sparsifier.from_recipe(
+                model, run.recipe, run.train.y_train.numel(), example_inputs=run.example()
+            )
         )
+        for w in said:  # the plan's warnings that check() did not say already
+            if str(w.message) not in self.said:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if failed is not None:
+            raise failed
+        self.sparsifier = sparsifier
         return model
+
+    def check(self) -> None:
+        """Attach the recipe's gates to a copy of the dense template: a plan that gates nothing
+        (an include pattern that matches no layer, a granularity the model lacks) fails here,
+        before the pretrain stage, and leaves no checkpoint. The plan's warnings are said here,
+        before any training, and not again when the gates are attached for good; the random
+        state is left as it was."""
+        run = self.run
+        model = run.copy_template()
+        if is_gated(model):
+            return
+        kwargs = run.recipe.gates.attach_kwargs()
+        with _same_random_state(model):
+            _, failed, said = _recorded(
+                lambda: attach(model, **kwargs, example_inputs=run.example())
+            )
+        for w in said:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.said = {str(w.message) for w in said}
+        if isinstance(failed, CompressDropError):
+            raise InputError(f"recipe {run.recipe.name!r}, gates: {failed}") from None
+        if failed is not None:
+            raise failed
 
     def enter(self, previous: nn.Module | None) -> nn.Module:
         """The previous stage's model (or a fresh one) with the recipe's gates attached."""
@@ -161,6 +201,31 @@ class Sparsify(Stage):
                 "dataset": run.data.name,
             }
         save_model(model, run.out / "gated.pt", recipe=run.recipe.to_dict(), meta=meta)
+
+
+def _recorded(
+    fn: Callable[[], Any],
+) -> tuple[Any, Exception | None, list[warnings.WarningMessage]]:
+    """``fn()``'s result (``None`` if it raised), what it raised, and the warnings it gave, every
+    one recorded (none shown)."""
+    result, failed = None, None
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        try:
+            result = fn()
+        except Exception as e:  # re-raised by the caller, once the warnings are said
+            failed = e
+    return result, failed, said
+
+
+def _same_random_state(model: nn.Module) -> contextlib.AbstractContextManager:
+    """A context that restores the CPU's random state, and that of the model's GPU if it is on
+    one (tracing may draw dropout masks there)."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return torch.random.fork_rng(devices=[index])
 
 
 class Finetune(Stage):
