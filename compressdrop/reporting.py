@@ -60,6 +60,13 @@ def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None
                 highlight=False,
                 soft_wrap=True,
             )
+        elif kind == "replaced" and not as_json:
+            resume = " (continue a run with --resume)" if "checkpoint.pt" in ev["files"] else ""
+            out.print(
+                f"replaced an earlier run's {', '.join(ev['files'])} in {ev['folder']}{resume}",
+                highlight=False,
+                soft_wrap=True,
+            )
         elif kind == "stage":
             if not progress.live.is_started:
                 progress.start()

@@ -356,3 +356,21 @@ def test_a_folder_output_for_a_model_that_cannot_have_one_is_refused_before_trai
     res = run(["prune", tmp_path / "plain.pt", "--data", "digits", "-o", tmp_path / "f"], expect=1)
     assert "a folder is written for Hugging Face transformers models only" in res.output
     assert "epoch" not in res.output and not (tmp_path / "f").exists()
+
+
+def test_a_new_run_in_an_old_runs_folder_leaves_none_of_its_files(tmp_path):
+    """Training again into the same --out with ONNX export off left the first run's slim.onnx
+    and slim.pt2 beside the new slim.pt, passing for the new run's; a leftover checkpoint.pt was
+    dropped without a word."""
+    from tests.test_cli import tiny_recipe
+
+    out = tmp_path / "run"
+    first = tiny_recipe(tmp_path / "a.yaml", pretrain=1, sparsify=1, finetune=0)
+    run(["train", "--recipe", first, "--out", out])
+    assert (out / "slim.onnx").exists()
+    (out / "checkpoint.pt").write_bytes(b"an interrupted run's")
+    second = tiny_recipe(tmp_path / "b.yaml", pretrain=1, sparsify=1, finetune=0, onnx=False)
+    said = run(["train", "--recipe", second, "--out", out]).output
+    assert "replaced an earlier run's" in said and "--resume" in said
+    assert "slim.onnx" in said and "checkpoint.pt" in said
+    assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "slim.pt"]

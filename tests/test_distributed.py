@@ -247,6 +247,8 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_once(tmp_path):
     assert out[1].startswith("TrainingDiverged: loss is nan"), out[1]
     assert out[0].startswith("TrainingDiverged: another rank's loss is not finite"), out[0]
     assert "step 1 (rank 0)" in out[0] and "step 1 (rank 1)" in out[1]
+    # at step 1 no epoch has ended: no checkpoint to name (it named one that did not exist)
+    assert all("; no checkpoint (lower the learning rate?)" in o for o in out), out
 
 
 def _mismatch_worker(rank: int, tmp: str) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write, remove_stale_temps
+from .._io import atomic_write, remove_files, remove_stale_temps
 from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
 from ..errors import CompressDropError, InputError
@@ -243,10 +243,11 @@ class Run:
         what = (
             f"loss is {float(loss.detach())}" if not finite else "another rank's loss is not finite"
         )
+        kept = f"the last good checkpoint is {self.ckpt}" if self.ckpt.exists() else "no checkpoint"
+        rank = f" (rank {self.dist.rank})" if self.dist.active else ""
         raise TrainingDiverged(
-            f"{what} at stage {stage}, epoch {epoch + 1}, step {step + 1}"
-            f"{f' (rank {self.dist.rank})' if self.dist.active else ''}; the last good "
-            f"checkpoint is {self.ckpt} (lower the learning rate?)"
+            f"{what} at stage {stage}, epoch {epoch + 1}, step {step + 1}{rank}; {kept} (lower "
+            "the learning rate?)"
         )
 
     def test(self, model: nn.Module) -> Metrics:
@@ -320,6 +321,8 @@ def run_recipe(
         out.mkdir(parents=True, exist_ok=True)
         # a run killed mid-write leaves its temporary file beside the last good one
         remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])
+        if not resume and (gone := remove_files(out, [*OUTPUTS, "checkpoint.pt"])):
+            run.progress({"event": "replaced", "folder": str(out), "files": gone})
 
     current: nn.Module | None = None
     for stage in stages[start:]:
