@@ -332,3 +332,17 @@ def test_shifts():
     with pytest.raises(InputError, match="unknown shift"):
         shifted(x, "fog", 1)
     assert isinstance(NoisySite, type)
+
+
+def test_a_slim_model_from_another_gated_model_is_refused_by_keep_noise():
+    """keep_noise took any slim model; sampling then failed with "noisy site has 29 units but
+    the layer gives 115 along dim 1"."""
+    gated = _gated("lenet300", "lognormal")
+    other = _gated("lenet300", "lognormal", seed=1)
+    with torch.no_grad():  # another spread of SNRs: other widths at the same threshold
+        for _, g in named_gates(other):
+            g.log_sigma.sub_(1.0)
+    slim_other = _prune(other)
+    assert slim_other.prune_report.architecture() != _prune(gated).prune_report.architecture()
+    with pytest.raises(InputError, match="does not fit the gated model's kept units"):
+        keep_noise(gated, slim_other)

@@ -18,7 +18,7 @@ from .._io import atomic_write
 from ..dropout import RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..export import ExportError, ExportReport
-from ..gating import is_gated, named_gates, sites
+from ..gating import example_input_for, is_gated, named_gates, sites
 from ..gating.gated import HeadGated
 from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
 from ..pruning import mask_
@@ -99,7 +99,26 @@ def keep_noise(
             name, NoisySite(layer, subsets[id(site.gate)], site.unit_dim, head_dim, attention)
         )
     share_samples(out)
+    _check_fit(out)
     return out
+
+
+@torch.no_grad()
+def _check_fit(noisy: nn.Module) -> None:
+    """One sampling pass: a slim model pruned from another gated model (or at another
+    threshold) has layers of other widths than the gates' kept units."""
+    try:
+        x = example_input_for(noisy, batch=2)
+    except InputError:
+        return  # no recorded input shape: the first sampling pass checks it
+    try:
+        with mc_mode(noisy):
+            noisy(x)
+    except InputError as e:
+        raise InputError(
+            f"the slim model does not fit the gated model's kept units (was it pruned from another "
+            f"model, or at another threshold?): {e}"
+        ) from None
 
 
 class _DrawnDropout(nn.modules.dropout._DropoutNd):
