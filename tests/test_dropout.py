@@ -18,6 +18,7 @@ from compressdrop.dropout import (
     SpatialDropout,
     Standout,
 )
+from compressdrop.errors import InputError
 from compressdrop.uncertainty import auroc, expected_calibration_error, mc_mode, mc_predict, nll
 
 N = 200_000
@@ -223,6 +224,9 @@ def test_mc_predict_keeps_noise_on_and_batchnorm_in_eval():
         pred.mutual_information >= 0
     ).all()
     assert not model.training and not model.drop.training  # flags restored
+    # a model without noise gave identical samples without a word (mc_evaluate refused it)
+    with pytest.raises(InputError, match="no dropout layer or gate"):
+        mc_predict(nn.Sequential(nn.Linear(4, 3)), x, samples=4)
 
 
 def test_mc_mode_samples_gates_and_family_layers():

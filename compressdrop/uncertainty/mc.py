@@ -177,11 +177,20 @@ def mc_predict(
         An :class:`MCPrediction`, on the CPU.
 
     Raises:
-        InputError: ``samples`` < 2.
+        InputError: ``model`` has no source of noise, or ``samples`` < 2.
     """
+    _check_noise(model)
     if samples < 2:
         raise InputError(f"samples must be ≥ 2, got {samples}")
     return MCPrediction(*_summary(mc_samples(model, x, samples, batch_size)))
+
+
+def _check_noise(model: nn.Module) -> None:
+    if not has_noise(model):
+        raise InputError(
+            "the model has no dropout layer or gate: Monte-Carlo samples would all be the same "
+            "(a slim model keeps its noise only through keep_noise)"
+        )
 
 
 @torch.no_grad()
@@ -242,10 +251,7 @@ def mc_evaluate(
     Raises:
         InputError: ``model`` has no source of noise, or ``samples`` < 2.
     """
-    if not has_noise(model):
-        raise InputError(
-            "the model has no dropout layer or gate: Monte-Carlo samples would all be the same"
-        )
+    _check_noise(model)
     if samples < 2:
         raise InputError(f"samples must be ≥ 2, got {samples}")
     det = deterministic_probs(model, x, batch_size)
