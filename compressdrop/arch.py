@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointError",
     "add_safe_factories",
     "build_arch",
+    "check_spec",
     "factory_spec",
     "safe_factories",
 ]
@@ -63,7 +64,7 @@ def add_safe_factories(factories: Iterable[Factory | str]) -> None:
         if callable(f):
             _SAFE[factory_spec(f)] = f
         else:
-            _SAFE[_check_spec(str(f), "add_safe_factories")] = None
+            _SAFE[check_spec(str(f), "add_safe_factories")] = None
 
 
 def safe_factories() -> list[str]:
@@ -78,7 +79,12 @@ def _reference_specs() -> dict[str, Factory]:
     return {factory_spec(fn): fn for fn in MODELS.values()}
 
 
-def _check_spec(spec: str, where: str) -> str:
+def check_spec(spec: str, where: str) -> str:
+    """``spec`` if it names a factory as ``package.module:function``.
+
+    Raises:
+        CheckpointError: anything else, named after ``where``.
+    """
     if not _SPEC.match(spec):
         raise CheckpointError(f"{where}: factory {spec!r} must look like 'package.module:function'")
     return spec
@@ -131,7 +137,7 @@ class ArchRecord:
         ):
             raise CheckpointError("arch record: program must be the bytes of a .pt2 (uint8)")
         if self.factory is not None:
-            _check_spec(self.factory, "arch record")
+            check_spec(self.factory, "arch record")
         if self.input_shape is not None:
             shape = tuple(self.input_shape)
             if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
@@ -222,7 +228,7 @@ def build_arch(
     if callable(factory):
         fn, spec = factory, factory_spec(factory)
     else:
-        spec = _check_spec(str(factory or rec.factory or rec.name), where)
+        spec = check_spec(str(factory or rec.factory or rec.name), where)
         fn = _resolve(
             spec, user_named=factory is not None, trust_code=trust_code, where=where, rec=rec
         )
@@ -263,7 +269,14 @@ def _resolve(
         for part in fn_name.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
-        raise CheckpointError(f"{where}: cannot import factory {spec!r}: {e}") from None
+        top = module_name.split(".")[0]
+        hint = (
+            f" (is {top!r} on Python's path? The compressdrop command does not look in the "
+            "current folder: PYTHONPATH=. compressdrop ...)"
+            if isinstance(e, ModuleNotFoundError) and e.name == top
+            else ""
+        )
+        raise CheckpointError(f"{where}: cannot import factory {spec!r}: {e}{hint}") from None
     if not callable(obj):
         raise CheckpointError(f"{where}: {spec!r} is not callable")
     return obj

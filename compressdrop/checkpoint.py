@@ -33,7 +33,7 @@ from ._attrs import set_record
 from ._io import atomic_write
 from ._torchvision import retry_with_torchvision
 from ._version import __version__
-from .arch import ArchRecord, CheckpointError, Factory, build_arch, factory_spec
+from .arch import ArchRecord, CheckpointError, Factory, build_arch, check_spec, factory_spec
 from .errors import InputError
 from .gating import GatingWarning, attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
@@ -236,6 +236,10 @@ def load_model(
         CheckpointError: the file is missing, damaged, pickled without ``trust_code``, names a
             factory nobody allowed, or its weights do not fit.
     """
+    if isinstance(arch, str):  # the user's --arch, named as they typed it
+        check_spec(arch, f"--arch {arch}")
+    if (is_pt2(path) or is_hf_folder(path)) and arch is not None:
+        raise CheckpointError(f"{path} holds its own structure: --arch (arch=) is not used for it")
     if is_pt2(path):  # a torch.export program: checked, then loaded without pickle
         return load_program(path).eval()
     if is_hf_folder(path):  # config.json + safetensors: the transformers library's own classes

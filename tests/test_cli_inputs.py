@@ -374,3 +374,20 @@ def test_a_new_run_in_an_old_runs_folder_leaves_none_of_its_files(tmp_path):
     assert "replaced an earlier run's" in said and "--resume" in said
     assert "slim.onnx" in said and "checkpoint.pt" in said
     assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "slim.pt"]
+
+
+def test_arch_mistakes_are_named_as_the_user_typed_them(tmp_path):
+    """`--arch mynets` spoke of an "arch record"; a factory module in the current folder failed
+    with "No module named" and no word of the path; --arch beside a .pt2 was silently unused."""
+    net = build_model("lenet300", (1, 8, 8)).eval()
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(cd.CompressDropError, match="--arch mynets: factory 'mynets' must look"):
+        load_model(tmp_path / "sd.pt", arch="mynets")
+    with pytest.raises(cd.CompressDropError, match=r"not_a_module_here.*PYTHONPATH=\."):
+        load_model(tmp_path / "sd.pt", arch="not_a_module_here:build")
+    program = torch.export.export(
+        net, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "m.pt2")
+    with pytest.raises(cd.CompressDropError, match="holds its own structure"):
+        load_model(tmp_path / "m.pt2", arch="tests.test_formats:user_net")
