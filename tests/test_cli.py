@@ -113,6 +113,7 @@ def test_export_and_eval_agree_between_torch_and_onnx(trained, tmp_path):
     assert pt["accuracy"] == pytest.approx(ox["accuracy"], abs=1e-9)
     assert pt["nll"] == pytest.approx(ox["nll"], rel=1e-4)
     assert pt["accuracy"] == pytest.approx(report["slim"]["test_accuracy"], abs=1e-9)
+    assert ox["data"] == pt["data"] == "digits"  # the ONNX line left the data out
 
 
 def test_eval_mc_reports_uncertainty_of_a_gated_checkpoint(trained, tmp_path):
@@ -122,6 +123,7 @@ def test_eval_mc_reports_uncertainty_of_a_gated_checkpoint(trained, tmp_path):
     )
     mc = res["mc"]
     assert mc["samples"] == 5 and mc["ood_data"] == "digits"
+    assert type(mc["samples"]) is int  # printed as "samples: 5.0000"
     for key in ("nll", "ece", "deterministic_nll", "deterministic_ece", "ood_auroc_entropy"):
         assert isinstance(mc[key], float)
     text = run(["eval", d / "out" / "gated.pt", "--mc", 3]).output

@@ -277,7 +277,7 @@ def mc_report(
     mc = MCPrediction(*_summary(draws))
     samples = len(draws)
     half = nll(draws[: samples // 2].mean(0), y)
-    out = {"samples": float(samples), **scores(mc.mean, y)}
+    out: dict[str, float] = {"samples": samples, **scores(mc.mean, y)}
     out.update(
         {
             "nll_half": half,

@@ -59,6 +59,7 @@ def evaluate_file(
         lm = getattr(ds, "task", "classify") == "lm"  # a token is a byte: per-token bits
         if mc_samples is None:
             scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+            scored = {"model": scored.pop("model"), "data": ds.name, **scored}
             if lm:
                 scored["bits_per_byte"] = scored["nll"] / math.log(2)
             return scored
