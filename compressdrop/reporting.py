@@ -21,10 +21,12 @@ __all__ = [
 
 
 def console(stderr: bool = True) -> Any:
-    """A rich console on stderr (progress) or stdout (tables)."""
+    """A rich console on stderr (progress) or stdout (tables); where it is not a terminal (a
+    pipe, a file), 200 columns wide, so that tables are not cut to 80."""
     from rich.console import Console
 
-    return Console(stderr=stderr)
+    c = Console(stderr=stderr)
+    return c if c.is_terminal else Console(stderr=stderr, width=200)
 
 
 def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None]:

@@ -378,6 +378,14 @@ def test_sweep_writes_table_csv_json_png_matching_a_separate_eval(trained, tmp_p
     )
     with open(tmp_path / "sw" / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
+    # sweep.json is what --json prints, less the file names (it held the rows alone)
+    assert json.loads((tmp_path / "sw" / "sweep.json").read_text()) == {
+        "rows": rows,
+        "dense": dense,
+    }
+    # the table, not on a terminal, is not cut to 80 columns ("thres…", "300-1…")
+    table = run(["sweep", d / "out" / "gated.pt", "-t", thr[0], "--out", tmp_path / "t"]).output
+    assert "threshold" in table and rows[1]["architecture"] in table and "…" not in table
     png = (tmp_path / "sw" / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     # the same slim model, pruned and evaluated separately, gives the same numbers

@@ -163,7 +163,8 @@ def write_sweep(
     title: str = "",
     dense: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write ``sweep.csv``, ``sweep.json`` and ``sweep.png`` into ``out_dir`` (each atomically).
+    """Write ``sweep.csv`` (the rows), ``sweep.json`` (``{"rows": [...], "dense": ...}``) and
+    ``sweep.png`` into ``out_dir`` (each atomically).
 
     ``dense``: the model before gating (``test_accuracy``, ``params``, ``flops``), drawn in the
     plot as the reference when given (``compressdrop train`` records it in ``gated.pt``).
@@ -176,8 +177,8 @@ def write_sweep(
         w = csv.DictWriter(f, fieldnames=list(data[0]))
         w.writeheader()
         w.writerows(data)
-    with atomic_write(paths["json"]) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2))
+    with atomic_write(paths["json"]) as tmp:  # what `sweep --json` prints, less the file names
+        Path(tmp).write_text(json.dumps({"rows": data, "dense": dense}, indent=2))
     plot_sweep(rows, paths["png"], title, dense=dense)
     return paths
 
