@@ -356,6 +356,9 @@ def test_a_folder_output_for_a_model_that_cannot_have_one_is_refused_before_trai
     res = run(["prune", tmp_path / "plain.pt", "--data", "digits", "-o", tmp_path / "f"], expect=1)
     assert "a folder is written for Hugging Face transformers models only" in res.output
     assert "epoch" not in res.output and not (tmp_path / "f").exists()
+    # export says which names it takes (it offered .pt, which export refuses)
+    res = run(["export", tmp_path / "plain.pt", "-o", tmp_path / "f"], expect=1)
+    assert "use a .onnx or .pt2 file name" in res.output and ".pt," not in res.output
 
 
 def test_a_new_run_in_an_old_runs_folder_leaves_none_of_its_files(tmp_path):

@@ -335,6 +335,11 @@ def export_file(
     if out.suffix not in (".onnx", ".pt2", ""):
         raise InputError(f"{out}: use a .onnx or .pt2 file name, or a folder name")
     model = load_fitting(model_path, input_shape, "--input-shape", arch, arch_kwargs, trust_code)
+    if not out.suffix and not hasattr(model, "save_pretrained"):
+        raise InputError(
+            f"{out}: a folder is written for Hugging Face transformers models only; use a .onnx "
+            "or .pt2 file name"
+        )
     x = example_input_for(model, batch=2)
     if out.suffix == "":
         size, err = save_hf_folder(model, out, x)
