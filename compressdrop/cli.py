@@ -120,6 +120,7 @@ def train(
     if result is None:  # not rank 0
         return
     files = {"gated": result.gated_path, "slim": result.slim_path, "onnx": result.onnx_path}
+    files["pt2"] = result.out_dir / "slim.pt2" if "pt2_bytes" in result.report else None
     files["report"] = result.out_dir / "report.json"
     data_out = {**result.report, "files": {k: str(v) if v else None for k, v in files.items()}}
     _emit(as_json, data_out, lambda: (run_summary(result.report), print(f"files in {out}/")))

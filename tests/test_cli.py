@@ -66,6 +66,14 @@ def test_train_leaves_every_file_and_reports(trained):
     assert report["slim"]["params"] < report["dense"]["params"] or report["architecture_after"]
     assert json.loads((out / "report.json").read_text())["slim"] == report["slim"]
     assert set(report["epochs"]) == {"pretrain", "sparsify", "finetune"}
+    # --json names every file it wrote (slim.pt2 was missing, its size reported)
+    assert {k: v and Path(v).name for k, v in report["files"].items()} == {
+        "gated": "gated.pt",
+        "slim": "slim.pt",
+        "onnx": "slim.onnx",
+        "pt2": "slim.pt2",
+        "report": "report.json",
+    }
 
 
 def test_prune_gated_checkpoint_directly(trained, tmp_path):
