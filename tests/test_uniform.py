@@ -38,3 +38,18 @@ def test_blocks_keep_as_many_each():
     for g in (a, b):  # round(2.5 / 2) = 1 per block
         assert out[id(g)].reshape(2, 2).sum(1).tolist() == [1, 1]
     assert out[id(b)][0]
+
+
+def test_uniform_pruning_of_a_net_without_repeated_blocks_says_it_changes_nothing():
+    """`--uniform` on an MLP did nothing, silently."""
+    import pytest
+
+    import compressdrop as cd
+    from compressdrop.models import build_model
+    from compressdrop.pruning import PruningWarning
+
+    net = build_model("lenet300", (1, 8, 8))
+    cd.attach(net, example_inputs=torch.randn(2, 1, 8, 8))
+    with pytest.warns(PruningWarning, match="uniform pruning changes nothing here"):
+        slim = cd.prune(net, 1.0, uniform=True)
+    assert slim.prune_report.architecture() == cd.prune(net, 1.0).prune_report.architecture()

@@ -38,7 +38,7 @@ from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
 from .report import BIAS, HEADS, STREAM, LayerReport, PruneReport
-from .uniform import uniform_keep
+from .uniform import repeats, uniform_keep
 
 __all__ = [
     "LayerReport",
@@ -79,7 +79,15 @@ def _keep_masks(
 ) -> dict[int, tuple[str, torch.Tensor, float]]:
     out = _threshold_masks(model, threshold)
     if uniform:
-        kept = uniform_keep(list(named_gates(model)), {k: v[1] for k, v in out.items()})
+        gates = list(named_gates(model))
+        if not repeats(gates):
+            warnings.warn(
+                "compressdrop: uniform pruning changes nothing here: no two gated layers are the "
+                "same place in repeated blocks (as a transformer's layers are)",
+                PruningWarning,
+                stacklevel=3,
+            )
+        kept = uniform_keep(gates, {k: v[1] for k, v in out.items()})
         out = {k: (name, kept[k], thr) for k, (name, _, thr) in out.items()}
     return out
 

@@ -18,13 +18,20 @@ import torch
 
 from ..gates import Gate
 
-__all__ = ["family_key", "uniform_keep"]
+__all__ = ["family_key", "repeats", "uniform_keep"]
 
 
 def family_key(name: str, gate: Gate) -> tuple[str, int, int]:
     """The family of a gate: its name with every number blanked (``layers.#.mlp.up_proj``), its
     units and its blocks."""
     return re.sub(r"\d+", "#", name), gate.num_units, int(getattr(gate, "unit_blocks", 1))
+
+
+def repeats(gates: list[tuple[str, Gate]]) -> bool:
+    """Whether any two gates are of one family (the same place in repeated blocks): else the
+    uniform rule changes nothing."""
+    keys = [family_key(name, g) for name, g in gates]
+    return len(set(keys)) < len(keys)
 
 
 def _top(snr: torch.Tensor, per_block: int, blocks: int) -> torch.Tensor:
