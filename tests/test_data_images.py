@@ -88,6 +88,14 @@ def test_resizes_to_the_given_size(tmp_path):
             _save(root / name / f"{i}.png", np.full(shape, 100 * k, np.uint8))
     with pytest.raises(ImageFolderError, match=r"differ in size.*10×12.*pass a size"):
         load_image_folder(root)
+    # many sizes: four named and a count (every size was listed: 35 in a user's folder)
+    for i in range(6):
+        _save(root / "a" / f"more{i}.png", np.zeros((30 + i, 30), np.uint8))
+    with pytest.raises(ImageFolderError, match=r"and 5 more sizes; pass a size") as info:
+        load_image_folder(root)
+    assert str(info.value).count("×") == 5  # four sizes, and the one in "height×width"
+    for i in range(6):
+        (root / "a" / f"more{i}.png").unlink()
     ds = load_image_folder(root, size=(16, 24), test_fraction=0.34)
     assert ds.input_shape == (1, 16, 24)
     # a uniform image stays uniform (antialiased bilinear resizing keeps constants)

@@ -165,7 +165,9 @@ def _stack(
         for path, t in out:
             by_size.setdefault((t.shape[1], t.shape[2]), path)
         if len(by_size) > 1:
-            found = ", ".join(f"{h}×{w} (e.g. {p})" for (h, w), p in sorted(by_size.items()))
+            sizes = sorted(by_size.items())
+            found = ", ".join(f"{h}×{w} (e.g. {p})" for (h, w), p in sizes[:4])
+            found += f" and {len(sizes) - 4} more sizes" if len(sizes) > 4 else ""
             raise ImageFolderError(
                 f"{root}: images differ in size (height×width): {found}; pass a size to "
                 f"resize them all (size=32 or size=(H, W); on the command line "
