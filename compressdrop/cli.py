@@ -104,19 +104,29 @@ def train(
 
     if nproc > 1 and not launched_by_torchrun():
         return _launch_torchrun(nproc)
-    result = run_train(
-        recipe,
-        data=data,
-        out=out,
-        resume=resume,
-        seed=seed,
-        precision=precision,
-        compile=compile_backend,
-        device=device,
-        factory=arch,
-        trust_code=trust_code,
-        progress=progress_printer(console(), as_json),
-    )
+    try:
+        result = run_train(
+            recipe,
+            data=data,
+            out=out,
+            resume=resume,
+            seed=seed,
+            precision=precision,
+            compile=compile_backend,
+            device=device,
+            factory=arch,
+            trust_code=trust_code,
+            progress=progress_printer(console(), as_json),
+        )
+    except KeyboardInterrupt:  # Ctrl-C: say how to go on (click said only "Aborted!")
+        from pathlib import Path
+
+        if Path(out, "checkpoint.pt").is_file():
+            said = "continue with the same command and --resume"
+        else:
+            said = "no epoch ended, so there is no checkpoint to resume from"
+        console().print(f"interrupted; {said} ({out})", highlight=False)
+        raise SystemExit(130) from None
     if result is None:  # not rank 0
         return
     files = {"gated": result.gated_path, "slim": result.slim_path, "onnx": result.onnx_path}

@@ -394,3 +394,17 @@ def test_arch_mistakes_are_named_as_the_user_typed_them(tmp_path):
     torch.export.save(program, tmp_path / "m.pt2")
     with pytest.raises(cd.CompressDropError, match="holds its own structure"):
         load_model(tmp_path / "m.pt2", arch="tests.test_formats:user_net")
+
+
+def test_ctrl_c_in_train_says_how_to_go_on(tmp_path, monkeypatch):
+    """Ctrl-C printed click's "Aborted!" and nothing of --resume."""
+    import compressdrop.workflows as workflows
+
+    def interrupted(*args, **kwargs):
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / "checkpoint.pt").write_bytes(b"an epoch's")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflows, "train", interrupted)
+    res = run(["train", "--recipe", "lenet300-lognormal", "--out", tmp_path / "o"], expect=130)
+    assert "interrupted; continue with the same command and --resume" in res.output
