@@ -79,14 +79,27 @@ def test_two_positional_inputs_attach_and_prune(tmp_path):
     assert slim.a.out_features == slim.b.out_features < 12
     with torch.no_grad():
         torch.testing.assert_close(slim(x, y), cd.mask_(model, thr)(x, y), rtol=1e-5, atol=1e-6)
-    # the exporters take one input: both say so by name (they raised AttributeError: 'tuple'
-    # object has no attribute 'detach') and write nothing
+    # both exporters take the inputs as a tuple (they raised AttributeError: 'tuple' object has
+    # no attribute 'detach'), each with a dynamic batch, checked at batches 1, 7 and 64
     from compressdrop.export import ExportError, export_onnx, export_program
+    from compressdrop.runtime import ort_session
 
-    for export, name in ((export_onnx, "s.onnx"), (export_program, "s.pt2")):
-        with pytest.raises(ExportError, match="one input tensor, got 2 inputs"):
-            export(slim, (x, y), tmp_path / name)
-    assert list(tmp_path.iterdir()) == []
+    rep = export_onnx(slim, (x, y), tmp_path / "s.onnx")
+    assert set(rep.max_rel_error) == {1, 7, 64} and max(rep.max_rel_error.values()) <= 1e-5
+    session, _ = ort_session(tmp_path / "s.onnx", "cpu")
+    a, b = torch.randn(5, 5), torch.randn(5, 3)
+    feeds = dict(zip([i.name for i in session.get_inputs()], (a.numpy(), b.numpy())))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            torch.from_numpy(session.run(None, feeds)[0]), slim(a, b), rtol=1e-5, atol=1e-6
+        )
+    assert max(export_program(slim, (x, y), tmp_path / "s.pt2").max_rel_error.values()) <= 1e-5
+    loaded = torch.export.load(tmp_path / "s.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(a, b), slim(a, b))
+    with pytest.raises(ExportError, match="differ in batch size"):
+        export_onnx(slim, (x, y[:2]), tmp_path / "t.onnx")
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_named_inputs_are_refused_by_name():

@@ -16,11 +16,14 @@ from ..errors import CompressDropError
 __all__ = [
     "ExportError",
     "ExportMismatchError",
+    "as_inputs",
     "compare_at_batches",
+    "draw_like",
     "dynamic_batch",
     "errors_at_lengths",
     "eval_on_cpu",
     "export_dims",
+    "export_shapes",
     "fixed_gate_factors",
     "token_lengths",
     "with_lengths",
@@ -71,22 +74,47 @@ def dynamic_batch() -> torch.export.Dim:
     return torch.export.Dim("batch", min=1, max=1 << 20)
 
 
-def one_input(example: Any) -> torch.Tensor:
-    """The example batch of an export, which takes a model of one input tensor.
+def as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
+    """An export's example as a tuple of input batches (a tensor: one input).
 
     Raises:
-        ExportError: several inputs (a tuple or list), or something that is not a tensor.
+        ExportError: anything but a tensor or a tuple (or list) of tensors of one batch size.
     """
-    if isinstance(example, torch.Tensor):
-        return example
-    what = (
-        f"{len(example)} inputs" if isinstance(example, (tuple, list)) else type(example).__name__
-    )
-    raise ExportError(
-        f"the exporters take a model of one input tensor, got {what}; a model with several "
-        "inputs is gated and pruned, but to export it, wrap it in a module of one input (for "
-        "example one that splits a concatenated tensor)"
-    )
+    xs = (example,) if isinstance(example, torch.Tensor) else example
+    if not (
+        isinstance(xs, (tuple, list))
+        and xs
+        and all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in xs)
+    ):
+        raise ExportError(
+            f"the exporters take an input batch or a tuple of them, got {type(example).__name__}"
+        )
+    if len({len(t) for t in xs}) > 1:
+        raise ExportError(f"the inputs differ in batch size: {[len(t) for t in xs]}")
+    return tuple(xs)
+
+
+def export_shapes(xs: tuple[torch.Tensor, ...], check_lengths: Sequence[int]) -> tuple[dict, ...]:
+    """The dynamic dimensions of each input (:func:`export_dims`); several inputs share one
+    batch dimension, and have no dynamic length.
+
+    Raises:
+        ExportError: ``check_lengths`` with several inputs.
+    """
+    if len(xs) == 1:
+        return (export_dims(xs[0], check_lengths),)
+    if check_lengths:
+        raise ExportError("check_lengths needs a model of one input (token ids)")
+    batch = dynamic_batch()
+    return tuple({0: batch} for _ in xs)
+
+
+def draw_like(example: torch.Tensor, batch: int) -> torch.Tensor:
+    """A fresh random batch of ``batch`` inputs like ``example`` (token ids within its ids)."""
+    shape = (batch, *example.shape[1:])
+    if example.is_floating_point():
+        return torch.randn(shape, dtype=example.dtype)
+    return torch.randint(0, int(example.max()) + 1, shape, dtype=example.dtype)
 
 
 def token_lengths(x: torch.Tensor) -> tuple[int, ...]:
@@ -174,14 +202,14 @@ def output_arrays(out: Any) -> list[np.ndarray]:
 
 def compare_at_batches(
     model: nn.Module,
-    run: Callable[[torch.Tensor], Any],
-    example: torch.Tensor,
+    run: Callable[..., Any],
+    example: torch.Tensor | tuple[torch.Tensor, ...],
     batch_sizes: Sequence[int],
     rtol: float,
     what: str,
 ) -> dict[int, float]:
-    """max|run(x) − model(x)| / max|model(x)| on fresh random inputs at each batch size (token ids
-    for an integer ``example``), over
+    """max|run(*x) − model(*x)| / max|model(*x)| on fresh random inputs like ``example`` (an
+    input batch, or a tuple of them; token ids for an integer one) at each batch size, over
     every output tensor (``run`` returns an array, a tensor or a sequence of them, in the order
     :func:`output_arrays` flattens the model's output).
 
@@ -190,14 +218,10 @@ def compare_at_batches(
     """
     errors: dict[int, float] = {}
     for b in batch_sizes:
-        shape = (b, *example.shape[1:])
-        if example.is_floating_point():
-            xb = torch.randn(shape, dtype=example.dtype)
-        else:  # token ids: within the ids the example holds
-            xb = torch.randint(0, int(example.max()) + 1, shape, dtype=example.dtype)
+        xb = tuple(draw_like(t, b) for t in as_inputs(example))
         with torch.no_grad():
-            ref = output_arrays(model(xb))
-        raw = run(xb)
+            ref = output_arrays(model(*xb))
+        raw = run(*xb)
         got = [np.asarray(a) for a in (raw if isinstance(raw, (list, tuple)) else [raw])]
         shapes = [a.shape for a in got], [r.shape for r in ref]
         if shapes[0] != shapes[1]:

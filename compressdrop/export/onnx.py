@@ -19,12 +19,12 @@ from .._version import __version__
 from ._check import (
     ExportError,
     ExportMismatchError,
+    as_inputs,
     compare_at_batches,
     errors_at_lengths,
     eval_on_cpu,
-    export_dims,
+    export_shapes,
     fixed_gate_factors,
-    one_input,
 )
 
 __all__ = [
@@ -122,14 +122,16 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
             encoder.use_nested_tensor = True
 
 
-def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | None) -> Any:
+def _onnx_program(
+    model: nn.Module, xs: tuple[torch.Tensor, ...], dims: tuple[dict, ...], opset: int | None
+) -> Any:
     """``torch.onnx.export`` of ``model`` with its attention spelled out (see
     :func:`_spelled_out_attention`); as the model is if that export fails where the model has
     stock attention (a forward that reads the module's internals, e.g. to call
     ``F.multi_head_attention_forward`` itself, cannot take the subclass)."""
     kwargs: dict[str, Any] = {
         "dynamo": True,
-        "dynamic_shapes": (dims,),
+        "dynamic_shapes": dims,
         "opset_version": opset,
         "external_data": False,
         "verbose": False,
@@ -138,24 +140,24 @@ def _onnx_program(model: nn.Module, x: torch.Tensor, dims: dict, opset: int | No
     try:
         with _spelled_out_attention(model) as swapped:
             if not swapped:
-                return torch.onnx.export(model, (x,), **kwargs)
+                return torch.onnx.export(model, xs, **kwargs)
             # a failure is retried as the model is: torch.export's error log of it would alarm
             log = logging.getLogger("torch.export")
             level = log.level
             log.setLevel(logging.CRITICAL)
             try:
-                return torch.onnx.export(model, (x,), **kwargs)
+                return torch.onnx.export(model, xs, **kwargs)
             finally:
                 log.setLevel(level)
     except Exception:
         if not swapped:
             raise
-    return torch.onnx.export(model, (x,), **kwargs)
+    return torch.onnx.export(model, xs, **kwargs)
 
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | Path,
     *,
     metadata: Mapping[str, str] | None = None,
@@ -175,7 +177,8 @@ def export_onnx(
 
     Args:
         model: exported in eval mode (its training flag is restored afterwards), on the CPU.
-        example_input: one input batch; its shape without the batch dimension is the input shape.
+        example_input: one input batch (its shape without the batch dimension is the input
+            shape), or a tuple of them for a model of several inputs (one batch size).
         path: where to write the ``.onnx`` file.
         metadata: extra ``metadata_props`` (string to string). A slim model from ``prune`` also
             records :meth:`PruneReport.metadata
@@ -205,14 +208,14 @@ def export_onnx(
     if report is not None:  # a slim model records how it was made
         meta.update(report.metadata())
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    x = one_input(example_input).detach().cpu()
-    if len(x) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
-        x = x.repeat(2, *([1] * (x.dim() - 1)))
-    dims = export_dims(x, check_lengths)
+    xs = tuple(t.detach().cpu() for t in as_inputs(example_input))
+    if len(xs[0]) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
+        xs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) for t in xs)
+    dims = export_shapes(xs, check_lengths)
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
-                program = _onnx_program(model_cpu, x, dims, opset)
+                program = _onnx_program(model_cpu, xs, dims, opset)
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")
                 program.save(str(tmp), external_data=False)
@@ -244,12 +247,12 @@ def export_onnx(
             )
 
         session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
-        name = session.get_inputs()[0].name
-        run = lambda xb: session.run(None, {name: xb.numpy()})  # noqa: E731
+        names = [i.name for i in session.get_inputs()]
+        run = lambda *xb: session.run(None, {n: t.numpy() for n, t in zip(names, xb)})  # noqa: E731
         what = f"onnxruntime ({provider})"
-        checked = compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what)
+        checked = compare_at_batches(model_cpu, run, xs, check_batch_sizes, rtol, what)
         errors: dict[int | str, float] = {b: e for b, e in checked.items()}
-        errors.update(errors_at_lengths(model_cpu, run, x, check_lengths, rtol, what))
+        errors.update(errors_at_lengths(model_cpu, run, xs[0], check_lengths, rtol, what))
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
 
 

@@ -17,12 +17,12 @@ from torch import nn
 from .._io import atomic_write
 from ._check import (
     ExportError,
+    as_inputs,
     compare_at_batches,
     errors_at_lengths,
     eval_on_cpu,
-    export_dims,
+    export_shapes,
     fixed_gate_factors,
-    one_input,
     output_arrays,
 )
 from .onnx import _quiet_exporter, no_cache
@@ -41,7 +41,7 @@ class ProgramReport:
 
 def export_program(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
     path: str | Path,
     *,
     check_batch_sizes: Sequence[int] = (1, 7, 64),
@@ -67,32 +67,35 @@ def export_program(
     path = Path(path)
     # a copy: a slice of a data set is a view of all of it, which torch.export.save would
     # store as the program's sample input (a 150 kB LeNet's .pt2 held 169 MB of training images)
-    x = one_input(example_input).detach().cpu().clone()
-    dims = export_dims(x, check_lengths)
+    xs = tuple(t.detach().cpu().clone() for t in as_inputs(example_input))
+    dims = export_shapes(xs, check_lengths)
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
-                program = torch.export.export(_plain(model_cpu, x), (x,), dynamic_shapes=(dims,))
+                target = _plain(model_cpu, xs)
+                # the wrapper takes *xs: one parameter, the tuple of inputs
+                shapes = (dims,) if isinstance(target, _PlainOutput) else dims
+                program = torch.export.export(target, xs, dynamic_shapes=shapes)
         except Exception as e:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
         with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
             torch.export.save(program, f)
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
-        run = lambda xb: output_arrays(loaded(xb))  # noqa: E731
+        run = lambda *xb: output_arrays(loaded(*xb))  # noqa: E731
         what = "the reloaded .pt2"
         errors: dict[int | str, float] = dict(
-            compare_at_batches(model_cpu, run, x, check_batch_sizes, rtol, what).items()
+            compare_at_batches(model_cpu, run, xs, check_batch_sizes, rtol, what).items()
         )
-        errors.update(errors_at_lengths(model_cpu, run, x, check_lengths, rtol, what))
+        errors.update(errors_at_lengths(model_cpu, run, xs[0], check_lengths, rtol, what))
     return ProgramReport(path, path.stat().st_size, errors)
 
 
-def _plain(model: nn.Module, x: torch.Tensor) -> nn.Module:
+def _plain(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> nn.Module:
     """``model`` itself, or wrapped in :class:`_PlainOutput` where its output is a mapping of a
     class of its own (so that only such a program's names gain the wrapper's ``inner.``)."""
     with torch.no_grad():
-        out = model(x)
+        out = model(*xs)
     return _PlainOutput(model) if isinstance(out, Mapping) and type(out) is not dict else model
 
 
@@ -103,9 +106,9 @@ class _PlainOutput(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: torch.Tensor) -> Any:
-        """``inner(x)``; a ``ModelOutput`` (or any non-``dict`` mapping) as a ``dict``."""
-        out = self.inner(x)
+    def forward(self, *xs: torch.Tensor) -> Any:
+        """``inner(*xs)``; a ``ModelOutput`` (or any non-``dict`` mapping) as a ``dict``."""
+        out = self.inner(*xs)
         if isinstance(out, Mapping) and type(out) is not dict:
             return {k: v for k, v in out.items() if v is not None}
         return out
