@@ -317,3 +317,21 @@ def test_gate_kwargs_are_checked_with_the_packages_error(kwargs, message):
     with pytest.raises(InputError, match=message):
         cd.attach(model, gate="hardconcrete", gate_kwargs=kwargs)
     assert not cd.is_gated(model)
+
+
+def test_an_operation_that_stops_gating_is_named_in_words_too():
+    """The warning named autograd's nodes alone ("Mm", "Bmm", "AsStrided")."""
+
+    class Gram(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            g = self.b(x)
+            return self.out(torch.relu(self.a(x)) @ (g.T @ g))
+
+    said = r"'b' left ungated: .*Mm \(a matrix product"
+    # nothing else is gateable here: attach fails after its warning
+    with pytest.warns(cd.GatingWarning, match=said), pytest.raises(InputError, match="no gateable"):
+        cd.attach(Gram(), example_inputs=torch.randn(2, 4))

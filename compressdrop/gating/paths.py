@@ -76,6 +76,19 @@ _ZERO_PRESERVING = {
 }
 
 
+# what the autograd nodes in "its units pass through X" are, in words
+_PLAIN_OPS = {
+    "Mm": "a matrix product outside a Linear layer, e.g. attention's scores",
+    "Bmm": "a batched matrix product, e.g. attention's scores or values",
+    "AsStrided": "a strided view, e.g. a window partition",
+    "Softmax": "a softmax over the units",
+    "LogSoftmax": "a log-softmax over the units",
+    "Exp": "an exponential",
+    "Sigmoid": "a sigmoid",
+    "Div": "a division",
+}
+
+
 def _op_name(node) -> str:
     name = type(node.module).__name__
     grad_fn = getattr(node.module, "_grad_fn", None)  # TP stores the grad_fn's name or the object
@@ -333,7 +346,8 @@ def _walk(
         if op == "Pow" and _positive_power(grad_fn):
             pass  # x ** p maps 0 to 0 for p > 0 (the cube in GPT-2's tanh GELU)
         elif op not in _ZERO_PRESERVING and not structural:
-            return f"its units pass through {op}, which does not map 0 to 0"
+            plain = _PLAIN_OPS.get(op.rstrip("0123456789"))
+            return f"its units pass through {op}{f' ({plain})' if plain else ''}, which does not map 0 to 0"
         if op == "Mean" and layout and _averages_units(grad_fn, unit_dim):  # type: ignore[arg-type]
             return (
                 "its units are averaged together (a mean over their dimension), so removing one "
