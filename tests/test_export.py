@@ -256,3 +256,11 @@ def test_token_ids_export_with_a_dynamic_length_or_say_why_not(tmp_path):
     # a model whose output is a tensor is exported as it is: its parameters keep their names
     names = set(torch.export.load(tmp_path / "t.pt2").module().state_dict())
     assert names == set(token_net.state_dict())
+
+
+def test_a_slim_model_pruned_at_the_default_threshold_records_it_in_words():
+    """Exported files recorded `threshold: None` for a model pruned at its family's default."""
+    model = build_model("lenet300", (1, 8, 8))
+    cd.attach(model, example_inputs=torch.randn(2, 1, 8, 8))
+    assert cd.prune(model).prune_report.metadata()["threshold"] == "the family's default (1)"
+    assert cd.prune(model, 0.5).prune_report.metadata()["threshold"] == "0.5"

@@ -79,8 +79,10 @@ class PruneReport:
 
         Every exported file records them (ONNX ``metadata_props``, ``report.json``).
         """
+        used = sorted({layer.threshold for layer in self.layers})
+        default = "the family's default" + (f" ({used[0]:g})" if len(used) == 1 else "")
         return {
-            "threshold": str(self.threshold),
+            "threshold": default if self.threshold is None else str(self.threshold),
             "gate_family": self.family,
             "architecture_before": self.architecture_before,
             "architecture_after": self.architecture_after,
