@@ -93,7 +93,7 @@ def test_no_import_cycles_in_the_package():
 LAYERS = [
     {"errors", "_version"},
     {"_io", "_attrs", "runtime", "_torchvision"},
-    {"gates", "dropout", "data", "programs"},
+    {"gates", "dropout", "data", "programs", "torchload"},
     {"models", "gating"},
     {"arch", "pruning", "recipes", "hf_folder"},
     {"checkpoint", "export"},
