@@ -19,6 +19,8 @@ needs ``trust_code=True``, because unpickling runs arbitrary code. The training 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,24 +96,46 @@ def save_model(
     noise = noise_record(model)
     if noise:
         payload["noise"] = noise
-    elif payload["kind"] == "slim" and payload["arch"].get("program") is not None:
-        payload.update(_slim_program(model, payload["arch"]))
+    if payload["kind"] == "slim" and payload["arch"].get("program") is not None:
+        baked = (getattr(model, "compressdrop_meta", None) or {}).get("slim_program")
+        if report is not None and baked == report.architecture_after:
+            payload["slim_program"] = True  # loaded as its own program, not pruned since
+        elif not noise and not _replays(payload):
+            payload.update(_slim_program(model, payload["arch"]))
     path = Path(path)
     with atomic_write(path) as tmp:
         torch.save(payload, tmp)
     return path
 
 
+def _replays(payload: Mapping[str, Any]) -> bool:
+    """Whether a slim model kept as a program rebuilds the usual way: the dense program, the
+    cuts replayed on it, the weights loaded (as :func:`load_model` does)."""
+    from .pruning import replay
+
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng():
+            warnings.simplefilter("ignore")
+            model = build_arch(payload["arch"], where="the dense program")
+            replay(model, payload["prune_report"]["history"])
+            model.load_state_dict(payload["state_dict"])
+    except Exception:  # any failure: the slim model is saved as its own program instead
+        return False
+    return True
+
+
 def _slim_program(model: nn.Module, arch: Mapping[str, Any]) -> dict[str, Any]:
-    """A slim model whose structure is a program (a ``.pt2``, or a pickled module adopted as
-    one) is saved as its own program, not as the dense program and the cuts to replay on it: a
-    block that pruning rewrote (ShuffleNetV2's shuffle, as index buffers) has no form in the
-    dense graph, and the program's constants (Swin's lifted tensors) no key in the model's
-    state_dict. The state saved is the one the rebuilt program holds."""
+    """A slim model kept as a program that the dense program and the cuts cannot rebuild, saved
+    as its own program: a block that pruning rewrote (ShuffleNetV2's shuffle, as index buffers)
+    has no form in the dense graph, and the program's constants (Swin's lifted tensors) no key
+    in the model's state_dict. Its batch dimension is dynamic, other dimensions as exported
+    (token ids: the example's length). The state saved is the one the rebuilt program holds."""
     from .gating import example_input_for
     from .programs import program_record
 
-    record = {**arch, **program_record(model, example_input_for(model, batch=2))}
+    with torch.random.fork_rng():
+        cpu = copy.deepcopy(model).cpu()
+        record = {**arch, **program_record(cpu, example_input_for(cpu, batch=2))}
     rebuilt = load_program(record["program"].numpy().tobytes(), "the slim model's program")
     state = {k: v.detach().cpu() for k, v in rebuilt.state_dict().items()}
     return {"arch": record, "state_dict": state, "slim_program": True}
@@ -219,9 +243,6 @@ def _unwrapped(obj: Any) -> Any:
             ):
                 obj = inner
                 break
-    ddp = isinstance(obj, Mapping) and obj and _all_tensors(obj)
-    if ddp and all(isinstance(k, str) and k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return obj
 
 
@@ -243,6 +264,11 @@ def _load_state(
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
+        ddp = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+        if len(ddp) == len(state):  # DistributedDataParallel's keys: tried without the prefix
+            with contextlib.suppress(RuntimeError):
+                model.load_state_dict(ddp)
+                return
         raise CheckpointError(f"{path}: weights do not fit the architecture{hint}: {e}") from None
 
 
@@ -256,7 +282,7 @@ def _from_payload(
         )
     model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
-    hint = ""
+    hint, baked = "", None
     if kind == "gated":
         specs = payload.get("inputs") or [{"shape": s} for s in payload["input_shape"]]
         example = random_inputs(specs, 2)
@@ -280,9 +306,16 @@ def _from_payload(
         from .pruning import PruneReport, replay
 
         rep = payload["prune_report"]
+        if payload.get("slim_program") and factory is not None:
+            raise CheckpointError(
+                f"{path}: a slim model saved as its own program; --arch is not used"
+            )
         if not payload.get("slim_program"):  # else the program is the slim structure itself
             replay(model, rep["history"])
-        set_record(model, "prune_report", PruneReport.from_dict(rep))
+        report = PruneReport.from_dict(rep)
+        set_record(model, "prune_report", report)
+        if payload.get("slim_program"):
+            baked = report.architecture_after
         if payload.get("noise"):
             try:
                 put_noise(model, payload["noise"])
@@ -300,6 +333,8 @@ def _from_payload(
             "recipe": payload.get("recipe"),
             "meta": payload.get("meta", {}),
             "kind": kind,
+            # the structure its program holds already (saved again as it is, unless pruned again)
+            "slim_program": baked,
         },
     )
     return model

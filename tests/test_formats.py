@@ -366,3 +366,96 @@ def test_a_training_scripts_save_is_read_for_the_state_dict_it_holds(tmp_path):
     torch.save({"weights_of_mine": net.state_dict(), "epoch": 3}, tmp_path / "odd.pt")
     with pytest.raises(CheckpointError, match=r"a dict of \['weights_of_mine', 'epoch'\]"):
         load_model(tmp_path / "odd.pt", arch="tests.test_formats:user_net")
+
+
+class _TokenLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.a, self.b = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 50)
+
+    def forward(self, x):
+        e = self.emb(x)
+        b, t, _ = e.shape
+        return self.b(torch.relu(self.a(e.view(b, t, 2, 8).flip(2).reshape(b, t, 16))))
+
+
+def test_a_slim_token_program_that_replays_keeps_its_dynamic_length(tmp_path):
+    """Saving every slim program-kept model as its own program (for ShuffleNetV2 and Swin, above)
+    fixed a token model's length at the example's 16; one the dense program and the cuts rebuild
+    is saved that way, as before, and keeps the length it was exported with dynamic."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (2, 12))
+    batch, length = torch.export.Dim("b", min=1, max=1024), torch.export.Dim("t", min=1, max=64)
+    program = torch.export.export(_TokenLM().eval(), (x,), dynamic_shapes=({0: batch, 1: length},))
+    torch.export.save(program, tmp_path / "lm.pt2")
+    gated = load_model(tmp_path / "lm.pt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cd.attach(gated, example_inputs=x)
+    from tests.test_surgery import quantiles, random_gates_
+
+    random_gates_(gated, seed=1)
+    slim = cd.prune(gated, quantiles(gated, (0.5,))[0])
+    assert slim.prune_report.units_after < slim.prune_report.units_before
+    save_model(slim, tmp_path / "slim.pt")
+    again = load_model(tmp_path / "slim.pt")
+    for t in (12, 7):
+        ids = torch.randint(0, 50, (3, t))
+        with torch.no_grad():
+            torch.testing.assert_close(again(ids), slim(ids))
+
+
+def test_a_slim_program_with_its_noise_is_saved_and_loaded_again(tmp_path):
+    """A slim model saved as its own program, loaded, given its noise back (keep_noise) and saved
+    again had its cuts replayed a second time on load ("weights do not fit")."""
+    from compressdrop._attrs import set_record
+    from compressdrop.programs import program_record
+    from compressdrop.uncertainty import keep_noise
+
+    from tests.test_surgery import quantiles, random_gates_
+    from tests.torchvision_models import families
+
+    build, side = families()["ShuffleNetV2"]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 3, side, side)
+    set_record(model, "arch", program_record(model, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cd.attach(model, example_inputs=x)
+        random_gates_(model, seed=1)
+        threshold = quantiles(model, (0.5,))[0]
+        slim = cd.prune(model, threshold, example_inputs=x)
+    save_model(slim, tmp_path / "slim.pt")
+    loaded = load_model(tmp_path / "slim.pt")
+    save_model(loaded, tmp_path / "again.pt")  # as it is: its program is its structure
+    noisy = keep_noise(model, loaded, threshold)
+    save_model(noisy, tmp_path / "noisy.pt")
+    for name, want in (("again.pt", loaded), ("noisy.pt", noisy)):
+        with torch.no_grad():
+            torch.testing.assert_close(load_model(tmp_path / name)(x), want.eval()(x))
+
+
+class _Wrapper(nn.Module):
+    """A model whose one child is called ``module``: its keys look like DDP's."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.module = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def wrapped(**kwargs) -> nn.Module:
+    return _Wrapper(**kwargs)
+
+
+def test_a_state_dict_whose_keys_all_start_with_module_is_loaded_as_it_is_first(tmp_path):
+    """DDP's `module.` prefix was taken off every such state_dict, also a model's own."""
+    net = _Wrapper()
+    torch.save(net.state_dict(), tmp_path / "sd.pt")
+    got = load_model(tmp_path / "sd.pt", arch="tests.test_formats:wrapped")
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(got(x), net(x))
