@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "remove_files", "remove_stale_temps"]
+__all__ = ["atomic_write", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -53,15 +53,4 @@ def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
         for p in folder.glob(f".{name}.*.tmp"):
             p.unlink(missing_ok=True)
             gone.append(p)
-    return gone
-
-
-def remove_files(folder: str | Path, names: list[str]) -> list[str]:
-    """Remove the files ``names`` from ``folder`` (an earlier run's outputs, before a new run
-    writes its own: a file the new run does not write would otherwise pass for its); returns the
-    names it removed."""
-    folder = Path(folder)
-    gone = [n for n in names if (folder / n).is_file()]
-    for n in gone:
-        (folder / n).unlink()
     return gone

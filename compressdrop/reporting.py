@@ -62,10 +62,17 @@ def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None
                 highlight=False,
                 soft_wrap=True,
             )
-        elif kind == "replaced" and not as_json:
-            resume = " (continue a run with --resume)" if "checkpoint.pt" in ev["files"] else ""
+        elif kind == "checkpoint_replaced" and not as_json:
             out.print(
-                f"replaced an earlier run's {', '.join(ev['files'])} in {ev['folder']}{resume}",
+                f"an earlier run's checkpoint.pt in {ev['folder']} is replaced at this run's first "
+                "epoch (Ctrl-C, then the earlier command with --resume, to continue that run)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        elif kind == "replaced" and not as_json:
+            out.print(
+                f"removed an earlier run's {', '.join(ev['files'])} from {ev['folder']} "
+                "(this run wrote no such file)",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -364,20 +364,30 @@ def test_a_folder_output_for_a_model_that_cannot_have_one_is_refused_before_trai
 def test_a_new_run_in_an_old_runs_folder_leaves_none_of_its_files(tmp_path):
     """Training again into the same --out with ONNX export off left the first run's slim.onnx
     and slim.pt2 beside the new slim.pt, passing for the new run's; a leftover checkpoint.pt was
-    dropped without a word."""
+    replaced without a word. A run that fails leaves the earlier run's files as they were."""
+    from compressdrop.data import load_digits
+    from compressdrop.training.runner import run_recipe
+
     from tests.test_cli import tiny_recipe
 
     out = tmp_path / "run"
     first = tiny_recipe(tmp_path / "a.yaml", pretrain=1, sparsify=1, finetune=0)
     run(["train", "--recipe", first, "--out", out])
-    assert (out / "slim.onnx").exists()
-    (out / "checkpoint.pt").write_bytes(b"an interrupted run's")
-    second = tiny_recipe(tmp_path / "b.yaml", pretrain=1, sparsify=1, finetune=0, onnx=False)
-    said = run(["train", "--recipe", second, "--out", out]).output
-    assert "replaced an earlier run's" in said and "--resume" in said
-    assert "slim.onnx" in said and "checkpoint.pt" in said
-    assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "slim.pt"]
+    before = sorted(p.name for p in out.iterdir())
+    assert "slim.onnx" in before
 
+    def stop(event):
+        if event.get("event") == "epoch":
+            raise KeyboardInterrupt
+
+    second = tiny_recipe(tmp_path / "b.yaml", pretrain=1, sparsify=1, finetune=0, onnx=False)
+    with pytest.raises(KeyboardInterrupt):  # stopped after its first epoch's checkpoint
+        run_recipe(load_recipe(str(second)), load_digits(), out, progress=stop)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "checkpoint.pt"])
+    said = run(["train", "--recipe", second, "--out", out]).output
+    assert "an earlier run's checkpoint.pt" in said and "--resume" in said
+    assert "removed an earlier run's slim.onnx, slim.pt2" in said
+    assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "slim.pt"]
 
 def test_arch_mistakes_are_named_as_the_user_typed_them(tmp_path):
     """`--arch mynets` spoke of an "arch record"; a factory module in the current folder failed

@@ -19,7 +19,15 @@ from ..checkpoint import save_model
 from ..errors import InputError
 from ..hf_folder import save_hf_folder
 
-__all__ = ["SLIM_FORMATS", "SlimFiles", "finish", "prune_summary", "write_slim"]
+__all__ = [
+    "SLIM_FORMATS",
+    "SlimFiles",
+    "drop_stale",
+    "earlier_outputs",
+    "finish",
+    "prune_summary",
+    "write_slim",
+]
 
 SLIM_FORMATS = {
     ".pt": "compressdrop checkpoint",
@@ -177,3 +185,25 @@ def finish(
         files.paths.update(mc_checkpoint=mc_pt, mc_onnx=mc_onnx)
         files.bytes.update(mc_checkpoint=mc_pt.stat().st_size, mc_onnx=mc_onnx.stat().st_size)
     return slim, files
+
+
+def earlier_outputs(out: Path, names: Sequence[str], resume: bool, progress: Any) -> list[str]:
+    """The files of ``names`` an earlier run left in ``out`` (none when resuming it), removed by
+    :func:`drop_stale` once this run has written its own; an earlier run's ``checkpoint.pt`` is
+    said to be replaced (this run writes its own at its first epoch)."""
+    if resume:
+        return []
+    if (out / "checkpoint.pt").is_file():
+        progress({"event": "checkpoint_replaced", "folder": str(out)})
+    return [n for n in names if (out / n).is_file()]
+
+
+def drop_stale(out: Path, earlier: Sequence[str], written: Sequence[Any], progress: Any) -> None:
+    """Remove the files of ``earlier`` that this run, now complete, did not write again (a
+    ``slim.onnx`` beside a new run's ``slim.pt`` would pass for its), and say which."""
+    mine = {Path(p).name for p in written if p is not None}
+    stale = [n for n in earlier if n not in mine]
+    for n in stale:
+        (out / n).unlink(missing_ok=True)
+    if stale:
+        progress({"event": "replaced", "folder": str(out), "files": stale})

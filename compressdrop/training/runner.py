@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write, remove_files, remove_stale_temps
+from .._io import atomic_write, remove_stale_temps
 from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
 from ..errors import CompressDropError, InputError
@@ -31,7 +31,7 @@ from ..evaluation.metrics import Metrics, evaluate, prediction_loss
 from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
-from .finish import prune_summary, write_slim
+from .finish import drop_stale, earlier_outputs, prune_summary, write_slim
 from .sparsifier import param_groups
 from .stages import STAGES, Stage
 
@@ -321,8 +321,7 @@ def run_recipe(
         out.mkdir(parents=True, exist_ok=True)
         # a run killed mid-write leaves its temporary file beside the last good one
         remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])
-        if not resume and (gone := remove_files(out, [*OUTPUTS, "checkpoint.pt"])):
-            run.progress({"event": "replaced", "folder": str(out), "files": gone})
+    earlier = earlier_outputs(out, OUTPUTS, resume, run.progress) if dist.is_main else []
 
     current: nn.Module | None = None
     for stage in stages[start:]:
@@ -362,6 +361,7 @@ def run_recipe(
     with atomic_write(out / "report.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
     run.ckpt.unlink(missing_ok=True)  # the run is complete: its resume point is no longer needed
+    drop_stale(out, earlier, [*files.paths.values(), gated_path, "report.json"], run.progress)
     dist.barrier()
     return RunResult(out, gated_path, files.paths["checkpoint"], files.paths.get("onnx"), report)
 
