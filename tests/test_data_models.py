@@ -302,6 +302,11 @@ def test_npz_scales_uint8_pixels_to_the_unit_range(tmp_path):
     floats = pixels.astype(np.float32)
     d = load_npz(_npz(tmp_path / "f32.npz", x=floats, y=y, x_test=floats[:4], y_test=y[:4]))
     assert torch.equal(d.x_train, torch.from_numpy(floats))
+    # the training array decides for both splits: a uint8 x with an int64 x_test trained on
+    # [0, 1] and tested on [0, 255]
+    wide = pixels[:4].astype(np.int64)
+    d = load_npz(_npz(tmp_path / "mixed.npz", x=pixels, y=y, x_test=wide, y_test=y[:4]))
+    assert torch.allclose(d.x_test, torch.from_numpy(wide.astype(np.float32) / 255.0))
 
 
 def test_npz_transposes_channels_last_images_and_says_so_once(tmp_path):
@@ -321,27 +326,44 @@ def test_npz_transposes_channels_last_images_and_says_so_once(tmp_path):
         assert load_npz(q).input_shape == shape[1:]
 
 
-def test_npz_refuses_labels_that_are_not_0_to_k_minus_1(tmp_path):
+def test_npz_labels_a_model_cannot_be_trained_on_are_refused_for_training_only(tmp_path):
+    """Labels like y*10+3 gave a 34-output model, one class a 1-output one; both are refused
+    before training, while evaluation and out-of-distribution files may hold a subset of the
+    classes, or one (a review found the first version of this refusing those too)."""
+    from compressdrop.data import check_trainable
+
     rng = np.random.default_rng(0)
     x, y = rng.random((40, 6)), np.arange(40) % 4
-    sparse = _npz(tmp_path / "sparse.npz", x=x, y=y * 10 + 3)
+    sparse = load_npz(_npz(tmp_path / "sparse.npz", x=x, y=y * 10 + 3))
+    assert sparse.num_classes == 34  # loads: an evaluation set may be a subset of the classes
     with pytest.raises(
-        DataError, match=r"sparse\.npz: labels must be 0\.\.K-1 .* 4 distinct labels \(3, 13, 23"
+        DataError, match=r"sparse: labels must be 0\.\.K-1 .* 4 distinct labels \(3, 13, 23"
     ) as e:
-        load_npz(sparse)
+        check_trainable(sparse)
     assert "34 outputs" in str(e.value) and "np.unique(y, return_inverse=True)" in str(e.value)
-    one = _npz(tmp_path / "one.npz", x=x, y=np.zeros(40, dtype=np.int64))
-    with pytest.raises(DataError, match=r"one\.npz: y has only one class \(label 0\)"):
-        load_npz(one)
+    one = load_npz(_npz(tmp_path / "one.npz", x=x, y=np.zeros(40, dtype=np.int64)))
+    with pytest.raises(DataError, match=r"one: the training labels have only one class \(0\)"):
+        check_trainable(one)
     split = {"x": x[:30], "y": y[:30], "x_test": x[30:], "y_test": y[30:]}
     for given in ("x_test", "y_test"):
         half = {k: v for k, v in split.items() if k != given}
         p = _npz(tmp_path / "half.npz", **half)
         with pytest.raises(DataError, match=rf"half\.npz: has '\w+_test' but no '{given}'"):
             load_npz(p)
-    unseen = _npz(tmp_path / "unseen.npz", **{**split, "y": y[:30] % 3})
-    with pytest.raises(DataError, match=r"unseen\.npz: y_test has label\(s\) 3 that y never has"):
-        load_npz(unseen)
+    unseen = load_npz(_npz(tmp_path / "unseen.npz", **{**split, "y": y[:30] % 3}))
+    with pytest.raises(DataError, match=r"unseen: the test labels have 3 that the training"):
+        check_trainable(unseen)
     # a class absent from the test split is accepted, as before
     d = load_npz(_npz(tmp_path / "few.npz", **{**split, "y_test": y[30:] % 3}))
     assert d.num_classes == 4
+    check_trainable(d)
+    # the CLI refuses before any training; eval of the same file runs
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+
+    res = CliRunner().invoke(
+        main, ["train", "--data", str(tmp_path / "sparse.npz"), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 1 and "labels must be 0..K-1" in res.output
+    assert not (tmp_path / "o").exists()

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DataError
 from .dataset import Dataset, DataWarning, _split, spec_options
-from .npz import load_npz
+from .npz import check_trainable, load_npz
 from .text import TEXT_SPEC, TextDataset, load_text
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "DataWarning",
     "Dataset",
     "TextDataset",
+    "check_trainable",
     "load_dataset",
     "load_digits",
     "load_fashion_mnist",

@@ -3,7 +3,9 @@
 
 Everything a file gets wrong is refused here, at load time, in a :class:`DataError` that names
 the file and the array: a file that is not an ``np.savez`` archive, arrays that would need
-unpickling, NaN or infinite inputs, labels that are not ``0..K-1``, one class, half a test split.
+unpickling, NaN or infinite inputs, half a test split. Labels that a model cannot be trained on
+(not every one of ``0..K-1``, one class) are refused by :func:`check_trainable`, before training:
+an evaluation or out-of-distribution file may hold a subset of the classes.
 Channels-last images are transposed with a :class:`DataWarning`, and ``uint8`` pixels scaled to
 [0, 1], as the built-in image data are.
 """
@@ -21,7 +23,7 @@ import torch
 from ..errors import DataError
 from .dataset import Dataset, DataWarning, _split
 
-__all__ = ["load_npz"]
+__all__ = ["check_trainable", "load_npz"]
 
 _ARRAYS = ("x", "y", "x_test", "y_test")
 _CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: a last axis of this size marks channels-last images
@@ -98,8 +100,9 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _inputs(path: Path, x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
-    """``x`` as float32 ``(N, D)`` or ``(N, C, H, W)``, and whether it was channels-last."""
+def _inputs(path: Path, x: np.ndarray, name: str, pixels: bool) -> tuple[np.ndarray, bool]:
+    """``x`` as float32 ``(N, D)`` or ``(N, C, H, W)`` (``pixels``: scaled by 1/255), and
+    whether it was channels-last."""
     if x.ndim not in (2, 3, 4):
         raise DataError(
             f"{path}: {name} must be (N, D), (N, H, W) or (N, C, H, W) (or (N, H, W, C) with C "
@@ -126,7 +129,7 @@ def _inputs(path: Path, x: np.ndarray, name: str) -> tuple[np.ndarray, bool]:
             )
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(x, dtype=np.float32)
-    if x.dtype == np.uint8:
+    if pixels:
         out /= 255.0  # pixels in [0, 1], like digits, Fashion-MNIST and image folders
     big = ~np.isfinite(out)
     if big.any():  # float64 values past float32's range (about 3.4e38)
@@ -149,33 +152,46 @@ def _labels(path: Path, y: np.ndarray, n: int, name: str) -> np.ndarray:
     return y
 
 
-def _check_classes(path: Path, y: np.ndarray, y_test: np.ndarray | None) -> int:
-    """The number of classes K, once the training labels are every one of ``0..K-1``."""
-    seen = np.unique(y)
-    labels = seen if y_test is None else np.union1d(seen, y_test)
-    k = int(labels.max()) + 1
-    hint = "renumber them 0..K-1, e.g. classes, y = np.unique(y, return_inverse=True)" + (
-        " and y_test = np.searchsorted(classes, y_test)" if y_test is not None else ""
-    )
+def _num_classes(y: np.ndarray, y_test: np.ndarray | None) -> int:
+    """K: one more than the largest label (checked for training by :func:`check_trainable`;
+    an evaluation or out-of-distribution file may hold a subset of the classes, or one)."""
+    top = int(y.max()) if len(y) else 0
+    return max(top, int(y_test.max()) if y_test is not None and len(y_test) else 0) + 1
+
+
+def check_trainable(ds: Dataset) -> None:
+    """Refuse, before a model is built and trained on them, labels that are not every one of
+    ``0..K-1`` in the training split (a model would get an output per missing label), a single
+    class, and test labels the training split never has.
+
+    Raises:
+        DataError: naming the data set and what to do.
+    """
+    if ds.task != "classify":
+        return
+    seen = np.unique(ds.y_train.numpy())
+    tested = np.unique(ds.y_test.numpy())
     if len(seen) < 2:
         raise DataError(
-            f"{path}: y has only one class (label {int(seen[0])}); classification needs at least 2"
+            f"{ds.name}: the training labels have only one class ({int(seen[0])}); "
+            "classification needs at least 2"
         )
-    extra = np.setdiff1d(labels, seen)
+    extra = np.setdiff1d(tested, seen)
     if len(extra):
         raise DataError(
-            f"{path}: y_test has label(s) {_preview(extra)} that y never has; a model cannot "
-            f"learn a class it is not trained on: move some of those examples into x and y, or "
-            f"drop them from the test split"
+            f"{ds.name}: the test labels have {_preview(extra)} that the training labels never "
+            "have; a model cannot learn a class it is not trained on: move some of those "
+            "examples into the training split, or drop them from the test split"
         )
-    if len(seen) != k:
-        unseen = np.setdiff1d(np.arange(k), seen)
+    if len(seen) != ds.num_classes:
+        unseen = np.setdiff1d(np.arange(ds.num_classes), seen)
         raise DataError(
-            f"{path}: labels must be 0..K-1 with every class in y, but y has {len(seen)} "
-            f"distinct labels ({_preview(seen)}) and lacks {len(unseen)} of 0..{k - 1} "
-            f"({_preview(unseen)}): the model would get {k} outputs; {hint}"
+            f"{ds.name}: labels must be 0..K-1 with every class in the training split, but it "
+            f"has {len(seen)} distinct labels ({_preview(seen)}) and lacks {len(unseen)} of "
+            f"0..{ds.num_classes - 1} ({_preview(unseen)}): the model would get "
+            f"{ds.num_classes} outputs; renumber them, e.g. classes, y = np.unique(y, "
+            "return_inverse=True)"
         )
-    return k
 
 
 def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -183,11 +199,12 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
 
     ``x`` may be (N, D) features, (N, H, W) images or (N, C, H, W) images; a 4-D ``x`` whose last
     axis is 1, 3 or 4 while its second is not is taken for channels-last (N, H, W, C) and
-    transposed, with a :class:`DataWarning`. ``uint8`` inputs are pixels and are scaled by 1/255
-    to [0, 1], as digits, Fashion-MNIST and image folders are; other dtypes are used as they are
-    (as float32). ``y`` holds integer labels ``0..K-1``, every class at least once, K ≥ 2;
-    ``y_test`` may lack a class but not add one. Without test arrays, a seeded, stratified split
-    holds out ``test_fraction`` of the examples.
+    transposed, with a :class:`DataWarning`. A ``uint8`` ``x`` holds pixels: it and ``x_test``
+    are scaled by 1/255 to [0, 1], as digits, Fashion-MNIST and image folders are (store other
+    features as floats); other dtypes are used as they are (as float32). ``y`` holds integer
+    labels ≥ 0; K is one more than the largest. To train on it, every one of ``0..K-1`` must be in
+    the training split, K ≥ 2, and no test label beyond them (:func:`check_trainable`). Without
+    test arrays, a seeded, stratified split holds out ``test_fraction`` of the examples.
 
     Args:
         path: the ``.npz`` file (as ``np.savez`` writes it; read without pickles).
@@ -201,7 +218,7 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
         FileNotFoundError: no such file.
         DataError: the file is not an ``.npz`` archive, needs unpickling, lacks ``x`` or ``y``,
             has only one of ``x_test`` and ``y_test``; an array has the wrong shape or dtype;
-            ``x`` holds NaN or infinite values; the labels are not ``0..K-1`` or are one class.
+            ``x`` holds NaN or infinite values; a label is negative.
 
     Example:
         >>> np.savez("my.npz", x=images_uint8_nhwc, y=labels)  # doctest: +SKIP
@@ -212,16 +229,17 @@ def load_npz(path: str | Path, test_fraction: float = 0.2, seed: int = 0) -> Dat
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     arrays = _read(path)
-    x, moved = _inputs(path, arrays["x"], "x")
+    pixels = arrays["x"].dtype == np.uint8  # the training array decides, for both splits
+    x, moved = _inputs(path, arrays["x"], "x", pixels)
     y = _labels(path, arrays["y"], len(x), "y")
     if "x_test" in arrays:
-        xte, moved_test = _inputs(path, arrays["x_test"], "x_test")
+        xte, moved_test = _inputs(path, arrays["x_test"], "x_test", pixels)
         yte = _labels(path, arrays["y_test"], len(xte), "y_test")
-        num_classes = _check_classes(path, y, yte)
+        num_classes = _num_classes(y, yte)
         xtr, ytr = x, y
     else:
         moved_test = False
-        num_classes = _check_classes(path, y, None)
+        num_classes = _num_classes(y, None)
         xtr, xte, ytr, yte = _split(x, y, test_fraction, seed, where=str(path))
     if moved or moved_test:
         names = " and ".join(n for n, m in (("x", moved), ("x_test", moved_test)) if m)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..arch import Factory
 from ..checkpoint import load_model
-from ..data import load_dataset
+from ..data import check_trainable, load_dataset
 from ..errors import InputError
 from ..hf_folder import save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
@@ -112,6 +112,7 @@ def train(
     if data is not None:
         r = r.override({"data.name": data})
     ds = load_dataset(r.data.name)
+    check_trainable(ds)
     clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
     try:
         dist, dev = from_env(device)
@@ -255,6 +256,7 @@ def prune_file(
             f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
         )
     ds = load_dataset(data)
+    check_trainable(ds)
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
     fit_outputs(model, ds)
     adopt(model, ds)
