@@ -263,12 +263,21 @@ def test_an_exported_sampler_draws_the_models_dropout_too(tmp_path):
     drop = _draw_dropout_masks(nn.Sequential(nn.Dropout2d(0.5)))[0].train()
     planes = drop(torch.ones(4, 6, 5, 5)).flatten(2)
     assert {tuple(p.unique().tolist()) for p in planes.flatten(0, 1)} == {(0.0,), (2.0,)}
+    # on (N, C, L), as torch's Dropout2d, per channel (a review found whole examples dropped)
+    rows = drop(torch.ones(64, 6, 5))
+    assert {tuple(r.unique().tolist()) for r in rows.flatten(0, 1)} == {(0.0,), (2.0,)}
+    first = rows[:, :, 0]  # some example keeps some channels and loses others (chance 2⁻³²⁰)
+    assert ((first == 0).any(1) & (first != 0).any(1)).any()
     with pytest.raises(InputError, match="AlphaDropout cannot be sampled"):
         MCSampler(nn.Sequential(nn.Linear(8, 3), nn.AlphaDropout(0.1)), 4)
     # a mask shared by the batch would be shared by the stacked samples (and the exporter folds
     # DropConnect's weight mask into a constant): refused, with the way that works
     with pytest.raises(InputError, match=r"cannot be stacked.*mc_samples"):
         MCSampler(nn.Sequential(nn.Flatten(), DropConnect(nn.Linear(16, 10), p=0.5)), 4)
+    # recurrent dropout draws its masks per example (tied over time steps): stacked, as before
+    from compressdrop.dropout import LSTM
+
+    MCSampler(LSTM(4, 8, scheme="gal", p=0.2), 4)
 
 
 def test_sampling_graph_that_disagrees_is_not_written(tmp_path, monkeypatch):
@@ -346,3 +355,10 @@ def test_a_slim_model_from_another_gated_model_is_refused_by_keep_noise():
     assert slim_other.prune_report.architecture() != _prune(gated).prune_report.architecture()
     with pytest.raises(InputError, match="does not fit the gated model's kept units"):
         keep_noise(gated, slim_other)
+    # the check runs on the gated model's recorded inputs and leaves the random state as it was
+    slim = _prune(gated)
+    torch.manual_seed(3)
+    want = torch.rand(3)
+    torch.manual_seed(3)
+    keep_noise(gated, slim)
+    assert torch.equal(torch.rand(3), want)

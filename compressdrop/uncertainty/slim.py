@@ -15,15 +15,15 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from ..dropout import RecurrentDropout, StochasticLayer
+from ..dropout import DropConnect, RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..export import ExportError, ExportReport
-from ..gating import example_input_for, is_gated, named_gates, sites
+from ..gating import input_specs_of, is_gated, named_gates, random_inputs, sites
 from ..gating.gated import HeadGated
 from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
 from ..pruning import mask_
 from ..runtime import logits_of
-from .mc import has_noise, mc_mode, per_example
+from .mc import has_noise, mc_mode
 
 __all__ = ["MCSampler", "export_mc_onnx", "keep_noise"]
 
@@ -99,26 +99,29 @@ def keep_noise(
             name, NoisySite(layer, subsets[id(site.gate)], site.unit_dim, head_dim, attention)
         )
     share_samples(out)
-    _check_fit(out)
+    _check_fit(out, gated)
     return out
 
 
 @torch.no_grad()
-def _check_fit(noisy: nn.Module) -> None:
-    """One sampling pass: a slim model pruned from another gated model (or at another
-    threshold) has layers of other widths than the gates' kept units."""
+def _check_fit(noisy: nn.Module, gated: nn.Module) -> None:
+    """One sampling pass on the gated model's recorded inputs (the random state left as it
+    was): a slim model pruned from another gated model (or at another threshold) has layers of
+    other widths than the gates' kept units. Any other failure is left to sampling to report."""
+    specs = input_specs_of(gated)
+    if not specs:
+        return
     try:
-        x = example_input_for(noisy, batch=2)
-    except InputError:
-        return  # no recorded input shape: the first sampling pass checks it
-    try:
-        with mc_mode(noisy):
-            noisy(x)
+        with torch.random.fork_rng(), mc_mode(noisy):
+            noisy(*random_inputs(specs, 2))
     except InputError as e:
-        raise InputError(
-            f"the slim model does not fit the gated model's kept units (was it pruned from another "
-            f"model, or at another threshold?): {e}"
-        ) from None
+        if "noisy site has" in str(e):
+            raise InputError(
+                "the slim model does not fit the gated model's kept units (was it pruned from "
+                f"another model, or at another threshold?): {e}"
+            ) from None
+    except Exception:  # the model's own failure: sampling reports it, as before
+        pass
 
 
 class _DrawnDropout(nn.modules.dropout._DropoutNd):
@@ -137,7 +140,7 @@ class _DrawnDropout(nn.modules.dropout._DropoutNd):
             return x
         if self.p >= 1:
             return x * 0
-        k = min(self.spatial, x.dim() - 1)
+        k = min(self.spatial, x.dim() - 2)  # (N, C, L) under Dropout2d: its channels, as torch
         u = torch.rand_like(x[(Ellipsis,) + (slice(0, 1),) * k] if k else x)
         return x * (u >= self.p).to(x.dtype) / (1 - self.p)
 
@@ -182,17 +185,17 @@ class MCSampler(nn.Module):
         example: an input batch (at least 2 examples) to check the later repeat on, or ``None``.
 
     Raises:
-        InputError: ``samples`` < 1; a noise source that does not draw per example
-            (:func:`~compressdrop.uncertainty.per_example`) or an alpha dropout.
+        InputError: ``samples`` < 1; DropConnect (one weight mask per pass) or an alpha
+            dropout.
     """
 
     def __init__(self, model: nn.Module, samples: int, example: torch.Tensor | None = None) -> None:
         super().__init__()
         if samples < 1:
             raise InputError(f"samples must be ≥ 1, got {samples}")
-        if not per_example(model):
+        if any(isinstance(m, DropConnect) for m in model.modules()):
             raise InputError(
-                "the model draws masks shared by a whole batch (DropConnect, recurrent dropout): "
+                "the model has DropConnect, whose one weight mask is shared by a whole batch: "
                 "its samples cannot be stacked in one batch; draw them one pass each with "
                 "compressdrop.uncertainty.mc_samples"
             )
