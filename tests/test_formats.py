@@ -341,6 +341,18 @@ def test_a_pt2_exported_with_a_fixed_batch_size_is_refused_only_if_its_graph_nee
     res = run(["eval", tmp_path / "baked.pt2", "--data", "digits"], expect=1)
     assert "fixed batch size of 2" in res.output and "Traceback" not in res.output
 
+    class Logs(nn.Module):  # NaN for negative inputs; a per-batch scalar beside the logits
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            h = self.fc(torch.log(x).flatten(1))
+            return {"mean": h.mean(), "logits": h}
+
+    torch.export.save(torch.export.export(Logs().eval(), (x,)), tmp_path / "logs.pt2")
+    assert load_model(tmp_path / "logs.pt2")(x.abs())["logits"].shape == (2, 10)
+
 
 def test_a_training_scripts_save_is_read_for_the_state_dict_it_holds(tmp_path):
     """`torch.save({"state_dict": ..., "epoch": 3, "optimizer": ...})` (and DDP's `module.` keys)

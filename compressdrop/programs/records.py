@@ -51,29 +51,36 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
 @torch.no_grad()
 def _check_batch_free(gm: nn.Module, where: str) -> None:
     """A program exported with a fixed batch size (``torch.export.export`` without
-    ``dynamic_shapes``) must give, at another batch size, an output per example, the same as at
-    its own; one whose graph bakes the size in (a reshape to it) does not, and is refused."""
+    ``dynamic_shapes``) must give, at another batch size, the same output per example as at its
+    own; one whose graph bakes the size in (a reshape to it) does not, and is refused. Outputs
+    that are not per example, and programs that do not repeat themselves (dropout left in
+    training mode), are not judged; the random state is left as it was."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
     val = inputs[0].meta.get("val") if len(inputs) == 1 else None
     if val is None or not val.shape or not isinstance(val.shape[0], int):
         return  # several inputs, or a dynamic batch
     batch = int(val.shape[0])
     shape = tuple(int(d) for d in val.shape[1:])
-
-    def draw(n: int) -> torch.Tensor:
-        if val.dtype.is_floating_point:
-            return torch.randn(n, *shape, dtype=val.dtype)
-        return torch.zeros(n, *shape, dtype=val.dtype)
-
-    x = draw(batch + 1)
-    try:
-        want = gm(x[:batch])
-        got = gm(x)
-        ok = _first_tensor(got).shape[:1] == (batch + 1,) and torch.allclose(
-            _first_tensor(got)[:batch], _first_tensor(want), rtol=1e-4, atol=1e-5
+    with torch.random.fork_rng():
+        x = (
+            torch.rand(batch + 1, *shape, dtype=val.dtype) + 0.5  # positive: log and sqrt too
+            if val.dtype.is_floating_point
+            else torch.zeros(batch + 1, *shape, dtype=val.dtype)
         )
-    except Exception:  # an op that fails at another size: the same verdict
-        ok = False
+        try:
+            want, again = _leaves(gm(x[:batch])), _leaves(gm(x[:batch]))
+        except Exception:  # fails at its own size: left to the caller to find
+            return
+        if len(want) != len(again) or not all(_same(a, b) for a, b in zip(want, again)):
+            return  # random (dropout in training mode): nothing to compare
+        try:
+            got = _leaves(gm(x))
+            per_example = [(w, g) for w, g in zip(want, got) if w.shape[:1] == (batch,)]
+            ok = len(got) == len(want) and all(
+                g.shape[:1] == (batch + 1,) and _same(g[:batch], w) for w, g in per_example
+            )
+        except Exception:  # an op that fails at another size: the same verdict
+            ok = False
     if not ok:
         raise CheckpointError(
             f"{where} was exported with a fixed batch size of {batch} that its graph depends on "
@@ -83,10 +90,18 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         )
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    while not isinstance(out, torch.Tensor):
-        out = next(iter(out.values())) if isinstance(out, dict) else out[0]
-    return out
+def _leaves(out: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True))
 
 
 def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, Any]:
