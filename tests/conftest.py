@@ -18,7 +18,8 @@ with contextlib.suppress(ModuleNotFoundError):
 # do the processes a test starts (the CLI runs): two workers each running torch on every core
 # would fight over them and run slower than one.
 if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
-    _threads = max(1, (os.cpu_count() or 1) // workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    _threads = max(1, (cores or 1) // workers)
     torch.set_num_threads(_threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 

@@ -126,8 +126,16 @@ def _worker(rank: int, tmp: str) -> None:
     )
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (as each rank has), the count put back afterwards."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, one_thread):
     _write_recipe(tmp_path)
     single = run_recipe(_recipe(tmp_path), load_digits(), tmp_path / "single", device="cpu")
     _spawn("_worker", tmp_path)
