@@ -389,6 +389,7 @@ def test_a_new_run_in_an_old_runs_folder_leaves_none_of_its_files(tmp_path):
     assert "removed an earlier run's slim.onnx, slim.pt2" in said
     assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "slim.pt"]
 
+
 def test_arch_mistakes_are_named_as_the_user_typed_them(tmp_path):
     """`--arch mynets` spoke of an "arch record"; a factory module in the current folder failed
     with "No module named" and no word of the path; --arch beside a .pt2 was silently unused."""
