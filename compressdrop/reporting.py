@@ -50,31 +50,29 @@ def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None
     )
     tasks: dict[str, Any] = {}
 
+    def say(text: str) -> None:
+        if not as_json:
+            out.print(text, highlight=False, soft_wrap=True)
+
     def on_event(ev: dict[str, Any]) -> None:
         kind = ev["event"]
-        if kind == "recipe" and ev["default"] and not as_json:
+        if kind == "recipe" and ev["default"]:
             r, st = ev["recipe"], ev["recipe"].stages
-            out.print(
+            say(
                 f"recipe: default for your model ({r.gates.family} gates, KL weight β = "
                 f"{r.kl.beta:g}, sparsify {st.sparsify.epochs} epochs, fine-tune "
                 f"{st.finetune.epochs}, for {ev['n_train']:,} training examples); "
-                "choose another with --recipe",
-                highlight=False,
-                soft_wrap=True,
+                "choose another with --recipe"
             )
-        elif kind == "checkpoint_replaced" and not as_json:
-            out.print(
+        elif kind == "checkpoint_replaced":
+            say(
                 f"an earlier run's checkpoint.pt in {ev['folder']} is replaced at this run's first "
-                "epoch (Ctrl-C, then the earlier command with --resume, to continue that run)",
-                highlight=False,
-                soft_wrap=True,
+                "epoch (Ctrl-C, then the earlier command with --resume, to continue that run)"
             )
-        elif kind == "replaced" and not as_json:
-            out.print(
+        elif kind == "replaced":
+            say(
                 f"removed an earlier run's {', '.join(ev['files'])} from {ev['folder']} "
-                "(this run wrote no such file)",
-                highlight=False,
-                soft_wrap=True,
+                "(this run wrote no such file)"
             )
         elif kind == "stage":
             if not progress.live.is_started:
