@@ -384,10 +384,13 @@ def test_a_new_run_in_an_old_runs_folder_leaves_none_of_its_files(tmp_path):
     with pytest.raises(KeyboardInterrupt):  # stopped after its first epoch's checkpoint
         run_recipe(load_recipe(str(second)), load_digits(), out, progress=stop)
     assert sorted(p.name for p in out.iterdir()) == sorted([*before, "checkpoint.pt"])
-    said = run(["train", "--recipe", second, "--out", out]).output
-    assert "an earlier run's checkpoint.pt" in said and "--resume" in said
+    # resumed to its end, it removes what it did not write (a review found them kept then)
+    said = run(["train", "--recipe", second, "--out", out, "--resume"]).output
     assert "removed an earlier run's slim.onnx, slim.pt2" in said
     assert sorted(p.name for p in out.iterdir()) == ["gated.pt", "report.json", "slim.pt"]
+    (out / "checkpoint.pt").write_bytes(b"an interrupted run's")
+    said = run(["train", "--recipe", first, "--out", out]).output
+    assert "an earlier run's checkpoint.pt" in said and "--resume" in said
 
 
 def test_arch_mistakes_are_named_as_the_user_typed_them(tmp_path):

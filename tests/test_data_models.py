@@ -367,3 +367,10 @@ def test_npz_labels_a_model_cannot_be_trained_on_are_refused_for_training_only(t
     )
     assert res.exit_code == 1 and "labels must be 0..K-1" in res.output
     assert not (tmp_path / "o").exists()
+    # and the API's run_recipe, before any work (the CLI's check alone left it out)
+    from compressdrop.recipes import load_recipe
+    from compressdrop.training.runner import run_recipe
+
+    with pytest.raises(DataError, match=r"labels must be 0\.\.K-1"):
+        run_recipe(load_recipe("lenet300-lognormal"), sparse, tmp_path / "api")
+    assert not (tmp_path / "api").exists()

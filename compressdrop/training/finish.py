@@ -23,9 +23,9 @@ __all__ = [
     "SLIM_FORMATS",
     "SlimFiles",
     "drop_stale",
-    "earlier_outputs",
     "finish",
     "prune_summary",
+    "say_replaced_checkpoint",
     "write_slim",
 ]
 
@@ -187,22 +187,19 @@ def finish(
     return slim, files
 
 
-def earlier_outputs(out: Path, names: Sequence[str], resume: bool, progress: Any) -> list[str]:
-    """The files of ``names`` an earlier run left in ``out`` (none when resuming it), removed by
-    :func:`drop_stale` once this run has written its own; an earlier run's ``checkpoint.pt`` is
-    said to be replaced (this run writes its own at its first epoch)."""
-    if resume:
-        return []
-    if (out / "checkpoint.pt").is_file():
+def say_replaced_checkpoint(out: Path, resume: bool, progress: Any) -> None:
+    """Say that an earlier run's ``checkpoint.pt`` is replaced (this run writes its own at its
+    first epoch) when this run does not resume it."""
+    if not resume and (out / "checkpoint.pt").is_file():
         progress({"event": "checkpoint_replaced", "folder": str(out)})
-    return [n for n in names if (out / n).is_file()]
 
 
-def drop_stale(out: Path, earlier: Sequence[str], written: Sequence[Any], progress: Any) -> None:
-    """Remove the files of ``earlier`` that this run, now complete, did not write again (a
-    ``slim.onnx`` beside a new run's ``slim.pt`` would pass for its), and say which."""
+def drop_stale(out: Path, names: Sequence[str], written: Sequence[Any], progress: Any) -> None:
+    """Remove the files of ``names`` in ``out`` that this run, now complete, did not write (an
+    earlier run's ``slim.onnx`` beside this run's ``slim.pt`` would pass for its; also after
+    ``--resume``), and say which."""
     mine = {Path(p).name for p in written if p is not None}
-    stale = [n for n in earlier if n not in mine]
+    stale = [n for n in names if n not in mine and (out / n).is_file()]
     for n in stale:
         (out / n).unlink(missing_ok=True)
     if stale:

@@ -3,9 +3,8 @@
 Every epoch ends with an atomic checkpoint (``checkpoint.pt`` in the output folder); ``resume=True``
 continues from it and gives the same result as an uninterrupted run with the same seed (on the same
 device and library versions). A NaN or infinite loss stops the run with :class:`TrainingDiverged`,
-leaving the last good checkpoint in place. What each stage does is in
-:mod:`compressdrop.training.stages`; how the slim model is written, in
-:mod:`compressdrop.training.finish`.
+leaving the last good checkpoint in place. What each stage does is in :mod:`.stages`; how the
+slim model is written, in :mod:`.finish`.
 """
 
 from __future__ import annotations
@@ -26,12 +25,13 @@ from torch import nn
 from .._io import atomic_write, remove_stale_temps
 from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
+from ..data import check_trainable
 from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate, prediction_loss
 from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
-from .finish import drop_stale, earlier_outputs, prune_summary, write_slim
+from .finish import drop_stale, prune_summary, say_replaced_checkpoint, write_slim
 from .sparsifier import param_groups
 from .stages import STAGES, Stage
 
@@ -295,8 +295,9 @@ def run_recipe(
                 {"model.arch": name, "model.kwargs": dict(arch.get("kwargs") or {})}
             )
         recipe = recipe.override({"stages.pretrain.epochs": 0})
-    # every rank must run the same recipe (steps, epochs and stages decide the collectives)
-    dist.check_same("recipe", json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode())
+    recipe_bytes = json.dumps(recipe.to_dict(), sort_keys=True, default=str).encode()
+    dist.check_same("recipe", recipe_bytes)  # every rank runs the same steps and collectives
+    check_trainable(dataset)  # labels a model can train on (an npz may hold a subset)
     run = Run(recipe, dataset, out, dev, progress, dist)
     t_start = time.perf_counter()
     if model is not None:
@@ -319,9 +320,8 @@ def run_recipe(
         stage.check()
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        # a run killed mid-write leaves its temporary file beside the last good one
-        remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])
-    earlier = earlier_outputs(out, OUTPUTS, resume, run.progress) if dist.is_main else []
+        remove_stale_temps(out, [*OUTPUTS, "checkpoint.pt"])  # a run killed mid-write's
+        say_replaced_checkpoint(out, resume, run.progress)
 
     current: nn.Module | None = None
     for stage in stages[start:]:
@@ -361,7 +361,7 @@ def run_recipe(
     with atomic_write(out / "report.json") as tmp:
         Path(tmp).write_text(json.dumps(report, indent=2))
     run.ckpt.unlink(missing_ok=True)  # the run is complete: its resume point is no longer needed
-    drop_stale(out, earlier, [*files.paths.values(), gated_path, "report.json"], run.progress)
+    drop_stale(out, OUTPUTS, [*files.paths.values(), gated_path, "report.json"], run.progress)
     dist.barrier()
     return RunResult(out, gated_path, files.paths["checkpoint"], files.paths.get("onnx"), report)
 
