@@ -19,7 +19,6 @@ needs ``trust_code=True``, because unpickling runs arbitrary code. The training 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from .arch import ArchRecord, CheckpointError, Factory, build_arch, check_spec, 
 from .errors import InputError
 from .gating import GatingWarning, attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
-from .gating.noisy import noise_record, put_noise
+from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
 from .programs import is_pt2, load_program
 from .torchload import load_checkpoint
@@ -100,8 +99,8 @@ def save_model(
         baked = (getattr(model, "compressdrop_meta", None) or {}).get("slim_program")
         if report is not None and baked == report.architecture_after:
             payload["slim_program"] = True  # loaded as its own program, not pruned since
-        elif not noise and not _replays(payload):
-            payload.update(_slim_program(model, payload["arch"]))
+        elif not _replays(payload):
+            payload.update(_slim_program(model, payload["arch"], noise))
     path = Path(path)
     with atomic_write(path) as tmp:
         torch.save(payload, tmp)
@@ -114,29 +113,38 @@ def _replays(payload: Mapping[str, Any]) -> bool:
     from .pruning import replay
 
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng():
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             model = build_arch(payload["arch"], where="the dense program")
             replay(model, payload["prune_report"]["history"])
+            if payload.get("noise"):
+                put_noise(model, payload["noise"])
             model.load_state_dict(payload["state_dict"])
     except Exception:  # any failure: the slim model is saved as its own program instead
         return False
     return True
 
 
-def _slim_program(model: nn.Module, arch: Mapping[str, Any]) -> dict[str, Any]:
+def _slim_program(model: nn.Module, arch: Mapping[str, Any], noise: list) -> dict[str, Any]:
     """A slim model kept as a program that the dense program and the cuts cannot rebuild, saved
     as its own program: a block that pruning rewrote (ShuffleNetV2's shuffle, as index buffers)
     has no form in the dense graph, and the program's constants (Swin's lifted tensors) no key
     in the model's state_dict. Its batch dimension is dynamic, other dimensions as exported
-    (token ids: the example's length). The state saved is the one the rebuilt program holds."""
+    (token ids: the example's length). The state saved is the one the rebuilt program holds, with
+    the noise record's sites put back (their gates' values from ``model``)."""
     from .gating import example_input_for
     from .programs import program_record
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         cpu = copy.deepcopy(model).cpu()
-        record = {**arch, **program_record(cpu, example_input_for(cpu, batch=2))}
-    rebuilt = load_program(record["program"].numpy().tobytes(), "the slim model's program")
+        plain = copy.deepcopy(cpu)
+        for name, site in list(noisy_sites(plain)):  # the program is of the slim model alone
+            plain.set_submodule(name, site.module)
+        record = {**arch, **program_record(plain, example_input_for(plain, batch=2))}
+        rebuilt = load_program(record["program"].numpy().tobytes(), "the slim model's program")
+        if noise:
+            put_noise(rebuilt, noise)
+            rebuilt.load_state_dict(cpu.state_dict(), strict=False)  # program constants kept
     state = {k: v.detach().cpu() for k, v in rebuilt.state_dict().items()}
     return {"arch": record, "state_dict": state, "slim_program": True}
 
@@ -261,15 +269,15 @@ def load_run_state(path: str | Path) -> dict[str, Any]:
 def _load_state(
     model: nn.Module, state: Mapping[str, torch.Tensor], path: Any, hint: str = ""
 ) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        ddp = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
-        if len(ddp) == len(state):  # DistributedDataParallel's keys: tried without the prefix
-            with contextlib.suppress(RuntimeError):
-                model.load_state_dict(ddp)
-                return
-        raise CheckpointError(f"{path}: weights do not fit the architecture{hint}: {e}") from None
+    ddp = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+    tries = [state, ddp] if len(ddp) == len(state) else [state]  # DDP's keys: without the prefix
+    for attempt in tries:
+        try:
+            model.load_state_dict(attempt)
+            return
+        except RuntimeError as e:  # the last attempt's error names what does not fit
+            why = str(e)
+    raise CheckpointError(f"{path}: weights do not fit the architecture{hint}: {why}")
 
 
 def _from_payload(
@@ -280,6 +288,8 @@ def _from_payload(
         raise CheckpointError(
             f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})"
         )
+    if payload.get("slim_program") and factory is not None:  # refused before any factory runs
+        raise CheckpointError(f"{path}: a slim model saved as its own program; --arch is not used")
     model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
     hint, baked = "", None
@@ -306,10 +316,6 @@ def _from_payload(
         from .pruning import PruneReport, replay
 
         rep = payload["prune_report"]
-        if payload.get("slim_program") and factory is not None:
-            raise CheckpointError(
-                f"{path}: a slim model saved as its own program; --arch is not used"
-            )
         if not payload.get("slim_program"):  # else the program is the slim structure itself
             replay(model, rep["history"])
         report = PruneReport.from_dict(rep)

@@ -91,6 +91,12 @@ class NoisySite(Wrapper):
     def _noise(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         if not self.gate.training:
             return x
+        if not isinstance(x, torch.Tensor):  # an LSTM's (output, (h, c))
+            raise InputError(
+                f"the noise of a {type(self.module).__name__} whose output is a "
+                f"{type(x).__name__} cannot be sampled from the slim model; sample the gated "
+                "model instead (compressdrop eval gated.pt --mc N)"
+            )
         dim = dim % x.dim()
         if x.shape[dim] != self.gate.num_units:
             raise InputError(

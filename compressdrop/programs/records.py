@@ -37,7 +37,8 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
             :func:`~compressdrop.programs.load_program_safely` refuses or cannot load it.
     """
     data, where = _read(src, where)
-    model = program_to_module(load_program_safely(data, where))
+    with torch.random.fork_rng(devices=[]):  # its layers are built, then given the weights
+        model = program_to_module(load_program_safely(data, where))
     arch: dict[str, Any] = {"program": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
     # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
     model.arch = arch  # type: ignore[assignment]
@@ -61,7 +62,7 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         return  # several inputs, or a dynamic batch
     batch = int(val.shape[0])
     shape = tuple(int(d) for d in val.shape[1:])
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=[]):
         x = (
             torch.rand(batch + 1, *shape, dtype=val.dtype) + 0.5  # positive: log and sqrt too
             if val.dtype.is_floating_point

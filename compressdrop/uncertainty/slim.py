@@ -112,7 +112,7 @@ def _check_fit(noisy: nn.Module, gated: nn.Module) -> None:
     if not specs:
         return
     try:
-        with torch.random.fork_rng(), mc_mode(noisy):
+        with torch.random.fork_rng(devices=[]), mc_mode(noisy):
             noisy(*random_inputs(specs, 2))
     except InputError as e:
         if "noisy site has" in str(e):
@@ -250,7 +250,7 @@ class MCSampler(nn.Module):
             first.tile = self.samples
             try:
                 got = logits_of(self.model(example))
-            except (RuntimeError, TypeError):
+            except (RuntimeError, TypeError, AttributeError):
                 got = None
             ok = (
                 isinstance(got, torch.Tensor)
