@@ -353,6 +353,18 @@ def test_a_pt2_exported_with_a_fixed_batch_size_is_refused_only_if_its_graph_nee
     torch.export.save(torch.export.export(Logs().eval(), (x,)), tmp_path / "logs.pt2")
     assert load_model(tmp_path / "logs.pt2")(x.abs())["logits"].shape == (2, 10)
 
+    class PriorAndGram(nn.Module):  # a per-class prior of 2 at batch 2, and a (B, B) product
+        def __init__(self):
+            super().__init__()
+            self.fc, self.prior = nn.Linear(64, 2), nn.Parameter(torch.tensor([0.3, 0.7]))
+
+        def forward(self, x):
+            h = self.fc(x.flatten(1))
+            return h, self.prior * 1.0, h @ h.T
+
+    torch.export.save(torch.export.export(PriorAndGram().eval(), (x,)), tmp_path / "pg.pt2")
+    load_model(tmp_path / "pg.pt2")  # a second review found both refused
+
 
 def test_a_training_scripts_save_is_read_for_the_state_dict_it_holds(tmp_path):
     """`torch.save({"state_dict": ..., "epoch": 3, "optimizer": ...})` (and DDP's `module.` keys)

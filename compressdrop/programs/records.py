@@ -53,9 +53,9 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
 def _check_batch_free(gm: nn.Module, where: str) -> None:
     """A program exported with a fixed batch size (``torch.export.export`` without
     ``dynamic_shapes``) must give, at another batch size, the same output per example as at its
-    own; one whose graph bakes the size in (a reshape to it) does not, and is refused. Outputs
-    that are not per example, and programs that do not repeat themselves (dropout left in
-    training mode), are not judged; the random state is left as it was."""
+    own; one whose graph bakes the size in (a reshape to it) does not, and is refused (see
+    :func:`_fits`). Programs that do not repeat themselves (dropout left in training mode) are
+    not judged; the random state is left as it was."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]  # type: ignore[union-attr]
     val = inputs[0].meta.get("val") if len(inputs) == 1 else None
     if val is None or not val.shape or not isinstance(val.shape[0], int):
@@ -76,10 +76,7 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
             return  # random (dropout in training mode): nothing to compare
         try:
             got = _leaves(gm(x))
-            per_example = [(w, g) for w, g in zip(want, got) if w.shape[:1] == (batch,)]
-            ok = len(got) == len(want) and all(
-                g.shape[:1] == (batch + 1,) and _same(g[:batch], w) for w, g in per_example
-            )
+            ok = len(got) == len(want) and all(_fits(w, g, batch) for w, g in zip(want, got))
         except Exception:  # an op that fails at another size: the same verdict
             ok = False
     if not ok:
@@ -89,6 +86,19 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
             "batch: torch.export.export(model, (x,), dynamic_shapes=({0: "
             "torch.export.Dim('batch')},))"
         )
+
+
+def _fits(want: torch.Tensor, got: torch.Tensor, batch: int) -> bool:
+    """An output at ``batch`` + 1 against the same at ``batch``: one that grows with the batch
+    holds the same values where the two overlap (a ``(B, B)`` similarity too); one that does not
+    (a per-class prior) is the same; a scalar (a batch mean) is not judged."""
+    if want.dim() == 0 and got.dim() == 0:
+        return True
+    if got.dim() == want.dim() and got.shape[:1] == (batch + 1,) and want.shape[:1] == (batch,):
+        if any(g < w for g, w in zip(got.shape, want.shape)):
+            return False
+        return _same(got[tuple(slice(0, n) for n in want.shape)], want)
+    return _same(got, want)
 
 
 def _leaves(out: Any) -> list[torch.Tensor]:
