@@ -10,6 +10,7 @@ from PIL import Image
 
 from compressdrop.data import Dataset, load_dataset
 from compressdrop.data.images import ImageFolderError, load_image_folder
+from compressdrop.errors import DataError
 
 CLASSES = ("cat", "dog", "owl")
 
@@ -171,10 +172,15 @@ def test_no_class_folders(tmp_path):
         load_image_folder(tmp_path)
 
 
-def test_one_class_is_too_few(tmp_path):
+def test_one_class_is_too_few_to_train_on_but_reads_for_eval_and_ood(tmp_path):
+    """A folder of one class was refused at load, also as `--ood` data (a review)."""
+    from compressdrop.data import check_trainable
+
     _folder(tmp_path, classes=("only",), per_class=3)
-    with pytest.raises(ImageFolderError, match=r"only one class subfolder \(only/\).*at least 2"):
-        load_image_folder(tmp_path)
+    ds = load_image_folder(tmp_path, test_fraction=0.34)
+    assert ds.classes == ("only",) and len(ds.x_train) + len(ds.x_test) == 3
+    with pytest.raises(DataError, match=r"only one class \(0\); classification needs at least 2"):
+        check_trainable(ds)
 
 
 def test_empty_class_is_named(tmp_path):

@@ -91,11 +91,6 @@ def _scan(folder: Path) -> dict[str, list[Path]]:
             f"{folder}: no class subfolders{hint}; put each class's images in a subfolder "
             f"named after the class (e.g. {folder}/cat/, {folder}/dog/)"
         )
-    if len(dirs) < 2:
-        raise ImageFolderError(
-            f"{folder}: only one class subfolder ({dirs[0].name}/); classification needs at "
-            f"least 2 classes"
-        )
     classes = {d.name: _image_files(d) for d in dirs}
     for name, files in classes.items():
         if not files:
