@@ -29,6 +29,7 @@ _SCHEMAS = (
     "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 )
 T = TypeVar("T")
+_BROKEN = "torchvision::nms does not exist"  # what importing a mismatched build raises
 _LIB: list[torch.library.Library] = []  # kept alive: dropping a Library removes its definitions
 
 
@@ -55,9 +56,6 @@ def import_torchvision() -> ModuleType | None:
         lib.define(schema)
     _LIB.append(lib)
     return importlib.import_module("torchvision")
-
-
-_BROKEN = "torchvision::nms does not exist"
 
 
 def retry_with_torchvision(load: Callable[[], T]) -> T:

@@ -31,6 +31,7 @@ from torch import nn
 from ._attrs import set_record
 from ._io import atomic_write
 from ._version import __version__
+from ._warn import recorded
 from .arch import ArchRecord, CheckpointError, Factory, build_arch, check_spec, factory_spec
 from .errors import InputError
 from .gating import GatingWarning, attach, is_gated
@@ -137,7 +138,7 @@ def _slim_program(model: nn.Module, arch: Mapping[str, Any], noise: list) -> dic
 
     with torch.random.fork_rng(devices=[]):
         cpu = copy.deepcopy(model).cpu()
-        plain = copy.deepcopy(cpu)
+        plain = copy.deepcopy(cpu) if noise else cpu
         for name, site in list(noisy_sites(plain)):  # the program is of the slim model alone
             plain.set_submodule(name, site.module)
         record = {**arch, **program_record(plain, example_input_for(plain, batch=2))}
@@ -241,8 +242,8 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 def _unwrapped(obj: Any) -> Any:
     """The model inside a training script's save, ``{"state_dict": ..., "epoch": ...}`` (the
-    first of :data:`_WRAPPER_KEYS` that holds a state_dict or a module), with DDP's ``module.``
-    prefix taken off a state_dict's keys; anything else as it is."""
+    first of :data:`_WRAPPER_KEYS` that holds a state_dict or a module); anything else as it is.
+    (DDP's ``module.`` key prefix is tried off by :func:`_load_state`.)"""
     if isinstance(obj, Mapping) and obj.get("format") not in (FORMAT, RUN_FORMAT):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
@@ -298,13 +299,9 @@ def _from_payload(
         example = random_inputs(specs, 2)
         # the plan's warnings (layers left ungated, and why) were given when the gates were first
         # attached: kept back here, said again only if the plan fails or does not fit the weights
-        failed: Exception | None = None
-        with warnings.catch_warnings(record=True) as said:
-            warnings.simplefilter("always")
-            try:
-                attach(model, **payload["attach"], example_inputs=example)
-            except Exception as e:  # re-raised below, once its warnings are said
-                failed = e
+        _, failed, said = recorded(
+            lambda: attach(model, **payload["attach"], example_inputs=example)
+        )
         for w in said:
             if failed is not None or not issubclass(w.category, GatingWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._attrs import set_record
+from .._warn import recorded
 from ..checkpoint import save_model
 from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
@@ -126,7 +127,7 @@ class Sparsify(Stage):
         run = self.run
         # the NLL is a mean over labels (a label per token for a language model), so the KL is
         # divided by the number of labels: both terms are the ELBO per label
-        sparsifier, failed, said = _recorded(
+        sparsifier, failed, said = recorded(
             lambda: Sparsifier.from_recipe(
                 model, run.recipe, run.train.y_train.numel(), example_inputs=run.example()
             )
@@ -151,7 +152,7 @@ class Sparsify(Stage):
             return
         kwargs = run.recipe.gates.attach_kwargs()
         with _same_random_state(model):
-            _, failed, said = _recorded(
+            _, failed, said = recorded(
                 lambda: attach(model, **kwargs, example_inputs=run.example())
             )
         for w in said:
@@ -201,21 +202,6 @@ class Sparsify(Stage):
                 "dataset": run.data.name,
             }
         save_model(model, run.out / "gated.pt", recipe=run.recipe.to_dict(), meta=meta)
-
-
-def _recorded(
-    fn: Callable[[], Any],
-) -> tuple[Any, Exception | None, list[warnings.WarningMessage]]:
-    """``fn()``'s result (``None`` if it raised), what it raised, and the warnings it gave, every
-    one recorded (none shown)."""
-    result, failed = None, None
-    with warnings.catch_warnings(record=True) as said:
-        warnings.simplefilter("always")
-        try:
-            result = fn()
-        except Exception as e:  # re-raised by the caller, once the warnings are said
-            failed = e
-    return result, failed, said
 
 
 def _same_random_state(model: nn.Module) -> contextlib.AbstractContextManager:

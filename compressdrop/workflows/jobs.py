@@ -111,8 +111,7 @@ def train(
         r = r.replace(compile=compile)
     if data is not None:
         r = r.override({"data.name": data})
-    ds = load_dataset(r.data.name)
-    check_trainable(ds)
+    ds = load_dataset(r.data.name)  # its labels: checked by run_recipe before any work
     clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
     try:
         dist, dev = from_env(device)
