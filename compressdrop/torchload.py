@@ -51,13 +51,18 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         with warnings.catch_warnings():
             # a damaged pickle stream makes torch warn about odd protocol numbers before failing
             warnings.simplefilter("ignore", UserWarning)
-            return retry_with_torchvision(  # a pickled torchvision model imports torchvision
-                lambda: torch.load(path, map_location="cpu", weights_only=not trust_code)
-            )
+            if trust_code:  # a pickled torchvision model imports torchvision
+                return retry_with_torchvision(
+                    lambda: torch.load(path, map_location="cpu", weights_only=False)
+                )
+            with torch.serialization.safe_globals(_inert_globals()):
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The weights-only unpickler says "Unsupported global" when the stream is well formed but
         # names a class or function; every other failure of it means a damaged stream.
         named = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        # (or a class the stream builds that is not allowed: a numpy array of objects)
+        named = named or re.search(r"add_safe_globals`?, but got <class '([\w.]+)'>", str(e))
         if not trust_code and (named or "unrecognized function" in str(e)):
             what = f" (it names {named.group(1)})" if named else ""
             raise CheckpointError(
@@ -87,6 +92,29 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             f"{path}: not a readable PyTorch file (corrupt or truncated?): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from None
+
+
+def _inert_globals() -> list:
+    """Classes and functions a training script's save commonly names beside its weights, which
+    the weights-only unpickler may build without running anything from the file: numpy scalars
+    and arrays (``best_acc = np.float64(...)``), an ``argparse.Namespace`` of the script's
+    arguments and the paths in it. Each is taken from this table, never imported by the name the
+    file gives; its construction only stores data (a numpy array of objects holds what the
+    stream builds under the same rules)."""
+    import argparse
+    import pathlib
+
+    import numpy as np
+
+    # numpy 2 pickles as numpy._core, numpy 1 as numpy.core: both names are allowed below
+    core = getattr(np, "_core", None) or np.core
+    scalar, reconstruct = core.multiarray.scalar, core.multiarray._reconstruct
+    allowed: list = [np.dtype, np.ndarray, argparse.Namespace]
+    allowed += [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    allowed += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "?")]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # saved by either numpy
+        allowed += [(scalar, f"{mod}.scalar"), (reconstruct, f"{mod}._reconstruct")]
+    return allowed
 
 
 def _without_advice(message: str) -> str:

@@ -2,12 +2,15 @@
 pickled module (with --trust-pickle), a state_dict with --arch and --arch-arg. The slim .pt2 loads
 in a process that never imports compressdrop and computes what the slim model computes."""
 
+import argparse
 import json
 import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -376,6 +379,12 @@ def test_a_training_scripts_save_is_read_for_the_state_dict_it_holds(tmp_path):
     saves = {
         "sd": {"state_dict": net.state_dict(), "epoch": 3, "optimizer": opt.state_dict()},
         "msd": {"model_state_dict": ddp, "epoch": 3},
+        # numpy scalars and the script's arguments beside it were refused as pickled objects
+        "np": {
+            "state_dict": net.state_dict(),
+            "best_acc": np.float64(0.9),
+            "args": argparse.Namespace(lr=0.1, out=Path("runs")),
+        },
     }
     x = torch.randn(3, 1, 8, 8)
     for name, obj in saves.items():

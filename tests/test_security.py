@@ -122,6 +122,34 @@ def test_a_pickle_exploit_is_refused_before_it_runs(tmp_path):
     assert "corrupt" not in said and "weights_only" not in said
 
 
+def test_inert_extras_are_read_and_an_object_array_is_still_refused(tmp_path):
+    """A training save's numpy scalars and argparse arguments are built without running code from
+    the file (a fixed table, not the names the file gives); an object array, which could carry any
+    pickled object, is refused as pickled objects, and its payload does not run."""
+    import argparse
+
+    import numpy as np
+
+    from compressdrop.torchload import load_checkpoint
+
+    args = argparse.Namespace(lr=0.1, out=Path("/runs/a"))
+    torch.save({"best": np.float64(0.9), "n": np.int64(3), "hist": np.arange(3.0), "args": args},
+               tmp_path / "extras.pt")  # fmt: skip
+    got = load_checkpoint(tmp_path / "extras.pt")
+    assert got["best"] == 0.9 and got["n"] == 3 and got["hist"].tolist() == [0.0, 1.0, 2.0]
+    assert got["args"] == args
+    marker = tmp_path / "marker.npy"
+
+    class Exploit:
+        def __reduce__(self):
+            return (np.save, (str(marker), np.zeros(1)))
+
+    torch.save({"x": np.array([Exploit()], dtype=object)}, tmp_path / "objects.pt")
+    with pytest.raises(CheckpointError, match=r"pickled Python objects \(it names numpy"):
+        load_checkpoint(tmp_path / "objects.pt")
+    assert not marker.exists()
+
+
 def test_bad_records_are_refused(tmp_path):
     for bad, why in [
         ({"factory": "os.system"}, "must look like"),
