@@ -496,3 +496,33 @@ def test_a_state_dict_whose_keys_all_start_with_module_is_loaded_as_it_is_first(
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(got(x), net(x))
+
+
+def test_a_bfloat16_model_keeps_its_dtype_when_loaded_and_runs_in_float32_in_the_cli(tmp_path):
+    """A bfloat16 `.pt2` came back from load_model with float32 weights, and a pickled bfloat16
+    module ended `prune` and `eval` in a dtype-mismatch traceback."""
+    from compressdrop.workflows.jobs import PrecisionWarning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    net = net.to(torch.bfloat16).eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "bf16.pt2")
+    got = load_model(tmp_path / "bf16.pt2")
+    assert {p.dtype for p in got.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(got(x), net(x))
+
+    torch.save(net, tmp_path / "bf16.pt")
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=1, finetune=0, onnx=False)
+    warned = "bfloat16 weights are used in float32"
+    with pytest.warns(PrecisionWarning, match=warned):
+        res = run(["eval", tmp_path / "bf16.pt2", "--data", "digits"])
+    assert "accuracy" in res.output
+    with pytest.warns(PrecisionWarning, match=warned):
+        run(["prune", tmp_path / "bf16.pt", "--trust-pickle", "--data", "digits",
+             "--recipe", recipe, "-o", tmp_path / "slim.pt"])  # fmt: skip
+    slim = load_model(tmp_path / "slim.pt")
+    assert {p.dtype for p in slim.parameters()} == {torch.float32}

@@ -87,6 +87,7 @@ def _layer(node: fx.Node, params: dict[str, torch.Tensor]) -> tuple[nn.Module, s
         m = nn.Embedding(w.shape[0], w.shape[1], padding_idx=pad)
     else:
         return None
+    m = m.to(dtype=w.dtype)  # a bf16 or float64 program keeps its dtype (the copies are exact)
     with torch.no_grad():
         # every layer built above has a weight and, when ``b`` is given, a bias; nn.Module types
         # attribute access as ``Tensor | Module``

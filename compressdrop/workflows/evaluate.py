@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ..arch import Factory
-from ..checkpoint import load_model
 from ..data import load_dataset
 from ..errors import InputError
 from .jobs import load_fitting
@@ -139,7 +138,7 @@ def sweep_file(
     from ..evaluation.sweep import sweep, write_sweep
     from ..gating import is_gated
 
-    model = load_model(model_path, arch=arch, trust_code=trust_code)
+    model = load_fitting(model_path, None, "", arch, None, trust_code)  # in float32
     if not is_gated(model):
         raise InputError(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"

@@ -8,6 +8,7 @@ names the file and the problem.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -210,7 +211,7 @@ def prune_file(
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
-    model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    model = _load_float32(model_path, arch, arch_kwargs, trust_code)
     if not out.suffix and not hasattr(model, "save_pretrained"):  # before any training
         raise InputError(
             f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
@@ -297,9 +298,38 @@ def load_fitting(
     arch_kwargs: Mapping[str, Any] | None,
     trust_code: bool,
 ) -> nn.Module:
-    model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    model = _load_float32(model_path, arch, arch_kwargs, trust_code)
     if shape is not None:
         fit_input_shape(model, shape, what)
+    return model
+
+
+class PrecisionWarning(UserWarning):
+    """A model's bfloat16, float16 or float64 weights are used in float32 by a CLI job."""
+
+
+def _load_float32(
+    model_path: str | Path,
+    arch: Factory | str | None,
+    arch_kwargs: Mapping[str, Any] | None,
+    trust_code: bool,
+) -> nn.Module:
+    """:func:`load_model`, its floating-point weights in float32 (the data's and the runner's
+    dtype; training a bfloat16 model wants float32 master weights, and the recipe's ``precision:
+    bf16`` autocasts), with a :class:`PrecisionWarning` saying so."""
+    model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
+    tensors = [*model.parameters(), *model.buffers()]
+    other = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
+    other = [d for d in other if d != "float32"]
+    if other:
+        warnings.warn(
+            f"{model_path}: its {' and '.join(other)} weights are used in float32 (the data, any "
+            "training and the files written are float32); convert the result with "
+            "model.to(torch.bfloat16) or the like if you need its dtype back",
+            PrecisionWarning,
+            stacklevel=2,
+        )
+        model = model.float()
     return model
 
 
