@@ -139,7 +139,8 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
         parent_name, _, leaf = prefix.rpartition(".")
         parent = gm.get_submodule(parent_name) if parent_name else gm
         # the holder of the layer's parameters: a module, never a None placeholder
-        if list(cast(nn.Module, parent._modules[leaf]).children()):
+        holder = cast(nn.Module, parent._modules[leaf])
+        if list(holder.children()) or _loses_a_read_tensor(graph, node, holder, module, prefix):
             continue
         parent._modules[leaf] = module  # the holder of weight/bias becomes the layer itself
         done.add(prefix)
@@ -155,6 +156,21 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
     graph.lint()
     # a plain GraphModule: the program's own refuses train()/eval(), which training needs
     return ProgramModule(gm, graph).eval()
+
+
+def _loses_a_read_tensor(
+    graph: fx.Graph, node: fx.Node, holder: nn.Module, layer: nn.Module, prefix: str
+) -> bool:
+    """Whether the holder has a tensor the layer built for it lacks that another node reads: a
+    bias the program computes before the call (Swin V2 zeroes part of ``qkv.bias`` and passes the
+    copy) leaves the layer without one, while the original is still read; the call then stays."""
+    own = {n for n, _ in [*layer.named_parameters(), *layer.named_buffers()]}
+    held = [n for n, _ in [*holder.named_parameters(), *holder.named_buffers()] if n not in own]
+    lost = {f"{prefix}.{n}" for n in held}
+    return any(
+        n.op == "get_attr" and n.target in lost and any(u is not node for u in n.users)
+        for n in graph.nodes
+    )
 
 
 class ProgramModule(fx.GraphModule):
