@@ -38,6 +38,21 @@ def test_valid_gate_kwargs_load_round_trip_and_leave_the_random_state(tmp_path, 
     assert Recipe.from_dict(r.to_dict()) == r
 
 
+def test_numbers_written_without_a_dot_are_numbers(tmp_path):
+    """PyYAML reads `1e1` (no dot) as a string, and `gates.kwargs` refused `penalty: 1e1` with
+    "expected a number, got '1e1'"; the typed fields had a workaround, the free-form ones not."""
+    p = tmp_path / "e.yaml"
+    p.write_text(
+        "gates: {family: hardconcrete, kwargs: {penalty: 1e1, init_drop: 25E-2},"
+        " kl_scale: {neuron: 2e0}}\nkl: {beta: 3.2e+1}\nstages: {pretrain: {lr: 1e-3}}\n"
+        "name: '1e3'\n"
+    )
+    r = load_recipe(p)
+    assert r.gates.kwargs == {"penalty": 10.0, "init_drop": 0.25}
+    assert r.gates.kl_scale == {"neuron": 2.0} and r.kl.beta == 32.0
+    assert r.stages.pretrain.lr == 0.001 and r.name == "1e3"  # quoted: still a string
+
+
 def test_the_readme_documents_each_familys_gate_kwargs():
     from compressdrop.gates import gate_parameters
 

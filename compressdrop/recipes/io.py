@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,19 @@ DEFAULT_RECIPE = "lenet300-lognormal"
 
 #: The folder of shipped recipes, as package data (not necessarily a real directory).
 SHIPPED_RECIPES: Traversable = resources.files(__package__).joinpath("shipped")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` and ``5E2`` as numbers as YAML 1.2 does (YAML 1.1,
+    which PyYAML follows, wants a dot: ``1.0e-3``; without it they were strings, refused as
+    ``gates.kwargs`` or ``gates.kl_scale`` values)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 # Real paths of shipped recipes that had to be extracted (a zipped install) stay valid until exit.
 _extracted = contextlib.ExitStack()
@@ -70,7 +84,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
