@@ -168,10 +168,18 @@ def cmd_train(args) -> None:
         else:
             family, beta = name.rsplit("-b", 1)
             recipe = _recipe(args.net, family)
+            # the recipe's own fine-tuning unless --finetune-lr / --finetune-schedule say otherwise
+            finetune_stage = {
+                k: v
+                for k, v in (("lr", args.finetune_lr), ("lr_schedule", args.finetune_schedule))
+                if v is not None
+            }
             stages = type(recipe.stages)(
                 pretrain=StageConfig(epochs=0),
                 sparsify=StageConfig(**{**vars(recipe.stages.sparsify), "epochs": args.sparsify}),
-                finetune=StageConfig(**{**vars(recipe.stages.finetune), "epochs": args.finetune}),
+                finetune=StageConfig(
+                    **{**vars(recipe.stages.finetune), "epochs": args.finetune, **finetune_stage}
+                ),
             )
             kl = type(recipe.kl)(**{**vars(recipe.kl), "beta": float(beta)})
             recipe = recipe.replace(
@@ -188,6 +196,7 @@ def cmd_train(args) -> None:
                 "resumed": resume,  # then train_seconds counts only the resumed part
                 "method": family,
                 "beta": float(beta),
+                "finetune": {k: getattr(recipe.stages.finetune, k) for k in ("lr", "lr_schedule")},
                 "units": result.report["architecture_after"],
             }
         model = load_model(path).to(args.device)
@@ -445,6 +454,10 @@ def main() -> None:
     ap.add_argument("--pretrain", type=int, default=10)
     ap.add_argument("--sparsify", type=int, default=20)
     ap.add_argument("--finetune", type=int, default=5)
+    ap.add_argument("--finetune-lr", type=float, help="train: a gated job's fine-tuning rate")
+    ap.add_argument(
+        "--finetune-schedule", choices=("constant", "cosine"), help="train: its lr_schedule"
+    )
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument(
         "--select-against",

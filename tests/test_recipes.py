@@ -77,6 +77,10 @@ def test_shipped_recipe_round_trips(name, tmp_path):
             {"gates": {"family": "concrete", "kwargs": {"inverted": "no"}}},
             "gates.kwargs.inverted: expected true/false",
         ),
+        (
+            {"stages": {"finetune": {"lr_schedule": "linear"}}},
+            "stages.finetune.lr_schedule: must be one of constant, cosine, got 'linear'",
+        ),
     ],
 )
 def test_bad_values_name_the_file_and_key_path(tmp_path, patch, message):
@@ -115,6 +119,39 @@ def test_shipped_recipes_are_package_data_and_a_users_own_file_is_taken_as_is(tm
 def test_scientific_notation_without_dot_is_a_number():
     r = Recipe.from_dict({"stages": {"sparsify": {"lr": "1e-3"}}})
     assert r.stages.sparsify.lr == pytest.approx(1e-3)
+
+
+def test_a_cosine_stage_lowers_its_rates_step_by_step_towards_zero(tmp_path):
+    """`lr_schedule: cosine` (new): both rates follow ½·(1 + cos(π·done)) within the stage; a
+    constant stage keeps its rate. The history records each epoch's last rate."""
+    from compressdrop.data import load_digits
+    from compressdrop.recipes.schedule import lr_factor
+    from compressdrop.training.runner import run_recipe
+
+    assert lr_factor("cosine", 0.0) == 1.0 and lr_factor("cosine", 0.5) == pytest.approx(0.5)
+    assert lr_factor("constant", 0.7) == 1.0
+    r = Recipe.from_dict(
+        {
+            "model": {"arch": "lenet300"},
+            "data": {"name": "digits", "batch_size": 256},
+            "stages": {
+                "pretrain": {"epochs": 2, "lr": 0.002},
+                "sparsify": {"epochs": 2, "lr": 0.001, "gate_lr": 0.01, "lr_schedule": "cosine"},
+                "finetune": {"epochs": 1, "lr": 0.0003},
+            },
+            "export": {"onnx": False},
+        }
+    )
+    digits = load_digits()
+    report = run_recipe(r, digits, tmp_path / "out", device="cpu").report
+    lrs = {(h["stage"], h["epoch"]): h["lr"] for h in report["history"]}
+    train, _ = digits.split_validation(r.data.val_fraction, seed=r.seed)  # as the runner splits
+    steps = -(-len(train.x_train) // 256)
+    assert lrs["pretrain", 1] == lrs["pretrain", 2] == 0.002
+    for epoch in (1, 2):  # the rate of the epoch's last step: done = (epoch − 1/steps) / 2
+        done = (epoch - 1 / steps) / 2
+        assert lrs["sparsify", epoch] == pytest.approx(0.001 * lr_factor("cosine", done))
+    assert 0 < lrs["sparsify", 2] < lrs["sparsify", 1] < 0.001 and lrs["finetune", 1] == 0.0003
 
 
 # --- every shipped recipe runs -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CompressDropError, InputError
-from .schedule import KLSchedule
+from .schedule import LR_SCHEDULES, KLSchedule
 
 __all__ = [
     "DataConfig",
@@ -131,13 +131,18 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """One training stage: epochs, optimizer and learning rates (``gate_lr`` for gate parameters)."""
+    """One training stage: epochs, optimizer and learning rates (``gate_lr`` for gate parameters).
+
+    ``lr_schedule``: ``constant``, or ``cosine``: both learning rates fall along a half cosine
+    from their value at the stage's first step to 0 after its last, step by step.
+    """
 
     epochs: int = 0
     optimizer: str = "adam"
     lr: float = 1e-3
     gate_lr: float = 1e-2
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "epochs", f"must be ≥ 0, got {self.epochs}")
@@ -149,6 +154,11 @@ class StageConfig:
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.gate_lr > 0, "gate_lr", f"must be > 0, got {self.gate_lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be ≥ 0, got {self.weight_decay}")
+        _check(
+            self.lr_schedule in LR_SCHEDULES,
+            "lr_schedule",
+            f"must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}",
+        )
 
 
 @dataclass(frozen=True)

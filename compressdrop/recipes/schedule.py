@@ -1,12 +1,16 @@
-"""The KL weight schedule β(t) of the ELBO loss NLL + β(t)·KL/N."""
+"""The KL weight schedule β(t) of the ELBO loss NLL + β(t)·KL/N, and a stage's learning-rate
+schedule."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InputError
 
-__all__ = ["KLSchedule"]
+__all__ = ["LR_SCHEDULES", "KLSchedule", "lr_factor"]
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -38,3 +42,13 @@ class KLSchedule:
         if self.warmup <= 0:
             return float(self.beta)
         return float(self.beta) * min(1.0, (t - self.delay) / self.warmup)
+
+
+def lr_factor(schedule: str, done: float) -> float:
+    """The factor on a stage's learning rates after ``done`` of it (a fraction in [0, 1)):
+    1 for ``constant``; ½·(1 + cos(π·done)) for ``cosine``, from 1 at the first step towards 0."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(done, 0.0), 1.0)))
+    raise InputError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")

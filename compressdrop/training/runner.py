@@ -32,7 +32,7 @@ from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
 from .finish import drop_stale, prune_summary, say_replaced_checkpoint, write_slim
-from .sparsifier import param_groups
+from .sparsifier import make_optimizer, schedule_lr
 from .stages import STAGES, Stage
 
 __all__ = ["RunResult", "TrainingDiverged", "run_recipe", "seed_everything"]
@@ -60,13 +60,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.lr, cfg.gate_lr, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, momentum=0.9)
-    return torch.optim.Adam(groups)
 
 
 class Run:
@@ -217,6 +210,7 @@ class Run:
                 self._check_finite(loss, stage.name, epoch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                schedule_lr(opt, cfg, (epoch + i / steps) / cfg.epochs)
                 opt.step()
                 tot_loss += float(loss.detach())
             val = evaluate(model, self.val.x_test, self.val.y_test)
@@ -228,6 +222,7 @@ class Run:
                 "kl": 0.0,
                 "val_accuracy": val.accuracy,
                 "val_nll": val.nll,
+                "lr": opt.param_groups[0]["lr"],  # of the epoch's last step
                 "seconds": time.perf_counter() - t0,
                 **stage.epoch_record(model, steps),
             }
@@ -329,13 +324,13 @@ def run_recipe(
         if state is not None:  # resuming inside this stage
             current = stage.rebuild()
             current.load_state_dict(state["model"])
-            opt = _optimizer(current, cfg)
+            opt = make_optimizer(current, cfg)
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             start_epoch, state = state["epoch"], None
         else:
             current = stage.enter(current)
-            opt, start_epoch = _optimizer(current, cfg), 0
+            opt, start_epoch = make_optimizer(current, cfg), 0
         run.progress({"event": "stage", "stage": stage.name, "epochs": cfg.epochs})
         run.fit(stage, current, opt, start_epoch)
         stage.leave(current)

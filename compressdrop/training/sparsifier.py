@@ -10,10 +10,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..gating import attach, is_gated, kl, named_gates
-from ..recipes.schedule import KLSchedule
+from ..recipes.schedule import KLSchedule, lr_factor
 
 if TYPE_CHECKING:
-    from ..recipes import Recipe
+    from ..recipes import Recipe, StageConfig
 
 __all__ = ["Sparsifier", "param_groups", "units_kept"]
 
@@ -30,6 +30,24 @@ def param_groups(
     if gate_params:
         groups.append({"params": gate_params, "lr": gate_lr, "weight_decay": 0.0})
     return groups
+
+
+def make_optimizer(model: nn.Module, cfg: StageConfig) -> torch.optim.Optimizer:
+    """A stage's optimizer (``cfg.optimizer``: Adam, or SGD with momentum 0.9) over
+    :func:`param_groups`; each group keeps its starting rate as ``initial_lr`` for the schedule."""
+    groups = param_groups(model, cfg.lr, cfg.gate_lr, cfg.weight_decay)
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9)
+    return torch.optim.Adam(groups)
+
+
+def schedule_lr(opt: torch.optim.Optimizer, cfg: StageConfig, done: float) -> None:
+    """Set each group's rate for the step after ``done`` of the stage (``cfg.lr_schedule``)."""
+    factor = lr_factor(cfg.lr_schedule, done)
+    for group in opt.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
 def units_kept(model: nn.Module, threshold: float | None = None) -> tuple[int, int]:
