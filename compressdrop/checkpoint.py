@@ -87,6 +87,9 @@ def save_model(
         "meta": dict(meta or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    names = getattr(model, "class_names", None)
+    if names:  # an image folder's classes, in output order
+        payload["classes"] = [str(c) for c in names]
     if payload["kind"] == "gated":
         payload["attach"] = attach_config(model)
         payload["input_shape"] = [list(s) for s in input_shapes_of(model)]
@@ -329,6 +332,9 @@ def _from_payload(
     elif kind != "dense":
         raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
     _load_state(model, payload["state_dict"], path, hint)
+    classes = payload.get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        set_record(model, "class_names", tuple(classes))
     set_record(
         model,
         "compressdrop_meta",

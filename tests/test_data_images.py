@@ -301,3 +301,64 @@ def test_command_line_reports_a_bad_folder_in_one_line(tmp_path):
     result = CliRunner().invoke(main, ["train", "--data", f"images:{root}", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "broken.png: not a readable image" in result.output and "Traceback" not in result.output
+
+
+def test_eval_of_a_folder_with_some_classes_scores_them_as_the_model_named_them(tmp_path):
+    """A folder of the "owl" images alone was labelled 0 (its own sorted order), so `eval`
+    reported a model that calls every owl an owl as 0 % accurate. Training records the class
+    names in every file; eval renumbers a folder's classes by them, and refuses unknown ones."""
+    import json
+
+    from compressdrop._attrs import set_record
+    from compressdrop.checkpoint import load_model, save_model
+    from compressdrop.export import export_onnx, load_onnx_metadata
+    from compressdrop.models import build_model
+    from compressdrop.recipes import dump_recipe, load_recipe
+    from compressdrop.workflows import evaluate_file
+
+    from .test_cli import run
+
+    root = _folder(tmp_path / "all", per_class=8, shape=(8, 8))
+    base = load_recipe("lenet300-lognormal")
+    stages = {s: replace(getattr(base.stages, s), epochs=1) for s in ("pretrain", "sparsify")}
+    stages["finetune"] = replace(base.stages.finetune, epochs=0)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(dump_recipe(base.replace(stages=replace(base.stages, **stages))))
+    run(["train", "--recipe", recipe, "--data", f"images:{root}", "--out", tmp_path / "run"])
+    slim = load_model(tmp_path / "run" / "slim.pt")
+    assert slim.class_names == CLASSES
+    assert load_model(tmp_path / "run" / "gated.pt").class_names == CLASSES
+    onnx = tmp_path / "run" / "slim.onnx"
+    assert json.loads(load_onnx_metadata(onnx)["classes"]) == list(CLASSES)
+
+    owls = _folder(tmp_path / "owls", classes=("owl",), per_class=8, shape=(8, 8))
+    x = load_image_folder(owls).x_test
+    with torch.no_grad():
+        expected = (slim(x).argmax(1) == CLASSES.index("owl")).float().mean().item()
+    for model in (tmp_path / "run" / "slim.pt", onnx):
+        got = evaluate_file(model, f"images:{owls}")
+        assert got["accuracy"] == pytest.approx(expected), model
+
+    # a model that calls everything an owl: 100 % on the owls (it was scored 0 %)
+    sure = build_model("lenet300", input_shape=(1, 8, 8), num_classes=3)
+    with torch.no_grad():
+        sure[-1].weight.zero_()
+        sure[-1].bias.copy_(torch.tensor([0.0, 0.0, 5.0]))
+    set_record(sure, "class_names", CLASSES)
+    save_model(sure, tmp_path / "sure.pt")
+    export_onnx(sure, x[:2], tmp_path / "sure.onnx")
+    for model in ("sure.pt", "sure.onnx"):
+        assert evaluate_file(tmp_path / model, f"images:{owls}")["accuracy"] == 1.0, model
+    eels = _folder(tmp_path / "eels", classes=("eel",), per_class=4, shape=(8, 8))
+    with pytest.raises(DataError, match="class 'eel' is not one the model was trained on"):
+        evaluate_file(tmp_path / "run" / "slim.pt", f"images:{eels}")
+
+
+def test_numbered_class_folders_keep_their_numbers_for_a_model_without_names(tmp_path):
+    ds = load_image_folder(_folder(tmp_path / "d", classes=("3", "7"), per_class=4))
+    again = ds.in_class_order(None)
+    assert again.num_classes == 8 and again.classes == ()
+    assert sorted(set(torch.cat([again.y_train, again.y_test]).tolist())) == [3, 7]
+    assert ds.in_class_order(("7", "x", "3")).y_test.tolist() == [
+        {0: 2, 1: 0}[int(y)] for y in ds.y_test
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -104,6 +105,44 @@ class Dataset:
             train, name=f"{self.name}/val", x_test=self.x_train[v], y_test=self.y_train[v]
         )
         return train, val
+
+    def in_class_order(self, names: Sequence[str] | None) -> Dataset:
+        """This data set with its labels renumbered to a model's outputs: by name where the model
+        records its classes (``names``: a model trained on an image folder), by number where it
+        does not and every class folder is named by one (``3/``, ``7/``), else as they are (the
+        sorted folder names' positions). A folder holding some of the classes then scores
+        against the right outputs.
+
+        Raises:
+            DataError: a class whose name is not among ``names``.
+        """
+        if not self.classes:
+            return self
+        if names:
+            unknown = [c for c in self.classes if c not in names]
+            if unknown:
+                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                known = ", ".join(list(names)[:10]) + (", ..." if len(names) > 10 else "")
+                raise DataError(
+                    f"{self.name}: class {unknown[0]!r}{more} is not one the model was trained on "
+                    f"({known}); name the class folders as in training"
+                )
+            target, k, classes = [list(names).index(c) for c in self.classes], len(names), names
+        elif all(c.isdecimal() for c in self.classes):
+            target = [int(c) for c in self.classes]
+            k, classes = max(target) + 1, ()
+        else:
+            return self
+        if target == list(range(self.num_classes)) and k == self.num_classes:
+            return self
+        order = torch.tensor(target)
+        return replace(
+            self,
+            y_train=order[self.y_train],
+            y_test=order[self.y_test],
+            num_classes=k,
+            classes=tuple(classes),
+        )
 
     def subset(self, n_train: int, n_test: int) -> Dataset:
         """The first ``n_train`` training and ``n_test`` test examples (for tests and smoke runs)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
@@ -207,6 +208,9 @@ def export_onnx(
     report = getattr(model, "prune_report", None)
     if report is not None:  # a slim model records how it was made
         meta.update(report.metadata())
+    names = getattr(model, "class_names", None)
+    if names:  # its outputs' class names, as JSON
+        meta["classes"] = json.dumps([str(c) for c in names])
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     xs = tuple(t.detach().cpu() for t in as_inputs(example_input))
     if len(xs[0]) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2

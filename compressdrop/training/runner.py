@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._attrs import set_record
 from .._io import atomic_write, remove_stale_temps
 from ..arch import Factory, build_arch
 from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
@@ -308,6 +309,9 @@ def run_recipe(
         seed_everything(recipe.seed)
     if run.template is None:  # after seeding: the first stage copies these initial weights
         run.build_template(factory, trust_code)
+    for m in (run.initial, run.template):  # an image folder's class names go into every file
+        if m is not None and dataset.classes:
+            set_record(m, "class_names", tuple(dataset.classes))
     stages = [cls(run) for cls in STAGES]
     names = [st.name for st in stages]
     start = names.index(state["stage"]) if state else 0

@@ -56,6 +56,7 @@ def evaluate_file(
                 per_call = onnx_mc_samples(model_path)
                 mc_samples = None if per_call is None else max(2, per_call)
         lm = getattr(ds, "task", "classify") == "lm"  # a token is a byte: per-token bits
+        ds = ds.in_class_order(_onnx_classes(model_path))
         if mc_samples is None:
             scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
             scored = {"model": scored.pop("model"), "data": ds.name, **scored}
@@ -87,6 +88,7 @@ def evaluate_file(
 
     shape = tuple(ds.input_shape)
     model = load_fitting(model_path, shape, f"data {ds.name!r}", arch, arch_kwargs, trust_code)
+    ds = ds.in_class_order(getattr(model, "class_names", None))  # a folder of some classes
     dev = resolve_device(device)
     model.to(dev)
     m = evaluate(model, ds.x_test, ds.y_test)
@@ -143,7 +145,7 @@ def sweep_file(
         raise InputError(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
         )
-    ds = load_dataset(data)
+    ds = load_dataset(data).in_class_order(getattr(model, "class_names", None))
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
     rows = sweep(
         model,
@@ -169,3 +171,16 @@ def sweep_file(
         "data": ds.name,
         "title": title,
     }
+
+
+def _onnx_classes(path: str | Path) -> list[str] | None:
+    """The class names an ONNX file's metadata records (``classes``, JSON), if any."""
+    import json
+
+    from ..export import load_onnx_metadata
+
+    with contextlib.suppress(Exception):  # an unreadable file gets evaluate_onnx's error
+        names = json.loads(load_onnx_metadata(path).get("classes", "null"))
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    return None
