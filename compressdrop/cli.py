@@ -162,6 +162,7 @@ def prune(
     recipe,
     data,
     mc_samples,
+    keep_gated,
     arch,
     arch_args,
     trust_code,
@@ -181,7 +182,7 @@ def prune(
     Examples:
       compressdrop prune runs/demo/gated.pt -o slim.pt --threshold 1.0
       compressdrop prune runs/demo/gated.pt -o slim.pt --mc-samples 30
-      compressdrop prune model.pt2 --data my.npz -o slim.pt2
+      compressdrop prune model.pt2 --data my.npz -o slim.pt2 --keep-gated
       compressdrop prune model.pt --trust-pickle --data images:photos,size=32 -o slim.pt2
       compressdrop prune my-llama/ --data text:corpus/,context=256 --recipe gpt-lognormal \\
           --uniform -o my-llama-slim
@@ -205,6 +206,7 @@ def prune(
         device=device,
         seed=seed,
         mc_samples=mc_samples,
+        keep_gated=keep_gated,
         progress=progress_printer(console(), as_json),
     )
     _emit(as_json, {"output": output, **res.to_dict()}, lambda: prune_text(res, model_path, output))

@@ -225,6 +225,13 @@ PRUNE = (
         help="Also write STEM-mc.pt (the slim model, its kept units keeping their learned "
         "noise) and STEM-mc.onnx (draws N Monte-Carlo samples per call); trained gates only.",
     ),
+    click.option(
+        "--keep-gated",
+        is_flag=True,
+        default=False,
+        help="Also keep the model with its trained gates as STEM-gated.pt (for sweep, eval --mc, "
+        "--mc-samples, pruning again at another threshold); a plain model with --data only.",
+    ),
     ARCH,
     ARCH_ARG,
     TRUST,

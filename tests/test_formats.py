@@ -528,3 +528,30 @@ def test_a_bfloat16_model_keeps_its_dtype_when_loaded_and_runs_in_float32_in_the
              "--recipe", recipe, "-o", tmp_path / "slim.pt"])  # fmt: skip
     slim = load_model(tmp_path / "slim.pt")
     assert {p.dtype for p in slim.parameters()} == {torch.float32}
+
+
+def test_keep_gated_leaves_the_gated_model_for_sweep_and_another_threshold(tmp_path):
+    """The README promised a `prune` of a user's model could be swept and sampled afterwards, but
+    the gated model was deleted with the run's temporary folder. `--keep-gated` keeps it."""
+    torch.manual_seed(0)
+    program = torch.export.export(
+        user_net(num_classes=10).eval(),
+        (torch.randn(2, 1, 8, 8),),
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+    )
+    torch.export.save(program, tmp_path / "model.pt2")
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=2, finetune=1, onnx=False)
+    args = ["prune", tmp_path / "model.pt2", "--data", "digits", "--recipe", recipe]
+    res = run([*args, "-o", tmp_path / "slim.pt", "--keep-gated", "--json"])
+    files = json.loads(res.stdout)["files"]
+    assert files["gated"] == str(tmp_path / "slim-gated.pt")
+    gated = tmp_path / "slim-gated.pt"
+    assert cd.is_gated(load_model(gated))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt") == [
+        "slim-gated.pt",
+        "slim.pt",
+    ]  # and nothing of the run's temporary folder
+    run(["sweep", gated, "--data", "digits", "-t", "0.5,2", "-o", tmp_path / "sweep"])
+    run(["prune", gated, "-t", "2", "-o", tmp_path / "slim2.pt"])
+    refused = run(["prune", gated, "--keep-gated", "-o", tmp_path / "slim3.pt"], expect=1)
+    assert "keep_gated (the file is the gated model)" in refused.output

@@ -176,6 +176,7 @@ def prune_file(
     device: str = "auto",
     seed: int | None = None,
     mc_samples: int | None = None,
+    keep_gated: bool = False,
     progress: Progress = _quiet,
 ) -> PruneResult:
     """Prune the model in ``model_path`` and write the slim model to ``out``.
@@ -199,6 +200,8 @@ def prune_file(
         mc_samples: also write the slim model with its learned noise and a sampling ONNX graph
             (``STEM-mc.pt``, ``STEM-mc.onnx``; see :func:`~compressdrop.training.finish.finish`);
             a model with trained gates only.
+        keep_gated: also keep the sparsified model with its trained gates as ``STEM-gated.pt``
+            (kind ``gated``; for sweep, Monte-Carlo, pruning again); a plain model only.
         progress: called with each event of the sparsify run.
 
     Raises:
@@ -226,6 +229,7 @@ def prune_file(
     if is_gated(model):
         unused = [f for f, v in (("data", data), ("seed", seed)) if v is not None]
         unused += ["device"] if device not in ("auto", None) else []
+        unused += ["keep_gated (the file is the gated model)"] if keep_gated else []
         if unused:
             raise InputError(
                 f"{model_path} has trained gates: it is pruned as it is, without training, so "
@@ -273,6 +277,7 @@ def prune_file(
     progress(
         {"event": "recipe", "recipe": r, "default": recipe is None, "n_train": len(ds.x_train)}
     )
+    gated = out.with_name(f"{out.stem}-gated.pt") if keep_gated else None
     try:
         slim = sparsify_and_prune(
             model,
@@ -283,10 +288,13 @@ def prune_file(
             factory=arch,
             trust_code=trust_code,
             work_dir=out.resolve().parent,
+            keep_gated=gated,
         )
     finally:
         progress({"event": "done"})
     files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=r.to_dict())
+    if gated is not None:
+        files.paths["gated"], files.bytes["gated"] = gated, gated.stat().st_size
     return PruneResult(slim, files, prune_summary(slim), getattr(slim, "compressdrop_report", None))
 
 

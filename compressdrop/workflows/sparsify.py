@@ -3,6 +3,7 @@ size a default recipe to its data, train gates on it, prune and fine-tune it."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -124,10 +125,12 @@ def sparsify_and_prune(
     factory: Factory | str | None = None,
     trust_code: bool = False,
     work_dir: str | Path | None = None,
+    keep_gated: str | Path | None = None,
 ) -> nn.Module:
     """Train gates on a dense model, prune it, fine-tune it; return the slim model.
 
-    The run's files (checkpoints, gated.pt) go to a temporary folder inside ``work_dir``.
+    The run's files (checkpoints, gated.pt) go to a temporary folder inside ``work_dir``;
+    ``keep_gated`` names a file (on the same file system) that the gated model is moved to.
     """
     from ..training.runner import run_recipe
 
@@ -147,5 +150,7 @@ def sparsify_and_prune(
         )
         assert result.slim_path is not None
         slim = load_model(result.slim_path, arch=factory, trust_code=trust_code)
+        if keep_gated is not None and result.gated_path is not None:
+            os.replace(result.gated_path, keep_gated)  # a whole file, or none
     set_record(slim, "compressdrop_report", result.report)
     return slim
