@@ -21,7 +21,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -207,9 +207,11 @@ def build_arch(
         CheckpointError: the record names a factory nobody allowed, or it cannot be imported or
             called with the record's arguments.
     """
-    from .models import build_model
+    from .models import MODELS, build_model
 
     rec = record if isinstance(record, ArchRecord) else ArchRecord.from_dict(record, where)
+    if isinstance(factory, str) and factory in MODELS:  # --arch NAME: a reference net, no code
+        rec, factory = replace(rec, name=factory, factory=None, program=None), None
     if factory is None and rec.program is not None:
         return load_program(rec.program.numpy().tobytes(), where)
     if factory is None and rec.name is not None:

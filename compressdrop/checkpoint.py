@@ -38,6 +38,7 @@ from .gating import GatingWarning, attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
 from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
+from .models import MODELS
 from .programs import is_pt2, load_program
 from .torchload import load_checkpoint
 
@@ -181,7 +182,7 @@ def load_model(
         CheckpointError: the file is missing, damaged, pickled without ``trust_code``, names a
             factory nobody allowed, or its weights do not fit.
     """
-    if isinstance(arch, str):  # the user's --arch, named as they typed it
+    if isinstance(arch, str) and arch not in MODELS:  # the user's --arch, named as typed
         check_spec(arch, f"--arch {arch}")
     if (is_pt2(path) or is_hf_folder(path)) and arch is not None:
         raise CheckpointError(f"{path} holds its own structure: --arch (arch=) is not used for it")
@@ -213,11 +214,21 @@ def load_model(
         if arch is None:
             raise CheckpointError(
                 f"{path}: a bare state_dict holds weights but not the structure; pass the "
-                "architecture (CLI: --arch package.module:factory, with --arch-arg NAME=VALUE "
-                "for its arguments)"
+                "architecture (CLI: --arch package.module:factory, or a reference net's name "
+                "such as --arch lenet300, with --arch-arg NAME=VALUE for its arguments)"
             )
         if isinstance(arch, Mapping):  # the caller's own record: consent to its factory
             record, factory = ArchRecord.from_dict(arch, "arch"), arch.get("factory")
+        elif isinstance(arch, str) and arch in MODELS:  # a reference net, by its name
+            kwargs = dict(arch_kwargs or {})
+            shape = kwargs.pop("input_shape", None) or input_shape
+            record = ArchRecord(
+                name=arch,
+                input_shape=tuple(shape) if shape else None,
+                num_classes=kwargs.pop("num_classes", None),
+                kwargs=kwargs,
+            )
+            factory = None
         else:
             record = ArchRecord(
                 factory=arch if isinstance(arch, str) else factory_spec(arch),
@@ -228,7 +239,7 @@ def load_model(
         model = build_arch(record, factory=factory, where=str(path))
         hint = (
             f" {record.label}(**{dict(record.kwargs)}) (pass its arguments with --arch-arg "
-            "NAME=VALUE, e.g. num_classes=10)"
+            "NAME=VALUE, e.g. num_classes=10 or input_shape=[1,28,28])"
         )
         _load_state(model, obj, path, hint)
         return model.eval()

@@ -115,7 +115,9 @@ ARCH = click.option(
     default=None,
     metavar="PKG.MODULE:FACTORY",
     help="The architecture's factory: needed for a bare state_dict, and your consent to call "
-    "a factory that a checkpoint names (files may not choose code to run).",
+    "a factory that a checkpoint names (files may not choose code to run). A reference net's "
+    "name (lenet300, lenet5, vgg, resnet, vit, ...) builds it, e.g. with "
+    "--arch-arg input_shape=[1,8,8].",
 )
 ARCH_ARG = click.option(
     "--arch-arg",

@@ -555,3 +555,26 @@ def test_keep_gated_leaves_the_gated_model_for_sweep_and_another_threshold(tmp_p
     run(["prune", gated, "-t", "2", "-o", tmp_path / "slim2.pt"])
     refused = run(["prune", gated, "--keep-gated", "-o", tmp_path / "slim3.pt"], expect=1)
     assert "keep_gated (the file is the gated model)" in refused.output
+
+
+def test_a_state_dict_of_a_reference_net_takes_its_name_as_arch(tmp_path):
+    """`--arch lenet300` was refused ("must look like 'package.module:function'"), and the
+    reference nets, which need no consent anywhere else, were reachable only through
+    `--arch compressdrop.models:build_model --arch-arg name=lenet300`."""
+    from compressdrop.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("lenet300", input_shape=(1, 8, 8)).eval()
+    torch.save(net.state_dict(), tmp_path / "dense8.pt")
+    got = load_model(
+        tmp_path / "dense8.pt", arch="lenet300", arch_kwargs={"input_shape": [1, 8, 8]}
+    )
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(got(x), net(x))
+    with pytest.raises(CheckpointError, match=r"e\.g\. num_classes=10 or input_shape="):
+        load_model(tmp_path / "dense8.pt", arch="lenet300")  # 28×28 by default: 784 inputs
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=1, finetune=0, onnx=False)
+    run(["prune", tmp_path / "dense8.pt", "--arch", "lenet300", "--arch-arg", "input_shape=[1,8,8]",
+         "--recipe", recipe, "--data", "digits", "-o", tmp_path / "slim.pt"])  # fmt: skip
+    assert load_model(tmp_path / "slim.pt").prune_report.architecture_before == "300-100"
