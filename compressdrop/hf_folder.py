@@ -26,13 +26,37 @@ import torch
 from torch import nn
 
 from ._attrs import set_record
+from ._version import __version__
 from .errors import CheckpointError, InputError
 
-__all__ = ["is_hf_folder", "load_hf_folder", "save_hf_folder"]
+__all__ = ["check_folder_output", "is_hf_folder", "load_hf_folder", "save_hf_folder"]
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-# fields the arch record carries elsewhere, or that the library fills in itself
-_NOT_KWARGS = {"model_type", "architectures", "transformers_version", "vocab_size", "_name_or_path"}
+# fields the arch record carries elsewhere, or that the library fills in itself; the weights'
+# dtype too (a bfloat16 folder is rebuilt, trained and written in float32)
+_NOT_KWARGS = {
+    *("model_type", "architectures", "transformers_version", "vocab_size", "_name_or_path"),
+    *("dtype", "torch_dtype"),
+}
+#: the file a slim folder that compressdrop wrote holds (what made it); only such a folder is
+#: replaced by a later run
+MARKER = "compressdrop.json"
+
+
+def check_folder_output(out: str | Path) -> None:
+    """Refuse to write a Hugging Face folder over a folder that compressdrop did not write (a
+    model's own folder, any other files).
+
+    Raises:
+        InputError: ``out`` is a file, or a folder without :data:`MARKER`.
+    """
+    out = Path(out)
+    if out.exists() and not (out / MARKER).is_file():
+        what = "a file" if not out.is_dir() else "a folder compressdrop did not write"
+        raise InputError(
+            f"{out}: {what} is there already; name a new folder (a slim folder from an earlier "
+            "run is replaced, nothing else is)"
+        )
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -89,10 +113,14 @@ def load_hf_folder(path: str | Path) -> nn.Module:
 
     model_type = config.get("model_type")
     archs = config.get("architectures") or []
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    causal = [a for a in archs if isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal):
+        # (bert has a causal-LM class: a BertForSequenceClassification folder loaded as one
+        # dropped its classifier and was trained as a language model)
         raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not a causal language model of transformers "
-            f"{tf.__version__} (compressdrop reads causal-LM folders; architectures: {archs})"
+            f"{path}: {archs or model_type!r} is not a causal language model of transformers "
+            f"{tf.__version__} (compressdrop reads causal-LM folders; for another model, save it "
+            "with torch.export or its state_dict and give its factory with --arch)"
         )
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(
@@ -141,6 +169,7 @@ def save_hf_folder(
     reason = sync_config(slim)
     if reason is not None:
         raise InputError(f"{out}: cannot write a Hugging Face folder: {reason}")
+    check_folder_output(out)
     parent = out.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {out}: directory {parent} is missing or not writable")
@@ -148,6 +177,9 @@ def save_hf_folder(
     try:
         save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
         save(tmp, safe_serialization=True)
+        report = getattr(slim, "prune_report", None)
+        made = {"compressdrop_version": __version__}
+        (tmp / MARKER).write_text(json.dumps({**made, **(report.metadata() if report else {})}))
         err = _check_reload(slim, tmp, example_input)
         if not err <= rtol:
             raise CheckpointError(

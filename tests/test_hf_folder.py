@@ -168,8 +168,56 @@ def test_cli_prunes_a_gated_checkpoint_into_a_folder(tmp_path):
     )
     back = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
+    assert json.loads((out / "compressdrop.json").read_text())["architecture_after"]
+    with warnings.catch_warnings():  # an earlier run's slim folder is replaced
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
     bad = CliRunner().invoke(main, ["prune", str(tmp_path / "gated.pt"), "-o", "x.txt"])
     assert bad.exit_code == 2 and "or a folder name" in bad.output
     again = CliRunner().invoke(main, ["export", str(out), "-o", str(tmp_path / "copy"), "--json"])
     assert again.exit_code == 0, again.output
     assert (tmp_path / "copy" / "config.json").read_text() == (out / "config.json").read_text()
+
+
+def test_a_classifier_folder_is_not_read_as_a_causal_lm(tmp_path):
+    """bert has a causal-LM class in transformers, so a BertForSequenceClassification folder was
+    loaded as BertLMHeadModel (its classifier dropped, a new LM head drawn) and trained as a
+    language model, silently."""
+    config = transformers.BertConfig(
+        vocab_size=256, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=40, num_labels=3,
+    )  # fmt: skip
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CheckpointError, match=r"BertForSequenceClassification.*not a causal"):
+        load_model(tmp_path / "bert")
+
+
+def test_a_folder_output_never_replaces_a_folder_compressdrop_did_not_write(tmp_path):
+    """`-o NAME` replaced whatever folder was there: another folder's files, or the model's own
+    folder given as the output. Only a slim folder from an earlier run (it holds
+    compressdrop.json) is replaced now, and the refusal comes before any training."""
+    from compressdrop.workflows import prune_file
+
+    folder = _llama_folder(tmp_path / "llama")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("important")
+    for out in (folder, tmp_path / "other"):
+        with pytest.raises(InputError, match="compressdrop did not write"):
+            prune_file(folder, out, data="no-such-data-is-read", uniform=True)
+    assert (tmp_path / "other" / "keep.txt").read_text() == "important"
+    assert (folder / "model.safetensors").is_file()
+
+
+def test_a_bfloat16_folder_is_rebuilt_in_float32(tmp_path):
+    """The arch record kept the config's `dtype`, so every rebuild (the run's template, the slim
+    model reloaded after training) was bfloat16: the .pt2 export failed after all the training,
+    a .pt or a folder came out in bfloat16 despite the PrecisionWarning."""
+    from compressdrop.arch import build_arch
+
+    folder = _llama_folder(tmp_path / "llama")
+    back = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    back.save_pretrained(tmp_path / "bf16")
+    model = load_model(tmp_path / "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # as the folder holds it
+    assert not {"dtype", "torch_dtype"} & set(model.arch["kwargs"])
+    assert {p.dtype for p in build_arch(model.arch).parameters()} == {torch.float32}

@@ -20,7 +20,7 @@ from ..arch import Factory
 from ..checkpoint import load_model
 from ..data import check_trainable, load_dataset
 from ..errors import InputError
-from ..hf_folder import save_hf_folder
+from ..hf_folder import check_folder_output, save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
@@ -220,6 +220,8 @@ def prune_file(
             f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
             ".pt2 or .onnx file name"
         )
+    if not out.suffix:
+        check_folder_output(out)  # not over the model's own folder, nor any other: before training
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
     if mc_samples is not None and (mc_samples < 1 or not is_gated(model)):
         raise InputError(
