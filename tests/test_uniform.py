@@ -53,3 +53,45 @@ def test_uniform_pruning_of_a_net_without_repeated_blocks_says_it_changes_nothin
     with pytest.warns(PruningWarning, match="uniform pruning changes nothing here"):
         slim = cd.prune(net, 1.0, uniform=True)
     assert slim.prune_report.architecture() == cd.prune(net, 1.0).prune_report.architecture()
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(8, 16)
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"fc": torch.nn.Linear(16, 16), "back": torch.nn.Linear(16, 16)})
+            for _ in range(2)
+        )
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        for block in self.layers:  # a residual block: its hidden units `fc` are gated
+            h = h + block["back"](torch.relu(block["fc"](h)))
+        return self.out(h)
+
+
+def test_a_uniform_prune_keeps_its_noise_for_monte_carlo(tmp_path):
+    """`prune --mc-samples` of a uniform prune failed ("noisy site has 2 units but the layer gives
+    4"): keep_noise re-masked the gates without `uniform`; and the slim files were already
+    written. The report records `uniform`, keep_noise follows it, and finish checks first."""
+    import compressdrop as cd
+    from compressdrop.training.finish import finish
+    from compressdrop.uncertainty import keep_noise
+
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    net.arch = {"factory": "tests.test_uniform:_Blocks", "input_shape": [8], "kwargs": {}}
+    x = torch.randn(4, 8)
+    cd.attach(net, example_inputs=x, include=["layers.*.fc"])
+    gates = dict(cd.named_gates(net))
+    with torch.no_grad():  # block 0 keeps 12 units, block 1 keeps 4: uniform keeps 8 each
+        gates["layers.0.fc"].log_sigma.copy_(torch.tensor([-5.0] * 12 + [3.0] * 4))
+        gates["layers.1.fc"].log_sigma.copy_(torch.tensor([-5.0] * 4 + [3.0] * 12))
+    slim, files = finish(net, tmp_path / "slim.pt", threshold=1.0, mc_samples=4, uniform=True)
+    assert slim.prune_report.architecture_after == "8-8" and slim.prune_report.uniform
+    assert files is not None and {"mc_checkpoint", "mc_onnx"} <= set(files.paths)
+    noisy = keep_noise(net, slim)  # the report says uniform
+    with torch.no_grad():
+        torch.testing.assert_close(noisy(x), slim(x))

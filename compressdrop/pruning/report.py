@@ -42,6 +42,7 @@ class PruneReport:
             branch whose channels were, ``[layer, "bias", []]`` per layer given a bias, then
             Torch-Pruning's ``[name, is_out, idxs]`` per step.
         max_rel_error: the parity check's relative error of the slim model against the masked one.
+        uniform: whether every layer of a stack kept as many units (``prune(uniform=True)``).
     """
 
     family: str
@@ -49,6 +50,7 @@ class PruneReport:
     layers: list[LayerReport]
     history: list = field(repr=False)  # [name, "heads" | "stream" | "bias" | is_out, idxs]
     max_rel_error: float | None
+    uniform: bool = False
 
     @property
     def units_before(self) -> int:
@@ -106,4 +108,5 @@ class PruneReport:
             [LayerReport(**layer) for layer in d["layers"]],
             d["history"],
             d["max_rel_error"],
+            bool(d.get("uniform", False)),  # (not recorded before 2026-12-06)
         )

@@ -327,7 +327,7 @@ def prune(
     # torch's stubs type Module.__setattr__'s value as Tensor | Module; any value is allowed
     bias_history = [[name, BIAS, []] for name in constants.biased]
     work.prune_report = PruneReport(  # type: ignore[assignment]
-        family, threshold, layers, head_history + bias_history + dg.pruning_history(), err
+        family, threshold, layers, head_history + bias_history + dg.pruning_history(), err, uniform
     )
     return work
 

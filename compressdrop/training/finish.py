@@ -173,12 +173,15 @@ def finish(
     if out is None:
         return slim, None
     x = example_input if example_input is not None else example_input_for(slim, batch=2)
+    if mc_samples is not None:  # before any file: a model it cannot sample writes none
+        from ..uncertainty import keep_noise
+
+        noisy = keep_noise(model, slim, threshold, uniform=uniform)
     files = write_slim(slim, out, x, formats=formats, recipe=recipe, opset=opset)
     if mc_samples is not None:
-        from ..uncertainty import export_mc_onnx, keep_noise
+        from ..uncertainty import export_mc_onnx
 
         out = Path(out)
-        noisy = keep_noise(model, slim, threshold)
         mc_pt, mc_onnx = (out.with_name(f"{out.stem}-mc{s}") for s in (".pt", ".onnx"))
         save_model(noisy, mc_pt, recipe=recipe)
         export_mc_onnx(noisy, x, mc_onnx, mc_samples)

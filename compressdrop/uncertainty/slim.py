@@ -34,6 +34,7 @@ def keep_noise(
     threshold: float | None = None,
     *,
     layers: Sequence[str] | None = None,
+    uniform: bool | None = None,
 ) -> nn.Module:
     """A copy of ``slim`` whose kept units carry their gates' learned noise again.
 
@@ -52,6 +53,8 @@ def keep_noise(
             gives them (every layer a shared gate serves keeps it); ``None``: all. Fewer, later
             gates make sampling cheaper (:class:`MCSampler` repeats after the last noise-free
             layer) at the price of a narrower posterior.
+        uniform: whether that pruning kept as many units in every layer of a stack; by default
+            what its ``prune_report`` records.
 
     Returns:
         The noisy slim model, in eval mode, with ``slim``'s ``prune_report``.
@@ -67,10 +70,12 @@ def keep_noise(
     unknown = sorted(set(layers or ()) - set(names))
     if unknown or (layers is not None and not layers):
         raise InputError(f"layers must name gates of the model ({names}), got {list(layers or [])}")
+    report = getattr(slim, "prune_report", None)
     if threshold is None:
-        report = getattr(slim, "prune_report", None)
         threshold = getattr(report, "threshold", None)
-    masked = mask_(copy.deepcopy(gated), threshold)
+    if uniform is None:
+        uniform = bool(getattr(report, "uniform", False))
+    masked = mask_(copy.deepcopy(gated), threshold, uniform=uniform)
     uses: dict[int, int] = {}
     for _, site in sites(masked):
         uses[id(site.gate)] = uses.get(id(site.gate), 0) + 1
