@@ -578,3 +578,77 @@ def test_a_state_dict_of_a_reference_net_takes_its_name_as_arch(tmp_path):
     run(["prune", tmp_path / "dense8.pt", "--arch", "lenet300", "--arch-arg", "input_shape=[1,8,8]",
          "--recipe", recipe, "--data", "digits", "-o", tmp_path / "slim.pt"])  # fmt: skip
     assert load_model(tmp_path / "slim.pt").prune_report.architecture_before == "300-100"
+
+
+class _TokenClassifier(nn.Module):
+    def __init__(self, vocab: int = 50):
+        super().__init__()
+        self.emb, self.a, self.b = nn.Embedding(vocab, 16), nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.emb(x).mean(1))))
+
+
+def test_token_data_meets_a_token_model_or_a_clear_error(tmp_path):
+    """Token ids in an .npz loaded as float32 and ended in an embedding's dtype traceback; ids
+    past the vocabulary in `IndexError: index out of range`, class labels for a language model
+    in a shape traceback after the whole sparsify stage, and a `.pt2` of a token model got float
+    inputs to trace. Now: ids become int64 for a model that reads them; the rest are errors
+    that say what does not fit, before training."""
+    from compressdrop.workflows import evaluate_file
+
+    gen = np.random.default_rng(0)
+    np.savez(tmp_path / "tok.npz", x=gen.integers(0, 50, (120, 12)), y=gen.integers(0, 3, 120))
+    np.savez(tmp_path / "big.npz", x=gen.integers(0, 80, (120, 12)), y=gen.integers(0, 3, 120))
+    batch = torch.export.Dim("batch")
+    ids = torch.randint(0, 50, (2, 12))
+    for name, net in (("cls", _TokenClassifier()), ("lm", _TokenLM())):
+        program = torch.export.export(net.eval(), (ids,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, tmp_path / f"{name}.pt2")
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=1, finetune=0, onnx=False)
+    args = ["--recipe", recipe, "-o", tmp_path / "slim.pt2"]
+    run(["prune", tmp_path / "cls.pt2", "--data", tmp_path / "tok.npz", *args])
+    assert evaluate_file(tmp_path / "slim.pt2", str(tmp_path / "tok.npz"))["n"] > 0
+    said = run(["prune", tmp_path / "cls.pt2", "--data", tmp_path / "big.npz", *args], expect=1)
+    assert "token ids up to 79 but the model's vocabulary (its embedding) has 50" in said.output
+    np.savez(tmp_path / "feat.npz", x=gen.normal(size=(120, 12)), y=gen.integers(0, 3, 120))
+    said = run(["prune", tmp_path / "cls.pt2", "--data", tmp_path / "feat.npz", *args], expect=1)
+    assert "reads token ids (integers) but data 'feat' holds other numbers" in said.output
+    said = run(["prune", tmp_path / "lm.pt2", "--data", tmp_path / "tok.npz", *args], expect=1)
+    assert "outputs of shape (12, 50) per example, but data 'tok' has labels of shape ()" in (
+        said.output
+    )
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _HeadFirst(nn.Module):
+    """A token model whose first module holds a parameter that is no layer (as a Hugging Face
+    model's RMSNorm): in its program's module it comes before the embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.emb, self.head = _Scale(), nn.Embedding(40, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.emb(x)).mean(1))
+
+
+def test_a_token_program_is_fed_token_ids_whatever_its_layer_order(tmp_path):
+    """A `.pt2` of a token model whose first layer in `modules()` is not its embedding was fed
+    float inputs: `eval` ended in an embedding traceback, a re-prune failed after training."""
+    from compressdrop.gating import example_input_for
+
+    ids = torch.randint(0, 40, (2, 7))
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(_HeadFirst().eval(), (ids,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    x = example_input_for(load_model(tmp_path / "m.pt2"), batch=3)
+    assert x.dtype == torch.int64 and x.shape == (3, 7) and int(x.max()) < 40

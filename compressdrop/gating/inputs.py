@@ -90,9 +90,24 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
         )
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
-    if isinstance(first, nn.Embedding):  # a model that starts with an embedding reads token ids
-        return torch.randint(0, first.num_embeddings, (batch, *shape), device=device)
+    if isinstance(first, nn.Embedding) or _program_reads_ids(model):  # token ids
+        emb = first if isinstance(first, nn.Embedding) else _first(model, nn.Embedding)
+        high = emb.num_embeddings if isinstance(emb, nn.Embedding) else 2
+        return torch.randint(0, high, (batch, *shape), device=device)
     return torch.randn(batch, *shape, device=device, dtype=_float_dtype(model))
+
+
+def _program_reads_ids(model: nn.Module) -> bool:
+    """Whether ``model`` is a graph (a ``.pt2`` program's module) whose first input is integer:
+    token ids (its layers' order need not start with the embedding)."""
+    graph = getattr(model, "graph", None)
+    first = next((n for n in getattr(graph, "nodes", ()) if n.op == "placeholder"), None)
+    val = first.meta.get("val") if first is not None else None
+    return isinstance(val, torch.Tensor) and not (val.is_floating_point() or val.is_complex())
+
+
+def _first(model: nn.Module, kind: type) -> nn.Module | None:
+    return next((m for m in model.modules() if isinstance(m, kind)), None)
 
 
 def input_shapes_of(model: nn.Module) -> list[tuple[int, ...]]:

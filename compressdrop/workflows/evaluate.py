@@ -14,7 +14,7 @@ from ..arch import Factory
 from ..data import load_dataset
 from ..errors import InputError
 from .jobs import load_fitting
-from .sparsify import fit_input_shape
+from .sparsify import fit_ids, fit_input_shape
 
 __all__ = ["evaluate_file", "sweep_file"]
 
@@ -89,6 +89,7 @@ def evaluate_file(
     shape = tuple(ds.input_shape)
     model = load_fitting(model_path, shape, f"data {ds.name!r}", arch, arch_kwargs, trust_code)
     ds = ds.in_class_order(getattr(model, "class_names", None))  # a folder of some classes
+    ds = fit_ids(model, ds)  # an .npz's token ids, for a model that reads them
     dev = resolve_device(device)
     model.to(dev)
     m = evaluate(model, ds.x_test, ds.y_test)
@@ -145,7 +146,7 @@ def sweep_file(
         raise InputError(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
         )
-    ds = load_dataset(data).in_class_order(getattr(model, "class_names", None))
+    ds = fit_ids(model, load_dataset(data).in_class_order(getattr(model, "class_names", None)))
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
     rows = sweep(
         model,

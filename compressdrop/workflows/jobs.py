@@ -264,7 +264,7 @@ def prune_file(
     ds = load_dataset(data)
     check_trainable(ds)
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
-    fit_outputs(model, ds)
+    ds = fit_outputs(model, ds)  # token ids in an .npz become int64 for a token model
     adopt(model, ds)
     if recipe is None:
         r = default_recipe_for(ds)

@@ -23,6 +23,7 @@ from ..runtime import check_labels, logits_of
 __all__ = [
     "adopt",
     "default_recipe_for",
+    "fit_ids",
     "fit_input_shape",
     "fit_outputs",
     "sparsify_and_prune",
@@ -50,22 +51,79 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     return model
 
 
-@torch.no_grad()
-def fit_outputs(model: nn.Module, dataset: Any) -> None:
-    """Check, on two training examples, that ``model`` gives an output for every class (or token)
-    of ``dataset``'s labels, before any training.
+def fit_ids(model: nn.Module, dataset: Any) -> Any:
+    """``dataset``, its inputs as token ids (int64) where ``model`` reads ids and the data hold
+    whole numbers as floats (an ``.npz``'s integer ``x`` loads as float32); else as it is.
 
     Raises:
-        InputError: a label at or above the model's number of outputs.
+        InputError: a model that reads ids, and data of other numbers or ids past its vocabulary.
     """
+    from ..gating import example_input_for
+
+    where = f"data {dataset.name!r}"
+    xs = (dataset.x_train, dataset.x_test)
+    if example_input_for(model, batch=1).is_floating_point():
+        return dataset
+    if xs[0].is_floating_point():
+        if not all(bool((x == x.round()).all() and (x >= 0).all()) for x in xs):
+            raise InputError(
+                f"the model reads token ids (integers) but {where} holds other numbers"
+            )
+        dataset = replace(dataset, x_train=xs[0].long(), x_test=xs[1].long())
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    top = max(int(x.max()) for x in (dataset.x_train, dataset.x_test))
+    if emb is not None and top >= emb.num_embeddings:
+        raise InputError(
+            f"{where} has token ids up to {top} but the model's vocabulary (its embedding) has "
+            f"{emb.num_embeddings}: use a model of vocab_size ≥ {top + 1} (text: data are bytes, "
+            "256 ids)"
+        )
+    return dataset
+
+
+@torch.no_grad()
+def fit_outputs(model: nn.Module, dataset: Any) -> Any:
+    """Check, on two training examples, that ``model`` runs on ``dataset``'s inputs and gives an
+    output for every class (or token) of its labels, before any training.
+
+    Returns:
+        ``dataset``, its inputs as token ids (int64) where the model reads ids and the data hold
+        whole numbers as floats (an ``.npz``'s integer ``x`` loads as float32).
+
+    Raises:
+        InputError: inputs the model cannot take (floats or ids out of its vocabulary for a model
+            that starts with an embedding, anything the model fails on), or a label at or above
+            the model's number of outputs.
+    """
+    where = f"data {dataset.name!r}"
+    dataset = fit_ids(model, dataset)
     was = model.training
     model.eval()
     try:
-        outputs = logits_of(model(dataset.x_train[:2])).shape[-1]
+        logits = logits_of(model(dataset.x_train[:2]))
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        x = dataset.x_train
+        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "
+            f"{str(x.dtype).removeprefix('torch.')}): {said}"
+        ) from None
     finally:
         model.train(was)
+    per_label = tuple(dataset.y_train.shape[1:])  # () for a class per example
+    if tuple(logits.shape[1:-1]) != per_label:
+        raise InputError(
+            f"the model gives outputs of shape {tuple(logits.shape[1:])} per example, but {where} "
+            f"has labels of shape {per_label or '()'} per example"
+            + (
+                " (a language model gives one per position: use text: data)"
+                if not per_label
+                else ""
+            )
+        )
     for y in (dataset.y_train, dataset.y_test):
-        check_labels(outputs, y, f"data {dataset.name!r}")
+        check_labels(logits.shape[-1], y, where)
+    return dataset
 
 
 def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None:
