@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,25 @@ def test_a_recipe_trains_gates_prunes_and_exports_a_causal_lm(tmp_path, capsys):
     assert "bits/byte" in printed and "test acc" not in printed
     assert f"test bits/byte {rep['dense']['test_bits_per_byte']:.4f}" in printed
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bytes_for_a_model_with_a_bigger_vocabulary_are_warned_about(tmp_path):
+    """`text:` data are bytes; a model with a tokenizer's vocabulary was trained on them as its
+    own ids without a word (a pretrained model's knowledge overwritten)."""
+    from compressdrop.data import DataWarning, load_dataset
+    from compressdrop.workflows.sparsify import fit_outputs
+
+    class Lm(torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb, self.out = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
+
+        def forward(self, x):
+            return self.out(self.emb(x))
+
+    ds = load_dataset(f"text:{_corpus(tmp_path / 'corpus')},context=16")
+    with pytest.warns(DataWarning, match="bytes .ids 0-255. as tokens, not your tokenizer's"):
+        fit_outputs(Lm(1000), ds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_outputs(Lm(256), ds)  # a byte-level model: nothing to say

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 from .._attrs import set_record
 from ..arch import Factory
 from ..checkpoint import load_model
+from ..data import DataWarning
 from ..errors import InputError
 from ..recipes import Recipe, load_recipe
 from ..runtime import check_labels, logits_of
@@ -97,6 +99,16 @@ def fit_outputs(model: nn.Module, dataset: Any) -> Any:
     """
     where = f"data {dataset.name!r}"
     dataset = fit_ids(model, dataset)
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is not None and emb.num_embeddings > 256 and getattr(dataset, "task", "") == "lm":
+        warnings.warn(
+            f"compressdrop: {where} gives bytes (ids 0-255) as tokens, not your tokenizer's: the "
+            f"model (a vocabulary of {emb.num_embeddings}) is trained on them as its token ids, "
+            "which overwrites what a pretrained model knows (compressdrop reads text as bytes: "
+            "it has no tokenizer)",
+            DataWarning,
+            stacklevel=2,
+        )
     was = model.training
     model.eval()
     try:
