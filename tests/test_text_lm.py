@@ -261,3 +261,19 @@ def test_bytes_for_a_model_with_a_bigger_vocabulary_are_warned_about(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit_outputs(Lm(256), ds)  # a byte-level model: nothing to say
+
+
+def test_the_default_recipe_for_text_takes_the_language_models_gates(tmp_path):
+    """`prune my-llama/ --data text:...` without --recipe used LeNet-300-100's gate settings
+    (β = 1, a uniform KL over units, per-example): it pruned little in many epochs."""
+    from compressdrop.recipes import load_recipe
+    from compressdrop.workflows import default_recipe_for
+
+    gpt = load_recipe("gpt-lognormal")
+    r = default_recipe_for(load_dataset(f"text:{_corpus(tmp_path / 'corpus')},context=16"))
+    assert (r.gates, r.kl.beta, r.data.batch_size) == (gpt.gates, gpt.kl.beta, gpt.data.batch_size)
+    assert r.stages.pretrain.epochs == 0 and "language model (the gates of gpt-lognormal)" in (
+        r.description
+    )
+    digits = default_recipe_for(load_dataset("digits"))
+    assert digits.gates == load_recipe("lenet300-lognormal").gates

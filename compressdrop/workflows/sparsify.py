@@ -166,16 +166,21 @@ def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None
         set_record(model, "input_shape", tuple(shape))
 
 
-def default_recipe_for(dataset: Any, base: str = "lenet300-lognormal") -> Recipe:
+def default_recipe_for(dataset: Any, base: str | None = None) -> Recipe:
     """Log-normal gates with the sparsify stage sized to about 3,000 optimiser steps (between 2
-    and 60 epochs), a fine-tune a third as long, no pretraining (the user's model is trained)."""
-    r = load_recipe(base)
+    and 60 epochs), a fine-tune a third as long, no pretraining (the user's model is trained).
+    The gates' settings come from ``base``: by default ``gpt-lognormal`` for a language model's
+    data (its KL per token weighed by FLOPs, the heads' × 4, β = 64), else
+    ``lenet300-lognormal``."""
+    lm = getattr(dataset, "task", "classify") == "lm"
+    r = load_recipe(base or ("gpt-lognormal" if lm else "lenet300-lognormal"))
     steps_per_epoch = max(1, -(-len(dataset.x_train) // r.data.batch_size))
     epochs = int(min(60, max(2, round(_DEFAULT_SPARSIFY_STEPS / steps_per_epoch))))
     st = r.stages
     return r.replace(
         name="default",
-        description="default recipe for a user's model: log-normal gates, sparsify then fine-tune",
+        description=f"default recipe for a user's {'language ' if lm else ''}model "
+        f"(the gates of {r.name}): log-normal gates, sparsify then fine-tune",
         stages=replace(
             st,
             pretrain=replace(st.pretrain, epochs=0),
