@@ -8,8 +8,9 @@ rebuild without the folder.
 
 Out: a slim model whose config describes it (see :func:`compressdrop.gating.known.sync_config`;
 ``prune(uniform=True)`` makes one) is written with ``save_pretrained`` into a temporary folder,
-loaded back with ``from_pretrained`` and compared with the model, and only then moved into place:
-a folder that ``AutoModelForCausalLM.from_pretrained`` loads with no compressdrop installed.
+loaded back with its own class's ``from_pretrained`` and compared with the model, and only then
+moved into place: a folder that ``from_pretrained`` of the class its config names
+(``AutoModelForCausalLM`` for a causal LM) loads with no compressdrop installed.
 """
 
 from __future__ import annotations
@@ -200,18 +201,44 @@ def save_hf_folder(
     return size, err
 
 
+def _logits(out: Any) -> torch.Tensor:
+    """The first output of a transformers model (``logits`` where it has them)."""
+    logits = getattr(out, "logits", None)
+    return (logits if logits is not None else out[0]).float()
+
+
 @torch.inference_mode()
 def _check_reload(slim: nn.Module, folder: Path, x: torch.Tensor) -> float:
-    tf = _transformers()
-    back = tf.AutoModelForCausalLM.from_pretrained(
-        folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
-    ).eval()
+    """Load ``folder`` with ``slim``'s own class (already imported: no name the folder gives is
+    looked up) and return the largest relative error of its first output against ``slim``'s."""
+    cls: Any = type(slim)
+    try:
+        back = cls.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        ).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"the written folder does not load back as a {cls.__name__} ({e}); nothing was "
+            "written: keep this model as .pt2, .onnx or a compressdrop checkpoint (.pt)"
+        ) from None
     was = slim.training
     slim.eval()
     try:
         x = x.to(next(slim.parameters()).device)
-        want = slim(x).logits.float()
-        got = back.to(x.device)(x).logits.float()
+        want = _logits(slim(x))
+        try:
+            got = _logits(back.to(x.device)(x))
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"the written folder loads back as a {cls.__name__} that does not run on the "
+                f"example input ({e}); nothing was written: keep this model as .pt2, .onnx or "
+                "a compressdrop checkpoint (.pt)"
+            ) from None
     finally:
         slim.train(was)
+    if got.shape != want.shape:
+        raise CheckpointError(
+            f"the written folder loads back as a {cls.__name__} whose output is "
+            f"{tuple(got.shape)}, not {tuple(want.shape)}; nothing was written"
+        )
     return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))

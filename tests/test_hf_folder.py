@@ -221,3 +221,49 @@ def test_a_bfloat16_folder_is_rebuilt_in_float32(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # as the folder holds it
     assert not {"dtype", "torch_dtype"} & set(model.arch["kwargs"])
     assert {p.dtype for p in build_arch(model.arch).parameters()} == {torch.float32}
+
+
+def _uniform_slim(model, ids, exclude=None):
+    """``model`` gated (all but ``exclude``), its SNRs spread, pruned uniform at the median."""
+    import compressdrop as cd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the residual stream (LayerNorm) stays ungated
+        cd.attach(model, "lognormal", exclude=exclude, example_inputs=ids)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, gate in cd.named_gates(model):
+            gate.mu.add_(torch.empty_like(gate.mu).uniform_(-2, 2))
+    thr = float(torch.cat([g.snr().detach() for _, g in cd.named_gates(model)]).median())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cd.prune(model, thr, uniform=True, example_inputs=ids).eval()
+
+
+def test_a_sequence_classifier_writes_a_folder_that_reloads_as_its_own_class(tmp_path, monkeypatch):
+    """A BertForSequenceClassification is checked by reloading it as itself (it was reloaded as
+    a causal LM, a raw RuntimeError); a reload that fails is a CheckpointError, nothing written."""
+    from compressdrop.hf_folder import save_hf_folder
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(64, (2, 8))
+    slim = _uniform_slim(model, ids, exclude=["BertAttention", "*pooler*"])
+    _, err = save_hf_folder(slim, tmp_path / "out", ids)
+    assert err <= 1e-4
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] < 48
+    back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.allclose(back(ids).logits, slim(ids).logits, atol=1e-5)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("size mismatch")
+
+    monkeypatch.setattr(transformers.BertForSequenceClassification, "from_pretrained", refuse)
+    with pytest.raises(CheckpointError, match="does not load back as a BertForSequenceClass"):
+        save_hf_folder(slim, tmp_path / "again", ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
