@@ -10,11 +10,14 @@ Out: a slim model whose config describes it (see :func:`compressdrop.gating.know
 ``prune(uniform=True)`` makes one) is written with ``save_pretrained`` into a temporary folder,
 loaded back with its own class's ``from_pretrained`` and compared with the model, and only then
 moved into place: a folder that ``from_pretrained`` of the class its config names
-(``AutoModelForCausalLM`` for a causal LM) loads with no compressdrop installed.
+(``AutoModelForCausalLM`` for a causal LM) loads with no compressdrop installed. A model whose
+config still describes other shapes (a family :func:`~compressdrop.gating.known.sync_config` does
+not know, such as OPT) is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -171,6 +174,13 @@ def save_hf_folder(
     if reason is not None:
         raise InputError(f"{out}: cannot write a Hugging Face folder: {reason}")
     check_folder_output(out)
+    misfit = _config_misfit(slim)
+    if misfit is not None:  # a family sync_config does not know (OPT, ...): its config is dense
+        raise InputError(
+            f"{out}: cannot write a Hugging Face folder: compressdrop cannot update the "
+            f"model's {type(config).__name__} to describe the pruned model ({misfit}); write .pt2, "
+            ".onnx or .pt instead"
+        )
     parent = out.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {out}: directory {parent} is missing or not writable")
@@ -199,6 +209,26 @@ def save_hf_folder(
         raise
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return size, err
+
+
+def _config_misfit(slim: nn.Module) -> str | None:
+    """Where ``slim``'s config describes another shape than its weights have: the first weight
+    whose shape differs from that of a model built from the config (on the meta device, so
+    nothing is allocated), or ``None`` when every weight fits."""
+    config = copy.deepcopy(slim.config)
+    try:
+        with torch.device("meta"):
+            fresh = type(slim)(config)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return None  # not buildable on the meta device: the reload check decides
+    want = fresh.state_dict()
+    for key, value in slim.state_dict().items():
+        if key in want and tuple(want[key].shape) != tuple(value.shape):
+            return (
+                f"{key} is {tuple(value.shape)} in the model, {tuple(want[key].shape)} by the "
+                "config"
+            )
+    return None
 
 
 def _logits(out: Any) -> torch.Tensor:

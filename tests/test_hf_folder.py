@@ -267,3 +267,20 @@ def test_a_sequence_classifier_writes_a_folder_that_reloads_as_its_own_class(tmp
     with pytest.raises(CheckpointError, match="does not load back as a BertForSequenceClass"):
         save_hf_folder(slim, tmp_path / "again", ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_family_whose_config_is_not_updated_writes_no_folder(tmp_path):
+    """OPT: compressdrop cannot set its config to the pruned shape, so the folder is refused
+    before anything is written (it failed in transformers' reload with a size table)."""
+    from compressdrop.hf_folder import save_hf_folder
+
+    config = transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=48,
+        max_position_embeddings=32, word_embed_proj_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ids = torch.randint(64, (2, 8))
+    slim = _uniform_slim(transformers.OPTForCausalLM(config).eval(), ids)
+    with pytest.raises(InputError, match=r"cannot update the model's OPTConfig.*\.pt2"):
+        save_hf_folder(slim, tmp_path / "out", ids)
+    assert not list(tmp_path.iterdir())
