@@ -219,6 +219,30 @@ def test_slim_models_export_to_onnx_at_two_sequence_lengths(name, tmp_path):
     assert getattr(slim.config, "use_cache", None) == cache
 
 
+def test_a_bert_program_takes_a_dynamic_length_up_to_its_positions(tmp_path):
+    """BERT slices its position ids (a buffer of max_position_embeddings): the length dimension
+    of a .pt2 is bounded by it (an unbounded one failed torch.export's range check), and a
+    check beyond it is a clear error."""
+    from compressdrop.export import ExportError, export_program
+
+    torch.manual_seed(0)
+    model = _build("bert")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    rep = export_program(
+        model, ids, tmp_path / "bert.pt2", check_batch_sizes=(1, 3), check_lengths=(5, 13)
+    )
+    assert set(rep.max_rel_error) == {1, 3, "length 5", "length 13"}
+    assert max(rep.max_rel_error.values()) <= 1e-4
+    longest = torch.randint(3, VOCAB, (1, 64))
+    with torch.no_grad():
+        want = model(longest).logits
+    got = torch.export.load(tmp_path / "bert.pt2").module()(longest)["logits"]
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ExportError, match="longer than the model takes \\(64"):
+        export_program(model, ids, tmp_path / "long.pt2", check_lengths=(65,))
+    assert not (tmp_path / "long.pt2").exists()
+
+
 RELOAD = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])

@@ -25,6 +25,7 @@ __all__ = [
     "export_dims",
     "export_shapes",
     "fixed_gate_factors",
+    "max_length",
     "token_lengths",
     "with_lengths",
 ]
@@ -94,7 +95,9 @@ def as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
     return tuple(xs)
 
 
-def export_shapes(xs: tuple[torch.Tensor, ...], check_lengths: Sequence[int]) -> tuple[dict, ...]:
+def export_shapes(
+    xs: tuple[torch.Tensor, ...], check_lengths: Sequence[int], longest: int = 1 << 16
+) -> tuple[dict, ...]:
     """The dynamic dimensions of each input (:func:`export_dims`); several inputs share one
     batch dimension, and have no dynamic length.
 
@@ -102,11 +105,28 @@ def export_shapes(xs: tuple[torch.Tensor, ...], check_lengths: Sequence[int]) ->
         ExportError: ``check_lengths`` with several inputs.
     """
     if len(xs) == 1:
-        return (export_dims(xs[0], check_lengths),)
+        return (export_dims(xs[0], check_lengths, longest),)
     if check_lengths:
         raise ExportError("check_lengths needs a model of one input (token ids)")
     batch = dynamic_batch()
     return tuple({0: batch} for _ in xs)
+
+
+# config fields that bound a model's sequence length (BERT, LLaMA; GPT-2)
+_POSITIONS = ("max_position_embeddings", "n_positions")
+
+
+def max_length(model: nn.Module, default: int = 1 << 16) -> int:
+    """The longest sequence ``model`` takes: its (Hugging Face) config's
+    ``max_position_embeddings`` or ``n_positions`` where it has one, else ``default``. A dynamic
+    length beyond it fails ``torch.export``'s range check: BERT slices its position ids, a
+    buffer of that length."""
+    config = getattr(model, "config", None)
+    for field in _POSITIONS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+            return min(value, default)
+    return default
 
 
 def draw_like(example: torch.Tensor, batch: int) -> torch.Tensor:
@@ -153,16 +173,25 @@ def with_lengths(
     return fixed
 
 
-def export_dims(x: torch.Tensor, check_lengths: Sequence[int]) -> dict[int, torch.export.Dim]:
+def export_dims(
+    x: torch.Tensor, check_lengths: Sequence[int], longest: int = 1 << 16
+) -> dict[int, torch.export.Dim]:
     """The dynamic dimensions of an export of inputs like ``x``: the batch, and with
-    ``check_lengths`` dimension 1 (the sequence of token ids) too.
+    ``check_lengths`` dimension 1 (the sequence of token ids) too, from 2 to ``longest``
+    (:func:`max_length`).
 
     Raises:
-        ExportError: ``check_lengths`` for inputs without a dimension 1.
+        ExportError: ``check_lengths`` for inputs without a dimension 1, or beyond ``longest``.
     """
     if check_lengths and x.dim() < 2:
         raise ExportError("check_lengths needs inputs with a sequence dimension (batch, length)")
-    length = {1: torch.export.Dim("length", min=2, max=1 << 16)} if check_lengths else {}
+    beyond = [n for n in (*check_lengths, x.shape[1] if check_lengths else 0) if n > longest]
+    if beyond:
+        raise ExportError(
+            f"sequence length {beyond[0]} is longer than the model takes ({longest}, its "
+            "config's max_position_embeddings or n_positions): check shorter lengths"
+        )
+    length = {1: torch.export.Dim("length", min=2, max=longest)} if check_lengths else {}
     return {0: dynamic_batch(), **length}
 
 

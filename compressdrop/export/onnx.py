@@ -26,6 +26,7 @@ from ._check import (
     eval_on_cpu,
     export_shapes,
     fixed_gate_factors,
+    max_length,
 )
 
 __all__ = [
@@ -215,7 +216,7 @@ def export_onnx(
     xs = tuple(t.detach().cpu() for t in as_inputs(example_input))
     if len(xs[0]) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
         xs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) for t in xs)
-    dims = export_shapes(xs, check_lengths)
+    dims = export_shapes(xs, check_lengths, max_length(model))
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):

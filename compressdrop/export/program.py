@@ -23,6 +23,7 @@ from ._check import (
     eval_on_cpu,
     export_shapes,
     fixed_gate_factors,
+    max_length,
     output_arrays,
 )
 from .onnx import _quiet_exporter, no_cache
@@ -68,7 +69,7 @@ def export_program(
     # a copy: a slice of a data set is a view of all of it, which torch.export.save would
     # store as the program's sample input (a 150 kB LeNet's .pt2 held 169 MB of training images)
     xs = tuple(t.detach().cpu().clone() for t in as_inputs(example_input))
-    dims = export_shapes(xs, check_lengths)
+    dims = export_shapes(xs, check_lengths, max_length(model))
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):
