@@ -289,6 +289,58 @@ def test_a_sampling_onnx_graph_of_token_ids_takes_them_as_integers(tmp_path):
     assert res["samples"] == 4 and 0 <= res["accuracy"] <= 1
 
 
+def _noisy_token_net(model, ids):
+    """``model`` gated on ``ids``, pruned at SNR 1 with spread gates, its noise kept."""
+    from compressdrop.uncertainty import keep_noise
+
+    cd.attach(model, example_inputs=ids[:2])
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            g.log_sigma.copy_(torch.linspace(-4.0, 1.0, g.num_units))
+    return keep_noise(model, cd.prune(model, 1.0), 1.0)
+
+
+class _FlatTokenNet(torch.nn.Module):
+    """Token ids → embedding → flattened: it takes one sequence length only."""
+
+    def __init__(self, tokens: int = 7) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 4)
+        self.fc1 = torch.nn.Linear(4 * tokens, 16)
+        self.fc2 = torch.nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(ids).flatten(1))))
+
+
+def test_a_sampling_onnx_graph_of_token_ids_takes_any_length_where_the_model_does(tmp_path):
+    """The MC graph of token ids had its sequence length fixed at the example's (its eval at
+    another context was a raw onnxruntime error); now it is dynamic as export_onnx's, and a
+    model of one length gets a fixed graph with a warning and a clear error at another."""
+    import onnxruntime as ort
+
+    from compressdrop.errors import InputError
+    from compressdrop.uncertainty import export_mc_onnx, mc_evaluate_onnx
+
+    from .test_inputs import TokenNet
+
+    torch.manual_seed(0)
+    ids, y = torch.randint(0, 50, (16, 7)), torch.randint(0, 3, (16,))
+    noisy = _noisy_token_net(TokenNet().eval(), ids)
+    export_mc_onnx(noisy, ids[:2], tmp_path / "mc.onnx", samples=4)
+    shape = ort.InferenceSession(tmp_path / "mc.onnx").get_inputs()[0].shape
+    assert isinstance(shape[1], str)  # dynamic
+    longer = torch.randint(0, 50, (16, 12))
+    res = mc_evaluate_onnx(tmp_path / "mc.onnx", longer, y, samples=4)
+    assert res["samples"] == 4 and 0 <= res["accuracy"] <= 1
+
+    noisy = _noisy_token_net(_FlatTokenNet().eval(), ids)
+    with pytest.warns(UserWarning, match="length 7 only"):
+        export_mc_onnx(noisy, ids[:2], tmp_path / "flat.onnx", samples=4)
+    with pytest.raises(InputError, match=r"shape \(7,\) after the batch.*context=7"):
+        mc_evaluate_onnx(tmp_path / "flat.onnx", longer, y, samples=4)
+
+
 def test_only_token_ids_try_a_dynamic_length_and_other_failures_say_nothing_of_it(tmp_path):
     from compressdrop.export._check import with_lengths
 

@@ -117,15 +117,16 @@ _POSITIONS = ("max_position_embeddings", "n_positions")
 
 
 def max_length(model: nn.Module, default: int = 1 << 16) -> int:
-    """The longest sequence ``model`` takes: its (Hugging Face) config's
+    """The longest sequence ``model`` takes: its (or a submodule's Hugging Face) config's
     ``max_position_embeddings`` or ``n_positions`` where it has one, else ``default``. A dynamic
     length beyond it fails ``torch.export``'s range check: BERT slices its position ids, a
     buffer of that length."""
-    config = getattr(model, "config", None)
-    for field in _POSITIONS:
-        value = getattr(config, field, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
-            return min(value, default)
+    for module in model.modules():  # a wrapper's (an MC sampler's) inner model's too
+        config = getattr(module, "config", None)
+        for field in _POSITIONS:
+            value = getattr(config, field, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return min(value, default)
     return default
 
 

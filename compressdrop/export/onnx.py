@@ -168,6 +168,7 @@ def export_onnx(
     rtol: float = 1e-4,
     providers: str = "auto",
     check_lengths: Sequence[int] = (),
+    dynamic_length: bool = False,
 ) -> ExportReport:
     """Export ``model`` to ONNX at ``path``, with a dynamic batch dimension, and verify it.
 
@@ -195,6 +196,8 @@ def export_onnx(
             dynamic too, and check at each of these lengths (batch 2) as well; the report's
             ``max_rel_error`` keys them as ``"length L"``. A Hugging Face model is exported with
             ``config.use_cache`` off (restored afterwards): logits without the key/value cache.
+        dynamic_length: leave dimension 1 dynamic without ``check_lengths`` (for a caller that
+            checks other lengths itself: a graph that samples cannot match PyTorch exactly).
 
     Raises:
         ExportError: the exporter failed, produced non-standard operators or another opset.
@@ -216,7 +219,8 @@ def export_onnx(
     xs = tuple(t.detach().cpu() for t in as_inputs(example_input))
     if len(xs[0]) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
         xs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) for t in xs)
-    dims = export_shapes(xs, check_lengths, max_length(model))
+    dynamic = tuple(check_lengths) or ((2,) if dynamic_length else ())  # 2: any length
+    dims = export_shapes(xs, dynamic, max_length(model))
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with _quiet_exporter(), fixed_gate_factors(model_cpu):

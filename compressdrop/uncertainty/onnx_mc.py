@@ -44,8 +44,19 @@ class _Sampler:
         self.dtype = ort_feed_dtype(inp)  # token ids stay integers
         self.per_call, self.samples = per_call, samples
         self.calls = -(-samples // per_call)
+        self.path, self.shape = path, list(inp.shape)[1:]  # fixed sizes are ints
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fits = len(self.shape) == x.dim() - 1 and all(
+            not isinstance(want, int) or want == got for want, got in zip(self.shape, x.shape[1:])
+        )
+        if not fits:
+            want = tuple(d if isinstance(d, int) else "any" for d in self.shape)
+            text = f" (text: context={want[0]})" if len(want) == 1 else ""
+            raise InputError(
+                f"{self.path} takes inputs of shape {want} after the batch, the data has "
+                f"{tuple(x.shape[1:])}: give data of that shape{text}"
+            )
         xb: np.ndarray = x.numpy().astype(self.dtype)
         draws = [self.session.run(None, {self.name: xb})[0] for _ in range(self.calls)]
         # (S, N, C), or per token (S, N, T, V) → (S, N·T, V), as mc_report reads them

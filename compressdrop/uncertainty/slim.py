@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -283,14 +284,17 @@ def export_mc_onnx(
 ) -> ExportReport:
     """Export a noisy slim model as an ONNX graph that draws ``samples`` Monte-Carlo samples.
 
-    The graph takes a batch ``x`` (dynamic batch size) and returns the softmax probabilities of
+    The graph takes a batch ``x`` (dynamic batch size; token ids ``(batch, length)`` with a
+    dynamic length too, as :func:`~compressdrop.export.export_onnx`'s ``check_lengths``, where
+    that exports: else it is fixed, with a warning) and returns the softmax probabilities of
     every sample, ``(samples, batch, classes)``; its random draws are standard ONNX operators
     (``RandomUniformLike``, ``RandomNormalLike``), so any runtime samples anew on every call. The
     samples are stacked in one batch (see :class:`MCSampler`). Metadata: ``mc_samples`` and
     ``mc_output``, besides the slim model's.
 
     Check: onnxruntime's per-input mean probabilities must agree with PyTorch's within six
-    standard errors (at least 64 samples each) on ``example``; the file appears only if they do.
+    standard errors (at least 64 samples each) on ``example`` (token ids: at half its length
+    too); the file appears only if they do.
 
     Args:
         model: from :func:`keep_noise` (or any model whose noise draws per example).
@@ -305,8 +309,7 @@ def export_mc_onnx(
         InputError: the model has no noise.
         ExportError: the exporter failed, or onnxruntime's samples disagree with PyTorch's.
     """
-    from ..export import export_onnx
-    from ..runtime import ort_session
+    from ..export._check import token_lengths
 
     if not has_noise(model):  # a NoisySite holds a gate
         raise InputError("the model has no noise to sample; build it with keep_noise()")
@@ -317,28 +320,76 @@ def export_mc_onnx(
     if report is not None:
         meta.update(report.metadata())
     path = Path(path)
+    lengths = token_lengths(x)  # token ids: the sequence length dynamic, as export_onnx's
+    if not lengths:
+        return _write_mc_onnx(sampler, x, path, meta, providers, ())
+    try:
+        return _write_mc_onnx(sampler, x, path, meta, providers, lengths)
+    except ExportError as e:
+        first = e
+    fixed = _write_mc_onnx(sampler, x, path, meta, providers, ())
+    warnings.warn(
+        f"compressdrop: {path.name} takes token ids of length {x.shape[1]} only: a dynamic "
+        f"length failed ({(str(first).splitlines() or [''])[0][:300]})",
+        UserWarning,
+        stacklevel=2,
+    )
+    return fixed
+
+
+def _write_mc_onnx(
+    sampler: MCSampler,
+    x: torch.Tensor,
+    path: Path,
+    meta: dict[str, str],
+    providers: str,
+    lengths: tuple[int, ...],
+) -> ExportReport:
+    """:func:`export_mc_onnx`'s file, the sequence length dynamic with ``lengths`` (checked at
+    ``x``'s and at each of them), checked by its Monte-Carlo mean before it appears."""
+    from ..export import export_onnx
+    from ..runtime import ort_session
+
     with atomic_write(path) as tmp:
         inner = export_onnx(
-            sampler, x, tmp, metadata=meta, check_batch_sizes=(), providers=providers
+            sampler,
+            x,
+            tmp,
+            metadata=meta,
+            check_batch_sizes=(),
+            providers=providers,
+            dynamic_length=bool(lengths),
         )
         session, provider = ort_session(tmp, providers)
-        name = session.get_inputs()[0].name
-        runs = -(-64 // samples)
-        got = torch.cat(
-            [torch.from_numpy(session.run(None, {name: x.numpy()})[0]) for _ in range(runs)]
-        )
-        with torch.no_grad():
-            want = torch.cat([sampler(x) for _ in range(runs)])
-        if got.shape != want.shape:
-            raise ExportError(
-                f"onnxruntime gives samples of shape {tuple(got.shape)}, PyTorch {tuple(want.shape)}"
-            )
-        n = len(got)
-        bound = 6 * ((got.var(0) + want.var(0)) / n).sqrt() + 1e-4
-        worst = float(((got.mean(0) - want.mean(0)).abs() / bound).max())
-        if not worst <= 1:
-            raise ExportError(
-                f"onnxruntime's Monte-Carlo mean differs from PyTorch's by {6 * worst:.1f} standard "
-                f"errors ({n} samples each, {provider})"
-            )
+        name, shape = session.get_inputs()[0].name, session.get_inputs()[0].shape
+        if lengths and isinstance(shape[1], int):  # the exporter may specialise it silently
+            raise ExportError(f"the exporter fixed the sequence length at {shape[1]}")
+        for xl in (x, *(x[:, :n] for n in lengths)):
+            _check_mc_mean(sampler, lambda xl=xl: session.run(None, {name: xl.numpy()})[0], xl)
     return ExportReport(path, path.stat().st_size, provider, {}, inner.opset, inner.metadata)
+
+
+def _check_mc_mean(sampler: MCSampler, draw: Any, x: torch.Tensor) -> None:
+    """onnxruntime's per-input mean probabilities (``draw()``, at least 64 samples) against
+    PyTorch's on ``x``, within six standard errors.
+
+    Raises:
+        ExportError: they differ, or their shapes do.
+    """
+    samples = sampler.samples
+    runs = -(-64 // samples)
+    got = torch.cat([torch.from_numpy(draw()) for _ in range(runs)])
+    with torch.no_grad():
+        want = torch.cat([sampler(x) for _ in range(runs)])
+    if got.shape != want.shape:
+        raise ExportError(
+            f"onnxruntime gives samples of shape {tuple(got.shape)}, PyTorch {tuple(want.shape)}"
+        )
+    n = len(got)
+    bound = 6 * ((got.var(0) + want.var(0)) / n).sqrt() + 1e-4
+    worst = float(((got.mean(0) - want.mean(0)).abs() / bound).max())
+    if not worst <= 1:
+        raise ExportError(
+            f"onnxruntime's Monte-Carlo mean differs from PyTorch's by {6 * worst:.1f} standard "
+            f"errors ({n} samples each, input shape {tuple(x.shape)})"
+        )
