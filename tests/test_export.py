@@ -92,6 +92,18 @@ def test_export_failure_leaves_no_file_and_keeps_an_existing_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 
 
+def test_a_bfloat16_model_is_refused_before_anything_is_written(tmp_path):
+    """onnxruntime's CPU provider has no bfloat16 Mul: the export ended in its raw
+    NotImplemented error; now an ExportError that says to call .float() first."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).bfloat16()
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    with pytest.raises(ExportError, match=r"bfloat16.*CPU provider.*model\.float\(\)"):
+        export_onnx(model, x, tmp_path / "m.onnx", providers="cpu")
+    assert not list(tmp_path.iterdir())
+    rep = export_onnx(model.float(), x.float(), tmp_path / "m.onnx", providers="cpu")
+    assert max(rep.max_rel_error.values()) <= 1e-4
+
+
 def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
     model = ZOO["lenet300"]().eval()
     path = tmp_path / "m.onnx"

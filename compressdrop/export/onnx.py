@@ -157,6 +157,24 @@ def _onnx_program(
     return torch.onnx.export(model, xs, **kwargs)
 
 
+def _refuse_cpu_bfloat16(model: nn.Module, providers: str) -> None:
+    """Refuse a bfloat16 model that onnxruntime would check on its CPU provider, which has no
+    bfloat16 kernels for common operators (``Mul``): its session would fail on the graph."""
+    import onnxruntime as ort
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(t.dtype == torch.bfloat16 for t in tensors):
+        return
+    cuda = (
+        providers == "cuda" or (providers == "auto" and torch.cuda.is_available())
+    ) and "CUDAExecutionProvider" in ort.get_available_providers()
+    if not cuda:
+        raise ExportError(
+            "the model is in bfloat16, which onnxruntime's CPU provider has no kernels for "
+            "(Mul, MatMul, ...): export model.float() instead (nothing was written)"
+        )
+
+
 def export_onnx(
     model: nn.Module,
     example_input: torch.Tensor | tuple[torch.Tensor, ...],
@@ -200,7 +218,8 @@ def export_onnx(
             checks other lengths itself: a graph that samples cannot match PyTorch exactly).
 
     Raises:
-        ExportError: the exporter failed, produced non-standard operators or another opset.
+        ExportError: the exporter failed, produced non-standard operators or another opset;
+            a bfloat16 model to be checked on onnxruntime's CPU provider (no kernels there).
         ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``.
     """
     import onnx
@@ -216,6 +235,7 @@ def export_onnx(
     if names:  # its outputs' class names, as JSON
         meta["classes"] = json.dumps([str(c) for c in names])
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    _refuse_cpu_bfloat16(model, providers)
     xs = tuple(t.detach().cpu() for t in as_inputs(example_input))
     if len(xs[0]) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
         xs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) for t in xs)
