@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -184,7 +185,9 @@ def save_hf_folder(
     parent = out.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {out}: directory {parent} is missing or not writable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    # mkdir, not mkdtemp: the folder gets the mode a mkdir gives (the umask's), not 0700
+    tmp = parent / f".{out.name}.{secrets.token_hex(8)}.tmp"
+    tmp.mkdir()
     try:
         save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
         save(tmp, safe_serialization=True)

@@ -6,6 +6,7 @@ without compressdrop, giving the slim model's logits."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -253,8 +254,13 @@ def test_a_sequence_classifier_writes_a_folder_that_reloads_as_its_own_class(tmp
     model = transformers.BertForSequenceClassification(config).eval()
     ids = torch.randint(64, (2, 8))
     slim = _uniform_slim(model, ids, exclude=["BertAttention", "*pooler*"])
-    _, err = save_hf_folder(slim, tmp_path / "out", ids)
+    umask = os.umask(0o022)
+    try:
+        _, err = save_hf_folder(slim, tmp_path / "out", ids)
+    finally:
+        os.umask(umask)
     assert err <= 1e-4
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755  # as mkdir makes it, not 0700
     assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] < 48
     back = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
