@@ -141,3 +141,15 @@ def test_no_module_is_over_400_lines():
     """Long modules hide more than one job (the style guide's limit)."""
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > 400}
     assert not long, f"modules over 400 lines: {long}"
+
+
+def test_every_top_level_name_resolves_lazily_to_its_module():
+    """The README calls ``cd.export_program`` and ``cd.export_mc_onnx`` (they were only in
+    ``compressdrop.export`` and ``compressdrop.uncertainty``); every name in ``__all__`` is there."""
+    import compressdrop.export
+    import compressdrop.uncertainty
+
+    assert compressdrop.export_program is compressdrop.export.export_program
+    assert compressdrop.export_mc_onnx is compressdrop.uncertainty.export_mc_onnx
+    missing = [n for n in compressdrop.__all__ if not hasattr(compressdrop, n)]
+    assert not missing, f"__all__ names that do not resolve: {missing}"
