@@ -68,6 +68,10 @@ def main() -> None:
       compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
       compressdrop eval runs/demo/slim.onnx --data digits
     """
+    from .reporting import one_line_warnings
+
+    # warnings as one line each (not the installed file's path and source line), for this command
+    click.get_current_context().with_resource(one_line_warnings())
 
 
 @main.command()

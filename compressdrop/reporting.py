@@ -6,12 +6,14 @@ anything. Progress and tables go to stderr and stdout as noted, so ``--json`` ou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 __all__ = [
     "console",
     "eval_text",
+    "one_line_warnings",
     "progress_printer",
     "prune_text",
     "run_summary",
@@ -27,6 +29,28 @@ def console(stderr: bool = True) -> Any:
 
     c = Console(stderr=stderr)
     return c if c.is_terminal else Console(stderr=stderr, width=200)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """While open, a warning Python shows is one line on stderr, ``warning (DataWarning):
+    message``, without the file, line number and source line of the code that warned (a CLI user
+    did not write it). Only the default ``warnings.showwarning`` calls ``warnings.formatwarning``,
+    so warnings that are recorded or raised (``catch_warnings(record=True)``, ``pytest.warns``,
+    ``-W error``) are untouched; the previous formatter comes back on exit."""
+    import warnings
+
+    before = warnings.formatwarning
+
+    def one_line(message: Any, category: type, filename: str, lineno: int, line: Any = None) -> str:
+        text = " ".join(str(message).split()).removeprefix("compressdrop: ")
+        return f"warning ({category.__name__}): {text}\n"
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
 
 
 def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None]:

@@ -286,6 +286,46 @@ def test_cli_shim_and_help_show_a_working_example():
 
 
 @pytest.mark.slow
+def test_warnings_are_one_line_each_without_the_installed_files_source(tmp_path):
+    """A new user saw `.../compressdrop/data/__init__.py:193: DataWarning: ...` and the source
+    line `  return load_npz(spec)` under it; the CLI prints `warning (Category): message`."""
+    import os
+    import warnings
+
+    import numpy as np
+
+    from compressdrop.data import DataWarning
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "nhwc.npz"  # channels-last x: a DataWarning when read
+    np.savez(data, x=rng.random((12, 8, 6, 3)).astype(np.float32), y=np.arange(12) % 2)
+    model = save_model(
+        build_model("lenet300", input_shape=(3, 8, 6), num_classes=2), tmp_path / "m.pt"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "compressdrop", "eval", "m.pt", "--data", "nhwc.npz"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert lines == [
+        "warning (DataWarning): nhwc.npz: x read as channels-last images (N, H, W, C) and "
+        "transposed to (N, C, H, W) = (N, 3, 8, 6); save them as (N, C, H, W) to be rid of "
+        "this warning"
+    ], out.stderr
+    assert "load_npz" not in out.stderr and ".py:" not in out.stderr
+    # in-process (click's runner, pytest) the warning is recorded as before, and Python's own
+    # formatter is back afterwards
+    before = warnings.formatwarning
+    with pytest.warns(DataWarning, match="channels-last"):
+        run(["eval", model, "--data", data])
+    assert warnings.formatwarning is before
+
+
+@pytest.mark.slow
 def test_subprocess_exit_code_on_bad_input(tmp_path):
     out = subprocess.run(EXE + ["eval", str(tmp_path / "nope.pt")], capture_output=True, text=True)
     assert out.returncode == 1 and "Error:" in out.stderr and "Traceback" not in out.stderr
