@@ -257,7 +257,8 @@ def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, 
 @options(*EVAL)
 @_guard
 def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, device, as_json):
-    """Evaluate a model (.pt or .onnx) on a data set's test split: accuracy, NLL, size.
+    """Evaluate a model (.pt or .onnx) on a data set's test split: accuracy, NLL, size. Without
+    --data: the data a compressdrop checkpoint was trained on, else digits.
 
     With --mc N: Monte-Carlo uncertainty (a checkpoint with dropout or gates, a slim one that
     kept its noise, or the sampling graph STEM-mc.onnx that prune --mc-samples writes), and
@@ -284,6 +285,7 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, dev
         arch_kwargs=arch_args,
         trust_code=trust_code,
         device=device,
+        announce=None if as_json else functools.partial(click.echo, err=True),
     )
     _emit(as_json, res, lambda: click.echo(eval_text(res)))
 
@@ -316,6 +318,7 @@ def sweep(model_path, data, thresholds, out, batch, threads, arch, trust_code, d
         arch=arch,
         trust_code=trust_code,
         device=device,
+        announce=None if as_json else functools.partial(click.echo, err=True),
         progress=None
         if as_json
         else lambda r: err.print(
@@ -324,7 +327,7 @@ def sweep(model_path, data, thresholds, out, batch, threads, arch, trust_code, d
     )
     _emit(
         as_json,
-        {k: res[k] for k in ("rows", "dense", "files")},
+        {k: res[k] for k in ("rows", "dense", "files", "data")},
         lambda: sweep_text(res, batch, threads),
     )
 

@@ -21,6 +21,8 @@ DATA_HELP = (
     "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
 )
 
+TRAINED_ON = " (default: the data a compressdrop checkpoint was trained on, else digits)"
+
 
 def options(*decorators: Callable) -> Callable:
     """Apply click decorators in the order given (the first is the first ``--help`` line)."""
@@ -264,7 +266,7 @@ EXPORT = (
 )
 EVAL = (
     MODEL,
-    _data("digits"),
+    _data(None, DATA_HELP + TRAINED_ON),
     click.option(
         "--mc",
         "mc_samples",
@@ -289,7 +291,7 @@ EVAL = (
 )
 SWEEP = (
     click.argument("model_path", metavar="CHECKPOINT", type=click.Path(dir_okay=False)),
-    _data("digits"),
+    _data(None, DATA_HELP + TRAINED_ON),
     click.option(
         "--thresholds",
         "-t",

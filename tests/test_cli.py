@@ -113,6 +113,43 @@ def test_prune_plain_model_sparsifies_on_data_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.pt", "r.yaml", "slim.pt"]
 
 
+def test_eval_and_sweep_default_to_the_data_the_model_was_trained_on(tmp_path, monkeypatch):
+    """`compressdrop eval runs/fm/gated.pt` used digits and failed ("data 'digits' has inputs of
+    shape (1, 8, 8) but the model expects (1, 28, 28)"): without --data, eval and sweep take the
+    data the checkpoint's recipe records (train's, or prune's --data) and say so."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for name in ("mine", "other"):
+        np.savez(f"{name}.npz", x=rng.random((40, 6)).astype(np.float32), y=np.arange(40) % 2)
+    save_model(build_model("lenet300", (6,), num_classes=2), "dense.pt")
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=1, finetune=1, onnx=False)
+    # the recipe names digits; the run's --data is what slim.pt and slim-gated.pt record
+    run(
+        ["prune", "dense.pt", "--recipe", recipe, "--data", "mine.npz", "-o", "slim.pt"]
+        + ["--keep-gated"]
+    )
+    said = "data: mine.npz (what {} was trained on; choose other data with --data)\n"
+    res = run(["eval", "slim.pt"])
+    assert res.stderr == said.format("slim.pt") and "data: mine " in res.stdout
+    assert json.loads(run(["eval", "slim.pt", "--json"]).stdout)["data"] == "mine"
+    sw = run(["sweep", "slim-gated.pt", "-t", "1", "--out", "sw", "--json"])
+    assert json.loads(sw.stdout)["data"] == "mine" and sw.stderr == ""  # --json: stdout only
+    assert said.format("slim-gated.pt") in run(["sweep", "slim-gated.pt", "-t", "1"]).stderr
+    # --data wins; a model that records no data keeps digits, without a word
+    ev = run(["eval", "slim.pt", "--data", "other.npz", "--json"])
+    assert json.loads(ev.stdout)["data"] == "other"
+    save_model(build_model("lenet300", (1, 8, 8)), "plain.pt")
+    res = run(["eval", "plain.pt"])
+    assert "data: digits " in res.stdout and res.stderr == ""
+    # recorded data that is not there: an error that says what to do
+    Path("mine.npz").unlink()
+    res = run(["eval", "slim.pt"], expect=1)
+    assert "slim.pt was trained on data 'mine.npz', which cannot be read here" in res.stderr
+    assert "with --data" in res.stderr
+
+
 def test_export_and_eval_agree_between_torch_and_onnx(trained, tmp_path):
     d, report = trained
     run(["export", d / "out" / "slim.pt", "-o", tmp_path / "m.onnx"])

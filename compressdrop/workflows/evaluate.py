@@ -10,9 +10,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..arch import Factory
 from ..data import load_dataset
-from ..errors import InputError
+from ..errors import DataError, InputError
 from .jobs import load_fitting
 from .sparsify import fit_ids, fit_input_shape
 
@@ -21,7 +23,7 @@ __all__ = ["evaluate_file", "sweep_file"]
 
 def evaluate_file(
     model_path: str | Path,
-    data: str = "digits",
+    data: str | None = None,
     *,
     mc_samples: int | None = None,
     ood: str | None = None,
@@ -29,10 +31,14 @@ def evaluate_file(
     arch_kwargs: Mapping[str, Any] | None = None,
     trust_code: bool = False,
     device: str = "auto",
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy, NLL and size of a model file (PyTorch or ``.onnx``) on ``data``'s test split.
 
     Args:
+        data: a data spec; ``None``: the data a compressdrop checkpoint's recipe records (what
+            it was trained on), said to ``announce``, else ``digits`` (and for ``.onnx`` files,
+            whose metadata records no data).
         mc_samples: Monte-Carlo passes for uncertainty (PyTorch models with dropout or gates,
             or an ONNX graph written by :func:`~compressdrop.uncertainty.export_mc_onnx`).
         ood: an out-of-distribution data set for the AUROC of the uncertainty measures.
@@ -44,8 +50,8 @@ def evaluate_file(
         InputError: ``mc_samples`` with a deterministic ONNX file, or a model without stochastic
             layers.
     """
-    ds = load_dataset(data)
     if str(model_path).endswith(".onnx"):
+        ds = load_dataset(data or "digits")
         from ..evaluation.onnx_eval import evaluate_onnx
         from ..uncertainty import mc_evaluate_onnx, onnx_mc_samples, resize_images
 
@@ -86,8 +92,10 @@ def evaluate_file(
     from ..gating import example_input_for
     from ..runtime import resolve_device
 
+    model = load_fitting(model_path, None, "", arch, arch_kwargs, trust_code)
+    ds = _data_for(model_path, model, data, announce)
     shape = tuple(ds.input_shape)
-    model = load_fitting(model_path, shape, f"data {ds.name!r}", arch, arch_kwargs, trust_code)
+    fit_input_shape(model, shape, f"data {ds.name!r}")
     ds = ds.in_class_order(getattr(model, "class_names", None))  # a folder of some classes
     ds = fit_ids(model, ds)  # an .npz's token ids, for a model that reads them
     dev = resolve_device(device)
@@ -117,7 +125,7 @@ def evaluate_file(
 
 def sweep_file(
     model_path: str | Path,
-    data: str = "digits",
+    data: str | None = None,
     *,
     thresholds: list[float] | None = None,
     out: str | Path = "runs/sweep",
@@ -127,9 +135,11 @@ def sweep_file(
     trust_code: bool = False,
     device: str = "auto",
     progress: Callable[[Any], None] | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Accuracy against size over SNR thresholds of a gated checkpoint (see
     :func:`compressdrop.evaluation.sweep.sweep`), written as CSV, JSON and a plot into ``out``.
+    ``data`` and ``announce``: as in :func:`evaluate_file`.
 
     Returns:
         ``rows`` (one per threshold, as data), ``dense`` (the model before gating, when the
@@ -146,7 +156,8 @@ def sweep_file(
         raise InputError(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
         )
-    ds = fit_ids(model, load_dataset(data).in_class_order(getattr(model, "class_names", None)))
+    ds = _data_for(model_path, model, data, announce)
+    ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
     rows = sweep(
         model,
@@ -172,6 +183,32 @@ def sweep_file(
         "data": ds.name,
         "title": title,
     }
+
+
+def _data_for(
+    model_path: str | Path,
+    model: nn.Module,
+    data: str | None,
+    announce: Callable[[str], None] | None,
+) -> Any:
+    """``data`` loaded; without it, the data the checkpoint's recipe records (the spec it was
+    trained on: ``train`` and ``prune --data`` record theirs), said to ``announce``, else digits.
+    """
+    if data is not None:
+        return load_dataset(data)
+    recipe = (getattr(model, "compressdrop_meta", None) or {}).get("recipe") or {}
+    spec = (recipe.get("data") or {}).get("name") if isinstance(recipe, dict) else None
+    if not (isinstance(spec, str) and spec):
+        return load_dataset("digits")
+    if announce is not None:
+        announce(f"data: {spec} (what {model_path} was trained on; choose other data with --data)")
+    try:
+        return load_dataset(spec)
+    except (DataError, OSError) as e:
+        raise DataError(
+            f"{model_path} was trained on data {spec!r}, which cannot be read here ({e}); "
+            "name the data to use with --data"
+        ) from None
 
 
 def _onnx_classes(path: str | Path) -> list[str] | None:

@@ -270,6 +270,7 @@ def prune_file(
         r = default_recipe_for(ds)
     else:
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    r = r.override({"data.name": data})  # recorded in the files: eval's and sweep's default data
     if seed is not None:
         r = r.replace(seed=seed)
     if threshold is not None:
