@@ -76,6 +76,21 @@ def test_train_leaves_every_file_and_reports(trained):
     }
 
 
+def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(trained, tmp_path):
+    """`train --resume` after a finished run said `no checkpoint at runs/x/checkpoint.pt`, as if
+    the run had never started: a completed run removes its checkpoint, and says so now."""
+    d, _ = trained
+    before = sorted(p.name for p in (d / "out").iterdir())
+    args = ["train", "--recipe", d / "tiny.yaml", "--resume", "--out"]
+    res = run([*args, d / "out"], expect=1)
+    assert f"{d / 'out'} holds a completed run (report.json)" in res.stderr
+    assert "nothing to resume" in res.stderr and "leave out --resume" in res.stderr
+    assert sorted(p.name for p in (d / "out").iterdir()) == before  # nothing touched
+    # a folder without a run: as before
+    res = run([*args, tmp_path / "new"], expect=1)
+    assert f"no checkpoint at {tmp_path / 'new' / 'checkpoint.pt'}" in res.stderr
+
+
 def test_prune_gated_checkpoint_directly(trained, tmp_path):
     d, _ = trained
     import compressdrop as cd

@@ -25,6 +25,7 @@ __all__ = [
     "drop_stale",
     "finish",
     "prune_summary",
+    "resume_error",
     "say_replaced_checkpoint",
     "write_slim",
 ]
@@ -195,6 +196,18 @@ def say_replaced_checkpoint(out: Path, resume: bool, progress: Any) -> None:
     first epoch) when this run does not resume it."""
     if not resume and (out / "checkpoint.pt").is_file():
         progress({"event": "checkpoint_replaced", "folder": str(out)})
+
+
+def resume_error(ckpt: Path) -> Exception:
+    """The error for ``--resume`` without ``ckpt``: a completed run (its ``report.json``; a run
+    removes its checkpoint when it ends) has nothing to resume, else no run was started here."""
+    if (ckpt.parent / "report.json").is_file():
+        return InputError(
+            f"--resume: {ckpt.parent} holds a completed run (report.json), so there is nothing to "
+            "resume (a run removes its checkpoint.pt when it completes); leave out --resume to "
+            "train again, which replaces that run's files"
+        )
+    return FileNotFoundError(f"--resume: no checkpoint at {ckpt}")
 
 
 def drop_stale(out: Path, names: Sequence[str], written: Sequence[Any], progress: Any) -> None:

@@ -32,7 +32,7 @@ from ..evaluation.metrics import Metrics, evaluate, prediction_loss
 from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
-from .finish import drop_stale, prune_summary, say_replaced_checkpoint, write_slim
+from .finish import drop_stale, prune_summary, resume_error, say_replaced_checkpoint, write_slim
 from .sparsifier import make_optimizer, schedule_lr
 from .stages import STAGES, Stage
 
@@ -303,7 +303,7 @@ def run_recipe(
     state = None
     if resume:
         if not run.ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {run.ckpt}")
+            raise resume_error(run.ckpt)  # a completed run's folder: nothing to resume
         state = run.load()
     else:
         seed_everything(recipe.seed)
