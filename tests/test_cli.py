@@ -227,6 +227,24 @@ def test_prune_keeps_noise_for_monte_carlo_from_the_slim_model(trained, tmp_path
     assert "--mc-samples needs a model with trained gates" in res.output
 
 
+def test_mc_samples_refusal_names_only_what_is_wrong(tmp_path):
+    """A plain model with --mc-samples 5 was told `needs a model with trained gates and N ≥ 1
+    (...: no gates, N = 5)`, as if N were a problem too."""
+    from compressdrop.errors import InputError
+    from compressdrop.workflows import prune_file
+
+    save_model(build_model("lenet300", (1, 8, 8)), tmp_path / "dense.pt")
+    args = ["prune", tmp_path / "dense.pt", "-o", tmp_path / "s.pt", "--mc-samples", 5]
+    res = run([*args, "--data", "digits"], expect=1)
+    assert f"--mc-samples needs a model with trained gates; {tmp_path / 'dense.pt'} has none" in (
+        res.stderr
+    )
+    assert "N =" not in res.stderr and "N ≥" not in res.stderr and "--keep-gated" in res.stderr
+    save_model(cd.attach(build_model("lenet300", (1, 8, 8))), tmp_path / "gated.pt")
+    with pytest.raises(InputError, match=r"^--mc-samples needs N ≥ 1, got 0$"):
+        prune_file(tmp_path / "gated.pt", tmp_path / "s.pt", mc_samples=0)
+
+
 def test_recipes_list_and_show():
     listed = json.loads(run(["recipes", "list", "--json"]).stdout)
     assert "lenet300-lognormal" in listed

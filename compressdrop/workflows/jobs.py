@@ -224,9 +224,11 @@ def prune_file(
         check_folder_output(out)  # not over the model's own folder, nor any other: before training
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
     if mc_samples is not None and (mc_samples < 1 or not is_gated(model)):
-        raise InputError(
-            f"--mc-samples needs a model with trained gates and N ≥ 1 ({model_path}: "
-            f"{'gated' if is_gated(model) else 'no gates'}, N = {mc_samples})"
+        raise InputError(  # the problem only: N, or a model without gates
+            f"--mc-samples needs N ≥ 1, got {mc_samples}"
+            if is_gated(model)
+            else f"--mc-samples needs a model with trained gates; {model_path} has none (prune it "
+            "with --data and --keep-gated, then prune STEM-gated.pt with --mc-samples)"
         )
     if is_gated(model):
         unused = [f for f, v in (("data", data), ("seed", seed)) if v is not None]
