@@ -140,7 +140,10 @@ TRUST = click.option(
 )
 
 TRAIN = (
-    _recipe("Recipe name (see `compressdrop recipes list`) or YAML file."),
+    _recipe(
+        "Recipe name (see `compressdrop recipes list`) or YAML file (default: "
+        "lenet300-lognormal, said when used)."
+    ),
     _data(None, DATA_HELP + " (default: the recipe's)"),
     click.option(
         "--out",

@@ -80,7 +80,15 @@ def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None
 
     def on_event(ev: dict[str, Any]) -> None:
         kind = ev["event"]
-        if kind == "recipe" and ev["default"]:
+        if kind == "recipe" and ev["default"] and ev.get("job") == "train":
+            r, st = ev["recipe"], ev["recipe"].stages
+            say(
+                f"recipe: {r.name}, the default ({r.model.arch}, {r.gates.family} gates, KL "
+                f"weight β = {r.kl.beta:g}, epochs: pretrain {st.pretrain.epochs}, sparsify "
+                f"{st.sparsify.epochs}, fine-tune {st.finetune.epochs}; data {r.data.name}); "
+                "choose another with --recipe"
+            )
+        elif kind == "recipe" and ev["default"]:
             r, st = ev["recipe"], ev["recipe"].stages
             say(
                 f"recipe: default for your model ({r.gates.family} gates, KL weight β = "

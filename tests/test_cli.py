@@ -91,6 +91,21 @@ def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(trained, tmp_
     assert f"no checkpoint at {tmp_path / 'new' / 'checkpoint.pt'}" in res.stderr
 
 
+def test_train_without_a_recipe_says_which_it_uses(tmp_path, monkeypatch):
+    """`train` without --recipe used lenet300-lognormal without a word; it says so now, as
+    `prune` says its default recipe."""
+    import compressdrop.workflows.jobs as jobs
+
+    tiny = tiny_recipe(tmp_path / "tiny.yaml", pretrain=1, sparsify=1, finetune=1, onnx=False)
+    monkeypatch.setattr(jobs, "DEFAULT_RECIPE", str(tiny))  # the default, at test size
+    res = run(["train", "--out", tmp_path / "a"])
+    assert res.stderr.splitlines()[0] == (
+        "recipe: tiny, the default (lenet300, lognormal gates, KL weight β = 1, epochs: "
+        "pretrain 1, sparsify 1, fine-tune 1; data digits); choose another with --recipe"
+    )
+    assert "recipe:" not in run(["train", "--recipe", tiny, "--out", tmp_path / "b"]).stderr
+
+
 def test_prune_gated_checkpoint_directly(trained, tmp_path):
     d, _ = trained
     import compressdrop as cd

@@ -32,13 +32,7 @@ from .sparsify import (
     sparsify_and_prune,
 )
 
-__all__ = [
-    "PruneResult",
-    "check_writable",
-    "export_file",
-    "prune_file",
-    "train",
-]
+__all__ = ["PruneResult", "check_writable", "export_file", "prune_file", "train"]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -96,7 +90,8 @@ def train(
         device: ``auto``, ``cpu`` or ``cuda``.
         factory / trust_code: consent to the factory the recipe names (see
             :mod:`compressdrop.arch`).
-        progress: called with each event of the run (stage, epoch, pruned, done).
+        progress: called with each event of the run (recipe when it is the default, stage,
+            epoch, pruned, done).
 
     Returns:
         The run's files and report on rank 0 (or a single process); ``None`` on other ranks.
@@ -116,6 +111,8 @@ def train(
     clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
     try:
         dist, dev = from_env(device)
+        if recipe is None and dist.is_main:  # said, as prune says its default
+            progress({"event": "recipe", "recipe": r, "default": True, "job": "train"})
         result = run_recipe(
             r,
             ds,
