@@ -14,12 +14,11 @@ from typing import Any
 
 import click
 
+from .data import IMAGES_SPEC, TEXT_SPEC
+
 __all__ = ["EVAL", "EXPORT", "PRUNE", "SWEEP", "TRAIN", "options"]
 
-DATA_HELP = (
-    "digits | fashion-mnist[:DIR] | FILE.npz | images:DIR[,size=HxW][,channels=1|3] | "
-    "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
-)
+DATA_HELP = f"digits | fashion-mnist[:DIR] | FILE.npz | {IMAGES_SPEC} | {TEXT_SPEC}"
 
 TRAINED_ON = " (default: the data a compressdrop checkpoint was trained on, else digits)"
 

@@ -260,6 +260,36 @@ def test_mc_samples_refusal_names_only_what_is_wrong(tmp_path):
         prune_file(tmp_path / "gated.pt", tmp_path / "s.pt", mc_samples=0)
 
 
+def test_data_help_and_readme_name_every_image_folder_option():
+    """`train --help` left out `test_fraction=` and `seed=`, which the README documents and the
+    loader takes: the help, the README and the loader's options agree."""
+    import re
+
+    from compressdrop.data import _IMAGE_OPTIONS
+
+    readme = (ROOT / "README.md").read_text()
+    specs = re.findall(r"`(images:DIR[^`]*)`", readme)
+    helps = [
+        re.search(
+            r"images:DIR(\[,\w+=[^]]*\])*", "".join(run([c, "--help"]).output.split())
+        ).group()
+        for c in ("train", "prune", "eval", "sweep")
+    ]  # click wraps the spec
+    for spec in [*specs, *helps]:
+        assert re.findall(r",(\w+)=", spec) == list(_IMAGE_OPTIONS), spec
+    assert len(specs) == 2  # "Prune your own model" and the CLI's data
+
+
+def test_the_readmes_recipes_list_comment_names_every_shipped_recipe():
+    """The README's `compressdrop recipes list` comment left out lstm-lognormal."""
+    from compressdrop.recipes import list_recipes
+
+    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if "recipes list  " in x)
+    comment = line.partition("#")[2]
+    missing = [n for n in list_recipes() if n.partition("-")[0] + "-" not in comment]
+    assert comment and missing == [], line
+
+
 def test_recipes_list_and_show():
     listed = json.loads(run(["recipes", "list", "--json"]).stdout)
     assert "lenet300-lognormal" in listed

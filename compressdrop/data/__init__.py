@@ -117,8 +117,9 @@ def load_fashion_mnist(root: str | Path | None = None) -> Dataset:
     return Dataset("fashion-mnist", *parts["train"], *parts["test"], 10)
 
 
-_IMAGES_SPEC = "images:DIR[,size=N|HxW][,channels=1|3]"
-_DATA_SPECS = f"digits, fashion-mnist[:DIR], FILE.npz, {_IMAGES_SPEC} or {TEXT_SPEC}"
+# the spec forms, as errors and the CLI's --data help (compressdrop.cli_options) show them
+IMAGES_SPEC = "images:DIR[,size=N|HxW][,channels=1|3][,test_fraction=F][,seed=S]"
+_DATA_SPECS = f"digits, fashion-mnist[:DIR], FILE.npz, {IMAGES_SPEC} or {TEXT_SPEC}"
 
 _IMAGE_OPTIONS = ("size", "channels", "test_fraction", "seed")
 
@@ -128,7 +129,7 @@ def _image_spec(spec: str) -> tuple[str, dict]:
 
     Options are the trailing ``key=value`` parts, so a folder name may itself contain commas.
     """
-    folder, options = spec_options(spec, "images:", _IMAGE_OPTIONS, _IMAGES_SPEC, "folder")
+    folder, options = spec_options(spec, "images:", _IMAGE_OPTIONS, IMAGES_SPEC, "folder")
     kwargs: dict = {}
     try:
         if "size" in options:

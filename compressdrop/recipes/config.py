@@ -52,9 +52,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Data set (``digits``, ``fashion-mnist[:dir]``, a ``.npz`` path or
-    ``images:DIR[,size=HxW][,channels=1|3]``; see :func:`compressdrop.data.load_dataset`), batch
-    size, and the share of the training set held out for validation (model selection never looks
+    """Data set (``digits``, ``fashion-mnist[:dir]``, a ``.npz`` path,
+    ``images:DIR[,size=N|HxW][,channels=1|3][,test_fraction=F][,seed=S]`` or ``text:PATH``; see
+    :func:`compressdrop.data.load_dataset`), batch size, and the share of the training set held out for validation (model selection never looks
     at the test set)."""
 
     name: str = "digits"
