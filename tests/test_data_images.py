@@ -251,7 +251,9 @@ def test_load_dataset_spec(tmp_path):
 
 def test_unknown_spec_lists_the_image_form():
     with pytest.raises(
-        ValueError, match=r"FILE\.npz, images:DIR\[,size=N\|HxW\]\[,channels=1\|3\] or text:PATH"
+        ValueError,
+        match=r"FILE\.npz, images:DIR\[,size=N\|HxW\]\[,channels=1\|3\]\[,test_fraction=F\]"
+        r"\[,seed=S\] or text:PATH",
     ):
         load_dataset("no-such-thing")
 
