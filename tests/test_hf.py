@@ -404,3 +404,23 @@ def test_a_fresh_process_builds_a_hf_model_whatever_torchvision_build_is_install
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+def test_gqa_key_value_projections_are_left_to_their_heads_without_a_false_warning(name):
+    """A tiny LLaMA warned that k_proj and v_proj were "left ungated: its Torch-Pruning group
+    grows past 1,000,000 channel indices (... as in window attention)": their groups never close
+    (Torch-Pruning's index mapping shifts by 16 on every round through the rotary embedding and
+    attention), and took seconds to find. Their units belong to the heads gated at o_proj."""
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 16))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", cd.GatingWarning)
+        cd.attach(model, example_inputs=ids)
+    said = [str(w.message) for w in seen if issubclass(w.category, cd.GatingWarning)]
+    assert not [s for s in said if "_proj'" in s and "self_attn" in s], said
+    assert not [s for s in said if "channel indices" in s], said
+    gated = [n for n, _ in cd.named_gates(model)]
+    assert gated == [
+        f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.up_proj")
+    ]

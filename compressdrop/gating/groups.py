@@ -141,7 +141,9 @@ def find_groups(
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
     skipped: list[str] = []  # groups over Torch-Pruning's index budget, warned about at the end
-    for g in bounded_groups(dg, producers_types, names, skipped):
+    by_name = {n: m for m, n in names.items()}
+    heads_own = frozenset(by_name[n] for n in claimed if n in by_name)
+    for g in bounded_groups(dg, producers_types, names, skipped, heads_own):
         out_deps = [
             d
             for d, _ in g
@@ -197,7 +199,6 @@ def find_groups(
         groups.append(UnitGroup(label, num_units, kind, pnames, sites, params, macs, blocks))
     for why in skipped if warn else ():
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=3)
-    by_name = {n: m for m, n in names.items()}
     streams = [
         s
         for s in streams

@@ -199,5 +199,6 @@ def projections_of(model: nn.Module, groups: Sequence[UnitGroup]) -> set[str]:
         found = head_spec_of(model.get_submodule(g.name))
         assert found is not None
         spec = found[0]
-        out.update(f"{g.name}.{p}" for p in (spec.q, spec.k, spec.v, spec.qkv) if p is not None)
+        paths = (spec.q, spec.k, spec.v, spec.qkv, *spec.shared)
+        out.update(f"{g.name}.{p}" for p in paths if p is not None)
     return out

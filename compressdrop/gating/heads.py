@@ -49,6 +49,9 @@ class HeadSpec:
         q, k, v: paths of separate query, key and value projections: rows ``h·D … (h+1)·D − 1``
             belong to head ``h``.
         qkv: path of one packed projection whose rows are ``[q; k; v]`` (instead of q, k, v).
+        shared: paths of key/value projections that a block of query heads shares
+            (grouped-query attention; ``remove`` cuts them where each serves one head): like q, k
+            and v they start no unit group of their own.
         heads: the attribute holding the head count, or a function of the module giving it (then
             ``remove`` keeps the module's own record).
         widths: attributes equal to ``heads · head_dim``, set anew after removal.
@@ -69,6 +72,7 @@ class HeadSpec:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
+    shared: tuple[str, ...] = ()
     heads: str | Callable[[nn.Module], int] = "num_heads"
     widths: tuple[str, ...] = ()
     blocks: Callable[[nn.Module], int] | None = None

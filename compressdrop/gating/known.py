@@ -188,7 +188,12 @@ def _register_transformers() -> None:
     import importlib
 
     gqa = HeadSpec(
-        o="o_proj", q="q_proj", heads=_query_heads, blocks=_kv_blocks, remove=_remove_gqa_heads
+        o="o_proj",
+        q="q_proj",
+        shared=("k_proj", "v_proj"),
+        heads=_query_heads,
+        blocks=_kv_blocks,
+        remove=_remove_gqa_heads,
     )
     for family, cls in _LLAMA_LIKE.items():
         try:

@@ -238,9 +238,11 @@ def _reached(dg, group) -> list[nn.Module]:
 
 
 def bounded_groups(
-    dg, root_types: Sequence[type], names: dict, skipped: list[str]
+    dg, root_types: Sequence[type], names: dict, skipped: list[str], heads: frozenset = frozenset()
 ) -> Iterator[Any]:
     """Torch-Pruning's ``get_all_groups(root_module_types=root_types)`` within index budgets.
+    Layers in ``heads`` (the q/k/v projections of gated attention heads: their units are the
+    heads) start no group; other layers' groups may still reach them.
 
     A group that would hold more than :data:`MAX_GROUP_INDICES` indices is skipped (with every
     layer reached before it stopped); once the groups kept hold :data:`MAX_TOTAL_INDICES` in all
@@ -258,6 +260,7 @@ def bounded_groups(
             not isinstance(m, tuple(root_types))
             or m in visited
             or m in dg.IGNORED_LAYERS_IN_TRACING
+            or m in heads
         ):
             continue
         pruner = dg.get_pruner_of_module(m)
@@ -286,8 +289,9 @@ def bounded_groups(
                 + (
                     over.why
                     or f"its Torch-Pruning group grows past {budget:,} channel indices (its "
-                    "channels are reshaped into many positions, as in window attention), skipped "
-                    "to bound memory"
+                    "channels are reshaped into many positions, as in window attention, or the "
+                    "index mapping never closes, as around rotary embeddings), skipped to bound "
+                    "memory"
                 )
             )
             continue
