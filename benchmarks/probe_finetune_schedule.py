@@ -19,7 +19,8 @@ import torch
 
 from compressdrop.checkpoint import load_model
 from compressdrop.data import load_dataset
-from compressdrop.evaluation import count_flops, evaluate, prediction_loss
+from compressdrop.evaluation import count_flops, evaluate
+from compressdrop.evaluation.metrics import prediction_loss
 from compressdrop.pruning import prune
 from compressdrop.recipes.schedule import lr_factor
 
