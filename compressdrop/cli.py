@@ -293,7 +293,9 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, dev
 @main.command()
 @options(*SWEEP)
 @_guard
-def sweep(model_path, data, thresholds, out, batch, threads, arch, trust_code, device, as_json):
+def sweep(
+    model_path, data, thresholds, out, batch, threads, uniform, arch, trust_code, device, as_json
+):
     """Accuracy against size over SNR thresholds, from one trained gated checkpoint.
 
     Each threshold gives a slim model; its accuracy and NLL (PyTorch on DEVICE; on byte-level
@@ -315,6 +317,7 @@ def sweep(model_path, data, thresholds, out, batch, threads, arch, trust_code, d
         out=out,
         batch=batch,
         threads=threads,
+        uniform=uniform,
         arch=arch,
         trust_code=trust_code,
         device=device,

@@ -323,6 +323,12 @@ SWEEP = (
         default=None,
         help="onnxruntime intra-op threads (default: its own).",
     ),
+    click.option(
+        "--uniform/--free",
+        default=None,
+        help="Every layer of a stack keeps as many units, or each its own (default: as the "
+        "recipe the model trained with, as prune of it does).",
+    ),
     ARCH,
     TRUST,
     DEVICE,

@@ -95,3 +95,32 @@ def test_a_uniform_prune_keeps_its_noise_for_monte_carlo(tmp_path):
     noisy = keep_noise(net, slim)  # the report says uniform
     with torch.no_grad():
         torch.testing.assert_close(noisy(x), slim(x))
+
+
+def test_sweep_prunes_as_prune_would_uniform_or_free(tmp_path):
+    """`sweep` ignored a recipe's `prune.uniform`: for one gated model and threshold it reported
+    12-4 where `prune` wrote 8-8. It now follows the recipe, and `--uniform/--free` choose."""
+    import numpy as np
+
+    import compressdrop as cd
+    from compressdrop.checkpoint import save_model
+    from compressdrop.recipes import Recipe
+    from compressdrop.workflows import sweep_file
+
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    net.arch = {"factory": "tests.test_uniform:_Blocks", "input_shape": [8], "kwargs": {}}
+    cd.attach(net, example_inputs=torch.randn(4, 8), include=["layers.*.fc"])
+    gates = dict(cd.named_gates(net))
+    with torch.no_grad():
+        gates["layers.0.fc"].log_sigma.copy_(torch.tensor([-5.0] * 12 + [3.0] * 4))
+        gates["layers.1.fc"].log_sigma.copy_(torch.tensor([-5.0] * 4 + [3.0] * 12))
+    recipe = Recipe.from_dict({"prune": {"uniform": True}}).to_dict()
+    save_model(net, tmp_path / "gated.pt", recipe=recipe)
+    gen = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=gen.normal(size=(60, 8)).astype("f4"), y=gen.integers(0, 3, 60))
+    kw = {"thresholds": [1.0], "arch": "tests.test_uniform:_Blocks", "batch": 4}
+    for uniform, want in ((None, "8-8"), (False, "12-4"), (True, "8-8")):
+        res = sweep_file(tmp_path / "gated.pt", str(tmp_path / "d.npz"), out=tmp_path / "s",
+                         uniform=uniform, **kw)  # fmt: skip
+        assert res["rows"][-1]["architecture"] == want, uniform

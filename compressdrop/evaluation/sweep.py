@@ -86,8 +86,10 @@ def sweep(
     repeats: int = 30,
     progress: Any = None,
     text: bool = False,
+    uniform: bool = False,
 ) -> list[SweepRow]:
-    """Build the slim model at each threshold and measure it.
+    """Build the slim model at each threshold and measure it (``uniform``: every layer of a
+    stack keeps as many units, as ``prune(uniform=True)``).
 
     Accuracy and NLL run in PyTorch on ``device``; with ``text`` (byte-level text: a token is a
     byte) each row also carries the bits per byte, and the Pareto front is drawn on those.
@@ -114,7 +116,7 @@ def sweep(
         for i, thr in enumerate(thresholds):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PruningWarning)
-                slim = prune(model.cpu(), thr, example_inputs=example)
+                slim = prune(model.cpu(), thr, example_inputs=example, uniform=uniform)
             rep = cast(PruneReport, slim.prune_report)
             onnx_path = Path(tmp) / f"slim{i}.onnx"
             exported = export_onnx(

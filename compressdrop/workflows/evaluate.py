@@ -136,10 +136,12 @@ def sweep_file(
     device: str = "auto",
     progress: Callable[[Any], None] | None = None,
     announce: Callable[[str], None] | None = None,
+    uniform: bool | None = None,
 ) -> dict[str, Any]:
     """Accuracy against size over SNR thresholds of a gated checkpoint (see
     :func:`compressdrop.evaluation.sweep.sweep`), written as CSV, JSON and a plot into ``out``.
-    ``data`` and ``announce``: as in :func:`evaluate_file`.
+    ``data`` and ``announce``: as in :func:`evaluate_file`; ``uniform``: as ``prune`` would
+    (``None``: the recipe the model trained with, as ``prune`` of it does).
 
     Returns:
         ``rows`` (one per threshold, as data), ``dense`` (the model before gating, when the
@@ -169,6 +171,7 @@ def sweep_file(
         threads=threads,
         progress=progress,
         text=ds.task == "lm",
+        uniform=_recipe_uniform(model) if uniform is None else uniform,
     )
     meta = (getattr(model, "compressdrop_meta", None) or {}).get("meta") or {}
     dense = meta.get("dense")
@@ -222,3 +225,9 @@ def _onnx_classes(path: str | Path) -> list[str] | None:
         if isinstance(names, list) and all(isinstance(n, str) for n in names):
             return names
     return None
+
+
+def _recipe_uniform(model: Any) -> bool:
+    """The ``prune.uniform`` of the recipe a checkpoint records (``prune`` of it keeps to it)."""
+    recipe = (getattr(model, "compressdrop_meta", None) or {}).get("recipe") or {}
+    return bool((recipe.get("prune") or {}).get("uniform", False))
