@@ -178,10 +178,10 @@ def test_cli_nproc_launches_torchrun_and_resume_works(tmp_path):
     report = json.loads(out.stdout)  # one JSON document: only rank 0 printed
     assert report["world_size"] == 2
     assert {p.name for p in (tmp_path / "o").iterdir()} == {"gated.pt", "slim.pt", "report.json"}
-    # --resume on a finished run has no checkpoint left: a clear error
+    # --resume on a finished run: a clear error that the run is complete
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert again.returncode == 1
-    assert "no checkpoint" in again.stderr
+    assert "holds a completed run" in again.stderr
 
 
 class _Stop(Exception):
