@@ -159,8 +159,8 @@ def sweep_file(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
         )
     ds = _data_for(model_path, model, data, announce)
+    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")  # (fit_ids needs it)
     ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
-    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
     rows = sweep(
         model,
         ds.x_test,
