@@ -198,14 +198,14 @@ def load_model(
     obj = _unwrapped(load_checkpoint(path, trust_code=trust_code))
     if isinstance(obj, nn.Module):
         return obj.eval()
-    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+    if _format_of(obj) == FORMAT:
         if isinstance(arch, Mapping):
             raise CheckpointError(
                 f"{path}: a compressdrop checkpoint records its own architecture; arch= may only "
                 "name a factory to call instead"
             )
         return _from_payload(obj, path, factory=arch, trust_code=trust_code).eval()
-    if isinstance(obj, Mapping) and obj.get("format") == RUN_FORMAT:
+    if _format_of(obj) == RUN_FORMAT:
         raise CheckpointError(
             f"{path}: a training run's resume file, not a model; continue it with "
             "`compressdrop train --resume`, or load gated.pt / slim.pt"
@@ -258,7 +258,7 @@ def _unwrapped(obj: Any) -> Any:
     """The model inside a training script's save, ``{"state_dict": ..., "epoch": ...}`` (the
     first of :data:`_WRAPPER_KEYS` that holds a state_dict or a module); anything else as it is.
     (DDP's ``module.`` key prefix is tried off by :func:`_load_state`.)"""
-    if isinstance(obj, Mapping) and obj.get("format") not in (FORMAT, RUN_FORMAT):
+    if isinstance(obj, Mapping) and _format_of(obj) not in (FORMAT, RUN_FORMAT):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module) or (
@@ -269,6 +269,13 @@ def _unwrapped(obj: Any) -> Any:
     return obj
 
 
+def _format_of(obj: Any) -> str | None:
+    """The ``format`` a saved dict declares, if it is a dict with a string there (a user's save
+    may hold anything under that key, a numpy array say)."""
+    value = obj.get("format") if isinstance(obj, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
 def _all_tensors(obj: Mapping[Any, Any]) -> bool:
     return all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -276,7 +283,7 @@ def _all_tensors(obj: Mapping[Any, Any]) -> bool:
 def load_run_state(path: str | Path) -> dict[str, Any]:
     """A training run's resume file (``format: compressdrop-run``), read through the safe loader."""
     payload = load_checkpoint(path)
-    if not isinstance(payload, Mapping) or payload.get("format") != RUN_FORMAT:
+    if _format_of(payload) != RUN_FORMAT:
         raise CheckpointError(f"{path}: not a compressdrop run checkpoint")
     return dict(payload)
 

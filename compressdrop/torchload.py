@@ -3,6 +3,7 @@ file, and clear errors for missing, damaged, foreign and pickled files."""
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import warnings
@@ -56,8 +57,17 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
                     lambda: torch.load(path, map_location="cpu", weights_only=False)
                 )
             with torch.serialization.safe_globals(_inert_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return _arrays_in(torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as e:
+        refused = re.search(r"compressdrop refuses [^\n]*", str(e))
+        if refused and not trust_code:
+            raise CheckpointError(
+                f"{path}: {refused.group(0).removeprefix('compressdrop refuses ')} was refused: "
+                "beside its weights compressdrop reads numpy numbers, booleans and strings of "
+                "plain dtypes (their arrays and scalars) in numpy's own pickled form; save other "
+                "data as tensors or plain Python values, or pass trust_code=True (CLI: "
+                "--trust-code) if you trust the file's source"
+            ) from None
         # The weights-only unpickler says "Unsupported global" when the stream is well formed but
         # names a class or function; every other failure of it means a damaged stream.
         named = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
@@ -95,26 +105,127 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
 
 
 def _inert_globals() -> list:
-    """Classes and functions a training script's save commonly names beside its weights, which
-    the weights-only unpickler may build without running anything from the file: numpy scalars
-    and arrays (``best_acc = np.float64(...)``), an ``argparse.Namespace`` of the script's
-    arguments and the paths in it. Each is taken from this table, never imported by the name the
-    file gives; its construction only stores data (a numpy array of objects holds what the
-    stream builds under the same rules)."""
+    """What a training script's save commonly holds beside its weights, for the weights-only
+    unpickler: numpy scalars and arrays of numbers, booleans and strings (``best_acc =
+    np.float64(...)``, ``np.random.get_state()``), an ``argparse.Namespace`` of the script's
+    arguments and the paths in it. None of numpy's own constructors is handed to the unpickler:
+    ``numpy.dtype``, ``ndarray`` and ``scalar`` are stand-ins of this module that accept only a
+    plain dtype in its canonical pickled state and a buffer of exactly its size (a dtype's state
+    can claim object items or fields over any memory; ``ndarray(shape, "O", buffer)`` reads
+    pointers from the file), so what the file can build is data. Nothing is imported by the
+    names the file gives."""
     import argparse
     import pathlib
 
+    allowed: list = [(_Dtype, "numpy.dtype"), (_NdarrayName, "numpy.ndarray"), _Dtype, _Array]
+    allowed += [argparse.Namespace, pathlib.PosixPath, pathlib.PurePosixPath]
+    allowed += [pathlib.PureWindowsPath]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # saved by either numpy
+        allowed += [(_scalar, f"{mod}.scalar"), (_reconstruct, f"{mod}._reconstruct")]
+    return allowed
+
+
+class _Refused(pickle.UnpicklingError):
+    """numpy data the stand-ins do not build (its message says what)."""
+
+
+# plain dtypes only: booleans, integers, floats, complex numbers, fixed-size strings
+_PLAIN_DTYPE = re.compile(r"(b1|[iu][1248]|f[248]|c(8|16)|[US]\d{1,6})")
+
+
+class _Dtype:
+    """Stands in for ``numpy.dtype`` while a checkpoint loads: a plain dtype from its spec, whose
+    pickled state must be the one numpy writes for it (any other is refused)."""
+
+    __slots__ = ("dtype",)  # no __dict__: a Namespace cannot be turned into one
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+        import numpy as np
+
+        if not (isinstance(spec, str) and _PLAIN_DTYPE.fullmatch(spec)):
+            raise _Refused(f"compressdrop refuses numpy dtype {spec!r}")
+        self.dtype = np.dtype(spec)
+
+    def __setstate__(self, state: Any) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+        if order not in ("<", ">", "|", "="):
+            raise _Refused(f"compressdrop refuses numpy dtype {self.dtype.str!r}: odd state")
+        dtype = self.dtype.newbyteorder(order) if order in "<>" else self.dtype
+        if state != dtype.__reduce__()[2]:  # flags, fields, names, sizes: numpy's own only
+            raise _Refused(f"compressdrop refuses numpy dtype {self.dtype.str!r}: odd state")
+        self.dtype = dtype
+
+
+class _NdarrayName:
+    """Stands in for ``numpy.ndarray`` as the class ``_reconstruct`` names; never built."""
+
+    def __init__(self, *args: Any) -> None:
+        raise _Refused("compressdrop refuses to build numpy.ndarray from a file's arguments")
+
+
+class _Array:
+    """Stands in for the array ``numpy._core.multiarray._reconstruct`` makes; its state (shape,
+    a plain dtype, order, raw bytes of exactly that size) builds ``value``, a copy."""
+
+    __slots__ = ("value",)
+
+    def __setstate__(self, state: Any) -> None:
+        import numpy as np
+
+        odd = _Refused("compressdrop refuses a numpy array whose pickled state is odd")
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+            raise odd
+        _, shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise odd
+        if not (isinstance(dtype, _Dtype) and isinstance(fortran, bool)):
+            raise odd
+        if not (isinstance(raw, bytes) and len(raw) == math.prod(shape) * dtype.dtype.itemsize):
+            raise odd
+        flat = np.frombuffer(raw, dtype=dtype.dtype)
+        self.value = flat.reshape(shape, order="F" if fortran else "C").copy()
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+    if cls is not _NdarrayName:
+        raise _Refused("compressdrop refuses numpy _reconstruct of anything but an ndarray")
+    return _Array()
+
+
+def _scalar(dtype: Any, raw: Any = None) -> Any:
     import numpy as np
 
-    # numpy 2 pickles as numpy._core, numpy 1 as numpy.core: both names are allowed below
-    core = getattr(np, "_core", None) or np.core
-    scalar, reconstruct = core.multiarray.scalar, core.multiarray._reconstruct
-    allowed: list = [np.dtype, np.ndarray, argparse.Namespace]
-    allowed += [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
-    allowed += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "?")]
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # saved by either numpy
-        allowed += [(scalar, f"{mod}.scalar"), (reconstruct, f"{mod}._reconstruct")]
-    return allowed
+    if not (isinstance(dtype, _Dtype) and isinstance(raw, bytes)):
+        raise _Refused("compressdrop refuses a numpy scalar whose pickled state is odd")
+    if len(raw) != dtype.dtype.itemsize:
+        raise _Refused("compressdrop refuses a numpy scalar whose pickled state is odd")
+    return np.frombuffer(raw, dtype=dtype.dtype)[0].copy()
+
+
+def _arrays_in(obj: Any, depth: int = 0) -> Any:
+    """``obj`` with the stand-ins' arrays in place of the stand-ins (dicts, lists, tuples and
+    Namespaces are walked; a stand-in left unbuilt, or a ``numpy.dtype`` as such, is refused)."""
+    import argparse
+
+    if depth > 100:
+        return obj
+    if isinstance(obj, _Array):
+        if not hasattr(obj, "value"):
+            raise _Refused("compressdrop refuses a numpy array without its state")
+        return obj.value
+    if isinstance(obj, _Dtype):
+        return obj.dtype
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = _arrays_in(v, depth + 1)
+    elif isinstance(obj, list):
+        obj[:] = [_arrays_in(v, depth + 1) for v in obj]
+    elif isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_arrays_in(v, depth + 1) for v in obj)
+    elif isinstance(obj, argparse.Namespace):
+        for k, v in vars(obj).items():
+            setattr(obj, k, _arrays_in(v, depth + 1))
+    return obj
 
 
 def _without_advice(message: str) -> str:

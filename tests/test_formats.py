@@ -387,6 +387,8 @@ def test_a_training_scripts_save_is_read_for_the_state_dict_it_holds(tmp_path):
             "best_acc": np.float64(0.9),
             "args": argparse.Namespace(lr=0.1, out=Path("runs")),
         },
+        # an array under "format" ended in numpy's "truth value ... is ambiguous"
+        "fmt": {"format": np.array([1.0, 2.0]), "state_dict": net.state_dict()},
     }
     x = torch.randn(3, 1, 8, 8)
     for name, obj in saves.items():

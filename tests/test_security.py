@@ -145,9 +145,76 @@ def test_inert_extras_are_read_and_an_object_array_is_still_refused(tmp_path):
             return (np.save, (str(marker), np.zeros(1)))
 
     torch.save({"x": np.array([Exploit()], dtype=object)}, tmp_path / "objects.pt")
-    with pytest.raises(CheckpointError, match=r"pickled Python objects \(it names numpy"):
+    with pytest.raises(CheckpointError, match=r"numpy dtype 'O8' was refused"):
         load_checkpoint(tmp_path / "objects.pt")
     assert not marker.exists()
+
+
+def test_numpy_stand_ins_build_plain_data_only(tmp_path):
+    """A review built, through the allowlisted numpy dtype classes, a "float64" array whose dtype
+    state claimed an object field over the file's bytes (reading it dereferenced 0x4141...: a
+    crash) and a 64 KB writable view over 16 bytes; `ndarray(shape, "O", buffer)` would do the
+    same. numpy's constructors are no longer handed to the unpickler: stand-ins build plain
+    dtypes in numpy's canonical state and buffers of exactly their size. The dtypes a training
+    script saves load as before."""
+    import argparse
+
+    import numpy as np
+
+    from compressdrop.torchload import load_checkpoint
+
+    core = np._core.multiarray
+    pointers = (0x4141414141414140).to_bytes(8, "little") * 2
+
+    class Field:
+        def __reduce__(self):
+            return (np.dtype, ("O8", False, False))
+
+    class Forged:  # a float64 dtype whose state names an object field
+        def __reduce__(self):
+            state = (3, "|", None, ("x",), {"x": (Field(), 0)}, 8, 1, 0)
+            return (np.dtype, ("f8", False, True), state)
+
+    class Flagged:  # a float64 dtype whose state claims object items
+        def __reduce__(self):
+            return (np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, 63))
+
+    class Array:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def __reduce__(self):
+            return (core._reconstruct, (np.ndarray, (0,), b"b"),
+                    (1, (2,), self.dtype, False, pointers))  # fmt: skip
+
+    class Raw:  # ndarray(shape, "O", buffer) itself
+        def __reduce__(self):
+            return (np.ndarray, ((2,), "O", pointers))
+
+    for name, obj, said in (
+        ("fields", Array(Forged()), "numpy dtype 'O8' was refused"),
+        ("flags", Array(Flagged()), "numpy dtype '<f8': odd state was refused"),
+        ("raw", Raw(), "numpy.ndarray"),
+    ):
+        torch.save({"state_dict": {}, "x": obj}, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=said):
+            load_checkpoint(tmp_path / f"{name}.pt")
+    plain = {
+        "rng": np.random.get_state(),
+        "u16": np.uint16(7),
+        "c": np.array([1 + 2j]),
+        "names": np.array(["cat", "dog"]),
+        "s": np.str_("owl"),
+        "be": np.arange(3, dtype=">f4"),
+        "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+        "args": argparse.Namespace(hist=np.arange(2.0)),
+    }
+    torch.save(plain, tmp_path / "plain.pt")
+    got = load_checkpoint(tmp_path / "plain.pt")
+    assert np.array_equal(got["rng"][1], plain["rng"][1]) and got["u16"] == 7
+    assert got["c"][0] == 1 + 2j and got["names"].tolist() == ["cat", "dog"] and got["s"] == "owl"
+    assert got["be"].tolist() == [0.0, 1.0, 2.0] and got["be"].dtype == np.dtype(">f4")
+    assert np.array_equal(got["fortran"], plain["fortran"]) and got["args"].hist.tolist() == [0, 1]
 
 
 def test_bad_records_are_refused(tmp_path):
