@@ -505,7 +505,7 @@ def test_a_state_dict_whose_keys_all_start_with_module_is_loaded_as_it_is_first(
 def test_a_bfloat16_model_keeps_its_dtype_when_loaded_and_runs_in_float32_in_the_cli(tmp_path):
     """A bfloat16 `.pt2` came back from load_model with float32 weights, and a pickled bfloat16
     module ended `prune` and `eval` in a dtype-mismatch traceback."""
-    from compressdrop.workflows.jobs import PrecisionWarning
+    from compressdrop import PrecisionWarning
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -654,3 +654,49 @@ def test_a_token_program_is_fed_token_ids_whatever_its_layer_order(tmp_path):
     torch.export.save(program, tmp_path / "m.pt2")
     x = example_input_for(load_model(tmp_path / "m.pt2"), batch=3)
     assert x.dtype == torch.int64 and x.shape == (3, 7) and int(x.max()) < 40
+
+
+class _CastsToItsDtype(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):  # as bfloat16 code often does: the cast is baked into the program
+        return self.fc(x.flatten(1).to(self.fc.weight.dtype))
+
+
+def test_a_bfloat16_program_that_casts_inside_is_refused_clearly(tmp_path):
+    """`model.float()` converts a program's weights but not the casts its graph holds: `eval` of
+    such a bf16 `.pt2` ended in `mat1 and mat2 must have the same dtype` with a traceback."""
+    net = _CastsToItsDtype().to(torch.bfloat16).eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    batch = torch.export.Dim("batch")
+    torch.export.save(
+        torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), tmp_path / "cast.pt2"
+    )
+    with pytest.warns(UserWarning, match="bfloat16 weights are used in float32"):
+        said = run(["eval", tmp_path / "cast.pt2", "--data", "digits"], expect=1)
+    assert "does not run in float32" in said.output and "model.float() before" in said.output
+
+
+def test_keep_gated_leaves_nothing_when_the_slim_files_fail(tmp_path, monkeypatch):
+    """The gated model was moved into place before the slim files were written: a failed export
+    left `slim-gated.pt` beside no slim model (a review)."""
+    import compressdrop.workflows.jobs as jobs
+    from compressdrop.export import ExportError
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch")
+    net = user_net(num_classes=10).eval()
+    program = torch.export.export(net, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=1, finetune=0, onnx=False)
+
+    def fails(*args, **kwargs):
+        raise ExportError("the exporter failed (simulated)")
+
+    monkeypatch.setattr(jobs, "write_slim", fails)
+    with pytest.raises(ExportError, match="simulated"):
+        jobs.prune_file(tmp_path / "model.pt2", tmp_path / "slim.onnx", data="digits",
+                        recipe=str(recipe), keep_gated=True)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "r.yaml"]

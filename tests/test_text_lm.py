@@ -277,3 +277,21 @@ def test_the_default_recipe_for_text_takes_the_language_models_gates(tmp_path):
     )
     digits = default_recipe_for(load_dataset("digits"))
     assert digits.gates == load_recipe("lenet300-lognormal").gates
+
+
+def test_the_vocabulary_is_the_embedding_of_the_ids_not_the_first_one(tmp_path):
+    """A model that registers its position table (16) before its token embedding (256) was
+    refused on byte data: "token ids up to 122 but the model's vocabulary has 16" (a review)."""
+    from compressdrop.workflows.sparsify import fit_ids
+
+    class PositionsFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos, self.tok = torch.nn.Embedding(16, 8), torch.nn.Embedding(256, 8)
+            self.head = torch.nn.Linear(8, 256)
+
+        def forward(self, ids):
+            return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1])))
+
+    ds = load_dataset(f"text:{_corpus(tmp_path / 'corpus')},context=16")
+    assert fit_ids(PositionsFirst(), ds) is ds

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
@@ -108,10 +109,10 @@ class Dataset:
 
     def in_class_order(self, names: Sequence[str] | None) -> Dataset:
         """This data set with its labels renumbered to a model's outputs: by name where the model
-        records its classes (``names``: a model trained on an image folder), by number where it
-        does not and every class folder is named by one (``3/``, ``7/``), else as they are (the
-        sorted folder names' positions). A folder holding some of the classes then scores
-        against the right outputs.
+        records its classes (``names``: a model trained on an image folder since 2026-12-06), so
+        that a folder holding some of the classes scores against the right outputs; else as they
+        are, the sorted folder names' positions (how training labels a folder), with a
+        :class:`DataWarning` where the folders are numbers that say otherwise (``3/``, ``7/``).
 
         Raises:
             DataError: a class whose name is not among ``names``.
@@ -128,10 +129,17 @@ class Dataset:
                     f"({known}); name the class folders as in training"
                 )
             target, k, classes = [list(names).index(c) for c in self.classes], len(names), names
-        elif all(c.isdecimal() for c in self.classes):
-            target = [int(c) for c in self.classes]
-            k, classes = max(target) + 1, ()
         else:
+            numbers = [int(c) if c.isdecimal() else None for c in self.classes]
+            if numbers != list(range(self.num_classes)) and None not in numbers:
+                warnings.warn(
+                    f"compressdrop: {self.name}: the model records no class names, so the class "
+                    f"folders {', '.join(self.classes[:6])}{', ...' if len(numbers) > 6 else ''} "
+                    f"are labelled by their sorted position 0..{self.num_classes - 1} (as "
+                    "training on a folder labels them), not by their numbers",
+                    DataWarning,
+                    stacklevel=2,
+                )
             return self
         if target == list(range(self.num_classes)) and k == self.num_classes:
             return self

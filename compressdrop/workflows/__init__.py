@@ -8,10 +8,12 @@ train a recipe, bring in and sparsify a user's model, prune, export, evaluate an
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from .evaluate import evaluate_file, sweep_file
 from .jobs import PruneResult, check_writable, export_file, load_fitting, prune_file, train
+from .precision import PrecisionWarning
 from .sparsify import adopt, default_recipe_for, fit_input_shape, sparsify_and_prune
 
 __all__ = [
     "SLIM_FORMATS",
+    "PrecisionWarning",
     "PruneResult",
     "SlimFiles",
     "adopt",

@@ -8,7 +8,7 @@ names the file and the problem.
 
 from __future__ import annotations
 
-import warnings
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,13 +17,13 @@ from typing import Any
 from torch import nn
 
 from ..arch import Factory
-from ..checkpoint import load_model
 from ..data import check_trainable, load_dataset
 from ..errors import InputError
 from ..hf_folder import check_folder_output, save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
+from .precision import load_float32
 from .sparsify import (
     adopt,
     default_recipe_for,
@@ -211,7 +211,7 @@ def prune_file(
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
-    model = _load_float32(model_path, arch, arch_kwargs, trust_code)
+    model = load_float32(model_path, arch, arch_kwargs, trust_code)
     if not out.suffix and not hasattr(model, "save_pretrained"):  # before any training
         raise InputError(
             f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
@@ -260,7 +260,8 @@ def prune_file(
         raise InputError(
             f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
         )
-    ds = load_dataset(data)
+    # a folder of the classes the model was trained on is labelled by their names (as eval does)
+    ds = load_dataset(data).in_class_order(getattr(model, "class_names", None))
     check_trainable(ds)
     fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
     ds = fit_outputs(model, ds)  # token ids in an .npz become int64 for a token model
@@ -280,6 +281,9 @@ def prune_file(
         {"event": "recipe", "recipe": r, "default": recipe is None, "n_train": len(ds.x_train)}
     )
     gated = out.with_name(f"{out.stem}-gated.pt") if keep_gated else None
+    partial = gated.with_name(f".{gated.name}.partial") if gated is not None else None
+    if gated is not None:
+        check_writable(gated)  # (a folder of that name, say) before training
     try:
         slim = sparsify_and_prune(
             model,
@@ -290,13 +294,16 @@ def prune_file(
             factory=arch,
             trust_code=trust_code,
             work_dir=out.resolve().parent,
-            keep_gated=gated,
+            keep_gated=partial,
         )
+        files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=r.to_dict())
+        if gated is not None and partial is not None:  # only beside the slim files it made
+            os.replace(partial, gated)
+            files.paths["gated"], files.bytes["gated"] = gated, gated.stat().st_size
     finally:
         progress({"event": "done"})
-    files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=r.to_dict())
-    if gated is not None:
-        files.paths["gated"], files.bytes["gated"] = gated, gated.stat().st_size
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return PruneResult(slim, files, prune_summary(slim), getattr(slim, "compressdrop_report", None))
 
 
@@ -308,38 +315,9 @@ def load_fitting(
     arch_kwargs: Mapping[str, Any] | None,
     trust_code: bool,
 ) -> nn.Module:
-    model = _load_float32(model_path, arch, arch_kwargs, trust_code)
+    model = load_float32(model_path, arch, arch_kwargs, trust_code)
     if shape is not None:
         fit_input_shape(model, shape, what)
-    return model
-
-
-class PrecisionWarning(UserWarning):
-    """A model's bfloat16, float16 or float64 weights are used in float32 by a CLI job."""
-
-
-def _load_float32(
-    model_path: str | Path,
-    arch: Factory | str | None,
-    arch_kwargs: Mapping[str, Any] | None,
-    trust_code: bool,
-) -> nn.Module:
-    """:func:`load_model`, its floating-point weights in float32 (the data's and the runner's
-    dtype; training a bfloat16 model wants float32 master weights, and the recipe's ``precision:
-    bf16`` autocasts), with a :class:`PrecisionWarning` saying so."""
-    model = load_model(model_path, arch=arch, arch_kwargs=arch_kwargs, trust_code=trust_code)
-    tensors = [*model.parameters(), *model.buffers()]
-    other = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()})
-    other = [d for d in other if d != "float32"]
-    if other:
-        warnings.warn(
-            f"{model_path}: its {' and '.join(other)} weights are used in float32 (the data, any "
-            "training and the files written are float32); convert the result with "
-            "model.to(torch.bfloat16) or the like if you need its dtype back",
-            PrecisionWarning,
-            stacklevel=2,
-        )
-        model = model.float()
     return model
 
 

@@ -53,6 +53,18 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     return model
 
 
+def _input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The embedding that reads the model's token ids: a Hugging Face model's
+    ``get_input_embeddings()``, else the largest (a position table is smaller than most
+    vocabularies; where it is not, running the model says what does not fit)."""
+    get = getattr(model, "get_input_embeddings", None)
+    found = get() if callable(get) else None
+    if isinstance(found, nn.Embedding):
+        return found
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(embeddings, key=lambda m: m.num_embeddings, default=None)
+
+
 def fit_ids(model: nn.Module, dataset: Any) -> Any:
     """``dataset``, its inputs as token ids (int64) where ``model`` reads ids and the data hold
     whole numbers as floats (an ``.npz``'s integer ``x`` loads as float32); else as it is.
@@ -72,7 +84,7 @@ def fit_ids(model: nn.Module, dataset: Any) -> Any:
                 f"the model reads token ids (integers) but {where} holds other numbers"
             )
         dataset = replace(dataset, x_train=xs[0].long(), x_test=xs[1].long())
-    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    emb = _input_embedding(model)
     top = max(int(x.max()) for x in (dataset.x_train, dataset.x_test))
     if emb is not None and top >= emb.num_embeddings:
         raise InputError(
@@ -99,7 +111,7 @@ def fit_outputs(model: nn.Module, dataset: Any) -> Any:
     """
     where = f"data {dataset.name!r}"
     dataset = fit_ids(model, dataset)
-    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    emb = _input_embedding(model)
     if emb is not None and emb.num_embeddings > 256 and getattr(dataset, "task", "") == "lm":
         warnings.warn(
             f"compressdrop: {where} gives bytes (ids 0-255) as tokens, not your tokenizer's: the "
