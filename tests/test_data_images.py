@@ -370,3 +370,22 @@ def test_numbered_class_folders_without_names_are_labelled_as_training_labels_th
     assert ds.in_class_order(("7", "x", "3")).y_test.tolist() == [
         {0: 2, 1: 0}[int(y)] for y in ds.y_test
     ]
+
+
+def test_prune_labels_a_folder_by_the_models_class_names(tmp_path):
+    """`prune --data` of a model trained on cat/dog/owl with a folder of dog/ and owl/ trained the
+    dogs as class 0 (cat) and then recorded dog/owl as the model's classes (a review)."""
+    from compressdrop._attrs import set_record
+    from compressdrop.checkpoint import save_model
+    from compressdrop.models import build_model
+    from compressdrop.workflows import prune_file
+
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=3)
+    set_record(net, "class_names", CLASSES)
+    save_model(net, tmp_path / "dense.pt")
+    every = _folder(tmp_path / "every", classes=("owl", "cat", "dog"), per_class=6, shape=(8, 8))
+    ds = load_image_folder(every)
+    assert ds.classes == ("cat", "dog", "owl")  # sorted, as the model's
+    some = _folder(tmp_path / "some", classes=("dog", "owl"), per_class=6, shape=(8, 8))
+    with pytest.raises(DataError, match="the model's classes cat have no training images"):
+        prune_file(tmp_path / "dense.pt", tmp_path / "slim.pt", data=f"images:{some}")

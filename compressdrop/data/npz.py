@@ -183,6 +183,13 @@ def check_trainable(ds: Dataset) -> None:
             "have; a model cannot learn a class it is not trained on: move some of those "
             "examples into the training split, or drop them from the test split"
         )
+    if len(seen) != ds.num_classes and ds.classes:  # a folder labelled by a model's classes
+        unseen = [ds.classes[i] for i in np.setdiff1d(np.arange(ds.num_classes), seen)]
+        raise DataError(
+            f"{ds.name}: the model's classes {', '.join(unseen[:6])} have no training images "
+            f"here ({len(seen)} of its {ds.num_classes} classes do); training needs every class "
+            "it gives an output for: add a folder for each"
+        )
     if len(seen) != ds.num_classes:
         unseen = np.setdiff1d(np.arange(ds.num_classes), seen)
         raise DataError(
