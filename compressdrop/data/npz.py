@@ -184,9 +184,9 @@ def check_trainable(ds: Dataset) -> None:
             "examples into the training split, or drop them from the test split"
         )
     if len(seen) != ds.num_classes and ds.classes:  # a folder labelled by a model's classes
-        unseen = [ds.classes[i] for i in np.setdiff1d(np.arange(ds.num_classes), seen)]
+        missing = [ds.classes[i] for i in np.setdiff1d(np.arange(ds.num_classes), seen)]
         raise DataError(
-            f"{ds.name}: the model's classes {', '.join(unseen[:6])} have no training images "
+            f"{ds.name}: the model's classes {', '.join(missing[:6])} have no training images "
             f"here ({len(seen)} of its {ds.num_classes} classes do); training needs every class "
             "it gives an output for: add a folder for each"
         )
