@@ -59,6 +59,6 @@ def test_the_cli_reports_our_errors_in_one_line_and_keeps_a_bug_s_traceback(monk
     def bug(*args, **kwargs):
         raise RuntimeError("a bug, not bad input")
 
-    monkeypatch.setattr("compressdrop.workflows.jobs.load_model", bug)
+    monkeypatch.setattr("compressdrop.workflows.precision.load_model", bug)
     res = CliRunner().invoke(main, ["eval", "nope.pt"])
     assert isinstance(res.exception, RuntimeError)  # not swallowed into "Error: ..."
