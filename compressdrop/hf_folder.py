@@ -148,10 +148,23 @@ def load_hf_folder(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+#: a model folder's tokenizer files, carried into its slim folder (pruning leaves them valid)
+TOKENIZER_FILES = (
+    *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+    *("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model"),
+)
+
+
 def save_hf_folder(
-    slim: nn.Module, out: str | Path, example_input: torch.Tensor, rtol: float = 1e-4
+    slim: nn.Module,
+    out: str | Path,
+    example_input: torch.Tensor,
+    rtol: float = 1e-4,
+    source: str | Path | None = None,
 ) -> tuple[int, float]:
-    """Write ``slim`` as a Hugging Face folder ``out`` (replacing one that is there).
+    """Write ``slim`` as a Hugging Face folder ``out`` (replacing one that compressdrop wrote),
+    with the :data:`TOKENIZER_FILES` of ``source`` (the model's own folder, if it came from one)
+    so that ``AutoTokenizer.from_pretrained(out)`` works too.
 
     Returns:
         The bytes written, and the largest relative error of the reloaded model's logits against
@@ -191,6 +204,10 @@ def save_hf_folder(
     try:
         save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
         save(tmp, safe_serialization=True)
+        if source is not None and is_hf_folder(source):
+            for name in TOKENIZER_FILES:
+                if (Path(source) / name).is_file() and not (tmp / name).exists():
+                    shutil.copyfile(Path(source) / name, tmp / name)
         report = getattr(slim, "prune_report", None)
         made = {"compressdrop_version": __version__}
         (tmp / MARKER).write_text(json.dumps({**made, **(report.metadata() if report else {})}))

@@ -290,3 +290,18 @@ def test_a_family_whose_config_is_not_updated_writes_no_folder(tmp_path):
     with pytest.raises(InputError, match=r"cannot update the model's OPTConfig.*\.pt2"):
         save_hf_folder(slim, tmp_path / "out", ids)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_written_from_a_folder_keeps_its_tokenizer_files(tmp_path):
+    """The slim folder had the model's weights and config but not the source folder's tokenizer,
+    so `AutoTokenizer.from_pretrained(slim)` failed (a new-user walk)."""
+    from compressdrop.workflows import export_file
+
+    folder = _llama_folder(tmp_path / "llama")
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (folder / "notes.txt").write_text("not a tokenizer file")
+    export_file(folder, tmp_path / "copy")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "copy" / name).read_text() == (folder / name).read_text()
+    assert not (tmp_path / "copy" / "notes.txt").exists()

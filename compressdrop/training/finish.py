@@ -60,6 +60,7 @@ def write_slim(
     recipe: Mapping[str, Any] | None = None,
     metadata: Mapping[str, str] | None = None,
     opset: int | None = None,
+    source: str | Path | None = None,
 ) -> SlimFiles:
     """Write ``slim`` as ``out`` and, with ``formats``, beside it under the same stem.
 
@@ -77,6 +78,7 @@ def write_slim(
         recipe: the recipe as plain data, recorded in the checkpoint.
         metadata: extra ONNX ``metadata_props``.
         opset: ONNX opset (``None``: the exporter's).
+        source: the model's own Hugging Face folder, whose tokenizer files a slim folder gets.
 
     Returns:
         The files written, their sizes and the largest relative error each check measured.
@@ -105,7 +107,7 @@ def write_slim(
         if suffix == ".pt":
             save_model(slim, path, recipe=recipe)
         elif suffix == "":
-            sizes[kind], errors[kind] = save_hf_folder(slim, path, x)
+            sizes[kind], errors[kind] = save_hf_folder(slim, path, x, source=source)
         elif suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
             prog = with_lengths(export_program, slim, x, path)
             errors[kind] = max(prog.max_rel_error.values())

@@ -296,7 +296,8 @@ def prune_file(
             work_dir=out.resolve().parent,
             keep_gated=partial,
         )
-        files = write_slim(slim, out, example_input_for(slim, batch=2), recipe=r.to_dict())
+        x, source = example_input_for(slim, batch=2), model_path  # (its tokenizer files)
+        files = write_slim(slim, out, x, recipe=r.to_dict(), source=source)
         if gated is not None and partial is not None:  # only beside the slim files it made
             os.replace(partial, gated)
             files.paths["gated"], files.bytes["gated"] = gated, gated.stat().st_size
@@ -361,7 +362,7 @@ def export_file(
         )
     x = example_input_for(model, batch=2)
     if out.suffix == "":
-        size, err = save_hf_folder(model, out, x)
+        size, err = save_hf_folder(model, out, x, source=model_path)
         return {"output": str(out), "bytes": size, "max_rel_error": {"reloaded": err}}
     if out.suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
         prog = with_lengths(export_program, model, x, out)
