@@ -212,11 +212,11 @@ PRUNE = (
         help="SNR threshold (default: recipe / family default).",
     ),
     click.option(
-        "--uniform",
-        is_flag=True,
+        "--uniform/--free",
         default=None,
         help="Every layer of a stack keeps as many units: a standard config (Hugging Face "
-        "folders need it wherever the layers would differ).",
+        "folders need it wherever the layers would differ); or each its own (default: the "
+        "recipe's prune.uniform).",
     ),
     _recipe(
         "Recipe: for a plain model how to sparsify, prune and fine-tune it; for a model with "

@@ -124,3 +124,33 @@ def test_sweep_prunes_as_prune_would_uniform_or_free(tmp_path):
         res = sweep_file(tmp_path / "gated.pt", str(tmp_path / "d.npz"), out=tmp_path / "s",
                          uniform=uniform, **kw)  # fmt: skip
         assert res["rows"][-1]["architecture"] == want, uniform
+
+
+def test_prune_free_overrides_a_recipes_uniform(tmp_path):
+    """A recipe with `prune.uniform: true` could not be pruned free from the CLI (`--uniform`
+    was a flag with no way back; a new-user walk): `--free` now says so."""
+    import compressdrop as cd
+    from compressdrop.checkpoint import load_model, save_model
+    from compressdrop.recipes import Recipe
+
+    from .test_cli import run
+
+    torch.manual_seed(0)
+    net = _Blocks().eval()
+    net.arch = {"factory": "tests.test_uniform:_Blocks", "input_shape": [8], "kwargs": {}}
+    cd.attach(net, example_inputs=torch.randn(4, 8), include=["layers.*.fc"])
+    gates = dict(cd.named_gates(net))
+    with torch.no_grad():
+        gates["layers.0.fc"].log_sigma.copy_(torch.tensor([-5.0] * 12 + [3.0] * 4))
+        gates["layers.1.fc"].log_sigma.copy_(torch.tensor([-5.0] * 4 + [3.0] * 12))
+    save_model(
+        net, tmp_path / "gated.pt", recipe=Recipe.from_dict({"prune": {"uniform": True}}).to_dict()
+    )
+    arch = ["--arch", "tests.test_uniform:_Blocks", "-t", "1"]
+    for flag, want in (([], "8-8"), (["--free"], "12-4"), (["--uniform"], "8-8")):
+        out = tmp_path / f"slim{len(flag)}{want}.pt"
+        run(["prune", tmp_path / "gated.pt", *arch, *flag, "-o", out])
+        assert (
+            load_model(out, arch="tests.test_uniform:_Blocks").prune_report.architecture_after
+            == want
+        )
