@@ -72,13 +72,10 @@ class _Blocks(torch.nn.Module):
         return self.out(h)
 
 
-def test_a_uniform_prune_keeps_its_noise_for_monte_carlo(tmp_path):
-    """`prune --mc-samples` of a uniform prune failed ("noisy site has 2 units but the layer gives
-    4"): keep_noise re-masked the gates without `uniform`; and the slim files were already
-    written. The report records `uniform`, keep_noise follows it, and finish checks first."""
+def _gated_blocks() -> tuple[_Blocks, torch.Tensor]:
+    """``_Blocks`` gated on its hidden units, block 0 keeping 12 units at threshold 1 and block 1
+    keeping 4: uniform pruning keeps 8 each ("8-8"), free "12-4"."""
     import compressdrop as cd
-    from compressdrop.training.finish import finish
-    from compressdrop.uncertainty import keep_noise
 
     torch.manual_seed(0)
     net = _Blocks().eval()
@@ -86,9 +83,20 @@ def test_a_uniform_prune_keeps_its_noise_for_monte_carlo(tmp_path):
     x = torch.randn(4, 8)
     cd.attach(net, example_inputs=x, include=["layers.*.fc"])
     gates = dict(cd.named_gates(net))
-    with torch.no_grad():  # block 0 keeps 12 units, block 1 keeps 4: uniform keeps 8 each
+    with torch.no_grad():
         gates["layers.0.fc"].log_sigma.copy_(torch.tensor([-5.0] * 12 + [3.0] * 4))
         gates["layers.1.fc"].log_sigma.copy_(torch.tensor([-5.0] * 4 + [3.0] * 12))
+    return net, x
+
+
+def test_a_uniform_prune_keeps_its_noise_for_monte_carlo(tmp_path):
+    """`prune --mc-samples` of a uniform prune failed ("noisy site has 2 units but the layer gives
+    4"): keep_noise re-masked the gates without `uniform`; and the slim files were already
+    written. The report records `uniform`, keep_noise follows it, and finish checks first."""
+    from compressdrop.training.finish import finish
+    from compressdrop.uncertainty import keep_noise
+
+    net, x = _gated_blocks()
     slim, files = finish(net, tmp_path / "slim.pt", threshold=1.0, mc_samples=4, uniform=True)
     assert slim.prune_report.architecture_after == "8-8" and slim.prune_report.uniform
     assert files is not None and {"mc_checkpoint", "mc_onnx"} <= set(files.paths)
@@ -102,19 +110,11 @@ def test_sweep_prunes_as_prune_would_uniform_or_free(tmp_path):
     12-4 where `prune` wrote 8-8. It now follows the recipe, and `--uniform/--free` choose."""
     import numpy as np
 
-    import compressdrop as cd
     from compressdrop.checkpoint import save_model
     from compressdrop.recipes import Recipe
     from compressdrop.workflows import sweep_file
 
-    torch.manual_seed(0)
-    net = _Blocks().eval()
-    net.arch = {"factory": "tests.test_uniform:_Blocks", "input_shape": [8], "kwargs": {}}
-    cd.attach(net, example_inputs=torch.randn(4, 8), include=["layers.*.fc"])
-    gates = dict(cd.named_gates(net))
-    with torch.no_grad():
-        gates["layers.0.fc"].log_sigma.copy_(torch.tensor([-5.0] * 12 + [3.0] * 4))
-        gates["layers.1.fc"].log_sigma.copy_(torch.tensor([-5.0] * 4 + [3.0] * 12))
+    net, _ = _gated_blocks()
     recipe = Recipe.from_dict({"prune": {"uniform": True}}).to_dict()
     save_model(net, tmp_path / "gated.pt", recipe=recipe)
     gen = np.random.default_rng(0)
@@ -129,20 +129,12 @@ def test_sweep_prunes_as_prune_would_uniform_or_free(tmp_path):
 def test_prune_free_overrides_a_recipes_uniform(tmp_path):
     """A recipe with `prune.uniform: true` could not be pruned free from the CLI (`--uniform`
     was a flag with no way back; a new-user walk): `--free` now says so."""
-    import compressdrop as cd
     from compressdrop.checkpoint import load_model, save_model
     from compressdrop.recipes import Recipe
 
     from .test_cli import run
 
-    torch.manual_seed(0)
-    net = _Blocks().eval()
-    net.arch = {"factory": "tests.test_uniform:_Blocks", "input_shape": [8], "kwargs": {}}
-    cd.attach(net, example_inputs=torch.randn(4, 8), include=["layers.*.fc"])
-    gates = dict(cd.named_gates(net))
-    with torch.no_grad():
-        gates["layers.0.fc"].log_sigma.copy_(torch.tensor([-5.0] * 12 + [3.0] * 4))
-        gates["layers.1.fc"].log_sigma.copy_(torch.tensor([-5.0] * 4 + [3.0] * 12))
+    net, _ = _gated_blocks()
     save_model(
         net, tmp_path / "gated.pt", recipe=Recipe.from_dict({"prune": {"uniform": True}}).to_dict()
     )
