@@ -93,11 +93,8 @@ def evaluate_file(
     from ..runtime import resolve_device
 
     model = load_fitting(model_path, None, "", arch, arch_kwargs, trust_code)
-    ds = _data_for(model_path, model, data, announce)
+    ds = _fitted_data(model_path, model, data, announce)
     shape = tuple(ds.input_shape)
-    fit_input_shape(model, shape, f"data {ds.name!r}")
-    ds = ds.in_class_order(getattr(model, "class_names", None))  # a folder of some classes
-    ds = fit_ids(model, ds)  # an .npz's token ids, for a model that reads them
     dev = resolve_device(device)
     model.to(dev)
     m = evaluate(model, ds.x_test, ds.y_test)
@@ -158,9 +155,7 @@ def sweep_file(
         raise InputError(
             f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
         )
-    ds = _data_for(model_path, model, data, announce)
-    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")  # (fit_ids needs it)
-    ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
+    ds = _fitted_data(model_path, model, data, announce)
     rows = sweep(
         model,
         ds.x_test,
@@ -186,6 +181,20 @@ def sweep_file(
         "data": ds.name,
         "title": title,
     }
+
+
+def _fitted_data(
+    model_path: str | Path,
+    model: nn.Module,
+    data: str | None,
+    announce: Callable[[str], None] | None,
+) -> Any:
+    """The model's data (:func:`_data_for`), fitted to it: the input shape checked (or
+    recorded), a folder labelled by the model's class names, an ``.npz``'s token ids given as
+    ids to a model that reads them."""
+    ds = _data_for(model_path, model, data, announce)
+    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")  # (fit_ids needs it)
+    return fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
 
 
 def _data_for(
