@@ -280,9 +280,9 @@ def prune_file(
     progress(
         {"event": "recipe", "recipe": r, "default": recipe is None, "n_train": len(ds.x_train)}
     )
-    gated = out.with_name(f"{out.stem}-gated.pt") if keep_gated else None
-    partial = gated.with_name(f".{gated.name}.partial") if gated is not None else None
-    if gated is not None:
+    gated = out.with_name(f"{out.stem}-gated.pt")
+    partial = gated.with_name(f".{gated.name}.partial") if keep_gated else None
+    if keep_gated:
         check_writable(gated)  # (a folder of that name, say) before training
     try:
         slim = sparsify_and_prune(
@@ -296,9 +296,9 @@ def prune_file(
             work_dir=out.resolve().parent,
             keep_gated=partial,
         )
-        x, source = example_input_for(slim, batch=2), model_path  # (its tokenizer files)
-        files = write_slim(slim, out, x, recipe=r.to_dict(), source=source)
-        if gated is not None and partial is not None:  # only beside the slim files it made
+        x = example_input_for(slim, batch=2)
+        files = write_slim(slim, out, x, recipe=r.to_dict(), source=model_path)  # (its tokenizer)
+        if partial is not None:  # only beside the slim files it made
             os.replace(partial, gated)
             files.paths["gated"], files.bytes["gated"] = gated, gated.stat().st_size
     finally:
