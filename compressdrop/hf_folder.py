@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
 
-__all__ = ["check_folder_output", "is_hf_folder", "load_hf_folder", "save_hf_folder"]
+__all__ = [
+    "check_folder_output",
+    "check_folder_plan",
+    "is_hf_folder",
+    "load_hf_folder",
+    "save_hf_folder",
+]
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # fields the arch record carries elsewhere, or that the library fills in itself; the weights'
@@ -61,6 +68,52 @@ def check_folder_output(out: str | Path) -> None:
         raise InputError(
             f"{out}: {what} is there already; name a new folder (a slim folder from an earlier "
             "run is replaced, nothing else is)"
+        )
+
+
+def check_folder_plan(
+    out: str | Path,
+    model: nn.Module,
+    gates: Mapping[str, Any],
+    uniform: bool,
+    example_inputs: Any,
+) -> None:
+    """Before a plain model is trained for a slim folder ``out``: refuse the plans whose slim
+    model no config could describe, which :func:`save_hf_folder` would refuse only after the
+    training. ``gates`` are :func:`compressdrop.attach`'s keyword arguments, ``uniform`` the
+    prune setting.
+
+    Raises:
+        InputError: the layers may keep different widths (``uniform`` is false), or heads would
+            be gated where the library derives the head size from the head count (GPT-2, BERT).
+    """
+    from .errors import CompressDropError
+    from .gating import attach, groups_of
+    from .gating.known import heads_fixed_by_config
+
+    if not uniform:
+        raise InputError(
+            f"{out}: a Hugging Face folder needs every layer to keep as many units, which a free "
+            "prune does not give: pass --uniform (uniform=True; or prune.uniform: true in the "
+            "recipe), or write .pt2, .onnx or .pt"
+        )
+    fixed = heads_fixed_by_config(model)
+    if fixed is None:
+        return
+    derived, attention = fixed
+    work = copy.deepcopy(model)
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the run's own attach says them
+            attach(work, **gates, example_inputs=example_inputs)
+    except CompressDropError:
+        return  # the run's check names the problem
+    if any(g.kind == "head" for g in groups_of(work)):
+        kind = type(model.config).__name__
+        raise InputError(
+            f"{out}: the recipe gates attention heads, and a {kind} derives their size from "
+            f"{derived}, so a folder cannot hold fewer of them: leave the heads ungated (gates."
+            f"exclude: [{attention}] in the recipe) or write .pt2, .onnx or .pt"
         )
 
 

@@ -305,3 +305,41 @@ def test_a_folder_written_from_a_folder_keeps_its_tokenizer_files(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "copy" / name).read_text() == (folder / name).read_text()
     assert not (tmp_path / "copy" / "notes.txt").exists()
+
+
+def _gpt2_folder(path):
+    config = transformers.GPT2Config(
+        vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
+    """A GPT-2 folder pruned free, or with its heads gated, to a folder: trained for nothing
+    and refused only when the folder was written (GPT-2's config derives the head size from
+    n_embd / n_head). Both are refused now before any training, and nothing is written; the
+    heads left ungated, as the message says, pass the check."""
+    from compressdrop.hf_folder import check_folder_plan
+    from compressdrop.workflows import prune_file
+
+    folder = _gpt2_folder(tmp_path / "gpt2")
+    data = f"text:{_text(tmp_path / 'corpus')},context=16"
+    (tmp_path / "tiny.yaml").write_text(RECIPE)
+    out, events = tmp_path / "slim", []
+    for uniform, says in ((False, "pass --uniform"), (True, r"exclude: \[GPT2Attention\]")):
+        with pytest.raises(InputError, match=says), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the residual stream is left ungated (LayerNorm)
+            prune_file(
+                folder, out, recipe=str(tmp_path / "tiny.yaml"), data=data, uniform=uniform,
+                progress=events.append,
+            )  # fmt: skip
+    assert events == [] and not out.exists()
+    # the way out the message gives: the heads left ungated (a folder of a uniform MLP-only
+    # prune of GPT-2 reloads: test_hf.py::test_uniform_shape_saves_a_standard_config_that_...)
+    gates = {"gate": "lognormal", "exclude": ["GPT2Attention"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_folder_plan(out, load_model(folder), gates, True, torch.randint(256, (2, 16)))

@@ -218,6 +218,23 @@ def _register_transformers() -> None:
     )
 
 
+#: attention classes whose library derives the head size from the width and the head count
+#: (their config cannot describe fewer heads of the same size): how, and the module that holds
+#: the heads (what attach's ``exclude`` names to leave them ungated)
+_HEADS_FIXED = {
+    "GPT2Attention": ("n_embd / n_head", "GPT2Attention"),
+    "BertSelfAttention": ("hidden_size / num_attention_heads", "BertAttention"),
+}
+
+
+def heads_fixed_by_config(model: nn.Module) -> tuple[str, str] | None:
+    """Where ``model``'s config cannot describe pruned heads (GPT-2, BERT): how its library
+    derives the head size (``"n_embd / n_head"``) and the attention class that holds the heads;
+    else ``None``."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    return next((fixed for kind, fixed in _HEADS_FIXED.items() if kind in kinds), None)
+
+
 def sync_config(model: nn.Module) -> str | None:
     """After surgery on a Hugging Face model: set the per-layer attributes its modules keep
     (LLaMA's ``mlp.intermediate_size``), and, where every layer has the same shape, the config
@@ -283,7 +300,11 @@ def _shapes(
         mlps = [m for m in mods if type(m).__name__ == "GPT2MLP"]
         heads = [int(a.num_heads) for a in attns]
         return {"n_inner": [int(m.c_fc.nf) for m in mlps]}, {
-            "n_head": (heads, config.n_head, "heads (it derives their size from n_embd / n_head)")
+            "n_head": (
+                heads,
+                config.n_head,
+                f"heads (it derives their size from {_HEADS_FIXED['GPT2Attention'][0]})",
+            )
         }
     if "BertSelfAttention" in kinds:
         selfs = [m for m in mods if type(m).__name__ == "BertSelfAttention"]
@@ -293,7 +314,7 @@ def _shapes(
             "num_attention_heads": (
                 heads,
                 config.num_attention_heads,
-                "heads (it derives their size from hidden_size / num_attention_heads)",
+                f"heads (it derives their size from {_HEADS_FIXED['BertSelfAttention'][0]})",
             )
         }
         poolers = [m for m in mods if type(m).__name__ == "BertPooler"]

@@ -19,7 +19,7 @@ from torch import nn
 from ..arch import Factory
 from ..data import check_trainable, load_dataset
 from ..errors import InputError
-from ..hf_folder import check_folder_output, save_hf_folder
+from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
@@ -277,6 +277,8 @@ def prune_file(
         r = r.replace(prune=replace(r.prune, threshold=threshold))
     if uniform is not None:
         r = r.replace(prune=replace(r.prune, uniform=uniform))
+    if not out.suffix:  # a folder: a plan whose slim model no config describes, before training
+        check_folder_plan(out, model, r.gates.attach_kwargs(), r.prune.uniform, ds.x_train[:2])
     progress(
         {"event": "recipe", "recipe": r, "default": recipe is None, "n_train": len(ds.x_train)}
     )
