@@ -308,12 +308,13 @@ def test_command_line_reports_a_bad_folder_in_one_line(tmp_path):
 def test_eval_of_a_folder_with_some_classes_scores_them_as_the_model_named_them(tmp_path):
     """A folder of the "owl" images alone was labelled 0 (its own sorted order), so `eval`
     reported a model that calls every owl an owl as 0 % accurate. Training records the class
-    names in every file; eval renumbers a folder's classes by them, and refuses unknown ones."""
+    names in every file (a `.pt2` too since a later walk: its archive's extra/compressdrop.json);
+    eval renumbers a folder's classes by them, and refuses unknown ones."""
     import json
 
     from compressdrop._attrs import set_record
     from compressdrop.checkpoint import load_model, save_model
-    from compressdrop.export import export_onnx, load_onnx_metadata
+    from compressdrop.export import export_onnx, export_program, load_onnx_metadata
     from compressdrop.models import build_model
     from compressdrop.recipes import dump_recipe, load_recipe
     from compressdrop.workflows import evaluate_file
@@ -332,12 +333,13 @@ def test_eval_of_a_folder_with_some_classes_scores_them_as_the_model_named_them(
     assert load_model(tmp_path / "run" / "gated.pt").class_names == CLASSES
     onnx = tmp_path / "run" / "slim.onnx"
     assert json.loads(load_onnx_metadata(onnx)["classes"]) == list(CLASSES)
+    assert load_model(tmp_path / "run" / "slim.pt2").class_names == CLASSES
 
     owls = _folder(tmp_path / "owls", classes=("owl",), per_class=8, shape=(8, 8))
     x = load_image_folder(owls).x_test
     with torch.no_grad():
         expected = (slim(x).argmax(1) == CLASSES.index("owl")).float().mean().item()
-    for model in (tmp_path / "run" / "slim.pt", onnx):
+    for model in (tmp_path / "run" / "slim.pt", onnx, tmp_path / "run" / "slim.pt2"):
         got = evaluate_file(model, f"images:{owls}")
         assert got["accuracy"] == pytest.approx(expected), model
 
@@ -349,7 +351,9 @@ def test_eval_of_a_folder_with_some_classes_scores_them_as_the_model_named_them(
     set_record(sure, "class_names", CLASSES)
     save_model(sure, tmp_path / "sure.pt")
     export_onnx(sure, x[:2], tmp_path / "sure.onnx")
-    for model in ("sure.pt", "sure.onnx"):
+    export_program(sure, x[:2], tmp_path / "sure.pt2")
+    assert torch.export.load(tmp_path / "sure.pt2").module()(x[:2]).shape == (2, 3)  # plain torch
+    for model in ("sure.pt", "sure.onnx", "sure.pt2"):
         assert evaluate_file(tmp_path / model, f"images:{owls}")["accuracy"] == 1.0, model
     eels = _folder(tmp_path / "eels", classes=("eel",), per_class=4, shape=(8, 8))
     with pytest.raises(DataError, match="class 'eel' is not one the model was trained on"):

@@ -6,6 +6,7 @@ Reading ``.pt2`` files in, safely, is :mod:`compressdrop.programs`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
+from .._version import __version__
 from ._check import (
     ExportError,
     as_inputs,
@@ -28,7 +30,11 @@ from ._check import (
 )
 from .onnx import _quiet_exporter, no_cache
 
-__all__ = ["ProgramReport", "export_program"]
+__all__ = ["META_FILE", "ProgramReport", "export_program"]
+
+#: the archive's extra file (``extra/compressdrop.json``) that says what made the program: the
+#: version, how it was pruned and its outputs' class names (``classes``), as in ONNX metadata
+META_FILE = "compressdrop.json"
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,9 @@ def export_program(
     The file is written to a temporary path, loaded back with ``torch.export.load`` and run at
     every batch size in ``check_batch_sizes`` (and, with ``check_lengths``, for token ids
     ``(batch, length)``, with the length dynamic too, at each of those lengths); only when it
-    matches the model to ``rtol`` (max|Δ| / max|y|) does it move to ``path``.
+    matches the model to ``rtol`` (max|Δ| / max|y|) does it move to ``path``. The archive's
+    :data:`META_FILE` records the version, how a slim model was pruned and the outputs' class
+    names, which :func:`compressdrop.load_model` reads back.
 
     The program loads with plain ``torch.export.load``: an output that is a mapping of a class of
     its own (a Hugging Face model's ``ModelOutput``, whose pytree only ``transformers`` can
@@ -80,7 +88,7 @@ def export_program(
         except Exception as e:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
         with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
-            torch.export.save(program, f)
+            torch.export.save(program, f, extra_files={META_FILE: json.dumps(_meta(model))})
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
         run = lambda *xb: output_arrays(loaded(*xb))  # noqa: E731
@@ -90,6 +98,18 @@ def export_program(
         )
         errors.update(errors_at_lengths(model_cpu, run, xs[0], check_lengths, rtol, what))
     return ProgramReport(path, path.stat().st_size, errors)
+
+
+def _meta(model: nn.Module) -> dict[str, Any]:
+    """What made ``model``, for the archive's :data:`META_FILE`."""
+    meta: dict[str, Any] = {"compressdrop_version": __version__}
+    report = getattr(model, "prune_report", None)
+    if report is not None:
+        meta.update(report.metadata())
+    names = getattr(model, "class_names", None)
+    if names:
+        meta["classes"] = [str(c) for c in names]
+    return meta
 
 
 def _plain(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> nn.Module:

@@ -5,11 +5,14 @@ and the ``arch`` record of a model that has no factory.
 from __future__ import annotations
 
 import io
+import json
+import zipfile
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .._attrs import set_record
 from ..errors import CheckpointError
 from .convert import program_to_module
 from .safety import Source, _read, load_program_safely
@@ -46,7 +49,25 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     if shape is not None:
         arch["input_shape"] = list(shape)
     _check_batch_free(model, where)
+    classes = _recorded_classes(data)
+    if classes is not None:
+        set_record(model, "class_names", classes)
     return model
+
+
+def _recorded_classes(data: bytes) -> tuple[str, ...] | None:
+    """The outputs' class names that :func:`compressdrop.export.export_program` records in the
+    archive (``extra/compressdrop.json``), if it holds them as a list of strings."""
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        name = next((n for n in z.namelist() if n.endswith("/extra/compressdrop.json")), None)
+        if name is None:
+            return None
+        try:
+            names = json.loads(z.read(name)).get("classes")
+        except (ValueError, AttributeError):  # not JSON, or not an object: no names
+            return None
+    ok = isinstance(names, list) and all(isinstance(c, str) for c in names)
+    return tuple(names) if ok else None
 
 
 @torch.no_grad()
