@@ -243,9 +243,9 @@ def gate_math(families: list[str], units: list[int], batch: int, repeats: int = 
 def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
     """MB of tensors a step keeps for its backward pass, as autograd's saved-tensor hooks see
     them (each storage once). Compiled with inductor, this is what the compiled graph saves,
-    which the profiler's op-by-op count cannot see on CPU. Eager gates keep their input or a
-    ReLU's output outside the hooks (see compressdrop/gates/_mul.py); a ReLU's output is also
-    saved by the ReLU itself, so it is counted there."""
+    which the profiler's op-by-op count cannot see on CPU. Eager gates keep their input, their
+    output or a ReLU's output outside the hooks (see compressdrop/gates/_mul.py): found in the
+    graph and counted too, each storage once."""
     torch._dynamo.reset()
     model, _, _ = make_step(net, family, "eager", batch, torch.device("cpu"))
     x = torch.randn(batch, *NETS[net][1])
@@ -260,6 +260,18 @@ def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn(x, y)
+    stack, done = [loss.grad_fn], set()
+    while stack:  # what the gates' autograd functions keep outside the hooks
+        node = stack.pop()
+        if node is None or node in done:
+            continue
+        done.add(node)
+        kept = getattr(node, "kept", None)
+        if kept is not None:
+            storages[kept.tensor.untyped_storage().data_ptr()] = (
+                kept.tensor.untyped_storage().nbytes()
+            )
+        stack.extend(f for f, _ in node.next_functions)
     loss.backward()
     return sum(storages.values()) / 2**20
 

@@ -4,6 +4,7 @@ change, and nothing of it left in a detached or pruned model."""
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -142,3 +143,149 @@ def test_an_output_no_hooked_relu_reads_holds_nothing_of_the_gate():
     ).train()
     y = net[0](torch.randn(4, 3, 8, 8))  # kept by a user, say: it must not keep x alive too
     assert not hasattr(y, ATTR)
+
+
+class _Encoder(nn.Module):
+    """Two stock encoder layers (their MLPs' neurons gated) and a classifier."""
+
+    def __init__(self, activation) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(
+            16, 2, dim_feedforward=24, dropout=0.1, activation=activation, batch_first=True
+        )
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(x).mean(1))
+
+
+ACTIVATIONS = ["relu", "gelu", nn.GELU(), nn.ReLU()]
+
+
+def _gated_encoder(family: str, activation) -> nn.Module:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # the residual stream (LayerNorm)
+        net = cd.attach(_Encoder(activation), family, granularity="neuron",
+                        example_inputs=torch.randn(2, 5, 16))  # fmt: skip
+    return net.train()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS, ids=["relu", "gelu", "GELU", "ReLU"])
+def test_a_transformer_layer_mlp_hands_over_with_the_same_gradients(gate_cls, activation):
+    """The gate of a stock transformer layer's linear1 multiplies in place and keeps the ReLU's
+    output or (GELU) its own output, which GELU keeps: the gradients of keeping its input, a
+    pruned unit (θ = 0) and dropout included."""
+    net = _gated_encoder(gate_cls.family, activation)
+    linear1 = net.enc.layers[0].linear1
+    assert vars(linear1).get("gate_inplace") is True
+    relu = activation in ("relu",) or isinstance(activation, nn.ReLU)
+    assert vars(linear1).get("relu_after" if relu else "inplace_alone") is True
+    with torch.no_grad():
+        for _, g in cd.named_gates(net):
+            for p in g.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            g.pruned[0] = True
+    x, y = torch.randn(8, 5, 16), torch.randint(0, 3, (8,))
+    a = _grads(net, x, y)
+    with cd.gates.hand_overs_off():  # every gate keeps its input, multiplied out of place
+        b = _grads(net, x, y)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for one forward pass of ``net`` on ``x``,
+    and those the gates keep beside it."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    stack, done = [out.grad_fn], set()
+    while stack:  # the tensors _GateMul keeps outside the hooks
+        fn = stack.pop()
+        if fn is None or fn in done:
+            continue
+        done.add(fn)
+        kept = getattr(fn, "kept", None)
+        if kept is not None:
+            store = kept.tensor.untyped_storage()
+            seen[store.data_ptr()] = store.nbytes()
+        stack.extend(f for f, _ in fn.next_functions)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_a_transformer_layer_mlp_keeps_no_more_than_the_plain_layer(activation):
+    """Gated by a family with θ > 0, the layers keep (for backward) the plain layers' bytes plus
+    the gates' θ: the MLP's (B, T, U) activations once, not the layer output besides (1.14–1.20×
+    for the encoder of BENCHMARKS §3 before)."""
+    net = _gated_encoder("lognormal", activation)
+    plain = cd.detach(copy.deepcopy(net)).train()
+    x = torch.randn(64, 16, 16)  # a (B, T, U) activation: 64 bytes per example and unit
+    torch.manual_seed(1)
+    gated = _saved_bytes(net, x)
+    torch.manual_seed(1)
+    alone = _saved_bytes(plain, x)
+    # per example and unit: θ, and the log-normal draw's float64 uniform and quantile; per
+    # unit, a few float64 terms of the posterior (16 at most)
+    draws = sum((64 * (4 + 16) + 16 * 8) * g.num_units for _, g in cd.named_gates(net))
+    assert alone < gated <= alone + draws
+    with cd.gates.hand_overs_off():
+        torch.manual_seed(1)
+        assert _saved_bytes(net, x) >= gated + 2 * 64 * 16 * 24 * 4  # each layer's (B, T, U)
+
+
+def test_detach_gives_a_transformer_layer_its_own_activation_back():
+    net = _gated_encoder("concrete", "relu")
+    assert isinstance(net.enc.layers[0].activation, nn.ReLU)  # hooked while gated
+    for model in (cd.detach(copy.deepcopy(net)), cd.prune(copy.deepcopy(net))):
+        assert all(layer.activation is F.relu for layer in model.enc.layers)
+        assert not any(n.endswith("activation") for n, _ in model.named_modules())
+        assert not any(m._forward_hooks for m in model.modules())
+        assert b"relu_takes_over" not in pickle.dumps(model)
+
+
+class _Tokens(nn.Module):
+    """A token MLP in an nn.Sequential (units last), as torchvision's ViT and ConvNeXt have."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 24), act, nn.Dropout(0.1), nn.Linear(24, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mlp(x).mean(1))
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU()], ids=["gelu", "silu"])
+def test_a_gelu_after_a_gated_layer_in_a_sequential_shares_what_it_keeps(gate_cls, act):
+    """A GELU or SiLU keeps its input for its own backward pass: the gated Linear before it
+    multiplies in place and keeps that same tensor, with the gradients of keeping its input."""
+    torch.manual_seed(0)
+    net = cd.attach(_Tokens(act), gate_cls.family, granularity="neuron",
+                    example_inputs=torch.randn(2, 5, 16)).train()  # fmt: skip
+    assert vars(net.mlp[0]).get("inplace_alone") is True
+    with torch.no_grad():
+        for _, g in cd.named_gates(net):
+            for p in g.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            g.pruned[0] = True
+    x, y = torch.randn(8, 16, 16), torch.randint(0, 3, (8,))
+    a = _grads(net, x, y)
+    with cd.gates.hand_overs_off():
+        b = _grads(net, x, y)
+        torch.manual_seed(1)
+        apart = _saved_bytes(net, x)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    torch.manual_seed(1)
+    assert _saved_bytes(net, x) <= apart - 8 * 16 * 24 * 4  # the (B, T, U) output kept once
+    inplace_silu = cd.attach(_Tokens(nn.SiLU(inplace=True)), gate_cls.family, granularity="neuron",
+                             example_inputs=torch.randn(2, 5, 16))  # fmt: skip
+    assert "inplace_alone" not in vars(inplace_silu.mlp[0])  # it changes what it would keep

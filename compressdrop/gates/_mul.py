@@ -1,5 +1,7 @@
-"""The gate's training multiply as one autograd function (eager mode), and the hand-off that lets
-a ReLU right after a gate take over the tensor the gate keeps for its backward pass."""
+"""The gate's training multiply as one autograd function (eager mode), and the hand-offs that let
+a gate keep no tensor of its own for its backward pass: a ReLU right after it takes over what it
+keeps, or, where one operation alone reads the gated layer's output and keeps it anyway (the
+GELU of a transformer layer's MLP), the gate multiplies in place and keeps that output."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
@@ -52,7 +55,8 @@ class _Kept:
 
 
 class _GateMul(torch.autograd.Function):
-    """y = x · θ for x of shape (B, U, ...) and θ of shape (n, U), n ∈ {B, 1}, in eager mode.
+    """y = x · θ for x of shape (B, U, ...) (or, ``last`` = B, of B·rest·U values, (B, ..., U) or
+    (B·rest, U)) and θ of shape (n, U), n ∈ {B, 1}, in eager mode.
 
     The same values and gradients as broadcasting ``x * θ.reshape(n, U, 1, ...)``, but the
     gradient of θ is a batched dot product instead of a full-size product followed by a
@@ -65,20 +69,31 @@ class _GateMul(torch.autograd.Function):
     gradient g reaching y is 0 wherever y ≤ 0 (ReLU's derivative), and y = r elsewhere, so
     Σ g·x = Σ g·y/θ = Σ g·r/θ for θ ≠ 0; for θ = 0, y = r = 0 and Σ g·x = 0 as well, since g = 0
     there too. (Before the ReLU has run the gate keeps y itself and divides by θ the same way.)
+    Multiplied in place without a ReLU (:func:`hand_over_in_transformer_layers`), the gate keeps
+    y and divides by θ wherever θ ≠ 0; where θ = 0 the true Σ g·x is lost, and 0 is given: a
+    pruned unit's factor and a hard-concrete θ clamped at 0 have derivative 0 with respect to the
+    gate's parameters, so nothing of it reaches them, and the other families draw θ ≠ 0.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, theta: torch.Tensor, inplace: bool = False, handoff: bool = False
+        ctx: Any,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        inplace: bool = False,
+        handoff: bool = False,
+        last: int = 0,
     ) -> torch.Tensor:
         ctx.save_for_backward(theta)
-        factor = theta.reshape(theta.shape + (1,) * (x.dim() - 2))
+        ctx.last = last
         if inplace:
             ctx.mark_dirty(x)
-            y = x.mul_(factor)
+            xs = x.view(last, -1, theta.shape[1]) if last else x  # (B·rest, U) too; contiguous
+            xs.mul_(theta.reshape(_factor_shape(theta, xs.dim(), bool(last))))
+            y = x
             kept = _Kept(y.detach(), divide=True)  # an alias: no cycle through the output
-        else:
-            y = x * factor
+        else:  # x is (B, U, ...) or (B, ..., U); no view of the output: a ReLU may change it
+            y = x * theta.reshape(_factor_shape(theta, x.dim(), bool(last)))
             kept = _Kept(x)
         ctx.kept = kept
         if handoff or inplace:  # only then: a tensor kept by the user would hold x alive
@@ -102,13 +117,16 @@ class _GateMul(torch.autograd.Function):
                 "in-place operation after the gate (change a copy, run the forward pass inside "
                 "compressdrop.gates.hand_overs_off(), or detach the gates)"
             )
-        shape = theta.shape + (1,) * (t.dim() - 2)
         grad_x = grad_theta = None
+        b, u = ctx.last or t.shape[0], theta.shape[1]
+        g = grad.reshape(b, -1, u) if ctx.last else grad
         if ctx.needs_input_grad[0]:
-            grad_x = grad * theta.reshape(shape)
+            grad_x = g * theta.reshape(_factor_shape(theta, g.dim(), bool(ctx.last)))
+            grad_x = grad_x.view(grad.shape)
         if ctx.needs_input_grad[1]:
-            b, u = t.shape[0], t.shape[1]
-            if t.dim() == 2:
+            if ctx.last:  # (B, rest, U) · (B, rest, U) → (B, U)
+                grad_theta = torch.linalg.vecdot(g, t.reshape(b, -1, u), dim=1)
+            elif t.dim() == 2:
                 grad_theta = grad * t
             else:  # (B, U, rest) · (B, U, rest) → (B, U)
                 grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), t.reshape(b, u, -1))
@@ -116,24 +134,47 @@ class _GateMul(torch.autograd.Function):
                 grad_theta = torch.where(theta != 0, grad_theta / theta, 0.0)
             if theta.shape[0] != b:
                 grad_theta = grad_theta.sum(0, keepdim=True)
-        return grad_x, grad_theta, None, None
+        return grad_x, grad_theta, None, None, None
+
+
+def _factor_shape(theta: torch.Tensor, dims: int, last: bool) -> tuple[int, ...]:
+    """θ (n, U) shaped to broadcast over x of ``dims`` dimensions, units at 1 or (``last``) last."""
+    n, u = theta.shape
+    return (n, *(1,) * (dims - 2), u) if last else (n, u, *(1,) * (dims - 2))
 
 
 def gate_multiply(
-    x: torch.Tensor, theta: torch.Tensor, inplace: bool, handoff: bool
+    x: torch.Tensor, theta: torch.Tensor, inplace: bool, handoff: bool, last: bool = False
 ) -> torch.Tensor:
     """:class:`_GateMul` of ``x`` and ``theta``; ``handoff``: a hooked ReLU alone reads the result
     (see :func:`hand_over_to_relus`); ``inplace``: ``x`` may be overwritten (its producer's
-    backward pass does not read it, and nothing else has seen it)."""
-    y = _GateMul.apply(x, theta, inplace, handoff)
+    backward pass does not read it, and nothing else has seen it); ``last``: the units are x's
+    last dimension, not its second."""
+    shape, base = x.shape, x._base
+    # x, its layer's output reshaped (an nn.Linear's of (B, T, K) inputs): multiply that output
+    # itself in place, since autograd copies the gradient of a view changed in place
+    if last and inplace and base is not None and _reshaped(x, base):
+        x = base
+    y = _GateMul.apply(x, theta, inplace, handoff, shape[0] if last else 0)
     if inplace:  # autograd bumps the version of a tensor changed in place once forward returns
-        kept = y.__dict__[ATTR] if handoff else y.__dict__.pop(ATTR)
+        kept = y.__dict__.pop(ATTR)
         kept.version = kept.tensor._version
+        if y.shape != shape:  # the output multiplied, as the layer's reshaped output
+            y = y.view(shape)
+        if handoff:
+            setattr(y, ATTR, kept)  # for the ReLU's hook
     return y
+
+
+def _reshaped(x: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether ``x`` (contiguous) is all of ``base``, reshaped."""
+    return base.is_contiguous() and base.numel() == x.numel() and base.data_ptr() == x.data_ptr()
 
 
 # ReLU and ReLU6: the derivative is 0 wherever the output differs from the input
 RELUS = (nn.ReLU, nn.ReLU6)
+# activations that keep their input for their backward pass (and, not in place, leave it as is)
+KEEP_THEIR_INPUT = (nn.GELU, nn.SiLU)
 # layers whose backward pass reads their input and weights, not their output
 INPLACE_OK = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
@@ -157,15 +198,24 @@ def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
     A ``wrapper`` (a gated layer, exactly of that type) followed by an ``nn.ReLU`` or
     ``nn.ReLU6`` in an ``nn.Sequential`` passes its output to that ReLU alone, so its gate can
     keep the ReLU's output for the backward pass instead of the layer's (:class:`_GateMul`): a
-    gated training step keeps no more activation memory there than a plain one.
-    :func:`remove_relu_hooks` undoes it (``compressdrop.detach`` calls it).
+    gated training step keeps no more activation memory there than a plain one. Followed by an
+    ``nn.GELU`` or ``nn.SiLU`` (not in place), which keep their input for their own backward
+    pass, a layer whose backward pass does not read its output is multiplied in place and the
+    gate keeps that same tensor. :func:`remove_relu_hooks` undoes it (``compressdrop.detach``
+    calls it).
     """
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq)
         for gated, after in zip(children, children[1:], strict=False):
-            if type(gated) is not wrapper or type(after) not in RELUS:
+            if type(gated) is not wrapper:
+                continue
+            if type(after) in KEEP_THEIR_INPUT and not getattr(after, "inplace", False):
+                if isinstance(getattr(gated, "module", None), INPLACE_OK):
+                    vars(gated)["inplace_alone"] = vars(gated)["gate_inplace"] = True
+                continue
+            if type(after) not in RELUS:
                 continue
             if relu_takes_over not in after._forward_hooks.values():
                 after.register_forward_hook(relu_takes_over)
@@ -174,9 +224,55 @@ def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
             vars(gated)["gate_inplace"] = isinstance(getattr(gated, "module", None), INPLACE_OK)
 
 
+# PyTorch's own transformer layers, whose MLP is linear2(dropout(activation(linear1(x))))
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+# the layer's own activation function while an nn.ReLU module stands in for it
+_OWN_ACTIVATION = "_compressdrop_activation"
+
+
+def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) -> None:
+    """Let the MLPs of PyTorch's transformer layers keep no tensor for their gates.
+
+    In an ``nn.TransformerEncoderLayer`` or ``nn.TransformerDecoderLayer`` the activation alone
+    reads ``linear1``'s output (the layer's ``_ff_block``), so a gated ``linear1`` (a ``wrapper``)
+    may multiply it in place (a Linear's backward pass does not read its output). With a ReLU
+    (``F.relu``, the layers' default, gets an ``nn.ReLU`` module in its place while the gates are
+    attached, so that it can be hooked) the ReLU takes over what the gate keeps, as in
+    :func:`hand_over_to_relus`; with GELU, which keeps its input for its own backward pass, the
+    gate keeps that same tensor, its output. Other activations are left alone.
+    :func:`remove_relu_hooks` undoes it, the layer's own activation included.
+    """
+    for layer in model.modules():
+        gated = getattr(layer, "linear1", None)
+        if type(layer) not in _TRANSFORMER_LAYERS or type(gated) is not wrapper:
+            continue
+        if not isinstance(getattr(gated, "module", None), nn.Linear):
+            continue
+        act: Any = layer.activation
+        if act is F.relu:
+            vars(layer)[_OWN_ACTIVATION] = act
+            del layer.activation  # a plain attribute: a module cannot be assigned over it
+            layer.activation = act = nn.ReLU().train(layer.training)
+        if type(act) in RELUS:
+            if relu_takes_over not in act._forward_hooks.values():
+                act.register_forward_hook(relu_takes_over)
+            vars(gated)["relu_after"] = True
+        elif act is F.gelu or type(act) is nn.GELU:  # (the layers' F.gelu keeps its input too)
+            vars(gated)["inplace_alone"] = True
+        else:
+            continue
+        vars(gated)["gate_inplace"] = True
+
+
 def remove_relu_hooks(model: nn.Module) -> None:
-    """Remove the hooks :func:`hand_over_to_relus` registered."""
-    for m in model.modules():
+    """Remove the hooks :func:`hand_over_to_relus` and :func:`hand_over_in_transformer_layers`
+    registered, and give the transformer layers their own activations back."""
+    for m in list(model.modules()):
+        own = vars(m).pop(_OWN_ACTIVATION, None)
+        if own is not None:
+            del m.activation
+            m.activation = own
+        vars(m).pop("inplace_alone", None)
         for key in [k for k, fn in m._forward_hooks.items() if fn is relu_takes_over]:
             del m._forward_hooks[key]
         vars(m).pop("relu_after", None)

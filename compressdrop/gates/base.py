@@ -243,8 +243,8 @@ class Gate(nn.Module):
                 :func:`~compressdrop.gates._mul.hand_over_to_relus` alone reads the result, so
                 the gate may keep that ReLU's output for its backward pass instead of ``x``
                 (a training step in eager mode).
-            inplace: with ``relu_after``, multiply ``x`` in place: for a layer output that
-                nothing else has seen and that its layer's backward pass does not need.
+            inplace: multiply ``x`` in place (a layer output that nothing else has seen, that
+                its layer's backward does not need, and that one reader alone reads).
 
         Returns:
             ``x`` times θ, broadcast over every dimension but the batch and ``dim``.
@@ -255,7 +255,7 @@ class Gate(nn.Module):
         dim = self.check_units(x, dim)
         if self.training:
             theta = self.training_factor(x.shape[0], x.dtype)  # (B, U) or (1, U)
-            return self.multiply(x, theta, dim, relu_after, inplace and relu_after)
+            return self.multiply(x, theta, dim, relu_after, inplace)
         theta = self.eval_factor().to(x.dtype)  # (U,)
         shape = [1] * x.dim()
         shape[dim] = self.num_units
@@ -292,14 +292,14 @@ class Gate(nn.Module):
         batch and ``dim`` (non-negative). ``relu_after``: see :meth:`forward`; ``inplace``: ``x``
         may be overwritten (nothing else has seen it and its producer's backward pass does not
         read it)."""
+        last = x.dim() > 2 and dim == x.dim() - 1 and (inplace or relu_after)  # (B, T, U)
         if (
-            dim == 1
-            and (x.dim() > 2 or (relu_after and x.dim() == 2))  # (B, U): for memory only
+            (last or (dim == 1 and (x.dim() > 2 or (relu_after and x.dim() == 2))))
             and x.is_contiguous()
             and not torch.compiler.is_compiling()
             and torch.is_grad_enabled()
         ):
-            return gate_multiply(x, theta, inplace, relu_after)
+            return gate_multiply(x, theta, inplace, relu_after, last)
         shape = [theta.shape[0]] + [1] * (x.dim() - 1)
         shape[dim] = self.num_units
         return x * theta.reshape(shape)

@@ -92,9 +92,15 @@ class Gated(Wrapper):
         out = self.module(*args, **kwargs)
         if self.__dict__.get("defer_ok", False) and defer(self, out):
             return out  # the pool after it multiplies (gates/_defer.py)
-        # in place only where a ReLU alone reads the output and no hook of the layer saw it
+        # in place only where a ReLU alone reads the output (or one operation that keeps it and
+        # does not change it: a transformer layer's GELU) and no hook of the layer saw it
         after = self.__dict__.get("relu_after", False) and not _mul._OFF[0]
-        inplace = self.__dict__.get("gate_inplace", False) and not self.module._forward_hooks
+        alone = self.__dict__.get("inplace_alone", False) and not _mul._OFF[0]
+        inplace = (
+            self.__dict__.get("gate_inplace", False)
+            and (after or alone)
+            and not self.module._forward_hooks
+        )
         return self.gate(out, dim=self.unit_dim, relu_after=after, inplace=inplace)
 
     @torch.no_grad()
