@@ -16,7 +16,7 @@ from ..arch import Factory
 from ..data import load_dataset
 from ..errors import DataError, InputError
 from .jobs import load_fitting
-from .sparsify import fit_ids, fit_input_shape
+from .sparsify import fit_ids, fit_input_shape, run_on_examples
 
 __all__ = ["evaluate_file", "sweep_file"]
 
@@ -193,8 +193,11 @@ def _fitted_data(
     recorded), a folder labelled by the model's class names, an ``.npz``'s token ids given as
     ids to a model that reads them."""
     ds = _data_for(model_path, model, data, announce)
-    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")  # (fit_ids needs it)
-    return fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
+    where = f"data {ds.name!r}"
+    fit_input_shape(model, tuple(ds.input_shape), where)  # (fit_ids needs it)
+    ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
+    run_on_examples(model, ds.x_test, where)  # a model that records no shape: a clear error
+    return ds
 
 
 def _data_for(

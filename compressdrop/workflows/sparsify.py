@@ -28,6 +28,7 @@ __all__ = [
     "fit_ids",
     "fit_input_shape",
     "fit_outputs",
+    "run_on_examples",
     "sparsify_and_prune",
 ]
 
@@ -96,6 +97,28 @@ def fit_ids(model: nn.Module, dataset: Any) -> Any:
 
 
 @torch.no_grad()
+def run_on_examples(model: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """The logits of ``model`` (in eval mode) on the first two examples of ``x``.
+
+    Raises:
+        InputError: naming ``where`` and the examples' shape and dtype, if the model fails on
+            them (a shape or dtype it cannot take), instead of the layer's own traceback.
+    """
+    was = model.training
+    model.eval()
+    try:
+        return logits_of(model(x[:2]))
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "
+            f"{str(x.dtype).removeprefix('torch.')}): {said}"
+        ) from None
+    finally:
+        model.train(was)
+
+
+@torch.no_grad()
 def fit_outputs(model: nn.Module, dataset: Any) -> Any:
     """Check, on two training examples, that ``model`` runs on ``dataset``'s inputs and gives an
     output for every class (or token) of its labels, before any training.
@@ -121,19 +144,7 @@ def fit_outputs(model: nn.Module, dataset: Any) -> Any:
             DataWarning,
             stacklevel=2,
         )
-    was = model.training
-    model.eval()
-    try:
-        logits = logits_of(model(dataset.x_train[:2]))
-    except (RuntimeError, IndexError, TypeError, ValueError) as e:
-        x = dataset.x_train
-        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "
-            f"{str(x.dtype).removeprefix('torch.')}): {said}"
-        ) from None
-    finally:
-        model.train(was)
+    logits = run_on_examples(model, dataset.x_train, where)
     per_label = tuple(dataset.y_train.shape[1:])  # () for a class per example
     if tuple(logits.shape[1:-1]) != per_label:
         raise InputError(

@@ -1,0 +1,30 @@
+"""A new user's own model and data through the CLI (a second walk): what they get wrong is a clear
+error that names the problem, never a traceback or a half-written file."""
+
+import numpy as np
+import torch
+
+from .test_cli import run
+from .test_formats import UserNet
+
+
+def _flat_digits(tmp_path):
+    """Digits as (N, 64) features: the wrong layout for a model of images."""
+    from compressdrop.data import load_digits
+
+    ds = load_digits()
+    path = tmp_path / "flat.npz"
+    np.savez(path, x=ds.x_train.reshape(len(ds.x_train), -1).numpy(), y=ds.y_train.numpy())
+    return path
+
+
+def test_eval_of_a_model_without_a_shape_on_data_it_cannot_take_is_named(tmp_path):
+    torch.save(UserNet(num_classes=10), tmp_path / "whole.pt")  # records no input shape
+    torch.save(UserNet(num_classes=10).state_dict(), tmp_path / "sd.pt")
+    flat = _flat_digits(tmp_path)
+    res = run(["eval", tmp_path / "whole.pt", "--trust-pickle", "--data", flat], expect=1)
+    assert "cannot run on data 'flat'" in res.stderr and "(64,)" in res.stderr
+    arch = ["--arch", "tests.test_formats:user_net", "--arch-arg", "num_classes=10"]
+    res = run(["eval", tmp_path / "sd.pt", *arch, "--data", flat], expect=1)
+    assert "cannot run on data 'flat'" in res.stderr
+    run(["eval", tmp_path / "whole.pt", "--trust-pickle", "--data", "digits"])  # its own layout
