@@ -28,3 +28,17 @@ def test_eval_of_a_model_without_a_shape_on_data_it_cannot_take_is_named(tmp_pat
     res = run(["eval", tmp_path / "sd.pt", *arch, "--data", flat], expect=1)
     assert "cannot run on data 'flat'" in res.stderr
     run(["eval", tmp_path / "whole.pt", "--trust-pickle", "--data", "digits"])  # its own layout
+
+
+def test_export_asks_for_the_input_shape_in_the_clis_words_and_checks_it_first(tmp_path):
+    torch.save(UserNet(num_classes=10), tmp_path / "whole.pt")
+    out = tmp_path / "m.onnx"
+    res = run(["export", tmp_path / "whole.pt", "--trust-pickle", "-o", out], expect=1)
+    assert "--input-shape" in res.stderr and "example_inputs" not in res.stderr
+    res = run(["export", tmp_path / "whole.pt", "--trust-pickle", "--input-shape", "1,9",
+               "-o", out], expect=1)  # fmt: skip
+    assert "cannot run on --input-shape 1,9" in res.stderr
+    assert "torch.export" not in res.stderr and len(res.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "whole.pt"]
+    run(["export", tmp_path / "whole.pt", "--trust-pickle", "--input-shape", "1,8,8", "-o", out])
+    assert out.is_file()

@@ -29,6 +29,7 @@ from .sparsify import (
     default_recipe_for,
     fit_input_shape,
     fit_outputs,
+    run_on_examples,
     sparsify_and_prune,
 )
 
@@ -362,7 +363,17 @@ def export_file(
             f"{out}: a folder is written for Hugging Face transformers models only; use a .onnx "
             "or .pt2 file name"
         )
-    x = example_input_for(model, batch=2)
+    try:
+        x = example_input_for(model, batch=2)
+    except InputError:
+        raise InputError(
+            f"{model_path}: the model records no input shape and none can be inferred from its "
+            "first layer: give one example's shape (CLI --input-shape C,H,W; Python "
+            "input_shape=(C, H, W))"
+        ) from None
+    shown = ",".join(map(str, x.shape[1:]))
+    where = f"--input-shape {shown}" if input_shape else "the input shape it records or implies"
+    run_on_examples(model, x, where)  # before the exporter: its own errors are far longer
     if out.suffix == "":
         size, err = save_hf_folder(model, out, x, source=model_path)
         return {"output": str(out), "bytes": size, "max_rel_error": {"reloaded": err}}
