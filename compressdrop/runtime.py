@@ -23,6 +23,7 @@ __all__ = [
     "ort_feed_dtype",
     "ort_session",
     "resolve_device",
+    "run_on_examples",
 ]
 
 
@@ -117,9 +118,34 @@ def logits_of(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
 
 
-def check_labels(outputs: int, y: torch.Tensor, what: str = "the data") -> None:
+@torch.no_grad()
+def run_on_examples(model: torch.nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
+    """The logits of ``model`` (in eval mode) on the first two examples of ``x``.
+
+    Raises:
+        InputError: naming ``where`` and the examples' shape and dtype, if the model fails on
+            them (a shape or dtype it cannot take), instead of the layer's own traceback.
+    """
+    was = model.training
+    model.eval()
+    try:
+        return logits_of(model(x[:2]))
+    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "
+            f"{str(x.dtype).removeprefix('torch.')}): {said}"
+        ) from None
+    finally:
+        model.train(was)
+
+
+def check_labels(
+    outputs: int, y: torch.Tensor, what: str = "the data", setting: str = "CLI --arch-arg "
+) -> None:
     """Check that a model with ``outputs`` logits (classes, or a vocabulary) can score the labels
-    ``y``: each must be below ``outputs``.
+    ``y``: each must be below ``outputs``. ``setting`` says where the factory's ``num_classes``
+    is set (a recipe's ``model.kwargs.`` for ``train``).
 
     Raises:
         InputError: a label at or above ``outputs``, naming both counts.
@@ -131,7 +157,7 @@ def check_labels(outputs: int, y: torch.Tensor, what: str = "the data") -> None:
         raise InputError(
             f"the model gives {outputs} outputs but {what} has labels up to {top} "
             f"({top + 1} classes or tokens): use a model with {top + 1} outputs (a factory's "
-            f"num_classes, CLI --arch-arg num_classes={top + 1}), or data that fits it"
+            f"num_classes, {setting}num_classes={top + 1}), or data that fits it"
         )
 
 

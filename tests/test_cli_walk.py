@@ -4,7 +4,7 @@ error that names the problem, never a traceback or a half-written file."""
 import numpy as np
 import torch
 
-from .test_cli import run
+from .test_cli import run, tiny_recipe
 from .test_formats import UserNet
 
 
@@ -42,3 +42,22 @@ def test_export_asks_for_the_input_shape_in_the_clis_words_and_checks_it_first(t
     assert list(tmp_path.iterdir()) == [tmp_path / "whole.pt"]
     run(["export", tmp_path / "whole.pt", "--trust-pickle", "--input-shape", "1,8,8", "-o", out])
     assert out.is_file()
+
+
+def test_train_of_a_users_factory_on_data_it_does_not_fit_is_named_before_any_step(tmp_path):
+    from compressdrop.data import load_digits
+
+    ds = load_digits()
+    twelve = tmp_path / "twelve.npz"  # labels up to 11 for a factory of 10 outputs
+    y = ds.y_train.numpy() + 2 * (np.arange(len(ds.y_train)) % 3 == 0)
+    np.savez(twelve, x=ds.x_train.numpy(), y=y)
+    arch = {"arch": "tests.test_formats:user_net", "kwargs": {"num_classes": 10}}
+    recipe = tiny_recipe(tmp_path / "r.yaml", model=arch)
+    consent = ["--arch", "tests.test_formats:user_net"]
+    out = tmp_path / "run"
+    res = run(["train", "-r", recipe, *consent, "--data", twelve, "-o", out], expect=1)
+    assert "10 outputs but data 'twelve' has labels up to 11" in res.stderr
+    assert "model.kwargs.num_classes=12" in res.stderr and "--arch-arg" not in res.stderr
+    res = run(["train", "-r", recipe, *consent, "--data", _flat_digits(tmp_path), "-o", out], 1)
+    assert "cannot run on data 'flat'" in res.stderr and "(64,)" in res.stderr
+    assert not out.exists()

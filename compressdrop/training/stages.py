@@ -23,6 +23,7 @@ from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
 from ..gating import attach, is_gated
 from ..recipes import Recipe
+from ..runtime import check_labels, run_on_examples
 from .distributed import Dist
 from .sparsifier import Sparsifier
 
@@ -103,6 +104,16 @@ class Pretrain(Stage):
     """Train the dense net; its test metrics are the reference the report compares against."""
 
     name = "pretrain"
+
+    def check(self) -> None:
+        """The dense net runs on two training examples and has an output for every label of the
+        data (a factory of the user's need not fit them), before the first step: else an error
+        naming the data, not the layer's or the loss's traceback."""
+        run = self.run
+        where = f"data {run.data.name!r}"
+        logits = run_on_examples(run.copy_template(), run.example(), where)
+        for y in (run.data.y_train, run.data.y_test):
+            check_labels(logits.shape[-1], y, where, setting="the recipe's model.kwargs.")
 
     def leave(self, model: nn.Module) -> None:
         """Record the dense model's test metrics (once: a resumed run keeps the first)."""

@@ -15,8 +15,9 @@ from torch import nn
 from ..arch import Factory
 from ..data import load_dataset
 from ..errors import DataError, InputError
+from ..runtime import run_on_examples
 from .jobs import load_fitting
-from .sparsify import fit_ids, fit_input_shape, run_on_examples
+from .sparsify import fit_ids, fit_input_shape
 
 __all__ = ["evaluate_file", "sweep_file"]
 

@@ -21,6 +21,7 @@ from ..data import check_trainable, load_dataset
 from ..errors import InputError
 from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
+from ..runtime import run_on_examples
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
 from .precision import load_float32
@@ -29,7 +30,6 @@ from .sparsify import (
     default_recipe_for,
     fit_input_shape,
     fit_outputs,
-    run_on_examples,
     sparsify_and_prune,
 )
 

@@ -20,7 +20,7 @@ from ..checkpoint import load_model
 from ..data import DataWarning
 from ..errors import InputError
 from ..recipes import Recipe, load_recipe
-from ..runtime import check_labels, logits_of
+from ..runtime import check_labels, run_on_examples
 
 __all__ = [
     "adopt",
@@ -28,7 +28,6 @@ __all__ = [
     "fit_ids",
     "fit_input_shape",
     "fit_outputs",
-    "run_on_examples",
     "sparsify_and_prune",
 ]
 
@@ -94,28 +93,6 @@ def fit_ids(model: nn.Module, dataset: Any) -> Any:
             "256 ids)"
         )
     return dataset
-
-
-@torch.no_grad()
-def run_on_examples(model: nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
-    """The logits of ``model`` (in eval mode) on the first two examples of ``x``.
-
-    Raises:
-        InputError: naming ``where`` and the examples' shape and dtype, if the model fails on
-            them (a shape or dtype it cannot take), instead of the layer's own traceback.
-    """
-    was = model.training
-    model.eval()
-    try:
-        return logits_of(model(x[:2]))
-    except (RuntimeError, IndexError, TypeError, ValueError) as e:
-        said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise InputError(
-            f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "
-            f"{str(x.dtype).removeprefix('torch.')}): {said}"
-        ) from None
-    finally:
-        model.train(was)
 
 
 @torch.no_grad()
