@@ -21,6 +21,18 @@ from .cli_options import EVAL, EXPORT, JSON, PRUNE, SWEEP, TRAIN, options
 __all__ = ["main"]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's stop): raised like Ctrl-C's KeyboardInterrupt, so that
+    the temporary files and folders a command was writing are removed on the way out."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    import signal
+
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated
+
+
 class _Failure(click.ClickException):
     exit_code = 1
 
@@ -71,7 +83,17 @@ def main() -> None:
     from .reporting import one_line_warnings
 
     # warnings as one line each (not the installed file's path and source line), for this command
-    click.get_current_context().with_resource(one_line_warnings())
+    ctx = click.get_current_context()
+    ctx.with_resource(one_line_warnings())
+    import signal
+    import threading
+
+    from .training.distributed import launched_by_torchrun
+
+    # not under torchrun, which stops its workers with SIGTERM and has its own teardown
+    if threading.current_thread() is threading.main_thread() and not launched_by_torchrun():
+        before = signal.signal(signal.SIGTERM, _terminate)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, before))
 
 
 @main.command()
@@ -122,7 +144,7 @@ def train(
             trust_code=trust_code,
             progress=progress_printer(console(), as_json),
         )
-    except KeyboardInterrupt:  # Ctrl-C: say how to go on (click said only "Aborted!")
+    except KeyboardInterrupt as e:  # Ctrl-C, kill: say how to go on (click said "Aborted!")
         from pathlib import Path
 
         if Path(out, "checkpoint.pt").is_file():
@@ -130,7 +152,7 @@ def train(
         else:
             said = "no epoch ended, so there is no checkpoint to resume from"
         console().print(f"interrupted; {said} ({out})", highlight=False)
-        raise SystemExit(130) from None
+        raise SystemExit(143 if isinstance(e, _Terminated) else 130) from None
     if result is None:  # not rank 0
         return
     files = {"gated": result.gated_path, "slim": result.slim_path, "onnx": result.onnx_path}
@@ -149,6 +171,9 @@ def _launch_torchrun(nproc: int) -> None:
         if a == "--nproc" or a.startswith("--nproc="):
             del args[i : i + (2 if a == "--nproc" else 1)]
             break
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as before: torchrun goes on with its workers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     code = subprocess.call([*cmd, f"--nproc-per-node={nproc}", "-m", "compressdrop.cli", *args])
     if code:

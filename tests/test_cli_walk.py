@@ -1,6 +1,12 @@
 """A new user's own model and data through the CLI (a second walk): what they get wrong is a clear
 error that names the problem, never a traceback or a half-written file."""
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -61,3 +67,55 @@ def test_train_of_a_users_factory_on_data_it_does_not_fit_is_named_before_any_st
     res = run(["train", "-r", recipe, *consent, "--data", _flat_digits(tmp_path), "-o", out], 1)
     assert "cannot run on data 'flat'" in res.stderr and "(64,)" in res.stderr
     assert not out.exists()
+
+
+def test_a_killed_prune_leaves_no_work_folder_or_temporary_file_in_the_output_folder(tmp_path):
+    """`kill` (SIGTERM) ended the process without unwinding: `prune --data` left its work folder
+    (`tmpXXXXXXXX/` with checkpoint.pt) in the output's folder, for good."""
+    x = torch.randn(2, 1, 8, 8)
+    program = torch.export.export(
+        UserNet(num_classes=10).eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "m.pt2")
+    recipe = tiny_recipe(tmp_path / "r.yaml", sparsify=200)
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    args = ["prune", tmp_path / "m.pt2", "--data", "digits", "-r", recipe, "--keep-gated"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "compressdrop", *map(str, args), "-o", str(out / "s.pt2")],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # an epoch has ended: the run's work folder holds a checkpoint
+        if line.startswith("sparsify 2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert list(out.iterdir()) == []
+    assert proc.returncode == 1  # click's "Aborted!", as for Ctrl-C
+
+
+def test_a_killed_train_says_how_to_go_on_with_sigterms_exit_code(tmp_path, monkeypatch):
+    import compressdrop.workflows as workflows
+
+    def killed(*args, **kwargs):
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / "checkpoint.pt").write_bytes(b"an epoch's")
+        os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises at the next bytecode
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    def no_handler(signum, frame):  # (without the CLI's, SIGTERM would end pytest itself)
+        raise AssertionError("the command installed no SIGTERM handler")
+
+    monkeypatch.setattr(workflows, "train", killed)
+    before = signal.signal(signal.SIGTERM, no_handler)
+    try:
+        res = run(["train", "--recipe", "lenet300-lognormal", "--out", tmp_path / "o"], 143)
+        assert signal.getsignal(signal.SIGTERM) is no_handler  # the command's handler is gone
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "interrupted; continue with the same command and --resume" in res.output
