@@ -119,8 +119,11 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_on_examples(model: torch.nn.Module, x: torch.Tensor, where: str) -> torch.Tensor:
-    """The logits of ``model`` (in eval mode) on the first two examples of ``x``.
+def run_on_examples(
+    model: torch.nn.Module, x: torch.Tensor, where: str, logits: bool = True
+) -> Any:
+    """The logits of ``model`` (in eval mode) on the first two examples of ``x`` (``logits``
+    false: its output, whatever it holds).
 
     Raises:
         InputError: naming ``where`` and the examples' shape and dtype, if the model fails on
@@ -129,7 +132,8 @@ def run_on_examples(model: torch.nn.Module, x: torch.Tensor, where: str) -> torc
     was = model.training
     model.eval()
     try:
-        return logits_of(model(x[:2]))
+        out = model(x[:2])
+        return logits_of(out) if logits else out
     except (RuntimeError, IndexError, TypeError, ValueError) as e:
         said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(

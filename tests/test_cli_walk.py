@@ -119,3 +119,25 @@ def test_a_killed_train_says_how_to_go_on_with_sigterms_exit_code(tmp_path, monk
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "interrupted; continue with the same command and --resume" in res.output
+
+
+class _TwoOutputs(torch.nn.Module):
+    """A model whose output is two named tensors and no logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 3), torch.nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"a": self.a(x), "b": self.b(x)}
+
+
+def test_export_runs_a_model_of_any_output_before_exporting_it(tmp_path):
+    """The check run before the exporter (above) must not ask for logits: export takes a model of
+    any output, and one of two named tensors exported before the check existed."""
+    from compressdrop.workflows import export_file
+
+    torch.save(_TwoOutputs().state_dict(), tmp_path / "two.pt")
+    out = export_file(tmp_path / "two.pt", tmp_path / "two.pt2", arch=_TwoOutputs,
+                      input_shape=(6,))  # fmt: skip
+    assert Path(out["output"]).is_file()

@@ -373,7 +373,8 @@ def export_file(
         ) from None
     shown = ",".join(map(str, x.shape[1:]))
     where = f"--input-shape {shown}" if input_shape else "the input shape it records or implies"
-    run_on_examples(model, x, where)  # before the exporter: its own errors are far longer
+    # before the exporter, whose own errors are far longer (any output: the exporter takes it)
+    run_on_examples(model, x, where, logits=False)
     if out.suffix == "":
         size, err = save_hf_folder(model, out, x, source=model_path)
         return {"output": str(out), "bytes": size, "max_rel_error": {"reloaded": err}}
