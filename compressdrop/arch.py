@@ -260,10 +260,10 @@ def _resolve(
     if not (user_named or trust_code or spec in _SAFE):
         args = ", ".join(f"{k}={v!r}" for k, v in rec.kwargs.items())
         raise CheckpointError(
-            f"{where}: the file asks to build its model by calling {spec}({args}); a file may not "
-            "choose code to run, so it was refused and nothing was imported. If you trust that "
-            f"function, name it yourself: --arch {spec} (Python: arch={spec!r}, or "
-            "compressdrop.add_safe_factories), or trust the file with --trust-code."
+            f"{where} asks to build its model by calling {spec}({args}); a model file or recipe "
+            "may not choose code to run, so it was refused and nothing was imported. If you trust "
+            f"that function, name it yourself: --arch {spec} (Python: arch={spec!r}, or "
+            "compressdrop.add_safe_factories), or trust it with --trust-code."
         )
     module_name, _, fn_name = spec.partition(":")
     try:

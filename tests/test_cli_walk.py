@@ -67,6 +67,12 @@ def test_train_of_a_users_factory_on_data_it_does_not_fit_is_named_before_any_st
     res = run(["train", "-r", recipe, *consent, "--data", _flat_digits(tmp_path), "-o", out], 1)
     assert "cannot run on data 'flat'" in res.stderr and "(64,)" in res.stderr
     assert not out.exists()
+    # without consent: the recipe is refused, and named as such (it read "tiny: the file asks")
+    res = run(["train", "-r", recipe, "--data", twelve, "-o", out], expect=1)
+    assert "recipe 'tiny' asks to build its model by calling tests.test_formats:user_net" in (
+        res.stderr
+    )
+    assert "the file" not in res.stderr and not out.exists()
 
 
 def test_a_killed_prune_leaves_no_work_folder_or_temporary_file_in_the_output_folder(tmp_path):

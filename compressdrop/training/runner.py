@@ -107,9 +107,9 @@ class Run:
 
     def build_template(self, factory: Factory | str | None, trust_code: bool) -> nn.Module:
         """The recipe's dense net, freshly initialised; later stages copy its structure."""
-        self.template = build_arch(
-            self.arch(), factory=factory, trust_code=trust_code, where=self.recipe.name
-        ).to(self.device)
+        where = f"recipe {self.recipe.name!r}"
+        model = build_arch(self.arch(), factory=factory, trust_code=trust_code, where=where)
+        self.template = model.to(self.device)
         return self.template
 
     def copy_template(self) -> nn.Module:
