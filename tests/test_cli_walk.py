@@ -147,3 +147,22 @@ def test_export_runs_a_model_of_any_output_before_exporting_it(tmp_path):
     out = export_file(tmp_path / "two.pt", tmp_path / "two.pt2", arch=_TwoOutputs,
                       input_shape=(6,))  # fmt: skip
     assert Path(out["output"]).is_file()
+
+
+def test_an_ood_set_that_does_not_fit_is_named_as_the_ood_set(tmp_path):
+    """`eval --mc --ood flat.npz` said only "cannot resize inputs of shape (64,) to (1, 8, 8)",
+    without saying that the --ood data was meant."""
+    import pytest
+
+    import compressdrop as cd
+    from compressdrop.checkpoint import save_model
+    from compressdrop.errors import InputError
+    from compressdrop.models import build_model
+    from compressdrop.workflows import evaluate_file
+
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10)
+    cd.attach(net, "lognormal", example_inputs=torch.randn(2, 1, 8, 8))
+    save_model(net, tmp_path / "gated.pt")
+    flat = _flat_digits(tmp_path)
+    with pytest.raises(InputError, match=r"--ood .*flat\.npz: cannot resize inputs of shape"):
+        evaluate_file(tmp_path / "gated.pt", "digits", mc_samples=3, ood=str(flat))

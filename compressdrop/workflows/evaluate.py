@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..arch import Factory
@@ -54,7 +55,7 @@ def evaluate_file(
     if str(model_path).endswith(".onnx"):
         ds = load_dataset(data or "digits")
         from ..evaluation.onnx_eval import evaluate_onnx
-        from ..uncertainty import mc_evaluate_onnx, onnx_mc_samples, resize_images
+        from ..uncertainty import mc_evaluate_onnx, onnx_mc_samples
 
         if mc_samples is None and Path(model_path).is_file():
             # a graph that draws Monte-Carlo samples: scored with the samples of one call (a
@@ -71,9 +72,7 @@ def evaluate_file(
                 scored["bits_per_byte"] = scored["nll"] / math.log(2)
             return scored
 
-        x_ood = None
-        if ood is not None:
-            x_ood = resize_images(load_dataset(ood).x_test, tuple(ds.input_shape))
+        x_ood = _ood_inputs(ood, tuple(ds.input_shape)) if ood is not None else None
         mc = mc_evaluate_onnx(model_path, ds.x_test, ds.y_test, mc_samples, x_ood, device=device)
         if ood is not None:
             mc["ood_data"] = ood
@@ -109,9 +108,9 @@ def evaluate_file(
         "device": str(dev),
     }
     if mc_samples is not None:
-        from ..uncertainty import mc_evaluate, resize_images
+        from ..uncertainty import mc_evaluate
 
-        x_ood = resize_images(load_dataset(ood).x_test, shape) if ood is not None else None
+        x_ood = _ood_inputs(ood, shape) if ood is not None else None
         try:
             res["mc"] = mc_evaluate(model, ds.x_test, ds.y_test, mc_samples, x_ood)
         except ValueError as e:
@@ -119,6 +118,17 @@ def evaluate_file(
         if ood is not None:
             res["mc"]["ood_data"] = ood
     return res
+
+
+def _ood_inputs(ood: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """The test inputs of the out-of-distribution data ``ood``, resized to one example's
+    ``shape``; an error names ``--ood``."""
+    from ..uncertainty import resize_images
+
+    try:
+        return resize_images(load_dataset(ood).x_test, shape)
+    except InputError as e:
+        raise InputError(f"--ood {ood}: {e}") from None
 
 
 def sweep_file(
