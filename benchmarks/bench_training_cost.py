@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder,vit]
      [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
-     [--ablate-bank | --ablate-defer]
+     [--ablate-bank | --ablate-defer | --ablate-handoff]
 
 A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
 plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
@@ -17,7 +17,9 @@ LeNet-300-100), memory ≤ 1.1×. ``--ablate-bank`` times a third net in the sam
 one with ``compressdrop/gates/bank.py`` off (every gate's terms and KL computed on its own), and
 adds its median ratio to plain as "per-gate ratio". ``--ablate-defer`` does the same with the
 deferral of ``compressdrop/gates/_defer.py`` off (each gated convolution multiplies at its output,
-not after the pool that follows it): "undeferred ratio".
+not after the pool that follows it): "undeferred ratio". ``--ablate-handoff`` with every hand-off
+off (``compressdrop.gates.hand_overs_off``: each gate keeps its input and multiplies out of place,
+no ReLU, GELU or pool takes over): "kept-input ratio".
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.gates import GATES, _defer, bank
+from compressdrop.gates import GATES, _defer, bank, hand_overs_off
 from compressdrop.models import build_model
 
 from common import markdown_table, save
@@ -132,6 +134,7 @@ def sync(device: torch.device) -> None:
 ABLATIONS = {  # --ablate-X: the third net's name, and the switch it runs inside
     "bank": ("per-gate", bank.off),  # every gate computed alone
     "defer": ("undeferred", _defer.off),  # each gate multiplies at its layer, not after a pool
+    "handoff": ("kept-input", hand_overs_off),  # each gate keeps its input, out of place
 }
 
 
@@ -297,6 +300,11 @@ def main() -> None:
         action="store_true",
         help="also time the gated net with each gate multiplying at its layer (gates/_defer.py)",
     )
+    ap.add_argument(
+        "--ablate-handoff",
+        action="store_true",
+        help="also time the gated net with each gate keeping its input (hand_overs_off)",
+    )
     args = ap.parse_args()
     if args.saved:
         rows = []
@@ -320,9 +328,10 @@ def main() -> None:
         save(args.out, {"args": vars(args), "rows": rows})
         return
     device = torch.device(args.device)
-    if args.ablate_bank and args.ablate_defer:
-        ap.error("one ablation at a time: --ablate-bank or --ablate-defer")
-    ablate = "bank" if args.ablate_bank else "defer" if args.ablate_defer else None
+    chosen = [k for k in ABLATIONS if getattr(args, f"ablate_{k}")]
+    if len(chosen) > 1:
+        ap.error("one ablation at a time: --ablate-bank, --ablate-defer or --ablate-handoff")
+    ablate = chosen[0] if chosen else None
     rows = []
     for net in args.nets.split(","):
         for mode in args.modes.split(","):
