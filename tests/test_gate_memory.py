@@ -289,3 +289,57 @@ def test_a_gelu_after_a_gated_layer_in_a_sequential_shares_what_it_keeps(gate_cl
     inplace_silu = cd.attach(_Tokens(nn.SiLU(inplace=True)), gate_cls.family, granularity="neuron",
                              example_inputs=torch.randn(2, 5, 16))  # fmt: skip
     assert "inplace_alone" not in vars(inplace_silu.mlp[0])  # it changes what it would keep
+
+
+def _resnets() -> dict:
+    from compressdrop.models import build_model
+
+    from tests.torchvision_models import import_torchvision
+
+    tv = import_torchvision()
+    bottleneck = tv.models.resnet.ResNet(tv.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5)
+    return {
+        "compressdrop": build_model("resnet", input_shape=(3, 16, 16), num_classes=5),
+        "torchvision-basic": tv.models.resnet18(num_classes=5),
+        "torchvision-bottleneck": bottleneck,
+    }
+
+
+@pytest.mark.parametrize("name", ["compressdrop", "torchvision-basic", "torchvision-bottleneck"])
+def test_a_resnet_blocks_relu_takes_over_with_the_same_gradients(name):
+    """A ResNet block calls its ReLU module outside an nn.Sequential (torchvision's in place):
+    the gated BN before it hands over as in a Sequential, with the gradients of keeping its
+    input; the BN whose output the shortcut is added to (in place in torchvision) does not."""
+    torch.manual_seed(0)
+    net = _resnets()[name]
+    x = torch.randn(4, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        net = cd.attach(net, "hardconcrete", example_inputs=x[:2]).train()
+    blocks = [m for m in net.modules() if type(m).__name__ in ("BasicBlock", "Bottleneck")]
+    handed = ["bn1", "bn2"] if name.endswith("bottleneck") else ["bn1"]
+    for block in blocks:
+        for bn in ("bn1", "bn2", "bn3"):
+            if isinstance(getattr(block, bn, None), Gated):
+                assert vars(getattr(block, bn)).get("relu_after", False) == (bn in handed), bn
+    with torch.no_grad():
+        for _, g in cd.named_gates(net):
+            g.log_alpha.add_(0.5 * torch.randn_like(g.log_alpha))
+            g.pruned[0] = True
+    y = torch.randint(0, 5, (4,))
+    a = _grads(net, x, y)
+    with cd.gates.hand_overs_off():
+        b = _grads(net, x, y)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_resnet_block_pickled_before_its_relu_module_still_runs():
+    from compressdrop.models import BasicBlock
+
+    block = BasicBlock(4, 4).eval()
+    del block.relu  # as an instance of the class before it had the module
+    again = pickle.loads(pickle.dumps(block))
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(again(x), torch.relu(block.bn2(block.conv2(torch.relu(
+        block.bn1(block.conv1(x))))) + x))  # fmt: skip

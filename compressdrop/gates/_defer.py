@@ -48,6 +48,7 @@ from ..errors import InputError
 from ..runtime import is_traced
 from . import _mul
 from ._mul import (
+    hand_over_in_known_blocks,
     hand_over_in_transformer_layers,
     hand_over_to_relus,
     relu_takes_over,
@@ -152,10 +153,12 @@ def _conv_dims(g: nn.Module) -> int:
 def hand_over(model: nn.Module, wrapper: type[nn.Module]) -> None:
     """What a gated layer of type ``wrapper`` may hand over to the layers after it in eager
     training: to a ReLU, the tensor its gate keeps (:func:`~._mul.hand_over_to_relus`; in a
-    transformer layer's MLP, :func:`~._mul.hand_over_in_transformer_layers`); to a pool, its
+    transformer layer's MLP, :func:`~._mul.hand_over_in_transformer_layers`; in a ResNet block,
+    :func:`~._mul.hand_over_in_known_blocks`); to a pool, its
     multiply (:func:`hand_over_to_pools`)."""
     hand_over_to_relus(model, wrapper)
     hand_over_in_transformer_layers(model, wrapper)
+    hand_over_in_known_blocks(model, wrapper)
     hand_over_to_pools(model, wrapper)
 
 

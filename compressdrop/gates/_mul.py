@@ -264,6 +264,33 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
         vars(gated)["gate_inplace"] = True
 
 
+# blocks whose forward is known, by (module, class name): their layers whose output a ReLU module
+# of the block alone reads (torchvision's ResNet blocks call self.relu, in place, right after
+# bn1 and, in a Bottleneck, bn2; not after the last BN, whose output the shortcut is added to)
+_READ_BY_RELU = {
+    ("compressdrop.models", "BasicBlock"): (("bn1", "relu"),),
+    ("torchvision.models.resnet", "BasicBlock"): (("bn1", "relu"),),
+    ("torchvision.models.resnet", "Bottleneck"): (("bn1", "relu"), ("bn2", "relu")),
+}
+
+
+def hand_over_in_known_blocks(model: nn.Module, wrapper: type[nn.Module]) -> None:
+    """Let the ReLU modules of known blocks (:data:`_READ_BY_RELU`: ResNet's) keep what the gate
+    of the layer before them needs, as :func:`hand_over_to_relus` does in an ``nn.Sequential``
+    (their forward calls the ReLU outside one). :func:`remove_relu_hooks` undoes it."""
+    for block in model.modules():
+        pairs = _READ_BY_RELU.get((type(block).__module__, type(block).__name__), ())
+        for producer, reader in pairs:
+            gated, relu = getattr(block, producer, None), getattr(block, reader, None)
+            if type(gated) is not wrapper or type(relu) not in RELUS:
+                continue
+            assert isinstance(relu, nn.Module)
+            if relu_takes_over not in relu._forward_hooks.values():
+                relu.register_forward_hook(relu_takes_over)
+            vars(gated)["relu_after"] = True
+            vars(gated)["gate_inplace"] = isinstance(getattr(gated, "module", None), INPLACE_OK)
+
+
 def remove_relu_hooks(model: nn.Module) -> None:
     """Remove the hooks :func:`hand_over_to_relus` and :func:`hand_over_in_transformer_layers`
     registered, and give the transformer layers their own activations back."""

@@ -159,6 +159,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()  # a module (no weights): a gated bn1 hands its kept tensor to it
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut: nn.Module = nn.Identity()
@@ -167,9 +168,14 @@ class BasicBlock(nn.Module):
                 nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
             )
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "relu" not in self._modules:  # a block pickled before it had its ReLU module
+            self.relu = nn.ReLU()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
-        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return torch.relu(out + self.shortcut(x))
 
