@@ -35,6 +35,7 @@ from torch import nn
 
 import compressdrop as cd
 from compressdrop.gates import GATES, _defer, bank, hand_overs_off
+from compressdrop.gates._mul import kept_tensors
 from compressdrop.models import build_model
 
 from common import markdown_table, save
@@ -263,18 +264,8 @@ def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn(x, y)
-    stack, done = [loss.grad_fn], set()
-    while stack:  # what the gates' autograd functions keep outside the hooks
-        node = stack.pop()
-        if node is None or node in done:
-            continue
-        done.add(node)
-        kept = getattr(node, "kept", None)
-        if kept is not None:
-            storages[kept.tensor.untyped_storage().data_ptr()] = (
-                kept.tensor.untyped_storage().nbytes()
-            )
-        stack.extend(f for f, _ in node.next_functions)
+    for t in kept_tensors(loss):  # what the gates keep outside the hooks
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     loss.backward()
     return sum(storages.values()) / 2**20
 

@@ -13,7 +13,13 @@ from torch import nn
 
 import compressdrop as cd
 from compressdrop.errors import InputError
-from compressdrop.gates._mul import ATTR, RELUS, relu_takes_over, remove_relu_hooks
+from compressdrop.gates._mul import (
+    ATTR,
+    RELUS,
+    kept_tensors,
+    relu_takes_over,
+    remove_relu_hooks,
+)
 from compressdrop.gating.gated import Gated
 
 
@@ -22,6 +28,24 @@ def _net(relu: nn.Module) -> nn.Sequential:
         nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), copy.deepcopy(relu),
         nn.Conv2d(8, 6, 3), copy.deepcopy(relu), nn.Flatten(), nn.Linear(6 * 4 * 4, 5),
     )  # fmt: skip
+
+
+def _spread_and_prune_one(net: nn.Module) -> None:
+    """Spread every gate's parameters and prune its first unit (θ = 0 exactly for it)."""
+    with torch.no_grad():
+        for _, g in cd.named_gates(net):
+            for p in g.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+            g.pruned[0] = True
+
+
+def _same_grads_as_keeping_inputs(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """The gradients of a step equal those with every hand-off off (each gate keeps its input)."""
+    a = _grads(net, x, y)
+    with cd.gates.hand_overs_off():
+        b = _grads(net, x, y)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _grads(net: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 3) -> dict:
@@ -182,17 +206,8 @@ def test_a_transformer_layer_mlp_hands_over_with_the_same_gradients(gate_cls, ac
     assert vars(linear1).get("gate_inplace") is True
     relu = activation in ("relu",) or isinstance(activation, nn.ReLU)
     assert vars(linear1).get("relu_after" if relu else "inplace_alone") is True
-    with torch.no_grad():
-        for _, g in cd.named_gates(net):
-            for p in g.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-            g.pruned[0] = True
-    x, y = torch.randn(8, 5, 16), torch.randint(0, 3, (8,))
-    a = _grads(net, x, y)
-    with cd.gates.hand_overs_off():  # every gate keeps its input, multiplied out of place
-        b = _grads(net, x, y)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    _spread_and_prune_one(net)
+    _same_grads_as_keeping_inputs(net, torch.randn(8, 5, 16), torch.randint(0, 3, (8,)))
 
 
 def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
@@ -206,17 +221,8 @@ def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = net(x)
-    stack, done = [out.grad_fn], set()
-    while stack:  # the tensors _GateMul keeps outside the hooks
-        fn = stack.pop()
-        if fn is None or fn in done:
-            continue
-        done.add(fn)
-        kept = getattr(fn, "kept", None)
-        if kept is not None:
-            store = kept.tensor.untyped_storage()
-            seen[store.data_ptr()] = store.nbytes()
-        stack.extend(f for f, _ in fn.next_functions)
+    for t in kept_tensors(out):  # what the gates keep outside the hooks
+        pack(t)
     return sum(seen.values())
 
 
@@ -271,19 +277,12 @@ def test_a_gelu_after_a_gated_layer_in_a_sequential_shares_what_it_keeps(gate_cl
     net = cd.attach(_Tokens(act), gate_cls.family, granularity="neuron",
                     example_inputs=torch.randn(2, 5, 16)).train()  # fmt: skip
     assert vars(net.mlp[0]).get("inplace_alone") is True
-    with torch.no_grad():
-        for _, g in cd.named_gates(net):
-            for p in g.parameters():
-                p.add_(0.3 * torch.randn_like(p))
-            g.pruned[0] = True
+    _spread_and_prune_one(net)
     x, y = torch.randn(8, 16, 16), torch.randint(0, 3, (8,))
-    a = _grads(net, x, y)
+    _same_grads_as_keeping_inputs(net, x, y)
     with cd.gates.hand_overs_off():
-        b = _grads(net, x, y)
         torch.manual_seed(1)
         apart = _saved_bytes(net, x)
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
     torch.manual_seed(1)
     assert _saved_bytes(net, x) <= apart - 8 * 16 * 24 * 4  # the (B, T, U) output kept once
     inplace_silu = cd.attach(_Tokens(nn.SiLU(inplace=True)), gate_cls.family, granularity="neuron",
@@ -322,16 +321,8 @@ def test_a_resnet_blocks_relu_takes_over_with_the_same_gradients(name):
         for bn in ("bn1", "bn2", "bn3"):
             if isinstance(getattr(block, bn, None), Gated):
                 assert vars(getattr(block, bn)).get("relu_after", False) == (bn in handed), bn
-    with torch.no_grad():
-        for _, g in cd.named_gates(net):
-            g.log_alpha.add_(0.5 * torch.randn_like(g.log_alpha))
-            g.pruned[0] = True
-    y = torch.randint(0, 5, (4,))
-    a = _grads(net, x, y)
-    with cd.gates.hand_overs_off():
-        b = _grads(net, x, y)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    _spread_and_prune_one(net)
+    _same_grads_as_keeping_inputs(net, x, torch.randint(0, 5, (4,)))
 
 
 def test_a_resnet_block_pickled_before_its_relu_module_still_runs():

@@ -137,6 +137,23 @@ class _GateMul(torch.autograd.Function):
         return grad_x, grad_theta, None, None, None
 
 
+def kept_tensors(out: torch.Tensor) -> list[torch.Tensor]:
+    """What the gates' multiplies in ``out``'s autograd graph keep for their backward pass outside
+    autograd's saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks`` do not see it):
+    for a count of the memory a step keeps."""
+    found, stack, done = [], [out.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in done:
+            continue
+        done.add(node)
+        kept = getattr(node, "kept", None)
+        if isinstance(kept, _Kept):
+            found.append(kept.tensor)
+        stack.extend(f for f, _ in node.next_functions)
+    return found
+
+
 def _factor_shape(theta: torch.Tensor, dims: int, last: bool) -> tuple[int, ...]:
     """θ (n, U) shaped to broadcast over x of ``dims`` dimensions, units at 1 or (``last``) last."""
     n, u = theta.shape
