@@ -221,7 +221,9 @@ def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = net(x)
-    for t in kept_tensors(out):  # what the gates keep outside the hooks
+    for t in kept_tensors(
+        getattr(out, "logits", out)
+    ):  # (a Hugging Face model's output)  # what the gates keep outside the hooks
         pack(t)
     return sum(seen.values())
 

@@ -424,3 +424,44 @@ def test_gqa_key_value_projections_are_left_to_their_heads_without_a_false_warni
     assert gated == [
         f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.o_proj", "mlp.up_proj")
     ]
+
+
+MLP_LAYER = {"llama": "up_proj", "qwen2": "up_proj", "mistral": "up_proj", "gpt2": "c_fc",
+             "bert": "intermediate.dense"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_gated_mlp_keeps_no_activation_of_its_own_with_the_same_gradients(name):
+    """The gated layer of a Hugging Face MLP (GPT-2's c_fc, BERT's intermediate dense, LLaMA's
+    up_proj) has one reader that keeps its output anyway (the activation; the product with
+    act(gate_proj(x))): it multiplies in place and keeps that output, not its input too, with
+    the gradients of keeping its input."""
+    from .test_gate_memory import _saved_bytes
+
+    torch.manual_seed(0)
+    model = _build(name).train()
+    ids = torch.randint(3, VOCAB, (4, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids[:2])
+    layers = [m for n, m in model.named_modules() if n.endswith(MLP_LAYER[name])]
+    assert layers and all(vars(m).get("inplace_alone") is True for m in layers)
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            g.log_sigma.add_(torch.randn_like(g.log_sigma))
+
+    def step() -> dict:
+        torch.manual_seed(3)
+        out = model(ids).logits
+        (out.float().logsumexp(-1).mean() + cd.kl(model) / 100).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        return grads
+
+    a, kept = step(), _saved_bytes(model, ids)
+    with cd.gates.hand_overs_off():
+        b, apart = step(), _saved_bytes(model, ids)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
+    # kept for backward: each MLP's (B, T, U) output once; apart, the gate's input besides
+    assert apart - kept >= len(layers) * 4 * 16 * layers[0].gate.num_units * 4

@@ -291,13 +291,41 @@ _READ_BY_RELU = {
 }
 
 
+# Hugging Face MLPs, by (module, class name): the layer whose output one operation alone reads,
+# one that keeps it for its own backward pass and leaves it as it is (GPT-2's and BERT's
+# activation, GELU by default; a LLaMA MLP's product act(gate_proj(x)) * up_proj(x))
+_READ_ONCE_AND_KEPT = {
+    ("transformers.models.gpt2.modeling_gpt2", "GPT2MLP"): "c_fc",
+    ("transformers.models.bert.modeling_bert", "BertIntermediate"): "dense",
+    **{
+        (f"transformers.models.{family}.modeling_{family}", f"{name}MLP"): "up_proj"
+        for family, name in (("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
+        + (("mistral", "Mistral"),)
+    },
+}
+
+
+def _inplace_ok(layer: Any) -> bool:
+    """Whether ``layer``'s backward pass reads its input and weights only, not its output (as
+    :data:`INPLACE_OK`'s, and transformers' ``Conv1D``, GPT-2's addmm)."""
+    if isinstance(layer, INPLACE_OK):
+        return True
+    kind = type(layer)
+    return (kind.__module__, kind.__name__) == ("transformers.pytorch_utils", "Conv1D")
+
+
 def hand_over_in_known_blocks(model: nn.Module, wrapper: type[nn.Module]) -> None:
-    """Let the ReLU modules of known blocks (:data:`_READ_BY_RELU`: ResNet's) keep what the gate
-    of the layer before them needs, as :func:`hand_over_to_relus` does in an ``nn.Sequential``
-    (their forward calls the ReLU outside one). :func:`remove_relu_hooks` undoes it."""
+    """Hand-offs in blocks whose forward is known. The ReLU modules of :data:`_READ_BY_RELU`'s
+    (ResNet's) keep what the gate of the layer before them needs, as :func:`hand_over_to_relus`
+    does in an ``nn.Sequential`` (their forward calls the ReLU outside one); the gated layer of
+    a :data:`_READ_ONCE_AND_KEPT` MLP (Hugging Face's) multiplies in place and keeps its own
+    output, which its one reader keeps anyway. :func:`remove_relu_hooks` undoes it."""
     for block in model.modules():
-        pairs = _READ_BY_RELU.get((type(block).__module__, type(block).__name__), ())
-        for producer, reader in pairs:
+        key = (type(block).__module__, type(block).__name__)
+        alone = getattr(block, _READ_ONCE_AND_KEPT.get(key, ""), None)
+        if type(alone) is wrapper and _inplace_ok(getattr(alone, "module", None)):
+            vars(alone)["inplace_alone"] = vars(alone)["gate_inplace"] = True
+        for producer, reader in _READ_BY_RELU.get(key, ()):
             gated, relu = getattr(block, producer, None), getattr(block, reader, None)
             if type(gated) is not wrapper or type(relu) not in RELUS:
                 continue
@@ -305,7 +333,7 @@ def hand_over_in_known_blocks(model: nn.Module, wrapper: type[nn.Module]) -> Non
             if relu_takes_over not in relu._forward_hooks.values():
                 relu.register_forward_hook(relu_takes_over)
             vars(gated)["relu_after"] = True
-            vars(gated)["gate_inplace"] = isinstance(getattr(gated, "module", None), INPLACE_OK)
+            vars(gated)["gate_inplace"] = _inplace_ok(getattr(gated, "module", None))
 
 
 def remove_relu_hooks(model: nn.Module) -> None:
