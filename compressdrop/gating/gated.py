@@ -200,7 +200,8 @@ def attach(
             one or a sequence of them; ``None`` or empty: no restriction. An ``include`` pattern
             that matches no gateable layer is named: in the error when nothing is gated, else in
             a :class:`~compressdrop.gating.groups.GatingWarning`.
-        example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs.
+        example_inputs: an input batch; inferred for compressdrop's reference nets and MLPs. One
+            the model does not run on is an ``InputError`` that names its shapes and dtypes.
         gate_kwargs: extra arguments for the gate class (e.g. ``{"init_log_sigma": -4}``),
             checked before tracing (:func:`compressdrop.gates.check_gate_kwargs`).
         kl_cost: ``"uniform"`` (each unit's KL weighs 1), ``"params"`` or ``"flops"``: weigh each

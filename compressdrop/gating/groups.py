@@ -19,9 +19,11 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..dropout.recurrent import tracing
 from ..errors import InputError
 from .aligned import group_alignment
 from .head_groups import find_heads, projections_of, record_calls
+from .inputs import run_example
 from .known import register_for, traced_as_known
 from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of
@@ -115,6 +117,10 @@ def find_groups(
     try:
         with traced_as_known(model):
             dg, error = build_graph(model, inputs)
+    except Exception:
+        with tracing(model):  # Torch-Pruning's retry hides a wrong input's error: name it
+            run_example(model, inputs)
+        raise
     finally:
         for h in hooks:
             h.remove()

@@ -23,6 +23,7 @@ __all__ = [
     "input_specs",
     "input_specs_of",
     "random_inputs",
+    "run_example",
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
@@ -48,6 +49,29 @@ def checked_example(model: nn.Module, example: Any) -> torch.Tensor | tuple[torc
         f"inputs), got {type(example).__name__}; a model whose forward takes a dict or keyword "
         "inputs needs a wrapper module that takes them as positional tensors"
     )
+
+
+def run_example(model: nn.Module, inputs: tuple, what: str = "example_inputs") -> Any:
+    """``model(*inputs)`` without gradients, the model's own failure turned into an error that
+    names the inputs (a wrong shape or dtype is the usual cause).
+
+    Raises:
+        InputError: the forward pass raised; the message gives each input's shape and dtype and
+            the model's own error (chained).
+    """
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except (InputError, Warning):  # a warning the caller's filter turned into an error
+        raise
+    except Exception as e:  # whatever the model's forward raises on inputs that do not fit it
+        shapes = ", ".join(
+            f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs
+        )
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise InputError(
+            f"the model does not run on {what} ({shapes}): {type(e).__name__}: {first}"
+        ) from e
 
 
 TOKENS = 16  # the sequence length of an example for a token model that records no input shape

@@ -32,6 +32,7 @@ from ..gating import (
 )
 from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
+from ..gating.inputs import checked_example, run_example
 from ..gating.known import register_for, sync_config
 from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
@@ -234,7 +235,7 @@ def prune(
         The slim model, in eval mode, with ``prune_report`` set.
 
     Raises:
-        InputError: ``model`` has no gates.
+        InputError: ``model`` has no gates, or does not run on ``example_inputs``.
         SurgeryError: Torch-Pruning refused a group, or the slim model does not run or does not
             match the masked model within ``rtol``.
 
@@ -253,10 +254,11 @@ def prune(
         g.pruned.copy_(~masks[id(g)][1])
     if example_inputs is None:
         example_inputs = example_inputs_of(work, batch=4) or example_input_for(work, batch=4)
+    example_inputs = checked_example(work, example_inputs)  # a list as a tuple; else refused
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     family = next(iter(named_gates(work)))[1].family
     with torch.no_grad(), full_fp32(), ConstantInputs(work) as constants:
-        reference = work(*example)
+        reference = run_example(work, example)
 
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}

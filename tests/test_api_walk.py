@@ -1,0 +1,48 @@
+"""What a new user of the Python API ran into: wrong inputs, misuse, and the messages they get."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import compressdrop as cd
+from compressdrop.errors import InputError
+
+
+class SmallCNN(nn.Module):
+    """A user's own net: conv → BN → conv → pool → flatten → linear, on (1, 8, 8) images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc, self.out = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.out(F.relu(self.fc(x.flatten(1))))
+
+
+def _gated() -> nn.Module:
+    torch.manual_seed(0)
+    return cd.attach(SmallCNN(), example_inputs=torch.randn(2, 1, 8, 8)).eval()
+
+
+def test_attach_names_example_inputs_the_model_does_not_run_on():
+    with pytest.raises(
+        InputError, match=r"does not run on example_inputs \(\(2, 3, 8, 8\) float32"
+    ):
+        cd.attach(SmallCNN(), example_inputs=torch.randn(2, 3, 8, 8))
+    with pytest.raises(InputError, match=r"does not run on example_inputs.*float32.*double"):
+        cd.attach(SmallCNN().double(), example_inputs=torch.randn(2, 1, 8, 8))
+
+
+def test_prune_names_wrong_example_inputs_and_takes_a_list():
+    net = _gated()
+    with pytest.raises(InputError, match=r"does not run on example_inputs \(\(2, 3, 8, 8\)"):
+        cd.prune(net, 1.0, example_inputs=torch.randn(2, 3, 8, 8))
+    with pytest.raises(InputError, match="got ndarray"):
+        cd.prune(net, 1.0, example_inputs=torch.randn(2, 1, 8, 8).numpy())
+    slim = cd.prune(net, 1.0, example_inputs=[torch.randn(2, 1, 8, 8)])  # as attach takes it
+    assert slim.prune_report.max_rel_error < 1e-4
