@@ -46,3 +46,22 @@ def test_prune_names_wrong_example_inputs_and_takes_a_list():
         cd.prune(net, 1.0, example_inputs=torch.randn(2, 1, 8, 8).numpy())
     slim = cd.prune(net, 1.0, example_inputs=[torch.randn(2, 1, 8, 8)])  # as attach takes it
     assert slim.prune_report.max_rel_error < 1e-4
+
+
+@pytest.mark.parametrize("export", [cd.export_onnx, cd.export_program], ids=["onnx", "program"])
+def test_exports_name_an_example_the_model_does_not_run_on(tmp_path, export):
+    slim = cd.prune(_gated(), 1.0)
+    path = tmp_path / "slim.out"
+    with pytest.raises(InputError, match=r"does not run on example_input \(\(2, 3, 8, 8\)"):
+        export(slim, torch.randn(2, 3, 8, 8), path)
+    with pytest.raises(InputError, match=r"does not run on example_input \(\(2, 1, 8, 8\) float32"):
+        export(SmallCNN().double(), torch.randn(2, 1, 8, 8), path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_mc_onnx_names_an_example_the_model_does_not_run_on(tmp_path):
+    gated = _gated()
+    noisy = cd.keep_noise(gated, cd.prune(gated, 1.0))
+    with pytest.raises(InputError, match=r"does not run on example \(\(4, 3, 8, 8\)"):
+        cd.export_mc_onnx(noisy, torch.randn(4, 3, 8, 8), tmp_path / "mc.onnx", samples=4)
+    assert list(tmp_path.iterdir()) == []

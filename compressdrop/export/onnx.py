@@ -17,6 +17,7 @@ from torch import nn
 
 from .._io import atomic_write
 from .._version import __version__
+from ..gating.inputs import run_example
 from ._check import (
     ExportError,
     ExportMismatchError,
@@ -218,6 +219,7 @@ def export_onnx(
             checks other lengths itself: a graph that samples cannot match PyTorch exactly).
 
     Raises:
+        InputError: the model does not run on ``example_input`` (its shapes and dtypes named).
         ExportError: the exporter failed, produced non-standard operators or another opset;
             a bfloat16 model to be checked on onnxruntime's CPU provider (no kernels there).
         ExportMismatchError: onnxruntime disagrees with PyTorch beyond ``rtol``.
@@ -249,6 +251,7 @@ def export_onnx(
                     raise ExportError("torch.onnx.export returned no program")
                 program.save(str(tmp), external_data=False)
         except Exception as e:  # the exporter raises many types; report them as one
+            run_example(model_cpu, xs, "example_input")  # an input that does not fit: named
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
         proto = onnx.load(str(tmp))
         try:

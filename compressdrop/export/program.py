@@ -17,6 +17,7 @@ from torch import nn
 
 from .._io import atomic_write
 from .._version import __version__
+from ..gating.inputs import run_example
 from ._check import (
     ExportError,
     as_inputs,
@@ -70,6 +71,7 @@ def export_program(
     model is exported with ``config.use_cache`` off, as for ONNX.
 
     Raises:
+        InputError: the model does not run on ``example_input`` (its shapes and dtypes named).
         ExportError: ``torch.export`` failed on the model.
         ExportMismatchError: the reloaded program differs from the model.
     """
@@ -86,6 +88,7 @@ def export_program(
                 shapes = (dims,) if isinstance(target, _PlainOutput) else dims
                 program = torch.export.export(target, xs, dynamic_shapes=shapes)
         except Exception as e:  # the exporter raises many types; report them as one
+            run_example(model_cpu, xs, "example_input")  # an input that does not fit: named
             raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
         with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
             torch.export.save(program, f, extra_files={META_FILE: json.dumps(_meta(model))})

@@ -21,6 +21,7 @@ from ..errors import InputError
 from ..export import ExportError, ExportReport
 from ..gating import input_specs_of, is_gated, named_gates, random_inputs, sites
 from ..gating.gated import HeadGated
+from ..gating.inputs import run_example
 from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
 from ..pruning import mask_
 from ..runtime import logits_of
@@ -306,13 +307,14 @@ def export_mc_onnx(
             that is exact (:class:`MCSampler`); False repeats the input (for comparison).
 
     Raises:
-        InputError: the model has no noise.
+        InputError: the model has no noise, or does not run on ``example``.
         ExportError: the exporter failed, or onnxruntime's samples disagree with PyTorch's.
     """
     from ..export._check import token_lengths
 
     if not has_noise(model):  # a NoisySite holds a gate
         raise InputError("the model has no noise to sample; build it with keep_noise()")
+    run_example(model, (example,), "example")  # an input that does not fit: named
     sampler = MCSampler(model, samples, example=example if repeat_late else None).cpu()
     x = example.detach().cpu()
     meta = {"mc_samples": str(samples), "mc_output": "probabilities (samples, batch, classes)"}
