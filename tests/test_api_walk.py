@@ -65,3 +65,14 @@ def test_export_mc_onnx_names_an_example_the_model_does_not_run_on(tmp_path):
     with pytest.raises(InputError, match=r"does not run on example \(\(4, 3, 8, 8\)"):
         cd.export_mc_onnx(noisy, torch.randn(4, 3, 8, 8), tmp_path / "mc.onnx", samples=4)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_and_sweep_name_inputs_and_labels_of_different_lengths():
+    from compressdrop.evaluation import evaluate
+    from compressdrop.evaluation.sweep import sweep
+
+    net, x, y = _gated(), torch.randn(10, 1, 8, 8), torch.randint(0, 3, (9,))
+    with pytest.raises(InputError, match="10 inputs but 9 labels"):
+        evaluate(net, x, y)
+    with pytest.raises(InputError, match="10 inputs but 9 labels"):
+        sweep(net, x, y, [1.0], repeats=1, latency_batch=4)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..runtime import check_labels, logits_of
 
 __all__ = ["Metrics", "evaluate", "logits_of", "prediction_loss"]
@@ -59,7 +60,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
     Inputs are moved to the model's device batch by batch. Labels ``(N, T)`` (next-token
     targets) are scored per token.
+
+    Raises:
+        InputError: ``x`` and ``y`` hold different numbers of examples.
     """
+    if len(x) != len(y):
+        raise InputError(f"{len(x)} inputs but {len(y)} labels: x and y must be the same length")
     was = model.training
     model.eval()
     device = next(model.parameters()).device
