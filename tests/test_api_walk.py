@@ -76,3 +76,11 @@ def test_evaluate_and_sweep_name_inputs_and_labels_of_different_lengths():
         evaluate(net, x, y)
     with pytest.raises(InputError, match="10 inputs but 9 labels"):
         sweep(net, x, y, [1.0], repeats=1, latency_batch=4)
+
+
+def test_a_threshold_that_prunes_every_unit_warns_at_the_callers_line():
+    net = _gated()
+    for call in (cd.prune, cd.mask_):
+        with pytest.warns(cd.PruningWarning, match="prunes every unit") as caught:
+            call(net, 1e9)
+        assert {w.filename for w in caught} == {__file__}

@@ -110,7 +110,7 @@ def _threshold_masks(
                 f"compressdrop: threshold {thr:g} prunes every unit of {name!r}; keeping its "
                 f"highest-SNR unit ({best}) so the model stays connected",
                 PruningWarning,
-                stacklevel=3,
+                stacklevel=4,  # prune / mask_ → _keep_masks → here: the caller's line
             )
         out[id(g)] = (name, keep, thr)
     return out
