@@ -84,3 +84,21 @@ def test_a_threshold_that_prunes_every_unit_warns_at_the_callers_line():
         with pytest.warns(cd.PruningWarning, match="prunes every unit") as caught:
             call(net, 1e9)
         assert {w.filename for w in caught} == {__file__}
+
+
+def test_torch_compile_wrappers_attach_refused_by_name_and_pruned_through():
+    with pytest.raises(InputError, match=r"attach to the model, then compile it"):
+        cd.attach(torch.compile(SmallCNN()), example_inputs=torch.randn(2, 1, 8, 8))
+    net = _gated()
+    with torch.no_grad():
+        for _, gate in cd.named_gates(net):
+            gate.mu[::2] = -10.0  # every other unit: θ near 0, low SNR
+            gate.log_sigma[::2] = 0.5
+    compiled = torch.compile(net)  # compiles lazily: prune must not run the wrapper
+    slim = cd.prune(compiled, 1.0)
+    expected = cd.prune(net, 1.0)
+    assert (
+        slim.prune_report.architecture() == expected.prune_report.architecture() == "8-8-16 → 4-4-8"
+    )
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(slim(x), cd.mask_(net, 1.0)(x), rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ from .inputs import (
     input_specs,
     input_specs_of,
     random_inputs,
+    uncompiled,
 )
 from .registry import spec_of
 from .selection import nothing_to_gate, pattern_names, unmatched_include, unused_kl_scale
@@ -222,6 +223,8 @@ def attach(
     """
     if is_gated(model):
         raise InputError("model already has gates attached; detach() it first")
+    if uncompiled(model) is not model:
+        raise InputError("attach to the model, then compile it: torch.compile(attach(net, ...))")
     # one pattern alone, not its characters (a string is a sequence too)
     include = [include] if isinstance(include, str | type) else include
     exclude = [exclude] if isinstance(exclude, str | type) else exclude

@@ -24,6 +24,7 @@ __all__ = [
     "input_specs_of",
     "random_inputs",
     "run_example",
+    "uncompiled",
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
@@ -72,6 +73,13 @@ def run_example(model: nn.Module, inputs: tuple, what: str = "example_inputs") -
         raise InputError(
             f"the model does not run on {what} ({shapes}): {type(e).__name__}: {first}"
         ) from e
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (its ``_orig_mod``), else ``model`` itself:
+    the wrapper's own tracing hides the layers' structure from Torch-Pruning."""
+    inner = model._modules.get("_orig_mod") if type(model).__name__ == "OptimizedModule" else None
+    return inner if isinstance(inner, nn.Module) else model
 
 
 TOKENS = 16  # the sequence length of an example for a token model that records no input shape

@@ -32,7 +32,7 @@ from ..gating import (
 )
 from ..gating.aligned import align_keep
 from ..gating.heads import remove_heads_
-from ..gating.inputs import checked_example, run_example
+from ..gating.inputs import checked_example, run_example, uncompiled
 from ..gating.known import register_for, sync_config
 from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
@@ -220,7 +220,7 @@ def prune(
     per group and the pruning history that :func:`replay` uses to rebuild the structure.
 
     Args:
-        model: a gated model (see :func:`compressdrop.attach`).
+        model: a gated model (see :func:`compressdrop.attach`), or its ``torch.compile`` wrapper.
         threshold: SNR threshold; units with SNR < threshold are removed.
         example_inputs: an input batch for tracing; by default random inputs of the shapes
             ``attach`` recorded, else inferred as in ``attach``.
@@ -244,6 +244,7 @@ def prune(
         >>> slim.prune_report.architecture()  # doctest: +SKIP
         '300-100 → 41-37'
     """
+    model = uncompiled(model)  # a torch.compile wrapper: prune the gated model it runs
     if not is_gated(model):
         raise InputError("model has no gates; attach() them and train before pruning")
     for _, g in named_gates(model):
