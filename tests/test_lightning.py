@@ -168,3 +168,14 @@ def test_callback_writes_a_program_for_a_network_no_record_can_rebuild(tmp_path)
     with torch.no_grad():
         want = cb.slim.eval()(ids[:2]).logits
     torch.testing.assert_close(program(ids[:2])["logits"], want)
+
+
+def test_an_input_shape_it_cannot_infer_names_the_callbacks_argument(tmp_path):
+    class Conv(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten())
+
+    callback = CompressDropCallback(load_recipe("lenet300-lognormal"), tmp_path)
+    with pytest.raises(cd.CompressDropError, match=r"pass example_input=<"):
+        callback.setup(None, Conv(), "fit")

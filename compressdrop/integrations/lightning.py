@@ -125,7 +125,13 @@ class CompressDropCallback(pl.Callback):
         if not is_gated(net):  # before Lightning builds the optimizers: gates must be in them
             example = self.example_input
             if example is None:
-                example = example_input_for(net)
+                try:
+                    example = example_input_for(net)
+                except InputError as e:  # its advice names attach's argument, not this one's
+                    raise InputError(
+                        "CompressDropCallback: cannot infer the network's input shape; pass "
+                        "example_input=<a batch of inputs>"
+                    ) from e
             if self.out_dir is not None and not isinstance(getattr(net, "arch", None), Mapping):
                 # a user's own network names no factory: its dense structure, as a torch.export
                 # program, is what lets slim.pt rebuild (without pickled code) at the end; where
