@@ -102,3 +102,19 @@ def test_torch_compile_wrappers_attach_refused_by_name_and_pruned_through():
     )
     x = torch.randn(5, 1, 8, 8)
     torch.testing.assert_close(slim(x), cd.mask_(net, 1.0)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_float64_convolution_export_is_refused_in_words(tmp_path):
+    """onnxruntime's CPU provider has no float64 Conv: export_onnx ended in onnxruntime's own
+    NotImplemented exception; it is an ExportError saying to export model.float(), and nothing
+    is written (a float64 MLP, which onnxruntime runs, still exports)."""
+    from compressdrop.export import ExportError, export_onnx
+
+    conv = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+    ).double()
+    with pytest.raises(ExportError, match=r"float64 model .*Conv.*export model\.float\(\)"):
+        export_onnx(conv, torch.randn(2, 1, 8, 8, dtype=torch.float64), tmp_path / "c.onnx")
+    assert list(tmp_path.iterdir()) == []
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 3)).double()
+    export_onnx(mlp, torch.randn(2, 8, dtype=torch.float64), tmp_path / "m.onnx")

@@ -226,8 +226,6 @@ def export_onnx(
     """
     import onnx
 
-    from ..runtime import ort_session
-
     path = Path(path)
     meta = {"compressdrop_version": __version__}
     report = getattr(model, "prune_report", None)
@@ -278,7 +276,7 @@ def export_onnx(
                 f"ask for {op} or leave the opset out"
             )
 
-        session, provider = ort_session(tmp, providers if providers != "auto" else "auto")
+        session, provider = _session(tmp, providers, model_cpu)
         names = [i.name for i in session.get_inputs()]
         run = lambda *xb: session.run(None, {n: t.numpy() for n, t in zip(names, xb)})  # noqa: E731
         what = f"onnxruntime ({provider})"
@@ -286,6 +284,25 @@ def export_onnx(
         errors: dict[int | str, float] = {b: e for b, e in checked.items()}
         errors.update(errors_at_lengths(model_cpu, run, xs[0], check_lengths, rtol, what))
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
+
+
+def _session(path: Path, providers: str, model: nn.Module) -> tuple[Any, str]:
+    """An onnxruntime session on the exported graph; a graph it has no kernel for (float64
+    convolutions on the CPU provider, say) is an :class:`ExportError` that says what to do."""
+    from ..runtime import ort_session
+
+    try:
+        return ort_session(path, providers)
+    except Exception as e:  # onnxruntime's own NotImplemented, not Python's
+        if type(e).__name__ != "NotImplemented":
+            raise
+        said = str(e).split("NOT_IMPLEMENTED : ")[-1]
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        fix = "" if dtypes == ["float32"] else ": export model.float() instead"
+        raise ExportError(
+            f"onnxruntime cannot run the exported graph of this {', '.join(dtypes)} model "
+            f"({said}){fix} (nothing was written)"
+        ) from None
 
 
 def load_onnx_metadata(path: str | Path) -> dict[str, str]:
