@@ -118,3 +118,16 @@ def test_a_float64_convolution_export_is_refused_in_words(tmp_path):
     assert list(tmp_path.iterdir()) == []
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 3)).double()
     export_onnx(mlp, torch.randn(2, 8, dtype=torch.float64), tmp_path / "m.onnx")
+
+
+def test_mc_predict_on_inputs_of_another_shape_names_them():
+    """mc_predict's stacked batch failed with the layer's error quoting 300×192 (10 inputs ×
+    30 samples, flattened) instead of the inputs' own shape."""
+    from compressdrop.models import build_model
+    from compressdrop.uncertainty import mc_predict
+
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=3)
+    cd.attach(net, "lognormal", example_inputs=torch.randn(2, 1, 8, 8))
+    with pytest.raises(InputError, match=r"cannot run on x \(examples of shape \(3, 8, 8\)"):
+        mc_predict(net, torch.randn(10, 3, 8, 8), samples=30)
+    assert mc_predict(net, torch.randn(10, 1, 8, 8), samples=3).mean.shape == (10, 3)

@@ -21,7 +21,7 @@ from torch import nn
 from ..dropout import DropConnect, RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..gates import Gate
-from ..runtime import check_labels, logits_of
+from ..runtime import check_labels, logits_of, run_on_examples
 from .metrics import auroc, brier, expected_calibration_error, nll
 
 __all__ = [
@@ -140,7 +140,7 @@ def mc_samples(
     ``samples``. Otherwise one pass per sample and chunk.
 
     Raises:
-        InputError: ``samples`` < 1.
+        InputError: ``samples`` < 1, or the model does not run on ``x`` (its shape named).
     """
     if samples < 1:
         raise InputError(f"samples must be ≥ 1, got {samples}")
@@ -148,16 +148,21 @@ def mc_samples(
     stacked = per_example(model)
     chunk = max(1, batch_size // samples) if stacked else batch_size
     out = []
-    with mc_mode(model):
-        for i in range(0, len(x), chunk):
-            xb = x[i : i + chunk].to(device)
-            if stacked:
-                tiled = xb.repeat(samples, *([1] * (xb.dim() - 1)))
-                logits = logits_of(model(tiled)).float().unflatten(0, (samples, len(xb)))
-            else:
-                logits = torch.stack([logits_of(model(xb)).float() for _ in range(samples)])
-            # next-token logits (S, B, T, V): every token is a prediction of its own
-            out.append(torch.softmax(logits.flatten(1, -2), -1).cpu())
+    try:
+        with mc_mode(model):
+            for i in range(0, len(x), chunk):
+                xb = x[i : i + chunk].to(device)
+                if stacked:
+                    tiled = xb.repeat(samples, *([1] * (xb.dim() - 1)))
+                    logits = logits_of(model(tiled)).float().unflatten(0, (samples, len(xb)))
+                else:
+                    logits = torch.stack([logits_of(model(xb)).float() for _ in range(samples)])
+                # next-token logits (S, B, T, V): every token is a prediction of its own
+                out.append(torch.softmax(logits.flatten(1, -2), -1).cpu())
+    except (RuntimeError, TypeError, ValueError, IndexError):
+        # the failure of a stacked batch quotes its shape (samples × inputs): name x's instead
+        run_on_examples(model, x[:2].to(device), "x")
+        raise
     return torch.cat(out, 1)
 
 
