@@ -7,6 +7,7 @@ import math
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,12 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         raise CheckpointError(
             f"{path}: not a readable PyTorch file (corrupt or truncated?): it starts with neither "
             "a zip header nor the legacy torch.save magic number"
+        )
+    if head.startswith(_ZIP_MAGIC) and _is_npz(path):
+        raise CheckpointError(
+            f"{path}: a NumPy .npz file (arrays, no model); data goes to --data (Python: "
+            "load_dataset), a model is a compressdrop checkpoint, a .pt2 program, a state_dict "
+            "or a Hugging Face folder"
         )
     try:
         with warnings.catch_warnings():
@@ -102,6 +109,16 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             f"{path}: not a readable PyTorch file (corrupt or truncated?): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from None
+
+
+def _is_npz(path: Path) -> bool:
+    """Whether ``path`` is a zip of ``.npy`` arrays only (``numpy.savez``), not a torch archive."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
 
 
 def _inert_globals() -> list:

@@ -166,3 +166,11 @@ def test_an_ood_set_that_does_not_fit_is_named_as_the_ood_set(tmp_path):
     flat = _flat_digits(tmp_path)
     with pytest.raises(InputError, match=r"--ood .*flat\.npz: cannot resize inputs of shape"):
         evaluate_file(tmp_path / "gated.pt", "digits", mc_samples=3, ood=str(flat))
+
+
+def test_a_data_file_given_as_the_model_is_named_as_data(tmp_path):
+    """An .npz passed where the model goes read "not a readable PyTorch file ... enforce fail at
+    inline_container.cc:180"; it says it is a data file and where data goes."""
+    res = run(["eval", _flat_digits(tmp_path), "--data", "digits"], expect=1)
+    assert "a NumPy .npz file (arrays, no model); data goes to --data" in res.stderr
+    assert "inline_container" not in res.stderr
