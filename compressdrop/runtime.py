@@ -145,11 +145,12 @@ def run_on_examples(
 
 
 def check_labels(
-    outputs: int, y: torch.Tensor, what: str = "the data", setting: str = "CLI --arch-arg "
+    outputs: int, y: torch.Tensor, what: str = "the data", setting: str | None = None
 ) -> None:
     """Check that a model with ``outputs`` logits (classes, or a vocabulary) can score the labels
     ``y``: each must be below ``outputs``. ``setting`` says where the factory's ``num_classes``
-    is set (a recipe's ``model.kwargs.`` for ``train``).
+    is set for a model about to be trained (``"CLI --arch-arg "``; a recipe's ``model.kwargs.``
+    for ``train``); ``None``: a trained model is scored, and only other data can fit it.
 
     Raises:
         InputError: a label at or above ``outputs``, naming both counts.
@@ -158,10 +159,15 @@ def check_labels(
         return
     top = int(y.max())
     if top >= outputs:
+        fix = (
+            f"use a model with {top + 1} outputs (a factory's num_classes, "
+            f"{setting}num_classes={top + 1}), or data that fits it"
+            if setting is not None
+            else f"the model was trained for {outputs}: score it on data of those"
+        )
         raise InputError(
             f"the model gives {outputs} outputs but {what} has labels up to {top} "
-            f"({top + 1} classes or tokens): use a model with {top + 1} outputs (a factory's "
-            f"num_classes, {setting}num_classes={top + 1}), or data that fits it"
+            f"({top + 1} classes or tokens): {fix}"
         )
 
 

@@ -134,7 +134,7 @@ def fit_outputs(model: nn.Module, dataset: Any) -> Any:
             )
         )
     for y in (dataset.y_train, dataset.y_test):
-        check_labels(logits.shape[-1], y, where)
+        check_labels(logits.shape[-1], y, where, setting="CLI --arch-arg ")
     return dataset
 
 
