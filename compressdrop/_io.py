@@ -20,8 +20,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     is atomic on POSIX file systems.
 
     Raises:
-        FileNotFoundError / PermissionError: naming ``path`` when its directory is missing or not
-            writable.
+        FileNotFoundError / PermissionError / IsADirectoryError: naming ``path`` when its
+            directory is missing or not writable, or it is a directory itself.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -29,6 +29,8 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise FileNotFoundError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"cannot write {path}: directory {parent} is not writable")
+    if path.is_dir():  # os.replace would fail at the end, naming the temporary file
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -131,3 +131,16 @@ def test_mc_predict_on_inputs_of_another_shape_names_them():
     with pytest.raises(InputError, match=r"cannot run on x \(examples of shape \(3, 8, 8\)"):
         mc_predict(net, torch.randn(10, 3, 8, 8), samples=30)
     assert mc_predict(net, torch.randn(10, 1, 8, 8), samples=3).mean.shape == (10, 3)
+
+
+def test_an_export_to_a_directory_names_the_path_given(tmp_path):
+    """export_onnx(model, x, "out/") failed at the very end with an IsADirectoryError naming
+    its temporary file; the path given is named, before any export."""
+    from compressdrop.export import export_onnx
+
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"cannot write .*out: it is a directory"):
+        export_onnx(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == [
+        "out"
+    ]
