@@ -417,3 +417,68 @@ def test_guards_code_from_the_file_never_runs(tmp_path):
     model = load_model(tmp_path / "guarded.pt2")
     model(torch.randn(3, 1, 8, 8))
     assert not marker.exists()
+
+
+def _with_record(src: Path, dst: Path, record: bytes, deflate: bool = False) -> Path:
+    """The .pt2 ``src`` with its extra/compressdrop.json replaced by ``record``."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/extra/compressdrop.json"):
+                data = record
+                info.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+            zout.writestr(info, data)
+    return dst
+
+
+def test_a_crafted_class_record_in_a_program_is_ignored_not_a_crash(tmp_path):
+    """A .pt2's extra/compressdrop.json is the file's to say (a review): nested past the
+    recursion limit it raised a raw RecursionError, damaged a BadZipFile, and a deflated 215 kB
+    entry held a 200 MB class name that load_model inflated. Each loads now, without names."""
+    from compressdrop._attrs import set_record
+    from compressdrop.export import export_program
+
+    net = nn.Sequential(nn.Linear(4, 3))
+    set_record(net, "class_names", ("a", "b", "c"))
+    good = tmp_path / "good.pt2"
+    export_program(net, torch.randn(2, 4), good)
+    assert load_model(good).class_names == ("a", "b", "c")
+    records = {
+        "deep": b"[" * 200_000,
+        "not_a_list": b'{"classes": "abc"}',
+        "not_an_object": b"[1, 2]",
+        "bomb": b'{"classes": ["' + b"x" * (3 << 20) + b'"]}',
+        "long_name": b'{"classes": ["' + b"x" * 5_000 + b'"]}',
+    }
+    for name, record in records.items():
+        path = _with_record(good, tmp_path / f"{name}.pt2", record, deflate=name == "bomb")
+        assert not hasattr(load_model(path), "class_names"), name
+    # a damaged entry (its CRC no longer matches): the record's bytes changed in place
+    stored = _with_record(good, tmp_path / "stored.pt2", b'{"classes": ["x"]}')
+    damaged = stored.read_bytes().replace(b'{"classes": ["x"]}', b'{"classes": ["y"]}', 1)
+    (tmp_path / "damaged.pt2").write_bytes(damaged)
+    assert not hasattr(load_model(tmp_path / "damaged.pt2"), "class_names")
+
+
+@pytest.mark.parametrize(
+    "entry", ["models/model.json", "data/weights/model_weights_config.json"], ids=["graph", "cfg"]
+)
+def test_a_program_whose_json_is_not_what_torch_writes_is_a_checkpoint_error(entry, tmp_path):
+    """check_pt2_archive reads the archive's JSON entries: nested past the recursion limit, or
+    of another shape (a list where torch writes an object), it raised RecursionError or
+    AttributeError instead of naming the file (a review)."""
+    import zipfile
+
+    from compressdrop.export import export_program
+
+    good = tmp_path / "good.pt2"
+    export_program(nn.Sequential(nn.Linear(4, 3)), torch.randn(2, 4), good)
+    for i, record in enumerate((b"[" * 200_000, b"[1, 2]")):
+        bad = tmp_path / f"bad{i}.pt2"
+        with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+            for info in zin.infolist():
+                zout.writestr(info, record if info.filename.endswith(entry) else zin.read(info))
+        with pytest.raises(CheckpointError, match=r"bad\d\.pt2: (not a readable|refused)"):
+            load_model(bad)

@@ -220,7 +220,7 @@ def _clean(m: nn.Module, ours: tuple, pre_hooks_ok: bool = False) -> bool:
     )
 
 
-def _no_global_hooks() -> bool:
+def no_global_hooks() -> bool:
     """Whether no module-wide hook (``nn.modules.module.register_module_*_hook``) could see the
     gated layer's output."""
     module = nn.modules.module
@@ -234,7 +234,7 @@ def _no_global_hooks() -> bool:
 
 def _arm(seq: nn.Sequential, args: Any) -> None:
     """Forward pre-hook of the ``nn.Sequential``: arm its gated layers for this call."""
-    if _OFF[0] or _mul._OFF[0] or not _eager() or not _no_global_hooks():
+    if _OFF[0] or _mul._OFF[0] or not _eager() or not no_global_hooks():
         return
     children = list(seq)
     armed, pending = _state()

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..gates import Gate, _mul, bank, check_gate_kwargs, gate_class
-from ..gates._defer import defer, hand_over, remove_hand_overs
+from ..gates._defer import defer, hand_over, no_global_hooks, remove_hand_overs
 from ..gates._mul import wrapper_pre_hook
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
@@ -93,10 +93,12 @@ class Gated(Wrapper):
         out = self.module(*args, **kwargs)
         if self.__dict__.get("defer_ok", False) and defer(self, out):
             return out  # the pool after it multiplies (gates/_defer.py)
-        # in place only where a ReLU alone reads the output (or one operation that keeps it and
-        # does not change it: a transformer layer's GELU) and no hook of the layer saw it
-        after = self.__dict__.get("relu_after", False) and not _mul._OFF[0]
-        alone = self.__dict__.get("inplace_alone", False) and not _mul._OFF[0]
+        # a hand-off only where a ReLU alone reads the output (or one operation that keeps it and
+        # does not change it: a transformer layer's GELU): no hook of this wrapper, nor a global
+        # one, may read it too; in place only where no hook of the layer saw it either
+        free = not (_mul._OFF[0] or self._forward_hooks) and no_global_hooks()
+        after = self.__dict__.get("relu_after", False) and free
+        alone = self.__dict__.get("inplace_alone", False) and free
         inplace = (
             self.__dict__.get("gate_inplace", False)
             and (after or alone)

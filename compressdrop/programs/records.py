@@ -15,7 +15,7 @@ from torch import fx, nn
 from .._attrs import set_record
 from ..errors import CheckpointError
 from .convert import program_to_module
-from .safety import Source, _read, load_program_safely
+from .safety import _MALFORMED, Source, _read, load_program_safely
 
 __all__ = ["load_program", "program_record"]
 
@@ -55,18 +55,30 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     return model
 
 
+# the most an archive's extra/compressdrop.json may hold: a record, not a payload
+_META_BYTES, _MAX_CLASSES, _MAX_NAME = 1 << 20, 100_000, 1_000
+
+
 def _recorded_classes(data: bytes) -> tuple[str, ...] | None:
     """The outputs' class names that :func:`compressdrop.export.export_program` records in the
-    archive (``extra/compressdrop.json``), if it holds them as a list of strings."""
-    with zipfile.ZipFile(io.BytesIO(data)) as z:
-        name = next((n for n in z.namelist() if n.endswith("/extra/compressdrop.json")), None)
-        if name is None:
-            return None
-        try:
-            names = json.loads(z.read(name)).get("classes")
-        except (ValueError, AttributeError):  # not JSON, or not an object: no names
-            return None
-    ok = isinstance(names, list) and all(isinstance(c, str) for c in names)
+    archive (``extra/compressdrop.json``), if it holds them as a list of strings; ``None`` for
+    anything else (the archive is untrusted: a record too big to be one, damaged, not JSON,
+    nested past the recursion limit)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            info = next(
+                (i for i in z.infolist() if i.filename.endswith("/extra/compressdrop.json")), None
+            )
+            if info is None or info.file_size > _META_BYTES:
+                return None
+            with z.open(info) as f:  # at most the size it declares, plus one byte to tell
+                raw = f.read(_META_BYTES + 1)
+        names = json.loads(raw).get("classes") if len(raw) <= _META_BYTES else None
+    except _MALFORMED:  # damaged, not JSON, not an object, too deep
+        return None
+    if not isinstance(names, list) or len(names) > _MAX_CLASSES:
+        return None
+    ok = all(isinstance(c, str) and len(c) <= _MAX_NAME for c in names)
     return tuple(names) if ok else None
 
 

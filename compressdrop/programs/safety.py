@@ -17,6 +17,7 @@ import io
 import json
 import re
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -168,6 +169,14 @@ def _walk(obj: Any) -> Iterator[tuple[str, Any]]:
             yield from _walk(v)
 
 
+# what reading a damaged or crafted archive's entries raises: bad zip data, JSON that is not JSON
+# (or nested past the recursion limit), JSON of another shape than torch writes
+_MALFORMED = (
+    *(zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RecursionError),
+    *(ValueError, AttributeError, TypeError, KeyError),
+)
+
+
 def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
     """Refuse a ``.pt2`` whose loading or running could execute code from the file.
 
@@ -190,40 +199,50 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
             "the file; compressdrop loads only programs that are plain data."
         )
 
-    with z:
-        names = z.namelist()
-        for name in names:
-            inner = name.split("/", 1)[1] if "/" in name else name
-            if inner.startswith(_FORBIDDEN_DIRS):
-                raise refuse(f"it holds compiled code ({name})")
-            if re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", inner):
-                raise refuse(f"it holds a legacy pickled payload ({name})")
-            if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(
-                "_config.json"
-            ):
-                config = json.loads(z.read(name)).get("config", {})
-                for fqn, entry in config.items():
-                    if entry.get("use_pickle"):
-                        raise refuse(f"{fqn!r} is stored as a pickle ({name})")
-                    if inner.startswith("data/constants/") and not str(
-                        entry.get("path_name", "")
-                    ).startswith("tensor_"):
-                        raise refuse(f"constant {fqn!r} is a Python object ({name})")
-            if inner.startswith("data/sample_inputs/"):
-                try:
-                    torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                except Exception:
-                    raise refuse(f"its sample inputs are not plain tensors ({name})") from None
-            if inner.startswith("models/") and inner.endswith(".json"):
-                for key, value in _walk(json.loads(z.read(name))):
-                    if key == "target" and isinstance(value, str) and not _TARGET.match(value):
-                        raise refuse(f"a node calls {value!r}")
-                    if key == "expr_str" and not (isinstance(value, str) and _safe_expr(value)):
-                        raise refuse(f"a shape expression is not arithmetic: {str(value)[:80]!r}")
-                    if key == "custom_obj_values" and value:
-                        raise refuse("it holds custom Python objects")
-        if not any(n.endswith("/archive_format") for n in names):
-            raise CheckpointError(f"{where}: a zip file, but not a torch.export archive")
+    try:
+        with z:
+            names = z.namelist()
+            for name in names:
+                inner = name.split("/", 1)[1] if "/" in name else name
+                if inner.startswith(_FORBIDDEN_DIRS):
+                    raise refuse(f"it holds compiled code ({name})")
+                if re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", inner):
+                    raise refuse(f"it holds a legacy pickled payload ({name})")
+                if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(
+                    "_config.json"
+                ):
+                    config = json.loads(z.read(name)).get("config", {})
+                    for fqn, entry in config.items():
+                        if entry.get("use_pickle"):
+                            raise refuse(f"{fqn!r} is stored as a pickle ({name})")
+                        if inner.startswith("data/constants/") and not str(
+                            entry.get("path_name", "")
+                        ).startswith("tensor_"):
+                            raise refuse(f"constant {fqn!r} is a Python object ({name})")
+                if inner.startswith("data/sample_inputs/"):
+                    try:
+                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
+                    except Exception:
+                        raise refuse(f"its sample inputs are not plain tensors ({name})") from None
+                if inner.startswith("models/") and inner.endswith(".json"):
+                    for key, value in _walk(json.loads(z.read(name))):
+                        if key == "target" and isinstance(value, str) and not _TARGET.match(value):
+                            raise refuse(f"a node calls {value!r}")
+                        if key == "expr_str" and not (isinstance(value, str) and _safe_expr(value)):
+                            raise refuse(
+                                f"a shape expression is not arithmetic: {str(value)[:80]!r}"
+                            )
+                        if key == "custom_obj_values" and value:
+                            raise refuse("it holds custom Python objects")
+            if not any(n.endswith("/archive_format") for n in names):
+                raise CheckpointError(f"{where}: a zip file, but not a torch.export archive")
+
+    except CheckpointError:
+        raise
+    except _MALFORMED as e:  # an entry that is not what its name says (a crafted archive)
+        raise CheckpointError(
+            f"{where}: not a readable .pt2 archive ({type(e).__name__} reading its entries)"
+        ) from None
 
 
 def load_program_safely(
