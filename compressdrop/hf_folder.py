@@ -84,36 +84,38 @@ def check_folder_plan(
     prune setting.
 
     Raises:
-        InputError: the layers may keep different widths (``uniform`` is false), or heads would
-            be gated where the library derives the head size from the head count (GPT-2, BERT).
+        InputError: the layers may keep different widths (``uniform`` is false and several
+            layers' units of a kind are gated), or heads would be gated where the library
+            derives the head size from the head count (GPT-2, BERT).
     """
     from .errors import CompressDropError
-    from .gating import attach, groups_of
+    from .gating.groups import find_groups
     from .gating.known import heads_fixed_by_config
 
-    if not uniform:
-        raise InputError(
-            f"{out}: a Hugging Face folder needs every layer to keep as many units, which a free "
-            "prune does not give: pass --uniform (uniform=True; or prune.uniform: true in the "
-            "recipe), or write .pt2, .onnx or .pt"
-        )
-    fixed = heads_fixed_by_config(model)
-    if fixed is None:
-        return
-    derived, attention = fixed
-    work = copy.deepcopy(model)
-    try:
+    try:  # the groups attach would gate (the model is traced, not changed)
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the run's own attach says them
-            attach(work, **gates, example_inputs=example_inputs)
+            groups = find_groups(
+                model, example_inputs, gates.get("granularity", "auto"),
+                gates.get("include") or None, gates.get("exclude") or None, warn=False,
+            )  # fmt: skip
     except CompressDropError:
         return  # the run's check names the problem
-    if any(g.kind == "head" for g in groups_of(work)):
-        kind = type(model.config).__name__
+    kinds = [g.kind for g in groups]
+    if not uniform and any(kinds.count(k) > 1 for k in set(kinds)):
         raise InputError(
-            f"{out}: the recipe gates attention heads, and a {kind} derives their size from "
-            f"{derived}, so a folder cannot hold fewer of them: leave the heads ungated (gates."
-            f"exclude: [{attention}] in the recipe) or write .pt2, .onnx or .pt"
+            f"{out}: a Hugging Face folder needs every layer to keep as many units, which a free "
+            "prune of several layers does not give: pass --uniform (uniform=True; or "
+            "prune.uniform: true in the recipe), or write .pt2, .onnx or .pt"
+        )
+    fixed = heads_fixed_by_config(model)
+    if fixed is not None and "head" in kinds:
+        derived, attention = fixed
+        raise InputError(
+            f"{out}: the recipe gates attention heads, and a {type(model.config).__name__} "
+            f"derives their size from {derived}, so a folder cannot hold fewer of them: leave "
+            f"the heads ungated (gates.exclude: [{attention}] in the recipe) or write .pt2, "
+            ".onnx or .pt"
         )
 
 

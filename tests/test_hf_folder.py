@@ -340,6 +340,13 @@ def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
     # the way out the message gives: the heads left ungated (a folder of a uniform MLP-only
     # prune of GPT-2 reloads: test_hf.py::test_uniform_shape_saves_a_standard_config_that_...)
     gates = {"gate": "lognormal", "exclude": ["GPT2Attention"]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        check_folder_plan(out, load_model(folder), gates, True, torch.randint(256, (2, 16)))
+    ids = torch.randint(256, (2, 16))
+    model = load_model(folder)
+    before = [type(m) for m in model.modules()]
+    check_folder_plan(out, model, gates, True, ids)
+    assert [type(m) for m in model.modules()] == before  # traced, not gated
+    # free is refused only where several layers could keep different widths (a review): one
+    # layer's MLP alone may be pruned free
+    with pytest.raises(InputError, match="free prune of several layers"):
+        check_folder_plan(out, model, gates, False, ids)
+    check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, False, ids)
