@@ -252,6 +252,17 @@ def test_a_transformer_layer_mlp_keeps_no_more_than_the_plain_layer(activation):
 def test_detach_gives_a_transformer_layer_its_own_activation_back():
     net = _gated_encoder("concrete", "relu")
     assert isinstance(net.enc.layers[0].activation, nn.ReLU)  # hooked while gated
+    assert not any(n.endswith("activation") for n, _ in net.named_modules())  # no submodule
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # the residual stream (LayerNorm)
+        decoder = cd.attach(
+            nn.TransformerDecoderLayer(16, 2, dim_feedforward=24, batch_first=True), "concrete",
+            granularity="neuron", example_inputs=(torch.randn(2, 5, 16), torch.randn(2, 4, 16)),
+        )  # fmt: skip
+    for model in (decoder, copy.deepcopy(decoder), pickle.loads(pickle.dumps(decoder))):
+        # TransformerDecoderLayer.__setstate__ put F.relu over a registered module (a review)
+        assert isinstance(model.activation, nn.ReLU), model
+        assert relu_takes_over in model.activation._forward_hooks.values()
     for model in (cd.detach(copy.deepcopy(net)), cd.prune(copy.deepcopy(net))):
         assert all(layer.activation is F.relu for layer in model.enc.layers)
         assert not any(n.endswith("activation") for n, _ in model.named_modules())

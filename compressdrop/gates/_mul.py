@@ -254,8 +254,8 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
     reads ``linear1``'s output (the layer's ``_ff_block``), so a gated ``linear1`` (a ``wrapper``)
     may multiply it in place (a Linear's backward pass does not read its output). With a ReLU
     (``F.relu``, the layers' default, gets an ``nn.ReLU`` module in its place while the gates are
-    attached, so that it can be hooked) the ReLU takes over what the gate keeps, as in
-    :func:`hand_over_to_relus`; with GELU, which keeps its input for its own backward pass, the
+    attached, so that it can be hooked: a plain attribute, not a submodule) the ReLU takes over
+    what the gate keeps, as in :func:`hand_over_to_relus`; with GELU, which keeps its input for its own backward pass, the
     gate keeps that same tensor, its output. Other activations are left alone.
     :func:`remove_relu_hooks` undoes it, the layer's own activation included.
     """
@@ -268,8 +268,9 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
         act: Any = layer.activation
         if act is F.relu:
             vars(layer)[_OWN_ACTIVATION] = act
-            del layer.activation  # a plain attribute: a module cannot be assigned over it
-            layer.activation = act = nn.ReLU().train(layer.training)
+            # a plain attribute, as the function was: no submodule is added, and a copy keeps it
+            # (TransformerDecoderLayer.__setstate__ would put F.relu over a registered module)
+            vars(layer)["activation"] = act = nn.ReLU()
         if type(act) in RELUS:
             if relu_takes_over not in act._forward_hooks.values():
                 act.register_forward_hook(relu_takes_over)
@@ -342,8 +343,7 @@ def remove_relu_hooks(model: nn.Module) -> None:
     for m in list(model.modules()):
         own = vars(m).pop(_OWN_ACTIVATION, None)
         if own is not None:
-            del m.activation
-            m.activation = own
+            vars(m)["activation"] = own
         vars(m).pop("inplace_alone", None)
         for key in [k for k, fn in m._forward_hooks.items() if fn is relu_takes_over]:
             del m._forward_hooks[key]
