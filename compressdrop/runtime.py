@@ -134,6 +134,8 @@ def run_on_examples(
     try:
         out = model(x[:2])
         return logits_of(out) if logits else out
+    except torch.OutOfMemoryError:  # not the inputs' fault
+        raise
     except (RuntimeError, IndexError, TypeError, ValueError) as e:
         said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(

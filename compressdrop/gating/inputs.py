@@ -63,7 +63,7 @@ def run_example(model: nn.Module, inputs: tuple, what: str = "example_inputs") -
     try:
         with torch.no_grad():
             return model(*inputs)
-    except (InputError, Warning):  # a warning the caller's filter turned into an error
+    except (InputError, Warning, torch.OutOfMemoryError):  # (a warning made an error; memory)
         raise
     except Exception as e:  # whatever the model's forward raises on inputs that do not fit it
         shapes = ", ".join(

@@ -45,6 +45,7 @@ class RunState(Protocol):
     progress: Callable[[dict[str, Any]], None]
     dense_metrics: dict[str, Any] | None
     prune_info: dict[str, Any] | None
+    template: nn.Module | None  # the dense structure every stage starts from
 
     def example(self, batch: int = 2) -> torch.Tensor:
         """The first ``batch`` training inputs, on the run's device."""
@@ -110,8 +111,10 @@ class Pretrain(Stage):
         data (a factory of the user's need not fit them), before the first step: else an error
         naming the data, not the layer's or the loss's traceback."""
         run = self.run
+        assert run.template is not None, "the run builds its template before the checks"
         where = f"data {run.data.name!r}"
-        logits = run_on_examples(run.copy_template(), run.example(), where)
+        # the template itself, not a copy: a forward pass in eval mode leaves its weights as they are
+        logits = run_on_examples(run.template, run.example(), where)
         for y in (run.data.y_train, run.data.y_test):
             check_labels(logits.shape[-1], y, where, setting="the recipe's model.kwargs.")
 

@@ -159,6 +159,8 @@ def mc_samples(
                     logits = torch.stack([logits_of(model(xb)).float() for _ in range(samples)])
                 # next-token logits (S, B, T, V): every token is a prediction of its own
                 out.append(torch.softmax(logits.flatten(1, -2), -1).cpu())
+    except torch.OutOfMemoryError:  # not the inputs' fault: a second try would fail the same
+        raise
     except (RuntimeError, TypeError, ValueError, IndexError):
         # the failure of a stacked batch quotes its shape (samples × inputs): name x's instead
         run_on_examples(model, x[:2].to(device), "x")
