@@ -141,7 +141,7 @@ def run_on_examples(
         raise InputError(
             f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "
             f"{str(x.dtype).removeprefix('torch.')}): {said}"
-        ) from None
+        ) from e  # chained: where the inputs are not the cause, the model's own error shows it
     finally:
         model.train(was)
 

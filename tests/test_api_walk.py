@@ -144,3 +144,21 @@ def test_an_export_to_a_directory_names_the_path_given(tmp_path):
     assert list((tmp_path / "out").iterdir()) == [] and [p.name for p in tmp_path.iterdir()] == [
         "out"
     ]
+
+
+def test_a_model_that_cannot_run_keeps_its_own_error_as_the_cause():
+    """run_on_examples blames the inputs, which is what usually fails; where the model itself is
+    at fault, its own error is the InputError's cause, not dropped (a review)."""
+    from compressdrop.runtime import run_on_examples
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("a bug in forward")
+
+    with pytest.raises(InputError, match="a bug in forward") as info:
+        run_on_examples(Broken(), torch.randn(3, 4), "x")
+    assert isinstance(info.value.__cause__, RuntimeError)
