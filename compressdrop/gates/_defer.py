@@ -152,10 +152,11 @@ def _conv_dims(g: nn.Module) -> int:
 
 def hand_over(model: nn.Module, wrapper: type[nn.Module]) -> None:
     """What a gated layer of type ``wrapper`` may hand over to the layers after it in eager
-    training: to a ReLU, the tensor its gate keeps (:func:`~._mul.hand_over_to_relus`; in a
-    transformer layer's MLP, :func:`~._mul.hand_over_in_transformer_layers`; in a ResNet block,
-    :func:`~._mul.hand_over_in_known_blocks`); to a pool, its
-    multiply (:func:`hand_over_to_pools`)."""
+    training: to a ReLU or the one operation that keeps it anyway, the tensor its gate keeps
+    (:func:`~._mul.hand_over_to_relus` in an ``nn.Sequential``; in a transformer layer's MLP,
+    :func:`~._mul.hand_over_in_transformer_layers`; in ResNet blocks and Hugging Face MLPs,
+    :func:`~._mul.hand_over_in_known_blocks`); to a pool, its multiply
+    (:func:`hand_over_to_pools`)."""
     hand_over_to_relus(model, wrapper)
     hand_over_in_transformer_layers(model, wrapper)
     hand_over_in_known_blocks(model, wrapper)

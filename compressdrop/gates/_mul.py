@@ -229,16 +229,26 @@ def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
             if type(gated) is not wrapper:
                 continue
             if type(after) in KEEP_THEIR_INPUT and not getattr(after, "inplace", False):
-                if isinstance(getattr(gated, "module", None), INPLACE_OK):
-                    vars(gated)["inplace_alone"] = vars(gated)["gate_inplace"] = True
-                continue
-            if type(after) not in RELUS:
-                continue
-            if relu_takes_over not in after._forward_hooks.values():
-                after.register_forward_hook(relu_takes_over)
-            vars(gated)["relu_after"] = True
-            # the layers whose backward pass does not read their output may be multiplied in place
-            vars(gated)["gate_inplace"] = isinstance(getattr(gated, "module", None), INPLACE_OK)
+                _kept_by_its_reader(gated)
+            elif type(after) in RELUS:
+                _read_by_relu(gated, after)
+
+
+def _read_by_relu(gated: nn.Module, relu: nn.Module) -> None:
+    """``relu`` alone reads the gated layer's output: hooked, it takes over what the gate keeps;
+    the output is multiplied in place where the layer's backward pass does not read it."""
+    if relu_takes_over not in relu._forward_hooks.values():
+        relu.register_forward_hook(relu_takes_over)
+    vars(gated)["relu_after"] = True
+    vars(gated)["gate_inplace"] = _inplace_ok(getattr(gated, "module", None))
+
+
+def _kept_by_its_reader(gated: nn.Module) -> None:
+    """One operation alone reads the gated layer's output and keeps it for its own backward pass:
+    where the layer's backward pass does not read it, the gate multiplies it in place and keeps
+    that same tensor."""
+    if _inplace_ok(getattr(gated, "module", None)):
+        vars(gated)["inplace_alone"] = vars(gated)["gate_inplace"] = True
 
 
 # PyTorch's own transformer layers, whose MLP is linear2(dropout(activation(linear1(x))))
@@ -255,15 +265,14 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
     may multiply it in place (a Linear's backward pass does not read its output). With a ReLU
     (``F.relu``, the layers' default, gets an ``nn.ReLU`` module in its place while the gates are
     attached, so that it can be hooked: a plain attribute, not a submodule) the ReLU takes over
-    what the gate keeps, as in :func:`hand_over_to_relus`; with GELU, which keeps its input for its own backward pass, the
-    gate keeps that same tensor, its output. Other activations are left alone.
+    what the gate keeps, as in :func:`hand_over_to_relus`; with GELU, which keeps its input for
+    its own backward pass, the gate keeps that same tensor, its output. Other activations are
+    left alone.
     :func:`remove_relu_hooks` undoes it, the layer's own activation included.
     """
     for layer in model.modules():
         gated = getattr(layer, "linear1", None)
         if type(layer) not in _TRANSFORMER_LAYERS or type(gated) is not wrapper:
-            continue
-        if not isinstance(getattr(gated, "module", None), nn.Linear):
             continue
         act: Any = layer.activation
         if act is F.relu:
@@ -272,14 +281,9 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
             # (TransformerDecoderLayer.__setstate__ would put F.relu over a registered module)
             vars(layer)["activation"] = act = nn.ReLU()
         if type(act) in RELUS:
-            if relu_takes_over not in act._forward_hooks.values():
-                act.register_forward_hook(relu_takes_over)
-            vars(gated)["relu_after"] = True
+            _read_by_relu(gated, act)
         elif act is F.gelu or type(act) is nn.GELU:  # (the layers' F.gelu keeps its input too)
-            vars(gated)["inplace_alone"] = True
-        else:
-            continue
-        vars(gated)["gate_inplace"] = True
+            _kept_by_its_reader(gated)
 
 
 # blocks whose forward is known, by (module, class name): their layers whose output a ReLU module
@@ -300,8 +304,12 @@ _READ_ONCE_AND_KEPT = {
     ("transformers.models.bert.modeling_bert", "BertIntermediate"): "dense",
     **{
         (f"transformers.models.{family}.modeling_{family}", f"{name}MLP"): "up_proj"
-        for family, name in (("llama", "Llama"), ("qwen2", "Qwen2"), ("qwen3", "Qwen3"))
-        + (("mistral", "Mistral"),)
+        for family, name in (
+            ("llama", "Llama"),
+            ("qwen2", "Qwen2"),
+            ("qwen3", "Qwen3"),
+            ("mistral", "Mistral"),
+        )
     },
 }
 
@@ -324,17 +332,12 @@ def hand_over_in_known_blocks(model: nn.Module, wrapper: type[nn.Module]) -> Non
     for block in model.modules():
         key = (type(block).__module__, type(block).__name__)
         alone = getattr(block, _READ_ONCE_AND_KEPT.get(key, ""), None)
-        if type(alone) is wrapper and _inplace_ok(getattr(alone, "module", None)):
-            vars(alone)["inplace_alone"] = vars(alone)["gate_inplace"] = True
+        if type(alone) is wrapper:
+            _kept_by_its_reader(alone)
         for producer, reader in _READ_BY_RELU.get(key, ()):
             gated, relu = getattr(block, producer, None), getattr(block, reader, None)
-            if type(gated) is not wrapper or type(relu) not in RELUS:
-                continue
-            assert isinstance(relu, nn.Module)
-            if relu_takes_over not in relu._forward_hooks.values():
-                relu.register_forward_hook(relu_takes_over)
-            vars(gated)["relu_after"] = True
-            vars(gated)["gate_inplace"] = _inplace_ok(getattr(gated, "module", None))
+            if type(gated) is wrapper and isinstance(relu, nn.Module) and type(relu) in RELUS:
+                _read_by_relu(gated, relu)
 
 
 def remove_relu_hooks(model: nn.Module) -> None:
