@@ -34,6 +34,7 @@ from torch import nn
 from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
+from .runtime import logits_of
 
 __all__ = [
     "check_folder_output",
@@ -306,12 +307,6 @@ def _config_misfit(slim: nn.Module) -> str | None:
     return None
 
 
-def _logits(out: Any) -> torch.Tensor:
-    """The first output of a transformers model (``logits`` where it has them)."""
-    logits = getattr(out, "logits", None)
-    return (logits if logits is not None else out[0]).float()
-
-
 @torch.inference_mode()
 def _check_reload(slim: nn.Module, folder: Path, x: torch.Tensor) -> float:
     """Load ``folder`` with ``slim``'s own class (already imported: no name the folder gives is
@@ -330,9 +325,9 @@ def _check_reload(slim: nn.Module, folder: Path, x: torch.Tensor) -> float:
     slim.eval()
     try:
         x = x.to(next(slim.parameters()).device)
-        want = _logits(slim(x))
+        want = logits_of(slim(x)).float()
         try:
-            got = _logits(back.to(x.device)(x))
+            got = logits_of(back.to(x.device)(x)).float()
         except RuntimeError as e:
             raise CheckpointError(
                 f"the written folder loads back as a {cls.__name__} that does not run on the "

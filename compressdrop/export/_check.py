@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._version import __version__
 from ..errors import CompressDropError
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "export_dims",
     "export_shapes",
     "fixed_gate_factors",
+    "made_by",
     "max_length",
     "token_lengths",
     "with_lengths",
@@ -265,3 +267,16 @@ def compare_at_batches(
                 f"{errors[b]:.3g} > {rtol:g}"
             )
     return errors
+
+
+def made_by(model: nn.Module) -> dict[str, Any]:
+    """What made ``model``, for an exported file's metadata: compressdrop's version, how a slim
+    model was pruned (its ``prune_report``) and its outputs' class names (``classes``, a list)."""
+    meta: dict[str, Any] = {"compressdrop_version": __version__}
+    report = getattr(model, "prune_report", None)
+    if report is not None:
+        meta.update(report.metadata())
+    names = getattr(model, "class_names", None)
+    if names:
+        meta["classes"] = [str(c) for c in names]
+    return meta

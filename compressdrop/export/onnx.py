@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .._version import __version__
 from ..gating.inputs import run_example
 from ._check import (
     ExportError,
@@ -27,6 +26,7 @@ from ._check import (
     eval_on_cpu,
     export_shapes,
     fixed_gate_factors,
+    made_by,
     max_length,
 )
 
@@ -227,13 +227,8 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    meta = {"compressdrop_version": __version__}
-    report = getattr(model, "prune_report", None)
-    if report is not None:  # a slim model records how it was made
-        meta.update(report.metadata())
-    names = getattr(model, "class_names", None)
-    if names:  # its outputs' class names, as JSON
-        meta["classes"] = json.dumps([str(c) for c in names])
+    # metadata values are strings: the class names as JSON
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in made_by(model).items()}
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
     _refuse_cpu_bfloat16(model, providers)
     xs = tuple(t.detach().cpu() for t in as_inputs(example_input))

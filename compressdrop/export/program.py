@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_write
-from .._version import __version__
 from ..gating.inputs import run_example
+from ..programs.records import META_FILE
 from ._check import (
     ExportError,
     as_inputs,
@@ -26,16 +26,13 @@ from ._check import (
     eval_on_cpu,
     export_shapes,
     fixed_gate_factors,
+    made_by,
     max_length,
     output_arrays,
 )
 from .onnx import _quiet_exporter, no_cache
 
 __all__ = ["META_FILE", "ProgramReport", "export_program"]
-
-#: the archive's extra file (``extra/compressdrop.json``) that says what made the program: the
-#: version, how it was pruned and its outputs' class names (``classes``), as in ONNX metadata
-META_FILE = "compressdrop.json"
 
 
 @dataclass(frozen=True)
@@ -91,7 +88,7 @@ def export_program(
             run_example(model_cpu, xs, "example_input")  # an input that does not fit: named
             raise ExportError(f"torch.export failed: {type(e).__name__}: {e}") from e
         with open(tmp, "wb") as f:  # a file object: torch wants a name ending in .pt2
-            torch.export.save(program, f, extra_files={META_FILE: json.dumps(_meta(model))})
+            torch.export.save(program, f, extra_files={META_FILE: json.dumps(made_by(model))})
         with open(tmp, "rb") as f:
             loaded = torch.export.load(f).module()
         run = lambda *xb: output_arrays(loaded(*xb))  # noqa: E731
@@ -101,18 +98,6 @@ def export_program(
         )
         errors.update(errors_at_lengths(model_cpu, run, xs[0], check_lengths, rtol, what))
     return ProgramReport(path, path.stat().st_size, errors)
-
-
-def _meta(model: nn.Module) -> dict[str, Any]:
-    """What made ``model``, for the archive's :data:`META_FILE`."""
-    meta: dict[str, Any] = {"compressdrop_version": __version__}
-    report = getattr(model, "prune_report", None)
-    if report is not None:
-        meta.update(report.metadata())
-    names = getattr(model, "class_names", None)
-    if names:
-        meta["classes"] = [str(c) for c in names]
-    return meta
 
 
 def _plain(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> nn.Module:

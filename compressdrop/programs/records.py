@@ -17,7 +17,7 @@ from ..errors import CheckpointError
 from .convert import program_to_module
 from .safety import _MALFORMED, Source, _read, load_program_safely
 
-__all__ = ["load_program", "program_record"]
+__all__ = ["META_FILE", "load_program", "program_record"]
 
 
 def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
@@ -55,7 +55,11 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     return model
 
 
-# the most an archive's extra/compressdrop.json may hold: a record, not a payload
+#: the archive's extra file (``extra/compressdrop.json``) that says what made a program
+#: :func:`compressdrop.export.export_program` wrote: the version, how it was pruned and its
+#: outputs' class names (``classes``), as in ONNX metadata
+META_FILE = "compressdrop.json"
+# the most that file may hold: a record, not a payload
 _META_BYTES, _MAX_CLASSES, _MAX_NAME = 1 << 20, 100_000, 1_000
 
 
@@ -67,7 +71,7 @@ def _recorded_classes(data: bytes) -> tuple[str, ...] | None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             info = next(
-                (i for i in z.infolist() if i.filename.endswith("/extra/compressdrop.json")), None
+                (i for i in z.infolist() if i.filename.endswith(f"/extra/{META_FILE}")), None
             )
             if info is None or info.file_size > _META_BYTES:
                 return None
