@@ -222,8 +222,7 @@ def _data_for(
     """
     if data is not None:
         return load_dataset(data)
-    recipe = (getattr(model, "compressdrop_meta", None) or {}).get("recipe") or {}
-    spec = (recipe.get("data") or {}).get("name") if isinstance(recipe, dict) else None
+    spec = (_recorded_recipe(model).get("data") or {}).get("name")
     if not (isinstance(spec, str) and spec):
         return load_dataset("digits")
     if announce is not None:
@@ -250,7 +249,12 @@ def _onnx_classes(path: str | Path) -> list[str] | None:
     return None
 
 
+def _recorded_recipe(model: Any) -> dict[str, Any]:
+    """The recipe a compressdrop checkpoint records (``{}``: none, or not a mapping)."""
+    recipe = (getattr(model, "compressdrop_meta", None) or {}).get("recipe")
+    return recipe if isinstance(recipe, dict) else {}
+
+
 def _recipe_uniform(model: Any) -> bool:
     """The ``prune.uniform`` of the recipe a checkpoint records (``prune`` of it keeps to it)."""
-    recipe = (getattr(model, "compressdrop_meta", None) or {}).get("recipe") or {}
-    return bool((recipe.get("prune") or {}).get("uniform", False))
+    return bool((_recorded_recipe(model).get("prune") or {}).get("uniform", False))
