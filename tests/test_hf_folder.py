@@ -33,15 +33,22 @@ export: {onnx: false}
 """
 
 
-def _llama_folder(path):
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64,
-        bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
+def _folder(path, model_cls: str, config_cls: str, **sizes):
+    """A byte-vocabulary causal LM of ``sizes``, random weights (seed 0), saved at ``path``."""
+    config = getattr(transformers, config_cls)(
+        vocab_size=256, bos_token_id=None, eos_token_id=None, **sizes
+    )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    getattr(transformers, model_cls)(config).save_pretrained(path)
     return path
+
+
+def _llama_folder(path):
+    return _folder(
+        path, "LlamaForCausalLM", "LlamaConfig", hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        max_position_embeddings=64,
+    )  # fmt: skip
 
 
 def _text(path):
@@ -308,13 +315,9 @@ def test_a_folder_written_from_a_folder_keeps_its_tokenizer_files(tmp_path):
 
 
 def _gpt2_folder(path):
-    config = transformers.GPT2Config(
-        vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-        bos_token_id=None, eos_token_id=None,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(config).save_pretrained(path)
-    return path
+    return _folder(
+        path, "GPT2LMHeadModel", "GPT2Config", n_embd=32, n_layer=2, n_head=4, n_positions=64
+    )
 
 
 def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
