@@ -213,6 +213,11 @@ def test_a_transformer_layer_mlp_hands_over_with_the_same_gradients(gate_cls, ac
 def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the distinct storages autograd keeps for one forward pass of ``net`` on ``x``,
     and those the gates keep beside it."""
+    return sum(_saved_storages(net, x))
+
+
+def _saved_storages(net: nn.Module, x: torch.Tensor) -> list[int]:
+    """The sizes in bytes of the distinct storages :func:`_saved_bytes` counts."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -225,7 +230,7 @@ def _saved_bytes(net: nn.Module, x: torch.Tensor) -> int:
         getattr(out, "logits", out)
     ):  # (a Hugging Face model's output)  # what the gates keep outside the hooks
         pack(t)
-    return sum(seen.values())
+    return list(seen.values())
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
@@ -389,3 +394,77 @@ def test_a_hook_that_reads_the_gated_output_turns_the_hand_off_off(where, activa
         handle.remove()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _gated_vit(family: str) -> nn.Module:
+    """The tiny ViT of BENCHMARKS §1 (4 layers of 4 heads), heads and MLP neurons gated."""
+    from compressdrop.models import build_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # the residual stream (LayerNorm)
+        net = cd.attach(build_model("vit", input_shape=(1, 28, 28)), family,
+                        example_inputs=torch.randn(2, 1, 28, 28))  # fmt: skip
+    return net.train()
+
+
+def test_a_head_gate_and_its_projection_keep_what_the_plain_projection_keeps(gate_cls):
+    """A head gate and the output projection after it run as one function that keeps the
+    attention's output and θ, not their product besides (BENCHMARKS §3: the ViT's log-normal step
+    kept 1.13× the plain step's bytes), with the gradients of computing them apart, a pruned
+    head (θ = 0) included."""
+    net = _gated_vit(gate_cls.family)
+    heads = [m for m in net.modules() if type(m).__name__ == "HeadGated"]
+    assert len(heads) == 4
+    _spread_and_prune_one(net)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    _same_grads_as_keeping_inputs(net, x, y)
+    plain = cd.detach(copy.deepcopy(net)).train()
+
+    def inputs_kept(model: nn.Module) -> int:  # storages of a projection input's size
+        torch.manual_seed(1)
+        return _saved_storages(model, x).count(8 * 17 * 64 * 4)  # 17 tokens of 64, float32
+
+    gated = inputs_kept(net)
+    assert gated == inputs_kept(plain) > 0
+    with cd.gates.hand_overs_off():  # computed apart: each projection's input twice
+        assert inputs_kept(net) == gated + len(heads)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("per_batch", [False, True], ids=["per-example", "per-batch"])
+def test_the_fused_projection_has_the_derivatives_of_the_gate_then_the_projection(
+    conv1d, per_batch
+):
+    """First and second derivatives of the fused head gate and projection against finite
+    differences (float64), θ per example or (noise="batch") one per mini-batch; the values are
+    those of multiplying, then projecting."""
+    from compressdrop.gates._proj import _GatedLinear
+
+    torch.manual_seed(0)
+    B, T, H, D, out = 3, 4, 2, 3, 5
+    x = torch.randn(B, T, H * D, dtype=torch.float64, requires_grad=True)
+    theta = torch.rand(1 if per_batch else B, H, dtype=torch.float64, requires_grad=True)
+    shape = (H * D, out) if conv1d else (out, H * D)
+    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out, dtype=torch.float64, requires_grad=True)
+
+    def fused(*args):
+        return _GatedLinear.apply(*args, conv1d)
+
+    scaled = (x.unflatten(-1, (H, D)) * theta[:, None, :, None]).flatten(-2)
+    expected = scaled @ w + b if conv1d else F.linear(scaled, w, b)
+    torch.testing.assert_close(fused(x, theta, w, b), expected)
+    assert torch.autograd.gradcheck(fused, (x, theta, w, b))
+    assert torch.autograd.gradgradcheck(fused, (x, theta, w, b))
+
+
+def test_a_hooked_projection_runs_as_it_is():
+    """A hook on the output projection sees its input, the gated heads: the projection runs as
+    a module then, not fused."""
+    net = _gated_vit("lognormal")
+    proj = next(m for m in net.modules() if type(m).__name__ == "HeadGated").module
+    seen = []
+    proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
+    net(torch.randn(2, 1, 28, 28)).sum().backward()
+    assert seen == [(2, 17, 64)]

@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..gates import Gate, _mul, bank, check_gate_kwargs, gate_class
 from ..gates._defer import defer, hand_over, no_global_hooks, remove_hand_overs
 from ..gates._mul import wrapper_pre_hook
+from ..gates._proj import fused_projection
 from .attention import MultiheadAttention, nested_off, to_stock
 from .costs import KL_COSTS, check_kl_scale, normalized_costs
 from .groups import GatingWarning, UnitGroup, find_groups
@@ -137,6 +138,9 @@ class HeadGated(Gated):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The projection of ``x`` with each head's features multiplied by its gate."""
+        fused = None if args or kwargs else fused_projection(self, x)  # keeps x·θ no more
+        if fused is not None:
+            return fused
         heads = self.gate(x.unflatten(-1, (-1, self.head_dim)), dim=-2)
         return self.module(heads.flatten(-2), *args, **kwargs)
 

@@ -1,0 +1,112 @@
+"""A head gate and the projection after it as one autograd function (eager training).
+
+A head gate multiplies an attention's output x (B, ..., H·D) head by head, and the output
+projection reads the product. Computed apart, autograd keeps both: x (which the attention's own
+backward pass usually keeps anyway) for the gate's gradient, and x·θ for the projection's weight
+gradient, one activation-sized tensor more than the plain model keeps (the tiny ViT's log-normal
+step kept 1.13× the plain step's bytes, BENCHMARKS §3). :class:`_GatedLinear` keeps x and θ only
+and multiplies again in its backward pass, one pass over x: the gated step keeps what the plain
+one keeps there. The same values (the product and the projection as the unfused code computes
+them) and the same gradients to rounding, first and higher order (its backward is differentiable
+tensor code); ``tests/test_gate_memory.py`` checks both.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _mul
+from ._defer import no_global_hooks
+from .base import Gate
+
+# projections whose forward is F.linear(x, weight, bias) and nothing else
+_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+# transformers' Conv1D (GPT-2's c_proj): addmm(bias, x, weight), the weight (in, out)
+_CONV1D = ("transformers.pytorch_utils", "Conv1D")
+
+
+def _project(xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool):
+    """The projection's own forward: F.linear, or Conv1D's addmm."""
+    if not conv1d or bias is None:
+        return F.linear(xs, weight.t() if conv1d else weight, bias)
+    rows = torch.addmm(bias, xs.reshape(-1, xs.shape[-1]), weight)
+    return rows.view(*xs.shape[:-1], weight.shape[1])
+
+
+def _scaled(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """x (B, ..., H·D) with head h of example b multiplied by θ[b, h] (θ of shape (B or 1, H))."""
+    n, h = theta.shape
+    heads = x.unflatten(-1, (h, -1))
+    return (heads * theta.reshape(n, *(1,) * (x.dim() - 2), h, 1)).flatten(-2)
+
+
+class _GatedLinear(torch.autograd.Function):
+    """y = linear(x·θ, W, b), θ per example and head (``conv1d``: W stored (in, out), as
+    transformers' ``Conv1D`` stores it); keeps x and θ, not x·θ."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        conv1d: bool,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, theta, weight)
+        ctx.conv1d = conv1d
+        return _project(_scaled(x, theta), weight, bias, conv1d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, theta, weight = ctx.saved_tensors
+        need_x, need_theta, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = grad_theta = grad_w = grad_b = None
+        if need_x or need_theta:
+            g_scaled = grad @ (weight.t() if ctx.conv1d else weight)  # ∂L/∂(x·θ), x's shape
+            if need_x:
+                grad_x = _scaled(g_scaled, theta)
+            if need_theta:
+                n, h = theta.shape
+                per_head = (g_scaled * x).unflatten(-1, (h, -1)).sum(-1)  # (B, ..., H)
+                grad_theta = per_head.reshape(x.shape[0], -1, h).sum(1)
+                if n != x.shape[0]:
+                    grad_theta = grad_theta.sum(0, keepdim=True)
+        if need_w:
+            rows = grad.reshape(-1, grad.shape[-1])
+            scaled = _scaled(x, theta).reshape(rows.shape[0], -1)
+            grad_w = scaled.t() @ rows if ctx.conv1d else rows.t() @ scaled
+        if need_b:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_theta, grad_w, grad_b, None
+
+
+def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The head-gated projection of ``x`` as :class:`_GatedLinear`, or None where it does not
+    apply: outside eager training with gradients, an output projection that is not a stock
+    ``nn.Linear`` or transformers' ``Conv1D`` (a parametrized one is another class) or has hooks,
+    under autocast, with module-wide hooks, or inside :func:`~compressdrop.gates.hand_overs_off`.
+    ``wrapper``: a :class:`~compressdrop.gating.gated.HeadGated`."""
+    proj: Any = wrapper.module
+    gate = cast(Gate, wrapper.gate)
+    conv1d = (type(proj).__module__, type(proj).__name__) == _CONV1D
+    if (
+        not gate.training
+        or _mul._OFF[0]
+        or (type(proj) not in _LINEARS and not conv1d)
+        or proj._forward_hooks
+        or proj._forward_pre_hooks
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or torch.is_autocast_enabled(x.device.type)
+        or not no_global_hooks()
+        or x.dim() < 2
+        or x.shape[-1] != gate.num_units * wrapper.head_dim
+    ):
+        return None
+    theta = gate.training_factor(x.shape[0], x.dtype)
+    return _GatedLinear.apply(x, theta, proj.weight, proj.bias, conv1d)
