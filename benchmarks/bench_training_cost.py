@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder,vit]
      [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
-     [--ablate-bank | --ablate-defer | --ablate-handoff]
+     [--ablate-bank | --ablate-defer | --ablate-handoff | --ablate-fuse]
 
 A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
 plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
@@ -19,7 +19,9 @@ adds its median ratio to plain as "per-gate ratio". ``--ablate-defer`` does the 
 deferral of ``compressdrop/gates/_defer.py`` off (each gated convolution multiplies at its output,
 not after the pool that follows it): "undeferred ratio". ``--ablate-handoff`` with every hand-off
 off (``compressdrop.gates.hand_overs_off``: each gate keeps its input and multiplies out of place,
-no ReLU, GELU or pool takes over): "kept-input ratio".
+no ReLU, GELU or pool takes over): "kept-input ratio". ``--ablate-fuse`` with the head gates and
+their output projections computed apart (``compressdrop/gates/_proj.py`` off): "unfused-heads
+ratio".
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.gates import GATES, _defer, bank, hand_overs_off
+from compressdrop.gates import GATES, _defer, _proj, bank, hand_overs_off
 from compressdrop.gates._mul import kept_tensors
 from compressdrop.models import build_model
 
@@ -136,6 +138,7 @@ ABLATIONS = {  # --ablate-X: the third net's name, and the switch it runs inside
     "bank": ("per-gate", bank.off),  # every gate computed alone
     "defer": ("undeferred", _defer.off),  # each gate multiplies at its layer, not after a pool
     "handoff": ("kept-input", hand_overs_off),  # each gate keeps its input, out of place
+    "fuse": ("unfused-heads", _proj.off),  # head gates and their projections computed apart
 }
 
 
@@ -296,6 +299,11 @@ def main() -> None:
         action="store_true",
         help="also time the gated net with each gate keeping its input (hand_overs_off)",
     )
+    ap.add_argument(
+        "--ablate-fuse",
+        action="store_true",
+        help="also time the gated net with head gates and projections apart (gates/_proj.py)",
+    )
     args = ap.parse_args()
     if args.saved:
         rows = []
@@ -321,7 +329,7 @@ def main() -> None:
     device = torch.device(args.device)
     chosen = [k for k in ABLATIONS if getattr(args, f"ablate_{k}")]
     if len(chosen) > 1:
-        ap.error("one ablation at a time: --ablate-bank, --ablate-defer or --ablate-handoff")
+        ap.error("one ablation at a time: " + ", ".join(f"--ablate-{k}" for k in ABLATIONS))
     ablate = chosen[0] if chosen else None
     rows = []
     for net in args.nets.split(","):

@@ -13,6 +13,7 @@ from torch import nn
 
 import compressdrop as cd
 from compressdrop.errors import InputError
+from compressdrop.gates import _proj
 from compressdrop.gates._mul import (
     ATTR,
     RELUS,
@@ -428,6 +429,8 @@ def test_a_head_gate_and_its_projection_keep_what_the_plain_projection_keeps(gat
     gated = inputs_kept(net)
     assert gated == inputs_kept(plain) > 0
     with cd.gates.hand_overs_off():  # computed apart: each projection's input twice
+        assert inputs_kept(net) == gated + len(heads)
+    with _proj.off():  # the benchmark's switch for the fusion alone
         assert inputs_kept(net) == gated + len(heads)
 
 

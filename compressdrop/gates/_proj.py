@@ -13,6 +13,8 @@ tensor code); ``tests/test_gate_memory.py`` checks both.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
@@ -22,6 +24,20 @@ from torch import nn
 from . import _mul
 from ._defer import no_global_hooks
 from .base import Gate
+
+_OFF = [0]  # open off() contexts
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Compute head gates and their projections apart inside this context, as before the fusion:
+    the same function, for measuring what the fusion saves and costs."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
 
 # projections whose forward is F.linear(x, weight, bias) and nothing else
 _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -72,8 +88,8 @@ class _GatedLinear(torch.autograd.Function):
                 grad_x = _scaled(g_scaled, theta)
             if need_theta:
                 n, h = theta.shape
-                per_head = (g_scaled * x).unflatten(-1, (h, -1)).sum(-1)  # (B, ..., H)
-                grad_theta = per_head.reshape(x.shape[0], -1, h).sum(1)
+                products = (g_scaled * x).view(x.shape[0], -1, h, x.shape[-1] // h)
+                grad_theta = products.sum((1, 3))  # (B, H)
                 if n != x.shape[0]:
                     grad_theta = grad_theta.sum(0, keepdim=True)
         if need_w:
@@ -97,6 +113,7 @@ def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
     if (
         not gate.training
         or _mul._OFF[0]
+        or _OFF[0]
         or (type(proj) not in _LINEARS and not conv1d)
         or proj._forward_hooks
         or proj._forward_pre_hooks
