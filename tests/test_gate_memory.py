@@ -471,3 +471,116 @@ def test_a_hooked_projection_runs_as_it_is():
     proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))
     net(torch.randn(2, 1, 28, 28)).sum().backward()
     assert seen == [(2, 17, 64)]
+
+
+class _Attention(nn.Module):
+    """One self-attention (its weights spelled out: no fused kernel) between two linears."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.att = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h + self.att(h, h, h, need_weights=True)[0])
+
+
+def _gated_attention(family: str = "lognormal") -> tuple[nn.Module, nn.Module]:
+    """The gated :class:`_Attention` in training mode, and its head-gated projection."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        net = cd.attach(_Attention(), family, example_inputs=torch.randn(2, 5, 8)).train()
+    _spread_and_prune_one(net)
+    (wrapper,) = [m for m in net.modules() if type(m).__name__ == "HeadGated"]
+    return net, wrapper
+
+
+def _fused_and_apart(net: nn.Module, run) -> None:
+    """``run(net)`` (tensors) fused and with the fusion off: the same values."""
+    torch.manual_seed(3)
+    a = run(net)
+    with _proj.off():
+        torch.manual_seed(3)
+        b = run(net)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def _value_and_grads(x: torch.Tensor):
+    def run(net: nn.Module) -> list[torch.Tensor]:
+        xs = x.clone().requires_grad_()
+        out = net(xs)
+        params = [p for p in net.parameters() if p.requires_grad]
+        return [out, *torch.autograd.grad(out.pow(2).mean(), [xs, *params])]
+
+    return run
+
+
+class _Clamped(cd.gates.LogNormalGate):
+    """A family of one's own whose multiply is not the base class's."""
+
+    def multiply(self, x, theta, dim=1, relu_after=False, inplace=False):
+        return super().multiply(x, theta.clamp(max=0.5), dim, relu_after, inplace)
+
+
+@pytest.mark.parametrize(
+    "change", ["gate-hook", "gate-pre-hook", "backward-hook", "instance-forward", "multiply"]
+)
+def test_what_the_unfused_path_runs_keeps_the_fusion_off(change):
+    """The fused projection calls neither the gate nor the projection as modules: a hook on
+    either (forward or backward), a forward set on the projection instance (as accelerate's
+    ``add_hook_to_module`` sets one) or a gate class with its own ``multiply`` runs unfused."""
+    net, wrapper = _gated_attention()
+    gate, proj = wrapper.gate, wrapper.module
+    calls = []
+    if change == "gate-hook":
+        gate.register_forward_hook(lambda m, a, out: calls.append(1) or out * 0.5)
+    elif change == "gate-pre-hook":
+        gate.register_forward_pre_hook(lambda m, a: calls.append(1) or (a[0].clamp(max=0.1),))
+    elif change == "backward-hook":
+        proj.register_full_backward_hook(lambda m, gi, go: calls.append(1) or (gi[0] * 2,))
+    elif change == "instance-forward":
+        forward = proj.forward
+        proj.forward = lambda t: calls.append(1) or forward(t.clamp(max=0.1))
+    else:
+        gate.__class__ = _Clamped  # nothing to count: the values tell
+    _fused_and_apart(net, _value_and_grads(torch.randn(3, 7, 8)))
+    assert change == "multiply" or len(calls) == 2  # once fused, once apart
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 8), (3, 0, 8)], ids=["no-examples", "no-tokens"])
+def test_the_fused_projection_takes_an_empty_batch(shape):
+    """An empty batch or sequence passes backward as it does unfused (no -1 to infer there)."""
+    net, _ = _gated_attention()
+    _fused_and_apart(net, _value_and_grads(torch.randn(*shape)))
+
+
+@pytest.mark.parametrize("how", ["forward-ad", "torch.func", "batched-backward"])
+def test_the_fused_projection_under_forward_ad_functorch_and_a_vectorized_backward(how):
+    """Forward-mode AD and ``torch.func`` (``_GatedLinear`` has no ``jvp`` and no
+    ``setup_context``) run unfused, and a vmapped backward pass (``is_grads_batched``,
+    ``jacobian(vectorize=True)``) runs through the fused one, as they all did unfused."""
+    import torch.autograd.forward_ad as fwAD
+
+    net, _ = _gated_attention("concrete")  # its draws are tensor code: torch.func runs them
+    x = torch.randn(2, 3, 8)
+
+    def jvp(model: nn.Module) -> list[torch.Tensor]:
+        with fwAD.dual_level():
+            return [fwAD.unpack_dual(model(fwAD.make_dual(x, torch.ones_like(x)))).tangent]
+
+    def func_grad(model: nn.Module) -> list[torch.Tensor]:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        loss = lambda p: torch.func.functional_call(model, p, (x,)).pow(2).mean()  # noqa: E731
+        return list(torch.func.grad(loss)(params).values())
+
+    def batched(model: nn.Module) -> list[torch.Tensor]:
+        xs = x.clone().requires_grad_()
+        out = model(xs)
+        eye = torch.eye(out.numel()).view(-1, *out.shape)
+        return list(torch.autograd.grad(out, xs, eye, is_grads_batched=True))
+
+    runs = {"forward-ad": jvp, "torch.func": func_grad, "batched-backward": batched}
+    _fused_and_apart(net, runs[how])

@@ -14,10 +14,12 @@ tensor code); ``tests/test_gate_memory.py`` checks both.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -56,8 +58,10 @@ def _project(xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 def _scaled(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """x (B, ..., H·D) with head h of example b multiplied by θ[b, h] (θ of shape (B or 1, H))."""
     n, h = theta.shape
-    heads = x.unflatten(-1, (h, -1))
-    return (heads * theta.reshape(n, *(1,) * (x.dim() - 2), h, 1)).flatten(-2)
+    # reshape, not unflatten and flatten: a vectorized backward pass (is_grads_batched,
+    # jacobian(vectorize=True)) vmaps this, and those two have no batching rule there
+    heads = x.reshape(*x.shape[:-1], h, x.shape[-1] // h)
+    return (heads * theta.reshape(n, *(1,) * (x.dim() - 2), h, 1)).reshape(x.shape)
 
 
 class _GatedLinear(torch.autograd.Function):
@@ -88,38 +92,61 @@ class _GatedLinear(torch.autograd.Function):
                 grad_x = _scaled(g_scaled, theta)
             if need_theta:
                 n, h = theta.shape
-                products = (g_scaled * x).view(x.shape[0], -1, h, x.shape[-1] // h)
+                # sizes spelled out, no -1: an empty batch or sequence has none to infer
+                rest = math.prod(x.shape[1:-1])
+                products = (g_scaled * x).reshape(x.shape[0], rest, h, x.shape[-1] // h)
                 grad_theta = products.sum((1, 3))  # (B, H)
                 if n != x.shape[0]:
                     grad_theta = grad_theta.sum(0, keepdim=True)
         if need_w:
             rows = grad.reshape(-1, grad.shape[-1])
-            scaled = _scaled(x, theta).reshape(rows.shape[0], -1)
+            scaled = _scaled(x, theta).reshape(rows.shape[0], x.shape[-1])
             grad_w = scaled.t() @ rows if ctx.conv1d else rows.t() @ scaled
         if need_b:
             grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_x, grad_theta, grad_w, grad_b, None
 
 
+def _runs_as_is(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its class's forward and nothing else: no forward or
+    backward hooks, no forward set on the instance (as accelerate's ``add_hook_to_module`` does)."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in vars(module)
+    )
+
+
 def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
     """The head-gated projection of ``x`` as :class:`_GatedLinear`, or None where it does not
     apply: outside eager training with gradients, an output projection that is not a stock
-    ``nn.Linear`` or transformers' ``Conv1D`` (a parametrized one is another class) or has hooks,
-    under autocast, with module-wide hooks, or inside :func:`~compressdrop.gates.hand_overs_off`.
+    ``nn.Linear`` or transformers' ``Conv1D`` (a parametrized one is another class), a gate whose
+    class has its own ``forward``, ``check_units`` or ``multiply``, hooks (forward or backward) on
+    the projection or the gate or module-wide, a forward set on either instance, under autocast,
+    forward-mode AD or a ``torch.func`` transform (``_GatedLinear`` has neither a ``jvp`` nor a
+    ``setup_context``), or inside :func:`~compressdrop.gates.hand_overs_off`.
     ``wrapper``: a :class:`~compressdrop.gating.gated.HeadGated`."""
     proj: Any = wrapper.module
     gate = cast(Gate, wrapper.gate)
     conv1d = (type(proj).__module__, type(proj).__name__) == _CONV1D
+    cls = type(gate)
     if (
         not gate.training
         or _mul._OFF[0]
         or _OFF[0]
         or (type(proj) not in _LINEARS and not conv1d)
-        or proj._forward_hooks
-        or proj._forward_pre_hooks
+        or cls.forward is not Gate.forward
+        or cls.check_units is not Gate.check_units
+        or cls.multiply is not Gate.multiply
+        or not _runs_as_is(proj)
+        or not _runs_as_is(gate)
         or not torch.is_grad_enabled()
         or torch.compiler.is_compiling()
         or torch.is_autocast_enabled(x.device.type)
+        or fwAD._current_level >= 0  # a dual level is open: tangents may flow
+        or torch._C._are_functorch_transforms_active()
         or not no_global_hooks()
         or x.dim() < 2
         or x.shape[-1] != gate.num_units * wrapper.head_dim
