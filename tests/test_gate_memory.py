@@ -584,3 +584,20 @@ def test_the_fused_projection_under_forward_ad_functorch_and_a_vectorized_backwa
 
     runs = {"forward-ad": jvp, "torch.func": func_grad, "batched-backward": batched}
     _fused_and_apart(net, runs[how])
+
+
+def test_a_frozen_gate_and_projection_keep_no_attention_output():
+    """With neither θ nor the projection's weight trained, the fused function keeps no more than
+    the two apart (θ for the input's gradient): the attention's output is not kept for nothing."""
+    net, wrapper = _gated_attention()
+    wrapper.gate.requires_grad_(False)
+    wrapper.module.requires_grad_(False)
+    x = torch.randn(16, 32, 8, requires_grad=True)
+
+    def kept(model: nn.Module) -> int:
+        torch.manual_seed(1)
+        return _saved_storages(model, x).count(16 * 32 * 16 * 4)  # the (B, T, 16) float32 output
+
+    fused = kept(net)
+    with _proj.off():
+        assert fused == kept(net)

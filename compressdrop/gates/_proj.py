@@ -77,7 +77,9 @@ class _GatedLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         conv1d: bool,
     ) -> torch.Tensor:
-        ctx.save_for_backward(x, theta, weight)
+        _, need_theta, need_w, _, _ = ctx.needs_input_grad
+        # x only for θ's and the weight's gradients: x's own needs θ and the weight alone
+        ctx.save_for_backward(x if need_theta or need_w else None, theta, weight)
         ctx.conv1d = conv1d
         return _project(_scaled(x, theta), weight, bias, conv1d)
 
