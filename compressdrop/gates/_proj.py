@@ -7,8 +7,8 @@ gradient, one activation-sized tensor more than the plain model keeps (the tiny 
 step kept 1.13× the plain step's bytes, BENCHMARKS §3). :class:`_GatedLinear` keeps x and θ only
 and multiplies again in its backward pass, one pass over x: the gated step keeps what the plain
 one keeps there. The same values (the product and the projection as the unfused code computes
-them) and the same gradients to rounding, first and higher order (its backward is differentiable
-tensor code); ``tests/test_gate_memory.py`` checks both.
+them) and the same gradients to rounding, first and second order (its backward is
+differentiable tensor code); ``tests/test_gate_memory.py`` checks both.
 """
 
 from __future__ import annotations
