@@ -375,10 +375,12 @@ def test_only_token_ids_try_a_dynamic_length_and_other_failures_say_nothing_of_i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.onnx"]
 
 
-def test_labels_the_model_has_no_output_for_are_named_before_any_work(gated_file, tmp_path):
+def test_labels_the_model_has_no_output_for_are_named_before_any_work(
+    gated_file, tmp_path, monkeypatch
+):
     """A 10-output model against data with 20 classes: eval, eval --mc and the ONNX evaluator
-    failed with torch's "IndexError: Target 13 is out of bounds" traceback, and prune only after
-    its training stages."""
+    failed with torch's "IndexError: Target 13 is out of bounds" traceback, prune only after
+    its training stages, and sweep only after its first prune and export."""
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(20), 10)
     np.savez(tmp_path / "twenty.npz", x=rng.random((200, 1, 8, 8), dtype=np.float32), y=y)
@@ -390,7 +392,17 @@ def test_labels_the_model_has_no_output_for_are_named_before_any_work(gated_file
     scored = "labels up to 19 .*: the model was trained for 10: score it on data of those"
     with pytest.raises(InputError, match=scored):
         evaluate_file(path, data)
-    with pytest.raises(InputError, match="gives 10 outputs but the data has labels up to 19"):
+    from compressdrop.evaluation import sweep as sweep_module
+    from compressdrop.workflows import sweep_file
+
+    def swept(*args, **kwargs):
+        raise AssertionError("the sweep started")
+
+    monkeypatch.setattr(sweep_module, "sweep", swept)
+    with pytest.raises(InputError, match=scored):
+        sweep_file(path, data, out=tmp_path / "sw")
+    assert not (tmp_path / "sw").exists()
+    with pytest.raises(InputError, match=scored):
         evaluate_file(path, data, mc_samples=3)
     export_file(path, tmp_path / "m.onnx")
     with pytest.raises(InputError, match="gives 10 outputs but the data has labels up to 19"):

@@ -16,7 +16,7 @@ from torch import nn
 from ..arch import Factory
 from ..data import load_dataset
 from ..errors import DataError, InputError
-from ..runtime import run_on_examples
+from ..runtime import check_labels, run_on_examples
 from .jobs import load_fitting
 from .sparsify import fit_ids, fit_input_shape
 
@@ -207,7 +207,8 @@ def _fitted_data(
     where = f"data {ds.name!r}"
     fit_input_shape(model, tuple(ds.input_shape), where)  # (fit_ids needs it)
     ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
-    run_on_examples(model, ds.x_test, where)  # a model that records no shape: a clear error
+    logits = run_on_examples(model, ds.x_test, where)  # a model that records no shape: named
+    check_labels(logits.shape[-1], ds.y_test, where)  # before a sweep's prunes and exports
     return ds
 
 
