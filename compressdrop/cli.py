@@ -22,8 +22,7 @@ __all__ = ["main"]
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler's stop): raised like Ctrl-C's KeyboardInterrupt, so that
-    the temporary files and folders a command was writing are removed on the way out."""
+    """SIGTERM (``kill``) as a KeyboardInterrupt: a command removes its temporary files."""
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -31,6 +30,17 @@ def _terminate(signum: int, frame: Any) -> None:
 
     signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise _Terminated
+
+
+class _Group(click.Group):
+    """SIGTERM ends a command, cleaned up, with exit code 143 (click: "Aborted!", 1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _Terminated:
+            click.echo("terminated (SIGTERM)", err=True)
+            raise SystemExit(143) from None
 
 
 class _Failure(click.ClickException):
@@ -70,7 +80,7 @@ def _emit(as_json: bool, data: Any, text: Callable[[], Any]) -> None:
         text()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="compressdrop")
 def main() -> None:
     """Make neural networks smaller and faster with Bayesian dropout.
