@@ -47,7 +47,9 @@ _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 _CONV1D = ("transformers.pytorch_utils", "Conv1D")
 
 
-def _project(xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool):
+def _project(
+    xs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool
+) -> torch.Tensor:
     """The projection's own forward: F.linear, or Conv1D's addmm."""
     if not conv1d or bias is None:
         return F.linear(xs, weight.t() if conv1d else weight, bias)
