@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder,vit]
      [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
-     [--ablate-bank | --ablate-defer | --ablate-handoff | --ablate-fuse]
+     [--ablate-bank | --ablate-defer | --ablate-handoff | --ablate-fuse] [--noise batch]
 
 A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
 plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
@@ -43,6 +43,7 @@ from compressdrop.models import build_model
 from common import markdown_table, save
 
 N_TRAIN = 60_000
+GATE_KWARGS: dict = {}  # --noise batch: {"noise": "batch"}
 
 
 class Encoder(nn.Module):
@@ -115,7 +116,9 @@ def make_step(net: str, family: str | None, mode: str, batch: int, device: torch
     model = factory().to(device)
     if family is not None:
         example = torch.randn(2, *shape, device=device)
-        model = cd.attach(model, gate=family, example_inputs=example, **attach_kwargs)
+        model = cd.attach(
+            model, gate=family, example_inputs=example, gate_kwargs=GATE_KWARGS, **attach_kwargs
+        )
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     fn = loss_of(model, family, mode)
@@ -278,6 +281,12 @@ def main() -> None:
     ap.add_argument("--nets", default="lenet5,lenet300,resnet18,encoder")
     ap.add_argument("--families", default=",".join(GATES))
     ap.add_argument("--batches", default="64,256")
+    ap.add_argument(
+        "--noise",
+        choices=("example", "batch"),
+        default="example",
+        help="the gates' noise: one θ per example (the default) or per mini-batch",
+    )
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--pairs", type=int, default=30)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -305,6 +314,7 @@ def main() -> None:
         help="also time the gated net with head gates and projections apart (gates/_proj.py)",
     )
     args = ap.parse_args()
+    GATE_KWARGS["noise"] = args.noise
     if args.saved:
         rows = []
         for net in args.nets.split(","):
