@@ -286,3 +286,27 @@ def test_a_constant_into_a_padded_conv_is_refused_with_the_reason():
     with pytest.warns(cd.GatingWarning, match="cannot fold a constant into its bias"):
         cd.attach(net, "lognormal", example_inputs=torch.randn(2, 3, 8, 8))
     assert all(g.num_units != 6 for _, g in cd.named_gates(net))
+
+
+@pytest.mark.parametrize("name", ["resnet", "depthwise"])
+def test_a_frozen_first_layer_is_traced_and_cut_with_its_group(name):
+    # a frozen stem (requires_grad=False, reached by no tensor that requires grad) was missing
+    # from the traced dependency graph: its group was cut without it and the slim model
+    # differed or did not run
+    torch.manual_seed(0)
+    model = randomize_(ZOO[name](), 0)
+    name_first, first = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    first.requires_grad_(False)
+    model = random_gates_(attach_zoo(model, name), 0).eval()
+    assert not first.weight.requires_grad  # attach leaves the flags as they were
+    x = input_for(model, 8)
+    thr = quantiles(model, (0.6,))[0]
+    slim = cd.prune(model, thr)
+    assert not first.weight.requires_grad
+    cut = slim.get_submodule(name_first)
+    assert cut.out_channels < first.out_channels
+    # the cut layer's new parameters stay frozen (Torch-Pruning's require grad); the rest train
+    assert not any(p.requires_grad for p in cut.parameters())
+    assert all(p.requires_grad for n, p in slim.named_parameters() if not n.startswith(name_first))
+    with torch.no_grad():
+        assert rel_error(slim(x), mask_(model, thr)(x)) <= TOL

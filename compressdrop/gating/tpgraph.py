@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ def build_graph(model: nn.Module, inputs: tuple) -> tuple[Any | None, str | None
 
     dg = tp.DependencyGraph()
     try:
-        with torch.enable_grad(), tracing(model):
+        with torch.enable_grad(), tracing(model), _all_params_traced(model):
             dg.build_dependency(
                 model,
                 example_inputs=inputs,
@@ -108,6 +109,25 @@ def build_graph(model: nn.Module, inputs: tuple) -> tuple[Any | None, str | None
             setattr(dg, _BLOCKED, _remap_node_by_node(dg))
             return dg, None
     return None, error
+
+
+@contextmanager
+def _all_params_traced(model: nn.Module) -> Iterator[None]:
+    """Every floating-point parameter requires grad while the graph is traced (restored on exit).
+
+    Torch-Pruning follows the autograd graph: a frozen layer (``requires_grad=False``) that no
+    tensor requiring grad reaches, such as a frozen stem, would be missing from it, and its
+    group cut without it (a frozen ResNet ``conv1`` or MobileNet stem made the slim model wrong
+    or not run).
+    """
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _traced_outputs(out: Any) -> list[torch.Tensor]:

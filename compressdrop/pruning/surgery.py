@@ -280,6 +280,8 @@ def prune(
         for name, keep, thr in masks.values()
     ]
     detach(work)
+    # Torch-Pruning gives a cut layer new parameters that require grad: keep frozen ones frozen
+    frozen = {n for n, p in work.named_parameters() if not p.requires_grad}
     for name, idxs in heads.items():
         if idxs:
             remove_heads_(work, name, idxs)
@@ -307,6 +309,9 @@ def prune(
         problem = prune_group(group)
         if problem is not None:
             raise SurgeryError(f"cannot cut the group of {masks[gid][0]!r}: {problem}")
+    for n, p in work.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
     work.eval()
     try:
         with torch.no_grad(), full_fp32():
