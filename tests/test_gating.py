@@ -293,6 +293,13 @@ def test_an_include_pattern_or_granularity_that_selects_nothing_is_named():
         cd.attach(lenet300(), granularity="channel")
     with pytest.raises(InputError, match=r"exclude Linear takes every gateable layer that incl"):
         cd.attach(lenet300(), include=["1"], exclude=[nn.Linear])
+    # a CNN whose only neuron layer is its output: the message counts that layer, not the convs
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    with pytest.raises(InputError, match=r"among its 1 neuron layer \(Linear\): the units"):
+        cd.attach(cnn, granularity="neuron", example_inputs=torch.randn(2, 3, 8, 8))
     # one pattern of several that matches nothing: the others gate, the stray one is warned about
     with pytest.warns(cd.GatingWarning, match="include pattern 'fc1' matches none"):
         model = cd.attach(lenet300(), include=["1", "fc1"])

@@ -97,9 +97,13 @@ def nothing_to_gate(
             f"model's {'selected ' if include or exclude else ''}gateable layers have {kinds} "
             f"units only ({_listing(chosen)}); granularity 'auto' gates every kind"
         )
+    if granularity != "auto":  # the layers of other kinds were never candidates
+        chosen = [(n, m, k) for n, m, k in chosen if k == granularity]
     producers = [type(m).__name__ for _, m, _ in chosen]
+    kind = "" if granularity == "auto" else f"{granularity} "
     return (
-        f"no gateable layer found among its {len(producers)} layers "
+        f"no gateable layer found among its {len(producers)} {kind}layer"
+        f"{'' if len(producers) == 1 else 's'} "
         f"({', '.join(sorted(set(producers)))}): the units of each reach the model's output "
         "(the output layer is never gated) or pass through an operation that keeps removal from "
         "being exact (any GatingWarning above names it)"
