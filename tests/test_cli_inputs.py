@@ -488,3 +488,24 @@ def test_ctrl_c_in_train_says_how_to_go_on(tmp_path, monkeypatch):
     monkeypatch.setattr(workflows, "train", interrupted)
     res = run(["train", "--recipe", "lenet300-lognormal", "--out", tmp_path / "o"], expect=130)
     assert "interrupted; continue with the same command and --resume" in res.output
+
+
+def test_the_output_may_not_be_the_model_it_reads(gated_file, tmp_path):
+    """`prune G.pt -o G.pt` wrote the slim model over the trained gates, which then could not be
+    pruned again at another threshold; an export over its own `.pt2` the same."""
+    import shutil
+
+    path, _ = gated_file
+    gated = tmp_path / "g.pt"
+    shutil.copy(path, gated)
+    before = gated.read_bytes()
+    for out in (gated, tmp_path / "." / "g.pt"):  # any spelling of the same file
+        res = run(["prune", gated, "-o", out], expect=1)
+        assert "it is the model this reads" in res.stderr
+    assert gated.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["g.pt"]
+    run(["export", gated, "-o", tmp_path / "m.pt2"])
+    program = (tmp_path / "m.pt2").read_bytes()
+    res = run(["export", tmp_path / "m.pt2", "-o", tmp_path / "m.pt2"], expect=1)
+    assert "it is the model this reads" in res.stderr
+    assert (tmp_path / "m.pt2").read_bytes() == program
+    run(["prune", gated, "-o", tmp_path / "s.pt"])  # another file: as before

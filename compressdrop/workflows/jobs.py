@@ -42,9 +42,10 @@ def _quiet(event: dict[str, Any]) -> None:
     """The progress callback that shows nothing."""
 
 
-def check_writable(path: str | Path) -> None:
+def check_writable(path: str | Path, source: str | Path | None = None) -> None:
     """Fail before any work if ``path`` cannot be written: a non-empty name, not an existing
-    folder when it names a file (it has a suffix), in a folder that exists and is writable.
+    folder when it names a file (it has a suffix), in a folder that exists and is writable, not
+    the file ``source`` that the command reads (the model it prunes or exports).
 
     Raises:
         InputError: naming the file and the folder.
@@ -62,6 +63,9 @@ def check_writable(path: str | Path) -> None:
         raise InputError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {path}: directory {parent} is not writable")
+    reads = Path(source) if source is not None else None
+    if reads is not None and reads.exists() and Path(path).exists() and reads.samefile(path):
+        raise InputError(f"cannot write {path}: it is the model this reads; write elsewhere")
 
 
 def train(
@@ -208,7 +212,7 @@ def prune_file(
     """
     from ..gating import example_input_for, is_gated
 
-    check_writable(out)
+    check_writable(out, model_path)
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
@@ -286,7 +290,7 @@ def prune_file(
     gated = out.with_name(f"{out.stem}-gated.pt")
     partial = gated.with_name(f".{gated.name}.partial") if keep_gated else None
     if keep_gated:
-        check_writable(gated)  # (a folder of that name, say) before training
+        check_writable(gated, model_path)  # (a folder of that name, say) before training
     try:
         slim = sparsify_and_prune(
             model,
@@ -353,7 +357,7 @@ def export_file(
     from ..export.program import export_program
     from ..gating import example_input_for
 
-    check_writable(out)
+    check_writable(out, model_path)
     out = Path(out)
     if out.suffix not in (".onnx", ".pt2", ""):
         raise InputError(f"{out}: use a .onnx or .pt2 file name, or a folder name")
