@@ -64,7 +64,8 @@ def check_writable(path: str | Path, source: str | Path | None = None) -> None:
     if not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {path}: directory {parent} is not writable")
     reads = Path(source) if source is not None else None
-    if reads is not None and reads.exists() and Path(path).exists() and reads.samefile(path):
+    # (a folder: check_folder_output says more, a Hugging Face model's own folder included)
+    if reads is not None and reads.exists() and Path(path).is_file() and reads.samefile(path):
         raise InputError(f"cannot write {path}: it is the model this reads; write elsewhere")
 
 
