@@ -75,6 +75,28 @@ def test_train_of_a_users_factory_on_data_it_does_not_fit_is_named_before_any_st
     assert "the file" not in res.stderr and not out.exists()
 
 
+def kwargs_net(**kwargs) -> torch.nn.Module:
+    """A factory that takes num_classes through **kwargs only, as torchvision's do."""
+    from .test_formats import UserNet
+
+    return UserNet(**kwargs)
+
+
+def test_train_of_a_factory_that_takes_num_classes_through_kwargs_only_is_named(tmp_path):
+    """`train` with a torchvision-style factory (num_classes through **kwargs) trained a
+    1000-output model on 10-class data without a word, its record saying 10 classes."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", model={"arch": "tests.test_cli_walk:kwargs_net"})
+    consent = ["--arch", "tests.test_cli_walk:kwargs_net"]
+    out = tmp_path / "run"
+    res = run(["train", "-r", recipe, *consent, "--data", "digits", "-o", out], expect=1)
+    assert "gives 1000 outputs for data 'digits' of 10 classes" in res.stderr
+    assert "model.kwargs.num_classes=10" in res.stderr and not out.exists()
+    arch = {"arch": "tests.test_cli_walk:kwargs_net", "kwargs": {"num_classes": 10}}
+    fixed = tiny_recipe(tmp_path / "fixed.yaml", model=arch)
+    run(["train", "-r", fixed, *consent, "--data", "digits", "-o", out])  # as the advice says
+    assert (out / "slim.pt").is_file()
+
+
 def test_a_killed_prune_leaves_no_work_folder_or_temporary_file_in_the_output_folder(tmp_path):
     """`kill` (SIGTERM) ended the process without unwinding: `prune --data` left its work folder
     (`tmpXXXXXXXX/` with checkpoint.pt) in the output's folder, for good."""

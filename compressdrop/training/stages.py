@@ -117,6 +117,13 @@ class Pretrain(Stage):
         logits = run_on_examples(run.template, run.example(), where)
         for y in (run.data.y_train, run.data.y_test):
             check_labels(logits.shape[-1], y, where, setting="the recipe's model.kwargs.")
+        outputs, classes = logits.shape[-1], run.data.num_classes
+        if run.data.task == "classify" and outputs != classes:  # (a factory ignored num_classes)
+            raise InputError(
+                f"the recipe's model gives {outputs} outputs for {where} of {classes} classes: its"
+                " factory does not name num_classes (torchvision's take it through **kwargs); "
+                f"set it in the recipe: model.kwargs.num_classes={classes}"
+            )
 
     def leave(self, model: nn.Module) -> None:
         """Record the dense model's test metrics (once: a resumed run keeps the first)."""
