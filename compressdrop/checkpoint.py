@@ -64,7 +64,9 @@ def describe_arch(model: nn.Module) -> dict[str, Any]:
         raise CheckpointError(
             "the model has no `arch` record, so its structure could not be rebuilt without pickled "
             "code; build it with compressdrop.models.build_model, or set model.arch = "
-            "{'factory': 'package.module:function', 'input_shape': [...], 'num_classes': N, 'kwargs': {}}"
+            "{'factory': 'package.module:function', 'input_shape': [...], 'num_classes': N, "
+            "'kwargs': {...}} (kwargs: the factory's arguments, num_classes among them for a "
+            "factory that takes it through **kwargs only, as torchvision's do)"
         )
     return ArchRecord.from_dict(arch, "model.arch").to_dict()
 

@@ -77,9 +77,28 @@ def test_train_of_a_users_factory_on_data_it_does_not_fit_is_named_before_any_st
 
 def kwargs_net(**kwargs) -> torch.nn.Module:
     """A factory that takes num_classes through **kwargs only, as torchvision's do."""
-    from .test_formats import UserNet
-
     return UserNet(**kwargs)
+
+
+def test_the_arch_records_advice_gives_a_file_that_loads_for_a_kwargs_factory(tmp_path):
+    """save_model's advice for a model without a record put num_classes beside kwargs, which
+    such a factory never gets: the file then failed to load ("size mismatch for fc.weight")."""
+    import pytest
+
+    from compressdrop.checkpoint import load_model, save_model
+    from compressdrop.errors import CheckpointError
+
+    torch.manual_seed(0)
+    model = kwargs_net(num_classes=10).eval()
+    with pytest.raises(CheckpointError, match="num_classes among them"):
+        save_model(model, tmp_path / "m.pt")
+    spec = "tests.test_cli_walk:kwargs_net"
+    model.arch = {"factory": spec, "input_shape": [1, 8, 8], "num_classes": 10,
+                  "kwargs": {"num_classes": 10}}  # fmt: skip
+    save_model(model, tmp_path / "m.pt")
+    back = load_model(tmp_path / "m.pt", arch=spec).eval()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(back(x), model(x))
 
 
 def test_train_of_a_factory_that_takes_num_classes_through_kwargs_only_is_named(tmp_path):
