@@ -192,6 +192,8 @@ def _reshaped(x: torch.Tensor, base: torch.Tensor) -> bool:
 RELUS = (nn.ReLU, nn.ReLU6)
 # activations that keep their input for their backward pass (and, not in place, leave it as is)
 KEEP_THEIR_INPUT = (nn.GELU, nn.SiLU)
+# transformers' Conv1D (GPT-2's): addmm(bias, x, weight), its weight stored (in, out)
+CONV1D = ("transformers.pytorch_utils", "Conv1D")
 # layers whose backward pass reads their input and weights, not their output
 INPLACE_OK = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
@@ -320,7 +322,7 @@ def _inplace_ok(layer: Any) -> bool:
     if isinstance(layer, INPLACE_OK):
         return True
     kind = type(layer)
-    return (kind.__module__, kind.__name__) == ("transformers.pytorch_utils", "Conv1D")
+    return (kind.__module__, kind.__name__) == CONV1D
 
 
 def hand_over_in_known_blocks(model: nn.Module, wrapper: type[nn.Module]) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _mul
-from ._defer import no_global_hooks
+from ._defer import _clean, no_global_hooks
 from .base import Gate
 
 _OFF = [0]  # open off() contexts
@@ -43,8 +43,6 @@ def off() -> Iterator[None]:
 
 # projections whose forward is F.linear(x, weight, bias) and nothing else
 _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-# transformers' Conv1D (GPT-2's c_proj): addmm(bias, x, weight), the weight (in, out)
-_CONV1D = ("transformers.pytorch_utils", "Conv1D")
 
 
 def _project(
@@ -112,15 +110,10 @@ class _GatedLinear(torch.autograd.Function):
 
 
 def _runs_as_is(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs its class's forward and nothing else: no forward or
-    backward hooks, no forward set on the instance (as accelerate's ``add_hook_to_module`` does)."""
-    return not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or "forward" in vars(module)
-    )
+    """Whether calling ``module`` runs its class's forward and nothing else: no hook, not compiled
+    on its own (``_defer._clean``), no forward set on the instance (as accelerate's
+    ``add_hook_to_module`` does)."""
+    return _clean(module, ()) and "forward" not in vars(module)
 
 
 def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
@@ -134,7 +127,7 @@ def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
     ``wrapper``: a :class:`~compressdrop.gating.gated.HeadGated`."""
     proj: Any = wrapper.module
     gate = cast(Gate, wrapper.gate)
-    conv1d = (type(proj).__module__, type(proj).__name__) == _CONV1D
+    conv1d = (type(proj).__module__, type(proj).__name__) == _mul.CONV1D  # weight (in, out)
     cls = type(gate)
     if (
         not gate.training
