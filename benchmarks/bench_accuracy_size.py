@@ -105,6 +105,21 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v]
 
 
+def gated_job(name: str) -> tuple[str, float, dict[str, float]]:
+    """A gated job's family, beta and extra ``gates.kl_scale`` from its name:
+    ``<family>-b<beta>``, then ``@<key>=<factor>`` for each factor on a unit kind or layer-name
+    glob, e.g. ``lognormal-b64@features.0=0.5`` (the first convolution's KL at half weight)."""
+    base, *extra = name.split("@")
+    family, beta = base.rsplit("-b", 1)
+    kl_scale = {}
+    for item in extra:
+        key, _, factor = item.partition("=")
+        if not key or not factor:
+            raise SystemExit(f"job {name!r}: expected @<kind or glob>=<factor>, got @{item}")
+        kl_scale[key] = float(factor)
+    return family, float(beta), kl_scale
+
+
 def _dense(args, data, train, runs: Path, device: str):
     path = runs / f"dense-{args.pretrain}ep.pt"
     if path.exists():
@@ -166,8 +181,13 @@ def cmd_train(args) -> None:
             path, info = _torch_pruning_job(args, name, dense, train, example, runs)
             record |= info
         else:
-            family, beta = name.rsplit("-b", 1)
+            family, beta, kl_scale = gated_job(name)
             recipe = _recipe(args.net, family)
+            if kl_scale:
+                gates = recipe.gates
+                recipe = recipe.replace(
+                    gates=type(gates)(**{**vars(gates), "kl_scale": gates.kl_scale | kl_scale})
+                )
             # the recipe's own fine-tuning unless --finetune-lr / --finetune-schedule say otherwise
             finetune_stage = {
                 k: v
@@ -181,7 +201,7 @@ def cmd_train(args) -> None:
                     **{**vars(recipe.stages.finetune), "epochs": args.finetune, **finetune_stage}
                 ),
             )
-            kl = type(recipe.kl)(**{**vars(recipe.kl), "beta": float(beta)})
+            kl = type(recipe.kl)(**{**vars(recipe.kl), "beta": beta})
             recipe = recipe.replace(
                 stages=stages, kl=kl, data=type(recipe.data)(name=args.data), seed=args.seed
             )
@@ -195,7 +215,8 @@ def cmd_train(args) -> None:
             record |= {
                 "resumed": resume,  # then train_seconds counts only the resumed part
                 "method": family,
-                "beta": float(beta),
+                "beta": beta,
+                "kl_scale": dict(recipe.gates.kl_scale),
                 "finetune": {k: getattr(recipe.stages.finetune, k) for k in ("lr", "lr_schedule")},
                 "units": result.report["architecture_after"],
             }

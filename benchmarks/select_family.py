@@ -52,9 +52,9 @@ def seed_row(args, seed: int, data, recorded: dict, reported: dict) -> dict:
         "dense val acc": d_val,
         "dense val acc recorded": recorded[seed]["val acc"] if seed in recorded else None,
         "dense test acc": evaluate(dense, data.x_test, data.y_test).accuracy,
-        "grid": {
-            f"β={r['beta']:g}": (r["val_acc"], d_flops / r["flops"], r["units"]) for r in cands
-        },
+        # by job name: jobs of one β with other kl_scale factors (``name@glob=factor``) apart
+        "grid": {r["job"]: (r["val_acc"], d_flops / r["flops"], r["units"]) for r in cands},
+        "chosen job": pick["job"],
         "chosen β": pick["beta"],
         "units": pick["units"],
         "val acc": pick["val_acc"],
@@ -114,13 +114,14 @@ def main() -> None:
     drop = [100 * (r["test acc"] - r["dense test acc"]) for r in rows]
     summary = {
         "family": args.family,
+        "chosen job": [r["chosen job"] for r in rows],
         "chosen β": [r["chosen β"] for r in rows],
         "test acc %": ms("test acc", 100),
         "points vs dense": f"{statistics.mean(drop):.2f} ± {statistics.stdev(drop):.2f}",
         "FLOPs ×": ms("FLOPs ×"),
         "speed-up": ms("speed-up"),
     }
-    print(markdown_table(rows, ["seed", "chosen β", "units", "val acc", "test acc", "FLOPs ×"]))
+    print(markdown_table(rows, ["seed", "chosen job", "units", "val acc", "test acc", "FLOPs ×"]))
     print(summary)
     print(save(args.out, {"args": vars(args), "rows": rows, "summary": summary}))
 

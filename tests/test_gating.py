@@ -226,8 +226,27 @@ def test_kl_scale_multiplies_the_kl_of_one_kind_of_unit_and_is_re_attached():
     again = gated(**config)
     for (_, a), (_, b) in zip(cd.named_gates(scaled), cd.named_gates(again)):
         torch.testing.assert_close(a.unit_cost, b.unit_cost)
-    with pytest.raises(InputError, match="unknown unit kind 'heads'"):
+    # a key that is neither a kind nor a gated layer's name: a typo, refused rather than ignored
+    with pytest.raises(InputError, match=r"'heads' is not a unit kind .* matches no gated layer"):
         gated(kl_scale={"heads": 2.0})
+
+
+def test_kl_scale_by_layer_name_glob_multiplies_with_the_kind_factor():
+    def gated(**kw):
+        return cd.attach(ZOO["lenet5"](), kl_cost="flops", **kw)
+
+    plain = {n: g.unit_cost.clone() for n, g in cd.named_gates(gated())}
+    assert set(plain) == {"features.0", "features.3", "classifier.1"}
+    kl_scale = {"features.0": 0.5, "features.*": 3.0, "channel": 2.0, "neuron": 5.0}
+    scaled = gated(kl_scale=kl_scale)
+    factors = {"features.0": 0.5 * 3.0 * 2.0, "features.3": 3.0 * 2.0, "classifier.1": 5.0}
+    for name, g in cd.named_gates(scaled):
+        torch.testing.assert_close(g.unit_cost, factors[name] * plain[name])
+    assert cd.gating.attach_config(scaled)["kl_scale"] == kl_scale
+    with pytest.raises(InputError, match=r"'fc9' is not .* \(gated: 'classifier.1', 'features.0'"):
+        gated(kl_scale={"fc9": 2.0})
+    with pytest.raises(InputError, match="matches no gated layer"):  # the output layer
+        gated(kl_scale={"classifier.3": 2.0})
 
 
 def test_sparsifier_penalty_follows_schedule_and_scales_by_dataset_size():

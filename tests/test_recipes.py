@@ -54,7 +54,7 @@ def test_shipped_recipe_round_trips(name, tmp_path):
         ({"export": {"onnx": "yes"}}, "export.onnx: expected true/false"),
         ({"seed": 1.5}, "seed: expected an integer"),
         ({"stages": {"pretrain": {"optimizer": "lbfgs"}}}, "stages.pretrain.optimizer"),
-        ({"gates": {"kl_scale": {"heads": 2}}}, "gates.kl_scale: unknown unit kind 'heads'"),
+        ({"gates": {"kl_scale": {3: 2}}}, "gates.kl_scale: a key is a unit kind"),
         ({"gates": {"kl_scale": {"head": 0}}}, "gates.kl_scale: kl_scale['head'] must be positive"),
         ({"gates": {"kl_scale": {"head": "x"}}}, "gates.kl_scale: kl_scale['head'] must be a num"),
         # gates.kwargs: the names against the family's constructor, the values by building a gate

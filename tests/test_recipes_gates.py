@@ -98,6 +98,15 @@ def test_a_recipe_that_gates_nothing_fails_before_any_training(tmp_path, digits,
     assert not (out / "checkpoint.pt").exists() and not out.exists()
 
 
+def test_a_kl_scale_key_that_names_nothing_fails_before_any_training(tmp_path, digits):
+    events: list[dict] = []
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=r"'heads' is not a unit kind .* matches no gated layer"):
+        run_recipe(_recipe({"kl_scale": {"heads": 4}}), digits, out, device="cpu",
+                   progress=events.append)  # fmt: skip
+    assert events == [] and not out.exists()
+
+
 def test_a_kl_scale_kind_the_model_lacks_is_warned_about_once_before_training(tmp_path, digits):
     events: list[tuple[dict, int]] = []
     with warnings.catch_warnings(record=True) as said:

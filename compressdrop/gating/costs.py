@@ -1,8 +1,10 @@
-"""What each unit's KL weighs: its cost (``kl_cost``) and a factor per kind of unit (``kl_scale``)."""
+"""What each unit's KL weighs: its cost (``kl_cost``) and a factor per kind of unit or per layer
+(``kl_scale``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import fnmatch
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -16,15 +18,19 @@ UNIT_KINDS = ("channel", "neuron", "head")
 
 
 def check_kl_scale(kl_scale: Mapping[str, float] | None) -> dict[str, float]:
-    """``kl_scale`` as a plain dict, checked: known unit kinds, positive finite factors.
+    """``kl_scale`` as a plain dict, checked: string keys (a unit kind or a layer-name glob),
+    positive finite factors. Whether a glob names a gated layer is known at attach
+    (:func:`group_factors`).
 
     Raises:
-        InputError: an unknown kind or a factor that is not a positive number.
+        InputError: a key that is not a non-empty string or a factor that is not a positive number.
     """
     out = {}
     for kind, factor in dict(kl_scale or {}).items():
-        if kind not in UNIT_KINDS:
-            raise InputError(f"kl_scale: unknown unit kind {kind!r}; one of {UNIT_KINDS}")
+        if not isinstance(kind, str) or not kind:
+            raise InputError(
+                f"kl_scale: a key is a unit kind {UNIT_KINDS} or a layer-name glob, got {kind!r}"
+            )
         if isinstance(factor, bool) or not isinstance(factor, (int, float)):
             raise InputError(f"kl_scale[{kind!r}] must be a number, got {factor!r}")
         if not (0 < float(factor) < float("inf")):
@@ -41,3 +47,29 @@ def normalized_costs(groups: list[UnitGroup], kl_cost: str) -> list[torch.Tensor
     raw = [g.params_per_unit if kl_cost == "params" else g.macs_per_unit for g in groups]
     mean = torch.cat(raw).mean().clamp(min=1e-12)
     return [r / mean for r in raw]
+
+
+def group_factors(groups: Sequence[UnitGroup], kl_scale: dict[str, float]) -> list[float]:
+    """Each group's ``kl_scale`` factor: the product of the factors of its kind and of every
+    layer-name glob that one of its producers matches (1 where none applies).
+
+    Raises:
+        InputError: a key that is neither a unit kind nor a glob matching a gated layer's name
+            (a typo such as ``"heads"`` would otherwise weigh nothing, silently).
+    """
+    globs = {k: f for k, f in kl_scale.items() if k not in UNIT_KINDS}
+    for pattern in globs:
+        if not any(fnmatch.fnmatchcase(p, pattern) for g in groups for p in g.producers):
+            gated = ", ".join(sorted(repr(p) for g in groups for p in g.producers))
+            raise InputError(
+                f"kl_scale: {pattern!r} is not a unit kind {UNIT_KINDS} and matches no gated "
+                f"layer's name (gated: {gated})"
+            )
+    out = []
+    for g in groups:
+        factor = kl_scale.get(g.kind, 1.0)
+        for pattern, f in globs.items():
+            if any(fnmatch.fnmatchcase(p, pattern) for p in g.producers):
+                factor *= f
+        out.append(factor)
+    return out

@@ -18,7 +18,7 @@ from ..gates._defer import defer, hand_over, no_global_hooks, remove_hand_overs
 from ..gates._mul import wrapper_pre_hook
 from ..gates._proj import fused_projection
 from .attention import MultiheadAttention, nested_off, to_stock
-from .costs import KL_COSTS, check_kl_scale, normalized_costs
+from .costs import KL_COSTS, check_kl_scale, group_factors, normalized_costs
 from .groups import GatingWarning, UnitGroup, find_groups
 from .heads import head_spec_of
 from .inputs import (
@@ -215,9 +215,11 @@ def attach(
             unit's KL by the parameters or multiply-adds it controls, normalized to mean 1 over the
             model (a cost-aware prior).
         kl_scale: a further factor on the KL of each kind of unit, ``{"head": 4.0}`` (kinds:
-            ``"channel"``, ``"neuron"``, ``"head"``; 1 where not given): more pressure on one
-            structure than the others (CoFi and Sheared-LLaMA, too, weigh heads and MLP units
-            apart). A kind that no gated unit has gives a ``GatingWarning``.
+            ``"channel"``, ``"neuron"``, ``"head"``), or of the units of the layers a name glob
+            matches, ``{"conv1": 0.5}`` (the factors of every key that applies multiply; 1 where
+            none does): more pressure on one structure than the others (CoFi and Sheared-LLaMA,
+            too, weigh heads and MLP units apart). A kind that no gated unit has gives a
+            ``GatingWarning``; a glob that matches no gated layer, an ``InputError``.
 
     Returns:
         ``model``, with its gated layers wrapped in :class:`Gated`.
@@ -249,7 +251,8 @@ def attach(
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
     nested = _prepare_attentions(model, groups)
     param = next(model.parameters())
-    costs = [c * scale.get(g.kind, 1.0) for g, c in zip(groups, normalized_costs(groups, kl_cost))]
+    factors = group_factors(groups, scale)  # an InputError for a glob no gated layer matches
+    costs = [c * f for c, f in zip(normalized_costs(groups, kl_cost), factors)]
     for grp, cost in zip(groups, costs):
         g = cls(grp.num_units, **gate_kwargs).to(device=param.device, dtype=param.dtype)
         g.unit_cost.copy_(cost)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from .costs import UNIT_KINDS
 from .heads import head_spec_of
 from .registry import has_role, registered_types, spec_of
 from .units import UnitGroup, _matches
@@ -111,13 +112,14 @@ def nothing_to_gate(
 
 
 def unused_kl_scale(groups: Sequence[UnitGroup], kl_scale: dict[str, float]) -> list[str]:
-    """A sentence for each ``kl_scale`` kind that no gated group has (the factor does nothing)."""
+    """A sentence for each ``kl_scale`` kind that no gated group has (the factor does nothing;
+    a layer-name glob that matches nothing is an error, :func:`.costs.group_factors`)."""
     kinds = sorted({g.kind for g in groups})
     return [
         f"kl_scale[{kind!r}] matches no gated unit (the gates are on {' and '.join(kinds)} "
         "units only): the factor has no effect"
         for kind in kl_scale
-        if kind not in kinds
+        if kind in UNIT_KINDS and kind not in kinds
     ]
 
 
