@@ -2,7 +2,8 @@
 
 Run: .venv/bin/python benchmarks/bench_training_cost.py [--nets lenet5,lenet300,resnet18,encoder,vit]
      [--batches 64,256] [--modes eager,compiled] [--pairs 30] [--families ...] [--device cpu]
-     [--ablate-bank | --ablate-defer | --ablate-handoff | --ablate-fuse] [--noise batch]
+     [--ablate-bank | --ablate-defer | --ablate-handoff | --ablate-fuse | --ablate-bn]
+     [--noise batch] [--saved]
 
 A step is forward, cross-entropy (+ KL/N for the gated net), backward and an Adam update. The
 plain and the gated net take turns on the same batch in one process (ABAB…, ``--pairs`` timed
@@ -21,7 +22,9 @@ not after the pool that follows it): "undeferred ratio". ``--ablate-handoff`` wi
 off (``compressdrop.gates.hand_overs_off``: each gate keeps its input and multiplies out of place,
 no ReLU, GELU or pool takes over): "kept-input ratio". ``--ablate-fuse`` with the head gates and
 their output projections computed apart (``compressdrop/gates/_proj.py`` off): "unfused-heads
-ratio".
+ratio". ``--ablate-bn`` with each BatchNorm and the gate after it computed apart
+(``compressdrop/gates/_bn.py`` off): "unfused-batchnorm ratio". ``--saved`` gives the MB kept
+for backward instead of times, gated/plain; with an ablation, also inside its switch.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.gates import GATES, _defer, _proj, bank, hand_overs_off
+from compressdrop.gates import GATES, _bn, _defer, _proj, bank, hand_overs_off
 from compressdrop.gates._mul import kept_tensors
 from compressdrop.models import build_model
 
@@ -142,6 +145,7 @@ ABLATIONS = {  # --ablate-X: the third net's name, and the switch it runs inside
     "defer": ("undeferred", _defer.off),  # each gate multiplies at its layer, not after a pool
     "handoff": ("kept-input", hand_overs_off),  # each gate keeps its input, out of place
     "fuse": ("unfused-heads", _proj.off),  # head gates and their projections computed apart
+    "bn": ("unfused-batchnorm", _bn.off),  # BatchNorms and the gates after them computed apart
 }
 
 
@@ -313,20 +317,35 @@ def main() -> None:
         action="store_true",
         help="also time the gated net with head gates and projections apart (gates/_proj.py)",
     )
+    ap.add_argument(
+        "--ablate-bn",
+        action="store_true",
+        help="also time the gated net with BatchNorms and their gates apart (gates/_bn.py)",
+    )
     args = ap.parse_args()
     GATE_KWARGS["noise"] = args.noise
+    chosen = [k for k in ABLATIONS if getattr(args, f"ablate_{k}")]
+    if len(chosen) > 1:
+        ap.error("one ablation at a time: " + ", ".join(f"--ablate-{k}" for k in ABLATIONS))
+    ablate = chosen[0] if chosen else None
     if args.saved:
+        families = args.families.split(",")
+        extra = [f"{f} {ABLATIONS[ablate][0]}" for f in families] if ablate else []
         rows = []
         for net in args.nets.split(","):
             for mode in args.modes.split(","):
                 for batch in (int(b) for b in args.batches.split(",")):
                     row = {"net": net, "mode": mode, "batch": batch}
                     row["plain"] = saved_mb(net, None, mode, batch)
-                    for family in args.families.split(","):
+                    for family in families:
                         row[family] = saved_mb(net, family, mode, batch) / row["plain"]
+                        if ablate:
+                            with ABLATIONS[ablate][1]():
+                                mb = saved_mb(net, family, mode, batch)
+                            row[f"{family} {ABLATIONS[ablate][0]}"] = mb / row["plain"]
                     rows.append(row)
                     print(row, flush=True)
-        cols = ["net", "mode", "batch", "plain", *args.families.split(",")]
+        cols = ["net", "mode", "batch", "plain", *families, *extra]
         table = markdown_table(rows, cols)
         print(table)
         save(args.out, {"args": vars(args), "rows": rows, "table": table})
@@ -337,10 +356,6 @@ def main() -> None:
         save(args.out, {"args": vars(args), "rows": rows})
         return
     device = torch.device(args.device)
-    chosen = [k for k in ABLATIONS if getattr(args, f"ablate_{k}")]
-    if len(chosen) > 1:
-        ap.error("one ablation at a time: " + ", ".join(f"--ablate-{k}" for k in ABLATIONS))
-    ablate = chosen[0] if chosen else None
     rows = []
     for net in args.nets.split(","):
         for mode in args.modes.split(","):

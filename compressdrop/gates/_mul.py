@@ -23,11 +23,12 @@ _OFF = [0]  # open hand_overs_off() contexts
 def hand_overs_off() -> Iterator[None]:
     """Inside this context every gate multiplies at its own layer and keeps its own input: no
     ReLU takes over what it keeps (:func:`hand_over_to_relus`), no pool its multiply
-    (``compressdrop/gates/_defer.py``). The same function with more memory and time; what a
-    second derivative through the gates (``create_graph=True``) needs. The switch is read when a
-    layer runs: under activation checkpointing (``torch.utils.checkpoint``) the backward pass
-    runs the forward again, so run ``backward()`` inside the context too (outside it the
-    recomputation hands over again and PyTorch raises ``CheckpointError``)."""
+    (``compressdrop/gates/_defer.py``), no BatchNorm before it or projection after it runs with
+    it as one function (``_bn.py``, ``_proj.py``). The same function with more memory and
+    time; what a second derivative through the gates (``create_graph=True``) needs. The switch
+    is read when a layer runs: under activation checkpointing (``torch.utils.checkpoint``) the
+    backward pass runs the forward again, so run ``backward()`` inside the context too (outside
+    it the recomputation hands over again and PyTorch raises ``CheckpointError``)."""
     _OFF[0] += 1
     try:
         yield

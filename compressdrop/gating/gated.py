@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..gates import Gate, _mul, bank, check_gate_kwargs, gate_class
+from ..gates._bn import fused_batchnorm
 from ..gates._defer import defer, hand_over, no_global_hooks, remove_hand_overs
 from ..gates._mul import wrapper_pre_hook
 from ..gates._proj import fused_projection
@@ -60,9 +61,8 @@ class Wrapper(nn.Module):
     """A module that wraps one layer as ``self.module`` and answers for its attributes."""
 
     def __getattr__(self, name: str) -> Any:
-        """The wrapped layer's attributes (``weight``, ``in_features``, ...), for code that reads
-        them through the parent module (``nn.TransformerEncoderLayer`` and
-        ``nn.MultiheadAttention`` do)."""
+        """The wrapped layer's attributes (``weight``, ...), for code that reads them through the
+        parent (``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` do)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -91,12 +91,14 @@ class Gated(Wrapper):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The wrapped layer's output on ``args``, multiplied unit-wise by the gate."""
+        if (fused := fused_batchnorm(self, args, kwargs)) is not None:  # BatchNorm + gate, fused
+            return fused
         out = self.module(*args, **kwargs)
         if self.__dict__.get("defer_ok", False) and defer(self, out):
             return out  # the pool after it multiplies (gates/_defer.py)
         # a hand-off only where a ReLU alone reads the output (or one operation that keeps it and
-        # does not change it: a transformer layer's GELU): no hook of this wrapper, nor a global
-        # one, may read it too; in place only where no hook of the layer saw it either
+        # leaves it: a GELU): no hook of this wrapper, nor a global one, may read it too; in place
+        # only where no hook of the layer saw it either
         free = not (_mul._OFF[0] or self._forward_hooks) and no_global_hooks()
         after = self.__dict__.get("relu_after", False) and free
         alone = self.__dict__.get("inplace_alone", False) and free
@@ -138,9 +140,8 @@ class HeadGated(Gated):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The projection of ``x`` with each head's features multiplied by its gate."""
-        fused = None if args or kwargs else fused_projection(self, x)  # keeps x·θ no more
-        if fused is not None:
-            return fused
+        if not (args or kwargs) and (fused := fused_projection(self, x)) is not None:
+            return fused  # keeps x·θ no more
         heads = self.gate(x.unflatten(-1, (-1, self.head_dim)), dim=-2)
         return self.module(heads.flatten(-2), *args, **kwargs)
 
@@ -215,11 +216,10 @@ def attach(
             unit's KL by the parameters or multiply-adds it controls, normalized to mean 1 over the
             model (a cost-aware prior).
         kl_scale: a further factor on the KL of each kind of unit, ``{"head": 4.0}`` (kinds:
-            ``"channel"``, ``"neuron"``, ``"head"``), or of the units of the layers a name glob
-            matches, ``{"conv1": 0.5}`` (the factors of every key that applies multiply; 1 where
-            none does): more pressure on one structure than the others (CoFi and Sheared-LLaMA,
-            too, weigh heads and MLP units apart). A kind that no gated unit has gives a
-            ``GatingWarning``; a glob that matches no gated layer, an ``InputError``.
+            ``"channel"``, ``"neuron"``, ``"head"``) or of the layers a name glob matches,
+            ``{"conv1": 0.5}`` (factors that apply together multiply): more pressure on one
+            structure than others (CoFi and Sheared-LLaMA weigh heads and MLP units apart). A
+            kind no gated unit has: a ``GatingWarning``; a glob no gated layer matches: an error.
 
     Returns:
         ``model``, with its gated layers wrapped in :class:`Gated`.

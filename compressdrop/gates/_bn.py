@@ -1,0 +1,152 @@
+"""A BatchNorm and the gate after it as one autograd function (eager training).
+
+Computed apart, autograd keeps the BatchNorm's input x for the BatchNorm's backward pass and its
+output y for the gate's (the gradient of θ is Σ g·y over each example's positions): one
+activation-sized tensor more than the plain model keeps. Where no ReLU or pool after the layer
+takes over what the gate keeps (``_mul.py``, ``_defer.py``), as for the BatchNorm whose output a
+residual block adds its shortcut to, that was the gated ResNet's extra memory (1.23–1.24× the
+plain step's bytes kept for backward, BENCHMARKS §3). :class:`_GatedBatchNorm` keeps x (which the
+BatchNorm keeps anyway), θ and the batch's mean and 1/std per channel, and gets Σ g·y from them in
+its backward pass: y = (x − mean)·invstd·γ + β, so Σ g·y = γ·Σ g·(x − mean)·invstd + β·Σ g. The
+same values as ``bn(x) * θ``, and the same first-order gradients to rounding
+(``tests/test_gate_memory.py``). A second derivative through it is refused, as through the
+hand-offs: :func:`~compressdrop.gates.hand_overs_off` computes the two apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import nn
+
+from ..errors import InputError
+from . import _mul
+from ._defer import no_global_hooks
+from ._proj import _runs_as_is
+from .base import Gate
+
+_OFF = [0]  # open off() contexts
+# BatchNorms whose forward is nn.modules.batchnorm._BatchNorm's and nothing else
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Compute BatchNorms and their gates apart inside this context, as before the fusion: the
+    same function, for measuring what the fusion saves and costs."""
+    _OFF[0] += 1
+    try:
+        yield
+    finally:
+        _OFF[0] -= 1
+
+
+def _per_channel(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """A (C,) tensor shaped to broadcast over (B, C, ...) of ``dims`` dimensions."""
+    return t.reshape(1, -1, *(1,) * (dims - 2))
+
+
+class _GatedBatchNorm(torch.autograd.Function):
+    """z = batch_norm(x) · θ in training mode (batch statistics; the running ones updated in
+    place as ``F.batch_norm`` does), θ (B or 1, C); keeps x, θ and the batch's statistics."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        theta: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> torch.Tensor:
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, theta, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return y.mul_(theta.reshape(*theta.shape, *(1,) * (x.dim() - 2)))  # y is ours alone
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            raise InputError(
+                "compressdrop: a second derivative (create_graph=True) through a gate fused with "
+                "the BatchNorm before it is not supported: run the forward pass inside "
+                "compressdrop.gates.hand_overs_off()"
+            )
+        x, theta, weight, bias, mean, invstd = ctx.saved_tensors
+        need_x, need_theta, need_w, need_b = ctx.needs_input_grad[:4]
+        b, c = x.shape[:2]
+        grad_theta = grad_x = grad_w = grad_b = None
+        if need_theta:
+            g = grad.reshape(b, c, -1)
+            centred = (x - _per_channel(mean, x.dim())).reshape(b, c, -1)
+            # Σ g·y = γ·Σ g·x̂ + β·Σ g, (B, C)
+            grad_theta = torch.linalg.vecdot(g, centred) * (invstd * weight) + g.sum(-1) * bias
+            if theta.shape[0] != b:
+                grad_theta = grad_theta.sum(0, keepdim=True)
+        if need_x or need_w or need_b:
+            grad_y = grad * theta.reshape(*theta.shape, *(1,) * (x.dim() - 2))
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
+                [need_x, need_w, need_b],
+            )  # fmt: skip
+        return grad_x, grad_theta, grad_w, grad_b, None, None, None, None
+
+
+def fused_batchnorm(wrapper: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The gated output of the wrapped BatchNorm on ``args`` as :class:`_GatedBatchNorm`, or None
+    where it does not apply: outside eager training with gradients, a layer that is not a stock
+    affine ``nn.BatchNorm1d/2d/3d`` in training mode (attach gates no other), a wrapper whose output a ReLU or pool after it
+    takes over (those keep nothing either), a gate whose class has its own ``forward``,
+    ``check_units`` or ``multiply``, hooks (forward or backward) on the layer or the gate or
+    module-wide, a forward set on either instance, an input that is not one contiguous tensor
+    with more than one value per channel, under autocast, forward-mode AD or a ``torch.func``
+    transform, or inside :func:`~compressdrop.gates.hand_overs_off`.
+    ``wrapper``: a :class:`~compressdrop.gating.gated.Gated`."""
+    bn: Any = wrapper.module
+    gate = cast(Gate, wrapper.gate)
+    if type(bn) not in _BATCHNORMS or not bn.affine or kwargs or len(args) != 1:
+        return None
+    (x,) = args
+    flags = vars(wrapper)
+    cls = type(gate)
+    if (
+        not (gate.training and bn.training)
+        or _mul._OFF[0]
+        or _OFF[0]
+        or flags.get("defer_ok") or flags.get("relu_after") or flags.get("inplace_alone")
+        or cls.forward is not Gate.forward
+        or cls.check_units is not Gate.check_units
+        or cls.multiply is not Gate.multiply
+        or wrapper.unit_dim != 1
+        or not _runs_as_is(bn)
+        or not _runs_as_is(gate)
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or not isinstance(x, torch.Tensor)
+        or torch.is_autocast_enabled(x.device.type)
+        or fwAD._current_level >= 0  # a dual level is open: tangents may flow
+        or torch._C._are_functorch_transforms_active()
+        or not no_global_hooks()
+        or x.dim() < 2
+        or x.shape[1] != gate.num_units
+        or x.numel() <= x.shape[1]  # one value per channel or none: BatchNorm's own error
+        or not x.is_contiguous()
+    ):  # fmt: skip
+        return None
+    bn._check_input_dim(x)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:  # as _BatchNorm.forward
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+    theta = gate.training_factor(x.shape[0], x.dtype)
+    return _GatedBatchNorm.apply(x, theta, bn.weight, bn.bias, *running, momentum, bn.eps)
