@@ -211,3 +211,23 @@ def test_a_cross_entropy_step_trains_the_same_gates():
             opt.step()
     for (name, a), (_, b) in zip(nets[0].named_parameters(), nets[1].named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dims", [0, 2])
+def test_a_float32_batchnorm_on_a_half_precision_input_fuses_with_the_same_gradients(dims, dtype):
+    """A half-precision net whose BatchNorms stay in float32 (its statistics kept exact, as the
+    mixed-precision recipes do): the batch statistics are float32, the input and θ are not."""
+    net = _gated(dims).to(dtype)
+    net.bn.module.float()
+    x = _input(dims).to(dtype)
+    apart = copy.deepcopy(net)
+    out, grads, buffers, nodes = _step(net, x)
+    with _bn.off():
+        out2, grads2, buffers2, _ = _step(apart, x)
+    assert FUSED in nodes
+    torch.testing.assert_close(out, out2)
+    for name in grads2:
+        torch.testing.assert_close(grads[name], grads2[name], rtol=2e-2, atol=2e-3, msg=name)
+    for name in buffers2:
+        torch.testing.assert_close(buffers[name], buffers2[name], msg=name)

@@ -86,10 +86,13 @@ class _GatedBatchNorm(torch.autograd.Function):
         b, c = x.shape[:2]
         grad_theta = grad_x = grad_w = grad_b = None
         if need_theta:
-            g = grad.reshape(b, c, -1)
-            centred = (x - _per_channel(mean, x.dim())).reshape(b, c, -1)
+            # in the statistics' dtype: float32 for a half-precision x where the BatchNorm's
+            # parameters are float32 (or on CUDA), x's own otherwise
+            g = grad.reshape(b, c, -1).to(mean.dtype)
+            centred = (x - _per_channel(mean, x.dim())).reshape(b, c, -1).to(mean.dtype)
             # Σ g·y = γ·Σ g·x̂ + β·Σ g, (B, C)
             grad_theta = torch.linalg.vecdot(g, centred) * (invstd * weight) + g.sum(-1) * bias
+            grad_theta = grad_theta.to(theta.dtype)
             if theta.shape[0] != b:
                 grad_theta = grad_theta.sum(0, keepdim=True)
         if need_x or need_w or need_b:
