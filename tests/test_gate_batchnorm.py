@@ -231,3 +231,17 @@ def test_a_float32_batchnorm_on_a_half_precision_input_fuses_with_the_same_gradi
         torch.testing.assert_close(grads[name], grads2[name], rtol=2e-2, atol=2e-3, msg=name)
     for name in buffers2:
         torch.testing.assert_close(buffers[name], buffers2[name], msg=name)
+
+
+@pytest.mark.parametrize("dropped", ["weight", "bias"])
+def test_a_batchnorm_whose_weight_or_bias_was_dropped_runs_unfused(dropped):
+    """An affine BatchNorm whose bias (or weight) was set to None after attach (folded into the
+    next layer, say): ``F.batch_norm`` takes None for either, so the two apart run."""
+    net, x = _gated(2), _input(2)
+    setattr(net.bn.module, dropped, None)
+    out, grads, _, nodes = _step(copy.deepcopy(net), x)
+    with _bn.off():
+        out2, grads2, _, _ = _step(net, x)
+    assert FUSED not in nodes
+    torch.testing.assert_close(out, out2)
+    assert grads.keys() == grads2.keys()

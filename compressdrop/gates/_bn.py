@@ -107,16 +107,23 @@ class _GatedBatchNorm(torch.autograd.Function):
 def fused_batchnorm(wrapper: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The gated output of the wrapped BatchNorm on ``args`` as :class:`_GatedBatchNorm`, or None
     where it does not apply: outside eager training with gradients, a layer that is not a stock
-    affine ``nn.BatchNorm1d/2d/3d`` in training mode (attach gates no other), a wrapper whose output a ReLU or pool after it
-    takes over (those keep nothing either), a gate whose class has its own ``forward``,
-    ``check_units`` or ``multiply``, hooks (forward or backward) on the layer or the gate or
+    affine ``nn.BatchNorm1d/2d/3d`` in training mode (attach gates no other) with a weight and a
+    bias, a wrapper whose output a ReLU or pool after it takes over (those keep nothing either),
+    a gate whose class has its own ``forward``, ``check_units`` or ``multiply``, hooks (forward or backward) on the layer or the gate or
     module-wide, a forward set on either instance, an input that is not one contiguous tensor
     with more than one value per channel, under autocast, forward-mode AD or a ``torch.func``
     transform, or inside :func:`~compressdrop.gates.hand_overs_off`.
     ``wrapper``: a :class:`~compressdrop.gating.gated.Gated`."""
     bn: Any = wrapper.module
     gate = cast(Gate, wrapper.gate)
-    if type(bn) not in _BATCHNORMS or not bn.affine or kwargs or len(args) != 1:
+    if (
+        type(bn) not in _BATCHNORMS
+        or not bn.affine
+        or bn.weight is None  # either set to None since: F.batch_norm takes that
+        or bn.bias is None
+        or kwargs
+        or len(args) != 1
+    ):
         return None
     (x,) = args
     flags = vars(wrapper)
