@@ -9,7 +9,7 @@ plain step's bytes kept for backward, BENCHMARKS §3). :class:`_GatedBatchNorm` 
 BatchNorm keeps anyway), θ and the batch's mean and 1/std per channel, and gets Σ g·y from them in
 its backward pass: y = (x − mean)·invstd·γ + β, so Σ g·y = γ·Σ g·(x − mean)·invstd + β·Σ g. The
 same values as ``bn(x) * θ``, and the same first-order gradients to rounding
-(``tests/test_gate_memory.py``). A second derivative through it is refused, as through the
+(``tests/test_gate_batchnorm.py``). A second derivative through it is refused, as through the
 hand-offs: :func:`~compressdrop.gates.hand_overs_off` computes the two apart.
 """
 
