@@ -3,6 +3,7 @@
 no activation kept beyond what the plain BatchNorm keeps (a residual block's last BatchNorm kept
 its output besides), and the unfused path wherever something could tell the difference."""
 
+import contextlib
 import copy
 import warnings
 
@@ -12,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import compressdrop as cd
-from compressdrop.errors import InputError
 from compressdrop.gates import _bn
 
 from .test_gate_memory import _resnets, _saved_bytes, _spread_and_prune_one
@@ -186,14 +186,25 @@ def test_one_value_per_channel_is_batchnorms_own_error():
         net(_input(0, batch=1))
 
 
-def test_a_second_derivative_is_refused_and_runs_with_the_hand_overs_off():
-    net, x = _gated(2), _input(2).requires_grad_()
-    with pytest.raises(InputError, match=r"second derivative .*gates\.hand_overs_off\(\)"):
-        torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
-    with cd.gates.hand_overs_off():
-        (g,) = torch.autograd.grad(net(x).square().sum(), x, create_graph=True)
-        g.square().sum().backward()
-    assert all(p.grad is not None for p in net.bn.gate.parameters())
+@pytest.mark.parametrize("noise", ["example", "batch"])
+def test_a_second_derivative_through_the_fused_batchnorm_is_the_two_apart(noise):
+    """A gradient penalty (``create_graph=True``) trains the same, fused or apart."""
+    net = _gated(2, "hardconcrete", noise)
+    apart = copy.deepcopy(net)
+    x = _input(2)
+    results = []
+    for model, switch in ((net, contextlib.nullcontext), (apart, _bn.off)):
+        xs = x.clone().requires_grad_()
+        with switch():
+            torch.manual_seed(3)
+            out = model(xs)
+            (g,) = torch.autograd.grad(out.square().sum(), xs, create_graph=True)
+            (g.square().sum() + out.sum()).backward()
+        assert (FUSED in _graph(out)) == (model is net)
+        results.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-4, atol=1e-6,
+                                   msg=name)  # fmt: skip
 
 
 def test_a_cross_entropy_step_trains_the_same_gates():

@@ -8,9 +8,10 @@ residual block adds its shortcut to, that was the gated ResNet's extra memory (1
 plain step's bytes kept for backward, BENCHMARKS §3). :class:`_GatedBatchNorm` keeps x (which the
 BatchNorm keeps anyway), θ and the batch's mean and 1/std per channel, and gets Σ g·y from them in
 its backward pass: y = (x − mean)·invstd·γ + β, so Σ g·y = γ·Σ g·(x − mean)·invstd + β·Σ g. The
-same values as ``bn(x) * θ``, and the same first-order gradients to rounding
-(``tests/test_gate_batchnorm.py``). A second derivative through it is refused, as through the
-hand-offs: :func:`~compressdrop.gates.hand_overs_off` computes the two apart.
+same values as ``bn(x) * θ``, and the same gradients to rounding
+(``tests/test_gate_batchnorm.py``). For a second derivative (``create_graph=True``) the backward
+pass computes y again as differentiable tensor code instead (``native_batch_norm_backward`` has
+a derivative of its own).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from typing import Any, cast
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError
 from . import _mul
 from ._defer import no_global_hooks
 from ._proj import _runs_as_is
@@ -75,17 +76,16 @@ class _GatedBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        if torch.is_grad_enabled():
-            raise InputError(
-                "compressdrop: a second derivative (create_graph=True) through a gate fused with "
-                "the BatchNorm before it is not supported: run the forward pass inside "
-                "compressdrop.gates.hand_overs_off()"
-            )
         x, theta, weight, bias, mean, invstd = ctx.saved_tensors
         need_x, need_theta, need_w, need_b = ctx.needs_input_grad[:4]
         b, c = x.shape[:2]
         grad_theta = grad_x = grad_w = grad_b = None
-        if need_theta:
+        if need_theta and torch.is_grad_enabled():  # create_graph: y as a function of x, γ, β
+            y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
+            grad_theta = torch.linalg.vecdot(grad.reshape(b, c, -1), y.reshape(b, c, -1))
+            if theta.shape[0] != b:
+                grad_theta = grad_theta.sum(0, keepdim=True)
+        elif need_theta:
             # in the statistics' dtype: float32 for a half-precision x where the BatchNorm's
             # parameters are float32 (or on CUDA), x's own otherwise
             g = grad.reshape(b, c, -1).to(mean.dtype)
@@ -153,10 +153,10 @@ def fused_batchnorm(wrapper: Any, args: tuple, kwargs: dict) -> torch.Tensor | N
     ):  # fmt: skip
         return None
     bn._check_input_dim(x)
+    theta = gate.training_factor(x.shape[0], x.dtype)  # first: a draw that fails changes nothing
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:  # as _BatchNorm.forward
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
-    theta = gate.training_factor(x.shape[0], x.dtype)
     return _GatedBatchNorm.apply(x, theta, bn.weight, bn.bias, *running, momentum, bn.eps)
