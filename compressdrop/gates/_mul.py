@@ -291,11 +291,15 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
 
 # blocks whose forward is known, by (module, class name): their layers whose output a ReLU module
 # of the block alone reads (torchvision's ResNet blocks call self.relu, in place, right after
-# bn1 and, in a Bottleneck, bn2; not after the last BN, whose output the shortcut is added to)
+# bn1 and, in a Bottleneck, bn2; not after the last BN, whose output the shortcut is added to;
+# SqueezeNet's Fire calls each of its three convolutions' own ReLU, in place, on its output)
 _READ_BY_RELU = {
     ("compressdrop.models", "BasicBlock"): (("bn1", "relu"),),
     ("torchvision.models.resnet", "BasicBlock"): (("bn1", "relu"),),
     ("torchvision.models.resnet", "Bottleneck"): (("bn1", "relu"), ("bn2", "relu")),
+    ("torchvision.models.squeezenet", "Fire"): tuple(
+        (conv, f"{conv}_activation") for conv in ("squeeze", "expand1x1", "expand3x3")
+    ),
 }
 
 
