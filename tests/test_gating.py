@@ -361,3 +361,43 @@ def test_an_operation_that_stops_gating_is_named_in_words_too():
     # nothing else is gateable here: attach fails after its warning
     with pytest.warns(cd.GatingWarning, match=said), pytest.raises(InputError, match="no gateable"):
         cd.attach(Gram(), example_inputs=torch.randn(2, 4))
+
+
+class _FrozenBackbone(nn.Module):
+    """A backbone computed under no_grad (or detached), a head trained on its features."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU()
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(8 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 4)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "no_grad":
+            with torch.no_grad():
+                features = self.backbone(x)
+            return self.head(features)
+        return self.head(self.backbone(x).detach())
+
+
+@pytest.mark.parametrize("how", ["no_grad", "detach"])
+def test_layers_autograd_does_not_connect_to_the_output_are_named(how):
+    """A backbone run under no_grad or detached was left ungated without a word: the pruning
+    graph follows autograd and never saw it."""
+    with pytest.warns(cd.GatingWarning) as said:
+        net = cd.attach(_FrozenBackbone(how), "lognormal", example_inputs=torch.randn(2, 3, 8, 8))
+    assert [n for n, _ in cd.named_gates(net)] == ["head.1"]
+    ours = [str(w.message) for w in said if "autograd does not connect" in str(w.message)]
+    assert len(ours) == 1
+    assert "layers 'backbone.0', 'backbone.3' left ungated" in ours[0] and "no_grad" in ours[0]
+    # asked only for what was traced, or only for neurons: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cd.attach(_FrozenBackbone(how), "lognormal", granularity="neuron",
+                  example_inputs=torch.randn(2, 3, 8, 8))  # fmt: skip
+        cd.attach(_FrozenBackbone(how), "lognormal", include="head.*",
+                  example_inputs=torch.randn(2, 3, 8, 8))  # fmt: skip

@@ -54,6 +54,29 @@ def _unit_costs(
     return torch.full((num_units,), params), torch.full((num_units,), macs)
 
 
+def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include, exclude) -> str:
+    """A sentence naming the selected layers that ran in the traced forward pass but that the
+    autograd graph does not connect to the output (run under ``torch.no_grad()``, or their
+    output detached): Torch-Pruning cannot follow them, so they stay ungated; "" if none."""
+    cut = [
+        names[m] for m, spec in ((m, spec_of(m)) for m in ran)
+        if m not in dg.module2node and m not in refused and m in names and spec is not None
+        and _selected(spec.kind, [m], names, granularity, include, exclude)
+    ]  # fmt: skip
+    if not cut:
+        return ""
+    many = len(cut) > 1
+    shown = ", ".join(repr(n) for n in cut[:8]) + (
+        f" and {len(cut) - 8} more" if len(cut) > 8 else ""
+    )
+    return (
+        f"layer{'s' if many else ''} {shown} left ungated: {'they' if many else 'it'} ran in the "
+        f"example forward pass, but autograd does not connect {'their outputs' if many else 'its output'} "
+        "to the model's output (run under torch.no_grad(), or detached?), so the pruning graph "
+        f"cannot follow {'them' if many else 'it'}"
+    )
+
+
 def find_groups(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple,
@@ -135,6 +158,8 @@ def find_groups(
             )
         return []
 
+    if warn and (cut := _cut_off(dg, positions, names, refused, granularity, include, exclude)):
+        warnings.warn(f"compressdrop: {cut}", GatingWarning, stacklevel=3)
     heads: list[UnitGroup] = []
     if granularity in ("auto", "head"):
         heads, problems = find_heads(model, calls, include, exclude)
