@@ -56,8 +56,9 @@ def _unit_costs(
 
 def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include, exclude) -> str:
     """A sentence naming the selected layers that ran in the traced forward pass but that the
-    autograd graph does not connect to the output (run under ``torch.no_grad()``, or their
-    output detached): Torch-Pruning cannot follow them, so they stay ungated; "" if none."""
+    autograd graph does not connect to the output (run under ``torch.no_grad()``, their output
+    detached, or changed in place through a view): Torch-Pruning cannot follow them, so they
+    stay ungated; "" if none."""
     cut = [
         names[m] for m, spec in ((m, spec_of(m)) for m in ran)
         if m not in dg.module2node and m not in refused and m in names and spec is not None
@@ -71,9 +72,10 @@ def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include
     )
     return (
         f"layer{'s' if many else ''} {shown} left ungated: {'they' if many else 'it'} ran in the "
-        f"example forward pass, but autograd does not connect {'their outputs' if many else 'its output'} "
-        "to the model's output (run under torch.no_grad(), or detached?), so the pruning graph "
-        f"cannot follow {'them' if many else 'it'}"
+        f"example forward pass, but autograd's graph does not lead back to {'them' if many else 'it'} "
+        "from the model's output (run under torch.no_grad(), detached, or an output changed in "
+        "place through a view, as by an in-place activation on a Linear's 3-d output?), and the "
+        "pruning graph follows autograd's"
     )
 
 
