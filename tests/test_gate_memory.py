@@ -304,12 +304,18 @@ def test_a_gelu_after_a_gated_layer_in_a_sequential_shares_what_it_keeps(gate_cl
         apart = _saved_bytes(net, x)
     torch.manual_seed(1)
     assert _saved_bytes(net, x) <= apart - 8 * 16 * 24 * 4  # the (B, T, U) output kept once
-    # in place on the Linear's (B, T, U) output, a view: autograd's graph no longer leads back to
-    # the Linear, so Torch-Pruning cannot see it and it stays ungated, as the warning says
-    with pytest.warns(cd.GatingWarning, match=r"layer 'mlp.0' left ungated: .* in-place activ"):
-        inplace_silu = cd.attach(_Tokens(nn.SiLU(inplace=True)), gate_cls.family,
-                                 granularity="neuron", example_inputs=torch.randn(2, 5, 16))  # fmt: skip
-    assert "inplace_alone" not in vars(inplace_silu.mlp[0])  # it changes what it would keep
+    # in place on the Linear's (B, T, U) output, a view: traced out of place (autograd's graph
+    # would not lead back to the Linear), gated, and no hand-off: the SiLU changes what it keeps
+    inplace_silu = cd.attach(_Tokens(nn.SiLU(inplace=True)), gate_cls.family, granularity="neuron",
+                             example_inputs=torch.randn(2, 5, 16))  # fmt: skip
+    assert [n for n, _ in cd.named_gates(inplace_silu)] == ["mlp.0", "mlp.3"]
+    assert inplace_silu.mlp[1].inplace is True  # given back after tracing
+    assert "inplace_alone" not in vars(inplace_silu.mlp[0])
+    _spread_and_prune_one(inplace_silu)
+    _same_grads_as_keeping_inputs(inplace_silu, x, y)
+    snr = torch.cat([g.snr().detach() for _, g in cd.named_gates(inplace_silu)])
+    slim = cd.prune(inplace_silu.eval(), threshold=float(snr.median()), example_inputs=x)
+    assert slim.mlp[0].out_features < 24 and slim.mlp[1].inplace is True  # exact: prune checks
 
 
 def _resnets() -> dict:

@@ -91,7 +91,7 @@ def build_graph(model: nn.Module, inputs: tuple) -> tuple[Any | None, str | None
 
     dg = tp.DependencyGraph()
     try:
-        with torch.enable_grad(), tracing(model), _all_params_traced(model):
+        with torch.enable_grad(), tracing(model), _all_params_traced(model), _out_of_place(model):
             dg.build_dependency(
                 model,
                 example_inputs=inputs,
@@ -128,6 +128,27 @@ def _all_params_traced(model: nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+@contextmanager
+def _out_of_place(model: nn.Module) -> Iterator[None]:
+    """torch's in-place activations and dropouts run out of place while the graph is traced (the
+    same values; restored on exit). In place on a view, a Linear's (B, T, U) output, one rewrites
+    autograd's graph so that it no longer leads back to the Linear, which Torch-Pruning then does
+    not see (an ``nn.SiLU(inplace=True)`` after it left it ungated)."""
+    flipped = [
+        m
+        for m in model.modules()
+        if type(m).__module__.startswith("torch.nn.modules.")
+        and getattr(m, "inplace", None) is True
+    ]
+    for m in flipped:
+        setattr(m, "inplace", False)  # noqa: B010 (typed as a tensor or module attribute)
+    try:
+        yield
+    finally:
+        for m in flipped:
+            setattr(m, "inplace", True)  # noqa: B010
 
 
 def _traced_outputs(out: Any) -> list[torch.Tensor]:
