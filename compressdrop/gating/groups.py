@@ -57,8 +57,9 @@ def _unit_costs(
 def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include, exclude) -> str:
     """A sentence naming the selected layers that ran in the traced forward pass but that the
     autograd graph does not connect to the output (run under ``torch.no_grad()``, their output
-    detached, or changed in place through a view): Torch-Pruning cannot follow them, so they
-    stay ungated; "" if none."""
+    detached, or changed in place through a view by a functional in-place op; torch's in-place
+    modules run out of place while tracing): Torch-Pruning cannot follow them, so they stay
+    ungated; "" if none."""
     cut = [
         names[m] for m, spec in ((m, spec_of(m)) for m in ran)
         if m not in dg.module2node and m not in refused and m in names and spec is not None
@@ -74,8 +75,8 @@ def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include
         f"layer{'s' if many else ''} {shown} left ungated: {'they' if many else 'it'} ran in the "
         f"example forward pass, but autograd's graph does not lead back to {'them' if many else 'it'} "
         "from the model's output (run under torch.no_grad(), detached, or an output changed in "
-        "place through a view, as by an in-place activation on a Linear's 3-d output?), and the "
-        "pruning graph follows autograd's"
+        "place through a view, as F.relu(x, inplace=True) on a Linear's 3-d output does?), and "
+        "the pruning graph follows autograd's"
     )
 
 
