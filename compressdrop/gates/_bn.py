@@ -21,13 +21,10 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-from . import _mul
-from ._defer import no_global_hooks
-from ._proj import _runs_as_is
+from ._proj import may_fuse
 from .base import Gate
 
 _OFF = [0]  # open off() contexts
@@ -106,13 +103,11 @@ class _GatedBatchNorm(torch.autograd.Function):
 
 def fused_batchnorm(wrapper: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The gated output of the wrapped BatchNorm on ``args`` as :class:`_GatedBatchNorm`, or None
-    where it does not apply: outside eager training with gradients, a layer that is not a stock
-    affine ``nn.BatchNorm1d/2d/3d`` in training mode (attach gates no other) with a weight and a
-    bias, a wrapper whose output a ReLU or pool after it takes over (those keep nothing either),
-    a gate whose class has its own ``forward``, ``check_units`` or ``multiply``, hooks (forward or backward) on the layer or the gate or
-    module-wide, a forward set on either instance, an input that is not one contiguous tensor
-    with more than one value per channel, under autocast, forward-mode AD or a ``torch.func``
-    transform, or inside :func:`~compressdrop.gates.hand_overs_off`.
+    where it does not apply: a layer that is not a stock affine ``nn.BatchNorm1d/2d/3d`` (attach
+    gates no other) with a weight and a bias, a wrapper whose output a ReLU or pool after it takes
+    over (those keep nothing either), an input that is not one contiguous tensor with more than
+    one value per channel, inside :func:`off`, and wherever :func:`._proj.may_fuse` says no
+    (outside eager training with gradients, hooks, a gate class of its own, autocast, ...).
     ``wrapper``: a :class:`~compressdrop.gating.gated.Gated`."""
     bn: Any = wrapper.module
     gate = cast(Gate, wrapper.gate)
@@ -127,25 +122,12 @@ def fused_batchnorm(wrapper: Any, args: tuple, kwargs: dict) -> torch.Tensor | N
         return None
     (x,) = args
     flags = vars(wrapper)
-    cls = type(gate)
     if (
-        not (gate.training and bn.training)
-        or _mul._OFF[0]
-        or _OFF[0]
+        _OFF[0]
         or flags.get("defer_ok") or flags.get("relu_after") or flags.get("inplace_alone")
-        or cls.forward is not Gate.forward
-        or cls.check_units is not Gate.check_units
-        or cls.multiply is not Gate.multiply
         or wrapper.unit_dim != 1
-        or not _runs_as_is(bn)
-        or not _runs_as_is(gate)
-        or not torch.is_grad_enabled()
-        or torch.compiler.is_compiling()
         or not isinstance(x, torch.Tensor)
-        or torch.is_autocast_enabled(x.device.type)
-        or fwAD._current_level >= 0  # a dual level is open: tangents may flow
-        or torch._C._are_functorch_transforms_active()
-        or not no_global_hooks()
+        or not may_fuse(gate, bn, x)
         or x.dim() < 2
         or x.shape[1] != gate.num_units
         or x.numel() <= x.shape[1]  # one value per channel or none: BatchNorm's own error

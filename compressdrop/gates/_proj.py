@@ -116,28 +116,21 @@ def _runs_as_is(module: nn.Module) -> bool:
     return _clean(module, ()) and "forward" not in vars(module)
 
 
-def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
-    """The head-gated projection of ``x`` as :class:`_GatedLinear`, or None where it does not
-    apply: outside eager training with gradients, an output projection that is not a stock
-    ``nn.Linear`` or transformers' ``Conv1D`` (a parametrized one is another class), a gate whose
-    class has its own ``forward``, ``check_units`` or ``multiply``, hooks (forward or backward) on
-    the projection or the gate or module-wide, a forward set on either instance, under autocast,
-    forward-mode AD or a ``torch.func`` transform (``_GatedLinear`` has neither a ``jvp`` nor a
-    ``setup_context``), or inside :func:`~compressdrop.gates.hand_overs_off`.
-    ``wrapper``: a :class:`~compressdrop.gating.gated.HeadGated`."""
-    proj: Any = wrapper.module
-    gate = cast(Gate, wrapper.gate)
-    conv1d = (type(proj).__module__, type(proj).__name__) == _mul.CONV1D  # weight (in, out)
+def may_fuse(gate: Gate, layer: nn.Module, x: torch.Tensor) -> bool:
+    """What any fusion of a gate with the layer beside it (this module's, ``_bn.py``'s) needs:
+    eager training with gradients, both in training mode, a gate class without its own
+    ``forward``, ``check_units`` or ``multiply``, no hook (forward or backward) on either or
+    module-wide, no forward set on either instance, not under autocast, forward-mode AD, a
+    ``torch.func`` transform (the fused functions have neither a ``jvp`` nor a
+    ``setup_context``) or :func:`~compressdrop.gates.hand_overs_off`."""
     cls = type(gate)
-    if (
-        not gate.training
+    return not (
+        not (gate.training and layer.training)
         or _mul._OFF[0]
-        or _OFF[0]
-        or (type(proj) not in _LINEARS and not conv1d)
         or cls.forward is not Gate.forward
         or cls.check_units is not Gate.check_units
         or cls.multiply is not Gate.multiply
-        or not _runs_as_is(proj)
+        or not _runs_as_is(layer)
         or not _runs_as_is(gate)
         or not torch.is_grad_enabled()
         or torch.compiler.is_compiling()
@@ -145,6 +138,24 @@ def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
         or fwAD._current_level >= 0  # a dual level is open: tangents may flow
         or torch._C._are_functorch_transforms_active()
         or not no_global_hooks()
+    )
+
+
+def fused_projection(wrapper: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """The head-gated projection of ``x`` as :class:`_GatedLinear`, or None where it does not
+    apply: an output projection that is not a stock ``nn.Linear`` or transformers' ``Conv1D`` (a
+    parametrized one is another class), inside :func:`off`, and wherever :func:`may_fuse` says
+    no (outside eager training with gradients, hooks, a gate class with its own ``forward``,
+    ``check_units`` or ``multiply``, a forward set on either instance, autocast, forward-mode AD,
+    a ``torch.func`` transform, :func:`~compressdrop.gates.hand_overs_off`).
+    ``wrapper``: a :class:`~compressdrop.gating.gated.HeadGated`."""
+    proj: Any = wrapper.module
+    gate = cast(Gate, wrapper.gate)
+    conv1d = (type(proj).__module__, type(proj).__name__) == _mul.CONV1D  # weight (in, out)
+    if (
+        _OFF[0]
+        or (type(proj) not in _LINEARS and not conv1d)
+        or not may_fuse(gate, proj, x)
         or x.dim() < 2
         or x.shape[-1] != gate.num_units * wrapper.head_dim
     ):
