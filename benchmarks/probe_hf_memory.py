@@ -27,7 +27,9 @@ from common import save
 
 
 def kept_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    """Bytes kept for the backward pass of one forward pass of ``model`` on ``ids``."""
+    """Bytes kept for the backward pass of one forward pass of ``model`` on ``ids`` (also the
+    torchvision probe's: an output with ``.logits``, a Hugging Face or Inception one, or a
+    tensor)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -35,8 +37,8 @@ def kept_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids).logits
-    for t in kept_tensors(out):
+        out = model(ids)
+    for t in kept_tensors(getattr(out, "logits", out)):
         pack(t)
     return sum(seen.values())
 

@@ -2,7 +2,7 @@
 without gates, for each torchvision classification family of the test suite (one small model a
 family, ``tests/torchvision_models.py``): the bytes of the distinct storages autograd's
 saved-tensor hooks see in one training-mode forward pass, plus what the gates keep outside them
-(``compressdrop.gates._mul.kept_tensors``). Log-normal gates, random weights, ``--batch``
+(``probe_hf_memory.kept_bytes``). Log-normal gates, random weights, ``--batch``
 examples at each model's input side. Three gated columns: as shipped, with the BatchNorm fusion
 off (``compressdrop/gates/_bn.py``), and with every hand-off and fusion off
 (``compressdrop.gates.hand_overs_off``).
@@ -20,31 +20,15 @@ import warnings
 from pathlib import Path
 
 import torch
+from probe_hf_memory import kept_bytes
 
 import compressdrop as cd
 from compressdrop.gates import _bn
-from compressdrop.gates._mul import kept_tensors
 
 from common import markdown_table, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.torchvision_models import families
-
-
-def kept_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes kept for the backward pass of one forward pass of ``model`` on ``x``."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    out = out.logits if hasattr(out, "logits") else out  # Inception and GoogLeNet: named tuples
-    for t in kept_tensors(out):
-        pack(t)
-    return sum(seen.values())
 
 
 def main() -> None:
