@@ -452,3 +452,16 @@ def test_a_model_that_reads_its_attention_s_internals_exports_as_it_is(tmp_path)
     # the first, swapped attempt failed without a word from torch.export
     assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
     assert type(model.attn) is nn.MultiheadAttention
+
+
+def test_a_slim_attention_attaches_again_without_a_cut_off_warning():
+    """Torch-Pruning traces compressdrop's MultiheadAttention (a slim model's) as one node: the
+    out_proj it calls inside is not in the pruning graph, which is no cut-off (it hosts the head
+    gate); attach named it as left ungated, "run under torch.no_grad() or detached"."""
+    torch.manual_seed(0)
+    model, ids = Encoder().eval(), _ids()
+    for layer in model.encoder.layers:
+        layer.self_attn = to_prunable(layer.self_attn)
+    said = _attach(model, ids)
+    assert not [w for w in said if "does not lead back" in w], said
+    assert _head_gates(model) == [f"encoder.layers.{i}.self_attn" for i in (0, 1)]

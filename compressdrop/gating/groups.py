@@ -59,10 +59,20 @@ def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include
     autograd graph does not connect to the output (run under ``torch.no_grad()``, their output
     detached, or changed in place through a view by a functional in-place op; torch's in-place
     modules run out of place while tracing): Torch-Pruning cannot follow them, so they stay
-    ungated; "" if none."""
+    ungated; "" if none. A layer inside a module that Torch-Pruning traced as one node (a type
+    with a pruner of its own: compressdrop's ``MultiheadAttention`` and its ``out_proj``) is not
+    cut off."""
+    # the names of the graph's modules: their submodules are inside one node, not missing
+    traced = {names[m] for m in dg.module2node if isinstance(m, nn.Module) and m in names}
+
+    def inside_traced(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in traced for i in range(len(parts)))
+
     cut = [
         names[m] for m, spec in ((m, spec_of(m)) for m in ran)
         if m not in dg.module2node and m not in refused and m in names and spec is not None
+        and not inside_traced(names[m])
         and _selected(spec.kind, [m], names, granularity, include, exclude)
     ]  # fmt: skip
     if not cut:
