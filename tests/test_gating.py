@@ -249,6 +249,21 @@ def test_kl_scale_by_layer_name_glob_multiplies_with_the_kind_factor():
         gated(kl_scale={"classifier.3": 2.0})
 
 
+def test_a_kl_scale_glob_that_matches_nothing_leaves_the_model_as_it_was():
+    """The glob is refused once the groups are known, but was refused after attach had made the
+    model's attentions prunable (compressdrop's class, the nested-tensor path off): the model
+    was changed by an attach that failed, and attaching it again traced another graph."""
+    from .test_heads import Encoder, _ids
+
+    model = Encoder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # the LayerNorm stream
+        with pytest.raises(InputError, match="matches no gated layer"):
+            cd.attach(model, example_inputs=_ids(), kl_scale={"encoder.*.out_proj": 2.0})
+    assert type(model.encoder.layers[0].self_attn) is nn.MultiheadAttention
+    assert model.encoder.use_nested_tensor
+
+
 def test_sparsifier_penalty_follows_schedule_and_scales_by_dataset_size():
     model = ZOO["lenet300"]()
     sp = Sparsifier(model, n_train=1000, schedule=KLSchedule(beta=2.0, warmup=4, delay=1))

@@ -249,9 +249,9 @@ def attach(
         raise InputError(nothing_to_gate(model, granularity, include, exclude))
     for why in filter(None, [unmatched_include(model, include), *unused_kl_scale(groups, scale)]):
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
+    factors = group_factors(groups, scale)  # a glob matching nothing: an error, model untouched
     nested = _prepare_attentions(model, groups)
     param = next(model.parameters())
-    factors = group_factors(groups, scale)  # an InputError for a glob no gated layer matches
     costs = [c * f for c, f in zip(normalized_costs(groups, kl_cost), factors)]
     for grp, cost in zip(groups, costs):
         g = cls(grp.num_units, **gate_kwargs).to(device=param.device, dtype=param.dtype)
