@@ -119,6 +119,26 @@ def test_layernorm_after_a_linear_blocks_gating():
     assert [n for n, _ in cd.named_gates(model)] == ["3"]
 
 
+@pytest.mark.parametrize(
+    "act",
+    [nn.Threshold(0.5, 2.0), nn.Hardtanh(0.1, 1.0, inplace=True), nn.Hardtanh(-2.0, -0.1)],
+    ids=["threshold", "hardtanh-above-0", "hardtanh-below-0"],
+)
+def test_an_activation_whose_bounds_move_zero_blocks_gating(act):
+    """A threshold at or above 0 (0 becomes its value) or a clamp whose range leaves 0 out (0
+    becomes a bound) does not map 0 to 0: fc1 was gated as if it did, and pruning it failed
+    prune's check (the slim model differed from the masked one by 80 %)."""
+    model = nn.Sequential(nn.Linear(16, 24), act, nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.warns(cd.GatingWarning, match=r"'0' left ungated: .* does not map 0 to 0"):
+        cd.attach(model, example_inputs=torch.randn(2, 5, 16))
+    assert [n for n, _ in cd.named_gates(model)] == ["2"]
+    # below the threshold, or a range that holds 0: gated as before
+    for ok in (nn.Threshold(-0.5, 2.0), nn.Hardtanh(-0.5, 1.0), nn.ReLU6(inplace=True)):
+        model = nn.Sequential(nn.Linear(16, 24), ok, nn.Linear(24, 3))
+        cd.attach(model, example_inputs=torch.randn(2, 5, 16))
+        assert [n for n, _ in cd.named_gates(model)] == ["0"]
+
+
 class _Centered(nn.Module):
     """fc1's units, then either centred over the units (a mean over their dimension: removing one
     changes it) or averaged over the tokens (another dimension: exact)."""

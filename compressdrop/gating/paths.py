@@ -6,6 +6,7 @@ Used by :func:`compressdrop.gating.find_groups` on Torch-Pruning's dependency gr
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .registry import has_role
@@ -197,6 +198,21 @@ def _is_scale_activation(n) -> bool:
     )
 
 
+def _moves_zero(op: str, grad_fn) -> bool:
+    """Whether a bounded activation maps 0 elsewhere: a threshold at or above 0 (0 becomes its
+    value, which autograd does not keep: any), a clamp or Hardtanh whose range leaves 0 out."""
+    if op == "Threshold":
+        t = getattr(grad_fn, "_saved_threshold", None)
+        return not (isinstance(t, (int, float)) and t < 0)
+    if op not in ("Hardtanh", "Clamp", "ClampMin", "ClampMax"):
+        return False
+    lo = getattr(grad_fn, "_saved_min_val", getattr(grad_fn, "_saved_min", None))
+    hi = getattr(grad_fn, "_saved_max_val", getattr(grad_fn, "_saved_max", None))
+    return (lo is not None and bool(torch.as_tensor(lo).gt(0).any())) or (
+        hi is not None and bool(torch.as_tensor(hi).lt(0).any())
+    )
+
+
 def _positive_power(grad_fn) -> bool:
     """Whether ``grad_fn`` is ``x ** p`` with a constant ``p > 0`` (then 0 ** p = 0)."""
     exponent = getattr(grad_fn, "_saved_exponent", None)
@@ -345,7 +361,7 @@ def _walk(
         structural = op.startswith(("Reshape", "Concat", "Split", "Slice", "Expand", "Unbind"))
         if op == "Pow" and _positive_power(grad_fn):
             pass  # x ** p maps 0 to 0 for p > 0 (the cube in GPT-2's tanh GELU)
-        elif op not in _ZERO_PRESERVING and not structural:
+        elif (op not in _ZERO_PRESERVING or _moves_zero(op, grad_fn)) and not structural:
             plain = _PLAIN_OPS.get(op.rstrip("0123456789"))
             return f"its units pass through {op}{f' ({plain})' if plain else ''}, which does not map 0 to 0"
         if op == "Mean" and layout and _averages_units(grad_fn, unit_dim):  # type: ignore[arg-type]
