@@ -133,7 +133,8 @@ def test_an_activation_whose_bounds_move_zero_blocks_gating(act):
         cd.attach(model, example_inputs=torch.randn(2, 5, 16))
     assert [n for n, _ in cd.named_gates(model)] == ["2"]
     # below the threshold, or a range that holds 0: gated as before
-    for ok in (nn.Threshold(-0.5, 2.0), nn.Hardtanh(-0.5, 1.0), nn.ReLU6(inplace=True)):
+    for ok in (nn.Threshold(-0.5, 2.0), nn.Hardtanh(-0.5, 1.0), nn.ReLU6(inplace=True),
+               nn.CELU(0.5), nn.SELU(), nn.ELU()):  # fmt: skip
         model = nn.Sequential(nn.Linear(16, 24), ok, nn.Linear(24, 3))
         cd.attach(model, example_inputs=torch.randn(2, 5, 16))
         assert [n for n, _ in cd.named_gates(model)] == ["0"]

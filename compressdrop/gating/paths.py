@@ -22,6 +22,7 @@ _ACTIVATIONS = (
     "Hardtanh",
     "LeakyRelu",
     "Elu",
+    "Celu",  # max(0, x) + min(0, α(e^{x/α} − 1)): 0 at 0, as ELU (SELU is EluBackward too)
     "Mish",
     "Hardswish",
     "Clamp",
