@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._mul import _factor_shape
 from ._proj import may_fuse
 from .base import Gate
 
@@ -41,11 +42,6 @@ def off() -> Iterator[None]:
         yield
     finally:
         _OFF[0] -= 1
-
-
-def _per_channel(t: torch.Tensor, dims: int) -> torch.Tensor:
-    """A (C,) tensor shaped to broadcast over (B, C, ...) of ``dims`` dimensions."""
-    return t.reshape(1, -1, *(1,) * (dims - 2))
 
 
 class _GatedBatchNorm(torch.autograd.Function):
@@ -69,7 +65,7 @@ class _GatedBatchNorm(torch.autograd.Function):
         )
         ctx.save_for_backward(x, theta, weight, bias, mean, invstd)
         ctx.eps = eps
-        return y.mul_(theta.reshape(*theta.shape, *(1,) * (x.dim() - 2)))  # y is ours alone
+        return y.mul_(theta.reshape(_factor_shape(theta, x.dim(), False)))  # y is ours alone
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -80,20 +76,18 @@ class _GatedBatchNorm(torch.autograd.Function):
         if need_theta and torch.is_grad_enabled():  # create_graph: y as a function of x, γ, β
             y = F.batch_norm(x, None, None, weight, bias, True, 0.0, ctx.eps)
             grad_theta = torch.linalg.vecdot(grad.reshape(b, c, -1), y.reshape(b, c, -1))
-            if theta.shape[0] != b:
-                grad_theta = grad_theta.sum(0, keepdim=True)
         elif need_theta:
             # in the statistics' dtype: float32 for a half-precision x where the BatchNorm's
             # parameters are float32 (or on CUDA), x's own otherwise
             g = grad.reshape(b, c, -1).to(mean.dtype)
-            centred = (x - _per_channel(mean, x.dim())).reshape(b, c, -1).to(mean.dtype)
+            centred = (x - mean.reshape(1, c, *(1,) * (x.dim() - 2))).reshape(b, c, -1)
             # Σ g·y = γ·Σ g·x̂ + β·Σ g, (B, C)
-            grad_theta = torch.linalg.vecdot(g, centred) * (invstd * weight) + g.sum(-1) * bias
-            grad_theta = grad_theta.to(theta.dtype)
-            if theta.shape[0] != b:
-                grad_theta = grad_theta.sum(0, keepdim=True)
+            grad_theta = torch.linalg.vecdot(g, centred.to(mean.dtype)) * (invstd * weight)
+            grad_theta = (grad_theta + g.sum(-1) * bias).to(theta.dtype)
+        if grad_theta is not None and theta.shape[0] != b:  # one θ for the batch
+            grad_theta = grad_theta.sum(0, keepdim=True)
         if need_x or need_w or need_b:
-            grad_y = grad * theta.reshape(*theta.shape, *(1,) * (x.dim() - 2))
+            grad_y = grad * theta.reshape(_factor_shape(theta, x.dim(), False))
             grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
                 [need_x, need_w, need_b],
@@ -139,6 +133,7 @@ def fused_batchnorm(wrapper: Any, args: tuple, kwargs: dict) -> torch.Tensor | N
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:  # as _BatchNorm.forward
         bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.momentum is None:  # a cumulative average
+            momentum = 1.0 / float(bn.num_batches_tracked)
     running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
     return _GatedBatchNorm.apply(x, theta, bn.weight, bn.bias, *running, momentum, bn.eps)

@@ -57,19 +57,16 @@ def group_factors(groups: Sequence[UnitGroup], kl_scale: dict[str, float]) -> li
         InputError: a key that is neither a unit kind nor a glob matching a gated layer's name
             (a typo such as ``"heads"`` would otherwise weigh nothing, silently).
     """
-    globs = {k: f for k, f in kl_scale.items() if k not in UNIT_KINDS}
-    for pattern in globs:
-        if not any(fnmatch.fnmatchcase(p, pattern) for g in groups for p in g.producers):
+    factors = [kl_scale.get(g.kind, 1.0) for g in groups]
+    for pattern, f in kl_scale.items():
+        if pattern in UNIT_KINDS:
+            continue
+        hit = [any(fnmatch.fnmatchcase(p, pattern) for p in g.producers) for g in groups]
+        if not any(hit):
             gated = ", ".join(sorted(repr(p) for g in groups for p in g.producers))
             raise InputError(
                 f"kl_scale: {pattern!r} is not a unit kind {UNIT_KINDS} and matches no gated "
                 f"layer's name (gated: {gated})"
             )
-    out = []
-    for g in groups:
-        factor = kl_scale.get(g.kind, 1.0)
-        for pattern, f in globs.items():
-            if any(fnmatch.fnmatchcase(p, pattern) for p in g.producers):
-                factor *= f
-        out.append(factor)
-    return out
+        factors = [factor * f if h else factor for factor, h in zip(factors, hit, strict=True)]
+    return factors
