@@ -256,10 +256,11 @@ def gate_math(families: list[str], units: list[int], batch: int, repeats: int = 
 
 def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
     """MB of tensors a step keeps for its backward pass, as autograd's saved-tensor hooks see
-    them (each storage once). Compiled with inductor, this is what the compiled graph saves,
-    which the profiler's op-by-op count cannot see on CPU. Eager gates keep their input, their
-    output or a ReLU's output outside the hooks (see compressdrop/gates/_mul.py): found in the
-    graph and counted too, each storage once."""
+    them (each storage once; the parameters, which a layer may save for its input's gradient,
+    left out since 2026-12-06: they are resident anyway). Compiled with inductor, this is what
+    the compiled graph saves, which the profiler's op-by-op count cannot see on CPU. Eager gates
+    keep their input, their output or a ReLU's output outside the hooks (see
+    compressdrop/gates/_mul.py): found in the graph and counted too, each storage once."""
     torch._dynamo.reset()
     model, _, _ = make_step(net, family, "eager", batch, torch.device("cpu"))
     x = torch.randn(batch, *NETS[net][1])
@@ -267,9 +268,11 @@ def saved_mb(net: str, family: str | None, mode: str, batch: int) -> float:
     fn = loss_of(model, family, mode)
     fn(x, y).backward()  # compile first
     storages: dict[int, int] = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}  # resident anyway
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in params:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

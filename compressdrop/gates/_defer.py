@@ -27,9 +27,11 @@ multiply moves, and only while it provably reaches the pool:
 Only gate families whose draws are ≥ 0 (``Gate.nonnegative``: log-normal, concrete, hard concrete;
 not the variational family's Gaussian θ), only a pool of the convolution's dimensionality (a 2-d
 pool after a 1-d convolution would pool across channels), only in eager training with none of the
-three layers compiled on its own, and only while no hook could see the values between (a forward
-hook on the gated layer, any hook on the ReLU or the pool, any global module hook): then the gate
-multiplies at the convolution as before. :func:`~compressdrop.gates._mul.hand_overs_off` turns it
+three layers compiled on its own, or in a training step compiled whole (``torch.compile``, where
+no tag can ride on a tensor: the armed layer leaves its pool's id in this thread's ``carry``, and
+the pool's hook draws θ and multiplies; ``_compiled.py``), and only while no hook could see the
+values between (a forward hook on the gated layer, any hook on the ReLU or the pool, any global
+module hook): then the gate multiplies at the convolution as before. :func:`~compressdrop.gates._mul.hand_overs_off` turns it
 off. Forward values are the same (rounding included, for the max-pool); the gradient of θ is a
 sum over fewer, pooled terms.
 """
@@ -47,10 +49,12 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import is_traced
 from . import _mul
+from ._compiled import compiled_training
 from ._mul import (
     hand_over_in_known_blocks,
     hand_over_in_transformer_layers,
     hand_over_to_relus,
+    no_global_hooks,
     relu_takes_over,
     remove_relu_hooks,
     wrapper_pre_hook,
@@ -78,17 +82,27 @@ POOLS = (
     nn.AdaptiveAvgPool3d,
 )
 _OFF = [0]  # open off() contexts
-_LOCAL = threading.local()  # per thread: the armed layers, and those whose θ waits
 
 
-def _state() -> tuple[dict[int, bool], set[int]]:
-    """(armed, pending) of this thread: ids of gated layers (armed: whether the pool after it
-    may multiply in place)."""
-    try:
-        return _LOCAL.armed, _LOCAL.pending
-    except AttributeError:
-        _LOCAL.armed, _LOCAL.pending = {}, set()
-        return _LOCAL.armed, _LOCAL.pending
+class _Local(threading.local):
+    """Per thread: ``armed``, the gated layers (by id) armed for this call of their
+    ``nn.Sequential``, each with (whether the pool after it may multiply in place, that pool);
+    ``pending``, those whose θ waits for the pool; ``carry``, while a training step is compiled,
+    the gated layer (by its pool's id) whose θ that pool draws and multiplies by (no flag can
+    ride on a tensor there)."""
+
+    def __init__(self) -> None:
+        self.armed: dict[int, tuple[bool, nn.Module]] = {}
+        self.pending: set[int] = set()
+        self.carry: dict[int, nn.Module] = {}
+
+
+_LOCAL = _Local()
+
+
+def _state() -> tuple[dict[int, tuple[bool, nn.Module]], set[int]]:
+    """(armed, pending) of this thread (see :class:`_Local`)."""
+    return _LOCAL.armed, _LOCAL.pending
 
 
 # the stock forwards of the layers that read their input and change nothing in place
@@ -131,6 +145,11 @@ def off() -> Iterator[None]:
 def _eager() -> bool:
     """Whether hooks run as plain Python on real tensors (not compiled, exported or traced)."""
     return not is_traced()
+
+
+def _hooks_run() -> bool:
+    """Whether the deferral applies: in eager mode, or while a training step is compiled."""
+    return _eager() or compiled_training()
 
 
 def _pool_ok(pool: nn.Module, dims: int) -> bool:
@@ -221,21 +240,9 @@ def _clean(m: nn.Module, ours: tuple, pre_hooks_ok: bool = False) -> bool:
     )
 
 
-def no_global_hooks() -> bool:
-    """Whether no module-wide hook (``nn.modules.module.register_module_*_hook``) could see the
-    gated layer's output."""
-    module = nn.modules.module
-    return not (
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
-    )
-
-
 def _arm(seq: nn.Sequential, args: Any) -> None:
     """Forward pre-hook of the ``nn.Sequential``: arm its gated layers for this call."""
-    if _OFF[0] or _mul._OFF[0] or not _eager() or not no_global_hooks():
+    if _OFF[0] or _mul._OFF[0] or not _hooks_run() or not no_global_hooks():
         return
     children = list(seq)
     armed, pending = _state()
@@ -258,7 +265,7 @@ def _arm(seq: nn.Sequential, args: Any) -> None:
             )
         )
         if ok:
-            armed[id(g)] = k + 1 < len(children) and _reads_only(children[k + 1])
+            armed[id(g)] = (k + 1 < len(children) and _reads_only(children[k + 1]), pool)
             pending.discard(id(g))
 
 
@@ -269,13 +276,17 @@ def defer(layer: nn.Module, out: Any) -> bool:
     armed, pending = _state()
     if id(layer) not in armed:
         return False
-    inplace = armed.pop(id(layer))  # for this one call
+    inplace, pool = armed.pop(id(layer))  # for this one call
     gate: Gate = layer.gate  # type: ignore[assignment]
-    if not gate.training or not _eager() or not isinstance(out, torch.Tensor):
+    if not gate.training or not _hooks_run() or not isinstance(out, torch.Tensor):
         return False
     if out.dim() != _conv_dims(layer) + 2:
         return False
     gate.check_units(out, 1)
+    if not _eager():  # compiled: the pool's hook draws θ too
+        _LOCAL.carry[id(pool)] = layer
+        pending.add(id(layer))
+        return True
     out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype), inplace)
     pending.add(id(layer))
     return True
@@ -291,8 +302,16 @@ def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> None:
 
 
 def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
-    """Forward hook of the pool: multiply its output by the θ its input was tagged with."""
-    if not _eager() or not inputs or not isinstance(inputs[0], torch.Tensor):
+    """Forward hook of the pool: multiply its output by the θ its input was tagged with (or,
+    compiled, by a θ it draws for the gated layer that deferred to it)."""
+    if not _eager():
+        layer = _LOCAL.carry.pop(id(pool), None) if compiled_training() else None
+        if layer is None:
+            return None
+        _LOCAL.pending.discard(id(layer))
+        gate: Gate = layer.gate  # type: ignore[assignment]
+        return gate.multiply(output, gate.training_factor(output.shape[0], output.dtype), 1)
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
         return None
     tag = inputs[0].__dict__.pop(TAG, None)
     if tag is None or not isinstance(output, torch.Tensor):
@@ -309,12 +328,14 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
 def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
     """Forward hook of the ``nn.Sequential`` (run even when its forward pass raised): disarm, and
     raise where a deferred multiply was never applied."""
-    if not _eager():
+    if not _hooks_run():
         return
     children = list(seq)
     armed, pending = _state()
     missed = []
-    for i, _, _ in vars(seq).get(KEY, ()):
+    for i, _, k in vars(seq).get(KEY, ()):
+        if k < len(children):
+            _LOCAL.carry.pop(id(children[k]), None)
         if i < len(children):
             g = children[i]
             armed.pop(id(g), None)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ._compiled import relu_passed
 
 ATTR = "_compressdrop_gate_input"
 _OFF = [0]  # open hand_overs_off() contexts
@@ -138,6 +139,31 @@ class _GateMul(torch.autograd.Function):
         return grad_x, grad_theta, None, None, None
 
 
+def handoff_flags(wrapper: nn.Module) -> tuple[bool, bool]:
+    """(``relu_after``, ``inplace``) for a gated wrapper's multiply of its layer's output: a
+    hand-off only where a ReLU alone reads the output (or one operation that keeps it and leaves
+    it: a GELU), so no hook of this wrapper, nor a global one, may read it too; in place only
+    where no hook of the layer saw it either."""
+    free = not (_OFF[0] or wrapper._forward_hooks) and no_global_hooks()
+    flags = wrapper.__dict__
+    after = flags.get("relu_after", False) and free
+    alone = flags.get("inplace_alone", False) and free
+    layer: nn.Module = wrapper.module  # type: ignore[assignment]
+    return after, flags.get("gate_inplace", False) and (after or alone) and not layer._forward_hooks
+
+
+def no_global_hooks() -> bool:
+    """Whether no module-wide hook (``nn.modules.module.register_module_*_hook``) could see the
+    gated layer's output."""
+    module = nn.modules.module
+    return not (
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
+
+
 def kept_tensors(out: torch.Tensor) -> list[torch.Tensor]:
     """What the gates' multiplies in ``out``'s autograd graph keep for their backward pass outside
     autograd's saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks`` do not see it):
@@ -199,17 +225,20 @@ CONV1D = ("transformers.pytorch_utils", "Conv1D")
 INPLACE_OK = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 
-def relu_takes_over(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+def relu_takes_over(module: nn.Module, inputs: tuple, output: torch.Tensor) -> Any:
     """Forward hook of a ReLU that reads a gate's output only: the gate keeps the ReLU's output
     in place of its own input (see :class:`_GateMul`). Does nothing for any other input."""
-    if torch.compiler.is_compiling() or not inputs or not isinstance(inputs[0], torch.Tensor):
-        return  # compiled: the gate multiply is plain tensor code there, nothing to hand over
+    if torch.compiler.is_compiling():  # the gate applied the ReLU itself (_compiled.py)
+        return inputs[0] if inputs and relu_passed(module) else None
+    if not inputs or not isinstance(inputs[0], torch.Tensor):
+        return None
     kept = inputs[0].__dict__.pop(ATTR, None)
     if kept is None or not isinstance(output, torch.Tensor):
-        return
+        return None
     # (ReLU6 also clamps at 6: its derivative is 0 there too, so the identity still holds)
     alias = output.detach()  # the same storage and version counter, no autograd history
     kept.tensor, kept.version, kept.divide = alias, output._version, True
+    return None
 
 
 def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
@@ -243,6 +272,8 @@ def _read_by_relu(gated: nn.Module, relu: nn.Module) -> None:
     if relu_takes_over not in relu._forward_hooks.values():
         relu.register_forward_hook(relu_takes_over)
     vars(gated)["relu_after"] = True
+    if type(relu) is nn.ReLU:  # for a compiled step: see _compiled.py
+        vars(gated)["relu_module"] = relu
     vars(gated)["gate_inplace"] = _inplace_ok(getattr(gated, "module", None))
 
 
@@ -358,4 +389,5 @@ def remove_relu_hooks(model: nn.Module) -> None:
         for key in [k for k, fn in m._forward_hooks.items() if fn is relu_takes_over]:
             del m._forward_hooks[key]
         vars(m).pop("relu_after", None)
+        vars(m).pop("relu_module", None)
         vars(m).pop("gate_inplace", None)

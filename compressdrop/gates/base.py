@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
 from ..errors import InputError
+from ._compiled import broadcast_multiply
 from ._mul import gate_multiply
 from ._replay import new_seed, replay
 from .shard import _NOISE_SHARD, _OPEN_SHARDS, noise_shard
@@ -300,9 +301,7 @@ class Gate(nn.Module):
             and torch.is_grad_enabled()
         ):
             return gate_multiply(x, theta, inplace, relu_after, last)
-        shape = [theta.shape[0]] + [1] * (x.dim() - 1)
-        shape[dim] = self.num_units
-        return x * theta.reshape(shape)
+        return broadcast_multiply(x, theta, dim, relu_after)
 
     def _keep(self, theta: torch.Tensor) -> torch.Tensor:
         """``theta`` with the pruned units' factors set to 0.

@@ -15,7 +15,8 @@ from torch import nn
 from ..errors import InputError
 from ..gates import Gate, _mul, bank, check_gate_kwargs, gate_class
 from ..gates._bn import fused_batchnorm
-from ..gates._defer import defer, hand_over, no_global_hooks, remove_hand_overs
+from ..gates._compiled import expect_relu
+from ..gates._defer import defer, hand_over, remove_hand_overs
 from ..gates._mul import wrapper_pre_hook
 from ..gates._proj import fused_projection
 from .attention import MultiheadAttention, nested_off, to_stock
@@ -96,17 +97,8 @@ class Gated(Wrapper):
         out = self.module(*args, **kwargs)
         if self.__dict__.get("defer_ok", False) and defer(self, out):
             return out  # the pool after it multiplies (gates/_defer.py)
-        # a hand-off only where a ReLU alone reads the output (or one operation that keeps it and
-        # leaves it: a GELU): no hook of this wrapper, nor a global one, may read it too; in place
-        # only where no hook of the layer saw it either
-        free = not (_mul._OFF[0] or self._forward_hooks) and no_global_hooks()
-        after = self.__dict__.get("relu_after", False) and free
-        alone = self.__dict__.get("inplace_alone", False) and free
-        inplace = (
-            self.__dict__.get("gate_inplace", False)
-            and (after or alone)
-            and not self.module._forward_hooks
-        )
+        after, inplace = _mul.handoff_flags(self)  # what the readers of its output take over
+        expect_relu(self, after)  # compiled: the ReLU after it is applied by the gate
         return self.gate(out, dim=self.unit_dim, relu_after=after, inplace=inplace)
 
     @torch.no_grad()

@@ -1,0 +1,113 @@
+"""The gate multiply of a compiled training step (``torch.compile``), and what lets the compiled
+graph keep no more for the backward pass than the plain model's where the eager hand-offs apply.
+
+Eager mode hands over by hooks and flags on tensors (``_mul.py``, ``_defer.py``); a compiled
+graph is traced once, keeps whatever its partitioner chooses, and cannot carry flags on
+tensors. What it keeps follows from the backward formulas it is given, so the gate multiply of
+a compiled step is :class:`_KeepOutput`, whose gradient of θ reads its output y = x·θ instead of
+x (Σ g·x = Σ g·y/θ), and y is what the reader of a gate's output keeps anyway:
+
+* a ReLU module alone reads it (``relu_after``): the gate applies the ReLU itself and keeps its
+  output, and that ReLU module, told so through this thread's :class:`_Trace` (its forward hook
+  :func:`~._mul.relu_takes_over` returns its input unchanged), adds no second copy;
+* a pool follows a convolution (``_defer.py``): the pool's hook multiplies the pool's output,
+  which the next layer keeps;
+* a GELU, or a projection, reads it and keeps it for its own backward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..runtime import is_exporting
+
+
+class _Trace(threading.local):
+    """Per thread, while a compiled step is traced: ``next_relu``, the ReLU module (by id) after
+    the gated layer now running; ``passed``, the ReLU modules whose input a gate has just passed
+    through a ReLU already."""
+
+    def __init__(self) -> None:
+        self.next_relu: int | None = None
+        self.passed: set[int] = set()
+
+
+_TRACE = _Trace()
+
+
+def compiled_training() -> bool:
+    """Whether a training step is being compiled (``torch.compile``; not ``torch.export``)."""
+    return torch.compiler.is_compiling() and torch.is_grad_enabled() and not is_exporting()
+
+
+def expect_relu(wrapper: nn.Module, relu_after: bool) -> None:
+    """Called by a gated wrapper before its gate multiplies: under compilation, with
+    ``relu_after``, name the ``nn.ReLU`` module after it (``_mul._read_by_relu`` recorded it),
+    for :func:`broadcast_multiply` to mark as passed once it applied the ReLU itself."""
+    if not torch.compiler.is_compiling():
+        return
+    relu = wrapper.__dict__.get("relu_module") if relu_after else None
+    _TRACE.next_relu = None if relu is None else id(relu)
+    if relu is not None:
+        _TRACE.passed.discard(id(relu))  # (left by a trace that raised)
+
+
+def relu_passed(relu: nn.Module) -> bool:
+    """Whether ``relu``'s input is a gate's output passed through a ReLU already (then it is its
+    own output); the mark is used once."""
+    if id(relu) not in _TRACE.passed:
+        return False
+    _TRACE.passed.discard(id(relu))
+    return True
+
+
+class _KeepOutput(torch.autograd.Function):
+    """y = x · factor (θ shaped to broadcast over x) that keeps y and the factor for its backward
+    pass, not x: the gradient of θ is Σ g·x = Σ g·y/θ where θ ≠ 0, and 0 where θ = 0 (as
+    ``_mul._GateMul`` gives when it divides: a pruned unit's factor and a hard-concrete θ clamped
+    at 0 have derivative 0 with respect to the gate's parameters, and the other families draw
+    θ ≠ 0). The compiled graph then keeps y, or x to compute y again, whichever its partitioner
+    finds cheaper.
+
+    ``relu``: y = relu(x·θ), for a gate whose output a ReLU alone reads: Σ g·y/θ is still the
+    gradient of θ (g = 0 wherever x·θ ≤ 0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: torch.Tensor, relu: bool) -> torch.Tensor:
+        y = x * factor
+        if relu:
+            y = torch.relu(y)
+        ctx.save_for_backward(y, factor)
+        ctx.relu = relu
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        y, factor = ctx.saved_tensors
+        dims = [d for d in range(y.dim()) if factor.shape[d] == 1 and y.shape[d] != 1]
+        prod = (grad * y).sum(dims, keepdim=True) if dims else grad * y
+        if ctx.relu:
+            grad = torch.where(y > 0, grad, 0.0)
+        return grad * factor, torch.where(factor != 0, prod / factor, 0.0), None
+
+
+def broadcast_multiply(
+    x: torch.Tensor, theta: torch.Tensor, dim: int, relu_after: bool = False
+) -> torch.Tensor:
+    """``x`` times θ (n, U), n ∈ {B, 1}, broadcast over every dimension but the batch and
+    ``dim``: in a compiled training step through :class:`_KeepOutput` (with ``relu_after``, the
+    ReLU that alone reads the result applied too, and that ReLU module told so), else as a plain
+    product."""
+    shape = [theta.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = theta.shape[1]
+    factor = theta.reshape(shape)
+    if not compiled_training():
+        return x * factor
+    if relu_after and _TRACE.next_relu is not None:
+        _TRACE.passed.add(_TRACE.next_relu)
+        _TRACE.next_relu = None
+    return _KeepOutput.apply(x, factor, relu_after)
