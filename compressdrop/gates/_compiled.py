@@ -27,16 +27,85 @@ from ..runtime import is_exporting
 
 
 class _Trace(threading.local):
-    """Per thread, while a compiled step is traced: ``next_relu``, the ReLU module (by id) after
-    the gated layer now running; ``passed``, the ReLU modules whose input a gate has just passed
-    through a ReLU already."""
+    """Per thread, while a compiled step is traced: ``armed``, the gated layers (by id) whose
+    ReLU is sure to read their output next in this call of their parent (:func:`_arm_relus`);
+    ``next_relu``, the ReLU module (by id) after the gated layer now running; ``passed``, the
+    ReLU modules whose input a gate has just passed through a ReLU already."""
 
     def __init__(self) -> None:
+        self.armed: set[int] = set()
         self.next_relu: int | None = None
         self.passed: set[int] = set()
 
 
 _TRACE = _Trace()
+KEY = "gate_relus"  # on the parent of a gated layer and its ReLU: [(gated layer's name, ReLU's)]
+OUR_RELU_HOOKS: list[Any] = []  # the forward hooks compressdrop puts on a ReLU (_mul, _defer)
+
+
+def read_by_relu_in(parent: nn.Module, gated: str, relu: str) -> None:
+    """Record that in ``parent``'s forward the ReLU ``parent.<relu>`` alone reads the output of
+    the gated layer ``parent.<gated>``, and hook ``parent`` to arm that pair for a compiled
+    training step (:func:`_arm_relus`) and disarm it after (:func:`_disarm_relus`)."""
+    pairs = vars(parent).setdefault(KEY, [])
+    if (gated, relu) not in pairs:
+        pairs.append((gated, relu))
+    if _arm_relus not in parent._forward_pre_hooks.values():
+        parent.register_forward_pre_hook(_arm_relus)
+        parent.register_forward_hook(_disarm_relus, always_call=True)
+
+
+def remove_relu_arming(m: nn.Module) -> None:
+    """Undo :func:`read_by_relu_in` on ``m``."""
+    vars(m).pop(KEY, None)
+    for hooks in (m._forward_hooks, m._forward_pre_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (_arm_relus, _disarm_relus)]:
+            del hooks[key]
+            m._forward_hooks_always_called.pop(key, None)
+
+
+def _pair_ok(parent: nn.Module, gated: str, relu: str) -> bool:
+    """The pair is as recorded: the gated layer's recorded ReLU, next in an ``nn.Sequential``
+    that runs its own forward, and no hook but compressdrop's could see that ReLU's input."""
+    g, r = getattr(parent, gated, None), getattr(parent, relu, None)
+    if not isinstance(g, nn.Module) or vars(g).get("relu_module") is not r or r is None:
+        return False
+    if isinstance(parent, nn.Sequential):
+        keys = list(parent._modules)
+        if type(parent).forward is not nn.Sequential.forward or relu not in keys:
+            return False
+        if gated not in keys or keys.index(relu) != keys.index(gated) + 1:
+            return False
+    return (
+        not r._forward_pre_hooks
+        and all(fn in OUR_RELU_HOOKS for fn in r._forward_hooks.values())
+        and not (r._backward_hooks or r._backward_pre_hooks)
+        and getattr(r, "_compiled_call_impl", None) is None
+    )
+
+
+def _arm_relus(parent: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a gated layer's parent: in a compiled training step, arm each gated
+    layer whose ReLU is sure to read its output next (for this one call)."""
+    if not compiled_training():
+        return
+    for gated, relu in vars(parent).get(KEY, ()):
+        if _pair_ok(parent, gated, relu):
+            _TRACE.armed.add(id(getattr(parent, gated)))
+
+
+def _disarm_relus(parent: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook of the parent (also when its forward raised): disarm, and drop any mark a
+    ReLU did not use, so that no later call of it skips its work."""
+    if not torch.compiler.is_compiling():
+        return
+    for gated, _ in vars(parent).get(KEY, ()):
+        g = getattr(parent, gated, None)
+        if id(g) in _TRACE.armed:
+            _TRACE.armed.discard(id(g))
+        relu = vars(g).get("relu_module") if isinstance(g, nn.Module) else None
+        if relu is not None and id(relu) in _TRACE.passed:
+            _TRACE.passed.discard(id(relu))
 
 
 def compiled_training() -> bool:
@@ -44,16 +113,25 @@ def compiled_training() -> bool:
     return torch.compiler.is_compiling() and torch.is_grad_enabled() and not is_exporting()
 
 
-def expect_relu(wrapper: nn.Module, relu_after: bool) -> None:
-    """Called by a gated wrapper before its gate multiplies: under compilation, with
-    ``relu_after``, name the ``nn.ReLU`` module after it (``_mul._read_by_relu`` recorded it),
-    for :func:`broadcast_multiply` to mark as passed once it applied the ReLU itself."""
+def expect_relu(wrapper: nn.Module, relu_after: bool) -> bool:
+    """Called by a gated wrapper before its gate multiplies; returns the ``relu_after`` to
+    multiply with. Eager: ``relu_after`` as it is (what the gate keeps, not its value). Compiled:
+    True only where its parent armed it (:func:`_arm_relus`: its ReLU is sure to read its output
+    next), after naming that ReLU for :func:`broadcast_multiply` to mark as passed once it
+    applied the ReLU itself; anywhere else (a slice, the layers called one by one) its output
+    is x·θ."""
     if not torch.compiler.is_compiling():
-        return
-    relu = wrapper.__dict__.get("relu_module") if relu_after else None
-    _TRACE.next_relu = None if relu is None else id(relu)
-    if relu is not None:
-        _TRACE.passed.discard(id(relu))  # (left by a trace that raised)
+        return relu_after
+    armed = id(wrapper) in _TRACE.armed
+    if armed:
+        _TRACE.armed.discard(id(wrapper))  # for this one call
+    relu = wrapper.__dict__.get("relu_module")
+    if not (relu_after and armed and relu is not None and compiled_training()):
+        return False
+    _TRACE.next_relu = id(relu)
+    if id(relu) in _TRACE.passed:
+        _TRACE.passed.discard(id(relu))
+    return True
 
 
 def relu_passed(relu: nn.Module) -> bool:

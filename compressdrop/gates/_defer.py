@@ -301,6 +301,9 @@ def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> None:
         output.__dict__[TAG] = tag
 
 
+_mul.OUR_RELU_HOOKS.append(_pass_on)
+
+
 def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
     """Forward hook of the pool: multiply its output by the θ its input was tagged with (or,
     compiled, by a θ it draws for the gated layer that deferred to it)."""

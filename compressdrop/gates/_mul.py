@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ._compiled import relu_passed
+from ._compiled import OUR_RELU_HOOKS, read_by_relu_in, relu_passed, remove_relu_arming
 
 ATTR = "_compressdrop_gate_input"
 _OFF = [0]  # open hand_overs_off() contexts
@@ -229,7 +229,7 @@ def relu_takes_over(module: nn.Module, inputs: tuple, output: torch.Tensor) -> A
     """Forward hook of a ReLU that reads a gate's output only: the gate keeps the ReLU's output
     in place of its own input (see :class:`_GateMul`). Does nothing for any other input."""
     if torch.compiler.is_compiling():  # the gate applied the ReLU itself (_compiled.py)
-        return inputs[0] if inputs and relu_passed(module) else None
+        return inputs[0] if relu_passed(module) and type(module) is nn.ReLU else None
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         return None
     kept = inputs[0].__dict__.pop(ATTR, None)
@@ -239,6 +239,9 @@ def relu_takes_over(module: nn.Module, inputs: tuple, output: torch.Tensor) -> A
     alias = output.detach()  # the same storage and version counter, no autograd history
     kept.tensor, kept.version, kept.divide = alias, output._version, True
     return None
+
+
+OUR_RELU_HOOKS.append(relu_takes_over)
 
 
 def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
@@ -256,24 +259,25 @@ def hand_over_to_relus(model: nn.Module, wrapper: type[nn.Module]) -> None:
     for seq in model.modules():
         if not isinstance(seq, nn.Sequential):
             continue
-        children = list(seq)
-        for gated, after in zip(children, children[1:], strict=False):
+        named = list(seq._modules.items())
+        for (name, gated), (after_name, after) in zip(named, named[1:], strict=False):
             if type(gated) is not wrapper:
                 continue
             if type(after) in KEEP_THEIR_INPUT and not getattr(after, "inplace", False):
                 _kept_by_its_reader(gated)
             elif type(after) in RELUS:
-                _read_by_relu(gated, after)
+                _read_by_relu(gated, after, seq, (name, after_name))
 
 
-def _read_by_relu(gated: nn.Module, relu: nn.Module) -> None:
-    """``relu`` alone reads the gated layer's output: hooked, it takes over what the gate keeps;
-    the output is multiplied in place where the layer's backward pass does not read it."""
+def _read_by_relu(gated: nn.Module, relu: nn.Module, parent: nn.Module, names: tuple) -> None:
+    """``relu`` alone reads the gated layer's output (``parent.<names[0]>`` and ``<names[1]>``):
+    hooked, it takes over what the gate keeps; the output is multiplied in place where the
+    layer's backward pass does not read it. (A compiled step: ``_compiled.py``.)"""
     if relu_takes_over not in relu._forward_hooks.values():
         relu.register_forward_hook(relu_takes_over)
     vars(gated)["relu_after"] = True
-    if type(relu) is nn.ReLU:  # for a compiled step: see _compiled.py
-        vars(gated)["relu_module"] = relu
+    vars(gated)["relu_module"] = relu
+    read_by_relu_in(parent, *names)
     vars(gated)["gate_inplace"] = _inplace_ok(getattr(gated, "module", None))
 
 
@@ -315,7 +319,7 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
             # (TransformerDecoderLayer.__setstate__ would put F.relu over a registered module)
             vars(layer)["activation"] = act = nn.ReLU()
         if type(act) in RELUS:
-            _read_by_relu(gated, act)
+            _read_by_relu(gated, act, layer, ("linear1", "activation"))
         elif act is F.gelu or type(act) is nn.GELU:  # (the layers' F.gelu keeps its input too)
             _kept_by_its_reader(gated)
 
@@ -375,7 +379,7 @@ def hand_over_in_known_blocks(model: nn.Module, wrapper: type[nn.Module]) -> Non
         for producer, reader in _READ_BY_RELU.get(key, ()):
             gated, relu = getattr(block, producer, None), getattr(block, reader, None)
             if type(gated) is wrapper and isinstance(relu, nn.Module) and type(relu) in RELUS:
-                _read_by_relu(gated, relu)
+                _read_by_relu(gated, relu, block, (producer, reader))
 
 
 def remove_relu_hooks(model: nn.Module) -> None:
@@ -390,4 +394,5 @@ def remove_relu_hooks(model: nn.Module) -> None:
             del m._forward_hooks[key]
         vars(m).pop("relu_after", None)
         vars(m).pop("relu_module", None)
+        remove_relu_arming(m)
         vars(m).pop("gate_inplace", None)

@@ -98,7 +98,7 @@ class Gated(Wrapper):
         if self.__dict__.get("defer_ok", False) and defer(self, out):
             return out  # the pool after it multiplies (gates/_defer.py)
         after, inplace = _mul.handoff_flags(self)  # what the readers of its output take over
-        expect_relu(self, after)  # compiled: the ReLU after it is applied by the gate
+        after = expect_relu(self, after)  # compiled: the ReLU after it, applied by the gate
         return self.gate(out, dim=self.unit_dim, relu_after=after, inplace=inplace)
 
     @torch.no_grad()
