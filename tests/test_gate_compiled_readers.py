@@ -119,3 +119,42 @@ def test_activation_checkpointing_inside_a_fullgraph_step():
     x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
     compiled, eager = _same(lambda x, y: F.cross_entropy(net(x), y), x, y)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("body", ["mlp", "conv"])
+def test_activation_checkpointing_inside_a_fullgraph_step_under_hand_overs_off(body):
+    """The way round the limit above: inside ``hand_overs_off()`` no compiled hand-off changes
+    any state, so a checkpointed region compiles whole (and matches eager)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            if body == "mlp":
+                self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+            else:
+                self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+            self.head = nn.LazyLinear(4)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.body, x, use_reentrant=False).flatten(1))
+
+    torch.manual_seed(0)
+    shape = (8,) if body == "mlp" else (1, 10, 10)
+    net = Net()
+    net(torch.randn(2, *shape))  # the lazy head takes its shape
+    net = cd.attach(net, gate="lognormal", example_inputs=torch.randn(2, *shape)).train()
+    x, y = torch.randn(5, *shape), torch.randint(0, 4, (5,))
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y)
+
+    grads = []
+    with cd.gates.hand_overs_off():
+        for fn in (torch.compile(loss_fn, backend=BACKEND, fullgraph=True), loss_fn):
+            torch.manual_seed(3)
+            fn(x, y).backward()
+            grads.append([p.grad.clone() for p in net.parameters()])
+            net.zero_grad()
+    for c, e in zip(*grads, strict=True):
+        torch.testing.assert_close(c, e)

@@ -9,10 +9,18 @@ x (Σ g·x = Σ g·y/θ), and y is what the reader of a gate's output keeps anyw
 
 * a ReLU module alone reads it (``relu_after``): the gate applies the ReLU itself and keeps its
   output, and that ReLU module, told so through this thread's :class:`_Trace` (its forward hook
-  :func:`~._mul.relu_takes_over` returns its input unchanged), adds no second copy;
+  :func:`~._mul.relu_takes_over` returns its input unchanged), adds no second copy. Only where
+  the parent of the two (an ``nn.Sequential``, a known block, a transformer layer) armed the
+  pair for this call: anywhere else (a slice, the layers called one by one, a hook on the ReLU,
+  a swapped ReLU) the gated layer's output is x·θ, as in eager mode;
 * a pool follows a convolution (``_defer.py``): the pool's hook multiplies the pool's output,
   which the next layer keeps;
 * a GELU, or a projection, reads it and keeps it for its own backward pass.
+
+The marks are per-thread state that the traced hooks change, which dynamo refuses inside a
+checkpointed region (``torch.utils.checkpoint``) of a step compiled with ``fullgraph=True``:
+there, run the step inside ``compressdrop.gates.hand_overs_off()`` (nothing is armed or marked;
+the gates keep their inputs), or compile without ``fullgraph``.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ class _Trace(threading.local):
 
 
 _TRACE = _Trace()
+_OFF = [0]  # open hand_overs_off() contexts (compressdrop.gates._mul)
 KEY = "gate_relus"  # on the parent of a gated layer and its ReLU: [(gated layer's name, ReLU's)]
 OUR_RELU_HOOKS: list[Any] = []  # the forward hooks compressdrop puts on a ReLU (_mul, _defer)
 
@@ -86,8 +95,10 @@ def _pair_ok(parent: nn.Module, gated: str, relu: str) -> bool:
 
 def _arm_relus(parent: nn.Module, args: Any) -> None:
     """Forward pre-hook of a gated layer's parent: in a compiled training step, arm each gated
-    layer whose ReLU is sure to read its output next (for this one call)."""
-    if not compiled_training():
+    layer whose ReLU is sure to read its output next (for this one call). Inside
+    ``hand_overs_off()`` nothing is armed, and no state changes: what a checkpointed region of
+    a compiled step needs (dynamo refuses side effects there)."""
+    if _OFF[0] or not compiled_training():
         return
     for gated, relu in vars(parent).get(KEY, ()):
         if _pair_ok(parent, gated, relu):
@@ -97,7 +108,7 @@ def _arm_relus(parent: nn.Module, args: Any) -> None:
 def _disarm_relus(parent: nn.Module, args: Any, output: Any) -> None:
     """Forward hook of the parent (also when its forward raised): disarm, and drop any mark a
     ReLU did not use, so that no later call of it skips its work."""
-    if not torch.compiler.is_compiling():
+    if _OFF[0] or not torch.compiler.is_compiling():
         return
     for gated, _ in vars(parent).get(KEY, ()):
         g = getattr(parent, gated, None)
@@ -106,6 +117,18 @@ def _disarm_relus(parent: nn.Module, args: Any, output: Any) -> None:
         relu = vars(g).get("relu_module") if isinstance(g, nn.Module) else None
         if relu is not None and id(relu) in _TRACE.passed:
             _TRACE.passed.discard(id(relu))
+
+
+def no_global_hooks() -> bool:
+    """Whether no module-wide hook (``nn.modules.module.register_module_*_hook``) could see the
+    gated layer's output."""
+    module = nn.modules.module
+    return not (
+        module._global_forward_hooks
+        or module._global_forward_pre_hooks
+        or module._global_backward_hooks
+        or module._global_backward_pre_hooks
+    )
 
 
 def compiled_training() -> bool:

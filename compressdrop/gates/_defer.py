@@ -331,8 +331,8 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
 def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
     """Forward hook of the ``nn.Sequential`` (run even when its forward pass raised): disarm, and
     raise where a deferred multiply was never applied."""
-    if not _hooks_run():
-        return
+    if _OFF[0] or _mul._OFF[0] or not _hooks_run():
+        return  # (as _arm: nothing armed, no state to change)
     children = list(seq)
     armed, pending = _state()
     missed = []

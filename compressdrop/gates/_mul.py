@@ -14,10 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ._compiled import OUR_RELU_HOOKS, read_by_relu_in, relu_passed, remove_relu_arming
+from ._compiled import (
+    _OFF,
+    OUR_RELU_HOOKS,
+    no_global_hooks,
+    read_by_relu_in,
+    relu_passed,
+    remove_relu_arming,
+)
 
 ATTR = "_compressdrop_gate_input"
-_OFF = [0]  # open hand_overs_off() contexts
+# _OFF: open hand_overs_off() contexts (in _compiled, which reads it too)
 
 
 @contextlib.contextmanager
@@ -29,7 +36,10 @@ def hand_overs_off() -> Iterator[None]:
     time; what a second derivative through the gates (``create_graph=True``) needs. The switch
     is read when a layer runs: under activation checkpointing (``torch.utils.checkpoint``) the
     backward pass runs the forward again, so run ``backward()`` inside the context too (outside
-    it the recomputation hands over again and PyTorch raises ``CheckpointError``)."""
+    it the recomputation hands over again and PyTorch raises ``CheckpointError``). In a step
+    compiled whole with ``fullgraph=True``, a checkpointed region that holds a gated layer and the
+    ReLU or pool after it compiles only inside this context: the compiled hand-offs
+    (``_compiled.py``) keep per-thread state, which dynamo refuses to change in such a region."""
     _OFF[0] += 1
     try:
         yield
@@ -150,18 +160,6 @@ def handoff_flags(wrapper: nn.Module) -> tuple[bool, bool]:
     alone = flags.get("inplace_alone", False) and free
     layer: nn.Module = wrapper.module  # type: ignore[assignment]
     return after, flags.get("gate_inplace", False) and (after or alone) and not layer._forward_hooks
-
-
-def no_global_hooks() -> bool:
-    """Whether no module-wide hook (``nn.modules.module.register_module_*_hook``) could see the
-    gated layer's output."""
-    module = nn.modules.module
-    return not (
-        module._global_forward_hooks
-        or module._global_forward_pre_hooks
-        or module._global_backward_hooks
-        or module._global_backward_pre_hooks
-    )
 
 
 def kept_tensors(out: torch.Tensor) -> list[torch.Tensor]:
