@@ -197,18 +197,18 @@ class _KeepOutput(torch.autograd.Function):
 
 
 def broadcast_multiply(
-    x: torch.Tensor, theta: torch.Tensor, dim: int, relu_after: bool = False
+    x: torch.Tensor, theta: torch.Tensor, dim: int, relu_after: bool = False, mark: bool = True
 ) -> torch.Tensor:
     """``x`` times θ (n, U), n ∈ {B, 1}, broadcast over every dimension but the batch and
     ``dim``: in a compiled training step through :class:`_KeepOutput` (with ``relu_after``, the
-    ReLU that alone reads the result applied too, and that ReLU module told so), else as a plain
-    product."""
+    ReLU that alone reads the result applied too, and, with ``mark``, the ReLU module named by
+    :func:`expect_relu` told so), else as a plain product."""
     shape = [theta.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = theta.shape[1]
     factor = theta.reshape(shape)
     if not compiled_training():
         return x * factor
-    if relu_after and _TRACE.next_relu is not None:
+    if relu_after and mark and _TRACE.next_relu is not None:
         _TRACE.passed.add(_TRACE.next_relu)
         _TRACE.next_relu = None
     return _KeepOutput.apply(x, factor, relu_after)

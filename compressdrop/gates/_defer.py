@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import is_traced
 from . import _mul
-from ._compiled import compiled_training
+from ._compiled import broadcast_multiply, compiled_training
 from ._mul import (
     hand_over_in_known_blocks,
     hand_over_in_transformer_layers,
@@ -86,21 +86,23 @@ _OFF = [0]  # open off() contexts
 
 class _Local(threading.local):
     """Per thread: ``armed``, the gated layers (by id) armed for this call of their
-    ``nn.Sequential``, each with (whether the pool after it may multiply in place, that pool);
-    ``pending``, those whose θ waits for the pool; ``carry``, while a training step is compiled,
-    the gated layer (by its pool's id) whose θ that pool draws and multiplies by (no flag can
-    ride on a tensor there)."""
+    ``nn.Sequential``, each with (whether the pool after it may multiply in place, that pool, the
+    activation between or None); ``pending``, those whose θ waits for the pool; while a training
+    step is compiled (no flag can ride on a tensor there), ``carry``, the gated layer (by its
+    pool's id) whose θ that pool draws and multiplies by, with whether the pool applies the ReLU
+    too, and ``skip``, the ReLUs (by id) that pass their input on for it (:func:`_pass_on`)."""
 
     def __init__(self) -> None:
-        self.armed: dict[int, tuple[bool, nn.Module]] = {}
+        self.armed: dict[int, tuple[bool, nn.Module, nn.Module | None]] = {}
         self.pending: set[int] = set()
-        self.carry: dict[int, nn.Module] = {}
+        self.carry: dict[int, tuple[nn.Module, bool]] = {}
+        self.skip: set[int] = set()
 
 
 _LOCAL = _Local()
 
 
-def _state() -> tuple[dict[int, tuple[bool, nn.Module]], set[int]]:
+def _state() -> tuple[dict[int, tuple[bool, nn.Module, nn.Module | None]], set[int]]:
     """(armed, pending) of this thread (see :class:`_Local`)."""
     return _LOCAL.armed, _LOCAL.pending
 
@@ -265,7 +267,8 @@ def _arm(seq: nn.Sequential, args: Any) -> None:
             )
         )
         if ok:
-            armed[id(g)] = (k + 1 < len(children) and _reads_only(children[k + 1]), pool)
+            inplace = k + 1 < len(children) and _reads_only(children[k + 1])
+            armed[id(g)] = (inplace, pool, None if act is None else children[act])
             pending.discard(id(g))
 
 
@@ -276,7 +279,7 @@ def defer(layer: nn.Module, out: Any) -> bool:
     armed, pending = _state()
     if id(layer) not in armed:
         return False
-    inplace, pool = armed.pop(id(layer))  # for this one call
+    inplace, pool, act = armed.pop(id(layer))  # for this one call
     gate: Gate = layer.gate  # type: ignore[assignment]
     if not gate.training or not _hooks_run() or not isinstance(out, torch.Tensor):
         return False
@@ -284,7 +287,13 @@ def defer(layer: nn.Module, out: Any) -> bool:
         return False
     gate.check_units(out, 1)
     if not _eager():  # compiled: the pool's hook draws θ too
-        _LOCAL.carry[id(pool)] = layer
+        # relu(maxpool(x)) = maxpool(relu(x)): inductor's CPU code for a ReLU and then a max-pool
+        # is 2.4 times slower than the other way round (LeNet-5), and the mask it keeps shrinks
+        relu = type(act) is nn.ReLU and "Max" in type(pool).__name__
+        relu = relu and type(gate).multiply is Gate.multiply
+        _LOCAL.carry[id(pool)] = (layer, relu)
+        if relu:
+            _LOCAL.skip.add(id(act))
         pending.add(id(layer))
         return True
     out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype), inplace)
@@ -292,13 +301,18 @@ def defer(layer: nn.Module, out: Any) -> bool:
     return True
 
 
-def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> None:
-    """Forward hook of the activation between: move the tag from its input to its output."""
+def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> Any:
+    """Forward hook of the activation between: move the tag from its input to its output (or,
+    compiled, give its input on where the max-pool after it applies the ReLU: :func:`defer`)."""
+    if id(act) in _LOCAL.skip and not _eager():
+        _LOCAL.skip.discard(id(act))
+        return inputs[0]
     if not _eager() or not inputs or not isinstance(inputs[0], torch.Tensor):
-        return
+        return None
     tag = inputs[0].__dict__.pop(TAG, None)
     if tag is not None and isinstance(output, torch.Tensor):
         output.__dict__[TAG] = tag
+    return None
 
 
 _mul.OUR_RELU_HOOKS.append(_pass_on)
@@ -308,12 +322,16 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
     """Forward hook of the pool: multiply its output by the θ its input was tagged with (or,
     compiled, by a θ it draws for the gated layer that deferred to it)."""
     if not _eager():
-        layer = _LOCAL.carry.pop(id(pool), None) if compiled_training() else None
-        if layer is None:
+        carried = _LOCAL.carry.pop(id(pool), None) if compiled_training() else None
+        if carried is None:
             return None
+        layer, relu = carried
         _LOCAL.pending.discard(id(layer))
         gate: Gate = layer.gate  # type: ignore[assignment]
-        return gate.multiply(output, gate.training_factor(output.shape[0], output.dtype), 1)
+        theta = gate.training_factor(output.shape[0], output.dtype)
+        if relu:  # the ReLU passed its input on: relu(maxpool(x))·θ
+            return broadcast_multiply(output, theta, 1, relu_after=True, mark=False)
+        return gate.multiply(output, theta, 1)
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         return None
     tag = inputs[0].__dict__.pop(TAG, None)
@@ -336,9 +354,11 @@ def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
     children = list(seq)
     armed, pending = _state()
     missed = []
-    for i, _, k in vars(seq).get(KEY, ()):
+    for i, act, k in vars(seq).get(KEY, ()):
         if k < len(children):
             _LOCAL.carry.pop(id(children[k]), None)
+        if act is not None and act < len(children):
+            _LOCAL.skip.discard(id(children[act]))
         if i < len(children):
             g = children[i]
             armed.pop(id(g), None)
