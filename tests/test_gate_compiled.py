@@ -43,6 +43,27 @@ def test_keep_output_gives_zero_where_the_factor_is_zero():
     assert factor.grad[0, 1, 0] == 0
 
 
+def assert_compiled_step_matches_eager(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str = BACKEND
+) -> None:
+    """The loss (cross-entropy + KL/100) and every gradient of ``net`` on ``(x, y)``, compiled
+    with ``fullgraph=True`` and eager, from the same random state: equal to rounding."""
+
+    def loss_fn(x, y):
+        return F.cross_entropy(net(x), y) + cd.kl(net) / 100
+
+    results = []
+    for fn in (torch.compile(loss_fn, backend=backend, fullgraph=True), loss_fn):
+        torch.manual_seed(5)
+        loss = fn(x, y)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
+        net.zero_grad()
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for compiled, eager in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
 def _kept_bytes(net: nn.Module, x: torch.Tensor, y: torch.Tensor, gated: bool) -> int:
     """Bytes the compiled step's graph keeps for backward, parameters left out."""
     torch._dynamo.reset()
@@ -126,20 +147,7 @@ def test_compiled_step_matches_eager_with_every_kind_of_hand_off(gate_cls):
     net = cd.attach(_Mixed(), gate=gate_cls.family, example_inputs=torch.randn(2, 1, 12, 12))
     net.train()
     x, y = torch.randn(5, 1, 12, 12), torch.randint(0, 10, (5,))
-
-    def loss_fn(x, y):
-        return F.cross_entropy(net(x), y) + cd.kl(net) / 100
-
-    results = []
-    for fn in (torch.compile(loss_fn, backend=BACKEND, fullgraph=True), loss_fn):
-        torch.manual_seed(5)
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
-        net.zero_grad()
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for compiled, eager in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(compiled, eager)
+    assert_compiled_step_matches_eager(net, x, y)
     net.eval()  # then a compiled forward pass outside training: no hand-off, no mark left over
     torch.testing.assert_close(torch.compile(net, backend=BACKEND, fullgraph=True)(x), net(x))
     torch._dynamo.reset()
@@ -162,17 +170,5 @@ def test_compiled_relu_then_max_pool_runs_as_max_pool_then_relu(inplace, pool):
         net = cd.attach(net, gate=family, example_inputs=torch.randn(2, 1, 8, 8)).train()
         x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
 
-        def loss_fn(x, y, net=net):
-            return F.cross_entropy(net(x), y) + cd.kl(net) / 100
-
-        results = []
-        for fn in (torch.compile(loss_fn, backend=BACKEND, fullgraph=True), loss_fn):
-            torch.manual_seed(5)
-            loss = fn(x, y)
-            loss.backward()
-            results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
-            net.zero_grad()
-        torch.testing.assert_close(results[0][0], results[1][0])
-        for compiled, eager in zip(results[0][1], results[1][1], strict=True):
-            torch.testing.assert_close(compiled, eager)
+        assert_compiled_step_matches_eager(net, x, y)
         torch._dynamo.reset()

@@ -18,6 +18,7 @@ from compressdrop.gates import ConcreteGate, Gate, LogNormalGate, noise_shard
 from compressdrop.gates._mul import gate_multiply
 from compressdrop.models import build_model
 
+from .test_gate_compiled import assert_compiled_step_matches_eager
 from .test_gates import UNITS, randomize_
 
 
@@ -194,21 +195,7 @@ def _tiny_gated(family: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 def test_gated_loss_compiles_fullgraph_and_matches_eager(gate_cls):
     net, x, y = _tiny_gated(gate_cls.family)
-
-    def loss_fn(x, y):
-        return F.cross_entropy(net(x), y) + cd.kl(net) / 100
-
-    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (compiled, loss_fn):
-        torch.manual_seed(5)
-        loss = fn(x, y)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in net.parameters()]))
-        net.zero_grad()
-    torch.testing.assert_close(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(a, b)
+    assert_compiled_step_matches_eager(net, x, y, backend="aot_eager")
     net.eval()
     torch.testing.assert_close(torch.compile(net, backend="aot_eager", fullgraph=True)(x), net(x))
     torch._dynamo.reset()
