@@ -172,3 +172,22 @@ def test_compiled_relu_then_max_pool_runs_as_max_pool_then_relu(inplace, pool):
 
         assert_compiled_step_matches_eager(net, x, y)
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_compiled_max_pool_with_a_window_of_padding_alone_keeps_its_minus_inf(dims):
+    """padding=1, dilation=7 on a 6-wide map: the one window holds padding alone, -inf in plain
+    PyTorch and eager; relu(maxpool(x)) would make it 0, so the ReLU stays before the pool."""
+    conv, pool = (nn.Conv1d, nn.MaxPool1d) if dims == 1 else (nn.Conv2d, nn.MaxPool2d)
+    shape = (1,) + (8,) * dims
+    torch.manual_seed(2)
+    net = nn.Sequential(conv(1, 6, 3), nn.ReLU(), pool(2, stride=1, padding=1, dilation=7))
+    net = nn.Sequential(*net, nn.Flatten(), nn.LazyLinear(4))
+    net(torch.randn(2, *shape))
+    net = cd.attach(net, gate="concrete", example_inputs=torch.randn(2, *shape)).train()
+    x = torch.randn(3, *shape)
+    torch.manual_seed(5)
+    compiled = torch.compile(net, backend=BACKEND, fullgraph=True)(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(compiled, net(x), equal_nan=True)
+    torch._dynamo.reset()

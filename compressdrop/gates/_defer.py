@@ -289,7 +289,7 @@ def defer(layer: nn.Module, out: Any) -> bool:
     if not _eager():  # compiled: the pool's hook draws θ too
         # relu(maxpool(x)) = maxpool(relu(x)): inductor's CPU code for a ReLU and then a max-pool
         # is 2.4 times slower than the other way round (LeNet-5), and the mask it keeps shrinks
-        relu = type(act) is nn.ReLU and "Max" in type(pool).__name__
+        relu = type(act) is nn.ReLU and "Max" in type(pool).__name__ and _no_padding_window(pool)
         relu = relu and type(gate).multiply is Gate.multiply
         _LOCAL.carry[id(pool)] = (layer, relu)
         if relu:
@@ -299,6 +299,14 @@ def defer(layer: nn.Module, out: Any) -> bool:
     out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype), inplace)
     pending.add(id(layer))
     return True
+
+
+def _no_padding_window(pool: nn.Module) -> bool:
+    """No window of the max-pool can hold padding alone (its -inf, which a ReLU after would make
+    0): no padding or no dilation, in any dimension (an adaptive pool has neither)."""
+    pad, dil = getattr(pool, "padding", 0), getattr(pool, "dilation", 1)
+    pads, dils = (p if isinstance(p, tuple | list) else (p,) for p in (pad, dil))
+    return all(p == 0 or d == 1 for p in pads for d in dils)
 
 
 def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> Any:
