@@ -337,8 +337,8 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
         _LOCAL.pending.discard(id(layer))
         gate: Gate = layer.gate  # type: ignore[assignment]
         theta = gate.training_factor(output.shape[0], output.dtype)
-        if relu:  # the ReLU passed its input on: relu(maxpool(x))·θ
-            return broadcast_multiply(output, theta, 1, relu_after=True, mark=False)
+        if relu or type(gate).multiply is Gate.multiply:  # (relu: relu(maxpool(x))·θ)
+            return broadcast_multiply(output, theta, 1, relu, mark=False, keep_output=True)
         return gate.multiply(output, theta, 1)
     if not inputs or not isinstance(inputs[0], torch.Tensor):
         return None
