@@ -158,6 +158,12 @@ def expect_relu(wrapper: nn.Module, relu_after: bool) -> bool:
     return True
 
 
+def mark_relu_passed(relu: nn.Module) -> None:
+    """Tell ``relu`` (hooked by :func:`~._mul.relu_takes_over`) that its next input went through a
+    ReLU already (the max-pool after it applies the ReLU: ``_defer.py``)."""
+    _TRACE.passed.add(id(relu))
+
+
 def relu_passed(relu: nn.Module) -> bool:
     """Whether ``relu``'s input is a gate's output passed through a ReLU already (then it is its
     own output); the mark is used once."""

@@ -31,9 +31,9 @@ three layers compiled on its own, or in a training step compiled whole (``torch.
 no tag can ride on a tensor: the armed layer leaves its pool's id in this thread's ``carry``, and
 the pool's hook draws θ and multiplies; ``_compiled.py``), and only while no hook could see the
 values between (a forward hook on the gated layer, any hook on the ReLU or the pool, any global
-module hook): then the gate multiplies at the convolution as before. :func:`~compressdrop.gates._mul.hand_overs_off` turns it
-off. Forward values are the same (rounding included, for the max-pool); the gradient of θ is a
-sum over fewer, pooled terms.
+module hook): then the gate multiplies at the convolution as before.
+:func:`~compressdrop.gates._mul.hand_overs_off` turns it off. Forward values are the same
+(rounding included, for the max-pool); the gradient of θ is a sum over fewer, pooled terms.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import is_traced
 from . import _mul
-from ._compiled import broadcast_multiply, compiled_training
+from ._compiled import broadcast_multiply, compiled_training, mark_relu_passed
 from ._mul import (
     hand_over_in_known_blocks,
     hand_over_in_transformer_layers,
@@ -90,13 +90,12 @@ class _Local(threading.local):
     activation between or None); ``pending``, those whose θ waits for the pool; while a training
     step is compiled (no flag can ride on a tensor there), ``carry``, the gated layer (by its
     pool's id) whose θ that pool draws and multiplies by, with whether the pool applies the ReLU
-    too, and ``skip``, the ReLUs (by id) that pass their input on for it (:func:`_pass_on`)."""
+    too (the ReLU then passes its input on, marked as ``_compiled.py``'s hand-off marks it)."""
 
     def __init__(self) -> None:
         self.armed: dict[int, tuple[bool, nn.Module, nn.Module | None]] = {}
         self.pending: set[int] = set()
         self.carry: dict[int, tuple[nn.Module, bool]] = {}
-        self.skip: set[int] = set()
 
 
 _LOCAL = _Local()
@@ -289,11 +288,17 @@ def defer(layer: nn.Module, out: Any) -> bool:
     if not _eager():  # compiled: the pool's hook draws θ too
         # relu(maxpool(x)) = maxpool(relu(x)): inductor's CPU code for a ReLU and then a max-pool
         # is 2.4 times slower than the other way round (LeNet-5), and the mask it keeps shrinks
-        relu = type(act) is nn.ReLU and "Max" in type(pool).__name__ and _no_padding_window(pool)
-        relu = relu and type(gate).multiply is Gate.multiply
+        relu = (
+            isinstance(act, nn.ReLU)
+            and type(act) is nn.ReLU
+            and "Max" in type(pool).__name__
+            and _no_padding_window(pool)
+            and type(gate).multiply is Gate.multiply
+            and relu_takes_over in act._forward_hooks.values()  # (it passes its input on)
+        )
         _LOCAL.carry[id(pool)] = (layer, relu)
-        if relu:
-            _LOCAL.skip.add(id(act))
+        if relu and act is not None:
+            mark_relu_passed(act)
         pending.add(id(layer))
         return True
     out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype), inplace)
@@ -309,18 +314,13 @@ def _no_padding_window(pool: nn.Module) -> bool:
     return all(p == 0 or d == 1 for p in pads for d in dils)
 
 
-def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> Any:
-    """Forward hook of the activation between: move the tag from its input to its output (or,
-    compiled, give its input on where the max-pool after it applies the ReLU: :func:`defer`)."""
-    if id(act) in _LOCAL.skip and not _eager():
-        _LOCAL.skip.discard(id(act))
-        return inputs[0]
+def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> None:
+    """Forward hook of the activation between: move the tag from its input to its output."""
     if not _eager() or not inputs or not isinstance(inputs[0], torch.Tensor):
-        return None
+        return
     tag = inputs[0].__dict__.pop(TAG, None)
     if tag is not None and isinstance(output, torch.Tensor):
         output.__dict__[TAG] = tag
-    return None
 
 
 _mul.OUR_RELU_HOOKS.append(_pass_on)
@@ -362,11 +362,9 @@ def _settle(seq: nn.Sequential, args: Any, output: Any) -> None:
     children = list(seq)
     armed, pending = _state()
     missed = []
-    for i, act, k in vars(seq).get(KEY, ()):
+    for i, _, k in vars(seq).get(KEY, ()):  # (an unused ReLU mark: _compiled._disarm_relus)
         if k < len(children):
             _LOCAL.carry.pop(id(children[k]), None)
-        if act is not None and act < len(children):
-            _LOCAL.skip.discard(id(children[act]))
         if i < len(children):
             g = children[i]
             armed.pop(id(g), None)
