@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._dot import unit_dot
 from ._mul import _factor_shape
 from ._proj import may_fuse
 from .base import Gate
@@ -80,10 +81,12 @@ class _GatedBatchNorm(torch.autograd.Function):
             # in the statistics' dtype: float32 for a half-precision x where the BatchNorm's
             # parameters are float32 (or on CUDA), x's own otherwise
             g = grad.reshape(b, c, -1).to(mean.dtype)
-            centred = (x - mean.reshape(1, c, *(1,) * (x.dim() - 2))).reshape(b, c, -1)
-            # Σ g·y = γ·Σ g·x̂ + β·Σ g, (B, C)
-            grad_theta = torch.linalg.vecdot(g, centred.to(mean.dtype)) * (invstd * weight)
-            grad_theta = (grad_theta + g.sum(-1) * bias).to(theta.dtype)
+            sum_g = g.sum(-1)
+            # Σ g·y = γ·Σ g·x̂ + β·Σ g, (B, C), with Σ g·(x − mean) = Σ g·x − mean·Σ g: no
+            # centred copy of x (a pass and, at 32 MB or more, fresh pages: _dot.py), at the
+            # cost of a factor |mean| / spread of float32's precision (tests/test_gate_dot.py)
+            dot = unit_dot(g, x.reshape(b, c, -1).to(mean.dtype)) - mean * sum_g
+            grad_theta = (dot * (invstd * weight) + sum_g * bias).to(theta.dtype)
         if grad_theta is not None and theta.shape[0] != b:  # one θ for the batch
             grad_theta = grad_theta.sum(0, keepdim=True)
         if need_x or need_w or need_b:

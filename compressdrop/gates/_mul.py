@@ -22,6 +22,7 @@ from ._compiled import (
     relu_passed,
     remove_relu_arming,
 )
+from ._dot import unit_dot
 
 ATTR = "_compressdrop_gate_input"
 # _OFF: open hand_overs_off() contexts (in _compiled, which reads it too)
@@ -141,7 +142,7 @@ class _GateMul(torch.autograd.Function):
             elif t.dim() == 2:
                 grad_theta = grad * t
             else:  # (B, U, rest) · (B, U, rest) → (B, U)
-                grad_theta = torch.linalg.vecdot(grad.reshape(b, u, -1), t.reshape(b, u, -1))
+                grad_theta = unit_dot(grad.reshape(b, u, -1), t.reshape(b, u, -1))
             if kept.divide:
                 grad_theta = torch.where(theta != 0, grad_theta / theta, 0.0)
             if theta.shape[0] != b:
