@@ -16,7 +16,12 @@ residual add, keeping y cost a ResNet 1.14× the plain step's bytes against 1.00
   pair for this call: anywhere else (a slice, the layers called one by one, a hook on the ReLU,
   a swapped ReLU) the gated layer's output is x·θ, as in eager mode;
 * a pool follows a convolution (``_defer.py``): the pool's hook multiplies the pool's output,
-  which the next layer keeps.
+  which the next layer keeps;
+* in PyTorch's transformer layers, ``linear2(dropout(relu(linear1(x))))`` with ``linear1``
+  gated by a family whose θ ≥ 0: the gate's multiply moves past the ReLU and the dropout (both
+  commute with it), and the dropout's hook multiplies the dropout's output, which ``linear2``
+  keeps. With the gate applying the ReLU instead, the graph kept the ReLU's output beside
+  the dropout's (the encoder of BENCHMARKS §3: 1.18× the plain step's bytes).
 
 The marks are per-thread state that the traced hooks change, which dynamo refuses inside a
 checkpointed region (``torch.utils.checkpoint``) of a step compiled with ``fullgraph=True``:
@@ -39,18 +44,26 @@ class _Trace(threading.local):
     """Per thread, while a compiled step is traced: ``armed``, the gated layers (by id) whose
     ReLU is sure to read their output next in this call of their parent (:func:`_arm_relus`);
     ``next_relu``, the ReLU module (by id) after the gated layer now running; ``passed``, the
-    ReLU modules whose input a gate has just passed through a ReLU already."""
+    ReLU modules whose input a gate has just passed through a ReLU already; ``past_dropout``,
+    the armed gated layers whose multiply the dropout after their ReLU may take over;
+    ``next_dropout``, that dropout (by id) for the gated layer now running; ``deferred``, the
+    factor each such dropout multiplies its output by next."""
 
     def __init__(self) -> None:
         self.armed: set[int] = set()
         self.next_relu: int | None = None
         self.passed: set[int] = set()
+        self.past_dropout: set[int] = set()
+        self.next_dropout: int | None = None
+        self.deferred: dict[int, torch.Tensor] = {}
 
 
 _TRACE = _Trace()
 _OFF = [0]  # open hand_overs_off() contexts (compressdrop.gates._mul)
 KEY = "gate_relus"  # on the parent of a gated layer and its ReLU: [(gated layer's name, ReLU's)]
 OUR_RELU_HOOKS: list[Any] = []  # the forward hooks compressdrop puts on a ReLU (_mul, _defer)
+DROPOUT = "dropout_module"  # on a transformer layer's gated linear1: the nn.Dropout after its ReLU
+_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # linear2(dropout(act(...)))
 
 
 def read_by_relu_in(parent: nn.Module, gated: str, relu: str) -> None:
@@ -65,9 +78,31 @@ def read_by_relu_in(parent: nn.Module, gated: str, relu: str) -> None:
         parent.register_forward_hook(_disarm_relus, always_call=True)
 
 
+def read_by_dropout(gated: nn.Module, layer: nn.Module) -> None:
+    """Record that in the transformer ``layer`` the ``nn.Dropout`` ``layer.dropout`` reads the
+    ReLU of the gated ``linear1`` alone, and hook it to take over the gate's multiply in a
+    compiled training step (:func:`dropout_takes_over`)."""
+    dropout = getattr(layer, "dropout", None)
+    if type(layer) in _LAYERS and type(dropout) is nn.Dropout:
+        vars(gated)[DROPOUT] = dropout
+        if dropout_takes_over not in dropout._forward_hooks.values():
+            dropout.register_forward_hook(dropout_takes_over)
+
+
+def dropout_takes_over(dropout: nn.Module, args: Any, output: torch.Tensor) -> Any:
+    """Forward hook of a transformer layer's dropout (:func:`read_by_dropout`): its output times
+    the factor a gate left for it in this compiled step, through :class:`_KeepOutput` (``linear2``
+    keeps the product anyway); anywhere else nothing changes."""
+    factor = _TRACE.deferred.pop(id(dropout), None)
+    return None if factor is None else _KeepOutput.apply(output, factor, False)
+
+
 def remove_relu_arming(m: nn.Module) -> None:
-    """Undo :func:`read_by_relu_in` on ``m``."""
+    """Undo :func:`read_by_relu_in` and :func:`read_by_dropout` on ``m``."""
     vars(m).pop(KEY, None)
+    vars(m).pop(DROPOUT, None)
+    for key in [k for k, fn in m._forward_hooks.items() if fn is dropout_takes_over]:
+        del m._forward_hooks[key]
     for hooks in (m._forward_hooks, m._forward_pre_hooks):
         for key in [k for k, fn in hooks.items() if fn in (_arm_relus, _disarm_relus)]:
             del hooks[key]
@@ -104,6 +139,32 @@ def _arm_relus(parent: nn.Module, args: Any) -> None:
     for gated, relu in vars(parent).get(KEY, ()):
         if _pair_ok(parent, gated, relu):
             _TRACE.armed.add(id(getattr(parent, gated)))
+            if _dropout_ok(parent, getattr(parent, gated)):
+                _TRACE.past_dropout.add(id(getattr(parent, gated)))
+
+
+def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
+    """The gated ``linear1``'s multiply may move to the dropout after its ReLU: ``layer`` is
+    one of PyTorch's transformer layers running its own MLP with the dropout recorded, whose
+    only hook is ours, its activation an ``nn.ReLU`` (relu(x·θ) = relu(x)·θ for θ ≥ 0; not
+    ReLU6), and the gate draws θ ≥ 0 and multiplies as :class:`~.base.Gate` does."""
+    from .base import Gate  # (base imports this module)
+
+    d, gate = vars(gated).get(DROPOUT), getattr(gated, "gate", None)
+    cls = type(gate)
+    return (
+        type(layer) in _LAYERS
+        and not {"forward", "_ff_block"} & set(vars(layer))
+        and getattr(layer, "dropout", None) is d
+        and type(vars(gated).get("relu_module")) is nn.ReLU
+        and isinstance(gate, Gate)
+        and getattr(cls, "nonnegative", False)
+        and cls.multiply is Gate.multiply
+        and cls.forward is Gate.forward
+        and all(fn is dropout_takes_over for fn in d._forward_hooks.values())
+        and not (d._forward_pre_hooks or d._backward_hooks or d._backward_pre_hooks)
+        and getattr(d, "_compiled_call_impl", None) is None
+    )
 
 
 def _disarm_relus(parent: nn.Module, args: Any, output: Any) -> None:
@@ -115,6 +176,11 @@ def _disarm_relus(parent: nn.Module, args: Any, output: Any) -> None:
         g = getattr(parent, gated, None)
         if id(g) in _TRACE.armed:
             _TRACE.armed.discard(id(g))
+        _TRACE.past_dropout.discard(id(g))
+        dropout = vars(g).get(DROPOUT) if isinstance(g, nn.Module) else None
+        if dropout is not None:  # a multiply left for it that it never applied (a raise)
+            _TRACE.deferred.pop(id(dropout), None)
+            _TRACE.next_dropout = None
         relu = vars(g).get("relu_module") if isinstance(g, nn.Module) else None
         if relu is not None and id(relu) in _TRACE.passed:
             _TRACE.passed.discard(id(relu))
@@ -149,9 +215,14 @@ def expect_relu(wrapper: nn.Module, relu_after: bool) -> bool:
     armed = id(wrapper) in _TRACE.armed
     if armed:
         _TRACE.armed.discard(id(wrapper))  # for this one call
+    past_dropout = id(wrapper) in _TRACE.past_dropout
+    _TRACE.past_dropout.discard(id(wrapper))
     relu = wrapper.__dict__.get("relu_module")
     if not (relu_after and armed and relu is not None and compiled_training()):
         return False
+    if past_dropout:  # the ReLU runs as it is, the dropout after it multiplies
+        _TRACE.next_dropout = id(wrapper.__dict__[DROPOUT])
+        return True
     _TRACE.next_relu = id(relu)
     if id(relu) in _TRACE.passed:
         _TRACE.passed.discard(id(relu))
@@ -223,6 +294,10 @@ def broadcast_multiply(
     factor = theta.reshape(shape)
     if not (compiled_training() and (relu_after or keep_output)):
         return x * factor
+    if relu_after and mark and _TRACE.next_dropout is not None:  # read_by_dropout
+        _TRACE.deferred[_TRACE.next_dropout] = factor
+        _TRACE.next_dropout = None
+        return x
     if relu_after and mark and _TRACE.next_relu is not None:
         _TRACE.passed.add(_TRACE.next_relu)
         _TRACE.next_relu = None

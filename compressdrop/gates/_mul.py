@@ -18,6 +18,7 @@ from ._compiled import (
     _OFF,
     OUR_RELU_HOOKS,
     no_global_hooks,
+    read_by_dropout,
     read_by_relu_in,
     relu_passed,
     remove_relu_arming,
@@ -319,6 +320,7 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
             vars(layer)["activation"] = act = nn.ReLU()
         if type(act) in RELUS:
             _read_by_relu(gated, act, layer, ("linear1", "activation"))
+            read_by_dropout(gated, layer)  # compiled: the dropout after it multiplies
         elif act is F.gelu or type(act) is nn.GELU:  # (the layers' F.gelu keeps its input too)
             _kept_by_its_reader(gated)
 
