@@ -151,14 +151,15 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
     from .base import Gate  # (base imports this module)
 
     d, gate = vars(gated).get(DROPOUT), getattr(gated, "gate", None)
+    if not isinstance(d, nn.Dropout) or not isinstance(gate, Gate):
+        return False
     cls = type(gate)
     return (
         type(layer) in _LAYERS
         and not {"forward", "_ff_block"} & set(vars(layer))
-        and getattr(layer, "dropout", None) is d
+        and layer._modules.get("dropout") is d
         and type(vars(gated).get("relu_module")) is nn.ReLU
-        and isinstance(gate, Gate)
-        and getattr(cls, "nonnegative", False)
+        and cls.nonnegative
         and cls.multiply is Gate.multiply
         and cls.forward is Gate.forward
         and all(fn is dropout_takes_over for fn in d._forward_hooks.values())
