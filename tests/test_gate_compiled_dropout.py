@@ -112,3 +112,13 @@ def test_detach_removes_the_dropouts_hook():
     assert all(_compiled.dropout_takes_over in d._forward_hooks.values() for d in dropouts)
     cd.detach(net)
     assert not any(d._forward_hooks for d in dropouts)
+
+
+def test_a_hook_on_the_gate_keeps_the_multiply_at_the_gate():
+    """A forward hook on the gate module may change the gate's output (here a clamp, which
+    commutes with the ReLU but not with θ): moved past the dropout, the multiply would come after
+    the hook and the step would not match eager (before the move it did)."""
+    net = _gated("hardconcrete")
+    for layer in net.encoder.layers:
+        layer.linear1.gate.register_forward_hook(lambda m, a, out: out.clamp(max=0.05))
+    assert_compiled_step_matches_eager(net, *_data(), backend=BACKEND)
