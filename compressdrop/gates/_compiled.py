@@ -147,7 +147,8 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
     """The gated ``linear1``'s multiply may move to the dropout after its ReLU: ``layer`` is
     one of PyTorch's transformer layers running its own MLP with the dropout recorded, whose
     only hook is ours, its activation an ``nn.ReLU`` (relu(x·θ) = relu(x)·θ for θ ≥ 0; not
-    ReLU6), and the gate draws θ ≥ 0 and multiplies as :class:`~.base.Gate` does."""
+    ReLU6), and the gate draws θ ≥ 0, multiplies as :class:`~.base.Gate` does and has no forward
+    or backward hook (one would see, or change, its output before θ is applied)."""
     from .base import Gate  # (base imports this module)
 
     d, gate = vars(gated).get(DROPOUT), getattr(gated, "gate", None)
@@ -162,6 +163,7 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
         and cls.nonnegative
         and cls.multiply is Gate.multiply
         and cls.forward is Gate.forward
+        and not (gate._forward_hooks or gate._backward_hooks or gate._backward_pre_hooks)
         and all(fn is dropout_takes_over for fn in d._forward_hooks.values())
         and not (d._forward_pre_hooks or d._backward_hooks or d._backward_pre_hooks)
         and getattr(d, "_compiled_call_impl", None) is None
