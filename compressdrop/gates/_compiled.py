@@ -211,8 +211,10 @@ def expect_relu(wrapper: nn.Module, relu_after: bool) -> bool:
     multiply with. Eager: ``relu_after`` as it is (what the gate keeps, not its value). Compiled:
     True only where its parent armed it (:func:`_arm_relus`: its ReLU is sure to read its output
     next), after naming that ReLU for :func:`broadcast_multiply` to mark as passed once it
-    applied the ReLU itself; anywhere else (a slice, the layers called one by one) its output
-    is x·θ."""
+    applied the ReLU itself, or, where the parent also armed the dropout after that ReLU
+    (:func:`_dropout_ok`), after naming the dropout whose hook is to multiply instead (the gate's
+    output is then x, and the ReLU runs as it is); anywhere else (a slice, the layers called one
+    by one) its output is x·θ."""
     if not torch.compiler.is_compiling():
         return relu_after
     armed = id(wrapper) in _TRACE.armed
@@ -291,7 +293,8 @@ def broadcast_multiply(
     so) or ``keep_output`` (the next layer keeps the result: a deferred pool's output), through
     :class:`_KeepOutput`; else as a plain product, which leaves the compiled graph free to keep
     x or recompute it (a ResNet's gates before a residual add: keeping y there cost 1.14× the
-    plain step's bytes against 1.003×)."""
+    plain step's bytes against 1.003×). Where :func:`expect_relu` named a transformer layer's
+    dropout (:func:`read_by_dropout`), ``x`` itself: θ is left for that dropout's hook."""
     shape = [theta.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = theta.shape[1]
     factor = theta.reshape(shape)
