@@ -201,6 +201,17 @@ def no_global_hooks() -> bool:
     )
 
 
+def unseen(wrapper: nn.Module) -> bool:
+    """Whether no hook but compressdrop's could see or change what a gated wrapper's gate gives
+    before its reader does: no forward hook on the wrapper or on its gate, no backward hook on
+    either (a full backward hook sees the gradient of that output), no module-wide hook."""
+    gate = getattr(wrapper, "gate", None)
+    hooks = [wrapper._forward_hooks, wrapper._backward_hooks, wrapper._backward_pre_hooks]
+    if isinstance(gate, nn.Module):
+        hooks += [gate._forward_hooks, gate._backward_hooks, gate._backward_pre_hooks]
+    return not any(hooks) and no_global_hooks()
+
+
 def compiled_training() -> bool:
     """Whether a training step is being compiled (``torch.compile``; not ``torch.export``)."""
     return torch.compiler.is_compiling() and torch.is_grad_enabled() and not is_exporting()

@@ -49,12 +49,11 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import is_traced
 from . import _mul
-from ._compiled import broadcast_multiply, compiled_training, mark_relu_passed
+from ._compiled import broadcast_multiply, compiled_training, mark_relu_passed, no_global_hooks
 from ._mul import (
     hand_over_in_known_blocks,
     hand_over_in_transformer_layers,
     hand_over_to_relus,
-    no_global_hooks,
     relu_takes_over,
     remove_relu_hooks,
     wrapper_pre_hook,
@@ -255,6 +254,7 @@ def _arm(seq: nn.Sequential, args: Any) -> None:
             vars(g).get("defer_ok", False)
             and getattr(type(g.gate), "nonnegative", False)
             and _clean(g, (), pre_hooks_ok=True)
+            and _clean(g.gate, ())  # a hook on the gate would see no multiply here
             and _pool_ok(pool, _conv_dims(g))
             and _clean(pool, (_apply,))
             and (

@@ -17,11 +17,11 @@ from ..errors import InputError
 from ._compiled import (
     _OFF,
     OUR_RELU_HOOKS,
-    no_global_hooks,
     read_by_dropout,
     read_by_relu_in,
     relu_passed,
     remove_relu_arming,
+    unseen,
 )
 from ._dot import unit_dot
 
@@ -154,9 +154,9 @@ class _GateMul(torch.autograd.Function):
 def handoff_flags(wrapper: nn.Module) -> tuple[bool, bool]:
     """(``relu_after``, ``inplace``) for a gated wrapper's multiply of its layer's output: a
     hand-off only where a ReLU alone reads the output (or one operation that keeps it and leaves
-    it: a GELU), so no hook of this wrapper, nor a global one, may read it too; in place only
-    where no hook of the layer saw it either."""
-    free = not (_OFF[0] or wrapper._forward_hooks) and no_global_hooks()
+    it: a GELU), so no hook of this wrapper or its gate, nor a global one, may see it or its
+    gradient (:func:`~._compiled.unseen`); in place only where no hook of the layer saw it."""
+    free = not _OFF[0] and unseen(wrapper)
     flags = wrapper.__dict__
     after = flags.get("relu_after", False) and free
     alone = flags.get("inplace_alone", False) and free
