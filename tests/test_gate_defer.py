@@ -91,11 +91,18 @@ def test_multiplying_after_the_pool_keeps_outputs_and_gradients(family, case, mo
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_gaussian_theta_is_never_deferred():
-    net = _net(nn.ReLU(), nn.MaxPool2d(2))
-    net = _attach("variational", net, torch.randn(4, 3, 8, 8))
+def test_gaussian_theta_is_never_deferred_in_eager_mode(monkeypatch):
+    """ReLU(θx) ≠ θ·ReLU(x) for θ < 0: the variational gate multiplies at the convolution. Its
+    max-pool is hooked all the same, for a compiled step, where it pools x·θ itself
+    (``tests/test_gate_signed_pool.py``); an average pool is not."""
+    x = torch.randn(4, 3, 8, 8)
+    net = _attach("variational", _net(nn.ReLU(), nn.MaxPool2d(2)), x)
     assert not GATES["variational"].nonnegative
-    assert _defer.KEY not in vars(net)  # ReLU(θx) ≠ θ·ReLU(x) for θ < 0
+    calls = _spy(monkeypatch)
+    net(x)
+    assert calls == [False]
+    assert any(_defer._apply in m._forward_hooks.values() for m in net.modules())
+    net = _attach("variational", _net(nn.ReLU(), nn.AvgPool2d(2)), x)
     assert not any(_defer._apply in m._forward_hooks.values() for m in net.modules())
 
 

@@ -63,6 +63,7 @@ _OFF = [0]  # open hand_overs_off() contexts (compressdrop.gates._mul)
 KEY = "gate_relus"  # on the parent of a gated layer and its ReLU: [(gated layer's name, ReLU's)]
 OUR_RELU_HOOKS: list[Any] = []  # the forward hooks compressdrop puts on a ReLU (_mul, _defer)
 DROPOUT = "dropout_module"  # on a transformer layer's gated linear1: the nn.Dropout after its ReLU
+GATE: list[Any] = []  # compressdrop.gates.base.Gate, appended there (base imports this module)
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # linear2(dropout(act(...)))
 
 
@@ -149,10 +150,9 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
     only hook is ours, its activation an ``nn.ReLU`` (relu(x·θ) = relu(x)·θ for θ ≥ 0; not
     ReLU6), and the gate draws θ ≥ 0, multiplies as :class:`~.base.Gate` does and has no forward
     or backward hook (one would see, or change, its output before θ is applied)."""
-    from .base import Gate  # (base imports this module)
-
+    (gate_base,) = GATE
     d, gate = vars(gated).get(DROPOUT), getattr(gated, "gate", None)
-    if not isinstance(d, nn.Dropout) or not isinstance(gate, Gate):
+    if not isinstance(d, nn.Dropout) or not isinstance(gate, gate_base):
         return False
     cls = type(gate)
     return (
@@ -161,8 +161,8 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
         and layer._modules.get("dropout") is d
         and type(vars(gated).get("relu_module")) is nn.ReLU
         and cls.nonnegative
-        and cls.multiply is Gate.multiply
-        and cls.forward is Gate.forward
+        and cls.multiply is gate_base.multiply
+        and cls.forward is gate_base.forward
         and not (gate._forward_hooks or gate._backward_hooks or gate._backward_pre_hooks)
         and all(fn is dropout_takes_over for fn in d._forward_hooks.values())
         and not (d._forward_pre_hooks or d._backward_hooks or d._backward_pre_hooks)

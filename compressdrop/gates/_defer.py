@@ -49,7 +49,12 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import is_traced
 from . import _mul
-from ._compiled import broadcast_multiply, compiled_training, mark_relu_passed, no_global_hooks
+from ._compiled import (
+    broadcast_multiply,
+    compiled_training,
+    mark_relu_passed,
+    no_global_hooks,
+)
 from ._mul import (
     hand_over_in_known_blocks,
     hand_over_in_transformer_layers,
@@ -58,6 +63,7 @@ from ._mul import (
     remove_relu_hooks,
     wrapper_pre_hook,
 )
+from ._signed_pool import SignedMaxPool, no_padding_window, signed_ok
 from .base import Gate
 
 __all__: list[str] = []  # internal: attach and detach call hand_over and remove_hand_overs
@@ -89,12 +95,13 @@ class _Local(threading.local):
     activation between or None); ``pending``, those whose θ waits for the pool; while a training
     step is compiled (no flag can ride on a tensor there), ``carry``, the gated layer (by its
     pool's id) whose θ that pool draws and multiplies by, with whether the pool applies the ReLU
-    too (the ReLU then passes its input on, marked as ``_compiled.py``'s hand-off marks it)."""
+    too (the ReLU then passes its input on, marked as ``_compiled.py``'s hand-off marks it) and
+    whether θ may be negative (the pool then pools x·θ itself: ``_signed_pool.py``)."""
 
     def __init__(self) -> None:
         self.armed: dict[int, tuple[bool, nn.Module, nn.Module | None]] = {}
         self.pending: set[int] = set()
-        self.carry: dict[int, tuple[nn.Module, bool]] = {}
+        self.carry: dict[int, tuple[nn.Module, bool, bool]] = {}
 
 
 _LOCAL = _Local()
@@ -202,17 +209,14 @@ def hand_over_to_pools(model: nn.Module, wrapper: type[nn.Module]) -> None:
         children = list(seq)
         found = []
         for i, g in enumerate(children):
-            if (
-                type(g) is not wrapper
-                or not _conv_dims(g)
-                or not getattr(type(g.gate), "nonnegative", False)
-                or sum(c is g for c in children) != 1
-            ):
+            if type(g) is not wrapper or not _conv_dims(g) or sum(c is g for c in children) != 1:
                 continue
             act, k = None, i + 1
             if k < len(children) and type(children[k]) in ACTIVATIONS:
                 act, k = k, k + 1
             if k >= len(children) or not _pool_ok(children[k], _conv_dims(g)):
+                continue
+            if not getattr(type(g.gate), "nonnegative", False) and not signed_ok(children, act, k):
                 continue
             found.append((i, act, k))
             vars(g)["defer_ok"] = True
@@ -252,7 +256,14 @@ def _arm(seq: nn.Sequential, args: Any) -> None:
         g, pool = children[i], children[k]
         ok = (
             vars(g).get("defer_ok", False)
-            and getattr(type(g.gate), "nonnegative", False)
+            and (
+                getattr(type(g.gate), "nonnegative", False)
+                or (
+                    compiled_training()
+                    and signed_ok(children, act, k)
+                    and type(g.gate).multiply is Gate.multiply
+                )
+            )
             and _clean(g, (), pre_hooks_ok=True)
             and _clean(g.gate, ())  # a hook on the gate would see no multiply here
             and _pool_ok(pool, _conv_dims(g))
@@ -292,11 +303,12 @@ def defer(layer: nn.Module, out: Any) -> bool:
             isinstance(act, nn.ReLU)
             and type(act) is nn.ReLU
             and "Max" in type(pool).__name__
-            and _no_padding_window(pool)
+            and no_padding_window(pool)
             and type(gate).multiply is Gate.multiply
             and relu_takes_over in act._forward_hooks.values()  # (it passes its input on)
         )
-        _LOCAL.carry[id(pool)] = (layer, relu)
+        signed = not getattr(type(gate), "nonnegative", False)  # (armed: _signed_ok)
+        _LOCAL.carry[id(pool)] = (layer, relu, signed)
         if relu and act is not None:
             mark_relu_passed(act)
         pending.add(id(layer))
@@ -304,14 +316,6 @@ def defer(layer: nn.Module, out: Any) -> bool:
     out.__dict__[TAG] = (layer, gate.training_factor(out.shape[0], out.dtype), inplace)
     pending.add(id(layer))
     return True
-
-
-def _no_padding_window(pool: nn.Module) -> bool:
-    """No window of the max-pool can hold padding alone (its -inf, which a ReLU after would make
-    0): no padding or no dilation, in any dimension (an adaptive pool has neither)."""
-    pad, dil = getattr(pool, "padding", 0), getattr(pool, "dilation", 1)
-    pads, dils = (p if isinstance(p, tuple | list) else (p,) for p in (pad, dil))
-    return all(p == 0 or d == 1 for p in pads for d in dils)
 
 
 def _pass_on(act: nn.Module, inputs: tuple, output: Any) -> None:
@@ -333,10 +337,13 @@ def _apply(pool: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
         carried = _LOCAL.carry.pop(id(pool), None) if compiled_training() else None
         if carried is None:
             return None
-        layer, relu = carried
+        layer, relu, signed = carried
         _LOCAL.pending.discard(id(layer))
         gate: Gate = layer.gate  # type: ignore[assignment]
         theta = gate.training_factor(output.shape[0], output.dtype)
+        if signed:  # θ of either sign: the pool's own output is dropped, x·θ pooled instead
+            factor = theta.reshape(*theta.shape, *(1,) * (output.dim() - 2))
+            return SignedMaxPool.apply(inputs[0], factor, pool, relu)
         if relu or type(gate).multiply is Gate.multiply:  # (relu: relu(maxpool(x))·θ)
             return broadcast_multiply(output, theta, 1, relu, mark=False, keep_output=True)
         return gate.multiply(output, theta, 1)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
 from ..errors import InputError
-from ._compiled import broadcast_multiply
+from ._compiled import GATE, broadcast_multiply
 from ._mul import gate_multiply
 from ._replay import new_seed, replay
 from .shard import _NOISE_SHARD, _OPEN_SHARDS, noise_shard
@@ -382,8 +382,7 @@ class Gate(nn.Module):
         return new
 
     def clear_sample(self) -> None:
-        """Forget the θ (the seed) that a shared gate's sites share, so that the next site draws
-        afresh."""
+        """Forget the θ (the seed) a shared gate's sites share: the next site draws afresh."""
         self._sample = None
         self._seed = None
 
@@ -396,3 +395,6 @@ class Gate(nn.Module):
     def extra_repr(self) -> str:
         noise = "" if self.noise == "example" else f", noise={self.noise!r}"
         return f"units={self.num_units}{noise}"
+
+
+GATE.append(Gate)  # for _compiled, which this module imports
