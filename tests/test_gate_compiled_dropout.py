@@ -12,6 +12,7 @@ import compressdrop as cd
 from compressdrop.gates import GATES, _compiled
 
 from .test_gate_compiled import _kept_bytes, assert_compiled_step_matches_eager
+from .test_gate_compiled_readers import _fresh  # noqa: F401 (autouse: dynamo reset)
 
 # no decomposition: the dropout draws its random numbers as eager does (the decomposing backends
 # draw them otherwise, so no step with a dropout would match eager there)
@@ -44,13 +45,6 @@ def _gated(family: str, activation: str | nn.Module = "relu") -> nn.Module:
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(1)
     return torch.randn(B, T, 12), torch.randint(0, 3, (B,))
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("family", list(GATES))

@@ -5,7 +5,6 @@ x·θ (``compressdrop/gates/_compiled.py``, ``unseen``)."""
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,15 +12,9 @@ from torch import nn
 import compressdrop as cd
 
 from .test_gate_compiled import assert_compiled_step_matches_eager
+from .test_gate_compiled_readers import _fresh  # noqa: F401 (autouse: dynamo reset)
 
 BACKEND = "aot_eager"
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def _mlp() -> nn.Module:

@@ -12,6 +12,7 @@ from compressdrop.gates._signed_pool import SignedMaxPool
 from compressdrop.models import build_model
 
 from .test_gate_compiled import _kept_bytes, assert_compiled_step_matches_eager
+from .test_gate_compiled_readers import _fresh  # noqa: F401 (autouse: dynamo reset)
 
 POOLS = {
     "max2d": (nn.MaxPool2d(2), 2),
@@ -21,13 +22,6 @@ POOLS = {
     "max1d": (nn.MaxPool1d(2), 1),
     "max3d": (nn.MaxPool3d(2), 3),
 }
-
-
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no-relu"])
