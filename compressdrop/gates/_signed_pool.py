@@ -75,6 +75,7 @@ class SignedMaxPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """∂L/∂x and ∂L/∂θ from the gradient of the pooled output (the class docstring)."""
         y, indices, factor = ctx.saved_tensors
         if ctx.relu:
             grad = torch.where(y > 0, grad, 0.0)
