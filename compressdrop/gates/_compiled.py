@@ -64,7 +64,8 @@ KEY = "gate_relus"  # on the parent of a gated layer and its ReLU: [(gated layer
 OUR_RELU_HOOKS: list[Any] = []  # the forward hooks compressdrop puts on a ReLU (_mul, _defer)
 DROPOUT = "dropout_module"  # on a transformer layer's gated linear1: the nn.Dropout after its ReLU
 GATE: list[Any] = []  # compressdrop.gates.base.Gate, appended there (base imports this module)
-_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # linear2(dropout(act(...)))
+# PyTorch's own transformer layers, whose MLP is linear2(dropout(activation(linear1(x))))
+TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 def read_by_relu_in(parent: nn.Module, gated: str, relu: str) -> None:
@@ -84,7 +85,7 @@ def read_by_dropout(gated: nn.Module, layer: nn.Module) -> None:
     ReLU of the gated ``linear1`` alone, and hook it to take over the gate's multiply in a
     compiled training step (:func:`dropout_takes_over`)."""
     dropout = getattr(layer, "dropout", None)
-    if type(layer) in _LAYERS and type(dropout) is nn.Dropout:
+    if type(layer) in TRANSFORMER_LAYERS and type(dropout) is nn.Dropout:
         vars(gated)[DROPOUT] = dropout
         if dropout_takes_over not in dropout._forward_hooks.values():
             dropout.register_forward_hook(dropout_takes_over)
@@ -148,22 +149,22 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
     """The gated ``linear1``'s multiply may move to the dropout after its ReLU: ``layer`` is
     one of PyTorch's transformer layers running its own MLP with the dropout recorded, whose
     only hook is ours, its activation an ``nn.ReLU`` (relu(x·θ) = relu(x)·θ for θ ≥ 0; not
-    ReLU6), and the gate draws θ ≥ 0, multiplies as :class:`~.base.Gate` does and has no forward
-    or backward hook (one would see, or change, its output before θ is applied)."""
+    ReLU6), and the gate draws θ ≥ 0 and multiplies as :class:`~.base.Gate` does. (A hook on the
+    gate, which would see or change its output before θ is applied, turns ``relu_after`` off
+    before this is asked: :func:`unseen`.)"""
     (gate_base,) = GATE
     d, gate = vars(gated).get(DROPOUT), getattr(gated, "gate", None)
     if not isinstance(d, nn.Dropout) or not isinstance(gate, gate_base):
         return False
     cls = type(gate)
     return (
-        type(layer) in _LAYERS
+        type(layer) in TRANSFORMER_LAYERS
         and not {"forward", "_ff_block"} & set(vars(layer))
         and layer._modules.get("dropout") is d
         and type(vars(gated).get("relu_module")) is nn.ReLU
         and cls.nonnegative
         and cls.multiply is gate_base.multiply
         and cls.forward is gate_base.forward
-        and not (gate._forward_hooks or gate._backward_hooks or gate._backward_pre_hooks)
         and all(fn is dropout_takes_over for fn in d._forward_hooks.values())
         and not (d._forward_pre_hooks or d._backward_hooks or d._backward_pre_hooks)
         and getattr(d, "_compiled_call_impl", None) is None
@@ -283,11 +284,18 @@ class _KeepOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         y, factor = ctx.saved_tensors
-        dims = [d for d in range(y.dim()) if factor.shape[d] == 1 and y.shape[d] != 1]
-        prod = (grad * y).sum(dims, keepdim=True) if dims else grad * y
+        grad_factor = factor_grad(grad, y, factor)  # (g = 0 where the ReLU cut: y = 0 there)
         if ctx.relu:
             grad = torch.where(y > 0, grad, 0.0)
-        return grad * factor, torch.where(factor != 0, prod / factor, 0.0), None
+        return grad * factor, grad_factor, None
+
+
+def factor_grad(grad: torch.Tensor, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """The gradient of a factor θ (broadcast over ``y``) from that of y = x·θ and y itself:
+    Σ g·y/θ over the dimensions θ is broadcast along, 0 where θ = 0."""
+    dims = [d for d in range(y.dim()) if factor.shape[d] == 1 and y.shape[d] != 1]
+    prod = (grad * y).sum(dims, keepdim=True) if dims else grad * y
+    return torch.where(factor != 0, prod / factor, 0.0)
 
 
 def broadcast_multiply(

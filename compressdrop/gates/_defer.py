@@ -25,8 +25,9 @@ multiply moves, and only while it provably reaches the pool:
   raises :class:`~compressdrop.errors.InputError` if a deferred multiply was never applied.
 
 Only gate families whose draws are ≥ 0 (``Gate.nonnegative``: log-normal, concrete, hard concrete;
-the variational family's Gaussian θ only before a compiled step's max-pool: ``_signed_pool.py``), only a pool of the convolution's dimensionality (a 2-d
-pool after a 1-d convolution would pool across channels), only in eager training with none of the
+the variational family's Gaussian θ only before a compiled step's max-pool: ``_signed_pool.py``),
+only a pool of the convolution's dimensionality (a 2-d pool after a 1-d convolution would pool
+across channels), only in eager training with none of the
 three layers compiled on its own, or in a training step compiled whole (``torch.compile``, where
 no tag can ride on a tensor: the armed layer leaves its pool's id in this thread's ``carry``, and
 the pool's hook draws θ and multiplies; ``_compiled.py``), and only while no hook could see the

@@ -6,8 +6,8 @@ freshly mapped memory) is page-faulted in again at every step: for a ResNet-18-s
 stage at batch 256 (256×64×32×32 float32, 64 MB) one such product took 23–27 ms where a batched
 matrix-vector product over the same rows (``torch.bmm``, no temporary) took 12 ms; below that
 size vecdot was as fast or faster (LeNet-5's 64×20×24×24: 0.15–0.44 against 0.44 ms in two
-runs; 256×20×24×24: 0.5–0.8 against 1.8 ms). So :func:`unit_dot` takes the product on CPU from that size on, vecdot
-otherwise. The two differ by float32 rounding (the products' order of summation).
+runs; 256×20×24×24: 0.5–0.8 against 1.8 ms). So :func:`unit_dot` takes the product on CPU from
+that size on, vecdot otherwise. The two differ by float32 rounding (the order of summation).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from ..errors import InputError
 from ._compiled import (
     _OFF,
     OUR_RELU_HOOKS,
+    TRANSFORMER_LAYERS,
     read_by_dropout,
     read_by_relu_in,
     relu_passed,
@@ -289,8 +290,6 @@ def _kept_by_its_reader(gated: nn.Module) -> None:
         vars(gated)["inplace_alone"] = vars(gated)["gate_inplace"] = True
 
 
-# PyTorch's own transformer layers, whose MLP is linear2(dropout(activation(linear1(x))))
-_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 # the layer's own activation function while an nn.ReLU module stands in for it
 _OWN_ACTIVATION = "_compressdrop_activation"
 
@@ -310,7 +309,7 @@ def hand_over_in_transformer_layers(model: nn.Module, wrapper: type[nn.Module]) 
     """
     for layer in model.modules():
         gated = getattr(layer, "linear1", None)
-        if type(layer) not in _TRANSFORMER_LAYERS or type(gated) is not wrapper:
+        if type(layer) not in TRANSFORMER_LAYERS or type(gated) is not wrapper:
             continue
         act: Any = layer.activation
         if act is F.relu:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compiled import factor_grad
 from ._mul import relu_takes_over
 
 
@@ -79,10 +80,7 @@ class SignedMaxPool(torch.autograd.Function):
         y, indices, factor = ctx.saved_tensors
         if ctx.relu:
             grad = torch.where(y > 0, grad, 0.0)
-        dims = [d for d in range(y.dim()) if factor.shape[d] == 1 and y.shape[d] != 1]
-        prod = (grad * y).sum(dims, keepdim=True)
         b, c = ctx.shape[:2]
         grad_x = grad.new_zeros(b, c, math.prod(ctx.shape[2:]))
         grad_x.scatter_add_(2, indices.reshape(b, c, -1), grad.reshape(b, c, -1))
-        grad_factor = torch.where(factor != 0, prod / factor, 0.0)
-        return grad_x.view(ctx.shape) * factor, grad_factor, None, None
+        return grad_x.view(ctx.shape) * factor, factor_grad(grad, y, factor), None, None
