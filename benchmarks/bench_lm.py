@@ -12,6 +12,8 @@ Python standard library's source, gated heads and MLP neurons against the same n
     python benchmarks/bench_lm.py --seed 0 --family hardconcrete --betas 32 --head-scale 4 \
         --tag hs4 --extra --out /tmp/bench_lm_hc
     python benchmarks/bench_lm.py --summarize 0 1 2 --family hardconcrete --extra-tags hs4
+    # a smaller net trained from scratch with the same epochs (width 64: 2.0x fewer FLOPs/token)
+    python benchmarks/bench_lm.py --seed 0 --width 64 --dense-only --tag w64
 
 Corpus: the ``*.py`` files of /usr/lib/python3.11 (Debian's libpython3.11-minimal/-stdlib) in
 path order up to 2 MB, split by file (hash order) 80/10/10 into train/validation/test; its size
@@ -310,6 +312,11 @@ def main() -> None:
     )
     p.add_argument("--extra", action="store_true", help="only gated runs for --betas (no dense)")
     p.add_argument(
+        "--dense-only",
+        action="store_true",
+        help="only the net without gates (lm_dense<tag>_seedS): a smaller net from scratch",
+    )
+    p.add_argument(
         "--tp", choices=("taylor", "l1"), help="a Torch-Pruning run instead (MLP neurons)"
     )
     p.add_argument("--tp-target", type=float, default=1.5, help="--tp: dense FLOPs / this")
@@ -338,6 +345,12 @@ def main() -> None:
         return
     if args.extra:
         run_extra(args)
+        return
+    if args.dense_only:
+        ds, base = _base(args)
+        row = {"command": " ".join(sys.argv), "seed": args.seed, "model": base.model.kwargs}
+        row |= {"data": ds.source, "dense": dense_run(base, ds)}
+        print(save(f"lm_dense{_tag(args)}_seed{args.seed}", row))
         return
     t0 = time.perf_counter()
     result = run_seed(args)

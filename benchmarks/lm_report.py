@@ -121,7 +121,9 @@ def summarize(
         # each run's own reduction (its report's dense and slim counted alike: runs from before
         # the count_flops fix of 2026-12-05 leave the attention scores out of both)
         print("FLOPs/token reduction", ms([c["flops_reduction"] for _, c in picked]))
-    _summarize_tp(results, seeds, dict(zip(seeds, (d for d, _ in chosen))), ms)
+    dense_by_seed = dict(zip(seeds, (d for d, _ in chosen)))
+    _summarize_tp(results, seeds, dense_by_seed, ms)
+    _summarize_scratch(results, seeds, dense_by_seed, ms)
 
 
 def _summarize_tp(results: Path, seeds: list[int], dense: dict, ms) -> None:
@@ -143,6 +145,30 @@ def _summarize_tp(results: Path, seeds: list[int], dense: dict, ms) -> None:
         print("  worse than dense", ms([r["test_bpb"] / dense[s]["test_bpb"] - 1 for s, r in runs]))
         print("  FLOPs/token reduction (with scores)",
               ms([DENSE_FLOPS_WITH_SCORES / r["flops_per_token"] for _, r in runs]))  # fmt: skip
+
+
+def _summarize_scratch(results: Path, seeds: list[int], dense: dict, ms) -> None:
+    """Smaller nets trained from scratch (``--dense-only --tag T``, other widths or depths) with
+    the same epochs: test bpb against the seed's dense net and FLOPs per token (with the attention
+    scores, as counted when they ran). ``--tag recheck`` (the shipped net again) is shown apart."""
+    by: dict[str, list] = {}
+    for s in seeds:
+        for f in sorted(results.glob(f"lm_dense_*_seed{s}.json")):
+            tag = f.name.removeprefix("lm_dense_").removesuffix(f"_seed{s}.json")
+            by.setdefault(tag, []).append((s, json.loads(f.read_text())))
+    for tag, runs in sorted(by.items()):
+        print(f"\nFrom scratch, --tag {tag} ({runs[0][1]['model']}), seeds {[s for s, _ in runs]}:")
+        for s, r in runs:
+            d = r["dense"]
+            print(
+                f"  seed {s}: val bpb {d['val_bpb']:.3f}, test bpb {d['test_bpb']:.3f} "
+                f"({d['test_bpb'] / dense[s]['test_bpb'] - 1:+.1%}), "
+                f"{d['flops_per_token'] / 1e3:.1f} kFLOPs/token, {d['seconds']:.0f} s"
+            )
+        print("  worse than dense", ms([r["dense"]["test_bpb"] / dense[s]["test_bpb"] - 1
+                                        for s, r in runs]))  # fmt: skip
+        print("  FLOPs/token reduction (with scores)",
+              ms([DENSE_FLOPS_WITH_SCORES / r["dense"]["flops_per_token"] for _, r in runs]))  # fmt: skip
 
 
 def recount(paths: list[str]) -> None:
