@@ -11,7 +11,9 @@ two fusions that this profile finds slow disabled (``SkipLayerNormFusion``, ``Bi
 each slim net's FLOPs reduction and its speed-up over it, and (unless ``--no-profile``) the
 kernel time per operator type from onnxruntime's profiler. Several ``--units`` (the
 architectures of §1's table, say) are timed in the same turns. The slim nets' weights are the
-dense net's random ones, cut by surgery: latency does not depend on their values. Results:
+dense net's random ones (biases too: a zero bias could be folded away), cut by surgery. With
+``--ablate-gemm`` every model is also exported with its linear layers as ``MatMul`` + ``Add``
+(``compressdrop/export/_gemm.py`` off) and timed in the same turns. Results:
 ``benchmarks/results/<--out>.json``.
 """
 
@@ -19,19 +21,23 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import json
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
 import compressdrop as cd
+import compressdrop.export.onnx as onnx_export
 from compressdrop.evaluation import count_flops
 from compressdrop.export import export_onnx
 from compressdrop.gating import named_gates
@@ -42,20 +48,42 @@ from common import save
 SLOW_FUSIONS = ["SkipLayerNormFusion", "BiasGeluFusion"]
 
 
-def models(archs: list[list[int]], out: Path) -> tuple[dict[str, Path], dict[str, float]]:
+MATMUL = " (matmul+add)"  # the name suffix of a model exported without gemm_linears
+
+
+@contextlib.contextmanager
+def _no_gemm(model: torch.nn.Module) -> Iterator[int]:
+    yield 0
+
+
+def models(
+    archs: list[list[int]], out: Path, ablate_gemm: bool = False
+) -> tuple[dict[str, Path], dict[str, float]]:
     """The dense ViT and one that keeps each of ``archs`` (units per gate, in attach's order), as
-    ONNX, with each slim net's FLOPs reduction."""
+    ONNX, with each slim net's FLOPs reduction; with ``ablate_gemm`` each also exported with its
+    linear layers as ``MatMul`` + ``Add`` (``export/_gemm.py`` off), named with ``MATMUL``."""
     example = torch.randn(2, 1, 28, 28)
     torch.manual_seed(0)
     dense = build_model("vit", input_shape=(1, 28, 28))
-    export_onnx(dense, example, out / "dense.onnx")
-    paths, ratios = {"dense": out / "dense.onnx"}, {}
+    with torch.no_grad():  # the attention's biases start at 0, which an optimizer may fold away
+        for name, p in dense.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    nets = {"dense": dense}
     for units in archs:
-        name = "slim" if len(archs) == 1 else "-".join(map(str, units))
-        slim = _slim(dense, units, example)
-        export_onnx(slim, example, out / f"{name}.onnx")
-        paths[name] = out / f"{name}.onnx"
-        ratios[name] = count_flops(dense, example) / count_flops(slim, example)
+        nets["slim" if len(archs) == 1 else "-".join(map(str, units))] = _slim(
+            dense, units, example
+        )
+    paths, ratios = {}, {}
+    for suffix in ("", MATMUL) if ablate_gemm else ("",):
+        switch = mock.patch.object(onnx_export, "gemm_linears", _no_gemm) if suffix else None
+        with switch or contextlib.nullcontext():
+            for name, net in nets.items():
+                path = out / f"{name}{'-matmul' if suffix else ''}.onnx"
+                export_onnx(net, example, path)
+                paths[name + suffix] = path
+                if name != "dense":
+                    ratios[name + suffix] = count_flops(dense, example) / count_flops(net, example)
     return paths, ratios
 
 
@@ -132,18 +160,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="vit_ort_profile")
+    ap.add_argument(
+        "--ablate-gemm",
+        action="store_true",
+        help="also time every model exported with MatMul + Add (export/_gemm.py off), in turns",
+    )
     args = ap.parse_args()
     x = np.random.default_rng(0).standard_normal((args.batch, 1, 28, 28), dtype=np.float32)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         archs = [[int(u) for u in units.split("-")] for units in args.units]
-        paths, ratios = models(archs, Path(tmp))
+        paths, ratios = models(archs, Path(tmp), args.ablate_gemm)
         for threads in args.threads:
             ms = in_turns(paths, x, threads, args.rounds, args.repeats)
             row: dict = {"threads": threads, "ms": ms, "flops_reduction": ratios}
             for name, flops in ratios.items():
                 for c in ("default", "slow fusions off"):
-                    speed = ms[f"dense / {c}"] / ms[f"{name} / {c}"]
+                    dense = "dense" + (MATMUL if name.endswith(MATMUL) else "")
+                    speed = ms[f"{dense} / {c}"] / ms[f"{name} / {c}"]
                     tag = "" if name == "slim" else f" {name}"
                     row[f"speed-up{tag}, {c}"] = speed
                     row[f"speed-up / FLOPs reduction{tag}, {c}"] = speed / flops

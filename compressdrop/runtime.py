@@ -19,6 +19,7 @@ __all__ = [
     "check_labels",
     "is_exporting",
     "is_traced",
+    "linear",
     "logits_of",
     "ort_feed_dtype",
     "ort_session",
@@ -32,6 +33,20 @@ def is_exporting() -> bool:
     before torch 2.5, which cannot tell)."""
     exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(exporting and exporting())
+
+
+_GEMM = [0]  # open compressdrop.export._gemm.gemm_linears() contexts
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; during an ONNX export (inside
+    :func:`~compressdrop.export._gemm.gemm_linears`), with a bias and ``x`` of more than two
+    dimensions, over ``x``'s rows flattened to two, so that the exporter writes one ``Gemm``
+    with the bias in it rather than ``MatMul`` + ``Add``. The same values."""
+    if not (_GEMM[0] and bias is not None and x.dim() > 2):
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def is_traced() -> bool:

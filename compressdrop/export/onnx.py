@@ -29,6 +29,7 @@ from ._check import (
     made_by,
     max_length,
 )
+from ._gemm import gemm_linears
 
 __all__ = [
     "ExportError",
@@ -129,8 +130,9 @@ def _onnx_program(
     model: nn.Module, xs: tuple[torch.Tensor, ...], dims: tuple[dict, ...], opset: int | None
 ) -> Any:
     """``torch.onnx.export`` of ``model`` with its attention spelled out (see
-    :func:`_spelled_out_attention`); as the model is if that export fails where the model has
-    stock attention (a forward that reads the module's internals, e.g. to call
+    :func:`_spelled_out_attention`) and its linear layers as one ``Gemm`` each
+    (:func:`~._gemm.gemm_linears`); as the model is if that export fails where either changed
+    something (a forward that reads a stock attention's internals, e.g. to call
     ``F.multi_head_attention_forward`` itself, cannot take the subclass)."""
     kwargs: dict[str, Any] = {
         "dynamo": True,
@@ -140,9 +142,10 @@ def _onnx_program(
         "verbose": False,
     }
     swapped: list = []
+    gemms = 0
     try:
-        with _spelled_out_attention(model) as swapped:
-            if not swapped:
+        with _spelled_out_attention(model) as swapped, gemm_linears(model) as gemms:
+            if not (swapped or gemms):
                 return torch.onnx.export(model, xs, **kwargs)
             # a failure is retried as the model is: torch.export's error log of it would alarm
             log = logging.getLogger("torch.export")
@@ -153,7 +156,7 @@ def _onnx_program(
             finally:
                 log.setLevel(level)
     except Exception:
-        if not swapped:
+        if not (swapped or gemms):
             raise
     return torch.onnx.export(model, xs, **kwargs)
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import is_exporting
+from ..runtime import is_exporting, linear
 
 __all__ = [
     "MultiheadAttention",
@@ -156,14 +156,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         n, b = self.inner_dim, self.in_proj_bias
         if self.in_proj_weight is not None and same:
             # self-attention: one product for q, k and v (one MatMul in the exported graph)
-            q, k, v = F.linear(query, self.in_proj_weight, b).split(n, dim=-1)
+            q, k, v = linear(query, self.in_proj_weight, b).split(n, dim=-1)
             return q, k, v
         bq, bk, bv = (None, None, None) if b is None else b.split(n)
         if self.in_proj_weight is not None:
             wq, wk, wv = self.in_proj_weight.split(n)
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+        return linear(query, wq, bq), linear(key, wk, bk), linear(value, wv, bv)
 
     def forward(
         self,

@@ -1,0 +1,70 @@
+"""Linear layers on inputs of more than two dimensions export as one ONNX ``Gemm`` each, bias
+included (``compressdrop/export/_gemm.py``), with the same values, and the model is left as it
+was."""
+
+import collections
+
+import onnx
+import torch
+from torch import nn
+
+from compressdrop import runtime
+from compressdrop.export import export_onnx
+
+
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+class _OwnForward(nn.Linear):
+    """A subclass with a forward of its own: left as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 2
+
+
+def test_token_linears_export_as_gemm_and_the_model_is_restored(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4, bias=False), _OwnForward(4, 3)
+    )
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    classes = [type(m) for m in model]
+    export_onnx(model, torch.randn(3, 5, 8), tmp_path / "m.onnx")  # checked at batches 1, 7, 64
+    ops = _ops(tmp_path / "m.onnx")
+    # the first layer: a Gemm with its bias; no bias: a MatMul; the subclass: MatMul + Add, × 2
+    assert ops["Gemm"] == 1
+    assert ops["MatMul"] == 2
+    assert [type(m) for m in model] == classes
+    assert seen  # the hook ran while the model was traced
+    assert runtime._GEMM[0] == 0
+
+
+def test_an_encoder_layer_projects_through_gemm(tmp_path):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    export_onnx(layer, torch.randn(2, 6, 16), tmp_path / "enc.onnx")
+    ops = _ops(tmp_path / "enc.onnx")
+    # q, k and v in one product, the attention's output projection, the two MLP layers
+    assert ops["Gemm"] == 4
+    # what is left of MatMul is the attention itself (scores, weighted values)
+    assert ops["MatMul"] <= 2
+    assert type(layer.linear1) is nn.Linear
+    assert type(layer.self_attn) is nn.MultiheadAttention
+
+
+def test_flattened_linear_gives_the_values_of_f_linear():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 7, 5, 8), torch.randn(3, 8), torch.randn(3)
+    runtime._GEMM[0] += 1
+    try:
+        flat = runtime.linear(x, w, b)
+    finally:
+        runtime._GEMM[0] -= 1
+    assert flat.shape == (4, 7, 5, 3)
+    torch.testing.assert_close(flat, nn.functional.linear(x, w, b))
