@@ -29,9 +29,11 @@ _STOCK = (nn.Linear, NonDynamicallyQuantizableLinear)
 class _GemmLinear(nn.Linear):
     """A stock linear layer for the length of an export: its rows flattened (see the module)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``F.linear`` through :func:`compressdrop.runtime.linear`."""
-        return runtime.linear(x, self.weight, self.bias)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``F.linear`` through :func:`compressdrop.runtime.linear`. The argument keeps
+        ``nn.Linear.forward``'s name: a model may pass it by keyword (``fc(input=x)``), and a
+        call that fails here fails the export, whose retry drops the attention's swap too."""
+        return runtime.linear(input, self.weight, self.bias)
 
 
 @contextlib.contextmanager
