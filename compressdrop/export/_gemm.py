@@ -41,8 +41,8 @@ def gemm_linears(model: nn.Module) -> Iterator[int]:
     """Every stock ``nn.Linear`` of ``model`` with a bias exported as one ``Gemm`` (and
     :func:`compressdrop.runtime.linear` flattening, for compressdrop's own attention) inside this
     context; yields how many layers were switched. The layers keep their identity, parameters and
-    hooks (only their class changes, and is put back); subclasses with a forward of their own are
-    left alone."""
+    hooks (only their class changes, and is put back); subclasses (a forward of their own or not,
+    a parametrized layer's class among them) are left alone."""
     layers = [m for m in model.modules() if type(m) in _STOCK and m.bias is not None]
     classes = [type(m) for m in layers]
     runtime._GEMM[0] += 1
