@@ -3,11 +3,13 @@ included (``compressdrop/export/_gemm.py``), with the same values, and the model
 was."""
 
 import collections
+import contextlib
 
 import onnx
 import torch
 from torch import nn
 
+import compressdrop.export.onnx as onnx_export
 from compressdrop import runtime
 from compressdrop.export import export_onnx
 
@@ -68,3 +70,40 @@ def test_flattened_linear_gives_the_values_of_f_linear():
         runtime._GEMM[0] -= 1
     assert flat.shape == (4, 7, 5, 3)
     torch.testing.assert_close(flat, nn.functional.linear(x, w, b))
+
+
+class _ReadsItsLinear(nn.Module):
+    """A forward that cannot take the switched class (it checks its layer's type), beside a
+    stock attention that can be spelled out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.fc) is not nn.Linear:
+            raise TypeError("this model wants its own nn.Linear")
+        h = self.fc(x)
+        return self.att(h, h, h, need_weights=False)[0]
+
+
+@contextlib.contextmanager
+def _unchanged(model):
+    yield []
+
+
+def test_a_failing_gemm_switch_keeps_the_spelled_out_attention(tmp_path, monkeypatch):
+    x = torch.randn(3, 5, 8)
+    torch.manual_seed(0)
+    export_onnx(_ReadsItsLinear().eval(), x, tmp_path / "staged.onnx")
+    staged = _ops(tmp_path / "staged.onnx")
+    monkeypatch.setattr(onnx_export, "gemm_linears", _unchanged)  # the attention alone
+    torch.manual_seed(0)
+    export_onnx(_ReadsItsLinear().eval(), x, tmp_path / "attention.onnx")
+    monkeypatch.setattr(onnx_export, "_spelled_out_attention", _unchanged)  # as it is
+    torch.manual_seed(0)
+    export_onnx(_ReadsItsLinear().eval(), x, tmp_path / "plain.onnx")
+    assert staged["Gemm"] == 0
+    assert staged == _ops(tmp_path / "attention.onnx")
+    assert staged["Transpose"] < _ops(tmp_path / "plain.onnx")["Transpose"]

@@ -6,8 +6,11 @@ two into a ``Gemm`` only for two-dimensional inputs, and a dynamic batch dimensi
 reshaping the input itself. In a pruned transformer those ``Add`` nodes over the unpruned residual
 width are a fixed cost that pruning does not shrink. Exported over the input's rows flattened to
 two dimensions (:func:`compressdrop.runtime.linear`), each such layer is a ``Reshape``, a ``Gemm``
-and a ``Reshape`` back: the same values, and on this project's machine the tiny ViT of BENCHMARKS
-§1 ran 5 % (dense) to 19 % (slim) faster in onnxruntime at batch 64.
+and a ``Reshape`` back: the same values. On this project's machine, at one thread and batch 64,
+the tiny ViTs of BENCHMARKS §1 ran 3–7 % (dense) and 11–15 % (slim, the mean of twelve) faster in
+onnxruntime; two-thread timings there moved more between runs than that. onnxruntime's
+``BiasGelu`` fusion no longer applies (``Gemm`` + ``Gelu`` instead), which was the slower on that
+CPU; other hardware is not measured.
 """
 
 from __future__ import annotations

@@ -129,11 +129,12 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
 def _onnx_program(
     model: nn.Module, xs: tuple[torch.Tensor, ...], dims: tuple[dict, ...], opset: int | None
 ) -> Any:
-    """``torch.onnx.export`` of ``model`` with its attention spelled out (see
-    :func:`_spelled_out_attention`) and its linear layers as one ``Gemm`` each
-    (:func:`~._gemm.gemm_linears`); as the model is if that export fails where either changed
-    something (a forward that reads a stock attention's internals, e.g. to call
-    ``F.multi_head_attention_forward`` itself, cannot take the subclass)."""
+    """``torch.onnx.export`` of ``model``, tried in turn, each only where it changes something:
+    with its attention spelled out (:func:`_spelled_out_attention`) and its linear layers as one
+    ``Gemm`` each (:func:`~._gemm.gemm_linears`); with the attention alone; as the model is. Only
+    the last attempt's error is raised (a forward that reads a stock attention's internals, e.g.
+    to call ``F.multi_head_attention_forward`` itself, cannot take the subclass; a failure of the
+    ``Gemm`` switch alone still keeps the attention spelled out)."""
     kwargs: dict[str, Any] = {
         "dynamo": True,
         "dynamic_shapes": dims,
@@ -141,23 +142,25 @@ def _onnx_program(
         "external_data": False,
         "verbose": False,
     }
-    swapped: list = []
-    gemms = 0
-    try:
-        with _spelled_out_attention(model) as swapped, gemm_linears(model) as gemms:
-            if not (swapped or gemms):
-                return torch.onnx.export(model, xs, **kwargs)
-            # a failure is retried as the model is: torch.export's error log of it would alarm
+    tried: set[tuple[bool, bool]] = set()
+    for attention, gemm in ((True, True), (True, False)):
+        with contextlib.ExitStack() as stack:
+            swapped = stack.enter_context(_spelled_out_attention(model)) if attention else []
+            gemms = stack.enter_context(gemm_linears(model)) if gemm else 0
+            changes = (bool(swapped), bool(gemms))
+            if changes == (False, False) or changes in tried:
+                continue  # the model as it is, or an export already tried
+            tried.add(changes)
+            # a failure is retried without: torch.export's error log of it would alarm
             log = logging.getLogger("torch.export")
             level = log.level
             log.setLevel(logging.CRITICAL)
             try:
                 return torch.onnx.export(model, xs, **kwargs)
+            except Exception:
+                continue
             finally:
                 log.setLevel(level)
-    except Exception:
-        if not (swapped or gemms):
-            raise
     return torch.onnx.export(model, xs, **kwargs)
 
 
