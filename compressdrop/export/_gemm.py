@@ -3,8 +3,8 @@
 The exporter writes ``nn.Linear`` on an input of more than two dimensions (a transformer's
 (batch, tokens, features)) as ``MatMul`` and a separate ``Add`` of the bias: onnxruntime fuses the
 two into a ``Gemm`` only for two-dimensional inputs, and a dynamic batch dimension keeps it from
-reshaping the input itself. In a pruned transformer those ``Add`` nodes over the unpruned residual
-width are a fixed cost that pruning does not shrink. Exported over the input's rows flattened to
+reshaping the input itself. In a pruned transformer those ``Add`` nodes are a cost per layer
+that pruning does not remove. Exported over the input's rows flattened to
 two dimensions (:func:`compressdrop.runtime.linear`), each such layer is a ``Reshape``, a ``Gemm``
 and a ``Reshape`` back: the same values. On this project's machine, at one thread and batch 64,
 the tiny ViTs of BENCHMARKS §1 ran 3–7 % (dense) and 11–15 % (slim, the mean of twelve) faster in
@@ -35,7 +35,7 @@ class _GemmLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``F.linear`` through :func:`compressdrop.runtime.linear`. The argument keeps
         ``nn.Linear.forward``'s name: a model may pass it by keyword (``fc(input=x)``), and a
-        call that fails here fails the export, whose retry drops the attention's swap too."""
+        call that fails here fails the first export (the retry keeps only the attention's swap)."""
         return runtime.linear(input, self.weight, self.bias)
 
 
