@@ -8,7 +8,10 @@ full pickle; symbolic shape expressions are parsed with ``sympy.sympify``, which
 attribute of ``torch`` (``torch.load``, ``torch.hub.load``, ...); an AOTInductor entry is a compiled
 library. :func:`check_pt2_archive` reads the archive's JSON and payload tables and refuses all of
 these; :func:`load_program_safely` runs it, then loads the program with the guards dropped (they
-only re-check input shapes).
+only re-check input shapes). The archive must hold exactly the records ``torch.export.load`` reads
+as data, read through torch's own zip reader: torch reads every ``models/`` entry and derives the
+program's name (and the legacy pickles it looks for) from the entry's name, so matching entries by
+pattern had let a graph named ``models/model.JSON`` and a program named ``sub/model`` through.
 """
 
 from __future__ import annotations
@@ -177,8 +180,87 @@ _MALFORMED = (
 )
 
 
+# the records of a torch.export archive that torch.export.load reads as data, and nothing else
+# (torch/export/pt2_archive/_package.py): a program's name is what its models/<name>.json says,
+# and torch reads data/weights/<name>.pt (a pickle) if it exists, so a name holds no "/" or "."
+_NAME = r"[A-Za-z0-9_-]+"
+_FIXED = {
+    "archive_format",
+    "archive_version",
+    "byteorder",
+    ".data/version",
+    ".data/serialization_id",
+}
+_PAYLOAD = {
+    "data/weights/": re.compile(r"weight_[0-9]+"),
+    "data/constants/": re.compile(r"tensor_[0-9]+"),
+}
+
+
+def _records(data: bytes, where: str, refuse: Any) -> tuple[dict[str, bytes], list[str]]:
+    """The archive's records as ``torch.export.load`` sees them (its own reader), after checking
+    that Python's zip reader sees the same: one root folder, no name twice. Returns the reader's
+    bytes of each record and the programs' names."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{where}: not a readable .pt2 archive ({e})") from None
+    if not any(n.endswith("/archive_format") for n in names):
+        raise CheckpointError(f"{where}: a zip file, but not a torch.export archive")
+    root = names[0].split("/", 1)[0] + "/"
+    stray = [n for n in names if not n.startswith(root) or n == root]
+    if stray or len(set(names)) != len(names):
+        raise refuse(f"its entries are not one archive ({(stray or names)[0]!r})")
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        seen = sorted(reader.get_all_records())
+        if seen != sorted(n[len(root) :] for n in names):
+            raise refuse("torch's zip reader and Python's list other entries")
+        programs = [m[1] for r in seen if (m := re.fullmatch(f"models/({_NAME})\\.json", r))]
+        for r in seen:
+            if r.startswith(_FORBIDDEN_DIRS):
+                raise refuse(f"it holds compiled code ({r})")
+            if re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", r):
+                raise refuse(f"it holds a legacy pickled payload ({r})")
+            if (
+                r not in _FIXED
+                and not _unread(r)
+                and not any(r in _per_program(n) for n in programs)
+            ):
+                raise refuse(f"an entry torch.export.load would read is not plain data: {r!r}")
+        return {r: reader.get_record(r) for r in seen if not _unread(r)}, programs
+    except CheckpointError:
+        raise
+    except RuntimeError as e:
+        raise CheckpointError(f"{where}: not a readable .pt2 archive ({e})") from None
+
+
+def _unread(record: str) -> bool:
+    """A raw tensor payload (torch reads its bytes as a tensor's, never unpickled) or an extra
+    file (read as text): not read by the check."""
+    if re.fullmatch(r"extra/[^/]+", record):
+        return True
+    return any(record.startswith(d) and p.fullmatch(record[len(d) :]) for d, p in _PAYLOAD.items())
+
+
+def _per_program(name: str) -> tuple[str, str, str, str]:
+    """The records one program's loading reads besides the raw payloads."""
+    return (
+        f"models/{name}.json",
+        f"data/sample_inputs/{name}.pt",
+        f"data/weights/{name}_weights_config.json",
+        f"data/constants/{name}_constants_config.json",
+    )
+
+
 def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
     """Refuse a ``.pt2`` whose loading or running could execute code from the file.
+
+    Every record must be one that ``torch.export.load`` reads as data (an exact list: the
+    programs' graphs, sample inputs and payload tables, raw tensor payloads, extra text files,
+    the format's markers); then the graphs' node targets and shape expressions, the payload
+    tables' entries and the sample inputs are checked.
 
     Args:
         src: a path, an open binary file or the archive's bytes.
@@ -188,10 +270,6 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
         CheckpointError: naming the first entry that is not plain data.
     """
     data, where = _read(src, where)
-    try:
-        z = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{where}: not a readable .pt2 archive ({e})") from None
 
     def refuse(what: str) -> CheckpointError:
         return CheckpointError(
@@ -200,43 +278,28 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
         )
 
     try:
-        with z:
-            names = z.namelist()
-            for name in names:
-                inner = name.split("/", 1)[1] if "/" in name else name
-                if inner.startswith(_FORBIDDEN_DIRS):
-                    raise refuse(f"it holds compiled code ({name})")
-                if re.fullmatch(r"data/(weights|constants)/[^/]+\.pt", inner):
-                    raise refuse(f"it holds a legacy pickled payload ({name})")
-                if inner.startswith(("data/weights/", "data/constants/")) and inner.endswith(
-                    "_config.json"
-                ):
-                    config = json.loads(z.read(name)).get("config", {})
-                    for fqn, entry in config.items():
-                        if entry.get("use_pickle"):
-                            raise refuse(f"{fqn!r} is stored as a pickle ({name})")
-                        if inner.startswith("data/constants/") and not str(
-                            entry.get("path_name", "")
-                        ).startswith("tensor_"):
-                            raise refuse(f"constant {fqn!r} is a Python object ({name})")
-                if inner.startswith("data/sample_inputs/"):
-                    try:
-                        torch.load(io.BytesIO(z.read(name)), weights_only=True)
-                    except Exception:
-                        raise refuse(f"its sample inputs are not plain tensors ({name})") from None
-                if inner.startswith("models/") and inner.endswith(".json"):
-                    for key, value in _walk(json.loads(z.read(name))):
-                        if key == "target" and isinstance(value, str) and not _TARGET.match(value):
-                            raise refuse(f"a node calls {value!r}")
-                        if key == "expr_str" and not (isinstance(value, str) and _safe_expr(value)):
-                            raise refuse(
-                                f"a shape expression is not arithmetic: {str(value)[:80]!r}"
-                            )
-                        if key == "custom_obj_values" and value:
-                            raise refuse("it holds custom Python objects")
-            if not any(n.endswith("/archive_format") for n in names):
-                raise CheckpointError(f"{where}: a zip file, but not a torch.export archive")
-
+        records, programs = _records(data, where, refuse)
+        for name in programs:
+            graph, inputs, weights, constants = _per_program(name)
+            for config_name, kind in ((weights, "data/weights/"), (constants, "data/constants/")):
+                if config_name not in records:
+                    raise refuse(f"program {name!r} has no {config_name}")
+                for fqn, entry in json.loads(records[config_name]).get("config", {}).items():
+                    if entry.get("use_pickle"):
+                        raise refuse(f"{fqn!r} is stored as a pickle ({config_name})")
+                    if not _PAYLOAD[kind].fullmatch(str(entry.get("path_name", ""))):
+                        raise refuse(f"{fqn!r} is a Python object ({config_name})")
+            try:
+                torch.load(io.BytesIO(records[inputs]), weights_only=True)
+            except Exception:
+                raise refuse(f"its sample inputs are not plain tensors ({inputs})") from None
+            for key, value in _walk(json.loads(records[graph])):
+                if key == "target" and isinstance(value, str) and not _TARGET.match(value):
+                    raise refuse(f"a node calls {value!r}")
+                if key == "expr_str" and not (isinstance(value, str) and _safe_expr(value)):
+                    raise refuse(f"a shape expression is not arithmetic: {str(value)[:80]!r}")
+                if key == "custom_obj_values" and value:
+                    raise refuse("it holds custom Python objects")
     except CheckpointError:
         raise
     except _MALFORMED as e:  # an entry that is not what its name says (a crafted archive)

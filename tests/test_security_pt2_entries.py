@@ -1,0 +1,193 @@
+"""A ``.pt2`` holds exactly the records ``torch.export.load`` reads as data (a security review):
+the check had matched entries by pattern (``models/*.json``, ``data/weights/<name>.pt``) where
+torch reads every ``models/`` entry and derives the program's name from it, so a graph named
+``models/model.JSON`` went unchecked to ``sympy.sympify``, and a program named ``sub/model`` read
+a pickled ``data/weights/sub/model.pt``. Both ran code, also from a ``.pt`` checkpoint that embeds
+the program. Now every record is on an exact list, and both zip readers must see the same."""
+
+import contextlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressdrop.checkpoint import load_model
+from compressdrop.errors import CheckpointError
+from compressdrop.programs import check_pt2_archive
+
+from .test_security import _cli, _good_pt2, _pickled_exploit_bytes
+
+
+def _entries(path: Path) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(path) as z:
+        return [(i.filename, z.read(i)) for i in z.infolist()]
+
+
+def _write(path: Path, entries: list[tuple[str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries:
+            z.writestr(name, data)
+    return path
+
+
+def _graph_named_in_upper_case(tmp_path: Path, marker: Path) -> Path:
+    """The shape-expression payload in a graph whose name ends in ``.JSON``."""
+    touch = f"__import__('os').system('touch {marker}')"
+    out = []
+    for name, data in _entries(tmp_path / "good.pt2"):
+        if name.endswith("models/model.json"):
+            data = data.replace(b"Symbol('s", f"{touch} or Symbol('s".encode(), 1)
+            name = name.replace("model.json", "model.JSON")
+        out.append((name, data))
+    return _write(tmp_path / "evil_case.pt2", out)
+
+
+def _program_in_a_folder(tmp_path: Path, marker: Path) -> Path:
+    """A program named ``sub/model`` with its weights as the legacy pickle torch reads for it."""
+    out = []
+    for name, data in _entries(tmp_path / "good.pt2"):
+        root, inner = name.split("/", 1)
+        if inner.startswith("data/weights/"):
+            continue
+        moved = {
+            "models/model.json": "models/sub/model.json",
+            "data/sample_inputs/model.pt": "data/sample_inputs/sub/model.pt",
+            "data/constants/model_constants_config.json": (
+                "data/constants/sub/model_constants_config.json"
+            ),
+        }
+        name = f"{root}/{moved.get(inner, inner)}"
+        out.append((name, data))
+    out.append((f"{root}/data/weights/sub/model.pt", _pickled_exploit_bytes(marker)))
+    return _write(tmp_path / "evil_folder.pt2", out)
+
+
+ATTACKS = {"upper-case": _graph_named_in_upper_case, "folder": _program_in_a_folder}
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    _good_pt2(tmp_path / "good.pt2")
+    return tmp_path / "good.pt2"
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_plain_torch_export_load_runs_both(kind, good, tmp_path):
+    """Why: PyTorch itself runs the code in these archives."""
+    marker = tmp_path / "marker.npy"
+    evil = ATTACKS[kind](tmp_path, marker)
+    with contextlib.suppress(Exception):
+        torch.export.load(evil)
+    if not marker.exists():
+        pytest.skip("this torch no longer runs it; the exact list stays anyway")
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_a_program_torch_would_find_elsewhere_is_refused(kind, good, tmp_path):
+    marker = tmp_path / "marker.npy"
+    evil = ATTACKS[kind](tmp_path, marker)
+    with pytest.raises(CheckpointError, match=r"refused: an entry torch\.export\.load would read"):
+        load_model(evil)
+    res = _cli(["export", evil, "-o", tmp_path / "m.onnx"])
+    assert res.exit_code == 1 and "refused" in res.output, res.output
+    assert not marker.exists()
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_a_checkpoint_that_embeds_such_a_program_is_refused(kind, good, tmp_path):
+    """A ``.pt`` checkpoint (weights only, a user expects) whose architecture record is a
+    program: the same check guards it."""
+    marker = tmp_path / "marker.npy"
+    evil = ATTACKS[kind](tmp_path, marker).read_bytes()
+    record = {
+        "format": "compressdrop-model",
+        "format_version": 1,
+        "kind": "dense",
+        "recipe": None,
+        "meta": {},
+        "arch": {"program": torch.frombuffer(bytearray(evil), dtype=torch.uint8)},
+        "state_dict": load_model(good).state_dict(),
+    }
+    torch.save(record, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        load_model(tmp_path / "c.pt")
+    res = _cli(["export", tmp_path / "c.pt", "-o", tmp_path / "c.onnx"])
+    assert res.exit_code == 1 and "refused" in res.output, res.output
+    assert not marker.exists() and not (tmp_path / "c.onnx").exists()
+
+
+def test_an_entry_outside_the_archive_or_twice_is_refused(good, tmp_path):
+    """torch.export.load falls back to the format of PyTorch 2.7 (top-level entries, pickled
+    state) when the archive does not load; and a name twice may read differently in two zip
+    readers. Neither reaches torch."""
+    entries = _entries(good)
+    old_format = _write(tmp_path / "old.pt2", [*entries, ("serialized_state_dict.pt", b"x")])
+    with pytest.raises(CheckpointError, match=r"refused: its entries are not one archive"):
+        check_pt2_archive(old_format)
+    graph = next(e for e in entries if e[0].endswith("models/model.json"))
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        twice = _write(tmp_path / "twice.pt2", [*entries, graph])
+    with pytest.raises(CheckpointError, match=r"refused: its entries are not one archive"):
+        check_pt2_archive(twice)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "data/weights/model.pt",  # the legacy pickle, beside the tables
+        "data/constants/custom_obj_0",
+        "data/weights/weight_0.pt",
+        "models/other.json.bak",
+        "models/",
+        "data/aotinductor/model/model.so",
+        "notes.txt",
+    ],
+)
+def test_any_entry_off_the_list_is_refused(extra, good, tmp_path):
+    entries = _entries(good)
+    root = entries[0][0].split("/", 1)[0]
+    bad = _write(tmp_path / "bad.pt2", [*entries, (f"{root}/{extra}", b"\x80\x02N.")])
+    with pytest.raises(CheckpointError, match=r"bad\.pt2: refused"):
+        check_pt2_archive(bad)
+
+
+def test_a_payload_table_naming_another_kind_of_file_is_refused(good, tmp_path):
+    """A weights table whose entry points at anything but a raw ``weight_N`` payload."""
+    out = []
+    for name, data in _entries(good):
+        if name.endswith("model_weights_config.json"):
+            doc = json.loads(data)
+            next(iter(doc["config"].values()))["path_name"] = "../constants/tensor_0"
+            data = json.dumps(doc).encode()
+        out.append((name, data))
+    with pytest.raises(CheckpointError, match="is a Python object"):
+        check_pt2_archive(_write(tmp_path / "bad.pt2", out))
+
+
+def test_what_torch_export_save_writes_still_loads(tmp_path):
+    """Two programs' worth of payloads, constants, buffers and extra files: all on the list."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+            self.register_buffer("shift", torch.ones(3))
+            self.scale = torch.tensor([1.0, 2.0, 3.0])  # a tensor constant
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * self.scale + self.shift
+
+    program = torch.export.export(
+        Net(), (torch.randn(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={"note.txt": "hi"})
+    check_pt2_archive(buf.getvalue(), "net.pt2")
+    (tmp_path / "net.pt2").write_bytes(buf.getvalue())
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(load_model(tmp_path / "net.pt2")(x), program.module()(x))
