@@ -138,6 +138,34 @@ def _transformers():
     return transformers
 
 
+def _check_shards(path: Path) -> None:
+    """Without ``model.safetensors``, the index must name safetensors shards in the folder: one
+    that names a pickled ``.bin`` shard made transformers try to unpickle it (refused by its
+    weights-only unpickler, as a raw traceback advising to turn that off)."""
+    index = path / _WEIGHTS[1]
+    if (path / _WEIGHTS[0]).is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{index}: unreadable ({e or 'not a JSON object'})") from None
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map of shard files")
+    bad = sorted(
+        {
+            str(s)
+            for s in weight_map.values()
+            if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)
+        }
+    )
+    if bad:
+        raise CheckpointError(
+            f"{index}: names shards that are not safetensors files of the folder ({bad[:3]}); "
+            "pickled weights could run code when loaded: convert them to safetensors where you "
+            "trust them"
+        )
+
+
 def load_hf_folder(path: str | Path) -> nn.Module:
     """The causal language model in a Hugging Face folder, in eval mode, on the CPU.
 
@@ -169,6 +197,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
                 else ""
             )
         )
+    _check_shards(path)
     tf = _transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -353,3 +353,30 @@ def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
     with pytest.raises(InputError, match="free prune of several layers"):
         check_folder_plan(out, model, gates, False, ids)
     check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, False, ids)
+
+
+def test_an_index_of_shards_must_name_safetensors_files_of_the_folder(tmp_path):
+    """A security review: an index naming a pickled ``.bin`` shard made transformers try to
+    unpickle it (its weights-only unpickler refused, as a raw traceback that advised turning it
+    off). Sharded safetensors still load."""
+    config = transformers.LlamaConfig(
+        vocab_size=256, bos_token_id=None, eos_token_id=None, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert not (folder / "model.safetensors").exists()
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(load_model(folder)(ids).logits, model.eval()(ids).logits)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for shard in ("pytorch_model-00001-of-00001.bin", "../elsewhere.safetensors"):
+        bad = {**index, "weight_map": {k: shard for k in index["weight_map"]}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=r"not safetensors files of the folder.*pickled"):
+            load_model(folder)
+    (folder / "model.safetensors.index.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match=r"index\.json: unreadable"):
+        load_model(folder)
