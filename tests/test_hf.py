@@ -465,3 +465,67 @@ def test_a_gated_mlp_keeps_no_activation_of_its_own_with_the_same_gradients(name
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
     # kept for backward: each MLP's (B, T, U) output once; apart, the gate's input besides
     assert apart - kept >= len(layers) * 4 * 16 * layers[0].gate.num_units * 4
+
+
+LOAD_PROGRAM = """
+import sys, torch
+from compressdrop.checkpoint import load_model
+out = load_model(sys.argv[1])(torch.load(sys.argv[2]))
+print(type(out).__name__, "transformers" in sys.modules)
+torch.save(out.logits, sys.argv[3])
+"""
+
+
+def _bert_program(path):
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=32, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(model, (ids,), dynamic_shapes=({0: batch},)), path)
+    return model, ids
+
+
+def test_a_hugging_face_program_loads_in_a_process_that_never_imported_transformers(tmp_path):
+    """A new user's walk: a BERT saved with torch.export (the route compressdrop's own error
+    suggests for it) returns a ``SequenceClassifierOutput``, which torch rebuilds only once
+    transformers registered it; in a fresh process the load failed (and logged 31 lines of a
+    traceback), in the CLI too. The tests' own process imports transformers, hence the fresh one."""
+    import subprocess
+    import sys
+
+    model, ids = _bert_program(tmp_path / "bert.pt2")
+    torch.save(ids, tmp_path / "ids.pt")
+    args = [str(tmp_path / n) for n in ("bert.pt2", "ids.pt", "logits.pt")]
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_PROGRAM, *args], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["SequenceClassifierOutput", "True"]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model(ids).logits)
+
+
+def test_a_program_whose_outputs_are_an_unknown_type_names_it(tmp_path):
+    import zipfile
+
+    from compressdrop.checkpoint import load_model
+    from compressdrop.errors import CheckpointError
+
+    _bert_program(tmp_path / "bert.pt2")
+    with (
+        zipfile.ZipFile(tmp_path / "bert.pt2") as zin,
+        zipfile.ZipFile(tmp_path / "other.pt2", "w") as zout,
+    ):
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("models/model.json"):
+                name = b"transformers.modeling_outputs.SequenceClassifierOutput"
+                data = data.replace(name, b"mypackage.outputs.Scores")
+            zout.writestr(info, data)
+    with pytest.raises(CheckpointError, match=r"types this process does not know \(mypackage"):
+        load_model(tmp_path / "other.pt2")

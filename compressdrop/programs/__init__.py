@@ -17,16 +17,17 @@ came from, at the program's own parameter names, so that Torch-Pruning's depende
 surgery see ordinary layers. A ``view``/``reshape`` that flattens everything after the batch
 dimension becomes ``flatten(x, 1)``, so that it still fits once channels are removed.
 
-**Layout.** :mod:`.safety` checks and loads archives, :mod:`.convert` turns programs into
-modules, :mod:`.records` ties the two to compressdrop's ``arch`` records.
+**Layout.** :mod:`.safety` checks archives, :mod:`.load` loads them, :mod:`.convert` turns
+programs into modules, :mod:`.records` ties them to compressdrop's ``arch`` records.
 """
 
 # ProgramModule and Source: importable from here as before, though not in __all__
 from .convert import ProgramModule as ProgramModule
 from .convert import program_to_module
+from .load import load_program_safely
 from .records import load_program, program_record
 from .safety import Source as Source
-from .safety import check_pt2_archive, is_pt2, load_program_safely
+from .safety import check_pt2_archive, is_pt2
 
 __all__ = [
     "check_pt2_archive",

@@ -15,7 +15,8 @@ from torch import fx, nn
 from .._attrs import set_record
 from ..errors import CheckpointError
 from .convert import program_to_module
-from .safety import _MALFORMED, Source, _read, load_program_safely
+from .load import load_program_safely
+from .safety import _MALFORMED, Source, _read
 
 __all__ = ["META_FILE", "load_program", "program_record"]
 

@@ -7,7 +7,7 @@ full pickle; symbolic shape expressions are parsed with ``sympy.sympify``, which
 ``guards_code`` strings become Python that runs on every call; a node's target may name any
 attribute of ``torch`` (``torch.load``, ``torch.hub.load``, ...); an AOTInductor entry is a compiled
 library. :func:`check_pt2_archive` reads the archive's JSON and payload tables and refuses all of
-these; :func:`load_program_safely` runs it, then loads the program with the guards dropped (they
+these; :func:`~.load.load_program_safely` runs it, then loads the program with the guards dropped (they
 only re-check input shapes). The archive must hold exactly the records ``torch.export.load`` reads
 as data, read through torch's own zip reader: torch reads every ``models/`` entry and derives the
 program's name (and the legacy pickles it looks for) from the entry's name, so matching entries by
@@ -29,7 +29,7 @@ import torch
 
 from ..errors import CheckpointError
 
-__all__ = ["Source", "check_pt2_archive", "is_pt2", "load_program_safely"]
+__all__ = ["Source", "check_pt2_archive", "is_pt2"]
 
 #: what the readers take: a path, or an open binary file
 Source = str | Path | IO[bytes]
@@ -306,31 +306,3 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
         raise CheckpointError(
             f"{where}: not a readable .pt2 archive ({type(e).__name__} reading its entries)"
         ) from None
-
-
-def load_program_safely(
-    src: Source | bytes, where: str | None = None
-) -> torch.export.ExportedProgram:
-    """:func:`check_pt2_archive`, then ``torch.export.load`` with the guards dropped.
-
-    Args:
-        src: a path, an open binary file or the archive's bytes.
-        where: the name for messages (default: the path).
-
-    Returns:
-        The program, with its ``guards_code`` (Python source from the file) emptied.
-
-    Raises:
-        CheckpointError: the archive cannot be read, is refused by :func:`check_pt2_archive`, or
-            ``torch.export.load`` fails on it.
-    """
-    data, where = _read(src, where)
-    check_pt2_archive(data, where)
-    try:
-        program = torch.export.load(io.BytesIO(data))
-    except Exception as e:  # torch raises many types on a damaged archive
-        raise CheckpointError(
-            f"{where}: not a readable torch.export program: {type(e).__name__}: {e}"
-        ) from None
-    program._guards_code = []  # Python source from the file; it only re-checks input shapes
-    return program
