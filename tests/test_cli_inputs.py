@@ -509,3 +509,32 @@ def test_the_output_may_not_be_the_model_it_reads(gated_file, tmp_path):
     assert "it is the model this reads" in res.stderr
     assert (tmp_path / "m.pt2").read_bytes() == program
     run(["prune", gated, "-o", tmp_path / "s.pt"])  # another file: as before
+
+
+def test_every_file_a_prune_writes_is_checked_before_training_and_none_is_left_alone(
+    gated_file, tmp_path, monkeypatch
+):
+    """A new-user walk: ``-o X.pt2`` writes ``X.onnx`` too, which was checked only after
+    training (a folder named ``X.onnx`` failed the run at its end, and left ``X.pt2`` behind)."""
+    path, _ = gated_file
+    torch.save(build_model("lenet300", (1, 8, 8)).state_dict(), tmp_path / "plain.pt")
+    (tmp_path / "ee.onnx").mkdir()
+    args = ["--arch", "lenet300", "--arch-arg", "input_shape=[1,8,8]", "--data", "digits"]
+    res = run(["prune", tmp_path / "plain.pt", *args, "-o", tmp_path / "ee.pt2"], expect=1)
+    assert "ee.onnx: it is a folder" in res.output and "sparsify" not in res.output
+    (tmp_path / "ee-mc.onnx").mkdir()
+    res = run(["prune", path, "--mc-samples", 4, "-o", tmp_path / "ee.pt"], expect=1)
+    assert "ee-mc.onnx: it is a folder" in res.output
+    (tmp_path / "ee-mc.onnx").rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ee.onnx", "plain.pt"]
+
+    # a companion that fails while written: neither file stays
+    from compressdrop.workflows import prune_file
+
+    def fail(*a, **k):
+        raise RuntimeError("the exporter failed")
+
+    monkeypatch.setattr("compressdrop.export.export_onnx", fail)
+    with pytest.raises(RuntimeError, match="the exporter failed"):
+        prune_file(path, tmp_path / "slim.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ee.onnx", "plain.pt"]

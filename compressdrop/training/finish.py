@@ -41,6 +41,16 @@ _BY_SUFFIX = {".pt": (".pt",), ".pt2": (".pt2", ".onnx"), ".onnx": (".onnx",), "
 _KINDS = {".pt": "checkpoint", ".pt2": "pt2", ".onnx": "onnx", "": "hf_folder"}
 
 
+def slim_paths(out: str | Path, mc_samples: int | None = None) -> list[Path]:
+    """Every file a prune to ``out`` writes with the default formats (``.pt2``: its ``.onnx``
+    too; with ``mc_samples``: ``STEM-mc.pt`` and ``STEM-mc.onnx``), to check before training."""
+    out = Path(out)
+    paths = [out.with_suffix(s) for s in _BY_SUFFIX.get(out.suffix, (out.suffix,))]
+    if mc_samples is not None:
+        paths += [out.with_name(f"{out.stem}-mc{s}") for s in (".pt", ".onnx")]
+    return paths
+
+
 @dataclass(frozen=True)
 class SlimFiles:
     """What :func:`write_slim` wrote: paths, sizes and the check of each file, by kind
@@ -102,19 +112,25 @@ def write_slim(
     errors: dict[str, float] = {}
     sizes: dict[str, int] = {}
     x = example_input.detach().cpu()
-    for suffix in wanted:
-        path, kind = out.with_suffix(suffix), _KINDS[suffix]
-        if suffix == ".pt":
-            save_model(slim, path, recipe=recipe)
-        elif suffix == "":
-            sizes[kind], errors[kind] = save_hf_folder(slim, path, x, source=source)
-        elif suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
-            prog = with_lengths(export_program, slim, x, path)
-            errors[kind] = max(prog.max_rel_error.values())
-        else:
-            rep = with_lengths(export_onnx, slim, x, path, metadata=metadata, opset=opset)
-            errors[kind] = max(rep.max_rel_error.values())
-        paths[kind] = path
+    try:
+        for suffix in wanted:
+            path, kind = out.with_suffix(suffix), _KINDS[suffix]
+            if suffix == ".pt":
+                save_model(slim, path, recipe=recipe)
+            elif suffix == "":
+                sizes[kind], errors[kind] = save_hf_folder(slim, path, x, source=source)
+            elif suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
+                prog = with_lengths(export_program, slim, x, path)
+                errors[kind] = max(prog.max_rel_error.values())
+            else:
+                rep = with_lengths(export_onnx, slim, x, path, metadata=metadata, opset=opset)
+                errors[kind] = max(rep.max_rel_error.values())
+            paths[kind] = path
+    except BaseException:  # all of them or none: a .pt2 without its .onnx passes for done
+        for path in paths.values():
+            if path.is_file():
+                path.unlink()
+        raise
     sizes.update({k: p.stat().st_size for k, p in paths.items() if k not in sizes})
     return SlimFiles(paths, sizes, errors)
 

@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..runtime import run_on_examples
-from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
+from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, slim_paths, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
 from .precision import load_float32
 from .sparsify import (
@@ -213,7 +213,8 @@ def prune_file(
     """
     from ..gating import example_input_for, is_gated
 
-    check_writable(out, model_path)
+    for path in slim_paths(out, mc_samples):  # a .pt2's .onnx too: all before any training
+        check_writable(path, model_path)
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
