@@ -1,9 +1,8 @@
 """In a compiled training step, the gated ``linear1`` of a PyTorch transformer layer leaves its
 multiply to the dropout after its ReLU (``gates/_compiled.py``, ``read_by_dropout``). The loss and
 gradients are the same as eager, and no MLP activation is kept beyond what the plain step keeps.
-θ that may be negative (variational) moves as |θ|, the ReLU and the dropout running on x·sign θ.
 The multiply stays at the gate wherever moving it would change the function or what someone
-sees: a ReLU6, a hook on the dropout."""
+sees: θ that may be negative (variational), a ReLU6, a hook on the dropout."""
 
 import pytest
 import torch
@@ -62,33 +61,20 @@ def _extra_bytes(family: str) -> int:
     return _kept_bytes(_gated(family), x, y, gated=True) - plain
 
 
-@pytest.mark.parametrize("family", list(GATES))
+@pytest.mark.parametrize("family", ["lognormal", "concrete", "hardconcrete"])
 def test_a_compiled_encoder_step_keeps_no_mlp_activation_of_its_own(family):
     """Before, the gate applied the ReLU and kept its output, beside the dropout's output that
-    linear2 keeps: one (B, T, FF) activation more per layer (54–61 kB here). Now what the gates
-    add is their per-example draws, a fraction of one activation (variational: its θ's sign
-    too)."""
+    linear2 keeps: one (B, T, FF) activation more per layer. Now what the gates add is their
+    per-example draws, a fraction of one activation."""
     activation = B * T * FF * 4
     assert _extra_bytes(family) < activation / 2
 
 
-def test_variational_theta_of_either_sign_and_zero_moves_past_the_dropout_exactly():
-    """relu(x·θ) = |θ|·relu(x·sign θ): with μ of both signs and a wide σ, θ < 0 for about half
-    the draws, and a pruned unit (θ = 0) among them; the compiled step still matches eager."""
-    net = _gated("variational")
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for layer in net.encoder.layers:
-            gate = layer.linear1.gate
-            gate.mu.copy_(torch.randn_like(gate.mu))
-            gate.log_sigma2.fill_(-1.0)
-            gate.pruned[:3] = True
-    x, y = _data()
-    torch.manual_seed(5)
-    theta = net.encoder.layers[0].linear1.gate.training_factor(B, torch.float32)
-    assert (theta < 0).float().mean() > 0.2 and (theta == 0).any()
-    assert_compiled_step_matches_eager(net, x, y, backend=BACKEND)
-    assert not _compiled._TRACE.deferred and not _compiled._TRACE.signed
+def test_variational_gates_keep_the_relus_output_as_before():
+    """θ may be negative, so relu(x·θ) is not relu(x)·θ: the gate applies the ReLU and keeps its
+    output, more than one activation (what every family kept before the move: 54–61 kB here,
+    against 5–11 kB now for the others)."""
+    assert _extra_bytes("variational") > B * T * FF * 4
 
 
 def test_a_relu6_keeps_the_multiply_at_the_gate():

@@ -18,12 +18,10 @@ residual add, keeping y cost a ResNet 1.14× the plain step's bytes against 1.00
 * a pool follows a convolution (``_defer.py``): the pool's hook multiplies the pool's output,
   which the next layer keeps;
 * in PyTorch's transformer layers, ``linear2(dropout(relu(linear1(x))))`` with ``linear1``
-  gated: the gate's multiply moves past the ReLU and the dropout (both commute with a factor
-  ≥ 0), and the dropout's hook multiplies the dropout's output, which ``linear2`` keeps. For θ
-  of either sign (variational) relu(x·θ) = |θ|·relu(x·sign θ): the gate gives x·sign θ, the
-  ReLU and the dropout run on that, and the hook multiplies by |θ|. With the gate applying the
-  ReLU instead, the graph kept the ReLU's output beside the dropout's (the encoder of
-  BENCHMARKS §3: 1.18× the plain step's bytes).
+  gated by a family whose θ ≥ 0: the gate's multiply moves past the ReLU and the dropout (both
+  commute with it), and the dropout's hook multiplies the dropout's output, which ``linear2``
+  keeps. With the gate applying the ReLU instead, the graph kept the ReLU's output beside
+  the dropout's (the encoder of BENCHMARKS §3: 1.18× the plain step's bytes).
 
 The marks are per-thread state that the traced hooks change, which dynamo refuses inside a
 checkpointed region (``torch.utils.checkpoint``) of a step compiled with ``fullgraph=True``:
@@ -48,9 +46,8 @@ class _Trace(threading.local):
     ``next_relu``, the ReLU module (by id) after the gated layer now running; ``passed``, the
     ReLU modules whose input a gate has just passed through a ReLU already; ``past_dropout``,
     the armed gated layers whose multiply the dropout after their ReLU may take over;
-    ``next_dropout``, that dropout (by id) for the gated layer now running, and ``signed``,
-    whether that layer's θ may be negative; ``deferred``, the factor each such dropout
-    multiplies its output by next."""
+    ``next_dropout``, that dropout (by id) for the gated layer now running; ``deferred``, the
+    factor each such dropout multiplies its output by next."""
 
     def __init__(self) -> None:
         self.armed: set[int] = set()
@@ -58,7 +55,6 @@ class _Trace(threading.local):
         self.passed: set[int] = set()
         self.past_dropout: set[int] = set()
         self.next_dropout: int | None = None
-        self.signed = False
         self.deferred: dict[int, torch.Tensor] = {}
 
 
@@ -152,8 +148,8 @@ def _arm_relus(parent: nn.Module, args: Any) -> None:
 def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
     """The gated ``linear1``'s multiply may move to the dropout after its ReLU: ``layer`` is
     one of PyTorch's transformer layers running its own MLP with the dropout recorded, whose
-    only hook is ours, its activation an ``nn.ReLU`` (relu(x·θ) = |θ|·relu(x·sign θ); not
-    ReLU6), and the gate multiplies as :class:`~.base.Gate` does. (A hook on the
+    only hook is ours, its activation an ``nn.ReLU`` (relu(x·θ) = relu(x)·θ for θ ≥ 0; not
+    ReLU6), and the gate draws θ ≥ 0 and multiplies as :class:`~.base.Gate` does. (A hook on the
     gate, which would see or change its output before θ is applied, turns ``relu_after`` off
     before this is asked: :func:`unseen`.)"""
     (gate_base,) = GATE
@@ -166,6 +162,7 @@ def _dropout_ok(layer: nn.Module, gated: nn.Module) -> bool:
         and not {"forward", "_ff_block"} & set(vars(layer))
         and layer._modules.get("dropout") is d
         and type(vars(gated).get("relu_module")) is nn.ReLU
+        and cls.nonnegative
         and cls.multiply is gate_base.multiply
         and cls.forward is gate_base.forward
         and all(fn is dropout_takes_over for fn in d._forward_hooks.values())
@@ -187,7 +184,7 @@ def _disarm_relus(parent: nn.Module, args: Any, output: Any) -> None:
         dropout = vars(g).get(DROPOUT) if isinstance(g, nn.Module) else None
         if dropout is not None:  # a multiply left for it that it never applied (a raise)
             _TRACE.deferred.pop(id(dropout), None)
-            _TRACE.next_dropout, _TRACE.signed = None, False
+            _TRACE.next_dropout = None
         relu = vars(g).get("relu_module") if isinstance(g, nn.Module) else None
         if relu is not None and id(relu) in _TRACE.passed:
             _TRACE.passed.discard(id(relu))
@@ -242,7 +239,6 @@ def expect_relu(wrapper: nn.Module, relu_after: bool) -> bool:
         return False
     if past_dropout:  # the ReLU runs as it is, the dropout after it multiplies
         _TRACE.next_dropout = id(wrapper.__dict__[DROPOUT])
-        _TRACE.signed = not getattr(type(wrapper._modules["gate"]), "nonnegative", False)
         return True
     _TRACE.next_relu = id(relu)
     if id(relu) in _TRACE.passed:
@@ -317,19 +313,16 @@ def broadcast_multiply(
     :class:`_KeepOutput`; else as a plain product, which leaves the compiled graph free to keep
     x or recompute it (a ResNet's gates before a residual add: keeping y there cost 1.14× the
     plain step's bytes against 1.003×). Where :func:`expect_relu` named a transformer layer's
-    dropout (:func:`read_by_dropout`), ``x`` itself (x·sign θ for θ of either sign): θ (|θ|) is
-    left for that dropout's hook."""
+    dropout (:func:`read_by_dropout`), ``x`` itself: θ is left for that dropout's hook."""
     shape = [theta.shape[0]] + [1] * (x.dim() - 1)
     shape[dim] = theta.shape[1]
     factor = theta.reshape(shape)
     if not (compiled_training() and (relu_after or keep_output)):
         return x * factor
     if relu_after and mark and _TRACE.next_dropout is not None:  # read_by_dropout
-        # relu(x·θ) = |θ|·relu(x·sign θ); sign θ has gradient 0 and |θ| passes it on to θ
-        signed, _TRACE.signed = _TRACE.signed, False
-        _TRACE.deferred[_TRACE.next_dropout] = factor.abs() if signed else factor
+        _TRACE.deferred[_TRACE.next_dropout] = factor
         _TRACE.next_dropout = None
-        return x * factor.sign() if signed else x
+        return x
     if relu_after and mark and _TRACE.next_relu is not None:
         _TRACE.passed.add(_TRACE.next_relu)
         _TRACE.next_relu = None
