@@ -56,6 +56,24 @@ _NOT_KWARGS = {
 MARKER = "compressdrop.json"
 
 
+def why_no_folder(model: nn.Module) -> str | None:
+    """Why no slim folder can be written for ``model`` after training it (``None``: one can). A
+    transformers model read from a pickled module (or a program) is recorded as a
+    ``torch.export`` program, and its slim model is rebuilt from that record: no config, no
+    ``save_pretrained``."""
+    if not hasattr(model, "save_pretrained"):
+        return "a folder is written for Hugging Face transformers models only"
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, Mapping) or "program" in arch:
+        return (
+            "a folder is written from a Hugging Face model folder (or a compressdrop checkpoint "
+            "of one); this model was read from a pickled module, so its slim model is rebuilt "
+            "as a torch.export program, without its config: save it with save_pretrained and "
+            "prune that folder instead"
+        )
+    return None
+
+
 def check_folder_output(out: str | Path) -> None:
     """Refuse to write a Hugging Face folder over a folder that compressdrop did not write (a
     model's own folder, any other files).

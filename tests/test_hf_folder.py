@@ -380,3 +380,23 @@ def test_an_index_of_shards_must_name_safetensors_files_of_the_folder(tmp_path):
     (folder / "model.safetensors.index.json").write_text("[1]")
     with pytest.raises(CheckpointError, match=r"index\.json: unreadable"):
         load_model(folder)
+
+
+def test_a_pickled_model_is_told_before_training_that_no_folder_can_come_of_it(tmp_path):
+    """A new-user walk: a pickled GPT-2 (``--trust-pickle``) is recorded as a torch.export
+    program, so its slim model is rebuilt without a config; ``-o FOLDER`` trained for the whole
+    recipe and only then said that a folder is for transformers models."""
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+
+    config = transformers.GPT2Config(
+        vocab_size=256, n_layer=1, n_embd=16, n_head=2, n_positions=32, use_cache=False,
+        bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    torch.save(transformers.GPT2LMHeadModel(config), tmp_path / "gpt2.pt")
+    args = ["prune", tmp_path / "gpt2.pt", "--trust-pickle", "--data", "digits", "--uniform"]
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "-o", tmp_path / "slim"]])
+    assert res.exit_code == 1, res.output
+    assert "read from a pickled module" in res.output and "save_pretrained" in res.output
+    assert "epoch" not in res.output and not (tmp_path / "slim").exists()

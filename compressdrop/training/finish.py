@@ -44,9 +44,9 @@ _KINDS = {".pt": "checkpoint", ".pt2": "pt2", ".onnx": "onnx", "": "hf_folder"}
 def slim_paths(out: str | Path, mc_samples: int | None = None) -> list[Path]:
     """Every file a prune to ``out`` writes with the default formats (``.pt2``: its ``.onnx``
     too; with ``mc_samples``: ``STEM-mc.pt`` and ``STEM-mc.onnx``), to check before training."""
-    out = Path(out)
-    paths = [out.with_suffix(s) for s in _BY_SUFFIX.get(out.suffix, (out.suffix,))]
-    if mc_samples is not None:
+    out = Path(out)  # first: its own check names a name that is no file name
+    paths = [out, *(out.with_suffix(s) for s in _BY_SUFFIX.get(out.suffix, ()) if s != out.suffix)]
+    if mc_samples is not None and out.suffix:
         paths += [out.with_name(f"{out.stem}-mc{s}") for s in (".pt", ".onnx")]
     return paths
 

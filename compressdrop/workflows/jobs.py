@@ -19,7 +19,7 @@ from torch import nn
 from ..arch import Factory
 from ..data import check_trainable, load_dataset
 from ..errors import InputError
-from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder
+from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder, why_no_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..runtime import run_on_examples
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, slim_paths, write_slim
@@ -213,17 +213,14 @@ def prune_file(
     """
     from ..gating import example_input_for, is_gated
 
-    for path in slim_paths(out, mc_samples):  # a .pt2's .onnx too: all before any training
+    for path in [out, *slim_paths(out, mc_samples)[1:]]:  # a .pt2's .onnx too: before training
         check_writable(path, model_path)
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
     model = load_float32(model_path, arch, arch_kwargs, trust_code)
-    if not out.suffix and not hasattr(model, "save_pretrained"):  # before any training
-        raise InputError(
-            f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
-            ".pt2 or .onnx file name"
-        )
+    if not out.suffix and (why := why_no_folder(model)):  # before any training
+        raise InputError(f"{out}: {why}; use a .pt, .pt2 or .onnx file name")
     if not out.suffix:
         check_folder_output(out)  # not over the model's own folder, nor any other: before training
     recipe_dict = (getattr(model, "compressdrop_meta", {}) or {}).get("recipe")
