@@ -700,3 +700,38 @@ def test_keep_gated_leaves_nothing_when_the_slim_files_fail(tmp_path, monkeypatc
         jobs.prune_file(tmp_path / "model.pt2", tmp_path / "slim.onnx", data="digits",
                         recipe=str(recipe), keep_gated=True)  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2", "r.yaml"]
+
+
+def test_keep_gated_for_a_pickled_module_whose_program_differs_is_refused_before_training(
+    tmp_path,
+):
+    """A new-user walk: a pickled torchvision ViT pruned with ``--keep-gated`` wrote a gated
+    file that did not load (its heads were gated on the module; the program compressdrop records
+    it as shows no heads, so the rebuilt model's gates differ). A pickled MLP's gated file loads."""
+    from tests.torchvision_models import import_torchvision
+
+    tv = import_torchvision()
+    if tv is None:
+        pytest.skip("torchvision is not installed")
+    vit = tv.models.VisionTransformer(
+        image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=3,
+    )  # fmt: skip
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16), nn.ReLU(), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, 16, 16, generator=gen).numpy()
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(60) % 3)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "stages: {pretrain: {epochs: 0}, sparsify: {epochs: 1}, finetune: {epochs: 1}}"
+    )
+    for name, model in (("vit", vit), ("mlp", mlp)):
+        torch.save(model, tmp_path / f"{name}.pt")
+    args = ["--trust-pickle", "--data", tmp_path / "d.npz", "--recipe", recipe, "--keep-gated"]
+    res = run(["prune", tmp_path / "vit.pt", *args, "-o", tmp_path / "vs.pt2"], expect=1)
+    assert "gated model of a pickled VisionTransformer would not load back" in res.output
+    assert "torch.export.save" in res.output and "sparsify" not in res.output
+    assert not list(tmp_path.glob("vs*")) and not list(tmp_path.glob(".vs*"))
+    run(["prune", tmp_path / "mlp.pt", *args, "-o", tmp_path / "ms.pt2"])
+    gated = load_model(tmp_path / "ms-gated.pt")
+    assert cd.is_gated(gated)

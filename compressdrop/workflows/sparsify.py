@@ -210,6 +210,9 @@ def sparsify_and_prune(
     from ..training.runner import run_recipe
 
     adopt(model, dataset)
+    program = "program" in cast(Mapping, model.arch)  # a record of a pickled module, or a .pt2's
+    if program and keep_gated is not None and not isinstance(model, torch.fx.GraphModule):
+        _check_gated_rebuilds(model, recipe, dataset.x_train[:2])
     if factory is None:  # the model in hand was built by its factory: the caller ran it already
         factory = cast(Mapping, model.arch).get("factory")
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
@@ -229,3 +232,34 @@ def sparsify_and_prune(
             os.replace(result.gated_path, keep_gated)  # a whole file, or none
     set_record(slim, "compressdrop_report", result.report)
     return slim
+
+
+def _check_gated_rebuilds(model: nn.Module, recipe: Recipe, x: Any) -> None:
+    """Before training: the gated checkpoint of a pickled module rebuilds from its record (the
+    dense program, gated again) with the parameters and buffers of the model trained, or
+    ``--keep-gated`` is refused. Where the program's form of a block differs (a torchvision
+    ViT's attention, whose heads a program does not show; ShuffleNetV2's shuffle), the file had
+    been written and could not be loaded."""
+    import copy
+
+    from ..arch import build_arch
+    from ..gating import attach
+
+    kwargs = recipe.gates.attach_kwargs()
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the run's own attach says them
+        live = attach(copy.deepcopy(model), **kwargs, example_inputs=x).state_dict()
+        rebuilt = build_arch(cast(Mapping, model.arch), where="the dense program")
+        again = attach(rebuilt, **kwargs, example_inputs=x).state_dict()
+    shapes = {k: tuple(v.shape) for k, v in live.items()}
+    if shapes != {k: tuple(v.shape) for k, v in again.items()}:
+        odd = (
+            sorted(set(shapes).symmetric_difference(again))[:2]
+            or [k for k in shapes if shapes[k] != tuple(again[k].shape)][:2]
+        )
+        raise InputError(
+            f"--keep-gated: the gated model of a pickled {type(model).__name__} "
+            f"would not load back (its blocks differ in the torch.export form compressdrop "
+            f"records it as, e.g. {', '.join(odd)}); save the model with torch.export.save and "
+            "prune that .pt2, or leave out --keep-gated"
+        )
