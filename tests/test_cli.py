@@ -160,7 +160,9 @@ def test_eval_and_sweep_default_to_the_data_the_model_was_trained_on(tmp_path, m
         ["prune", "dense.pt", "--recipe", recipe, "--data", "mine.npz", "-o", "slim.pt"]
         + ["--keep-gated"]
     )
-    said = "data: mine.npz (what {} was trained on; choose other data with --data)\n"
+    # recorded absolute, so that eval finds it from another folder too
+    mine = (tmp_path / "mine.npz").resolve()
+    said = f"data: {mine} (what {{}} was trained on; choose other data with --data)\n"
     res = run(["eval", "slim.pt"])
     assert res.stderr == said.format("slim.pt") and "data: mine " in res.stdout
     assert json.loads(run(["eval", "slim.pt", "--json"]).stdout)["data"] == "mine"
@@ -176,7 +178,7 @@ def test_eval_and_sweep_default_to_the_data_the_model_was_trained_on(tmp_path, m
     # recorded data that is not there: an error that says what to do
     Path("mine.npz").unlink()
     res = run(["eval", "slim.pt"], expect=1)
-    assert "slim.pt was trained on data 'mine.npz', which cannot be read here" in res.stderr
+    assert f"slim.pt was trained on data '{mine}', which cannot be read here" in res.stderr
     assert "with --data" in res.stderr
 
 

@@ -538,3 +538,26 @@ def test_every_file_a_prune_writes_is_checked_before_training_and_none_is_left_a
     with pytest.raises(RuntimeError, match="the exporter failed"):
         prune_file(path, tmp_path / "slim.pt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ee.onnx", "plain.pt"]
+
+
+def test_a_relative_data_path_is_recorded_so_eval_finds_it_from_elsewhere(tmp_path, monkeypatch):
+    """A new-user walk: ``--data rgb.npz`` was recorded as given, so ``eval`` of the checkpoint
+    (its default data) from another folder could not read it."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    d = load_dataset("digits")
+    x, y = d.x_train[:120].numpy(), d.y_train[:120].numpy()
+    np.savez(tmp_path / "work" / "d.npz", x=x, y=y)
+    torch.save(build_model("lenet300", (1, 8, 8)).state_dict(), tmp_path / "work" / "w.pt")
+    recipe = tmp_path / "work" / "r.yaml"
+    recipe.write_text(
+        "stages: {pretrain: {epochs: 0}, sparsify: {epochs: 1}, finetune: {epochs: 1}}"
+    )
+    monkeypatch.chdir(tmp_path / "work")
+    arch = ["--arch", "lenet300", "--arch-arg", "input_shape=[1,8,8]"]
+    run(["prune", "w.pt", *arch, "--data", "d.npz", "--recipe", "r.yaml", "-o", "s.pt"])
+    recorded = load_model("s.pt").compressdrop_meta["recipe"]["data"]["name"]
+    assert recorded == str(tmp_path / "work" / "d.npz")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    res = run(["eval", tmp_path / "work" / "s.pt"])
+    assert "accuracy" in res.output

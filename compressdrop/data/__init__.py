@@ -24,6 +24,7 @@ __all__ = [
     "DataWarning",
     "Dataset",
     "TextDataset",
+    "absolute_spec",
     "check_trainable",
     "load_dataset",
     "load_digits",
@@ -197,6 +198,22 @@ def load_dataset(spec: str) -> Dataset:
 
         return load_image_folder(spec)
     raise DataError(f"unknown data {spec!r}: use {_DATA_SPECS}")
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with the file or folder it names made absolute, as a run records it: a
+    checkpoint's default data for ``eval`` and ``sweep``, which may run from another folder.
+    Built-in data (``digits``) and what names no existing path are returned as they are."""
+    kind = next((k for k in _PATH_KINDS if spec.startswith(k)), "")
+    where, sep, rest = spec[len(kind) :].partition(",") if kind else (spec, "", "")
+    named = kind or spec.endswith(".npz") or (spec not in _BUILT_IN and Path(spec).is_dir())
+    if not (named and where and Path(where).exists()):
+        return spec
+    return f"{kind}{Path(where).resolve()}{sep}{rest}"
+
+
+_PATH_KINDS = ("text:", "images:", "fashion-mnist:")
+_BUILT_IN = ("digits", "fashion-mnist")
 
 
 def make_loader(

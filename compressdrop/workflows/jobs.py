@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..arch import Factory
-from ..data import check_trainable, load_dataset
+from ..data import absolute_spec, check_trainable, load_dataset
 from ..errors import InputError
 from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder, why_no_folder
 from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
@@ -112,7 +112,7 @@ def train(
     if compile is not None:
         r = r.replace(compile=compile)
     if data is not None:
-        r = r.override({"data.name": data})
+        r = r.override({"data.name": absolute_spec(data)})
     ds = load_dataset(r.data.name)  # its labels: checked by run_recipe before any work
     clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
     try:
@@ -274,7 +274,9 @@ def prune_file(
         r = default_recipe_for(ds)
     else:
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    r = r.override({"data.name": data})  # recorded in the files: eval's and sweep's default data
+    r = r.override(
+        {"data.name": absolute_spec(data)}
+    )  # recorded in the files: eval's and sweep's default data
     if seed is not None:
         r = r.replace(seed=seed)
     if threshold is not None:
