@@ -561,3 +561,15 @@ def test_a_relative_data_path_is_recorded_so_eval_finds_it_from_elsewhere(tmp_pa
     monkeypatch.chdir(tmp_path / "elsewhere")
     res = run(["eval", tmp_path / "work" / "s.pt"])
     assert "accuracy" in res.output
+
+
+def test_eval_on_the_digits_stand_in_says_to_name_the_data(tmp_path):
+    """A new-user walk: ``eval slim.pt2`` (a file that records no data) scored the built-in
+    digits and failed on their shape without pointing at ``--data``."""
+    save_model(build_model("lenet300", (3, 4, 4)), tmp_path / "m.pt")
+    run(["export", tmp_path / "m.pt", "-o", tmp_path / "m.onnx"])
+    for name in ("m.pt", "m.onnx"):
+        res = run(["eval", tmp_path / name], expect=1)
+        assert "records no data of its own" in res.output and "with --data" in res.output
+    res = run(["eval", tmp_path / "m.onnx", "--data", "digits"], expect=1)
+    assert "records no data" not in res.output  # digits named: the shape error alone

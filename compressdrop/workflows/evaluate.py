@@ -66,7 +66,8 @@ def evaluate_file(
         lm = getattr(ds, "task", "classify") == "lm"  # a token is a byte: per-token bits
         ds = ds.in_class_order(_onnx_classes(model_path))
         if mc_samples is None:
-            scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
+            with _digits_said(model_path, data is None):
+                scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
             scored = {"model": scored.pop("model"), "data": ds.name, **scored}
             if lm:
                 scored["bits_per_byte"] = scored["nll"] / math.log(2)
@@ -205,11 +206,28 @@ def _fitted_data(
     ids to a model that reads them."""
     ds = _data_for(model_path, model, data, announce)
     where = f"data {ds.name!r}"
-    fit_input_shape(model, tuple(ds.input_shape), where)  # (fit_ids needs it)
-    ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
-    logits = run_on_examples(model, ds.x_test, where)  # a model that records no shape: named
-    check_labels(logits.shape[-1], ds.y_test, where)  # before a sweep's prunes and exports
+    fallback = data is None and not (_recorded_recipe(model).get("data") or {}).get("name")
+    with _digits_said(model_path, fallback):
+        fit_input_shape(model, tuple(ds.input_shape), where)  # (fit_ids needs it)
+        ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
+        logits = run_on_examples(model, ds.x_test, where)  # a model that records no shape: named
+        check_labels(logits.shape[-1], ds.y_test, where)  # before a sweep's prunes and exports
     return ds
+
+
+@contextlib.contextmanager
+def _digits_said(model_path: str | Path, fallback: bool) -> Any:
+    """Where digits stood in for data the file does not record, its misfit says so and what
+    to do (a new-user walk: the shape error alone did not point at ``--data``)."""
+    try:
+        yield
+    except (InputError, DataError) as e:
+        if not fallback:
+            raise
+        raise type(e)(
+            f"{e}; {model_path} records no data of its own, so the built-in digits were used: "
+            "name the data to score it on with --data"
+        ) from None
 
 
 def _data_for(
