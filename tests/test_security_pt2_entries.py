@@ -191,3 +191,119 @@ def test_what_torch_export_save_writes_still_loads(tmp_path):
     (tmp_path / "net.pt2").write_bytes(buf.getvalue())
     x = torch.randn(5, 4)
     torch.testing.assert_close(load_model(tmp_path / "net.pt2")(x), program.module()(x))
+
+
+# --- a second review: what the graph's JSON itself may say --------------------------------------
+
+
+def _with_graph(good: Path, dst: Path, edit) -> Path:
+    """``good`` with its graph's JSON passed through ``edit`` (in place)."""
+    out = []
+    for name, data in _entries(good):
+        if name.endswith("models/model.json"):
+            doc = json.loads(data)
+            edit(doc["graph_module"]["graph"])
+            data = json.dumps(doc).encode()
+        out.append((name, data))
+    return _write(dst, out)
+
+
+def _input_named(payload: str):
+    def edit(graph):
+        first = graph["inputs"][0]["as_tensor"]["name"]
+        graph["tensor_values"][payload] = graph["tensor_values"][first]
+        graph["inputs"].append({"as_tensor": {"name": payload}})
+
+    return edit
+
+
+def _subgraph_named(payload: str):
+    def edit(graph):
+        sub = {k: [] if isinstance(v, list) else {} if isinstance(v, dict) else v
+               for k, v in graph.items()}  # fmt: skip
+        graph["nodes"].insert(0, {
+            "target": "torch.ops.higher_order.wrap_with_set_grad_enabled",
+            "inputs": [{"name": "", "arg": {"as_bool": False}, "kind": 1},
+                       {"name": "", "arg": {"as_graph": {"name": payload, "graph": sub}}, "kind": 1}],
+            "outputs": [{"as_none": True}], "metadata": {}, "name": "w",
+        })  # fmt: skip
+
+    return edit
+
+
+def _writes_a_file(path: Path):
+    def edit(graph):
+        first = graph["inputs"][0]["as_tensor"]["name"]
+        graph["tensor_values"]["ff"] = graph["tensor_values"][first]
+        graph["nodes"].insert(0, {
+            "target": "torch.ops.aten.from_file.default",
+            "inputs": [{"name": "filename", "arg": {"as_string": str(path)}, "kind": 1},
+                       {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                       {"name": "size", "arg": {"as_int": 16}, "kind": 1}],
+            "outputs": [{"as_tensor": {"name": "ff"}}], "metadata": {}, "name": "ff",
+        })  # fmt: skip
+
+    return edit
+
+
+def test_names_the_graph_would_paste_into_python_source_are_identifiers(good, tmp_path):
+    """FX writes a graph's input and subgraph names into the source of the module it builds and
+    runs: a name that is Python ran, the first while torch.export.load built the module, the
+    second on its first call (which loading a program makes)."""
+    marker = tmp_path / "marker.npy"
+    touch = f"__import__('os').system('touch {marker}')"
+    crafted = {
+        "input": _input_named(f"zz={touch}"),
+        "subgraph": _subgraph_named(f'g",{touch})#'),
+    }
+    for kind, edit in crafted.items():
+        evil = _with_graph(good, tmp_path / f"{kind}.pt2", edit)
+        with pytest.raises(CheckpointError, match="refused: a name is not an identifier"):
+            load_model(evil)
+        res = _cli(["export", evil, "-o", tmp_path / "m.onnx"])
+        assert res.exit_code == 1 and "refused" in res.output, res.output
+    assert not marker.exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_an_aten_call_that_maps_a_file_is_refused(good, tmp_path):
+    """``aten.from_file`` with ``shared=True`` creates and writes any path."""
+    target = tmp_path / "written"
+    evil = _with_graph(good, tmp_path / "file.pt2", _writes_a_file(target))
+    with pytest.raises(
+        CheckpointError, match=r"refused: a node calls 'torch\.ops\.aten\.from_file"
+    ):
+        load_model(evil)
+    assert not target.exists()
+
+
+S = "Symbol('s0', positive=True, integer=True)"  # how torch writes a size
+
+
+@pytest.mark.parametrize(
+    "expr, ok",
+    [
+        ("Integer(9)**Integer(9)**Integer(9)", False),  # sympy computes the tower: never ends
+        ("9**(9**9)", False),
+        (f"{S}**99", False),
+        ("1" * 30 + f"*{S}", False),
+        ("Pow(9, 99999999)", False),
+        (f"{S}**2", True),
+        (f"2*{S} + 1", True),
+        (f"FloorDiv({S}, 2)", True),
+    ],
+)
+def test_shape_expressions_are_small_arithmetic(expr, ok):
+    from compressdrop.programs.safety import _safe_expr
+
+    assert _safe_expr(expr) is ok
+
+
+def test_a_sequential_programs_names_pass(tmp_path):
+    """Module paths of an ``nn.Sequential`` start with digits (``1.weight``): still names."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    program = torch.export.export(
+        net, (torch.randn(2, 4),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "seq.pt2")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(load_model(tmp_path / "seq.pt2")(x), net(x))

@@ -12,6 +12,9 @@ only re-check input shapes). The archive must hold exactly the records ``torch.e
 as data, read through torch's own zip reader: torch reads every ``models/`` entry and derives the
 program's name (and the legacy pickles it looks for) from the entry's name, so matching entries by
 pattern had let a graph named ``models/model.JSON`` and a program named ``sub/model`` through.
+Inside the graph, names must be dotted identifiers (FX pastes them into the Python source it
+generates and runs), ``aten.from_file`` (which maps and can write any path) is refused, and shape
+expressions must be small (a tower of powers makes ``sympy`` compute without end).
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ _EXPR_NAMES = {
         "Float",
         "Add",
         "Mul",
-        "Pow",
         "Max",
         "Min",
         "Mod",
@@ -116,6 +118,12 @@ _EXPR_NAMES = {
 _EXPR_TOKEN = re.compile(
     r"\s+|'[a-z]+[0-9]*'|[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),=]"
 )
+# what a graph's names must be (FX pastes them into the source it generates and runs): dotted
+# identifiers (a module path's parts may be digits: nn.Sequential's "1.weight")
+_IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values")
+# ATen calls that reach outside the tensors: from_file maps any path, shared=True writes it
+_NO_OPS = re.compile(r"torch\.ops\.aten\.from_file(\.|$)")
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
 
 
@@ -148,7 +156,13 @@ def _read(src: Source | bytes, where: str | None) -> tuple[bytes, str]:
 
 
 def _safe_expr(expr: str) -> bool:
-    """Whether ``expr`` is only whitelisted names, numbers, quoted symbol names and operators."""
+    """Whether ``expr`` is only whitelisted names, numbers, quoted symbol names and operators,
+    and small enough for ``sympy.sympify`` to parse at once: at most 4,000 characters, numbers
+    of at most 20 digits, at most one power, its exponent a number up to 64 or a name (a tower
+    of powers, ``9**9**9``, makes sympy compute the number: a load that never ends)."""
+    if len(expr) > 4000 or expr.count("**") > 1:
+        return False
+    tokens = []
     pos = 0
     while pos < len(expr):
         m = _EXPR_TOKEN.match(expr, pos)
@@ -157,7 +171,16 @@ def _safe_expr(expr: str) -> bool:
         tok = m.group(0)
         if (tok[0].isalpha() or tok[0] == "_") and tok not in _EXPR_NAMES:
             return False
+        if tok[0].isdigit() and len(tok) > 20:
+            return False
+        if not tok.isspace():
+            tokens.append(tok)
         pos = m.end()
+    for i, tok in enumerate(tokens[:-2]):
+        if tok == "*" and tokens[i + 1] == "*":
+            exponent = tokens[i + 2]
+            if (exponent.isdigit() and int(exponent) > 64) or exponent[0] in "(-+.":
+                return False
     return True
 
 
@@ -294,10 +317,22 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
             except Exception:
                 raise refuse(f"its sample inputs are not plain tensors ({inputs})") from None
             for key, value in _walk(json.loads(records[graph])):
-                if key == "target" and isinstance(value, str) and not _TARGET.match(value):
+                if key in _VALUE_TABLES and isinstance(value, dict):
+                    for name in value:
+                        if not _IDENT.fullmatch(name):
+                            raise refuse(f"a value is named {name[:80]!r}, not an identifier")
+                if not isinstance(value, str):
+                    pass
+                elif (key == "name" or key.endswith("_name") or key == "fqn") and not (
+                    value == "" or _IDENT.fullmatch(value)
+                ):  # FX writes names into the Python source it runs
+                    raise refuse(f"a name is not an identifier: {value[:80]!r}")
+                elif key in ("target", "as_operator") and (
+                    not _TARGET.match(value) or _NO_OPS.match(value)
+                ):
                     raise refuse(f"a node calls {value!r}")
                 if key == "expr_str" and not (isinstance(value, str) and _safe_expr(value)):
-                    raise refuse(f"a shape expression is not arithmetic: {str(value)[:80]!r}")
+                    raise refuse(f"a shape expression is not small arithmetic: {str(value)[:80]!r}")
                 if key == "custom_obj_values" and value:
                     raise refuse("it holds custom Python objects")
     except CheckpointError:
