@@ -307,3 +307,11 @@ def test_a_sequential_programs_names_pass(tmp_path):
     torch.export.save(program, tmp_path / "seq.pt2")
     x = torch.randn(5, 4)
     torch.testing.assert_close(load_model(tmp_path / "seq.pt2")(x), net(x))
+
+
+def test_a_payload_without_bytes_is_refused_not_filled_with_zeros(good, tmp_path):
+    """torch fills an empty payload with zeros of the size its table says: a truncated archive
+    loaded with zero weights, and a crafted table could ask for any size (memory)."""
+    out = [(n, b"" if n.endswith("data/weights/weight_0") else d) for n, d in _entries(good)]
+    with pytest.raises(CheckpointError, match=r"values but no bytes"):
+        load_model(_write(tmp_path / "empty.pt2", out))

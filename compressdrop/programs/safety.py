@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import zipfile
 import zlib
@@ -220,7 +221,9 @@ _PAYLOAD = {
 }
 
 
-def _records(data: bytes, where: str, refuse: Any) -> tuple[dict[str, bytes], list[str]]:
+def _records(
+    data: bytes, where: str, refuse: Any
+) -> tuple[dict[str, bytes], list[str], dict[str, int]]:
     """The archive's records as ``torch.export.load`` sees them (its own reader), after checking
     that Python's zip reader sees the same: one root folder, no name twice. Returns the reader's
     bytes of each record and the programs' names."""
@@ -252,7 +255,8 @@ def _records(data: bytes, where: str, refuse: Any) -> tuple[dict[str, bytes], li
                 and not any(r in _per_program(n) for n in programs)
             ):
                 raise refuse(f"an entry torch.export.load would read is not plain data: {r!r}")
-        return {r: reader.get_record(r) for r in seen if not _unread(r)}, programs
+        sizes = {r: reader.get_record_size(r) for r in seen if _unread(r)}
+        return {r: reader.get_record(r) for r in seen if not _unread(r)}, programs, sizes
     except CheckpointError:
         raise
     except RuntimeError as e:
@@ -301,7 +305,7 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
         )
 
     try:
-        records, programs = _records(data, where, refuse)
+        records, programs, sizes = _records(data, where, refuse)
         for name in programs:
             graph, inputs, weights, constants = _per_program(name)
             for config_name, kind in ((weights, "data/weights/"), (constants, "data/constants/")):
@@ -312,6 +316,11 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
                         raise refuse(f"{fqn!r} is stored as a pickle ({config_name})")
                     if not _PAYLOAD[kind].fullmatch(str(entry.get("path_name", ""))):
                         raise refuse(f"{fqn!r} is a Python object ({config_name})")
+                    dims = (entry.get("tensor_meta") or {}).get("sizes") or []
+                    numel = math.prod(int(d.get("as_int", 0)) for d in dims)  # symbolic: 0
+                    if numel > 0 and not sizes.get(kind + entry["path_name"]):
+                        # torch fills an empty payload with zeros of the size the table says
+                        raise refuse(f"{fqn!r} has {numel} values but no bytes ({config_name})")
             try:
                 torch.load(io.BytesIO(records[inputs]), weights_only=True)
             except Exception:
