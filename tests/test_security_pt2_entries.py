@@ -315,3 +315,76 @@ def test_a_payload_without_bytes_is_refused_not_filled_with_zeros(good, tmp_path
     out = [(n, b"" if n.endswith("data/weights/weight_0") else d) for n, d in _entries(good)]
     with pytest.raises(CheckpointError, match=r"values but no bytes"):
         load_model(_write(tmp_path / "empty.pt2", out))
+
+
+# --- a third review: the program's signature and its arithmetic ----------------------------------
+
+
+def _with_signature(good: Path, dst: Path, edit) -> Path:
+    """``good`` with its module-call signature passed through ``edit`` (in place)."""
+    out = []
+    for name, data in _entries(good):
+        if name.endswith("models/model.json"):
+            doc = json.loads(data)
+            edit(doc["graph_module"]["module_call_graph"][0]["signature"])
+            data = json.dumps(doc).encode()
+        out.append((name, data))
+    return _write(dst, out)
+
+
+def test_the_signature_may_not_name_code_or_modules(good, tmp_path):
+    """FX writes the forward's argument names and keyword keys into the source it runs (a name
+    with a default value ran code at load), and torch rebuilds a ``defaultdict`` or an enum in a
+    tree spec by importing the module the spec names (``unittest.__main__`` ran the test files of
+    the working folder and exited the process)."""
+    marker = tmp_path / "marker.npy"
+    code = f"__import__('os').system('touch {marker}')"
+    leaf = {"type": None, "context": None, "children_spec": []}
+
+    def arg_name(sig):
+        sig["forward_arg_names"] = [f"input={code} or 1"]
+
+    def keyword(sig):
+        spec = json.loads(sig["in_spec"])
+        spec[1]["children_spec"][1] = {
+            "type": "builtins.dict", "context": json.dumps([f"x={code}"]), "children_spec": [leaf]
+        }  # fmt: skip
+        sig["in_spec"] = json.dumps(spec)
+
+    def imports(sig):
+        context = {"default_factory_module": "this", "default_factory_name": "s"}
+        sig["out_spec"] = json.dumps([1, {
+            "type": "collections.defaultdict",
+            "context": {**context, "dict_context": ["out"]}, "children_spec": [leaf],
+        }])  # fmt: skip
+
+    def enum(sig):
+        key = {"__enum__": 1, "fqn": "this:s", "name": "x"}
+        sig["out_spec"] = json.dumps(
+            [1, {"type": "builtins.dict", "context": json.dumps([key]), "children_spec": [leaf]}]
+        )
+
+    for edit, said in ((arg_name, "a name is not an identifier"), (keyword, "in_spec"),
+                       (imports, "out_spec"), (enum, "out_spec")):  # fmt: skip
+        evil = _with_signature(good, tmp_path / f"{edit.__name__}.pt2", edit)
+        with pytest.raises(CheckpointError, match=f"refused: .*{said}"):
+            load_model(evil)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("op", ["_operator.pow", "_operator.lshift", "math.factorial"])
+def test_arithmetic_whose_result_has_any_number_of_digits_is_refused(op, good, tmp_path):
+    """``3 ** 2000000000`` in a graph's symbolic arithmetic: loading never ended."""
+
+    def edit(graph):
+        graph["sym_int_values"]["big"] = {"as_int": 1}
+        graph["nodes"].insert(0, {
+            "target": op, "metadata": {}, "name": "big",
+            "inputs": [{"name": "a", "arg": {"as_int": 3}, "kind": 1},
+                       {"name": "b", "arg": {"as_int": 2_000_000_000}, "kind": 1}],
+            "outputs": [{"as_sym_int": {"as_name": "big"}}],
+        })  # fmt: skip
+
+    evil = _with_graph(good, tmp_path / "big.pt2", edit)
+    with pytest.raises(CheckpointError, match=f"refused: a node calls '{op}'"):
+        load_model(evil)

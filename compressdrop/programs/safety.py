@@ -38,84 +38,27 @@ __all__ = ["Source", "check_pt2_archive", "is_pt2"]
 #: what the readers take: a path, or an open binary file
 Source = str | Path | IO[bytes]
 
-# node targets a program may call: ATen, prims and higher-order operators, operator/math functions,
-# torch's symbolic-int helpers
+# node targets a program may call: ATen, prims and higher-order operators, the operator and math
+# functions of shape arithmetic (not pow, lshift, factorial & co., whose results may have any
+# number of digits: a load that never ends), torch's symbolic-int helpers
 _TARGET = re.compile(
     r"^(torch\.ops\.(aten|prims|higher_order)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?"
-    r"|_operator\.[a-z_]+|math\.[a-z_]+|torch\.(_?sym_[a-z_]+))$"
+    r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|pos|abs|eq|ne|lt|le|gt|ge"
+    r"|and_|or_|not_|truth|index)|math\.(ceil|floor|trunc|sqrt)|torch\.(_?sym_[a-z_]+))$"
 )
 # sympy's repr of shape expressions: whitelisted names called with numbers, quoted symbol names and
 # keyword flags; no attribute access, no subscripts, no other strings
-_EXPR_NAMES = {
-    *[
-        "Symbol",
-        "Integer",
-        "Rational",
-        "Float",
-        "Add",
-        "Mul",
-        "Max",
-        "Min",
-        "Mod",
-        "PythonMod",
-        "FloorDiv",
-        "CleanDiv",
-        "CeilDiv",
-        "ModularIndexing",
-        "Where",
-        "Abs",
-        "floor",
-        "ceiling",
-        "FloorToInt",
-        "CeilToInt",
-        "TruncToInt",
-        "IntTrueDiv",
-        "FloatTrueDiv",
-        "ToFloat",
-        "Identity",
-        "Eq",
-        "Ne",
-        "Lt",
-        "Le",
-        "Gt",
-        "Ge",
-        "And",
-        "Or",
-        "Not",
-        "Piecewise",
-        "ExprCondPair",
-        "BooleanTrue",
-        "BooleanFalse",
-        "true",
-        "false",
-        "True",
-        "False",
-        "Infinity",
-        "NegativeInfinity",
-        "oo",
-        "zoo",
-        "nan",
-        "sqrt",
-        "exp",
-        "log",
-    ],
-    *[
-        "positive",
-        "integer",
-        "real",
-        "nonnegative",
-        "negative",
-        "nonpositive",
-        "finite",
-        "infinite",
-        "zero",
-        "commutative",
-        "even",
-        "odd",
-        "prime",
-        "rational",
-    ],
-}
+_EXPR_NAMES = set(
+    re.findall(
+        r"\w+",
+        "Symbol Integer Rational Float Add Mul Max Min Mod PythonMod FloorDiv CleanDiv CeilDiv "
+        "ModularIndexing Where Abs floor ceiling FloorToInt CeilToInt TruncToInt IntTrueDiv "
+        "FloatTrueDiv ToFloat Identity Eq Ne Lt Le Gt Ge And Or Not Piecewise ExprCondPair "
+        "BooleanTrue BooleanFalse true false True False Infinity NegativeInfinity oo zoo nan sqrt "
+        "exp log positive integer real nonnegative negative nonpositive finite infinite zero "
+        "commutative even odd prime rational",
+    )
+)
 _EXPR_TOKEN = re.compile(
     r"\s+|'[a-z]+[0-9]*'|[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),=]"
 )
@@ -182,6 +125,51 @@ def _safe_expr(expr: str) -> bool:
             exponent = tokens[i + 2]
             if (exponent.isdigit() and int(exponent) > 64) or exponent[0] in "(-+.":
                 return False
+    return True
+
+
+# the containers a program's input and output trees may be (torch rebuilds others by importing
+# the module a spec names: collections.defaultdict's, an enum's) and their keys (FX writes
+# them into the source it generates: keyword arguments); transformers' ModelOutput classes are
+# looked up among the registered types (programs/load.py registers them)
+_SPEC_TYPES = {
+    *(None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict"),
+    *(
+        "torch.fx.immutable_collections.immutable_list",
+        "torch.fx.immutable_collections.immutable_dict",
+    ),
+}
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _safe_spec(text: str) -> bool:
+    """Whether a serialized pytree spec is only plain containers keyed by identifiers or ints."""
+    doc = json.loads(text)
+    if not (isinstance(doc, list) and len(doc) == 2):
+        return False
+    stack = [doc[1]]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            return False
+        kind, context = node.get("type"), node.get("context")
+        hf = isinstance(kind, str) and kind.startswith("transformers.") and _IDENT.fullmatch(kind)
+        if kind not in _SPEC_TYPES and not hf:
+            return False
+        keys = json.loads(context) if isinstance(context, str) else context
+        if keys is not None and not (
+            isinstance(keys, list)
+            and all(
+                (isinstance(k, str) and _KEY.fullmatch(k))
+                or (isinstance(k, int) and not isinstance(k, bool))
+                for k in keys
+            )
+        ):
+            return False
+        children = node.get("children_spec") or []
+        if not isinstance(children, list):
+            return False
+        stack.extend(children)
     return True
 
 
@@ -330,8 +318,14 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
                     for name in value:
                         if not _IDENT.fullmatch(name):
                             raise refuse(f"a value is named {name[:80]!r}, not an identifier")
+                if key.endswith("_names") and isinstance(value, list):  # forward_arg_names
+                    for name in value:
+                        if not (isinstance(name, str) and _IDENT.fullmatch(name)):
+                            raise refuse(f"a name is not an identifier: {str(name)[:80]!r}")
                 if not isinstance(value, str):
                     pass
+                elif key in ("in_spec", "out_spec") and not _safe_spec(value):
+                    raise refuse(f"its {key} is not plain containers: {value[:80]!r}")
                 elif (key == "name" or key.endswith("_name") or key == "fqn") and not (
                     value == "" or _IDENT.fullmatch(value)
                 ):  # FX writes names into the Python source it runs
