@@ -8,6 +8,7 @@ the program. Now every record is on an exact list, and both zip readers must see
 import contextlib
 import io
 import json
+import re
 import zipfile
 from pathlib import Path
 
@@ -388,3 +389,26 @@ def test_arithmetic_whose_result_has_any_number_of_digits_is_refused(op, good, t
     evil = _with_graph(good, tmp_path / "big.pt2", edit)
     with pytest.raises(CheckpointError, match=f"refused: a node calls '{op}'"):
         load_model(evil)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        "torch.ops.aten._sparse_coo_tensor_unsafe.default",  # made dense: wrote past a buffer
+        "torch.ops.aten._unsafe_index.Tensor",
+        "torch.ops.higher_order.while_loop",  # a condition the file sets: a loop without end
+    ],
+)
+def test_unchecked_calls_and_loops_are_refused(op, good, tmp_path):
+    """A fourth review: a graph's single run at load (``_check_batch_free``) wrote past a heap
+    buffer (``_sparse_coo_tensor_unsafe`` with an index out of its size, then ``_to_dense``:
+    a crash) and looped without end (``while_loop``)."""
+
+    def edit(graph):
+        graph["nodes"].insert(0, {
+            "target": op, "metadata": {}, "name": "n", "outputs": [{"as_none": True}],
+            "inputs": [{"name": "a", "arg": {"as_int": 3}, "kind": 1}],
+        })  # fmt: skip
+
+    with pytest.raises(CheckpointError, match=f"refused: a node calls '{re.escape(op)}'"):
+        load_model(_with_graph(good, tmp_path / "op.pt2", edit))

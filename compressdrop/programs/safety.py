@@ -66,8 +66,13 @@ _EXPR_TOKEN = re.compile(
 # identifiers (a module path's parts may be digits: nn.Sequential's "1.weight")
 _IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values")
-# ATen calls that reach outside the tensors: from_file maps any path, shared=True writes it
-_NO_OPS = re.compile(r"torch\.ops\.aten\.from_file(\.|$)")
+# calls a program may not make: from_file maps any path (shared=True writes it); the unchecked
+# constructors and indexing (_sparse_coo_tensor_unsafe wrote past a buffer when made dense);
+# while_loop, whose condition the file sets (a loop that never ends)
+_NO_OPS = re.compile(
+    r"torch\.ops\.(aten\.(from_file|\w*sparse\w*|_unsafe_(?!view\b)\w*)"
+    r"|higher_order\.while_loop\w*)(\.|$)"
+)
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
 
 
