@@ -288,6 +288,8 @@ S = "Symbol('s0', positive=True, integer=True)"  # how torch writes a size
         (f"{S}**99", False),
         ("1" * 30 + f"*{S}", False),
         ("Pow(9, 99999999)", False),
+        ("Pow(9, Pow(9, 9))", False),
+        (f"Pow({S}, Integer(2))", True),  # how torch writes n*n
         (f"{S}**2", True),
         (f"2*{S} + 1", True),
         (f"FloorDiv({S}, 2)", True),
@@ -412,3 +414,33 @@ def test_unchecked_calls_and_loops_are_refused(op, good, tmp_path):
 
     with pytest.raises(CheckpointError, match=f"refused: a node calls '{re.escape(op)}'"):
         load_model(_with_graph(good, tmp_path / "op.pt2", edit))
+
+
+def test_shape_arithmetic_that_grows_without_bound_is_refused(good, tmp_path):
+    """A fourth review: 40 chained squarings of a symbolic size in a static program hung the
+    graph's single run at load in Python's big integers. A few products (a view's n*n) pass."""
+
+    def chain(length):
+        def edit(graph):
+            graph["sym_int_values"]["sq_0"] = {"as_int": 3}
+            for i in range(1, length + 1):
+                prev = {"as_sym_int": {"as_name": f"sq_{i - 1}"}}
+                graph["sym_int_values"][f"sq_{i}"] = {"as_int": 1}
+                graph["nodes"].insert(i - 1, {
+                    "target": "_operator.mul", "metadata": {}, "name": f"sq_{i}",
+                    "inputs": [{"name": "a", "arg": prev, "kind": 1},
+                               {"name": "b", "arg": prev, "kind": 1}],
+                    "outputs": [{"as_sym_int": {"as_name": f"sq_{i}"}}],
+                })  # fmt: skip
+
+        return edit
+
+    from compressdrop.programs.safety import _bounded_arithmetic
+
+    for length, ok in ((3, True), (40, False)):
+        path = _with_graph(good, tmp_path / f"chain{length}.pt2", chain(length))
+        with zipfile.ZipFile(path) as z:
+            graph = next(n for n in z.namelist() if n.endswith("models/model.json"))
+            assert _bounded_arithmetic(json.loads(z.read(graph))) is ok
+    with pytest.raises(CheckpointError, match="refused: its shape arithmetic grows without bound"):
+        check_pt2_archive(tmp_path / "chain40.pt2")

@@ -51,7 +51,7 @@ _TARGET = re.compile(
 _EXPR_NAMES = set(
     re.findall(
         r"\w+",
-        "Symbol Integer Rational Float Add Mul Max Min Mod PythonMod FloorDiv CleanDiv CeilDiv "
+        "Symbol Integer Rational Float Add Mul Pow Max Min Mod PythonMod FloorDiv CleanDiv CeilDiv "
         "ModularIndexing Where Abs floor ceiling FloorToInt CeilToInt TruncToInt IntTrueDiv "
         "FloatTrueDiv ToFloat Identity Eq Ne Lt Le Gt Ge And Or Not Piecewise ExprCondPair "
         "BooleanTrue BooleanFalse true false True False Infinity NegativeInfinity oo zoo nan sqrt "
@@ -109,7 +109,7 @@ def _safe_expr(expr: str) -> bool:
     and small enough for ``sympy.sympify`` to parse at once: at most 4,000 characters, numbers
     of at most 20 digits, at most one power, its exponent a number up to 64 or a name (a tower
     of powers, ``9**9**9``, makes sympy compute the number: a load that never ends)."""
-    if len(expr) > 4000 or expr.count("**") > 1:
+    if len(expr) > 4000 or expr.count("**") + expr.count("Pow(") > 1:
         return False
     tokens = []
     pos = 0
@@ -130,7 +130,27 @@ def _safe_expr(expr: str) -> bool:
             exponent = tokens[i + 2]
             if (exponent.isdigit() and int(exponent) > 64) or exponent[0] in "(-+.":
                 return False
+        if tok == "Pow" and not _small_exponent(tokens[i + 1 :]):
+            return False
     return True
+
+
+def _small_exponent(tokens: list[str]) -> bool:
+    """Whether ``Pow(base, exponent)`` (its tokens from the "(") has an exponent of at most 64:
+    a number, ``Integer(n)``, or a symbol, which sympy does not evaluate."""
+    depth, start = 0, None
+    for i, tok in enumerate(tokens):
+        depth += (tok == "(") - (tok == ")")
+        if tok == "," and depth == 1 and start is None:
+            start = i + 1
+        elif depth == 0:
+            exponent = (
+                [t for t in tokens[start:i] if t not in ("Integer", "(", ")")] if start else []
+            )
+            if len(exponent) == 1 and exponent[0].isdigit():
+                return int(exponent[0]) <= 64
+            return exponent[:1] == ["Symbol"] or (len(exponent) == 1 and exponent[0][0] == "'")
+    return False
 
 
 # the containers a program's input and output trees may be (torch rebuilds others by importing
@@ -175,6 +195,39 @@ def _safe_spec(text: str) -> bool:
         if not isinstance(children, list):
             return False
         stack.extend(children)
+    return True
+
+
+# how many bits an integer result of each arithmetic call may have, from its inputs' ("sum": a
+# product; "max1": a sum; "max": no growth)
+_GROWS = {"_operator.mul": "sum", "_operator.add": "max1", "_operator.sub": "max1"}
+
+
+def _bounded_arithmetic(doc: Any) -> bool:
+    """Whether no integer the graph computes (its symbolic shape arithmetic, which loading runs
+    once) can exceed 4,096 bits: 40 chained squarings hung the load in Python's big integers."""
+    bits: dict[str, int] = {}
+    for nodes in (v for k, v in _walk(doc) if k == "nodes" and isinstance(v, list)):
+        for node in nodes:
+            target = node.get("target") if isinstance(node, dict) else None
+            if not (isinstance(target, str) and target.startswith(("_operator.", "math."))):
+                continue
+            sizes = []
+            for arg in ((i or {}).get("arg") or {} for i in node.get("inputs") or []):
+                sym = arg.get("as_sym_int") or {}
+                if "as_name" in sym:
+                    sizes.append(bits.get(sym["as_name"], 64))
+                for literal in (arg.get("as_int"), sym.get("as_int")):
+                    if isinstance(literal, int):
+                        sizes.append(max(1, literal.bit_length()))
+            rule = _GROWS.get(target, "max")
+            out = sum(sizes) if rule == "sum" else max(sizes, default=64) + (rule == "max1")
+            if out > 4096:
+                return False
+            for o in node.get("outputs") or []:
+                name = ((o or {}).get("as_sym_int") or {}).get("as_name")
+                if isinstance(name, str):
+                    bits[name] = max(out, 64)
     return True
 
 
@@ -318,7 +371,10 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
                 torch.load(io.BytesIO(records[inputs]), weights_only=True)
             except Exception:
                 raise refuse(f"its sample inputs are not plain tensors ({inputs})") from None
-            for key, value in _walk(json.loads(records[graph])):
+            doc = json.loads(records[graph])
+            if not _bounded_arithmetic(doc):
+                raise refuse("its shape arithmetic grows without bound (a load that never ends)")
+            for key, value in _walk(doc):
                 if key in _VALUE_TABLES and isinstance(value, dict):
                     for name in value:
                         if not _IDENT.fullmatch(name):
