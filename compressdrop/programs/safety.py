@@ -25,13 +25,13 @@ import math
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from ..errors import CheckpointError
+from ._limits import _bounded_arithmetic, _small_exponent, _walk
 
 __all__ = ["Source", "check_pt2_archive", "is_pt2"]
 
@@ -135,24 +135,6 @@ def _safe_expr(expr: str) -> bool:
     return True
 
 
-def _small_exponent(tokens: list[str]) -> bool:
-    """Whether ``Pow(base, exponent)`` (its tokens from the "(") has an exponent of at most 64:
-    a number, ``Integer(n)``, or a symbol, which sympy does not evaluate."""
-    depth, start = 0, None
-    for i, tok in enumerate(tokens):
-        depth += (tok == "(") - (tok == ")")
-        if tok == "," and depth == 1 and start is None:
-            start = i + 1
-        elif depth == 0:
-            exponent = (
-                [t for t in tokens[start:i] if t not in ("Integer", "(", ")")] if start else []
-            )
-            if len(exponent) == 1 and exponent[0].isdigit():
-                return int(exponent[0]) <= 64
-            return exponent[:1] == ["Symbol"] or (len(exponent) == 1 and exponent[0][0] == "'")
-    return False
-
-
 # the containers a program's input and output trees may be (torch rebuilds others by importing
 # the module a spec names: collections.defaultdict's, an enum's) and their keys (FX writes
 # them into the source it generates: keyword arguments); transformers' ModelOutput classes are
@@ -196,50 +178,6 @@ def _safe_spec(text: str) -> bool:
             return False
         stack.extend(children)
     return True
-
-
-# how many bits an integer result of each arithmetic call may have, from its inputs' ("sum": a
-# product; "max1": a sum; "max": no growth)
-_GROWS = {"_operator.mul": "sum", "_operator.add": "max1", "_operator.sub": "max1"}
-
-
-def _bounded_arithmetic(doc: Any) -> bool:
-    """Whether no integer the graph computes (its symbolic shape arithmetic, which loading runs
-    once) can exceed 4,096 bits: 40 chained squarings hung the load in Python's big integers."""
-    bits: dict[str, int] = {}
-    for nodes in (v for k, v in _walk(doc) if k == "nodes" and isinstance(v, list)):
-        for node in nodes:
-            target = node.get("target") if isinstance(node, dict) else None
-            if not (isinstance(target, str) and target.startswith(("_operator.", "math."))):
-                continue
-            sizes = []
-            for arg in ((i or {}).get("arg") or {} for i in node.get("inputs") or []):
-                sym = arg.get("as_sym_int") or {}
-                if "as_name" in sym:
-                    sizes.append(bits.get(sym["as_name"], 64))
-                for literal in (arg.get("as_int"), sym.get("as_int")):
-                    if isinstance(literal, int):
-                        sizes.append(max(1, literal.bit_length()))
-            rule = _GROWS.get(target, "max")
-            out = sum(sizes) if rule == "sum" else max(sizes, default=64) + (rule == "max1")
-            if out > 4096:
-                return False
-            for o in node.get("outputs") or []:
-                name = ((o or {}).get("as_sym_int") or {}).get("as_name")
-                if isinstance(name, str):
-                    bits[name] = max(out, 64)
-    return True
-
-
-def _walk(obj: Any) -> Iterator[tuple[str, Any]]:
-    """Every (key, value) pair of a JSON document, at any depth."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield k, v
-            yield from _walk(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _walk(v)
 
 
 # what reading a damaged or crafted archive's entries raises: bad zip data, JSON that is not JSON

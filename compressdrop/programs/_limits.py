@@ -1,0 +1,72 @@
+"""Bounds on what a ``.pt2``'s graph may make Python compute while it loads (used by
+:mod:`.safety`): a tower of powers in a shape expression, or chained squarings in the graph's
+symbolic arithmetic, ran for as long as the file wished. Also the JSON walker both modules use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+__all__: list[str] = []  # internal: safety.py uses them
+
+
+def _walk(obj: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) pair of a JSON document, at any depth."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k, v
+            yield from _walk(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk(v)
+
+
+def _small_exponent(tokens: list[str]) -> bool:
+    """Whether ``Pow(base, exponent)`` (its tokens from the "(") has an exponent of at most 64:
+    a number, ``Integer(n)``, or a symbol, which sympy does not evaluate."""
+    depth, start = 0, None
+    for i, tok in enumerate(tokens):
+        depth += (tok == "(") - (tok == ")")
+        if tok == "," and depth == 1 and start is None:
+            start = i + 1
+        elif depth == 0:
+            exponent = (
+                [t for t in tokens[start:i] if t not in ("Integer", "(", ")")] if start else []
+            )
+            if len(exponent) == 1 and exponent[0].isdigit():
+                return int(exponent[0]) <= 64
+            return exponent[:1] == ["Symbol"] or (len(exponent) == 1 and exponent[0][0] == "'")
+    return False
+
+
+# how many bits an integer result of each arithmetic call may have, from its inputs' ("sum": a
+# product; "max1": a sum; "max": no growth)
+_GROWS = {"_operator.mul": "sum", "_operator.add": "max1", "_operator.sub": "max1"}
+
+
+def _bounded_arithmetic(doc: Any) -> bool:
+    """Whether no integer the graph computes (its symbolic shape arithmetic, which loading runs
+    once) can exceed 4,096 bits: 40 chained squarings hung the load in Python's big integers."""
+    bits: dict[str, int] = {}
+    for nodes in (v for k, v in _walk(doc) if k == "nodes" and isinstance(v, list)):
+        for node in nodes:
+            target = node.get("target") if isinstance(node, dict) else None
+            if not (isinstance(target, str) and target.startswith(("_operator.", "math."))):
+                continue
+            sizes = []
+            for arg in ((i or {}).get("arg") or {} for i in node.get("inputs") or []):
+                sym = arg.get("as_sym_int") or {}
+                if "as_name" in sym:
+                    sizes.append(bits.get(sym["as_name"], 64))
+                for literal in (arg.get("as_int"), sym.get("as_int")):
+                    if isinstance(literal, int):
+                        sizes.append(max(1, literal.bit_length()))
+            rule = _GROWS.get(target, "max")
+            out = sum(sizes) if rule == "sum" else max(sizes, default=64) + (rule == "max1")
+            if out > 4096:
+                return False
+            for o in node.get("outputs") or []:
+                name = ((o or {}).get("as_sym_int") or {}).get("as_name")
+                if isinstance(name, str):
+                    bits[name] = max(out, 64)
+    return True
