@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
-from .safety import _MALFORMED, _NAME, Source, _read, _walk, check_pt2_archive
+from ._limits import _walk
+from .safety import _MALFORMED, _NAME, Source, _read, check_pt2_archive
 
 __all__ = ["load_program_safely"]
 

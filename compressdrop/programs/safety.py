@@ -14,7 +14,10 @@ program's name (and the legacy pickles it looks for) from the entry's name, so m
 pattern had let a graph named ``models/model.JSON`` and a program named ``sub/model`` through.
 Inside the graph, names must be dotted identifiers (FX pastes them into the Python source it
 generates and runs), ``aten.from_file`` (which maps and can write any path) is refused, and shape
-expressions must be small (a tower of powers makes ``sympy`` compute without end).
+expressions must be small (a tower of powers makes ``sympy`` compute without end). The graph and
+payload tables are read field by field against torch's own schema (``_schema.py``): torch
+ignores keys it does not know and passes values of any type on, so a check by key name alone
+let a name given as a number or a target given as a list through.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch._export.serde import schema
 
 from ..errors import CheckpointError
-from ._limits import _bounded_arithmetic, _small_exponent, _walk
+from ._limits import _bounded_arithmetic, _small_exponent
+from ._schema import check_schema, string_checks
 
 __all__ = ["Source", "check_pt2_archive", "is_pt2"]
 
@@ -65,7 +70,6 @@ _EXPR_TOKEN = re.compile(
 # what a graph's names must be (FX pastes them into the source it generates and runs): dotted
 # identifiers (a module path's parts may be digits: nn.Sequential's "1.weight")
 _IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-_VALUE_TABLES = ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values")
 # calls a program may not make: from_file maps any path (shared=True writes it); the unchecked
 # constructors and indexing (_sparse_coo_tensor_unsafe wrote past a buffer when made dense);
 # while_loop, whose condition the file sets (a loop that never ends)
@@ -180,6 +184,26 @@ def _safe_spec(text: str) -> bool:
     return True
 
 
+def _target(value: str) -> str | None:
+    """A node's target (or an operator argument): one of the calls a program may make."""
+    return None if _TARGET.match(value) and not _NO_OPS.match(value) else f"a node calls {value!r}"
+
+
+def _expr(value: str) -> str | None:
+    """A shape expression: small arithmetic (:func:`_safe_expr`)."""
+    ok = _safe_expr(value)
+    return None if ok else f"a shape expression is not small arithmetic: {value[:80]!r}"
+
+
+def _spec(value: str) -> str | None:
+    """An input or output tree: plain containers (:func:`_safe_spec`)."""
+    return (
+        None
+        if _safe_spec(value)
+        else f"its in_spec or out_spec is not plain containers: {value[:80]!r}"
+    )
+
+
 # what reading a damaged or crafted archive's entries raises: bad zip data, JSON that is not JSON
 # (or nested past the recursion limit), JSON of another shape than torch writes
 _MALFORMED = (
@@ -288,6 +312,7 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
             "the file; compressdrop loads only programs that are plain data."
         )
 
+    strings = string_checks(_target, _expr, _spec)
     try:
         records, programs, sizes = _records(data, where, refuse)
         for name in programs:
@@ -295,7 +320,10 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
             for config_name, kind in ((weights, "data/weights/"), (constants, "data/constants/")):
                 if config_name not in records:
                     raise refuse(f"program {name!r} has no {config_name}")
-                for fqn, entry in json.loads(records[config_name]).get("config", {}).items():
+                table = json.loads(records[config_name])
+                if wrong := check_schema(table, schema.PayloadConfig, strings):
+                    raise refuse(f"{wrong} ({config_name})")
+                for fqn, entry in table["config"].items():
                     if entry.get("use_pickle"):
                         raise refuse(f"{fqn!r} is stored as a pickle ({config_name})")
                     if not _PAYLOAD[kind].fullmatch(str(entry.get("path_name", ""))):
@@ -310,33 +338,10 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
             except Exception:
                 raise refuse(f"its sample inputs are not plain tensors ({inputs})") from None
             doc = json.loads(records[graph])
+            if wrong := check_schema(doc, schema.ExportedProgram, strings):
+                raise refuse(wrong)
             if not _bounded_arithmetic(doc):
                 raise refuse("its shape arithmetic grows without bound (a load that never ends)")
-            for key, value in _walk(doc):
-                if key in _VALUE_TABLES and isinstance(value, dict):
-                    for name in value:
-                        if not _IDENT.fullmatch(name):
-                            raise refuse(f"a value is named {name[:80]!r}, not an identifier")
-                if key.endswith("_names") and isinstance(value, list):  # forward_arg_names
-                    for name in value:
-                        if not (isinstance(name, str) and _IDENT.fullmatch(name)):
-                            raise refuse(f"a name is not an identifier: {str(name)[:80]!r}")
-                if not isinstance(value, str):
-                    pass
-                elif key in ("in_spec", "out_spec") and not _safe_spec(value):
-                    raise refuse(f"its {key} is not plain containers: {value[:80]!r}")
-                elif (key == "name" or key.endswith("_name") or key == "fqn") and not (
-                    value == "" or _IDENT.fullmatch(value)
-                ):  # FX writes names into the Python source it runs
-                    raise refuse(f"a name is not an identifier: {value[:80]!r}")
-                elif key in ("target", "as_operator") and (
-                    not _TARGET.match(value) or _NO_OPS.match(value)
-                ):
-                    raise refuse(f"a node calls {value!r}")
-                if key == "expr_str" and not (isinstance(value, str) and _safe_expr(value)):
-                    raise refuse(f"a shape expression is not small arithmetic: {str(value)[:80]!r}")
-                if key == "custom_obj_values" and value:
-                    raise refuse("it holds custom Python objects")
     except CheckpointError:
         raise
     except _MALFORMED as e:  # an entry that is not what its name says (a crafted archive)

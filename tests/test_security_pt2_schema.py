@@ -1,0 +1,181 @@
+"""A ``.pt2`` graph's JSON is checked field by field against torch's own schema
+(``compressdrop/programs/_schema.py``). ``torch.export.load`` ignores keys it does not know and
+passes values of any type on as they are; the earlier check walked the JSON by key name and
+skipped every value that was not a string, so a name given as a number, a target given as a
+list, a union of two kinds or a field torch's schema has not were all let through to torch."""
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from compressdrop.errors import CheckpointError
+from compressdrop.programs import check_pt2_archive, load_program_safely
+
+from .test_security import _good_pt2
+
+
+def _edited(good: Path, dst: Path, edit) -> Path:
+    """``good`` with its program's JSON passed through ``edit`` (in place)."""
+    with zipfile.ZipFile(good) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for item in zi.infolist():
+            data = zi.read(item.filename)
+            if item.filename.endswith("models/model.json"):
+                doc = json.loads(data)
+                edit(doc)
+                data = json.dumps(doc).encode()
+            zo.writestr(item, data)
+    return dst
+
+
+def _nodes(doc):
+    return doc["graph_module"]["graph"]["nodes"]
+
+
+def _set(path: str, value):
+    """An edit that sets the value at ``path`` (keys and list indices, dot-separated) of the
+    program's JSON; ``nodes`` is short for the graph's node list."""
+
+    def edit(doc):
+        keys = path.split(".")
+        at = _nodes(doc) if keys[0] == "nodes" else doc
+        for k in keys[1 if keys[0] == "nodes" else 0 : -1]:
+            at = at[int(k)] if isinstance(at, list) else at[k]
+        if isinstance(at, list):
+            at[int(keys[-1])] = value
+        else:
+            at[keys[-1]] = value
+
+    return edit
+
+
+def _drop(path: str):
+    def edit(doc):
+        *keys, last = path.split(".")
+        at = _nodes(doc)
+        for k in keys[1:]:
+            at = at[int(k)] if isinstance(at, list) else at[k]
+        del at[last]
+
+    return edit
+
+
+CRAFTED = {
+    "a name given as a number": (_set("nodes.0.outputs.0.as_tensor.name", 7), "is not a string"),
+    "a target given as a list": (_set("nodes.0.target", ["torch.load"]), "is not a string"),
+    "a spec given as a table": (
+        _set("graph_module.module_call_graph.0.signature.in_spec", {"type": "os.system"}),
+        "is not a string",
+    ),
+    "a field torch does not have": (
+        _set("nodes.0.code", "__import__('os')"),
+        "a field torch's schema does not",
+    ),
+    "an argument of two kinds": (
+        _set("nodes.0.inputs.0.arg", {"as_int": 1, "as_string": "x"}),
+        "is not one of Argument's kinds",
+    ),
+    "an integer past 64 bits": (
+        _set("nodes.0.inputs.0.arg", {"as_int": 1 << 80}),
+        "is not a 64-bit integer",
+    ),
+    "a dtype torch does not have": (
+        _set("graph_module.graph.tensor_values.linear.dtype", 999),
+        "is not a ScalarType",
+    ),
+    "a device that is not a device type": (
+        _set("nodes.0.inputs.0.arg", {"as_device": {"type": "cpu;rm -rf", "index": None}}),
+        "a device is not a device type",
+    ),
+    "a verifier that is not a dialect": (
+        _set("verifiers", ["TRAINING", "os.system"]),
+        "a verifier is not a dialect",
+    ),
+    "a source function that is not a name": (
+        _set("nodes.0.metadata.source_fn_stack", "linear,#evil:op"),
+        "source function is not a name",
+    ),
+    "a node without its inputs": (_drop("nodes.0.inputs"), "lacks Node.inputs"),
+    "a true or false given as a string": (
+        _set("graph_module.graph.is_single_tensor_return", "yes"),
+        "is not true or false",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("good") / "good.pt2"
+    _good_pt2(path)
+    return path
+
+
+def test_the_edits_reach_what_they_name(good, tmp_path):
+    """The fixture's program has the parts the crafted files edit (else an edit would fail, not
+    the check)."""
+    with zipfile.ZipFile(good) as z:
+        doc = json.loads(next(z.read(n) for n in z.namelist() if n.endswith("model.json")))
+    first = _nodes(doc)[0]
+    assert first["outputs"][0]["as_tensor"]["name"] and first["inputs"][0]["arg"]
+    assert "linear" in doc["graph_module"]["graph"]["tensor_values"]
+    assert doc["graph_module"]["module_call_graph"][0]["signature"]["in_spec"]
+    check_pt2_archive(good)  # and torch's own file passes
+
+
+@pytest.mark.parametrize("kind", list(CRAFTED))
+def test_a_value_the_schema_does_not_declare_is_refused(kind, good, tmp_path):
+    edit, message = CRAFTED[kind]
+    crafted = _edited(good, tmp_path / "crafted.pt2", edit)
+    with pytest.raises(CheckpointError, match="refused: .*" + message):
+        check_pt2_archive(crafted)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_program_safely(crafted)
+
+
+def test_a_payload_table_of_another_shape_is_refused(good, tmp_path):
+    """The weights' table is checked against the schema too: ``use_pickle`` given as a string
+    (truthy to torch) is not a boolean."""
+    dst = tmp_path / "table.pt2"
+    with zipfile.ZipFile(good) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for item in zi.infolist():
+            data = zi.read(item.filename)
+            if item.filename.endswith("model_weights_config.json"):
+                doc = json.loads(data)
+                next(iter(doc["config"].values()))["use_pickle"] = "no"
+                data = json.dumps(doc).encode()
+            zo.writestr(item, data)
+    with pytest.raises(CheckpointError, match="is not true or false"):
+        check_pt2_archive(dst)
+
+
+class _Varied(nn.Module):
+    """A program with what the schema check must let through: a buffer, a constant, an op
+    with a string argument and one with a device, symbolic sizes, a subgraph (``torch.cond``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.register_buffer("scale", torch.ones(6))
+        self.const = torch.arange(6.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.gelu(self.fc(x), approximate="tanh") * self.scale + self.const
+        y = y + torch.arange(x.shape[0], device=x.device, dtype=x.dtype)[:, None]
+        return torch.cond(y.sum() > 0, lambda t: t.relu(), lambda t: t.abs(), (y,))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_programs_torch_writes_pass_and_run_the_same(tmp_path):
+    model = _Varied().eval()
+    x = torch.randn(3, 6)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    loaded = load_program_safely(buf.getvalue())
+    for batch in (3, 5):
+        xb = torch.randn(batch, 6)
+        torch.testing.assert_close(loaded.module()(xb), model(xb))
