@@ -39,12 +39,35 @@ MODELS = {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
     }),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
+        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+    }),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {  # eager attention: soft-capped scores
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
+        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+        "sliding_window": 4,
+    }),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
+        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
+        "sliding_window": 4,
+    }),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {
         "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
     }),
     "bert": ("BertConfig", "BertForSequenceClassification", {
         "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3,
+    }),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {
+        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3,
+    }),
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {
+        "hidden_size": 32, "embedding_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 64,
+        "num_labels": 3,
     }),
 }  # fmt: skip
 
@@ -172,18 +195,22 @@ def test_llama_with_a_key_value_head_per_query_head_loses_them_together():
     assert torch.equal(slim.generate(ids, **kwargs), model.generate(ids, **kwargs))
 
 
-@pytest.mark.parametrize("family", list(GATES))
-def test_bert_heads_and_mlp_neurons_prune_exactly(family):
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [*(("bert", f) for f in GATES), ("roberta", "lognormal"), ("electra", "hardconcrete")],
+)
+def test_bert_heads_and_mlp_neurons_prune_exactly(name, family):
+    """BERT, and RoBERTa and ELECTRA, which have its attention and MLP (one registration)."""
     torch.manual_seed(0)
-    model = _build("bert")
+    model = _build(name)
     ids = torch.randint(3, VOCAB, (2, 8))
     slim, thr = _attach_and_prune(model, ids, family)
     names = {n for n, _ in cd.named_gates(model)}
     for i in range(2):  # the heads' gate sits on the input of the attention's output projection
-        assert {f"bert.encoder.layer.{i}.attention.output.dense",
-                f"bert.encoder.layer.{i}.intermediate.dense"} <= names  # fmt: skip
+        assert {f"{name}.encoder.layer.{i}.attention.output.dense",
+                f"{name}.encoder.layer.{i}.intermediate.dense"} <= names  # fmt: skip
     heads = []
-    for layer in slim.bert.encoder.layer:
+    for layer in getattr(slim, name).encoder.layer:
         assert layer.intermediate.dense.out_features == layer.output.dense.in_features < 48
         own = layer.attention.self  # the module's own attributes follow: nothing to patch
         heads.append(own.num_attention_heads)
@@ -278,7 +305,7 @@ def logits_elsewhere(folder, ids) -> torch.Tensor:
     return torch.load(folder / "logits.pt")
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "roberta"])
 def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop(name, tmp_path):
     """uniform=True: every layer keeps as many heads and neurons; the config follows, and
     from_pretrained in a fresh process (no compressdrop) gives the slim model's outputs. GPT-2's
@@ -287,7 +314,8 @@ def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop
     model = _build(name)
     ids = torch.randint(3, VOCAB, (2, 8))
     # GPT-2's and BERT's heads, and BERT's pooler width, are not config fields
-    attn = {"llama": None, "gpt2": ["GPT2Attention"], "bert": ["BertAttention", "*pooler*"]}[name]
+    attn = {"llama": None, "gpt2": ["GPT2Attention"], "bert": ["BertAttention", "*pooler*"],
+            "roberta": ["RobertaAttention", "*classifier*"]}[name]  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cd.GatingWarning)
         cd.attach(model, "lognormal", exclude=attn, example_inputs=ids)
@@ -301,7 +329,7 @@ def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop
     with warnings.catch_warnings():
         warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
         slim = cd.prune(model, thr, example_inputs=ids, uniform=True)
-    inner = {"llama": "intermediate_size", "gpt2": "n_inner", "bert": "intermediate_size"}[name]
+    inner = "n_inner" if name == "gpt2" else "intermediate_size"
     assert getattr(slim.config, inner) < (getattr(model.config, inner) or 4 * 32)  # GPT-2: None
     if name == "llama":  # heads too: the same number in every layer, per key/value head
         assert slim.config.num_attention_heads < 4
@@ -330,10 +358,12 @@ def test_free_shape_warns_that_the_config_cannot_describe_it():
     assert widths[0] < widths[1] == 48  # the modules' own record follows each layer
 
 
-@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2", "mistral", "gemma", "gemma2", "gemma3"])
 def test_other_llama_style_decoders_take_the_same_registration(name, tmp_path):
-    """Qwen2 and Mistral have LLaMA's attention and MLP: heads and neurons prune exactly, the
-    slim decoder generates the masked one's tokens, and a uniform one reloads without us."""
+    """Qwen2, Mistral and the Gemmas have LLaMA's attention and MLP: heads and neurons prune
+    exactly, the slim decoder generates the masked one's tokens, and a uniform one reloads
+    without us. Gemma 2's eager attention returns its per-head weights beside its output: the
+    slim one returns the kept heads'."""
     torch.manual_seed(0)
     model = _build(name)
     ids = torch.randint(3, VOCAB, (2, 8))
@@ -406,7 +436,7 @@ def test_a_fresh_process_builds_a_hf_model_whatever_torchvision_build_is_install
     assert out.stdout.strip() == "GPT2LMHeadModel"
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gemma3"])
 def test_gqa_key_value_projections_are_left_to_their_heads_without_a_false_warning(name):
     """A tiny LLaMA warned that k_proj and v_proj were "left ungated: its Torch-Pruning group
     grows past 1,000,000 channel indices (... as in window attention)": their groups never close
@@ -426,8 +456,7 @@ def test_gqa_key_value_projections_are_left_to_their_heads_without_a_false_warni
     ]
 
 
-MLP_LAYER = {"llama": "up_proj", "qwen2": "up_proj", "mistral": "up_proj", "gpt2": "c_fc",
-             "bert": "intermediate.dense"}  # fmt: skip
+MLP_LAYER = {"gpt2": "c_fc", **{n: "intermediate.dense" for n in ("bert", "roberta", "electra")}}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -444,7 +473,7 @@ def test_a_gated_mlp_keeps_no_activation_of_its_own_with_the_same_gradients(name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", cd.GatingWarning)
         cd.attach(model, "lognormal", example_inputs=ids[:2])
-    layers = [m for n, m in model.named_modules() if n.endswith(MLP_LAYER[name])]
+    layers = [m for n, m in model.named_modules() if n.endswith(MLP_LAYER.get(name, "up_proj"))]
     assert layers and all(vars(m).get("inplace_alone") is True for m in layers)
     with torch.no_grad():
         for _, g in cd.named_gates(model):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._families import BERT_LIKE, LLAMA_LIKE
 from ..errors import InputError
 from ._compiled import (
     _OFF,
@@ -343,15 +344,13 @@ _READ_BY_RELU = {
 # activation, GELU by default; a LLaMA MLP's product act(gate_proj(x)) * up_proj(x))
 _READ_ONCE_AND_KEPT = {
     ("transformers.models.gpt2.modeling_gpt2", "GPT2MLP"): "c_fc",
-    ("transformers.models.bert.modeling_bert", "BertIntermediate"): "dense",
     **{
-        (f"transformers.models.{family}.modeling_{family}", f"{name}MLP"): "up_proj"
-        for family, name in (
-            ("llama", "Llama"),
-            ("qwen2", "Qwen2"),
-            ("qwen3", "Qwen3"),
-            ("mistral", "Mistral"),
+        (f"transformers.models.{family}.modeling_{family}", f"{prefix}{kind}"): layer
+        for families, kind, layer in (
+            (BERT_LIKE, "Intermediate", "dense"),
+            (LLAMA_LIKE, "MLP", "up_proj"),
         )
+        for family, prefix in families.items()
     },
 }
 

@@ -72,6 +72,7 @@ def _check(m: nn.Module, spec: HeadSpec, call: tuple[tuple, dict]) -> tuple[str 
         hook.remove()
     if len(seen) != 1 or seen[0][-1] != _width(m, spec):
         return "its output projection is not called once on the concatenated heads", 1
+    want = [_kept_heads(w, g, head_count(m, spec), first) for w, g in zip(want, got)]
     if [t.shape for t in got] != [t.shape for t in want] or not want:
         return "removing a head changes the shape of its output", 1
     err = max(
@@ -83,6 +84,24 @@ def _check(m: nn.Module, spec: HeadSpec, call: tuple[tuple, dict]) -> tuple[str 
     for s in seen[0][1:-1]:
         positions *= s
     return None, positions
+
+
+def _kept_heads(
+    want: torch.Tensor, got: torch.Tensor, heads: int, removed: list[int]
+) -> torch.Tensor:
+    """A per-head output of the zeroed attention (its attention weights, ``(B, heads, T, S)``,
+    which an eager Hugging Face attention returns beside its output) without the removed heads'
+    slices, where ``got`` has one dimension of ``heads - len(removed)`` in its place and all
+    others alike: the slim attention returns the kept heads' weights. Else ``want`` as it is."""
+    if want.dim() != got.dim():
+        return want
+    differ = [d for d in range(want.dim()) if want.shape[d] != got.shape[d]]
+    if len(differ) != 1 or want.shape[differ[0]] != heads:
+        return want
+    if got.shape[differ[0]] != heads - len(removed):
+        return want
+    kept = [h for h in range(heads) if h not in removed]
+    return want.index_select(differ[0], torch.tensor(kept, device=want.device))
 
 
 def _head_costs(m: nn.Module, spec: HeadSpec, positions: int) -> tuple[float, float]:

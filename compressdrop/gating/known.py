@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._families import BERT_LIKE, LLAMA_LIKE
 from ..errors import InputError
 from .heads import HeadSpec, cut_features, register_attention
 from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, register_layer
@@ -99,14 +100,8 @@ def _conv1d_pruner() -> Any:
     return Conv1DPruner()
 
 
-# decoders whose attention is LLaMA's (q/k/v/o projections, head_dim, num_key_value_groups) and
-# whose MLP is SwiGLU with up_proj: family → attention class
-_LLAMA_LIKE = {
-    "llama": "LlamaAttention",
-    "qwen2": "Qwen2Attention",
-    "qwen3": "Qwen3Attention",
-    "mistral": "MistralAttention",
-}
+# decoders whose attention is LLaMA's: family → attention class
+_LLAMA_LIKE = {family: f"{prefix}Attention" for family, prefix in LLAMA_LIKE.items()}
 
 
 def _query_heads(m: Any) -> int:
@@ -184,7 +179,8 @@ def _register_transformers() -> None:
     )
     # LLaMA-style decoders (grouped-query attention): no head count attribute; the query heads
     # of one key/value head are consecutive, and every key/value head keeps as many. Qwen2,
-    # Qwen3 (its q/k norms act per head on head_dim) and Mistral have the same attention.
+    # Qwen3 and Gemma 3 (their q/k norms act per head on head_dim), Mistral, Gemma and Gemma 2
+    # (its soft-capping and sliding window act per head too) have the same attention.
     import importlib
 
     gqa = HeadSpec(
@@ -202,20 +198,22 @@ def _register_transformers() -> None:
             continue
         register_attention(getattr(module, cls), gqa)
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
-    # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense
-    from transformers.models.bert.modeling_bert import BertAttention
-
-    register_attention(
-        BertAttention,
-        HeadSpec(
-            o="output.dense",
-            q="self.query",
-            k="self.key",
-            v="self.value",
-            heads="self.num_attention_heads",
-            widths=("self.all_head_size",),
-        ),
+    # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense;
+    # RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA have the same attention
+    bert = HeadSpec(
+        o="output.dense",
+        q="self.query",
+        k="self.key",
+        v="self.value",
+        heads="self.num_attention_heads",
+        widths=("self.all_head_size",),
     )
+    for family, prefix in BERT_LIKE.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        register_attention(getattr(module, f"{prefix}Attention"), bert)
 
 
 #: attention classes whose library derives the head size from the width and the head count
@@ -223,12 +221,15 @@ def _register_transformers() -> None:
 #: the heads (what attach's ``exclude`` names to leave them ungated)
 _HEADS_FIXED = {
     "GPT2Attention": ("n_embd / n_head", "GPT2Attention"),
-    "BertSelfAttention": ("hidden_size / num_attention_heads", "BertAttention"),
+    **{
+        f"{prefix}SelfAttention": ("hidden_size / num_attention_heads", f"{prefix}Attention")
+        for prefix in BERT_LIKE.values()
+    },
 }
 
 
 def heads_fixed_by_config(model: nn.Module) -> tuple[str, str] | None:
-    """Where ``model``'s config cannot describe pruned heads (GPT-2, BERT): how its library
+    """Where ``model``'s config cannot describe pruned heads (GPT-2, BERT and its kin): how its library
     derives the head size (``"n_embd / n_head"``) and the attention class that holds the heads;
     else ``None``."""
     kinds = {type(m).__name__ for m in model.modules()}
@@ -306,18 +307,20 @@ def _shapes(
                 f"heads (it derives their size from {_HEADS_FIXED['GPT2Attention'][0]})",
             )
         }
-    if "BertSelfAttention" in kinds:
-        selfs = [m for m in mods if type(m).__name__ == "BertSelfAttention"]
-        inter = [m for m in mods if type(m).__name__ == "BertIntermediate"]
+    bert = next((p for p in BERT_LIKE.values() if f"{p}SelfAttention" in kinds), None)
+    if bert is not None:
+        selfs = [m for m in mods if type(m).__name__ == f"{bert}SelfAttention"]
+        inter = [m for m in mods if type(m).__name__ == f"{bert}Intermediate"]
         heads = [int(s.num_attention_heads) for s in selfs]
+        how = _HEADS_FIXED[f"{bert}SelfAttention"][0]
         fixed = {
             "num_attention_heads": (
                 heads,
                 config.num_attention_heads,
-                f"heads (it derives their size from {_HEADS_FIXED['BertSelfAttention'][0]})",
+                f"heads (it derives their size from {how})",
             )
         }
-        poolers = [m for m in mods if type(m).__name__ == "BertPooler"]
+        poolers = [m for m in mods if type(m).__name__ == f"{bert}Pooler"]
         if poolers:
             widths = [int(p.dense.out_features) for p in poolers]
             fixed["hidden_size"] = (widths, config.hidden_size, "a pooler width")
