@@ -179,3 +179,50 @@ def test_programs_torch_writes_pass_and_run_the_same(tmp_path):
     for batch in (3, 5):
         xb = torch.randn(batch, 6)
         torch.testing.assert_close(loaded.module()(xb), model(xb))
+
+
+# --- a fifth review: the higher-order operators a program may call ------------------------------
+
+
+class _Prints(nn.Module):
+    """A program that prints with ``torch.ops.higher_order.print``, whose format string (the
+    file's) reads attributes of its arguments: ``{0.__class__...__globals__[...]}`` reached the
+    process's environment."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.ops.higher_order.print("LEAKED {0.__class__.__name__}", x.sum())
+        return self.fc(x)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_program_that_prints_a_format_the_file_writes_is_refused(tmp_path, capfd):
+    from compressdrop.checkpoint import load_model
+
+    program = torch.export.export(_Prints(), (torch.randn(2, 4),))
+    torch.export.save(program, tmp_path / "prints.pt2")
+    with pytest.raises(
+        CheckpointError, match=r"refused: a node calls 'torch\.ops\.higher_order\.print"
+    ):
+        load_model(tmp_path / "prints.pt2")
+    assert "LEAKED" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "torch.ops.higher_order.inline_asm_elementwise",  # compiles the file's code on a GPU
+        "torch.ops.higher_order.triton_kernel_wrapper_functional",
+        "torch.ops.higher_order.executorch_call_delegate",
+        "torch.ops.aten._print.default",
+        "torch.ops.aten.save.default",
+        "torch.ops.aten.warn.default",
+    ],
+)
+def test_calls_that_run_or_write_what_the_file_says_are_refused(target, good, tmp_path):
+    crafted = _edited(good, tmp_path / "crafted.pt2", _set("nodes.0.target", target))
+    with pytest.raises(CheckpointError, match="refused: a node calls"):
+        check_pt2_archive(crafted)

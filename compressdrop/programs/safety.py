@@ -43,11 +43,16 @@ __all__ = ["Source", "check_pt2_archive", "is_pt2"]
 #: what the readers take: a path, or an open binary file
 Source = str | Path | IO[bytes]
 
-# node targets a program may call: ATen, prims and higher-order operators, the operator and math
+# node targets a program may call: ATen and prims operators, the higher-order operators that
+# only run the program's own subgraphs (not print, whose format string the file writes and which
+# reads any attribute of its arguments, nor inline_asm_elementwise, which compiles the file's
+# code on a GPU, nor the delegates, kernels and callables of the others), the operator and math
 # functions of shape arithmetic (not pow, lshift, factorial & co., whose results may have any
 # number of digits: a load that never ends), torch's symbolic-int helpers
 _TARGET = re.compile(
-    r"^(torch\.ops\.(aten|prims|higher_order)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?"
+    r"^(torch\.ops\.(aten|prims)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?"
+    r"|torch\.ops\.higher_order\.(wrap_with_set_grad_enabled|wrap_with_autocast|cond|map_impl"
+    r"|scan|flex_attention)"
     r"|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|neg|pos|abs|eq|ne|lt|le|gt|ge"
     r"|and_|or_|not_|truth|index)|math\.(ceil|floor|trunc|sqrt)|torch\.(_?sym_[a-z_]+))$"
 )
@@ -70,11 +75,12 @@ _EXPR_TOKEN = re.compile(
 # what a graph's names must be (FX pastes them into the source it generates and runs): dotted
 # identifiers (a module path's parts may be digits: nn.Sequential's "1.weight")
 _IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
-# calls a program may not make: from_file maps any path (shared=True writes it); the unchecked
-# constructors and indexing (_sparse_coo_tensor_unsafe wrote past a buffer when made dense);
-# while_loop, whose condition the file sets (a loop that never ends)
+# calls a program may not make: from_file maps any path (shared=True writes it), save writes one,
+# _print and warn write the file's text; the unchecked constructors and indexing
+# (_sparse_coo_tensor_unsafe wrote past a buffer when made dense); while_loop, whose condition the
+# file sets (a loop that never ends)
 _NO_OPS = re.compile(
-    r"torch\.ops\.(aten\.(from_file|\w*sparse\w*|_unsafe_(?!view\b)\w*)"
+    r"torch\.ops\.(aten\.(from_file|save|_print|warn|\w*sparse\w*|_unsafe_(?!view\b)\w*)"
     r"|higher_order\.while_loop\w*)(\.|$)"
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
