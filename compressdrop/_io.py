@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "remove_stale_temps"]
+__all__ = ["atomic_write", "copy_within", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -56,3 +57,19 @@ def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone
+
+
+def copy_within(src: Path, dst: Path, roots: list[Path], limit: int) -> str | None:
+    """Copy ``src`` to ``dst`` where ``src`` is a regular file of at most ``limit`` bytes inside
+    one of ``roots`` once its links are followed (a link into the Hugging Face cache's ``blobs``
+    is; ``/etc/passwd`` or ``/proc/self/pagemap`` is not). Returns None when copied, else why not.
+    """
+    real = src.resolve()
+    if not any(real.is_relative_to(r.resolve()) for r in roots):
+        return f"it links outside the model's folder (to {real})"
+    with open(real, "rb") as f:  # the file stat'ed is the file read
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            return f"it is not a regular file of at most {limit >> 20} MB"
+        dst.write_bytes(f.read(limit + 1)[:limit])
+    return None

@@ -34,6 +34,8 @@ from torch import nn
 from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
+from .hf_files import WEIGHTS, check_shards, copy_tokenizer
+from .models.hf import hub_code
 from .runtime import logits_of
 
 __all__ = [
@@ -44,7 +46,6 @@ __all__ = [
     "save_hf_folder",
 ]
 
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # fields the arch record carries elsewhere, or that the library fills in itself; the weights'
 # dtype too (a bfloat16 folder is rebuilt, trained and written in float32)
 _NOT_KWARGS = {
@@ -156,34 +157,6 @@ def _transformers():
     return transformers
 
 
-def _check_shards(path: Path) -> None:
-    """Without ``model.safetensors``, the index must name safetensors shards in the folder: one
-    that names a pickled ``.bin`` shard made transformers try to unpickle it (refused by its
-    weights-only unpickler, as a raw traceback advising to turn that off)."""
-    index = path / _WEIGHTS[1]
-    if (path / _WEIGHTS[0]).is_file():
-        return
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{index}: unreadable ({e or 'not a JSON object'})") from None
-    if not isinstance(weight_map, Mapping) or not weight_map:
-        raise CheckpointError(f"{index}: no weight_map of shard files")
-    bad = sorted(
-        {
-            str(s)
-            for s in weight_map.values()
-            if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)
-        }
-    )
-    if bad:
-        raise CheckpointError(
-            f"{index}: names shards that are not safetensors files of the folder ({bad[:3]}); "
-            "pickled weights could run code when loaded: convert them to safetensors where you "
-            "trust them"
-        )
-
-
 def load_hf_folder(path: str | Path) -> nn.Module:
     """The causal language model in a Hugging Face folder, in eval mode, on the CPU.
 
@@ -195,7 +168,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
     path = Path(path)
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}/config.json: unreadable ({e})") from None
     if not isinstance(config, Mapping):
         raise CheckpointError(f"{path}/config.json: not a JSON object")
@@ -204,10 +177,15 @@ def load_hf_folder(path: str | Path) -> nn.Module:
             f"{path}: the config names its own code ({config['auto_map']}); compressdrop only "
             "builds the transformers library's own model classes, so it was refused"
         )
-    if not any((path / w).is_file() for w in _WEIGHTS):
+    if code := hub_code(config):
+        raise CheckpointError(
+            f"{path}/config.json: names code for transformers to download and import ({code}); "
+            "refused: compressdrop runs the library's own attention only"
+        )
+    if not any((path / w).is_file() for w in WEIGHTS):
         pickled = [p.name for p in path.glob("*.bin")]
         raise CheckpointError(
-            f"{path}: no safetensors weights ({' or '.join(_WEIGHTS)})"
+            f"{path}: no safetensors weights ({' or '.join(WEIGHTS)})"
             + (
                 f"; {pickled} are pickled and loading them could run code: convert them to "
                 "safetensors where you trust them"
@@ -215,7 +193,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
                 else ""
             )
         )
-    _check_shards(path)
+    check_shards(path)
     tf = _transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -251,13 +229,6 @@ def load_hf_folder(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-#: a model folder's tokenizer files, carried into its slim folder (pruning leaves them valid)
-TOKENIZER_FILES = (
-    *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
-    *("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model"),
-)
-
-
 def save_hf_folder(
     slim: nn.Module,
     out: str | Path,
@@ -266,7 +237,7 @@ def save_hf_folder(
     source: str | Path | None = None,
 ) -> tuple[int, float]:
     """Write ``slim`` as a Hugging Face folder ``out`` (replacing one that compressdrop wrote),
-    with the :data:`TOKENIZER_FILES` of ``source`` (the model's own folder, if it came from one)
+    with the :data:`~.hf_files.TOKENIZER_FILES` of ``source`` (the model's own folder, if it came from one)
     so that ``AutoTokenizer.from_pretrained(out)`` works too.
 
     Returns:
@@ -308,9 +279,7 @@ def save_hf_folder(
         save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
         save(tmp, safe_serialization=True)
         if source is not None and is_hf_folder(source):
-            for name in TOKENIZER_FILES:
-                if (Path(source) / name).is_file() and not (tmp / name).exists():
-                    shutil.copyfile(Path(source) / name, tmp / name)
+            copy_tokenizer(Path(source), tmp)
         report = getattr(slim, "prune_report", None)
         made = {"compressdrop_version": __version__}
         (tmp / MARKER).write_text(json.dumps({**made, **(report.metadata() if report else {})}))

@@ -93,7 +93,7 @@ def test_no_import_cycles_in_the_package():
 LAYERS = [
     {"errors", "_version", "_families"},
     {"_io", "_attrs", "_warn", "runtime", "_torchvision"},
-    {"gates", "dropout", "data", "programs", "torchload"},
+    {"gates", "dropout", "data", "programs", "torchload", "hf_files"},
     {"models", "gating"},
     {"arch", "pruning", "recipes", "hf_folder"},
     {"checkpoint", "export"},

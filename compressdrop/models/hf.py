@@ -8,7 +8,8 @@ vocabulary, ``input_shape`` ``(T,)`` the context; the position table is made lon
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -16,9 +17,30 @@ from torch import nn
 from ..errors import InputError
 from .record import tag as _tag
 
-__all__ = ["hf_causal_lm"]
+__all__ = ["hf_causal_lm", "hub_code"]
 
 _POSITIONS = ("n_positions", "max_position_embeddings")
+# an attention implementation transformers has itself ("sdpa", "flash_attention_2", "paged|sdpa");
+# any other (an "org/repo[@rev]" id) is a kernel it downloads from the Hub and imports
+_OWN_ATTENTION = re.compile(r"[a-z0-9_]+(\|[a-z0-9_]+)?")
+
+
+def hub_code(config: Mapping[str, Any], depth: int = 0) -> str | None:
+    """What code a config (or a sub-config of it) asks transformers to fetch from the Hub and
+    import: an ``attn_implementation`` that names a kernel repository, ``use_kernels`` or a
+    ``kernel_config`` (transformers follows them whatever ``trust_remote_code`` says); None
+    for a config that asks for none."""
+    for key in ("attn_implementation", "_attn_implementation"):
+        value = config.get(key)
+        if value is not None and not (isinstance(value, str) and _OWN_ATTENTION.fullmatch(value)):
+            return f"{key}={str(value)[:80]!r} (a kernel it downloads from the Hub and imports)"
+    for key in ("use_kernels", "kernel_config"):
+        if config.get(key):
+            return (
+                f"{key}={str(config[key])[:80]!r} (kernels it downloads from the Hub and imports)"
+            )
+    subs = [v for v in config.values() if isinstance(v, Mapping)]
+    return next((w for v in subs if depth < 8 and (w := hub_code(v, depth + 1))), None)
 
 
 def hf_causal_lm(
@@ -52,6 +74,8 @@ def hf_causal_lm(
         raise InputError(f"hf-causal-lm: model_type must be a string, got {model_type!r}")
     if "auto_map" in config or config.get("trust_remote_code"):
         raise InputError("hf-causal-lm: a config that names remote code is refused")
+    if code := hub_code(config):
+        raise InputError(f"hf-causal-lm: a config that names code to download is refused: {code}")
     context = int(input_shape[-1])
     # GPT-2's special tokens sit at 50256, outside a small vocabulary: none unless configured
     fields = {

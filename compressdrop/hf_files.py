@@ -1,0 +1,65 @@
+"""What compressdrop reads from a Hugging Face model folder besides the model, and copies out of it:
+the shard index (safetensors shards of the folder only) and the tokenizer files (regular files in
+the folder or the cache's blobs, never what a link elsewhere points at)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+from ._io import copy_within
+from .errors import CheckpointError
+
+__all__ = ["TOKENIZER_FILES", "WEIGHTS", "check_shards", "copy_tokenizer"]
+
+#: a folder's weights: one file, or an index of shards
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def check_shards(path: Path) -> None:
+    """Without ``model.safetensors``, the index must name safetensors shards in the folder: one
+    that names a pickled ``.bin`` shard made transformers try to unpickle it (refused by its
+    weights-only unpickler, as a raw traceback advising to turn that off)."""
+    index = path / WEIGHTS[1]
+    if (path / WEIGHTS[0]).is_file():
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
+        raise CheckpointError(f"{index}: unreadable ({e or 'not a JSON object'})") from None
+    if not isinstance(weight_map, Mapping) or not weight_map:
+        raise CheckpointError(f"{index}: no weight_map of shard files")
+    bad = sorted(
+        {
+            str(s)
+            for s in weight_map.values()
+            if not (isinstance(s, str) and s.endswith(".safetensors") and Path(s).name == s)
+        }
+    )
+    if bad:
+        raise CheckpointError(
+            f"{index}: names shards that are not safetensors files of the folder ({bad[:3]}); "
+            "pickled weights could run code when loaded: convert them to safetensors where you "
+            "trust them"
+        )
+
+
+#: a model folder's tokenizer files, carried into its slim folder (pruning leaves them valid)
+TOKENIZER_FILES = (
+    *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
+    *("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model"),
+)
+
+
+def copy_tokenizer(source: Path, out: Path) -> None:
+    """Copy ``source``'s tokenizer files into ``out``: each a regular file of at most 1 GB in the
+    folder or, through a link, in the Hugging Face cache's ``blobs`` beside its snapshots; a link
+    elsewhere (``vocab.txt`` → ``/etc/passwd``) is not copied, with a warning that says so."""
+    roots = [source, source.resolve().parent.parent / "blobs"]
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and not (out / name).exists():
+            why = copy_within(source / name, out / name, roots, 1 << 30)
+            if why:
+                warnings.warn(f"compressdrop: {source / name} not copied: {why}", stacklevel=4)

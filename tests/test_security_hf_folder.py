@@ -1,0 +1,99 @@
+"""What a Hugging Face folder may make compressdrop read, copy or fetch (a fifth security review):
+a tokenizer file that links outside the folder was copied into the slim folder (``vocab.txt`` →
+``/etc/passwd``; ``merges.txt`` → ``/proc/self/pagemap`` wrote gigabytes), a config's
+``attn_implementation`` naming a Hub repository made transformers download and import a kernel,
+and a config nested 200,000 deep raised a raw ``RecursionError``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from compressdrop.checkpoint import load_model
+from compressdrop.errors import CheckpointError, InputError
+
+from .test_hf_folder import _llama_folder
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return _llama_folder(tmp_path_factory.mktemp("hf") / "llama")
+
+
+def _copy(folder, dst):
+    dst.mkdir(parents=True)
+    for f in folder.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def test_a_tokenizer_file_linking_outside_the_folder_is_not_copied(source, tmp_path):
+    from compressdrop.workflows import export_file
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token=hf_secret")
+    folder = _copy(source, tmp_path / "llama")
+    os.symlink(secret, folder / "tokenizer.json")
+    os.symlink("/proc/self/pagemap", folder / "merges.txt")  # gigabytes of a file, were copied
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    with pytest.warns(UserWarning, match="not copied: it links outside the model's folder") as said:
+        export_file(folder, tmp_path / "slim")
+    assert len(said) == 2
+    assert not (tmp_path / "slim" / "tokenizer.json").exists()
+    assert not (tmp_path / "slim" / "merges.txt").exists()
+    assert (tmp_path / "slim" / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
+
+
+def test_a_tokenizer_in_the_hub_cache_is_copied_through_its_links(source, tmp_path):
+    """The Hub cache's snapshot folders hold links into the repository's ``blobs``."""
+    from compressdrop.workflows import export_file
+
+    repo = tmp_path / "models--org--llama"
+    folder = _copy(source, repo / "snapshots" / "abc123")
+    (repo / "blobs").mkdir()
+    (repo / "blobs" / "f00d").write_text('{"version": "1.0"}')
+    os.symlink("../../blobs/f00d", folder / "tokenizer.json")
+    export_file(folder, tmp_path / "slim")
+    assert (tmp_path / "slim" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert not (tmp_path / "slim" / "tokenizer.json").is_symlink()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"attn_implementation": "kernels-community/flash-attn2"},
+        {"_attn_implementation": "org/repo@main"},
+        {"use_kernels": True},
+        {"text_config": {"attn_implementation": "org/repo"}},
+    ],
+)
+def test_a_config_naming_a_kernel_to_download_is_refused(fields, source, tmp_path):
+    folder = _copy(source, tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **fields}))
+    with pytest.raises(CheckpointError, match="names code for transformers to download"):
+        load_model(folder)
+
+
+def test_the_reference_net_refuses_a_kernel_to_download_and_takes_its_own():
+    from compressdrop.models.hf import hf_causal_lm
+
+    sizes = {"n_layer": 1, "n_embd": 16, "n_head": 2}
+    with pytest.raises(InputError, match="names code to download"):
+        hf_causal_lm((8,), 32, "gpt2", attn_implementation="kernels-community/flash-attn2", **sizes)
+    model = hf_causal_lm((8,), 32, "gpt2", attn_implementation="eager", **sizes)
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_json_nested_past_the_recursion_limit_is_a_clear_error(name, source, tmp_path):
+    folder = _copy(source, tmp_path / "llama")
+    if name != "config.json":
+        (folder / "model.safetensors").unlink()
+    (folder / name).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CheckpointError, match=f"{name}: unreadable"):
+        load_model(folder)
