@@ -97,3 +97,35 @@ def test_json_nested_past_the_recursion_limit_is_a_clear_error(name, source, tmp
     (folder / name).write_text("[" * 200_000 + "]" * 200_000)
     with pytest.raises(CheckpointError, match=f"{name}: unreadable"):
         load_model(folder)
+
+
+# --- the data a model file records ----------------------------------------------------------------
+
+
+def test_eval_reads_a_path_a_model_file_records_only_near_it(tmp_path, monkeypatch):
+    """``eval`` without ``--data`` read the data a checkpoint recorded, wherever it was:
+    ``text:/etc/passwd`` was scored as text, ``text:/usr,glob=**/*`` took 15 GB."""
+    import numpy as np
+
+    from compressdrop.checkpoint import save_model
+    from compressdrop.errors import DataError
+    from compressdrop.models import build_model
+    from compressdrop.recipes import load_recipe
+    from compressdrop.workflows import evaluate_file
+
+    outside, near, work = tmp_path / "outside", tmp_path / "models", tmp_path / "work"
+    for folder in (outside, near, work):
+        folder.mkdir()
+    rng = np.random.default_rng(0)
+    for folder in (outside, near):
+        np.savez(folder / "d.npz", x=rng.random((20, 6)).astype(np.float32), y=np.arange(20) % 2)
+    recipe = load_recipe("lenet300-lognormal").to_dict()
+    model = build_model("lenet300", (6,), num_classes=2)
+    monkeypatch.chdir(work)
+    for where in (outside, near):
+        recipe["data"]["name"] = str(where / "d.npz")
+        save_model(model, near / f"{where.name}.pt", recipe=recipe)
+    with pytest.raises(DataError, match=r"outside this folder and the model's.*pass --data"):
+        evaluate_file(near / "outside.pt")
+    assert evaluate_file(near / "outside.pt", data=str(outside / "d.npz"))["data"] == "d"
+    assert evaluate_file(near / "models.pt")["data"] == "d"  # beside the model: read

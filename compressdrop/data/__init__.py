@@ -212,6 +212,15 @@ def absolute_spec(spec: str) -> str:
     return f"{kind}{Path(where).resolve()}{sep}{rest}"
 
 
+def spec_path(spec: str) -> Path | None:
+    """The file or folder a data spec names (``text:PATH,context=N`` → ``PATH``; ``x.npz``; a
+    folder of images), or None for built-in data."""
+    kind = next((k for k in _PATH_KINDS if spec.startswith(k)), "")
+    where = spec[len(kind) :].partition(",")[0] if kind else spec
+    named = kind or spec.endswith(".npz") or (spec not in _BUILT_IN and Path(spec).exists())
+    return Path(where) if named and where else None
+
+
 _PATH_KINDS = ("text:", "images:", "fashion-mnist:")
 _BUILT_IN = ("digits", "fashion-mnist")
 

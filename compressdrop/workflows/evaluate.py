@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..arch import Factory
-from ..data import load_dataset
+from ..data import load_dataset, spec_path
 from ..errors import DataError, InputError
 from ..runtime import check_labels, run_on_examples
 from .jobs import load_fitting
@@ -244,6 +244,7 @@ def _data_for(
     spec = (_recorded_recipe(model).get("data") or {}).get("name")
     if not (isinstance(spec, str) and spec):
         return load_dataset("digits")
+    _check_recorded_path(model_path, spec)
     if announce is not None:
         announce(f"data: {spec} (what {model_path} was trained on; choose other data with --data)")
     try:
@@ -253,6 +254,26 @@ def _data_for(
             f"{model_path} was trained on data {spec!r}, which cannot be read here ({e}); "
             "name the data to use with --data"
         ) from None
+
+
+def _check_recorded_path(model_path: str | Path, spec: str) -> None:
+    """A path the model file records as its data is read without ``--data`` only inside the
+    working folder or the model's own: a shared file could name any path (``text:/``, which
+    read the whole file system; ``/etc/passwd``, scored as text).
+
+    Raises:
+        DataError: the path lies elsewhere; the message gives the ``--data`` to use it.
+    """
+    path = spec_path(spec)
+    if path is None:
+        return
+    near = (Path.cwd().resolve(), Path(model_path).resolve().parent)
+    if not any(path.resolve().is_relative_to(folder) for folder in near):
+        raise DataError(
+            f"{model_path} records its data as {spec!r}, outside this folder and the model's; "
+            f"compressdrop reads a path a model file names only there: to use it, pass --data "
+            f"{spec!r}"
+        )
 
 
 def _onnx_classes(path: str | Path) -> list[str] | None:
