@@ -226,3 +226,37 @@ def test_calls_that_run_or_write_what_the_file_says_are_refused(target, good, tm
     crafted = _edited(good, tmp_path / "crafted.pt2", _set("nodes.0.target", target))
     with pytest.raises(CheckpointError, match="refused: a node calls"):
         check_pt2_archive(crafted)
+
+
+class _Dashed(nn.Module):
+    """Module paths with "-" in them, as torchvision's RegNet names its blocks ("block1-0")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential()
+        self.trunk.add_module("block1-0", nn.Linear(4, 4))
+        self.trunk.get_submodule("block1-0").register_buffer("scale-1", torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.trunk.get_submodule("block1-0")
+        return block(x) * block.get_buffer("scale-1")
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_module_paths_with_dashes_load_and_quotes_do_not(tmp_path):
+    """A RegNet `.pt2`, the slim one compressdrop wrote too, was refused ("a name is not an
+    identifier: 'trunk_output.block1.block1-0.proj.0.weight'"): FX writes such a path quoted."""
+    model = _Dashed().eval()
+    x = torch.randn(3, 4)
+    program = torch.export.export(model, (x,))
+    torch.export.save(program, tmp_path / "dashed.pt2")
+    torch.testing.assert_close(load_program_safely(tmp_path / "dashed.pt2").module()(x), model(x))
+
+    def quoted(doc):
+        for spec in doc["graph_module"]["signature"]["input_specs"]:
+            if "parameter" in spec:
+                spec["parameter"]["parameter_name"] = 'trunk.block1-0"),os.system("x'
+
+    crafted = _edited(tmp_path / "dashed.pt2", tmp_path / "quoted.pt2", quoted)
+    with pytest.raises(CheckpointError, match="a module path is not dotted names"):
+        check_pt2_archive(crafted)

@@ -43,6 +43,9 @@ def _matches(pattern: str, what: str, longest: int = 1000) -> Check:
 
 
 _NAME = _matches(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", "a name is not an identifier")
+# a parameter's or module's path: its parts may hold "-" too (torchvision's RegNet names its
+# blocks "block1-0"), which FX writes quoted, getattr(self, "block1-0"), never as code
+_PATH = _matches(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "a module path is not dotted names")
 
 
 def _TEXT(value: str) -> str | None:
@@ -58,7 +61,12 @@ def _refused(what: str) -> Check:
 
 
 def _fqn(value: str) -> str | None:
-    """A name, or "" (the root module's path; a positional argument's name)."""
+    """A module path, or "" (the root module's)."""
+    return None if value == "" else _PATH(value)
+
+
+def _argument(value: str) -> str | None:
+    """An argument's name, or "" (a higher-order op's positional arguments)."""
     return None if value == "" else _NAME(value)
 
 
@@ -78,10 +86,7 @@ def string_checks(target: Check, expr: Check, spec: Check) -> dict[tuple[str, st
     names = [
         *("SymIntArgument.as_name", "SymFloatArgument.as_name", "SymBoolArgument.as_name"),
         *("TensorArgument.name", "TokenArgument.name", "GraphArgument.name"),
-        *("Node.name", "InputToConstantInputSpec.name", "InputToParameterSpec.parameter_name"),
-        *("InputToBufferSpec.buffer_name", "InputToTensorConstantSpec.tensor_constant_name"),
-        *("BufferMutationSpec.buffer_name", "ParameterMutationSpec.parameter_name"),
-        *("GradientToParameterSpec.parameter_name", "GradientToUserInputSpec.user_input_name"),
+        *("Node.name", "InputToConstantInputSpec.name", "GradientToUserInputSpec.user_input_name"),
         *("UserInputMutationSpec.user_input_name", "ModuleCallSignature.forward_arg_names"),
         "NamedTupleDef.field_names",
     ]
@@ -89,8 +94,19 @@ def string_checks(target: Check, expr: Check, spec: Check) -> dict[tuple[str, st
     compiled = _refused("it holds compiled code")
     checks: dict[tuple[str, str], Check] = {
         **{tuple(n.split(".")): _NAME for n in names},  # type: ignore[misc]
+        **{
+            tuple(n.split(".")): _PATH  # type: ignore[misc]
+            for n in (
+                *("InputToParameterSpec.parameter_name", "InputToBufferSpec.buffer_name"),
+                *(
+                    "InputToTensorConstantSpec.tensor_constant_name",
+                    "BufferMutationSpec.buffer_name",
+                ),
+                *("ParameterMutationSpec.parameter_name", "GradientToParameterSpec.parameter_name"),
+            )
+        },
         ("ModuleCallEntry", "fqn"): _fqn,
-        ("NamedArgument", "name"): _fqn,  # "" for a higher-order op's positional arguments
+        ("NamedArgument", "name"): _argument,
         ("Node", "target"): target,
         ("Argument", "as_operator"): target,
         ("SymExpr", "expr_str"): expr,
@@ -124,7 +140,7 @@ _KEYS: dict[tuple[str, str], Check] = {
     ("GraphModule", "treespec_namedtuple_fields"): _NAME,
     ("ExportedProgram", "opset_version"): _NAME,
     ("ExportedProgram", "range_constraints"): _NAME,
-    ("PayloadConfig", "config"): _NAME,
+    ("PayloadConfig", "config"): _PATH,
 }
 # node metadata whose values torch does more with than keep them as text
 _METADATA = {"source_fn_stack": _source_fns}
