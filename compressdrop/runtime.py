@@ -7,11 +7,13 @@ but absent" is one error with one message.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .errors import InputError
 
@@ -21,6 +23,8 @@ __all__ = [
     "is_traced",
     "linear",
     "logits_of",
+    "max_length",
+    "no_cache",
     "ort_feed_dtype",
     "ort_session",
     "resolve_device",
@@ -194,3 +198,40 @@ def ort_feed_dtype(inp: Any) -> type:
     import numpy as np
 
     return np.int64 if inp.type == "tensor(int64)" else np.float32
+
+
+@contextlib.contextmanager
+def no_cache(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face model's ``config.use_cache`` off for an export: the graph maps token ids to
+    logits, without the key/value cache object (no ONNX form; a ``torch.export`` output torch
+    cannot flatten)."""
+    config = getattr(model, "config", None)
+    was = getattr(config, "use_cache", None)
+    if was:
+        config.use_cache = False  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        if was:
+            config.use_cache = was  # type: ignore[union-attr]
+
+
+# config fields that bound a model's sequence length (BERT, LLaMA; GPT-2)
+_POSITIONS = ("max_position_embeddings", "n_positions")
+
+
+def max_length(model: nn.Module, default: int = 1 << 16) -> int:
+    """The longest sequence ``model`` takes: its (or a submodule's Hugging Face) config's
+    ``max_position_embeddings`` or ``n_positions``, or the bound a program rebuilt as a module
+    records (``program_max_length``: the range its exported length was given), else
+    ``default``. A dynamic length beyond it fails ``torch.export``'s range check: BERT slices
+    its position ids, a buffer of that length."""
+    for module in model.modules():  # a wrapper's (an MC sampler's) inner model's too
+        config = getattr(module, "config", None)
+        for value in (
+            *(getattr(config, f, None) for f in _POSITIONS),
+            vars(module).get("program_max_length"),
+        ):
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return min(value, default)
+    return default

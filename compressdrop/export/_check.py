@@ -27,7 +27,6 @@ __all__ = [
     "export_shapes",
     "fixed_gate_factors",
     "made_by",
-    "max_length",
     "token_lengths",
     "with_lengths",
 ]
@@ -114,24 +113,6 @@ def export_shapes(
     return tuple({0: batch} for _ in xs)
 
 
-# config fields that bound a model's sequence length (BERT, LLaMA; GPT-2)
-_POSITIONS = ("max_position_embeddings", "n_positions")
-
-
-def max_length(model: nn.Module, default: int = 1 << 16) -> int:
-    """The longest sequence ``model`` takes: its (or a submodule's Hugging Face) config's
-    ``max_position_embeddings`` or ``n_positions`` where it has one, else ``default``. A dynamic
-    length beyond it fails ``torch.export``'s range check: BERT slices its position ids, a
-    buffer of that length."""
-    for module in model.modules():  # a wrapper's (an MC sampler's) inner model's too
-        config = getattr(module, "config", None)
-        for field in _POSITIONS:
-            value = getattr(config, field, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
-                return min(value, default)
-    return default
-
-
 def draw_like(example: torch.Tensor, batch: int) -> torch.Tensor:
     """A fresh random batch of ``batch`` inputs like ``example`` (token ids within its ids)."""
     shape = (batch, *example.shape[1:])
@@ -181,7 +162,7 @@ def export_dims(
 ) -> dict[int, torch.export.Dim]:
     """The dynamic dimensions of an export of inputs like ``x``: the batch, and with
     ``check_lengths`` dimension 1 (the sequence of token ids) too, from 2 to ``longest``
-    (:func:`max_length`).
+    (:func:`~compressdrop.runtime.max_length`).
 
     Raises:
         ExportError: ``check_lengths`` for inputs without a dimension 1, or beyond ``longest``.

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._io import atomic_write
 from ..gating.inputs import run_example
+from ..runtime import max_length, no_cache
 from ._check import (
     ExportError,
     ExportMismatchError,
@@ -27,7 +28,6 @@ from ._check import (
     export_shapes,
     fixed_gate_factors,
     made_by,
-    max_length,
 )
 from ._gemm import gemm_linears
 
@@ -74,21 +74,6 @@ def _quiet_exporter() -> Iterator[None]:
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
-
-
-@contextlib.contextmanager
-def no_cache(model: nn.Module) -> Iterator[None]:
-    """A Hugging Face model's ``config.use_cache`` off for the export: the graph maps token ids to
-    logits, without the key/value cache object, which has no ONNX form."""
-    config = getattr(model, "config", None)
-    was = getattr(config, "use_cache", None)
-    if was:
-        config.use_cache = False  # type: ignore[union-attr]
-    try:
-        yield
-    finally:
-        if was:
-            config.use_cache = was  # type: ignore[union-attr]
 
 
 @contextlib.contextmanager

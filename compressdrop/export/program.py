@@ -18,6 +18,7 @@ from torch import nn
 from .._io import atomic_write
 from ..gating.inputs import run_example
 from ..programs.records import META_FILE
+from ..runtime import max_length, no_cache
 from ._check import (
     ExportError,
     as_inputs,
@@ -27,10 +28,9 @@ from ._check import (
     export_shapes,
     fixed_gate_factors,
     made_by,
-    max_length,
     output_arrays,
 )
-from .onnx import _quiet_exporter, no_cache
+from .onnx import _quiet_exporter
 
 __all__ = ["META_FILE", "ProgramReport", "export_program"]
 

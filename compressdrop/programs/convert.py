@@ -155,7 +155,29 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
             graph.erase_node(node)
     graph.lint()
     # a plain GraphModule: the program's own refuses train()/eval(), which training needs
-    return ProgramModule(gm, graph).eval()
+    module = ProgramModule(gm, graph).eval()
+    longest = _length_bound(program)
+    if longest is not None:  # read by compressdrop.runtime.max_length when it is exported
+        # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
+        module.program_max_length = longest  # type: ignore[assignment]
+    return module
+
+
+def _length_bound(program: torch.export.ExportedProgram) -> int | None:
+    """The most its only input's dimension 1 may be where that dimension is dynamic (token ids
+    of any length up to a position table's): the upper end of its exported range."""
+    inputs = [
+        s.arg.name
+        for s in program.graph_signature.input_specs
+        if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    nodes = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    val = nodes[inputs[0]].meta.get("val") if len(inputs) == 1 and inputs[0] in nodes else None
+    if val is None or val.dim() < 2 or not isinstance(val.shape[1], torch.SymInt):
+        return None
+    ranges = program.range_constraints.get(val.shape[1].node.expr)
+    upper = getattr(ranges, "upper", None)
+    return int(upper) if upper is not None and getattr(upper, "is_finite", False) else None
 
 
 def _loses_a_read_tensor(

@@ -4,6 +4,7 @@ and the ``arch`` record of a model that has no factory.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import zipfile
@@ -14,6 +15,7 @@ from torch import fx, nn
 
 from .._attrs import set_record
 from ..errors import CheckpointError
+from ..runtime import max_length, no_cache
 from .convert import program_to_module
 from .load import load_program_safely
 from .safety import _MALFORMED, Source, _read
@@ -173,8 +175,7 @@ def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, A
     was = model.training
     model.eval()
     try:
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        program = torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+        program = _export_dense(model, example_input)
     except Exception as e:
         raise CheckpointError(
             f"torch.export cannot capture {type(model).__name__} ({type(e).__name__}: "
@@ -191,10 +192,29 @@ def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, A
     }
 
 
+def _export_dense(model: nn.Module, x: torch.Tensor) -> torch.export.ExportedProgram:
+    """``model`` exported with a dynamic batch and, for token ids ``(B, T)``, a dynamic length up
+    to :func:`~compressdrop.runtime.max_length` where the model allows one (else the length
+    fixed); a Hugging Face model without its key/value cache (an output torch cannot flatten).
+    A pickled BERT or LLaMA had been recorded at its example's length: its slim model exported
+    at that length alone, and a slim decoder could not generate."""
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with no_cache(model):
+        if x.dtype in (torch.int64, torch.int32) and x.dim() == 2 and x.shape[1] >= 4:
+            length = torch.export.Dim("length", min=2, max=max_length(model))
+            with contextlib.suppress(Exception):  # a model of one length: the batch alone
+                return torch.export.export(model, (x,), dynamic_shapes=({0: batch, 1: length},))
+        return torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+
+
 def _input_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
-    """One example's static shape from the program's only input, if it has one."""
+    """One example's shape from the program's only input, if it has one (a dynamic length: the
+    example's)."""
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     val = inputs[0].meta.get("val") if len(inputs) == 1 else None
-    if val is None or not all(isinstance(s, int) for s in val.shape[1:]):
+    if val is None:
         return None
-    return tuple(int(s) for s in val.shape[1:])
+    # a dynamic length (token ids): the example's, which the program keeps as the size's hint
+    sizes = [s if isinstance(s, int) else getattr(s.node, "hint", None) for s in val.shape[1:]]
+    ints = [s for s in sizes if isinstance(s, int)]
+    return tuple(ints) if len(ints) == len(sizes) else None
