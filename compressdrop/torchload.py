@@ -64,7 +64,9 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
                     lambda: torch.load(path, map_location="cpu", weights_only=False)
                 )
             with torch.serialization.safe_globals(_inert_globals()):
-                return _arrays_in(torch.load(path, map_location="cpu", weights_only=True))
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+            _check_tree(loaded, path)
+            return _arrays_in(loaded)
     except pickle.UnpicklingError as e:
         refused = re.search(r"compressdrop refuses [^\n]*", str(e))
         if refused and not trust_code:
@@ -95,6 +97,8 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         raise CheckpointError(
             f"{path}: corrupt or unreadable checkpoint ({_first_line(cause)})"
         ) from None
+    except CheckpointError:
+        raise
     except Exception as e:
         # With weights_only=True no code from the file runs, so any other exception comes from a
         # damaged stream (torch's unpickler raises IndexError, KeyError, UnicodeDecodeError, ...).
@@ -217,6 +221,52 @@ def _scalar(dtype: Any, raw: Any = None) -> Any:
     if len(raw) != dtype.dtype.itemsize:
         raise _Refused("compressdrop refuses a numpy scalar whose pickled state is odd")
     return np.frombuffer(raw, dtype=dtype.dtype)[0].copy()
+
+
+# the most values a file's data may unfold into when walked as a tree: a part shared by several
+# containers (pickle keeps it shared) counts once per place it sits; 60 levels of x = [x, x], a
+# 2 KB file, unfold into 2**60
+_MOST_VALUES = 10_000_000
+
+
+def _check_tree(obj: Any, path: Path) -> None:
+    """Refuse data whose walk as a tree (here, and by the readers of its records) would not end:
+    more than :data:`_MOST_VALUES` values once shared parts are counted where they sit; and a
+    tensor that views more values than its storage holds (a stride-0 view of one byte as a
+    billion: copying it, as the bytes of an embedded program are, took gigabytes)."""
+    import argparse
+
+    counted: dict[int, int] = {}
+
+    def values(x: Any, depth: int) -> int:
+        if id(x) in counted:
+            return counted[id(x)]
+        counted[id(x)] = 1  # (a cycle counts once)
+        if isinstance(x, torch.Tensor):
+            if x.numel() * x.element_size() > x.untyped_storage().nbytes():
+                raise CheckpointError(
+                    f"{path}: refused: a tensor of {x.numel():,} values over a storage of "
+                    f"{x.untyped_storage().nbytes():,} bytes (it views the same bytes many times)"
+                )
+            return 1
+        parts = (
+            [*x.keys(), *x.values()] if isinstance(x, dict)
+            else vars(x).values() if isinstance(x, argparse.Namespace)
+            else x if isinstance(x, list | tuple)
+            else ()
+        )  # fmt: skip
+        n = 1
+        for part in parts if depth < 100 else ():
+            n += values(part, depth + 1)
+            if n > _MOST_VALUES:
+                raise CheckpointError(
+                    f"{path}: refused: its data unfolds into more than {_MOST_VALUES:,} values "
+                    "(parts shared by many containers): reading it would not end"
+                )
+        counted[id(x)] = n
+        return n
+
+    values(obj, 0)
 
 
 def _arrays_in(obj: Any, depth: int = 0) -> Any:

@@ -12,7 +12,7 @@ import contextlib
 import re
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -32,7 +32,23 @@ SHIPPED_RECIPES: Traversable = resources.files(__package__).joinpath("shipped")
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-3`` and ``5E2`` as numbers as YAML 1.2 does (YAML 1.1,
     which PyYAML follows, wants a dot: ``1.0e-3``; without it they were strings, refused as
-    ``gates.kwargs`` or ``gates.kl_scale`` values)."""
+    ``gates.kwargs`` or ``gates.kl_scale`` values). An alias may name a scalar (``*lr``), not a
+    list or mapping: forty nested aliases of a 1 KB file unfold into 2**40 values when the
+    recipe is checked and printed (a recipe that never loads)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if isinstance(node, yaml.CollectionNode):
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"*{event.anchor} repeats a list or mapping; recipes take aliases of single "
+                    "values only (write the list or mapping out)",
+                    event.start_mark,
+                )
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(

@@ -1,0 +1,54 @@
+"""Small files whose data unfolds without end (a fifth security review): a 2 KB checkpoint of
+``x = [x, x]`` sixty times over (pickle keeps the parts shared; every walk of the data as a tree
+visits 2**60 values), a stride-0 view of one byte as eight billion (copied as an embedded
+program's bytes: 8 GB), and a recipe of nested YAML aliases (a billion laughs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compressdrop.checkpoint import load_model
+from compressdrop.errors import CheckpointError
+from compressdrop.recipes import load_recipe
+from compressdrop.recipes.config import RecipeError
+from compressdrop.torchload import load_checkpoint
+
+
+def test_shared_parts_that_unfold_past_a_bound_are_refused_at_once(tmp_path):
+    x: list = []
+    for _ in range(60):
+        x = [x, x]
+    torch.save({"meta": x}, tmp_path / "dag.pt")
+    with pytest.raises(CheckpointError, match="unfolds into more than 10,000,000 values"):
+        load_checkpoint(tmp_path / "dag.pt")
+
+
+def test_shared_parts_within_the_bound_and_tied_weights_load(tmp_path):
+    part = {"lr": 0.1, "sizes": list(range(100))}
+    weight = torch.randn(4, 3)
+    torch.save({"a": part, "b": part, "w": weight, "tied": weight}, tmp_path / "ok.pt")
+    loaded = load_checkpoint(tmp_path / "ok.pt")
+    assert loaded["a"] == loaded["b"] == part
+    assert loaded["tied"].untyped_storage().data_ptr() == loaded["w"].untyped_storage().data_ptr()
+
+
+def test_a_tensor_that_views_more_values_than_its_storage_is_refused(tmp_path):
+    view = torch.zeros(1, dtype=torch.uint8).as_strided((1_000_000,), (0,))
+    torch.save({"arch": {"program": view}}, tmp_path / "stride0.pt")
+    with pytest.raises(CheckpointError, match="a tensor of 1,000,000 values over a storage of 1"):
+        load_model(tmp_path / "stride0.pt")
+
+
+def test_a_recipe_may_alias_a_value_but_not_a_list_or_mapping(tmp_path):
+    lines = ["x0: &x0 [lol, lol, lol]"]
+    lines += [f"x{i}: &x{i} [*x{i - 1}, *x{i - 1}, *x{i - 1}]" for i in range(1, 30)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\nname: laughs\n")
+    with pytest.raises(RecipeError, match=r"\*x0 repeats a list or mapping"):
+        load_recipe(tmp_path / "laughs.yaml")
+    (tmp_path / "ok.yaml").write_text(
+        "name: aliased\nmodel: {arch: lenet300}\n"
+        "stages:\n  sparsify: {epochs: 1, lr: &lr 0.002}\n  finetune: {epochs: 1, lr: *lr}\n"
+    )
+    recipe = load_recipe(tmp_path / "ok.yaml")
+    assert recipe.stages.finetune.lr == recipe.stages.sparsify.lr == 0.002
