@@ -66,11 +66,17 @@ def why_no_folder(model: nn.Module) -> str | None:
         return "a folder is written for Hugging Face transformers models only"
     arch = getattr(model, "arch", None)
     if not isinstance(arch, Mapping) or "program" in arch:
+        causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
         return (
             "a folder is written from a Hugging Face model folder (or a compressdrop checkpoint "
             "of one); this model was read from a pickled module, so its slim model is rebuilt "
-            "as a torch.export program, without its config: save it with save_pretrained and "
-            "prune that folder instead"
+            "as a torch.export program, without its config: "
+            + (
+                "save it with save_pretrained and prune that folder instead"
+                if causal  # compressdrop reads causal-LM folders only
+                else "save its state_dict and name a function of yours that builds the model "
+                "with --arch module:function, or write .pt2, .onnx or .pt"
+            )
         )
     return None
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import compressdrop as cd
+from compressdrop.errors import InputError
 from compressdrop.export import ExportError, ExportMismatchError, export_onnx, load_onnx_metadata
 from compressdrop.export.program import export_program
 from compressdrop.models import build_model
@@ -276,3 +277,13 @@ def test_a_slim_model_pruned_at_the_default_threshold_records_it_in_words():
     cd.attach(model, example_inputs=torch.randn(2, 1, 8, 8))
     assert cd.prune(model).prune_report.metadata()["threshold"] == "the family's default (1)"
     assert cd.prune(model, 0.5).prune_report.metadata()["threshold"] == "0.5"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_folder_no_file_can_be_made_in_is_named_before_any_work():
+    """As root, os.access says /proc is writable; the export then failed naming a temporary
+    file (``/proc/tmpsk0o2430``), not the path given (a new-user walk)."""
+    from compressdrop.workflows import check_writable
+
+    with pytest.raises(InputError, match=r"cannot write /proc/a\.onnx: directory /proc is not"):
+        check_writable("/proc/a.onnx")

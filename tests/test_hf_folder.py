@@ -400,3 +400,22 @@ def test_a_pickled_model_is_told_before_training_that_no_folder_can_come_of_it(t
     assert res.exit_code == 1, res.output
     assert "read from a pickled module" in res.output and "save_pretrained" in res.output
     assert "epoch" not in res.output and not (tmp_path / "slim").exists()
+
+
+def test_a_pickled_classifier_is_not_told_to_save_a_folder_that_is_refused(tmp_path):
+    """A pickled BERT classifier was told to save_pretrained and prune that folder, which is
+    refused (a folder must hold a causal LM): the advice went round in a circle."""
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=2,
+    )  # fmt: skip
+    torch.save(transformers.BertForSequenceClassification(config), tmp_path / "bert.pt")
+    args = ["prune", tmp_path / "bert.pt", "--trust-pickle", "--data", "digits", "--uniform"]
+    res = CliRunner().invoke(main, [str(a) for a in [*args, "-o", tmp_path / "slim"]])
+    assert res.exit_code == 1, res.output
+    assert "--arch module:function" in res.output and "save_pretrained" not in res.output
+    assert not (tmp_path / "slim").exists()

@@ -9,6 +9,7 @@ names the file and the problem.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,8 +51,6 @@ def check_writable(path: str | Path, source: str | Path | None = None) -> None:
     Raises:
         InputError: naming the file and the folder.
     """
-    import os
-
     if not str(path).strip():
         raise InputError("cannot write to an empty file name")
     if Path(path).name in ("", ".."):  # "." (Path("") too), "/", ".."
@@ -61,8 +60,11 @@ def check_writable(path: str | Path, source: str | Path | None = None) -> None:
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise InputError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"cannot write {path}: directory {parent} is not writable")
+    try:  # a file made there: os.access says yes to root, in /proc and /sys too
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        why = f"directory {parent} is not writable ({e.strerror})"
+        raise InputError(f"cannot write {path}: {why}") from None
     reads = Path(source) if source is not None else None
     # (a folder: check_folder_output says more, a Hugging Face model's own folder included)
     if reads is not None and reads.exists() and Path(path).is_file() and reads.samefile(path):
