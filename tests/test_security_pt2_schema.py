@@ -260,3 +260,52 @@ def test_module_paths_with_dashes_load_and_quotes_do_not(tmp_path):
     crafted = _edited(tmp_path / "dashed.pt2", tmp_path / "quoted.pt2", quoted)
     with pytest.raises(CheckpointError, match="a module path is not dotted names"):
         check_pt2_archive(crafted)
+
+
+# --- a sixth review: a string input's value in the guard code torch generates ------------------
+
+
+class _TakesAString(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, mode: str = "a") -> torch.Tensor:
+        return self.fc(x)
+
+
+def _string_input(value: str):
+    """An edit that sets the program's string input (and its constant) to ``value``."""
+
+    def edit(doc):
+        graph = doc["graph_module"]["graph"]
+        graph["inputs"] = [{"as_string": value} if "as_string" in i else i for i in graph["inputs"]]
+        for spec in doc["graph_module"]["signature"]["input_specs"]:
+            if "constant_input" in spec:
+                spec["constant_input"]["value"] = {"as_string": value}
+
+    return edit
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_string_input_cannot_break_out_of_the_guard_code(tmp_path):
+    """``ExportedProgram.module()`` writes a string input's value into guard code between
+    single quotes, unescaped, and runs it: a backslash-newline and a quote ran the file's code
+    at load. Strings with quotes, backslashes or line breaks are refused, and the module is
+    built without the guard code."""
+    from compressdrop.programs import convert
+
+    program = torch.export.export(_TakesAString(), (torch.randn(2, 4), "abc"))
+    torch.export.save(program, tmp_path / "good.pt2")
+    marker = tmp_path / "marker"
+    code = list(f"open({str(marker)!r}, 'w').write('x')".encode())  # no quote of its own
+    payload = "\\\n',1)\nexec(bytes(" + str(code) + "))\ndef f():\n  return 1#"
+    crafted = _edited(tmp_path / "good.pt2", tmp_path / "evil.pt2", _string_input(payload))
+    with pytest.raises(CheckpointError, match="a string holds quotes, backslashes or line breaks"):
+        check_pt2_archive(crafted)
+    # and were it let through, the module is built without torch's guard code
+    loaded = torch.export.load(crafted)
+    convert.program_to_module(loaded)
+    assert not marker.exists()
+    loaded.module()  # (torch's own: the guard code runs the payload)
+    assert marker.exists()

@@ -54,6 +54,10 @@ def _TEXT(value: str) -> str | None:
 
 
 _UNKNOWN = _matches(r"[A-Za-z0-9_.:-]*", "a field torch's schema adds holds more than a name", 200)
+# an op's string argument or a string input ("tanh", "floor", "bij,bjk->bik", "reflect"): printable
+# ASCII without quotes and backslashes (torch pastes a string input's value into the guard code it
+# generates and runs, between single quotes)
+_STRING = _matches(r"[ !#-&(-\[\]-~]*", "a string holds quotes, backslashes or line breaks")
 
 
 def _refused(what: str) -> Check:
@@ -113,9 +117,9 @@ def string_checks(target: Check, expr: Check, spec: Check) -> dict[tuple[str, st
         ("ModuleCallSignature", "in_spec"): spec,
         ("ModuleCallSignature", "out_spec"): spec,
         ("Device", "type"): _matches(r"[a-z_]+", "a device is not a device type", 40),
-        ("Argument", "as_string"): _TEXT,
-        ("Argument", "as_strings"): _TEXT,
-        ("ConstantValue", "as_string"): _TEXT,
+        ("Argument", "as_string"): _STRING,
+        ("Argument", "as_strings"): _STRING,
+        ("ConstantValue", "as_string"): _STRING,
         ("Node", "metadata"): _TEXT,  # a stack trace, a module path: kept as text (but _METADATA)
         ("GraphModule", "metadata"): _TEXT,
         ("ExportedProgram", "torch_version"): _TEXT,
