@@ -25,11 +25,12 @@ programs into modules, :mod:`.records` ties them to compressdrop's ``arch`` reco
 from .convert import ProgramModule as ProgramModule
 from .convert import program_to_module
 from .load import load_program_safely
-from .records import load_program, program_record
+from .records import ProgramWarning, load_program, program_record
 from .safety import Source as Source
 from .safety import check_pt2_archive, is_pt2
 
 __all__ = [
+    "ProgramWarning",
     "check_pt2_archive",
     "is_pt2",
     "load_program",

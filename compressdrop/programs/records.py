@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 import zipfile
 from typing import Any
 
@@ -20,7 +21,7 @@ from .convert import program_to_module
 from .load import load_program_safely
 from .safety import _MALFORMED, Source, _read
 
-__all__ = ["META_FILE", "load_program", "program_record"]
+__all__ = ["META_FILE", "ProgramWarning", "load_program", "program_record"]
 
 
 def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
@@ -102,6 +103,16 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         return  # several inputs, or a dynamic batch
     batch = int(val.shape[0])
     shape = tuple(int(d) for d in val.shape[1:])
+    why = _too_big_to_run(gm, batch)
+    if why:  # the check's run would take more memory than a model of its weights should
+        warnings.warn(
+            f"compressdrop: {where}: its batch-size check was not run ({why}); if it was "
+            "exported with a fixed batch size that its graph depends on, it gives wrong outputs "
+            "at other sizes",
+            ProgramWarning,
+            stacklevel=4,  # load_program's caller (no_grad adds a frame)
+        )
+        return
     with torch.random.fork_rng(devices=[]):
         x = (
             torch.rand(batch + 1, *shape, dtype=val.dtype) + 0.5  # positive: log and sqrt too
@@ -126,6 +137,57 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
             "batch: torch.export.export(model, (x,), dynamic_shapes=({0: "
             "torch.export.Dim('batch')},))"
         )
+
+
+class ProgramWarning(UserWarning):
+    """A ``.pt2`` program loaded without a check compressdrop would have made."""
+
+
+#: what the check's run may allocate: 64 times the weights' bytes plus 256 MB. Every tensor of
+#: a forward pass, all kept, comes to 2.2 times its weights for ResNet-18 at batch 3 and 3.4 for
+#: ViT-B/16: these pass exported at a batch of 50 or more, small nets by the fixed part. A graph
+#: that asks for more (a 13 KB file made ``aten.ones([45000, 45000])``, 8 GB, at load) is not
+#: run to be judged.
+_RUN_PER_WEIGHT_BYTE, _RUN_FIXED_BYTES = 64, 256 << 20
+
+
+def _too_big_to_run(gm: nn.Module, batch: int) -> str:
+    """Why the graph is not run at ``batch`` + 1 for the check, or "" if it may be: the bytes of
+    every tensor its nodes make (their sizes are in the program, at its own batch: each size equal
+    to it is taken one larger, a ``(B, B)`` product's two too), against
+    :data:`_RUN_PER_WEIGHT_BYTE` times its weights plus :data:`_RUN_FIXED_BYTES`."""
+    total = 0
+    graphs = [m.graph for m in gm.modules() if isinstance(m, fx.GraphModule)]  # cond's branches too
+    for node in (n for g in graphs for n in g.nodes):
+        if node.op in ("get_attr", "output"):
+            continue  # the weights, there already; the outputs, made by the nodes
+        for t in _leaves(node.meta.get("val")):
+            size = _bytes(t, batch)
+            if size is None:
+                return f"the size of {node.name}'s output is not known before it runs"
+            total += size
+    weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
+    budget = _RUN_PER_WEIGHT_BYTE * weights + _RUN_FIXED_BYTES
+    if total <= budget:
+        return ""
+    return (
+        f"its graph's tensors come to {total / 2**20:,.0f} MiB at batch size {batch + 1}, over the "
+        f"{budget / 2**20:,.0f} MiB allowed for it: {_RUN_PER_WEIGHT_BYTE} times its weights "
+        f"plus {_RUN_FIXED_BYTES >> 20} MiB"
+    )
+
+
+def _bytes(t: torch.Tensor, batch: int) -> int | None:
+    """A (fake) tensor's bytes at ``batch`` + 1 from its shape at ``batch``, or None where a size
+    is symbolic and unhinted."""
+    n = t.element_size()
+    for d in t.shape:
+        try:
+            size = int(d)  # a symbolic size: the value it was exported at
+        except Exception:  # no such value: a size only the data decides
+            return None
+        n *= size + 1 if size == batch else size
+    return n
 
 
 def _fits(want: torch.Tensor, got: torch.Tensor, batch: int) -> bool:
