@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ __all__ = [
     "add_safe_factories",
     "build_arch",
     "check_spec",
+    "check_state_fits",
     "factory_spec",
     "safe_factories",
 ]
@@ -246,6 +248,91 @@ def build_arch(
     # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
     model.arch = {**own, **mine, "factory": spec, "kwargs": dict(rec.kwargs)}  # type: ignore[assignment]
     return model
+
+
+#: a slim file's weights against its dense architecture's: pruning keeps at least 1/64 of a
+#: network's weights in practice (a net pruned further is small: the fixed part, 256 MB of
+#: float32), so a record whose dense net is larger asks for memory its file does not justify
+_SLIM_PER_WEIGHT, _SLIM_FIXED = 64, 1 << 26
+
+
+def check_state_fits(
+    record: ArchRecord | Mapping[str, Any],
+    state: Any,
+    *,
+    kind: Any = "dense",
+    factory: Factory | str | None = None,
+    trust_code: bool = False,
+    where: str = "model file",
+    hint: str = "",
+) -> None:
+    """Refuse a record whose structure the file's weights cannot fill, before it is built.
+
+    The record's sizes (``input_shape``, ``num_classes``, ``kwargs``) are the file's: a 1.5 KB
+    checkpoint asked for a LeNet-300-100 of 10 million inputs and took 12 GB before its weights
+    were found not to fit. The model is built on the ``meta`` device (no memory) and its
+    ``state_dict`` compared with the file's: names and shapes exactly for a dense model; for a
+    gated one, as many weights at least (the gated file holds the dense weights under other
+    names, and its gates); for a slim one, at most 64 times as many plus 64 million
+    (:data:`_SLIM_PER_WEIGHT`, :data:`_SLIM_FIXED`). A program record is bounded where it is
+    loaded; a factory that cannot build on the ``meta`` device is built as before.
+
+    Args:
+        record: the structure, as for :func:`build_arch`.
+        state: the file's ``state_dict``.
+        kind: the checkpoint's kind: ``"dense"``, ``"gated"`` or ``"slim"``.
+        factory: as for :func:`build_arch`.
+        trust_code: as for :func:`build_arch`.
+        where: the file's name, for error messages.
+        hint: said after "the architecture" in the error (what was built).
+
+    Raises:
+        CheckpointError: the weights do not fit, or :func:`build_arch` refuses the record.
+    """
+    rec = record if isinstance(record, ArchRecord) else ArchRecord.from_dict(record, where)
+    if (rec.program is not None and factory is None) or not isinstance(state, Mapping):
+        return
+    try:
+        with torch.device("meta"):
+            shell = build_arch(rec, factory=factory, trust_code=trust_code, where=where)
+    except CheckpointError:
+        raise
+    except Exception:  # a factory that needs real tensors to build: built as before
+        return
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    why = _misfit(want, got, kind)
+    if why:
+        raise CheckpointError(f"{where}: weights do not fit the architecture{hint}: {why}")
+
+
+def _misfit(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], kind: Any) -> str:
+    """What keeps the file's weights (``got``) from the architecture's (``want``), or ""."""
+    count = lambda shapes: sum(math.prod(s) for s in shapes.values())  # noqa: E731
+    n_want, n_got = count(want), count(got)
+    if kind == "gated" and n_got < n_want:
+        return f"the file holds {n_got:,} weights, the architecture has {n_want:,}"
+    if kind == "slim" and n_want > _SLIM_PER_WEIGHT * n_got + _SLIM_FIXED:
+        return (
+            f"the architecture has {n_want:,} weights, more than {_SLIM_PER_WEIGHT} times the "
+            f"{n_got:,} the pruned file holds (plus {_SLIM_FIXED:,})"
+        )
+    if kind != "dense":
+        return ""
+    ddp = {k.removeprefix("module."): s for k, s in got.items() if k.startswith("module.")}
+    if len(ddp) == len(got) and ddp.keys() == want.keys():  # DDP's keys, as _load_state reads
+        got = ddp
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shapes = [f"{k} is {list(got[k])} in the file, {list(s)} in the architecture"
+              for k, s in want.items() if k in got and got[k] != s]  # fmt: skip
+    parts = [f"missing key(s) {_few(missing)}"] if missing else []
+    parts += [f"unexpected key(s) {_few(unexpected)}"] if unexpected else []
+    return "; ".join(parts + ([_few(shapes, "; ")] if shapes else []))
+
+
+def _few(items: list[str], sep: str = ", ") -> str:
+    return sep.join(items[:3]) + (" ..." if len(items) > 3 else "")
 
 
 def _resolve(

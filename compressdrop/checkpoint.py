@@ -32,7 +32,15 @@ from ._attrs import set_record
 from ._io import atomic_write
 from ._version import __version__
 from ._warn import recorded
-from .arch import ArchRecord, CheckpointError, Factory, build_arch, check_spec, factory_spec
+from .arch import (
+    ArchRecord,
+    CheckpointError,
+    Factory,
+    build_arch,
+    check_spec,
+    check_state_fits,
+    factory_spec,
+)
 from .errors import InputError
 from .gating import GatingWarning, attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
@@ -238,11 +246,12 @@ def load_model(
                 kwargs=dict(arch_kwargs or {}),
             )
             factory = arch
-        model = build_arch(record, factory=factory, where=str(path))
         hint = (
             f" {record.label}(**{dict(record.kwargs)}) (pass its arguments with --arch-arg "
             "NAME=VALUE, e.g. num_classes=10 or input_shape=[1,28,28])"
         )
+        check_state_fits(record, obj, factory=factory, where=str(path), hint=hint)
+        model = build_arch(record, factory=factory, where=str(path))
         _load_state(model, obj, path, hint)
         return model.eval()
     what = f"a dict of {list(obj)[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
@@ -314,8 +323,13 @@ def _from_payload(
         )
     if payload.get("slim_program") and factory is not None:  # refused before any factory runs
         raise CheckpointError(f"{path}: a slim model saved as its own program; --arch is not used")
-    model = build_arch(payload["arch"], factory=factory, trust_code=trust_code, where=str(path))
     kind = payload.get("kind")
+    arch, where = payload["arch"], str(path)
+    # the record's sizes against the file's weights, before any memory is taken for them
+    check_state_fits(
+        arch, payload["state_dict"], kind=kind, factory=factory, trust_code=trust_code, where=where
+    )
+    model = build_arch(arch, factory=factory, trust_code=trust_code, where=where)
     hint, baked = "", None
     if kind == "gated":
         specs = payload.get("inputs") or [{"shape": s} for s in payload["input_shape"]]

@@ -7,6 +7,7 @@ that loading never needs pickled code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,7 +49,7 @@ def lenet300_100(input_shape: Shape = (1, 28, 28), num_classes: int = 10) -> nn.
         input_shape: one example's shape; flattened.
         num_classes: outputs of the last layer.
     """
-    d = int(torch.tensor(input_shape).prod())
+    d = math.prod(input_shape)  # plain ints: builds on the meta device too
     model = nn.Sequential(
         nn.Flatten(),
         nn.Linear(d, 300),
