@@ -13,6 +13,7 @@ Pillow is imported only when a folder is read.
 from __future__ import annotations
 
 import struct
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,6 +45,10 @@ _NATURAL_MODE = {
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale PNG
 # What Pillow raises on a file that is not an image or is broken (truncated, bad chunks).
 _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+#: the most pixels one image may have, checked from its header before it is decoded: 8192 × 8192
+#: (a 256 MB float copy per channel); a 492 KB PNG of 13000 × 13000 zeros decoded to 2 GB
+_MAX_PIXELS = 1 << 26
+_FORMATS = ("PNG", "JPEG")  # what IMAGE_SUFFIXES name, and all Pillow may take a file for
 
 
 class ImageFolderError(DataError):
@@ -106,10 +111,22 @@ def _read(path: Path, channels: int | None) -> np.ndarray:
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as opened:
-            img = ImageOps.exif_transpose(opened)
-            img.load()
-    except (*_UNREADABLE, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():  # a bomb is refused below, or by Pillow: not a warning
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_FORMATS) as opened:
+                width, height = opened.size  # from the header: nothing is decoded yet
+                if width * height > _MAX_PIXELS:
+                    raise ImageFolderError(
+                        f"{path}: {width}×{height} pixels, more than the {_MAX_PIXELS:,} an "
+                        "image may have here; scale it down before loading the folder"
+                    )
+                img = ImageOps.exif_transpose(opened)
+                img.load()
+    except ImageFolderError:  # a ValueError, as Pillow's own errors are
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's cap
+        raise ImageFolderError(f"{path}: refused: {e}; scale it down") from None
+    except _UNREADABLE as e:
         raise ImageFolderError(f"{path}: not a readable image ({e})") from None
     if img.mode in _SIXTEEN_BIT:
         x = np.asarray(img, dtype=np.float32)[..., None] / 65535.0  # (H, W, 1)
@@ -137,24 +154,23 @@ def _stack(
     """Read every file into one ``(N, C, H, W)`` tensor, checking that channels and sizes agree."""
     import torch.nn.functional as F
 
-    images = [(path, _read(path, channels)) for path, _ in files]
+    out = []  # each image resized as it is read: one full-size copy at a time
+    for path, _ in files:
+        t = torch.from_numpy(np.ascontiguousarray(_read(path, channels))).permute(2, 0, 1)
+        if size is not None and tuple(t.shape[1:]) != size:  # (C, H, W)
+            # antialias: downscaling by a large factor would otherwise alias
+            t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True)[0]
+            t = t.clamp(0.0, 1.0)
+        out.append((path, t))
     by_channels: dict[int, Path] = {}
-    for path, x in images:
-        by_channels.setdefault(x.shape[2], path)
+    for path, t in out:
+        by_channels.setdefault(t.shape[0], path)
     if len(by_channels) > 1:
         found = ", ".join(f"{c} (e.g. {p})" for c, p in sorted(by_channels.items()))
         raise ImageFolderError(
             f"{root}: images have different channel counts: {found}; pass channels=1 "
             f"(grayscale) or channels=3 (RGB) to convert every image"
         )
-    out = []
-    for path, x in images:
-        t = torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)  # (C, H, W)
-        if size is not None and tuple(t.shape[1:]) != size:
-            # antialias: downscaling by a large factor would otherwise alias
-            t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True)[0]
-            t = t.clamp(0.0, 1.0)
-        out.append((path, t))
     if size is None:
         by_size: dict[tuple[int, int], Path] = {}
         for path, t in out:

@@ -12,6 +12,7 @@ Channels-last images are transposed with a :class:`DataWarning`, and ``uint8`` p
 
 from __future__ import annotations
 
+import math
 import warnings
 import zipfile
 import zlib
@@ -29,6 +30,10 @@ _ARRAYS = ("x", "y", "x_test", "y_test")
 _CHANNELS = (1, 3, 4)  # gray, RGB, RGBA: a last axis of this size marks channels-last images
 # What reading a damaged archive member raises (besides numpy's ValueError).
 _DAMAGED = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+#: how far a compressed array may expand: 100 times its compressed bytes, plus 256 MB for any
+#: array (``np.savez`` stores arrays uncompressed; ``np.savez_compressed`` of real data shrinks
+#: them a few times); 2 MB of deflated zeros made a 2 GB array
+_RATIO, _ANY_BYTES = 100, 256 << 20
 
 
 def _preview(values) -> str:
@@ -77,8 +82,12 @@ def _read(path: Path) -> dict[str, np.ndarray]:
         for k in _ARRAYS:
             if k not in z.files:
                 continue
+            assert z.zip is not None  # open until the with block ends
+            _check_size(path, z.zip, k)
             try:
                 a = z[k]
+            except MemoryError as e:  # numpy's _ArrayMemoryError among them
+                raise DataError(f"{path}: array {k!r} does not fit in memory ({e})") from None
             except ValueError as e:
                 if "pickle" in str(e):
                     raise _refuse_pickle(
@@ -98,6 +107,37 @@ def _read(path: Path) -> dict[str, np.ndarray]:
             f"neither (then a stratified split of x is held out)"
         )
     return arrays
+
+
+def _check_size(path: Path, archive: zipfile.ZipFile, key: str) -> None:
+    """Refuse, before numpy allocates it, an array whose header declares more bytes than its
+    member holds, or a member that expands past :data:`_RATIO` times its compressed size plus
+    :data:`_ANY_BYTES`."""
+    names = archive.namelist()
+    member = f"{key}.npy" if f"{key}.npy" in names else key
+    info = archive.getinfo(member)
+    if info.file_size > _RATIO * info.compress_size + _ANY_BYTES:
+        raise DataError(
+            f"{path}: array {key!r} expands from {info.compress_size:,} to {info.file_size:,} "
+            f"bytes, more than {_RATIO} times (a zip bomb?); save it with np.savez (uncompressed)"
+        )
+    try:
+        with archive.open(member) as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # 3.0 is for structured dtypes' unicode names, refused anyway
+                raise ValueError(f"format version {version} is not read here")
+    except (ValueError, *_DAMAGED) as e:
+        raise DataError(f"{path}: array {key!r} is damaged ({e})") from None
+    size = math.prod(shape) * dtype.itemsize
+    if size > info.file_size:  # numpy would allocate it all, then find the data short
+        raise DataError(
+            f"{path}: array {key!r} declares shape {shape} of {dtype} ({size:,} bytes) but its "
+            f"file holds {info.file_size:,} bytes"
+        )
 
 
 def _inputs(path: Path, x: np.ndarray, name: str, pixels: bool) -> tuple[np.ndarray, bool]:
@@ -127,8 +167,11 @@ def _inputs(path: Path, x: np.ndarray, name: str, pixels: bool) -> tuple[np.ndar
                 f"replace them, or drop those examples "
                 f"(keep = np.isfinite({name}).reshape(len({name}), -1).all(1))"
             )
-    with np.errstate(over="ignore"):
-        out = np.ascontiguousarray(x, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):
+            out = np.ascontiguousarray(x, dtype=np.float32)
+    except MemoryError as e:  # numpy's _ArrayMemoryError among them
+        raise DataError(f"{path}: {name} does not fit in memory as float32 ({e})") from None
     if pixels:
         out /= 255.0  # pixels in [0, 1], like digits, Fashion-MNIST and image folders
     big = ~np.isfinite(out)
