@@ -350,9 +350,12 @@ def _from_payload(
         from .pruning import PruneReport, replay
 
         rep = payload["prune_report"]
-        if not payload.get("slim_program"):  # else the program is the slim structure itself
-            replay(model, rep["history"])
-        report = PruneReport.from_dict(rep)
+        try:  # the history's names and indices are checked before they are walked
+            if not payload.get("slim_program"):  # else the program is the slim structure itself
+                replay(model, rep["history"])
+            report = PruneReport.from_dict(rep)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         set_record(model, "prune_report", report)
         if payload.get("slim_program"):
             baked = report.architecture_after

@@ -26,6 +26,7 @@ __all__ = [
     "max_length",
     "no_cache",
     "ort_feed_dtype",
+    "ort_run",
     "ort_session",
     "resolve_device",
     "run_on_examples",
@@ -112,6 +113,20 @@ def ort_session(
         raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     return session, session.get_providers()[0]
+
+
+def ort_run(session: Any, feeds: Mapping[str, Any], where: str | Path) -> Any:
+    """The first output of ``session.run(None, feeds)``.
+
+    Raises:
+        InputError: onnxruntime fails running the graph (a node that asks for more memory than
+            there is, a shape the graph does not take), with its message.
+    """
+    try:
+        return session.run(None, dict(feeds))[0]
+    except Exception as e:  # onnxruntime's own types (Fail, InvalidArgument, RuntimeException)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{where}: onnxruntime failed running it: {first[:500]}") from None
 
 
 def logits_of(out: Any) -> torch.Tensor:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..runtime import check_labels, ort_feed_dtype, ort_session
+from ..runtime import check_labels, ort_feed_dtype, ort_run, ort_session
 from .metrics import prediction_loss
 
 __all__ = ["evaluate_onnx"]
@@ -42,7 +42,7 @@ def evaluate_onnx(
     dtype = ort_feed_dtype(inp)  # token ids stay integers
     logits = np.concatenate(
         [
-            session.run(None, {name: x[i : i + batch_size].numpy().astype(dtype)})[0]
+            ort_run(session, {name: x[i : i + batch_size].numpy().astype(dtype)}, path)
             for i in range(0, len(x), batch_size)
         ]
     )

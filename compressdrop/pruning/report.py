@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BIAS", "HEADS", "STREAM", "LayerReport", "PruneReport"]
+from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["BIAS", "HEADS", "STREAM", "LayerReport", "PruneReport", "check_history"]
 
 HEADS = "heads"  # the pruning history's mark of an attention's removed heads
 BIAS = "bias"  # ... and of a layer given a bias to fold a pruned unit's constant into
@@ -106,7 +111,39 @@ class PruneReport:
             d["family"],
             d["threshold"],
             [LayerReport(**layer) for layer in d["layers"]],
-            d["history"],
+            check_history(d["history"]),
             d["max_rel_error"],
             bool(d.get("uniform", False)),  # (not recorded before 2026-12-06)
         )
+
+
+def check_history(history: Any, model: nn.Module | None = None) -> list:
+    """``history`` if every step is ``[name, kind, indices]``: a module's dotted name (one of
+    ``model.named_modules()`` when a model is given), ``True``/``False`` (Torch-Pruning's output
+    or input channels) or :data:`HEADS`, :data:`BIAS`, :data:`STREAM`, and indices that are
+    ints from 0 to below the module's largest size. A file's history is walked with ``getattr``
+    by the replay: ``__class__.__init__.__globals__`` reached a module's globals.
+
+    Raises:
+        CheckpointError: a step that is none of these, named.
+    """
+    modules = dict(model.named_modules()) if model is not None else None
+    if not isinstance(history, list):
+        raise CheckpointError(f"prune history: expected a list, got {type(history).__name__}")
+    for i, step in enumerate(history):
+        three = isinstance(step, list | tuple) and len(step) == 3
+        name, kind, idxs = step if three else (None, None, [])
+        ok = isinstance(name, str) and (isinstance(kind, bool) or kind in (HEADS, BIAS, STREAM))
+        ok = ok and isinstance(idxs, list) and all(type(j) is int and j >= 0 for j in idxs)
+        if ok and modules is not None:
+            module = modules.get(name)
+            sizes = [] if module is None else [*module.parameters(), *module.buffers()]
+            top = max((max(t.shape, default=1) for t in sizes), default=None)
+            ok = module is not None and (top is None or all(j < top for j in idxs))
+        if not ok:
+            text = str(step)
+            raise CheckpointError(
+                f"prune history step {i} is not [a module's name, a kind, indices in its range]: "
+                f"{text[:120]}{' ...' if len(text) > 120 else ''}"
+            )
+    return history

@@ -38,7 +38,7 @@ from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
-from .report import BIAS, HEADS, STREAM, LayerReport, PruneReport
+from .report import BIAS, HEADS, STREAM, LayerReport, PruneReport, check_history
 from .uniform import repeats, uniform_keep
 
 __all__ = [
@@ -355,6 +355,7 @@ def replay(
     Returns:
         ``model``, with the slim model's structure.
     """
+    check_history(history, model)  # names and indices from a file, walked with getattr
     if example_inputs is None:
         example_inputs = example_input_for(model)
     example = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

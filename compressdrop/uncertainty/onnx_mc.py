@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..runtime import ort_feed_dtype, ort_session
+from ..runtime import ort_feed_dtype, ort_run, ort_session
 from .mc import mc_report
 
 __all__ = ["mc_evaluate_onnx", "onnx_mc_samples"]
@@ -22,7 +22,18 @@ def onnx_mc_samples(path: str | Path) -> int | None:
     from ..export import load_onnx_metadata
 
     value = load_onnx_metadata(path).get("mc_samples")
-    return int(value) if value is not None else None
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and 0 < int(value) <= _MAX_PER_CALL):
+        raise InputError(
+            f"{path}: its metadata's mc_samples is {value[:40]!r}, not a number of samples "
+            f"from 1 to {_MAX_PER_CALL:,}"
+        )
+    return int(value)
+
+
+#: the most samples per call a graph's metadata may claim (export_mc_onnx writes tens)
+_MAX_PER_CALL = 1_000_000
 
 
 class _Sampler:
@@ -58,7 +69,7 @@ class _Sampler:
                 f"{tuple(x.shape[1:])}: give data of that shape{text}"
             )
         xb: np.ndarray = x.numpy().astype(self.dtype)
-        draws = [self.session.run(None, {self.name: xb})[0] for _ in range(self.calls)]
+        draws = [ort_run(self.session, {self.name: xb}, self.path) for _ in range(self.calls)]
         # (S, N, C), or per token (S, N, T, V) → (S, N·T, V), as mc_report reads them
         return torch.from_numpy(np.concatenate(draws)[: self.samples]).flatten(1, -2)
 
