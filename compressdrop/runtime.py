@@ -111,8 +111,48 @@ def ort_session(
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif device.startswith("cuda"):
         raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
+    _check_loops(path)
     session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     return session, session.get_providers()[0]
+
+
+#: the most iterations a ``Loop`` may be given as a constant: onnxruntime runs the loop in C++,
+#: where neither Ctrl-C nor SIGTERM stops it (2^62 turns of an empty body hung ``eval``);
+#: exported recurrent nets loop over a sequence's length, from the data
+_MAX_TRIPS = 1_000_000
+
+
+def _check_loops(path: str | Path) -> None:
+    """Refuse a graph with a ``Loop`` whose trip count is a constant over :data:`_MAX_TRIPS`
+    (an initializer or a ``Constant`` node, in any subgraph), before onnxruntime runs it."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # onnxruntime names what is wrong with the file
+        return
+    graphs, consts, loops = [proto.graph], {}, []
+    while graphs:
+        g = graphs.pop()
+        consts.update({t.name: t for t in g.initializer})
+        for node in g.node:
+            value = [a.t for a in node.attribute if a.name == "value"]
+            if node.op_type == "Constant" and node.output and value:
+                consts[node.output[0]] = value[0]
+            if node.op_type == "Loop" and node.input and node.input[0]:
+                loops.append(node.input[0])
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+            graphs += [g2 for a in node.attribute for g2 in a.graphs]
+    for name in loops:
+        if name in consts:
+            trips = numpy_helper.to_array(consts[name]).reshape(-1)
+            if trips.size == 1 and int(trips[0]) > _MAX_TRIPS:
+                raise InputError(
+                    f"{path}: a Loop of the graph runs {int(trips[0]):,} times (its trip count "
+                    f"{name!r} is a constant), more than the {_MAX_TRIPS:,} allowed: onnxruntime "
+                    "could not be stopped while it ran"
+                )
 
 
 def ort_run(session: Any, feeds: Mapping[str, Any], where: str | Path) -> Any:
