@@ -6,10 +6,11 @@ import contextlib
 import os
 import stat
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "copy_within", "remove_stale_temps"]
+__all__ = ["atomic_write", "copy_within", "inflated", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -62,14 +63,37 @@ def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
 def copy_within(src: Path, dst: Path, roots: list[Path], limit: int) -> str | None:
     """Copy ``src`` to ``dst`` where ``src`` is a regular file of at most ``limit`` bytes inside
     one of ``roots`` once its links are followed (a link into the Hugging Face cache's ``blobs``
-    is; ``/etc/passwd`` or ``/proc/self/pagemap`` is not). Returns None when copied, else why not.
-    """
+    is; ``/etc/passwd`` or ``/proc/self/pagemap`` is not). The file is opened without following
+    a link, not blocking on a FIFO, and the file opened is checked again (where the system says
+    which it is), so that a link swapped in between is not read. Returns None when copied, else
+    why not."""
     real = src.resolve()
-    if not any(real.is_relative_to(r.resolve()) for r in roots):
+    inside = lambda p: any(p.is_relative_to(r.resolve()) for r in roots)  # noqa: E731
+    if not inside(real):
         return f"it links outside the model's folder (to {real})"
-    with open(real, "rb") as f:  # the file stat'ed is the file read
-        info = os.fstat(f.fileno())
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        return f"it cannot be opened as a file ({e.strerror})"
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        opened = Path(f"/proc/self/fd/{fd}")
+        if opened.is_symlink() and not inside(Path(os.readlink(opened))):
+            return "it changed while it was read"
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return f"it is not a regular file of at most {limit >> 20} MB"
         dst.write_bytes(f.read(limit + 1)[:limit])
+    return None
+
+
+def inflated(z: zipfile.ZipFile, ratio: int = 100, allowance: int = 1 << 20) -> str | None:
+    """The first entry of ``z`` that expands more than ``ratio`` times its compressed size (plus
+    ``allowance``), as what is wrong: a zip bomb (``torch.save`` and ``torch.export.save`` store
+    their entries uncompressed; a 1 MB crafted file loaded as a 1 GB tensor); else None."""
+    for info in z.infolist():
+        if info.file_size > ratio * info.compress_size + allowance:
+            return (
+                f"its entry {info.filename!r} expands from {info.compress_size:,} to "
+                f"{info.file_size:,} bytes (a zip bomb?)"
+            )
     return None

@@ -57,7 +57,10 @@ def copy_tokenizer(source: Path, out: Path) -> None:
     """Copy ``source``'s tokenizer files into ``out``: each a regular file of at most 1 GB in the
     folder or, through a link, in the Hugging Face cache's ``blobs`` beside its snapshots; a link
     elsewhere (``vocab.txt`` → ``/etc/passwd``) is not copied, with a warning that says so."""
-    roots = [source, source.resolve().parent.parent / "blobs"]
+    here = source.resolve()
+    blobs = here.parent.parent / "blobs"  # the Hub cache: models--ORG--NAME/snapshots/REV/
+    cache = here.parent.name == "snapshots" and here.parent.parent.name.startswith("models--")
+    roots = [here, blobs] if cache and blobs.is_dir() and not blobs.is_symlink() else [here]
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and not (out / name).exists():
             why = copy_within(source / name, out / name, roots, 1 << 30)

@@ -218,7 +218,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
         model = tf.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, use_safetensors=True
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, ImportError) as e:  # a package it needs: missing
         raise CheckpointError(f"{path}: cannot load the model: {e}") from None
     cfg = model.config
     kwargs = {k: v for k, v in cfg.to_diff_dict().items() if k not in _NOT_KWARGS}

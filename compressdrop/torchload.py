@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ._io import inflated
 from ._torchvision import retry_with_torchvision
 from .errors import CheckpointError
 
@@ -55,6 +56,9 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             "load_dataset), a model is a compressdrop checkpoint, a .pt2 program, a state_dict "
             "or a Hugging Face folder"
         )
+    bomb = _zip_bomb(path) if head.startswith(_ZIP_MAGIC) else None
+    if bomb:
+        raise CheckpointError(f"{path}: refused: {bomb}")
     try:
         with warnings.catch_warnings():
             # a damaged pickle stream makes torch warn about odd protocol numbers before failing
@@ -113,6 +117,16 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             f"{path}: not a readable PyTorch file (corrupt or truncated?): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from None
+
+
+def _zip_bomb(path: Path) -> str | None:
+    """:func:`~compressdrop._io.inflated` of the archive at ``path`` (None: unreadable, which
+    torch's reader then says)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return inflated(z)
+    except (zipfile.BadZipFile, OSError):
+        return None
 
 
 def _is_npz(path: Path) -> bool:

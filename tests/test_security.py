@@ -436,7 +436,8 @@ def _with_record(src: Path, dst: Path, record: bytes, deflate: bool = False) -> 
 def test_a_crafted_class_record_in_a_program_is_ignored_not_a_crash(tmp_path):
     """A .pt2's extra/compressdrop.json is the file's to say (a review): nested past the
     recursion limit it raised a raw RecursionError, damaged a BadZipFile, and a deflated 215 kB
-    entry held a 200 MB class name that load_model inflated. Each loads now, without names."""
+    entry held a 200 MB class name that load_model inflated. Each loads now, without names; a
+    deflated entry that expands a thousandfold is refused with the whole archive (a zip bomb)."""
     from compressdrop._attrs import set_record
     from compressdrop.export import export_program
 
@@ -449,12 +450,15 @@ def test_a_crafted_class_record_in_a_program_is_ignored_not_a_crash(tmp_path):
         "deep": b"[" * 200_000,
         "not_a_list": b'{"classes": "abc"}',
         "not_an_object": b"[1, 2]",
-        "bomb": b'{"classes": ["' + b"x" * (3 << 20) + b'"]}',
         "long_name": b'{"classes": ["' + b"x" * 5_000 + b'"]}',
     }
     for name, record in records.items():
-        path = _with_record(good, tmp_path / f"{name}.pt2", record, deflate=name == "bomb")
+        path = _with_record(good, tmp_path / f"{name}.pt2", record)
         assert not hasattr(load_model(path), "class_names"), name
+    bomb = b'{"classes": ["' + b"x" * (3 << 20) + b'"]}'
+    path = _with_record(good, tmp_path / "bomb.pt2", bomb, deflate=True)
+    with pytest.raises(CheckpointError, match="a zip bomb"):
+        load_model(path)
     # a damaged entry (its CRC no longer matches): the record's bytes changed in place
     stored = _with_record(good, tmp_path / "stored.pt2", b'{"classes": ["x"]}')
     damaged = stored.read_bytes().replace(b'{"classes": ["x"]}', b'{"classes": ["y"]}', 1)

@@ -52,3 +52,45 @@ def test_a_recipe_may_alias_a_value_but_not_a_list_or_mapping(tmp_path):
     )
     recipe = load_recipe(tmp_path / "ok.yaml")
     assert recipe.stages.finetune.lr == recipe.stages.sparsify.lr == 0.002
+
+
+def test_a_compressed_entry_that_expands_like_a_zip_bomb_is_refused(tmp_path):
+    """torch's zip reader inflates deflated entries: a 1 MB crafted checkpoint loaded as a 1 GB
+    tensor. torch.save and torch.export.save store their entries; one that expands more than a
+    hundredfold is refused, in a checkpoint and in a program."""
+    import zipfile
+
+    from compressdrop.programs import check_pt2_archive
+
+    torch.save({"w": torch.zeros(1_000_000)}, tmp_path / "plain.pt")
+    layer = torch.nn.Linear(1000, 1000)
+    torch.nn.init.zeros_(layer.weight)
+    torch.export.save(torch.export.export(layer, (torch.randn(2, 1000),)), tmp_path / "good.pt2")
+    for name in ("plain.pt", "good.pt2"):
+        with (
+            zipfile.ZipFile(tmp_path / name) as zi,
+            zipfile.ZipFile(tmp_path / f"deflated-{name}", "w", zipfile.ZIP_DEFLATED) as zo,
+        ):
+            for item in zi.infolist():
+                zo.writestr(item.filename, zi.read(item), zipfile.ZIP_DEFLATED)
+    assert load_checkpoint(tmp_path / "plain.pt")["w"].shape == (1_000_000,)
+    with pytest.raises(CheckpointError, match=r"expands from .* bytes \(a zip bomb\?\)"):
+        load_checkpoint(tmp_path / "deflated-plain.pt")
+    check_pt2_archive(tmp_path / "good.pt2")
+    with pytest.raises(CheckpointError, match="a zip bomb"):
+        check_pt2_archive(tmp_path / "deflated-good.pt2")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("name: deep\nmodel: " + "[" * 50_000 + "]" * 50_000 + "\n", "not a recipe"),
+        ("name: big\nseed: " + "9" * 5_000 + "\n", "not a recipe"),  # past int's digit limit
+        ("name: long\nseed: " + "1:59:" * 60_000 + "1\n", "a recipe holds at most 256 KB"),
+    ],
+    ids=["nested", "digits", "sexagesimal"],
+)
+def test_a_recipe_that_would_hang_or_overflow_is_a_recipe_error(text, message, tmp_path):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(tmp_path / "r.yaml")

@@ -69,6 +69,9 @@ def test_a_tokenizer_in_the_hub_cache_is_copied_through_its_links(source, tmp_pa
         {"_attn_implementation": "org/repo@main"},
         {"use_kernels": True},
         {"text_config": {"attn_implementation": "org/repo"}},
+        {"attn_implementation": "flash_attention_2"},  # `kernels` fetches it without flash-attn
+        {"quantization_config": {"quant_method": "fp8"}},
+        {"sub_configs": [{"attn_implementation": "org/repo"}]},
     ],
 )
 def test_a_config_naming_a_kernel_to_download_is_refused(fields, source, tmp_path):
@@ -129,3 +132,49 @@ def test_eval_reads_a_path_a_model_file_records_only_near_it(tmp_path, monkeypat
         evaluate_file(near / "outside.pt")
     assert evaluate_file(near / "outside.pt", data=str(outside / "d.npz"))["data"] == "d"
     assert evaluate_file(near / "models.pt")["data"] == "d"  # beside the model: read
+
+
+def test_a_recorded_folder_that_links_out_or_hides_its_path_behind_a_comma_is_refused(
+    tmp_path, monkeypatch
+):
+    """A review of the check above: a text folder beside the model holding a link to
+    ``/etc/passwd`` was read, and ``text:c,x`` was checked as ``c`` where ``c,x`` was read."""
+    from compressdrop.checkpoint import save_model
+    from compressdrop.errors import DataError
+    from compressdrop.models import build_model
+    from compressdrop.recipes import load_recipe
+    from compressdrop.workflows import evaluate_file
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("token=hf_secret " * 200)
+    models = tmp_path / "models"
+    (models / "corpus").mkdir(parents=True)
+    (models / "corpus" / "a.txt").write_text("def f(x): return x\n" * 200)
+    os.symlink(secret, models / "corpus" / "notes.txt")
+    os.symlink(secret, models / "c,x")
+    monkeypatch.chdir(models)
+    recipe = load_recipe("lenet300-lognormal").to_dict()
+    model = build_model("lenet300", (16,), num_classes=256)
+    for name, spec in {"link": "text:corpus,context=16", "comma": "text:c,x,context=16"}.items():
+        recipe["data"]["name"] = spec
+        save_model(model, models / f"{name}.pt", recipe=recipe)
+        with pytest.raises(DataError, match="or linking out of them"):
+            evaluate_file(models / f"{name}.pt")
+
+
+def test_a_folder_dressed_as_the_hub_cache_cannot_link_its_blobs_elsewhere(source, tmp_path):
+    """A review of the copy above: ``blobs`` was trusted wherever it pointed, so a shipped
+    folder of ``blobs -> ~/.ssh`` and ``snapshots/main/vocab.txt -> ../../blobs/id_rsa`` had the
+    key copied into the slim folder."""
+    from compressdrop.workflows import export_file
+
+    keys = tmp_path / "ssh"
+    keys.mkdir()
+    (keys / "id_rsa").write_text("PRIVATE KEY")
+    repo = tmp_path / "models--org--llama"
+    folder = _copy(source, repo / "snapshots" / "main")
+    os.symlink(keys, repo / "blobs")
+    os.symlink("../../blobs/id_rsa", folder / "vocab.txt")
+    with pytest.warns(UserWarning, match="not copied: it links outside the model's folder"):
+        export_file(folder, tmp_path / "slim")
+    assert not (tmp_path / "slim" / "vocab.txt").exists()

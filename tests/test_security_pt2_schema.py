@@ -220,6 +220,9 @@ def test_a_program_that_prints_a_format_the_file_writes_is_refused(tmp_path, cap
         "torch.ops.aten._print.default",
         "torch.ops.aten.save.default",
         "torch.ops.aten.warn.default",
+        "torch.ops.aten._ctc_loss.default",  # a label past its classes crashed the process
+        "torch.ops.aten.__setattr__",  # the namespace's Python attribute, not an operator
+        "torch.ops.aten.__class__",
     ],
 )
 def test_calls_that_run_or_write_what_the_file_says_are_refused(target, good, tmp_path):

@@ -216,7 +216,12 @@ def spec_path(spec: str) -> Path | None:
     """The file or folder a data spec names (``text:PATH,context=N`` → ``PATH``; ``x.npz``; a
     folder of images), or None for built-in data."""
     kind = next((k for k in _PATH_KINDS if spec.startswith(k)), "")
-    where = spec[len(kind) :].partition(",")[0] if kind else spec
+    where = spec[len(kind) :]
+    if kind in ("text:", "images:"):  # as spec_options reads it: the trailing key=value parts
+        parts = where.split(",")
+        while len(parts) > 1 and "=" in parts[-1]:
+            parts.pop()
+        where = ",".join(parts)
     named = kind or spec.endswith(".npz") or (spec not in _BUILT_IN and Path(spec).exists())
     return Path(where) if named and where else None
 

@@ -20,27 +20,35 @@ from .record import tag as _tag
 __all__ = ["hf_causal_lm", "hub_code"]
 
 _POSITIONS = ("n_positions", "max_position_embeddings")
-# an attention implementation transformers has itself ("sdpa", "flash_attention_2", "paged|sdpa");
-# any other (an "org/repo[@rev]" id) is a kernel it downloads from the Hub and imports
-_OWN_ATTENTION = re.compile(r"[a-z0-9_]+(\|[a-z0-9_]+)?")
+# the attention implementations transformers runs from its own code and torch's ("paged|sdpa"
+# too); any other is a kernel it may download from the Hub and import: an "org/repo[@rev]" id,
+# and "flash_attention_2"/"_3" where the flash-attn package is missing and `kernels` is there
+_OWN_ATTENTION = re.compile(r"(paged\|)?(eager|sdpa|flex_attention)")
+# config fields through which transformers fetches kernels: quantization methods (fp8, mxfp4,
+# eetq, ...) load theirs from the Hub
+_FETCHING = ("use_kernels", "kernel_config", "quantization_config")
 
 
 def hub_code(config: Mapping[str, Any], depth: int = 0) -> str | None:
-    """What code a config (or a sub-config of it) asks transformers to fetch from the Hub and
-    import: an ``attn_implementation`` that names a kernel repository, ``use_kernels`` or a
-    ``kernel_config`` (transformers follows them whatever ``trust_remote_code`` says); None
-    for a config that asks for none."""
+    """What code a config (or a sub-config of it, in a table or a list) may make transformers
+    fetch from the Hub and import: an ``attn_implementation`` other than its own (eager, sdpa,
+    flex_attention), ``use_kernels``, a ``kernel_config`` or a ``quantization_config``
+    (transformers follows them whatever ``trust_remote_code`` says); None for a config that
+    asks for none. Nested past 32 levels is an answer too."""
+    if depth > 32:
+        return "sub-configs nested past 32 levels"
     for key in ("attn_implementation", "_attn_implementation"):
         value = config.get(key)
         if value is not None and not (isinstance(value, str) and _OWN_ATTENTION.fullmatch(value)):
-            return f"{key}={str(value)[:80]!r} (a kernel it downloads from the Hub and imports)"
-    for key in ("use_kernels", "kernel_config"):
+            return f"{key}={str(value)[:80]!r} (a kernel it may download from the Hub and import)"
+    for key in _FETCHING:
         if config.get(key):
             return (
                 f"{key}={str(config[key])[:80]!r} (kernels it downloads from the Hub and imports)"
             )
-    subs = [v for v in config.values() if isinstance(v, Mapping)]
-    return next((w for v in subs if depth < 8 and (w := hub_code(v, depth + 1))), None)
+    subs = [*config.values(), *(x for v in config.values() if isinstance(v, list) for x in v)]
+    tables = [v for v in subs if isinstance(v, Mapping)]
+    return next((w for v in tables if (w := hub_code(v, depth + 1))), None)
 
 
 def hf_causal_lm(

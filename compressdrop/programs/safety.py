@@ -34,6 +34,7 @@ from typing import IO, Any
 import torch
 from torch._export.serde import schema
 
+from .._io import inflated
 from ..errors import CheckpointError
 from ._limits import _bounded_arithmetic, _small_exponent
 from ._schema import check_schema, string_checks
@@ -77,10 +78,11 @@ _EXPR_TOKEN = re.compile(
 _IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 # calls a program may not make: from_file maps any path (shared=True writes it), save writes one,
 # _print and warn write the file's text; the unchecked constructors and indexing
-# (_sparse_coo_tensor_unsafe wrote past a buffer when made dense); while_loop, whose condition the
-# file sets (a loop that never ends)
+# (_sparse_coo_tensor_unsafe wrote past a buffer when made dense; _ctc_loss with a label past its
+# classes crashed); while_loop, whose condition the file sets (a loop that never ends)
 _NO_OPS = re.compile(
-    r"torch\.ops\.(aten\.(from_file|save|_print|warn|\w*sparse\w*|_unsafe_(?!view\b)\w*)"
+    r"torch\.ops\.(aten\.(from_file|save|_print|warn|\w*sparse\w*|_unsafe_(?!view\b)\w*"
+    r"|_?ctc_loss\w*)"
     r"|higher_order\.while_loop\w*)(\.|$)"
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
@@ -191,8 +193,22 @@ def _safe_spec(text: str) -> bool:
 
 
 def _target(value: str) -> str | None:
-    """A node's target (or an operator argument): one of the calls a program may make."""
-    return None if _TARGET.match(value) and not _NO_OPS.match(value) else f"a node calls {value!r}"
+    """A node's target (or an operator argument): one of the calls a program may make, an ATen
+    or prims name one of their operators (not a Python attribute of the namespace such as
+    ``__class__``, which torch would also look up)."""
+    if not _TARGET.match(value) or _NO_OPS.match(value):
+        return f"a node calls {value!r}"
+    namespace, _, rest = value.removeprefix("torch.ops.").partition(".")
+    if namespace in ("aten", "prims"):
+        name, _, overload = rest.partition(".")
+        try:
+            packet = getattr(getattr(torch.ops, namespace), name)
+            op = getattr(packet, overload) if overload else packet
+        except (AttributeError, RuntimeError):
+            op = None
+        if not isinstance(op, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+            return f"a node calls {value!r}, which is not one of torch's operators"
+    return None
 
 
 def _expr(value: str) -> str | None:
@@ -243,9 +259,11 @@ def _records(
     bytes of each record and the programs' names."""
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            names = z.namelist()
+            names, bomb = z.namelist(), inflated(z)
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{where}: not a readable .pt2 archive ({e})") from None
+    if bomb:
+        raise refuse(bomb)
     if not any(n.endswith("/archive_format") for n in names):
         raise CheckpointError(f"{where}: a zip file, but not a torch.export archive")
     root = names[0].split("/", 1)[0] + "/"

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_RECIPE", "dump_recipe", "list_recipes", "load_recipe", "recipe_path"]
 
 DEFAULT_RECIPE = "lenet300-lognormal"
+_MOST_BYTES = 256 << 10  # a recipe's file; the shipped ones hold about 1 KB
 
 #: The folder of shipped recipes, as package data (not necessarily a real directory).
 SHIPPED_RECIPES: Traversable = resources.files(__package__).joinpath("shipped")
@@ -95,12 +96,16 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load and validate a recipe; YAML syntax errors report their line and column."""
     path = recipe_path(name_or_path)
+    if path.stat().st_size > _MOST_BYTES:  # PyYAML reads some scalars in quadratic time
+        raise RecipeError(f"{path}: {path.stat().st_size:,} bytes; a recipe holds at most 256 KB")
     try:
         text = path.read_text()
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
     try:
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no Python objects
+    except (RecursionError, ValueError) as e:  # nested past the limit; an int of 5,000 digits
+        raise RecipeError(f"{path}: not a recipe ({type(e).__name__}: {str(e)[:200]})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

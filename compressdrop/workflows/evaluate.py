@@ -264,15 +264,24 @@ def _check_recorded_path(model_path: str | Path, spec: str) -> None:
     Raises:
         DataError: the path lies elsewhere; the message gives the ``--data`` to use it.
     """
+    import os
+
     path = spec_path(spec)
     if path is None:
         return
     near = (Path.cwd().resolve(), Path(model_path).resolve().parent)
-    if not any(path.resolve().is_relative_to(folder) for folder in near):
+    inside = lambda p: any(p.resolve().is_relative_to(folder) for folder in near)  # noqa: E731
+    links = (
+        Path(root, name)
+        for root, dirs, files in os.walk(path)  # links are not followed
+        for name in (*dirs, *files)
+        if Path(root, name).is_symlink()
+    )
+    if not inside(path) or not all(inside(link) for link in links):
         raise DataError(
-            f"{model_path} records its data as {spec!r}, outside this folder and the model's; "
-            f"compressdrop reads a path a model file names only there: to use it, pass --data "
-            f"{spec!r}"
+            f"{model_path} records its data as {spec!r}, outside this folder and the model's "
+            f"(or linking out of them); compressdrop reads a path a model file names only "
+            f"there: to use it, pass --data {spec!r}"
         )
 
 
