@@ -26,49 +26,27 @@ VOCAB = 64
 
 # Small configs: 2 layers of width 32, 4 heads (LLaMA: 2 key/value heads), MLPs of 48 (GPT-2: 4 × 32)
 TOKENS = {"vocab_size": VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+# the decoders share one shape (Gemma's head size is its own field); the encoders another
+DECODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64}  # fmt: skip
+ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3}  # fmt: skip
 MODELS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-    }),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-    }),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-    }),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
-        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-    }),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {  # eager attention: soft-capped scores
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
-        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-        "sliding_window": 4,
-    }),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
-        "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64,
-        "sliding_window": 4,
-    }),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", DECODER),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", DECODER),
+    "mistral": ("MistralConfig", "MistralForCausalLM", DECODER),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {**DECODER, "head_dim": 8}),
+    # Gemma 2: eager attention (soft-capped scores), which returns its per-head weights
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**DECODER, "head_dim": 8, "sliding_window": 4}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               {**DECODER, "head_dim": 8, "sliding_window": 4}),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", {
         "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4,
     }),
-    "bert": ("BertConfig", "BertForSequenceClassification", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3,
-    }),
-    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {
-        "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3,
-    }),
-    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {
-        "hidden_size": 32, "embedding_size": 16, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 64,
-        "num_labels": 3,
-    }),
+    "bert": ("BertConfig", "BertForSequenceClassification", ENCODER),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", ENCODER),
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification",
+                {**ENCODER, "embedding_size": 16}),
 }  # fmt: skip
 
 
