@@ -7,7 +7,7 @@ import os
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 __all__ = ["atomic_write", "copy_within", "inflated", "remove_stale_temps"]
@@ -86,10 +86,20 @@ def copy_within(src: Path, dst: Path, roots: list[Path], limit: int) -> str | No
     return None
 
 
-def inflated(z: zipfile.ZipFile, ratio: int = 100, allowance: int = 1 << 20) -> str | None:
+def inflated(
+    z: zipfile.ZipFile,
+    torch_sizes: Mapping[str, int],
+    ratio: int = 100,
+    allowance: int = 1 << 20,
+) -> str | None:
     """The first entry of ``z`` that expands more than ``ratio`` times its compressed size (plus
     ``allowance``), as what is wrong: a zip bomb (``torch.save`` and ``torch.export.save`` store
-    their entries uncompressed; a 1 MB crafted file loaded as a 1 GB tensor); else None."""
+    their entries uncompressed; a 1 MB crafted file loaded as a 1 GB tensor); or one whose size
+    torch's reader sees otherwise (``torch_sizes``: its records, named below the archive's root
+    folder), which a second central directory for one reader alone makes; else None."""
+    python = {i.filename.partition("/")[2]: i.file_size for i in z.infolist()}
+    if any(python.get(name) != size for name, size in torch_sizes.items()):
+        return "torch's zip reader and Python's see other entries or sizes"
     for info in z.infolist():
         if info.file_size > ratio * info.compress_size + allowance:
             return (

@@ -216,7 +216,11 @@ def load_hf_folder(path: str | Path) -> nn.Module:
         )
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=False, use_safetensors=True
+            path,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            use_kernels=False,  # else on when `kernels` is installed: Hub layers on train()
         )
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # a package it needs: missing
         raise CheckpointError(f"{path}: cannot load the model: {e}") from None

@@ -120,13 +120,19 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
 
 
 def _zip_bomb(path: Path) -> str | None:
-    """:func:`~compressdrop._io.inflated` of the archive at ``path`` (None: unreadable, which
-    torch's reader then says)."""
+    """:func:`~compressdrop._io.inflated` of the archive at ``path``, torch's reader's sizes
+    against Python's; an archive Python cannot read is refused too (torch's reader takes some
+    that Python's refuses, whose sizes then go unchecked)."""
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        sizes = {r: reader.get_record_size(r) for r in reader.get_all_records()}
+    except RuntimeError:
+        return None  # not an archive torch reads: torch.load says what is wrong
     try:
         with zipfile.ZipFile(path) as z:
-            return inflated(z)
-    except (zipfile.BadZipFile, OSError):
-        return None
+            return inflated(z, sizes)
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"its zip directory is damaged or crafted ({e})"
 
 
 def _is_npz(path: Path) -> bool:

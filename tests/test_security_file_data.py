@@ -94,3 +94,18 @@ def test_a_recipe_that_would_hang_or_overflow_is_a_recipe_error(text, message, t
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(RecipeError, match=message):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_an_entry_whose_size_the_two_zip_readers_see_otherwise_is_refused(tmp_path):
+    """A second central directory that Python's reader alone reads claimed a deflated 400 MB
+    entry was stored at full size, so the ratio check passed and torch inflated it."""
+    import zipfile
+
+    from compressdrop._io import inflated
+
+    torch.save({"w": torch.zeros(10)}, tmp_path / "a.pt")
+    reader = torch._C.PyTorchFileReader(str(tmp_path / "a.pt"))
+    sizes = {r: reader.get_record_size(r) for r in reader.get_all_records()}
+    with zipfile.ZipFile(tmp_path / "a.pt") as z:
+        assert inflated(z, sizes) is None
+        assert "other entries or sizes" in inflated(z, {**sizes, "data/0": 400 << 20})

@@ -72,6 +72,7 @@ def test_a_tokenizer_in_the_hub_cache_is_copied_through_its_links(source, tmp_pa
         {"attn_implementation": "flash_attention_2"},  # `kernels` fetches it without flash-attn
         {"quantization_config": {"quant_method": "fp8"}},
         {"sub_configs": [{"attn_implementation": "org/repo"}]},
+        {"experts_implementation": "sonicmoe"},  # a mixture of experts' Hub kernel
     ],
 )
 def test_a_config_naming_a_kernel_to_download_is_refused(fields, source, tmp_path):
@@ -158,7 +159,7 @@ def test_a_recorded_folder_that_links_out_or_hides_its_path_behind_a_comma_is_re
     for name, spec in {"link": "text:corpus,context=16", "comma": "text:c,x,context=16"}.items():
         recipe["data"]["name"] = spec
         save_model(model, models / f"{name}.pt", recipe=recipe)
-        with pytest.raises(DataError, match="or linking out of them"):
+        with pytest.raises(DataError, match="or linking out of them, or unlisted"):
             evaluate_file(models / f"{name}.pt")
 
 
@@ -178,3 +179,10 @@ def test_a_folder_dressed_as_the_hub_cache_cannot_link_its_blobs_elsewhere(sourc
     with pytest.warns(UserWarning, match="not copied: it links outside the model's folder"):
         export_file(folder, tmp_path / "slim")
     assert not (tmp_path / "slim" / "vocab.txt").exists()
+
+
+def test_a_folder_loads_without_transformers_hub_kernels(source):
+    """transformers turns ``use_kernels`` on when the ``kernels`` package is installed, and a
+    later ``train()`` swaps Hub layers in on a GPU: compressdrop loads with it off."""
+    model = load_model(source)
+    assert getattr(model, "use_kernels", False) is False

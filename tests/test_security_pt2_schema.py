@@ -221,6 +221,7 @@ def test_a_program_that_prints_a_format_the_file_writes_is_refused(tmp_path, cap
         "torch.ops.aten.save.default",
         "torch.ops.aten.warn.default",
         "torch.ops.aten._ctc_loss.default",  # a label past its classes crashed the process
+        "torch.ops.aten.segment_reduce.default",  # offsets past its data: read out of bounds
         "torch.ops.aten.__setattr__",  # the namespace's Python attribute, not an operator
         "torch.ops.aten.__class__",
     ],

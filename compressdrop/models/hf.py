@@ -41,6 +41,9 @@ def hub_code(config: Mapping[str, Any], depth: int = 0) -> str | None:
         value = config.get(key)
         if value is not None and not (isinstance(value, str) and _OWN_ATTENTION.fullmatch(value)):
             return f"{key}={str(value)[:80]!r} (a kernel it may download from the Hub and import)"
+    experts = config.get("experts_implementation")  # sonicmoe, deepgemm: Hub kernels
+    if experts is not None and experts not in ("eager", "grouped_mm", "batched_mm"):
+        return f"experts_implementation={str(experts)[:80]!r} (a kernel it downloads and imports)"
     for key in _FETCHING:
         if config.get(key):
             return (

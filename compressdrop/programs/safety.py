@@ -79,10 +79,11 @@ _IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 # calls a program may not make: from_file maps any path (shared=True writes it), save writes one,
 # _print and warn write the file's text; the unchecked constructors and indexing
 # (_sparse_coo_tensor_unsafe wrote past a buffer when made dense; _ctc_loss with a label past its
-# classes crashed); while_loop, whose condition the file sets (a loop that never ends)
+# classes and segment_reduce with offsets past its data crashed); while_loop, whose condition the
+# file sets (a loop that never ends)
 _NO_OPS = re.compile(
     r"torch\.ops\.(aten\.(from_file|save|_print|warn|\w*sparse\w*|_unsafe_(?!view\b)\w*"
-    r"|_?ctc_loss\w*)"
+    r"|_?ctc_loss\w*|_?segment_reduce\w*)"
     r"|higher_order\.while_loop\w*)(\.|$)"
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
@@ -258,12 +259,10 @@ def _records(
     that Python's zip reader sees the same: one root folder, no name twice. Returns the reader's
     bytes of each record and the programs' names."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as z:
-            names, bomb = z.namelist(), inflated(z)
+        z = zipfile.ZipFile(io.BytesIO(data))
+        names = z.namelist()
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{where}: not a readable .pt2 archive ({e})") from None
-    if bomb:
-        raise refuse(bomb)
     if not any(n.endswith("/archive_format") for n in names):
         raise CheckpointError(f"{where}: a zip file, but not a torch.export archive")
     root = names[0].split("/", 1)[0] + "/"
@@ -272,7 +271,11 @@ def _records(
         raise refuse(f"its entries are not one archive ({(stray or names)[0]!r})")
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
-        seen = sorted(reader.get_all_records())
+        sizes = {r: reader.get_record_size(r) for r in reader.get_all_records()}
+        bomb = inflated(z, sizes)
+        if bomb:
+            raise refuse(bomb)
+        seen = sorted(sizes)
         if seen != sorted(n[len(root) :] for n in names):
             raise refuse("torch's zip reader and Python's list other entries")
         programs = [m[1] for r in seen if (m := re.fullmatch(f"models/({_NAME})\\.json", r))]

@@ -270,19 +270,28 @@ def _check_recorded_path(model_path: str | Path, spec: str) -> None:
     if path is None:
         return
     near = (Path.cwd().resolve(), Path(model_path).resolve().parent)
+    refused = DataError(
+        f"{model_path} records its data as {spec!r}, outside this folder and the model's (or "
+        f"linking out of them, or unlisted); compressdrop reads a path a model file names only "
+        f"there: to use it, pass --data {spec!r}"
+    )
+
+    def unlisted(e: OSError) -> None:  # a folder it cannot list may hide a link out
+        raise refused
+
     inside = lambda p: any(p.resolve().is_relative_to(folder) for folder in near)  # noqa: E731
-    links = (
+    links = (  # (os.walk follows no link)
         Path(root, name)
-        for root, dirs, files in os.walk(path)  # links are not followed
+        for root, dirs, files in (os.walk(path, onerror=unlisted) if path.is_dir() else ())
         for name in (*dirs, *files)
         if Path(root, name).is_symlink()
     )
-    if not inside(path) or not all(inside(link) for link in links):
-        raise DataError(
-            f"{model_path} records its data as {spec!r}, outside this folder and the model's "
-            f"(or linking out of them); compressdrop reads a path a model file names only "
-            f"there: to use it, pass --data {spec!r}"
-        )
+    try:
+        ok = inside(path) and all(inside(link) for link in links)
+    except RecursionError:  # nested past the limit
+        ok = False
+    if not ok:
+        raise refused
 
 
 def _onnx_classes(path: str | Path) -> list[str] | None:
