@@ -124,14 +124,17 @@ def _check_size(path: Path, archive: zipfile.ZipFile, key: str) -> None:
     try:
         with archive.open(member) as f:
             version = np.lib.format.read_magic(f)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            else:  # 3.0 is for structured dtypes' unicode names, refused anyway
-                raise ValueError(f"format version {version} is not read here")
+            # (3.0 is for structured dtypes' unicode names, refused anyway)
+            read = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
+            header = read(f) if read is not None else None
     except (ValueError, *_DAMAGED) as e:
         raise DataError(f"{path}: array {key!r} is damaged ({e})") from None
+    if header is None:
+        raise DataError(f"{path}: array {key!r}: .npy format version {version} is not read here")
+    shape, _, dtype = header
     size = math.prod(shape) * dtype.itemsize
     if size > info.file_size:  # numpy would allocate it all, then find the data short
         raise DataError(
