@@ -100,7 +100,13 @@ def inflated(
     python = {i.filename.partition("/")[2]: i.file_size for i in z.infolist()}
     if any(python.get(name) != size for name, size in torch_sizes.items()):
         return "torch's zip reader and Python's see other entries or sizes"
-    for info in z.infolist():
+    infos = z.infolist()
+    if len({i.header_offset for i in infos}) != len(infos):  # entries sharing one record's data
+        return "entries share their data (a zip bomb?)"
+    total, packed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)
+    if total > ratio * packed + allowance:  # many entries, each under the bound
+        return f"its entries expand from {packed:,} to {total:,} bytes (a zip bomb?)"
+    for info in infos:
         if info.file_size > ratio * info.compress_size + allowance:
             return (
                 f"its entry {info.filename!r} expands from {info.compress_size:,} to "

@@ -74,7 +74,7 @@ def test_a_compressed_entry_that_expands_like_a_zip_bomb_is_refused(tmp_path):
             for item in zi.infolist():
                 zo.writestr(item.filename, zi.read(item), zipfile.ZIP_DEFLATED)
     assert load_checkpoint(tmp_path / "plain.pt")["w"].shape == (1_000_000,)
-    with pytest.raises(CheckpointError, match=r"expands from .* bytes \(a zip bomb\?\)"):
+    with pytest.raises(CheckpointError, match=r"expands? from .* bytes \(a zip bomb\?\)"):
         load_checkpoint(tmp_path / "deflated-plain.pt")
     check_pt2_archive(tmp_path / "good.pt2")
     with pytest.raises(CheckpointError, match="a zip bomb"):
@@ -109,3 +109,23 @@ def test_an_entry_whose_size_the_two_zip_readers_see_otherwise_is_refused(tmp_pa
     with zipfile.ZipFile(tmp_path / "a.pt") as z:
         assert inflated(z, sizes) is None
         assert "other entries or sizes" in inflated(z, {**sizes, "data/0": 400 << 20})
+
+
+def test_many_entries_each_under_the_bound_are_refused_together(tmp_path):
+    """An eighth review: every entry had its own allowance, so 300 deflated entries of 1 MB each
+    (a 350 KB file) loaded as 300 MB."""
+    import zipfile
+
+    torch.save({f"w{i}": torch.zeros(1 << 18) for i in range(40)}, tmp_path / "many.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "many.pt") as zi,
+        zipfile.ZipFile(tmp_path / "deflated.pt", "w", zipfile.ZIP_DEFLATED) as zo,
+    ):
+        for item in zi.infolist():
+            zo.writestr(item.filename, zi.read(item), zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(tmp_path / "deflated.pt") as z:
+        assert max(i.file_size for i in z.infolist()) <= 100 * min(
+            i.compress_size for i in z.infolist() if i.file_size == 1 << 20
+        ) + (1 << 20)  # each entry alone passes
+    with pytest.raises(CheckpointError, match=r"its entries expand from .* \(a zip bomb\?\)"):
+        load_checkpoint(tmp_path / "deflated.pt")

@@ -73,6 +73,7 @@ def test_a_tokenizer_in_the_hub_cache_is_copied_through_its_links(source, tmp_pa
         {"quantization_config": {"quant_method": "fp8"}},
         {"sub_configs": [{"attn_implementation": "org/repo"}]},
         {"experts_implementation": "sonicmoe"},  # a mixture of experts' Hub kernel
+        {"model_type": "rwkv"},  # its attention fetches its kernel when built on a GPU
     ],
 )
 def test_a_config_naming_a_kernel_to_download_is_refused(fields, source, tmp_path):

@@ -27,6 +27,9 @@ _OWN_ATTENTION = re.compile(r"(paged\|)?(eager|sdpa|flex_attention)")
 # config fields through which transformers fetches kernels: quantization methods (fp8, mxfp4,
 # eetq, ...) load theirs from the Hub
 _FETCHING = ("use_kernels", "kernel_config", "quantization_config")
+# families whose modules fetch a Hub kernel when built (RWKV: with CUDA and ninja, whatever
+# use_kernels says)
+_KERNEL_MODELS = ("rwkv",)
 
 
 def hub_code(config: Mapping[str, Any], depth: int = 0) -> str | None:
@@ -37,6 +40,8 @@ def hub_code(config: Mapping[str, Any], depth: int = 0) -> str | None:
     asks for none. Nested past 32 levels is an answer too."""
     if depth > 32:
         return "sub-configs nested past 32 levels"
+    if config.get("model_type") in _KERNEL_MODELS:
+        return f"model_type={config['model_type']!r} (it fetches its kernel from the Hub on a GPU)"
     for key in ("attn_implementation", "_attn_implementation"):
         value = config.get(key)
         if value is not None and not (isinstance(value, str) and _OWN_ATTENTION.fullmatch(value)):
@@ -85,7 +90,7 @@ def hf_causal_lm(
         raise InputError(f"hf-causal-lm: model_type must be a string, got {model_type!r}")
     if "auto_map" in config or config.get("trust_remote_code"):
         raise InputError("hf-causal-lm: a config that names remote code is refused")
-    if code := hub_code(config):
+    if code := hub_code({**config, "model_type": model_type}):
         raise InputError(f"hf-causal-lm: a config that names code to download is refused: {code}")
     context = int(input_shape[-1])
     # GPT-2's special tokens sit at 50256, outside a small vocabulary: none unless configured

@@ -79,11 +79,14 @@ _IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 # calls a program may not make: from_file maps any path (shared=True writes it), save writes one,
 # _print and warn write the file's text; the unchecked constructors and indexing
 # (_sparse_coo_tensor_unsafe wrote past a buffer when made dense; _ctc_loss with a label past its
-# classes and segment_reduce with offsets past its data crashed); while_loop, whose condition the
-# file sets (a loop that never ends)
+# classes, segment_reduce with offsets past its data, the COO/CSR index converters and
+# embedding_dense_backward with indices past their sizes crashed; _transform_bias_rescale_qkv, in
+# _native_multi_head_attention, read past its bias); while_loop, whose condition the file sets (a
+# loop that never ends)
 _NO_OPS = re.compile(
     r"torch\.ops\.(aten\.(from_file|save|_print|warn|\w*sparse\w*|_unsafe_(?!view\b)\w*"
-    r"|_?ctc_loss\w*|_?segment_reduce\w*)"
+    r"|_?ctc_loss\w*|_?segment_reduce\w*|_convert_indices\w*|embedding_dense_backward\w*"
+    r"|_transform_bias_rescale_qkv\w*|_native_multi_head_attention\w*)"
     r"|higher_order\.while_loop\w*)(\.|$)"
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
