@@ -87,20 +87,19 @@ def copy_within(src: Path, dst: Path, roots: list[Path], limit: int) -> str | No
 
 
 def inflated(
-    z: zipfile.ZipFile,
+    infos: list[zipfile.ZipInfo],
     torch_sizes: Mapping[str, int],
     ratio: int = 100,
     allowance: int = 1 << 20,
 ) -> str | None:
-    """The first entry of ``z`` that expands more than ``ratio`` times its compressed size (plus
+    """The first entry (``infos``: Python's zip directory) that expands more than ``ratio`` times its compressed size (plus
     ``allowance``), as what is wrong: a zip bomb (``torch.save`` and ``torch.export.save`` store
     their entries uncompressed; a 1 MB crafted file loaded as a 1 GB tensor); or one whose size
     torch's reader sees otherwise (``torch_sizes``: its records, named below the archive's root
     folder), which a second central directory for one reader alone makes; else None."""
-    python = {i.filename.partition("/")[2]: i.file_size for i in z.infolist()}
+    python = {i.filename.partition("/")[2]: i.file_size for i in infos}
     if any(python.get(name) != size for name, size in torch_sizes.items()):
         return "torch's zip reader and Python's see other entries or sizes"
-    infos = z.infolist()
     if len({i.header_offset for i in infos}) != len(infos):  # entries sharing one record's data
         return "entries share their data (a zip bomb?)"
     total, packed = sum(i.file_size for i in infos), sum(i.compress_size for i in infos)

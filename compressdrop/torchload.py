@@ -130,7 +130,7 @@ def _zip_bomb(path: Path) -> str | None:
         return None  # not an archive torch reads: torch.load says what is wrong
     try:
         with zipfile.ZipFile(path) as z:
-            return inflated(z, sizes)
+            return inflated(z.infolist(), sizes)
     except (zipfile.BadZipFile, OSError) as e:
         return f"its zip directory is damaged or crafted ({e})"
 

@@ -42,7 +42,10 @@ def _matches(pattern: str, what: str, longest: int = 1000) -> Check:
     return check
 
 
-_NAME = _matches(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*", "a name is not an identifier")
+#: what a graph's names must be (FX pastes them into the source it generates and runs): dotted
+#: identifiers (a module path's parts may be digits: nn.Sequential's "1.weight")
+IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_NAME = _matches(IDENT.pattern, "a name is not an identifier")
 # a parameter's or module's path: its parts may hold "-" too (torchvision's RegNet names its
 # blocks "block1-0"), which FX writes quoted, getattr(self, "block1-0"), never as code
 _PATH = _matches(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", "a module path is not dotted names")

@@ -37,7 +37,7 @@ from torch._export.serde import schema
 from .._io import inflated
 from ..errors import CheckpointError
 from ._limits import _bounded_arithmetic, _small_exponent
-from ._schema import check_schema, string_checks
+from ._schema import IDENT, check_schema, string_checks
 
 __all__ = ["Source", "check_pt2_archive", "is_pt2"]
 
@@ -73,9 +73,6 @@ _EXPR_NAMES = set(
 _EXPR_TOKEN = re.compile(
     r"\s+|'[a-z]+[0-9]*'|[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?|[A-Za-z_][A-Za-z0-9_]*|[-+*/%(),=]"
 )
-# what a graph's names must be (FX pastes them into the source it generates and runs): dotted
-# identifiers (a module path's parts may be digits: nn.Sequential's "1.weight")
-_IDENT = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 # calls a program may not make: from_file maps any path (shared=True writes it), save writes one,
 # _print and warn write the file's text; the unchecked constructors and indexing
 # (_sparse_coo_tensor_unsafe wrote past a buffer when made dense; _ctc_loss with a label past its
@@ -176,7 +173,7 @@ def _safe_spec(text: str) -> bool:
         if not isinstance(node, dict):
             return False
         kind, context = node.get("type"), node.get("context")
-        hf = isinstance(kind, str) and kind.startswith("transformers.") and _IDENT.fullmatch(kind)
+        hf = isinstance(kind, str) and kind.startswith("transformers.") and IDENT.fullmatch(kind)
         if kind not in _SPEC_TYPES and not hf:
             return False
         keys = json.loads(context) if isinstance(context, str) else context
@@ -259,11 +256,13 @@ def _records(
     data: bytes, where: str, refuse: Any
 ) -> tuple[dict[str, bytes], list[str], dict[str, int]]:
     """The archive's records as ``torch.export.load`` sees them (its own reader), after checking
-    that Python's zip reader sees the same: one root folder, no name twice. Returns the reader's
-    bytes of each record and the programs' names."""
+    that Python's zip reader sees the same: one root folder, no name twice, the same sizes, no
+    zip bomb. Returns the reader's bytes of each record read as data, the programs' names and
+    every record's size."""
     try:
-        z = zipfile.ZipFile(io.BytesIO(data))
-        names = z.namelist()
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            infos = z.infolist()
+        names = [i.filename for i in infos]
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{where}: not a readable .pt2 archive ({e})") from None
     if not any(n.endswith("/archive_format") for n in names):
@@ -275,7 +274,7 @@ def _records(
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         sizes = {r: reader.get_record_size(r) for r in reader.get_all_records()}
-        bomb = inflated(z, sizes)
+        bomb = inflated(infos, sizes)
         if bomb:
             raise refuse(bomb)
         seen = sorted(sizes)
@@ -293,7 +292,6 @@ def _records(
                 and not any(r in _per_program(n) for n in programs)
             ):
                 raise refuse(f"an entry torch.export.load would read is not plain data: {r!r}")
-        sizes = {r: reader.get_record_size(r) for r in seen if _unread(r)}
         return {r: reader.get_record(r) for r in seen if not _unread(r)}, programs, sizes
     except CheckpointError:
         raise
