@@ -204,26 +204,33 @@ def absolute_spec(spec: str) -> str:
     """``spec`` with the file or folder it names made absolute, as a run records it: a
     checkpoint's default data for ``eval`` and ``sweep``, which may run from another folder.
     Built-in data (``digits``) and what names no existing path are returned as they are."""
-    kind = next((k for k in _PATH_KINDS if spec.startswith(k)), "")
-    where, sep, rest = spec[len(kind) :].partition(",") if kind else (spec, "", "")
-    named = kind or spec.endswith(".npz") or (spec not in _BUILT_IN and Path(spec).is_dir())
-    if not (named and where and Path(where).exists()):
+    parts = _split_spec(spec)
+    if parts is None or not Path(parts[1]).exists():
         return spec
-    return f"{kind}{Path(where).resolve()}{sep}{rest}"
+    kind, where, options = parts
+    return f"{kind}{Path(where).resolve()}{options}"
 
 
 def spec_path(spec: str) -> Path | None:
     """The file or folder a data spec names (``text:PATH,context=N`` → ``PATH``; ``x.npz``; a
     folder of images), or None for built-in data."""
+    parts = _split_spec(spec)
+    return None if parts is None else Path(parts[1])
+
+
+def _split_spec(spec: str) -> tuple[str, str, str] | None:
+    """A data spec that names a path as ``(kind, path, options)``, read as ``load_dataset``
+    reads it (``text:`` and ``images:`` options are the trailing ``key=value`` parts, so a path
+    may hold commas; ``options`` keeps its leading comma); None for built-in data."""
     kind = next((k for k in _PATH_KINDS if spec.startswith(k)), "")
-    where = spec[len(kind) :]
-    if kind in ("text:", "images:"):  # as spec_options reads it: the trailing key=value parts
+    where, options = spec[len(kind) :], ""
+    if kind in ("text:", "images:"):
         parts = where.split(",")
         while len(parts) > 1 and "=" in parts[-1]:
-            parts.pop()
+            options = "," + parts.pop() + options
         where = ",".join(parts)
-    named = kind or spec.endswith(".npz") or (spec not in _BUILT_IN and Path(spec).exists())
-    return Path(where) if named and where else None
+    named = kind or spec.endswith(".npz") or (spec not in _BUILT_IN and Path(spec).is_dir())
+    return (kind, where, options) if named and where else None
 
 
 _PATH_KINDS = ("text:", "images:", "fashion-mnist:")
