@@ -172,11 +172,27 @@ def test_dict_and_list_outputs_prune_and_export(tmp_path):
     assert slim.a.out_channels == kept < 6 and slim.prune_report.max_rel_error <= 1e-5
     onnx_rep = export_onnx(slim, x[:2], tmp_path / "seg.onnx")
     assert max(onnx_rep.max_rel_error.values()) <= 1e-4
+    outputs = [o.name for o in onnx.load(str(tmp_path / "seg.onnx")).graph.output]
+    assert outputs == ["out", "aux_0"]  # the dict's keys, not the exporter's op names
     assert max(export_program(slim, x[:2], tmp_path / "seg.pt2").max_rel_error.values()) <= 1e-5
     loaded = torch.export.load(tmp_path / "seg.pt2").module()
     with torch.no_grad():
         out = loaded(x)
     assert set(out) == {"out", "aux"} and out["aux"][0].shape == (4, 2, 8, 8)
+
+
+def test_onnx_outputs_are_named_after_the_model_s_outputs(tmp_path):
+    """A tensor is ``output``, a tuple's are ``output_0``, ... (the exporter named them after
+    the op that made them: ``linear_1``), never an input's name."""
+    from compressdrop.export._check import output_names
+
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    export_onnx(mlp, torch.randn(4, 8), tmp_path / "mlp.onnx")
+    graph = onnx.load(str(tmp_path / "mlp.onnx")).graph
+    assert [o.name for o in graph.output] == ["output"]
+    t = torch.zeros(1)
+    assert output_names((t, [t, t])) == ["output_0", "output_1_0", "output_1_1"]
+    assert output_names({"x": t, "logits": t, 3: t}, taken=["x"]) == ["x_1", "logits", "output_3"]
 
 
 def test_a_program_stores_its_example_not_the_data_set_it_was_sliced_from(tmp_path):

@@ -222,6 +222,10 @@ def test_slim_models_export_to_onnx_at_two_sequence_lengths(name, tmp_path):
     assert set(rep.max_rel_error) == {1, 3, "length 5", "length 13"}
     assert max(rep.max_rel_error.values()) <= 1e-4
     assert getattr(slim.config, "use_cache", None) == cache
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "slim.onnx")).graph
+    assert [o.name for o in graph.output] == ["logits"]  # as transformers names it
 
 
 def test_a_bert_program_takes_a_dynamic_length_up_to_its_positions(tmp_path):

@@ -27,6 +27,7 @@ __all__ = [
     "export_shapes",
     "fixed_gate_factors",
     "made_by",
+    "output_names",
     "token_lengths",
     "with_lengths",
 ]
@@ -211,6 +212,29 @@ def output_arrays(out: Any) -> list[np.ndarray]:
     from torch.utils._pytree import tree_leaves
 
     return [t.detach().cpu().numpy() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def output_names(out: Any, taken: Sequence[str] = ()) -> list[str]:
+    """Names for a model's output tensors, in the order :func:`output_arrays` flattens them:
+    ``output`` for one tensor, ``output_0``, ``output_1``, ... for a tuple, a dictionary's keys
+    (a Hugging Face model's ``logits``), joined by ``_`` where nested (``hidden_states_1``);
+    made unique, and distinct from ``taken`` (the input names)."""
+    from torch.utils._pytree import tree_flatten_with_path
+
+    leaves = [(p, t) for p, t in tree_flatten_with_path(out)[0] if isinstance(t, torch.Tensor)]
+    names: list[str] = []
+    used = set(taken)
+    for path, _ in leaves:
+        parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if not parts or not isinstance(getattr(path[0], "key", None), str):
+            parts.insert(0, "output")
+        name = base = "_".join(parts)
+        n = 1
+        while name in used:
+            name, n = f"{base}_{n}", n + 1
+        used.add(name)
+        names.append(name)
+    return names
 
 
 def compare_at_batches(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from ._check import (
     export_shapes,
     fixed_gate_factors,
     made_by,
+    output_names,
 )
 from ._gemm import gemm_linears
 
@@ -111,6 +113,19 @@ def _spelled_out_attention(model: nn.Module) -> Iterator[list]:
             encoder.use_nested_tensor = True
 
 
+def _named_outputs(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> list[str] | None:
+    """The export's output names (:func:`~._check.output_names`: ``logits`` for a Hugging Face
+    model, not the exporter's ``linear_7``); ``None`` where the model does not run on ``xs``
+    (the export then fails and names why)."""
+    try:
+        with torch.no_grad():
+            out = model(*xs)
+    except Exception:  # any error of the model's own forward: reported by the export
+        return None
+    params = inspect.signature(model.forward).parameters
+    return output_names(out, taken=list(params)[: len(xs)])
+
+
 def _onnx_program(
     model: nn.Module, xs: tuple[torch.Tensor, ...], dims: tuple[dict, ...], opset: int | None
 ) -> Any:
@@ -126,6 +141,7 @@ def _onnx_program(
         "opset_version": opset,
         "external_data": False,
         "verbose": False,
+        "output_names": _named_outputs(model, xs),
     }
     tried: set[tuple[bool, bool]] = set()
     for attention, gemm in ((True, True), (True, False)):
