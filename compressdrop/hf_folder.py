@@ -17,6 +17,7 @@ not know, such as OPT) is refused before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -24,7 +25,7 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,21 @@ def _transformers():
     return transformers
 
 
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off while it loads or writes a folder (they drew "Loading
+    weights: 100%|████|" between the CLI's own lines), and as they were afterwards."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()
+
+
 def load_hf_folder(path: str | Path) -> nn.Module:
     """The causal language model in a Hugging Face folder, in eval mode, on the CPU.
 
@@ -215,13 +231,14 @@ def load_hf_folder(path: str | Path) -> nn.Module:
             "with torch.export or its state_dict and give its factory with --arch)"
         )
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(
-            path,
-            local_files_only=True,
-            trust_remote_code=False,
-            use_safetensors=True,
-            use_kernels=False,  # else on when `kernels` is installed: Hub layers on train()
-        )
+        with quiet_progress():
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                path,
+                local_files_only=True,
+                trust_remote_code=False,
+                use_safetensors=True,
+                use_kernels=False,  # else on when `kernels` is installed: Hub layers on train()
+            )
     except (OSError, ValueError, RuntimeError, ImportError) as e:  # a package it needs: missing
         raise CheckpointError(f"{path}: cannot load the model: {e}") from None
     cfg = model.config
@@ -287,7 +304,8 @@ def save_hf_folder(
     tmp.mkdir()
     try:
         save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
-        save(tmp, safe_serialization=True)
+        with quiet_progress():
+            save(tmp, safe_serialization=True)
         if source is not None and is_hf_folder(source):
             copy_tokenizer(Path(source), tmp)
         report = getattr(slim, "prune_report", None)
@@ -339,9 +357,10 @@ def _check_reload(slim: nn.Module, folder: Path, x: torch.Tensor) -> float:
     looked up) and return the largest relative error of its first output against ``slim``'s."""
     cls: Any = type(slim)
     try:
-        back = cls.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
-        ).eval()
+        with quiet_progress():
+            back = cls.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
+            ).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"the written folder does not load back as a {cls.__name__} ({e}); nothing was "

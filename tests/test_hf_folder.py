@@ -73,6 +73,23 @@ def test_a_folder_loads_with_an_arch_record_and_its_own_weights(tmp_path):
     json.dumps(model.arch)  # plain data: a checkpoint stores it
 
 
+def test_loading_and_writing_a_folder_draw_no_progress_bars(tmp_path, capfd):
+    """transformers' "Loading weights: 100%|████|" bars came between the CLI's own lines; they
+    are off while compressdrop loads and writes a folder, and as they were afterwards."""
+    from transformers.utils import logging as tf_logging
+
+    from compressdrop.hf_folder import save_hf_folder
+
+    folder = _llama_folder(tmp_path / "llama")
+    capfd.readouterr()
+    model = load_model(folder)
+    ids = torch.randint(256, (2, 9))
+    save_hf_folder(model, tmp_path / "out", ids)
+    out, err = capfd.readouterr()
+    assert "it/s" not in out + err and "%|" not in out + err
+    assert tf_logging.is_progress_bar_enabled()
+
+
 def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(tmp_path):
     from compressdrop.workflows import prune_file
 
