@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from .cli_options import EVAL, EXPORT, JSON, PRUNE, SWEEP, TRAIN, options
+from .reporting import one_line_warnings, printable
 
 __all__ = ["main"]
 
@@ -63,7 +64,7 @@ def _guard(fn: Callable) -> Callable:
         except click.ClickException:
             raise
         except (CompressDropError, OSError) as e:
-            raise _Failure(str(e)) from e
+            raise _Failure(printable(str(e))) from e
 
     return wrapper
 
@@ -90,8 +91,6 @@ def main() -> None:
       compressdrop train --recipe lenet300-lognormal --data digits --out runs/demo
       compressdrop eval runs/demo/slim.onnx --data digits
     """
-    from .reporting import one_line_warnings
-
     # warnings as one line each (not the installed file's path and source line), for this command
     ctx = click.get_current_context()
     ctx.with_resource(one_line_warnings())

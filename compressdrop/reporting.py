@@ -7,6 +7,7 @@ anything. Progress and tables go to stderr and stdout as noted, so ``--json`` ou
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ __all__ = [
     "console",
     "eval_text",
     "one_line_warnings",
+    "printable",
     "progress_printer",
     "prune_text",
     "run_summary",
@@ -31,6 +33,18 @@ def console(stderr: bool = True) -> Any:
     return c if c.is_terminal else Console(stderr=stderr, width=200)
 
 
+# control characters a terminal acts on (C0 but newline and tab, DEL, C1) and the bidirectional
+# overrides that reorder what is shown
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with the characters a terminal would act on written as escapes (``\\x1b``):
+    messages quote names from users' files (a state_dict key, a class name), and one holding
+    ``ESC ] 52`` had set the terminal's title and clipboard through an error message."""
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 @contextlib.contextmanager
 def one_line_warnings() -> Iterator[None]:
     """While open, a warning Python shows is one line on stderr, ``warning (DataWarning):
@@ -43,7 +57,7 @@ def one_line_warnings() -> Iterator[None]:
     before = warnings.formatwarning
 
     def one_line(message: Any, category: type, filename: str, lineno: int, line: Any = None) -> str:
-        text = " ".join(str(message).split()).removeprefix("compressdrop: ")
+        text = printable(" ".join(str(message).split()).removeprefix("compressdrop: "))
         return f"warning ({category.__name__}): {text}\n"
 
     warnings.formatwarning = one_line

@@ -56,3 +56,64 @@ def test_the_sizes_inside_a_conds_branches_count_too(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
     with pytest.warns(ProgramWarning, match="come to 4 MiB"):
         load_model(save(Cond(), tmp_path / "cond.pt2"))
+
+
+def _lying(path, n: int):
+    """``Baked(1)``'s archive with its ``ones`` node told to make ``n`` x ``n``, while the size
+    the file declares for that node's output stays ``[1, 1]``."""
+    import io
+    import json
+    import zipfile
+
+    src = zipfile.ZipFile(save(Baked(1), path))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith("models/model.json"):
+                doc = json.loads(data)
+                for node in doc["graph_module"]["graph"]["nodes"]:
+                    if node["target"] == "torch.ops.aten.ones.default":
+                        node["inputs"][0]["arg"]["as_ints"] = [n, n]
+                data = json.dumps(doc).encode()
+            dst.writestr(info.filename, data)
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def test_the_sizes_are_measured_not_read_off_what_the_file_declares(tmp_path, monkeypatch):
+    """A 9 KB file whose node made ``aten.ones([30000, 30000])`` while declaring ``[1, 4]`` for
+    its output passed the bound and took 3.8 GB in ``load_model``: the sizes are now those the
+    operators make, found on fake tensors."""
+    monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
+    with pytest.warns(ProgramWarning, match=r"come to 4 MiB.* over the 1 MiB"):
+        load_model(_lying(tmp_path / "lie.pt2", 1000))
+
+
+class NoGrad(Baked):
+    def forward(self, x):
+        with torch.no_grad():
+            return super().forward(x)
+
+
+class Autocast(Baked):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return super().forward(x).float()
+
+
+@pytest.mark.parametrize("cls", [NoGrad, Autocast])
+def test_a_wrapper_s_body_is_measured_and_the_check_still_runs(cls, tmp_path, monkeypatch):
+    """``torch.no_grad()`` or ``torch.autocast`` inside a forward exports (in training mode) as
+    a higher-order wrapper around its body: the body's sizes are measured, and a baked batch
+    inside it is still found."""
+    program = torch.export.export(cls(10).train(), (torch.randn(2, 1, 8, 8),))
+    assert any("wrap_with" in str(n.target) for n in program.graph.nodes)
+    torch.export.save(program, tmp_path / "small.pt2")
+    with pytest.raises(CheckpointError, match="fixed batch size of 2"):
+        load_model(tmp_path / "small.pt2")
+    monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
+    torch.export.save(torch.export.export(cls(1000).train(), (torch.randn(2, 1, 8, 8),)),
+                      tmp_path / "big.pt2")  # fmt: skip
+    with pytest.warns(ProgramWarning, match=r"come to \d MiB.* over the 1 MiB"):
+        load_model(tmp_path / "big.pt2")

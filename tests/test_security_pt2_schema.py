@@ -152,6 +152,45 @@ def test_a_payload_table_of_another_shape_is_refused(good, tmp_path):
         check_pt2_archive(dst)
 
 
+def _meta_edited(good: Path, dst: Path, **meta) -> Path:
+    """``good`` with its first weight's ``tensor_meta`` fields set to ``meta``."""
+    with zipfile.ZipFile(good) as zi, zipfile.ZipFile(dst, "w") as zo:
+        for item in zi.infolist():
+            data = zi.read(item.filename)
+            if item.filename.endswith("model_weights_config.json"):
+                doc = json.loads(data)
+                next(iter(doc["config"].values()))["tensor_meta"].update(meta)
+                data = json.dumps(doc).encode()
+            zo.writestr(item, data)
+    return dst
+
+
+def _ints(*values: int) -> list[dict]:
+    return [{"as_int": v} for v in values]
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        (  # 1.6 GB of one value over the first weight's 4 bytes... (a 9 KB file: 6.7 GB at export)
+            {"sizes": _ints(20000, 20000), "strides": _ints(0, 0)},
+            "has 400,000,000 values over a record of",
+        ),
+        ({"storage_offset": {"as_int": 10**6}}, "reaches byte"),
+        ({"storage_offset": {"as_int": -1}}, "negative"),
+        ({"strides": _ints(1, 10**6)}, "reaches byte"),
+        ({"strides": [{"as_expr": {"expr_str": "Symbol('s0')"}}, {"as_int": 1}]}, "symbolic"),
+    ],
+)
+def test_a_weight_that_is_no_view_of_its_record_s_bytes_is_refused(meta, message, good, tmp_path):
+    """torch makes each weight with ``as_strided`` over its record from the table's sizes,
+    strides and offset: one that views more values than the record holds, or bytes past it, is
+    refused, as a ``.pt`` file's is."""
+    crafted = _meta_edited(good, tmp_path / "view.pt2", **meta)
+    with pytest.raises(CheckpointError, match="refused: .*" + message):
+        check_pt2_archive(crafted)
+
+
 class _Varied(nn.Module):
     """A program with what the schema check must let through: a buffer, a constant, an op
     with a string argument and one with a device, symbolic sizes, a subgraph (``torch.cond``)."""

@@ -97,3 +97,31 @@ def test_a_prune_history_names_modules_and_indices_in_their_range(tmp_path, step
         with pytest.raises(CheckpointError, match="prune history step 0"):
             PruneReport.from_dict(bad["prune_report"])
     load_model(tmp_path / "slim.pt")  # the file as saved
+
+
+def test_names_from_a_file_reach_the_terminal_without_its_control_characters(tmp_path):
+    """A state_dict key holding ``ESC ] 52`` (the terminal's clipboard) and ``ESC ] 0`` (its
+    title) was echoed as it is by the error that names unexpected keys; errors and warnings now
+    show such characters as escapes."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+    from compressdrop.reporting import one_line_warnings, printable
+
+    model = build_model("lenet300", (1, 8, 8))
+    save_model(model, tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    evil = "\x1b]0;TITLE\x07\x1b]52;c;ZWNobyBoaQ==\x07\x9b2K\rlooks fine\u202e"
+    payload["state_dict"][evil] = torch.zeros(1)
+    torch.save(payload, tmp_path / "m.pt")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "m.pt"), "--data", "digits"])
+    assert result.exit_code == 1 and "unexpected key" in result.output
+    assert "\\x1b]52;c;" in result.output and "\\x9b2K\\rlooks fine\\u202e" in result.output
+    assert not {"\x1b", "\x07", "\x9b", "\r", "\u202e"} & set(result.output)
+    with warnings.catch_warnings(), one_line_warnings():
+        shown = warnings.formatwarning(evil, UserWarning, "f.py", 1)
+    assert shown.startswith("warning (UserWarning): \\x1b]0;TITLE\\x07\\x1b]52;c;")
+    assert not {"\x1b", "\x07", "\x9b", "\r", "\u202e"} & set(shown)
+    assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"

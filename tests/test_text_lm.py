@@ -79,6 +79,8 @@ def test_single_file_splits_by_position_and_spec_options(tmp_path):
         ("text:{d},colour=red", "unknown option"),
         ("text:{d},context=big", "bad option value"),
         ("text:{d},glob=*.rst", "no files match"),
+        ("text:{d},glob=/etc/*", "is not a pattern of files in it"),  # a raw NotImplementedError
+        ("text:{d},glob=", "is not a pattern of files in it"),  # a raw ValueError
         ("text:{d},context=5000", "less than one window"),
         ("text:{d},test_fraction=0", "must leave some text"),
     ],

@@ -137,7 +137,13 @@ def load_text(
     else:
         total = 0
         found: list[tuple[str, bytes]] = []
-        for f in sorted(p for p in root.glob(glob) if p.is_file()):
+        try:  # pathlib refuses an empty or absolute pattern when the walk starts
+            matched = sorted(p for p in root.glob(glob) if p.is_file())
+        except (ValueError, NotImplementedError) as e:
+            raise DataError(
+                f"{root}: glob={glob!r} is not a pattern of files in it ({e})"
+            ) from None
+        for f in matched:
             rel = f.relative_to(root).as_posix()
             if any(part.startswith(".") for part in Path(rel).parts):
                 continue

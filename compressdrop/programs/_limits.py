@@ -1,11 +1,15 @@
 """Bounds on what a ``.pt2``'s graph may make Python compute while it loads (used by
 :mod:`.safety`): a tower of powers in a shape expression, or chained squarings in the graph's
-symbolic arithmetic, ran for as long as the file wished. Also the JSON walker both modules use."""
+symbolic arithmetic, ran for as long as the file wished; a payload tensor that views more than
+its record's bytes. Also the JSON walker both modules use."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
+
+from torch._export.serde import schema
 
 __all__: list[str] = []  # internal: safety.py uses them
 
@@ -70,3 +74,32 @@ def _bounded_arithmetic(doc: Any) -> bool:
                 if isinstance(name, str):
                     bits[name] = max(out, 64)
     return True
+
+
+def _past_its_bytes(meta: dict[str, Any], stored: int) -> str | None:
+    """Why a payload's tensor, made by torch with ``as_strided`` over the ``stored`` bytes of its
+    record from the table's sizes, strides and offset, is not a view of those bytes, or None: more
+    values than the record holds, as for a ``.pt`` file (a 4-byte record declared ``[20000,
+    20000]`` with strides ``[0, 0]`` made a 1.6 GB tensor of one value, 6.7 GB once an export
+    copied it), a negative stride or offset, or a last element past the record's end."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    ints = [[d.get("as_int") for d in meta.get(k) or []] for k in ("sizes", "strides")]
+    offset = (meta.get("storage_offset") or {}).get("as_int")
+    if offset is None or not all(isinstance(v, int) for v in (*ints[0], *ints[1])):
+        return "has a symbolic size, stride or offset"
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(schema.ScalarType(meta["dtype"]))
+    if dtype is None or len(ints[0]) != len(ints[1]):
+        return "has no dtype or strides for its sizes"
+    if min((offset, *ints[0], *ints[1])) < 0:
+        return "has a negative size, stride or offset"
+    itemsize = dtype.itemsize
+    if math.prod(ints[0]) * itemsize > stored:
+        return (
+            f"has {math.prod(ints[0]):,} values over a record of {stored:,} bytes (it views the "
+            "same bytes many times)"
+        )
+    last = offset + sum((n - 1) * st for n, st in zip(*ints))
+    if (last + 1) * itemsize > stored:
+        return f"reaches byte {(last + 1) * itemsize:,} of a record of {stored:,}"
+    return None

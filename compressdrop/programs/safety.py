@@ -36,7 +36,7 @@ from torch._export.serde import schema
 
 from .._io import inflated
 from ..errors import CheckpointError
-from ._limits import _bounded_arithmetic, _small_exponent
+from ._limits import _bounded_arithmetic, _past_its_bytes, _small_exponent
 from ._schema import IDENT, check_schema, string_checks
 
 __all__ = ["Source", "check_pt2_archive", "is_pt2"]
@@ -358,9 +358,12 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
                         raise refuse(f"{fqn!r} is a Python object ({config_name})")
                     dims = (entry.get("tensor_meta") or {}).get("sizes") or []
                     numel = math.prod(int(d.get("as_int", 0)) for d in dims)  # symbolic: 0
-                    if numel > 0 and not sizes.get(kind + entry["path_name"]):
+                    stored = sizes.get(kind + entry["path_name"], 0)
+                    if numel > 0 and not stored:
                         # torch fills an empty payload with zeros of the size the table says
                         raise refuse(f"{fqn!r} has {numel} values but no bytes ({config_name})")
+                    if numel > 0 and (wrong := _past_its_bytes(entry["tensor_meta"], stored)):
+                        raise refuse(f"{fqn!r} {wrong} ({config_name})")
             try:
                 torch.load(io.BytesIO(records[inputs]), weights_only=True)
             except Exception:
