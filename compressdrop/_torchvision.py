@@ -61,11 +61,23 @@ def import_torchvision() -> ModuleType | None:
 def retry_with_torchvision(load: Callable[[], T]) -> T:
     """``load()``, run again after :func:`import_torchvision` if it failed on importing a
     torchvision whose compiled ops do not load (a factory from ``torchvision.models``, a pickled
-    torchvision model)."""
+    torchvision model, a factory of the user's that builds a transformers model: transformers
+    raises that failure as the cause of a ``ModuleNotFoundError``)."""
     try:
         return load()
-    except RuntimeError as e:
-        if _BROKEN not in str(e):
+    except Exception as e:  # any type: only torchvision's failure, in its chain, is retried
+        if not _broken_torchvision(e):
             raise
     import_torchvision()
     return load()
+
+
+def _broken_torchvision(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from is torchvision's failed import."""
+    for _ in range(16):
+        if e is None:
+            return False
+        if isinstance(e, RuntimeError) and _BROKEN in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -384,7 +384,7 @@ def _call(fn: Factory, spec: str, rec: ArchRecord, where: str) -> nn.Module:
     if rec.num_classes is not None and "num_classes" in params:
         kwargs.setdefault("num_classes", rec.num_classes)
     try:
-        model = fn(**kwargs)
+        model = retry_with_torchvision(lambda: fn(**kwargs))
     except TypeError as e:
         raise CheckpointError(f"{where}: calling {spec}(**{kwargs!r}) failed: {e}") from None
     if not isinstance(model, nn.Module):

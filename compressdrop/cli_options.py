@@ -300,7 +300,8 @@ SWEEP = (
         default=None,
         metavar="T1,T2,...",
         callback=_floats,
-        help="SNR thresholds (default: 10 quantiles of the model's SNRs plus the family default).",
+        help="SNR thresholds (default: 10 quantiles of the model's SNRs plus the family "
+        "default); a row at threshold 0, every unit kept, comes first as the reference.",
     ),
     click.option(
         "--out",

@@ -556,7 +556,7 @@ def test_keep_gated_leaves_the_gated_model_for_sweep_and_another_threshold(tmp_p
     run(["sweep", gated, "--data", "digits", "-t", "0.5,2", "-o", tmp_path / "sweep"])
     run(["prune", gated, "-t", "2", "-o", tmp_path / "slim2.pt"])
     refused = run(["prune", gated, "--keep-gated", "-o", tmp_path / "slim3.pt"], expect=1)
-    assert "keep_gated (the file is the gated model)" in refused.output
+    assert "--keep-gated (the file is the gated model)" in refused.output
 
 
 def test_a_state_dict_of_a_reference_net_takes_its_name_as_arch(tmp_path):
@@ -735,3 +735,32 @@ def test_keep_gated_for_a_pickled_module_whose_program_differs_is_refused_before
     run(["prune", tmp_path / "mlp.pt", *args, "-o", tmp_path / "ms.pt2"])
     gated = load_model(tmp_path / "ms-gated.pt")
     assert cd.is_gated(gated)
+
+
+_FACTORY_CALLS: list[int] = []
+
+
+def flaky_torchvision_net(num_classes: int = 10) -> nn.Module:
+    """Fails, the first time, as a factory that builds a transformers model fails where the
+    installed torchvision's compiled ops do not load: transformers raises torchvision's
+    RuntimeError as the cause of a ModuleNotFoundError."""
+    _FACTORY_CALLS.append(1)
+    if len(_FACTORY_CALLS) == 1:
+        try:
+            raise RuntimeError("operator torchvision::nms does not exist")
+        except RuntimeError as e:
+            raise ModuleNotFoundError("Could not import module 'BertModel'") from e
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+
+def test_a_factory_that_fails_on_torchvision_s_import_is_called_again(monkeypatch):
+    """The factory is called again after the workaround (it was a raw double traceback)."""
+    from compressdrop import _torchvision
+    from compressdrop.arch import build_arch
+
+    _FACTORY_CALLS.clear()
+    worked: list[int] = []
+    monkeypatch.setattr(_torchvision, "import_torchvision", lambda: worked.append(1))
+    model = build_arch({"name": "mine"}, factory="tests.test_formats:flaky_torchvision_net")
+    assert len(_FACTORY_CALLS) == 2 and worked == [1]
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -540,3 +540,16 @@ def test_a_program_whose_outputs_are_an_unknown_type_names_it(tmp_path):
             zout.writestr(info, data)
     with pytest.raises(CheckpointError, match=r"types this process does not know \(transformers"):
         load_model(tmp_path / "other.pt2")
+
+
+def test_layers_inside_an_excluded_attention_are_not_warned_about():
+    """``exclude=["GPT2Attention"]`` (the README's advice for a standard folder) still warned
+    that each ``attn.c_attn`` was left ungated, with Torch-Pruning's TypeError in the text."""
+    model = _build("gpt2")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cd.attach(model, exclude=["GPT2Attention"], example_inputs=ids)
+    told = [str(w.message) for w in said if issubclass(w.category, cd.GatingWarning)]
+    assert told and not [t for t in told if ".attn." in t]  # the MLP's residual output: said
+    assert all(".attn." not in name for name, _ in cd.named_gates(model))

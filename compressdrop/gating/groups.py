@@ -145,6 +145,7 @@ def find_groups(
             (granularity == "auto" or spec.kind == granularity)
             and (not include or _matches(name, m, include))
             and not _matches(name, m, exclude)
+            and not _in_excluded(name, {n: x for x, n in names.items()}, exclude)
         )
         if warn and wanted:
             warnings.warn(
@@ -232,7 +233,7 @@ def find_groups(
         blocks, misaligned = group_alignment(g, num_units, names)  # grouped convs
         problem = untrusted_reason(dg, g) or problem or misaligned
         if problem is not None:
-            if warn and problem != "output":
+            if warn and problem != "output" and not _in_excluded(label, by_name, exclude):
                 warnings.warn(
                     f"compressdrop: layer {label!r} left ungated: {problem}",
                     GatingWarning,
@@ -251,6 +252,18 @@ def find_groups(
         )
     ]
     return groups + streams + heads
+
+
+def _in_excluded(name: str, by_name: dict, exclude: Sequence[str | type] | None) -> bool:
+    """Whether a module that holds layer ``name`` matches ``exclude`` (GPT-2's ``c_attn`` in an
+    excluded ``GPT2Attention``: the user left that block alone, so its layers are not warned
+    about)."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        outer = ".".join(parts[:i])
+        if outer in by_name and _matches(outer, by_name[outer], exclude):
+            return True
+    return False
 
 
 def _selected(

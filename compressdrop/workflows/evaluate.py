@@ -165,7 +165,8 @@ def sweep_file(
     model = load_fitting(model_path, None, "", arch, None, trust_code)  # in float32
     if not is_gated(model):
         raise InputError(
-            f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's gated.pt)"
+            f"{model_path} has no trained gates; sweep needs a gated checkpoint (train's "
+            "gated.pt, or the STEM-gated.pt that prune --keep-gated writes)"
         )
     ds = _fitted_data(model_path, model, data, announce)
     rows = sweep(

@@ -234,9 +234,9 @@ def prune_file(
             "with --data and --keep-gated, then prune STEM-gated.pt with --mc-samples)"
         )
     if is_gated(model):
-        unused = [f for f, v in (("data", data), ("seed", seed)) if v is not None]
-        unused += ["device"] if device not in ("auto", None) else []
-        unused += ["keep_gated (the file is the gated model)"] if keep_gated else []
+        unused = [f for f, v in (("--data", data), ("--seed", seed)) if v is not None]
+        unused += ["--device"] if device not in ("auto", None) else []
+        unused += ["--keep-gated (the file is the gated model)"] if keep_gated else []
         if unused:
             raise InputError(
                 f"{model_path} has trained gates: it is pruned as it is, without training, so "
