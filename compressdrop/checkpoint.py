@@ -47,6 +47,7 @@ from .gating.gated import attach_config, input_shapes_of, input_specs_of, random
 from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
 from .models import MODELS
+from .payload import recorded_inputs
 from .programs import is_pt2, load_program
 from .torchload import load_checkpoint
 
@@ -325,6 +326,12 @@ def _from_payload(
         raise CheckpointError(f"{path}: a slim model saved as its own program; --arch is not used")
     kind = payload.get("kind")
     arch, where = payload["arch"], str(path)
+    specs = []
+    if kind == "gated":  # checked and bounded before anything is built or drawn
+        try:
+            specs = recorded_inputs(payload, ArchRecord.from_dict(arch, where).input_shape)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
     # the record's sizes against the file's weights, before any memory is taken for them
     check_state_fits(
         arch, payload["state_dict"], kind=kind, factory=factory, trust_code=trust_code, where=where
@@ -332,7 +339,6 @@ def _from_payload(
     model = build_arch(arch, factory=factory, trust_code=trust_code, where=where)
     hint, baked = "", None
     if kind == "gated":
-        specs = payload.get("inputs") or [{"shape": s} for s in payload["input_shape"]]
         example = random_inputs(specs, 2)
         # the plan's warnings (layers left ungated, and why) were given when the gates were first
         # attached: kept back here, said again only if the plan fails or does not fit the weights

@@ -96,6 +96,7 @@ LAYERS = [
     {"gates", "dropout", "data", "programs", "torchload", "hf_files"},
     {"models", "gating"},
     {"arch", "pruning", "recipes", "hf_folder"},
+    {"payload"},
     {"checkpoint", "export"},
     {"evaluation", "uncertainty"},
     {"training"},

@@ -39,7 +39,11 @@ def test_a_dense_records_sizes_that_its_weights_do_not_fill_are_refused_before_b
 def test_a_gated_or_slim_records_sizes_are_bounded_by_the_weights_it_holds(tmp_path):
     state = build_model("lenet300", input_shape=(1, 8, 8)).state_dict()
     with pytest.raises(CheckpointError, match=r"file holds 50,610 weights, the architecture has"):
-        load_model(checkpoint(tmp_path / "g.pt", HUGE, kind="gated", state=state))
+        load_model(
+            checkpoint(
+                tmp_path / "g.pt", HUGE, kind="gated", state=state, inputs=[{"shape": [1, 8, 8]}]
+            )
+        )
     with pytest.raises(CheckpointError, match="more than 64 times the 50,610"):
         load_model(
             checkpoint(
