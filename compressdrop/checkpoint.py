@@ -47,7 +47,7 @@ from .gating.gated import attach_config, input_shapes_of, input_specs_of, random
 from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
 from .models import MODELS
-from .payload import recorded_inputs
+from .payload import check_noise, recorded_inputs
 from .programs import is_pt2, load_program
 from .torchload import load_checkpoint
 
@@ -326,12 +326,14 @@ def _from_payload(
         raise CheckpointError(f"{path}: a slim model saved as its own program; --arch is not used")
     kind = payload.get("kind")
     arch, where = payload["arch"], str(path)
-    specs = []
-    if kind == "gated":  # checked and bounded before anything is built or drawn
-        try:
+    specs, noise = [], []  # checked and bounded before anything is built or drawn
+    try:
+        if kind == "gated":
             specs = recorded_inputs(payload, ArchRecord.from_dict(arch, where).input_shape)
-        except CheckpointError as e:
-            raise CheckpointError(f"{where}: {e}") from None
+        if kind == "slim" and payload.get("noise"):
+            noise = check_noise(payload["noise"], payload["state_dict"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     # the record's sizes against the file's weights, before any memory is taken for them
     check_state_fits(
         arch, payload["state_dict"], kind=kind, factory=factory, trust_code=trust_code, where=where
@@ -365,10 +367,10 @@ def _from_payload(
         set_record(model, "prune_report", report)
         if payload.get("slim_program"):
             baked = report.architecture_after
-        if payload.get("noise"):
+        if noise:
             try:
-                put_noise(model, payload["noise"])
-            except (InputError, KeyError, TypeError, ValueError) as e:
+                put_noise(model, noise)
+            except InputError as e:  # a layer the record names that the model lacks
                 raise CheckpointError(
                     f"{path}: the noise record does not fit the model: {e}"
                 ) from None

@@ -104,3 +104,79 @@ def test_the_cli_says_a_bad_inputs_record_in_one_line(gated, tmp_path):
     assert res.exit_code == 1, res.output
     assert res.output.startswith("Error: ") and "inputs record, input 0: shape" in res.output
     assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+@pytest.fixture(scope="module")
+def slim_mc(tmp_path_factory):
+    """A slim LeNet-300-100 whose kept units keep their noise (a ``noise`` record)."""
+    path = tmp_path_factory.mktemp("payload") / "slim_mc.pt"
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10)
+    compressdrop.attach(net, gate="lognormal")
+    save_model(compressdrop.keep_noise(net, compressdrop.prune(net)), path)
+    return torch.load(path, weights_only=True)
+
+
+def never_noisy(monkeypatch):
+    """Make building a slim model's noisy sites fail the test."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("gates were built from a record that should have been refused")
+
+    monkeypatch.setattr("compressdrop.checkpoint.put_noise", built)
+
+
+def entry(i, **change):
+    return lambda p: p["noise"][i].update(change)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # 400 million units: 5 GB of gates before the weights were compared
+        (
+            entry(0, units=400_000_000),
+            r"entry 0: 400,000,000 units do not fit the file's weights "
+            r"\(1\.gate\.mu is \[300\], \[400000000\] for 400,000,000 units\)",
+        ),
+        (entry(0, units=-1), r"entry 0: units must be a positive integer, got -1"),
+        (entry(0, units="300"), r"entry 0: units must be a positive integer, got '300'"),
+        (entry(0, kwargs={"low": "x"}), r"entry 0: gate_kwargs\['low'\]: expected a number"),
+        (entry(0, kwargs={"bogus": 1}), r"entry 0: gate_kwargs\['bogus'\]: unknown argument"),
+        (entry(0, kwargs=[1]), r"entry 0: kwargs must be a mapping, got \[1\]"),
+        (entry(0, family="nope"), r"entry 0: unknown gate family 'nope'"),
+        (entry(0, family=5), r"entry 0: family must be a gate family's name, got 5"),
+        (entry(0, unit_dim=10**30), r"entry 0: unit_dim must be an integer from -16 to 15"),
+        (entry(0, head_dim="x"), r"entry 0: head_dim must be a positive integer or None"),
+        (entry(0, site=""), r"entry 0: site must be a layer's name, got ''"),
+        (entry(0, attention=[1]), r"entry 0: attention must be a layer's name or None"),
+        (entry(0, bogus=1), r"entry 0: unknown key\(s\) \['bogus'\]"),
+        (entry(1, shares="zz"), r"entry 1: shares must name an earlier site that holds a gate"),
+        (lambda p: p.__setitem__("noise", 5), r": expected a list of noisy sites, got 5"),
+        (lambda p: p.__setitem__("noise", ["x"]), r"entry 0: expected a mapping, got 'x'"),
+        (lambda p: p["state_dict"].pop("3.gate.mu"), r"entry 1: .*\(3\.gate\.mu is missing"),
+    ],
+)
+def test_a_slim_files_noise_record_is_checked_before_any_gate_is_built(
+    slim_mc, tmp_path, monkeypatch, change, message
+):
+    never_noisy(monkeypatch)
+    with pytest.raises(CheckpointError, match=rf"bad\.pt: noise record.*{message}"):
+        compressdrop.load_model(mutated(slim_mc, tmp_path, change))
+
+
+def test_the_noise_records_own_file_still_loads_and_samples(slim_mc, tmp_path):
+    path = mutated(slim_mc, tmp_path, lambda p: None, "ok.pt")
+    model = compressdrop.load_model(path)
+    with compressdrop.uncertainty.mc_mode(model):
+        assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_put_noise_checks_the_gate_arguments_as_attach_does():
+    from compressdrop.errors import InputError
+    from compressdrop.gating.noisy import put_noise
+
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10)
+    record = [{"site": "1", "unit_dim": -1, "family": "lognormal", "units": 300,
+               "kwargs": {"bogus": 1}}]  # fmt: skip
+    with pytest.raises(InputError, match=r"gate_kwargs\['bogus'\]: unknown argument"):
+        put_noise(net, record)

@@ -11,14 +11,14 @@ one; a checkpoint records the sites (:func:`noise_record`) and rebuilds them (:f
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..gates import Gate, LogNormalGate, gate_class
+from ..gates import Gate, LogNormalGate, check_gate_kwargs, gate_class
 from ..gates._mul import wrapper_pre_hook
 from ..gates.distributions import truncnorm_icdf_coefs
 from ..runtime import is_exporting
@@ -249,7 +249,7 @@ def noise_record(model: nn.Module) -> list[dict[str, Any]]:
     return out
 
 
-def put_noise(model: nn.Module, record: list[Mapping[str, Any]]) -> nn.Module:
+def put_noise(model: nn.Module, record: Sequence[Mapping[str, Any]]) -> nn.Module:
     """Wrap ``model``'s layers as :func:`noise_record` describes, with fresh gates.
 
     The gates' learned values come with the checkpoint's ``state_dict``, loaded afterwards.
@@ -258,8 +258,9 @@ def put_noise(model: nn.Module, record: list[Mapping[str, Any]]) -> nn.Module:
         ``model``, changed in place.
 
     Raises:
-        InputError: a record names a layer the model does not have or a gate family that does not
-            exist.
+        InputError: a record names a layer the model does not have, a gate family that does not
+            exist or arguments the family does not take (see
+            :func:`~compressdrop.gates.check_gate_kwargs`).
     """
     gates: dict[str, Gate] = {}
     for entry in record:
@@ -275,7 +276,8 @@ def put_noise(model: nn.Module, record: list[Mapping[str, Any]]) -> nn.Module:
             gate.shared = True
         else:
             cls = gate_class(str(entry["family"]))
-            gate = cls(int(entry["units"]), **dict(entry.get("kwargs") or {}))
+            kwargs = check_gate_kwargs(cls, entry.get("kwargs"))  # as attach checks them
+            gate = cls(int(entry["units"]), **kwargs)
             gates[name] = gate
         site = NoisySite(
             module, gate, int(entry["unit_dim"]), entry.get("head_dim"), entry.get("attention")
