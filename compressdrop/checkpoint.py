@@ -11,7 +11,8 @@ loads with ``torch.load(weights_only=True)``. It records how to rebuild the stru
 * ``noise``: for a slim model whose kept units keep their learned noise
   (:func:`compressdrop.uncertainty.keep_noise`), where its gates sit (rebuilt by family name);
 
-plus the ``state_dict``, the recipe that made it and free-form ``meta``. Other files are accepted
+plus the ``state_dict``, the recipe that made it and free-form ``meta``; each record is checked
+before anything is built from it (:class:`compressdrop.payload.Payload`). Other files are accepted
 with care: a bare ``state_dict`` needs the user to name its architecture; a whole pickled module
 needs ``trust_code=True``, because unpickling runs arbitrary code. The training run's resume file
 (``format: compressdrop-run``) is read through the same loader.
@@ -47,7 +48,7 @@ from .gating.gated import attach_config, input_shapes_of, input_specs_of, random
 from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
 from .models import MODELS
-from .payload import check_noise, recorded_inputs
+from .payload import Payload
 from .programs import is_pt2, load_program
 from .torchload import load_checkpoint
 
@@ -322,31 +323,21 @@ def _from_payload(
         raise CheckpointError(
             f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})"
         )
-    if payload.get("slim_program") and factory is not None:  # refused before any factory runs
+    where = str(path)
+    rec = Payload.from_dict(payload, where)  # every record checked: nothing built or drawn yet
+    if rec.slim_program and factory is not None:  # refused before any factory runs
         raise CheckpointError(f"{path}: a slim model saved as its own program; --arch is not used")
-    kind = payload.get("kind")
-    arch, where = payload["arch"], str(path)
-    specs, noise = [], []  # checked and bounded before anything is built or drawn
-    try:
-        if kind == "gated":
-            specs = recorded_inputs(payload, ArchRecord.from_dict(arch, where).input_shape)
-        if kind == "slim" and payload.get("noise"):
-            noise = check_noise(payload["noise"], payload["state_dict"])
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
     # the record's sizes against the file's weights, before any memory is taken for them
     check_state_fits(
-        arch, payload["state_dict"], kind=kind, factory=factory, trust_code=trust_code, where=where
+        rec.arch, rec.state_dict, kind=rec.kind, factory=factory, trust_code=trust_code, where=where
     )
-    model = build_arch(arch, factory=factory, trust_code=trust_code, where=where)
+    model = build_arch(rec.arch, factory=factory, trust_code=trust_code, where=where)
     hint, baked = "", None
-    if kind == "gated":
-        example = random_inputs(specs, 2)
+    if rec.kind == "gated":
+        example = random_inputs(rec.inputs, 2)
         # the plan's warnings (layers left ungated, and why) were given when the gates were first
         # attached: kept back here, said again only if the plan fails or does not fit the weights
-        _, failed, said = recorded(
-            lambda: attach(model, **payload["attach"], example_inputs=example)
-        )
+        _, failed, said = recorded(lambda: attach(model, **rec.attach, example_inputs=example))
         for w in said:
             if failed is not None or not issubclass(w.category, GatingWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
@@ -354,39 +345,34 @@ def _from_payload(
             raise failed
         plan = [str(w.message) for w in said if issubclass(w.category, GatingWarning)]
         hint = f" (the gates' plan said: {'; '.join(plan)})" if plan else ""
-    elif kind == "slim":
-        from .pruning import PruneReport, replay
+    elif rec.report is not None:  # slim
+        from .pruning import replay
 
-        rep = payload["prune_report"]
-        try:  # the history's names and indices are checked before they are walked
-            if not payload.get("slim_program"):  # else the program is the slim structure itself
-                replay(model, rep["history"])
-            report = PruneReport.from_dict(rep)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        set_record(model, "prune_report", report)
-        if payload.get("slim_program"):
-            baked = report.architecture_after
-        if noise:
+        if not rec.slim_program:  # else the program is the slim structure itself
+            try:  # the history's names and indices are checked against the model as it walks
+                replay(model, rec.report.history)
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: {e}") from None
+        set_record(model, "prune_report", rec.report)
+        if rec.slim_program:
+            baked = rec.report.architecture_after
+        if rec.noise:
             try:
-                put_noise(model, noise)
+                put_noise(model, rec.noise)
             except InputError as e:  # a layer the record names that the model lacks
                 raise CheckpointError(
                     f"{path}: the noise record does not fit the model: {e}"
                 ) from None
-    elif kind != "dense":
-        raise CheckpointError(f"{path}: unknown checkpoint kind {kind!r}")
-    _load_state(model, payload["state_dict"], path, hint)
-    classes = payload.get("classes")
-    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
-        set_record(model, "class_names", tuple(classes))
+    _load_state(model, rec.state_dict, path, hint)
+    if rec.classes is not None:
+        set_record(model, "class_names", rec.classes)
     set_record(
         model,
         "compressdrop_meta",
         {
-            "recipe": payload.get("recipe"),
-            "meta": payload.get("meta", {}),
-            "kind": kind,
+            "recipe": rec.recipe,
+            "meta": rec.meta,
+            "kind": rec.kind,
             # the structure its program holds already (saved again as it is, unless pruned again)
             "slim_program": baked,
         },

@@ -9,22 +9,30 @@ tensor is made from it, and one that does not fit is a one-line
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .arch import ArchRecord
 from .errors import CheckpointError, InputError
-from .gates import check_gate_kwargs, gate_class
+from .gates import GATES, check_gate_kwargs, gate_class
+from .gating import attach
+from .gating.costs import KL_COSTS, check_kl_scale
+from .gating.groups import GRANULARITIES
+from .pruning.report import PruneReport
 
 __all__ = [
     "INPUT_DTYPES",
     "MAX_INPUT_VALUES",
+    "Payload",
+    "check_attach",
     "check_inputs",
     "check_noise",
     "input_values_cap",
-    "recorded_inputs",
 ]
 
 #: values per example, over all of a gated model's inputs, at most: 16.7 million (128 MB of
@@ -64,12 +72,8 @@ def check_inputs(
     before :func:`~compressdrop.gating.random_inputs` draws them: a list of at most 64 mappings,
     each with a ``shape`` (a list of at most 16 non-negative sizes), a ``dtype`` of
     :data:`INPUT_DTYPES` (float32 if none) and a ``high`` (``None``, or for token ids an integer
-    within the dtype), their values per example together at most :func:`input_values_cap`.
-
-    Args:
-        specs: the record as the file holds it.
-        arch_shape: one example's shape as the ``arch`` record gives it, if it does.
-        record: the record's name, for messages (``input_shape`` for a file that has only that).
+    within the dtype), their values per example together at most :func:`input_values_cap` of
+    ``arch_shape`` (the ``arch`` record's). ``record``: ``input_shape`` for an older file's shapes.
 
     Returns:
         The specs as plain dicts with all three keys.
@@ -127,22 +131,6 @@ def check_inputs(
     return out
 
 
-def recorded_inputs(
-    payload: Mapping[str, Any], arch_shape: tuple[int, ...] | None
-) -> list[dict[str, Any]]:
-    """A gated file's input specs, checked (:func:`check_inputs`): its ``inputs`` record, else
-    the ``input_shape`` of a file from before dtypes were recorded.
-
-    Raises:
-        CheckpointError: neither is there, or the one read does not pass the check.
-    """
-    if payload.get("inputs") is not None:
-        return check_inputs(payload["inputs"], arch_shape)
-    if payload.get("input_shape") is not None:
-        return check_inputs(payload["input_shape"], arch_shape, "input_shape")
-    raise CheckpointError("a gated checkpoint without its inputs record (nor input_shape)")
-
-
 _NOISE_KEYS = {"site", "unit_dim", "head_dim", "attention", "shares", "family", "units", "kwargs"}
 _GATE_KEYS = {"family", "units", "kwargs"}
 
@@ -162,11 +150,8 @@ def check_noise(record: Any, state: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     A gate's ``units`` must fit the file's own tensors of that gate (``SITE.gate.mu``, ...): the
     gate is built on the ``meta`` device, which takes no memory, and the shapes of its state
-    compared with the file's before any gate is built for real (400,000,000 units took 5 GB).
-
-    Args:
-        record: the record as the file holds it.
-        state: the file's ``state_dict`` (names to tensors).
+    compared with the file's ``state`` before any gate is built for real (400,000,000 units took
+    5 GB).
 
     Returns:
         The record, its entries as plain dicts.
@@ -236,3 +221,170 @@ def _check_gate(entry: Mapping[str, Any], state: Mapping[str, Any], where: str) 
                 f"{where}: {units:,} units do not fit the file's weights ({entry['site']}.gate."
                 f"{key} {held}, {list(shape)} for {units:,} units)"
             )
+
+
+#: the arguments of :func:`~compressdrop.attach` a gated file records (its ``attach_config``)
+ATTACH_ARGS = ("gate", "granularity", "include", "exclude", "gate_kwargs", "kl_cost", "kl_scale")
+_CHOICES = {"gate": tuple(GATES), "granularity": GRANULARITIES, "kl_cost": KL_COSTS}
+
+
+def check_attach(record: Any) -> dict[str, Any]:
+    """A gated file's ``attach`` record, checked before the gates are attached with it: only
+    :data:`ATTACH_ARGS` (those missing take attach's defaults), ``gate`` a family's name,
+    ``granularity`` and ``kl_cost`` among attach's choices, ``include`` and ``exclude`` a name
+    glob or a list of them, ``gate_kwargs`` and ``kl_scale`` mappings that attach's own checks
+    pass (:func:`~compressdrop.gates.check_gate_kwargs`, the KL factors').
+
+    Returns:
+        Every argument of :data:`ATTACH_ARGS`, for ``attach(model, **args, example_inputs=...)``.
+
+    Raises:
+        CheckpointError: anything else, in one line naming the argument.
+    """
+    if not isinstance(record, Mapping):
+        raise CheckpointError(f"attach record: expected a mapping, got {_what(record)}")
+    unknown = sorted(str(k) for k in record if k not in ATTACH_ARGS)
+    if unknown:
+        raise CheckpointError(f"attach record: {unknown} not among attach's {list(ATTACH_ARGS)}")
+    params = inspect.signature(attach).parameters
+    args = {k: record.get(k, params[k].default) for k in ATTACH_ARGS}
+    for key, allowed in _CHOICES.items():
+        if args[key] not in allowed:
+            raise CheckpointError(
+                f"attach record: {key} must be one of {allowed}, got {_what(args[key])}"
+            )
+    for key in ("include", "exclude"):
+        value = args[key]
+        globs = [value] if isinstance(value, str) else value if isinstance(value, list) else [0]
+        if value is not None and not all(isinstance(g, str) for g in globs):
+            raise CheckpointError(
+                f"attach record: {key} must be a name glob or a list of them, got {_what(value)}"
+            )
+    for key in ("gate_kwargs", "kl_scale"):
+        if args[key] is not None and not isinstance(args[key], Mapping):
+            raise CheckpointError(f"attach record: {key} must be a mapping, got {_what(args[key])}")
+    try:  # attach's own checks, run before it is called
+        args["gate_kwargs"] = check_gate_kwargs(gate_class(args["gate"]), args["gate_kwargs"])
+        args["kl_scale"] = check_kl_scale(args["kl_scale"])
+    except InputError as e:
+        raise CheckpointError(f"attach record: {e}") from None
+    return args
+
+
+def check_state(state: Any) -> dict[str, torch.Tensor]:
+    """A file's ``state_dict``: a mapping of names to tensors.
+
+    Raises:
+        CheckpointError: anything else, naming the first entry that is not.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointError(
+            f"state_dict record: expected a mapping of names to tensors, got {_what(state)}"
+        )
+    for key, value in state.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise CheckpointError(
+                f"state_dict record: {_what(key)} holds {_what(value)}, not a named tensor"
+            )
+    return dict(state)
+
+
+def _plain_map(value: Any, record: str) -> dict[str, Any] | None:
+    """``value`` as a dict if it is ``None`` or a mapping with string keys."""
+    if value is None:
+        return None
+    if not (isinstance(value, Mapping) and all(isinstance(k, str) for k in value)):
+        raise CheckpointError(f"{record}: expected a mapping with string keys, got {_what(value)}")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The records of a compressdrop checkpoint that :func:`compressdrop.load_model` reads,
+    checked (:meth:`from_dict`).
+
+    Attributes:
+        kind: ``"dense"``, ``"gated"`` or ``"slim"``.
+        arch: the structure (:class:`~compressdrop.arch.ArchRecord`).
+        state_dict: the weights, names to tensors.
+        attach: for a gated model, attach's arguments (:func:`check_attach`).
+        inputs: for a gated model, its input specs (:func:`check_inputs`): its ``inputs``
+            record, else the shapes alone of an older file's ``input_shape``.
+        report: for a slim model, its :class:`~compressdrop.pruning.PruneReport`.
+        noise: for a slim model with its noise, the noisy sites (:func:`check_noise`).
+        slim_program: a slim model saved as its own program (no history to replay).
+        classes: the outputs' class names, if recorded.
+        recipe: the recipe that made the model (its ``data`` and ``prune`` mappings), if any.
+        meta: free-form notes, a mapping.
+    """
+
+    kind: str
+    arch: ArchRecord
+    state_dict: dict[str, torch.Tensor]
+    attach: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    report: PruneReport | None = None
+    noise: list[dict[str, Any]] = field(default_factory=list)
+    slim_program: bool = False
+    classes: tuple[str, ...] | None = None
+    recipe: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> Payload:
+        """Check the records a checkpoint's dict holds; nothing is built or drawn.
+
+        Raises:
+            CheckpointError: a record missing, of another type or too large, in one line that
+                starts with ``where`` and names the record.
+        """
+        if not isinstance(data.get("arch"), Mapping):
+            raise CheckpointError(
+                f"{where}: arch record (the model's structure): expected a mapping, got "
+                f"{_what(data.get('arch'))}"
+            )
+        arch = ArchRecord.from_dict(data["arch"], where)
+        try:
+            return cls._checked(data, arch)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+
+    @classmethod
+    def _checked(cls, data: Mapping[str, Any], arch: ArchRecord) -> Payload:
+        kind = data.get("kind")
+        if kind not in ("dense", "gated", "slim"):
+            raise CheckpointError(f"unknown checkpoint kind {_what(kind)}")
+        state = check_state(data.get("state_dict"))
+        slim_program, classes = data.get("slim_program") or False, data.get("classes")
+        if not isinstance(slim_program, bool):
+            raise CheckpointError(f"slim_program must be true or false, got {_what(slim_program)}")
+        if classes is not None and not (
+            isinstance(classes, list | tuple) and all(isinstance(c, str) for c in classes)
+        ):
+            raise CheckpointError(f"classes record: expected a list of names, got {_what(classes)}")
+        recipe = _plain_map(data.get("recipe"), "recipe record")
+        for key in ("data", "prune"):  # what compressdrop reads back from it
+            _plain_map((recipe or {}).get(key), f"recipe record's {key}")
+        gated, slim = kind == "gated", kind == "slim"
+        if slim and data.get("prune_report") is None:
+            raise CheckpointError("a slim checkpoint without its prune_report record")
+        if gated and data.get("attach") is None:
+            raise CheckpointError("a gated checkpoint without its attach record")
+        inputs = "inputs" if data.get("inputs") is not None else "input_shape"
+        if gated and data.get(inputs) is None:
+            raise CheckpointError("a gated checkpoint without its inputs record (nor input_shape)")
+        return cls(
+            kind=kind,
+            arch=arch,
+            state_dict=state,
+            attach=check_attach(data["attach"]) if gated else {},
+            inputs=check_inputs(data[inputs], arch.input_shape, inputs) if gated else [],
+            report=PruneReport.from_dict(data["prune_report"], "prune_report record")
+            if slim
+            else None,
+            noise=check_noise(data["noise"], state) if slim and data.get("noise") else [],
+            slim_program=slim_program,
+            classes=None if classes is None else tuple(classes),
+            recipe=recipe,
+            meta=_plain_map(data.get("meta"), "meta record") or {},
+        )

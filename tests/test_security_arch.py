@@ -9,6 +9,9 @@ from compressdrop.models import build_model
 
 # LeNet-300-100 of 10^10 inputs: a first layer of 12 TB, which the old loader tried to allocate
 HUGE = {"name": "lenet300", "input_shape": [1, 100000, 100000], "num_classes": 10, "kwargs": {}}
+# a prune_report record with every field, pruning nothing
+EMPTY_REPORT = {"family": "lognormal", "threshold": None, "layers": [], "history": [],
+                "max_rel_error": None}  # fmt: skip
 
 
 def checkpoint(path, arch, kind="dense", state=None, **more):
@@ -41,7 +44,12 @@ def test_a_gated_or_slim_records_sizes_are_bounded_by_the_weights_it_holds(tmp_p
     with pytest.raises(CheckpointError, match=r"file holds 50,610 weights, the architecture has"):
         load_model(
             checkpoint(
-                tmp_path / "g.pt", HUGE, kind="gated", state=state, inputs=[{"shape": [1, 8, 8]}]
+                tmp_path / "g.pt",
+                HUGE,
+                kind="gated",
+                state=state,
+                attach={},  # attach's defaults
+                inputs=[{"shape": [1, 8, 8]}],
             )
         )
     with pytest.raises(CheckpointError, match="more than 64 times the 50,610"):
@@ -51,7 +59,7 @@ def test_a_gated_or_slim_records_sizes_are_bounded_by_the_weights_it_holds(tmp_p
                 HUGE,
                 kind="slim",
                 state=state,
-                prune_report={"history": []},
+                prune_report=EMPTY_REPORT,
             )
         )
 

@@ -180,3 +180,135 @@ def test_put_noise_checks_the_gate_arguments_as_attach_does():
                "kwargs": {"bogus": 1}}]  # fmt: skip
     with pytest.raises(InputError, match=r"gate_kwargs\['bogus'\]: unknown argument"):
         put_noise(net, record)
+
+
+@pytest.fixture(scope="module")
+def slim(tmp_path_factory):
+    """A slim LeNet-300-100 (a ``prune_report`` record), as ``torch.load`` reads its file."""
+    path = tmp_path_factory.mktemp("payload") / "slim.pt"
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10)
+    compressdrop.attach(net, gate="lognormal")
+    save_model(compressdrop.prune(net), path)
+    return torch.load(path, weights_only=True)
+
+
+def never_built(monkeypatch):
+    """Make building any model fail the test: the records are checked first."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built from a file that should have been refused")
+
+    monkeypatch.setattr("compressdrop.checkpoint.build_arch", built)
+    monkeypatch.setattr("compressdrop.checkpoint.check_state_fits", built)
+
+
+def put(key, value):
+    return lambda p: p.__setitem__(key, value)
+
+
+def pop(key):
+    return lambda p: p.pop(key)
+
+
+def attach_arg(key, value):
+    return lambda p: p["attach"].__setitem__(key, value)
+
+
+def report(key, value):
+    return lambda p: p["prune_report"].__setitem__(key, value)
+
+
+# the fuzzer's mutations that gave a raw KeyError, TypeError, AttributeError or ValueError
+CASES = {
+    "gated": [
+        (pop("attach"), r"a gated checkpoint without its attach record"),
+        (put("attach", [1]), r"attach record: expected a mapping, got \[1\]"),
+        (attach_arg("bogus", 1), r"attach record: \['bogus'\] not among attach's \['gate', "),
+        (attach_arg("example_inputs", [1]), r"attach record: \['example_inputs'\] not among"),
+        (attach_arg("gate", 5), r"attach record: gate must be one of \('lognormal', .* got 5"),
+        (attach_arg("granularity", "x"), r"attach record: granularity must be one of \('auto'"),
+        (attach_arg("kl_cost", None), r"attach record: kl_cost must be one of .* got None"),
+        (attach_arg("include", [5]), r"attach record: include must be a name glob or a list"),
+        (attach_arg("exclude", {"a": 1}), r"attach record: exclude must be a name glob"),
+        (attach_arg("kl_scale", "x"), r"attach record: kl_scale must be a mapping, got 'x'"),
+        (attach_arg("kl_scale", {"head": "x"}), r"attach record: kl_scale\['head'\] must be a"),
+        (attach_arg("gate_kwargs", [1]), r"attach record: gate_kwargs must be a mapping"),
+        (attach_arg("gate_kwargs", {"bogus": 1}), r"attach record: gate_kwargs\['bogus'\]: unkn"),
+        (lambda p: (p.pop("inputs"), p.pop("input_shape")), r"without its inputs record"),
+    ],
+    "slim": [
+        (pop("prune_report"), r"a slim checkpoint without its prune_report record"),
+        (put("prune_report", []), r"prune_report record: expected a mapping, got list"),
+        (put("prune_report", {"history": []}), r"prune_report record: missing \['family', "),
+        (report("family", 5), r"prune_report record: family must be a gate family's name"),
+        (report("threshold", "x"), r"prune_report record: threshold must be a number or None"),
+        (report("uniform", "yes"), r"prune_report record: uniform must be true or false"),
+        (report("layers", {}), r"prune_report record: layers must be a list, got \{\}"),
+        (report("layers", [{"name": "1"}]), r"prune_report record: layers\[0\] is not a name"),
+        (report("history", {}), r"prune history: expected a list, got dict"),
+        (put("slim_program", "yes"), r"slim_program must be true or false, got 'yes'"),
+    ],
+    "dense": [
+        (pop("arch"), r"arch record \(the model's structure\): expected a mapping, got None"),
+        (put("arch", "lenet300"), r"arch record .*: expected a mapping, got 'lenet300'"),
+        (put("state_dict", [1]), r"state_dict record: expected a mapping of names to tensors"),
+        (pop("state_dict"), r"state_dict record: expected a mapping .* got None"),
+        (lambda p: p["state_dict"].__setitem__("x", 1), r"state_dict record: 'x' holds 1, not"),
+        (put("meta", [1]), r"meta record: expected a mapping with string keys, got \[1\]"),
+        (put("recipe", [1]), r"recipe record: expected a mapping with string keys, got \[1\]"),
+        (put("recipe", {"data": "x"}), r"recipe record's data: expected a mapping with string"),
+        (put("recipe", {"prune": [1]}), r"recipe record's prune: expected a mapping"),
+        (put("kind", [1]), r"unknown checkpoint kind \[1\]"),
+        (put("classes", [1, 2]), r"classes record: expected a list of names, got \[1, 2\]"),
+        (put("classes", "cat"), r"classes record: expected a list of names, got 'cat'"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    path = tmp_path_factory.mktemp("payload") / "dense.pt"
+    save_model(build_model("lenet300", input_shape=(1, 8, 8), num_classes=10), path)
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize(
+    ("kind", "change", "message"),
+    [(kind, change, message) for kind, cases in CASES.items() for change, message in cases],
+)
+def test_every_record_load_model_reads_is_checked_before_anything_is_built(
+    request, tmp_path, monkeypatch, kind, change, message
+):
+    never_built(monkeypatch)
+    path = mutated(request.getfixturevalue(kind), tmp_path, change)
+    with pytest.raises(CheckpointError, match=rf"^\S*bad\.pt: .*{message}") as info:
+        compressdrop.load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_the_attach_record_takes_attachs_own_arguments():
+    """ATTACH_ARGS are attach's parameters but the model and its example inputs: a new
+    parameter of attach must be checked too before a file may give it."""
+    import inspect
+
+    from compressdrop.payload import ATTACH_ARGS
+
+    params = set(inspect.signature(compressdrop.attach).parameters) - {"model", "example_inputs"}
+    assert set(ATTACH_ARGS) == params
+
+
+def test_the_files_compressdrop_writes_load_as_before(gated, slim, slim_mc, dense, tmp_path):
+    x = torch.randn(2, 1, 8, 8)
+    for name, payload in {"gated": gated, "slim": slim, "mc": slim_mc, "dense": dense}.items():
+        model = compressdrop.load_model(mutated(payload, tmp_path, lambda p: None, f"{name}.pt"))
+        assert model(x).shape == (2, 10)
+    with_classes = mutated(dense, tmp_path, put("classes", [str(i) for i in range(10)]), "c.pt")
+    assert compressdrop.load_model(with_classes).class_names == tuple(map(str, range(10)))
+
+
+def test_the_cli_says_a_bad_record_in_one_line(slim, tmp_path):
+    path = mutated(slim, tmp_path, report("layers", [{"name": "1"}]))
+    res = CliRunner().invoke(main, ["eval", str(path), "--data", "digits"])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("Error: ") and "prune_report record: layers[0]" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output

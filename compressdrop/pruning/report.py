@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -105,8 +106,33 @@ class PruneReport:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
-        """The report :meth:`to_dict` wrote (as saved in checkpoints)."""
+    def from_dict(cls, d: Any, where: str = "prune report") -> PruneReport:
+        """The report :meth:`to_dict` wrote (as saved in checkpoints), checked field by field:
+        ``family`` a string, ``threshold`` and ``max_rel_error`` numbers or ``None``, ``layers``
+        a list of :class:`LayerReport` fields (a name, unit counts, a threshold), ``history`` as
+        :func:`check_history` says, ``uniform`` true or false.
+
+        Raises:
+            CheckpointError: a field missing or of another type, named after ``where``.
+        """
+        if not isinstance(d, Mapping):
+            raise CheckpointError(f"{where}: expected a mapping, got {type(d).__name__}")
+        missing = [k for k in ("family", "threshold", "layers", "history", "max_rel_error")
+                   if k not in d]  # fmt: skip
+        if missing:
+            raise CheckpointError(f"{where}: missing {missing}")
+        for key, fits, what in _FIELDS:
+            if key in d and not fits(d[key]):
+                raise CheckpointError(f"{where}: {key} must be {what}, got {_short(d[key])}")
+        for i, layer in enumerate(d["layers"]):
+            ok = isinstance(layer, Mapping) and set(layer) == _LAYER_KEYS
+            ok = ok and isinstance(layer["name"], str) and _number(layer["threshold"])
+            ok = ok and all(type(layer[k]) is int and layer[k] >= 0 for k in ("before", "after"))
+            if not ok:
+                raise CheckpointError(
+                    f"{where}: layers[{i}] is not a name, units before and after and a threshold:"
+                    f" {_short(layer)}"
+                )
         return cls(
             d["family"],
             d["threshold"],
@@ -115,6 +141,29 @@ class PruneReport:
             d["max_rel_error"],
             bool(d.get("uniform", False)),  # (not recorded before 2026-12-06)
         )
+
+
+_LAYER_KEYS = {"name", "before", "after", "threshold"}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# a report's fields besides its history (check_history): (key, test, what it must be)
+_FIELDS = (
+    ("family", lambda v: isinstance(v, str), "a gate family's name"),
+    ("threshold", lambda v: v is None or _number(v), "a number or None"),
+    ("layers", lambda v: isinstance(v, list), "a list"),
+    ("max_rel_error", lambda v: v is None or _number(v), "a number or None"),
+    ("uniform", lambda v: isinstance(v, bool), "true or false"),
+)
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, str | int | float | list | dict | None) else None
+    text = text if text is not None else f"a {type(value).__name__}"
+    return text if len(text) <= 120 else f"{text[:117]}..."
 
 
 def check_history(history: Any, model: nn.Module | None = None) -> list:
