@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,10 +52,10 @@ _SPEC_KEYS = {"shape", "dtype", "high"}
 
 
 def _what(value: Any) -> str:
-    """``value`` in a few words for an error message: short plain data as it is, else its type."""
+    """``value`` in a few words for an error message: plain data by a repr cut short (a list's
+    first items), else its type."""
     if value is None or isinstance(value, bool | int | float | str | list | tuple):
-        text = repr(value)
-        return text if len(text) <= 80 else f"{text[:77]}..."
+        return reprlib.repr(value)
     return f"a {type(value).__name__}"
 
 

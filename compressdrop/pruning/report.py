@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -161,9 +162,10 @@ _FIELDS = (
 
 
 def _short(value: Any) -> str:
-    text = repr(value) if isinstance(value, str | int | float | list | dict | None) else None
-    text = text if text is not None else f"a {type(value).__name__}"
-    return text if len(text) <= 120 else f"{text[:117]}..."
+    """``value`` for a message: plain data by a repr cut short (a list's first items), else its
+    type."""
+    plain = value is None or isinstance(value, str | int | float | list | dict)
+    return reprlib.repr(value) if plain else f"a {type(value).__name__}"
 
 
 def check_history(history: Any, model: nn.Module | None = None) -> list:
