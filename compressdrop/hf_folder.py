@@ -308,6 +308,14 @@ def save_hf_folder(
             save(tmp, safe_serialization=True)
         if source is not None and is_hf_folder(source):
             copy_tokenizer(Path(source), tmp)
+        elif source is not None:  # a checkpoint (a --keep-gated file) carries no tokenizer
+            warnings.warn(
+                f"compressdrop: {out} gets no tokenizer files: {source} is not a Hugging Face "
+                "folder; copy them (tokenizer.json, tokenizer_config.json, ...) from the folder "
+                "the model came from",
+                UserWarning,
+                stacklevel=3,
+            )
         report = getattr(slim, "prune_report", None)
         made = {"compressdrop_version": __version__}
         (tmp / MARKER).write_text(json.dumps({**made, **(report.metadata() if report else {})}))

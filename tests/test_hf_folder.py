@@ -182,7 +182,7 @@ def test_cli_prunes_a_gated_checkpoint_into_a_folder(tmp_path):
     save_model(model, tmp_path / "gated.pt")
     out = tmp_path / "slim"
     args = ["prune", str(tmp_path / "gated.pt"), "-o", str(out), "--uniform", "--json"]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), pytest.warns(UserWarning, match="gets no tokenizer files"):
         warnings.simplefilter("ignore", cd.GatingWarning)  # re-attached on load: the same warning
         result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -194,8 +194,8 @@ def test_cli_prunes_a_gated_checkpoint_into_a_folder(tmp_path):
     back = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in back.parameters()) < sum(p.numel() for p in model.parameters())
     assert json.loads((out / "compressdrop.json").read_text())["architecture_after"]
-    with warnings.catch_warnings():  # an earlier run's slim folder is replaced
-        warnings.simplefilter("ignore", cd.GatingWarning)
+    with warnings.catch_warnings(), pytest.warns(UserWarning, match="no tokenizer"):
+        warnings.simplefilter("ignore", cd.GatingWarning)  # an earlier run's folder is replaced
         assert CliRunner().invoke(main, args, catch_exceptions=False).exit_code == 0
     bad = CliRunner().invoke(main, ["prune", str(tmp_path / "gated.pt"), "-o", "x.txt"])
     assert bad.exit_code == 2 and "or a folder name" in bad.output

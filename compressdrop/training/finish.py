@@ -166,6 +166,7 @@ def finish(
     opset: int | None = None,
     mc_samples: int | None = None,
     uniform: bool = False,
+    source: str | Path | None = None,
 ) -> tuple[nn.Module, SlimFiles | None]:
     """Prune a gated model and write the slim one (see :func:`write_slim`).
 
@@ -181,6 +182,8 @@ def finish(
             (:func:`compressdrop.uncertainty.export_mc_onnx`); kinds ``mc_checkpoint`` and
             ``mc_onnx``.
         uniform: every layer of a stack keeps as many units (see :func:`compressdrop.prune`).
+        source: the file the model was read from, as in :func:`write_slim` (a slim Hugging Face
+            folder takes its tokenizer files from it when it is a folder).
 
     Returns:
         The slim model, and what was written (``None`` when ``out`` is ``None``).
@@ -196,7 +199,7 @@ def finish(
         from ..uncertainty import keep_noise
 
         noisy = keep_noise(model, slim, threshold, uniform=uniform)
-    files = write_slim(slim, out, x, formats=formats, recipe=recipe, opset=opset)
+    files = write_slim(slim, out, x, formats=formats, recipe=recipe, opset=opset, source=source)
     if mc_samples is not None:
         from ..uncertainty import export_mc_onnx
 

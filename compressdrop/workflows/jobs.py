@@ -259,6 +259,7 @@ def prune_file(
             recipe=recipe_dict,
             mc_samples=mc_samples,
             uniform=uniform,
+            source=model_path,
         )
         assert files is not None
         return PruneResult(slim, files, prune_summary(slim), None)
