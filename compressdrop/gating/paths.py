@@ -82,7 +82,7 @@ _ZERO_PRESERVING = {
 _PLAIN_OPS = {
     "Mm": "a matrix product outside a Linear layer, e.g. attention's scores",
     "Bmm": "a batched matrix product, e.g. attention's scores or values",
-    "AsStrided": "a strided view, e.g. a window partition",
+    "AsStrided": "a strided view: a window partition, or a permuted layout copied",
     "Softmax": "a softmax over the units",
     "LogSoftmax": "a log-softmax over the units",
     "Exp": "an exponential",
@@ -367,8 +367,8 @@ def _walk(
             return f"its units pass through {op}{f' ({plain})' if plain else ''}, which does not map 0 to 0"
         if op == "Mean" and layout and _averages_units(grad_fn, unit_dim):  # type: ignore[arg-type]
             return (
-                "its units are averaged together (a mean over their dimension), so removing one "
-                "would change the mean"
+                "its units are averaged together (a mean over their dimension: a norm's "
+                "statistics, RMSNorm's or LayerNorm's), so removing one would change the mean"
             )
         if op == "Mul" and unsummed and products is not None:
             products[id(n)] = linear
