@@ -336,8 +336,8 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
 
     def refuse(what: str) -> CheckpointError:
         return CheckpointError(
-            f"{where}: refused: {what}. Loading it with torch.export.load would run code from "
-            "the file; compressdrop loads only programs that are plain data."
+            f"{where}: refused: {what}. compressdrop loads only programs that are plain data "
+            "within the sizes they state (torch.export.load alone would take this file as it is)"
         )
 
     strings = string_checks(_target, _expr, _spec)
