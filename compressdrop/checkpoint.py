@@ -48,8 +48,9 @@ from .gating.gated import attach_config, input_shapes_of, input_specs_of, random
 from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
 from .models import MODELS
-from .payload import Payload
+from .payload import Payload, _what
 from .programs import is_pt2, load_program
+from .programs._measure import check_run_bound
 from .torchload import load_checkpoint
 
 __all__ = [
@@ -319,9 +320,10 @@ def _from_payload(
     payload: Mapping[str, Any], path: Any, *, factory: Factory | str | None, trust_code: bool
 ) -> nn.Module:
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
+    if not (type(version) is int and version == FORMAT_VERSION):  # (an array: no truth value)
         raise CheckpointError(
-            f"{path}: checkpoint format version {version} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: checkpoint format version {_what(version)} is not supported (expected "
+            f"{FORMAT_VERSION})"
         )
     where = str(path)
     rec = Payload.from_dict(payload, where)  # every record checked: nothing built or drawn yet
@@ -335,6 +337,8 @@ def _from_payload(
     hint, baked = "", None
     if rec.kind == "gated":
         example = random_inputs(rec.inputs, 2)
+        if isinstance(model, torch.fx.GraphModule):  # the file's program: measured before it runs
+            check_run_bound(model, example, where)
         # the plan's warnings (layers left ungated, and why) were given when the gates were first
         # attached: kept back here, said again only if the plan fails or does not fit the weights
         _, failed, said = recorded(lambda: attach(model, **rec.attach, example_inputs=example))

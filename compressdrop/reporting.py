@@ -34,8 +34,10 @@ def console(stderr: bool = True) -> Any:
 
 
 # control characters a terminal acts on (C0 but newline and tab, DEL, C1) and the bidirectional
-# overrides that reorder what is shown
-_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# marks and overrides that reorder what is shown
+_UNPRINTABLE = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
 def printable(text: str) -> str:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from compressdrop.checkpoint import CheckpointError, load_model
-from compressdrop.programs import ProgramWarning, records
+from compressdrop.programs import ProgramWarning, _measure
 
 
 class Baked(nn.Module):
@@ -32,7 +32,7 @@ def test_a_graph_that_asks_for_more_than_its_weights_justify_is_not_run_at_load(
     """A 13 KB file whose graph made ``aten.ones([45000, 45000])`` took 8 GB in ``load_model``:
     its sizes are in the program, so its run is skipped (with a warning that says why) when they
     come to more than 64 times its weights plus a fixed allowance (1 MiB here: 4 MB of ones)."""
-    monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
     path = save(Baked(1000), tmp_path / "big.pt2")
     with pytest.warns(ProgramWarning, match=r"check was not run .*come to 4 MiB.* over the 1 MiB"):
         model = load_model(path)  # not run: its baked batch size is not found either
@@ -53,7 +53,7 @@ def test_the_sizes_inside_a_conds_branches_count_too(tmp_path, monkeypatch):
             big = lambda h: h + torch.ones(1000, 1000).sum()  # noqa: E731
             return torch.cond(h.sum() > 0, big, lambda h: h - 1, (h,))
 
-    monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
     with pytest.warns(ProgramWarning, match="come to 4 MiB"):
         load_model(save(Cond(), tmp_path / "cond.pt2"))
 
@@ -85,7 +85,7 @@ def test_the_sizes_are_measured_not_read_off_what_the_file_declares(tmp_path, mo
     """A 9 KB file whose node made ``aten.ones([30000, 30000])`` while declaring ``[1, 4]`` for
     its output passed the bound and took 3.8 GB in ``load_model``: the sizes are now those the
     operators make, found on fake tensors."""
-    monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
     with pytest.warns(ProgramWarning, match=r"come to 4 MiB.* over the 1 MiB"):
         load_model(_lying(tmp_path / "lie.pt2", 1000))
 
@@ -112,8 +112,53 @@ def test_a_wrapper_s_body_is_measured_and_the_check_still_runs(cls, tmp_path, mo
     torch.export.save(program, tmp_path / "small.pt2")
     with pytest.raises(CheckpointError, match="fixed batch size of 2"):
         load_model(tmp_path / "small.pt2")
-    monkeypatch.setattr(records, "_RUN_FIXED_BYTES", 1 << 20)
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
     torch.export.save(torch.export.export(cls(1000).train(), (torch.randn(2, 1, 8, 8),)),
                       tmp_path / "big.pt2")  # fmt: skip
     with pytest.warns(ProgramWarning, match=r"come to \d MiB.* over the 1 MiB"):
         load_model(tmp_path / "big.pt2")
+
+
+def test_a_convolutions_workspace_counts_too(tmp_path, monkeypatch):
+    """A float64 convolution runs through im2col on the CPU: a buffer of batch x kernel x output
+    positions that no fake kernel returns (424 MiB for one ``Conv2d(1, 1, 31)`` on 200 x 200,
+    with the fake run's outputs at 1 MB)."""
+    conv = nn.Conv2d(1, 1, 31, bias=False).double()
+    program = torch.export.export(conv, (torch.randn(1, 1, 64, 64, dtype=torch.float64),))
+    torch.export.save(program, tmp_path / "conv.pt2")
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 4 << 20)  # the outputs: well under
+    with pytest.warns(ProgramWarning, match=r"come to 17 MiB.* over the 4 MiB"):
+        load_model(tmp_path / "conv.pt2")
+
+
+class Ones(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.hidden(x))) + torch.ones(1000, 1000).sum() * 0
+
+
+def test_a_gated_files_program_is_measured_before_its_gates_are_attached(tmp_path, monkeypatch):
+    """Loading a gated file of a program attaches its gates by tracing the program: that run was
+    not measured (a 39 KB file's ``aten.ones([12000, 12000])`` took 549 MiB at load)."""
+    import warnings
+
+    import compressdrop as cd
+    from compressdrop.checkpoint import save_model
+
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(Ones(), (torch.randn(2, 64),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "ones.pt2")
+    net = load_model(tmp_path / "ones.pt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(net, gate="lognormal", example_inputs=torch.randn(2, 64))
+    save_model(net, tmp_path / "gated.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        assert cd.is_gated(load_model(tmp_path / "gated.pt"))  # 4 MB of ones: under 256 MiB
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
+    with pytest.raises(CheckpointError, match=r"not run to attach the gates: .*come to 4 MiB"):
+        load_model(tmp_path / "gated.pt")

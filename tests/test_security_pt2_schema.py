@@ -180,6 +180,8 @@ def _ints(*values: int) -> list[dict]:
         ({"storage_offset": {"as_int": -1}}, "negative"),
         ({"strides": _ints(1, 10**6)}, "reaches byte"),
         ({"strides": [{"as_expr": {"expr_str": "Symbol('s0')"}}, {"as_int": 1}]}, "symbolic"),
+        # a weight on the meta device: a raw NotImplementedError when its layer was rebuilt
+        ({"device": {"type": "meta", "index": None}}, "is on device 'meta'"),
     ],
 )
 def test_a_weight_that_is_no_view_of_its_record_s_bytes_is_refused(meta, message, good, tmp_path):

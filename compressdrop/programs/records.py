@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._attrs import set_record
 from ..errors import CheckpointError
 from ..runtime import max_length, no_cache
+from ._measure import too_big_to_run
 from .convert import program_to_module
 from .load import load_program_safely
 from .safety import _MALFORMED, Source, _read
@@ -104,7 +104,7 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         return  # several inputs, or a dynamic batch
     batch = int(val.shape[0])
     shape = tuple(int(d) for d in val.shape[1:])
-    why = _too_big_to_run(gm, (batch + 1, *shape), val.dtype)
+    why = too_big_to_run(gm, [((batch + 1, *shape), val.dtype)])
     if why:  # the check's run would take more memory than a model of its weights should
         warnings.warn(
             f"compressdrop: {where}: its batch-size check was not run ({why}); if it was "
@@ -142,86 +142,6 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
 
 class ProgramWarning(UserWarning):
     """A ``.pt2`` program loaded without a check compressdrop would have made."""
-
-
-#: what the check's run may allocate: 64 times the weights' bytes plus 256 MB. Every tensor of
-#: a forward pass, all kept, comes to 2.2 times its weights for ResNet-18 at batch 3 and 3.4 for
-#: ViT-B/16: these pass exported at a batch of 50 or more, small nets by the fixed part. A graph
-#: that asks for more (a 13 KB file made ``aten.ones([45000, 45000])``, 8 GB, at load) is not
-#: run to be judged.
-_RUN_PER_WEIGHT_BYTE, _RUN_FIXED_BYTES = 64, 256 << 20
-
-
-def _too_big_to_run(gm: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> str:
-    """Why the graph is not run on an input of ``shape`` (its own batch size + 1) for the check,
-    or "" if it may be: the bytes of every tensor its operators make, measured by running it on fake tensors
-    (:func:`_made_bytes`: the sizes the file declares for its nodes are not what the nodes make;
-    a node ``aten.ones([30000, 30000])`` declared ``[1, 4]`` passed a bound read off them), against
-    :data:`_RUN_PER_WEIGHT_BYTE` times its weights plus :data:`_RUN_FIXED_BYTES`."""
-    total = _made_bytes(gm, shape, dtype)
-    if isinstance(total, str):
-        return total
-    weights = sum(t.numel() * t.element_size() for t in gm.state_dict().values())
-    budget = _RUN_PER_WEIGHT_BYTE * weights + _RUN_FIXED_BYTES
-    if total <= budget:
-        return ""
-    return (
-        f"its graph's tensors come to {total / 2**20:,.0f} MiB at batch size {shape[0]}, over the "
-        f"{budget / 2**20:,.0f} MiB allowed for it: {_RUN_PER_WEIGHT_BYTE} times its weights "
-        f"plus {_RUN_FIXED_BYTES >> 20} MiB"
-    )
-
-
-class _Tally(TorchDispatchMode):
-    """Sums the bytes of every tensor the operators under it return (a fake tensor's: none is
-    allocated), those inside ``cond``'s two branches and the grad-mode and autocast wrappers'
-    bodies too; any other higher-order operator (``map``, ``scan``, ``flex_attention``) is not
-    measured (:class:`NotImplementedError`)."""
-
-    supports_higher_order_operators = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if isinstance(func, torch._ops.HigherOrderOperator):
-            return self._branches(func.name(), args)
-        out = func(*args, **(kwargs or {}))
-        self.total += sum(t.numel() * t.element_size() for t in _leaves(out))
-        return out
-
-    def _branches(self, name: str, args: Any) -> Any:
-        """A higher-order operator's subgraphs run under this tally; its output, one of theirs."""
-        with self:
-            if name == "cond":
-                _, true_fn, false_fn, operands = args
-                false_fn(*operands)
-                return true_fn(*operands)
-            if name == "wrap_with_set_grad_enabled":
-                with torch.set_grad_enabled(bool(args[0])):
-                    return args[1](*args[2:])
-            if name == "wrap_with_autocast":  # its dtypes taken as the body's own: no fewer bytes
-                return args[4](*args[5:])
-        raise NotImplementedError(f"the sizes inside {name} are not measured")
-
-
-def _made_bytes(gm: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> int | str:
-    """The bytes of every tensor ``gm`` makes from an input of ``shape`` and ``dtype`` (that
-    input included), all kept, found on fake tensors (shapes and
-    dtypes only), or why they cannot be known before it runs (an operator whose output's size
-    the data decides, or one the fake tensors do not implement)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with mode:
-            fake = torch.empty(shape, dtype=dtype)
-            with _Tally() as tally:
-                gm(fake)
-    except Exception as e:  # any failure of the fake run: its sizes are not known
-        return f"the sizes of its tensors are not known before it runs ({type(e).__name__})"
-    return tally.total + fake.numel() * fake.element_size()
 
 
 def _fits(want: torch.Tensor, got: torch.Tensor, batch: int) -> bool:

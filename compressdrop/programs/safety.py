@@ -356,6 +356,9 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
                         raise refuse(f"{fqn!r} is stored as a pickle ({config_name})")
                     if not _PAYLOAD[kind].fullmatch(str(entry.get("path_name", ""))):
                         raise refuse(f"{fqn!r} is a Python object ({config_name})")
+                    device = ((entry.get("tensor_meta") or {}).get("device") or {}).get("type")
+                    if device not in ("cpu", "cuda"):  # "meta": a weight without its data
+                        raise refuse(f"{fqn!r} is on device {device!r} ({config_name})")
                     dims = (entry.get("tensor_meta") or {}).get("sizes") or []
                     numel = math.prod(int(d.get("as_int", 0)) for d in dims)  # symbolic: 0
                     stored = sizes.get(kind + entry["path_name"], 0)

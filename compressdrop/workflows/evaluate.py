@@ -183,8 +183,8 @@ def sweep_file(
     )
     meta = (getattr(model, "compressdrop_meta", None) or {}).get("meta") or {}
     dense = meta.get("dense")
-    if not (isinstance(dense, dict) and dense.get("dataset") == ds.name):
-        dense = None  # measured on other data: no reference
+    if not (isinstance(dense, dict) and dense.get("dataset") == ds.name and _numbers(dense)):
+        dense = None  # measured on other data (or a record of other things): no reference
     title = f"{Path(model_path).name} on {ds.name}"
     paths = write_sweep(rows, out, title=title, dense=dense)
     return {
@@ -255,6 +255,14 @@ def _data_for(
             f"{model_path} was trained on data {spec!r}, which cannot be read here ({e}); "
             "name the data to use with --data"
         ) from None
+
+
+def _numbers(dense: dict) -> bool:
+    """Whether a file's record of its dense model holds what the sweep reads: finite numbers (a
+    record without them crashed the sweep after it had written half its files)."""
+    keys = ("test_accuracy", "params", "flops")
+    values = [dense.get(k) for k in keys] + [dense.get("test_bits_per_byte", 0.0)]
+    return all(isinstance(v, int | float) and math.isfinite(v) for v in values)
 
 
 def _check_recorded_path(model_path: str | Path, spec: str) -> None:

@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import inspect
 import math
-import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .arch import ArchRecord
-from .errors import CheckpointError, InputError
-from .gates import GATES, check_gate_kwargs, gate_class
-from .gating import attach
-from .gating.costs import KL_COSTS, check_kl_scale
-from .gating.groups import GRANULARITIES
-from .pruning.report import PruneReport
+from ..arch import ArchRecord
+from ..errors import CheckpointError, InputError
+from ..gates import GATES, check_gate_kwargs, gate_class
+from ..gating import attach
+from ..gating.costs import KL_COSTS, check_kl_scale
+from ..gating.groups import GRANULARITIES
+from ..pruning.report import PruneReport
+from ._common import _MAX_DIMS, _among, _what
+from .noise import check_noise
 
 __all__ = [
     "INPUT_DTYPES",
@@ -42,21 +43,13 @@ __all__ = [
 #: and at least 65,536 (a token model traced at a longer sequence than it records).
 MAX_INPUT_VALUES = 1 << 24
 _PER_ARCH_VALUE, _FLOOR = 64, 1 << 16
-_MAX_INPUTS, _MAX_DIMS = 64, 16
+_MAX_INPUTS = 64
 #: the dtypes an input may be drawn in (:func:`compressdrop.gating.random_inputs`)
 INPUT_DTYPES = (
     *("float16", "bfloat16", "float32", "float64"),
     *("uint8", "int8", "int16", "int32", "int64", "bool"),
 )
 _SPEC_KEYS = {"shape", "dtype", "high"}
-
-
-def _what(value: Any) -> str:
-    """``value`` in a few words for an error message: plain data by a repr cut short (a list's
-    first items), else its type."""
-    if value is None or isinstance(value, bool | int | float | str | list | tuple):
-        return reprlib.repr(value)
-    return f"a {type(value).__name__}"
 
 
 def input_values_cap(arch_shape: tuple[int, ...] | None) -> int:
@@ -109,7 +102,7 @@ def check_inputs(
                 f"got {_what(shape)}"
             )
         dtype = spec.get("dtype", "float32")
-        if dtype not in INPUT_DTYPES:
+        if not _among(dtype, INPUT_DTYPES):
             raise CheckpointError(
                 f"{where}: dtype must be one of {INPUT_DTYPES}, got {_what(dtype)}"
             )
@@ -130,98 +123,6 @@ def check_inputs(
             f"{cap:,} allowed{of}"
         )
     return out
-
-
-_NOISE_KEYS = {"site", "unit_dim", "head_dim", "attention", "shares", "family", "units", "kwargs"}
-_GATE_KEYS = {"family", "units", "kwargs"}
-
-
-def _name(value: Any) -> bool:
-    """Whether ``value`` is a module's dotted name (``"features.3"``)."""
-    return isinstance(value, str) and bool(value) and all(value.split("."))
-
-
-def check_noise(record: Any, state: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A slim file's noise record (:func:`~compressdrop.gating.noisy.noise_record`), checked
-    before :func:`~compressdrop.gating.noisy.put_noise` builds its gates: a list of mappings, each
-    with its ``site`` (a layer's dotted name), ``unit_dim`` (an integer, -16 to 15), ``head_dim``
-    (``None`` or a positive integer) and ``attention`` (``None`` or a name), and either the
-    earlier site whose gate it ``shares`` or the gate's ``family``, ``units`` and ``kwargs`` (the
-    family's arguments, checked as :func:`~compressdrop.attach` checks its ``gate_kwargs``).
-
-    A gate's ``units`` must fit the file's own tensors of that gate (``SITE.gate.mu``, ...): the
-    gate is built on the ``meta`` device, which takes no memory, and the shapes of its state
-    compared with the file's ``state`` before any gate is built for real (400,000,000 units took
-    5 GB).
-
-    Returns:
-        The record, its entries as plain dicts.
-
-    Raises:
-        CheckpointError: anything else, in one line naming the entry.
-    """
-    if not isinstance(record, list | tuple):
-        raise CheckpointError(f"noise record: expected a list of noisy sites, got {_what(record)}")
-    owners: set[str] = set()
-    out = []
-    for i, entry in enumerate(record):
-        where = f"noise record, entry {i}"
-        if not isinstance(entry, Mapping):
-            raise CheckpointError(f"{where}: expected a mapping, got {_what(entry)}")
-        unknown = sorted(str(k) for k in entry if k not in _NOISE_KEYS)
-        if unknown:
-            raise CheckpointError(f"{where}: unknown key(s) {unknown}")
-        site, unit_dim = entry.get("site"), entry.get("unit_dim")
-        head_dim, attention = entry.get("head_dim"), entry.get("attention")
-        if not _name(site):
-            raise CheckpointError(f"{where}: site must be a layer's name, got {_what(site)}")
-        if not (type(unit_dim) is int and -_MAX_DIMS <= unit_dim < _MAX_DIMS):
-            raise CheckpointError(
-                f"{where}: unit_dim must be an integer from {-_MAX_DIMS} to {_MAX_DIMS - 1}, "
-                f"got {_what(unit_dim)}"
-            )
-        if head_dim is not None and not (type(head_dim) is int and head_dim > 0):
-            raise CheckpointError(f"{where}: head_dim must be a positive integer or None")
-        if attention is not None and not _name(attention):
-            raise CheckpointError(f"{where}: attention must be a layer's name or None")
-        if "shares" in entry:
-            if entry["shares"] not in owners or _GATE_KEYS & set(entry):
-                raise CheckpointError(
-                    f"{where}: shares must name an earlier site that holds a gate, with no "
-                    f"family, units or kwargs of its own, got shares={_what(entry['shares'])}"
-                )
-        else:
-            _check_gate(entry, state, where)
-            owners.add(str(site))
-        out.append(dict(entry))
-    return out
-
-
-def _check_gate(entry: Mapping[str, Any], state: Mapping[str, Any], where: str) -> None:
-    """The gate of a noise record's entry: a known family, its arguments, and units that fit the
-    file's tensors of that gate."""
-    family, units, kwargs = entry.get("family"), entry.get("units"), entry.get("kwargs") or {}
-    if not isinstance(family, str):
-        raise CheckpointError(f"{where}: family must be a gate family's name, got {_what(family)}")
-    if not isinstance(kwargs, Mapping):
-        raise CheckpointError(f"{where}: kwargs must be a mapping, got {_what(kwargs)}")
-    try:
-        cls = gate_class(family)
-        kwargs = check_gate_kwargs(cls, kwargs)  # as attach checks them
-    except InputError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    if not (type(units) is int and units > 0):
-        raise CheckpointError(f"{where}: units must be a positive integer, got {_what(units)}")
-    with torch.device("meta"):  # shapes only: no memory taken, whatever the units
-        want = {k: tuple(v.shape) for k, v in cls(units, **kwargs).state_dict().items()}
-    for key, shape in want.items():
-        got = state.get(f"{entry['site']}.gate.{key}")
-        if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape:
-            held = f"is {list(got.shape)}" if isinstance(got, torch.Tensor) else "is missing"
-            raise CheckpointError(
-                f"{where}: {units:,} units do not fit the file's weights ({entry['site']}.gate."
-                f"{key} {held}, {list(shape)} for {units:,} units)"
-            )
 
 
 #: the arguments of :func:`~compressdrop.attach` a gated file records (its ``attach_config``)
@@ -250,7 +151,7 @@ def check_attach(record: Any) -> dict[str, Any]:
     params = inspect.signature(attach).parameters
     args = {k: record.get(k, params[k].default) for k in ATTACH_ARGS}
     for key, allowed in _CHOICES.items():
-        if args[key] not in allowed:
+        if not _among(args[key], allowed):
             raise CheckpointError(
                 f"attach record: {key} must be one of {allowed}, got {_what(args[key])}"
             )
@@ -353,7 +254,7 @@ class Payload:
     @classmethod
     def _checked(cls, data: Mapping[str, Any], arch: ArchRecord) -> Payload:
         kind = data.get("kind")
-        if kind not in ("dense", "gated", "slim"):
+        if not _among(kind, ("dense", "gated", "slim")):
             raise CheckpointError(f"unknown checkpoint kind {_what(kind)}")
         state = check_state(data.get("state_dict"))
         slim_program, classes = data.get("slim_program") or False, data.get("classes")
@@ -375,7 +276,7 @@ class Payload:
         if gated and data.get(inputs) is None:
             raise CheckpointError("a gated checkpoint without its inputs record (nor input_shape)")
         return cls(
-            kind=kind,
+            kind=str(kind),
             arch=arch,
             state_dict=state,
             attach=check_attach(data["attach"]) if gated else {},
