@@ -9,7 +9,10 @@ weights-only unpickler are retried with full pickle; symbolic shape expressions 
 call; a node's target may name any attribute of ``torch`` (``torch.load``, ``torch.hub.load``, ...);
 an AOTInductor entry is a compiled library. :func:`load_program_safely` reads the archive's JSON and
 payload tables first and refuses all of these, then loads the program with the guards dropped
-(they only re-check input shapes).
+(they only re-check input shapes). The graph runs once at load (the batch-size check), so its
+ATen and prims calls must be on an allowlist (:mod:`._ops`): the operators real models'
+programs call and torch's core opset, less gradient kernels and others whose CPU kernels
+crashed or read out of bounds on arguments a file can give.
 
 **Modules.** :func:`program_to_module` turns the ATen calls that are layers (``linear``,
 ``conv1d/2d/3d``, ``batch_norm``, ``layer_norm``, ``embedding``) back into the ``nn`` modules they
@@ -17,8 +20,9 @@ came from, at the program's own parameter names, so that Torch-Pruning's depende
 surgery see ordinary layers. A ``view``/``reshape`` that flattens everything after the batch
 dimension becomes ``flatten(x, 1)``, so that it still fits once channels are removed.
 
-**Layout.** :mod:`.safety` checks archives, :mod:`.load` loads them, :mod:`.convert` turns
-programs into modules, :mod:`.records` ties them to compressdrop's ``arch`` records.
+**Layout.** :mod:`.safety` checks archives (:mod:`._ops` lists the operators they may call),
+:mod:`.load` loads them, :mod:`.convert` turns programs into modules, :mod:`.records` ties them
+to compressdrop's ``arch`` records.
 """
 
 # ProgramModule and Source: importable from here as before, though not in __all__

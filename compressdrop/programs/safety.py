@@ -13,8 +13,11 @@ as data, read through torch's own zip reader: torch reads every ``models/`` entr
 program's name (and the legacy pickles it looks for) from the entry's name, so matching entries by
 pattern had let a graph named ``models/model.JSON`` and a program named ``sub/model`` through.
 Inside the graph, names must be dotted identifiers (FX pastes them into the Python source it
-generates and runs), ``aten.from_file`` (which maps and can write any path) is refused, and shape
-expressions must be small (a tower of powers makes ``sympy`` compute without end). The graph and
+generates and runs), an ATen or prims call must be on the allowlist of :mod:`._ops` (the
+program's graph runs once at load: every review had found ATen calls outside a deny-list that
+crashed or read out of bounds on arguments the file gives; ``aten.from_file``, which maps and can
+write any path, stays refused by name too), and shape expressions must be small (a tower of
+powers makes ``sympy`` compute without end). The graph and
 payload tables are read field by field against torch's own schema (``_schema.py``): torch
 ignores keys it does not know and passes values of any type on, so a check by key name alone
 let a name given as a number or a target given as a list through.
@@ -37,6 +40,7 @@ from torch._export.serde import schema
 from .._io import inflated
 from ..errors import CheckpointError
 from ._limits import _bounded_arithmetic, _past_its_bytes, _small_exponent
+from ._ops import ALLOWED
 from ._schema import IDENT, check_schema, string_checks
 
 __all__ = ["Source", "check_pt2_archive", "is_pt2"]
@@ -85,6 +89,16 @@ _NO_OPS = re.compile(
     r"|_?ctc_loss\w*|_?segment_reduce\w*|_convert_indices\w*|embedding_dense_backward\w*"
     r"|_transform_bias_rescale_qkv\w*|_native_multi_head_attention\w*)"
     r"|higher_order\.while_loop\w*)(\.|$)"
+)
+# an ATen or prims operator off the allowlist (_ops.py: those torchvision, Hugging Face and
+# compressdrop's own programs call, and torch's core opset and prims, less the ones whose CPU
+# kernels crashed or read out of bounds on arguments a file can give): the file may well be
+# fine, so the refusal says what a user who trusts it can do
+_UNLISTED = "which is not among the operators compressdrop runs from a file"
+_TRUSTED = (
+    "If you trust the file, load it yourself and give compressdrop the module in Python: "
+    "compressdrop.programs.program_to_module(torch.export.load(path)); "
+    "compressdrop/programs/_ops.py lists the operators it runs."
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
 
@@ -196,7 +210,7 @@ def _safe_spec(text: str) -> bool:
 def _target(value: str) -> str | None:
     """A node's target (or an operator argument): one of the calls a program may make, an ATen
     or prims name one of their operators (not a Python attribute of the namespace such as
-    ``__class__``, which torch would also look up)."""
+    ``__class__``, which torch would also look up) and on the allowlist (:data:`._ops.ALLOWED`)."""
     if not _TARGET.match(value) or _NO_OPS.match(value):
         return f"a node calls {value!r}"
     namespace, _, rest = value.removeprefix("torch.ops.").partition(".")
@@ -209,6 +223,8 @@ def _target(value: str) -> str | None:
             op = None
         if not isinstance(op, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
             return f"a node calls {value!r}, which is not one of torch's operators"
+        if f"{namespace}.{rest}" not in ALLOWED:
+            return f"a node calls {value!r}, {_UNLISTED}"
     return None
 
 
@@ -335,6 +351,8 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
     data, where = _read(src, where)
 
     def refuse(what: str) -> CheckpointError:
+        if _UNLISTED in what:  # the file may be fine: what a user who trusts it can do
+            return CheckpointError(f"{where}: refused: {what}. {_TRUSTED}")
         return CheckpointError(
             f"{where}: refused: {what}. compressdrop loads only programs that are plain data "
             "within the sizes they state (torch.export.load alone would take this file as it is)"
