@@ -90,10 +90,8 @@ _NO_OPS = re.compile(
     r"|_transform_bias_rescale_qkv\w*|_native_multi_head_attention\w*)"
     r"|higher_order\.while_loop\w*)(\.|$)"
 )
-# an ATen or prims operator off the allowlist (_ops.py: those torchvision, Hugging Face and
-# compressdrop's own programs call, and torch's core opset and prims, less the ones whose CPU
-# kernels crashed or read out of bounds on arguments a file can give): the file may well be
-# fine, so the refusal says what a user who trusts it can do
+# an operator off the allowlist (_ops.py says how it was made): the file may well be fine, so the
+# refusal says what a user who trusts it can do
 _UNLISTED = "which is not among the operators compressdrop runs from a file"
 _TRUSTED = (
     "If you trust the file, load it yourself and give compressdrop the module in Python: "
