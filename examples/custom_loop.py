@@ -1,6 +1,6 @@
 """Bayesian pruning inside your own training loop, in a few lines.
 
-Run: .venv/bin/python examples/custom_loop.py   (about 15 s on two CPU cores)
+Run: .venv/bin/python examples/custom_loop.py   (about 20 s on two idle CPU cores)
 """
 
 import torch
