@@ -76,30 +76,39 @@ def _bounded_arithmetic(doc: Any) -> bool:
     return True
 
 
-def _past_its_bytes(meta: dict[str, Any], stored: int) -> str | None:
-    """Why a payload's tensor, made by torch with ``as_strided`` over the ``stored`` bytes of its
-    record from the table's sizes, strides and offset, is not a view of those bytes, or None: more
-    values than the record holds, as for a ``.pt`` file (a 4-byte record declared ``[20000,
-    20000]`` with strides ``[0, 0]`` made a 1.6 GB tensor of one value, 6.7 GB once an export
-    copied it), a negative stride or offset, or a last element past the record's end."""
+def _payload_problem(meta: dict[str, Any], stored: int) -> str | None:
+    """What is wrong with a payload's tensor, which torch makes with ``as_strided`` over the
+    ``stored`` bytes of its record from the table's device, sizes, strides and offset, or None:
+    a device other than the CPU or CUDA (``meta``: a weight without its data); values but no
+    bytes (torch fills an empty record with zeros of the size the table says); more values than
+    the record holds, as for a ``.pt`` file (a 4-byte record declared ``[20000, 20000]`` with
+    strides ``[0, 0]`` made a 1.6 GB tensor of one value, 6.7 GB once an export copied it); a
+    negative or symbolic size, stride or offset; a last element past the record's end."""
     from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
 
-    ints = [[d.get("as_int") for d in meta.get(k) or []] for k in ("sizes", "strides")]
+    device = (meta.get("device") or {}).get("type")
+    if device not in ("cpu", "cuda"):
+        return f"is on device {device!r}"
+    sizes, strides = ([d.get("as_int") for d in meta.get(k) or []] for k in ("sizes", "strides"))
     offset = (meta.get("storage_offset") or {}).get("as_int")
-    if offset is None or not all(isinstance(v, int) for v in (*ints[0], *ints[1])):
+    if not all(isinstance(v, int) for v in (offset, *sizes, *strides)):
         return "has a symbolic size, stride or offset"
-    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(schema.ScalarType(meta["dtype"]))
-    if dtype is None or len(ints[0]) != len(ints[1]):
-        return "has no dtype or strides for its sizes"
-    if min((offset, *ints[0], *ints[1])) < 0:
+    if min((offset, *sizes, *strides)) < 0:
         return "has a negative size, stride or offset"
-    itemsize = dtype.itemsize
-    if math.prod(ints[0]) * itemsize > stored:
+    numel = math.prod(sizes)
+    if numel == 0:
+        return None  # no values: no bytes read
+    if not stored:
+        return f"has {numel} values but no bytes"
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(schema.ScalarType(meta["dtype"]))
+    if dtype is None or len(sizes) != len(strides):
+        return "has no dtype or strides for its sizes"
+    if numel * dtype.itemsize > stored:
         return (
-            f"has {math.prod(ints[0]):,} values over a record of {stored:,} bytes (it views the "
-            "same bytes many times)"
+            f"has {numel:,} values over a record of {stored:,} bytes (it views the same bytes "
+            "many times)"
         )
-    last = offset + sum((n - 1) * st for n, st in zip(*ints))
-    if (last + 1) * itemsize > stored:
-        return f"reaches byte {(last + 1) * itemsize:,} of a record of {stored:,}"
+    last = offset + sum((n - 1) * st for n, st in zip(sizes, strides))
+    if (last + 1) * dtype.itemsize > stored:
+        return f"reaches byte {(last + 1) * dtype.itemsize:,} of a record of {stored:,}"
     return None

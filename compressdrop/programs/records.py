@@ -17,7 +17,7 @@ from torch import fx, nn
 from .._attrs import set_record
 from ..errors import CheckpointError
 from ..runtime import max_length, no_cache
-from ._measure import too_big_to_run
+from ._measure import _leaves, too_big_to_run
 from .convert import program_to_module
 from .load import load_program_safely
 from .safety import _MALFORMED, Source, _read
@@ -155,12 +155,6 @@ def _fits(want: torch.Tensor, got: torch.Tensor, batch: int) -> bool:
             return False
         return _same(got[tuple(slice(0, n) for n in want.shape)], want)
     return _same(got, want)
-
-
-def _leaves(out: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_leaves
-
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 import zipfile
 import zlib
@@ -39,7 +38,7 @@ from torch._export.serde import schema
 
 from .._io import inflated
 from ..errors import CheckpointError
-from ._limits import _bounded_arithmetic, _past_its_bytes, _small_exponent
+from ._limits import _bounded_arithmetic, _payload_problem, _small_exponent
 from ._ops import ALLOWED
 from ._schema import IDENT, check_schema, string_checks
 
@@ -372,16 +371,8 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
                         raise refuse(f"{fqn!r} is stored as a pickle ({config_name})")
                     if not _PAYLOAD[kind].fullmatch(str(entry.get("path_name", ""))):
                         raise refuse(f"{fqn!r} is a Python object ({config_name})")
-                    device = ((entry.get("tensor_meta") or {}).get("device") or {}).get("type")
-                    if device not in ("cpu", "cuda"):  # "meta": a weight without its data
-                        raise refuse(f"{fqn!r} is on device {device!r} ({config_name})")
-                    dims = (entry.get("tensor_meta") or {}).get("sizes") or []
-                    numel = math.prod(int(d.get("as_int", 0)) for d in dims)  # symbolic: 0
                     stored = sizes.get(kind + entry["path_name"], 0)
-                    if numel > 0 and not stored:
-                        # torch fills an empty payload with zeros of the size the table says
-                        raise refuse(f"{fqn!r} has {numel} values but no bytes ({config_name})")
-                    if numel > 0 and (wrong := _past_its_bytes(entry["tensor_meta"], stored)):
+                    if wrong := _payload_problem(entry.get("tensor_meta") or {}, stored):
                         raise refuse(f"{fqn!r} {wrong} ({config_name})")
             try:
                 torch.load(io.BytesIO(records[inputs]), weights_only=True)
