@@ -122,6 +122,7 @@ def find_groups(
         raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     register_for(model)  # head specs of the libraries the model comes from (transformers)
     names = {m: n for n, m in model.named_modules()}
+    by_name = {n: m for m, n in names.items()}
     producers_types = registered_types("producer")
     positions: dict[nn.Module, int] = {}  # output positions per example, the MACs multiplier
 
@@ -145,7 +146,7 @@ def find_groups(
             (granularity == "auto" or spec.kind == granularity)
             and (not include or _matches(name, m, include))
             and not _matches(name, m, exclude)
-            and not _in_excluded(name, {n: x for x, n in names.items()}, exclude)
+            and not _in_excluded(name, by_name, exclude)
         )
         if warn and wanted:
             warnings.warn(
@@ -186,7 +187,6 @@ def find_groups(
     groups: list[UnitGroup] = []
     seen: set[nn.Module] = set()
     skipped: list[str] = []  # groups over Torch-Pruning's index budget, warned about at the end
-    by_name = {n: m for m, n in names.items()}
     heads_own = frozenset(by_name[n] for n in claimed if n in by_name)
     for g in bounded_groups(dg, producers_types, names, skipped, heads_own):
         out_deps = [
@@ -258,6 +258,8 @@ def _in_excluded(name: str, by_name: dict, exclude: Sequence[str | type] | None)
     """Whether a module that holds layer ``name`` matches ``exclude`` (GPT-2's ``c_attn`` in an
     excluded ``GPT2Attention``: the user left that block alone, so its layers are not warned
     about)."""
+    if not exclude:
+        return False
     parts = name.split(".")
     for i in range(1, len(parts)):
         outer = ".".join(parts[:i])
