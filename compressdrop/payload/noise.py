@@ -25,8 +25,9 @@ _MAX_SITES, _MAX_SIZE = 100_000, 1 << 20
 def check_noise(record: Any, state: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A slim file's noise record (:func:`~compressdrop.gating.noisy.noise_record`), checked
     before :func:`~compressdrop.gating.noisy.put_noise` builds its gates: a list of mappings, each
-    with its ``site`` (a layer's dotted name), ``unit_dim`` (an integer, -16 to 15), ``head_dim``
-    (``None`` or a positive integer) and ``attention`` (``None`` or a name), and either the
+    with its ``site`` (a layer's dotted name, once in the record), ``unit_dim`` (an integer, -16
+    to 15), ``head_dim`` (``None`` or an integer from 1 to 2^20) and ``attention`` (``None`` or a
+    name), and either the
     earlier site whose gate it ``shares`` or the gate's ``family``, ``units`` and ``kwargs`` (the
     family's arguments, checked as :func:`~compressdrop.attach` checks its ``gate_kwargs``).
 
@@ -34,6 +35,8 @@ def check_noise(record: Any, state: Mapping[str, Any]) -> list[dict[str, Any]]:
     gate is built on the ``meta`` device, which takes no memory, and the shapes of its state
     compared with the file's ``state`` before any gate is built for real (400,000,000 units took
     5 GB).
+
+    At most 100,000 entries (each one wraps its site: a chain of them overflowed the stack).
 
     Returns:
         The record, its entries as plain dicts.

@@ -12,6 +12,7 @@ so the largest convolution's is added as such a bound.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,9 @@ __all__ = ["check_run_bound", "too_big_to_run"]
 _RUN_PER_WEIGHT_BYTE, _RUN_FIXED_BYTES = 64, 256 << 20
 
 Spec = tuple[Sequence[int], torch.dtype]
+# the convolution operators (conv2d, convolution, _slow_conv2d_forward, mkldnn_convolution, ...),
+# not convert_element_type
+_CONV = re.compile(r"(^|_)conv(?!ert)")
 
 
 def too_big_to_run(gm: nn.Module, inputs: Sequence[Spec]) -> str:
@@ -83,7 +87,7 @@ class _Tally(TorchDispatchMode):
             return self._branches(func.name(), args)
         out = func(*args, **(kwargs or {}))
         self.total += sum(t.numel() * t.element_size() for t in _leaves(out))
-        if "conv" in func.__name__:
+        if _CONV.search(func.__name__):
             self.workspace = max(self.workspace, _workspace(func.__name__, args, out))
         return out
 
