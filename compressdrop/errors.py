@@ -1,12 +1,24 @@
 """The base of every error compressdrop raises on purpose.
 
 A caller (the CLI among them) can catch :class:`CompressDropError` to report bad input in one line
-and let anything else, a real bug, surface with its traceback.
+and let anything else, a real bug, surface with its traceback. :func:`brief` puts a value read
+from a file into such a line.
 """
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "CompressDropError", "DataError", "InputError"]
+import reprlib
+from typing import Any
+
+__all__ = ["CheckpointError", "CompressDropError", "DataError", "InputError", "brief"]
+
+
+def brief(value: Any) -> str:
+    """``value`` in a few words for an error message: plain data by a repr cut short (a list's
+    first items, a long string's ends), anything else by its type (a file's numpy array)."""
+    if value is None or isinstance(value, bool | int | float | str | list | tuple | dict):
+        return reprlib.repr(value)
+    return f"a {type(value).__name__}"
 
 
 class CompressDropError(Exception):

@@ -1,23 +1,19 @@
-"""What the checks of :mod:`compressdrop.payload` share: a value in a few words, a choice
-looked up without trusting its type, a module's dotted name."""
+"""What the checks of :mod:`compressdrop.payload` share: a value in a few words
+(:func:`~compressdrop.errors.brief`), a choice looked up without trusting its type, a module's
+dotted name."""
 
 from __future__ import annotations
 
-import reprlib
 from typing import Any, TypeGuard
+
+from ..errors import brief
 
 __all__: list[str] = []  # internal
 
+_what = brief  # a value from the file in a few words, for a message
+
 #: the most dimensions an input or a unit index may have
 _MAX_DIMS = 16
-
-
-def _what(value: Any) -> str:
-    """``value`` in a few words for an error message: plain data by a repr cut short (a list's
-    first items), else its type."""
-    if value is None or isinstance(value, bool | int | float | str | list | tuple):
-        return reprlib.repr(value)
-    return f"a {type(value).__name__}"
 
 
 def _among(value: Any, allowed: Any) -> bool:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 
 if TYPE_CHECKING:
     from torch import nn
@@ -124,7 +123,7 @@ class PruneReport:
             raise CheckpointError(f"{where}: missing {missing}")
         for key, fits, what in _FIELDS:
             if key in d and not fits(d[key]):
-                raise CheckpointError(f"{where}: {key} must be {what}, got {_short(d[key])}")
+                raise CheckpointError(f"{where}: {key} must be {what}, got {brief(d[key])}")
         for i, layer in enumerate(d["layers"]):
             ok = isinstance(layer, Mapping) and set(layer) == _LAYER_KEYS
             ok = ok and isinstance(layer["name"], str) and _number(layer["threshold"])
@@ -132,7 +131,7 @@ class PruneReport:
             if not ok:
                 raise CheckpointError(
                     f"{where}: layers[{i}] is not a name, units before and after and a threshold:"
-                    f" {_short(layer)}"
+                    f" {brief(layer)}"
                 )
         return cls(
             d["family"],
@@ -159,13 +158,6 @@ _FIELDS = (
     ("max_rel_error", lambda v: v is None or _number(v), "a number or None"),
     ("uniform", lambda v: isinstance(v, bool), "true or false"),
 )
-
-
-def _short(value: Any) -> str:
-    """``value`` for a message: plain data by a repr cut short (a list's first items), else its
-    type."""
-    plain = value is None or isinstance(value, str | int | float | list | dict)
-    return reprlib.repr(value) if plain else f"a {type(value).__name__}"
 
 
 def check_history(history: Any, model: nn.Module | None = None) -> list:
