@@ -12,7 +12,9 @@ payload tables first and refuses all of these, then loads the program with the g
 (they only re-check input shapes). The graph runs once at load (the batch-size check), so its
 ATen and prims calls must be on an allowlist (:mod:`._ops`): the operators real models'
 programs call and torch's core opset, less gradient kernels and others whose CPU kernels
-crashed or read out of bounds on arguments a file can give.
+crashed or read out of bounds on arguments a file can give; the few that real models need
+though their kernels trust their arguments' shapes (``lstm``, ``gru``, ``rnn_tanh``,
+``scaled_dot_product_attention``) are called through shape checks (:mod:`._checked`).
 
 **Modules.** :func:`program_to_module` turns the ATen calls that are layers (``linear``,
 ``conv1d/2d/3d``, ``batch_norm``, ``layer_norm``, ``embedding``) back into the ``nn`` modules they
@@ -21,7 +23,8 @@ surgery see ordinary layers. A ``view``/``reshape`` that flattens everything aft
 dimension becomes ``flatten(x, 1)``, so that it still fits once channels are removed.
 
 **Layout.** :mod:`.safety` checks archives (:mod:`._ops` lists the operators they may call),
-:mod:`.load` loads them, :mod:`.convert` turns programs into modules, :mod:`.records` ties them
+:mod:`.load` loads them, :mod:`.convert` turns programs into modules (its risky operators
+through :mod:`._checked`), :mod:`.records` ties them
 to compressdrop's ``arch`` records.
 """
 

@@ -63,7 +63,10 @@ def check_run_bound(gm: nn.Module, inputs: Sequence[torch.Tensor], where: str) -
     Raises:
         CheckpointError: naming ``where`` and the reason.
     """
-    why = too_big_to_run(gm, [(tuple(x.shape), x.dtype) for x in inputs])
+    try:
+        why = too_big_to_run(gm, [(tuple(x.shape), x.dtype) for x in inputs])
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     if why:
         raise CheckpointError(f"{where}: its program is not run to attach the gates: {why}")
 
@@ -134,7 +137,9 @@ def _made_bytes(gm: nn.Module, inputs: Sequence[Spec]) -> int | str:
             fakes = [torch.empty(tuple(shape), dtype=dtype) for shape, dtype in inputs]
             with _Tally() as tally:
                 gm(*fakes)
-    except Exception as e:  # any failure of the fake run: its sizes are not known
+    except CheckpointError:  # a checked operator's shapes disagree (._checked): refused
+        raise
+    except Exception as e:  # any other failure of the fake run: its sizes are not known
         return f"the sizes of its tensors are not known before it runs ({type(e).__name__})"
     given = sum(x.numel() * x.element_size() for x in fakes)
     return tally.total + tally.workspace + given

@@ -17,7 +17,9 @@ their end (``aten.batch_norm``, which ``torch.export`` writes, checks them), ``r
 ``benchmarks/probe_op_bounds.py`` tries the kernels with the indices, sizes and modes a crafted
 file can give. Two operators that real models need are kept though their CPU kernels crash on
 shapes that disagree (``lstm.input`` with weights smaller than its hidden state,
-``scaled_dot_product_attention`` with keys shorter than its values): see that probe.
+``scaled_dot_product_attention`` with keys shorter than its values): see that probe. A loaded
+program calls them, with ``gru.input`` and ``rnn_tanh.input``, through shape checks
+(``compressdrop/programs/_checked.py``).
 """
 
 from __future__ import annotations

@@ -104,7 +104,11 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         return  # several inputs, or a dynamic batch
     batch = int(val.shape[0])
     shape = tuple(int(d) for d in val.shape[1:])
-    why = too_big_to_run(gm, [((batch + 1, *shape), val.dtype)])
+    try:
+        why = too_big_to_run(gm, [((batch + 1, *shape), val.dtype)])
+    except CheckpointError:  # a checked operator's shapes disagree (._checked): at any size?
+        _refuse_disagreeing(gm, (batch, *shape), val.dtype, where)
+        why = ""  # only at another size than its own: the verdict below says so
     if why:  # the check's run would take more memory than a model of its weights should
         warnings.warn(
             f"compressdrop: {where}: its batch-size check was not run ({why}); if it was "
@@ -122,6 +126,8 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         )
         try:
             want, again = _leaves(gm(x[:batch])), _leaves(gm(x[:batch]))
+        except CheckpointError as e:  # a checked operator's shapes disagree (._checked)
+            raise CheckpointError(f"{where}: {e}") from None
         except Exception:  # fails at its own size: left to the caller to find
             return
         if len(want) != len(again) or not all(_same(a, b) for a, b in zip(want, again)):
@@ -142,6 +148,16 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
 
 class ProgramWarning(UserWarning):
     """A ``.pt2`` program loaded without a check compressdrop would have made."""
+
+
+def _refuse_disagreeing(
+    gm: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, where: str
+) -> None:
+    """Refuse a graph whose checked operators' shapes disagree at its own input size."""
+    try:
+        too_big_to_run(gm, [(shape, dtype)])
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _fits(want: torch.Tensor, got: torch.Tensor, batch: int) -> bool:
