@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import tempfile
@@ -166,7 +167,9 @@ def write_sweep(
     dense: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``sweep.csv`` (the rows), ``sweep.json`` (``{"rows": [...], "dense": ...}``) and
-    ``sweep.png`` into ``out_dir`` (each atomically).
+    ``sweep.png`` into ``out_dir`` as a set: all three are written to temporary files first and
+    moved into place only when the last is done, so a failure (the plot) leaves the folder's
+    previous set whole, not new tables beside an old plot.
 
     ``dense``: the model before gating (``test_accuracy``, ``params``, ``flops``), drawn in the
     plot as the reference when given (``compressdrop train`` records it in ``gated.pt``).
@@ -175,13 +178,15 @@ def write_sweep(
     out.mkdir(parents=True, exist_ok=True)
     data = [asdict(r) for r in rows]
     paths = {"csv": out / "sweep.csv", "json": out / "sweep.json", "png": out / "sweep.png"}
-    with atomic_write(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(data[0]))
-        w.writeheader()
-        w.writerows(data)
-    with atomic_write(paths["json"]) as tmp:  # what `sweep --json` prints, less the file names
-        Path(tmp).write_text(json.dumps({"rows": data, "dense": dense}, indent=2))
-    plot_sweep(rows, paths["png"], title, dense=dense)
+    with contextlib.ExitStack() as stack:  # each file moved into place as the stack closes
+        tmp = {k: stack.enter_context(atomic_write(p)) for k, p in paths.items()}
+        with open(tmp["csv"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(data[0]))
+            w.writeheader()
+            w.writerows(data)
+        # what `sweep --json` prints, less the file names
+        tmp["json"].write_text(json.dumps({"rows": data, "dense": dense}, indent=2))
+        _draw(rows, tmp["png"], title, dense)
     return paths
 
 
@@ -192,6 +197,12 @@ def plot_sweep(
     Pareto front joined and its points labelled with their thresholds, the unpruned gated model
     (threshold 0) and, if given, the dense model before gating (with a dashed line at its value)
     as references."""
+    with atomic_write(Path(path)) as tmp:
+        _draw(rows, tmp, title, dense)
+
+
+def _draw(rows: list[SweepRow], path: Path, title: str, dense: dict[str, Any] | None) -> None:
+    """:func:`plot_sweep`'s figure, saved as a PNG at ``path`` (not atomically)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,6 +275,7 @@ def plot_sweep(
     fig.suptitle(
         (title + ": " if title else "") + f"{quality} against size (labels: SNR threshold)"
     )
-    with atomic_write(Path(path)) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110, format="png")
+    finally:
+        plt.close(fig)

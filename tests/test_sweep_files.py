@@ -1,0 +1,46 @@
+"""``write_sweep`` writes its table, record and plot as a set: a failure leaves the old set."""
+
+import pytest
+from matplotlib.figure import Figure
+
+from compressdrop.evaluation.sweep import SweepRow, write_sweep
+
+
+def _rows(accuracy: float) -> list[SweepRow]:
+    return [
+        SweepRow(
+            threshold=t,
+            source="threshold",
+            architecture="4-8",
+            units=12 - t,
+            accuracy=accuracy - t / 100,
+            nll=0.3,
+            params=1000 - 100 * t,
+            flops=5000 - 500 * t,
+            onnx_bytes=4000,
+            latency_ms=0.1,
+            latency_batch=1,
+            threads=1,
+            provider="cpu",
+            device="cpu",
+            pareto=True,
+        )
+        for t in (0, 1, 2)
+    ]
+
+
+def test_a_failed_plot_leaves_the_previous_set_whole_and_no_temporary_files(tmp_path, monkeypatch):
+    paths = write_sweep(_rows(0.9), tmp_path)
+    before = {k: p.read_bytes() for k, p in paths.items()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        write_sweep(_rows(0.5), tmp_path)
+    assert {k: p.read_bytes() for k, p in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]
+    monkeypatch.undo()
+    write_sweep(_rows(0.5), tmp_path)
+    assert all(paths[k].read_bytes() != before[k] for k in ("csv", "json", "png"))
