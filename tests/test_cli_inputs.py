@@ -573,3 +573,37 @@ def test_eval_on_the_digits_stand_in_says_to_name_the_data(tmp_path):
         assert "records no data of its own" in res.output and "with --data" in res.output
     res = run(["eval", tmp_path / "m.onnx", "--data", "digits"], expect=1)
     assert "records no data" not in res.output  # digits named: the shape error alone
+
+
+class _GrayNet(torch.nn.Module):
+    """Takes (batch, 8, 8): gray images without a channel axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_gray_images_are_given_without_their_channel_axis_to_a_program_that_takes_h_w(tmp_path):
+    """An .npz of (N, 8, 8) is read as (N, 1, 8, 8); a .pt2 exported on (batch, 8, 8) gets them
+    as (N, 8, 8) in eval and prune, not an error about shapes."""
+    ds = load_dataset("digits")
+    x, y = ds.x_train[:200, 0].numpy() * 255, ds.y_train[:200].numpy()  # (N, 8, 8) pixels
+    np.savez(tmp_path / "gray.npz", x=x, y=y)
+    net = _GrayNet().eval()
+    program = torch.export.export(
+        net, (torch.rand(4, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "gray.pt2")
+    data = ["--data", tmp_path / "gray.npz"]
+    assert "accuracy" in run(["eval", tmp_path / "gray.pt2", *data]).output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "stages: {pretrain: {epochs: 0}, sparsify: {epochs: 1}, finetune: {epochs: 1}}"
+    )
+    run(["prune", tmp_path / "gray.pt2", "-o", tmp_path / "slim.pt", *data, "--recipe", recipe])
+    assert load_model(tmp_path / "slim.pt")(torch.rand(3, 8, 8)).shape == (3, 10)

@@ -18,7 +18,7 @@ from ..data import load_dataset, spec_path
 from ..errors import DataError, InputError
 from ..runtime import check_labels, run_on_examples
 from .jobs import load_fitting
-from .sparsify import fit_ids, fit_input_shape
+from .sparsify import fit_data_shape, fit_ids
 
 __all__ = ["evaluate_file", "sweep_file"]
 
@@ -209,7 +209,7 @@ def _fitted_data(
     where = f"data {ds.name!r}"
     fallback = data is None and not (_recorded_recipe(model).get("data") or {}).get("name")
     with _digits_said(model_path, fallback):
-        fit_input_shape(model, tuple(ds.input_shape), where)  # (fit_ids needs it)
+        ds = fit_data_shape(model, ds, where)  # (fit_ids needs it)
         ds = fit_ids(model, ds.in_class_order(getattr(model, "class_names", None)))
         logits = run_on_examples(model, ds.x_test, where)  # a model that records no shape: named
         check_labels(logits.shape[-1], ds.y_test, where)  # before a sweep's prunes and exports

@@ -25,14 +25,9 @@ from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
 from ..runtime import run_on_examples
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, slim_paths, write_slim
 from ..training.runner import RunResult, TrainingDiverged, run_recipe
+from . import sparsify
 from .precision import load_float32
-from .sparsify import (
-    adopt,
-    default_recipe_for,
-    fit_input_shape,
-    fit_outputs,
-    sparsify_and_prune,
-)
+from .sparsify import adopt, default_recipe_for, fit_data_shape, fit_outputs, sparsify_and_prune
 
 __all__ = ["PruneResult", "check_writable", "export_file", "prune_file", "train"]
 
@@ -270,7 +265,7 @@ def prune_file(
     # a folder of the classes the model was trained on is labelled by their names (as eval does)
     ds = load_dataset(data).in_class_order(getattr(model, "class_names", None))
     check_trainable(ds)
-    fit_input_shape(model, tuple(ds.input_shape), f"data {ds.name!r}")
+    ds = fit_data_shape(model, ds, f"data {ds.name!r}")  # (gray images given as (H, W))
     ds = fit_outputs(model, ds)  # token ids in an .npz become int64 for a token model
     adopt(model, ds)
     if recipe is None:
@@ -329,7 +324,7 @@ def load_fitting(
 ) -> nn.Module:
     model = load_float32(model_path, arch, arch_kwargs, trust_code)
     if shape is not None:
-        fit_input_shape(model, shape, what)
+        sparsify.fit_input_shape(model, shape, what)
     return model
 
 

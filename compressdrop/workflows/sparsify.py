@@ -25,6 +25,7 @@ from ..runtime import check_labels, run_on_examples
 __all__ = [
     "adopt",
     "default_recipe_for",
+    "fit_data_shape",
     "fit_ids",
     "fit_input_shape",
     "fit_outputs",
@@ -151,11 +152,7 @@ def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None
         InputError: the model records another shape.
     """
     arch = getattr(model, "arch", None)
-    known = (
-        arch.get("input_shape")
-        if isinstance(arch, Mapping)
-        else getattr(model, "input_shape", None)
-    )
+    known = _recorded_shape(model)
     if known is not None and tuple(known) != tuple(shape):
         raise InputError(
             f"{what} has inputs of shape {tuple(shape)} but the model expects {tuple(known)}"
@@ -164,6 +161,29 @@ def fit_input_shape(model: nn.Module, shape: tuple[int, ...], what: str) -> None
         set_record(model, "arch", {**arch, "input_shape": list(shape)})
     elif known is None:
         set_record(model, "input_shape", tuple(shape))
+
+
+def fit_data_shape(model: nn.Module, dataset: Any, what: str) -> Any:
+    """:func:`fit_input_shape` for a data set: gray images read as (1, H, W) each (an ``.npz`` of
+    (N, H, W), digits) are given without their channel axis to a model that records (H, W) (a
+    ``.pt2`` exported on (batch, H, W)). Returns the data set, so changed or as it was."""
+    known = _recorded_shape(model)
+    shape = tuple(dataset.input_shape)
+    if known is not None and len(shape) == 3 and shape[0] == 1 and tuple(known) == shape[1:]:
+        dataset = replace(dataset, x_train=dataset.x_train[:, 0], x_test=dataset.x_test[:, 0])
+        shape = shape[1:]
+    fit_input_shape(model, shape, what)
+    return dataset
+
+
+def _recorded_shape(model: nn.Module) -> Any:
+    """The input shape the model records (its ``arch``'s, else its own attribute), or None."""
+    arch = getattr(model, "arch", None)
+    return (
+        arch.get("input_shape")
+        if isinstance(arch, Mapping)
+        else getattr(model, "input_shape", None)
+    )
 
 
 def default_recipe_for(dataset: Any, base: str | None = None) -> Recipe:
