@@ -199,7 +199,8 @@ def build_arch(
         record: the structure, as an :class:`ArchRecord` or its dict.
         factory: the user's own choice of factory (a callable, or ``"package.module:function"``):
             it is called instead of the one the record names. This is consent.
-        trust_code: call whatever factory the record names (the user trusts the file).
+        trust_code: call whatever factory the record names, and take any operator its program
+            calls, not only the allowlist's (the user trusts the file).
         where: the file's name, for error messages.
 
     Returns:
@@ -215,7 +216,7 @@ def build_arch(
     if isinstance(factory, str) and factory in MODELS:  # --arch NAME: a reference net, no code
         rec, factory = replace(rec, name=factory, factory=None, program=None), None
     if factory is None and rec.program is not None:
-        return load_program(rec.program.numpy().tobytes(), where)
+        return load_program(rec.program.numpy().tobytes(), where, any_operator=trust_code)
     if factory is None and rec.name is not None:
         try:
             model = build_model(

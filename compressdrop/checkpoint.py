@@ -159,7 +159,9 @@ def _slim_program(model: nn.Module, arch: Mapping[str, Any], noise: list) -> dic
         for name, site in list(noisy_sites(plain)):  # the program is of the slim model alone
             plain.set_submodule(name, site.module)
         record = {**arch, **program_record(plain, example_input_for(plain, batch=2))}
-        rebuilt = load_program(record["program"].numpy().tobytes(), "the slim model's program")
+        # the program of a module in this process, not a file's: any operator it calls
+        data = record["program"].numpy().tobytes()
+        rebuilt = load_program(data, "the slim model's program", any_operator=True)
         if noise:
             put_noise(rebuilt, noise)
             rebuilt.load_state_dict(cpu.state_dict(), strict=False)  # program constants kept
@@ -200,7 +202,7 @@ def load_model(
     if (is_pt2(path) or is_hf_folder(path)) and arch is not None:
         raise CheckpointError(f"{path} holds its own structure: --arch (arch=) is not used for it")
     if is_pt2(path):  # a torch.export program: checked, then loaded without pickle
-        return load_program(path).eval()
+        return load_program(path, any_operator=trust_code).eval()
     if is_hf_folder(path):  # config.json + safetensors: the transformers library's own classes
         return load_hf_folder(path)
     if Path(path).is_dir():

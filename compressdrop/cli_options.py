@@ -134,8 +134,8 @@ TRUST = click.option(
     "--trust-pickle",
     "trust_code",
     is_flag=True,
-    help="Trust the model file: unpickle a whole pickled module, call the factory it names "
-    "(runs code from the file: trusted files only).",
+    help="Trust the model file: unpickle a whole pickled module, call the factory it names, "
+    "run any operator its .pt2 program calls (runs code from the file: trusted files only).",
 )
 
 TRAIN = (

@@ -27,8 +27,8 @@ from .test_security_pt2_schema import _edited, _set
 
 MESSAGE = (
     r"refused: a node calls '{op}', which is not among the operators compressdrop runs from a "
-    r"file \(Node\.target\)\. If you trust the file, load it yourself and give compressdrop the "
-    r"module in Python: compressdrop\.programs\.program_to_module\(torch\.export\.load\(path\)\)"
+    r"file \(Node\.target\)\. If you trust the file, pass --trust-code \(trust_code=True in "
+    r"Python\) to run any of torch's operators from it"
 )
 
 
@@ -95,18 +95,30 @@ class _Sinc(nn.Module):
 
 
 def test_what_the_refusal_advises_a_user_who_trusts_the_file_works(tmp_path):
+    """``--trust-code`` runs the file's operators off the list: loaded, gated, pruned, saved
+    (a slim program is loaded again while it is saved) and loaded again, trusted again."""
     torch.manual_seed(0)
     net, x = _Sinc().eval(), torch.randn(8, 16)
     path = tmp_path / "sinc.pt2"
     batch = torch.export.Dim("batch")
     torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: batch},)), path)
-    with pytest.raises(CheckpointError, match=r"aten\.sinc\.default', which is not among"):
+    op = re.escape("torch.ops.aten.sinc.default")
+    with pytest.raises(CheckpointError, match=MESSAGE.format(op=op)):
         load_model(path)
-    model = program_to_module(torch.export.load(path))  # as the message says
+    model = load_model(path, trust_code=True)  # as the message says
     torch.testing.assert_close(model(x), net(x))
     cd.attach(model)
     assert [name for name, _ in cd.named_gates(model)] == ["fc1"]
-    assert cd.prune(model, 1.0)(x).shape == (8, 4)
+    slim = cd.prune(model, 1.0)
+    for kind, m in (("gated", model), ("slim", slim)):
+        saved = tmp_path / f"{kind}.pt"
+        cd.save_model(m, saved)
+        with pytest.raises(CheckpointError, match=op):
+            load_model(saved)
+        torch.testing.assert_close(load_model(saved, trust_code=True)(x), m.eval()(x))
+    res = _cli(["export", path, "-o", tmp_path / "m.onnx", "--trust-code"])
+    assert res.exit_code == 0 and (tmp_path / "m.onnx").is_file(), res.output
+    assert program_to_module(torch.export.load(path))(x).shape == (8, 4)  # the module route
 
 
 def test_every_operator_on_the_list_is_one_of_torchs_and_none_is_refused_otherwise():

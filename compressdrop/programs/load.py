@@ -26,13 +26,14 @@ __all__ = ["load_program_safely"]
 
 
 def load_program_safely(
-    src: Source | bytes, where: str | None = None
+    src: Source | bytes, where: str | None = None, *, any_operator: bool = False
 ) -> torch.export.ExportedProgram:
     """:func:`check_pt2_archive`, then ``torch.export.load`` with the guards dropped.
 
     Args:
         src: a path, an open binary file or the archive's bytes.
         where: the name for messages (default: the path).
+        any_operator: take operators off the allowlist (see :func:`check_pt2_archive`).
 
     Returns:
         The program, with its ``guards_code`` (Python source from the file) emptied.
@@ -42,7 +43,7 @@ def load_program_safely(
             ``torch.export.load`` fails on it.
     """
     data, where = _read(src, where)
-    check_pt2_archive(data, where)
+    check_pt2_archive(data, where, any_operator=any_operator)
     _register_spec_types(data, where)
     logger, caught = logging.getLogger("torch.export"), _Caught()
     logger.addHandler(caught)

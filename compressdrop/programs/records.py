@@ -25,7 +25,9 @@ from .safety import _MALFORMED, Source, _read
 __all__ = ["META_FILE", "ProgramWarning", "load_program", "program_record"]
 
 
-def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
+def load_program(
+    src: Source | bytes, where: str | None = None, *, any_operator: bool = False
+) -> nn.Module:
     """A ``.pt2`` as a gateable, prunable module that records itself as its ``arch``.
 
     The module's ``arch`` is ``{"program": <the archive's bytes>, "input_shape": [...]}``, so a
@@ -35,6 +37,7 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     Args:
         src: a path, an open binary file or the archive's bytes.
         where: the name for messages (default: the path).
+        any_operator: take operators off the allowlist (the user trusts the file).
 
     Returns:
         The module (:func:`~compressdrop.programs.program_to_module`), in eval mode, with ``arch``
@@ -46,7 +49,7 @@ def load_program(src: Source | bytes, where: str | None = None) -> nn.Module:
     """
     data, where = _read(src, where)
     with torch.random.fork_rng(devices=[]):  # its layers are built, then given the weights
-        model = program_to_module(load_program_safely(data, where))
+        model = program_to_module(load_program_safely(data, where, any_operator=any_operator))
     arch: dict[str, Any] = {"program": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
     # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
     model.arch = arch  # type: ignore[assignment]

@@ -25,6 +25,7 @@ let a name given as a number or a target given as a list through.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -93,9 +94,8 @@ _NO_OPS = re.compile(
 # refusal says what a user who trusts it can do
 _UNLISTED = "which is not among the operators compressdrop runs from a file"
 _TRUSTED = (
-    "If you trust the file, load it yourself and give compressdrop the module in Python: "
-    "compressdrop.programs.program_to_module(torch.export.load(path)); "
-    "compressdrop/programs/_ops.py lists the operators it runs."
+    "If you trust the file, pass --trust-code (trust_code=True in Python) to run any of torch's "
+    "operators from it; compressdrop/programs/_ops.py lists those it runs from any file."
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
 
@@ -204,10 +204,11 @@ def _safe_spec(text: str) -> bool:
     return True
 
 
-def _target(value: str) -> str | None:
+def _target(value: str, listed: bool = True) -> str | None:
     """A node's target (or an operator argument): one of the calls a program may make, an ATen
     or prims name one of their operators (not a Python attribute of the namespace such as
-    ``__class__``, which torch would also look up) and on the allowlist (:data:`._ops.ALLOWED`)."""
+    ``__class__``, which torch would also look up) and, if ``listed``, on the allowlist
+    (:data:`._ops.ALLOWED`)."""
     if not _TARGET.match(value) or _NO_OPS.match(value):
         return f"a node calls {value!r}"
     namespace, _, rest = value.removeprefix("torch.ops.").partition(".")
@@ -220,7 +221,7 @@ def _target(value: str) -> str | None:
             op = None
         if not isinstance(op, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
             return f"a node calls {value!r}, which is not one of torch's operators"
-        if f"{namespace}.{rest}" not in ALLOWED:
+        if listed and f"{namespace}.{rest}" not in ALLOWED:
             return f"a node calls {value!r}, {_UNLISTED}"
     return None
 
@@ -330,7 +331,9 @@ def _per_program(name: str) -> tuple[str, str, str, str]:
     )
 
 
-def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
+def check_pt2_archive(
+    src: Source | bytes, where: str | None = None, *, any_operator: bool = False
+) -> None:
     """Refuse a ``.pt2`` whose loading or running could execute code from the file.
 
     Every record must be one that ``torch.export.load`` reads as data (an exact list: the
@@ -341,6 +344,8 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
     Args:
         src: a path, an open binary file or the archive's bytes.
         where: the name for messages (default: the path).
+        any_operator: take any ATen or prims operator, not only the allowlist's (the user
+            trusts the file, or compressdrop wrote it from a module in this process).
 
     Raises:
         CheckpointError: naming the first entry that is not plain data.
@@ -355,7 +360,7 @@ def check_pt2_archive(src: Source | bytes, where: str | None = None) -> None:
             "within the sizes they state (torch.export.load alone would take this file as it is)"
         )
 
-    strings = string_checks(_target, _expr, _spec)
+    strings = string_checks(functools.partial(_target, listed=not any_operator), _expr, _spec)
     try:
         records, programs, sizes = _records(data, where, refuse)
         for name in programs:
