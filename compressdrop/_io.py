@@ -10,7 +10,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-__all__ = ["atomic_write", "copy_within", "inflated", "remove_stale_temps"]
+__all__ = ["atomic_write", "inflated", "read_within", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -60,13 +60,12 @@ def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
     return gone
 
 
-def copy_within(src: Path, dst: Path, roots: list[Path], limit: int) -> str | None:
-    """Copy ``src`` to ``dst`` where ``src`` is a regular file of at most ``limit`` bytes inside
-    one of ``roots`` once its links are followed (a link into the Hugging Face cache's ``blobs``
-    is; ``/etc/passwd`` or ``/proc/self/pagemap`` is not). The file is opened without following
-    a link, not blocking on a FIFO, and the file opened is checked again (where the system says
-    which it is), so that a link swapped in between is not read. Returns None when copied, else
-    why not."""
+def read_within(src: Path, roots: list[Path], limit: int) -> bytes | str:
+    """The bytes of ``src`` where it is a regular file of at most ``limit`` bytes inside one of
+    ``roots`` once its links are followed (a link into the Hugging Face cache's ``blobs`` is;
+    ``/etc/passwd`` or ``/proc/self/pagemap`` is not), else why not. The file is opened without
+    following a link, not blocking on a FIFO, and the file opened is checked again (where the
+    system says which it is), so that a link swapped in between is not read."""
     real = src.resolve()
     inside = lambda p: any(p.is_relative_to(r.resolve()) for r in roots)  # noqa: E731
     if not inside(real):
@@ -82,8 +81,7 @@ def copy_within(src: Path, dst: Path, roots: list[Path], limit: int) -> str | No
             return "it changed while it was read"
         if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
             return f"it is not a regular file of at most {limit >> 20} MB"
-        dst.write_bytes(f.read(limit + 1)[:limit])
-    return None
+        return f.read(limit + 1)[:limit]
 
 
 def inflated(

@@ -104,6 +104,10 @@ def save_model(
     names = getattr(model, "class_names", None)
     if names:  # an image folder's classes, in output order
         payload["classes"] = [str(c) for c in names]
+    for name, data in (getattr(model, "tokenizer_files", None) or {}).items():  # its HF folder's
+        payload.setdefault("tokenizer", {})[name] = torch.frombuffer(
+            bytearray(data), dtype=torch.uint8
+        )
     if payload["kind"] == "gated":
         payload["attach"] = attach_config(model)
         payload["input_shape"] = [list(s) for s in input_shapes_of(model)]
@@ -372,6 +376,8 @@ def _from_payload(
     _load_state(model, rec.state_dict, path, hint)
     if rec.classes is not None:
         set_record(model, "class_names", rec.classes)
+    if rec.tokenizer:
+        set_record(model, "tokenizer_files", rec.tokenizer)
     set_record(
         model,
         "compressdrop_meta",

@@ -9,10 +9,17 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from ._io import copy_within
+from ._io import read_within
 from .errors import CheckpointError
 
-__all__ = ["TOKENIZER_FILES", "WEIGHTS", "check_shards", "copy_tokenizer"]
+__all__ = [
+    "TOKENIZER_BYTES",
+    "TOKENIZER_FILES",
+    "WEIGHTS",
+    "check_shards",
+    "read_tokenizer",
+    "write_tokenizer",
+]
 
 #: a folder's weights: one file, or an index of shards
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -51,18 +58,33 @@ TOKENIZER_FILES = (
     *("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"),
     *("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model"),
 )
+#: the most bytes of tokenizer files a model carries (Gemma's, the largest seen, are 38 MB)
+TOKENIZER_BYTES = 256 << 20
 
 
-def copy_tokenizer(source: Path, out: Path) -> None:
-    """Copy ``source``'s tokenizer files into ``out``: each a regular file of at most 1 GB in the
-    folder or, through a link, in the Hugging Face cache's ``blobs`` beside its snapshots; a link
-    elsewhere (``vocab.txt`` → ``/etc/passwd``) is not copied, with a warning that says so."""
+def read_tokenizer(source: Path) -> dict[str, bytes]:
+    """``source``'s tokenizer files by name: each a regular file in the folder or, through a
+    link, in the Hugging Face cache's ``blobs`` beside its snapshots, all together at most
+    :data:`TOKENIZER_BYTES`; a link elsewhere (``vocab.txt`` → ``/etc/passwd``) is not read, with
+    a warning that says so."""
     here = source.resolve()
     blobs = here.parent.parent / "blobs"  # the Hub cache: models--ORG--NAME/snapshots/REV/
     cache = here.parent.name == "snapshots" and here.parent.parent.name.startswith("models--")
     roots = [here, blobs] if cache and blobs.is_dir() and not blobs.is_symlink() else [here]
+    files: dict[str, bytes] = {}
     for name in TOKENIZER_FILES:
-        if (source / name).is_file() and not (out / name).exists():
-            why = copy_within(source / name, out / name, roots, 1 << 30)
-            if why:
-                warnings.warn(f"compressdrop: {source / name} not copied: {why}", stacklevel=4)
+        if (source / name).is_file():
+            left = TOKENIZER_BYTES - sum(map(len, files.values()))
+            got = read_within(source / name, roots, left)
+            if isinstance(got, str):
+                warnings.warn(f"compressdrop: {source / name} not copied: {got}", stacklevel=4)
+            else:
+                files[name] = got
+    return files
+
+
+def write_tokenizer(files: Mapping[str, bytes], out: Path) -> None:
+    """Write the tokenizer ``files`` (:func:`read_tokenizer`'s) into the folder ``out``."""
+    for name, data in files.items():
+        if name in TOKENIZER_FILES:  # a plain name of the list: nothing outside ``out``
+            (out / name).write_bytes(data)

@@ -35,7 +35,7 @@ from torch import nn
 from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
-from .hf_files import WEIGHTS, check_shards, copy_tokenizer
+from .hf_files import WEIGHTS, check_shards, read_tokenizer, write_tokenizer
 from .models.hf import hub_code
 from .runtime import logits_of
 
@@ -253,6 +253,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
             "kwargs": {"model_type": model_type, **kwargs},
         },
     )
+    set_record(model, "tokenizer_files", read_tokenizer(path))  # into its checkpoints and folders
     return model.eval()
 
 
@@ -264,8 +265,9 @@ def save_hf_folder(
     source: str | Path | None = None,
 ) -> tuple[int, float]:
     """Write ``slim`` as a Hugging Face folder ``out`` (replacing one that compressdrop wrote),
-    with the :data:`~.hf_files.TOKENIZER_FILES` of ``source`` (the model's own folder, if it came from one)
-    so that ``AutoTokenizer.from_pretrained(out)`` works too.
+    with the tokenizer files of ``source`` (the model's folder, if it came from one) or those
+    the model carries (read when its folder was loaded, kept in its checkpoints), so that
+    ``AutoTokenizer.from_pretrained(out)`` works too.
 
     Returns:
         The bytes written, and the largest relative error of the reloaded model's logits against
@@ -306,13 +308,14 @@ def save_hf_folder(
         save: Any = slim.save_pretrained  # a transformers PreTrainedModel's
         with quiet_progress():
             save(tmp, safe_serialization=True)
-        if source is not None and is_hf_folder(source):
-            copy_tokenizer(Path(source), tmp)
-        elif source is not None:  # a checkpoint (a --keep-gated file) carries no tokenizer
+        hf = source is not None and is_hf_folder(source)
+        tokenizer = getattr(slim, "tokenizer_files", None)  # read with its folder or checkpoint
+        tokenizer = read_tokenizer(Path(str(source))) if tokenizer is None and hf else tokenizer
+        write_tokenizer(tokenizer or {}, tmp)
+        if not (hf or tokenizer or source is None):  # a model not from a folder, an older file
             warnings.warn(
                 f"compressdrop: {out} gets no tokenizer files: {source} is not a Hugging Face "
-                "folder; copy them (tokenizer.json, tokenizer_config.json, ...) from the folder "
-                "the model came from",
+                "folder and carries none; copy them (tokenizer.json, ...) from the model's folder",
                 UserWarning,
                 stacklevel=3,
             )

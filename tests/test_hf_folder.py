@@ -436,3 +436,43 @@ def test_a_pickled_classifier_is_not_told_to_save_a_folder_that_is_refused(tmp_p
     assert res.exit_code == 1, res.output
     assert "--arch module:function" in res.output and "save_pretrained" not in res.output
     assert not (tmp_path / "slim").exists()
+
+
+def _with_tokenizer(folder):
+    """``folder`` with a real (byte-level BPE, tiny) tokenizer saved beside the model."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {chr(i): i for i in range(97, 123)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    return folder
+
+
+def test_a_checkpoint_carries_its_folders_tokenizer_into_the_slim_folder(tmp_path):
+    """A gated checkpoint (a --keep-gated file) carried no tokenizer, so the slim folder written
+    from it had none (a warning said to copy them by hand). The files are read with the folder
+    and kept in every checkpoint of the model."""
+    from click.testing import CliRunner
+
+    import compressdrop as cd
+    from compressdrop.checkpoint import save_model
+    from compressdrop.cli import main
+
+    folder = _with_tokenizer(_llama_folder(tmp_path / "llama"))
+    model = load_model(folder)
+    model.arch["input_shape"] = [12]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # the residual stream stays ungated
+        cd.attach(model, "lognormal", example_inputs=torch.randint(256, (2, 12)))
+    save_model(model, tmp_path / "gated.pt")
+    (folder / "tokenizer.json").unlink()  # the folder is gone or changed: the checkpoint's own
+    args = ["prune", str(tmp_path / "gated.pt"), "-o", str(tmp_path / "slim"), "--uniform"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)  # re-attached on load: the same warning
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    written = sorted(p.name for p in (tmp_path / "slim").iterdir())
+    assert "tokenizer.json" in written and "tokenizer_config.json" in written, written
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "slim")
+    assert tok("abc")["input_ids"] == [97, 98, 99]

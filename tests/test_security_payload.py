@@ -285,6 +285,11 @@ CASES = {
         (put("format_version", np.array([1, 1])), r"checkpoint format version a ndarray is not"),
         (put("classes", [1, 2]), r"classes record: expected a list of names, got \[1, 2\]"),
         (put("classes", "cat"), r"classes record: expected a list of names, got 'cat'"),
+        # the names become files of a slim folder: only the tokenizer files' own names
+        (put("tokenizer", {"../x": torch.zeros(1, dtype=torch.uint8)}), r"'\.\./x' is not a"),
+        (put("tokenizer", {"tokenizer.json": b"{}"}), r"tokenizer\.json is not bytes"),
+        (put("tokenizer", {"vocab.txt": torch.zeros(3)}), r"vocab\.txt is not bytes"),
+        (put("tokenizer", [1]), r"tokenizer record: expected a mapping, got \[1\]"),
     ],
 }
 
@@ -350,3 +355,12 @@ def test_a_dense_record_without_its_numbers_is_no_reference_for_the_sweep(gated,
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.json", "sweep.png"]
     assert '"dense": null' in result.output
+
+
+def test_a_tokenizer_record_is_bounded_as_a_whole(dense, tmp_path, monkeypatch):
+    """Each file is under the bound, together they are over it (the bound made small here)."""
+    monkeypatch.setattr("compressdrop.payload.TOKENIZER_BYTES", 10 << 20)
+    files = {n: torch.zeros(6 << 20, dtype=torch.uint8) for n in ("vocab.txt", "merges.txt")}
+    path = mutated(dense, tmp_path, put("tokenizer", files))
+    with pytest.raises(CheckpointError, match=r"bad\.pt: tokenizer record: over 10 MiB"):
+        compressdrop.load_model(path)

@@ -23,6 +23,7 @@ from ..gates import GATES, check_gate_kwargs, gate_class
 from ..gating import attach
 from ..gating.costs import KL_COSTS, check_kl_scale
 from ..gating.groups import GRANULARITIES
+from ..hf_files import TOKENIZER_BYTES, TOKENIZER_FILES
 from ..pruning.report import PruneReport
 from ._common import _MAX_DIMS, _among, _what
 from .noise import check_noise
@@ -34,6 +35,7 @@ __all__ = [
     "check_attach",
     "check_inputs",
     "check_noise",
+    "check_tokenizer",
     "input_values_cap",
 ]
 
@@ -200,6 +202,27 @@ def _plain_map(value: Any, record: str) -> dict[str, Any] | None:
     return dict(value)
 
 
+def check_tokenizer(value: Any) -> dict[str, bytes]:
+    """A ``tokenizer`` record: the files of :data:`~compressdrop.hf_files.TOKENIZER_FILES` by
+    name, each a one-dimensional uint8 tensor, all together at most
+    :data:`~compressdrop.hf_files.TOKENIZER_BYTES` (the name is a file a slim folder gets)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise CheckpointError(f"tokenizer record: expected a mapping, got {_what(value)}")
+    files, total = {}, 0
+    for name, data in value.items():
+        if not _among(name, TOKENIZER_FILES):
+            raise CheckpointError(f"tokenizer record: {_what(name)} is not a tokenizer file")
+        if not (isinstance(data, torch.Tensor) and data.dtype == torch.uint8 and data.dim() == 1):
+            raise CheckpointError(f"tokenizer record: {name} is not bytes ({_what(data)})")
+        total += data.numel()
+        if total > TOKENIZER_BYTES:
+            raise CheckpointError(f"tokenizer record: over {TOKENIZER_BYTES >> 20} MiB")
+        files[name] = data.numpy().tobytes()
+    return files
+
+
 @dataclass(frozen=True)
 class Payload:
     """The records of a compressdrop checkpoint that :func:`compressdrop.load_model` reads,
@@ -216,6 +239,8 @@ class Payload:
         noise: for a slim model with its noise, the noisy sites (:func:`check_noise`).
         slim_program: a slim model saved as its own program (no history to replay).
         classes: the outputs' class names, if recorded.
+        tokenizer: the tokenizer files of the Hugging Face folder the model came from, by name
+            (:func:`check_tokenizer`).
         recipe: the recipe that made the model (its ``data`` and ``prune`` mappings), if any.
         meta: free-form notes, a mapping.
     """
@@ -229,6 +254,7 @@ class Payload:
     noise: list[dict[str, Any]] = field(default_factory=list)
     slim_program: bool = False
     classes: tuple[str, ...] | None = None
+    tokenizer: dict[str, bytes] = field(default_factory=dict)
     recipe: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -287,6 +313,7 @@ class Payload:
             noise=check_noise(data["noise"], state) if slim and data.get("noise") else [],
             slim_program=slim_program,
             classes=None if classes is None else tuple(classes),
+            tokenizer=check_tokenizer(data.get("tokenizer")),
             recipe=recipe,
             meta=_plain_map(data.get("meta"), "meta record") or {},
         )
