@@ -145,3 +145,22 @@ def test_the_checked_operators_give_the_models_own_outputs_at_any_batch(model, t
     for batch in (1, 3, 7):
         x = torch.randn(batch, *x.shape[1:])
         torch.testing.assert_close(loaded(x), model(x))
+
+
+class _InABranch(nn.Module):
+    """Attention inside ``torch.cond``'s branch (a subgraph of the program), values of 2
+    positions for keys of 48: ``torch.export`` writes it as it is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.scaled_dot_product_attention(x, x[:, :, :48], x[:, :, :2])
+
+        return torch.cond(x.sum() > 0, attend, lambda x: x * 2, (x,))
+
+
+def test_an_operator_inside_a_subgraph_is_checked_too(tmp_path):
+    evil = _save(_InABranch(), torch.ones(2, 2, 64, 4), tmp_path / "evil.pt2", dynamic=False)
+    what = r"the values is \(2, 2, 2, 4\), not \(2, 2, 48, any\)"
+    op = "scaled_dot_product_attention"
+    with pytest.raises(CheckpointError, match=DISAGREE.format(op=op, what=what)):
+        load_model(evil)

@@ -124,6 +124,7 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
     # no guard module: torch builds its Python source from the graph's inputs, a string input's
     # value pasted in unquoted-safe ('{value}'), and runs it (a crafted .pt2 ran code here)
     gm = program.module(check_guards=False)
+    _check_shapes(gm)
     params = {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
     graph = gm.graph
     done: set[str] = set()
@@ -132,9 +133,6 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
             graph.erase_node(node)  # input-shape guards; the inputs' shapes do not change
             continue
         if node.op != "call_function":
-            continue
-        if node.target in CHECKED:  # kernels that trust their shapes: checked first
-            node.target = CHECKED[node.target]
             continue
         if node.target in (aten.view.default, aten.reshape.default):
             _flatten_if_it_is_one(graph, node)
@@ -168,6 +166,20 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
         # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
         module.program_max_length = longest  # type: ignore[assignment]
     return module
+
+
+def _check_shapes(gm: fx.GraphModule) -> None:
+    """Point the calls of the operators whose kernels trust their arguments' shapes at
+    :data:`._checked.CHECKED`'s checks, in the graph and in its subgraphs (``cond``'s branches,
+    the grad-mode and autocast wrappers' bodies)."""
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        found = [n for n in sub.graph.nodes if n.op == "call_function" and n.target in CHECKED]
+        for node in found:
+            node.target = CHECKED[node.target]
+        if found and sub is not gm:  # the root's code is made when ProgramModule is built
+            sub.recompile()
 
 
 def _length_bound(program: torch.export.ExportedProgram) -> int | None:
