@@ -8,6 +8,7 @@ but absent" is one error with one message.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -156,17 +157,47 @@ def _check_loops(path: str | Path) -> None:
 
 
 def ort_run(session: Any, feeds: Mapping[str, Any], where: str | Path) -> Any:
-    """The first output of ``session.run(None, feeds)``.
+    """The first output of ``session.run(None, feeds)``, run so that Ctrl-C stops it.
+
+    onnxruntime runs a graph in C++, where Python's Ctrl-C handler never runs: a ``Loop`` whose
+    trip count the graph computes (``2^61 + 2^61``, which :func:`_check_loops` cannot read), or a
+    ``Scan`` over a huge tensor, could not be stopped. The run goes on in a thread while this
+    one waits; a Ctrl-C sets the run's ``terminate`` flag, which onnxruntime reads before each
+    node it runs (inside loops too), and is raised again once the run has stopped.
 
     Raises:
         InputError: onnxruntime fails running the graph (a node that asks for more memory than
             there is, a shape the graph does not take), with its message.
+        KeyboardInterrupt: Ctrl-C, after onnxruntime stopped.
     """
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # its failure is raised below, not logged on the terminal too
+    got: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            got["out"] = session.run(None, dict(feeds), options)[0]
+        except Exception as e:  # onnxruntime's own types (Fail, InvalidArgument, RuntimeException)
+            got["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="onnxruntime", daemon=True).start()
     try:
-        return session.run(None, dict(feeds))[0]
-    except Exception as e:  # onnxruntime's own types (Fail, InvalidArgument, RuntimeException)
+        while not done.wait(0.1):  # (Thread.join interrupted by Ctrl-C loses the thread's state)
+            pass
+    except KeyboardInterrupt:
+        options.terminate = True
+        done.wait()
+        raise
+    if "error" in got:
+        e = got["error"]
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{where}: onnxruntime failed running it: {first[:500]}") from None
+    return got["out"]
 
 
 def logits_of(out: Any) -> torch.Tensor:

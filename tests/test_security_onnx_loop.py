@@ -1,6 +1,11 @@
 """An ONNX ``Loop`` with a huge constant trip count is refused before onnxruntime runs it: in its
 C++ loop neither Ctrl-C nor SIGTERM stopped ``eval`` (2^62 turns of an empty body)."""
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +14,25 @@ from compressdrop import runtime
 from compressdrop.errors import InputError
 from compressdrop.evaluation.onnx_eval import evaluate_onnx
 
+# a run of the graph in its own process, told when it starts (Ctrl-C is the default's)
+_RUN = """
+import signal, sys, numpy as np
+from compressdrop.runtime import ort_run, ort_session
+signal.signal(signal.SIGINT, signal.default_int_handler)
+session, _ = ort_session(sys.argv[1], "cpu", 1)
+print("running", flush=True)
+try:
+    ort_run(session, {"x": np.zeros((2, 1, 8, 8), np.float32)}, sys.argv[1])
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
 
-def loop_graph(path, trips: int, as_node: bool = False):
+
+def loop_graph(path, trips: int, as_node: bool = False, computed: bool = False):
     """A linear classifier of (N, 1, 8, 8) inputs whose features pass through a Loop of
-    ``trips`` turns (the count an initializer, or a Constant node)."""
+    ``trips`` turns (the count an initializer, or a Constant node; ``computed``: the sum of
+    two halves, which no check before the run reads)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -23,14 +43,15 @@ def loop_graph(path, trips: int, as_node: bool = False):
         [info("i", TensorProto.INT64, []), info("c", TensorProto.BOOL, []), info("s", TensorProto.FLOAT, None)],
         [info("c_out", TensorProto.BOOL, []), info("s_out", TensorProto.FLOAT, None)],
     )  # fmt: skip
-    m = numpy_helper.from_array(np.array(trips, np.int64), "M")
+    m = numpy_helper.from_array(np.array(trips // 2 if computed else trips, np.int64), "M")
     init = [numpy_helper.from_array(np.zeros((64, 10), np.float32), "W")]
     init.append(numpy_helper.from_array(np.array(True), "C"))
     nodes = [helper.make_node("Constant", [], ["M"], value=m)] if as_node else []
     init += [] if as_node else [m]
+    nodes += [helper.make_node("Add", ["M", "M"], ["trips"])] if computed else []
     nodes += [
         helper.make_node("Flatten", ["x"], ["f"]),
-        helper.make_node("Loop", ["M", "C", "f"], ["f2"], body=body),
+        helper.make_node("Loop", ["trips" if computed else "M", "C", "f"], ["f2"], body=body),
         helper.make_node("MatMul", ["f2", "W"], ["y"]),
     ]
     x = info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
@@ -54,3 +75,23 @@ def test_a_loop_with_a_huge_constant_trip_count_is_refused_before_it_runs(
         evaluate_onnx(path, x, y, device="cpu")
     ok = loop_graph(tmp_path / "ok.onnx", 10, as_node)
     assert evaluate_onnx(ok, x, y, device="cpu")["n"] == 4
+
+
+def test_a_loop_whose_trip_count_the_graph_computes_stops_at_ctrl_c(tmp_path):
+    """2^62 turns computed by the graph (no check before the run can read them): onnxruntime
+    ran them in C++, where Ctrl-C never reached Python; now the run's terminate flag stops it."""
+    path = loop_graph(tmp_path / "loop.onnx", 1 << 62, computed=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _RUN, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "running\n"
+        time.sleep(1.0)  # inside the loop by now
+        assert proc.poll() is None  # still turning
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and out == "interrupted\n", (out, err)
+    assert "terminate flag" not in err  # onnxruntime's own log line is kept off the terminal
