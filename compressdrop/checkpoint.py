@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -105,9 +106,8 @@ def save_model(
     if names:  # an image folder's classes, in output order
         payload["classes"] = [str(c) for c in names]
     for name, data in (getattr(model, "tokenizer_files", None) or {}).items():  # its HF folder's
-        payload.setdefault("tokenizer", {})[name] = torch.frombuffer(
-            bytearray(data), dtype=torch.uint8
-        )
+        array = np.frombuffer(data, dtype=np.uint8).copy()  # (torch.frombuffer refuses b"")
+        payload.setdefault("tokenizer", {})[name] = torch.from_numpy(array)
     if payload["kind"] == "gated":
         payload["attach"] = attach_config(model)
         payload["input_shape"] = [list(s) for s in input_shapes_of(model)]
@@ -137,7 +137,9 @@ def _replays(payload: Mapping[str, Any]) -> bool:
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
-            model = build_arch(payload["arch"], where="the dense program")
+            # a program this process loaded or made already: any operator it calls
+            data = payload["arch"]["program"].numpy().tobytes()
+            model = load_program(data, "the dense program", any_operator=True)
             replay(model, payload["prune_report"]["history"])
             if payload.get("noise"):
                 put_noise(model, payload["noise"])

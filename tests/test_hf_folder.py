@@ -476,3 +476,17 @@ def test_a_checkpoint_carries_its_folders_tokenizer_into_the_slim_folder(tmp_pat
     assert "tokenizer.json" in written and "tokenizer_config.json" in written, written
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "slim")
     assert tok("abc")["input_ids"] == [97, 98, 99]
+
+
+def test_an_empty_tokenizer_file_is_carried_too(tmp_path):
+    """Review 11: an empty file (``added_tokens.json`` of nothing) made every checkpoint of the
+    model fail to save (``torch.frombuffer`` takes no empty buffer)."""
+    from compressdrop.checkpoint import save_model
+
+    folder = _llama_folder(tmp_path / "llama")
+    (folder / "added_tokens.json").write_bytes(b"")
+    (folder / "vocab.txt").write_text("a\nb\n")
+    model = load_model(folder)
+    assert model.tokenizer_files == {"added_tokens.json": b"", "vocab.txt": b"a\nb\n"}
+    save_model(model, tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt").tokenizer_files == model.tokenizer_files

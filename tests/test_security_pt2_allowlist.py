@@ -181,3 +181,29 @@ def test_an_lstm_program_and_a_decomposed_one_load(tmp_path):
     torch.export.save(program.run_decompositions(), tmp_path / "core.pt2")
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "core.pt2")(x), lenet(x))
+
+
+class _SincDigits(nn.Module):
+    """The same of digits' (1, 8, 8) images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.sinc(x.flatten(1)))))
+
+
+def test_a_trusted_pickled_model_off_the_list_prunes_with_keep_gated(tmp_path):
+    """Review 11: ``--trust-code --keep-gated`` checked that the gated file would load back by
+    loading its program without the trust, and refused, telling the user to pass --trust-code."""
+    torch.save(_SincDigits(), tmp_path / "pickled.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "stages: {pretrain: {epochs: 0}, sparsify: {epochs: 1}, finetune: {epochs: 1}}"
+    )
+    args = ["prune", tmp_path / "pickled.pt", "-o", tmp_path / "slim.pt", "--data", "digits"]
+    res = _cli([*args, "--trust-code", "--recipe", recipe, "--keep-gated"])
+    assert res.exit_code == 0, res.output
+    gated = load_model(tmp_path / "slim-gated.pt", trust_code=True)
+    assert [name for name, _ in cd.named_gates(gated)] == ["fc1"]

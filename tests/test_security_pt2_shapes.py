@@ -164,3 +164,89 @@ def test_an_operator_inside_a_subgraph_is_checked_too(tmp_path):
     op = "scaled_dot_product_attention"
     with pytest.raises(CheckpointError, match=DISAGREE.format(op=op, what=what)):
         load_model(evil)
+
+
+class _NoGradAttention(_Attention):
+    """Attention run under ``torch.no_grad()`` inside forward: a grad-mode wrapper's body."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return super().forward(x)
+
+
+class _CondAttention(_Attention):
+    """Attention (of shapes that agree) in one of ``torch.cond``'s branches."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def attend(x: torch.Tensor) -> torch.Tensor:
+            return super(_CondAttention, self).forward(x)
+
+        return torch.cond(x.sum() > 0, attend, lambda x: x[:, 0, :4] * 0, (x,))
+
+
+def test_no_graph_of_a_loaded_program_calls_a_checked_operator_unchecked(tmp_path):
+    """Review 11: the checks reached the top graph only; a grad-mode wrapper's body and a
+    ``cond`` branch kept the raw kernels."""
+    from compressdrop.programs._checked import CHECKED
+
+    for i, (model, x) in enumerate(
+        [(_NoGradAttention(), torch.randn(2, 64, 8)), (_CondAttention(), torch.randn(2, 64, 8))]
+    ):
+        loaded = load_program(_save(model, x, tmp_path / f"{i}.pt2", dynamic=False))
+        graphs = [m for m in loaded.modules() if isinstance(m, torch.fx.GraphModule)]
+        assert len(graphs) > 1  # the subgraphs are there
+        raw = [n for g in graphs for n in g.graph.nodes if n.target in CHECKED]
+        assert raw == [], raw
+
+
+def test_an_lstm_projection_to_its_own_size_is_refused():
+    """Review 11: three weights per direction (no biases) with a 'projection' of (size, size)
+    passed the count the check read a projection from; the kernel decides by the states' sizes
+    (equal: none) and read the weights two by two, past them (a segfault). nn.LSTM's projection
+    is smaller than its hidden size."""
+    from compressdrop.programs._checked import _check_rnn
+
+    s, width = 2, 16
+    states = [torch.zeros(2, 2, s), torch.zeros(2, 2, s)]
+    params = [torch.randn(4 * s, width), torch.randn(4 * s, s), torch.randn(s, s)] * 2
+    flags = (False, 1, 0.0, False, True, True)  # no biases, 1 layer, bidirectional, batch first
+    with pytest.raises(CheckpointError, match=r"6 weights for 1 layers"):
+        _check_rnn("aten.lstm.input", 4, torch.randn(2, 3, width), states, params, flags)
+
+
+class _FixedBatchBig(_Recurrent):
+    """A fixed-batch LSTM (its zero states made at batch 1) and a tensor over the run budget."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.LSTM, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + torch.ones(1024, 1024).sum() * 0
+
+
+def test_the_run_budget_holds_where_a_checked_operator_refuses_the_other_batch(
+    tmp_path, monkeypatch
+):
+    """Review 11: the fake run at batch + 1 stopped at the LSTM's check, and the graph then ran
+    for real at load however much it made (a 19 KB file: 919 MB). Now it is refused as a
+    fixed-batch program at once, nothing run."""
+    import compressdrop.programs._measure as measure
+    from compressdrop.programs import load_program_safely, program_to_module
+    from compressdrop.programs.records import _check_batch_free
+
+    path = _save(_FixedBatchBig(), torch.randn(1, 5, 4), tmp_path / "m.pt2", dynamic=False)
+    monkeypatch.setattr(measure, "_RUN_FIXED_BYTES", 1 << 20)  # 4 MiB of ones: over it
+    model, ran, ones = program_to_module(load_program_safely(path)), [], torch.ops.aten.ones.default
+
+    def counted(*args, **kwargs):  # the big tensor, noted where it is made for real
+        out = ones(*args, **kwargs)
+        ran.extend([] if isinstance(out, torch._subclasses.FakeTensor) else [args])
+        return out
+
+    for node in model.graph.nodes:
+        if node.target is ones:
+            node.target = counted
+    model.recompile()
+    with pytest.raises(CheckpointError, match=r"exported with a fixed batch size of 1"):
+        _check_batch_free(model, "m.pt2")
+    assert ran == []

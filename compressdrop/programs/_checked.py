@@ -68,14 +68,19 @@ def _check_rnn(
     directions = 2 if bidirectional else 1
     c.shape("the input", input, (None, None, None))
     c.require(len(states) == 1 + has_cell, lambda: f"{len(states)} hidden states")
-    per = 2 + 2 * bool(has_biases)
-    proj = int(has_cell and len(params) == num_layers * directions * (per + 1))
-    n = num_layers * directions * (per + proj)
-    c.require(len(params) == n, lambda: f"{len(params)} weights for {num_layers} layers")
-    batch = input.shape[0 if batch_first else 1]
+    c.require(len(params) >= 2, lambda: f"{len(params)} weights")
     c.shape("layer 0's recurrent weight", params[1], (None, None))
     size = params[1].shape[0] // gates  # the weights' sizes; the states are judged by them
     out = params[1].shape[1]
+    # a projection where the output size is not the hidden size, as the kernel decides (from the
+    # states, checked against these sizes below); nn.LSTM's is smaller, and only an LSTM's
+    proj = int(bool(out != size))
+    c.require(out < size if proj else True, lambda: f"a projection to {out} of {size} units")
+    c.require(has_cell or not proj, lambda: f"recurrent weights of {out} columns for {size} units")
+    per = 2 + 2 * bool(has_biases)
+    n = num_layers * directions * (per + proj)
+    c.require(len(params) == n, lambda: f"{len(params)} weights for {num_layers} layers")
+    batch = input.shape[0 if batch_first else 1]
     cell = states[-1]
     c.shape("the hidden state", states[0], (num_layers * directions, batch, out))
     if has_cell:

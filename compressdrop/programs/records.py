@@ -109,9 +109,9 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
     shape = tuple(int(d) for d in val.shape[1:])
     try:
         why = too_big_to_run(gm, [((batch + 1, *shape), val.dtype)])
-    except CheckpointError:  # a checked operator's shapes disagree (._checked): at any size?
-        _refuse_disagreeing(gm, (batch, *shape), val.dtype, where)
-        why = ""  # only at another size than its own: the verdict below says so
+    except CheckpointError:  # a checked operator refuses another batch size (._checked)
+        _refuse_disagreeing(gm, (batch, *shape), val.dtype, where)  # its own too?
+        raise _fixed_batch(where, batch) from None  # nothing run: the graph depends on its size
     if why:  # the check's run would take more memory than a model of its weights should
         warnings.warn(
             f"compressdrop: {where}: its batch-size check was not run ({why}); if it was "
@@ -141,12 +141,16 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
         except Exception:  # an op that fails at another size: the same verdict
             ok = False
     if not ok:
-        raise CheckpointError(
-            f"{where} was exported with a fixed batch size of {batch} that its graph depends on "
-            "(it gives no output per example at another size); export it again with a dynamic "
-            "batch: torch.export.export(model, (x,), dynamic_shapes=({0: "
-            "torch.export.Dim('batch')},))"
-        )
+        raise _fixed_batch(where, batch)
+
+
+def _fixed_batch(where: str, batch: int) -> CheckpointError:
+    return CheckpointError(
+        f"{where} was exported with a fixed batch size of {batch} that its graph depends on "
+        "(it gives no output per example at another size); export it again with a dynamic "
+        "batch: torch.export.export(model, (x,), dynamic_shapes=({0: "
+        "torch.export.Dim('batch')},))"
+    )
 
 
 class ProgramWarning(UserWarning):
@@ -156,7 +160,8 @@ class ProgramWarning(UserWarning):
 def _refuse_disagreeing(
     gm: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, where: str
 ) -> None:
-    """Refuse a graph whose checked operators' shapes disagree at its own input size."""
+    """Refuse a graph whose checked operators' shapes disagree at its own input size (only
+    measured: nothing is allocated)."""
     try:
         too_big_to_run(gm, [(shape, dtype)])
     except CheckpointError as e:

@@ -95,7 +95,8 @@ _NO_OPS = re.compile(
 _UNLISTED = "which is not among the operators compressdrop runs from a file"
 _TRUSTED = (
     "If you trust the file, pass --trust-code (trust_code=True in Python) to run any of torch's "
-    "operators from it; compressdrop/programs/_ops.py lists those it runs from any file."
+    "operators from it (a .pt checkpoint is then also unpickled whole, code and all); "
+    "compressdrop/programs/_ops.py lists those it runs from any file."
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
 
