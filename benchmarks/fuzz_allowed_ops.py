@@ -34,10 +34,10 @@ import collections
 import json
 import math
 import os
+import queue
 import random
 import re
 import resource
-import queue
 import subprocess
 import sys
 import threading
@@ -104,11 +104,19 @@ def _one(arg: Any, rng: random.Random) -> Any:
         return tensor(rng, index=bool(_INDEX_NAMES.search(name)))
     if t == "List[Tensor]":
         shape = _shape(rng)
-        return {"TL": [tensor(rng, shape=shape if rng.random() < 0.6 else None)
-                       for _ in range(rng.choice([0, 1, 2, 2, 3]))]}
+        return {
+            "TL": [
+                tensor(rng, shape=shape if rng.random() < 0.6 else None)
+                for _ in range(rng.choice([0, 1, 2, 2, 3]))
+            ]
+        }
     if t == "List[Optional[Tensor]]":
-        return {"TL": [None if rng.random() < 0.3 else tensor(rng, index=True)
-                       for _ in range(rng.choice([1, 1, 2, 3]))]}
+        return {
+            "TL": [
+                None if rng.random() < 0.3 else tensor(rng, index=True)
+                for _ in range(rng.choice([1, 1, 2, 3]))
+            ]
+        }
     if t in ("int", "SymInt"):
         if "dim" in name:
             return rng.choice([0, 1, -1, 2, 3, -2, -5, 9, 2**31, -(2**62)])
@@ -131,8 +139,11 @@ def _one(arg: Any, rng: random.Random) -> Any:
     if t == "Layout":
         return {"layout": "strided"}
     if t == "MemoryFormat":
-        return {"memory_format": rng.choice(["contiguous_format", "channels_last",
-                                             "preserve_format", "channels_last_3d"])}
+        return {
+            "memory_format": rng.choice(
+                ["contiguous_format", "channels_last", "preserve_format", "channels_last_3d"]
+            )
+        }
     if t == "Device":
         return {"device": "cpu"}
     if t == "Generator":
@@ -185,8 +196,8 @@ def mutate(schema: Any, args: list[Any], rng: random.Random) -> list[Any]:
             else:
                 a.pop(j)
         elif isinstance(a, int) and not isinstance(a, bool) and rng.random() < 0.5:
-            args[i] = a + rng.choice([-1, 1, -2, 2, 100]) if rng.random() < 0.5 else rng.choice(
-                _INTS
+            args[i] = (
+                a + rng.choice([-1, 1, -2, 2, 100]) if rng.random() < 0.5 else rng.choice(_INTS)
             )
         else:
             args[i] = _one(arg, rng)
@@ -216,8 +227,10 @@ def _mutate_tensor(t: dict, rng: random.Random, index: bool) -> None:
     elif r < 0.75:
         t["layout"] = rng.choice(_LAYOUTS)
     else:
-        t["vals"] = rng.choice(_BIG_INDEX) if index or rng.random() < 0.5 else rng.choice(
-            ["zeros", "huge", "small", "randn"]
+        t["vals"] = (
+            rng.choice(_BIG_INDEX)
+            if index or rng.random() < 0.5
+            else rng.choice(["zeros", "huge", "small", "randn"])
         )
 
 
@@ -313,6 +326,13 @@ def _same(a: Any, b: Any, torch: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _copy(x: Any, torch: Any) -> Any:
+    """An output as it is now (an in-place operator's is its input, changed by the next run)."""
+    if isinstance(x, torch.Tensor) and all(d >= 0 for d in x.shape):
+        return x.clone()
+    return x
+
+
 def _buffers(args: Any, torch: Any) -> list[Any]:
     return [
         x for x in _leaves(args) if isinstance(x, torch.Tensor) and x.untyped_storage().nbytes()
@@ -377,32 +397,34 @@ def _case(fn: Any, schema: Any, args: list[Any], torch: Any, fake_mode: Any) -> 
     mode = fake_mode(allow_non_fake_inputs=False)
     fake_shapes = None
     try:
-        fakes = [
-            mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in _flat1(real_a)
-        ]
+        fakes = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in _flat1(real_a)]
         with mode:
-            out = fn(*_split(schema, _unflat1(real_a, fakes))[0],
-                     **_split(schema, _unflat1(real_a, fakes))[1])
-        fake_shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None
-                       for x in _leaves(out)]
+            out = fn(
+                *_split(schema, _unflat1(real_a, fakes))[0],
+                **_split(schema, _unflat1(real_a, fakes))[1],
+            )
+        fake_shapes = [
+            tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in _leaves(out)
+        ]
         res["fake"] = "ok"
     except Exception as e:
         res["fake"] = type(e).__name__
     bufs = _buffers(real_a, torch)
     before = [_outside(x, torch) for x in bufs]
     outs = []
-    for real in (real_a, real_b, real_a):
+    for real in (real_a, real_b, _make(args, 7777, torch)):
         try:
             torch.manual_seed(0)
             pos, kw = _split(schema, real)
-            outs.append(_leaves(fn(*pos, **kw)))
+            outs.append([_copy(x, torch) for x in _leaves(fn(*pos, **kw))])
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             res.update(real="raise", why=f"{type(e).__name__}: {msg}"[:160])
             return res
         if real is real_a and len(outs) == 1:
             changed = [
-                i for i, (x, y) in enumerate(zip(before, bufs))
+                i
+                for i, (x, y) in enumerate(zip(before, bufs))
                 if not _same(x, _outside(y, torch), torch)
             ]
             if changed:
@@ -502,11 +524,41 @@ def _seed_models() -> list[tuple[str, Any, tuple]]:
             sc = e.scatter_add(1, ids[:, None].clamp(max=7), g)
             ix = e[ids.clamp(max=1)] + e.index_select(0, ids.clamp(max=1))
             ff = torch.fft.rfft(e).abs().sum() + torch.fft.irfft(torch.fft.rfft(e), 8).sum()
-            return (a, p1, i1, p2, p3, *up, *pads, ps, d, fo, st, sc, ix, ff, f.glu(e),
-                    torch.roll(e, 1, 0), torch.flip(e, (1,)), e.tril(), e.triu(1),
-                    f.gelu(e, approximate="tanh"), f.softplus(e), f.elu(e), f.selu(e),
-                    f.hardswish(e), f.mish(e), e.diff(dim=1), torch.einsum("ij,kj->ik", e, e),
-                    e.var(1), e.std(1), e.norm(dim=1), e.amax(1), e.argmax(1), e.prod(1))
+            return (
+                a,
+                p1,
+                i1,
+                p2,
+                p3,
+                *up,
+                *pads,
+                ps,
+                d,
+                fo,
+                st,
+                sc,
+                ix,
+                ff,
+                f.glu(e),
+                torch.roll(e, 1, 0),
+                torch.flip(e, (1,)),
+                e.tril(),
+                e.triu(1),
+                f.gelu(e, approximate="tanh"),
+                f.softplus(e),
+                f.elu(e),
+                f.selu(e),
+                f.hardswish(e),
+                f.mish(e),
+                e.diff(dim=1),
+                torch.einsum("ij,kj->ik", e, e),
+                e.var(1),
+                e.std(1),
+                e.norm(dim=1),
+                e.amax(1),
+                e.argmax(1),
+                e.prod(1),
+            )
 
     class Seq(nn.Module):
         def __init__(self) -> None:
@@ -529,8 +581,7 @@ def _seed_models() -> list[tuple[str, Any, tuple]]:
         ("layers", Layers(), (torch.randn(2, 3, 8, 8),)),
         ("seq", Seq(), (torch.randn(2, 5, 4),)),
         ("resnet18", tv.resnet18(num_classes=10), (torch.randn(1, 3, 32, 32),)),
-        ("mobilenet_v3_small", tv.mobilenet_v3_small(num_classes=10),
-         (torch.randn(1, 3, 32, 32),)),
+        ("mobilenet_v3_small", tv.mobilenet_v3_small(num_classes=10), (torch.randn(1, 3, 32, 32),)),
         ("swin_t", tv.swin_t(num_classes=10), (torch.randn(1, 3, 64, 64),)),
     ]
 
@@ -542,8 +593,12 @@ def _spec_of(v: Any, torch: Any) -> Any:
         val = v.meta.get("val")
         if isinstance(val, torch.Tensor):
             ints = not (val.dtype.is_floating_point or val.dtype.is_complex)
-            return {"T": [int(d) for d in val.shape], "dtype": str(val.dtype)[6:],
-                    "layout": "contig", "vals": "small" if ints else "randn"}
+            return {
+                "T": [int(d) for d in val.shape],
+                "dtype": str(val.dtype)[6:],
+                "layout": "contig",
+                "vals": "small" if ints else "randn",
+            }
         if isinstance(val, (int, float, bool)):
             return val
         raise ValueError("unknown node value")
@@ -629,8 +684,12 @@ class Runner:
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.Popen(
-            [sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.err, text=True, env=env,
+            [sys.executable, __file__, "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=env,
             preexec_fn=lambda: _limits(self.memory),
         )
 
@@ -641,8 +700,9 @@ class Runner:
             if self.proc is None or self.proc.poll() is not None:
                 self.proc = self._start()
                 self.lines = queue.Queue()
-                threading.Thread(target=_pump, args=(self.proc.stdout, self.lines),
-                                 daemon=True).start()
+                threading.Thread(
+                    target=_pump, args=(self.proc.stdout, self.lines), daemon=True
+                ).start()
             assert self.proc.stdin and self.proc.stdout
             self.proc.stdin.write(json.dumps({"op": op, "start": start, "count": count}) + "\n")
             self.proc.stdin.flush()
@@ -673,16 +733,19 @@ class Runner:
                     counts[msg["real"]] += 1
                     counts[f"fake-{msg['fake']}" if msg["fake"] == "ok" else "fake-raise"] += 1
                     if msg["real"] not in ("ok", "raise", "bad-spec"):
-                        self._record(op, msg["r"], args, msg["real"], msg.get("why", ""),
-                                     msg["fake"])
+                        self._record(
+                            op, msg["r"], args, msg["real"], msg.get("why", ""), msg["fake"]
+                        )
                 elif "done" in msg:
                     start = count
                     break
         return counts
 
     def _record(self, op: str, i: Any, args: Any, kind: str, why: str, fake: str = "?") -> None:
-        self.log.write(json.dumps({"op": op, "case": i, "kind": kind, "why": why,
-                                   "fake": fake, "args": args}) + "\n")
+        self.log.write(
+            json.dumps({"op": op, "case": i, "kind": kind, "why": why, "fake": fake, "args": args})
+            + "\n"
+        )
         self.log.flush()
 
 
@@ -713,10 +776,16 @@ def main() -> None:
     for k, op in enumerate(ops):
         counts = runner.run_op(op, a.cases)
         summary[op] = dict(counts)
-        bad = {k2: v for k2, v in counts.items() if k2 in ("crash", "hang", "oob-read",
-                                                          "oob-write", "fake-shape")}
-        print(f"[{k + 1}/{len(ops)} {time.time() - t0:.0f}s] {op}: ok {counts['ok']} "
-              f"raise {counts['raise']} {bad or ''}", flush=True)
+        bad = {
+            k2: v
+            for k2, v in counts.items()
+            if k2 in ("crash", "hang", "oob-read", "oob-write", "fake-shape")
+        }
+        print(
+            f"[{k + 1}/{len(ops)} {time.time() - t0:.0f}s] {op}: ok {counts['ok']} "
+            f"raise {counts['raise']} {bad or ''}",
+            flush=True,
+        )
     Path(str(out) + ".summary.json").write_text(json.dumps(summary, indent=1))
 
 

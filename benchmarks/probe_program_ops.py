@@ -72,6 +72,17 @@ EXCLUDED: dict[str, str] = {
     "aten.resize_.default": _RESIZE,
     "prims.resize.default": _RESIZE,
     "aten.grid_sampler_2d.default": "takes interpolation and padding modes out of range silently",
+    **dict.fromkeys(
+        [
+            "aten._fft_c2r.default",
+            "aten._fft_r2c.default",
+            "prims.fft_c2c.default",
+            "prims.fft_c2r.default",
+            "prims.fft_r2c.default",
+        ],
+        "a negative or repeated dim crashed the CPU kernel (segfault, abort) and a dim past the "
+        "rank was taken silently (benchmarks/fuzz_allowed_ops.py); in no exported model's program",
+    ),
 }
 #: every gradient kernel (``*_backward``) of the candidates
 BACKWARD = (
@@ -658,13 +669,13 @@ overloads tagged ``torch.Tag.core``) and the prims ({prims}). Left out ({exclude
 (``*_backward``: in no inference program, and fed the forward pass's indices and statistics by
 the file), the batch-norm kernels that read running statistics shorter than the channels past
 their end (``aten.batch_norm``, which ``torch.export`` writes, checks them), ``resize_`` and
-``grid_sampler_2d`` (modes out of range taken silently); the script says why for each, and
-``benchmarks/probe_op_bounds.py`` tries the kernels with the indices, sizes and modes a crafted
-file can give. Two operators that real models need are kept though their CPU kernels crash on
-shapes that disagree (``lstm.input`` with weights smaller than its hidden state,
-``scaled_dot_product_attention`` with keys shorter than its values): see that probe. A loaded
-program calls them, with ``gru.input`` and ``rnn_tanh.input``, through shape checks
-(``compressdrop/programs/_checked.py``).
+``grid_sampler_2d`` (modes out of range taken silently), the FFT kernels (a negative dim
+crashed them); the script says why for each, ``benchmarks/probe_op_bounds.py`` tries the kernels
+with the indices, sizes and modes a crafted file can give, and ``benchmarks/fuzz_allowed_ops.py``
+with arguments drawn from their schemas. Operators that real models need are kept though their
+CPU kernels crash on arguments that disagree (``lstm.input`` with weights smaller than its
+hidden state, ``scaled_dot_product_attention`` with keys shorter than its values, ``col2im``
+with a padding of 2**32, an embedding bag of no bags): :mod:`._checked` checks them first.
 """
 
 from __future__ import annotations

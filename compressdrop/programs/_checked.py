@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 
-__all__ = ["CHECKED"]
+__all__ = ["CHECKED", "check_enum_arguments"]
 
 aten = torch.ops.aten
 
@@ -138,6 +138,94 @@ def scaled_dot_product_attention(
     return aten.scaled_dot_product_attention.default(query, key, value, *args, **kwargs)
 
 
+def _check_window(op: str, args: Sequence[Any]) -> None:
+    """``col2im`` and ``im2col`` keep their sizes, kernel, dilation, padding and stride as 32-bit
+    ints: a padding of 2**31 or 2**32 crashed ``col2im``, a dilation or stride of 2**32 + 1 was
+    taken as 1. Each must be a pair of ints from 0 to 2**31 - 1."""
+    c = _Call(op)
+    for i, pair in enumerate(args):
+        _check_pair(c, f"argument {i + 1} is {brief(pair)}", pair)
+
+
+def _check_pair(c: _Call, shown: str, pair: Any) -> None:
+    c.require(isinstance(pair, (list, tuple)) and len(pair) == 2, lambda: f"{shown}, no pair")
+    ok = all(isinstance(v, torch.SymInt) or (isinstance(v, int) and 0 <= v < 2**31) for v in pair)
+    c.require(ok, lambda: f"{shown}, not from 0 to 2**31 - 1")
+
+
+def col2im(input: Any, *args: Any) -> Any:
+    """``aten.col2im`` (``nn.Fold``) after :func:`_check_window`."""
+    _check_window("aten.col2im.default", args)
+    return aten.col2im.default(input, *args)
+
+
+def im2col(input: Any, *args: Any) -> Any:
+    """``aten.im2col`` (``nn.Unfold``) after :func:`_check_window`."""
+    _check_window("aten.im2col.default", args)
+    return aten.im2col.default(input, *args)
+
+
+def _check_bags(op: str, indices: Any, offsets: Any, last: Any) -> None:
+    """An embedding bag of no bags (offsets of none, or of one with ``include_last_offset``)
+    crashed the CPU kernel in max mode or with a padding index: there must be one."""
+    c = _Call(op)
+    c.shape("the indices", indices, (None,))
+    c.shape("the offsets", offsets, (None,))
+    bags = offsets.shape[0] - (1 if last else 0)
+    c.require(bags >= 1, lambda: f"offsets of {offsets.shape[0]} make no bag")
+
+
+def _embedding_bag(weight: Any, indices: Any, offsets: Any, *args: Any, **kwargs: Any) -> Any:
+    """``aten._embedding_bag`` (``nn.EmbeddingBag``, decomposed) after :func:`_check_bags`."""
+    last = args[4] if len(args) > 4 else kwargs.get("include_last_offset", False)
+    _check_bags("aten._embedding_bag.default", indices, offsets, last)
+    return aten._embedding_bag.default(weight, indices, offsets, *args, **kwargs)
+
+
+def embedding_bag(weight: Any, indices: Any, offsets: Any, *args: Any, **kwargs: Any) -> Any:
+    """``aten.embedding_bag.padding_idx`` (``nn.EmbeddingBag``) after :func:`_check_bags`."""
+    last = args[4] if len(args) > 4 else kwargs.get("include_last_offset", False)
+    _check_bags("aten.embedding_bag.padding_idx", indices, offsets, last)
+    return aten.embedding_bag.padding_idx(weight, indices, offsets, *args, **kwargs)
+
+
+#: the schema types whose values the kernels look up by number without a bound (a ScalarType
+#: of -1 or a MemoryFormat of -100 read past a table: a segfault, in the fake kernels too), and
+#: the constant a program's node must hold for them
+_ENUMS: dict[str, type] = {
+    "ScalarType": torch.dtype,
+    "Layout": torch.layout,
+    "MemoryFormat": torch.memory_format,
+}
+
+
+def check_enum_arguments(gm: torch.nn.Module, where: str) -> None:
+    """Refuse a program whose node passes anything but a constant dtype, layout or memory format
+    (or None) where an operator's schema takes one: ``torch.export.load`` takes an ``as_int``
+    (or a node's output) there as well, and ATen turns the number into the enum unchecked.
+
+    Raises:
+        CheckpointError: naming ``where``, the operator, the argument and the value.
+    """
+    for mod in gm.modules():
+        graph = getattr(mod, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                continue
+            for i, arg in enumerate(node.target._schema.arguments):
+                kind = str(arg.real_type).removeprefix("Optional[").removesuffix("]")
+                want = _ENUMS.get(kind)
+                value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+                if want is None or value is None or isinstance(value, want):
+                    continue
+                shown = brief(value) if not isinstance(value, torch.fx.Node) else "a computed value"
+                raise CheckpointError(
+                    f"{where}: the program passes {shown} as the {arg.name} of {node.target}, "
+                    f"where a {kind} belongs; its kernel would use the number unchecked, so it "
+                    "is not run"
+                )
+
+
 def _dims(shape: Sequence[Any]) -> str:
     return "(" + ", ".join("any" if d is None else str(d) for d in shape) + ")"
 
@@ -148,4 +236,8 @@ CHECKED: dict[Any, Callable[..., Any]] = {
     aten.gru.input: gru,
     aten.rnn_tanh.input: rnn_tanh,
     aten.scaled_dot_product_attention.default: scaled_dot_product_attention,
+    aten.col2im.default: col2im,
+    aten.im2col.default: im2col,
+    aten._embedding_bag.default: _embedding_bag,
+    aten.embedding_bag.padding_idx: embedding_bag,
 }

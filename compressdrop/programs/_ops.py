@@ -8,46 +8,45 @@ small configs (BERT, RoBERTa, ELECTRA, DistilBERT, GPT-2, LLaMA, Qwen2, Mistral,
 OPT, T5's encoder, ViT), of one model a ``torch.nn`` layer, and of the programs compressdrop and
 its test suite write (reference nets dense, gated with each gate family, slim, slim with their
 noise kept; models pruned as a pickled one is, heads cut), with torch's core ATen opset (193
-overloads tagged ``torch.Tag.core``) and the prims (126). Left out (14): what
+overloads tagged ``torch.Tag.core``) and the prims (126). Left out (19): what
 ``safety._NO_OPS`` refuses (files, printing, sparse and unchecked calls), every gradient kernel
 (``*_backward``: in no inference program, and fed the forward pass's indices and statistics by
 the file), the batch-norm kernels that read running statistics shorter than the channels past
 their end (``aten.batch_norm``, which ``torch.export`` writes, checks them), ``resize_`` and
-``grid_sampler_2d`` (modes out of range taken silently); the script says why for each, and
-``benchmarks/probe_op_bounds.py`` tries the kernels with the indices, sizes and modes a crafted
-file can give. Two operators that real models need are kept though their CPU kernels crash on
-shapes that disagree (``lstm.input`` with weights smaller than its hidden state,
-``scaled_dot_product_attention`` with keys shorter than its values): see that probe. A loaded
-program calls them, with ``gru.input`` and ``rnn_tanh.input``, through shape checks
-(``compressdrop/programs/_checked.py``).
+``grid_sampler_2d`` (modes out of range taken silently), the FFT kernels (a negative dim
+crashed them); the script says why for each, ``benchmarks/probe_op_bounds.py`` tries the kernels
+with the indices, sizes and modes a crafted file can give, and ``benchmarks/fuzz_allowed_ops.py``
+with arguments drawn from their schemas. Operators that real models need are kept though their
+CPU kernels crash on arguments that disagree (``lstm.input`` with weights smaller than its
+hidden state, ``scaled_dot_product_attention`` with keys shorter than its values, ``col2im``
+with a padding of 2**32, an embedding bag of no bags): :mod:`._checked` checks them first.
 """
 
 from __future__ import annotations
 
 __all__: list[str] = []  # internal: safety.py uses ALLOWED
 
-# 413 overloads as str(torch.ops.aten.add.Tensor) writes them, sorted; a node's target is
+# 408 overloads as str(torch.ops.aten.add.Tensor) writes them, sorted; a node's target is
 # "torch.ops." and one of these
 _ATEN = """
 aten.__and__.Tensor aten._adaptive_avg_pool2d.default aten._adaptive_avg_pool3d.default
 aten._assert_tensor_metadata.default aten._cdist_forward.default aten._embedding_bag.default
-aten._fft_c2r.default aten._fft_r2c.default aten._local_scalar_dense.default
-aten._log_softmax.default aten._pdist_forward.default aten._softmax.default aten._to_copy.default
-aten._trilinear.default aten.abs.default aten.acos.default aten.acosh.default
-aten.adaptive_avg_pool1d.default aten.adaptive_avg_pool2d.default aten.adaptive_max_pool1d.default
-aten.adaptive_max_pool2d.default aten.add.Scalar aten.add.Tensor aten.add_.Tensor
-aten.addmm.default aten.alias.default aten.alpha_dropout.default aten.amax.default
-aten.amin.default aten.any.default aten.any.dim aten.any.dims aten.arange.default
-aten.arange.start_step aten.argmax.default aten.argmin.default aten.argsort.default
-aten.as_strided.default aten.asin.default aten.asinh.default aten.atan.default aten.atan2.default
-aten.atan2.out aten.atanh.default aten.avg_pool1d.default aten.avg_pool2d.default
-aten.avg_pool3d.default aten.batch_norm.default aten.bernoulli.p aten.bilinear.default
-aten.bitwise_and.Scalar aten.bitwise_and.Tensor aten.bitwise_not.default aten.bitwise_or.Scalar
-aten.bitwise_or.Tensor aten.bitwise_xor.Scalar aten.bitwise_xor.Tensor aten.bmm.default
-aten.cat.default aten.cdist.default aten.ceil.default aten.celu.default aten.chunk.default
-aten.clamp.Tensor aten.clamp.default aten.clamp_min.default aten.clone.default aten.col2im.default
-aten.constant_pad_nd.default aten.contiguous.default aten.conv1d.default aten.conv2d.default
-aten.conv3d.default aten.conv_transpose1d.default aten.conv_transpose2d.input
+aten._local_scalar_dense.default aten._log_softmax.default aten._pdist_forward.default
+aten._softmax.default aten._to_copy.default aten._trilinear.default aten.abs.default
+aten.acos.default aten.acosh.default aten.adaptive_avg_pool1d.default
+aten.adaptive_avg_pool2d.default aten.adaptive_max_pool1d.default aten.adaptive_max_pool2d.default
+aten.add.Scalar aten.add.Tensor aten.add_.Tensor aten.addmm.default aten.alias.default
+aten.alpha_dropout.default aten.amax.default aten.amin.default aten.any.default aten.any.dim
+aten.any.dims aten.arange.default aten.arange.start_step aten.argmax.default aten.argmin.default
+aten.argsort.default aten.as_strided.default aten.asin.default aten.asinh.default aten.atan.default
+aten.atan2.default aten.atan2.out aten.atanh.default aten.avg_pool1d.default
+aten.avg_pool2d.default aten.avg_pool3d.default aten.batch_norm.default aten.bernoulli.p
+aten.bilinear.default aten.bitwise_and.Scalar aten.bitwise_and.Tensor aten.bitwise_not.default
+aten.bitwise_or.Scalar aten.bitwise_or.Tensor aten.bitwise_xor.Scalar aten.bitwise_xor.Tensor
+aten.bmm.default aten.cat.default aten.cdist.default aten.ceil.default aten.celu.default
+aten.chunk.default aten.clamp.Tensor aten.clamp.default aten.clamp_min.default aten.clone.default
+aten.col2im.default aten.constant_pad_nd.default aten.contiguous.default aten.conv1d.default
+aten.conv2d.default aten.conv3d.default aten.conv_transpose1d.default aten.conv_transpose2d.input
 aten.conv_transpose3d.input aten.convolution.default aten.copy.default aten.cos.default
 aten.cosh.default aten.cosine_similarity.default aten.cumsum.default aten.diagonal.default
 aten.diff.default aten.div.Scalar aten.div.Scalar_mode aten.div.Tensor aten.div.Tensor_mode
@@ -114,8 +113,7 @@ prims.convert_element_type.default prims.copy_strided.default prims.copy_to.defa
 prims.cos.default prims.cosh.default prims.device_put.default prims.digamma.default
 prims.div.default prims.empty.default prims.empty_permuted.default prims.empty_strided.default
 prims.eq.default prims.erf.default prims.erf_inv.default prims.erfc.default prims.erfcx.default
-prims.exp.default prims.exp2.default prims.expm1.default prims.fft_c2c.default
-prims.fft_c2r.default prims.fft_r2c.default prims.fill.default prims.floor.default
+prims.exp.default prims.exp2.default prims.expm1.default prims.fill.default prims.floor.default
 prims.fmax.default prims.fmin.default prims.fmod.default prims.frexp.default prims.full.default
 prims.full_like.default prims.gcd.default prims.ge.default prims.gt.default prims.hypot.default
 prims.igamma.default prims.igammac.default prims.imag.default prims.iota.default

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError
+from ._checked import check_enum_arguments
 from ._limits import _walk
 from .safety import _MALFORMED, _NAME, Source, _read, check_pt2_archive
 
@@ -59,6 +60,7 @@ def load_program_safely(
         logger.removeHandler(caught)
         logger.propagate = propagate
     program._guards_code = []  # Python source from the file; it only re-checks input shapes
+    check_enum_arguments(program.graph_module, where)  # before anything runs its graph
     return program
 
 
