@@ -2,8 +2,9 @@
 reached from a crafted file: a dtype or memory format given as a plain number (``as_int``) is
 turned into the enum unchecked (-1 segfaulted in ``aten.to.dtype``, -100 in ``contiguous``, in
 the fake run at load too); the FFT kernels crashed on a negative dim (now off the allowlist);
-``col2im`` (``nn.Fold``) crashed on a padding of 2**32; an embedding bag of no bags crashed in
-max mode. Each file was loaded (or run) into a crash before; now it is a clear CheckpointError.
+``col2im`` (``nn.Fold``) crashed on a padding of 2**32, ``max_pool1d`` on a kernel of 2**63 - 1;
+an embedding bag of no bags crashed in max mode. Each file was loaded (or run) into a crash
+before; now it is a clear CheckpointError.
 """
 
 import re
@@ -128,6 +129,23 @@ def _no_bags(doc) -> None:
     end["arg"] = {"as_int": 0}
 
 
+class _Pool1d(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool1d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x).flatten(1)
+
+
+def _kernel_2_63(doc) -> None:
+    node = _node(doc, "max_pool1d.default")
+    kernel = next(i for i in node["inputs"] if i["name"] == "kernel_size")
+    kernel["arg"] = {"as_ints": [2**63 - 1]}
+    stride = next(i for i in node["inputs"] if i["name"] == "stride")
+    stride["arg"] = {"as_ints": []}  # the kernel's (with one of 2: a loop without end)
+
+
 CASES = {
     "col2im": (
         _Fold(),
@@ -135,6 +153,13 @@ CASES = {
         _padding_2_32,
         "col2im.default",
         r"argument 4 is \[4294967296, 0\], not from 0 to 2\*\*31 - 1",
+    ),
+    "max-pool1d": (
+        _Pool1d(),
+        (2, 3, 16),
+        _kernel_2_63,
+        "max_pool1d.default",
+        r"its kernel_size is \[9223372036854775807\], not from 0 to 2\*\*31 - 1",
     ),
     "embedding-bag": (
         _Bag(),

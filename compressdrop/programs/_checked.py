@@ -147,10 +147,25 @@ def _check_window(op: str, args: Sequence[Any]) -> None:
         _check_pair(c, f"argument {i + 1} is {brief(pair)}", pair)
 
 
-def _check_pair(c: _Call, shown: str, pair: Any) -> None:
-    c.require(isinstance(pair, (list, tuple)) and len(pair) == 2, lambda: f"{shown}, no pair")
+def _check_pair(c: _Call, shown: str, pair: Any, n: int | None = 2) -> None:
+    """``pair`` is a list of ``n`` ints (any number: None) from 0 to 2**31 - 1."""
+    ok = isinstance(pair, (list, tuple)) and (n is None or len(pair) == n)
+    c.require(ok, lambda: f"{shown}, not a list of {n or 'some'} ints")
     ok = all(isinstance(v, torch.SymInt) or (isinstance(v, int) and 0 <= v < 2**31) for v in pair)
     c.require(ok, lambda: f"{shown}, not from 0 to 2**31 - 1")
+
+
+def max_pool1d(input: Any, *args: Any, **kwargs: Any) -> Any:
+    """``aten.max_pool1d`` (``nn.MaxPool1d``) with a kernel, stride, padding and dilation from 0 to
+    2**31 - 1: its CPU kernel sized its loop before it checked them (a kernel of 2**63 - 1
+    segfaulted, one of 2**62 ran on without end, a dilation of 2**32 + 1 was taken as 1)."""
+    c = _Call("aten.max_pool1d.default")
+    names = ("kernel_size", "stride", "padding", "dilation")
+    given = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
+    for name, value in given.items():
+        value = [value] if isinstance(value, int) else value
+        _check_pair(c, f"its {name} is {brief(value)}", value, None)
+    return aten.max_pool1d.default(input, *args, **kwargs)
 
 
 def col2im(input: Any, *args: Any) -> Any:
@@ -240,4 +255,5 @@ CHECKED: dict[Any, Callable[..., Any]] = {
     aten.im2col.default: im2col,
     aten._embedding_bag.default: _embedding_bag,
     aten.embedding_bag.padding_idx: embedding_bag,
+    aten.max_pool1d.default: max_pool1d,
 }
