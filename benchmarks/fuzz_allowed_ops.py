@@ -134,6 +134,8 @@ def _one(arg: Any, rng: random.Random) -> Any:
         return rng.random() < 0.5
     if t == "str":
         return rng.choice(_STRS.get(name, ["x"]))
+    if t in ("ScalarType", "Layout", "MemoryFormat") and rng.random() < 0.2:
+        return rng.choice([-1, -100, 7, 100, 2**31])  # a number where the enum belongs
     if t == "ScalarType":
         return {"dtype": rng.choice(_DTYPES)}
     if t == "Layout":
@@ -708,8 +710,8 @@ class Runner:
             self.proc.stdin.flush()
             started, args = None, None
             while True:
-                try:
-                    line = self.lines.get(timeout=self.timeout)
+                try:  # a worker's start (torch's import) may take longer on a busy machine
+                    line = self.lines.get(timeout=self.timeout if started is not None else 120)
                 except queue.Empty:  # a hang: the case that started and never ended
                     self.proc.kill()
                     self.proc.wait()
@@ -749,6 +751,41 @@ class Runner:
         self.log.flush()
 
 
+_BAD = ("crash", "hang", "oob-read", "oob-write", "fake-shape")
+
+
+def report(out: Path) -> str:
+    """The results table: per operator with a finding, its cases and what each finding was (the
+    first argument set of each kind), then the totals."""
+    summary = json.loads(Path(str(out) + ".summary.json").read_text())
+    found: dict[str, dict[str, list]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
+    for line in out.read_text().splitlines():
+        rec = json.loads(line)
+        found[rec["op"]][rec["kind"]].append(rec)
+    rows = [
+        "| operator | ok | raised | findings | first case (arguments, why) |",
+        "|---|---|---|---|---|",
+    ]
+    totals: collections.Counter = collections.Counter()
+    for op, counts in sorted(summary.items()):
+        totals.update({k: v for k, v in counts.items() if not k.startswith("fake-")})
+        kinds = {k: counts[k] for k in _BAD if counts.get(k)}
+        if not kinds:
+            continue
+        first = next((found[op][k][0] for k in _BAD if found[op].get(k)), None)
+        shown = "" if first is None else f"`{json.dumps(first['args'])[:160]}` {first['why'][:60]}"
+        kinds_s = ", ".join(f"{k} {v}" for k, v in kinds.items())
+        rows.append(
+            f"| {op} | {counts.get('ok', 0)} | {counts.get('raise', 0)} | {kinds_s} | {shown} |"
+        )
+    head = f"{len(summary)} operators, {sum(totals.values()):,} cases: " + ", ".join(
+        f"{k} {v:,}" for k, v in sorted(totals.items())
+    )
+    return head + "\n\n" + "\n".join(rows) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--worker", action="store_true")
@@ -758,7 +795,11 @@ def main() -> None:
     ap.add_argument("--memory", type=int, default=2 << 30)
     ap.add_argument("--timeout", type=float, default=20.0)
     ap.add_argument("--out", default=str(RESULTS / "fuzz_allowed_ops.jsonl"))
+    ap.add_argument("--report", action="store_true", help="print the table of an earlier run")
     a = ap.parse_args()
+    if a.report:
+        print(report(Path(a.out)))
+        return
     if a.worker:
         worker()
         return
