@@ -21,10 +21,11 @@ kernel's is noted (``fake-shape``). A worker prints each case before it runs it;
 (signal) or a case past ``--timeout`` (hang) is charged to it and the worker starts again after
 it. Workers run one at a time under ``nice``, with ``RLIMIT_AS`` (``--memory``).
 
-Run: python benchmarks/fuzz_allowed_ops.py [--cases N] [--ops REGEX] [--seeds]
-(about 20 minutes at 300 cases an operator on two cores; writes
-benchmarks/results/fuzz_allowed_ops.jsonl, the findings, and prints the table kept in
-benchmarks/results/fuzz_allowed_ops.md)
+Run: python benchmarks/fuzz_allowed_ops.py [--cases N] [--ops REGEX] [--out FILE]
+(47 minutes at 300 cases an operator on two busy cores; writes the findings to
+benchmarks/results/fuzz_allowed_ops.jsonl and each operator's counts beside it, .summary.json);
+--seeds first harvests the real programs' calls (fuzz_seeds.json); --report prints the table
+kept in benchmarks/results/fuzz_allowed_ops.md
 """
 
 from __future__ import annotations
