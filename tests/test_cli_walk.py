@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from .test_cli import run, tiny_recipe
@@ -215,3 +216,25 @@ def test_a_data_file_given_as_the_model_is_named_as_data(tmp_path):
     res = run(["eval", _flat_digits(tmp_path), "--data", "digits"], expect=1)
     assert "a NumPy .npz file (arrays, no model); data goes to --data" in res.stderr
     assert "inline_container" not in res.stderr
+
+
+def test_a_train_stopped_before_its_first_epoch_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """A new-user walk: Ctrl-C before the first epoch left an empty ``--out`` folder behind; a
+    folder that holds a checkpoint, or one that was there before, stays."""
+    import compressdrop.workflows.jobs as jobs
+
+    def stopped(recipe, ds, out, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        if kwargs.get("resume"):
+            (Path(out) / "checkpoint.pt").write_bytes(b"an epoch's")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jobs, "run_recipe", stopped)
+    for out, resume, stays in (("new", False, False), ("kept", True, True)):
+        with pytest.raises(KeyboardInterrupt):
+            jobs.train("lenet300-lognormal", out=tmp_path / out, resume=resume)
+        assert (tmp_path / out).exists() == stays
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        jobs.train("lenet300-lognormal", out=tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()

@@ -8,6 +8,7 @@ names the file and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -112,6 +113,7 @@ def train(
         r = r.override({"data.name": absolute_spec(data)})
     ds = load_dataset(r.data.name)  # its labels: checked by run_recipe before any work
     clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
+    fresh = not Path(out).exists()  # a run stopped before it wrote anything leaves no folder
     try:
         dist, dev = from_env(device)
         if recipe is None and dist.is_main:  # said, as prune says its default
@@ -134,6 +136,9 @@ def train(
     finally:
         progress({"event": "done"})
         shutdown(clean=clean)
+        if fresh and not clean:
+            with contextlib.suppress(OSError):  # not empty: a checkpoint to resume from
+                Path(out).rmdir()
     return result if dist.is_main else None
 
 
