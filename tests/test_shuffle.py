@@ -19,15 +19,23 @@ from tests.torchvision_models import import_torchvision, loads_in_a_new_process
 import_torchvision()
 
 from torchvision.models import shufflenet_v2_x0_5  # noqa: E402
-from torchvision.models.shufflenetv2 import InvertedResidual  # noqa: E402
+from torchvision.models.shufflenetv2 import InvertedResidual, ShuffleNetV2  # noqa: E402
 
 SIDE = 32
 
 
-def _net(seed: int = 0) -> torch.nn.Module:
-    """A ShuffleNetV2 x0.5 whose BatchNorms have statistics of their own (three train passes)."""
+def _small(num_classes: int = 10) -> torch.nn.Module:
+    """ShuffleNetV2 x0.5's widths with 2, 3 and 2 blocks a stage (its own: 4, 8, 4): each stage
+    still a stride-2 block, then channel-split blocks in a row, for the tests that attach,
+    export or trace the whole net (their cost grows with the blocks)."""
+    return ShuffleNetV2([2, 3, 2], [24, 48, 96, 192, 1024], num_classes)
+
+
+def _net(seed: int = 0, build=shufflenet_v2_x0_5) -> torch.nn.Module:
+    """A ShuffleNetV2 (x0.5 unless told) whose BatchNorms have statistics of their own (three
+    train passes)."""
     torch.manual_seed(seed)
-    model = shufflenet_v2_x0_5(num_classes=10).train()
+    model = build(num_classes=10).train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, SIDE, SIDE))
@@ -131,16 +139,16 @@ def test_the_constant_of_a_removed_channel_moves_into_the_next_running_mean():
 
 
 def test_prune_replay_export_and_pickle(tmp_path):
-    model = _net()
+    model = _net(build=_small)
     x = torch.randn(2, 3, SIDE, SIDE)
     cd.attach(model, example_inputs=x)
     slim = cd.prune(random_gates_(model, seed=1), quantiles(model, (0.5,))[0], example_inputs=x)
     assert slim.prune_report.max_rel_error <= 1e-5
-    dense_widths, widths = _stream_widths(_net()), _stream_widths(slim)
+    dense_widths, widths = _stream_widths(_net(build=_small)), _stream_widths(slim)
     assert all(w < d for w, d in zip(widths, dense_widths)), (widths, dense_widths)
     assert any(step[1] == "stream" for step in slim.prune_report.history)
     # rebuilt from the history on a fresh net, then its state_dict: the same outputs
-    rebuilt = replay(shufflenet_v2_x0_5(num_classes=10), slim.prune_report.history, x)
+    rebuilt = replay(_small(), slim.prune_report.history, x)
     rebuilt.load_state_dict(slim.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), slim(x))
@@ -162,7 +170,7 @@ def test_prune_replay_export_and_pickle(tmp_path):
     ],
 )
 def test_a_block_of_another_layout_keeps_the_shuffle_with_a_warning(change, why):
-    model = _net()
+    model = _net(build=_small)
     change(model)  # not torchvision's layout any more
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")

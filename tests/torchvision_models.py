@@ -9,10 +9,15 @@ compressdrop's shim, which declares those two op schemas (no kernel: calling the
 imports it again. The model definitions are plain Python and need none of the compiled ops.
 
 Each family is built from its own torchvision class, small where the class takes sizes (a few
-layers, narrow widths, 32×32 inputs), at the standard size where it does not (AlexNet, VGG-11-BN,
-Inception, GoogLeNet, SqueezeNet, the MobileNet/MNASNet/ShuffleNet/RegNet variants). Two inits that would
-hide pruning from the output are changed, as the benchmark's "nondegenerate" variant does: the
-ViT head (zeros) is drawn from N(0, 0.02), and ConvNeXt's layer scale starts at 1, not 1e-6.
+layers, narrow widths, 32×32 inputs: the MobileNets, ShuffleNetV2, RegNet X and Y and the
+LR-ASPP backbone keep each kind of block their standard configuration has, stride 1 and 2,
+with and without squeeze-excitation, once or twice rather than up to 12 times); where the class
+fixes its layers (Inception, GoogLeNet, MNASNet) the blocks that a stage repeats at one width
+are left out (replaced by ``nn.Identity``, or each stack cut to its first two blocks), one of
+each kind kept; at the standard size otherwise (AlexNet, VGG-11-BN, SqueezeNet). The torch.onnx
+export of each, the test's cost, grows with the number of blocks. Two inits that would hide
+pruning from the output are changed, as the benchmark's "nondegenerate" variant does: the ViT
+head (zeros) is drawn from N(0, 0.02), and ConvNeXt's layer scale starts at 1, not 1e-6.
 """
 
 from __future__ import annotations
@@ -49,7 +54,15 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:
     """``{family: (build, input side)}``, one model per torchvision classification family."""
     tv = import_torchvision()
     m = tv.models
-    from torchvision.models import convnext, efficientnet, maxvit, resnet, swin_transformer
+    from torchvision.models import (
+        convnext,
+        efficientnet,
+        maxvit,
+        mobilenetv3,
+        regnet,
+        resnet,
+        swin_transformer,
+    )
     from torchvision.models import vision_transformer as vit
 
     def vit_small() -> nn.Module:
@@ -95,6 +108,47 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:
         )
         return efficientnet.EfficientNet(setting, dropout=0.2, last_channel=last, num_classes=10)
 
+    def inception_small() -> nn.Module:
+        # Mixed_5b, 5c (A), 6a (B), 6b (C), 7a (D), 7b (E): the blocks a stage repeats at the same
+        # width (5d, 6c-6e, 7c) left out
+        net = m.inception_v3(num_classes=10, aux_logits=False, init_weights=False)
+        for name in ("Mixed_5d", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7c"):
+            setattr(net, name, nn.Identity())
+        return net
+
+    def googlenet_small() -> nn.Module:
+        # 3a, 3b, 4a, 4d, 4e, 5b: the blocks that keep their input's width (4b, 4c, 5a) left out
+        net = m.googlenet(num_classes=10, aux_logits=False, init_weights=False)
+        for name in ("inception4b", "inception4c", "inception5a"):
+            setattr(net, name, nn.Identity())
+        return net
+
+    def mobilenet_v2_small() -> nn.Module:
+        # expansion 1 and 6, stride 1 and 2, a residual block in two stages (17 blocks: 6)
+        setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 2, 2], [6, 64, 1, 2]]
+        return m.MobileNetV2(10, width_mult=0.35, inverted_residual_setting=setting)
+
+    def mobilenet_v3_small() -> nn.Module:
+        # mobilenet_v3_small's first five blocks: squeeze-excitation with ReLU and hard-swish,
+        # none, kernels 3 and 5, stride 1 and 2, residual (11 blocks: 5)
+        setting, last = mobilenetv3._mobilenet_v3_conf("mobilenet_v3_small")
+        return mobilenetv3.MobileNetV3(setting[:5], last, num_classes=10)
+
+    def mnasnet_small() -> nn.Module:
+        # mnasnet0_5 with each stack cut to its first two blocks (16 blocks: 11)
+        net = m.mnasnet0_5(num_classes=10)
+        for i, layer in enumerate(net.layers):
+            if isinstance(layer, nn.Sequential) and len(layer) > 2:
+                net.layers[i] = layer[:2]
+        return net
+
+    def regnet_small(se: bool) -> nn.Module:
+        # three stages of 1, 2, 2 blocks (regnet_x/y_400mf: 22), grouped convs of width 8
+        params = regnet.BlockParams.from_init_params(
+            depth=5, w_0=24, w_a=24.48, w_m=2.54, group_width=8, se_ratio=0.25 if se else None
+        )
+        return regnet.RegNet(params, num_classes=10)
+
     bottleneck = resnet.Bottleneck
     return {
         "AlexNet": (lambda: m.alexnet(num_classes=10), 64),
@@ -117,22 +171,17 @@ def families() -> dict[str, tuple[Callable[[], nn.Module], int]]:
             32,
         ),
         "SqueezeNet": (lambda: m.squeezenet1_1(num_classes=10), 64),
-        "Inception": (
-            lambda: m.inception_v3(num_classes=10, aux_logits=False, init_weights=False),
-            80,
-        ),
-        "GoogLeNet": (
-            lambda: m.googlenet(num_classes=10, aux_logits=False, init_weights=False),
-            64,
-        ),
-        "MobileNetV2": (lambda: m.mobilenet_v2(num_classes=10, width_mult=0.35), 32),
-        "MobileNetV3": (lambda: m.mobilenet_v3_small(num_classes=10), 32),
-        "MNASNet": (lambda: m.mnasnet0_5(num_classes=10), 32),
-        "ShuffleNetV2": (lambda: m.shufflenet_v2_x0_5(num_classes=10), 32),
+        "Inception": (inception_small, 80),
+        "GoogLeNet": (googlenet_small, 64),
+        "MobileNetV2": (mobilenet_v2_small, 32),
+        "MobileNetV3": (mobilenet_v3_small, 32),
+        "MNASNet": (mnasnet_small, 32),
+        # shufflenet_v2_x0_5's widths, two blocks a stage (stride 2, then a channel split) for 4-8-4
+        "ShuffleNetV2": (lambda: m.ShuffleNetV2([2, 2, 2], [24, 48, 96, 192, 1024], 10), 32),
         "EfficientNet": (efficientnet_small, 32),
         "EfficientNetV2": (efficientnet_v2_small, 32),
-        "RegNetX": (lambda: m.regnet_x_400mf(num_classes=10), 32),
-        "RegNetY": (lambda: m.regnet_y_400mf(num_classes=10), 32),
+        "RegNetX": (lambda: regnet_small(se=False), 32),
+        "RegNetY": (lambda: regnet_small(se=True), 32),
         "ConvNeXt": (
             lambda: convnext.ConvNeXt(
                 [convnext.CNBlockConfig(16, 32, 1), convnext.CNBlockConfig(32, None, 1)],
