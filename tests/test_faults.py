@@ -4,8 +4,6 @@ a clear error and keeps the last good checkpoint."""
 
 import errno
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from click.testing import CliRunner
 from compressdrop.checkpoint import load_model, load_run_state
 from compressdrop.cli import main
 
+from .prewarmed import Prewarmed
 from .test_cli import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,21 +67,34 @@ _KILLER = textwrap.dedent(
 )
 
 
-def _train(args, kill=None):
-    prefix = [sys.executable, "-c", _KILLER, *(kill or ("none", "0"))]
-    return subprocess.run(
-        [*prefix, "train", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
-    )
+# The libraries each run imports, imported once (tests/prewarmed.py): a run is a child of an
+# interpreter that ran these imports and nothing else, killed and resumed as a process of its own.
+# Of compressdrop only what _KILLER imports before it patches (the CLI's modules import after it).
+_PRELOAD = """
+import sklearn.datasets, torch, torch._dynamo, torch.onnx._internal.exporter._core
+import compressdrop.export, compressdrop.pruning
+"""
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def warm():
+    with Prewarmed(_PRELOAD, cwd=ROOT) as w:
+        yield w
+
+
+def _train(warm: Prewarmed, args, kill=None):
+    prefix = [*(kill or ("none", "0"))]
+    return warm.run(_KILLER, *prefix, "train", *map(str, args), cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, warm):
     d = tmp_path_factory.mktemp("faults")
     recipe = tiny_recipe(d / "r.yaml", pretrain=3, sparsify=6, finetune=2, onnx=True)
     text = yaml.safe_load(recipe.read_text())  # the kill at step 45 lands in a cosine schedule
     text["stages"]["sparsify"]["lr_schedule"] = "cosine"
     recipe.write_text(yaml.safe_dump(text))
-    res = _train(["--recipe", recipe, "--device", "cpu", "--out", d / "full"])
+    res = _train(warm, ["--recipe", recipe, "--device", "cpu", "--out", d / "full"])
     assert res.returncode == 0, res.stderr[-2000:]
     return recipe, d / "full"
 
@@ -97,16 +109,16 @@ KILLS = {("step", 45): "sparsify", ("checkpoint-write", 5): "sparsify", ("prune"
 @pytest.mark.parametrize(
     "point, n", [("step", 45), ("checkpoint-write", 5), ("prune", 1), ("export", 1)]
 )
-def test_a_run_killed_anywhere_resumes_to_the_same_result(reference, point, n, tmp_path):
+def test_a_run_killed_anywhere_resumes_to_the_same_result(reference, warm, point, n, tmp_path):
     recipe, full = reference
     args = ["--recipe", recipe, "--device", "cpu", "--out", tmp_path / "run"]
-    killed = _train(args, kill=(point, str(n)))
+    killed = _train(warm, args, kill=(point, str(n)))
     assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
     assert not (tmp_path / "run" / "report.json").exists(), "the run finished before the kill"
     if (point, n) in KILLS:  # the kill hit the stage it was meant for
         state = load_run_state(tmp_path / "run" / "checkpoint.pt")
         assert state["stage"] == KILLS[point, n], state["stage"]
-    resumed = _train([*args, "--resume"])
+    resumed = _train(warm, [*args, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     out = tmp_path / "run"

@@ -21,6 +21,7 @@ from compressdrop.data import load_digits
 from compressdrop.recipes import load_recipe
 from compressdrop.workflows import sparsify_and_prune, write_slim
 
+from .prewarmed import Prewarmed
 from .test_cli import run, tiny_recipe
 
 
@@ -74,16 +75,22 @@ _CHILD = textwrap.dedent(
 )
 
 
-def outputs_in_a_clean_process(pt2, inputs, tmp_path) -> list[torch.Tensor]:
+_CLEAN_ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """An interpreter that imported torch alone, in a bare environment (tests/prewarmed.py):
+    each clean process below is a child of it."""
+    with Prewarmed("import torch, torch.export", tmp_path_factory.mktemp("clean"), _CLEAN_ENV) as w:
+        yield w
+
+
+def outputs_in_a_clean_process(pt2, inputs, tmp_path, clean: Prewarmed) -> list[torch.Tensor]:
     """The .pt2's outputs, computed by a Python that never imports compressdrop or the tests."""
     torch.save(inputs, tmp_path / "inputs.pt")
-    subprocess.run(
-        [sys.executable, "-c", _CHILD, str(pt2), str(tmp_path / "inputs.pt"), str(tmp_path / "y")],
-        check=True,
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    args = str(pt2), str(tmp_path / "inputs.pt"), str(tmp_path / "y")
+    clean.run(_CHILD, *args, check=True, cwd=tmp_path, env=_CLEAN_ENV, timeout=120)
     return torch.load(tmp_path / "y", weights_only=True)
 
 
@@ -100,11 +107,11 @@ def strong_recipe(path):
     )
 
 
-def check_slim(slim_pt2, tmp_path, dense_params: int) -> None:
+def check_slim(slim_pt2, tmp_path, dense_params: int, clean: Prewarmed) -> None:
     slim = load_model(slim_pt2)  # through compressdrop's safe loader
     assert sum(p.numel() for p in slim.parameters()) < dense_params
     xs = [torch.randn(b, 1, 8, 8) for b in (1, 5, 64)]
-    got = outputs_in_a_clean_process(slim_pt2, xs, tmp_path)
+    got = outputs_in_a_clean_process(slim_pt2, xs, tmp_path, clean)
     with torch.no_grad():
         for x, y in zip(xs, got):
             torch.testing.assert_close(y, slim(x), rtol=1e-5, atol=1e-6)
@@ -112,7 +119,7 @@ def check_slim(slim_pt2, tmp_path, dense_params: int) -> None:
 
 
 @pytest.mark.slow
-def test_a_pt2_program_is_pruned_and_the_slim_pt2_loads_without_compressdrop(tmp_path):
+def test_a_pt2_program_is_pruned_and_the_slim_pt2_loads_without_compressdrop(tmp_path, clean):
     model = trained_user_net()
     program = torch.export.export(
         model, (torch.randn(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
@@ -136,7 +143,7 @@ def test_a_pt2_program_is_pruned_and_the_slim_pt2_loads_without_compressdrop(tmp
     assert set(report["files"]) == {"pt2", "onnx"}
     before = sum(layer["before"] for layer in report["layers"])
     assert sum(layer["after"] for layer in report["layers"]) < before
-    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
+    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()), clean)
 
 
 def _saved(fmt: str, model: nn.Module, tmp_path):
@@ -159,7 +166,7 @@ def _saved(fmt: str, model: nn.Module, tmp_path):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("fmt", ["pt2", "pickle", "state_dict"])
-def test_the_slim_pt2_computes_what_the_slim_model_in_memory_computes(fmt, tmp_path):
+def test_the_slim_pt2_computes_what_the_slim_model_in_memory_computes(fmt, tmp_path, clean):
     ds = load_digits()
     model = _saved(fmt, trained_user_net(), tmp_path)
     recipe = load_recipe(strong_recipe(tmp_path / "r.yaml"))
@@ -168,7 +175,7 @@ def test_the_slim_pt2_computes_what_the_slim_model_in_memory_computes(fmt, tmp_p
     files = write_slim(slim, tmp_path / "slim.pt2", ds.x_test[:2])
     assert files.max_rel_error["pt2"] <= 1e-5 and files.max_rel_error["onnx"] <= 1e-4
     xs = [ds.x_test[:1], ds.x_test[:7], torch.randn(64, 1, 8, 8)]
-    got = outputs_in_a_clean_process(tmp_path / "slim.pt2", xs, tmp_path)
+    got = outputs_in_a_clean_process(tmp_path / "slim.pt2", xs, tmp_path, clean)
     with torch.no_grad():
         for x, y in zip(xs, got):
             torch.testing.assert_close(y, slim.eval()(x), rtol=1e-5, atol=1e-6)
@@ -176,7 +183,7 @@ def test_the_slim_pt2_computes_what_the_slim_model_in_memory_computes(fmt, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_a_pickled_module_with_trust_pickle_goes_the_whole_way(tmp_path):
+def test_a_pickled_module_with_trust_pickle_goes_the_whole_way(tmp_path, clean):
     model = trained_user_net()
     torch.save(model, tmp_path / "model.pt")  # torch.save(model): a pickle of our test's class
     recipe = strong_recipe(tmp_path / "r.yaml")
@@ -184,7 +191,7 @@ def test_a_pickled_module_with_trust_pickle_goes_the_whole_way(tmp_path):
     refused = run([*args, "-o", tmp_path / "slim.pt2"], expect=1)
     assert "--trust-pickle" in refused.output and not (tmp_path / "slim.pt2").exists()
     run([*args, "--trust-pickle", "-o", tmp_path / "slim.pt2"])
-    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
+    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()), clean)
 
 
 def test_a_module_without_a_factory_is_saved_with_its_program(tmp_path):
@@ -204,7 +211,7 @@ def test_a_module_without_a_factory_is_saved_with_its_program(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_state_dict_with_arch_and_arch_args(tmp_path):
+def test_a_state_dict_with_arch_and_arch_args(tmp_path, clean):
     model = trained_user_net()
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     recipe = strong_recipe(tmp_path / "r.yaml")
@@ -222,7 +229,7 @@ def test_a_state_dict_with_arch_and_arch_args(tmp_path):
             tmp_path / "slim.pt2",
         ]
     )
-    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()))
+    check_slim(tmp_path / "slim.pt2", tmp_path, sum(p.numel() for p in model.parameters()), clean)
 
 
 @pytest.mark.slow

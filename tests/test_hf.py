@@ -12,12 +12,15 @@ reloads.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import compressdrop as cd
 from compressdrop.gates import GATES
+
+from .prewarmed import Prewarmed
 
 transformers = pytest.importorskip("transformers")
 
@@ -268,27 +271,50 @@ assert not any(m.startswith("compressdrop") for m in sys.modules), "compressdrop
 """
 
 
-def _reload_elsewhere(slim, ids, folder) -> torch.Tensor:
+# what RELOAD imports, imported once for the module's reloads (tests/prewarmed.py): each runs in
+# a child of an interpreter that ran these imports and nothing else (compressdrop not among them)
+_PRELOAD = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from torchvision_models import import_torchvision
+import_torchvision()
+import transformers
+for name in {sorted({cls for _, cls, _ in MODELS.values()})!r}:
+    getattr(transformers, name)
+"""
+
+
+@pytest.fixture(scope="module")
+def warm():
+    with Prewarmed(_PRELOAD) as w:
+        yield w
+
+
+def _reload_elsewhere(slim, ids, folder, warm: Prewarmed) -> torch.Tensor:
     """``save_pretrained``, then ``from_pretrained`` in a process without compressdrop."""
     slim.save_pretrained(folder)
-    return logits_elsewhere(folder, ids)
+    return logits_elsewhere(folder, ids, warm)
 
 
-def logits_elsewhere(folder, ids) -> torch.Tensor:
+def logits_elsewhere(folder, ids, warm: Prewarmed | None = None) -> torch.Tensor:
     """The logits of the model in ``folder`` on ``ids``, loaded with ``from_pretrained`` in a
-    process that does not import compressdrop."""
+    process that does not import compressdrop: a new interpreter, or a child of ``warm``."""
     import subprocess
     import sys
-    from pathlib import Path
 
     torch.save(ids, folder / "ids.pt")
     tests = str(Path(__file__).parent)
-    subprocess.run([sys.executable, "-c", RELOAD, str(folder), tests], check=True, timeout=300)
+    if warm is None:
+        subprocess.run([sys.executable, "-c", RELOAD, str(folder), tests], check=True, timeout=300)
+    else:
+        warm.run(RELOAD, str(folder), tests, check=True, timeout=300)
     return torch.load(folder / "logits.pt")
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "roberta"])
-def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop(name, tmp_path):
+def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop(
+    name, tmp_path, warm
+):
     """uniform=True: every layer keeps as many heads and neurons; the config follows, and
     from_pretrained in a fresh process (no compressdrop) gives the slim model's outputs. GPT-2's
     and BERT's configs derive the head size from the head count, so there the MLP neurons only."""
@@ -318,7 +344,7 @@ def test_uniform_shape_saves_a_standard_config_that_reloads_without_compressdrop
         assert slim.config.head_dim == 8 and slim.config.num_key_value_heads == 2
     with torch.no_grad():
         want = slim(input_ids=ids).logits
-    got = _reload_elsewhere(slim, ids, tmp_path / "slim")
+    got = _reload_elsewhere(slim, ids, tmp_path / "slim", warm)
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
@@ -341,7 +367,7 @@ def test_free_shape_warns_that_the_config_cannot_describe_it():
 
 
 @pytest.mark.parametrize("name", ["qwen2", "mistral", "gemma", "gemma2", "gemma3"])
-def test_other_llama_style_decoders_take_the_same_registration(name, tmp_path):
+def test_other_llama_style_decoders_take_the_same_registration(name, tmp_path, warm):
     """Qwen2, Mistral and the Gemmas have LLaMA's attention and MLP: heads and neurons prune
     exactly, the slim decoder generates the masked one's tokens, and a uniform one reloads
     without us. Gemma 2's eager attention returns its per-head weights beside its output: the
@@ -363,7 +389,7 @@ def test_other_llama_style_decoders_take_the_same_registration(name, tmp_path):
         uniform = cd.prune(model, thr, example_inputs=ids, uniform=True)
     with torch.no_grad():
         want = uniform(input_ids=ids).logits
-    got = _reload_elsewhere(uniform, ids, tmp_path / "slim")
+    got = _reload_elsewhere(uniform, ids, tmp_path / "slim", warm)
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
@@ -378,11 +404,9 @@ torch.save(slim(torch.load(sys.argv[2])).logits, sys.argv[3])
 """
 
 
-def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path, warm):
+    """In a process that never gated or registered anything: compressdrop is not imported
+    before LOAD_SLIM imports it (the module's preloaded interpreter has torch and transformers)."""
     from compressdrop.checkpoint import save_model
     from compressdrop.models import build_model
 
@@ -395,7 +419,7 @@ def test_a_slim_checkpoint_with_fewer_heads_loads_in_a_fresh_process(tmp_path):
     torch.save(ids, tmp_path / "ids.pt")
     args = [str(tmp_path / n) for n in ("slim.pt", "ids.pt", "logits.pt")]
     args.append(str(Path(__file__).parent))
-    subprocess.run([sys.executable, "-c", LOAD_SLIM, *args], check=True, timeout=300)
+    warm.run(LOAD_SLIM, *args, check=True, timeout=300)
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), slim(ids).logits)
 
