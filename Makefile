@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 # process). Two halve its time on two cores; conftest.py shares the cores out among the workers.
 TEST_WORKERS ?= 2
 
-.PHONY: setup demo test test-fast wheel-test lint bench clean
+.PHONY: setup demo test test-fast test-accuracy wheel-test lint bench clean
 
 $(BIN)/compressdrop: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,7 +32,11 @@ wheel-test: setup
 	PY='$(PY)' TORCH='$(TORCH)' bash .ci/wheel_test.sh
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -m "not slow and not accuracy" -n $(TEST_WORKERS) --dist loadfile
+
+# The long learning runs that `make test` leaves out (marked `accuracy`; pyproject's addopts).
+test-accuracy: setup
+	$(BIN)/python -m pytest -q -m accuracy -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check compressdrop tests examples benchmarks cli.py
