@@ -163,14 +163,18 @@ def _head_gates(model: nn.Module) -> list[str]:
     return [s.attention for _, s in sites(model) if isinstance(s, HeadGated)]
 
 
-def _check_slim(model, slim, x, tmp_path, fresh, thr):
+def _check_slim(model, slim, x, tmp_path, fresh, thr, export: bool = True):
+    """slim = masked gated model, fewer parameters, ONNX and .pt2 exports that match it (unless
+    ``export`` is False), replay of its history on ``fresh``, a training step."""
     with torch.no_grad():
         torch.testing.assert_close(slim(x), cd.mask_(model, thr)(x), rtol=1e-5, atol=1e-6)
     assert sum(p.numel() for p in slim.parameters()) < sum(
         p.numel() for n, p in model.named_parameters() if ".gate." not in n
     )
-    assert max(cd.export_onnx(slim, x[:2], tmp_path / "m.onnx").max_rel_error.values()) <= 1e-4
-    assert max(export_program(slim, x[:2], tmp_path / "m.pt2").max_rel_error.values()) <= 1e-5
+    if export:
+        onnx_report = cd.export_onnx(slim, x[:2], tmp_path / "m.onnx")
+        assert max(onnx_report.max_rel_error.values()) <= 1e-4
+        assert max(export_program(slim, x[:2], tmp_path / "m.pt2").max_rel_error.values()) <= 1e-5
     rebuilt = replay(fresh, slim.prune_report.history, example_inputs=x)
     rebuilt.load_state_dict(slim.state_dict())
     with torch.no_grad():
@@ -217,7 +221,9 @@ def test_every_gate_family_prunes_vit_heads(tmp_path, family):
     assert {r.name: r.after for r in slim.prune_report.layers}[
         "blocks.0.self_attention.out_proj"
     ] == heads[0]
-    _check_slim(model, slim, x, tmp_path, fresh, thr)
+    # the slim ViT holds no gate (the same modules whatever the family; fewer heads in each
+    # attention): its ONNX and .pt2 exports run for one family, the rest for all four
+    _check_slim(model, slim, x, tmp_path, fresh, thr, export=family == "lognormal")
 
 
 @pytest.mark.parametrize("attention", [SDPAttention, PackedAttention])
