@@ -21,7 +21,7 @@ from tests.torchvision_models import families, loads_in_a_new_process
 
 FAMILIES = families()  # torchvision is in the dev extra: without it this module fails, not skips
 
-# slow: 23 models, about 130 s in all on two cores
+# slow: 23 models, about 90 s in all on two cores (130 s before the smaller builds of 2026-12-07)
 pytestmark = pytest.mark.slow
 
 
