@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ._torchvision import retry_with_torchvision
-from .errors import CheckpointError
+from .errors import CheckpointError, prefixed
 from .programs import load_program
 
 __all__ = [
@@ -159,10 +159,8 @@ class ArchRecord:
         unknown = sorted(set(data) - _KEYS)
         if unknown:
             raise CheckpointError(f"{where}: unknown key(s) {unknown}")
-        try:
+        with prefixed(where):
             return cls(**{k: data[k] for k in _KEYS if k in data and data[k] is not None})
-        except CheckpointError as e:
-            raise CheckpointError(f"{where}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for a checkpoint (``from_dict`` of it gives the same record)."""

@@ -43,7 +43,7 @@ from .arch import (
     check_state_fits,
     factory_spec,
 )
-from .errors import InputError
+from .errors import InputError, prefixed
 from .gating import GatingWarning, attach, is_gated
 from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
 from .gating.noisy import noise_record, noisy_sites, put_noise
@@ -361,10 +361,8 @@ def _from_payload(
         from .pruning import replay
 
         if not rec.slim_program:  # else the program is the slim structure itself
-            try:  # the history's names and indices are checked against the model as it walks
+            with prefixed(str(path)):  # the history's names and indices checked as it walks
                 replay(model, rec.report.history)
-            except CheckpointError as e:
-                raise CheckpointError(f"{path}: {e}") from None
         set_record(model, "prune_report", rec.report)
         if rec.slim_program:
             baked = rec.report.architecture_after

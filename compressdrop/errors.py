@@ -8,9 +8,11 @@ from a file into such a line.
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["CheckpointError", "CompressDropError", "DataError", "InputError", "brief"]
+__all__ = ["CheckpointError", "CompressDropError", "DataError", "InputError", "brief", "prefixed"]
 
 
 def brief(value: Any) -> str:
@@ -35,3 +37,14 @@ class InputError(CompressDropError, ValueError):
 
 class DataError(InputError):
     """A data set that cannot be read or does not make a classification task."""
+
+
+@contextmanager
+def prefixed(where: str, catch: type[CompressDropError] = CheckpointError) -> Iterator[None]:
+    """Re-raise an error of ``catch`` from the block as a
+    :class:`CheckpointError` with ``where`` (the file, the record) in front of its message; the
+    inner traceback is dropped, as the message already says what failed."""
+    try:
+        yield
+    except catch as e:
+        raise CheckpointError(f"{where}: {e}") from None

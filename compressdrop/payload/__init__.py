@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..arch import ArchRecord
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, prefixed
 from ..gates import GATES, check_gate_kwargs, gate_class
 from ..gating import attach
 from ..gating.costs import KL_COSTS, check_kl_scale
@@ -272,10 +272,8 @@ class Payload:
                 f"{_what(data.get('arch'))}"
             )
         arch = ArchRecord.from_dict(data["arch"], where)
-        try:
+        with prefixed(where):
             return cls._checked(data, arch)
-        except CheckpointError as e:
-            raise CheckpointError(f"{where}: {e}") from None
 
     @classmethod
     def _checked(cls, data: Mapping[str, Any], arch: ArchRecord) -> Payload:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, prefixed
 from ..gates import check_gate_kwargs, gate_class
 from ._common import _MAX_DIMS, _name, _what
 
@@ -98,11 +98,9 @@ def _check_gate(entry: Mapping[str, Any], state: Mapping[str, Any], where: str) 
         raise CheckpointError(f"{where}: family must be a gate family's name, got {_what(family)}")
     if not isinstance(kwargs, Mapping):
         raise CheckpointError(f"{where}: kwargs must be a mapping, got {_what(kwargs)}")
-    try:
+    with prefixed(where, catch=InputError):
         cls = gate_class(family)
         kwargs = check_gate_kwargs(cls, kwargs)  # as attach checks them
-    except InputError as e:
-        raise CheckpointError(f"{where}: {e}") from None
     if not (type(units) is int and units > 0):
         raise CheckpointError(f"{where}: units must be a positive integer, got {_what(units)}")
     with torch.device("meta"):  # shapes only: no memory taken, whatever the units

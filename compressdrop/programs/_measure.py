@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, prefixed
 
 __all__ = ["check_run_bound", "too_big_to_run"]
 
@@ -63,10 +63,8 @@ def check_run_bound(gm: nn.Module, inputs: Sequence[torch.Tensor], where: str) -
     Raises:
         CheckpointError: naming ``where`` and the reason.
     """
-    try:
+    with prefixed(where):
         why = too_big_to_run(gm, [(tuple(x.shape), x.dtype) for x in inputs])
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
     if why:
         raise CheckpointError(f"{where}: its program is not run to attach the gates: {why}")
 

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 
 from .._attrs import set_record
-from ..errors import CheckpointError
+from ..errors import CheckpointError, prefixed
 from ..runtime import max_length, no_cache
 from ._measure import _leaves, too_big_to_run
 from .convert import program_to_module
@@ -127,12 +127,13 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
             if val.dtype.is_floating_point
             else torch.zeros(batch + 1, *shape, dtype=val.dtype)
         )
-        try:
-            want, again = _leaves(gm(x[:batch])), _leaves(gm(x[:batch]))
-        except CheckpointError as e:  # a checked operator's shapes disagree (._checked)
-            raise CheckpointError(f"{where}: {e}") from None
-        except Exception:  # fails at its own size: left to the caller to find
-            return
+        with prefixed(where):  # a checked operator's shapes disagree (._checked)
+            try:
+                want, again = _leaves(gm(x[:batch])), _leaves(gm(x[:batch]))
+            except CheckpointError:
+                raise
+            except Exception:  # fails at its own size: left to the caller to find
+                return
         if len(want) != len(again) or not all(_same(a, b) for a, b in zip(want, again)):
             return  # random (dropout in training mode): nothing to compare
         try:
@@ -162,10 +163,8 @@ def _refuse_disagreeing(
 ) -> None:
     """Refuse a graph whose checked operators' shapes disagree at its own input size (only
     measured: nothing is allocated)."""
-    try:
+    with prefixed(where):
         too_big_to_run(gm, [(shape, dtype)])
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _fits(want: torch.Tensor, got: torch.Tensor, batch: int) -> bool:
