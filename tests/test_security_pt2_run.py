@@ -162,3 +162,61 @@ def test_a_gated_files_program_is_measured_before_its_gates_are_attached(tmp_pat
     monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
     with pytest.raises(CheckpointError, match=r"not run to attach the gates: .*come to 4 MiB"):
         load_model(tmp_path / "gated.pt")
+
+
+class Gather(Baked):
+    """Baked's graph beside ``w[i, j]``: ``n`` zeros for ``i``, a 0-d ``j``, ``w`` of 1,000
+    columns, so the index makes ``n`` x 1,000 floats."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(1)
+        self.register_buffer("w", torch.ones(1, 1, 1000))
+        self.register_buffer("i", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("j", torch.tensor(0))
+
+    def forward(self, x):
+        return super().forward(x) + torch.ops.aten.index.Tensor(self.w, [self.i, self.j]).mean()
+
+
+def test_an_index_that_broadcasts_a_0d_index_is_measured_at_its_real_size(tmp_path, monkeypatch):
+    """helper-47's fuzzer: torch's fake kernel of ``aten.index.Tensor`` drops the broadcast
+    dimensions where a 0-d index follows a longer one, so ``w(1, 1, 1000)[zeros(1000), j()]``
+    measured 4 KB for the 4 MB it makes, and ran at load (1,000 times that from a file of a few
+    KB more). ``program_to_module`` gives such an index the shape the fake kernel measures right,
+    the same result."""
+    monkeypatch.setattr(_measure, "_RUN_FIXED_BYTES", 1 << 20)
+    path = save(Gather(1000), tmp_path / "gather.pt2")
+    with pytest.warns(ProgramWarning, match=r"check was not run .*come to 4 MiB.* over the 2 MiB"):
+        model = load_model(path)
+    x = torch.randn(2, 1, 8, 8)
+    want = Gather(1000).eval()
+    want.load_state_dict(model.state_dict(), strict=False)
+    assert torch.allclose(model(x), want(x))  # the index's result unchanged
+    with pytest.raises(CheckpointError, match="fixed batch size of 2"):  # small: run, and judged
+        load_model(save(Gather(10), tmp_path / "small.pt2"))
+
+
+_IDX = {
+    "none": None,
+    "0d": torch.tensor(1),
+    "1d": torch.tensor([0, 1]),
+    "2d": torch.tensor([[1], [0]]),
+}
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("1d", "0d"), ("0d", "1d"), ("2d", "0d", "0d"), ("none", "1d", "0d"), ("0d", "0d"), ("1d",)],
+)
+def test_the_checked_index_gives_aten_s_result_and_a_fake_shape_that_matches_it(names):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from compressdrop.programs._checked import CHECKED
+
+    index, x = CHECKED[torch.ops.aten.index.Tensor], torch.randn(2, 3, 2, 5)
+    indices = [_IDX[n] for n in names]
+    want = torch.ops.aten.index.Tensor(x, indices)
+    assert torch.equal(index(x, indices), want)
+    with FakeTensorMode() as mode:
+        fakes = [None if t is None else mode.from_tensor(t) for t in indices]
+        assert index(mode.from_tensor(x), fakes).shape == want.shape

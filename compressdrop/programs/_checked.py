@@ -10,6 +10,8 @@ node at a function here that checks the shapes ``nn.LSTM``, ``nn.GRU``, ``nn.RNN
 ``F.scaled_dot_product_attention`` would have given it, then calls the operator: every run of the
 module (the one at load, evaluation, pruning, export) is checked. A symbolic size (a dynamic batch
 or length) is checked by ``torch._check``, which a re-export keeps as a runtime assertion.
+``aten.index.Tensor`` goes through :func:`index`, which gives its 0-d indices the shape the fake
+kernel measures right.
 """
 
 from __future__ import annotations
@@ -204,6 +206,26 @@ def embedding_bag(weight: Any, indices: Any, offsets: Any, *args: Any, **kwargs:
     return aten.embedding_bag.padding_idx(weight, indices, offsets, *args, **kwargs)
 
 
+def index(input: Any, indices: Any) -> Any:
+    """``aten.index.Tensor`` (``x[i, j]``) with each 0-d integer index beside a longer one made a
+    1-element index: the same result (they broadcast alike), whose size the fake tensors then
+    measure right. Torch 2.13's fake kernel drops the broadcast dimensions where a 0-d index
+    follows a longer one (``x(2, 3, 1000)[i(2), j()]``: ``(1000,)`` for the real ``(2, 1000)``),
+    so a graph's tensors could come to many times what :mod:`._measure` found before it ran."""
+    if isinstance(indices, (list, tuple)) and any(
+        isinstance(t, torch.Tensor) and t.dim() > 0 for t in indices
+    ):
+        indices = [
+            t.reshape(1) if isinstance(t, torch.Tensor) and t.dim() == 0 and not _bool(t) else t
+            for t in indices
+        ]
+    return aten.index.Tensor(input, indices)
+
+
+def _bool(t: torch.Tensor) -> bool:  # a 0-d mask adds a dimension: not the same as a (1,) one
+    return t.dtype == torch.bool or t.dtype == torch.uint8
+
+
 #: the schema types whose values the kernels look up by number without a bound (a ScalarType
 #: of -1 or a MemoryFormat of -100 read past a table: a segfault, in the fake kernels too), and
 #: the constant a program's node must hold for them
@@ -256,4 +278,5 @@ CHECKED: dict[Any, Callable[..., Any]] = {
     aten._embedding_bag.default: _embedding_bag,
     aten.embedding_bag.padding_idx: embedding_bag,
     aten.max_pool1d.default: max_pool1d,
+    aten.index.Tensor: index,
 }
