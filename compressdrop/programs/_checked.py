@@ -29,19 +29,27 @@ aten = torch.ops.aten
 
 
 class _Call:
-    """The checks of one operator call: each names the argument it is about."""
+    """The checks of one operator call: each names the argument it is about. ``sizes``: the
+    call's plain size arguments are checked (a kernel, a padding, offsets), not its tensors'
+    shapes against each other; the refusal says so."""
 
-    def __init__(self, op: str) -> None:
+    def __init__(self, op: str, sizes: bool = False) -> None:
         self.op = op
+        self.sizes = sizes
 
     def require(self, ok: Any, what: Callable[[], str]) -> None:
         """Refuse the call unless ``ok``: a clear error for plain sizes, ``torch._check`` for
         symbolic ones (a Python ``if`` would fix a dynamic size to this call's)."""
         if isinstance(ok, bool):
             if not ok:
+                problem, harm = (
+                    ("sizes its kernel does not check", "could crash the process")
+                    if self.sizes
+                    else ("shapes that disagree", "would read past its tensors")
+                )
                 raise CheckpointError(
-                    f"the program calls {self.op} with shapes that disagree ({what()}); its "
-                    "kernel would read past its tensors, so it is not run"
+                    f"the program calls {self.op} with {problem} ({what()}); its kernel "
+                    f"{harm}, so it is not run"
                 )
         else:
             torch._check(ok, lambda: f"{self.op}: {what()}")
@@ -144,7 +152,7 @@ def _check_window(op: str, args: Sequence[Any]) -> None:
     """``col2im`` and ``im2col`` keep their sizes, kernel, dilation, padding and stride as 32-bit
     ints: a padding of 2**31 or 2**32 crashed ``col2im``, a dilation or stride of 2**32 + 1 was
     taken as 1. Each must be a pair of ints from 0 to 2**31 - 1."""
-    c = _Call(op)
+    c = _Call(op, sizes=True)
     for i, pair in enumerate(args):
         _check_pair(c, f"argument {i + 1} is {brief(pair)}", pair)
 
@@ -161,7 +169,7 @@ def max_pool1d(input: Any, *args: Any, **kwargs: Any) -> Any:
     """``aten.max_pool1d`` (``nn.MaxPool1d``) with a kernel, stride, padding and dilation from 0 to
     2**31 - 1: its CPU kernel sized its loop before it checked them (a kernel of 2**63 - 1
     segfaulted, one of 2**62 ran on without end, a dilation of 2**32 + 1 was taken as 1)."""
-    c = _Call("aten.max_pool1d.default")
+    c = _Call("aten.max_pool1d.default", sizes=True)
     names = ("kernel_size", "stride", "padding", "dilation")
     given = {**dict(zip(names, args)), **{k: v for k, v in kwargs.items() if k in names}}
     for name, value in given.items():
@@ -185,7 +193,7 @@ def im2col(input: Any, *args: Any) -> Any:
 def _check_bags(op: str, indices: Any, offsets: Any, last: Any) -> None:
     """An embedding bag of no bags (offsets of none, or of one with ``include_last_offset``)
     crashed the CPU kernel in max mode or with a padding index: there must be one."""
-    c = _Call(op)
+    c = _Call(op, sizes=True)
     c.shape("the indices", indices, (None,))
     c.shape("the offsets", offsets, (None,))
     bags = offsets.shape[0] - (1 if last else 0)
