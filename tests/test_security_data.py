@@ -71,3 +71,20 @@ def test_an_npz_member_that_expands_like_a_zip_bomb_is_refused(tmp_path, monkeyp
     x, y = rng.random((64, 4), dtype=np.float32), np.arange(64) % 2
     np.savez_compressed(tmp_path / "ok.npz", x=x, y=y)
     assert load_npz(tmp_path / "ok.npz").input_shape == (4,)
+
+
+def test_an_npz_member_without_its_ending_is_the_one_checked(tmp_path, monkeypatch):
+    """numpy reads ``x`` for ``z["x"]`` where the archive holds ``x`` beside ``x.npy``; only
+    ``x.npy`` was checked, so a 778 KB file whose ``x`` inflated to 800 MB was read whole."""
+    monkeypatch.setattr(npz, "_ANY_BYTES", 1 << 16)
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", npy((4, 2), data=bytes(32)))
+        z.writestr("x", npy((1 << 15, 2), data=bytes(1 << 18)))
+        z.writestr("y.npy", npy((1 << 15,), "<i8", np.arange(1 << 15).tobytes()))
+    with pytest.raises(DataError, match=r"two members hold array 'x' \('x' and 'x\.npy'\)"):
+        load_npz(tmp_path / "bomb.npz")
+    with zipfile.ZipFile(tmp_path / "plain.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x", npy((1 << 15, 2), data=bytes(1 << 18)))  # no ``.npy``: checked as well
+        z.writestr("y", npy((4,), "<i8", bytes(32)))
+    with pytest.raises(DataError, match=r"'x' expands from [\d,]+ to 262,272 bytes"):
+        load_npz(tmp_path / "plain.npz")

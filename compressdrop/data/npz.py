@@ -114,7 +114,12 @@ def _check_size(path: Path, archive: zipfile.ZipFile, key: str) -> None:
     member holds, or a member that expands past :data:`_RATIO` times its compressed size plus
     :data:`_ANY_BYTES`."""
     names = archive.namelist()
-    member = f"{key}.npy" if f"{key}.npy" in names else key
+    if key in names and f"{key}.npy" in names:  # numpy reads the first, which went unchecked
+        raise DataError(
+            f"{path}: two members hold array {key!r} ({key!r} and '{key}.npy'); write the file "
+            "with np.savez"
+        )
+    member = key if key in names else f"{key}.npy"  # the member numpy reads for ``z[key]``
     info = archive.getinfo(member)
     if info.file_size > _RATIO * info.compress_size + _ANY_BYTES:
         raise DataError(
