@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from compressdrop.data import images, npz
+from compressdrop.data import images, load_dataset, npz
 from compressdrop.data.images import ImageFolderError, load_image_folder
 from compressdrop.data.npz import load_npz
 from compressdrop.errors import DataError
@@ -88,3 +88,16 @@ def test_an_npz_member_without_its_ending_is_the_one_checked(tmp_path, monkeypat
         z.writestr("y", npy((4,), "<i8", bytes(32)))
     with pytest.raises(DataError, match=r"'x' expands from [\d,]+ to 262,272 bytes"):
         load_npz(tmp_path / "plain.npz")
+
+
+def test_a_resize_past_the_pixel_cap_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    """A size over the cap made each image that large: ``eval`` of a 1 KB checkpoint recording
+    ``images:imgs,size=30000`` beside it (six 8×8 PNGs) asked for 3.6 GB per image, a raw
+    allocation traceback (or the memory taken, where the system gives it)."""
+    monkeypatch.setattr(images, "_MAX_PIXELS", 399)
+    root = folder(tmp_path, size=(10, 10))
+    with pytest.raises(DataError, match=r"size 20x20 is more than the 399 pixels"):
+        load_image_folder(root, size=20, test_fraction=0.5)
+    with pytest.raises(DataError, match=r"size 1000000x1000000 is more than the 399 pixels"):
+        load_dataset(f"images:{root},size=1000000")
+    assert load_image_folder(root, size=(19, 21), test_fraction=0.5).input_shape == (1, 19, 21)

@@ -63,6 +63,11 @@ def _size_pair(size: int | Sequence[int] | None) -> tuple[int, int] | None:
         raise DataError(f"size must be an int or (height, width), got {size!r}")
     if min(pair) < 1:
         raise DataError(f"size must be positive, got {size!r}")
+    if pair[0] * pair[1] > _MAX_PIXELS:  # a model file's recorded spec gives it too
+        raise DataError(
+            f"size {pair[0]}x{pair[1]} is more than the {_MAX_PIXELS:,} pixels an image may have "
+            "here; give a smaller size"
+        )
     return pair[0], pair[1]
 
 
