@@ -319,9 +319,9 @@ def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, dev
         arch_kwargs=arch_args,
         trust_code=trust_code,
         device=device,
-        announce=None if as_json else functools.partial(click.echo, err=True),
+        announce=None if as_json else lambda s: click.echo(printable(s), err=True),
     )
-    _emit(as_json, res, lambda: click.echo(eval_text(res)))
+    _emit(as_json, res, lambda: click.echo(printable(eval_text(res))))
 
 
 @main.command()
@@ -355,7 +355,7 @@ def sweep(
         arch=arch,
         trust_code=trust_code,
         device=device,
-        announce=None if as_json else functools.partial(click.echo, err=True),
+        announce=None if as_json else lambda s: click.echo(printable(s), err=True),
         progress=None
         if as_json
         else lambda r: err.print(

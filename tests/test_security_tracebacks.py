@@ -125,3 +125,25 @@ def test_names_from_a_file_reach_the_terminal_without_its_control_characters(tmp
     assert shown.startswith("warning (UserWarning): \\x1b]0;TITLE\\x07\\x1b]52;c;")
     assert not {"\x1b", "\x07", "\x9b", "\r", "\u202e"} & set(shown)
     assert printable("two\nlines\tand a tab") == "two\nlines\tand a tab"
+
+
+def test_the_data_a_file_records_reaches_the_terminal_without_its_control_characters(tmp_path):
+    """``eval`` without ``--data`` says which data the checkpoint records, and its result line
+    names that data: both echoed the file's string as it was (``ESC ] 0`` set the title)."""
+    from click.testing import CliRunner
+
+    from compressdrop.cli import main
+    from compressdrop.recipes import load_recipe
+
+    name = "d\x1b]0;TITLE\x07\u202e"
+    rng = np.random.default_rng(0)
+    x, y = rng.random((20, 1, 8, 8)).astype(np.float32), np.arange(20) % 2
+    np.savez(tmp_path / f"{name}.npz", x=x, y=y)
+    recipe = load_recipe("lenet300-lognormal").to_dict()
+    recipe["data"]["name"] = str(tmp_path / f"{name}.npz")
+    save_model(build_model("lenet300", (1, 8, 8), num_classes=2), tmp_path / "m.pt", recipe=recipe)
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "m.pt")])
+    assert result.exit_code == 0, result.output
+    assert "d\\x1b]0;TITLE\\x07\\u202e.npz (what" in result.output  # the announcement
+    assert "data: d\\x1b]0;TITLE\\x07\\u202e  n:" in result.output  # the result line
+    assert not {"\x1b", "\x07", "\u202e"} & set(result.output)
