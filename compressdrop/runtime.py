@@ -113,7 +113,13 @@ def ort_session(
     elif device.startswith("cuda"):
         raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
     _check_loops(path)
-    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    # constant folding runs a graph's constant nodes while the session is made, in C++ and
+    # outside ort_run, where neither Ctrl-C nor SIGTERM stops it (a 5 KB chain of 2000 x 2000
+    # MatMuls of a ConstantOfShape: a minute a hundred nodes); unfolded, they run in ort_run.
+    # compressdrop's exports are folded when written: their optimized graphs are the same
+    session = ort.InferenceSession(
+        str(path), sess_options=opts, providers=providers, disabled_optimizers=["ConstantFolding"]
+    )
     return session, session.get_providers()[0]
 
 

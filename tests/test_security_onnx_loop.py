@@ -95,3 +95,52 @@ def test_a_loop_whose_trip_count_the_graph_computes_stops_at_ctrl_c(tmp_path):
         proc.kill()
     assert proc.returncode == 130 and out == "interrupted\n", (out, err)
     assert "terminate flag" not in err  # onnxruntime's own log line is kept off the terminal
+
+
+def folding_graph(path, nodes: int):
+    """(N, 1, 8, 8) inputs plus the sum of a chain of ``nodes`` MatMuls of a 2000 x 2000
+    ``ConstantOfShape``: constant nodes, about 0.3 s each on a CPU core."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    ones = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    chain = [helper.make_node("ConstantOfShape", ["shape"], ["a0"], value=ones)]
+    chain += [helper.make_node("MatMul", [f"a{i}", f"a{i}"], [f"a{i + 1}"]) for i in range(nodes)]
+    chain += [
+        helper.make_node("ReduceSum", [f"a{nodes}"], ["s"], keepdims=0),
+        helper.make_node("Add", ["x", "s"], ["y"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 8, 8])
+    shape = numpy_helper.from_array(np.array([2000, 2000], np.int64), "shape")
+    model = helper.make_model(
+        helper.make_graph(chain, "g", [x], [y], [shape]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_a_graphs_constant_nodes_run_where_ctrl_c_stops_them(tmp_path):
+    """onnxruntime folded a graph's constant nodes while it made the session, in C++ outside the
+    run: a 5 KB file of 200 such MatMuls held ``eval`` a minute, and neither Ctrl-C nor SIGTERM
+    stopped it. Now they run in the run, which Ctrl-C stops."""
+    import select
+
+    path = folding_graph(tmp_path / "fold.onnx", 2000)  # folded: ten minutes
+    with subprocess.Popen(
+        [sys.executable, "-c", _RUN, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready and proc.stdout.readline() == "running\n"  # the session is made at once
+            time.sleep(1.0)  # inside the chain by now
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+    assert proc.returncode == 130 and out == "interrupted\n", (out, err)
