@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ._io import inflated
+from ._pickled import MOST_VALUES, archive_problem
 from ._torchvision import retry_with_torchvision
 from .errors import CheckpointError
 
@@ -59,6 +60,11 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
     bomb = _zip_bomb(path) if head.startswith(_ZIP_MAGIC) else None
     if bomb:
         raise CheckpointError(f"{path}: refused: {bomb}")
+    # read by its opcodes first: the unpickler's plain data can cost without end while it is
+    # built (a key of shared nested tuples hashed in one C call, deaf to Ctrl-C)
+    unbounded = None if trust_code else archive_problem(path)
+    if unbounded:
+        raise CheckpointError(f"{path}: refused: {unbounded}")
     try:
         with warnings.catch_warnings():
             # a damaged pickle stream makes torch warn about odd protocol numbers before failing
@@ -246,7 +252,7 @@ def _scalar(dtype: Any, raw: Any = None) -> Any:
 # the most values a file's data may unfold into when walked as a tree: a part shared by several
 # containers (pickle keeps it shared) counts once per place it sits; 60 levels of x = [x, x], a
 # 2 KB file, unfold into 2**60
-_MOST_VALUES = 10_000_000
+_MOST_VALUES = MOST_VALUES
 
 
 def _check_tree(obj: Any, path: Path) -> None:

@@ -5,6 +5,10 @@ program's bytes: 8 GB), and a recipe of nested YAML aliases (a billion laughs)."
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import zipfile
+
 import pytest
 import torch
 
@@ -129,3 +133,69 @@ def test_many_entries_each_under_the_bound_are_refused_together(tmp_path):
         ) + (1 << 20)  # each entry alone passes
     with pytest.raises(CheckpointError, match=r"its entries expand from .* \(a zip bomb\?\)"):
         load_checkpoint(tmp_path / "deflated.pt")
+
+
+# --- a twelfth review: what the unpickler builds can cost without end ---------------------------
+
+
+def _pickled(path, stream: bytes):
+    """A ``torch.save`` archive at ``path`` whose ``data.pkl`` is ``stream``."""
+    torch.save({}, path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in entries:
+            z.writestr(name, stream if name.endswith("/data.pkl") else data)
+    return path
+
+
+def _nested_tuples(levels: int) -> bytes:
+    """Opcodes pushing ``t = (t, t)`` nested ``levels`` times over ``()``, its parts shared."""
+    return b")q\x00" + b"".join(b"h%c\x86q%c" % (i, i + 1) for i in range(levels))
+
+
+def test_a_key_of_shared_nested_tuples_is_refused_before_it_is_hashed(tmp_path):
+    """A 957-byte checkpoint whose dict key was ``t = (t, t)`` forty times over: hashing it in
+    one C call visited 2**40 parts, and neither Ctrl-C nor SIGTERM stopped ``eval``."""
+    path = _pickled(tmp_path / "key.pt", b"\x80\x02}" + _nested_tuples(40) + b"K\x01s.")
+    code = (
+        "import sys\nfrom compressdrop.torchload import load_checkpoint\n"
+        "try:\n    load_checkpoint(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+    )
+    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert "refused: its data unfolds into more than 10,000,000 values" in done.stdout, done
+
+
+def test_a_set_of_shared_nested_tuples_and_a_bytearray_of_a_number_are_refused(tmp_path):
+    """A set is not walked after loading (its members were hashed while it was built), and
+    ``bytearray(2000000000)`` in a 790-byte file took 2 GB."""
+    members = b"cbuiltins\nset\n" + _nested_tuples(24) + b"\x85\x85R"  # set(((t,),))
+    path = _pickled(tmp_path / "set.pt", b"\x80\x02}X\x01\x00\x00\x00a" + members + b"s.")
+    with pytest.raises(CheckpointError, match="unfolds into more than 10,000,000 values"):
+        load_checkpoint(path)
+    zeros = b"cbuiltins\nbytearray\nJ\x00\x00\x10\x00\x85R"  # bytearray(1 << 20)
+    path = _pickled(tmp_path / "zeros.pt", b"\x80\x02}X\x01\x00\x00\x00a" + zeros + b"s.")
+    with pytest.raises(CheckpointError, match=r"refused: it makes a bytearray from a number"):
+        load_checkpoint(path)
+    plain = {"x": [(1, 2)] * 1000, "b": bytearray(b"abc"), "w": torch.ones(3)}
+    torch.save(plain, tmp_path / "plain.pt")  # a bytearray of bytes, tuples shared in a list
+    assert load_checkpoint(tmp_path / "plain.pt")["b"] == bytearray(b"abc")
+
+
+def test_a_programs_sample_inputs_are_read_by_their_opcodes_first(tmp_path):
+    """The sample inputs of a ``.pt2`` are unpickled by the same unpickler (by the check, and by
+    ``torch.export.load``)."""
+    from .test_security import _good_pt2
+
+    _good_pt2(tmp_path / "good.pt2")
+    zeros = b"\x80\x02cbuiltins\nbytearray\nJ\x00\x00\x10\x00\x85R."
+    inputs = _pickled(tmp_path / "inputs.pt", zeros).read_bytes()
+    with zipfile.ZipFile(tmp_path / "good.pt2") as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(tmp_path / "evil.pt2", "w") as z:
+        for name, data in entries:
+            z.writestr(name, inputs if name.endswith("data/sample_inputs/model.pt") else data)
+    with pytest.raises(CheckpointError, match=r"sample inputs are refused: it makes a bytearray"):
+        load_model(tmp_path / "evil.pt2")

@@ -38,6 +38,7 @@ import torch
 from torch._export.serde import schema
 
 from .._io import inflated
+from .._pickled import archive_problem
 from ..errors import CheckpointError
 from ._limits import _bounded_arithmetic, _payload_problem, _small_exponent
 from ._ops import ALLOWED
@@ -380,6 +381,8 @@ def check_pt2_archive(
                     stored = sizes.get(kind + entry["path_name"], 0)
                     if wrong := _payload_problem(entry.get("tensor_meta") or {}, stored):
                         raise refuse(f"{fqn!r} {wrong} ({config_name})")
+            if wrong := archive_problem(records[inputs]):  # before torch unpickles them
+                raise refuse(f"its sample inputs are refused: {wrong} ({inputs})")
             try:
                 torch.load(io.BytesIO(records[inputs]), weights_only=True)
             except Exception:
