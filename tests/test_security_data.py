@@ -101,3 +101,24 @@ def test_a_resize_past_the_pixel_cap_is_refused_before_anything_is_read(tmp_path
     with pytest.raises(DataError, match=r"size 1000000x1000000 is more than the 399 pixels"):
         load_dataset(f"images:{root},size=1000000")
     assert load_image_folder(root, size=(19, 21), test_fraction=0.5).input_shape == (1, 19, 21)
+
+
+def test_a_gzipped_idx_file_that_expands_like_a_zip_bomb_is_refused(tmp_path, monkeypatch):
+    """Fashion-MNIST's ``.gz`` files were read whole: 2.3 MB of zeros took 4.7 GB (also as the
+    ``fashion-mnist:DIR`` a checkpoint records beside it, for ``eval`` without ``--data``)."""
+    import gzip
+    import struct
+
+    import compressdrop.data as data
+
+    monkeypatch.setattr(data, "_ANY_BYTES", 1 << 16, raising=False)  # (the bound is new)
+    n = 2000  # 1.5 MB of zero images: a few KB compressed
+    for split, count in (("train", n), ("t10k", 4)):
+        with gzip.open(tmp_path / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 3]) + struct.pack(">III", count, 28, 28) + bytes(count * 784))
+        with gzip.open(tmp_path / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(bytes([0, 0, 8, 1]) + struct.pack(">I", count) + bytes(count))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz: expands past [\d,]+ bytes"):
+        load_dataset(f"fashion-mnist:{tmp_path}")
+    monkeypatch.setattr(data, "_ANY_BYTES", 1 << 21)  # within the bound: read as before
+    assert load_dataset(f"fashion-mnist:{tmp_path}").x_train.shape == (n, 1, 28, 28)
