@@ -51,6 +51,10 @@ def check_shards(path: Path) -> None:
             "pickled weights could run code when loaded: convert them to safetensors where you "
             "trust them"
         )
+    # a FIFO (or what a link names that is none) blocked the load without end, unopened
+    odd = sorted({s for s in weight_map.values() if not (path / s).is_file()})
+    if odd:
+        raise CheckpointError(f"{index}: names shards that are not files of the folder ({odd[:3]})")
 
 
 #: a model folder's tokenizer files, carried into its slim folder (pruning leaves them valid)

@@ -187,3 +187,29 @@ def test_a_folder_loads_without_transformers_hub_kernels(source):
     later ``train()`` swaps Hub layers in on a GPU: compressdrop loads with it off."""
     model = load_model(source)
     assert getattr(model, "use_kernels", False) is False
+
+
+def test_an_index_naming_a_shard_that_is_no_file_is_refused_before_it_is_opened(source, tmp_path):
+    """A shard that was a FIFO (``tar`` carries them) blocked ``load_model`` without end in the
+    shard's open."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    folder = _copy(source, tmp_path / "llama")
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    (folder / "model.safetensors").unlink()
+    shard = "model-00001-of-00001.safetensors"
+    index = {"metadata": {}, "weight_map": dict.fromkeys(keys, shard)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    os.mkfifo(folder / shard)
+    code = (
+        "import sys\nfrom compressdrop.checkpoint import load_model\n"
+        "try:\n    load_model(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+    )
+    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert f"names shards that are not files of the folder (['{shard}'])" in done.stdout, done
