@@ -145,9 +145,12 @@ def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None
 
 
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=title)
+    # the title names the data, a file's or folder's name (one a model file records): rich read
+    # "[/x]" in it as markup (a raw MarkupError) and passed its control characters on
+    t = Table(title=escape(printable(title)))
     for col in columns:
         t.add_column(col, justify="right")
     for row in rows:

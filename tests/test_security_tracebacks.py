@@ -147,3 +147,19 @@ def test_the_data_a_file_records_reaches_the_terminal_without_its_control_charac
     assert "d\\x1b]0;TITLE\\x07\\u202e.npz (what" in result.output  # the announcement
     assert "data: d\\x1b]0;TITLE\\x07\\u202e  n:" in result.output  # the result line
     assert not {"\x1b", "\x07", "\u202e"} & set(result.output)
+
+
+def test_a_sweeps_title_takes_the_datas_name_as_text(capsys):
+    """The sweep's table is titled with the data's name (a file's or folder's, one a model
+    file records): rich read ``[/x]`` in it as markup, a raw ``MarkupError`` after the sweep had
+    written its files, and passed ``ESC ] 0`` on to the terminal."""
+    from compressdrop.reporting import sweep_text
+
+    row = {"threshold": 1.0, "architecture": "3-2", "accuracy": 0.5, "nll": 0.7, "params": 10}
+    row |= {"flops": 20, "onnx_bytes": 30, "latency_ms": 0.1, "pareto": True}
+    row |= {"device": "cpu", "provider": "CPUExecutionProvider"}
+    title = "m.pt on d[/x]\x1b]0;TITLE\x07"
+    sweep_text({"rows": [row], "dense": None, "files": {}, "title": title}, 8, None)
+    shown = capsys.readouterr().out
+    assert "m.ptond[/x]\\x1b]0;TITLE\\x07" in "".join(shown.split())  # (wrapped)
+    assert "\x1b]" not in shown and "\x07" not in shown
