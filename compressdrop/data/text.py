@@ -117,6 +117,12 @@ def load_text(
         raise FileNotFoundError(f"{root}: no such file or folder")
     if context < 2:
         raise DataError(f"context must be at least 2 bytes, got {context}")
+    if glob.count("**") > 2:  # (a model file's recorded spec gives it too)
+        raise DataError(
+            f"{root}: glob={glob!r} has more than two '**': each walks the folder again from "
+            "every folder the one before found (eight, in twelve nested folders: 3 s; twenty: "
+            "hours)"
+        )
     if not (0 <= val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise DataError(
             f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave some text "
