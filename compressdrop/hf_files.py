@@ -5,18 +5,22 @@ the folder or the cache's blobs, never what a link elsewhere points at)."""
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ._io import read_within
 from .errors import CheckpointError
 
 __all__ = [
+    "SPARE_WEIGHTS",
     "TOKENIZER_BYTES",
     "TOKENIZER_FILES",
     "WEIGHTS",
     "check_shards",
+    "check_sizes",
     "read_tokenizer",
     "write_tokenizer",
 ]
@@ -25,13 +29,14 @@ __all__ = [
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def check_shards(path: Path) -> None:
+def check_shards(path: Path) -> list[Path]:
     """Without ``model.safetensors``, the index must name safetensors shards in the folder: one
     that names a pickled ``.bin`` shard made transformers try to unpickle it (refused by its
-    weights-only unpickler, as a raw traceback advising to turn that off)."""
+    weights-only unpickler, as a raw traceback advising to turn that off). Returns the files
+    of weights transformers reads."""
     index = path / WEIGHTS[1]
     if (path / WEIGHTS[0]).is_file():
-        return
+        return [path / WEIGHTS[0]]
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
     except (OSError, ValueError, AttributeError, RecursionError) as e:
@@ -55,6 +60,46 @@ def check_shards(path: Path) -> None:
     odd = sorted({s for s in weight_map.values() if not (path / s).is_file()})
     if odd:
         raise CheckpointError(f"{index}: names shards that are not files of the folder ({odd[:3]})")
+    return [path / s for s in sorted(set(weight_map.values()))]
+
+
+#: the parameters a config may describe beyond the values its files hold (a family may make
+#: some of its parameters from others)
+SPARE_WEIGHTS = 1 << 20
+
+
+def check_sizes(path: Path, files: list[Path], tf: Any) -> None:
+    """Refuse a folder whose config describes more parameters than its safetensors ``files``
+    hold, before any memory is taken for them: transformers makes up the weights the files lack,
+    at the config's sizes (a 100 KB folder whose config said ``vocab_size: 20000000`` and held no
+    embedding took 5.3 GB). The model is built from the config on the ``meta`` device (``tf``:
+    the transformers module) and its parameters counted against the files' headers; a config
+    that cannot be built so is left to transformers, which says what is wrong with it.
+
+    Raises:
+        CheckpointError: the config describes more than :data:`SPARE_WEIGHTS` parameters more
+            than the files hold.
+    """
+    import torch
+    from safetensors import safe_open
+
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (its load says them)
+            want = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
+        have = 0
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                have += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    except Exception:  # transformers' load names the problem
+        return
+    if want > have + SPARE_WEIGHTS:
+        raise CheckpointError(
+            f"{path}: its config describes a model of {want:,} parameters, its safetensors files "
+            f"hold {have:,} values: transformers would make up the rest, memory the files do not "
+            "justify; refused"
+        )
 
 
 #: a model folder's tokenizer files, carried into its slim folder (pruning leaves them valid)

@@ -2,9 +2,9 @@
 
 In: a causal language model's folder loads with the transformers library's own classes only:
 a config that names remote code (``auto_map``) is refused, and so are pickled weights
-(``pytorch_model.bin``), since unpickling runs code. The model gets an ``arch`` record
-(``hf-causal-lm`` with the config's fields), so that compressdrop checkpoints of it (gated, slim)
-rebuild without the folder.
+(``pytorch_model.bin``), since unpickling runs code, and a config larger than the weights. The
+model gets an ``arch`` record (``hf-causal-lm`` with the config's fields), so that compressdrop
+checkpoints of it (gated, slim) rebuild without the folder.
 
 Out: a slim model whose config describes it (see :func:`compressdrop.gating.known.sync_config`;
 ``prune(uniform=True)`` makes one) is written with ``save_pretrained`` into a temporary folder,
@@ -35,7 +35,7 @@ from torch import nn
 from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
-from .hf_files import WEIGHTS, check_shards, read_tokenizer, write_tokenizer
+from .hf_files import WEIGHTS, check_shards, check_sizes, read_tokenizer, write_tokenizer
 from .models.hf import hub_code
 from .runtime import logits_of
 
@@ -215,7 +215,6 @@ def load_hf_folder(path: str | Path) -> nn.Module:
                 else ""
             )
         )
-    check_shards(path)
     tf = _transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -230,6 +229,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
             f"{tf.__version__} (compressdrop reads causal-LM folders; for another model, save it "
             "with torch.export or its state_dict and give its factory with --arch)"
         )
+    check_sizes(path, check_shards(path), tf)  # before memory is taken for what files lack
     try:
         with quiet_progress():
             model = tf.AutoModelForCausalLM.from_pretrained(

@@ -213,3 +213,24 @@ def test_an_index_naming_a_shard_that_is_no_file_is_refused_before_it_is_opened(
         [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
     )
     assert f"names shards that are not files of the folder (['{shard}'])" in done.stdout, done
+
+
+def test_a_config_that_describes_more_than_the_weights_hold_is_refused(
+    source, tmp_path, monkeypatch
+):
+    """transformers makes up the weights a folder lacks at its config's sizes: a 100 KB folder
+    whose config said ``vocab_size: 20000000`` and held no embedding took 5.3 GB."""
+    from safetensors.torch import load_file, save_file
+
+    from compressdrop import hf_files
+
+    monkeypatch.setattr(hf_files, "SPARE_WEIGHTS", 1 << 16, raising=False)  # (the bound is new)
+    assert load_model(source).arch["name"] == "hf-causal-lm"  # every weight there: loads
+    folder = _copy(source, tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 40_000}))
+    weights = load_file(folder / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "embed" not in k and "lm_head" not in k}
+    save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"describes a model of 2,575,520 parameters"):
+        load_model(folder)
