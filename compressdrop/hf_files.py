@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from ._io import read_within
 from .errors import CheckpointError
 
 __all__ = [
+    "LAYER_FIELDS",
+    "LAYER_SPARE",
     "SPARE_WEIGHTS",
     "TOKENIZER_BYTES",
     "TOKENIZER_FILES",
@@ -69,29 +72,44 @@ SPARE_WEIGHTS = 1 << 20
 
 
 def check_sizes(path: Path, files: list[Path], tf: Any) -> None:
-    """Refuse a folder whose config describes more parameters than its safetensors ``files``
-    hold, before any memory is taken for them: transformers makes up the weights the files lack,
-    at the config's sizes (a 100 KB folder whose config said ``vocab_size: 20000000`` and held no
-    embedding took 5.3 GB). The model is built from the config on the ``meta`` device (``tf``:
-    the transformers module) and its parameters counted against the files' headers; a config
-    that cannot be built so is left to transformers, which says what is wrong with it.
+    """Refuse a folder whose config describes more than its safetensors ``files`` hold, before
+    anything is built or any memory taken for it: transformers makes up the weights the files
+    lack, at the config's sizes (a 100 KB folder whose config said ``vocab_size: 20000000`` and
+    held no embedding took 5.3 GB), and builds the config's layers one by one
+    (``num_hidden_layers: 1e30`` never ended). The layers a config gives (its fields
+    :data:`LAYER_FIELDS`, in sub-configs too) may be at most :data:`LAYER_SPARE` times those the
+    files' names number, plus as many again; then the model is built from the config on the
+    ``meta`` device (``tf``: the transformers module) and its parameters counted against the
+    files' headers. A config or file that cannot be read so is left to transformers, which says
+    what is wrong with it.
 
     Raises:
-        CheckpointError: the config describes more than :data:`SPARE_WEIGHTS` parameters more
+        CheckpointError: too many layers, or more than :data:`SPARE_WEIGHTS` parameters more
             than the files hold.
     """
     import torch
     from safetensors import safe_open
 
+    have, numbered = 0, 0
     try:
         config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        for file in files:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():  # noqa: SIM118 (a safe_open is no mapping)
+                    have += math.prod(f.get_slice(key).get_shape())
+                    numbered = max([numbered, *(int(n) + 1 for n in _INDEX.findall(f".{key}."))])
+        layers = max((n for n in _layer_counts(config.to_dict()) if n >= 0), default=0)
+    except Exception:  # transformers' load names the problem
+        return
+    if layers > LAYER_SPARE * numbered + LAYER_SPARE:
+        raise CheckpointError(
+            f"{path}: its config describes {layers:,} layers, its safetensors files number "
+            f"{numbered:,}: transformers would build and make up the rest; refused"
+        )
+    try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (its load says them)
             want = sum(p.numel() for p in tf.AutoModelForCausalLM.from_config(config).parameters())
-        have = 0
-        for file in files:
-            with safe_open(str(file), "pt") as f:
-                have += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
     except Exception:  # transformers' load names the problem
         return
     if want > have + SPARE_WEIGHTS:
@@ -100,6 +118,23 @@ def check_sizes(path: Path, files: list[Path], tf: Any) -> None:
             f"hold {have:,} values: transformers would make up the rest, memory the files do not "
             "justify; refused"
         )
+
+
+#: the config fields that give a model's (or a sub-model's) number of layers
+LAYER_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers")
+#: how many times the layers the weights' names number a config may give (a family may reuse
+#: a layer's weights), plus as many again
+LAYER_SPARE = 4
+_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.)")  # a module list's index in a weight's name
+
+
+def _layer_counts(config: Mapping[str, Any], depth: int = 0) -> list[int]:
+    """The layer counts a config and its sub-configs give (:data:`LAYER_FIELDS`)."""
+    counts = [v for k, v in config.items() if k in LAYER_FIELDS and type(v) is int]
+    for value in config.values() if depth < 32 else ():
+        if isinstance(value, Mapping):
+            counts += _layer_counts(value, depth + 1)
+    return counts
 
 
 #: a model folder's tokenizer files, carried into its slim folder (pruning leaves them valid)

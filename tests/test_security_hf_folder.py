@@ -234,3 +234,29 @@ def test_a_config_that_describes_more_than_the_weights_hold_is_refused(
     save_file(kept, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"describes a model of 2,575,520 parameters"):
         load_model(folder)
+
+
+def test_a_config_of_more_layers_than_the_weights_number_is_refused_before_a_build(
+    source, tmp_path
+):
+    """transformers builds a config's layers one by one, on the ``meta`` device too:
+    ``num_hidden_layers: 1e30`` in a folder of two layers never ended (nor did the parameter
+    count above, which builds the model)."""
+    import subprocess
+    import sys
+
+    folder = _copy(source, tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**30}))
+    code = (
+        "import sys\nfrom compressdrop.checkpoint import load_model\n"
+        "try:\n    load_model(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
+    )
+    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert f"describes {10**30:,} layers, its safetensors files number 2" in done.stdout, done
+    nested = {**config, "text_config": {"num_layers": 13}}  # a sub-config's count too
+    (folder / "config.json").write_text(json.dumps(nested))
+    with pytest.raises(CheckpointError, match=r"describes 13 layers, .* number 2"):
+        load_model(folder)
