@@ -288,9 +288,13 @@ def check_state_fits(
     Raises:
         CheckpointError: the weights do not fit, or :func:`build_arch` refuses the record.
     """
+    from .models import too_deep
+
     rec = record if isinstance(record, ArchRecord) else ArchRecord.from_dict(record, where)
     if (rec.program is not None and factory is None) or not isinstance(state, Mapping):
         return
+    if rec.name is not None and factory is None and (deep := too_deep(rec.kwargs, state)):
+        raise CheckpointError(f"{where}: {deep}: the net would build them one by one; refused")
     try:
         with torch.device("meta"):
             shell = build_arch(rec, factory=factory, trust_code=trust_code, where=where)

@@ -8,13 +8,15 @@ that loading never needs pickled code.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..hf_files import LAYER_FIELDS, LAYER_SPARE
 from .hf import hf_causal_lm
 from .record import tag as _tag
 from .vit import TinyViT, vit_tiny
@@ -30,6 +32,7 @@ __all__ = [
     "lenet300_100",
     "lstm_rows",
     "resnet_small",
+    "too_deep",
     "vgg_like",
     "vit_tiny",
 ]
@@ -354,3 +357,31 @@ def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
     if arch.get("name") in TOKEN_MODELS:
         return torch.randint(0, int(arch["num_classes"]), (batch, *arch["input_shape"]))
     return torch.randn(batch, *arch["input_shape"])
+
+
+# arguments that count the layers (or blocks) a reference net builds one by one: resnet's
+# blocks (per stage), the ViT's depth, hf-causal-lm's config fields
+_COUNTS = ("blocks", "depth", *LAYER_FIELDS)
+
+
+def too_deep(kwargs: Mapping[str, Any], names: Iterable[str], depth: int = 0) -> str | None:
+    """Where a reference net's ``kwargs`` (an ``arch`` record's) ask for more layers than the
+    weights' ``names`` number (their module lists' largest index, plus one), more than
+    :data:`~compressdrop.hf_files.LAYER_SPARE` times over plus as many again: a net builds its
+    layers one by one, on the ``meta`` device too (``blocks: [10**12, 1, 1]`` never ended). A
+    list of sizes (``widths``) builds a layer per size; sub-configs are read too (their other
+    lists of numbers, token ids, are no layers)."""
+    names = list(names)
+    found = (int(n) + 1 for k in names for n in re.findall(r"(?<=\.)\d+(?=\.)", f".{k}."))
+    numbered = max(found, default=0)
+    bound = LAYER_SPARE * numbered + LAYER_SPARE
+    for key, value in kwargs.items():
+        ints = isinstance(value, list | tuple) and all(type(v) is int for v in value)
+        count = sum(value) if ints and key in _COUNTS else len(value) if ints else value
+        if type(count) is int and key in (*_COUNTS, "widths") and count > bound:
+            return (
+                f"its arch record's {key} asks for {count:,} layers, its weights number {numbered}"
+            )
+        if isinstance(value, Mapping) and depth < 32 and (why := too_deep(value, names, depth + 1)):
+            return why
+    return None
