@@ -287,6 +287,12 @@ def test_hardconcrete_penalty_is_probability_of_nonzero():
         _assert_within(nz.mean(0), nz.std(0) / math.sqrt(N_MC) + 1e-4, penalty, what="P(z≠0)")
 
 
+def test_hardconcrete_default_threshold_is_the_snr_at_the_paper_cutoff():
+    from compressdrop.gates.concrete import _snr_at_paper_cutoff
+
+    assert HardConcreteGate.default_threshold == pytest.approx(_snr_at_paper_cutoff(), rel=1e-12)
+
+
 def test_hardconcrete_default_threshold_is_paper_cutoff():
     g = HardConcreteGate(2)
     with torch.no_grad():

@@ -263,8 +263,13 @@ class HardConcreteGate(Gate):
 
 
 def _snr_at_paper_cutoff() -> float:
+    """The SNR at log α = −log 11 (:class:`HardConcreteGate`'s default threshold)."""
     q = HardConcrete(torch.tensor([-math.log(11.0)], dtype=torch.float64))
     return float(q.mean / q.variance.sqrt())
 
 
-HardConcreteGate.default_threshold = _snr_at_paper_cutoff()
+# :func:`_snr_at_paper_cutoff`'s value, written out (tests/test_gates.py checks it): importing
+# compressdrop runs no torch operation. One starts torch's OpenMP threads, and a process forked
+# after them (multiprocessing's default start on Linux) waited forever at its first parallel
+# operation (tests/prewarmed.py's children did, at two threads)
+HardConcreteGate.default_threshold = 0.4403528269837837
