@@ -238,3 +238,28 @@ def test_a_train_stopped_before_its_first_epoch_leaves_no_empty_folder(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         jobs.train("lenet300-lognormal", out=tmp_path / "mine")
     assert (tmp_path / "mine").is_dir()
+
+
+def test_prune_of_a_models_file_with_more_outputs_than_classes_gives_advice_that_applies(
+    tmp_path,
+):
+    """`prune m.pt2 --data three-classes.npz` of a 10-output model said "set it in the recipe:
+    model.kwargs.num_classes=3": a program (or a pickled module, or a state_dict's weights)
+    keeps its outputs whatever a recipe says, so the advice could not be followed."""
+    from compressdrop.data import load_digits
+
+    x = torch.randn(2, 1, 8, 8)
+    program = torch.export.export(
+        UserNet(num_classes=10).eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    torch.export.save(program, tmp_path / "m.pt2")
+    ds = load_digits()
+    few = ds.y_train < 3
+    three = tmp_path / "three.npz"
+    np.savez(three, x=ds.x_train[few].numpy(), y=ds.y_train[few].numpy())
+    out = tmp_path / "s.pt2"
+    args = ["prune", tmp_path / "m.pt2", "--data", three, "-r", tiny_recipe(tmp_path / "r.yaml")]
+    res = run([*args, "-o", out], expect=1)
+    assert "gives 10 outputs for data 'three' of 3 classes" in res.stderr
+    assert "model.kwargs" not in res.stderr and "--arch-arg" not in res.stderr
+    assert "a model with 3 outputs" in res.stderr and not out.exists()

@@ -46,6 +46,7 @@ class RunState(Protocol):
     dense_metrics: dict[str, Any] | None
     prune_info: dict[str, Any] | None
     template: nn.Module | None  # the dense structure every stage starts from
+    initial: nn.Module | None  # the user's model (not a recipe's factory's), until a stage takes it
 
     def example(self, batch: int = 2) -> torch.Tensor:
         """The first ``batch`` training inputs, on the run's device."""
@@ -118,6 +119,12 @@ class Pretrain(Stage):
         for y in (run.data.y_train, run.data.y_test):
             check_labels(logits.shape[-1], y, where, setting="the recipe's model.kwargs.")
         outputs, classes = logits.shape[-1], run.data.num_classes
+        if run.data.task == "classify" and outputs != classes and run.initial is not None:
+            raise InputError(  # the user's model, not a recipe's factory: no setting changes it
+                f"the model gives {outputs} outputs for {where} of {classes} classes (labels "
+                f"0-{classes - 1}): a model brought to be pruned keeps its outputs (its weights'), "
+                f"so give data with a class for each of them, or a model with {classes} outputs"
+            )
         if run.data.task == "classify" and outputs != classes:  # (a factory ignored num_classes)
             raise InputError(
                 f"the recipe's model gives {outputs} outputs for {where} of {classes} classes: its"
