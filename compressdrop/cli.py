@@ -211,8 +211,8 @@ def prune(
     """Prune a model: directly if it has trained gates, else sparsify it on data first.
 
     MODEL is a compressdrop checkpoint, a torch.export program (.pt2), a Hugging Face
-    causal-LM folder (config.json + safetensors), a state_dict (with --arch and --arch-arg) or,
-    with --trust-pickle, a whole pickled module. OUTPUT's suffix picks the format: .pt
+    causal-LM folder (config.json + safetensors), a state_dict (torch.save or safetensors; with
+    --arch and --arch-arg) or, with --trust-pickle, a whole pickled module. OUTPUT's suffix picks the format: .pt
     (compressdrop checkpoint), .pt2 (torch.export program, plus .onnx beside it), .onnx, or none:
     a Hugging Face folder (checked by reloading it with from_pretrained).
 

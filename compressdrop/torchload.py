@@ -15,6 +15,7 @@ import torch
 
 from ._io import inflated
 from ._pickled import MOST_VALUES, archive_problem
+from ._safetensors import is_safetensors, load_safetensors
 from ._torchvision import retry_with_torchvision
 from .errors import CheckpointError
 
@@ -29,9 +30,11 @@ _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
     """``torch.load`` with the safety rules: weights only unless ``trust_code``; clear errors.
 
+    A safetensors file (``safetensors.torch.save_file``) is read as the ``state_dict`` it holds.
+
     Raises:
-        CheckpointError: the file is missing, is not a PyTorch file, is corrupt or truncated, or
-            holds pickled objects (refused unless ``trust_code``).
+        CheckpointError: the file is missing, is not a PyTorch or safetensors file, is corrupt or
+            truncated, or holds pickled objects (refused unless ``trust_code``).
     """
     path = Path(path)
     if not path.exists():
@@ -46,6 +49,8 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             "checkpoint, a .pt2 program, a state_dict or a Hugging Face folder). "
             "`compressdrop eval` reads ONNX files"
         )
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC) and is_safetensors(path):
+        return load_safetensors(path)  # a state_dict's tensors, no pickle in the format
     if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
         raise CheckpointError(
             f"{path}: not a readable PyTorch file (corrupt or truncated?): it starts with neither "
