@@ -207,9 +207,20 @@ def prune_text(result: Any, source: str, out: str) -> None:
     print(written_text(result.files.paths, result.files.max_rel_error))
 
 
+def _distinct_labels(values: Sequence[float], digits: int = 4) -> list[str]:
+    """``values`` with ``digits`` significant digits, or as many more (up to 9) as keep distinct
+    values apart: thresholds a short training leaves close together read 145 on every row."""
+    for d in range(digits, 10):
+        labels = [f"{v:.{d}g}" for v in values]
+        if len(set(labels)) == len(set(values)):
+            break
+    return labels
+
+
 def sweep_text(res: dict[str, Any], batch: int, threads: int | None) -> None:
     """The table of a threshold sweep, the dense reference and the files, on stdout."""
     rows = res["rows"]
+    thresholds = _distinct_labels([r["threshold"] for r in rows])
     text = rows[0].get("bits_per_byte") is not None  # byte-level text: bits per byte, not accuracy
     _table(
         f"sweep of {res['title']} ({rows[0]['device']}, onnxruntime {rows[0]['provider']}, "
@@ -218,11 +229,11 @@ def sweep_text(res: dict[str, Any], batch: int, threads: int | None) -> None:
         + ("params", "FLOPs", "ONNX bytes", "latency ms")
         + ("Pareto",),
         [
-            [f"{r['threshold']:.4g}", r["architecture"]]
+            [label, r["architecture"]]
             + [f"{r['bits_per_byte' if text else 'accuracy']:.4f}", f"{r['nll']:.4f}"]
             + [f"{r['params']:,}", f"{r['flops']:,}", f"{r['onnx_bytes']:,}"]
             + [f"{r['latency_ms']:.3f}", "*" if r["pareto"] else ""]
-            for r in rows
+            for label, r in zip(thresholds, rows, strict=True)
         ],
     )
     dense = res["dense"]

@@ -44,3 +44,20 @@ def test_a_failed_plot_leaves_the_previous_set_whole_and_no_temporary_files(tmp_
     monkeypatch.undo()
     write_sweep(_rows(0.5), tmp_path)
     assert all(paths[k].read_bytes() != before[k] for k in ("csv", "json", "png"))
+
+
+def test_the_sweep_table_tells_close_thresholds_apart(capsys):
+    """After a short training every SNR sits near its initial value: the table printed nine rows
+    of "145" for thresholds from 144.983822 to 144.984421 (four significant digits)."""
+    from dataclasses import asdict, replace
+
+    from compressdrop.reporting import sweep_text
+
+    base = _rows(0.9)
+    thresholds = [0.0, 1.0, 144.983822, 144.984039, 144.98407, 144.984421]
+    rows = [asdict(replace(base[0], threshold=t)) for t in thresholds]
+    sweep_text({"rows": rows, "title": "m", "dense": None, "files": {}}, 1, 1)
+    lines = capsys.readouterr().out.splitlines()
+    cells = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert len(set(cells)) == len(thresholds) and [float(c) for c in cells[:2]] == [0.0, 1.0]
+    assert all(abs(float(c) - t) < 1e-3 for c, t in zip(cells, thresholds, strict=True))
