@@ -744,6 +744,41 @@ def test_keep_gated_for_a_pickled_module_whose_program_differs_is_refused_before
     assert cd.is_gated(gated)
 
 
+class ScaledInput(nn.Module):
+    """An MLP whose input is scaled by a buffer it does not save (``persistent=False``), as
+    Hugging Face models keep their ``position_ids``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 64), persistent=False)
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x.flatten(1) * self.scale)))
+
+
+def test_keep_gated_for_a_pickled_module_with_a_buffer_it_does_not_save(tmp_path):
+    """`prune whole.pt --trust-pickle --keep-gated` of a module with a non-persistent buffer was
+    refused ("its blocks differ ... e.g. scale"): the program it is recorded as holds the buffer
+    as a persistent one, so the gated file, without it, would not have loaded."""
+    torch.manual_seed(0)
+    model = ScaledInput().eval()
+    torch.save(model, tmp_path / "whole.pt")
+    recipe = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=1, finetune=0, onnx=False)
+    args = ["--trust-pickle", "--data", "digits", "--recipe", recipe, "--keep-gated"]
+    run(["prune", tmp_path / "whole.pt", *args, "-o", tmp_path / "s.pt2"])
+    gated = load_model(tmp_path / "s-gated.pt")
+    assert cd.is_gated(gated)
+    torch.testing.assert_close(gated.get_buffer("scale"), model.scale, rtol=0, atol=0)
+    again = cd.prune(
+        gated, 1.0
+    )  # the gated file prunes at another threshold, as --keep-gated is for
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        cd.mask_(gated, 1.0)
+        torch.testing.assert_close(again(x), gated(x), rtol=1e-5, atol=1e-6)
+
+
 _FACTORY_CALLS: list[int] = []
 
 
