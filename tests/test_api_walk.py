@@ -59,6 +59,35 @@ def test_exports_name_an_example_the_model_does_not_run_on(tmp_path, export):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("export", [cd.export_onnx, cd.export_program], ids=["onnx", "program"])
+def test_an_example_the_model_does_not_run_on_is_named_without_torchs_log(tmp_path, export):
+    """torch logged the failed trace (about forty lines, "failed while attempting to run meta for
+    aten.mm.default", a traceback) on stderr before the error that names the input's shape."""
+    import logging
+
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = logged.append  # type: ignore[method-assign]
+    # torch's loggers that print for themselves (fake_tensor's does not propagate) and the root
+    ends = [logging.getLogger("torch")] + [
+        logging.getLogger(n)
+        for n, lg in list(logging.root.manager.loggerDict.items())
+        if n.startswith("torch.") and isinstance(lg, logging.Logger) and not lg.propagate
+    ]
+    for lg in ends:
+        lg.addHandler(handler)
+    net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    try:
+        with pytest.raises(InputError, match=r"does not run on example_input \(\(2, 7\) float"):
+            export(net, torch.randn(2, 7), tmp_path / "m.out")
+    finally:
+        for lg in ends:
+            lg.removeHandler(handler)
+    errors = [r.getMessage()[:200] for r in logged if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_mc_onnx_names_an_example_the_model_does_not_run_on(tmp_path):
     gated = _gated()
     noisy = cd.keep_noise(gated, cd.prune(gated, 1.0))

@@ -58,13 +58,14 @@ class ExportReport:
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's chatter (torchvision notices, progress lines); errors still raise."""
-    loggers = [
-        logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
-    ]
+    """Silence the exporter's chatter (torchvision notices, progress lines); errors still raise,
+    as exceptions: the tracebacks torch also logs of a failed trace (an input of the wrong
+    shape printed some forty lines before the error that names it) are left out."""
+    names = ("torch.onnx", "torch.export", "torch._dynamo", "torch._subclasses", "onnxscript")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)
     try:
         with (
             warnings.catch_warnings(),
