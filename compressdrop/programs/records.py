@@ -193,7 +193,8 @@ def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, A
     exported as a program, so that its checkpoints rebuild without pickled code.
 
     Args:
-        model: the model; exported in eval mode, then put back in the mode it was in.
+        model: the model; exported in eval mode, then put back in the mode it was in. Its
+            buffers become persistent (in its ``state_dict``), as the program's are.
         example_input: a batch of inputs; the batch dimension is exported as dynamic.
 
     Returns:
@@ -217,6 +218,10 @@ def program_record(model: nn.Module, example_input: torch.Tensor) -> dict[str, A
         ) from None
     finally:
         model.train(was)
+    # the module the record rebuilds (an fx.GraphModule) holds every buffer as persistent: so
+    # must this one's checkpoints, or they do not load back (a pickled BERT's position_ids)
+    for sub in model.modules():
+        sub._non_persistent_buffers_set.clear()
     buf = io.BytesIO()
     torch.export.save(program, buf)
     return {

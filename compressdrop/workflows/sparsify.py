@@ -49,10 +49,6 @@ def adopt(model: nn.Module, dataset: Any) -> nn.Module:
     arch = getattr(model, "arch", None)
     if not isinstance(arch, Mapping):
         set_record(model, "arch", program_record(model, dataset.x_train[:2]))
-        # the module the record rebuilds (an fx.GraphModule) holds every buffer as persistent:
-        # so must the checkpoints of this one, or they do not load back (--keep-gated)
-        for sub in model.modules():
-            sub._non_persistent_buffers_set.clear()
     elif "input_shape" not in arch:
         set_record(model, "arch", {**arch, "input_shape": shape})
     return model
