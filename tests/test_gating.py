@@ -358,6 +358,10 @@ def test_an_include_pattern_or_granularity_that_selects_nothing_is_named():
     # one pattern of several that matches nothing: the others gate, the stray one is warned about
     with pytest.warns(cd.GatingWarning, match="include pattern 'fc1' matches none"):
         model = cd.attach(lenet300(), include=["1", "fc1"])
+    # an exclude that matches nothing excludes nothing: said, the gates attached as without it
+    # (a new-user walk: exclude=["BertSelfAttention"] left BERT's heads gated without a word)
+    with pytest.warns(cd.GatingWarning, match="exclude pattern 'fc1' matches none.*excludes noth"):
+        assert len(list(cd.named_gates(cd.attach(lenet300(), exclude=["fc1"])))) == 2
     assert [n for n, _ in cd.named_gates(model)] == ["1"]
 
 

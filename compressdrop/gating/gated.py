@@ -239,7 +239,8 @@ def attach(
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
         raise InputError(nothing_to_gate(model, granularity, include, exclude))
-    for why in filter(None, [unmatched_include(model, include), *unused_kl_scale(groups, scale)]):
+    unmatched = [unmatched_include(model, include), unmatched_include(model, exclude, "exclude")]
+    for why in filter(None, [*unmatched, *unused_kl_scale(groups, scale)]):
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
     factors = group_factors(groups, scale)  # a glob matching nothing: an error, model untouched
     nested = _prepare_attentions(model, groups)

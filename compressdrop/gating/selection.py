@@ -49,18 +49,24 @@ def _pattern_text(pattern: str | type) -> str:
     return repr(pattern) if isinstance(pattern, str) else pattern.__name__
 
 
-def unmatched_include(model: nn.Module, include: Sequence[str | type] | None) -> str | None:
-    """A sentence on the ``include`` patterns that match no gateable layer of ``model``, or
-    ``None`` where each matches one."""
+def unmatched_include(
+    model: nn.Module, include: Sequence[str | type] | None, option: str = "include"
+) -> str | None:
+    """A sentence on the ``include`` (``option``'s) patterns that match no gateable layer of
+    ``model``, or ``None`` where each matches one. An ``exclude`` pattern that matches none
+    excludes nothing: one that names a block holding layers (``'BertLayer'``, a container's
+    name) rather than the layers themselves."""
     layers = gateable_layers(model)
     missed = unmatched(layers, include)
     if not missed or not layers:
         return None
     which = ", ".join(_pattern_text(p) for p in missed)
     return (
-        f"include pattern{'s' if len(missed) > 1 else ''} {which} "
+        f"{option} pattern{'s' if len(missed) > 1 else ''} {which} "
         f"match{'' if len(missed) > 1 else 'es'} none of the model's gateable layers "
-        f"({_listing(layers)}); a pattern is a module-name glob ('features.*') or a layer type"
+        f"({_listing(layers)}){', so it excludes nothing' if option == 'exclude' else ''}; a "
+        "pattern is a module-name glob ('features.*') or a layer type, of the layer whose units "
+        "are gated (or of the attention whose heads are)"
     )
 
 
