@@ -330,6 +330,30 @@ def test_squeeze_excitation_channels_are_gated_with_their_stream():
     assert [n for n, _ in cd.named_gates(model)] == ["b1", "se1.fc1", "b2", "se2.fc1"]
 
 
+class _LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_a_programs_recurrent_layer_is_named_where_nothing_is_gated(tmp_path):
+    """A new-user walk: a plain LSTM's .pt2 was refused for 'no gateable layer' with no word
+    of the LSTM (the message pointed to GatingWarnings that a program's graph never gives)."""
+    from compressdrop.checkpoint import load_model
+
+    x = torch.randn(2, 5, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.LSTM's flat weights "assigned during export"
+        batch = ({0: torch.export.Dim("batch")},)
+        program = torch.export.export(_LSTMClassifier().eval(), (x,), dynamic_shapes=batch)
+    torch.export.save(program, tmp_path / "lstm.pt2")
+    with pytest.raises(InputError, match=r"its program runs lstm layers.*compressdrop\.dropout"):
+        cd.attach(load_model(tmp_path / "lstm.pt2"), example_inputs=x)
+
+
 def test_an_include_pattern_or_granularity_that_selects_nothing_is_named():
     """Found by a new-user walk: each gave the generic 'the units of each reach the model's
     output' message, which did not say that the pattern matched nothing."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from torch import nn
+from torch import fx, nn
 
 from .costs import UNIT_KINDS
 from .heads import head_spec_of
@@ -113,7 +113,31 @@ def nothing_to_gate(
         f"{'' if len(producers) == 1 else 's'} "
         f"({', '.join(sorted(set(producers)))}): the units of each reach the model's output "
         "(the output layer is never gated) or pass through an operation that keeps removal from "
-        "being exact (any GatingWarning above names it)"
+        "being exact (any GatingWarning above names it)" + _program_recurrence(model)
+    )
+
+
+_RECURRENT = {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+
+
+def _program_recurrence(model: nn.Module) -> str:
+    """A sentence on the recurrent layers a program (a ``.pt2``'s graph) runs: their units are
+    gated in a module only (``compressdrop.dropout.LSTM``), and a program keeps none."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(graph, fx.Graph):
+        return ""
+    ops: set[str] = {
+        str(getattr(n.target, "_opname", None) or getattr(n.target, "__name__", ""))
+        for n in graph.nodes
+        if n.op == "call_function"
+    }
+    found = sorted(ops & _RECURRENT)
+    if not found:
+        return ""
+    return (
+        f"; its program runs {' and '.join(found)} layers, whose hidden units are gated only in a "
+        "module (compressdrop.dropout.LSTM), which a program does not keep: give a state_dict "
+        "with --arch naming a function that builds the model with compressdrop.dropout.LSTM"
     )
 
 
