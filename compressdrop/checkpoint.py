@@ -50,6 +50,7 @@ from .gating.noisy import noise_record, noisy_sites, put_noise
 from .hf_folder import is_hf_folder, load_hf_folder
 from .models import MODELS
 from .payload import Payload, _what
+from .payload.run import check_run_state
 from .programs import is_pt2, load_program
 from .programs._measure import check_run_bound
 from .torchload import load_checkpoint
@@ -307,6 +308,7 @@ def load_run_state(path: str | Path) -> dict[str, Any]:
     payload = load_checkpoint(path)
     if _format_of(payload) != RUN_FORMAT:
         raise CheckpointError(f"{path}: not a compressdrop run checkpoint")
+    check_run_state(payload, path)
     return dict(payload)
 
 

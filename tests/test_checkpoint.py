@@ -131,3 +131,50 @@ def test_a_trusted_pickle_whose_class_is_gone_says_so(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="cannot be imported here") as info:
         load_model(tmp_path / "m.pt", trust_code=True)
     assert "corrupt" not in str(info.value)
+
+
+def _run_state(**changed):
+    """A run's resume file as the runner writes it (``Run.save``), with ``changed`` fields (a
+    field changed to ``...`` is left out)."""
+    from compressdrop.checkpoint import RUN_FORMAT
+
+    state = {
+        "format": RUN_FORMAT,
+        "stage": "sparsify",
+        "epoch": 1,
+        "recipe": {"name": "r"},
+        "model": {"w": torch.ones(2)},
+        "optimizer": {"state": {}, "param_groups": []},
+        "rng": torch.get_rng_state(),
+        "history": [],
+        "dense_metrics": None,
+        "prune_info": None,
+    }
+    state.update(changed)
+    return {k: v for k, v in state.items() if v is not ...}
+
+
+@pytest.mark.parametrize(
+    "changed, field",
+    [
+        ({"stage": "warmup"}, "stage"),
+        ({"stage": ...}, "stage"),
+        ({"epoch": -1}, "epoch"),
+        ({"epoch": "3"}, "epoch"),
+        ({"rng": torch.zeros(3)}, "rng"),
+        ({"model": {"w": 3}}, "model"),
+        ({"history": ...}, "history"),
+        ({"prune_info": ...}, "prune_info"),
+    ],
+)
+def test_a_damaged_run_checkpoint_is_refused_with_its_field_named(tmp_path, changed, field):
+    """Review 12: a resume file without its history, or with a stage the runner does not know,
+    failed inside the run with a raw KeyError or ValueError."""
+    from compressdrop.checkpoint import load_run_state
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_run_state(), path)
+    assert load_run_state(path)["stage"] == "sparsify"  # as the runner writes it: read
+    torch.save(_run_state(**changed), path)
+    with pytest.raises(CheckpointError, match=f"damaged run checkpoint: .*{field}"):
+        load_run_state(path)
