@@ -192,8 +192,6 @@ def test_a_folder_loads_without_transformers_hub_kernels(source):
 def test_an_index_naming_a_shard_that_is_no_file_is_refused_before_it_is_opened(source, tmp_path):
     """A shard that was a FIFO (``tar`` carries them) blocked ``load_model`` without end in the
     shard's open."""
-    import subprocess
-    import sys
 
     from safetensors import safe_open
 
@@ -205,14 +203,22 @@ def test_an_index_naming_a_shard_that_is_no_file_is_refused_before_it_is_opened(
     index = {"metadata": {}, "weight_map": dict.fromkeys(keys, shard)}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     os.mkfifo(folder / shard)
+    done = _load_elsewhere(folder)  # (a hang, on the old code: the timeout ends it)
+    assert f"names shards that are not files of the folder (['{shard}'])" in done.stdout, done
+
+
+def _load_elsewhere(folder):
+    """``load_model(folder)`` in a process of its own, with a timeout; what it says on stdout."""
+    import subprocess
+    import sys
+
     code = (
         "import sys\nfrom compressdrop.checkpoint import load_model\n"
         "try:\n    load_model(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
     )
-    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+    return subprocess.run(
         [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
     )
-    assert f"names shards that are not files of the folder (['{shard}'])" in done.stdout, done
 
 
 def test_a_config_that_describes_more_than_the_weights_hold_is_refused(
@@ -242,19 +248,11 @@ def test_a_config_of_more_layers_than_the_weights_number_is_refused_before_a_bui
     """transformers builds a config's layers one by one, on the ``meta`` device too:
     ``num_hidden_layers: 1e30`` in a folder of two layers never ended (nor did the parameter
     count above, which builds the model)."""
-    import subprocess
-    import sys
 
     folder = _copy(source, tmp_path / "llama")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**30}))
-    code = (
-        "import sys\nfrom compressdrop.checkpoint import load_model\n"
-        "try:\n    load_model(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
-    )
-    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
-        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120
-    )
+    done = _load_elsewhere(folder)  # (a hang, on the old code: the timeout ends it)
     assert f"describes {10**30:,} layers, its safetensors files number 2" in done.stdout, done
     nested = {**config, "text_config": {"num_layers": 13}}  # a sub-config's count too
     (folder / "config.json").write_text(json.dumps(nested))
