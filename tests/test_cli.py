@@ -94,7 +94,7 @@ def test_resume_of_a_completed_run_says_there_is_nothing_to_resume(trained, tmp_
 def test_train_without_a_recipe_says_which_it_uses(tmp_path, monkeypatch):
     """`train` without --recipe used lenet300-lognormal without a word; it says so now, as
     `prune` says its default recipe."""
-    import compressdrop.workflows.jobs as jobs
+    import compressdrop.workflows.train_job as jobs
 
     tiny = tiny_recipe(tmp_path / "tiny.yaml", pretrain=1, sparsify=1, finetune=1, onnx=False)
     monkeypatch.setattr(jobs, "DEFAULT_RECIPE", str(tiny))  # the default, at test size

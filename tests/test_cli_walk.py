@@ -221,7 +221,7 @@ def test_a_data_file_given_as_the_model_is_named_as_data(tmp_path):
 def test_a_train_stopped_before_its_first_epoch_leaves_no_empty_folder(tmp_path, monkeypatch):
     """A new-user walk: Ctrl-C before the first epoch left an empty ``--out`` folder behind; a
     folder that holds a checkpoint, or one that was there before, stays."""
-    import compressdrop.workflows.jobs as jobs
+    import compressdrop.workflows.train_job as jobs
 
     def stopped(recipe, ds, out, **kwargs):
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,10 @@ train a recipe, bring in and sparsify a user's model, prune, export, evaluate an
 
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, write_slim
 from .evaluate import evaluate_file, sweep_file
-from .jobs import PruneResult, check_writable, export_file, load_fitting, prune_file, train
+from .jobs import PruneResult, check_writable, export_file, load_fitting, prune_file
 from .precision import PrecisionWarning
 from .sparsify import adopt, default_recipe_for, fit_input_shape, sparsify_and_prune
+from .train_job import train
 
 __all__ = [
     "SLIM_FORMATS",

@@ -1,5 +1,6 @@
-"""The jobs behind the CLI's commands that make files: train a recipe, prune a model file,
-export it (evaluating and sweeping are in :mod:`compressdrop.workflows.evaluate`). Each returns plain data; :mod:`compressdrop.cli` parses
+"""The jobs behind the CLI's commands that make files: prune a model file, export it (training a
+recipe is in :mod:`compressdrop.workflows.train_job`, evaluating and sweeping in
+:mod:`compressdrop.workflows.evaluate`). Each returns plain data; :mod:`compressdrop.cli` parses
 options and shows the result, :mod:`compressdrop.reporting` draws the tables.
 
 Errors a user can fix are :class:`~compressdrop.CompressDropError` subclasses with a message that
@@ -8,7 +9,6 @@ names the file and the problem.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -22,15 +22,14 @@ from ..arch import Factory
 from ..data import absolute_spec, check_trainable, load_dataset
 from ..errors import InputError
 from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder, why_no_folder
-from ..recipes import DEFAULT_RECIPE, Recipe, load_recipe
+from ..recipes import Recipe, load_recipe
 from ..runtime import run_on_examples
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, slim_paths, write_slim
-from ..training.runner import RunResult, TrainingDiverged, run_recipe
 from . import sparsify
 from .precision import load_float32
 from .sparsify import adopt, default_recipe_for, fit_data_shape, fit_outputs, sparsify_and_prune
 
-__all__ = ["PruneResult", "check_writable", "export_file", "prune_file", "train"]
+__all__ = ["PruneResult", "check_writable", "export_file", "prune_file"]
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -65,81 +64,6 @@ def check_writable(path: str | Path, source: str | Path | None = None) -> None:
     # (a folder: check_folder_output says more, a Hugging Face model's own folder included)
     if reads is not None and reads.exists() and Path(path).is_file() and reads.samefile(path):
         raise InputError(f"cannot write {path}: it is the model this reads; write elsewhere")
-
-
-def train(
-    recipe: str | Recipe | None = None,
-    *,
-    data: str | None = None,
-    out: str | Path = "runs/latest",
-    resume: bool = False,
-    seed: int | None = None,
-    precision: str | None = None,
-    compile: str | None = None,
-    device: str = "auto",
-    factory: Factory | str | None = None,
-    trust_code: bool = False,
-    progress: Progress = _quiet,
-) -> RunResult | None:
-    """Run a recipe end to end (see :func:`~compressdrop.training.runner.run_recipe`), in this
-    process or as one rank of a ``torchrun`` launch.
-
-    Args:
-        recipe: a shipped name, a YAML file or a :class:`Recipe` (``None``: the default recipe).
-        data: a data spec (``digits``, ``FILE.npz``, ``images:DIR``…) replacing the recipe's.
-        out: the output folder.
-        resume: continue from ``out/checkpoint.pt``.
-        seed / precision / compile: replace the recipe's (``compile``: a ``torch.compile``
-            backend, e.g. ``"inductor"``).
-        device: ``auto``, ``cpu`` or ``cuda``.
-        factory / trust_code: consent to the factory the recipe names (see
-            :mod:`compressdrop.arch`).
-        progress: called with each event of the run (recipe when it is the default, stage,
-            epoch, pruned, done).
-
-    Returns:
-        The run's files and report on rank 0 (or a single process); ``None`` on other ranks.
-    """
-    from ..training.distributed import from_env, shutdown
-
-    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe or DEFAULT_RECIPE)
-    if seed is not None:
-        r = r.replace(seed=seed)
-    if precision is not None:
-        r = r.replace(precision=precision)
-    if compile is not None:
-        r = r.replace(compile=compile)
-    if data is not None:
-        r = r.override({"data.name": absolute_spec(data)})
-    ds = load_dataset(r.data.name)  # its labels: checked by run_recipe before any work
-    clean = False  # every rank ends the same way: finished, or diverged at the same agreed step
-    fresh = not Path(out).exists()  # a run stopped before it wrote anything leaves no folder
-    try:
-        dist, dev = from_env(device)
-        if recipe is None and dist.is_main:  # said, as prune says its default
-            progress({"event": "recipe", "recipe": r, "default": True, "job": "train"})
-        result = run_recipe(
-            r,
-            ds,
-            out,
-            device=dev,
-            resume=resume,
-            progress=progress,
-            dist=dist,
-            factory=factory,
-            trust_code=trust_code,
-        )
-        clean = True
-    except TrainingDiverged:
-        clean = True
-        raise
-    finally:
-        progress({"event": "done"})
-        shutdown(clean=clean)
-        if fresh and not clean:
-            with contextlib.suppress(OSError):  # not empty: a checkpoint to resume from
-                Path(out).rmdir()
-    return result if dist.is_main else None
 
 
 @dataclass(frozen=True)
