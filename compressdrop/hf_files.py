@@ -8,7 +8,7 @@ import json
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ __all__ = [
     "WEIGHTS",
     "check_shards",
     "check_sizes",
+    "numbered_layers",
     "read_tokenizer",
     "write_tokenizer",
 ]
@@ -90,14 +91,15 @@ def check_sizes(path: Path, files: list[Path], tf: Any) -> None:
     import torch
     from safetensors import safe_open
 
-    have, numbered = 0, 0
+    have, names = 0, []
     try:
         config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         for file in files:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (a safe_open is no mapping)
                     have += math.prod(f.get_slice(key).get_shape())
-                    numbered = max([numbered, *(int(n) + 1 for n in _INDEX.findall(f".{key}."))])
+                    names.append(key)
+        numbered = numbered_layers(names)
         layers = max((n for n in _layer_counts(config.to_dict()) if n >= 0), default=0)
     except Exception:  # transformers' load names the problem
         return
@@ -126,6 +128,11 @@ LAYER_FIELDS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_d
 #: a layer's weights), plus as many again
 LAYER_SPARE = 4
 _INDEX = re.compile(r"(?<=\.)(\d+)(?=\.)")  # a module list's index in a weight's name
+
+
+def numbered_layers(names: Iterable[str]) -> int:
+    """The layers weights' ``names`` number: their module lists' largest index, plus one."""
+    return max((int(n) + 1 for k in names for n in _INDEX.findall(f".{k}.")), default=0)
 
 
 def _layer_counts(config: Mapping[str, Any], depth: int = 0) -> list[int]:

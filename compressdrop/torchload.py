@@ -254,15 +254,14 @@ def _scalar(dtype: Any, raw: Any = None) -> Any:
     return np.frombuffer(raw, dtype=dtype.dtype)[0].copy()
 
 
-# the most values a file's data may unfold into when walked as a tree: a part shared by several
-# containers (pickle keeps it shared) counts once per place it sits; 60 levels of x = [x, x], a
-# 2 KB file, unfold into 2**60
-_MOST_VALUES = MOST_VALUES
+# the most values a file's data may unfold into when walked as a tree (MOST_VALUES): a part
+# shared by several containers (pickle keeps it shared) counts once per place it sits; 60 levels
+# of x = [x, x], a 2 KB file, unfold into 2**60
 
 
 def _check_tree(obj: Any, path: Path) -> None:
     """Refuse data whose walk as a tree (here, and by the readers of its records) would not end:
-    more than :data:`_MOST_VALUES` values once shared parts are counted where they sit; and a
+    more than :data:`MOST_VALUES` values once shared parts are counted where they sit; and a
     tensor that views more values than its storage holds (a stride-0 view of one byte as a
     billion: copying it, as the bytes of an embedded program are, took gigabytes)."""
     import argparse
@@ -289,9 +288,9 @@ def _check_tree(obj: Any, path: Path) -> None:
         n = 1
         for part in parts if depth < 100 else ():
             n += values(part, depth + 1)
-            if n > _MOST_VALUES:
+            if n > MOST_VALUES:
                 raise CheckpointError(
-                    f"{path}: refused: its data unfolds into more than {_MOST_VALUES:,} values "
+                    f"{path}: refused: its data unfolds into more than {MOST_VALUES:,} values "
                     "(parts shared by many containers): reading it would not end"
                 )
         counted[id(x)] = n

@@ -8,7 +8,6 @@ that loading never needs pickled code.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..hf_files import LAYER_FIELDS, LAYER_SPARE
+from ..hf_files import LAYER_FIELDS, LAYER_SPARE, numbered_layers
 from .hf import hf_causal_lm
 from .record import tag as _tag
 from .vit import TinyViT, vit_tiny
@@ -364,16 +363,17 @@ def example_input(model: nn.Module, batch: int = 2) -> torch.Tensor:
 _COUNTS = ("blocks", "depth", *LAYER_FIELDS)
 
 
-def too_deep(kwargs: Mapping[str, Any], names: Iterable[str], depth: int = 0) -> str | None:
+def too_deep(kwargs: Mapping[str, Any], names: Iterable[str]) -> str | None:
     """Where a reference net's ``kwargs`` (an ``arch`` record's) ask for more layers than the
-    weights' ``names`` number (their module lists' largest index, plus one), more than
+    weights' ``names`` number (:func:`~compressdrop.hf_files.numbered_layers`), more than
     :data:`~compressdrop.hf_files.LAYER_SPARE` times over plus as many again: a net builds its
     layers one by one, on the ``meta`` device too (``blocks: [10**12, 1, 1]`` never ended). A
     list of sizes (``widths``) builds a layer per size; sub-configs are read too (their other
     lists of numbers, token ids, are no layers)."""
-    names = list(names)
-    found = (int(n) + 1 for k in names for n in re.findall(r"(?<=\.)\d+(?=\.)", f".{k}."))
-    numbered = max(found, default=0)
+    return _too_deep(kwargs, numbered_layers(names), 0)
+
+
+def _too_deep(kwargs: Mapping[str, Any], numbered: int, depth: int) -> str | None:
     bound = LAYER_SPARE * numbered + LAYER_SPARE
     for key, value in kwargs.items():
         ints = isinstance(value, list | tuple) and all(type(v) is int for v in value)
@@ -382,6 +382,10 @@ def too_deep(kwargs: Mapping[str, Any], names: Iterable[str], depth: int = 0) ->
             return (
                 f"its arch record's {key} asks for {count:,} layers, its weights number {numbered}"
             )
-        if isinstance(value, Mapping) and depth < 32 and (why := too_deep(value, names, depth + 1)):
+        if (
+            isinstance(value, Mapping)
+            and depth < 32
+            and (why := _too_deep(value, numbered, depth + 1))
+        ):
             return why
     return None

@@ -4,7 +4,7 @@ with the field named, not with a ``KeyError`` or ``ValueError`` from inside the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -16,15 +16,26 @@ from ._common import _among, _what
 
 __all__ = ["check_run_state"]
 
-#: the fields the runner reads and what each must be
-_FIELDS: dict[str, tuple[type, str]] = {
-    "stage": (str, "a stage's name"),
-    "epoch": (int, "a whole number ≥ 0"),
-    "recipe": (Mapping, "a recipe's mapping"),
-    "model": (Mapping, "a state_dict"),
-    "optimizer": (Mapping, "an optimizer's state_dict"),
-    "rng": (torch.Tensor, "a random generator's state (a uint8 tensor)"),
-    "history": (list, "a list of epoch records"),
+#: the stages a run resumes in
+_STAGES = tuple(f.name for f in fields(Stages))
+
+
+def _state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+#: the fields the runner reads: whether a value will do, and what it must be
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "stage": (lambda v: _among(v, _STAGES), f"a stage's name ({', '.join(_STAGES)})"),
+    "epoch": (lambda v: type(v) is int and v >= 0, "a whole number ≥ 0"),
+    "recipe": (lambda v: isinstance(v, Mapping), "a recipe's mapping"),
+    "model": (_state_dict, "a state_dict"),
+    "optimizer": (lambda v: isinstance(v, Mapping), "an optimizer's state_dict"),
+    "rng": (
+        lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8,
+        "a random generator's state (a uint8 tensor)",
+    ),
+    "history": (lambda v: isinstance(v, list), "a list of epoch records"),
 }
 
 
@@ -34,20 +45,11 @@ def check_run_state(payload: Mapping[str, Any], path: Any) -> None:
     Raises:
         CheckpointError: naming ``path``, the field and what it holds.
     """
-    stages = [f.name for f in fields(Stages)]
-    for key, (kind, want) in _FIELDS.items():
-        value: Any = payload.get(key)
-        ok = (
-            (type(value) is int and value >= 0)
-            if kind is int
-            else isinstance(value, kind) and (key != "stage" or _among(value, stages))
-        )
-        ok = ok and (key != "rng" or value.dtype == torch.uint8)
-        ok = ok and (key != "model" or all(isinstance(v, torch.Tensor) for v in value.values()))
-        if not ok:
+    for key, (fits, want) in _FIELDS.items():
+        if not fits(payload.get(key)):
             raise CheckpointError(
-                f"{path}: a damaged run checkpoint: its {key} is {_what(value)}, not {want}; "
-                "start the run again without --resume (or in a new --out folder)"
+                f"{path}: a damaged run checkpoint: its {key} is {_what(payload.get(key))}, not "
+                f"{want}; start the run again without --resume (or in a new --out folder)"
             )
     for key in ("dense_metrics", "prune_info"):
         if key not in payload:
