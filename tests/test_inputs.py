@@ -112,3 +112,52 @@ def test_named_inputs_are_refused_by_name():
     assert not cd.is_gated(net)
     cd.attach(net, example_inputs=[torch.randn(2, 4)])  # a list is a tuple of positional inputs
     assert cd.is_gated(net)
+
+
+class _LengthBaked(nn.Module):
+    """Token ids → mean of their embeddings written as sum / length: an export at one length
+    bakes the divisor in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids).sum(1) / ids.shape[1])
+
+
+def test_a_program_refuses_shapes_it_was_not_exported_for_by_name(tmp_path):
+    """compressdrop drops a ``.pt2``'s guards (their code comes from the file), and torch's
+    input check went with them: a program exported at 7 tokens ran at 12 and divided by 7, wrong
+    numbers and no error (a reshape to the length failed deep in the graph instead, ``shape
+    '[-1, 9]' is invalid``). Now the shapes it was exported for are checked before each call,
+    in copies too; another batch size still runs (load checks the graph does not depend on
+    it), and a dynamic length is held to its exported range."""
+    import copy
+
+    from compressdrop.errors import InputError
+
+    torch.manual_seed(0)
+    net = _LengthBaked().eval()
+    ids = torch.randint(0, 50, (2, 7))
+    torch.export.save(torch.export.export(net, (ids,)), tmp_path / "fixed.pt2")
+    model = load_model(tmp_path / "fixed.pt2")
+    more = torch.randint(0, 50, (5, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(more), net(more))  # a batch size of its own
+    longer = torch.randint(0, 50, (2, 12))
+    for m in (model, copy.deepcopy(model)):
+        with pytest.raises(InputError, match=r"\(2, 12\).*\(N, 7\).*dimension 1 is 12, fixed at 7"):
+            m(longer)
+    with pytest.raises(InputError, match="check_lengths"):
+        model(longer)
+    with pytest.raises(InputError, match="1 dimensions where it has 2"):
+        model(torch.randint(0, 50, (7,)))
+    length = torch.export.Dim("length", min=2, max=16)
+    program = torch.export.export(net, (ids,), dynamic_shapes=({1: length},))
+    torch.export.save(program, tmp_path / "dynamic.pt2")
+    model = load_model(tmp_path / "dynamic.pt2")
+    with torch.no_grad():
+        torch.testing.assert_close(model(longer), net(longer))
+    with pytest.raises(InputError, match="dimension 1 is 20, outside its exported range 2 to 16"):
+        model(torch.randint(0, 50, (2, 20)))

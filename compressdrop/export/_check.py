@@ -137,10 +137,13 @@ def with_lengths(
     """``export(model, x, path, check_lengths=..., **kwargs)`` with the sequence dimension of
     token ids left dynamic (:func:`token_lengths`); where that export fails, or the model (or
     the file) fails at the other length, once more with the example's length fixed, and a warning
-    that says so."""
+    that says so. A program loaded from a ``.pt2`` whose length was fixed keeps it, unwarned."""
     import warnings
 
     lengths = token_lengths(x)
+    first = (vars(model).get("program_inputs") or (None,))[0]  # a .pt2's (programs/_inputs)
+    if first is not None and len(first) > 1 and isinstance(first[1], int):
+        lengths = ()  # a program exported at one length: it takes no other
     if not lengths:
         return export(model, x, path, **kwargs)
     try:

@@ -24,7 +24,7 @@ dimension becomes ``flatten(x, 1)``, so that it still fits once channels are rem
 
 **Layout.** :mod:`.safety` checks archives (:mod:`._ops` lists the operators they may call),
 :mod:`.load` loads them, :mod:`.convert` turns programs into modules (its risky operators
-through :mod:`._checked`), :mod:`.records` ties them
+through :mod:`._checked`, its inputs' shapes checked by :mod:`._inputs`), :mod:`.records` ties them
 to compressdrop's ``arch`` records.
 """
 

@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from ._checked import CHECKED
+from ._inputs import check_inputs, input_dims
 
 __all__ = ["ProgramModule", "program_to_module"]
 
@@ -161,6 +162,9 @@ def program_to_module(program: torch.export.ExportedProgram) -> ProgramModule:
     graph.lint()
     # a plain GraphModule: the program's own refuses train()/eval(), which training needs
     module = ProgramModule(gm, graph).eval()
+    # torch's input check went with the guards (and the program's own module): ours, from numbers
+    module.program_inputs = input_dims(graph, program.range_constraints)  # type: ignore[assignment]
+    module.register_forward_pre_hook(check_inputs)
     longest = _length_bound(program)
     if longest is not None:  # read by compressdrop.runtime.max_length when it is exported
         # nn.Module.__setattr__ is typed for tensors and modules only; any value may be set
@@ -227,6 +231,8 @@ class ProgramModule(fx.GraphModule):
         for key, value in self.__dict__.items():
             if key not in res.__dict__:
                 res.__dict__[key] = copy.deepcopy(value, memo)
+        if "program_inputs" in vars(self):  # GraphModule's copy keeps no forward hooks
+            res.register_forward_pre_hook(check_inputs)
         # GraphModule.__deepcopy__ builds type(self), but is typed as returning a GraphModule
         return res  # type: ignore[return-value]
 
