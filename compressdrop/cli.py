@@ -340,7 +340,7 @@ def sweep(
     Example:
       compressdrop sweep runs/demo/gated.pt --data digits --out runs/demo/sweep
     """
-    from .reporting import console, sweep_text
+    from .reporting import console, sweep_line, sweep_text
     from .workflows import sweep_file
 
     err = console()
@@ -358,9 +358,7 @@ def sweep(
         announce=None if as_json else lambda s: click.echo(printable(s), err=True),
         progress=None
         if as_json
-        else lambda r: err.print(
-            f"threshold {r.threshold:.4g}: {r.architecture} acc {r.accuracy:.4f}"
-        ),
+        else lambda r, label: err.print(sweep_line(r, label), markup=False),
     )
     _emit(
         as_json,

@@ -19,6 +19,7 @@ __all__ = [
     "progress_printer",
     "prune_text",
     "run_summary",
+    "sweep_line",
     "sweep_text",
     "written_text",
 ]
@@ -207,20 +208,21 @@ def prune_text(result: Any, source: str, out: str) -> None:
     print(written_text(result.files.paths, result.files.max_rel_error))
 
 
-def _distinct_labels(values: Sequence[float], digits: int = 4) -> list[str]:
-    """``values`` with ``digits`` significant digits, or as many more (up to 9) as keep distinct
-    values apart: thresholds a short training leaves close together read 145 on every row."""
-    for d in range(digits, 10):
-        labels = [f"{v:.{d}g}" for v in values]
-        if len(set(labels)) == len(set(values)):
-            break
-    return labels
+def sweep_line(row: Any, label: str) -> str:
+    """One progress line of a sweep: a :class:`~compressdrop.evaluation.sweep.SweepRow` as it
+    is measured, its threshold as ``label`` (the same as in the table), bits per byte on
+    byte-level text, accuracy otherwise."""
+    if row.bits_per_byte is not None:
+        return f"threshold {label}: {row.architecture} bits/byte {row.bits_per_byte:.4f}"
+    return f"threshold {label}: {row.architecture} acc {row.accuracy:.4f}"
 
 
 def sweep_text(res: dict[str, Any], batch: int, threads: int | None) -> None:
     """The table of a threshold sweep, the dense reference and the files, on stdout."""
+    from .evaluation.sweep import threshold_labels
+
     rows = res["rows"]
-    thresholds = _distinct_labels([r["threshold"] for r in rows])
+    thresholds = threshold_labels([r["threshold"] for r in rows])
     text = rows[0].get("bits_per_byte") is not None  # byte-level text: bits per byte, not accuracy
     _table(
         f"sweep of {res['title']} ({rows[0]['device']}, onnxruntime {rows[0]['provider']}, "

@@ -61,3 +61,31 @@ def test_the_sweep_table_tells_close_thresholds_apart(capsys):
     cells = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
     assert len(set(cells)) == len(thresholds) and [float(c) for c in cells[:2]] == [0.0, 1.0]
     assert all(abs(float(c) - t) < 1e-3 for c, t in zip(cells, thresholds, strict=True))
+
+
+def test_the_progress_lines_tell_close_thresholds_apart_as_the_table_does():
+    """The table had been fixed, but ``compressdrop sweep``'s progress lines still printed each
+    threshold at four digits ("threshold 145" twice) and "acc" for byte-level text, where the
+    table reads bits per byte."""
+    from dataclasses import replace
+
+    import torch
+    from torch import nn
+
+    import compressdrop as cd
+    from compressdrop.evaluation.sweep import sweep, threshold_labels
+    from compressdrop.reporting import sweep_line
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    cd.attach(net, example_inputs=x[:2])
+    said: list[str] = []
+    rows = sweep(net, x, y, [144.983822, 144.984039], latency_batch=2, repeats=1,
+                 progress=lambda row, label: said.append(sweep_line(row, label)))  # fmt: skip
+    labels = threshold_labels([r.threshold for r in rows])
+    assert labels == ["0", "144.9838", "144.984"]
+    assert [line.split(":")[0] for line in said] == [f"threshold {label}" for label in labels]
+    assert all(f"acc {r.accuracy:.4f}" in line for r, line in zip(rows, said, strict=True))
+    text = replace(rows[0], bits_per_byte=2.3456)
+    assert sweep_line(text, "0") == f"threshold 0: {text.architecture} bits/byte 2.3456"

@@ -7,6 +7,7 @@ import csv
 import json
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,7 +21,15 @@ from ..gating import named_gates
 from .metrics import evaluate
 from .model_size import count_flops, count_params
 
-__all__ = ["SweepRow", "default_thresholds", "pareto_front", "plot_sweep", "sweep", "write_sweep"]
+__all__ = [
+    "SweepRow",
+    "default_thresholds",
+    "pareto_front",
+    "plot_sweep",
+    "sweep",
+    "threshold_labels",
+    "write_sweep",
+]
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,16 @@ def pareto_front(points: list[tuple[float, float]]) -> list[bool]:
     return flags
 
 
+def threshold_labels(values: Sequence[float], digits: int = 4) -> list[str]:
+    """``values`` with ``digits`` significant digits, or as many more (up to 9) as keep distinct
+    values apart: thresholds a short training leaves close together read 145 on every row."""
+    for d in range(digits, 10):
+        labels = [f"{v:.{d}g}" for v in values]
+        if len(set(labels)) == len(set(values)):
+            break
+    return labels
+
+
 def sweep(
     model: nn.Module,
     x_test: torch.Tensor,
@@ -85,7 +104,7 @@ def sweep(
     latency_batch: int = 256,
     threads: int | None = None,
     repeats: int = 30,
-    progress: Any = None,
+    progress: Callable[[SweepRow, str], None] | None = None,
     text: bool = False,
     uniform: bool = False,
 ) -> list[SweepRow]:
@@ -96,7 +115,8 @@ def sweep(
     byte) each row also carries the bits per byte, and the Pareto front is drawn on those.
     Latency runs the exported ONNX file in onnxruntime (CUDA provider on a GPU, CPU otherwise) at
     ``latency_batch`` with ``threads`` intra-op threads. Row 0 is threshold 0: every unit kept,
-    the unpruned reference.
+    the unpruned reference. ``progress`` is called with each row as it is measured and its
+    threshold's label (:func:`threshold_labels` of all the thresholds, so that no two read alike).
     """
     from ..export import export_onnx
     from ..pruning import PruneReport, PruningWarning, check_threshold, prune
@@ -108,6 +128,7 @@ def sweep(
     dev = resolve_device(device)
     given = thresholds if thresholds is not None else default_thresholds(model)
     thresholds = [0.0, *(check_threshold(t) for t in given)]  # each checked before any work
+    labels = threshold_labels(thresholds)
     example = x_test[:2]
     # onnxruntime's CUDA provider on a GPU when this onnxruntime build has one (onnxruntime-gpu),
     # else its CPU provider; each row records the provider actually used
@@ -155,7 +176,7 @@ def sweep(
                 )
             )
             if progress is not None:
-                progress(rows[-1])
+                progress(rows[-1], labels[i])
     flags = pareto_front([(r.flops, r.quality) for r in rows])
     return [SweepRow(**{**asdict(r), "pareto": f}) for r, f in zip(rows, flags)]
 

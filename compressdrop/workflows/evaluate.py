@@ -143,7 +143,7 @@ def sweep_file(
     arch: Factory | str | None = None,
     trust_code: bool = False,
     device: str = "auto",
-    progress: Callable[[Any], None] | None = None,
+    progress: Callable[[Any, str], None] | None = None,
     announce: Callable[[str], None] | None = None,
     uniform: bool | None = None,
 ) -> dict[str, Any]:
