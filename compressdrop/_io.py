@@ -1,4 +1,5 @@
-"""Atomic file writes: a file appears whole at its final path, or not at all."""
+"""Atomic file writes (a file appears whole at its final path, or not at all), and reads whose
+checks and load see one file (:func:`opened`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["atomic_write", "inflated", "read_within", "remove_stale_temps"]
+from .errors import CheckpointError
+
+__all__ = ["atomic_write", "inflated", "opened", "opened_path", "read_within", "remove_stale_temps"]
 
 
 @contextlib.contextmanager
@@ -46,6 +50,40 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def opened(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened once, so that the checks of a file and the library's read of it see the
+    same file: a link is followed at this open only (a user's ``model.pt`` may be a link, a Hub
+    cache's files are), and a link retargeted, or another file renamed over ``path``, after it
+    changes nothing read through the handle. A file rewritten in place by a process that may
+    write it still can change under the handle: that is its owner's file to give.
+
+    Raises:
+        CheckpointError: ``path`` is missing, unreadable or no regular file (a folder, a FIFO,
+            which is refused without blocking on it, a device).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: not a file")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
+        yield f
+
+
+def opened_path(f: BinaryIO, path: Path) -> str:
+    """A name for the file :func:`opened` holds, for a library that reads a path only: on Linux
+    ``/proc/self/fd/N``, which opens that same file whatever ``path`` names by now; elsewhere
+    ``path`` itself."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    return proc if os.path.exists(proc) else str(path)
 
 
 def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import pickletools
 import warnings
-from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["MOST_VALUES", "archive_problem", "pickle_problem"]
@@ -138,23 +137,25 @@ def _what(name: str, arg: Any, items: list[Any]) -> Any:
     return arg if isinstance(arg, str) else None
 
 
-def archive_problem(src: str | Path | bytes) -> str | None:
-    """:func:`pickle_problem` of what ``torch.load`` unpickles from a ``torch.save`` file (a
-    path, or its bytes): a zip archive's ``data.pkl`` (read through torch's own zip reader), or
-    the pickles at the start of a file of the legacy format; None for a file that is neither."""
+def archive_problem(src: IO[bytes] | bytes) -> str | None:
+    """:func:`pickle_problem` of what ``torch.load`` unpickles from a ``torch.save`` file (an
+    open binary file, read from its start, or the file's bytes): a zip archive's ``data.pkl``
+    (read through torch's own zip reader), or the pickles at the start of a file of the legacy
+    format; None for a file that is neither."""
     import torch
 
-    source: Any = io.BytesIO(src) if isinstance(src, bytes) else str(src)
+    f: IO[bytes] = io.BytesIO(src) if isinstance(src, bytes) else src
+    f.seek(0)
     try:
-        reader = torch._C.PyTorchFileReader(source)
+        reader = torch._C.PyTorchFileReader(f)
     except RuntimeError:  # not a zip archive: the legacy format's pickles, one after another
-        with io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb") as f:
-            if f.read(len(_LEGACY)) != _LEGACY:
-                return None  # neither: torch.load says what is wrong
-            f.seek(0)
-            for _ in range(5):  # magic number, protocol, system info, the data, storage keys
-                if problem := pickle_problem(f):
-                    return problem
+        f.seek(0)
+        if f.read(len(_LEGACY)) != _LEGACY:
+            return None  # neither: torch.load says what is wrong
+        f.seek(0)
+        for _ in range(5):  # magic number, protocol, system info, the data, storage keys
+            if problem := pickle_problem(f):
+                return problem
         return None
     records = reader.get_all_records()
     return pickle_problem(reader.get_record("data.pkl")) if "data.pkl" in records else None

@@ -9,7 +9,9 @@ tensor's name to ``{"dtype", "shape", "data_offsets": [begin, end]}``, then the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -21,19 +23,22 @@ __all__ = ["is_safetensors", "load_safetensors"]
 _MOST_HEADER = 100_000_000
 
 
-def is_safetensors(path: Path) -> bool:
-    """Whether ``path`` starts as a safetensors file does: a header length that fits the file,
-    then ``{``; :func:`load_safetensors` checks the rest."""
-    with path.open("rb") as f:
-        head = f.read(9)
+def is_safetensors(f: BinaryIO) -> bool:
+    """Whether the open file ``f`` starts as a safetensors file does: a header length that fits
+    the file, then ``{``; :func:`load_safetensors` checks the rest."""
+    f.seek(0)
+    head = f.read(9)
+    f.seek(0)
     if len(head) < 9 or head[8:9] != b"{":
         return False
     n = int.from_bytes(head[:8], "little")
-    return 2 <= n <= min(path.stat().st_size - 8, _MOST_HEADER)
+    return 2 <= n <= min(os.fstat(f.fileno()).st_size - 8, _MOST_HEADER)
 
 
-def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(path: Path, name: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file at ``path``, by name (its metadata is left out).
+    ``name``: the path to read it by, for a file opened already (the library reads a path only:
+    :func:`~compressdrop._io.opened_path`); ``path`` names it in messages.
 
     Raises:
         CheckpointError: the library refuses the file (a damaged header, offsets or shapes that
@@ -43,6 +48,6 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        return load_file(path)
+        return load_file(name or path)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: a damaged safetensors file ({e})") from None

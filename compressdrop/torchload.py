@@ -9,11 +9,11 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
-from ._io import inflated
+from ._io import inflated, opened, opened_path
 from ._pickled import MOST_VALUES, archive_problem
 from ._safetensors import is_safetensors, load_safetensors
 from ._torchvision import retry_with_torchvision
@@ -37,49 +37,51 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
             truncated, or holds pickled objects (refused unless ``trust_code``).
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a file")
-    with path.open("rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
+    with opened(path) as f:  # every check below, and torch's read, see this one file
+        return _load(f, path, trust_code)
+
+
+def _load(f: BinaryIO, path: Path, trust_code: bool) -> Any:
+    """:func:`load_checkpoint` of the file ``f`` opened at ``path``."""
+    head = f.read(len(_LEGACY_MAGIC))
     if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC) and path.suffix == ".onnx":
         raise CheckpointError(
             f"{path}: an ONNX model; this needs the PyTorch model it came from (a compressdrop "
             "checkpoint, a .pt2 program, a state_dict or a Hugging Face folder). "
             "`compressdrop eval` reads ONNX files"
         )
-    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC) and is_safetensors(path):
-        return load_safetensors(path)  # a state_dict's tensors, no pickle in the format
+    if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC) and is_safetensors(f):
+        return load_safetensors(path, opened_path(f, path))  # tensors only, no pickle
     if not (head.startswith(_ZIP_MAGIC) or head == _LEGACY_MAGIC):
         raise CheckpointError(
             f"{path}: not a readable PyTorch file (corrupt or truncated?): it starts with neither "
             "a zip header nor the legacy torch.save magic number"
         )
-    if head.startswith(_ZIP_MAGIC) and _is_npz(path):
+    if head.startswith(_ZIP_MAGIC) and _is_npz(f):
         raise CheckpointError(
             f"{path}: a NumPy .npz file (arrays, no model); data goes to --data (Python: "
             "load_dataset), a model is a compressdrop checkpoint, a .pt2 program, a state_dict "
             "or a Hugging Face folder"
         )
-    bomb = _zip_bomb(path) if head.startswith(_ZIP_MAGIC) else None
+    bomb = _zip_bomb(f) if head.startswith(_ZIP_MAGIC) else None
     if bomb:
         raise CheckpointError(f"{path}: refused: {bomb}")
     # read by its opcodes first: the unpickler's plain data can cost without end while it is
     # built (a key of shared nested tuples hashed in one C call, deaf to Ctrl-C)
-    unbounded = None if trust_code else archive_problem(path)
+    unbounded = None if trust_code else archive_problem(f)
     if unbounded:
         raise CheckpointError(f"{path}: refused: {unbounded}")
+    f.seek(0)
     try:
         with warnings.catch_warnings():
             # a damaged pickle stream makes torch warn about odd protocol numbers before failing
             warnings.simplefilter("ignore", UserWarning)
             if trust_code:  # a pickled torchvision model imports torchvision
                 return retry_with_torchvision(
-                    lambda: torch.load(path, map_location="cpu", weights_only=False)
+                    lambda: torch.load(_rewound(f), map_location="cpu", weights_only=False)
                 )
             with torch.serialization.safe_globals(_inert_globals()):
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
+                loaded = torch.load(f, map_location="cpu", weights_only=True)
             _check_tree(loaded, path)
             return _arrays_in(loaded)
     except pickle.UnpicklingError as e:
@@ -130,30 +132,35 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Any:
         ) from None
 
 
-def _zip_bomb(path: Path) -> str | None:
-    """:func:`~compressdrop._io.inflated` of the archive at ``path``, torch's reader's sizes
-    against Python's; an archive Python cannot read is refused too (torch's reader takes some
-    that Python's refuses, whose sizes then go unchecked)."""
+def _zip_bomb(f: BinaryIO) -> str | None:
+    """:func:`~compressdrop._io.inflated` of the archive ``f``, torch's reader's sizes against
+    Python's; an archive Python cannot read is refused too (torch's reader takes some that
+    Python's refuses, whose sizes then go unchecked)."""
     try:
-        reader = torch._C.PyTorchFileReader(str(path))
+        reader = torch._C.PyTorchFileReader(_rewound(f))
         sizes = {r: reader.get_record_size(r) for r in reader.get_all_records()}
     except RuntimeError:
         return None  # not an archive torch reads: torch.load says what is wrong
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(_rewound(f)) as z:  # (it leaves a file it was given open)
             return inflated(z.infolist(), sizes)
     except (zipfile.BadZipFile, OSError) as e:
         return f"its zip directory is damaged or crafted ({e})"
 
 
-def _is_npz(path: Path) -> bool:
-    """Whether ``path`` is a zip of ``.npy`` arrays only (``numpy.savez``), not a torch archive."""
+def _is_npz(f: BinaryIO) -> bool:
+    """Whether ``f`` is a zip of ``.npy`` arrays only (``numpy.savez``), not a torch archive."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(_rewound(f)) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
     return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _rewound(f: BinaryIO) -> BinaryIO:
+    f.seek(0)
+    return f
 
 
 def _inert_globals() -> list:

@@ -1,0 +1,95 @@
+"""A file swapped between its check and its read (a thirteenth security review): another process
+renames a file over the checked one, or retargets the link the user named, after compressdrop's
+check returned and before the library reads the path again. The checks and the read now go
+through one open file (or the bytes read once), so the swapped file is never read."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import compressdrop.torchload as torchload
+from compressdrop.errors import CheckpointError
+from compressdrop.torchload import load_checkpoint
+
+from .test_security_file_data import _pickled
+
+
+def swap_after(monkeypatch, owner, name: str, evil: Path, target: Path) -> None:
+    """Patch ``owner.name`` (a check) so that, once it returned, ``evil`` takes ``target``'s
+    place: renamed over it, or, where ``target`` is a link, the link retargeted at it."""
+    check = getattr(owner, name)
+
+    def swapping(*args, **kwargs):
+        result = check(*args, **kwargs)
+        if target.is_symlink():
+            tmp = target.with_name(target.name + ".new")
+            tmp.symlink_to(evil)
+            os.replace(tmp, target)
+        else:
+            os.replace(evil, target)
+        return result
+
+    monkeypatch.setattr(owner, name, swapping)
+
+
+def _bytearray_of_a_number(path: Path) -> Path:
+    """A checkpoint the pickle scan refuses: ``bytearray(1 << 20)`` (``1 << 31``: 2 GB)."""
+    zeros = b"cbuiltins\nbytearray\nJ\x00\x00\x10\x00\x85R"
+    return _pickled(path, b"\x80\x02}X\x01\x00\x00\x00a" + zeros + b"s.")
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["renamed-over", "link-retargeted"])
+def test_a_checkpoint_swapped_after_the_pickle_scan_is_not_read(linked, monkeypatch, tmp_path):
+    evil = _bytearray_of_a_number(tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="bytearray from a number"):
+        load_checkpoint(evil)
+    torch.save({"w": torch.ones(3)}, tmp_path / "good.pt")
+    target = tmp_path / "model.pt"
+    if linked:
+        target.symlink_to(tmp_path / "good.pt")
+    else:
+        os.replace(tmp_path / "good.pt", target)
+    swap_after(monkeypatch, torchload, "archive_problem", evil, target)
+    loaded = load_checkpoint(target)
+    assert set(loaded) == {"w"} and torch.equal(loaded["w"], torch.ones(3))
+
+
+def test_a_checkpoint_swapped_after_the_zip_bomb_check_is_not_read(monkeypatch, tmp_path):
+    torch.save({"w": torch.zeros(1 << 20)}, tmp_path / "plain.pt")
+    with (
+        zipfile.ZipFile(tmp_path / "plain.pt") as zi,
+        zipfile.ZipFile(tmp_path / "bomb.pt", "w", zipfile.ZIP_DEFLATED) as zo,
+    ):
+        for item in zi.infolist():
+            zo.writestr(item.filename, zi.read(item), zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match="a zip bomb"):
+        load_checkpoint(tmp_path / "bomb.pt")
+    torch.save({"w": torch.ones(3)}, tmp_path / "model.pt")
+    swap_after(monkeypatch, torchload, "_zip_bomb", tmp_path / "bomb.pt", tmp_path / "model.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "model.pt")["w"], torch.ones(3))
+
+
+def test_a_safetensors_file_swapped_after_its_check_is_not_read(monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "model.safetensors"))
+    save_file({"evil": torch.zeros(5)}, str(tmp_path / "other.safetensors"))
+    target, other = tmp_path / "model.safetensors", tmp_path / "other.safetensors"
+    swap_after(monkeypatch, torchload, "is_safetensors", other, target)
+    loaded = load_checkpoint(target)
+    assert set(loaded) == {"w"} and torch.equal(loaded["w"], torch.ones(3))
+
+
+def test_a_fifo_or_a_folder_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_checkpoint(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match="not a file"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
