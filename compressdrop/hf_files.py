@@ -4,18 +4,21 @@ the folder or the cache's blobs, never what a link elsewhere points at)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._io import read_within
-from .errors import CheckpointError
+from ._io import opened, read_within
+from .errors import CheckpointError, InputError
 
 __all__ = [
+    "CONFIG_BYTES",
     "LAYER_FIELDS",
     "LAYER_SPARE",
     "SPARE_WEIGHTS",
@@ -24,13 +27,72 @@ __all__ = [
     "WEIGHTS",
     "check_shards",
     "check_sizes",
+    "import_transformers",
     "numbered_layers",
+    "quiet_progress",
+    "read_config",
     "read_tokenizer",
     "write_tokenizer",
 ]
 
 #: a folder's weights: one file, or an index of shards
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+#: the most bytes a folder's config.json may hold (a config is kilobytes; a label map of
+#: 100,000 classes a few megabytes)
+CONFIG_BYTES = 64 << 20
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """``folder``'s ``config.json``, read once through one open file: what it held when it was
+    checked is what transformers is given (as a config object), never the file again, which a
+    file renamed over it, or a link retargeted, after the checks would change.
+
+    Raises:
+        CheckpointError: no regular file, more than :data:`CONFIG_BYTES`, not a JSON object.
+    """
+    path = folder / "config.json"
+    with opened(path) as f:
+        if os.fstat(f.fileno()).st_size > CONFIG_BYTES:
+            raise CheckpointError(f"{path}: over {CONFIG_BYTES >> 20} MB, no model's config")
+        data = f.read(CONFIG_BYTES + 1)
+    try:
+        config = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return config
+
+
+def import_transformers() -> Any:
+    """The transformers module (torchvision's missing ops declared first)."""
+    from ._torchvision import import_torchvision
+
+    import_torchvision()  # transformers imports it when installed: a mismatched build must load
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(
+            "a Hugging Face model folder needs transformers: pip install 'compressdrop[hf]'"
+        ) from None
+    return transformers
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """transformers' progress bars off while it loads or writes a folder (they drew "Loading
+    weights: 100%|████|" between the CLI's own lines), and as they were afterwards."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()
 
 
 def check_shards(path: Path) -> list[Path]:
@@ -72,11 +134,12 @@ def check_shards(path: Path) -> list[Path]:
 SPARE_WEIGHTS = 1 << 20
 
 
-def check_sizes(path: Path, files: list[Path], tf: Any) -> None:
+def check_sizes(path: Path, files: list[Path], config: Any, tf: Any) -> None:
     """Refuse a folder whose config describes more than its safetensors ``files`` hold, before
     anything is built or any memory taken for it: transformers makes up the weights the files
     lack, at the config's sizes (a 100 KB folder whose config said ``vocab_size: 20000000`` and
-    held no embedding took 5.3 GB), and builds the config's layers one by one
+    held no embedding took 5.3 GB), and builds the ``config``'s (the checked values of
+    :func:`read_config`, as transformers' config object) layers one by one
     (``num_hidden_layers: 1e30`` never ended). The layers a config gives (its fields
     :data:`LAYER_FIELDS`, in sub-configs too) may be at most :data:`LAYER_SPARE` times those the
     files' names number, plus as many again; then the model is built from the config on the
@@ -93,7 +156,6 @@ def check_sizes(path: Path, files: list[Path], tf: Any) -> None:
 
     have, names = 0, []
     try:
-        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         for file in files:
             with safe_open(str(file), "pt") as f:
                 for key in f.keys():  # noqa: SIM118 (a safe_open is no mapping)

@@ -17,7 +17,6 @@ not know, such as OPT) is refused before anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -25,7 +24,7 @@ import secrets
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,16 @@ from torch import nn
 from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
-from .hf_files import WEIGHTS, check_shards, check_sizes, read_tokenizer, write_tokenizer
+from .hf_files import (
+    WEIGHTS,
+    check_shards,
+    check_sizes,
+    import_transformers,
+    quiet_progress,
+    read_config,
+    read_tokenizer,
+    write_tokenizer,
+)
 from .models.hf import hub_code
 from .runtime import logits_of
 
@@ -151,34 +159,6 @@ def is_hf_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def _transformers():
-    from ._torchvision import import_torchvision
-
-    import_torchvision()  # transformers imports it when installed: a mismatched build must load
-    try:
-        import transformers
-    except ImportError:
-        raise InputError(
-            "a Hugging Face model folder needs transformers: pip install 'compressdrop[hf]'"
-        ) from None
-    return transformers
-
-
-@contextlib.contextmanager
-def quiet_progress() -> Iterator[None]:
-    """transformers' progress bars off while it loads or writes a folder (they drew "Loading
-    weights: 100%|████|" between the CLI's own lines), and as they were afterwards."""
-    from transformers.utils import logging as tf_logging
-
-    was = tf_logging.is_progress_bar_enabled()
-    tf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            tf_logging.enable_progress_bar()
-
-
 def load_hf_folder(path: str | Path) -> nn.Module:
     """The causal language model in a Hugging Face folder, in eval mode, on the CPU.
 
@@ -188,12 +168,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
         InputError: transformers is not installed.
     """
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}/config.json: unreadable ({e})") from None
-    if not isinstance(config, Mapping):
-        raise CheckpointError(f"{path}/config.json: not a JSON object")
+    config = read_config(path)  # read once: transformers is given these values, not the file
     if "auto_map" in config:
         raise CheckpointError(
             f"{path}: the config names its own code ({config['auto_map']}); compressdrop only "
@@ -215,7 +190,7 @@ def load_hf_folder(path: str | Path) -> nn.Module:
                 else ""
             )
         )
-    tf = _transformers()
+    tf = import_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
@@ -229,11 +204,17 @@ def load_hf_folder(path: str | Path) -> nn.Module:
             f"{tf.__version__} (compressdrop reads causal-LM folders; for another model, save it "
             "with torch.export or its state_dict and give its factory with --arch)"
         )
-    check_sizes(path, check_shards(path), tf)  # before memory is taken for what files lack
+    try:
+        checked = tf.CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}/config.json: not a {model_type} config ({e})") from None
+    checked.name_or_path = str(path)
+    check_sizes(path, check_shards(path), checked, tf)  # before memory is taken for what lacks
     try:
         with quiet_progress():
             model = tf.AutoModelForCausalLM.from_pretrained(
                 path,
+                config=checked,  # (else transformers reads config.json again)
                 local_files_only=True,
                 trust_remote_code=False,
                 use_safetensors=True,

@@ -93,3 +93,28 @@ def test_a_fifo_or_a_folder_is_refused_without_blocking(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_config_swapped_after_the_folder_checks_is_not_read(monkeypatch, tmp_path):
+    """The checks read config.json (remote code, Hub kernels, sizes against the weights), then
+    transformers read the file again: a config renamed over it after the checks (here 40 layers
+    where the weights hold 2, the rest made up: the size check's case; a Hub kernel named the
+    same way is code) was built as it said."""
+    import json
+
+    import compressdrop.hf_folder as hf_folder
+    from compressdrop.checkpoint import load_model
+
+    from .test_hf_folder import _llama_folder
+
+    folder = _llama_folder(tmp_path / "llama")
+    config = json.loads((folder / "config.json").read_text())
+    evil = tmp_path / "evil.json"
+    evil.write_text(json.dumps({**config, "num_hidden_layers": 40}))
+    refused = _llama_folder(tmp_path / "refused")
+    (refused / "config.json").write_text(evil.read_text())
+    with pytest.raises(CheckpointError, match="describes 40 layers"):
+        load_model(refused)
+    swap_after(monkeypatch, hf_folder, "check_sizes", evil, folder / "config.json")
+    model = load_model(folder)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
