@@ -8,6 +8,8 @@ but absent" is one error with one message.
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import nn
 from .errors import InputError
 
 __all__ = [
+    "ONNX_BYTES",
     "check_labels",
     "is_exporting",
     "is_traced",
@@ -26,6 +29,7 @@ __all__ = [
     "logits_of",
     "max_length",
     "no_cache",
+    "onnx_bytes",
     "ort_feed_dtype",
     "ort_run",
     "ort_session",
@@ -112,13 +116,18 @@ def ort_session(
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     elif device.startswith("cuda"):
         raise InputError("device 'cuda' requested but onnxruntime has no usable CUDA provider here")
-    _check_loops(path)
+    data = onnx_bytes(Path(path))  # read once: the check and onnxruntime see these bytes
+    _check_loops(data, path)
+    # external data files (weights past protobuf's 2 GB) are read from the model's folder
+    opts.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(Path(path).absolute().parent)
+    )
     # constant folding runs a graph's constant nodes while the session is made, in C++ and
     # outside ort_run, where neither Ctrl-C nor SIGTERM stops it (a 5 KB chain of 2000 x 2000
     # MatMuls of a ConstantOfShape: a minute a hundred nodes); unfolded, they run in ort_run.
     # compressdrop's exports are folded when written: their optimized graphs are the same
     session = ort.InferenceSession(
-        str(path), sess_options=opts, providers=providers, disabled_optimizers=["ConstantFolding"]
+        data, sess_options=opts, providers=providers, disabled_optimizers=["ConstantFolding"]
     )
     return session, session.get_providers()[0]
 
@@ -129,14 +138,43 @@ def ort_session(
 _MAX_TRIPS = 1_000_000
 
 
-def _check_loops(path: str | Path) -> None:
-    """Refuse a graph with a ``Loop`` whose trip count is a constant over :data:`_MAX_TRIPS`
-    (an initializer or a ``Constant`` node, in any subgraph), before onnxruntime runs it."""
+#: the most bytes an ONNX file holds (protobuf's limit; a larger model keeps its weights in
+#: external data files, which onnxruntime reads from the model's folder)
+ONNX_BYTES = 2 << 30
+
+
+def onnx_bytes(path: Path) -> bytes:
+    """The bytes of the ONNX file at ``path``, read once through one open file (a link
+    followed at that open), so that what is checked is what onnxruntime is given: a file renamed
+    over ``path``, or a link retargeted, after the check is not read. onnxruntime keeps them
+    while its session lives (at most :data:`ONNX_BYTES`).
+
+    Raises:
+        InputError: ``path`` cannot be opened, is no regular file (a FIFO is refused without
+            blocking on it) or holds more than :data:`ONNX_BYTES`.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > ONNX_BYTES:
+        os.close(fd)
+        raise InputError(f"{path}: not a regular file of at most {ONNX_BYTES >> 30} GB")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
+        return f.read(ONNX_BYTES + 1)
+
+
+def _check_loops(data: bytes, path: str | Path) -> None:
+    """Refuse a graph (the ONNX file's ``data``) with a ``Loop`` whose trip count is a constant
+    over :data:`_MAX_TRIPS` (an initializer or a ``Constant`` node, in any subgraph), before
+    onnxruntime runs it."""
     import onnx
     from onnx import numpy_helper
 
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        proto = onnx.load_model_from_string(data)
     except Exception:  # onnxruntime names what is wrong with the file
         return
     graphs, consts, loops = [proto.graph], {}, []

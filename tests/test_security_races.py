@@ -118,3 +118,75 @@ def test_a_config_swapped_after_the_folder_checks_is_not_read(monkeypatch, tmp_p
     swap_after(monkeypatch, hf_folder, "check_sizes", evil, folder / "config.json")
     model = load_model(folder)
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+
+
+def test_an_onnx_file_swapped_after_the_loop_check_is_not_run(monkeypatch, tmp_path):
+    """The check of a Loop's trip count read the file, then onnxruntime read the path again: a
+    graph renamed over it between them ran 2^62 turns, which nothing stops."""
+    import numpy as np
+    import onnx
+
+    from compressdrop import runtime
+    from compressdrop.errors import InputError
+
+    from .test_security_onnx_loop import loop_graph
+
+    loop_graph(tmp_path / "model.onnx", 3)
+    loop_graph(tmp_path / "evil.onnx", 2**62)
+    proto = onnx.load(tmp_path / "evil.onnx")
+    onnx.helper.set_model_props(proto, {"evil": "yes"})
+    onnx.save(proto, tmp_path / "evil.onnx")
+    with pytest.raises(InputError, match="a Loop of the graph runs"):
+        runtime.ort_session(tmp_path / "evil.onnx", "cpu")
+    swap_after(
+        monkeypatch, runtime, "_check_loops", tmp_path / "evil.onnx", tmp_path / "model.onnx"
+    )
+    session, _ = runtime.ort_session(tmp_path / "model.onnx", "cpu")
+    assert "evil" not in session.get_modelmeta().custom_metadata_map
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    assert runtime.ort_run(session, {"x": x}, "model.onnx").shape == (2, 10)  # 3 turns
+
+
+def test_an_onnx_file_with_external_data_still_loads_from_its_folder(tmp_path):
+    """onnxruntime is given the file's bytes: its external data files are read from its folder
+    (and one that escapes it is refused by onnxruntime, as for a path)."""
+    import numpy as np
+    import onnx
+
+    from compressdrop import runtime
+    from compressdrop.export import load_onnx_metadata
+
+    from .test_security_onnx_loop import loop_graph
+
+    loop_graph(tmp_path / "plain.onnx", 3)
+    proto = onnx.load(tmp_path / "plain.onnx")
+    onnx.helper.set_model_props(proto, {"classes": "[]"})
+    (tmp_path / "m").mkdir()
+    onnx.save(
+        proto, tmp_path / "m" / "model.onnx", save_as_external_data=True,
+        all_tensors_to_one_file=True, location="model.data", size_threshold=1024,
+    )  # fmt: skip
+    assert load_onnx_metadata(tmp_path / "m" / "model.onnx") == {"classes": "[]"}
+    session, _ = runtime.ort_session(tmp_path / "m" / "model.onnx", "cpu")
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    assert runtime.ort_run(session, {"x": x}, "model.onnx").shape == (2, 10)
+
+
+def test_an_onnx_fifo_is_refused_without_blocking(tmp_path):
+    """``eval`` read a FIFO's metadata (its class names) before anything checked it was a file:
+    the open blocked without end."""
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "fifo.onnx")
+    code = (
+        "import sys\nfrom compressdrop.export import load_onnx_metadata\n"
+        "from compressdrop.runtime import ort_session\n"
+        "for read in (load_onnx_metadata, lambda p: ort_session(p, 'cpu')):\n"
+        "    try:\n        read(sys.argv[1])\n    except Exception as e:\n        print(e)\n"
+    )
+    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+        [sys.executable, "-c", code, str(tmp_path / "fifo.onnx")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.count("not a regular file of at most 2 GB") == 2, done

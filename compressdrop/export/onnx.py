@@ -309,8 +309,11 @@ def _session(path: Path, providers: str, model: nn.Module) -> tuple[Any, str]:
 
 
 def load_onnx_metadata(path: str | Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file."""
+    """The ``metadata_props`` of an ONNX file (read as :func:`~compressdrop.runtime.onnx_bytes`
+    reads it: a regular file of at most 2 GB, a FIFO refused without blocking on it)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    from ..runtime import onnx_bytes
+
+    proto = onnx.load_model_from_string(onnx_bytes(Path(path)))
     return {p.key: p.value for p in proto.metadata_props}
