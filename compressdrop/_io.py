@@ -53,7 +53,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def opened(path: Path) -> Iterator[BinaryIO]:
+def opened(path: Path, error: type[Exception] = CheckpointError) -> Iterator[BinaryIO]:
     """``path`` opened once, so that the checks of a file and the library's read of it see the
     same file: a link is followed at this open only (a user's ``model.pt`` may be a link, a Hub
     cache's files are), and a link retargeted, or another file renamed over ``path``, after it
@@ -61,18 +61,18 @@ def opened(path: Path) -> Iterator[BinaryIO]:
     write it still can change under the handle: that is its owner's file to give.
 
     Raises:
-        CheckpointError: ``path`` is missing, unreadable or no regular file (a folder, a FIFO,
-            which is refused without blocking on it, a device).
+        CheckpointError (or ``error``): ``path`` is missing, unreadable or no regular file (a
+            folder, a FIFO, which is refused without blocking on it, a device).
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
+        raise error(f"{path}: no such file") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+        raise error(f"{path}: cannot be read ({e.strerror})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise CheckpointError(f"{path}: not a file")
+        raise error(f"{path}: not a file")
     os.set_blocking(fd, True)
     with os.fdopen(fd, "rb") as f:
         yield f

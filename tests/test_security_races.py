@@ -190,3 +190,26 @@ def test_an_onnx_fifo_is_refused_without_blocking(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.stdout.count("not a regular file of at most 2 GB") == 2, done
+
+
+def test_a_recipe_swapped_after_its_checks_is_read_once_and_bounded(tmp_path):
+    """A recipe's size was checked by path and the file read whole by path again: a link
+    retargeted in between at a FIFO blocked without end (at /dev/zero: memory without end)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "r.yaml").write_text("name: ok\nmodel: {arch: lenet300}\n")
+    os.symlink(tmp_path / "r.yaml", tmp_path / "link.yaml")
+    os.mkfifo(tmp_path / "fifo")
+    code = (
+        "import os, sys\nimport compressdrop.recipes.io as io\nfound = io.recipe_path\n"
+        "def swapping(p):\n    got = found(p)\n    os.replace(sys.argv[2], sys.argv[1])\n"
+        "    return got\nio.recipe_path = swapping\ntry:\n    io.load_recipe(sys.argv[1])\n"
+        "except Exception as e:\n    print(e)\n"
+    )
+    os.symlink(tmp_path / "fifo", tmp_path / "new.yaml")
+    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+        [sys.executable, "-c", code, str(tmp_path / "link.yaml"), str(tmp_path / "new.yaml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "link.yaml: not a file" in done.stdout, done

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .._io import opened
 from .config import Recipe, RecipeError
 
 if TYPE_CHECKING:
@@ -96,10 +97,12 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load and validate a recipe; YAML syntax errors report their line and column."""
     path = recipe_path(name_or_path)
-    if path.stat().st_size > _MOST_BYTES:  # PyYAML reads some scalars in quadratic time
-        raise RecipeError(f"{path}: {path.stat().st_size:,} bytes; a recipe holds at most 256 KB")
+    with opened(path, RecipeError) as f:  # one bounded read: a file swapped in after a check
+        raw = f.read(_MOST_BYTES + 1)
+    if len(raw) > _MOST_BYTES:  # PyYAML reads some scalars in quadratic time
+        raise RecipeError(f"{path}: over {_MOST_BYTES:,} bytes; a recipe holds at most 256 KB")
     try:
-        text = path.read_text()
+        text = raw.decode()
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
     try:
