@@ -8,8 +8,6 @@ but absent" is one error with one message.
 from __future__ import annotations
 
 import contextlib
-import os
-import stat
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import opened
 from .errors import InputError
 
 __all__ = [
@@ -153,17 +152,11 @@ def onnx_bytes(path: Path) -> bytes:
         InputError: ``path`` cannot be opened, is no regular file (a FIFO is refused without
             blocking on it) or holds more than :data:`ONNX_BYTES`.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size > ONNX_BYTES:
-        os.close(fd)
-        raise InputError(f"{path}: not a regular file of at most {ONNX_BYTES >> 30} GB")
-    os.set_blocking(fd, True)
-    with os.fdopen(fd, "rb") as f:
-        return f.read(ONNX_BYTES + 1)
+    with opened(path, InputError) as f:
+        data = f.read(ONNX_BYTES + 1)
+    if len(data) > ONNX_BYTES:
+        raise InputError(f"{path}: over {ONNX_BYTES >> 30} GB, more than an ONNX file holds")
+    return data
 
 
 def _check_loops(data: bytes, path: str | Path) -> None:

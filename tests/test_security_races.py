@@ -189,7 +189,7 @@ def test_an_onnx_fifo_is_refused_without_blocking(tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "fifo.onnx")],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert done.stdout.count("not a regular file of at most 2 GB") == 2, done
+    assert done.stdout.count("fifo.onnx: not a file") == 2, done
 
 
 def test_a_recipe_swapped_after_its_checks_is_read_once_and_bounded(tmp_path):
