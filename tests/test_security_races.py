@@ -95,6 +95,28 @@ def test_a_fifo_or_a_folder_is_refused_without_blocking(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_fifo_is_refused_by_load_model_and_the_program_readers_without_blocking(tmp_path):
+    """``load_model`` asks first whether a file is a ``.pt2``: Python's zip reader opened a FIFO
+    there and blocked without end, as did the program readers' own read of a path."""
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "fifo.pt2")
+    code = (
+        "import sys\nfrom compressdrop.checkpoint import load_model\n"
+        "from compressdrop.programs import is_pt2, load_program, load_program_safely\n"
+        "print(is_pt2(sys.argv[1]))\n"
+        "for read in (load_model, load_program, load_program_safely):\n"
+        "    try:\n        read(sys.argv[1])\n    except Exception as e:\n        print(e)\n"
+    )
+    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
+        [sys.executable, "-c", code, str(tmp_path / "fifo.pt2")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.stdout.startswith("False\n"), done
+    assert done.stdout.count("fifo.pt2: not a file") == 3, done
+
+
 def test_a_config_swapped_after_the_folder_checks_is_not_read(monkeypatch, tmp_path):
     """The checks read config.json (remote code, Hub kernels, sizes against the weights), then
     transformers read the file again: a config renamed over it after the checks (here 40 layers

@@ -22,10 +22,10 @@ came from, at the program's own parameter names, so that Torch-Pruning's depende
 surgery see ordinary layers. A ``view``/``reshape`` that flattens everything after the batch
 dimension becomes ``flatten(x, 1)``, so that it still fits once channels are removed.
 
-**Layout.** :mod:`.safety` checks archives (:mod:`._ops` lists the operators they may call),
-:mod:`.load` loads them, :mod:`.convert` turns programs into modules (its risky operators
-through :mod:`._checked`, its inputs' shapes checked by :mod:`._inputs`), :mod:`.records` ties them
-to compressdrop's ``arch`` records.
+**Layout.** :mod:`._source` reads a path once (no FIFO), :mod:`.safety` checks archives
+(:mod:`._ops` lists the operators they may call), :mod:`.load` loads them, :mod:`.convert` turns
+programs into modules (its risky operators through :mod:`._checked`, its inputs' shapes checked
+by :mod:`._inputs`), :mod:`.records` ties them to compressdrop's ``arch`` records.
 """
 
 # ProgramModule and Source: importable from here as before, though not in __all__

@@ -21,7 +21,8 @@ import torch
 from ..errors import CheckpointError
 from ._checked import check_enum_arguments
 from ._limits import _walk
-from .safety import _MALFORMED, _NAME, Source, _read, check_pt2_archive
+from ._source import Source, read_source
+from .safety import _MALFORMED, _NAME, check_pt2_archive
 
 __all__ = ["load_program_safely"]
 
@@ -43,7 +44,7 @@ def load_program_safely(
         CheckpointError: the archive cannot be read, is refused by :func:`check_pt2_archive`, or
             ``torch.export.load`` fails on it.
     """
-    data, where = _read(src, where)
+    data, where = read_source(src, where)
     check_pt2_archive(data, where, any_operator=any_operator)
     _register_spec_types(data, where)
     logger, caught = logging.getLogger("torch.export"), _Caught()

@@ -18,9 +18,10 @@ from .._attrs import set_record
 from ..errors import CheckpointError, prefixed
 from ..runtime import max_length, no_cache
 from ._measure import _leaves, too_big_to_run
+from ._source import Source, read_source
 from .convert import program_to_module
 from .load import load_program_safely
-from .safety import _MALFORMED, Source, _read
+from .safety import _MALFORMED
 
 __all__ = ["META_FILE", "ProgramWarning", "load_program", "program_record"]
 
@@ -47,7 +48,7 @@ def load_program(
         CheckpointError: the archive cannot be read, or
             :func:`~compressdrop.programs.load_program_safely` refuses or cannot load it.
     """
-    data, where = _read(src, where)
+    data, where = read_source(src, where)
     with torch.random.fork_rng(devices=[]):  # its layers are built, then given the weights
         model = program_to_module(load_program_safely(data, where, any_operator=any_operator))
     arch: dict[str, Any] = {"program": torch.frombuffer(bytearray(data), dtype=torch.uint8)}

@@ -31,8 +31,7 @@ import json
 import re
 import zipfile
 import zlib
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch._export.serde import schema
@@ -43,11 +42,10 @@ from ..errors import CheckpointError
 from ._limits import _bounded_arithmetic, _payload_problem, _small_exponent
 from ._ops import ALLOWED
 from ._schema import IDENT, check_schema, string_checks
+from ._source import Source, is_pt2, read_source
 
 __all__ = ["Source", "check_pt2_archive", "is_pt2"]
 
-#: what the readers take: a path, or an open binary file
-Source = str | Path | IO[bytes]
 
 # node targets a program may call: ATen and prims operators, the higher-order operators that
 # only run the program's own subgraphs (not print, whose format string the file writes and which
@@ -100,34 +98,6 @@ _TRUSTED = (
     "compressdrop/programs/_ops.py lists those it runs from any file."
 )
 _FORBIDDEN_DIRS = ("data/aotinductor/", "data/executorch/", "data/mtia/")
-
-
-def is_pt2(path: str | Path) -> bool:
-    """Whether ``path`` is a ``torch.export`` archive (a zip holding ``*/archive_format``).
-
-    Args:
-        path: the file to look at; only its zip directory is read.
-
-    Returns:
-        True for a ``.pt2`` archive; False for anything else, including an unreadable file.
-    """
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/archive_format") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _read(src: Source | bytes, where: str | None) -> tuple[bytes, str]:
-    """The archive's bytes and its name for messages."""
-    if isinstance(src, bytes):
-        return src, where or "embedded program"
-    if isinstance(src, str | Path):
-        try:
-            return Path(src).read_bytes(), where or str(src)
-        except OSError as e:
-            raise CheckpointError(f"{src}: cannot read ({e.strerror})") from None
-    return src.read(), where or "program"
 
 
 def _safe_expr(expr: str) -> bool:
@@ -352,7 +322,7 @@ def check_pt2_archive(
     Raises:
         CheckpointError: naming the first entry that is not plain data.
     """
-    data, where = _read(src, where)
+    data, where = read_source(src, where)
 
     def refuse(what: str) -> CheckpointError:
         if _UNLISTED in what:  # the file may be fine: what a user who trusts it can do
