@@ -165,6 +165,7 @@ def _check_loops(data: bytes, path: str | Path) -> None:
     onnxruntime runs it."""
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
 
     try:
         proto = onnx.load_model_from_string(data)
@@ -183,6 +184,11 @@ def _check_loops(data: bytes, path: str | Path) -> None:
             graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
             graphs += [g2 for a in node.attribute for g2 in a.graphs]
     for name in loops:
+        if name in consts and uses_external_data(consts[name]):  # (to_array read it by cwd)
+            raise InputError(
+                f"{path}: a Loop's trip count {name!r} is stored outside the file, where it is "
+                "not checked before onnxruntime runs the loop; refused (a count is one number)"
+            )
         if name in consts:
             trips = numpy_helper.to_array(consts[name]).reshape(-1)
             if trips.size == 1 and int(trips[0]) > _MAX_TRIPS:

@@ -77,6 +77,27 @@ def test_a_loop_with_a_huge_constant_trip_count_is_refused_before_it_runs(
     assert evaluate_onnx(ok, x, y, device="cpu")["n"] == 4
 
 
+def test_a_loop_whose_trip_count_is_stored_outside_the_file_is_refused_by_name(tmp_path):
+    """A trip count kept as external data was read by the check relative to the working folder
+    (onnx's ``to_array`` without a base folder), onnxruntime's relative to the model's: the
+    check failed with onnx's "should be stored in trips.bin, but it is not regular file", or
+    read another file than the one that runs."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    model = onnx.load(str(loop_graph(tmp_path / "loop.onnx", 1 << 62)))
+    (count,) = [t for t in model.graph.initializer if t.name == "M"]
+    (tmp_path / "trips.bin").write_bytes(np.array(1 << 62, np.int64).tobytes())
+    set_external_data(count, location="trips.bin")
+    count.ClearField("raw_data")
+    count.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, str(tmp_path / "external.onnx"))
+    with pytest.raises(
+        InputError, match=r"external\.onnx: a Loop's trip count 'M' is stored outside"
+    ):
+        runtime.ort_session(tmp_path / "external.onnx", "cpu")
+
+
 def test_a_loop_whose_trip_count_the_graph_computes_stops_at_ctrl_c(tmp_path):
     """2^62 turns computed by the graph (no check before the run can read them): onnxruntime
     ran them in C++, where Ctrl-C never reached Python; now the run's terminate flag stops it."""
