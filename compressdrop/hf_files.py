@@ -66,8 +66,12 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def import_transformers() -> Any:
-    """The transformers module (torchvision's missing ops declared first)."""
+def import_transformers(needed_by: str = "a Hugging Face model folder") -> Any:
+    """The transformers module (torchvision's missing ops declared first).
+
+    Raises:
+        InputError: transformers is not installed; the message names ``needed_by``.
+    """
     from ._torchvision import import_torchvision
 
     import_torchvision()  # transformers imports it when installed: a mismatched build must load
@@ -75,7 +79,7 @@ def import_transformers() -> Any:
         import transformers
     except ImportError:
         raise InputError(
-            "a Hugging Face model folder needs transformers: pip install 'compressdrop[hf]'"
+            f"{needed_by} needs Hugging Face transformers: pip install 'compressdrop[hf]'"
         ) from None
     return transformers
 

@@ -75,22 +75,15 @@ def test_a_reference_net_of_more_layers_than_the_weights_number_is_refused_befor
 ):
     """A net builds its layers one by one, on the ``meta`` device too: a checkpoint naming
     ``resnet`` with ``blocks: [10**12, 1, 1]`` never loaded."""
-    import subprocess
-    import sys
+    from .test_security_races import EACH_ERROR, run_apart
 
     model = build_model("resnet", (1, 8, 8), num_classes=2)
     save_model(model, tmp_path / "deep.pt")
     payload = torch.load(tmp_path / "deep.pt", weights_only=True)
     payload["arch"]["kwargs"]["blocks"] = [10**12, 1, 1]
     torch.save(payload, tmp_path / "deep.pt")
-    code = (
-        "import sys\nfrom compressdrop.checkpoint import load_model\n"
-        "try:\n    load_model(sys.argv[1])\nexcept Exception as e:\n    print(e)\n"
-    )
-    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
-        [sys.executable, "-c", code, str(tmp_path / "deep.pt")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    code = "import sys\nfrom compressdrop.checkpoint import load_model\nreaders = (load_model,)\n"
+    done = run_apart(code + EACH_ERROR, tmp_path / "deep.pt", timeout=120)
     assert "arch record's blocks asks for 1,000,000,000,002 layers" in done.stdout, done
     payload["arch"]["kwargs"]["blocks"] = [2, 1, 1]  # within four times the weights: built
     torch.save(payload, tmp_path / "deeper.pt")

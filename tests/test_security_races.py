@@ -6,6 +6,8 @@ through one open file (or the bytes read once), so the swapped file is never rea
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -35,6 +37,23 @@ def swap_after(monkeypatch, owner, name: str, evil: Path, target: Path) -> None:
         return result
 
     monkeypatch.setattr(owner, name, swapping)
+
+
+def run_apart(code: str, *args: object, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -c code *args`` in a process of its own, its output captured; a hang (on the old
+    code) ends at ``timeout`` with ``TimeoutExpired``."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+#: the end of a script that calls each of its ``readers`` on ``sys.argv[1]`` and prints what
+#: each raised
+EACH_ERROR = (
+    "for read in readers:\n    try:\n        read(sys.argv[1])\n"
+    "    except Exception as e:\n        print(e)\n"
+)
 
 
 def _bytearray_of_a_number(path: Path) -> Path:
@@ -98,21 +117,13 @@ def test_a_fifo_or_a_folder_is_refused_without_blocking(tmp_path):
 def test_a_fifo_is_refused_by_load_model_and_the_program_readers_without_blocking(tmp_path):
     """``load_model`` asks first whether a file is a ``.pt2``: Python's zip reader opened a FIFO
     there and blocked without end, as did the program readers' own read of a path."""
-    import subprocess
-    import sys
-
     os.mkfifo(tmp_path / "fifo.pt2")
     code = (
         "import sys\nfrom compressdrop.checkpoint import load_model\n"
         "from compressdrop.programs import is_pt2, load_program, load_program_safely\n"
-        "print(is_pt2(sys.argv[1]))\n"
-        "for read in (load_model, load_program, load_program_safely):\n"
-        "    try:\n        read(sys.argv[1])\n    except Exception as e:\n        print(e)\n"
+        "print(is_pt2(sys.argv[1]))\nreaders = (load_model, load_program, load_program_safely)\n"
     )
-    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
-        [sys.executable, "-c", code, str(tmp_path / "fifo.pt2")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_apart(code + EACH_ERROR, tmp_path / "fifo.pt2")
     assert done.stdout.startswith("False\n"), done
     assert done.stdout.count("fifo.pt2: not a file") == 3, done
 
@@ -197,29 +208,19 @@ def test_an_onnx_file_with_external_data_still_loads_from_its_folder(tmp_path):
 def test_an_onnx_fifo_is_refused_without_blocking(tmp_path):
     """``eval`` read a FIFO's metadata (its class names) before anything checked it was a file:
     the open blocked without end."""
-    import subprocess
-    import sys
-
     os.mkfifo(tmp_path / "fifo.onnx")
     code = (
         "import sys\nfrom compressdrop.export import load_onnx_metadata\n"
         "from compressdrop.runtime import ort_session\n"
-        "for read in (load_onnx_metadata, lambda p: ort_session(p, 'cpu')):\n"
-        "    try:\n        read(sys.argv[1])\n    except Exception as e:\n        print(e)\n"
+        "readers = (load_onnx_metadata, lambda p: ort_session(p, 'cpu'))\n"
     )
-    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
-        [sys.executable, "-c", code, str(tmp_path / "fifo.onnx")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_apart(code + EACH_ERROR, tmp_path / "fifo.onnx")
     assert done.stdout.count("fifo.onnx: not a file") == 2, done
 
 
 def test_a_recipe_swapped_after_its_checks_is_read_once_and_bounded(tmp_path):
     """A recipe's size was checked by path and the file read whole by path again: a link
     retargeted in between at a FIFO blocked without end (at /dev/zero: memory without end)."""
-    import subprocess
-    import sys
-
     (tmp_path / "r.yaml").write_text("name: ok\nmodel: {arch: lenet300}\n")
     os.symlink(tmp_path / "r.yaml", tmp_path / "link.yaml")
     os.mkfifo(tmp_path / "fifo")
@@ -230,8 +231,5 @@ def test_a_recipe_swapped_after_its_checks_is_read_once_and_bounded(tmp_path):
         "except Exception as e:\n    print(e)\n"
     )
     os.symlink(tmp_path / "fifo", tmp_path / "new.yaml")
-    done = subprocess.run(  # (a hang, on the old code: the timeout ends it)
-        [sys.executable, "-c", code, str(tmp_path / "link.yaml"), str(tmp_path / "new.yaml")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    done = run_apart(code, tmp_path / "link.yaml", tmp_path / "new.yaml")
     assert "link.yaml: not a file" in done.stdout, done

@@ -77,15 +77,10 @@ def hf_causal_lm(
     Example:
         >>> lm = hf_causal_lm((64,), 256, "gpt2", n_layer=2, n_embd=64, n_head=4)  # doctest: +SKIP
     """
-    from .._torchvision import import_torchvision
+    from ..hf_files import import_transformers
 
-    import_torchvision()  # transformers imports it when installed: a mismatched build must load
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-    except ImportError:
-        raise InputError(
-            "hf-causal-lm needs Hugging Face transformers: pip install 'compressdrop[hf]'"
-        ) from None
+    tf = import_transformers("hf-causal-lm")
+    AutoConfig, AutoModelForCausalLM = tf.AutoConfig, tf.AutoModelForCausalLM
     if not isinstance(model_type, str):
         raise InputError(f"hf-causal-lm: model_type must be a string, got {model_type!r}")
     if "auto_map" in config or config.get("trust_remote_code"):
