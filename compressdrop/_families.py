@@ -2,16 +2,55 @@
 ``transformers.models.<family>`` package) and class-name prefix: one list for the gates' memory
 hand-offs (``gates/_mul.py``) and the head and config registrations (``gating/known.py``)."""
 
-#: decoders whose attention is LLaMA's (q/k/v/o projections, ``head_dim``,
-#: ``num_key_value_groups`` read by ``repeat_kv``) and whose MLP is SwiGLU with ``up_proj``
+from typing import NamedTuple
+
+
+class Decoder(NamedTuple):
+    """A decoder whose attention is LLaMA's: q/k/v projections, ``head_dim`` and
+    ``num_key_value_groups`` (read by ``repeat_kv``), heads reshaped by ``-1`` or by its own
+    ``num_heads``/``num_key_value_heads``.
+
+    Attributes:
+        prefix: class-name prefix (``"Llama"``: ``LlamaAttention``, ``LlamaMLP``).
+        o: the attention's output projection.
+        mlp: the dense MLP's class-name suffix (``None``: a mixture of experts, whose experts are
+            not gated, and no dense MLP).
+        up: the MLP layer whose output width is ``width``; ``"up_proj"`` marks a SwiGLU MLP
+            whose ``up_proj`` output one product alone reads.
+        width: the config field of that width.
+        head_dim_fixed: the attention derives ``head_dim`` from ``hidden_size`` and the head
+            count (its config cannot describe fewer heads of the same size).
+    """
+
+    prefix: str
+    o: str = "o_proj"
+    mlp: str | None = "MLP"
+    up: str = "up_proj"
+    width: str = "intermediate_size"
+    head_dim_fixed: bool = False
+
+
+#: decoders with LLaMA's grouped-query attention, by family
+DECODERS = {
+    "llama": Decoder("Llama"),
+    "qwen2": Decoder("Qwen2"),
+    "qwen3": Decoder("Qwen3"),
+    "mistral": Decoder("Mistral"),
+    "gemma": Decoder("Gemma"),
+    "gemma2": Decoder("Gemma2"),
+    "gemma3": Decoder("Gemma3"),
+    "olmo": Decoder("Olmo"),
+    "granite": Decoder("Granite"),
+    "cohere": Decoder("Cohere"),  # its optional q/k norms hold a row per head
+    "stablelm": Decoder("StableLm", head_dim_fixed=True),  # per-head q/k LayerNorms
+    "starcoder2": Decoder("Starcoder2", up="c_fc"),
+    "phi": Decoder("Phi", o="dense", up="fc1"),
+    "mixtral": Decoder("Mixtral", mlp=None),
+    "qwen2_moe": Decoder("Qwen2Moe", width="shared_expert_intermediate_size"),
+}
+#: decoders whose attention is LLaMA's and whose MLP is SwiGLU with ``up_proj``
 LLAMA_LIKE = {
-    "llama": "Llama",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
-    "mistral": "Mistral",
-    "gemma": "Gemma",
-    "gemma2": "Gemma2",
-    "gemma3": "Gemma3",
+    family: d.prefix for family, d in DECODERS.items() if d.mlp == "MLP" and d.up == "up_proj"
 }
 #: encoders whose attention is BERT's (``self.query``/``key``/``value``, ``num_attention_heads``
 #: and ``all_head_size`` read by its forward, the projection in the sibling ``output.dense``),

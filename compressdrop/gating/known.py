@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._families import BERT_LIKE, LLAMA_LIKE
-from ..errors import InputError
-from .heads import HeadSpec, cut_features, register_attention
+from .._families import BERT_LIKE
+from .heads import HeadSpec, register_attention
+from .hf_decoders import decoder_shapes, register_decoders
 from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, register_layer
 
 __all__: list[str] = []  # internal to compressdrop.gating
@@ -100,48 +100,11 @@ def _conv1d_pruner() -> Any:
     return Conv1DPruner()
 
 
-# decoders whose attention is LLaMA's: family → attention class
-_LLAMA_LIKE = {family: f"{prefix}Attention" for family, prefix in LLAMA_LIKE.items()}
-
-
-def _query_heads(m: Any) -> int:
-    return int(m.get_submodule("q_proj").out_features // m.head_dim)
-
-
-def _kv_heads(m: Any) -> int:
-    return int(m.get_submodule("k_proj").out_features // m.head_dim)
-
-
-def _kv_blocks(m: Any) -> int:
-    """One block of query heads per key/value head; none when each has its own (multi-head)."""
-    return _kv_heads(m) if m.num_key_value_groups > 1 else 1
-
-
-def _remove_gqa_heads(m: Any, keep: torch.Tensor) -> None:
-    """Remove a LLaMA-style attention's query heads not in ``keep``: their rows of ``q_proj`` and
-    columns of ``o_proj``; with one query head per key/value head, its key and value rows too;
-    with groups, ``num_key_value_groups`` (read by ``repeat_kv``) becomes the heads each
-    key/value head keeps. The shared config is left alone (it describes the dense model)."""
-    D, H, KV = int(m.head_dim), _query_heads(m), _kv_heads(m)
-    kept = set(keep.tolist())
-    cut = [h * D + i for h in range(H) if h not in kept for i in range(D)]
-    cut_features(m.get_submodule("q_proj"), cut, out=True)
-    cut_features(m.get_submodule("o_proj"), cut, out=False)
-    if m.num_key_value_groups == 1:
-        for path in ("k_proj", "v_proj"):
-            cut_features(m.get_submodule(path), cut, out=True)
-    else:
-        if len(kept) % KV:
-            raise InputError(
-                f"{len(kept)} query heads do not split evenly over {KV} key/value heads"
-            )
-        m.num_key_value_groups = len(kept) // KV
-
-
 def _register_transformers() -> None:
     from transformers.activations import FastGELUActivation, NewGELUActivation
+    from transformers.models.bloom.modeling_bloom import BloomGelu
 
-    for act in (NewGELUActivation, FastGELUActivation):
+    for act in (NewGELUActivation, FastGELUActivation, BloomGelu):
         _TRACE_AS[act] = lambda x: nn.functional.gelu(x, approximate="tanh")
 
     # GPT-2's Conv1D: a producer like Linear, weight (in, out)
@@ -177,26 +140,15 @@ def _register_transformers() -> None:
             ),
         ),
     )
-    # LLaMA-style decoders (grouped-query attention): no head count attribute; the query heads
-    # of one key/value head are consecutive, and every key/value head keeps as many. Qwen2,
-    # Qwen3 and Gemma 3 (their q/k norms act per head on head_dim), Mistral, Gemma and Gemma 2
-    # (its soft-capping and sliding window act per head too) have the same attention.
-    import importlib
+    # LLaMA-style decoders (grouped-query attention) and Phi-3 (packed qkv_proj)
+    register_decoders()
+    # DistilBERT: separate projections, n_heads read by nothing but the reshape by -1
+    from transformers.models.distilbert import modeling_distilbert as distilbert
 
-    gqa = HeadSpec(
-        o="o_proj",
-        q="q_proj",
-        shared=("k_proj", "v_proj"),
-        heads=_query_heads,
-        blocks=_kv_blocks,
-        remove=_remove_gqa_heads,
+    register_attention(
+        distilbert.DistilBertSelfAttention,
+        HeadSpec(o="out_lin", q="q_lin", k="k_lin", v="v_lin", heads="n_heads"),
     )
-    for family, cls in _LLAMA_LIKE.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:  # an older transformers without this family
-            continue
-        register_attention(getattr(module, cls), gqa)
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
     # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense;
     # RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA have the same attention
@@ -208,6 +160,8 @@ def _register_transformers() -> None:
         heads="self.num_attention_heads",
         widths=("self.all_head_size",),
     )
+    import importlib
+
     for family, prefix in BERT_LIKE.items():
         try:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
@@ -221,6 +175,8 @@ def _register_transformers() -> None:
 #: the heads (what attach's ``exclude`` names to leave them ungated)
 _HEADS_FIXED = {
     "GPT2Attention": ("n_embd / n_head", "GPT2Attention"),
+    "DistilBertSelfAttention": ("dim / n_heads", "DistilBertSelfAttention"),
+    "StableLmAttention": ("hidden_size / num_attention_heads", "StableLmAttention"),
     **{
         f"{prefix}SelfAttention": ("hidden_size / num_attention_heads", f"{prefix}Attention")
         for prefix in BERT_LIKE.values()
@@ -271,7 +227,8 @@ def sync_config(model: nn.Module) -> str | None:
                 "those units ungated (attach's exclude)"
             )
     for key, values in want.items():
-        setattr(config, key, values[0])
+        if values:  # a mixture of experts has no dense MLP
+            setattr(config, key, values[0])
     return None
 
 
@@ -283,19 +240,17 @@ def _shapes(
     mods: list[Any] = list(model.modules())
     kinds = {type(m).__name__ for m in mods}
     config: Any = model.config
-    llama_like = set(_LLAMA_LIKE.values()) & kinds
-    if llama_like:
-        attns = [m for m in mods if type(m).__name__ in llama_like]
-        mlp_names = {n.replace("Attention", "MLP") for n in llama_like}
-        mlps = [m for m in mods if type(m).__name__ in mlp_names]
-        for mlp in mlps:
-            mlp.intermediate_size = mlp.up_proj.out_features
-        return {
-            "num_attention_heads": [_query_heads(a) for a in attns],
-            "num_key_value_heads": [_kv_heads(a) for a in attns],
-            "head_dim": [int(a.head_dim) for a in attns],
-            "intermediate_size": [m.intermediate_size for m in mlps],
-        }, {}
+    decoder = decoder_shapes(model)
+    if decoder is not None:
+        return decoder
+    if "DistilBertSelfAttention" in kinds:
+        selfs = [m for m in mods if type(m).__name__ == "DistilBertSelfAttention"]
+        ffns = [m.lin1 for m in mods if type(m).__name__ == "FFN"]
+        heads = [int(s.n_heads) for s in selfs]
+        how = _HEADS_FIXED["DistilBertSelfAttention"][0]
+        return {"hidden_dim": [int(f.out_features) for f in ffns]}, {
+            "n_heads": (heads, config.n_heads, f"heads (it derives their size from {how})")
+        }
     if "GPT2Attention" in kinds:
         attns = [m for m in mods if type(m).__name__ == "GPT2Attention"]
         mlps = [m for m in mods if type(m).__name__ == "GPT2MLP"]

@@ -1,0 +1,109 @@
+"""Hugging Face families beyond LLaMA, GPT-2 and BERT (``benchmarks/bench_hf_families.py``
+surveys them all): their heads and MLP neurons are gated and removed exactly, with nothing to
+patch by hand, and a pruned decoder generates what the masked one does.
+
+Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
+q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
+packed ``qkv_proj``, DistilBERT's heads, and BLOOM's GELU written as a formula.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import compressdrop as cd
+from compressdrop.gating.gated import HeadGated
+
+from .test_hf import TOKENS, VOCAB, _attach_and_prune, _padded_batch
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64}  # fmt: skip
+MODELS = {
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", LLAMA),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", LLAMA),
+    # per-head q/k norms: Cohere's a weight row per head, StableLM's a LayerNorm per head (the
+    # key's follow their query heads where each has its own key/value head)
+    "cohere": ("CohereConfig", "CohereForCausalLM", {**LLAMA, "use_qk_norm": True}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM",
+                 {**LLAMA, "num_key_value_heads": 4, "qk_layernorm": True}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", LLAMA),
+    "phi": ("PhiConfig", "PhiForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", LLAMA),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                {**LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                   {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
+                    "max_position_embeddings": 64, "num_labels": 3}),
+}  # fmt: skip
+# what gets gates: heads, MLP neurons (Mixtral's experts are not gated; BLOOM's heads share an
+# ALiBi table built for the config's head count)
+GATED = {"mixtral": (True, False), "bloom": (False, True)}
+
+
+def _build(name: str):
+    config_cls, model_cls, sizes = MODELS[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**TOKENS, **sizes)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_heads_and_mlp_neurons_prune_exactly(name):
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    dense = model.num_parameters()
+    slim, thr = _attach_and_prune(model, ids)
+    heads = [n for n, m in model.named_modules() if isinstance(m, HeadGated)]
+    mlp = [n for n, _ in cd.named_gates(model) if n not in heads and ".0." in n]
+    assert (bool(heads), bool(mlp)) == GATED.get(name, (True, True)), (heads, mlp)
+    assert slim.num_parameters() < dense
+    cd.mask_(model, thr)
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        got = slim(input_ids=ids, attention_mask=mask).logits
+        want = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool() if "CausalLM" in MODELS[name][1] else slice(None)
+    assert float((got - want)[keep].abs().max() / want[keep].abs().max()) <= 1e-5
+    if "CausalLM" in MODELS[name][1]:
+        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(slim.generate(ids, **kw), model.generate(ids, **kw))
+
+
+def test_phi3_heads_keep_the_shared_config_dense():
+    """Phi-3's forward reads ``config.num_attention_heads``: each pruned attention gets a config
+    of its own; the model's config describes the slim shape only where every layer agrees."""
+    model = _build("phi3")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    slim, _ = _attach_and_prune(model, ids)
+    heads = [a.self_attn.config.num_attention_heads for a in slim.model.layers]
+    assert sum(heads) < 8
+    for layer, h in zip(slim.model.layers, heads, strict=True):
+        a = layer.self_attn  # [q (h·D); k (2·D); v (2·D)], o_proj reads h·D
+        assert a.qkv_proj.out_features == (h + 4) * a.head_dim
+        assert a.o_proj.in_features == h * a.head_dim == a.num_key_value_groups * 2 * a.head_dim
+    if len(set(heads)) > 1:
+        assert slim.config.num_attention_heads == 4
+
+
+def test_stablelm_and_distilbert_heads_are_fixed_by_their_config():
+    """Their libraries derive the head size from the width and the head count: a uniform
+    prune warns that the config cannot describe fewer heads (the existing contract)."""
+    for name in ("stablelm", "distilbert"):
+        model = _build(name)
+        ids = torch.randint(3, VOCAB, (2, 8))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", cd.GatingWarning)
+            cd.attach(model, "lognormal", example_inputs=ids)
+        with torch.no_grad():
+            for _, g in cd.named_gates(model):
+                for p in g.parameters():
+                    p.add_(torch.empty_like(p).uniform_(-2, 2))
+        thr = float(torch.cat([g.snr().detach() for _, g in cd.named_gates(model)]).median())
+        with pytest.warns(cd.PruningWarning, match="cannot describe"):
+            cd.prune(model, thr, example_inputs=ids, uniform=True)
