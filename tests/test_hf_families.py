@@ -4,7 +4,8 @@ patch by hand, and a pruned decoder generates what the masked one does.
 
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
-packed ``qkv_proj``, DistilBERT's heads, and BLOOM's GELU written as a formula.
+packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
+rows together), DistilBERT's heads, and BLOOM's GELU written as a formula.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ MODELS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 {**LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
+    # one query_key_value holding each head's q, k and v rows together (Pythia's layout)
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM",
+                  {**LLAMA, "num_key_value_heads": 4, "qk_layernorm": True}),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
