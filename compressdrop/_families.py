@@ -61,4 +61,6 @@ BERT_LIKE = {
     "xlm_roberta": "XLMRoberta",
     "camembert": "Camembert",
     "electra": "Electra",
+    "roformer": "RoFormer",  # (its rotary positions act per head: any head may go)
+    "megatron_bert": "MegatronBert",
 }

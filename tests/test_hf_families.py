@@ -5,7 +5,8 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
 packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), DistilBERT's heads, and BLOOM's GELU written as a formula.
+rows together), the heads of DistilBERT, RoFormer, Megatron-BERT and ALBERT, and BLOOM's GELU
+written as a formula.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import compressdrop as cd
 from compressdrop.gating.gated import HeadGated
 
-from .test_hf import TOKENS, VOCAB, _attach_and_prune, _padded_batch
+from .test_hf import ENCODER, TOKENS, VOCAB, _attach_and_prune, _padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,6 +43,11 @@ MODELS = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM",
                   {**LLAMA, "num_key_value_heads": 4, "qk_layernorm": True}),
+    # BERT's attention: RoFormer's and Megatron-BERT's as BERT's modules, ALBERT's in one module
+    # shared by its layers
+    "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", ENCODER),
+    "megatron_bert": ("MegatronBertConfig", "MegatronBertForSequenceClassification", ENCODER),
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", {**ENCODER, "embedding_size": 16}),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),

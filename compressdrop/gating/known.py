@@ -152,6 +152,17 @@ def _register_transformers() -> None:
         distilbert.DistilBertSelfAttention,
         HeadSpec(o="out_lin", q="q_lin", k="k_lin", v="v_lin", heads="n_heads"),
     )
+    # ALBERT: BERT's projections in one module (its layers share their weights: a head goes from
+    # every pass through them), all_head_size read by nothing but reshapes by -1
+    from transformers.models.albert import modeling_albert as albert
+
+    register_attention(
+        albert.AlbertAttention,
+        HeadSpec(
+            o="dense", q="query", k="key", v="value", heads="num_attention_heads",
+            widths=("all_head_size",),
+        ),
+    )  # fmt: skip
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
     # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense;
     # RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA have the same attention
