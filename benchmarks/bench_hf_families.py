@@ -97,6 +97,10 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                    "num_labels": 3}),
     "albert": ("AlbertConfig", "AlbertForSequenceClassification", {**ENC, "embedding_size": 16}),
     "deberta_v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification", ENC),
+    # DeBERTa-v3's settings (relative positions, p2c and c2p, shared position keys)
+    "deberta_v3": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                   {**ENC, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+                    "position_buckets": 16, "norm_rel_ebd": "layer_norm", "share_att_key": True}),
     "deberta": ("DebertaConfig", "DebertaForSequenceClassification", ENC),
     "mpnet": ("MPNetConfig", "MPNetForSequenceClassification", ENC),
     "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", ENC),

@@ -5,8 +5,8 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
 packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), the heads of DistilBERT, RoFormer, Megatron-BERT and ALBERT, and BLOOM's GELU
-written as a formula.
+rows together), the heads of XGLM, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
+and BLOOM's GELU written as a formula.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ transformers = pytest.importorskip("transformers")
 
 LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64}  # fmt: skip
+DEBERTA = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+           "position_buckets": 16, "norm_rel_ebd": "layer_norm", "share_att_key": True}  # fmt: skip
 MODELS = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", LLAMA),
     "granite": ("GraniteConfig", "GraniteForCausalLM", LLAMA),
@@ -43,11 +45,19 @@ MODELS = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM",
                   {**LLAMA, "num_key_value_heads": 4, "qk_layernorm": True}),
+    # XGLM: BART's attention, its reshapes reading num_heads and embed_dim
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", {"d_model": 32, "num_layers": 2,
+             "attention_heads": 4, "ffn_dim": 48, "max_position_embeddings": 64}),
     # BERT's attention: RoFormer's and Megatron-BERT's as BERT's modules, ALBERT's in one module
     # shared by its layers
     "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", ENCODER),
     "megatron_bert": ("MegatronBertConfig", "MegatronBertForSequenceClassification", ENCODER),
     "albert": ("AlbertConfig", "AlbertForSequenceClassification", {**ENCODER, "embedding_size": 16}),
+    # DeBERTa-v3's disentangled attention: relative positions through query_proj and key_proj,
+    # or (share_att_key off) through per-head pos_query_proj and pos_key_proj, cut with them
+    "deberta_v3": ("DebertaV2Config", "DebertaV2ForSequenceClassification", DEBERTA),
+    "deberta_v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                   {**DEBERTA, "share_att_key": False}),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
