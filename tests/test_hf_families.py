@@ -5,7 +5,7 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
 packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), the heads of XGLM, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
+rows together), Falcon's in its three layouts, the heads of XGLM, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
 and BLOOM's GELU written as a formula.
 """
 
@@ -27,6 +27,8 @@ LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 48, "max_position_embeddings": 64}  # fmt: skip
 DEBERTA = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
            "position_buckets": 16, "norm_rel_ebd": "layer_norm", "share_att_key": True}  # fmt: skip
+FALCON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "max_position_embeddings": 64}  # fmt: skip
 MODELS = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", LLAMA),
     "granite": ("GraniteConfig", "GraniteForCausalLM", LLAMA),
@@ -45,6 +47,18 @@ MODELS = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM",
                   {**LLAMA, "num_key_value_heads": 4, "qk_layernorm": True}),
+    # Falcon's one query_key_value in each of its layouts; ALiBi's bias is built for the config's
+    # head count (its heads stay)
+    **{
+        f"falcon_{layout}": ("FalconConfig", "FalconForCausalLM", {**FALCON, **extra})
+        for layout, extra in {
+            "multi_query": {"multi_query": True},
+            "multi_head": {"multi_query": False},
+            "grouped": {"new_decoder_architecture": True, "num_kv_heads": 2},
+            "grouped_one_each": {"new_decoder_architecture": True, "num_kv_heads": 4},
+            "alibi": {"multi_query": False, "alibi": True},
+        }.items()
+    },
     # XGLM: BART's attention, its reshapes reading num_heads and embed_dim
     "xglm": ("XGLMConfig", "XGLMForCausalLM", {"d_model": 32, "num_layers": 2,
              "attention_heads": 4, "ffn_dim": 48, "max_position_embeddings": 64}),
@@ -64,7 +78,7 @@ MODELS = {
 }  # fmt: skip
 # what gets gates: heads, MLP neurons (Mixtral's experts are not gated; BLOOM's heads share an
 # ALiBi table built for the config's head count)
-GATED = {"mixtral": (True, False), "bloom": (False, True)}
+GATED = {"mixtral": (True, False), "bloom": (False, True), "falcon_alibi": (False, True)}
 
 
 def _build(name: str):
