@@ -5,7 +5,7 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
 packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), Falcon's in its three layouts, the heads of XGLM, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
+rows together), Falcon's in its three layouts, the heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
 and BLOOM's GELU written as a formula.
 """
 
@@ -67,6 +67,9 @@ MODELS = {
     "roformer": ("RoFormerConfig", "RoFormerForSequenceClassification", ENCODER),
     "megatron_bert": ("MegatronBertConfig", "MegatronBertForSequenceClassification", ENCODER),
     "albert": ("AlbertConfig", "AlbertForSequenceClassification", {**ENCODER, "embedding_size": 16}),
+    # ModernBERT: one Wqkv packed [q; k; v] (its config's token ids put inside the vocabulary)
+    "modernbert": ("ModernBertConfig", "ModernBertForSequenceClassification",
+                   {**ENCODER, "cls_token_id": 1, "sep_token_id": 2}),
     # DeBERTa-v3's disentangled attention: relative positions through query_proj and key_proj,
     # or (share_att_key off) through per-head pos_query_proj and pos_key_proj, cut with them
     "deberta_v3": ("DebertaV2Config", "DebertaV2ForSequenceClassification", DEBERTA),

@@ -102,6 +102,11 @@ def _conv1d_pruner() -> Any:
     return Conv1DPruner()
 
 
+def _packed_heads(m: Any) -> int:
+    """Heads of a ``[q; k; v]`` projection ``Wqkv`` of ``head_dim`` features each."""
+    return int(m.Wqkv.out_features // (3 * m.head_dim))
+
+
 def _register_transformers() -> None:
     from transformers.activations import FastGELUActivation, NewGELUActivation
     from transformers.models.bloom.modeling_bloom import BloomGelu
@@ -166,6 +171,12 @@ def _register_transformers() -> None:
             widths=("all_head_size",),
         ),
     )  # fmt: skip
+    # ModernBERT: Wqkv packed [q; k; v], its reshapes by -1 (the head count is the layer's)
+    from transformers.models.modernbert import modeling_modernbert as modernbert
+
+    register_attention(
+        modernbert.ModernBertAttention, HeadSpec(o="Wo", qkv="Wqkv", heads=_packed_heads)
+    )
     # XGLM: its reshapes read num_heads and embed_dim
     from transformers.models.xglm import modeling_xglm as xglm
 
