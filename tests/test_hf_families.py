@@ -5,7 +5,7 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
 packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), Falcon's in its three layouts, the heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
+rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
 and BLOOM's GELU written as a formula.
 """
 
@@ -29,6 +29,7 @@ DEBERTA = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"]
            "position_buckets": 16, "norm_rel_ebd": "layer_norm", "share_att_key": True}  # fmt: skip
 FALCON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
           "max_position_embeddings": 64}  # fmt: skip
+BIGCODE = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
 MODELS = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", LLAMA),
     "granite": ("GraniteConfig", "GraniteForCausalLM", LLAMA),
@@ -58,6 +59,12 @@ MODELS = {
             "grouped_one_each": {"new_decoder_architecture": True, "num_kv_heads": 4},
             "alibi": {"multi_query": False, "alibi": True},
         }.items()
+    },
+    # GPT-BigCode's one c_attn, multi-query (StarCoder 1) and multi-head
+    **{
+        f"gpt_bigcode_{layout}": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM",
+                                  {**BIGCODE, "multi_query": layout == "multi_query"})
+        for layout in ("multi_query", "multi_head")
     },
     # XGLM: BART's attention, its reshapes reading num_heads and embed_dim
     "xglm": ("XGLMConfig", "XGLMForCausalLM", {"d_model": 32, "num_layers": 2,

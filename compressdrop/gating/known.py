@@ -21,6 +21,7 @@ from torch import nn
 
 from .._families import BERT_LIKE
 from .heads import HeadSpec, cut_features, register_attention
+from .hf_bigcode import register_bigcode
 from .hf_decoders import decoder_shapes, register_decoders
 from .hf_falcon import register_falcon
 from .hf_interleaved import register_interleaved
@@ -151,8 +152,10 @@ def _register_transformers() -> None:
     register_decoders()
     # GPT-NeoX and Persimmon: one query_key_value, each head's q, k and v rows together
     register_interleaved()
-    # Falcon: one query_key_value in one of three layouts (gating/hf_falcon.py)
+    # Falcon: one query_key_value in one of three layouts (gating/hf_falcon.py); GPT-BigCode:
+    # one c_attn in one of two (gating/hf_bigcode.py)
     register_falcon()
+    register_bigcode()
     # DistilBERT: separate projections, n_heads read by nothing but the reshape by -1
     from transformers.models.distilbert import modeling_distilbert as distilbert
 
