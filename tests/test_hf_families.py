@@ -5,8 +5,9 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
 packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa-v2/v3,
-and BLOOM's GELU written as a formula.
+rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the heads of XGLM,
+ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3), and BLOOM's
+GELU written as a formula.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ DEBERTA = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"]
            "position_buckets": 16, "norm_rel_ebd": "layer_norm", "share_att_key": True}  # fmt: skip
 FALCON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
           "max_position_embeddings": 64}  # fmt: skip
+DEBERTA_V1 = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
+              "max_relative_positions": 16}  # fmt: skip
 BIGCODE = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
 MODELS = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", LLAMA),
@@ -82,13 +85,23 @@ MODELS = {
     "deberta_v3": ("DebertaV2Config", "DebertaV2ForSequenceClassification", DEBERTA),
     "deberta_v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
                    {**DEBERTA, "share_att_key": False}),
+    # DeBERTa v1: one in_proj with each head's q, k and v rows together, per-head q/v biases and
+    # position projections; its talking heads mix the heads (they stay)
+    "deberta_v1": ("DebertaConfig", "DebertaForSequenceClassification", DEBERTA_V1),
+    "deberta_v1_talking": ("DebertaConfig", "DebertaForSequenceClassification",
+                           {**DEBERTA_V1, "talking_head": True}),
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
 }  # fmt: skip
 # what gets gates: heads, MLP neurons (Mixtral's experts are not gated; BLOOM's heads share an
 # ALiBi table built for the config's head count)
-GATED = {"mixtral": (True, False), "bloom": (False, True), "falcon_alibi": (False, True)}
+GATED = {
+    "mixtral": (True, False),
+    "bloom": (False, True),
+    "falcon_alibi": (False, True),
+    "deberta_v1_talking": (False, True),
+}
 
 
 def _build(name: str):

@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from .._families import BERT_LIKE
-from .heads import HeadSpec, cut_features, register_attention
+from .heads import HeadSpec, register_attention
 from .hf_bigcode import register_bigcode
+from .hf_deberta import register_deberta
 from .hf_decoders import decoder_shapes, register_decoders
 from .hf_falcon import register_falcon
 from .hf_interleaved import register_interleaved
@@ -187,28 +188,8 @@ def _register_transformers() -> None:
         xglm.XGLMAttention,
         HeadSpec(o="out_proj", q="q_proj", k="k_proj", v="v_proj", widths=("embed_dim",)),
     )
-    # DeBERTa-v2/v3: BERT's layout, its disentangled attention's relative positions projected by
-    # query_proj and key_proj (cut with them) or, without share_att_key, by pos_query_proj and
-    # pos_key_proj (cut per head too: tables)
-    from transformers.models.deberta_v2 import modeling_deberta_v2 as deberta_v2
-
-    def _cut_position_projections(m: Any, keep: torch.Tensor) -> None:
-        D = int(m.self.attention_head_size)
-        rows = [h * D + i for h in keep.tolist() for i in range(D)]
-        for path in ("pos_query_proj", "pos_key_proj"):
-            layer = getattr(m.self, path, None)
-            if layer is not None:
-                gone = sorted(set(range(layer.out_features)) - set(rows))
-                cut_features(layer, gone, out=True)
-
-    register_attention(
-        deberta_v2.DebertaV2Attention,
-        HeadSpec(
-            o="output.dense", q="self.query_proj", k="self.key_proj", v="self.value_proj",
-            heads="self.num_attention_heads", widths=("self.all_head_size",),
-            tables=_cut_position_projections,
-        ),
-    )  # fmt: skip
+    # DeBERTa and DeBERTa-v2/v3 (gating/hf_deberta.py)
+    register_deberta()
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
     # all_head_size read by its forward), their projection in the sibling BertSelfOutput.dense;
     # RoBERTa, XLM-RoBERTa, CamemBERT and ELECTRA have the same attention
