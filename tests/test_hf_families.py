@@ -165,3 +165,28 @@ def test_stablelm_and_distilbert_heads_are_fixed_by_their_config():
         thr = float(torch.cat([g.snr().detach() for _, g in cd.named_gates(model)]).median())
         with pytest.warns(cd.PruningWarning, match="cannot describe"):
             cd.prune(model, thr, example_inputs=ids, uniform=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "rows"),
+    [("phi3", 1), ("falcon_multi_query", 1), ("gpt_bigcode_multi_query", 1),
+     ("falcon_grouped", 1), ("falcon_multi_head", 3), ("gpt_bigcode_multi_head", 3)],
+)  # fmt: skip
+def test_a_packed_projection_charges_a_head_the_rows_that_go_with_it(name, rows):
+    """The cost-aware prior charged each head of a packed projection three times its query rows
+    (q, k and v), also where groups of heads share their keys and values (Phi-3 with
+    grouped-query attention, Falcon and GPT-BigCode multi-query): there a head takes its query
+    rows alone with it, and its columns of the output projection."""
+    from compressdrop.gating.head_groups import _head_costs
+    from compressdrop.gating.heads import head_dim_of, head_spec_of
+    from compressdrop.gating.known import register_for
+
+    model = _build(name)
+    register_for(model)  # (attach does this first)
+    attn = next(m for m in model.modules() if head_spec_of(m) is not None)
+    spec = head_spec_of(attn)[0]
+    qkv, o = attn.get_submodule(spec.qkv), attn.get_submodule(spec.o)
+    D = head_dim_of(attn, spec)
+    params, _ = _head_costs(attn, spec, 1)
+    want = rows * D * (qkv.in_features + (qkv.bias is not None)) + D * o.out_features
+    assert params == want

@@ -13,6 +13,7 @@ from torch import nn
 from .heads import (
     HeadSpec,
     _features,
+    _pruner,
     _remove,
     _width,
     head_blocks,
@@ -114,13 +115,22 @@ def _head_costs(m: nn.Module, spec: HeadSpec, positions: int) -> tuple[float, fl
         layer_spec = spec_of(layer)
         if layer_spec is not None:
             p, mac = layer_spec.unit_costs(layer, out)
-            rows = 3 if path == spec.qkv else 1
+            rows = _qkv_rows(m, spec, layer, D) if path == spec.qkv else 1
             params, macs = params + rows * D * p, macs + rows * D * mac * positions
     if isinstance(m, nn.MultiheadAttention):  # the packed in_proj, not a submodule
         E, bias = m.embed_dim, 0 if m.in_proj_bias is None else 1
         params += D * (E + m.kdim + m.vdim + 3 * bias)
         macs += D * (E + m.kdim + m.vdim) * positions
     return params, macs
+
+
+def _qkv_rows(m: nn.Module, spec: HeadSpec, layer: nn.Module, D: int) -> int:
+    """Rows of a packed projection that go with one head, in units of ``D``: its q, k and v
+    (3) where the projection holds ``3 · heads · D`` rows; its query alone (1) where fewer, the
+    keys and values being shared by groups of heads (grouped or multi-query attention: Phi-3,
+    Falcon, GPT-BigCode)."""
+    rows = int(_pruner(layer).get_out_channels(layer))
+    return 3 if rows == 3 * head_count(m, spec) * D else 1
 
 
 def _query_positions(m: nn.Module, query: Any) -> int:
