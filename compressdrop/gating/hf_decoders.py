@@ -35,10 +35,12 @@ def _q_width(m: Any) -> int:
 
 
 def query_heads(m: Any) -> int:
+    """The attention's query heads (its module records none it keeps up to date)."""
     return _q_width(m) // int(m.head_dim)
 
 
 def kv_heads(m: Any) -> int:
+    """The attention's key/value heads: Phi-3's recorded count, else ``k_proj``'s rows."""
     if hasattr(m, "qkv_proj"):
         return int(m.num_key_value_heads)
     return int(m.get_submodule("k_proj").out_features // m.head_dim)
