@@ -270,6 +270,24 @@ def test_a_registered_attention_is_pruned(tmp_path):
     _check_slim(model, slim, ids, tmp_path, fresh, thr)
 
 
+def test_an_attention_registered_by_name_is_skipped_where_the_library_lacks_it():
+    """The Hugging Face registrations name their classes by module and name: a transformers
+    without a family (one that predates ModernBERT, say) must leave the others registered, not
+    fail every attach with an ImportError."""
+    from compressdrop.gating.heads import head_spec_of, register_attention_at
+
+    spec = HeadSpec(o="z", q="a", k="b", v="c", heads="n")
+    register_attention_at("transformers.models.no_such_family.modeling_no_such_family", "X", spec)
+    register_attention_at(__name__, "NoSuchAttention", spec)
+    register_attention_at(__name__, "RenamedAgain", spec)
+    found = head_spec_of(RenamedAgain())
+    assert found is not None and found[0] is spec
+
+
+class RenamedAgain(Renamed):
+    """A class of its own for the registration by name above."""
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_detach_gives_back_the_stock_attention():
     torch.manual_seed(0)

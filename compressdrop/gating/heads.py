@@ -97,6 +97,25 @@ def register_attention(types: type | tuple[type, ...], spec: HeadSpec) -> None:
         _SPECS[t] = spec
 
 
+def register_attention_at(module: str, name: str, spec: HeadSpec) -> None:
+    """:func:`register_attention` for the class ``name`` of ``module`` (a dotted path, such as
+    ``transformers.models.falcon.modeling_falcon``), where it can be imported: a version of the
+    library without the module or the class registers nothing."""
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return
+    if found is not None:
+        register_attention(found, spec)
+
+
+def hf_module(family: str) -> str:
+    """The module of a Hugging Face transformers family's models (``llama``, ``falcon``, ...)."""
+    return f"transformers.models.{family}.modeling_{family}"
+
+
 _HEAD_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head")
 _SEPARATE = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .heads import HeadSpec, cut_features, register_attention
+from .heads import HeadSpec, cut_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -44,11 +44,8 @@ def _why_not(m: Any) -> str | None:
 
 def register_bigcode() -> None:
     """Register GPT-BigCode's heads, if this transformers has it."""
-    try:
-        from transformers.models.gpt_bigcode.modeling_gpt_bigcode import GPTBigCodeAttention
-    except ImportError:  # an older transformers without it
-        return
-    register_attention(
-        GPTBigCodeAttention,
+    register_attention_at(
+        hf_module("gpt_bigcode"),
+        "GPTBigCodeAttention",
         HeadSpec(o="c_proj", qkv="c_attn", heads="num_heads", remove=_remove, why_not=_why_not),
     )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import HeadSpec, cut_features, register_attention
+from .heads import HeadSpec, cut_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -67,21 +67,18 @@ def _why_not_v1(m: Any) -> str | None:
 
 def register_deberta() -> None:
     """Register the heads of DeBERTa and DeBERTa-v2/v3, where this transformers has them."""
-    try:
-        from transformers.models.deberta.modeling_deberta import DebertaAttention
-        from transformers.models.deberta_v2.modeling_deberta_v2 import DebertaV2Attention
-    except ImportError:  # an older transformers without them
-        return
-    register_attention(
-        DebertaV2Attention,
+    register_attention_at(
+        hf_module("deberta_v2"),
+        "DebertaV2Attention",
         HeadSpec(
             o="output.dense", q="self.query_proj", k="self.key_proj", v="self.value_proj",
             heads="self.num_attention_heads", widths=("self.all_head_size",),
             tables=_v2_positions,
         ),
     )  # fmt: skip
-    register_attention(
-        DebertaAttention,
+    register_attention_at(
+        hf_module("deberta"),
+        "DebertaAttention",
         HeadSpec(
             o="output.dense", qkv="self.in_proj", heads="self.num_attention_heads",
             remove=_remove_v1, why_not=_why_not_v1,

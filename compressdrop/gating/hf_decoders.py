@@ -11,7 +11,6 @@ rows go with it.
 from __future__ import annotations
 
 import copy
-import importlib
 from typing import Any
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 from .._families import DECODERS, Decoder
 from ..errors import InputError
-from .heads import HeadSpec, cut_features, register_attention
+from .heads import HeadSpec, cut_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -117,10 +116,6 @@ def _remover(o: str) -> Any:
 def register_decoders() -> None:
     """Register the heads of every :data:`DECODERS` family this transformers has, and Phi-3's."""
     for family, d in {**DECODERS, "phi3": Decoder("Phi3")}.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:  # an older transformers without this family
-            continue
         packed = family == "phi3"
         spec = HeadSpec(
             o=d.o,
@@ -131,7 +126,7 @@ def register_decoders() -> None:
             blocks=_kv_blocks,
             remove=_remover(d.o),
         )
-        register_attention(getattr(module, f"{d.prefix}Attention"), spec)
+        register_attention_at(hf_module(family), f"{d.prefix}Attention", spec)
 
 
 def decoder_shapes(model: nn.Module) -> tuple[dict[str, list[int]], dict] | None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .heads import HeadSpec, cut_features, register_attention
+from .heads import HeadSpec, cut_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -79,12 +79,9 @@ def _why_not(m: Any) -> str | None:
 
 def register_falcon() -> None:
     """Register Falcon's heads, if this transformers has it."""
-    try:
-        from transformers.models.falcon.modeling_falcon import FalconAttention
-    except ImportError:  # an older transformers without it
-        return
-    register_attention(
-        FalconAttention,
+    register_attention_at(
+        hf_module("falcon"),
+        "FalconAttention",
         HeadSpec(
             o="dense",
             qkv="query_key_value",

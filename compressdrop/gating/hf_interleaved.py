@@ -9,12 +9,11 @@ every head: nothing to cut there.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
 
-from .heads import HeadSpec, cut_features, register_attention
+from .heads import HeadSpec, cut_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -45,8 +44,4 @@ def register_interleaved() -> None:
     """Register the heads of every :data:`INTERLEAVED` family this transformers has."""
     spec = HeadSpec(o="dense", qkv="query_key_value", heads=_heads, remove=_remove)
     for family, cls in INTERLEAVED.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:  # an older transformers without this family
-            continue
-        register_attention(getattr(module, cls), spec)
+        register_attention_at(hf_module(family), cls, spec)

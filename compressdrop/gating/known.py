@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._families import BERT_LIKE
-from .heads import HeadSpec, register_attention
+from .heads import HeadSpec, hf_module, register_attention, register_attention_at
 from .hf_bigcode import register_bigcode
 from .hf_deberta import register_deberta
 from .hf_decoders import decoder_shapes, register_decoders
@@ -158,34 +158,31 @@ def _register_transformers() -> None:
     register_falcon()
     register_bigcode()
     # DistilBERT: separate projections, n_heads read by nothing but the reshape by -1
-    from transformers.models.distilbert import modeling_distilbert as distilbert
-
-    register_attention(
-        distilbert.DistilBertSelfAttention,
+    register_attention_at(
+        hf_module("distilbert"),
+        "DistilBertSelfAttention",
         HeadSpec(o="out_lin", q="q_lin", k="k_lin", v="v_lin", heads="n_heads"),
     )
     # ALBERT: BERT's projections in one module (its layers share their weights: a head goes from
     # every pass through them), all_head_size read by nothing but reshapes by -1
-    from transformers.models.albert import modeling_albert as albert
-
-    register_attention(
-        albert.AlbertAttention,
+    register_attention_at(
+        hf_module("albert"),
+        "AlbertAttention",
         HeadSpec(
             o="dense", q="query", k="key", v="value", heads="num_attention_heads",
             widths=("all_head_size",),
         ),
     )  # fmt: skip
     # ModernBERT: Wqkv packed [q; k; v], its reshapes by -1 (the head count is the layer's)
-    from transformers.models.modernbert import modeling_modernbert as modernbert
-
-    register_attention(
-        modernbert.ModernBertAttention, HeadSpec(o="Wo", qkv="Wqkv", heads=_packed_heads)
+    register_attention_at(
+        hf_module("modernbert"),
+        "ModernBertAttention",
+        HeadSpec(o="Wo", qkv="Wqkv", heads=_packed_heads),
     )
     # XGLM: its reshapes read num_heads and embed_dim
-    from transformers.models.xglm import modeling_xglm as xglm
-
-    register_attention(
-        xglm.XGLMAttention,
+    register_attention_at(
+        hf_module("xglm"),
+        "XGLMAttention",
         HeadSpec(o="out_proj", q="q_proj", k="k_proj", v="v_proj", widths=("embed_dim",)),
     )
     # DeBERTa and DeBERTa-v2/v3 (gating/hf_deberta.py)
@@ -201,14 +198,8 @@ def _register_transformers() -> None:
         heads="self.num_attention_heads",
         widths=("self.all_head_size",),
     )
-    import importlib
-
     for family, prefix in BERT_LIKE.items():
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        register_attention(getattr(module, f"{prefix}Attention"), bert)
+        register_attention_at(hf_module(family), f"{prefix}Attention", bert)
 
 
 #: attention classes whose library derives the head size from the width and the head count
