@@ -284,7 +284,9 @@ def run_on_examples(
         return logits_of(out) if logits else out
     except torch.OutOfMemoryError:  # not the inputs' fault
         raise
-    except (RuntimeError, IndexError, TypeError, ValueError) as e:
+    except (RuntimeError, IndexError, TypeError, ValueError, AssertionError) as e:
+        # AssertionError: torch._assert, a model's own shape check (torchvision's ViT: "Wrong
+        # image height! Expected 224 but got 64!")
         said = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(
             f"the model cannot run on {where} (examples of shape {tuple(x.shape[1:])}, "

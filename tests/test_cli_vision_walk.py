@@ -1,0 +1,48 @@
+"""A new user's torchvision-style image classifiers through the CLI (a third walk): what their
+models do with the wrong inputs is a clear error that names the problem, never a traceback or a
+half-written file."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from .test_cli import run
+
+
+class SizedNet(nn.Module):
+    """A classifier that checks its input's size with ``torch._assert``, as torchvision's
+    ``VisionTransformer`` does (an ``AssertionError``, not a ``RuntimeError``)."""
+
+    def __init__(self, image_size: int = 8, num_classes: int = 3) -> None:
+        super().__init__()
+        self.image_size = image_size
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(
+            x.shape[-1] == self.image_size,
+            f"Wrong image width! Expected {self.image_size} but got {x.shape[-1]}!",
+        )
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def sized_net(**kwargs) -> nn.Module:
+    """The factory that ``--arch tests.test_cli_vision_walk:sized_net`` names."""
+    return SizedNet(**kwargs)
+
+
+def test_a_models_own_size_assertion_is_named_as_the_datas_misfit(tmp_path):
+    """A ViT state_dict or pickle given images of another size failed in `eval` and `prune` with
+    the model's raw traceback (``AssertionError: Wrong image height! Expected 32 but got 64!``)."""
+    torch.manual_seed(0)
+    torch.save(SizedNet().state_dict(), tmp_path / "sd.pt")
+    x = np.random.default_rng(0).random((12, 3, 16, 16), dtype=np.float32)
+    np.savez(tmp_path / "big.npz", x=x, y=np.arange(12) % 3)
+    arch = ["--arch", "tests.test_cli_vision_walk:sized_net"]
+    slim = tmp_path / "slim.pt2"
+    for cmd in (["eval"], ["prune", "-o", slim]):
+        res = run([*cmd, tmp_path / "sd.pt", *arch, "--data", tmp_path / "big.npz"], expect=1)
+        assert "cannot run on data 'big' (examples of shape (3, 16, 16)" in res.stderr
+        assert "Wrong image width! Expected 8 but got 16!" in res.stderr
+        assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz", "sd.pt"]
