@@ -3,8 +3,12 @@ models do with the wrong inputs is a clear error that names the problem, never a
 half-written file."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
+
+from compressdrop.checkpoint import load_model
+from compressdrop.errors import CheckpointError
 
 from .test_cli import run
 
@@ -46,3 +50,34 @@ def test_a_models_own_size_assertion_is_named_as_the_datas_misfit(tmp_path):
         assert "Wrong image width! Expected 8 but got 16!" in res.stderr
         assert "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz", "sd.pt"]
+
+
+class BakedView(nn.Module):
+    """A torchvision ViT's patch step in small: ``reshape(n, hidden, positions)`` with every size
+    given, which ``torch.export`` without ``dynamic_shapes`` fixes at the example's batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 4, stride=4), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(h.reshape(h.shape[0], 8, h.shape[2] * h.shape[3]).mean(-1))
+
+
+def test_a_pt2_whose_fixed_batch_reshape_fails_at_another_size_is_refused_with_the_advice(
+    tmp_path,
+):
+    """Such a program cannot run at another batch size even on fake tensors, so the batch-size
+    check was skipped with a warning ("the sizes of its tensors are not known before it runs")
+    and `prune` then failed on the data: ``shape '[4, 32, 16]' is invalid``, without the advice
+    to export with a dynamic batch."""
+    torch.manual_seed(0)
+    path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(BakedView().eval(), (torch.randn(4, 3, 16, 16),)), path)
+    with pytest.raises(CheckpointError, match=r"fixed batch size of 4 .*dynamic_shapes"):
+        load_model(path)
+    res = run(["eval", path, "--data", "digits"], expect=1)
+    assert "fixed batch size of 4" in res.stderr and "Traceback" not in res.output
+    assert "batch-size check was not run" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.pt2"]

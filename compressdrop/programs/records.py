@@ -17,7 +17,7 @@ from torch import fx, nn
 from .._attrs import set_record
 from ..errors import CheckpointError, prefixed
 from ..runtime import max_length, no_cache
-from ._measure import _leaves, too_big_to_run
+from ._measure import _leaves, _made_bytes, too_big_to_run
 from ._source import Source, read_source
 from .convert import program_to_module
 from .load import load_program_safely
@@ -113,6 +113,8 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
     except CheckpointError:  # a checked operator refuses another batch size (._checked)
         _refuse_disagreeing(gm, (batch, *shape), val.dtype, where)  # its own too?
         raise _fixed_batch(where, batch) from None  # nothing run: the graph depends on its size
+    if why and _fails_off_its_size(gm, batch, shape, val.dtype):
+        raise _fixed_batch(where, batch)  # a reshape to [batch, d, n] fails at another size
     if why:  # the check's run would take more memory than a model of its weights should
         warnings.warn(
             f"compressdrop: {where}: its batch-size check was not run ({why}); if it was "
@@ -144,6 +146,20 @@ def _check_batch_free(gm: nn.Module, where: str) -> None:
             ok = False
     if not ok:
         raise _fixed_batch(where, batch)
+
+
+def _fails_off_its_size(gm: nn.Module, batch: int, shape: tuple[int, ...], dtype: Any) -> bool:
+    """Whether the fake run (:func:`~._measure._made_bytes`: shapes only, nothing allocated)
+    fails at batch ``batch + 1`` and not at ``batch``: the graph depends on its batch size (a
+    torchvision ViT's ``reshape(n, hidden_dim, n_h * n_w)``, fixed at the exported ``n``), which
+    a real run would show the same way."""
+    try:
+        off = _made_bytes(gm, [((batch + 1, *shape), dtype)])
+        return isinstance(off, str) and not isinstance(
+            _made_bytes(gm, [((batch, *shape), dtype)]), str
+        )
+    except CheckpointError:  # a checked operator's shapes disagree: not this verdict
+        return False
 
 
 def _fixed_batch(where: str, batch: int) -> CheckpointError:
