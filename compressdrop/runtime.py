@@ -22,6 +22,7 @@ from .errors import InputError
 __all__ = [
     "ONNX_BYTES",
     "check_labels",
+    "correct",
     "is_exporting",
     "is_traced",
     "linear",
@@ -294,6 +295,13 @@ def run_on_examples(
         ) from e  # chained: where the inputs are not the cause, the model's own error shows it
     finally:
         model.train(was)
+
+
+def correct(scores: torch.Tensor, y: torch.Tensor) -> int:
+    """How many predictions (the argmax of ``scores``' last dimension) equal ``y``. Scores that
+    hold a NaN make no prediction and count as wrong: ``argmax`` takes a NaN for the largest
+    value, so a model that gives NaN everywhere scored as if it always said class 0."""
+    return int(((scores.argmax(-1) == y) & ~scores.isnan().any(-1)).sum())
 
 
 def check_labels(

@@ -81,3 +81,49 @@ def test_a_pt2_whose_fixed_batch_reshape_fails_at_another_size_is_refused_with_t
     assert "fixed batch size of 4" in res.stderr and "Traceback" not in res.output
     assert "batch-size check was not run" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vit.pt2"]
+
+
+def _nan_onnx(path) -> None:
+    """A linear classifier of 4 features and 3 classes whose bias holds a NaN, in ONNX."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    b = numpy_helper.from_array(np.array([np.nan, 0.0, 0.0], np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["input", "w", "b"], ["output"])],
+        "nan",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3])],
+        [w, b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_a_model_whose_outputs_are_nan_scores_no_accuracy(tmp_path):
+    """A diverged checkpoint's NaN logits were read as class 0 by ``argmax``: `eval` printed
+    accuracy 0.40 (the share of class 0) beside NLL nan. A prediction that holds a NaN is wrong
+    in PyTorch, onnxruntime and Monte-Carlo scoring alike."""
+    from compressdrop.evaluation import evaluate
+    from compressdrop.evaluation.onnx_eval import evaluate_onnx
+    from compressdrop.uncertainty.mc import scores
+
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    with torch.no_grad():
+        net.bias[0] = float("nan")
+    x, y = torch.randn(9, 4), torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    got = evaluate(net, x, y)
+    assert got.accuracy == 0.0 and np.isnan(got.nll)
+    _nan_onnx(tmp_path / "nan.onnx")
+    onnx_got = evaluate_onnx(tmp_path / "nan.onnx", x, y, device="cpu")
+    assert onnx_got["accuracy"] == 0.0 and np.isnan(onnx_got["nll"])
+    probs = torch.full((4, 3), 1 / 3)
+    probs[0] = float("nan")  # one example NaN, three of class 0 that the others get right
+    probs[1:, 0] = 0.5
+    assert scores(probs, torch.tensor([0, 0, 0, 1]))["accuracy"] == 0.5
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy(), x_test=x.numpy(), y_test=y.numpy())
+    res = run(["eval", tmp_path / "nan.onnx", "--data", tmp_path / "d.npz", "--json"])
+    assert '"accuracy": 0.0' in res.stdout and '"nll": NaN' in res.stdout

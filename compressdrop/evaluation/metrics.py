@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
-from ..runtime import check_labels, logits_of
+from ..runtime import check_labels, correct, logits_of
 
 __all__ = ["Metrics", "evaluate", "logits_of", "prediction_loss"]
 
@@ -69,16 +69,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct, nll = 0, 0.0
+    right, nll = 0, 0.0
     try:
         for i in range(0, len(x), batch_size):
             xb, yb = x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)
             logits = logits_of(model(xb))
             if i == 0:
                 check_labels(logits.shape[-1], y)
-            correct += int((logits.argmax(-1) == yb).sum())
+            right += correct(logits, yb)
             nll += float(prediction_loss(logits, yb, reduction="sum"))
     finally:
         model.train(was)
     n = y.numel()
-    return Metrics(correct / n, nll / n, n)
+    return Metrics(right / n, nll / n, n)

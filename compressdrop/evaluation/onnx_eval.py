@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..runtime import check_labels, ort_feed_dtype, ort_run, ort_session
+from ..runtime import check_labels, correct, ort_feed_dtype, ort_run, ort_session
 from .metrics import prediction_loss
 
 __all__ = ["evaluate_onnx"]
@@ -55,7 +55,7 @@ def evaluate_onnx(
         )
     check_labels(t.shape[-1], y)
     nll = float(prediction_loss(t, y))  # labels (N, T): next-token prediction, per token
-    acc = int((t.argmax(-1) == y).sum()) / y.numel()
+    acc = correct(t, y) / y.numel()
     return {
         "model": str(path),
         "n": y.numel(),  # examples, or predicted tokens (labels (N, T))

@@ -21,7 +21,7 @@ from torch import nn
 from ..dropout import DropConnect, RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..gates import Gate
-from ..runtime import check_labels, logits_of, run_on_examples
+from ..runtime import check_labels, correct, logits_of, run_on_examples
 from .metrics import auroc, brier, expected_calibration_error, nll
 
 __all__ = [
@@ -222,7 +222,7 @@ def deterministic_probs(model: nn.Module, x: torch.Tensor, batch_size: int = 409
 def scores(probs: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Accuracy, NLL, ECE and Brier score of predictive probabilities ``(N, C)``."""
     return {
-        "accuracy": float((probs.argmax(1) == y).float().mean()),
+        "accuracy": correct(probs, y) / len(probs),
         "nll": nll(probs, y),
         "ece": expected_calibration_error(probs, y),
         "brier": brier(probs, y),
