@@ -127,3 +127,52 @@ def test_a_model_whose_outputs_are_nan_scores_no_accuracy(tmp_path):
     np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy(), x_test=x.numpy(), y_test=y.numpy())
     res = run(["eval", tmp_path / "nan.onnx", "--data", tmp_path / "d.npz", "--json"])
     assert '"accuracy": 0.0' in res.stdout and '"nll": NaN' in res.stdout
+
+
+class PooledNet(nn.Module):
+    """A BatchNorm on a 1×1 feature map, as MobileNetV3's and EfficientNet's last conv at 32×32
+    and ResNet's last stage have: in training it needs 2 examples in a batch."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(8, 8, 1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+        )
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.features(x), 1))
+
+
+def pooled_net(**kwargs) -> nn.Module:
+    """The factory that ``--arch tests.test_cli_vision_walk:pooled_net`` names."""
+    return PooledNet(**kwargs)
+
+
+def test_a_last_batch_of_one_example_joins_the_batch_before_it(tmp_path):
+    """9 training examples in batches of 4 left a last batch of 1, and `prune` of a MobileNetV3
+    or EfficientNet on an .npz failed mid-training with BatchNorm's raw ``ValueError: Expected
+    more than 1 value per channel when training``."""
+    import yaml
+
+    torch.manual_seed(0)
+    torch.save(PooledNet().state_dict(), tmp_path / "sd.pt")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((9, 3, 8, 8), dtype=np.float32), np.arange(9) % 3
+    np.savez(tmp_path / "d.npz", x=x, y=y, x_test=x[:6], y_test=y[:6])
+    recipe = {
+        "data": {"batch_size": 4, "val_fraction": 0.0},
+        "stages": {"sparsify": {"epochs": 1}, "finetune": {"epochs": 1}},
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    arch = ["--arch", "tests.test_cli_vision_walk:pooled_net"]
+    data = ["--data", tmp_path / "d.npz", "--recipe", tmp_path / "r.yaml"]
+    run(["prune", tmp_path / "sd.pt", *arch, *data, "-o", tmp_path / "slim.pt"])
+    slim = load_model(tmp_path / "slim.pt", arch="tests.test_cli_vision_walk:pooled_net")
+    assert slim(torch.from_numpy(x)).shape == (9, 3)

@@ -171,9 +171,9 @@ class Run:
                 f"batch_size {bs} gives fewer than 2 examples to each of the {dist.world} processes"
             )
         starts = list(range(0, n, bs))
-        if dist.active and len(starts) > 1 and n - starts[-1] < 2 * dist.world:
-            # a tail too small to give every rank 2 examples (BatchNorm needs 2) joins the batch
-            # before it; a single process never merges, so parity with it holds unless this happens
+        if len(starts) > 1 and n - starts[-1] < 2 * dist.world:
+            # a tail too small to give every rank (or the one process) 2 examples joins the batch
+            # before it: BatchNorm needs 2 (a 1×1 feature map of one example failed in training)
             starts.pop()
         steps = len(starts)
         bounds = [*starts[1:], n]
