@@ -12,13 +12,13 @@ from torch import nn
 
 from .heads import (
     HeadSpec,
-    _features,
     _pruner,
     _remove,
     _width,
     head_blocks,
     head_count,
     head_dim_of,
+    head_features,
     head_spec_of,
 )
 from .registry import spec_of
@@ -59,7 +59,7 @@ def _check(m: nn.Module, spec: HeadSpec, call: tuple[tuple, dict]) -> tuple[str 
     if o_spec is None or o_spec.fold_in is None:
         return "its output projection cannot fold a gate on its input", 1
     scale = torch.ones(_width(m, spec), device=next(m.parameters()).device)
-    scale[_features(first, D)] = 0
+    scale[head_features(first, D)] = 0
     o_spec.fold_in(zeroed.get_submodule(spec.o), scale)
     hook = zeroed.get_submodule(spec.o).register_forward_pre_hook(
         lambda _m, a: seen.append(tuple(a[0].shape))

@@ -205,8 +205,11 @@ def cut_features(layer: nn.Module, idxs: Sequence[int], out: bool) -> None:
     (pruner.prune_out_channels if out else pruner.prune_in_channels)(layer, list(idxs))
 
 
-def _features(heads: Sequence[int], head_dim: int) -> list[int]:
-    return [h * head_dim + i for h in heads for i in range(head_dim)]
+def head_features(heads: Sequence[int], step: int) -> list[int]:
+    """Features ``step·h … step·(h+1) − 1`` of each of ``heads``: a head's ``head_dim`` outputs,
+    or, with ``step`` = 3·``head_dim``, its q, k and v rows where a projection keeps them
+    together."""
+    return [h * step + i for h in heads for i in range(step)]
 
 
 def _remove(m: nn.Module, spec: HeadSpec, pruned: Sequence[int]) -> nn.Module:
@@ -220,7 +223,7 @@ def _remove(m: nn.Module, spec: HeadSpec, pruned: Sequence[int]) -> nn.Module:
         return m
     D = head_dim_of(m, spec)
     width = H * D
-    cut = _features(sorted(set(pruned)), D)
+    cut = head_features(sorted(set(pruned)), D)
     for path in (spec.q, spec.k, spec.v):
         if path is not None:
             layer = m.get_submodule(path)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .heads import HeadSpec, cut_features, hf_module, register_attention_at
+from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -28,8 +28,8 @@ def _remove(m: Any, keep: torch.Tensor) -> None:
     kept = set(keep.tolist())
     gone = [h for h in range(H) if h not in kept]
     step = D if m.multi_query else 3 * D  # a head's rows: its query, or its q, k and v
-    cut_features(m.c_attn, [step * h + i for h in gone for i in range(step)], out=True)
-    cut_features(m.c_proj, [D * h + i for h in gone for i in range(D)], out=False)
+    cut_features(m.c_attn, head_features(gone, step), out=True)
+    cut_features(m.c_proj, head_features(gone, D), out=False)
     m.num_heads = len(kept)
     m.embed_dim = m.split_size = len(kept) * D
     if not m.multi_query:

@@ -19,15 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .heads import HeadSpec, cut_features, hf_module, register_attention_at
+from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
-
-
-def _kept_rows(keep: torch.Tensor, D: int, step: int | None = None) -> list[int]:
-    """Rows ``step·h + i`` (``i < step``) of the heads in ``keep`` (``step``: ``D``)."""
-    step = step or D
-    return [step * h + i for h in keep.tolist() for i in range(step)]
 
 
 def _keep_rows(layer: nn.Module | None, rows: list[int]) -> None:
@@ -38,7 +32,7 @@ def _keep_rows(layer: nn.Module | None, rows: list[int]) -> None:
 
 def _v2_positions(m: Any, keep: torch.Tensor) -> None:
     """v2/v3: the per-head position projections of their own (``share_att_key`` off)."""
-    rows = _kept_rows(keep, int(m.self.attention_head_size))
+    rows = head_features(keep.tolist(), int(m.self.attention_head_size))
     for path in ("pos_query_proj", "pos_key_proj"):
         _keep_rows(getattr(m.self, path, None), rows)
 
@@ -47,8 +41,8 @@ def _remove_v1(m: Any, keep: torch.Tensor) -> None:
     """v1: the heads not in ``keep`` out of ``in_proj`` (each head's 3·D rows), ``q_bias``,
     ``v_bias``, ``pos_proj``, ``pos_q_proj`` and ``output.dense``'s columns."""
     s, D = m.self, int(m.self.attention_head_size)
-    _keep_rows(s.in_proj, _kept_rows(keep, D, 3 * D))
-    rows = _kept_rows(keep, D)
+    _keep_rows(s.in_proj, head_features(keep.tolist(), 3 * D))
+    rows = head_features(keep.tolist(), D)
     for name in ("q_bias", "v_bias"):
         setattr(s, name, nn.Parameter(getattr(s, name).data[rows].clone()))
     for path in ("pos_proj", "pos_q_proj"):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._families import DECODERS, Decoder
 from ..errors import InputError
-from .heads import HeadSpec, cut_features, hf_module, register_attention_at
+from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -77,7 +77,7 @@ def _remover(o: str) -> Any:
         ``config.num_attention_heads``: its attention gets a config of its own."""
         D, H, KV = int(m.head_dim), query_heads(m), kv_heads(m)
         kept = sorted(set(keep.tolist()))
-        cut = [h * D + i for h in range(H) if h not in kept for i in range(D)]
+        cut = head_features([h for h in range(H) if h not in kept], D)
         mha = m.num_key_value_groups == 1
         if mha:
             cut_kv = cut

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from .heads import HeadSpec, cut_features, hf_module, register_attention_at
+from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -49,11 +49,11 @@ def _rows(m: Any, gone: list[int]) -> list[int]:
     if m.new_decoder_architecture:
         G = H // int(m.num_kv_heads)  # query heads a group
         if G == 1:  # a group is one head's q, k and v
-            return [3 * D * h + i for h in gone for i in range(3 * D)]
+            return head_features(gone, 3 * D)
         return [(h // G) * (G + 2) * D + (h % G) * D + i for h in gone for i in range(D)]
     if m.multi_query:
-        return [D * h + i for h in gone for i in range(D)]
-    return [3 * D * h + i for h in gone for i in range(3 * D)]
+        return head_features(gone, D)
+    return head_features(gone, 3 * D)
 
 
 def _remove(m: Any, keep: torch.Tensor) -> None:
@@ -66,7 +66,7 @@ def _remove(m: Any, keep: torch.Tensor) -> None:
             f"{len(kept)} query heads do not split evenly over {m.num_kv_heads} key/value heads"
         )
     cut_features(m.query_key_value, _rows(m, gone), out=True)
-    cut_features(m.dense, [D * h + i for h in gone for i in range(D)], out=False)
+    cut_features(m.dense, head_features(gone, D), out=False)
     if _own_key_value(m):
         m.num_kv_heads = len(kept)
     m.num_heads = len(kept)

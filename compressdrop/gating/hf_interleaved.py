@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .heads import HeadSpec, cut_features, hf_module, register_attention_at
+from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
@@ -34,8 +34,8 @@ def _remove(m: Any, keep: torch.Tensor) -> None:
     ``dense``; Persimmon's ``num_heads`` (read by its reshape) follows."""
     D, H = _head_dim(m), _heads(m)
     gone = [h for h in range(H) if h not in set(keep.tolist())]
-    cut_features(m.query_key_value, [3 * D * h + i for h in gone for i in range(3 * D)], out=True)
-    cut_features(m.dense, [D * h + i for h in gone for i in range(D)], out=False)
+    cut_features(m.query_key_value, head_features(gone, 3 * D), out=True)
+    cut_features(m.dense, head_features(gone, D), out=False)
     if hasattr(m, "num_heads"):
         m.num_heads = len(keep)
 
