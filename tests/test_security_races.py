@@ -56,6 +56,14 @@ EACH_ERROR = (
 )
 
 
+def errors_on_a_fifo(path: Path, setup: str) -> str:
+    """What a process of its own prints when ``setup`` (after ``import sys``; it names its
+    ``readers``) has each reader read a FIFO made at ``path`` (:data:`EACH_ERROR`)."""
+    os.mkfifo(path)
+    done = run_apart("import sys\n" + setup + EACH_ERROR, path)
+    return done.stdout + done.stderr
+
+
 def _bytearray_of_a_number(path: Path) -> Path:
     """A checkpoint the pickle scan refuses: ``bytearray(1 << 20)`` (``1 << 31``: 2 GB)."""
     zeros = b"cbuiltins\nbytearray\nJ\x00\x00\x10\x00\x85R"
@@ -117,15 +125,14 @@ def test_a_fifo_or_a_folder_is_refused_without_blocking(tmp_path):
 def test_a_fifo_is_refused_by_load_model_and_the_program_readers_without_blocking(tmp_path):
     """``load_model`` asks first whether a file is a ``.pt2``: Python's zip reader opened a FIFO
     there and blocked without end, as did the program readers' own read of a path."""
-    os.mkfifo(tmp_path / "fifo.pt2")
-    code = (
-        "import sys\nfrom compressdrop.checkpoint import load_model\n"
+    said = errors_on_a_fifo(
+        tmp_path / "fifo.pt2",
+        "from compressdrop.checkpoint import load_model\n"
         "from compressdrop.programs import is_pt2, load_program, load_program_safely\n"
-        "print(is_pt2(sys.argv[1]))\nreaders = (load_model, load_program, load_program_safely)\n"
+        "print(is_pt2(sys.argv[1]))\nreaders = (load_model, load_program, load_program_safely)\n",
     )
-    done = run_apart(code + EACH_ERROR, tmp_path / "fifo.pt2")
-    assert done.stdout.startswith("False\n"), done
-    assert done.stdout.count("fifo.pt2: not a file") == 3, done
+    assert said.startswith("False\n"), said
+    assert said.count("fifo.pt2: not a file") == 3, said
 
 
 def test_a_config_swapped_after_the_folder_checks_is_not_read(monkeypatch, tmp_path):
@@ -208,14 +215,13 @@ def test_an_onnx_file_with_external_data_still_loads_from_its_folder(tmp_path):
 def test_an_onnx_fifo_is_refused_without_blocking(tmp_path):
     """``eval`` read a FIFO's metadata (its class names) before anything checked it was a file:
     the open blocked without end."""
-    os.mkfifo(tmp_path / "fifo.onnx")
-    code = (
-        "import sys\nfrom compressdrop.export import load_onnx_metadata\n"
+    said = errors_on_a_fifo(
+        tmp_path / "fifo.onnx",
+        "from compressdrop.export import load_onnx_metadata\n"
         "from compressdrop.runtime import ort_session\n"
-        "readers = (load_onnx_metadata, lambda p: ort_session(p, 'cpu'))\n"
+        "readers = (load_onnx_metadata, lambda p: ort_session(p, 'cpu'))\n",
     )
-    done = run_apart(code + EACH_ERROR, tmp_path / "fifo.onnx")
-    assert done.stdout.count("fifo.onnx: not a file") == 2, done
+    assert said.count("fifo.onnx: not a file") == 2, said
 
 
 def test_a_recipe_swapped_after_its_checks_is_read_once_and_bounded(tmp_path):
