@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from compressdrop.checkpoint import load_model
+from compressdrop.data import DataWarning
 from compressdrop.errors import CheckpointError, InputError
 
 from .test_hf import logits_elsewhere
+from .test_text_tokens import trained_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,12 +53,12 @@ def _llama_folder(path):
     )  # fmt: skip
 
 
-def _text(path):
+def _text(path, words_per_file: int = 200):
     gen = torch.Generator().manual_seed(0)
     words = [b"def ", b"return ", b"self", b"(x)", b":\n    ", b" = ", b"import os\n"]
     path.mkdir()
     for i in range(24):
-        idx = torch.randint(len(words), (200,), generator=gen).tolist()
+        idx = torch.randint(len(words), (words_per_file,), generator=gen).tolist()
         (path / f"m{i}.py").write_bytes(f"# file {i}\n".encode() + b"".join(words[j] for j in idx))
     return path
 
@@ -94,18 +96,26 @@ def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(
     from compressdrop.workflows import prune_file
 
     folder = _llama_folder(tmp_path / "llama")
-    corpus = _text(tmp_path / "corpus")
+    corpus = _text(tmp_path / "corpus", words_per_file=600)  # (3 bytes a token: as many windows)
+    texts = [p.read_text() for p in sorted(corpus.iterdir())]
+    trained_tokenizer(texts, folder / "tokenizer.json", vocab=60)  # the model's own tokens
     (tmp_path / "tiny.yaml").write_text(RECIPE)
     out = tmp_path / "slim"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the residual stream is left ungated (LayerNorm)
+    events: list[dict] = []
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")  # (the residual stream is left ungated: LayerNorm)
         res = prune_file(
             folder,
             out,
             recipe=str(tmp_path / "tiny.yaml"),
             data=f"text:{corpus},context=16",
             uniform=True,
+            progress=events.append,
         )
+    # trained on the text in its tokenizer's ids, not bytes (a DataWarning said it was bytes)
+    assert not [w for w in seen if issubclass(w.category, DataWarning)]
+    recipe = next(e["recipe"] for e in events if e["event"] == "recipe")
+    assert recipe.data.name == f"text:{corpus},context=16,tokenizer={folder.resolve()}"
     assert res.files.paths["hf_folder"] == out and res.files.max_rel_error["hf_folder"] <= 1e-4
     config = json.loads((out / "config.json").read_text())
     dense = json.loads((folder / "config.json").read_text())
@@ -118,6 +128,25 @@ def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(
         want = res.slim.eval()(ids).logits
     got = logits_elsewhere(out, ids)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_eval_of_a_folder_reads_the_text_in_the_folders_own_tokens(tmp_path):
+    """``eval my-llama/ --data text:...`` scored the model on byte ids; the folder's
+    tokenizer.json encodes the text now, and bits per byte divide by its bytes per token."""
+    import math
+
+    from compressdrop.data import load_text
+    from compressdrop.workflows import evaluate_file
+
+    folder = _llama_folder(tmp_path / "llama")
+    corpus = _text(tmp_path / "corpus")
+    trained_tokenizer([p.read_text() for p in sorted(corpus.iterdir())], folder / "tokenizer.json")
+    res = evaluate_file(folder, f"text:{corpus},context=8", device="cpu")
+    ds = load_text(corpus, context=8, tokenizer=folder)
+    assert ds.bytes_per_token > 2 and res["n"] == ds.y_test.numel()
+    assert res["bits_per_byte"] == pytest.approx(res["nll"] / math.log(2) / ds.bytes_per_token)
+    as_bytes = evaluate_file(folder, f"text:{corpus},context=8,tokenizer=bytes", device="cpu")
+    assert as_bytes["n"] == load_text(corpus, context=8).y_test.numel() > res["n"]
 
 
 def test_folders_that_would_run_code_or_lose_shape_are_refused(tmp_path):

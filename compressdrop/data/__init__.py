@@ -18,6 +18,7 @@ from ..errors import DataError
 from .dataset import Dataset, DataWarning, _split, spec_options
 from .npz import _ANY_BYTES, _RATIO, check_trainable, load_npz
 from .text import TEXT_SPEC, TextDataset, load_text
+from .tokens import BYTES, with_model_tokenizer
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -32,6 +33,7 @@ __all__ = [
     "load_npz",
     "load_text",
     "make_loader",
+    "with_model_tokenizer",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -173,8 +175,9 @@ def load_dataset(spec: str) -> Dataset:
               :func:`compressdrop.data.images.load_image_folder`); ``size`` resizes to N×N or
               H×W, ``channels`` converts to grayscale (1) or RGB (3). A bare existing folder
               ``DIR`` is the same as ``images:DIR``;
-            - ``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]``:
-              byte-level next-byte windows of a text file or folder, split by file (see
+            - ``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F][,tokenizer=PATH]``:
+              next-token windows of a text file or folder, split by file, its tokens bytes or
+              (``tokenizer=``: a ``tokenizer.json`` or a folder holding one) a model's own (see
               :func:`compressdrop.data.text.load_text`).
 
     Returns:
@@ -215,7 +218,16 @@ def absolute_spec(spec: str) -> str:
     if parts is None or not Path(parts[1]).exists():
         return spec
     kind, where, options = parts
+    keyed = [o.partition("=")[::2] for o in options.split(",")[1:]]
+    options = "".join(f",{k}={_absolute_option(k, v)}" for k, v in keyed)
     return f"{kind}{Path(where).resolve()}{options}"
+
+
+def _absolute_option(key: str, value: str) -> str:
+    """An option's value, a ``tokenizer=`` path made absolute."""
+    if key.strip() != "tokenizer" or value.strip() == BYTES:
+        return value
+    return str(Path(value.strip()).resolve())
 
 
 def spec_path(spec: str) -> Path | None:

@@ -1,8 +1,10 @@
-"""Byte-level text for language models: a file or a folder of files, split into train,
-validation and test by file, cut into fixed windows of next-byte prediction.
+"""Text for language models: a file or a folder of files, split into train, validation and
+test by file, cut into fixed windows of next-token prediction.
 
 Tokens are bytes (a vocabulary of 256), so a model's NLL per token in bits *is* its bits per byte,
-the tokenizer-free measure that compares language models across vocabularies. Each file goes
+the tokenizer-free measure that compares language models across vocabularies; or, with
+``tokenizer=``, a pretrained model's own tokens (:mod:`compressdrop.data.tokens`), whose bits per
+byte divide by the split's bytes per token. Each file goes
 whole to one split: taken in the order of a hash of their path relative to the root (a fixed,
 content-blind shuffle), each file joins the split furthest below its share of the bytes. A single
 file is split by position instead (its first, middle and last parts).
@@ -13,32 +15,38 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from ..errors import DataError
 from .dataset import Dataset, spec_options
+from .tokens import BYTES, load_tokenizer
 
 __all__ = ["TEXT_SPEC", "TextDataset", "load_text"]
 
-TEXT_SPEC = "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N]"
+TEXT_SPEC = "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,tokenizer=PATH]"
 VOCAB = 256
 
 
 @dataclass(frozen=True)
 class TextDataset(Dataset):
-    """Next-byte windows: ``x`` ``(N, context)`` int64 bytes, ``y`` the same shifted by one.
+    """Next-token windows: ``x`` ``(N, context)`` int64 tokens (bytes, or a tokenizer's ids),
+    ``y`` the same shifted by one.
 
     The validation split is fixed when the text loads (by file), so :meth:`split_validation`
     returns it instead of carving one from the training windows. ``source`` describes the files:
-    counts, bytes per split and a SHA-256 of the file list and contents.
+    counts, bytes (and tokens) per split, a SHA-256 of the file list and contents, the tokenizer.
+    ``bytes_per_token`` is the test split's (1 for bytes), ``val_bytes_per_token`` the
+    validation split's: bits per byte are bits per token over it.
     """
 
     x_val: torch.Tensor | None = None
     y_val: torch.Tensor | None = None
     source: dict | None = None
+    bytes_per_token: float = 1.0
+    val_bytes_per_token: float = 1.0
     task: ClassVar[str] = "lm"
 
     def subset(self, n_train: int, n_test: int) -> TextDataset:
@@ -53,7 +61,8 @@ class TextDataset(Dataset):
         """``(self, validation view)``: the validation files chosen at load time."""
         if self.x_val is None or self.y_val is None:
             raise DataError(f"{self.name}: no validation files (load with val_fraction > 0)")
-        return self, replace(self, name=f"{self.name}/val", x_test=self.x_val, y_test=self.y_val)
+        val = replace(self, name=f"{self.name}/val", x_test=self.x_val, y_test=self.y_val)
+        return self, replace(val, bytes_per_token=self.val_bytes_per_token)
 
 
 def _by_share(
@@ -75,13 +84,14 @@ def _by_share(
     return parts
 
 
-def _windows(data: bytes, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    n = (len(data) - 1) // context
+def _windows(tokens: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` (1-D) cut into windows of ``context`` inputs and their next tokens."""
+    n = (len(tokens) - 1) // context
     if n < 1:
         return torch.empty(0, context, dtype=torch.int64), torch.empty(
             0, context, dtype=torch.int64
         )
-    a = torch.from_numpy(np.frombuffer(data, dtype=np.uint8)[: n * context + 1].astype(np.int64))
+    a = torch.from_numpy(tokens[: n * context + 1].astype(np.int64))
     return a[:-1].view(n, context), a[1:].view(n, context)
 
 
@@ -93,21 +103,25 @@ def load_text(
     max_bytes: int | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    tokenizer: str | Path | None = None,
 ) -> TextDataset:
-    """A text corpus as next-byte windows of ``context`` bytes.
+    """A text corpus as next-token windows of ``context`` tokens (bytes, or ``tokenizer``'s).
 
     Args:
         path: a text file, or a folder whose files matching ``glob`` are read (sorted by path).
-        context: bytes per window (the model's sequence length).
+        context: tokens per window (the model's sequence length).
         glob: which files of a folder (``"**/*.py"``, say); hidden files are skipped.
         max_bytes: stop adding files (in path order) once this many bytes are read.
         val_fraction / test_fraction: the share of files (of a single file: of its bytes) held out
             for validation and for testing.
+        tokenizer: a ``tokenizer.json``, or a folder holding one (a Hugging Face model's),
+            whose ids the windows hold (:mod:`compressdrop.data.tokens`); None or ``"bytes"``:
+            bytes. The files are split by bytes either way, then each split is encoded.
 
     Raises:
         FileNotFoundError: no such path.
-        DataError: no files match, a split gets too little text for one window, or an argument
-            is out of range.
+        DataError: no files match, a split gets too little text for one window, an argument is
+            out of range, or the tokenizer cannot be read.
 
     Example:
         >>> ds = load_text("/usr/lib/python3.11", glob="**/*.py", max_bytes=2_000_000)  # doctest: +SKIP
@@ -128,6 +142,7 @@ def load_text(
             f"val_fraction {val_fraction} and test_fraction {test_fraction} must leave some text "
             "for training (each in [0, 1), test > 0)"
         )
+    tok = None if tokenizer in (None, BYTES) else load_tokenizer(tokenizer)  # (before the text)
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
     digest = hashlib.sha256()
     files = 0
@@ -163,17 +178,22 @@ def load_text(
             raise DataError(f"{root}: no files match {glob!r}")
         files = len(found)
         parts = _by_share(found, val_fraction, test_fraction)
-    tensors, sizes = {}, {}
+    tensors, sizes, counts = {}, {}, {}
     for split, chunks in parts.items():
-        data = b"".join(chunks)
-        sizes[split] = len(data)
-        tensors[split] = _windows(data, context)
+        sizes[split] = sum(map(len, chunks))
+        if tok is None:
+            tokens = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+        else:
+            tokens = np.asarray(tok.encode(chunks), dtype=np.int64)
+        counts[split] = len(tokens)
+        tensors[split] = _windows(tokens, context)
         if (split != "val" or val_fraction > 0) and len(tensors[split][0]) == 0:
+            unit = "bytes" if tok is None else f"tokens ({sizes[split]} bytes)"
             raise DataError(
-                f"{root}: the {split} split holds {len(data)} bytes, less than one window of "
+                f"{root}: the {split} split holds {len(tokens)} {unit}, less than one window of "
                 f"{context + 1}; use more text or a shorter context"
             )
-    source = {
+    source: dict[str, Any] = {
         "path": str(root),
         "glob": glob if root.is_dir() else None,
         "files": files,
@@ -181,22 +201,29 @@ def load_text(
         "sha256": digest.hexdigest(),
         "context": context,
     }
+    if tok is not None:
+        source["tokens"] = counts
+        source["tokenizer"] = {"path": tok.path, "sha256": tok.sha256, "vocab": tok.vocab}
+    per_token = {k: sizes[k] / counts[k] if counts[k] else 1.0 for k in sizes}
     val = tensors["val"] if val_fraction > 0 else (None, None)
     return TextDataset(
         f"text:{root.name}",
         *tensors["train"],
         *tensors["test"],
-        VOCAB,
+        VOCAB if tok is None else tok.vocab,
         x_val=val[0],
         y_val=val[1],
         source=source,
+        bytes_per_token=per_token["test"],
+        val_bytes_per_token=per_token["val"],
     )
 
 
 def text_spec(spec: str) -> TextDataset:
-    """``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]``."""
+    """``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]
+    [,tokenizer=PATH]``."""
     kinds = {"context": int, "max_bytes": int, "glob": str, "val_fraction": float}
-    kinds["test_fraction"] = float
+    kinds |= {"test_fraction": float, "tokenizer": str}
     path, options = spec_options(spec, "text:", tuple(kinds), TEXT_SPEC)
     try:
         kwargs = {k: kinds[k](v) for k, v in options.items()}

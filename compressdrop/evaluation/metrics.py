@@ -13,7 +13,7 @@ from torch import nn
 from ..errors import InputError
 from ..runtime import check_labels, correct, logits_of
 
-__all__ = ["Metrics", "evaluate", "logits_of", "prediction_loss"]
+__all__ = ["Metrics", "bits_per_byte", "evaluate", "logits_of", "prediction_loss"]
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,17 @@ class Metrics:
 
     def record(self, prefix: str = "", data: Any = None) -> dict[str, float]:
         """``{prefix}accuracy`` and ``{prefix}nll``, and ``{prefix}bits_per_byte`` when ``data``
-        is byte-level text (a data set whose ``task`` is ``"lm"``: a token is a byte)."""
+        is text (a data set whose ``task`` is ``"lm"``), scored on its test split."""
         out = {f"{prefix}accuracy": self.accuracy, f"{prefix}nll": self.nll}
         if getattr(data, "task", "classify") == "lm":
-            out[f"{prefix}bits_per_byte"] = self.bits
+            out[f"{prefix}bits_per_byte"] = bits_per_byte(self.nll, data)
         return out
+
+
+def bits_per_byte(nll: float, data: Any) -> float:
+    """Bits per byte of text ``data``'s test split from its NLL per token in nats: bits per
+    token over the split's bytes per token (1 where a token is a byte)."""
+    return nll / math.log(2) / getattr(data, "bytes_per_token", 1.0)
 
 
 def prediction_loss(out: Any, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -107,12 +107,14 @@ def sweep(
     progress: Callable[[SweepRow, str], None] | None = None,
     text: bool = False,
     uniform: bool = False,
+    bytes_per_token: float = 1.0,
 ) -> list[SweepRow]:
     """Build the slim model at each threshold and measure it (``uniform``: every layer of a
     stack keeps as many units, as ``prune(uniform=True)``).
 
-    Accuracy and NLL run in PyTorch on ``device``; with ``text`` (byte-level text: a token is a
-    byte) each row also carries the bits per byte, and the Pareto front is drawn on those.
+    Accuracy and NLL run in PyTorch on ``device``; with ``text`` each row also carries the bits
+    per byte (bits per token over ``bytes_per_token``, the test split's: 1 where a token is a
+    byte), and the Pareto front is drawn on those.
     Latency runs the exported ONNX file in onnxruntime (CUDA provider on a GPU, CPU otherwise) at
     ``latency_batch`` with ``threads`` intra-op threads. Row 0 is threshold 0: every unit kept,
     the unpruned reference. ``progress`` is called with each row as it is measured and its
@@ -164,7 +166,7 @@ def sweep(
                     units=rep.units_after,
                     accuracy=m.accuracy,
                     nll=m.nll,
-                    bits_per_byte=m.bits if text else None,
+                    bits_per_byte=m.bits / bytes_per_token if text else None,
                     params=count_params(slim),
                     flops=count_flops(slim.cpu(), example),
                     onnx_bytes=exported.bytes,

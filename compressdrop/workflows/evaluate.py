@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..arch import Factory
-from ..data import load_dataset, spec_path
+from ..data import load_dataset, spec_path, with_model_tokenizer
 from ..errors import DataError, InputError
+from ..evaluation.metrics import bits_per_byte
 from ..runtime import check_labels, run_on_examples
 from .jobs import load_fitting
 from .sparsify import fit_data_shape, fit_ids
@@ -63,14 +64,14 @@ def evaluate_file(
             with contextlib.suppress(Exception):
                 per_call = onnx_mc_samples(model_path)
                 mc_samples = None if per_call is None else max(2, per_call)
-        lm = getattr(ds, "task", "classify") == "lm"  # a token is a byte: per-token bits
+        lm = getattr(ds, "task", "classify") == "lm"  # text: bits per byte
         ds = ds.in_class_order(_onnx_classes(model_path))
         if mc_samples is None:
             with _digits_said(model_path, data is None):
                 scored = evaluate_onnx(model_path, ds.x_test, ds.y_test, device=device)
             scored = {"model": scored.pop("model"), "data": ds.name, **scored}
             if lm:
-                scored["bits_per_byte"] = scored["nll"] / math.log(2)
+                scored["bits_per_byte"] = bits_per_byte(scored["nll"], ds)
             return scored
 
         x_ood = _ood_inputs(ood, tuple(ds.input_shape)) if ood is not None else None
@@ -86,7 +87,7 @@ def evaluate_file(
             "mc": mc,
         }
         if lm:
-            out["bits_per_byte"] = mc["nll"] / math.log(2)
+            out["bits_per_byte"] = bits_per_byte(mc["nll"], ds)
         return out
     from ..evaluation.metrics import evaluate
     from ..evaluation.model_size import count_flops, count_params
@@ -180,6 +181,7 @@ def sweep_file(
         progress=progress,
         text=ds.task == "lm",
         uniform=_recipe_uniform(model) if uniform is None else uniform,
+        bytes_per_token=getattr(ds, "bytes_per_token", 1.0),
     )
     meta = (getattr(model, "compressdrop_meta", None) or {}).get("meta") or {}
     dense = meta.get("dense")
@@ -240,8 +242,8 @@ def _data_for(
     """``data`` loaded; without it, the data the checkpoint's recipe records (the spec it was
     trained on: ``train`` and ``prune --data`` record theirs), said to ``announce``, else digits.
     """
-    if data is not None:
-        return load_dataset(data)
+    if data is not None:  # (a Hugging Face folder's text: in its own tokens)
+        return load_dataset(with_model_tokenizer(data, model_path))
     spec = (_recorded_recipe(model).get("data") or {}).get("name")
     if not (isinstance(spec, str) and spec):
         return load_dataset("digits")

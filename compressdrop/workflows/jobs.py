@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from ..arch import Factory
-from ..data import absolute_spec, check_trainable, load_dataset
+from ..data import absolute_spec, check_trainable, load_dataset, with_model_tokenizer
 from ..errors import InputError
 from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder, why_no_folder
 from ..recipes import Recipe, load_recipe
@@ -191,6 +191,7 @@ def prune_file(
         raise InputError(
             f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
         )
+    data = with_model_tokenizer(data, model_path)  # a Hugging Face folder's text: its own tokens
     # a folder of the classes the model was trained on is labelled by their names (as eval does)
     ds = load_dataset(data).in_class_order(getattr(model, "class_names", None))
     check_trainable(ds)

@@ -113,12 +113,18 @@ def fit_outputs(model: nn.Module, dataset: Any) -> Any:
     where = f"data {dataset.name!r}"
     dataset = fit_ids(model, dataset)
     emb = _input_embedding(model)
-    if emb is not None and emb.num_embeddings > 256 and getattr(dataset, "task", "") == "lm":
+    bytes_ = "tokenizer" not in (getattr(dataset, "source", None) or {})
+    if (
+        emb is not None
+        and emb.num_embeddings > 256
+        and getattr(dataset, "task", "") == "lm"
+        and bytes_
+    ):
         warnings.warn(
             f"compressdrop: {where} gives bytes (ids 0-255) as tokens, not your tokenizer's: the "
             f"model (a vocabulary of {emb.num_embeddings}) is trained on them as its token ids, "
-            "which overwrites what a pretrained model knows (compressdrop reads text as bytes: "
-            "it has no tokenizer)",
+            "which overwrites what a pretrained model knows; add tokenizer=PATH to the text: "
+            "data (the model's tokenizer.json, or the folder that holds it)",
             DataWarning,
             stacklevel=2,
         )
