@@ -124,3 +124,20 @@ def test_tokenizers_that_cannot_be_read_are_refused_by_name(tmp_path):
     tok_file = trained_tokenizer(_texts(text), tmp_path / "tokenizer.json")
     with pytest.raises(DataError, match=r"tokens \(\d+ bytes\), less than one window"):
         load_text(text, tokenizer=tok_file, context=4000)
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_reads_is_named(tmp_path):
+    from torch import nn
+
+    from compressdrop.errors import InputError
+    from compressdrop.workflows.sparsify import fit_ids
+
+    text = corpus(tmp_path / "corpus")
+    tok_file = trained_tokenizer(_texts(text), tmp_path / "tokenizer.json", vocab=120)
+    model = nn.Sequential(nn.Embedding(64, 8), nn.Linear(8, 64))
+    ds = load_text(text, context=8, tokenizer=tok_file)
+    assert int(ds.x_train.max()) >= 64
+    with pytest.raises(InputError, match=r"ids of tokenizer .*tokenizer\.json: is it the model's"):
+        fit_ids(model, ds)
+    with pytest.raises(InputError, match=r"bytes, 256 ids, unless tokenizer= names the model's"):
+        fit_ids(model, load_text(text, context=8))

@@ -88,10 +88,15 @@ def fit_ids(model: nn.Module, dataset: Any) -> Any:
     emb = _input_embedding(model)
     top = max(int(x.max()) for x in (dataset.x_train, dataset.x_test))
     if emb is not None and top >= emb.num_embeddings:
+        tok = (getattr(dataset, "source", None) or {}).get("tokenizer")
         raise InputError(
             f"{where} has token ids up to {top} but the model's vocabulary (its embedding) has "
-            f"{emb.num_embeddings}: use a model of vocab_size ≥ {top + 1} (text: data are bytes, "
-            "256 ids)"
+            f"{emb.num_embeddings}: use a model of vocab_size ≥ {top + 1} "
+            + (
+                f"(the ids of tokenizer {tok['path']}: is it the model's own?)"
+                if tok
+                else "(text: data are bytes, 256 ids, unless tokenizer= names the model's own)"
+            )
         )
     return dataset
 
