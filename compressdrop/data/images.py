@@ -49,6 +49,9 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 #: (a 256 MB float copy per channel); a 492 KB PNG of 13000 × 13000 zeros decoded to 2 GB
 _MAX_PIXELS = 1 << 26
 _FORMATS = ("PNG", "JPEG")  # what IMAGE_SUFFIXES name, and all Pillow may take a file for
+#: the share of the available memory a folder's float32 images may take (the train/test split
+#: and training copy them again)
+_MEMORY_SHARE = 0.4
 
 
 class ImageFolderError(DataError):
@@ -153,43 +156,74 @@ def _read(path: Path, channels: int | None) -> np.ndarray:
     return (x.reshape(*x.shape[:2], -1) / np.float32(255.0)).astype(np.float32)
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory the system says are available (Linux's ``MemAvailable``), or None where
+    it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(root: Path, n: int, image: torch.Tensor) -> None:
+    """Refuse ``n`` images shaped like ``image`` whose float32 tensor would take more than
+    :data:`_MEMORY_SHARE` of the available memory (the split and training copy it again), before
+    the rest are decoded: a folder of photos at full size was decoded until the system killed
+    the process."""
+    need, free = n * image.numel() * 4, _available_memory()
+    if free is not None and need > _MEMORY_SHARE * free:
+        c, h, w = image.shape
+        raise ImageFolderError(
+            f"{root}: {n:,} images of {c}×{h}×{w} take {need / 2**30:.1f} GB as float32, more "
+            f"than {_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GB of memory available; load "
+            "them smaller (size=N, e.g. images:DIR,size=64) or fewer"
+        )
+
+
 def _stack(
     files: list[tuple[Path, int]], size: tuple[int, int] | None, channels: int | None, root: Path
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read every file into one ``(N, C, H, W)`` tensor, checking that channels and sizes agree."""
+    """Read every file into one ``(N, C, H, W)`` tensor, checking that channels and sizes agree
+    and, at the first image, that the tensor fits in memory (:func:`_check_memory`)."""
     import torch.nn.functional as F
 
-    out = []  # each image resized as it is read: one full-size copy at a time
-    for path, _ in files:
+    stacked: torch.Tensor | None = None  # (N, C, H, W), filled as the images are read
+    by_channels: dict[int, Path] = {}
+    by_size: dict[tuple[int, int], Path] = {}
+    for i, (path, _) in enumerate(files):
         t = torch.from_numpy(np.ascontiguousarray(_read(path, channels))).permute(2, 0, 1)
         if size is not None and tuple(t.shape[1:]) != size:  # (C, H, W)
             # antialias: downscaling by a large factor would otherwise alias
             t = F.interpolate(t[None], size=size, mode="bilinear", antialias=True)[0]
             t = t.clamp(0.0, 1.0)
-        out.append((path, t))
-    by_channels: dict[int, Path] = {}
-    for path, t in out:
         by_channels.setdefault(t.shape[0], path)
+        by_size.setdefault((t.shape[1], t.shape[2]), path)
+        if stacked is None:
+            _check_memory(root, len(files), t)
+            stacked = torch.empty((len(files), *t.shape))
+        if t.shape == stacked.shape[1:]:  # (others are refused below, naming every shape)
+            stacked[i] = t
+    if stacked is None:
+        raise ImageFolderError(f"{root}: no images")
     if len(by_channels) > 1:
         found = ", ".join(f"{c} (e.g. {p})" for c, p in sorted(by_channels.items()))
         raise ImageFolderError(
             f"{root}: images have different channel counts: {found}; pass channels=1 "
             f"(grayscale) or channels=3 (RGB) to convert every image"
         )
-    if size is None:
-        by_size: dict[tuple[int, int], Path] = {}
-        for path, t in out:
-            by_size.setdefault((t.shape[1], t.shape[2]), path)
-        if len(by_size) > 1:
-            sizes = sorted(by_size.items())
-            found = ", ".join(f"{h}×{w} (e.g. {p})" for (h, w), p in sizes[:4])
-            found += f" and {len(sizes) - 4} more sizes" if len(sizes) > 4 else ""
-            raise ImageFolderError(
-                f"{root}: images differ in size (height×width): {found}; pass a size to "
-                f"resize them all (size=32 or size=(H, W); on the command line "
-                f"images:{root},size=32 or ,size=HxW)"
-            )
-    stacked = torch.stack([t for _, t in out]).contiguous()  # (N, C, H, W)
+    if size is None and len(by_size) > 1:
+        sizes = sorted(by_size.items())
+        found = ", ".join(f"{h}×{w} (e.g. {p})" for (h, w), p in sizes[:4])
+        found += f" and {len(sizes) - 4} more sizes" if len(sizes) > 4 else ""
+        raise ImageFolderError(
+            f"{root}: images differ in size (height×width): {found}; pass a size to "
+            f"resize them all (size=32 or size=(H, W); on the command line "
+            f"images:{root},size=32 or ,size=HxW)"
+        )
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return stacked, labels
 
