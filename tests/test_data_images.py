@@ -399,6 +399,7 @@ def test_a_folder_too_big_for_memory_is_refused_at_its_first_image(tmp_path, mon
     """A folder of photos at full size was decoded until the system killed the process; the
     float32 tensor's size is known at the first image and checked against the memory
     available (here: made small), before any other image is decoded."""
+    import compressdrop.data.dataset as dataset
     import compressdrop.data.images as images
 
     root = _folder(tmp_path / "photos", shape=(40, 50), mode="RGB")  # 18 images
@@ -406,7 +407,7 @@ def test_a_folder_too_big_for_memory_is_refused_at_its_first_image(tmp_path, mon
     real_read = images._read
     monkeypatch.setattr(images, "_read", lambda p, c: read.append(p) or real_read(p, c))
     need = 18 * 3 * 40 * 50 * 4  # bytes of the float32 (N, C, H, W) tensor
-    monkeypatch.setattr(images, "_available_memory", lambda: int(need / 0.4) - 4096)
+    monkeypatch.setattr(dataset, "available_memory", lambda: int(need / 0.4) - 4096)
     with pytest.raises(
         ImageFolderError, match=r"18 images of 3×40×50 take 0\.0 GB as float32.*size=N"
     ):
@@ -415,7 +416,7 @@ def test_a_folder_too_big_for_memory_is_refused_at_its_first_image(tmp_path, mon
     read.clear()
     assert load_image_folder(root, size=(20, 25)).x_train.shape[1:] == (3, 20, 25)  # smaller: fits
     assert len(read) == 18
-    monkeypatch.setattr(images, "_available_memory", lambda: int(need / 0.4) + 4096)
+    monkeypatch.setattr(dataset, "available_memory", lambda: int(need / 0.4) + 4096)
     pixels, labels = _pixels(load_image_folder(root))  # just fits: every image in its place
     assert sorted(pixels) == [40 * k + i for k in range(3) for i in range(6)]
     assert [p // 40 for p in pixels] == labels

@@ -297,3 +297,29 @@ def test_the_vocabulary_is_the_embedding_of_the_ids_not_the_first_one(tmp_path):
 
     ds = load_dataset(f"text:{_corpus(tmp_path / 'corpus')},context=16")
     assert fit_ids(PositionsFirst(), ds) is ds
+
+
+def test_text_too_big_for_memory_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """Text becomes int64 tokens, up to 8 bytes a byte: a corpus past the memory was read and
+    windowed until the system killed the process. The files' sizes are checked first (here
+    against a memory made small), and ``max_bytes`` reads less; a single file is read only up
+    to ``max_bytes`` now (it was read whole, then cut), and a FIFO is named as what it is."""
+    import os
+
+    import compressdrop.data.dataset as dataset
+
+    root = _corpus(tmp_path / "corpus")  # 40 files of 600 bytes (and a hidden one)
+    monkeypatch.setattr(dataset, "available_memory", lambda: 8 * 24_000 * 2)  # 40 % of it: 19 KB
+    with pytest.raises(
+        DataError, match=r"24,010 bytes of text take 0\.0 GB as int64 tokens, more "
+    ):
+        load_text(root)
+    assert (load_text(root, max_bytes=12_000).source or {})["files"] == 20
+    one = root / "pkg0" / "m0.py"
+    one.write_bytes(one.read_bytes() * 40)  # 24,000 bytes
+    with pytest.raises(DataError, match=r"m0\.py: 24,000 bytes of text .*\(max_bytes=N\)"):
+        load_text(one)
+    assert sum((load_text(one, max_bytes=9_000).source or {})["bytes"].values()) == 9_000
+    os.mkfifo(tmp_path / "fifo.txt")
+    with pytest.raises(DataError, match=r"fifo\.txt: not a file or a folder of text"):
+        load_text(tmp_path / "fifo.txt")

@@ -12,7 +12,36 @@ import torch
 
 from ..errors import DataError
 
-__all__ = ["DataWarning", "Dataset"]
+__all__ = ["MEMORY_SHARE", "DataWarning", "Dataset", "available_memory", "beyond_memory"]
+
+#: the share of the available memory a data set's tensors may take when it loads (the
+#: train/test split and training copy them again)
+MEMORY_SHARE = 0.4
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system says are available (Linux's ``MemAvailable``), or None where
+    it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def beyond_memory(need: int, what: str, how: str) -> str | None:
+    """Why ``need`` bytes (``what``, held ``how``) are too many to load, or None: more than
+    :data:`MEMORY_SHARE` of :func:`available_memory` (never where the system does not say)."""
+    free = available_memory()
+    if free is None or need <= MEMORY_SHARE * free:
+        return None
+    return (
+        f"{what} take {need / 2**30:.1f} GB {how}, more than {MEMORY_SHARE:.0%} of the "
+        f"{free / 2**30:.1f} GB of memory available"
+    )
 
 
 class DataWarning(UserWarning):

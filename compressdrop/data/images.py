@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .dataset import Dataset, _split
+from .dataset import Dataset, _split, beyond_memory
 
 __all__ = ["IMAGE_SUFFIXES", "ImageFolderError", "load_image_folder"]
 
@@ -49,9 +49,6 @@ _UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 #: (a 256 MB float copy per channel); a 492 KB PNG of 13000 × 13000 zeros decoded to 2 GB
 _MAX_PIXELS = 1 << 26
 _FORMATS = ("PNG", "JPEG")  # what IMAGE_SUFFIXES name, and all Pillow may take a file for
-#: the share of the available memory a folder's float32 images may take (the train/test split
-#: and training copy them again)
-_MEMORY_SHARE = 0.4
 
 
 class ImageFolderError(DataError):
@@ -156,31 +153,16 @@ def _read(path: Path, channels: int | None) -> np.ndarray:
     return (x.reshape(*x.shape[:2], -1) / np.float32(255.0)).astype(np.float32)
 
 
-def _available_memory() -> int | None:
-    """Bytes of memory the system says are available (Linux's ``MemAvailable``), or None where
-    it does not say."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _check_memory(root: Path, n: int, image: torch.Tensor) -> None:
     """Refuse ``n`` images shaped like ``image`` whose float32 tensor would take more than
-    :data:`_MEMORY_SHARE` of the available memory (the split and training copy it again), before
-    the rest are decoded: a folder of photos at full size was decoded until the system killed
-    the process."""
-    need, free = n * image.numel() * 4, _available_memory()
-    if free is not None and need > _MEMORY_SHARE * free:
-        c, h, w = image.shape
+    :data:`~compressdrop.data.dataset.MEMORY_SHARE` of the available memory, before the rest are
+    decoded: a folder of photos at full size was decoded until the system killed the process."""
+    c, h, w = image.shape
+    what = f"{n:,} images of {c}×{h}×{w}"
+    too_big = beyond_memory(n * image.numel() * 4, what, "as float32")
+    if too_big:
         raise ImageFolderError(
-            f"{root}: {n:,} images of {c}×{h}×{w} take {need / 2**30:.1f} GB as float32, more "
-            f"than {_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GB of memory available; load "
-            "them smaller (size=N, e.g. images:DIR,size=64) or fewer"
+            f"{root}: {too_big}; load them smaller (size=N, e.g. images:DIR,size=64) or fewer"
         )
 
 

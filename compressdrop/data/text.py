@@ -13,6 +13,7 @@ file is split by position instead (its first, middle and last parts).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,8 +21,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from .._io import opened
 from ..errors import DataError
-from .dataset import Dataset, spec_options
+from .dataset import Dataset, beyond_memory, spec_options
 from .tokens import BYTES, load_tokenizer
 
 __all__ = ["TEXT_SPEC", "TextDataset", "load_text"]
@@ -95,6 +97,25 @@ def _windows(tokens: np.ndarray, context: int) -> tuple[torch.Tensor, torch.Tens
     return a[:-1].view(n, context), a[1:].view(n, context)
 
 
+def _to_read(files: list[Path], max_bytes: int | None) -> int:
+    """The bytes that reading ``files`` will take in: whole files until ``max_bytes`` are in
+    (hidden ones counted too: the walk skips them later)."""
+    total = 0
+    for f in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        total += f.stat().st_size
+    return total
+
+
+def _check_memory(root: Path, total: int) -> None:
+    """Refuse ``total`` bytes of text whose int64 tokens would take more than the memory allows
+    (8 bytes a byte at most: a token is a byte or more), before any is read."""
+    too_big = beyond_memory(8 * total, f"{total:,} bytes of text", "as int64 tokens")
+    if too_big:
+        raise DataError(f"{root}: {too_big}; read less of it (max_bytes=N)")
+
+
 def load_text(
     path: str | Path,
     *,
@@ -129,6 +150,8 @@ def load_text(
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder")
+    if not (root.is_file() or root.is_dir()):
+        raise DataError(f"{root}: not a file or a folder of text (a FIFO or a device?)")
     if context < 2:
         raise DataError(f"context must be at least 2 bytes, got {context}")
     if glob.count("**") > 2:  # (a model file's recorded spec gives it too)
@@ -147,9 +170,10 @@ def load_text(
     digest = hashlib.sha256()
     files = 0
     if root.is_file():
-        data = root.read_bytes()
-        if max_bytes is not None:
-            data = data[:max_bytes]
+        with opened(root, DataError) as handle:  # (a FIFO is refused, not waited on)
+            size = os.fstat(handle.fileno()).st_size
+            _check_memory(root, size if max_bytes is None else min(size, max_bytes))
+            data = handle.read() if max_bytes is None else handle.read(max_bytes)
         digest.update(data)
         files = 1
         a = round(len(data) * (1 - val_fraction - test_fraction))
@@ -164,6 +188,7 @@ def load_text(
             raise DataError(
                 f"{root}: glob={glob!r} is not a pattern of files in it ({e})"
             ) from None
+        _check_memory(root, _to_read(matched, max_bytes))
         for f in matched:
             rel = f.relative_to(root).as_posix()
             if any(part.startswith(".") for part in Path(rel).parts):
