@@ -164,6 +164,36 @@ def test_a_recorded_folder_that_links_out_or_hides_its_path_behind_a_comma_is_re
             evaluate_file(models / f"{name}.pt")
 
 
+def test_a_tokenizer_a_model_file_records_is_read_only_near_it(tmp_path, monkeypatch):
+    """``text:`` data record a ``tokenizer=`` path too (a Hugging Face folder's own); it was read
+    wherever it pointed, past the check of the data's path (``tokenizer=/etc/...``)."""
+    from compressdrop.checkpoint import save_model
+    from compressdrop.errors import DataError
+    from compressdrop.models import build_model
+    from compressdrop.recipes import load_recipe
+    from compressdrop.workflows import evaluate_file
+
+    from .test_text_tokens import corpus, trained_tokenizer
+
+    models, outside = tmp_path / "models", tmp_path / "outside"
+    models.mkdir()
+    outside.mkdir()
+    text = corpus(models / "corpus")
+    texts = [p.read_text() for p in text.iterdir()]
+    for where in (models, outside):
+        trained_tokenizer(texts, where / "tokenizer.json", vocab=60)
+    monkeypatch.chdir(models)
+    recipe = load_recipe("lenet300-lognormal").to_dict()
+    gpt = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 8}
+    model = build_model("hf-causal-lm", (8,), num_classes=60, **gpt)
+    for where in (models, outside):
+        recipe["data"]["name"] = f"text:corpus,context=8,tokenizer={where / 'tokenizer.json'}"
+        save_model(model, models / f"{where.name}.pt", recipe=recipe)
+    with pytest.raises(DataError, match=r"outside this folder and the model's.*pass --data"):
+        evaluate_file(models / "outside.pt")
+    assert evaluate_file(models / "models.pt")["data"] == "text:corpus"  # beside it: read
+
+
 def test_a_folder_dressed_as_the_hub_cache_cannot_link_its_blobs_elsewhere(source, tmp_path):
     """A review of the copy above: ``blobs`` was trusted wherever it pointed, so a shipped
     folder of ``blobs -> ~/.ssh`` and ``snapshots/main/vocab.txt -> ../../blobs/id_rsa`` had the

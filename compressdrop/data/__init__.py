@@ -230,11 +230,15 @@ def _absolute_option(key: str, value: str) -> str:
     return str(Path(value.strip()).resolve())
 
 
-def spec_path(spec: str) -> Path | None:
-    """The file or folder a data spec names (``text:PATH,context=N`` → ``PATH``; ``x.npz``; a
-    folder of images), or None for built-in data."""
+def spec_paths(spec: str) -> list[Path]:
+    """The files and folders a data spec names: its data (``text:PATH,context=N`` → ``PATH``;
+    ``x.npz``; a folder of images) and a ``tokenizer=`` path; none for built-in data."""
     parts = _split_spec(spec)
-    return None if parts is None else Path(parts[1])
+    if parts is None:
+        return []
+    keyed = dict(o.partition("=")[::2] for o in parts[2].split(",")[1:])
+    tokenizer = {k.strip(): v.strip() for k, v in keyed.items()}.get("tokenizer", BYTES)
+    return [Path(parts[1])] + ([Path(tokenizer)] if tokenizer != BYTES else [])
 
 
 def _split_spec(spec: str) -> tuple[str, str, str] | None:

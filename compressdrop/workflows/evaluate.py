@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..arch import Factory
-from ..data import load_dataset, spec_path, with_model_tokenizer
+from ..data import load_dataset, spec_paths, with_model_tokenizer
 from ..errors import DataError, InputError
 from ..evaluation.metrics import bits_per_byte
 from ..runtime import check_labels, run_on_examples
@@ -275,11 +275,14 @@ def _check_recorded_path(model_path: str | Path, spec: str) -> None:
     Raises:
         DataError: the path lies elsewhere; the message gives the ``--data`` to use it.
     """
+    for path in spec_paths(spec):  # the data, and a tokenizer it names
+        _check_near(model_path, spec, path)
+
+
+def _check_near(model_path: str | Path, spec: str, path: Path) -> None:
+    """:func:`_check_recorded_path` for one ``path`` of ``spec``."""
     import os
 
-    path = spec_path(spec)
-    if path is None:
-        return
     near = (Path.cwd().resolve(), Path(model_path).resolve().parent)
     refused = DataError(
         f"{model_path} records its data as {spec!r}, outside this folder and the model's (or "
