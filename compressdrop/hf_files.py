@@ -21,6 +21,7 @@ __all__ = [
     "CONFIG_BYTES",
     "LAYER_FIELDS",
     "LAYER_SPARE",
+    "MARKER",
     "SPARE_WEIGHTS",
     "TOKENIZER_BYTES",
     "TOKENIZER_FILES",
@@ -31,12 +32,16 @@ __all__ = [
     "numbered_layers",
     "quiet_progress",
     "read_config",
+    "read_made",
     "read_tokenizer",
     "write_tokenizer",
 ]
 
 #: a folder's weights: one file, or an index of shards
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+#: the file a slim folder that compressdrop wrote holds (what made it); only such a folder is
+#: replaced by a later run
+MARKER = "compressdrop.json"
 
 
 #: the most bytes a folder's config.json may hold (a config is kilobytes; a label map of
@@ -52,7 +57,21 @@ def read_config(folder: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: no regular file, more than :data:`CONFIG_BYTES`, not a JSON object.
     """
-    path = folder / "config.json"
+    return _read_object(folder / "config.json")
+
+
+def read_made(folder: Path) -> dict[str, Any]:
+    """What made ``folder`` (its :data:`MARKER`, written with a slim folder: compressdrop's
+    version, the prune report, the recipe and its data), or ``{}`` for a folder without one.
+
+    Raises:
+        CheckpointError: the file is no regular file, too big, or not a JSON object.
+    """
+    return _read_object(folder / MARKER) if (folder / MARKER).exists() else {}
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, read once, at most :data:`CONFIG_BYTES`."""
     with opened(path) as f:
         if os.fstat(f.fileno()).st_size > CONFIG_BYTES:
             raise CheckpointError(f"{path}: over {CONFIG_BYTES >> 20} MB, no model's config")

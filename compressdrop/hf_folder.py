@@ -35,12 +35,14 @@ from ._attrs import set_record
 from ._version import __version__
 from .errors import CheckpointError, InputError
 from .hf_files import (
+    MARKER,
     WEIGHTS,
     check_shards,
     check_sizes,
     import_transformers,
     quiet_progress,
     read_config,
+    read_made,
     read_tokenizer,
     write_tokenizer,
 )
@@ -61,9 +63,6 @@ _NOT_KWARGS = {
     *("model_type", "architectures", "transformers_version", "vocab_size", "_name_or_path"),
     *("dtype", "torch_dtype"),
 }
-#: the file a slim folder that compressdrop wrote holds (what made it); only such a folder is
-#: replaced by a later run
-MARKER = "compressdrop.json"
 
 
 def why_no_folder(model: nn.Module) -> str | None:
@@ -235,6 +234,8 @@ def load_hf_folder(path: str | Path) -> nn.Module:
         },
     )
     set_record(model, "tokenizer_files", read_tokenizer(path))  # into its checkpoints and folders
+    recipe = read_made(path).get("recipe")  # a slim folder's: eval's default data
+    set_record(model, "compressdrop_meta", {"recipe": recipe if isinstance(recipe, dict) else {}})
     return model.eval()
 
 
@@ -244,11 +245,13 @@ def save_hf_folder(
     example_input: torch.Tensor,
     rtol: float = 1e-4,
     source: str | Path | None = None,
+    recipe: Mapping[str, Any] | None = None,
 ) -> tuple[int, float]:
     """Write ``slim`` as a Hugging Face folder ``out`` (replacing one that compressdrop wrote),
     with the tokenizer files of ``source`` (the model's folder, if it came from one) or those
     the model carries (read when its folder was loaded, kept in its checkpoints), so that
-    ``AutoTokenizer.from_pretrained(out)`` works too.
+    ``AutoTokenizer.from_pretrained(out)`` works too; :data:`MARKER` records the prune report
+    and the ``recipe`` (its data: what ``eval`` of the folder scores by default).
 
     Returns:
         The bytes written, and the largest relative error of the reloaded model's logits against
@@ -301,8 +304,8 @@ def save_hf_folder(
                 stacklevel=3,
             )
         report = getattr(slim, "prune_report", None)
-        made = {"compressdrop_version": __version__}
-        (tmp / MARKER).write_text(json.dumps({**made, **(report.metadata() if report else {})}))
+        made = {"compressdrop_version": __version__, **(report.metadata() if report else {})}
+        (tmp / MARKER).write_text(json.dumps({**made, **({"recipe": recipe} if recipe else {})}))
         err = _check_reload(slim, tmp, example_input)
         if not err <= rtol:
             raise CheckpointError(

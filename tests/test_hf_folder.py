@@ -93,7 +93,8 @@ def test_loading_and_writing_a_folder_draw_no_progress_bars(tmp_path, capfd):
 
 
 def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(tmp_path):
-    from compressdrop.workflows import prune_file
+    from compressdrop.data import load_dataset
+    from compressdrop.workflows import evaluate_file, prune_file
 
     folder = _llama_folder(tmp_path / "llama")
     corpus = _text(tmp_path / "corpus", words_per_file=600)  # (3 bytes a token: as many windows)
@@ -128,6 +129,11 @@ def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(
         want = res.slim.eval()(ids).logits
     got = logits_elsewhere(out, ids)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # the slim folder records its data: eval scores it there by default, in the same tokens
+    said: list[str] = []
+    scored = evaluate_file(out, announce=said.append)
+    assert recipe.data.name in said[0] and scored["data"] == "text:corpus"
+    assert scored["n"] == load_dataset(recipe.data.name).y_test.numel()
 
 
 def test_eval_of_a_folder_reads_the_text_in_the_folders_own_tokens(tmp_path):

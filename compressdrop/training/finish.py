@@ -118,7 +118,9 @@ def write_slim(
             if suffix == ".pt":
                 save_model(slim, path, recipe=recipe)
             elif suffix == "":
-                sizes[kind], errors[kind] = save_hf_folder(slim, path, x, source=source)
+                sizes[kind], errors[kind] = save_hf_folder(
+                    slim, path, x, source=source, recipe=recipe
+                )
             elif suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
                 prog = with_lengths(export_program, slim, x, path)
                 errors[kind] = max(prog.max_rel_error.values())

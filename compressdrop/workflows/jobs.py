@@ -309,7 +309,8 @@ def export_file(
     # before the exporter, whose own errors are far longer (any output: the exporter takes it)
     run_on_examples(model, x, where, logits=False)
     if out.suffix == "":
-        size, err = save_hf_folder(model, out, x, source=model_path)
+        recorded = (getattr(model, "compressdrop_meta", None) or {}).get("recipe")
+        size, err = save_hf_folder(model, out, x, source=model_path, recipe=recorded)
         return {"output": str(out), "bytes": size, "max_rel_error": {"reloaded": err}}
     if out.suffix == ".pt2":  # token ids: the sequence length dynamic too, where it exports
         prog = with_lengths(export_program, model, x, out)
