@@ -113,6 +113,11 @@ def progress_printer(out: Any, as_json: bool) -> Callable[[dict[str, Any]], None
                 f"{st.finetune.epochs}, for {ev['n_train']:,} training examples); "
                 "choose another with --recipe"
             )
+        elif kind == "tokenizer":
+            say(
+                f"data: the text in the tokens of {ev['folder']}'s tokenizer.json (the model's "
+                "own; add tokenizer=bytes to the data for bytes)"
+            )
         elif kind == "checkpoint_replaced":
             say(
                 f"an earlier run's checkpoint.pt in {ev['folder']} is replaced at this run's first "

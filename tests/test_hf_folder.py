@@ -115,6 +115,7 @@ def test_prune_folder_sparsifies_on_text_and_writes_a_folder_that_reloads_alone(
         )
     # trained on the text in its tokenizer's ids, not bytes (a DataWarning said it was bytes)
     assert not [w for w in seen if issubclass(w.category, DataWarning)]
+    assert {"event": "tokenizer", "folder": str(folder)} in events  # (said to the CLI's user)
     recipe = next(e["recipe"] for e in events if e["event"] == "recipe")
     assert recipe.data.name == f"text:{corpus},context=16,tokenizer={folder.resolve()}"
     assert res.files.paths["hf_folder"] == out and res.files.max_rel_error["hf_folder"] <= 1e-4
@@ -147,7 +148,9 @@ def test_eval_of_a_folder_reads_the_text_in_the_folders_own_tokens(tmp_path):
     folder = _llama_folder(tmp_path / "llama")
     corpus = _text(tmp_path / "corpus")
     trained_tokenizer([p.read_text() for p in sorted(corpus.iterdir())], folder / "tokenizer.json")
-    res = evaluate_file(folder, f"text:{corpus},context=8", device="cpu")
+    said: list[str] = []
+    res = evaluate_file(folder, f"text:{corpus},context=8", device="cpu", announce=said.append)
+    assert said == [f"data: the text in the tokens of {folder}'s tokenizer.json"]
     ds = load_text(corpus, context=8, tokenizer=folder)
     assert ds.bytes_per_token > 2 and res["n"] == ds.y_test.numel()
     assert res["bits_per_byte"] == pytest.approx(res["nll"] / math.log(2) / ds.bytes_per_token)

@@ -243,7 +243,10 @@ def _data_for(
     trained on: ``train`` and ``prune --data`` record theirs), said to ``announce``, else digits.
     """
     if data is not None:  # (a Hugging Face folder's text: in its own tokens)
-        return load_dataset(with_model_tokenizer(data, model_path))
+        tokens = with_model_tokenizer(data, model_path)
+        if tokens != data and announce is not None:
+            announce(f"data: the text in the tokens of {model_path}'s tokenizer.json")
+        return load_dataset(tokens)
     spec = (_recorded_recipe(model).get("data") or {}).get("name")
     if not (isinstance(spec, str) and spec):
         return load_dataset("digits")

@@ -191,7 +191,9 @@ def prune_file(
         raise InputError(
             f"{model_path} has no trained gates: pass --data (and --recipe) to sparsify it first"
         )
-    data = with_model_tokenizer(data, model_path)  # a Hugging Face folder's text: its own tokens
+    given, data = data, with_model_tokenizer(data, model_path)  # a folder's text: its own tokens
+    if data != given:
+        progress({"event": "tokenizer", "folder": str(model_path)})
     # a folder of the classes the model was trained on is labelled by their names (as eval does)
     ds = load_dataset(data).in_class_order(getattr(model, "class_names", None))
     check_trainable(ds)
