@@ -94,11 +94,9 @@ MODELS = {
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
 }  # fmt: skip
-# what gets gates: heads, MLP neurons (Mixtral's experts are not gated; BLOOM's heads share an
-# ALiBi table built for the config's head count)
+# what gets gates: heads, MLP neurons (Mixtral's experts are not gated)
 GATED = {
     "mixtral": (True, False),
-    "bloom": (False, True),
     "falcon_alibi": (False, True),
     "deberta_v1_talking": (False, True),
 }

@@ -26,6 +26,7 @@ from .hf_deberta import register_deberta
 from .hf_decoders import decoder_shapes, register_decoders
 from .hf_falcon import register_falcon
 from .hf_interleaved import register_interleaved
+from .hf_position_bias import register_position_bias
 from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, register_layer
 
 __all__: list[str] = []  # internal to compressdrop.gating
@@ -157,6 +158,9 @@ def _register_transformers() -> None:
     # one c_attn in one of two (gating/hf_bigcode.py)
     register_falcon()
     register_bigcode()
+    # BLOOM and MPNet: a position bias built for all heads, each layer's part selected by its
+    # attention (gating/hf_position_bias.py)
+    register_position_bias()
     # DistilBERT: separate projections, n_heads read by nothing but the reshape by -1
     register_attention_at(
         hf_module("distilbert"),
@@ -209,6 +213,8 @@ _HEADS_FIXED = {
     "GPT2Attention": ("n_embd / n_head", "GPT2Attention"),
     "DistilBertSelfAttention": ("dim / n_heads", "DistilBertSelfAttention"),
     "StableLmAttention": ("hidden_size / num_attention_heads", "StableLmAttention"),
+    "BloomAttention": ("hidden_size / n_head", "BloomAttention"),
+    "MPNetSelfAttention": ("hidden_size / num_attention_heads", "MPNetSelfAttention"),
     **{
         f"{prefix}SelfAttention": ("hidden_size / num_attention_heads", f"{prefix}Attention")
         for prefix in BERT_LIKE.values()
