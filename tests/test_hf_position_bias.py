@@ -20,8 +20,12 @@ from .test_hf import TOKENS, VOCAB, _attach_and_prune, _padded_batch
 
 transformers = pytest.importorskip("transformers")
 
+CODEGEN = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4}
 MODELS = {
     "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", CODEGEN),
+    # two heads in each of the four blocks: a prune may leave the blocks even or not
+    "codegen_8": ("CodeGenConfig", "CodeGenForCausalLM", {**CODEGEN, "n_embd": 64, "n_head": 8}),
     "mpnet": ("MPNetConfig", "MPNetForSequenceClassification",
               {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                "intermediate_size": 48, "max_position_embeddings": 64, "num_labels": 3}),
@@ -29,6 +33,7 @@ MODELS = {
 # per family: its layers, their attention, its head count, its output projection
 LAYOUT = {
     "bloom": ("transformer.h", "self_attention", "num_heads", "dense"),
+    "codegen": ("transformer.h", "attn", "num_attention_heads", "out_proj"),
     "mpnet": ("mpnet.encoder.layer", "attention.attn", "num_attention_heads", "o"),
 }
 
@@ -139,8 +144,26 @@ def test_each_layer_takes_its_own_heads_of_the_shared_bias(name, with_mask):
     assert _rel(got2[keep], want2[keep]) <= 1e-5
 
 
+@pytest.mark.parametrize(
+    ("cut", "blocks"), [([[0, 2, 4, 6], [1]], [4, 1]), ([[0, 1], [5, 6, 7]], [1, 1])]
+)
+def test_codegen_heads_leave_its_blocks_exactly(cut, blocks):
+    """CodeGen's qkv_proj holds [q; v; k] of two heads in each of four blocks: heads that leave
+    every block evenly keep the blocks; others become one block; either is exact."""
+    model = _build("codegen_8")
+    slim = _remove_heads(model, "codegen_8", cut)
+    attns = _attentions(slim, "codegen_8")
+    assert [a.mp_num for a in attns] == blocks
+    assert [a.qkv_proj.out_features for a in attns] == [3 * 8 * (8 - len(c)) for c in cut]
+    ids, mask = _padded_batch()
+    with torch.no_grad():
+        want = _zero_heads(model, "codegen_8", cut)(input_ids=ids, attention_mask=mask).logits
+        got = slim(input_ids=ids, attention_mask=mask).logits
+    assert _rel(got[mask.bool()], want[mask.bool()]) <= 1e-5
+
+
 @pytest.mark.slow  # about 20 s each: the ONNX exporter
-@pytest.mark.parametrize("name", ["bloom", "mpnet"])
+@pytest.mark.parametrize("name", ["bloom", "codegen", "mpnet"])
 def test_slim_models_export_verified(name, tmp_path):
     """The slim model (fewer heads per layer) writes a .pt2 and an ONNX file, each checked
     against it at two batch sizes and another length."""

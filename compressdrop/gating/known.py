@@ -22,6 +22,7 @@ from torch import nn
 from .._families import BERT_LIKE
 from .heads import HeadSpec, hf_module, register_attention, register_attention_at
 from .hf_bigcode import register_bigcode
+from .hf_codegen import register_codegen
 from .hf_deberta import register_deberta
 from .hf_decoders import decoder_shapes, register_decoders
 from .hf_falcon import register_falcon
@@ -159,8 +160,9 @@ def _register_transformers() -> None:
     register_falcon()
     register_bigcode()
     # BLOOM and MPNet: a position bias built for all heads, each layer's part selected by its
-    # attention (gating/hf_position_bias.py)
+    # attention (gating/hf_position_bias.py); CodeGen: qkv_proj packed in mp_num blocks
     register_position_bias()
+    register_codegen()
     # DistilBERT: separate projections, n_heads read by nothing but the reshape by -1
     register_attention_at(
         hf_module("distilbert"),
@@ -214,6 +216,7 @@ _HEADS_FIXED = {
     "DistilBertSelfAttention": ("dim / n_heads", "DistilBertSelfAttention"),
     "StableLmAttention": ("hidden_size / num_attention_heads", "StableLmAttention"),
     "BloomAttention": ("hidden_size / n_head", "BloomAttention"),
+    "CodeGenAttention": ("n_embd / n_head", "CodeGenAttention"),
     "MPNetSelfAttention": ("hidden_size / num_attention_heads", "MPNetSelfAttention"),
     **{
         f"{prefix}SelfAttention": ("hidden_size / num_attention_heads", f"{prefix}Attention")
