@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
 
 import compressdrop as cd
+from compressdrop.errors import InputError
 from compressdrop.gating.gated import HeadGated
 
 from .test_hf import TOKENS, VOCAB, _attach_and_prune, _padded_batch
@@ -202,3 +204,20 @@ def test_a_slim_bloom_reloads_as_checkpoint_and_pickle(tmp_path):
         for back in (load_model(tmp_path / "slim.pt"), torch.load(buf, weights_only=False)):
             assert _heads(back, "bloom") == _heads(slim, "bloom")
             torch.testing.assert_close(back(ids).logits, want, rtol=0, atol=0)
+
+
+def test_bloom_heads_stay_where_its_tensor_parallel_path_slices_them():
+    """BLOOM's ``slow_but_exact`` path (``pretraining_tp`` > 1) splits the heads' features by
+    the hidden size: those attentions keep their heads, with a warning that says why (its MLP
+    products are not Linear layers either: nothing is left to gate)."""
+    model = transformers.BloomForCausalLM(
+        transformers.BloomConfig(**TOKENS, hidden_size=32, n_layer=2, n_head=4,
+                                 pretraining_tp=2, slow_but_exact=True)
+    ).eval()  # fmt: skip
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match="no gateable layer"):
+            cd.attach(model, "lognormal", example_inputs=ids)
+    why = "keeps all its heads: its slow_but_exact tensor-parallel path"
+    assert sum(why in str(w.message) for w in caught) == 2  # one per layer
