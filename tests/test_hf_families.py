@@ -51,8 +51,8 @@ MODELS = {
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM",
                   {**LLAMA, "num_key_value_heads": 4, "qk_layernorm": True}),
-    # Falcon's one query_key_value in each of its layouts; ALiBi's bias is built for the config's
-    # head count (its heads stay)
+    # Falcon's one query_key_value in each of its layouts; with ALiBi, each layer selects its
+    # heads' planes of the bias the model folds into the mask (test_hf_position_bias.py)
     **{
         f"falcon_{layout}": ("FalconConfig", "FalconForCausalLM", {**FALCON, **extra})
         for layout, extra in {
@@ -97,7 +97,6 @@ MODELS = {
 # what gets gates: heads, MLP neurons (Mixtral's experts are not gated)
 GATED = {
     "mixtral": (True, False),
-    "falcon_alibi": (False, True),
     "deberta_v1_talking": (False, True),
 }
 

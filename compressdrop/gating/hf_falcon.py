@@ -9,8 +9,9 @@ heads), each read by its forward from ``num_heads``, ``num_kv_heads`` and ``head
 
 A head's columns of ``dense`` are ``D·h … D·(h+1) − 1`` in all three. Grouped query heads are
 removed as LLaMA's are: every group keeps as many; where each group has one query head, its key
-and value go with it. ALiBi models are left ungated: their bias is built for the config's head
-count.
+and value go with it. ALiBi models build their bias once for the config's heads and fold it into
+the attention mask every layer gets: a pruned attention of one becomes a subclass that selects its
+own heads' planes of that mask (:mod:`compressdrop.gating.hf_kept_heads`).
 """
 
 from __future__ import annotations
@@ -71,10 +72,10 @@ def _remove(m: Any, keep: torch.Tensor) -> None:
         m.num_kv_heads = len(kept)
     m.num_heads = len(kept)
     m.num_key_value_groups = m.num_heads // m.num_kv_heads
+    if m.config.alibi:  # the mask's ALiBi planes are the model's heads: select this layer's
+        from .hf_kept_heads import keep_bias_heads_
 
-
-def _why_not(m: Any) -> str | None:
-    return "its ALiBi bias is built for the config's head count" if m.config.alibi else None
+        keep_bias_heads_(m, keep, getattr(m, "bias_total", H))
 
 
 def register_falcon() -> None:
@@ -88,6 +89,5 @@ def register_falcon() -> None:
             heads="num_heads",
             blocks=_blocks,
             remove=_remove,
-            why_not=_why_not,
         ),
     )

@@ -1,10 +1,12 @@
 """Hugging Face attentions that take their own heads' part of a position bias built for all heads.
 
 BLOOM's ALiBi bias (a slope per head) is built once by ``BloomModel`` for ``config.n_head`` heads,
-``(batch · heads, 1, keys)``, and MPNet's relative position bias once by ``MPNetEncoder`` from one
-``relative_attention_bias`` embedding (a column per head), ``(batch, heads, queries, keys)``; both
-are handed unchanged to every layer. After surgery a layer may keep fewer heads than the bias
-holds, and neither library's attention reads anything per layer that could select them. So
+``(batch · heads, 1, keys)``; Falcon's (with ``alibi``) once by ``FalconModel`` and folded into
+the attention mask, ``(batch, heads, queries, keys)``; MPNet's relative position bias once by
+``MPNetEncoder`` from one ``relative_attention_bias`` embedding (a column per head), ``(batch,
+heads, queries, keys)``. Each is handed unchanged to every layer. After surgery a layer may keep
+fewer heads than the bias holds, and no library's attention reads anything per layer that could
+select them. So
 surgery turns such an attention into the subclass below, in place: the same module, parameters
 and attributes, and a buffer ``bias_heads`` of the kept heads' indices among the bias's
 ``bias_total`` heads; its forward selects those rows of the bias and calls the library's own
@@ -26,9 +28,15 @@ from .._torchvision import import_torchvision
 import_torchvision()  # transformers imports torchvision: a build for another torch must load
 
 from transformers.models.bloom.modeling_bloom import BloomAttention  # noqa: E402
+from transformers.models.falcon.modeling_falcon import FalconAttention  # noqa: E402
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention  # noqa: E402
 
-__all__ = ["KeptHeadsBloomAttention", "KeptHeadsMPNetSelfAttention", "keep_bias_heads_"]
+__all__ = [
+    "KeptHeadsBloomAttention",
+    "KeptHeadsFalconAttention",
+    "KeptHeadsMPNetSelfAttention",
+    "keep_bias_heads_",
+]
 
 
 class _KeptHeads:
@@ -53,6 +61,20 @@ class KeptHeadsBloomAttention(BloomAttention, _KeptHeads):
         return super().forward(hidden_states, residual, alibi, *args, **kwargs)
 
 
+class KeptHeadsFalconAttention(FalconAttention, _KeptHeads):
+    """Falcon's attention (an ALiBi model's) with fewer heads than the mask's ALiBi planes."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+        *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """The library's forward on the kept heads' planes of ``attention_mask``, which holds
+        the ALiBi bias (``(batch, bias_total, queries, keys)`` → ``(batch, heads, ...)``)."""
+        if attention_mask is not None and attention_mask.shape[1] == self.bias_total:
+            attention_mask = attention_mask.index_select(1, self.bias_heads)
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
 class KeptHeadsMPNetSelfAttention(MPNetSelfAttention, _KeptHeads):
     """MPNet's self-attention with fewer heads than the encoder's relative position bias."""
 
@@ -69,12 +91,13 @@ class KeptHeadsMPNetSelfAttention(MPNetSelfAttention, _KeptHeads):
 
 _SUBCLASS: dict[type, type] = {
     BloomAttention: KeptHeadsBloomAttention,
+    FalconAttention: KeptHeadsFalconAttention,
     MPNetSelfAttention: KeptHeadsMPNetSelfAttention,
 }
 
 
 def keep_bias_heads_(m: Any, keep: torch.Tensor, total: int) -> None:
-    """Make ``m`` (a BLOOM or MPNet attention whose heads ``keep`` of its current ones stay) take
+    """Make ``m`` (a BLOOM, Falcon or MPNet attention whose heads ``keep`` of its current ones stay) take
     its own heads' part of a bias built for ``total`` heads: its class becomes the subclass, and
     ``bias_heads`` the kept heads' indices in the bias (composed with earlier removals)."""
     before = getattr(m, "bias_heads", None)
