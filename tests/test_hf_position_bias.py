@@ -241,3 +241,21 @@ def test_bloom_heads_stay_where_its_tensor_parallel_path_slices_them():
             cd.attach(model, "lognormal", example_inputs=ids)
     why = "keeps all its heads: its slow_but_exact tensor-parallel path"
     assert sum(why in str(w.message) for w in caught) == 2  # one per layer
+
+
+def test_a_subclass_of_the_bloom_attention_keeps_its_heads():
+    """A user's own subclass of ``BloomAttention`` may read the bias otherwise: its heads stay,
+    with a warning that names it, and the model is left as it was."""
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    model = _build("bloom")
+    mine = type("MyBloomAttention", (BloomAttention,), {})
+    for block in model.transformer.h:
+        block.self_attention.__class__ = mine
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cd.attach(model, "lognormal", example_inputs=ids)
+    assert not [m for m in model.modules() if isinstance(m, HeadGated)]
+    assert sum("MyBloomAttention derives from" in str(w.message) for w in caught) == 2
+    assert {type(b.self_attention) for b in model.transformer.h} == {mine}

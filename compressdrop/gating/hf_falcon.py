@@ -66,16 +66,16 @@ def _remove(m: Any, keep: torch.Tensor) -> None:
         raise InputError(
             f"{len(kept)} query heads do not split evenly over {m.num_kv_heads} key/value heads"
         )
+    if m.config.alibi:  # the mask's ALiBi planes are the model's heads: select this layer's
+        from .hf_kept_heads import keep_bias_heads_
+
+        keep_bias_heads_(m, keep, getattr(m, "bias_total", H))
     cut_features(m.query_key_value, _rows(m, gone), out=True)
     cut_features(m.dense, head_features(gone, D), out=False)
     if _own_key_value(m):
         m.num_kv_heads = len(kept)
     m.num_heads = len(kept)
     m.num_key_value_groups = m.num_heads // m.num_kv_heads
-    if m.config.alibi:  # the mask's ALiBi planes are the model's heads: select this layer's
-        from .hf_kept_heads import keep_bias_heads_
-
-        keep_bias_heads_(m, keep, getattr(m, "bias_total", H))
 
 
 def register_falcon() -> None:

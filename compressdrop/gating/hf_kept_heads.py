@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .._torchvision import import_torchvision
+from ..errors import InputError
 
 import_torchvision()  # transformers imports torchvision: a build for another torch must load
 
@@ -40,7 +41,7 @@ __all__ = [
 
 
 class _KeptHeads:
-    """What both subclasses hold: ``bias_heads`` (long, the kept heads' indices among the
+    """What the subclasses hold: ``bias_heads`` (long, the kept heads' indices among the
     bias's) and ``bias_total`` (the heads the bias is built for)."""
 
     bias_heads: torch.Tensor
@@ -97,14 +98,25 @@ _SUBCLASS: dict[type, type] = {
 
 
 def keep_bias_heads_(m: Any, keep: torch.Tensor, total: int) -> None:
-    """Make ``m`` (a BLOOM, Falcon or MPNet attention whose heads ``keep`` of its current ones stay) take
-    its own heads' part of a bias built for ``total`` heads: its class becomes the subclass, and
-    ``bias_heads`` the kept heads' indices in the bias (composed with earlier removals)."""
+    """Make ``m`` (a BLOOM, Falcon or MPNet attention that keeps heads ``keep`` of its current
+    ones) take its own heads' part of a bias built for ``total`` heads: its class becomes the
+    subclass, and ``bias_heads`` the kept heads' indices in the bias (composed with earlier
+    removals).
+
+    Raises:
+        InputError: ``m``'s class is a subclass of the library's of its own (its forward may
+            differ from the one the subclass wraps).
+    """
+    if not isinstance(m, _KeptHeads):
+        if type(m) not in _SUBCLASS:
+            raise InputError(
+                f"{type(m).__name__} derives from the library's attention; only the library's own "
+                "class is known to take the shared position bias as compressdrop selects it"
+            )
+        m.__class__ = _SUBCLASS[type(m)]
     before = getattr(m, "bias_heads", None)
     keep = keep.to(torch.long).cpu()
     heads = keep if before is None else before.cpu()[keep]
-    if not isinstance(m, _KeptHeads):
-        m.__class__ = _SUBCLASS[type(m)]
     device = next(m.parameters()).device
     m.bias_total = int(total)
     m.register_buffer("bias_heads", heads.to(device), persistent=False)

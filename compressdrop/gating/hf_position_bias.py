@@ -40,11 +40,11 @@ def _remove_bloom(m: Any, keep: torch.Tensor) -> None:
     from .hf_kept_heads import keep_bias_heads_
 
     D, H = int(m.head_dim), int(m.num_heads)
+    keep_bias_heads_(m, keep, _bias_total(m, H))  # first: it refuses a class it does not know
     gone = [h for h in range(H) if h not in set(keep.tolist())]
     cut_features(m.query_key_value, head_features(gone, 3 * D), out=True)
     cut_features(m.dense, head_features(gone, D), out=False)
     m.num_heads = len(keep)
-    keep_bias_heads_(m, keep, _bias_total(m, H))
 
 
 def _why_not_bloom(m: Any) -> str | None:
@@ -59,13 +59,13 @@ def _remove_mpnet(m: Any, keep: torch.Tensor) -> None:
     from .hf_kept_heads import keep_bias_heads_
 
     D, H = int(m.attention_head_size), int(m.num_attention_heads)
+    keep_bias_heads_(m, keep, _bias_total(m, H))  # first: it refuses a class it does not know
     gone = head_features([h for h in range(H) if h not in set(keep.tolist())], D)
     for layer in (m.q, m.k, m.v):
         cut_features(layer, gone, out=True)
     cut_features(m.o, gone, out=False)
     m.num_attention_heads = len(keep)
     m.all_head_size = len(keep) * D
-    keep_bias_heads_(m, keep, _bias_total(m, H))
 
 
 def register_position_bias() -> None:
