@@ -45,8 +45,9 @@ def beyond_memory(need: int, what: str, how: str) -> str | None:
 
 
 class DataWarning(UserWarning):
-    """A loader changed the user's data to read it (e.g. channels-last images transposed); the
-    message says what and how to save the data so that nothing needs changing."""
+    """A loader changed the user's data to read it (e.g. channels-last images transposed), or the
+    data do not suit what is asked of them (too few examples for the default recipe's gates to
+    learn); the message says what, and what to change."""
 
 
 @dataclass(frozen=True)
