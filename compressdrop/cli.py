@@ -292,7 +292,8 @@ def export(model_path, output, opset, input_shape, arch, arch_args, trust_code, 
 @_guard
 def eval_cmd(model_path, data, mc_samples, ood, arch, arch_args, trust_code, device, as_json):
     """Evaluate a model (.pt, .pt2, .onnx, a Hugging Face folder) on a data set's test split:
-    accuracy, NLL, size. Without --data: what a checkpoint was trained on, else digits.
+    accuracy, NLL, size (a gated file's gates counted apart, as gate_params). Without --data:
+    what a checkpoint was trained on, else digits.
 
     With --mc N: Monte-Carlo uncertainty (a checkpoint with dropout or gates, a slim one that
     kept its noise, or the sampling graph STEM-mc.onnx that prune --mc-samples writes), and

@@ -193,6 +193,24 @@ def test_export_and_eval_agree_between_torch_and_onnx(trained, tmp_path):
     assert ox["data"] == pt["data"] == "digits"  # the ONNX line left the data out
 
 
+def test_eval_of_a_gated_file_counts_its_gates_apart_from_the_model(trained):
+    """`eval gated.pt` counted the gates' μ and log σ in `params`, unlabelled: a gated LeNet
+    looked bigger than the dense one it is. Now `params` is the model's own (the dense count the
+    run reports), and the gates' are `gate_params`, in the JSON and on the line."""
+    d, report = trained
+    gated = load_model(d / "out" / "gated.pt")
+    in_gates = sum(p.numel() for _, g in cd.named_gates(gated) for p in g.parameters())
+    assert in_gates > 0
+    res = json.loads(run(["eval", d / "out" / "gated.pt", "--json"]).stdout)
+    assert res["params"] == report["dense"]["params"]
+    assert res["gate_params"] == in_gates
+    assert res["params"] + res["gate_params"] == sum(p.numel() for p in gated.parameters())
+    text = run(["eval", d / "out" / "gated.pt"]).output
+    assert f"params: {res['params']}" in text and f"gate_params: {in_gates}" in text
+    slim = json.loads(run(["eval", d / "out" / "slim.pt", "--json"]).stdout)
+    assert "gate_params" not in slim and slim["params"] == report["slim"]["params"]
+
+
 def test_eval_mc_reports_uncertainty_of_a_gated_checkpoint(trained, tmp_path):
     d, _ = trained
     res = json.loads(
@@ -229,7 +247,8 @@ def test_prune_keeps_noise_for_monte_carlo_from_the_slim_model(trained, tmp_path
     assert set(res["files"]) == {"checkpoint", "mc_checkpoint", "mc_onnx"}
     plain = json.loads(run(["eval", out, "--json"]).stdout)
     noisy = json.loads(run(["eval", tmp_path / "slim-mc.pt", "--mc", 16, "--json"]).stdout)
-    assert noisy["accuracy"] == plain["accuracy"] and noisy["params"] > plain["params"]
+    assert noisy["accuracy"] == plain["accuracy"] and noisy["params"] == plain["params"]
+    assert noisy["gate_params"] > 0 and "gate_params" not in plain  # the kept units' noise
     assert noisy["mc"]["deterministic_accuracy"] == pytest.approx(plain["accuracy"], abs=1e-6)
     graph = json.loads(
         run(["eval", tmp_path / "slim-mc.onnx", "--mc", 16, "--ood", "digits", "--json"]).stdout

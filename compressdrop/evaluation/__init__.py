@@ -2,13 +2,14 @@
 
 from .latency import LatencyReport, ort_latency, torch_latency
 from .metrics import Metrics, evaluate
-from .model_size import SizeReport, count_flops, count_params, size
+from .model_size import SizeReport, count_flops, count_gate_params, count_params, size
 
 __all__ = [
     "LatencyReport",
     "Metrics",
     "SizeReport",
     "count_flops",
+    "count_gate_params",
     "count_params",
     "evaluate",
     "ort_latency",

@@ -9,12 +9,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["SizeReport", "count_flops", "count_params", "rnn_flops", "size"]
+__all__ = ["SizeReport", "count_flops", "count_gate_params", "count_params", "rnn_flops", "size"]
 
 
 def count_params(model: nn.Module) -> int:
     """Number of parameters (each shared tensor counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def count_gate_params(model: nn.Module) -> int:
+    """Number of the gates' parameters in ``model`` (each shared gate counted once): training
+    state (μ, log σ, keep probabilities) that pruning folds into the weights, 0 for a plain or
+    slim model. ``count_params(model) - count_gate_params(model)`` is the model's own size."""
+    from ..gates import Gate
+
+    seen = {id(p): p for m in model.modules() if isinstance(m, Gate) for p in m.parameters()}
+    return sum(p.numel() for p in seen.values())
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:

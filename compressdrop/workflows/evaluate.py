@@ -47,7 +47,10 @@ def evaluate_file(
         ood: an out-of-distribution data set for the AUROC of the uncertainty measures.
 
     Returns:
-        The metrics as plain data; ``mc`` holds the Monte-Carlo ones.
+        The metrics as plain data; ``mc`` holds the Monte-Carlo ones. ``params`` counts the
+        model's own parameters; a gated model's (or a noisy slim one's) gates are counted apart,
+        in ``gate_params``: they are training state that pruning folds into the weights, so
+        ``params`` compares with the dense and the slim model.
 
     Raises:
         InputError: ``mc_samples`` with a deterministic ONNX file, or a model without stochastic
@@ -90,7 +93,7 @@ def evaluate_file(
             out["bits_per_byte"] = bits_per_byte(mc["nll"], ds)
         return out
     from ..evaluation.metrics import evaluate
-    from ..evaluation.model_size import count_flops, count_params
+    from ..evaluation.model_size import count_flops, count_gate_params, count_params
     from ..gating import example_input_for
     from ..runtime import resolve_device
 
@@ -105,10 +108,13 @@ def evaluate_file(
         "data": ds.name,
         "n": m.n,
         **m.record(data=ds),
-        "params": count_params(model),
+        # the model's own parameters; a gated file's gates apart: pruning folds them away
+        "params": count_params(model) - (gate_params := count_gate_params(model)),
         "flops": count_flops(model, example_input_for(model, batch=1)),
         "device": str(dev),
     }
+    if gate_params:
+        res["gate_params"] = gate_params
     if mc_samples is not None:
         from ..uncertainty import mc_evaluate
 
