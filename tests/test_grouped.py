@@ -205,6 +205,32 @@ def test_shufflenet_gates_its_branches_and_leaves_the_shuffle_with_a_warning(tmp
     _check_end_to_end(model, tmp_path)
 
 
+def test_a_window_partition_is_named_as_one_not_as_a_channel_shuffle():
+    """Swin's residual stream, channels-last, is split into windows: the message guessed "(a
+    channel shuffle?)" for it, though its units stay whole in the last dimension. Now it names
+    the window partition and its shapes (torchvision's Swin and MaxViT say the same)."""
+
+    class Windows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.mix, self.head = nn.Linear(1, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n = x.shape[0]
+            h = self.embed(x.reshape(n, 8, 8, 1))  # (N, 8, 8, 16), channels last
+            w = h.view(n, 4, 2, 4, 2, 16).permute(0, 1, 3, 2, 4, 5)  # (N, 4, 4, 2, 2, 16)
+            w = torch.relu(self.mix(w.reshape(n, 16, 4, 16).mean(2)))  # (N, 16, 16)
+            return self.head(w.mean(1))
+
+    said = _gating_warnings(Windows().eval())
+    assert said == [
+        "compressdrop: layer 'embed' left ungated: its units (the last dimension) pass through a "
+        "reshape that regroups their positions into windows, (N, 8, 8, 16) to (N, 4, 2, 4, 2, "
+        "16) (a window partition, as in Swin or MaxViT), which Torch-Pruning's index mapping "
+        "does not follow: it reads dimension 1 as the units"
+    ]
+
+
 def test_a_failing_index_mapping_blocks_its_groups_not_the_model(monkeypatch):
     """Torch-Pruning's reshape mapping divided by zero on torchvision's ShuffleNetV2: such a
     failure becomes a warning for the groups through that node, the rest is still gated."""

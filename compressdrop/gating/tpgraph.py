@@ -164,17 +164,40 @@ def _traced_outputs(out: Any) -> list[torch.Tensor]:
     ]
 
 
-def _splits_units(node) -> bool:
-    """Whether a reshape node splits dimension 1 (channels of ``(N, C, ...)``, features of
-    ``(N, F)``) into several dimensions, as a channel shuffle's ``view(N, g, C // g, H, W)``
-    does: Torch-Pruning maps indices only through flattening, so its mapping is wrong there."""
+def _split_shapes(node) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """A reshape node's input and output shapes where it splits dimension 1 (channels of
+    ``(N, C, ...)``, features of ``(N, F)``, the rows of a channels-last ``(N, H, W, C)``) into
+    several dimensions, as a channel shuffle's ``view(N, g, C // g, H, W)`` and a window
+    partition's ``view(N, H // w, w, W // w, w, C)`` do; else ``None``. Torch-Pruning maps
+    indices only through flattening, reading dimension 1 as the units: its mapping is wrong
+    there."""
     fn = getattr(node, "grad_fn", None)
     before = getattr(fn, "_saved_self_sym_sizes", None)
     after = getattr(fn, "_input_metadata", None)  # the forward output's metadata (torch >= 2.1)
     if before is None or not after:
-        return False
-    after = tuple(after[0].shape)
-    return len(after) > len(before) >= 2 and after[0] == before[0] and after[1] != before[1]
+        return None
+    before, after = tuple(before), tuple(after[0].shape)
+    split = len(after) > len(before) >= 2 and after[0] == before[0] and after[1] != before[1]
+    return (before, after) if split else None
+
+
+def _split_reason(shapes: tuple[tuple[int, ...], tuple[int, ...]], root: nn.Module) -> str:
+    """What a splitting reshape (:func:`_split_shapes`) does to the units of a group whose root
+    layer is ``root``: a linear layer's units (the last dimension) that the reshape keeps whole
+    have their positions regrouped (a window partition: Swin's, MaxViT's); else the units are
+    split themselves (a channel shuffle's ``view(N, g, C // g, H, W)``)."""
+    if isinstance(root, nn.Linear) and shapes[0][-1] == shapes[1][-1] == root.out_features:
+        before, after = (f"({', '.join(['N', *map(str, s[1:])])})" for s in shapes)
+        return (
+            f"its units (the last dimension) pass through a reshape that regroups their "
+            f"positions into windows, {before} to {after} (a window partition, as in Swin or "
+            "MaxViT), which Torch-Pruning's index mapping does not follow: it reads dimension 1 "
+            "as the units"
+        )
+    return (
+        "its units pass through a view that splits them into several dimensions (a "
+        "channel shuffle?), which Torch-Pruning's index mapping does not follow"
+    )
 
 
 def untrusted_reason(dg, group) -> str | None:
@@ -186,11 +209,11 @@ def untrusted_reason(dg, group) -> str | None:
         if why is not None:
             op = type(dep.target.module).__name__.strip("_").removesuffix("Op").lower()
             return f"its units pass through a {op} Torch-Pruning cannot map indices through ({why})"
-        if type(dep.target.module).__name__ == "_ReshapeOp" and _splits_units(dep.target):
-            return (
-                "its units pass through a view that splits them into several dimensions (a "
-                "channel shuffle?), which Torch-Pruning's index mapping does not follow"
-            )
+        shapes = (
+            _split_shapes(dep.target) if type(dep.target.module).__name__ == "_ReshapeOp" else None
+        )
+        if shapes is not None:
+            return _split_reason(shapes, group[0][0].target.module)
     return None
 
 
