@@ -230,6 +230,18 @@ def test_a_window_partition_is_named_as_one_not_as_a_channel_shuffle():
         "does not follow: it reads dimension 1 as the units"
     ]
 
+    class Pooled(nn.Module):  # BART's classifier: (N, F) viewed as (N, 1, F), no positions
+        def __init__(self):
+            super().__init__()
+            self.pre, self.embed, self.head = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.embed(torch.relu(self.pre(x.flatten(1))))  # (N, 16)
+            return self.head(h.view(h.shape[0], -1, 16)[:, -1])
+
+    [said] = _gating_warnings(Pooled().eval())
+    assert "splits them into several dimensions" in said and "window" not in said
+
 
 def test_a_failing_index_mapping_blocks_its_groups_not_the_model(monkeypatch):
     """Torch-Pruning's reshape mapping divided by zero on torchvision's ShuffleNetV2: such a

@@ -185,12 +185,15 @@ def _split_reason(shapes: tuple[tuple[int, ...], tuple[int, ...]], root: nn.Modu
     """What a splitting reshape (:func:`_split_shapes`) does to the units of a group whose root
     layer is ``root``: a linear layer's units (the last dimension) that the reshape keeps whole
     have their positions regrouped (a window partition: Swin's, MaxViT's); else the units are
-    split themselves (a channel shuffle's ``view(N, g, C // g, H, W)``)."""
-    if isinstance(root, nn.Linear) and shapes[0][-1] == shapes[1][-1] == root.out_features:
-        before, after = (f"({', '.join(['N', *map(str, s[1:])])})" for s in shapes)
+    split themselves (a channel shuffle's ``view(N, g, C // g, H, W)``, or BART's pooling of
+    its end-of-sequence states, ``(N, F)`` viewed as ``(N, 1, F)``)."""
+    before, after = shapes
+    positions = len(before) >= 3  # (N, positions..., units): not (N, F) viewed as (N, 1, F)
+    if isinstance(root, nn.Linear) and positions and before[-1] == after[-1] == root.out_features:
+        was, now = (f"({', '.join(['N', *map(str, s[1:])])})" for s in shapes)
         return (
             f"its units (the last dimension) pass through a reshape that regroups their "
-            f"positions into windows, {before} to {after} (a window partition, as in Swin or "
+            f"positions into windows, {was} to {now} (a window partition, as in Swin or "
             "MaxViT), which Torch-Pruning's index mapping does not follow: it reads dimension 1 "
             "as the units"
         )
