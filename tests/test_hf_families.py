@@ -187,3 +187,33 @@ def test_a_packed_projection_charges_a_head_the_rows_that_go_with_it(name, rows)
     params, _ = _head_costs(attn, spec, 1)
     want = rows * D * (qkv.in_features + (qkv.bias is not None)) + D * o.out_features
     assert params == want
+
+
+def test_bart_classifier_exports_with_check_rows_that_end_in_its_eos(tmp_path):
+    """BART's classifier reads each example's state at its <eos>: export_onnx's check drew
+    random ids without one and failed ("Each example must contain at least one <eos> token"),
+    and an example drawn for the CLI's export could not even be traced. The check's rows now end
+    with ``config.eos_token_id`` (and hold no other), at every batch size and length checked."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        **TOKENS, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=64, num_labels=3,
+    )  # fmt: skip
+    model = transformers.BartForSequenceClassification(config).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    ids[:, -1] = 2
+    slim, _ = _attach_and_prune(model, ids)
+    rep = cd.export_onnx(
+        slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3), check_lengths=(5, 13)
+    )
+    assert set(rep.max_rel_error) == {1, 3, "length 5", "length 13"}
+    assert max(rep.max_rel_error.values()) <= 1e-4
+    from compressdrop.gating import example_input_for
+    from compressdrop.gating.inputs import eos_read_by
+
+    assert eos_read_by(slim) == 2 and eos_read_by(_build("xglm")) is None
+    drawn = example_input_for(slim, batch=4)
+    assert (drawn[:, -1] == 2).all() and (drawn[:, :-1] != 2).all()
+    with torch.no_grad():
+        assert slim(drawn).logits.shape == (4, 3)

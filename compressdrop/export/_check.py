@@ -114,12 +114,16 @@ def export_shapes(
     return tuple({0: batch} for _ in xs)
 
 
-def draw_like(example: torch.Tensor, batch: int) -> torch.Tensor:
-    """A fresh random batch of ``batch`` inputs like ``example`` (token ids within its ids)."""
+def draw_like(example: torch.Tensor, batch: int, model: nn.Module | None = None) -> torch.Tensor:
+    """A fresh random batch of ``batch`` inputs like ``example`` (token ids within its ids, each
+    row ended by the end-of-sequence id where ``model`` reads its state: BART's classifier)."""
+    from ..gating.inputs import with_eos
+
     shape = (batch, *example.shape[1:])
     if example.is_floating_point():
         return torch.randn(shape, dtype=example.dtype)
-    return torch.randint(0, int(example.max()) + 1, shape, dtype=example.dtype)
+    ids = torch.randint(0, int(example.max()) + 1, shape, dtype=example.dtype)
+    return ids if model is None else with_eos(model, ids)
 
 
 def token_lengths(x: torch.Tensor) -> tuple[int, ...]:
@@ -193,12 +197,15 @@ def errors_at_lengths(
 ) -> dict[str, float]:
     """:func:`compare_at_batches` (batch 2) at each of ``lengths``, keyed ``"length L"``: one
     example of ``x`` cut or tiled to that length, token ids all set to the largest in ``x`` (its
-    values bound the ids a model takes)."""
+    values bound the ids a model takes), the last the end-of-sequence id where the model reads
+    its state (BART's classifier)."""
+    from ..gating.inputs import with_eos
+
     out = {}
     for n in lengths:
         at = x[:1, :1].expand(1, n, *x.shape[2:]).clone()
         if not x.is_floating_point():
-            at.fill_(int(x.max()))
+            at = with_eos(model, at.fill_(int(x.max())))
         out[f"length {n}"] = compare_at_batches(model, run, at, (2,), rtol, f"{what}, length {n}")[
             2
         ]
@@ -257,8 +264,9 @@ def compare_at_batches(
         ExportMismatchError: naming ``what``, at the first batch size beyond ``rtol``.
     """
     errors: dict[int, float] = {}
+    xs = as_inputs(example)
     for b in batch_sizes:
-        xb = tuple(draw_like(t, b) for t in as_inputs(example))
+        xb = tuple(draw_like(t, b, model if i == 0 else None) for i, t in enumerate(xs))
         with torch.no_grad():
             ref = output_arrays(model(*xb))
         raw = run(*xb)

@@ -17,6 +17,7 @@ from ..errors import InputError
 
 __all__ = [
     "checked_example",
+    "eos_read_by",
     "example_input_for",
     "example_inputs_of",
     "input_shapes_of",
@@ -25,6 +26,7 @@ __all__ = [
     "random_inputs",
     "run_example",
     "uncompiled",
+    "with_eos",
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
@@ -125,7 +127,7 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     if isinstance(first, nn.Embedding) or _program_reads_ids(model):  # token ids
         emb = first if isinstance(first, nn.Embedding) else _first(model, nn.Embedding)
         high = emb.num_embeddings if isinstance(emb, nn.Embedding) else 2
-        return torch.randint(0, high, (batch, *shape), device=device)
+        return with_eos(model, torch.randint(0, high, (batch, *shape), device=device))
     return torch.randn(batch, *shape, device=device, dtype=_float_dtype(model))
 
 
@@ -213,7 +215,40 @@ def example_inputs_of(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, .
     # the model's float dtype now, which a model converted after attach (.double()) changed
     dtype = _float_dtype(model)
     inputs = random_inputs(specs, batch, next(model.parameters()).device)
-    return tuple(t.to(dtype) if t.is_floating_point() and dtype else t for t in inputs)
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and dtype else with_eos(model, t) if i == 0 else t
+        for i, t in enumerate(inputs)
+    )
+
+
+def eos_read_by(model: nn.Module) -> int | None:
+    """The end-of-sequence id whose state ``model``'s output is read from, or ``None``: a Hugging
+    Face encoder-decoder's sequence classifier (BART, mBART, PLBART, LED, MVP, T5) classifies
+    each example by the state at its last ``config.eos_token_id`` and refuses a batch whose rows
+    hold none ("Each example must contain at least one <eos> token") or differ in how many they
+    hold ("All examples must have the same number of <eos> tokens")."""
+    config = getattr(model, "config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if (
+        isinstance(eos, int)
+        and not isinstance(eos, bool)
+        and getattr(config, "is_encoder_decoder", False)
+        and type(model).__name__.endswith("ForSequenceClassification")
+    ):
+        return eos
+    return None
+
+
+def with_eos(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids ``(B, T)`` made valid for a model that reads an end-of-sequence state
+    (:func:`eos_read_by`): each row ends with the EOS id and holds no other (a drawn EOS becomes
+    the id below it, or above for id 0); ``ids`` unchanged for any other model or input."""
+    eos = eos_read_by(model)
+    if eos is None or ids.is_floating_point() or ids.dim() != 2 or ids.shape[1] == 0:
+        return ids
+    out = ids.masked_fill(ids == eos, eos - 1 if eos > 0 else eos + 1)
+    out[:, -1] = eos
+    return out
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
