@@ -343,16 +343,22 @@ def ort_feed_dtype(inp: Any) -> type:
 def no_cache(model: nn.Module) -> Iterator[None]:
     """A Hugging Face model's ``config.use_cache`` off for an export: the graph maps token ids to
     logits, without the key/value cache object (no ONNX form; a ``torch.export`` output torch
-    cannot flatten)."""
-    config = getattr(model, "config", None)
-    was = getattr(config, "use_cache", None)
-    if was:
-        config.use_cache = False  # type: ignore[union-attr]
+    cannot flatten). Every config in the model is switched, not only the root's: T5's decoder
+    stack holds a copy of its own, and made a cache from it (``EncoderDecoderCache`` in the
+    output stopped ``torch.export`` of ``T5ForSequenceClassification``)."""
+    configs: dict[int, Any] = {
+        id(c): c
+        for m in model.modules()
+        if getattr(c := getattr(m, "config", None), "use_cache", None)
+    }
+    switched = [(c, c.use_cache) for c in configs.values()]
+    for c, _ in switched:
+        c.use_cache = False
     try:
         yield
     finally:
-        if was:
-            config.use_cache = was  # type: ignore[union-attr]
+        for c, was in switched:
+            c.use_cache = was
 
 
 # config fields that bound a model's sequence length (BERT, LLaMA; GPT-2)

@@ -189,6 +189,7 @@ def test_a_packed_projection_charges_a_head_the_rows_that_go_with_it(name, rows)
     assert params == want
 
 
+@pytest.mark.slow
 def test_bart_classifier_exports_with_check_rows_that_end_in_its_eos(tmp_path):
     """BART's classifier reads each example's state at its <eos>: export_onnx's check drew
     random ids without one and failed ("Each example must contain at least one <eos> token"),
@@ -217,3 +218,32 @@ def test_bart_classifier_exports_with_check_rows_that_end_in_its_eos(tmp_path):
     assert (drawn[:, -1] == 2).all() and (drawn[:, :-1] != 2).all()
     with torch.no_grad():
         assert slim(drawn).logits.shape == (4, 3)
+
+
+@pytest.mark.slow
+def test_t5_classifier_exports_without_its_decoders_cache_and_with_eager_attention(tmp_path):
+    """T5's export failed in torch.export (step 1/3): its decoder stack keeps a config of its
+    own, whose ``use_cache`` export's switch did not reach, so the output held an
+    ``EncoderDecoderCache``; then in the exporter's decomposition (step 2/3) of its ``sdpa``
+    attention ("Cannot view a tensor ..."). Every config's cache is off for an export now, and a
+    failed export is tried once more with eager attention (the same function), then put back."""
+    from compressdrop.runtime import no_cache
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        **TOKENS, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, num_labels=3,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    model = transformers.T5ForSequenceClassification(config).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    ids[:, -1] = 2
+    slim, _ = _attach_and_prune(model, ids)
+    configs = [m.config for m in slim.modules() if hasattr(m, "config")]
+    before = [c.use_cache for c in configs]
+    assert slim.config.use_cache and sum(before) > 1  # the decoder stack's own
+    with no_cache(slim):
+        assert not any(c.use_cache for c in configs)
+    assert [c.use_cache for c in configs] == before  # put back
+    rep = cd.export_onnx(slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3))
+    assert max(rep.max_rel_error.values()) <= 1e-4
+    assert slim.config._attn_implementation == "sdpa"

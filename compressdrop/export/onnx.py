@@ -163,7 +163,35 @@ def _onnx_program(
                 continue
             finally:
                 log.setLevel(level)
-    return torch.onnx.export(model, xs, **kwargs)
+    try:
+        return torch.onnx.export(model, xs, **kwargs)
+    except Exception as e:  # raised as it is unless eager attention exports
+        first = e
+    with _eager_attention(model) as switched:
+        if switched:
+            with contextlib.suppress(Exception):
+                return torch.onnx.export(model, xs, **kwargs)
+    raise first
+
+
+@contextlib.contextmanager
+def _eager_attention(model: nn.Module) -> Iterator[bool]:
+    """A Hugging Face model's attention switched from ``sdpa`` to ``eager`` (the same function,
+    spelled out as matmul and softmax) for a last export attempt, and back afterwards; yields
+    whether it switched. T5 failed in the exporter's decomposition (step 2/3) with ``sdpa``: its
+    attention views the transposed output of CPU attention, whose decomposition lays it out
+    otherwise ("Cannot view a tensor with shape [B, 8, 4, 8] and strides (256, 8, 64, 1)")."""
+    config = getattr(model, "config", None)
+    was = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if was != "sdpa" or not callable(switch):
+        yield False
+        return
+    switch("eager")
+    try:
+        yield True
+    finally:
+        switch(was)
 
 
 def _refuse_cpu_bfloat16(model: nn.Module, providers: str) -> None:
