@@ -13,8 +13,8 @@ class Decoder(NamedTuple):
     Attributes:
         prefix: class-name prefix (``"Llama"``: ``LlamaAttention``, ``LlamaMLP``).
         o: the attention's output projection.
-        mlp: the dense MLP's class-name suffix (``None``: a mixture of experts, whose experts are
-            not gated, and no dense MLP).
+        mlp: the dense MLP's class-name suffix (``None``: a mixture of experts and no dense MLP;
+            fused experts are gated by :mod:`compressdrop.gating.experts`).
         up: the MLP layer whose output width is ``width``; ``"up_proj"`` marks a SwiGLU MLP
             whose ``up_proj`` output one product alone reads.
         width: the config field of that width.

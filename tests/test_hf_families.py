@@ -3,11 +3,12 @@ surveys them all): their heads and MLP neurons are gated and removed exactly, wi
 patch by hand, and a pruned decoder generates what the masked one does.
 
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
-q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's attention), Phi-3's
-packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each head's q, k and v
-rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the heads of XGLM,
-ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3), and BLOOM's
-GELU written as a formula.
+q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's and Qwen2-MoE's
+attention), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each
+head's q, k and v rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the
+heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3),
+and BLOOM's GELU written as a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE
+(``tests/test_hf_experts.py``).
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ MODELS = {
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", LLAMA),
     "phi": ("PhiConfig", "PhiForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", LLAMA),
+    # mixtures of experts: fused experts' neurons (tests/test_hf_experts.py); OLMoE's q/k
+    # norms span all heads (its heads stay)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 {**LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {**LLAMA, "num_experts": 4, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              {**LLAMA, "num_experts": 4, "num_experts_per_tok": 2}),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
     # one query_key_value holding each head's q, k and v rows together (Pythia's layout)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
@@ -94,9 +102,9 @@ MODELS = {
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
 }  # fmt: skip
-# what gets gates: heads, MLP neurons (Mixtral's experts are not gated)
+# what gets gates: heads, MLP neurons (OLMoE's q/k norms span all heads)
 GATED = {
-    "mixtral": (True, False),
+    "olmoe": (False, True),
     "deberta_v1_talking": (False, True),
 }
 

@@ -31,6 +31,7 @@ from ._check import (
     made_by,
     output_names,
 )
+from ._experts import exportable_experts
 from ._gemm import gemm_linears
 
 __all__ = [
@@ -274,7 +275,7 @@ def export_onnx(
     dims = export_shapes(xs, dynamic, max_length(model))
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
-            with _quiet_exporter(), fixed_gate_factors(model_cpu):
+            with _quiet_exporter(), fixed_gate_factors(model_cpu), exportable_experts(model_cpu):
                 program = _onnx_program(model_cpu, xs, dims, opset)
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")

@@ -30,6 +30,7 @@ from ._check import (
     made_by,
     output_arrays,
 )
+from ._experts import exportable_experts
 from .onnx import _quiet_exporter
 
 __all__ = ["META_FILE", "ProgramReport", "export_program"]
@@ -79,7 +80,7 @@ def export_program(
     dims = export_shapes(xs, check_lengths, max_length(model))
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
-            with _quiet_exporter(), fixed_gate_factors(model_cpu):
+            with _quiet_exporter(), fixed_gate_factors(model_cpu), exportable_experts(model_cpu):
                 target = _plain(model_cpu, xs)
                 # the wrapper takes *xs: one parameter, the tuple of inputs
                 shapes = (dims,) if isinstance(target, _PlainOutput) else dims

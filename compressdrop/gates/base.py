@@ -377,8 +377,8 @@ class Gate(nn.Module):
         new.num_units = int(keep.sum())
         new.shared = False
         new._any_pruned = (None, True)
-        if hasattr(new, "unit_blocks"):
-            del new.unit_blocks
+        for attr in ("unit_blocks", "unit_multiple"):
+            vars(new).pop(attr, None)
         return new
 
     def clear_sample(self) -> None:

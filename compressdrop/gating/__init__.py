@@ -1,6 +1,7 @@
 """Attach gates to any PyTorch model (and detach them)."""
 
 from .attention import MultiheadAttention
+from .experts_gated import ExpertsGated  # registers the wrapper of fused experts
 from .gated import (
     Gated,
     HeadGated,
@@ -25,6 +26,7 @@ from .recurrent import GatedLSTM  # registers compressdrop.dropout.LSTM's layer 
 from .registry import LayerSpec, register_layer, spec_of
 
 __all__ = [
+    "ExpertsGated",
     "Gated",
     "GatedLSTM",
     "GatingWarning",

@@ -85,23 +85,32 @@ def group_alignment(tp_group, num_units: int, names: dict) -> tuple[int, str | N
     return blocks, None
 
 
-def align_keep(keep: torch.Tensor, snr: torch.Tensor, blocks: int) -> torch.Tensor:
+def round_up(k: int, multiple: int, most: int) -> int:
+    """``k`` rounded up to a multiple of ``multiple``, but at most ``most``."""
+    return min(most, -(-k // multiple) * multiple)
+
+
+def align_keep(
+    keep: torch.Tensor, snr: torch.Tensor, blocks: int, multiple: int = 1
+) -> torch.Tensor:
     """The kept units when every one of ``blocks`` consecutive blocks must keep as many.
 
     Args:
         keep: the units the threshold keeps, shape ``(num_units,)``, boolean.
         snr: the units' SNR, shape ``(num_units,)``.
         blocks: equal blocks of consecutive units (``num_units % blocks == 0``).
+        multiple: every block keeps a multiple of this many units, or all of its units.
 
     Returns:
         ``keep`` with, in each block, the next highest-SNR units added until the block keeps as
-        many as the block that keeps most (and at least one unit in every block).
+        many as the block that keeps most (and at least one unit in every block), rounded up
+        to ``multiple``.
     """
-    if blocks <= 1:
+    if blocks <= 1 and multiple <= 1:
         return keep
     per = keep.numel() // blocks
     kept = keep.reshape(blocks, per)  # (blocks, per)
-    k = max(1, int(kept.sum(dim=1).max()))
+    k = round_up(max(1, int(kept.sum(dim=1).max())), multiple, per)
     # rank the threshold's kept units first, then by SNR (NaN last), within each block
     score = torch.nan_to_num(snr.detach().double(), nan=-math.inf).reshape(blocks, per)
     order = torch.sort(score, dim=1, descending=True, stable=True).indices

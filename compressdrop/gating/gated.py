@@ -34,7 +34,7 @@ from .inputs import (
     random_inputs,
     uncompiled,
 )
-from .registry import spec_of
+from .registry import spec_of, wrapper_of
 from .selection import nothing_to_gate, pattern_names, unmatched_include, unused_kl_scale
 from .shuffle import prepare_shufflenets
 
@@ -251,13 +251,13 @@ def attach(
         g.unit_cost.copy_(cost)
         g.shared = len(grp.sites) > 1
         g.unit_blocks = grp.blocks  # type: ignore[assignment]  # grouped convs: aligned.py
+        g.unit_multiple = grp.multiple  # type: ignore[assignment]  # fused experts: experts.py
         for site in grp.sites:
             layer = model.get_submodule(site.name)
-            spec = spec_of(layer)
             if site.head_dim:
                 new: nn.Module = HeadGated(layer, g, site.head_dim, site.attention)
-            elif spec is not None and spec.wrapper is not None:
-                new = spec.wrapper(layer, g, site.unit_dim)
+            elif (wrapper := wrapper_of(layer)) is not None:
+                new = wrapper(layer, g, site.unit_dim)
             else:
                 new = Gated(layer, g, site.unit_dim)
             # the new modules take the layer's train/eval mode (a gate in training mode samples)

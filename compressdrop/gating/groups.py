@@ -22,6 +22,7 @@ from torch import nn
 from ..dropout.recurrent import tracing
 from ..errors import InputError
 from .aligned import group_alignment
+from .experts import find_experts
 from .head_groups import find_heads, projections_of, record_calls
 from .inputs import run_example
 from .known import register_for, traced_as_known
@@ -176,8 +177,14 @@ def find_groups(
     if warn and (cut := _cut_off(dg, positions, names, refused, granularity, include, exclude)):
         warnings.warn(f"compressdrop: {cut}", GatingWarning, stacklevel=3)
     heads: list[UnitGroup] = []
+    experts: list[UnitGroup] = []
     if granularity in ("auto", "head"):
         heads, problems = find_heads(model, calls, include, exclude)
+        for message in problems if warn else ():
+            warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
+    if granularity in ("auto", "neuron"):  # fused experts' neurons (gating/experts.py)
+        batch = inputs[0].shape[0] if isinstance(inputs[0], torch.Tensor) else 1
+        experts, problems = find_experts(model, calls, include, exclude, batch)
         for message in problems if warn else ():
             warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
     claimed = projections_of(model, heads)  # q/k/v layers: their units are the heads
@@ -251,7 +258,7 @@ def find_groups(
             s.kind, [by_name[p] for p in s.producers], names, granularity, include, exclude
         )
     ]
-    return groups + streams + heads
+    return groups + streams + heads + experts
 
 
 def _in_excluded(name: str, by_name: dict, exclude: Sequence[str | type] | None) -> bool:

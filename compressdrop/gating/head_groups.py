@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .experts import is_experts
 from .heads import (
     HeadSpec,
     _pruner,
@@ -193,8 +194,8 @@ def find_heads(
 
 
 def record_calls(model: nn.Module) -> tuple[dict[str, tuple[tuple, dict]], Callable[[], None]]:
-    """Hooks that record the first call of every attention in ``model``; returns the record and
-    the function that removes the hooks."""
+    """Hooks that record the first call of every attention and every fused experts module in
+    ``model``; returns the record and the function that removes the hooks."""
     calls: dict[str, tuple[tuple, dict]] = {}
 
     def hook(name: str) -> Callable:
@@ -208,7 +209,7 @@ def record_calls(model: nn.Module) -> tuple[dict[str, tuple[tuple, dict]], Calla
     handles = [
         m.register_forward_pre_hook(hook(n), with_kwargs=True)
         for n, m in model.named_modules()
-        if head_spec_of(m) is not None
+        if head_spec_of(m) is not None or is_experts(m)
     ]
 
     def unhook() -> None:

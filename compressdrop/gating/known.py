@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from .._families import BERT_LIKE
+from .experts import experts_widths
 from .heads import HeadSpec, hf_module, register_attention, register_attention_at
 from .hf_bigcode import register_bigcode
 from .hf_codegen import register_codegen
 from .hf_deberta import register_deberta
-from .hf_decoders import decoder_shapes, register_decoders
+from .hf_decoders import decoder_shapes, query_heads, register_decoders
 from .hf_falcon import register_falcon
 from .hf_interleaved import register_interleaved
 from .hf_position_bias import register_position_bias
@@ -191,6 +192,19 @@ def _register_transformers() -> None:
         "XGLMAttention",
         HeadSpec(o="out_proj", q="q_proj", k="k_proj", v="v_proj", widths=("embed_dim",)),
     )
+    # OLMoE: LLaMA's projections, but its q_norm/k_norm are RMSNorms over all heads together
+    # (removing a head changes every other head's norm): registered to say so, never gated
+    register_attention_at(
+        hf_module("olmoe"),
+        "OlmoeAttention",
+        HeadSpec(
+            o="o_proj", q="q_proj", k="k_proj", v="v_proj", heads=query_heads,
+            why_not=lambda m: (
+                "its q_norm and k_norm are RMSNorms over all heads together, so removing a head "
+                "would change the others' norms"
+            ),
+        ),
+    )  # fmt: skip
     # DeBERTa and DeBERTa-v2/v3 (gating/hf_deberta.py)
     register_deberta()
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
@@ -237,6 +251,7 @@ def sync_config(model: nn.Module) -> str | None:
     """After surgery on a Hugging Face model: set the per-layer attributes its modules keep
     (LLaMA's ``mlp.intermediate_size``), and, where every layer has the same shape, the config
     (LLaMA: ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``intermediate_size``; a mixture of experts: its experts' ``moe_intermediate_size`` or
     ``intermediate_size``; GPT-2: ``n_inner``; BERT: ``intermediate_size``), so that
     ``save_pretrained`` writes a folder ``from_pretrained`` loads.
 
@@ -248,10 +263,11 @@ def sync_config(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if config is None or type(config).__module__.split(".")[0] != "transformers":
         return None
-    found = _shapes(model)
-    if found is None:
+    found, experts = _shapes(model), experts_widths(model)
+    if found is None and not experts:
         return None
-    want, fixed = found  # config field → per-layer values; fields the config cannot change
+    want, fixed = found or ({}, {})  # config field → per-layer values; fields it cannot change
+    want = {**want, **experts}  # each fused experts module's neurons per expert
     if any(len(set(v)) > 1 for v in want.values()):
         sizes = ", ".join(f"{k} {v}" for k, v in want.items() if len(set(v)) > 1)
         return (

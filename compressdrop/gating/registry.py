@@ -53,8 +53,10 @@ __all__ = [
     "linear_positions",
     "register_layer",
     "register_pruner",
+    "register_wrapper",
     "registered_types",
     "spec_of",
+    "wrapper_of",
 ]
 
 
@@ -111,6 +113,8 @@ class LayerSpec:
 
 _SPECS: dict[type, LayerSpec] = {}
 _PRUNERS: dict[type, Callable[[], Any]] = {}  # Torch-Pruning pruners of non-layer types
+# wrappers of modules known by a test, not a type (a fused experts module: gating/experts.py)
+_WRAPPERS: list[tuple[Callable[[nn.Module], bool], type[nn.Module]]] = []
 
 
 def register_layer(types: type | tuple[type, ...], spec: LayerSpec) -> None:
@@ -132,6 +136,21 @@ def spec_of(module: nn.Module | type) -> LayerSpec | None:
         if base in _SPECS:
             return _SPECS[base]
     return None
+
+
+def register_wrapper(test: Callable[[nn.Module], bool], wrapper: type[nn.Module]) -> None:
+    """Gate the modules for which ``test`` is true with ``wrapper`` (a
+    :class:`~compressdrop.gating.Gated` subclass), where no layer spec names one."""
+    _WRAPPERS.append((test, wrapper))
+
+
+def wrapper_of(module: nn.Module) -> type[nn.Module] | None:
+    """The wrapper that gates ``module``: its spec's, else a :func:`register_wrapper` one whose
+    test it passes (``None``: :class:`~compressdrop.gating.Gated` itself)."""
+    spec = spec_of(module)
+    if spec is not None and spec.wrapper is not None:
+        return spec.wrapper
+    return next((w for test, w in _WRAPPERS if test(module)), None)
 
 
 def has_role(module: object, role: str) -> bool:

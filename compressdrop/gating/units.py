@@ -52,6 +52,8 @@ class UnitGroup:
         macs_per_unit: multiply-adds per example each unit controls, shape ``(num_units,)``.
         blocks: equal blocks of consecutive units that must each keep as many units (the groups
             of the grouped convolutions the units feed or come from; 1: none).
+        multiple: each block keeps a multiple of this many units, or all of them (a fused
+            experts module: kernels that need 16-byte aligned rows; 1: any number).
     """
 
     name: str
@@ -62,6 +64,7 @@ class UnitGroup:
     params_per_unit: torch.Tensor = field(repr=False)
     macs_per_unit: torch.Tensor = field(repr=False)
     blocks: int = 1
+    multiple: int = 1
 
 
 def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None) -> bool:

@@ -11,11 +11,13 @@ from ..errors import CheckpointError, brief
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["BIAS", "HEADS", "STREAM", "LayerReport", "PruneReport", "check_history"]
+__all__ = ["BIAS", "EXPERTS", "HEADS", "STREAM", "LayerReport", "PruneReport", "check_history"]
 
 HEADS = "heads"  # the pruning history's mark of an attention's removed heads
 BIAS = "bias"  # ... and of a layer given a bias to fold a pruned unit's constant into
 STREAM = "stream"  # ... and of a ShuffleNetV2 branch's removed channels (gating/shuffle.py)
+EXPERTS = "experts"  # ... and of a fused experts module's removed neurons (gating/experts.py)
+MARKS = (HEADS, BIAS, STREAM, EXPERTS)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class PruneReport:
         layers: one :class:`LayerReport` per gated group.
         history: the pruning history, for :func:`replay`: ``[attention, "heads", idxs]`` per
             attention whose heads were removed, ``[norm, "stream", idxs]`` per ShuffleNetV2
-            branch whose channels were, ``[layer, "bias", []]`` per layer given a bias, then
+            branch whose channels were, ``[experts, "experts", idxs]`` per fused experts module
+            whose neurons were, ``[layer, "bias", []]`` per layer given a bias, then
             Torch-Pruning's ``[name, is_out, idxs]`` per step.
         max_rel_error: the parity check's relative error of the slim model against the masked one.
         uniform: whether every layer of a stack kept as many units (``prune(uniform=True)``).
@@ -54,7 +57,7 @@ class PruneReport:
     family: str
     threshold: float | None
     layers: list[LayerReport]
-    history: list = field(repr=False)  # [name, "heads" | "stream" | "bias" | is_out, idxs]
+    history: list = field(repr=False)  # [name, a mark of MARKS | is_out, idxs]
     max_rel_error: float | None
     uniform: bool = False
 
@@ -100,8 +103,7 @@ class PruneReport:
         """The report as plain data (JSON- and ``weights_only``-safe), for :meth:`from_dict`."""
         d = asdict(self)
         d["history"] = [
-            [n, o if o in (HEADS, BIAS, STREAM) else bool(o), [int(i) for i in idx]]
-            for n, o, idx in self.history
+            [n, o if o in MARKS else bool(o), [int(i) for i in idx]] for n, o, idx in self.history
         ]
         return d
 
@@ -163,8 +165,8 @@ _FIELDS = (
 def check_history(history: Any, model: nn.Module | None = None) -> list:
     """``history`` if every step is ``[name, kind, indices]``: a module's dotted name (one of
     ``model.named_modules()`` when a model is given), ``True``/``False`` (Torch-Pruning's output
-    or input channels) or :data:`HEADS`, :data:`BIAS`, :data:`STREAM`, and indices that are
-    ints from 0 to below the module's largest size. A file's history is walked with ``getattr``
+    or input channels) or one of :data:`MARKS`, and indices that are ints from 0 to below the
+    module's largest size (its largest tensor's numel for :data:`EXPERTS`). A file's history is walked with ``getattr``
     by the replay: ``__class__.__init__.__globals__`` reached a module's globals.
 
     Raises:
@@ -176,12 +178,14 @@ def check_history(history: Any, model: nn.Module | None = None) -> list:
     for i, step in enumerate(history):
         three = isinstance(step, list | tuple) and len(step) == 3
         name, kind, idxs = step if three else (None, None, [])
-        ok = isinstance(name, str) and (isinstance(kind, bool) or kind in (HEADS, BIAS, STREAM))
+        ok = isinstance(name, str) and (isinstance(kind, bool) or kind in MARKS)
         ok = ok and isinstance(idxs, list) and all(type(j) is int and j >= 0 for j in idxs)
         if ok and modules is not None:
             module = modules.get(name)
             sizes = [] if module is None else [*module.parameters(), *module.buffers()]
             top = max((max(t.shape, default=1) for t in sizes), default=None)
+            if kind == EXPERTS and top is not None:  # flat indices e·I + j over all experts
+                top = max(t.numel() for t in sizes)
             ok = module is not None and (top is None or all(j < top for j in idxs))
         if not ok:
             text = str(step)

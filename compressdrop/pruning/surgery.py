@@ -31,6 +31,8 @@ from ..gating import (
     sites,
 )
 from ..gating.aligned import align_keep
+from ..gating.experts import remove_expert_units_
+from ..gating.experts_gated import ExpertsGated
 from ..gating.heads import remove_heads_
 from ..gating.inputs import checked_example, run_example, uncompiled
 from ..gating.known import register_for, sync_config
@@ -38,7 +40,7 @@ from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
-from .report import BIAS, HEADS, STREAM, LayerReport, PruneReport, check_history
+from .report import BIAS, EXPERTS, HEADS, STREAM, LayerReport, PruneReport, check_history
 from .uniform import repeats, uniform_keep
 
 __all__ = [
@@ -101,7 +103,9 @@ def _threshold_masks(
     for name, g in named_gates(model):
         thr = g.default_threshold if threshold is None else threshold
         # units feeding (or made by) a grouped conv: every group keeps as many (gating/aligned.py)
-        keep = align_keep(g.mask(thr), g.snr(), getattr(g, "unit_blocks", 1))
+        keep = align_keep(
+            g.mask(thr), g.snr(), getattr(g, "unit_blocks", 1), getattr(g, "unit_multiple", 1)
+        )
         if not keep.any():
             best = int(torch.argmax(g.snr().detach()))
             keep = torch.zeros_like(keep)
@@ -264,6 +268,7 @@ def prune(
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}
     heads: dict[str, list[int]] = {}  # attention → its heads to remove
+    experts: dict[str, list[int]] = {}  # fused experts module → its neurons to remove
     streams: dict[str, list[int]] = {}  # ShuffleNetV2 branch (its last norm) → channels to remove
     stream_sites = stream_norms(work)
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
@@ -271,6 +276,8 @@ def prune(
         site.fold_()
         if isinstance(site, HeadGated):
             heads[site.attention] = pruned[id(site.gate)]
+        elif isinstance(site, ExpertsGated):  # fused experts: their own surgery
+            experts[name] = pruned[id(site.gate)]
         elif name in stream_sites:
             streams[name] = pruned[id(site.gate)]
         else:
@@ -288,8 +295,12 @@ def prune(
     for name, idxs in streams.items():
         if idxs:
             remove_units_(work, name, idxs)
+    for name, idxs in experts.items():
+        if idxs:
+            remove_expert_units_(work, name, idxs)
     head_history: list = [[name, HEADS, idxs] for name, idxs in heads.items() if idxs]
     head_history += [[name, STREAM, idxs] for name, idxs in streams.items() if idxs]
+    head_history += [[name, EXPERTS, idxs] for name, idxs in experts.items() if idxs]
 
     dg = _dependency_graph(work, example)
     for gid, module in first_site.items():  # constants a pruned unit leaves, into biases
@@ -362,12 +373,14 @@ def replay(
     # the head specs of the model's libraries, as attach registers them: a process that loads a
     # slim checkpoint may never have gated a model of that library
     register_for(model)
-    steps = [s for s in history if s[1] not in (HEADS, BIAS, STREAM)]
+    steps = [s for s in history if s[1] not in (HEADS, BIAS, STREAM, EXPERTS)]
     for name, _, idxs in (s for s in history if s[1] == HEADS):
         remove_heads_(model, name, idxs)
     prepare_shufflenets(model)  # as attach did (index buffers in the state_dict)
     for name, _, idxs in (s for s in history if s[1] == STREAM):
         remove_units_(model, name, idxs)
+    for name, _, idxs in (s for s in history if s[1] == EXPERTS):
+        remove_expert_units_(model, name, idxs)
     add_biases_(model, history)
     dg = _dependency_graph(model, example)
     dg.load_pruning_history(steps)

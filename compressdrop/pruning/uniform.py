@@ -6,7 +6,8 @@ own gates gives each its own width, which no such config can express. The unifor
 standard shape: gates of the same place in each block (their names equal once the layer index is
 blanked out, the same number of units and blocks) form a family; the family keeps, in every member,
 as many units as its members keep on average under the threshold (rounded, at least one per
-block), each member its own highest-SNR units.
+block; for a fused experts module rounded up to its multiple, see
+:mod:`compressdrop.gating.experts`), each member its own highest-SNR units.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import defaultdict
 import torch
 
 from ..gates import Gate
+from ..gating.aligned import round_up
 
 __all__ = ["family_key", "repeats", "uniform_keep"]
 
@@ -63,7 +65,8 @@ def uniform_keep(
         if len(members) < 2:
             continue
         mean = sum(int(keeps[id(g)].sum()) for g in members) / len(members)
-        per_block = min(units // blocks, max(1, round(mean / blocks)))
+        multiple = int(getattr(members[0], "unit_multiple", 1))
+        per_block = round_up(max(1, round(mean / blocks)), multiple, units // blocks)
         for g in members:
             out[id(g)] = _top(g.snr(), per_block, blocks)
     return out

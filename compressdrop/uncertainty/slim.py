@@ -20,6 +20,7 @@ from ..dropout import DropConnect, RecurrentDropout, StochasticLayer
 from ..errors import InputError
 from ..export import ExportError, ExportReport
 from ..gating import input_specs_of, is_gated, named_gates, random_inputs, sites
+from ..gating.experts_gated import refuse_noise
 from ..gating.gated import HeadGated
 from ..gating.inputs import run_example
 from ..gating.noisy import NoisySite, noisy_sites, prepare_attention, share_samples
@@ -77,6 +78,7 @@ def keep_noise(
         threshold = getattr(report, "threshold", None)
     if uniform is None:
         uniform = bool(getattr(report, "uniform", False))
+    refuse_noise(gated, layers)  # fused experts (gating/experts.py)
     masked = mask_(copy.deepcopy(gated), threshold, uniform=uniform)
     uses: dict[int, int] = {}
     for _, site in sites(masked):
