@@ -332,6 +332,39 @@ def test_skipped_groups_count_against_a_time_budget_not_the_memory_one(monkeypat
     assert [n for n, _ in cd.named_gates(model)] == ["5"]
 
 
+def test_groups_over_the_step_budget_are_skipped_and_count_against_the_time_one(monkeypatch):
+    """A group whose indices stay few but whose walk through the graph never closes (GPT-OSS's
+    residual stream through its router and fused experts: a million steps, 73 s for two layers
+    of a tiny model) is skipped once it takes more steps than its budget; the steps of skipped
+    groups count against a budget on time as their indices do."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.b(torch.relu(self.a(x))))
+            return self.c(h + h.tanh() + h.sigmoid() + 2 * h)  # b's group walks every branch
+
+    model, x = Branchy().eval(), torch.randn(2, 4)
+    monkeypatch.setattr(tpgraph, "MAX_GROUP_STEPS", 5)
+    with pytest.warns(cd.GatingWarning, match="'b' left ungated: its Torch-Pruning group takes "
+                      "more than 5 steps through the graph") as record:  # fmt: skip
+        cd.attach(model, example_inputs=x)
+    assert len(record) == 1 and [n for n, _ in cd.named_gates(model)] == ["a"]
+    cd.detach(model)
+    monkeypatch.setattr(tpgraph, "MAX_SKIPPED_STEPS", 6)  # b's skipped group uses it up
+    with (
+        pytest.warns(cd.GatingWarning) as record,
+        pytest.raises(InputError, match="no gateable layer"),
+    ):
+        cd.attach(model, example_inputs=x)
+    said = [str(w.message) for w in record]
+    assert any("'a' and the layers after it left ungated" in m for m in said), said
+    assert any("or 6 steps to enumerate (bounded to limit time)" in m for m in said), said
+
+
 def test_a_torch_pruning_error_while_tracing_is_a_warning_then_a_clear_error(monkeypatch):
     """Nothing can be gated without Torch-Pruning's graph: the warning names Torch-Pruning's
     error, attach raises InputError (not the bare error)."""

@@ -1,7 +1,9 @@
 """The attention heads of Hugging Face decoders whose attention is LLaMA's (the families of
 :data:`compressdrop._families.DECODERS`: LLaMA, Qwen, Mistral, Gemma, OLMo, Granite, Cohere,
-StableLM, StarCoder2, Phi, Mixtral, Qwen2-MoE), and Phi-3's packed ``qkv_proj``: where they
-are, how they are removed, and the widths the config describes after surgery.
+StableLM, StarCoder2, Phi, Mixtral, Qwen2-MoE, GPT-OSS), and Phi-3's packed ``qkv_proj``:
+where they are, how they are removed, and the widths the config describes after surgery.
+GPT-OSS's attention adds a learned sink logit per query head (``sinks``), which goes with its
+head.
 
 Grouped-query attention: the query heads of one key/value head are consecutive, and every
 key/value head keeps as many; with one key/value head per query head, a head's key and value
@@ -102,6 +104,9 @@ def _remover(o: str) -> Any:
                 cut_features(m.get_submodule(path), cut_kv, out=True)
         cut_features(m.get_submodule(o), cut, out=False)
         _cut_head_norms(m, kept, mha)
+        sinks = getattr(m, "sinks", None)  # GPT-OSS: one logit per query head
+        if isinstance(sinks, nn.Parameter) and sinks.shape == (H,):
+            m.sinks = nn.Parameter(sinks.data[kept].clone(), requires_grad=sinks.requires_grad)
         if hasattr(m, "num_heads"):
             m.num_heads = len(kept)
         if mha:

@@ -37,6 +37,12 @@ MAX_TOTAL_INDICES = 20_000_000
 # indices enumerated for groups that were then skipped (freed at once: a bound on time, not
 # memory); a 0.5 B LLaMA-style decoder's 48 key/value projections take about 48,000,000
 MAX_SKIPPED_INDICES = 200_000_000
+# steps (dependencies followed) one group may take, and the groups skipped in all: a bound on
+# time where the indices stay few. The torchvision and Hugging Face families' groups take at
+# most 224; GPT-OSS's residual stream, through its router and fused experts, took a million
+# steps of about 35 µs each to reach a million indices (73 s for its two layers)
+MAX_GROUP_STEPS = 50_000
+MAX_SKIPPED_STEPS = 500_000
 _BLOCKED = "_compressdrop_blocked"  # dependency-graph attribute: node → why it is blocked
 
 
@@ -223,9 +229,11 @@ def untrusted_reason(dg, group) -> str | None:
 class _OverBudget(Exception):
     """A group stopped before it was complete: over its budget, or ``why`` not."""
 
-    def __init__(self, reached: list[nn.Module], spent: int, why: str | None = None) -> None:
+    def __init__(
+        self, reached: list[nn.Module], spent: int, why: str | None = None, steps: int = 0
+    ) -> None:
         super().__init__()
-        self.reached, self.spent, self.why = reached, spent, why
+        self.reached, self.spent, self.why, self.steps = reached, spent, why, steps
 
 
 def _short(e: BaseException) -> str:
@@ -258,7 +266,16 @@ def _group_within(dg, module: nn.Module, budget: int):
     # whole group for each, quadratic in its size, which never ends on a LLaMA-style decoder
     # (rotary embeddings slice q and k into halves, and each half revisits the stream)
     held = {(id(root), fn, tuple(group[0][1]))}
+    steps = 0
     while stack:
+        steps += 1
+        if steps > MAX_GROUP_STEPS:
+            why = (
+                f"its Torch-Pruning group takes more than {MAX_GROUP_STEPS:,} steps through the "
+                "graph (the index mapping never closes, as around a mixture of experts' "
+                "routing), skipped to bound time"
+            )
+            raise _OverBudget(_reached(dg, group), total, why, steps)
         dep, idxs = stack.pop()
         node, handler = dep.target, dep.handler
         for new_dep in node.dependencies:
@@ -270,20 +287,20 @@ def _group_within(dg, module: nn.Module, budget: int):
                     continue
                 grows = isinstance(mapping, _FlattenIndexMapping) and not mapping.reverse
                 if grows and total + len(new) * mapping._stride > budget:  # before it grows
-                    raise _OverBudget(_reached(dg, group), total)
+                    raise _OverBudget(_reached(dg, group), total, steps=steps)
                 try:
                     new = mapping(new)
                 except Exception as e:  # Torch-Pruning's mapping heuristics (wrong split sizes)
                     op = type(new_dep.source.module).__name__.strip("_").removesuffix("Op")
                     why = f"Torch-Pruning cannot map its channels through {op} ({_short(e)})"
-                    raise _OverBudget(_reached(dg, group), total, why) from e
+                    raise _OverBudget(_reached(dg, group), total, why, steps) from e
             key = (id(new_dep.target), new_dep.handler, tuple(new))
             if not new or key in held:
                 continue
             held.add(key)
             total += len(new)
             if total > budget:
-                raise _OverBudget(_reached(dg, group), total)
+                raise _OverBudget(_reached(dg, group), total, steps=steps)
             group.add_dep(new_dep, new)
             stack.append((new_dep, new))
     merged = Group()
@@ -320,7 +337,7 @@ def bounded_groups(
 
     index_mapping.update_index_mapping(dg)  # blocked nodes are element-wise by now: no failure
     visited: set[nn.Module] = set()
-    spent = wasted = 0
+    spent = wasted = wasted_steps = 0
     m: nn.Module
     for m in list(dg.module2node):
         if (
@@ -335,13 +352,13 @@ def bounded_groups(
             continue
         name = names.get(m, type(m).__name__)
         budget = min(MAX_GROUP_INDICES, MAX_TOTAL_INDICES - spent)
-        if budget <= 0 or wasted >= MAX_SKIPPED_INDICES:
+        if budget <= 0 or wasted >= MAX_SKIPPED_INDICES or wasted_steps >= MAX_SKIPPED_STEPS:
             why = (
                 f"Torch-Pruning's groups reached {MAX_TOTAL_INDICES:,} channel indices in all "
                 "(bounded to limit memory)"
                 if spent >= MAX_TOTAL_INDICES
-                else f"the groups skipped so far took {MAX_SKIPPED_INDICES:,} channel indices to "
-                "enumerate (bounded to limit time)"
+                else f"the groups skipped so far took {MAX_SKIPPED_INDICES:,} channel indices or "
+                f"{MAX_SKIPPED_STEPS:,} steps to enumerate (bounded to limit time)"
             )
             skipped.append(f"layer {name!r} and the layers after it left ungated: {why}")
             return
@@ -350,7 +367,7 @@ def bounded_groups(
         except _OverBudget as over:
             visited.update(over.reached)
             visited.add(m)
-            wasted += over.spent
+            wasted, wasted_steps = wasted + over.spent, wasted_steps + over.steps
             skipped.append(
                 f"layer {name!r} left ungated: "
                 + (
