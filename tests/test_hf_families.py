@@ -224,6 +224,10 @@ def test_bart_classifier_exports_with_check_rows_that_end_in_its_eos(tmp_path):
     assert eos_read_by(slim) == 2 and eos_read_by(_build("xglm")) is None
     drawn = example_input_for(slim, batch=4)
     assert (drawn[:, -1] == 2).all() and (drawn[:, :-1] != 2).all()
+    # timed on random ids as well (sweep's and eval's latency): they failed without an <eos>
+    from compressdrop.evaluation import torch_latency
+
+    assert torch_latency(slim, ids, 3, warmup=1, repeats=2).median_ms > 0
     with torch.no_grad():
         assert slim(drawn).logits.shape == (4, 3)
 

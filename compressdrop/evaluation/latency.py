@@ -113,8 +113,8 @@ def torch_latency(
     repeats: int = 50,
 ) -> LatencyReport:
     """Time ``repeats`` eval forwards of ``model`` on a random batch like ``example_input``
-    (standard normal floats; integer token ids below the largest in ``example_input`` plus one),
-    synchronizing CUDA."""
+    (standard normal floats; integer token ids below the largest in ``example_input`` plus one,
+    each row ending in the end-of-sequence id of a model that reads it), synchronizing CUDA."""
     device = next(model.parameters()).device
     shape = (batch_size, *example_input.shape[1:])
     if example_input.is_floating_point():
@@ -122,8 +122,11 @@ def torch_latency(
     elif example_input.dtype == torch.bool:
         x = torch.ones(shape, dtype=torch.bool, device=device)
     else:
+        from ..gating.inputs import with_eos
+
         high = int(example_input.max()) + 1 if example_input.numel() else 1
         x = torch.randint(0, high, shape, dtype=example_input.dtype, device=device)
+        x = with_eos(model, x)  # (BART's classifier reads each row's end-of-sequence state)
     was = model.training
     model.eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
