@@ -98,6 +98,17 @@ def masked_error(slim, model, causal: bool = True) -> float:
     return float((got - want)[keep].abs().max() / want[keep].abs().max())
 
 
+def check_against_masked(slim, model, thr: float, causal: bool = True) -> None:
+    """Mask ``model`` at ``thr``: ``slim``'s logits match it (:func:`masked_error` ≤ 1e-5) and,
+    for a causal LM, greedy generation from left-padded prompts gives the same tokens."""
+    cd.mask_(model, thr)
+    assert masked_error(slim, model, causal) <= 1e-5
+    if causal:
+        ids, mask = _padded_batch()
+        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        assert torch.equal(slim.generate(ids, **kw), model.generate(ids, **kw))
+
+
 def _mlp_widths(slim, name: str) -> list[set[int]]:
     """Per layer, the widths that must agree after surgery (one set each)."""
     if name == "llama":

@@ -20,7 +20,7 @@ from .test_hf import (
     TOKENS,
     VOCAB,
     _attach_and_prune,
-    _padded_batch,
+    check_against_masked,
     logits_elsewhere,
     masked_error,
 )
@@ -133,11 +133,7 @@ def test_experts_prune_exactly_and_the_slim_model_is_plain_transformers(name):
         type(m).__module__.split(".")[0] in ("torch", "transformers") for m in slim.modules()
     )
     assert slim.config._experts_implementation == "grouped_mm"
-    cd.mask_(model, thr)
-    assert masked_error(slim, model) <= 1e-5
-    batch, mask = _padded_batch()
-    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-    assert torch.equal(slim.generate(batch, **kw), model.generate(batch, **kw))
+    check_against_masked(slim, model, thr)
 
 
 def test_gated_experts_train():

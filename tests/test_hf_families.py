@@ -21,7 +21,7 @@ import torch
 import compressdrop as cd
 from compressdrop.gating.gated import HeadGated
 
-from .test_hf import ENCODER, TOKENS, VOCAB, _attach_and_prune, _padded_batch, masked_error
+from .test_hf import ENCODER, TOKENS, VOCAB, _attach_and_prune, check_against_masked
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,12 +126,7 @@ def test_heads_and_mlp_neurons_prune_exactly(name):
     mlp = [n for n, _ in cd.named_gates(model) if n not in heads and ".0." in n]
     assert (bool(heads), bool(mlp)) == GATED.get(name, (True, True)), (heads, mlp)
     assert slim.num_parameters() < dense
-    cd.mask_(model, thr)
-    assert masked_error(slim, model, causal="CausalLM" in MODELS[name][1]) <= 1e-5
-    if "CausalLM" in MODELS[name][1]:
-        ids, mask = _padded_batch()
-        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-        assert torch.equal(slim.generate(ids, **kw), model.generate(ids, **kw))
+    check_against_masked(slim, model, thr, causal="CausalLM" in MODELS[name][1])
 
 
 def test_phi3_heads_keep_the_shared_config_dense():

@@ -19,7 +19,7 @@ import compressdrop as cd
 from compressdrop.errors import InputError
 from compressdrop.gating.gated import HeadGated
 
-from .test_hf import TOKENS, VOCAB, _attach_and_prune, _padded_batch, masked_error
+from .test_hf import TOKENS, VOCAB, _attach_and_prune, _padded_batch, check_against_masked
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,12 +124,7 @@ def test_heads_prune_exactly_per_layer(name):
     ]
     assert _heads(slim, name) == kept
     assert sum(kept) < sum(_heads(model, name))
-    cd.mask_(model, thr)
-    assert masked_error(slim, model, causal="CausalLM" in MODELS[name][1]) <= 1e-5
-    if "CausalLM" in MODELS[name][1]:
-        ids, mask = _padded_batch()
-        kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
-        assert torch.equal(slim.generate(ids, **kw), model.generate(ids, **kw))
+    check_against_masked(slim, model, thr, causal="CausalLM" in MODELS[name][1])
 
 
 @pytest.mark.parametrize("with_mask", [True, False])
