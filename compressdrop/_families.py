@@ -47,6 +47,7 @@ DECODERS = {
     "phi": Decoder("Phi", o="dense", up="fc1"),
     "mixtral": Decoder("Mixtral", mlp=None),
     "qwen2_moe": Decoder("Qwen2Moe", width="shared_expert_intermediate_size"),
+    "qwen3_moe": Decoder("Qwen3Moe", mlp=None),  # (its dense mlp_only_layers stay ungated)
     "gpt_oss": Decoder("GptOss", mlp=None),  # a learned attention sink per query head
 }
 #: decoders whose attention is LLaMA's and whose MLP is SwiGLU with ``up_proj``

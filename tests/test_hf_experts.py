@@ -36,6 +36,9 @@ MOE = {
                   {**BASE, "num_experts": 4, "moe_intermediate_size": 32,
                    "shared_expert_intermediate_size": 48}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**BASE, "num_experts": 4}),
+    # Qwen3-MoE: Qwen3's attention (a q/k RMSNorm over each head's features) over its experts
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {**BASE, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 8}),
     # GPT-OSS: each expert's gate and up rows interleaved, weights transposed, with biases
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
                 {**BASE, "num_local_experts": 4, "head_dim": 8, "sliding_window": 4,
