@@ -18,7 +18,7 @@ from ..errors import DataError
 from .dataset import Dataset, DataWarning, _split, spec_options
 from .npz import _ANY_BYTES, _RATIO, check_trainable, load_npz
 from .text import TEXT_SPEC, TextDataset, load_text
-from .tokens import BYTES, with_model_tokenizer
+from .tokens import BYTES, TOKENIZER_JSON
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -236,9 +236,27 @@ def spec_paths(spec: str) -> list[Path]:
     parts = _split_spec(spec)
     if parts is None:
         return []
-    keyed = dict(o.partition("=")[::2] for o in parts[2].split(",")[1:])
-    tokenizer = {k.strip(): v.strip() for k, v in keyed.items()}.get("tokenizer", BYTES)
+    tokenizer = _options(parts).get("tokenizer", BYTES)
     return [Path(parts[1])] + ([Path(tokenizer)] if tokenizer != BYTES else [])
+
+
+def with_model_tokenizer(spec: str, model_path: str | Path | None) -> str:
+    """``spec`` with ``,tokenizer=FOLDER`` added where it is ``text:`` data without the option
+    and ``model_path`` is a folder that carries a ``tokenizer.json`` (a Hugging Face model's):
+    such a model reads its own tokens, not bytes. Any other spec is returned as it is."""
+    parts = _split_spec(spec)
+    if not spec.startswith("text:") or parts is None or model_path is None:
+        return spec
+    folder = Path(model_path)
+    if "tokenizer" in _options(parts) or not (folder / TOKENIZER_JSON).is_file():
+        return spec
+    return f"{spec},tokenizer={folder.resolve()}"
+
+
+def _options(parts: tuple[str, str, str]) -> dict[str, str]:
+    """The ``key=value`` options of a spec :func:`_split_spec` split, stripped."""
+    keyed = (o.partition("=") for o in parts[2].split(",")[1:])
+    return {k.strip(): v.strip() for k, _, v in keyed}
 
 
 def _split_spec(spec: str) -> tuple[str, str, str] | None:

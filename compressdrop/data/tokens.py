@@ -3,7 +3,8 @@
 A pretrained language model reads its tokenizer's ids, not bytes. ``tokenizer=PATH`` names a
 ``tokenizer.json`` (or a folder that holds one: a Hugging Face model's own folder) whose
 tokenizer encodes each split; ``prune`` and ``eval`` of a Hugging Face folder that carries one
-add it themselves (:func:`with_model_tokenizer`), and ``tokenizer=bytes`` keeps bytes. The file
+add it themselves
+(:func:`compressdrop.data.with_model_tokenizer`), and ``tokenizer=bytes`` keeps bytes. The file
 is JSON, read once (at most :data:`TOKENIZER_BYTES`) and parsed by the ``tokenizers`` library's
 Rust code: nothing in it runs. Only that fast-tokenizer file is read; a folder with only a
 SentencePiece model or ``vocab.json`` + ``merges.txt`` is refused with what to do.
@@ -22,7 +23,7 @@ from typing import Any
 from .._io import opened
 from ..errors import DataError
 
-__all__ = ["BYTES", "TOKENIZER_BYTES", "Tokenizer", "load_tokenizer", "with_model_tokenizer"]
+__all__ = ["BYTES", "TOKENIZER_BYTES", "TOKENIZER_JSON", "Tokenizer", "load_tokenizer"]
 
 TOKENIZER_JSON = "tokenizer.json"
 #: ``tokenizer=bytes``: the text's bytes are its tokens (a vocabulary of 256)
@@ -98,16 +99,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         ) from None
     vocab = inner.get_vocab_size(with_added_tokens=True)
     return Tokenizer(inner, vocab, str(file.resolve()), hashlib.sha256(data).hexdigest())
-
-
-def with_model_tokenizer(spec: str, model_path: str | Path | None) -> str:
-    """``spec`` with ``,tokenizer=FOLDER`` added where it is ``text:`` data without the option
-    and ``model_path`` is a folder that carries a ``tokenizer.json`` (a Hugging Face model's):
-    such a model reads its own tokens, not bytes. Any other spec is returned as it is."""
-    if not spec.startswith("text:") or model_path is None:
-        return spec
-    folder = Path(model_path)
-    options = [part.partition("=")[0].strip() for part in spec.split(",")[1:] if "=" in part]
-    if "tokenizer" in options or not (folder / TOKENIZER_JSON).is_file():
-        return spec
-    return f"{spec},tokenizer={folder.resolve()}"

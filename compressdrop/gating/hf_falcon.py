@@ -69,7 +69,7 @@ def _remove(m: Any, keep: torch.Tensor) -> None:
     if m.config.alibi:  # the mask's ALiBi planes are the model's heads: select this layer's
         from .hf_kept_heads import keep_bias_heads_
 
-        keep_bias_heads_(m, keep, getattr(m, "bias_total", H))
+        keep_bias_heads_(m, keep, H)
     cut_features(m.query_key_value, _rows(m, gone), out=True)
     cut_features(m.dense, head_features(gone, D), out=False)
     if _own_key_value(m):

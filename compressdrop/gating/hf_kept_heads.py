@@ -97,11 +97,11 @@ _SUBCLASS: dict[type, type] = {
 }
 
 
-def keep_bias_heads_(m: Any, keep: torch.Tensor, total: int) -> None:
+def keep_bias_heads_(m: Any, keep: torch.Tensor, heads: int) -> None:
     """Make ``m`` (a BLOOM, Falcon or MPNet attention that keeps heads ``keep`` of its current
-    ones) take its own heads' part of a bias built for ``total`` heads: its class becomes the
-    subclass, and ``bias_heads`` the kept heads' indices in the bias (composed with earlier
-    removals).
+    ``heads``) take its own heads' part of a bias built for all the model's heads (``heads``
+    at the first cut, ``bias_total`` recorded then after): its class becomes the subclass, and
+    ``bias_heads`` the kept heads' indices in the bias (composed with earlier removals).
 
     Raises:
         InputError: ``m``'s class is a subclass of the library's of its own (its forward may
@@ -116,7 +116,7 @@ def keep_bias_heads_(m: Any, keep: torch.Tensor, total: int) -> None:
         m.__class__ = _SUBCLASS[type(m)]
     before = getattr(m, "bias_heads", None)
     keep = keep.to(torch.long).cpu()
-    heads = keep if before is None else before.cpu()[keep]
+    in_bias = keep if before is None else before.cpu()[keep]
     device = next(m.parameters()).device
-    m.bias_total = int(total)
-    m.register_buffer("bias_heads", heads.to(device), persistent=False)
+    m.bias_total = int(getattr(m, "bias_total", heads))  # (an earlier cut's, if any)
+    m.register_buffer("bias_heads", in_bias.to(device), persistent=False)

@@ -27,20 +27,13 @@ from .heads import HeadSpec, cut_features, head_features, hf_module, register_at
 __all__: list[str] = []  # internal to compressdrop.gating
 
 
-def _bias_total(m: Any, heads: int) -> int:
-    """The heads the shared bias is built for: ``heads``, the module's count before its first
-    cut, or what an earlier cut recorded."""
-    total = getattr(m, "bias_total", None)
-    return int(total if total is not None else heads)
-
-
 def _remove_bloom(m: Any, keep: torch.Tensor) -> None:
     """Cut the heads not in ``keep`` out of ``query_key_value`` and ``dense`` (module docstring);
     ``num_heads`` follows, and the attention selects its heads' ALiBi slopes."""
     from .hf_kept_heads import keep_bias_heads_
 
     D, H = int(m.head_dim), int(m.num_heads)
-    keep_bias_heads_(m, keep, _bias_total(m, H))  # first: it refuses a class it does not know
+    keep_bias_heads_(m, keep, H)  # first: it refuses a class it does not know
     gone = [h for h in range(H) if h not in set(keep.tolist())]
     cut_features(m.query_key_value, head_features(gone, 3 * D), out=True)
     cut_features(m.dense, head_features(gone, D), out=False)
@@ -59,7 +52,7 @@ def _remove_mpnet(m: Any, keep: torch.Tensor) -> None:
     from .hf_kept_heads import keep_bias_heads_
 
     D, H = int(m.attention_head_size), int(m.num_attention_heads)
-    keep_bias_heads_(m, keep, _bias_total(m, H))  # first: it refuses a class it does not know
+    keep_bias_heads_(m, keep, H)  # first: it refuses a class it does not know
     gone = head_features([h for h in range(H) if h not in set(keep.tolist())], D)
     for layer in (m.q, m.k, m.v):
         cut_features(layer, gone, out=True)

@@ -40,7 +40,7 @@ from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
-from .report import BIAS, EXPERTS, HEADS, STREAM, LayerReport, PruneReport, check_history
+from .report import BIAS, EXPERTS, HEADS, MARKS, STREAM, LayerReport, PruneReport, check_history
 from .uniform import repeats, uniform_keep
 
 __all__ = [
@@ -373,7 +373,7 @@ def replay(
     # the head specs of the model's libraries, as attach registers them: a process that loads a
     # slim checkpoint may never have gated a model of that library
     register_for(model)
-    steps = [s for s in history if s[1] not in (HEADS, BIAS, STREAM, EXPERTS)]
+    steps = [s for s in history if s[1] not in MARKS]
     for name, _, idxs in (s for s in history if s[1] == HEADS):
         remove_heads_(model, name, idxs)
     prepare_shufflenets(model)  # as attach did (index buffers in the state_dict)
