@@ -3,8 +3,8 @@
 A pretrained language model reads its tokenizer's ids, not bytes. ``tokenizer=PATH`` names a
 ``tokenizer.json`` (or a folder that holds one: a Hugging Face model's own folder) whose
 tokenizer encodes each split; ``prune`` and ``eval`` of a Hugging Face folder that carries one
-add it themselves
-(:func:`compressdrop.data.with_model_tokenizer`), and ``tokenizer=bytes`` keeps bytes. The file
+add it themselves (:func:`compressdrop.data.with_model_tokenizer`), and ``tokenizer=bytes``
+keeps bytes. The file
 is JSON, read once (at most :data:`TOKENIZER_BYTES`) and parsed by the ``tokenizers`` library's
 Rust code: nothing in it runs. Only that fast-tokenizer file is read; a folder with only a
 SentencePiece model or ``vocab.json`` + ``merges.txt`` is refused with what to do.
