@@ -31,14 +31,16 @@ def corpus(path, files: int = 24, words: int = 120):
     return path
 
 
-def trained_tokenizer(texts, path, vocab: int = 120):
-    """A BPE tokenizer trained on ``texts`` (whitespace split), saved as ``path``."""
+def trained_tokenizer(texts, path, vocab: int = 120, eos: str | None = "</s>"):
+    """A BPE tokenizer trained on ``texts`` (whitespace split), saved as ``path``; its special
+    tokens ``[UNK]`` and ``eos`` (None: no end-of-text token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["[UNK]"]))
+    specials = ["[UNK]"] + ([eos] if eos else [])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials))
     tok.save(str(path))
     return path
 

@@ -4,17 +4,18 @@ test by file, cut into fixed windows of next-token prediction.
 Tokens are bytes (a vocabulary of 256), so a model's NLL per token in bits *is* its bits per byte,
 the tokenizer-free measure that compares language models across vocabularies; or, with
 ``tokenizer=``, a pretrained model's own tokens (:mod:`compressdrop.data.tokens`), whose bits per
-byte divide by the split's bytes per token. Each file goes
-whole to one split: taken in the order of a hash of their path relative to the root (a fixed,
-content-blind shuffle), each file joins the split furthest below its share of the bytes. A single
-file is split by position instead (its first, middle and last parts).
+byte divide by the split's bytes per token. Each file goes whole to one split: taken in the order
+of a hash of their path relative to the root (a fixed, content-blind shuffle), each file joins the
+split furthest below its share of the bytes. A single file is split by position instead (its
+first, middle and last parts). A split's files are then joined, in tokens by the tokenizer's
+end-of-text token (``sep=``), in bytes by nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,11 +25,13 @@ import torch
 from .._io import opened
 from ..errors import DataError
 from .dataset import Dataset, beyond_memory, spec_options
-from .tokens import BYTES, load_tokenizer
+from .tokens import BYTES, NO_SEP, load_tokenizer
 
 __all__ = ["TEXT_SPEC", "TextDataset", "load_text"]
 
-TEXT_SPEC = "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,tokenizer=PATH]"
+TEXT_SPEC = (
+    "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,tokenizer=PATH][,sep=eos|none|TOKEN]"
+)
 VOCAB = 256
 
 
@@ -125,6 +128,7 @@ def load_text(
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
     tokenizer: str | Path | None = None,
+    sep: str | None = None,
 ) -> TextDataset:
     """A text corpus as next-token windows of ``context`` tokens (bytes, or ``tokenizer``'s).
 
@@ -138,11 +142,19 @@ def load_text(
         tokenizer: a ``tokenizer.json``, or a folder holding one (a Hugging Face model's),
             whose ids the windows hold (:mod:`compressdrop.data.tokens`); None or ``"bytes"``:
             bytes. The files are split by bytes either way, then each split is encoded.
+        sep: with a tokenizer, what goes between two files of a split (never across splits:
+            each is encoded alone): ``"eos"`` its end-of-text token, ``"none"`` nothing, any
+            other string that token; None (not given) the end-of-text token where the tokenizer
+            has one, else nothing, with a warning (``Tokenizer.separator``).
+            Bytes take ``"none"`` only, and are joined by nothing either way, as they always
+            were (BENCHMARKS §10's numbers stay as recorded). A separator counts as a token of
+            no bytes in a split's bytes per token.
 
     Raises:
         FileNotFoundError: no such path.
         DataError: no files match, a split gets too little text for one window, an argument is
-            out of range, or the tokenizer cannot be read.
+            out of range, the tokenizer cannot be read, or ``sep`` names no token of it (or any
+            with bytes).
 
     Example:
         >>> ds = load_text("/usr/lib/python3.11", glob="**/*.py", max_bytes=2_000_000)  # doctest: +SKIP
@@ -166,6 +178,13 @@ def load_text(
             "for training (each in [0, 1), test > 0)"
         )
     tok = None if tokenizer in (None, BYTES) else load_tokenizer(tokenizer)  # (before the text)
+    if tok is None and sep not in (None, NO_SEP):
+        raise DataError(
+            f"sep={sep} needs tokenizer=: bytes have no end-of-text token (all 256 ids are "
+            "bytes), and files of bytes are joined by nothing"
+        )
+    separator = None if tok is None else tok.separator(sep)  # (warned once, not per split)
+    sep_id = None if separator is None else separator.id
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
     digest = hashlib.sha256()
     files = 0
@@ -209,7 +228,7 @@ def load_text(
         if tok is None:
             tokens = np.frombuffer(b"".join(chunks), dtype=np.uint8)
         else:
-            tokens = np.asarray(tok.encode(chunks), dtype=np.int64)
+            tokens = np.asarray(tok.encode(chunks, sep_id), dtype=np.int64)
         counts[split] = len(tokens)
         tensors[split] = _windows(tokens, context)
         if (split != "val" or val_fraction > 0) and len(tensors[split][0]) == 0:
@@ -229,6 +248,7 @@ def load_text(
     if tok is not None:
         source["tokens"] = counts
         source["tokenizer"] = {"path": tok.path, "sha256": tok.sha256, "vocab": tok.vocab}
+        source["sep"] = None if separator is None else asdict(separator)
     per_token = {k: sizes[k] / counts[k] if counts[k] else 1.0 for k in sizes}
     val = tensors["val"] if val_fraction > 0 else (None, None)
     return TextDataset(
@@ -246,9 +266,9 @@ def load_text(
 
 def text_spec(spec: str) -> TextDataset:
     """``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]
-    [,tokenizer=PATH]``."""
+    [,tokenizer=PATH][,sep=eos|none|TOKEN]``."""
     kinds = {"context": int, "max_bytes": int, "glob": str, "val_fraction": float}
-    kinds |= {"test_fraction": float, "tokenizer": str}
+    kinds |= {"test_fraction": float, "tokenizer": str, "sep": str}
     path, options = spec_options(spec, "text:", tuple(kinds), TEXT_SPEC)
     try:
         kwargs = {k: kinds[k](v) for k, v in options.items()}
