@@ -86,7 +86,7 @@ def test_the_sep_option_switches_the_separator(tmp_path):
     assert torch.equal(default.x_train, as_eos.x_train) and eos in stream(default)
     none = load_dataset(f"{spec},sep=none")
     assert eos not in stream(none) and (none.source or {})["sep"] is None
-    # nothing between the files: the files' tokens, one after the other; else one less a split
+    # sep=none: a split is its files' tokens and nothing else; eos: one more between two files
     files = _encodings(text, tok_file)
     counts = [(ds.source or {})["tokens"] for ds in (none, default)]
     assert sum(counts[0].values()) == sum(map(len, files))
