@@ -14,10 +14,15 @@ class Decoder(NamedTuple):
         prefix: class-name prefix (``"Llama"``: ``LlamaAttention``, ``LlamaMLP``).
         o: the attention's output projection.
         mlp: the dense MLP's class-name suffix (``None``: a mixture of experts and no dense MLP;
-            fused experts are gated by :mod:`compressdrop.gating.experts`).
+            fused experts are gated by :mod:`compressdrop.gating.experts`). A mixture of experts
+            may have dense layers too (Qwen-MoE's ``mlp_only_layers``, or every layer off its
+            ``decoder_sparse_step``), MLPs of this class.
         up: the MLP layer whose output width is ``width``; ``"up_proj"`` marks a SwiGLU MLP
             whose ``up_proj`` output one product alone reads.
-        width: the config field of that width.
+        width: the config field of that width (the dense layers' MLPs).
+        shared: the attribute of a mixture-of-experts block that holds its shared expert, an MLP
+            of the same class whose width is another config field, ``shared_width``.
+        shared_width: the config field of the shared experts' width.
         head_dim_fixed: the attention derives ``head_dim`` from ``hidden_size`` and the head
             count (its config cannot describe fewer heads of the same size).
     """
@@ -28,6 +33,8 @@ class Decoder(NamedTuple):
     up: str = "up_proj"
     width: str = "intermediate_size"
     head_dim_fixed: bool = False
+    shared: str | None = None
+    shared_width: str = "shared_expert_intermediate_size"
 
 
 #: decoders with LLaMA's grouped-query attention, by family
@@ -46,8 +53,10 @@ DECODERS = {
     "starcoder2": Decoder("Starcoder2", up="c_fc"),
     "phi": Decoder("Phi", o="dense", up="fc1"),
     "mixtral": Decoder("Mixtral", mlp=None),
-    "qwen2_moe": Decoder("Qwen2Moe", width="shared_expert_intermediate_size"),
-    "qwen3_moe": Decoder("Qwen3Moe", mlp=None),  # (its dense mlp_only_layers stay ungated)
+    # Qwen-MoE: dense MLPs in its mlp_only_layers (and off its decoder_sparse_step); Qwen2-MoE
+    # also a shared expert of the same class in every sparse block
+    "qwen2_moe": Decoder("Qwen2Moe", shared="shared_expert"),
+    "qwen3_moe": Decoder("Qwen3Moe"),
     "gpt_oss": Decoder("GptOss", mlp=None),  # a learned attention sink per query head
 }
 #: decoders whose attention is LLaMA's and whose MLP is SwiGLU with ``up_proj``

@@ -160,6 +160,57 @@ def test_gated_experts_train():
         assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe"])
+def test_dense_layers_beside_experts_prune_like_llama_and_reload(name, tmp_path):
+    """Qwen-MoE with a dense MLP in layer 0 (``mlp_only_layers``) and experts in layer 1: the
+    dense MLP's neurons are gated and train as LLaMA's do and prune exactly; the config's
+    ``intermediate_size`` follows the dense MLP, Qwen2-MoE's shared expert keeps a field of its
+    own (``shared_expert_intermediate_size``), so no warning, and the folder reloads with
+    from_pretrained."""
+    config_cls, model_cls, sizes = MOE[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(**TOKENS, **sizes, mlp_only_layers=[0])
+    model = getattr(transformers, model_cls)(config).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    gates = dict(cd.named_gates(model))
+    dense = gates["model.layers.0.mlp.up_proj"]
+    assert dense.num_units == 48 and "model.layers.1.mlp.experts" in gates
+    shared = gates.get("model.layers.1.mlp.shared_expert.up_proj")
+    assert (shared is not None) == (name == "qwen2_moe")
+    model.train()
+    before = dense.mu.detach().clone()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    (model(input_ids=ids, labels=ids).loss + cd.kl(model) / ids.numel()).backward()
+    opt.step()
+    model.eval()
+    assert not torch.equal(dense.mu.detach(), before)
+    with torch.no_grad():  # every gate quiet (SNR far above 1), then some noisy
+        for g in gates.values():
+            g.log_sigma.fill_(-4.0)
+        dense.log_sigma[:20] = 3.0  # the dense MLP keeps 28 of 48
+        if shared is not None:
+            shared.log_sigma[:8] = 3.0  # the shared expert 40 of 48
+        for e in range(4):  # each expert 16 of 32
+            gates["model.layers.1.mlp.experts"].log_sigma[e * 32 : e * 32 + 16] = 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
+        slim = cd.prune(model, 1.0, example_inputs=ids)
+    layer = slim.model.layers[0].mlp
+    assert layer.up_proj.out_features == layer.intermediate_size == 28
+    assert (slim.config.intermediate_size, slim.config.moe_intermediate_size) == (28, 16)
+    if shared is not None:
+        assert slim.config.shared_expert_intermediate_size == 40
+    check_against_masked(slim, model, 1.0)
+    slim.save_pretrained(tmp_path / "slim")
+    again = getattr(transformers, model_cls).from_pretrained(tmp_path / "slim").eval()
+    with torch.no_grad():
+        want, got = slim(input_ids=ids).logits, again(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_uniform_experts_save_a_config_that_reloads(name, tmp_path):
     """uniform=True: every layer's experts keep as many neurons, the config's field follows

@@ -136,7 +136,9 @@ def register_decoders() -> None:
 
 def decoder_shapes(model: nn.Module) -> tuple[dict[str, list[int]], dict] | None:
     """Per-layer widths by config field of a :data:`DECODERS` model (``None``: not one); the
-    MLPs' own ``intermediate_size`` is set on the way. StableLM's heads are a field its config
+    MLPs' own ``intermediate_size`` is set on the way. A mixture of experts' dense MLPs
+    (Qwen-MoE's ``mlp_only_layers``) are described by ``intermediate_size`` and its shared
+    experts (Qwen2-MoE's) by a field of their own. StableLM's heads are a field its config
     cannot change (it derives ``head_dim`` from ``hidden_size``)."""
     mods: list[Any] = list(model.modules())
     attns = [m for m in mods if type(m).__name__ in ATTENTIONS]
@@ -157,9 +159,14 @@ def decoder_shapes(model: nn.Module) -> tuple[dict[str, list[int]], dict] | None
     else:
         want |= {"num_attention_heads": heads, "head_dim": [int(a.head_dim) for a in attns]}
     if d.mlp is not None:
-        mlps = [m for m in mods if type(m).__name__ == d.prefix + d.mlp]
-        for mlp in mlps:
+        mlps = [(n, m) for n, m in model.named_modules() if type(m).__name__ == d.prefix + d.mlp]
+        for _, mlp in mlps:
             if hasattr(mlp, "intermediate_size"):
                 mlp.intermediate_size = mlp.get_submodule(d.up).out_features
-        want[d.width] = [int(m.get_submodule(d.up).out_features) for m in mlps]
+        # a shared expert's width is a field of its own (Qwen2-MoE's), not the dense layers'
+        width = {n: int(m.get_submodule(d.up).out_features) for n, m in mlps}
+        shared = {n for n in width if d.shared is not None and n.rsplit(".", 1)[-1] == d.shared}
+        want[d.width] = [w for n, w in width.items() if n not in shared]
+        if d.shared is not None:
+            want[d.shared_width] = [w for n, w in width.items() if n in shared]
     return want, fixed
