@@ -230,17 +230,45 @@ def test_a_window_partition_is_named_as_one_not_as_a_channel_shuffle():
         "does not follow: it reads dimension 1 as the units"
     ]
 
-    class Pooled(nn.Module):  # BART's classifier: (N, F) viewed as (N, 1, F), no positions
-        def __init__(self):
-            super().__init__()
-            self.pre, self.embed, self.head = nn.Linear(64, 32), nn.Linear(32, 16), nn.Linear(16, 3)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.embed(torch.relu(self.pre(x.flatten(1))))  # (N, 16)
-            return self.head(h.view(h.shape[0], -1, 16)[:, -1])
+class _Pooled(nn.Module):
+    """BART's classifier on its end-of-sequence states: ``(N, F)`` viewed as ``(N, 1, F)``, the
+    last position taken; ``conv``: the new dimension of size 1 read as a Conv1d's channel."""
 
-    [said] = _gating_warnings(Pooled().eval())
-    assert "splits them into several dimensions" in said and "window" not in said
+    def __init__(self, conv: bool = False):
+        super().__init__()
+        self.pre, self.embed = nn.Linear(64, 32), nn.Linear(32, 16)
+        self.conv = nn.Conv1d(1, 4, 3) if conv else None
+        self.head = nn.Linear(56 if conv else 16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(torch.relu(self.pre(x.flatten(1))))  # (N, 16)
+        if self.conv is not None:
+            return self.head(self.conv(h.view(h.shape[0], 1, -1)).flatten(1))  # (N, 4 · 14)
+        return self.head(h.view(h.shape[0], -1, h.shape[-1])[:, -1])  # (N, 1, F) → (N, F)
+
+
+def test_a_view_that_inserts_a_dimension_of_size_one_splits_no_units():
+    """BART's pooling, ``(N, F)`` viewed as ``(N, 1, F)``, was refused as a view that splits
+    the units "(a channel shuffle?)": the units stay whole in the last dimension, and
+    Torch-Pruning maps each index to itself, so ``embed`` is gated, with no warning, and prunes
+    exactly. The same view read by a Conv1d as one channel still splits them."""
+    model = _Pooled().eval()
+    x = torch.randn(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.GatingWarning)
+        cd.attach(model, example_inputs=x)
+    assert [n for n, _ in cd.named_gates(model)] == ["pre", "embed"]
+    random_gates_(model)
+    thr = quantiles(model, (0.5,))[0]
+    slim = cd.prune(model, thr, example_inputs=x)
+    assert slim.embed.out_features == slim.head.in_features < 16
+    x = torch.randn(7, 1, 8, 8)
+    with torch.no_grad():
+        ref, out = mask_(model, thr)(x), slim.eval()(x)
+    assert rel_error(out, ref) <= TOL
+    [said] = _gating_warnings(_Pooled(conv=True).eval())
+    assert "'embed' left ungated" in said and "splits them into several dimensions" in said
 
 
 def test_a_failing_index_mapping_blocks_its_groups_not_the_model(monkeypatch):

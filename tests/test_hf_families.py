@@ -188,21 +188,44 @@ def test_a_packed_projection_charges_a_head_the_rows_that_go_with_it(name, rows)
     assert params == want
 
 
-@pytest.mark.slow
-def test_bart_classifier_exports_with_check_rows_that_end_in_its_eos(tmp_path):
-    """BART's classifier reads each example's state at its <eos>: export_onnx's check drew
-    random ids without one and failed ("Each example must contain at least one <eos> token"),
-    and an example drawn for the CLI's export could not even be traced. The check's rows now end
-    with ``config.eos_token_id`` (and hold no other), at every batch size and length checked."""
+def _bart_classifier():
+    """A small BART classifier, random weights, and two rows of ids that end in its <eos>."""
     torch.manual_seed(0)
     config = transformers.BartConfig(
         **TOKENS, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
         max_position_embeddings=64, num_labels=3,
     )  # fmt: skip
-    model = transformers.BartForSequenceClassification(config).eval()
     ids = torch.randint(3, VOCAB, (2, 8))
     ids[:, -1] = 2
+    return transformers.BartForSequenceClassification(config).eval(), ids
+
+
+def test_bart_residual_stream_is_refused_for_its_layernorm_not_its_eos_pooling():
+    """BART's classifier views its end-of-sequence states ``(N, F)`` as ``(N, 1, F)``: the
+    decoder's residual stream was refused as "a view that splits them ... (a channel
+    shuffle?)". The view splits nothing; what keeps the stream is the LayerNorm after each
+    residual sum, and the warning says so, as the encoder's does."""
+    model, ids = _bart_classifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    said = {str(w.message) for w in caught}
+    assert not any("splits them" in s for s in said)
+    for stack in ("encoder", "decoder"):
+        assert (
+            f"compressdrop: layer 'model.{stack}.layers.1.fc2' left ungated: its units pass "
+            "through LayerNorm, which does not map 0 to 0 per unit"
+        ) in said
+
+
+@pytest.mark.slow
+def test_bart_classifier_exports_with_check_rows_that_end_in_its_eos(tmp_path):
+    """BART's classifier reads each example's state at its <eos>: export_onnx's check drew
+    random ids without one and failed ("Each example must contain at least one <eos> token"),
+    and an example drawn for the CLI's export could not even be traced. The check's rows now end
+    with ``config.eos_token_id`` (and hold no other), at every batch size and length checked."""
+    model, ids = _bart_classifier()
     slim, _ = _attach_and_prune(model, ids)
     rep = cd.export_onnx(
         slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3), check_lengths=(5, 13)

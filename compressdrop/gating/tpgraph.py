@@ -176,7 +176,11 @@ def _split_shapes(node) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     several dimensions, as a channel shuffle's ``view(N, g, C // g, H, W)`` and a window
     partition's ``view(N, H // w, w, W // w, w, C)`` do; else ``None``. Torch-Pruning maps
     indices only through flattening, reading dimension 1 as the units: its mapping is wrong
-    there."""
+    there. A view that only inserts dimensions of size 1 before the last (BART's pooling of its
+    end-of-sequence states, ``(N, F)`` viewed as ``(N, 1, F)``) splits nothing: every unit keeps
+    its index in the last dimension, and where Torch-Pruning finds the same width on both sides
+    (a Linear reads them) it maps each index to itself; where it maps them otherwise (a layer
+    reads the new dimension of size 1 as its channels) the view stays a split."""
     fn = getattr(node, "grad_fn", None)
     before = getattr(fn, "_saved_self_sym_sizes", None)
     after = getattr(fn, "_input_metadata", None)  # the forward output's metadata (torch >= 2.1)
@@ -184,17 +188,18 @@ def _split_shapes(node) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         return None
     before, after = tuple(before), tuple(after[0].shape)
     split = len(after) > len(before) >= 2 and after[0] == before[0] and after[1] != before[1]
-    return (before, after) if split else None
+    ones = [s for s in after if s != 1] == [s for s in before if s != 1] and after[-1] == before[-1]
+    mapped = any(d.index_mapping[0] is not None for d in getattr(node, "dependencies", ()))
+    return (before, after) if split and (mapped or not ones) else None
 
 
 def _split_reason(shapes: tuple[tuple[int, ...], tuple[int, ...]], root: nn.Module) -> str:
     """What a splitting reshape (:func:`_split_shapes`) does to the units of a group whose root
     layer is ``root``: a linear layer's units (the last dimension) that the reshape keeps whole
     have their positions regrouped (a window partition: Swin's, MaxViT's); else the units are
-    split themselves (a channel shuffle's ``view(N, g, C // g, H, W)``, or BART's pooling of
-    its end-of-sequence states, ``(N, F)`` viewed as ``(N, 1, F)``)."""
+    split themselves (a channel shuffle's ``view(N, g, C // g, H, W)``)."""
     before, after = shapes
-    positions = len(before) >= 3  # (N, positions..., units): not (N, F) viewed as (N, 1, F)
+    positions = len(before) >= 3  # (N, positions..., units)
     if isinstance(root, nn.Linear) and positions and before[-1] == after[-1] == root.out_features:
         was, now = (f"({', '.join(['N', *map(str, s[1:])])})" for s in shapes)
         return (
