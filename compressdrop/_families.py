@@ -20,6 +20,8 @@ class Decoder(NamedTuple):
         up: the MLP layer whose output width is ``width``; ``"up_proj"`` marks a SwiGLU MLP
             whose ``up_proj`` output one product alone reads.
         width: the config field of that width (the dense layers' MLPs).
+        norms_across_heads: its q_norm and k_norm are RMSNorms over all heads together, so no
+            head can go exactly: its heads are registered to say so, and stay.
         shared: the attribute of a mixture-of-experts block that holds its shared expert, an MLP
             of the same class whose width is another config field, ``shared_width``.
         shared_width: the config field of the shared experts' width.
@@ -33,6 +35,7 @@ class Decoder(NamedTuple):
     up: str = "up_proj"
     width: str = "intermediate_size"
     head_dim_fixed: bool = False
+    norms_across_heads: bool = False
     shared: str | None = None
     shared_width: str = "shared_expert_intermediate_size"
 
@@ -47,6 +50,7 @@ DECODERS = {
     "gemma2": Decoder("Gemma2"),
     "gemma3": Decoder("Gemma3"),
     "olmo": Decoder("Olmo"),
+    "olmo2": Decoder("Olmo2", norms_across_heads=True),
     "granite": Decoder("Granite"),
     "cohere": Decoder("Cohere"),  # its optional q/k norms hold a row per head
     "stablelm": Decoder("StableLm", head_dim_fixed=True),  # per-head q/k LayerNorms
@@ -57,6 +61,7 @@ DECODERS = {
     # also a shared expert of the same class in every sparse block
     "qwen2_moe": Decoder("Qwen2Moe", shared="shared_expert"),
     "qwen3_moe": Decoder("Qwen3Moe"),
+    "olmoe": Decoder("Olmoe", mlp=None, norms_across_heads=True),
     "gpt_oss": Decoder("GptOss", mlp=None),  # a learned attention sink per query head
 }
 #: decoders whose attention is LLaMA's and whose MLP is SwiGLU with ``up_proj``

@@ -54,6 +54,8 @@ MODELS = {
                    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 48}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               {**LLAMA, "num_experts": 4, "num_experts_per_tok": 2}),
+    # OLMo-2: LLaMA's MLP, q/k norms over all heads (its heads stay)
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", LLAMA),
     "bloom": ("BloomConfig", "BloomForCausalLM", {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
     # one query_key_value holding each head's q, k and v rows together (Pythia's layout)
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
@@ -102,8 +104,9 @@ MODELS = {
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
 }  # fmt: skip
-# what gets gates: heads, MLP neurons (OLMoE's q/k norms span all heads)
+# what gets gates: heads, MLP neurons (OLMo-2's and OLMoE's q/k norms span all heads)
 GATED = {
+    "olmo2": (False, True),
     "olmoe": (False, True),
     "deberta_v1_talking": (False, True),
 }
@@ -127,6 +130,50 @@ def test_heads_and_mlp_neurons_prune_exactly(name):
     assert (bool(heads), bool(mlp)) == GATED.get(name, (True, True)), (heads, mlp)
     assert slim.num_parameters() < dense
     check_against_masked(slim, model, thr, causal="CausalLM" in MODELS[name][1])
+
+
+@pytest.mark.parametrize("name", ["olmo2", "olmoe"])
+def test_heads_under_norms_across_all_heads_stay_and_the_user_reads_why(name):
+    """OLMo-2's and OLMoE's q_norm and k_norm are RMSNorms over all heads together: no head can
+    go exactly, so each attention keeps its heads, and attach says why for each (OLMo-2's were
+    left without a word); their MLP neurons are gated."""
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    said = [str(w.message) for w in caught if "keeps all its heads" in str(w.message)]
+    assert said == [
+        f"compressdrop: attention 'model.layers.{i}.self_attn' keeps all its heads: its q_norm "
+        "and k_norm are RMSNorms over all heads together, so removing a head would change the "
+        "others' norms"
+        for i in range(2)
+    ]
+    assert not any(isinstance(m, HeadGated) for m in model.modules())
+
+
+def test_a_slim_olmo2_saves_a_config_that_reloads(tmp_path):
+    """OLMo-2's MLP is LLaMA's: once pruned to one width in every layer, the config's
+    ``intermediate_size`` follows (it stayed dense, and from_pretrained refused the folder)."""
+    model = _build("olmo2")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    with torch.no_grad():  # each MLP keeps 28 of its 48 neurons
+        for _, g in cd.named_gates(model):
+            g.log_sigma.fill_(-4.0)  # quiet: SNR far above 1
+            g.log_sigma[:20] = 3.0  # noisy: far below
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
+        slim = cd.prune(model, 1.0, example_inputs=ids)
+    assert slim.config.intermediate_size == 28
+    assert [layer.mlp.up_proj.out_features for layer in slim.model.layers] == [28, 28]
+    slim.save_pretrained(tmp_path / "slim")
+    again = transformers.Olmo2ForCausalLM.from_pretrained(tmp_path / "slim").eval()
+    with torch.no_grad():
+        want, got = slim(input_ids=ids).logits, again(input_ids=ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 def test_phi3_heads_keep_the_shared_config_dense():

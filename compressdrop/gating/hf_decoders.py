@@ -1,6 +1,7 @@
 """The attention heads of Hugging Face decoders whose attention is LLaMA's (the families of
 :data:`compressdrop._families.DECODERS`: LLaMA, Qwen, Mistral, Gemma, OLMo, Granite, Cohere,
-StableLM, StarCoder2, Phi, Mixtral, Qwen2-MoE, GPT-OSS), and Phi-3's packed ``qkv_proj``:
+StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS; OLMo-2's and OLMoE's, whose q/k norms
+span all heads, only to say why they stay), and Phi-3's packed ``qkv_proj``:
 where they are, how they are removed, and the widths the config describes after surgery.
 GPT-OSS's attention adds a learned sink logit per query head (``sinks``), which goes with its
 head.
@@ -118,8 +119,18 @@ def _remover(o: str) -> Any:
     return remove
 
 
+def _norms_across_heads(m: nn.Module) -> str:
+    """Why the heads of a :attr:`~compressdrop._families.Decoder.norms_across_heads` attention
+    (OLMo-2's, OLMoE's) stay."""
+    return (
+        "its q_norm and k_norm are RMSNorms over all heads together, so removing a head would "
+        "change the others' norms"
+    )
+
+
 def register_decoders() -> None:
-    """Register the heads of every :data:`DECODERS` family this transformers has, and Phi-3's."""
+    """Register the heads of every :data:`DECODERS` family this transformers has, and Phi-3's;
+    those whose q/k norms span all heads with the reason they stay."""
     for family, d in {**DECODERS, "phi3": Decoder("Phi3")}.items():
         packed = family == "phi3"
         spec = HeadSpec(
@@ -130,6 +141,7 @@ def register_decoders() -> None:
             heads=query_heads,
             blocks=_kv_blocks,
             remove=_remover(d.o),
+            why_not=_norms_across_heads if d.norms_across_heads else None,
         )
         register_attention_at(hf_module(family), f"{d.prefix}Attention", spec)
 

@@ -25,7 +25,7 @@ from .heads import HeadSpec, hf_module, register_attention, register_attention_a
 from .hf_bigcode import register_bigcode
 from .hf_codegen import register_codegen
 from .hf_deberta import register_deberta
-from .hf_decoders import decoder_shapes, query_heads, register_decoders
+from .hf_decoders import decoder_shapes, register_decoders
 from .hf_falcon import register_falcon
 from .hf_interleaved import register_interleaved
 from .hf_position_bias import register_position_bias
@@ -192,19 +192,6 @@ def _register_transformers() -> None:
         "XGLMAttention",
         HeadSpec(o="out_proj", q="q_proj", k="k_proj", v="v_proj", widths=("embed_dim",)),
     )
-    # OLMoE: LLaMA's projections, but its q_norm/k_norm are RMSNorms over all heads together
-    # (removing a head changes every other head's norm): registered to say so, never gated
-    register_attention_at(
-        hf_module("olmoe"),
-        "OlmoeAttention",
-        HeadSpec(
-            o="o_proj", q="q_proj", k="k_proj", v="v_proj", heads=query_heads,
-            why_not=lambda m: (
-                "its q_norm and k_norm are RMSNorms over all heads together, so removing a head "
-                "would change the others' norms"
-            ),
-        ),
-    )  # fmt: skip
     # DeBERTa and DeBERTa-v2/v3 (gating/hf_deberta.py)
     register_deberta()
     # BERT: the heads live in BertSelfAttention (query, key, value; num_attention_heads and
