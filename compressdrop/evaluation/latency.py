@@ -43,16 +43,22 @@ def ort_latency(
     warmup: int = 10,
     repeats: int = 50,
     length: int | None = None,
+    eos_token_id: int | None = None,
 ) -> LatencyReport:
     """Time ``repeats`` runs of the ONNX model on a random batch (after ``warmup`` runs).
 
     Every input of the model is fed: floating-point inputs with standard normal values, integer
     inputs (token ids, attention masks) with ones (an id every vocabulary of two or more has; a
-    mask that keeps every position), boolean inputs with ``True``.
+    mask that keeps every position), boolean inputs with ``True``. For a model that reads each
+    row's end-of-sequence state (BART's classifier), the token ids' rows end with that id, as
+    :func:`torch_latency`'s do.
 
     Args:
         length: the size of every dynamic dimension after the batch (a sequence model exported
             with dynamic lengths); ``None`` where the model has none.
+        eos_token_id: the end-of-sequence id that ends each row of token ids (``input_ids``, or
+            the only integer input); ``None``: the file's ``eos_token_id`` metadata, which
+            :func:`~compressdrop.export_onnx` records for such a model, else none.
 
     Raises:
         InputError: an input has a dynamic dimension beyond the batch and ``length`` is
@@ -62,6 +68,11 @@ def ort_latency(
 
     session, used = ort_session(path, provider, threads)
     feed = _ort_feed(session.get_inputs(), batch_size, length)
+    if eos_token_id is None:
+        recorded = session.get_modelmeta().custom_metadata_map.get("eos_token_id")
+        eos_token_id = int(recorded) if recorded is not None and recorded.isdigit() else None
+    if eos_token_id is not None:
+        _end_ids_with(feed, eos_token_id)
     for _ in range(warmup):
         session.run(None, feed)
     times = []
@@ -102,6 +113,27 @@ def _ort_feed(inputs: list, batch_size: int, length: int | None) -> dict[str, np
         else:
             raise InputError(f"input {inp.name!r} is a {kind}, which a latency run cannot fill")
     return feed
+
+
+def _end_ids_with(feed: dict[str, np.ndarray], eos: int) -> None:
+    """End each row of the token ids in ``feed`` (``input_ids``, else its only integer input)
+    with ``eos``, in place.
+
+    Raises:
+        InputError: no input is plainly the token ids.
+    """
+    if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
+        raise InputError(f"eos_token_id must be a token id (an int ≥ 0), got {eos!r}")
+    ints = [k for k, v in feed.items() if np.issubdtype(v.dtype, np.integer)]
+    name = "input_ids" if "input_ids" in ints else (ints[0] if len(ints) == 1 else None)
+    if name is None:
+        raise InputError(
+            f"eos_token_id {eos} given, but no input is plainly the token ids (inputs "
+            f"{sorted(feed)}): name one input_ids"
+        )
+    from ..gating.inputs import end_rows_with
+
+    feed[name] = end_rows_with(torch.from_numpy(feed[name]), eos).numpy()
 
 
 def torch_latency(

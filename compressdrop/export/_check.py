@@ -287,7 +287,11 @@ def compare_at_batches(
 
 def made_by(model: nn.Module) -> dict[str, Any]:
     """What made ``model``, for an exported file's metadata: compressdrop's version, how a slim
-    model was pruned (its ``prune_report``) and its outputs' class names (``classes``, a list)."""
+    model was pruned (its ``prune_report``), its outputs' class names (``classes``, a list) and,
+    for a model that reads each row's end-of-sequence state (BART's classifier), that id
+    (``eos_token_id``: a latency run on the file ends its rows with it)."""
+    from ..gating.inputs import eos_read_by
+
     meta: dict[str, Any] = {"compressdrop_version": __version__}
     report = getattr(model, "prune_report", None)
     if report is not None:
@@ -295,4 +299,7 @@ def made_by(model: nn.Module) -> dict[str, Any]:
     names = getattr(model, "class_names", None)
     if names:
         meta["classes"] = [str(c) for c in names]
+    eos = eos_read_by(model)
+    if eos is not None:
+        meta["eos_token_id"] = eos
     return meta

@@ -17,6 +17,7 @@ from ..errors import InputError
 
 __all__ = [
     "checked_example",
+    "end_rows_with",
     "eos_read_by",
     "example_input_for",
     "example_inputs_of",
@@ -244,7 +245,14 @@ def with_eos(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     (:func:`eos_read_by`): each row ends with the EOS id and holds no other (a drawn EOS becomes
     the id below it, or above for id 0); ``ids`` unchanged for any other model or input."""
     eos = eos_read_by(model)
-    if eos is None or ids.is_floating_point() or ids.dim() != 2 or ids.shape[1] == 0:
+    return ids if eos is None else end_rows_with(ids, eos)
+
+
+def end_rows_with(ids: torch.Tensor, eos: int) -> torch.Tensor:
+    """Token ids ``(B, T)`` whose rows end with ``eos`` and hold no other (a drawn ``eos`` becomes
+    the id below it, or above for id 0), as :func:`with_eos` makes them; any other input as it
+    is (floats, another rank, no positions)."""
+    if ids.is_floating_point() or ids.dim() != 2 or ids.shape[1] == 0:
         return ids
     out = ids.masked_fill(ids == eos, eos - 1 if eos > 0 else eos + 1)
     out[:, -1] = eos
