@@ -410,6 +410,42 @@ def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
     check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, False, ids)
 
 
+@pytest.mark.parametrize(
+    "layout", [{"multi_query": True}, {"new_decoder_architecture": True, "num_kv_heads": 2}]
+)
+def test_a_falcon_plan_is_refused_before_training_and_its_mlp_writes_a_folder(tmp_path, layout):
+    """Falcon's config derives the head size from hidden_size / num_attention_heads, and
+    compressdrop did not update its ``ffn_hidden_size``: a plan that gated its heads passed the
+    check before training and every slim folder was refused after it. Its heads are refused
+    before training now, with the way out; that way (its MLP alone, uniform) writes a folder
+    whose config says the slim width and which from_pretrained reloads."""
+    from compressdrop.hf_folder import check_folder_plan, save_hf_folder
+
+    folder = _folder(
+        tmp_path / "falcon", "FalconForCausalLM", "FalconConfig", hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, **layout,
+    )  # fmt: skip
+    ids = torch.randint(256, (2, 16))
+    out = tmp_path / "slim"
+    with pytest.raises(InputError, match=r"FalconConfig derives their size from hidden_size / "
+                       r"num_attention_heads.*exclude: \[FalconAttention\]"):  # fmt: skip
+        check_folder_plan(out, load_model(folder), {"gate": "lognormal"}, True, ids)
+    gates = {"gate": "lognormal", "exclude": ["FalconAttention"]}
+    check_folder_plan(out, load_model(folder), gates, True, ids)
+    slim = _uniform_slim(load_model(folder), ids, exclude=["FalconAttention"])
+    widths = {
+        m.dense_h_to_4h.out_features for m in slim.modules() if type(m).__name__ == "FalconMLP"
+    }
+    assert len(widths) == 1 and max(widths) < 128  # (the config's ffn_hidden_size: 4 · 32)
+    _, err = save_hf_folder(slim, out, ids)
+    assert err <= 1e-5
+    assert json.loads((out / "config.json").read_text())["ffn_hidden_size"] < 128
+    again = transformers.FalconForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        want, got = slim(ids).logits, again(ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
 def test_an_index_of_shards_must_name_safetensors_files_of_the_folder(tmp_path):
     """A security review: an index naming a pickled ``.bin`` shard made transformers try to
     unpickle it (its weights-only unpickler refused, as a raw traceback that advised turning it

@@ -219,6 +219,7 @@ _HEADS_FIXED = {
     "BloomAttention": ("hidden_size / n_head", "BloomAttention"),
     "CodeGenAttention": ("n_embd / n_head", "CodeGenAttention"),
     "MPNetSelfAttention": ("hidden_size / num_attention_heads", "MPNetSelfAttention"),
+    "FalconAttention": ("hidden_size / num_attention_heads", "FalconAttention"),
     **{
         f"{prefix}SelfAttention": ("hidden_size / num_attention_heads", f"{prefix}Attention")
         for prefix in BERT_LIKE.values()
@@ -239,8 +240,8 @@ def sync_config(model: nn.Module) -> str | None:
     (LLaMA's ``mlp.intermediate_size``), and, where every layer has the same shape, the config
     (LLaMA: ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
     ``intermediate_size``; a mixture of experts: its experts' ``moe_intermediate_size`` or
-    ``intermediate_size``; GPT-2: ``n_inner``; BERT: ``intermediate_size``), so that
-    ``save_pretrained`` writes a folder ``from_pretrained`` loads.
+    ``intermediate_size``; GPT-2: ``n_inner``; BERT: ``intermediate_size``; Falcon:
+    ``ffn_hidden_size``), so that ``save_pretrained`` writes a folder ``from_pretrained`` loads.
 
     Returns:
         ``None`` when the config describes the slim model (or the model is not one of these),
@@ -294,6 +295,18 @@ def _shapes(
         how = _HEADS_FIXED["DistilBertSelfAttention"][0]
         return {"hidden_dim": [int(f.out_features) for f in ffns]}, {
             "n_heads": (heads, config.n_heads, f"heads (it derives their size from {how})")
+        }
+    if "FalconMLP" in kinds:  # (a pruned ALiBi attention is a KeptHeadsFalconAttention)
+        attns = [m for m in mods if type(m).__name__.endswith("FalconAttention")]
+        heads = [int(a.num_heads) for a in attns]
+        how = _HEADS_FIXED["FalconAttention"][0]
+        mlps = [m.dense_h_to_4h for m in mods if type(m).__name__ == "FalconMLP"]
+        return {"ffn_hidden_size": [int(m.out_features) for m in mlps]}, {
+            "num_attention_heads": (
+                heads,
+                config.num_attention_heads,
+                f"heads (it derives their size from {how})",
+            )
         }
     if "GPT2Attention" in kinds:
         attns = [m for m in mods if type(m).__name__ == "GPT2Attention"]
