@@ -166,7 +166,7 @@ def test_dense_layers_beside_experts_prune_like_llama_and_reload(name, tmp_path)
     dense MLP's neurons are gated and train as LLaMA's do and prune exactly; the config's
     ``intermediate_size`` follows the dense MLP, Qwen2-MoE's shared expert keeps a field of its
     own (``shared_expert_intermediate_size``), so no warning, and the folder reloads with
-    from_pretrained."""
+    from_pretrained (Qwen3-MoE's: in a process without compressdrop)."""
     config_cls, model_cls, sizes = MOE[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**TOKENS, **sizes, mlp_only_layers=[0])
@@ -205,9 +205,14 @@ def test_dense_layers_beside_experts_prune_like_llama_and_reload(name, tmp_path)
         assert slim.config.shared_expert_intermediate_size == 40
     check_against_masked(slim, model, 1.0)
     slim.save_pretrained(tmp_path / "slim")
-    again = getattr(transformers, model_cls).from_pretrained(tmp_path / "slim").eval()
     with torch.no_grad():
-        want, got = slim(input_ids=ids).logits, again(input_ids=ids).logits
+        want = slim(input_ids=ids).logits
+    if name == "qwen3_moe":  # in a process without compressdrop
+        got = logits_elsewhere(tmp_path / "slim", ids)
+    else:
+        again = getattr(transformers, model_cls).from_pretrained(tmp_path / "slim").eval()
+        with torch.no_grad():
+            got = again(input_ids=ids).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 

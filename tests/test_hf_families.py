@@ -8,7 +8,8 @@ attention), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_
 head's q, k and v rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the
 heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3),
 and BLOOM's GELU written as a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE
-(``tests/test_hf_experts.py``).
+(``tests/test_hf_experts.py``). OLMo-2's and OLMoE's attention is registered only to say why
+their heads stay (q/k norms over all heads).
 """
 
 from __future__ import annotations
