@@ -162,14 +162,18 @@ def test_gated_experts_train():
 
 @pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe"])
 def test_dense_layers_beside_experts_prune_like_llama_and_reload(name, tmp_path):
-    """Qwen-MoE with a dense MLP in layer 0 (``mlp_only_layers``) and experts in layer 1: the
-    dense MLP's neurons are gated and train as LLaMA's do and prune exactly; the config's
-    ``intermediate_size`` follows the dense MLP, Qwen2-MoE's shared expert keeps a field of its
-    own (``shared_expert_intermediate_size``), so no warning, and the folder reloads with
+    """Qwen-MoE with a dense MLP in layer 0 (Qwen3-MoE's named in ``mlp_only_layers``,
+    Qwen2-MoE's off its ``decoder_sparse_step``) and experts in layer 1: the dense MLP's neurons
+    are gated and train as LLaMA's do and prune exactly; the config's ``intermediate_size``
+    follows the dense MLP, Qwen2-MoE's shared expert keeps a field of its own
+    (``shared_expert_intermediate_size``), so no warning, and the folder reloads with
     from_pretrained (Qwen3-MoE's: in a process without compressdrop)."""
     config_cls, model_cls, sizes = MOE[name]
     torch.manual_seed(0)
-    config = getattr(transformers, config_cls)(**TOKENS, **sizes, mlp_only_layers=[0])
+    # layer 0 dense: named in mlp_only_layers, or off decoder_sparse_step (layer i is sparse
+    # where (i + 1) % step == 0)
+    dense_0 = {"mlp_only_layers": [0]} if name == "qwen3_moe" else {"decoder_sparse_step": 2}
+    config = getattr(transformers, config_cls)(**TOKENS, **sizes, **dense_0)
     model = getattr(transformers, model_cls)(config).eval()
     ids = torch.randint(3, VOCAB, (2, 8))
     with warnings.catch_warnings():
