@@ -476,6 +476,28 @@ def test_gqa_key_value_projections_are_left_to_their_heads_without_a_false_warni
     ]
 
 
+@pytest.mark.parametrize(
+    ("config", "granularity"), [("LlamaConfig", "neuron"), ("Olmo2Config", "auto")]
+)
+def test_projections_of_heads_left_alone_start_no_group_of_their_own(config, granularity):
+    """Attach by neurons (a LLaMA) or where the heads must stay (OLMo-2's norms span them) walked
+    every k_proj and v_proj as a layer of neurons: 50,000 steps each through the attention, a
+    warning each, and past the walks' time budget "the layers after it left ungated", MLPs
+    included. Their units are heads, which are not to be gated here."""
+    sizes = {**DECODER, "num_hidden_layers": 6}  # 12 walks used to pass the budget
+    cfg = getattr(transformers, config)(**TOKENS, **sizes)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", cd.GatingWarning)
+        cd.attach(model, granularity=granularity, example_inputs=ids)
+    said = [str(w.message) for w in seen if issubclass(w.category, cd.GatingWarning)]
+    assert not [s for s in said if "_proj'" in s and "self_attn" in s], said
+    assert not [s for s in said if "steps" in s], said
+    gated = [n for n, _ in cd.named_gates(model)]
+    assert gated == [f"model.layers.{i}.mlp.up_proj" for i in range(6)]
+
+
 MLP_LAYER = {"gpt2": "c_fc", **{n: "intermediate.dense" for n in ("bert", "roberta", "electra")}}
 
 
