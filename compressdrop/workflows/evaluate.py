@@ -19,6 +19,7 @@ from ..errors import DataError, InputError
 from ..evaluation.metrics import bits_per_byte
 from ..runtime import check_labels, run_on_examples
 from .jobs import load_fitting
+from .memory import check_model_memory
 from .sparsify import fit_data_shape, fit_ids
 
 __all__ = ["evaluate_file", "sweep_file"]
@@ -97,6 +98,7 @@ def evaluate_file(
     from ..gating import example_input_for
     from ..runtime import resolve_device
 
+    check_model_memory(model_path, "eval")
     model = load_fitting(model_path, None, "", arch, arch_kwargs, trust_code)
     ds = _fitted_data(model_path, model, data, announce)
     shape = tuple(ds.input_shape)
@@ -169,6 +171,7 @@ def sweep_file(
     from ..evaluation.sweep import sweep, write_sweep
     from ..gating import is_gated
 
+    check_model_memory(model_path, "sweep")
     model = load_fitting(model_path, None, "", arch, None, trust_code)  # in float32
     if not is_gated(model):
         raise InputError(

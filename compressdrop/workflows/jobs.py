@@ -26,6 +26,7 @@ from ..recipes import Recipe, load_recipe
 from ..runtime import run_on_examples
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, slim_paths, write_slim
 from . import sparsify
+from .memory import check_model_memory
 from .precision import load_float32
 from .sparsify import adopt, default_recipe_for, fit_data_shape, fit_outputs, sparsify_and_prune
 
@@ -134,8 +135,9 @@ def prune_file(
         progress: called with each event of the sparsify run.
 
     Raises:
-        InputError: an unknown output format, a plain model without ``data``, or a model with
-            trained gates with ``data``, ``seed`` or a ``device``.
+        InputError: an unknown output format, a plain model without ``data``, a model with
+            trained gates with ``data``, ``seed`` or a ``device``, or a model too big for the
+            memory available (:mod:`compressdrop.workflows.memory`), before it is read.
     """
     from ..gating import example_input_for, is_gated
 
@@ -144,6 +146,7 @@ def prune_file(
     out = Path(out)
     if out.suffix not in SLIM_FORMATS:
         raise InputError(f"{out}: use a .pt, .pt2 or .onnx file name, or a folder name")
+    check_model_memory(model_path, "prune" if data is None else "sparsify", device or "auto")
     model = load_float32(model_path, arch, arch_kwargs, trust_code)
     if not out.suffix and (why := why_no_folder(model)):  # before any training
         raise InputError(f"{out}: {why}; use a .pt, .pt2 or .onnx file name")
@@ -292,6 +295,9 @@ def export_file(
     out = Path(out)
     if out.suffix not in (".onnx", ".pt2", ""):
         raise InputError(f"{out}: use a .onnx or .pt2 file name, or a folder name")
+    check_model_memory(
+        model_path, {".onnx": "export onnx", ".pt2": "export pt2"}.get(out.suffix, "export folder")
+    )
     model = load_fitting(model_path, input_shape, "--input-shape", arch, arch_kwargs, trust_code)
     if not out.suffix and not hasattr(model, "save_pretrained"):
         raise InputError(
