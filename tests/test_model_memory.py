@@ -62,6 +62,9 @@ def test_the_weights_are_read_from_the_files_headers_in_float32(tmp_path):
     adam = _f32(t for s in opt.state_dict()["state"].values() for t in s.values())
     w = weights_of(tmp_path / "run.pt")
     assert (w.model, w.loading) == (model, 2 * model + adam)
+    torch.save(net, tmp_path / "module.pt")  # a pickled module: read as itself, not built again
+    w = weights_of(tmp_path / "module.pt")
+    assert (w.model, w.loading) == (model, model)
     program = torch.export.export(net, (torch.randn(2, 100),))
     torch.export.save(program, tmp_path / "net.pt2")
     w = weights_of(tmp_path / "net.pt2")

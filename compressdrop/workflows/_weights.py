@@ -45,7 +45,8 @@ class Weights:
     """A model file's tensors in float32 bytes: ``model``, those of the model it loads as;
     ``loading``, what is held at once while it loads: a file's tensors are read whole (a
     training script's save with its optimizer's state beside the model's) before the model is
-    built from them, so both are held; a folder's shards go into the model one by one."""
+    built from them, so both are held (a pickled module is read as itself); a folder's shards
+    go into the model one by one."""
 
     model: int
     loading: int
@@ -119,7 +120,7 @@ def _archive(f: BinaryIO) -> Weights | None:
             found = None
     if found is None:  # its storages as stored
         return Weights(sum(sizes.values()), 2 * sum(sizes.values()))
-    storages, model_keys = found
+    storages, model_keys, built = found
 
     def f32(keys: set[str]) -> int:
         return sum(
@@ -129,7 +130,7 @@ def _archive(f: BinaryIO) -> Weights | None:
         )
 
     model = f32(model_keys)
-    return Weights(model, model + f32(set(storages)))
+    return Weights(model, (model if built else 0) + f32(set(storages)))
 
 
 class _Value:
@@ -149,11 +150,12 @@ _MARK = _Value()
 _IN_PLACE = {"SETITEM", "SETITEMS", "APPEND", "APPENDS", "ADDITEMS", "BUILD"}
 
 
-def _storages(pkl: bytes) -> tuple[dict[str, tuple[str, int]], set[str]] | None:
+def _storages(pkl: bytes) -> tuple[dict[str, tuple[str, int]], set[str], bool] | None:
     """From a ``torch.save`` pickle, by its opcodes: each storage's type name and element count
     by key, and the keys of the model's (under the first of the wrapper keys that holds any, as
-    the loader unwraps a training script's save; else all). None where the stream is not the
-    plain shape torch writes."""
+    the loader unwraps a training script's save; else all), and whether the model is built from
+    them (a dict: a state dict, a checkpoint) or is the object itself (a pickled module). None
+    where the stream is not the plain shape torch writes."""
     stack: list[_Value] = []
     memo: dict[int, _Value] = {}
     storages: dict[str, tuple[str, int]] = {}
@@ -203,8 +205,8 @@ def _storages(pkl: bytes) -> tuple[dict[str, tuple[str, int]], set[str]] | None:
     top = stack[-1] if stack else _Value()
     for key in _WRAPPER_KEYS:
         if top.named.get(key):
-            return storages, top.named[key]
-    return storages, set(storages)
+            return storages, top.named[key], True
+    return storages, set(storages), bool(top.named)
 
 
 def _pop(op: pickletools.OpcodeInfo, stack: list[_Value]) -> list[_Value]:
