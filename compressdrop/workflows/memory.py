@@ -36,9 +36,9 @@ __all__ = ["FACTORS", "OVERRIDE", "check_model_memory"]
 OVERRIDE = "COMPRESSDROP_NO_MEMORY_CHECK"
 
 #: each job's peak memory over its model's float32 weights, and what it does, for messages.
-#: The slopes measured (LLaMA-style decoder / ResNet-18 → 152): eval 1.12 / 1.69, export to
-#: ONNX 5.95 / 7.12, to ``.pt2`` – / 3.27, prune of a gated checkpoint 2.51 / 2.23 and prune
-#: with data (sparsify on the CPU) 7.76 / 6.18, both writing ``.pt``; each factor is the
+#: The slopes measured (LLaMA-style decoder / ResNet-18 → 152): eval 1.13 / 1.69, export to
+#: ONNX 5.96 / 7.18, to ``.pt2`` – / 3.27, prune of a gated checkpoint 2.47 / 2.22 and prune
+#: with data (sparsify on the CPU) 7.76 / 6.15, both writing ``.pt``; each factor is the
 #: smaller, rounded down. Not measured apart, so given a lower bound: a folder's export (the
 #: model and its reloaded copy), ``sweep`` (the gated model and each threshold's slim one), and
 #: a prune's ``.pt2`` or ``.onnx`` output, whose export of the slim model is left out.
