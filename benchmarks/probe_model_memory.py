@@ -212,7 +212,7 @@ def main() -> None:
             if a.jobs and job not in a.jobs.split(","):
                 continue
             if job == "prune (gated)" and name.endswith("bf16"):
-                continue  # gates attached to the bfloat16 model did not load back (o_proj's)
+                continue  # (did not load back before commit 728f17a; not measured since)
             if job == "prune (gated)":
                 make_gated(src, gated, is_lm)
             top, at_check = peak(args, tmp)
