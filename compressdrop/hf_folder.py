@@ -12,7 +12,8 @@ loaded back with its own class's ``from_pretrained`` and compared with the model
 moved into place: a folder that ``from_pretrained`` of the class its config names
 (``AutoModelForCausalLM`` for a causal LM) loads with no compressdrop installed. A model whose
 config still describes other shapes (a family :func:`~compressdrop.gating.known.sync_config` does
-not know, such as OPT) is refused before anything is written.
+not know, such as OPT) is refused before anything is written (:func:`folder_problem`), and
+before any training by :func:`compressdrop.hf_plan.check_folder_plan`, which asks the same.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from .runtime import logits_of
 
 __all__ = [
     "check_folder_output",
-    "check_folder_plan",
+    "folder_problem",
     "is_hf_folder",
     "load_hf_folder",
     "save_hf_folder",
@@ -102,54 +103,6 @@ def check_folder_output(out: str | Path) -> None:
         raise InputError(
             f"{out}: {what} is there already; name a new folder (a slim folder from an earlier "
             "run is replaced, nothing else is)"
-        )
-
-
-def check_folder_plan(
-    out: str | Path,
-    model: nn.Module,
-    gates: Mapping[str, Any],
-    uniform: bool,
-    example_inputs: Any,
-) -> None:
-    """Before a plain model is trained for a slim folder ``out``: refuse the plans whose slim
-    model no config could describe, which :func:`save_hf_folder` would refuse only after the
-    training. ``gates`` are :func:`compressdrop.attach`'s keyword arguments, ``uniform`` the
-    prune setting.
-
-    Raises:
-        InputError: the layers may keep different widths (``uniform`` is false and several
-            layers' units of a kind are gated), or heads would be gated where the library
-            derives the head size from the head count (GPT-2, BERT).
-    """
-    from .errors import CompressDropError
-    from .gating.groups import find_groups
-    from .gating.known import heads_fixed_by_config
-
-    try:  # the groups attach would gate (the model is traced, not changed)
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the run's own attach says them
-            groups = find_groups(
-                model, example_inputs, gates.get("granularity", "auto"),
-                gates.get("include") or None, gates.get("exclude") or None, warn=False,
-            )  # fmt: skip
-    except CompressDropError:
-        return  # the run's check names the problem
-    kinds = [g.kind for g in groups]
-    if not uniform and any(kinds.count(k) > 1 for k in set(kinds)):
-        raise InputError(
-            f"{out}: a Hugging Face folder needs every layer to keep as many units, which a free "
-            "prune of several layers does not give: pass --uniform (uniform=True; or "
-            "prune.uniform: true in the recipe), or write .pt2, .onnx or .pt"
-        )
-    fixed = heads_fixed_by_config(model)
-    if fixed is not None and "head" in kinds:
-        derived, attention = fixed
-        raise InputError(
-            f"{out}: the recipe gates attention heads, and a {type(model.config).__name__} "
-            f"derives their size from {derived}, so a folder cannot hold fewer of them: leave "
-            f"the heads ungated (gates.exclude: [{attention}] in the recipe) or write .pt2, "
-            ".onnx or .pt"
         )
 
 
@@ -262,8 +215,6 @@ def save_hf_folder(
             (nothing is written; the message says what to do).
         CheckpointError: the reloaded folder does not reproduce the model.
     """
-    from .gating.known import sync_config
-
     out = Path(out)
     config = getattr(slim, "config", None)
     if config is None or not hasattr(slim, "save_pretrained"):
@@ -271,17 +222,10 @@ def save_hf_folder(
             f"{out}: a folder is written for Hugging Face transformers models only; use a .pt, "
             ".pt2 or .onnx file name"
         )
-    reason = sync_config(slim)
-    if reason is not None:
-        raise InputError(f"{out}: cannot write a Hugging Face folder: {reason}")
+    problem = folder_problem(slim)
+    if problem is not None:
+        raise InputError(f"{out}: cannot write a Hugging Face folder: {problem}")
     check_folder_output(out)
-    misfit = _config_misfit(slim)
-    if misfit is not None:  # a family sync_config does not know (OPT, ...): its config is dense
-        raise InputError(
-            f"{out}: cannot write a Hugging Face folder: compressdrop cannot update the "
-            f"model's {type(config).__name__} to describe the pruned model ({misfit}); write .pt2, "
-            ".onnx or .pt instead"
-        )
     parent = out.resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InputError(f"cannot write {out}: directory {parent} is missing or not writable")
@@ -324,6 +268,26 @@ def save_hf_folder(
         raise
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     return size, err
+
+
+def folder_problem(slim: nn.Module) -> str | None:
+    """Why no folder can hold ``slim`` (``None``: one can), after its config is brought to its
+    shape (:func:`~compressdrop.gating.known.sync_config`): the layers keep different widths, the
+    config cannot describe a width it derives, or (a family ``sync_config`` does not know, such
+    as OPT) a weight whose shape the config does not give. :func:`save_hf_folder` refuses on it,
+    and :func:`compressdrop.hf_plan.check_folder_plan` on the same words before training."""
+    from .gating.known import sync_config
+
+    reason = sync_config(slim)
+    if reason is not None:
+        return reason
+    misfit = _config_misfit(slim)
+    if misfit is None:
+        return None
+    return (
+        f"compressdrop cannot update the model's {type(slim.config).__name__} to describe the "
+        f"pruned model ({misfit}); write .pt2, .onnx or .pt instead"
+    )
 
 
 def _config_misfit(slim: nn.Module) -> str | None:

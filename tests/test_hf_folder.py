@@ -380,7 +380,7 @@ def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
     and refused only when the folder was written (GPT-2's config derives the head size from
     n_embd / n_head). Both are refused now before any training, and nothing is written; the
     heads left ungated, as the message says, pass the check."""
-    from compressdrop.hf_folder import check_folder_plan
+    from compressdrop.hf_plan import check_folder_plan
     from compressdrop.workflows import prune_file
 
     folder = _gpt2_folder(tmp_path / "gpt2")
@@ -403,11 +403,13 @@ def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
     before = [type(m) for m in model.modules()]
     check_folder_plan(out, model, gates, True, ids)
     assert [type(m) for m in model.modules()] == before  # traced, not gated
-    # free is refused only where several layers could keep different widths (a review): one
-    # layer's MLP alone may be pruned free
+    # free is refused where several layers could keep different widths (a review); one layer's
+    # MLP alone passed that test, but its slim width differs from the ungated layers' and
+    # save_hf_folder refused it after training: the dry run (hf_plan.py) refuses it before
     with pytest.raises(InputError, match="free prune of several layers"):
         check_folder_plan(out, model, gates, False, ids)
-    check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, False, ids)
+    with pytest.raises(InputError, match=r"different widths \(n_inner \[127, 128\]\)"):
+        check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, False, ids)
 
 
 @pytest.mark.parametrize(
@@ -419,7 +421,8 @@ def test_a_falcon_plan_is_refused_before_training_and_its_mlp_writes_a_folder(tm
     check before training and every slim folder was refused after it. Its heads are refused
     before training now, with the way out; that way (its MLP alone, uniform) writes a folder
     whose config says the slim width and which from_pretrained reloads."""
-    from compressdrop.hf_folder import check_folder_plan, save_hf_folder
+    from compressdrop.hf_folder import save_hf_folder
+    from compressdrop.hf_plan import check_folder_plan
 
     folder = _folder(
         tmp_path / "falcon", "FalconForCausalLM", "FalconConfig", hidden_size=32,

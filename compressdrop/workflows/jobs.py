@@ -21,7 +21,8 @@ from torch import nn
 from ..arch import Factory
 from ..data import absolute_spec, check_trainable, load_dataset, with_model_tokenizer
 from ..errors import InputError
-from ..hf_folder import check_folder_output, check_folder_plan, save_hf_folder, why_no_folder
+from ..hf_folder import check_folder_output, save_hf_folder, why_no_folder
+from ..hf_plan import check_folder_plan
 from ..recipes import Recipe, load_recipe
 from ..runtime import run_on_examples
 from ..training.finish import SLIM_FORMATS, SlimFiles, finish, prune_summary, slim_paths, write_slim

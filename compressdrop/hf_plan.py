@@ -1,0 +1,167 @@
+"""Before a plain model is trained for a Hugging Face folder: refuse the plans whose slim model
+no config could describe, which :func:`~compressdrop.hf_folder.save_hf_folder` would refuse only
+after the whole training.
+
+Two refusals come from the plan alone: layers free to keep different widths, and heads gated
+where the library derives the head size from the head count (GPT-2, BERT, BLOOM, Falcon,
+StableLM, ...). Every other one comes from a dry run that knows no family: the model's modules
+are copied with their weights on the ``meta`` device (no memory, nothing read), the smallest cut
+the prune could make (one unit, or one head per key/value head, one aligned block) is made in
+every group attach would gate, one kind of unit at a time, and
+:func:`~compressdrop.hf_folder.folder_problem`, the check ``save_hf_folder`` runs, is asked
+whether the config can describe the result. The families whose tiny configs (transformers
+5.25) were refused only after training before this check, and what their config cannot say:
+Phi-3 (its packed ``gate_up_proj``), GPT-NeoX and Persimmon (the MLP width, their
+``query_key_value`` heads), GPT-BigCode and GPT-J (``n_inner``, their heads), XGLM and OPT
+(``ffn_dim``, their heads), BLOOM (its MLP width is 4 · ``hidden_size``). Fused experts whose
+forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in float32) cannot be traced there: the
+dense layers of such a model are left to ``save_hf_folder``'s own check.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CompressDropError, InputError
+from .gating.experts import is_experts, remove_expert_units_
+from .gating.heads import remove_heads_
+from .gating.known import heads_fixed_by_config
+from .gating.tpgraph import build_graph
+from .gating.units import UnitGroup
+from .hf_folder import folder_problem
+from .pruning.grouped import prune_group
+
+__all__ = ["check_folder_plan"]
+
+
+def check_folder_plan(
+    out: str | Path,
+    model: nn.Module,
+    gates: Mapping[str, Any],
+    uniform: bool,
+    example_inputs: Any,
+) -> None:
+    """Refuse, before training, a plan whose slim folder ``out`` no config could describe.
+    ``gates`` are :func:`compressdrop.attach`'s keyword arguments, ``uniform`` the prune
+    setting; ``model`` is traced and copied to the meta device, never changed.
+
+    Raises:
+        InputError: the layers may keep different widths (``uniform`` is false and several
+            layers' units of a kind are gated); heads would be gated where the library derives
+            the head size from the head count; or cutting one step of a kind of unit gives a
+            model whose config cannot describe it (the message is ``save_hf_folder``'s, with
+            the ``exclude`` pattern that leaves those units alone).
+    """
+    from .gating.groups import find_groups
+
+    try:  # the groups attach would gate (the model is traced, not changed)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the run's own attach says them
+            groups = find_groups(
+                model, example_inputs, gates.get("granularity", "auto"),
+                gates.get("include") or None, gates.get("exclude") or None, warn=False,
+            )  # fmt: skip
+    except CompressDropError:
+        return  # the run's check names the problem
+    kinds = [g.kind for g in groups]
+    if not uniform and any(kinds.count(k) > 1 for k in set(kinds)):
+        raise InputError(
+            f"{out}: a Hugging Face folder needs every layer to keep as many units, which a free "
+            "prune of several layers does not give: pass --uniform (uniform=True; or "
+            "prune.uniform: true in the recipe), or write .pt2, .onnx or .pt"
+        )
+    fixed = heads_fixed_by_config(model)
+    if fixed is not None and "head" in kinds:
+        derived, attention = fixed
+        raise InputError(
+            f"{out}: the recipe gates attention heads, and a {type(model.config).__name__} "
+            f"derives their size from {derived}, so a folder cannot hold fewer of them: leave "
+            f"the heads ungated (gates.exclude: [{attention}] in the recipe) or write .pt2, "
+            ".onnx or .pt"
+        )
+    if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
+        return  # (why_no_folder refused it already)
+    problems = {
+        pattern: problem
+        for pattern, cut in _by_exclude_pattern(model, groups).items()
+        if (problem := folder_problem(_cut(model, cut, example_inputs))) is not None
+    }
+    if problems:
+        patterns = ", ".join(repr(p) for p in problems)
+        raise InputError(
+            f"{out}: cannot write a Hugging Face folder: {next(iter(problems.values()))}; or "
+            f"leave those units ungated (gates.exclude: [{patterns}] in the recipe). Refused "
+            "before training: a dry run on the meta device cut one step of each kind of unit"
+        )
+
+
+def _by_exclude_pattern(model: nn.Module, groups: Sequence[UnitGroup]) -> dict[str, list]:
+    """The groups by what attach's ``exclude`` would name to leave them alone: an attention's
+    class for its heads, else the first producer's name with its layer numbers as ``*``."""
+    out: dict[str, list] = {}
+    for g in groups:
+        if g.kind == "head":
+            pattern = type(model.get_submodule(g.sites[0].attention or g.name)).__name__
+        else:
+            pattern = re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", g.producers[0])
+        out.setdefault(pattern, []).append(g)
+    return out
+
+
+def _step(g: UnitGroup) -> list[int]:
+    """The smallest cut the prune could make of ``g``: ``multiple`` units of each block (one
+    unit; one query head per key/value head), none where a block could keep no fewer."""
+    per = g.num_units // max(g.blocks, 1)
+    if per <= g.multiple:
+        return []
+    return [b * per + j for b in range(g.blocks) for j in range(g.multiple)]
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device: their shapes,
+    no memory (the real tensors are neither read nor copied)."""
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Module:
+    """A meta copy of ``model`` with one :func:`_step` cut from each of ``groups``, the way
+    :func:`compressdrop.pruning.prune` cuts: heads and fused experts by their own surgery, the
+    rest through Torch-Pruning's dependency graph traced on the meta copy."""
+    work = _on_meta(model)
+    rest = []
+    for g in groups:
+        idxs, site = _step(g), g.sites[0]
+        if not idxs:
+            continue
+        if site.head_dim:
+            remove_heads_(work, site.attention, idxs)
+        elif is_experts(work.get_submodule(site.name)):
+            remove_expert_units_(work, site.name, idxs)
+        else:
+            rest.append((site.name, idxs))
+    if rest:
+        inputs = example if isinstance(example, tuple) else (example,)
+        try:  # (fused experts' grouped_mm has no float32 meta kernel: Qwen2-MoE's)
+            dg, _ = build_graph(work, tuple(t.to("meta") for t in inputs))
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            dg = None
+        if dg is None:  # not traced on meta: save_hf_folder's own check decides
+            return work
+        for name, idxs in rest:
+            module = work.get_submodule(name)
+            pruner = dg.get_pruner_of_module(module)
+            prune_group(dg.get_pruning_group(module, pruner.prune_out_channels, idxs=idxs))
+    return work
