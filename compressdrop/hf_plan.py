@@ -12,7 +12,7 @@ every group attach would gate, one kind of unit at a time, and
 whether the config can describe the result. The families whose tiny configs (transformers
 5.25) were refused only after training before this check, and what their config cannot say:
 Phi-3 (its packed ``gate_up_proj``), GPT-NeoX and Persimmon (the MLP width, their
-``query_key_value`` heads), GPT-BigCode and GPT-J (``n_inner``, their heads), XGLM and OPT
+``query_key_value`` heads), GPT-BigCode and GPT-J (``n_inner``, their heads), CodeGen (``n_inner``), XGLM and OPT
 (``ffn_dim``, their heads), BLOOM (its MLP width is 4 · ``hidden_size``). Fused experts whose
 forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in float32) cannot be traced there: the
 dense layers of such a model are left to ``save_hf_folder``'s own check.
@@ -93,7 +93,8 @@ def check_folder_plan(
     problems = {
         pattern: problem
         for pattern, cut in _by_exclude_pattern(model, groups).items()
-        if (problem := folder_problem(_cut(model, cut, example_inputs))) is not None
+        if (slim := _cut(model, cut, example_inputs)) is not None
+        and (problem := folder_problem(slim)) is not None
     }
     if problems:
         patterns = ", ".join(repr(p) for p in problems)
@@ -118,12 +119,14 @@ def _by_exclude_pattern(model: nn.Module, groups: Sequence[UnitGroup]) -> dict[s
 
 
 def _step(g: UnitGroup) -> list[int]:
-    """The smallest cut the prune could make of ``g``: ``multiple`` units of each block (one
-    unit; one query head per key/value head), none where a block could keep no fewer."""
+    """The smallest cut the prune could make of ``g``, the same in each of its blocks (one query
+    head per key/value head): one unit, or down to the next ``multiple`` (fused experts' aligned
+    rows); none where a block could keep no fewer."""
     per = g.num_units // max(g.blocks, 1)
-    if per <= g.multiple:
+    n = per % g.multiple or g.multiple
+    if per - n < 1:
         return []
-    return [b * per + j for b in range(g.blocks) for j in range(g.multiple)]
+    return [b * per + j for b in range(g.blocks) for j in range(n)]
 
 
 def _on_meta(model: nn.Module) -> nn.Module:
@@ -136,32 +139,35 @@ def _on_meta(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Module:
+def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Module | None:
     """A meta copy of ``model`` with one :func:`_step` cut from each of ``groups``, the way
     :func:`compressdrop.pruning.prune` cuts: heads and fused experts by their own surgery, the
-    rest through Torch-Pruning's dependency graph traced on the meta copy."""
+    rest through Torch-Pruning's dependency graph traced on the meta copy; ``None`` where the
+    meta copy cannot be cut or traced (fused experts' ``grouped_mm`` has no float32 meta kernel:
+    Qwen2-MoE's), which leaves the question to ``save_hf_folder``'s own check."""
     work = _on_meta(model)
     rest = []
-    for g in groups:
-        idxs, site = _step(g), g.sites[0]
-        if not idxs:
-            continue
-        if site.head_dim:
-            remove_heads_(work, site.attention, idxs)
-        elif is_experts(work.get_submodule(site.name)):
-            remove_expert_units_(work, site.name, idxs)
-        else:
-            rest.append((site.name, idxs))
-    if rest:
-        inputs = example if isinstance(example, tuple) else (example,)
-        try:  # (fused experts' grouped_mm has no float32 meta kernel: Qwen2-MoE's)
-            dg, _ = build_graph(work, tuple(t.to("meta") for t in inputs))
-        except (RuntimeError, TypeError, ValueError, NotImplementedError):
-            dg = None
-        if dg is None:  # not traced on meta: save_hf_folder's own check decides
+    try:
+        for g in groups:
+            idxs, site = _step(g), g.sites[0]
+            if not idxs:
+                continue
+            if site.head_dim:
+                remove_heads_(work, site.attention, idxs)
+            elif is_experts(work.get_submodule(site.name)):
+                remove_expert_units_(work, site.name, idxs)
+            else:
+                rest.append((site.name, idxs))
+        if not rest:
             return work
+        inputs = example if isinstance(example, tuple) else (example,)
+        dg, _ = build_graph(work, tuple(t.to("meta") for t in inputs))
+        if dg is None:
+            return None
         for name, idxs in rest:
             module = work.get_submodule(name)
             pruner = dg.get_pruner_of_module(module)
             prune_group(dg.get_pruning_group(module, pruner.prune_out_channels, idxs=idxs))
+    except (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
+        return None
     return work
