@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 OPT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 48,
        "max_position_embeddings": 64, "word_embed_proj_dim": 32}  # fmt: skip
+GPTJ = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4}
 #: family → its tiny config, the heads left ungated where the config derives their size (the
 #: earlier check refuses those), and what its config cannot describe
 LATE = {
@@ -30,6 +31,14 @@ LATE = {
     "gpt_bigcode": (*MODELS["gpt_bigcode_multi_query"], None, r"GPTBigCodeConfig .*mlp\.c_fc"),
     "xglm": (*MODELS["xglm"], None, r"XGLMConfig .*fc1\.weight is \(47, 32\)"),
     "opt": ("OPTConfig", "OPTForCausalLM", OPT, None, r"OPTConfig .*fc1\.weight is \(47, 32\)"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", GPTJ, None, r"GPTJConfig .*mlp\.fc_in"),
+    "codegen": (
+        "CodeGenConfig",
+        "CodeGenForCausalLM",
+        GPTJ,
+        "CodeGenAttention",
+        r"CodeGenConfig .*mlp\.fc_in\.weight is \(127, 32\)",
+    ),
     # BLOOM's MLP width is 4 · hidden_size, no field of its own
     "bloom": (*MODELS["bloom"], "BloomAttention", r"BloomConfig .*dense_h_to_4h\.weight"),
 }
