@@ -80,3 +80,32 @@ BERT_LIKE = {
     "roformer": "RoFormer",  # (its rotary positions act per head: any head may go)
     "megatron_bert": "MegatronBert",
 }
+
+
+class MlpWidth(NamedTuple):
+    """Where a family whose attention is not LLaMA's keeps its MLP width: the layer whose
+    outputs are the neurons, below the module of the class it is keyed by, and the config field
+    that gives their number.
+
+    Attributes:
+        up: the layer whose output rows are the neurons.
+        width: the config field of their number.
+    """
+
+    up: str
+    width: str
+
+
+#: module class → where its MLP width is, for families whose config derives the head size from
+#: the width and the head count (their heads stay refused): only their MLP width follows a
+#: prune. Not Phi-3's: its packed ``gate_up_proj`` is gated row by row, so a uniform prune can
+#: keep different numbers of [gate; up] pairs in its layers
+MLP_WIDTHS = {
+    "GPTNeoXMLP": MlpWidth("dense_h_to_4h", "intermediate_size"),
+    "PersimmonMLP": MlpWidth("dense_h_to_4h", "intermediate_size"),
+    "GPTJMLP": MlpWidth("fc_in", "n_inner"),
+    "CodeGenMLP": MlpWidth("fc_in", "n_inner"),
+    "GPTBigCodeMLP": MlpWidth("c_fc", "n_inner"),
+    "OPTDecoderLayer": MlpWidth("fc1", "ffn_dim"),  # (no MLP module: the layer holds fc1)
+    "XGLMDecoderLayer": MlpWidth("fc1", "ffn_dim"),
+}

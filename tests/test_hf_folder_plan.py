@@ -23,24 +23,29 @@ OPT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn
        "max_position_embeddings": 64, "word_embed_proj_dim": 32}  # fmt: skip
 GPTJ = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4}
 #: family → its tiny config, the heads left ungated where the config derives their size (the
-#: earlier check refuses those), and what its config cannot describe
+#: earlier check refuses those), and what its config cannot describe: BLOOM's MLP width (4 ·
+#: hidden_size, no field of its own), Phi-3's packed gate_up_proj; the others' heads (their MLP
+#: width now follows, FOLLOWS)
 LATE = {
     "phi3": (*MODELS["phi3"], None, r"Phi3Config .*mlp\.gate_up_proj\.weight is \(94, 32\)"),
-    "gpt_neox": (*MODELS["gpt_neox"], None, r"GPTNeoXConfig .*mlp\.dense_h_to_4h"),
-    "persimmon": (*MODELS["persimmon"], None, r"PersimmonConfig .*mlp\.dense_h_to_4h"),
-    "gpt_bigcode": (*MODELS["gpt_bigcode_multi_query"], None, r"GPTBigCodeConfig .*mlp\.c_fc"),
-    "xglm": (*MODELS["xglm"], None, r"XGLMConfig .*fc1\.weight is \(47, 32\)"),
-    "opt": ("OPTConfig", "OPTForCausalLM", OPT, None, r"OPTConfig .*fc1\.weight is \(47, 32\)"),
-    "gptj": ("GPTJConfig", "GPTJForCausalLM", GPTJ, None, r"GPTJConfig .*mlp\.fc_in"),
-    "codegen": (
-        "CodeGenConfig",
-        "CodeGenForCausalLM",
-        GPTJ,
-        "CodeGenAttention",
-        r"CodeGenConfig .*mlp\.fc_in\.weight is \(127, 32\)",
-    ),
-    # BLOOM's MLP width is 4 · hidden_size, no field of its own
+    "gpt_neox": (*MODELS["gpt_neox"], None, r"GPTNeoXConfig .*attention\.query_key_value"),
+    "persimmon": (*MODELS["persimmon"], None, r"PersimmonConfig .*self_attn\.query_key_value"),
+    "gpt_bigcode": (*MODELS["gpt_bigcode_multi_query"], None, r"GPTBigCodeConfig .*attn\.c_attn"),
+    "xglm": (*MODELS["xglm"], None, r"XGLMConfig .*k_proj\.weight is \(24, 32\)"),
+    "opt": ("OPTConfig", "OPTForCausalLM", OPT, None, r"OPTConfig .*k_proj\.weight is \(24, 32\)"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", GPTJ, None, r"GPTJConfig .*attn\.k_proj"),
     "bloom": (*MODELS["bloom"], "BloomAttention", r"BloomConfig .*dense_h_to_4h\.weight"),
+}
+#: family → its tiny config, its attention class (the heads a folder cannot hold fewer of) and
+#: the config field that gives its MLP width
+FOLLOWS = {
+    "gpt_neox": (*MODELS["gpt_neox"], "GPTNeoXAttention", "intermediate_size"),
+    "opt": ("OPTConfig", "OPTForCausalLM", OPT, "OPTAttention", "ffn_dim"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", GPTJ, "GPTJAttention", "n_inner"),
+    "gpt_bigcode": (*MODELS["gpt_bigcode_multi_query"], "GPTBigCodeAttention", "n_inner"),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", GPTJ, "CodeGenAttention", "n_inner"),
+    "xglm": (*MODELS["xglm"], "XGLMAttention", "ffn_dim"),
+    "persimmon": (*MODELS["persimmon"], "PersimmonAttention", "intermediate_size"),
 }
 SAVES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA),
@@ -65,7 +70,8 @@ def test_a_plan_whose_config_cannot_follow_is_refused_before_training(tmp_path, 
     """Each of these families was trained and then refused by save_hf_folder: its config has
     no field compressdrop updates for the slim widths. The refusal comes before the recipe
     event now (nothing is trained, nothing written), in save_hf_folder's words, with the
-    ``exclude`` that leaves those units alone."""
+    ``exclude`` that leaves those units alone: where the MLP width follows (FOLLOWS), the
+    heads alone."""
     from compressdrop.workflows import prune_file
 
     config_cls, model_cls, sizes, heads, says = LATE[name]
@@ -86,6 +92,8 @@ def test_a_plan_whose_config_cannot_follow_is_refused_before_training(tmp_path, 
             progress=events.append,
         )  # fmt: skip
     assert "Refused before training" in str(e.value) and "gates.exclude: [" in str(e.value)
+    if name in FOLLOWS:
+        assert f"gates.exclude: [{FOLLOWS[name][3]!r}]" in str(e.value)
     assert events == [] and not out.exists()
 
 
@@ -115,3 +123,57 @@ def test_a_family_whose_config_follows_passes_and_its_folder_reloads(tmp_path, n
     assert {k: v.shape for k, v in back.state_dict().items()} == {
         k: v.shape for k, v in slim.state_dict().items()
     }
+
+
+@pytest.mark.parametrize("name", list(FOLLOWS))
+def test_a_uniform_mlp_prune_of_these_families_writes_a_folder_that_reloads(tmp_path, name):
+    """These families' MLP width is a config field (GPT-NeoX's ``intermediate_size``, OPT's
+    ``ffn_dim``, GPT-J's ``n_inner``...), which compressdrop now sets to the slim width: with the heads left
+    ungated, the plan passes the check before training, and the uniform prune writes a folder
+    from_pretrained reloads with the slim shapes and the slim model's logits."""
+    from compressdrop.hf_folder import save_hf_folder
+    from compressdrop.hf_plan import check_folder_plan
+
+    config_cls, model_cls, sizes, attention, field = FOLLOWS[name]
+    folder = _folder(tmp_path / name, config_cls, model_cls, sizes)
+    ids = torch.randint(256, (2, 16))
+    out = tmp_path / "slim"
+    model = load_model(folder)
+    dense = getattr(model.config, field) or 4 * model.config.hidden_size  # (None: 4 · n_embd)
+    check_folder_plan(out, model, {"gate": "lognormal", "exclude": [attention]}, True, ids)
+    slim = _uniform_slim(load_model(folder), ids, exclude=[attention])
+    assert slim.num_parameters() < model.num_parameters()
+    _, err = save_hf_folder(slim, out, ids)
+    back = getattr(transformers, model_cls).from_pretrained(out).eval()
+    assert err <= 1e-4 and 0 < getattr(back.config, field) < dense
+    assert {k: v.shape for k, v in back.state_dict().items()} == {
+        k: v.shape for k, v in slim.state_dict().items()
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, slim(ids).logits)
+
+
+@pytest.mark.parametrize("name", list(FOLLOWS))
+def test_free_mlp_widths_of_these_families_are_refused_as_free_widths(tmp_path, name):
+    """A free prune (each layer keeps its own number of neurons) still writes no folder: one
+    config field cannot give several widths, and save_hf_folder says so (it said the config
+    could not be updated at all)."""
+    import compressdrop as cd
+    from compressdrop.hf_folder import save_hf_folder
+
+    config_cls, model_cls, sizes, attention, field = FOLLOWS[name]
+    model = load_model(_folder(tmp_path / name, config_cls, model_cls, sizes))
+    ids = torch.randint(256, (2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cd.attach(model, "lognormal", exclude=[attention], example_inputs=ids)
+    with torch.no_grad():  # layer 0 keeps more neurons than layer 1
+        for i, (_, gate) in enumerate(cd.named_gates(model)):
+            gate.mu.copy_(torch.linspace(-3, 3, gate.mu.numel()) + (2.0 if i == 0 else -2.0))
+        thr = float(torch.cat([g.snr() for _, g in cd.named_gates(model)]).median())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slim = cd.prune(model, thr, uniform=False, example_inputs=ids).eval()
+    with pytest.raises(InputError, match=f"the layers keep different widths \\({field} \\["):
+        save_hf_folder(slim, tmp_path / "slim", ids)
+    assert not (tmp_path / "slim").exists()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._families import BERT_LIKE
+from .._families import BERT_LIKE, MLP_WIDTHS
 from .experts import experts_widths
 from .heads import HeadSpec, hf_module, register_attention, register_attention_at
 from .hf_bigcode import register_bigcode
@@ -241,7 +241,8 @@ def sync_config(model: nn.Module) -> str | None:
     (LLaMA: ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
     ``intermediate_size``; a mixture of experts: its experts' ``moe_intermediate_size`` or
     ``intermediate_size``; GPT-2: ``n_inner``; BERT: ``intermediate_size``; Falcon:
-    ``ffn_hidden_size``), so that ``save_pretrained`` writes a folder ``from_pretrained`` loads.
+    ``ffn_hidden_size``; the MLP width of :data:`~compressdrop._families.MLP_WIDTHS`' families,
+    GPT-NeoX's ``intermediate_size`` to OPT's ``ffn_dim``), so that ``save_pretrained`` writes a folder ``from_pretrained`` loads.
 
     Returns:
         ``None`` when the config describes the slim model (or the model is not one of these),
@@ -337,4 +338,9 @@ def _shapes(
             widths = [int(p.dense.out_features) for p in poolers]
             fixed["hidden_size"] = (widths, config.hidden_size, "a pooler width")
         return {"intermediate_size": [m.dense.out_features for m in inter]}, fixed
+    kind = next((k for k in MLP_WIDTHS if k in kinds), None)
+    if kind is not None:  # the MLP width alone; a head cut is left to the config's own misfit
+        at = MLP_WIDTHS[kind]
+        ups = [m.get_submodule(at.up) for m in mods if type(m).__name__ == kind]
+        return {at.width: [int(u.out_features) for u in ups]}, {}
     return None
