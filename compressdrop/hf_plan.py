@@ -10,12 +10,14 @@ the prune could make (one unit, or one head per key/value head, one aligned bloc
 every group attach would gate, one kind of unit at a time, and
 :func:`~compressdrop.hf_folder.folder_problem`, the check ``save_hf_folder`` runs, is asked
 whether the config can describe the result. The families whose tiny configs (transformers
-5.25) were refused only after training before this check, and what their config cannot say:
-Phi-3 (its packed ``gate_up_proj``), GPT-NeoX and Persimmon (the MLP width, their
-``query_key_value`` heads), GPT-BigCode and GPT-J (``n_inner``, their heads), CodeGen (``n_inner``), XGLM and OPT
-(``ffn_dim``, their heads), BLOOM (its MLP width is 4 · ``hidden_size``). Fused experts whose
-forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in float32) cannot be traced there: the
-dense layers of such a model are left to ``save_hf_folder``'s own check.
+5.25) are refused, and what their config cannot say: Phi-3 (its packed ``gate_up_proj``, gated
+row by row, so a uniform prune may keep different widths), the heads of GPT-NeoX and Persimmon
+(``query_key_value``), GPT-BigCode, GPT-J, XGLM and OPT, BLOOM (its MLP width is 4 ·
+``hidden_size``). The MLP width of GPT-NeoX, Persimmon, GPT-J, CodeGen, GPT-BigCode, OPT and
+XGLM is a field the config follows (:data:`~compressdrop._families.MLP_WIDTHS`): their uniform
+MLP prune passes. Fused experts whose forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in
+float32) cannot be traced there: the dense layers of such a model are left to
+``save_hf_folder``'s own check.
 """
 
 from __future__ import annotations
