@@ -177,3 +177,27 @@ def test_free_mlp_widths_of_these_families_are_refused_as_free_widths(tmp_path, 
     with pytest.raises(InputError, match=f"the layers keep different widths \\({field} \\["):
         save_hf_folder(slim, tmp_path / "slim", ids)
     assert not (tmp_path / "slim").exists()
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "opt"])
+def test_a_recipe_run_on_pythia_or_opt_writes_a_folder_that_reloads(tmp_path, name):
+    """The whole run, as ``compressdrop prune my-model/ --uniform -o slim/`` makes it, with the
+    heads left ungated in the recipe: trained, pruned, fine-tuned and written, where the check
+    before training refused it; the folder reloads in plain transformers at the slim MLP width."""
+    from compressdrop.workflows import prune_file
+
+    config_cls, model_cls, sizes, attention, field = FOLLOWS[name]
+    folder = _folder(tmp_path / name, config_cls, model_cls, sizes)
+    recipe = RECIPE.replace("kl_cost: flops", f"kl_cost: flops, exclude: [{attention}]")
+    (tmp_path / "tiny.yaml").write_text(recipe)
+    out = tmp_path / "slim"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_file(
+            folder, out, recipe=str(tmp_path / "tiny.yaml"),
+            data=f"text:{_text(tmp_path / 'corpus')},context=16", uniform=True,
+        )  # fmt: skip
+    dense = getattr(transformers, model_cls).from_pretrained(folder)
+    back = getattr(transformers, model_cls).from_pretrained(out)
+    assert 0 < getattr(back.config, field) < getattr(dense.config, field)
+    assert back.num_parameters() < dense.num_parameters()
