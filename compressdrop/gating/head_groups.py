@@ -68,8 +68,8 @@ def _check(m: nn.Module, spec: HeadSpec, call: tuple[tuple, dict]) -> tuple[str 
     projection saw (the MACs multiplier). Returns ``(reason it is not exact or None, positions)``.
     A bfloat16 or float16 attention is checked in float32: the check is of its structure, and
     bfloat16's rounding (8 bits of mantissa) put a LLaMA's 16 heads of 64 at a relative error of
-    8e-5 to 7e-4, above the tolerance: its heads were kept, and its gated checkpoint did not load back (the
-    reload's plan had gated them)."""
+    8e-5 to 7e-4, above the tolerance: its heads were kept, and its gated checkpoint did not
+    load back (the reload's plan had gated them)."""
     args, kwargs = _in_float32(m, call)
     zeroed, removed = copy.deepcopy(m).eval(), copy.deepcopy(m).eval()
     if any(p.dtype in _HALF for p in m.parameters()):
