@@ -90,17 +90,20 @@ class MlpWidth(NamedTuple):
     Attributes:
         up: the layer whose output rows are the neurons.
         width: the config field of their number.
+        rows: rows of ``up`` per neuron (2: a packed ``[gate; up]``).
     """
 
     up: str
     width: str
+    rows: int = 1
 
 
 #: module class → where its MLP width is, for families whose config derives the head size from
 #: the width and the head count (their heads stay refused): only their MLP width follows a
-#: prune. Not Phi-3's: its packed ``gate_up_proj`` is gated row by row, so a uniform prune can
-#: keep different numbers of [gate; up] pairs in its layers
+#: prune. Phi-3's packed ``gate_up_proj`` holds two rows per neuron (gated per neuron:
+#: :mod:`compressdrop.gating.packed_mlp`)
 MLP_WIDTHS = {
+    "Phi3MLP": MlpWidth("gate_up_proj", "intermediate_size", rows=2),
     "GPTNeoXMLP": MlpWidth("dense_h_to_4h", "intermediate_size"),
     "PersimmonMLP": MlpWidth("dense_h_to_4h", "intermediate_size"),
     "GPTJMLP": MlpWidth("fc_in", "n_inner"),

@@ -24,10 +24,10 @@ OPT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn
 GPTJ = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "rotary_dim": 4}
 #: family → its tiny config, the heads left ungated where the config derives their size (the
 #: earlier check refuses those), and what its config cannot describe: BLOOM's MLP width (4 ·
-#: hidden_size, no field of its own), Phi-3's packed gate_up_proj; the others' heads (their MLP
-#: width now follows, FOLLOWS)
+#: hidden_size, no field of its own); the others' heads (their MLP width now follows, FOLLOWS;
+#: Phi-3's too, its packed gate_up_proj gated per neuron)
 LATE = {
-    "phi3": (*MODELS["phi3"], None, r"Phi3Config .*mlp\.gate_up_proj\.weight is \(94, 32\)"),
+    "phi3": (*MODELS["phi3"], None, r"Phi3Config .*self_attn\.o_proj\.weight is \(32, 16\)"),
     "gpt_neox": (*MODELS["gpt_neox"], None, r"GPTNeoXConfig .*attention\.query_key_value"),
     "persimmon": (*MODELS["persimmon"], None, r"PersimmonConfig .*self_attn\.query_key_value"),
     "gpt_bigcode": (*MODELS["gpt_bigcode_multi_query"], None, r"GPTBigCodeConfig .*attn\.c_attn"),
@@ -46,6 +46,7 @@ FOLLOWS = {
     "codegen": ("CodeGenConfig", "CodeGenForCausalLM", GPTJ, "CodeGenAttention", "n_inner"),
     "xglm": (*MODELS["xglm"], "XGLMAttention", "ffn_dim"),
     "persimmon": (*MODELS["persimmon"], "PersimmonAttention", "intermediate_size"),
+    "phi3": (*MODELS["phi3"], "Phi3Attention", "intermediate_size"),  # gated per neuron
 }
 SAVES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", LLAMA),

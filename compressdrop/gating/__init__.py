@@ -22,6 +22,7 @@ from .gated import (
 )
 from .groups import GatingWarning, Site, UnitGroup, find_groups
 from .heads import HeadSpec, register_attention
+from .packed_mlp_gated import PackedMLPGated  # registers the wrapper of packed MLPs
 from .recurrent import GatedLSTM  # registers compressdrop.dropout.LSTM's layer spec
 from .registry import LayerSpec, register_layer, spec_of
 
@@ -34,6 +35,7 @@ __all__ = [
     "HeadSpec",
     "LayerSpec",
     "MultiheadAttention",
+    "PackedMLPGated",
     "Site",
     "UnitGroup",
     "attach",

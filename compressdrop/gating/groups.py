@@ -26,6 +26,7 @@ from .experts import find_experts
 from .head_groups import find_heads, projections_of, record_calls
 from .inputs import run_example
 from .known import register_for, traced_as_known
+from .packed_mlp import find_packed_mlps
 from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of
 from .shuffle import stream_groups
@@ -178,6 +179,7 @@ def find_groups(
         warnings.warn(f"compressdrop: {cut}", GatingWarning, stacklevel=3)
     heads: list[UnitGroup] = []
     experts: list[UnitGroup] = []
+    packed: list[UnitGroup] = []
     if granularity in ("auto", "head"):
         heads, problems = find_heads(model, calls, include, exclude)
         for message in problems if warn else ():
@@ -187,7 +189,10 @@ def find_groups(
         experts, problems = find_experts(model, calls, include, exclude, batch)
         for message in problems if warn else ():
             warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
+        # Phi-3's packed gate_up_proj: a gate per neuron, not per row (gating/packed_mlp.py)
+        packed = find_packed_mlps(model, calls, include, exclude, batch)
     claimed = projections_of(model, heads)  # q/k/v layers: their units are the heads
+    claimed |= {p for g in packed for p in g.producers}  # rows of the packed MLPs' neurons
     # ShuffleNetV2's shuffled channels: groups of their own (gating/shuffle.py), not Torch-Pruning's
     streams = stream_groups(model, names, positions)
     streamed = {p for s in streams for p in s.producers}
@@ -258,7 +263,7 @@ def find_groups(
             s.kind, [by_name[p] for p in s.producers], names, granularity, include, exclude
         )
     ]
-    return groups + streams + heads + experts
+    return groups + streams + heads + experts + packed
 
 
 def _in_excluded(name: str, by_name: dict, exclude: Sequence[str | type] | None) -> bool:

@@ -22,6 +22,7 @@ from .heads import (
     head_features,
     head_spec_of,
 )
+from .packed_mlp import is_packed_mlp
 from .registry import spec_of
 from .units import Site, UnitGroup, _matches
 
@@ -215,7 +216,7 @@ def find_heads(
 
 
 def record_calls(model: nn.Module) -> tuple[dict[str, tuple[tuple, dict]], Callable[[], None]]:
-    """Hooks that record the first call of every attention and every fused experts module in
+    """Hooks that record the first call of every attention, fused experts module and packed MLP in
     ``model``; returns the record and the function that removes the hooks."""
     calls: dict[str, tuple[tuple, dict]] = {}
 
@@ -230,7 +231,7 @@ def record_calls(model: nn.Module) -> tuple[dict[str, tuple[tuple, dict]], Calla
     handles = [
         m.register_forward_pre_hook(hook(n), with_kwargs=True)
         for n, m in model.named_modules()
-        if head_spec_of(m) is not None or is_experts(m)
+        if head_spec_of(m) is not None or is_experts(m) or is_packed_mlp(m)
     ]
 
     def unhook() -> None:

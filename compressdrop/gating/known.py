@@ -342,5 +342,5 @@ def _shapes(
     if kind is not None:  # the MLP width alone; a head cut is left to the config's own misfit
         at = MLP_WIDTHS[kind]
         ups = [m.get_submodule(at.up) for m in mods if type(m).__name__ == kind]
-        return {at.width: [int(u.out_features) for u in ups]}, {}
+        return {at.width: [int(u.out_features) // at.rows for u in ups]}, {}
     return None

@@ -11,13 +11,23 @@ from ..errors import CheckpointError, brief
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["BIAS", "EXPERTS", "HEADS", "STREAM", "LayerReport", "PruneReport", "check_history"]
+__all__ = [
+    "BIAS",
+    "EXPERTS",
+    "HEADS",
+    "PACKED",
+    "STREAM",
+    "LayerReport",
+    "PruneReport",
+    "check_history",
+]
 
 HEADS = "heads"  # the pruning history's mark of an attention's removed heads
 BIAS = "bias"  # ... and of a layer given a bias to fold a pruned unit's constant into
 STREAM = "stream"  # ... and of a ShuffleNetV2 branch's removed channels (gating/shuffle.py)
 EXPERTS = "experts"  # ... and of a fused experts module's removed neurons (gating/experts.py)
-MARKS = (HEADS, BIAS, STREAM, EXPERTS)
+PACKED = "packed"  # ... and of a packed gate/up MLP's removed neurons (gating/packed_mlp.py)
+MARKS = (HEADS, BIAS, STREAM, EXPERTS, PACKED)
 
 
 @dataclass(frozen=True)

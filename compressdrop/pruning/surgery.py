@@ -31,8 +31,6 @@ from ..gating import (
     sites,
 )
 from ..gating.aligned import align_keep
-from ..gating.experts import remove_expert_units_
-from ..gating.experts_gated import ExpertsGated
 from ..gating.heads import remove_heads_
 from ..gating.inputs import checked_example, run_example, uncompiled
 from ..gating.known import register_for, sync_config
@@ -40,7 +38,8 @@ from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
 from .grouped import prune_group
-from .report import BIAS, EXPERTS, HEADS, MARKS, STREAM, LayerReport, PruneReport, check_history
+from .own_surgery import MARK_OF, SURGERY
+from .report import BIAS, HEADS, MARKS, STREAM, LayerReport, PruneReport, check_history
 from .uniform import repeats, uniform_keep
 
 __all__ = [
@@ -268,7 +267,7 @@ def prune(
     # the first site of each gate is the handle of its group in the dependency graph
     first_site: dict[int, nn.Module] = {}
     heads: dict[str, list[int]] = {}  # attention → its heads to remove
-    experts: dict[str, list[int]] = {}  # fused experts module → its neurons to remove
+    own: dict[str, tuple[str, list[int]]] = {}  # fused experts, packed MLP → (mark, neurons)
     streams: dict[str, list[int]] = {}  # ShuffleNetV2 branch (its last norm) → channels to remove
     stream_sites = stream_norms(work)
     pruned = {gid: (~masks[gid][1]).nonzero().flatten().tolist() for gid in masks}
@@ -276,8 +275,8 @@ def prune(
         site.fold_()
         if isinstance(site, HeadGated):
             heads[site.attention] = pruned[id(site.gate)]
-        elif isinstance(site, ExpertsGated):  # fused experts: their own surgery
-            experts[name] = pruned[id(site.gate)]
+        elif type(site) in MARK_OF:  # fused experts, packed MLPs: their own surgery
+            own[name] = MARK_OF[type(site)], pruned[id(site.gate)]
         elif name in stream_sites:
             streams[name] = pruned[id(site.gate)]
         else:
@@ -295,12 +294,12 @@ def prune(
     for name, idxs in streams.items():
         if idxs:
             remove_units_(work, name, idxs)
-    for name, idxs in experts.items():
+    for name, (mark, idxs) in own.items():
         if idxs:
-            remove_expert_units_(work, name, idxs)
+            SURGERY[mark](work, name, idxs)
     head_history: list = [[name, HEADS, idxs] for name, idxs in heads.items() if idxs]
     head_history += [[name, STREAM, idxs] for name, idxs in streams.items() if idxs]
-    head_history += [[name, EXPERTS, idxs] for name, idxs in experts.items() if idxs]
+    head_history += [[name, mark, idxs] for name, (mark, idxs) in own.items() if idxs]
 
     dg = _dependency_graph(work, example)
     for gid, module in first_site.items():  # constants a pruned unit leaves, into biases
@@ -379,8 +378,8 @@ def replay(
     prepare_shufflenets(model)  # as attach did (index buffers in the state_dict)
     for name, _, idxs in (s for s in history if s[1] == STREAM):
         remove_units_(model, name, idxs)
-    for name, _, idxs in (s for s in history if s[1] == EXPERTS):
-        remove_expert_units_(model, name, idxs)
+    for name, mark, idxs in (s for s in history if s[1] in SURGERY):
+        SURGERY[mark](model, name, idxs)
     add_biases_(model, history)
     dg = _dependency_graph(model, example)
     dg.load_pruning_history(steps)

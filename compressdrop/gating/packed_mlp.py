@@ -1,0 +1,168 @@
+"""A gated MLP whose gate and up projections are packed in one Linear (Phi-3's ``Phi3MLP``):
+one gate per neuron, and the surgery that removes a neuron's two rows and its column together.
+
+Layout (``I`` neurons, width ``H``): ``gate_up_proj`` is a Linear ``H → 2I`` whose rows are
+``[gate; up]``, its output split by ``chunk(2, -1)``, and ``down_proj`` a Linear ``I → H`` that
+reads ``up · act(gate)``. Neuron ``j`` is rows ``j`` and ``I + j`` of ``gate_up_proj`` and column
+``j`` of ``down_proj``; it reaches the output only through that column, so a gate on
+``down_proj``'s input multiplies the neuron once, and a neuron at zero is removed exactly.
+
+Torch-Pruning sees ``gate_up_proj``'s ``2I`` rows as the units: a gate per row gave each neuron
+two gates, and cut a neuron when either of its rows went, so a prune removed more neurons than
+the gates chose and a uniform prune kept different widths. A module is taken for this layout only
+if it has the two Linears of matching widths and removing neurons is, on the call recorded while
+tracing, the same as zeroing their ``down_proj`` columns; anything else is left to Torch-Pruning's
+groups as before.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from .registry import kept_indices
+from .units import Site, UnitGroup, _matches
+
+__all__ = ["find_packed_mlps", "is_packed_mlp", "remove_packed_units", "remove_packed_units_"]
+
+
+def is_packed_mlp(m: nn.Module) -> bool:
+    """Whether ``m`` has a Linear ``gate_up_proj`` of ``2I`` outputs and a Linear ``down_proj``
+    of ``I`` inputs (the layout of the module docstring, before it is checked)."""
+    up, down = m._modules.get("gate_up_proj"), m._modules.get("down_proj")
+    return (
+        isinstance(up, nn.Linear)
+        and isinstance(down, nn.Linear)
+        and up.out_features == 2 * down.in_features
+    )
+
+
+def _slice(layer: nn.Linear, dim: int, idx: torch.Tensor) -> None:
+    """Keep entries ``idx`` of ``layer``'s weight along ``dim`` (and of its bias for dim 0)."""
+    w = layer.weight
+    layer.weight = nn.Parameter(
+        w.detach().index_select(dim, idx.to(w.device)).clone(), requires_grad=w.requires_grad
+    )
+    if dim == 0 and layer.bias is not None:
+        b = layer.bias
+        kept = b.detach().index_select(0, idx.to(b.device)).clone()
+        layer.bias = nn.Parameter(kept, requires_grad=b.requires_grad)
+    if dim == 0:
+        layer.out_features = int(idx.numel())
+    else:
+        layer.in_features = int(idx.numel())
+
+
+@torch.no_grad()
+def remove_packed_units(m: nn.Module, pruned: list[int]) -> None:
+    """Remove neurons ``pruned`` of packed MLP ``m``, in place: rows ``j`` and ``I + j`` of its
+    ``gate_up_proj``, column ``j`` of its ``down_proj``.
+
+    Raises:
+        InputError: every neuron would go.
+    """
+    up, down = m.get_submodule("gate_up_proj"), m.get_submodule("down_proj")
+    assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear)  # is_packed_mlp
+    n = down.in_features
+    keep = kept_indices(n, pruned)
+    if keep.numel() == 0:
+        raise InputError(f"a packed MLP must keep at least one of its {n} neurons")
+    _slice(up, 0, torch.cat([keep, keep + n]))  # [gate; up]: both halves keep the same neurons
+    _slice(down, 1, keep)
+
+
+def remove_packed_units_(root: nn.Module, name: str, pruned: list[int]) -> None:
+    """Remove neurons ``pruned`` of the packed MLP ``name`` of ``root`` (see
+    :func:`remove_packed_units`), in place.
+
+    Raises:
+        InputError: ``name`` is not a packed MLP.
+    """
+    m = root.get_submodule(name)
+    if not is_packed_mlp(m):
+        raise InputError(f"{name!r} ({type(m).__name__}) is not a packed gate/up MLP")
+    remove_packed_units(m, pruned)
+
+
+def _shallow(m: nn.Module) -> nn.Module:
+    """A copy of ``m`` whose two Linears can be cut without touching ``m`` (the same tensors)."""
+    out = copy.copy(m)
+    out._modules = dict(m._modules)
+    for key in ("gate_up_proj", "down_proj"):
+        layer = copy.copy(m._modules[key])
+        assert layer is not None  # is_packed_mlp
+        layer._parameters = dict(layer._parameters)
+        out._modules[key] = layer
+    return out
+
+
+@torch.no_grad()
+def _check(m: nn.Module, call: tuple[tuple, dict]) -> bool:
+    """Whether removing the first and last neurons gives exactly the output of zeroing their
+    ``down_proj`` columns, on the recorded ``call``."""
+    down = m.get_submodule("down_proj")
+    assert isinstance(down, nn.Linear)  # is_packed_mlp
+    n = down.in_features
+    if n < 2:
+        return False
+    cut = [0, n - 1]
+    args, kwargs = call
+
+    def zero(_mod: nn.Module, inputs: tuple) -> tuple:
+        x = inputs[0].clone()
+        x[..., cut] = 0
+        return (x, *inputs[1:])
+
+    handle = down.register_forward_pre_hook(zero)
+    try:
+        want = m(*args, **kwargs)
+    except Exception:
+        return False
+    finally:
+        handle.remove()
+    removed = _shallow(m)
+    try:
+        remove_packed_units(removed, cut)
+        got = removed(*args, **kwargs)
+    except Exception:
+        return False
+    if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return False
+    if got.shape != want.shape:
+        return False
+    err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+    return err <= 1e-5
+
+
+def find_packed_mlps(
+    model: nn.Module, calls: dict[str, tuple[tuple, dict]], include: Any, exclude: Any, batch: int
+) -> list[UnitGroup]:
+    """The neuron groups of ``model``'s packed MLPs called while tracing (``calls``) whose
+    removal checks out: one group of ``I`` units per MLP, its site the MLP itself (its wrapper,
+    :class:`~compressdrop.gating.packed_mlp_gated.PackedMLPGated`, gates ``down_proj``'s input).
+    """
+    groups = []
+    for name, m in model.named_modules():
+        if not is_packed_mlp(m) or name not in calls:
+            continue
+        up = f"{name}.gate_up_proj" if name else "gate_up_proj"
+        if include and not (_matches(name, m, include) or _matches(up, m.gate_up_proj, include)):
+            continue
+        if _matches(name, m, exclude) or _matches(up, m.gate_up_proj, exclude):
+            continue
+        if not _check(m, calls[name]):
+            continue
+        gate_up, down = m.get_submodule("gate_up_proj"), m.get_submodule("down_proj")
+        assert isinstance(gate_up, nn.Linear) and isinstance(down, nn.Linear)
+        n, h_in, h_out = down.in_features, gate_up.in_features, down.out_features
+        macs = 2.0 * h_in + h_out  # a gate row, an up row, a down column
+        params = macs + (2.0 if gate_up.bias is not None else 0.0)
+        x = calls[name][0][0] if calls[name][0] else None
+        tokens = x.numel() / (h_in * max(batch, 1)) if isinstance(x, torch.Tensor) else 1.0
+        costs = torch.full((n,), params), torch.full((n,), macs * tokens)
+        groups.append(UnitGroup(name, n, "neuron", [up], [Site(name, -1)], *costs))
+    return groups

@@ -1,0 +1,98 @@
+"""Phi-3's MLP packs its gate and up projections in one ``gate_up_proj`` (rows ``[gate; up]``):
+one gate per neuron, and a prune that cuts neuron ``j``'s rows ``j`` and ``I + j`` and its
+``down_proj`` column together (``compressdrop/gating/packed_mlp.py``). A gate per row gave each
+neuron two gates, and Torch-Pruning cut a neuron when either of its rows went: a uniform prune
+kept different widths in the layers, and the slim folder was refused."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import compressdrop as cd
+from compressdrop.pruning import replay
+
+from .test_hf import VOCAB, check_against_masked
+from .test_hf_families import _build
+
+transformers = pytest.importorskip("transformers")
+
+N = 48  # intermediate_size of the tiny config
+
+
+def _gated_phi3():
+    """A tiny Phi-3 with gates on its MLPs alone (its heads left ungated), and token ids."""
+    model = _build("phi3")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids, exclude=["Phi3Attention"])
+    return model, ids
+
+
+def _noisy(model, noisy: list[list[int]]) -> None:
+    """Gate ``i`` quiet (SNR far above 1) but for its neurons ``noisy[i]`` (far below)."""
+    with torch.no_grad():
+        for (_, g), idx in zip(cd.named_gates(model), noisy):
+            g.log_sigma.fill_(-4.0)
+            g.log_sigma[idx] = 3.0
+
+
+def test_attach_puts_one_gate_of_i_units_on_each_phi3_mlp():
+    from compressdrop.gating.packed_mlp_gated import PackedMLPGated
+
+    model, _ = _gated_phi3()
+    gates = {name: g.num_units for name, g in cd.named_gates(model)}
+    assert gates == {f"model.layers.{i}.mlp": N for i in range(2)}
+    assert all(isinstance(layer.mlp, PackedMLPGated) for layer in model.model.layers)
+
+
+def test_a_uniform_prune_cuts_each_neurons_two_rows_and_its_column():
+    """The gates choose 20 neurons in each layer, at different places: each layer loses those
+    20 (rows j and I + j of gate_up_proj, column j of down_proj), the slim model equals the
+    masked one, and the config's intermediate_size follows."""
+    model, ids = _gated_phi3()
+    noisy = [list(range(0, 20)), list(range(13, 33))]
+    _noisy(model, noisy)
+    dense = [layer.mlp.module.gate_up_proj.weight.clone() for layer in model.model.layers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
+        slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    assert slim.config.intermediate_size == N - 20
+    for layer, gone, up in zip(slim.model.layers, noisy, dense):
+        keep = torch.tensor([j for j in range(N) if j not in gone])
+        torch.testing.assert_close(layer.mlp.gate_up_proj.weight, up[torch.cat([keep, keep + N])])
+        assert layer.mlp.down_proj.weight.shape == (32, N - 20)
+    check_against_masked(slim, model, 1.0)
+
+
+def test_a_uniform_prune_keeps_one_width_where_the_gates_disagree():
+    """Layer 0's gates drop 10 neurons, layer 1's 17: both keep round(mean) of the kept, 34."""
+    model, ids = _gated_phi3()
+    _noisy(model, [list(range(10)), list(range(20, 37))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)
+        slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    widths = [(m.mlp.gate_up_proj.out_features, m.mlp.down_proj.in_features)
+              for m in slim.model.layers]  # fmt: skip
+    assert widths == [(68, 34), (68, 34)] and slim.config.intermediate_size == 34
+
+
+def test_a_slim_phi3_folder_reloads_replays_and_exports(tmp_path):
+    """The slim folder reloads in plain transformers with the slim logits; the prune history
+    rebuilds the slim shape on a fresh model; the ONNX export matches PyTorch."""
+    model, ids = _gated_phi3()
+    _noisy(model, [list(range(0, 40, 2)), list(range(1, 41, 2))])
+    slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    slim.save_pretrained(tmp_path / "slim")
+    back = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "slim").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, slim(input_ids=ids).logits)
+    fresh = replay(_build("phi3"), slim.prune_report.history, ids)
+    fresh.load_state_dict(slim.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, slim(input_ids=ids).logits)
+    rep = cd.export_onnx(slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3))
+    assert max(rep.max_rel_error.values()) <= 1e-4
