@@ -10,12 +10,12 @@ the prune could make (one unit, or one head per key/value head, one aligned bloc
 every group attach would gate, one kind of unit at a time, and
 :func:`~compressdrop.hf_folder.folder_problem`, the check ``save_hf_folder`` runs, is asked
 whether the config can describe the result. The families whose tiny configs (transformers
-5.25) are refused, and what their config cannot say: Phi-3 (its packed ``gate_up_proj``, gated
-row by row, so a uniform prune may keep different widths), the heads of GPT-NeoX and Persimmon
-(``query_key_value``), GPT-BigCode, GPT-J, XGLM and OPT, BLOOM (its MLP width is 4 ·
-``hidden_size``). The MLP width of GPT-NeoX, Persimmon, GPT-J, CodeGen, GPT-BigCode, OPT and
-XGLM is a field the config follows (:data:`~compressdrop._families.MLP_WIDTHS`): their uniform
-MLP prune passes. Fused experts whose forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in
+5.25) are refused, and what their config cannot say: the heads of Phi-3 (``qkv_proj``), GPT-NeoX
+and Persimmon (``query_key_value``), GPT-BigCode, GPT-J, XGLM and OPT, BLOOM (its MLP width is 4
+· ``hidden_size``). The MLP width of Phi-3, GPT-NeoX, Persimmon, GPT-J, CodeGen, GPT-BigCode,
+OPT and XGLM is a field the config follows (:data:`~compressdrop._families.MLP_WIDTHS`): their
+uniform MLP prune passes (Phi-3's packed ``gate_up_proj`` is gated per neuron,
+:mod:`compressdrop.gating.packed_mlp`, so every layer keeps as many). Fused experts whose forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in
 float32) cannot be traced there: the dense layers of such a model are left to
 ``save_hf_folder``'s own check.
 """
@@ -37,6 +37,7 @@ from .errors import CompressDropError, InputError
 from .gating.experts import is_experts, remove_expert_units_
 from .gating.heads import remove_heads_
 from .gating.known import heads_fixed_by_config
+from .gating.packed_mlp import is_packed_mlp, remove_packed_units_
 from .gating.tpgraph import build_graph
 from .gating.units import UnitGroup
 from .hf_folder import folder_problem
@@ -143,7 +144,7 @@ def _on_meta(model: nn.Module) -> nn.Module:
 
 def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Module | None:
     """A meta copy of ``model`` with one :func:`_step` cut from each of ``groups``, the way
-    :func:`compressdrop.pruning.prune` cuts: heads and fused experts by their own surgery, the
+    :func:`compressdrop.pruning.prune` cuts: heads, fused experts and packed MLPs by their own surgery, the
     rest through Torch-Pruning's dependency graph traced on the meta copy; ``None`` where the
     meta copy cannot be cut or traced (fused experts' ``grouped_mm`` has no float32 meta kernel:
     Qwen2-MoE's), which leaves the question to ``save_hf_folder``'s own check."""
@@ -158,6 +159,8 @@ def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Modu
                 remove_heads_(work, site.attention, idxs)
             elif is_experts(work.get_submodule(site.name)):
                 remove_expert_units_(work, site.name, idxs)
+            elif is_packed_mlp(work.get_submodule(site.name)):  # Phi-3's gate_up_proj
+                remove_packed_units_(work, site.name, idxs)
             else:
                 rest.append((site.name, idxs))
         if not rest:

@@ -96,3 +96,23 @@ def test_a_slim_phi3_folder_reloads_replays_and_exports(tmp_path):
         torch.testing.assert_close(fresh(input_ids=ids).logits, slim(input_ids=ids).logits)
     rep = cd.export_onnx(slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3))
     assert max(rep.max_rel_error.values()) <= 1e-4
+
+
+def test_the_folder_plans_dry_run_cuts_a_neurons_two_rows_and_its_column():
+    """check_folder_plan's dry run cuts one neuron of each packed MLP on the meta copy, as the
+    prune does (it could not cut the MLP through Torch-Pruning, and left the question to
+    save_hf_folder), and the config then describes the cut model."""
+    from compressdrop.gating.groups import find_groups
+    from compressdrop.hf_folder import folder_problem
+    from compressdrop.hf_plan import _by_exclude_pattern, _cut
+
+    model = _build("phi3")
+    ids = torch.randint(3, VOCAB, (2, 8))
+    groups = find_groups(model, ids, exclude=["Phi3Attention"], warn=False)
+    (pattern, mlps), *others = _by_exclude_pattern(model, groups).items()
+    assert pattern == "model.layers.*.mlp.gate_up_proj" and not others
+    cut = _cut(model, mlps, ids)
+    assert cut is not None and folder_problem(cut) is None
+    shapes = [(m.mlp.gate_up_proj.weight.shape, m.mlp.down_proj.weight.shape)
+              for m in cut.model.layers]  # fmt: skip
+    assert shapes == [((2 * (N - 1), 32), (32, N - 1))] * 2
