@@ -116,3 +116,15 @@ def test_the_folder_plans_dry_run_cuts_a_neurons_two_rows_and_its_column():
     shapes = [(m.mlp.gate_up_proj.weight.shape, m.mlp.down_proj.weight.shape)
               for m in cut.model.layers]  # fmt: skip
     assert shapes == [((2 * (N - 1), 32), (32, N - 1))] * 2
+
+
+def test_keep_noise_refuses_a_packed_mlp_by_name():
+    """The slim MLP has no place for θ on down_proj's input: keep_noise says so and names the
+    layer (it put the noise on the MLP's output, whose width is not the neurons')."""
+    from compressdrop.errors import InputError
+
+    model, ids = _gated_phi3()
+    _noisy(model, [list(range(20))] * 2)
+    slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    with pytest.raises(InputError, match=r"a packed MLP back yet \('model\.layers\.0\.mlp'\)"):
+        cd.keep_noise(model, slim, 1.0)

@@ -13,6 +13,7 @@ from torch.func import functional_call
 from ..errors import InputError
 from .experts import is_experts, scaled_down
 from .gated import Gated
+from .packed_mlp_gated import PackedMLPGated
 from .registry import register_wrapper
 
 __all__ = ["ExpertsGated", "refuse_noise"]
@@ -47,16 +48,19 @@ class ExpertsGated(Gated):
 
 
 def refuse_noise(gated: nn.Module, layers: Sequence[str] | None) -> None:
-    """Refuse to put the noise of fused experts back on a slim model (``keep_noise``): the slim
-    experts' kept neurons would need θ inside their forward, which no slim layer has yet.
+    """Refuse to put the noise of fused experts or of a packed MLP (Phi-3's) back on a slim model
+    (``keep_noise``): their kept neurons would need θ inside their forward (on ``down_proj``'s
+    weight or input), which no slim layer has yet.
 
     Raises:
-        InputError: ``gated`` has gated experts among ``layers`` (``None``: every gate).
+        InputError: ``gated`` has gated experts or packed MLPs among ``layers`` (``None``: every
+            gate).
     """
     for name, m in gated.named_modules():
-        if isinstance(m, ExpertsGated) and (layers is None or name in layers):
+        if isinstance(m, ExpertsGated | PackedMLPGated) and (layers is None or name in layers):
+            what = "fused experts" if isinstance(m, ExpertsGated) else "a packed MLP"
             raise InputError(
-                f"keep_noise cannot put the noise of fused experts back yet ({name!r}): "
+                f"keep_noise cannot put the noise of {what} back yet ({name!r}): "
                 "name the other gates in layers"
             )
 
