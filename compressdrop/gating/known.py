@@ -242,7 +242,8 @@ def sync_config(model: nn.Module) -> str | None:
     ``intermediate_size``; a mixture of experts: its experts' ``moe_intermediate_size`` or
     ``intermediate_size``; GPT-2: ``n_inner``; BERT: ``intermediate_size``; Falcon:
     ``ffn_hidden_size``; the MLP width of :data:`~compressdrop._families.MLP_WIDTHS`' families,
-    GPT-NeoX's ``intermediate_size`` to OPT's ``ffn_dim``), so that ``save_pretrained`` writes a folder ``from_pretrained`` loads.
+    GPT-NeoX's ``intermediate_size`` to OPT's ``ffn_dim``), so that ``save_pretrained`` writes
+    a folder ``from_pretrained`` loads.
 
     Returns:
         ``None`` when the config describes the slim model (or the model is not one of these),
