@@ -2,22 +2,21 @@
 no config could describe, which :func:`~compressdrop.hf_folder.save_hf_folder` would refuse only
 after the whole training.
 
-Two refusals come from the plan alone: layers free to keep different widths, and heads gated
-where the library derives the head size from the head count (GPT-2, BERT, BLOOM, Falcon,
-StableLM, ...). Every other one comes from a dry run that knows no family: the model's modules
-are copied with their weights on the ``meta`` device (no memory, nothing read), the smallest cut
-the prune could make (one unit, or one head per key/value head, one aligned block) is made in
-every group attach would gate, one kind of unit at a time, and
-:func:`~compressdrop.hf_folder.folder_problem`, the check ``save_hf_folder`` runs, is asked
-whether the config can describe the result. The families whose tiny configs (transformers
-5.25) are refused, and what their config cannot say: the heads of Phi-3 (``qkv_proj``), GPT-NeoX
-and Persimmon (``query_key_value``), GPT-BigCode, GPT-J, XGLM and OPT, BLOOM (its MLP width is 4
-· ``hidden_size``). The MLP width of Phi-3, GPT-NeoX, Persimmon, GPT-J, CodeGen, GPT-BigCode,
-OPT and XGLM is a field the config follows (:data:`~compressdrop._families.MLP_WIDTHS`): their
-uniform MLP prune passes (Phi-3's packed ``gate_up_proj`` is gated per neuron,
-:mod:`compressdrop.gating.packed_mlp`, so every layer keeps as many). Fused experts whose forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in
-float32) cannot be traced there: the dense layers of such a model are left to
-``save_hf_folder``'s own check.
+Two refusals come from the plan alone: layers free to keep different widths, and heads gated where
+the library derives the head size from the head count (GPT-2, BERT, BLOOM, Falcon, StableLM, ...).
+Every other one comes from a dry run that knows no family: the model's modules are copied with their
+weights on the ``meta`` device (no memory, nothing read), the smallest cut the prune could make (one
+unit, or one head per key/value head, one aligned block) is made in every group attach would gate,
+one kind of unit at a time, and :func:`~compressdrop.hf_folder.folder_problem`, the check
+``save_hf_folder`` runs, is asked whether the config can describe the result. The families whose
+tiny configs (transformers 5.25) are refused, and what their config cannot say: the heads of Phi-3
+(``qkv_proj``), GPT-NeoX and Persimmon (``query_key_value``), GPT-BigCode, GPT-J, XGLM and OPT,
+BLOOM (its MLP width is 4 · ``hidden_size``). The MLP width of Phi-3, GPT-NeoX, Persimmon, GPT-J,
+CodeGen, GPT-BigCode, OPT and XGLM is a field the config follows
+(:data:`~compressdrop._families.MLP_WIDTHS`): their uniform MLP prune passes (Phi-3's packed
+``gate_up_proj`` is gated per neuron, :mod:`compressdrop.gating.packed_mlp`, so every layer keeps as
+many). Fused experts whose forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in float32) cannot
+be traced there: the dense layers of such a model are left to ``save_hf_folder``'s own check.
 """
 
 from __future__ import annotations
@@ -144,10 +143,10 @@ def _on_meta(model: nn.Module) -> nn.Module:
 
 def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Module | None:
     """A meta copy of ``model`` with one :func:`_step` cut from each of ``groups``, the way
-    :func:`compressdrop.pruning.prune` cuts: heads, fused experts and packed MLPs by their own surgery, the
-    rest through Torch-Pruning's dependency graph traced on the meta copy; ``None`` where the
-    meta copy cannot be cut or traced (fused experts' ``grouped_mm`` has no float32 meta kernel:
-    Qwen2-MoE's), which leaves the question to ``save_hf_folder``'s own check."""
+    :func:`compressdrop.pruning.prune` cuts: heads, fused experts and packed MLPs by their own
+    surgery, the rest through Torch-Pruning's dependency graph traced on the meta copy; ``None``
+    where the meta copy cannot be cut or traced (fused experts' ``grouped_mm`` has no float32
+    meta kernel: Qwen2-MoE's), which leaves the question to ``save_hf_folder``'s own check."""
     work = _on_meta(model)
     rest = []
     try:
