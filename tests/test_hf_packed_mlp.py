@@ -128,3 +128,24 @@ def test_keep_noise_refuses_a_packed_mlp_by_name():
     slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
     with pytest.raises(InputError, match=r"a packed MLP back yet \('model\.layers\.0\.mlp'\)"):
         cd.keep_noise(model, slim, 1.0)
+
+
+def test_a_bfloat16_packed_mlp_is_gated_per_neuron_too():
+    """A bfloat16 Phi-3 (width 512) fell back to a gate per row: the check that removing a
+    neuron equals zeroing it ran in bfloat16, whose rounding is above its 1e-5. It runs in
+    float32 now, as the heads' check does."""
+    from compressdrop.gating import PackedMLPGated
+
+    cfg = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=1024, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=8, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(cfg).to(torch.bfloat16).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, example_inputs=torch.randint(3, VOCAB, (2, 32)))
+    gates = {n: g.mu.numel() for n, g in cd.named_gates(model)}
+    assert gates == {"model.layers.0.self_attn.o_proj": 8, "model.layers.0.mlp": 1024}
+    assert isinstance(model.model.layers[0].mlp, PackedMLPGated)

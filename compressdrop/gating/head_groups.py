@@ -22,6 +22,7 @@ from .heads import (
     head_features,
     head_spec_of,
 )
+from .inputs import in_float32
 from .packed_mlp import is_packed_mlp
 from .registry import spec_of
 from .units import Site, UnitGroup, _matches
@@ -46,21 +47,6 @@ def _leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-_HALF = (torch.bfloat16, torch.float16)
-
-
-def _in_float32(m: nn.Module, call: tuple[tuple, dict]) -> tuple[tuple, dict]:
-    """An attention call's inputs, the bfloat16 and float16 tensors among them in float32 where
-    ``m`` holds such weights (:func:`_check` runs it in float32), else as they are."""
-    from torch.utils._pytree import tree_map
-
-    if not any(p.dtype in _HALF for p in m.parameters()):
-        return call
-    return tree_map(
-        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, call
-    )
-
-
 @torch.no_grad()
 def _check(m: nn.Module, spec: HeadSpec, call: tuple[tuple, dict]) -> tuple[str | None, int]:
     """Whether removing head 0 of ``m`` (of each block, see :attr:`HeadSpec.blocks`) gives
@@ -71,10 +57,8 @@ def _check(m: nn.Module, spec: HeadSpec, call: tuple[tuple, dict]) -> tuple[str 
     bfloat16's rounding (8 bits of mantissa) put a LLaMA's 16 heads of 64 at a relative error of
     8e-5 to 7e-4, above the tolerance: its heads were kept, and its gated checkpoint did not
     load back (the reload's plan had gated them)."""
-    args, kwargs = _in_float32(m, call)
+    m, (args, kwargs) = in_float32(m, call)
     zeroed, removed = copy.deepcopy(m).eval(), copy.deepcopy(m).eval()
-    if any(p.dtype in _HALF for p in m.parameters()):
-        zeroed, removed = zeroed.float(), removed.float()
     D, seen = head_dim_of(m, spec), []
     per = head_count(m, spec) // head_blocks(m, spec)
     first = list(range(0, head_count(m, spec), per))  # head 0 of each block: blocks stay equal

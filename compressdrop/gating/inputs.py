@@ -7,6 +7,7 @@ checkpoints and export can draw fresh inputs of the same kind later.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "eos_read_by",
     "example_input_for",
     "example_inputs_of",
+    "in_float32",
     "input_shapes_of",
     "input_specs",
     "input_specs_of",
@@ -31,6 +33,22 @@ __all__ = [
 ]
 
 _STATE = "_compressdrop"  # attribute on the root model holding the attach record
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def in_float32(m: nn.Module, call: tuple[tuple, dict]) -> tuple[nn.Module, tuple[tuple, dict]]:
+    """``m`` and a ``call`` of it recorded while tracing, for a check of its structure (removing
+    units equals zeroing them, to 1e-5): where ``m`` holds bfloat16 or float16 weights, a float32
+    copy of it and the call's tensors of those dtypes in float32, since their rounding (bfloat16:
+    8 bits of mantissa) is far above the check's tolerance; else both as they are."""
+    from torch.utils._pytree import tree_map
+
+    if not any(p.dtype in _HALF for p in m.parameters()):
+        return m, call
+    call = tree_map(
+        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t, call
+    )
+    return copy.deepcopy(m).float(), call
 
 
 def checked_example(model: nn.Module, example: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .inputs import in_float32
 from .registry import kept_indices
 from .units import Site, UnitGroup, _matches
 
@@ -103,7 +104,9 @@ def _shallow(m: nn.Module) -> nn.Module:
 @torch.no_grad()
 def _check(m: nn.Module, call: tuple[tuple, dict]) -> bool:
     """Whether removing the first and last neurons gives exactly the output of zeroing their
-    ``down_proj`` columns, on the recorded ``call``."""
+    ``down_proj`` columns, on the recorded ``call`` (in float32 for a bfloat16 or float16 MLP:
+    :func:`~compressdrop.gating.inputs.in_float32`)."""
+    m, call = in_float32(m, call)
     down = m.get_submodule("down_proj")
     assert isinstance(down, nn.Linear)  # is_packed_mlp
     n = down.in_features
