@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from .heads import cut_features
 from .inputs import in_float32
-from .registry import kept_indices
 from .units import Site, UnitGroup, _matches
 
 __all__ = ["find_packed_mlps", "is_packed_mlp", "remove_packed_units", "remove_packed_units_"]
@@ -42,22 +42,6 @@ def is_packed_mlp(m: nn.Module) -> bool:
     )
 
 
-def _slice(layer: nn.Linear, dim: int, idx: torch.Tensor) -> None:
-    """Keep entries ``idx`` of ``layer``'s weight along ``dim`` (and of its bias for dim 0)."""
-    w = layer.weight
-    layer.weight = nn.Parameter(
-        w.detach().index_select(dim, idx.to(w.device)).clone(), requires_grad=w.requires_grad
-    )
-    if dim == 0 and layer.bias is not None:
-        b = layer.bias
-        kept = b.detach().index_select(0, idx.to(b.device)).clone()
-        layer.bias = nn.Parameter(kept, requires_grad=b.requires_grad)
-    if dim == 0:
-        layer.out_features = int(idx.numel())
-    else:
-        layer.in_features = int(idx.numel())
-
-
 @torch.no_grad()
 def remove_packed_units(m: nn.Module, pruned: list[int]) -> None:
     """Remove neurons ``pruned`` of packed MLP ``m``, in place: rows ``j`` and ``I + j`` of its
@@ -69,11 +53,13 @@ def remove_packed_units(m: nn.Module, pruned: list[int]) -> None:
     up, down = m.get_submodule("gate_up_proj"), m.get_submodule("down_proj")
     assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear)  # is_packed_mlp
     n = down.in_features
-    keep = kept_indices(n, pruned)
-    if keep.numel() == 0:
+    gone = sorted({int(j) for j in pruned if 0 <= int(j) < n})
+    if len(gone) >= n:
         raise InputError(f"a packed MLP must keep at least one of its {n} neurons")
-    _slice(up, 0, torch.cat([keep, keep + n]))  # [gate; up]: both halves keep the same neurons
-    _slice(down, 1, keep)
+    if not gone:
+        return
+    cut_features(up, gone + [n + j for j in gone], out=True)  # [gate; up]: both halves
+    cut_features(down, gone, out=False)
 
 
 def remove_packed_units_(root: nn.Module, name: str, pruned: list[int]) -> None:
