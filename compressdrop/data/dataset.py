@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -19,17 +20,78 @@ __all__ = ["MEMORY_SHARE", "DataWarning", "Dataset", "available_memory", "beyond
 MEMORY_SHARE = 0.4
 
 
+#: where :func:`available_memory` reads the kernel's view (tests point them at a fake tree)
+PROC, CGROUP = Path("/proc"), Path("/sys/fs/cgroup")
+#: a cgroup memory limit at or above this is no limit (cgroup v1 writes "none" as 2^63 − 4096)
+_NO_LIMIT = 2**60
+
+
 def available_memory() -> int | None:
-    """Bytes of memory the system says are available (Linux's ``MemAvailable``), or None where
-    it does not say."""
+    """Bytes of memory this process may still take, or None where the system does not say: the
+    smaller of Linux's ``MemAvailable`` and the room left under the memory limit of the process's
+    control group (a container's or a job's: its own ``MemAvailable`` is the host's, and the
+    limit is where the out-of-memory killer acts). The room counts the group's file cache as
+    free, since the kernel reclaims it before killing anything."""
+    sizes = [n for n in (_meminfo_available(), _cgroup_room()) if n is not None]
+    return min(sizes) if sizes else None
+
+
+def _meminfo_available() -> int | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        for line in (PROC / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _cgroup_room() -> int | None:
+    """The least room under the memory limits of this process's cgroup and its ancestors
+    (v2: ``memory.max`` − ``memory.current`` + ``file`` of ``memory.stat``; v1, the memory
+    controller's: ``memory.limit_in_bytes`` − ``memory.usage_in_bytes`` + ``total_cache``), or
+    None where no limit is set or none can be read."""
+    try:
+        lines = (PROC / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    rooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if controllers == "":  # v2's unified hierarchy
+            base, files = CGROUP, ("memory.max", "memory.current", "file")
+        elif "memory" in controllers.split(","):
+            base, files = (
+                CGROUP / "memory",
+                (
+                    "memory.limit_in_bytes",
+                    "memory.usage_in_bytes",
+                    "total_cache",
+                ),
+            )
+        else:
+            continue
+        rooms += _rooms(base, path, *files)
+    return min(rooms) if rooms else None
+
+
+def _rooms(base: Path, path: str, limit: str, usage: str, cache: str) -> list[int]:
+    """The room under each limit from the group at ``path`` up to ``base`` (inside a container
+    the path may name the host's hierarchy, absent here: then ``base`` itself is the group)."""
+    group = base / path.strip("/")
+    rooms = []
+    for d in [group, *group.parents]:
+        if not d.is_relative_to(base):
+            break
+        try:
+            text = (d / limit).read_text().strip()
+            if text != "max" and int(text) < _NO_LIMIT:
+                stat = dict(ln.split(" ", 1) for ln in (d / "memory.stat").read_text().splitlines())
+                used = int((d / usage).read_text()) - int(stat.get(cache, 0))
+                rooms.append(max(int(text) - max(used, 0), 0))
+        except (OSError, ValueError):
+            pass
+    return rooms
 
 
 def beyond_memory(need: int, what: str, how: str) -> str | None:

@@ -16,7 +16,9 @@ Loading alone is the reader's (:class:`~compressdrop.workflows._weights.Weights`
 is held twice (the dict, then the module built from it), a ``.pt2`` program 3.5 times.
 
 A job is refused only where its estimate exceeds all of the memory the system says is available
-(``MemAvailable``; never where it does not say), and :data:`OVERRIDE` set to ``1`` lets it try.
+(:func:`~compressdrop.data.dataset.available_memory`: ``MemAvailable``, or the room under
+the control group's memory limit where that is less; never where the system does not say),
+and :data:`OVERRIDE` set to ``1`` lets it try.
 """
 
 from __future__ import annotations
