@@ -24,6 +24,9 @@ MEMORY_SHARE = 0.4
 PROC, CGROUP = Path("/proc"), Path("/sys/fs/cgroup")
 #: a cgroup memory limit at or above this is no limit (cgroup v1 writes "none" as 2^63 − 4096)
 _NO_LIMIT = 2**60
+#: a group's limit, usage and (in ``memory.stat``) file cache, in cgroup v2 and v1
+_V2 = ("memory.max", "memory.current", "file")
+_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_cache")
 
 
 def available_memory() -> int | None:
@@ -59,19 +62,9 @@ def _cgroup_room() -> int | None:
     for line in lines:
         _, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
         if controllers == "":  # v2's unified hierarchy
-            base, files = CGROUP, ("memory.max", "memory.current", "file")
+            rooms += _rooms(CGROUP, path, *_V2)
         elif "memory" in controllers.split(","):
-            base, files = (
-                CGROUP / "memory",
-                (
-                    "memory.limit_in_bytes",
-                    "memory.usage_in_bytes",
-                    "total_cache",
-                ),
-            )
-        else:
-            continue
-        rooms += _rooms(base, path, *files)
+            rooms += _rooms(CGROUP / "memory", path, *_V1)
     return min(rooms) if rooms else None
 
 
