@@ -1,20 +1,29 @@
 """Atomic file writes (a file appears whole at its final path, or not at all), and reads whose
-checks and load see one file (:func:`opened`)."""
+checks and load see one file (:func:`opened`), a JSON object's bounded (:func:`read_json_object`)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import CheckpointError
 
-__all__ = ["atomic_write", "inflated", "opened", "opened_path", "read_within", "remove_stale_temps"]
+__all__ = [
+    "atomic_write",
+    "inflated",
+    "opened",
+    "opened_path",
+    "read_json_object",
+    "read_within",
+    "remove_stale_temps",
+]
 
 
 @contextlib.contextmanager
@@ -96,6 +105,30 @@ def remove_stale_temps(folder: str | Path, names: list[str]) -> list[Path]:
             p.unlink(missing_ok=True)
             gone.append(p)
     return gone
+
+
+def read_json_object(
+    path: Path, limit: int, error: type[Exception] = CheckpointError, beyond: str = ""
+) -> dict[str, Any]:
+    """The JSON object in the file at ``path``: opened once (:func:`opened`: a regular file, a
+    FIFO refused without blocking), at most ``limit`` bytes read, parsed as data.
+
+    Raises:
+        CheckpointError (or ``error``): the file is missing, no regular file, over ``limit``
+            bytes ("over N MB" and ``beyond``, what such a size says of it), not JSON (with the
+            parser's reason), or JSON of another kind than an object.
+    """
+    with opened(path, error) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise error(f"{path}: over {limit >> 20} MB" + (f", {beyond}" if beyond else ""))
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise error(f"{path}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: not a JSON object")
+    return value
 
 
 def read_within(src: Path, roots: list[Path], limit: int) -> bytes | str:

@@ -5,16 +5,14 @@ the folder or the cache's blobs, never what a link elsewhere points at)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ._io import opened, read_within
+from ._io import read_json_object, read_within
 from .errors import CheckpointError, InputError
 
 __all__ = [
@@ -72,17 +70,7 @@ def read_made(folder: Path) -> dict[str, Any]:
 
 def _read_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``, read once, at most :data:`CONFIG_BYTES`."""
-    with opened(path) as f:
-        if os.fstat(f.fileno()).st_size > CONFIG_BYTES:
-            raise CheckpointError(f"{path}: over {CONFIG_BYTES >> 20} MB, no model's config")
-        data = f.read(CONFIG_BYTES + 1)
-    try:
-        config = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return config
+    return read_json_object(path, CONFIG_BYTES, beyond="no model's settings")
 
 
 def import_transformers(needed_by: str = "a Hugging Face model folder") -> Any:
@@ -126,10 +114,7 @@ def check_shards(path: Path) -> list[Path]:
     index = path / WEIGHTS[1]
     if (path / WEIGHTS[0]).is_file():
         return [path / WEIGHTS[0]]
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (OSError, ValueError, AttributeError, RecursionError) as e:
-        raise CheckpointError(f"{index}: unreadable ({e or 'not a JSON object'})") from None
+    weight_map = _read_object(index).get("weight_map")
     if not isinstance(weight_map, Mapping) or not weight_map:
         raise CheckpointError(f"{index}: no weight_map of shard files")
     bad = sorted(

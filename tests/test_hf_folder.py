@@ -15,6 +15,8 @@ import torch
 from compressdrop.checkpoint import load_model
 from compressdrop.data import DataWarning
 from compressdrop.errors import CheckpointError, InputError
+from compressdrop.hf_files import CONFIG_BYTES, check_shards
+from compressdrop.workflows._weights import weights_of
 
 from .test_hf import logits_elsewhere
 from .test_text_tokens import trained_tokenizer
@@ -472,7 +474,20 @@ def test_an_index_of_shards_must_name_safetensors_files_of_the_folder(tmp_path):
         with pytest.raises(CheckpointError, match=r"not safetensors files of the folder.*pickled"):
             load_model(folder)
     (folder / "model.safetensors.index.json").write_text("[1]")
-    with pytest.raises(CheckpointError, match=r"index\.json: unreadable"):
+    with pytest.raises(CheckpointError, match=r"index\.json: not a JSON object"):
+        load_model(folder)
+    # read through the bounded reader of config.json: the memory check, which reads the index
+    # before the folder is loaded, blocked on a FIFO there (`compressdrop eval` hung) and read a
+    # file of any size
+    (folder / "model.safetensors.index.json").unlink()
+    os.mkfifo(folder / "model.safetensors.index.json")
+    with pytest.raises(CheckpointError, match=r"index\.json: not a file"):
+        check_shards(folder)  # (pytest would hang here before)
+    assert weights_of(folder) is None  # no estimate: the load's own check says what is wrong
+    (folder / "model.safetensors.index.json").unlink()
+    with open(folder / "model.safetensors.index.json", "wb") as f:
+        f.truncate(CONFIG_BYTES + 1)  # sparse: no disk taken
+    with pytest.raises(CheckpointError, match=r"index\.json: over 64 MB"):
         load_model(folder)
 
 

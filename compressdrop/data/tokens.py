@@ -25,13 +25,12 @@ no bytes, so the bits that predict a boundary are charged to the text's bytes).
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._io import opened
+from .._io import opened, read_json_object
 from ..errors import DataError
 from .dataset import DataWarning
 
@@ -241,14 +240,4 @@ def _json(file: Path) -> dict:
     """
     if not file.exists():
         return {}
-    with opened(file, DataError) as f:
-        data = f.read(TOKENIZER_BYTES + 1)
-    if len(data) > TOKENIZER_BYTES:
-        raise DataError(f"{file}: over {TOKENIZER_BYTES >> 20} MB, not a model's settings")
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise DataError(f"{file}: not JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{file}: not a JSON object")
-    return value
+    return read_json_object(file, TOKENIZER_BYTES, DataError, "not a model's settings")
