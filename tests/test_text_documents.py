@@ -199,3 +199,42 @@ def test_eval_of_a_slim_folder_replays_the_separator_it_was_trained_with(tmp_pat
         assert torch.equal(replayed.x_test, load_dataset(spec).x_test)
         assert scored["n"] == replayed.y_test.numel()
         assert (eos in _stream(replayed.x_test, replayed.y_test)) == (sep == "")
+
+
+def test_text_that_spells_a_special_token_is_that_token_with_a_warning_or_text(tmp_path):
+    """A review: text that spells a special token (an HTML file's ``</s>`` closing a
+    strikethrough) became the end-of-text id with no word, as if the file ended there. It is
+    still read so by default (the tokenizer's own reading, which a prepared dump's
+    ``<|endoftext|>`` relies on), now with a warning that names the tokens and how often;
+    ``special=text`` reads it as the text it is, ``special=token`` keeps the tokens quietly.
+    An unknown character's ``[UNK]``, a special id the text does not spell, is not counted."""
+    text = corpus(tmp_path / "corpus")
+    tok_file = trained_tokenizer(_texts(text), tmp_path / "tokenizer.json")
+    eos = tokenizers.Tokenizer.from_file(str(tok_file)).token_to_id("</s>")
+    first = sorted(text.iterdir())[0]
+    first.write_text(first.read_text() + " <s>é</s> and ü</s>")  # (é, ü: no token of it)
+
+    def eos_count(ds, token: int = eos) -> int:
+        splits = ((ds.x_train, ds.y_train), (ds.x_val, ds.y_val), (ds.x_test, ds.y_test))
+        return sum(_stream(x, y).count(token) for x, y in splits)
+
+    with pytest.warns(DataWarning, match=r"spells special tokens of tokenizer .*\('</s>' 2×\), "):
+        ds = load_text(text, context=8, tokenizer=tok_file, sep="none")
+    assert eos_count(ds) == 2  # (sep=none: no separator adds one)
+    unk = tokenizers.Tokenizer.from_file(str(tok_file)).token_to_id("[UNK]")
+    assert eos_count(ds, unk) >= 2  # é and ü: special ids, not spelled, not in the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = load_text(text, context=8, tokenizer=tok_file, sep="none", special="token")
+        spec = f"text:{text},context=8,tokenizer={tok_file},sep=none,special=text"
+        as_text = load_dataset(spec)
+    assert torch.equal(quiet.x_train, ds.x_train) and torch.equal(quiet.x_test, ds.x_test)
+    assert eos_count(as_text) == 0
+    assert sum((as_text.source or {})["tokens"].values()) > sum(
+        (ds.source or {})["tokens"].values()
+    )
+    assert ((as_text.source or {})["special"], (ds.source or {})["special"]) == ("text", "token")
+    with pytest.raises(DataError, match="special=bogus: use special=token or special=text"):
+        load_text(text, context=8, tokenizer=tok_file, special="bogus")
+    with pytest.raises(DataError, match="special=text: needs tokenizer="):
+        load_text(text, context=8, special="text")

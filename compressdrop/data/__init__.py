@@ -175,7 +175,7 @@ def load_dataset(spec: str) -> Dataset:
               :func:`compressdrop.data.images.load_image_folder`); ``size`` resizes to N×N or
               H×W, ``channels`` converts to grayscale (1) or RGB (3). A bare existing folder
               ``DIR`` is the same as ``images:DIR``;
-            - ``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F][,tokenizer=PATH][,sep=eos|none|TOKEN]``:
+            - ``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F][,tokenizer=PATH][,sep=eos|none|TOKEN][,special=token|text]``:
               next-token windows of a text file or folder, split by file, its tokens bytes or
               (``tokenizer=``: a ``tokenizer.json`` or a folder holding one) a model's own, its
               files joined by the tokenizer's end-of-text token (``sep=``; bytes by nothing) (see

@@ -8,13 +8,16 @@ byte divide by the split's bytes per token. Each file goes whole to one split: t
 of a hash of their path relative to the root (a fixed, content-blind shuffle), each file joins the
 split furthest below its share of the bytes. A single file is split by position instead (its
 first, middle and last parts). A split's files are then joined, in tokens by the tokenizer's
-end-of-text token (``sep=``), in bytes by nothing.
+end-of-text token (``sep=``), in bytes by nothing. Text that spells one of the tokenizer's
+special tokens is that token, as the tokenizer reads it, with a warning that names them, or
+text (``special=text``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,13 +27,14 @@ import torch
 
 from .._io import opened
 from ..errors import DataError
-from .dataset import Dataset, beyond_memory, spec_options
-from .tokens import BYTES, NO_SEP, load_tokenizer
+from .dataset import Dataset, DataWarning, beyond_memory, spec_options
+from .tokens import BYTES, NO_SEP, TEXT, TOKEN, load_tokenizer
 
 __all__ = ["TEXT_SPEC", "TextDataset", "load_text"]
 
 TEXT_SPEC = (
     "text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,tokenizer=PATH][,sep=eos|none|TOKEN]"
+    "[,special=token|text]"
 )
 VOCAB = 256
 
@@ -129,6 +133,7 @@ def load_text(
     test_fraction: float = 0.1,
     tokenizer: str | Path | None = None,
     sep: str | None = None,
+    special: str | None = None,
 ) -> TextDataset:
     """A text corpus as next-token windows of ``context`` tokens (bytes, or ``tokenizer``'s).
 
@@ -149,12 +154,17 @@ def load_text(
             Bytes take ``"none"`` only, and are joined by nothing either way, as they always
             were (BENCHMARKS §10's numbers stay as recorded). A separator counts as a token of
             no bytes in a split's bytes per token.
+        special: with a tokenizer, how text that spells one of its special tokens is read:
+            ``"token"`` as that token (the tokenizer's own default), ``"text"`` as the text it
+            is; None (not given) as the token, with a :class:`DataWarning` that names the
+            tokens spelled and how often.
 
     Raises:
         FileNotFoundError: no such path.
         DataError: no files match, a split gets too little text for one window, an argument is
-            out of range, the tokenizer cannot be read, or ``sep`` names no token of it (or any
-            with bytes).
+            out of range, the tokenizer cannot be read, ``sep`` names no token of it (or any
+            with bytes), or ``special`` is neither ``"token"`` nor ``"text"`` (or any with
+            bytes).
 
     Example:
         >>> ds = load_text("/usr/lib/python3.11", glob="**/*.py", max_bytes=2_000_000)  # doctest: +SKIP
@@ -183,6 +193,9 @@ def load_text(
             f"sep={sep} needs tokenizer=: bytes have no end-of-text token (all 256 ids are "
             "bytes), and files of bytes are joined by nothing"
         )
+    if special not in (None, TOKEN, TEXT) or (tok is None and special is not None):
+        why = "needs tokenizer=: bytes have no special tokens" if tok is None else ""
+        raise DataError(f"special={special}: " + (why or f"use special={TOKEN} or special={TEXT}"))
     separator = None if tok is None else tok.separator(sep)  # (warned once, not per split)
     sep_id = None if separator is None else separator.id
     parts: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
@@ -223,12 +236,16 @@ def load_text(
         files = len(found)
         parts = _by_share(found, val_fraction, test_fraction)
     tensors, sizes, counts = {}, {}, {}
+    spelled: dict[str, int] = {}
     for split, chunks in parts.items():
         sizes[split] = sum(map(len, chunks))
         if tok is None:
             tokens = np.frombuffer(b"".join(chunks), dtype=np.uint8)
         else:
-            tokens = np.asarray(tok.encode(chunks, sep_id), dtype=np.int64)
+            ids, spelt_here = tok.encode(chunks, sep_id, special or TOKEN)
+            tokens = np.asarray(ids, dtype=np.int64)
+            for t, n in spelt_here.items():
+                spelled[t] = spelled.get(t, 0) + n
         counts[split] = len(tokens)
         tensors[split] = _windows(tokens, context)
         if (split != "val" or val_fraction > 0) and len(tensors[split][0]) == 0:
@@ -249,6 +266,16 @@ def load_text(
         source["tokens"] = counts
         source["tokenizer"] = {"path": tok.path, "sha256": tok.sha256, "vocab": tok.vocab}
         source["sep"] = None if separator is None else asdict(separator)
+        source["special"] = special or TOKEN
+        if spelled and special is None:
+            said = ", ".join(f"{t!r} {n}×" for t, n in sorted(spelled.items()))
+            warnings.warn(
+                f"{root}: the text spells special tokens of tokenizer {tok.path} ({said}), read "
+                f"as those tokens, as the tokenizer reads them; special={TEXT} reads them as "
+                f"text, special={TOKEN} keeps them tokens without this warning",
+                DataWarning,
+                stacklevel=2,
+            )
     per_token = {k: sizes[k] / counts[k] if counts[k] else 1.0 for k in sizes}
     val = tensors["val"] if val_fraction > 0 else (None, None)
     return TextDataset(
@@ -266,9 +293,9 @@ def load_text(
 
 def text_spec(spec: str) -> TextDataset:
     """``text:PATH[,context=N][,glob=PATTERN][,max_bytes=N][,val_fraction=F][,test_fraction=F]
-    [,tokenizer=PATH][,sep=eos|none|TOKEN]``."""
+    [,tokenizer=PATH][,sep=eos|none|TOKEN][,special=token|text]``."""
     kinds = {"context": int, "max_bytes": int, "glob": str, "val_fraction": float}
-    kinds |= {"test_fraction": float, "tokenizer": str, "sep": str}
+    kinds |= {"test_fraction": float, "tokenizer": str, "sep": str, "special": str}
     path, options = spec_options(spec, "text:", tuple(kinds), TEXT_SPEC)
     try:
         kwargs = {k: kinds[k](v) for k, v in options.items()}

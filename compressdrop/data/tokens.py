@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .._io import opened, read_json_object
 from ..errors import DataError
 from .dataset import DataWarning
@@ -39,6 +41,8 @@ __all__ = [
     "EOS",
     "EOS_NAMES",
     "NO_SEP",
+    "TEXT",
+    "TOKEN",
     "TOKENIZER_BYTES",
     "TOKENIZER_JSON",
     "Separator",
@@ -56,6 +60,8 @@ _OTHERS = ("tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "vocab
 EOS = "eos"
 #: ``sep=none``: nothing between files (bytes' only choice)
 NO_SEP = "none"
+#: ``special=``: text that spells a special token is that token (the tokenizer's default), or text
+TOKEN, TEXT = "token", "text"
 #: special tokens of a bare tokenizer.json read as its end of text, first found first (GPT-2's
 #: and Qwen's, Llama 3's, Llama 2's and Mistral's, Gemma's)
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -91,20 +97,37 @@ class Tokenizer:
     #: where no end-of-text token was found, for the warning
     looked: str = ""
 
-    def encode(self, chunks: list[bytes], sep: int | None = None) -> list[int]:
+    def encode(
+        self, chunks: list[bytes], sep: int | None = None, special: str = TOKEN
+    ) -> tuple[list[int], dict[str, int]]:
         """The ids of ``chunks`` (a split's files, each decoded as UTF-8, a byte that is not
         replaced by U+FFFD), one file after the other, no special tokens added, ``sep`` between
         two files (not after the last: a split's stream ends with its text, and one file's split
-        is as it was). An empty file is no document: it adds no separator."""
+        is as it was). An empty file is no document: it adds no separator.
+
+        Text that spells a special token (``</s>`` in an HTML file, ``<|endoftext|>`` in a
+        prepared dump) is that token where ``special`` is :data:`TOKEN`, as the tokenizer reads
+        it by default, and text where it is :data:`TEXT`. Returns the ids, and how often the
+        text spelled each special token that became one (a separator is not counted)."""
         ids: list[int] = []
+        added = self.inner.get_added_tokens_decoder()
+        specials = {i: t.content for i, t in added.items() if t.special}
+        spelled: dict[str, int] = {}
         documents = [chunk for chunk in chunks if chunk]
-        for i, chunk in enumerate(documents):  # one call each: encode_batch's pool warns in forks
-            if i and sep is not None:
-                ids.append(sep)
-            ids += self.inner.encode(
-                chunk.decode("utf-8", errors="replace"), add_special_tokens=False
-            ).ids
-        return ids
+        before = self.inner.encode_special_tokens
+        self.inner.encode_special_tokens = special == TEXT
+        try:
+            for i, chunk in enumerate(documents):  # one call each: encode_batch's pool warns
+                if i and sep is not None:
+                    ids.append(sep)
+                text = chunk.decode("utf-8", errors="replace")
+                encoding = self.inner.encode(text, add_special_tokens=False)
+                ids += encoding.ids
+                for token in _spelled(text, encoding, specials):
+                    spelled[token] = spelled.get(token, 0) + 1
+        finally:
+            self.inner.encode_special_tokens = before
+        return ids, spelled
 
     def separator(self, sep: str | None) -> Separator | None:
         """The token ``sep=`` puts between files: ``None`` (not given) the end-of-text token
@@ -157,6 +180,23 @@ def _tokenizer_file(path: Path) -> Path:
             )
         )
     return file
+
+
+def _spelled(text: str, encoding: Any, specials: dict[int, str]) -> list[str]:
+    """The special tokens of ``encoding`` that ``text`` spells where they stand (an unknown
+    character's ``[UNK]`` is a special id the text does not spell)."""
+    doc = np.asarray(encoding.ids)
+    if not specials or len(doc) == 0:
+        return []
+    at = np.flatnonzero(np.isin(doc, list(specials)))
+    if len(at) == 0:
+        return []
+    offsets = encoding.offsets
+    return [
+        specials[int(doc[k])]
+        for k in at
+        if text[offsets[k][0] : offsets[k][1]] == specials[int(doc[k])]
+    ]
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
