@@ -316,14 +316,15 @@ def test_every_record_load_model_reads_is_checked_before_anything_is_built(
 
 
 def test_the_attach_record_takes_attachs_own_arguments():
-    """ATTACH_ARGS are attach's parameters but the model and its example inputs: a new
-    parameter of attach must be checked too before a file may give it."""
+    """ATTACH_ARGS are attach's parameters but the model, its example inputs and the layers
+    of its gates (only_sites: the file's sites record, checked by check_sites): a new parameter
+    of attach must be checked too before a file may give it."""
     import inspect
 
     from compressdrop.payload import ATTACH_ARGS
 
-    params = set(inspect.signature(compressdrop.attach).parameters) - {"model", "example_inputs"}
-    assert set(ATTACH_ARGS) == params
+    params = set(inspect.signature(compressdrop.attach).parameters)
+    assert set(ATTACH_ARGS) == params - {"model", "example_inputs", "only_sites"}
 
 
 def test_the_files_compressdrop_writes_load_as_before(gated, slim, slim_mc, dense, tmp_path):

@@ -23,6 +23,7 @@ from .gated import (
 from .groups import GatingWarning, Site, UnitGroup, find_groups
 from .heads import HeadSpec, register_attention
 from .packed_mlp_gated import PackedMLPGated  # registers the wrapper of packed MLPs
+from .record import gate_sites
 from .recurrent import GatedLSTM  # registers compressdrop.dropout.LSTM's layer spec
 from .registry import LayerSpec, register_layer, spec_of
 
@@ -44,6 +45,7 @@ __all__ = [
     "example_input_for",
     "example_inputs_of",
     "find_groups",
+    "gate_sites",
     "groups_of",
     "input_shapes_of",
     "input_specs",

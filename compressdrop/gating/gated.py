@@ -6,7 +6,7 @@ Lifecycle: ``attach`` → train (loss = NLL + β·kl(model)/N) → ``compressdro
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +34,15 @@ from .inputs import (
     random_inputs,
     uncompiled,
 )
+from .record import attach_config
 from .registry import spec_of, wrapper_of
-from .selection import nothing_to_gate, pattern_names, unmatched_include, unused_kl_scale
+from .selection import (
+    nothing_to_gate,
+    only_sites_of,
+    pattern_names,
+    unmatched_include,
+    unused_kl_scale,
+)
 from .shuffle import prepare_shufflenets
 
 __all__ = [
@@ -182,6 +189,7 @@ def attach(
     gate_kwargs: Mapping[str, Any] | None = None,
     kl_cost: str = "uniform",
     kl_scale: Mapping[str, float] | None = None,
+    only_sites: Collection[str] | None = None,
 ) -> nn.Module:
     """Put gates into ``model`` in place and return it.
 
@@ -212,6 +220,9 @@ def attach(
             ``{"conv1": 0.5}`` (factors that apply together multiply): more pressure on one
             structure than others (CoFi and Sheared-LLaMA weigh heads and MLP units apart). A
             kind no gated unit has: a ``GatingWarning``; a glob no gated layer matches: an error.
+        only_sites: names of layers (as :func:`sites` yields them): of the groups found, only
+            those with a gate on one of them are gated (a checkpoint's recorded gates, put back
+            as they were where the plan now finds more); none of them: an ``InputError``.
 
     Returns:
         ``model``, with its gated layers wrapped in :class:`Gated`.
@@ -239,6 +250,8 @@ def attach(
     groups = find_groups(model, example_inputs, granularity, include or None, exclude or None)
     if not groups:
         raise InputError(nothing_to_gate(model, granularity, include, exclude))
+    if only_sites is not None:
+        groups = only_sites_of(groups, only_sites)
     unmatched = [unmatched_include(model, include), unmatched_include(model, exclude, "exclude")]
     for why in filter(None, [*unmatched, *unused_kl_scale(groups, scale)]):
         warnings.warn(f"compressdrop: {why}", GatingWarning, stacklevel=2)
@@ -298,26 +311,6 @@ def _prepare_attentions(model: nn.Module, groups: list[UnitGroup]) -> list[str]:
         if found is not None and found[0].prepare is not None:
             _set_submodule(model, grp.name, found[0].prepare(m))
     return nested_off(model)
-
-
-def attach_config(model: nn.Module) -> dict[str, Any]:
-    """The arguments :func:`attach` was called with, as plain data.
-
-    ``attach(fresh_model, **attach_config(model))`` puts the same gates on a fresh copy of the
-    model (a checkpoint re-attaches this way).
-
-    Returns:
-        ``gate``, ``granularity``, ``include``, ``exclude`` (names, types by their class name),
-        ``gate_kwargs``, ``kl_cost`` and ``kl_scale``.
-
-    Raises:
-        InputError: ``model`` has no attach record.
-    """
-    state = getattr(model, _STATE, None)
-    if state is None:
-        raise InputError("model has no attach record (was it gated with compressdrop.attach?)")
-    keys = ("gate", "granularity", "include", "exclude", "gate_kwargs", "kl_cost")
-    return {**{k: state[k] for k in keys}, "kl_scale": dict(state.get("kl_scale", {}))}
 
 
 def is_gated(model: nn.Module) -> bool:

@@ -4,10 +4,11 @@ nothing, not only the layers that could not be gated."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from torch import fx, nn
 
+from ..errors import InputError
 from .costs import UNIT_KINDS
 from .heads import head_spec_of
 from .registry import has_role, registered_types, spec_of
@@ -156,3 +157,19 @@ def unused_kl_scale(groups: Sequence[UnitGroup], kl_scale: dict[str, float]) -> 
 def pattern_names(patterns: Sequence[str | type] | None) -> list[str]:
     """Patterns as plain data: a type by its class name (what attach's record keeps)."""
     return [p if isinstance(p, str) else p.__name__ for p in (patterns or ())]
+
+
+def only_sites_of(groups: Sequence[UnitGroup], layers: Collection[str]) -> list[UnitGroup]:
+    """The groups with a gate on one of ``layers`` (attach's ``only_sites``), compared as names,
+    not as globs (a layer's name may hold ``[`` or ``*``).
+
+    Raises:
+        InputError: none of the groups has.
+    """
+    wanted = set(layers)
+    kept = [g for g in groups if any(s.name in wanted for s in g.sites)]
+    if not kept:
+        shown = ", ".join(repr(n) for n in sorted(wanted)[:SHOWN])
+        more = f" and {len(wanted) - SHOWN} more" if len(wanted) > SHOWN else ""
+        raise InputError(f"none of the layers of only_sites ({shown}{more}) can be gated")
+    return kept
