@@ -7,6 +7,9 @@ loads with ``torch.load(weights_only=True)``. It records how to rebuild the stru
   ``"package.module:function"``. A factory the file names runs only with the user's consent (see
   :mod:`compressdrop.arch`);
 * ``attach``: for a gated model, the arguments of ``attach`` (re-attached on the fresh net);
+* ``sites``: for a gated model, where its gates sit: the re-attached gates are restricted to
+  these layers and checked against them (optional: a file written before it was recorded is
+  planned from ``attach`` alone; see :mod:`compressdrop._reattach`);
 * ``prune_history``: for a slim model, Torch-Pruning's pruning history (replayed on the fresh net);
 * ``noise``: for a slim model whose kept units keep their learned noise
   (:func:`compressdrop.uncertainty.keep_noise`), where its gates sit (rebuilt by family name);
@@ -32,8 +35,8 @@ from torch import nn
 
 from ._attrs import set_record
 from ._io import atomic_write
+from ._reattach import reattach
 from ._version import __version__
-from ._warn import recorded
 from .arch import (
     ArchRecord,
     CheckpointError,
@@ -44,15 +47,15 @@ from .arch import (
     factory_spec,
 )
 from .errors import InputError, prefixed
-from .gating import GatingWarning, attach, is_gated
-from .gating.gated import attach_config, input_shapes_of, input_specs_of, random_inputs
+from .gating import is_gated
+from .gating.gated import input_shapes_of, input_specs_of
 from .gating.noisy import noise_record, noisy_sites, put_noise
+from .gating.record import attach_config, gate_sites
 from .hf_folder import is_hf_folder, load_hf_folder
 from .models import MODELS
 from .payload import Payload, _what
 from .payload.run import check_run_state
 from .programs import is_pt2, load_program
-from .programs._measure import check_run_bound
 from .torchload import load_checkpoint
 
 __all__ = [
@@ -111,6 +114,7 @@ def save_model(
         payload.setdefault("tokenizer", {})[name] = torch.from_numpy(array)
     if payload["kind"] == "gated":
         payload["attach"] = attach_config(model)
+        payload["sites"] = gate_sites(model)
         payload["input_shape"] = [list(s) for s in input_shapes_of(model)]
         payload["inputs"] = input_specs_of(model)
     if report is not None:
@@ -345,20 +349,9 @@ def _from_payload(
     )
     model = build_arch(rec.arch, factory=factory, trust_code=trust_code, where=where)
     hint, baked = "", None
-    if rec.kind == "gated":
-        example = random_inputs(rec.inputs, 2)
-        if isinstance(model, torch.fx.GraphModule):  # the file's program: measured before it runs
-            check_run_bound(model, example, where)
-        # the plan's warnings (layers left ungated, and why) were given when the gates were first
-        # attached: kept back here, said again only if the plan fails or does not fit the weights
-        _, failed, said = recorded(lambda: attach(model, **rec.attach, example_inputs=example))
-        for w in said:
-            if failed is not None or not issubclass(w.category, GatingWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        if failed is not None:
-            raise failed
-        plan = [str(w.message) for w in said if issubclass(w.category, GatingWarning)]
-        hint = f" (the gates' plan said: {'; '.join(plan)})" if plan else ""
+    if rec.kind == "gated":  # the file's gates, checked against its sites record if it has one
+        version = payload.get("compressdrop_version")
+        hint = reattach(model, rec.attach, rec.inputs, rec.sites, where, version)
     elif rec.report is not None:  # slim
         from .pruning import replay
 

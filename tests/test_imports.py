@@ -97,7 +97,7 @@ LAYERS = [
     {"gates", "dropout", "data", "programs", "torchload", "hf_files"},
     {"models", "gating"},
     {"arch", "pruning", "recipes", "hf_folder"},
-    {"payload", "hf_plan"},
+    {"payload", "hf_plan", "_reattach"},
     {"checkpoint", "export"},
     {"evaluation", "uncertainty"},
     {"training"},

@@ -40,7 +40,7 @@ def never_drawn(monkeypatch):
     def drawn(*args, **kwargs):
         raise AssertionError("inputs were drawn from a record that should have been refused")
 
-    monkeypatch.setattr("compressdrop.checkpoint.random_inputs", drawn)
+    monkeypatch.setattr("compressdrop._reattach.random_inputs", drawn)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from ..hf_files import TOKENIZER_BYTES, TOKENIZER_FILES
 from ..pruning.report import PruneReport
 from ._common import _MAX_DIMS, _among, _what
 from .noise import check_noise
+from .sites import check_sites
 
 __all__ = [
     "INPUT_DTYPES",
@@ -35,6 +36,7 @@ __all__ = [
     "check_attach",
     "check_inputs",
     "check_noise",
+    "check_sites",
     "check_tokenizer",
     "input_values_cap",
 ]
@@ -233,6 +235,8 @@ class Payload:
         arch: the structure (:class:`~compressdrop.arch.ArchRecord`).
         state_dict: the weights, names to tensors.
         attach: for a gated model, attach's arguments (:func:`check_attach`).
+        sites: for a gated model, where its gates sit (:func:`check_sites`); ``None`` for a file
+            written before they were recorded (optional: such files load as before).
         inputs: for a gated model, its input specs (:func:`check_inputs`): its ``inputs``
             record, else the shapes alone of an older file's ``input_shape``.
         report: for a slim model, its :class:`~compressdrop.pruning.PruneReport`.
@@ -249,6 +253,7 @@ class Payload:
     arch: ArchRecord
     state_dict: dict[str, torch.Tensor]
     attach: dict[str, Any] = field(default_factory=dict)
+    sites: list[dict[str, Any]] | None = None
     inputs: list[dict[str, Any]] = field(default_factory=list)
     report: PruneReport | None = None
     noise: list[dict[str, Any]] = field(default_factory=list)
@@ -304,6 +309,7 @@ class Payload:
             arch=arch,
             state_dict=state,
             attach=check_attach(data["attach"]) if gated else {},
+            sites=check_sites(data.get("sites"), state) if gated else None,
             inputs=check_inputs(data[inputs], arch.input_shape, inputs) if gated else [],
             report=PruneReport.from_dict(data["prune_report"], "prune_report record")
             if slim
