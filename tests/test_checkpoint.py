@@ -165,6 +165,8 @@ def _run_state(**changed):
         ({"model": {"w": 3}}, "model"),
         ({"history": ...}, "history"),
         ({"prune_info": ...}, "prune_info"),
+        ({"sites": "1"}, "sites record: expected a list"),
+        ({"sites": [{"layers": ["w"], "kind": "neuron", "units": 2}]}, "'w' has no gate"),
     ],
 )
 def test_a_damaged_run_checkpoint_is_refused_with_its_field_named(tmp_path, changed, field):

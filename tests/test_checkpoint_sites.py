@@ -219,3 +219,41 @@ def test_a_decoder_written_before_its_heads_were_gated_loads_its_own_gates(tmp_p
     with torch.no_grad():
         want, got = model.eval()(ids).logits, back.eval()(ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_resumed_run_puts_back_the_gates_its_file_records(tmp_path):
+    """``train --resume`` re-attaches the recipe's gates to the template: restricted to those its
+    run file records, as a gated checkpoint's are (the old runner planned them afresh, and the
+    file's weights did not fit: a raw RuntimeError)."""
+    from compressdrop.checkpoint import load_run_state
+    from compressdrop.data import load_digits
+    from compressdrop.recipes import load_recipe
+    from compressdrop.training.runner import run_recipe
+
+    from .test_cli import tiny_recipe
+
+    path = tiny_recipe(tmp_path / "r.yaml", pretrain=0, sparsify=2, finetune=0, onnx=False)
+    recipe, data, out = load_recipe(str(path)), load_digits(), tmp_path / "run"
+
+    def stop(event):
+        if event.get("event") == "epoch":
+            raise KeyboardInterrupt
+
+    # LeNet-300-100 of 8x8 digits: layers "1" (300 units) and "3" (100), "5" the output
+    with refusing(nn.Linear, which=lambda m: m.out_features == 100), warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        with pytest.raises(KeyboardInterrupt):  # stopped after its first gated epoch
+            run_recipe(recipe, data, out, progress=stop)
+    state = load_run_state(out / "checkpoint.pt")
+    assert state["stage"] == "sparsify"
+    assert state["sites"] == [{"layers": ["1"], "kind": "neuron", "units": 300}]
+    ckpt = out / "checkpoint.pt"
+    with refusing(nn.Linear, which=lambda m: m.out_features == 300), warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        with pytest.raises(CheckpointError) as info:
+            run_recipe(recipe, data, out, resume=True)
+    message = str(info.value)
+    assert message.startswith(f"{ckpt}: a run checkpoint: the file's gates cannot be put back")
+    assert "recorded but not gated now: '1'; " in message
+    result = run_recipe(recipe, data, out, resume=True)  # the planner gates "3" too now
+    assert gate_sites(load_model(result.gated_path)) == state["sites"]

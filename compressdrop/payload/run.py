@@ -13,6 +13,7 @@ import torch
 from ..errors import CheckpointError
 from ..recipes.config import Stages
 from ._common import _among, _what
+from .sites import check_sites
 
 __all__ = ["check_run_state"]
 
@@ -57,3 +58,10 @@ def check_run_state(payload: Mapping[str, Any], path: Any) -> None:
                 f"{path}: a damaged run checkpoint: it has no {key}; start the run again "
                 "without --resume (or in a new --out folder)"
             )
+    try:  # optional: a file written before the sites were recorded plans the gates afresh
+        check_sites(payload.get("sites"), payload["model"])
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"{path}: a damaged run checkpoint: {e}; start the run again without --resume (or in "
+            "a new --out folder)"
+        ) from None

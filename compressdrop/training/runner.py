@@ -29,6 +29,7 @@ from ..checkpoint import RUN_FORMAT, CheckpointError, load_run_state
 from ..data import check_trainable
 from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate, prediction_loss
+from ..gating import gate_sites
 from ..recipes import Recipe, StageConfig
 from ..runtime import resolve_device
 from .distributed import Dist
@@ -89,6 +90,7 @@ class Run:
         self.history: list[dict[str, Any]] = []
         self.dense_metrics: dict[str, Any] | None = None
         self.prune_info: dict[str, Any] | None = None
+        self.sites: list[dict[str, Any]] | None = None  # the gates a resume file records
         self.ckpt = out_dir / "checkpoint.pt"
 
     # -- model structure ----------------------------------------------------------------------------
@@ -143,6 +145,7 @@ class Run:
             "history": self.history,
             "dense_metrics": self.dense_metrics,
             "prune_info": self.prune_info,
+            "sites": gate_sites(model) or None,  # the gates, put back as they are on resume
         }
         with atomic_write(self.ckpt) as tmp:
             torch.save(payload, tmp)
@@ -153,9 +156,8 @@ class Run:
             raise CheckpointError(
                 f"{self.ckpt}: was written by a different recipe; resume with the same one"
             )
-        self.history = payload["history"]
-        self.dense_metrics = payload["dense_metrics"]
-        self.prune_info = payload["prune_info"]
+        self.history, self.dense_metrics = payload["history"], payload["dense_metrics"]
+        self.prune_info, self.sites = payload["prune_info"], payload.get("sites")
         return payload
 
     # -- training -----------------------------------------------------------------------------------
@@ -384,11 +386,7 @@ def _report(run: Run, slim: nn.Module, seconds: float) -> dict[str, Any]:
         else pruned["threshold"],
         "family": run.recipe.gates.family,
         "dense": {**(run.dense_metrics or {}), "params": d_params, "flops": d_flops},
-        "slim": {
-            **test.record("test_", run.data),
-            "params": s_params,
-            "flops": s_flops,
-        },
+        "slim": {**test.record("test_", run.data), "params": s_params, "flops": s_flops},
         "params_reduction": d_params / max(s_params, 1),
         "flops_reduction": d_flops / max(s_flops, 1),
         "architecture_before": pruned["architecture_before"] if pruned else "",

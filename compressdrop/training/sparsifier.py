@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -105,6 +105,7 @@ class Sparsifier:
         recipe: Recipe,
         n_train: int,
         example_inputs: torch.Tensor | tuple | None = None,
+        only_sites: Collection[str] | None = None,
     ) -> Sparsifier:
         """A Sparsifier with the recipe's gates (attached unless the model has gates already),
         KL schedule and pruning threshold.
@@ -116,8 +117,12 @@ class Sparsifier:
             n_train: N in β·KL/N: the number of labels the NLL averages over per epoch
                 (training examples; for next-token data, training tokens).
             example_inputs: an input batch to trace the model with.
+            only_sites: gate only these layers of the recipe's plan (attach's ``only_sites``: a
+                resumed run's gates, as its file records them); ``None``: all of them.
         """
         kwargs = recipe.gates.attach_kwargs()
+        if only_sites is not None:
+            kwargs["only_sites"] = only_sites
         return cls(
             model,
             n_train,

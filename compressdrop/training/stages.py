@@ -17,11 +17,13 @@ import torch
 from torch import nn
 
 from .._attrs import set_record
+from .._reattach import moved_gates, recorded_layers
 from .._warn import recorded
 from ..checkpoint import save_model
 from ..errors import CompressDropError, InputError
 from ..evaluation.metrics import Metrics, evaluate
 from ..gating import attach, is_gated
+from ..gating.record import gate_sites, sites_differ
 from ..recipes import Recipe
 from ..runtime import check_labels, run_on_examples
 from .distributed import Dist
@@ -45,6 +47,8 @@ class RunState(Protocol):
     progress: Callable[[dict[str, Any]], None]
     dense_metrics: dict[str, Any] | None
     prune_info: dict[str, Any] | None
+    sites: list[dict[str, Any]] | None  # the gates a resume file records (None: none recorded)
+    ckpt: Path
     template: nn.Module | None  # the dense structure every stage starts from
     initial: nn.Module | None  # the user's model (not a recipe's factory's), until a stage takes it
 
@@ -151,13 +155,13 @@ class Sparsify(Stage):
         self.kl_total: torch.Tensor | float = 0.0  # summed on the device: no sync per step
         self.said: set[str] = set()  # the warnings check() gave
 
-    def _gate(self, model: nn.Module) -> nn.Module:
+    def _gate(self, model: nn.Module, only_sites: list[str] | None = None) -> nn.Module:
         run = self.run
         # the NLL is a mean over labels (a label per token for a language model), so the KL is
         # divided by the number of labels: both terms are the ELBO per label
         sparsifier, failed, said = recorded(
             lambda: Sparsifier.from_recipe(
-                model, run.recipe, run.train.y_train.numel(), example_inputs=run.example()
+                model, run.recipe, run.train.y_train.numel(), run.example(), only_sites
             )
         )
         for w in said:  # the plan's warnings that check() did not say already
@@ -196,8 +200,20 @@ class Sparsify(Stage):
         return self._gate(super().enter(previous))
 
     def rebuild(self) -> nn.Module:
-        """The dense template with the recipe's gates attached."""
-        return self._gate(self.run.copy_template())
+        """The dense template with the recipe's gates attached: those the resume file records, as
+        a gated checkpoint's are put back (``compressdrop._reattach``), if it records them."""
+        run = self.run
+        where = f"{run.ckpt}: a run checkpoint"
+        if run.sites is None:  # a file written before the sites were recorded: planned afresh
+            return self._gate(run.copy_template())
+        try:
+            model = self._gate(run.copy_template(), recorded_layers(run.sites))
+        except InputError as e:  # none of its layers can be gated now
+            raise moved_gates(where, sites_differ(run.sites, []), [str(e)]) from None
+        differ = sites_differ(run.sites, gate_sites(model))
+        if differ:
+            raise moved_gates(where, differ)
+        return model
 
     def loss_term(self, model: nn.Module, t: float) -> torch.Tensor:
         """β(t)·KL/N, its KL/N summed for the epoch's record."""
