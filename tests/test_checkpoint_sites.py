@@ -189,6 +189,52 @@ def test_a_file_without_a_sites_record_is_planned_from_its_attach_record(tmp_pat
         load_model(tmp_path / "fewer_old.pt")
 
 
+class GlobNamed(nn.Module):
+    """A net whose layers' names hold glob metacharacters (a ModuleDict's keys)."""
+
+    def __init__(self, input_shape=(1, 8, 8), num_classes=10):
+        super().__init__()
+        self.layers = nn.ModuleDict(
+            {
+                "conv[0]": nn.Conv2d(input_shape[0], 6, 3, padding=1),
+                "conv*": nn.Conv2d(6, 8, 3, padding=1),
+                "fc[0]": nn.Linear(8, 16),
+                "out": nn.Linear(16, num_classes),
+            }
+        )
+        self.arch = {
+            "factory": f"tests.test_checkpoint_sites:{type(self).__name__}",
+            "input_shape": list(input_shape),
+            "num_classes": num_classes,
+            "kwargs": {},
+        }
+
+    def forward(self, x):
+        x = torch.relu(self.layers["conv*"](torch.relu(self.layers["conv[0]"](x))))
+        return self.layers["out"](torch.relu(self.layers["fc[0]"](x.mean(dim=(2, 3)))))
+
+
+cd.add_safe_factories([GlobNamed])
+
+
+def test_layers_named_like_globs_are_put_back_by_their_names(tmp_path):
+    """Recorded layer names are matched as names: ``fc[0]`` as a glob matches ``fc0``, not
+    itself, and ``conv*`` would match ``conv[0]`` too."""
+    torch.manual_seed(0)
+    model = GlobNamed()
+    with refusing(nn.Conv2d), pytest.warns(cd.GatingWarning, match=NOT_YET):
+        cd.attach(model)
+    random_gates_(model).eval()
+    assert _layers(model) == ["layers.fc[0]"]
+    assert _layers(cd.attach(GlobNamed())) == ["layers.conv[0]", "layers.conv*", "layers.fc[0]"]
+    save_model(model, tmp_path / "g.pt")
+    back = load_model(tmp_path / "g.pt")
+    assert gate_sites(back) == gate_sites(model)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), model(x), rtol=0, atol=0)
+
+
 def test_a_decoder_written_before_its_heads_were_gated_loads_its_own_gates(tmp_path, monkeypatch):
     """A LLaMA gated where its attention heads were not found (its MLP neurons gated alone),
     loaded where they are: the heads' gates are not planned on it."""
