@@ -86,6 +86,9 @@ FAMILIES: dict[str, tuple[str, str, dict]] = {
                   "shared_expert_intermediate_size": 48}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**LLAMA, "num_experts": 4,
               "num_experts_per_tok": 2}),
+    # GLM and GLM-4: an explicit head_dim (its default is 128), a packed gate_up_proj
+    "glm": ("GlmConfig", "GlmForCausalLM", {**LLAMA, "head_dim": 8}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {**LLAMA, "head_dim": 8}),
     "xglm": ("XGLMConfig", "XGLMForCausalLM", {"d_model": 32, "num_layers": 2,
              "attention_heads": 4, "ffn_dim": 48, "max_position_embeddings": 64}),
     "biogpt": ("BioGptConfig", "BioGptForCausalLM", PLAIN),

@@ -19,6 +19,8 @@ class Decoder(NamedTuple):
             ``decoder_sparse_step``), MLPs of this class.
         up: the MLP layer whose output width is ``width``; ``"up_proj"`` marks a SwiGLU MLP
             whose ``up_proj`` output one product alone reads.
+        rows: rows of ``up`` per neuron (2: GLM's packed ``gate_up_proj``, ``[gate; up]``,
+            gated per neuron by :mod:`compressdrop.gating.packed_mlp`).
         width: the config field of that width (the dense layers' MLPs).
         norms_across_heads: its q_norm and k_norm are RMSNorms over all heads together, so no
             head can go exactly: its heads are registered to say so, and stay.
@@ -34,6 +36,7 @@ class Decoder(NamedTuple):
     mlp: str | None = "MLP"
     up: str = "up_proj"
     width: str = "intermediate_size"
+    rows: int = 1
     head_dim_fixed: bool = False
     norms_across_heads: bool = False
     shared: str | None = None
@@ -63,6 +66,9 @@ DECODERS = {
     "qwen3_moe": Decoder("Qwen3Moe"),
     "olmoe": Decoder("Olmoe", mlp=None, norms_across_heads=True),
     "gpt_oss": Decoder("GptOss", mlp=None),  # a learned attention sink per query head
+    # GLM and GLM-4: an explicit head_dim, partial rotary (per head), a packed gate_up_proj
+    "glm": Decoder("Glm", up="gate_up_proj", rows=2),
+    "glm4": Decoder("Glm4", up="gate_up_proj", rows=2),
 }
 #: decoders whose attention is LLaMA's and whose MLP is SwiGLU with ``up_proj``
 LLAMA_LIKE = {

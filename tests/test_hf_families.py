@@ -3,8 +3,8 @@ surveys them all): their heads and MLP neurons are gated and removed exactly, wi
 patch by hand, and a pruned decoder generates what the masked one does.
 
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
-q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, Mixtral's and Qwen2-MoE's
-attention), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each
+q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, GLM and GLM-4, Mixtral's and
+Qwen2-MoE's attention), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each
 head's q, k and v rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the
 heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3),
 and BLOOM's GELU written as a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE
@@ -46,6 +46,10 @@ MODELS = {
     "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", LLAMA),
     "phi": ("PhiConfig", "PhiForCausalLM", {**LLAMA, "num_key_value_heads": 4}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", LLAMA),
+    # GLM and GLM-4: LLaMA's attention with an explicit head_dim (its default 128) and rotary
+    # positions on half of each head's features; Phi-3's packed gate_up_proj (gated per neuron)
+    "glm": ("GlmConfig", "GlmForCausalLM", {**LLAMA, "head_dim": 8}),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM", {**LLAMA, "head_dim": 8}),
     # mixtures of experts: fused experts' neurons (tests/test_hf_experts.py); OLMoE's q/k
     # norms span all heads (its heads stay)
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
@@ -175,6 +179,41 @@ def test_a_slim_olmo2_saves_a_config_that_reloads(tmp_path):
     with torch.no_grad():
         want, got = slim(input_ids=ids).logits, again(input_ids=ids).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["glm", "glm4"])
+def test_a_uniform_glm_saves_fewer_heads_and_neurons_that_reload_and_export(name, tmp_path):
+    """GLM's config carries ``head_dim`` (LLaMA's, not Phi-3's derived one): a uniform prune of
+    heads and packed MLP neurons writes a config with the slim head counts and width, which
+    from_pretrained reloads with the slim logits, and the slim model exports to ONNX. Its rotary
+    positions cover half of each head's features (``partial_rotary_factor``), per head: the
+    slim model equals the masked one."""
+    from compressdrop.hf_folder import save_hf_folder
+
+    model = _build(name)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    with torch.no_grad():  # each key/value head keeps one query head; each MLP 28 neurons
+        for _, g in cd.named_gates(model):
+            g.log_sigma.fill_(-4.0)  # quiet: SNR far above 1
+            g.log_sigma[[0, 3] if g.num_units == 4 else slice(0, 20)] = 3.0  # noisy: far below
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
+        slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    c = slim.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 2, 8)
+    assert c.intermediate_size == 28
+    assert [layer.mlp.gate_up_proj.out_features for layer in slim.model.layers] == [56, 56]
+    check_against_masked(slim, model, 1.0)
+    _, err = save_hf_folder(slim, tmp_path / "slim", ids)
+    back = getattr(transformers, MODELS[name][1]).from_pretrained(tmp_path / "slim").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, slim(input_ids=ids).logits)
+    rep = cd.export_onnx(slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3))
+    assert err <= 1e-4 and max(rep.max_rel_error.values()) <= 1e-4
 
 
 def test_phi3_heads_keep_the_shared_config_dense():

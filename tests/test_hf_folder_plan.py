@@ -54,6 +54,9 @@ SAVES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", LLAMA),
     "phi": MODELS["phi"],
     "starcoder2": MODELS["starcoder2"],
+    # GLM's config carries head_dim (its packed gate_up_proj is gated per neuron)
+    "glm": MODELS["glm"],
+    "glm4": MODELS["glm4"],
 }
 
 

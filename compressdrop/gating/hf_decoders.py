@@ -1,6 +1,6 @@
 """The attention heads of Hugging Face decoders whose attention is LLaMA's (the families of
 :data:`compressdrop._families.DECODERS`: LLaMA, Qwen, Mistral, Gemma, OLMo, Granite, Cohere,
-StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS; OLMo-2's and OLMoE's, whose q/k norms
+StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS, GLM and GLM-4; OLMo-2's and OLMoE's, whose q/k norms
 span all heads, only to say why they stay), and Phi-3's packed ``qkv_proj``:
 where they are, how they are removed, and the widths the config describes after surgery.
 GPT-OSS's attention adds a learned sink logit per query head (``sinks``), which goes with its
@@ -174,9 +174,9 @@ def decoder_shapes(model: nn.Module) -> tuple[dict[str, list[int]], dict] | None
         mlps = [(n, m) for n, m in model.named_modules() if type(m).__name__ == d.prefix + d.mlp]
         for _, mlp in mlps:
             if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = mlp.get_submodule(d.up).out_features
+                mlp.intermediate_size = mlp.get_submodule(d.up).out_features // d.rows
         # a shared expert's width is a field of its own (Qwen2-MoE's), not the dense layers'
-        width = {n: int(m.get_submodule(d.up).out_features) for n, m in mlps}
+        width = {n: int(m.get_submodule(d.up).out_features) // d.rows for n, m in mlps}
         shared = {n for n in width if d.shared is not None and n.rsplit(".", 1)[-1] == d.shared}
         want[d.width] = [w for n, w in width.items() if n not in shared]
         if d.shared is not None:
