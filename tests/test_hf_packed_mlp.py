@@ -149,3 +149,37 @@ def test_a_bfloat16_packed_mlp_is_gated_per_neuron_too():
     gates = {n: g.mu.numel() for n, g in cd.named_gates(model)}
     assert gates == {"model.layers.0.self_attn.o_proj": 8, "model.layers.0.mlp": 1024}
     assert isinstance(model.model.layers[0].mlp, PackedMLPGated)
+
+
+def test_a_packed_mlp_whose_rows_are_interleaved_is_left_ungated_and_the_user_reads_why():
+    """An MLP named like GLM's whose forward reads its gate and up rows interleaved (row 2j and
+    2j + 1, not j and I + j) fails the check that removing a neuron equals zeroing it: it was
+    gated per row by Torch-Pruning's groups without a word (two gates per neuron). It is left
+    ungated now, and attach says why; the heads are gated as before."""
+    from transformers.models.glm.modeling_glm import GlmMLP
+
+    class InterleavedMLP(GlmMLP):
+        def forward(self, x):
+            h = self.gate_up_proj(x)
+            gate, up = h[..., 0::2], h[..., 1::2]
+            return self.down_proj(up * self.activation_fn(gate))
+
+    model = _build("glm")
+    for layer in model.model.layers:
+        mlp = InterleavedMLP(model.config)
+        mlp.load_state_dict(layer.mlp.state_dict())
+        layer.mlp = mlp
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    said = [str(w.message) for w in caught if "left ungated: its gate_up_proj" in str(w.message)]
+    assert [s.split(" (relative error")[0] for s in said] == [
+        f"compressdrop: MLP 'model.layers.{i}.mlp' left ungated: its gate_up_proj rows are not "
+        f"[gate; up] halves (rows j and {N} + j per neuron): removing a neuron's two rows is not "
+        "the same as zeroing it"
+        for i in range(2)
+    ]
+    assert [n for n, _ in cd.named_gates(model)] == [
+        f"model.layers.{i}.self_attn.o_proj" for i in range(2)
+    ]

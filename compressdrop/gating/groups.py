@@ -180,6 +180,7 @@ def find_groups(
     heads: list[UnitGroup] = []
     experts: list[UnitGroup] = []
     packed: list[UnitGroup] = []
+    unpacked: dict[str, str] = {}
     if granularity in ("auto", "head"):
         heads, problems = find_heads(model, calls, include, exclude)
         for message in problems if warn else ():
@@ -190,9 +191,12 @@ def find_groups(
         for message in problems if warn else ():
             warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
         # Phi-3's packed gate_up_proj: a gate per neuron, not per row (gating/packed_mlp.py)
-        packed = find_packed_mlps(model, calls, include, exclude, batch)
+        packed, unpacked = find_packed_mlps(model, calls, include, exclude, batch)
+        for message in unpacked.values() if warn else ():
+            warnings.warn(f"compressdrop: {message}", GatingWarning, stacklevel=3)
     claimed = projections_of(model, heads)  # q/k/v layers: their units are the heads
     claimed |= {p for g in packed for p in g.producers}  # rows of the packed MLPs' neurons
+    claimed |= set(unpacked)  # packed by name, not by layout: left ungated (warned above)
     # ShuffleNetV2's shuffled channels: groups of their own (gating/shuffle.py), not Torch-Pruning's
     streams = stream_groups(model, names, positions)
     streamed = {p for s in streams for p in s.producers}

@@ -11,8 +11,10 @@ Torch-Pruning sees ``gate_up_proj``'s ``2I`` rows as the units: a gate per row g
 two gates, and cut a neuron when either of its rows went, so a prune removed more neurons than
 the gates chose and a uniform prune kept different widths. A module is taken for this layout only
 if it has the two Linears of matching widths and removing neurons is, on the call recorded while
-tracing, the same as zeroing their ``down_proj`` columns; anything else is left to Torch-Pruning's
-groups as before.
+tracing, the same as zeroing their ``down_proj`` columns. One that has the two Linears but fails
+that check (its rows interleaved, ``gate, up = h[..., 0::2], h[..., 1::2]``, not ``[gate; up]``
+halves) is left ungated with a :class:`~compressdrop.gating.units.GatingWarning` that says why: a
+gate per row would give each neuron two gates again.
 """
 
 from __future__ import annotations
@@ -88,16 +90,16 @@ def _shallow(m: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _check(m: nn.Module, call: tuple[tuple, dict]) -> bool:
-    """Whether removing the first and last neurons gives exactly the output of zeroing their
-    ``down_proj`` columns, on the recorded ``call`` (in float32 for a bfloat16 or float16 MLP:
-    :func:`~compressdrop.gating.inputs.in_float32`)."""
+def _check(m: nn.Module, call: tuple[tuple, dict]) -> str | None:
+    """Why removing the first and last neurons does not give exactly the output of zeroing
+    their ``down_proj`` columns, on the recorded ``call`` (in float32 for a bfloat16 or float16
+    MLP: :func:`~compressdrop.gating.inputs.in_float32`); ``None`` where it does."""
     m, call = in_float32(m, call)
     down = m.get_submodule("down_proj")
     assert isinstance(down, nn.Linear)  # is_packed_mlp
     n = down.in_features
     if n < 2:
-        return False
+        return f"it has {n} neuron, which must stay"
     cut = [0, n - 1]
     args, kwargs = call
 
@@ -109,32 +111,42 @@ def _check(m: nn.Module, call: tuple[tuple, dict]) -> bool:
     handle = down.register_forward_pre_hook(zero)
     try:
         want = m(*args, **kwargs)
-    except Exception:
-        return False
+    except Exception as e:
+        return f"it could not be run again on its recorded call ({type(e).__name__}: {e})"
     finally:
         handle.remove()
     removed = _shallow(m)
+    layout = f"its gate_up_proj rows are not [gate; up] halves (rows j and {n} + j per neuron)"
     try:
         remove_packed_units(removed, cut)
         got = removed(*args, **kwargs)
-    except Exception:
-        return False
+    except Exception as e:
+        return f"{layout}: without two neurons' rows its forward failed ({type(e).__name__})"
     if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
-        return False
+        return f"its output is a {type(want).__name__}, not a tensor"
     if got.shape != want.shape:
-        return False
+        return f"{layout}: without two neurons' rows its output is {tuple(got.shape)}"
     err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
-    return err <= 1e-5
+    if not err <= 1e-5:
+        return (
+            f"{layout}: removing a neuron's two rows is not the same as zeroing it (relative "
+            f"error {err:.2g}), and a gate per row would give each neuron two gates"
+        )
+    return None
 
 
 def find_packed_mlps(
     model: nn.Module, calls: dict[str, tuple[tuple, dict]], include: Any, exclude: Any, batch: int
-) -> list[UnitGroup]:
+) -> tuple[list[UnitGroup], dict[str, str]]:
     """The neuron groups of ``model``'s packed MLPs called while tracing (``calls``) whose
     removal checks out: one group of ``I`` units per MLP, its site the MLP itself (its wrapper,
     :class:`~compressdrop.gating.packed_mlp_gated.PackedMLPGated`, gates ``down_proj``'s input).
+
+    Returns:
+        The groups, and the packed MLPs whose removal does not check out, left ungated: their
+        ``gate_up_proj``'s name → a sentence saying why (no other group may gate its rows).
     """
-    groups = []
+    groups, left = [], {}
     for name, m in model.named_modules():
         if not is_packed_mlp(m) or name not in calls:
             continue
@@ -143,7 +155,9 @@ def find_packed_mlps(
             continue
         if _matches(name, m, exclude) or _matches(up, m.gate_up_proj, exclude):
             continue
-        if not _check(m, calls[name]):
+        why = _check(m, calls[name])
+        if why is not None:
+            left[up] = f"MLP {name!r} left ungated: {why}"
             continue
         gate_up, down = m.get_submodule("gate_up_proj"), m.get_submodule("down_proj")
         assert isinstance(gate_up, nn.Linear) and isinstance(down, nn.Linear)
@@ -154,4 +168,4 @@ def find_packed_mlps(
         tokens = x.numel() / (h_in * max(batch, 1)) if isinstance(x, torch.Tensor) else 1.0
         costs = torch.full((n,), params), torch.full((n,), macs * tokens)
         groups.append(UnitGroup(name, n, "neuron", [up], [Site(name, -1)], *costs))
-    return groups
+    return groups, left
