@@ -15,8 +15,10 @@ BLOOM (its MLP width is 4 · ``hidden_size``). The MLP width of Phi-3, GPT-NeoX,
 CodeGen, GPT-BigCode, OPT and XGLM is a field the config follows
 (:data:`~compressdrop._families.MLP_WIDTHS`): their uniform MLP prune passes (Phi-3's packed
 ``gate_up_proj`` is gated per neuron, :mod:`compressdrop.gating.packed_mlp`, so every layer keeps as
-many). Fused experts whose forward has no meta kernel (Qwen2-MoE's ``grouped_mm`` in float32) cannot
-be traced there: the dense layers of such a model are left to ``save_hf_folder``'s own check.
+many). The meta copy is bfloat16 (meta tensors hold no data, so the dtype costs nothing): fused
+experts run ``grouped_mm``, whose meta kernel takes bfloat16 alone (torch 2.13; float32 and
+float16 are refused), and a mixture of experts must be traced to cut the dense layers beside its
+experts through Torch-Pruning's graph (Qwen2-MoE's shared expert).
 """
 
 from __future__ import annotations
@@ -131,12 +133,23 @@ def _step(g: UnitGroup) -> list[int]:
     return [b * per + j for b in range(g.blocks) for j in range(n)]
 
 
+#: the meta copy's floating dtype: ``grouped_mm`` (fused experts) has a meta kernel for it alone
+_META_DTYPE = torch.bfloat16
+
+
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s shape on the meta device, floating tensors as :data:`_META_DTYPE`."""
+    dtype = _META_DTYPE if t.is_floating_point() else t.dtype
+    return torch.empty_like(t, device="meta", dtype=dtype)
+
+
 def _on_meta(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are on the meta device: their shapes,
-    no memory (the real tensors are neither read nor copied)."""
+    no memory (the real tensors are neither read nor copied); floating ones bfloat16, which
+    every kernel the dry run traces has on meta (float32 lacks ``grouped_mm``'s)."""
     memo: dict[int, Any] = {}
     for t in itertools.chain(model.parameters(), model.buffers()):
-        meta = torch.empty_like(t, device="meta")
+        meta = _meta(t)
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
 
@@ -144,9 +157,9 @@ def _on_meta(model: nn.Module) -> nn.Module:
 def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Module | None:
     """A meta copy of ``model`` with one :func:`_step` cut from each of ``groups``, the way
     :func:`compressdrop.pruning.prune` cuts: heads, fused experts and packed MLPs by their own
-    surgery, the rest through Torch-Pruning's dependency graph traced on the meta copy; ``None``
-    where the meta copy cannot be cut or traced (fused experts' ``grouped_mm`` has no float32
-    meta kernel: Qwen2-MoE's), which leaves the question to ``save_hf_folder``'s own check."""
+    surgery, the rest through Torch-Pruning's dependency graph traced on the meta copy (in
+    bfloat16, :func:`_on_meta`, with floating inputs to match); ``None`` where the meta copy
+    cannot be cut or traced, which leaves the question to ``save_hf_folder``'s own check."""
     work = _on_meta(model)
     rest = []
     try:
@@ -165,7 +178,7 @@ def _cut(model: nn.Module, groups: Sequence[UnitGroup], example: Any) -> nn.Modu
         if not rest:
             return work
         inputs = example if isinstance(example, tuple) else (example,)
-        dg, _ = build_graph(work, tuple(t.to("meta") for t in inputs))
+        dg, _ = build_graph(work, tuple(_meta(t) for t in inputs))
         if dg is None:
             return None
         for name, idxs in rest:

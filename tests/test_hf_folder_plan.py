@@ -205,3 +205,41 @@ def test_a_recipe_run_on_pythia_or_opt_writes_a_folder_that_reloads(tmp_path, na
     back = getattr(transformers, model_cls).from_pretrained(out)
     assert 0 < getattr(back.config, field) < getattr(dense.config, field)
     assert back.num_parameters() < dense.num_parameters()
+
+
+@pytest.mark.parametrize("heads", [True, False], ids=["heads", "heads_excluded"])
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe", "mixtral"])
+def test_the_dry_run_traces_a_mixture_of_experts_and_agrees_with_save_hf_folder(
+    tmp_path, name, heads
+):
+    """Fused experts run ``grouped_mm``, which has no float32 meta kernel: the dry run's meta
+    copy could not be traced, and Qwen2-MoE's shared expert (cut through Torch-Pruning's graph)
+    was left to save_hf_folder after the whole training. The meta copy is bfloat16 now: every
+    kind of unit is cut on it (the shared expert by one neuron), and the answer before training,
+    a folder can hold it, is save_hf_folder's on the real uniform prune, which reloads."""
+    from compressdrop.gating.groups import find_groups
+    from compressdrop.hf_folder import folder_problem, save_hf_folder
+    from compressdrop.hf_plan import _by_exclude_pattern, _cut, check_folder_plan
+
+    config_cls, model_cls, sizes = MODELS[name]
+    folder = _folder(tmp_path / name, config_cls, model_cls, sizes)
+    ids = torch.randint(256, (2, 16))
+    exclude = None if heads else [config_cls.replace("Config", "Attention")]
+    model = load_model(folder)
+    groups = find_groups(model, ids, exclude=exclude, warn=False)
+    cuts = {p: _cut(model, gs, ids) for p, gs in _by_exclude_pattern(model, groups).items()}
+    assert "model.layers.*.mlp.experts" in cuts and None not in cuts.values()
+    assert {p: folder_problem(cut) for p, cut in cuts.items()} == dict.fromkeys(cuts)
+    if name == "qwen2_moe":  # traced on the meta copy: one neuron of each shared expert cut
+        layers = cuts["model.layers.*.mlp.shared_expert.up_proj"].model.layers
+        assert [layer.mlp.shared_expert.down_proj.in_features for layer in layers] == [47, 47]
+    out = tmp_path / "slim"
+    check_folder_plan(out, model, {"gate": "lognormal", "exclude": exclude}, True, ids)
+    slim = _uniform_slim(load_model(folder), ids, exclude=exclude)
+    assert slim.num_parameters() < model.num_parameters()
+    _, err = save_hf_folder(slim, out, ids)
+    back = getattr(transformers, model_cls).from_pretrained(out)
+    assert err <= 1e-4
+    assert {k: v.shape for k, v in back.state_dict().items()} == {
+        k: v.shape for k, v in slim.state_dict().items()
+    }
