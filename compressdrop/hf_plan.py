@@ -37,7 +37,7 @@ from torch import nn
 from .errors import CompressDropError, InputError
 from .gating.experts import is_experts, remove_expert_units_
 from .gating.heads import remove_heads_
-from .gating.known import heads_fixed_by_config
+from .gating.known import DIFFERENT_WIDTHS, heads_fixed_by_config
 from .gating.packed_mlp import is_packed_mlp, remove_packed_units_
 from .gating.tpgraph import build_graph
 from .gating.units import UnitGroup
@@ -94,12 +94,26 @@ def check_folder_plan(
         )
     if getattr(model, "config", None) is None or not hasattr(model, "save_pretrained"):
         return  # (why_no_folder refused it already)
+    cuts = _by_exclude_pattern(model, groups)
     problems = {
         pattern: problem
-        for pattern, cut in _by_exclude_pattern(model, groups).items()
+        for pattern, cut in cuts.items()
         if (slim := _cut(model, cut, example_inputs)) is not None
         and (problem := folder_problem(slim)) is not None
     }
+    partial = {p: why for p, why in problems.items() if why.startswith(DIFFERENT_WIDTHS)}
+    if partial:  # each gated group was cut alike: the layers that kept their width have no gates
+        pattern, why = next(iter(partial.items()))
+        sizes = why.removeprefix(DIFFERENT_WIDTHS).split(", which")[0].strip()
+        raise InputError(
+            f"{out}: cannot write a Hugging Face folder: the units that match {pattern!r} are "
+            f"gated in {len(cuts[pattern])} of the layers, and cutting them leaves the layers "
+            f"at different widths {sizes}; a config gives every layer one width, which a uniform "
+            "prune keeps only among the gated layers: gate those units in every layer (the "
+            "recipe's gates.include and gates.exclude leave the others out) or in none "
+            f"(gates.exclude: [{pattern!r}]), or write .pt2, .onnx or .pt. Refused before "
+            "training: a dry run on the meta device cut one step of each kind of unit"
+        )
     if problems:
         patterns = ", ".join(repr(p) for p in problems)
         raise InputError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -410,8 +411,20 @@ def test_a_plan_no_config_describes_is_refused_before_training(tmp_path):
     # save_hf_folder refused it after training: the dry run (hf_plan.py) refuses it before
     with pytest.raises(InputError, match="free prune of several layers"):
         check_folder_plan(out, model, gates, False, ids)
-    with pytest.raises(InputError, match=r"different widths \(n_inner \[127, 128\]\)"):
-        check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, False, ids)
+    # and the way out is not --uniform, which the message said (a uniform prune of one layer
+    # leaves it as narrow as before): every layer's MLP gated, or none
+    for uniform in (False, True):
+        with pytest.raises(InputError) as refused:
+            check_folder_plan(out, model, {**gates, "include": ["*h.0.mlp*"]}, uniform, ids)
+        said = str(refused.value)
+        assert re.search(
+            r"'transformer\.h\.\*\.mlp\.c_fc' are gated in 1 of the layers, and cutting them "
+            r"leaves the layers at different widths \(n_inner \[127, 128\]\); .*gate those "
+            r"units in every layer .* or in none \(gates\.exclude: \['transformer\.h\.\*\.mlp"
+            r"\.c_fc'\]\)",
+            said,
+        ), said
+        assert "uniform=True" not in said and "--uniform" not in said
 
 
 @pytest.mark.parametrize(

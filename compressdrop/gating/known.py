@@ -33,6 +33,9 @@ from .registry import LayerSpec, fold_columns, kept_indices, linear_positions, r
 
 __all__: list[str] = []  # internal to compressdrop.gating
 
+#: how :func:`sync_config` begins its answer for layers pruned to different widths
+DIFFERENT_WIDTHS = "the layers keep different widths"
+
 _DONE: set[str] = set()
 # modules traced as one equivalent op: a formula written out in Python (GPT-2's tanh GELU, 0.5 · x
 # · (1 + tanh(...))) adds a constant on the way, which the path check cannot see is multiplied
@@ -261,7 +264,7 @@ def sync_config(model: nn.Module) -> str | None:
     if any(len(set(v)) > 1 for v in want.values()):
         sizes = ", ".join(f"{k} {v}" for k, v in want.items() if len(set(v)) > 1)
         return (
-            f"the layers keep different widths ({sizes}), which a {type(config).__name__} "
+            f"{DIFFERENT_WIDTHS} ({sizes}), which a {type(config).__name__} "
             "cannot describe: save_pretrained would write a folder from_pretrained cannot "
             "load; prune with uniform=True for a standard config, or keep this shape as .pt2, "
             "ONNX or a compressdrop checkpoint"
