@@ -316,16 +316,20 @@ def _check_gated_rebuilds(model: nn.Module, recipe: Recipe, x: Any) -> None:
     import copy
 
     from ..gating import attach
+    from ..gating.record import gate_sites
     from ..programs import load_program
 
     kwargs = recipe.gates.attach_kwargs()
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run's own attach says them
-        live = attach(copy.deepcopy(model), **kwargs, example_inputs=x).state_dict()
-        # the program just made of the model in hand: any operator it calls
+        gated = attach(copy.deepcopy(model), **kwargs, example_inputs=x)
+        live = gated.state_dict()
+        # the program just made of the model in hand: any operator it calls, gated where the
+        # file's sites record will put its gates back (compressdrop._reattach)
         data = cast(Mapping, model.arch)["program"].numpy().tobytes()
         rebuilt = load_program(data, "the dense program", any_operator=True)
-        again = attach(rebuilt, **kwargs, example_inputs=x).state_dict()
+        layers = [n for gate in gate_sites(gated) for n in gate["layers"]]
+        again = attach(rebuilt, **kwargs, example_inputs=x, only_sites=layers).state_dict()
     shapes = {k: tuple(v.shape) for k, v in live.items()}
     if shapes != {k: tuple(v.shape) for k, v in again.items()}:
         odd = (
