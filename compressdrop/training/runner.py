@@ -35,7 +35,7 @@ from ..runtime import resolve_device
 from .distributed import Dist
 from .finish import drop_stale, prune_summary, resume_error, say_replaced_checkpoint, write_slim
 from .sparsifier import make_optimizer, schedule_lr
-from .stages import STAGES, Stage
+from .stages import STAGES, Stage, sharing_weights
 
 __all__ = ["RunResult", "TrainingDiverged", "run_recipe", "seed_everything"]
 
@@ -300,7 +300,7 @@ def run_recipe(
     t_start = time.perf_counter()
     if model is not None:
         run.initial = model.to(dev)
-        run.template = copy.deepcopy(run.initial)
+        run.template = sharing_weights(run.initial)  # its weights: the first stage trains them
 
     state = None
     if resume:

@@ -8,6 +8,7 @@ process runs), or rebuilt empty to take a checkpoint's weights when a run resume
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -179,7 +180,8 @@ class Sparsify(Stage):
         before any training, and not again when the gates are attached for good; the random
         state is left as it was."""
         run = self.run
-        model = run.copy_template()
+        assert run.template is not None, "the run builds its template before the checks"
+        model = sharing_weights(run.template)  # attach changes its modules, not its tensors
         if is_gated(model):
             return
         kwargs = run.recipe.gates.attach_kwargs()
@@ -246,6 +248,15 @@ class Sparsify(Stage):
                 "dataset": run.data.name,
             }
         save_model(model, run.out / "gated.pt", recipe=run.recipe.to_dict(), meta=meta)
+
+
+def sharing_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that holds the same parameter and buffer tensors (no memory
+    for weights): for a structure a run keeps or checks but never trains. A model's weights are
+    its size again for each full copy (a 1B decoder: 4 GB), and a run held two beside the one it
+    trains (the template of a model brought to be pruned, the gate plan's check)."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, shared)
 
 
 def _same_random_state(model: nn.Module) -> contextlib.AbstractContextManager:

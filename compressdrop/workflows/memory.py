@@ -40,8 +40,9 @@ OVERRIDE = "COMPRESSDROP_NO_MEMORY_CHECK"
 #: each job's peak memory over its model's float32 weights, and what it does, for messages.
 #: The slopes measured (LLaMA-style decoder / ResNet-18 → 152): eval 1.13 / 1.69, export to
 #: ONNX 5.96 / 7.18, to ``.pt2`` – / 3.27, prune of a gated checkpoint 2.47 / 2.22 and prune
-#: with data (sparsify on the CPU) 7.76 / 6.15, both writing ``.pt``; each factor is the
-#: smaller, rounded down. Not measured apart, so given a lower bound: a folder's export (the
+#: with data (sparsify on the CPU) 6.11 / 5.32 (7.76 / 6.15 before a run's template and plan
+#: check shared the model's weights), both writing ``.pt``; each factor is the smaller, rounded
+#: down. Not measured apart, so given a lower bound: a folder's export (the
 #: model and its reloaded copy), ``sweep`` (the gated model and each threshold's slim one), and
 #: a prune's ``.pt2`` or ``.onnx`` output, whose export of the slim model is left out.
 FACTORS: dict[str, tuple[float, str]] = {
@@ -51,7 +52,7 @@ FACTORS: dict[str, tuple[float, str]] = {
     "export folder": (2.0, "writing it as a Hugging Face folder"),
     "prune": (2.2, "pruning it"),
     "sweep": (2.2, "sweeping its thresholds"),
-    "sparsify": (6.1, "training its gates and pruning it"),
+    "sparsify": (5.3, "training its gates and pruning it"),
 }
 
 
