@@ -1,5 +1,6 @@
 """Atomic file writes (a file appears whole at its final path, or not at all), and reads whose
-checks and load see one file (:func:`opened`), a JSON object's bounded (:func:`read_json_object`)."""
+checks and load see one file (:func:`opened`), a JSON object's bounded
+(:func:`read_json_object`)."""
 
 from __future__ import annotations
 

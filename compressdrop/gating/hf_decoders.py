@@ -1,7 +1,7 @@
 """The attention heads of Hugging Face decoders whose attention is LLaMA's (the families of
 :data:`compressdrop._families.DECODERS`: LLaMA, Qwen, Mistral, Gemma, OLMo, Granite, Cohere,
-StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS, GLM and GLM-4; OLMo-2's and OLMoE's, whose q/k norms
-span all heads, only to say why they stay), and Phi-3's packed ``qkv_proj``:
+StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS, GLM and GLM-4; OLMo-2's and OLMoE's,
+whose q/k norms span all heads, only to say why they stay), and Phi-3's packed ``qkv_proj``:
 where they are, how they are removed, and the widths the config describes after surgery.
 GPT-OSS's attention adds a learned sink logit per query head (``sinks``), which goes with its
 head.
