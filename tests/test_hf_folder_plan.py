@@ -60,6 +60,19 @@ SAVES = {
 }
 
 
+def _saved_and_reloaded(slim, out, ids, model_cls: str):
+    """``slim`` saved as a folder and loaded back by transformers alone: the same shapes."""
+    from compressdrop.hf_folder import save_hf_folder
+
+    _, err = save_hf_folder(slim, out, ids)
+    back = getattr(transformers, model_cls).from_pretrained(out).eval()
+    assert err <= 1e-4
+    assert {k: v.shape for k, v in back.state_dict().items()} == {
+        k: v.shape for k, v in slim.state_dict().items()
+    }
+    return back
+
+
 def _folder(path, config_cls: str, model_cls: str, sizes: dict):
     config = getattr(transformers, config_cls)(
         vocab_size=256, bos_token_id=None, eos_token_id=None, pad_token_id=None, **sizes
@@ -105,7 +118,6 @@ def test_a_plan_whose_config_cannot_follow_is_refused_before_training(tmp_path, 
 def test_a_family_whose_config_follows_passes_and_its_folder_reloads(tmp_path, name):
     """The dry run refuses nothing that saves: these families' heads and MLP neurons pass the
     check, and their uniform prune writes a folder from_pretrained reloads with its shapes."""
-    from compressdrop.hf_folder import save_hf_folder
     from compressdrop.hf_plan import check_folder_plan
 
     config_cls, model_cls, sizes = SAVES[name]
@@ -121,12 +133,7 @@ def test_a_family_whose_config_follows_passes_and_its_folder_reloads(tmp_path, n
     )
     slim = _uniform_slim(load_model(folder), ids)
     assert slim.num_parameters() < model.num_parameters()
-    _, err = save_hf_folder(slim, out, ids)
-    back = getattr(transformers, model_cls).from_pretrained(out)
-    assert err <= 1e-4
-    assert {k: v.shape for k, v in back.state_dict().items()} == {
-        k: v.shape for k, v in slim.state_dict().items()
-    }
+    _saved_and_reloaded(slim, out, ids, model_cls)
 
 
 @pytest.mark.parametrize("name", list(FOLLOWS))
@@ -135,7 +142,6 @@ def test_a_uniform_mlp_prune_of_these_families_writes_a_folder_that_reloads(tmp_
     ``ffn_dim``, GPT-J's ``n_inner``...), which compressdrop now sets to the slim width: with the heads left
     ungated, the plan passes the check before training, and the uniform prune writes a folder
     from_pretrained reloads with the slim shapes and the slim model's logits."""
-    from compressdrop.hf_folder import save_hf_folder
     from compressdrop.hf_plan import check_folder_plan
 
     config_cls, model_cls, sizes, attention, field = FOLLOWS[name]
@@ -147,12 +153,8 @@ def test_a_uniform_mlp_prune_of_these_families_writes_a_folder_that_reloads(tmp_
     check_folder_plan(out, model, {"gate": "lognormal", "exclude": [attention]}, True, ids)
     slim = _uniform_slim(load_model(folder), ids, exclude=[attention])
     assert slim.num_parameters() < model.num_parameters()
-    _, err = save_hf_folder(slim, out, ids)
-    back = getattr(transformers, model_cls).from_pretrained(out).eval()
-    assert err <= 1e-4 and 0 < getattr(back.config, field) < dense
-    assert {k: v.shape for k, v in back.state_dict().items()} == {
-        k: v.shape for k, v in slim.state_dict().items()
-    }
+    back = _saved_and_reloaded(slim, out, ids, model_cls)
+    assert 0 < getattr(back.config, field) < dense
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, slim(ids).logits)
 
@@ -218,7 +220,7 @@ def test_the_dry_run_traces_a_mixture_of_experts_and_agrees_with_save_hf_folder(
     kind of unit is cut on it (the shared expert by one neuron), and the answer before training,
     a folder can hold it, is save_hf_folder's on the real uniform prune, which reloads."""
     from compressdrop.gating.groups import find_groups
-    from compressdrop.hf_folder import folder_problem, save_hf_folder
+    from compressdrop.hf_folder import folder_problem
     from compressdrop.hf_plan import _by_exclude_pattern, _cut, check_folder_plan
 
     config_cls, model_cls, sizes = MODELS[name]
@@ -237,9 +239,4 @@ def test_the_dry_run_traces_a_mixture_of_experts_and_agrees_with_save_hf_folder(
     check_folder_plan(out, model, {"gate": "lognormal", "exclude": exclude}, True, ids)
     slim = _uniform_slim(load_model(folder), ids, exclude=exclude)
     assert slim.num_parameters() < model.num_parameters()
-    _, err = save_hf_folder(slim, out, ids)
-    back = getattr(transformers, model_cls).from_pretrained(out)
-    assert err <= 1e-4
-    assert {k: v.shape for k, v in back.state_dict().items()} == {
-        k: v.shape for k, v in slim.state_dict().items()
-    }
+    _saved_and_reloaded(slim, out, ids, model_cls)
