@@ -156,8 +156,6 @@ def _padded_batch(torch):
 
 
 def child(name: str, json_path: str) -> None:
-    import warnings
-
     t0 = time.perf_counter()
     import compressdrop as cd
 
@@ -165,14 +163,24 @@ def child(name: str, json_path: str) -> None:
     import torch
     import transformers
 
-    from compressdrop.gating.gated import HeadGated
-
     config_cls, model_cls, sizes = FAMILIES[name]
-    decoder = is_decoder(model_cls)
     rec = Recorder(json_path, {"family": name, "class": model_cls, "step": "build"})
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(**{**TOKENS, **sizes})
     model = getattr(transformers, model_cls)(config).eval()
+    check(model, is_decoder(model_cls), rec, t0)
+
+
+def check(model, decoder: bool, rec: Recorder, t0: float) -> None:
+    """Attach, prune, compare slim and masked (and their greedy generations), export ONNX:
+    each step's results into ``rec`` as it passes."""
+    import warnings
+
+    import torch
+
+    import compressdrop as cd
+    from compressdrop.gating.gated import HeadGated
+
     dense = sum(p.numel() for p in model.parameters())
     rec.set(params_dense=dense, step="attach")
     ids = torch.randint(3, VOCAB, (2, 8))
@@ -227,12 +235,13 @@ def child(name: str, json_path: str) -> None:
     rec.set(seconds=round(time.perf_counter() - t0, 1))
 
 
-def run_one(name: str, timeout: float) -> dict:
-    """One family in a child process; what it recorded, plus the failing step's error."""
+def run_one(name: str, timeout: float, script: str = __file__) -> dict:
+    """One family in a child process (``script --child NAME --json PATH``); what it recorded,
+    plus the failing step's error."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{name}.json")
         t0 = time.perf_counter()
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--json", path]
+        cmd = [sys.executable, os.path.abspath(script), "--child", name, "--json", path]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             err = proc.stderr if proc.returncode else ""

@@ -1,0 +1,257 @@
+"""Survey compressdrop on every model type of transformers' causal-LM mapping
+(``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``), each built from its own config class at small sizes
+(width 32, 2 layers, 4 heads, 2 key/value heads, MLP width 48, vocabulary 64: whatever fields
+the config names them by), with the checks of ``bench_hf_families.py``: attach log-normal gates,
+prune at the median SNR, slim against masked logits, greedy ``generate`` with the cache, ONNX.
+
+A model type is skipped, with the reason, where its config is an encoder-decoder's or holds
+sub-configs (a multimodal model), or where the model needs a package that is not installed.
+Each type runs in a child process forked from the survey's (one at a time, with a timeout); the results go to
+``benchmarks/results/hf_causal_lm_survey.json`` (``--only`` merges its types into that file).
+
+usage: python benchmarks/survey_hf_causal_lm.py [--only glm4_moe,jamba] [--timeout 120]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_hf_families import TOKENS, Recorder, check, passed, short_exc
+
+RESULTS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results", "hf_causal_lm_survey.json"
+)
+# each size under the names configs give it; a field is set only where the config has it
+SIZES: dict[int | None, tuple[str, ...]] = {
+    32: ("hidden_size", "n_embd", "d_model", "n_embed", "embed_dim", "dim", "model_dim"),
+    2: ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers",
+        "num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
+        "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k", "expand", "mamba_expand",
+        "attn_layer_period", "expert_layer_period"),
+    4: ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads",
+        "decoder_attention_heads", "num_local_experts", "num_experts", "n_routed_experts",
+        "moe_num_experts", "rotary_dim", "qk_rope_head_dim", "qk_nope_head_dim",
+        "conv_kernel", "mamba_d_conv", "linear_num_heads"),
+    48: ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "hidden_dim", "d_ff",
+         "decoder_ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp"),
+    24: ("moe_intermediate_size", "expert_intermediate_size"),
+    8: ("head_dim", "v_head_dim", "state_size", "mamba_d_state", "ssm_state_size",
+        "mamba_d_head", "mamba_head_dim", "time_step_rank", "mamba_dt_rank", "mamba_n_heads",
+        "linear_head_dim", "qk_head_dim"),
+    16: ("kv_lora_rank", "q_lora_rank", "sliding_window", "attention_chunk_size",
+         "hidden_size_per_layer_input", "laurel_rank"),
+    64: ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
+         "vocab_size_per_layer_input"),
+    1: ("n_shared_experts", "num_shared_experts", "first_k_dense_replace", "n_group",
+        "num_expert_group",
+        "topk_group", "num_nextn_predict_layers", "mamba_n_groups", "n_groups",
+        "attn_layer_offset", "expert_layer_offset"),
+}  # fmt: skip
+
+
+# fields set even where their default is None (elsewhere None means "off": no sliding window)
+NEEDED = {"head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+          "num_local_experts", "num_experts"}  # fmt: skip
+
+
+def sizes_for(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The small sizes under the fields this config has (a field left ``None`` stays so)."""
+    out: dict[str, Any] = {}
+    for value, fields in SIZES.items():
+        for f in fields:
+            if f in defaults and (defaults[f] is not None or f in NEEDED):
+                out[f] = value
+    if "kv_lora_rank" in out:  # multi-latent attention: a key and value per query head
+        out["num_key_value_heads"] = out.get("num_attention_heads", 4)
+        if "head_dim" in out:  # (its rotary part)
+            out["head_dim"] = out.get("qk_rope_head_dim", 4)
+    return out
+
+
+def model_types() -> dict[str, str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
+
+
+def build(model_type: str, rec: Recorder) -> Any:
+    """The model of ``model_type`` at small sizes; ``None`` (with ``skipped`` recorded) where it
+    is out of the survey's scope."""
+    import importlib.util
+
+    import torch
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config_name = CONFIG_MAPPING_NAMES[model_type]
+    model_name = model_types()[model_type]
+    rec.set(config=config_name)
+    config_cls = getattr(transformers, config_name)
+    defaults = config_cls().to_dict()
+    if defaults.get("is_encoder_decoder"):
+        rec.set(skipped="encoder-decoder")
+        return None
+    if getattr(config_cls, "sub_configs", None):
+        rec.set(skipped=f"multimodal (sub-configs {sorted(config_cls.sub_configs)})")
+        return None
+    kw = {**sizes_for(defaults), **{k: v for k, v in TOKENS.items() if k in defaults}}
+    if "layer_types" in defaults:  # derived from the layer count when not given
+        kw["layer_types"] = None
+    if "attn_layer_indices" in defaults:  # a hybrid's attention layers (Bamba's): the second
+        kw["attn_layer_indices"] = [1]
+    rec.set(sizes=kw)
+    torch.manual_seed(0)
+    try:
+        config = config_cls(**kw)
+        kinds = defaults.get("layer_types") or []
+        if "full_attention" in kinds and "full_attention" not in (config.layer_types or []):
+            # a hybrid whose attention layers the 2-layer pattern left out (Kimi-Linear's)
+            kw["layer_types"] = [next(k for k in kinds if k != "full_attention"), "full_attention"]
+            config = config_cls(**kw)
+        rec.set(sizes=kw)
+        model = getattr(transformers, model_name)(config).eval()
+    except ImportError as e:  # a package the model needs
+        missing = [p for p in ("mamba_ssm", "causal_conv1d", "xlstm") if p in str(e)]
+        if missing or "pip install" in str(e):
+            rec.set(skipped=f"needs a package: {short_exc(e)}")
+            return None
+        raise
+    for p in ("mamba_ssm", "causal_conv1d", "fla"):
+        if importlib.util.find_spec(p) is not None:  # (the slow paths are what runs here)
+            rec.set(note=f"{p} installed")
+    return model
+
+
+def child(model_type: str, json_path: str) -> None:
+    t0 = time.perf_counter()
+    import compressdrop as cd
+
+    cd.import_torchvision()  # transformers imports torchvision when it is installed
+    model_name = model_types()[model_type]
+    rec = Recorder(json_path, {"family": model_type, "class": model_name, "step": "build"})
+    model = build(model_type, rec)
+    if model is None:
+        rec.set(step="skipped", seconds=round(time.perf_counter() - t0, 1))
+        return
+    check(model, True, rec, t0)
+
+
+def classify(r: dict) -> str:
+    """One word for a survey row: skipped, build, passed, or the first check it failed."""
+    if r.get("skipped"):
+        return "skipped"
+    if r.get("failed_step") in ("start", "build"):
+        return "build failed"
+    if passed(r):
+        return "passed"
+    if r.get("failed_step"):
+        return f"failed at {r['failed_step']}"
+    if not r.get("exact"):
+        return "slim != masked"
+    if r.get("generate_equal") is False:
+        return "generate differs"
+    return "heads ungated" if not r.get("heads_gated") else "MLP ungated"
+
+
+def _forked(model_type: str, json_path: str, log_path: str) -> None:
+    """The child's body: its output to ``log_path``, the failing step's error to its record."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        child(model_type, json_path)
+    except BaseException as e:
+        data = {"family": model_type, "step": "start"}
+        if os.path.exists(json_path):
+            with open(json_path) as f:
+                data = json.load(f)
+        Recorder(json_path, {**data, "error": short_exc(e)})
+        raise
+
+
+def run_forked(model_type: str, timeout: float) -> dict:
+    """One model type in a child forked from this process (torch, transformers and compressdrop
+    imported once, here: a fresh interpreter took longer to import them than most types take to
+    run), killed after ``timeout`` seconds; what it recorded, plus the failing step's error."""
+    import multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path, log = os.path.join(tmp, "row.json"), os.path.join(tmp, "log.txt")
+        t0 = time.perf_counter()
+        proc = mp.get_context("fork").Process(target=_forked, args=(model_type, path, log))
+        proc.start()
+        proc.join(timeout)
+        timed_out = proc.is_alive()
+        if timed_out:
+            proc.kill()
+            proc.join()
+        data = {"family": model_type, "step": "start"}
+        if os.path.exists(path):
+            with open(path) as f:
+                data = json.load(f)
+        data.setdefault("seconds", round(time.perf_counter() - t0, 1))
+        if data.get("step") not in ("done", "skipped"):
+            with open(log, errors="replace") as f:
+                lines = [ln for ln in f.read().splitlines() if ln.strip()]
+            last = lines[-1][:300] if lines else f"exit code {proc.exitcode}"
+            data.setdefault("error", f"timeout after {timeout:.0f} s" if timed_out else last)
+            data["failed_step"] = data.get("step")
+        return data
+
+
+def _write(path: str, rows: dict[str, dict], wall: float) -> None:
+    from importlib.metadata import version
+
+    counts: dict[str, int] = {}
+    for r in rows.values():
+        counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    meta = {
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "wall_s_last_run": round(wall, 1),
+        "model_types": len(rows),
+        "outcomes": dict(sorted(counts.items())),
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "types": [rows[k] for k in sorted(rows)]}, f, indent=1)
+        f.write("\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated model types")
+    ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args()
+    import compressdrop as cd
+
+    cd.import_torchvision()
+    import torch  # noqa: F401  (imported once, for every child)
+    import transformers  # noqa: F401
+
+    names = args.only.split(",") if args.only else list(model_types())
+    rows: dict[str, dict] = {}
+    if args.only and os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = {r["family"]: r for r in json.load(f)["types"]}
+    t0 = time.perf_counter()
+    for name in names:
+        rows[name] = run_forked(name, args.timeout)
+        rows[name]["outcome"] = classify(rows[name])
+        print(f"{name}: {rows[name]['outcome']} ({rows[name].get('seconds')} s)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        _write(args.out, rows, time.perf_counter() - t0)  # (what ran so far survives a stop)
+    with open(args.out) as f:
+        print(json.dumps(json.load(f)["meta"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
