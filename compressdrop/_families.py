@@ -29,6 +29,15 @@ class Decoder(NamedTuple):
         shared_width: the config field of the shared experts' width.
         head_dim_fixed: the attention derives ``head_dim`` from ``hidden_size`` and the head
             count (its config cannot describe fewer heads of the same size).
+        shared_per: the config field counting the shared experts one MLP holds, whose width
+            is then ``shared_width`` times it (GLM-4-MoE's ``n_shared_experts``); ``None``: the
+            width is ``shared_width`` itself.
+        latent: multi-latent attention (DeepSeek-V2's): each head's rows of ``q_b_proj`` (or
+            ``q_proj``), of ``kv_b_proj`` (``qk_nope_head_dim + v_head_dim``: its keys and
+            values, expanded from one shared latent) and its ``v_head_dim`` columns of
+            ``o_proj``; the keys' rotary part is one for all heads, so any head may go.
+        glu: its MLP is gated (``down(act(gate(x)) * up(x))``); ``False``: ``up_proj`` feeds
+            the activation alone (Arcee's and Apertus's ``down(act(up(x)))``).
     """
 
     prefix: str
@@ -41,6 +50,9 @@ class Decoder(NamedTuple):
     norms_across_heads: bool = False
     shared: str | None = None
     shared_width: str = "shared_expert_intermediate_size"
+    shared_per: str | None = None
+    latent: bool = False
+    glu: bool = True
 
 
 #: decoders with LLaMA's grouped-query attention, by family
@@ -69,10 +81,70 @@ DECODERS = {
     # GLM and GLM-4: an explicit head_dim, partial rotary (per head), a packed gate_up_proj
     "glm": Decoder("Glm", up="gate_up_proj", rows=2),
     "glm4": Decoder("Glm4", up="gate_up_proj", rows=2),
-}
+    # LLaMA's attention with per-head q/k norms (over head_dim), sliding windows, no rotary
+    # positions on some layers, attention sinks or per-position query scales: each acts on
+    # every head alike, so a head goes as LLaMA's does
+    "apertus": Decoder("Apertus", glu=False),  # xIELU on up_proj alone
+    "arcee": Decoder("Arcee", glu=False),  # ReLU² on up_proj alone
+    "cohere2": Decoder("Cohere2"),
+    "cwm": Decoder("Cwm"),
+    "ernie4_5": Decoder("Ernie4_5"),
+    "exaone4": Decoder("Exaone4"),
+    "granite_swa": Decoder("GraniteSWA"),
+    "helium": Decoder("Helium"),
+    "hunyuan_v1_dense": Decoder("HunYuanDenseV1"),
+    "hyperclovax": Decoder("HyperCLOVAX"),
+    "jais2": Decoder("Jais2", glu=False),
+    "ministral": Decoder("Ministral"),
+    "ministral3": Decoder("Ministral3"),
+    "seed_oss": Decoder("SeedOss"),
+    "smollm3": Decoder("SmolLM3"),
+    "vaultgemma": Decoder("VaultGemma"),
+    "olmo3": Decoder("Olmo3", norms_across_heads=True),
+    # hybrids: attention layers between state-space ones (their heads alone are gated here)
+    "bamba": Decoder("Bamba"),
+    "falcon_h1": Decoder("FalconH1"),
+    "jamba": Decoder("Jamba"),
+    # mixtures of experts; a shared expert of the dense MLP's class holds shared_per experts'
+    # widths (GLM-4-MoE's moe_intermediate_size · n_shared_experts)
+    "glm4_moe": Decoder("Glm4Moe", shared="shared_experts", shared_width="moe_intermediate_size",
+                        shared_per="n_shared_experts"),
+    "dots1": Decoder("Dots1", shared="shared_experts", shared_width="moe_intermediate_size",
+                     shared_per="n_shared_experts"),
+    "solar_open": Decoder("SolarOpen", shared="shared_experts",
+                          shared_width="moe_intermediate_size", shared_per="n_shared_experts"),
+    "ernie4_5_moe": Decoder("Ernie4_5_Moe", shared="shared_experts",
+                            shared_width="moe_intermediate_size",
+                            shared_per="moe_num_shared_experts"),
+    "hunyuan_v1_moe": Decoder("HunYuanMoEV1", shared="shared_mlp",
+                              shared_width="intermediate_size"),
+    "llama4": Decoder("Llama4Text", width="intermediate_size_mlp", shared="shared_expert",
+                      shared_width="intermediate_size"),
+    "mellum": Decoder("Mellum"),
+    "granitemoe": Decoder("GraniteMoe", mlp=None),
+    "phimoe": Decoder("Phimoe", mlp=None),
+    "minimax": Decoder("MiniMax", mlp=None),  # (its lightning-attention layers stay)
+    "flex_olmo": Decoder("FlexOlmo", mlp=None, norms_across_heads=True),
+    "minimax_m2": Decoder("MiniMaxM2", mlp=None, norms_across_heads=True),
+    # multi-latent attention; DeepSeek-V3.2's and GLM-MoE-DSA's indexer picks the keys of all
+    # heads alike
+    "minicpm3": Decoder("MiniCPM3", latent=True),
+    "youtu": Decoder("Youtu", latent=True),
+    **{
+        family: Decoder(prefix, latent=True, shared="shared_experts",
+                        shared_width="moe_intermediate_size", shared_per="n_shared_experts")
+        for family, prefix in (
+            ("deepseek_v2", "DeepseekV2"), ("deepseek_v3", "DeepseekV3"),
+            ("deepseek_v32", "DeepseekV32"), ("glm4_moe_lite", "Glm4MoeLite"),
+            ("glm_moe_dsa", "GlmMoeDsa"), ("kimi_linear", "KimiLinear"), ("axk1", "AXK1"),
+        )
+    },
+}  # fmt: skip
 #: decoders whose attention is LLaMA's and whose MLP is SwiGLU with ``up_proj``
 LLAMA_LIKE = {
-    family: d.prefix for family, d in DECODERS.items() if d.mlp == "MLP" and d.up == "up_proj"
+    family: d.prefix
+    for family, d in DECODERS.items()
+    if d.mlp == "MLP" and d.up == "up_proj" and d.glu
 }
 #: encoders whose attention is BERT's (``self.query``/``key``/``value``, ``num_attention_heads``
 #: and ``all_head_size`` read by its forward, the projection in the sibling ``output.dense``),

@@ -4,7 +4,8 @@ patch by hand, and a pruned decoder generates what the masked one does.
 
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, GLM and GLM-4, Mixtral's and
-Qwen2-MoE's attention), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each
+Qwen2-MoE's attention; SmolLM3, Seed-OSS, EXAONE-4, GraniteSWA, Arcee, GLM-4-MoE, Llama-4),
+DeepSeek-V2/V3's multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each
 head's q, k and v rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the
 heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3),
 and BLOOM's GELU written as a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE
@@ -35,6 +36,13 @@ FALCON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
 DEBERTA_V1 = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
               "max_relative_positions": 16}  # fmt: skip
 BIGCODE = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+# a mixture of experts after one dense layer, with one shared expert (DeepSeek's layout)
+SHARED_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+              "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}  # fmt: skip
+GLM4_MOE = {**SHARED_MOE, "head_dim": 8, "use_qk_norm": True}
+# multi-latent attention: one key/value head per query head, a rotary part of 4 features
+MLA = {**SHARED_MOE, "num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 16,
+       "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "head_dim": 4}  # fmt: skip
 MODELS = {
     "olmo": ("OlmoConfig", "OlmoForCausalLM", LLAMA),
     "granite": ("GraniteConfig", "GraniteForCausalLM", LLAMA),
@@ -108,10 +116,32 @@ MODELS = {
     "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
                    {"dim": 32, "n_layers": 2, "n_heads": 4, "hidden_dim": 48,
                     "max_position_embeddings": 64, "num_labels": 3}),
+    # LLaMA's attention, new to the registry (benchmarks/survey_hf_causal_lm.py found them
+    # ungated): SmolLM3 without rotary positions on every second layer, Seed-OSS and EXAONE-4
+    # keeping head counts of their own (EXAONE-4 with per-head q/k norms and sliding windows),
+    # GraniteSWA's attention sinks, Arcee's ReLU² MLP (no gate_proj), OLMo-3's q/k norms over
+    # all heads (its heads stay)
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {**LLAMA, "no_rope_layer_interval": 2}),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", {**LLAMA, "head_dim": 8}),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {**LLAMA, "sliding_window": 4}),
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", {**LLAMA, "sliding_window": 4}),
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", {**LLAMA, "head_dim": 8}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", LLAMA),
+    # mixtures of experts: GLM-4-MoE's dense first layer, per-head q/k norms and a shared
+    # expert; Llama-4's router, a Linear that answers a tuple (scores, experts)
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {**LLAMA, **GLM4_MOE}),
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    {**LLAMA, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 2,
+                     "intermediate_size_mlp": 48}),
+    # multi-latent attention: DeepSeek-V3's low-rank query (q_b_proj), DeepSeek-V2's full q_proj
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**LLAMA, **MLA}),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    {**LLAMA, **MLA, "q_lora_rank": None}),
 }  # fmt: skip
 # what gets gates: heads, MLP neurons (OLMo-2's and OLMoE's q/k norms span all heads)
 GATED = {
     "olmo2": (False, True),
+    "olmo3": (False, True),
     "olmoe": (False, True),
     "deberta_v1_talking": (False, True),
 }
@@ -137,9 +167,9 @@ def test_heads_and_mlp_neurons_prune_exactly(name):
     check_against_masked(slim, model, thr, causal="CausalLM" in MODELS[name][1])
 
 
-@pytest.mark.parametrize("name", ["olmo2", "olmoe"])
+@pytest.mark.parametrize("name", ["olmo2", "olmoe", "olmo3"])
 def test_heads_under_norms_across_all_heads_stay_and_the_user_reads_why(name):
-    """OLMo-2's and OLMoE's q_norm and k_norm are RMSNorms over all heads together: no head can
+    """OLMo-2's, OLMoE's and OLMo-3's q_norm and k_norm are RMSNorms over all heads together: no head can
     go exactly, so each attention keeps its heads, and attach says why for each (OLMo-2's were
     left without a word); their MLP neurons are gated."""
     model = _build(name)

@@ -43,6 +43,7 @@ __all__ = [
     "remove_expert_units",
     "remove_expert_units_",
     "scaled_down",
+    "tuple_routers",
 ]
 
 
@@ -227,3 +228,34 @@ def experts_widths(model: nn.Module) -> dict[str, list[int]]:
     config = getattr(model, "config", None)
     moe = hasattr(config, "moe_intermediate_size")
     return {"moe_intermediate_size" if moe else "intermediate_size": widths}
+
+
+def tuple_routers(model: nn.Module, inputs: tuple) -> list[nn.Module]:
+    """The Linear subclasses of ``model`` whose own forward returns no tensor: a router that
+    answers ``(scores, experts)`` (Llama-4's ``Llama4Router``, PhiMoE's ``PhimoeTopKRouter``).
+    Torch-Pruning's trace reads a Linear's output as a tensor and failed on them; left out of
+    its graph, their outputs are routing decisions, not units to gate. Found by one forward pass
+    on ``inputs``, run only where such a subclass (other than compressdrop's own) exists."""
+    subclasses = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.Linear)
+        and type(m).forward is not nn.Linear.forward
+        and not type(m).__module__.startswith("compressdrop.")
+    ]
+    if not subclasses:
+        return []
+    found: list[nn.Module] = []
+
+    def record(m: nn.Module, _args: Any, out: Any) -> None:
+        if not isinstance(out, torch.Tensor) and m not in found:
+            found.append(m)
+
+    hooks = [m.register_forward_hook(record) for m in subclasses]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found

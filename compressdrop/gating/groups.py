@@ -66,6 +66,8 @@ def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include
     cut off."""
     # the names of the graph's modules: their submodules are inside one node, not missing
     traced = {names[m] for m in dg.module2node if isinstance(m, nn.Module) and m in names}
+    # left out of the trace on purpose: routers that answer a tuple (experts.tuple_routers)
+    ignored = set(getattr(dg, "IGNORED_LAYERS_IN_TRACING", ()))
 
     def inside_traced(name: str) -> bool:
         parts = name.split(".")
@@ -73,7 +75,8 @@ def _cut_off(dg, ran: dict, names: dict, refused: set, granularity: str, include
 
     cut = [
         names[m] for m, spec in ((m, spec_of(m)) for m in ran)
-        if m not in dg.module2node and m not in refused and m in names and spec is not None
+        if m not in dg.module2node and m not in refused and m not in ignored and m in names
+        and spec is not None
         and not inside_traced(names[m])
         and _selected(spec.kind, [m], names, granularity, include, exclude)
     ]  # fmt: skip

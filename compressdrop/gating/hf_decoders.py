@@ -1,10 +1,11 @@
 """The attention heads of Hugging Face decoders whose attention is LLaMA's (the families of
 :data:`compressdrop._families.DECODERS`: LLaMA, Qwen, Mistral, Gemma, OLMo, Granite, Cohere,
-StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS, GLM and GLM-4; OLMo-2's and OLMoE's,
-whose q/k norms span all heads, only to say why they stay), and Phi-3's packed ``qkv_proj``:
-where they are, how they are removed, and the widths the config describes after surgery.
-GPT-OSS's attention adds a learned sink logit per query head (``sinks``), which goes with its
-head.
+StableLM, StarCoder2, Phi, Mixtral, Qwen-MoE, GPT-OSS, GLM, GLM-4, GLM-4-MoE, Llama-4, SmolLM3,
+ERNIE-4.5, EXAONE-4 and the others listed there; OLMo-2's, OLMo-3's and OLMoE's, whose q/k
+norms span all heads, only to say why they stay), Phi-3's packed ``qkv_proj``, and multi-latent
+attention (DeepSeek-V2/V3, MiniCPM3): where they are, how they are removed, and the widths the
+config describes after surgery. GPT-OSS's and GraniteSWA's attention adds a learned sink logit
+per query head (``sinks``), which goes with its head.
 
 Grouped-query attention: the query heads of one key/value head are consecutive, and every
 key/value head keeps as many; with one key/value head per query head, a head's key and value
@@ -38,11 +39,16 @@ def _q_width(m: Any) -> int:
 
 def query_heads(m: Any) -> int:
     """The attention's query heads (its module records none it keeps up to date)."""
+    if hasattr(m, "kv_b_proj"):  # multi-latent: v_head_dim inputs of o_proj per head
+        return int(m.o_proj.in_features // m.v_head_dim)
     return _q_width(m) // int(m.head_dim)
 
 
 def kv_heads(m: Any) -> int:
-    """The attention's key/value heads: Phi-3's recorded count, else ``k_proj``'s rows."""
+    """The attention's key/value heads: Phi-3's recorded count, else ``k_proj``'s rows (one per
+    query head in a multi-latent attention)."""
+    if hasattr(m, "kv_b_proj"):
+        return query_heads(m)
     if hasattr(m, "qkv_proj"):
         return int(m.num_key_value_heads)
     return int(m.get_submodule("k_proj").out_features // m.head_dim)
@@ -108,8 +114,9 @@ def _remover(o: str) -> Any:
         sinks = getattr(m, "sinks", None)  # GPT-OSS: one logit per query head
         if isinstance(sinks, nn.Parameter) and sinks.shape == (H,):
             m.sinks = nn.Parameter(sinks.data[kept].clone(), requires_grad=sinks.requires_grad)
-        if hasattr(m, "num_heads"):
-            m.num_heads = len(kept)
+        for attr in ("num_heads", "num_attention_heads"):  # (Seed-OSS, EXAONE-4 keep theirs)
+            if hasattr(m, attr):
+                setattr(m, attr, len(kept))
         if mha:
             if hasattr(m, "num_key_value_heads"):
                 m.num_key_value_heads = len(kept)
@@ -117,6 +124,28 @@ def _remover(o: str) -> Any:
             m.num_key_value_groups = len(kept) // KV
 
     return remove
+
+
+#: a multi-latent attention's projections that start no unit group of their own: the per-head
+#: ones, and kv_a_proj_with_mqa, whose latent reaches the heads through kv_a_layernorm and the
+#: one rotary key of all heads (neither lets a unit go exactly)
+_LATENT = ("q_proj", "q_b_proj", "kv_b_proj", "kv_a_proj_with_mqa")
+
+
+def _remove_latent(m: Any, keep: torch.Tensor) -> None:
+    """Remove the heads of a multi-latent attention not in ``keep``: their query rows
+    (``qk_head_dim`` each, of ``q_proj`` or ``q_b_proj``), their key and value rows of
+    ``kv_b_proj`` (``qk_nope_head_dim + v_head_dim`` each) and their ``v_head_dim`` columns of
+    ``o_proj``. Its forward reshapes by ``-1``; ``num_heads`` follows."""
+    kept = set(keep.tolist())
+    gone = [h for h in range(query_heads(m)) if h not in kept]
+    q = m.q_proj if getattr(m, "q_proj", None) is not None else m.q_b_proj
+    cut_features(q, head_features(gone, int(m.qk_head_dim)), out=True)
+    kv = int(m.qk_nope_head_dim + m.v_head_dim)
+    cut_features(m.kv_b_proj, head_features(gone, kv), out=True)
+    cut_features(m.o_proj, head_features(gone, int(m.v_head_dim)), out=False)
+    if hasattr(m, "num_heads"):
+        m.num_heads = len(kept)
 
 
 def _norms_across_heads(m: nn.Module) -> str:
@@ -133,6 +162,10 @@ def register_decoders() -> None:
     those whose q/k norms span all heads with the reason they stay."""
     for family, d in {**DECODERS, "phi3": Decoder("Phi3")}.items():
         packed = family == "phi3"
+        if d.latent:  # (a head's q, kv and o parts differ in width: a surgery of its own)
+            spec = HeadSpec(o=d.o, heads=query_heads, remove=_remove_latent, shared=_LATENT)
+            register_attention_at(hf_module(family), f"{d.prefix}Attention", spec)
+            continue
         spec = HeadSpec(
             o=d.o,
             q=None if packed else "q_proj",
@@ -161,7 +194,9 @@ def decoder_shapes(model: nn.Module) -> tuple[dict[str, list[int]], dict] | None
     heads = [query_heads(a) for a in attns]
     fixed: dict[str, tuple[list, int, str]] = {}
     config: Any = getattr(model, "config", None)
-    if d.head_dim_fixed:
+    if d.latent:  # (its head_dim is the rotary part's: it stays)
+        want["num_attention_heads"] = heads
+    elif d.head_dim_fixed:
         how = "its size from hidden_size / num_attention_heads"
         fixed["num_attention_heads"] = (
             heads,
@@ -180,5 +215,10 @@ def decoder_shapes(model: nn.Module) -> tuple[dict[str, list[int]], dict] | None
         shared = {n for n in width if d.shared is not None and n.rsplit(".", 1)[-1] == d.shared}
         want[d.width] = [w for n, w in width.items() if n not in shared]
         if d.shared is not None:
-            want[d.shared_width] = [w for n, w in width.items() if n in shared]
+            # a shared expert of shared_per experts' width (n_shared_experts), where it divides
+            per = int(getattr(config, d.shared_per)) if d.shared_per is not None else 1
+            widths = [
+                w // per if w % per == 0 else w / per for n, w in width.items() if n in shared
+            ]
+            want[d.shared_width] = want.get(d.shared_width, []) + widths  # type: ignore[operator]
     return want, fixed

@@ -260,7 +260,8 @@ def sync_config(model: nn.Module) -> str | None:
     if found is None and not experts:
         return None
     want, fixed = found or ({}, {})  # config field → per-layer values; fields it cannot change
-    want = {**want, **experts}  # each fused experts module's neurons per expert
+    # each fused experts module's neurons per expert, with any shared expert's of that field
+    want = {k: want.get(k, []) + experts.get(k, []) for k in {**want, **experts}}
     if any(len(set(v)) > 1 for v in want.values()):
         sizes = ", ".join(f"{k} {v}" for k, v in want.items() if len(set(v)) > 1)
         return (

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..dropout.recurrent import tracing
+from .experts import tuple_routers
 from .registry import customized_pruners
 
 __all__: list[str] = []  # internal to compressdrop
@@ -96,11 +97,13 @@ def build_graph(model: nn.Module, inputs: tuple) -> tuple[Any | None, str | None
     import torch_pruning as tp
 
     dg = tp.DependencyGraph()
+    routers = tuple_routers(model, inputs)  # (a Linear that answers a tuple: left out)
     try:
         with torch.enable_grad(), tracing(model), _all_params_traced(model), _out_of_place(model):
             dg.build_dependency(
                 model,
                 example_inputs=inputs,
+                ignored_layers=routers,
                 verbose=False,
                 customized_pruners=customized_pruners(),
                 output_transform=_traced_outputs,
