@@ -110,10 +110,11 @@ def build(model_type: str, rec: Recorder) -> Any:
     torch.manual_seed(0)
     try:
         config = config_cls(**kw)
-        kinds = defaults.get("layer_types") or []
-        if "full_attention" in kinds and "full_attention" not in (config.layer_types or []):
+        kinds = set(defaults.get("layer_types") or [])
+        other = sorted(kinds - {"full_attention", "sliding_attention"})
+        if other and "full_attention" in kinds and "full_attention" not in config.layer_types:
             # a hybrid whose attention layers the 2-layer pattern left out (Kimi-Linear's)
-            kw["layer_types"] = [next(k for k in kinds if k != "full_attention"), "full_attention"]
+            kw["layer_types"] = [other[0], "full_attention"]
             config = config_cls(**kw)
         rec.set(sizes=kw)
         model = getattr(transformers, model_name)(config).eval()

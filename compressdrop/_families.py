@@ -36,6 +36,8 @@ class Decoder(NamedTuple):
             ``q_proj``), of ``kv_b_proj`` (``qk_nope_head_dim + v_head_dim``: its keys and
             values, expanded from one shared latent) and its ``v_head_dim`` columns of
             ``o_proj``; the keys' rotary part is one for all heads, so any head may go.
+        q_gate: ``q_proj`` holds each head's query and then its output gate (``2 · head_dim``
+            rows a head: Qwen3-Next's and Qwen3.5's ``sigmoid(gate) * attn``, per feature).
         glu: its MLP is gated (``down(act(gate(x)) * up(x))``); ``False``: ``up_proj`` feeds
             the activation alone (Arcee's and Apertus's ``down(act(up(x)))``).
     """
@@ -52,6 +54,7 @@ class Decoder(NamedTuple):
     shared_width: str = "shared_expert_intermediate_size"
     shared_per: str | None = None
     latent: bool = False
+    q_gate: bool = False
     glu: bool = True
 
 
@@ -85,6 +88,8 @@ DECODERS = {
     # positions on some layers, attention sinks or per-position query scales: each acts on
     # every head alike, so a head goes as LLaMA's does
     "apertus": Decoder("Apertus", glu=False),  # xIELU on up_proj alone
+    "apertus1p5": Decoder("Apertus1p5Text", glu=False),
+    "aria": Decoder("AriaText", mlp=None),
     "arcee": Decoder("Arcee", glu=False),  # ReLU² on up_proj alone
     "cohere2": Decoder("Cohere2"),
     "cwm": Decoder("Cwm"),
@@ -126,6 +131,10 @@ DECODERS = {
     "minimax": Decoder("MiniMax", mlp=None),  # (its lightning-attention layers stay)
     "flex_olmo": Decoder("FlexOlmo", mlp=None, norms_across_heads=True),
     "minimax_m2": Decoder("MiniMaxM2", mlp=None, norms_across_heads=True),
+    # each head's query rows followed by its output gate's
+    "qwen3_next": Decoder("Qwen3Next", q_gate=True, shared="shared_expert"),
+    "qwen3_5": Decoder("Qwen3_5", q_gate=True),
+    "qwen3_5_moe": Decoder("Qwen3_5Moe", q_gate=True, mlp=None),
     # multi-latent attention; DeepSeek-V3.2's and GLM-MoE-DSA's indexer picks the keys of all
     # heads alike
     "minicpm3": Decoder("MiniCPM3", latent=True),

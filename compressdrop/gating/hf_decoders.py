@@ -37,11 +37,18 @@ def _q_width(m: Any) -> int:
     return int(m.get_submodule("q_proj").out_features)
 
 
+def _q_rows(m: Any) -> int:
+    """Rows of the query projection per head feature: 2 where each head's query is followed by
+    its output gate's rows (:attr:`~compressdrop._families.Decoder.q_gate`), else 1."""
+    d = ATTENTIONS.get(type(m).__name__)
+    return 2 if d is not None and d.q_gate else 1
+
+
 def query_heads(m: Any) -> int:
     """The attention's query heads (its module records none it keeps up to date)."""
     if hasattr(m, "kv_b_proj"):  # multi-latent: v_head_dim inputs of o_proj per head
         return int(m.o_proj.in_features // m.v_head_dim)
-    return _q_width(m) // int(m.head_dim)
+    return _q_width(m) // (_q_rows(m) * int(m.head_dim))
 
 
 def kv_heads(m: Any) -> int:
@@ -105,8 +112,9 @@ def _remover(o: str) -> Any:
             )
             m.config = copy.copy(m.config)
             m.config.num_attention_heads = len(kept)
-        else:
-            cut_features(m.get_submodule("q_proj"), cut, out=True)
+        else:  # (a head's query and gate rows together where q_proj holds both)
+            gone = [h for h in range(H) if h not in kept]
+            cut_features(m.get_submodule("q_proj"), head_features(gone, _q_rows(m) * D), out=True)
             for path in ("k_proj", "v_proj"):
                 cut_features(m.get_submodule(path), cut_kv, out=True)
         cut_features(m.get_submodule(o), cut, out=False)
