@@ -125,6 +125,12 @@ DECODERS = {
                               shared_width="intermediate_size"),
     "llama4": Decoder("Llama4Text", width="intermediate_size_mlp", shared="shared_expert",
                       shared_width="intermediate_size"),
+    "cohere2_moe": Decoder("Cohere2Moe", shared="shared_experts", shared_width="intermediate_size",
+                           shared_per="num_shared_experts"),
+    # an output gate per head feature (gate_proj; Beam's with a bias per head), cut with it
+    "afmoe": Decoder("Afmoe", shared="shared_experts", shared_width="moe_intermediate_size",
+                     shared_per="num_shared_experts"),
+    "beam": Decoder("Beam"),
     "mellum": Decoder("Mellum"),
     "granitemoe": Decoder("GraniteMoe", mlp=None),
     "phimoe": Decoder("Phimoe", mlp=None),
@@ -166,6 +172,12 @@ BERT_LIKE = {
     "electra": "Electra",
     "roformer": "RoFormer",  # (its rotary positions act per head: any head may go)
     "megatron_bert": "MegatronBert",
+    # (as decoders too: their ForCausalLM classes; the pre-norm ones norm before the heads)
+    "bert_generation": "BertGeneration",
+    "ernie": "Ernie",
+    "roc_bert": "RoCBert",
+    "roberta_prelayernorm": "RobertaPreLayerNorm",
+    "xlm_roberta_xl": "XLMRobertaXL",
 }
 
 

@@ -5,13 +5,14 @@ patch by hand, and a pruned decoder generates what the masked one does.
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
 q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, GLM and GLM-4, Mixtral's and
 Qwen2-MoE's attention; SmolLM3, Seed-OSS, EXAONE-4, GraniteSWA, Arcee, GLM-4-MoE, Llama-4,
-Qwen3-Next with a gate per head in its q_proj),
-DeepSeek-V2/V3's multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's and Persimmon's ``query_key_value`` (each
-head's q, k and v rows together), Falcon's in its three layouts, GPT-BigCode's in its two, the
-heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-BERT, ALBERT and DeBERTa (v1 to v3),
-and BLOOM's GELU written as a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE
-(``tests/test_hf_experts.py``). OLMo-2's and OLMoE's attention is registered only to say why
-their heads stay (q/k norms over all heads).
+Qwen3-Next with a gate per head in its q_proj, Beam with a gate_proj per head), DeepSeek-V2/V3's
+multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's
+and Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falcon's in its
+three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer,
+Megatron-BERT, RoBERTa-PreLayerNorm, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU written as
+a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
+OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k
+norms over all heads).
 """
 
 from __future__ import annotations
@@ -140,6 +141,11 @@ MODELS = {
                    {**LLAMA, "head_dim": 8, "layer_types": ["linear_attention", "full_attention"],
                     "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                     "shared_expert_intermediate_size": 48}),
+    # Beam: a sigmoid gate per head feature (gate_proj) and a bias per head, cut with the head
+    "beam": ("BeamConfig", "BeamForCausalLM", {**LLAMA, "head_dim": 8, "sliding_window": 4}),
+    # RoBERTa-PreLayerNorm: BERT's heads, normed before them
+    "roberta_prelayernorm": ("RobertaPreLayerNormConfig",
+                             "RobertaPreLayerNormForSequenceClassification", ENCODER),
     # multi-latent attention: DeepSeek-V3's low-rank query (q_b_proj), DeepSeek-V2's full q_proj
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**LLAMA, **MLA}),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",

@@ -119,9 +119,14 @@ def _remover(o: str) -> Any:
                 cut_features(m.get_submodule(path), cut_kv, out=True)
         cut_features(m.get_submodule(o), cut, out=False)
         _cut_head_norms(m, kept, mha)
-        sinks = getattr(m, "sinks", None)  # GPT-OSS: one logit per query head
-        if isinstance(sinks, nn.Parameter) and sinks.shape == (H,):
-            m.sinks = nn.Parameter(sinks.data[kept].clone(), requires_grad=sinks.requires_grad)
+        # one value per query head: GPT-OSS's and GraniteSWA's sink logits, Beam's gate bias
+        for name in ("sinks", "gate_bias"):
+            p = getattr(m, name, None)
+            if isinstance(p, nn.Parameter) and p.shape == (H,):
+                setattr(m, name, nn.Parameter(p.data[kept].clone(), requires_grad=p.requires_grad))
+        gate = getattr(m, "gate_proj", None)  # Beam's, AFMoE's: a sigmoid gate per head feature
+        if isinstance(gate, nn.Linear) and gate.out_features == H * D:
+            cut_features(gate, cut, out=True)
         for attr in ("num_heads", "num_attention_heads"):  # (Seed-OSS, EXAONE-4 keep theirs)
             if hasattr(m, attr):
                 setattr(m, attr, len(kept))
@@ -178,7 +183,7 @@ def register_decoders() -> None:
             o=d.o,
             q=None if packed else "q_proj",
             qkv="qkv_proj" if packed else None,
-            shared=() if packed else ("k_proj", "v_proj"),
+            shared=() if packed else ("k_proj", "v_proj", "gate_proj"),  # (gate: Beam's, AFMoE's)
             heads=query_heads,
             blocks=_kv_blocks,
             remove=_remover(d.o),
