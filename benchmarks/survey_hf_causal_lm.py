@@ -47,7 +47,7 @@ SIZES: dict[int | None, tuple[str, ...]] = {
         "linear_head_dim", "qk_head_dim"),
     16: ("kv_lora_rank", "q_lora_rank", "sliding_window", "attention_chunk_size",
          "hidden_size_per_layer_input", "laurel_rank"),
-    64: ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len",
+    64: ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "mamba_d_ssm",
          "vocab_size_per_layer_input"),
     1: ("n_shared_experts", "num_shared_experts", "first_k_dense_replace", "n_group",
         "num_expert_group",
@@ -104,6 +104,8 @@ def build(model_type: str, rec: Recorder) -> Any:
     kw = {**sizes_for(defaults), **{k: v for k, v in TOKENS.items() if k in defaults}}
     if "layer_types" in defaults:  # derived from the layer count when not given
         kw["layer_types"] = None
+    if "attention_types" in defaults:  # GPT-Neo's, one entry per layer
+        kw["attention_types"] = [[["global", "local"], 1]]
     if "attn_layer_indices" in defaults:  # a hybrid's attention layers (Bamba's): the second
         kw["attn_layer_indices"] = [1]
     rec.set(sizes=kw)

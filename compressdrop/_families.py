@@ -95,6 +95,8 @@ DECODERS = {
     "cwm": Decoder("Cwm"),
     "ernie4_5": Decoder("Ernie4_5"),
     "exaone4": Decoder("Exaone4"),
+    "exaone_moe": Decoder("ExaoneMoe", shared="shared_experts", shared_width="moe_intermediate_size",
+                          shared_per="num_shared_experts"),
     "granite_swa": Decoder("GraniteSWA"),
     "helium": Decoder("Helium"),
     "hunyuan_v1_dense": Decoder("HunYuanDenseV1"),
