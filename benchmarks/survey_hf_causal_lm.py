@@ -98,8 +98,9 @@ def build(model_type: str, rec: Recorder) -> Any:
     if defaults.get("is_encoder_decoder"):
         rec.set(skipped="encoder-decoder")
         return None
-    if getattr(config_cls, "sub_configs", None):
-        rec.set(skipped=f"multimodal (sub-configs {sorted(config_cls.sub_configs)})")
+    parts = set(getattr(config_cls, "sub_configs", None) or ())
+    if parts - {"attn_config", "ffn_config"}:  # (DBRX's two are its own layers' settings)
+        rec.set(skipped=f"multimodal or of several models (sub-configs {sorted(parts)})")
         return None
     kw = {**sizes_for(defaults), **{k: v for k, v in TOKENS.items() if k in defaults}}
     if "layer_types" in defaults:  # derived from the layer count when not given
