@@ -5,7 +5,8 @@ and ``export_onnx`` checked in onnxruntime.
 
 Each family runs in a child process (one at a time, with a timeout) that writes its results step
 by step to a JSON file, so a crash leaves the steps it passed and the one that failed. The summary
-goes to ``benchmarks/results/hf_families.json`` and a markdown table to stdout.
+goes to ``benchmarks/results/hf_families.json`` (a family's row replaces its earlier one, the
+other rows stay) and a markdown table to stdout.
 
 usage: python benchmarks/bench_hf_families.py [--only opt,phi3] [--timeout 180]
        python benchmarks/bench_hf_families.py --child NAME --json PATH   (internal)
@@ -295,6 +296,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def merged(path: str, rows: list[dict]) -> list[dict]:
+    """The rows already in ``path`` with this run's in place of those of the same family, and
+    this run's new families after them: a run of some families (``--only``) keeps the others'
+    rows, and those ``survey_hf_causal_lm.py`` added."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f).get("families", [])
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    ours = {r.get("family"): r for r in rows}
+    out = [ours.pop(r.get("family"), r) for r in earlier]
+    return out + [r for r in rows if r.get("family") in ours]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated family names")
@@ -323,9 +338,13 @@ def main() -> None:
     from importlib.metadata import version
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    meta = {"torch": version("torch"), "transformers": version("transformers"), "wall_s": wall}
+    kept = merged(args.out, rows)
+    if len(kept) > len(rows):  # (a rerun of some families, or the survey's rows beside them)
+        meta["rows_of_earlier_runs"] = len(kept) - len(rows)
     with open(args.out, "w") as f:
-        meta = {"torch": version("torch"), "transformers": version("transformers"), "wall_s": wall}
-        json.dump({"meta": meta, "families": rows}, f, indent=1, default=str)
+        json.dump({"meta": meta, "families": kept}, f, indent=1, default=str)
+        f.write("\n")
     print(table(rows))
     print(f"\n{sum(passed(r) for r in rows)}/{len(rows)} families pass every check; "
           f"wall {wall} s")  # fmt: skip
