@@ -106,6 +106,7 @@ DECODERS = {
     "ministral3": Decoder("Ministral3"),
     "seed_oss": Decoder("SeedOss"),
     "smollm3": Decoder("SmolLM3"),
+    "nanochat": Decoder("NanoChat", up="fc1", glu=False),  # (q/k norms per head, after RoPE)
     "vaultgemma": Decoder("VaultGemma"),
     "olmo3": Decoder("Olmo3", norms_across_heads=True),
     # hybrids: attention layers between state-space ones (their heads alone are gated here)
@@ -135,6 +136,10 @@ DECODERS = {
     "beam": Decoder("Beam"),
     "mellum": Decoder("Mellum"),
     "granitemoe": Decoder("GraniteMoe", mlp=None),
+    "granitemoeshared": Decoder("GraniteMoeShared", mlp=None),
+    "granitemoe_swa": Decoder("GraniteMoeSWA", mlp=None),
+    "hy_v3": Decoder("HYV3"),
+    "mimo_v2_flash": Decoder("MiMoV2Flash"),
     "phimoe": Decoder("Phimoe", mlp=None),
     "minimax": Decoder("MiniMax", mlp=None),  # (its lightning-attention layers stay)
     "flex_olmo": Decoder("FlexOlmo", mlp=None, norms_across_heads=True),

@@ -129,6 +129,12 @@ MODELS = {
     "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", {**LLAMA, "sliding_window": 4}),
     "arcee": ("ArceeConfig", "ArceeForCausalLM", {**LLAMA, "head_dim": 8}),
     "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", LLAMA),
+    # NanoChat's q/k norms per head after the rotary positions, and its fc1/fc2 MLP; HY-V3's
+    # mixture of experts with a shared expert (both registered after the survey)
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", LLAMA),
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM",
+              {**LLAMA, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
+               "moe_intermediate_size": 24, "num_shared_experts": 1}),
     # mixtures of experts: GLM-4-MoE's dense first layer, per-head q/k norms and a shared
     # expert; Llama-4's router, a Linear that answers a tuple (scores, experts)
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", {**LLAMA, **GLM4_MOE}),
