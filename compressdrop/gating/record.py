@@ -17,11 +17,9 @@ from torch import nn
 
 from ..errors import InputError
 from .inputs import _STATE
+from .selection import SHOWN, shown_names
 
 __all__ = ["attach_config", "gate_sites", "sites_differ"]
-
-# layer names listed in a message, at most
-_SHOWN = 8
 
 
 def _state(model: nn.Module) -> dict[str, Any]:
@@ -61,13 +59,8 @@ def gate_sites(model: nn.Module) -> list[dict[str, Any]]:
     ]
 
 
-def _names(layers: Sequence[str]) -> str:
-    more = f" and {len(layers) - _SHOWN} more" if len(layers) > _SHOWN else ""
-    return ", ".join(repr(n) for n in layers[:_SHOWN]) + more
-
-
 def _gate(record: Mapping[str, Any]) -> str:
-    return f"{record['units']} {record['kind']} units on {_names(record['layers'])}"
+    return f"{record['units']} {record['kind']} units on {shown_names(record['layers'])}"
 
 
 def sites_differ(recorded: Sequence[Mapping[str, Any]], now: Sequence[Mapping[str, Any]]) -> str:
@@ -82,11 +75,11 @@ def sites_differ(recorded: Sequence[Mapping[str, Any]], now: Sequence[Mapping[st
     new = [n for n in after if n not in before]
     changed = [n for n in before if n in after and n not in same]
     said = [
-        *([f"recorded but not gated now: {_names(gone)}"] if gone else []),
-        *([f"gated now but not recorded: {_names(new)}"] if new else []),
+        *([f"recorded but not gated now: {shown_names(gone)}"] if gone else []),
+        *([f"gated now but not recorded: {shown_names(new)}"] if new else []),
         *(
             f"gated otherwise now: {n!r} (recorded: {_gate(before[n])}; now: {_gate(after[n])})"
-            for n in changed[:_SHOWN]
+            for n in changed[:SHOWN]
         ),
     ]
     return "; ".join(said)

@@ -33,6 +33,12 @@ def gateable_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
+def shown_names(names: Sequence[str]) -> str:
+    """``names`` quoted, the first :data:`SHOWN` of them, and how many more."""
+    more = f" and {len(names) - SHOWN} more" if len(names) > SHOWN else ""
+    return ", ".join(repr(n) for n in names[:SHOWN]) + more
+
+
 def _listing(layers: Sequence[tuple[str, nn.Module, str]]) -> str:
     shown = [f"{name!r} ({type(m).__name__})" for name, m, _ in layers[:SHOWN]]
     more = f" and {len(layers) - SHOWN} more" if len(layers) > SHOWN else ""
@@ -169,7 +175,6 @@ def only_sites_of(groups: Sequence[UnitGroup], layers: Collection[str]) -> list[
     wanted = set(layers)
     kept = [g for g in groups if any(s.name in wanted for s in g.sites)]
     if not kept:
-        shown = ", ".join(repr(n) for n in sorted(wanted)[:SHOWN])
-        more = f" and {len(wanted) - SHOWN} more" if len(wanted) > SHOWN else ""
-        raise InputError(f"none of the layers of only_sites ({shown}{more}) can be gated")
+        shown = shown_names(sorted(wanted))
+        raise InputError(f"none of the layers of only_sites ({shown}) can be gated")
     return kept
