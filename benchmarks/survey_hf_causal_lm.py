@@ -9,7 +9,13 @@ sub-configs (a multimodal model), or where the model needs a package that is not
 Each type runs in a child process forked from the survey's (one at a time, with a timeout); the results go to
 ``benchmarks/results/hf_causal_lm_survey.json`` (``--only`` merges its types into that file).
 
+``--task sequence-classification`` surveys the sequence-classification mapping instead
+(``MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES``: the encoders, BERT's kin, and decoders
+with a classifier head), 3 labels, the slim logits against the masked ones (no ``generate``);
+its results go to ``benchmarks/results/hf_seq_cls_survey.json``.
+
 usage: python benchmarks/survey_hf_causal_lm.py [--only glm4_moe,jamba] [--timeout 120]
+       python benchmarks/survey_hf_causal_lm.py --task sequence-classification [--only ...]
 """
 
 from __future__ import annotations
@@ -28,6 +34,15 @@ from bench_hf_families import TOKENS, Recorder, check, passed, short_exc
 RESULTS = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results", "hf_causal_lm_survey.json"
 )
+# task -> (transformers' auto mapping of its model classes, its results file)
+TASKS = {
+    "causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", RESULTS),
+    "sequence-classification": (
+        "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+        RESULTS.replace("hf_causal_lm_survey", "hf_seq_cls_survey"),
+    ),
+}
+TASK = "causal-lm"  # (main sets it; the forked children inherit it)
 # each size under the names configs give it; a field is set only where the config has it
 SIZES: dict[int | None, tuple[str, ...]] = {
     32: ("hidden_size", "n_embd", "d_model", "n_embed", "embed_dim", "dim", "model_dim"),
@@ -76,9 +91,9 @@ def sizes_for(defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_types() -> dict[str, str]:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
-    return dict(sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items()))
+    return dict(sorted(getattr(modeling_auto, TASKS[TASK][0]).items()))
 
 
 def build(model_type: str, rec: Recorder) -> Any:
@@ -103,6 +118,9 @@ def build(model_type: str, rec: Recorder) -> Any:
         rec.set(skipped=f"multimodal or of several models (sub-configs {sorted(parts)})")
         return None
     kw = {**sizes_for(defaults), **{k: v for k, v in TOKENS.items() if k in defaults}}
+    if TASK == "sequence-classification":
+        kw["num_labels"] = 3
+        kw["pad_token_id"] = 0  # (a decoder's classifier reads the last token that is not one)
     if "layer_types" in defaults:  # derived from the layer count when not given
         kw["layer_types"] = None
     if "attention_types" in defaults:  # GPT-Neo's, one entry per layer
@@ -144,7 +162,7 @@ def child(model_type: str, json_path: str) -> None:
     if model is None:
         rec.set(step="skipped", seconds=round(time.perf_counter() - t0, 1))
         return
-    check(model, True, rec, t0)
+    check(model, TASK == "causal-lm", rec, t0)
 
 
 def classify(r: dict) -> str:
@@ -233,8 +251,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model types")
     ap.add_argument("--timeout", type=float, default=120.0)
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--task", choices=sorted(TASKS), default="causal-lm")
+    ap.add_argument("--out", default=None, help="default: the task's results file")
     args = ap.parse_args()
+    global TASK
+    TASK = args.task
+    args.out = args.out or TASKS[TASK][1]
     import compressdrop as cd
 
     cd.import_torchvision()
