@@ -127,6 +127,8 @@ def build(model_type: str, rec: Recorder) -> Any:
         kw["attention_types"] = [[["global", "local"], 1]]
     if "attn_layer_indices" in defaults:  # a hybrid's attention layers (Bamba's): the second
         kw["attn_layer_indices"] = [1]
+    if defaults.get("languages") and "default_language" in defaults:  # X-MOD's adapters
+        kw["default_language"] = defaults["languages"][0]
     rec.set(sizes=kw)
     torch.manual_seed(0)
     try:

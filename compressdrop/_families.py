@@ -185,7 +185,22 @@ BERT_LIKE = {
     "roc_bert": "RoCBert",
     "roberta_prelayernorm": "RobertaPreLayerNorm",
     "xlm_roberta_xl": "XLMRobertaXL",
+    # BERT's modules under other names (X-MOD: with its per-language adapters after the MLP;
+    # RemBERT: its embeddings narrower than the layers)
+    "data2vec_text": "Data2VecText",
+    "layoutlm": "LayoutLM",
+    "markuplm": "MarkupLM",
+    "rembert": "RemBert",
+    "xmod": "Xmod",
 }
+#: the ``transformers.models`` package of a family whose module is not named after it
+#: (``transformers.models.data2vec.modeling_data2vec_text``)
+HF_PACKAGES = {"data2vec_text": "data2vec"}
+
+
+def hf_module(family: str) -> str:
+    """The module of a Hugging Face transformers family's models (``llama``, ``falcon``, ...)."""
+    return f"transformers.models.{HF_PACKAGES.get(family, family)}.modeling_{family}"
 
 
 class MlpWidth(NamedTuple):

@@ -9,7 +9,8 @@ Qwen3-Next with a gate per head in its q_proj, Beam with a gate_proj per head), 
 multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's
 and Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falcon's in its
 three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer,
-Megatron-BERT, RoBERTa-PreLayerNorm, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU written as
+Megatron-BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, ALBERT
+and DeBERTa (v1 to v3), and BLOOM's GELU written as
 a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
 OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k
 norms over all heads).
@@ -152,6 +153,17 @@ MODELS = {
     # RoBERTa-PreLayerNorm: BERT's heads, normed before them
     "roberta_prelayernorm": ("RobertaPreLayerNormConfig",
                              "RobertaPreLayerNormForSequenceClassification", ENCODER),
+    # BERT's modules under other names: Data2Vec-Text (in the data2vec package), LayoutLM and
+    # MarkupLM (their layout and markup embeddings at zero), X-MOD (a language adapter after
+    # each MLP, that of a language the batch does not hold called on no rows) and RemBERT
+    # (embeddings narrower than its layers)
+    "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForSequenceClassification", ENCODER),
+    "layoutlm": ("LayoutLMConfig", "LayoutLMForSequenceClassification", ENCODER),
+    "markuplm": ("MarkupLMConfig", "MarkupLMForSequenceClassification", ENCODER),
+    "xmod": ("XmodConfig", "XmodForSequenceClassification",
+             {**ENCODER, "languages": ["en_XX", "de_DE"], "default_language": "de_DE"}),
+    "rembert": ("RemBertConfig", "RemBertForSequenceClassification",
+                {**ENCODER, "input_embedding_size": 16, "output_embedding_size": 16}),
     # multi-latent attention: DeepSeek-V3's low-rank query (q_b_proj), DeepSeek-V2's full q_proj
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**LLAMA, **MLA}),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",

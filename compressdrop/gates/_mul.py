@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._families import BERT_LIKE, LLAMA_LIKE
+from .._families import BERT_LIKE, LLAMA_LIKE, hf_module
 from ..errors import InputError
 from ._compiled import (
     _OFF,
@@ -345,7 +345,7 @@ _READ_BY_RELU = {
 _READ_ONCE_AND_KEPT = {
     ("transformers.models.gpt2.modeling_gpt2", "GPT2MLP"): "c_fc",
     **{
-        (f"transformers.models.{family}.modeling_{family}", f"{prefix}{kind}"): layer
+        (hf_module(family), f"{prefix}{kind}"): layer
         for families, kind, layer in (
             (BERT_LIKE, "Intermediate", "dense"),
             (LLAMA_LIKE, "MLP", "up_proj"),

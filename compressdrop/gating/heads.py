@@ -111,11 +111,6 @@ def register_attention_at(module: str, name: str, spec: HeadSpec) -> None:
         register_attention(found, spec)
 
 
-def hf_module(family: str) -> str:
-    """The module of a Hugging Face transformers family's models (``llama``, ``falcon``, ...)."""
-    return f"transformers.models.{family}.modeling_{family}"
-
-
 _HEAD_ATTRS = ("num_heads", "n_heads", "num_attention_heads", "n_head")
 _SEPARATE = (
     ("q_proj", "k_proj", "v_proj", "o_proj"),

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
+from .._families import hf_module
+from .heads import HeadSpec, cut_features, head_features, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._families import DECODERS, Decoder
+from .._families import DECODERS, Decoder, hf_module
 from ..errors import InputError
-from .heads import HeadSpec, cut_features, head_features, hf_module, register_attention_at
+from .heads import HeadSpec, cut_features, head_features, register_attention_at
 
 __all__: list[str] = []  # internal to compressdrop.gating
 

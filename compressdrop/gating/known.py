@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._families import BERT_LIKE, MLP_WIDTHS
+from .._families import BERT_LIKE, MLP_WIDTHS, hf_module
 from .experts import experts_widths
-from .heads import HeadSpec, hf_module, register_attention, register_attention_at
+from .heads import HeadSpec, register_attention, register_attention_at
 from .hf_bigcode import register_bigcode
 from .hf_codegen import register_codegen
 from .hf_deberta import register_deberta

@@ -35,6 +35,7 @@ Example: a custom producer, a linear map whose weight is stored transposed::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -219,7 +220,7 @@ def kept_indices(n: int, idxs: Sequence[int]) -> torch.Tensor:
 def linear_positions(m: nn.Module, out: Any) -> int:
     """Positions per example of a Linear-like layer's output: T on ``(N, T, F)``, else 1."""
     if isinstance(out, torch.Tensor) and out.dim() > 2:  # a Linear on (N, T, F): T positions
-        return int(out[0].numel() // out.shape[-1])
+        return math.prod(out.shape[1:-1])  # (N may be 0: X-MOD's adapter of a language unseen)
     return 1
 
 
