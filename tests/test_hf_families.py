@@ -9,8 +9,8 @@ Qwen3-Next with a gate per head in its q_proj, Beam with a gate_proj per head), 
 multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's
 and Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falcon's in its
 three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer,
-Megatron-BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, ALBERT
-and DeBERTa (v1 to v3), and BLOOM's GELU written as
+Megatron-BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, XLM,
+FlauBERT, CTRL, OpenAI GPT, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU written as
 a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
 OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k
 norms over all heads).
@@ -39,6 +39,7 @@ FALCON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
 DEBERTA_V1 = {**ENCODER, "relative_attention": True, "pos_att_type": ["p2c", "c2p"],
               "max_relative_positions": 16}  # fmt: skip
 BIGCODE = {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64}
+XLM = {"emb_dim": 32, "n_layers": 2, "n_heads": 4, "max_position_embeddings": 64}
 # a mixture of experts after one dense layer, with one shared expert (DeepSeek's layout)
 SHARED_MOE = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
               "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}  # fmt: skip
@@ -164,6 +165,12 @@ MODELS = {
              {**ENCODER, "languages": ["en_XX", "de_DE"], "default_language": "de_DE"}),
     "rembert": ("RemBertConfig", "RemBertForSequenceClassification",
                 {**ENCODER, "input_embedding_size": 16, "output_embedding_size": 16}),
+    # XLM's and FlauBERT's attention (n_heads, head_dim), CTRL's (reshapes by -1), OpenAI GPT's
+    # (GPT-2's packed c_attn, split by split_size)
+    "xlm": ("XLMConfig", "XLMWithLMHeadModel", XLM),
+    "flaubert": ("FlaubertConfig", "FlaubertForSequenceClassification", {**XLM, "num_labels": 3}),
+    "ctrl": ("CTRLConfig", "CTRLLMHeadModel", {**BIGCODE, "dff": 48}),
+    "openai": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", BIGCODE),
     # multi-latent attention: DeepSeek-V3's low-rank query (q_b_proj), DeepSeek-V2's full q_proj
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**LLAMA, **MLA}),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",

@@ -189,6 +189,19 @@ def _register_transformers() -> None:
         "ModernBertAttention",
         HeadSpec(o="Wo", qkv="Wqkv", heads=_packed_heads),
     )
+    # XLM and FlauBERT: separate projections, their reshapes read n_heads and head_dim; CTRL:
+    # reshapes by -1 of head_dim; OpenAI GPT: GPT-2's packed c_attn, split by split_size
+    xlm = HeadSpec(o="out_lin", q="q_lin", k="k_lin", v="v_lin", heads="n_heads")
+    for family in ("xlm", "flaubert"):
+        register_attention_at(hf_module(family), "MultiHeadAttention", xlm)
+    register_attention_at(
+        hf_module("ctrl"), "MultiHeadAttention", HeadSpec(o="dense", q="Wq", k="Wk", v="Wv")
+    )
+    register_attention_at(
+        hf_module("openai"),
+        "Attention",
+        HeadSpec(o="c_proj", qkv="c_attn", heads="n_head", widths=("split_size",)),
+    )
     # XGLM: its reshapes read num_heads and embed_dim
     register_attention_at(
         hf_module("xglm"),
