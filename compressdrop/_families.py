@@ -108,6 +108,9 @@ DECODERS = {
     "smollm3": Decoder("SmolLM3"),
     "nanochat": Decoder("NanoChat", up="fc1", glu=False),  # (q/k norms per head, after RoPE)
     "vaultgemma": Decoder("VaultGemma"),
+    # encoders with LLaMA's attention (not causal): EuroBERT's, GTE's (a key/value head per head)
+    "eurobert": Decoder("EuroBert"),
+    "gte": Decoder("Gte"),
     "olmo3": Decoder("Olmo3", norms_across_heads=True),
     # hybrids: attention layers between state-space ones (their heads alone are gated here)
     "bamba": Decoder("Bamba"),

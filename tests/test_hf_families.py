@@ -171,6 +171,10 @@ MODELS = {
     "flaubert": ("FlaubertConfig", "FlaubertForSequenceClassification", {**XLM, "num_labels": 3}),
     "ctrl": ("CTRLConfig", "CTRLLMHeadModel", {**BIGCODE, "dff": 48}),
     "openai": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", BIGCODE),
+    # encoders with LLaMA's attention: EuroBERT's (grouped-query), GTE's (a key/value head each)
+    "eurobert": ("EuroBertConfig", "EuroBertForSequenceClassification",
+                 {**LLAMA, "num_labels": 3}),
+    "gte": ("GteConfig", "GteForSequenceClassification", {**ENCODER, "head_dim": 8}),
     # multi-latent attention: DeepSeek-V3's low-rank query (q_b_proj), DeepSeek-V2's full q_proj
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**LLAMA, **MLA}),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",

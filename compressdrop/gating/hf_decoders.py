@@ -61,9 +61,15 @@ def kv_heads(m: Any) -> int:
     return int(m.get_submodule("k_proj").out_features // m.head_dim)
 
 
+def _groups(m: Any) -> int:
+    """Query heads per key/value head: ``num_key_value_groups``, which an attention without
+    grouped-query heads may not have (GTE's: 1)."""
+    return int(getattr(m, "num_key_value_groups", 1))
+
+
 def _kv_blocks(m: Any) -> int:
     """One block of query heads per key/value head; none when each has its own (multi-head)."""
-    return kv_heads(m) if m.num_key_value_groups > 1 else 1
+    return kv_heads(m) if _groups(m) > 1 else 1
 
 
 def _cut_head_norms(m: Any, kept: list[int], mha: bool) -> None:
@@ -94,7 +100,7 @@ def _remover(o: str) -> Any:
         D, H, KV = int(m.head_dim), query_heads(m), kv_heads(m)
         kept = sorted(set(keep.tolist()))
         cut = head_features([h for h in range(H) if h not in kept], D)
-        mha = m.num_key_value_groups == 1
+        mha = _groups(m) == 1
         if mha:
             cut_kv = cut
         elif len(kept) % KV:
