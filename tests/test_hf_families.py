@@ -171,6 +171,9 @@ MODELS = {
     "flaubert": ("FlaubertConfig", "FlaubertForSequenceClassification", {**XLM, "num_labels": 3}),
     "ctrl": ("CTRLConfig", "CTRLLMHeadModel", {**BIGCODE, "dff": 48}),
     "openai": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", BIGCODE),
+    # ModernBERT-decoder: q/k/v projections into Wo; its GLU MLP's packed Wi (input; gate)
+    "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM",
+                           {**ENCODER, "global_attn_every_n_layers": 1}),
     # encoders with LLaMA's attention: EuroBERT's (grouped-query), GTE's (a key/value head each)
     "eurobert": ("EuroBertConfig", "EuroBertForSequenceClassification",
                  {**LLAMA, "num_labels": 3}),

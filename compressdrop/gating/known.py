@@ -202,6 +202,12 @@ def _register_transformers() -> None:
         "Attention",
         HeadSpec(o="c_proj", qkv="c_attn", heads="n_head", widths=("split_size",)),
     )
+    # ModernBERT-decoder: separate projections into Wo, reshapes by -1 of head_dim
+    register_attention_at(
+        hf_module("modernbert_decoder"),
+        "ModernBertDecoderAttention",
+        HeadSpec(o="Wo", q="q_proj", k="k_proj", v="v_proj", widths=("all_head_size",)),
+    )
     # XGLM: its reshapes read num_heads and embed_dim
     register_attention_at(
         hf_module("xglm"),
