@@ -10,8 +10,9 @@ multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj`
 and Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falcon's in its
 three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer,
 Megatron-BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, XLM,
-FlauBERT, CTRL, OpenAI GPT, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU written as
-a formula; the fused experts of Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
+FlauBERT, CTRL, OpenAI GPT, ModernBERT-decoder, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU
+written as a formula; the encoders EuroBERT and GTE (LLaMA's attention); the fused experts of
+Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
 OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k
 norms over all heads).
 """
