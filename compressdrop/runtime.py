@@ -361,13 +361,14 @@ def no_cache(model: nn.Module) -> Iterator[None]:
             c.use_cache = was
 
 
-# config fields that bound a model's sequence length (BERT, LLaMA; GPT-2)
-_POSITIONS = ("max_position_embeddings", "n_positions")
+# config fields that bound a model's sequence length (BERT, LLaMA; GPT-2; MPT, whose ALiBi bias
+# is built for that many positions)
+_POSITIONS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 
 def max_length(model: nn.Module, default: int = 1 << 16) -> int:
     """The longest sequence ``model`` takes: its (or a submodule's Hugging Face) config's
-    ``max_position_embeddings`` or ``n_positions``, or the bound a program rebuilt as a module
+    ``max_position_embeddings``, ``n_positions`` or ``max_seq_len``, or the bound a program rebuilt as a module
     records (``program_max_length``: the range its exported length was given), else
     ``default``. A dynamic length beyond it fails ``torch.export``'s range check: BERT slices
     its position ids, a buffer of that length."""

@@ -1,7 +1,7 @@
 """Hugging Face attentions that take their own heads' part of a position bias built for all heads.
 
 BLOOM's ALiBi bias (a slope per head) is built once by ``BloomModel`` for ``config.n_head`` heads,
-``(batch · heads, 1, keys)``; Falcon's (with ``alibi``) once by ``FalconModel`` and folded into
+``(batch · heads, 1, keys)``; MPT's by ``MptModel``, ``(heads, 1, keys)``; Falcon's (with ``alibi``) once by ``FalconModel`` and folded into
 the attention mask, ``(batch, heads, queries, keys)``; MPNet's relative position bias once by
 ``MPNetEncoder`` from one ``relative_attention_bias`` embedding (a column per head), ``(batch,
 heads, queries, keys)``. Each is handed unchanged to every layer. After surgery a layer may keep
@@ -31,11 +31,13 @@ import_torchvision()  # transformers imports torchvision: a build for another to
 from transformers.models.bloom.modeling_bloom import BloomAttention  # noqa: E402
 from transformers.models.falcon.modeling_falcon import FalconAttention  # noqa: E402
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention  # noqa: E402
+from transformers.models.mpt.modeling_mpt import MptAttention  # noqa: E402
 
 __all__ = [
     "KeptHeadsBloomAttention",
     "KeptHeadsFalconAttention",
     "KeptHeadsMPNetSelfAttention",
+    "KeptHeadsMptAttention",
     "keep_bias_heads_",
 ]
 
@@ -90,15 +92,30 @@ class KeptHeadsMPNetSelfAttention(MPNetSelfAttention, _KeptHeads):
         return super().forward(hidden_states, attention_mask, position_bias, *args, **kwargs)
 
 
+class KeptHeadsMptAttention(MptAttention, _KeptHeads):
+    """MPT's attention with fewer heads than the model's ALiBi bias."""
+
+    def forward(
+        self, hidden_states: torch.Tensor, position_bias: torch.Tensor | None,
+        *args: Any, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """The library's forward on the kept heads' planes of ``position_bias``
+        (``(bias_total, queries, keys)`` → ``(heads, queries, keys)``)."""
+        if position_bias is not None:
+            position_bias = position_bias.index_select(0, self.bias_heads)
+        return super().forward(hidden_states, position_bias, *args, **kwargs)
+
+
 _SUBCLASS: dict[type, type] = {
     BloomAttention: KeptHeadsBloomAttention,
     FalconAttention: KeptHeadsFalconAttention,
     MPNetSelfAttention: KeptHeadsMPNetSelfAttention,
+    MptAttention: KeptHeadsMptAttention,
 }
 
 
 def keep_bias_heads_(m: Any, keep: torch.Tensor, heads: int) -> None:
-    """Make ``m`` (a BLOOM, Falcon or MPNet attention that keeps heads ``keep`` of its current
+    """Make ``m`` (a BLOOM, MPT, Falcon or MPNet attention that keeps heads ``keep`` of its current
     ``heads``) take its own heads' part of a bias built for all the model's heads (``heads``
     at the first cut, ``bias_total`` recorded then after): its class becomes the subclass, and
     ``bias_heads`` the kept heads' indices in the bias (composed with earlier removals).

@@ -5,6 +5,9 @@ once for the config's head count, and handed to every layer (``D`` = ``head_dim`
   head's q, k and v rows together (``view(..., num_heads, 3, D)``): head ``h`` is rows
   ``3·D·h … 3·D·(h+1) − 1``, and columns ``D·h … D·(h+1) − 1`` of ``dense``; ``num_heads`` is
   read by its reshapes.
+- MPT: ALiBi, a slope per head, built by ``MptModel``. Its ``Wqkv`` is ``[q; k; v]``, each
+  ``n_heads · D`` rows, split by ``chunk(3)``; ``out_proj`` projects the heads; ``n_heads`` is
+  read by its reshapes.
 - MPNet: a relative position bias from one ``relative_attention_bias`` embedding in
   ``MPNetEncoder``, a column per head, shared by all layers. Its ``q``, ``k`` and ``v`` are
   BERT's; ``o`` projects the heads; ``all_head_size`` is read by its reshape.
@@ -62,8 +65,21 @@ def _remove_mpnet(m: Any, keep: torch.Tensor) -> None:
     m.all_head_size = len(keep) * D
 
 
+def _remove_mpt(m: Any, keep: torch.Tensor) -> None:
+    """Cut the heads not in ``keep`` out of ``Wqkv`` (``[q; k; v]``, ``D`` rows a head in each)
+    and ``out_proj``; ``n_heads`` follows, and the attention selects its heads' ALiBi planes."""
+    from .hf_kept_heads import keep_bias_heads_
+
+    D, H = int(m.head_dim), int(m.n_heads)
+    keep_bias_heads_(m, keep, H)  # first: it refuses a class it does not know
+    gone = head_features([h for h in range(H) if h not in set(keep.tolist())], D)
+    cut_features(m.Wqkv, [part * H * D + i for part in range(3) for i in gone], out=True)
+    cut_features(m.out_proj, gone, out=False)
+    m.n_heads = len(keep)
+
+
 def register_position_bias() -> None:
-    """Register the heads of BLOOM and MPNet, where this transformers has them."""
+    """Register the heads of BLOOM, MPT and MPNet, where this transformers has them."""
     register_attention_at(
         hf_module("bloom"),
         "BloomAttention",
@@ -72,6 +88,11 @@ def register_position_bias() -> None:
             why_not=_why_not_bloom,
         ),
     )  # fmt: skip
+    register_attention_at(
+        hf_module("mpt"),
+        "MptAttention",
+        HeadSpec(o="out_proj", qkv="Wqkv", heads="n_heads", remove=_remove_mpt),
+    )
     register_attention_at(
         hf_module("mpnet"),
         "MPNetSelfAttention",
