@@ -33,6 +33,7 @@ from ._check import (
 )
 from ._experts import exportable_experts
 from ._gemm import gemm_linears
+from ._optimizer import exact_constants
 
 __all__ = [
     "ExportError",
@@ -275,7 +276,12 @@ def export_onnx(
     dims = export_shapes(xs, dynamic, max_length(model))
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
-            with _quiet_exporter(), fixed_gate_factors(model_cpu), exportable_experts(model_cpu):
+            with (
+                _quiet_exporter(),
+                fixed_gate_factors(model_cpu),
+                exportable_experts(model_cpu),
+                exact_constants(),
+            ):
                 program = _onnx_program(model_cpu, xs, dims, opset)
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")

@@ -1,0 +1,42 @@
+"""ONNX exports that onnxruntime must compute as PyTorch does: a small epsilon the exporter's
+optimizer took for zero (``compressdrop/export/_optimizer.py``)."""
+
+import onnx
+import torch
+from torch import nn
+
+from compressdrop.export import export_onnx
+
+
+class _TinyNormLM(nn.Module):
+    """Token ids → embedding (id 0 a padding row of zeros) → RMSNorm with a tiny ``eps`` →
+    logits: Helium's (eps 1e-8) and Ergo's (1e-12) first layer, in small."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 4, padding_idx=0)
+        self.weight = nn.Parameter(torch.ones(4))
+        self.head = nn.Linear(4, 8)
+        self.eps = eps
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.head(self.weight * h)
+
+
+def test_a_tiny_rms_norm_epsilon_survives_the_export(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyNormLM(1e-8).eval()
+    ids = torch.tensor([[0, 1, 2, 3, 4, 7], [5, 6, 0, 0, 7, 1]])  # padding rows: zeros
+    assert torch.isfinite(model(ids)).all()
+    # the check draws ids from 0..7 at batch 64 (384 tokens): padding ids among them
+    report = export_onnx(model, ids, tmp_path / "m.onnx", check_batch_sizes=(2, 64))
+    assert max(report.max_rel_error.values()) <= 1e-5
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    eps = [
+        onnx.numpy_helper.to_array(t).item()
+        for t in graph.initializer
+        if onnx.numpy_helper.to_array(t).size == 1
+    ]
+    assert any(0 < e <= 1e-8 for e in eps)  # the epsilon is a constant of the graph
