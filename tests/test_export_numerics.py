@@ -1,11 +1,13 @@
 """ONNX exports that onnxruntime must compute as PyTorch does: a small epsilon the exporter's
-optimizer took for zero (``compressdrop/export/_optimizer.py``)."""
+optimizer took for zero (``compressdrop/export/_optimizer.py``); a mismatch that tied
+routing scores cause, named as such."""
 
 import onnx
+import pytest
 import torch
 from torch import nn
 
-from compressdrop.export import export_onnx
+from compressdrop.export import ExportMismatchError, export_onnx
 
 
 class _TinyNormLM(nn.Module):
@@ -40,3 +42,27 @@ def test_a_tiny_rms_norm_epsilon_survives_the_export(tmp_path):
         if onnx.numpy_helper.to_array(t).size == 1
     ]
     assert any(0 < e <= 1e-8 for e in eps)  # the epsilon is a constant of the graph
+
+
+class _TinyRouter(nn.Module):
+    """Tokens → sigmoid router scores → the top 2 of 4 experts (one vector each), summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 4, bias=False)
+        self.experts = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picked = torch.topk(torch.sigmoid(self.gate(x)), 2, dim=-1).indices  # (B, T, 2)
+        return x + self.experts[picked].sum(-2)
+
+
+def test_a_mismatch_from_tied_routing_scores_says_so(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyRouter().eval()
+    x = torch.randn(2, 3, 4)
+    export_onnx(model, x, tmp_path / "trained.onnx", check_batch_sizes=(1, 7))  # no ties: exact
+    with torch.no_grad():
+        model.gate.weight.zero_()  # AFMoE's initial router: every score 0.5
+    with pytest.raises(ExportMismatchError, match=r"\d+ of the \d+ rows .* torch\.topk .* tie"):
+        export_onnx(model, x, tmp_path / "tied.onnx", check_batch_sizes=(1, 7))

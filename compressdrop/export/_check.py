@@ -280,9 +280,43 @@ def compare_at_batches(
         if not errors[b] <= rtol:
             raise ExportMismatchError(
                 f"{what} differs from PyTorch at batch size {b}: relative error "
-                f"{errors[b]:.3g} > {rtol:g}"
+                f"{errors[b]:.3g} > {rtol:g}{_tied_topk(model, xb)}"
             )
     return errors
+
+
+def _tied_topk(model: nn.Module, xs: tuple[torch.Tensor, ...]) -> str:
+    """Why a mismatch may be no fault of the export: the rows of ``model``'s ``torch.topk``
+    calls on ``xs`` whose k-th and (k+1)-th largest entries are equal, so that which of them is
+    picked is a choice, which PyTorch and onnxruntime make differently; ``""`` where none tie."""
+    from torch.overrides import TorchFunctionMode
+
+    counts = [0, 0]  # tied rows, rows
+
+    class _Ties(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.topk, torch.Tensor.topk):  # (the mode is off in here: no loop)
+                a = dict(zip(("input", "k", "dim", "largest"), args)) | (kwargs or {})
+                x, k, dim = a["input"], int(a["k"]), a.get("dim", -1)
+                if 0 < k < x.shape[dim]:
+                    v = torch.topk(x, k + 1, dim, a.get("largest", True)).values
+                    tied = v.select(dim, k - 1) == v.select(dim, k)
+                    counts[0] += int(tied.sum())
+                    counts[1] += tied.numel()
+            return out
+
+    with torch.no_grad(), _Ties():
+        model(*xs)
+    if not counts[0]:
+        return ""
+    return (
+        f"; {counts[0]} of the {counts[1]} rows the model's torch.topk ranks tie at the k-th "
+        "largest, and PyTorch picks among tied entries otherwise than onnxruntime's TopK (the "
+        "lowest index first, as ONNX specifies): tokens routed to other experts, say. Random or "
+        "zero weights tie where trained ones do not (AFMoE's router starts at zero): check the "
+        "export on the trained model"
+    )
 
 
 def made_by(model: nn.Module) -> dict[str, Any]:
