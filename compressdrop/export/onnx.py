@@ -31,6 +31,7 @@ from ._check import (
     made_by,
     output_names,
 )
+from ._complex import real_valued
 from ._experts import exportable_experts
 from ._gemm import gemm_linears
 from ._optimizer import exact_constants
@@ -137,7 +138,9 @@ def _onnx_program(
     ``Gemm`` each (:func:`~._gemm.gemm_linears`); with the attention alone; as the model is. Only
     the last attempt's error is raised (a forward that reads a stock attention's internals, e.g.
     to call ``F.multi_head_attention_forward`` itself, cannot take the subclass; a failure of the
-    ``Gemm`` switch alone still keeps the attention spelled out)."""
+    ``Gemm`` switch alone still keeps the attention spelled out). Where complex values stopped the
+    exporter, its program once more with them written as real ones
+    (:func:`~._complex.real_valued`: an :class:`ExportError` naming what it cannot write)."""
     kwargs: dict[str, Any] = {
         "dynamo": True,
         "dynamic_shapes": dims,
@@ -169,11 +172,25 @@ def _onnx_program(
         return torch.onnx.export(model, xs, **kwargs)
     except Exception as e:  # raised as it is unless eager attention exports
         first = e
+    if _complex_failure(first):  # complex rotary positions: the program once more, all real
+        real = real_valued(model, xs, dims)
+        if real is not None:
+            return torch.onnx.export(real, xs, **kwargs)
     with _eager_attention(model) as switched:
         if switched:
             with contextlib.suppress(Exception):
                 return torch.onnx.export(model, xs, **kwargs)
     raise first
+
+
+def _complex_failure(e: BaseException) -> bool:
+    """Whether the exporter's error, or one it was raised from, is about complex values."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if "complex" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -286,6 +303,8 @@ def export_onnx(
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")
                 program.save(str(tmp), external_data=False)
+        except ExportError:  # compressdrop's own, which says what failed
+            raise
         except Exception as e:  # the exporter raises many types; report them as one
             run_example(model_cpu, xs, "example_input")  # an input that does not fit: named
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
