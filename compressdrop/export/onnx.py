@@ -173,7 +173,12 @@ def _onnx_program(
     except Exception as e:  # raised as it is unless eager attention exports
         first = e
     if _complex_failure(first):  # complex rotary positions: the program once more, all real
-        real = real_valued(model, xs, dims)
+        try:
+            real = real_valued(model, xs, dims)
+        except ExportError:  # an operation it cannot write, named
+            raise
+        except Exception:  # torch.export itself fails: the exporter's error says more
+            real = None
         if real is not None:
             return torch.onnx.export(real, xs, **kwargs)
     with _eager_attention(model) as switched:
