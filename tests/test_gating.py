@@ -174,6 +174,52 @@ def test_a_mean_over_the_units_blocks_gating_and_one_over_the_tokens_does_not():
     torch.testing.assert_close(slim(x), ref, rtol=1e-5, atol=1e-6)
 
 
+class _GroupedLinear(nn.Linear):
+    """DeepSeek-V4's grouped output projection: its weight's rows are ``groups`` blocks, each
+    applied to its own slice of the input; the output is ``(..., groups, rows // groups)``."""
+
+    def __init__(self, in_per_group: int, out_features: int, groups: int) -> None:
+        super().__init__(in_per_group, out_features, bias=False)
+        self.groups = groups
+
+    def forward(self, x):  # x: (..., groups, in_per_group)
+        w = self.weight.view(self.groups, -1, self.in_features)  # (G, R, F)
+        return torch.einsum("...gf,grf->...gr", x, w)
+
+
+class _GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.grouped = _GroupedLinear(4, 12, groups=2)  # 12 rows, an output of (..., 2, 6)
+        self.fc1, self.fc2 = nn.Linear(12, 8), nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (N, 2, 4)
+        h = torch.relu(self.grouped(x)).flatten(-2)  # (N, 12)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_a_layer_whose_output_does_not_hold_its_rows_as_units_is_left_ungated():
+    """A Linear subclass whose forward views its 12 rows as 2 groups of 6 outputs 6 features
+    along its unit dim: its gate of 12 units was attached, and the first forward pass (prune's)
+    failed with "LogNormalGate has 12 units but the input has 6 along dim 2" (DeepSeek-V4's
+    ``o_a_proj``). Attach now sees the output's size on the example inputs and names it."""
+    model = _GroupedNet()
+    x = torch.randn(3, 2, 4)
+    with pytest.warns(cd.GatingWarning, match=r"'grouped' left ungated: its gate would have 12 "
+                      r"units .* has 6 along dim -1 \(shape \(2, 2, 6\)\)"):  # fmt: skip
+        cd.attach(model, example_inputs=x[:2])
+    assert [n for n, _ in cd.named_gates(model)] == ["fc1"]
+    randomize_(model)
+    for _, g in cd.named_gates(model):
+        with torch.no_grad():
+            g.log_sigma[::2] = 3.0
+        g.pruned.copy_(~g.mask())
+    ref = model.eval()(x)
+    slim = cd.prune(model)
+    assert slim.fc1.out_features == 4 and slim.grouped.out_features == 12
+    torch.testing.assert_close(slim(x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_include_exclude_and_granularity():
     lenet5 = ZOO["lenet5"]
     assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), granularity="channel"))] == [

@@ -2,7 +2,7 @@
 heads are each a block of ``q_b_proj``, of ``kv_b_proj`` and of ``o_proj``, of three widths) and
 a mixture of experts with a shared expert whose width is ``moe_intermediate_size`` times
 ``n_shared_experts`` (DeepSeek, GLM-4-MoE). A slim model's config follows it where it can, and
-says why where it cannot."""
+says why where it cannot. DeepSeek-V4's grouped output projection is left ungated, and says why."""
 
 from __future__ import annotations
 
@@ -94,3 +94,38 @@ def test_a_shared_expert_is_described_by_its_experts_width_or_the_user_reads_why
     with pytest.warns(cd.PruningWarning, match=r"moe_intermediate_size \[20, 16\]"):
         slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
     assert slim.config.moe_intermediate_size == 24  # left describing the dense model
+
+
+# DeepSeek-V4: one shared key/value head, a grouped low-rank output projection (o_a_proj: 2
+# groups of 16 rows, its output (..., 2, 16)), hash-routed experts with a shared expert
+DEEPSEEK_V4 = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+               "num_key_value_heads": 1, "head_dim": 8, "qk_rope_head_dim": 4, "q_lora_rank": 16,
+               "o_groups": 2, "o_lora_rank": 16, "n_routed_experts": 4, "num_experts_per_tok": 2,
+               "n_shared_experts": 1, "moe_intermediate_size": 24, "sliding_window": 16,
+               "max_position_embeddings": 64, "index_n_heads": 2, "index_head_dim": 8}  # fmt: skip
+
+
+def test_deepseek_v4s_grouped_output_projection_is_left_ungated_and_the_rest_prunes_exactly():
+    """``o_a_proj`` (a Linear whose forward views its 32 rows as 2 groups of 16) was given a gate
+    of 32 units that its output of 16 features cannot take: prune's first forward pass failed
+    ("LogNormalGate has 32 units but the input has 16 along dim 3"). Attach now leaves it
+    ungated and says why; the experts' neurons are gated and removed exactly."""
+    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
+        pytest.skip("this transformers has no DeepSeek-V4")
+    torch.manual_seed(0)
+    config = transformers.DeepseekV4Config(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=2, **DEEPSEEK_V4)  # fmt: skip
+    model = transformers.DeepseekV4ForCausalLM(config).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        cd.attach(model, "lognormal", example_inputs=ids)
+    why = [str(w.message) for w in said if "o_a_proj' left ungated" in str(w.message)]
+    assert len(why) == 1 and "its gate would have 32 units" in why[0]
+    assert "has 16 along dim -1 (shape (2, 8, 2, 16))" in why[0]
+    gated = [n for n, _ in cd.named_gates(model)]
+    assert "model.layers.0.mlp.experts" in gated and not [n for n in gated if "o_a_proj" in n]
+    _keep(model, {96: [e * 24 + j for e in range(4) for j in range(8)], 24: slice(0, 8)})
+    slim = cd.prune(model, 1.0, example_inputs=ids)
+    assert slim.model.layers[0].mlp.shared_experts.up_proj.out_features == 16
+    check_against_masked(slim, model, 1.0)

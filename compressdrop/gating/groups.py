@@ -31,7 +31,7 @@ from .paths import _is_producer, _walk
 from .registry import has_role, registered_types, spec_of
 from .shuffle import stream_groups
 from .tpgraph import bounded_groups, build_graph, untrusted_reason
-from .units import GatingWarning, Site, UnitGroup, _matches
+from .units import GatingWarning, Site, UnitGroup, _matches, unit_count_problem
 
 __all__ = ["GRANULARITIES", "GatingWarning", "Site", "UnitGroup", "find_groups"]
 
@@ -130,11 +130,14 @@ def find_groups(
     by_name = {n: m for m, n in names.items()}
     producers_types = registered_types("producer")
     positions: dict[nn.Module, int] = {}  # output positions per example, the MACs multiplier
+    shapes: dict[nn.Module, tuple[int, ...]] = {}  # each producer's output shape, to size gates
 
     def record(m, _inp, out):
         spec = spec_of(m)
         if spec is not None:
             positions[m] = spec.output_positions(m, out)
+            if isinstance(out, torch.Tensor):
+                shapes[m] = tuple(out.shape)
 
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     was_training = model.training
@@ -251,6 +254,7 @@ def find_groups(
             problem = "its channels pass through a concatenation that Torch-Pruning cannot index"
         blocks, misaligned = group_alignment(g, num_units, names)  # grouped convs
         problem = untrusted_reason(dg, g) or problem or misaligned
+        problem = problem or unit_count_problem(producers, num_units, shapes)
         if problem is not None:
             if warn and problem != "output" and not _in_excluded(label, by_name, exclude):
                 warnings.warn(

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["GatingWarning", "Site", "UnitGroup"]
+from .registry import spec_of
+
+__all__ = ["GatingWarning", "Site", "UnitGroup", "unit_count_problem"]
 
 
 class GatingWarning(UserWarning):
@@ -76,3 +78,25 @@ def _matches(name: str, module: nn.Module, patterns: Sequence[str | type] | None
         if isinstance(p, str) and (fnmatch.fnmatchcase(name, p) or type(module).__name__ == p):
             return True
     return False
+
+
+def unit_count_problem(
+    producers: Sequence[nn.Module], num_units: int, shapes: dict[nn.Module, tuple[int, ...]]
+) -> str | None:
+    """Why a gate of ``num_units`` units (Torch-Pruning's count of the producers' output
+    channels) cannot multiply a producer's output as it was on the example inputs (``shapes``):
+    its size along the spec's unit dimension differs, as for a Linear subclass whose forward
+    reshapes its weight into groups (DeepSeek-V4's grouped ``o_a_proj``: 8,192 rows, its output
+    ``(..., 8, 1024)``). ``None``: every producer's output matches."""
+    for p in producers:
+        spec, shape = spec_of(p), shapes.get(p)
+        if spec is None or shape is None or not -len(shape) <= spec.unit_dim < len(shape):
+            continue
+        if shape[spec.unit_dim] != num_units:
+            return (
+                f"its gate would have {num_units:,} units (its output channels as Torch-Pruning counts them), but "
+                f"its output on the example inputs has {shape[spec.unit_dim]:,} along dim {spec.unit_dim} "
+                f"(shape {shape}): {type(p).__name__}'s forward does not lay its units out as "
+                "one per row (a weight reshaped into groups?), so no gate fits them"
+            )
+    return None
