@@ -49,31 +49,34 @@ SIZES: dict[int | None, tuple[str, ...]] = {
     2: ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers",
         "num_key_value_heads", "num_kv_heads", "n_kv_heads", "multi_query_group_num",
         "num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k", "moe_k", "expand", "mamba_expand",
-        "attn_layer_period", "expert_layer_period", "o_groups"),
+        "attn_layer_period", "expert_layer_period", "o_groups", "indexer_n_heads"),
     4: ("num_attention_heads", "n_head", "num_heads", "n_heads", "attention_heads",
         "decoder_attention_heads", "num_local_experts", "num_experts", "n_routed_experts",
         "moe_num_experts", "rotary_dim", "qk_rope_head_dim", "qk_nope_head_dim",
-        "conv_kernel", "mamba_d_conv", "linear_num_heads"),
+        "conv_kernel", "mamba_d_conv", "linear_num_heads", "indexer_compress_ratio"),
     48: ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "hidden_dim", "d_ff",
+         "shared_intermediate_size",
          "decoder_ffn_dim", "shared_expert_intermediate_size", "intermediate_size_mlp"),
     24: ("moe_intermediate_size", "expert_intermediate_size"),
     8: ("head_dim", "v_head_dim", "state_size", "mamba_d_state", "ssm_state_size",
         "mamba_d_head", "mamba_head_dim", "time_step_rank", "mamba_dt_rank", "mamba_n_heads",
-        "linear_head_dim", "qk_head_dim"),
+        "linear_head_dim", "qk_head_dim", "indexer_head_dim"),
     16: ("kv_lora_rank", "q_lora_rank", "sliding_window", "attention_chunk_size",
-         "hidden_size_per_layer_input", "laurel_rank", "o_lora_rank"),
+         "hidden_size_per_layer_input", "laurel_rank", "o_lora_rank", "indexer_budget"),
     64: ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "mamba_d_ssm",
          "vocab_size_per_layer_input"),
     1: ("n_shared_experts", "num_shared_experts", "first_k_dense_replace", "n_group",
         "num_expert_group",
         "topk_group", "num_nextn_predict_layers", "mamba_n_groups", "n_groups",
-        "attn_layer_offset", "expert_layer_offset"),
+        "attn_layer_offset", "expert_layer_offset", "indexer_kv_heads"),
 }  # fmt: skip
 
 
-# fields set even where their default is None (elsewhere None means "off": no sliding window)
+# fields set even where their default is None (elsewhere None means "off": no sliding window);
+# Qwen4-Exp's attention layers all need its token indexer's (its attention_type "indexed")
 NEEDED = {"head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-          "num_local_experts", "num_experts"}  # fmt: skip
+          "num_local_experts", "num_experts", "indexer_n_heads", "indexer_kv_heads",
+          "indexer_head_dim", "indexer_budget", "indexer_compress_ratio"}  # fmt: skip
 
 
 def sizes_for(defaults: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +132,8 @@ def build(model_type: str, rec: Recorder) -> Any:
         kw["attn_layer_indices"] = [1]
     if defaults.get("languages") and "default_language" in defaults:  # X-MOD's adapters
         kw["default_language"] = defaults["languages"][0]
+    if "block_types" in defaults:  # RecurrentGemma's pattern, repeated: (recurrent, recurrent,
+        kw["block_types"] = ["recurrent", "attention"]  # attention) left 2 layers none
     rec.set(sizes=kw)
     torch.manual_seed(0)
     try:
@@ -138,6 +143,12 @@ def build(model_type: str, rec: Recorder) -> Any:
         if other and "full_attention" in kinds and "full_attention" not in config.layer_types:
             # a hybrid whose attention layers the 2-layer pattern left out (Kimi-Linear's)
             kw["layer_types"] = [other[0], "full_attention"]
+            config = config_cls(**kw)
+        elif kw.get("layer_types", 0) is None and set(config.layer_types) == {"linear_attention"}:
+            # a hybrid whose attention layers the 2-layer pattern (Qwen4-Exp's: one in 4) or the
+            # default (GraniteMoeHybrid's: all Mamba) left out; none runs in transformers
+            attention = sorted(kinds - {"linear_attention"}) or ["full_attention"]
+            kw["layer_types"] = ["linear_attention", attention[0]]
             config = config_cls(**kw)
         rec.set(sizes=kw)
         model = getattr(transformers, model_name)(config).eval()

@@ -183,3 +183,35 @@ def test_a_packed_mlp_whose_rows_are_interleaved_is_left_ungated_and_the_user_re
     assert [n for n, _ in cd.named_gates(model)] == [
         f"model.layers.{i}.self_attn.o_proj" for i in range(2)
     ]
+
+
+def test_granitemoe_hybrids_shared_mlp_is_a_packed_mlp_of_other_names():
+    """GraniteMoE-Hybrid's shared MLP packs its gate and up rows in ``input_linear`` (read by
+    ``output_linear``): Torch-Pruning gave it a gate per row (96), and the prune cut rows of the
+    two halves apart, so the slim model failed ("mat1 and mat2 shapes cannot be multiplied").
+    It is gated per neuron as Phi-3's is, and removed exactly."""
+    from compressdrop.gating.packed_mlp_gated import PackedMLPGated
+
+    if not hasattr(transformers, "GraniteMoeHybridForCausalLM"):
+        pytest.skip("this transformers has no GraniteMoE-Hybrid")
+    torch.manual_seed(0)
+    config = transformers.GraniteMoeHybridConfig(
+        vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, hidden_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=24,
+        shared_intermediate_size=N, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, layer_types=["full_attention"] * 2, mamba_n_heads=8,
+    )  # fmt: skip
+    model = transformers.GraniteMoeHybridForCausalLM(config).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids, include=["*shared_mlp*"])
+    gates = {name: g.num_units for name, g in cd.named_gates(model)}
+    assert gates == {f"model.layers.{i}.shared_mlp": N for i in range(2)}
+    assert all(isinstance(layer.shared_mlp, PackedMLPGated) for layer in model.model.layers)
+    _noisy(model, [list(range(0, 20)), list(range(13, 30))])
+    slim = cd.prune(model, 1.0, example_inputs=ids)
+    widths = [(m.input_linear.out_features, m.output_linear.in_features)
+              for m in (layer.shared_mlp for layer in slim.model.layers)]  # fmt: skip
+    assert widths == [(2 * 28, 28), (2 * 31, 31)]
+    check_against_masked(slim, model, 1.0)

@@ -30,18 +30,37 @@ from .heads import cut_features
 from .inputs import in_float32
 from .units import Site, UnitGroup, _matches
 
-__all__ = ["find_packed_mlps", "is_packed_mlp", "remove_packed_units", "remove_packed_units_"]
+__all__ = [
+    "PACKED_NAMES",
+    "find_packed_mlps",
+    "is_packed_mlp",
+    "packed_names",
+    "remove_packed_units",
+    "remove_packed_units_",
+]
+
+#: the names of a packed MLP's two Linears, ``gate_up_proj`` and ``down_proj`` in the module
+#: docstring: Phi-3's and GLM's, and GraniteMoE-Hybrid's shared MLP's (``input_linear``)
+PACKED_NAMES = (("gate_up_proj", "down_proj"), ("input_linear", "output_linear"))
+
+
+def packed_names(m: nn.Module) -> tuple[str, str] | None:
+    """The names of ``m``'s packed Linear of ``2I`` outputs and its down Linear of ``I``
+    inputs (the layout of the module docstring, before it is checked); ``None``: it has none."""
+    for up_name, down_name in PACKED_NAMES:
+        up, down = m._modules.get(up_name), m._modules.get(down_name)
+        if (
+            isinstance(up, nn.Linear)
+            and isinstance(down, nn.Linear)
+            and up.out_features == 2 * down.in_features
+        ):
+            return up_name, down_name
+    return None
 
 
 def is_packed_mlp(m: nn.Module) -> bool:
-    """Whether ``m`` has a Linear ``gate_up_proj`` of ``2I`` outputs and a Linear ``down_proj``
-    of ``I`` inputs (the layout of the module docstring, before it is checked)."""
-    up, down = m._modules.get("gate_up_proj"), m._modules.get("down_proj")
-    return (
-        isinstance(up, nn.Linear)
-        and isinstance(down, nn.Linear)
-        and up.out_features == 2 * down.in_features
-    )
+    """Whether ``m`` has a packed Linear and its down Linear (:func:`packed_names`)."""
+    return packed_names(m) is not None
 
 
 @torch.no_grad()
@@ -52,8 +71,10 @@ def remove_packed_units(m: nn.Module, pruned: list[int]) -> None:
     Raises:
         InputError: every neuron would go.
     """
-    up, down = m.get_submodule("gate_up_proj"), m.get_submodule("down_proj")
-    assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear)  # is_packed_mlp
+    names = packed_names(m)
+    assert names is not None  # is_packed_mlp
+    up, down = m.get_submodule(names[0]), m.get_submodule(names[1])
+    assert isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
     n = down.in_features
     gone = sorted({int(j) for j in pruned if 0 <= int(j) < n})
     if len(gone) >= n:
@@ -81,7 +102,7 @@ def _shallow(m: nn.Module) -> nn.Module:
     """A copy of ``m`` whose two Linears can be cut without touching ``m`` (the same tensors)."""
     out = copy.copy(m)
     out._modules = dict(m._modules)
-    for key in ("gate_up_proj", "down_proj"):
+    for key in packed_names(m) or ():
         layer = copy.copy(m._modules[key])
         assert layer is not None  # is_packed_mlp
         layer._parameters = dict(layer._parameters)
@@ -95,8 +116,10 @@ def _check(m: nn.Module, call: tuple[tuple, dict]) -> str | None:
     their ``down_proj`` columns, on the recorded ``call`` (in float32 for a bfloat16 or float16
     MLP: :func:`~compressdrop.gating.inputs.in_float32`); ``None`` where it does."""
     m, call = in_float32(m, call)
-    down = m.get_submodule("down_proj")
-    assert isinstance(down, nn.Linear)  # is_packed_mlp
+    names = packed_names(m)
+    assert names is not None  # is_packed_mlp
+    down = m.get_submodule(names[1])
+    assert isinstance(down, nn.Linear)
     n = down.in_features
     if n < 2:
         return f"it has {n} neuron, which must stay"
@@ -116,7 +139,7 @@ def _check(m: nn.Module, call: tuple[tuple, dict]) -> str | None:
     finally:
         handle.remove()
     removed = _shallow(m)
-    layout = f"its gate_up_proj rows are not [gate; up] halves (rows j and {n} + j per neuron)"
+    layout = f"its {names[0]} rows are not [gate; up] halves (rows j and {n} + j per neuron)"
     try:
         remove_packed_units(removed, cut)
         got = removed(*args, **kwargs)
@@ -148,18 +171,19 @@ def find_packed_mlps(
     """
     groups, left = [], {}
     for name, m in model.named_modules():
-        if not is_packed_mlp(m) or name not in calls:
+        names = packed_names(m)
+        if names is None or name not in calls:
             continue
-        up = f"{name}.gate_up_proj" if name else "gate_up_proj"
-        if include and not (_matches(name, m, include) or _matches(up, m.gate_up_proj, include)):
+        up = f"{name}.{names[0]}" if name else names[0]
+        gate_up, down = m.get_submodule(names[0]), m.get_submodule(names[1])
+        if include and not (_matches(name, m, include) or _matches(up, gate_up, include)):
             continue
-        if _matches(name, m, exclude) or _matches(up, m.gate_up_proj, exclude):
+        if _matches(name, m, exclude) or _matches(up, gate_up, exclude):
             continue
         why = _check(m, calls[name])
         if why is not None:
             left[up] = f"MLP {name!r} left ungated: {why}"
             continue
-        gate_up, down = m.get_submodule("gate_up_proj"), m.get_submodule("down_proj")
         assert isinstance(gate_up, nn.Linear) and isinstance(down, nn.Linear)
         n, h_in, h_out = down.in_features, gate_up.in_features, down.out_features
         macs = 2.0 * h_in + h_out  # a gate row, an up row, a down column

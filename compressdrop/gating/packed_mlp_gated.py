@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .gated import Gated
-from .packed_mlp import is_packed_mlp
+from .packed_mlp import is_packed_mlp, packed_names
 from .registry import register_wrapper, spec_of
 
 __all__ = ["PackedMLPGated"]
@@ -33,16 +33,21 @@ class PackedMLPGated(Gated):
             return (self.gate(inputs[0], dim=self.unit_dim), *inputs[1:])
 
         # a hook for this call only: the MLP keeps its own forward, and nothing stays on it
-        handle = self.module.get_submodule("down_proj").register_forward_pre_hook(gated)
+        handle = self._down().register_forward_pre_hook(gated)
         try:
             return self.module(*args, **kwargs)
         finally:
             handle.remove()
 
+    def _down(self) -> nn.Module:
+        names = packed_names(self.module)
+        assert names is not None  # is_packed_mlp
+        return self.module.get_submodule(names[1])
+
     @torch.no_grad()
     def fold_(self) -> None:
         """Scale each neuron's ``down_proj`` column by its E[θ]·keep for good."""
-        down = self.module.get_submodule("down_proj")
+        down = self._down()
         spec = spec_of(down)
         assert spec is not None and spec.fold_in is not None  # a Linear
         spec.fold_in(down, self.gate.eval_factor())
