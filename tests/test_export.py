@@ -105,6 +105,26 @@ def test_a_bfloat16_model_is_refused_before_anything_is_written(tmp_path):
     assert max(rep.max_rel_error.values()) <= 1e-4
 
 
+class _Normalized(nn.Module):
+    """A float32 model with a bfloat16 constant that it casts before use (RecurrentGemma's
+    embedding ``normalizer``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.register_buffer("normalizer", torch.tensor(2.0, dtype=torch.bfloat16))
+
+    def forward(self, x):
+        return self.fc(x * self.normalizer.to(x.dtype))
+
+
+def test_a_float32_model_with_a_bfloat16_constant_exports(tmp_path):
+    """Its weights are float32 and its session runs on the CPU provider (the cast is a Cast):
+    it was refused as "in bfloat16" for its one bfloat16 buffer."""
+    rep = export_onnx(_Normalized(), torch.randn(2, 4), tmp_path / "m.onnx", providers="cpu")
+    assert max(rep.max_rel_error.values()) <= 1e-4
+
+
 def test_mismatch_is_an_error_and_writes_nothing(tmp_path, monkeypatch):
     model = ZOO["lenet300"]().eval()
     path = tmp_path / "m.onnx"

@@ -127,6 +127,40 @@ def test_threshold_that_prunes_a_whole_layer_keeps_one_unit_and_says_so():
             assert rel_error(slim(x), mask_(model, 1e9)(x)) <= TOL
 
 
+class _Stateful(nn.Module):
+    """Keeps a state of its last forward pass on itself, as RecurrentGemma's recurrent layers
+    do (``rg_lru.recurrent_states``): after a pass with gradients, a tensor with history."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.state: torch.Tensor | None = None
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        self.state = h.mean(0)
+        return self.fc2(h)
+
+
+def test_a_model_holding_a_state_with_autograd_history_prunes():
+    """prune deep-copies the gated model, and ``copy.deepcopy`` refused the state that attach's
+    trace (or a training step) left on it ("Only Tensors created explicitly by the user (graph
+    leaves) support the deepcopy protocol"): the state is now copied detached, the model's own
+    left as it was."""
+    model = randomize_(_Stateful())
+    x = torch.randn(3, 4)
+    cd.attach(model, example_inputs=x)
+    ((_, g),) = cd.named_gates(model)
+    with torch.no_grad():
+        g.log_sigma[:4] = 3.0  # half the units noisy: pruned at SNR 1
+    ref = mask_(model, 1.0).eval()(x)  # (with gradients, as a training step's)
+    state = model.state
+    assert state is not None and state.grad_fn is not None
+    slim = cd.prune(model, 1.0)
+    assert slim.fc1.out_features == 4 and model.state is state
+    torch.testing.assert_close(slim(x), ref, rtol=1e-5, atol=1e-6)
+
+
 def test_model_without_gates_is_a_clear_error():
     with pytest.raises(ValueError, match="no gates"):
         cd.prune(ZOO["lenet300"]())

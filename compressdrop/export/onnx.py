@@ -223,7 +223,9 @@ def _refuse_cpu_bfloat16(model: nn.Module, providers: str) -> None:
     bfloat16 kernels for common operators (``Mul``): its session would fail on the graph."""
     import onnxruntime as ort
 
-    tensors = [*model.parameters(), *model.buffers()]
+    # the weights' dtype: a float32 model may keep a bfloat16 constant that it casts before use
+    # (RecurrentGemma's embedding normalizer), which the CPU provider's Cast takes
+    tensors: list[torch.Tensor] = list(model.parameters()) or list(model.buffers())
     if not any(t.dtype == torch.bfloat16 for t in tensors):
         return
     cuda = (

@@ -11,7 +11,6 @@ rebuilt for fine-tuning.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from ..gating.known import register_for, sync_config
 from ..gating.shuffle import prepare_shufflenets, remove_units_, stream_norms
 from ..gating.tpgraph import build_graph
 from .constants import ConstantInputs, add_biases_
+from .copying import model_copy
 from .grouped import prune_group
 from .own_surgery import MARK_OF, SURGERY
 from .report import BIAS, HEADS, MARKS, STREAM, LayerReport, PruneReport, check_history
@@ -252,7 +252,7 @@ def prune(
         raise InputError("model has no gates; attach() them and train before pruning")
     for _, g in named_gates(model):
         g.clear_sample()  # a shared gate's θ of the last training forward: not copyable
-    work = copy.deepcopy(model).eval()
+    work = model_copy(model).eval()
     masks = _keep_masks(work, threshold, uniform)
     for _, g in named_gates(work):
         g.pruned.copy_(~masks[id(g)][1])
