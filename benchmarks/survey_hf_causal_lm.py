@@ -132,6 +132,9 @@ def build(model_type: str, rec: Recorder) -> Any:
         kw["attn_layer_indices"] = [1]
     if defaults.get("languages") and "default_language" in defaults:  # X-MOD's adapters
         kw["default_language"] = defaults["languages"][0]
+    if "qk_dim_factor" in defaults:  # xLSTM: its config rounds the q/k and v widths up to a
+        kw["qk_dim_factor"] = kw["v_dim_factor"] = 2.0  # multiple of 64 (its cache's), its
+        # layers do not (width · factor): at width 32 they agree at 64 alone
     if "block_types" in defaults:  # RecurrentGemma's pattern, repeated: (recurrent, recurrent,
         kw["block_types"] = ["recurrent", "attention"]  # attention) left 2 layers none
     rec.set(sizes=kw)
