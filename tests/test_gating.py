@@ -220,6 +220,27 @@ def test_a_layer_whose_output_does_not_hold_its_rows_as_units_is_left_ungated():
     torch.testing.assert_close(slim(x), ref, rtol=1e-5, atol=1e-6)
 
 
+class _StackedExperts(nn.Module):
+    """Experts as one 3-D weight, a type with no layer spec (JetMoE's ``JetMoeParallelExperts``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 16, 8) / 8**0.5)  # (E, out, in)
+
+    def forward(self, x):  # x: (N, 8), every expert on every row
+        return torch.einsum("ni,eoi->no", x, self.weight)
+
+
+def test_nothing_gated_names_the_weights_of_a_type_without_a_layer_spec():
+    """Most of the weights in modules of a type compressdrop does not know: the error said only
+    that the model's Linears could not be gated (JetMoE's experts and attention experts hold
+    83 % of its parameters), not where the rest of the model is."""
+    model = nn.Sequential(_StackedExperts(), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(InputError, match=r"among its 1 layer \(Linear\).*; 94% of its parameters "
+                       r"are weights of layer types .* no layer spec for, _StackedExperts \(1\)"):  # fmt: skip
+        cd.attach(model, example_inputs=torch.randn(2, 8))
+
+
 def test_include_exclude_and_granularity():
     lenet5 = ZOO["lenet5"]
     assert [n for n, _ in cd.named_gates(cd.attach(lenet5(), granularity="channel"))] == [

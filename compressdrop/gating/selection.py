@@ -120,7 +120,35 @@ def nothing_to_gate(
         f"{'' if len(producers) == 1 else 's'} "
         f"({', '.join(sorted(set(producers)))}): the units of each reach the model's output "
         "(the output layer is never gated) or pass through an operation that keeps removal from "
-        "being exact (any GatingWarning above names it)" + _program_recurrence(model)
+        "being exact (any GatingWarning above names it)"
+        + _unknown_weights(model)
+        + _program_recurrence(model)
+    )
+
+
+def _unknown_weights(model: nn.Module) -> str:
+    """A sentence on the layer types without a layer spec whose own weights (a matrix or more,
+    embeddings aside) hold a quarter or more of ``model``'s parameters (JetMoE's experts and
+    attention experts, ``JetMoeParallelExperts``): none of their units can be gated, whatever
+    the layers around them allow; "" where there are none."""
+    total = sum(p.numel() for p in model.parameters())
+    counts: dict[str, tuple[int, int]] = {}  # type name → (modules, parameters)
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if spec_of(m) is not None or isinstance(m, nn.Embedding | nn.EmbeddingBag):
+            continue
+        if head_spec_of(m) is not None or not any(p.dim() >= 2 for p in own):
+            continue
+        n, size = counts.get(type(m).__name__, (0, 0))
+        counts[type(m).__name__] = n + 1, size + sum(p.numel() for p in own)
+    held = sum(size for _, size in counts.values())
+    if not total or held < total / 4:
+        return ""
+    types = ", ".join(f"{t} ({n})" for t, (n, _) in sorted(counts.items()))
+    return (
+        f"; {held / total:.0%} of its parameters are weights of layer types compressdrop has no "
+        f"layer spec for, {types}, whose units cannot be gated (register_layer() describes a "
+        "type)"
     )
 
 
