@@ -22,8 +22,9 @@ class Decoder(NamedTuple):
         rows: rows of ``up`` per neuron (2: GLM's packed ``gate_up_proj``, ``[gate; up]``,
             gated per neuron by :mod:`compressdrop.gating.packed_mlp`).
         width: the config field of that width (the dense layers' MLPs).
-        norms_across_heads: its q_norm and k_norm are RMSNorms over all heads together, so no
-            head can go exactly: its heads are registered to say so, and stay.
+        norms_across_heads: its q_norm and k_norm are RMSNorms over all heads together (or,
+            BitNet's ``attn_sub_norm``, one over their outputs), so no head can go exactly: its
+            heads are registered to say so, and stay.
         shared: the attribute of a mixture-of-experts block that holds its shared expert, an MLP
             of the same class whose width is another config field, ``shared_width``.
         shared_width: the config field of the shared experts' width.
@@ -112,6 +113,7 @@ DECODERS = {
     "eurobert": Decoder("EuroBert"),
     "gte": Decoder("Gte"),
     "olmo3": Decoder("Olmo3", norms_across_heads=True),
+    "bitnet": Decoder("BitNet", norms_across_heads=True),  # its attn_sub_norm, after the heads
     # hybrids: attention layers between state-space ones (their heads alone are gated here)
     "bamba": Decoder("Bamba"),
     "falcon_h1": Decoder("FalconH1"),

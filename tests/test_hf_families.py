@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import compressdrop as cd
+from compressdrop.errors import InputError
 from compressdrop.gating.gated import HeadGated
 
 from .test_hf import ENCODER, TOKENS, VOCAB, _attach_and_prune, check_against_masked
@@ -231,6 +232,29 @@ def test_heads_under_norms_across_all_heads_stay_and_the_user_reads_why(name):
         for i in range(2)
     ]
     assert not any(isinstance(m, HeadGated) for m in model.modules())
+
+
+def test_bitnets_norms_after_its_heads_and_neurons_keep_both_and_the_user_reads_why():
+    """BitNet norms its heads' outputs together (``attn_sub_norm``) and its MLP's neurons
+    (``ffn_sub_norm``), and its residual stream is normed too: nothing goes exactly. Its heads
+    were refused for Torch-Pruning's step budget (k_proj, v_proj: "more than 50,000 steps");
+    attach now says what keeps them."""
+    if not hasattr(transformers, "BitNetForCausalLM"):
+        pytest.skip("this transformers has no BitNet")
+    torch.manual_seed(0)
+    model = transformers.BitNetForCausalLM(transformers.BitNetConfig(**TOKENS, **LLAMA)).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cd.GatingWarning)
+        with pytest.raises(InputError, match="no gateable layer found"):
+            cd.attach(model, "lognormal", example_inputs=ids)
+    said = [str(w.message) for w in caught if "keeps all its heads" in str(w.message)]
+    assert said == [
+        f"compressdrop: attention 'model.layers.{i}.self_attn' keeps all its heads: its "
+        "attn_sub_norm is an RMSNorm over all heads' outputs together (before o_proj), so "
+        "removing a head would change the others' scale"
+        for i in range(2)
+    ]
 
 
 def test_a_slim_olmo2_saves_a_config_that_reloads(tmp_path):

@@ -169,7 +169,12 @@ def _remove_latent(m: Any, keep: torch.Tensor) -> None:
 
 def _norms_across_heads(m: nn.Module) -> str:
     """Why the heads of a :attr:`~compressdrop._families.Decoder.norms_across_heads` attention
-    (OLMo-2's, OLMoE's) stay."""
+    (OLMo-2's, OLMoE's; BitNet's norm of their outputs) stay."""
+    if "attn_sub_norm" in m._modules:
+        return (
+            "its attn_sub_norm is an RMSNorm over all heads' outputs together (before o_proj), "
+            "so removing a head would change the others' scale"
+        )
     return (
         "its q_norm and k_norm are RMSNorms over all heads together, so removing a head would "
         "change the others' norms"
