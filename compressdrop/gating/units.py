@@ -92,11 +92,12 @@ def unit_count_problem(
         spec, shape = spec_of(p), shapes.get(p)
         if spec is None or shape is None or not -len(shape) <= spec.unit_dim < len(shape):
             continue
-        if shape[spec.unit_dim] != num_units:
+        dim = spec.unit_dim
+        if shape[dim] != num_units:
             return (
-                f"its gate would have {num_units:,} units (its output channels as Torch-Pruning counts them), but "
-                f"its output on the example inputs has {shape[spec.unit_dim]:,} along dim {spec.unit_dim} "
-                f"(shape {shape}): {type(p).__name__}'s forward does not lay its units out as "
-                "one per row (a weight reshaped into groups?), so no gate fits them"
+                f"its gate would have {num_units:,} units (its output channels, as Torch-Pruning "
+                f"counts them), but its output on the example inputs has {shape[dim]:,} along "
+                f"dim {dim} (shape {shape}): {type(p).__name__}'s forward does not lay out one "
+                "unit per output channel (a weight reshaped into groups?), so no gate fits it"
             )
     return None
