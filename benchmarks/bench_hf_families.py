@@ -229,10 +229,15 @@ def check(model, decoder: bool, rec: Recorder, t0: float) -> None:
             generate_equal=bool(torch.equal(slim.generate(ids2, **kw), model.generate(ids2, **kw)))
         )
         rec.set(step="onnx")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cd.ExportWarning)
         rep = cd.export_onnx(slim, ids, os.path.join(tmp, "slim.onnx"), check_batch_sizes=(1, 3),
                              check_lengths=(5, 13))  # fmt: skip
+    said = sorted(
+        {str(w.message)[:300] for w in caught if issubclass(w.category, cd.ExportWarning)}
+    )
     rec.set(onnx_ok=True, onnx_error=max(rep.max_rel_error.values()), step="done")
+    rec.set(onnx_warnings=said, onnx_input_dims=rep.metadata.get("input_dims"))
     rec.set(seconds=round(time.perf_counter() - t0, 1))
 
 

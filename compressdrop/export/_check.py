@@ -98,7 +98,10 @@ def as_inputs(example: Any) -> tuple[torch.Tensor, ...]:
 
 
 def export_shapes(
-    xs: tuple[torch.Tensor, ...], check_lengths: Sequence[int], longest: int = 1 << 16
+    xs: tuple[torch.Tensor, ...],
+    check_lengths: Sequence[int],
+    longest: int = 1 << 16,
+    auto_length: bool = False,
 ) -> tuple[dict, ...]:
     """The dynamic dimensions of each input (:func:`export_dims`); several inputs share one
     batch dimension, and have no dynamic length.
@@ -107,7 +110,7 @@ def export_shapes(
         ExportError: ``check_lengths`` with several inputs.
     """
     if len(xs) == 1:
-        return (export_dims(xs[0], check_lengths, longest),)
+        return (export_dims(xs[0], check_lengths, longest, auto_length),)
     if check_lengths:
         raise ExportError("check_lengths needs a model of one input (token ids)")
     batch = dynamic_batch()
@@ -166,11 +169,14 @@ def with_lengths(
 
 
 def export_dims(
-    x: torch.Tensor, check_lengths: Sequence[int], longest: int = 1 << 16
-) -> dict[int, torch.export.Dim]:
+    x: torch.Tensor, check_lengths: Sequence[int], longest: int = 1 << 16, auto_length: bool = False
+) -> dict[int, Any]:
     """The dynamic dimensions of an export of inputs like ``x``: the batch, and with
     ``check_lengths`` dimension 1 (the sequence of token ids) too, from 2 to ``longest``
-    (:func:`~compressdrop.runtime.max_length`).
+    (:func:`~compressdrop.runtime.max_length`). With ``auto_length`` the length is a hint,
+    ``Dim.AUTO`` in that range: torch.export keeps it dynamic where the model's code allows and
+    fixes it (or guards its sizes) where not, instead of failing; the ONNX export then reads
+    what it did (:func:`~._dims.accepted_sizes`).
 
     Raises:
         ExportError: ``check_lengths`` for inputs without a dimension 1, or beyond ``longest``.
@@ -183,7 +189,8 @@ def export_dims(
             f"sequence length {beyond[0]} is longer than the model takes ({longest}, its "
             "config's max_position_embeddings or n_positions): check shorter lengths"
         )
-    length = {1: torch.export.Dim("length", min=2, max=longest)} if check_lengths else {}
+    dim = torch.export.Dim.AUTO(min=2, max=longest) if auto_length else None
+    length = {1: dim or torch.export.Dim("length", min=2, max=longest)} if check_lengths else {}
     return {0: dynamic_batch(), **length}
 
 

@@ -32,6 +32,7 @@ from ._check import (
     output_names,
 )
 from ._complex import real_valued
+from ._dims import ExportWarning, accepted_sizes, checked_sizes, pin_fixed, report
 from ._experts import exportable_experts
 from ._gemm import gemm_linears
 from ._optimizer import exact_constants
@@ -40,6 +41,7 @@ __all__ = [
     "ExportError",
     "ExportMismatchError",
     "ExportReport",
+    "ExportWarning",
     "export_onnx",
     "load_onnx_metadata",
 ]
@@ -280,6 +282,12 @@ def export_onnx(
         dynamic_length: leave dimension 1 dynamic without ``check_lengths`` (for a caller that
             checks other lengths itself: a graph that samples cannot match PyTorch exactly).
 
+    Where the model's code fixes a dimension asked to be dynamic (a Python loop over the tokens
+    unrolls at the example's length: RWKV's recurrence), or narrows its range, the graph takes
+    only those sizes: it is checked only there, an :class:`ExportWarning` names the dimension,
+    its sizes and why, and the metadata's ``input_dims`` records them (``{"input_ids": {"1":
+    [8, 8]}}``; a fixed size is also written into the graph's input).
+
     Raises:
         InputError: the model does not run on ``example_input`` (its shapes and dtypes named).
         ExportError: the exporter failed, produced non-standard operators or another opset;
@@ -297,7 +305,7 @@ def export_onnx(
     if len(xs[0]) == 1:  # torch.export fixes a dimension of size 1: trace a batch of 2
         xs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) for t in xs)
     dynamic = tuple(check_lengths) or ((2,) if dynamic_length else ())  # 2: any length
-    dims = export_shapes(xs, dynamic, max_length(model))
+    dims = export_shapes(xs, dynamic, max_length(model), auto_length=True)
     with eval_on_cpu(model) as model_cpu, no_cache(model_cpu), atomic_write(path) as tmp:
         try:
             with (
@@ -310,12 +318,14 @@ def export_onnx(
                 if program is None:
                     raise ExportError("torch.onnx.export returned no program")
                 program.save(str(tmp), external_data=False)
+                limits = accepted_sizes(program, xs, dims)
         except ExportError:  # compressdrop's own, which says what failed
             raise
         except Exception as e:  # the exporter raises many types; report them as one
             run_example(model_cpu, xs, "example_input")  # an input that does not fit: named
             raise ExportError(f"torch.onnx.export failed: {type(e).__name__}: {e}") from e
         proto = onnx.load(str(tmp))
+        pin_fixed(proto, limits)
         try:
             onnx.checker.check_model(proto, full_check=True)
         except onnx.checker.ValidationError as e:
@@ -329,6 +339,11 @@ def export_onnx(
         )
         if odd:
             raise ExportError(f"the exported model uses non-standard operators: {', '.join(odd)}")
+        names = [i.name for i in proto.graph.input]
+        batches, lengths = checked_sizes(limits, check_batch_sizes, check_lengths, len(xs[0]))
+        taken, said = report(limits, names)
+        if limits:  # a dimension the model's code fixed or bounds: checked where it holds
+            meta["input_dims"] = json.dumps(taken)
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -344,9 +359,11 @@ def export_onnx(
         names = [i.name for i in session.get_inputs()]
         run = lambda *xb: session.run(None, {n: t.numpy() for n, t in zip(names, xb)})  # noqa: E731
         what = f"onnxruntime ({provider})"
-        checked = compare_at_batches(model_cpu, run, xs, check_batch_sizes, rtol, what)
+        checked = compare_at_batches(model_cpu, run, xs, batches, rtol, what)
         errors: dict[int | str, float] = {b: e for b, e in checked.items()}
-        errors.update(errors_at_lengths(model_cpu, run, xs[0], check_lengths, rtol, what))
+        errors.update(errors_at_lengths(model_cpu, run, xs[0], lengths, rtol, what))
+    if limits:  # said once the file is written
+        warnings.warn(said, ExportWarning, stacklevel=2)
     return ExportReport(path, path.stat().st_size, provider, errors, op, meta)
 
 

@@ -351,10 +351,11 @@ def _write_mc_onnx(
 ) -> ExportReport:
     """:func:`export_mc_onnx`'s file, the sequence length dynamic with ``lengths`` (checked at
     ``x``'s and at each of them), checked by its Monte-Carlo mean before it appears."""
-    from ..export import export_onnx
+    from ..export import ExportWarning, export_onnx
     from ..runtime import ort_session
 
-    with atomic_write(path) as tmp:
+    with atomic_write(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExportWarning)  # a fixed length: refused below, retried
         inner = export_onnx(
             sampler,
             x,
