@@ -174,9 +174,9 @@ def export_dims(
     """The dynamic dimensions of an export of inputs like ``x``: the batch, and with
     ``check_lengths`` dimension 1 (the sequence of token ids) too, from 2 to ``longest``
     (:func:`~compressdrop.runtime.max_length`). With ``auto_length`` the length is a hint,
-    ``Dim.AUTO`` in that range: torch.export keeps it dynamic where the model's code allows and
-    fixes it (or guards its sizes) where not, instead of failing; the ONNX export then reads
-    what it did (:func:`~._dims.accepted_sizes`).
+    ``Dim.AUTO`` in that range: torch.export keeps it dynamic where the model's code allows, and
+    fixes or narrows it where not instead of failing; the ONNX export then reads what it did
+    (:func:`~._dims.accepted_sizes`).
 
     Raises:
         ExportError: ``check_lengths`` for inputs without a dimension 1, or beyond ``longest``.
@@ -189,8 +189,8 @@ def export_dims(
             f"sequence length {beyond[0]} is longer than the model takes ({longest}, its "
             "config's max_position_embeddings or n_positions): check shorter lengths"
         )
-    dim = torch.export.Dim.AUTO(min=2, max=longest) if auto_length else None
-    length = {1: dim or torch.export.Dim("length", min=2, max=longest)} if check_lengths else {}
+    hint = torch.export.Dim.AUTO(min=2, max=longest) if auto_length else None
+    length = {1: hint or torch.export.Dim("length", min=2, max=longest)} if check_lengths else {}
     return {0: dynamic_batch(), **length}
 
 
