@@ -189,9 +189,18 @@ def export_dims(
             f"sequence length {beyond[0]} is longer than the model takes ({longest}, its "
             "config's max_position_embeddings or n_positions): check shorter lengths"
         )
-    hint = torch.export.Dim.AUTO(min=2, max=longest) if auto_length else None
+    hint = _auto(longest) if auto_length else None
     length = {1: hint or torch.export.Dim("length", min=2, max=longest)} if check_lengths else {}
     return {0: dynamic_batch(), **length}
+
+
+def _auto(longest: int) -> Any:
+    """``Dim.AUTO`` from 2 to ``longest``; ``None`` where this torch has no such hint or its
+    hint takes no range (an older torch): the named length then, as before."""
+    try:
+        return torch.export.Dim.AUTO(min=2, max=longest)
+    except (AttributeError, TypeError):
+        return None
 
 
 def errors_at_lengths(
