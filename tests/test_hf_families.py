@@ -225,14 +225,21 @@ def test_heads_under_norms_across_all_heads_stay_and_the_user_reads_why(name):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", cd.GatingWarning)
         cd.attach(model, "lognormal", example_inputs=ids)
+    _say_each_layer_keeps_its_heads(
+        caught,
+        "its q_norm and k_norm are RMSNorms over all heads together, so removing a head would "
+        "change the others' norms",
+    )
+    assert not any(isinstance(m, HeadGated) for m in model.modules())
+
+
+def _say_each_layer_keeps_its_heads(caught, why: str) -> None:
+    """Attach warned once per layer (two) that its attention keeps its heads, for ``why``."""
     said = [str(w.message) for w in caught if "keeps all its heads" in str(w.message)]
     assert said == [
-        f"compressdrop: attention 'model.layers.{i}.self_attn' keeps all its heads: its q_norm "
-        "and k_norm are RMSNorms over all heads together, so removing a head would change the "
-        "others' norms"
+        f"compressdrop: attention 'model.layers.{i}.self_attn' keeps all its heads: {why}"
         for i in range(2)
     ]
-    assert not any(isinstance(m, HeadGated) for m in model.modules())
 
 
 def test_bitnets_norms_after_its_heads_and_neurons_keep_both_and_the_user_reads_why():
@@ -249,13 +256,11 @@ def test_bitnets_norms_after_its_heads_and_neurons_keep_both_and_the_user_reads_
         warnings.simplefilter("always", cd.GatingWarning)
         with pytest.raises(InputError, match="no gateable layer found"):
             cd.attach(model, "lognormal", example_inputs=ids)
-    said = [str(w.message) for w in caught if "keeps all its heads" in str(w.message)]
-    assert said == [
-        f"compressdrop: attention 'model.layers.{i}.self_attn' keeps all its heads: its "
-        "attn_sub_norm is an RMSNorm over all heads' outputs together (before o_proj), so "
-        "removing a head would change the others' scale"
-        for i in range(2)
-    ]
+    _say_each_layer_keeps_its_heads(
+        caught,
+        "its attn_sub_norm is an RMSNorm over all heads' outputs together (before o_proj), so "
+        "removing a head would change the others' scale",
+    )
 
 
 def test_a_slim_olmo2_saves_a_config_that_reloads(tmp_path):
