@@ -109,9 +109,13 @@ DECODERS = {
     "smollm3": Decoder("SmolLM3"),
     "nanochat": Decoder("NanoChat", up="fc1", glu=False),  # (q/k norms per head, after RoPE)
     "vaultgemma": Decoder("VaultGemma"),
-    # encoders with LLaMA's attention (not causal): EuroBERT's, GTE's (a key/value head per head)
+    # encoders with LLaMA's attention (not causal): EuroBERT's, Ultrabert's, GTE's, NomicBERT's
+    # and Jina-Embeddings-v3's (a key/value head per head; Jina's MLP fc1/fc2)
     "eurobert": Decoder("EuroBert"),
+    "ultrabert": Decoder("Ultrabert"),
     "gte": Decoder("Gte"),
+    "nomic_bert": Decoder("NomicBert"),
+    "jina_embeddings_v3": Decoder("JinaEmbeddingsV3", up="fc1", glu=False),
     "olmo3": Decoder("Olmo3", norms_across_heads=True),
     "bitnet": Decoder("BitNet", norms_across_heads=True),  # its attn_sub_norm, after the heads
     # hybrids: attention layers between state-space ones (their heads alone are gated here)

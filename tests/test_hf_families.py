@@ -11,7 +11,7 @@ and Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falc
 three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer,
 Megatron-BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, XLM,
 FlauBERT, CTRL, OpenAI GPT, ModernBERT-decoder, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU
-written as a formula; the encoders EuroBERT and GTE (LLaMA's attention); the fused experts of
+written as a formula; the encoders EuroBERT, Ultrabert, GTE, NomicBERT and Jina-Embeddings-v3 (LLaMA's attention); the fused experts of
 Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
 OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k
 norms over all heads).
@@ -181,6 +181,11 @@ MODELS = {
     "eurobert": ("EuroBertConfig", "EuroBertForSequenceClassification",
                  {**LLAMA, "num_labels": 3}),
     "gte": ("GteConfig", "GteForSequenceClassification", {**ENCODER, "head_dim": 8}),
+    "ultrabert": ("UltrabertConfig", "UltrabertForSequenceClassification",
+                  {**LLAMA, "num_labels": 3}),
+    "nomic_bert": ("NomicBertConfig", "NomicBertForSequenceClassification", ENCODER),
+    "jina_embeddings_v3": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3ForSequenceClassification",
+                           ENCODER),
     # multi-latent attention: DeepSeek-V3's low-rank query (q_b_proj), DeepSeek-V2's full q_proj
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", {**LLAMA, **MLA}),
     "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
