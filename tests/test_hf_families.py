@@ -1,20 +1,20 @@
-"""Hugging Face families beyond LLaMA, GPT-2 and BERT (``benchmarks/bench_hf_families.py``
-surveys them all): their heads and MLP neurons are gated and removed exactly, with nothing to
-patch by hand, and a pruned decoder generates what the masked one does.
+"""Hugging Face families beyond LLaMA, GPT-2 and BERT (``benchmarks/bench_hf_families.py`` surveys them
+all): their heads and MLP neurons are gated and removed exactly, with nothing to patch by hand, and
+a pruned decoder generates what the masked one does.
 
-Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head
-q/k norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, GLM and GLM-4, Mixtral's and
+Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head q/k
+norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, GLM and GLM-4, Mixtral's and
 Qwen2-MoE's attention; SmolLM3, Seed-OSS, EXAONE-4, GraniteSWA, Arcee, GLM-4-MoE, Llama-4,
 Qwen3-Next with a gate per head in its q_proj, Beam with a gate_proj per head), DeepSeek-V2/V3's
-multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's
-and Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falcon's in its
-three layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer,
-Megatron-BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, XLM,
-FlauBERT, CTRL, OpenAI GPT, ModernBERT-decoder, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU
-written as a formula; the encoders EuroBERT, Ultrabert, GTE, NomicBERT and Jina-Embeddings-v3 (LLaMA's attention); the fused experts of
-Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
-OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k
-norms over all heads).
+multi-latent attention (``tests/test_hf_latent.py``), Phi-3's packed ``qkv_proj``, GPT-NeoX's and
+Persimmon's ``query_key_value`` (each head's q, k and v rows together), Falcon's in its three
+layouts, GPT-BigCode's in its two, the heads of XGLM, ModernBERT, DistilBERT, RoFormer, Megatron-
+BERT, RoBERTa-PreLayerNorm, Data2Vec-Text, LayoutLM, MarkupLM, X-MOD, RemBERT, XLM, FlauBERT, CTRL,
+OpenAI GPT, ModernBERT-decoder, ALBERT and DeBERTa (v1 to v3), and BLOOM's GELU written as a
+formula; the encoders EuroBERT, Ultrabert, GTE, NomicBERT and Jina-Embeddings-v3 (LLaMA's
+attention); the fused experts of Mixtral, Qwen2-MoE and OLMoE (``tests/test_hf_experts.py``).
+OLMo-2's, OLMo-3's and OLMoE's attention is registered only to say why their heads stay (q/k norms
+over all heads).
 """
 
 from __future__ import annotations
