@@ -1,6 +1,6 @@
-"""Hugging Face families beyond LLaMA, GPT-2 and BERT (``benchmarks/bench_hf_families.py`` surveys them
-all): their heads and MLP neurons are gated and removed exactly, with nothing to patch by hand, and
-a pruned decoder generates what the masked one does.
+"""Hugging Face families beyond LLaMA, GPT-2 and BERT (``benchmarks/bench_hf_families.py``
+surveys them all): their heads and MLP neurons are gated and removed exactly, with nothing to
+patch by hand, and a pruned decoder generates what the masked one does.
 
 Registered here: the decoders whose attention is LLaMA's (OLMo, Granite, Cohere with per-head q/k
 norms, StableLM with per-head q/k LayerNorms, StarCoder2, Phi, GLM and GLM-4, Mixtral's and
