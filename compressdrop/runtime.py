@@ -368,10 +368,10 @@ _POSITIONS = ("max_position_embeddings", "n_positions", "max_seq_len")
 
 def max_length(model: nn.Module, default: int = 1 << 16) -> int:
     """The longest sequence ``model`` takes: its (or a submodule's Hugging Face) config's
-    ``max_position_embeddings``, ``n_positions`` or ``max_seq_len``, or the bound a program rebuilt as a module
-    records (``program_max_length``: the range its exported length was given), else
-    ``default``. A dynamic length beyond it fails ``torch.export``'s range check: BERT slices
-    its position ids, a buffer of that length."""
+    ``max_position_embeddings``, ``n_positions`` or ``max_seq_len``, or the bound a program
+    rebuilt as a module records (``program_max_length``: the range its exported length was
+    given), else ``default``. A dynamic length beyond it fails ``torch.export``'s range check:
+    BERT slices its position ids, a buffer of that length."""
     for module in model.modules():  # a wrapper's (an MC sampler's) inner model's too
         config = getattr(module, "config", None)
         for value in (
