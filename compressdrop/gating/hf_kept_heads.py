@@ -1,16 +1,17 @@
 """Hugging Face attentions that take their own heads' part of a position bias built for all heads.
 
 BLOOM's ALiBi bias (a slope per head) is built once by ``BloomModel`` for ``config.n_head`` heads,
-``(batch · heads, 1, keys)``; MPT's by ``MptModel``, ``(heads, 1, keys)``; Falcon's (with ``alibi``)
-once by ``FalconModel`` and folded into the attention mask, ``(batch, heads, queries, keys)``;
-MPNet's relative position bias once by ``MPNetEncoder`` from one ``relative_attention_bias``
-embedding (a column per head), ``(batch, heads, queries, keys)``. Each is handed unchanged to every
-layer. After surgery a layer may keep fewer heads than the bias holds, and no library's attention
-reads anything per layer that could select them. So surgery turns such an attention into the
-subclass below, in place: the same module, parameters and attributes, and a buffer ``bias_heads`` of
-the kept heads' indices among the bias's ``bias_total`` heads; its forward selects those rows of the
-bias and calls the library's own forward. It is still an instance of the library's class, and
-exports to ``.pt2`` and ONNX as one ``index_select`` (a Gather) more.
+``(batch · heads, 1, keys)``; MPT's by ``MptModel``, ``(heads, 1, keys)``; Falcon's (with
+``alibi``) once by ``FalconModel`` and folded into the attention mask, ``(batch, heads, queries,
+keys)``; MPNet's relative position bias once by ``MPNetEncoder`` from one
+``relative_attention_bias`` embedding (a column per head), ``(batch, heads, queries, keys)``. Each
+is handed unchanged to every layer. After surgery a layer may keep fewer heads than the bias
+holds, and no library's attention reads anything per layer that could select them. So surgery
+turns such an attention into the subclass below, in place: the same module, parameters and
+attributes, and a buffer ``bias_heads`` of the kept heads' indices among the bias's ``bias_total``
+heads; its forward selects those rows of the bias and calls the library's own forward. It is still
+an instance of the library's class, and exports to ``.pt2`` and ONNX as one ``index_select`` (a
+Gather) more.
 
 This module imports transformers; surgery imports it only for models of these families, and an
 unpickled slim model imports it by its classes' names.
