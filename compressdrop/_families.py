@@ -145,8 +145,15 @@ DECODERS = {
     "beam": Decoder("Beam"),
     "mellum": Decoder("Mellum"),
     "granitemoe": Decoder("GraniteMoe", mlp=None),
-    "granitemoeshared": Decoder("GraniteMoeShared", mlp=None),
-    "granitemoe_swa": Decoder("GraniteMoeSWA", mlp=None),
+    # GraniteMoE-Shared's, -SWA's and -Hybrid's shared MLP packs [gate; up] in input_linear (its
+    # width the config's shared_intermediate_size), beside fused experts; Hybrid's attention
+    # layers sit between Mamba layers
+    "granitemoeshared": Decoder("GraniteMoeShared", up="input_linear", rows=2,
+                                width="shared_intermediate_size"),
+    "granitemoehybrid": Decoder("GraniteMoeHybrid", up="input_linear", rows=2,
+                                width="shared_intermediate_size"),
+    "granitemoe_swa": Decoder("GraniteMoeSWA", up="input_linear", rows=2,
+                              width="shared_intermediate_size"),
     "hy_v3": Decoder("HYV3"),
     "mimo_v2_flash": Decoder("MiMoV2Flash"),
     "phimoe": Decoder("Phimoe", mlp=None),

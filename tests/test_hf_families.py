@@ -474,3 +474,58 @@ def test_t5_classifier_exports_without_its_decoders_cache_and_with_eager_attenti
     rep = cd.export_onnx(slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3))
     assert max(rep.max_rel_error.values()) <= 1e-4
     assert slim.config._attn_implementation == "sdpa"
+
+
+GRANITE_MOE = {**LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2,
+               "shared_intermediate_size": 48}  # fmt: skip
+GRANITE_HYBRID = {"layer_types": ["mamba", "attention"], "mamba_d_state": 8, "mamba_n_heads": 4,
+                  "mamba_d_head": 16, "mamba_expand": 2, "mamba_n_groups": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config_cls", "model_cls", "sizes"),
+    [
+        ("GraniteMoeSharedConfig", "GraniteMoeSharedForCausalLM", GRANITE_MOE),
+        ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", {**GRANITE_MOE, "sliding_window": 4}),
+        (
+            "GraniteMoeHybridConfig",
+            "GraniteMoeHybridForCausalLM",
+            {**GRANITE_MOE, **GRANITE_HYBRID},
+        ),
+    ],
+)
+def test_a_uniform_granite_moe_saves_its_shared_mlp_width_and_reloads(
+    config_cls, model_cls, sizes, tmp_path
+):
+    """GraniteMoE-Shared's, -SWA's and -Hybrid's shared MLP (``input_linear`` packing [gate;
+    up]) is the config's ``shared_intermediate_size``: a uniform prune of it, the heads
+    (Hybrid's attention layer, between Mamba layers, is LLaMA's) and the experts writes a config
+    that from_pretrained reloads with the slim logits. Before, Hybrid's heads had no gates and
+    the shared width stayed the dense one in the config, so the folder was refused."""
+    from compressdrop.hf_folder import save_hf_folder
+
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"this transformers has no {model_cls}")
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TOKENS, **sizes))
+    model.eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    assert any(isinstance(m, HeadGated) for m in model.modules())
+    with torch.no_grad():  # each key/value head keeps one query head; each shared MLP 32 neurons
+        for _, g in cd.named_gates(model):
+            g.log_sigma.fill_(-4.0)  # quiet: SNR far above 1
+            g.log_sigma[[0, 3] if g.num_units == 4 else slice(0, 16)] = 3.0  # noisy: far below
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
+        slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    c = slim.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.shared_intermediate_size) == (2, 2, 32)
+    check_against_masked(slim, model, 1.0)
+    _, err = save_hf_folder(slim, tmp_path / "slim", ids)
+    back = getattr(transformers, model_cls).from_pretrained(tmp_path / "slim").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, slim(input_ids=ids).logits)
+    assert err <= 1e-4
