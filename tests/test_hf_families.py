@@ -299,32 +299,47 @@ def test_a_uniform_glm_saves_fewer_heads_and_neurons_that_reload_and_export(name
     from_pretrained reloads with the slim logits, and the slim model exports to ONNX. Its rotary
     positions cover half of each head's features (``partial_rotary_factor``), per head: the
     slim model equals the masked one."""
-    from compressdrop.hf_folder import save_hf_folder
 
     model = _build(name)
     ids = torch.randint(3, VOCAB, (2, 8))
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", cd.GatingWarning)
-        cd.attach(model, "lognormal", example_inputs=ids)
-    with torch.no_grad():  # each key/value head keeps one query head; each MLP 28 neurons
-        for _, g in cd.named_gates(model):
-            g.log_sigma.fill_(-4.0)  # quiet: SNR far above 1
-            g.log_sigma[[0, 3] if g.num_units == 4 else slice(0, 20)] = 3.0  # noisy: far below
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
-        slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+    slim = _uniform_slim(model, ids, noisy_neurons=20)  # each MLP keeps 28 neurons
     c = slim.config
     assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 2, 8)
     assert c.intermediate_size == 28
     assert [layer.mlp.gate_up_proj.out_features for layer in slim.model.layers] == [56, 56]
     check_against_masked(slim, model, 1.0)
-    _, err = save_hf_folder(slim, tmp_path / "slim", ids)
-    back = getattr(transformers, MODELS[name][1]).from_pretrained(tmp_path / "slim").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids).logits, slim(input_ids=ids).logits)
+    err = _saved_and_reloaded(slim, MODELS[name][1], tmp_path, ids)
     rep = cd.export_onnx(slim, ids, tmp_path / "slim.onnx", check_batch_sizes=(1, 3))
     assert err <= 1e-4 and max(rep.max_rel_error.values()) <= 1e-4
+
+
+def _uniform_slim(model, ids, noisy_neurons: int):
+    """``model`` gated, its gates set so that each key/value head keeps one query head (heads 0
+    and 3 noisy) and each MLP loses its first ``noisy_neurons``, pruned uniformly; the prune
+    may not warn (the config describes the slim model)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", cd.GatingWarning)
+        cd.attach(model, "lognormal", example_inputs=ids)
+    with torch.no_grad():
+        for _, g in cd.named_gates(model):
+            g.log_sigma.fill_(-4.0)  # quiet: SNR far above 1
+            g.log_sigma[[0, 3] if g.num_units == 4 else slice(0, noisy_neurons)] = 3.0  # noisy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cd.PruningWarning)
+        return cd.prune(model, 1.0, example_inputs=ids, uniform=True)
+
+
+def _saved_and_reloaded(slim, model_cls: str, tmp_path, ids) -> float:
+    """``slim`` written as a Hugging Face folder, reloaded with ``model_cls.from_pretrained``:
+    the same logits; the writer's own check's error."""
+    from compressdrop.hf_folder import save_hf_folder
+
+    _, err = save_hf_folder(slim, tmp_path / "slim", ids)
+    back = getattr(transformers, model_cls).from_pretrained(tmp_path / "slim").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, slim(input_ids=ids).logits)
+    return err
 
 
 def test_phi3_heads_keep_the_shared_config_dense():
@@ -502,30 +517,15 @@ def test_a_uniform_granite_moe_saves_its_shared_mlp_width_and_reloads(
     (Hybrid's attention layer, between Mamba layers, is LLaMA's) and the experts writes a config
     that from_pretrained reloads with the slim logits. Before, Hybrid's heads had no gates and
     the shared width stayed the dense one in the config, so the folder was refused."""
-    from compressdrop.hf_folder import save_hf_folder
-
     if not hasattr(transformers, model_cls):
         pytest.skip(f"this transformers has no {model_cls}")
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**TOKENS, **sizes))
     model.eval()
     ids = torch.randint(3, VOCAB, (2, 8))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", cd.GatingWarning)
-        cd.attach(model, "lognormal", example_inputs=ids)
+    slim = _uniform_slim(model, ids, noisy_neurons=16)  # each shared MLP keeps 32 neurons
     assert any(isinstance(m, HeadGated) for m in model.modules())
-    with torch.no_grad():  # each key/value head keeps one query head; each shared MLP 32 neurons
-        for _, g in cd.named_gates(model):
-            g.log_sigma.fill_(-4.0)  # quiet: SNR far above 1
-            g.log_sigma[[0, 3] if g.num_units == 4 else slice(0, 16)] = 3.0  # noisy: far below
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", cd.PruningWarning)  # the config describes the slim model
-        slim = cd.prune(model, 1.0, example_inputs=ids, uniform=True)
     c = slim.config
     assert (c.num_attention_heads, c.num_key_value_heads, c.shared_intermediate_size) == (2, 2, 32)
     check_against_masked(slim, model, 1.0)
-    _, err = save_hf_folder(slim, tmp_path / "slim", ids)
-    back = getattr(transformers, model_cls).from_pretrained(tmp_path / "slim").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=ids).logits, slim(input_ids=ids).logits)
-    assert err <= 1e-4
+    assert _saved_and_reloaded(slim, model_cls, tmp_path, ids) <= 1e-4
